@@ -1,0 +1,98 @@
+"""The configuration convention every archlab family follows.
+
+A family's config is a frozen dataclass deriving from :class:`Config`. It is validated on
+construction (``__post_init__`` calls :meth:`Config.validate`); a bad value raises
+:class:`~archlab.errors.ConfigError` naming the field, the value and what is allowed. Configs
+round-trip through plain dicts and JSON, and unknown keys are rejected with the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Self
+
+from archlab.errors import ConfigError, unknown
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Base of all archlab configs: frozen, validated, JSON round-trippable."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for any bad value. Subclasses extend this."""
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """Build from a dict; an unknown key raises ConfigError with the closest valid name."""
+        names = cls.field_names()
+        for key in data:
+            if key not in names:
+                raise ConfigError(f"{cls.__name__}: " + unknown("key", key, names))
+        return cls(**data)
+
+    def replace(self, **overrides: Any) -> Self:
+        """A copy with some fields changed (validated again); unknown fields are rejected."""
+        merged = {**self.to_dict(), **overrides}
+        return type(self).from_dict(merged)
+
+    # -- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps({"class": type(self).__name__, **self.to_dict()}, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        data = json.loads(text)
+        name = data.pop("class", cls.__name__)
+        if name != cls.__name__:
+            raise ConfigError(f"config is a {name}, not a {cls.__name__}")
+        tuple_fields = {f.name for f in dataclasses.fields(cls) if "tuple" in str(f.type)}
+        data = {k: tuple(v) if k in tuple_fields and isinstance(v, list) else v for k, v in data.items()}
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        return cls.from_json(Path(path).read_text())
+
+
+# -- validation helpers: one message style everywhere --------------------------------------------
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless condition holds."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_positive(name: str, value: int | float) -> None:
+    require(value > 0, f"{name}={value!r} must be > 0")
+
+
+def check_probability(name: str, value: float) -> None:
+    require(0.0 <= value < 1.0, f"{name}={value!r} must be in [0, 1)")
+
+
+def check_choice(name: str, value: str, choices: list[str] | tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: " + unknown("value", value, choices))
+
+
+def check_divisible(name: str, value: int, by_name: str, by: int) -> None:
+    require(value % by == 0, f"{name}={value} is not divisible by {by_name}={by}")

@@ -1,0 +1,540 @@
+r"""Attention: alignment scores, the ``attend`` core with its backends, masks, KV cache, multi-head.
+
+Notation (the cards'): batch ``B``, heads ``A``, query length ``N``, key length ``M``, model width
+``d``, per-head widths ``d_k`` (queries and keys) and ``d_v`` (values).
+
+The general attention step (deck)::
+
+    Attn(q, (k_1:M, v_1:M)) = sum_i alpha_i(q, k_1:M) v_i,
+    alpha_i = exp(a(q, k_i)) / sum_j exp(a(q, k_j))
+
+with ``a`` an alignment score. :func:`attend` computes it for whole tensors; the default score is
+the scaled dot product ``a(q, k) = q . k / sqrt(d_k)`` (Vaswani 2017), which the ``sdpa`` backend
+runs through PyTorch's fused kernels.
+
+Masks follow PyTorch's convention: a boolean mask is ``True`` where a query may attend a key. A
+float ``bias`` is added to the scores (ALiBi, relative positions). A key a query may not attend gets
+exactly zero weight; a query with no key to attend gets a zero output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from archlab.config import check_choice, check_divisible, check_positive, check_probability
+from archlab.errors import ConfigError, ShapeError
+
+# ================================================================================================
+# Alignment scores (deck: "Match the following Attention variations to their alignment scores")
+# ================================================================================================
+
+
+class AlignmentScore(nn.Module):
+    """Base of the alignment score functions ``a(s_t, h_i)``.
+
+    ``forward(query, keys)`` accepts one decoder state per sequence, ``query [B, d_q]`` with
+    ``keys [B, M, d_h]`` -> scores ``[B, M]`` (RNN seq2seq), or a batch of queries
+    ``query [..., N, d_q]`` with ``keys [..., M, d_h]`` -> scores ``[..., N, M]``.
+    Subclasses implement :meth:`score` for the batched form only.
+    """
+
+    def forward(self, query: Tensor, keys: Tensor) -> Tensor:
+        if keys.ndim < 2:
+            raise ShapeError(f"keys must be [..., M, d_h], got shape {tuple(keys.shape)}")
+        single = query.ndim == keys.ndim - 1
+        if not single and query.ndim != keys.ndim:
+            raise ShapeError(
+                f"query {tuple(query.shape)} and keys {tuple(keys.shape)}: query must be [..., d_q] "
+                "(one decoder state) or [..., N, d_q] with the same leading dims as keys [..., M, d_h]"
+            )
+        q = query.unsqueeze(-2) if single else query
+        scores = self.score(q, keys)
+        return scores.squeeze(-2) if single else scores
+
+    def score(self, query: Tensor, keys: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ContentScore(AlignmentScore):
+    """Content-based (Graves 2014): ``a(s_t, h_i) = cosine(s_t, h_i)``, optionally sharpened by ``beta``."""
+
+    def __init__(self, beta: float = 1.0, eps: float = 1e-8):
+        super().__init__()
+        self.beta, self.eps = beta, eps
+
+    def score(self, query: Tensor, keys: Tensor) -> Tensor:
+        q = query / query.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+        k = keys / keys.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+        return self.beta * (q @ k.transpose(-2, -1))
+
+
+class AdditiveScore(AlignmentScore):
+    """Additive (Bahdanau 2015): ``a(s_t, h_i) = v_a^T tanh(W_a [s_t; h_i])``.
+
+    ``W_a in R^{d_attn x (d_q + d_h)}`` is stored as its two column blocks so the ``N x M`` pairs
+    cost one broadcast add, not ``N x M`` matmuls. Memory: ``[..., N, M, d_attn]``.
+    """
+
+    def __init__(self, d_query: int, d_key: int, d_attn: int):
+        super().__init__()
+        for name, value in (("d_query", d_query), ("d_key", d_key), ("d_attn", d_attn)):
+            check_positive(name, value)
+        self.W_s = nn.Linear(d_query, d_attn, bias=False)  # W_a[:, :d_q]
+        self.W_h = nn.Linear(d_key, d_attn, bias=False)  # W_a[:, d_q:]
+        self.v_a = nn.Linear(d_attn, 1, bias=False)
+
+    def score(self, query: Tensor, keys: Tensor) -> Tensor:
+        hidden = torch.tanh(self.W_s(query).unsqueeze(-2) + self.W_h(keys).unsqueeze(-3))
+        return self.v_a(hidden).squeeze(-1)
+
+
+class LocationScore(AlignmentScore):
+    """Location-based (Luong 2015): ``alpha_t = softmax(W_a s_t)``; the keys' content is not used.
+
+    ``W_a in R^{max_keys x d_q}`` gives one score per source position, so at most ``max_keys`` keys.
+    """
+
+    def __init__(self, d_query: int, max_keys: int):
+        super().__init__()
+        check_positive("d_query", d_query)
+        check_positive("max_keys", max_keys)
+        self.max_keys = max_keys
+        self.W_a = nn.Linear(d_query, max_keys, bias=False)
+
+    def score(self, query: Tensor, keys: Tensor) -> Tensor:
+        m = keys.shape[-2]
+        if m > self.max_keys:
+            raise ShapeError(f"location score: {m} keys but max_keys={self.max_keys}")
+        return self.W_a(query)[..., :m]
+
+
+class GeneralScore(AlignmentScore):
+    """General (Luong 2015): ``a(s_t, h_i) = s_t^T W_a h_i`` with ``W_a in R^{d_q x d_h}``."""
+
+    def __init__(self, d_query: int, d_key: int):
+        super().__init__()
+        check_positive("d_query", d_query)
+        check_positive("d_key", d_key)
+        self.W_a = nn.Linear(d_key, d_query, bias=False)  # h -> W_a h
+
+    def score(self, query: Tensor, keys: Tensor) -> Tensor:
+        return query @ self.W_a(keys).transpose(-2, -1)
+
+
+class DotScore(AlignmentScore):
+    """Dot (Luong 2015): ``a(s_t, h_i) = s_t^T h_i``."""
+
+    def score(self, query: Tensor, keys: Tensor) -> Tensor:
+        return query @ keys.transpose(-2, -1)
+
+
+class ScaledDotScore(AlignmentScore):
+    """Scaled dot (Vaswani 2017): ``a(s_t, h_i) = s_t^T h_i / sqrt(n)``, ``n`` the key width."""
+
+    def score(self, query: Tensor, keys: Tensor) -> Tensor:
+        return (query @ keys.transpose(-2, -1)) / math.sqrt(keys.shape[-1])
+
+
+SCORES: dict[str, type[AlignmentScore]] = {
+    "content": ContentScore,
+    "additive": AdditiveScore,
+    "location": LocationScore,
+    "general": GeneralScore,
+    "dot": DotScore,
+    "scaled_dot": ScaledDotScore,
+}
+
+
+def build_score(name: str, **kwargs) -> AlignmentScore:
+    """An alignment score by name: ``content, additive, location, general, dot, scaled_dot``."""
+    check_choice("score", name, list(SCORES))
+    return SCORES[name](**kwargs)
+
+
+# ================================================================================================
+# Masks
+# ================================================================================================
+
+
+def causal_mask(n_queries: int, n_keys: int | None = None, *, device=None) -> Tensor:
+    """``[N, M]`` boolean, True where query ``i`` may attend key ``j``.
+
+    Queries are the *last* ``N`` of ``M`` positions (bottom-right aligned), so the mask stays right
+    when a KV cache holds ``M - N`` earlier keys: query ``i`` sees keys ``j <= i + (M - N)``.
+    """
+    n_keys = n_queries if n_keys is None else n_keys
+    if n_keys < n_queries:
+        raise ShapeError(f"causal mask: n_keys={n_keys} < n_queries={n_queries}")
+    offset = n_keys - n_queries
+    i = torch.arange(n_queries, device=device).unsqueeze(1)
+    j = torch.arange(n_keys, device=device).unsqueeze(0)
+    return j <= i + offset
+
+
+def padding_mask(attention_mask: Tensor) -> Tensor:
+    """From a ``[B, M]`` 0/1 (or bool) mask of real tokens to a ``[B, 1, 1, M]`` key mask for :func:`attend`."""
+    if attention_mask.ndim != 2:
+        raise ShapeError(f"attention_mask must be [B, M], got shape {tuple(attention_mask.shape)}")
+    return attention_mask.bool()[:, None, None, :]
+
+
+def masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
+    """``softmax`` over the last axis where ``mask`` is True; masked entries get exactly 0.
+
+    A row with no allowed key is all zeros (not NaN).
+    """
+    if mask is None:
+        return torch.softmax(scores, dim=-1)
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return weights.masked_fill(~mask, 0.0)
+
+
+# ================================================================================================
+# attend(): the one functional entry, with backends
+# ================================================================================================
+
+Score = Callable[[Tensor, Tensor], Tensor]
+BACKENDS = ("auto", "math", "sdpa")
+
+
+def _check_broadcast(name: str, tensor: Tensor, target: tuple[int, ...]) -> None:
+    try:
+        shape = torch.broadcast_shapes(tensor.shape, target)
+    except RuntimeError:
+        shape = None
+    if shape != target:
+        raise ShapeError(
+            f"{name} of shape {tuple(tensor.shape)} does not broadcast to the scores' shape {target} "
+            "([..., N, M]: queries x keys)"
+        )
+
+
+def check_attend_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None) -> None:
+    """Shape checks of :func:`attend`, before any computation."""
+    if q.ndim < 2 or k.ndim < 2 or v.ndim < 2:
+        raise ShapeError(f"q, k, v must be [..., N, d]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ShapeError(f"q has d_k={q.shape[-1]} but k has d_k={k.shape[-1]}; they must match")
+    if k.shape[-2] != v.shape[-2]:
+        raise ShapeError(f"k has M={k.shape[-2]} keys but v has {v.shape[-2]} values; they must match")
+    try:
+        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except RuntimeError:
+        raise ShapeError(
+            f"leading dims of q {tuple(q.shape[:-2])}, k {tuple(k.shape[:-2])}, v {tuple(v.shape[:-2])} do not broadcast"
+        ) from None
+    target = (*lead, q.shape[-2], k.shape[-2])
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ShapeError(f"mask must be boolean (True = may attend), got dtype {mask.dtype}; pass floats as bias")
+        _check_broadcast("mask", mask, target)
+    if bias is not None:
+        _check_broadcast("bias", bias, target)
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    score: Score | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""``softmax(a(Q, K) + bias, masked) V``; the core of every attention in archlab.
+
+    Args:
+        q: queries ``[..., N, d_k]`` (usually ``[B, A, N, d_k]``).
+        k: keys ``[..., M, d_k]``.
+        v: values ``[..., M, d_v]``.
+        mask: boolean, broadcastable to ``[..., N, M]``; True where a query may attend a key.
+        bias: float, broadcastable to ``[..., N, M]``, added to the scores (ALiBi: ``-m|i-j|``).
+        causal: query ``i`` attends keys ``j <= i + (M - N)`` only (see :func:`causal_mask`).
+        scale: multiplies ``Q K^T``; default ``1/sqrt(d_k)``. Ignored when ``score`` is given.
+        score: an alignment score ``(q [..., N, d], k [..., M, d]) -> [..., N, M]`` replacing
+            the scaled dot product (e.g. :class:`AdditiveScore`); forces the ``math`` backend.
+        dropout_p: dropout on the attention weights (pass 0 in eval mode).
+        backend: ``"math"`` (explicit softmax; can return weights), ``"sdpa"``
+            (``F.scaled_dot_product_attention``: fused / flash kernels), or ``"auto"`` (sdpa unless
+            weights or a custom score are asked for).
+        return_weights: also return the weights ``[..., N, M]`` (rows sum to 1).
+
+    Returns:
+        ``out [..., N, d_v]``, or ``(out, weights)`` when ``return_weights``.
+    """
+    check_choice("backend", backend, BACKENDS)
+    check_attend_inputs(q, k, v, mask, bias)
+    n, m = q.shape[-2], k.shape[-2]
+    if causal:
+        if m < n:
+            raise ShapeError(f"causal attention needs at least as many keys as queries, got N={n}, M={m}")
+    if backend == "auto":
+        backend = "math" if (return_weights or score is not None) else "sdpa"
+    if backend == "sdpa" and (return_weights or score is not None):
+        raise ConfigError("backend='sdpa' cannot return weights or use a custom score; use backend='math'")
+
+    if backend == "sdpa":
+        return _attend_sdpa(q, k, v, mask, bias, causal, scale, dropout_p)
+
+    if causal:
+        cm = causal_mask(n, m, device=q.device)
+        mask = cm if mask is None else (mask & cm)
+    if score is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        scores = (q @ k.transpose(-2, -1)) * scale
+    else:
+        scores = score(q, k)
+    if bias is not None:
+        scores = scores + bias
+    weights = masked_softmax(scores, mask)
+    dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
+    out = dropped @ v
+    return (out, weights) if return_weights else out
+
+
+def _attend_sdpa(q, k, v, mask, bias, causal, scale, dropout_p) -> Tensor:
+    n, m = q.shape[-2], k.shape[-2]
+    is_causal = causal and mask is None and bias is None and n == m
+    if causal and not is_causal and n > 1:
+        cm = causal_mask(n, m, device=q.device)
+        mask = cm if mask is None else (mask & cm)
+    attn_mask = mask
+    if bias is not None:
+        attn_mask = bias.to(q.dtype)
+        if mask is not None:
+            attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
+    if mask is not None and mask.ndim >= 2 and q.shape[-2] > 0:
+        # sdpa gives NaN where a query has no key to attend; archlab's contract is a zero output.
+        empty = ~mask.any(dim=-1, keepdim=True)
+        if empty.any():
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=False, scale=scale
+            )
+            return out.masked_fill(empty, 0.0)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+    )
+
+
+# ================================================================================================
+# KV cache
+# ================================================================================================
+
+
+class KVCache:
+    """Keys and values of one attention layer across decoding steps: ``k [B, A, M, d_k]``, ``v [B, A, M, d_v]``.
+
+    Storage is preallocated and grows by doubling, so appending one token is O(1) amortised instead
+    of the O(M) copy of ``torch.cat``. :meth:`append` returns views of the first ``M`` positions.
+    Beam search uses :meth:`reorder`; speculative or windowed decoding uses :meth:`crop`.
+    """
+
+    def __init__(self) -> None:
+        self._k: Tensor | None = None
+        self._v: Tensor | None = None
+        self.length = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def keys(self) -> Tensor | None:
+        return None if self._k is None else self._k[:, :, : self.length]
+
+    @property
+    def values(self) -> Tensor | None:
+        return None if self._v is None else self._v[:, :, : self.length]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add ``k [B, A, n, d_k]``, ``v [B, A, n, d_v]``; return all keys and values so far."""
+        n = k.shape[-2]
+        need = self.length + n
+        if self._k is None or need > self._k.shape[-2] or self._k.shape[0] != k.shape[0]:
+            if self._k is not None and self._k.shape[0] != k.shape[0]:
+                raise ShapeError(
+                    f"KV cache holds batch {self._k.shape[0]} but got batch {k.shape[0]}; use reorder() for beams"
+                )
+            capacity = max(need, 2 * (0 if self._k is None else self._k.shape[-2]), 16)
+            new_k = k.new_empty(*k.shape[:-2], capacity, k.shape[-1])
+            new_v = v.new_empty(*v.shape[:-2], capacity, v.shape[-1])
+            if self.length:
+                new_k[:, :, : self.length] = self._k[:, :, : self.length]
+                new_v[:, :, : self.length] = self._v[:, :, : self.length]
+            self._k, self._v = new_k, new_v
+        self._k[:, :, self.length : need] = k
+        self._v[:, :, self.length : need] = v
+        self.length = need
+        return self.keys, self.values
+
+    def set(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Replace the contents (cross-attention: the encoder memory, computed once)."""
+        self._k, self._v, self.length = k, v, k.shape[-2]
+        return k, v
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` positions."""
+        if not 0 <= length <= self.length:
+            raise ShapeError(f"crop length={length} must be in [0, {self.length}]")
+        self.length = length
+
+    def reorder(self, index: Tensor) -> None:
+        """Select batch rows (beam search): row ``b`` becomes old row ``index[b]``."""
+        if self._k is not None:
+            self._k = self._k.index_select(0, index)
+            self._v = self._v.index_select(0, index)
+
+
+# ================================================================================================
+# Multi-head attention
+# ================================================================================================
+
+
+class MultiHeadAttention(nn.Module):
+    r"""``MultiHead(Q, K, V) = Concat(head_1, ..., head_A) W_O``, ``head_i = Attention(Q W_Q^i, K W_K^i, V W_V^i)``.
+
+    Shapes (cards): ``W_Q^i in R^{d x d_k}``, ``W_K^i in R^{d x d_k}``, ``W_V^i in R^{d x d_v}``,
+    ``W_O in R^{A d_v x d}``; ``d_k = d_v = d / A`` unless given.
+
+    The per-head matrices live side by side in one fused input projection ``in_proj`` of shape
+    ``[A (2 d_k + d_v), d]`` (rows: all ``W_Q^i``, then all ``W_K^i``, then all ``W_V^i``; the layout of
+    ``torch.nn.MultiheadAttention.in_proj_weight``). Self-attention computes Q, K and V with one
+    matmul; cross-attention (Q from the decoder ``x``, K and V from the encoder ``memory``) uses the
+    row blocks separately.
+
+    Args:
+        d_model: ``d``.
+        n_heads: ``A``.
+        d_k, d_v: per-head widths; default ``d / A``.
+        bias: biases on the projections.
+        dropout: dropout on the attention weights.
+        backend: passed to :func:`attend` (``auto``, ``math``, ``sdpa``).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        d_k: int | None = None,
+        d_v: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        check_positive("d_model", d_model)
+        check_positive("n_heads", n_heads)
+        check_probability("dropout", dropout)
+        check_choice("backend", backend, BACKENDS)
+        if d_k is None or d_v is None:
+            check_divisible("d_model", d_model, "n_heads", n_heads)
+        self.d_model, self.n_heads = d_model, n_heads
+        self.d_k = d_model // n_heads if d_k is None else d_k
+        self.d_v = d_model // n_heads if d_v is None else d_v
+        check_positive("d_k", self.d_k)
+        check_positive("d_v", self.d_v)
+        self.dropout, self.backend = dropout, backend
+        self.in_proj = nn.Linear(d_model, n_heads * (2 * self.d_k + self.d_v), bias=bias)
+        self.out_proj = nn.Linear(n_heads * self.d_v, d_model, bias=bias)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_heads={self.n_heads}, d_k={self.d_k}, d_v={self.d_v}, backend={self.backend!r}"
+
+    def _heads(self, x: Tensor, width: int) -> Tensor:
+        """``[B, N, A*w] -> [B, A, N, w]``."""
+        b, n, _ = x.shape
+        return x.view(b, n, self.n_heads, width).transpose(1, 2)
+
+    def _project_q(self, x: Tensor) -> Tensor:
+        qw = self.n_heads * self.d_k
+        b = None if self.in_proj.bias is None else self.in_proj.bias[:qw]
+        return self._heads(F.linear(x, self.in_proj.weight[:qw], b), self.d_k)
+
+    def _project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        qw, kw = self.n_heads * self.d_k, self.n_heads * self.d_k
+        b = None if self.in_proj.bias is None else self.in_proj.bias[qw:]
+        kv = F.linear(memory, self.in_proj.weight[qw:], b)
+        return self._heads(kv[..., :kw], self.d_k), self._heads(kv[..., kw:], self.d_v)
+
+    def _check_input(self, name: str, x: Tensor) -> None:
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ShapeError(f"{name} must be [B, N, d_model={self.d_model}], got shape {tuple(x.shape)}")
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        positional=None,
+        cache: KVCache | None = None,
+        return_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Self-attention over ``x [B, N, d]``, or cross-attention to ``memory [B, M, d]``.
+
+        Args:
+            mask: boolean, broadcastable to ``[B, A, N, M]`` (True = may attend); see
+                :func:`padding_mask` and :func:`causal_mask`.
+            causal: mask future keys (decoder self-attention).
+            positional: a positional encoding acting inside attention (RoPE rotates q and k;
+                ALiBi adds a bias); ignored for cross-attention.
+            cache: self-attention: new keys/values are appended and attention runs over all of
+                them, positions offset by what the cache held. Cross-attention: the memory's keys
+                and values are computed on the first call and reused after.
+            return_weights: also return the weights ``[B, A, N, M]`` (forces the math backend).
+
+        Returns:
+            ``[B, N, d]``, or ``([B, N, d], weights [B, A, N, M])``.
+        """
+        self._check_input("x", x)
+        if memory is None:  # self-attention
+            offset = 0 if cache is None else cache.length
+            qw, kw = self.n_heads * self.d_k, self.n_heads * self.d_k
+            qkv = self.in_proj(x)
+            q = self._heads(qkv[..., :qw], self.d_k)
+            k = self._heads(qkv[..., qw : qw + kw], self.d_k)
+            v = self._heads(qkv[..., qw + kw :], self.d_v)
+            if positional is not None:
+                q, k = positional.transform_qk(q, k, offset)
+            if cache is not None:
+                k, v = cache.append(k, v)
+            bias = None if positional is None else positional.attention_bias(q.shape[-2], k.shape[-2], offset)
+            bias = None if bias is None else bias.to(device=q.device, dtype=q.dtype)
+        else:  # cross-attention
+            self._check_input("memory", memory)
+            if memory.shape[0] != x.shape[0]:
+                raise ShapeError(f"memory batch {memory.shape[0]} != x batch {x.shape[0]}")
+            q = self._project_q(x)
+            if cache is not None and cache.length:
+                k, v = cache.keys, cache.values
+            else:
+                k, v = self._project_kv(memory)
+                if cache is not None:
+                    cache.set(k, v)
+            bias = None
+        result = attend(
+            q,
+            k,
+            v,
+            mask=mask,
+            bias=bias,
+            causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            backend=self.backend,
+            return_weights=return_weights,
+        )
+        out, weights = result if return_weights else (result, None)
+        b, _, n, _ = out.shape
+        out = self.out_proj(out.transpose(1, 2).reshape(b, n, self.n_heads * self.d_v))
+        return (out, weights) if return_weights else out

@@ -1,0 +1,81 @@
+r"""Position-wise feed-forward networks: the "feature mixing" half of a block.
+
+* ``FeedForward``: ``FFN(x) = act(x W_1 + b_1) W_2 + b_2``; with ReLU this is the paper's
+  ``max(0, x W_1 + b_1) W_2 + b_2`` (``d = 512``, ``d_ff = 2048``).
+* ``GatedFeedForward`` (Shazeer 2020): ``(act(x W) * (x V)) W_2``; GLU (sigmoid), GeGLU (GELU),
+  SwiGLU (SiLU).
+
+Shapes: ``[B, N, d] -> [B, N, d]``, hidden ``[B, N, d_ff]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from archlab.config import check_choice, check_positive, check_probability
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "sigmoid": torch.sigmoid,
+}
+
+
+class FeedForward(nn.Module):
+    """``act(x W_1 + b_1) W_2 + b_2``; ``[B, N, d] -> [B, N, d]``."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "relu", dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        check_positive("d_model", d_model)
+        check_positive("d_ff", d_ff)
+        check_choice("activation", activation, list(ACTIVATIONS))
+        check_probability("dropout", dropout)
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+        self.w1 = nn.Linear(d_model, d_ff, bias=bias)
+        self.w2 = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.dropout(self.act(self.w1(x))))
+
+
+GATES = {"glu": "sigmoid", "geglu": "gelu", "swiglu": "silu"}
+
+
+class GatedFeedForward(nn.Module):
+    """``(act(x W) * (x V)) W_2``: GLU / GeGLU / SwiGLU; ``[B, N, d] -> [B, N, d]``.
+
+    ``W`` and ``V`` are fused into one ``[2 d_ff, d]`` projection ``w_in`` (rows: ``W`` then ``V``).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, gate: str = "swiglu", dropout: float = 0.0, bias: bool = False):
+        super().__init__()
+        check_positive("d_model", d_model)
+        check_positive("d_ff", d_ff)
+        check_choice("gate", gate, list(GATES))
+        check_probability("dropout", dropout)
+        self.gate, self.d_ff = gate, d_ff
+        self.act = ACTIVATIONS[GATES[gate]]
+        self.w_in = nn.Linear(d_model, 2 * d_ff, bias=bias)
+        self.w2 = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.w_in(x).chunk(2, dim=-1)
+        return self.w2(self.dropout(self.act(gate) * value))
+
+
+FEEDFORWARDS = ("relu", "gelu", "gelu_tanh", "silu", "glu", "geglu", "swiglu")
+
+
+def build_feedforward(kind: str, d_model: int, d_ff: int, dropout: float = 0.0, bias: bool = True) -> nn.Module:
+    """By name: plain ``relu | gelu | gelu_tanh | silu`` or gated ``glu | geglu | swiglu``."""
+    check_choice("ffn", kind, FEEDFORWARDS)
+    if kind in GATES:
+        return GatedFeedForward(d_model, d_ff, gate=kind, dropout=dropout, bias=bias)
+    return FeedForward(d_model, d_ff, activation=kind, dropout=dropout, bias=bias)

@@ -1,0 +1,201 @@
+r"""Positional encodings behind one small interface.
+
+Self-attention is blind to order, so position enters in one of two places:
+
+* added to the input embeddings ``x [B, N, d]`` (sinusoidal, learned): :meth:`add_to_input`;
+* inside attention (RoPE rotates queries and keys: :meth:`transform_qk`; ALiBi adds ``-m|i-j|`` to
+  the scores: :meth:`attention_bias`).
+
+Every encoding implements all three hooks (the ones it does not use are identities), so a model
+calls them all and never asks which kind it holds. ``offset`` is the absolute position of the first
+token: the length of the KV cache during incremental decoding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from archlab.config import check_choice, check_positive
+from archlab.errors import ConfigError, ShapeError
+
+
+class PositionalEncoding(nn.Module):
+    """The interface. The default hooks do nothing."""
+
+    def add_to_input(self, x: Tensor, offset: int = 0) -> Tensor:
+        """``x [B, N, d]`` -> ``x + PE[offset : offset + N]``."""
+        return x
+
+    def transform_qk(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
+        """``q [B, A, N, d_k]``, ``k [B, A, N, d_k]`` of the same new positions -> rotated q, k."""
+        return q, k
+
+    def attention_bias(self, n_queries: int, n_keys: int, offset: int = 0) -> Tensor | None:
+        """An additive score bias ``[A, N, M]`` (queries at ``offset + i``, keys at ``j``), or None."""
+        return None
+
+
+class NoPositionalEncoding(PositionalEncoding):
+    """No position at all (a bag of tokens; useful for ablations)."""
+
+
+def sinusoid_table(n_positions: int, d_model: int, offset: int = 0, *, dtype=torch.float32, device=None) -> Tensor:
+    r"""``PE[pos, 2i] = sin(pos / 10000^{2i/d})``, ``PE[pos, 2i+1] = cos(pos / 10000^{2i/d})``; ``[n, d]``.
+
+    Computed in float64 and cast, so large positions stay accurate.
+    """
+    pos = torch.arange(offset, offset + n_positions, dtype=torch.float64, device=device).unsqueeze(1)
+    two_i = torch.arange(0, d_model, 2, dtype=torch.float64, device=device)
+    angle = pos / torch.pow(10000.0, two_i / d_model)
+    pe = torch.zeros(n_positions, d_model, dtype=torch.float64, device=device)
+    pe[:, 0::2] = torch.sin(angle)
+    pe[:, 1::2] = torch.cos(angle[:, : d_model // 2])
+    return pe.to(dtype)
+
+
+class SinusoidalPositionalEncoding(PositionalEncoding):
+    """Fixed sine/cosine encoding (Vaswani 2017), added to the embeddings; no length limit.
+
+    A table is cached and grown on demand, so any position works.
+    """
+
+    def __init__(self, d_model: int, initial_length: int = 1024):
+        super().__init__()
+        check_positive("d_model", d_model)
+        self.d_model = d_model
+        self.register_buffer("table", sinusoid_table(initial_length, d_model), persistent=False)
+
+    def add_to_input(self, x: Tensor, offset: int = 0) -> Tensor:
+        n = x.shape[-2]
+        if x.shape[-1] != self.d_model:
+            raise ShapeError(f"x has width {x.shape[-1]} but the encoding has d_model={self.d_model}")
+        if offset + n > self.table.shape[0]:
+            self.table = sinusoid_table(max(offset + n, 2 * self.table.shape[0]), self.d_model, device=self.table.device)
+        return x + self.table[offset : offset + n].to(x.dtype)
+
+
+class LearnedPositionalEncoding(PositionalEncoding):
+    """A learned table of ``max_len`` position vectors (BERT, GPT-2). It cannot go past its table."""
+
+    def __init__(self, max_len: int, d_model: int):
+        super().__init__()
+        check_positive("max_len", max_len)
+        check_positive("d_model", d_model)
+        self.max_len = max_len
+        self.embedding = nn.Embedding(max_len, d_model)
+
+    def add_to_input(self, x: Tensor, offset: int = 0) -> Tensor:
+        n = x.shape[-2]
+        if offset + n > self.max_len:
+            raise ShapeError(
+                f"position {offset + n - 1} is past the learned position table of max_len={self.max_len} "
+                f"positions (0..{self.max_len - 1}); a learned encoding cannot extrapolate: shorten the input "
+                "or use 'rope' / 'alibi'"
+            )
+        positions = torch.arange(offset, offset + n, device=x.device)
+        return x + self.embedding(positions)
+
+
+class RotaryPositionalEncoding(PositionalEncoding):
+    r"""RoPE (Su et al. 2021): rotate each pair of query/key features by an angle ``pos * theta_i``.
+
+    ``theta_i = base^{-2i/d_rot}`` for ``i < d_rot/2``. Feature ``i`` is paired with feature
+    ``i + d_rot/2`` (the "rotate half" layout of GPT-NeoX and Llama). Since rotations compose,
+    ``<R_m q, R_n k> = <q, R_{n-m} k>``: scores depend only on the offset ``i - j``.
+
+    Args:
+        d_head: per-head width ``d_k``.
+        base: the wavelength base (10000).
+        rotary_dim: rotate only the first ``rotary_dim`` features (partial RoPE); default all.
+    """
+
+    def __init__(self, d_head: int, base: float = 10000.0, rotary_dim: int | None = None):
+        super().__init__()
+        check_positive("d_head", d_head)
+        self.rotary_dim = d_head if rotary_dim is None else rotary_dim
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= d_head:
+            raise ConfigError(f"rotary_dim={self.rotary_dim} must be even and in (0, d_head={d_head}]")
+        self.d_head, self.base = d_head, base
+        half = self.rotary_dim // 2
+        inv_freq = 1.0 / (base ** (torch.arange(half, dtype=torch.float64) / half))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cache: tuple[int, torch.dtype, torch.device, Tensor, Tensor] | None = None
+
+    def _cos_sin(self, end: int, dtype, device) -> tuple[Tensor, Tensor]:
+        c = self._cache
+        if c is None or c[0] < end or c[1] != dtype or c[2] != device:
+            length = max(end, 2 * (c[0] if c else 0), 256)
+            angles = torch.arange(length, dtype=torch.float64, device=device)[:, None] * self.inv_freq.to(device)
+            angles = torch.cat([angles, angles], dim=-1)
+            self._cache = c = (length, dtype, device, angles.cos().to(dtype), angles.sin().to(dtype))
+        return c[3], c[4]
+
+    def rotate(self, x: Tensor, offset: int = 0) -> Tensor:
+        """``x [..., N, d_head]`` at positions ``offset .. offset+N-1`` -> rotated, same shape."""
+        if x.shape[-1] != self.d_head:
+            raise ShapeError(f"RoPE built for d_head={self.d_head}, got width {x.shape[-1]}")
+        n, r = x.shape[-2], self.rotary_dim
+        cos, sin = self._cos_sin(offset + n, x.dtype, x.device)
+        cos, sin = cos[offset : offset + n], sin[offset : offset + n]
+        x_rot, x_pass = x[..., :r], x[..., r:]
+        x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
+        rotated = x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin
+        return rotated if r == self.d_head else torch.cat([rotated, x_pass], dim=-1)
+
+    def transform_qk(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
+        return self.rotate(q, offset), self.rotate(k, offset)
+
+
+def alibi_slopes(n_heads: int) -> Tensor:
+    r"""ALiBi head slopes (Press et al. 2022): for ``A`` a power of two, ``m_h = 2^{-8h/A}``, ``h = 1..A``.
+
+    Otherwise the slopes of the nearest lower power of two ``P``, followed by every other slope of
+    ``2P`` for the remaining ``A - P`` heads (the paper's reference code).
+    """
+    check_positive("n_heads", n_heads)
+
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+
+    p = 2 ** math.floor(math.log2(n_heads))
+    slopes = power_of_two(p)
+    if p < n_heads:
+        slopes += power_of_two(2 * p)[0::2][: n_heads - p]
+    return torch.tensor(slopes, dtype=torch.float64)
+
+
+class ALiBi(PositionalEncoding):
+    """ALiBi: add ``-m_h |i - j|`` to head ``h``'s scores; no parameters, extrapolates to any length."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
+
+    def attention_bias(self, n_queries: int, n_keys: int, offset: int = 0) -> Tensor:
+        i = torch.arange(offset, offset + n_queries, device=self.slopes.device)[:, None]
+        j = torch.arange(n_keys, device=self.slopes.device)[None, :]
+        distance = (i - j).abs().to(self.slopes.dtype)
+        return -self.slopes[:, None, None] * distance  # float64; the caller casts to its dtype
+
+
+POSITIONAL_KINDS = ("sinusoidal", "learned", "rope", "alibi", "none")
+
+
+def build_positional(
+    kind: str, *, d_model: int, n_heads: int, max_len: int = 1024, rope_base: float = 10000.0
+) -> PositionalEncoding:
+    """A positional encoding by name: ``sinusoidal``, ``learned``, ``rope``, ``alibi`` or ``none``."""
+    check_choice("positional", kind, POSITIONAL_KINDS)
+    if kind == "sinusoidal":
+        return SinusoidalPositionalEncoding(d_model, initial_length=max_len)
+    if kind == "learned":
+        return LearnedPositionalEncoding(max_len, d_model)
+    if kind == "rope":
+        return RotaryPositionalEncoding(d_model // n_heads, base=rope_base)
+    if kind == "alibi":
+        return ALiBi(n_heads)
+    return NoPositionalEncoding()
