@@ -1,0 +1,172 @@
+"""Weights on disk: safetensors plus a JSON config. Nothing is ever unpickled.
+
+* archlab's own folder: ``config.json`` (an archlab config, naming its class) + ``model.safetensors``;
+  :func:`save_model` writes it atomically, :func:`load_model` rebuilds the model from it.
+* Hugging Face folders: :func:`read_hf_folder` reads ``config.json`` and ``model.safetensors``
+  (or a sharded ``model.safetensors.index.json``); :func:`write_hf_folder` writes one that
+  ``from_pretrained`` loads. Family converters (``archlab.interop.gpt2`` etc.) map the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model as _st_load_model
+from safetensors.torch import save_model as _st_save_model
+from torch import Tensor, nn
+
+from archlab.errors import CheckpointError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+PICKLE_FILES = ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt")
+
+
+def atomic_dir(target: str | Path):
+    """Context manager: yields a temporary sibling folder, renamed onto ``target`` only if the block succeeds.
+
+    A kill at any moment leaves either the old ``target`` or the new one whole, never a half-written one.
+    """
+    return _AtomicDir(Path(target))
+
+
+class _AtomicDir:
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        for f in self.tmp.iterdir():  # flush file contents before the rename makes them visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.replace(self.target, old)
+        os.replace(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_state_dict(expected: Mapping[str, Tensor], got: Mapping[str, Tensor], source: str) -> None:
+    """Raise CheckpointError listing missing keys, unexpected keys and shape mismatches, if any."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(got))
+        if tuple(got[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+            if items:
+                shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
+                parts.append(f"{title}: {shown}")
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))
+
+
+def _require_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder (expected {CONFIG_FILE} and {WEIGHTS_FILE} inside)")
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"missing {path.name} in {path.parent}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def read_weights(folder: Path) -> dict[str, Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards its index names; refuses pickle files."""
+    single, index = folder / WEIGHTS_FILE, folder / f"{WEIGHTS_FILE}.index.json"
+    if single.is_file():
+        return read_safetensors(single)
+    if index.is_file():
+        state: dict[str, Tensor] = {}
+        for shard in sorted(set(read_json(index).get("weight_map", {}).values())):
+            state.update(read_safetensors(folder / shard))
+        return state
+    pickles = [p for p in PICKLE_FILES if (folder / p).exists()]
+    if pickles:
+        raise CheckpointError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}); archlab never unpickles files. "
+            "Convert them to safetensors with a tool you trust."
+        )
+    raise CheckpointError(f"no {WEIGHTS_FILE} in {folder}")
+
+
+def read_hf_folder(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
+    """``(config dict, state dict)`` of a Hugging Face model folder, read without network or pickle."""
+    folder = Path(path)
+    _require_folder(folder)
+    return read_json(folder / CONFIG_FILE), read_weights(folder)
+
+
+def write_hf_folder(path: str | Path, config: dict, state: Mapping[str, Tensor]) -> None:
+    """Write ``config.json`` + ``model.safetensors`` atomically (tensors made contiguous and unshared)."""
+    with atomic_dir(path) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def save_model(model: nn.Module, path: str | Path) -> None:
+    """archlab's folder: the model's config (``model.config``) as JSON + its weights as safetensors."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json"):
+        raise CheckpointError(f"{type(model).__name__} has no archlab config (model.config) to save")
+    with atomic_dir(path) as tmp:
+        (tmp / CONFIG_FILE).write_text(config.to_json() + "\n")
+        _st_save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "archlab": "1"})
+
+
+def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by :func:`save_model`. Missing, unexpected or misshapen tensors: CheckpointError."""
+    from archlab.models.registry import build_model, config_from_dict
+
+    folder = Path(path)
+    _require_folder(folder)
+    data = read_json(folder / CONFIG_FILE)
+    if "class" not in data:
+        raise CheckpointError(
+            f"{folder / CONFIG_FILE} is not an archlab config (no 'class' key); for a Hugging Face folder "
+            "use the family converters or `archlab convert`"
+        )
+    model = build_model(config_from_dict(data))
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        read_weights(folder)  # raises the precise error (pickle-only, or missing)
+    state = read_safetensors(weights)
+    expected = model.state_dict()
+    # tied tensors are stored once; safetensors' load_model restores the ties
+    tied = {k for k in expected if k not in state and any(expected[k] is expected[o] or
+            expected[k].data_ptr() == expected[o].data_ptr() for o in state if o in expected)}
+    check_state_dict({k: v for k, v in expected.items() if k not in tied}, state, str(weights))
+    _st_load_model(model, str(weights), strict=False, device=str(map_location))
+    return model
