@@ -302,8 +302,14 @@ def attend(
     return (out, weights) if return_weights else out
 
 
+def _at_least_2d(t: Tensor | None) -> Tensor | None:
+    """A ``[M]`` (or scalar) mask/bias as ``[1, M]``: same broadcast, but sdpa's kernels index dim -2."""
+    return t if t is None or t.ndim >= 2 else t.reshape((1,) * (2 - t.ndim) + tuple(t.shape))
+
+
 def _attend_sdpa(q, k, v, mask, bias, causal, scale, dropout_p) -> Tensor:
     n, m = q.shape[-2], k.shape[-2]
+    mask, bias = _at_least_2d(mask), _at_least_2d(bias)
     is_causal = causal and mask is None and bias is None and n == m
     if causal and not is_causal and n > 1:
         cm = causal_mask(n, m, device=q.device)
@@ -313,7 +319,7 @@ def _attend_sdpa(q, k, v, mask, bias, causal, scale, dropout_p) -> Tensor:
         attn_mask = bias.to(q.dtype)
         if mask is not None:
             attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
-    if mask is not None and mask.ndim >= 2 and q.shape[-2] > 0:
+    if mask is not None and q.shape[-2] > 0:
         # sdpa gives NaN where a query has no key to attend; archlab's contract is a zero output.
         empty = ~mask.any(dim=-1, keepdim=True)
         if empty.any():
@@ -359,11 +365,20 @@ class KVCache:
         """Add ``k [B, A, n, d_k]``, ``v [B, A, n, d_v]``; return all keys and values so far."""
         n = k.shape[-2]
         need = self.length + n
-        if self._k is None or need > self._k.shape[-2] or self._k.shape[0] != k.shape[0]:
-            if self._k is not None and self._k.shape[0] != k.shape[0]:
-                raise ShapeError(
-                    f"KV cache holds batch {self._k.shape[0]} but got batch {k.shape[0]}; use reorder() for beams"
-                )
+        if self._k is not None and self._k.shape[0] != k.shape[0]:
+            raise ShapeError(
+                f"KV cache holds batch {self._k.shape[0]} but got batch {k.shape[0]}; use reorder() for beams"
+            )
+        stored = () if self._k is None else (self._k, self._v)
+        tracked = any(t.requires_grad for t in (k, v, *stored))
+        if torch.is_grad_enabled() and tracked:
+            # Earlier steps' attention saved views of the stored keys for backward; writing the new
+            # ones into that storage in place would invalidate them, so grow out of place instead.
+            if self.length:
+                k, v = torch.cat([self.keys, k], dim=-2), torch.cat([self.values, v], dim=-2)
+            self._k, self._v, self.length = k, v, need
+            return self.keys, self.values
+        if self._k is None or need > self._k.shape[-2]:
             capacity = max(need, 2 * (0 if self._k is None else self._k.shape[-2]), 16)
             new_k = k.new_empty(*k.shape[:-2], capacity, k.shape[-1])
             new_v = v.new_empty(*v.shape[:-2], capacity, v.shape[-1])

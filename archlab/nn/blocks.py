@@ -79,10 +79,15 @@ class EncoderBlock(_Block):
 
 @dataclass
 class BlockCache:
-    """The KV caches of one decoder block: its self-attention and (if any) its cross-attention."""
+    """The KV caches of one decoder block: its self-attention and (if any) its cross-attention.
+
+    ``memory`` keeps the encoder output seen on the first call, so later calls may pass
+    ``memory=None`` (its keys and values are already in ``cross_attn``).
+    """
 
     self_attn: KVCache = field(default_factory=KVCache)
     cross_attn: KVCache = field(default_factory=KVCache)
+    memory: Tensor | None = None
 
 
 class DecoderBlock(_Block):
@@ -118,8 +123,13 @@ class DecoderBlock(_Block):
             x, self.attn_norm, lambda h: self.attn(h, mask=mask, causal=causal, positional=positional, cache=self_cache)
         )
         if self.has_cross:
-            if memory is None and (cache is None or not cache.cross_attn.length):
-                raise ShapeError("memory=None, but this DecoderBlock has cross-attention: pass the encoder output [B, M, d]")
+            if memory is None:
+                # memory=None would make MultiHeadAttention run *self*-attention on the cross cache.
+                if cache is None or cache.memory is None or not cache.cross_attn.length:
+                    raise ShapeError("memory=None, but this DecoderBlock has cross-attention: pass the encoder output [B, M, d]")
+                memory = cache.memory
+            elif cache is not None:
+                cache.memory = memory
             cross_cache = None if cache is None else cache.cross_attn
             x = self.residual(x, self.cross_norm, lambda h: self.cross_attn(h, memory, mask=memory_mask, cache=cross_cache))
         return self.residual(x, self.ffn_norm, self.ffn)
@@ -143,6 +153,8 @@ class DecodingCache:
         for block in self.blocks:
             block.self_attn.reorder(index)
             block.cross_attn.reorder(index)
+            if block.memory is not None:
+                block.memory = block.memory.index_select(0, index)
 
     def crop(self, length: int) -> None:
         """Forget every position from ``length`` on (self-attention only)."""

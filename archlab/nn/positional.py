@@ -56,25 +56,46 @@ def sinusoid_table(n_positions: int, d_model: int, offset: int = 0, *, dtype=tor
     return pe.to(dtype)
 
 
+def _check_offset(offset: int) -> None:
+    if offset < 0:
+        raise ShapeError(f"offset={offset} must be >= 0 (the absolute position of the first token)")
+
+
 class SinusoidalPositionalEncoding(PositionalEncoding):
     """Fixed sine/cosine encoding (Vaswani 2017), added to the embeddings; no length limit.
 
-    A table is cached and grown on demand, so any position works.
+    A table is cached per dtype and device and grown on demand, so any position works. It is a
+    plain attribute, not a buffer: each table is computed in float64 and rounded once to the input's
+    dtype, so ``module.double()`` after a float32 run does not leave float32-rounded values behind.
     """
 
     def __init__(self, d_model: int, initial_length: int = 1024):
         super().__init__()
         check_positive("d_model", d_model)
-        self.d_model = d_model
-        self.register_buffer("table", sinusoid_table(initial_length, d_model), persistent=False)
+        check_positive("initial_length", initial_length)
+        self.d_model, self.initial_length = d_model, initial_length
+        self._table: Tensor | None = None
+
+    @property
+    def table(self) -> Tensor:
+        """The cached table ``[L, d]`` (float32 on the CPU until an input of another dtype or device is seen)."""
+        if self._table is None:
+            self._table = sinusoid_table(self.initial_length, self.d_model)
+        return self._table
+
+    def _table_for(self, end: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        t = self.table
+        if t.shape[0] < end or t.dtype != dtype or t.device != device:
+            grow = 2 * t.shape[0] if t.shape[0] < end else t.shape[0]
+            self._table = t = sinusoid_table(max(end, grow), self.d_model, dtype=dtype, device=device)
+        return t
 
     def add_to_input(self, x: Tensor, offset: int = 0) -> Tensor:
         n = x.shape[-2]
         if x.shape[-1] != self.d_model:
             raise ShapeError(f"x has width {x.shape[-1]} but the encoding has d_model={self.d_model}")
-        if offset + n > self.table.shape[0]:
-            self.table = sinusoid_table(max(offset + n, 2 * self.table.shape[0]), self.d_model, device=self.table.device)
-        return x + self.table[offset : offset + n].to(x.dtype)
+        _check_offset(offset)
+        return x + self._table_for(offset + n, x.dtype, x.device)[offset : offset + n]
 
 
 class LearnedPositionalEncoding(PositionalEncoding):
@@ -89,6 +110,9 @@ class LearnedPositionalEncoding(PositionalEncoding):
 
     def add_to_input(self, x: Tensor, offset: int = 0) -> Tensor:
         n = x.shape[-2]
+        if x.shape[-1] != self.embedding.embedding_dim:
+            raise ShapeError(f"x has width {x.shape[-1]} but the encoding has d_model={self.embedding.embedding_dim}")
+        _check_offset(offset)
         if offset + n > self.max_len:
             raise ShapeError(
                 f"position {offset + n - 1} is past the learned position table of max_len={self.max_len} "
@@ -137,6 +161,7 @@ class RotaryPositionalEncoding(PositionalEncoding):
         """``x [..., N, d_head]`` at positions ``offset .. offset+N-1`` -> rotated, same shape."""
         if x.shape[-1] != self.d_head:
             raise ShapeError(f"RoPE built for d_head={self.d_head}, got width {x.shape[-1]}")
+        _check_offset(offset)
         n, r = x.shape[-2], self.rotary_dim
         cos, sin = self._cos_sin(offset + n, x.dtype, x.device)
         cos, sin = cos[offset : offset + n], sin[offset : offset + n]

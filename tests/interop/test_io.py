@@ -1,0 +1,73 @@
+"""Weights on disk (archlab.interop.io): atomic folders, safetensors only, precise key errors.
+
+Checked: a failed write leaves the previous folder whole; pickle-only folders are refused, never
+loaded; missing/unexpected/misshapen tensors are listed in the CheckpointError; sharded HF folders read.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from archlab.errors import CheckpointError
+from archlab.interop.io import atomic_dir, check_state_dict, read_hf_folder, write_hf_folder
+
+
+def test_atomic_dir_keeps_old_folder_when_write_fails(tmp_path):
+    target = tmp_path / "ckpt"
+    write_hf_folder(target, {"v": 1}, {"w": torch.ones(2)})
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "config.json").write_text("{half")
+            raise RuntimeError("killed mid-write")
+    config, state = read_hf_folder(target)
+    assert config == {"v": 1} and torch.equal(state["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary left behind
+
+
+def test_atomic_dir_replaces_on_success(tmp_path):
+    target = tmp_path / "ckpt"
+    write_hf_folder(target, {"v": 1}, {"w": torch.ones(2)})
+    write_hf_folder(target, {"v": 2}, {"w": torch.zeros(3)})
+    config, state = read_hf_folder(target)
+    assert config == {"v": 2} and state["w"].shape == (3,)
+
+
+def test_pickle_only_folder_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    torch.save({"w": torch.ones(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        read_hf_folder(tmp_path)
+
+
+def test_missing_folder_and_bad_files(tmp_path):
+    with pytest.raises(CheckpointError, match="is not a folder"):
+        read_hf_folder(tmp_path / "nope")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        read_hf_folder(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        read_hf_folder(tmp_path)
+
+
+def test_sharded_folder(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    save_file({"a": torch.ones(1)}, str(tmp_path / "s1.safetensors"))
+    save_file({"b": torch.zeros(2)}, str(tmp_path / "s2.safetensors"))
+    index = {"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    _, state = read_hf_folder(tmp_path)
+    assert set(state) == {"a", "b"}
+
+
+def test_check_state_dict_lists_every_problem():
+    expected = {"a": torch.zeros(2), "b": torch.zeros(3), "c": torch.zeros(4)}
+    got = {"a": torch.zeros(2), "c": torch.zeros(5), "z": torch.zeros(1)}
+    with pytest.raises(CheckpointError) as e:
+        check_state_dict(expected, got, "x.safetensors")
+    msg = str(e.value)
+    assert "missing keys: b" in msg and "unexpected keys: z" in msg and "c: checkpoint (5,) vs model (4,)" in msg
+    check_state_dict(expected, dict(expected), "ok")  # no error
