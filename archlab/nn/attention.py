@@ -52,9 +52,25 @@ class AlignmentScore(nn.Module):
                 f"query {tuple(query.shape)} and keys {tuple(keys.shape)}: query must be [..., d_q] "
                 "(one decoder state) or [..., N, d_q] with the same leading dims as keys [..., M, d_h]"
             )
+        self.check_widths(query.shape[-1], keys.shape[-1])
         q = query.unsqueeze(-2) if single else query
         scores = self.score(q, keys)
         return scores.squeeze(-2) if single else scores
+
+    def check_widths(self, d_q: int, d_h: int) -> None:
+        """Raise ShapeError unless this score can compare a ``d_q``-wide query with ``d_h``-wide keys.
+
+        The parameter-free scores compare ``s_t`` and ``h_i`` directly, so the widths must match; the
+        parametric ones override this with the widths they were built for.
+        """
+        if d_q != d_h:
+            raise ShapeError(
+                f"{type(self).__name__}: query width {d_q} != key width {d_h}; this score compares them directly"
+            )
+
+    def _expect(self, what: str, got: int, want: int) -> None:
+        if got != want:
+            raise ShapeError(f"{type(self).__name__}: {what} width is {got} but the score was built for {want}")
 
     def score(self, query: Tensor, keys: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -84,6 +100,7 @@ class AdditiveScore(AlignmentScore):
         super().__init__()
         for name, value in (("d_query", d_query), ("d_key", d_key), ("d_attn", d_attn)):
             check_positive(name, value)
+        self.d_query, self.d_key = d_query, d_key
         self.W_s = nn.Linear(d_query, d_attn, bias=False)  # W_a[:, :d_q]
         self.W_h = nn.Linear(d_key, d_attn, bias=False)  # W_a[:, d_q:]
         self.v_a = nn.Linear(d_attn, 1, bias=False)
@@ -91,6 +108,10 @@ class AdditiveScore(AlignmentScore):
     def score(self, query: Tensor, keys: Tensor) -> Tensor:
         hidden = torch.tanh(self.W_s(query).unsqueeze(-2) + self.W_h(keys).unsqueeze(-3))
         return self.v_a(hidden).squeeze(-1)
+
+    def check_widths(self, d_q: int, d_h: int) -> None:
+        self._expect("query", d_q, self.d_query)
+        self._expect("key", d_h, self.d_key)
 
 
 class LocationScore(AlignmentScore):
@@ -103,7 +124,7 @@ class LocationScore(AlignmentScore):
         super().__init__()
         check_positive("d_query", d_query)
         check_positive("max_keys", max_keys)
-        self.max_keys = max_keys
+        self.d_query, self.max_keys = d_query, max_keys
         self.W_a = nn.Linear(d_query, max_keys, bias=False)
 
     def score(self, query: Tensor, keys: Tensor) -> Tensor:
@@ -111,6 +132,9 @@ class LocationScore(AlignmentScore):
         if m > self.max_keys:
             raise ShapeError(f"location score: {m} keys but max_keys={self.max_keys}")
         return self.W_a(query)[..., :m]
+
+    def check_widths(self, d_q: int, d_h: int) -> None:
+        self._expect("query", d_q, self.d_query)  # the keys' content (and width) is not used
 
 
 class GeneralScore(AlignmentScore):
@@ -120,10 +144,15 @@ class GeneralScore(AlignmentScore):
         super().__init__()
         check_positive("d_query", d_query)
         check_positive("d_key", d_key)
+        self.d_query, self.d_key = d_query, d_key
         self.W_a = nn.Linear(d_key, d_query, bias=False)  # h -> W_a h
 
     def score(self, query: Tensor, keys: Tensor) -> Tensor:
         return query @ self.W_a(keys).transpose(-2, -1)
+
+    def check_widths(self, d_q: int, d_h: int) -> None:
+        self._expect("query", d_q, self.d_query)
+        self._expect("key", d_h, self.d_key)
 
 
 class DotScore(AlignmentScore):
@@ -214,11 +243,23 @@ def _check_broadcast(name: str, tensor: Tensor, target: tuple[int, ...]) -> None
         )
 
 
-def check_attend_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None) -> None:
-    """Shape checks of :func:`attend`, before any computation."""
+def check_attend_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    bias: Tensor | None,
+    *,
+    same_width: bool = True,
+) -> None:
+    """Shape checks of :func:`attend`, before any computation.
+
+    ``same_width=False`` (a custom alignment score) lets ``q`` and ``k`` differ in width: an additive
+    or general score compares a decoder state ``s_t`` with encoder states ``h_i`` of another width.
+    """
     if q.ndim < 2 or k.ndim < 2 or v.ndim < 2:
         raise ShapeError(f"q, k, v must be [..., N, d]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[-1] != k.shape[-1]:
+    if same_width and q.shape[-1] != k.shape[-1]:
         raise ShapeError(f"q has d_k={q.shape[-1]} but k has d_k={k.shape[-1]}; they must match")
     if k.shape[-2] != v.shape[-2]:
         raise ShapeError(f"k has M={k.shape[-2]} keys but v has {v.shape[-2]} values; they must match")
@@ -255,7 +296,7 @@ def attend(
 
     Args:
         q: queries ``[..., N, d_k]`` (usually ``[B, A, N, d_k]``).
-        k: keys ``[..., M, d_k]``.
+        k: keys ``[..., M, d_k]`` (another width is allowed when ``score`` compares the two).
         v: values ``[..., M, d_v]``.
         mask: boolean, broadcastable to ``[..., N, M]``; True where a query may attend a key.
         bias: float, broadcastable to ``[..., N, M]``, added to the scores (ALiBi: ``-m|i-j|``).
@@ -273,7 +314,9 @@ def attend(
         ``out [..., N, d_v]``, or ``(out, weights)`` when ``return_weights``.
     """
     check_choice("backend", backend, BACKENDS)
-    check_attend_inputs(q, k, v, mask, bias)
+    check_attend_inputs(q, k, v, mask, bias, same_width=score is None)
+    if isinstance(score, AlignmentScore):
+        score.check_widths(q.shape[-1], k.shape[-1])
     n, m = q.shape[-2], k.shape[-2]
     if causal:
         if m < n:
