@@ -34,8 +34,10 @@ class DataError(ArchlabError, ValueError):
 
 def closest(name: str, choices: Iterable[str]) -> str:
     """A ``" (did you mean 'x'?)"`` suffix for ``name`` among ``choices``, or ``""`` if none is close."""
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+    choices = list(choices)
+    by_lower = {c.lower(): c for c in choices}
+    match = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.5)
+    return f" (did you mean {by_lower[match[0]]!r}?)" if match else ""
 
 
 def unknown(kind: str, name: str, choices: Iterable[str]) -> str:
