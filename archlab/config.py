@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, Self
 
@@ -21,6 +23,9 @@ class Config:
     """Base of all archlab configs: frozen, validated, JSON round-trippable."""
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            check_type(f.name, getattr(self, f.name), hints.get(f.name, Any))
         self.validate()
 
     def validate(self) -> None:
@@ -38,6 +43,9 @@ class Config:
         for key in data:
             if key not in names:
                 raise ConfigError(f"{cls.__name__}: " + unknown("key", key, names))
+        hints = typing.get_type_hints(cls)
+        # JSON has no tuples: a list given for a tuple field becomes a tuple
+        data = {k: tuple(v) if isinstance(v, list) and typing.get_origin(hints.get(k)) is tuple else v for k, v in data.items()}
         return cls(**data)
 
     def replace(self, **overrides: Any) -> Self:
@@ -62,8 +70,6 @@ class Config:
         name = data.pop("class", cls.__name__)
         if name != cls.__name__:
             raise ConfigError(f"config is a {name}, not a {cls.__name__}")
-        tuple_fields = {f.name for f in dataclasses.fields(cls) if "tuple" in str(f.type)}
-        data = {k: tuple(v) if k in tuple_fields and isinstance(v, list) else v for k, v in data.items()}
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
@@ -75,6 +81,51 @@ class Config:
 
 
 # -- validation helpers: one message style everywhere --------------------------------------------
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args))
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True  # annotations we do not model are not checked
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    if typing.get_origin(annotation) is tuple:
+        return "a list"
+    return _TYPE_WORDS.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def check_type(name: str, value: Any, annotation: Any) -> None:
+    """ConfigError unless ``value`` fits the field's annotation (``int`` refuses bools and floats)."""
+    if not _matches(value, annotation):
+        raise ConfigError(f"{name}={value!r} must be {_describe(annotation)}")
+
+
 def require(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless condition holds."""
     if not condition:

@@ -74,3 +74,18 @@ def test_errors_are_archlab_and_builtin():
     assert closest("gpt2-smal", ["gpt2-small", "bert-base"]) == " (did you mean 'gpt2-small'?)"
     assert closest("zzzz", ["gpt2-small"]) == ""
     assert unknown("preset", "x", ["b", "a"]).endswith("known: a, b")
+
+
+def test_field_types_are_checked_before_validation():
+    with pytest.raises(ConfigError, match=r"d_model='abc' must be an integer"):
+        ToyConfig(d_model="abc")
+    with pytest.raises(ConfigError, match=r"d_model=True must be an integer"):
+        ToyConfig(d_model=True)
+    with pytest.raises(ConfigError, match=r"d_model=8.5 must be an integer"):
+        ToyConfig(d_model=8.5)
+    with pytest.raises(ConfigError, match=r"kind=3 must be a string"):
+        ToyConfig(kind=3)
+    assert ToyConfig(dropout=0).dropout == 0  # an int is a fine float
+    assert ToyConfig.from_dict({"sizes": [3, 4]}).sizes == (3, 4)  # JSON lists become tuples
+    with pytest.raises(ConfigError, match=r"sizes=\('a',\) must be a list"):
+        ToyConfig(sizes=("a",))

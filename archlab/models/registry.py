@@ -7,6 +7,7 @@ preset with overrides; ``build_model(config)`` builds from a config object.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +82,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     name = data.pop("class", None)
     for fam in FAMILIES.values():
         if fam.config_cls.__name__ == name:
-            return fam.config_cls.from_json(__import__("json").dumps({"class": name, **data}))
+            return fam.config_cls.from_json(json.dumps({"class": name, **data}))
     raise ConfigError(unknown("config class", str(name), [f.config_cls.__name__ for f in FAMILIES.values()]))
 
 

@@ -231,12 +231,22 @@ Score = Callable[[Tensor, Tensor], Tensor]
 BACKENDS = ("auto", "math", "sdpa")
 
 
+def broadcast(*shapes: tuple[int, ...]) -> tuple[int, ...] | None:
+    """NumPy broadcasting of shapes, or None if they do not broadcast.
+
+    Plain Python: ``torch.broadcast_shapes`` imports sympy on first use (about a second per process).
+    """
+    out: list[int] = []
+    for dims in zip(*(((1,) * (max(map(len, shapes)) - len(s)) + tuple(s)) for s in shapes)):
+        sizes = {d for d in dims if d != 1}
+        if len(sizes) > 1:
+            return None
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
 def _check_broadcast(name: str, tensor: Tensor, target: tuple[int, ...]) -> None:
-    try:
-        shape = torch.broadcast_shapes(tensor.shape, target)
-    except RuntimeError:
-        shape = None
-    if shape != target:
+    if broadcast(tuple(tensor.shape), target) != target:
         raise ShapeError(
             f"{name} of shape {tuple(tensor.shape)} does not broadcast to the scores' shape {target} "
             "([..., N, M]: queries x keys)"
@@ -263,12 +273,11 @@ def check_attend_inputs(
         raise ShapeError(f"q has d_k={q.shape[-1]} but k has d_k={k.shape[-1]}; they must match")
     if k.shape[-2] != v.shape[-2]:
         raise ShapeError(f"k has M={k.shape[-2]} keys but v has {v.shape[-2]} values; they must match")
-    try:
-        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    except RuntimeError:
+    lead = broadcast(tuple(q.shape[:-2]), tuple(k.shape[:-2]), tuple(v.shape[:-2]))
+    if lead is None:
         raise ShapeError(
             f"leading dims of q {tuple(q.shape[:-2])}, k {tuple(k.shape[:-2])}, v {tuple(v.shape[:-2])} do not broadcast"
-        ) from None
+        )
     target = (*lead, q.shape[-2], k.shape[-2])
     if mask is not None:
         if mask.dtype != torch.bool:

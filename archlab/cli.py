@@ -1,0 +1,210 @@
+"""The ``archlab`` command: parse, call the library, print.
+
+Each subcommand is one ``cmd_*`` function taking the parsed arguments and returning an exit code,
+plus an ``args_*`` function declaring its options; :data:`COMMANDS` maps names to both. Any
+:class:`~archlab.errors.ArchlabError` becomes one line on stderr (``archlab: error: ...``) and
+exit code 2, like argparse's own usage errors.
+
+    archlab presets [--json]
+    archlab inspect PRESET [--set KEY=VALUE ...] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+import archlab
+from archlab.analysis.params import COMPONENTS, LABELS, ParamReport, count_parameters, human
+from archlab.errors import ArchlabError, ConfigError
+from archlab.models.registry import FAMILIES, build_model, get_config, get_preset, list_presets
+
+EXIT_ERROR = 2
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def parse_overrides(items: Sequence[str]) -> dict:
+    """``["d_model=256", "norm_first=true", "positional=rope"]`` -> ``{"d_model": 256, ...}``.
+
+    A value is read as a JSON literal when it is one (``256``, ``0.1``, ``true``, ``null``,
+    ``"256"`` for the string), and kept as a string otherwise (``rope``).
+    """
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. --set n_layers=2), got {item!r}")
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text
+    return overrides
+
+
+def build_on_meta(name: str, overrides: dict) -> tuple[object, torch.nn.Module]:
+    """Config and model of a preset, built on the meta device: shapes only, no memory, instant."""
+    config = get_config(name, **overrides)
+    with torch.device("meta"):
+        model = build_model(config)
+    return config, model
+
+
+def derived_fields(config) -> dict:
+    """Values of the config class's public properties (e.g. ``d_k = d_model / n_heads``)."""
+    names = [
+        name for klass in type(config).__mro__ for name, attr in vars(klass).items()
+        if isinstance(attr, property) and not name.startswith("_")
+    ]  # fmt: skip
+    return {name: getattr(config, name) for name in dict.fromkeys(names)}
+
+
+def _table(rows: list[list[str]], align: str, indent: str = "") -> list[str]:
+    """Columns padded to their widest cell; ``align`` has one ``<`` or ``>`` per column."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(align))]
+    lines = []
+    for row in rows:
+        cells = [f"{cell:{a}{w}}" for cell, a, w in zip(row, align, widths, strict=True)]
+        lines.append((indent + "  ".join(cells)).rstrip())
+    return lines
+
+
+def _format_value(value) -> str:
+    return json.dumps(value) if isinstance(value, (bool, type(None))) else str(value)
+
+
+def _parameter_lines(report: ParamReport) -> list[str]:
+    rows = [["component", "parameters", "share"]]
+    for component in COMPONENTS:
+        n = report.by_component[component]
+        if n:
+            rows.append([LABELS[component], f"{n:,}", f"{100 * report.share(component):.1f}%"])
+    rows.append(["total", f"{report.total:,}", "100.0%"])
+    lines = _table(rows, "<>>", indent="  ")
+    rule = "  " + "-" * max(len(line) - 2 for line in lines)
+    lines.insert(1, rule)
+    lines.insert(len(lines) - 1, rule)
+    trainable = "all trainable" if report.frozen == 0 else f"{report.trainable:,} trainable, {report.frozen:,} frozen"
+    lines[-1] += f"   ({human(report.total)}, {trainable})"
+    for row in report.tied:
+        names = " = ".join((row.name, *row.aliases))
+        lines.append(f"  tied: {names}  [{'x'.join(map(str, row.shape))}], counted once")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# subcommands
+# ------------------------------------------------------------------------------------------------
+def args_presets(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    """Table of every named preset: name, family, parameter count, description."""
+    entries = []
+    for preset in list_presets():
+        _, model = build_on_meta(preset.name, {})
+        entries.append((preset, count_parameters(model).total))
+    if args.json:
+        data = [
+            {"name": p.name, "family": p.family, "parameters": n, "description": p.description,
+             "config": p.config.to_dict()}
+            for p, n in entries
+        ]  # fmt: skip
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = [["preset", "family", "params", "description"]]
+    rows += [[p.name, p.family, human(n), p.description] for p, n in entries]
+    print("\n".join(_table(rows, "<<><")))
+    return 0
+
+
+def args_inspect(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("preset", metavar="PRESET", help="a preset name (see `archlab presets`)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field (repeatable); VALUE is read as JSON when it parses, else as a string",
+    )  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """A preset's config and its parameters by component."""
+    preset = get_preset(args.preset)
+    overrides = parse_overrides(args.overrides)
+    config, model = build_on_meta(preset.name, overrides)
+    report = count_parameters(model)
+    if args.json:
+        data = {
+            "preset": preset.name, "family": preset.family, "description": preset.description,
+            "overrides": overrides, "config": config.to_dict(), "parameters": report.to_dict(),
+        }  # fmt: skip
+        print(json.dumps(data, indent=2))
+        return 0
+    family = FAMILIES[preset.family]
+    lines = [
+        f"{preset.name}: {preset.description}",
+        f"family {family.name}: {family.description}; model {family.model_cls.__name__}",
+        "",
+        f"config ({type(config).__name__})" + ("   * = set with --set" if overrides else ""),
+    ]
+    marker = (lambda key: "* " if key in overrides else "  ") if overrides else (lambda key: "")
+    rows = [[marker(key) + key, _format_value(value)] for key, value in config.to_dict().items()]
+    rows += [[marker("") + f"{key} (derived)", _format_value(value)] for key, value in derived_fields(config).items()]
+    lines += _table(rows, "<<", indent="  ")
+    lines += ["", "parameters"]
+    lines += _parameter_lines(report)
+    print("\n".join(lines))
+    return 0
+
+
+@dataclass(frozen=True)
+class Command:
+    run: Callable[[argparse.Namespace], int]
+    declare: Callable[[argparse.ArgumentParser], None]
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "presets": Command(cmd_presets, args_presets, "list the named presets"),
+    "inspect": Command(cmd_inspect, args_inspect, "show a preset's config and parameter counts"),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# entry point
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="archlab", description="The architectures of the transformer era, written once and verified."
+    )
+    parser.add_argument("--version", action="version", version=f"archlab {archlab.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        command.declare(sub.add_parser(name, help=command.help, description=command.help))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``archlab`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, usage errors: argparse has already printed
+        return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
+    try:
+        return COMMANDS[args.command].run(args)
+    except ArchlabError as error:
+        print(f"archlab: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

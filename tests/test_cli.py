@@ -1,0 +1,116 @@
+"""The archlab command line: presets, inspect, --set parsing, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+import archlab
+from archlab.cli import main, parse_overrides
+from archlab.errors import ConfigError
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, out: str, err: str, *words: str) -> None:
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("archlab: error: "), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def test_presets_table_lists_transformer_presets(capsys):
+    code, out, _ = run(capsys, "presets")
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert {"transformer-base", "transformer-big", "transformer-tiny"} <= set(rows)
+    assert re.search(r"transformer-base\s+transformer\s+63\.1M\s+Vaswani", rows["transformer-base"])
+    assert "214M" in rows["transformer-big"]
+
+
+def test_presets_json(capsys):
+    code, out, _ = run(capsys, "presets", "--json")
+    assert code == 0
+    by_name = {entry["name"]: entry for entry in json.loads(out)}
+    assert by_name["transformer-base"]["parameters"] == 63_082_496
+    assert by_name["transformer-base"]["family"] == "transformer"
+    assert by_name["transformer-base"]["config"]["d_model"] == 512
+
+
+def test_inspect_transformer_base(capsys):
+    code, out, _ = run(capsys, "inspect", "transformer-base")
+    assert code == 0
+    total = re.search(r"^\s+total\s+([\d,]+)\s+100\.0%", out, re.M)
+    n = int(total.group(1).replace(",", ""))
+    assert abs(n - 65e6) / 65e6 < 0.04  # 63,082,496 vs the paper's 65M
+    for label in ("embeddings", "self-attention", "cross-attention", "feed-forward", "norms"):
+        assert re.search(rf"^\s+{label}\s+[\d,]+\s+[\d.]+%$", out, re.M), label
+    assert "tied: src_embed.weight = tgt_embed.weight = lm_head.weight" in out
+    assert re.search(r"^\s+d_model\s+512$", out, re.M)
+    assert re.search(r"^\s+d_k \(derived\)\s+64$", out, re.M)
+
+
+def test_inspect_json_and_overrides(capsys):
+    code, out, _ = run(capsys, "inspect", "transformer-base", "--set", "n_layers=2", "--set", "positional=rope",
+                       "--set", "norm_first=true", "--set", "dropout=0.2", "--json")  # fmt: skip
+    assert code == 0
+    data = json.loads(out)
+    assert data["overrides"] == {"n_layers": 2, "positional": "rope", "norm_first": True, "dropout": 0.2}
+    config, params = data["config"], data["parameters"]
+    assert (config["n_layers"], config["positional"], config["norm_first"], config["dropout"]) == (2, "rope", True, 0.2)
+    assert sum(params["by_component"].values()) == params["total"] == params["trainable"]
+    assert params["tied"] == {"src_embed.weight": ["tgt_embed.weight", "lm_head.weight"]}
+
+
+def test_inspect_marks_overridden_fields(capsys):
+    code, out, _ = run(capsys, "inspect", "transformer-tiny", "--set", "n_layers=1")
+    assert code == 0
+    assert re.search(r"^\s+\* n_layers\s+1$", out, re.M)
+    assert re.search(r"^\s+d_model\s+64$", out, re.M)
+
+
+def test_unknown_preset_suggests_the_closest(capsys):
+    code, out, err = run(capsys, "inspect", "transformer-bse")
+    assert_one_line_error(code, out, err, "unknown preset 'transformer-bse'", "did you mean 'transformer-base'")
+
+
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        ("d_modle=256", ["unknown key 'd_modle'", "did you mean 'd_model'"]),
+        ("d_model=500", ["d_model=500 is not divisible by n_heads=8"]),
+        ("d_model=big", ["d_model='big' must be an integer"]),
+        ("positional=sinus", ["positional", "'sinus'", "did you mean 'sinusoidal'"]),
+        ("d_model", ["--set expects KEY=VALUE", "'d_model'"]),
+        ("=3", ["--set expects KEY=VALUE"]),
+    ],
+)
+def test_bad_set_gives_one_clear_line(capsys, setting, words):
+    code, out, err = run(capsys, "inspect", "transformer-base", "--set", setting)
+    assert_one_line_error(code, out, err, *words)
+
+
+def test_parse_overrides_reads_json_literals_else_strings():
+    parsed = parse_overrides(["a=2", "b=0.1", "c=true", "d=null", "e=rope", 'f="512"', "g=1e-5", "h=x=y"])
+    assert parsed == {"a": 2, "b": 0.1, "c": True, "d": None, "e": "rope", "f": "512", "g": 1e-5, "h": "x=y"}
+    assert type(parsed["a"]) is int
+    with pytest.raises(ConfigError):
+        parse_overrides(["novalue"])
+
+
+def test_version_and_usage_errors(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"archlab {archlab.__version__}"
+    code, _, err = run(capsys)
+    assert code == 2 and "required: COMMAND" in err
+    code, _, err = run(capsys, "frobnicate")
+    assert code == 2 and "invalid choice" in err
