@@ -1,0 +1,394 @@
+r"""Generation over any model with a KV cache: greedy, sampling (temperature, top-k, top-p), beam search.
+
+Everything here speaks one small protocol, so it serves a decoder-only GPT and an encoder-decoder
+Transformer alike:
+
+* a **step** ``step(tokens [B, n], cache) -> logits [B, n, V]``: feed ``n`` new tokens, get the
+  next-token logits at each of them. With ``cache=None`` the step receives the whole sequence so far.
+* a **cache** with ``reorder(index)`` (:class:`archlab.nn.DecodingCache`): row ``b`` becomes old row
+  ``index[b]``; beam search calls it when beams are re-ranked. It must be fresh (empty) when given.
+
+Where steps come from:
+
+* decoder-only (GPT): pass the model itself; the functions call ``model.decoder_step(attention_mask)``
+  and ``model.new_cache()``. ``attention_mask [B, n0]`` marks a left-padded prompt's real tokens.
+* encoder-decoder: pass ``model.decoder_step(memory, memory_mask)`` and ``cache=model.new_cache()``.
+  For :func:`beam_search` the step must already serve ``B * beam_size`` rows, so build it from
+  ``expand_for_beams(memory, beam_size)`` (and the same for ``memory_mask``): the beams of input ``b``
+  are rows ``b * beam_size ... b * beam_size + beam_size - 1``.
+
+Generation runs under ``torch.no_grad()`` and does not change the model's train/eval mode: call
+``model.eval()`` first if it has dropout.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from archlab.errors import ConfigError, ShapeError
+
+#: ``(tokens [B, n], cache or None) -> logits [B, n, V]``.
+Step = Callable[[Tensor, Any], Tensor]
+
+
+# ================================================================================================
+# Argument checks: a bad value raises ConfigError naming it, before any model call
+# ================================================================================================
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be an int >= {minimum}")
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0 \
+            or not math.isfinite(temperature):
+        raise ConfigError(f"temperature={temperature!r} must be a finite number > 0 (greedy decoding: do_sample=False)")
+    if top_k is not None:
+        _check_int("top_k", top_k, 1)
+    if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1):
+        raise ConfigError(f"top_p={top_p!r} must be in (0, 1]")
+
+
+def _check_tokens(name: str, tokens: Any) -> None:
+    if not isinstance(tokens, Tensor) or tokens.ndim != 2:
+        shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise ShapeError(f"{name} must be a [B, n] tensor of token ids, got {shape}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ShapeError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ShapeError(f"{name} must be [B, n] with B, n >= 1 (a prompt or start token), got {tuple(tokens.shape)}")
+
+
+def _check_ids_in_vocab(vocab_size: int, **ids: int | None) -> None:
+    for name, value in ids.items():
+        if value is not None and value >= vocab_size:
+            raise ConfigError(f"{name}={value} is outside the model's vocabulary [0, {vocab_size})")
+
+
+def _shape(x: Any) -> str:
+    return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
+
+
+def expand_for_beams(tensor: Tensor, beam_size: int) -> Tensor:
+    """``[B, ...] -> [B * beam_size, ...]``, each row repeated ``beam_size`` times in a row (the beam layout)."""
+    _check_int("beam_size", beam_size, 1)
+    return tensor.repeat_interleave(beam_size, dim=0)
+
+
+# ================================================================================================
+# Driving a step
+# ================================================================================================
+
+
+class _Stepper:
+    """Feeds a step: with a cache only the tokens it has not seen yet, without one the whole prefix."""
+
+    def __init__(self, step: Step, cache: Any):
+        self.step, self.cache, self.fed = step, cache, 0
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        """``tokens [R, t]``: the whole sequences so far -> the last position's logits ``[R, V]``."""
+        if self.cache is None:
+            return self.step(tokens, None)[:, -1]
+        new, self.fed = tokens[:, self.fed :], tokens.shape[1]
+        return self.step(new, self.cache)[:, -1]
+
+    def reorder(self, index: Tensor) -> None:
+        if self.cache is not None:
+            self.cache.reorder(index)
+
+
+def _stepper(model_or_step: Any, attention_mask: Tensor | None, cache: Any, use_cache: bool) -> _Stepper:
+    if cache is not None and not use_cache:
+        raise ConfigError("cache was given but use_cache=False; pass one or the other")
+    if cache is not None and not callable(getattr(cache, "reorder", None)):
+        raise ConfigError(f"cache must have a reorder(index) method (a DecodingCache), got {type(cache).__name__}")
+    if isinstance(model_or_step, nn.Module):
+        model = model_or_step
+        make = getattr(model, "decoder_step", None)
+        if make is None or "attention_mask" not in inspect.signature(make).parameters or not hasattr(model, "new_cache"):
+            raise ConfigError(
+                f"model_or_step: {type(model).__name__} has no decoder_step(attention_mask) and new_cache(); "
+                "for an encoder-decoder model pass model.decoder_step(memory, memory_mask) and cache=model.new_cache()"
+            )
+        step = make(attention_mask=attention_mask)
+        if use_cache and cache is None:
+            cache = model.new_cache()
+        return _Stepper(step, cache if use_cache else None)
+    if not callable(model_or_step):
+        raise ConfigError(f"model_or_step must be a model or a step callable, got {type(model_or_step).__name__}")
+    if attention_mask is not None:
+        raise ConfigError("attention_mask is used with a model; a bare step must handle padding itself")
+    if use_cache and cache is None:
+        raise ConfigError("a bare step needs the cache it decodes into: pass cache=model.new_cache(), or use_cache=False")
+    return _Stepper(model_or_step, cache)
+
+
+# ================================================================================================
+# Sampling filters, written once
+# ================================================================================================
+
+
+def filter_logits(
+    logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> Tensor:
+    r"""Temperature, then top-k, then top-p (nucleus) on ``logits [..., V]``; removed tokens get ``-inf``.
+
+    * temperature: ``logits / T`` (``T < 1`` sharpens, ``T > 1`` flattens).
+    * top-k: keep the ``k`` largest logits (ties with the ``k``-th are kept).
+    * top-p: keep the smallest set of most likely tokens whose probability reaches ``p``: token ``i``
+      (in descending order) stays iff the mass strictly before it is ``< p``.
+    """
+    _check_sampling(temperature, top_k, top_p)
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop_sorted = mass_before >= top_p
+        drop_sorted[..., 0] = False  # the most likely token always stays
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One token per row from ``logits [B, V]`` after :func:`filter_logits`; returns ``[B]``."""
+    probs = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ================================================================================================
+# Greedy and sampled generation
+# ================================================================================================
+
+
+@torch.no_grad()
+def generate(
+    model_or_step: nn.Module | Step,
+    input_ids: Tensor,
+    *,
+    max_new_tokens: int,
+    attention_mask: Tensor | None = None,
+    temperature: float = 1.0,
+    do_sample: bool = False,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Iterable[int] = (),
+    pad_id: int | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    cache: Any = None,
+) -> Tensor:
+    """Continue ``input_ids [B, n0]`` by up to ``max_new_tokens``; returns ``[B, n0 + t]``, ``t <= max_new_tokens``.
+
+    Greedy (``argmax``) unless ``do_sample``; sampling applies :func:`filter_logits` (temperature,
+    top-k, top-p), which act only when sampling. A row that emits one of ``stop_tokens`` keeps it and
+    is finished: its later positions hold ``pad_id``. Generation ends early once every row is finished.
+
+    Args:
+        model_or_step: a decoder-only model (``decoder_step(attention_mask)`` + ``new_cache()``, e.g.
+            :class:`archlab.models.gpt.GPT`) or a step callable (see the module docstring).
+        input_ids: ``[B, n0]`` prompt; left-padded when ``attention_mask`` says so.
+        attention_mask: ``[B, n0]``, 1 for real tokens (models only).
+        stop_tokens: ids that end a row; needs ``pad_id``.
+        pad_id: filler for finished rows.
+        seed: seeds a private ``torch.Generator``: the same seed gives the same samples. ``None`` uses
+            the global RNG.
+        use_cache: feed only the new token each step (KV cache); ``False`` recomputes the whole prefix
+            each step (slow; the reference the cached path is tested against).
+        cache: a fresh cache for a bare step (a model makes its own).
+    """
+    _check_tokens("input_ids", input_ids)
+    _check_int("max_new_tokens", max_new_tokens, 0)
+    _check_sampling(temperature, top_k, top_p)
+    if not do_sample and (temperature != 1.0 or top_k is not None or top_p is not None):
+        raise ConfigError(
+            f"temperature={temperature}, top_k={top_k}, top_p={top_p} only act when sampling: pass do_sample=True"
+        )
+    stop = list(stop_tokens)
+    for s in stop:
+        _check_int("stop_tokens[i]", s, 0)
+    if pad_id is not None:
+        _check_int("pad_id", pad_id, 0)
+    if stop and pad_id is None:
+        raise ConfigError(f"stop_tokens={stop} needs pad_id: finished rows are filled with it")
+    if seed is not None:
+        _check_int("seed", seed, 0)
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ShapeError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {_shape(attention_mask)}")
+    stepper = _stepper(model_or_step, attention_mask, cache, use_cache)
+
+    device = input_ids.device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    stop_ids = torch.tensor(stop, dtype=input_ids.dtype, device=device)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+    tokens = input_ids
+    for t in range(max_new_tokens):
+        logits = stepper(tokens)  # [B, V]
+        if t == 0:
+            _check_ids_in_vocab(logits.shape[-1], pad_id=pad_id, **{f"stop_tokens[{i}]": s for i, s in enumerate(stop)})
+        if do_sample:
+            next_ids = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        else:
+            next_ids = logits.argmax(dim=-1)
+        if pad_id is not None:
+            next_ids = next_ids.masked_fill(finished, pad_id)
+        tokens = torch.cat([tokens, next_ids[:, None].to(tokens.dtype)], dim=1)
+        if stop:
+            finished |= torch.isin(next_ids, stop_ids)
+            if bool(finished.all()):
+                break
+    return tokens
+
+
+# ================================================================================================
+# Beam search
+# ================================================================================================
+
+
+class BeamSearchOutput(NamedTuple):
+    """``sequences [B, n0 + t]`` (the best hypothesis per input, padded after its end) and its ``scores [B]``."""
+
+    sequences: Tensor
+    scores: Tensor
+
+
+@torch.no_grad()
+def beam_search(
+    model_or_step: nn.Module | Step,
+    start_tokens: Tensor,
+    *,
+    beam_size: int,
+    max_new_tokens: int,
+    length_penalty: float = 1.0,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    attention_mask: Tensor | None = None,
+    cache: Any = None,
+    use_cache: bool = True,
+) -> BeamSearchOutput:
+    r"""Beam search: keep the ``K = beam_size`` best partial sequences of each input.
+
+    A hypothesis ``y`` of ``L`` generated tokens scores ``sum_t log p(y_t | y_<t) / L^length_penalty``
+    (``length_penalty > 0`` favours longer ones). Each step, every open beam is extended by every
+    token; the best ``2K`` extensions are ranked: those ending in ``eos_id`` (or reaching
+    ``max_new_tokens``) and ranked within the top ``K`` join the input's ``K`` best finished
+    hypotheses; the best ``K`` that did not end stay open, and the cache is reordered to follow them.
+    An input is done once it holds ``K`` finished hypotheses and its best open beam, normalised at
+    the current length, cannot beat the worst of them. These are the rules of Hugging Face's beam
+    search with ``early_stopping=False``.
+
+    Args:
+        model_or_step: a decoder-only model, or a step serving ``B * K`` rows (beams of input ``b`` in
+            rows ``b K .. b K + K - 1``; build encoder-decoder steps from :func:`expand_for_beams`).
+        start_tokens: ``[B, n0]``: the prompt, or the decoder's start token; expanded here to the
+            ``B * K`` rows.
+        attention_mask: ``[B, n0]`` prompt padding mask (models only); expanded here.
+        eos_id: the token that ends a hypothesis.
+        pad_id: filler after a hypothesis' end; default ``eos_id`` (or 0).
+        cache: a fresh cache for a bare step, sized for ``B * K`` rows.
+
+    Returns:
+        :class:`BeamSearchOutput`: ``sequences [B, n0 + t]``, ``scores [B]``.
+    """
+    _check_tokens("start_tokens", start_tokens)
+    _check_int("beam_size", beam_size, 1)
+    _check_int("max_new_tokens", max_new_tokens, 0)
+    if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool) \
+            or not math.isfinite(length_penalty):  # fmt: skip
+        raise ConfigError(f"length_penalty={length_penalty!r} must be a finite number")
+    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+        if value is not None:
+            _check_int(name, value, 0)
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(start_tokens.shape):
+        raise ShapeError(f"attention_mask must match start_tokens {tuple(start_tokens.shape)}, got {_shape(attention_mask)}")
+    pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+    b, n0 = start_tokens.shape
+    k, steps, device = beam_size, max_new_tokens, start_tokens.device
+    if steps == 0:
+        return BeamSearchOutput(start_tokens.clone(), torch.zeros(b, device=device))
+    mask = None if attention_mask is None else expand_for_beams(attention_mask, k)
+    stepper = _stepper(model_or_step, mask, cache, use_cache)
+
+    full_len = n0 + steps
+    running = expand_for_beams(start_tokens, k).view(b, k, n0)  # open beams [B, K, n0 + t]
+    finished = start_tokens[:, None, :].new_full((b, k, full_len), pad)  # K best ended hypotheses
+    finished[:, :, :n0] = start_tokens[:, None, :]
+    finished_len = torch.zeros(b, k, dtype=torch.long, device=device)
+    finished_valid = torch.zeros(b, k, dtype=torch.bool, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    batch_base = torch.arange(b, device=device)[:, None] * k
+
+    for t in range(steps):
+        logits = stepper(running.reshape(b * k, -1))  # [B K, V]
+        if t == 0:
+            v = logits.shape[-1]
+            _check_ids_in_vocab(v, eos_id=eos_id, pad_id=pad_id)
+            dtype = torch.promote_types(logits.dtype, torch.float32)
+            # only beam 0 is live at first, so the K beams do not start as K copies of one token
+            running_scores = torch.zeros(b, k, dtype=dtype, device=device)
+            running_scores[:, 1:] = float("-inf")
+            finished_scores = torch.full((b, k), float("-inf"), dtype=dtype, device=device)
+        length = t + 1
+        norm = length**length_penalty
+        log_probs = torch.log_softmax(logits.to(dtype), dim=-1).view(b, k, v)
+        total = (running_scores[:, :, None] + log_probs).view(b, k * v)
+        cand_scores, flat = total.topk(min(2 * k, k * v), dim=-1)  # [B, C], best first
+        origin, token = flat // v, flat % v  # the beam each candidate extends, and its token
+        cand = torch.cat([_gather_rows(running, origin), token[..., None].to(running.dtype)], dim=-1)  # [B, C, n0 + L]
+        ends = (token == eos_id) if eos_id is not None else torch.zeros_like(token, dtype=torch.bool)
+        if length == steps:
+            ends = torch.ones_like(ends)
+
+        # 1. ended candidates ranked within the top K join the finished pool (inputs not yet done)
+        top_k_rank = torch.arange(cand.shape[1], device=device) < k
+        joins = ends & top_k_rank[None, :] & ~done[:, None]
+        pool_scores = torch.cat([finished_scores, torch.where(joins, cand_scores / norm, float("-inf"))], dim=1)
+        pool_valid = torch.cat([finished_valid, joins], dim=1)
+        cand_full = cand.new_full((b, cand.shape[1], full_len), pad)
+        cand_full[..., : n0 + length] = cand
+        pool = torch.cat([finished, cand_full], dim=1)
+        pool_len = torch.cat([finished_len, torch.full_like(token, length)], dim=1)
+        keep = pool_scores.topk(k, dim=-1).indices
+        finished, finished_scores = _gather_rows(pool, keep), pool_scores.gather(1, keep)
+        finished_valid, finished_len = pool_valid.gather(1, keep), pool_len.gather(1, keep)
+
+        # 2. the best K candidates that did not end stay open
+        open_scores = cand_scores.masked_fill(ends, float("-inf"))
+        best = open_scores.topk(k, dim=-1).indices
+        running_scores, running = open_scores.gather(1, best), _gather_rows(cand, best)
+
+        # 3. an input is done when its best open beam cannot beat its worst finished hypothesis
+        full = finished_valid.all(dim=-1)
+        done |= full & (running_scores[:, 0] / norm <= finished_scores.min(dim=-1).values)
+        if length == steps or bool(done.all()):
+            break
+        stepper.reorder((batch_base + origin.gather(1, best)).view(-1))
+
+    out_len = n0 + int(finished_len[:, 0].max())
+    return BeamSearchOutput(finished[:, 0, :out_len], finished_scores[:, 0])
+
+
+def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x [B, R, L]``, ``index [B, C]`` -> ``[B, C, L]`` with row ``c`` = ``x[b, index[b, c]]``."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))

@@ -1,0 +1,325 @@
+r"""GPT: a decoder-only Transformer language model (Radford et al. 2018, 2019).
+
+Read top to bottom it is the GPT-2 forward pass::
+
+    x_0  = E[tokens] + P[positions]                        token + learned position embeddings, [B, N, d]
+    x_l  = x_{l-1} + Attn(LN(x_{l-1}))  (causal)           pre-norm blocks, A heads of width d_k = d / A
+    x_l  = x_l     + FFN(LN(x_l))                          FFN(h) = gelu_tanh(h W_1 + b_1) W_2 + b_2
+    logits = LN_f(x_L) E^T                                 tied LM head, [B, N, V]
+
+Every piece comes from :mod:`archlab.nn`: the blocks are :class:`~archlab.nn.DecoderBlock` without
+cross-attention, stacked in a :class:`~archlab.nn.Decoder` (which adds the final LayerNorm of a
+pre-norm stack). RoPE, ALiBi and sinusoidal positions replace the learned table on request.
+
+Positions and padding. A token's position is the number of real tokens before it. Without an
+``attention_mask`` that is ``offset + i`` (``offset`` = what the cache holds); with one it is
+``cumsum(attention_mask) - 1`` (:func:`positions_from_mask`), so a left-padded row gets the same
+positions, hence the same logits, as the row alone: what batched generation needs. Explicit
+``position_ids`` are honoured by the absolute encodings (learned, sinusoidal). RoPE and ALiBi make
+scores depend on ``i - j`` only, which a per-row shift leaves unchanged, so they need no ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor, nn
+
+from archlab.config import Config, check_choice, check_divisible, check_positive, check_probability
+from archlab.errors import ConfigError, ShapeError
+from archlab.generation import Step
+from archlab.models.registry import register_family, register_preset
+from archlab.nn.attention import BACKENDS, padding_mask
+from archlab.nn.blocks import Decoder, DecodingCache
+from archlab.nn.feedforward import FEEDFORWARDS
+from archlab.nn.norm import LayerNorm
+from archlab.nn.positional import POSITIONAL_KINDS, LearnedPositionalEncoding, build_positional, sinusoid_table
+
+ABSOLUTE_POSITIONAL = ("learned", "sinusoidal")  # added to the input; the ones position_ids act on
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig(Config):
+    """A GPT. The defaults are GPT-2 small (124M parameters).
+
+    Args:
+        vocab_size: ``V``.
+        max_len: context length; the size of the learned position table (GPT-2's ``n_positions``).
+            RoPE, ALiBi and sinusoidal positions are not limited by it.
+        d_model: ``d``.
+        n_heads: ``A``; ``d_k = d_v = d / A``.
+        n_layers: number of blocks ``L``.
+        d_ff: FFN hidden width; ``None`` means ``4 d``.
+        dropout: on the embeddings and on each sub-layer's output (GPT-2's embd/resid_pdrop).
+        attn_dropout: on the attention weights (attn_pdrop).
+        positional: ``learned`` (GPT-2) | ``rope`` | ``alibi`` | ``sinusoidal`` | ``none``.
+        norm_first: pre-norm with a final LayerNorm (GPT-2) or post-norm (GPT-1).
+        ffn: FFN kind; ``gelu_tanh`` is GPT-2's ``gelu_new`` (see ``archlab.nn.build_feedforward``).
+        eps: LayerNorm epsilon.
+        bias: biases in the linear layers (LayerNorms keep theirs).
+        tie_embeddings: the LM head is the token embedding matrix (one Parameter).
+        backend: attention backend, ``auto | math | sdpa``.
+    """
+
+    vocab_size: int = 50257
+    max_len: int = 1024
+    d_model: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    d_ff: int | None = None
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    positional: str = "learned"
+    norm_first: bool = True
+    ffn: str = "gelu_tanh"
+    eps: float = 1e-5
+    bias: bool = True
+    tie_embeddings: bool = True
+    backend: str = "auto"
+
+    def validate(self) -> None:
+        # field types (int, bool, ...) are checked by Config before validate() runs
+        for name in ("vocab_size", "max_len", "d_model", "n_heads", "n_layers"):
+            check_positive(name, getattr(self, name))
+        if self.d_ff is not None:
+            check_positive("d_ff", self.d_ff)
+        check_divisible("d_model", self.d_model, "n_heads", self.n_heads)
+        check_probability("dropout", self.dropout)
+        check_probability("attn_dropout", self.attn_dropout)
+        check_choice("positional", self.positional, POSITIONAL_KINDS)
+        check_choice("ffn", self.ffn, FEEDFORWARDS)
+        check_choice("backend", self.backend, BACKENDS)
+        check_positive("eps", self.eps)
+        if self.positional == "rope" and self.d_head % 2:
+            raise ConfigError(
+                f"positional='rope' rotates feature pairs, so d_k = d_model / n_heads must be even; "
+                f"got d_model={self.d_model}, n_heads={self.n_heads}, d_k={self.d_head}"
+            )
+
+    @property
+    def d_head(self) -> int:
+        """``d_k = d / A``."""
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_width(self) -> int:
+        """The FFN hidden width: ``d_ff``, or ``4 d`` when it is None."""
+        return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+
+def _describe(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
+
+
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """``[B, M]`` 0/1 mask of real tokens -> ``[B, M]`` positions ``cumsum - 1`` (padding gets 0).
+
+    ``[[0, 0, 1, 1, 1]] -> [[0, 0, 0, 1, 2]]``: a left-padded row's real tokens sit at 0, 1, 2 as if
+    unpadded. The same rule as Hugging Face's ``generate``.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class GPT(nn.Module):
+    """Decoder-only language model; ``input_ids [B, N] -> logits [B, N, V]``.
+
+    Submodules: ``tok_emb`` (``E``, ``[V, d]``), ``pos`` (the positional encoding), ``decoder``
+    (:class:`~archlab.nn.Decoder` of ``L`` causal blocks, final norm included), ``lm_head``
+    (``[V, d]``; the same Parameter as ``tok_emb.weight`` when tied).
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise ConfigError(f"GPT needs a GPTConfig, got {type(config).__name__}")
+        self.config = c = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
+        self.pos = build_positional(c.positional, d_model=c.d_model, n_heads=c.n_heads, max_len=c.max_len)
+        self.drop = nn.Dropout(c.dropout)
+        self.decoder = Decoder(
+            c.n_layers, c.d_model, c.n_heads, c.ffn_width, cross_attention=False,
+            dropout=c.dropout, attn_dropout=c.attn_dropout, ffn=c.ffn, norm="layernorm",
+            norm_first=c.norm_first, eps=c.eps, bias=c.bias, backend=c.backend,
+        )  # fmt: skip
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.reset_parameters()
+        if c.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 init: weights ``N(0, 0.02)``, biases 0, LayerNorm ``(1, 0)``; the two projections that
+        write into the residual stream (attention ``W_O``, FFN ``W_2``) get ``std 0.02 / sqrt(2 L)``."""
+        std = 0.02
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, (LayerNorm, nn.LayerNorm)):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for block in self.decoder.blocks:
+            nn.init.normal_(block.attn.out_proj.weight, 0.0, residual_std)
+            nn.init.normal_(block.ffn.w2.weight, 0.0, residual_std)
+
+    def new_cache(self) -> DecodingCache:
+        """An empty KV cache for incremental decoding (one per sequence batch)."""
+        return self.decoder.new_cache()
+
+    # -- input checks, before any computation ------------------------------------------------------
+    def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None, cache: DecodingCache | None) -> None:
+        c = self.config
+        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
+            raise ShapeError(f"input_ids must be a [B, N] tensor of token ids, got {_describe(input_ids)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ShapeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        b, n = input_ids.shape
+        if b == 0 or n == 0:
+            raise ShapeError(f"input_ids must be [B, N] with B, N >= 1, got shape {(b, n)}")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= c.vocab_size:
+            bad = low if low < 0 else high
+            raise ShapeError(
+                f"input_ids holds id {bad}, outside the vocabulary: ids must be in [0, vocab_size={c.vocab_size})"
+            )
+        seen = 0
+        if cache is not None:
+            if not isinstance(cache, DecodingCache) or len(cache.blocks) != c.n_layers:
+                raise ShapeError(f"cache must be a DecodingCache of this model's {c.n_layers} layers (model.new_cache())")
+            seen, held = cache.length, cache.blocks[0].self_attn.keys
+            if held is not None and held.shape[0] != b:
+                raise ShapeError(f"cache holds batch {held.shape[0]} but input_ids has batch {b}")
+        if attention_mask is not None:
+            if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (b, seen + n):
+                raise ShapeError(
+                    f"attention_mask must be [B, M] = [{b}, {seen + n}] (1 = real token; the cache's {seen} "
+                    f"positions + {n} new ones), got {_describe(attention_mask)}"
+                )
+            if attention_mask.dtype != torch.bool and not ((attention_mask == 0) | (attention_mask == 1)).all():
+                raise ShapeError("attention_mask must hold only 0 (padding) and 1 (real token)")
+
+    def _positions(
+        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, offset: int
+    ) -> Tensor | None:
+        """The absolute positions ``[B, N]`` of the new tokens, checked against the learned table; ``None``
+        when they are simply ``offset .. offset + N - 1`` or the encoding is relative."""
+        c = self.config
+        b, n = input_ids.shape
+        if position_ids is not None:
+            if c.positional not in ABSOLUTE_POSITIONAL:
+                raise ConfigError(
+                    f"position_ids are used only by absolute encodings {ABSOLUTE_POSITIONAL}; this model has "
+                    f"positional={c.positional!r}, whose scores depend on i - j only, so padding needs no position ids"
+                )
+            if not isinstance(position_ids, Tensor) or position_ids.ndim != 2 or position_ids.shape[1] != n \
+                    or position_ids.shape[0] not in (1, b) or position_ids.dtype.is_floating_point:  # fmt: skip
+                raise ShapeError(
+                    f"position_ids must be integer [B, N] = [{b}, {n}] (or [1, {n}]), got {_describe(position_ids)}"
+                )
+            if int(position_ids.min()) < 0:
+                raise ShapeError(f"position_ids holds {int(position_ids.min())}; positions must be >= 0")
+        elif attention_mask is not None and c.positional in ABSOLUTE_POSITIONAL:
+            position_ids = positions_from_mask(attention_mask)[:, -n:]
+        if c.positional == "learned":
+            last = offset + n - 1 if position_ids is None else int(position_ids.max())
+            if last >= c.max_len:
+                raise ShapeError(
+                    f"position {last} is past the learned position table of max_len={c.max_len} positions "
+                    f"(0..{c.max_len - 1}); a learned encoding cannot extrapolate: shorten the input or use "
+                    "'rope' / 'alibi'"
+                )
+        return position_ids
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: DecodingCache | None = None,
+    ) -> Tensor:
+        """Next-token logits.
+
+        Args:
+            input_ids: ``[B, N]`` token ids in ``[0, V)``; with a ``cache``, only the new tokens.
+            attention_mask: ``[B, M]`` with ``M`` = cached positions + ``N``; 1 for real tokens, 0 for
+                padding (keys that no query may attend). Positions then follow :func:`positions_from_mask`.
+            position_ids: ``[B, N]`` (or ``[1, N]``) explicit positions; absolute encodings only.
+            cache: a :meth:`new_cache` to decode incrementally; keys and values of ``input_ids`` are
+                appended to it.
+
+        Returns:
+            ``logits [B, N, V]``; ``logits[:, i]`` predicts the token after ``input_ids[:, i]``.
+        """
+        self._check_inputs(input_ids, attention_mask, cache)
+        offset = 0 if cache is None else cache.length
+        position_ids = self._positions(input_ids, attention_mask, position_ids, offset)
+        x = self.tok_emb(input_ids)  # [B, N, d]
+        x = self.pos.add_to_input(x, offset) if position_ids is None else x + self._position_vectors(position_ids, x)
+        x = self.drop(x)
+        mask = None if attention_mask is None else padding_mask(attention_mask)  # [B, 1, 1, M]
+        h = self.decoder(x, mask=mask, causal=True, positional=self.pos, cache=cache)  # [B, N, d]
+        return self.lm_head(h)
+
+    def _position_vectors(self, position_ids: Tensor, x: Tensor) -> Tensor:
+        """Absolute position vectors ``[B, N, d]`` at arbitrary ``position_ids [B, N]``."""
+        position_ids = position_ids.to(x.device)
+        if isinstance(self.pos, LearnedPositionalEncoding):
+            return self.pos.embedding(position_ids)
+        table = sinusoid_table(int(position_ids.max()) + 1, self.config.d_model, dtype=x.dtype, device=x.device)
+        return table[position_ids]
+
+    def decoder_step(self, attention_mask: Tensor | None = None) -> Step:
+        """A step for :mod:`archlab.generation`: ``(tokens [B, n], cache) -> logits [B, n, V]``.
+
+        ``attention_mask [B, n0]`` marks the prompt's real tokens (left padding); every token fed
+        after the prompt counts as real. With ``cache=None`` the step expects the whole sequence so far.
+        """
+        if attention_mask is None:
+            return lambda tokens, cache=None: self(tokens, cache=cache)
+        if not isinstance(attention_mask, Tensor) or attention_mask.ndim != 2:
+            raise ShapeError(f"attention_mask must be [B, n0], got {_describe(attention_mask)}")
+        prompt = attention_mask
+
+        def step(tokens: Tensor, cache: DecodingCache | None = None) -> Tensor:
+            total = (0 if cache is None else cache.length) + tokens.shape[-1]
+            grown = total - prompt.shape[1]
+            if grown < 0:
+                raise ShapeError(f"the step saw {total} positions; the prompt's attention_mask covers {prompt.shape[1]}")
+            mask = torch.cat([prompt, prompt.new_ones(prompt.shape[0], grown)], dim=1)
+            return self(tokens, attention_mask=mask, cache=cache)
+
+        return step
+
+
+register_family("gpt", GPTConfig, GPT, "decoder-only Transformer language model (GPT-1/2; RoPE/ALiBi on request)")
+register_preset("gpt2-small", "gpt", GPTConfig(), "GPT-2 small: 124M, 12 layers, d=768, 12 heads, 1024 ctx")
+register_preset(
+    "gpt2-medium", "gpt", GPTConfig(d_model=1024, n_heads=16, n_layers=24),
+    "GPT-2 medium: 355M, 24 layers, d=1024, 16 heads, 1024 ctx",
+)  # fmt: skip
+register_preset(
+    "gpt2-large", "gpt", GPTConfig(d_model=1280, n_heads=20, n_layers=36),
+    "GPT-2 large: 774M, 36 layers, d=1280, 20 heads, 1024 ctx",
+)  # fmt: skip
+register_preset(
+    "gpt2-xl", "gpt", GPTConfig(d_model=1600, n_heads=25, n_layers=48),
+    "GPT-2 XL: 1.56B, 48 layers, d=1600, 25 heads, 1024 ctx",
+)  # fmt: skip
+register_preset(
+    "gpt-mini", "gpt", GPTConfig(vocab_size=50304, max_len=256, d_model=384, n_heads=6, n_layers=6),
+    "small GPT for single-machine training: 6 layers, d=384, 6 heads, 256 ctx, GPT-2 vocab padded to 50304",
+)  # fmt: skip
+register_preset(
+    "gpt-nano", "gpt",
+    GPTConfig(vocab_size=256, max_len=128, d_model=48, n_heads=3, n_layers=3, dropout=0.0, attn_dropout=0.0),
+    "tiny byte-level GPT for tests and demos: 3 layers, d=48, 3 heads, 128 ctx",
+)  # fmt: skip

@@ -1,0 +1,304 @@
+"""GPT: causality, tied head, positional variants with and without a cache, input and config errors,
+parameter counts of the presets, and a few training steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from archlab.errors import ConfigError, ShapeError
+from archlab.models import build_model, get_config
+from archlab.models.gpt import GPT, GPTConfig, positions_from_mask
+
+
+def tiny(**overrides) -> GPTConfig:
+    base = dict(vocab_size=61, max_len=32, d_model=24, n_heads=3, n_layers=2, dropout=0.0, attn_dropout=0.0)
+    return GPTConfig(**{**base, **overrides})
+
+
+def model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    m = GPT(tiny(**overrides)).eval()
+    # GPT-2's init keeps activations tiny; larger weights make the comparisons below discriminating
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.2)
+    return m
+
+
+POSITIONALS = ["learned", "rope", "alibi", "sinusoidal", "none"]
+
+
+# ---------------------------------------------------------------------------------------------
+# structure
+# ---------------------------------------------------------------------------------------------
+
+
+def test_forward_shape_and_tied_head():
+    m = model()
+    logits = m(torch.randint(0, 61, (2, 7)))
+    assert logits.shape == (2, 7, 61)
+    assert m.lm_head.weight is m.tok_emb.weight
+    untied = model(tie_embeddings=False)
+    assert untied.lm_head.weight is not untied.tok_emb.weight
+    n_tied = sum(p.numel() for p in m.parameters())
+    n_untied = sum(p.numel() for p in untied.parameters())
+    assert n_untied - n_tied == 61 * 24
+
+
+def test_gpt2_init_scales_residual_projections():
+    torch.manual_seed(0)
+    m = GPT(tiny(d_model=384, n_heads=6, n_layers=6))
+    residual_std = 0.02 / math.sqrt(2 * 6)
+    for block in m.decoder.blocks:
+        assert block.attn.out_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+        assert block.ffn.w2.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+        assert block.attn.in_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert torch.all(block.attn.in_proj.bias == 0)
+    assert m.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+@pytest.mark.parametrize("positional", POSITIONALS)
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_causal_gradient_is_exactly_zero_for_future_positions(positional, backend):
+    m = model(positional=positional, backend=backend)
+    captured = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        captured["x"] = output
+
+    m.tok_emb.register_forward_hook(keep)
+    ids = torch.randint(0, 61, (2, 9))
+    t = 4
+    m(ids)[:, t].sum().backward()
+    grad = captured["x"].grad  # [B, N, d]
+    assert torch.all(grad[:, t + 1 :] == 0)
+    assert torch.all(grad[:, : t + 1].abs().sum(-1) > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# cache, padding, positions
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("positional", POSITIONALS)
+def test_cached_decoding_equals_full_forward(positional):
+    m = model(positional=positional)
+    ids = torch.randint(0, 61, (2, 12))
+    full = m(ids)
+    cache = m.new_cache()
+    pieces = [m(ids[:, :5], cache=cache)]
+    pieces += [m(ids[:, i : i + 1], cache=cache) for i in range(5, 9)]
+    pieces.append(m(ids[:, 9:], cache=cache))
+    assert cache.length == 12
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("positional", POSITIONALS)
+def test_left_padded_row_matches_the_row_alone(positional):
+    m = model(positional=positional)
+    row = torch.randint(0, 61, (1, 6))
+    other = torch.randint(0, 61, (1, 9))
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), row], dim=1), other])
+    mask = torch.ones_like(batch)
+    mask[0, :3] = 0
+    logits = m(batch, attention_mask=mask)
+    torch.testing.assert_close(logits[0, 3:], m(row)[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[1], m(other)[0], atol=1e-5, rtol=0)
+    # and step by step with a cache, the mask growing by one real token each step
+    cache = m.new_cache()
+    out = [m(batch[:, :5], attention_mask=mask[:, :5], cache=cache)]
+    for i in range(5, 9):
+        out.append(m(batch[:, i : i + 1], attention_mask=mask[:, : i + 1], cache=cache))
+    torch.testing.assert_close(torch.cat(out, dim=1)[0, 3:], m(row)[0], atol=1e-5, rtol=0)
+
+
+def test_positions_from_mask():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
+    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]
+
+
+@pytest.mark.parametrize("positional", ["learned", "sinusoidal"])
+def test_explicit_position_ids(positional):
+    m = model(positional=positional)
+    ids = torch.randint(0, 61, (2, 5))
+    default = m(ids)
+    torch.testing.assert_close(m(ids, position_ids=torch.arange(5)[None]), default, atol=1e-6, rtol=0)
+    shifted = m(ids, position_ids=torch.arange(3, 8).expand(2, 5))
+    assert not torch.allclose(shifted, default, atol=1e-3)
+    # after a cache of 3 positions, new tokens sit at 3..7 by default
+    caches = m.new_cache(), m.new_cache()
+    for cache in caches:
+        m(ids[:, :3], cache=cache)
+    explicit = m(ids, cache=caches[1], position_ids=torch.arange(3, 8)[None])
+    torch.testing.assert_close(m(ids, cache=caches[0]), explicit, atol=1e-6, rtol=0)
+
+
+def test_position_ids_rejected_for_relative_encodings():
+    m = model(positional="rope")
+    with pytest.raises(ConfigError, match="position_ids.*rope"):
+        m(torch.randint(0, 61, (1, 4)), position_ids=torch.arange(4)[None])
+
+
+def test_float64():
+    m = model().double()
+    ids = torch.randint(0, 61, (2, 6))
+    assert m(ids).dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: archlab errors before computing
+# ---------------------------------------------------------------------------------------------
+
+
+def test_id_out_of_vocabulary():
+    m = model()
+    with pytest.raises(ShapeError, match=r"id 61.*vocab_size=61"):
+        m(torch.tensor([[1, 2, 61]]))
+    with pytest.raises(ShapeError, match=r"id -1.*vocab_size=61"):
+        m(torch.tensor([[-1, 2]]))
+
+
+def test_bad_input_shapes_and_types():
+    m = model()
+    with pytest.raises(ShapeError, match=r"\[B, N\]"):
+        m(torch.tensor([1, 2, 3]))
+    with pytest.raises(ShapeError, match="integer"):
+        m(torch.zeros(1, 3))
+    with pytest.raises(ShapeError, match="B, N >= 1"):
+        m(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ShapeError, match=r"attention_mask must be \[B, M\] = \[1, 3\]"):
+        m(torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 4))
+    with pytest.raises(ShapeError, match="only 0"):
+        m(torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[0, 2, 1]]))
+    with pytest.raises(ShapeError, match=r"position_ids must be integer \[B, N\]"):
+        m(torch.tensor([[1, 2, 3]]), position_ids=torch.arange(4)[None])
+    cache = m.new_cache()
+    m(torch.tensor([[1, 2]]), cache=cache)
+    with pytest.raises(ShapeError, match="cache holds batch 1"):
+        m(torch.tensor([[1], [2]]), cache=cache)
+
+
+def test_too_long_for_the_learned_table():
+    m = model()  # max_len=32
+    with pytest.raises(ShapeError, match=r"position 32 .*max_len=32"):
+        m(torch.zeros(1, 33, dtype=torch.long))
+    cache = m.new_cache()
+    m(torch.zeros(1, 30, dtype=torch.long), cache=cache)
+    m(torch.zeros(1, 2, dtype=torch.long), cache=cache)  # positions 30, 31: fine
+    with pytest.raises(ShapeError, match="max_len=32"):
+        m(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+    with pytest.raises(ShapeError, match="max_len=32"):
+        m(torch.zeros(1, 2, dtype=torch.long), position_ids=torch.tensor([[31, 32]]))
+    # left padding does not count: 40 columns, 30 real tokens
+    mask = torch.ones(1, 40, dtype=torch.long)
+    mask[0, :10] = 0
+    assert m(torch.zeros(1, 40, dtype=torch.long), attention_mask=mask).shape == (1, 40, 61)
+    # relative encodings have no table to run past
+    assert model(positional="rope")(torch.zeros(1, 40, dtype=torch.long)).shape == (1, 40, 61)
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(d_model=50, n_heads=3), "d_model=50 is not divisible by n_heads=3"),
+        (dict(positional="rope", d_model=30, n_heads=2), "d_k.*even"),
+        (dict(positional="rop"), "did you mean 'rope'"),
+        (dict(ffn="gelu_new"), "unknown value 'gelu_new'"),
+        (dict(dropout=1.0), r"dropout=1.0 must be in \[0, 1\)"),
+        (dict(vocab_size=0), "vocab_size=0 must be > 0"),
+        (dict(n_layers=2.5), "n_layers=2.5 must be an integer"),
+        (dict(d_ff=64.0), "d_ff=64.0 must be an integer or null"),
+        (dict(d_ff=0), "d_ff=0 must be > 0"),
+        (dict(backend="flash"), "unknown value 'flash'"),
+        (dict(tie_embeddings="yes"), "tie_embeddings='yes' must be true or false"),
+    ],
+)
+def test_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny(**overrides)
+
+
+def test_config_json_round_trip_and_unknown_key():
+    c = tiny(positional="alibi", d_ff=40)
+    assert GPTConfig.from_json(c.to_json()) == c
+    assert c.ffn_width == 40 and tiny().ffn_width == 96
+    with pytest.raises(ConfigError, match="did you mean 'n_heads'"):
+        GPTConfig.from_dict({"n_head": 4})
+
+
+# ---------------------------------------------------------------------------------------------
+# presets
+# ---------------------------------------------------------------------------------------------
+
+
+def gpt_param_formula(c: GPTConfig) -> int:
+    """Count by hand: embeddings, L blocks (attention 4d^2 + 4d, FFN 2 d d_ff + d_ff + d, two LNs 4d), final LN."""
+    d, f = c.d_model, c.ffn_width
+    block = (4 * d * d + 4 * d) + (2 * d * f + f + d) + 4 * d
+    head = 0 if c.tie_embeddings else c.vocab_size * d
+    return c.vocab_size * d + c.max_len * d + c.n_layers * block + 2 * d + head
+
+
+def count_on_meta(config: GPTConfig) -> int:
+    with torch.device("meta"):
+        m = GPT(config)
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_gpt2_small_has_124m_parameters():
+    assert count_on_meta(get_config("gpt2-small")) == 124_439_808
+
+
+@pytest.mark.parametrize("name", ["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-mini", "gpt-nano"])
+def test_preset_parameter_counts(name):
+    config = get_config(name)
+    assert count_on_meta(config) == gpt_param_formula(config)
+
+
+def test_gpt2_medium_count_matches_hugging_face():
+    transformers = pytest.importorskip("transformers")
+    c = get_config("gpt2-medium")
+    with torch.device("meta"):
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=c.d_model, n_layer=c.n_layers, n_head=c.n_heads))
+    assert sum(p.numel() for p in hf.parameters()) == count_on_meta(c) == 354_823_168
+
+
+def test_registry_builds_gpt():
+    m = build_model("gpt-nano", n_layers=1)
+    assert isinstance(m, GPT) and len(m.decoder.blocks) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_few_training_steps_lower_the_loss():
+    torch.manual_seed(0)
+    m = GPT(tiny())
+    pattern = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7])
+    data = pattern.repeat(3)[None].expand(4, -1)  # [4, 42]
+    inputs, targets = data[:, :-1][:, :31], data[:, 1:][:, :31]
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+
+    def loss_fn():
+        return F.cross_entropy(m(inputs).reshape(-1, 61), targets.reshape(-1))
+
+    first = loss_fn().item()
+    for _ in range(20):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+    assert math.isclose(first, math.log(61), rel_tol=0.05)  # GPT-2 init: near-uniform predictions
+    assert loss_fn().item() < 0.25 * first
