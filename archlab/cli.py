@@ -7,6 +7,7 @@ exit code 2, like argparse's own usage errors.
 
     archlab presets [--json]
     archlab inspect PRESET [--set KEY=VALUE ...] [--json]
+    archlab convert SRC DST
     archlab embed TEXT... [--model minilm-l6|PATH] [--json]
 """
 
@@ -196,6 +197,20 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def args_convert(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC", help="a Hugging Face folder (gpt2, bert, vit) or an archlab folder")
+    parser.add_argument("dst", metavar="DST", help="the folder to write (replaced atomically)")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Hugging Face folder -> archlab folder, or back; the source's config.json decides."""
+    from archlab.interop.convert import convert
+
+    direction = convert(args.src, args.dst)
+    print(f"{direction}: {args.src} -> {args.dst}")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     run: Callable[[argparse.Namespace], int]
@@ -206,6 +221,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "presets": Command(cmd_presets, args_presets, "list the named presets"),
     "inspect": Command(cmd_inspect, args_inspect, "show a preset's config and parameter counts"),
+    "convert": Command(cmd_convert, args_convert, "convert a model folder between Hugging Face and archlab"),
     "embed": Command(cmd_embed, args_embed, "sentence embeddings with a real pretrained model (all-MiniLM-L6-v2)"),
 }
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from archlab.errors import CheckpointError, ConfigError
-from archlab.interop.io import CONFIG_FILE, WEIGHTS_FILE, check_state_dict, read_hf_folder, read_json, write_hf_folder
+from archlab.interop.io import CONFIG_FILE, WEIGHTS_FILE, check_state_dict, read_hf_folder, write_hf_folder
 from archlab.models.gpt import GPT, GPTConfig
 
 # (HF name, archlab name, HF Conv1D weight that needs a transpose)
@@ -252,32 +252,3 @@ def save_gpt2(model: GPT, folder: str | Path) -> None:
     if model.config.tie_embeddings:
         del state["lm_head.weight"]
     write_hf_folder(folder, hf_config, state)
-
-
-def convert(src: str | Path, dst: str | Path) -> str:
-    """Convert a model folder between formats; the source's ``config.json`` decides the direction.
-
-    * an HF GPT-2 folder -> an archlab folder (:func:`archlab.interop.io.save_model`);
-    * an archlab GPT folder -> an HF GPT-2 folder (:func:`save_gpt2`).
-
-    Returns ``"gpt2 -> archlab"`` or ``"archlab -> gpt2"``.
-    """
-    from archlab.interop.io import load_model, save_model
-
-    src = Path(src)
-    if not src.is_dir():
-        raise CheckpointError(f"{src} is not a folder (expected {CONFIG_FILE} and {WEIGHTS_FILE} inside)")
-    data = read_json(src / CONFIG_FILE)
-    if "class" in data:
-        model = load_model(src)
-        if not isinstance(model, GPT):
-            raise CheckpointError(f"{src} holds a {type(model).__name__}; only GPT converts to GPT-2")
-        save_gpt2(model, dst)
-        return "archlab -> gpt2"
-    if data.get("model_type") == "gpt2":
-        save_model(load_gpt2(src), dst)
-        return "gpt2 -> archlab"
-    raise CheckpointError(
-        f"{src / CONFIG_FILE} is neither an archlab config (no 'class') nor a GPT-2 one "
-        f"(model_type={data.get('model_type')!r})"
-    )

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
@@ -143,7 +143,8 @@ def save_model(model: nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{type(model).__name__} has no archlab config (model.config) to save")
     with atomic_dir(path) as tmp:
         (tmp / CONFIG_FILE).write_text(config.to_json() + "\n")
-        _st_save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "archlab": "1"})
+        metadata = {"format": "pt", "archlab": "1", "archlab_model": type(model).__name__}
+        _st_save_model(model, str(tmp / WEIGHTS_FILE), metadata=metadata)
 
 
 def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -158,10 +159,15 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
             f"{folder / CONFIG_FILE} is not an archlab config (no 'class' key); for a Hugging Face folder "
             "use the family converters or `archlab convert`"
         )
-    model = build_model(config_from_dict(data))
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         read_weights(folder)  # raises the precise error (pickle-only, or missing)
+    try:
+        with safe_open(str(weights), "pt") as f:
+            model_class = (f.metadata() or {}).get("archlab_model")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights} is not a readable safetensors file: {e}") from None
+    model = build_model(config_from_dict(data), model_class=model_class)
     state = read_safetensors(weights)
     expected = model.state_dict()
     # tied tensors are stored once; safetensors' load_model restores the ties

@@ -44,7 +44,7 @@ from archlab.config import (
     require,
 )
 from archlab.errors import ConfigError, DataError, ShapeError
-from archlab.models.registry import register_family, register_preset
+from archlab.models.registry import register_family, register_model_class, register_preset
 from archlab.nn.attention import BACKENDS, padding_mask
 from archlab.nn.blocks import Encoder
 from archlab.nn.norm import LayerNorm
@@ -422,6 +422,7 @@ class BertCrossEncoder(BertForSequenceClassification):
 # Registry
 # ================================================================================================
 
+register_model_class(BertForPreTraining)
 register_family("bert", BertConfig, BertModel, "BERT encoder (bidirectional, post-norm, learned positions) + pooler")
 register_preset("bert-base", "bert", BertConfig(), "BERT-base uncased (Devlin 2019): L=12, d=768, A=12, 110M")
 register_preset(

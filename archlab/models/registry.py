@@ -35,10 +35,17 @@ class Preset:
 
 FAMILIES: dict[str, Family] = {}
 PRESETS: dict[str, Preset] = {}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {}  # every class buildable from its config alone, by name
+
+
+def register_model_class(model_cls: type[nn.Module]) -> None:
+    """A class besides a family's base one (a model with heads) that ``load_model`` may rebuild."""
+    MODEL_CLASSES[model_cls.__name__] = model_cls
 
 
 def register_family(name: str, config_cls: type[Config], model_cls: type[nn.Module], description: str) -> None:
     FAMILIES[name] = Family(name, config_cls, model_cls, description)
+    register_model_class(model_cls)
 
 
 def register_preset(name: str, family: str, config: Config, description: str) -> None:
@@ -86,10 +93,18 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     raise ConfigError(unknown("config class", str(name), [f.config_cls.__name__ for f in FAMILIES.values()]))
 
 
-def build_model(spec: str | Config, **overrides: Any) -> nn.Module:
-    """A model from a preset name (with overrides) or from a config object."""
+def build_model(spec: str | Config, *, model_class: str | None = None, **overrides: Any) -> nn.Module:
+    """A model from a preset name (with overrides) or from a config object.
+
+    ``model_class`` picks a registered class other than the family's base one (e.g. ``BertForPreTraining``).
+    """
     config = get_config(spec, **overrides) if isinstance(spec, str) else (spec.replace(**overrides) if overrides else spec)
-    return family_of(config).model_cls(config)
+    if model_class is None:
+        return family_of(config).model_cls(config)
+    _loaded()
+    if model_class not in MODEL_CLASSES:
+        raise ConfigError(unknown("model class", model_class, MODEL_CLASSES))
+    return MODEL_CLASSES[model_class](config)
 
 
 def list_presets() -> list[Preset]:

@@ -26,7 +26,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from archlab.errors import ArchlabError, ConfigError, ShapeError

@@ -18,11 +18,11 @@ from archlab.interop.gpt2 import (
     archlab_state_from_gpt2,
     config_from_gpt2,
     config_to_gpt2,
-    convert,
     gpt2_state_from_archlab,
     load_gpt2,
     save_gpt2,
 )
+from archlab.interop.convert import convert
 from archlab.interop.io import load_model, save_model
 from archlab.models.gpt import GPT, GPTConfig
 
