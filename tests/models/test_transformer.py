@@ -12,6 +12,7 @@ from torch import nn
 
 from archlab.errors import ConfigError, ShapeError
 from archlab.interop.io import load_model, save_model
+from archlab.interop.torch_nn import copy_block_to_torch
 from archlab.models import build_model, get_config
 from archlab.models.transformer import EncoderDecoderTransformer, TransformerConfig
 
@@ -302,18 +303,6 @@ def test_save_load_round_trip(tmp_path, share):
 # ------------------------------------------------------------------------------------------------
 # parity with torch.nn.Transformer (float64)
 # ------------------------------------------------------------------------------------------------
-def _copy_attention(ours, theirs: nn.MultiheadAttention) -> None:
-    # archlab's in_proj rows are [W_Q; W_K; W_V], torch's in_proj_weight layout
-    theirs.in_proj_weight.copy_(ours.in_proj.weight)
-    theirs.in_proj_bias.copy_(ours.in_proj.bias)
-    theirs.out_proj.weight.copy_(ours.out_proj.weight)
-    theirs.out_proj.bias.copy_(ours.out_proj.bias)
-
-
-def _copy(src_module: nn.Module, dst_module: nn.Module) -> None:
-    dst_module.load_state_dict(src_module.state_dict())
-
-
 def torch_reference(model: EncoderDecoderTransformer) -> nn.Transformer:
     cfg = model.config
     ref = nn.Transformer(
@@ -322,22 +311,12 @@ def torch_reference(model: EncoderDecoderTransformer) -> nn.Transformer:
     ).double().eval()  # fmt: skip
     with torch.no_grad():
         for ours, theirs in zip(model.encoder.blocks, ref.encoder.layers, strict=True):
-            _copy_attention(ours.attn, theirs.self_attn)
-            _copy(ours.ffn.w1, theirs.linear1)
-            _copy(ours.ffn.w2, theirs.linear2)
-            _copy(ours.attn_norm, theirs.norm1)
-            _copy(ours.ffn_norm, theirs.norm2)
+            copy_block_to_torch(ours, theirs)
         for ours, theirs in zip(model.decoder.blocks, ref.decoder.layers, strict=True):
-            _copy_attention(ours.attn, theirs.self_attn)
-            _copy_attention(ours.cross_attn, theirs.multihead_attn)
-            _copy(ours.ffn.w1, theirs.linear1)
-            _copy(ours.ffn.w2, theirs.linear2)
-            _copy(ours.attn_norm, theirs.norm1)
-            _copy(ours.cross_norm, theirs.norm2)
-            _copy(ours.ffn_norm, theirs.norm3)
+            copy_block_to_torch(ours, theirs)
     if cfg.norm_first:
-        _copy(model.encoder.final_norm, ref.encoder.norm)
-        _copy(model.decoder.final_norm, ref.decoder.norm)
+        ref.encoder.norm.load_state_dict(model.encoder.final_norm.state_dict())
+        ref.decoder.norm.load_state_dict(model.decoder.final_norm.state_dict())
     else:  # nn.Transformer always ends its stacks with a LayerNorm; a post-norm stack has none
         ref.encoder.norm = None
         ref.decoder.norm = None

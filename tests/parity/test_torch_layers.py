@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import nn
 
+from archlab.interop.torch_nn import copy_attention_to_torch, copy_block_to_torch
 from archlab.nn.blocks import Decoder, DecoderBlock, Encoder, EncoderBlock
 
 F64 = torch.float64
@@ -41,41 +42,12 @@ def randomize(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
-def copy_linear(src: nn.Linear, dst: nn.Linear) -> None:
-    dst.weight.copy_(src.weight)
-    dst.bias.copy_(src.bias)
-
-
-def copy_norm(src, dst: nn.LayerNorm) -> None:
-    dst.weight.copy_(src.weight)
-    dst.bias.copy_(src.bias)
-
-
 def copy_mha(src, dst: nn.MultiheadAttention) -> None:
     assert dst.in_proj_weight.shape == src.in_proj.weight.shape == (3 * D, D)
-    dst.in_proj_weight.copy_(src.in_proj.weight)
-    dst.in_proj_bias.copy_(src.in_proj.bias)
-    copy_linear(src.out_proj, dst.out_proj)
+    copy_attention_to_torch(src, dst)
 
 
-@torch.no_grad()
-def copy_encoder_block(src: EncoderBlock, dst: nn.TransformerEncoderLayer) -> None:
-    copy_mha(src.attn, dst.self_attn)
-    copy_linear(src.ffn.w1, dst.linear1)
-    copy_linear(src.ffn.w2, dst.linear2)
-    copy_norm(src.attn_norm, dst.norm1)
-    copy_norm(src.ffn_norm, dst.norm2)
-
-
-@torch.no_grad()
-def copy_decoder_block(src: DecoderBlock, dst: nn.TransformerDecoderLayer) -> None:
-    copy_mha(src.attn, dst.self_attn)
-    copy_mha(src.cross_attn, dst.multihead_attn)
-    copy_linear(src.ffn.w1, dst.linear1)
-    copy_linear(src.ffn.w2, dst.linear2)
-    copy_norm(src.attn_norm, dst.norm1)
-    copy_norm(src.cross_norm, dst.norm2)
-    copy_norm(src.ffn_norm, dst.norm3)
+copy_encoder_block = copy_decoder_block = copy_block_to_torch
 
 
 def torch_layer_kwargs(norm_first: bool, activation: str) -> dict:
@@ -162,7 +134,7 @@ def test_encoder_stack_matches_torch(norm_first, activation):
         copy_encoder_block(src, dst)
     if norm_first:
         with torch.no_grad():
-            copy_norm(ours.final_norm, ref.norm)
+            ref.norm.load_state_dict(ours.final_norm.state_dict())
     else:
         assert isinstance(ours.final_norm, nn.Identity)
     x = torch.randn(2, 5, D, dtype=F64)
@@ -183,7 +155,7 @@ def test_decoder_stack_matches_torch(norm_first, activation):
         copy_decoder_block(src, dst)
     if norm_first:
         with torch.no_grad():
-            copy_norm(ours.final_norm, ref.norm)
+            ref.norm.load_state_dict(ours.final_norm.state_dict())
     x = torch.randn(2, 6, D, dtype=F64)
     memory = torch.randn(2, 4, D, dtype=F64)
     mem_pad = key_padding([4, 2], 4)
