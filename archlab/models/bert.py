@@ -44,7 +44,7 @@ from archlab.config import (
     require,
 )
 from archlab.errors import ConfigError, DataError, ShapeError
-from archlab.models.registry import register_family, register_model_class, register_preset
+from archlab.models.registry import register_family, register_preset
 from archlab.nn.attention import BACKENDS, padding_mask
 from archlab.nn.blocks import Encoder
 from archlab.nn.norm import LayerNorm
@@ -422,8 +422,10 @@ class BertCrossEncoder(BertForSequenceClassification):
 # Registry
 # ================================================================================================
 
-register_model_class(BertForPreTraining)
-register_family("bert", BertConfig, BertModel, "BERT encoder (bidirectional, post-norm, learned positions) + pooler")
+register_family(
+    "bert", BertConfig, BertModel, "BERT encoder (bidirectional, post-norm, learned positions) + pooler",
+    task="mlm", train_cls=BertForPreTraining,
+)
 register_preset("bert-base", "bert", BertConfig(), "BERT-base uncased (Devlin 2019): L=12, d=768, A=12, 110M")
 register_preset(
     "bert-mini", "bert", BertConfig(d_model=256, n_heads=4, n_layers=4, d_ff=1024),

@@ -23,6 +23,8 @@ class Family:
     config_cls: type[Config]
     model_cls: type[nn.Module]
     description: str
+    task: str = "lm"  # the training objective archlab.train uses by default (see TASKS)
+    train_cls: type[nn.Module] | None = None  # the class trained for that task, when not model_cls
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,30 @@ def register_model_class(model_cls: type[nn.Module]) -> None:
     MODEL_CLASSES[model_cls.__name__] = model_cls
 
 
-def register_family(name: str, config_cls: type[Config], model_cls: type[nn.Module], description: str) -> None:
-    FAMILIES[name] = Family(name, config_cls, model_cls, description)
+# The training objectives, and what a model trained on each takes and returns (archlab.train relies on it):
+#   lm              model(input_ids [B, N]) -> logits [B, N, V]          (next-token prediction)
+#   mlm             model(input_ids, attention_mask=, token_type_ids=) -> .mlm_logits [B, N, V], .nsp_logits [B, 2]
+#   seq2seq         model(src_ids [B, N], tgt_in [B, M], src_mask=[B, N] bool) -> logits [B, M, V]
+#   classification  model(inputs) -> logits [B, C]
+#   custom          model.compute_loss(batch: dict) -> (loss scalar, metrics dict)  (e.g. ELMo's joint loss)
+TASKS = ("lm", "mlm", "seq2seq", "classification", "custom")
+
+
+def register_family(
+    name: str,
+    config_cls: type[Config],
+    model_cls: type[nn.Module],
+    description: str,
+    *,
+    task: str = "lm",
+    train_cls: type[nn.Module] | None = None,
+) -> None:
+    if task not in TASKS:
+        raise ConfigError(unknown("task", task, TASKS))
+    FAMILIES[name] = Family(name, config_cls, model_cls, description, task, train_cls)
     register_model_class(model_cls)
+    if train_cls is not None:
+        register_model_class(train_cls)
 
 
 def register_preset(name: str, family: str, config: Config, description: str) -> None:

@@ -273,6 +273,7 @@ register_family(
     TransformerConfig,
     EncoderDecoderTransformer,
     "the original encoder-decoder Transformer (Vaswani et al. 2017)",
+    task="seq2seq",
 )
 register_preset(
     "transformer-base",

@@ -196,7 +196,10 @@ class ViT(nn.Module):
         return features if self.head is None else self.head(features)
 
 
-register_family("vit", ViTConfig, ViT, "Vision Transformer: image patches as tokens, [class] token, pre-norm encoder")
+register_family(
+    "vit", ViTConfig, ViT, "Vision Transformer: image patches as tokens, [class] token, pre-norm encoder",
+    task="classification",
+)
 register_preset(
     "vit-base-16", "vit", ViTConfig(),
     "ViT-B/16: 224x224 RGB, 16x16 patches (196 + [class]), d=768, 12 layers, 12 heads, 1000 classes (~86.6M params)",
