@@ -20,8 +20,10 @@ Layouts (``i`` a layer index; ``w`` is ``weight`` or ``bias``)::
     cls.predictions.bias            (= cls.predictions.decoder.bias)   mlm.bias
     cls.predictions.decoder.weight  (= word embeddings, tied)          none: the head uses embeddings.word.weight
     cls.seq_relationship.w                                             nsp.w
+    BertForSequenceClassification head ("bert." in front of the encoder on both sides):
+    classifier.w                                                       classifier.w
 
-Checkpoints read: a ``BertModel`` or ``BertForPreTraining`` folder, and the BERT weights of a
+Checkpoints read: a ``BertModel``, ``BertForPreTraining`` or ``BertForSequenceClassification`` folder, and the BERT weights of a
 sentence-transformers folder, whatever prefix they carry (none, ``bert.``, ``0.``, ``0.auto_model.``).
 The non-persistent buffers old checkpoints carry (``embeddings.position_ids``) are ignored.
 """
@@ -37,12 +39,15 @@ from torch import Tensor
 
 from archlab.errors import CheckpointError, ConfigError
 from archlab.interop.io import check_state_dict, read_hf_folder, write_hf_folder
-from archlab.models.bert import INIT_STD, BertConfig, BertForPreTraining, BertModel
+from archlab.models.bert import INIT_STD, BertConfig, BertForPreTraining, BertForSequenceClassification, BertModel
 
 ANCHOR = "embeddings.word_embeddings.weight"  # the key that locates the encoder inside any layout
 BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")  # index buffers, not weights
 TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")  # copies of other tensors
 QKV = ("query", "key", "value")
+# the head a checkpoint carries -> the archlab class holding it ("" = the bare encoder)
+HEADS = {"": BertModel, "pretraining": BertForPreTraining, "classification": BertForSequenceClassification}
+Bert = BertModel | BertForPreTraining | BertForSequenceClassification
 
 # Hugging Face's BertConfig defaults, used for keys a config.json leaves out (as from_pretrained does).
 HF_DEFAULTS = dict(
@@ -55,7 +60,7 @@ HF_NAMES = dict(
     vocab_size="vocab_size", max_len="max_position_embeddings", type_vocab_size="type_vocab_size",
     d_model="hidden_size", n_heads="num_attention_heads", n_layers="num_hidden_layers", d_ff="intermediate_size",
     attn_dropout="attention_probs_dropout_prob", dropout="hidden_dropout_prob", eps="layer_norm_eps",
-    pad_id="pad_token_id",
+    pad_id="pad_token_id", n_classes="num_labels",
 )  # fmt: skip
 
 
@@ -86,15 +91,23 @@ def bert_config_from_hf(hf: Mapping, *, source: str = "config") -> BertConfig:
             type_vocab_size=get("type_vocab_size"), d_model=get("hidden_size"),
             n_heads=get("num_attention_heads"), n_layers=get("num_hidden_layers"), d_ff=get("intermediate_size"),
             dropout=get("hidden_dropout_prob"), attn_dropout=get("attention_probs_dropout_prob"),
-            eps=get("layer_norm_eps"), pad_id=get("pad_token_id"),
+            eps=get("layer_norm_eps"), pad_id=get("pad_token_id"), n_classes=_num_labels(hf),
         )  # fmt: skip
     except ConfigError as e:
         names = [f"{ours}={theirs}" for ours, theirs in HF_NAMES.items() if re.search(rf"\b{ours}=", str(e))]
         raise CheckpointError(f"{source}: {e} (archlab name=Hugging Face name: {', '.join(names)})") from None
 
 
+def _num_labels(hf: Mapping) -> int:
+    """Hugging Face keeps the class count as ``id2label`` (``num_labels`` is derived from it; default 2)."""
+    id2label = hf.get("id2label")
+    return len(id2label) if id2label else hf.get("num_labels") or 2
+
+
 def bert_config_to_hf(config: BertConfig, *, architecture: str = "BertModel") -> dict:
-    """A Hugging Face ``config.json`` dict for ``config``; ``architecture``: ``BertModel`` or ``BertForPreTraining``."""
+    """A Hugging Face ``config.json`` dict for ``config``; ``architecture``: ``BertModel``,
+    ``BertForPreTraining`` or ``BertForSequenceClassification``."""
+    labels = [f"LABEL_{i}" for i in range(config.n_classes)]
     return {
         "architectures": [architecture],
         "model_type": "bert",
@@ -113,6 +126,8 @@ def bert_config_to_hf(config: BertConfig, *, architecture: str = "BertModel") ->
         "pad_token_id": config.pad_id,
         "position_embedding_type": "absolute",
         "tie_word_embeddings": True,
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
     }
 
 
@@ -121,9 +136,9 @@ def bert_config_to_hf(config: BertConfig, *, architecture: str = "BertModel") ->
 # ================================================================================================
 
 
-def _renames(n_layers: int, heads: bool) -> list[tuple[str, str]]:
+def _renames(n_layers: int, head: str) -> list[tuple[str, str]]:
     """``(archlab key, HF key)`` of every tensor copied one to one (all but Q/K/V and the tied decoder)."""
-    p = "bert." if heads else ""
+    p = "bert." if head else ""
     pairs = [
         ("embeddings.word.weight", ANCHOR),
         ("embeddings.position.embedding.weight", "embeddings.position_embeddings.weight"),
@@ -141,7 +156,9 @@ def _renames(n_layers: int, heads: bool) -> list[tuple[str, str]]:
                 (a + f"ffn_norm.{w}", h + f"output.LayerNorm.{w}"),
             ]
     pairs = [(p + a, p + h) for a, h in pairs]
-    if heads:
+    if head == "classification":
+        pairs += [(f"classifier.{w}", f"classifier.{w}") for w in ("weight", "bias")]
+    if head == "pretraining":
         pairs.append(("mlm.bias", "cls.predictions.bias"))
         for w in ("weight", "bias"):
             pairs += [
@@ -152,23 +169,23 @@ def _renames(n_layers: int, heads: bool) -> list[tuple[str, str]]:
     return pairs
 
 
-def _state_to_hf(state: Mapping[str, Tensor], n_layers: int, heads: bool) -> dict[str, Tensor]:
-    p = "bert." if heads else ""
-    out = {h: state[a] for a, h in _renames(n_layers, heads)}
+def _state_to_hf(state: Mapping[str, Tensor], n_layers: int, head: str) -> dict[str, Tensor]:
+    p = "bert." if head else ""
+    out = {h: state[a] for a, h in _renames(n_layers, head)}
     for i in range(n_layers):
         for w in ("weight", "bias"):
             q, k, v = state[f"{p}encoder.blocks.{i}.attn.in_proj.{w}"].chunk(3, dim=0)
             for name, t in zip(QKV, (q, k, v), strict=True):
                 out[f"{p}encoder.layer.{i}.attention.self.{name}.{w}"] = t
-    if heads:
+    if head == "pretraining":
         out["cls.predictions.decoder.weight"] = state["bert.embeddings.word.weight"]
         out["cls.predictions.decoder.bias"] = state["mlm.bias"]
     return out
 
 
-def _state_from_hf(hf: Mapping[str, Tensor], n_layers: int, heads: bool) -> dict[str, Tensor]:
-    p = "bert." if heads else ""
-    out = {a: hf[h] for a, h in _renames(n_layers, heads)}
+def _state_from_hf(hf: Mapping[str, Tensor], n_layers: int, head: str) -> dict[str, Tensor]:
+    p = "bert." if head else ""
+    out = {a: hf[h] for a, h in _renames(n_layers, head)}
     for i in range(n_layers):
         for w in ("weight", "bias"):
             parts = [hf[f"{p}encoder.layer.{i}.attention.self.{name}.{w}"] for name in QKV]
@@ -176,8 +193,9 @@ def _state_from_hf(hf: Mapping[str, Tensor], n_layers: int, heads: bool) -> dict
     return out
 
 
-def _canonical(hf: Mapping[str, Tensor], source: str) -> tuple[dict[str, Tensor], bool]:
-    """Hugging Face's own layout (``BertModel``'s keys, or ``BertForPreTraining``'s), and whether it has heads.
+def _canonical(hf: Mapping[str, Tensor], source: str) -> tuple[dict[str, Tensor], str]:
+    """Hugging Face's own layout (``BertModel``'s keys, or those of a model with a head), and the head
+    (a key of :data:`HEADS`).
 
     Strips whatever prefix the encoder carries, drops index buffers, and folds the tied decoder
     copies into the tensors they copy (refusing them if they differ).
@@ -189,11 +207,15 @@ def _canonical(hf: Mapping[str, Tensor], source: str) -> tuple[dict[str, Tensor]
     if len(prefixes) > 1:
         raise CheckpointError(f"{source} holds several BERT encoders (prefixes {sorted(prefixes)}); expected one")
     prefix = prefixes.pop()
-    heads = any(k.startswith("cls.") for k in hf)
-    target = "bert." if heads else ""
+    pretraining = any(k.startswith("cls.") for k in hf)
+    classification = any(k.startswith("classifier.") for k in hf)
+    if pretraining and classification:
+        raise CheckpointError(f"{source} holds both pre-training (cls.*) and classification (classifier.*) heads")
+    head = "pretraining" if pretraining else "classification" if classification else ""
+    target = "bert." if head else ""
     out: dict[str, Tensor] = {}
     for key, value in hf.items():
-        if not key.startswith("cls.") and key.startswith(prefix):
+        if not key.startswith(("cls.", "classifier.")) and key.startswith(prefix):
             key = target + key[len(prefix) :]
         out[key] = value
     for buffer in BUFFERS:
@@ -209,46 +231,44 @@ def _canonical(hf: Mapping[str, Tensor], source: str) -> tuple[dict[str, Tensor]
         bias = out.setdefault("cls.predictions.bias", decoder_b)
         if not (bias.shape == decoder_b.shape and torch.equal(bias, decoder_b)):
             raise CheckpointError(f"{source}: cls.predictions.decoder.bias differs from cls.predictions.bias")
-    return out, heads
+    return out, head
 
 
-def bert_from_hf(
-    hf_config: Mapping, hf_state: Mapping[str, Tensor], *, source: str = "Hugging Face state dict"
-) -> BertModel | BertForPreTraining:
+def bert_from_hf(hf_config: Mapping, hf_state: Mapping[str, Tensor], *, source: str = "Hugging Face state dict") -> Bert:
     """An archlab model holding a Hugging Face BERT checkpoint (tensors copied, in the checkpoint's dtype).
 
     Returns :class:`BertForPreTraining` if the checkpoint has the pre-training heads (``cls.*``),
-    else :class:`BertModel`. Missing, unexpected or misshapen tensors raise :class:`CheckpointError`
-    naming them in Hugging Face's terms.
+    :class:`BertForSequenceClassification` if it has a ``classifier.*`` head (its class count from
+    ``id2label``), else :class:`BertModel`. Missing, unexpected or misshapen tensors raise
+    :class:`CheckpointError` naming them in Hugging Face's terms.
     """
     config = bert_config_from_hf(hf_config, source=source)
-    state, heads = _canonical(hf_state, source)
-    model = (BertForPreTraining if heads else BertModel)(config)
-    expected = _state_to_hf(model.state_dict(), config.n_layers, heads)
+    state, head = _canonical(hf_state, source)
+    model = HEADS[head](config)
+    expected = _state_to_hf(model.state_dict(), config.n_layers, head)
     for key in TIED:
         expected.pop(key, None)
     check_state_dict(expected, state, source)
-    dtype = state[("bert." if heads else "") + ANCHOR].dtype
+    dtype = state[("bert." if head else "") + ANCHOR].dtype
     if not dtype.is_floating_point:
         raise CheckpointError(f"{source}: {ANCHOR} has dtype {dtype}; expected floating-point weights")
-    model.to(dtype).load_state_dict(_state_from_hf(state, config.n_layers, heads))
+    model.to(dtype).load_state_dict(_state_from_hf(state, config.n_layers, head))
     return model
 
 
-def bert_to_hf(model: BertModel | BertForPreTraining) -> tuple[dict, dict[str, Tensor]]:
+def bert_to_hf(model: Bert) -> tuple[dict, dict[str, Tensor]]:
     """``(config.json dict, state dict)`` of the Hugging Face model of the same class.
 
     The state dict has exactly the keys of that model's ``state_dict()`` (for ``BertForPreTraining``
     that includes the tied ``cls.predictions.decoder.*`` entries), so ``load_state_dict`` takes it strictly.
     """
-    if not isinstance(model, BertModel | BertForPreTraining):
+    head = next((h for h, cls in HEADS.items() if type(model) is cls), None)
+    if head is None:
         raise CheckpointError(
-            f"Hugging Face conversion covers BertModel and BertForPreTraining, got {type(model).__name__}"
+            f"Hugging Face conversion covers {', '.join(c.__name__ for c in HEADS.values())}, got {type(model).__name__}"
         )
-    heads = isinstance(model, BertForPreTraining)
-    architecture = "BertForPreTraining" if heads else "BertModel"
-    state = _state_to_hf(model.state_dict(), model.config.n_layers, heads)
-    return bert_config_to_hf(model.config, architecture=architecture), state
+    state = _state_to_hf(model.state_dict(), model.config.n_layers, head)
+    return bert_config_to_hf(model.config, architecture=type(model).__name__), state
 
 
 # ================================================================================================
@@ -256,10 +276,11 @@ def bert_to_hf(model: BertModel | BertForPreTraining) -> tuple[dict, dict[str, T
 # ================================================================================================
 
 
-def load_bert(folder: str | Path) -> BertModel | BertForPreTraining:
+def load_bert(folder: str | Path) -> Bert:
     """The BERT in a Hugging Face (or sentence-transformers) folder: ``config.json`` + ``model.safetensors``.
 
-    :class:`BertForPreTraining` if the folder has the pre-training heads, else :class:`BertModel`
+    :class:`BertForPreTraining` or :class:`BertForSequenceClassification` if the folder has that head, else
+    :class:`BertModel`
     (take ``.bert`` of the former for the encoder alone). Never unpickles, never uses the network.
     """
     folder = Path(folder)
@@ -267,8 +288,8 @@ def load_bert(folder: str | Path) -> BertModel | BertForPreTraining:
     return bert_from_hf(hf_config, hf_state, source=str(folder))
 
 
-def save_bert(model: BertModel | BertForPreTraining, folder: str | Path) -> None:
-    """Write a folder ``transformers.BertModel`` / ``BertForPreTraining.from_pretrained`` loads offline.
+def save_bert(model: Bert, folder: str | Path) -> None:
+    """Write a folder the ``from_pretrained`` of the Hugging Face class of the same name loads offline.
 
     Written atomically; the tied decoder copies are left out, as ``save_pretrained`` does.
     """

@@ -17,7 +17,7 @@ from archlab.interop.bert import load_bert, save_bert
 from archlab.interop.gpt2 import load_gpt2, save_gpt2
 from archlab.interop.io import CONFIG_FILE, load_model, read_json, save_model
 from archlab.interop.vit import load_vit, save_vit
-from archlab.models.bert import BertForPreTraining, BertModel
+from archlab.models.bert import BertForPreTraining, BertForSequenceClassification, BertModel
 from archlab.models.gpt import GPT
 from archlab.models.vit import ViT
 
@@ -31,7 +31,7 @@ class HFFormat:
 
 HF_FORMATS: dict[str, HFFormat] = {
     "gpt2": HFFormat((GPT,), load_gpt2, save_gpt2),
-    "bert": HFFormat((BertModel, BertForPreTraining), load_bert, save_bert),
+    "bert": HFFormat((BertModel, BertForPreTraining, BertForSequenceClassification), load_bert, save_bert),
     "vit": HFFormat((ViT,), load_vit, save_vit),
 }
 

@@ -44,7 +44,7 @@ from archlab.config import (
     require,
 )
 from archlab.errors import ConfigError, DataError, ShapeError
-from archlab.models.registry import register_family, register_preset
+from archlab.models.registry import register_family, register_model_class, register_preset
 from archlab.nn.attention import BACKENDS, padding_mask
 from archlab.nn.blocks import Encoder
 from archlab.nn.norm import LayerNorm
@@ -73,6 +73,7 @@ class BertConfig(Config):
         eps: every LayerNorm's epsilon (BERT: 1e-12).
         pad_id: the ``[PAD]`` token; its embedding row starts at zero and gets no gradient.
         backend: attention backend (``auto``, ``math``, ``sdpa``), see :func:`archlab.nn.attend`.
+        n_classes: classes of :class:`BertForSequenceClassification` (Hugging Face ``num_labels``).
     """
 
     vocab_size: int = 30522
@@ -87,9 +88,10 @@ class BertConfig(Config):
     eps: float = 1e-12
     pad_id: int = 0
     backend: str = "auto"
+    n_classes: int = 2
 
     def validate(self) -> None:
-        for name in ("vocab_size", "max_len", "type_vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "eps"):
+        for name in ("vocab_size", "max_len", "type_vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "eps", "n_classes"):
             check_positive(name, getattr(self, name))
         check_divisible("d_model", self.d_model, "n_heads", self.n_heads)
         check_probability("dropout", self.dropout)
@@ -294,21 +296,23 @@ class BertForSequenceClassification(nn.Module):
     """``[CLS] text [SEP]`` -> ``Linear(Dropout(pooled))`` -> logits ``[B, n_classes]`` (card 4: ticket urgency).
 
     Args:
-        config: the encoder's shape.
-        n_classes: number of classes.
+        config: the encoder's shape and ``n_classes``.
+        n_classes: overrides ``config.n_classes`` (the stored ``self.config`` carries the value used).
         bert: an encoder to put the head on (e.g. loaded pre-trained weights; used as is, not
-            copied); it must have ``config``. Default: a freshly initialised one.
+            copied); it must have ``config``'s shape. Default: a freshly initialised one.
     """
 
-    def __init__(self, config: BertConfig, n_classes: int, *, bert: BertModel | None = None):
+    def __init__(self, config: BertConfig, n_classes: int | None = None, *, bert: BertModel | None = None):
         super().__init__()
-        check_positive("n_classes", n_classes)
-        if bert is not None and bert.config != config:
+        if n_classes is not None and n_classes != config.n_classes:
+            check_positive("n_classes", n_classes)
+            config = config.replace(n_classes=n_classes)
+        if bert is not None and bert.config.replace(n_classes=config.n_classes) != config:
             raise ConfigError(f"bert has config {bert.config} but the head was asked for {config}")
-        self.config, self.n_classes = config, n_classes
+        self.config, self.n_classes = config, config.n_classes
         self.bert = BertModel(config) if bert is None else bert
         self.dropout = nn.Dropout(config.dropout)
-        self.classifier = nn.Linear(config.d_model, n_classes)
+        self.classifier = nn.Linear(config.d_model, self.n_classes)
         self.classifier.apply(init_bert_weights)
 
     def forward(
@@ -426,6 +430,7 @@ register_family(
     "bert", BertConfig, BertModel, "BERT encoder (bidirectional, post-norm, learned positions) + pooler",
     task="mlm", train_cls=BertForPreTraining,
 )
+register_model_class(BertForSequenceClassification)  # buildable from its config alone (n_classes is a field)
 register_preset("bert-base", "bert", BertConfig(), "BERT-base uncased (Devlin 2019): L=12, d=768, A=12, 110M")
 register_preset(
     "bert-mini", "bert", BertConfig(d_model=256, n_heads=4, n_layers=4, d_ff=1024),

@@ -13,7 +13,7 @@ from archlab.errors import CheckpointError
 from archlab.interop.convert import convert
 from archlab.interop.io import load_model, save_model
 from archlab.models import get_config
-from archlab.models.bert import BertConfig, BertForPreTraining
+from archlab.models.bert import BertConfig, BertForPreTraining, BertForSequenceClassification
 from archlab.models.transformer import EncoderDecoderTransformer
 
 
@@ -35,6 +35,23 @@ def test_bert_pretraining_both_ways_keeps_heads(tmp_path):
     ids = torch.randint(0, 50, (2, 7))
     with torch.no_grad():
         assert torch.equal(back(ids).prediction_logits, hf(ids).prediction_logits)
+
+
+def test_bert_sequence_classification_both_ways(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=24, num_labels=5)
+    hf = transformers.BertForSequenceClassification(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    assert convert(tmp_path / "hf", tmp_path / "ours") == "bert -> archlab"
+    ours = load_model(tmp_path / "ours").eval()
+    assert type(ours) is BertForSequenceClassification and ours.n_classes == 5
+    assert convert(tmp_path / "ours", tmp_path / "hf2") == "archlab -> bert"
+    back = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf2", local_files_only=True).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, hf(ids).logits)
+        assert torch.allclose(ours(ids), hf(ids).logits, atol=1e-5, rtol=0)
 
 
 def test_vit_through_the_cli(tmp_path, capsys):

@@ -36,7 +36,13 @@ from archlab.interop.bert import (  # noqa: E402
     save_bert,
 )
 from archlab.interop.io import read_hf_folder, write_hf_folder  # noqa: E402
-from archlab.models.bert import BertConfig, BertForPreTraining, BertModel  # noqa: E402
+from archlab.models.bert import (  # noqa: E402
+    BertConfig,
+    BertCrossEncoder,
+    BertForPreTraining,
+    BertForSequenceClassification,
+    BertModel,
+)
 
 SHAPES = {
     "d60-A5-L1": dict(hidden_size=60, num_attention_heads=5, num_hidden_layers=1, intermediate_size=37),
@@ -130,7 +136,26 @@ def test_encoder_alone_matches_hf_bert_model():
 # -- conversions both ways -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls_name", ["BertModel", "BertForPreTraining"])
+@pytest.mark.parametrize("n_labels", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sequence_classification_matches_hf(n_labels, dtype):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, max_position_embeddings=MAX_POS, num_labels=n_labels,
+                                     **SHAPES["d60-A5-L1"])  # fmt: skip
+    hf = transformers.BertForSequenceClassification(config).eval().to(dtype)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ours = bert_from_hf(hf.config.to_dict(), hf.state_dict()).eval()
+    assert type(ours) is BertForSequenceClassification and ours.n_classes == n_labels == ours.config.n_classes
+    ids, mask, types = batch(hf.config)
+    with torch.no_grad():
+        theirs = hf(ids, attention_mask=mask, token_type_ids=types).logits
+        mine = ours(ids, attention_mask=mask, token_type_ids=types)
+    assert max_err(mine, theirs) <= (1e-5 if dtype == torch.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("cls_name", ["BertModel", "BertForPreTraining", "BertForSequenceClassification"])
 def test_round_trip_is_exact(cls_name):
     hf = hf_model("d32-A4-L2-3types", cls=getattr(transformers, cls_name))
     original = hf.state_dict()
@@ -168,11 +193,13 @@ def test_sentence_transformers_prefixes():
 # -- folders -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls_name", ["BertModel", "BertForPreTraining"])
+@pytest.mark.parametrize("cls_name", ["BertModel", "BertForPreTraining", "BertForSequenceClassification"])
 def test_save_bert_loads_in_hf(tmp_path, cls_name):
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=VOCAB, max_len=MAX_POS, d_model=60, n_heads=5, n_layers=2, d_ff=37)
-    ours = (BertModel if cls_name == "BertModel" else BertForPreTraining)(config).eval()
+    config = BertConfig(vocab_size=VOCAB, max_len=MAX_POS, d_model=60, n_heads=5, n_layers=2, d_ff=37, n_classes=4)
+    classes = {"BertModel": BertModel, "BertForPreTraining": BertForPreTraining,
+               "BertForSequenceClassification": BertForSequenceClassification}  # fmt: skip
+    ours = classes[cls_name](config).eval()
     save_bert(ours, tmp_path / "bert")
     hf = getattr(transformers, cls_name).from_pretrained(tmp_path / "bert", local_files_only=True).eval()
     ids, mask, types = batch(hf.config)
@@ -182,6 +209,9 @@ def test_save_bert_loads_in_hf(tmp_path, cls_name):
     if cls_name == "BertModel":
         assert max_err(mine.hidden, theirs.last_hidden_state) <= 1e-5
         assert max_err(mine.pooled, theirs.pooler_output) <= 1e-5
+    elif cls_name == "BertForSequenceClassification":
+        assert hf.config.num_labels == 4
+        assert max_err(mine, theirs.logits) <= 1e-5
     else:
         assert max_err(mine.mlm_logits, theirs.prediction_logits) <= 1e-5
         assert max_err(mine.nsp_logits, theirs.seq_relationship_logits) <= 1e-5
@@ -254,4 +284,18 @@ def test_untied_decoder_is_refused():
     state = dict(hf.state_dict())
     state["cls.predictions.decoder.weight"] = state["cls.predictions.decoder.weight"] + 1
     with pytest.raises(CheckpointError, match="decoder.weight differs from the word embeddings"):
+        bert_from_hf(hf.config.to_dict(), state)
+
+
+def test_cross_encoder_has_no_hf_class():
+    model = BertCrossEncoder(BertConfig(vocab_size=VOCAB, max_len=MAX_POS, d_model=32, n_heads=4, n_layers=1, d_ff=8),
+                             cls_id=1, sep_id=2)  # fmt: skip
+    with pytest.raises(CheckpointError, match="BertCrossEncoder"):
+        bert_to_hf(model)
+
+
+def test_both_heads_are_refused():
+    hf = hf_model("d60-A5-L1")
+    state = {**hf.state_dict(), "classifier.weight": torch.zeros(2, 60), "classifier.bias": torch.zeros(2)}
+    with pytest.raises(CheckpointError, match="both pre-training"):
         bert_from_hf(hf.config.to_dict(), state)
