@@ -1,0 +1,123 @@
+"""One training step of a small GPT: archlab vs Hugging Face GPT2LMHeadModel vs x-transformers, side by side.
+
+The same shape for all three: 6 layers, d=384, 6 heads, T=256, B=8, vocabulary 50,304, tied input and
+output embeddings, learned positions, float32, no dropout (x-transformers' default; the others set to
+match), AdamW (lr 3e-4, the same torch implementation for all). A step is forward, next-token
+cross-entropy, backward, optimizer step, zero_grad. Each peer runs in interleaved rounds; the median
+round is reported. Achieved FLOP/s use the same model-FLOPs count for every peer (PaLM appendix B:
+``6 N + 12 L T d`` per token, N = the matmul weights including the LM head, attention scores counted
+in full) and are shown as a share of the fp32 matmul peak measured first on this machine.
+
+    python benchmarks/train_step.py                 # all peers, 5 rounds of 2 steps
+    python benchmarks/train_step.py --peers archlab --rounds 3
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Peer, base_parser, matmul_peak, setup, table, time_interleaved, write_json  # noqa: E402
+
+from archlab.models import build_model  # noqa: E402
+
+LAYERS, D, HEADS, T, B, VOCAB = 6, 384, 6, 256, 8, 50304
+MATMUL_WEIGHTS = LAYERS * 12 * D * D + VOCAB * D  # per layer: W_QKV 3d^2, W_O d^2, FFN 8d^2; plus the head
+FLOPS_PER_STEP = B * T * (6 * MATMUL_WEIGHTS + 12 * LAYERS * T * D)  # forward + backward
+
+
+def archlab_step():
+    model = build_model("gpt-mini", dropout=0.0, attn_dropout=0.0).train()
+
+    def loss_fn(ids):
+        return model.loss(ids[:, :-1], ids[:, 1:])
+
+    return model, loss_fn
+
+
+def hf_step():
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=T, n_embd=D, n_layer=LAYERS, n_head=HEADS,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config).train()
+
+    def loss_fn(ids):
+        # HF shifts labels itself: inputs ids[:, :-1], labels the same tokens -> predicts ids[:, 1:]
+        x = ids[:, :-1]
+        return model(x, labels=torch.cat([x[:, 1:], ids[:, -1:]], dim=1)).loss
+
+    return model, loss_fn
+
+
+def xtransformers_step():
+    from x_transformers import Decoder, TransformerWrapper
+
+    model = TransformerWrapper(
+        num_tokens=VOCAB, max_seq_len=T, tie_embedding=True,
+        attn_layers=Decoder(dim=D, depth=LAYERS, heads=HEADS, attn_flash=True),
+    ).train()  # fmt: skip
+
+    def loss_fn(ids):
+        logits = model(ids[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+
+    return model, loss_fn
+
+
+PEERS = {"archlab": archlab_step, "hf": hf_step, "x-transformers": xtransformers_step}
+
+
+def make_peer(name: str, ids: torch.Tensor) -> tuple[Peer, int]:
+    model, loss_fn = PEERS[name]()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+
+    def step():
+        loss = loss_fn(ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    params = sum(p.numel() for p in model.parameters())
+    return Peer(name, step, tokens=B * T), params
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=list(PEERS))
+    parser.add_argument("--steps-per-round", type=int, default=2)
+    args = parser.parse_args()
+    print(setup(args.threads))
+    peak = matmul_peak()
+    print(f"fp32 matmul peak (2048^3 sgemm, best of 10): {peak / 1e9:.1f} GFLOP/s")
+    ids = torch.randint(0, VOCAB, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    peers, params = [], {}
+    for name in args.peers:
+        peer, params[name] = make_peer(name, ids)
+        peers.append(peer)
+    time_interleaved(peers, rounds=args.rounds, per_round=args.steps_per_round)
+    ref = {p.name: p.tokens_per_s for p in peers}
+    rows = []
+    for p in peers:
+        achieved = FLOPS_PER_STEP / p.seconds
+        ratios = [f"{ref[p.name] / ref[o]:.2f}x" if o in ref else "-" for o in ("hf", "x-transformers")]
+        rows.append([p.name, f"{params[p.name] / 1e6:.1f}M", f"{p.seconds * 1e3:.0f}", f"{p.tokens_per_s:.0f}",
+                     *ratios, f"{achieved / 1e9:.1f}", f"{achieved / peak:.0%}"])  # fmt: skip
+    print(f"\nGPT train step, {LAYERS} layers, d={D}, {HEADS} heads, T={T}, B={B}, vocab {VOCAB}, fp32, AdamW; "
+          f"median of {args.rounds} rounds x {args.steps_per_round} steps")  # fmt: skip
+    print(f"model FLOPs per step: {FLOPS_PER_STEP / 1e9:.1f} G")
+    print(table(rows, ["peer", "params", "ms/step", "tokens/s", "vs hf", "vs x-t", "GFLOP/s", "% peak"]))
+    write_json(args.json, {"peak_flops": peak, "results": {p.name: {
+        "tokens_per_s": p.tokens_per_s, "seconds_per_step": p.seconds, "times": p.times,
+        "params": params[p.name]} for p in peers}, "flops_per_step": FLOPS_PER_STEP})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
