@@ -1,0 +1,297 @@
+r"""LoRA (Hu et al. 2021): train a low-rank update beside a frozen linear layer.
+
+One adapted layer, ``x [..., d_in] -> [..., d_out]``::
+
+    h = W x + b + (alpha / r) B A x        A [r, d_in] Kaiming-uniform, B [d_out, r] zeros
+
+Only ``A`` and ``B`` train: ``r (d_in + d_out)`` parameters instead of ``d_in d_out``. Because ``B = 0``
+at the start, the adapted model computes exactly what the base model did. :func:`merge_lora` folds
+the update into the weight (``W <- W + (alpha / r) B A``: no extra cost at inference) and
+:func:`unmerge_lora` takes it out again; :func:`unload_lora` merges and gives back plain ``nn.Linear``
+layers. Dropout (``dropout``) acts on the adapter's input only: ``(alpha / r) B A dropout(x)``.
+
+Choosing layers. ``targets`` are **glob patterns** (:func:`fnmatch.fnmatchcase`, case-sensitive)
+matched against the full module names of ``model.named_modules()``, e.g.
+``decoder.blocks.0.attn.in_proj``. ``*`` matches any run of characters, dots included::
+
+    "*.in_proj"          every attention's fused [W_Q; W_K; W_V] projection (archlab MultiHeadAttention)
+    "*.attn.*"           every Linear inside self-attention (in_proj and out_proj)
+    "decoder.blocks.0.*" every Linear of the first decoder block
+
+Globs rather than regular expressions: module names are dotted paths, and a glob reads like one.
+Each pattern must match at least one ``nn.Linear``; one that matches none raises
+:class:`~archlab.errors.ConfigError` naming it and listing the Linear layers there are
+(:func:`linear_names`). :func:`apply_lora` freezes every parameter of the model, then adds the
+adapters, so the adapters are all that trains.
+
+An adapted layer (:class:`LoRALinear`) keeps the ``weight`` and ``bias`` attributes of the layer it
+wraps: ``weight`` is the *effective* matrix ``W + (alpha / r) B A``, so code that reads a layer's
+weight directly (archlab's cross-attention slices ``in_proj.weight``) sees the adapted layer too.
+Saving and loading only the adapter weights: :mod:`archlab.interop.lora`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from archlab.config import check_positive, check_probability, check_type
+from archlab.errors import ConfigError, ShapeError
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable rank-``r`` update: ``h = W x + b + (alpha / r) B A x``.
+
+    ``x [..., d_in] -> [..., d_out]``. Submodules and parameters: ``base`` (the wrapped ``nn.Linear``,
+    ``W [d_out, d_in]``, ``b [d_out]``), ``lora_A [r, d_in]``, ``lora_B [d_out, r]``.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float = 16.0, dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise ConfigError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        check_lora_args(r, alpha, dropout)
+        self.base = base
+        self.r, self.alpha = r, float(alpha)
+        self.scaling = self.alpha / r
+        like = dict(dtype=base.weight.dtype, device=base.weight.device)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the init nn.Linear gives its weight
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def delta_weight(self) -> Tensor:
+        """``(alpha / r) B A``, ``[d_out, d_in]``."""
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective ``[d_out, d_in]`` matrix ``W + (alpha / r) B A`` (``W`` alone holds it once merged)."""
+        return self.base.weight if self.merged else self.base.weight + self.delta_weight()
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [..., d_in] -> [..., d_out]``; the update runs as two thin matmuls, ``B (A x)``."""
+        if x.shape[-1] != self.in_features:
+            raise ShapeError(f"LoRALinear built for input width d_in={self.in_features}, got shape {tuple(x.shape)}")
+        if self.merged:
+            if self.training and torch.is_grad_enabled() and self.lora_A.requires_grad:
+                raise ConfigError("the LoRA adapters are merged into the weights and would not train: "
+                                  "call unmerge_lora(model) before training")  # fmt: skip
+            return self.base(x)
+        return self.base(x) + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """``W <- W + (alpha / r) B A``; the layer then computes ``W x + b`` alone."""
+        if self.merged:
+            raise ConfigError("this LoRA adapter is already merged")
+        self.base.weight.add_(self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """``W <- W - (alpha / r) B A``: the base weight back (up to rounding), the adapter separate again."""
+        if not self.merged:
+            raise ConfigError("this LoRA adapter is not merged")
+        self.base.weight.sub_(self.delta_weight())
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, merged={self.merged}"
+
+
+# ================================================================================================
+# Whole models
+# ================================================================================================
+
+
+def check_lora_args(r: int, alpha: float, dropout: float) -> None:
+    """ConfigError unless ``r`` is an int > 0, ``alpha`` a number > 0 and ``dropout`` in [0, 1)."""
+    check_type("r", r, int)
+    check_positive("r", r)
+    check_type("alpha", alpha, float)
+    check_positive("alpha", alpha)
+    check_type("dropout", dropout, float)
+    check_probability("dropout", dropout)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """The names of the ``nn.Linear`` layers LoRA can adapt (those not already wrapped), in module order."""
+    wrapped = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in wrapped]
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every adapted layer of ``model``, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _listing(names: list[str], limit: int = 12) -> str:
+    if not names:
+        return "(none)"
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _shared_weight(model: nn.Module, name: str, linear: nn.Linear) -> str | None:
+    """Another name under which ``linear``'s weight is reached (a tied head), or None."""
+    for other, p in model.named_parameters(remove_duplicate=False):
+        if p is linear.weight and other != (f"{name}.weight" if name else "weight"):
+            return other
+    return None
+
+
+def _resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
+    if isinstance(targets, str):
+        targets = (targets,)
+    if not isinstance(targets, Iterable) or not (targets := tuple(targets)) \
+            or not all(isinstance(t, str) and t for t in targets):  # fmt: skip
+        raise ConfigError(f"targets={targets!r} must be one or more non-empty glob patterns, e.g. ('*.in_proj',)")
+    available = linear_names(model)
+    adapted = list(lora_layers(model))
+    chosen: list[str] = []
+    for pattern in targets:
+        hits = [n for n in available if fnmatch.fnmatchcase(n, pattern)]
+        done = [n for n in adapted if fnmatch.fnmatchcase(n, pattern)]
+        if done:
+            raise ConfigError(f"LoRA target {pattern!r} matches {_listing(done, 4)}, which already has a LoRA adapter")
+        if not hits:
+            raise ConfigError(
+                f"LoRA target {pattern!r} matches no nn.Linear in {type(model).__name__} (patterns are globs over "
+                f"module names, '*' spans dots); Linear layers: {_listing(available)}"
+            )
+        chosen += [n for n in hits if n not in chosen]
+    return chosen
+
+
+def apply_lora(
+    model: nn.Module, targets: str | Iterable[str], *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0
+) -> nn.Module:
+    """Freeze ``model`` and wrap each ``nn.Linear`` whose name matches a glob in ``targets`` in a :class:`LoRALinear`.
+
+    Changes ``model`` in place and returns it. Every parameter of the model is frozen
+    (``requires_grad=False``); only the new ``lora_A`` / ``lora_B`` train (to train a new head as well,
+    ``model.classifier.requires_grad_(True)`` afterwards). A Linear whose weight is
+    shared with another module (a head tied to the token embedding) is refused: merging an update
+    into it would change the embedding too.
+    """
+    check_lora_args(r, alpha, dropout)
+    names = _resolve_targets(model, targets)
+    for name in names:
+        if not name:
+            raise ConfigError("apply_lora adapts the Linear layers inside a model; wrap a bare nn.Linear in LoRALinear")
+        linear = model.get_submodule(name)
+        tied = _shared_weight(model, name, linear)
+        if tied is not None:
+            raise ConfigError(
+                f"LoRA target {name!r}: its weight is shared with {tied!r} (tied weights); an adapter could not be "
+                "merged without changing that one too. Leave it out of targets"
+            )
+    model.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout))
+    return model
+
+
+def _require_adapters(model: nn.Module) -> dict[str, LoRALinear]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ConfigError(f"{type(model).__name__} has no LoRA adapters (apply_lora first)")
+    return layers
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight, ``W <- W + (alpha / r) B A``; returns ``model``."""
+    layers = _require_adapters(model)
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged:
+        raise ConfigError(f"LoRA adapters already merged: {_listing(merged, 4)}")
+    for m in layers.values():
+        m.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Take every merged adapter back out of its base weight; returns ``model``."""
+    layers = _require_adapters(model)
+    unmerged = [n for n, m in layers.items() if not m.merged]
+    if unmerged:
+        raise ConfigError(f"LoRA adapters not merged: {_listing(unmerged, 4)}")
+    for m in layers.values():
+        m.unmerge()
+    return model
+
+
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Merge the adapters and put the plain ``nn.Linear`` layers back (state-dict keys as before
+    :func:`apply_lora`); returns ``model``. Parameters stay frozen: ``model.requires_grad_(True)`` to train all."""
+    for name, m in _require_adapters(model).items():
+        if not m.merged:
+            m.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, m.base)
+    return model
+
+
+def lora_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The adapter parameters (every ``lora_A`` and ``lora_B``): what to hand the optimizer."""
+    for m in lora_layers(model).values():
+        yield m.lora_A
+        yield m.lora_B
+
+
+# ================================================================================================
+# Report
+# ================================================================================================
+
+
+@dataclass(frozen=True)
+class LoRAReport:
+    """Trainable vs total parameters of an adapted model (each distinct Parameter counted once).
+
+    ``adapters`` maps each adapted layer to ``(d_in, d_out, r)``; its adapter holds ``r (d_in + d_out)``.
+    """
+
+    trainable: int
+    total: int
+    adapters: dict[str, tuple[int, int, int]]
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (f"LoRA on {len(self.adapters)} layers: {self.trainable:,} trainable of {self.total:,} parameters "
+                f"({100 * self.fraction:.3f}%)")  # fmt: skip
+
+
+def lora_report(model: nn.Module) -> LoRAReport:
+    """Count trainable (``requires_grad``) and total parameters, and list the adapted layers."""
+    params = list(model.parameters())  # distinct Parameters: tied ones once
+    adapters = {n: (m.in_features, m.out_features, m.r) for n, m in lora_layers(model).items()}
+    return LoRAReport(
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        total=sum(p.numel() for p in params),
+        adapters=adapters,
+    )
