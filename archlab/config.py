@@ -44,8 +44,8 @@ class Config:
             if key not in names:
                 raise ConfigError(f"{cls.__name__}: " + unknown("key", key, names))
         hints = typing.get_type_hints(cls)
-        # JSON has no tuples: a list given for a tuple field becomes a tuple
-        data = {k: tuple(v) if isinstance(v, list) and typing.get_origin(hints.get(k)) is tuple else v for k, v in data.items()}
+        # JSON has no tuples: a list given for a tuple field becomes a tuple, nested ones too
+        data = {k: _tuples(v) if typing.get_origin(hints.get(k)) is tuple else v for k, v in data.items()}
         return cls(**data)
 
     def replace(self, **overrides: Any) -> Self:
@@ -82,6 +82,11 @@ class Config:
 
 # -- validation helpers: one message style everywhere --------------------------------------------
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _tuples(value: Any) -> Any:
+    """``[[3, 100], [4, 100]] -> ((3, 100), (4, 100))``: JSON lists back into the tuples a config holds."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def _matches(value: Any, annotation: Any) -> bool:

@@ -70,14 +70,6 @@ class TextCNNConfig(Config):
             require(width > 0 and filters > 0, f"kernels[{i}]=({width}, {filters}): width and channels must be > 0")
         check_probability("dropout", self.dropout)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> TextCNNConfig:
-        """As :meth:`Config.from_dict`; JSON's ``[[3, 100], ...]`` becomes ``kernels=((3, 100), ...)``."""
-        kernels = data.get("kernels")
-        if isinstance(kernels, (list, tuple)):
-            data = {**data, "kernels": tuple(tuple(k) if isinstance(k, list) else k for k in kernels)}
-        return super().from_dict(data)
-
     @property
     def max_width(self) -> int:
         """The widest kernel: the shortest sequence the model accepts."""
