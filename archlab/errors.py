@@ -32,6 +32,10 @@ class DataError(ArchlabError, ValueError):
     """Input data (files, corpora, token ids) cannot be used as asked."""
 
 
+class TrainingError(ArchlabError, RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is left as it was."""
+
+
 def closest(name: str, choices: Iterable[str]) -> str:
     """A ``" (did you mean 'x'?)"`` suffix for ``name`` among ``choices``, or ``""`` if none is close."""
     choices = list(choices)

@@ -138,13 +138,19 @@ def write_hf_folder(path: str | Path, config: dict, state: Mapping[str, Tensor])
 
 def save_model(model: nn.Module, path: str | Path) -> None:
     """archlab's folder: the model's config (``model.config``) as JSON + its weights as safetensors."""
+    with atomic_dir(path) as tmp:
+        write_model(model, tmp)
+
+
+def write_model(model: nn.Module, folder: Path) -> None:
+    """The files of :func:`save_model` written into an existing ``folder`` (not atomic by itself: for
+    callers that write more files into one :func:`atomic_dir`, such as training checkpoints)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json"):
         raise CheckpointError(f"{type(model).__name__} has no archlab config (model.config) to save")
-    with atomic_dir(path) as tmp:
-        (tmp / CONFIG_FILE).write_text(config.to_json() + "\n")
-        metadata = {"format": "pt", "archlab": "1", "archlab_model": type(model).__name__}
-        _st_save_model(model, str(tmp / WEIGHTS_FILE), metadata=metadata)
+    (folder / CONFIG_FILE).write_text(config.to_json() + "\n")
+    metadata = {"format": "pt", "archlab": "1", "archlab_model": type(model).__name__}
+    _st_save_model(model, str(folder / WEIGHTS_FILE), metadata=metadata)
 
 
 def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Module:

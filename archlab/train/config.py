@@ -1,0 +1,138 @@
+"""``TrainConfig``: every knob of a training run in one frozen, validated, JSON round-trippable dataclass.
+
+The default recipe is the paper's optimiser, Adam with ``beta = (0.9, 0.98)``, ``eps = 1e-9`` (as AdamW,
+weight decay off unless asked), with a cosine schedule after a linear warmup. ``schedule="noam"`` is the
+paper's schedule ``lrate = d_model^-0.5 min(step^-0.5, step warmup^-1.5)``; there ``lr`` is the factor in
+front of the formula (1.0 = the paper), which is why ``lr`` defaults to ``None`` (see :attr:`peak_lr`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from archlab.config import Config, check_choice, check_positive, check_probability, require
+from archlab.models.registry import TASKS
+
+SCHEDULES = ("cosine", "constant", "noam")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+PARALLEL = ("ddp", "fsdp")
+
+#: What the learning rate is when ``lr=None``: the paper's formula as is for ``noam``, a peak otherwise.
+DEFAULT_LR = {"noam": 1.0, "cosine": 3e-4, "constant": 3e-4}
+
+#: Fields that shape the optimisation trajectory: a resumed run must keep them (see ``Trainer``).
+TRAJECTORY_FIELDS = (
+    "task", "lr", "schedule", "warmup", "min_lr", "betas", "eps", "weight_decay", "clip", "grad_accum",
+    "batch_size", "label_smoothing", "seed", "precision",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    """A training run.
+
+    Args:
+        task: the objective (``lm | mlm | seq2seq | classification | custom``, see
+            ``archlab.models.registry.TASKS``); ``auto`` takes the model family's ``task``.
+        steps: optimiser steps in the whole run.
+        batch_size: the global batch, in sequences (or samples) per optimiser step, over all
+            accumulation micro-batches and all ranks. Whoever builds the batch source makes micro-batches
+            of :meth:`micro_batch_size`; the trainer normalises the loss by the targets actually seen.
+        lr: peak learning rate (``cosine``, ``constant``) or the factor on the paper's formula (``noam``);
+            ``None`` means :data:`DEFAULT_LR` of the schedule.
+        schedule: ``cosine`` (linear warmup, then cosine decay to ``min_lr``), ``constant`` (linear warmup,
+            then flat), ``noam`` (the paper's warmup + inverse square root).
+        warmup: warmup steps (the paper uses 4000 with ``noam``).
+        min_lr: where ``cosine`` ends.
+        betas, eps: Adam's; the paper's ``(0.9, 0.98)`` and ``1e-9``.
+        weight_decay: decoupled (AdamW) decay, applied to Linear/Conv weights only (see ``archlab.train.optim``).
+        clip: max global gradient norm; ``None`` = no clipping (the norm is still logged).
+        grad_accum: micro-batches per optimiser step.
+        label_smoothing: ``eps_ls`` of the token losses (the paper: 0.1 for translation).
+        eval_every: evaluate every k steps (and at the end); 0 = only at the end.
+        eval_batches: at most this many evaluation batches each time; ``None`` = all of them.
+        ckpt_every: write a checkpoint every k steps (and at the end); 0 = only at the end.
+        keep_last: checkpoints kept on disk (older ones are deleted).
+        log_every: a JSONL line of training metrics every k steps.
+        seed: seeds Python, NumPy and torch at the start of a run (rank r uses ``seed + r``).
+        precision: ``auto`` = bf16 autocast on a GPU that has it, fp32 elsewhere (on a CPU bf16 is
+            emulated, hence slower); ``fp32``; ``bf16`` = autocast bf16 wherever asked.
+        compile: run the forward through ``torch.compile``.
+        grad_checkpointing: recompute each block's activations in the backward pass (see
+            ``archlab.train.blocks``); saves memory, costs one more forward.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``.
+        parallel: under ``torchrun`` with several processes, ``ddp`` (replicated weights) or ``fsdp``
+            (FSDP2 ``fully_shard``: weights, gradients and optimiser state sharded).
+        progress: show a tqdm bar (rank 0).
+        tensorboard: also write TensorBoard events when ``tensorboard`` is installed.
+    """
+
+    task: str = "auto"
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float | None = None
+    schedule: str = "cosine"
+    warmup: int = 100
+    min_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    clip: float | None = 1.0
+    grad_accum: int = 1
+    label_smoothing: float = 0.0
+    eval_every: int = 100
+    eval_batches: int | None = None
+    ckpt_every: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+    seed: int = 0
+    precision: str = "auto"
+    compile: bool = False
+    grad_checkpointing: bool = False
+    device: str = "auto"
+    parallel: str = "ddp"
+    progress: bool = True
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        check_choice("task", self.task, ("auto", *TASKS))
+        for name in ("steps", "batch_size", "grad_accum", "keep_last", "log_every"):
+            check_positive(name, getattr(self, name))
+        for name in ("warmup", "eval_every", "ckpt_every", "seed"):
+            require(getattr(self, name) >= 0, f"{name}={getattr(self, name)!r} must be >= 0")
+        check_choice("schedule", self.schedule, SCHEDULES)
+        if self.lr is not None:
+            check_positive("lr", self.lr)
+        require(0.0 <= self.min_lr <= self.peak_lr,
+                f"min_lr={self.min_lr!r} must be in [0, peak lr={self.peak_lr!r}]")  # fmt: skip
+        require(self.schedule != "noam" or self.warmup > 0, "schedule='noam' needs warmup > 0 (the paper: 4000)")
+        require(self.schedule != "cosine" or self.steps > self.warmup,
+                f"schedule='cosine' needs steps > warmup; got steps={self.steps}, warmup={self.warmup}")  # fmt: skip
+        for i, beta in enumerate(self.betas):
+            require(0.0 <= beta < 1.0, f"betas[{i}]={beta!r} must be in [0, 1)")
+        check_positive("eps", self.eps)
+        require(self.weight_decay >= 0, f"weight_decay={self.weight_decay!r} must be >= 0")
+        if self.clip is not None:
+            check_positive("clip", self.clip)
+        check_probability("label_smoothing", self.label_smoothing)
+        if self.eval_batches is not None:
+            check_positive("eval_batches", self.eval_batches)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("device", self.device, DEVICES)
+        check_choice("parallel", self.parallel, PARALLEL)
+        require(self.batch_size % self.grad_accum == 0,
+                f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")  # fmt: skip
+
+    @property
+    def peak_lr(self) -> float:
+        """``lr``, or the schedule's default when ``lr`` is None."""
+        return DEFAULT_LR[self.schedule] if self.lr is None else self.lr
+
+    def micro_batch_size(self, world_size: int = 1) -> int:
+        """Sequences per micro-batch on one rank: ``batch_size / (grad_accum * world_size)``."""
+        per_step = self.grad_accum * world_size
+        require(self.batch_size % per_step == 0,
+                f"batch_size={self.batch_size} is not divisible by grad_accum * world_size = "
+                f"{self.grad_accum} * {world_size} = {per_step}")  # fmt: skip
+        return self.batch_size // per_step

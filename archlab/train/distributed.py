@@ -1,0 +1,197 @@
+"""The same training loop on several processes (``torchrun --nproc_per_node=N``): DDP or FSDP2.
+
+``torchrun`` starts N copies of the script and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT`` in each; :func:`init_distributed` reads them and joins the process
+group (``nccl`` on GPUs, ``gloo`` on CPUs). Without them everything here is a no-op on one process.
+
+* ``ddp``: every rank holds the whole model; gradients are averaged across ranks in the backward pass.
+* ``fsdp``: FSDP2, ``torch.distributed.fsdp.fully_shard`` on each block (``archlab.train.blocks``) and
+  on the root: parameters, gradients and Adam's moments are sharded across ranks, gathered per block
+  for its forward and backward.
+
+Each rank reads its own shard of the data (the batch source's ``rank`` / ``world_size``); the global
+batch is the union of the ranks' micro-batches. Only rank 0 writes checkpoints and logs. Model and
+optimiser state go through ``torch.distributed.checkpoint.state_dict`` as *full* state dicts keyed by
+parameter name, so a checkpoint is the same whatever wrote it (1 process, DDP or FSDP).
+
+Several machines: run the same ``torchrun`` on each with ``--nnodes=M --node_rank=i
+--rdzv_endpoint=HOST:PORT`` (or ``--master_addr/--master_port``); resuming needs the checkpoint folder
+visible to every rank (a shared file system).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from archlab.errors import ConfigError
+from archlab.train.blocks import find_blocks
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands: ``rank`` of ``world_size`` processes, ``local_rank`` on its machine."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def detect() -> DistEnv:
+    """The :class:`DistEnv` torchrun's environment variables describe (one process when they are absent)."""
+    if "WORLD_SIZE" not in os.environ:
+        return DistEnv()
+    values = {}
+    for name in TORCHRUN_VARIABLES:
+        text = os.environ.get(name, "0")
+        if not text.isdigit():
+            raise ConfigError(f"environment variable {name}={text!r} must be a non-negative integer (torchrun sets it)")
+        values[name] = int(text)
+    env = DistEnv(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"])
+    if env.world_size < 1 or env.rank >= env.world_size:
+        raise ConfigError(f"RANK={env.rank} must be in [0, WORLD_SIZE={env.world_size})")
+    return env
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Join the process group torchrun prepared (once): ``nccl`` when ``device`` (``auto | cpu | cuda``)
+    resolves to CUDA, ``gloo`` otherwise. Call it before building the batch source, to shard it by rank."""
+    env = detect()
+    if env.distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device_for(device, env).type == "cuda" else "gloo")
+    return env
+
+
+def device_for(kind: str, env: DistEnv) -> torch.device:
+    """``auto | cpu | cuda`` -> this rank's device (``cuda:LOCAL_RANK`` on GPUs)."""
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device='cuda' but torch sees no CUDA GPU; use device='cpu' or 'auto'")
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+# -- wrapping ---------------------------------------------------------------------------------------------
+
+
+def wrap(model: nn.Module, env: DistEnv, parallel: str, device: torch.device, *, find_unused: bool = False) -> nn.Module:
+    """The module to run forward on: ``model`` itself on one process, DDP around it, or (``fsdp``) ``model``
+    sharded in place. Build the optimiser *after* this call: FSDP replaces the parameters by shards.
+
+    ``find_unused``: some parameters may get no gradient in a step (BERT's NSP head when the batches
+    carry no ``next_sentence_label``); DDP must then look for them after each backward.
+    """
+    if not env.distributed:
+        return model
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        with torch.no_grad():  # every rank starts from rank 0's weights, as DDP does
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor, src=0)
+        for block in find_blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    raise ConfigError(f"parallel={parallel!r} must be 'ddp' or 'fsdp'")
+
+
+def no_sync(module: nn.Module, env: DistEnv, sync: bool):
+    """Context for one micro-batch's backward: gradients are synchronised across ranks only when ``sync``
+    (the last micro-batch of a step); the others accumulate locally."""
+    if not env.distributed or sync:
+        return contextlib.nullcontext()
+    if hasattr(module, "no_sync"):  # DDP
+        return module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+
+        @contextlib.contextmanager
+        def unsynced():
+            module.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                module.set_requires_gradient_sync(True)
+
+        return unsynced()
+    return contextlib.nullcontext()
+
+
+# -- collectives ------------------------------------------------------------------------------------------
+
+
+def all_reduce_sum(tensor: Tensor, env: DistEnv) -> Tensor:
+    """Sum of ``tensor`` over the ranks (in place; the tensor itself on one process)."""
+    if env.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (JSON-able values travel between our own processes)."""
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+# -- full state dicts (whatever the wrapping) ---------------------------------------------------------------
+
+
+def _options(env: DistEnv, **kw) -> StateDictOptions:
+    return StateDictOptions(full_state_dict=True, cpu_offload=env.distributed, **kw)
+
+
+def full_model_state(model: nn.Module, env: DistEnv) -> dict[str, Tensor]:
+    """The whole model's state dict by parameter name (on rank 0; ``{}`` on the others when distributed)."""
+    return get_model_state_dict(model, options=_options(env))
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict[str, Any]:
+    """The optimiser's state dict keyed by parameter name (on rank 0; ``{}`` on the others when distributed)."""
+    return get_optimizer_state_dict(model, optimizer, options=_options(env))
+
+
+def load_full_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load a full state dict (every rank passes the whole of it); FSDP keeps each rank's shard."""
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

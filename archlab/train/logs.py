@@ -1,0 +1,140 @@
+"""What a run reports: a tqdm bar (loss, lr, tokens/s), ``metrics.jsonl``, TensorBoard events when
+``tensorboard`` is installed, and ``loss.png`` drawn from the JSONL file. Only rank 0 reports.
+
+``metrics.jsonl`` has one JSON object per line: ``{"split": "train" | "eval", "step": ..., "loss": ...,
+...}`` for metrics and ``{"message": ...}`` for notes such as the precision in use. A resumed run appends
+to the same file; :func:`read_metrics` keeps the last record of each (split, step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+class RunLog:
+    """Progress bar + JSONL + TensorBoard for one run; every method is a no-op when ``enabled`` is False."""
+
+    def __init__(
+        self,
+        out_dir: Path | None,
+        *,
+        enabled: bool = True,
+        total: int,
+        initial: int = 0,
+        progress: bool = True,
+        tensorboard: bool = True,
+    ):
+        self.enabled = enabled
+        self.out_dir = out_dir
+        self.messages: list[str] = []
+        self._jsonl = None
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(out_dir / METRICS_FILE, "a")
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    pass  # optional: TensorBoard events only when it is installed
+                else:
+                    self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+        if progress:
+            self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def message(self, text: str) -> None:
+        """A note for the user: printed once (above the bar) and kept in the JSONL file."""
+        if not self.enabled:
+            return
+        self.messages.append(text)
+        (self._bar.write if self._bar is not None else lambda t: print(t, file=sys.stderr))(f"archlab: {text}")
+        self._write({"message": text})
+
+    def record(self, split: str, step: int, metrics: dict[str, Any]) -> None:
+        """One line of metrics (and TensorBoard scalars ``split/name``)."""
+        if not self.enabled:
+            return
+        self._write({"split": split, "step": step, **metrics})
+        if self._tb is not None:
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"{split}/{name}", value, step)
+
+    def progress(self, step: int, loss: float, lr: float, tokens_per_s: float | None) -> None:
+        if not self.enabled or self._bar is None:
+            return
+        self._bar.n = step
+        postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
+        if tokens_per_s:
+            postfix["tok/s"] = f"{tokens_per_s:,.0f}"
+        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> Path | None:
+        """Close the files and the bar; draw ``loss.png``. Returns the PNG path (None if not drawn)."""
+        if not self.enabled:
+            return None
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+            return plot_loss_curve(self.out_dir / METRICS_FILE, self.out_dir / PLOT_FILE)
+        return None
+
+    def _write(self, obj: dict[str, Any]) -> None:
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(obj) + "\n")
+            self._jsonl.flush()
+
+
+def read_metrics(path: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """``{"train": [...], "eval": [...]}`` records of a ``metrics.jsonl``, by step, last record per step."""
+    by_split: dict[str, dict[int, dict[str, Any]]] = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        obj = json.loads(line)
+        if "split" in obj:
+            by_split.setdefault(obj["split"], {})[obj["step"]] = obj
+    return {split: [records[s] for s in sorted(records)] for split, records in by_split.items()}
+
+
+def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path | None:
+    """Training (and evaluation) loss against step, as a PNG; None when matplotlib is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    records = read_metrics(metrics_path)
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for split, style in (("train", "-"), ("eval", "o-")):
+        points = [(r["step"], r["loss"]) for r in records.get(split, []) if "loss" in r]
+        if points:
+            steps, losses = zip(*points)
+            ax.plot(steps, losses, style, label=f"{split} loss", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(str(png_path))
+    return Path(png_path)
