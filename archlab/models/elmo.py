@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from archlab.config import Config, check_positive, check_probability, require
 from archlab.errors import ConfigError, ShapeError
 from archlab.models.registry import register_family, register_preset
-from archlab.models.rnn import check_token_ids
+from archlab.nn.inputs import check_token_ids
 from archlab.nn.recurrent import lengths_from_mask
 
 

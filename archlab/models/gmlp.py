@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from archlab.config import Config, check_positive, check_probability, require
 from archlab.errors import ConfigError, ShapeError
 from archlab.models.registry import register_family, register_preset
+from archlab.nn.inputs import check_token_ids
 from archlab.nn.norm import LayerNorm
 
 
@@ -154,8 +155,6 @@ class GMLPBlock(nn.Module):
 # ================================================================================================
 
 
-def _describe(x) -> str:
-    return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
 
 
 class GMLPStack(nn.Module):
@@ -176,22 +175,11 @@ class GMLPStack(nn.Module):
 
     def check_ids(self, input_ids: Tensor) -> None:
         c = self.config
-        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
-            raise ShapeError(f"input_ids must be a [B, N] tensor of token ids, got {_describe(input_ids)}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise ShapeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        check_token_ids("input_ids", input_ids, c.vocab_size)
         b, n = input_ids.shape
-        if b == 0 or n == 0:
-            raise ShapeError(f"input_ids must be [B, N] with B, N >= 1, got shape {(b, n)}")
         if n > c.max_len:
             raise ShapeError(f"input_ids has length {n}, past max_len={c.max_len}: gMLP's spatial weights are "
                              f"[max_len, max_len] and cannot extrapolate")  # fmt: skip
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= c.vocab_size:
-            bad = low if low < 0 else high
-            raise ShapeError(
-                f"input_ids holds id {bad}, outside the vocabulary: ids must be in [0, vocab_size={c.vocab_size})"
-            )
 
     def mix(self, x: Tensor) -> Tensor:
         """The blocks and final norm on embeddings ``x [B, n, d]`` -> ``[B, n, d]``."""

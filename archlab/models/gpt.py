@@ -34,6 +34,7 @@ from archlab.models.registry import register_family, register_preset
 from archlab.nn.attention import BACKENDS, padding_mask
 from archlab.nn.blocks import Decoder, DecodingCache
 from archlab.nn.feedforward import FEEDFORWARDS
+from archlab.nn.inputs import check_token_ids, describe as _describe
 from archlab.nn.loss import linear_cross_entropy
 from archlab.nn.norm import LayerNorm
 from archlab.nn.positional import POSITIONAL_KINDS, LearnedPositionalEncoding, build_positional, sinusoid_table
@@ -110,8 +111,6 @@ class GPTConfig(Config):
         return 4 * self.d_model if self.d_ff is None else self.d_ff
 
 
-def _describe(x) -> str:
-    return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
@@ -177,19 +176,8 @@ class GPT(nn.Module):
     # -- input checks, before any computation ------------------------------------------------------
     def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None, cache: DecodingCache | None) -> None:
         c = self.config
-        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
-            raise ShapeError(f"input_ids must be a [B, N] tensor of token ids, got {_describe(input_ids)}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise ShapeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        check_token_ids("input_ids", input_ids, c.vocab_size)
         b, n = input_ids.shape
-        if b == 0 or n == 0:
-            raise ShapeError(f"input_ids must be [B, N] with B, N >= 1, got shape {(b, n)}")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= c.vocab_size:
-            bad = low if low < 0 else high
-            raise ShapeError(
-                f"input_ids holds id {bad}, outside the vocabulary: ids must be in [0, vocab_size={c.vocab_size})"
-            )
         seen = 0
         if cache is not None:
             if not isinstance(cache, DecodingCache) or len(cache.blocks) != c.n_layers:

@@ -30,6 +30,7 @@ from archlab.config import Config, check_choice, check_positive, check_probabili
 from archlab.errors import ConfigError, ShapeError
 from archlab.generation import Step
 from archlab.models.registry import register_family, register_preset
+from archlab.nn.inputs import check_token_ids
 from archlab.nn.recurrent import RECURRENT_KINDS, RecurrentCache, build_rnn, run_rnn
 
 RNN_BACKENDS = ("fused", "explicit")
@@ -75,25 +76,6 @@ class RNNConfig(Config):
             not self.tie_embeddings or self.d_embed == self.d_hidden,
             f"tie_embeddings=True shares one [V, d] matrix between input and output, so d_embed={self.d_embed} "
             f"must equal d_hidden={self.d_hidden}",
-        )
-
-
-def check_token_ids(name: str, ids, vocab_size: int) -> None:
-    """ShapeError unless ``ids`` is a non-empty integer ``[B, N]`` tensor with every id in ``[0, vocab_size)``."""
-    if not isinstance(ids, Tensor) or ids.ndim != 2:
-        got = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
-        raise ShapeError(f"{name} must be a [B, N] tensor of token ids, got {got}")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise ShapeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-    if ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise ShapeError(f"{name} must be [B, N] with B, N >= 1, got shape {tuple(ids.shape)}")
-    if ids.is_meta:
-        return
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise ShapeError(
-            f"{name} holds token id {bad}, outside the vocabulary: ids must be in [0, vocab_size={vocab_size})"
         )
 
 

@@ -42,6 +42,7 @@ from archlab.config import Config, check_choice, check_positive
 from archlab.errors import ConfigError, ShapeError
 from archlab.generation import Step
 from archlab.models.registry import register_family, register_preset
+from archlab.nn.inputs import check_token_ids
 from archlab.nn.norm import LayerNorm
 
 MODES = ("parallel", "recurrent")
@@ -319,8 +320,6 @@ class RWKVBlock(nn.Module):
 # ================================================================================================
 
 
-def _describe(x) -> str:
-    return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
 
 
 class RWKV(nn.Module):
@@ -391,19 +390,8 @@ class RWKV(nn.Module):
     def _check_inputs(self, input_ids: Tensor, state: RWKVState | None, mode: str) -> None:
         c = self.config
         check_choice("mode", mode, MODES)
-        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
-            raise ShapeError(f"input_ids must be a [B, N] tensor of token ids, got {_describe(input_ids)}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise ShapeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        b, n = input_ids.shape
-        if b == 0 or n == 0:
-            raise ShapeError(f"input_ids must be [B, N] with B, N >= 1, got shape {(b, n)}")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= c.vocab_size:
-            bad = low if low < 0 else high
-            raise ShapeError(
-                f"input_ids holds id {bad}, outside the vocabulary: ids must be in [0, vocab_size={c.vocab_size})"
-            )
+        check_token_ids("input_ids", input_ids, c.vocab_size)
+        b = input_ids.shape[0]
         if state is not None:
             if not isinstance(state, RWKVState) or len(state.layers) != c.n_layers:
                 raise ShapeError(f"state must be an RWKVState of this model's {c.n_layers} layers (model.new_cache())")

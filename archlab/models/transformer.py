@@ -30,7 +30,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from archlab.config import (
@@ -46,6 +45,7 @@ from archlab.models.registry import register_family, register_preset
 from archlab.nn.attention import padding_mask
 from archlab.nn.blocks import Decoder, DecodingCache, Encoder
 from archlab.nn.feedforward import FEEDFORWARDS
+from archlab.nn.inputs import check_token_ids
 from archlab.nn.positional import POSITIONAL_KINDS, build_positional
 
 StepFn = Callable[[Tensor, DecodingCache | None], Tensor]
@@ -157,21 +157,7 @@ class EncoderDecoderTransformer(nn.Module):
 
     # -- input checks (before any computation) ---------------------------------------------------
     def _check_ids(self, name: str, ids: Tensor) -> None:
-        if not isinstance(ids, Tensor) or ids.ndim != 2:
-            shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
-            raise ShapeError(f"{name} must be a [B, N] tensor of token ids, got {shape}")
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise ShapeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-        if ids.numel() == 0 or ids.is_meta:
-            return
-        lo, hi = int(ids.min()), int(ids.max())
-        vocab = self.config.vocab_size
-        if lo < 0 or hi >= vocab:
-            bad = hi if hi >= vocab else lo
-            raise ShapeError(
-                f"{name} holds token id {bad} but vocab_size={vocab}: ids must be in [0, {vocab - 1}] "
-                f"(largest id given: {hi}, smallest: {lo})"
-            )
+        check_token_ids(name, ids, self.config.vocab_size)
 
     @staticmethod
     def _check_mask(name: str, mask: Tensor | None, ids_name: str, shape: tuple[int, ...]) -> None:

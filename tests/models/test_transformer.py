@@ -249,9 +249,9 @@ def test_unknown_config_key_suggests_the_closest():
 def test_bad_inputs_raise_shape_errors_before_computing():
     model = tiny()
     src, tgt = ids(2, 5), ids(2, 4)
-    with pytest.raises(ShapeError, match=r"token id 40 but vocab_size=40"):
+    with pytest.raises(ShapeError, match=r"token id 40, outside the vocabulary: ids must be in \[0, vocab_size=40\)"):
         model(src, torch.tensor([[1, 2, 40, 3], [0, 0, 0, 0]]))
-    with pytest.raises(ShapeError, match=r"token id -1 but vocab_size=40"):
+    with pytest.raises(ShapeError, match=r"token id -1, outside the vocabulary"):
         model.encode(torch.tensor([[1, -1]]))
     with pytest.raises(ShapeError, match="integer token ids"):
         model.encode(src.float())
