@@ -13,7 +13,9 @@ counts by what the parameter belongs to:
                     (archlab) or ``multihead_attn`` (``torch.nn.TransformerDecoderLayer``)
 ``feed_forward``    ``archlab.nn.FeedForward`` / ``GatedFeedForward`` (and ``linear1`` / ``linear2``
                     of ``torch.nn.TransformerEncoderLayer`` / ``TransformerDecoderLayer``)
-``norms``           ``LayerNorm`` / ``RMSNorm`` (archlab's and torch's)
+``recurrent``       RNN / LSTM / GRU layers and cells (``torch.nn`` fused ones and ``archlab.nn.recurrent``)
+``convolution``     ``nn.Conv1d`` / ``Conv2d`` (and archlab's causal dilated convolutions)
+``norms``           ``LayerNorm`` / ``RMSNorm`` / ``BatchNorm`` (archlab's and torch's)
 ``output_head``     a module named ``head``, ``*_head``, ``classifier``, ``pooler`` or ``cls``,
                     with only the parameters not already counted (a tied head adds nothing)
 ``other``           everything else
@@ -36,13 +38,19 @@ from archlab.nn.attention import MultiHeadAttention
 from archlab.nn.feedforward import FeedForward, GatedFeedForward
 from archlab.nn.norm import LayerNorm, RMSNorm
 from archlab.nn.positional import PositionalEncoding
+from archlab.nn.recurrent import GRUCell, LSTMCell, RecurrentStack, RNNCell
 
-COMPONENTS = ("embeddings", "attention", "cross_attention", "feed_forward", "norms", "output_head", "other")
+COMPONENTS = (
+    "embeddings", "attention", "cross_attention", "feed_forward", "recurrent", "convolution", "norms", "output_head",
+    "other",
+)  # fmt: skip
 LABELS = {
     "embeddings": "embeddings",
     "attention": "self-attention",
     "cross_attention": "cross-attention",
     "feed_forward": "feed-forward",
+    "recurrent": "recurrent",
+    "convolution": "convolution",
     "norms": "norms",
     "output_head": "output head",
     "other": "other",
@@ -50,7 +58,9 @@ LABELS = {
 
 ATTENTION_TYPES = (MultiHeadAttention, nn.MultiheadAttention)
 FEED_FORWARD_TYPES = (FeedForward, GatedFeedForward)
-NORM_TYPES = (LayerNorm, RMSNorm, nn.LayerNorm, nn.RMSNorm)
+NORM_TYPES = (LayerNorm, RMSNorm, nn.LayerNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
+RECURRENT_TYPES = (nn.RNNBase, nn.RNNCellBase, RecurrentStack, RNNCell, LSTMCell, GRUCell)
+CONVOLUTION_TYPES = (nn.modules.conv._ConvNd,)
 EMBEDDING_TYPES = (nn.Embedding, PositionalEncoding)
 CROSS_ATTENTION_NAMES = ("cross_attn", "multihead_attn")
 TORCH_LAYER_TYPES = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -135,6 +145,10 @@ def classify(module_path: list[tuple[str, nn.Module]], param_name: str) -> str:
             return "norms"
         if isinstance(module, EMBEDDING_TYPES) or "embed" in name:
             return "embeddings"
+        if isinstance(module, RECURRENT_TYPES):
+            return "recurrent"
+        if isinstance(module, CONVOLUTION_TYPES):
+            return "convolution"
         if _is_head_name(name):
             return "output_head"
     return "other"

@@ -27,6 +27,8 @@ def tiny_by_hand(V=128, d=64, d_ff=256, N=2) -> dict[str, int]:
         "attention": 2 * N * attention,  # encoder self-attention + decoder masked self-attention
         "cross_attention": N * attention,
         "feed_forward": 2 * N * ffn,
+        "recurrent": 0,
+        "convolution": 0,
         "norms": N * 2 * norm + N * 3 * norm,  # post-norm: no final norms
         "output_head": 0,  # tied to the embedding
         "other": 0,
@@ -102,6 +104,15 @@ def test_generic_names_heads_patch_embeddings_and_other():
     assert report.by_component["output_head"] == 8 * 10 + 10
     assert report.by_component["other"] == 8 * 8 + 8
     assert report.total == unique_total(Toy())
+
+
+def test_recurrent_and_convolution_components():
+    lstm = count_parameters(build_model("lstm-lm-small"))
+    rnn = lstm.by_component["recurrent"]
+    assert rnn > 0 and rnn == sum(p.numel() for p in build_model("lstm-lm-small").rnn.parameters())
+    textcnn = count_parameters(build_model("textcnn-deck"))
+    convs = [m for m in build_model("textcnn-deck").modules() if isinstance(m, nn.Conv1d)]
+    assert textcnn.by_component["convolution"] == sum(p.numel() for m in convs for p in m.parameters()) > 0
 
 
 def test_meta_device_models_are_counted_without_memory():
