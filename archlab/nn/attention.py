@@ -228,7 +228,26 @@ def masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
 # ================================================================================================
 
 Score = Callable[[Tensor, Tensor], Tensor]
-BACKENDS = ("auto", "math", "sdpa")
+
+
+def _efficient():
+    """:mod:`archlab.nn.efficient`, imported on first use (it builds on this module)."""
+    from archlab.nn import efficient
+
+    return efficient
+
+
+class BackendNames(tuple):
+    """The backend kinds. ``spec in BACKENDS`` also accepts an efficient backend's spec with parameters
+    (``"chunked:block=128"``), and raises ConfigError for a known kind with bad parameters
+    (see :func:`archlab.nn.efficient.parse_backend`), so every family's ``backend`` check takes them."""
+
+    def __contains__(self, spec: object) -> bool:
+        return _efficient().is_backend(spec)
+
+
+# auto | math | sdpa here; the memory-saving ones in archlab.nn.efficient
+BACKENDS = BackendNames(("auto", "math", "sdpa", "chunked", "sliding", "bigbird", "linformer", "performer", "linear"))
 
 
 def broadcast(*shapes: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -315,8 +334,9 @@ def attend(
             the scaled dot product (e.g. :class:`AdditiveScore`); forces the ``math`` backend.
         dropout_p: dropout on the attention weights (pass 0 in eval mode).
         backend: ``"math"`` (explicit softmax; can return weights), ``"sdpa"``
-            (``F.scaled_dot_product_attention``: fused / flash kernels), or ``"auto"`` (sdpa unless
-            weights or a custom score are asked for).
+            (``F.scaled_dot_product_attention``: fused / flash kernels), ``"auto"`` (sdpa unless
+            weights or a custom score are asked for), or a memory-saving spec of
+            :mod:`archlab.nn.efficient` (``"chunked"``, ``"sliding:window=512"``, ``"linear"``, ...).
         return_weights: also return the weights ``[..., N, M]`` (rows sum to 1).
 
     Returns:
@@ -330,6 +350,13 @@ def attend(
     if causal:
         if m < n:
             raise ShapeError(f"causal attention needs at least as many keys as queries, got N={n}, M={m}")
+    if backend not in ("auto", "math", "sdpa"):  # memory-saving backends: archlab.nn.efficient
+        return _efficient().attend_efficient(
+            backend, q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, score=score,
+            dropout_p=dropout_p, return_weights=return_weights,
+        )  # fmt: skip
+    if bias is not None and not isinstance(bias, Tensor):  # a RelativeBias generated per tile
+        bias = bias.dense(dtype=q.dtype, device=q.device)
     if backend == "auto":
         backend = "math" if (return_weights or score is not None) else "sdpa"
     if backend == "sdpa" and (return_weights or score is not None):
@@ -484,7 +511,8 @@ class MultiHeadAttention(nn.Module):
         d_k, d_v: per-head widths; default ``d / A``.
         bias: biases on the projections.
         dropout: dropout on the attention weights.
-        backend: passed to :func:`attend` (``auto``, ``math``, ``sdpa``).
+        backend: passed to :func:`attend` (``auto``, ``math``, ``sdpa``, or a spec of
+            :mod:`archlab.nn.efficient`).
     """
 
     def __init__(
@@ -513,6 +541,8 @@ class MultiHeadAttention(nn.Module):
         self.dropout, self.backend = dropout, backend
         self.in_proj = nn.Linear(d_model, n_heads * (2 * self.d_k + self.d_v), bias=bias)
         self.out_proj = nn.Linear(n_heads * self.d_v, d_model, bias=bias)
+        # a backend with its own parameters (Linformer's E, F; Performer's features), else None
+        self.backend_module = _efficient().build_attention_module(backend, d_k=self.d_k)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_heads={self.n_heads}, d_k={self.d_k}, d_v={self.d_v}, backend={self.backend!r}"
@@ -576,8 +606,9 @@ class MultiHeadAttention(nn.Module):
                 q, k = positional.transform_qk(q, k, offset)
             if cache is not None:
                 k, v = cache.append(k, v)
-            bias = None if positional is None else positional.attention_bias(q.shape[-2], k.shape[-2], offset)
-            bias = None if bias is None else bias.to(device=q.device, dtype=q.dtype)
+            bias = None if positional is None else _efficient().positional_bias(
+                positional, q.shape[-2], k.shape[-2], offset, backend=self.backend, like=q
+            )  # fmt: skip
         else:  # cross-attention
             self._check_input("memory", memory)
             if memory.shape[0] != x.shape[0]:
@@ -590,7 +621,8 @@ class MultiHeadAttention(nn.Module):
                 if cache is not None:
                     cache.set(k, v)
             bias = None
-        result = attend(
+        attention = attend if self.backend_module is None else self.backend_module
+        result = attention(
             q,
             k,
             v,
