@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install -q -c constraints.txt
 STAMP  := $(VENV)/.installed-test
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo demo-dates test test-all bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,19 @@ $(BENCH_STAMP): $(STAMP)
 
 setup: $(STAMP)
 
+# The main job: a small GPT (6 layers, d=192, BPE vocabulary of 2048) learns Python from 3 MB of the standard
+# library's own source, about 5 minutes on 2 idle CPU cores; then it writes code. Each demo replaces its run folder.
 demo: $(STAMP)
-	$(VENV)/bin/archlab inspect transformer-base
+	rm -rf runs/demo
+	$(VENV)/bin/archlab train examples/demo_gpt.json --out runs/demo
+	$(VENV)/bin/archlab generate runs/demo --prompt "    def __init__(self" --max-new-tokens 120 --temperature 0.8 --top-k 40 --seed 0
+
+# The encoder-decoder Transformer (scaled down) learns date normalisation to >= 99% exact match on held-out dates.
+demo-dates: $(STAMP)
+	rm -rf runs/demo-dates
+	$(VENV)/bin/archlab train examples/demo_dates.json --out runs/demo-dates
+	$(VENV)/bin/archlab generate runs/demo-dates --prompt "Sunday, 20 July 1969"
+	$(VENV)/bin/archlab generate runs/demo-dates --prompt "Nov 9, 1989" --beam 4
 
 # The fast tier (what CI runs): everything not marked slow. Exit 5 (no tests collected) is not a pass.
 test: $(STAMP)

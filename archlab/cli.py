@@ -7,8 +7,14 @@ exit code 2, like argparse's own usage errors.
 
     archlab presets [--json]
     archlab inspect PRESET [--set KEY=VALUE ...] [--json]
+    archlab train PRESET|RUN.json|RUN_DIR [--set [SECTION.]KEY=VALUE ...] [--out DIR] [--resume] [--json]
+    archlab generate RUN_DIR|CKPT --prompt TEXT [--max-new-tokens N] [--greedy | --temperature T --top-k K
+                     --top-p P --seed S] [--beam K] [--json]
+    archlab eval RUN_DIR|CKPT [--max-batches N] [--json]
     archlab convert SRC DST
     archlab embed TEXT... [--model minilm-l6|PATH] [--json]
+
+A run (train, generate, eval) is described in :mod:`archlab.train.run`.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -212,6 +219,85 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def args_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", metavar="PRESET|RUN.json|RUN_DIR",
+                        help="a preset name, a run description (.json; .yaml with PyYAML) or a run folder")  # fmt: skip
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="[SECTION.]KEY=VALUE",
+        help="set a field of the model, data or train section (repeatable), e.g. model.n_layers=4, "
+        "train.steps=200, data.source=reverse; an unprefixed KEY must belong to one section; VALUE is JSON when it parses",
+    )  # fmt: skip
+    parser.add_argument("--out", metavar="DIR", help="the run folder (default: runs/<name>-<time>, or RUN_DIR itself)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary (notes go to stderr)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a run: model + data + training, into a run folder (run.json, tokenizer, checkpoints, metrics, loss.png)."""
+    from archlab.train.run import default_out_dir, spec_from_argument, train_run
+
+    spec = spec_from_argument(args.spec).with_overrides(parse_overrides(args.overrides))
+    given = Path(args.spec)
+    if args.out is not None:
+        out = Path(args.out)
+    elif given.is_dir():
+        out = given
+    else:
+        out = default_out_dir(spec, given.stem if given.suffix else None)
+    echo = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    summary = train_run(spec, out, resume=args.resume, echo=echo)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def args_generate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN_DIR|CKPT", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    parser.add_argument("--prompt", required=True, help="the text to continue (lm) or the source to translate (seq2seq)")
+    parser.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="at most N new tokens (default 100)")
+    parser.add_argument("--greedy", action="store_true", help="lm: take the most likely token instead of sampling")
+    parser.add_argument("--temperature", type=float, metavar="T", help="lm sampling temperature (default 1)")
+    parser.add_argument("--top-k", type=int, metavar="K", help="lm: sample among the K most likely tokens")
+    parser.add_argument("--top-p", type=float, metavar="P", help="lm: sample from the smallest set of mass >= P")
+    parser.add_argument("--seed", type=int, metavar="S", help="lm: seed of the sampling (same seed, same text)")
+    parser.add_argument("--beam", type=int, metavar="K", help="seq2seq: beam search with K beams (default greedy)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the text")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Continue a prompt with a trained lm run, or translate a source with a seq2seq run."""
+    from archlab.train.run import generate_text, open_run
+
+    result = generate_text(
+        open_run(args.run), args.prompt, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, beam=args.beam, seed=args.seed,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['prompt']}{result['output']}" if result["task"] == "lm" else result["output"])
+    return 0
+
+
+def args_eval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN_DIR|CKPT", help="a run folder (its latest checkpoint) or a checkpoint in one")
+    parser.add_argument("--max-batches", type=int, metavar="N", help="evaluate at most N validation batches (default all)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Validation metrics of a trained run: loss/perplexity (lm), accuracy, exact match + BLEU (seq2seq)."""
+    from archlab.train.run import describe_eval, evaluate_run, open_run
+
+    result = evaluate_run(open_run(args.run), max_batches=args.max_batches)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['checkpoint']} ({result['task']})")
+        print(describe_eval(result["eval"], result.get("unigram_loss")))
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     run: Callable[[argparse.Namespace], int]
@@ -222,6 +308,9 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "presets": Command(cmd_presets, args_presets, "list the named presets"),
     "inspect": Command(cmd_inspect, args_inspect, "show a preset's config and parameter counts"),
+    "train": Command(cmd_train, args_train, "train a run: a preset or run description, on its data"),
+    "generate": Command(cmd_generate, args_generate, "generate text with a trained lm or seq2seq run"),
+    "eval": Command(cmd_eval, args_eval, "validation metrics of a trained run"),
     "convert": Command(cmd_convert, args_convert, "convert a model folder between Hugging Face and archlab"),
     "embed": Command(cmd_embed, args_embed, "sentence embeddings with a real pretrained model (all-MiniLM-L6-v2)"),
 }
@@ -253,6 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ArchlabError as error:
         print(f"archlab: error: {error}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:  # Ctrl-C (e.g. during training): the checkpoints written so far are whole
+        print("archlab: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into `head` and closed: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -234,8 +234,10 @@ class GPT(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         cache: DecodingCache | None = None,
+        labels: Tensor | None = None,
+        label_smoothing: float = 0.0,
     ) -> Tensor:
-        """Next-token logits.
+        """Next-token logits; with ``labels``, the training loss :meth:`loss` instead.
 
         Args:
             input_ids: ``[B, N]`` token ids in ``[0, V)``; with a ``cache``, only the new tokens.
@@ -244,10 +246,20 @@ class GPT(nn.Module):
             position_ids: ``[B, N]`` (or ``[1, N]``) explicit positions; absolute encodings only.
             cache: a :meth:`new_cache` to decode incrementally; keys and values of ``input_ids`` are
                 appended to it.
+            labels: ``[B, N]`` next-token targets (``-100`` = ignored): return
+                ``self.loss(input_ids, labels, attention_mask=, label_smoothing=)``, the scalar mean loss
+                with the LM head fused into the cross-entropy. Going through ``forward`` lets wrappers
+                (DDP, FSDP, ``torch.compile``) see the call. Not with ``cache`` or ``position_ids``.
+            label_smoothing: ``eps`` of the loss (with ``labels`` only).
 
         Returns:
-            ``logits [B, N, V]``; ``logits[:, i]`` predicts the token after ``input_ids[:, i]``.
+            ``logits [B, N, V]``; ``logits[:, i]`` predicts the token after ``input_ids[:, i]``. With
+            ``labels``: the scalar loss.
         """
+        if labels is not None:
+            if cache is not None or position_ids is not None:
+                raise ConfigError("labels= computes the loss of whole sequences: pass no cache or position_ids with it")
+            return self.loss(input_ids, labels, attention_mask=attention_mask, label_smoothing=label_smoothing)
         return self.lm_head(self.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                                cache=cache))  # fmt: skip
 

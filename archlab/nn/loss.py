@@ -105,6 +105,10 @@ def linear_cross_entropy(
     if bad.any():
         value = int(flat_t[bad][0])
         raise ShapeError(f"targets hold {value}, outside [0, V={weight.shape[0]}) and not ignore_index={ignore_index}")
-    return _LinearCrossEntropy.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, flat_t, ignore_index, float(label_smoothing), chunk_size
-    )
+    # under autocast (bf16 hidden states, float32 weights) the loss runs in the wider dtype, autocast off
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(
+            hidden.reshape(-1, hidden.shape[-1]).to(dtype), weight.to(dtype), flat_t, ignore_index,
+            float(label_smoothing), chunk_size,
+        )  # fmt: skip

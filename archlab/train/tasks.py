@@ -15,20 +15,31 @@ leaves them different numbers of targets.
 task            model call                                             terms
 =============== ====================================================== ==============================
 lm              ``model(input_ids) -> [B, N, V]``; labels = next ids   ``token``: smoothed CE per label
+                or the fused loss (below) when training
 mlm             ``model(input_ids, attention_mask=, token_type_ids=)`` ``token`` (masked positions) and
                 ``-> .mlm_logits [B, N, V], .nsp_logits [B, 2]``       ``nsp`` when ``next_sentence_label``
 seq2seq         ``model(src_ids, tgt_in, src_mask=) -> [B, M, V]``     ``token``: smoothed CE on ``tgt_out``
 classification  ``model(inputs[, attention_mask=]) -> [B, C]``         ``sample``: smoothed CE per sample
+                (the mask when ``forward`` takes one)
 custom          ``model.compute_loss(batch) -> (loss, metrics)``       ``batch``: the mean loss it returns
 =============== ====================================================== ==============================
 
 Statistics: ``samples``, ``tokens`` (input positions, for tokens/s), ``targets``, ``nll`` (plain
 ``-log p`` summed, for perplexity), ``correct``; ``nsp_*`` for next-sentence prediction; for ``custom``,
 whatever numbers ``compute_loss`` reports, averaged over batches by :func:`summarize`.
+
+The fused LM loss. A model whose ``forward`` takes ``labels=`` and ``label_smoothing=`` and then returns
+the mean smoothed loss (GPT: the LM head fused with the cross-entropy by chunks, no ``[B, N, V]`` logits
+kept, see :func:`archlab.nn.loss.linear_cross_entropy`) is trained through that call: ``token = mean * C``
+with ``C`` the kept labels. It is called through the wrapped module, so DDP / FSDP hooks fire. Without
+logits there is no ``correct`` count, so such a run's *training* metrics have no accuracy, and with
+``eps > 0`` no ``nll`` / ``ppl`` either (with ``eps = 0`` the loss is the NLL). Evaluation runs without
+gradients and takes the logits path, so evaluation metrics always have all of them.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -89,10 +100,34 @@ def lm_counts(batch: Batch) -> dict[str, int]:
     return {"token": int((batch["labels"] != IGNORE_INDEX).sum())}
 
 
+def forward_parameters(model: nn.Module) -> set[str]:
+    """The argument names of ``forward`` of the model under any DDP / ``torch.compile`` wrapper."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return set(inspect.signature(model.forward).parameters)
+
+
+def has_fused_lm_loss(model: nn.Module) -> bool:
+    """Whether the model takes ``forward(..., labels=, label_smoothing=)`` (the fused LM loss, module docstring)."""
+    return {"labels", "label_smoothing"} <= forward_parameters(model)
+
+
 def lm_run(model: nn.Module, batch: Batch, eps: float) -> tuple[Terms, Stats]:
-    ids = batch["input_ids"]
-    token, stats = _token_terms(model(ids), batch["labels"], eps)
-    return {"token": token}, {"samples": _n(ids.shape[0]), "tokens": _n(ids.numel()), **stats}
+    ids, labels = batch["input_ids"], batch["labels"]
+    sizes = {"samples": _n(ids.shape[0]), "tokens": _n(ids.numel())}
+    if torch.is_grad_enabled() and has_fused_lm_loss(model):  # training: the fused head + loss
+        if tuple(labels.shape) != tuple(ids.shape):
+            raise ShapeError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(ids.shape)}")
+        targets = (labels != IGNORE_INDEX).sum()
+        token = model(ids, labels=labels, label_smoothing=eps) * targets
+        stats = {"targets": targets} if eps else {"targets": targets, "nll": token.detach()}
+        return {"token": token}, {**sizes, **stats}
+    token, stats = _token_terms(model(ids), labels, eps)
+    return {"token": token}, {**sizes, **stats}
 
 
 def mlm_counts(batch: Batch) -> dict[str, int]:
@@ -143,7 +178,8 @@ def classification_counts(batch: Batch) -> dict[str, int]:
 
 def classification_run(model: nn.Module, batch: Batch, eps: float) -> tuple[Terms, Stats]:
     inputs = batch["inputs"]
-    logits = model(inputs, **_optional(batch, "attention_mask", "token_type_ids"))
+    accepted = forward_parameters(model)  # a model without masks (gMLP: fixed length) reads the padding as tokens
+    logits = model(inputs, **_optional(batch, *(k for k in ("attention_mask", "token_type_ids") if k in accepted)))
     sample, stats = _token_terms(logits, batch["labels"], eps)
     tokens = inputs.numel() if not inputs.dtype.is_floating_point else 0  # token ids, not pixels or features
     return {"sample": sample}, {"samples": _n(inputs.shape[0]), "tokens": _n(tokens), **stats}
@@ -198,11 +234,13 @@ def task_loss(terms: Terms, totals: dict[str, int | float]) -> Tensor:
 def summarize(stats: dict[str, float], task: str) -> dict[str, float]:
     """Summed statistics -> readable metrics: ``nll``, ``ppl`` (token tasks), ``accuracy``, ``nsp_*``, custom means."""
     out: dict[str, float] = {}
-    if stats.get("targets"):
-        out["nll"] = stats["nll"] / stats["targets"]
-        if task in TOKEN_TASKS:
-            out["ppl"] = perplexity(out["nll"])
-        out["accuracy"] = stats["correct"] / stats["targets"]
+    if stats.get("targets"):  # nll and correct are absent on the fused LM path (module docstring)
+        if "nll" in stats:
+            out["nll"] = stats["nll"] / stats["targets"]
+            if task in TOKEN_TASKS:
+                out["ppl"] = perplexity(out["nll"])
+        if "correct" in stats:
+            out["accuracy"] = stats["correct"] / stats["targets"]
     if stats.get("nsp_count"):
         out["nsp_nll"] = stats["nsp_nll"] / stats["nsp_count"]
         out["nsp_accuracy"] = stats["nsp_correct"] / stats["nsp_count"]

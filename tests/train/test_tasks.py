@@ -32,7 +32,8 @@ def test_lm_objective_is_smoothed_cross_entropy_of_next_token_logits():
     labels = ids[:, 1:].clone()
     labels[0, 5:] = -100
     batch = {"input_ids": ids[:, :-1], "labels": labels}
-    loss, stats = objective("lm", model, batch, 0.1)
+    with torch.no_grad():  # the logits path (evaluation); training takes GPT's fused loss, tests/train/test_fused_lm.py
+        loss, stats = objective("lm", model, batch, 0.1)
     logits = model(batch["input_ids"])
     want = F.cross_entropy(logits.reshape(-1, 256), labels.reshape(-1), label_smoothing=0.1)
     torch.testing.assert_close(loss, want, **TIGHT)

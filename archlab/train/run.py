@@ -1,0 +1,512 @@
+r"""A run: model + data + training in one JSON-able description, and what is done with it (train, eval, generate).
+
+A run description (a file ``RUN.json``, or a preset name plus ``--set`` assignments)::
+
+    {"model": {"preset": "gpt-nano", "n_layers": 4},        a preset and overrides of its config
+     "data":  {"source": "stdlib", "max_bytes": 1000000},    a DataConfig (archlab.train.sources)
+     "train": {"steps": 200, "lr": 0.001}}                   a TrainConfig (archlab.train.config)
+
+:class:`RunSpec` keeps what was written; :func:`prepare` resolves it into the full run, which is what
+``run.json`` holds and what a resumed run must match:
+
+* data: ``auto`` source, tokenizer and ``seq_len`` chosen for the family's task (``sources.resolve_data``);
+* model: ``vocab_size`` and ``pad_id`` follow the tokenizer, ``n_classes`` the labels (each change is said);
+* train: ``task`` is the family's; ``clip`` is the model config's ``grad_clip`` when the run does not
+  set ``train.clip`` itself (the recurrent families carry their recommended max-norm there).
+
+The out dir of a run::
+
+    run.json          the resolved description (``eval`` and ``generate`` read it back)
+    tokenizer.json    the tokenizer; a resumed or evaluated run reuses it and never retrains it
+    checkpoints/      the Trainer's checkpoints (archlab.train.checkpoint)
+    metrics.jsonl     training and validation metrics; loss.png, the loss curve drawn from it
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import archlab
+from archlab.config import Config
+from archlab.data import Tokenizer, load_tokenizer
+from archlab.data.tokenizers import TOKENIZER_FILE
+from archlab.errors import CheckpointError, ConfigError, DataError, unknown
+from archlab.generation import beam_search, expand_for_beams, generate
+from archlab.interop.io import CONFIG_FILE, WEIGHTS_FILE, load_model
+from archlab.models.registry import FAMILIES, Family, build_model, get_config, get_preset
+from archlab.train import distributed as D
+from archlab.train.checkpoint import latest_checkpoint
+from archlab.train.config import TrainConfig
+from archlab.train.loop import CHECKPOINTS, Trainer
+from archlab.train.sources import DataConfig, RunData, build_data, resolve_data
+from archlab.train.tasks import seq2seq_generation_metrics
+
+RUN_FILE = "run.json"
+SECTIONS = ("model", "data", "train")
+PRESET_KEY = "preset"  # the one key of the model section that is not a config field
+
+
+# -- the description ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A run as written: the preset, and the overrides of each section (``model``, ``data``, ``train``).
+
+    Every section is validated on construction (unknown keys get the closest valid name). The configs
+    themselves are :meth:`model_config`, :meth:`data_config` and :meth:`train_config`.
+    """
+
+    preset: str
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in SECTIONS:
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"the {name!r} section of a run must be a JSON object, got {getattr(self, name)!r}")
+        self.model_config(), self.data_config(), self.train_config()  # validate every section now
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[get_preset(self.preset).family]
+
+    def model_config(self) -> Config:
+        return get_config(self.preset, **self.model)
+
+    def data_config(self) -> DataConfig:
+        return DataConfig.from_dict(self.data)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.train)
+
+    # -- JSON --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "the run") -> RunSpec:
+        """From ``{"model": {"preset": ..., ...}, "data": {...}, "train": {...}}`` (``data``, ``train`` optional)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} must be a JSON object with sections {', '.join(SECTIONS)}")
+        for key in data:
+            if key not in (*SECTIONS, "archlab"):
+                raise ConfigError(f"{where}: " + unknown("section", key, SECTIONS))
+        model = data.get("model")
+        if not isinstance(model, dict) or PRESET_KEY not in model:
+            raise ConfigError(f"{where}: the model section needs a {PRESET_KEY!r} (see `archlab presets`)")
+        model = dict(model)
+        preset = model.pop(PRESET_KEY)
+        return cls(preset, model, data.get("data", {}), data.get("train", {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": {PRESET_KEY: self.preset, **self.model}, "data": dict(self.data), "train": dict(self.train)}
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunSpec:
+        """A run from ``RUN.json``, ``RUN.yaml`` (when PyYAML is installed) or a run folder's ``run.json``."""
+        path = Path(path)
+        if path.is_dir():
+            if not (path / RUN_FILE).is_file():
+                raise ConfigError(f"{path} is a folder without a {RUN_FILE}: not a run")
+            path = path / RUN_FILE
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the run description ({e})") from None
+        if path.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(f"{path}: YAML needs PyYAML, which is not installed; write the run as JSON") from None
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        return cls.from_dict(data, where=str(path))
+
+    # -- --set ------------------------------------------------------------------------------------------------
+    def section_fields(self) -> dict[str, list[str]]:
+        """The keys each section accepts."""
+        return {
+            "model": [PRESET_KEY, *type(get_preset(self.preset).config).field_names()],
+            "data": DataConfig.field_names(),
+            "train": TrainConfig.field_names(),
+        }
+
+    def with_overrides(self, overrides: dict[str, Any]) -> RunSpec:
+        """Apply ``--set`` overrides: ``{"section.key": value}``, or ``{"key": value}`` when one section has ``key``."""
+        sections = {"model": {PRESET_KEY: self.preset, **self.model}, "data": dict(self.data), "train": dict(self.train)}
+        for key, value in overrides.items():
+            section, _, name = key.rpartition(".")
+            if section:
+                if section not in SECTIONS:
+                    raise ConfigError(f"--set {key}: " + unknown("section", section, SECTIONS))
+            else:
+                section = self._section_of(name)
+            sections[section][name] = value
+        model = sections["model"]
+        return RunSpec(model.pop(PRESET_KEY), model, sections["data"], sections["train"])
+
+    def _section_of(self, name: str) -> str:
+        fields = self.section_fields()
+        owners = [s for s in SECTIONS if name in fields[s]]
+        if len(owners) == 1:
+            return owners[0]
+        if owners:
+            raise ConfigError(f"--set {name}: {' and '.join(owners)} both have {name!r}; write "
+                              + " or ".join(f"{s}.{name}" for s in owners))  # fmt: skip
+        owner = {n: s for s in reversed(SECTIONS) for n in fields[s]}
+        near = difflib.get_close_matches(name, list(owner), n=1, cutoff=0.5)
+        hint = f" (did you mean {owner[near[0]]}.{near[0]}?)" if near else ""
+        raise ConfigError(f"--set {name}: no section has a key {name!r}{hint}; the keys are the fields of model "
+                          f"({type(get_preset(self.preset).config).__name__}), data (DataConfig) and train (TrainConfig)")  # fmt: skip
+
+
+def spec_from_argument(spec: str) -> RunSpec:
+    """``archlab train``'s first argument: a run file, a run folder, or a preset name."""
+    path = Path(spec)
+    if path.is_dir() or path.suffix.lower() in (".json", ".yaml", ".yml"):
+        return RunSpec.load(path)
+    return RunSpec(get_preset(spec).name)
+
+
+# -- resolution ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedRun:
+    """A resolved run with its data built (see the module docstring): ready to train or evaluate."""
+
+    spec: RunSpec
+    model_config: Config
+    data: DataConfig
+    train: TrainConfig
+    run_data: RunData
+    notes: list[str]
+
+    @property
+    def family(self) -> Family:
+        return self.spec.family
+
+    @property
+    def task(self) -> str:
+        return self.train.task
+
+    def to_dict(self) -> dict[str, Any]:
+        """``run.json``: every field of every section, as resolved."""
+        return {
+            "archlab": archlab.__version__,
+            "model": {PRESET_KEY: self.spec.preset, **self.model_config.to_dict()},
+            "data": self.data.to_dict(),
+            "train": self.train.to_dict(),
+        }
+
+    def build_model(self) -> nn.Module:
+        """The model to train, initialised from ``train.seed`` (the family's trained class, e.g. BertForPreTraining)."""
+        torch.manual_seed(self.train.seed)
+        train_cls = self.family.train_cls
+        return build_model(self.model_config, model_class=None if train_cls is None else train_cls.__name__)
+
+    def extra_metrics(self) -> Callable[[nn.Module], dict[str, float]] | None:
+        """Exact match and BLEU of greedy decoding on the validation pairs, for seq2seq runs."""
+        if self.task != "seq2seq":
+            return None
+        tok, cap = self.run_data.tokenizer, self.train.eval_batches
+        return lambda model: seq2seq_generation_metrics(
+            model, self.run_data.valid(), eos_id=tok.eos_id, detokenize=tok.decode, max_batches=cap
+        )
+
+
+def prepare(spec: RunSpec, *, tokenizer: Tokenizer | None = None) -> PreparedRun:
+    """Resolve ``spec`` and build its data (``tokenizer``: reuse a saved one instead of making it)."""
+    family = spec.family
+    who = f"preset {spec.preset} (family {family.name})"
+    base = spec.model_config()
+    task = spec.train_config().task
+    task = family.task if task == "auto" else task
+    data = resolve_data(spec.data_config(), task, base, who)
+    notes: list[str] = []
+
+    train = spec.train_config().replace(task=task)
+    if "clip" not in spec.train and hasattr(base, "grad_clip") and base.grad_clip != train.clip:
+        train = train.replace(clip=base.grad_clip)
+        notes.append(f"train.clip={base.grad_clip} from the model config's grad_clip (set train.clip to change it)")
+
+    env = D.detect()
+    run_data = build_data(
+        data, task, base, batch_size=train.micro_batch_size(env.world_size) * env.world_size, tokenizer=tokenizer,
+        rank=env.rank, world_size=env.world_size,
+    )  # fmt: skip
+    overrides = run_data.model_overrides(base)
+    changed = {k: v for k, v in overrides.items() if getattr(base, k) != v}
+    if changed:
+        why = {"vocab_size": "the tokenizer", "pad_id": "the tokenizer", "n_classes": "the labels"}
+        notes.append("model: " + ", ".join(f"{k} {getattr(base, k)} -> {v} (from {why[k]})" for k, v in changed.items()))
+    model_config = base.replace(**overrides) if overrides else base
+    trained = family.train_cls or family.model_cls
+    if run_data.tokenizer is not None and task == "classification" and not _takes_mask(trained):
+        notes.append(f"{trained.__name__} takes no attention_mask: it reads the padding of shorter texts as tokens")
+    return PreparedRun(spec, model_config, data, train, run_data, notes)
+
+
+def _takes_mask(model_cls: type[nn.Module]) -> bool:
+    return "attention_mask" in inspect.signature(model_cls.forward).parameters
+
+
+# -- train -----------------------------------------------------------------------------------------------------
+
+
+def default_out_dir(spec: RunSpec, name: str | None = None) -> Path:
+    """``runs/<name or preset>-<YYYYmmdd-HHMMSS>``."""
+    return Path("runs") / f"{name or spec.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train_run(
+    spec: RunSpec, out_dir: str | Path, *, resume: bool = False, echo: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Train the run into ``out_dir`` (or continue it with ``resume``); returns a summary (JSON-able).
+
+    A folder that already holds checkpoints is only continued with ``resume``; then its ``run.json``
+    must agree with ``spec`` on the model and the data (training settings are checked by the Trainer).
+    """
+    out = Path(out_dir)
+    saved = _read_run_json(out) if (out / RUN_FILE).is_file() else None
+    has_checkpoints = latest_checkpoint(out / CHECKPOINTS) is not None
+    if has_checkpoints and not resume:
+        raise ConfigError(f"{out} already holds a trained run; pass --resume to continue it, or choose another --out")
+    tokenizer = load_tokenizer(out) if resume and saved is not None and (out / TOKENIZER_FILE).is_file() else None
+    run = prepare(spec, tokenizer=tokenizer)
+    resolved = run.to_dict()
+    if resume and saved is not None:
+        _check_same_run(saved, resolved, out)
+
+    is_main = D.detect().is_main
+    continuing = resume and saved is not None
+    if is_main and not continuing:  # a killed run can be resumed from its folder alone
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_FILE).write_text(json.dumps(resolved, indent=2) + "\n")
+        if run.run_data.tokenizer is not None:
+            run.run_data.tokenizer.save(out)
+    model = run.build_model()
+    n_params = sum(p.numel() for p in model.parameters())
+    t = run.train
+    echo(f"run {spec.preset} (family {run.family.name}, task {run.task}) -> {out}")
+    echo(f"data: {run.run_data.describe}")
+    for note in run.notes:
+        echo(note)
+    echo(f"train: {t.steps} steps of {t.batch_size} {'samples' if run.task == 'classification' else 'sequences'}, "
+         f"{t.schedule} lr {t.peak_lr:g}, warmup {t.warmup}; model {type(model).__name__} with {n_params:,} parameters")  # fmt: skip
+
+    trainer = Trainer(model, t, run.run_data.train, eval_batches=run.run_data.valid, out_dir=out,
+                      extra_metrics=run.extra_metrics())  # fmt: skip
+    started = time.perf_counter()
+    result = trainer.fit(resume=resume)
+    if is_main and continuing:  # only once the Trainer accepted the new training settings (e.g. more steps)
+        (out / RUN_FILE).write_text(json.dumps(resolved, indent=2) + "\n")
+    summary = {
+        "out_dir": str(out), "preset": spec.preset, "task": run.task, "step": result.step,
+        "parameters": n_params, "seconds": round(time.perf_counter() - started, 1),
+        "train": result.train, "eval": result.eval, "checkpoint": str(result.checkpoint),
+        "loss_plot": None if result.loss_plot is None else str(result.loss_plot),
+    }  # fmt: skip
+    if run.run_data.unigram is not None:
+        summary["unigram_loss"] = run.run_data.unigram
+    echo(describe_eval(result.eval, summary.get("unigram_loss"), prefix=f"step {result.step}: validation"))
+    echo(f"checkpoint {result.checkpoint}")
+    if result.loss_plot is not None:
+        echo(f"loss curve {result.loss_plot}")
+    return summary
+
+
+def describe_eval(metrics: dict[str, float], unigram: float | None = None, prefix: str = "validation") -> str:
+    """One line: loss (nats per target), perplexity, accuracy, exact match, BLEU, and the unigram baseline."""
+    parts = []
+    if "loss" in metrics:
+        parts.append(f"loss {metrics['loss']:.4f}")
+    if "ppl" in metrics:
+        parts.append(f"ppl {metrics['ppl']:.2f}")
+    if "accuracy" in metrics:
+        parts.append(f"accuracy {100 * metrics['accuracy']:.2f}%")
+    if "exact_match" in metrics:
+        parts.append(f"exact match {100 * metrics['exact_match']:.2f}%")
+    if "bleu" in metrics:
+        parts.append(f"BLEU {metrics['bleu']:.2f}")
+    line = f"{prefix} " + ", ".join(parts)
+    if unigram is not None:
+        line += f"; unigram baseline {unigram:.4f} nats/token"
+    return line
+
+
+def _read_run_json(folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{folder / RUN_FILE} is not a readable run description: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(s), dict) for s in SECTIONS):
+        raise CheckpointError(f"{folder / RUN_FILE} is not a run description (needs sections {', '.join(SECTIONS)})")
+    return data
+
+
+def _check_same_run(saved: dict[str, Any], resolved: dict[str, Any], out: Path) -> None:
+    changed = [
+        f"{section}.{key}: {saved[section].get(key)!r} -> {resolved[section].get(key)!r}"
+        for section in ("model", "data")
+        for key in sorted(set(saved[section]) | set(resolved[section]))
+        if saved[section].get(key) != resolved[section].get(key)
+    ]
+    if changed:
+        raise ConfigError(f"cannot resume {out}: this run changes {'; '.join(changed)}; resume with the same model "
+                          f"and data (archlab train {out} --resume), or train into another --out")  # fmt: skip
+
+
+# -- a trained run, opened again: eval and generate --------------------------------------------------------------
+
+
+@dataclass
+class OpenedRun:
+    """A trained model with what it needs: the run folder (None for a bare model folder), its ``run.json``
+    spec, the tokenizer, and the checkpoint the model was read from (in eval mode)."""
+
+    run_dir: Path | None
+    checkpoint: Path
+    spec: RunSpec | None
+    tokenizer: Tokenizer | None
+    model: nn.Module
+
+    @property
+    def task(self) -> str:
+        if self.spec is not None:
+            return self.spec.train_config().task
+        from archlab.models.registry import family_of
+
+        return family_of(self.model.config).task
+
+
+def open_run(path: str | Path) -> OpenedRun:
+    """A run folder (its latest checkpoint) or a checkpoint / model folder (its run found in the parents)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run folder or checkpoint")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; expected a run folder (with {RUN_FILE}) or a checkpoint folder")
+    if (path / RUN_FILE).is_file():
+        run_dir, checkpoint = path, latest_checkpoint(path / CHECKPOINTS)
+        if checkpoint is None:
+            raise CheckpointError(f"{path} is a run without a checkpoint yet (nothing under {path / CHECKPOINTS})")
+    elif (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        checkpoint = path
+        run_dir = next((p for p in path.resolve().parents if (p / RUN_FILE).is_file()), None)
+    else:
+        raise CheckpointError(
+            f"{path} is neither a run folder (no {RUN_FILE}) nor a checkpoint ({CONFIG_FILE} + {WEIGHTS_FILE})"
+        )
+    spec = None if run_dir is None else RunSpec.from_dict(_read_run_json(run_dir), where=str(run_dir / RUN_FILE))
+    tok_dir = next((d for d in (checkpoint, run_dir) if d is not None and (d / TOKENIZER_FILE).is_file()), None)
+    tokenizer = None if tok_dir is None else load_tokenizer(tok_dir)
+    model = load_model(checkpoint)
+    model.eval()
+    return OpenedRun(run_dir, checkpoint, spec, tokenizer, model)
+
+
+def evaluate_run(opened: OpenedRun, *, max_batches: int | None = None) -> dict[str, Any]:
+    """The run's validation metrics for the opened checkpoint (all validation batches, or ``max_batches``)."""
+    if opened.spec is None:
+        raise CheckpointError(f"{opened.checkpoint} is not inside a run folder (no {RUN_FILE} above it); "
+                              "eval rebuilds the run's validation data from it")  # fmt: skip
+    spec = dataclasses.replace(opened.spec, train={**opened.spec.train, "eval_batches": max_batches,
+                                                   "progress": False, "tensorboard": False})  # fmt: skip
+    run = prepare(spec, tokenizer=opened.tokenizer)
+    trainer = Trainer(opened.model, run.train, run.run_data.train, eval_batches=run.run_data.valid,
+                      extra_metrics=run.extra_metrics())  # fmt: skip
+    metrics = trainer.evaluate()
+    out = {"checkpoint": str(opened.checkpoint), "task": run.task, "eval": metrics}
+    if run.run_data.unigram is not None:
+        out["unigram_loss"] = run.run_data.unigram
+    return out
+
+
+def generate_text(
+    opened: OpenedRun, prompt: str, *, max_new_tokens: int = 100, greedy: bool = False, temperature: float | None = None,
+    top_k: int | None = None, top_p: float | None = None, beam: int | None = None, seed: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Continue ``prompt`` (lm) or translate it (seq2seq): ``{"task", "prompt", "output", "tokens"}``.
+
+    lm: sampling (``temperature`` 1 unless given, ``top_k``, ``top_p``, ``seed``) unless ``greedy``; an
+    empty prompt starts after a document boundary (``</s>``). seq2seq: greedy decoding, or beam search
+    with ``beam`` beams. Both stop at ``</s>``.
+    """
+    tok, model, task = opened.tokenizer, opened.model, opened.task
+    if task not in ("lm", "seq2seq"):
+        raise ConfigError(f"generate is for lm and seq2seq runs; this one trains task {task!r} (use archlab eval)")
+    if tok is None:
+        raise CheckpointError(f"no {TOKENIZER_FILE} in {opened.checkpoint} or its run folder: generate needs one")
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    given = [f"--{k.replace('_', '-')}" for k, v in sampling.items() if v is not None]
+    eos = tok.eos_id
+    device = next(model.parameters()).device
+    if task == "lm":
+        if beam is not None:
+            raise ConfigError("--beam is for seq2seq runs; an lm run samples (or decodes greedily with --greedy)")
+        if greedy and given:
+            raise ConfigError(f"--greedy takes the most likely token; {', '.join(given)} only act when sampling")
+        ids = tok.encode(prompt) or ([eos] if eos is not None else [])
+        if not ids:
+            raise DataError("the prompt is empty and the tokenizer has no </s> to start from")
+        _check_room(model.config, len(ids), max_new_tokens)
+        start = torch.tensor([ids], device=device)
+        step = model if hasattr(model, "decoder_step") else (lambda tokens, cache=None: model(tokens))
+        out = generate(
+            step, start, max_new_tokens=max_new_tokens, do_sample=not greedy, seed=seed,
+            temperature=1.0 if temperature is None else temperature, top_k=top_k, top_p=top_p,
+            stop_tokens=[] if eos is None else [eos], pad_id=eos, use_cache=hasattr(model, "decoder_step"),
+        )[0, len(ids):].tolist()  # fmt: skip
+    else:  # seq2seq
+        if given:
+            raise ConfigError(f"seq2seq decoding is greedy or beam search (--beam K); {', '.join(given)}: lm runs only")
+        src = tok.encode(prompt)
+        if not src:
+            raise DataError("the prompt (the source sequence) is empty")
+        src_ids = torch.tensor([src], device=device)
+        mask = torch.ones_like(src_ids, dtype=torch.bool)
+        with torch.no_grad():
+            memory = model.encode(src_ids, mask)
+        bos = torch.tensor([[tok.bos_id]], device=device)
+        if beam is None:
+            out = generate(model.decoder_step(memory, mask), bos, max_new_tokens=max_new_tokens, cache=model.new_cache(),
+                           stop_tokens=[eos], pad_id=eos)[0, 1:].tolist()  # fmt: skip
+        else:
+            step = model.decoder_step(expand_for_beams(memory, beam), expand_for_beams(mask, beam))
+            out = beam_search(step, bos, beam_size=beam, max_new_tokens=max_new_tokens, eos_id=eos,
+                              cache=model.new_cache()).sequences[0, 1:].tolist()  # fmt: skip
+    if eos is not None and eos in out:
+        out = out[: out.index(eos)]
+    return {"task": task, "prompt": prompt, "output": tok.decode(out), "tokens": len(out)}
+
+
+def _check_room(config: Config, n_prompt: int, max_new_tokens: int) -> None:
+    """A learned position table (or gMLP's fixed length) cannot go past ``max_len``: say so before generating."""
+    max_len = getattr(config, "max_len", None)
+    if max_len is None or getattr(config, "positional", "learned") != "learned":
+        return
+    if n_prompt + max_new_tokens > max_len:
+        raise ConfigError(
+            f"the prompt's {n_prompt} tokens + --max-new-tokens {max_new_tokens} = {n_prompt + max_new_tokens} "
+            f"positions, past the model's max_len={max_len}: lower --max-new-tokens (or shorten the prompt)"
+        )
