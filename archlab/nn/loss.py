@@ -23,7 +23,30 @@ from torch import Tensor
 from archlab.config import require
 from archlab.errors import ShapeError
 
-DEFAULT_CHUNK = 512  # rows per chunk: 512 x 50304 fp32 logits = 103 MB; large enough for efficient matmuls
+DEFAULT_CHUNK = 512  # rows whose dz feed one gradient matmul: 512 x 50304 fp32 = 103 MB
+
+
+def _loss_rows(z: Tensor, y: Tensor, weight: Tensor, eps: float, need_grad: bool) -> Tensor:
+    """Per-row losses ``[c]`` of logits ``z [c, V]``; with ``need_grad``, ``z`` is overwritten by ``dz``.
+
+    ``weight [c]`` scales each row's gradient (``1 / n_valid``, 0 for ignored rows). Works in place:
+    a few passes over ``z`` (max, exp, sum, scale) and no temporary of its size.
+    """
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    mean = z.mean(dim=-1) if eps else None
+    m = z.amax(dim=-1, keepdim=True)
+    z.sub_(m).exp_()  # exp(z - m)
+    total = z.sum(dim=-1, keepdim=True)
+    lse = (m + total.log()).squeeze(1)
+    loss = lse - (1 - eps) * z_y
+    if eps:
+        loss = loss - eps * mean
+    if need_grad:
+        z.mul_(weight[:, None] / total)  # softmax(z) * weight
+        z.scatter_add_(1, y[:, None], (-(1 - eps) * weight)[:, None])
+        if eps:
+            z.sub_((eps / z.shape[1]) * weight[:, None])
+    return loss
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -32,33 +55,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         n, vocab = h.shape[0], weight.shape[0]
         valid = targets != ignore_index
-        n_valid = int(valid.sum())
-        scale = 1.0 / max(n_valid, 1)
+        scale = 1.0 / max(int(valid.sum()), 1)
+        row_weight = valid.to(h.dtype) * scale
         safe_targets = torch.where(valid, targets, 0)
         total = h.new_zeros(())
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # the first chunk writes it
+            grad_w = torch.empty_like(weight) if n else torch.zeros_like(weight)
+        dz_buffer = h.new_empty(min(chunk, n), vocab) if need_grad else None
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
-            h_c, y_c, keep = h[rows], safe_targets[rows], valid[rows]
-            z = h_c @ weight.T  # [c, V]
-            lse = torch.logsumexp(z, dim=-1)  # [c]
-            z_y = z.gather(1, y_c[:, None]).squeeze(1)
-            row_loss = lse - (1 - eps) * z_y
-            if eps:
-                row_loss = row_loss - eps * z.mean(dim=-1)
-            total = total + (row_loss * keep).sum()
-            if not need_grad:
-                continue
-            p = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            p.scatter_add_(1, y_c[:, None], p.new_full((p.shape[0], 1), -(1 - eps)))
-            if eps:
-                p.sub_(eps / vocab)
-            p.mul_((keep.to(p.dtype) * scale)[:, None])  # dz [c, V]
+            out = None if dz_buffer is None else dz_buffer[: rows.stop - start]
+            z = torch.mm(h[rows], weight.T, out=out)  # logits [c, V], then dz in place
+            loss = _loss_rows(z, safe_targets[rows], row_weight[rows], eps, need_grad)
+            total = total + (loss * valid[rows]).sum()
             if grad_h is not None:
-                torch.mm(p, weight, out=grad_h[rows])
-            if grad_w is not None:
-                grad_w.addmm_(p.T, h_c)
+                torch.mm(z, weight, out=grad_h[rows])
+            if grad_w is not None and start == 0:
+                torch.mm(z.T, h[rows], out=grad_w)
+            elif grad_w is not None:
+                grad_w.addmm_(z.T, h[rows])
         ctx.save_for_backward(grad_h, grad_w)
         return total * scale
 

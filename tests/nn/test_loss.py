@@ -85,3 +85,11 @@ def test_gpt_loss_equals_cross_entropy_of_its_logits():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     with pytest.raises(ShapeError, match="labels must have the shape"):
         model.loss(ids, labels[:, 1:])
+
+
+def test_no_rows_gives_zero_loss_and_zero_gradient():
+    h = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    loss = linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and not w.grad.any()
