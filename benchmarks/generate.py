@@ -6,6 +6,10 @@ with archlab's converter; both decode 256 new tokens greedily from the same 16-t
 their KV caches, float32, in interleaved rounds (median reported). The generated tokens must be
 identical, which the script checks before timing.
 
+Batch-1 decoding reads every weight once per token, so it is bounded by memory bandwidth: the script
+measures the bandwidth of a matrix-vector product the size of the LM head and prints the bound
+``parameter bytes / bandwidth`` per token beside the results.
+
     python benchmarks/generate.py
     python benchmarks/generate.py --preset gpt2-small --new-tokens 128
 """
@@ -13,6 +17,7 @@ identical, which the script checks before timing.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +28,18 @@ from common import Peer, base_parser, setup, table, time_interleaved, write_json
 from archlab.generation import generate  # noqa: E402
 from archlab.interop.gpt2 import config_to_gpt2, gpt2_state_from_archlab  # noqa: E402
 from archlab.models import build_model  # noqa: E402
+
+
+def gemv_bandwidth(rows: int, cols: int, repeats: int = 30) -> float:
+    """Bytes/s of ``W x`` with ``W [rows, cols]`` fp32: what a decoding step's weight reads run at."""
+    w, x = torch.randn(rows, cols), torch.randn(cols)
+    torch.mv(w, x)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mv(w, x)
+        best = min(best, time.perf_counter() - start)
+    return w.numel() * 4 / best
 
 
 def main() -> None:
@@ -62,6 +79,12 @@ def main() -> None:
     print(f"\nbatch-1 greedy decoding of {n} tokens after a {args.prompt_tokens}-token prompt, fp32, KV cache; "
           f"median of {args.rounds} rounds")  # fmt: skip
     print(table(rows, ["peer", "ms/token", "tokens/s", "vs hf"]))
+    bandwidth = gemv_bandwidth(ours.config.vocab_size, ours.config.d_model)
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    bound = weight_bytes / bandwidth
+    print(f"\nbandwidth bound: {weight_bytes / 1e6:.0f} MB of weights read per token at {bandwidth / 1e9:.1f} GB/s "
+          f"(measured matrix-vector product) = {bound * 1e3:.2f} ms/token; archlab runs at "
+          f"{bound / peers[0].seconds * n:.0%} of it")  # fmt: skip
     write_json(args.json, {p.name: {"tokens_per_s": p.tokens_per_s, "times": p.times} for p in peers})
 
 
