@@ -6,7 +6,7 @@ plus an ``args_*`` function declaring its options; :data:`COMMANDS` maps names t
 exit code 2, like argparse's own usage errors.
 
     archlab presets [--json]
-    archlab inspect PRESET [--set KEY=VALUE ...] [--json]
+    archlab inspect PRESET [--set KEY=VALUE ...] [--batch B --length N --dtype T] [--json]
     archlab train PRESET|RUN.json|RUN_DIR [--set [SECTION.]KEY=VALUE ...] [--out DIR] [--resume] [--json]
     archlab generate RUN_DIR|CKPT --prompt TEXT [--max-new-tokens N] [--greedy | --temperature T --top-k K
                      --top-p P --seed S] [--beam K] [--json]
@@ -142,7 +142,29 @@ def args_inspect(parser: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config field (repeatable); VALUE is read as JSON when it parses, else as a string",
     )  # fmt: skip
+    parser.add_argument("--batch", type=int, default=1, metavar="B", help="batch size for the memory figures (default 1)")
+    parser.add_argument("--length", type=int, metavar="N", help="sequence length for the memory figures (default: max_len)")
+    parser.add_argument("--dtype", default="float32", help="element type for the memory figures (default float32)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def memory_figures(config, batch: int, length: int | None, dtype: str) -> dict[str, int] | None:
+    """Bytes of the KV cache, the training activations and one attention layer's scores for a
+    Transformer-shaped config at ``(batch, length)``; None for families without attention layers."""
+    from archlab.analysis import memory
+
+    if not all(hasattr(config, name) for name in ("n_layers", "n_heads", "d_model")):
+        return None
+    n = length or getattr(config, "max_len", None) or getattr(config, "segment_len", None)
+    if n is None:
+        raise ConfigError(f"{type(config).__name__} has no max_len: pass --length")
+    heads = config.n_heads
+    return {
+        "batch": batch, "length": n, "dtype": dtype,
+        "kv_cache": memory.kv_cache_bytes(config, batch=batch, length=n, dtype=dtype),
+        "training_activations": memory.training_activation_bytes(config, batch=batch, seq_len=n, dtype=dtype),
+        "attention_scores_per_layer": memory.score_matrix_bytes(n, heads=heads, batch=batch, dtype=dtype),
+    }  # fmt: skip
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -151,10 +173,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.overrides)
     config, model = build_on_meta(preset.name, overrides)
     report = count_parameters(model)
+    for name in ("batch", "length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name}={value} must be >= 1")
+    memory = memory_figures(config, args.batch, args.length, args.dtype)
     if args.json:
         data = {
             "preset": preset.name, "family": preset.family, "description": preset.description,
-            "overrides": overrides, "config": config.to_dict(), "parameters": report.to_dict(),
+            "overrides": overrides, "config": config.to_dict(), "parameters": report.to_dict(), "memory": memory,
         }  # fmt: skip
         print(json.dumps(data, indent=2))
         return 0
@@ -171,8 +198,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     lines += _table(rows, "<<", indent="  ")
     lines += ["", "parameters"]
     lines += _parameter_lines(report)
+    if memory is not None:
+        lines += ["", f"memory at batch {memory['batch']}, length {memory['length']}, {memory['dtype']} "
+                      "(archlab.analysis.memory)"]  # fmt: skip
+        rows = [
+            ["KV cache (decoding)", _bytes(memory["kv_cache"])],
+            ["training activations (estimate)", _bytes(memory["training_activations"])],
+            ["attention scores, one layer [B, A, N, N]", _bytes(memory["attention_scores_per_layer"])],
+        ]
+        lines += _table(rows, "<>", indent="  ")
     print("\n".join(lines))
     return 0
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def args_embed(parser: argparse.ArgumentParser) -> None:
@@ -307,7 +350,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "presets": Command(cmd_presets, args_presets, "list the named presets"),
-    "inspect": Command(cmd_inspect, args_inspect, "show a preset's config and parameter counts"),
+    "inspect": Command(cmd_inspect, args_inspect, "show a preset's config, parameters by component and memory at a batch and length"),
     "train": Command(cmd_train, args_train, "train a run: a preset or run description, on its data"),
     "generate": Command(cmd_generate, args_generate, "generate text with a trained lm or seq2seq run"),
     "eval": Command(cmd_eval, args_eval, "validation metrics of a trained run"),

@@ -72,6 +72,23 @@ def test_inspect_json_and_overrides(capsys):
     assert params["tied"] == {"src_embed.weight": ["tgt_embed.weight", "lm_head.weight"]}
 
 
+def test_inspect_memory_figures(capsys):
+    code, out, _ = run(capsys, "inspect", "gpt2-small", "--batch", "4", "--length", "1024", "--json")
+    assert code == 0
+    memory = json.loads(out)["memory"]
+    # K and V of 12 layers, 4 sequences, 1024 positions, d = 768, 4 bytes
+    assert memory["kv_cache"] == 2 * 12 * 4 * 1024 * 768 * 4
+    assert memory["attention_scores_per_layer"] == 4 * 12 * 1024 * 1024 * 4
+    assert memory["training_activations"] > memory["kv_cache"]
+    code, out, _ = run(capsys, "inspect", "gpt2-small", "--dtype", "float16")
+    assert code == 0 and "memory at batch 1, length 1024, float16" in out
+    assert re.search(r"KV cache \(decoding\)\s+37\.7 MB", out)  # the memory module's docstring figure
+    code, out, _ = run(capsys, "inspect", "textcnn-kim", "--json")
+    assert code == 0 and json.loads(out)["memory"] is None  # no attention layers
+    code, _, err = run(capsys, "inspect", "gpt-nano", "--batch", "0")
+    assert code == 2 and "--batch=0 must be >= 1" in err
+
+
 def test_inspect_marks_overridden_fields(capsys):
     code, out, _ = run(capsys, "inspect", "transformer-tiny", "--set", "n_layers=1")
     assert code == 0
