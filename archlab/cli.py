@@ -167,6 +167,19 @@ def memory_figures(config, batch: int, length: int | None, dtype: str) -> dict[s
     }  # fmt: skip
 
 
+def flops_per_token(model, family, length: int) -> dict[str, float] | None:
+    """Forward FLOPs per token by component for a sequence of ``length`` tokens, counted on the meta
+    device (:mod:`archlab.analysis.flops`); None for families that do not read token sequences."""
+    from archlab.analysis.flops import count_flops
+
+    ids = torch.zeros(1, length, dtype=torch.long, device="meta")
+    inputs = {"lm": (ids,), "mlm": (ids,), "seq2seq": (ids, ids)}.get(family.task)
+    if inputs is None or not hasattr(model.config, "n_heads"):
+        return None
+    report = count_flops(model, *inputs)
+    return {name: count / length for name, count in report.by_component.items()}
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     """A preset's config and its parameters by component."""
     preset = get_preset(args.preset)
@@ -178,10 +191,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ConfigError(f"--{name}={value} must be >= 1")
     memory = memory_figures(config, args.batch, args.length, args.dtype)
+    flops = None if memory is None else flops_per_token(model, FAMILIES[preset.family], memory["length"])
     if args.json:
         data = {
             "preset": preset.name, "family": preset.family, "description": preset.description,
             "overrides": overrides, "config": config.to_dict(), "parameters": report.to_dict(), "memory": memory,
+            "forward_flops_per_token": flops,
         }  # fmt: skip
         print(json.dumps(data, indent=2))
         return 0
@@ -207,6 +222,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             ["attention scores, one layer [B, A, N, N]", _bytes(memory["attention_scores_per_layer"])],
         ]
         lines += _table(rows, "<>", indent="  ")
+    if flops is not None:
+        total = sum(flops.values())
+        lines += ["", f"forward FLOPs per token at length {memory['length']} (archlab.analysis.flops)"]
+        rows = [[name.replace("_", " "), human(value), f"{value / total:.1%}"] for name, value in flops.items() if value]
+        rows.append(["total", human(total), "100.0%"])
+        lines += _table(rows, "<>>", indent="  ")
     print("\n".join(lines))
     return 0
 

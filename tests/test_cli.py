@@ -89,6 +89,18 @@ def test_inspect_memory_figures(capsys):
     assert code == 2 and "--batch=0 must be >= 1" in err
 
 
+def test_inspect_forward_flops_per_token(capsys):
+    code, out, _ = run(capsys, "inspect", "gpt2-small", "--length", "512", "--json")
+    assert code == 0
+    flops = json.loads(out)["forward_flops_per_token"]
+    L, d, V, N = 12, 768, 50257, 512  # noqa: N806
+    assert flops["projections"] + flops["feed_forward"] == 2 * 12 * d * d * L  # 2 FLOPs per weight: 12 d^2 a layer
+    assert flops["output_head"] == 2 * d * V
+    assert flops["attention"] == 4 * N * d * L  # Q K^T and A V, every key counted
+    code, out, _ = run(capsys, "inspect", "bert-mini", "--length", "64")
+    assert code == 0 and "forward FLOPs per token at length 64" in out
+
+
 def test_inspect_marks_overridden_fields(capsys):
     code, out, _ = run(capsys, "inspect", "transformer-tiny", "--set", "n_layers=1")
     assert code == 0

@@ -110,7 +110,7 @@ class BertConfig(Config):
 def _check_ids(name: str, ids: Tensor, high: int, high_name: str) -> None:
     if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
         raise ShapeError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
-    if ids.numel():
+    if ids.numel() and not ids.is_meta:
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= high:
             bad = lo if lo < 0 else hi
