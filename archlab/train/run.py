@@ -298,6 +298,8 @@ def train_run(
         _check_same_run(saved, resolved, out)
 
     is_main = D.detect().is_main
+    if not is_main:  # under torchrun, rank 0 alone reports
+        echo = lambda line: None  # noqa: E731
     continuing = resume and saved is not None
     if is_main and not continuing:  # a killed run can be resumed from its folder alone
         out.mkdir(parents=True, exist_ok=True)
