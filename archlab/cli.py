@@ -155,7 +155,8 @@ def memory_figures(config, batch: int, length: int | None, dtype: str) -> dict[s
 
     if not all(hasattr(config, name) for name in ("n_layers", "n_heads", "d_model")):
         return None
-    n = length or getattr(config, "max_len", None) or getattr(config, "segment_len", None)
+    # a learned/maximum context, Transformer-XL's segment, or ViT's [class] + patches
+    n = length or next((getattr(config, k) for k in ("max_len", "segment_len", "seq_len") if hasattr(config, k)), None)
     if n is None:
         raise ConfigError(f"{type(config).__name__} has no max_len: pass --length")
     heads = config.n_heads
@@ -172,11 +173,17 @@ def flops_per_token(model, family, length: int) -> dict[str, float] | None:
     device (:mod:`archlab.analysis.flops`); None for families that do not read token sequences."""
     from archlab.analysis.flops import count_flops
 
+    c = model.config
     ids = torch.zeros(1, length, dtype=torch.long, device="meta")
     inputs = {"lm": (ids,), "mlm": (ids,), "seq2seq": (ids, ids)}.get(family.task)
-    if inputs is None or not hasattr(model.config, "n_heads"):
+    if hasattr(c, "patch_size"):  # ViT: one image is seq_len tokens, whatever --length says
+        inputs, length = (torch.zeros(1, c.n_channels, c.image_size, c.image_size, device="meta"),), c.seq_len
+    if inputs is None or not hasattr(c, "n_heads"):
         return None
-    report = count_flops(model, *inputs)
+    try:
+        report = count_flops(model, *inputs)
+    except RuntimeError:  # a forward that reads tensor values (e.g. a mask check) cannot run on the meta device
+        return None
     return {name: count / length for name, count in report.by_component.items()}
 
 

@@ -99,6 +99,12 @@ def test_inspect_forward_flops_per_token(capsys):
     assert flops["attention"] == 4 * N * d * L  # Q K^T and A V, every key counted
     code, out, _ = run(capsys, "inspect", "bert-mini", "--length", "64")
     assert code == 0 and "forward FLOPs per token at length 64" in out
+    code, out, _ = run(capsys, "inspect", "vit-base-16", "--json")  # one image = [class] + 196 patches
+    assert code == 0
+    data = json.loads(out)
+    assert data["memory"]["length"] == 197
+    d, patch_dim = 768, 3 * 16 * 16
+    assert data["forward_flops_per_token"]["embeddings"] == 2 * patch_dim * d * 196 / 197  # the patch projection
 
 
 def test_inspect_marks_overridden_fields(capsys):

@@ -40,6 +40,7 @@ from archlab.models.registry import register_family, register_preset
 from archlab.nn.attention import BACKENDS, MultiHeadAttention, attend, broadcast
 from archlab.nn.efficient import TILED, parse_backend
 from archlab.nn.feedforward import FEEDFORWARDS, build_feedforward
+from archlab.nn.inputs import check_token_ids
 from archlab.nn.norm import LayerNorm
 from archlab.nn.positional import RotaryPositionalEncoding, sinusoid_table
 
@@ -234,15 +235,7 @@ class TransformerXL(nn.Module):
 
     def _check_inputs(self, input_ids: Tensor, memory, mask) -> None:
         c = self.config
-        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point \
-                or input_ids.dtype == torch.bool or 0 in input_ids.shape:  # fmt: skip
-            got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
-            raise ShapeError(f"input_ids must be a [B, N] tensor of integer token ids with B, N >= 1, got {got}")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= c.vocab_size:
-            raise ShapeError(
-                f"input_ids holds id {low if low < 0 else high}, outside the vocabulary [0, vocab_size={c.vocab_size})"
-            )
+        check_token_ids("input_ids", input_ids, c.vocab_size)
         b, n = input_ids.shape
         n_mem = 0
         if memory is not None:

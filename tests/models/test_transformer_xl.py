@@ -169,7 +169,7 @@ def test_bad_configs(kwargs, match):
 def test_bad_inputs_raise_before_computing():
     model = small("relative", mem_len=4)
     ids = torch.randint(0, 50, (2, 8))
-    with pytest.raises(ShapeError, match=r"id 50, outside the vocabulary \[0, vocab_size=50\)"):
+    with pytest.raises(ShapeError, match=r"id 50, outside the vocabulary: ids must be in \[0, vocab_size=50\)"):
         model(torch.full((2, 8), 50))
     with pytest.raises(ShapeError, match=r"one \[B, M, d\] tensor per layer \(3\)"):
         model(ids, [torch.zeros(2, 4, 16, dtype=DT)])
