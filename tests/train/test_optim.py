@@ -46,3 +46,11 @@ def test_optimizer_defaults_are_the_papers_adam():
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert all(g["betas"] == (0.9, 0.98) and g["eps"] == 1e-9 and g["lr"] == 1e-3 for g in opt.param_groups)
+
+
+def test_fused_adamw_for_plain_tensors():
+    from archlab.models import build_model
+    from archlab.train.optim import build_optimizer
+
+    optimizer = build_optimizer(build_model("gpt-nano"), lr=1e-3)
+    assert optimizer.defaults["fused"] is True
