@@ -12,13 +12,7 @@ import torch.nn.functional as F
 from archlab.errors import ConfigError, ShapeError
 from archlab.models import build_model, get_config
 from archlab.models.mlp import MLP, MLPConfig, gradient_norms, gradient_vs_depth
-
-
-def digits(flat: bool = True):
-    datasets = pytest.importorskip("sklearn.datasets")
-    data = datasets.load_digits()  # ships with scikit-learn: 1797 8x8 images, no download
-    x = torch.tensor(data.data if flat else data.images, dtype=torch.float32) / 16.0
-    return (x if flat else x[:, None]), torch.tensor(data.target)
+from training import digits, digits_accuracy, fit
 
 
 def inputs_and_targets(seed: int = 123, batch: int = 64, d_in: int = 64):
@@ -200,36 +194,13 @@ def test_presets_train_a_few_steps(preset):
     x, y = digits()
     x, y = x[:64], y[:64]
     model = build_model(preset).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(3 if preset == "mlp-1000-residual" else 5):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, lambda: F.cross_entropy(model(x), y), 3 if preset == "mlp-1000-residual" else 5)
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0], losses
 
 
 def train_on_digits(preset: str, epochs: int, **overrides) -> float:
-    """Minibatch AdamW on 1500 digits; accuracy on the 297 held out."""
-    torch.manual_seed(0)
-    x, y = digits()
-    perm = torch.randperm(len(x))
-    train, test = perm[:1500], perm[1500:]
-    model = build_model(preset, **overrides)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        model.train()
-        for batch in train[torch.randperm(1500)].split(64):
-            loss = F.cross_entropy(model(x[batch]), y[batch])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        return (model(x[test]).argmax(-1) == y[test]).float().mean().item()
+    return digits_accuracy(preset, epochs, flat=True, **overrides)
 
 
 @pytest.mark.slow

@@ -14,11 +14,11 @@ from archlab.models import build_model, get_config
 from archlab.models.mlp import gradient_vs_depth
 from archlab.models.resnet import BasicBlock, ResNet, ResNetConfig
 
+import training
+
 
 def digits():
-    datasets = pytest.importorskip("sklearn.datasets")
-    data = datasets.load_digits()
-    return torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0, torch.tensor(data.target)
+    return training.digits(flat=False)
 
 
 def count_by_formula(c: ResNetConfig) -> int:
@@ -201,14 +201,7 @@ def test_presets_train_a_few_steps(preset, channels, size):
             r, c = divmod(label % 4, 2)
             x[i, :, r * half : (r + 1) * half, c * half : (c + 1) * half] += 1.0
     model = build_model(preset).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(4):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = training.fit(model, lambda: F.cross_entropy(model(x), y), 4)
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0], losses
 
@@ -218,23 +211,7 @@ def test_plain_110_fails_on_digits_resnet_110_learns():
     """3 epochs on 1500 digits, 297 held out: ResNet-110 > 90%, plain-110 near chance, plain-20 > 75%."""
 
     def accuracy(preset: str, **overrides) -> float:
-        torch.manual_seed(0)
-        x, y = digits()
-        perm = torch.randperm(len(x))
-        train, test = perm[:1500], perm[1500:]
-        torch.manual_seed(0)
-        model = build_model(preset, **overrides)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        for _ in range(3):
-            model.train()
-            for batch in train[torch.randperm(1500)].split(64):
-                loss = F.cross_entropy(model(x[batch]), y[batch])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        model.eval()
-        with torch.no_grad():
-            return (model(x[test]).argmax(-1) == y[test]).float().mean().item()
+        return training.digits_accuracy(preset, 3, flat=False, **overrides)
 
     plain_20 = accuracy("resnet-digits-plain")
     plain_110 = accuracy("resnet-digits-plain", blocks_per_stage=18)

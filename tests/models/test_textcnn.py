@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from archlab.errors import ConfigError, ShapeError
 from archlab.models import build_model, get_config
 from archlab.models.textcnn import TextCNN, TextCNNConfig
+from training import fit
 
 
 def small(seed: int = 0, **overrides) -> TextCNN:
@@ -237,14 +238,8 @@ def test_presets_train_a_few_steps(preset):
     torch.manual_seed(0)
     model = build_model(preset).train()
     ids, labels = ngram_task(32, vocab=min(40, model.config.vocab_size))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2 if preset == "textcnn-deck" else 1e-3)
-    losses = []
-    for _ in range(8):
-        loss = F.cross_entropy(model(ids), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    lr = 1e-2 if preset == "textcnn-deck" else 1e-3
+    losses = fit(model, lambda: F.cross_entropy(model(ids), labels), 8, lr=lr)
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0], losses
 
