@@ -4,12 +4,13 @@ A language model's head maps ``h [n, d]`` to logits ``z = h W^T`` of ``[n, V]``;
 and their gradient are the largest tensors of a training step (``2048 x 50304`` floats = 412 MB), and
 ``log_softmax`` + its backward + zero-filling the gradient take a quarter of a CPU step. Here the rows are
 processed in chunks: for each chunk, the logits, the loss and the gradients are computed at once and the
-logits are dropped, so memory holds ``chunk x V`` logits, never ``n x V``. With label smoothing ``eps``
+logits are dropped, so memory holds ``chunk x V`` logits, never ``n x V``; on the CPU that buffer is kept
+for the next call (:func:`release_workspace` frees it). With label smoothing ``eps``
 (the target distribution ``q = (1 - eps) onehot(y) + eps / V``)::
 
     loss_i  = lse(z_i) - (1 - eps) z_{i,y_i} - eps * mean_j z_{i,j}          lse = log sum_j exp
     dz_i    = (softmax(z_i) - q_i) / n_valid                                 (mean over non-ignored rows)
-    dh      = dz W,      dW = dz^T h
+    dh      = dz W,      dW = dz^T h          (the 1 / n_valid weights applied to the [n, d] factors)
 
 Rows whose target is ``ignore_index`` contribute neither loss nor gradient. It equals
 ``F.cross_entropy(h @ W.T, y, ignore_index=, label_smoothing=eps)`` (tested in float64 to 1e-12).
@@ -17,76 +18,109 @@ Rows whose target is ``ignore_index`` contribute neither loss nor gradient. It e
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 
 from archlab.config import require
 from archlab.errors import ShapeError
 
-DEFAULT_CHUNK = 512  # rows whose dz feed one gradient matmul: 512 x 50304 fp32 = 103 MB
+DEFAULT_CHUNK = 1024  # rows per chunk: 1024 x 50304 fp32 = 206 MB of logits (HF keeps 2 x 412 MB at B=8, T=256)
 
 
-def _loss_rows(z: Tensor, y: Tensor, weight: Tensor, eps: float, need_grad: bool) -> Tensor:
-    """Per-row losses ``[c]`` of logits ``z [c, V]``; with ``need_grad``, ``z`` is overwritten by ``dz``.
+class _Workspace(threading.local):
+    """The logits buffer of the last call, one per thread, kept for the next call on the CPU.
 
-    ``weight [c]`` scales each row's gradient (``1 / n_valid``, 0 for ignored rows). Works in place:
-    a few passes over ``z`` (max, exp, sum, scale) and no temporary of its size.
+    A fresh ``chunk x V`` tensor (206 MB for GPT-2's vocabulary) is a new memory mapping whose pages
+    the kernel faults in and zeroes on first touch, every step (about 25 ms per 100 MB measured here).
+    CUDA's caching allocator already reuses its memory, so only CPU buffers are kept.
+    """
+
+    buffer: Tensor | None = None
+
+
+_WORKSPACE = _Workspace()
+
+
+def _logits_buffer(rows: int, vocab: int, like: Tensor) -> Tensor:
+    """An uninitialised ``[rows, vocab]`` tensor of ``like``'s dtype and device."""
+    if like.device.type != "cpu":
+        return like.new_empty(rows, vocab)
+    held = _WORKSPACE.buffer
+    if held is None or held.dtype != like.dtype or held.numel() < rows * vocab:
+        _WORKSPACE.buffer = None  # drop the old one first: the two need not coexist
+        _WORKSPACE.buffer = held = like.new_empty(rows * vocab)
+    return held[: rows * vocab].view(rows, vocab)
+
+
+def release_workspace() -> None:
+    """Free this thread's kept logits buffer (it is made again by the next call)."""
+    _WORKSPACE.buffer = None
+
+
+def _softmax_rows(z: Tensor, y: Tensor, eps: float) -> Tensor:
+    """Per-row losses ``[c]`` of logits ``z [c, V]``; ``z`` is overwritten by ``dz = softmax(z) - q``.
+
+    Three passes over ``z`` (max, the softmax kernel in place, max of the result) and no temporary of
+    its size. The log-normaliser comes from the largest probability, ``p_max = exp(m - lse) >= 1 / V``,
+    so ``lse = m - log p_max`` never underflows however far the target's logit lies below the others.
     """
     z_y = z.gather(1, y[:, None]).squeeze(1)
     mean = z.mean(dim=-1) if eps else None
-    m = z.amax(dim=-1, keepdim=True)
-    z.sub_(m).exp_()  # exp(z - m)
-    total = z.sum(dim=-1, keepdim=True)
-    lse = (m + total.log()).squeeze(1)
+    m = z.amax(dim=-1)
+    # the softmax kernel works row by row, reading a row before writing it, so it may run in place
+    torch.ops.aten._softmax.out(z, 1, False, out=z)
+    lse = m - z.amax(dim=-1).log()
     loss = lse - (1 - eps) * z_y
     if eps:
         loss = loss - eps * mean
-    if need_grad:
-        z.mul_(weight[:, None] / total)  # softmax(z) * weight
-        z.scatter_add_(1, y[:, None], (-(1 - eps) * weight)[:, None])
-        if eps:
-            z.sub_((eps / z.shape[1]) * weight[:, None])
+        z.sub_(eps / z.shape[1])
+    z.scatter_add_(1, y[:, None], z.new_full((z.shape[0], 1), -(1 - eps)))
     return loss
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, eps: float, chunk: int) -> Tensor:
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         n, vocab = h.shape[0], weight.shape[0]
         valid = targets != ignore_index
         scale = 1.0 / max(int(valid.sum()), 1)
-        row_weight = valid.to(h.dtype) * scale
+        row_weight = (valid.to(h.dtype) * scale)[:, None]  # [n, 1]: 1 / n_valid, 0 for ignored rows
         safe_targets = torch.where(valid, targets, 0)
         total = h.new_zeros(())
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:  # the first chunk writes it
             grad_w = torch.empty_like(weight) if n else torch.zeros_like(weight)
-        dz_buffer = h.new_empty(min(chunk, n), vocab) if need_grad else None
+        logits = _logits_buffer(min(chunk, n), vocab, h)
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
-            out = None if dz_buffer is None else dz_buffer[: rows.stop - start]
-            z = torch.mm(h[rows], weight.T, out=out)  # logits [c, V], then dz in place
-            loss = _loss_rows(z, safe_targets[rows], row_weight[rows], eps, need_grad)
+            z = torch.mm(h[rows], weight.T, out=logits[: rows.stop - start])  # logits [c, V], then dz in place
+            loss = _softmax_rows(z, safe_targets[rows], eps)
             total = total + (loss * valid[rows]).sum()
+            w = row_weight[rows]  # the mean's weights scale the small [c, d] factors, not dz
             if grad_h is not None:
-                torch.mm(z, weight, out=grad_h[rows])
+                torch.mm(z, weight, out=grad_h[rows]).mul_(w)
             if grad_w is not None and start == 0:
-                torch.mm(z.T, h[rows], out=grad_w)
+                torch.mm(z.T, h[rows] * w, out=grad_w)
             elif grad_w is not None:
-                grad_w.addmm_(z.T, h[rows])
-        ctx.save_for_backward(grad_h, grad_w)
+                grad_w.addmm_(z.T, h[rows] * w)
+        # kept as attributes, not saved tensors, so backward can hand them over without a copy
+        ctx.grads = (grad_h, grad_w)
         return total * scale
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        return (
-            None if grad_h is None else grad_h * grad_out,
-            None if grad_w is None else grad_w * grad_out,
-            None, None, None, None,
-        )  # fmt: skip
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy hands its gradients over once: backward twice "
+                               "(retain_graph=True) is not supported")  # fmt: skip
+        grads, ctx.grads = ctx.grads, None
+        # d loss = 1 on CPU (the usual case) passes the tensors through: the autograd engine then adopts
+        # them as .grad without another [V, d] pass; elsewhere the check would cost a device sync
+        if not (grad_out.device.type == "cpu" and float(grad_out) == 1.0):
+            grads = tuple(None if g is None else g * grad_out for g in grads)
+        return (*grads, None, None, None, None)
 
 
 def linear_cross_entropy(

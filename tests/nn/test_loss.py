@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from archlab.errors import ConfigError, ShapeError
 from archlab.models import build_model
-from archlab.nn.loss import linear_cross_entropy
+import archlab.nn.loss as loss_module
+from archlab.nn.loss import linear_cross_entropy, release_workspace
 
 
 def _case(seed=0, n=(3, 29), d=12, vocab=41):
@@ -32,6 +33,36 @@ def test_equals_cross_entropy_and_its_gradients(eps, chunk):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+def test_unit_upstream_gradient_is_handed_over_as_is_and_only_once():
+    h, w, y = _case()
+    ours = linear_cross_entropy(h, w, y)
+    ours.backward(retain_graph=True)  # d loss = 1: the computed gradients become .grad without a copy
+    ref = F.cross_entropy((h @ w.T).flatten(0, 1), y.flatten())
+    g_ref = torch.autograd.grad(ref, (h, w))
+    torch.testing.assert_close(h.grad, g_ref[0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(w.grad, g_ref[1], atol=1e-12, rtol=0)
+    with pytest.raises(RuntimeError, match="backward twice"):
+        ours.backward()
+
+
+def test_the_logits_buffer_is_kept_grown_and_released():
+    release_workspace()
+    h, w, y = _case()
+    linear_cross_entropy(h, w, y, chunk_size=8)
+    first = loss_module._WORKSPACE.buffer
+    assert first.numel() == 8 * 41
+    linear_cross_entropy(h, w, y, chunk_size=8)
+    assert loss_module._WORKSPACE.buffer.data_ptr() == first.data_ptr()  # reused, not allocated again
+    for chunk, dtype in ((1000, torch.float64), (1000, torch.float32)):  # grows; then another dtype
+        hh, ww = h.detach().to(dtype), w.detach().to(dtype)
+        ours = linear_cross_entropy(hh, ww, y, chunk_size=chunk)
+        ref = F.cross_entropy((hh @ ww.T).flatten(0, 1), y.flatten())
+        torch.testing.assert_close(ours, ref, atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=0)
+        assert loss_module._WORKSPACE.buffer.dtype == dtype and loss_module._WORKSPACE.buffer.numel() == 87 * 41
+    release_workspace()
+    assert loss_module._WORKSPACE.buffer is None
+
+
 def test_every_row_ignored_gives_zero_loss_and_gradient():
     h, w, y = _case()
     loss = linear_cross_entropy(h, w, torch.full_like(y, -100))
@@ -47,6 +78,8 @@ def test_extreme_logits_stay_finite():
     loss = linear_cross_entropy(h, w, y)
     assert torch.isfinite(loss)
     assert all(torch.isfinite(g).all() for g in torch.autograd.grad(loss, (h, w)))
+    ref = F.cross_entropy((h @ w.T).flatten(0, 1), y.flatten())  # losses in the thousands: targets far below
+    torch.testing.assert_close(loss, ref.detach(), atol=0, rtol=1e-12)
 
 
 def test_without_grad_only_the_loss_is_computed():
