@@ -315,3 +315,30 @@ def test_beam_search_over_an_encoder_decoder_step():
     one_step = decoder_step(memory, memory_mask)
     one_beam = beam_search(one_step, start, beam_size=1, max_new_tokens=8, cache=decoder.new_cache())
     assert torch.equal(one_beam.sequences, greedy)
+
+
+def test_threaded_decoding_products_equal_the_plain_ones(monkeypatch):
+    """Decoding on 2 threads splits each few-row product across them (archlab.nn.linear) and reads a
+    packed LM head from the cache; logits equal the one-thread plain products and so do the tokens."""
+    import archlab.nn.linear as linear_module
+
+    monkeypatch.setattr(linear_module, "MIN_SPLIT_ELEMENTS", 0)  # split even this small model's matrices
+    before = torch.get_num_threads()
+    m = gpt(vocab_size=24).double()  # 24 rows divide into 2 blocks
+    ids = torch.randint(0, 24, (2, 5), generator=torch.Generator().manual_seed(3))
+
+    def decode(threads):
+        torch.set_num_threads(threads)
+        cache = m.new_cache()
+        with torch.no_grad():
+            logits = [m(ids, cache=cache)] + [m(ids[:, i : i + 1], cache=cache) for i in range(5)]
+        assert (cache.output.blocks is None) == (threads == 1)
+        return torch.cat(logits, dim=1), generate(m, ids, max_new_tokens=12)
+
+    try:
+        split_logits, split_tokens = decode(2)
+        plain_logits, plain_tokens = decode(1)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(split_logits, plain_logits, rtol=1e-12, atol=1e-12)
+    assert torch.equal(split_tokens, plain_tokens)

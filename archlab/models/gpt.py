@@ -35,6 +35,7 @@ from archlab.nn.attention import BACKENDS, padding_mask
 from archlab.nn.blocks import Decoder, DecodingCache
 from archlab.nn.feedforward import FEEDFORWARDS
 from archlab.nn.inputs import check_token_ids, describe as _describe
+from archlab.nn.linear import Linear
 from archlab.nn.loss import linear_cross_entropy
 from archlab.nn.norm import LayerNorm
 from archlab.nn.positional import POSITIONAL_KINDS, LearnedPositionalEncoding, build_positional, sinusoid_table
@@ -143,7 +144,7 @@ class GPT(nn.Module):
             dropout=c.dropout, attn_dropout=c.attn_dropout, ffn=c.ffn, norm="layernorm",
             norm_first=c.norm_first, eps=c.eps, bias=c.bias, backend=c.backend,
         )  # fmt: skip
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
         self.reset_parameters()
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -170,8 +171,8 @@ class GPT(nn.Module):
             nn.init.normal_(block.ffn.w2.weight, 0.0, residual_std)
 
     def new_cache(self) -> DecodingCache:
-        """An empty KV cache for incremental decoding (one per sequence batch)."""
-        return self.decoder.new_cache()
+        """An empty KV cache for incremental decoding (one per sequence batch), the LM head packed in it."""
+        return self.decoder.new_cache(output=self.lm_head)
 
     # -- input checks, before any computation ------------------------------------------------------
     def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None, cache: DecodingCache | None) -> None:
@@ -260,8 +261,8 @@ class GPT(nn.Module):
             if cache is not None or position_ids is not None:
                 raise ConfigError("labels= computes the loss of whole sequences: pass no cache or position_ids with it")
             return self.loss(input_ids, labels, attention_mask=attention_mask, label_smoothing=label_smoothing)
-        return self.lm_head(self.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                               cache=cache))  # fmt: skip
+        h = self.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        return self.lm_head(h) if cache is None else cache.project(h, self.lm_head)
 
     def loss(
         self,

@@ -43,6 +43,7 @@ from archlab.errors import ConfigError, ShapeError
 from archlab.generation import Step
 from archlab.models.registry import register_family, register_preset
 from archlab.nn.inputs import check_token_ids
+from archlab.nn.linear import Linear
 from archlab.nn.norm import LayerNorm
 
 MODES = ("parallel", "recurrent")
@@ -254,10 +255,10 @@ class TimeMix(nn.Module):
         self.mix_k = nn.Parameter(torch.ones(d_model))
         self.mix_v = nn.Parameter(torch.ones(d_model))
         self.mix_r = nn.Parameter(torch.ones(d_model))
-        self.key = nn.Linear(d_model, d_att, bias=False)
-        self.value = nn.Linear(d_model, d_att, bias=False)
-        self.receptance = nn.Linear(d_model, d_att, bias=False)
-        self.output = nn.Linear(d_att, d_model, bias=False)
+        self.key = Linear(d_model, d_att, bias=False)
+        self.value = Linear(d_model, d_att, bias=False)
+        self.receptance = Linear(d_model, d_att, bias=False)
+        self.output = Linear(d_att, d_model, bias=False)
 
     def forward(
         self, x: Tensor, previous: Tensor | None, state: WKVState | None, recurrent: bool
@@ -283,9 +284,9 @@ class ChannelMix(nn.Module):
         super().__init__()
         self.mix_k = nn.Parameter(torch.ones(d_model))
         self.mix_r = nn.Parameter(torch.ones(d_model))
-        self.key = nn.Linear(d_model, d_ff, bias=False)
-        self.receptance = nn.Linear(d_model, d_model, bias=False)
-        self.value = nn.Linear(d_ff, d_model, bias=False)
+        self.key = Linear(d_model, d_ff, bias=False)
+        self.receptance = Linear(d_model, d_model, bias=False)
+        self.value = Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: Tensor, previous: Tensor | None) -> Tensor:
         shifted = token_shift(x, previous)
@@ -338,7 +339,7 @@ class RWKV(nn.Module):
         self.emb_norm = LayerNorm(c.d_model, c.eps)
         self.blocks = nn.ModuleList(RWKVBlock(c) for _ in range(c.n_layers))
         self.final_norm = LayerNorm(c.d_model, c.eps)
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
         self.reset_parameters()
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight

@@ -46,6 +46,7 @@ from archlab.nn.attention import padding_mask
 from archlab.nn.blocks import Decoder, DecodingCache, Encoder
 from archlab.nn.feedforward import FEEDFORWARDS
 from archlab.nn.inputs import check_token_ids
+from archlab.nn.linear import Linear
 from archlab.nn.positional import POSITIONAL_KINDS, build_positional
 
 StepFn = Callable[[Tensor, DecodingCache | None], Tensor]
@@ -135,7 +136,7 @@ class EncoderDecoderTransformer(nn.Module):
         stack = dict(dropout=c.dropout, attn_dropout=c.attn_dropout, ffn=c.ffn, norm_first=c.norm_first)
         self.encoder = Encoder(c.n_layers, c.d_model, c.n_heads, c.d_ff, **stack)
         self.decoder = Decoder(c.n_layers, c.d_model, c.n_heads, c.d_ff, cross_attention=True, **stack)
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
         self.embed_scale = math.sqrt(c.d_model) if c.scale_embeddings else 1.0
         self.reset_parameters()
         if c.share_embeddings:
@@ -221,7 +222,7 @@ class EncoderDecoderTransformer(nn.Module):
         mask = None if memory_mask is None else padding_mask(memory_mask)
         y = self._embed(self.tgt_embed, self.tgt_pos, tgt_ids, offset)
         h = self.decoder(y, memory, memory_mask=mask, positional=self.tgt_pos, cache=cache)
-        return self.lm_head(h)
+        return self.lm_head(h) if cache is None else cache.project(h, self.lm_head)
 
     def forward(self, src_ids: Tensor, tgt_ids: Tensor, src_mask: Tensor | None = None) -> Tensor:
         """``src_ids [B, M]``, ``tgt_ids [B, N]`` (teacher forcing) -> ``logits [B, N, V]``.
@@ -234,8 +235,9 @@ class EncoderDecoderTransformer(nn.Module):
 
     # -- incremental decoding ------------------------------------------------------------------------
     def new_cache(self) -> DecodingCache:
-        """An empty :class:`~archlab.nn.DecodingCache` (one self- and one cross-attention KV cache per block)."""
-        return self.decoder.new_cache()
+        """An empty :class:`~archlab.nn.DecodingCache` (one self- and one cross-attention KV cache per block),
+        the LM head packed in it."""
+        return self.decoder.new_cache(output=self.lm_head)
 
     def decoder_step(self, memory: Tensor, memory_mask: Tensor | None = None) -> StepFn:
         """The decoding protocol of :mod:`archlab.generation`: ``step(tokens [B, n], cache) -> logits [B, n, V]``.

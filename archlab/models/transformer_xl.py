@@ -41,6 +41,7 @@ from archlab.nn.attention import BACKENDS, MultiHeadAttention, attend, broadcast
 from archlab.nn.efficient import TILED, parse_backend
 from archlab.nn.feedforward import FEEDFORWARDS, build_feedforward
 from archlab.nn.inputs import check_token_ids
+from archlab.nn.linear import Linear
 from archlab.nn.norm import LayerNorm
 from archlab.nn.positional import RotaryPositionalEncoding, sinusoid_table
 
@@ -132,7 +133,7 @@ class XLAttention(MultiHeadAttention):
         super().__init__(d_model, n_heads, bias=False, dropout=dropout, backend=backend)
         self.positional = positional
         if positional == "relative":
-            self.pos_proj = nn.Linear(d_model, n_heads * self.d_k, bias=False)  # W_R
+            self.pos_proj = Linear(d_model, n_heads * self.d_k, bias=False)  # W_R
             self.u = nn.Parameter(torch.zeros(n_heads, self.d_k))  # content bias
             self.v = nn.Parameter(torch.zeros(n_heads, self.d_k))  # position bias
         else:
@@ -215,7 +216,7 @@ class TransformerXL(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(XLBlock(c) for _ in range(c.n_layers))
         self.final_norm = LayerNorm(c.d_model, c.eps)
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
         self.reset_parameters()
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from archlab.config import check_choice, check_divisible, check_positive, check_probability
 from archlab.errors import ConfigError, ShapeError
+from archlab.nn.linear import Linear, linear
 
 # ================================================================================================
 # Alignment scores (deck: "Match the following Attention variations to their alignment scores")
@@ -539,8 +540,8 @@ class MultiHeadAttention(nn.Module):
         check_positive("d_k", self.d_k)
         check_positive("d_v", self.d_v)
         self.dropout, self.backend = dropout, backend
-        self.in_proj = nn.Linear(d_model, n_heads * (2 * self.d_k + self.d_v), bias=bias)
-        self.out_proj = nn.Linear(n_heads * self.d_v, d_model, bias=bias)
+        self.in_proj = Linear(d_model, n_heads * (2 * self.d_k + self.d_v), bias=bias)
+        self.out_proj = Linear(n_heads * self.d_v, d_model, bias=bias)
         # a backend with its own parameters (Linformer's E, F; Performer's features), else None
         self.backend_module = _efficient().build_attention_module(backend, d_k=self.d_k)
 
@@ -555,7 +556,7 @@ class MultiHeadAttention(nn.Module):
     def _project_q(self, x: Tensor) -> Tensor:
         qw = self.n_heads * self.d_k
         b = None if self.in_proj.bias is None else self.in_proj.bias[:qw]
-        return self._heads(F.linear(x, self.in_proj.weight[:qw], b), self.d_k)
+        return self._heads(linear(x, self.in_proj.weight[:qw], b), self.d_k)
 
     def _project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         qw, kw = self.n_heads * self.d_k, self.n_heads * self.d_k

@@ -22,6 +22,7 @@ from archlab.config import check_positive, check_probability
 from archlab.errors import ShapeError
 from archlab.nn.attention import KVCache, MultiHeadAttention
 from archlab.nn.feedforward import build_feedforward
+from archlab.nn.linear import PackedLinear
 from archlab.nn.norm import build_norm
 
 
@@ -139,14 +140,24 @@ class DecodingCache:
     """All the KV caches of a decoder stack, one :class:`BlockCache` per block.
 
     ``length`` is the number of positions already decoded: the position offset of the next token.
+    ``output`` is the model's output projection packed for this decoding run
+    (:class:`archlab.nn.linear.PackedLinear`: on a multi-threaded CPU a copy of the ``[V, d]`` LM head,
+    the largest matrix a decoding step reads, in the layout few-row products read fastest), or ``None``.
+    Models apply it with :meth:`project`.
     """
 
     def __init__(self, n_layers: int):
         self.blocks = [BlockCache() for _ in range(n_layers)]
+        self.output: Callable[[Tensor], Tensor] | None = None
 
     @property
     def length(self) -> int:
         return self.blocks[0].self_attn.length if self.blocks else 0
+
+    def project(self, h: Tensor, head: nn.Module) -> Tensor:
+        """Logits of the decoder output ``h [B, N, d]``: through the packed ``output`` if there is one,
+        else through the model's own ``head``."""
+        return head(h) if self.output is None else self.output(h)
 
     def reorder(self, index: Tensor) -> None:
         """Beam search: batch row ``b`` becomes old row ``index[b]`` in every layer."""
@@ -191,8 +202,12 @@ class Decoder(nn.Module):
         )
         self.final_norm = build_norm(kw["norm"], d_model, kw["eps"]) if kw["norm_first"] else nn.Identity()
 
-    def new_cache(self) -> DecodingCache:
-        return DecodingCache(len(self.blocks))
+    def new_cache(self, output: nn.Linear | None = None) -> DecodingCache:
+        """An empty cache; ``output`` (the model's LM head) is packed into it for decoding steps."""
+        cache = DecodingCache(len(self.blocks))
+        if output is not None:
+            cache.output = PackedLinear(output.weight, output.bias)
+        return cache
 
     def forward(
         self,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archlab.config import check_choice, check_positive, check_probability
+from archlab.nn.linear import Linear
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -36,8 +37,8 @@ class FeedForward(nn.Module):
         check_probability("dropout", dropout)
         self.activation = activation
         self.act = ACTIVATIONS[activation]
-        self.w1 = nn.Linear(d_model, d_ff, bias=bias)
-        self.w2 = nn.Linear(d_ff, d_model, bias=bias)
+        self.w1 = Linear(d_model, d_ff, bias=bias)
+        self.w2 = Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -61,8 +62,8 @@ class GatedFeedForward(nn.Module):
         check_probability("dropout", dropout)
         self.gate, self.d_ff = gate, d_ff
         self.act = ACTIVATIONS[GATES[gate]]
-        self.w_in = nn.Linear(d_model, 2 * d_ff, bias=bias)
-        self.w2 = nn.Linear(d_ff, d_model, bias=bias)
+        self.w_in = Linear(d_model, 2 * d_ff, bias=bias)
+        self.w2 = Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -244,7 +244,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def unload_lora(model: nn.Module) -> nn.Module:
-    """Merge the adapters and put the plain ``nn.Linear`` layers back (state-dict keys as before
+    """Merge the adapters and put the original linear layers back (state-dict keys as before
     :func:`apply_lora`); returns ``model``. Parameters stay frozen: ``model.requires_grad_(True)`` to train all."""
     for name, m in _require_adapters(model).items():
         if not m.merged:

@@ -132,6 +132,23 @@ def test_cached_decoding_equals_full_decoding(norm_first, positional):
     assert (cached - full).abs().max() <= 1e-5
 
 
+def test_cached_decoding_reads_the_packed_head_on_two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = tiny().double()
+        src, tgt = ids(1, 7), ids(1, 5, seed=3)
+        with torch.no_grad():
+            memory = model.encode(src)
+            full = model.decode(tgt, memory)
+            cache = model.new_cache()
+            assert cache.output.blocks.shape == (2, 32, 20)  # [threads, d, V / threads]
+            cached = torch.cat([model.decode(tgt[:, i : i + 1], memory, cache=cache) for i in range(5)], dim=1)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(cached, full, rtol=1e-12, atol=1e-12)
+
+
 def test_cache_reorder_follows_the_beams():
     model = tiny()
     src, tgt = ids(1, 6), ids(2, 5, seed=4)

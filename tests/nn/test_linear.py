@@ -1,0 +1,117 @@
+"""archlab.nn.linear: the split and packed few-row products equal F.linear, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from archlab.nn.linear import MAX_SPLIT_ROWS, Linear, PackedLinear, linear
+
+
+@pytest.fixture
+def threads():
+    """Run with a given number of intra-op threads, restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def weights(d_out=512, d_in=256, bias=True, dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(d_out, d_in, generator=g, dtype=dtype)
+    return w, (torch.randn(d_out, generator=g, dtype=dtype) if bias else None)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 4])
+@pytest.mark.parametrize("shape", [(256,), (1, 256), (1, 1, 256), (3, 256), (2, 2, 256), (MAX_SPLIT_ROWS + 1, 256)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_equals_f_linear(threads, n_threads, shape, bias):
+    threads(n_threads)
+    w, b = weights(bias=bias)
+    x = torch.randn(*shape, dtype=torch.float64)
+    out = linear(x, w, b)
+    assert out.shape == (*shape[:-1], 512)
+    torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-12, atol=1e-12)
+
+
+def test_linear_takes_the_split_path_only_where_it_applies(threads, monkeypatch):
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(a[1].shape) or real_bmm(*a, **k))
+    threads(2)
+    w, b = weights()
+    linear(torch.randn(1, 256, dtype=torch.float64), w, b)
+    assert calls == [(2, 256, 256)]  # two blocks of 256 output features, one per thread
+    calls.clear()
+    linear(torch.randn(MAX_SPLIT_ROWS + 1, 256, dtype=torch.float64), w, b)  # many rows: one matmul
+    linear(torch.randn(1, 256, dtype=torch.float64), w.T.contiguous().T, b)  # not contiguous: no view
+    linear(torch.randn(1, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64))  # tiny: cached
+    linear(torch.randn(1, 256, dtype=torch.float64), torch.randn(511, 256, dtype=torch.float64))  # 511 % 2
+    threads(1)
+    linear(torch.randn(1, 256, dtype=torch.float64), w, b)
+    assert calls == []
+
+
+def test_linear_gradients_equal_f_linear(threads):
+    threads(2)
+    w, b = weights()
+    x = torch.randn(2, 256, dtype=torch.float64)
+    grads = []
+    for fn in (linear, F.linear):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        (fn(*leaves) ** 2).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for ours, ref in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_module_is_nn_linear_with_the_same_state(threads):
+    threads(2)
+    torch.manual_seed(0)
+    ours = Linear(256, 512).double()
+    torch.manual_seed(0)
+    ref = nn.Linear(256, 512).double()
+    assert isinstance(ours, nn.Linear)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    for key, value in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value)  # same initialisation
+    x = torch.randn(1, 256, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [1, 3, MAX_SPLIT_ROWS + 2])
+def test_packed_equals_f_linear(threads, rows):
+    threads(2)
+    w, b = weights()
+    packed = PackedLinear(w, b)
+    assert packed.blocks.shape == (2, 256, 256) and packed.blocks.is_contiguous()
+    x = torch.randn(rows, 256, dtype=torch.float64)
+    torch.testing.assert_close(packed(x), F.linear(x, w, b), rtol=1e-12, atol=1e-12)
+
+
+def test_packed_follows_in_place_changes_and_keeps_gradients(threads):
+    threads(2)
+    w, b = weights()
+    packed = PackedLinear(w, b)
+    x = torch.randn(1, 256, dtype=torch.float64)
+    with torch.no_grad():
+        w.mul_(2.0)  # the snapshot is stale now: the call must use w itself
+    torch.testing.assert_close(packed(x), F.linear(x, w, b), rtol=1e-12, atol=1e-12)
+
+    w2 = w.clone().requires_grad_()
+    fresh = PackedLinear(w2)
+    fresh(x).sum().backward()  # autograd recording: the product runs on w2, so w2 gets its gradient
+    torch.testing.assert_close(w2.grad, x.expand(512, 256), rtol=0, atol=0)
+
+
+def test_packed_is_not_built_where_it_cannot_be_used(threads):
+    threads(1)
+    w, b = weights()
+    packed = PackedLinear(w, b)
+    assert packed.blocks is None
+    x = torch.randn(1, 256, dtype=torch.float64)
+    torch.testing.assert_close(packed(x), F.linear(x, w, b), rtol=0, atol=0)
+    threads(2)  # more threads than it was packed for: F.linear
+    torch.testing.assert_close(packed(x), F.linear(x, w, b), rtol=0, atol=0)
