@@ -2,14 +2,16 @@
 
 The same shape for all three: 6 layers, d=384, 6 heads, T=256, B=8, vocabulary 50,304, tied input and
 output embeddings, learned positions, float32, no dropout (x-transformers' default; the others set to
-match), AdamW (lr 3e-4, the same torch implementation for all). A step is forward, next-token
-cross-entropy, backward, optimizer step, zero_grad. Each peer runs in interleaved rounds; the median
-round is reported. Achieved FLOP/s use the same model-FLOPs count for every peer (PaLM appendix B:
-``6 N + 12 L T d`` per token, N = the matmul weights including the LM head, attention scores counted
+match), AdamW (lr 3e-4, PyTorch's fused implementation for all, as archlab's Trainer uses). A step is
+forward, next-token cross-entropy, backward, optimizer step, zero_grad. Each peer runs in a fresh
+process of its own, one after the other (``--together``: all alive, taking turns round by round); the
+median round is reported. Achieved FLOP/s
+use the same model-FLOPs count for every peer (PaLM appendix B: ``6 N + 12 L T d`` per token, N = the matmul weights including the LM head, attention scores counted
 in full) and are shown as a share of the fp32 matmul peak measured first on this machine.
 
     python benchmarks/train_step.py                 # all peers, 5 rounds of 2 steps
     python benchmarks/train_step.py --peers archlab --rounds 3
+    python benchmarks/train_step.py --keep-memory   # glibc keeps freed memory: no page faults for anyone
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Peer, base_parser, matmul_peak, setup, table, time_interleaved, write_json  # noqa: E402
+from common import Peer, base_parser, matmul_peak, setup, table, time_in_processes, write_json  # noqa: E402
 
 from archlab.models import build_model  # noqa: E402
 
@@ -76,7 +78,7 @@ PEERS = {"archlab": archlab_step, "hf": hf_step, "x-transformers": xtransformers
 
 def make_peer(name: str, ids: torch.Tensor) -> tuple[Peer, int]:
     model, loss_fn = PEERS[name]()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
 
     def step():
         loss = loss_fn(ids)
@@ -93,16 +95,18 @@ def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=list(PEERS))
     parser.add_argument("--steps-per-round", type=int, default=2)
+    parser.add_argument("--together", action="store_true",
+                        help="keep every peer's process alive and take turns round by round (default: one "
+                             "process at a time, alone on the machine)")  # fmt: skip
     args = parser.parse_args()
-    print(setup(args.threads))
+    print(setup(args.threads, args.keep_memory))
     peak = matmul_peak()
     print(f"fp32 matmul peak (2048^3 sgemm, best of 10): {peak / 1e9:.1f} GFLOP/s")
     ids = torch.randint(0, VOCAB, (B, T + 1), generator=torch.Generator().manual_seed(0))
-    peers, params = [], {}
-    for name in args.peers:
-        peer, params[name] = make_peer(name, ids)
-        peers.append(peer)
-    time_interleaved(peers, rounds=args.rounds, per_round=args.steps_per_round)
+    peers, params = time_in_processes(
+        args.peers, make_peer, (ids,), rounds=args.rounds, per_round=args.steps_per_round, threads=args.threads,
+        keep_memory=args.keep_memory, together=args.together,
+    )  # fmt: skip
     ref = {p.name: p.tokens_per_s for p in peers}
     rows = []
     for p in peers:
