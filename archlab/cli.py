@@ -170,7 +170,8 @@ def memory_figures(config, batch: int, length: int | None, dtype: str) -> dict[s
 
 def flops_per_token(model, family, length: int) -> dict[str, float] | None:
     """Forward FLOPs per token by component for a sequence of ``length`` tokens, counted on the meta
-    device (:mod:`archlab.analysis.flops`); None for families that do not read token sequences."""
+    device (:mod:`archlab.analysis.flops`); None for families that do not read token sequences.
+    Raises RuntimeError when the forward reads tensor values (which the meta device does not hold)."""
     from archlab.analysis.flops import count_flops
 
     c = model.config
@@ -180,10 +181,7 @@ def flops_per_token(model, family, length: int) -> dict[str, float] | None:
         inputs, length = (torch.zeros(1, c.n_channels, c.image_size, c.image_size, device="meta"),), c.seq_len
     if inputs is None or not hasattr(c, "n_heads"):
         return None
-    try:
-        report = count_flops(model, *inputs)
-    except RuntimeError:  # a forward that reads tensor values (e.g. a mask check) cannot run on the meta device
-        return None
+    report = count_flops(model, *inputs)
     return {name: count / length for name, count in report.by_component.items()}
 
 
@@ -198,12 +196,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ConfigError(f"--{name}={value} must be >= 1")
     memory = memory_figures(config, args.batch, args.length, args.dtype)
-    flops = None if memory is None else flops_per_token(model, FAMILIES[preset.family], memory["length"])
+    flops = flops_note = None
+    if memory is not None:
+        try:
+            flops = flops_per_token(model, FAMILIES[preset.family], memory["length"])
+        except RuntimeError as e:  # e.g. a backend that checks a mask's values: say so, do not hide it
+            flops_note = f"not counted: the forward reads tensor values, which the meta device does not hold ({e})"
     if args.json:
         data = {
             "preset": preset.name, "family": preset.family, "description": preset.description,
             "overrides": overrides, "config": config.to_dict(), "parameters": report.to_dict(), "memory": memory,
-            "forward_flops_per_token": flops,
+            "forward_flops_per_token": flops, "forward_flops_note": flops_note,
         }  # fmt: skip
         print(json.dumps(data, indent=2))
         return 0
@@ -235,6 +238,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         rows = [[name.replace("_", " "), human(value), f"{value / total:.1%}"] for name, value in flops.items() if value]
         rows.append(["total", human(total), "100.0%"])
         lines += _table(rows, "<>>", indent="  ")
+    if flops_note is not None:
+        lines += ["", f"forward FLOPs per token: {flops_note}"]
     print("\n".join(lines))
     return 0
 

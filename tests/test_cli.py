@@ -107,6 +107,52 @@ def test_inspect_forward_flops_per_token(capsys):
     assert data["forward_flops_per_token"]["embeddings"] == 2 * patch_dim * d * 196 / 197  # the patch projection
 
 
+def test_inspect_transformer_xl_forward_flops(capsys):
+    """One segment of N = 32 with no memory: Q K^T, A V and Dai's position term (q + v)^T W_R R_t are
+    each 2 A N d_k = 2 N d per token; W_R runs on the 32 rows of R, one pass per segment."""
+    code, out, _ = run(capsys, "inspect", "transformer-xl-tiny", "--json")
+    assert code == 0
+    data = json.loads(out)
+    flops, note = data["forward_flops_per_token"], data["forward_flops_note"]
+    L, d, V, N = 2, 64, 256, 32  # noqa: N806
+    assert note is None and data["memory"]["length"] == N
+    assert flops["attention"] == L * 6 * N * d
+    assert flops["projections"] == L * 2 * (4 * d * d + d * d)  # W_Q, W_K, W_V, W_O, and W_R (N rows / N tokens)
+    assert flops["feed_forward"] == L * 2 * 2 * d * 4 * d
+    assert flops["output_head"] == 2 * d * V
+    code, out, _ = run(capsys, "inspect", "transformer-xl-tiny")
+    assert code == 0 and "forward FLOPs per token at length 32" in out
+
+
+def test_inspect_says_when_flops_cannot_be_counted(capsys, monkeypatch):
+    """A forward that reads tensor values cannot run on meta: inspect says so instead of dropping the line."""
+    import archlab.analysis.flops
+
+    def reads_values(*args, **kwargs):
+        raise RuntimeError("Tensor.item() cannot be called on meta tensors")
+
+    monkeypatch.setattr(archlab.analysis.flops, "count_flops", reads_values)
+    code, out, _ = run(capsys, "inspect", "gpt-nano")
+    assert code == 0
+    assert "forward FLOPs per token: not counted: the forward reads tensor values" in out and "item()" in out
+    code, out, _ = run(capsys, "inspect", "gpt-nano", "--json")
+    data = json.loads(out)
+    assert data["forward_flops_per_token"] is None and "meta device" in data["forward_flops_note"]
+
+
+def test_inspect_every_preset(capsys):
+    """Every preset inspects; every preset with attention layers gets its FLOPs counted (on meta)."""
+    from archlab.models import list_presets
+
+    for preset in list_presets():
+        code, out, err = run(capsys, "inspect", preset.name, "--json")
+        assert code == 0, (preset.name, err)
+        data = json.loads(out)
+        assert data["forward_flops_note"] is None, (preset.name, data["forward_flops_note"])
+        has_heads = "n_heads" in data["config"]
+        assert (data["forward_flops_per_token"] is not None) == has_heads, preset.name
+
+
 def test_inspect_marks_overridden_fields(capsys):
     code, out, _ = run(capsys, "inspect", "transformer-tiny", "--set", "n_layers=1")
     assert code == 0

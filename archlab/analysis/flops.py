@@ -9,9 +9,13 @@ adds, positional sums) and embedding lookups (a gather) are not counted. Per att
 * ``attention``: ``Q K^T`` and ``alpha V``: ``2 A N M d_k + 2 A N M d_v``; it grows with the context.
   Causal attention is counted dense (every query against all ``M`` keys, as the kernels compute
   it); an ideal causal kernel does about half (Kaplan's ``2 n_layer n_ctx d_attn`` per token).
+  Score terms beyond ``Q K^T`` (Transformer-XL's position term ``(q_i + v)^T W_R R_t``: another
+  ``2 A N M d_k``) are stated by the attention module itself, see :class:`FlopCounter`.
 * ``projections``: ``W_Q, W_K, W_V, W_O``: ``2 d A (2 d_k + d_v)`` per token for self-attention.
   Cross-attention applies ``W_Q, W_O`` to the ``N`` decoder tokens and ``W_K, W_V`` to the ``M``
-  memory tokens, once: not again when a decoding cache already holds them.
+  memory tokens, once: not again when a decoding cache already holds them (Transformer-XL's keys
+  come the same way from its ``[memory; segment]`` context). Any other Linear of an attention module
+  counts here where it runs (Transformer-XL's ``W_R``, applied to the ``M`` rows of ``R``, not per batch row).
 * ``feed_forward``: ``2 x`` the FFN's weight matrices per token (``4 d d_ff`` for the plain FFN).
 * ``output_head``, ``embeddings`` (patch embeddings: a Linear or Conv), ``other``: any other Linear
   or convolution, grouped as :mod:`archlab.analysis.params` groups its parameters.
@@ -81,6 +85,10 @@ class FlopCounter:
     Counted: archlab ``MultiHeadAttention`` (scores and projections, see the module notes),
     ``FeedForward`` / ``GatedFeedForward``, and every other ``nn.Linear`` and ``nn.Conv1d/2d``.
     Modules of other kinds (recurrent cells, torch's own ``MultiheadAttention``) are not counted.
+
+    An attention module whose scores take more matmuls than ``Q K^T`` states them in a method
+    ``extra_score_flops(batch, n_queries, n_keys) -> int`` (counted under ``attention``); its
+    forward is ``(x, memory_or_context, ...)`` like :class:`~archlab.nn.MultiHeadAttention`'s.
     """
 
     def __init__(self, model: nn.Module):
@@ -96,12 +104,14 @@ class FlopCounter:
 
     def __enter__(self) -> FlopCounter:
         chains: dict[str, list[tuple[str, nn.Module]]] = {"": []}
-        covered: set[int] = set()  # Linears inside attention or FFN modules: counted by their owner, or not at all
+        covered: set[int] = set()  # Linears counted by their owner's hook (or, in torch's attention, not at all)
         for name, module in self.model.named_modules():
             if name:
                 parent, _, attr = name.rpartition(".")
                 chains[name] = [*chains[parent], (attr, module)]
-            if isinstance(module, (MultiHeadAttention, nn.MultiheadAttention, *FEED_FORWARD_TYPES)):
+            if isinstance(module, MultiHeadAttention):  # W_Q, W_K, W_V, W_O (LoRA-wrapped or not)
+                covered.update(id(m) for proj in (module.in_proj, module.out_proj) for m in proj.modules())
+            elif isinstance(module, (nn.MultiheadAttention, *FEED_FORWARD_TYPES)):
                 covered.update(id(m) for m in module.modules() if m is not module)
         counts, handles = self.counts, self._handles
         for name, module in self.model.named_modules():
@@ -111,7 +121,10 @@ class FlopCounter:
                 handles.append(module.register_forward_hook(_ffn_hook(counts, module)))
             elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and id(module) not in covered:
                 component = classify(chains[name], "weight")
-                component = component if component in ("feed_forward", "output_head", "embeddings") else "other"
+                if component in ("attention", "cross_attention"):  # not W_Q, W_K, W_V, W_O: e.g. XL's W_R
+                    component = "projections"
+                elif component not in ("feed_forward", "output_head", "embeddings"):
+                    component = "other"
                 handles.append(module.register_forward_hook(_weight_hook(counts, component)))
         return self
 
@@ -131,6 +144,7 @@ def count_flops(model: nn.Module, *args, **kwargs) -> FlopReport:
 def _attention_hook(counts: dict[str, int]) -> Callable:
     def pre(module: MultiHeadAttention, args, kwargs) -> None:
         x = args[0]
+        # keys from a memory (cross-attention) or, in Transformer-XL, from its context [memory; x]
         memory = args[1] if len(args) > 1 else kwargs.get("memory")
         cache = kwargs.get("cache")
         b, n = x.shape[0], x.shape[1]
@@ -145,6 +159,9 @@ def _attention_hook(counts: dict[str, int]) -> Callable:
             fresh = cache is None or not cache.length
             counts["projections"] += _matmul_flops(q_o, b * n) + (_matmul_flops(k_v, b * m) if fresh else 0)
         counts["attention"] += 2 * b * a * n * m * (d_k + d_v)
+        extra_score_flops = getattr(module, "extra_score_flops", None)
+        if extra_score_flops is not None:
+            counts["attention"] += extra_score_flops(b, n, m)
 
     return pre
 

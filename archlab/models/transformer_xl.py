@@ -154,6 +154,11 @@ class XLAttention(MultiHeadAttention):
         distance = (i - j).clamp_min(0).expand(*by_distance.shape[:-1], n_keys)
         return by_distance.gather(-1, distance)
 
+    def extra_score_flops(self, batch: int, n_queries: int, n_keys: int) -> int:
+        """FLOPs of the position term ``(q_i + v)^T (W_R R_t)`` beyond ``Q K^T`` (for
+        :mod:`archlab.analysis.flops`): ``2 B A N (M+N) d_k``; ``W_R`` itself is a Linear, counted where it runs."""
+        return 2 * batch * self.n_heads * n_queries * n_keys * self.d_k if self.positional == "relative" else 0
+
     def forward(self, x: Tensor, context: Tensor, *, mask: Tensor | None = None) -> Tensor:
         """``x [B, N, d]`` (normed segment), ``context [B, M+N, d]`` (normed memory and segment) -> ``[B, N, d]``."""
         q = self._project_q(x)  # [B, A, N, d_k]

@@ -399,17 +399,14 @@ def _attend_sdpa(q, k, v, mask, bias, causal, scale, dropout_p) -> Tensor:
         attn_mask = bias.to(q.dtype)
         if mask is not None:
             attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
-    if mask is not None and q.shape[-2] > 0:
-        # sdpa gives NaN where a query has no key to attend; archlab's contract is a zero output.
-        empty = ~mask.any(dim=-1, keepdim=True)
-        if empty.any():
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=False, scale=scale
-            )
-            return out.masked_fill(empty, 0.0)
-    return F.scaled_dot_product_attention(
+    out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
     )
+    if mask is not None and q.shape[-2] > 0:
+        # sdpa gives NaN where a query has no key to attend; archlab's contract is a zero output. Always
+        # masked (no data-dependent branch): no device sync, and it runs on the meta device.
+        out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    return out
 
 
 # ================================================================================================
@@ -483,10 +480,21 @@ class KVCache:
         self.length = length
 
     def reorder(self, index: Tensor) -> None:
-        """Select batch rows (beam search): row ``b`` becomes old row ``index[b]``."""
+        """Select batch rows (beam search): row ``b`` becomes old row ``index[b]`` (``index [B']``, any ``B'``).
+
+        Copies the ``M`` positions in use only, into storage of the same capacity, so the appends
+        after it stay O(1) amortised.
+        """
         if self._k is not None:
-            self._k = self._k.index_select(0, index)
-            self._v = self._v.index_select(0, index)
+            self._k, self._v = self._select_rows(self._k, index), self._select_rows(self._v, index)
+
+    def _select_rows(self, stored: Tensor, index: Tensor) -> Tensor:
+        used = stored[:, :, : self.length]
+        if torch.is_grad_enabled() and used.requires_grad:  # out= is not differentiable; no spare capacity here
+            return used.index_select(0, index)
+        selected = stored.new_empty(index.shape[0], *stored.shape[1:])
+        torch.index_select(used, 0, index, out=selected[:, :, : self.length])
+        return selected
 
 
 # ================================================================================================

@@ -79,3 +79,58 @@ def test_errors():
     ids = torch.zeros(1, 2, dtype=torch.long)
     with pytest.raises(DataError, match="n_tokens=0"):
         count_flops(build_model("transformer-tiny"), ids, ids).per_token(0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Transformer-XL: keys from [memory; segment], Dai's position term, W_R on the rows of R
+# ------------------------------------------------------------------------------------------------
+
+
+def transformer_xl_by_hand(B, N, M, V=256, d=64, d_ff=256, L=2, relative=True) -> dict[str, int]:
+    """One segment of N tokens with a memory of M per layer (keys: M + N). d_k = d_v = d / A."""
+    K = M + N  # noqa: N806
+    return {
+        # Q K^T and alpha V: 4 B N K d; Dai's (q_i + v)^T W_R R_t for K distances: 2 B N K d
+        "attention": L * (4 * B * N * K * d + (2 * B * N * K * d if relative else 0)),
+        # W_Q, W_O on the N segment tokens; W_K, W_V on the K context tokens; W_R on the K rows of R, once
+        "projections": L * (2 * 2 * d * d * B * N + 2 * 2 * d * d * B * K + (2 * d * d * K if relative else 0)),
+        "feed_forward": L * 2 * 2 * d * d_ff * B * N,
+        "output_head": 2 * d * V * B * N,  # tied to the embedding, applied once
+        "embeddings": 0,
+        "other": 0,
+    }
+
+
+def xl_memory(B, M, d=64, L=2, device=None) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.zeros(B, M, d, device=device) for _ in range(L))
+
+
+@pytest.mark.parametrize("positional", ["relative", "rope"])
+def test_transformer_xl_matches_hand_count(positional):
+    model = build_model("transformer-xl-tiny", positional=positional).eval()
+    ids = torch.randint(0, 256, (2, 5))
+    relative = positional == "relative"
+    assert count_flops(model, ids).by_component == transformer_xl_by_hand(B=2, N=5, M=0, relative=relative)
+    memory = xl_memory(B=2, M=7)
+    assert count_flops(model, ids, memory).by_component == transformer_xl_by_hand(B=2, N=5, M=7, relative=relative)
+
+
+def test_transformer_xl_on_meta_device():
+    """The inspect path: model and inputs on meta, nothing computed; the same count as on real tensors."""
+    with torch.device("meta"):
+        model = build_model("transformer-xl-tiny")
+        ids = torch.zeros(3, 32, dtype=torch.long)
+    assert count_flops(model, ids).by_component == transformer_xl_by_hand(B=3, N=32, M=0)
+    memory = xl_memory(B=3, M=32, device="meta")
+    assert count_flops(model, ids, memory).by_component == transformer_xl_by_hand(B=3, N=32, M=32)
+
+
+def test_transformer_xl_agrees_with_torch_flop_counter():
+    """Every matmul torch sees (projections, W_R, the position term, Q K^T, A V, FFN, head), counted by torch."""
+    model = build_model("transformer-xl-tiny", backend="math").eval()
+    ids, memory = torch.randint(0, 256, (2, 6)), xl_memory(B=2, M=9)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(ids, memory)
+    report = count_flops(model, ids, memory)
+    assert report.total == counter.get_total_flops()
+    assert report.total == sum(transformer_xl_by_hand(B=2, N=6, M=9).values())
