@@ -283,8 +283,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, *, min_frequency: in
     The vocabulary is ``<pad> <s> </s> <unk> <mask>`` (ids 0..4), the 256 byte symbols, then merges up to
     ``vocab_size``. Lossless on any text. Training is deterministic: the same texts give the same file.
     """
-    from tokenizers import Tokenizer as _HF
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as _HF, decoders, models, pre_tokenizers, trainers
 
     n_base = len(SPECIAL_TOKENS) + 256
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < n_base:

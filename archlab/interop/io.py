@@ -18,9 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
-from safetensors.torch import load_model as _st_load_model
-from safetensors.torch import save_model as _st_save_model
+from safetensors.torch import load_file, load_model as _st_load_model, save_file, save_model as _st_save_model
 from torch import Tensor, nn
 
 from archlab.errors import CheckpointError

@@ -52,8 +52,8 @@ from archlab.config import Config, check_choice, check_positive, check_probabili
 from archlab.errors import ConfigError, ShapeError
 from archlab.generation import BeamSearchOutput, Step, beam_search, expand_for_beams, generate
 from archlab.models.registry import register_family, register_preset
-from archlab.nn.inputs import check_token_ids
 from archlab.nn.attention import SCORES, attend, build_score
+from archlab.nn.inputs import check_token_ids
 from archlab.nn.recurrent import RecurrentCache, build_cell, build_rnn, lengths_from_mask, run_rnn
 
 # scores comparing s and h directly need H_dec = 2 H_enc

@@ -5,7 +5,8 @@
 
 Pieces, each in its own module: ``config`` (TrainConfig), ``schedules``, ``losses`` (label smoothing),
 ``tasks`` (the objective of each task), ``optim`` (AdamW), ``checkpoint``, ``metrics``, ``logs``,
-``blocks`` (gradient checkpointing), ``distributed`` (DDP / FSDP2).
+``blocks`` (gradient checkpointing), ``distributed`` (DDP / FSDP2); ``run`` (:class:`RunSpec`: model + data +
+training as one JSON-able description, what ``archlab train`` runs) and ``sources`` (:class:`DataConfig`).
 """
 
 from archlab.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -15,12 +16,15 @@ from archlab.train.loop import FitResult, Trainer, train
 from archlab.train.losses import label_smoothed_cross_entropy
 from archlab.train.metrics import accuracy, bleu, exact_match, perplexity
 from archlab.train.optim import build_optimizer
+from archlab.train.run import RunSpec, prepare, train_run
 from archlab.train.schedules import NoamSchedule, WarmupConstant, WarmupCosine, build_schedule, build_scheduler
+from archlab.train.sources import DataConfig, build_data
 from archlab.train.tasks import TASK_OBJECTIVES, seq2seq_generation_metrics
 
 __all__ = [
-    "Checkpoint", "DistEnv", "FitResult", "NoamSchedule", "TASK_OBJECTIVES", "TrainConfig", "Trainer",
-    "WarmupConstant", "WarmupCosine", "accuracy", "bleu", "build_optimizer", "build_schedule",
-    "build_scheduler", "exact_match", "init_distributed", "label_smoothed_cross_entropy", "latest_checkpoint",
-    "load_checkpoint", "perplexity", "save_checkpoint", "seq2seq_generation_metrics", "train",
+    "Checkpoint", "DataConfig", "DistEnv", "FitResult", "NoamSchedule", "RunSpec", "TASK_OBJECTIVES", "TrainConfig",
+    "Trainer", "WarmupConstant", "WarmupCosine", "accuracy", "bleu", "build_data", "build_optimizer",
+    "build_schedule", "build_scheduler", "exact_match", "init_distributed", "label_smoothed_cross_entropy",
+    "latest_checkpoint", "load_checkpoint", "perplexity", "prepare", "save_checkpoint",
+    "seq2seq_generation_metrics", "train", "train_run",
 ]  # fmt: skip

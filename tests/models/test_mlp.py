@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from training import digits, digits_accuracy, fit
 
 from archlab.errors import ConfigError, ShapeError
 from archlab.models import build_model, get_config
 from archlab.models.mlp import MLP, MLPConfig, gradient_norms, gradient_vs_depth
-from training import digits, digits_accuracy, fit
 
 
 def inputs_and_targets(seed: int = 123, batch: int = 64, d_in: int = 64):

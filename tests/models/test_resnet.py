@@ -8,13 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import training
 
 from archlab.errors import ConfigError, ShapeError
 from archlab.models import build_model, get_config
 from archlab.models.mlp import gradient_vs_depth
 from archlab.models.resnet import BasicBlock, ResNet, ResNetConfig
-
-import training
 
 
 def digits():

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from training import fit
 
 from archlab.errors import ConfigError, ShapeError
 from archlab.models import build_model, get_config
 from archlab.models.textcnn import TextCNN, TextCNNConfig
-from training import fit
 
 
 def small(seed: int = 0, **overrides) -> TextCNN:

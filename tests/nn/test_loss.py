@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import archlab.nn.loss as loss_module
 from archlab.errors import ConfigError, ShapeError
 from archlab.models import build_model
-import archlab.nn.loss as loss_module
 from archlab.nn.loss import linear_cross_entropy, release_workspace
 
 

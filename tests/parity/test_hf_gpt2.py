@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from archlab.errors import CheckpointError, ConfigError
+from archlab.interop.convert import convert
 from archlab.interop.gpt2 import (
     archlab_state_from_gpt2,
     config_from_gpt2,
@@ -22,7 +23,6 @@ from archlab.interop.gpt2 import (
     load_gpt2,
     save_gpt2,
 )
-from archlab.interop.convert import convert
 from archlab.interop.io import load_model, save_model
 from archlab.models.gpt import GPT, GPTConfig
 

@@ -12,8 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
-from transformers import ViTConfig as HFViTConfig  # noqa: E402
-from transformers import ViTForImageClassification, ViTModel  # noqa: E402
+from transformers import ViTConfig as HFViTConfig, ViTForImageClassification, ViTModel  # noqa: E402
 
 from archlab.errors import CheckpointError, ConfigError  # noqa: E402
 from archlab.interop.vit import (  # noqa: E402
