@@ -6,7 +6,7 @@
 ``synthetic``       copy, reverse, sort, addition and date-normalisation seq2seq tasks
 ``images``          scikit-learn's 8x8 digits as ``[N, 1, 8, 8]`` tensors
 ``files``           text, JSONL and CSV files with clear errors
-``loaders``         LMWindows, MLMBatches, Seq2SeqBatches, ClassificationBatches: resumable, shardable
+``loaders``         LMWindows, TokenWindows, MLMBatches, Seq2SeqBatches, ClassificationBatches: resumable, shardable
 ==================  =====================================================================================
 """
 
@@ -20,6 +20,7 @@ from archlab.data.loaders import (
     LMWindows,
     MLMBatches,
     Seq2SeqBatches,
+    TokenWindows,
 )
 from archlab.data.synthetic import TASK_NAMES, SyntheticTask
 from archlab.data.tokenizers import (
@@ -35,6 +36,6 @@ from archlab.data.tokenizers import (
 __all__ = [
     "IGNORE_INDEX", "TASK_NAMES", "BatchSource", "ByteTokenizer", "CharTokenizer", "ClassificationBatches",
     "HFTokenizer", "LMWindows", "MLMBatches", "Seq2SeqBatches", "SyntheticTask", "TextCorpus", "TextExamples",
-    "Tokenizer", "digits", "encode_texts", "load_tokenizer", "minilm_wordpiece", "python_source", "read_csv",
-    "read_jsonl", "read_text", "split_documents", "split_text", "train_bpe", "unigram_loss",
+    "TokenWindows", "Tokenizer", "digits", "encode_texts", "load_tokenizer", "minilm_wordpiece", "python_source",
+    "read_csv", "read_jsonl", "read_text", "split_documents", "split_text", "train_bpe", "unigram_loss",
 ]  # fmt: skip

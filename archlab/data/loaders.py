@@ -16,6 +16,7 @@ is a pure function of ``(seed, s)``, so
 The batches, by task (the ``TASKS`` contract of :mod:`archlab.models.registry`; ``-100`` = ignored label)::
 
     lm              LMWindows             input_ids [B, T], labels [B, T] = input_ids shifted left by one
+    custom (ELMo)   TokenWindows          input_ids [B, N] (+ attention_mask [B, N] in validation)
     mlm             MLMBatches            input_ids, attention_mask (1 real / 0 pad), token_type_ids,
                                           labels [B, T] (-100 where not masked), next_sentence_label [B]
     seq2seq         Seq2SeqBatches        src_ids [B, N], src_mask bool [B, N] (True = real),
@@ -249,6 +250,41 @@ class LMWindows(BatchSource):
 
 
 # -- masked language modelling -------------------------------------------------------------------------------
+class TokenWindows(LMWindows):
+    r"""Whole windows of ``N`` tokens, for a model that makes its own targets from them (ELMo's biLM
+    predicts each token from the left and from the right)::
+
+        training    {"input_ids": [B, N]}                          every token real
+        validation  {"input_ids": [B, N], "attention_mask": [B, N]}  1 = real; the last row right-padded
+
+    They are the windows of an :class:`~archlab.data.LMWindows` with ``T = N - 1`` (same starts, same
+    resume state, same sharding), kept whole: ``input_ids = [w_0 .. w_{N-2}] + [w_{N-1}]`` (its inputs
+    plus its last label). Validation windows start every ``N - 1`` tokens, so each window's first token
+    is the previous one's last and every validation token after the first is a forward target once.
+    (``self.seq_len`` is that LMWindows' ``T = N - 1``; ``self.window`` is ``N``.)
+    """
+
+    def __init__(self, ids: Any, *, seq_len: int, **kwargs: Any) -> None:
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+            raise ConfigError(f"seq_len={seq_len!r} must be an integer >= 2: a token window needs two tokens")
+        ids = as_token_array(ids, "ids")
+        if len(ids) < seq_len:
+            raise DataError(f"ids has {len(ids)} tokens; windows of seq_len={seq_len} tokens need at least that many")
+        super().__init__(ids, seq_len=seq_len - 1, **kwargs)
+        self.window = seq_len
+
+    def batch(self, step: int) -> Batch:
+        lm = super().batch(step)
+        return {"input_ids": torch.cat([lm["input_ids"], lm["labels"][:, -1:]], dim=1)}
+
+    def eval_batches(self) -> Iterator[Batch]:
+        for lm in super().eval_batches():
+            last = lm["labels"][:, -1:]
+            real = torch.cat([torch.ones_like(last, dtype=torch.bool), lm["labels"] != IGNORE_INDEX], dim=1)  # [b, N]
+            ids = torch.cat([lm["input_ids"], last.clamp(min=0)], dim=1)  # a padded last label (-100) becomes id 0
+            yield {"input_ids": ids, "attention_mask": real.long()}
+
+
 class MLMBatches(BatchSource):
     r"""BERT's pre-training batches from one long id array: masked LM, with next-sentence prediction.
 

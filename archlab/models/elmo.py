@@ -145,6 +145,10 @@ class ELMo(nn.Module):
     to ``d``), ``mix`` (:class:`ScalarMix` over ``L + 1`` layers).
     """
 
+    #: The batch keys :meth:`compute_loss` reads (``attention_mask`` optional): token windows, which
+    #: ``archlab train`` builds from a text corpus (``archlab.data.TokenWindows``).
+    batch_keys = ("input_ids", "attention_mask")
+
     def __init__(self, config: ElmoConfig):
         super().__init__()
         if not isinstance(config, ElmoConfig):
@@ -206,14 +210,15 @@ class ELMo(nn.Module):
 
         ``loss = NLL_fwd + NLL_bwd``, each the mean over its predicted tokens of ``-log p``: the forward
         LM predicts ``w_{t+1}`` from ``->h^L_t``, the backward LM ``w_{t-1}`` from ``<-h^L_t``. Metrics:
-        both NLLs and their perplexities.
+        both NLLs and their perplexities, and ``tokens`` (``B N``, the input positions: the trainer's tokens/s).
         """
         if not isinstance(batch, dict) or "input_ids" not in batch:
             got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
             raise ShapeError(f"batch must be a dict with 'input_ids' [B, N] (optional: 'attention_mask'), got {got}")
-        unknown_keys = set(batch) - {"input_ids", "attention_mask"}
+        unknown_keys = set(batch) - set(self.batch_keys)
         if unknown_keys:
-            raise ShapeError(f"batch has keys {sorted(unknown_keys)}; ELMo reads 'input_ids' and 'attention_mask'")
+            reads = " and ".join(map(repr, self.batch_keys))
+            raise ShapeError(f"batch has keys {sorted(unknown_keys)}; ELMo reads {reads}")
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         if isinstance(ids, Tensor) and ids.ndim == 2 and ids.shape[1] < 2:
             raise ShapeError(f"input_ids must hold N >= 2 tokens per row (one predicts another), got {list(ids.shape)}")
@@ -224,7 +229,8 @@ class ELMo(nn.Module):
         loss = fwd_nll + bwd_nll
         f, b = fwd_nll.item(), bwd_nll.item()
         return loss, {"loss": loss.item(), "forward_nll": f, "backward_nll": b,
-                      "forward_ppl": math.exp(min(f, 50.0)), "backward_ppl": math.exp(min(b, 50.0))}  # fmt: skip
+                      "forward_ppl": math.exp(min(f, 50.0)), "backward_ppl": math.exp(min(b, 50.0)),
+                      "tokens": ids.numel()}  # fmt: skip
 
     def embed(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> ElmoEmbeddings:
         """Contextual token vectors: the ``L + 1`` layers ``[L + 1, B, N, 2d]`` and their :class:`ScalarMix`.

@@ -194,4 +194,6 @@ def load_full_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    """Load a full optimiser state dict (by parameter name). ``strict=False`` lets a parameter that has had no
+    gradient yet (ELMo's scalar mix while its biLM trains) come back without state, as AdamW left it."""
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))

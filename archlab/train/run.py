@@ -9,7 +9,8 @@ A run description (a file ``RUN.json``, or a preset name plus ``--set`` assignme
 :class:`RunSpec` keeps what was written; :func:`prepare` resolves it into the full run, which is what
 ``run.json`` holds and what a resumed run must match:
 
-* data: ``auto`` source, tokenizer and ``seq_len`` chosen for the family's task (``sources.resolve_data``);
+* data: ``auto`` source, tokenizer and ``seq_len`` chosen for the family's task (``sources.resolve_data``;
+  a ``custom`` family trains only when archlab can build its batches: ELMo's token windows);
 * model: ``vocab_size`` and ``pad_id`` follow the tokenizer, ``n_classes`` the labels (each change is said);
 * train: ``task`` is the family's; ``clip`` is the model config's ``grad_clip`` when the run does not
   set ``train.clip`` itself (the recurrent families carry their recommended max-norm there).
@@ -338,10 +339,15 @@ def train_run(
 
 
 def describe_eval(metrics: dict[str, float], unigram: float | None = None, prefix: str = "validation") -> str:
-    """One line: loss (nats per target), perplexity, accuracy, exact match, BLEU, and the unigram baseline."""
+    """One line: loss (nats per target), perplexity, accuracy, exact match, BLEU, a biLM's two directions
+    (ELMo: ``loss = forward_nll + backward_nll``), and the unigram baseline."""
     parts = []
     if "loss" in metrics:
         parts.append(f"loss {metrics['loss']:.4f}")
+    for side in ("forward", "backward"):
+        if f"{side}_nll" in metrics:
+            ppl = f" (ppl {metrics[f'{side}_ppl']:.2f})" if f"{side}_ppl" in metrics else ""
+            parts.append(f"{side} nll {metrics[f'{side}_nll']:.4f}{ppl}")
     if "ppl" in metrics:
         parts.append(f"ppl {metrics['ppl']:.2f}")
     if "accuracy" in metrics:

@@ -13,6 +13,9 @@ seq2seq          a synthetic task: ``dates`` (default), ``reverse``, ``copy``,  
                  pairs (``source_field``, ``target_field``)
 classification   ``digits`` (default): scikit-learn's 8x8 images; or ``.jsonl``  ``ClassificationBatches``
                  / ``.csv`` texts with labels (``text_field``, ``label_field``)
+custom           as lm, for a model whose ``compute_loss`` reads token windows     :class:`TokenWindows` of
+                 (its class's ``batch_keys`` are :data:`TOKEN_WINDOW_KEYS`:      ``seq_len`` tokens
+                 ELMo's biLM)
 ===============  ==============================================================  ===========================
 
 Tokenizer (``data.tokenizer``): ``bpe`` (byte-level BPE of ``vocab_size`` tokens, trained on the training
@@ -24,6 +27,11 @@ none. ``seq_len`` ``None`` is the model's context (``max_len``, else ``context_l
 Validation splits: the stdlib by file and a ``.txt`` file by its last lines (``archlab.data.corpora``),
 records by a hash of their text (of the source, for pairs), so no text is on both sides; synthetic tasks
 by a hash of the source (``archlab.data.synthetic``); digits stratified. ``valid_percent`` sets the share.
+
+A ``custom`` model trains on ``model.compute_loss(batch)`` (``archlab.models.registry.TASKS``); archlab can
+build its batches only when the model class says which keys that reads (``batch_keys``) and they are keys
+a source here makes. Today one source fits: token windows, for ``batch_keys = TOKEN_WINDOW_KEYS``. Any
+other custom model is refused by :func:`resolve_data`, naming its family, before any work.
 
 What the data decides in the model (:meth:`RunData.model_overrides`): ``vocab_size`` and ``pad_id`` follow
 the tokenizer, ``n_classes`` the labels.
@@ -49,6 +57,7 @@ from archlab.data import (
     Seq2SeqBatches,
     SyntheticTask,
     Tokenizer,
+    TokenWindows,
     digits,
     encode_texts,
     load_tokenizer,
@@ -63,6 +72,7 @@ from archlab.data import (
 )
 from archlab.data.corpora import is_validation
 from archlab.errors import ConfigError, DataError, unknown
+from archlab.models.registry import family_of
 
 TOKENIZER_KINDS = ("bpe", "byte", "char")
 FILE_SUFFIXES = (".txt", ".jsonl", ".csv")
@@ -82,11 +92,16 @@ TASK_SOURCES = {
     "mlm": ("corpus", "text", "records"),
     "seq2seq": ("synthetic", "records"),
     "classification": ("images", "records"),
+    "custom": ("corpus", "text", "records"),  # token windows, for the models that read them (see TOKEN_WINDOW_KEYS)
 }
-DEFAULT_SOURCE = {"lm": "stdlib", "mlm": "stdlib", "seq2seq": "dates", "classification": "digits"}
+DEFAULT_SOURCE = {"lm": "stdlib", "mlm": "stdlib", "seq2seq": "dates", "classification": "digits", "custom": "stdlib"}
+#: The batch keys of :class:`TokenWindows`: a ``custom`` model whose class declares exactly these as its
+#: ``batch_keys`` (what its ``compute_loss`` reads) trains on them.
+TOKEN_WINDOW_KEYS = ("input_ids", "attention_mask")
 _TASK_WORDS = {
     "lm": "stdlib or a .txt/.jsonl/.csv text file",
     "mlm": "stdlib or a .txt/.jsonl/.csv text file",
+    "custom": "stdlib or a .txt/.jsonl/.csv text file, cut into token windows",
     "seq2seq": f"a synthetic task ({', '.join(TASK_NAMES)}) or a .jsonl/.csv file of source/target pairs",
     "classification": "digits or a .jsonl/.csv file of labelled texts",
 }
@@ -120,7 +135,8 @@ class DataConfig(Config):
         max_bytes: cap on the stdlib corpus (``None``: all of it, about 12 MB); keeps tokenising quick.
         n_train, n_valid: synthetic pairs in each split.
         min_length, max_length: a synthetic task's length knob (``dates`` ignores it).
-        seq_len: tokens per LM/MLM row, or the longest text of text classification; ``None``: the model's context.
+        seq_len: tokens per LM/MLM/token-window row, or the longest text of text classification; ``None``: the
+            model's context.
         text_field, label_field, source_field, target_field: the JSONL fields / CSV columns to read.
         valid_percent: the share of the data held out for validation (not for synthetic tasks: a tenth).
         seed: the batch order and the synthetic pairs (the model's initialisation follows ``train.seed``).
@@ -198,7 +214,25 @@ def resolve_data(data: DataConfig, task: str, model_config: Config, who: str) ->
     seq_len = data.seq_len
     if seq_len is None and kind not in ("synthetic", "images") and task != "seq2seq":
         seq_len = model_context(model_config) or DEFAULT_SEQ_LEN
+    if task == "custom":
+        check_custom_batches(model_config, who)
+        require(seq_len >= 2, f"data.seq_len={seq_len}: a token window needs >= 2 tokens (one predicts another)")
     return data.replace(source=source, tokenizer=tokenizer, seq_len=seq_len)
+
+
+def check_custom_batches(model_config: Config, who: str) -> None:
+    """ConfigError naming ``who`` unless the ``custom`` model of ``model_config`` reads token windows
+    (its class's ``batch_keys`` are :data:`TOKEN_WINDOW_KEYS`), the one custom batch archlab builds."""
+    family = family_of(model_config)
+    model_cls = family.train_cls or family.model_cls
+    keys = getattr(model_cls, "batch_keys", None)
+    if keys is None or set(keys) != set(TOKEN_WINDOW_KEYS):
+        reads = "declares no batch_keys" if keys is None else f"reads batch keys {sorted(keys)}"
+        raise ConfigError(
+            f"{who} trains with task 'custom' (model.compute_loss(batch)) and {model_cls.__name__} {reads}; "
+            f"`archlab train` builds custom batches only for a model with batch_keys = {TOKEN_WINDOW_KEYS} "
+            "(token windows, as ELMo); train it with archlab.train.Trainer and your own batches"
+        )
 
 
 @dataclass
@@ -290,11 +324,13 @@ def _corpus(data: DataConfig, task: str, kind: str, tokenizer: Tokenizer | None,
     train_ids, valid_ids = encode_texts(corpus.train_texts, tok), encode_texts(corpus.valid_texts, tok)
     if task == "mlm":
         source = MLMBatches(train_ids, tok, seq_len=data.seq_len, valid=valid_ids, **shard)
+    elif task == "custom":  # resolve_data let through only models that read token windows
+        source = TokenWindows(train_ids, seq_len=data.seq_len, valid=valid_ids, **shard)
     else:
         source = LMWindows(train_ids, seq_len=data.seq_len, valid=valid_ids, **shard)
     describe = (f"{what}: {len(train_ids):,} training / {len(valid_ids):,} validation tokens, "
                 f"{tok.kind} tokenizer V={tok.vocab_size}, rows of {data.seq_len}")  # fmt: skip
-    unigram = unigram_loss(train_ids, valid_ids, tok.vocab_size) if task == "lm" else None
+    unigram = unigram_loss(train_ids, valid_ids, tok.vocab_size) if task in ("lm", "custom") else None
     return RunData(tok, source, source.eval_batches, describe, unigram=unigram)
 
 

@@ -232,7 +232,8 @@ def task_loss(terms: Terms, totals: dict[str, int | float]) -> Tensor:
 
 
 def summarize(stats: dict[str, float], task: str) -> dict[str, float]:
-    """Summed statistics -> readable metrics: ``nll``, ``ppl`` (token tasks), ``accuracy``, ``nsp_*``, custom means."""
+    """Summed statistics -> readable metrics: ``nll``, ``ppl`` (token tasks), ``accuracy``, ``nsp_*``, custom means
+    (a custom ``X_ppl`` beside an ``X_nll`` becomes ``exp`` of the mean ``X_nll``)."""
     out: dict[str, float] = {}
     if stats.get("targets"):  # nll and correct are absent on the fused LM path (module docstring)
         if "nll" in stats:
@@ -246,6 +247,8 @@ def summarize(stats: dict[str, float], task: str) -> dict[str, float]:
         out["nsp_accuracy"] = stats["nsp_correct"] / stats["nsp_count"]
     batches = stats.get("batches") or 1
     out.update({k: v / batches for k, v in stats.items() if k not in _STAT_KEYS})
+    for name in [k for k in out if k.endswith("_ppl") and f"{k[:-4]}_nll" in out]:  # custom: exp(mean nll),
+        out[name] = perplexity(out[f"{name[:-4]}_nll"])  # not the mean of the batches' perplexities
     return out
 
 

@@ -122,7 +122,7 @@ def test_auto_data_follows_the_family_task(preset, source, tokenizer, seq_len):
         ("textcnn-deck", "digits", "preset textcnn-deck (family textcnn) reads token ids, not images"),
         ("vit-tiny", "a.csv", "preset vit-tiny (family vit) reads images or feature vectors, not text"),
         ("gpt-nano", "a.jsonl", None),  # fits: documents from a JSONL file
-        ("elmo-small", "stdlib", "trains with task 'custom', which `archlab train` does not feed"),
+        ("elmo-small", "dates", "which trains on task 'custom': its data is stdlib or a .txt/.jsonl/.csv text file"),
     ],
 )  # fmt: skip
 def test_a_source_the_task_cannot_use_is_refused_before_any_work(preset, source, words):

@@ -1,5 +1,7 @@
 """Each task's objective against a direct computation on the model's own outputs (float64)."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,3 +161,10 @@ def test_generation_metrics_count_exact_matches_and_bleu():
     padded["tgt_out"][:, 4:] = -100  # only the first 4 positions are scored
     padded["tgt_out"][:, 3] = eos  # ... and the reference ends with EOS, which greedy never emits
     assert seq2seq_generation_metrics(model, [padded], eos_id=eos)["exact_match"] == 0.0
+
+
+def test_custom_perplexities_are_exp_of_the_mean_nll():
+    stats = {"batches": 2.0, "forward_nll": 1.0 + 3.0, "forward_ppl": math.exp(1.0) + math.exp(3.0), "mse": 5.0}
+    metrics = summarize(stats, "custom")
+    assert metrics["forward_nll"] == 2.0 and metrics["mse"] == 2.5
+    assert metrics["forward_ppl"] == pytest.approx(math.exp(2.0), rel=1e-12)  # not (e + e^3) / 2
