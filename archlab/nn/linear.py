@@ -77,9 +77,10 @@ class PackedLinear:
 
     ``packed(x)`` equals ``F.linear(x, weight, bias)`` (float rounding aside) for ``x [..., d_in]``.
     The copy costs as much memory as ``weight`` and carries no gradients: build it for one inference
-    run. If ``weight`` is changed in place afterwards, calls use ``weight`` itself (correct, unpacked). Where the packed copy does not apply (CUDA, one thread,
-    a ``d_out`` not divisible by the thread count, many rows, another dtype, autograd recording a
-    product that needs gradients) the call is ``F.linear`` on ``weight``.
+    run. If ``weight`` is changed in place afterwards, calls use ``weight`` itself (correct, unpacked).
+    Where the packed copy does not apply (CUDA, one thread, a ``d_out`` not divisible by the thread
+    count, many rows, another dtype, autograd recording a product that needs gradients) the call is
+    ``F.linear`` on ``weight``.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None):
@@ -88,7 +89,7 @@ class PackedLinear:
         self.version = weight._version  # in-place updates (an optimizer step, copy_) bump it
         k = _blocks(d_out, weight.device)
         with torch.no_grad():
-            self.blocks = None if k == 1 else weight.detach().view(k, d_out // k, d_in).transpose(1, 2).contiguous()
+            self.blocks = None if k == 1 else weight.detach().reshape(k, d_out // k, d_in).transpose(1, 2).contiguous()
 
     def __call__(self, x: Tensor) -> Tensor:
         usable = self.blocks is not None and self.blocks.shape[0] == torch.get_num_threads()

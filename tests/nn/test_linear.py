@@ -82,9 +82,12 @@ def test_linear_module_is_nn_linear_with_the_same_state(threads):
 
 
 @pytest.mark.parametrize("rows", [1, 3, MAX_SPLIT_ROWS + 2])
-def test_packed_equals_f_linear(threads, rows):
+@pytest.mark.parametrize("layout", ["contiguous", "column-major"])
+def test_packed_equals_f_linear(threads, rows, layout):
     threads(2)
     w, b = weights()
+    if layout == "column-major":
+        w = w.T.contiguous().T  # the same values, other strides
     packed = PackedLinear(w, b)
     assert packed.blocks.shape == (2, 256, 256) and packed.blocks.is_contiguous()
     x = torch.randn(rows, 256, dtype=torch.float64)
