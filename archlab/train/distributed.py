@@ -22,7 +22,9 @@ visible to every rank (a shared file system).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,31 +101,82 @@ def device_for(kind: str, env: DistEnv) -> torch.device:
 # -- wrapping ---------------------------------------------------------------------------------------------
 
 
-def wrap(model: nn.Module, env: DistEnv, parallel: str, device: torch.device, *, find_unused: bool = False) -> nn.Module:
+class MethodAsForward(nn.Module):
+    """``forward(*args, **kwargs) = model.<method>(*args, **kwargs)``: a call of another method of ``model``
+    (ELMo's ``compute_loss``) as a ``forward``, the one call DDP and ``torch.compile`` see.
+
+    Its one child is ``model`` itself, so the parameters are the model's (named ``model.<name>`` here).
+    """
+
+    def __init__(self, model: nn.Module, method: str):
+        super().__init__()
+        if not callable(getattr(model, method, None)):
+            raise ConfigError(f"training calls model.{method}(...); {type(model).__name__} has no method {method!r}")
+        self.model, self.method = model, method
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.model, self.method)(*args, **kwargs)
+
+
+def wrap(
+    model: nn.Module, env: DistEnv, parallel: str, device: torch.device, *, find_unused: bool = False,
+    method: str | None = None,
+) -> nn.Module:  # fmt: skip
     """The module to run forward on: ``model`` itself on one process, DDP around it, or (``fsdp``) ``model``
     sharded in place. Build the optimiser *after* this call: FSDP replaces the parameters by shards.
 
     ``find_unused``: some parameters may get no gradient in a step (BERT's NSP head when the batches
-    carry no ``next_sentence_label``); DDP must then look for them after each backward.
+    carry no ``next_sentence_label``, ELMo's scalar mix); DDP must then look for them after each backward.
+
+    ``method``: training calls ``model.<method>`` instead of ``forward``; the module returned is then a
+    :class:`MethodAsForward` around ``model`` (DDP wraps it; under FSDP the method gathers the shards
+    itself, ``register_fsdp_forward_method``, so evaluation may call it on ``model`` too).
+
+    FSDP2 shards each parameter along its first dimension; a 0-dim parameter (ELMo's ``mix.gamma``) stays
+    whole on every rank, as under DDP, and its gradient is averaged over the ranks when it is computed
+    (every rank must then use it in every micro-batch, or none must).
     """
+    module = model if method is None else MethodAsForward(model, method)
     if not env.distributed:
-        return model
+        return module
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
+        return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused)
     if parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        _fully_shard(model, env)  # in place: `module` holds the sharded model
+        if method is not None:
+            from torch.distributed.fsdp import register_fsdp_forward_method
 
-        with torch.no_grad():  # every rank starts from rank 0's weights, as DDP does
-            for tensor in [*model.parameters(), *model.buffers()]:
-                dist.broadcast(tensor, src=0)
-        for block in find_blocks(model):
-            fully_shard(block)
-        fully_shard(model)
-        return model
+            register_fsdp_forward_method(model, method)
+            # The method's own call of `model(...)` is a forward inside it; FSDP warns when that returns a view
+            # (ELMo's LSTM outputs) since an in-place op on it would drop its pre-backward hook. The root keeps
+            # its parameters gathered until the backward, and the method's output carries that hook: no harm.
+            root = type(model).__name__
+            warnings.filterwarnings("ignore", rf"FSDP2-wrapped module \({root}\) returned a view tensor", UserWarning)
+        return module
     raise ConfigError(f"parallel={parallel!r} must be 'ddp' or 'fsdp'")
+
+
+def _fully_shard(model: nn.Module, env: DistEnv) -> None:
+    """FSDP2 in place: each block, then the root; 0-dim parameters replicated (see :func:`wrap`)."""
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.no_grad():  # every rank starts from rank 0's weights, as DDP does
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor, src=0)
+    scalars = {p for p in model.parameters() if p.ndim == 0}
+    for p in scalars:
+        p.register_hook(functools.partial(_average_over_ranks, world_size=env.world_size))
+    for block in find_blocks(model):
+        fully_shard(block, ignored_params=scalars)
+    fully_shard(model, ignored_params=scalars)
+
+
+def _average_over_ranks(grad: Tensor, world_size: int) -> Tensor:
+    dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+    return grad / world_size
 
 
 def no_sync(module: nn.Module, env: DistEnv, sync: bool):
@@ -131,6 +184,8 @@ def no_sync(module: nn.Module, env: DistEnv, sync: bool):
     (the last micro-batch of a step); the others accumulate locally."""
     if not env.distributed or sync:
         return contextlib.nullcontext()
+    if isinstance(module, MethodAsForward):  # FSDP: around the sharded model
+        module = module.model
     if hasattr(module, "no_sync"):  # DDP
         return module.no_sync()
     if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
@@ -194,6 +249,11 @@ def load_full_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load a full optimiser state dict (by parameter name). ``strict=False`` lets a parameter that has had no
-    gradient yet (ELMo's scalar mix while its biLM trains) come back without state, as AdamW left it."""
+    """Load a full optimiser state dict (by parameter name). A parameter that has had no gradient yet (ELMo's
+    scalar mix while its biLM trains) comes back without state, as AdamW left it: ``strict=False`` lets it
+    be absent, and the zero state torch first gives every parameter (a step with zero gradients, ``step``
+    counted) is removed again."""
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    for name, param in model.named_parameters():
+        if name not in state["state"]:
+            optimizer.state.pop(param, None)

@@ -154,7 +154,9 @@ class Trainer:
         self.shapes = {k: torch.empty(v.shape, device="meta") for k, v in self.model.state_dict().items()}
         if c.grad_checkpointing:
             enable_gradient_checkpointing(self.model)
-        self.module = D.wrap(self.model, self.env, c.parallel, self.device, find_unused=self.task.name == "mlm")
+        self.module = D.wrap(
+            self.model, self.env, c.parallel, self.device, find_unused=self.task.find_unused, method=self.task.method
+        )
         self.forward = torch.compile(self.module) if c.compile else self.module
 
         self.optimizer = build_optimizer(self.model, lr=c.peak_lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)

@@ -26,7 +26,15 @@ custom          ``model.compute_loss(batch) -> (loss, metrics)``       ``batch``
 
 Statistics: ``samples``, ``tokens`` (input positions, for tokens/s), ``targets``, ``nll`` (plain
 ``-log p`` summed, for perplexity), ``correct``; ``nsp_*`` for next-sentence prediction; for ``custom``,
-whatever numbers ``compute_loss`` reports, averaged over batches by :func:`summarize`.
+whatever numbers ``compute_loss`` reports, averaged over batches by :func:`summarize` (in float64; not its
+``loss``, which is the loss it returns: the trainer reports its own objective under that name).
+
+The ``custom`` call. DDP prepares its gradient hooks, FSDP gathers the shards, only around ``forward``:
+calling ``compute_loss`` on the bare model would bypass them. So the trainer runs a module whose
+``forward(batch)`` is ``model.compute_loss(batch)`` (``Task.method``, :func:`archlab.train.distributed.wrap`).
+``compute_loss`` need not use every parameter (ELMo's scalar mix gets no gradient while its biLM
+trains), so DDP looks for unused ones (``Task.find_unused``, as for ``mlm``, whose NSP head is idle on
+batches without next-sentence labels).
 
 The fused LM loss. A model whose ``forward`` takes ``labels=`` and ``label_smoothing=`` and then returns
 the mean smoothed loss (GPT: the LM head fused with the cross-entropy by chunks, no ``[B, N, V]`` logits
@@ -49,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archlab.errors import ConfigError, DataError, ShapeError, unknown
+from archlab.train.distributed import MethodAsForward
 from archlab.train.losses import IGNORE_INDEX, token_losses
 from archlab.train.metrics import bleu, perplexity
 
@@ -100,15 +109,20 @@ def lm_counts(batch: Batch) -> dict[str, int]:
     return {"token": int((batch["labels"] != IGNORE_INDEX).sum())}
 
 
-def forward_parameters(model: nn.Module) -> set[str]:
-    """The argument names of ``forward`` of the model under any DDP / ``torch.compile`` wrapper."""
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module under any DDP / ``torch.compile`` wrappers (FSDP2 shards in place: nothing to unwrap)."""
     while True:
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
             model = model._orig_mod
         elif isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         else:
-            return set(inspect.signature(model.forward).parameters)
+            return model
+
+
+def forward_parameters(model: nn.Module) -> set[str]:
+    """The argument names of ``forward`` of the model under any DDP / ``torch.compile`` wrapper."""
+    return set(inspect.signature(unwrapped(model).forward).parameters)
 
 
 def has_fused_lm_loss(model: nn.Module) -> bool:
@@ -190,33 +204,45 @@ def custom_counts(batch: Batch) -> dict[str, int]:
 
 
 def custom_run(model: nn.Module, batch: Batch, eps: float) -> tuple[Terms, Stats]:
-    compute_loss = getattr(model, "compute_loss", None)
-    if compute_loss is None:
+    """``model``: the model (evaluation), or when training the trainer's module, whose ``forward`` calls
+    ``model.compute_loss`` (:class:`~archlab.train.distributed.MethodAsForward`, maybe inside DDP)."""
+    if isinstance(unwrapped(model), MethodAsForward):
+        loss, metrics = model(batch)
+    elif callable(getattr(model, "compute_loss", None)):
+        loss, metrics = model.compute_loss(batch)
+    else:
         raise ConfigError(
             f"task 'custom' needs model.compute_loss(batch) -> (loss, metrics); {type(model).__name__} has none"
         )
-    loss, metrics = compute_loss(batch)
     if not isinstance(loss, Tensor) or loss.ndim != 0:
         raise ShapeError(f"compute_loss must return a scalar loss tensor first, got {type(loss).__name__}")
-    stats = {k: torch.as_tensor(v).detach().float() for k, v in dict(metrics).items()}
+    metrics = {k: v for k, v in dict(metrics).items() if k != "loss"}  # the trainer reports the loss (module docstring)
+    stats = {k: torch.as_tensor(v, dtype=torch.float64).detach() for k, v in metrics.items()}
     return {"batch": loss}, {"batches": _n(1), **stats}
 
 
 @dataclass(frozen=True)
 class Task:
-    """A training objective: ``counts(batch)`` then ``run(model, batch, label_smoothing)`` (module docstring)."""
+    """A training objective: ``counts(batch)`` then ``run(model, batch, label_smoothing)`` (module docstring).
+
+    ``method``: the model's method training calls instead of ``forward`` (``custom``: ``compute_loss``), which
+    the trainer's wrapping must route through ``forward`` (:func:`archlab.train.distributed.wrap`).
+    ``find_unused``: some parameters may get no gradient in a step, which DDP must be told.
+    """
 
     name: str
     counts: Callable[[Batch], dict[str, int]]
     run: Callable[[nn.Module, Batch, float], tuple[Terms, Stats]]
+    method: str | None = None
+    find_unused: bool = False
 
 
 TASK_OBJECTIVES: dict[str, Task] = {
     "lm": Task("lm", lm_counts, lm_run),
-    "mlm": Task("mlm", mlm_counts, mlm_run),
+    "mlm": Task("mlm", mlm_counts, mlm_run, find_unused=True),
     "seq2seq": Task("seq2seq", seq2seq_counts, seq2seq_run),
     "classification": Task("classification", classification_counts, classification_run),
-    "custom": Task("custom", custom_counts, custom_run),
+    "custom": Task("custom", custom_counts, custom_run, method="compute_loss", find_unused=True),
 }
 
 
@@ -233,7 +259,8 @@ def task_loss(terms: Terms, totals: dict[str, int | float]) -> Tensor:
 
 def summarize(stats: dict[str, float], task: str) -> dict[str, float]:
     """Summed statistics -> readable metrics: ``nll``, ``ppl`` (token tasks), ``accuracy``, ``nsp_*``, custom means
-    (a custom ``X_ppl`` beside an ``X_nll`` becomes ``exp`` of the mean ``X_nll``)."""
+    (a custom ``X_ppl`` beside an ``X_nll`` becomes ``exp`` of the mean ``X_nll``). A ``loss`` among ``stats``
+    (the trainer's objective, summed over the step) is left out: it is no custom statistic to average."""
     out: dict[str, float] = {}
     if stats.get("targets"):  # nll and correct are absent on the fused LM path (module docstring)
         if "nll" in stats:
@@ -246,7 +273,7 @@ def summarize(stats: dict[str, float], task: str) -> dict[str, float]:
         out["nsp_nll"] = stats["nsp_nll"] / stats["nsp_count"]
         out["nsp_accuracy"] = stats["nsp_correct"] / stats["nsp_count"]
     batches = stats.get("batches") or 1
-    out.update({k: v / batches for k, v in stats.items() if k not in _STAT_KEYS})
+    out.update({k: v / batches for k, v in stats.items() if k not in _STAT_KEYS and k != "loss"})
     for name in [k for k in out if k.endswith("_ppl") and f"{k[:-4]}_nll" in out]:  # custom: exp(mean nll),
         out[name] = perplexity(out[f"{name[:-4]}_nll"])  # not the mean of the batches' perplexities
     return out

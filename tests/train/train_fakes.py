@@ -81,19 +81,39 @@ class RegressionModel(torch.nn.Module):
         return loss, {"mse": loss.detach(), "tokens": batch["x"].shape[0]}
 
 
-class RegressionSource:
-    """Batches for :class:`RegressionModel`; from batch ``nan_at`` on, the inputs are NaN."""
+class ScaledRegressionModel(RegressionModel):
+    """:class:`RegressionModel` times a learned 0-dim ``scale``: a parameter FSDP2 cannot shard (it has no
+    dimension), which archlab keeps whole on every rank and averages the gradient of."""
 
-    def __init__(self, *, batch_size: int = 8, d: int = 4, nan_at: int | None = None):
+    def __init__(self, d: int = 4):
+        super().__init__(d)
+        self.scale = torch.nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x):
+        return self.scale * super().forward(x)
+
+
+class RegressionSource:
+    """Batches for :class:`RegressionModel`, in ``dtype``; from batch ``nan_at`` on, the inputs are NaN.
+    ``rank`` of ``world_size`` takes its contiguous slice of each global batch (module docstring)."""
+
+    def __init__(
+        self, *, batch_size: int = 8, d: int = 4, nan_at: int | None = None, rank: int = 0, world_size: int = 1,
+        dtype: torch.dtype = torch.float32,
+    ):  # fmt: skip
+        assert batch_size % world_size == 0
         self.batch_size, self.d, self.nan_at, self.index = batch_size, d, nan_at, 0
+        self.rank, self.world_size, self.dtype = rank, world_size, dtype
 
     def __iter__(self):
+        per = self.batch_size // self.world_size
         while True:
             g = torch.Generator().manual_seed(self.index)
-            x = torch.randn(self.batch_size, self.d, generator=g)
+            x = torch.randn(self.batch_size, self.d, generator=g).to(self.dtype)
             if self.nan_at is not None and self.index >= self.nan_at:
                 x = torch.full_like(x, float("nan"))
             self.index += 1
+            x = x[self.rank * per : (self.rank + 1) * per]
             yield {"x": x, "y": x.sum(-1).sin()}
 
     def state_dict(self) -> dict:
