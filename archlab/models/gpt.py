@@ -38,13 +38,33 @@ from archlab.nn.inputs import check_token_ids, describe as _describe
 from archlab.nn.linear import Linear
 from archlab.nn.loss import linear_cross_entropy
 from archlab.nn.norm import LayerNorm
-from archlab.nn.positional import POSITIONAL_KINDS, LearnedPositionalEncoding, build_positional, sinusoid_table
+from archlab.nn.positional import (
+    POSITIONAL_KINDS,
+    LearnedPositionalEncoding,
+    build_positional,
+    check_rope_width,
+    sinusoid_table,
+)
 
 ABSOLUTE_POSITIONAL = ("learned", "sinusoidal")  # added to the input; the ones position_ids act on
 
 
+class DecoderWidths:
+    """The derived widths of a decoder-only config with ``d_model``, ``n_heads`` and ``d_ff`` (GPT, Transformer-XL)."""
+
+    @property
+    def d_head(self) -> int:
+        """``d_k = d / A``."""
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_width(self) -> int:
+        """The FFN hidden width: ``d_ff``, or ``4 d`` when it is None."""
+        return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+
 @dataclasses.dataclass(frozen=True)
-class GPTConfig(Config):
+class GPTConfig(DecoderWidths, Config):
     """A GPT. The defaults are GPT-2 small (124M parameters).
 
     Args:
@@ -95,21 +115,7 @@ class GPTConfig(Config):
         check_choice("ffn", self.ffn, FEEDFORWARDS)
         check_choice("backend", self.backend, BACKENDS)
         check_positive("eps", self.eps)
-        if self.positional == "rope" and self.d_head % 2:
-            raise ConfigError(
-                f"positional='rope' rotates feature pairs, so d_k = d_model / n_heads must be even; "
-                f"got d_model={self.d_model}, n_heads={self.n_heads}, d_k={self.d_head}"
-            )
-
-    @property
-    def d_head(self) -> int:
-        """``d_k = d / A``."""
-        return self.d_model // self.n_heads
-
-    @property
-    def ffn_width(self) -> int:
-        """The FFN hidden width: ``d_ff``, or ``4 d`` when it is None."""
-        return 4 * self.d_model if self.d_ff is None else self.d_ff
+        check_rope_width(self.positional, self.d_model, self.n_heads)
 
 
 

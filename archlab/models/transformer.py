@@ -47,7 +47,7 @@ from archlab.nn.blocks import Decoder, DecodingCache, Encoder
 from archlab.nn.feedforward import FEEDFORWARDS
 from archlab.nn.inputs import check_token_ids
 from archlab.nn.linear import Linear
-from archlab.nn.positional import POSITIONAL_KINDS, build_positional
+from archlab.nn.positional import POSITIONAL_KINDS, build_positional, check_rope_width
 
 StepFn = Callable[[Tensor, DecodingCache | None], Tensor]
 
@@ -98,8 +98,7 @@ class TransformerConfig(Config):
         for name in ("dropout", "attn_dropout"):
             check_probability(name, getattr(self, name))
         check_choice("positional", self.positional, POSITIONAL_KINDS)
-        if self.positional == "rope":
-            require(self.d_k % 2 == 0, f"positional='rope' needs an even d_k = d_model / n_heads, got d_k={self.d_k}")
+        check_rope_width(self.positional, self.d_model, self.n_heads)
         check_choice("ffn", self.ffn, FEEDFORWARDS)
         require(
             0 <= self.pad_id < self.vocab_size, f"pad_id={self.pad_id} must be in [0, vocab_size={self.vocab_size})"

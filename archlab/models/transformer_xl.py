@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from archlab.config import Config, check_choice, check_divisible, check_positive, check_probability, require
 from archlab.errors import ConfigError, ShapeError
+from archlab.models.gpt import DecoderWidths
 from archlab.models.registry import register_family, register_preset
 from archlab.nn.attention import BACKENDS, MultiHeadAttention, attend, broadcast
 from archlab.nn.efficient import TILED, parse_backend
@@ -43,13 +44,13 @@ from archlab.nn.feedforward import FEEDFORWARDS, build_feedforward
 from archlab.nn.inputs import check_token_ids
 from archlab.nn.linear import Linear
 from archlab.nn.norm import LayerNorm
-from archlab.nn.positional import RotaryPositionalEncoding, sinusoid_table
+from archlab.nn.positional import RotaryPositionalEncoding, check_rope_width, sinusoid_table
 
 XL_POSITIONAL = ("relative", "rope")
 
 
 @dataclass(frozen=True)
-class TransformerXLConfig(Config):
+class TransformerXLConfig(DecoderWidths, Config):
     """A Transformer-XL language model (GPT-style pre-norm blocks).
 
     Args:
@@ -98,24 +99,13 @@ class TransformerXLConfig(Config):
         check_choice("ffn", self.ffn, FEEDFORWARDS)
         check_choice("backend", self.backend, BACKENDS)
         check_positive("eps", self.eps)
-        if self.positional == "rope":
-            require(
-                self.d_head % 2 == 0, f"positional='rope' needs an even d_k = d_model / n_heads, got d_k={self.d_head}"
-            )
+        check_rope_width(self.positional, self.d_model, self.n_heads)
         kind = parse_backend(self.backend).kind
         if self.positional == "relative" and kind not in ("auto", "math", "sdpa", *TILED):
             raise ConfigError(
                 f"positional='relative' adds a score bias, which backend={self.backend!r} cannot take; use "
                 f"auto, math, sdpa, {', '.join(TILED)}, or positional='rope'"
             )
-
-    @property
-    def d_head(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def ffn_width(self) -> int:
-        return 4 * self.d_model if self.d_ff is None else self.d_ff
 
 
 class XLOutput(NamedTuple):

@@ -174,6 +174,17 @@ class RotaryPositionalEncoding(PositionalEncoding):
         return self.rotate(q, offset), self.rotate(k, offset)
 
 
+def check_rope_width(positional: str, d_model: int, n_heads: int) -> None:
+    """A model config's check: RoPE (``positional='rope'``) rotates feature pairs, so each head's width
+    ``d_k = d_model / n_heads`` must be even; ConfigError naming the values otherwise."""
+    d_k = d_model // n_heads
+    if positional == "rope" and d_k % 2:
+        raise ConfigError(
+            f"positional='rope' rotates feature pairs, so d_k = d_model / n_heads must be even; "
+            f"got d_model={d_model}, n_heads={n_heads}, d_k={d_k}"
+        )
+
+
 def alibi_slopes(n_heads: int) -> Tensor:
     r"""ALiBi head slopes (Press et al. 2022): for ``A`` a power of two, ``m_h = 2^{-8h/A}``, ``h = 1..A``.
 

@@ -158,7 +158,7 @@ def test_other_backends_give_the_same_logits(positional, backend):
         ({"positional": "relative", "backend": "linear"}, r"positional='relative' adds a score bias.*backend='linear'"),
         ({"d_model": 30, "n_heads": 4}, r"d_model=30 is not divisible by n_heads=4"),
         ({"backend": "chunked:block=0"}, r"block='0'"),
-        ({"d_model": 12, "n_heads": 4, "positional": "rope"}, r"even d_k"),
+        ({"d_model": 12, "n_heads": 4, "positional": "rope"}, r"d_k = d_model / n_heads must be even; got d_model=12, n_heads=4, d_k=3"),
     ],
 )
 def test_bad_configs(kwargs, match):
