@@ -47,6 +47,16 @@ def weights(run_dir, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "checkpoints" / f"step-{step:08d}" / "model.safetensors"))
 
 
+def assert_resume_equals_straight(capsys, tmp_path) -> None:
+    """``tmp_path / "split"`` (3 steps) resumed to 6 equals ``tmp_path / "straight"`` (6 steps), bit for bit."""
+    ok(capsys, "train", tmp_path / "split", "--resume", "--set", "train.steps=6")  # the folder's own run.json
+    straight, resumed = weights(tmp_path / "straight", 6), weights(tmp_path / "split", 6)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    at_3 = weights(tmp_path / "split", 3)
+    assert not any(torch.equal(at_3[k], resumed[k]) for k in resumed if k.endswith("weight"))  # it did train on
+
+
 # -- lm: train, then generate and eval from the folder -----------------------------------------------------------
 
 
@@ -111,12 +121,7 @@ def test_resume_through_the_cli_is_bit_exact(capsys, tmp_path):
     ok(capsys, "train", "gpt-nano", "--out", tmp_path / "split", "--set", "train.steps=3", *sets)
     line = error_line(capsys, "train", "gpt-nano", "--out", tmp_path / "split", "--set", "train.steps=6", *sets)
     assert "already holds a trained run; pass --resume" in line
-    ok(capsys, "train", tmp_path / "split", "--resume", "--set", "train.steps=6")  # the folder's own run.json
-    straight, resumed = weights(tmp_path / "straight", 6), weights(tmp_path / "split", 6)
-    assert straight.keys() == resumed.keys()
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    at_3 = weights(tmp_path / "split", 3)
-    assert not any(torch.equal(at_3[k], resumed[k]) for k in resumed if k.endswith("weight"))  # it did train on
+    assert_resume_equals_straight(capsys, tmp_path)
 
 
 def test_resume_refuses_other_data(capsys, tmp_path):

@@ -19,7 +19,7 @@ from archlab.train.run import RunSpec
 from archlab.train.sources import TOKEN_WINDOW_KEYS
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the CLI helpers of test_cli_train
-from test_cli_train import error_line, ok, run, weights
+from test_cli_train import assert_resume_equals_straight, error_line, ok, run
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "elmo_stdlib.json"
 
@@ -152,12 +152,7 @@ def test_resume_through_the_cli_is_bit_exact(capsys, tmp_path):
                      "--set", "model.dropout=0.1")  # fmt: skip  (dropout: the RNG state must come back too)
     ok(capsys, "train", "elmo-small", "--out", tmp_path / "straight", "--set", "train.steps=6", *sets)
     ok(capsys, "train", "elmo-small", "--out", tmp_path / "split", "--set", "train.steps=3", *sets)
-    ok(capsys, "train", tmp_path / "split", "--resume", "--set", "train.steps=6")  # the folder's own run.json
-    straight, resumed = weights(tmp_path / "straight", 6), weights(tmp_path / "split", 6)
-    assert straight.keys() == resumed.keys()
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    at_3 = weights(tmp_path / "split", 3)
-    assert not any(torch.equal(at_3[k], resumed[k]) for k in resumed if k.endswith("weight"))  # it did train on
+    assert_resume_equals_straight(capsys, tmp_path)
     line = error_line(capsys, "train", tmp_path / "split", "--resume", "--set", "train.steps=8",
                       "--set", "data.seq_len=16")  # fmt: skip
     assert "cannot resume" in line and "data.seq_len: 24 -> 16" in line
