@@ -66,7 +66,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, state dict and initialisation) whose forward is :func:`linear`."""
+    """``nn.Linear`` (same parameters, state dict and initialisation) whose forward is :func:`linear`.
+
+    ``isinstance(layer, nn.Linear)`` holds; tools that match layers by exact type instead (PyTorch's
+    deprecated eager-mode ``quantize_dynamic``, whose mapping knows ``nn.Linear`` only) skip it.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
