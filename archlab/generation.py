@@ -12,6 +12,8 @@ Where steps come from:
 
 * decoder-only (GPT): pass the model itself; the functions call ``model.decoder_step(attention_mask)``
   and ``model.new_cache()``. ``attention_mask [B, n0]`` marks a left-padded prompt's real tokens.
+  A model whose ``decoder_step`` takes ``logits_to_keep`` is asked for the last position's logits
+  only (:func:`check_logits_to_keep`): the prompt's other positions need keys and values, not logits.
 * encoder-decoder: pass ``model.decoder_step(memory, memory_mask)`` and ``cache=model.new_cache()``.
   For :func:`beam_search` the step must already serve ``B * beam_size`` rows, so build it from
   ``expand_for_beams(memory, beam_size)`` (and the same for ``memory_mask``): the beams of input ``b``
@@ -55,6 +57,12 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
         _check_int("top_k", top_k, 1)
     if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1):
         raise ConfigError(f"top_p={top_p!r} must be in (0, 1]")
+
+
+def check_logits_to_keep(logits_to_keep: Any) -> None:
+    """A model's ``logits_to_keep``: ``None`` (every position's logits) or ``k >= 1`` (the last ``k``)."""
+    if logits_to_keep is not None:
+        _check_int("logits_to_keep", logits_to_keep, 1)
 
 
 def _check_tokens(name: str, tokens: Any) -> None:
@@ -119,7 +127,8 @@ def _stepper(model_or_step: Any, attention_mask: Tensor | None, cache: Any, use_
                 f"model_or_step: {type(model).__name__} has no decoder_step(attention_mask) and new_cache(); "
                 "for an encoder-decoder model pass model.decoder_step(memory, memory_mask) and cache=model.new_cache()"
             )
-        step = make(attention_mask=attention_mask)
+        last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(make).parameters else {}
+        step = make(attention_mask=attention_mask, **last_only)
         if use_cache and cache is None:
             cache = model.new_cache()
         return _Stepper(step, cache if use_cache else None)

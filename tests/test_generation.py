@@ -342,3 +342,48 @@ def test_threaded_decoding_products_equal_the_plain_ones(monkeypatch):
         torch.set_num_threads(before)
     torch.testing.assert_close(split_logits, plain_logits, rtol=1e-12, atol=1e-12)
     assert torch.equal(split_tokens, plain_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# logits_to_keep: generation projects only the last position
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep", [1, 3, 6, 50])
+def test_logits_to_keep_is_the_last_positions_of_the_full_logits(keep):
+    m = gpt().double()
+    ids, mask = left_padded_prompts()
+    with torch.no_grad():
+        full = m(ids, attention_mask=mask)
+        kept = m(ids, attention_mask=mask, logits_to_keep=keep)
+        cache = m.new_cache()
+        m(ids[:, :4], attention_mask=mask[:, :4], cache=cache)
+        cached = m(ids[:, 4:], attention_mask=mask, cache=cache, logits_to_keep=keep)
+    assert kept.shape == (3, min(keep, 6), V)
+    torch.testing.assert_close(kept, full[:, -keep:], rtol=0, atol=1e-12)
+    torch.testing.assert_close(cached, full[:, 4:][:, -keep:], rtol=0, atol=1e-12)
+
+
+def test_generate_projects_only_the_last_position(pair, monkeypatch):
+    """The prompt's prefill sends 1 row per sequence through the LM head, not all n0; tokens still equal HF's."""
+    from archlab.nn.blocks import DecodingCache
+
+    hf, ours = pair
+    ids, mask = left_padded_prompts()
+    rows, project = [], DecodingCache.project
+    monkeypatch.setattr(DecodingCache, "project", lambda self, h, head: rows.append(h.shape[1]) or project(self, h, head))
+    tokens = generate(ours, ids, attention_mask=mask, max_new_tokens=5)
+    assert rows == [1] * 5
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=5)
+    assert torch.equal(tokens, expected)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "1"])
+def test_logits_to_keep_must_be_a_positive_int(bad):
+    m = gpt()
+    ids = torch.randint(0, V, (1, 4))
+    for call in (lambda: m(ids, logits_to_keep=bad), lambda: m.decoder_step(logits_to_keep=bad)):
+        with pytest.raises(ConfigError, match=f"logits_to_keep={bad!r} must be an int >= 1"):
+            call()
+    with pytest.raises(ConfigError, match="logits_to_keep"):
+        m(ids, labels=ids, logits_to_keep=1)

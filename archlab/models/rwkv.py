@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from archlab.config import Config, check_choice, check_positive
 from archlab.errors import ConfigError, ShapeError
-from archlab.generation import Step
+from archlab.generation import Step, check_logits_to_keep
 from archlab.models.registry import register_family, register_preset
 from archlab.nn.inputs import check_token_ids
 from archlab.nn.linear import Linear
@@ -399,7 +399,14 @@ class RWKV(nn.Module):
             if state.batch_size is not None and state.batch_size != b:
                 raise ShapeError(f"state holds batch {state.batch_size} but input_ids has batch {b}")
 
-    def forward(self, input_ids: Tensor, *, state: RWKVState | None = None, mode: str = "parallel") -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        state: RWKVState | None = None,
+        mode: str = "parallel",
+        logits_to_keep: int | None = None,
+    ) -> Tensor:
         """Next-token logits.
 
         Args:
@@ -407,11 +414,15 @@ class RWKV(nn.Module):
             state: an :class:`RWKVState` (``new_cache()``) to continue from; updated in place.
             mode: ``parallel`` (chunked closed-form WKV) or ``recurrent`` (one token at a time). The
                 same function: they agree to rounding.
+            logits_to_keep: ``k``: the LM head reads only the last ``k`` positions (generation: 1).
+                ``None``: every position.
 
         Returns:
-            ``logits [B, N, V]``; ``logits[:, i]`` predicts the token after ``input_ids[:, i]``.
+            ``logits [B, N, V]`` (``[B, min(k, N), V]`` with ``logits_to_keep``); ``logits[:, i]``
+            predicts the token after ``input_ids[:, i]``.
         """
         self._check_inputs(input_ids, state, mode)
+        check_logits_to_keep(logits_to_keep)
         x = self.emb_norm(self.tok_emb(input_ids))  # [B, N, d]
         for i, block in enumerate(self.blocks):
             x, layer_state = block(x, None if state is None else state.layers[i], mode == "recurrent")
@@ -419,20 +430,24 @@ class RWKV(nn.Module):
                 state.layers[i] = layer_state
         if state is not None:
             state.length += input_ids.shape[1]
+        if logits_to_keep is not None:
+            x = x[:, -logits_to_keep:]  # [B, k, d]
         return self.lm_head(self.final_norm(x))
 
-    def decoder_step(self, attention_mask: Tensor | None = None) -> Step:
+    def decoder_step(self, attention_mask: Tensor | None = None, *, logits_to_keep: int | None = None) -> Step:
         """A step for :mod:`archlab.generation`: ``(tokens [B, n], state) -> logits [B, n, V]``.
 
         RWKV has no attention mask: a padding token would enter the recurrent state. So
-        ``attention_mask`` must be all ones (prompts of equal length), or absent.
+        ``attention_mask`` must be all ones (prompts of equal length), or absent. ``logits_to_keep``: as
+        in :meth:`forward`, for every call of the step.
         """
+        check_logits_to_keep(logits_to_keep)
         if attention_mask is not None and not bool((attention_mask == 1).all()):
             raise ConfigError(
                 "RWKV cannot skip padding (every token enters its recurrent state): generate from prompts of equal "
                 "length without padding, or one prompt at a time"
             )
-        return lambda tokens, cache=None: self(tokens, state=cache)
+        return lambda tokens, cache=None: self(tokens, state=cache, logits_to_keep=logits_to_keep)
 
 
 register_family("rwkv", RWKVConfig, RWKV, "RWKV-4: attention-free RNN language model, parallel (chunked) training mode")

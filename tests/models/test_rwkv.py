@@ -333,3 +333,19 @@ def test_tiny_preset_trains():
         losses.append(loss.item())
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_logits_to_keep_is_the_last_positions_and_generation_uses_it():
+    m = model().double()
+    ids = torch.randint(0, 53, (2, 7))
+    with torch.no_grad():
+        full = m(ids)
+        state = m.new_cache()
+        m(ids[:, :3], state=state)
+        kept = m(ids[:, 3:], state=state, logits_to_keep=2)
+    torch.testing.assert_close(kept, full[:, -2:], rtol=0, atol=1e-10)
+    step = m.decoder_step(logits_to_keep=1)
+    with torch.no_grad():
+        assert step(ids, m.new_cache()).shape == (2, 1, 53)
+    with pytest.raises(ConfigError, match="logits_to_keep=0 must be an int >= 1"):
+        m(ids, logits_to_keep=0)
