@@ -13,6 +13,7 @@ exit code 2, like argparse's own usage errors.
     archlab eval RUN_DIR|CKPT [--max-batches N] [--json]
     archlab convert SRC DST
     archlab embed TEXT... [--model minilm-l6|PATH] [--json]
+    archlab lab [list | NAME... | all] [--quick] [--seed S] [--out DIR] [--json]
 
 A run (train, generate, eval) is described in :mod:`archlab.train.run`.
 """
@@ -374,6 +375,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def args_lab(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help="labs to run, or 'all'; none (or 'list'): list the labs")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="the seconds-long version (smaller sizes, fewer steps)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--out", default="runs/labs", metavar="DIR",
+                        help="write DIR/NAME/result.json and plot.png (default runs/labs)")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    """List the labs, or run them: each prints its table, criterion and verdict and writes a plot."""
+    from archlab.labs import get_lab, list_labs, run_lab
+
+    if not args.names or args.names == ["list"]:
+        labs = list_labs()
+        if args.json:
+            print(json.dumps([{"name": lab.name, "claim": lab.claim, "source": lab.source, "tags": list(lab.tags)}
+                              for lab in labs], indent=2))  # fmt: skip
+        else:
+            print("\n".join(_table([["lab", "source", "claim"]] + [[lab.name, lab.source, lab.claim] for lab in labs],
+                                   "<<<")))  # fmt: skip
+        return 0
+    names = [lab.name for lab in list_labs()] if args.names == ["all"] else args.names
+    for name in names:  # every name checked before the first lab runs
+        get_lab(name)
+    reports = []
+    for name in names:
+        report = run_lab(name, quick=args.quick, seed=args.seed, out=args.out)
+        reports.append(report)
+        if not args.json:
+            print(report.describe(), end="\n\n", flush=True)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    elif len(reports) > 1:
+        print("\n".join(_table([["lab", "verdict"]] + [[r.lab.name, r.result.verdict] for r in reports], "<<")))
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     run: Callable[[argparse.Namespace], int]
@@ -389,6 +429,7 @@ COMMANDS: dict[str, Command] = {
     "eval": Command(cmd_eval, args_eval, "validation metrics of a trained run"),
     "convert": Command(cmd_convert, args_convert, "convert a model folder between Hugging Face and archlab"),
     "embed": Command(cmd_embed, args_embed, "sentence embeddings with a real pretrained model (all-MiniLM-L6-v2)"),
+    "lab": Command(cmd_lab, args_lab, "run the lessons' claims as experiments: numbers, a plot and a verdict"),
 }
 
 

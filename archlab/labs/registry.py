@@ -1,0 +1,192 @@
+"""The registry of labs: a lab is one claim of the lessons, tested by an experiment that returns numbers,
+a plot and a verdict.
+
+A lab module defines ``run(quick: bool, seed: int) -> LabResult`` and registers it with
+:func:`register_lab`, naming the claim and where the lessons make it. ``quick=True`` is the seconds-long
+version the tests run (smaller sizes, fewer steps); the default is the full experiment (at most a few
+minutes on 2 CPU cores). :func:`run_lab` runs one and, given a folder, writes ``NAME/result.json`` and
+``NAME/plot.png`` there atomically.
+
+The verdict is computed from the measured numbers against a criterion the lab states before it runs
+(``criterion``); where the lessons overstate, the lab says so ("not supported") with the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from archlab.errors import ConfigError, unknown
+
+VERDICTS = ("supported", "not supported")
+
+
+@dataclass
+class LabResult:
+    """What a lab measured.
+
+    Args:
+        columns: the table's header.
+        rows: the table, one list per row (numbers or short strings), as printed and saved.
+        criterion: the test the numbers are held to, in words with its thresholds (stated by the lab).
+        supported: whether the numbers meet ``criterion``.
+        finding: one or two sentences with the numbers behind the verdict.
+        plot: draws the figure on a ``matplotlib.figure.Figure`` (None: no plot).
+        notes: caveats (scale, what the small experiment cannot show).
+    """
+
+    columns: list[str]
+    rows: list[list[Any]]
+    criterion: str
+    supported: bool
+    finding: str
+    plot: Callable[[Any], None] | None = None
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        for row in self.rows:
+            if len(row) != len(self.columns):
+                raise ConfigError(f"a lab row has {len(row)} cells for {len(self.columns)} columns: {row!r}")
+
+    @property
+    def verdict(self) -> str:
+        return VERDICTS[0] if self.supported else VERDICTS[1]
+
+
+@dataclass(frozen=True)
+class Lab:
+    name: str
+    claim: str  # the claim as the lessons make it (quoted or closely paraphrased)
+    source: str  # where: "lesson 4, card 1", "deck: scaled dot-product", "notes 3.2"
+    run: Callable[[bool, int], LabResult]
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+LABS: dict[str, Lab] = {}
+
+
+def register_lab(name: str, claim: str, source: str, tags: Sequence[str] = ()) -> Callable:
+    """Decorator for a lab's ``run(quick, seed) -> LabResult``."""
+
+    def add(run: Callable[[bool, int], LabResult]) -> Callable[[bool, int], LabResult]:
+        if name in LABS:
+            raise ConfigError(f"lab {name!r} is registered twice")
+        LABS[name] = Lab(name, claim, source, run, tuple(tags))
+        return run
+
+    return add
+
+
+def list_labs() -> list[Lab]:
+    return [LABS[name] for name in sorted(LABS)]
+
+
+def get_lab(name: str) -> Lab:
+    if name not in LABS:
+        raise ConfigError(unknown("lab", name, LABS))
+    return LABS[name]
+
+
+@dataclass
+class LabReport:
+    """A lab's result with its identity and run settings; ``files`` holds what was written."""
+
+    lab: Lab
+    result: LabResult
+    quick: bool
+    seed: int
+    seconds: float
+    files: list[Path] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        r = self.result
+        return {
+            "lab": self.lab.name, "claim": self.lab.claim, "source": self.lab.source,
+            "verdict": r.verdict, "criterion": r.criterion, "finding": r.finding, "notes": r.notes,
+            "columns": r.columns, "rows": [[_jsonable(c) for c in row] for row in r.rows],
+            "quick": self.quick, "seed": self.seed, "seconds": round(self.seconds, 2),
+            "files": [str(f) for f in self.files],
+        }  # fmt: skip
+
+    def describe(self) -> str:
+        """The report as text: claim, table, criterion, verdict."""
+        r = self.result
+        cells = [r.columns] + [[_format(c) for c in row] for row in r.rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(r.columns))]
+        table = ["  " + "  ".join(f"{c:>{w}}" for c, w in zip(row, widths, strict=True)) for row in cells]
+        table.insert(1, "  " + "  ".join("-" * w for w in widths))
+        mode = "quick" if self.quick else "full"
+        lines = [f"{self.lab.name}: {self.lab.claim}", f"  ({self.lab.source}; {mode} run, seed {self.seed}, "
+                 f"{self.seconds:.1f} s)", "", *table, "", f"  criterion: {r.criterion}",
+                 f"  verdict:   {r.verdict.upper()}: {r.finding}"]  # fmt: skip
+        if r.notes:
+            lines.append(f"  notes:     {r.notes}")
+        lines += [f"  wrote:     {f}" for f in self.files]
+        return "\n".join(lines)
+
+
+def run_lab(name: str, *, quick: bool = False, seed: int = 0, out: str | Path | None = None) -> LabReport:
+    """Run lab ``name``; with ``out``, write ``out/NAME/result.json`` and ``out/NAME/plot.png`` (atomically)."""
+    import torch
+
+    lab = get_lab(name)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed={seed!r} must be an int >= 0")
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):  # a lab seeds what it uses and leaves the caller's RNG alone
+        torch.manual_seed(seed)
+        result = lab.run(quick, seed)
+    report = LabReport(lab, result, quick, seed, time.perf_counter() - start)
+    if out is not None:
+        _write(report, Path(out) / name)
+    return report
+
+
+def _write(report: LabReport, folder: Path) -> None:
+    from archlab.interop.io import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        names = ["result.json"]
+        if report.result.plot is not None and _plot(report, tmp / "plot.png"):
+            names.append("plot.png")
+        report.files = [folder / n for n in names]
+        (tmp / "result.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+
+
+def _plot(report: LabReport, path: Path) -> bool:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:  # matplotlib is a dependency; without it the numbers are still written
+        return False
+    fig = Figure(figsize=(9, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    report.result.plot(fig)
+    fig.suptitle(f"{report.lab.name}: {report.result.verdict}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(str(path))
+    return True
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):  # a 0-dim tensor or numpy scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _format(value: Any) -> str:
+    value = _jsonable(value)
+    if isinstance(value, float):
+        if value == 0 or 1e-3 <= abs(value) < 1e5:
+            return f"{value:.4g}"
+        return f"{value:.3e}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)

@@ -1,0 +1,115 @@
+"""The lab framework: registry, run_lab (seeding, files), reports, and the `archlab lab` command."""
+
+import json
+
+import pytest
+import torch
+
+from archlab.cli import main
+from archlab.errors import ConfigError
+from archlab.labs import LABS, LabResult, get_lab, list_labs, register_lab, run_lab
+
+
+@pytest.fixture
+def fake_labs(monkeypatch):
+    """Two registered fake labs; the real registry is restored afterwards."""
+    monkeypatch.setattr("archlab.labs.registry.LABS", {}, raising=True)
+    import archlab.labs.registry as registry
+
+    calls = []
+
+    @register_lab("fake-draw", claim="a draw is in [0, 1)", source="test")
+    def draw(quick, seed):
+        value = torch.rand(()).item()  # from the seed run_lab sets
+        calls.append((quick, seed, value))
+
+        def plot(fig):
+            fig.subplots().plot([0, 1], [0, value])
+
+        return LabResult(["quick", "value"], [[quick, value]], "0 <= value < 1", 0 <= value < 1, f"drew {value:.3f}",
+                         plot=plot)  # fmt: skip
+
+    @register_lab("fake-false", claim="never", source="test")
+    def never(quick, seed):
+        return LabResult(["x"], [[float("inf")]], "x is finite", False, "x was inf")
+
+    return registry, calls
+
+
+def test_real_registry_lists_sorted_labs_with_claims_and_sources():
+    names = [lab.name for lab in list_labs()]
+    assert names == sorted(names) and "sqrt-dk" in names
+    assert all(lab.claim and lab.source for lab in list_labs())
+    assert get_lab("sqrt-dk") is LABS["sqrt-dk"]
+
+
+def test_unknown_lab_names_the_closest(fake_labs):
+    with pytest.raises(ConfigError, match=r"unknown lab 'fake-drew' \(did you mean 'fake-draw'\?\)"):
+        run_lab("fake-drew")
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, "0"])
+def test_bad_seed_is_refused_before_running(fake_labs, seed):
+    _, calls = fake_labs
+    with pytest.raises(ConfigError, match="seed=.* must be an int >= 0"):
+        run_lab("fake-draw", seed=seed)
+    assert calls == []
+
+
+def test_registering_a_name_twice_is_refused(fake_labs):
+    with pytest.raises(ConfigError, match="registered twice"):
+        register_lab("fake-draw", claim="again", source="test")(lambda quick, seed: None)
+
+
+def test_rows_must_match_the_columns():
+    with pytest.raises(ConfigError, match="2 cells for 1 columns"):
+        LabResult(["a"], [[1, 2]], "c", True, "f")
+
+
+def test_run_is_seeded_and_leaves_the_callers_rng_alone(fake_labs):
+    _, calls = fake_labs
+    torch.manual_seed(123)
+    expected_next = torch.rand(()).item()
+    torch.manual_seed(123)
+    a = run_lab("fake-draw", seed=7)
+    assert torch.rand(()).item() == expected_next  # the caller's stream continues as if no lab ran
+    b = run_lab("fake-draw", seed=7, quick=True)
+    c = run_lab("fake-draw", seed=8)
+    assert a.result.rows[0][1] == b.result.rows[0][1] != c.result.rows[0][1]
+    assert [call[:2] for call in calls] == [(False, 7), (True, 7), (False, 8)]
+
+
+def test_files_are_written_and_replaced_whole(fake_labs, tmp_path):
+    report = run_lab("fake-draw", seed=1, out=tmp_path)
+    folder = tmp_path / "fake-draw"
+    assert sorted(p.name for p in folder.iterdir()) == ["plot.png", "result.json"]
+    assert (folder / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((folder / "result.json").read_text())
+    assert data["verdict"] == "supported" and data["seed"] == 1 and data["rows"] == [[False, report.result.rows[0][1]]]
+    assert data["files"] == [str(folder / "result.json"), str(folder / "plot.png")]
+    run_lab("fake-false", out=tmp_path)  # no plot: result.json only; infinities saved as strings
+    saved = json.loads((tmp_path / "fake-false" / "result.json").read_text())
+    assert saved["verdict"] == "not supported" and saved["rows"] == [["inf"]]
+    run_lab("fake-draw", seed=2, out=tmp_path)  # a second run replaces the folder
+    assert json.loads((folder / "result.json").read_text())["seed"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake-draw", "fake-false"]  # no temporary left
+
+
+def test_describe_shows_claim_table_criterion_and_verdict(fake_labs):
+    text = run_lab("fake-false").describe()
+    for part in ("fake-false: never", "criterion: x is finite", "verdict:   NOT SUPPORTED: x was inf", "inf"):
+        assert part in text
+
+
+def test_cli_lists_runs_and_refuses_unknown_names_first(fake_labs, tmp_path, capsys):
+    _, calls = fake_labs
+    assert main(["lab"]) == 0 and "fake-draw" in capsys.readouterr().out
+    assert main(["lab", "list", "--json"]) == 0
+    assert [lab["name"] for lab in json.loads(capsys.readouterr().out)] == ["fake-draw", "fake-false"]
+    assert main(["lab", "fake-draw", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown lab 'nope'" in capsys.readouterr().err and calls == []  # nothing ran
+    assert main(["lab", "all", "--quick", "--seed", "3", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "verdict:   SUPPORTED" in out and "fake-false  not supported" in out
+    assert main(["lab", "fake-false", "--json", "--out", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["verdict"] == "not supported"
