@@ -164,11 +164,10 @@ def _plot(report: LabReport, path: Path) -> bool:
         from matplotlib.figure import Figure
     except ImportError:  # matplotlib is a dependency; without it the numbers are still written
         return False
-    fig = Figure(figsize=(9, 4.2), dpi=110)
+    fig = Figure(figsize=(9, 4.2), dpi=110, layout="constrained")  # room for titles, labels and colour bars
     FigureCanvasAgg(fig)
     report.result.plot(fig)
     fig.suptitle(f"{report.lab.name}: {report.result.verdict}", fontsize=10)
-    fig.tight_layout()
     fig.savefig(str(path))
     return True
 
