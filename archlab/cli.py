@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -395,8 +396,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
             print(json.dumps([{"name": lab.name, "claim": lab.claim, "source": lab.source, "tags": list(lab.tags)}
                               for lab in labs], indent=2))  # fmt: skip
         else:
-            print("\n".join(_table([["lab", "source", "claim"]] + [[lab.name, lab.source, lab.claim] for lab in labs],
-                                   "<<<")))  # fmt: skip
+            for lab in labs:
+                print(f"{lab.name}  ({lab.source})")
+                print(textwrap.fill(lab.claim, width=100, initial_indent="    ", subsequent_indent="    "))
+            print(f"\n{len(labs)} labs; run one with `archlab lab NAME` (--quick: the seconds-long version)")
         return 0
     names = [lab.name for lab in list_labs()] if args.names == ["all"] else args.names
     for name in names:  # every name checked before the first lab runs
