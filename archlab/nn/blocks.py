@@ -156,8 +156,10 @@ class DecodingCache:
 
     def project(self, h: Tensor, head: nn.Module) -> Tensor:
         """Logits of the decoder output ``h [B, N, d]``: through the packed ``output`` if there is one,
-        else through the model's own ``head``."""
-        return head(h) if self.output is None else self.output(h)
+        else through the model's own ``head``. A head with forward hooks (a FLOP counter, a probe) is
+        called as the module, so whatever watches it sees the call."""
+        observed = bool(head._forward_hooks or head._forward_pre_hooks)
+        return head(h) if self.output is None or observed else self.output(h)
 
     def reorder(self, index: Tensor) -> None:
         """Beam search: batch row ``b`` becomes old row ``index[b]`` in every layer."""

@@ -60,6 +60,8 @@ def test_cached_decoding_counts_each_projection_once():
     full, summed = whole.report.by_component, incremental.report.by_component
     assert summed["projections"] == full["projections"]  # same tokens, K/V of memory once
     assert summed["feed_forward"] == full["feed_forward"]
+    # the cache's packed LM head is bypassed while the counter watches the head module
+    assert summed["output_head"] == full["output_head"] == 2 * 64 * 128 * 5
     d, L, N, M = 64, 2, 5, 7
     assert full["attention"] == L * (4 * N * N * d + 4 * N * M * d)  # dense causal
     assert summed["attention"] == L * (4 * (N * (N + 1) // 2) * d + 4 * N * M * d)  # step t sees t keys
