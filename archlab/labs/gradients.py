@@ -32,15 +32,14 @@ also with the LSTM's forget / the GRU's update gate biased open, and clips the p
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archlab.data import ClassificationBatches, digits
-from archlab.labs.registry import LabResult, register_lab
+from archlab.labs.registry import LabResult, one_thread, register_lab
 from archlab.models import build_model
 from archlab.models.mlp import MLPConfig, gradient_norms
 from archlab.models.rnn import RNNConfig
@@ -51,18 +50,6 @@ LR, BATCH, EVAL_EVERY = 1e-3, 64, 25  # Adam, digits per step, test accuracy eve
 HIDDEN, D_IN, SEQS = 64, 16, 16  # H, d_in, sequences B per seed
 GAINS = {"small": 1 / math.sqrt(3), "large": 3.0}  # std(W_hh) sqrt(H); "small" is PyTorch's init
 FIT_FROM = 10  # steps back where the per-step fit starts (the first steps are a transient)
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Width-64 layers are too small to share between threads: one intra-op thread is the fastest (and does
-    not spin against other processes on a 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def per_step_factor(steps: Sequence[float], values: Sequence[float]) -> tuple[float, float]:
@@ -161,7 +148,7 @@ def run(quick: bool, seed: int) -> LabResult:
     (x_train, y_train), _ = data
     x, y = x_train[:128].double(), y_train[:128]  # [B, 64]: the batch whose loss is backpropagated at init
 
-    with _one_thread():
+    with one_thread():
         grads = {
             (net, init, depth): _geomean([
                 gradient_norms(mlp_stack(depth, net == "residual", init, s).double(), x, y).first for s in grad_seeds
@@ -323,7 +310,7 @@ def run_rnn(quick: bool, seed: int) -> LabResult:
         x = torch.randn(SEQS, n, D_IN, generator=g, dtype=torch.float64)
         inputs[s] = x, torch.randn(SEQS, HIDDEN, generator=g, dtype=torch.float64) / math.sqrt(HIDDEN)
     curves, norms, worst_clip = {}, {}, 0.0
-    with _one_thread():
+    with one_thread():
         for kind, scale, bias in settings:
             per_seed, by_length = [], {m: [] for m in lengths}
             for s in seeds:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,20 @@ class LabReport:
             lines.append(f"  notes:     {r.notes}")
         lines += [f"  wrote:     {f}" for f in self.files]
         return "\n".join(lines)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread inside (the caller's count restored after): for labs of many tiny operations,
+    where a second thread only adds waiting, and whose float64 sums then do not depend on the thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_lab(name: str, *, quick: bool = False, seed: int = 0, out: str | Path | None = None) -> LabReport:
