@@ -83,7 +83,7 @@ class PackedLinear:
     The copy costs as much memory as ``weight`` and carries no gradients: build it for one inference
     run. If ``weight`` is changed in place afterwards, calls use ``weight`` itself (correct, unpacked).
     Where the packed copy does not apply (CUDA, one thread, a ``d_out`` not divisible by the thread
-    count, many rows, another dtype, autograd recording a product that needs gradients) the call is
+    count, a matrix under :data:`MIN_SPLIT_ELEMENTS`, many rows, another dtype, autograd recording a product that needs gradients) the call is
     ``F.linear`` on ``weight``.
     """
 
@@ -91,7 +91,7 @@ class PackedLinear:
         d_out, d_in = weight.shape
         self.weight, self.bias = weight, bias
         self.version = weight._version  # in-place updates (an optimizer step, copy_) bump it
-        k = _blocks(d_out, weight.device)
+        k = _blocks(d_out, weight.device) if weight.numel() >= MIN_SPLIT_ELEMENTS else 1  # small: one call is cheaper
         with torch.no_grad():
             self.blocks = None if k == 1 else weight.detach().reshape(k, d_out // k, d_in).transpose(1, 2).contiguous()
 

@@ -132,7 +132,10 @@ def test_cached_decoding_equals_full_decoding(norm_first, positional):
     assert (cached - full).abs().max() <= 1e-5
 
 
-def test_cached_decoding_reads_the_packed_head_on_two_threads():
+def test_cached_decoding_reads_the_packed_head_on_two_threads(monkeypatch):
+    import archlab.nn.linear as linear_module
+
+    monkeypatch.setattr(linear_module, "MIN_SPLIT_ELEMENTS", 0)  # pack even this tiny head
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archlab.nn.linear import MAX_SPLIT_ROWS, Linear, PackedLinear, linear
+from archlab.nn.linear import MAX_SPLIT_ROWS, MIN_SPLIT_ELEMENTS, Linear, PackedLinear, linear
 
 
 @pytest.fixture
@@ -118,3 +118,5 @@ def test_packed_is_not_built_where_it_cannot_be_used(threads):
     torch.testing.assert_close(packed(x), F.linear(x, w, b), rtol=0, atol=0)
     threads(2)  # more threads than it was packed for: F.linear
     torch.testing.assert_close(packed(x), F.linear(x, w, b), rtol=0, atol=0)
+    small = torch.randn(64, 48, dtype=torch.float64)  # under MIN_SPLIT_ELEMENTS: one kernel call is cheaper
+    assert small.numel() < MIN_SPLIT_ELEMENTS and PackedLinear(small).blocks is None
