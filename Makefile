@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install -q -c constraints.txt
 STAMP  := $(VENV)/.installed-test
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: setup demo demo-dates test test-all bench clean
+.PHONY: setup demo demo-dates labs test test-all bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ demo-dates: $(STAMP)
 	$(VENV)/bin/archlab train examples/demo_dates.json --out runs/demo-dates
 	$(VENV)/bin/archlab generate runs/demo-dates --prompt "Sunday, 20 July 1969"
 	$(VENV)/bin/archlab generate runs/demo-dates --prompt "Nov 9, 1989" --beam 4
+
+# Every lab: the lessons' claims as experiments (numbers, a plot and a verdict each), about 4.5 minutes.
+labs: $(STAMP)
+	$(VENV)/bin/archlab lab all --out runs/labs
 
 # The fast tier (what CI runs): everything not marked slow. Exit 5 (no tests collected) is not a pass.
 test: $(STAMP)

@@ -8,8 +8,8 @@ For ``N`` queries and ``M`` keys of width ``d``:
 
 Both take about ``2 N M d`` multiply-adds, but the additive score also moves ``N M d_attn`` numbers through
 an add and a ``tanh``, which run at memory speed, not matrix-product speed. The lab measures, with
-archlab's score modules (:mod:`archlab.nn.attention`): the largest tensor each creates (PyTorch's
-profiler), the FLOPs PyTorch counts (``FlopCounterMode``) and the wall time.
+archlab's score modules (:mod:`archlab.nn.attention`): the largest tensor each creates (seen at
+PyTorch's dispatcher), the FLOPs PyTorch counts (``FlopCounterMode``) and the wall time.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import statistics
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from archlab.labs.registry import LabResult, register_lab
@@ -27,11 +28,26 @@ from archlab.nn.attention import AdditiveScore, DotScore, ScaledDotScore
 WIDTH = 64  # d = d_attn
 
 
+class _LargestOutput(TorchDispatchMode):
+    """Records the bytes of the largest tensor any operation run inside it returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.nbytes)
+        return out
+
+
 def largest_allocation(fn) -> int:
-    """Bytes of the largest single CPU allocation made while ``fn()`` runs (no autograd)."""
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    """Bytes of the largest tensor an operation returns while ``fn()`` runs (no autograd; a view counts as its size)."""
+    with torch.no_grad(), _LargestOutput() as seen:
         fn()
-    return max((e.cpu_memory_usage for e in prof.events()), default=0)
+    return seen.largest
 
 
 def counted_flops(fn) -> int:
