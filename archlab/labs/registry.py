@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -147,15 +148,23 @@ def one_thread() -> Iterator[None]:
 
 def run_lab(name: str, *, quick: bool = False, seed: int = 0, out: str | Path | None = None) -> LabReport:
     """Run lab ``name``; with ``out``, write ``out/NAME/result.json`` and ``out/NAME/plot.png`` (atomically)."""
+    import numpy as np
     import torch
 
     lab = get_lab(name)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed={seed!r} must be an int >= 0")
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):  # a lab seeds what it uses and leaves the caller's RNG alone
-        torch.manual_seed(seed)
-        result = lab.run(quick, seed)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:  # a lab seeds what it uses and leaves the caller's generators (torch, Python, NumPy) as they were
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+            result = lab.run(quick, seed)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
     report = LabReport(lab, result, quick, seed, time.perf_counter() - start)
     if out is not None:
         _write(report, Path(out) / name)

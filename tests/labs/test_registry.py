@@ -1,7 +1,9 @@
 """The lab framework: registry, run_lab (seeding, files), reports, and the `archlab lab` command."""
 
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ def fake_labs(monkeypatch):
     @register_lab("fake-draw", claim="a draw is in [0, 1)", source="test")
     def draw(quick, seed):
         value = torch.rand(()).item()  # from the seed run_lab sets
+        random.random(), np.random.rand()  # the other generators too
         calls.append((quick, seed, value))
 
         def plot(fig):
@@ -69,10 +72,15 @@ def test_rows_must_match_the_columns():
 def test_run_is_seeded_and_leaves_the_callers_rng_alone(fake_labs):
     _, calls = fake_labs
     torch.manual_seed(123)
-    expected_next = torch.rand(()).item()
+    random.seed(123)
+    np.random.seed(123)
+    expected_next = torch.rand(()).item(), random.random(), np.random.rand()
     torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
     a = run_lab("fake-draw", seed=7)
-    assert torch.rand(()).item() == expected_next  # the caller's stream continues as if no lab ran
+    # the caller's streams continue as if no lab ran
+    assert (torch.rand(()).item(), random.random(), np.random.rand()) == expected_next
     b = run_lab("fake-draw", seed=7, quick=True)
     c = run_lab("fake-draw", seed=8)
     assert a.result.rows[0][1] == b.result.rows[0][1] != c.result.rows[0][1]
