@@ -1,5 +1,6 @@
 """Analysis of a model from its shapes: parameters by component (``params``), forward FLOPs by component
-(``flops``), and the memory of attention scores, KV caches and training activations (``memory``).
+(``flops``), and the memory of attention scores, KV caches and training activations (``memory``); and of
+measured losses: power-law (scaling-law) fits (``scaling``).
 
 Counts read shapes only: give them a model built on the ``meta`` device and nothing is allocated or
 computed (a forward that reads tensor values, such as a data-dependent branch, cannot run there).
@@ -14,8 +15,10 @@ from archlab.analysis.memory import (
     training_activation_bytes,
 )
 from archlab.analysis.params import ParamReport, ParamRow, count_parameters, human
+from archlab.analysis.scaling import PowerLawFit, fit_power_law
 
 __all__ = [
-    "FlopCounter", "FlopReport", "ParamReport", "ParamRow", "attention_bytes", "count_flops", "count_parameters",
-    "dtype_bytes", "human", "kv_cache_bytes", "score_matrix_bytes", "training_activation_bytes",
+    "FlopCounter", "FlopReport", "ParamReport", "ParamRow", "PowerLawFit", "attention_bytes", "count_flops",
+    "count_parameters", "dtype_bytes", "fit_power_law", "human", "kv_cache_bytes", "score_matrix_bytes",
+    "training_activation_bytes",
 ]  # fmt: skip

@@ -1,0 +1,205 @@
+r"""Scaling laws: held-out loss against model size, ``L(N) = (N_c / N)^alpha_N`` (Kaplan et al. 2020).
+
+Byte-level GPTs of several shapes ``(d, n_layer)``, with ``A = d / 16`` heads of width ``d_k = 16`` (one head
+below ``d = 16``), are trained on the same batches of Python standard-library source (the same ``D`` tokens,
+same seed, same schedule) and scored on the same held-out bytes. ``N`` is Kaplan's non-embedding parameter
+count (everything but the token and position tables; the LM head is tied to the token table); per block
+``4 d^2`` attention and ``2 d d_ff = 8 d^2`` FFN weights give the cards' ``N ~ 12 n_layer d^2``. Two fits of
+the ``(N, loss)`` points, in log space (:func:`archlab.analysis.scaling.fit_power_law`)::
+
+    pure          L(N) = (N_c / N)^alpha_N           a straight line in log-log
+    irreducible   L(N) = E + (N_c / N)^alpha_N       the loss no size removes: entropy, and here the fixed D
+
+The loss is also measured at checkpoints along training; each is a compute ``C = 6 N D_seen`` (forward and
+backward, 6 FLOPs per parameter per token), and the lower envelope over all models (the compute frontier) is
+fitted with ``L(C) = (C_c / C)^alpha_C``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from archlab.analysis import count_parameters
+from archlab.analysis.scaling import PowerLawFit, fit_power_law
+from archlab.data import ByteTokenizer, LMWindows, encode_texts, python_source, unigram_loss
+from archlab.labs.registry import LabResult, register_lab
+from archlab.models.gpt import GPT, GPTConfig
+from archlab.train import build_optimizer, build_scheduler
+from archlab.train.schedules import WarmupCosine
+
+CORPUS_BYTES = 2_000_000  # of stdlib source: ~1.9M training and ~57K held-out byte tokens
+HEAD_WIDTH = 16  # d_k
+LR, CLIP = 1e-2, 1.0
+MIN_R2 = 0.9  # the pure power law's R^2 in log space
+KAPLAN = {"alpha_N": 0.076, "alpha_C": 0.050}  # Kaplan et al. 2020, eq. 1.1 and 1.3 (C_min)
+CHECKPOINTS = 7  # evaluations along training, geometrically spaced from the first step after warmup to the last
+
+
+def gpt_config(d: int, n_layers: int, seq_len: int) -> GPTConfig:
+    """A byte-level GPT of width ``d`` and ``n_layers`` blocks (``A = d / 16``, at least 1), without dropout."""
+    return GPTConfig(vocab_size=ByteTokenizer().vocab_size, max_len=seq_len, d_model=d,
+                     n_heads=max(1, d // HEAD_WIDTH), n_layers=n_layers, dropout=0.0, attn_dropout=0.0)  # fmt: skip
+
+
+def non_embedding_params(model: nn.Module) -> int:
+    """Kaplan's ``N``: every distinct parameter except the embedding tables (token, position)."""
+    report = count_parameters(model)
+    return report.total - report.by_component["embeddings"]
+
+
+@torch.no_grad()
+def held_out_loss(model: GPT, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean next-token cross-entropy (nats per byte) of ``model`` on ``inputs, labels [B, T]``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss = model.loss(inputs, labels).item()
+    model.train(was_training)
+    return loss
+
+
+def checkpoint_steps(first: int, last: int, count: int) -> list[int]:
+    """Up to ``count`` distinct steps, geometrically spaced from ``first`` to ``last`` (both included)."""
+    return sorted({round(first * (last / first) ** (k / (count - 1))) for k in range(count)})
+
+
+def train_and_score(config: GPTConfig, batches: LMWindows, steps: int, seed: int,
+                    evaluate_at: list[int], evaluate) -> tuple[GPT, dict[int, float]]:  # fmt: skip
+    """Train a fresh GPT of ``config`` ``steps`` AdamW steps on ``batches`` (warmup then cosine decay, gradients
+    clipped to ``CLIP``; a bare loop as in the length-extrapolation lab); return it and
+    ``{step: evaluate(model)}`` after each step in ``evaluate_at``."""
+    torch.manual_seed(seed)
+    model = GPT(config).train()
+    optimizer = build_optimizer(model, lr=LR)
+    scheduler = build_scheduler(optimizer, WarmupCosine(steps // 10, steps))
+    scores = {}
+    for step in range(1, steps + 1):
+        batch = batches.batch(step - 1)
+        loss = model.loss(batch["input_ids"], batch["labels"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        scheduler.step()
+        if step in evaluate_at:
+            scores[step] = evaluate(model)
+    return model, scores
+
+
+def compute_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The ``(C, loss)`` points no cheaper-or-equal point beats: the lower envelope, by increasing ``C``."""
+    frontier: list[tuple[float, float]] = []
+    for c, loss in sorted(points, key=lambda p: (p[0], p[1])):
+        if not frontier or loss < frontier[-1][1]:
+            frontier.append((c, loss))
+    return frontier
+
+
+def judge(losses: list[float], fit: PowerLawFit) -> tuple[bool, bool]:
+    """The criterion on the final losses by increasing ``N``: ``(supported, strictly decreasing)``."""
+    decreasing = all(b < a for a, b in zip(losses, losses[1:]))
+    return decreasing and fit.r2 >= MIN_R2, decreasing
+
+
+@register_lab(
+    "scaling-laws",
+    claim="Model performance scales predictably as a power law in the number of parameters, "
+    "L(N) ~ (N_c / N)^alpha_N (and likewise in compute and data), when not bottlenecked by the other factors; "
+    "N ~ 2 d n_layer (2 d_attn + d_ff) ~ 12 n_layer d^2",
+    source="deck: scaling laws (Kaplan et al., 2020); deck: parameter estimation",
+    tags=("scaling", "training"),
+)
+def run(quick: bool, seed: int) -> LabResult:
+    if quick:
+        sizes, seq_len, batch_size, steps, windows = ((8, 1), (16, 1), (16, 2), (24, 2), (32, 2)), 32, 16, 100, 64
+    else:
+        sizes, seq_len, batch_size, steps, windows = ((16, 2), (32, 2), (48, 2), (64, 3), (96, 3)), 64, 32, 1000, 512
+    tokenizer = ByteTokenizer()
+    corpus = python_source(max_bytes=CORPUS_BYTES)
+    train_ids = encode_texts(corpus.train_texts, tokenizer)
+    held_out = torch.from_numpy(encode_texts(corpus.valid_texts, tokenizer).astype("int64"))
+    total = windows * seq_len  # held-out predictions every model is scored on
+    inputs, labels = held_out[:total].view(-1, seq_len), held_out[1 : total + 1].view(-1, seq_len)
+    unigram = unigram_loss(train_ids, labels.flatten().numpy(), tokenizer.vocab_size)
+    batches = LMWindows(train_ids, seq_len=seq_len, batch_size=batch_size, seed=seed)
+    tokens_per_step = batch_size * seq_len
+    at = checkpoint_steps(steps // 8, steps, CHECKPOINTS)  # from just after the warmup (steps // 10)
+
+    models = []  # (d, n_layer, N, total parameters, {step: held-out loss})
+    for d, n_layers in sizes:
+        config = gpt_config(d, n_layers, seq_len)
+        model, curve = train_and_score(config, batches, steps, seed, at, lambda m: held_out_loss(m, inputs, labels))
+        models.append((d, n_layers, non_embedding_params(model), count_parameters(model).total, curve))
+    n_params = [m[2] for m in models]
+    losses = [m[4][steps] for m in models]
+    pure, floor = fit_power_law(n_params, losses), fit_power_law(n_params, losses, irreducible=True)
+    by_formula = fit_power_law([12 * nl * d**2 for d, nl, *_ in models], losses)
+    curves = {n: [(6 * n * s * tokens_per_step, loss) for s, loss in curve.items()] for _, _, n, _, curve in models}
+    frontier = compute_frontier([p for points in curves.values() for p in points])
+    compute_fit = fit_power_law(*zip(*frontier)) if len(frontier) >= 3 else None
+    supported, decreasing = judge(losses, pure)
+
+    rows = [[d, nl, max(1, d // HEAD_WIDTH), n, 12 * nl * d**2, total_params, loss, pure.predict(n), floor.predict(n)]
+            for (d, nl, n, total_params, _), loss in zip(models, losses)]  # fmt: skip
+    drops = ", ".join(f"{a - b:+.3f}" for a, b in zip(losses, losses[1:]))
+    finding = (
+        f"held-out loss falls {losses[0]:.3f} -> {losses[-1]:.3f} nats/byte as N grows {n_params[0]:,} -> "
+        f"{n_params[-1]:,} (step drops {drops}; {'strictly decreasing' if decreasing else 'not monotone'}); "
+        f"pure fit alpha_N = {pure.alpha:.3f} (Kaplan: {KAPLAN['alpha_N']}) with R^2 = {pure.r2:.3f}; with an "
+        f"irreducible term E = {floor.irreducible:.2f}, alpha_N = {floor.alpha:.2f} and R^2 = {floor.r2:.4f}"
+    )
+    if compute_fit is not None:
+        finding += f"; compute frontier alpha_C = {compute_fit.alpha:.3f} (Kaplan: {KAPLAN['alpha_C']})"
+
+    def plot(fig) -> None:
+        from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
+
+        ax1, ax2 = fig.subplots(1, 2)
+        grid = np.geomspace(n_params[0] / 1.5, n_params[-1] * 1.5, 100)
+        ax1.plot(n_params, losses, "o", color="k", label="held-out loss (end of training)", zorder=3)
+        ax1.plot(grid, pure.predict(grid), "-", label=f"{pure.formula('N')}  (R^2 {pure.r2:.3f})")
+        ax1.plot(grid, floor.predict(grid), "--", label=f"{floor.formula('N')}  (R^2 {floor.r2:.4f})")
+        kaplan = losses[0] * (n_params[0] / grid) ** KAPLAN["alpha_N"]
+        ax1.plot(grid, kaplan, ":", color="gray", label=f"Kaplan's slope alpha_N = {KAPLAN['alpha_N']} (for scale)")
+        ax1.axhline(unigram, color="gray", lw=0.8, ls="-.", label=f"unigram baseline {unigram:.2f}")
+        ax1.set(xscale="log", yscale="log", xlabel="N: non-embedding parameters", ylabel="held-out loss (nats / byte)",
+                title=f"L(N) after D = {steps * tokens_per_step:,} tokens")  # fmt: skip
+        for n, points in curves.items():
+            c, loss = zip(*points)
+            ax2.plot(c, loss, "o-", ms=3, lw=1, label=f"N = {n:,}")
+        if compute_fit is not None:
+            c = np.array([frontier[0][0], frontier[-1][0]])
+            ax2.plot(c, compute_fit.predict(c), "k--", lw=1.5, label=f"frontier fit {compute_fit.formula('C')}")
+        ax2.set(xscale="log", yscale="log", xlabel="C = 6 N D (FLOPs)", ylabel="held-out loss (nats / byte)",
+                title="L(C): checkpoints along training")  # fmt: skip
+        for ax in (ax1, ax2):
+            ax.yaxis.set(major_locator=MaxNLocator(8), minor_locator=NullLocator(), major_formatter=ScalarFormatter())
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=6.5)
+
+    return LabResult(
+        columns=["d", "n_layer", "A", "N (non-emb.)", "12 n_layer d^2", "params (all)", "held-out loss"]
+        + ["pure fit", "fit with E"],
+        rows=rows,
+        criterion=f"the held-out loss falls strictly from each size to the next larger one, and the pure power law "
+        f"L = (N_c / N)^alpha_N fits the (N, loss) points with R^2 >= {MIN_R2} in log space; alpha_N is reported "
+        f"next to Kaplan's {KAPLAN['alpha_N']}, not judged (it depends on the data, tokenizer and scale)",
+        supported=supported,
+        finding=finding,
+        plot=plot,
+        notes=f"byte-level GPTs, {len(sizes)} sizes, each trained on the same {steps} AdamW steps of {batch_size} x "
+        f"{seq_len} tokens (D = {steps * tokens_per_step:,}), lr {LR} with 10% warmup and cosine decay, one seed "
+        f"(of lr 3e-3, 6e-3 and 1e-2 tried on seed 0, 1e-2 gave the lowest loss at every size but the largest, where "
+        f"6e-3 was 0.006 lower; Kaplan's lr(N) rule, ~2e-3, was worse at every size); scored on {total:,} held-out "
+        f"bytes (unigram baseline {unigram:.2f}). With N ~ 12 n_layer d^2 in place of the exact count the pure fit "
+        f"gives alpha_N = {by_formula.alpha:.3f} (R^2 {by_formula.r2:.3f}). Kaplan's exponents come from 768 to 1.5B "
+        f"non-embedding parameters trained towards convergence on WebText2 BPE tokens; these models sit at the bottom "
+        f"of that range, are byte-level, and share one fixed D, so the larger ones are likely bottlenecked by data and "
+        f"steps (Kaplan's L(N, D)): a plausible cause of the bend that E absorbs. The L(C) points are checkpoints "
+        f"after warmup on one cosine schedule per model (annealed only at the end), so the frontier overstates the "
+        f"loss at small C, and Kaplan's alpha_C is for compute-efficient training. A fit of {len(sizes)} points cannot "
+        f"tell a power law from other smooth decreasing curves; it only shows whether one describes them. Seed 1 gives "
+        "the same verdict (alpha_N 0.093, R^2 0.979; with E: alpha_N 0.32). Quick mode (100 steps of 16 x 32 tokens) "
+        "is a smoke test: its models barely leave the unigram baseline and its verdict means nothing",
+    )
