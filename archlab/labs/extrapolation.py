@@ -24,10 +24,9 @@ from torch import Tensor
 
 from archlab.data import ByteTokenizer, LMWindows, encode_texts, python_source, unigram_loss
 from archlab.errors import ShapeError
+from archlab.labs.common import train_gpt
 from archlab.labs.registry import LabResult, register_lab
 from archlab.models.gpt import GPT, GPTConfig
-from archlab.train import build_optimizer, build_scheduler
-from archlab.train.schedules import WarmupCosine
 
 ENCODINGS = ("learned", "sinusoidal", "rope", "alibi")
 CORPUS_BYTES = 2_000_000  # of stdlib source: ~1.9M training and ~57K held-out byte tokens
@@ -54,25 +53,11 @@ def position_losses(model: GPT, inputs: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(0)
 
 
-def train_gpt(positional: str, batches: LMWindows, steps: int, seed: int) -> GPT:
-    """A fresh ``D_MODEL``-wide GPT with ``positional`` encoding, trained ``steps`` AdamW steps on ``batches``
-    (warmup then cosine decay, gradients clipped to ``CLIP``). A bare loop rather than
-    :class:`archlab.train.Trainer`, whose ``fit`` reseeds Python's and NumPy's global generators."""
-    torch.manual_seed(seed)
+def train_model(positional: str, batches: LMWindows, steps: int, seed: int) -> GPT:
+    """A fresh ``D_MODEL``-wide byte-level GPT with ``positional`` encoding, trained on ``batches``."""
     config = GPTConfig(vocab_size=ByteTokenizer().vocab_size, max_len=batches.seq_len, d_model=D_MODEL,
                        n_heads=HEADS, n_layers=LAYERS, dropout=0.0, attn_dropout=0.0, positional=positional)  # fmt: skip
-    model = GPT(config).train()
-    optimizer = build_optimizer(model, lr=LR)
-    scheduler = build_scheduler(optimizer, WarmupCosine(steps // 10, steps))
-    for step in range(steps):
-        batch = batches.batch(step)
-        loss = model.loss(batch["input_ids"], batch["labels"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        optimizer.step()
-        scheduler.step()
-    return model
+    return train_gpt(config, batches, steps, lr=LR, seed=seed, clip=CLIP)[0]
 
 
 def judge(losses: dict[str, dict[int, float | None]], train_len: int) -> tuple[bool, dict[str, float]]:
@@ -110,7 +95,7 @@ def run(quick: bool, seed: int) -> LabResult:
     beyond: dict[str, dict[int, float]] = {}  # mean loss of the positions >= L only
     curves: dict[str, Tensor] = {}  # per-position loss at the longest length
     for positional in ENCODINGS:
-        model = train_gpt(positional, batches, steps, seed)
+        model = train_model(positional, batches, steps, seed)
         losses[positional], beyond[positional] = {}, {}
         for n in lengths:
             inputs, labels = eval_windows(held_out, n, total)

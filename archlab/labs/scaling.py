@@ -24,10 +24,9 @@ from torch import nn
 from archlab.analysis import count_parameters
 from archlab.analysis.scaling import PowerLawFit, fit_power_law
 from archlab.data import ByteTokenizer, LMWindows, encode_texts, python_source, unigram_loss
+from archlab.labs.common import train_gpt
 from archlab.labs.registry import LabResult, register_lab
 from archlab.models.gpt import GPT, GPTConfig
-from archlab.train import build_optimizer, build_scheduler
-from archlab.train.schedules import WarmupCosine
 
 CORPUS_BYTES = 2_000_000  # of stdlib source: ~1.9M training and ~57K held-out byte tokens
 HEAD_WIDTH = 16  # d_k
@@ -62,29 +61,6 @@ def held_out_loss(model: GPT, inputs: torch.Tensor, labels: torch.Tensor) -> flo
 def checkpoint_steps(first: int, last: int, count: int) -> list[int]:
     """Up to ``count`` distinct steps, geometrically spaced from ``first`` to ``last`` (both included)."""
     return sorted({round(first * (last / first) ** (k / (count - 1))) for k in range(count)})
-
-
-def train_and_score(config: GPTConfig, batches: LMWindows, steps: int, seed: int,
-                    evaluate_at: list[int], evaluate) -> tuple[GPT, dict[int, float]]:  # fmt: skip
-    """Train a fresh GPT of ``config`` ``steps`` AdamW steps on ``batches`` (warmup then cosine decay, gradients
-    clipped to ``CLIP``; a bare loop as in the length-extrapolation lab); return it and
-    ``{step: evaluate(model)}`` after each step in ``evaluate_at``."""
-    torch.manual_seed(seed)
-    model = GPT(config).train()
-    optimizer = build_optimizer(model, lr=LR)
-    scheduler = build_scheduler(optimizer, WarmupCosine(steps // 10, steps))
-    scores = {}
-    for step in range(1, steps + 1):
-        batch = batches.batch(step - 1)
-        loss = model.loss(batch["input_ids"], batch["labels"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        optimizer.step()
-        scheduler.step()
-        if step in evaluate_at:
-            scores[step] = evaluate(model)
-    return model, scores
 
 
 def compute_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -129,7 +105,8 @@ def run(quick: bool, seed: int) -> LabResult:
     models = []  # (d, n_layer, N, total parameters, {step: held-out loss})
     for d, n_layers in sizes:
         config = gpt_config(d, n_layers, seq_len)
-        model, curve = train_and_score(config, batches, steps, seed, at, lambda m: held_out_loss(m, inputs, labels))
+        model, curve = train_gpt(config, batches, steps, lr=LR, seed=seed, clip=CLIP, evaluate_at=at,
+                                 evaluate=lambda m: held_out_loss(m, inputs, labels))  # fmt: skip
         models.append((d, n_layers, non_embedding_params(model), count_parameters(model).total, curve))
     n_params = [m[2] for m in models]
     losses = [m[4][steps] for m in models]
