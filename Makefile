@@ -36,7 +36,7 @@ demo-dates: $(STAMP)
 	$(VENV)/bin/archlab generate runs/demo-dates --prompt "Sunday, 20 July 1969"
 	$(VENV)/bin/archlab generate runs/demo-dates --prompt "Nov 9, 1989" --beam 4
 
-# Every lab: the lessons' claims as experiments (numbers, a plot and a verdict each), about 4.5 minutes.
+# Every lab: the lessons' claims as experiments (numbers, a plot and a verdict each), about 6 minutes.
 labs: $(STAMP)
 	$(VENV)/bin/archlab lab all --out runs/labs
 
