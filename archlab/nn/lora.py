@@ -152,12 +152,12 @@ def _listing(names: list[str], limit: int = 12) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _shared_weight(model: nn.Module, name: str, linear: nn.Linear) -> str | None:
-    """Another name under which ``linear``'s weight is reached (a tied head), or None."""
-    for other, p in model.named_parameters(remove_duplicate=False):
-        if p is linear.weight and other != (f"{name}.weight" if name else "weight"):
-            return other
-    return None
+def _parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name under which each parameter is reached, by ``id``: a tied weight has two or more."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
 
 
 def _resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
@@ -196,11 +196,12 @@ def apply_lora(
     """
     check_lora_args(r, alpha, dropout)
     names = _resolve_targets(model, targets)
+    parameter_names = _parameter_names(model)  # one pass over the model, not one per target
     for name in names:
         if not name:
             raise ConfigError("apply_lora adapts the Linear layers inside a model; wrap a bare nn.Linear in LoRALinear")
-        linear = model.get_submodule(name)
-        tied = _shared_weight(model, name, linear)
+        own = f"{name}.weight"
+        tied = next((other for other in parameter_names[id(model.get_submodule(name).weight)] if other != own), None)
         if tied is not None:
             raise ConfigError(
                 f"LoRA target {name!r}: its weight is shared with {tied!r} (tied weights); an adapter could not be "
