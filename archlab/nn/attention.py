@@ -344,6 +344,7 @@ def attend(
         ``out [..., N, d_v]``, or ``(out, weights)`` when ``return_weights``.
     """
     check_choice("backend", backend, BACKENDS)
+    check_probability("dropout_p", dropout_p)
     check_attend_inputs(q, k, v, mask, bias, same_width=score is None)
     if isinstance(score, AlignmentScore):
         score.check_widths(q.shape[-1], k.shape[-1])

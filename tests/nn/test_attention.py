@@ -689,6 +689,9 @@ def bad_attend_cases():
         ),
         ("backend", (q, k, v), {"backend": "sdap"}, ConfigError, r"'sdap' \(did you mean 'sdpa'\?\)"),
         ("sdpa_weights", (q, k, v), {"backend": "sdpa", "return_weights": True}, ConfigError, r"backend='sdpa'"),
+        ("dropout_above_one", (q, k, v), {"dropout_p": 1.5}, ConfigError, r"dropout_p=1.5 must be in \[0, 1\)"),
+        ("dropout_one", (q, k, v), {"dropout_p": 1.0}, ConfigError, r"dropout_p=1.0 must be in \[0, 1\)"),
+        ("dropout_negative", (q, k, v), {"dropout_p": -0.1}, ConfigError, r"dropout_p=-0.1 must be in \[0, 1\)"),
     ]
 
 
