@@ -7,16 +7,11 @@ Read top to bottom it is the GPT-2 forward pass::
     x_l  = x_l     + FFN(LN(x_l))                          FFN(h) = gelu_tanh(h W_1 + b_1) W_2 + b_2
     logits = LN_f(x_L) E^T                                 tied LM head, [B, N, V]
 
-Every piece comes from :mod:`archlab.nn`: the blocks are :class:`~archlab.nn.DecoderBlock` without
-cross-attention, stacked in a :class:`~archlab.nn.Decoder` (which adds the final LayerNorm of a
-pre-norm stack). RoPE, ALiBi and sinusoidal positions replace the learned table on request.
-
-Positions and padding. A token's position is the number of real tokens before it. Without an
-``attention_mask`` that is ``offset + i`` (``offset`` = what the cache holds); with one it is
-``cumsum(attention_mask) - 1`` (:func:`positions_from_mask`), so a left-padded row gets the same
-positions, hence the same logits, as the row alone: what batched generation needs. Explicit
-``position_ids`` are honoured by the absolute encodings (learned, sinusoidal). RoPE and ALiBi make
-scores depend on ``i - j`` only, which a per-row shift leaves unchanged, so they need no ids.
+Everything but the config and the init lives in :class:`~archlab.models.decoder.DecoderLM`, the
+decoder-only base GPT shares with the Llama family (input checks, positions and padding, the fused
+loss, cached decoding): the blocks are :class:`~archlab.nn.DecoderBlock` without cross-attention,
+stacked in a :class:`~archlab.nn.Decoder` (which adds the final LayerNorm of a pre-norm stack). RoPE,
+ALiBi and sinusoidal positions replace the learned table on request.
 """
 
 from __future__ import annotations
@@ -25,46 +20,20 @@ import dataclasses
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from archlab.config import Config, check_choice, check_divisible, check_positive, check_probability
-from archlab.errors import ConfigError, ShapeError
-from archlab.generation import Step, check_logits_to_keep
+from archlab.models.decoder import DecoderConfig, DecoderLM, positions_from_mask
 from archlab.models.registry import register_family, register_preset
-from archlab.nn.attention import BACKENDS, padding_mask
-from archlab.nn.blocks import Decoder, DecodingCache
+from archlab.nn.attention import BACKENDS
 from archlab.nn.feedforward import FEEDFORWARDS
-from archlab.nn.inputs import check_token_ids, describe as _describe
-from archlab.nn.linear import Linear
-from archlab.nn.loss import linear_cross_entropy
-from archlab.nn.norm import LayerNorm
-from archlab.nn.positional import (
-    POSITIONAL_KINDS,
-    LearnedPositionalEncoding,
-    build_positional,
-    check_rope_width,
-    sinusoid_table,
-)
+from archlab.nn.positional import POSITIONAL_KINDS, check_rope_width
 
-ABSOLUTE_POSITIONAL = ("learned", "sinusoidal")  # added to the input; the ones position_ids act on
-
-
-class DecoderWidths:
-    """The derived widths of a decoder-only config with ``d_model``, ``n_heads`` and ``d_ff`` (GPT, Transformer-XL)."""
-
-    @property
-    def d_head(self) -> int:
-        """``d_k = d / A``."""
-        return self.d_model // self.n_heads
-
-    @property
-    def ffn_width(self) -> int:
-        """The FFN hidden width: ``d_ff``, or ``4 d`` when it is None."""
-        return 4 * self.d_model if self.d_ff is None else self.d_ff
+__all__ = ["GPT", "GPTConfig", "positions_from_mask"]
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTConfig(DecoderWidths, Config):
+class GPTConfig(DecoderConfig, Config):
     """A GPT. The defaults are GPT-2 small (124M parameters).
 
     Args:
@@ -118,241 +87,25 @@ class GPTConfig(DecoderWidths, Config):
         check_rope_width(self.positional, self.d_model, self.n_heads)
 
 
-def positions_from_mask(attention_mask: Tensor) -> Tensor:
-    """``[B, M]`` 0/1 mask of real tokens -> ``[B, M]`` positions ``cumsum - 1`` (padding gets 0).
-
-    ``[[0, 0, 1, 1, 1]] -> [[0, 0, 0, 1, 2]]``: a left-padded row's real tokens sit at 0, 1, 2 as if
-    unpadded. The same rule as Hugging Face's ``generate``.
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-class GPT(nn.Module):
-    """Decoder-only language model; ``input_ids [B, N] -> logits [B, N, V]``.
+class GPT(DecoderLM):
+    """Decoder-only language model; ``input_ids [B, N] -> logits [B, N, V]`` (see :class:`DecoderLM`).
 
     Submodules: ``tok_emb`` (``E``, ``[V, d]``), ``pos`` (the positional encoding), ``decoder``
     (:class:`~archlab.nn.Decoder` of ``L`` causal blocks, final norm included), ``lm_head``
     (``[V, d]``; the same Parameter as ``tok_emb.weight`` when tied).
     """
 
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        if not isinstance(config, GPTConfig):
-            raise ConfigError(f"GPT needs a GPTConfig, got {type(config).__name__}")
-        self.config = c = config
-        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
-        self.pos = build_positional(c.positional, d_model=c.d_model, n_heads=c.n_heads, max_len=c.max_len)
-        self.drop = nn.Dropout(c.dropout)
-        self.decoder = Decoder(
-            c.n_layers, c.d_model, c.n_heads, c.ffn_width, cross_attention=False,
-            dropout=c.dropout, attn_dropout=c.attn_dropout, ffn=c.ffn, norm="layernorm",
-            norm_first=c.norm_first, eps=c.eps, bias=c.bias, backend=c.backend,
-        )  # fmt: skip
-        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
-        self.reset_parameters()
-        if c.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
+    config_cls = GPTConfig
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """GPT-2 init: weights ``N(0, 0.02)``, biases 0, LayerNorm ``(1, 0)``; the two projections that
         write into the residual stream (attention ``W_O``, FFN ``W_2``) get ``std 0.02 / sqrt(2 L)``."""
-        std = 0.02
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std)
-            elif isinstance(module, (LayerNorm, nn.LayerNorm)):
-                nn.init.ones_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        super().reset_parameters()
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for block in self.decoder.blocks:
             nn.init.normal_(block.attn.out_proj.weight, 0.0, residual_std)
             nn.init.normal_(block.ffn.w2.weight, 0.0, residual_std)
-
-    def new_cache(self) -> DecodingCache:
-        """An empty KV cache for incremental decoding (one per sequence batch), the LM head packed in it."""
-        return self.decoder.new_cache(output=self.lm_head)
-
-    # -- input checks, before any computation ------------------------------------------------------
-    def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None, cache: DecodingCache | None) -> None:
-        c = self.config
-        check_token_ids("input_ids", input_ids, c.vocab_size)
-        b, n = input_ids.shape
-        seen = 0
-        if cache is not None:
-            if not isinstance(cache, DecodingCache) or len(cache.blocks) != c.n_layers:
-                raise ShapeError(f"cache must be a DecodingCache of this model's {c.n_layers} layers (model.new_cache())")
-            seen, held = cache.length, cache.blocks[0].self_attn.keys
-            if held is not None and held.shape[0] != b:
-                raise ShapeError(f"cache holds batch {held.shape[0]} but input_ids has batch {b}")
-        if attention_mask is not None:
-            if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (b, seen + n):
-                raise ShapeError(
-                    f"attention_mask must be [B, M] = [{b}, {seen + n}] (1 = real token; the cache's {seen} "
-                    f"positions + {n} new ones), got {_describe(attention_mask)}"
-                )
-            if attention_mask.dtype != torch.bool and not ((attention_mask == 0) | (attention_mask == 1)).all():
-                raise ShapeError("attention_mask must hold only 0 (padding) and 1 (real token)")
-
-    def _positions(
-        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, offset: int
-    ) -> Tensor | None:
-        """The absolute positions ``[B, N]`` of the new tokens, checked against the learned table; ``None``
-        when they are simply ``offset .. offset + N - 1`` or the encoding is relative."""
-        c = self.config
-        b, n = input_ids.shape
-        if position_ids is not None:
-            if c.positional not in ABSOLUTE_POSITIONAL:
-                raise ConfigError(
-                    f"position_ids are used only by absolute encodings {ABSOLUTE_POSITIONAL}; this model has "
-                    f"positional={c.positional!r}, whose scores depend on i - j only, so padding needs no position ids"
-                )
-            if not isinstance(position_ids, Tensor) or position_ids.ndim != 2 or position_ids.shape[1] != n \
-                    or position_ids.shape[0] not in (1, b) or position_ids.dtype.is_floating_point:  # fmt: skip
-                raise ShapeError(
-                    f"position_ids must be integer [B, N] = [{b}, {n}] (or [1, {n}]), got {_describe(position_ids)}"
-                )
-            if int(position_ids.min()) < 0:
-                raise ShapeError(f"position_ids holds {int(position_ids.min())}; positions must be >= 0")
-        elif attention_mask is not None and c.positional in ABSOLUTE_POSITIONAL:
-            position_ids = positions_from_mask(attention_mask)[:, -n:]
-        if c.positional == "learned":
-            last = offset + n - 1 if position_ids is None else int(position_ids.max())
-            if last >= c.max_len:
-                raise ShapeError(
-                    f"position {last} is past the learned position table of max_len={c.max_len} positions "
-                    f"(0..{c.max_len - 1}); a learned encoding cannot extrapolate: shorten the input or use "
-                    "'rope' / 'alibi'"
-                )
-        return position_ids
-
-    # -- forward -----------------------------------------------------------------------------------
-    def forward(
-        self,
-        input_ids: Tensor,
-        *,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        cache: DecodingCache | None = None,
-        labels: Tensor | None = None,
-        label_smoothing: float = 0.0,
-        logits_to_keep: int | None = None,
-    ) -> Tensor:
-        """Next-token logits; with ``labels``, the training loss :meth:`loss` instead.
-
-        Args:
-            input_ids: ``[B, N]`` token ids in ``[0, V)``; with a ``cache``, only the new tokens.
-            attention_mask: ``[B, M]`` with ``M`` = cached positions + ``N``; 1 for real tokens, 0 for
-                padding (keys that no query may attend). Positions then follow :func:`positions_from_mask`.
-            position_ids: ``[B, N]`` (or ``[1, N]``) explicit positions; absolute encodings only.
-            cache: a :meth:`new_cache` to decode incrementally; keys and values of ``input_ids`` are
-                appended to it.
-            labels: ``[B, N]`` next-token targets (``-100`` = ignored): return
-                ``self.loss(input_ids, labels, attention_mask=, label_smoothing=)``, the scalar mean loss
-                with the LM head fused into the cross-entropy. Going through ``forward`` lets wrappers
-                (DDP, FSDP, ``torch.compile``) see the call. Not with ``cache`` or ``position_ids``.
-            label_smoothing: ``eps`` of the loss (with ``labels`` only).
-            logits_to_keep: ``k``: project only the last ``k`` positions through the LM head, as
-                generation does with ``k = 1`` (a prompt's other positions need keys and values, not
-                logits: ``N x V`` floats saved, 1.6 GB for ``B = 8``, ``N = 1024``, GPT-2's vocabulary).
-                ``None``: every position.
-
-        Returns:
-            ``logits [B, N, V]`` (``[B, min(k, N), V]`` with ``logits_to_keep``); ``logits[:, i]``
-            predicts the token after ``input_ids[:, i]``. With ``labels``: the scalar loss.
-        """
-        check_logits_to_keep(logits_to_keep)
-        if labels is not None:
-            if cache is not None or position_ids is not None or logits_to_keep is not None:
-                raise ConfigError(
-                    "labels= computes the loss of whole sequences: pass no cache, position_ids or logits_to_keep with it"
-                )
-            return self.loss(input_ids, labels, attention_mask=attention_mask, label_smoothing=label_smoothing)
-        h = self.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
-        if logits_to_keep is not None:
-            h = h[:, -logits_to_keep:]  # [B, k, d]
-        return self.lm_head(h) if cache is None else cache.project(h, self.lm_head)
-
-    def loss(
-        self,
-        input_ids: Tensor,
-        labels: Tensor,
-        *,
-        attention_mask: Tensor | None = None,
-        label_smoothing: float = 0.0,
-    ) -> Tensor:
-        """Mean next-token cross-entropy, the LM head fused with the loss (no ``[B, N, V]`` logits are kept).
-
-        Args:
-            input_ids: ``[B, N]``.
-            labels: ``[B, N]``: ``labels[:, i]`` is the token that should follow ``input_ids[:, i]``
-                (already shifted), ``-100`` where no loss is taken (padding).
-            attention_mask: as in :meth:`forward`.
-            label_smoothing: ``eps`` (see :func:`archlab.nn.loss.linear_cross_entropy`).
-
-        Equal to ``F.cross_entropy(self(input_ids).flatten(0, 1), labels.flatten(), label_smoothing=eps)``;
-        faster and far smaller in memory for large vocabularies.
-        """
-        if not isinstance(labels, Tensor) or labels.shape != input_ids.shape:
-            raise ShapeError(f"labels must have the shape of input_ids {_describe(input_ids)}, got {_describe(labels)}")
-        h = self.hidden_states(input_ids, attention_mask=attention_mask)
-        return linear_cross_entropy(h, self.lm_head.weight, labels, label_smoothing=label_smoothing)
-
-    def hidden_states(
-        self,
-        input_ids: Tensor,
-        *,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        cache: DecodingCache | None = None,
-    ) -> Tensor:
-        """The final (normed) hidden states ``[B, N, d]`` that the LM head reads; arguments as :meth:`forward`."""
-        self._check_inputs(input_ids, attention_mask, cache)
-        offset = 0 if cache is None else cache.length
-        position_ids = self._positions(input_ids, attention_mask, position_ids, offset)
-        x = self.tok_emb(input_ids)  # [B, N, d]
-        x = self.pos.add_to_input(x, offset) if position_ids is None else x + self._position_vectors(position_ids, x)
-        x = self.drop(x)
-        mask = None if attention_mask is None else padding_mask(attention_mask)  # [B, 1, 1, M]
-        return self.decoder(x, mask=mask, causal=True, positional=self.pos, cache=cache)  # [B, N, d]
-
-    def _position_vectors(self, position_ids: Tensor, x: Tensor) -> Tensor:
-        """Absolute position vectors ``[B, N, d]`` at arbitrary ``position_ids [B, N]``."""
-        position_ids = position_ids.to(x.device)
-        if isinstance(self.pos, LearnedPositionalEncoding):
-            return self.pos.embedding(position_ids)
-        table = sinusoid_table(int(position_ids.max()) + 1, self.config.d_model, dtype=x.dtype, device=x.device)
-        return table[position_ids]
-
-    def decoder_step(self, attention_mask: Tensor | None = None, *, logits_to_keep: int | None = None) -> Step:
-        """A step for :mod:`archlab.generation`: ``(tokens [B, n], cache) -> logits [B, n, V]``.
-
-        ``attention_mask [B, n0]`` marks the prompt's real tokens (left padding); every token fed
-        after the prompt counts as real. With ``cache=None`` the step expects the whole sequence so far.
-        ``logits_to_keep = k``: the step returns the last ``k`` positions' logits only (see :meth:`forward`);
-        :func:`~archlab.generation.generate` asks for 1.
-        """
-        check_logits_to_keep(logits_to_keep)
-        if attention_mask is None:
-            return lambda tokens, cache=None: self(tokens, cache=cache, logits_to_keep=logits_to_keep)
-        if not isinstance(attention_mask, Tensor) or attention_mask.ndim != 2:
-            raise ShapeError(f"attention_mask must be [B, n0], got {_describe(attention_mask)}")
-        prompt = attention_mask
-
-        def step(tokens: Tensor, cache: DecodingCache | None = None) -> Tensor:
-            total = (0 if cache is None else cache.length) + tokens.shape[-1]
-            grown = total - prompt.shape[1]
-            if grown < 0:
-                raise ShapeError(f"the step saw {total} positions; the prompt's attention_mask covers {prompt.shape[1]}")
-            mask = torch.cat([prompt, prompt.new_ones(prompt.shape[0], grown)], dim=1)
-            return self(tokens, attention_mask=mask, cache=cache, logits_to_keep=logits_to_keep)
-
-        return step
 
 
 register_family("gpt", GPTConfig, GPT, "decoder-only Transformer language model (GPT-1/2; RoPE/ALiBi on request)")

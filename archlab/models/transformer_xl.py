@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from archlab.config import Config, check_choice, check_divisible, check_positive, check_probability, require
 from archlab.errors import ConfigError, ShapeError
-from archlab.models.gpt import DecoderWidths
+from archlab.models.decoder import DecoderWidths
 from archlab.models.registry import register_family, register_preset
 from archlab.nn.attention import BACKENDS, MultiHeadAttention, attend, broadcast
 from archlab.nn.efficient import TILED, parse_backend

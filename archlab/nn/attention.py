@@ -273,6 +273,35 @@ def _check_broadcast(name: str, tensor: Tensor, target: tuple[int, ...]) -> None
         )
 
 
+def check_kv_heads(n_heads: int, n_kv_heads: int) -> None:
+    """ConfigError unless ``n_kv_heads`` (``G``) is a positive divisor of ``n_heads`` (``A``)."""
+    check_positive("n_kv_heads", n_kv_heads)
+    if n_heads % n_kv_heads:
+        raise ConfigError(
+            f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}: each key/value head serves "
+            "n_heads / n_kv_heads query heads (1 = multi-query, n_heads = multi-head attention)"
+        )
+
+
+def kv_groups(q: Tensor, k: Tensor, v: Tensor) -> int:
+    """Query heads per key/value head: ``A / G`` when ``q [B, A, N, d_k]`` meets ``k``, ``v`` with ``G < A``
+    heads dividing ``A`` (grouped-query attention); 1 otherwise (one K/V head per query head, or plain
+    broadcasting of other leading dims)."""
+    if q.ndim < 4 or k.ndim != q.ndim or v.ndim != q.ndim:
+        return 1
+    a, g = q.shape[-3], k.shape[-3]
+    return a // g if v.shape[-3] == g and 0 < g < a and a % g == 0 else 1
+
+
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """``[..., G, M, d] -> [..., G * groups, M, d]``: K/V head ``g`` becomes heads ``g * groups .. g * groups
+    + groups - 1``, one per query head it serves (a copy, except when ``G = 1``)."""
+    if groups == 1:
+        return x
+    *lead, g, m, d = x.shape
+    return x.unsqueeze(-3).expand(*lead, g, groups, m, d).reshape(*lead, g * groups, m, d)
+
+
 def check_attend_inputs(
     q: Tensor,
     k: Tensor,
@@ -286,6 +315,7 @@ def check_attend_inputs(
 
     ``same_width=False`` (a custom alignment score) lets ``q`` and ``k`` differ in width: an additive
     or general score compares a decoder state ``s_t`` with encoder states ``h_i`` of another width.
+    ``k`` and ``v`` may hold fewer heads than ``q`` (see :func:`kv_groups`).
     """
     if q.ndim < 2 or k.ndim < 2 or v.ndim < 2:
         raise ShapeError(f"q, k, v must be [..., N, d]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -293,7 +323,9 @@ def check_attend_inputs(
         raise ShapeError(f"q has d_k={q.shape[-1]} but k has d_k={k.shape[-1]}; they must match")
     if k.shape[-2] != v.shape[-2]:
         raise ShapeError(f"k has M={k.shape[-2]} keys but v has {v.shape[-2]} values; they must match")
-    lead = broadcast(tuple(q.shape[:-2]), tuple(k.shape[:-2]), tuple(v.shape[:-2]))
+    heads = () if kv_groups(q, k, v) == 1 else (q.shape[-3],)  # grouped K/V: checked as if repeated
+    k_lead, v_lead = (tuple(t.shape[: -3 if heads else -2]) + heads for t in (k, v))
+    lead = broadcast(tuple(q.shape[:-2]), k_lead, v_lead)
     if lead is None:
         raise ShapeError(
             f"leading dims of q {tuple(q.shape[:-2])}, k {tuple(k.shape[:-2])}, v {tuple(v.shape[:-2])} do not broadcast"
@@ -325,8 +357,10 @@ def attend(
 
     Args:
         q: queries ``[..., N, d_k]`` (usually ``[B, A, N, d_k]``).
-        k: keys ``[..., M, d_k]`` (another width is allowed when ``score`` compares the two).
-        v: values ``[..., M, d_v]``.
+        k: keys ``[..., M, d_k]`` (another width is allowed when ``score`` compares the two). With
+            ``q [B, A, N, d_k]``, ``k [B, G, M, d_k]`` may hold ``G < A`` heads dividing ``A``
+            (grouped-query attention: query head ``i`` reads K/V head ``i // (A / G)``).
+        v: values ``[..., M, d_v]``, as many heads as ``k``.
         mask: boolean, broadcastable to ``[..., N, M]``; True where a query may attend a key.
         bias: float, broadcastable to ``[..., N, M]``, added to the scores (ALiBi: ``-m|i-j|``).
         causal: query ``i`` attends keys ``j <= i + (M - N)`` only (see :func:`causal_mask`).
@@ -352,6 +386,10 @@ def attend(
     if causal:
         if m < n:
             raise ShapeError(f"causal attention needs at least as many keys as queries, got N={n}, M={m}")
+    groups = kv_groups(q, k, v)
+    fused = backend == "sdpa" or (backend == "auto" and not return_weights and score is None)
+    if groups > 1 and not fused:  # sdpa reads grouped K/V itself; the others get one K/V head per query head
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     if backend not in ("auto", "math", "sdpa"):  # memory-saving backends: archlab.nn.efficient
         return _efficient().attend_efficient(
             backend, q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, score=score,
@@ -401,8 +439,9 @@ def _attend_sdpa(q, k, v, mask, bias, causal, scale, dropout_p) -> Tensor:
         if mask is not None:
             attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
-    )
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+        enable_gqa=kv_groups(q, k, v) > 1,
+    )  # fmt: skip
     if mask is not None and q.shape[-2] > 0:
         # sdpa gives NaN where a query has no key to attend; archlab's contract is a zero output. Always
         # masked (no data-dependent branch): no device sync, and it runs on the meta device.
@@ -416,7 +455,8 @@ def _attend_sdpa(q, k, v, mask, bias, causal, scale, dropout_p) -> Tensor:
 
 
 class KVCache:
-    """Keys and values of one attention layer across decoding steps: ``k [B, A, M, d_k]``, ``v [B, A, M, d_v]``.
+    """Keys and values of one attention layer across decoding steps: ``k [B, G, M, d_k]``, ``v [B, G, M, d_v]``
+    (``G`` key/value heads: ``A`` for multi-head attention, fewer for grouped-query attention).
 
     Storage is preallocated and grows by doubling, so appending one token is O(1) amortised instead
     of the O(M) copy of ``torch.cat``. :meth:`append` returns views of the first ``M`` positions.
@@ -440,7 +480,7 @@ class KVCache:
         return None if self._v is None else self._v[:, :, : self.length]
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Add ``k [B, A, n, d_k]``, ``v [B, A, n, d_v]``; return all keys and values so far."""
+        """Add ``k [B, G, n, d_k]``, ``v [B, G, n, d_v]``; return all keys and values so far."""
         n = k.shape[-2]
         need = self.length + n
         if self._k is not None and self._k.shape[0] != k.shape[0]:
@@ -509,15 +549,21 @@ class MultiHeadAttention(nn.Module):
     Shapes (cards): ``W_Q^i in R^{d x d_k}``, ``W_K^i in R^{d x d_k}``, ``W_V^i in R^{d x d_v}``,
     ``W_O in R^{A d_v x d}``; ``d_k = d_v = d / A`` unless given.
 
+    Grouped-query attention (Ainslie et al. 2023): ``G = n_kv_heads`` key/value heads, each shared by
+    ``A / G`` consecutive query heads (query head ``i`` reads K/V head ``i // (A / G)``). ``G = A`` is
+    multi-head attention, ``G = 1`` multi-query attention. Only the ``G`` heads are projected and cached:
+    the KV cache shrinks by ``A / G``.
+
     The per-head matrices live side by side in one fused input projection ``in_proj`` of shape
-    ``[A (2 d_k + d_v), d]`` (rows: all ``W_Q^i``, then all ``W_K^i``, then all ``W_V^i``; the layout of
-    ``torch.nn.MultiheadAttention.in_proj_weight``). Self-attention computes Q, K and V with one
-    matmul; cross-attention (Q from the decoder ``x``, K and V from the encoder ``memory``) uses the
-    row blocks separately.
+    ``[A d_k + G (d_k + d_v), d]`` (rows: all ``W_Q^i``, then all ``W_K^g``, then all ``W_V^g``; with
+    ``G = A`` the layout of ``torch.nn.MultiheadAttention.in_proj_weight``). Self-attention computes Q,
+    K and V with one matmul; cross-attention (Q from the decoder ``x``, K and V from the encoder
+    ``memory``) uses the row blocks separately.
 
     Args:
         d_model: ``d``.
         n_heads: ``A``.
+        n_kv_heads: ``G``, dividing ``A``; default ``A``.
         d_k, d_v: per-head widths; default ``d / A``.
         bias: biases on the projections.
         dropout: dropout on the attention weights.
@@ -530,6 +576,7 @@ class MultiHeadAttention(nn.Module):
         d_model: int,
         n_heads: int,
         *,
+        n_kv_heads: int | None = None,
         d_k: int | None = None,
         d_v: int | None = None,
         bias: bool = True,
@@ -539,39 +586,46 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         check_positive("d_model", d_model)
         check_positive("n_heads", n_heads)
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        check_kv_heads(n_heads, n_kv_heads)
         check_probability("dropout", dropout)
         check_choice("backend", backend, BACKENDS)
         if d_k is None or d_v is None:
             check_divisible("d_model", d_model, "n_heads", n_heads)
-        self.d_model, self.n_heads = d_model, n_heads
+        self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
         self.d_k = d_model // n_heads if d_k is None else d_k
         self.d_v = d_model // n_heads if d_v is None else d_v
         check_positive("d_k", self.d_k)
         check_positive("d_v", self.d_v)
         self.dropout, self.backend = dropout, backend
-        self.in_proj = Linear(d_model, n_heads * (2 * self.d_k + self.d_v), bias=bias)
+        self.in_proj = Linear(d_model, n_heads * self.d_k + n_kv_heads * (self.d_k + self.d_v), bias=bias)
         self.out_proj = Linear(n_heads * self.d_v, d_model, bias=bias)
         # a backend with its own parameters (Linformer's E, F; Performer's features), else None
         self.backend_module = _efficient().build_attention_module(backend, d_k=self.d_k)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_heads={self.n_heads}, d_k={self.d_k}, d_v={self.d_v}, backend={self.backend!r}"
+        kv = "" if self.n_kv_heads == self.n_heads else f", n_kv_heads={self.n_kv_heads}"
+        return f"d_model={self.d_model}, n_heads={self.n_heads}{kv}, d_k={self.d_k}, d_v={self.d_v}, backend={self.backend!r}"
 
-    def _heads(self, x: Tensor, width: int) -> Tensor:
-        """``[B, N, A*w] -> [B, A, N, w]``."""
+    def _heads(self, x: Tensor, heads: int, width: int) -> Tensor:
+        """``[B, N, heads*w] -> [B, heads, N, w]``."""
         b, n, _ = x.shape
-        return x.view(b, n, self.n_heads, width).transpose(1, 2)
+        return x.view(b, n, heads, width).transpose(1, 2)
 
     def _project_q(self, x: Tensor) -> Tensor:
         qw = self.n_heads * self.d_k
         b = None if self.in_proj.bias is None else self.in_proj.bias[:qw]
-        return self._heads(linear(x, self.in_proj.weight[:qw], b), self.d_k)
+        return self._heads(linear(x, self.in_proj.weight[:qw], b), self.n_heads, self.d_k)
 
     def _project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
-        qw, kw = self.n_heads * self.d_k, self.n_heads * self.d_k
+        qw, kw = self.n_heads * self.d_k, self.n_kv_heads * self.d_k
         b = None if self.in_proj.bias is None else self.in_proj.bias[qw:]
         kv = F.linear(memory, self.in_proj.weight[qw:], b)
-        return self._heads(kv[..., :kw], self.d_k), self._heads(kv[..., kw:], self.d_v)
+        return self._split_kv(kv[..., :kw], kv[..., kw:])
+
+    def _split_kv(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """``[B, M, G d_k]``, ``[B, M, G d_v]`` -> ``k [B, G, M, d_k]``, ``v [B, G, M, d_v]``."""
+        return self._heads(k, self.n_kv_heads, self.d_k), self._heads(v, self.n_kv_heads, self.d_v)
 
     def _check_input(self, name: str, x: Tensor) -> None:
         if x.ndim != 3 or x.shape[-1] != self.d_model:
@@ -607,11 +661,10 @@ class MultiHeadAttention(nn.Module):
         self._check_input("x", x)
         if memory is None:  # self-attention
             offset = 0 if cache is None else cache.length
-            qw, kw = self.n_heads * self.d_k, self.n_heads * self.d_k
+            qw, kw = self.n_heads * self.d_k, self.n_kv_heads * self.d_k
             qkv = self.in_proj(x)
-            q = self._heads(qkv[..., :qw], self.d_k)
-            k = self._heads(qkv[..., qw : qw + kw], self.d_k)
-            v = self._heads(qkv[..., qw + kw :], self.d_v)
+            q = self._heads(qkv[..., :qw], self.n_heads, self.d_k)
+            k, v = self._split_kv(qkv[..., qw : qw + kw], qkv[..., qw + kw :])
             if positional is not None:
                 q, k = positional.transform_qk(q, k, offset)
             if cache is not None:
@@ -631,7 +684,11 @@ class MultiHeadAttention(nn.Module):
                 if cache is not None:
                     cache.set(k, v)
             bias = None
-        attention = attend if self.backend_module is None else self.backend_module
+        if self.backend_module is None:
+            attention = attend  # takes K/V with G heads itself
+        else:  # Linformer / Performer: every query head gets its K/V head
+            attention = self.backend_module
+            k, v = repeat_kv(k, self.n_heads // self.n_kv_heads), repeat_kv(v, self.n_heads // self.n_kv_heads)
         result = attention(
             q,
             k,

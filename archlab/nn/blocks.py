@@ -29,15 +29,18 @@ from archlab.nn.norm import build_norm
 class _Block(nn.Module):
     """What encoder and decoder blocks share: the residual wiring and the FFN sub-layer."""
 
-    def __init__(self, d_model, n_heads, d_ff, *, dropout, attn_dropout, ffn, norm, norm_first, eps, bias, backend, d_k, d_v):
+    def __init__(
+        self, d_model, n_heads, d_ff, *, dropout, attn_dropout, ffn, norm, norm_first, eps, bias, ffn_bias, backend,
+        d_k, d_v, n_kv_heads,
+    ):  # fmt: skip
         super().__init__()
         check_positive("d_ff", d_ff)
         check_probability("dropout", dropout)
         self.norm_first = norm_first
-        self.attn_kwargs = dict(d_k=d_k, d_v=d_v, bias=bias, dropout=attn_dropout, backend=backend)
+        self.attn_kwargs = dict(n_kv_heads=n_kv_heads, d_k=d_k, d_v=d_v, bias=bias, dropout=attn_dropout, backend=backend)
         self.attn = MultiHeadAttention(d_model, n_heads, **self.attn_kwargs)
         self.attn_norm = build_norm(norm, d_model, eps)
-        self.ffn = build_feedforward(ffn, d_model, d_ff, bias=bias)
+        self.ffn = build_feedforward(ffn, d_model, d_ff, bias=bias if ffn_bias is None else ffn_bias)
         self.ffn_norm = build_norm(norm, d_model, eps)
         self.dropout = nn.Dropout(dropout)
 
@@ -50,7 +53,7 @@ class _Block(nn.Module):
 
 _BLOCK_DEFAULTS = dict(
     dropout=0.0, attn_dropout=0.0, ffn="relu", norm="layernorm", norm_first=False, eps=1e-5,
-    bias=True, backend="auto", d_k=None, d_v=None,
+    bias=True, ffn_bias=None, backend="auto", d_k=None, d_v=None, n_kv_heads=None,
 )  # fmt: skip
 
 
@@ -64,7 +67,9 @@ class EncoderBlock(_Block):
         ffn: ``relu | gelu | gelu_tanh | silu | glu | geglu | swiglu`` (see ``build_feedforward``).
         norm: ``layernorm | rmsnorm``.
         norm_first: pre-norm (True) or post-norm (False, the paper).
-        eps, bias, backend, d_k, d_v: passed to the norms and the attention.
+        eps, bias, backend, d_k, d_v, n_kv_heads: passed to the norms and the attention (``bias``: the
+            attention's projections; the FFN's too unless ``ffn_bias`` is given).
+        ffn_bias: biases in the FFN; None: as ``bias``.
     """
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, **kwargs):
