@@ -16,10 +16,12 @@ from archlab.errors import CheckpointError
 from archlab.interop.bert import load_bert, save_bert
 from archlab.interop.gpt2 import load_gpt2, save_gpt2
 from archlab.interop.io import CONFIG_FILE, load_model, read_json, save_model
+from archlab.interop.llama import load_llama, save_llama
 from archlab.interop.rwkv import load_rwkv, save_rwkv
 from archlab.interop.vit import load_vit, save_vit
 from archlab.models.bert import BertForPreTraining, BertForSequenceClassification, BertModel
 from archlab.models.gpt import GPT
+from archlab.models.llama import Llama
 from archlab.models.rwkv import RWKV
 from archlab.models.vit import ViT
 
@@ -33,6 +35,7 @@ class HFFormat:
 
 HF_FORMATS: dict[str, HFFormat] = {
     "gpt2": HFFormat((GPT,), load_gpt2, save_gpt2),
+    "llama": HFFormat((Llama,), load_llama, save_llama),
     "bert": HFFormat((BertModel, BertForPreTraining, BertForSequenceClassification), load_bert, save_bert),
     "vit": HFFormat((ViT,), load_vit, save_vit),
     "rwkv": HFFormat((RWKV,), load_rwkv, save_rwkv),
