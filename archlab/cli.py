@@ -364,7 +364,7 @@ def args_eval(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Validation metrics of a trained run: loss/perplexity (lm), accuracy, exact match + BLEU (seq2seq)."""
+    """Validation metrics of a trained run: loss/perplexity (lm), accuracy, exact match + BLEU or chrF (seq2seq)."""
     from archlab.train.run import describe_eval, evaluate_run, open_run
 
     result = evaluate_run(open_run(args.run), max_batches=args.max_batches)

@@ -140,9 +140,10 @@ def test_resume_refuses_other_data(capsys, tmp_path):
 
 def test_seq2seq_run_translates_and_scores(capsys, tmp_path):
     out = ok(capsys, "train", "transformer-tiny", "--out", tmp_path / "s", "--set", "train.steps=3", *SEQ2SEQ_SETS)
-    assert re.search(r"exact match [\d.]+%, BLEU [\d.]+$", out, re.M)
+    # reversed strings are one word each: BLEU would be 0 by construction, so chrF is reported, and named
+    assert re.search(r"exact match [\d.]+%, chrF [\d.]+ \(outputs under 4 words, where BLEU is 0\)$", out, re.M)
     result = json.loads(ok(capsys, "eval", tmp_path / "s", "--json"))
-    assert {"loss", "ppl", "accuracy", "exact_match", "bleu"} <= set(result["eval"])
+    assert {"loss", "ppl", "accuracy", "exact_match", "chrf"} <= set(result["eval"]) and "bleu" not in result["eval"]
     greedy = json.loads(ok(capsys, "generate", tmp_path / "s", "--prompt", "abc", "--max-new-tokens", "6", "--json"))
     beam = json.loads(ok(capsys, "generate", tmp_path / "s", "--prompt", "abc", "--max-new-tokens", "6", "--beam", "3",
                          "--json"))  # fmt: skip

@@ -14,7 +14,7 @@ from archlab.train.config import TrainConfig
 from archlab.train.distributed import DistEnv, init_distributed
 from archlab.train.loop import FitResult, Trainer, train
 from archlab.train.losses import label_smoothed_cross_entropy
-from archlab.train.metrics import accuracy, bleu, exact_match, perplexity
+from archlab.train.metrics import accuracy, bleu, chrf, exact_match, perplexity, text_metric
 from archlab.train.optim import build_optimizer
 from archlab.train.run import RunSpec, prepare, train_run
 from archlab.train.schedules import NoamSchedule, WarmupConstant, WarmupCosine, build_schedule, build_scheduler
@@ -24,7 +24,7 @@ from archlab.train.tasks import TASK_OBJECTIVES, seq2seq_generation_metrics
 __all__ = [
     "Checkpoint", "DataConfig", "DistEnv", "FitResult", "NoamSchedule", "RunSpec", "TASK_OBJECTIVES", "TrainConfig",
     "Trainer", "WarmupConstant", "WarmupCosine", "accuracy", "bleu", "build_data", "build_optimizer",
-    "build_schedule", "build_scheduler", "exact_match", "init_distributed", "label_smoothed_cross_entropy",
+    "build_schedule", "build_scheduler", "chrf", "exact_match", "init_distributed", "label_smoothed_cross_entropy",
     "latest_checkpoint", "load_checkpoint", "perplexity", "prepare", "save_checkpoint",
-    "seq2seq_generation_metrics", "train", "train_run",
+    "seq2seq_generation_metrics", "text_metric", "train", "train_run",
 ]  # fmt: skip

@@ -50,6 +50,7 @@ from archlab.train import distributed as D
 from archlab.train.checkpoint import latest_checkpoint
 from archlab.train.config import TrainConfig
 from archlab.train.loop import CHECKPOINTS, Trainer
+from archlab.train.metrics import BLEU_MAX_ORDER
 from archlab.train.sources import DataConfig, RunData, build_data, resolve_data
 from archlab.train.tasks import seq2seq_generation_metrics
 
@@ -226,7 +227,8 @@ class PreparedRun:
         return build_model(self.model_config, model_class=None if train_cls is None else train_cls.__name__)
 
     def extra_metrics(self) -> Callable[[nn.Module], dict[str, float]] | None:
-        """Exact match and BLEU of greedy decoding on the validation pairs, for seq2seq runs."""
+        """Exact match and BLEU or chrF (whichever fits the outputs) of greedy decoding on the validation
+        pairs, for seq2seq runs."""
         if self.task != "seq2seq":
             return None
         tok, cap = self.run_data.tokenizer, self.train.eval_batches
@@ -339,7 +341,7 @@ def train_run(
 
 
 def describe_eval(metrics: dict[str, float], unigram: float | None = None, prefix: str = "validation") -> str:
-    """One line: loss (nats per target), perplexity, accuracy, exact match, BLEU, a biLM's two directions
+    """One line: loss (nats per target), perplexity, accuracy, exact match, BLEU or chrF, a biLM's two directions
     (ELMo: ``loss = forward_nll + backward_nll``), and the unigram baseline."""
     parts = []
     if "loss" in metrics:
@@ -356,6 +358,8 @@ def describe_eval(metrics: dict[str, float], unigram: float | None = None, prefi
         parts.append(f"exact match {100 * metrics['exact_match']:.2f}%")
     if "bleu" in metrics:
         parts.append(f"BLEU {metrics['bleu']:.2f}")
+    if "chrf" in metrics:
+        parts.append(f"chrF {metrics['chrf']:.2f} (outputs under {BLEU_MAX_ORDER} words, where BLEU is 0)")
     line = f"{prefix} " + ", ".join(parts)
     if unigram is not None:
         line += f"; unigram baseline {unigram:.4f} nats/token"

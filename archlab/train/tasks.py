@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from archlab.errors import ConfigError, DataError, ShapeError, unknown
 from archlab.train.distributed import MethodAsForward
 from archlab.train.losses import IGNORE_INDEX, token_losses
-from archlab.train.metrics import bleu, perplexity
+from archlab.train.metrics import perplexity, text_metric
 
 Batch = dict[str, Any]
 Terms = dict[str, Tensor]
@@ -279,7 +279,7 @@ def summarize(stats: dict[str, float], task: str) -> dict[str, float]:
     return out
 
 
-# -- generation metrics for seq2seq: exact match and BLEU ------------------------------------------------
+# -- generation metrics for seq2seq: exact match and BLEU or chrF -------------------------------------------
 
 
 @torch.no_grad()
@@ -292,8 +292,9 @@ def seq2seq_generation_metrics(
     max_batches: int | None = None,
 ) -> dict[str, float]:
     """Greedy-decode every source and score it: ``exact_match`` (every kept ``tgt_out`` position, EOS
-    included, predicted) and ``bleu`` (sacrebleu, on ``detokenize``-d strings cut at EOS; ids joined by
-    spaces when ``detokenize`` is None). Decoding starts from ``tgt_in[:, 0]`` (BOS) and runs at most
+    included, predicted) and the text metric that fits the references, ``bleu`` or ``chrf``
+    (``archlab.train.metrics.text_metric``: chrF for outputs under 4 words, where BLEU is 0 by construction),
+    on ``detokenize``-d strings cut at EOS (ids joined by spaces when ``detokenize`` is None). Decoding starts from ``tgt_in[:, 0]`` (BOS) and runs at most
     ``M = tgt_out.shape[1]`` steps. The model is put in eval mode and restored."""
     from archlab.generation import generate
 
@@ -328,7 +329,8 @@ def seq2seq_generation_metrics(
         model.train(was_training)
     if not rows:
         raise DataError("seq2seq_generation_metrics got no batches")
-    return {"exact_match": matches / rows, "bleu": bleu(hyps, refs)}
+    name, score = text_metric(hyps, refs)
+    return {"exact_match": matches / rows, name: score}
 
 
 def _until(ids: list[int], eos_id: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""Metrics: perplexity, accuracy, exact match, and BLEU delegated to sacrebleu."""
+"""Metrics: perplexity, accuracy, exact match, and BLEU / chrF delegated to sacrebleu."""
 
 import math
 
@@ -7,7 +7,7 @@ import sacrebleu
 import torch
 
 from archlab.errors import DataError, ShapeError
-from archlab.train.metrics import accuracy, bleu, exact_match, perplexity
+from archlab.train.metrics import accuracy, bleu, chrf, exact_match, mean_words, perplexity, text_metric
 
 
 def test_perplexity_is_exp_of_mean_nll():
@@ -38,3 +38,30 @@ def test_bleu_is_sacrebleus_corpus_bleu():
     assert bleu(refs, refs) == pytest.approx(100.0)
     with pytest.raises(DataError, match="detokenize"):
         bleu([[1, 2]], ["1 2"])
+
+
+def test_chrf_is_sacrebleus_corpus_chrf():
+    hyps, refs = ["olleh", "dcba", "xyz"], ["olleh", "abcd", "xy"]
+    assert chrf(hyps, refs) == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+    assert 0 < chrf(hyps, refs) < 100 and chrf(refs, refs) == pytest.approx(100.0)
+    with pytest.raises(DataError, match="chrF compares strings"):
+        chrf([[1, 2]], ["1 2"])
+
+
+def test_text_metric_scores_one_word_outputs_with_chrf_and_sentences_with_bleu():
+    """Reversed strings are one word each: BLEU has no 4-gram to match and is 0 even for near misses."""
+    hyps, refs = ["olleh", "dlrow", "abcde"], ["olleh", "dlrow", "abcdf"]  # two of three exact
+    assert bleu(hyps, refs) == 0.0  # what used to be reported
+    assert mean_words(refs) == 1.0
+    name, score = text_metric(hyps, refs)
+    assert name == "chrf" and score == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score) and score > 50
+    # ISO dates are 5 words under 13a (the dashes split), so they keep BLEU, as do sentences
+    assert mean_words(["1969-07-20"]) == 5.0
+    assert text_metric(["1969-07-20"], ["1969-07-20"]) == ("bleu", pytest.approx(100.0))
+    sentences = ["the cat sat on the mat", "a quick brown fox jumps"]
+    assert text_metric(sentences, ["the cat sat on a mat", "the quick brown fox jumps"])[0] == "bleu"
+    # the choice follows the references at exactly BLEU's order: 4 words is BLEU, 3 is chrF
+    assert text_metric(["a b c d"], ["a b c d"])[0] == "bleu"
+    assert text_metric(["a b c"], ["a b c"])[0] == "chrf"
+    with pytest.raises(DataError, match="2 hypotheses but 1 references"):
+        text_metric(["a", "b"], ["a"])
