@@ -426,6 +426,16 @@ def _at_least_2d(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.ndim >= 2 else t.reshape((1,) * (2 - t.ndim) + tuple(t.shape))
 
 
+# torch's CPU flash kernel (FlashAttentionKernel.cpp) takes a row's max over the keys that do not fill
+# a SIMD vector with std::max, which skips NaN. Without a mask and with fewer keys than one vector (16
+# floats with AVX-512, 8 with AVX2), a query whose scores are all NaN (a NaN in q) keeps the max -inf,
+# is taken for a fully masked row and gets an exact-zero output where the equation gives NaN (with a
+# mask, or more keys, the vectorised max propagates NaN). A row whose largest entry is exactly 0 is
+# otherwise rare, so only such a call is recomputed by the equation: one max over the (small) output
+# when M < 16 on the CPU without a mask (about 10 us on [8, 12, 15, 64]), nothing otherwise.
+_CPU_FLASH_VECTOR_KEYS = 16
+
+
 def _attend_sdpa(q, k, v, mask, bias, causal, scale, dropout_p) -> Tensor:
     n, m = q.shape[-2], k.shape[-2]
     mask, bias = _at_least_2d(mask), _at_least_2d(bias)
@@ -446,7 +456,16 @@ def _attend_sdpa(q, k, v, mask, bias, causal, scale, dropout_p) -> Tensor:
         # sdpa gives NaN where a query has no key to attend; archlab's contract is a zero output. Always
         # masked (no data-dependent branch): no device sync, and it runs on the meta device.
         out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    if attn_mask is None and _may_hide_nan(out, m):
+        return attend(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p, backend="math")
     return out
+
+
+def _may_hide_nan(out: Tensor, m: int) -> bool:
+    """Whether the unmasked CPU flash kernel may have zeroed an all-NaN row of ``out [..., N, d_v]`` (above)."""
+    if m >= _CPU_FLASH_VECTOR_KEYS or out.device.type != "cpu" or out.shape[-1] == 0:
+        return False
+    return bool(out.amax(-1).eq(0).any())
 
 
 # ================================================================================================

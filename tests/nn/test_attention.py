@@ -324,6 +324,45 @@ def test_dropout_on_weights_is_unbiased_and_active(backend):
     assert max_err(dropped.mean(0, keepdim=True), clean) < 0.05
 
 
+def equation(q, k, v, mask=None, causal=False):
+    """``softmax(q k^T / sqrt(d_k), masked) v`` in float64, written out; a query with no visible key gets 0."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    allowed = torch.ones(scores.shape[-2:], dtype=torch.bool) if mask is None else mask
+    if causal:
+        allowed = allowed & causal_mask(q.shape[-2], k.shape[-2])
+    allowed = allowed.expand_as(scores)
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).masked_fill(~allowed, 0.0)
+    return weights @ v
+
+
+@pytest.mark.parametrize("m", [5, 8, 15, 16, 40])  # below, at and above one SIMD vector of keys (8 or 16 floats)
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("kind", ["plain", "causal", "mask"])
+def test_backends_propagate_nan_like_the_equation(m, where, kind):
+    """One NaN in q, k or v gives NaN exactly where the equation does, in every exact backend.
+
+    torch's CPU flash kernel (sdpa) used to return zeros for a query whose scores are all NaN when
+    M < 16 and no mask is given (see ``_CPU_FLASH_VECTOR_KEYS`` in archlab.nn.attention)."""
+    g = gen(11)
+    n = m if kind == "causal" else 4
+    q, k, v = (randn(2, 3, rows, 8, g=g, dtype=torch.float32) for rows in (n, m, m))
+    {"q": q, "k": k, "v": v}[where][0, 1, 2 if where == "q" else 0, 3] = float("nan")  # query 2 or key 0
+    mask = None
+    if kind == "mask":
+        mask = torch.rand(2, 1, n, m, generator=g) > 0.3
+        mask[..., 0] = True  # (a NaN in a key the mask hides: math ignores it, sdpa adds the mask to it: NaN)
+        mask[1, 0, 1] = False  # a query that sees no key: 0, not NaN, whatever the inputs hold
+    kwargs = {"mask": mask, "causal": kind == "causal"}
+    expected = equation(q, k, v, **kwargs)
+    assert expected.isnan().any() and not expected.isnan().all()
+    for backend in ("math", "sdpa", "chunked", "chunked:block=4", "auto"):
+        out = attend(q, k, v, backend=backend, **kwargs)
+        assert torch.equal(out.isnan(), expected.isnan()), backend
+        fin = ~expected.isnan()
+        torch.testing.assert_close(out[fin].double(), expected[fin], rtol=1e-5, atol=1e-5, msg=backend)
+
+
 def test_causal_mask_is_bottom_right_aligned():
     assert torch.equal(causal_mask(3), torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool))
     # 2 new queries after 3 cached keys: query i sees keys j <= i + 3
