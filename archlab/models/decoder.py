@@ -29,9 +29,9 @@ from archlab.errors import ConfigError, ShapeError
 from archlab.generation import Step, check_logits_to_keep
 from archlab.nn.attention import padding_mask
 from archlab.nn.blocks import Decoder, DecodingCache
-from archlab.nn.inputs import check_token_ids, describe as _describe
+from archlab.nn.inputs import check_class_ids, check_token_ids, describe as _describe
 from archlab.nn.linear import Linear
-from archlab.nn.loss import linear_cross_entropy
+from archlab.nn.loss import IGNORE_INDEX, linear_cross_entropy
 from archlab.nn.norm import LayerNorm, RMSNorm
 from archlab.nn.positional import LearnedPositionalEncoding, build_positional, sinusoid_table
 
@@ -269,6 +269,7 @@ class DecoderLM(nn.Module):
         """
         if not isinstance(labels, Tensor) or labels.shape != input_ids.shape:
             raise ShapeError(f"labels must have the shape of input_ids {_describe(input_ids)}, got {_describe(labels)}")
+        check_class_ids("labels", labels, self.config.vocab_size, ignore_index=IGNORE_INDEX)  # before the decoder runs
         h = self.hidden_states(input_ids, attention_mask=attention_mask)
         return linear_cross_entropy(h, self.lm_head.weight, labels, label_smoothing=label_smoothing)
 

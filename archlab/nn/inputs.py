@@ -1,4 +1,4 @@
-"""Run-time checks of token-id inputs, shared by every family (raised before any computation)."""
+"""Run-time checks of token-id and class-id inputs, shared by every family and loss (raised before any computation)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,16 @@ def describe(x: Any) -> str:
     return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
 
 
+def _check_integer(name: str, ids: Tensor, what: str) -> None:
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ShapeError(f"{name} must hold integer {what}, got dtype {ids.dtype}")
+
+
 def check_token_ids(name: str, ids: Any, vocab_size: int, *, vocab_name: str = "vocab_size") -> None:
     """:class:`ShapeError` unless ``ids`` is a non-empty integer ``[B, N]`` tensor with every id in ``[0, vocab_size)``."""
     if not isinstance(ids, Tensor) or ids.ndim != 2:
         raise ShapeError(f"{name} must be a [B, N] tensor of token ids, got {describe(ids)}")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise ShapeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    _check_integer(name, ids, "token ids")
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ShapeError(f"{name} must be [B, N] with B, N >= 1, got shape {tuple(ids.shape)}")
     if ids.is_meta:
@@ -31,3 +35,19 @@ def check_token_ids(name: str, ids: Any, vocab_size: int, *, vocab_name: str = "
         raise ShapeError(
             f"{name} holds token id {bad}, outside the vocabulary: ids must be in [0, {vocab_name}={vocab_size})"
         )
+
+
+def check_class_ids(name: str, ids: Any, n_classes: int, *, ignore_index: int | None = None) -> None:
+    """:class:`ShapeError` unless ``ids`` is an integer tensor (any shape) of class ids in ``[0, V = n_classes)``,
+    ``ignore_index`` allowed too: the targets of every cross-entropy (a float tensor fails inside ``gather``)."""
+    if not isinstance(ids, Tensor):
+        raise ShapeError(f"{name} must be an integer tensor of class ids, got {describe(ids)}")
+    _check_integer(name, ids, "class ids")
+    if ids.is_meta or ids.numel() == 0:
+        return
+    kept = ids if ignore_index is None else ids.masked_fill(ids == ignore_index, 0)  # 0: a class of any V
+    low, high = (int(x) for x in torch.aminmax(kept))
+    if low < 0 or high >= n_classes:
+        bad = low if low < 0 else high
+        ignored = "" if ignore_index is None else f" (or ignore_index={ignore_index})"
+        raise ShapeError(f"{name} holds class {bad}, outside [0, V={n_classes}){ignored}")

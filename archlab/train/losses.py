@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from archlab.errors import ConfigError, ShapeError
-
-IGNORE_INDEX = -100
+from archlab.nn.inputs import check_class_ids
+from archlab.nn.loss import IGNORE_INDEX
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -36,11 +36,10 @@ class TokenLosses(NamedTuple):
     keep: Tensor
 
 
-def _check(logits: Tensor, target: Tensor, eps: float) -> None:
+def _check(logits: Tensor, target: Tensor, eps: float, ignore_index: int) -> None:
     if not isinstance(logits, Tensor) or not logits.dtype.is_floating_point or logits.ndim < 1:
         raise ShapeError(f"logits must be a floating-point [..., V] tensor, got {_describe(logits)}")
-    if not isinstance(target, Tensor) or target.dtype.is_floating_point or target.dtype == torch.bool:
-        raise ShapeError(f"target must be an integer tensor of class ids, got {_describe(target)}")
+    check_class_ids("target", target, logits.shape[-1], ignore_index=ignore_index)
     if tuple(target.shape) != tuple(logits.shape[:-1]):
         raise ShapeError(
             f"target {tuple(target.shape)} must have the shape of logits {tuple(logits.shape)} without the last (class) axis"
@@ -58,15 +57,8 @@ def token_losses(logits: Tensor, target: Tensor, eps: float = 0.1, ignore_index:
 
     Target ids outside ``[0, V)`` (other than ``ignore_index``) raise ShapeError before any computation.
     """
-    _check(logits, target, eps)
+    _check(logits, target, eps, ignore_index)
     keep = target != ignore_index
-    if keep.any():
-        low, high = int(target[keep].min()), int(target[keep].max())
-        if low < 0 or high >= logits.shape[-1]:
-            bad = low if low < 0 else high
-            raise ShapeError(
-                f"target holds class {bad}, outside [0, V={logits.shape[-1]}) (and not ignore_index={ignore_index})"
-            )
     logits = logits.masked_fill(~keep[..., None], 0.0)  # ignored rows: no NaN from an all -inf row
     log_p = logits.log_softmax(dim=-1)  # [..., V]
     allowed = logits != float("-inf")  # the K classes the model can predict

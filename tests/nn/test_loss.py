@@ -8,6 +8,7 @@ import archlab.nn.loss as loss_module
 from archlab.errors import ConfigError, ShapeError
 from archlab.models import build_model
 from archlab.nn.loss import linear_cross_entropy, release_workspace
+from archlab.train.losses import label_smoothed_cross_entropy, token_losses
 
 
 def _case(seed=0, n=(3, 29), d=12, vocab=41):
@@ -97,8 +98,10 @@ def test_bad_inputs():
     with pytest.raises(ShapeError, match=r"weight must be \[V, d=12\]"):
         linear_cross_entropy(h, w[:, :-1], y)
     y[1, 3] = 41
-    with pytest.raises(ShapeError, match="targets hold 41, outside"):
+    with pytest.raises(ShapeError, match=r"targets holds class 41, outside \[0, V=41\) \(or ignore_index=-100\)"):
         linear_cross_entropy(h, w, y)
+    with pytest.raises(ShapeError, match="targets must hold integer class ids, got dtype torch.float64"):
+        linear_cross_entropy(h, w, y.clamp_max(40).double())
     with pytest.raises(ConfigError, match="label_smoothing=1.0"):
         linear_cross_entropy(h, w, y.clamp_max(40), label_smoothing=1.0)
 
@@ -126,3 +129,44 @@ def test_no_rows_gives_zero_loss_and_zero_gradient():
     loss = linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long))
     loss.backward()
     assert loss.item() == 0.0 and not w.grad.any()
+
+
+def _gpt_loss(labels):
+    model = build_model("gpt-nano", vocab_size=41)
+    model.hidden_states = None  # the check comes before the decoder runs: calling it would fail otherwise
+    return model.loss(torch.zeros(labels.shape, dtype=torch.long), labels)
+
+
+def _llama_loss(labels):
+    model = build_model("llama-tiny", vocab_size=41)
+    model.hidden_states = None
+    return model.loss(torch.zeros(labels.shape, dtype=torch.long), labels)
+
+
+LOSSES_OF_CLASS_IDS = {  # every loss archlab offers on integer targets, with the name of its argument
+    "GPT.loss": (_gpt_loss, "labels"),
+    "Llama.loss": (_llama_loss, "labels"),
+    "linear_cross_entropy": (lambda y: linear_cross_entropy(torch.randn(*y.shape, 12), torch.randn(41, 12), y), "targets"),
+    "label_smoothed_cross_entropy": (lambda y: label_smoothed_cross_entropy(torch.randn(*y.shape, 41), y), "target"),
+    "token_losses": (lambda y: token_losses(torch.randn(*y.shape, 41), y), "target"),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(LOSSES_OF_CLASS_IDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_every_loss_refuses_non_integer_targets_naming_the_argument_and_dtype(entry, dtype):
+    """One shared check (``archlab.nn.inputs.check_class_ids``): never ``gather()``'s own message."""
+    loss, name = LOSSES_OF_CLASS_IDS[entry]
+    with pytest.raises(ShapeError, match=rf"^{name} must hold integer class ids, got dtype {dtype}$"):
+        loss(torch.zeros(2, 5, dtype=dtype))
+
+
+@pytest.mark.parametrize("entry", sorted(LOSSES_OF_CLASS_IDS))
+@pytest.mark.parametrize("bad", [41, -3])
+def test_every_loss_refuses_class_ids_outside_the_vocabulary(entry, bad):
+    loss, name = LOSSES_OF_CLASS_IDS[entry]
+    labels = torch.randint(0, 41, (2, 5))
+    labels[0, 0] = -100  # ignored: allowed
+    labels[1, 2] = bad
+    with pytest.raises(ShapeError, match=rf"^{name} holds class {bad}, outside \[0, V=41\) \(or ignore_index=-100\)$"):
+        loss(labels)
