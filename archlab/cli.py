@@ -284,15 +284,17 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def args_convert(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="a Hugging Face folder (gpt2, bert, vit) or an archlab folder")
+    parser.add_argument("src", metavar="SRC", help="a Hugging Face folder (gpt2, llama, bert, vit, rwkv), an archlab "
+                        "model folder or checkpoint, or a run folder (its latest checkpoint)")  # fmt: skip
     parser.add_argument("dst", metavar="DST", help="the folder to write (replaced atomically)")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Hugging Face folder -> archlab folder, or back; the source's config.json decides."""
-    from archlab.interop.convert import convert
+    """Hugging Face folder -> archlab folder, or back; the source's config.json decides. A run folder converts its
+    latest checkpoint; the tokenizer goes along."""
+    from archlab.train.run import convert_run
 
-    direction = convert(args.src, args.dst)
+    direction = convert_run(args.src, args.dst)
     print(f"{direction}: {args.src} -> {args.dst}")
     return 0
 

@@ -1,21 +1,27 @@
 """``archlab convert SRC DST``: between Hugging Face folders and archlab folders, either way.
 
 The source's ``config.json`` decides the direction: an archlab config names its ``class``; a Hugging
-Face one names its ``model_type``. Both kinds of folder hold safetensors only.
+Face one names its ``model_type``. Both kinds of folder hold safetensors only. The tokenizer goes along:
+``tokenizer.json`` (archlab reads Hugging Face's as its own; a Hugging Face folder gets it only when it is
+in Hugging Face's format, not archlab's byte or char kinds), all in the one atomic write of ``dst``.
+(A run folder, the resolution generate and eval use: ``archlab.train.run.convert_run``.)
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
-from archlab.errors import CheckpointError
+from archlab.errors import CheckpointError, DataError
 from archlab.interop.bert import load_bert, save_bert
 from archlab.interop.gpt2 import load_gpt2, save_gpt2
-from archlab.interop.io import CONFIG_FILE, load_model, read_json, save_model
+from archlab.data.tokenizers import TOKENIZER_FILE, HFTokenizer, load_tokenizer
+from archlab.interop.io import CONFIG_FILE, atomic_dir, load_model, read_json, save_model
 from archlab.interop.llama import load_llama, save_llama
 from archlab.interop.rwkv import load_rwkv, save_rwkv
 from archlab.interop.vit import load_vit, save_vit
@@ -42,29 +48,63 @@ HF_FORMATS: dict[str, HFFormat] = {
 }
 
 
-def convert(src: str | Path, dst: str | Path) -> str:
-    """Convert the model folder ``src`` into ``dst`` (written atomically); returns e.g. ``"gpt2 -> archlab"``."""
+def convert(src: str | Path, dst: str | Path, *, tokenizer_dir: str | Path | None = None) -> str:
+    """Convert the model folder ``src`` into ``dst`` (written atomically) with the ``tokenizer.json`` of
+    ``tokenizer_dir`` (default: ``src``'s, when it has one); returns e.g. ``"gpt2 -> archlab, with tokenizer.json"``
+    (no tokenizer: ``"gpt2 -> archlab"``)."""
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise CheckpointError(f"{src} is not a folder (expected {CONFIG_FILE} and model.safetensors inside)")
     if src.resolve() == dst.resolve():
         raise CheckpointError(f"source and destination are the same folder: {src}")
+    tokenizer = Path(tokenizer_dir if tokenizer_dir is not None else src) / TOKENIZER_FILE
     data = read_json(src / CONFIG_FILE)
     if "class" in data:
         model = load_model(src)
         for name, fmt in HF_FORMATS.items():
             if isinstance(model, fmt.model_types):
-                fmt.save(model, dst)
-                return f"archlab -> {name}"
+                carried = tokenizer if tokenizer.is_file() and _is_hf_tokenizer(tokenizer) else None
+                _write(dst, lambda folder: fmt.save(model, folder), carried)
+                return f"archlab -> {name}" + _tokenizer_note(tokenizer, carried)
         raise CheckpointError(
             f"{src} holds a {type(model).__name__}, which has no Hugging Face format here "
             f"(convertible: {', '.join(c.__name__ for f in HF_FORMATS.values() for c in f.model_types)})"
         )
     model_type = data.get("model_type")
     if model_type in HF_FORMATS:
-        save_model(HF_FORMATS[model_type].load(src), dst)
-        return f"{model_type} -> archlab"
+        model = HF_FORMATS[model_type].load(src)
+        carried = tokenizer if tokenizer.is_file() else None
+        _write(dst, lambda folder: save_model(model, folder), carried)
+        return f"{model_type} -> archlab" + _tokenizer_note(tokenizer, carried)
     raise CheckpointError(
         f"{src / CONFIG_FILE} is neither an archlab config (no 'class' key) nor a supported Hugging Face one "
         f"(model_type={model_type!r}; supported: {', '.join(HF_FORMATS)})"
     )
+
+
+def _write(dst: Path, save: Callable[[Path], None], tokenizer: Path | None) -> None:
+    """``save(folder)`` (a family's writer, atomic by itself) and a copy of ``tokenizer``, as one atomic write of ``dst``."""
+    with atomic_dir(dst) as tmp:
+        staged = tmp / "model"
+        save(staged)
+        for f in staged.iterdir():
+            os.replace(f, tmp / f.name)
+        staged.rmdir()
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+
+
+def _is_hf_tokenizer(path: Path) -> bool:
+    """A Hugging Face ``tokenizer.json`` (``tokenizers``' format), not one of archlab's own kinds (byte, char)."""
+    try:
+        return isinstance(load_tokenizer(path), HFTokenizer)
+    except DataError:
+        return False
+
+
+def _tokenizer_note(tokenizer: Path, carried: Path | None) -> str:
+    if carried is not None:
+        return f", with {TOKENIZER_FILE}"
+    if tokenizer.is_file():
+        return f"; {tokenizer} left out: an archlab byte/char tokenizer, which Hugging Face cannot read"
+    return ""

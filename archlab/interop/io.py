@@ -49,7 +49,10 @@ class _AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        umask = current_umask()  # mkdtemp makes the folder 0700 and safetensors its files 0600: give them
+        os.chmod(self.tmp, 0o777 & ~umask)  # the modes of a plain mkdir / open (0755 / 0644 under umask 022)
         for f in self.tmp.iterdir():  # flush file contents before the rename makes them visible
+            os.chmod(f, 0o666 & ~umask)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         old = None
@@ -59,6 +62,13 @@ class _AtomicDir:
         os.replace(self.tmp, self.target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process's umask (os has no getter: set a common one for an instant and put the old one back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def check_state_dict(expected: Mapping[str, Tensor], got: Mapping[str, Tensor], source: str) -> None:

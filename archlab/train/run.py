@@ -44,6 +44,7 @@ from archlab.data import Tokenizer, load_tokenizer
 from archlab.data.tokenizers import TOKENIZER_FILE
 from archlab.errors import CheckpointError, ConfigError, DataError, unknown
 from archlab.generation import beam_search, expand_for_beams, generate
+from archlab.interop.convert import convert
 from archlab.interop.io import CONFIG_FILE, WEIGHTS_FILE, load_model
 from archlab.models.registry import FAMILIES, Family, build_model, get_config, get_preset
 from archlab.train import distributed as D
@@ -411,8 +412,10 @@ class OpenedRun:
         return family_of(self.model.config).task
 
 
-def open_run(path: str | Path) -> OpenedRun:
-    """A run folder (its latest checkpoint) or a checkpoint / model folder (its run found in the parents)."""
+def locate_checkpoint(path: str | Path) -> tuple[Path | None, Path, Path | None]:
+    """What generate, eval and convert read from ``path``: ``(run folder or None, checkpoint, tokenizer folder
+    or None)``. ``path`` is a run folder (its latest checkpoint) or a checkpoint / model folder (its run found in
+    the parents); the tokenizer is the checkpoint's own ``tokenizer.json``, else the run's."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such run folder or checkpoint")
@@ -429,12 +432,28 @@ def open_run(path: str | Path) -> OpenedRun:
         raise CheckpointError(
             f"{path} is neither a run folder (no {RUN_FILE}) nor a checkpoint ({CONFIG_FILE} + {WEIGHTS_FILE})"
         )
-    spec = None if run_dir is None else RunSpec.from_dict(_read_run_json(run_dir), where=str(run_dir / RUN_FILE))
     tok_dir = next((d for d in (checkpoint, run_dir) if d is not None and (d / TOKENIZER_FILE).is_file()), None)
+    return run_dir, checkpoint, tok_dir
+
+
+def open_run(path: str | Path) -> OpenedRun:
+    """A run folder (its latest checkpoint) or a checkpoint / model folder (see :func:`locate_checkpoint`)."""
+    run_dir, checkpoint, tok_dir = locate_checkpoint(path)
+    spec = None if run_dir is None else RunSpec.from_dict(_read_run_json(run_dir), where=str(run_dir / RUN_FILE))
     tokenizer = None if tok_dir is None else load_tokenizer(tok_dir)
     model = load_model(checkpoint)
     model.eval()
     return OpenedRun(run_dir, checkpoint, spec, tokenizer, model)
+
+
+def convert_run(src: str | Path, dst: str | Path) -> str:
+    """``archlab convert``: :func:`archlab.interop.convert.convert` of ``src``, which may also be a run folder (its
+    latest checkpoint, as generate and eval read it) or a checkpoint in one; the tokenizer goes along."""
+    src = Path(src)
+    if (src / RUN_FILE).is_file() or ((src / CONFIG_FILE).is_file() and (src / WEIGHTS_FILE).is_file()):
+        _, checkpoint, tok_dir = locate_checkpoint(src)
+        return convert(checkpoint, dst, tokenizer_dir=tok_dir)
+    return convert(src, dst)  # e.g. a sharded Hugging Face folder
 
 
 def evaluate_run(opened: OpenedRun, *, max_batches: int | None = None) -> dict[str, Any]:
