@@ -20,3 +20,24 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+KERNEL_CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def pytest_sessionstart(session):
+    """Say which CPU kernels this run uses (also under ``-q``), and stop if a requested cap did not take.
+
+    ``make test-avx2`` caps ATen, oneDNN and MKL at AVX2 through KERNEL_CAP_VARIABLES; ATen reports the
+    capability it dispatches to, so a cap that torch ignored (a typo, an unknown value) fails the run here
+    instead of silently testing the native kernels twice.
+    """
+    capability = torch.backends.cpu.get_cpu_capability()
+    caps = ", ".join(f"{name}={os.environ[name]}" for name in KERNEL_CAP_VARIABLES if name in os.environ)
+    line = f"CPU kernels: ATen {capability}; caps: {caps or 'none (native)'}"
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)
+    requested = os.environ.get("ATEN_CPU_CAPABILITY")
+    if requested and requested.upper() != capability:
+        pytest.exit(f"ATEN_CPU_CAPABILITY={requested} was not applied: torch dispatches to {capability}", returncode=4)

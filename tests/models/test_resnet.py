@@ -180,13 +180,21 @@ def test_config_json_round_trip():
 
 
 @pytest.mark.parametrize(
-    "preset, channels, size",
-    [("resnet-digits", 1, 8), ("resnet-digits-plain", 1, 8), ("resnet-20", 3, 16), ("resnet-plain-20", 3, 16),
-     ("resnet-56", 3, 8), ("resnet-plain-56", 3, 8), ("resnet-110", 3, 8), ("resnet-plain-110", 3, 8)],
+    "preset, channels, size, learns",
+    [("resnet-digits", 1, 8, True), ("resnet-digits-plain", 1, 8, True), ("resnet-20", 3, 16, True),
+     ("resnet-plain-20", 3, 16, True), ("resnet-56", 3, 8, True), ("resnet-plain-56", 3, 8, False),
+     ("resnet-110", 3, 8, True), ("resnet-plain-110", 3, 8, False)],
 )  # fmt: skip
-def test_presets_train_a_few_steps(preset, channels, size):
+def test_presets_train_a_few_steps(preset, channels, size, learns):
     """Digits for the digits presets; for the CIFAR ones, tiny synthetic images (class = brightest channel
-    plus the quadrant of a bright square), smaller than 32x32 to stay fast (the net is fully convolutional)."""
+    plus the quadrant of a bright square), smaller than 32x32 to stay fast (the net is fully convolutional).
+
+    Every preset takes 4 AdamW steps with finite losses, and every parameter tensor gets a finite, non-zero
+    gradient. The residual nets and the 20-layer plain ones learn: the loss falls by more than 15% in 4 steps
+    (it fell by 24-99% on seeds 0-2, with native and with AVX2 kernels). The 56- and 110-layer plain nets are card 4's
+    degradation: their loss wanders near ln 10 ~ 2.3 (up or down by rounding noise), so no fall is asserted
+    for them; that they fail to learn is the slow test below.
+    """
     torch.manual_seed(0)
     if channels == 1:
         x, y = digits()
@@ -201,8 +209,11 @@ def test_presets_train_a_few_steps(preset, channels, size):
             x[i, :, r * half : (r + 1) * half, c * half : (c + 1) * half] += 1.0
     model = build_model(preset).train()
     losses = training.fit(model, lambda: F.cross_entropy(model(x), y), 4)
-    assert all(math.isfinite(v) for v in losses)
-    assert losses[-1] < losses[0], losses
+    assert all(math.isfinite(v) for v in losses), losses
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    if learns:
+        assert losses[-1] < 0.85 * losses[0], losses
 
 
 @pytest.mark.slow
