@@ -11,7 +11,8 @@ adds, positional sums) and embedding lookups (a gather) are not counted. Per att
   it); an ideal causal kernel does about half (Kaplan's ``2 n_layer n_ctx d_attn`` per token).
   Score terms beyond ``Q K^T`` (Transformer-XL's position term ``(q_i + v)^T W_R R_t``: another
   ``2 A N M d_k``) are stated by the attention module itself, see :class:`FlopCounter`.
-* ``projections``: ``W_Q, W_K, W_V, W_O``: ``2 d A (2 d_k + d_v)`` per token for self-attention.
+* ``projections``: ``W_Q, W_K, W_V, W_O``: ``2 d (A (d_k + d_v) + G (d_k + d_v))`` per token for
+  self-attention with ``G`` key/value heads (``G = A``, multi-head: ``2 d A (2 d_k + 2 d_v)``).
   Cross-attention applies ``W_Q, W_O`` to the ``N`` decoder tokens and ``W_K, W_V`` to the ``M``
   memory tokens, once: not again when a decoding cache already holds them (Transformer-XL's keys
   come the same way from its ``[memory; segment]`` context). Any other Linear of an attention module
@@ -148,9 +149,9 @@ def _attention_hook(counts: dict[str, int]) -> Callable:
         memory = args[1] if len(args) > 1 else kwargs.get("memory")
         cache = kwargs.get("cache")
         b, n = x.shape[0], x.shape[1]
-        d, a, d_k, d_v = module.d_model, module.n_heads, module.d_k, module.d_v
+        d, a, g, d_k, d_v = module.d_model, module.n_heads, module.n_kv_heads, module.d_k, module.d_v
         q_o = d * a * d_k + a * d_v * d  # W_Q and W_O entries
-        k_v = d * a * (d_k + d_v)  # W_K and W_V entries
+        k_v = d * g * (d_k + d_v)  # W_K and W_V entries: G key/value heads
         if memory is None:  # self-attention: keys = what the cache holds + the new tokens
             m = n + (0 if cache is None else cache.length)
             counts["projections"] += _matmul_flops(q_o + k_v, b * n)

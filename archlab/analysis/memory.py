@@ -19,6 +19,7 @@ import torch
 from archlab.config import Config
 from archlab.errors import ConfigError, unknown
 from archlab.nn.efficient import parse_backend
+from archlab.nn.feedforward import GATES
 
 _DTYPE_NAMES = {
     "float64": torch.float64, "double": torch.float64, "fp64": torch.float64,
@@ -121,16 +122,24 @@ def _dims(config: Config) -> tuple[int, int, int]:
         ) from None
 
 
-def kv_cache_bytes(config: Config, *, batch: int, length: int, dtype="float32") -> int:
-    """Keys and values of every self-attention layer for ``length`` positions: ``2 L B M A d_k s``.
+def _kv_heads(config: Config) -> int:
+    """``G``, the key/value heads of each attention layer: the config's ``n_kv_heads`` (grouped-query
+    attention) or, for families without it, one per query head."""
+    return getattr(config, "n_kv_heads", config.n_heads)
 
-    ``d_k = d / A``, so this is ``2 L B M d s``: GPT-2 small (``L = 12``, ``d = 768``) at 1,024 tokens
-    in fp16 keeps ``2 x 12 x 1024 x 768 x 2 B = 37.7 MB`` per sequence.
+
+def kv_cache_bytes(config: Config, *, batch: int, length: int, dtype="float32") -> int:
+    """Keys and values of every self-attention layer for ``length`` positions: ``2 L B M G d_k s``.
+
+    ``G`` key/value heads of width ``d_k = d / A``. With multi-head attention (``G = A``) this is
+    ``2 L B M d s``: GPT-2 small (``L = 12``, ``d = 768``) at 1,024 tokens in fp16 keeps
+    ``2 x 12 x 1024 x 768 x 2 B = 37.7 MB`` per sequence. Grouped-query attention divides it by ``A / G``:
+    SmolLM2-135M (``L = 30``, ``G = 3``, ``d_k = 64``) keeps ``2 x 30 x 3 x 64 x 2 B = 23 kB`` per bf16 token.
     """
     _check_sizes(batch=batch, length=length)
     n_layers, heads, d_model = _dims(config)
     d_k = d_model // heads
-    return 2 * n_layers * batch * length * heads * d_k * dtype_bytes(dtype)
+    return 2 * n_layers * batch * length * _kv_heads(config) * d_k * dtype_bytes(dtype)
 
 
 def training_activation_bytes(
@@ -139,21 +148,25 @@ def training_activation_bytes(
     """Rough bytes of the activations a training step saves for backward (pre-norm GPT-style stack).
 
     Per layer and token, the tensors autograd keeps: LayerNorm inputs and outputs (``4 d``), the
-    fused ``Q, K, V`` (``3 d``), the attention output before and after merging heads (``2 d``), the
-    FFN hidden before and after the activation (``2 d_ff``); dropout masks when ``dropout > 0``
-    (``2 d`` per layer, ``d`` on the embeddings). Attention weights are kept (``2 A N``, plus their
+    fused ``Q, K, V`` (``d + 2 G d_k``: ``3 d`` unless grouped-query attention has ``G < A`` K/V heads),
+    the attention output before and after merging heads (``2 d``), the FFN hidden before and after the
+    activation (``2 d_ff``; a gated FFN keeps ``4 d_ff``: gate, value, activated gate, product); dropout
+    masks when ``dropout > 0`` (``2 d`` per layer, ``d`` on the embeddings). Attention weights are kept (``2 A N``, plus their
     boolean mask ``A N`` bytes) with the ``math`` backend, and also with ``sdpa`` when
     ``attn_dropout > 0`` (PyTorch's CPU flash kernel has no dropout: it falls back to the math path,
     which then keeps the dropout mask too, ``A N``). Plus the final norm (``2 d``) and the logits with
     their log-softmax (``2 V``) when the config has a vocabulary::
 
-        bytes ~ B N s [L (9 d + 2 d_ff + drop + attn) + 2 d + 2 V]
+        bytes ~ B N s [L (6 d + (d + 2 G d_k) + 2 d_ff + drop + attn) + 2 d + 2 V]     (G = A: 9 d + 2 d_ff)
 
     Checked against the bytes autograd really saves for archlab's GPT in ``tests/analysis/test_memory.py``.
     """
     _check_sizes(batch=batch, seq_len=seq_len)
     n_layers, heads, d_model = _dims(config)
     d_ff = getattr(config, "ffn_width", None) or getattr(config, "d_ff", None) or 4 * d_model
+    if getattr(config, "ffn", None) in GATES:
+        d_ff *= 2  # gate and value, before and after: 4 d_ff
+    qkv = d_model + 2 * _kv_heads(config) * (d_model // heads)
     vocab = getattr(config, "vocab_size", 0)
     dropout, attn_dropout = getattr(config, "dropout", 0.0), getattr(config, "attn_dropout", 0.0)
     s = dtype_bytes(dtype)
@@ -162,6 +175,6 @@ def training_activation_bytes(
     if kind == "math" or (kind in ("auto", "sdpa") and attn_dropout > 0):
         attn = 2 * heads * seq_len * s + heads * seq_len + (heads * seq_len * s if attn_dropout > 0 else 0)
     drop = 2 * d_model * s if dropout > 0 else 0
-    per_token = n_layers * ((9 * d_model + 2 * d_ff) * s + drop + attn) + (2 * d_model + 2 * vocab) * s
+    per_token = n_layers * ((6 * d_model + qkv + 2 * d_ff) * s + drop + attn) + (2 * d_model + 2 * vocab) * s
     per_token += d_model * s if dropout > 0 else 0
     return batch * seq_len * per_token

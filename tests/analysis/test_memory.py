@@ -130,6 +130,17 @@ def test_training_activation_estimate_within_20_percent_of_what_autograd_saves(b
     assert 0.8 * measured <= predicted <= 1.2 * measured, (measured, predicted)
 
 
+@pytest.mark.parametrize("n_kv_heads", [1, 3, 9])
+def test_activation_estimate_with_grouped_query_attention_and_swiglu(n_kv_heads):
+    torch.manual_seed(0)
+    config = get_config("smollm2-135m", vocab_size=1000, n_layers=2, max_len=256, n_kv_heads=n_kv_heads)
+    model = build_model(config).train()
+    ids = torch.randint(0, 1000, (2, 128))
+    measured = saved_activation_bytes(model, ids)
+    predicted = training_activation_bytes(config, batch=2, seq_len=128)
+    assert 0.8 * measured <= predicted <= 1.2 * measured, (measured, predicted)
+
+
 def test_activation_estimate_grows_as_expected():
     c = get_config("gpt2-small")
     small = training_activation_bytes(c, batch=1, seq_len=512, backend="sdpa")
