@@ -62,6 +62,34 @@ def parse_overrides(items: Sequence[str]) -> dict:
     return overrides
 
 
+def model_overrides(items: Sequence[str]) -> dict:
+    """``--set`` of a command that reads a model only (inspect): ``KEY=VALUE`` or ``model.KEY=VALUE``, as in train."""
+    overrides = {}
+    for key, value in parse_overrides(items).items():
+        section, dot, name = key.partition(".")
+        if dot and section != "model":
+            raise ConfigError(f"--set {key}: inspect reads the model only; set its fields as KEY or model.KEY "
+                              f"(the data and train sections belong to `archlab train`)")  # fmt: skip
+        overrides[name if dot else key] = value
+    return overrides
+
+
+def check_at_least_one(option: str, value: int | None) -> None:
+    """ConfigError naming the command-line ``option`` unless ``value`` is None (not given) or >= 1."""
+    if value is not None and value < 1:
+        raise ConfigError(f"{option}={value} must be >= 1")
+
+
+def out_folder(value: str) -> Path:
+    """``--out DIR``: a new or existing folder; refused, naming the path, when it or a folder above it is a file."""
+    path = Path(value)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            what = "is a file" if part == path else f"lies under {str(part)!r}, a file"
+            raise ConfigError(f"--out {value!r} {what}; --out names a folder (new or existing)")
+    return path
+
+
 def build_on_meta(name: str, overrides: dict) -> tuple[object, torch.nn.Module]:
     """Config and model of a preset, built on the meta device: shapes only, no memory, instant."""
     config = get_config(name, **overrides)
@@ -142,8 +170,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def args_inspect(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("preset", metavar="PRESET", help="a preset name (see `archlab presets`)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config field (repeatable); VALUE is read as JSON when it parses, else as a string",
+        "--set", dest="overrides", action="append", default=[], metavar="[model.]KEY=VALUE",
+        help="override a model config field (repeatable); VALUE is read as JSON when it parses, else as a string",
     )  # fmt: skip
     parser.add_argument("--batch", type=int, default=1, metavar="B", help="batch size for the memory figures (default 1)")
     parser.add_argument("--length", type=int, metavar="N", help="sequence length for the memory figures (default: max_len)")
@@ -191,13 +219,11 @@ def flops_per_token(model, family, length: int) -> dict[str, float] | None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     """A preset's config and its parameters by component."""
     preset = get_preset(args.preset)
-    overrides = parse_overrides(args.overrides)
+    overrides = model_overrides(args.overrides)
     config, model = build_on_meta(preset.name, overrides)
     report = count_parameters(model)
-    for name in ("batch", "length"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name}={value} must be >= 1")
+    check_at_least_one("--batch", args.batch)
+    check_at_least_one("--length", args.length)
     memory = memory_figures(config, args.batch, args.length, args.dtype)
     flops = flops_note = None
     if memory is not None:
@@ -322,7 +348,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = spec_from_argument(args.spec).with_overrides(parse_overrides(args.overrides))
     given = Path(args.spec)
     if args.out is not None:
-        out = Path(args.out)
+        out = out_folder(args.out)
     elif given.is_dir():
         out = given
     else:
@@ -372,6 +398,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Validation metrics of a trained run: loss/perplexity (lm), accuracy, exact match + BLEU or chrF (seq2seq)."""
     from archlab.train.run import describe_eval, evaluate_run, open_run
 
+    check_at_least_one("--max-batches", args.max_batches)
     result = evaluate_run(open_run(args.run), max_batches=args.max_batches)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -409,6 +436,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
     names = [lab.name for lab in list_labs()] if args.names == ["all"] else args.names
     for name in names:  # every name checked before the first lab runs
         get_lab(name)
+    out_folder(args.out)
     reports = []
     for name in names:
         report = run_lab(name, quick=args.quick, seed=args.seed, out=args.out)

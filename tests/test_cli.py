@@ -160,6 +160,33 @@ def test_inspect_marks_overridden_fields(capsys):
     assert re.search(r"^\s+d_model\s+64$", out, re.M)
 
 
+def test_inspect_takes_the_model_prefix_of_train_and_refuses_other_sections(capsys):
+    code, out, _ = run(capsys, "inspect", "gpt-nano", "--set", "model.d_model=96", "--set", "n_layers=2")
+    assert code == 0
+    assert re.search(r"^\s+\* d_model\s+96$", out, re.M) and re.search(r"^\s+\* n_layers\s+2$", out, re.M)
+    code, plain, _ = run(capsys, "inspect", "gpt-nano", "--set", "d_model=96", "--set", "n_layers=2")
+    assert plain == out
+    for setting in ("data.source=reverse", "train.steps=30"):
+        code, out, err = run(capsys, "inspect", "gpt-nano", "--set", setting)
+        assert_one_line_error(code, out, err, f"--set {setting.partition('=')[0]}", "model.KEY")
+
+
+@pytest.mark.parametrize("argv", [["inspect", "gpt-nano", "--batch", "0"], ["inspect", "gpt-nano", "--length", "-1"]])
+def test_count_options_below_one_name_the_option(capsys, argv):  # eval --max-batches: test_cli_train
+    code, out, err = run(capsys, *argv)
+    assert_one_line_error(code, out, err, f"{argv[-2]}={argv[-1]} must be >= 1")
+
+
+@pytest.mark.parametrize("command", [["train", "gpt-nano"], ["lab", "sqrt-dk", "--quick"]])
+def test_out_naming_a_file_is_one_clear_line(capsys, tmp_path, command):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    for out_arg, words in ((a_file, ["is a file"]), (a_file / "run", ["lies under", str(a_file)])):
+        code, out, err = run(capsys, *command, "--out", str(out_arg))
+        assert_one_line_error(code, out, err, f"--out '{out_arg}'", *words)
+    assert a_file.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [a_file]
+
+
 def test_unknown_preset_suggests_the_closest(capsys):
     code, out, err = run(capsys, "inspect", "transformer-bse")
     assert_one_line_error(code, out, err, "unknown preset 'transformer-bse'", "did you mean 'transformer-base'")

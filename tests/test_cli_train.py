@@ -103,6 +103,12 @@ def test_eval_reproduces_the_final_validation_of_training(capsys, gpt_run):
     assert re.search(r"^validation loss [\d.]+, ppl [\d.]+, accuracy [\d.]+%; unigram baseline", text, re.M)
 
 
+def test_eval_max_batches_below_one_names_the_option(capsys, gpt_run):
+    for n in ("0", "-2"):
+        line = error_line(capsys, "eval", gpt_run, "--max-batches", n)
+        assert f"--max-batches={n} must be >= 1" in line and "eval_batches" not in line
+
+
 def test_generate_continues_the_prompt_reproducibly(capsys, gpt_run):
     a = ok(capsys, "generate", gpt_run, "--prompt", "def ", "--max-new-tokens", "12", "--seed", "3")
     b = ok(capsys, "generate", gpt_run, "--prompt", "def ", "--max-new-tokens", "12", "--seed", "3")
@@ -149,6 +155,8 @@ def test_seq2seq_run_translates_and_scores(capsys, tmp_path):
                          "--json"))  # fmt: skip
     assert greedy["task"] == beam["task"] == "seq2seq" and greedy["tokens"] <= 6 and beam["tokens"] <= 6
     assert set(greedy["output"]) <= set("abcdefghijklmnopqrstuvwxyz")
+    line = error_line(capsys, "generate", tmp_path / "s", "--prompt", "ab1C", "--max-new-tokens", "6")
+    assert "--prompt 'ab1C' holds characters not in the run's vocabulary: '1C'" in line  # not <unk>s and ""
     line = error_line(capsys, "generate", tmp_path / "s", "--prompt", "abc", "--temperature", "0.5")
     assert "seq2seq decoding is greedy or beam search" in line
 

@@ -147,6 +147,12 @@ class BatchSource(ABC):
         self.batch_size, self.seed, self.rank, self.world_size = int(batch_size), int(seed), int(rank), int(world_size)
         self.step = 0  # index of the next global batch
 
+    def _check_fits(self, n: int, what: str) -> None:
+        """A global batch holds distinct examples: ``batch_size`` may not exceed the ``n`` training ``what``."""
+        if self.batch_size > n:
+            raise ConfigError(f"batch_size={self.batch_size} is larger than the training set ({n} {what}): a batch "
+                              f"would hold the same example twice; batch_size must be <= {n}")  # fmt: skip
+
     @property
     def local_batch_size(self) -> int:
         """Rows per rank: ``batch_size // world_size``."""
@@ -420,6 +426,7 @@ class Seq2SeqBatches(BatchSource):
             _check_int(name, value, 0)
         self.pad_id, self.bos_id, self.eos_id = int(pad_id), int(bos_id), int(eos_id)
         self.src, self.tgt = self._store(pairs, "pairs")
+        self._check_fits(len(self.src), "pairs")
         self.valid = None if valid is None else self._store(valid, "valid")
         self.order = _EpochOrder(len(self.src), self.seed)
 
@@ -496,6 +503,7 @@ class ClassificationBatches(BatchSource):
             _check_int("pad_id", pad_id, 0)
         self.pad_id = pad_id
         self.inputs, self.labels = self._store(inputs, labels, "")
+        self._check_fits(len(self.labels), "examples")
         self.valid = None if valid is None else self._store(*valid, "valid ")
         self.order = _EpochOrder(len(self.labels), self.seed)
 

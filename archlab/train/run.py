@@ -497,7 +497,7 @@ def generate_text(
             raise ConfigError("--beam is for seq2seq runs; an lm run samples (or decodes greedily with --greedy)")
         if greedy and given:
             raise ConfigError(f"--greedy takes the most likely token; {', '.join(given)} only act when sampling")
-        ids = tok.encode(prompt) or ([eos] if eos is not None else [])
+        ids = encode_prompt(tok, prompt) or ([eos] if eos is not None else [])
         if not ids:
             raise DataError("the prompt is empty and the tokenizer has no </s> to start from")
         _check_room(model.config, len(ids), max_new_tokens)
@@ -511,7 +511,7 @@ def generate_text(
     else:  # seq2seq
         if given:
             raise ConfigError(f"seq2seq decoding is greedy or beam search (--beam K); {', '.join(given)}: lm runs only")
-        src = tok.encode(prompt)
+        src = encode_prompt(tok, prompt)
         if not src:
             raise DataError("the prompt (the source sequence) is empty")
         src_ids = torch.tensor([src], device=device)
@@ -529,6 +529,19 @@ def generate_text(
     if eos is not None and eos in out:
         out = out[: out.index(eos)]
     return {"task": task, "prompt": prompt, "output": tok.decode(out), "tokens": len(out)}
+
+
+def encode_prompt(tok: Tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids; DataError naming the characters the run's vocabulary lacks (each would be ``<unk>``,
+    and a model trained without ``<unk>`` answers it with nothing useful: a seq2seq run with an empty output)."""
+    ids = tok.encode(prompt)
+    unk = tok.unk_id
+    if unk is None or unk not in ids:
+        return ids
+    missing = "".join(sorted({c for c in prompt if unk in tok.encode(c)}))
+    known = getattr(tok, "chars", None)  # a character tokenizer's whole vocabulary, worth showing when short
+    allowed = f"; it knows {known!r}" if known is not None and len(known) <= 100 else ""
+    raise DataError(f"--prompt {prompt!r} holds characters not in the run's vocabulary: {missing!r}{allowed}")
 
 
 def _check_room(config: Config, n_prompt: int, max_new_tokens: int) -> None:

@@ -248,6 +248,19 @@ def test_config_errors():
         ClassificationBatches([[1, 2]], [0], batch_size=1)
 
 
+def test_a_batch_larger_than_the_training_set_is_refused():
+    """Every global batch holds distinct examples: a batch of 5 from 4 pairs (or examples) is refused up front."""
+    pairs = [([i + 3], [i + 3]) for i in range(4)]
+    with pytest.raises(ConfigError, match=r"^batch_size=5 is larger than the training set \(4 pairs\).*must be <= 4$"):
+        Seq2SeqBatches(pairs, batch_size=5, pad_id=0, bos_id=1, eos_id=2)
+    with pytest.raises(ConfigError, match=r"^batch_size=6 is larger than the training set \(4 examples\)"):
+        ClassificationBatches(torch.zeros(4, 2), [0, 1, 0, 1], batch_size=6)
+    with pytest.raises(ConfigError, match=r"batch_size=5 is larger than the training set \(4 examples\)"):
+        ClassificationBatches([[1], [2, 3], [4], [5]], [0, 1, 0, 1], batch_size=5, pad_id=0)
+    batch = Seq2SeqBatches(pairs, batch_size=4, pad_id=0, bos_id=1, eos_id=2).batch(0)  # the whole set: allowed
+    assert sorted(batch["src_ids"][:, 0].tolist()) == [3, 4, 5, 6]
+
+
 def test_data_errors():
     with pytest.raises(DataError, match=r"ids has 8 tokens; windows of seq_len \+ 1 = 9"):
         LMWindows(np.arange(8), seq_len=8, batch_size=2)
@@ -281,6 +294,6 @@ def test_state_mismatch_errors():
     with pytest.raises(DataError, match="data state has batch_size=4 but this LMWindows has batch_size=8"):
         LMWindows(np.arange(100), seq_len=8, batch_size=8, seed=1).load_state_dict(state)
     with pytest.raises(DataError, match="kind='LMWindows' but this Seq2SeqBatches"):
-        Seq2SeqBatches([([1], [2])], batch_size=4, pad_id=0, bos_id=1, eos_id=2, seed=1).load_state_dict(state)
+        Seq2SeqBatches([([1], [2])] * 4, batch_size=4, pad_id=0, bos_id=1, eos_id=2, seed=1).load_state_dict(state)
     with pytest.raises(DataError, match="step=-1"):
         source.load_state_dict({**state, "step": -1})
