@@ -15,7 +15,6 @@ import ctypes
 import json
 import multiprocessing
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from archlab.hardware import describe_cpu
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -57,7 +58,7 @@ def setup(threads: int, keep_memory: bool = False) -> str:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     memory = keep_freed_memory() if keep_memory else "default malloc"
-    return f"torch {torch.__version__}, {threads} threads, {platform.processor() or platform.machine()}, {memory}"
+    return f"torch {torch.__version__}, {threads} threads, {describe_cpu()}, {memory}"
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
