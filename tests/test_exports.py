@@ -19,8 +19,7 @@ PACKAGES = ["archlab", "archlab.nn", "archlab.data", "archlab.train", "archlab.a
 NN_NOT_EXPORTED = {
     "linear": "the few-row product function: as archlab.nn.linear it would hide the module archlab.nn.linear",
     "release_workspace": "a CPU buffer detail of linear_cross_entropy: archlab.nn.loss.release_workspace",
-    "BackendNames": "the type of attention.BACKENDS (a tuple that names its choices)",
-    "Param": "one parameter of a backend spec (efficient.parse_backend's table)",
+    "Param": "one parameter of a backend spec (backends.parse_backend's table)",
 }
 
 

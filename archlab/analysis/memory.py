@@ -18,7 +18,7 @@ import torch
 
 from archlab.config import Config
 from archlab.errors import ConfigError, unknown
-from archlab.nn.efficient import parse_backend
+from archlab.nn.backends import parse_backend
 from archlab.nn.feedforward import GATES
 
 _DTYPE_NAMES = {

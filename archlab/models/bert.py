@@ -37,7 +37,6 @@ from torch import Tensor, nn
 
 from archlab.config import (
     Config,
-    check_choice,
     check_divisible,
     check_positive,
     check_probability,
@@ -45,7 +44,8 @@ from archlab.config import (
 )
 from archlab.errors import ConfigError, DataError, ShapeError
 from archlab.models.registry import register_family, register_model_class, register_preset
-from archlab.nn.attention import BACKENDS, padding_mask
+from archlab.nn.attention import padding_mask
+from archlab.nn.backends import check_backend
 from archlab.nn.blocks import Encoder
 from archlab.nn.norm import LayerNorm
 from archlab.nn.positional import LearnedPositionalEncoding
@@ -99,7 +99,7 @@ class BertConfig(Config):
         require(
             0 <= self.pad_id < self.vocab_size, f"pad_id={self.pad_id} must be in [0, vocab_size={self.vocab_size})"
         )
-        check_choice("backend", self.backend, BACKENDS)
+        check_backend(self.backend)
 
 
 # ================================================================================================

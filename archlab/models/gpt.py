@@ -25,7 +25,7 @@ from torch import nn
 from archlab.config import Config, check_choice, check_divisible, check_positive, check_probability
 from archlab.models.decoder import DecoderConfig, DecoderLM, positions_from_mask
 from archlab.models.registry import register_family, register_preset
-from archlab.nn.attention import BACKENDS
+from archlab.nn.backends import check_backend
 from archlab.nn.feedforward import FEEDFORWARDS
 from archlab.nn.positional import POSITIONAL_KINDS, check_rope_width
 
@@ -82,7 +82,7 @@ class GPTConfig(DecoderConfig, Config):
         check_probability("attn_dropout", self.attn_dropout)
         check_choice("positional", self.positional, POSITIONAL_KINDS)
         check_choice("ffn", self.ffn, FEEDFORWARDS)
-        check_choice("backend", self.backend, BACKENDS)
+        check_backend(self.backend)
         check_positive("eps", self.eps)
         check_rope_width(self.positional, self.d_model, self.n_heads)
 
@@ -129,5 +129,6 @@ register_preset(
 register_preset(
     "gpt-nano", "gpt",
     GPTConfig(vocab_size=256, max_len=128, d_model=48, n_heads=3, n_layers=3, dropout=0.0, attn_dropout=0.0),
-    "tiny byte-level GPT for tests and demos: 3 layers, d=48, 3 heads, 128 ctx",
+    "tiny GPT for tests and demos: 3 layers, d=48, 3 heads, 128 ctx, byte vocabulary (256); "
+    "`archlab train` sets the vocabulary from its tokenizer",
 )  # fmt: skip

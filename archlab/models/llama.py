@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from archlab.config import Config, check_choice, check_divisible, check_positive, check_probability
+from archlab.config import Config, check_divisible, check_positive, check_probability
 from archlab.models.decoder import DecoderConfig, DecoderLM
 from archlab.models.registry import register_family, register_preset
-from archlab.nn.attention import BACKENDS, check_kv_heads
+from archlab.nn.attention import check_kv_heads
+from archlab.nn.backends import check_backend
 from archlab.nn.positional import check_rope_width
 
 
@@ -105,7 +106,7 @@ class LlamaConfig(DecoderConfig, Config):
         check_positive("eps", self.eps)
         check_probability("dropout", self.dropout)
         check_probability("attn_dropout", self.attn_dropout)
-        check_choice("backend", self.backend, BACKENDS)
+        check_backend(self.backend)
 
 
 class Llama(DecoderLM):

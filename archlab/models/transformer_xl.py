@@ -38,8 +38,8 @@ from archlab.config import Config, check_choice, check_divisible, check_positive
 from archlab.errors import ConfigError, ShapeError
 from archlab.models.decoder import DecoderWidths
 from archlab.models.registry import register_family, register_preset
-from archlab.nn.attention import BACKENDS, MultiHeadAttention, attend, broadcast
-from archlab.nn.efficient import TILED, parse_backend
+from archlab.nn.attention import MultiHeadAttention, attend, broadcast
+from archlab.nn.backends import TILED, check_backend, parse_backend
 from archlab.nn.feedforward import FEEDFORWARDS, build_feedforward
 from archlab.nn.inputs import check_token_ids
 from archlab.nn.linear import Linear
@@ -97,7 +97,7 @@ class TransformerXLConfig(DecoderWidths, Config):
         check_probability("attn_dropout", self.attn_dropout)
         check_choice("positional", self.positional, XL_POSITIONAL)
         check_choice("ffn", self.ffn, FEEDFORWARDS)
-        check_choice("backend", self.backend, BACKENDS)
+        check_backend(self.backend)
         check_positive("eps", self.eps)
         check_rope_width(self.positional, self.d_model, self.n_heads)
         kind = parse_backend(self.backend).kind

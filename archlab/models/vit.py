@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from archlab.config import Config, check_choice, check_divisible, check_positive, check_probability, require
 from archlab.errors import ShapeError
 from archlab.models.registry import register_family, register_preset
-from archlab.nn.attention import BACKENDS
+from archlab.nn.backends import check_backend
 from archlab.nn.blocks import Encoder
 from archlab.nn.positional import LearnedPositionalEncoding
 
@@ -78,7 +78,7 @@ class ViTConfig(Config):
         check_probability("attn_dropout", self.attn_dropout)
         require(self.n_classes >= 0, f"n_classes={self.n_classes!r} must be >= 0 (0 = no classification head)")
         check_choice("pooling", self.pooling, POOLINGS)
-        check_choice("backend", self.backend, BACKENDS)
+        check_backend(self.backend)
 
     @property
     def grid_size(self) -> int:

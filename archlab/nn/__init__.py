@@ -21,6 +21,7 @@ from archlab.nn.attention import (
     masked_softmax,
     padding_mask,
 )
+from archlab.nn.backends import BackendSpec, RelativeBias, check_backend, parse_backend, register_backend
 from archlab.nn.blocks import BlockCache, Decoder, DecoderBlock, DecodingCache, Encoder, EncoderBlock
 from archlab.nn.conv import (
     CausalConv1d,
@@ -31,13 +32,11 @@ from archlab.nn.conv import (
     receptive_field,
 )
 from archlab.nn.efficient import (
-    BackendSpec,
     BigBirdPattern,
     FullPattern,
     LinformerAttention,
     Pattern,
     PerformerAttention,
-    RelativeBias,
     SlidingPattern,
     bigbird_attention,
     bigbird_layout,
@@ -47,7 +46,6 @@ from archlab.nn.efficient import (
     kernel_attention,
     linear_attention,
     orthogonal_gaussian,
-    parse_backend,
     sliding_window_attention,
     tiled_attention,
 )
@@ -100,11 +98,13 @@ __all__ = [
     "AdditiveScore", "AlignmentScore", "ContentScore", "DotScore", "GeneralScore", "KVCache", "LocationScore",
     "MultiHeadAttention", "ScaledDotScore", "attend", "build_score", "causal_mask", "masked_softmax",
     "padding_mask",
+    # backends (specs and dispatch)
+    "BackendSpec", "RelativeBias", "check_backend", "parse_backend", "register_backend",
     # efficient (memory-saving attention)
-    "BackendSpec", "BigBirdPattern", "FullPattern", "LinformerAttention", "Pattern", "PerformerAttention",
-    "RelativeBias", "SlidingPattern", "bigbird_attention", "bigbird_layout", "chunked_attention",
+    "BigBirdPattern", "FullPattern", "LinformerAttention", "Pattern", "PerformerAttention",
+    "SlidingPattern", "bigbird_attention", "bigbird_layout", "chunked_attention",
     "elu_feature_map", "favor_features", "kernel_attention", "linear_attention", "orthogonal_gaussian",
-    "parse_backend", "sliding_window_attention", "tiled_attention",
+    "sliding_window_attention", "tiled_attention",
     # positional, norm, feedforward, blocks
     "ALiBi", "LearnedPositionalEncoding", "NoPositionalEncoding", "PositionalEncoding", "RotaryPositionalEncoding",
     "SinusoidalPositionalEncoding", "alibi_slopes", "build_positional", "sinusoid_table",

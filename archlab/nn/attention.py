@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from archlab.config import check_choice, check_divisible, check_positive, check_probability
 from archlab.errors import ConfigError, ShapeError
+from archlab.nn.backends import DENSE, attend_with, build_attention_module, check_backend, positional_bias
 from archlab.nn.linear import Linear, linear
 
 # ================================================================================================
@@ -231,26 +232,6 @@ def masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
 Score = Callable[[Tensor, Tensor], Tensor]
 
 
-def _efficient():
-    """:mod:`archlab.nn.efficient`, imported on first use (it builds on this module)."""
-    from archlab.nn import efficient
-
-    return efficient
-
-
-class BackendNames(tuple):
-    """The backend kinds. ``spec in BACKENDS`` also accepts an efficient backend's spec with parameters
-    (``"chunked:block=128"``), and raises ConfigError for a known kind with bad parameters
-    (see :func:`archlab.nn.efficient.parse_backend`), so every family's ``backend`` check takes them."""
-
-    def __contains__(self, spec: object) -> bool:
-        return _efficient().is_backend(spec)
-
-
-# auto | math | sdpa here; the memory-saving ones in archlab.nn.efficient
-BACKENDS = BackendNames(("auto", "math", "sdpa", "chunked", "sliding", "bigbird", "linformer", "performer", "linear"))
-
-
 def broadcast(*shapes: tuple[int, ...]) -> tuple[int, ...] | None:
     """NumPy broadcasting of shapes, or None if they do not broadcast.
 
@@ -377,7 +358,7 @@ def attend(
     Returns:
         ``out [..., N, d_v]``, or ``(out, weights)`` when ``return_weights``.
     """
-    check_choice("backend", backend, BACKENDS)
+    check_backend(backend)
     check_probability("dropout_p", dropout_p)
     check_attend_inputs(q, k, v, mask, bias, same_width=score is None)
     if isinstance(score, AlignmentScore):
@@ -390,8 +371,8 @@ def attend(
     fused = backend == "sdpa" or (backend == "auto" and not return_weights and score is None)
     if groups > 1 and not fused:  # sdpa reads grouped K/V itself; the others get one K/V head per query head
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    if backend not in ("auto", "math", "sdpa"):  # memory-saving backends: archlab.nn.efficient
-        return _efficient().attend_efficient(
+    if backend not in DENSE:  # memory-saving backends: archlab.nn.efficient, through archlab.nn.backends
+        return attend_with(
             backend, q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, score=score,
             dropout_p=dropout_p, return_weights=return_weights,
         )  # fmt: skip
@@ -608,7 +589,7 @@ class MultiHeadAttention(nn.Module):
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         check_kv_heads(n_heads, n_kv_heads)
         check_probability("dropout", dropout)
-        check_choice("backend", backend, BACKENDS)
+        check_backend(backend)
         if d_k is None or d_v is None:
             check_divisible("d_model", d_model, "n_heads", n_heads)
         self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
@@ -620,7 +601,7 @@ class MultiHeadAttention(nn.Module):
         self.in_proj = Linear(d_model, n_heads * self.d_k + n_kv_heads * (self.d_k + self.d_v), bias=bias)
         self.out_proj = Linear(n_heads * self.d_v, d_model, bias=bias)
         # a backend with its own parameters (Linformer's E, F; Performer's features), else None
-        self.backend_module = _efficient().build_attention_module(backend, d_k=self.d_k)
+        self.backend_module = build_attention_module(backend, d_k=self.d_k)
 
     def extra_repr(self) -> str:
         kv = "" if self.n_kv_heads == self.n_heads else f", n_kv_heads={self.n_kv_heads}"
@@ -688,7 +669,7 @@ class MultiHeadAttention(nn.Module):
                 q, k = positional.transform_qk(q, k, offset)
             if cache is not None:
                 k, v = cache.append(k, v)
-            bias = None if positional is None else _efficient().positional_bias(
+            bias = None if positional is None else positional_bias(
                 positional, q.shape[-2], k.shape[-2], offset, backend=self.backend, like=q
             )  # fmt: skip
         else:  # cross-attention

@@ -30,19 +30,16 @@ import math
 import pytest
 import torch
 
-from archlab.config import check_choice
 from archlab.errors import ConfigError, ShapeError
 from archlab.models import build_model
 from archlab.models.bert import BertConfig
 from archlab.models.gpt import GPTConfig
 from archlab.nn import ALiBi, MultiHeadAttention, attend
-from archlab.nn.attention import BACKENDS
+from archlab.nn.backends import BACKENDS, PARAMS, RelativeBias, check_backend, is_backend, parse_backend
 from archlab.nn.efficient import (
-    PARAMS,
     FullPattern,
     LinformerAttention,
     PerformerAttention,
-    RelativeBias,
     SlidingPattern,
     _TiledAttention,
     bigbird_attention,
@@ -54,7 +51,6 @@ from archlab.nn.efficient import (
     kernel_attention,
     linear_attention,
     orthogonal_gaussian,
-    parse_backend,
     sliding_window_attention,
 )
 
@@ -99,7 +95,7 @@ def test_parse_fills_defaults_and_reads_values():
 
 def test_backend_names_list_every_kind():
     assert set(BACKENDS) == set(PARAMS)
-    assert "chunked:block=32" in BACKENDS and "nope" not in BACKENDS and 3 not in BACKENDS
+    assert is_backend("chunked:block=32") and not is_backend("nope") and not is_backend(3)
 
 
 @pytest.mark.parametrize(
@@ -123,11 +119,13 @@ def test_bad_specs_raise_config_error_naming_key_value_and_rule(spec, match):
         parse_backend(spec)
 
 
-def test_bad_spec_fails_through_check_choice_like_every_family_field():
+def test_bad_spec_fails_through_check_backend_like_every_family_field():
     with pytest.raises(ConfigError, match=r"did you mean 'sliding'"):
-        check_choice("backend", "slidng", BACKENDS)
+        check_backend("slidng")
     with pytest.raises(ConfigError, match=r"window='x'"):
-        check_choice("backend", "sliding:window=x", BACKENDS)
+        check_backend("sliding:window=x")
+    with pytest.raises(ConfigError, match=r"backend"):
+        check_backend(3)
 
 
 def test_family_configs_take_specs_and_round_trip_through_json():
