@@ -149,6 +149,8 @@ def args_presets(parser: argparse.ArgumentParser) -> None:
 
 def cmd_presets(args: argparse.Namespace) -> int:
     """Table of every named preset: name, family, parameter count, description."""
+    from archlab.train.sources import DataConfig
+
     entries = []
     for preset in list_presets():
         _, model = build_on_meta(preset.name, {})
@@ -164,6 +166,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
     rows = [["preset", "family", "params", "description"]]
     rows += [[p.name, p.family, human(n), p.description] for p, n in entries]
     print("\n".join(_table(rows, "<<><")))
+    print(f"\nparams: each preset as listed (counted on the meta device, tied weights once). `archlab train` gives a "
+          f"model its tokenizer's vocabulary (text: a BPE of data.vocab_size={DataConfig().vocab_size} tokens unless "
+          "data.tokenizer says otherwise) and the labels' n_classes, and prints each change with the count it trains")
     return 0
 
 

@@ -81,6 +81,24 @@ def _check_ids_in_vocab(vocab_size: int, **ids: int | None) -> None:
             raise ConfigError(f"{name}={value} is outside the model's vocabulary [0, {vocab_size})")
 
 
+def context_limit(model: Any) -> int | None:
+    """The most positions ``model`` can read (``model.config.context_limit``: a learned position table, a
+    fixed-length layer, a trained context), or None where nothing limits it (relative positions, RoPE, RNNs)."""
+    return getattr(getattr(model, "config", None), "context_limit", None)
+
+
+def check_room(model: Any, n_prompt: int, max_new_tokens: int) -> None:
+    """ConfigError, before decoding, unless the model's context (:func:`context_limit`) holds the positions decoding
+    reads: the prompt's ``n_prompt`` and every new token but the last (the model would fail only on reaching them)."""
+    limit, read = context_limit(model), n_prompt + max_new_tokens - 1
+    if limit is not None and max_new_tokens > 0 and read > limit:
+        raise ConfigError(
+            f"the prompt's {n_prompt} tokens + max_new_tokens={max_new_tokens} read {read} positions (every new token "
+            f"but the last is fed back), past the context of {type(model).__name__} (max_len={limit}): "
+            f"max_new_tokens <= {max(limit - n_prompt + 1, 0)} fits"
+        )
+
+
 def _shape(x: Any) -> str:
     return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
 
@@ -245,6 +263,7 @@ def generate(
         _check_int("seed", seed, 0)
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ShapeError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {_shape(attention_mask)}")
+    check_room(model_or_step, input_ids.shape[1], max_new_tokens)
     stepper = _stepper(model_or_step, attention_mask, cache, use_cache)
 
     device = input_ids.device
@@ -331,6 +350,7 @@ def beam_search(
             _check_int(name, value, 0)
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(start_tokens.shape):
         raise ShapeError(f"attention_mask must match start_tokens {tuple(start_tokens.shape)}, got {_shape(attention_mask)}")
+    check_room(model_or_step, start_tokens.shape[1], max_new_tokens)
     pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     b, n0 = start_tokens.shape
     k, steps, device = beam_size, max_new_tokens, start_tokens.device

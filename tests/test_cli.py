@@ -32,7 +32,7 @@ def assert_one_line_error(code: int, out: str, err: str, *words: str) -> None:
 def test_presets_table_lists_transformer_presets(capsys):
     code, out, _ = run(capsys, "presets")
     assert code == 0
-    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}  # the table, a blank, a note
     assert {"transformer-base", "transformer-big", "transformer-tiny"} <= set(rows)
     assert re.search(r"transformer-base\s+transformer\s+63\.1M\s+Vaswani", rows["transformer-base"])
     assert "214M" in rows["transformer-big"]

@@ -200,6 +200,40 @@ def test_generate_argument_errors(kwargs, message):
         generate(m, torch.zeros(1, 2, dtype=torch.long), **args)
 
 
+def _spied(model):
+    """``model`` whose forward passes (one per decoding step) are counted in ``model.steps``."""
+    model.steps = 0
+    embedding = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding))  # every step embeds its tokens
+    embedding.register_forward_pre_hook(lambda *_: setattr(model, "steps", model.steps + 1))
+    return model
+
+
+@pytest.mark.parametrize("search", ["generate", "beam_search"])
+def test_a_prompt_plus_new_tokens_past_a_hard_context_is_refused_before_decoding(search):
+    """A learned position table (GPT) or a trained context (Llama) ends at max_len = 64: decoding 3 + 63 tokens
+    feeds 65 positions (the last new token is not fed back)."""
+    from archlab.models import build_model
+
+    run = {"generate": lambda m, n: generate(m, torch.ones(1, 3, dtype=torch.long), max_new_tokens=n),
+           "beam_search": lambda m, n: beam_search(m, torch.ones(1, 3, dtype=torch.long), beam_size=2,
+                                                  max_new_tokens=n).sequences}
+    torch.manual_seed(0)
+    for model in (gpt(), build_model("llama-tiny", vocab_size=V, max_len=64).eval()):
+        _spied(model)
+        with pytest.raises(ConfigError, match=rf"prompt's 3 tokens \+ max_new_tokens=63 read 65 positions .* past the "
+                                              rf"context of {type(model).__name__} \(max_len=64\): max_new_tokens <= 62"):
+            run[search](model, 63)
+        assert model.steps == 0  # refused before the first step
+        assert run[search](model, 62).shape[1] <= 65  # the whole context is usable
+
+
+def test_positions_without_a_hard_limit_generate_past_max_len():
+    """RoPE and ALiBi GPTs (relative positions) are not limited by max_len."""
+    for positional in ("rope", "alibi"):
+        model = gpt(positional=positional, max_len=8)
+        assert generate(model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=20).shape == (1, 23)
+
+
 def test_protocol_errors():
     m = gpt()
     ids = torch.zeros(1, 2, dtype=torch.long)

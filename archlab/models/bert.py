@@ -431,7 +431,7 @@ register_family(
     task="mlm", train_cls=BertForPreTraining,
 )
 register_model_class(BertForSequenceClassification)  # buildable from its config alone (n_classes is a field)
-register_preset("bert-base", "bert", BertConfig(), "BERT-base uncased (Devlin 2019): L=12, d=768, A=12, 110M")
+register_preset("bert-base", "bert", BertConfig(), "BERT-base uncased (Devlin 2019): L=12, d=768, A=12 (paper: 110M)")
 register_preset(
     "bert-mini", "bert", BertConfig(d_model=256, n_heads=4, n_layers=4, d_ff=1024),
     "BERT-mini (Turc 2019): L=4, d=256, A=4, 11M",

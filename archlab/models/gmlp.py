@@ -67,6 +67,11 @@ class GMLPConfig(Config):
         check_probability("dropout", self.dropout)
 
     @property
+    def context_limit(self) -> int:
+        """``max_len``: the spatial weights ``W [N, N]`` cover no more positions."""
+        return self.max_len
+
+    @property
     def ffn_width(self) -> int:
         """``d_ffn``, or ``6 d`` when it is None."""
         return 6 * self.d_model if self.d_ffn is None else self.d_ffn

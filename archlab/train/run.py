@@ -43,7 +43,7 @@ from archlab.config import Config
 from archlab.data import Tokenizer, load_tokenizer
 from archlab.data.tokenizers import TOKENIZER_FILE
 from archlab.errors import CheckpointError, ConfigError, DataError, unknown
-from archlab.generation import beam_search, expand_for_beams, generate
+from archlab.generation import beam_search, check_room, expand_for_beams, generate
 from archlab.interop.convert import convert
 from archlab.interop.io import CONFIG_FILE, WEIGHTS_FILE, load_model
 from archlab.models.registry import FAMILIES, Family, build_model, get_config, get_preset
@@ -500,7 +500,7 @@ def generate_text(
         ids = encode_prompt(tok, prompt) or ([eos] if eos is not None else [])
         if not ids:
             raise DataError("the prompt is empty and the tokenizer has no </s> to start from")
-        _check_room(model.config, len(ids), max_new_tokens)
+        check_room(model, len(ids), max_new_tokens)
         start = torch.tensor([ids], device=device)
         step = model if hasattr(model, "decoder_step") else (lambda tokens, cache=None: model(tokens))
         out = generate(
@@ -544,13 +544,3 @@ def encode_prompt(tok: Tokenizer, prompt: str) -> list[int]:
     raise DataError(f"--prompt {prompt!r} holds characters not in the run's vocabulary: {missing!r}{allowed}")
 
 
-def _check_room(config: Config, n_prompt: int, max_new_tokens: int) -> None:
-    """A learned position table (or gMLP's fixed length) cannot go past ``max_len``: say so before generating."""
-    max_len = getattr(config, "max_len", None)
-    if max_len is None or getattr(config, "positional", "learned") != "learned":
-        return
-    if n_prompt + max_new_tokens > max_len:
-        raise ConfigError(
-            f"the prompt's {n_prompt} tokens + --max-new-tokens {max_new_tokens} = {n_prompt + max_new_tokens} "
-            f"positions, past the model's max_len={max_len}: lower --max-new-tokens (or shorten the prompt)"
-        )
