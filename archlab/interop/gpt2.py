@@ -22,11 +22,17 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from archlab.errors import CheckpointError, ConfigError
-from archlab.interop.io import CONFIG_FILE, WEIGHTS_FILE, check_state_dict, read_hf_folder, write_hf_folder
+from archlab.interop.io import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    check_state_dict,
+    drop_tied_head,
+    read_hf_folder,
+    write_hf_folder,
+)
 from archlab.models.gpt import GPT, GPTConfig
 
 # (HF name, archlab name, HF Conv1D weight that needs a transpose)
@@ -222,14 +228,8 @@ def load_gpt2(folder: str | Path) -> GPT:
         raise CheckpointError(f"{folder} is an archlab folder, not a Hugging Face one: use archlab.interop.io.load_model")
     config = config_from_gpt2(hf_config, source=str(folder / CONFIG_FILE))
     state = normalize_gpt2_keys(raw)
-    if config.tie_embeddings and "lm_head.weight" in state:
-        wte = state.get("transformer.wte.weight")
-        if wte is None or not torch.equal(state["lm_head.weight"], wte):
-            raise CheckpointError(
-                f"{folder}: lm_head.weight differs from transformer.wte.weight, but the config ties them "
-                "(tie_word_embeddings=true)"
-            )
-        del state["lm_head.weight"]
+    drop_tied_head(state, head="lm_head.weight", embedding="transformer.wte.weight", tied=config.tie_embeddings,
+                   source=str(folder))  # fmt: skip
     model = GPT(config)
     expected = gpt2_state_from_archlab(model.state_dict())
     if config.tie_embeddings:

@@ -144,6 +144,19 @@ def write_hf_folder(path: str | Path, config: dict, state: Mapping[str, Tensor])
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
+def drop_tied_head(state: dict[str, Tensor], *, head: str, embedding: str, tied: bool, source: str) -> None:
+    """A Hugging Face folder of a tied model may store the LM head ``head`` beside the token ``embedding``
+    it equals: drop it from ``state`` (the model ties them again). A head that differs from the embedding
+    of a config that ties them raises CheckpointError naming ``source`` and both keys."""
+    if not tied or head not in state:
+        return
+    if embedding not in state or not torch.equal(state[head], state[embedding]):
+        raise CheckpointError(
+            f"{source}: {head} differs from {embedding}, but the config ties them (tie_word_embeddings=true)"
+        )
+    del state[head]
+
+
 def save_model(model: nn.Module, path: str | Path) -> None:
     """archlab's folder: the model's config (``model.config``) as JSON + its weights as safetensors."""
     with atomic_dir(path) as tmp:

@@ -23,7 +23,14 @@ import torch
 from torch import Tensor
 
 from archlab.errors import CheckpointError, ConfigError
-from archlab.interop.io import CONFIG_FILE, WEIGHTS_FILE, check_state_dict, read_hf_folder, write_hf_folder
+from archlab.interop.io import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    check_state_dict,
+    drop_tied_head,
+    read_hf_folder,
+    write_hf_folder,
+)
 from archlab.models.llama import Llama, LlamaConfig
 
 # archlab name (under decoder.blocks.{i}.) <- the HF names (under model.layers.{i}.) its rows stack
@@ -190,14 +197,8 @@ def load_llama(folder: str | Path) -> Llama:
     if "class" in hf_config:
         raise CheckpointError(f"{folder} is an archlab folder, not a Hugging Face one: use archlab.interop.io.load_model")
     config = config_from_llama(hf_config, source=str(folder / CONFIG_FILE))
-    if config.tie_embeddings and "lm_head.weight" in state:
-        embedding = state.get("model.embed_tokens.weight")
-        if embedding is None or not torch.equal(state["lm_head.weight"], embedding):
-            raise CheckpointError(
-                f"{folder}: lm_head.weight differs from model.embed_tokens.weight, but the config ties them "
-                "(tie_word_embeddings=true)"
-            )
-        del state["lm_head.weight"]
+    drop_tied_head(state, head="lm_head.weight", embedding="model.embed_tokens.weight", tied=config.tie_embeddings,
+                   source=str(folder))  # fmt: skip
     model = Llama(config)
     expected = llama_state_from_archlab(model.state_dict(), config)
     if config.tie_embeddings:

@@ -18,7 +18,7 @@ import torch
 from archlab.errors import CheckpointError
 from archlab.generation import generate
 from archlab.interop.convert import convert
-from archlab.interop.io import load_model, save_model
+from archlab.interop.io import load_model, save_model, write_hf_folder
 from archlab.interop.llama import (
     archlab_state_from_llama,
     config_from_llama,
@@ -194,3 +194,12 @@ def test_unsupported_or_foreign_configs_are_refused(tmp_path):
     del state["model.layers.1.self_attn.k_proj.weight"]
     with pytest.raises(CheckpointError, match="missing keys: model.layers.1.self_attn.k_proj.weight"):
         archlab_state_from_llama(state, config_from_llama(hf.config.to_dict()))
+
+
+def test_a_tied_config_with_a_head_that_differs_is_refused(tmp_path):
+    hf = hf_llama(**CASES["mqa-tied"])
+    state = dict(hf.state_dict())
+    state["lm_head.weight"] = state["lm_head.weight"] + 1.0
+    write_hf_folder(tmp_path, hf.config.to_dict(), state)
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from model.embed_tokens.weight"):
+        load_llama(tmp_path)
