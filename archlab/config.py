@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -26,6 +27,7 @@ class Config:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             check_type(f.name, getattr(self, f.name), hints.get(f.name, Any))
+            check_shared_field(f.name, getattr(self, f.name))
         self.validate()
 
     def validate(self) -> None:
@@ -129,6 +131,22 @@ def check_type(name: str, value: Any, annotation: Any) -> None:
     """ConfigError unless ``value`` fits the field's annotation (``int`` refuses bools and floats)."""
     if not _matches(value, annotation):
         raise ConfigError(f"{name}={value!r} must be {_describe(annotation)}")
+
+
+def check_shared_field(name: str, value: Any) -> None:
+    """The rules of the fields every family means the same by, checked for every config in one place:
+
+    * no number is NaN (every range check ``a <= x < b`` is False for NaN, and ``not x < a`` passes it);
+    * ``eps`` (a norm's or Adam's ``x / sqrt(var + eps)``) is finite and > 0: ``eps=inf`` makes every
+      LayerNorm output its bias alone, ``eps<=0`` divides by zero on a constant input;
+    * ``vocab_size`` is >= 2: a one-token vocabulary has nothing to predict (the loss is 0 by construction).
+    """
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{name}=nan must be a number, not NaN")
+    if name == "eps" and isinstance(value, int | float) and not (0 < value < math.inf):
+        raise ConfigError(f"eps={value!r} must be finite and > 0")
+    if name == "vocab_size" and isinstance(value, int) and value < 2:
+        raise ConfigError(f"vocab_size={value!r} must be >= 2 (a vocabulary of one token has nothing to predict)")
 
 
 def require(condition: bool, message: str) -> None:

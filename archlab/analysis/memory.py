@@ -14,6 +14,8 @@ these predictions next to measured peaks.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from archlab.config import Config
@@ -178,3 +180,40 @@ def training_activation_bytes(
     per_token = n_layers * ((6 * d_model + qkv + 2 * d_ff) * s + drop + attn) + (2 * d_model + 2 * vocab) * s
     per_token += d_model * s if dropout > 0 else 0
     return batch * seq_len * per_token
+
+
+# -- a model's own size, and the machine's memory ------------------------------------------------------------
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (shared tensors once), ``sum numel x sizeof(dtype)``;
+    works on a model built on the ``meta`` device, where nothing is allocated."""
+    seen: dict[tuple, int] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        key = (id(t),) if t.device.type == "meta" else (t.untyped_storage().data_ptr(), t.storage_offset())
+        seen[key] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can get now: ``MemAvailable`` of ``/proc/meminfo`` (Linux), else the
+    physical memory (``sysconf``); None where neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def format_bytes(n: float) -> str:
+    """``format_bytes(13194139533312) == "13.2 TB"`` (powers of 1000)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"

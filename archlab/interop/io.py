@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model as _st_load_model, save_file, save_model as _st_save_model
 from torch import Tensor, nn
 
-from archlab.errors import CheckpointError
+from archlab.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -72,21 +72,44 @@ def current_umask() -> int:
 
 
 def check_state_dict(expected: Mapping[str, Tensor], got: Mapping[str, Tensor], source: str) -> None:
-    """Raise CheckpointError listing missing keys, unexpected keys and shape mismatches, if any."""
+    """Raise CheckpointError listing missing keys, unexpected keys, shape mismatches and integer (or bool)
+    tensors stored for floating-point ones, if any; then :func:`check_finite` on the tensors ``got``."""
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
+    common = sorted(set(expected) & set(got))
     mismatched = [
         f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(got))
+        for k in common
         if tuple(got[k].shape) != tuple(expected[k].shape)
     ]
-    if missing or unexpected or mismatched:
+    # an int64 tensor copied into a float parameter is silently truncated weights: never a model's
+    not_float = [
+        f"{k}: checkpoint {str(got[k].dtype).removeprefix('torch.')} vs model {str(expected[k].dtype).removeprefix('torch.')}"
+        for k in common
+        if expected[k].is_floating_point() and not got[k].is_floating_point()
+    ]
+    if missing or unexpected or mismatched or not_float:
         parts = []
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched),
+                             ("integer or bool tensors for floating-point ones", not_float)):  # fmt: skip
             if items:
                 shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
                 parts.append(f"{title}: {shown}")
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))
+    check_finite(got, source)
+
+
+def check_finite(state: Mapping[str, Tensor], source: str) -> None:
+    """CheckpointError naming the floating-point tensors of ``state`` that hold NaN or infinity (a model with
+    them computes NaN, or samples garbage, from its first forward)."""
+    bad = []
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            bad.append(f"{name} ({nan} NaN, {inf} inf of {tensor.numel()})")
+    if bad:
+        shown = ", ".join(bad[:12]) + (f", ... ({len(bad)} tensors in all)" if len(bad) > 12 else "")
+        raise CheckpointError(f"{source} holds non-finite weights: {shown}")
 
 
 def _require_folder(path: Path) -> None:
@@ -95,12 +118,20 @@ def _require_folder(path: Path) -> None:
 
 
 def read_json(path: Path) -> dict:
+    """The JSON object (a dict) in ``path``; CheckpointError naming the file when it is missing, unreadable,
+    not JSON, or JSON of another kind (a list, a number)."""
     if not path.is_file():
         raise CheckpointError(f"missing {path.name} in {path.parent}")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} cannot be read: {e}") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(data), "number")
+        raise CheckpointError(f"{path} holds a JSON {kind}, expected an object ({{...}})")
+    return data
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
@@ -174,18 +205,29 @@ def write_model(model: nn.Module, folder: Path) -> None:
     _st_save_model(model, str(folder / WEIGHTS_FILE), metadata=metadata)
 
 
-def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by :func:`save_model`. Missing, unexpected or misshapen tensors: CheckpointError."""
-    from archlab.models.registry import build_model, config_from_dict
+def read_config(folder: Path):
+    """The archlab config in ``folder/config.json``; CheckpointError naming the file for anything wrong in it."""
+    from archlab.models.registry import config_from_dict
 
-    folder = Path(path)
-    _require_folder(folder)
     data = read_json(folder / CONFIG_FILE)
     if "class" not in data:
         raise CheckpointError(
             f"{folder / CONFIG_FILE} is not an archlab config (no 'class' key); for a Hugging Face folder "
             "use the family converters or `archlab convert`"
         )
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {e}") from None
+
+
+def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by :func:`save_model`. Missing, unexpected or misshapen tensors: CheckpointError."""
+    from archlab.models.registry import build_model
+
+    folder = Path(path)
+    _require_folder(folder)
+    config = read_config(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         read_weights(folder)  # raises the precise error (pickle-only, or missing)
@@ -194,12 +236,34 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
             model_class = (f.metadata() or {}).get("archlab_model")
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {e}") from None
-    model = build_model(config_from_dict(data), model_class=model_class)
+    try:  # a class of another family, or a size beyond memory
+        model = build_model(config, model_class=model_class)
+    except ConfigError as e:
+        named = f" with the model class {model_class!r} that {weights.name}'s metadata names" if model_class else ""
+        raise CheckpointError(f"{folder / CONFIG_FILE}{named}: {e}") from None
     state = read_safetensors(weights)
     expected = model.state_dict()
     # tied tensors are stored once; safetensors' load_model restores the ties
     tied = {k for k in expected if k not in state and any(expected[k] is expected[o] or
             expected[k].data_ptr() == expected[o].data_ptr() for o in state if o in expected)}
     check_state_dict({k: v for k, v in expected.items() if k not in tied}, state, str(weights))
+    keep_stored_float_dtypes(model, state, str(weights))
     _st_load_model(model, str(weights), strict=False, device=str(map_location))
     return model
+
+
+def keep_stored_float_dtypes(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    """Give ``model`` the floating-point dtype its weights are stored in (float64, bf16, ...), or raise
+    CheckpointError when ``state`` mixes several.
+
+    Loading then copies the weights exactly: a model trained and saved in float64 comes back in float64,
+    not rounded to the constructor's float32 (a float dtype is a precision the model was saved in, and
+    archlab trains in any of them). Integer tensors for float ones are refused before, by check_state_dict.
+    """
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()})
+    if len(dtypes) > 1:
+        by = {d: next(k for k, t in state.items() if str(t.dtype).removeprefix("torch.") == d) for d in dtypes}
+        raise CheckpointError(f"{source} mixes floating-point dtypes ({', '.join(f'{d}: {k}' for d, k in by.items())}); "
+                              "an archlab model is stored in one")  # fmt: skip
+    if dtypes:
+        model.to(getattr(torch, dtypes[0]))

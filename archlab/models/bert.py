@@ -430,7 +430,7 @@ register_family(
     "bert", BertConfig, BertModel, "BERT encoder (bidirectional, post-norm, learned positions) + pooler",
     task="mlm", train_cls=BertForPreTraining,
 )
-register_model_class(BertForSequenceClassification)  # buildable from its config alone (n_classes is a field)
+register_model_class(BertForSequenceClassification, BertConfig)  # buildable from its config (n_classes is a field)
 register_preset("bert-base", "bert", BertConfig(), "BERT-base uncased (Devlin 2019): L=12, d=768, A=12 (paper: 110M)")
 register_preset(
     "bert-mini", "bert", BertConfig(d_model=256, n_heads=4, n_layers=4, d_ff=1024),

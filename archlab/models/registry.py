@@ -7,10 +7,12 @@ preset with overrides; ``build_model(config)`` builds from a config object.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from archlab.config import Config
@@ -37,12 +39,14 @@ class Preset:
 
 FAMILIES: dict[str, Family] = {}
 PRESETS: dict[str, Preset] = {}
-MODEL_CLASSES: dict[str, type[nn.Module]] = {}  # every class buildable from its config alone, by name
+# every class buildable from its config alone, by name: (the class, the config class it is built from)
+MODEL_CLASSES: dict[str, tuple[type[nn.Module], type[Config]]] = {}
 
 
-def register_model_class(model_cls: type[nn.Module]) -> None:
-    """A class besides a family's base one (a model with heads) that ``load_model`` may rebuild."""
-    MODEL_CLASSES[model_cls.__name__] = model_cls
+def register_model_class(model_cls: type[nn.Module], config_cls: type[Config]) -> None:
+    """A class besides a family's base one (a model with heads) that ``load_model`` may rebuild from a
+    ``config_cls``."""
+    MODEL_CLASSES[model_cls.__name__] = (model_cls, config_cls)
 
 
 # The training objectives, and what a model trained on each takes and returns (archlab.train relies on it):
@@ -66,9 +70,9 @@ def register_family(
     if task not in TASKS:
         raise ConfigError(unknown("task", task, TASKS))
     FAMILIES[name] = Family(name, config_cls, model_cls, description, task, train_cls)
-    register_model_class(model_cls)
+    register_model_class(model_cls, config_cls)
     if train_cls is not None:
-        register_model_class(train_cls)
+        register_model_class(train_cls, config_cls)
 
 
 def register_preset(name: str, family: str, config: Config, description: str) -> None:
@@ -119,15 +123,56 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 def build_model(spec: str | Config, *, model_class: str | None = None, **overrides: Any) -> nn.Module:
     """A model from a preset name (with overrides) or from a config object.
 
-    ``model_class`` picks a registered class other than the family's base one (e.g. ``BertForPreTraining``).
+    ``model_class`` picks a registered class other than the family's base one (e.g. ``BertForPreTraining``);
+    it must be built from the config's class. A model whose parameters and buffers would not fit in the
+    memory available is refused before anything is allocated (see :func:`check_fits_in_memory`).
     """
     config = get_config(spec, **overrides) if isinstance(spec, str) else (spec.replace(**overrides) if overrides else spec)
     if model_class is None:
-        return family_of(config).model_cls(config)
-    _loaded()
-    if model_class not in MODEL_CLASSES:
-        raise ConfigError(unknown("model class", model_class, MODEL_CLASSES))
-    return MODEL_CLASSES[model_class](config)
+        model_cls = family_of(config).model_cls
+    else:
+        _loaded()
+        if model_class not in MODEL_CLASSES:
+            raise ConfigError(unknown("model class", model_class, MODEL_CLASSES))
+        model_cls, config_cls = MODEL_CLASSES[model_class]
+        if type(config) is not config_cls:
+            raise ConfigError(f"model class {model_class!r} is built from a {config_cls.__name__}, "
+                              f"not from a {type(config).__name__}")  # fmt: skip
+    if torch.get_default_device().type != "meta":
+        check_fits_in_memory(config, model_cls)
+    return model_cls(config)
+
+
+def model_bytes(config: Config, model_cls: type[nn.Module]) -> int:
+    """Bytes of the parameters and buffers ``model_cls(config)`` allocates, counted on the meta device
+    (remembered per config: building on meta costs about what a tiny model's real build does)."""
+    try:
+        return _model_bytes(config, model_cls)
+    except TypeError:  # a config holding an unhashable value: count without remembering
+        return _model_bytes.__wrapped__(config, model_cls)
+
+
+@functools.lru_cache(maxsize=256)
+def _model_bytes(config: Config, model_cls: type[nn.Module]) -> int:
+    from archlab.analysis.memory import module_bytes  # (analysis sits above models: imported when used)
+
+    with torch.device("meta"):
+        return module_bytes(model_cls(config))
+
+
+def check_fits_in_memory(config: Config, model_cls: type[nn.Module]) -> None:
+    """ConfigError when ``model_cls(config)`` needs more bytes than the memory available now, naming the
+    config's largest sizes (an absurd ``d_model`` or ``max_len`` fails here, not in the allocator)."""
+    from archlab.analysis.memory import available_memory, format_bytes
+
+    needed, available = model_bytes(config, model_cls), available_memory()
+    if available is None or needed <= available:
+        return
+    sizes = sorted(((v, k) for k, v in config.to_dict().items() if type(v) is int), reverse=True)[:3]
+    raise ConfigError(
+        f"{model_cls.__name__} of {', '.join(f'{k}={v}' for v, k in sizes)} needs {format_bytes(needed)} for its "
+        f"parameters and buffers; this machine has {format_bytes(available)} of memory available"
+    )
 
 
 def list_presets() -> list[Preset]:

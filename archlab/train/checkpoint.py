@@ -21,9 +21,11 @@ indices or names) + JSON for the rest; tuples (``betas``) come back as tuples.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +35,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from archlab.errors import CheckpointError
-from archlab.interop.io import CONFIG_FILE, WEIGHTS_FILE, atomic_dir, read_json, read_safetensors, write_model
+from archlab.errors import CheckpointError, ConfigError
+from archlab.interop.io import CONFIG_FILE, WEIGHTS_FILE, atomic_dir, read_config, read_json, read_safetensors, write_model
+from archlab.train.config import TrainConfig
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
@@ -42,6 +45,7 @@ STATE_FILE = "trainer_state.json"
 FORMAT = "archlab-training-checkpoint/1"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TEMPORARY = re.compile(r"^\.step-\d+\.(tmp|old)-")
+CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE)
 
 
 def checkpoint_dir(root: str | Path, step: int) -> Path:
@@ -49,13 +53,19 @@ def checkpoint_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
 
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))) if root.is_dir() else []
+
+
+def is_complete(path: Path) -> bool:
+    """Whether the folder holds every file of a checkpoint."""
+    return all((path / f).is_file() for f in CHECKPOINT_FILES)
+
+
 def list_checkpoints(root: str | Path) -> list[Path]:
-    """The complete checkpoints under ``root``, oldest first (hidden temporaries are not listed)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
+    """The complete checkpoints under ``root``, oldest first (hidden temporaries and incomplete folders are
+    not listed)."""
+    return [p for _, p in _step_dirs(Path(root)) if is_complete(p)]
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -64,21 +74,47 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder all at once: renamed to a hidden ``.step-*.old-<pid>`` first (atomic), then
+    removed, so a kill midway leaves a hidden folder :func:`remove_temporaries` clears, never a visible
+    half-deleted checkpoint."""
+    hidden = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if hidden.exists():  # left by a killed deletion in a process that had our pid
+        shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(path, hidden)
+    _pause_for_tests("prune")
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
     """Delete all but the ``keep_last`` newest checkpoints; returns the deleted folders."""
     old = list_checkpoints(root)[:-keep_last] if keep_last > 0 else []
     for path in old:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_checkpoint(path)
     return old
 
 
 def remove_temporaries(root: str | Path) -> list[Path]:
-    """Delete hidden half-written folders a killed run left under ``root`` (call before a run starts)."""
+    """Delete what a killed run can leave under ``root`` (call before a run starts): hidden half-written or
+    half-deleted folders, and visible ``step-*`` folders that lack a checkpoint file (left by archlab before
+    deletions were atomic, or damaged by hand): none of them can be resumed from."""
     root = Path(root)
     stale = [p for p in root.iterdir() if _TEMPORARY.match(p.name)] if root.is_dir() else []
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
-    return stale
+    incomplete = [p for _, p in _step_dirs(root) if not is_complete(p)]
+    for path in incomplete:
+        remove_checkpoint(path)
+    return stale + incomplete
+
+
+def _pause_for_tests(moment: str) -> None:
+    """Sleep ``ARCHLAB_TEST_PAUSE`` seconds at ``moment`` ("write": between a checkpoint's files, "prune":
+    inside a deletion) when that variable is set: the kill test (tests/train/test_kill_resume.py) uses it
+    to land SIGKILLs inside those windows. Unset, as always outside that test, it costs one lookup."""
+    pause = os.environ.get("ARCHLAB_TEST_PAUSE")
+    if pause:
+        time.sleep(float(pause))
 
 
 # -- optimiser state: tensors to safetensors, the rest to JSON -----------------------------------------
@@ -164,11 +200,53 @@ def save_checkpoint(
     tensors, optimizer_meta = flatten_optimizer_state(optimizer_state)
     with atomic_dir(path) as tmp:
         write_model(model, tmp)
+        _pause_for_tests("write")
         save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
         save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG_FILE), metadata={"format": "pt"})
         # written last: list_checkpoints() only counts folders holding it
         (tmp / STATE_FILE).write_text(json.dumps({"format": FORMAT, **state, "optimizer": optimizer_meta}, indent=1) + "\n")
     return path
+
+
+def check_model_config(path: Path, config: Any) -> None:
+    """CheckpointError unless the checkpoint's ``config.json`` is ``config`` (the run's model), naming the
+    file and each field that differs."""
+    saved = read_config(path)
+    if saved != config:
+        theirs, ours = saved.to_dict(), config.to_dict() if hasattr(config, "to_dict") else {}
+        changed = [f"{k}={v!r} (this run: {ours.get(k)!r})" for k, v in theirs.items() if v != ours.get(k)]
+        raise CheckpointError(f"{path / CONFIG_FILE} does not hold this run's model: "
+                              + ("; ".join(changed) if changed else f"a {type(saved).__name__}, the run has a {type(config).__name__}"))  # fmt: skip
+
+
+def check_like(template: Any, value: Any, where: str) -> None:
+    """CheckpointError unless ``value`` (read from JSON) has the structure of ``template`` (what this run's
+    own object gives): the same keys, list lengths and kinds of values (a float slot takes an integer),
+    so that a ``load_state_dict`` taking it cannot fail midway or take a string for a number."""
+
+    def fail(path: str, got: Any, allowed: str) -> None:
+        shown = repr(got) if len(repr(got)) <= 80 else repr(got)[:77] + "..."
+        raise CheckpointError(f"{where}{path}={shown} must be {allowed}")
+
+    def walk(t: Any, v: Any, path: str) -> None:
+        if isinstance(t, dict):
+            if not isinstance(v, dict) or set(map(str, t)) != set(v):
+                fail(path, v, f"an object with the keys {sorted(map(str, t))}")
+            for k in t:
+                walk(t[k], v[str(k)], f"{path}.{k}")
+        elif isinstance(t, list | tuple):
+            if not isinstance(v, list) or len(v) != len(t):
+                fail(path, v, f"a list of {len(t)} entries")
+            for i, (a, b) in enumerate(zip(t, v)):
+                walk(a, b, f"{path}[{i}]")
+        elif isinstance(t, bool) or t is None or isinstance(t, str):
+            if type(v) is not type(t):
+                fail(path, v, {bool: "true or false", str: "a string"}.get(type(t), "null"))
+        elif isinstance(t, int | float):
+            if isinstance(v, bool) or not isinstance(v, int | float) or (isinstance(t, int) and not isinstance(v, int)):
+                fail(path, v, "an integer" if isinstance(t, int) else "a number")
+
+    walk(template, value, "")
 
 
 @dataclass
@@ -194,7 +272,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} is not a folder")
-    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE) if not (path / f).is_file()]
+    missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
     if missing:
         raise CheckpointError(f"{path} is not a training checkpoint: missing {', '.join(missing)}")
     state = read_json(path / STATE_FILE)
@@ -203,5 +281,62 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     for key in ("step", "optimizer", "train_config", "scheduler", "ranks"):
         if key not in state:
             raise CheckpointError(f"{path / STATE_FILE} lacks {key!r}")
+    rng = read_safetensors(path / RNG_FILE)
+    check_state(state, rng, path)
     optimizer = unflatten_optimizer_state(read_safetensors(path / OPTIMIZER_FILE), state.pop("optimizer"))
-    return Checkpoint(path, state, optimizer, read_safetensors(path / RNG_FILE))
+    return Checkpoint(path, state, optimizer, rng)
+
+
+def check_state(state: dict[str, Any], rng: dict[str, Tensor], path: Path) -> None:
+    """CheckpointError naming ``trainer_state.json``, the key and the value of anything a resume could not
+    use: ``step`` and ``world_size`` (integers), ``train_config`` (a valid TrainConfig), ``scheduler`` (an
+    object), one ``ranks`` entry per process with its ``batches_seen`` and RNG states. Each RNG state is
+    tried on a throwaway generator (Python, NumPy, torch), so a malformed one is refused here, before the
+    resume changes anything."""
+    where = path / STATE_FILE
+
+    def bad(key: str, value: Any, allowed: str) -> CheckpointError:
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        return CheckpointError(f"{where}: {key}={shown} must be {allowed}")
+
+    def count(key: str, value: Any, least: int) -> None:
+        if type(value) is not int or value < least:
+            raise bad(key, value, f"an integer >= {least}")
+
+    count("step", state["step"], 0)
+    count("world_size", state.get("world_size", 1), 1)
+    if not isinstance(state["train_config"], dict):
+        raise bad("train_config", state["train_config"], "an object (the run's TrainConfig)")
+    try:
+        TrainConfig.from_dict(state["train_config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: train_config: {e}") from None
+    if not isinstance(state["scheduler"], dict):
+        raise bad("scheduler", state["scheduler"], "an object (the scheduler's state_dict)")
+    ranks, world = state["ranks"], state.get("world_size", 1)
+    if not isinstance(ranks, list) or len(ranks) != world:
+        raise bad("ranks", ranks, f"a list of {world} entries (one per process)")
+    for r, entry in enumerate(ranks):
+        if not isinstance(entry, dict) or not {"data", "batches_seen", "rng"} <= set(entry):
+            raise bad(f"ranks[{r}]", entry, "an object with data, batches_seen and rng")
+        count(f"ranks[{r}].batches_seen", entry["batches_seen"], 0)
+        rng_json = entry["rng"]
+        try:
+            version, mt, gauss = rng_json["python"]
+            random.Random().setstate((version, tuple(mt), gauss))
+        except (TypeError, ValueError, KeyError, IndexError, OverflowError):
+            raise bad(f"ranks[{r}].rng.python", rng_json.get("python") if isinstance(rng_json, dict) else rng_json,
+                      "a Python random state [version, 625 integers, gauss]") from None  # fmt: skip
+        try:
+            name, keys, pos, has_gauss, cached = rng_json["numpy"]
+            np.random.RandomState().set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        except (TypeError, ValueError, KeyError, IndexError, OverflowError):
+            raise bad(f"ranks[{r}].rng.numpy", rng_json.get("numpy"),
+                      "a NumPy random state [name, 624 integers, pos, has_gauss, cached]") from None  # fmt: skip
+        tensor = rng.get(f"rank{r}/torch")
+        try:
+            torch.Generator().set_state(tensor)
+        except (TypeError, RuntimeError):
+            shown = None if tensor is None else f"{tensor.dtype} {tuple(tensor.shape)}"
+            raise CheckpointError(f"{path / RNG_FILE}: rank{r}/torch={shown} must be a torch CPU generator "
+                                  "state (uint8)") from None  # fmt: skip

@@ -16,6 +16,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from archlab.errors import DataError
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
@@ -43,6 +45,9 @@ class RunLog:
             return
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
+            repair_metrics(out_dir / METRICS_FILE)
+            if (out_dir / METRICS_FILE).is_file():
+                read_metrics(out_dir / METRICS_FILE)  # damage is said now, not after training
             self._jsonl = open(out_dir / METRICS_FILE, "a")
             if tensorboard:
                 try:
@@ -103,15 +108,53 @@ class RunLog:
 
 
 def read_metrics(path: str | Path) -> dict[str, list[dict[str, Any]]]:
-    """``{"train": [...], "eval": [...]}`` records of a ``metrics.jsonl``, by step, last record per step."""
+    """``{"train": [...], "eval": [...]}`` records of a ``metrics.jsonl``, by step, last record per step.
+
+    A last line without its newline that is not JSON is the record a kill cut short: it is skipped (and
+    :func:`repair_metrics` removes it before a resumed run appends). A bad line anywhere else is damage,
+    not a kill: DataError naming the file and the line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} cannot be read: {e}") from None
+    lines = text.split("\n")  # the last item is "" when the file ends with a newline
     by_split: dict[str, dict[int, dict[str, Any]]] = {}
-    for line in Path(path).read_text().splitlines():
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        obj = json.loads(line)
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # torn by a kill mid-write
+                continue
+            raise DataError(f"{path}, line {number}, is not JSON: {line[:80]!r}") from None
+        if not isinstance(obj, dict) or ("split" in obj and (not isinstance(obj["split"], str) or type(obj.get("step")) is not int)):
+            raise DataError(f"{path}, line {number}: {line[:80]!r} must be an object with a split and an integer step")
         if "split" in obj:
             by_split.setdefault(obj["split"], {})[obj["step"]] = obj
     return {split: [records[s] for s in sorted(records)] for split, records in by_split.items()}
+
+
+def repair_metrics(path: str | Path) -> bool:
+    """Before appending to ``path``: cut a last line a kill left without its newline (or end a whole one
+    with its newline), so new records start on a line of their own. Returns whether the file changed."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return False
+        start = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[start:])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            f.truncate(start)  # the torn record: that step's metrics are written again on resume
+        else:
+            f.write(b"\n")
+    return True
 
 
 def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path | None:

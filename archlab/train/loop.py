@@ -41,11 +41,14 @@ import torch
 from torch import Tensor, nn
 
 from archlab.errors import CheckpointError, ConfigError, DataError, TrainingError
-from archlab.interop.io import check_state_dict
+from archlab.interop.io import WEIGHTS_FILE, check_state_dict
 from archlab.train import distributed as D
 from archlab.train.blocks import enable_gradient_checkpointing
 from archlab.train.checkpoint import (
+    STATE_FILE,
     capture_rng,
+    check_like,
+    check_model_config,
     checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
@@ -151,7 +154,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.model_class = type(model).__name__  # before FSDP renames the class
         self.tied = _tied_names(self.model)
-        self.shapes = {k: torch.empty(v.shape, device="meta") for k, v in self.model.state_dict().items()}
+        self.shapes = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in self.model.state_dict().items()}
         if c.grad_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.module = D.wrap(
@@ -403,17 +406,27 @@ class Trainer:
             path = Path(resume)
         ckpt = load_checkpoint(path)
         self._check_resumable(ckpt.state, path)
+        check_model_config(path, self.model.config)
         weights = ckpt.weights()
         for names in self.tied:  # a tied tensor is stored once: give it back all its names
             stored = next((n for n in names if n in weights), None)
             if stored is not None:
                 weights.update({n: weights[stored] for n in names})
         check_state_dict(self.shapes, weights, str(path))
+        recast = [f"{k}: {weights[k].dtype} vs model {v.dtype}" for k, v in self.shapes.items() if weights[k].dtype != v.dtype]
+        if recast:  # an exact resume copies the weights as they are
+            raise CheckpointError(f"{path / WEIGHTS_FILE} stores tensors in another dtype than the model's: "
+                                  + ", ".join(recast[:6]) + (f", ... ({len(recast)} in all)" if len(recast) > 6 else ""))  # fmt: skip
+        mine = ckpt.state["ranks"][self.env.rank]
+        state_file = path / STATE_FILE
+        check_like(self.scheduler.state_dict(), ckpt.state["scheduler"], f"{state_file}: scheduler")
+        resumes_data = mine["data"] is not None and hasattr(self.train_batches, "load_state_dict")
+        if resumes_data:
+            check_like(self.train_batches.state_dict(), mine["data"], f"{state_file}: ranks[{self.env.rank}].data")
         D.load_full_model_state(self.model, weights)
         D.load_full_optimizer_state(self.model, self.optimizer, ckpt.optimizer)
         self.scheduler.load_state_dict(ckpt.state["scheduler"])
-        mine = ckpt.state["ranks"][self.env.rank]
-        if mine["data"] is not None and hasattr(self.train_batches, "load_state_dict"):
+        if resumes_data:
             self.train_batches.load_state_dict(mine["data"])
         prefix = f"rank{self.env.rank}/"
         restore_rng(mine["rng"], {k.removeprefix(prefix): v for k, v in ckpt.rng.items() if k.startswith(prefix)})

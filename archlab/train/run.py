@@ -48,8 +48,9 @@ from archlab.interop.convert import convert
 from archlab.interop.io import CONFIG_FILE, WEIGHTS_FILE, load_model
 from archlab.models.registry import FAMILIES, Family, build_model, get_config, get_preset
 from archlab.train import distributed as D
-from archlab.train.checkpoint import latest_checkpoint
+from archlab.train.checkpoint import check_model_config, latest_checkpoint, load_checkpoint
 from archlab.train.config import TrainConfig
+from archlab.train.logs import METRICS_FILE, PLOT_FILE, read_metrics
 from archlab.train.loop import CHECKPOINTS, Trainer
 from archlab.train.metrics import BLEU_MAX_ORDER
 from archlab.train.sources import DataConfig, RunData, build_data, resolve_data
@@ -305,6 +306,9 @@ def train_run(
     if not is_main:  # under torchrun, rank 0 alone reports
         echo = lambda line: None  # noqa: E731
     continuing = resume and saved is not None
+    last = latest_checkpoint(out / CHECKPOINTS) if continuing else None
+    if last is not None and load_checkpoint(last).step == run.train.steps:
+        return _already_complete(run, out, last, echo)
     if is_main and not continuing:  # a killed run can be resumed from its folder alone
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_FILE).write_text(json.dumps(resolved, indent=2) + "\n")
@@ -338,6 +342,33 @@ def train_run(
     echo(f"checkpoint {result.checkpoint}")
     if result.loss_plot is not None:
         echo(f"loss curve {result.loss_plot}")
+    return summary
+
+
+def _already_complete(run: PreparedRun, out: Path, checkpoint: Path, echo: Callable[[str], None]) -> dict[str, Any]:
+    """The summary of a run resumed at its last step: nothing to train; its final metrics from metrics.jsonl."""
+    check_model_config(checkpoint, run.model_config)
+    step = run.train.steps
+    records = read_metrics(out / METRICS_FILE) if (out / METRICS_FILE).is_file() else {}
+    final = {split: next((r for r in reversed(records.get(split, [])) if r["step"] == step), None) for split in ("train", "eval")}
+    final = {split: {k: v for k, v in r.items() if k not in ("split", "step")} if r else {} for split, r in final.items()}
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in run.build_model().parameters())
+    plot = out / PLOT_FILE
+    summary = {
+        "out_dir": str(out), "preset": run.spec.preset, "task": run.task, "step": step, "parameters": n_params,
+        "seconds": 0.0, "train": final["train"], "eval": final["eval"], "checkpoint": str(checkpoint),
+        "loss_plot": str(plot) if plot.is_file() else None, "already_complete": True,
+    }  # fmt: skip
+    if run.run_data.unigram is not None:
+        summary["unigram_loss"] = run.run_data.unigram
+    echo(f"{out} is already complete: its checkpoint is at train.steps={step}, nothing to train "
+         "(raise train.steps to train further)")  # fmt: skip
+    if final["eval"]:
+        echo(describe_eval(final["eval"], summary.get("unigram_loss"), prefix=f"step {step}: validation"))
+    else:
+        echo(f"{out / METRICS_FILE} holds no validation metrics of step {step}: `archlab eval {out}` computes them")
+    echo(f"checkpoint {checkpoint}")
     return summary
 
 

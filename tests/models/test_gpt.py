@@ -215,7 +215,7 @@ def test_too_long_for_the_learned_table():
         (dict(positional="rop"), "did you mean 'rope'"),
         (dict(ffn="gelu_new"), "unknown value 'gelu_new'"),
         (dict(dropout=1.0), r"dropout=1.0 must be in \[0, 1\)"),
-        (dict(vocab_size=0), "vocab_size=0 must be > 0"),
+        (dict(vocab_size=0), "vocab_size=0 must be >= 2"),
         (dict(n_layers=2.5), "n_layers=2.5 must be an integer"),
         (dict(d_ff=64.0), "d_ff=64.0 must be an integer or null"),
         (dict(d_ff=0), "d_ff=0 must be > 0"),

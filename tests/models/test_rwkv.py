@@ -286,7 +286,7 @@ def test_config_json_round_trip_and_tied_head():
         (dict(d_att=0), "d_att=0 must be > 0"),
         (dict(d_ff=-4), "d_ff=-4 must be > 0"),
         (dict(vocab_size=10.5), "vocab_size=10.5 must be an integer"),
-        (dict(eps=0.0), "eps=0.0 must be > 0"),
+        (dict(eps=0.0), "eps=0.0 must be finite and > 0"),
         (dict(d_modle=8), "did you mean 'd_model'"),
     ],
 )

@@ -42,9 +42,11 @@ def trained_optimizer():
 
 
 def write(root, step, model, opt):
+    rank0 = {"data": None, "batches_seen": 0, "rng": capture_rng()[0]}
     return save_checkpoint(
         checkpoint_dir(root, step), model=model, optimizer_state=opt.state_dict(),
-        state={"step": step, "train_config": {}, "scheduler": {}, "ranks": []}, rng_tensors={"rank0/torch": torch.get_rng_state()},
+        state={"step": step, "world_size": 1, "train_config": {}, "scheduler": {}, "ranks": [rank0]},
+        rng_tensors={"rank0/torch": torch.get_rng_state()},
     )  # fmt: skip
 
 
@@ -117,8 +119,9 @@ def test_a_process_killed_during_the_write_leaves_the_previous_checkpoint(tmp_pa
         from archlab.models.registry import build_model
         model = build_model("gpt-nano")
         opt = torch.optim.AdamW(model.parameters())
-        kw = dict(model=model, optimizer_state=opt.state_dict(), rng_tensors={{}},
-                  state={{"step": 1, "train_config": {{}}, "scheduler": {{}}, "ranks": []}})
+        rank0 = {{"data": None, "batches_seen": 0, "rng": c.capture_rng()[0]}}
+        kw = dict(model=model, optimizer_state=opt.state_dict(), rng_tensors={{"rank0/torch": torch.get_rng_state()}},
+                  state={{"step": 1, "world_size": 1, "train_config": {{}}, "scheduler": {{}}, "ranks": [rank0]}})
         c.save_checkpoint(c.checkpoint_dir({str(tmp_path)!r}, 1), **kw)
         real = c.write_model
         def write_then_die(m, folder):

@@ -1,0 +1,100 @@
+"""Config values no model can mean (eps=inf, vocab_size=1, NaN) and sizes no machine can hold: refused by
+name and value, before anything is built (issue 12, section 2 item 2, section 2 item 11)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from archlab.analysis.memory import format_bytes, module_bytes
+from archlab.errors import ConfigError
+from archlab.models import registry
+from archlab.models.registry import FAMILIES, build_model, get_config, list_presets
+from archlab.train import TrainConfig
+
+
+def first_preset(family: str) -> str:
+    return next(p.name for p in list_presets() if p.family == family)
+
+
+WITH_EPS = sorted(f.name for f in FAMILIES.values() if "eps" in f.config_cls.field_names())
+WITH_VOCAB = sorted(f.name for f in FAMILIES.values() if "vocab_size" in f.config_cls.field_names())
+
+
+@pytest.mark.parametrize("family", WITH_EPS)
+@pytest.mark.parametrize("eps", [math.inf, -math.inf, 0.0, -1e-5])
+def test_eps_must_be_finite_and_positive_in_every_config(family, eps):
+    with pytest.raises(ConfigError, match=rf"^eps={eps!r} must be finite and > 0$"):
+        get_config(first_preset(family), eps=eps)
+
+
+def test_adam_eps_follows_the_same_rule():
+    with pytest.raises(ConfigError, match="eps=inf must be finite and > 0"):
+        TrainConfig(eps=math.inf)
+
+
+@pytest.mark.parametrize("family", WITH_VOCAB)
+@pytest.mark.parametrize("vocab", [1, 0, -3])
+def test_a_vocabulary_needs_two_tokens(family, vocab):
+    with pytest.raises(ConfigError, match=rf"vocab_size={vocab} must be >= 2"):
+        get_config(first_preset(family), vocab_size=vocab)
+
+
+@pytest.mark.parametrize("field", ["dropout", "eps", "lr"])
+def test_nan_is_never_a_setting(field):
+    make = TrainConfig if field == "lr" else (lambda **kw: get_config("gpt-nano", **kw))
+    with pytest.raises(ConfigError, match=rf"^{field}=nan must be a number, not NaN$"):
+        make(**{field: math.nan})
+
+
+# -- sizes: counted on the meta device, compared with the memory available --------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["gpt-nano", "bert-mini", "resnet-digits", "transformer-tiny", "rwkv-tiny"])
+def test_the_estimate_is_the_bytes_the_built_model_holds(preset):
+    config = get_config(preset)
+    model = build_model(config)
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    assert registry.model_bytes(config, type(model)) == module_bytes(model) == sum(tensors.values())
+
+
+@pytest.mark.parametrize(
+    "preset, overrides, named",
+    [
+        ("gpt-nano", dict(d_model=2**20, n_heads=4), "d_model=1048576"),
+        ("transformer-tiny", dict(d_model=2477280), "d_model=2477280"),
+    ],
+)
+def test_absurd_sizes_are_refused_with_the_size_and_the_memory(preset, overrides, named):
+    with pytest.raises(ConfigError) as e:
+        build_model(preset, **overrides)
+    message = str(e.value)
+    assert named in message and " TB for its parameters and buffers; this machine has " in message
+    assert message.endswith("of memory available")
+
+
+def test_the_bound_is_the_memory_available(monkeypatch):
+    """Refused exactly when the model's bytes exceed what the machine has; built when they fit."""
+    config = get_config("gpt-nano")
+    needed = registry.model_bytes(config, FAMILIES["gpt"].model_cls)
+    monkeypatch.setattr("archlab.analysis.memory.available_memory", lambda: needed - 1)
+    with pytest.raises(ConfigError, match=rf"needs {format_bytes(needed)} for its parameters and buffers"):
+        build_model(config)
+    with torch.device("meta"):  # shapes only, nothing allocated: nothing to refuse
+        build_model(config)
+    monkeypatch.setattr("archlab.analysis.memory.available_memory", lambda: needed)
+    assert module_bytes(build_model(config)) == needed
+
+
+def test_a_huge_max_len_is_bounded_by_the_memory_its_table_takes(monkeypatch):
+    """``max_len=6087062`` costs a learned position table of 6087062 x d_model floats (1.2 GB for gpt-nano):
+    no fixed bound on max_len is principled, its memory is; refused (naming max_len first) where it does not
+    fit."""
+    config = get_config("gpt-nano", max_len=6087062)
+    needed = registry.model_bytes(config, FAMILIES["gpt"].model_cls)
+    assert needed > 6087062 * config.d_model * 4  # the table dominates
+    monkeypatch.setattr("archlab.analysis.memory.available_memory", lambda: needed - 1)
+    with pytest.raises(ConfigError, match=r"^GPT of max_len=6087062, vocab_size=256, d_model=48 needs 1\.2 GB"):
+        build_model(config)
