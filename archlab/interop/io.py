@@ -71,6 +71,17 @@ def current_umask() -> int:
     return mask
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a temporary sibling, flushed, then renamed over it (a kill leaves
+    the old file or the new one, never half of one)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def check_state_dict(expected: Mapping[str, Tensor], got: Mapping[str, Tensor], source: str) -> None:
     """Raise CheckpointError listing missing keys, unexpected keys, shape mismatches and integer (or bool)
     tensors stored for floating-point ones, if any; then :func:`check_finite` on the tensors ``got``."""
@@ -84,19 +95,24 @@ def check_state_dict(expected: Mapping[str, Tensor], got: Mapping[str, Tensor], 
     ]
     # an int64 tensor copied into a float parameter is silently truncated weights: never a model's
     not_float = [
-        f"{k}: checkpoint {str(got[k].dtype).removeprefix('torch.')} vs model {str(expected[k].dtype).removeprefix('torch.')}"
+        f"{k}: checkpoint {_dtype(got[k])} vs model {_dtype(expected[k])}"
         for k in common
         if expected[k].is_floating_point() and not got[k].is_floating_point()
     ]
     if missing or unexpected or mismatched or not_float:
         parts = []
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched),
-                             ("integer or bool tensors for floating-point ones", not_float)):  # fmt: skip
+        problems = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched),
+                    ("integer or bool tensors for floating-point ones", not_float))  # fmt: skip
+        for title, items in problems:
             if items:
                 shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
                 parts.append(f"{title}: {shown}")
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))
     check_finite(got, source)
+
+
+def _dtype(tensor: Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
 
 
 def check_finite(state: Mapping[str, Tensor], source: str) -> None:
@@ -260,10 +276,10 @@ def keep_stored_float_dtypes(model: nn.Module, state: Mapping[str, Tensor], sour
     not rounded to the constructor's float32 (a float dtype is a precision the model was saved in, and
     archlab trains in any of them). Integer tensors for float ones are refused before, by check_state_dict.
     """
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()})
+    dtypes = sorted({_dtype(t) for t in state.values() if t.is_floating_point()})
     if len(dtypes) > 1:
-        by = {d: next(k for k, t in state.items() if str(t.dtype).removeprefix("torch.") == d) for d in dtypes}
-        raise CheckpointError(f"{source} mixes floating-point dtypes ({', '.join(f'{d}: {k}' for d, k in by.items())}); "
-                              "an archlab model is stored in one")  # fmt: skip
+        example = {d: next(k for k, t in state.items() if _dtype(t) == d) for d in dtypes}
+        shown = ", ".join(f"{d}: {k}" for d, k in example.items())
+        raise CheckpointError(f"{source} mixes floating-point dtypes ({shown}); an archlab model is stored in one")
     if dtypes:
         model.to(getattr(torch, dtypes[0]))

@@ -36,7 +36,15 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from archlab.errors import CheckpointError, ConfigError
-from archlab.interop.io import CONFIG_FILE, WEIGHTS_FILE, atomic_dir, read_config, read_json, read_safetensors, write_model
+from archlab.interop.io import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    atomic_dir,
+    read_config,
+    read_json,
+    read_safetensors,
+    write_model,
+)
 from archlab.train.config import TrainConfig
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -54,7 +62,10 @@ def checkpoint_dir(root: str | Path, step: int) -> Path:
 
 
 def _step_dirs(root: Path) -> list[tuple[int, Path]]:
-    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))) if root.is_dir() else []
+    """``(step, folder)`` of every ``step-*`` folder under ``root``, complete or not, by step."""
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
 
 
 def is_complete(path: Path) -> bool:
@@ -215,8 +226,8 @@ def check_model_config(path: Path, config: Any) -> None:
     if saved != config:
         theirs, ours = saved.to_dict(), config.to_dict() if hasattr(config, "to_dict") else {}
         changed = [f"{k}={v!r} (this run: {ours.get(k)!r})" for k, v in theirs.items() if v != ours.get(k)]
-        raise CheckpointError(f"{path / CONFIG_FILE} does not hold this run's model: "
-                              + ("; ".join(changed) if changed else f"a {type(saved).__name__}, the run has a {type(config).__name__}"))  # fmt: skip
+        what = "; ".join(changed) or f"a {type(saved).__name__}, the run has a {type(config).__name__}"
+        raise CheckpointError(f"{path / CONFIG_FILE} does not hold this run's model: {what}")
 
 
 def check_like(template: Any, value: Any, where: str) -> None:

@@ -130,8 +130,10 @@ def read_metrics(path: str | Path) -> dict[str, list[dict[str, Any]]]:
             if number == len(lines):  # torn by a kill mid-write
                 continue
             raise DataError(f"{path}, line {number}, is not JSON: {line[:80]!r}") from None
-        if not isinstance(obj, dict) or ("split" in obj and (not isinstance(obj["split"], str) or type(obj.get("step")) is not int)):
-            raise DataError(f"{path}, line {number}: {line[:80]!r} must be an object with a split and an integer step")
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}, line {number}: {line[:80]!r} must be a JSON object")
+        if "split" in obj and (not isinstance(obj["split"], str) or type(obj.get("step")) is not int):
+            raise DataError(f"{path}, line {number}: {line[:80]!r} must have a split name and an integer step")
         if "split" in obj:
             by_split.setdefault(obj["split"], {})[obj["step"]] = obj
     return {split: [records[s] for s in sorted(records)] for split, records in by_split.items()}

@@ -154,7 +154,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.model_class = type(model).__name__  # before FSDP renames the class
         self.tied = _tied_names(self.model)
-        self.shapes = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in self.model.state_dict().items()}
+        self.shapes = {k: torch.empty_like(v, device="meta") for k, v in self.model.state_dict().items()}
         if c.grad_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.module = D.wrap(
@@ -415,8 +415,8 @@ class Trainer:
         check_state_dict(self.shapes, weights, str(path))
         recast = [f"{k}: {weights[k].dtype} vs model {v.dtype}" for k, v in self.shapes.items() if weights[k].dtype != v.dtype]
         if recast:  # an exact resume copies the weights as they are
-            raise CheckpointError(f"{path / WEIGHTS_FILE} stores tensors in another dtype than the model's: "
-                                  + ", ".join(recast[:6]) + (f", ... ({len(recast)} in all)" if len(recast) > 6 else ""))  # fmt: skip
+            shown = ", ".join(recast[:6]) + (f", ... ({len(recast)} in all)" if len(recast) > 6 else "")
+            raise CheckpointError(f"{path / WEIGHTS_FILE} stores tensors in another dtype than the model's: {shown}")
         mine = ckpt.state["ranks"][self.env.rank]
         state_file = path / STATE_FILE
         check_like(self.scheduler.state_dict(), ckpt.state["scheduler"], f"{state_file}: scheduler")

@@ -45,7 +45,7 @@ from archlab.data.tokenizers import TOKENIZER_FILE
 from archlab.errors import CheckpointError, ConfigError, DataError, unknown
 from archlab.generation import beam_search, check_room, expand_for_beams, generate
 from archlab.interop.convert import convert
-from archlab.interop.io import CONFIG_FILE, WEIGHTS_FILE, load_model
+from archlab.interop.io import CONFIG_FILE, WEIGHTS_FILE, load_model, write_text_atomic
 from archlab.models.registry import FAMILIES, Family, build_model, get_config, get_preset
 from archlab.train import distributed as D
 from archlab.train.checkpoint import check_model_config, latest_checkpoint, load_checkpoint
@@ -311,9 +311,9 @@ def train_run(
         return _already_complete(run, out, last, echo)
     if is_main and not continuing:  # a killed run can be resumed from its folder alone
         out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_FILE).write_text(json.dumps(resolved, indent=2) + "\n")
-        if run.run_data.tokenizer is not None:
+        if run.run_data.tokenizer is not None:  # first: a run.json found means its tokenizer is whole
             run.run_data.tokenizer.save(out)
+        write_text_atomic(out / RUN_FILE, json.dumps(resolved, indent=2) + "\n")
     model = run.build_model()
     n_params = sum(p.numel() for p in model.parameters())
     t = run.train
@@ -350,8 +350,10 @@ def _already_complete(run: PreparedRun, out: Path, checkpoint: Path, echo: Calla
     check_model_config(checkpoint, run.model_config)
     step = run.train.steps
     records = read_metrics(out / METRICS_FILE) if (out / METRICS_FILE).is_file() else {}
-    final = {split: next((r for r in reversed(records.get(split, [])) if r["step"] == step), None) for split in ("train", "eval")}
-    final = {split: {k: v for k, v in r.items() if k not in ("split", "step")} if r else {} for split, r in final.items()}
+    final = {}
+    for split in ("train", "eval"):
+        record = next((r for r in records.get(split, []) if r["step"] == step), {})
+        final[split] = {k: v for k, v in record.items() if k not in ("split", "step")}
     with torch.device("meta"):
         n_params = sum(p.numel() for p in run.build_model().parameters())
     plot = out / PLOT_FILE
