@@ -319,7 +319,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def args_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="a Hugging Face folder (gpt2, llama, bert, vit, rwkv), an archlab "
-                        "model folder or checkpoint, or a run folder (its latest checkpoint)")  # fmt: skip
+                        "model folder or checkpoint, a run folder (its latest checkpoint), "
+                        "or a Llama .gguf file")  # fmt: skip
     parser.add_argument("dst", metavar="DST", help="the folder to write (replaced atomically)")
 
 

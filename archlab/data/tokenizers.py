@@ -407,12 +407,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not file.is_file():
         where = f"no {TOKENIZER_FILE} in {path}" if path.is_dir() else f"{path}: no such file"
         raise DataError(f"cannot load a tokenizer: {where}")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{file} is not a JSON tokenizer file: {e}") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{file} is not a tokenizer file (expected a JSON object)")
+    data = _read_json_object(file, "tokenizer file")
     kind = data.get("archlab_tokenizer")
     if kind is None:
         if "model" not in data:
@@ -435,15 +430,21 @@ def _hf_tokenizer_config(path: Path) -> dict:
     """``roles`` and ``chat_template`` from a Hugging Face ``tokenizer_config.json`` (``{}`` if there is none)."""
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} is not a JSON file: {e}") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path} is not a tokenizer config (expected a JSON object)")
+    data = _read_json_object(path, "tokenizer config")
     roles = {role: data[f"{role}_token"] for role in _ROLE_SPELLINGS if isinstance(data.get(f"{role}_token"), str)}
     try:  # a template archlab cannot render leaves the tokenizer usable; apply_chat_template then refuses
         template = ChatML.parse(data["chat_template"]) if "chat_template" in data else None
     except DataError:
         template = None
     return {"roles": roles, "chat_template": template}
+
+
+def _read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in ``path``; DataError naming the file (``what``: e.g. "tokenizer file") otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not a JSON {what}: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} is not a {what} (expected a JSON object)")
+    return data

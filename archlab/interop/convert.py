@@ -1,4 +1,4 @@
-"""``archlab convert SRC DST``: between Hugging Face folders and archlab folders, either way.
+"""``archlab convert SRC DST``: between Hugging Face folders and archlab folders, either way; a GGUF file to archlab.
 
 The source's ``config.json`` decides the direction: an archlab config names its ``class``; a Hugging
 Face one names its ``model_type``. Both kinds of folder hold safetensors only. The tokenizer goes along:
@@ -19,6 +19,7 @@ from torch import nn
 
 from archlab.errors import CheckpointError, DataError
 from archlab.interop.bert import load_bert, save_bert
+from archlab.interop.gguf import GGUFFile, gguf_tokenizer, load_gguf
 from archlab.interop.gpt2 import load_gpt2, save_gpt2
 from archlab.data.tokenizers import TOKENIZER_FILE, HFTokenizer, load_tokenizer
 from archlab.interop.io import CONFIG_FILE, atomic_dir, load_model, read_json, save_model
@@ -53,8 +54,12 @@ def convert(src: str | Path, dst: str | Path, *, tokenizer_dir: str | Path | Non
     ``tokenizer_dir`` (default: ``src``'s, when it has one); returns e.g. ``"gpt2 -> archlab, with tokenizer.json"``
     (no tokenizer: ``"gpt2 -> archlab"``)."""
     src, dst = Path(src), Path(dst)
+    if src.is_file() and src.suffix.lower() == ".gguf":
+        return _convert_gguf(src, dst)
     if not src.is_dir():
-        raise CheckpointError(f"{src} is not a folder (expected {CONFIG_FILE} and model.safetensors inside)")
+        raise CheckpointError(
+            f"{src} is not a folder (expected {CONFIG_FILE} and model.safetensors inside) nor a .gguf file"
+        )
     if src.resolve() == dst.resolve():
         raise CheckpointError(f"source and destination are the same folder: {src}")
     tokenizer = Path(tokenizer_dir if tokenizer_dir is not None else src) / TOKENIZER_FILE
@@ -80,6 +85,21 @@ def convert(src: str | Path, dst: str | Path, *, tokenizer_dir: str | Path | Non
         f"{src / CONFIG_FILE} is neither an archlab config (no 'class' key) nor a supported Hugging Face one "
         f"(model_type={model_type!r}; supported: {', '.join(HF_FORMATS)})"
     )
+
+
+def _convert_gguf(src: Path, dst: Path) -> str:
+    """A GGUF file -> an archlab folder, with the tokenizer (and chat template) its metadata describes."""
+    file = GGUFFile(src)
+    model = load_gguf(file)
+    tokenizer = gguf_tokenizer(file) if "tokenizer.ggml.model" in file.metadata else None
+
+    def save(folder: Path) -> None:
+        save_model(model, folder)
+        if tokenizer is not None:
+            tokenizer.save(folder)
+
+    _write(dst, save, None)
+    return "gguf -> archlab" + (f", with {TOKENIZER_FILE}" if tokenizer is not None else "")
 
 
 def _write(dst: Path, save: Callable[[Path], None], tokenizer: Path | None) -> None:

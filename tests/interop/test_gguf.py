@@ -12,8 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from archlab.cli import main
+from archlab.data.chat import ChatML
+from archlab.data.tokenizers import load_tokenizer
 from archlab.errors import CheckpointError
+from archlab.interop.convert import convert
 from archlab.interop.gguf import GGUFFile, hf_llama_config, load_gguf, read_gguf_llama, unpermute_rope
+from archlab.interop.io import load_model
 from archlab.interop.llama import llama_state_from_archlab
 from archlab.models.llama import Llama, LlamaConfig
 
@@ -185,7 +190,7 @@ def llama_metadata(config: LlamaConfig) -> dict:
     }
 
 
-def write_llama_gguf(path, model: Llama):
+def write_llama_gguf(path, model: Llama, extra_metadata=None):
     """``model`` as llama.cpp's converter writes it: GGUF names, Q/K rows permuted, F32, tied head omitted."""
     config = model.config
     tensors = {}
@@ -201,7 +206,7 @@ def write_llama_gguf(path, model: Llama):
         else:
             name = HF_TO_GGUF[name]
         tensors[name] = (np.ascontiguousarray(w), None)
-    return write_gguf(path, tensors, metadata=llama_metadata(config))
+    return write_gguf(path, tensors, metadata={**llama_metadata(config), **(extra_metadata or {})})
 
 
 @pytest.mark.parametrize("tie, n_kv_heads", [(True, 2), (False, 1), (True, 4)], ids=["gqa-tied", "mqa-untied", "mha"])
@@ -231,6 +236,58 @@ def test_unpermute_inverts_llama_cpp_permutation():
     # the rows really move: GGUF row 2j + s of a head is HF row j + s * d_k / 2
     assert not np.array_equal(llama_cpp_permute(w, 6), w)
     np.testing.assert_array_equal(llama_cpp_permute(w, 6)[1], w[4])
+
+
+# A byte-level BPE vocabulary in GGUF metadata: 3 control tokens, printable ASCII (space spelled "Ġ"), "Ċ", 5 merges.
+TINY_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TINY_TOKENS += ["Ġ" if b == 32 else chr(b) for b in range(32, 127)] + ["Ċ", "he", "ll", "hell", "hello", "Ġw"]
+TINY_TOKENIZER = {
+    "tokenizer.ggml.model": "gpt2",
+    "tokenizer.ggml.pre": "smollm",
+    "tokenizer.ggml.tokens": TINY_TOKENS,
+    "tokenizer.ggml.token_type": [3, 3, 3] + [1] * (len(TINY_TOKENS) - 3),
+    "tokenizer.ggml.merges": ["h e", "l l", "he ll", "hell o", "Ġ w"],
+    "tokenizer.ggml.bos_token_id": 1,
+    "tokenizer.ggml.eos_token_id": 2,
+    "tokenizer.ggml.unknown_token_id": 0,
+    "tokenizer.ggml.padding_token_id": 2,
+    "tokenizer.chat_template": ChatML("Be brief.").jinja,
+}
+
+
+def test_convert_gguf_to_archlab_and_on_to_hf(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(TINY_TOKENS), max_len=64, d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=48
+    )
+    model = Llama(config).eval()
+    path = write_llama_gguf(tmp_path / "tiny.gguf", model, TINY_TOKENIZER)
+    assert convert(path, tmp_path / "archlab") == "gguf -> archlab, with tokenizer.json"
+    loaded = load_model(tmp_path / "archlab")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    tok = load_tokenizer(tmp_path / "archlab")
+    ids = {t: i for i, t in enumerate(TINY_TOKENS)}
+    assert tok.encode("hello world 42") == [ids[t] for t in ("hello", "Ġw", "o", "r", "l", "d", "Ġ", "4", "2")]
+    assert (tok.bos_id, tok.eos_id, tok.chat_template) == (1, 2, ChatML("Be brief."))
+    chat = tok.apply_chat_template([{"role": "user", "content": "hello"}])
+    assert chat[:2] == [1, ids["s"]] and chat.count(2) == 2
+
+    assert convert(tmp_path / "archlab", tmp_path / "hf") == "archlab -> llama, with tokenizer.json"
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    for name, tensor in llama_state_from_archlab(model.state_dict(), config).items():
+        torch.testing.assert_close(hf.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    x = torch.tensor([chat])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x))
+
+
+def test_gguf_without_tokenizer_converts_without_one(tmp_path, capsys):
+    model = Llama(LlamaConfig(vocab_size=64, max_len=32, d_model=32, n_heads=4, n_kv_heads=2, n_layers=1, d_ff=48))
+    assert main(["convert", str(write_llama_gguf(tmp_path / "t.gguf", model)), str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.startswith("gguf -> archlab: ")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
 
 
 # --- bad files -----------------------------------------------------------------------------------

@@ -10,11 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archlab.errors import CheckpointError
+from archlab.errors import CheckpointError, ShapeError
 from archlab.generation import generate
-from archlab.interop.gguf import GGUFFile, gguf_tokenizer, hf_llama_config, hf_llama_state, smollm2_gguf_path
-from archlab.interop.llama import archlab_state_from_llama, config_from_llama
-from archlab.models.llama import Llama
+from archlab.interop.gguf import GGUFFile, gguf_tokenizer, load_gguf, smollm2_gguf_path
+from archlab.interop.llama import llama_state_from_archlab
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -38,7 +37,7 @@ CHATS = [
     [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Name a colour."}],
     [
         {"role": "user", "content": "Write a haiku about the sea."},
-        {"role": "assistant", "content": "Waves fold into foam,\nsalt wind carries gull voices,\nthe tide keeps its time."},
+        {"role": "assistant", "content": "Waves fold into foam,\nsalt wind carries gull voices,\nthe tide keeps time."},
         {"role": "user", "content": "Now one about mountains, café style ☕."},
     ],
 ]
@@ -66,13 +65,8 @@ def path():
 
 @pytest.fixture(scope="module")
 def ours(path):
-    file = GGUFFile(path)
-    hf_config = hf_llama_config(file)
-    state = hf_llama_state(file, hf_config)
-    config = config_from_llama(hf_config, source=str(path))
-    model = Llama(config)
-    model.load_state_dict(archlab_state_from_llama(state, config))
-    return model.eval(), gguf_tokenizer(file), state
+    file = GGUFFile(path)  # parsed once for both
+    return load_gguf(file), gguf_tokenizer(file)
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +79,16 @@ def hf(path):
 
 
 def test_weights_equal_hf_dequantization(ours, hf):
-    _, _, state = ours
+    model, _ = ours
     theirs = hf[0].state_dict()
-    assert set(theirs) - set(state) == {"lm_head.weight"}  # tied: the GGUF has no output.weight
+    state = llama_state_from_archlab(model.state_dict(), model.config)
+    assert set(state) == set(theirs)
     for name, tensor in state.items():
         torch.testing.assert_close(tensor, theirs[name], rtol=0, atol=0, msg=name)
 
 
 def test_config_matches_hf(ours, hf):
-    model, _, _ = ours
+    model, _ = ours
     c, h = model.config, hf[0].config
     got = (c.vocab_size, c.max_len, c.d_model, c.n_heads, c.n_kv_heads, c.n_layers, c.d_ff, c.tie_embeddings)
     want = (h.vocab_size, h.max_position_embeddings, h.hidden_size, h.num_attention_heads, h.num_key_value_heads,
@@ -105,7 +100,7 @@ def test_config_matches_hf(ours, hf):
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_tokenizer_ids_equal_hf(ours, hf, text):
-    _, tok, _ = ours
+    _, tok = ours
     hf_tok = hf[1]
     ids = tok.encode(text)
     assert ids == hf_tok(text, add_special_tokens=False)["input_ids"]
@@ -115,7 +110,7 @@ def test_tokenizer_ids_equal_hf(ours, hf, text):
 @pytest.mark.parametrize("messages", CHATS, ids=range(len(CHATS)))
 @pytest.mark.parametrize("add_generation_prompt", [True, False], ids=["gen", "no-gen"])
 def test_chat_template_equals_hf(ours, hf, messages, add_generation_prompt):
-    _, tok, _ = ours
+    _, tok = ours
     hf_tok = hf[1]
     text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     assert tok.chat_template.render(messages, add_generation_prompt) == text
@@ -125,7 +120,7 @@ def test_chat_template_equals_hf(ours, hf, messages, add_generation_prompt):
 
 def test_logits_equal_hf(ours, hf):
     """Ten prompts, float32: max |archlab - HF| <= 1e-4 (logits reach ~35)."""
-    model, tok, _ = ours
+    model, _ = ours
     worst = 0.0
     for prompt in PROMPTS:
         ids = torch.tensor([hf[1](prompt, add_special_tokens=False)["input_ids"]])
@@ -138,7 +133,7 @@ def test_logits_equal_hf(ours, hf):
 
 def test_greedy_generation_equals_hf(ours, hf):
     """64 greedy tokens after a chat prompt, token for token (the model writes no <|im_end|> before 64)."""
-    model, tok, _ = ours
+    model, tok = ours
     prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}])
     ids = torch.tensor([prompt])
     with torch.no_grad():
@@ -147,3 +142,9 @@ def test_greedy_generation_equals_hf(ours, hf):
     assert want.shape[1] == ids.shape[1] + 64, "HF stopped early: pick a prompt with a longer answer"
     assert got.tolist() == want.tolist()
     print(tok.decode(got[0, ids.shape[1] :].tolist()))
+
+
+def test_prompt_longer_than_the_context_is_refused(ours):
+    model, _ = ours
+    with pytest.raises(ShapeError, match=r"position 8192 is past the context of max_len=8192 positions"):
+        model(torch.zeros(1, 8193, dtype=torch.long))
