@@ -47,6 +47,7 @@ from archlab.models.registry import register_family, register_model_class, regis
 from archlab.nn.attention import padding_mask
 from archlab.nn.backends import check_backend
 from archlab.nn.blocks import Encoder
+from archlab.nn.inputs import check_not_empty
 from archlab.nn.norm import LayerNorm
 from archlab.nn.positional import LearnedPositionalEncoding
 
@@ -123,6 +124,7 @@ def check_bert_inputs(
     """Raise :class:`ShapeError` for anything :meth:`BertModel.forward` cannot run on."""
     if input_ids.ndim != 2:
         raise ShapeError(f"input_ids must be [B, N], got shape {tuple(input_ids.shape)}")
+    check_not_empty("input_ids", input_ids)
     b, n = input_ids.shape
     if n == 0:
         raise ShapeError("input_ids has N=0 tokens; BERT needs at least the [CLS] token")

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from archlab.config import Config, check_choice, check_positive, check_probability, require
 from archlab.errors import ConfigError, ShapeError
 from archlab.models.registry import build_model, register_family, register_preset
+from archlab.nn.inputs import check_not_empty
 
 NORMS = ("none", "layernorm", "batchnorm")
 
@@ -143,6 +144,7 @@ class MLP(nn.Module):
         if not isinstance(inputs, Tensor) or inputs.ndim != 2 or inputs.shape[1] != c.d_in:
             shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
             raise ShapeError(f"inputs must be [B, d_in={c.d_in}], got {shape}")
+        check_not_empty("inputs", inputs)
         if not inputs.is_floating_point():
             raise ShapeError(f"inputs must be floating point features, got dtype {inputs.dtype}")
         h = self.stem(inputs.to(self.stem.weight.dtype))  # [B, d]

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from archlab.config import Config, check_positive, require
 from archlab.errors import ConfigError, ShapeError
 from archlab.models.registry import register_family, register_preset
+from archlab.nn.inputs import check_not_empty
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +151,7 @@ class ResNet(nn.Module):
         if not isinstance(images, Tensor) or images.ndim != 4:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ShapeError(f"images must be [B, C, H, W], got {shape}")
+        check_not_empty("images", images)
         if not images.is_floating_point():
             raise ShapeError(f"images have dtype {images.dtype}; pass floating-point pixels (scale integer images first)")
         if images.shape[1] != c.in_channels:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from archlab.config import Config, check_choice, check_positive, check_probability, require
 from archlab.errors import ConfigError, ShapeError
 from archlab.models.registry import register_family, register_preset
+from archlab.nn.inputs import check_not_empty
 
 EMBEDDING_CHANNELS = ("static", "non-static")
 
@@ -117,9 +118,8 @@ class TextCNN(nn.Module):
             raise ShapeError(f"input_ids must be a [B, N] tensor of token ids, got {shape}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise ShapeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        check_not_empty("input_ids", input_ids)
         b, n = input_ids.shape
-        if b == 0:
-            raise ShapeError("input_ids has an empty batch (B=0)")
         if n < c.max_width:
             raise ShapeError(
                 f"kernel width {c.max_width} is wider than the sequence N={n}: every kernel needs a window, so pad "

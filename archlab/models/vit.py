@@ -30,6 +30,7 @@ from archlab.errors import ShapeError
 from archlab.models.registry import register_family, register_preset
 from archlab.nn.backends import check_backend
 from archlab.nn.blocks import Encoder
+from archlab.nn.inputs import check_not_empty
 from archlab.nn.positional import LearnedPositionalEncoding
 
 POOLINGS = ("cls", "mean")
@@ -148,6 +149,7 @@ class ViT(nn.Module):
         if not isinstance(pixel_values, Tensor) or pixel_values.ndim != 4:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
             raise ShapeError(f"pixel_values must be [B, C, H, W], got {shape}")
+        check_not_empty("pixel_values", pixel_values)
         if not pixel_values.is_floating_point():
             raise ShapeError(
                 f"pixel_values has dtype {pixel_values.dtype}; pass floating-point pixels (scale integer images first)"

@@ -20,6 +20,12 @@ def _check_integer(name: str, ids: Tensor, what: str) -> None:
         raise ShapeError(f"{name} must hold integer {what}, got dtype {ids.dtype}")
 
 
+def check_not_empty(name: str, x: Tensor) -> None:
+    """:class:`ShapeError` for an empty batch (``B = 0``): every family refuses one alike (tokens, pixels, features)."""
+    if x.shape[0] == 0:
+        raise ShapeError(f"{name} is an empty batch (B=0, shape {tuple(x.shape)}): pass at least one example")
+
+
 def check_token_ids(name: str, ids: Any, vocab_size: int, *, vocab_name: str = "vocab_size") -> None:
     """:class:`ShapeError` unless ``ids`` is a non-empty integer ``[B, N]`` tensor with every id in ``[0, vocab_size)``."""
     if not isinstance(ids, Tensor) or ids.ndim != 2:
