@@ -21,7 +21,7 @@ from archlab.errors import CheckpointError, DataError
 from archlab.interop.bert import load_bert, save_bert
 from archlab.interop.gguf import GGUFFile, gguf_tokenizer, load_gguf
 from archlab.interop.gpt2 import load_gpt2, save_gpt2
-from archlab.data.tokenizers import TOKENIZER_FILE, HFTokenizer, load_tokenizer
+from archlab.data.tokenizers import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, HFTokenizer, load_tokenizer
 from archlab.interop.io import CONFIG_FILE, atomic_dir, load_model, read_json, save_model
 from archlab.interop.llama import load_llama, save_llama
 from archlab.interop.rwkv import load_rwkv, save_rwkv
@@ -112,6 +112,9 @@ def _write(dst: Path, save: Callable[[Path], None], tokenizer: Path | None) -> N
         staged.rmdir()
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+            config = tokenizer.with_name(TOKENIZER_CONFIG_FILE)  # roles and chat template, when there are some
+            if config.is_file():
+                shutil.copyfile(config, tmp / TOKENIZER_CONFIG_FILE)
 
 
 def _is_hf_tokenizer(path: Path) -> bool:

@@ -281,6 +281,11 @@ def test_convert_gguf_to_archlab_and_on_to_hf(tmp_path):
     x = torch.tensor([chat])
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model(x))
+    # the HF folder's tokenizer (tokenizer.json + tokenizer_config.json) reads the same in transformers
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (hf_tok.bos_token, hf_tok.eos_token) == ("<|im_start|>", "<|im_end|>")
+    hf_chat = hf_tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True)
+    assert hf_chat["input_ids"] == chat
 
 
 def test_gguf_without_tokenizer_converts_without_one(tmp_path, capsys):
