@@ -189,13 +189,14 @@ def memory_figures(config, batch: int, length: int | None, dtype: str) -> dict[s
     Transformer-shaped config at ``(batch, length)``; None for families without attention layers."""
     from archlab.analysis import memory
 
-    if not all(hasattr(config, name) for name in ("n_layers", "n_heads", "d_model")):
+    shape = config.attention_shape  # what the family declares (archlab.models.base)
+    if shape is None:
         return None
     # a learned/maximum context, Transformer-XL's segment, or ViT's [class] + patches
-    n = length or next((getattr(config, k) for k in ("max_len", "segment_len", "seq_len") if hasattr(config, k)), None)
+    n = length or config.context_length
     if n is None:
-        raise ConfigError(f"{type(config).__name__} has no max_len: pass --length")
-    heads = config.n_heads
+        raise ConfigError(f"{type(config).__name__} declares no context length: pass --length")
+    heads = shape.n_heads
     return {
         "batch": batch, "length": n, "dtype": dtype,
         "kv_cache": memory.kv_cache_bytes(config, batch=batch, length=n, dtype=dtype),
@@ -213,9 +214,11 @@ def flops_per_token(model, family, length: int) -> dict[str, float] | None:
     c = model.config
     ids = torch.zeros(1, length, dtype=torch.long, device="meta")
     inputs = {"lm": (ids,), "mlm": (ids,), "seq2seq": (ids, ids)}.get(family.task)
-    if hasattr(c, "patch_size"):  # ViT: one image is seq_len tokens, whatever --length says
-        inputs, length = (torch.zeros(1, c.n_channels, c.image_size, c.image_size, device="meta"),), c.seq_len
-    if inputs is None or not hasattr(c, "n_heads"):
+    if c.attention_shape is None:
+        return None
+    if c.inputs == "images":  # ViT: one image is context_length tokens ([class] + patches), whatever --length says
+        inputs, length = (torch.zeros(1, c.n_channels, c.image_size, c.image_size, device="meta"),), c.context_length
+    if inputs is None:
         return None
     report = count_flops(model, *inputs)
     return {name: count / length for name, count in report.by_component.items()}

@@ -114,20 +114,14 @@ def attention_bytes(
     return out + ba * (c * (c + 4 * d_k) + d_k * d_v) * s  # linear
 
 
-def _dims(config: Config) -> tuple[int, int, int]:
-    """``(L, A, d)`` of a Transformer config (GPT, BERT, ViT, Transformer-XL, encoder-decoder)."""
-    try:
-        return config.n_layers, config.n_heads, config.d_model
-    except AttributeError:
-        raise ConfigError(
-            f"{type(config).__name__} is not a Transformer config (needs n_layers, n_heads, d_model)"
-        ) from None
-
-
-def _kv_heads(config: Config) -> int:
-    """``G``, the key/value heads of each attention layer: the config's ``n_kv_heads`` (grouped-query
-    attention) or, for families without it, one per query head."""
-    return getattr(config, "n_kv_heads", config.n_heads)
+def _attention(config: Config):
+    """The self-attention layers a family's config declares (its ``attention_shape``, see
+    :mod:`archlab.models.base`): ``L``, ``A``, ``G`` and ``d``. GPT, Llama, BERT, ViT, Transformer-XL and the
+    encoder-decoder have one; other configs raise ConfigError."""
+    shape = getattr(config, "attention_shape", None)
+    if shape is None:
+        raise ConfigError(f"{type(config).__name__} is not a Transformer config (it declares no attention_shape)")
+    return shape
 
 
 def kv_cache_bytes(config: Config, *, batch: int, length: int, dtype="float32") -> int:
@@ -139,9 +133,8 @@ def kv_cache_bytes(config: Config, *, batch: int, length: int, dtype="float32") 
     SmolLM2-135M (``L = 30``, ``G = 3``, ``d_k = 64``) keeps ``2 x 30 x 3 x 64 x 2 B = 23 kB`` per bf16 token.
     """
     _check_sizes(batch=batch, length=length)
-    n_layers, heads, d_model = _dims(config)
-    d_k = d_model // heads
-    return 2 * n_layers * batch * length * _kv_heads(config) * d_k * dtype_bytes(dtype)
+    a = _attention(config)
+    return 2 * a.n_layers * batch * length * a.n_kv_heads * a.d_head * dtype_bytes(dtype)
 
 
 def training_activation_bytes(
@@ -164,11 +157,12 @@ def training_activation_bytes(
     Checked against the bytes autograd really saves for archlab's GPT in ``tests/analysis/test_memory.py``.
     """
     _check_sizes(batch=batch, seq_len=seq_len)
-    n_layers, heads, d_model = _dims(config)
+    a = _attention(config)
+    n_layers, heads, d_model = a.n_layers, a.n_heads, a.d_model
     d_ff = getattr(config, "ffn_width", None) or getattr(config, "d_ff", None) or 4 * d_model
     if getattr(config, "ffn", None) in GATES:
         d_ff *= 2  # gate and value, before and after: 4 d_ff
-    qkv = d_model + 2 * _kv_heads(config) * (d_model // heads)
+    qkv = d_model + 2 * a.n_kv_heads * a.d_head
     vocab = getattr(config, "vocab_size", 0)
     dropout, attn_dropout = getattr(config, "dropout", 0.0), getattr(config, "attn_dropout", 0.0)
     s = dtype_bytes(dtype)

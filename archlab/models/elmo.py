@@ -40,13 +40,14 @@ from torch import Tensor, nn
 
 from archlab.config import Config, check_positive, check_probability, require
 from archlab.errors import ConfigError, ShapeError
+from archlab.models.base import ModelConfig
 from archlab.models.registry import register_family, register_preset
 from archlab.nn.inputs import check_token_ids
 from archlab.nn.recurrent import lengths_from_mask
 
 
 @dataclasses.dataclass(frozen=True)
-class ElmoConfig(Config):
+class ElmoConfig(ModelConfig, Config):
     """An ELMo biLM. The defaults are ELMo's sizes (Peters et al. 2018), with a token embedding for input.
 
     Args:

@@ -27,13 +27,14 @@ from torch import Tensor, nn
 
 from archlab.config import Config, check_positive, check_probability, require
 from archlab.errors import ConfigError, ShapeError
+from archlab.models.base import ModelConfig
 from archlab.models.registry import register_family, register_preset
 from archlab.nn.inputs import check_token_ids
 from archlab.nn.norm import LayerNorm
 
 
 @dataclass(frozen=True)
-class GMLPConfig(Config):
+class GMLPConfig(ModelConfig, Config):
     """A gMLP language model (causal spatial gating).
 
     Args:
@@ -57,6 +58,10 @@ class GMLPConfig(Config):
     dropout: float = 0.0
     eps: float = 1e-5
     init_eps: float = 1e-3
+
+    @property
+    def context_length(self) -> int:
+        return self.max_len
 
     def validate(self) -> None:
         for name in ("vocab_size", "max_len", "d_model", "n_layers", "eps", "init_eps"):

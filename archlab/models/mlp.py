@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from archlab.config import Config, check_choice, check_positive, check_probability, require
 from archlab.errors import ConfigError, ShapeError
+from archlab.models.base import ModelConfig
 from archlab.models.registry import build_model, register_family, register_preset
 from archlab.nn.inputs import check_not_empty
 
@@ -48,7 +49,7 @@ NORMS = ("none", "layernorm", "batchnorm")
 
 
 @dataclasses.dataclass(frozen=True)
-class MLPConfig(Config):
+class MLPConfig(ModelConfig, Config):
     """A plain or residual MLP classifier.
 
     Args:
@@ -68,6 +69,8 @@ class MLPConfig(Config):
     residual: bool = False
     norm: str = "none"
     dropout: float = 0.0
+
+    inputs = "features"
 
     def validate(self) -> None:
         for name in ("d_in", "n_classes", "d_hidden"):

@@ -34,12 +34,13 @@ from torch import Tensor, nn
 
 from archlab.config import Config, check_positive, require
 from archlab.errors import ConfigError, ShapeError
+from archlab.models.base import ModelConfig
 from archlab.models.registry import register_family, register_preset
 from archlab.nn.inputs import check_not_empty
 
 
 @dataclasses.dataclass(frozen=True)
-class ResNetConfig(Config):
+class ResNetConfig(ModelConfig, Config):
     """A CIFAR-style ResNet (or its plain counterpart).
 
     Args:
@@ -55,6 +56,8 @@ class ResNetConfig(Config):
     widths: tuple[int, ...] = (16, 32, 64)
     blocks_per_stage: int = 3
     residual: bool = True
+
+    inputs = "images"
 
     def validate(self) -> None:
         check_positive("in_channels", self.in_channels)

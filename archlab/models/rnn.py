@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from archlab.config import Config, check_choice, check_positive, check_probability, require
 from archlab.errors import ConfigError, ShapeError
 from archlab.generation import Step
+from archlab.models.base import ModelConfig
 from archlab.models.registry import register_family, register_preset
 from archlab.nn.inputs import check_token_ids
 from archlab.nn.recurrent import RECURRENT_KINDS, RecurrentCache, build_rnn, run_rnn
@@ -37,7 +38,7 @@ RNN_BACKENDS = ("fused", "explicit")
 
 
 @dataclasses.dataclass(frozen=True)
-class RNNConfig(Config):
+class RNNConfig(ModelConfig, Config):
     """A recurrent language model. The defaults are Zaremba et al. (2014)'s medium LSTM on Penn Treebank.
 
     Args:

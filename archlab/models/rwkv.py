@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from archlab.config import Config, check_choice, check_positive
 from archlab.errors import ConfigError, ShapeError
 from archlab.generation import Step, check_logits_to_keep
+from archlab.models.base import ModelConfig
 from archlab.models.registry import register_family, register_preset
 from archlab.nn.inputs import check_token_ids
 from archlab.nn.linear import Linear
@@ -53,7 +54,7 @@ WKV_CHUNK = 8
 
 
 @dataclass(frozen=True)
-class RWKVConfig(Config):
+class RWKVConfig(ModelConfig, Config):
     """An RWKV-4 language model; the defaults are RWKV-4 169M (Pile): 12 layers, d=768.
 
     Args:

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from archlab.config import Config, check_choice, check_positive, check_probability
 from archlab.errors import ConfigError, ShapeError
 from archlab.generation import BeamSearchOutput, Step, beam_search, expand_for_beams, generate
+from archlab.models.base import ModelConfig
 from archlab.models.registry import register_family, register_preset
 from archlab.nn.attention import SCORES, attend, build_score
 from archlab.nn.inputs import check_token_ids
@@ -61,7 +62,7 @@ SAME_WIDTH_SCORES = ("dot", "scaled_dot", "content")
 
 
 @dataclasses.dataclass(frozen=True)
-class RNNencConfig(Config):
+class RNNencConfig(ModelConfig, Config):
     """RNNenc (Cho et al. 2014). The defaults are the sizes of Bahdanau et al.'s RNNenc baseline.
 
     Args:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from archlab.config import Config, check_choice, check_positive, check_probability, require
 from archlab.errors import ConfigError, ShapeError
+from archlab.models.base import ModelConfig
 from archlab.models.registry import register_family, register_preset
 from archlab.nn.inputs import check_not_empty
 
@@ -41,7 +42,7 @@ EMBEDDING_CHANNELS = ("static", "non-static")
 
 
 @dataclasses.dataclass(frozen=True)
-class TextCNNConfig(Config):
+class TextCNNConfig(ModelConfig, Config):
     """A TextCNN sentence classifier.
 
     Args:

@@ -86,6 +86,10 @@ class TransformerXLConfig(DecoderWidths, Config):
     tie_embeddings: bool = True
     backend: str = "auto"
 
+    @property
+    def context_length(self) -> int:
+        return self.segment_len
+
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "segment_len"):
             check_positive(name, getattr(self, name))

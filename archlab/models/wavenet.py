@@ -29,12 +29,13 @@ from torch import Tensor, nn
 from archlab.config import Config, check_positive, check_probability, require
 from archlab.errors import ConfigError, DataError, ShapeError
 from archlab.generation import Step
+from archlab.models.base import ModelConfig
 from archlab.models.registry import register_family, register_preset
 from archlab.nn.conv import ConvCache, GatedResidualUnit, doubling_dilations
 
 
 @dataclasses.dataclass(frozen=True)
-class WaveNetConfig(Config):
+class WaveNetConfig(ModelConfig, Config):
     """A WaveNet over ``vocab_size`` quantisation levels.
 
     Args:

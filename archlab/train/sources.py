@@ -176,14 +176,6 @@ class DataConfig(Config):
         require(self.seed >= 0, f"seed={self.seed!r} must be >= 0")
 
 
-def model_context(model_config: Config) -> int | None:
-    """The sequence length a model is built for: ``max_len``, ``context_length`` or ``segment_len``."""
-    for name in ("max_len", "context_length", "segment_len"):
-        if hasattr(model_config, name):
-            return getattr(model_config, name)
-    return None
-
-
 def resolve_data(data: DataConfig, task: str, model_config: Config, who: str) -> DataConfig:
     """``data`` with ``auto`` source and tokenizer and a ``None`` seq_len chosen for ``task``; a source the task
     cannot train on raises ConfigError naming ``who`` (e.g. ``"preset vit-tiny (family vit)"``)."""
@@ -199,7 +191,7 @@ def resolve_data(data: DataConfig, task: str, model_config: Config, who: str) ->
             f"data.source={source!r} ({SOURCE_KINDS[kind]}) does not fit {who}, which trains on task {task!r}: "
             f"its data is {_TASK_WORDS[task]}"
         )
-    reads_tokens = hasattr(model_config, "vocab_size")
+    reads_tokens = model_config.inputs == "tokens"
     if kind == "images" and reads_tokens:
         raise ConfigError(f"data.source={source!r}: {who} reads token ids, not images; give it a .jsonl/.csv file of "
                           "labelled texts")  # fmt: skip
@@ -213,7 +205,7 @@ def resolve_data(data: DataConfig, task: str, model_config: Config, who: str) ->
         tokenizer = "char" if task == "seq2seq" else "bpe"
     seq_len = data.seq_len
     if seq_len is None and kind not in ("synthetic", "images") and task != "seq2seq":
-        seq_len = model_context(model_config) or DEFAULT_SEQ_LEN
+        seq_len = model_config.context_length or DEFAULT_SEQ_LEN  # what the family declares (archlab.models.base)
     if task == "custom":
         check_custom_batches(model_config, who)
         require(seq_len >= 2, f"data.seq_len={seq_len}: a token window needs >= 2 tokens (one predicts another)")
@@ -373,7 +365,7 @@ def _labelled_texts(data: DataConfig, tokenizer: Tokenizer | None, shard: dict) 
 
 def _digits(data: DataConfig, model_config: Config, shard: dict) -> RunData:
     (x_train, y_train), (x_valid, y_valid) = digits(test_fraction=data.valid_percent / 100, seed=data.seed)
-    if hasattr(model_config, "d_in"):  # a model of feature vectors (MLP) reads the 64 pixels in a row
+    if model_config.inputs == "features":  # a model of feature vectors (MLP) reads the 64 pixels in a row
         x_train, x_valid = x_train.flatten(1), x_valid.flatten(1)
     source = ClassificationBatches(x_train, y_train, valid=(x_valid, y_valid), **shard)
     describe = f"digits: {len(y_train)} training / {len(y_valid)} validation images of {list(x_train.shape[1:])}"
