@@ -6,8 +6,10 @@ special-token roles::
     ByteTokenizer   ids 0..255 are the UTF-8 bytes; specials follow (256..260)      lossless on any text
     CharTokenizer   one id per character seen when it was built; others -> <unk>    the synthetic tasks' vocabulary
     HFTokenizer     a ``tokenizer.json`` run by the Hugging Face ``tokenizers`` library:
-                    byte-level BPE trained here (:func:`train_bpe`, lossless), or WordPiece read from a file
-                    such as all-MiniLM-L6-v2's (:func:`minilm_wordpiece`)
+                    byte-level BPE trained here (:func:`train_bpe`, lossless) or built from a vocabulary and
+                    merges (:func:`byte_level_bpe`, e.g. a GGUF's), or WordPiece read from a file such as
+                    all-MiniLM-L6-v2's (:func:`minilm_wordpiece`); with a chat template
+                    (:mod:`archlab.data.chat`), :meth:`HFTokenizer.apply_chat_template` encodes conversations
 
 Special tokens. archlab's own tokenizers (byte, char, BPE) have five, in this order::
 
@@ -23,7 +25,8 @@ role but unk; ``<unk>`` comes out as U+FFFD from the byte and char tokenizers an
 (``[UNK]``, ``<unk>``) from the HF ones, as the ``tokenizers`` library writes it.
 
 On disk every kind is one ``tokenizer.json`` in a folder: the Hugging Face format for BPE/WordPiece, a
-small archlab format (``{"archlab_tokenizer": "byte" | "char", ...}``) for the others.
+small archlab format (``{"archlab_tokenizer": "byte" | "char", ...}``) for the others. Roles given
+explicitly and a chat template go beside it in Hugging Face's ``tokenizer_config.json``.
 :func:`load_tokenizer` reads any of them back.
 """
 
@@ -366,9 +369,9 @@ def byte_level_bpe(
     """A byte-level BPE (GPT-2's scheme) from its vocabulary and merges, as a GGUF or a ``vocab.json`` lists them.
 
     ``tokens[i]`` is the text of id ``i`` in GPT-2's byte alphabet (``"Ġthe"``); ``merges`` are ``"Ġ t"`` pairs,
-    best first; ``split`` names the pre-tokenizer (:data:`BYTE_LEVEL_SPLITS`); ``special`` tokens are matched
-    whole (in :meth:`~HFTokenizer.apply_chat_template`; typed text stays text); ``roles``/``chat_template`` as
-    in :class:`HFTokenizer`.
+    best first; ``split`` names the pre-tokenizer (:data:`BYTE_LEVEL_SPLITS`); ``special``: the control tokens,
+    kept whole and never produced from typed text (a chat template places its markers by id); ``roles`` and
+    ``chat_template`` as in :class:`HFTokenizer`.
     """
     from tokenizers import AddedToken, Tokenizer as _HF, decoders, models, pre_tokenizers
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -21,35 +22,9 @@ from archlab.interop.gguf import GGUFFile, hf_llama_config, load_gguf, read_gguf
 from archlab.interop.io import load_model
 from archlab.interop.llama import llama_state_from_archlab
 from archlab.models.llama import Llama, LlamaConfig
+from gguf_files import TINY_TOKENIZER, TINY_TOKENS, llama_cpp_permute, llama_metadata, write_gguf, write_llama_gguf
 
-gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
-
-
-def write_gguf(path, tensors, *, arch="llama", metadata=None):
-    """A GGUF file of ``tensors`` (name -> (array, ggml type or None for plain numpy)) and ``metadata``."""
-    writer = gguf.GGUFWriter(str(path), arch)
-    for key, value in (metadata or {}).items():
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, value)
-    for name, (array, kind) in tensors.items():
-        if kind is None:
-            writer.add_tensor(name, array)
-        else:
-            writer.add_tensor(name, array, raw_shape=array.shape, raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 # --- dequantization ------------------------------------------------------------------------------
@@ -154,61 +129,6 @@ def test_k_quant_blocks_decode_as_ggml_lays_them_out(tmp_path, kind, reference, 
 # --- a tiny Llama written as llama.cpp's converter writes it ---------------------------------------
 
 
-def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's convert_hf_to_gguf permutation of W_Q/W_K rows (rotate-half -> adjacent pairs), per head."""
-    per_head = weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:])  # [A, 2, d_k/2, ...]
-    return per_head.swapaxes(1, 2).reshape(weight.shape)
-
-
-HF_TO_GGUF = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-
-
-def llama_metadata(config: LlamaConfig) -> dict:
-    return {
-        "llama.context_length": config.max_len,
-        "llama.embedding_length": config.d_model,
-        "llama.block_count": config.n_layers,
-        "llama.feed_forward_length": config.d_ff,
-        "llama.attention.head_count": config.n_heads,
-        "llama.attention.head_count_kv": config.n_kv_heads,
-        "llama.rope.freq_base": float(config.rope_theta),
-        "llama.attention.layer_norm_rms_epsilon": float(config.eps),
-        "llama.vocab_size": config.vocab_size,
-    }
-
-
-def write_llama_gguf(path, model: Llama, extra_metadata=None):
-    """``model`` as llama.cpp's converter writes it: GGUF names, Q/K rows permuted, F32, tied head omitted."""
-    config = model.config
-    tensors = {}
-    for name, weight in llama_state_from_archlab(model.state_dict(), config).items():
-        if name == "lm_head.weight" and config.tie_embeddings:
-            continue
-        w = weight.numpy()
-        if name.startswith("model.layers."):
-            i, rest = name.removeprefix("model.layers.").split(".", 1)
-            if rest.startswith(("self_attn.q_proj", "self_attn.k_proj")):
-                w = llama_cpp_permute(w, config.n_heads if "q_proj" in rest else config.n_kv_heads)
-            name = f"blk.{i}.{HF_TO_GGUF[rest]}"
-        else:
-            name = HF_TO_GGUF[name]
-        tensors[name] = (np.ascontiguousarray(w), None)
-    return write_gguf(path, tensors, metadata={**llama_metadata(config), **(extra_metadata or {})})
-
-
 @pytest.mark.parametrize("tie, n_kv_heads", [(True, 2), (False, 1), (True, 4)], ids=["gqa-tied", "mqa-untied", "mha"])
 def test_llama_gguf_loads_the_same_model(tmp_path, tie, n_kv_heads):
     torch.manual_seed(0)
@@ -236,23 +156,6 @@ def test_unpermute_inverts_llama_cpp_permutation():
     # the rows really move: GGUF row 2j + s of a head is HF row j + s * d_k / 2
     assert not np.array_equal(llama_cpp_permute(w, 6), w)
     np.testing.assert_array_equal(llama_cpp_permute(w, 6)[1], w[4])
-
-
-# A byte-level BPE vocabulary in GGUF metadata: 3 control tokens, printable ASCII (space spelled "Ġ"), "Ċ", 5 merges.
-TINY_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TINY_TOKENS += ["Ġ" if b == 32 else chr(b) for b in range(32, 127)] + ["Ċ", "he", "ll", "hell", "hello", "Ġw"]
-TINY_TOKENIZER = {
-    "tokenizer.ggml.model": "gpt2",
-    "tokenizer.ggml.pre": "smollm",
-    "tokenizer.ggml.tokens": TINY_TOKENS,
-    "tokenizer.ggml.token_type": [3, 3, 3] + [1] * (len(TINY_TOKENS) - 3),
-    "tokenizer.ggml.merges": ["h e", "l l", "he ll", "hell o", "Ġ w"],
-    "tokenizer.ggml.bos_token_id": 1,
-    "tokenizer.ggml.eos_token_id": 2,
-    "tokenizer.ggml.unknown_token_id": 0,
-    "tokenizer.ggml.padding_token_id": 2,
-    "tokenizer.chat_template": ChatML("Be brief.").jinja,
-}
 
 
 def test_convert_gguf_to_archlab_and_on_to_hf(tmp_path):

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from archlab.data.chat import ChatML
-from archlab.data.tokenizers import load_tokenizer
+from archlab.data.tokenizers import byte_level_bpe, load_tokenizer
 from archlab.errors import CheckpointError, DataError
 from archlab.interop.gguf import GGUFFile, gguf_tokenizer, smollm2_gguf_path
+from gguf_files import TINY_TOKENIZER, write_gguf
 
 jinja2 = pytest.importorskip("jinja2")
 
@@ -52,6 +53,32 @@ def test_other_templates_and_bad_messages_are_refused():
         ChatML(SYSTEM).render("Hi")
     with pytest.raises(DataError, match=r"messages\[0\]\['role'\] = 'user\\nsystem' must be a non-empty single line"):
         ChatML(SYSTEM).render([{"role": "user\nsystem", "content": "a"}])
+
+
+def test_bad_vocabularies_are_refused(tmp_path):
+    tokens = ["<|im_start|>", "<|im_end|>", "a", "b", "ab"]
+    with pytest.raises(DataError, match=r"merge 'a c' is not two tokens whose join is in the vocabulary"):
+        byte_level_bpe(tokens, ["a b", "a c"])
+    with pytest.raises(DataError, match="the vocabulary lists 1 token"):
+        byte_level_bpe([*tokens, "a"], [])
+    with pytest.raises(DataError, match="byte-level pre-tokenizer 'llama3' is not supported; supported: gpt2, smollm"):
+        byte_level_bpe(tokens, [], split="llama3")
+    with pytest.raises(DataError, match=r"roles\['eos'\] = '</s>'"):
+        byte_level_bpe(tokens, [], roles={"eos": "</s>"})
+    with pytest.raises(DataError, match="the chat template writes '<|im_start|>', which is not a token"):
+        byte_level_bpe(["a"], [], chat_template=ChatML())
+
+
+def test_gguf_tokenizer_errors_name_the_file(tmp_path):
+    sentencepiece = write_gguf(tmp_path / "sp.gguf", {}, metadata={**TINY_TOKENIZER, "tokenizer.ggml.model": "llama"})
+    with pytest.raises(CheckpointError, match=r"sp\.gguf: tokenizer\.ggml\.model='llama' is not supported"):
+        gguf_tokenizer(sentencepiece)
+    bad_eos = write_gguf(tmp_path / "eos.gguf", {}, metadata={**TINY_TOKENIZER, "tokenizer.ggml.eos_token_id": 500})
+    with pytest.raises(CheckpointError, match=r"eos\.gguf: tokenizer\.ggml\.eos_token_id=500 is outside the 104"):
+        gguf_tokenizer(bad_eos)
+    other = write_gguf(tmp_path / "tpl.gguf", {}, metadata={**TINY_TOKENIZER, "tokenizer.chat_template": "{{ x }}"})
+    with pytest.raises(CheckpointError, match=r"tpl\.gguf: chat template '\{\{ x \}\}' is not one archlab can"):
+        gguf_tokenizer(other)
 
 
 # --- SmolLM2's own file ----------------------------------------------------------------------------
