@@ -48,9 +48,9 @@ from archlab.interop.convert import convert
 from archlab.interop.io import CONFIG_FILE, WEIGHTS_FILE, load_model, write_text_atomic
 from archlab.models.registry import FAMILIES, Family, build_model, get_config, get_preset
 from archlab.train import distributed as D
-from archlab.train.checkpoint import check_model_config, latest_checkpoint, load_checkpoint
+from archlab.train.checkpoint import check_model_config, latest_checkpoint, load_checkpoint, remove_temporaries
 from archlab.train.config import TrainConfig
-from archlab.train.logs import METRICS_FILE, PLOT_FILE, read_metrics
+from archlab.train.logs import METRICS_FILE, PLOT_FILE, plot_loss_curve, read_metrics
 from archlab.train.loop import CHECKPOINTS, Trainer
 from archlab.train.metrics import BLEU_MAX_ORDER
 from archlab.train.sources import DataConfig, RunData, build_data, resolve_data
@@ -348,6 +348,7 @@ def train_run(
 def _already_complete(run: PreparedRun, out: Path, checkpoint: Path, echo: Callable[[str], None]) -> dict[str, Any]:
     """The summary of a run resumed at its last step: nothing to train; its final metrics from metrics.jsonl."""
     check_model_config(checkpoint, run.model_config)
+    remove_temporaries(out / CHECKPOINTS)  # what the kill that ended it may have left
     step = run.train.steps
     records = read_metrics(out / METRICS_FILE) if (out / METRICS_FILE).is_file() else {}
     final = {}
@@ -356,11 +357,11 @@ def _already_complete(run: PreparedRun, out: Path, checkpoint: Path, echo: Calla
         final[split] = {k: v for k, v in record.items() if k not in ("split", "step")}
     with torch.device("meta"):
         n_params = sum(p.numel() for p in run.build_model().parameters())
-    plot = out / PLOT_FILE
+    plot = plot_loss_curve(out / METRICS_FILE, out / PLOT_FILE) if records else None  # (a kill may have cut it)
     summary = {
         "out_dir": str(out), "preset": run.spec.preset, "task": run.task, "step": step, "parameters": n_params,
         "seconds": 0.0, "train": final["train"], "eval": final["eval"], "checkpoint": str(checkpoint),
-        "loss_plot": str(plot) if plot.is_file() else None, "already_complete": True,
+        "loss_plot": None if plot is None else str(plot), "already_complete": True,
     }  # fmt: skip
     if run.run_data.unigram is not None:
         summary["unigram_loss"] = run.run_data.unigram
