@@ -184,9 +184,10 @@ def args_inspect(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
-def memory_figures(config, batch: int, length: int | None, dtype: str) -> dict[str, int] | None:
-    """Bytes of the KV cache, the training activations and one attention layer's scores for a
-    Transformer-shaped config at ``(batch, length)``; None for families without attention layers."""
+def memory_figures(config, batch: int, length: int | None, dtype: str, *, decodes: bool) -> dict[str, int] | None:
+    """Bytes of the KV cache (``None`` unless the model ``decodes`` with one: not an encoder), the training
+    activations and one attention layer's scores for a Transformer-shaped config at ``(batch, length)``;
+    None for families without attention layers."""
     from archlab.analysis import memory
 
     shape = config.attention_shape  # what the family declares (archlab.models.base)
@@ -199,7 +200,7 @@ def memory_figures(config, batch: int, length: int | None, dtype: str) -> dict[s
     heads = shape.n_heads
     return {
         "batch": batch, "length": n, "dtype": dtype,
-        "kv_cache": memory.kv_cache_bytes(config, batch=batch, length=n, dtype=dtype),
+        "kv_cache": memory.kv_cache_bytes(config, batch=batch, length=n, dtype=dtype) if decodes else None,
         "training_activations": memory.training_activation_bytes(config, batch=batch, seq_len=n, dtype=dtype),
         "attention_scores_per_layer": memory.score_matrix_bytes(n, heads=heads, batch=batch, dtype=dtype),
     }  # fmt: skip
@@ -207,14 +208,15 @@ def memory_figures(config, batch: int, length: int | None, dtype: str) -> dict[s
 
 def flops_per_token(model, family, length: int) -> dict[str, float] | None:
     """Forward FLOPs per token by component for a sequence of ``length`` tokens, counted on the meta
-    device (:mod:`archlab.analysis.flops`); None for families that do not read token sequences.
-    Raises RuntimeError when the forward reads tensor values (which the meta device does not hold)."""
-    from archlab.analysis.flops import count_flops
+    device (:mod:`archlab.analysis.flops`); None for families that do not read token sequences or whose token
+    mixing the counter does not count. Raises RuntimeError when the forward reads tensor values (which the meta
+    device does not hold)."""
+    from archlab.analysis.flops import count_flops, counts_token_mixing
 
     c = model.config
     ids = torch.zeros(1, length, dtype=torch.long, device="meta")
     inputs = {"lm": (ids,), "mlm": (ids,), "seq2seq": (ids, ids)}.get(family.task)
-    if c.attention_shape is None:
+    if not counts_token_mixing(model):
         return None
     if c.inputs == "images":  # ViT: one image is context_length tokens ([class] + patches), whatever --length says
         inputs, length = (torch.zeros(1, c.n_channels, c.image_size, c.image_size, device="meta"),), c.context_length
@@ -232,12 +234,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     report = count_parameters(model)
     check_at_least_one("--batch", args.batch)
     check_at_least_one("--length", args.length)
-    memory = memory_figures(config, args.batch, args.length, args.dtype)
-    flops = flops_note = None
+    memory = memory_figures(config, args.batch, args.length, args.dtype, decodes=hasattr(model, "new_cache"))
     if memory is not None:
         memory["weights"] = report.total * dtype_bytes(args.dtype)
+    length = memory["length"] if memory is not None else args.length or config.context_length
+    flops = flops_note = None
+    if length is not None:
         try:
-            flops = flops_per_token(model, FAMILIES[preset.family], memory["length"])
+            flops = flops_per_token(model, FAMILIES[preset.family], length)
         except RuntimeError as e:  # e.g. a backend that checks a mask's values: say so, do not hide it
             flops_note = f"not counted: the forward reads tensor values, which the meta device does not hold ({e})"
     if args.json:
@@ -266,14 +270,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                       "(archlab.analysis.memory)"]  # fmt: skip
         rows = [
             ["weights (parameters, counted once)", _bytes(memory["weights"])],
-            ["KV cache (decoding)", _bytes(memory["kv_cache"])],
+            ["KV cache (decoding)", None if memory["kv_cache"] is None else _bytes(memory["kv_cache"])],
             ["training activations (estimate)", _bytes(memory["training_activations"])],
             ["attention scores, one layer [B, A, N, N]", _bytes(memory["attention_scores_per_layer"])],
         ]
-        lines += _table(rows, "<>", indent="  ")
+        lines += _table([row for row in rows if row[1] is not None], "<>", indent="  ")
     if flops is not None:
         total = sum(flops.values())
-        lines += ["", f"forward FLOPs per token at length {memory['length']} (archlab.analysis.flops)"]
+        lines += ["", f"forward FLOPs per token at length {length} (archlab.analysis.flops)"]
         rows = [[name.replace("_", " "), human(value), f"{value / total:.1%}"] for name, value in flops.items() if value]
         rows.append(["total", human(total), "100.0%"])
         lines += _table(rows, "<>>", indent="  ")

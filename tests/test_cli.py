@@ -140,8 +140,32 @@ def test_inspect_says_when_flops_cannot_be_counted(capsys, monkeypatch):
     assert data["forward_flops_per_token"] is None and "meta device" in data["forward_flops_note"]
 
 
+def test_inspect_kv_cache_row_only_for_models_that_decode_with_a_cache(capsys):
+    """Decoders (GPT, Llama, the encoder-decoder Transformer) show a KV cache; encoders (BERT, ViT) have none."""
+    for preset, decodes in (("gpt-nano", True), ("llama-tiny", True), ("transformer-tiny", True), ("bert-mini", False),
+                            ("vit-tiny", False)):  # fmt: skip
+        code, out, _ = run(capsys, "inspect", preset, "--json")
+        assert code == 0 and (json.loads(out)["memory"]["kv_cache"] is not None) == decodes, preset
+        code, out, _ = run(capsys, "inspect", preset)
+        assert code == 0 and ("KV cache (decoding)" in out) == decodes, preset
+
+
+def test_inspect_rwkv_files_its_mixing_blocks_and_counts_their_flops(capsys):
+    """rwkv-tiny (d = d_att = 64, d_ff = 256, L = 2, V = 256): no parameter is "other"; FLOPs per token by hand."""
+    code, out, _ = run(capsys, "inspect", "rwkv-tiny")
+    assert code == 0 and not re.search(r"^\s+other\s", out, re.M)
+    assert "forward FLOPs per token at length 128" in out
+    code, out, _ = run(capsys, "inspect", "rwkv-tiny", "--length", "16", "--json")
+    data = json.loads(out)
+    d, d_ff, L, V = 64, 256, 2, 256  # noqa: N806
+    assert data["parameters"]["by_component"]["other"] == 0 and data["forward_flops_note"] is None
+    assert data["forward_flops_per_token"] == {"attention": 0, "projections": L * 8 * d * d,
+                                               "feed_forward": L * 2 * (2 * d * d_ff + d * d), "output_head": 2 * d * V,
+                                               "embeddings": 0, "other": 0}  # fmt: skip
+
+
 def test_inspect_every_preset(capsys):
-    """Every preset inspects; every preset with attention layers gets its FLOPs counted (on meta)."""
+    """Every preset inspects; every preset with attention layers (or RWKV's time mixing) gets its FLOPs counted."""
     from archlab.models import list_presets
 
     for preset in list_presets():
@@ -149,8 +173,8 @@ def test_inspect_every_preset(capsys):
         assert code == 0, (preset.name, err)
         data = json.loads(out)
         assert data["forward_flops_note"] is None, (preset.name, data["forward_flops_note"])
-        has_heads = "n_heads" in data["config"]
-        assert (data["forward_flops_per_token"] is not None) == has_heads, preset.name
+        counted = "n_heads" in data["config"] or preset.family == "rwkv"
+        assert (data["forward_flops_per_token"] is not None) == counted, preset.name
 
 
 def test_inspect_marks_overridden_fields(capsys):

@@ -17,7 +17,10 @@ adds, positional sums) and embedding lookups (a gather) are not counted. Per att
   memory tokens, once: not again when a decoding cache already holds them (Transformer-XL's keys
   come the same way from its ``[memory; segment]`` context). Any other Linear of an attention module
   counts here where it runs (Transformer-XL's ``W_R``, applied to the ``M`` rows of ``R``, not per batch row).
-* ``feed_forward``: ``2 x`` the FFN's weight matrices per token (``4 d d_ff`` for the plain FFN).
+* ``feed_forward``: ``2 x`` the FFN's weight matrices per token (``4 d d_ff`` for the plain FFN; RWKV's
+  channel mixing ``2 (2 d d_ff + d^2)``).
+* RWKV's time mixing: its ``W_k, W_v, W_r, W_o`` under ``projections`` (``8 d d_att`` per token, as
+  :mod:`archlab.analysis.params` files them under attention); its WKV recurrence is elementwise, not counted.
 * ``output_head``, ``embeddings`` (patch embeddings: a Linear or Conv), ``other``: any other Linear
   or convolution, grouped as :mod:`archlab.analysis.params` groups its parameters.
 
@@ -36,6 +39,7 @@ from torch import nn
 
 from archlab.analysis.params import FEED_FORWARD_TYPES, classify
 from archlab.errors import DataError
+from archlab.models.rwkv import TimeMix  # analysis sits above models
 from archlab.nn.attention import MultiHeadAttention
 
 FLOP_COMPONENTS = ("attention", "projections", "feed_forward", "output_head", "embeddings", "other")
@@ -133,6 +137,13 @@ class FlopCounter:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def counts_token_mixing(model: nn.Module) -> bool:
+    """Whether :class:`FlopCounter` counts the matmuls that mix ``model``'s positions: archlab attention layers
+    (``MultiHeadAttention``) or RWKV's time mixing (``W_k, W_v, W_r, W_o``; its WKV recurrence is elementwise).
+    False for recurrent cells, gMLP's spatial weights and torch's own attention, which it does not count."""
+    return any(isinstance(m, (MultiHeadAttention, TimeMix)) for m in model.modules())
 
 
 def count_flops(model: nn.Module, *args, **kwargs) -> FlopReport:

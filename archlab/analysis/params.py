@@ -8,11 +8,13 @@ counts by what the parameter belongs to:
 ``embeddings``      token, position, segment and patch embeddings: ``nn.Embedding``, archlab
                     positional encodings, and anything whose name contains ``embed`` or is a
                     ``cls_token``
-``attention``       self-attention (``archlab.nn.MultiHeadAttention``, ``torch.nn.MultiheadAttention``)
+``attention``       self-attention (``archlab.nn.MultiHeadAttention``, ``torch.nn.MultiheadAttention``),
+                    and RWKV's time mixing (``TimeMix``: its attention-free token mixer, ``W_k, W_v,
+                    W_r, W_o`` and the decays)
 ``cross_attention`` an attention module reached through an attribute named ``cross_attn``
                     (archlab) or ``multihead_attn`` (``torch.nn.TransformerDecoderLayer``)
-``feed_forward``    ``archlab.nn.FeedForward`` / ``GatedFeedForward`` (and ``linear1`` / ``linear2``
-                    of ``torch.nn.TransformerEncoderLayer`` / ``TransformerDecoderLayer``)
+``feed_forward``    ``archlab.nn.FeedForward`` / ``GatedFeedForward``, RWKV's channel mixing (``ChannelMix``),
+                    and ``linear1`` / ``linear2`` of ``torch.nn.TransformerEncoderLayer`` / ``TransformerDecoderLayer``
 ``recurrent``       RNN / LSTM / GRU layers and cells (``torch.nn`` fused ones and ``archlab.nn.recurrent``)
 ``convolution``     ``nn.Conv1d`` / ``Conv2d`` (and archlab's causal dilated convolutions)
 ``norms``           ``LayerNorm`` / ``RMSNorm`` / ``BatchNorm`` (archlab's and torch's)
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from archlab.errors import ConfigError, DataError, unknown
+from archlab.models.rwkv import ChannelMix, TimeMix  # analysis sits above models
 from archlab.nn.attention import MultiHeadAttention
 from archlab.nn.feedforward import FeedForward, GatedFeedForward
 from archlab.nn.norm import LayerNorm, RMSNorm
@@ -56,8 +59,8 @@ LABELS = {
     "other": "other",
 }
 
-ATTENTION_TYPES = (MultiHeadAttention, nn.MultiheadAttention)
-FEED_FORWARD_TYPES = (FeedForward, GatedFeedForward)
+ATTENTION_TYPES = (MultiHeadAttention, nn.MultiheadAttention, TimeMix)
+FEED_FORWARD_TYPES = (FeedForward, GatedFeedForward, ChannelMix)
 NORM_TYPES = (LayerNorm, RMSNorm, nn.LayerNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
 RECURRENT_TYPES = (nn.RNNBase, nn.RNNCellBase, RecurrentStack, RNNCell, LSTMCell, GRUCell)
 CONVOLUTION_TYPES = (nn.modules.conv._ConvNd,)

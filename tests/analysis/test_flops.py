@@ -136,3 +136,21 @@ def test_transformer_xl_agrees_with_torch_flop_counter():
     report = count_flops(model, ids, memory)
     assert report.total == counter.get_total_flops()
     assert report.total == sum(transformer_xl_by_hand(B=2, N=6, M=9).values())
+
+
+def rwkv_by_hand(tokens: int, d=64, d_att=64, d_ff=256, L=2, V=256) -> dict[str, int]:  # noqa: N803
+    """rwkv-tiny: per token and layer 2 x (W_k, W_v, W_r [d_att, d], W_o [d, d_att]) and 2 x (W_k [d_ff, d],
+    W_r [d, d], W_v [d, d_ff]); the WKV recurrence is elementwise (not counted)."""
+    return {"attention": 0, "projections": tokens * L * 2 * 4 * d * d_att,
+            "feed_forward": tokens * L * 2 * (2 * d * d_ff + d * d), "output_head": tokens * 2 * d * V,
+            "embeddings": 0, "other": 0}  # fmt: skip
+
+
+def test_rwkv_matches_hand_count_and_torch_flop_counter():
+    model = build_model("rwkv-tiny").eval()
+    ids = torch.randint(0, 256, (2, 9))
+    assert count_flops(model, ids).by_component == rwkv_by_hand(2 * 9)
+    one = ids[:, :1]  # one token: the recurrent WKV (no matmul), so torch sees exactly the weight matmuls
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(one)
+    assert count_flops(model, one).total == counter.get_total_flops() == sum(rwkv_by_hand(2).values())

@@ -115,6 +115,17 @@ def test_recurrent_and_convolution_components():
     assert textcnn.by_component["convolution"] == sum(p.numel() for m in convs for p in m.parameters()) > 0
 
 
+def test_rwkv_time_and_channel_mixing_are_attention_and_feed_forward():
+    """RWKV-4 by hand (d = 64, d_att = 64, d_ff = 256, L = 2, V = 256): time mixing (its attention-free token mixer:
+    W_k, W_v, W_r, W_o and five vectors) under attention, channel mixing under feed-forward; nothing is "other"."""
+    d, d_att, d_ff, L, V = 64, 64, 256, 2, 256  # noqa: N806
+    report = count_parameters(build_model("rwkv-tiny"))
+    assert report.by_component["attention"] == L * (4 * d * d_att + 2 * d_att + 3 * d)
+    assert report.by_component["feed_forward"] == L * (2 * d * d_ff + d * d + 2 * d)
+    assert report.by_component["other"] == 0
+    assert report.by_component["embeddings"] == report.by_component["output_head"] == V * d
+
+
 def test_meta_device_models_are_counted_without_memory():
     with torch.device("meta"):
         model = build_model("transformer-big")
