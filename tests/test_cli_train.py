@@ -181,7 +181,8 @@ def test_classification_on_digits_and_its_json_summary(capsys, tmp_path):
         (["train", "gpt-nano", "--set", "nosuchkey"], "--set expects KEY=VALUE"),
         (["train", "gpt-nano", "--set", "seed=1"], "data and train both have 'seed'; write data.seed or train.seed"),
         (["train", "gpt-nano", "--set", "model.n_layer=1"], "unknown key 'n_layer' (did you mean 'n_layers'?)"),
-        (["train", "gpt-nano", "--set", "train.steps=20"], "schedule='cosine' needs steps > warmup"),
+        (["train", "gpt-nano", "--set", "train.steps=20", "--set", "train.warmup=20"],
+         "schedule='cosine' needs steps > warmup; got steps=20, warmup=20"),
         (["train", "gpt-nanoo"], "unknown preset 'gpt-nanoo' (did you mean 'gpt-nano'?)"),
         (["train", "missing.json"], "missing.json: no such file"),
         (["train", "gpt-nano", "--set", "data.source=missing.txt", "--set", "train.warmup=1"], "missing.txt: no such file"),
@@ -200,6 +201,14 @@ def test_a_folder_that_is_not_a_run(capsys, tmp_path):
     assert "is neither a run folder (no run.json) nor a checkpoint (config.json + model.safetensors)" in line
     (tmp_path / "run.json").write_text(json.dumps({"model": {"preset": "gpt-nano"}, "data": {}, "train": {}}))
     assert "is a run without a checkpoint yet" in error_line(capsys, "generate", tmp_path, "--prompt", "x")
+
+
+def test_json_output_is_only_json_with_the_progress_bar_on(capsys, tmp_path):
+    """The bar and the notes above it (precision=auto ...) go to stderr: stdout is the summary alone."""
+    sets = ["train.progress=true" if a == "train.progress=false" else a for a in GPT_SETS]
+    code, out, err = run(capsys, "train", "gpt-nano", "--out", tmp_path / "r", "--set", "train.steps=2", *sets, "--json")
+    assert code == 0, err
+    assert json.loads(out)["step"] == 2 and "archlab: precision=auto" in err
 
 
 # -- the demo-dates run (make demo-dates): the encoder-decoder Transformer to >= 99% exact match ----------------------

@@ -64,7 +64,10 @@ class RunLog:
         if not self.enabled:
             return
         self.messages.append(text)
-        (self._bar.write if self._bar is not None else lambda t: print(t, file=sys.stderr))(f"archlab: {text}")
+        if self._bar is not None:  # above the bar, on stderr like it (stdout may be --json's)
+            self._bar.write(f"archlab: {text}", file=sys.stderr)
+        else:
+            print(f"archlab: {text}", file=sys.stderr)
         self._write({"message": text})
 
     def record(self, split: str, step: int, metrics: dict[str, Any]) -> None:

@@ -164,7 +164,7 @@ class Trainer:
 
         self.optimizer = build_optimizer(self.model, lr=c.peak_lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
         schedule = build_schedule(
-            c.schedule, warmup=c.warmup, total=c.steps, lr=c.peak_lr, min_lr=c.min_lr,
+            c.schedule, warmup=c.warmup_steps, total=c.steps, lr=c.peak_lr, min_lr=c.min_lr,
             d_model=getattr(getattr(model, "config", None), "d_model", None),
         )  # fmt: skip
         self.scheduler = build_scheduler(self.optimizer, schedule)

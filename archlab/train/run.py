@@ -322,7 +322,7 @@ def train_run(
     for note in run.notes:
         echo(note)
     echo(f"train: {t.steps} steps of {t.batch_size} {'samples' if run.task == 'classification' else 'sequences'}, "
-         f"{t.schedule} lr {t.peak_lr:g}, warmup {t.warmup}; model {type(model).__name__} with {n_params:,} parameters")  # fmt: skip
+         f"{t.schedule} lr {t.peak_lr:g}, warmup {t.warmup_steps}; model {type(model).__name__} with {n_params:,} parameters")  # fmt: skip
 
     trainer = Trainer(model, t, run.run_data.train, eval_batches=run.run_data.valid, out_dir=out,
                       extra_metrics=run.extra_metrics())  # fmt: skip

@@ -215,7 +215,7 @@ def test_bad_train_configs_name_the_field():
     with pytest.raises(ConfigError, match=r"label_smoothing=1.5 must be in \[0, 1\)"):
         TrainConfig(label_smoothing=1.5)
     with pytest.raises(ConfigError, match="schedule='cosine' needs steps > warmup; got steps=50, warmup=100"):
-        TrainConfig(steps=50)
+        TrainConfig(steps=50, warmup=100)
     with pytest.raises(ConfigError, match="steps=0 must be > 0"):
         TrainConfig(steps=0)
     with pytest.raises(ConfigError, match="steps=1.5 must be an integer"):
@@ -223,7 +223,7 @@ def test_bad_train_configs_name_the_field():
     with pytest.raises(ConfigError, match="grad_accum \\* world_size = 2 \\* 3 = 6"):
         TrainConfig(batch_size=8, grad_accum=2).micro_batch_size(3)
     assert TrainConfig(batch_size=32, grad_accum=2).micro_batch_size(4) == 4
-    assert TrainConfig(schedule="noam").peak_lr == 1.0 and TrainConfig().peak_lr == 3e-4
+    assert TrainConfig(schedule="noam").peak_lr == 1.0 and TrainConfig().peak_lr == 2e-3
     assert TrainConfig.from_json(TrainConfig(betas=(0.9, 0.95)).to_json()) == TrainConfig(betas=(0.9, 0.95))
     with pytest.raises(ConfigError, match="until=0"):
         Trainer(nano(), TrainConfig(steps=1, batch_size=4, **QUIET), LMSource(batch_size=4)).fit(until=0)
