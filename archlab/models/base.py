@@ -9,7 +9,8 @@ The consumers ask three questions; a config answers them instead of being probed
 * ``attention_shape``: the self-attention layers as the analysis code counts them (layers, query heads,
   key/value heads, width), or None for a family without attention.
 
-:class:`ModelConfig` gives the answers of a token model without attention; a family overrides what differs.
+:class:`ModelConfig` gives the answers of a token model without attention, :class:`AttentionConfig` those of
+a Transformer; a family overrides what differs.
 """
 
 from __future__ import annotations
@@ -49,3 +50,22 @@ class ModelConfig:
     def attention_shape(self) -> AttentionShape | None:
         """The model's self-attention layers, or None when it has none."""
         return None
+
+
+class AttentionConfig(ModelConfig):
+    """The declarations of a Transformer config with fields ``n_layers``, ``n_heads``, ``d_model`` and ``max_len``
+    (BERT, the encoder-decoder, ViT, the decoders): multi-head attention, unless the config has a field
+    ``n_kv_heads`` (grouped-query attention), and the context ``max_len``."""
+
+    @property
+    def n_kv_heads(self) -> int:
+        """``G``, the key/value heads: ``A`` (multi-head attention) unless the config has the field."""
+        return self.n_heads
+
+    @property
+    def context_length(self) -> int | None:
+        return self.max_len
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        return AttentionShape(self.n_layers, self.n_heads, self.n_kv_heads, self.d_model)

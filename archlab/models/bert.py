@@ -43,7 +43,7 @@ from archlab.config import (
     require,
 )
 from archlab.errors import ConfigError, DataError, ShapeError
-from archlab.models.base import AttentionShape, ModelConfig
+from archlab.models.base import AttentionConfig
 from archlab.models.registry import register_family, register_model_class, register_preset
 from archlab.nn.attention import padding_mask
 from archlab.nn.backends import check_backend
@@ -61,7 +61,7 @@ INIT_STD = 0.02  # BERT's initializer_range: N(0, 0.02) for every weight matrix 
 
 
 @dataclass(frozen=True)
-class BertConfig(ModelConfig, Config):
+class BertConfig(AttentionConfig, Config):
     """The shape of a BERT encoder.
 
     Args:
@@ -91,14 +91,6 @@ class BertConfig(ModelConfig, Config):
     pad_id: int = 0
     backend: str = "auto"
     n_classes: int = 2
-
-    @property
-    def context_length(self) -> int:
-        return self.max_len
-
-    @property
-    def attention_shape(self) -> AttentionShape:
-        return AttentionShape(self.n_layers, self.n_heads, self.n_heads, self.d_model)
 
     def validate(self) -> None:
         for name in ("vocab_size", "max_len", "type_vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "eps", "n_classes"):

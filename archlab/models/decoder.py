@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from archlab.errors import ConfigError, ShapeError
 from archlab.generation import Step, check_logits_to_keep
-from archlab.models.base import AttentionShape, ModelConfig
+from archlab.models.base import AttentionConfig
 from archlab.nn.attention import padding_mask
 from archlab.nn.blocks import Decoder, DecodingCache
 from archlab.nn.inputs import check_class_ids, check_token_ids, describe as _describe
@@ -39,7 +39,7 @@ from archlab.nn.positional import LearnedPositionalEncoding, build_positional, s
 ABSOLUTE_POSITIONAL = ("learned", "sinusoidal")  # added to the input; the ones position_ids act on
 
 
-class DecoderWidths(ModelConfig):
+class DecoderWidths(AttentionConfig):
     """The derived widths of a decoder-only config with ``d_model``, ``n_heads`` and ``d_ff`` (GPT, Llama,
     Transformer-XL). A config with grouped-query attention declares the field ``n_kv_heads``."""
 
@@ -49,18 +49,9 @@ class DecoderWidths(ModelConfig):
         return self.d_model // self.n_heads
 
     @property
-    def n_kv_heads(self) -> int:
-        """``G``, the key/value heads: ``A`` (multi-head attention) unless the config has the field."""
-        return self.n_heads
-
-    @property
     def ffn_width(self) -> int:
         """The FFN hidden width: ``d_ff``, or ``4 d`` when it is None."""
         return 4 * self.d_model if self.d_ff is None else self.d_ff
-
-    @property
-    def attention_shape(self) -> AttentionShape:
-        return AttentionShape(self.n_layers, self.n_heads, self.n_kv_heads, self.d_model)
 
 
 class DecoderConfig(DecoderWidths):
@@ -82,11 +73,6 @@ class DecoderConfig(DecoderWidths):
     def ffn_bias(self) -> bool:
         """Biases of the FFN projections: as the attention's unless the family says otherwise."""
         return self.bias
-
-    @property
-    def context_length(self) -> int:
-        """The context the model is built for (and trained at by default): ``max_len``."""
-        return self.max_len
 
     @property
     def context_limit(self) -> int | None:

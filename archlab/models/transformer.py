@@ -41,7 +41,7 @@ from archlab.config import (
     require,
 )
 from archlab.errors import ShapeError
-from archlab.models.base import AttentionShape, ModelConfig
+from archlab.models.base import AttentionConfig
 from archlab.models.registry import register_family, register_preset
 from archlab.nn.attention import padding_mask
 from archlab.nn.blocks import Decoder, DecodingCache, Encoder
@@ -54,7 +54,7 @@ StepFn = Callable[[Tensor, DecodingCache | None], Tensor]
 
 
 @dataclass(frozen=True)
-class TransformerConfig(ModelConfig, Config):
+class TransformerConfig(AttentionConfig, Config):
     """Hyper-parameters of the encoder-decoder Transformer; the defaults are the paper's base model.
 
     Attributes:
@@ -91,14 +91,6 @@ class TransformerConfig(ModelConfig, Config):
     share_embeddings: bool = True
     scale_embeddings: bool = True
     pad_id: int = 0
-
-    @property
-    def context_length(self) -> int:
-        return self.max_len
-
-    @property
-    def attention_shape(self) -> AttentionShape:
-        return AttentionShape(self.n_layers, self.n_heads, self.n_heads, self.d_model)
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_len"):

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from archlab.config import Config, check_choice, check_divisible, check_positive, check_probability, require
 from archlab.errors import ShapeError
-from archlab.models.base import AttentionShape, ModelConfig
+from archlab.models.base import AttentionConfig
 from archlab.models.registry import register_family, register_preset
 from archlab.nn.backends import check_backend
 from archlab.nn.blocks import Encoder
@@ -38,7 +38,7 @@ POOLINGS = ("cls", "mean")
 
 
 @dataclass(frozen=True)
-class ViTConfig(ModelConfig, Config):
+class ViTConfig(AttentionConfig, Config):
     """A Vision Transformer; the defaults are ViT-B/16 on ImageNet-1k (``vit-base-16``).
 
     Attributes:
@@ -76,10 +76,6 @@ class ViTConfig(ModelConfig, Config):
     @property
     def context_length(self) -> int:
         return self.seq_len
-
-    @property
-    def attention_shape(self) -> AttentionShape:
-        return AttentionShape(self.n_layers, self.n_heads, self.n_heads, self.d_model)
 
     def validate(self) -> None:
         for name in ("image_size", "patch_size", "n_channels", "d_model", "n_heads", "n_layers", "d_ff", "eps"):
