@@ -374,7 +374,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def args_generate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN_DIR|CKPT", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    parser.add_argument("run", nargs="?", metavar="RUN_DIR|CKPT",
+                        help="a run folder (its latest checkpoint) or a checkpoint folder")  # fmt: skip
+    parser.add_argument("--model", metavar="NAME|PATH",
+                        help="instead of a run: a chat model (as archlab chat --model) answers the prompt in its "
+                             "chat template, greedily unless --temperature")  # fmt: skip
     parser.add_argument("--prompt", required=True, help="the text to continue (lm) or the source to translate (seq2seq)")
     parser.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="at most N new tokens (default 100)")
     parser.add_argument("--greedy", action="store_true", help="lm: take the most likely token instead of sampling")
@@ -390,6 +394,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Continue a prompt with a trained lm run, or translate a source with a seq2seq run."""
     from archlab.train.run import generate_text, open_run
 
+    if (args.run is None) == (args.model is None):
+        raise ConfigError("give a run folder (RUN_DIR|CKPT) or --model NAME|PATH, one of the two")
+    if args.model is not None:
+        return _answer_once(args)
     result = generate_text(
         open_run(args.run), args.prompt, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, beam=args.beam, seed=args.seed,
@@ -398,6 +406,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(f"{result['prompt']}{result['output']}" if result["task"] == "lm" else result["output"])
+    return 0
+
+
+def _answer_once(args: argparse.Namespace) -> int:
+    """``archlab generate --model``: one user message, the chat model's reply."""
+    from archlab.chat import Chat, load_chat_model
+
+    if args.beam is not None or args.greedy and args.temperature is not None:
+        raise ConfigError("--model decodes greedily, or samples with --temperature (no --beam, not both)")
+    check_at_least_one("--max-new-tokens", args.max_new_tokens)
+    model, tokenizer = load_chat_model(args.model)
+    chat = Chat(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # fmt: skip
+    reply = chat.reply(args.prompt)
+    if args.json:
+        print(json.dumps({"task": "chat", "prompt": args.prompt, "output": reply, "tokens": len(tokenizer.encode(reply))}))
+    else:
+        print(reply)
     return 0
 
 
@@ -470,6 +496,79 @@ class Command:
     help: str
 
 
+def args_chat(parser: argparse.ArgumentParser) -> None:
+    from archlab.chat import CHAT_MODELS, DEFAULT_CHAT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_CHAT_MODEL, metavar="NAME|PATH",
+                        help=f"{' | '.join(CHAT_MODELS)} (default), a .gguf file, or an archlab model/run folder "
+                             "whose tokenizer has a chat template")  # fmt: skip
+    parser.add_argument("--system", metavar="TEXT", help="the system message (default: the template's own)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="longest reply (default 256)")
+    parser.add_argument("--temperature", type=float, metavar="T", help="sample at temperature T (default: greedy)")
+    parser.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens")
+    parser.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set of mass >= P")
+    parser.add_argument("--seed", type=int, metavar="S", help="seed of the sampling (same seed, same conversation)")
+    parser.add_argument("--json", action="store_true",
+                        help="for scripts: read one message per line from stdin, print one JSON object per reply")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Talk with an instruction-tuned model: replies stream as they are decoded; Ctrl-D or Ctrl-C at the prompt ends.
+
+    Ctrl-C during a reply stops that reply (what was said so far stays in the conversation).
+    """
+    import time
+
+    from archlab.chat import Chat, load_chat_model
+
+    check_at_least_one("--max-new-tokens", args.max_new_tokens)
+    interactive = sys.stdin.isatty() and not args.json
+    if interactive:
+        print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_chat_model(args.model)
+    chat = Chat(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # fmt: skip
+    if interactive:
+        print("type a message and press Enter; Ctrl-D or Ctrl-C to leave", file=sys.stderr, flush=True)
+    while True:
+        try:
+            line = input("you> ") if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        if not interactive and line == "":
+            return 0
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        start, pieces = time.perf_counter(), []
+        if interactive:
+            print("assistant> ", end="", flush=True)
+        try:
+            for piece in chat.send(line):
+                pieces.append(piece)
+                if interactive:
+                    print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            if interactive:
+                print(" [stopped]", end="")
+        seconds = time.perf_counter() - start
+        for note in chat.notes:
+            print(f"archlab: {note}", file=sys.stderr)
+        chat.notes.clear()
+        if interactive:
+            print()
+        else:
+            reply = chat.messages[-1]["content"]
+            if args.json:
+                tokens = len(tokenizer.encode(reply))
+                print(json.dumps({"user": line, "assistant": reply, "tokens": tokens, "seconds": round(seconds, 3)}),
+                      flush=True)  # fmt: skip
+            else:
+                print(reply, flush=True)
+
+
 COMMANDS: dict[str, Command] = {
     "presets": Command(cmd_presets, args_presets, "list the named presets"),
     "inspect": Command(cmd_inspect, args_inspect, "show a preset's config, parameters by component and memory at a batch and length"),
@@ -478,6 +577,7 @@ COMMANDS: dict[str, Command] = {
     "eval": Command(cmd_eval, args_eval, "validation metrics of a trained run"),
     "convert": Command(cmd_convert, args_convert, "convert a model folder between Hugging Face and archlab"),
     "embed": Command(cmd_embed, args_embed, "sentence embeddings with a real pretrained model (all-MiniLM-L6-v2)"),
+    "chat": Command(cmd_chat, args_chat, "talk with an instruction-tuned model (SmolLM2-135M-Instruct by default)"),
     "lab": Command(cmd_lab, args_lab, "run the lessons' claims as experiments: numbers, a plot and a verdict"),
 }
 
