@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from archlab.hardware import describe_cpu, kernel_capability
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -32,9 +34,9 @@ def pytest_sessionstart(session):
     capability it dispatches to, so a cap that torch ignored (a typo, an unknown value) fails the run here
     instead of silently testing the native kernels twice.
     """
-    capability = torch.backends.cpu.get_cpu_capability()
+    capability = kernel_capability()
     caps = ", ".join(f"{name}={os.environ[name]}" for name in KERNEL_CAP_VARIABLES if name in os.environ)
-    line = f"CPU kernels: ATen {capability}; caps: {caps or 'none (native)'}"
+    line = f"CPU: {describe_cpu()}; caps: {caps or 'none (native)'}"
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(line)
