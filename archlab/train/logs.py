@@ -34,9 +34,11 @@ class RunLog:
         initial: int = 0,
         progress: bool = True,
         tensorboard: bool = True,
+        unigram_loss: float | None = None,
     ):
         self.enabled = enabled
         self.out_dir = out_dir
+        self.unigram_loss = unigram_loss  # drawn on loss.png
         self.messages: list[str] = []
         self._jsonl = None
         self._tb = None
@@ -101,7 +103,7 @@ class RunLog:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
-            return plot_loss_curve(self.out_dir / METRICS_FILE, self.out_dir / PLOT_FILE)
+            return plot_loss_curve(self.out_dir / METRICS_FILE, self.out_dir / PLOT_FILE, unigram_loss=self.unigram_loss)
         return None
 
     def _write(self, obj: dict[str, Any]) -> None:
@@ -162,14 +164,23 @@ def repair_metrics(path: str | Path) -> bool:
     return True
 
 
-def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path | None:
-    """Training (and evaluation) loss against step, as a PNG; None when matplotlib is not installed."""
+def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, *, unigram_loss: float | None = None) -> Path | None:
+    """:func:`loss_figure` of ``metrics_path`` as a PNG; None when matplotlib is not installed."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        import matplotlib  # noqa: F401
     except ImportError:
         return None
-    records = read_metrics(metrics_path)
+    fig = loss_figure(read_metrics(metrics_path), unigram_loss=unigram_loss)
+    fig.savefig(str(png_path))
+    return Path(png_path)
+
+
+def loss_figure(records: dict[str, list[dict[str, Any]]], *, unigram_loss: float | None = None):
+    """Training (and evaluation) loss against step (``records`` as :func:`read_metrics` returns them), with the
+    unigram baseline as a labelled horizontal line when it is known: a ``matplotlib.figure.Figure``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7, 4.2), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -178,11 +189,12 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path | No
         if points:
             steps, losses = zip(*points)
             ax.plot(steps, losses, style, label=f"{split} loss", markersize=3)
+    if unigram_loss is not None:
+        ax.axhline(unigram_loss, color="gray", ls="--", lw=1, label=f"unigram baseline {unigram_loss:.2f}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(str(png_path))
-    return Path(png_path)
+    return fig

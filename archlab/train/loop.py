@@ -126,6 +126,7 @@ class Trainer:
         out_dir: where ``checkpoints/``, ``metrics.jsonl`` and ``loss.png`` go; None writes nothing.
         extra_metrics: ``f(model) -> {name: value}`` run at each evaluation (e.g.
             :func:`~archlab.train.tasks.seq2seq_generation_metrics`); the model is the unwrapped one.
+        unigram_loss: the unigram baseline on the validation targets (nats per target), drawn on ``loss.png``.
     """
 
     def __init__(
@@ -137,6 +138,7 @@ class Trainer:
         eval_batches: Iterable[Batch] | Callable[[], Iterable[Batch]] | None = None,
         out_dir: str | Path | None = None,
         extra_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
+        unigram_loss: float | None = None,
     ):
         if not isinstance(config, TrainConfig):
             raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -148,6 +150,7 @@ class Trainer:
         self.device = D.device_for(c.device, self.env)
         self.train_batches, self.eval_batches, self.extra_metrics = train_batches, eval_batches, extra_metrics
         self.out_dir = None if out_dir is None else Path(out_dir)
+        self.unigram_loss = unigram_loss
         self.autocast = autocast_dtype(c.precision, self.device)
 
         # the model: unwrapped (`model`, what checkpoints hold), wrapped (`module`), compiled (`forward`)
@@ -189,7 +192,7 @@ class Trainer:
             seed_everything(c.seed + self.env.rank)
         self.log = RunLog(
             self.out_dir, enabled=self.env.is_main, total=c.steps, initial=self.step,
-            progress=c.progress, tensorboard=c.tensorboard,
+            progress=c.progress, tensorboard=c.tensorboard, unigram_loss=self.unigram_loss,
         )  # fmt: skip
         if self.out_dir is not None and self.env.is_main:
             remove_temporaries(self.out_dir / CHECKPOINTS)

@@ -325,7 +325,7 @@ def train_run(
          f"{t.schedule} lr {t.peak_lr:g}, warmup {t.warmup_steps}; model {type(model).__name__} with {n_params:,} parameters")  # fmt: skip
 
     trainer = Trainer(model, t, run.run_data.train, eval_batches=run.run_data.valid, out_dir=out,
-                      extra_metrics=run.extra_metrics())  # fmt: skip
+                      extra_metrics=run.extra_metrics(), unigram_loss=run.run_data.unigram)  # fmt: skip
     started = time.perf_counter()
     result = trainer.fit(resume=resume)
     if is_main and continuing:  # only once the Trainer accepted the new training settings (e.g. more steps)
