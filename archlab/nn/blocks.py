@@ -210,9 +210,10 @@ class Decoder(nn.Module):
         self.final_norm = build_norm(kw["norm"], d_model, kw["eps"]) if kw["norm_first"] else nn.Identity()
 
     def new_cache(self, output: nn.Linear | None = None) -> DecodingCache:
-        """An empty cache; ``output`` (the model's LM head) is packed into it for decoding steps."""
+        """An empty cache; ``output`` (the model's LM head) is packed into it for decoding steps, if it is an
+        ``nn.Linear`` (a head replaced by another module, e.g. int8 by ``quantize_dynamic``, is called as it is)."""
         cache = DecodingCache(len(self.blocks))
-        if output is not None:
+        if isinstance(output, nn.Linear):
             cache.output = PackedLinear(output.weight, output.bias)
         return cache
 

@@ -8,8 +8,8 @@ a plain ``W.sum()`` reads 74 GB/s with 2). Two remedies, written once here:
 
 * :func:`linear` splits the output features into ``k = torch.get_num_threads()`` blocks and runs
   them as one batched product (``torch.bmm`` spreads a batch over the threads): ``W`` viewed as
-  ``[k, d_out / k, d_in]``, no copy. :class:`Linear` is ``nn.Linear`` with this forward; the
-  attention, feed-forward and output layers of archlab's Transformers use it.
+  ``[k, d_out / k, d_in]``, no copy. :func:`Linear` makes an ``nn.Linear`` with this forward; the
+  attention, feed-forward and output layers of archlab's Transformers are made by it.
 * :class:`PackedLinear` stores a copy of ``W`` as ``[k, d_in, d_out / k]`` (each block transposed
   and contiguous), the layout the kernel streams fastest (about 2x the row-major one, measured on a
   ``50304 x 384`` LM head). It is a snapshot for inference: a GPT's decoding cache packs the LM head
@@ -21,6 +21,8 @@ single-threaded runs take ``F.linear`` unchanged: matrix-matrix products already
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 import torch.nn.functional as F
@@ -65,15 +67,23 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return _blocked_product(x, weight.view(k, d_out // k, d_in).transpose(1, 2), bias)
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, state dict and initialisation) whose forward is :func:`linear`.
+def Linear(  # noqa: N802 - it makes layers, as the class it stands in for
+    in_features: int, out_features: int, bias: bool = True, device=None, dtype=None
+) -> nn.Linear:
+    """An ``nn.Linear`` (same parameters, state dict and initialisation) whose forward is :func:`linear`.
 
-    ``isinstance(layer, nn.Linear)`` holds; tools that match layers by exact type instead (PyTorch's
-    deprecated eager-mode ``quantize_dynamic``, whose mapping knows ``nn.Linear`` only) skip it.
+    The layer's type is ``nn.Linear`` itself, not a subclass: PyTorch's tools that match layers by exact
+    type (eager and FX quantization: ``quantize_dynamic(model, {nn.Linear})`` replaces every such layer
+    by its int8 version) treat it as what it is. Only this instance's ``forward`` is the few-row product
+    (a bound method: ``copy.deepcopy`` rebinds it to the copy).
     """
+    layer = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+    layer.forward = types.MethodType(_linear_forward, layer)
+    return layer
 
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+
+def _linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    return linear(x, self.weight, self.bias)
 
 
 class PackedLinear:

@@ -81,6 +81,55 @@ def test_linear_module_is_nn_linear_with_the_same_state(threads):
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
 
 
+def test_linear_module_is_exactly_nn_linear_with_the_split_forward(threads, monkeypatch):
+    """Its type is nn.Linear itself (tools that match types see it); its forward is the split product, also
+    in a deep copy (rebound to the copy's own weights)."""
+    import copy
+
+    import archlab.nn.linear as module
+
+    threads(2)
+    layer = Linear(256, 512)
+    assert type(layer) is nn.Linear
+    calls = []
+    monkeypatch.setattr(module, "_blocked_product", lambda *a: calls.append(a) or F.linear(a[0], layer.weight, a[2]))
+    layer(torch.randn(1, 256))
+    assert len(calls) == 1  # one row: the split path
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.weight.zero_()
+    assert twin.forward.__self__ is twin and torch.equal(twin(torch.randn(5, 256)), twin.bias.expand(5, -1))
+
+
+@pytest.mark.parametrize("preset", ["gpt-nano", "bert-mini", "llama-tiny"])
+def test_torch_dynamic_quantization_quantizes_every_linear_layer(preset):
+    """quantize_dynamic(model, {nn.Linear}, qint8) replaces every Linear layer (it matched none while archlab's
+    layers were an nn.Linear subclass); the int8 model's outputs stay within 5% of the fp32 ones (int8 weights
+    and activations: about 1% here), and a quantized GPT still decodes with its cache."""
+    import warnings
+
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    from archlab.generation import generate
+    from archlab.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(preset).eval()
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())  # archlab's and torch's own
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        int8 = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert n_linear > 0 and sum(isinstance(m, Int8Linear) for m in int8.modules()) == n_linear
+    assert not any(isinstance(m, nn.Linear) for m in int8.modules())
+    ids = torch.randint(5, 200, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = model(ids), int8(ids)
+    want, got = (want, got) if isinstance(want, torch.Tensor) else (want.hidden, got.hidden)
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    if preset != "bert-mini":
+        assert generate(int8, ids[:1, :4], max_new_tokens=6).shape == (1, 10)
+
+
 @pytest.mark.parametrize("rows", [1, 3, MAX_SPLIT_ROWS + 2])
 @pytest.mark.parametrize("layout", ["contiguous", "column-major"])
 def test_packed_equals_f_linear(threads, rows, layout):
