@@ -99,10 +99,14 @@ def build_on_meta(name: str, overrides: dict) -> tuple[object, torch.nn.Module]:
 
 
 def derived_fields(config) -> dict:
-    """Values of the config class's public properties (e.g. ``d_k = d_model / n_heads``)."""
+    """Values of the config class's public properties (e.g. ``d_k = d_model / n_heads``) and of the plain values
+    its family fixes as class attributes (Llama's ``norm = "rmsnorm"``, a ViT's ``inputs = "images"``); fields
+    (printed above) are left out, also where they take the place of a base class's default."""
+    fields = set(config.to_dict())
     names = [
         name for klass in type(config).__mro__ for name, attr in vars(klass).items()
-        if isinstance(attr, property) and not name.startswith("_")
+        if not name.startswith("_") and name not in fields
+        and (isinstance(attr, property) or type(attr) in (str, int, float, bool))
     ]  # fmt: skip
     return {name: getattr(config, name) for name in dict.fromkeys(names)}
 
@@ -478,7 +482,9 @@ def cmd_lab(args: argparse.Namespace) -> int:
     out_folder(args.out)
     reports = []
     for name in names:
-        report = run_lab(name, quick=args.quick, seed=args.seed, out=args.out)
+        if not args.json:  # a lab can take minutes: say which one runs (its training loops show bars too)
+            print(f"running {name} ({'quick' if args.quick else 'full'}) ...", file=sys.stderr, flush=True)
+        report = run_lab(name, quick=args.quick, seed=args.seed, out=args.out, progress=not args.json)
         reports.append(report)
         if not args.json:
             print(report.describe(), end="\n\n", flush=True)
