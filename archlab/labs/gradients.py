@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archlab.data import ClassificationBatches, digits
-from archlab.labs.registry import LabResult, one_thread, register_lab
+from archlab.labs.registry import LabResult, one_thread, progress_bar, register_lab
 from archlab.models import build_model
 from archlab.models.mlp import MLPConfig, gradient_norms
 from archlab.models.rnn import RNNConfig
@@ -118,14 +118,16 @@ def train_digits(
         return correct
 
     curve = [(0, acc(x_test, y_test))]
-    for step in range(1, steps + 1):
-        batch = next(batches)
-        loss = F.cross_entropy(model(batch["inputs"]), batch["labels"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % EVAL_EVERY == 0 or step == steps:
-            curve.append((step, acc(x_test, y_test)))
+    with progress_bar(steps, f"training {'residual' if residual else 'plain'} {depth} layers") as bar:
+        for step in range(1, steps + 1):
+            batch = next(batches)
+            loss = F.cross_entropy(model(batch["inputs"]), batch["labels"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update()
+            if step % EVAL_EVERY == 0 or step == steps:
+                curve.append((step, acc(x_test, y_test)))
     return curve, acc(x_train, y_train), curve[-1][1]
 
 

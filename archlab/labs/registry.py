@@ -8,7 +8,13 @@ minutes on 2 CPU cores). :func:`run_lab` runs one and, given a folder, writes ``
 ``NAME/plot.png`` there atomically.
 
 The verdict is computed from the measured numbers against a criterion the lab states before it runs
-(``criterion``); where the lessons overstate, the lab says so ("not supported") with the numbers.
+(``criterion``); where the lessons overstate, the lab says so ("not supported") with the numbers. A lab that
+trains models first checks, by its own test, that they learned enough for the criterion to mean something
+(e.g. a held-out loss clearly below the unigram baseline); when they did not (a quick run's few steps), the
+verdict is "undecided" and says why, rather than a verdict the full run may contradict.
+
+Long loops (training) show a tqdm bar on stderr through :func:`progress_bar` when :func:`run_lab` is asked
+for ``progress`` (``archlab lab`` without ``--json``); otherwise labs print nothing.
 """
 
 from __future__ import annotations
@@ -16,16 +22,19 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from archlab.errors import ConfigError, unknown
 
-VERDICTS = ("supported", "not supported")
+VERDICTS = ("supported", "not supported", "undecided")
+_PROGRESS: ContextVar[bool] = ContextVar("archlab_lab_progress", default=False)  # set by run_lab
 
 
 @dataclass
@@ -40,6 +49,8 @@ class LabResult:
         finding: one or two sentences with the numbers behind the verdict.
         plot: draws the figure on a ``matplotlib.figure.Figure`` (None: no plot).
         notes: caveats (scale, what the small experiment cannot show).
+        undecided: why the numbers cannot decide (the lab's models did not learn enough for its criterion to
+            mean anything), with the figures; non-empty makes the verdict "undecided" whatever ``supported`` says.
     """
 
     columns: list[str]
@@ -49,6 +60,7 @@ class LabResult:
     finding: str
     plot: Callable[[Any], None] | None = None
     notes: str = ""
+    undecided: str = ""
 
     def __post_init__(self) -> None:
         for row in self.rows:
@@ -57,6 +69,8 @@ class LabResult:
 
     @property
     def verdict(self) -> str:
+        if self.undecided:
+            return VERDICTS[2]
         return VERDICTS[0] if self.supported else VERDICTS[1]
 
 
@@ -109,7 +123,8 @@ class LabReport:
         r = self.result
         return {
             "lab": self.lab.name, "claim": self.lab.claim, "source": self.lab.source,
-            "verdict": r.verdict, "criterion": r.criterion, "finding": r.finding, "notes": r.notes,
+            "verdict": r.verdict, "undecided": r.undecided, "criterion": r.criterion, "finding": r.finding,
+            "notes": r.notes,
             "columns": r.columns, "rows": [[_jsonable(c) for c in row] for row in r.rows],
             "quick": self.quick, "seed": self.seed, "seconds": round(self.seconds, 2),
             "files": [str(f) for f in self.files],
@@ -125,7 +140,7 @@ class LabReport:
         mode = "quick" if self.quick else "full"
         lines = [f"{self.lab.name}: {self.lab.claim}", f"  ({self.lab.source}; {mode} run, seed {self.seed}, "
                  f"{self.seconds:.1f} s)", "", *table, "", f"  criterion: {r.criterion}",
-                 f"  verdict:   {r.verdict.upper()}: {r.finding}"]  # fmt: skip
+                 f"  verdict:   {r.verdict.upper()}: {r.undecided + '; ' if r.undecided else ''}{r.finding}"]  # fmt: skip
         if r.notes:
             lines.append(f"  notes:     {r.notes}")
         lines += [f"  wrote:     {f}" for f in self.files]
@@ -146,8 +161,20 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def run_lab(name: str, *, quick: bool = False, seed: int = 0, out: str | Path | None = None) -> LabReport:
-    """Run lab ``name``; with ``out``, write ``out/NAME/result.json`` and ``out/NAME/plot.png`` (atomically)."""
+def progress_bar(total: int, what: str):
+    """A tqdm bar over ``total`` steps of ``what`` (e.g. ``"training rope"``) on stderr, shown only inside a
+    :func:`run_lab` asked for ``progress``; it disappears when closed. Use as a context manager."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=what, unit="step", file=sys.stderr, leave=False, dynamic_ncols=True,
+                disable=not _PROGRESS.get())  # fmt: skip
+
+
+def run_lab(
+    name: str, *, quick: bool = False, seed: int = 0, out: str | Path | None = None, progress: bool = False
+) -> LabReport:
+    """Run lab ``name``; with ``out``, write ``out/NAME/result.json`` and ``out/NAME/plot.png`` (atomically);
+    with ``progress``, its long loops show bars on stderr (:func:`progress_bar`)."""
     import numpy as np
     import torch
 
@@ -156,6 +183,7 @@ def run_lab(name: str, *, quick: bool = False, seed: int = 0, out: str | Path | 
         raise ConfigError(f"seed={seed!r} must be an int >= 0")
     start = time.perf_counter()
     python_state, numpy_state = random.getstate(), np.random.get_state()
+    shown = _PROGRESS.set(progress)
     try:  # a lab seeds what it uses and leaves the caller's generators (torch, Python, NumPy) as they were
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -163,6 +191,7 @@ def run_lab(name: str, *, quick: bool = False, seed: int = 0, out: str | Path | 
             np.random.seed(seed)
             result = lab.run(quick, seed)
     finally:
+        _PROGRESS.reset(shown)
         random.setstate(python_state)
         np.random.set_state(numpy_state)
     report = LabReport(lab, result, quick, seed, time.perf_counter() - start)

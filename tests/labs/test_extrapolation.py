@@ -5,6 +5,7 @@ import torch
 
 from archlab.errors import ShapeError
 from archlab.labs import run_lab
+from archlab.labs.common import learned_too_little
 from archlab.labs.extrapolation import ENCODINGS, eval_windows, judge, position_losses
 from archlab.models.gpt import GPT, GPTConfig
 
@@ -78,3 +79,12 @@ def test_quick_run_learned_fails_beyond_l_and_the_verdict_follows_the_rows():
         losses[encoding][n] = loss
     assert all(r[4] == 0 for r in rows if r[1] == train_len)
     assert report.result.supported == judge(losses, train_len)[0]
+    # 40 steps leave every model within ~0.1 nats of the unigram baseline (3.25 here): no verdict, and why
+    assert report.result.verdict == "undecided" and "learned too little to judge" in report.result.undecided
+
+
+def test_learned_too_little_names_the_models_short_of_the_margin():
+    assert learned_too_little({"a": 1.9, "b": 2.4}, unigram=3.0) == ""  # both >= 0.5 below
+    why = learned_too_little({"a": 1.9, "b": 2.6, "c": 3.1}, unigram=3.0)
+    assert "of b 2.60, c 3.10 nats, less than 0.5 below the unigram baseline 3.00" in why and "a 1.90" not in why
+    assert learned_too_little({"a": 2.6}, unigram=3.0, margin=0.3) == ""

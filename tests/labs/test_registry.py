@@ -9,7 +9,8 @@ import torch
 
 from archlab.cli import main
 from archlab.errors import ConfigError
-from archlab.labs import LABS, LabResult, get_lab, list_labs, register_lab, run_lab
+from archlab.labs import LABS, VERDICTS, LabResult, get_lab, list_labs, register_lab, run_lab
+from archlab.labs.registry import progress_bar
 
 
 @pytest.fixture
@@ -121,3 +122,45 @@ def test_cli_lists_runs_and_refuses_unknown_names_first(fake_labs, tmp_path, cap
     assert "verdict:   SUPPORTED" in out and "fake-false  not supported" in out
     assert main(["lab", "fake-false", "--json", "--out", str(tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out)[0]["verdict"] == "not supported"
+
+
+def test_an_undecided_result_says_why_whatever_its_numbers(fake_labs):
+    """A lab whose models learned too little gives no verdict the full run could contradict."""
+
+    @register_lab("fake-undecided", claim="x reaches 2", source="test")
+    def reach(quick, seed):
+        x = 1 if quick else 3
+        why = "x grows with the steps and a quick run takes 1: too few to judge" if quick else ""
+        return LabResult(["x"], [[x]], "x >= 2", x >= 2, f"x was {x}", undecided=why)
+
+    assert VERDICTS == ("supported", "not supported", "undecided")
+    quick = run_lab("fake-undecided", quick=True)
+    assert quick.result.verdict == "undecided" and not quick.result.supported  # the numbers alone would say "no"
+    data = quick.to_dict()
+    assert data["verdict"] == "undecided" and data["undecided"].startswith("x grows with the steps")
+    assert "verdict:   UNDECIDED: x grows with the steps and a quick run takes 1: too few to judge; x was 1" in (
+        quick.describe()
+    )
+    full = run_lab("fake-undecided")
+    assert full.result.verdict == "supported" and full.to_dict()["undecided"] == ""
+
+
+def test_training_progress_shows_on_stderr_only_when_asked(fake_labs, capsys):
+    @register_lab("fake-train", claim="it trains", source="test")
+    def train(quick, seed):
+        with progress_bar(3, "training fake") as bar:
+            for _ in range(3):
+                bar.update()
+        return LabResult(["steps"], [[3]], "steps == 3", True, "3 steps")
+
+    run_lab("fake-train")  # the library default (and the tests): quiet
+    assert capsys.readouterr() == ("", "")
+    run_lab("fake-train", progress=True)
+    out, err = capsys.readouterr()
+    assert out == "" and "training fake" in err
+    assert main(["lab", "fake-train"]) == 0
+    out, err = capsys.readouterr()
+    assert "running fake-train (full) ..." in err and "training fake" in err and "verdict:   SUPPORTED" in out
+    assert main(["lab", "fake-train", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and json.loads(out)[0]["verdict"] == "supported"
