@@ -1,0 +1,419 @@
+r"""Weight-only quantization for inference: int8 per output channel, int4 per group, on PyTorch's CPU kernels.
+
+A decoding step reads every weight once per token, so its speed is the speed at which weights stream from
+memory: storing ``W [N, K]`` (``N`` outputs, ``K`` inputs) in 8 or 4 bits reads 4x or ~7x fewer bytes
+than float32. The activations stay in floating point ("weight-only"); each product dequantizes on the fly
+inside PyTorch's kernels:
+
+* **int8**, one scale per output channel (row ``n``)::
+
+      s_n = max_k |W_nk| / 127        q_nk = round(W_nk / s_n) in [-127, 127]        W_nk ~ q_nk s_n
+
+  ``y = x W^T`` runs as ``torch.ops.aten._weight_int8pack_mm(x [M, K], q [N, K] int8, s [N])``.
+* **int4**, a scale and a zero per group of ``g`` consecutive inputs of a row (``g`` in 32, 64, 128, 256)::
+
+      s = (max - min) / 15      z = min + 8 s      q = round((W - min) / s) in [0, 15]      W ~ (q - 8) s + z
+
+  over each group; the kernel's packed form is ``_convert_weight_to_int4pack_for_cpu(q [N, K] int32)`` and
+  ``_weight_int4pack_mm_for_cpu(x, packed, g, sz)`` with ``sz [K/g, N, 2]`` = (scale, zero). It needs ``N``
+  divisible by 16 and ``K`` by ``g``. GGUF's Q4_1 blocks (``w = d q + m`` per 32 values) are this form with
+  ``s = d``, ``z = m + 8 d``; Q4_0 (``w = d (q - 8)``) with ``z = 0``: :mod:`archlab.interop.gguf` loads them
+  without a float round trip.
+
+:func:`quantize` replaces a model's ``nn.Linear`` layers in place and returns a :class:`QuantReport`: every
+layer, quantized or left float (and why), its shape and bytes. **Tied LM head.** A decoder whose ``lm_head``
+shares its matrix with the token embedding gets a quantized *copy* for the output projection (``head=``, int8 by
+default, as llama.cpp's Q4 files keep that matrix in 8 bits); the embedding lookup keeps the float matrix (a
+lookup reads ``N`` rows, not the whole matrix), so memory grows by the copy while each step reads 4x less.
+
+Quantized layers are for inference: no gradients, CPU only, state dicts not meant to be saved (the int4 packing
+is the CPU kernel's own layout). ``loss(labels=)`` of a decoder reads ``lm_head.weight``: evaluate a quantized
+model through its logits, as :func:`quality` does.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from archlab.errors import ConfigError, ShapeError
+
+MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+INT4_ROWS_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: N divisible by 16
+INT8_MAX = 127
+INT4_LEVELS = 15  # q in 0..15; the kernel subtracts 8
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activations the kernels take
+# A Linear whose parent reads its weight directly (not through its forward) cannot be replaced:
+# cross-attention slices its in_proj rows (archlab.nn.attention.MultiHeadAttention._project_kv).
+_READS_WEIGHT = ("*cross_attn.in_proj",)
+
+
+# ================================================================================================
+# Quantized weights: the integers and their scales, and the equation back to floats
+# ================================================================================================
+
+
+@dataclass
+class Int8Weight:
+    """``W [N, K] ~ q * scale[:, None]``: ``q`` int8 in ``[-127, 127]``, ``scale [N]`` float32."""
+
+    q: Tensor
+    scale: Tensor
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``q_nk s_n`` as ``[N, K]`` in ``dtype`` (float64: the exact value of the equation)."""
+        return self.q.to(dtype) * self.scale.to(dtype)[:, None]
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.q, self.scale)
+
+
+@dataclass
+class Int4Weight:
+    """``W[n, k] ~ (q[n, k] - 8) scale[n, k // g] + zero[n, k // g]``: ``q [N, K]`` uint8 in ``0..15``,
+    ``scale``, ``zero [N, K/g]`` float32, ``g = group_size``. Rows stack with :meth:`cat` (fused projections)."""
+
+    q: Tensor
+    scale: Tensor
+    zero: Tensor
+    group_size: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``(q - 8) s + z`` as ``[N, K]`` in ``dtype`` (float64: the exact value of the equation)."""
+        g = self.group_size
+        s = self.scale.to(dtype).repeat_interleave(g, dim=1)
+        z = self.zero.to(dtype).repeat_interleave(g, dim=1)
+        return (self.q.to(dtype) - 8) * s + z
+
+    def rows(self, index: Tensor) -> Int4Weight:
+        """The rows ``index`` (a permutation, e.g. llama.cpp's RoPE order undone)."""
+        return Int4Weight(self.q[index], self.scale[index], self.zero[index], self.group_size)
+
+    @staticmethod
+    def cat(parts: list[Int4Weight]) -> Int4Weight:
+        """Rows of ``parts`` stacked (W_Q; W_K; W_V -> the fused in_proj)."""
+        sizes = {p.group_size for p in parts}
+        if len(sizes) != 1:
+            raise ConfigError(f"cannot stack int4 weights of group sizes {sorted(sizes)}")
+        return Int4Weight(*(torch.cat([getattr(p, n) for p in parts]) for n in ("q", "scale", "zero")), sizes.pop())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes in the kernel's form: two values per byte, scale and zero per group."""
+        return self.q.numel() // 2 + _nbytes(self.scale, self.zero)
+
+
+def _nbytes(*tensors: Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@torch.no_grad()
+def quantize_int8(weight: Tensor) -> Int8Weight:
+    """Symmetric per-output-channel int8 of ``weight [N, K]`` (module docstring); an all-zero row gets scale 1."""
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return Int8Weight(q, scale)
+
+
+@torch.no_grad()
+def quantize_int4(weight: Tensor, group_size: int) -> Int4Weight:
+    """Asymmetric int4 of ``weight [N, K]`` over groups of ``group_size`` inputs (min/max per group; GGUF Q4_1's
+    rule); a constant group gets scale 0 and zero = its value. ``K`` must be divisible by ``group_size``."""
+    n, k = weight.shape
+    w = weight.detach().float().reshape(n, k // group_size, group_size)
+    lo, hi = w.amin(dim=2), w.amax(dim=2)  # [N, K/g]
+    scale = (hi - lo) / INT4_LEVELS
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((w - lo[..., None]) / safe[..., None]).clamp_(0, INT4_LEVELS).to(torch.uint8).reshape(n, k)
+    return Int4Weight(q, scale, lo + 8 * scale, group_size)
+
+
+# ================================================================================================
+# Layers
+# ================================================================================================
+
+
+class _WeightOnlyLinear(nn.Module):
+    """``y = x dequant(W)^T + b`` for ``x [..., K]`` -> ``[..., N]``; a subclass runs the kernel on ``x [M, K]``."""
+
+    mode = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ShapeError(f"{type(self).__name__} expects x [..., {self.in_features}], got {tuple(x.shape)}")
+        if x.dtype not in KERNEL_DTYPES:
+            raise ShapeError(f"{type(self).__name__} takes float32, bfloat16 or float16 inputs, got {x.dtype}")
+        y = self._product(x.reshape(-1, self.in_features).contiguous()).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _product(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(_WeightOnlyLinear):
+    """Weight-only int8 layer: ``q [N, K]`` int8 and ``scale [N]`` (buffers) through ``_weight_int8pack_mm``."""
+
+    mode = "int8"
+
+    def __init__(self, weight: Int8Weight, bias: Tensor | None = None) -> None:
+        super().__init__(weight.q.shape[1], weight.q.shape[0], bias)
+        self.register_buffer("q", weight.q)
+        self.register_buffer("scale", weight.scale)
+
+    def _product(self, x: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale.to(x.dtype))
+
+
+class Int4Linear(_WeightOnlyLinear):
+    """Weight-only int4 layer: the kernel's packed ``[N, K/2]`` bytes and ``scales_and_zeros [K/g, N, 2]``."""
+
+    mode = "int4"
+
+    def __init__(self, weight: Int4Weight, bias: Tensor | None = None) -> None:
+        n, k = weight.q.shape
+        super().__init__(k, n, bias)
+        self.group_size = weight.group_size
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", torch.stack([weight.scale.T, weight.zero.T], dim=-1).contiguous())
+
+    def _product(self, x: Tensor) -> Tensor:
+        sz = self.scales_and_zeros.to(x.dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, sz)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}"
+
+
+def quantized_linear(weight: Tensor, bias: Tensor | None, mode: str, group_size: int = 32) -> _WeightOnlyLinear:
+    """A float ``weight [N, K]`` (and ``bias [N]``) as an :class:`Int8Linear` or :class:`Int4Linear`."""
+    if mode == "int8":
+        return Int8Linear(quantize_int8(weight), bias)
+    return Int4Linear(quantize_int4(weight, group_size), bias)
+
+
+def check_int4_shape(name: str, shape: tuple[int, int], group_size: int) -> None:
+    """ConfigError naming the layer unless the int4 kernel takes ``W [N, K]`` with groups of ``group_size``."""
+    n, k = shape
+    if k % group_size:
+        raise ConfigError(
+            f"layer {name!r} [{n}, {k}]: in_features={k} is not divisible by group_size={group_size}; "
+            f"choose a group_size in {GROUP_SIZES} dividing it, or skip=({name!r},)"
+        )
+    if n % INT4_ROWS_MULTIPLE:
+        raise ConfigError(
+            f"layer {name!r} [{n}, {k}]: out_features={n} is not divisible by {INT4_ROWS_MULTIPLE} (the int4 "
+            f"kernel's packing); quantize it as int8 or skip=({name!r},)"
+        )
+
+
+# ================================================================================================
+# Whole models
+# ================================================================================================
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One linear layer: ``name``, ``shape [N, K]``, ``mode`` (int8, int4/g, or float), bytes, and a note."""
+
+    name: str
+    shape: tuple[int, int]
+    mode: str
+    bytes_before: int
+    bytes_after: int
+    note: str = ""
+
+
+@dataclass
+class QuantReport:
+    """What :func:`quantize` did: every linear layer, quantized or left float; ``str()`` prints the table."""
+
+    mode: str
+    group_size: int | None
+    layers: list[LayerReport] = field(default_factory=list)
+    model_bytes_before: int = 0
+    model_bytes_after: int = 0
+
+    @property
+    def quantized(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.mode != "float"]
+
+    @property
+    def left_float(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.mode == "float"]
+
+    def __str__(self) -> str:
+        rows = [("layer", "shape", "mode", "MB before", "MB after", "note")]
+        rows += [(r.name, "x".join(map(str, r.shape)), r.mode, f"{r.bytes_before / 1e6:.3f}",
+                  f"{r.bytes_after / 1e6:.3f}", r.note) for r in self.layers]  # fmt: skip
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[5] for row in rows]
+        q = self.quantized
+        g = f", group_size={self.group_size}" if self.group_size else ""
+        lines.append(
+            f"{len(q)} of {len(self.layers)} linear layers quantized ({self.mode}{g}); their weights "
+            f"{sum(r.bytes_before for r in q) / 1e6:.1f} MB -> {sum(r.bytes_after for r in q) / 1e6:.1f} MB; "
+            f"model {self.model_bytes_before / 1e6:.1f} MB -> {self.model_bytes_after / 1e6:.1f} MB"
+        )
+        return "\n".join(line.rstrip() for line in lines)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once (a tied matrix once)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += key[1]
+    return total
+
+
+def _tied(model: nn.Module, layer: nn.Linear) -> str | None:
+    """The name of another module's parameter that is ``layer.weight`` itself (a tied head), or None."""
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p is layer.weight and model.get_submodule(name.rpartition(".")[0]) is not layer:
+            return name
+    return None
+
+
+def quantize(
+    model: nn.Module,
+    mode: str = "int8",
+    *,
+    group_size: int = 32,
+    skip: tuple[str, ...] = (),
+    head: str | None = "int8",
+) -> QuantReport:
+    """Replace ``model``'s ``nn.Linear`` layers by weight-only quantized ones, in place; returns the report.
+
+    Args:
+        model: on the CPU, float32 / bfloat16 / float16 weights (e.g. :class:`archlab.models.llama.Llama`).
+        mode: ``int8`` (per output channel) or ``int4`` (per group of ``group_size`` inputs).
+        group_size: int4's group, one of 32, 64, 128, 256; every quantized layer's ``K`` must be divisible by it.
+        skip: layer names or ``fnmatch`` patterns left float (``"decoder.blocks.0.*"``); each must match a layer.
+        head: how a decoder's ``lm_head`` is quantized: ``int8`` (default, also in int4 mode), ``int4``, or
+            ``None`` (left float). A tied head gets a quantized copy; the embedding stays float (module docstring).
+
+    Layers whose parent reads the weight itself (cross-attention's fused K/V projection) stay float, as do
+    subclasses of ``nn.Linear`` (torch's ``NonDynamicallyQuantizableLinear`` is read by its parent too).
+    Bad arguments, or a layer the int4 kernel cannot take (``K`` not divisible by ``group_size``, ``N`` not by
+    16), raise :class:`ConfigError` naming it, before any layer is replaced.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"mode={mode!r} is not a quantization mode; choose one of {MODES}")
+    if head is not None and head not in MODES:
+        raise ConfigError(f"head={head!r} must be one of {MODES} or None (the LM head left float)")
+    if "int4" in (mode, head) and group_size not in GROUP_SIZES:
+        raise ConfigError(f"group_size={group_size!r} is not supported by the int4 kernel; choose one of {GROUP_SIZES}")
+    if isinstance(skip, str):
+        skip = (skip,)
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for pattern in skip:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in linears):
+            raise ConfigError(f"skip={pattern!r} matches no linear layer of this {type(model).__name__}")
+
+    plan: list[tuple[str, nn.Linear, str, str]] = []  # (name, layer, mode or "float", note)
+    for name, layer in linears:
+        layer_mode = head if name == "lm_head" else mode
+        note = "lm_head: head=None" if layer_mode is None else ""
+        if any(fnmatch.fnmatchcase(name, p) for p in skip):
+            layer_mode, note = None, "skip="
+        elif type(layer) is not nn.Linear:
+            layer_mode, note = None, f"a {type(layer).__name__}: its parent may read the weight itself"
+        elif any(fnmatch.fnmatchcase(name, p) for p in _READS_WEIGHT):
+            layer_mode, note = None, "its parent slices the weight (cross-attention K/V)"
+        if layer_mode is not None:
+            w = layer.weight
+            if w.device.type != "cpu":
+                raise ConfigError(f"layer {name!r} is on {w.device}; the weight-only kernels used here run on the CPU")
+            if w.dtype not in KERNEL_DTYPES:
+                raise ConfigError(f"layer {name!r} holds {w.dtype} weights; quantize float32, bfloat16 or float16")
+            if layer_mode == "int4":
+                check_int4_shape(name, tuple(w.shape), group_size)
+            tied = _tied(model, layer)
+            if tied:
+                note = f"tied to {tied}: a quantized copy for the output projection; {tied} stays float for lookups"
+        plan.append((name, layer, layer_mode or "float", note))
+
+    report = QuantReport(mode, group_size if "int4" in (mode, head) else None, model_bytes_before=model_bytes(model))
+    for name, layer, layer_mode, note in plan:
+        before = layer.weight.numel() * layer.weight.element_size()
+        if layer_mode == "float":
+            report.layers.append(LayerReport(name, tuple(layer.weight.shape), "float", before, before, note))
+            continue
+        new = quantized_linear(layer.weight, layer.bias, layer_mode, group_size).to(layer.weight.dtype)
+        _replace(model, name, new)
+        after = _nbytes(*new.buffers()) - (0 if new.bias is None else _nbytes(new.bias))
+        shown = f"int4/g{group_size}" if layer_mode == "int4" else "int8"
+        report.layers.append(LayerReport(name, tuple(layer.weight.shape), shown, before, after, note))
+    report.model_bytes_after = model_bytes(model)
+    return report
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+# ================================================================================================
+# Quality: perplexity and top-1 agreement against the float model
+# ================================================================================================
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Next-token perplexity of a reference and a quantized model on the same tokens, and how often their
+    most likely next tokens agree. ``str()`` prints one line."""
+
+    name: str
+    perplexity: float
+    reference_perplexity: float
+    top1_agreement: float
+    tokens: int
+
+    @property
+    def perplexity_change(self) -> float:
+        """``ppl / ppl_ref - 1``."""
+        return self.perplexity / self.reference_perplexity - 1
+
+    def __str__(self) -> str:
+        return (f"{self.name}: perplexity {self.perplexity:.3f} vs {self.reference_perplexity:.3f} "
+                f"({self.perplexity_change:+.2%}), top-1 agreement {self.top1_agreement:.1%} over {self.tokens} tokens")  # fmt: skip
+
+
+@torch.inference_mode()
+def quality(reference: nn.Module, model: nn.Module, windows: Tensor, name: str = "quantized") -> Quality:
+    """Compare ``model`` with ``reference`` (its float original) on ``windows [B, N]`` token ids.
+
+    Each row is one window of held-out text; every position but the last predicts the next token:
+    ``ppl = exp(mean_t -log p(x_{t+1} | x_{<=t}))`` over the ``B (N - 1)`` predictions, and the agreement is
+    the share of them where both models' argmax is the same token.
+    """
+    if not isinstance(windows, Tensor) or windows.ndim != 2 or windows.shape[1] < 2:
+        raise ShapeError(f"windows must be token ids [B, N] with N >= 2, got {getattr(windows, 'shape', windows)}")
+    targets = windows[:, 1:].reshape(-1)
+    losses, argmaxes = [], []
+    for m in (reference, model):
+        logits = m(windows)[:, :-1].float().flatten(0, 1)  # [B (N-1), V]
+        losses.append(F.cross_entropy(logits, targets).item())
+        argmaxes.append(logits.argmax(-1))
+    agree = (argmaxes[0] == argmaxes[1]).double().mean().item()
+    return Quality(name, math.exp(losses[1]), math.exp(losses[0]), agree, targets.numel())
