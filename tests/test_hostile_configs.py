@@ -11,7 +11,7 @@ import torch
 from archlab.analysis.memory import format_bytes, module_bytes
 from archlab.errors import ConfigError
 from archlab.models import registry
-from archlab.models.registry import FAMILIES, build_model, get_config, list_presets
+from archlab.models.registry import FAMILIES, build_model, check_fits_in_memory, get_config, list_presets
 from archlab.train import TrainConfig
 
 
@@ -68,24 +68,25 @@ def test_the_estimate_is_the_bytes_the_built_model_holds(preset):
     ],
 )
 def test_absurd_sizes_are_refused_with_the_size_and_the_memory(preset, overrides, named):
-    with pytest.raises(ConfigError) as e:
-        build_model(preset, **overrides)
-    message = str(e.value)
-    assert named in message and " TB for its parameters and buffers; this machine has " in message
-    assert message.endswith("of memory available")
+    config = get_config(preset, **overrides)
+    for refuse in (check_fits_in_memory, build_model):  # before allocating; or when the allocator says no
+        with pytest.raises(ConfigError) as e:
+            refuse(config)
+        message = str(e.value)
+        assert named in message and " TB for its parameters and buffers; this machine has " in message
+        assert message.endswith("of memory available")
 
 
 def test_the_bound_is_the_memory_available(monkeypatch):
-    """Refused exactly when the model's bytes exceed what the machine has; built when they fit."""
+    """Refused exactly when the model's bytes exceed what the machine has."""
     config = get_config("gpt-nano")
     needed = registry.model_bytes(config, FAMILIES["gpt"].model_cls)
+    assert needed == module_bytes(build_model(config))
     monkeypatch.setattr("archlab.analysis.memory.available_memory", lambda: needed - 1)
     with pytest.raises(ConfigError, match=rf"needs {format_bytes(needed)} for its parameters and buffers"):
-        build_model(config)
-    with torch.device("meta"):  # shapes only, nothing allocated: nothing to refuse
-        build_model(config)
+        check_fits_in_memory(config)
     monkeypatch.setattr("archlab.analysis.memory.available_memory", lambda: needed)
-    assert module_bytes(build_model(config)) == needed
+    check_fits_in_memory(config)
 
 
 def test_a_huge_max_len_is_bounded_by_the_memory_its_table_takes(monkeypatch):
@@ -97,4 +98,4 @@ def test_a_huge_max_len_is_bounded_by_the_memory_its_table_takes(monkeypatch):
     assert needed > 6087062 * config.d_model * 4  # the table dominates
     monkeypatch.setattr("archlab.analysis.memory.available_memory", lambda: needed - 1)
     with pytest.raises(ConfigError, match=r"^GPT of max_len=6087062, vocab_size=256, d_model=48 needs 1\.2 GB"):
-        build_model(config)
+        check_fits_in_memory(config)

@@ -90,6 +90,7 @@ def test_weights_naming_a_class_of_another_family_are_refused(run_dir, capsys):
             load(ckpt)
     assert "'BertModel'" in error_line(capsys, "eval", run_dir, "--max-batches", "1")
     assert "'BertModel'" in error_line(capsys, "generate", run_dir, "--prompt", "a", "--max-new-tokens", "2")
+    assert "'BertModel'" in error_line(capsys, "convert", ckpt, run_dir.parent / "converted")
     with pytest.raises(ConfigError, match="model class 'BertModel' is built from a BertConfig, not from a GPTConfig"):
         build_model(get_config("gpt-nano"), model_class="BertModel")
 

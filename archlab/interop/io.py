@@ -239,7 +239,7 @@ def read_config(folder: Path):
 
 def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model saved by :func:`save_model`. Missing, unexpected or misshapen tensors: CheckpointError."""
-    from archlab.models.registry import build_model
+    from archlab.models.registry import build_model, check_fits_in_memory
 
     folder = Path(path)
     _require_folder(folder)
@@ -253,6 +253,7 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {e}") from None
     try:  # a class of another family, or a size beyond memory
+        check_fits_in_memory(config, model_class)
         model = build_model(config, model_class=model_class)
     except ConfigError as e:
         named = f" with the model class {model_class!r} that {weights.name}'s metadata names" if model_class else ""

@@ -7,7 +7,6 @@ preset with overrides; ``build_model(config)`` builds from a config object.
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -124,54 +123,65 @@ def build_model(spec: str | Config, *, model_class: str | None = None, **overrid
     """A model from a preset name (with overrides) or from a config object.
 
     ``model_class`` picks a registered class other than the family's base one (e.g. ``BertForPreTraining``);
-    it must be built from the config's class. A model whose parameters and buffers would not fit in the
-    memory available is refused before anything is allocated (see :func:`check_fits_in_memory`).
+    it must be built from the config's class. A size the allocator refuses becomes a ConfigError with the
+    model's bytes and the memory available; what reads configs from outside (files, the command line) calls
+    :func:`check_fits_in_memory` first, so that a model too large to build is refused before any allocation.
     """
     config = get_config(spec, **overrides) if isinstance(spec, str) else (spec.replace(**overrides) if overrides else spec)
+    model_cls = model_class_for(config, model_class)
+    try:
+        return model_cls(config)
+    except (RuntimeError, MemoryError) as e:
+        if not isinstance(e, MemoryError | torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        raise too_large(config, model_cls) from None
+
+
+def model_class_for(config: Config, model_class: str | None = None) -> type[nn.Module]:
+    """The class ``build_model(config, model_class=...)`` builds: the family's, or a registered one made from
+    the config's class (ConfigError otherwise)."""
     if model_class is None:
-        model_cls = family_of(config).model_cls
-    else:
-        _loaded()
-        if model_class not in MODEL_CLASSES:
-            raise ConfigError(unknown("model class", model_class, MODEL_CLASSES))
-        model_cls, config_cls = MODEL_CLASSES[model_class]
-        if type(config) is not config_cls:
-            raise ConfigError(f"model class {model_class!r} is built from a {config_cls.__name__}, "
-                              f"not from a {type(config).__name__}")  # fmt: skip
-    if torch.get_default_device().type != "meta":
-        check_fits_in_memory(config, model_cls)
-    return model_cls(config)
+        return family_of(config).model_cls
+    _loaded()
+    if model_class not in MODEL_CLASSES:
+        raise ConfigError(unknown("model class", model_class, MODEL_CLASSES))
+    model_cls, config_cls = MODEL_CLASSES[model_class]
+    if type(config) is not config_cls:
+        raise ConfigError(f"model class {model_class!r} is built from a {config_cls.__name__}, "
+                          f"not from a {type(config).__name__}")  # fmt: skip
+    return model_cls
 
 
 def model_bytes(config: Config, model_cls: type[nn.Module]) -> int:
     """Bytes of the parameters and buffers ``model_cls(config)`` allocates, counted on the meta device
-    (remembered per config: building on meta costs about what a tiny model's real build does)."""
-    try:
-        return _model_bytes(config, model_cls)
-    except TypeError:  # a config holding an unhashable value: count without remembering
-        return _model_bytes.__wrapped__(config, model_cls)
-
-
-@functools.lru_cache(maxsize=256)
-def _model_bytes(config: Config, model_cls: type[nn.Module]) -> int:
+    (nothing is allocated; it costs about one more construction of the model)."""
     from archlab.analysis.memory import module_bytes  # (analysis sits above models: imported when used)
 
     with torch.device("meta"):
         return module_bytes(model_cls(config))
 
 
-def check_fits_in_memory(config: Config, model_cls: type[nn.Module]) -> None:
-    """ConfigError when ``model_cls(config)`` needs more bytes than the memory available now, naming the
-    config's largest sizes (an absurd ``d_model`` or ``max_len`` fails here, not in the allocator)."""
+def check_fits_in_memory(config: Config, model_class: str | None = None) -> None:
+    """ConfigError, before anything is allocated, when the model ``build_model(config, model_class=...)``
+    would build needs more bytes than the memory available now (an absurd ``d_model`` or ``max_len``)."""
+    from archlab.analysis.memory import available_memory
+
+    model_cls = model_class_for(config, model_class)
+    available = available_memory()
+    if available is not None and model_bytes(config, model_cls) > available:
+        raise too_large(config, model_cls)
+
+
+def too_large(config: Config, model_cls: type[nn.Module]) -> ConfigError:
+    """The error for a model too large for this machine: its bytes, the config's largest sizes, the memory."""
     from archlab.analysis.memory import available_memory, format_bytes
 
     needed, available = model_bytes(config, model_cls), available_memory()
-    if available is None or needed <= available:
-        return
     sizes = sorted(((v, k) for k, v in config.to_dict().items() if type(v) is int), reverse=True)[:3]
-    raise ConfigError(
+    has = "an unknown amount" if available is None else format_bytes(available)
+    return ConfigError(
         f"{model_cls.__name__} of {', '.join(f'{k}={v}' for v, k in sizes)} needs {format_bytes(needed)} for its "
-        f"parameters and buffers; this machine has {format_bytes(available)} of memory available"
+        f"parameters and buffers; this machine has {has} of memory available"
     )
 
 

@@ -9,9 +9,12 @@ One checkpoint is one folder ``<run>/checkpoints/step-00001000/``::
                                      per rank: the batch source's position and the Python / NumPy RNG states
 
 The folder is written under a hidden temporary name and renamed into place once complete
-(:func:`archlab.interop.io.atomic_dir`), so a kill at any moment leaves the previous checkpoints whole and
-no partial folder that :func:`latest_checkpoint` would pick. Loading reads safetensors and JSON only:
-an untrusted checkpoint cannot run code.
+(:func:`archlab.interop.io.atomic_dir`), and deleted (pruning) by renaming it to a hidden name first, so a
+checkpoint folder is complete or absent: a kill at any moment leaves the previous checkpoints whole and no
+partial folder that :func:`latest_checkpoint` would pick (hidden leftovers, and any ``step-*`` folder
+lacking a file, are cleared by :func:`remove_temporaries` when a run starts). Loading reads safetensors and
+JSON only, and checks every value a resume uses (:func:`check_state`): an untrusted checkpoint cannot run
+code, nor fail halfway through a resume.
 
 Optimiser state dicts are flattened as ``{"state": {key: {name: value}}, "param_groups": [...]}`` ->
 tensors named ``"<i>/<name>"`` (``i`` = position of ``key`` in the stored key list; keys are parameter

@@ -46,7 +46,7 @@ from archlab.errors import CheckpointError, ConfigError, DataError, unknown
 from archlab.generation import beam_search, check_room, expand_for_beams, generate
 from archlab.interop.convert import convert
 from archlab.interop.io import CONFIG_FILE, WEIGHTS_FILE, load_model, write_text_atomic
-from archlab.models.registry import FAMILIES, Family, build_model, get_config, get_preset
+from archlab.models.registry import FAMILIES, Family, build_model, check_fits_in_memory, get_config, get_preset
 from archlab.train import distributed as D
 from archlab.train.checkpoint import check_model_config, latest_checkpoint, load_checkpoint, remove_temporaries
 from archlab.train.config import TrainConfig
@@ -225,8 +225,9 @@ class PreparedRun:
     def build_model(self) -> nn.Module:
         """The model to train, initialised from ``train.seed`` (the family's trained class, e.g. BertForPreTraining)."""
         torch.manual_seed(self.train.seed)
-        train_cls = self.family.train_cls
-        return build_model(self.model_config, model_class=None if train_cls is None else train_cls.__name__)
+        train_cls = None if self.family.train_cls is None else self.family.train_cls.__name__
+        check_fits_in_memory(self.model_config, train_cls)
+        return build_model(self.model_config, model_class=train_cls)
 
     def extra_metrics(self) -> Callable[[nn.Module], dict[str, float]] | None:
         """Exact match and BLEU or chrF (whichever fits the outputs) of greedy decoding on the validation
@@ -329,7 +330,7 @@ def train_run(
     started = time.perf_counter()
     result = trainer.fit(resume=resume)
     if is_main and continuing:  # only once the Trainer accepted the new training settings (e.g. more steps)
-        (out / RUN_FILE).write_text(json.dumps(resolved, indent=2) + "\n")
+        write_text_atomic(out / RUN_FILE, json.dumps(resolved, indent=2) + "\n")
     summary = {
         "out_dir": str(out), "preset": spec.preset, "task": run.task, "step": result.step,
         "parameters": n_params, "seconds": round(time.perf_counter() - started, 1),
