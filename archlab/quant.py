@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -301,6 +302,7 @@ def quantize(
     group_size: int = 32,
     skip: tuple[str, ...] = (),
     head: str | None = "int8",
+    weights: Mapping[str, Int8Weight | Int4Weight] | None = None,
 ) -> QuantReport:
     """Replace ``model``'s ``nn.Linear`` layers by weight-only quantized ones, in place; returns the report.
 
@@ -311,6 +313,11 @@ def quantize(
         skip: layer names or ``fnmatch`` patterns left float (``"decoder.blocks.0.*"``); each must match a layer.
         head: how a decoder's ``lm_head`` is quantized: ``int8`` (default, also in int4 mode), ``int4``, or
             ``None`` (left float). A tied head gets a quantized copy; the embedding stays float (module docstring).
+        weights: layer name -> its quantized weight already made (GGUF blocks read as they are, see
+            :func:`archlab.interop.gguf.load_gguf`), used instead of quantizing the layer's float weight; its kind
+            must be the layer's mode.
+
+    The report is returned and also kept as ``model.quant_report``.
 
     Layers whose parent reads the weight itself (cross-attention's fused K/V projection) stay float, as do
     subclasses of ``nn.Linear`` (torch's ``NonDynamicallyQuantizableLinear`` is read by its parent too).
@@ -329,8 +336,9 @@ def quantize(
     for pattern in skip:
         if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in linears):
             raise ConfigError(f"skip={pattern!r} matches no linear layer of this {type(model).__name__}")
+    weights = dict(weights or {})
 
-    plan: list[tuple[str, nn.Linear, str, str]] = []  # (name, layer, mode or "float", note)
+    plan = []  # (name, layer, mode or "float", note, a given quantized weight or None)
     for name, layer in linears:
         layer_mode = head if name == "lm_head" else mode
         note = "lm_head: head=None" if layer_mode is None else ""
@@ -351,20 +359,36 @@ def quantize(
             tied = _tied(model, layer)
             if tied:
                 note = f"tied to {tied}: a quantized copy for the output projection; {tied} stays float for lookups"
-        plan.append((name, layer, layer_mode or "float", note))
+        given = weights.pop(name, None)
+        if given is not None:
+            kind = "int8" if isinstance(given, Int8Weight) else "int4"
+            if kind != layer_mode or tuple(given.q.shape) != tuple(layer.weight.shape):
+                raise ConfigError(
+                    f"weights[{name!r}] is {kind} {tuple(given.q.shape)}; the layer is {tuple(layer.weight.shape)} "
+                    f"and quantized as {layer_mode or 'float'}"
+                )
+            note = "given: stored quantized (no float round trip)"
+        plan.append((name, layer, layer_mode or "float", note, given))
+    if weights:
+        raise ConfigError(f"weights= names layers this {type(model).__name__} does not have: {sorted(weights)}")
 
     report = QuantReport(mode, group_size if "int4" in (mode, head) else None, model_bytes_before=model_bytes(model))
-    for name, layer, layer_mode, note in plan:
+    for name, layer, layer_mode, note, given in plan:
         before = layer.weight.numel() * layer.weight.element_size()
         if layer_mode == "float":
             report.layers.append(LayerReport(name, tuple(layer.weight.shape), "float", before, before, note))
             continue
-        new = quantized_linear(layer.weight, layer.bias, layer_mode, group_size).to(layer.weight.dtype)
+        if given is None:
+            new = quantized_linear(layer.weight, layer.bias, layer_mode, group_size)
+        else:
+            new = (Int8Linear if layer_mode == "int8" else Int4Linear)(given, layer.bias)
+        new = new.to(layer.weight.dtype)
         _replace(model, name, new)
         after = _nbytes(*new.buffers()) - (0 if new.bias is None else _nbytes(new.bias))
-        shown = f"int4/g{group_size}" if layer_mode == "int4" else "int8"
+        shown = f"int4/g{new.group_size}" if layer_mode == "int4" else "int8"
         report.layers.append(LayerReport(name, tuple(layer.weight.shape), shown, before, after, note))
     report.model_bytes_after = model_bytes(model)
+    model.quant_report = report
     return report
 
 

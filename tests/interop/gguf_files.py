@@ -73,8 +73,9 @@ def llama_metadata(config: LlamaConfig) -> dict:
     }
 
 
-def write_llama_gguf(path, model: Llama, extra_metadata=None):
-    """``model`` as llama.cpp's converter writes it: GGUF names, Q/K rows permuted, F32, tied head omitted."""
+def write_llama_gguf(path, model: Llama, extra_metadata=None, linear_kind=None):
+    """``model`` as llama.cpp's converter writes it: GGUF names, Q/K rows permuted, F32, tied head omitted;
+    ``linear_kind`` (a ggml type): the blocks' linear weights quantized to it."""
     config = model.config
     tensors = {}
     for name, weight in llama_state_from_archlab(model.state_dict(), config).items():
@@ -86,6 +87,9 @@ def write_llama_gguf(path, model: Llama, extra_metadata=None):
             if rest.startswith(("self_attn.q_proj", "self_attn.k_proj")):
                 w = llama_cpp_permute(w, config.n_heads if "q_proj" in rest else config.n_kv_heads)
             name = f"blk.{i}.{HF_TO_GGUF[rest]}"
+            if linear_kind is not None and w.ndim == 2:
+                tensors[name] = (gguf.quants.quantize(np.ascontiguousarray(w), linear_kind), linear_kind)
+                continue
         else:
             name = HF_TO_GGUF[name]
         tensors[name] = (np.ascontiguousarray(w), None)
