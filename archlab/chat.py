@@ -61,14 +61,22 @@ def _cached_folder(gguf_path: Path) -> Path:
     return cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
 
 
-def load_chat_model(spec: str | Path = DEFAULT_CHAT_MODEL, *, use_cache: bool = True):
+def load_chat_model(spec: str | Path = DEFAULT_CHAT_MODEL, *, use_cache: bool = True, quantize: str | None = None):
     """``(model, tokenizer)`` for chatting: a named model, a ``.gguf`` file, or an archlab model/run folder.
 
     The model is in eval mode; the tokenizer has a chat template (else :class:`CheckpointError`).
     ``use_cache=False`` reads a GGUF file every time and writes nothing.
+    ``quantize="int8" | "int4"``: weight-only quantized linear layers (:func:`archlab.quant.quantize`, its defaults;
+    the report in ``model.quant_report``). The float weights are quantized, except with ``use_cache=False``, where a
+    GGUF file's Q4_0/Q4_1 blocks become the int4 layers as they are (:func:`archlab.interop.gguf.load_gguf`).
     """
     from archlab.interop.convert import convert
+    from archlab.quant import MODES
+    from archlab.quant import quantize as quantize_layers
     from archlab.train.run import open_run
+
+    if quantize is not None and quantize not in MODES:
+        raise ConfigError(f"quantize={quantize!r} must be one of {MODES} or None (float weights)")
 
     named = _named_models()
     if str(spec) in named:
@@ -93,13 +101,16 @@ def load_chat_model(spec: str | Path = DEFAULT_CHAT_MODEL, *, use_cache: bool = 
             from archlab.interop.gguf import GGUFFile, gguf_tokenizer, load_gguf
 
             file = GGUFFile(path)
-            return load_gguf(file), _with_template(gguf_tokenizer(file), path)
+            return load_gguf(file, quantize=quantize), _with_template(gguf_tokenizer(file), path)
     opened = open_run(path)
     if opened.tokenizer is None:
         raise CheckpointError(f"{path}: no tokenizer.json beside the model; chat needs the model's tokenizer")
     if not hasattr(opened.model, "decoder_step"):
         raise CheckpointError(f"{path} holds a {type(opened.model).__name__}, not a decoder-only language model")
-    return opened.model.eval(), _with_template(opened.tokenizer, path)
+    tokenizer = _with_template(opened.tokenizer, path)
+    if quantize is not None:
+        quantize_layers(opened.model, quantize)
+    return opened.model.eval(), tokenizer
 
 
 def _with_template(tokenizer, source: Path):

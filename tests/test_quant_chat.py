@@ -1,0 +1,68 @@
+"""Quantized chat models: load_chat_model(quantize=) and `archlab chat / generate --model ... --quantize`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from archlab.chat import Chat, load_chat_model
+from archlab.cli import main
+from archlab.errors import ConfigError
+from archlab.generation import generate
+from archlab.models.llama import Llama, LlamaConfig
+from archlab.quant import Int4Linear, Int8Linear
+
+sys.path.insert(0, str(Path(__file__).parent / "interop"))
+from gguf_files import TINY_TOKENIZER, TINY_TOKENS, write_llama_gguf  # noqa: E402
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path, monkeypatch):
+    """A random tiny chat Llama whose widths the int4 kernel takes (K divisible by 32, N by 16)."""
+    monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(TINY_TOKENS), max_len=96, d_model=32, n_heads=4, n_kv_heads=2, n_layers=2,
+                         d_ff=64)  # fmt: skip
+    model = Llama(config).eval()
+    with torch.no_grad():  # wide weights: replies vary
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.5)
+    return write_llama_gguf(tmp_path / "tiny.gguf", model, TINY_TOKENIZER)
+
+
+@pytest.mark.parametrize("mode, layer", [("int8", Int8Linear), ("int4", Int4Linear)])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_quantized_chat_model_replies_as_its_greedy_decoding(tiny_gguf, mode, layer, use_cache):
+    """Every block layer is quantized (the head int8), the report is kept, and Chat's streamed reply (KV cache,
+    the LM head not packed: it is not an nn.Linear) equals greedy decoding of the quantized model."""
+    model, tok = load_chat_model(tiny_gguf, quantize=mode, use_cache=use_cache)
+    assert isinstance(model.decoder.blocks[1].ffn.w2, layer) and isinstance(model.lm_head, Int8Linear)
+    assert len(model.quant_report.quantized) == 9 and model.new_cache().output is None
+    ids = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True)
+    out = generate(model, torch.tensor([ids]), max_new_tokens=8, stop_tokens=[tok.eos_id], pad_id=tok.eos_id)
+    expected = out[0, len(ids):].tolist()
+    expected = expected[: expected.index(tok.eos_id)] if tok.eos_id in expected else expected
+    assert Chat(model, tok, max_new_tokens=8).reply("hello") == tok.decode(expected)
+
+
+def test_cli_quantize_option(tiny_gguf, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("hello\n"))
+    assert main(["chat", "--model", str(tiny_gguf), "--json", "--max-new-tokens", "6", "--quantize", "int4"]) == 0
+    out, err = capsys.readouterr()
+    assert "9 of 9 linear layers quantized (int4, group_size=32)" in err
+    model, tok = load_chat_model(tiny_gguf, quantize="int4")
+    assert json.loads(out)["assistant"] == Chat(model, tok, max_new_tokens=6).reply("hello")
+    assert main(["generate", "--model", str(tiny_gguf), "--prompt", "hi", "--max-new-tokens", "4", "--json",
+                 "--quantize", "int8"]) == 0  # fmt: skip
+    assert "quantized (int8)" in capsys.readouterr().err
+    assert main(["generate", "some-run", "--prompt", "hi", "--quantize", "int8"]) == 2
+    assert "--quantize int8 goes with --model" in capsys.readouterr().err
+    assert main(["chat", "--model", str(tiny_gguf), "--quantize", "int3"]) == 2
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="quantize='int3'"):
+        load_chat_model(tiny_gguf, quantize="int3")
