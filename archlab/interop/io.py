@@ -22,9 +22,11 @@ from safetensors.torch import load_file, load_model as _st_load_model, save_file
 from torch import Tensor, nn
 
 from archlab.errors import CheckpointError, ConfigError
+from archlab.nn.lora import adapt, lora_description
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+LORA_METADATA = "archlab_lora"  # safetensors metadata of a LoRA-adapted model: its adapters, as JSON
 PICKLE_FILES = ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt")
 
 
@@ -218,6 +220,9 @@ def write_model(model: nn.Module, folder: Path) -> None:
         raise CheckpointError(f"{type(model).__name__} has no archlab config (model.config) to save")
     (folder / CONFIG_FILE).write_text(config.to_json() + "\n")
     metadata = {"format": "pt", "archlab": "1", "archlab_model": type(model).__name__}
+    adapters = lora_description(model)
+    if adapters:  # LoRA-adapted: load_model adapts the model it builds alike before reading the weights
+        metadata[LORA_METADATA] = json.dumps(adapters)
     _st_save_model(model, str(folder / WEIGHTS_FILE), metadata=metadata)
 
 
@@ -249,7 +254,8 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
         read_weights(folder)  # raises the precise error (pickle-only, or missing)
     try:
         with safe_open(str(weights), "pt") as f:
-            model_class = (f.metadata() or {}).get("archlab_model")
+            metadata = f.metadata() or {}
+            model_class = metadata.get("archlab_model")
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {e}") from None
     try:  # a class of another family, or a size beyond memory
@@ -258,6 +264,8 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
     except ConfigError as e:
         named = f" with the model class {model_class!r} that {weights.name}'s metadata names" if model_class else ""
         raise CheckpointError(f"{folder / CONFIG_FILE}{named}: {e}") from None
+    if LORA_METADATA in metadata:
+        _adapt_as_saved(model, metadata[LORA_METADATA], weights)
     state = read_safetensors(weights)
     expected = model.state_dict()
     # tied tensors are stored once; safetensors' load_model restores the ties
@@ -267,6 +275,15 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
     keep_stored_float_dtypes(model, state, str(weights))
     _st_load_model(model, str(weights), strict=False, device=str(map_location))
     return model
+
+
+def _adapt_as_saved(model: nn.Module, text: str, weights: Path) -> None:
+    """Put the LoRA adapters that ``weights``' metadata describes (:func:`archlab.nn.lora.lora_description`) on ``model``."""
+    try:
+        adapters = json.loads(text)
+        adapt(model, adapters)
+    except (json.JSONDecodeError, ConfigError, AttributeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{weights}: its LoRA adapters ({LORA_METADATA} metadata) do not fit the model: {e}") from None
 
 
 def keep_stored_float_dtypes(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:

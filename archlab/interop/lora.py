@@ -3,8 +3,10 @@
 A folder written by :func:`save_lora` holds
 
 * ``adapter_config.json``: ``{"format": "archlab-lora", "version": 1, "adapters": {name: {"r", "alpha",
-  "dropout"}}}``, one entry per adapted layer (its full module name);
-* ``adapter.safetensors``: ``{name}.lora_A [r, d_in]`` and ``{name}.lora_B [d_out, r]`` per layer.
+  "dropout", "blocks"}}}``, one entry per adapted layer (its full module name; ``blocks`` null for a whole
+  layer, else the row blocks ``{block: [start, stop]}`` of a fused projection, :class:`~archlab.nn.lora.LoRALinear`);
+* ``adapter.safetensors``: ``{name}.lora_A [r, d_in]`` and ``{name}.lora_B [d_out, r]`` per layer (with ``k``
+  blocks: ``[k r, d_in]`` and ``[rows of the blocks, r]``).
 
 :func:`load_lora` puts them on a model of the same architecture: a plain one (it calls
 :func:`~archlab.nn.lora.apply_lora` on exactly the recorded layers) or one already adapted on the
@@ -22,7 +24,7 @@ from torch import nn
 
 from archlab.errors import CheckpointError, ConfigError
 from archlab.interop.io import atomic_dir, check_state_dict, read_json, read_safetensors
-from archlab.nn.lora import apply_lora, check_lora_args, lora_layers
+from archlab.nn.lora import LoRALinear, adapt, check_lora_args, lora_description, lora_layers
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -46,16 +48,12 @@ def save_lora(model: nn.Module, folder: str | Path) -> None:
     description = {
         "format": FORMAT,
         "version": 1,
-        "adapters": {n: {"r": m.r, "alpha": m.alpha, "dropout": _dropout_of(m)} for n, m in layers.items()},
+        "adapters": lora_description(model),
     }
     with atomic_dir(folder) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
         tensors = {k: v.contiguous().clone() for k, v in lora_state_dict(model).items()}
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "archlab": FORMAT})
-
-
-def _dropout_of(m) -> float:
-    return float(getattr(m.dropout, "p", 0.0))
 
 
 def load_lora(model: nn.Module, folder: str | Path) -> nn.Module:
@@ -74,7 +72,8 @@ def load_lora(model: nn.Module, folder: str | Path) -> nn.Module:
     for name, spec in adapters.items():
         try:
             check_lora_args(spec["r"], spec["alpha"], spec["dropout"])
-        except (ConfigError, KeyError, TypeError) as e:
+            spec.setdefault("blocks", None)  # (version 1 folders written before row blocks: whole layers)
+        except (ConfigError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{folder / ADAPTER_CONFIG}: adapter {name!r} has a bad description: {e}") from None
     state = read_safetensors(folder / ADAPTER_WEIGHTS)
 
@@ -93,8 +92,12 @@ def load_lora(model: nn.Module, folder: str | Path) -> nn.Module:
         layer = modules[name]
         if not isinstance(layer, nn.Linear) and name not in existing:
             raise CheckpointError(f"{folder}: {name!r} is a {type(layer).__name__} in this model, not an nn.Linear")
-        expected[f"{name}.lora_A"] = torch.empty(spec["r"], layer.in_features, device="meta")
-        expected[f"{name}.lora_B"] = torch.empty(layer.out_features, spec["r"], device="meta")
+        try:  # the adapter's own shapes, built on the meta device
+            probe = LoRALinear(nn.Linear(layer.in_features, layer.out_features, device="meta"), spec["r"],
+                               spec["alpha"], spec["dropout"], spec["blocks"])  # fmt: skip
+        except ConfigError as e:
+            raise CheckpointError(f"{folder / ADAPTER_CONFIG}: adapter {name!r}: {e}") from None
+        expected[f"{name}.lora_A"], expected[f"{name}.lora_B"] = probe.lora_A, probe.lora_B
     check_state_dict(expected, state, str(folder / ADAPTER_WEIGHTS))
     for name, m in existing.items():
         if m.merged:
@@ -104,10 +107,13 @@ def load_lora(model: nn.Module, folder: str | Path) -> nn.Module:
                 f"{name}: the model's adapter has r={m.r}, alpha={m.alpha:g}; the saved one "
                 f"r={adapters[name]['r']}, alpha={adapters[name]['alpha']}"
             )
+        have = lora_description(model)[name]["blocks"]
+        if have != adapters[name]["blocks"]:
+            raise CheckpointError(f"{name}: the model's adapter covers row blocks {have}; the saved one "
+                                  f"{adapters[name]['blocks']}")  # fmt: skip
 
     if not existing:
-        for name, spec in adapters.items():
-            apply_lora(model, [name], r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"])
+        adapt(model, adapters)
     with torch.no_grad():
         for name, m in lora_layers(model).items():
             m.lora_A.copy_(state[f"{name}.lora_A"])

@@ -22,6 +22,8 @@ scores depend on ``i - j`` only, which a per-row shift leaves unchanged, so they
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -100,6 +102,11 @@ class DecoderLM(nn.Module):
     """
 
     config_cls: type[DecoderConfig] = DecoderConfig
+    #: LoRA targets by name (:func:`archlab.nn.lora.apply_lora`): the row blocks of every attention's fused
+    #: ``in_proj`` and its output projection (Hugging Face's q_proj, k_proj, v_proj, o_proj)
+    lora_names: ClassVar[dict[str, str]] = {
+        "q": "*.attn.in_proj:q", "k": "*.attn.in_proj:k", "v": "*.attn.in_proj:v", "o": "*.attn.out_proj",
+    }  # fmt: skip
 
     def __init__(self, config: DecoderConfig):
         super().__init__()

@@ -116,6 +116,9 @@ class Llama(DecoderLM):
     """
 
     config_cls = LlamaConfig
+    #: LoRA targets by name: q, k, v, o (:class:`DecoderLM`) and the SwiGLU's gate, up (rows of the fused ``ffn.w_in``)
+    #: and down (``ffn.w2``); Hugging Face's ``{q,k,v,o}_proj`` and ``{gate,up,down}_proj``
+    lora_names = {**DecoderLM.lora_names, "gate": "*.ffn.w_in:gate", "up": "*.ffn.w_in:up", "down": "*.ffn.w2"}
 
 
 register_family("llama", LlamaConfig, Llama, "Llama-style decoder: RMSNorm, SwiGLU, RoPE, grouped-query attention")

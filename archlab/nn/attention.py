@@ -603,6 +603,12 @@ class MultiHeadAttention(nn.Module):
         # a backend with its own parameters (Linformer's E, F; Performer's features), else None
         self.backend_module = build_attention_module(backend, d_k=self.d_k)
 
+    def fused_rows(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """The row blocks of ``in_proj`` ``[W_Q (A d_k); W_K (G d_k); W_V (G d_v)]``: ``q``, ``k``, ``v`` (LoRA targets
+        them by name, :mod:`archlab.nn.lora`)."""
+        q, k = self.n_heads * self.d_k, self.n_kv_heads * self.d_k
+        return {"in_proj": {"q": (0, q), "k": (q, q + k), "v": (q + k, q + k + self.n_kv_heads * self.d_v)}}
+
     def extra_repr(self) -> str:
         kv = "" if self.n_kv_heads == self.n_heads else f", n_kv_heads={self.n_kv_heads}"
         return f"d_model={self.d_model}, n_heads={self.n_heads}{kv}, d_k={self.d_k}, d_v={self.d_v}, backend={self.backend!r}"

@@ -66,6 +66,10 @@ class GatedFeedForward(nn.Module):
         self.w2 = Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
+    def fused_rows(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """The row blocks of ``w_in`` ``[W; V]``: ``gate`` and ``up`` (LoRA targets them by name, :mod:`archlab.nn.lora`)."""
+        return {"w_in": {"gate": (0, self.d_ff), "up": (self.d_ff, 2 * self.d_ff)}}
+
     def forward(self, x: Tensor) -> Tensor:
         gate, value = self.w_in(x).chunk(2, dim=-1)
         return self.w2(self.dropout(self.act(gate) * value))

@@ -19,6 +19,15 @@ matched against the full module names of ``model.named_modules()``, e.g.
     "decoder.blocks.0.*" every Linear of the first decoder block
 
 Globs rather than regular expressions: module names are dotted paths, and a glob reads like one.
+
+Row blocks of fused projections. archlab fuses some projections into one Linear: attention's
+``in_proj = [W_Q; W_K; W_V]``, a gated FFN's ``w_in = [W (gate); V (up)]``. The module holding such a
+Linear names its row blocks (``fused_rows()``, e.g. ``{"in_proj": {"q": (0, A d_k), "k": ..., "v": ...}}``)
+and a target ``GLOB:BLOCK`` adapts only those rows: ``"*.in_proj:q"`` and ``"*.in_proj:v"`` (the LoRA
+paper's choice) give every fused projection one adapter per named block, ``h_q = W_Q x + (alpha / r) B_q
+A_q x`` and likewise for ``v``, while the ``k`` rows stay ``W_K x``: exactly LoRA on separate ``q_proj`` and
+``v_proj`` layers. A model class may name its usual targets in ``lora_names`` (:class:`archlab.models.llama.Llama`:
+``q k v o gate up down``, Hugging Face's ``q_proj`` ... ``down_proj``), and those names are targets too.
 Each pattern must match at least one ``nn.Linear``; one that matches none raises
 :class:`~archlab.errors.ConfigError` naming it and listing the Linear layers there are
 (:func:`linear_names`). :func:`apply_lora` freezes every parameter of the model, then adds the
@@ -34,7 +43,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archlab.config import check_positive, check_probability, check_type
-from archlab.errors import ConfigError, ShapeError
+from archlab.errors import ConfigError, ShapeError, unknown
 
 
 class LoRALinear(nn.Module):
@@ -50,9 +59,16 @@ class LoRALinear(nn.Module):
 
     ``x [..., d_in] -> [..., d_out]``. Submodules and parameters: ``base`` (the wrapped ``nn.Linear``,
     ``W [d_out, d_in]``, ``b [d_out]``), ``lora_A [r, d_in]``, ``lora_B [d_out, r]``.
+
+    With ``blocks`` (``{name: (start, stop)}``, disjoint row ranges of ``W``) each block ``i`` has its own
+    adapter, ``h[start_i:stop_i] += (alpha / r) B_i A_i x``, and the other rows none: ``lora_A [k r, d_in]``
+    stacks ``A_1 .. A_k`` and ``lora_B [sum_i (stop_i - start_i), r]`` stacks ``B_1 .. B_k``, in row order.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float = 16.0, dropout: float = 0.0):
+    def __init__(
+        self, base: nn.Linear, r: int, alpha: float = 16.0, dropout: float = 0.0,
+        blocks: Mapping[str, tuple[int, int]] | None = None,
+    ):  # fmt: skip
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise ConfigError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
@@ -60,10 +76,13 @@ class LoRALinear(nn.Module):
         self.base = base
         self.r, self.alpha = r, float(alpha)
         self.scaling = self.alpha / r
+        self.blocks = None if blocks is None else _check_blocks(blocks, base.out_features)
+        n_blocks, rows = (1, base.out_features) if self.blocks is None else (
+            len(self.blocks), sum(stop - start for start, stop in self.blocks.values()))  # fmt: skip
         like = dict(dtype=base.weight.dtype, device=base.weight.device)
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the init nn.Linear gives its weight
+        self.lora_A = nn.Parameter(torch.empty(n_blocks * r, base.in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(rows, r, **like))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the init nn.Linear gives its weight (fan-in d_in)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
@@ -76,8 +95,28 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def delta_weight(self) -> Tensor:
-        """``(alpha / r) B A``, ``[d_out, d_in]``."""
-        return self.scaling * (self.lora_B @ self.lora_A)
+        """``(alpha / r) B A``, ``[d_out, d_in]`` (with blocks: ``(alpha / r) B_i A_i`` in block ``i``'s rows, 0 elsewhere)."""
+        if self.blocks is None:
+            return self.scaling * (self.lora_B @ self.lora_A)
+        parts = [(b @ a).T for a, b in self._block_pairs()]  # [d_in, rows_i]
+        return self.scaling * self._place(parts).T
+
+    def _block_pairs(self) -> list[tuple[Tensor, Tensor]]:
+        """``(A_i [r, d_in], B_i [rows_i, r])`` of each block, in row order."""
+        sizes = [stop - start for start, stop in self.blocks.values()]
+        return list(zip(self.lora_A.split(self.r), self.lora_B.split(sizes), strict=True))
+
+    def _place(self, parts: list[Tensor]) -> Tensor:
+        """Block ``i``'s ``[..., rows_i]`` at its rows of ``[..., d_out]``, zeros in the rows of no block."""
+        pieces, at = [], 0
+        for part, (start, stop) in zip(parts, self.blocks.values(), strict=True):
+            if start > at:
+                pieces.append(part.new_zeros(*part.shape[:-1], start - at))
+            pieces.append(part)
+            at = stop
+        if at < self.out_features:
+            pieces.append(parts[-1].new_zeros(*parts[-1].shape[:-1], self.out_features - at))
+        return torch.cat(pieces, dim=-1)
 
     @property
     def weight(self) -> Tensor:
@@ -97,7 +136,11 @@ class LoRALinear(nn.Module):
                 raise ConfigError("the LoRA adapters are merged into the weights and would not train: "
                                   "call unmerge_lora(model) before training")  # fmt: skip
             return self.base(x)
-        return self.base(x) + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        u = F.linear(self.dropout(x), self.lora_A)  # [..., k r]: every block's A x in one product
+        if self.blocks is None:
+            return self.base(x) + self.scaling * F.linear(u, self.lora_B)
+        parts = [F.linear(u_i, b) for u_i, (_, b) in zip(u.split(self.r, dim=-1), self._block_pairs(), strict=True)]
+        return self.base(x) + self.scaling * self._place(parts)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -116,7 +159,23 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha:g}, merged={self.merged}"
+        blocks = "" if self.blocks is None else f", blocks={list(self.blocks)}"
+        return f"r={self.r}, alpha={self.alpha:g}{blocks}, merged={self.merged}"
+
+
+def _check_blocks(blocks: Mapping[str, tuple[int, int]], rows: int) -> dict[str, tuple[int, int]]:
+    """``blocks`` sorted by row, each ``0 <= start < stop <= rows`` and none overlapping (else ConfigError)."""
+    if not isinstance(blocks, Mapping) or not blocks:
+        raise ConfigError(f"blocks={blocks!r} must name one or more row ranges, e.g. {{'q': (0, 64)}}")
+    out = {}
+    for name, span in sorted(blocks.items(), key=lambda item: tuple(item[1])):
+        if not (isinstance(span, tuple | list) and len(span) == 2 and all(isinstance(i, int) for i in span)
+                and 0 <= span[0] < span[1] <= rows):  # fmt: skip
+            raise ConfigError(f"LoRA block {name!r}: rows {span!r} must be (start, stop) with 0 <= start < stop <= {rows}")
+        if out and span[0] < list(out.values())[-1][1]:
+            raise ConfigError(f"LoRA blocks {list(out)[-1]!r} and {name!r} overlap: {list(out.values())[-1]} and {tuple(span)}")
+        out[name] = (span[0], span[1])
+    return out
 
 
 # ================================================================================================
@@ -160,33 +219,56 @@ def _parameter_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def _resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
+def _resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> dict[str, dict[str, tuple[int, int]] | None]:
+    """``{Linear name: its row blocks, or None for the whole layer}`` of the ``targets`` (see the module docstring)."""
     if isinstance(targets, str):
         targets = (targets,)
     if not isinstance(targets, Iterable) or not (targets := tuple(targets)) \
             or not all(isinstance(t, str) and t for t in targets):  # fmt: skip
         raise ConfigError(f"targets={targets!r} must be one or more non-empty glob patterns, e.g. ('*.in_proj',)")
+    names = getattr(model, "lora_names", {})
     available = linear_names(model)
     adapted = list(lora_layers(model))
-    chosen: list[str] = []
-    for pattern in targets:
+    chosen: dict[str, dict[str, tuple[int, int]] | None] = {}
+    for target in targets:
+        pattern, _, block = names.get(target, target).partition(":")
         hits = [n for n in available if fnmatch.fnmatchcase(n, pattern)]
         done = [n for n in adapted if fnmatch.fnmatchcase(n, pattern)]
         if done:
-            raise ConfigError(f"LoRA target {pattern!r} matches {_listing(done, 4)}, which already has a LoRA adapter")
+            raise ConfigError(f"LoRA target {target!r} matches {_listing(done, 4)}, which already has a LoRA adapter")
         if not hits:
+            named = f" or one of {type(model).__name__}'s names ({', '.join(names)})" if names else ""
             raise ConfigError(
-                f"LoRA target {pattern!r} matches no nn.Linear in {type(model).__name__} (patterns are globs over "
-                f"module names, '*' spans dots); Linear layers: {_listing(available)}"
+                f"LoRA target {target!r} matches no nn.Linear in {type(model).__name__} (patterns are globs over "
+                f"module names, '*' spans dots, ':BLOCK' picks a fused projection's rows{named}); "
+                f"Linear layers: {_listing(available)}"
             )
-        chosen += [n for n in hits if n not in chosen]
+        for name in hits:
+            rows = _block_rows(model, name, block, target) if block else None
+            if name in chosen and (chosen[name] is None) != (rows is None):
+                raise ConfigError(f"LoRA targets adapt {name!r} both whole and by row block ({target!r}): choose one")
+            chosen[name] = None if rows is None else {**(chosen.get(name) or {}), **rows}
     return chosen
+
+
+def _block_rows(model: nn.Module, name: str, block: str, target: str) -> dict[str, tuple[int, int]]:
+    """``{block: (start, stop)}`` of the Linear ``name``, from its parent module's ``fused_rows()``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    fused = parent.fused_rows() if hasattr(parent, "fused_rows") else {}
+    if child not in fused:
+        raise ConfigError(f"LoRA target {target!r}: {name!r} is not a fused projection with named row blocks "
+                          f"(only {', '.join(fused) or 'none'} in its {type(parent).__name__})")  # fmt: skip
+    if block not in fused[child]:
+        raise ConfigError(f"LoRA target {target!r}: " + unknown("row block", block, list(fused[child])) + f" of {name!r}")
+    return {block: fused[child][block]}
 
 
 def apply_lora(
     model: nn.Module, targets: str | Iterable[str], *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0
 ) -> nn.Module:
-    """Freeze ``model`` and wrap each ``nn.Linear`` whose name matches a glob in ``targets`` in a :class:`LoRALinear`.
+    """Freeze ``model`` and wrap each ``nn.Linear`` that ``targets`` name (globs, ``GLOB:BLOCK`` row blocks, or the
+    model's ``lora_names``) in a :class:`LoRALinear`.
 
     Changes ``model`` in place and returns it. Every parameter of the model is frozen
     (``requires_grad=False``); only the new ``lora_A`` / ``lora_B`` train (to train a new head as well,
@@ -195,9 +277,16 @@ def apply_lora(
     into it would change the embedding too.
     """
     check_lora_args(r, alpha, dropout)
-    names = _resolve_targets(model, targets)
+    layers = _resolve_targets(model, targets)
+    return adapt(model, {name: {"r": r, "alpha": alpha, "dropout": dropout, "blocks": blocks}
+                         for name, blocks in layers.items()})  # fmt: skip
+
+
+def adapt(model: nn.Module, adapters: Mapping[str, Mapping]) -> nn.Module:
+    """Freeze ``model`` and wrap the Linear layers named exactly in ``adapters`` (``{name: {"r", "alpha",
+    "dropout", "blocks"}}``, ``blocks`` None or ``{name: (start, stop)}``: :func:`lora_description`'s form)."""
     parameter_names = _parameter_names(model)  # one pass over the model, not one per target
-    for name in names:
+    for name in adapters:
         if not name:
             raise ConfigError("apply_lora adapts the Linear layers inside a model; wrap a bare nn.Linear in LoRALinear")
         own = f"{name}.weight"
@@ -208,11 +297,22 @@ def apply_lora(
                 "merged without changing that one too. Leave it out of targets"
             )
     model.requires_grad_(False)
-    for name in names:
+    for name, spec in adapters.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout))
+        blocks = spec.get("blocks")
+        blocks = None if blocks is None else {k: tuple(v) for k, v in blocks.items()}
+        setattr(parent, child, LoRALinear(getattr(parent, child), spec["r"], spec["alpha"], spec["dropout"], blocks))
     return model
+
+
+def lora_description(model: nn.Module) -> dict[str, dict]:
+    """``{layer: {"r", "alpha", "dropout", "blocks"}}`` of every adapter, JSON-able: what :func:`adapt` rebuilds."""
+    return {
+        name: {"r": m.r, "alpha": m.alpha, "dropout": float(getattr(m.dropout, "p", 0.0)),
+               "blocks": None if m.blocks is None else {k: list(v) for k, v in m.blocks.items()}}
+        for name, m in lora_layers(model).items()
+    }  # fmt: skip
 
 
 def _require_adapters(model: nn.Module) -> dict[str, LoRALinear]:

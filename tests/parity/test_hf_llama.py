@@ -203,3 +203,43 @@ def test_a_tied_config_with_a_head_that_differs_is_refused(tmp_path):
     write_hf_folder(tmp_path, hf.config.to_dict(), state)
     with pytest.raises(CheckpointError, match="lm_head.weight differs from model.embed_tokens.weight"):
         load_llama(tmp_path)
+
+
+class _ReferenceLoRA(torch.nn.Module):
+    """LoRA as the paper writes it on one separate Hugging Face projection: ``W x + b + s B A x``."""
+
+    def __init__(self, base, a, b, scaling):
+        super().__init__()
+        self.base, self.a, self.b, self.scaling = base, a.detach().clone(), b.detach().clone(), scaling
+
+    def forward(self, x):
+        return self.base(x) + self.scaling * (x @ self.a.T) @ self.b.T
+
+
+@pytest.mark.parametrize("name", ["gqa3-untied", "mqa-tied", "gqa3-tied-biases"])
+def test_lora_on_q_and_v_equals_hf_layout_lora_on_q_proj_and_v_proj(name, exact_float64):
+    """LoRA targets "q" and "v" on archlab's fused in_proj = one adapter each on HF's separate q_proj and v_proj
+    (k_proj left alone), in float64; the adapters' B random so the update is not zero."""
+    from archlab.nn.lora import apply_lora, lora_layers
+
+    hf = hf_llama(**CASES[name]).double()
+    ours, plain = archlab_from(hf).double(), archlab_from(hf).double()
+    apply_lora(ours, ["q", "v"], r=4, alpha=8.0)
+    g = torch.Generator().manual_seed(3)
+    q_rows = HEADS * ours.config.d_head
+    with torch.no_grad():
+        for i, layer in enumerate(hf.model.layers):
+            adapter = lora_layers(ours)[f"decoder.blocks.{i}.attn.in_proj"]
+            assert list(adapter.blocks) == ["q", "v"]
+            adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=g, dtype=torch.float64))
+            a_q, a_v = adapter.lora_A[:4], adapter.lora_A[4:]
+            b_q, b_v = adapter.lora_B[:q_rows], adapter.lora_B[q_rows:]
+            attn = layer.self_attn
+            attn.q_proj = _ReferenceLoRA(attn.q_proj, a_q, b_q, adapter.scaling)
+            attn.v_proj = _ReferenceLoRA(attn.v_proj, a_v, b_v, adapter.scaling)
+        ids, mask = padded_batch()
+        real = mask.bool()
+        ref = hf(ids, attention_mask=mask).logits
+        # without the adapters the logits differ: the update is really there
+        assert (plain(ids, attention_mask=mask)[real] - ref[real]).abs().max() > 1e-3
+        torch.testing.assert_close(ours(ids, attention_mask=mask)[real], ref[real], atol=1e-10, rtol=0)
