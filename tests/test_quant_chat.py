@@ -54,12 +54,12 @@ def test_cli_quantize_option(tiny_gguf, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("hello\n"))
     assert main(["chat", "--model", str(tiny_gguf), "--json", "--max-new-tokens", "6", "--quantize", "int4"]) == 0
     out, err = capsys.readouterr()
-    assert "9 of 9 linear layers quantized (int4, group_size=32)" in err
+    assert "9 of 9 linear layers quantized (int4, group_size=32, bfloat16 activations)" in err
     model, tok = load_chat_model(tiny_gguf, quantize="int4")
     assert json.loads(out)["assistant"] == Chat(model, tok, max_new_tokens=6).reply("hello")
     assert main(["generate", "--model", str(tiny_gguf), "--prompt", "hi", "--max-new-tokens", "4", "--json",
                  "--quantize", "int8"]) == 0  # fmt: skip
-    assert "quantized (int8)" in capsys.readouterr().err
+    assert "quantized (int8, bfloat16 activations)" in capsys.readouterr().err
     assert main(["generate", "some-run", "--prompt", "hi", "--quantize", "int8"]) == 2
     assert "--quantize int8 goes with --model" in capsys.readouterr().err
     assert main(["chat", "--model", str(tiny_gguf), "--quantize", "int3"]) == 2

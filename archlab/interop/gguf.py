@@ -308,12 +308,12 @@ def gguf_tokenizer(path: str | Path | GGUFFile) -> HFTokenizer:
         raise CheckpointError(f"{file.path}: {e}") from None
 
 
-def load_gguf(path: str | Path | GGUFFile, *, quantize: str | None = None, group_size: int = 32) -> Llama:
+def load_gguf(path: str | Path | GGUFFile, *, quantize: str | None = None, **options) -> Llama:
     """The archlab :class:`~archlab.models.llama.Llama` of a GGUF file, float32 weights, in eval mode.
 
     GGUF -> HF names and layout (:func:`read_gguf_llama`) -> archlab (:mod:`archlab.interop.llama`).
-    ``quantize="int8" | "int4"``: weight-only quantized linear layers (:func:`archlab.quant.quantize`, its
-    report in ``model.quant_report``). With int4 and ``group_size=32``, every linear layer of the blocks stored
+    ``quantize="int8" | "int4"``: weight-only quantized linear layers (:func:`archlab.quant.quantize` with
+    ``options``; its report in ``model.quant_report``). With int4 in groups of 32, every linear layer of the blocks stored
     in Q4_0/Q4_1 is built from its blocks as they are (:meth:`GGUFFile.int4_weight`; Q and K rows unpermuted,
     q|k|v and gate|up stacked as in the float path), so its values are the file's own; the rest (the LM head,
     other types: Q8_0 has a scale per 32 values where the int8 kernel has one per row) is quantized from floats.
@@ -321,12 +321,13 @@ def load_gguf(path: str | Path | GGUFFile, *, quantize: str | None = None, group
     file = _open(path)
     hf_config = hf_llama_config(file)
     config = config_from_llama(hf_config, source=str(file.path))
-    given, parts = _int4_linears(file, config) if quantize == "int4" and group_size == 32 else ({}, set())
+    direct = quantize == "int4" and options.get("group_size", 32) == 32
+    given, parts = _int4_linears(file, config) if direct else ({}, set())
     model = Llama(config)
     model.load_state_dict(archlab_state_from_llama(hf_llama_state(file, hf_config, parts), config))
     model.eval()
     if quantize is not None:
-        quantize_layers(model, quantize, group_size=group_size, weights=given)
+        quantize_layers(model, quantize, weights=given, **options)
     return model
 
 

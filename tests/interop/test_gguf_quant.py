@@ -56,7 +56,7 @@ def test_int4_llama_from_blocks_equals_quantized_float_llama(tmp_path, kind):
         for p in model.parameters():
             p.normal_(0, 0.3)
     path = write_llama_gguf(tmp_path / "tiny.gguf", model, linear_kind=kind)
-    direct = load_gguf(path, quantize="int4")
+    direct = load_gguf(path, quantize="int4", compute="float32")  # the exact equation (bfloat16: tests/test_quant.py)
     report = direct.quant_report
     blocks = [r for r in report.layers if r.name.startswith("decoder.blocks.")]
     assert len(blocks) == 8 and all(r.mode == "int4/g32" and "no float round trip" in r.note for r in blocks)
@@ -64,7 +64,7 @@ def test_int4_llama_from_blocks_equals_quantized_float_llama(tmp_path, kind):
 
     floats = load_gguf(path)  # the file's values decoded to float32: the dequantized weights themselves
     twin = copy.deepcopy(floats)  # with the head direct has: an int8 copy's dequantized weights
-    quantize(twin, "int8", skip=("decoder.*",))
+    quantize(twin, "int8", skip=("decoder.*",), compute="float32")
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         float_twin = copy.deepcopy(floats)
@@ -77,5 +77,5 @@ def test_int4_llama_from_blocks_equals_quantized_float_llama(tmp_path, kind):
         assert (direct(ids).double() - ref64).abs().max() <= bound
         if kind == Q.Q4_1:
             requantized = copy.deepcopy(floats)
-            quantize(requantized, "int4")
+            quantize(requantized, "int4", compute="float32")
             assert (requantized(ids).double() - ref64).abs().max() <= bound
