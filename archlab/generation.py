@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -278,6 +278,35 @@ def stream(
     caller iterates, so a chat front end can print each token as it arrives and stop when it likes
     (closing the iterator ends the decoding). The tokens are those :func:`generate` returns, step by step.
     """
+    stop = check_decoding(
+        model_or_step, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, seed=seed,
+    )  # fmt: skip
+    if pad_id is not None:
+        _check_int("pad_id", pad_id, 0)
+    if stop and pad_id is None:
+        raise ConfigError(f"stop_tokens={stop} needs pad_id: finished rows are filled with it")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ShapeError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {_shape(attention_mask)}")
+    stepper = _stepper(model_or_step, attention_mask, cache, use_cache)
+    return _decode(stepper, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, stop, pad_id, seed)
+
+
+def check_decoding(
+    model_or_step: Any,
+    input_ids: Tensor,
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    stop_tokens: Iterable[int],
+    seed: int | None,
+) -> list[int]:
+    """The checks every decoding loop makes before its first model call (ConfigError / ShapeError naming the
+    argument): the prompt ``input_ids [B, n0]``, ``max_new_tokens``, the sampling options (which act only when
+    ``do_sample``), ``seed``, and the context (:func:`check_room`). Returns ``stop_tokens`` as a list."""
     _check_tokens("input_ids", input_ids)
     _check_int("max_new_tokens", max_new_tokens, 0)
     _check_sampling(temperature, top_k, top_p)
@@ -288,17 +317,10 @@ def stream(
     stop = list(stop_tokens)
     for s in stop:
         _check_int("stop_tokens[i]", s, 0)
-    if pad_id is not None:
-        _check_int("pad_id", pad_id, 0)
-    if stop and pad_id is None:
-        raise ConfigError(f"stop_tokens={stop} needs pad_id: finished rows are filled with it")
     if seed is not None:
         _check_int("seed", seed, 0)
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ShapeError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {_shape(attention_mask)}")
     check_room(model_or_step, input_ids.shape[1], max_new_tokens)
-    stepper = _stepper(model_or_step, attention_mask, cache, use_cache)
-    return _decode(stepper, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, stop, pad_id, seed)
+    return stop
 
 
 @torch.no_grad()
@@ -325,6 +347,65 @@ def _decode(stepper, input_ids, max_new_tokens, do_sample, temperature, top_k, t
             finished |= torch.isin(next_ids, stop_ids)
             if bool(finished.all()):
                 break
+
+
+@torch.no_grad()
+def generate_batch(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    stop_tokens: Iterable[int] = (),
+    **sampling: Any,
+) -> list[list[int]]:
+    """Continue several prompts of different lengths together; returns each prompt's new tokens, in order.
+
+    The ``B`` prompts (lists of token ids) are left-padded to the longest, ``n0``, into ``[B, n0]`` with an
+    ``attention_mask`` marking the real tokens, and decoded in one batch by :func:`generate`: every step is
+    one forward pass over ``B`` rows. The decoder gives each row the positions it would have alone
+    (:func:`archlab.models.decoder.positions_from_mask`) and no query attends the padding, so with greedy
+    decoding each row's tokens are those ``generate`` gives its prompt alone (up to floating-point near-ties
+    in the batched products). A row ends at its first stop token, which its output keeps; the others go on.
+    With ``do_sample=True`` (and ``temperature``, ``top_k``, ``top_p``, ``seed``: the ``sampling`` options of
+    :func:`generate`) every row samples from its own distribution, the draws shared out from one generator.
+
+    Args:
+        model: a decoder-only model with ``decoder_step(attention_mask)`` and ``new_cache()`` (GPT, Llama).
+        prompts: ``B >= 1`` non-empty lists of token ids.
+        max_new_tokens: at most this many new tokens per row.
+        stop_tokens: ids that end a row.
+
+    Returns:
+        ``B`` lists: row ``b``'s new tokens, up to and including its stop token (at most ``max_new_tokens``).
+    """
+    if isinstance(prompts, (str, bytes, Tensor)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ConfigError(f"prompts must be a non-empty list of token-id lists, got {_shape(prompts)}")
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence) or not prompt:
+            raise ConfigError(f"prompts[{i}] must be a non-empty list of token ids, got {prompt!r:.60}")
+        for token in prompt:
+            _check_int(f"prompts[{i}][j]", token, 0)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a decoder-only model (generate_batch pads for it), got {type(model).__name__}")
+    stop = list(stop_tokens)
+    n0 = max(len(p) for p in prompts)
+    device = next(model.parameters()).device
+    input_ids = torch.zeros(len(prompts), n0, dtype=torch.long, device=device)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, n0 - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, n0 - len(prompt) :] = 1
+    out = generate(
+        model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, stop_tokens=stop,
+        pad_id=0 if stop else None, **sampling,
+    )[:, n0:].tolist()  # fmt: skip
+    return [_through_first(row, stop) for row in out]
+
+
+def _through_first(tokens: list[int], stop: list[int]) -> list[int]:
+    """``tokens`` up to and including the first of ``stop`` (all of them when none occurs)."""
+    ends = [i for i, t in enumerate(tokens) if t in stop]
+    return tokens[: ends[0] + 1] if ends else tokens
 
 
 # ================================================================================================

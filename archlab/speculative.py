@@ -1,0 +1,396 @@
+r"""Speculative (draft-and-verify) decoding: a cheap draft proposes ``k`` tokens, the model checks them in one pass.
+
+One round, for the sequence ``x`` so far (prompt + generated):
+
+1. a draft proposes ``d_1 .. d_k`` with the distributions ``q_1 .. q_k`` it drew them from (a deterministic
+   draft, such as prompt lookup, has a one-hot ``q_i``);
+2. the model (the *target*) reads ``x``'s last token and ``d_1 .. d_k`` in one forward pass over its KV cache,
+   giving ``p_1 .. p_{k+1}`` (``p_i``: its next-token distribution after ``x, d_1 .. d_{i-1}``);
+3. ``d_i`` is accepted while ``u_i < p_i(d_i) / q_i(d_i)``, ``u_i ~ U(0, 1)``, i.e. with probability
+   ``min(1, p/q)``; the first rejected position takes a token from ``norm(max(0, p_i - q_i))``, and when all
+   ``k`` are accepted a bonus token comes from ``p_{k+1}``. Greedy decoding accepts ``d_i`` while it is
+   ``argmax p_i`` and takes ``argmax p_i`` at the first mismatch;
+4. the caches are cropped back to the accepted tokens (:meth:`archlab.nn.DecodingCache.crop`).
+
+A round yields 1 to ``k + 1`` tokens for one pass of the target. The rule (Leviathan et al. 2023, Chen et
+al. 2023) makes each token's distribution exactly the target's, whatever the draft: sampled output is
+distributed as :func:`archlab.generation.generate` with ``do_sample=True`` (with the same ``temperature``,
+``top_k``, ``top_p``, which act on ``p`` and on a draft model's ``q`` alike), and greedy output is
+``generate``'s tokens (up to floating-point near-ties: the target scores ``k + 1`` positions in one product
+instead of one at a time). A good draft only makes it faster.
+
+Drafts (:func:`make_draft` builds them from a name):
+
+* ``"lookup"``, :class:`PromptLookup`: the longest recent n-gram of the text found earlier in the prompt or
+  the text proposes what followed it there; no model at all, and right often when the output quotes its
+  input (explaining or summarising a given text, editing code);
+* ``"layers:M"``, :class:`DraftModel` of :func:`first_layers`: the model's first ``M`` blocks with its final
+  norm and LM head (the same weights, nothing copied); or any smaller model with the same vocabulary.
+
+Batch size 1: the rows of a batch would accept different numbers of tokens, and so need ragged caches. The
+target and a draft model need KV caches that can be cropped (GPT, Llama); other models are refused.
+Call ``model.eval()`` first if it has dropout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from archlab.errors import ConfigError, ShapeError
+from archlab.generation import _check_ids_in_vocab, _check_int, check_decoding, filter_logits
+from archlab.models.decoder import DecoderLM
+
+DRAFTS = ("lookup", "layers:M")  # the names make_draft knows
+
+
+@dataclasses.dataclass
+class SpeculativeStats:
+    """What a speculative run did; filled in as it decodes.
+
+    Attributes:
+        drafted: draft tokens the target checked.
+        accepted: of those, the tokens kept.
+        target_passes: forward passes of the target that produced tokens (plain decoding makes one per token;
+            the prompt's prefill is not counted).
+        draft_passes: forward passes of a draft model (0 for prompt lookup).
+        generated: tokens yielded.
+    """
+
+    drafted: int = 0
+    accepted: int = 0
+    target_passes: int = 0
+    draft_passes: int = 0
+    generated: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """``accepted / drafted``; None before anything was drafted."""
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def tokens_per_pass(self) -> float | None:
+        """``generated / target_passes``: 1 for plain decoding, up to ``k + 1``."""
+        return self.generated / self.target_passes if self.target_passes else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "acceptance_rate": self.acceptance_rate, "tokens_per_pass": self.tokens_per_pass}
+
+
+class SpeculativeOutput(NamedTuple):
+    """``sequences [1, n0 + t]`` (the prompt and its continuation) and the run's :class:`SpeculativeStats`."""
+
+    sequences: Tensor
+    stats: SpeculativeStats
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How tokens are chosen from logits, for the target and a draft model alike: greedy, or sampled after
+    :func:`archlab.generation.filter_logits`, drawing from ``generator`` (None: the global RNG)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None
+
+    def probs(self, logits: Tensor) -> Tensor:
+        """``logits [..., V] -> [..., V]``: the distribution tokens are sampled from."""
+        return filter_logits(logits.float(), temperature=self.temperature, top_k=self.top_k, top_p=self.top_p).softmax(-1)
+
+    def pick(self, logits: Tensor) -> tuple[int, Tensor | None]:
+        """``logits [V]`` -> a token and the distribution ``q [V]`` it was drawn from (None when greedy)."""
+        if not self.do_sample:
+            return int(logits.argmax()), None
+        q = self.probs(logits)
+        return self.draw(q), q
+
+    def draw(self, weights: Tensor) -> int:
+        """One token from ``weights [V] >= 0`` (normalised here)."""
+        return int(torch.multinomial(weights, 1, generator=self.generator))
+
+    def uniform(self) -> float:
+        return float(torch.rand((), generator=self.generator, device=None if self.generator is None else self.generator.device))
+
+
+class Draft(Protocol):
+    """Proposes tokens to follow a sequence."""
+
+    def propose(self, tokens: list[int], k: int, sampling: Sampling) -> tuple[list[int], Tensor | None]:
+        """Up to ``k`` tokens to follow ``tokens`` (prompt + generated), and the distributions ``q [k', V]`` they
+        were drawn from; ``None``: each was certain (a one-hot ``q``). May propose none."""
+        ...
+
+
+# ================================================================================================
+# Drafts
+# ================================================================================================
+
+
+def prompt_lookup(tokens: Sequence[int], k: int, max_ngram: int) -> list[int]:
+    """The ``<= k`` tokens that followed the longest match of ``tokens``' last ``n <= max_ngram`` tokens earlier
+    in ``tokens`` (the most recent match of that length); ``[]`` when the last token never occurred before.
+
+    ``[5, 1, 2, 3, 9, 1, 2]``, ``k=2``: the suffix ``1 2`` occurred at 1..2, followed by ``3 9``: returns ``[3, 9]``.
+    """
+    n, last = len(tokens), tokens[-1] if tokens else None
+    best_len, best_end = 0, -1
+    for j in range(n - 2, -1, -1):  # earlier places of the last token, most recent first
+        if tokens[j] != last:
+            continue
+        m = 1
+        while m < max_ngram and j - m >= 0 and tokens[j - m] == tokens[n - 1 - m]:
+            m += 1
+        if m > best_len:
+            best_len, best_end = m, j
+            if m == max_ngram:
+                break
+    return [] if best_end < 0 else list(tokens[best_end + 1 : best_end + 1 + k])
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLookup:
+    """Draft by copying (:func:`prompt_lookup`): n-grams of up to ``max_ngram`` tokens, longest first."""
+
+    max_ngram: int = 3
+
+    def __post_init__(self) -> None:
+        _check_int("max_ngram", self.max_ngram, 1)
+
+    def propose(self, tokens: list[int], k: int, sampling: Sampling) -> tuple[list[int], Tensor | None]:
+        return prompt_lookup(tokens, k, self.max_ngram), None
+
+
+class DraftModel:
+    """Draft with a smaller decoder-only model that shares the target's vocabulary (e.g. :func:`first_layers`).
+
+    It decodes ``k`` tokens with its own KV cache, chosen as the target chooses (greedy, or sampled with the
+    same filters). Between rounds it keeps what it has read that is still part of the sequence and reads the
+    rest, so one draft serves successive calls on a growing text (the turns of a chat).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.cache = _croppable_cache(model, "draft model")
+        self.read: list[int] = []  # the tokens in self.cache
+        self.device = next(model.parameters()).device
+
+    def propose(self, tokens: list[int], k: int, sampling: Sampling) -> tuple[list[int], Tensor | None]:
+        kept = sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(self.read, tokens[:-1])))
+        self.cache.crop(kept)
+        del self.read[kept:]
+        new, drafts, qs = tokens[kept:], [], []
+        step = _step(self.model, keep=1)
+        for _ in range(k):
+            logits = step(torch.tensor([new], device=self.device), self.cache)[0, -1]  # [V]
+            self.read.extend(new)
+            token, q = sampling.pick(logits)
+            drafts.append(token)
+            qs.append(q)
+            new = [token]
+        return drafts, (torch.stack(qs) if sampling.do_sample and qs else None)
+
+
+def first_layers(model: DecoderLM, n_layers: int) -> DecoderLM:
+    """A draft model: ``model``'s embeddings and first ``n_layers`` blocks, then its final norm and LM head.
+
+    ``[B, N] -> [B, N, V]`` like ``model``. Every submodule is ``model``'s own (the same Parameters, nothing
+    copied; a change to the model's weights is the draft's too); only the config (``n_layers``) is new.
+    The early layers' hidden state read through the final norm and head is a rough next-token guess, the
+    idea of early-exit drafting (self-speculative decoding: Zhang et al. 2023, LayerSkip: Elhoushi et al. 2024).
+    """
+    if not isinstance(model, DecoderLM):
+        raise ConfigError(f"first_layers needs a decoder-only model (GPT, Llama), got {type(model).__name__}")
+    total = model.config.n_layers
+    if not isinstance(n_layers, int) or isinstance(n_layers, bool) or not 1 <= n_layers < total:
+        raise ConfigError(f"n_layers={n_layers!r}: a draft from the first layers of this {total}-layer "
+                          f"{type(model).__name__} takes 1 to {total - 1} of them")  # fmt: skip
+    with torch.device("meta"):  # the skeleton allocates nothing; every part is replaced by the model's
+        draft = type(model)(dataclasses.replace(model.config, n_layers=n_layers))
+    for name, child in model.named_children():
+        if name != "decoder":
+            setattr(draft, name, child)
+    draft.decoder.blocks = nn.ModuleList(model.decoder.blocks[:n_layers])
+    draft.decoder.final_norm = model.decoder.final_norm
+    unshared = [name for name, t in itertools.chain(draft.named_parameters(), draft.named_buffers()) if t.is_meta]
+    if unshared:
+        raise ConfigError(f"first_layers: {type(model).__name__} has parts it cannot share: {', '.join(unshared)}")
+    return draft.train(model.training)
+
+
+def make_draft(draft: str | Draft, model: nn.Module) -> Draft:
+    """``"lookup"`` -> :class:`PromptLookup`; ``"layers:M"`` -> :class:`DraftModel` of ``first_layers(model, M)``;
+    a draft object (anything with ``propose``) as it is."""
+    if not isinstance(draft, str):
+        if not callable(getattr(draft, "propose", None)):
+            raise ConfigError(f"draft must be one of {DRAFTS} or a draft with propose(), got {type(draft).__name__}")
+        return draft
+    if draft == "lookup":
+        return PromptLookup()
+    name, _, layers = draft.partition(":")
+    if name == "layers" and layers.isdigit():
+        return DraftModel(first_layers(model, int(layers)))
+    raise ConfigError(f"draft={draft!r} is not one of {DRAFTS} (M: how many of the model's first layers draft)")
+
+
+# ================================================================================================
+# Decoding
+# ================================================================================================
+
+
+def _croppable_cache(model: Any, role: str):
+    """A fresh cache of ``model`` that :meth:`crop` can roll back; ConfigError for models without one."""
+    make = getattr(model, "decoder_step", None)
+    if not isinstance(model, nn.Module) or make is None or not callable(getattr(model, "new_cache", None)):
+        raise ConfigError(f"the {role} must be a decoder-only model with decoder_step() and new_cache() (GPT, Llama), "
+                          f"got {type(model).__name__}")  # fmt: skip
+    cache = model.new_cache()
+    if not callable(getattr(cache, "crop", None)):
+        raise ConfigError(
+            f"the {role} {type(model).__name__} keeps a {type(cache).__name__}, which cannot be cropped back to the "
+            "accepted tokens: speculative decoding needs a KV cache (GPT, Llama)"
+        )
+    return cache
+
+
+def _step(model: nn.Module, keep: int | None):
+    """``model``'s step returning the last ``keep`` positions' logits (None: all)."""
+    if keep is not None and "logits_to_keep" in inspect.signature(model.decoder_step).parameters:
+        return model.decoder_step(logits_to_keep=keep)
+    return model.decoder_step()
+
+
+@torch.no_grad()
+def speculative_generate(
+    model: nn.Module,
+    input_ids: Tensor,
+    *,
+    max_new_tokens: int,
+    draft: str | Draft = "lookup",
+    draft_tokens: int = 5,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Iterable[int] = (),
+    seed: int | None = None,
+) -> SpeculativeOutput:
+    """Continue ``input_ids [1, n0]`` by up to ``max_new_tokens`` with draft-and-verify decoding (module docstring).
+
+    Returns ``sequences [1, n0 + t]`` and the :class:`SpeculativeStats`. The output is that of
+    :func:`archlab.generation.generate` with the same arguments: the same tokens when greedy, the same
+    distribution when sampling. A generated stop token ends the output (kept in it).
+
+    Args:
+        model: the target, a decoder-only model with a KV cache (GPT, Llama), in eval mode.
+        input_ids: ``[1, n0]``: batch size 1.
+        draft: ``"lookup"``, ``"layers:M"``, or a :class:`Draft` (see :func:`make_draft`).
+        draft_tokens: ``k``, the most tokens drafted per round.
+        do_sample, temperature, top_k, top_p, seed: as :func:`~archlab.generation.generate`.
+        stop_tokens: ids that end the output.
+    """
+    stats = SpeculativeStats()
+    steps = list(speculative_stream(
+        model, input_ids, max_new_tokens=max_new_tokens, draft=draft, draft_tokens=draft_tokens, do_sample=do_sample,
+        temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, seed=seed, stats=stats,
+    ))  # fmt: skip
+    new = torch.cat(steps).to(input_ids)[None] if steps else input_ids[:, :0]
+    return SpeculativeOutput(torch.cat([input_ids, new], dim=1), stats)
+
+
+def speculative_stream(
+    model: nn.Module,
+    input_ids: Tensor,
+    *,
+    max_new_tokens: int,
+    draft: str | Draft = "lookup",
+    draft_tokens: int = 5,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Iterable[int] = (),
+    seed: int | None = None,
+    stats: SpeculativeStats | None = None,
+) -> Iterator[Tensor]:
+    """:func:`speculative_generate`, token by token: yields each new token as a ``[1]`` tensor, as
+    :func:`archlab.generation.stream` does, so a chat front end can use either. The arguments are checked
+    at the call; ``stats`` (if given) is filled in as decoding runs."""
+    stop = check_decoding(
+        model, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+        top_p=top_p, stop_tokens=stop_tokens, seed=seed,
+    )  # fmt: skip
+    if input_ids.shape[0] != 1:
+        raise ShapeError(f"speculative decoding takes one sequence, input_ids [1, n0]; got {tuple(input_ids.shape)} "
+                         "(its rows would accept different numbers of tokens): decode the rows one by one")  # fmt: skip
+    _check_int("draft_tokens", draft_tokens, 1)
+    if stats is not None and not isinstance(stats, SpeculativeStats):
+        raise ConfigError(f"stats must be a SpeculativeStats, got {type(stats).__name__}")
+    cache = _croppable_cache(model, "model")
+    drafter = make_draft(draft, model)
+    generator = None if seed is None else torch.Generator(device=input_ids.device).manual_seed(seed)
+    sampling = Sampling(do_sample, temperature, top_k, top_p, generator)
+    return _speculate(model, cache, drafter, input_ids, max_new_tokens, draft_tokens, sampling, stop,
+                      SpeculativeStats() if stats is None else stats)  # fmt: skip
+
+
+@torch.no_grad()
+def _speculate(model, cache, drafter, input_ids, max_new_tokens, k, sampling, stop, stats):
+    """The rounds of :func:`speculative_stream` (arguments checked). The target's cache always holds every
+    token of the sequence but the last, which the next round feeds with its drafts."""
+    tokens = input_ids[0].tolist()
+    if len(tokens) > 1:
+        _step(model, keep=1)(input_ids[:, :-1], cache)
+    verify = _step(model, keep=None)
+    produced = 0
+    while produced < max_new_tokens:
+        drafts, q = drafter.propose(tokens, min(k, max_new_tokens - produced - 1), sampling)
+        fed = torch.tensor([[tokens[-1], *drafts]], dtype=input_ids.dtype, device=input_ids.device)
+        logits = verify(fed, cache)[0]  # [1 + k', V]: p_1 .. p_{k'+1}
+        if stats.target_passes == 0:
+            _check_ids_in_vocab(logits.shape[-1], **{f"stop_tokens[{i}]": s for i, s in enumerate(stop)})
+        if q is not None and q.shape[-1] != logits.shape[-1]:
+            raise ConfigError(f"the draft model's vocabulary ({q.shape[-1]} tokens) is not the model's ({logits.shape[-1]})")
+        new = accept(drafts, q, logits, sampling)
+        stats.drafted += len(drafts)
+        stats.accepted += len(new) - 1
+        stats.target_passes += 1
+        stats.draft_passes += len(drafts) if isinstance(drafter, DraftModel) else 0
+        cache.crop(len(tokens) + len(new) - 1)  # the sequence and the accepted drafts; the new last token is not read
+        for token in new:
+            tokens.append(token)
+            produced += 1
+            stats.generated += 1
+            yield torch.tensor([token], device=input_ids.device)
+            if token in stop:
+                return
+
+
+def accept(drafts: list[int], q: Tensor | None, logits: Tensor, sampling: Sampling) -> list[int]:
+    """The verification rule: the accepted drafts and one token of the target's; ``1 .. k + 1`` tokens.
+
+    ``drafts``: ``d_1 .. d_k``; ``q [k, V]`` their draft distributions (None: one-hot on ``d_i``);
+    ``logits [k + 1, V]``: the target's at ``p_1 .. p_{k+1}``. Sampling accepts ``d_i`` with probability
+    ``min(1, p_i(d_i) / q_i(d_i))``; the first rejection draws from ``norm(max(0, p_i - q_i))``, and with every
+    draft accepted the last token comes from ``p_{k+1}``. Greedy keeps ``d_i`` while it is ``argmax p_i``.
+    """
+    if not sampling.do_sample:
+        best = logits.argmax(dim=-1).tolist()
+        n = next((i for i, d in enumerate(drafts) if d != best[i]), len(drafts))
+        return [*drafts[:n], best[n]]
+    p = sampling.probs(logits)
+    for i, d in enumerate(drafts):
+        p_d, q_d = float(p[i, d]), 1.0 if q is None else float(q[i, d])
+        if sampling.uniform() * q_d < p_d:  # u < p/q: accepted
+            continue
+        q_i = torch.nn.functional.one_hot(torch.tensor(d), p.shape[-1]).to(p) if q is None else q[i]
+        residual = (p[i] - q_i).clamp_min(0)
+        return [*drafts[:i], sampling.draw(residual if float(residual.sum()) > 0 else p[i])]
+    return [*drafts, sampling.draw(p[len(drafts)])]
