@@ -135,7 +135,7 @@ def test_a_malformed_trainer_state_is_refused_naming_file_key_and_value(run_dir,
     assert words in error_line(capsys, "train", run_dir, "--resume", "--set", "train.steps=6")
 
 
-def test_a_malformed_torch_rng_state_and_scheduler_structure_are_refused(run_dir, capsys):
+def test_malformed_rng_scheduler_and_optimizer_values_are_refused(run_dir, capsys):
     ckpt = last(run_dir)
     rng = load_file(str(ckpt / "rng.safetensors"))
     save_file({"rank0/torch": rng["rank0/torch"][:10].clone()}, str(ckpt / "rng.safetensors"))
@@ -145,6 +145,11 @@ def test_a_malformed_torch_rng_state_and_scheduler_structure_are_refused(run_dir
     edit_json(ckpt / "trainer_state.json", lambda s: {**s, "scheduler": {**s["scheduler"], "last_epoch": "x"}})
     line = error_line(capsys, "train", run_dir, "--resume", "--set", "train.steps=6")
     assert "trainer_state.json: scheduler.last_epoch='x' must be an integer" in line
+    edit_json(ckpt / "trainer_state.json", lambda s: {**s, "scheduler": {**s["scheduler"], "last_epoch": 4}})
+    edit_json(ckpt / "trainer_state.json", lambda s: {**s, "optimizer": {**s["optimizer"], "param_groups": [
+        {**s["optimizer"]["param_groups"][0], "lr": "abc"}, *s["optimizer"]["param_groups"][1:]]}})
+    line = error_line(capsys, "train", run_dir, "--resume", "--set", "train.steps=6")
+    assert "trainer_state.json: optimizer.param_groups[0].lr='abc' must be a number" in line
 
 
 # -- 5. a metrics.jsonl cut by a kill -------------------------------------------------------------------------------

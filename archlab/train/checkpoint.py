@@ -249,7 +249,7 @@ def check_like(template: Any, value: Any, where: str) -> None:
             for k in t:
                 walk(t[k], v[str(k)], f"{path}.{k}")
         elif isinstance(t, list | tuple):
-            if not isinstance(v, list) or len(v) != len(t):
+            if not isinstance(v, list | tuple) or len(v) != len(t):
                 fail(path, v, f"a list of {len(t)} entries")
             for i, (a, b) in enumerate(zip(t, v)):
                 walk(a, b, f"{path}[{i}]")

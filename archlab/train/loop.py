@@ -423,6 +423,9 @@ class Trainer:
         mine = ckpt.state["ranks"][self.env.rank]
         state_file = path / STATE_FILE
         check_like(self.scheduler.state_dict(), ckpt.state["scheduler"], f"{state_file}: scheduler")
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.state_dict()["param_groups"]]
+        stored = [{k: g.get(k) for k in groups[0]} if isinstance(g, dict) else g for g in ckpt.optimizer["param_groups"]]
+        check_like(groups, stored, f"{state_file}: optimizer.param_groups")  # lr, betas, ... as this run's
         resumes_data = mine["data"] is not None and hasattr(self.train_batches, "load_state_dict")
         if resumes_data:
             check_like(self.train_batches.state_dict(), mine["data"], f"{state_file}: ranks[{self.env.rank}].data")
