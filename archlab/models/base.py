@@ -40,6 +40,9 @@ class ModelConfig:
     """The declarations of a family's config (mixed into its frozen :class:`~archlab.config.Config`)."""
 
     inputs: ClassVar[str] = "tokens"
+    #: Fields that change how the model trains or which kernels run it, not what its weights compute: a run that
+    #: starts from pretrained weights (``model.init``, :mod:`archlab.train.run`) may set these and no others.
+    tunable: ClassVar[tuple[str, ...]] = ("dropout", "attn_dropout", "backend", "grad_clip")
 
     @property
     def context_length(self) -> int | None:

@@ -31,7 +31,7 @@ WARMUP_CAP = 100
 #: resolved, since ``warmup=None`` follows ``steps``.
 TRAJECTORY_FIELDS = (
     "task", "lr", "schedule", "warmup_steps", "min_lr", "betas", "eps", "weight_decay", "clip", "grad_accum",
-    "batch_size", "label_smoothing", "seed", "precision",
+    "batch_size", "label_smoothing", "seed", "precision", "lora", "lora_r", "lora_alpha", "lora_dropout",
 )  # fmt: skip
 
 
@@ -72,6 +72,11 @@ class TrainConfig(Config):
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``.
         parallel: under ``torchrun`` with several processes, ``ddp`` (replicated weights) or ``fsdp``
             (FSDP2 ``fully_shard``: weights, gradients and optimiser state sharded).
+        lora: train LoRA adapters on these layers instead of every weight (:func:`archlab.nn.lora.apply_lora`'s
+            targets: globs over module names, ``GLOB:BLOCK`` row blocks of a fused projection, or the family's
+            names, e.g. ``["q", "v"]`` for a Llama); ``()`` trains every parameter.
+        lora_r, lora_alpha, lora_dropout: the adapters' rank ``r``, scale ``alpha`` (update ``(alpha / r) B A x``)
+            and input dropout.
         progress: show a tqdm bar (rank 0).
         tensorboard: also write TensorBoard events when ``tensorboard`` is installed.
     """
@@ -100,6 +105,10 @@ class TrainConfig(Config):
     grad_checkpointing: bool = False
     device: str = "auto"
     parallel: str = "ddp"
+    lora: tuple[str, ...] = ()
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
     progress: bool = True
     tensorboard: bool = True
 
@@ -130,6 +139,12 @@ class TrainConfig(Config):
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("device", self.device, DEVICES)
         check_choice("parallel", self.parallel, PARALLEL)
+        if self.lora:
+            require(all(isinstance(t, str) and t for t in self.lora),
+                    f"lora={list(self.lora)!r} must name layers, e.g. ['q', 'v'] or ['*.in_proj']")  # fmt: skip
+        check_positive("lora_r", self.lora_r)
+        check_positive("lora_alpha", self.lora_alpha)
+        check_probability("lora_dropout", self.lora_dropout)
         require(self.batch_size % self.grad_accum == 0,
                 f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")  # fmt: skip
 

@@ -15,6 +15,23 @@ A run description (a file ``RUN.json``, or a preset name plus ``--set`` assignme
 * train: ``task`` is the family's; ``clip`` is the model config's ``grad_clip`` when the run does not
   set ``train.clip`` itself (the recurrent families carry their recommended max-norm there).
 
+Starting from pretrained weights: ``model.init`` names them (``archlab.interop.pretrained``: ``smollm2-135m-instruct``,
+a ``.gguf`` file, a Hugging Face or archlab model folder, or a run folder: its latest checkpoint), and the preset
+names their family (``{"model": {"preset": "smollm2-135m", "init": "smollm2-135m-instruct"}}``). Then
+
+* the model config is the weights' own: the run may set only the fields its class declares ``tunable``
+  (dropout, attention backend), and a shape or any other field set to another value is a ConfigError;
+* the text is read with the weights' tokenizer (``data.tokenizer`` stays ``auto``; another one is refused), and
+  ``vocab_size`` is the weights' (the tokenizer's ids must fit it);
+* ``data.seq_len`` defaults to the model's context, at most :data:`PRETRAINED_SEQ_LEN`, and ``train.lr`` to
+  :data:`PRETRAINED_LR` (fine-tuning moves the weights less than training from scratch); each is said;
+* ``run.json`` records ``model.init`` as given; resume, eval and generate read the run's own checkpoints (resume
+  and eval read ``model.init``'s config again, so it must stay where it was, as a data file must).
+
+``train.lora`` trains LoRA adapters on the layers it names instead of every weight (``["q", "v"]``: the row
+blocks of the fused attention projection, :mod:`archlab.nn.lora`); checkpoints hold the adapted model, which
+``archlab.interop.io.load_model`` rebuilds with its adapters.
+
 The out dir of a run::
 
     run.json          the resolved description (``eval`` and ``generate`` read it back)
@@ -45,8 +62,19 @@ from archlab.data.tokenizers import TOKENIZER_FILE
 from archlab.errors import CheckpointError, ConfigError, DataError, unknown
 from archlab.generation import beam_search, check_room, expand_for_beams, generate
 from archlab.interop.convert import convert
-from archlab.interop.io import CONFIG_FILE, WEIGHTS_FILE, load_model, write_text_atomic
-from archlab.models.registry import FAMILIES, Family, build_model, check_fits_in_memory, get_config, get_preset
+from archlab.interop.io import CONFIG_FILE, WEIGHTS_FILE, load_model, read_config, write_text_atomic
+from archlab.interop.pretrained import archlab_folder, locate_pretrained
+from archlab.models.registry import (
+    FAMILIES,
+    PRESETS,
+    Family,
+    build_model,
+    check_fits_in_memory,
+    family_of,
+    get_config,
+    get_preset,
+)
+from archlab.nn.lora import apply_lora, lora_layers, lora_report, unload_lora
 from archlab.train import distributed as D
 from archlab.train.checkpoint import check_model_config, latest_checkpoint, load_checkpoint, remove_temporaries
 from archlab.train.config import TrainConfig
@@ -58,7 +86,12 @@ from archlab.train.tasks import seq2seq_generation_metrics
 
 RUN_FILE = "run.json"
 SECTIONS = ("model", "data", "train")
-PRESET_KEY = "preset"  # the one key of the model section that is not a config field
+PRESET_KEY = "preset"  # the keys of the model section that are not config fields: the preset,
+INIT_KEY = "init"  # and the pretrained weights the run starts from
+#: A run from pretrained weights: ``data.seq_len`` unless set (at most; their context may be 8192 tokens), and
+#: ``train.lr`` unless set, training every weight / LoRA adapters (which start from zero and need a larger step).
+PRETRAINED_SEQ_LEN = 512
+PRETRAINED_LR = {"full": 1e-4, "lora": 1e-3}
 
 
 # -- the description ------------------------------------------------------------------------------------------
@@ -76,11 +109,14 @@ class RunSpec:
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None
 
     def __post_init__(self) -> None:
         for name in SECTIONS:
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"the {name!r} section of a run must be a JSON object, got {getattr(self, name)!r}")
+        if self.init is not None and not (isinstance(self.init, str) and self.init):
+            raise ConfigError(f"model.init={self.init!r} must name pretrained weights: a name, a .gguf file or a folder")
         self.model_config(), self.data_config(), self.train_config()  # validate every section now
 
     @property
@@ -88,7 +124,9 @@ class RunSpec:
         return FAMILIES[get_preset(self.preset).family]
 
     def model_config(self) -> Config:
-        return get_config(self.preset, **self.model)
+        if self.init is None:
+            return get_config(self.preset, **self.model)
+        return pretrained_config(self.init, self.preset, self.model)
 
     def data_config(self) -> DataConfig:
         return DataConfig.from_dict(self.data)
@@ -110,10 +148,15 @@ class RunSpec:
             raise ConfigError(f"{where}: the model section needs a {PRESET_KEY!r} (see `archlab presets`)")
         model = dict(model)
         preset = model.pop(PRESET_KEY)
-        return cls(preset, model, data.get("data", {}), data.get("train", {}))
+        init = model.pop(INIT_KEY, None)
+        return cls(preset, model, data.get("data", {}), data.get("train", {}), init)
+
+    def model_section(self) -> dict[str, Any]:
+        """The model section as written: the preset, ``init`` when there is one, and the overrides."""
+        return {PRESET_KEY: self.preset, **({} if self.init is None else {INIT_KEY: self.init}), **self.model}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": {PRESET_KEY: self.preset, **self.model}, "data": dict(self.data), "train": dict(self.train)}
+        return {"model": self.model_section(), "data": dict(self.data), "train": dict(self.train)}
 
     @classmethod
     def load(cls, path: str | Path) -> RunSpec:
@@ -149,14 +192,14 @@ class RunSpec:
     def section_fields(self) -> dict[str, list[str]]:
         """The keys each section accepts."""
         return {
-            "model": [PRESET_KEY, *type(get_preset(self.preset).config).field_names()],
+            "model": [PRESET_KEY, INIT_KEY, *type(get_preset(self.preset).config).field_names()],
             "data": DataConfig.field_names(),
             "train": TrainConfig.field_names(),
         }
 
     def with_overrides(self, overrides: dict[str, Any]) -> RunSpec:
         """Apply ``--set`` overrides: ``{"section.key": value}``, or ``{"key": value}`` when one section has ``key``."""
-        sections = {"model": {PRESET_KEY: self.preset, **self.model}, "data": dict(self.data), "train": dict(self.train)}
+        sections = {"model": self.model_section(), "data": dict(self.data), "train": dict(self.train)}
         for key, value in overrides.items():
             section, _, name = key.rpartition(".")
             if section:
@@ -166,7 +209,7 @@ class RunSpec:
                 section = self._section_of(name)
             sections[section][name] = value
         model = sections["model"]
-        return RunSpec(model.pop(PRESET_KEY), model, sections["data"], sections["train"])
+        return RunSpec(model.pop(PRESET_KEY), model, sections["data"], sections["train"], model.pop(INIT_KEY, None))
 
     def _section_of(self, name: str) -> str:
         fields = self.section_fields()
@@ -181,6 +224,31 @@ class RunSpec:
         hint = f" (did you mean {owner[near[0]]}.{near[0]}?)" if near else ""
         raise ConfigError(f"--set {name}: no section has a key {name!r}{hint}; the keys are the fields of model "
                           f"({type(get_preset(self.preset).config).__name__}), data (DataConfig) and train (TrainConfig)")  # fmt: skip
+
+
+def pretrained_weights(init: str) -> tuple[Path, Path | None]:
+    """``model.init`` -> ``(archlab model folder, tokenizer folder or None)``: a GGUF file or Hugging Face folder
+    through the conversion cache (:mod:`archlab.interop.pretrained`), a run folder's latest checkpoint."""
+    _, checkpoint, tok_dir = locate_checkpoint(archlab_folder(locate_pretrained(init, f"model.{INIT_KEY}")))
+    return checkpoint, tok_dir
+
+
+def pretrained_config(init: str, preset: str, overrides: dict[str, Any]) -> Config:
+    """The config of the weights ``init`` names, with the ``overrides`` its class declares ``tunable``; ConfigError
+    for weights of another family than ``preset``'s or an override of any other field to another value."""
+    stored = read_config(pretrained_weights(init)[0])
+    family, wanted = family_of(stored), get_preset(preset).family
+    if family.name != wanted:
+        presets = ", ".join(p.name for p in PRESETS.values() if p.family == family.name)
+        raise ConfigError(f"model.{INIT_KEY}={init!r} holds a {family.name} model; preset {preset!r} is of family "
+                          f"{wanted!r}: name a preset of its family ({presets})")  # fmt: skip
+    tunable = [f for f in type(stored).tunable if f in type(stored).field_names()]
+    for key, value in overrides.items():
+        if key not in tunable and key in type(stored).field_names() and stored.replace(**{key: value}) != stored:
+            raise ConfigError(f"model.{key}={value!r}: the weights of model.{INIT_KEY}={init!r} fix it at "
+                              f"{getattr(stored, key)!r}; a run from pretrained weights may set only "
+                              f"{', '.join(tunable) or 'none of the model fields'}")  # fmt: skip
+    return stored.replace(**overrides)
 
 
 def spec_from_argument(spec: str) -> RunSpec:
@@ -214,20 +282,31 @@ class PreparedRun:
         return self.train.task
 
     def to_dict(self) -> dict[str, Any]:
-        """``run.json``: every field of every section, as resolved."""
+        """``run.json``: every field of every section, as resolved (and ``model.init``, where the weights came from)."""
+        init = {} if self.spec.init is None else {INIT_KEY: self.spec.init}
         return {
             "archlab": archlab.__version__,
-            "model": {PRESET_KEY: self.spec.preset, **self.model_config.to_dict()},
+            "model": {PRESET_KEY: self.spec.preset, **init, **self.model_config.to_dict()},
             "data": self.data.to_dict(),
             "train": self.train.to_dict(),
         }
 
-    def build_model(self) -> nn.Module:
-        """The model to train, initialised from ``train.seed`` (the family's trained class, e.g. BertForPreTraining)."""
+    def build_model(self, *, pretrained: bool = True) -> nn.Module:
+        """The model to train, initialised from ``train.seed`` (the family's trained class, e.g. BertForPreTraining),
+        with ``model.init``'s weights (unless ``pretrained=False``: the shapes alone) and ``train.lora``'s adapters."""
         torch.manual_seed(self.train.seed)
         train_cls = None if self.family.train_cls is None else self.family.train_cls.__name__
         check_fits_in_memory(self.model_config, train_cls)
-        return build_model(self.model_config, model_class=train_cls)
+        model = build_model(self.model_config, model_class=train_cls)
+        if self.spec.init is not None and pretrained:
+            weights = load_model(pretrained_weights(self.spec.init)[0])
+            if lora_layers(weights):  # a LoRA run's checkpoint: its adapters merged into the weights
+                unload_lora(weights)
+            model.to(next(weights.parameters()).dtype).load_state_dict(weights.state_dict())
+        if self.train.lora:
+            t = self.train
+            apply_lora(model, t.lora, r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout)
+        return model
 
     def extra_metrics(self) -> Callable[[nn.Module], dict[str, float]] | None:
         """Exact match and BLEU or chrF (whichever fits the outputs) of greedy decoding on the validation
@@ -251,6 +330,11 @@ def prepare(spec: RunSpec, *, tokenizer: Tokenizer | None = None) -> PreparedRun
     notes: list[str] = []
 
     train = spec.train_config().replace(task=task)
+    if spec.init is not None:
+        tokenizer, data, train = _from_pretrained(spec, base, tokenizer, data, train, notes)
+    if train.lora:  # the targets checked now, on a model of the run's shapes on the meta device
+        with torch.device("meta"):
+            apply_lora(build_model(base), train.lora, r=train.lora_r, alpha=train.lora_alpha, dropout=train.lora_dropout)
     if "clip" not in spec.train and hasattr(base, "grad_clip") and base.grad_clip != train.clip:
         train = train.replace(clip=base.grad_clip)
         notes.append(f"train.clip={base.grad_clip} from the model config's grad_clip (set train.clip to change it)")
@@ -261,6 +345,8 @@ def prepare(spec: RunSpec, *, tokenizer: Tokenizer | None = None) -> PreparedRun
         rank=env.rank, world_size=env.world_size,
     )  # fmt: skip
     overrides = run_data.model_overrides(base)
+    if spec.init is not None:  # the weights fix the vocabulary; their tokenizer's ids fit it (checked above)
+        overrides = {}
     changed = {k: v for k, v in overrides.items() if getattr(base, k) != v}
     if changed:
         why = {"vocab_size": "the tokenizer", "pad_id": "the tokenizer", "n_classes": "the labels"}
@@ -270,6 +356,37 @@ def prepare(spec: RunSpec, *, tokenizer: Tokenizer | None = None) -> PreparedRun
     if run_data.tokenizer is not None and task == "classification" and not _takes_mask(trained):
         notes.append(f"{trained.__name__} takes no attention_mask: it reads the padding of shorter texts as tokens")
     return PreparedRun(spec, model_config, data, train, run_data, notes)
+
+
+def _from_pretrained(
+    spec: RunSpec, base: Config, tokenizer: Tokenizer | None, data: DataConfig, train: TrainConfig, notes: list[str]
+) -> tuple[Tokenizer, DataConfig, TrainConfig]:  # fmt: skip
+    """A run from ``model.init``'s weights: their tokenizer (``tokenizer``, a saved copy, when given), and the
+    defaults of ``data.seq_len`` and ``train.lr`` for it (see the module docstring)."""
+    init = f"model.{INIT_KEY}={spec.init!r}"
+    if spec.data.get("tokenizer", "auto") != "auto":
+        raise ConfigError(f"data.tokenizer={spec.data['tokenizer']!r}: a run from pretrained weights ({init}) reads "
+                          "text with their own tokenizer; leave data.tokenizer at 'auto'")  # fmt: skip
+    if tokenizer is None:
+        tok_dir = pretrained_weights(spec.init)[1]
+        if tok_dir is None:
+            raise ConfigError(f"{init}: no {TOKENIZER_FILE} comes with these weights; a run reads text with the "
+                              "weights' own tokenizer")  # fmt: skip
+        tokenizer = load_tokenizer(tok_dir)
+    if tokenizer.vocab_size > base.vocab_size:
+        raise ConfigError(f"{init}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocab_size is "
+                          f"{base.vocab_size}: they do not belong together")  # fmt: skip
+    data = data.replace(tokenizer="auto")  # auto = the weights' own tokenizer (resolve_data chose one to train)
+    if spec.data.get("seq_len") is None and data.seq_len is not None and data.seq_len > PRETRAINED_SEQ_LEN:
+        data = data.replace(seq_len=PRETRAINED_SEQ_LEN)
+        notes.append(f"data.seq_len={PRETRAINED_SEQ_LEN} of the model's {base.context_length}-token context "
+                     "(set data.seq_len to change it)")  # fmt: skip
+    if "lr" not in spec.train:
+        lr = PRETRAINED_LR["lora" if train.lora else "full"]
+        train = train.replace(lr=lr)
+        notes.append(f"train.lr={lr:g} for {'LoRA adapters on ' if train.lora else ''}pretrained weights "
+                     "(set train.lr to change it)")  # fmt: skip
+    return tokenizer, data, train
 
 
 def _takes_mask(model_cls: type[nn.Module]) -> bool:
@@ -324,6 +441,9 @@ def train_run(
         echo(note)
     echo(f"train: {t.steps} steps of {t.batch_size} {'samples' if run.task == 'classification' else 'sequences'}, "
          f"{t.schedule} lr {t.peak_lr:g}, warmup {t.warmup_steps}; model {type(model).__name__} with {n_params:,} parameters")  # fmt: skip
+    lora = lora_report(model) if t.lora else None
+    if lora is not None:
+        echo(str(lora))
 
     trainer = Trainer(model, t, run.run_data.train, eval_batches=run.run_data.valid, out_dir=out,
                       extra_metrics=run.extra_metrics(), unigram_loss=run.run_data.unigram)  # fmt: skip
@@ -337,6 +457,8 @@ def train_run(
         "train": result.train, "eval": result.eval, "checkpoint": str(result.checkpoint),
         "loss_plot": None if result.loss_plot is None else str(result.loss_plot),
     }  # fmt: skip
+    if lora is not None:
+        summary["trainable_parameters"] = lora.trainable
     if run.run_data.unigram is not None:
         summary["unigram_loss"] = run.run_data.unigram
     echo(describe_eval(result.eval, summary.get("unigram_loss"), prefix=f"step {result.step}: validation"))
@@ -357,7 +479,7 @@ def _already_complete(run: PreparedRun, out: Path, checkpoint: Path, echo: Calla
         record = next((r for r in records.get(split, []) if r["step"] == step), {})
         final[split] = {k: v for k, v in record.items() if k not in ("split", "step")}
     with torch.device("meta"):
-        n_params = sum(p.numel() for p in run.build_model().parameters())
+        n_params = sum(p.numel() for p in run.build_model(pretrained=False).parameters())
     plot = plot_loss_curve(out / METRICS_FILE, out / PLOT_FILE) if records else None  # (a kill may have cut it)
     summary = {
         "out_dir": str(out), "preset": run.spec.preset, "task": run.task, "step": step, "parameters": n_params,
