@@ -87,6 +87,11 @@ class Chat:
         max_new_tokens: the longest reply, in tokens.
         temperature, top_k, top_p: sampling; ``temperature=None`` (default) decodes greedily.
         seed: seeds the sampling; reply ``i`` uses ``seed + i``, so a conversation replays exactly.
+        speculative: ``None``, or a draft (``"lookup"``, ``"layers:M"``, see :func:`archlab.speculative.make_draft`):
+            replies are decoded draft-and-verify, the same text (greedy) or distribution (sampling), faster
+            when drafts are accepted; :attr:`stats` then holds the last reply's
+            :class:`~archlab.speculative.SpeculativeStats`.
+        draft_tokens: the most tokens drafted per step with ``speculative``.
     """
 
     model: nn.Module
@@ -97,6 +102,8 @@ class Chat:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    speculative: str | None = None
+    draft_tokens: int = 5
     messages: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -113,6 +120,11 @@ class Chat:
         if self.system is not None:
             self.messages.insert(0, {"role": "system", "content": self.system})
         self.limit = getattr(self.model.config, "context_limit", None)
+        self.draft, self.stats = None, None
+        if self.speculative is not None:
+            from archlab.speculative import make_draft
+
+            self.draft = make_draft(self.speculative, self.model)  # once: a draft model keeps what it has read
 
     # ------------------------------------------------------------------------------------------
     def prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
@@ -144,6 +156,7 @@ class Chat:
         Ctrl-C) the reply so far joins the conversation as the assistant's message.
         """
         from archlab.generation import stream
+        from archlab.speculative import SpeculativeStats, speculative_stream
 
         if not isinstance(text, str) or not text.strip():
             raise DataError("the message is empty")
@@ -154,8 +167,14 @@ class Chat:
             "do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
             "seed": None if self.seed is None else self.seed + sum(m["role"] == "assistant" for m in messages),
         }  # fmt: skip
-        steps = stream(self.model, torch.tensor([ids], device=device), max_new_tokens=self.max_new_tokens,
-                       stop_tokens=[self.eos], pad_id=self.eos, **sampling)  # fmt: skip
+        prompt = torch.tensor([ids], device=device)
+        if self.draft is None:
+            steps = stream(self.model, prompt, max_new_tokens=self.max_new_tokens, stop_tokens=[self.eos],
+                           pad_id=self.eos, **sampling)  # fmt: skip
+        else:
+            self.stats = SpeculativeStats()
+            steps = speculative_stream(self.model, prompt, max_new_tokens=self.max_new_tokens, stop_tokens=[self.eos],
+                                       draft=self.draft, draft_tokens=self.draft_tokens, stats=self.stats, **sampling)  # fmt: skip
         self.messages = messages
         reply: list[int] = []
         shown = ""

@@ -392,6 +392,7 @@ def args_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, metavar="S", help="lm: seed of the sampling (same seed, same text)")
     parser.add_argument("--beam", type=int, metavar="K", help="seq2seq: beam search with K beams (default greedy)")
     add_quantize_option(parser, "with --model: ")
+    add_speculative_options(parser, "with --model: ")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the text")
 
 
@@ -401,6 +402,23 @@ def add_quantize_option(parser: argparse.ArgumentParser, prefix: str = "") -> No
     parser.add_argument("--quantize", choices=MODES,
                         help=f"{prefix}weight-only quantized linear layers: int8 per output channel, int4 in groups "
                              "of 32 (head int8); faster decoding, perplexity measured in archlab.quant.quality")  # fmt: skip
+
+
+def add_speculative_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    from archlab.speculative import DRAFTS
+
+    parser.add_argument("--speculative", metavar="|".join(DRAFTS),
+                        help=f"{prefix}draft-and-verify decoding, the same text (greedy) or distribution (sampling): "
+                             "drafts from prompt lookup (n-grams of the prompt: replies that quote it) or from the "
+                             "model's first M layers; the acceptance rate goes to stderr (--json: in the output)")  # fmt: skip
+    parser.add_argument("--draft-tokens", type=int, default=5, metavar="K",
+                        help="with --speculative: at most K tokens drafted per step (default 5)")  # fmt: skip
+
+
+def speculative_options(args: argparse.Namespace) -> dict[str, object]:
+    """``Chat``'s ``speculative=`` and ``draft_tokens=`` from ``--speculative`` and ``--draft-tokens``."""
+    check_at_least_one("--draft-tokens", args.draft_tokens)
+    return {"speculative": args.speculative, "draft_tokens": args.draft_tokens}
 
 
 def load_chat_model_noted(spec: str, quantize: str | None):
@@ -419,8 +437,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if (args.run is None) == (args.model is None):
         raise ConfigError("give a run folder (RUN_DIR|CKPT) or --model NAME|PATH, one of the two")
-    if args.quantize is not None and args.model is None:
-        raise ConfigError(f"--quantize {args.quantize} goes with --model NAME|PATH (chat models), not a run folder")
+    for option, value in (("--quantize", args.quantize), ("--speculative", args.speculative)):
+        if value is not None and args.model is None:
+            raise ConfigError(f"{option} {value} goes with --model NAME|PATH (chat models), not a run folder")
     if args.model is not None:
         return _answer_once(args)
     result = generate_text(
@@ -443,12 +462,17 @@ def _answer_once(args: argparse.Namespace) -> int:
     check_at_least_one("--max-new-tokens", args.max_new_tokens)
     model, tokenizer = load_chat_model_noted(args.model, args.quantize)
     chat = Chat(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # fmt: skip
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed, **speculative_options(args))  # fmt: skip
     reply = chat.reply(args.prompt)
+    result = {"task": "chat", "prompt": args.prompt, "output": reply, "tokens": len(tokenizer.encode(reply))}
+    if chat.stats is not None:
+        result["speculative"] = {"draft": args.speculative, **chat.stats.as_dict()}
     if args.json:
-        print(json.dumps({"task": "chat", "prompt": args.prompt, "output": reply, "tokens": len(tokenizer.encode(reply))}))
+        print(json.dumps(result))
     else:
         print(reply)
+        if chat.stats is not None:
+            print(f"archlab: speculative ({args.speculative}): {chat.stats.summary()}", file=sys.stderr)
     return 0
 
 
@@ -536,6 +560,7 @@ def args_chat(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set of mass >= P")
     parser.add_argument("--seed", type=int, metavar="S", help="seed of the sampling (same seed, same conversation)")
     add_quantize_option(parser)
+    add_speculative_options(parser)
     parser.add_argument("--json", action="store_true",
                         help="for scripts: read one message per line from stdin, print one JSON object per reply")
 
@@ -550,12 +575,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from archlab.chat import Chat
 
     check_at_least_one("--max-new-tokens", args.max_new_tokens)
+    speculative = speculative_options(args)
     interactive = sys.stdin.isatty() and not args.json
     if interactive:
         print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, tokenizer = load_chat_model_noted(args.model, args.quantize)
     chat = Chat(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # fmt: skip
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, **speculative)  # fmt: skip
     if interactive:
         print("type a message and press Enter; Ctrl-D or Ctrl-C to leave", file=sys.stderr, flush=True)
     while True:
@@ -590,9 +616,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         else:
             reply = chat.messages[-1]["content"]
             if args.json:
-                tokens = len(tokenizer.encode(reply))
-                print(json.dumps({"user": line, "assistant": reply, "tokens": tokens, "seconds": round(seconds, 3)}),
-                      flush=True)  # fmt: skip
+                out = {"user": line, "assistant": reply, "tokens": len(tokenizer.encode(reply)), "seconds": round(seconds, 3)}
+                if chat.stats is not None:
+                    out["speculative"] = {"draft": args.speculative, **chat.stats.as_dict()}
+                print(json.dumps(out), flush=True)
             else:
                 print(reply, flush=True)
 

@@ -82,6 +82,13 @@ class SpeculativeStats:
     def as_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "acceptance_rate": self.acceptance_rate, "tokens_per_pass": self.tokens_per_pass}
 
+    def summary(self) -> str:
+        """One line: ``"12 of 20 drafted tokens accepted (60%), 1.80 tokens per pass of the model"``."""
+        if not self.drafted:
+            return f"nothing drafted; {self.generated} tokens in {self.target_passes} passes of the model"
+        return (f"{self.accepted} of {self.drafted} drafted tokens accepted ({self.acceptance_rate:.0%}), "
+                f"{self.tokens_per_pass:.2f} tokens per pass of the model")  # fmt: skip
+
 
 class SpeculativeOutput(NamedTuple):
     """``sequences [1, n0 + t]`` (the prompt and its continuation) and the run's :class:`SpeculativeStats`."""

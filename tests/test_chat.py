@@ -141,3 +141,38 @@ def test_cli_generate_with_a_chat_model_answers_once(tiny_gguf, capsys):
     assert "one of the two" in capsys.readouterr().err
     assert main(["generate", "--model", str(tiny_gguf), "--prompt", "hello", "--beam", "2"]) == 2
     assert "--beam" in capsys.readouterr().err
+
+
+def test_speculative_chat_replies_as_plain_chat(tiny_gguf):
+    model, tok = load_chat_model(tiny_gguf)
+    texts = ("hello there", "hello again")  # two turns: a draft model keeps what it read
+    plain = Chat(model, tok, max_new_tokens=24)
+    expected = [plain.reply(text) for text in texts]
+    assert all(expected)
+    for draft in ("lookup", "layers:1"):
+        fast = Chat(model, tok, max_new_tokens=24, speculative=draft, draft_tokens=3)
+        assert [fast.reply(text) for text in texts] == expected
+        assert fast.stats.generated >= len(tok.encode(expected[1])) and fast.stats.drafted > 0
+    with pytest.raises(ConfigError, match="draft='layers:x' is not one of"):
+        Chat(model, tok, speculative="layers:x")
+
+
+def test_cli_speculative_option(tiny_gguf, monkeypatch, capsys):
+    args = ["generate", "--model", str(tiny_gguf), "--prompt", "hello", "--max-new-tokens", "8", "--json"]
+    assert main([*args, "--speculative", "lookup", "--draft-tokens", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    model, tok = load_chat_model(tiny_gguf)
+    assert result["output"] == Chat(model, tok, max_new_tokens=8).reply("hello")
+    stats = result["speculative"]
+    assert stats["draft"] == "lookup" and stats["drafted"] > 0 and 0 <= stats["acceptance_rate"] <= 1
+    assert main([*args[:-1], "--speculative", "layers:1"]) == 0
+    assert "drafted tokens accepted" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("hello\n"))
+    assert main(["chat", "--model", str(tiny_gguf), "--json", "--max-new-tokens", "6", "--speculative", "lookup"]) == 0
+    assert json.loads(capsys.readouterr().out)["speculative"]["draft"] == "lookup"
+    for bad, message in [(["--speculative", "layers:9"], "takes 1 to 1"), (["--speculative", "x"], "draft='x'"),
+                         (["--speculative", "lookup", "--draft-tokens", "0"], "--draft-tokens")]:  # fmt: skip
+        assert main([*args, *bad]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["generate", str(tiny_gguf.parent), "--prompt", "hi", "--speculative", "lookup"]) == 2
+    assert "--speculative lookup goes with --model" in capsys.readouterr().err
