@@ -5,7 +5,11 @@ library's own reader: archlab's :mod:`archlab.interop.gguf`, HF's ``from_pretrai
 apply the chat template to a short question and decode ``--new-tokens`` tokens greedily through their KV
 caches. The generated tokens must be identical, which the script checks before timing. Peers run in
 interleaved rounds (median reported): archlab fp32, HF fp32 and HF bf16 (bf16 only where the CPU computes it
-natively, see :func:`archlab.hardware.native_bf16`, or with ``--bf16``).
+natively, see :func:`archlab.hardware.native_bf16`, or with ``--bf16``), and archlab's weight-only quantized
+modes (:mod:`archlab.quant`: int8 per channel, int4 from the file's Q4_1 blocks; bfloat16 activations). Those
+cannot be token-equal to fp32: the script prints their top-1 agreement with fp32 on fp32's own run (the prompt
+and the generated tokens, teacher-forced) and how many of their greedy tokens match fp32's before the first
+difference (``--no-quant`` leaves them out).
 
     python benchmarks/decode_llama.py
     python benchmarks/decode_llama.py --new-tokens 64 --rounds 3
@@ -13,6 +17,7 @@ natively, see :func:`archlab.hardware.native_bf16`, or with ``--bf16``).
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from pathlib import Path
@@ -25,6 +30,7 @@ from common import Peer, base_parser, setup, table, time_interleaved, write_json
 from archlab.generation import generate  # noqa: E402
 from archlab.hardware import native_bf16  # noqa: E402
 from archlab.interop.gguf import gguf_tokenizer, load_gguf, smollm2_gguf_path  # noqa: E402
+from archlab.quant import quality, quantize  # noqa: E402
 
 QUESTION = "Explain in a few sentences why the sky is blue."
 
@@ -34,6 +40,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--gguf", default=None, help="a Llama GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
     parser.add_argument("--bf16", action="store_true", help="time HF bf16 even where bf16 is emulated")
+    parser.add_argument("--no-quant", action="store_true", help="leave out archlab's int8 and int4 rows")
     args = parser.parse_args()
     print(setup(args.threads, args.keep_memory))
     import transformers
@@ -50,9 +57,13 @@ def main() -> None:
     prompt = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}])])
     n = args.new_tokens
 
-    @torch.inference_mode()
-    def run_archlab():
-        return generate(ours, prompt, max_new_tokens=n)
+    def archlab_runner(model):
+        @torch.inference_mode()
+        def run():
+            return generate(model, prompt, max_new_tokens=n)
+        return run
+
+    run_archlab = archlab_runner(ours)
 
     def hf_runner(model):
         @torch.inference_mode()
@@ -67,6 +78,18 @@ def main() -> None:
     print(f"prompt {prompt.shape[1]} tokens; both generate the same {n} tokens:")
     print("  " + tokenizer.decode(a[0, prompt.shape[1]:].tolist()).replace("\n", "\n  "))
     peers = [Peer("archlab fp32", run_archlab, tokens=n), Peer("hf fp32", hf_runner(hf), tokens=n)]
+    if not args.no_quant:
+        int8 = copy.deepcopy(ours)
+        quantize(int8, "int8")
+        int4 = load_gguf(path, quantize="int4")  # the block layers from the Q4_1 blocks as they are
+        for name, model in (("archlab int8", int8), ("archlab int4", int4)):
+            print(f"\n{name}: {str(model.quant_report).splitlines()[-1]}")
+            own = archlab_runner(model)()
+            differ = (own != a)[0].nonzero()
+            same = (int(differ[0]) if len(differ) else a.shape[1]) - prompt.shape[1]
+            print(f"  {quality(ours, model, a, name)} (fp32's sequence, teacher-forced); its greedy tokens equal "
+                  f"fp32's for the first {same} of {n}")  # fmt: skip
+            peers.append(Peer(name, archlab_runner(model), tokens=n))
     bf16, why = native_bf16("cpu")
     if bf16 or args.bf16:
         hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
