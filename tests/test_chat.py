@@ -16,25 +16,16 @@ from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.generation import generate, stream
 from archlab.interop.convert import convert
 from archlab.models import build_model
-from archlab.models.llama import Llama, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).parent / "interop"))
-from gguf_files import TINY_TOKENIZER, TINY_TOKENS, write_llama_gguf  # noqa: E402
+from gguf_files import write_tiny_chat_gguf  # noqa: E402
 
 
 @pytest.fixture
 def tiny_gguf(tmp_path, monkeypatch):
     """A random tiny Llama with a ChatML byte-level tokenizer, written as llama.cpp writes GGUF files."""
     monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(TINY_TOKENS), max_len=96, d_model=32, n_heads=4, n_kv_heads=2, n_layers=2,
-                         d_ff=48)  # fmt: skip
-    model = Llama(config).eval()
-    with torch.no_grad():  # weights wider than the init's, so the replies vary (not one repeated token)
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.5)
-    return write_llama_gguf(tmp_path / "tiny.gguf", model, TINY_TOKENIZER)
+    return write_tiny_chat_gguf(tmp_path / "tiny.gguf")
 
 
 def test_stream_yields_the_tokens_generate_returns():

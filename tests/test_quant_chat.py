@@ -13,26 +13,17 @@ from archlab.chat import Chat, load_chat_model
 from archlab.cli import main
 from archlab.errors import ConfigError
 from archlab.generation import generate
-from archlab.models.llama import Llama, LlamaConfig
 from archlab.quant import Int4Linear, Int8Linear
 
 sys.path.insert(0, str(Path(__file__).parent / "interop"))
-from gguf_files import TINY_TOKENIZER, TINY_TOKENS, write_llama_gguf  # noqa: E402
+from gguf_files import write_tiny_chat_gguf  # noqa: E402
 
 
 @pytest.fixture
 def tiny_gguf(tmp_path, monkeypatch):
     """A random tiny chat Llama whose widths the int4 kernel takes (K divisible by 32, N by 16)."""
     monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(TINY_TOKENS), max_len=96, d_model=32, n_heads=4, n_kv_heads=2, n_layers=2,
-                         d_ff=64)  # fmt: skip
-    model = Llama(config).eval()
-    with torch.no_grad():  # wide weights: replies vary
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.5)
-    return write_llama_gguf(tmp_path / "tiny.gguf", model, TINY_TOKENIZER)
+    return write_tiny_chat_gguf(tmp_path / "tiny.gguf", d_ff=64)
 
 
 @pytest.mark.parametrize("mode, layer", [("int8", Int8Linear), ("int4", Int4Linear)])

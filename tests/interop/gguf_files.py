@@ -111,3 +111,19 @@ TINY_TOKENIZER = {
     "tokenizer.ggml.padding_token_id": 2,
     "tokenizer.chat_template": ChatML("Be brief.").jinja,
 }
+
+
+def write_tiny_chat_gguf(path, d_ff: int = 48):
+    """A random tiny chat Llama (ChatML byte-level tokenizer above) as llama.cpp writes it; weights wider than the
+    init's, so the replies vary (not one repeated token). ``d_ff=64``: widths the int4 kernel takes."""
+    import torch
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(TINY_TOKENS), max_len=96, d_model=32, n_heads=4, n_kv_heads=2, n_layers=2,
+                         d_ff=d_ff)  # fmt: skip
+    model = Llama(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.5)
+    return write_llama_gguf(path, model, TINY_TOKENIZER)
