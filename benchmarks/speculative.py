@@ -1,0 +1,171 @@
+"""SmolLM2-135M-Instruct: prompt-lookup speculative decoding vs plain greedy, and batched vs one-at-a-time generation.
+
+Speculative: the model is asked to explain a given abstract (a grounded task: the answer quotes its source, so
+n-grams of the prompt predict the reply). For each abstract, plain greedy decoding through the KV cache
+(:func:`archlab.generation.generate`) and draft-and-verify decoding with prompt-lookup drafts
+(:func:`archlab.speculative.speculative_generate`, ``--drafts``: also ``layers:M``) must give the same tokens, which
+the script checks first; then both are timed in interleaved rounds (median reported), with the acceptance rate
+and the tokens per pass of the model.
+
+Batched: ``--batch`` prompts of different lengths (the abstracts with several questions) decoded together by
+:func:`archlab.generation.generate_batch` vs one at a time by ``generate``; rows compared, tokens/s of both.
+
+    python benchmarks/speculative.py
+    python benchmarks/speculative.py --new-tokens 64 --rounds 3 --drafts lookup layers:10
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Peer, base_parser, setup, table, time_interleaved, write_json  # noqa: E402
+
+from archlab.chat import load_chat_model  # noqa: E402
+from archlab.generation import generate, generate_batch  # noqa: E402
+from archlab.speculative import SpeculativeStats, make_draft, speculative_generate  # noqa: E402
+
+# Short abstracts written for this benchmark (invented studies, so no model has seen them).
+ABSTRACTS = [
+    "We study how the width of a transformer's feed-forward layer affects its ability to memorise facts. Training "
+    "24 models from 10M to 300M parameters on a synthetic biography corpus, we find that recall of rare facts grows "
+    "with the feed-forward width but not with the attention width, and that doubling the feed-forward width stores "
+    "about 1.8 times as many facts. We argue that the feed-forward layers act as key-value memories.",
+    "Coastal wetlands store large amounts of carbon, but their rate of burial is poorly measured. We collected 140 "
+    "sediment cores from salt marshes in three estuaries and dated them with lead-210. Burial rates ranged from 80 "
+    "to 310 grams of carbon per square metre per year and were highest where the tidal range was largest. Restoring "
+    "drained marshes could therefore offset a measurable share of regional emissions.",
+    "Children learn new words faster when they hear them in varied sentences. In a study of 96 four-year-olds, each "
+    "child heard twelve invented words, either always in the same sentence or in six different sentences. After one "
+    "week, children in the varied condition named 40 percent more objects correctly. Variation seems to help "
+    "children separate the meaning of a word from the context it first appeared in.",
+    "We present a low-cost sensor that detects leaks in household water pipes from the sound they make. A "
+    "microphone clamped to the pipe records vibrations, and a small neural network running on a microcontroller "
+    "classifies them. On 500 recordings from 60 homes the sensor found 93 percent of leaks with two false alarms "
+    "per month. The device costs less than 15 dollars and runs for a year on two batteries.",
+]
+QUESTIONS = [
+    "Explain this abstract in simple terms, quoting its key findings:\n\n{}",
+    "Summarise the main result of this abstract in two sentences:\n\n{}",
+    "What did the authors measure, and what did they find?\n\n{}",
+]
+
+
+def chat_prompt(tokenizer, question: str, abstract: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": question.format(abstract)}])
+
+
+def speculative_rows(model, tokenizer, eos: int, args) -> list[dict]:
+    results = []
+    for i, abstract in enumerate(ABSTRACTS[: args.abstracts]):
+        prompt = torch.tensor([chat_prompt(tokenizer, QUESTIONS[0], abstract)])
+        n0 = prompt.shape[1]
+
+        @torch.inference_mode()
+        def plain():
+            return generate(model, prompt, max_new_tokens=args.new_tokens, stop_tokens=[eos], pad_id=eos)
+
+        reference = plain()
+        n = reference.shape[1] - n0
+        peers = [Peer("greedy", plain, tokens=n)]
+        stats: dict[str, SpeculativeStats] = {}
+        for spec in args.drafts:
+            draft = make_draft(spec, model)  # built once (a draft model's weights are the model's)
+
+            @torch.inference_mode()
+            def fast(draft=draft):
+                return speculative_generate(model, prompt, max_new_tokens=args.new_tokens, draft=draft,
+                                            draft_tokens=args.draft_tokens, stop_tokens=[eos])  # fmt: skip
+
+            out = fast()
+            if not torch.equal(out.sequences, reference):
+                first = int((out.sequences[0, : reference.shape[1]] != reference[0, : out.sequences.shape[1]]).nonzero()[0])
+                raise SystemExit(f"abstract {i}, {spec}: tokens differ from plain greedy at new token {first - n0}")
+            stats[spec] = out.stats
+            peers.append(Peer(spec, fast, tokens=n))
+        time_interleaved(peers, rounds=args.rounds, warmup=0)
+        if i == 0:
+            reply = tokenizer.decode(reference[0, n0:].tolist())
+            print(f"abstract 0: prompt {n0} tokens; reply ({n} tokens, the same for every peer):\n  "
+                  + reply.replace("\n", "\n  "))  # fmt: skip
+        for peer in peers[1:]:
+            s = stats[peer.name]
+            results.append({
+                "abstract": i, "draft": peer.name, "prompt_tokens": n0, "tokens": n,
+                "greedy_tokens_per_s": peers[0].tokens_per_s, "tokens_per_s": peer.tokens_per_s,
+                "speedup": peer.tokens_per_s / peers[0].tokens_per_s, **s.as_dict(),
+            })  # fmt: skip
+    return results
+
+
+def batched_row(model, tokenizer, eos: int, args) -> dict:
+    pairs = [(q, a) for q in QUESTIONS for a in ABSTRACTS]
+    prompts = [chat_prompt(tokenizer, q, a) for q, a in pairs[: args.batch]]
+
+    @torch.inference_mode()
+    def together():
+        return generate_batch(model, prompts, max_new_tokens=args.new_tokens, stop_tokens=[eos])
+
+    @torch.inference_mode()
+    def one_by_one():
+        return [generate(model, torch.tensor([p]), max_new_tokens=args.new_tokens, stop_tokens=[eos], pad_id=eos)
+                [0, len(p):].tolist() for p in prompts]  # fmt: skip
+
+    rows, alone = together(), one_by_one()
+    equal = sum(a == b for a, b in zip(rows, alone, strict=True))
+    tokens = sum(len(r) for r in rows)
+    peers = [Peer("one at a time", one_by_one, tokens=sum(len(r) for r in alone)), Peer("batched", together, tokens=tokens)]
+    time_interleaved(peers, rounds=args.rounds, warmup=0)
+    return {"prompts": len(prompts), "prompt_lengths": [len(p) for p in prompts], "rows_equal": equal,
+            "tokens": tokens, "one_at_a_time_tokens_per_s": peers[0].tokens_per_s,
+            "batched_tokens_per_s": peers[1].tokens_per_s, "ratio": peers[1].tokens_per_s / peers[0].tokens_per_s}  # fmt: skip
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=128, help="at most this many tokens per reply (default 128)")
+    parser.add_argument("--drafts", nargs="+", default=["lookup"], metavar="DRAFT",
+                        help="drafts to time against plain greedy: lookup, layers:M (default: lookup)")  # fmt: skip
+    parser.add_argument("--draft-tokens", type=int, default=5, metavar="K", help="tokens drafted per step (default 5)")
+    parser.add_argument("--abstracts", type=int, default=len(ABSTRACTS), help=f"how many (1-{len(ABSTRACTS)})")
+    parser.add_argument("--batch", type=int, default=10, help="prompts in the batched comparison (default 10)")
+    args = parser.parse_args()
+    print(setup(args.threads, args.keep_memory))
+    start = time.perf_counter()
+    model, tokenizer = load_chat_model("smollm2-135m-instruct")
+    eos = tokenizer.specials["eos"]
+    print(f"SmolLM2-135M-Instruct loaded in {time.perf_counter() - start:.1f} s; greedy, fp32, KV cache, "
+          f"median of {args.rounds} interleaved rounds\n")  # fmt: skip
+
+    spec = speculative_rows(model, tokenizer, eos, args)
+    rows = [[r["abstract"], r["draft"], r["prompt_tokens"], r["tokens"], f"{r['greedy_tokens_per_s']:.1f}",
+             f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}x", f"{r['acceptance_rate'] or 0:.0%}",
+             f"{r['tokens_per_pass']:.2f}"] for r in spec]  # fmt: skip
+    print(f"\nspeculative decoding (k={args.draft_tokens} drafted tokens per step); tokens equal to plain greedy: checked")
+    print(table(rows, ["abstract", "draft", "prompt", "tokens", "greedy tok/s", "spec tok/s", "speedup", "accepted",
+                       "tokens/pass"]))  # fmt: skip
+    for draft in args.drafts:
+        mine = [r for r in spec if r["draft"] == draft]
+        seconds = sum(r["tokens"] / r["tokens_per_s"] for r in mine)
+        greedy_seconds = sum(r["tokens"] / r["greedy_tokens_per_s"] for r in mine)
+        accepted, drafted = sum(r["accepted"] for r in mine), sum(r["drafted"] for r in mine)
+        print(f"{draft}: all abstracts {greedy_seconds / seconds:.2f}x plain greedy's tokens/s, "
+              f"{accepted}/{drafted} drafted tokens accepted")  # fmt: skip
+
+    batch = batched_row(model, tokenizer, eos, args)
+    print(f"\nbatched generation: {batch['prompts']} prompts of {min(batch['prompt_lengths'])}-"
+          f"{max(batch['prompt_lengths'])} tokens, {batch['tokens']} new tokens in all")  # fmt: skip
+    print(table([["one at a time", f"{batch['one_at_a_time_tokens_per_s']:.1f}", "1.00x"],
+                 ["batched", f"{batch['batched_tokens_per_s']:.1f}", f"{batch['ratio']:.2f}x"]],
+                ["peer", "tokens/s", "ratio"]))  # fmt: skip
+    note = "" if batch["rows_equal"] == batch["prompts"] else " (a row differs: a floating-point near-tie in the batched products)"
+    print(f"rows equal to one-at-a-time generation: {batch['rows_equal']}/{batch['prompts']}{note}")
+    write_json(args.json, {"speculative": spec, "batched": batch})
+
+
+if __name__ == "__main__":
+    main()
