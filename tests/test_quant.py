@@ -14,6 +14,7 @@ from archlab.models import build_model
 from archlab.models.llama import Llama, LlamaConfig
 from archlab.quant import (
     Int4Linear,
+    dynamic_linear,
     Int4Weight,
     Int8Linear,
     quality,
@@ -250,3 +251,43 @@ def test_int8_perplexity_stays_within_one_percent_of_fp32():
     int8 = results["int8"]
     assert int8.reference_perplexity < 20  # trained: far below 256
     assert abs(int8.perplexity_change) < 0.01 and int8.top1_agreement >= 0.95
+
+
+# --- dynamic int8 (weights and activations) ----------------------------------------------------
+
+
+def test_dynamic_int8_layer_error_is_within_its_rounding_steps():
+    """int8-dynamic rounds x (over the whole tensor; torch uses 7 bits on x86: step (max - min) / 127) and each
+    weight row (step s_n = max|W_n| / 127): |y - x W^T| <= (s_x/2) sum|W_n| + (s_n/2) sum|x| + K s_x s_n / 4."""
+    g = torch.Generator().manual_seed(6)
+    layer = nn.Linear(256, 96)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(96, 256, generator=g))
+    x = torch.randn(5, 256, generator=g)
+    got = dynamic_linear(layer)(x).double()
+    want = x.double() @ layer.weight.double().T + layer.bias.double()
+    s_x = (x.max().clamp_min(0) - x.min().clamp_max(0)).double() / 127
+    s_w = layer.weight.abs().amax(dim=1).double() / 127
+    bound = (s_x / 2) * layer.weight.double().abs().sum(1) + (s_w / 2) * x.double().abs().sum(1, keepdim=True)
+    bound = bound + 256 * s_x * s_w / 4
+    assert ((got - want).abs() <= bound).all()
+    assert (got - want).abs().max() > 0  # activations really are rounded
+
+
+@pytest.mark.parametrize("preset", ["llama", "bert-mini"])
+def test_dynamic_int8_quantizes_decoders_and_encoders(preset):
+    """Every linear layer (the head too with head="int8-dynamic") becomes torch's dynamic int8 Linear and is listed
+    in the report with its int8 bytes (kept outside parameters and buffers, counted in the model's total).
+    Outputs against fp32 and cached decoding of such layers: tests/nn/test_linear.py (quantize_dynamic)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    torch.manual_seed(0)
+    model = small_llama() if preset == "llama" else build_model(preset).eval()
+    shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if type(m) is nn.Linear}
+    report = quantize(model, "int8-dynamic", head="int8-dynamic")
+    assert {r.name: r.shape for r in report.quantized} == shapes and {r.mode for r in report.layers} == {"int8-dyn"}
+    assert all(isinstance(model.get_submodule(n), DynamicLinear) for n in shapes)
+    assert all(r.bytes_after == r.shape[0] * r.shape[1] + 16 * r.shape[0] for r in report.layers)  # + f64 scale, i64 zero
+    # each layer's float weight is freed, but a tied head's (the embedding keeps it): its copy is added
+    saved = sum((0 if "tied" in r.note else r.bytes_before) - r.bytes_after for r in report.layers)
+    assert report.model_bytes_after == report.model_bytes_before - saved
