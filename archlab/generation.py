@@ -358,7 +358,11 @@ def generate_batch(
     *,
     max_new_tokens: int,
     stop_tokens: Iterable[int] = (),
-    **sampling: Any,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
 ) -> list[list[int]]:
     """Continue several prompts of different lengths together; returns each prompt's new tokens, in order.
 
@@ -368,8 +372,8 @@ def generate_batch(
     (:func:`archlab.models.decoder.positions_from_mask`) and no query attends the padding, so with greedy
     decoding each row's tokens are those ``generate`` gives its prompt alone (up to floating-point near-ties
     in the batched products). A row ends at its first stop token, which its output keeps; the others go on.
-    With ``do_sample=True`` (and ``temperature``, ``top_k``, ``top_p``, ``seed``: the ``sampling`` options of
-    :func:`generate`) every row samples from its own distribution, the draws shared out from one generator.
+    With ``do_sample=True`` (``temperature``, ``top_k``, ``top_p``, ``seed`` as in :func:`generate`) every row
+    samples from its own distribution, the draws shared out from one generator.
 
     Args:
         model: a decoder-only model with ``decoder_step(attention_mask)`` and ``new_cache()`` (GPT, Llama).
@@ -399,7 +403,7 @@ def generate_batch(
         attention_mask[row, n0 - len(prompt) :] = 1
     out = generate(
         model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, stop_tokens=stop,
-        pad_id=0 if stop else None, **sampling,
+        pad_id=0 if stop else None, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
     )[:, n0:].tolist()  # fmt: skip
     return [_through_first(row, stop) for row in out]
 

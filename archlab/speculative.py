@@ -353,7 +353,7 @@ def _speculate(model, cache, drafter, input_ids, max_new_tokens, k, sampling, st
     """The rounds of :func:`speculative_stream` (arguments checked). The target's cache always holds every
     token of the sequence but the last, which the next round feeds with its drafts."""
     tokens = input_ids[0].tolist()
-    if len(tokens) > 1:
+    if len(tokens) > 1 and max_new_tokens > 0:
         _step(model, keep=1)(input_ids[:, :-1], cache)
     verify = _step(model, keep=None)
     produced = 0

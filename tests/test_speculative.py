@@ -78,6 +78,14 @@ def test_greedy_speculative_output_is_greedy_generate_token_for_token(family, dr
     assert accepted > 20  # the drafts were right often enough to exercise the acceptance path
 
 
+def test_max_new_tokens_zero_returns_the_prompt_without_a_model_call():
+    model = gpt()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    out = speculative_generate(model, prompts()[0], max_new_tokens=0)
+    assert torch.equal(out.sequences, prompts()[0]) and out.stats == SpeculativeStats() and not calls
+
+
 def test_speculative_stream_yields_generate_s_tokens_one_by_one_and_fills_the_stats():
     model = gpt()
     ids = prompts()[0]
