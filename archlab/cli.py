@@ -400,8 +400,8 @@ def add_quantize_option(parser: argparse.ArgumentParser, prefix: str = "") -> No
     from archlab.quant import MODES
 
     parser.add_argument("--quantize", choices=MODES,
-                        help=f"{prefix}weight-only quantized linear layers: int8 per output channel, int4 in groups "
-                             "of 32 (head int8); faster decoding, perplexity measured in archlab.quant.quality")  # fmt: skip
+                        help=f"{prefix}quantized linear layers (archlab.quant): weight-only int8 per output channel "
+                             "or int4 in groups of 32 (head int8), or int8-dynamic (int8 weights and activations)")  # fmt: skip
 
 
 def add_speculative_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:

@@ -34,7 +34,9 @@ rest of the model keeps its dtype.
 
 **Dynamic int8** (``mode="int8-dynamic"``): torch.ao's dynamically quantized Linear, int8 weights per channel
 *and* activations rounded to int8 per call, through fbgemm's int8 GEMM (VNNI/AMX): the fastest on CPU for one
-row and for many (prefill, encoders such as BERT/MiniLM embedding), at the cost of rounding activations.
+row and for many (prefill, encoders such as BERT/MiniLM embedding), at the cost of rounding activations with
+one scale per tensor: on SmolLM2-135M that multiplies perplexity by ~5 (the SwiGLU outputs have outliers;
+tests/parity/test_smollm2_quant.py), so decoders should use the weight-only modes.
 
 Quantized layers are for inference: no gradients, CPU only, state dicts not meant to be saved (the int4 packing
 is the CPU kernel's own layout). ``loss(labels=)`` of a decoder reads ``lm_head.weight``: evaluate a quantized

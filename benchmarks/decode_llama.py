@@ -6,7 +6,8 @@ apply the chat template to a short question and decode ``--new-tokens`` tokens g
 caches. The generated tokens must be identical, which the script checks before timing. Peers run in
 interleaved rounds (median reported): archlab fp32, HF fp32 and HF bf16 (bf16 only where the CPU computes it
 natively, see :func:`archlab.hardware.native_bf16`, or with ``--bf16``), and archlab's weight-only quantized
-modes (:mod:`archlab.quant`: int8 per channel, int4 from the file's Q4_1 blocks; bfloat16 activations). Those
+modes (:mod:`archlab.quant`: int8 per channel, int4 from the file's Q4_1 blocks, both with bfloat16
+activations; int8-dynamic, int8 activations too, its head included). Those
 cannot be token-equal to fp32: the script prints their top-1 agreement with fp32 on fp32's own run (the prompt
 and the generated tokens, teacher-forced) and how many of their greedy tokens match fp32's before the first
 difference (``--no-quant`` leaves them out).
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--gguf", default=None, help="a Llama GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
     parser.add_argument("--bf16", action="store_true", help="time HF bf16 even where bf16 is emulated")
-    parser.add_argument("--no-quant", action="store_true", help="leave out archlab's int8 and int4 rows")
+    parser.add_argument("--no-quant", action="store_true", help="leave out archlab's quantized rows")
     args = parser.parse_args()
     print(setup(args.threads, args.keep_memory))
     import transformers
@@ -82,7 +83,9 @@ def main() -> None:
         int8 = copy.deepcopy(ours)
         quantize(int8, "int8")
         int4 = load_gguf(path, quantize="int4")  # the block layers from the Q4_1 blocks as they are
-        for name, model in (("archlab int8", int8), ("archlab int4", int4)):
+        dynamic = copy.deepcopy(ours)
+        quantize(dynamic, "int8-dynamic", head="int8-dynamic")
+        for name, model in (("archlab int8", int8), ("archlab int4", int4), ("archlab int8-dynamic", dynamic)):
             print(f"\n{name}: {str(model.quant_report).splitlines()[-1]}")
             own = archlab_runner(model)()
             differ = (own != a)[0].nonzero()

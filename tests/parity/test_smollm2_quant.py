@@ -41,7 +41,11 @@ def test_smollm2_int8_and_int4_perplexity_and_agreement():
     """Measured here (Intel AVX-512; fp32 perplexity 29.50 over 2,032 predictions): int8 +0.83%, top-1 agreement
     93.9%; int4 +0.58%, 94.6%. int4 is no worse than int8 because the fp32 weights *are* the file's Q4_1 values:
     int4 from the blocks keeps them (only the int8 head and bfloat16 activations differ), int8 per channel
-    re-rounds them. Pinned: int8 within 2% of fp32 and agreement >= 90%; int4 within 3% and >= 90%."""
+    re-rounds them. Pinned: int8 within 2% of fp32 and agreement >= 90%; int4 within 3% and >= 90%.
+
+    int8-dynamic (int8 activations, one scale per tensor per call) is printed, not pinned: it is not fit for this
+    model, measured +393% perplexity, agreement 38.4% (the SwiGLU outputs entering ffn.w2 have outliers that one
+    8-bit scale per tensor cannot hold: with ffn.w2 left weight-only, +38% and 65.5% on 6 windows)."""
     try:
         path = smollm2_gguf_path()
     except CheckpointError as e:
@@ -52,9 +56,11 @@ def test_smollm2_int8_and_int4_perplexity_and_agreement():
     int8 = copy.deepcopy(reference)
     quantize(int8, "int8")
     int4 = load_gguf(file, quantize="int4")
+    dynamic = copy.deepcopy(reference)
+    quantize(dynamic, "int8-dynamic", head="int8-dynamic")
     assert sum(r.note.startswith("given") for r in int4.quant_report.layers) == 30 * 4  # every block layer from Q4_1
     results = {}
-    for name, model in (("int8", int8), ("int4", int4)):
+    for name, model in (("int8", int8), ("int4", int4), ("int8-dynamic", dynamic)):
         results[name] = quality(reference, model, windows, name)
         print(results[name])
     assert abs(results["int8"].perplexity_change) < 0.02 and results["int8"].top1_agreement >= 0.90
