@@ -31,6 +31,7 @@ from archlab.models.gpt import GPT
 from archlab.models.llama import Llama
 from archlab.models.rwkv import RWKV
 from archlab.models.vit import ViT
+from archlab.nn.lora import lora_layers, unload_lora
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ def convert(src: str | Path, dst: str | Path, *, tokenizer_dir: str | Path | Non
     data = read_json(src / CONFIG_FILE)
     if "class" in data:
         model = load_model(src)
+        if lora_layers(model):  # a LoRA run's checkpoint: Hugging Face gets the adapters merged into the weights
+            unload_lora(model)
         for name, fmt in HF_FORMATS.items():
             if isinstance(model, fmt.model_types):
                 carried = tokenizer if tokenizer.is_file() and _is_hf_tokenizer(tokenizer) else None
