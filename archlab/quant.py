@@ -1,4 +1,4 @@
-r"""Weight-only quantization for inference: int8 per output channel, int4 per group, on PyTorch's CPU kernels.
+r"""Quantized linear layers for inference on PyTorch's CPU kernels: weight-only int8 and int4, and dynamic int8.
 
 A decoding step reads every weight once per token, so its speed is the speed at which weights stream from
 memory: storing ``W [N, K]`` (``N`` outputs, ``K`` inputs) in 8 or 4 bits reads 4x or ~7x fewer bytes
@@ -30,7 +30,8 @@ lookup reads ``N`` rows, not the whole matrix), so memory grows by the copy whil
 they are fast with bfloat16 only (on both CPU kinds: float32 activations make them several times slower
 than the float32 product itself), so :func:`quantize` builds layers that compute in bfloat16 by default
 (``compute="float32"``: the exact equation, for checking). Each layer casts its input and output, so the
-rest of the model keeps its dtype.
+rest of the model keeps its dtype. Measured for a ``3072 x 576`` layer (CPU time, one thread): one row 1.1-2x
+faster than the float32 product; 41 or 256 rows (a prompt) ~2x slower than it.
 
 **Dynamic int8** (``mode="int8-dynamic"``): torch.ao's dynamically quantized Linear, int8 weights per channel
 *and* activations rounded to int8 per call, through fbgemm's int8 GEMM (VNNI/AMX): the fastest on CPU for one
