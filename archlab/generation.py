@@ -392,7 +392,7 @@ def generate_batch(
         for token in prompt:
             _check_int(f"prompts[{i}][j]", token, 0)
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a decoder-only model (generate_batch pads for it), got {type(model).__name__}")
+        raise ConfigError(f"model must be a decoder-only model (GPT, Llama), got {type(model).__name__}")
     stop = list(stop_tokens)
     n0 = max(len(p) for p in prompts)
     device = next(model.parameters()).device

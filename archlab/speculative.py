@@ -80,7 +80,8 @@ class SpeculativeStats:
         return self.generated / self.target_passes if self.target_passes else None
 
     def as_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "acceptance_rate": self.acceptance_rate, "tokens_per_pass": self.tokens_per_pass}
+        rates = {"acceptance_rate": self.acceptance_rate, "tokens_per_pass": self.tokens_per_pass}
+        return {**dataclasses.asdict(self), **rates}
 
     def summary(self) -> str:
         """One line: ``"12 of 20 drafted tokens accepted (60%), 1.80 tokens per pass of the model"``."""
@@ -110,7 +111,8 @@ class Sampling:
 
     def probs(self, logits: Tensor) -> Tensor:
         """``logits [..., V] -> [..., V]``: the distribution tokens are sampled from."""
-        return filter_logits(logits.float(), temperature=self.temperature, top_k=self.top_k, top_p=self.top_p).softmax(-1)
+        filtered = filter_logits(logits.float(), temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        return filtered.softmax(-1)
 
     def pick(self, logits: Tensor) -> tuple[int, Tensor | None]:
         """``logits [V]`` -> a token and the distribution ``q [V]`` it was drawn from (None when greedy)."""
@@ -124,7 +126,8 @@ class Sampling:
         return int(torch.multinomial(weights, 1, generator=self.generator))
 
     def uniform(self) -> float:
-        return float(torch.rand((), generator=self.generator, device=None if self.generator is None else self.generator.device))
+        device = None if self.generator is None else self.generator.device
+        return float(torch.rand((), generator=self.generator, device=device))
 
 
 class Draft(Protocol):
@@ -364,7 +367,9 @@ def _speculate(model, cache, drafter, input_ids, max_new_tokens, k, sampling, st
         if stats.target_passes == 0:
             _check_ids_in_vocab(logits.shape[-1], **{f"stop_tokens[{i}]": s for i, s in enumerate(stop)})
         if q is not None and q.shape[-1] != logits.shape[-1]:
-            raise ConfigError(f"the draft model's vocabulary ({q.shape[-1]} tokens) is not the model's ({logits.shape[-1]})")
+            raise ConfigError(
+                f"the draft model's vocabulary ({q.shape[-1]} tokens) is not the model's ({logits.shape[-1]} tokens)"
+            )
         new = accept(drafts, q, logits, sampling)
         stats.drafted += len(drafts)
         stats.accepted += len(new) - 1

@@ -83,7 +83,9 @@ def speculative_rows(model, tokenizer, eos: int, args) -> list[dict]:
 
             out = fast()
             if not torch.equal(out.sequences, reference):
-                first = int((out.sequences[0, : reference.shape[1]] != reference[0, : out.sequences.shape[1]]).nonzero()[0])
+                length = min(out.sequences.shape[1], reference.shape[1])
+                differ = (out.sequences[0, :length] != reference[0, :length]).nonzero()
+                first = int(differ[0]) if len(differ) else length
                 raise SystemExit(f"abstract {i}, {spec}: tokens differ from plain greedy at new token {first - n0}")
             stats[spec] = out.stats
             peers.append(Peer(spec, fast, tokens=n))
@@ -118,11 +120,13 @@ def batched_row(model, tokenizer, eos: int, args) -> dict:
     rows, alone = together(), one_by_one()
     equal = sum(a == b for a, b in zip(rows, alone, strict=True))
     tokens = sum(len(r) for r in rows)
-    peers = [Peer("one at a time", one_by_one, tokens=sum(len(r) for r in alone)), Peer("batched", together, tokens=tokens)]
+    peers = [Peer("one at a time", one_by_one, tokens=sum(len(r) for r in alone)),
+             Peer("batched", together, tokens=tokens)]  # fmt: skip
     time_interleaved(peers, rounds=args.rounds, warmup=0)
     return {"prompts": len(prompts), "prompt_lengths": [len(p) for p in prompts], "rows_equal": equal,
             "tokens": tokens, "one_at_a_time_tokens_per_s": peers[0].tokens_per_s,
-            "batched_tokens_per_s": peers[1].tokens_per_s, "ratio": peers[1].tokens_per_s / peers[0].tokens_per_s}  # fmt: skip
+            "batched_tokens_per_s": peers[1].tokens_per_s,
+            "ratio": peers[1].tokens_per_s / peers[0].tokens_per_s}  # fmt: skip
 
 
 def main() -> None:
@@ -145,7 +149,8 @@ def main() -> None:
     rows = [[r["abstract"], r["draft"], r["prompt_tokens"], r["tokens"], f"{r['greedy_tokens_per_s']:.1f}",
              f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}x", f"{r['acceptance_rate'] or 0:.0%}",
              f"{r['tokens_per_pass']:.2f}"] for r in spec]  # fmt: skip
-    print(f"\nspeculative decoding (k={args.draft_tokens} drafted tokens per step); tokens equal to plain greedy: checked")
+    print(f"\nspeculative decoding (k={args.draft_tokens} drafted tokens per step); "
+          "tokens equal to plain greedy: checked")  # fmt: skip
     print(table(rows, ["abstract", "draft", "prompt", "tokens", "greedy tok/s", "spec tok/s", "speedup", "accepted",
                        "tokens/pass"]))  # fmt: skip
     for draft in args.drafts:
@@ -162,7 +167,7 @@ def main() -> None:
     print(table([["one at a time", f"{batch['one_at_a_time_tokens_per_s']:.1f}", "1.00x"],
                  ["batched", f"{batch['batched_tokens_per_s']:.1f}", f"{batch['ratio']:.2f}x"]],
                 ["peer", "tokens/s", "ratio"]))  # fmt: skip
-    note = "" if batch["rows_equal"] == batch["prompts"] else " (a row differs: a floating-point near-tie in the batched products)"
+    note = "" if batch["rows_equal"] == batch["prompts"] else " (see which: a near-tie in the batched products?)"
     print(f"rows equal to one-at-a-time generation: {batch['rows_equal']}/{batch['prompts']}{note}")
     write_json(args.json, {"speculative": spec, "batched": batch})
 
