@@ -294,9 +294,15 @@ def exact_match(m, n=500, seed=1) -> float:
 
 
 def train_reversal(preset: str, steps: int, **overrides) -> float:
+    """``steps`` AdamW steps (lr 3e-3, cosine-decayed to 0) on batches of 64 reversals; exact match after.
+
+    The decay matters: at a constant 3e-3 the exact match at a given step rides on loss spikes (RNNsearch with
+    the general score: 0.99 at step 200, 0.896 at step 300 with AVX-512 kernels, 0.998 with AVX2 kernels);
+    decayed, the run ends settled (>= 0.998 for every score, with either kernel set)."""
     torch.manual_seed(0)
     m = build_model(preset, vocab_size=3 + LETTERS, **overrides).train()
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
         src, mask, tgt_in, tgt = reversal_batch(gen, 64)
@@ -305,6 +311,7 @@ def train_reversal(preset: str, steps: int, **overrides) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         opt.step()
+        schedule.step()
     return exact_match(m.eval())
 
 
