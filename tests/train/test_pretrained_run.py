@@ -22,6 +22,7 @@ from archlab.interop.io import load_model
 from archlab.interop.llama import save_llama
 from archlab.models.llama import Llama, LlamaConfig
 from archlab.nn.lora import unload_lora
+from archlab.train.loop import Trainer
 from archlab.train.run import RunSpec, prepare, train_run
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "interop"))
@@ -137,3 +138,64 @@ def test_what_a_run_from_pretrained_weights_refuses(tiny, preset, model, data, t
 def test_missing_weights_are_named(tmp_path, tiny):
     with pytest.raises(CheckpointError, match=r"model\.init '.*nothing\.gguf': no such file or folder"):
         RunSpec("llama-tiny", init=str(tmp_path / "nothing.gguf"))
+
+
+def test_a_lora_run_converts_to_hugging_face_merged(capsys, tmp_path, tiny):
+    gguf, text = tiny
+    sets = [*SETS, "--set", f"model.init={gguf}", "--set", f"data.source={text}", "--set", 'train.lora=["q","v"]']
+    ok(capsys, "train", "llama-tiny", "--out", tmp_path / "run", "--set", "train.steps=2", "--set", "train.lr=0.05", *sets)
+    ok(capsys, "convert", tmp_path / "run", tmp_path / "hf")
+    adapted = load_model(tmp_path / "run" / "checkpoints" / "step-00000002").eval()
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([[5, 9, 30, 41, 7, 12]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, adapted(ids), atol=1e-5, rtol=0)
+        assert (adapted(ids) - load_gguf(gguf)(ids)).abs().max() > 1e-3  # the adapters did change the function
+
+
+# -- SmolLM2-135M-Instruct, the real weights (slow) ------------------------------------------------------------------
+
+SMOLLM2_DATA = {"source": "stdlib", "max_bytes": 300_000, "seq_len": 128}
+
+
+def _smollm2_or_skip() -> None:
+    from archlab.interop.gguf import smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except CheckpointError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.slow
+def test_lora_on_smollm2_lowers_the_held_out_loss(tmp_path):
+    """20 LoRA steps (q, v; r 8) on standard-library source: the held-out loss falls by more than 0.05 nats (measured
+    2.628 -> 2.557), and 460,800 parameters train (30 layers x (A [2 r, d] + B [(A + G) d_k, r]))."""
+    _smollm2_or_skip()
+    spec = RunSpec("smollm2-135m", {}, SMOLLM2_DATA, {"steps": 20, "batch_size": 8, "eval_every": 0, "eval_batches": 8,
+                   "progress": False, "lora": ["q", "v"]}, init="smollm2-135m-instruct")  # fmt: skip
+    run = prepare(spec)
+    before = Trainer(run.build_model(), run.train, run.run_data.train, eval_batches=run.run_data.valid).evaluate()
+    lines = []
+    summary = train_run(spec, tmp_path / "run", echo=lines.append)
+    print(f"held-out loss {before['loss']:.4f} -> {summary['eval']['loss']:.4f}; unigram {summary['unigram_loss']:.4f}")
+    assert summary["trainable_parameters"] == 30 * (2 * 8 * 576 + (9 + 3) * 64 * 8)
+    assert f"LoRA on 30 layers: 460,800 trainable of {134_515_008 + 460_800:,} parameters (0.341%)" in lines, lines
+    assert summary["eval"]["loss"] < before["loss"] - 0.05
+
+
+@pytest.mark.slow
+def test_archlab_train_fine_tunes_smollm2(capsys, tmp_path):
+    """``archlab train`` with the real weights, every parameter, a handful of steps; generate answers from the run."""
+    _smollm2_or_skip()
+    sets = [f"data.{k}={v}" for k, v in SMOLLM2_DATA.items()]
+    sets += ["model.init=smollm2-135m-instruct", "train.steps=3", "train.batch_size=2", "train.eval_batches=2",
+             "train.progress=false"]  # fmt: skip
+    summary = json.loads(ok(capsys, "train", "smollm2-135m", "--out", tmp_path / "run", "--json",
+                            *[a for s in sets for a in ("--set", s)]))  # fmt: skip
+    assert summary["parameters"] == 134_515_008 and summary["step"] == 3
+    assert summary["eval"]["loss"] < summary["unigram_loss"]  # a pretrained model, far below the unigram baseline
+    reply = json.loads(ok(capsys, "generate", tmp_path / "run", "--prompt", "def add(a, b):", "--greedy",
+                          "--max-new-tokens", "8", "--json"))  # fmt: skip
+    assert reply["tokens"] > 0
