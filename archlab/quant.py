@@ -270,7 +270,7 @@ class QuantReport:
 
     mode: str
     group_size: int | None
-    compute: str
+    compute: str  # the activations' dtype: bfloat16 / float32 (weight-only), int8 (int8-dynamic)
     layers: list[LayerReport] = field(default_factory=list)
     model_bytes_before: int = 0
     model_bytes_after: int = 0
@@ -409,7 +409,8 @@ def quantize(
     if weights:
         raise ConfigError(f"weights= names layers this {type(model).__name__} does not have: {sorted(weights)}")
 
-    report = QuantReport(mode, group_size if "int4" in (mode, head) else None, compute,
+    activations = "int8" if mode == "int8-dynamic" else compute  # what the summary line names
+    report = QuantReport(mode, group_size if "int4" in (mode, head) else None, activations,
                          model_bytes_before=model_bytes(model))  # fmt: skip
     outside = 0  # bytes of torch's dynamic layers, held outside parameters and buffers
     for name, layer, layer_mode, note, given in plan:

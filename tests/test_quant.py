@@ -287,6 +287,7 @@ def test_dynamic_int8_quantizes_decoders_and_encoders(preset):
     report = quantize(model, "int8-dynamic", head="int8-dynamic")
     assert {r.name: r.shape for r in report.quantized} == shapes and {r.mode for r in report.layers} == {"int8-dyn"}
     assert all(isinstance(model.get_submodule(n), DynamicLinear) for n in shapes)
+    assert f"{len(shapes)} of {len(shapes)} linear layers quantized (int8-dynamic, int8 activations)" in str(report)
     assert all(r.bytes_after == r.shape[0] * r.shape[1] + 16 * r.shape[0] for r in report.layers)  # + f64 scale, i64 zero
     # each layer's float weight is freed, but a tied head's (the embedding keeps it): its copy is added
     saved = sum((0 if "tied" in r.note else r.bytes_before) - r.bytes_after for r in report.layers)
