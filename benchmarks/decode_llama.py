@@ -67,10 +67,12 @@ def main() -> None:
     run_archlab = archlab_runner(ours)
 
     def hf_runner(model):
+        # Neither stops at <|im_end|> (archlab: no stop_tokens; HF: eos_token_id=None), so both decode n tokens
+        # with the same rule. HF's min_new_tokens would instead forbid <|im_end|>, which changes the tokens.
         @torch.inference_mode()
         def run():
             return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                  min_new_tokens=n, do_sample=False, pad_token_id=0)  # fmt: skip
+                                  do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
         return run
 
     a, b = run_archlab(), hf_runner(hf)()
