@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from archlab.analysis.memory import format_bytes, module_bytes
 from archlab.errors import ConfigError

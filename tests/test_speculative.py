@@ -18,7 +18,6 @@ from archlab.speculative import (
     PromptLookup,
     SpeculativeStats,
     first_layers,
-    make_draft,
     prompt_lookup,
     speculative_generate,
     speculative_stream,
