@@ -42,8 +42,7 @@ def load_chat_model(spec: str | Path = DEFAULT_CHAT_MODEL, *, use_cache: bool = 
     the report in ``model.quant_report``). The float weights are quantized, except with ``use_cache=False``, where a
     GGUF file's Q4_0/Q4_1 blocks become the int4 layers as they are (:func:`archlab.interop.gguf.load_gguf`).
     """
-    from archlab.quant import MODES
-    from archlab.quant import quantize as quantize_layers
+    from archlab.quant import MODES, quantize as quantize_layers
     from archlab.train.run import open_run
 
     if quantize is not None and quantize not in MODES:

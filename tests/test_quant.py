@@ -14,9 +14,9 @@ from archlab.models import build_model
 from archlab.models.llama import Llama, LlamaConfig
 from archlab.quant import (
     Int4Linear,
-    dynamic_linear,
     Int4Weight,
     Int8Linear,
+    dynamic_linear,
     quality,
     quantize,
     quantize_int4,

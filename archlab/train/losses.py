@@ -24,6 +24,7 @@ from torch import Tensor
 from archlab.errors import ConfigError, ShapeError
 from archlab.nn.inputs import check_class_ids
 from archlab.nn.loss import IGNORE_INDEX
+
 REDUCTIONS = ("mean", "sum", "none")
 
 

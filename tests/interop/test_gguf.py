@@ -12,6 +12,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from gguf_files import TINY_TOKENIZER, TINY_TOKENS, llama_cpp_permute, llama_metadata, write_gguf, write_llama_gguf
 
 from archlab.cli import main
 from archlab.data.chat import ChatML
@@ -22,7 +23,6 @@ from archlab.interop.gguf import GGUFFile, hf_llama_config, load_gguf, read_gguf
 from archlab.interop.io import load_model
 from archlab.interop.llama import llama_state_from_archlab
 from archlab.models.llama import Llama, LlamaConfig
-from gguf_files import TINY_TOKENIZER, TINY_TOKENS, llama_cpp_permute, llama_metadata, write_gguf, write_llama_gguf
 
 Q = gguf.GGMLQuantizationType
 

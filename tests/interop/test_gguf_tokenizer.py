@@ -4,12 +4,12 @@ split, special-token safety, round trips. ``tests/parity/test_smollm2.py`` compa
 from __future__ import annotations
 
 import pytest
+from gguf_files import TINY_TOKENIZER, write_gguf
 
 from archlab.data.chat import ChatML
 from archlab.data.tokenizers import byte_level_bpe, load_tokenizer
 from archlab.errors import CheckpointError, DataError
 from archlab.interop.gguf import GGUFFile, gguf_tokenizer, smollm2_gguf_path
-from gguf_files import TINY_TOKENIZER, write_gguf
 
 jinja2 = pytest.importorskip("jinja2")
 
