@@ -513,11 +513,12 @@ def cmd_lab(args: argparse.Namespace) -> int:
     if not args.names or args.names == ["list"]:
         labs = list_labs()
         if args.json:
-            print(json.dumps([{"name": lab.name, "claim": lab.claim, "source": lab.source, "tags": list(lab.tags)}
-                              for lab in labs], indent=2))  # fmt: skip
+            print(json.dumps([{"name": lab.name, "claim": lab.claim, "source": lab.source, "tags": list(lab.tags),
+                               "minutes": lab.minutes} for lab in labs], indent=2))  # fmt: skip
         else:
             for lab in labs:
-                print(f"{lab.name}  ({lab.source})")
+                long = f"; the full run takes about {lab.minutes:.0f} minutes" if lab.long else ""
+                print(f"{lab.name}  ({lab.source}{long})")
                 print(textwrap.fill(lab.claim, width=100, initial_indent="    ", subsequent_indent="    "))
             print(f"\n{len(labs)} labs; run one with `archlab lab NAME` (--quick: the seconds-long version)")
         return 0

@@ -81,18 +81,26 @@ class Lab:
     source: str  # where: "lesson 4, card 1", "deck: scaled dot-product", "notes 3.2"
     run: Callable[[bool, int], LabResult]
     tags: tuple[str, ...] = field(default_factory=tuple)
+    minutes: float = 1.0  # the full run's wall time on 2 idle CPU cores, as measured (shown by `archlab lab list`)
+
+    @property
+    def long(self) -> bool:
+        """Whether the full run takes more than LONG_MINUTES (``archlab lab list`` says so)."""
+        return self.minutes > LONG_MINUTES
 
 
 LABS: dict[str, Lab] = {}
+LONG_MINUTES = 5.0
 
 
-def register_lab(name: str, claim: str, source: str, tags: Sequence[str] = ()) -> Callable:
-    """Decorator for a lab's ``run(quick, seed) -> LabResult``."""
+def register_lab(name: str, claim: str, source: str, tags: Sequence[str] = (), minutes: float = 1.0) -> Callable:
+    """Decorator for a lab's ``run(quick, seed) -> LabResult``; ``minutes``: the full run's measured wall time
+    on 2 idle CPU cores (labs over LONG_MINUTES are flagged in ``archlab lab list``)."""
 
     def add(run: Callable[[bool, int], LabResult]) -> Callable[[bool, int], LabResult]:
         if name in LABS:
             raise ConfigError(f"lab {name!r} is registered twice")
-        LABS[name] = Lab(name, claim, source, run, tuple(tags))
+        LABS[name] = Lab(name, claim, source, run, tuple(tags), float(minutes))
         return run
 
     return add
