@@ -1,0 +1,149 @@
+"""The cross-encoder re-ranker: parity with sentence-transformers' CrossEncoder, truncation, layout, refusals."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from archlab.errors import CheckpointError, DataError
+from archlab.search.corpus import Document
+from archlab.search.engine import Hit
+from archlab.search.rerank import Reranker, longest_first
+
+WORDS = ("the a of to and in is it for on with as by this that function return value list string file "
+         "sort key open read write path error raise number float int dict set time date").split()  # fmt: skip
+
+
+def make_folder(path, *, num_labels=1, max_len=64, seed=0):
+    """A random-init Hugging Face BertForSequenceClassification + WordPiece tokenizer, via save_pretrained."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    vocab += [*"abcdefghijklmnopqrstuvwxyz.,()_", *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz_")]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True, model_max_length=max_len)
+    assert tokenizer.convert_tokens_to_ids("file") == vocab.index("file")  # the vocabulary took
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=max_len, num_labels=num_labels,
+                        initializer_range=0.5)  # wide weights: scores that differ between pairs  # fmt: skip
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+DOCS = [
+    "Return the sorted list of the file names in path.",
+    "Open a file for reading and return its value as a string",
+    "Raise an error if the number is not a float",
+    "the date and time of this set",
+    "dict with key and value",
+    " ".join(WORDS * 4),  # longer than max_length: truncated
+]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("ce") / "tiny")
+
+
+def test_scores_equal_sentence_transformers_cross_encoder(folder):
+    from sentence_transformers import CrossEncoder
+
+    reranker = Reranker.load(folder)
+    assert reranker.max_length == 64 and reranker.activation == "sigmoid"
+    queries = ["sort a list of file names", "read a file", " ".join(WORDS[::-1] * 3)]  # the last: longer than half
+    ce = CrossEncoder(str(folder), device="cpu")
+    for q in queries:
+        ours = torch.tensor(reranker.score(q, DOCS))
+        theirs = torch.as_tensor(ce.predict([(q, d) for d in DOCS], batch_size=4))
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+        assert ours.std() > 1e-3  # the scores differ between documents: the comparison means something
+    # logits too (activation Identity), and Documents read as title + text
+    doc = Document("d1", "sorting", "Return the sorted list.")
+    logit = reranker.logits("sort", [doc])
+    theirs = ce.predict([("sort", doc.full_text)], activation_fn=torch.nn.Identity())
+    assert abs(float(logit[0]) - float(theirs[0])) < 1e-5
+
+
+def test_longest_first_matches_the_hf_tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    for nq, nd in [(3, 100), (100, 3), (40, 40), (40, 41), (61, 0), (10, 10), (30, 31)]:
+        q, d = " ".join(["file"] * nq), " ".join(["path"] * nd)
+        enc = tok(q, d, truncation="longest_first", max_length=64)["input_ids"]
+        kept = (enc.count(tok.convert_tokens_to_ids("file")), enc.count(tok.convert_tokens_to_ids("path")))
+        assert longest_first(nq, nd, 61) == kept, (nq, nd)
+
+
+def test_batching_and_order_do_not_change_scores(folder):
+    one = Reranker.load(folder, batch_size=1).score("read a file", DOCS)
+    many = Reranker.load(folder, batch_size=4).score("read a file", DOCS[::-1])
+    torch.testing.assert_close(torch.tensor(one), torch.tensor(many[::-1]), atol=1e-6, rtol=0)
+
+
+def test_rerank_reorders_the_head_and_keeps_the_tail(folder):
+    reranker = Reranker.load(folder)
+    docs = [Document(f"d{i}", "", t) for i, t in enumerate(DOCS)]
+    hits = [Hit(d, i + 1, 1.0 - i / 10, {"dense": 1.0 - i / 10}) for i, d in enumerate(docs)]
+    out = reranker.rerank("sort a list", hits, depth=4)
+    scores = reranker.score("sort a list", docs[:4])
+    assert [h.doc.id for h in out[:4]] == [docs[i].id for i in sorted(range(4), key=lambda i: -scores[i])]
+    assert [h.doc.id for h in out[4:]] == ["d4", "d5"] and [h.rank for h in out] == [1, 2, 3, 4, 5, 6]
+    assert all("rerank" in h.stage_scores and "dense" in h.stage_scores for h in out[:4])
+    assert "rerank" not in out[4].stage_scores
+    assert reranker.rerank("sort", hits, depth=0) == hits
+
+
+def test_save_reloads_here_and_in_sentence_transformers(folder, tmp_path):
+    from sentence_transformers import CrossEncoder
+    from transformers import BertForSequenceClassification
+
+    reranker = Reranker.load(folder)
+    out = reranker.save(tmp_path / "saved")
+    again = Reranker.load(out)
+    assert again.score("read a file", DOCS) == reranker.score("read a file", DOCS)
+    ce = CrossEncoder(str(out), device="cpu")
+    assert ce.max_seq_length == 64
+    torch.testing.assert_close(torch.as_tensor(ce.predict([("read a file", d) for d in DOCS])),
+                               torch.tensor(reranker.score("read a file", DOCS)), atol=1e-5, rtol=0)  # fmt: skip
+    assert BertForSequenceClassification.from_pretrained(out).config.num_labels == 1
+
+
+def test_identity_activation_from_the_sentence_transformers_config(folder, tmp_path):
+    copy = tmp_path / "identity"
+    shutil.copytree(folder, copy)
+    (copy / "config_sentence_transformers.json").write_text(
+        json.dumps({"activation_fn": "torch.nn.modules.linear.Identity"}))
+    reranker = Reranker.load(copy)
+    assert reranker.activation == "identity"
+    assert reranker.score("file", DOCS[:2]) == reranker.logits("file", DOCS[:2]).tolist()
+
+
+def test_refusals_name_the_file(folder, tmp_path):
+    two = make_folder(tmp_path / "two", num_labels=2)
+    with pytest.raises(CheckpointError, match=r"config.json: the model has 2 labels"):
+        Reranker.load(two)
+    for missing in ("tokenizer.json", "config.json", "model.safetensors"):
+        broken = tmp_path / f"no-{missing}"
+        shutil.copytree(folder, broken)
+        (broken / missing).unlink()
+        with pytest.raises(CheckpointError, match=missing.replace(".", r"\.")):
+            Reranker.load(broken)
+    roberta = tmp_path / "roberta"
+    shutil.copytree(folder, roberta)
+    config = json.loads((roberta / "config.json").read_text())
+    (roberta / "config.json").write_text(json.dumps({**config, "model_type": "roberta",
+                                                     "architectures": ["RobertaForSequenceClassification"]}))
+    with pytest.raises(CheckpointError, match=r"config\.json: architectures=.*Roberta"):
+        Reranker.load(roberta)
+    with pytest.raises(CheckpointError, match="not a folder"):
+        Reranker.load(tmp_path / "nowhere")
+    reranker = Reranker.load(folder)
+    with pytest.raises(DataError, match="query must be a non-empty string"):
+        reranker.score("  ", DOCS)
+    with pytest.raises(DataError, match="docs must be a list"):
+        reranker.score("file", "one string")
