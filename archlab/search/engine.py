@@ -34,6 +34,7 @@ class Hit:
     evidence: list[str] = field(default_factory=list)
     explanation: str | None = None
     quotes_ok: bool | None = None
+    bad_quotes: list[str] = field(default_factory=list)  # quoted spans not found in the document (quote guard)
 
 
 @dataclass
