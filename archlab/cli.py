@@ -14,6 +14,7 @@ exit code 2, like argparse's own usage errors.
     archlab convert SRC DST
     archlab embed TEXT... [--model minilm-l6|PATH] [--json]
     archlab lab [list | NAME... | all] [--quick] [--seed S] [--out DIR] [--json]
+    archlab attention RUN_DIR|PRESET|MODEL --text TEXT [--image I] [--layer L] [--head H] [--out DIR] [--json]
 
 A run (train, generate, eval) is described in :mod:`archlab.train.run`.
 """
@@ -36,6 +37,7 @@ from archlab.analysis.memory import dtype_bytes
 from archlab.analysis.params import COMPONENTS, LABELS, ParamReport, count_parameters, human
 from archlab.errors import ArchlabError, ConfigError
 from archlab.models.registry import FAMILIES, build_model, get_config, get_preset, list_presets
+from archlab.search import cli as search_cli
 
 EXIT_ERROR = 2
 
@@ -541,6 +543,40 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return 0
 
 
+def args_attention(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="RUN_DIR|PRESET|MODEL",
+                        help="a run folder or checkpoint (GPT/Llama, BERT, ViT, encoder-decoder Transformer, "
+                             "RNNsearch), minilm-l6 (real all-MiniLM-L6-v2 weights), smollm2 or a .gguf file, or a preset "
+                             "(random weights: the architecture before training)")  # fmt: skip
+    parser.add_argument("--text", help="the input text (a seq2seq run: the source, translated greedily first)")
+    parser.add_argument("--image", type=int, metavar="I", help="a ViT: held-out 8x8 digit number I (default 0)")
+    parser.add_argument("--layer", type=int, metavar="L", help="only layer L (default every layer)")
+    parser.add_argument("--head", type=int, metavar="H", help="only head H (default every head, side by side)")
+    parser.add_argument("--out", default="runs/attention", metavar="DIR",
+                        help="write one PNG per layer and attention.json here (default runs/attention)")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print the written files as JSON")
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    """Attention maps of a model on a text: PNGs with the tokens on the axes, and the weights as JSON."""
+    from archlab.analysis.attention_maps import maps_for, select_maps, write_maps
+
+    out = out_folder(args.out)
+    maps = maps_for(args.target, args.text, image=args.image)
+    select_maps(maps, args.layer, args.head)  # a bad --layer/--head is refused before anything is written
+    files = write_maps(maps, out, layer=args.layer, head=args.head)
+    if args.json:
+        paths = [str(f) for f in files]
+        print(json.dumps({"model": maps.model, "text": maps.text, "notes": maps.notes, "files": paths}))
+        return 0
+    print(f"attention maps of {maps.model} on {maps.text!r}: {len(files) - 1} PNG(s) in {out}")
+    for note in maps.notes:
+        print(f"  {note}")
+    for f in files:
+        print(f"  wrote {f}")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     run: Callable[[argparse.Namespace], int]
@@ -635,6 +671,8 @@ COMMANDS: dict[str, Command] = {
     "embed": Command(cmd_embed, args_embed, "sentence embeddings with a real pretrained model (all-MiniLM-L6-v2)"),
     "chat": Command(cmd_chat, args_chat, "talk with an instruction-tuned model (SmolLM2-135M-Instruct by default)"),
     "lab": Command(cmd_lab, args_lab, "run the lessons' claims as experiments: numbers, a plot and a verdict"),
+    "attention": Command(cmd_attention, args_attention, "attention maps of a model on a text (PNGs and JSON)"),
+    "search": Command(search_cli.run, search_cli.declare, "the search engine of lesson 4 card 5: index, query, eval"),
 }
 
 
