@@ -1,0 +1,390 @@
+r"""Why each result is relevant: evidence sentences, explanations by a small decoder, and the quote guard.
+
+The last stage of lesson 4 card 5 ("a small decoder explains why each is relevant, constrained to cite the
+abstract"), in three steps:
+
+1. **Evidence** (:func:`select_evidence`): the abstract is cut into sentences and the ``k`` most similar to the
+   query are kept, most similar first. Similarity is the cosine of MiniLM embeddings
+   (:func:`archlab.interop.sentence.embed`, ``scorer="dense"``) or BM25 over the abstract's sentences
+   (``scorer="bm25"``, through ``bm25s``); both are deterministic, ties going to the earlier sentence.
+2. **Explanation** (:class:`Explainer`): SmolLM2-135M-Instruct (:func:`archlab.chat.load_chat_model`, loaded once,
+   on first use) reads a ChatML prompt holding the query, the title and the evidence, and is asked for one or two
+   sentences quoting the abstract in double quotes. Its reply is opened for it with :data:`REPLY_OPENING`
+   (``It says "``), which leads a 135M model to quote rather than paraphrase. Decoding is greedy with the KV cache:
+   :meth:`Explainer.explain` decodes the top results as one batch (:func:`archlab.generation.generate_batch`);
+   :meth:`Explainer.stream` decodes one result piece by piece with prompt-lookup speculative decoding
+   (:func:`archlab.speculative.speculative_stream`): a quote copies the prompt, so drafts copied from it are
+   accepted often, and greedy output is the same text as plain decoding.
+3. **Quote guard** (:func:`check_quotes`): every double-quoted span of the explanation must occur verbatim in the
+   document (title or text) after whitespace normalisation; the result says so per hit (``hit.quotes_ok``) and
+   lists the spans that do not (``hit.bad_quotes``).
+
+Hits are those of :class:`archlab.search.engine.SearchEngine` (``hit.doc.title``, ``hit.doc.text``); the explainer
+fills ``hit.evidence``, ``hit.explanation``, ``hit.quotes_ok`` and ``hit.bad_quotes``.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from archlab.errors import ConfigError, DataError, unknown
+
+SCORERS = ("dense", "bm25")  # how select_evidence compares the query with sentences
+DEFAULT_ENCODER = "minilm-l6"  # archlab.interop.sentence's name for all-MiniLM-L6-v2
+MAX_SENTENCES = 64  # sentences of a document considered for evidence (a long text's first ones)
+MAX_EVIDENCE_CHARS = 300  # a longer sentence is cut at a word boundary (still verbatim text of the document)
+REPLY_OPENING = 'It says "'  # the start of every explanation, written into the prompt after the assistant marker
+SYSTEM_PROMPT = (
+    "You explain in one or two sentences why a document answers a search query, "
+    "quoting the document's exact words in double quotes."
+)
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+_QUOTE = re.compile(r"[\"“]([^\"“”]*)(?:[\"”]|$)")  # an opening quote, its span, the closing quote or the end
+_ELLIPSIS = re.compile(r"\.\.\.|…")
+
+
+# ================================================================================================
+# Evidence
+# ================================================================================================
+
+
+def normalise(text: str) -> str:
+    """``text`` with every run of whitespace (newlines, tabs) made one space, and stripped."""
+    return " ".join(text.split())
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences of ``text`` (whitespace normalised): split after ``.``, ``!`` or ``?`` followed by a space
+    and a capital letter or a digit (``"e.g. this"`` stays whole). At most :data:`MAX_SENTENCES`; a sentence
+    longer than :data:`MAX_EVIDENCE_CHARS` is cut at the last space before it. Every item occurs in the text."""
+    out = []
+    for s in _SENTENCE_END.split(normalise(text))[:MAX_SENTENCES]:
+        if len(s) > MAX_EVIDENCE_CHARS:
+            cut = s.rfind(" ", 0, MAX_EVIDENCE_CHARS)
+            s = s[: cut if cut > 0 else MAX_EVIDENCE_CHARS]
+        if s:
+            out.append(s)
+    return out
+
+
+def _check_k(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k={k!r} (evidence sentences per result) must be an int >= 1")
+
+
+def _check_query(query: Any) -> None:
+    if not isinstance(query, str) or not query.strip():
+        raise DataError(f"the query must be a non-empty string, got {query!r:.60}")
+
+
+def _check_scorer(scorer: Any) -> None:
+    if scorer not in SCORERS:
+        raise ConfigError(unknown("evidence scorer", str(scorer), SCORERS))
+
+
+def _rank(query: str, groups: Sequence[list[str]], scorer: str, encoder: Any) -> list[list[int]]:
+    """For each group of sentences, their indices from the most similar to ``query`` to the least (stable)."""
+    if scorer == "dense":
+        from archlab.interop.sentence import embed
+
+        flat = [s for group in groups for s in group]
+        texts = [query, *flat]
+        if not flat:
+            vectors = None
+        elif callable(getattr(encoder, "embed", None)):  # a loaded SentenceEncoder (the search engine's)
+            vectors = encoder.embed(texts, batch_size=32)
+        else:
+            vectors = embed(texts, encoder)  # one batch for every group
+        order, start = [], 1
+        for group in groups:
+            scores = (vectors[start : start + len(group)] @ vectors[0]).tolist() if group else []
+            start += len(group)
+            order.append(sorted(range(len(group)), key=lambda i: -scores[i]))
+        return order
+    import bm25s
+
+    order = []
+    for group in groups:
+        if not group:
+            order.append([])
+            continue
+        options = {"stopwords": "en", "stemmer": _stemmer(), "show_progress": False}
+        index = bm25s.BM25()
+        index.index(bm25s.tokenize(group, **options), show_progress=False)
+        query_terms = bm25s.tokenize([query], return_ids=False, **options)[0]
+        vocab = set(index.vocab_dict) if query_terms else set()
+        known = [t for t in query_terms if t in vocab]
+        scores = index.get_scores(known).tolist() if known else [0.0] * len(group)
+        order.append(sorted(range(len(group)), key=lambda i: -scores[i]))
+    return order
+
+
+_STEMMER = None
+
+
+def _stemmer():
+    global _STEMMER
+    if _STEMMER is None:
+        import Stemmer
+
+        _STEMMER = Stemmer.Stemmer("english")
+    return _STEMMER
+
+
+def select_evidence(
+    query: str, doc: Any, k: int = 2, *, scorer: str = "dense", encoder: Any = DEFAULT_ENCODER
+) -> list[str]:
+    """The ``k`` sentences of ``doc.text`` most similar to ``query``, most similar first (fewer if it has fewer).
+
+    Args:
+        query: the search query.
+        doc: a document with ``.text`` (:class:`archlab.search.corpus.Document`).
+        k: how many sentences.
+        scorer: ``"dense"`` (cosine of ``encoder``'s embeddings) or ``"bm25"`` (BM25 over the document's sentences).
+        encoder: for ``"dense"``: a sentence-transformers model name or folder (default all-MiniLM-L6-v2, loaded once
+            per process), or a loaded :class:`archlab.interop.sentence.SentenceEncoder`.
+    """
+    return select_evidence_batch(query, [doc], k, scorer=scorer, encoder=encoder)[0]
+
+
+def select_evidence_batch(
+    query: str, docs: Sequence[Any], k: int = 2, *, scorer: str = "dense", encoder: Any = DEFAULT_ENCODER
+) -> list[list[str]]:
+    """:func:`select_evidence` for several documents, their sentences embedded in one batch."""
+    _check_query(query)
+    _check_k(k)
+    _check_scorer(scorer)
+    for i, doc in enumerate(docs):
+        if not isinstance(getattr(doc, "text", None), str):
+            raise DataError(f"docs[{i}] must be a document with a text string, got {type(doc).__name__}")
+    groups = [sentences(doc.text) for doc in docs]
+    return [[group[i] for i in order[:k]] for group, order in zip(groups, _rank(query, groups, scorer, encoder))]
+
+
+def highlight(text: str, evidence: Sequence[str]) -> list[tuple[str, bool]]:
+    """``text`` (whitespace normalised) as ``(piece, is_evidence)`` pieces, in order, joining back to the text:
+    what a page shows with the evidence sentences marked."""
+    text = normalise(text)
+    spans = []
+    for sentence in evidence:
+        start = text.find(sentence) if sentence else -1
+        if start >= 0:
+            spans.append((start, start + len(sentence)))
+    pieces, at = [], 0
+    for start, end in sorted(spans):
+        if start < at:  # overlaps one already marked
+            start = at
+        if start >= end:
+            continue
+        if start > at:
+            pieces.append((text[at:start], False))
+        pieces.append((text[start:end], True))
+        at = end
+    if at < len(text):
+        pieces.append((text[at:], False))
+    return pieces
+
+
+# ================================================================================================
+# The quote guard
+# ================================================================================================
+
+
+@dataclass(frozen=True)
+class QuoteCheck:
+    """The double-quoted spans of an explanation (``quotes``) and those not found in the document (``bad``)."""
+
+    quotes: tuple[str, ...]
+    bad: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        """Every quote occurs in the document (true of an explanation without quotes)."""
+        return not self.bad
+
+
+def quoted_spans(explanation: str) -> list[str]:
+    """The non-empty spans between double quotes (``"..."`` or ``“...”``), whitespace normalised; an opening quote
+    never closed (the token limit cut the explanation) quotes the rest of the text."""
+    return [q for q in (normalise(m.group(1)) for m in _QUOTE.finditer(explanation)) if q]
+
+
+def _found(span: str, sources: Sequence[str]) -> bool:
+    """``span`` occurs in one of ``sources``; quoting conventions allowed: trailing ``, . ; :`` added inside the
+    quotes, and ``...`` / ``…`` standing for left-out words (each part must then occur, in order)."""
+    parts = [normalise(p).rstrip(",.;:").strip() for p in _ELLIPSIS.split(span.rstrip(",.;:"))]
+    parts = [p for p in parts if p]
+    if not parts:
+        return True
+    for source in sources:
+        at = 0
+        for part in parts:
+            at = source.find(part, at)
+            if at < 0:
+                break
+            at += len(part)
+        else:
+            return True
+    return False
+
+
+def check_quotes(explanation: str, doc: Any) -> QuoteCheck:
+    """The quote guard: each of :func:`quoted_spans` of ``explanation`` must occur verbatim (case and punctuation
+    as written, whitespace normalised) in ``doc.text`` or ``doc.title``."""
+    if not isinstance(explanation, str):
+        raise DataError(f"explanation must be a string, got {type(explanation).__name__}")
+    sources = [normalise(getattr(doc, "text", "") or ""), normalise(getattr(doc, "title", "") or "")]
+    quotes = quoted_spans(explanation)
+    return QuoteCheck(tuple(quotes), tuple(q for q in quotes if not _found(q, sources)))
+
+
+# ================================================================================================
+# Explanations
+# ================================================================================================
+
+
+class Explainer:
+    """Explanations of search results by a small instruction-tuned decoder (module docstring).
+
+    Args:
+        model: what :func:`archlab.chat.load_chat_model` loads (default SmolLM2-135M-Instruct; a ``.gguf`` file or
+            a model folder with a chat template); loaded on first use, once.
+        quantize: ``None`` (float weights), ``"int8"`` or ``"int4"`` (weight-only, :mod:`archlab.quant`).
+        max_new_tokens: the longest explanation, in tokens after :data:`REPLY_OPENING`.
+        evidence: evidence sentences per result, chosen by ``scorer`` (:func:`select_evidence`).
+        draft_tokens: tokens drafted per step by prompt lookup in :meth:`stream`.
+    """
+
+    def __init__(
+        self,
+        model: str | Path = "smollm2-135m-instruct",
+        *,
+        quantize: str | None = None,
+        max_new_tokens: int = 48,
+        evidence: int = 2,
+        scorer: str = "dense",
+        encoder: str | Path = DEFAULT_ENCODER,
+        draft_tokens: int = 5,
+    ):
+        from archlab.quant import MODES
+
+        if quantize is not None and quantize not in MODES:
+            raise ConfigError(f"quantize={quantize!r} must be one of {MODES} or None (float weights)")
+        for name, value in (("max_new_tokens", max_new_tokens), ("draft_tokens", draft_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be an int >= 1")
+        _check_k(evidence)
+        _check_scorer(scorer)
+        self.spec, self.quantize, self.max_new_tokens = model, quantize, max_new_tokens
+        self.evidence, self.scorer, self.encoder, self.draft_tokens = evidence, scorer, encoder, draft_tokens
+        self._loaded: tuple[Any, Any] | None = None
+        self._lock = threading.Lock()
+        self.last_stats = None  # the SpeculativeStats of the last stream
+
+    def load(self) -> tuple[Any, Any]:
+        """``(model, tokenizer)``, loaded on the first call (thread-safe) and kept."""
+        with self._lock:
+            if self._loaded is None:
+                from archlab.chat import load_chat_model
+
+                model, tokenizer = load_chat_model(self.spec, quantize=self.quantize)
+                if tokenizer.specials.get("eos") is None:
+                    raise ConfigError(f"{self.spec}: the tokenizer has no end-of-turn (eos) token to stop on")
+                self._loaded = model, tokenizer
+            return self._loaded
+
+    def fill_evidence(self, query: str, hits: Sequence[Any]) -> None:
+        """Set ``hit.evidence`` of the ``hits`` that have none (one batch of sentence embeddings)."""
+        todo = [h for h in hits if not h.evidence]
+        if todo:
+            chosen = select_evidence_batch(query, [h.doc for h in todo], self.evidence, scorer=self.scorer,
+                                           encoder=self.encoder)  # fmt: skip
+            for hit, evidence in zip(todo, chosen):
+                hit.evidence = evidence
+
+    def prompt(self, query: str, hit: Any) -> list[int]:
+        """The prompt's token ids: system message, the user's request (query, title, evidence), and the assistant's
+        turn opened with :data:`REPLY_OPENING`. Fills ``hit.evidence`` if empty."""
+        _check_query(query)
+        self.fill_evidence(query, [hit])
+        _, tokenizer = self.load()
+        lines = "\n".join(f"- {s}" for s in hit.evidence) or f"- {normalise(hit.doc.text)[:MAX_EVIDENCE_CHARS]}"
+        request = (f"Search query: {normalise(query)}\nDocument: {normalise(hit.doc.title or hit.doc.id)}\n"
+                   f"Sentences from the document:\n{lines}\n"
+                   "Why does this document answer the query? Quote its words in double quotes.")  # fmt: skip
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": request}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True) + tokenizer.encode(REPLY_OPENING)
+
+    def _finish(self, hit: Any, generated: str) -> None:
+        hit.explanation = REPLY_OPENING + generated.strip()
+        check = check_quotes(hit.explanation, hit.doc)
+        hit.quotes_ok, hit.bad_quotes = check.ok, list(check.bad)
+
+    def explain(self, query: str, hits: Sequence[Any]) -> list[Any]:
+        """Explain every hit in one batch (greedy, KV cache; :func:`archlab.generation.generate_batch`); fills
+        ``evidence``, ``explanation``, ``quotes_ok``, ``bad_quotes`` and returns ``hits``."""
+        from archlab.generation import check_room, generate_batch
+
+        _check_query(query)
+        hits = list(hits)
+        if not hits:
+            return hits
+        model, tokenizer = self.load()
+        self.fill_evidence(query, hits)
+        prompts = [self.prompt(query, hit) for hit in hits]
+        check_room(model, max(map(len, prompts)), self.max_new_tokens)
+        eos = tokenizer.specials["eos"]
+        outputs = generate_batch(model, prompts, max_new_tokens=self.max_new_tokens, stop_tokens=[eos])
+        for hit, tokens in zip(hits, outputs):
+            self._finish(hit, tokenizer.decode([t for t in tokens if t != eos]))
+        return hits
+
+    def stream(self, query: str, hit: Any) -> Iterator[str]:
+        """One explanation, piece by piece as tokens are decoded (prompt-lookup speculative decoding, greedy).
+
+        Yields :data:`REPLY_OPENING` first, then the generated text; when the iteration ends the hit's
+        ``explanation``, ``quotes_ok`` and ``bad_quotes`` are set (``self.last_stats``: the draft statistics).
+        The prompt is built (and checked) at the call; the model runs as the caller iterates.
+        """
+        from archlab.speculative import SpeculativeStats, speculative_stream
+
+        model, tokenizer = self.load()
+        ids = self.prompt(query, hit)
+        eos = tokenizer.specials["eos"]
+        stats = SpeculativeStats()
+        device = next(model.parameters()).device
+        steps = speculative_stream(model, torch.tensor([ids], device=device), max_new_tokens=self.max_new_tokens,
+                                   stop_tokens=[eos], draft="lookup", draft_tokens=self.draft_tokens, stats=stats)  # fmt: skip
+        return self._pieces(hit, steps, tokenizer, eos, stats)
+
+    def _pieces(self, hit, steps, tokenizer, eos, stats) -> Iterator[str]:
+        yield REPLY_OPENING
+        tokens: list[int] = []
+        shown = ""
+        try:
+            for step in steps:
+                token = int(step[0])
+                if token == eos:
+                    break
+                tokens.append(token)
+                text = tokenizer.decode(tokens)
+                if text.endswith("\ufffd"):  # a character split over tokens: wait for the rest
+                    continue
+                if len(text) > len(shown):
+                    yield text[len(shown) :]
+                    shown = text
+            text = tokenizer.decode(tokens)
+            if len(text) > len(shown):
+                yield text[len(shown) :]
+        finally:
+            steps.close()
+            self.last_stats = stats
+            self._finish(hit, tokenizer.decode(tokens))
