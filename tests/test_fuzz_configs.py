@@ -21,6 +21,7 @@ st = hypothesis.strategies
 # each family's smallest preset, made smaller still (every change here is legal)
 BASES = {
     "bert": ("bert-mini", dict(vocab_size=64, max_len=16, d_model=16, n_heads=2, n_layers=1, d_ff=32)),
+    "docreader": ("docreader-tiny", dict(text_d_model=16, text_n_heads=2, text_n_layers=1, image_d_model=16, image_n_heads=2, d_model=16, n_heads=2, d_ff=32, page_layers=1, reason_layers=1)),
     "elmo": ("elmo-small", dict(vocab_size=32, d_model=16)),
     "gmlp": ("gmlp-lm-tiny", dict(vocab_size=32, max_len=8, d_model=16, d_ffn=32, n_layers=1)),
     "gmlp-classifier": ("gmlp-cls-tiny", dict(vocab_size=32, max_len=8, d_model=16, d_ffn=32, n_layers=1)),
@@ -97,6 +98,12 @@ def batch_for(family: str, config) -> dict[str, torch.Tensor]:
     ids = lambda *shape: torch.randint(0, vocab, shape, generator=g)  # noqa: E731
     if task == "lm":
         return {"input_ids": ids(2, n), "labels": ids(2, n)}
+    if family == "docreader":  # two one-page documents, collated
+        from archlab.models.docreader import Document, DocReaderTokenizer, Page, collate
+
+        image = torch.rand(config.n_channels, config.image_size, config.image_size, generator=g)
+        docs = [Document([Page("a page", [["k", "v"], ["a", "1"]], image)], "which?", 0)] * 2
+        return collate(docs, config, DocReaderTokenizer())._asdict()
     if task == "custom":  # ELMo
         return {"input_ids": ids(2, n)}
     if task == "mlm":

@@ -1,0 +1,391 @@
+"""The document reader (lesson 8 card 5): each stage against its equation in float64 (the Perceiver's cross-attention
+is attend() with the latents as queries; the page windows and the reasoning window equal full attention under the
+masks the card describes), shapes and gradients of the three readers, every positional switch doing what it says,
+real MiniLM weights in the text encoder, the card preset on the meta device, and clear errors for bad documents."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from archlab.config import ConfigError
+from archlab.errors import CheckpointError, DataError, ShapeError
+from archlab.models import build_model, get_config
+from archlab.models.docreader import (
+    DocBatch,
+    Document,
+    DocReader,
+    DocReaderTokenizer,
+    Page,
+    check_document,
+    collate,
+)
+from archlab.nn.attention import attend, padding_mask
+
+SMALL = dict(  # docreader-tiny, narrower still: every stage present, fast on two cores
+    text_d_model=16, text_n_heads=2, text_n_layers=1, text_d_ff=32, table_n_layers=1, image_d_model=16,
+    image_n_heads=2, image_n_layers=1, image_d_ff=32, d_model=16, n_heads=2, d_ff=32, n_latents=4, page_layers=2,
+    reason_layers=1, max_pages=6, n_answers=5,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return DocReaderTokenizer()
+
+
+def config(**overrides):
+    return get_config("docreader-tiny", **{**SMALL, **overrides})
+
+
+def image(seed: int, c=None) -> torch.Tensor:
+    c = c or config()
+    return torch.rand(c.n_channels, c.image_size, c.image_size, generator=torch.Generator().manual_seed(seed))
+
+
+def documents(c=None) -> list[Document]:
+    """Two documents of 4 and 2 pages: text, tables (one per document) and images."""
+    c = c or config()
+    return [
+        Document([
+            Page("the quarterly report of the mill", [["item", "count"], ["bolts", "12"], ["nuts", "7"]]),
+            Page("a figure of a digit", None, image(1, c)),
+            Page("notes on the second figure", None, image(2, c)),
+            Page("closing remarks about nuts and bolts"),
+        ], "which page shows the largest count?", 3),
+        Document([
+            Page("", [["city", "rain"], ["oslo", "3"]], image(3, c)),
+            Page("a short page"),
+        ], "how many pages mention rain?", 1),
+    ]  # fmt: skip
+
+
+def model(c=None, seed=0) -> DocReader:
+    torch.manual_seed(seed)
+    return build_model(c or config()).eval()
+
+
+# -- shapes, gradients, the three readers ------------------------------------------------------------------------
+
+
+def test_collate_shapes_and_table_linearisation(tokenizer):
+    c = config()
+    batch = collate(documents(c), c, tokenizer)
+    b, p = 2, 4
+    assert batch.text_ids.shape[:2] == (b, p) and batch.images.shape == (b, p, 1, 8, 8)
+    assert batch.page_mask.tolist() == [[True] * 4, [True, True, False, False]]
+    assert batch.image_mask.tolist() == [[False, True, True, False], [True, False, False, False]]
+    assert batch.answers.tolist() == [3, 1] and batch.question_mask[:, 0].all()
+    ids, rows, cols = tokenizer.table([["city", "rain"], ["oslo", "3"]], 100)
+    # [ROW_0] city [SEP] rain [SEP] [ROW_1] oslo [SEP] 3 [SEP]: the marker is [CLS] at column 0
+    assert ids[0] == ids[5] == tokenizer.cls_id and ids.count(tokenizer.sep_id) == 4
+    assert rows == [0] * 5 + [1] * (len(ids) - 5)
+    assert cols[0] == 0 and cols[5] == 0 and set(cols) == {0, 1, 2}
+    n = int(batch.table_mask[1, 0].sum())
+    assert batch.table_ids[1, 0, :n].tolist() == ids and batch.table_rows[1, 0, :n].tolist() == rows
+
+
+@pytest.mark.parametrize("reader", ["hierarchical", "flat", "question"])
+def test_each_reader_gives_logits_and_every_trained_weight_a_gradient(tokenizer, reader):
+    c = config(reader=reader, dropout=0.1)
+    m = model(c).train()
+    batch = collate(documents(c), c, tokenizer)
+    logits = m(batch)
+    assert logits.shape == (2, c.n_answers) and torch.isfinite(logits).all()
+    loss, metrics = m.compute_loss(batch._asdict())
+    loss.backward()
+    assert 0.0 <= float(metrics["accuracy"]) <= 1.0
+    grads = {n: p.grad for n, p in m.named_parameters()}
+    assert all(g is None or torch.isfinite(g).all() for g in grads.values())
+    reads_document = ("text.", "head", "head_norm", "reasoning.")
+    for name, g in grads.items():
+        if reader == "question" and not name.startswith(reads_document):
+            continue  # the question-only baseline reads no page
+        if reader == "flat" and name.startswith(("perceiver.", "pages.summary", "pages.absolute", "pages.encoder")):
+            continue  # the flat baseline has no compression and no page-level transformer
+        if name.startswith("reasoning.role") or name.endswith("position.embedding.weight"):
+            continue
+        assert g is not None and g.abs().sum() > 0, f"{reader}: {name} got no gradient"
+
+
+def test_frozen_encoders_get_no_gradient_and_the_rest_trains(tokenizer):
+    c = config(frozen=("text", "image"))
+    m = model(c).train()
+    m.compute_loss(collate(documents(c), c, tokenizer)._asdict())[0].backward()
+    assert all(p.grad is None and not p.requires_grad for p in [*m.text.parameters(), *m.image.parameters()])
+    assert all(p.grad is not None for p in m.perceiver.parameters())
+
+
+def test_padding_pages_and_batch_order_do_not_change_a_document(tokenizer):
+    """A document's logits do not depend on the other documents of its batch (their padding included)."""
+    c = config()
+    m = model(c)
+    docs = documents(c)
+    with torch.no_grad():
+        together = m(collate(docs, c, tokenizer))
+        alone = torch.cat([m(collate([d], c, tokenizer)) for d in docs])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_checkpointing_gives_the_same_loss_and_gradients(tokenizer):
+    c = config()
+    batch = collate(documents(c), c, tokenizer)._asdict()
+    results = []
+    for checkpointing in (False, True):
+        m = model(c.replace(checkpointing=checkpointing)).train()
+        loss = m.compute_loss(batch)[0]
+        loss.backward()
+        results.append((loss.detach(), m.perceiver.latents.grad.clone()))
+    torch.testing.assert_close(results[0], results[1])
+
+
+# -- each stage against its equation, float64 -------------------------------------------------------------------
+
+
+def test_perceiver_cross_attention_is_attend_with_the_latents_as_queries():
+    c = config()
+    m = model(c).double()
+    layer = m.perceiver.layers[0].cross
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, c.n_latents, c.d_model, generator=g, dtype=torch.float64)  # latents [n, L, d]
+    x = torch.randn(3, 11, c.d_model, generator=g, dtype=torch.float64)  # a page's tokens [n, N, d]
+    real = torch.arange(11) < torch.tensor([[11], [7], [1]])  # [n, N]
+    got = layer.cross_attn(layer.norm_q(z), layer.norm_kv(x), mask=padding_mask(real))
+
+    a, d = c.n_heads, c.d_model
+    w, bias = layer.cross_attn.in_proj.weight, layer.cross_attn.in_proj.bias
+    heads = lambda t: t.view(3, -1, a, d // a).transpose(1, 2)  # noqa: E731  [n, N, d] -> [n, A, N, d_k]
+    zn, xn = torch.nn.functional.layer_norm(z, (d,), eps=c.eps), torch.nn.functional.layer_norm(x, (d,), eps=c.eps)
+    q = heads(zn @ w[:d].T + bias[:d])  # queries: the latents
+    k = heads(xn @ w[d : 2 * d].T + bias[d : 2 * d])  # keys and values: the page's tokens
+    v = heads(xn @ w[2 * d :].T + bias[2 * d :])
+    out = attend(q, k, v, mask=real[:, None, None, :], backend="math").transpose(1, 2).reshape(3, -1, d)
+    want = layer.cross_attn.out_proj(out)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    # and the layer is the residual around it: z + attention, then the FFN
+    full = layer(z, x, padding_mask(real))
+    h = z + want
+    torch.testing.assert_close(full, h + layer.ffn(layer.ffn_norm(h)), rtol=0, atol=1e-12)
+
+
+def page_window_mask(n_pages: int, n_latents: int, window: int, page_mask: torch.Tensor) -> torch.Tensor:
+    """The card's page-level pattern from its definition: ``[B, 1, N, N]`` with ``N = (1 + P) L``; block 0 is the
+    summary (global); page ``p`` sees pages ``|p - p'| <= window // 2``; padded pages are no keys."""
+    page = torch.arange((1 + n_pages) * n_latents) // n_latents - 1  # -1: the summary block
+    near = (page[:, None] - page[None, :]).abs() <= window // 2
+    is_global = page < 0
+    pattern = near | is_global[:, None] | is_global[None, :]
+    keys = torch.cat([torch.ones(page_mask.shape[0], n_latents, dtype=torch.bool),
+                      page_mask.repeat_interleave(n_latents, dim=1)], dim=1)  # fmt: skip
+    return pattern[None, None] & keys[:, None, None, :]
+
+
+@pytest.mark.parametrize("window", [2, 4, 8])
+def test_page_windows_equal_full_attention_under_the_page_window_mask(window):
+    c = config(page_window=window, max_pages=7)
+    pt = model(c).pages.double()
+    b, p = 2, 7
+    latents = torch.randn(b, p, c.n_latents, c.d_model, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    page_mask = torch.tensor([[True] * 7, [True] * 5 + [False] * 2])
+    summary, pages = pt(latents, page_mask)
+
+    ref = copy.deepcopy(pt)
+    for block in ref.encoder.blocks:
+        block.attn.backend = "math"  # dense scores, masked by the equation's pattern
+    x = latents + ref.page.weight[:p][None, :, None] + ref.absolute.weight[: p * c.n_latents].view(1, p, c.n_latents, -1)
+    seq = torch.cat([ref.summary.expand(b, -1, -1), x.reshape(b, -1, c.d_model)], dim=1)
+    h = ref.encoder(seq, mask=page_window_mask(p, c.n_latents, window, page_mask))
+    torch.testing.assert_close(summary, h[:, : c.n_latents], rtol=0, atol=1e-10)
+    real = page_mask[:, :, None, None].expand_as(pages)  # padded pages' rows are not compared (no one reads them)
+    torch.testing.assert_close(pages[real], h[:, c.n_latents :].reshape_as(pages)[real], rtol=0, atol=1e-10)
+    if window // 2 < p - 1:  # the window really cuts: a page far away does not reach page 0 in one layer
+        assert not page_window_mask(p, c.n_latents, window, page_mask)[0, 0, c.n_latents, -1]
+
+
+def test_reasoning_window_equals_full_attention_with_the_card_global_tokens():
+    c = config(reason_window=8)
+    r = model(c).reasoning.double()
+    g = torch.Generator().manual_seed(2)
+    b, n_doc = 2, 40
+    parts = [
+        ("question", torch.randn(b, c.max_question_len, c.d_model, generator=g, dtype=torch.float64),
+         torch.arange(c.max_question_len) < torch.tensor([[5], [9]])),
+        ("summary", torch.randn(b, c.n_latents, c.d_model, generator=g, dtype=torch.float64),
+         torch.ones(b, c.n_latents, dtype=torch.bool)),
+        ("page_start", torch.randn(b, c.max_pages, c.d_model, generator=g, dtype=torch.float64),
+         torch.ones(b, c.max_pages, dtype=torch.bool)),
+        ("table_header", torch.randn(b, c.max_pages, c.d_model, generator=g, dtype=torch.float64),
+         (torch.arange(c.max_pages) < 2).expand(b, -1)),
+        ("page", torch.randn(b, n_doc, c.d_model, generator=g, dtype=torch.float64),
+         torch.ones(b, n_doc, dtype=torch.bool)),
+    ]  # fmt: skip
+    got = r(parts)
+    n = c.n_global + n_doc
+    assert n == sum(t.shape[1] for _, t, _ in parts)
+    i = torch.arange(n)
+    is_global = i < c.n_global  # question tokens, summary, page starts, table headers
+    pattern = is_global[:, None] | is_global[None, :] | ((i[:, None] - i[None, :]).abs() <= c.reason_window // 2)
+    keys = torch.cat([m.expand(b, -1) for _, _, m in parts], dim=1)
+    ref = copy.deepcopy(r)
+    for block in ref.encoder.blocks:
+        block.attn.backend = "math"
+    x = torch.cat([ref._role(role, t) for role, t, _ in parts], dim=1)
+    want = ref.encoder(x, mask=pattern[None, None] & keys[:, None, None, :])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+# -- the positional switches each do what they say ----------------------------------------------------------------
+
+
+def _logits(c, docs, tokenizer):
+    """Float64 logits: a fresh model moves them by ~1e-5 for a change it sees, far above float64 rounding."""
+    with torch.no_grad():
+        return model(c).double()(collate(docs, c, tokenizer))
+
+
+def test_table_positions_2d_tell_rows_apart(tokenizer):
+    """Swapping two body rows of a table changes nothing without row/column embeddings (the table's tokens are then
+    a set to every later stage) and changes the answer logits with them."""
+    table = [["item", "count"], ["bolts", "12"], ["nuts", "7"], ["pins", "30"]]
+    swapped = [table[0], table[2], table[1], table[3]]
+    make = lambda t: [Document([Page("", t)], "largest count?", 0)]  # noqa: E731
+    for positions, differs in (("2d", True), ("none", False)):
+        c = config(table_positions=positions)
+        a, b = _logits(c, make(table), tokenizer), _logits(c, make(swapped), tokenizer)
+        assert (not torch.allclose(a, b, rtol=0, atol=1e-12)) == differs, positions
+
+
+def test_text_positions_rope_tell_word_order(tokenizer):
+    """The page-start ([CLS]) state of a page's text changes when its words are shuffled with RoPE or learned
+    positions, and not without positions (attention alone is blind to order). Float64: a fresh BERT's attention
+    is nearly uniform, so order moves the state by ~1e-6, far above float64 rounding (~1e-16)."""
+    ids = torch.tensor([tokenizer.text("alpha beta gamma delta epsilon", 48)])
+    shuffled = ids[:, [0, 4, 5, 3, 1, 2, 6]] if ids.shape[1] == 7 else ids.flip(1)
+    assert ids.shape[1] == 7 and sorted(ids[0].tolist()) == sorted(shuffled[0].tolist())
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    for positions, differs in (("rope", True), ("learned", True), ("none", False)):
+        text = model(config(text_positions=positions)).text.double()
+        with torch.no_grad():
+            a, b = text(ids, mask)[:, 0], text(shuffled, mask)[:, 0]
+        assert (not torch.allclose(a, b, rtol=0, atol=1e-12)) == differs, positions
+
+
+def test_image_positions_tell_patches_apart(tokenizer):
+    c0 = config()
+    img = image(5, c0)
+    moved = img.clone()
+    moved[:, 0:2, 0:2], moved[:, 6:8, 6:8] = img[:, 6:8, 6:8], img[:, 0:2, 0:2]  # swap two 2x2 patches
+    make = lambda im: [Document([Page("", None, im)], "which digit?", 0)]  # noqa: E731
+    for positions, differs in (("patch", True), ("none", False)):
+        c = config(image_positions=positions)
+        a, b = _logits(c, make(img), tokenizer), _logits(c, make(moved), tokenizer)
+        assert (not torch.allclose(a, b, rtol=0, atol=1e-12)) == differs, positions
+
+
+def test_page_positions_tell_page_order():
+    """With a window wide enough to see every page, swapping two pages' latents changes the document summary only
+    through the page-number and absolute position embeddings."""
+    g = torch.Generator().manual_seed(3)
+    for positions, differs in (("learned+page", True), ("page", True), ("none", False)):
+        c = config(page_positions=positions, page_window=16)
+        pt = model(c).pages
+        latents = torch.randn(1, 3, c.n_latents, c.d_model, generator=g)
+        with torch.no_grad():
+            a = pt(latents, torch.ones(1, 3, dtype=torch.bool))[0]
+            b = pt(latents[:, [1, 0, 2]], torch.ones(1, 3, dtype=torch.bool))[0]
+        assert (not torch.allclose(a, b, atol=1e-5)) == differs, positions
+
+
+# -- real weights, the card preset -------------------------------------------------------------------------------
+
+
+def test_the_text_encoder_takes_minilm_weights_and_computes_what_minilm_computes(tokenizer):
+    from archlab.interop.sentence import sentence_encoder
+
+    minilm = sentence_encoder("minilm-l6").bert
+    c = get_config("docreader-tiny", text_d_model=384, text_n_heads=12, text_n_layers=6, text_d_ff=1536,
+                   text_positions="learned", frozen=("text",))  # fmt: skip
+    m = model(c)
+    m.load_text_encoder(minilm)
+    ids = torch.tensor([tokenizer.text("a page about the quarterly report", 48)])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        theirs = minilm(ids, attention_mask=mask).hidden
+        x = m.text.bert.embeddings(ids, torch.zeros_like(ids))
+        ours = m.text.bert.encoder(x, mask=padding_mask(mask))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="text_positions='rope'"):
+        model(c.replace(text_positions="rope")).load_text_encoder(minilm)
+    with pytest.raises(CheckpointError, match="n_layers=6 but the reader's text encoder has n_layers=2"):
+        model(config(text_d_model=384, text_n_heads=12, text_n_layers=2, text_d_ff=1536,
+                     text_positions="learned")).load_text_encoder(minilm)  # fmt: skip
+
+
+def test_the_card_preset_builds_on_meta_with_the_card_sizes():
+    with torch.device("meta"):
+        m = build_model("docreader-card")
+    c = m.config
+    assert (c.max_pages, c.n_latents, c.page_window, c.reason_window) == (50, 64, 8, 512)
+    assert c.n_patches == 256  # ViT-L/14 at 224 px: (224 / 14)^2, not the card's 196
+    assert m.image.vit.config.seq_len == 257
+    assert sum(p.numel() for p in m.text.parameters()) > 500e6  # XLM-R-large-shaped: 250k x 1024 embeddings + 24 layers
+    assert not any(p.requires_grad for p in [*m.text.parameters(), *m.image.parameters()])  # the card freezes them
+
+
+# -- bad input: clear errors, before any computation ----------------------------------------------------------------
+
+
+def test_bad_documents_are_refused_naming_document_and_page(tokenizer):
+    c = config()
+    ok = Page("text")
+    with pytest.raises(DataError, match=r"document 0 has 7 pages, more than the reader's page table holds \(max_pages=6\)"):
+        collate([Document([ok] * 7, "q?", 0)], c, tokenizer)
+    with pytest.raises(DataError, match=r"document 1, page 0: image has shape \[1, 16, 16\], but the reader takes "
+                                        r"\[n_channels, image_size, image_size\] = \[1, 8, 8\]"):  # fmt: skip
+        collate([Document([ok], "q?", 0), Document([Page("x", None, torch.rand(1, 16, 16))], "q?", 0)], c, tokenizer)
+    with pytest.raises(DataError, match="document 0, page 1 is empty: no text, no table and no image"):
+        collate([Document([ok, Page("  ")], "q?", 0)], c, tokenizer)
+    with pytest.raises(DataError, match=r"page 0: table row 2 has 1 cells but the header has 2 \(ragged rows\)"):
+        collate([Document([Page("t", [["a", "b"], ["1", "2"], ["3"]])], "q?", 0)], c, tokenizer)
+    with pytest.raises(DataError, match=r"answer=5 must be a class index in \[0, n_answers=5\)"):
+        check_document(Document([ok], "q?", 5), 0, c)
+    with pytest.raises(DataError, match="image values must be finite and in"):
+        collate([Document([Page("x", None, image(0, c) * 3)], "q?", 0)], c, tokenizer)
+    with pytest.raises(DataError, match="non-empty list of Document"):
+        collate([], c, tokenizer)
+
+
+def test_bad_batches_are_refused_by_the_model(tokenizer):
+    c = config()
+    m = model(c)
+    batch = collate(documents(c), c, tokenizer)
+    small = m.config.replace(max_pages=3)
+    with pytest.raises(ShapeError, match=r"P=4 pages, more than the page table holds \(max_pages=3\)"):
+        DocReader(small)(batch)
+    with pytest.raises(ShapeError, match=r"images must be float \[B, P, C, H, W\]"):
+        m(batch._replace(images=torch.zeros(2, 4, 1, 16, 16)))
+    with pytest.raises(ShapeError, match="text_ids is an empty batch"):
+        m(DocBatch(*(t[:0] for t in batch)))
+    with pytest.raises(ShapeError, match="text_ids holds"):
+        m(batch._replace(text_ids=batch.text_ids + c.vocab_size))
+    with pytest.raises(DataError, match="lacks"):
+        m.compute_loss({"text_ids": batch.text_ids})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(reader="linear"), "reader: unknown value 'linear'"),
+        (dict(text_positions="alibi"), "text_positions: unknown value 'alibi'"),
+        (dict(text_d_model=18, text_n_heads=2), "d_k = d_model / n_heads must be even"),
+        (dict(frozen=("text", "text")), "names an encoder twice"),
+        (dict(frozen=("fusion",)), "frozen: unknown value 'fusion'"),
+        (dict(backend="sliding"), "the reader's dense layers take auto, math or sdpa"),
+        (dict(image_size=9), "image_size=9 is not divisible by patch_size=2"),
+    ],
+)
+def test_bad_configs_are_refused_naming_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config(**overrides)
