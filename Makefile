@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install -q -c constraints.txt
 STAMP  := $(VENV)/.installed-test
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: setup demo demo-dates labs test test-avx2 test-all bench clean
+.PHONY: setup demo demo-dates labs report test test-avx2 test-all bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ demo-dates: $(STAMP)
 # Every lab: the lessons' claims as experiments (numbers, a plot and a verdict each), about 6 minutes.
 labs: $(STAMP)
 	$(VENV)/bin/archlab lab all --out runs/labs
+
+# The labs' results as a static HTML site (open runs/report/index.html): every claim, its verdict and plot; a lab not
+# run yet (`make labs`) is listed as "not run".
+report: $(STAMP)
+	$(VENV)/bin/archlab report --labs runs/labs --out runs/report
 
 # The fast tier (what CI runs): everything not marked slow. Exit 5 (no tests collected) is not a pass.
 test: $(STAMP)

@@ -15,6 +15,7 @@ exit code 2, like argparse's own usage errors.
     archlab embed TEXT... [--model minilm-l6|PATH] [--json]
     archlab lab [list | NAME... | all] [--quick] [--seed S] [--out DIR] [--json]
     archlab attention RUN_DIR|PRESET|MODEL --text TEXT [--image I] [--layer L] [--head H] [--out DIR] [--json]
+    archlab report [--labs DIR] [--out DIR]
 
 A run (train, generate, eval) is described in :mod:`archlab.train.run`.
 """
@@ -577,6 +578,24 @@ def cmd_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def args_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--labs", default="runs/labs", metavar="DIR",
+                        help="the labs' result folders, as `archlab lab ... --out DIR` writes them (default runs/labs)")  # fmt: skip
+    parser.add_argument("--out", default="runs/report", metavar="DIR",
+                        help="the report's folder, replaced whole: new, empty or an earlier report (default runs/report)")  # fmt: skip
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The static HTML report of the labs: an index of every claim, one page per lab; open index.html in a browser."""
+    from archlab.report import build_report, collect
+
+    index = build_report(args.labs, args.out)
+    entries = collect(args.labs)
+    run = sum(e.result is not None for e in entries)
+    print(f"report of {run} lab result(s) ({len(entries)} claims) written: {index}")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     run: Callable[[argparse.Namespace], int]
@@ -672,6 +691,7 @@ COMMANDS: dict[str, Command] = {
     "chat": Command(cmd_chat, args_chat, "talk with an instruction-tuned model (SmolLM2-135M-Instruct by default)"),
     "lab": Command(cmd_lab, args_lab, "run the lessons' claims as experiments: numbers, a plot and a verdict"),
     "attention": Command(cmd_attention, args_attention, "attention maps of a model on a text (PNGs and JSON)"),
+    "report": Command(cmd_report, args_report, "the labs' results as a static HTML site (an index, a page per lab)"),
     "search": Command(search_cli.run, search_cli.declare, "the search engine of lesson 4 card 5: index, query, eval"),
 }
 
