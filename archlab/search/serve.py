@@ -7,7 +7,7 @@ shows as text::
     GET  /                               the page
     POST /api/search   {"query", "k"?}   -> {"search_id", "query", "hits": [...], "timings_ms", "explain"}
     GET  /api/explain/{search_id}/{rank} -> Server-Sent Events: "piece" {"text"} as tokens are decoded,
-                                            then "done" {"explanation", "quotes_ok", "bad_quotes",
+                                            then "done" {"explanation", "quotes" (how many), "quotes_ok", "bad_quotes",
                                             "first_token_ms", "speculative"}, or "failed" {"error"}
     GET  /api/health                     -> {"documents", "explainer"}
 
@@ -46,7 +46,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from archlab.errors import ArchlabError, ConfigError
-from archlab.search.explain import SCORERS, highlight, select_evidence_batch
+from archlab.search.explain import SCORERS, check_quotes, highlight, select_evidence_batch
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 4096  # a search request's JSON body
@@ -181,7 +181,10 @@ def create_app(
         chosen = select_evidence_batch(query, [h.doc for h in result.hits], evidence, scorer=scorer, encoder=encoder)
         for hit, sentences in zip(result.hits, chosen):
             hit.evidence = sentences
-        timings = {**result.timings_ms, "evidence": (time.perf_counter() - started) * 1000.0}
+        timings = {name: ms for name, ms in result.timings_ms.items() if name != "total"}
+        timings["evidence"] = (time.perf_counter() - started) * 1000.0
+        if "total" in result.timings_ms:
+            timings["total"] = result.timings_ms["total"] + timings["evidence"]
         return {"hits": result.hits, "timings_ms": timings}
 
     @app.post("/api/search")
@@ -211,8 +214,10 @@ def create_app(
         query, hits = searches[search_id]
         if not 1 <= rank <= min(explain, len(hits)):
             raise RequestError(404, f"rank={rank}: this server explains ranks 1 to {min(explain, len(hits))}")
+        # no-cache, not no-store: Chromium reports a streamed no-store body read to its end as aborted
+        # (microsoft/playwright#42742; reproduced here, none with no-cache)
         return StreamingResponse(explanation_events(query, hits[rank - 1]), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})  # fmt: skip
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 
     async def explanation_events(query: str, hit) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
@@ -226,7 +231,9 @@ def create_app(
                     first_token_ms = (time.perf_counter() - started) * 1000.0
                 yield sse("piece", {"text": piece})
             stats = getattr(explainer, "last_stats", None)
-            yield sse("done", {"explanation": hit.explanation, "quotes_ok": hit.quotes_ok, "bad_quotes": hit.bad_quotes,
+            quotes = len(check_quotes(hit.explanation, hit.doc).quotes) if hit.explanation is not None else 0
+            yield sse("done", {"explanation": hit.explanation, "quotes": quotes, "quotes_ok": hit.quotes_ok,
+                               "bad_quotes": hit.bad_quotes,
                                "first_token_ms": first_token_ms,
                                "speculative": stats.as_dict() if stats is not None else None})  # fmt: skip
         except ArchlabError as e:

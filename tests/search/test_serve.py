@@ -164,7 +164,8 @@ def test_explanations_stream_as_server_sent_events_and_report_the_quote_guard(cl
     assert len(pieces) > 3 and pieces[0] == REPLY_OPENING
     event, done = stream[-1]
     assert event == "done" and done["explanation"] == "".join(pieces)
-    assert done["quotes_ok"] is True and done["bad_quotes"] == [] and done["first_token_ms"] >= 0
+    assert done["quotes_ok"] is True and done["bad_quotes"] == [] and done["quotes"] == 1
+    assert done["first_token_ms"] >= 0
     invented = client_for(explainer=FakeExplainer(invent=True), explain=1)
     search = invented.post("/api/search", json={"query": "metformin"}).json()
     done = events(invented.get(f"/api/explain/{search['search_id']}/1").text)[-1][1]

@@ -5,7 +5,7 @@ const form = document.getElementById("search-form");
 const queryBox = document.getElementById("query");
 const statusLine = document.getElementById("status");
 const results = document.getElementById("results");
-let current = { generation: 0, source: null };
+let current = { generation: 0, controller: new AbortController() };
 
 function element(tag, className, text) {
   const node = document.createElement(tag);
@@ -39,46 +39,59 @@ function renderHit(hit) {
   return item;
 }
 
-function explainNext(searchId, rank, last, generation) {
-  if (rank > last || generation !== current.generation) return;
+// The explanation of each result, one after another, read as Server-Sent Events from a streamed fetch (an
+// EventSource would reconnect and explain again when the stream ends).
+async function explainNext(searchId, rank, last, generation) {
+  if (generation !== current.generation) return;
+  if (rank > last) { results.dataset.state = "explained"; return; }
   const item = results.querySelector(`li[data-rank="${rank}"]`);
   const box = element("div", "explanation pending", "explaining\u2026");
   item.append(box);
   let text = "";
-  const source = new EventSource(`/api/explain/${encodeURIComponent(searchId)}/${rank}`);
-  current.source = source;
-  const finish = () => { source.close(); explainNext(searchId, rank + 1, last, generation); };
-  source.addEventListener("piece", (event) => {
-    text += JSON.parse(event.data).text;
-    box.classList.remove("pending");
-    box.textContent = text;
-  });
-  source.addEventListener("done", (event) => {
-    const done = JSON.parse(event.data);
-    box.textContent = done.explanation;
-    box.classList.remove("pending");
-    const guard = done.quotes_ok
-      ? element("span", "guard ok", "\u2713 quotes found in the abstract")
-      : element("span", "guard bad", `\u2717 not in the abstract: ${done.bad_quotes.map((q) => `"${q}"`).join(", ")}`);
-    box.append(guard);
-    finish();
-  });
-  source.addEventListener("failed", (event) => {
-    box.textContent = `no explanation: ${JSON.parse(event.data).error}`;
-    finish();
-  });
-  source.onerror = () => {  // the connection broke (an EventSource would reconnect and explain again)
-    if (source.readyState !== EventSource.CLOSED) {
-      box.textContent = text || "no explanation: the connection was lost";
-      finish();
-    }
+  const handlers = {
+    piece(data) { text += data.text; box.classList.remove("pending"); box.textContent = text; },
+    done(data) {
+      box.textContent = data.explanation;
+      box.classList.remove("pending");
+      if (!data.quotes) box.append(element("span", "guard none", "no quote"));
+      else if (data.quotes_ok) box.append(element("span", "guard ok", "\u2713 quotes found in the abstract"));
+      else box.append(element("span", "guard bad", `\u2717 not in the abstract: ${data.bad_quotes.map((q) => `"${q}"`).join(", ")}`));
+    },
+    failed(data) { box.textContent = `no explanation: ${data.error}`; },
   };
+  try {
+    const response = await fetch(`/api/explain/${encodeURIComponent(searchId)}/${rank}`,
+      { signal: current.controller.signal });
+    if (!response.ok) throw new Error((await response.json()).error || `HTTP ${response.status}`);
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value;
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const fields = Object.fromEntries(buffer.slice(0, end).split("\n").map((line) => {
+          const colon = line.indexOf(": ");
+          return [line.slice(0, colon), line.slice(colon + 2)];
+        }));
+        buffer = buffer.slice(end + 2);
+        const handle = handlers[fields.event];
+        if (handle) handle(JSON.parse(fields.data));
+      }
+    }
+  } catch (problem) {
+    if (generation !== current.generation) return;  // a newer search took over
+    box.textContent = text || `no explanation: ${problem.message}`;
+  }
+  explainNext(searchId, rank + 1, last, generation);
 }
 
 async function search(query) {
   current.generation += 1;
   const generation = current.generation;
-  if (current.source) current.source.close();
+  current.controller.abort();  // the explanations of the previous search stop streaming
+  current.controller = new AbortController();
   say("searching\u2026");
   let answer;
   try {
@@ -92,6 +105,7 @@ async function search(query) {
     return;
   }
   if (generation !== current.generation) return;
+  results.dataset.state = "explaining";
   results.replaceChildren(...answer.hits.map(renderHit));
   const timings = Object.entries(answer.timings_ms).map(([stage, ms]) => `${stage} ${ms.toFixed(0)} ms`).join(", ");
   say(`${answer.hits.length} results for \u201c${answer.query}\u201d (${timings})`);
