@@ -188,7 +188,26 @@ def args_inspect(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1, metavar="B", help="batch size for the memory figures (default 1)")
     parser.add_argument("--length", type=int, metavar="N", help="sequence length for the memory figures (default: max_len)")
     parser.add_argument("--dtype", default="float32", help="element type for the memory figures (default float32)")
+    parser.add_argument(
+        "--pages", type=int, metavar="P",
+        help="document reader presets (docreader-*): its bf16 memory budget beside lesson 8 card 5's, for documents "
+             "of P full pages (default: the preset's max_pages)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def docreader_budget_for(family: str, config, pages: int | None, batch: int):
+    """The document reader's memory budget (:mod:`archlab.analysis.docreader_budget`) for a ``docreader`` preset,
+    None for the others (which refuse ``--pages``)."""
+    if family != "docreader":
+        if pages is not None:
+            raise ConfigError(f"--pages is for the document reader's presets (docreader-*); a {family} model reads "
+                              "no pages: use --length")  # fmt: skip
+        return None
+    from archlab.analysis.docreader_budget import docreader_budget
+
+    check_at_least_one("--pages", pages)
+    return docreader_budget(config, pages=pages, batch=batch)
 
 
 def memory_figures(config, batch: int, length: int | None, dtype: str, *, decodes: bool) -> dict[str, int] | None:
@@ -241,7 +260,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     report = count_parameters(model)
     check_at_least_one("--batch", args.batch)
     check_at_least_one("--length", args.length)
-    memory = memory_figures(config, args.batch, args.length, args.dtype, decodes=hasattr(model, "new_cache"))
+    budget = docreader_budget_for(preset.family, config, args.pages, args.batch)
+    decodes = hasattr(model, "new_cache")
+    memory = None if budget is not None else memory_figures(config, args.batch, args.length, args.dtype, decodes=decodes)
     if memory is not None:
         memory["weights"] = report.total * dtype_bytes(args.dtype)
     length = memory["length"] if memory is not None else args.length or config.context_length
@@ -256,6 +277,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             "preset": preset.name, "family": preset.family, "description": preset.description,
             "overrides": overrides, "config": config.to_dict(), "parameters": report.to_dict(), "memory": memory,
             "forward_flops_per_token": flops, "forward_flops_note": flops_note,
+            **({"docreader_budget": budget.to_dict()} if budget is not None else {}),
         }  # fmt: skip
         print(json.dumps(data, indent=2))
         return 0
@@ -290,6 +312,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         lines += _table(rows, "<>>", indent="  ")
     if flops_note is not None:
         lines += ["", f"forward FLOPs per token: {flops_note}"]
+    if budget is not None:
+        from archlab.analysis.docreader_budget import format_budget
+
+        lines += ["", format_budget(budget)]
     print("\n".join(lines))
     return 0
 

@@ -231,6 +231,10 @@ class _Tiles:
         self.mask, self.bias, self.scale = mask, bias, scale
         self.dropout_p, self.seed = dropout_p, seed
 
+    def key_tiles(self, i0: int, i1: int) -> list[Keys]:
+        """The pattern's key tiles, key positions on the device of ``q`` (a pattern lists them on the CPU)."""
+        return [k if isinstance(k, tuple) else k.to(self.q.device) for k in self.pattern.key_tiles(i0, i1)]
+
     def scores(self, i0: int, i1: int, keys: Keys) -> Tensor:
         """``s = q_i K_j^T scale + bias``, ``-inf`` where the pattern or the mask forbids: ``[..., bq, bk]``."""
         s = self.q[..., i0:i1, :] @ _take(self.k, keys).transpose(-2, -1)
@@ -265,7 +269,7 @@ class _Tiles:
             m = q.new_full((*q.shape[:-2], i1 - i0), float("-inf"))  # running max
             l = q.new_zeros(m.shape)  # running sum of exp(s - m)
             o = q.new_zeros(*m.shape, v.shape[-1])  # running sum of exp(s - m) v
-            for keys in self.pattern.key_tiles(i0, i1):
+            for keys in self.key_tiles(i0, i1):
                 s = self.scores(i0, i1, keys)
                 m_new = torch.maximum(m, s.amax(dim=-1))
                 shift = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows that have seen no key yet
@@ -293,7 +297,7 @@ class _Tiles:
         tile = 0
         for i0, i1 in self.pattern.query_blocks():
             q_i, do_i = q[..., i0:i1, :], d_out[..., i0:i1, :]
-            for keys in self.pattern.key_tiles(i0, i1):
+            for keys in self.key_tiles(i0, i1):
                 p = self.scores(i0, i1, keys).sub_(lse[..., i0:i1, None]).exp_()
                 keep = self.keep(tile, p.shape, p.device, p.dtype)
                 dp = do_i @ _take(v, keys).transpose(-2, -1)
