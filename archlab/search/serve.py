@@ -318,11 +318,11 @@ def serve(
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     engine = SearchEngine.open(index_dir, reranker=reranker)
+    hosts = None if warning else sorted({"127.0.0.1", "localhost", host})
+    app = create_app(engine, explainer=explainer, allowed_hosts=hosts, **options)  # checks the options
     if explainer is not None and hasattr(explainer, "load"):
         print("loading the explanation model ...", file=sys.stderr)
         explainer.load()
-    hosts = None if warning else sorted({"127.0.0.1", "localhost", host})
-    app = create_app(engine, explainer=explainer, allowed_hosts=hosts, **options)
     shown = f"[{host}]" if ":" in host else host
     print(f"archlab search: {len(engine.docs)} documents at http://{shown}:{port}/ (Ctrl-C stops)", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

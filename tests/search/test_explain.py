@@ -2,7 +2,7 @@
 
 The quote guard is checked on hand-written explanations; the explainer's mechanics on a random tiny Llama (a GGUF
 file with a byte-level ChatML tokenizer, as llama.cpp writes it); the real SmolLM2-135M-Instruct explains a
-2-result example, loaded once for the module.
+2-result example (slow tier).
 """
 
 from __future__ import annotations
@@ -208,6 +208,7 @@ def smollm2():
     return explainer
 
 
+@pytest.mark.slow  # loading SmolLM2 and decoding 2 x 16 tokens twice: ~20 s idle, minutes on a busy 2-core machine
 def test_smollm2_explains_two_results_deterministically_and_the_guard_reports_them(smollm2):
     query = "What are side effects of metformin in elderly patients?"
     first = smollm2.explain(query, _hits(METFORMIN, JSON_LOADS))

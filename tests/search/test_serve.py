@@ -196,3 +196,29 @@ def test_create_app_refusals():
     for bad in ({"k": 0}, {"k": MAX_K + 1}, {"explain": -1}, {"rerank": True}, {"evidence": 0}, {"scorer": "x"}):
         with pytest.raises(ConfigError):
             create_app(FakeEngine(), **bad)
+
+
+def test_serve_binds_loopback_by_default_and_warns_about_other_addresses(monkeypatch, capsys):
+    import uvicorn
+
+    from archlab.cli import main
+    from archlab.search.engine import SearchEngine
+
+    runs = []
+    monkeypatch.setattr(SearchEngine, "open", classmethod(lambda cls, index_dir, **kw: FakeEngine()))
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: runs.append((app, host, port)))
+    assert main(["search", "serve", "INDEX", "--explain", "0"]) == 0
+    app, host, port = runs[-1]
+    assert (host, port) == ("127.0.0.1", 8000) and "warning" not in capsys.readouterr().err
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as client:  # Host names other than this machine's are refused
+        assert client.get("/").status_code == 400
+        assert client.get("/", headers={"host": "localhost:8000"}).status_code == 200
+    assert main(["search", "serve", "INDEX", "--explain", "0", "--host", "0.0.0.0", "--port", "8123"]) == 0
+    assert runs[-1][1:] == ("0.0.0.0", 8123) and "warning: --host 0.0.0.0 serves the index" in capsys.readouterr().err
+    assert main(["search", "serve", "INDEX", "--k", "0"]) != 0
+    assert "--k=0 must be >= 1" in capsys.readouterr().err
+    assert main(["search", "serve", "INDEX", "--k", "51", "--explain", "0"]) != 0
+    assert "k=51 must be an int in [1, 50]" in capsys.readouterr().err
+    assert len(runs) == 2  # refused before serving
