@@ -287,7 +287,6 @@ class Explainer:
         self.evidence, self.scorer, self.encoder, self.draft_tokens = evidence, scorer, encoder, draft_tokens
         self._loaded: tuple[Any, Any] | None = None
         self._lock = threading.Lock()
-        self.last_stats = None  # the SpeculativeStats of the last stream
 
     def load(self) -> tuple[Any, Any]:
         """``(model, tokenizer)``, loaded on the first call (thread-safe) and kept."""
@@ -347,11 +346,12 @@ class Explainer:
             self._finish(hit, tokenizer.decode([t for t in tokens if t != eos]))
         return hits
 
-    def stream(self, query: str, hit: Any) -> Iterator[str]:
+    def stream(self, query: str, hit: Any, stats: Any = None) -> Iterator[str]:
         """One explanation, piece by piece as tokens are decoded (prompt-lookup speculative decoding, greedy).
 
         Yields :data:`REPLY_OPENING` first, then the generated text; when the iteration ends the hit's
-        ``explanation``, ``quotes_ok`` and ``bad_quotes`` are set (``self.last_stats``: the draft statistics).
+        ``explanation``, ``quotes_ok`` and ``bad_quotes`` are set, and ``stats`` (a
+        :class:`archlab.speculative.SpeculativeStats`, if given) holds what the drafts did.
         The prompt is built (and checked) at the call; the model runs as the caller iterates.
         """
         from archlab.speculative import SpeculativeStats, speculative_stream
@@ -359,13 +359,13 @@ class Explainer:
         model, tokenizer = self.load()
         ids = self.prompt(query, hit)
         eos = tokenizer.specials["eos"]
-        stats = SpeculativeStats()
+        stats = SpeculativeStats() if stats is None else stats
         device = next(model.parameters()).device
         steps = speculative_stream(model, torch.tensor([ids], device=device), max_new_tokens=self.max_new_tokens,
                                    stop_tokens=[eos], draft="lookup", draft_tokens=self.draft_tokens, stats=stats)  # fmt: skip
-        return self._pieces(hit, steps, tokenizer, eos, stats)
+        return self._pieces(hit, steps, tokenizer, eos)
 
-    def _pieces(self, hit, steps, tokenizer, eos, stats) -> Iterator[str]:
+    def _pieces(self, hit, steps, tokenizer, eos) -> Iterator[str]:
         yield REPLY_OPENING
         tokens: list[int] = []
         shown = ""
@@ -386,5 +386,4 @@ class Explainer:
                 yield text[len(shown) :]
         finally:
             steps.close()
-            self.last_stats = stats
             self._finish(hit, tokenizer.decode(tokens))

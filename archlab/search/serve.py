@@ -47,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from archlab.errors import ArchlabError, ConfigError
 from archlab.search.explain import SCORERS, check_quotes, highlight, select_evidence_batch
+from archlab.speculative import SpeculativeStats
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 4096  # a search request's JSON body
@@ -102,7 +103,7 @@ def create_app(
 
     Args:
         engine: answers ``search(query, k=, rerank=)``; its ``encoder`` (if any) embeds evidence sentences.
-        explainer: an :class:`archlab.search.explain.Explainer` (or anything with ``stream(query, hit)``); None:
+        explainer: an :class:`archlab.search.explain.Explainer` (or anything with ``stream(query, hit, stats)``); None:
             no explanations.
         k: results per search unless the request asks for another number (1 .. :data:`MAX_K`).
         rerank: re-rank depth passed to ``engine.search`` (needs the engine's reranker).
@@ -224,18 +225,18 @@ def create_app(
         pieces, first_token_ms, count = None, None, 0
         try:
             started = time.perf_counter()
-            pieces = await loop.run_in_executor(explain_pool, explainer.stream, query, hit)
+            stats = SpeculativeStats()
+            pieces = await loop.run_in_executor(explain_pool, explainer.stream, query, hit, stats)
             while (piece := await loop.run_in_executor(explain_pool, next, pieces, None)) is not None:
                 count += 1
                 if count == 2:  # the first piece is the fixed opening; the second is the first decoded token
                     first_token_ms = (time.perf_counter() - started) * 1000.0
                 yield sse("piece", {"text": piece})
-            stats = getattr(explainer, "last_stats", None)
             quotes = len(check_quotes(hit.explanation, hit.doc).quotes) if hit.explanation is not None else 0
             yield sse("done", {"explanation": hit.explanation, "quotes": quotes, "quotes_ok": hit.quotes_ok,
                                "bad_quotes": hit.bad_quotes,
                                "first_token_ms": first_token_ms,
-                               "speculative": stats.as_dict() if stats is not None else None})  # fmt: skip
+                               "speculative": stats.as_dict()})  # fmt: skip
         except ArchlabError as e:
             yield sse("failed", {"error": str(e)})
         finally:

@@ -44,9 +44,9 @@ class FakeExplainer:
     """Streams ``It says "<first evidence sentence>"`` in pieces; ``invent=True`` quotes words not in the document."""
 
     def __init__(self, invent=False, fail=False):
-        self.invent, self.fail, self.last_stats = invent, fail, None
+        self.invent, self.fail = invent, fail
 
-    def stream(self, query, hit):
+    def stream(self, query, hit, stats=None):
         if self.fail:
             raise DataError("the explanation model is not available")
         quote = "metformin cures everything" if self.invent else hit.evidence[0]
