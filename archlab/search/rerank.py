@@ -37,7 +37,7 @@ from torch import Tensor
 from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.interop.bert import bert_config_from_hf, bert_config_to_hf, bert_to_hf, load_bert
 from archlab.interop.io import atomic_dir, read_json
-from archlab.models.bert import BertCrossEncoder, BertForSequenceClassification, BertModel, pair_inputs
+from archlab.models.bert import BertCrossEncoder, BertForSequenceClassification, BertModel, PairBatch, pair_inputs
 from archlab.search.corpus import Document
 
 ARCHITECTURE = "BertForSequenceClassification"
@@ -176,6 +176,23 @@ class Reranker:
     def _ids(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
+    def pack(self, queries: Sequence[str], docs: Sequence[Document | str]) -> PairBatch:
+        """``[CLS] q_i [SEP] d_i [SEP]`` for each pair, cut to ``max_length`` by :func:`longest_first`, padded:
+        a :class:`~archlab.models.bert.PairBatch` of ``[B, N]`` tensors."""
+        room = self.max_length - SPECIAL_PAIR_TOKENS
+        cut_q, cut_d = [], []
+        for q, d in zip(self._ids(queries), self._ids([_text(doc) for doc in docs]), strict=True):
+            kq, kd = longest_first(len(q), len(d), room)
+            cut_q.append(q[:kq])
+            cut_d.append(d[:kd])
+        return pair_inputs(cut_q, cut_d, cls_id=self.model.cls_id, sep_id=self.model.sep_id,
+                           pad_id=self.model.config.pad_id, max_length=self.max_length)  # fmt: skip
+
+    def forward(self, batch: PairBatch) -> Tensor:
+        """Logits ``[B]`` of a packed batch, with autograd and the model's current mode (training uses this)."""
+        return self.model.score(batch.input_ids, attention_mask=batch.attention_mask,
+                                token_type_ids=batch.token_type_ids)  # fmt: skip
+
     def logits(self, query: str, docs: Sequence[Document | str]) -> Tensor:
         """Relevance logits ``[n]`` (float32) of ``query`` against each of the ``n`` ``docs``, in their order.
 
@@ -188,22 +205,19 @@ class Reranker:
             raise DataError(f"docs must be a list of Documents or strings, got {type(docs).__name__}")
         if not docs:
             return torch.empty(0)
-        q = self._ids([query])[0]
-        room = self.max_length - SPECIAL_PAIR_TOKENS
-        pairs = []
-        for d in self._ids([_text(doc) for doc in docs]):
-            kq, kd = longest_first(len(q), len(d), room)
-            pairs.append((q[:kq], d[:kd]))
-        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-        out = torch.empty(len(pairs))
-        with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                rows = order[start : start + self.batch_size]
-                batch = pair_inputs([pairs[i][0] for i in rows], [pairs[i][1] for i in rows], cls_id=self.model.cls_id,
-                                    sep_id=self.model.sep_id, pad_id=self.model.config.pad_id,
-                                    max_length=self.max_length)  # fmt: skip
-                out[rows] = self.model.score(batch.input_ids, attention_mask=batch.attention_mask,
-                                             token_type_ids=batch.token_type_ids).float()  # fmt: skip
+        texts = [_text(doc) for doc in docs]
+        lengths = [len(ids) for ids in self._ids(texts)]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        out = torch.empty(len(texts))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(order), self.batch_size):
+                    rows = order[start : start + self.batch_size]
+                    out[rows] = self.forward(self.pack([query] * len(rows), [texts[i] for i in rows])).float()
+        finally:
+            self.model.train(was_training)
         return out
 
     def score(self, query: str, docs: Sequence[Document | str]) -> list[float]:
