@@ -12,11 +12,17 @@ Stages of one query (card 5; ``K`` = retrieval depth, ``R`` = re-rank depth, ``E
 
 from __future__ import annotations
 
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from archlab.errors import ConfigError
+import numpy as np
+from tokenizers import Tokenizer
+
+from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.search.corpus import Document
+from archlab.search.fuse import reciprocal_rank_fusion
 
 
 @dataclass
@@ -47,29 +53,161 @@ class SearchResult:
 
 
 class SearchEngine:
-    """A searchable index folder (see :mod:`archlab.search.index` for its layout)."""
+    """A searchable index folder (see :mod:`archlab.search.index` for its layout).
 
-    def __init__(self, index_dir: Path, *, reranker=None, explainer=None):
+    ``reranker`` (optional) has ``.score(query, docs) -> list[float]`` (:mod:`archlab.search.rerank`);
+    ``explainer`` (optional) has ``.explain(query, hits)``, filling each hit's evidence and explanation
+    (:mod:`archlab.search.explain`). Open one with :meth:`open`.
+    """
+
+    def __init__(self, index_dir: Path, manifest: dict, docs: list[Document], faiss_index, encoder, bm25=None, *,
+                 reranker=None, explainer=None):  # fmt: skip
         self.index_dir = Path(index_dir)
+        self.manifest = manifest
+        self.docs = docs
+        self.faiss_index = faiss_index
+        self.encoder = encoder
+        self.bm25 = bm25
         self.reranker = reranker
         self.explainer = explainer
+        self.max_query_tokens = encoder.max_seq_length
+        self._counter = Tokenizer.from_str(encoder.tokenizer.to_str())  # counts tokens, never truncates
+        self._counter.no_truncation()
+        self._counter.no_padding()
+        self._warned_long = False
 
     @classmethod
-    def open(cls, index_dir: str | Path, *, reranker=None, explainer=None) -> SearchEngine:
-        """Open ``index_dir`` (its manifest is checked against the encoder it names)."""
-        raise NotImplementedError("SearchEngine.open is being written (issue 15, search-core)")
+    def open(cls, index_dir: str | Path, *, reranker=None, explainer=None, model: str | Path | None = None
+             ) -> SearchEngine:  # fmt: skip
+        """Open ``index_dir``; ``model`` (default: the one the manifest names) must be the encoder it was built with."""
+        from archlab.search import encode, index
+
+        index_dir = Path(index_dir)
+        manifest = index.read_manifest(index_dir)
+        meta = manifest["encoder"]
+        encoder = encode.load_encoder(meta["name"] if model is None else model, meta["precision"])
+        identity = encode.encoder_identity(encoder)
+        if encoder.dim != meta["dim"] or identity != meta["identity"]:
+            raise CheckpointError(
+                f"{index_dir} was built with encoder {meta['name']!r} (dimension {meta['dim']}, identity "
+                f"{meta['identity']}); the encoder given is {str(model or meta['name'])!r} (dimension {encoder.dim}, "
+                f"identity {identity}): query and document vectors would not be comparable; re-index with it"
+            )
+        faiss_index = index.read_faiss(index_dir / index.FAISS_FILE)
+        count = manifest["corpus"]["count"]
+        if faiss_index.d != meta["dim"] or faiss_index.ntotal != count:
+            raise CheckpointError(f"{index_dir / index.FAISS_FILE} holds {faiss_index.ntotal} vectors of dimension "
+                                  f"{faiss_index.d}, the manifest says {count} of dimension {meta['dim']}")  # fmt: skip
+        index.configure(faiss_index, manifest["index"]["type"], manifest["index"]["params"])
+        bm25 = None
+        if manifest["hybrid"]:
+            from archlab.search.lexical import BM25Index
+
+            bm25 = BM25Index.load(index_dir / index.BM25_DIR, manifest.get("bm25") or {})
+            if bm25.num_docs != count:
+                raise CheckpointError(f"{index_dir / index.BM25_DIR} holds {bm25.num_docs} documents, the manifest "
+                                      f"says {count}")  # fmt: skip
+        docs = index.read_docs(index_dir / index.DOCS, count)
+        return cls(index_dir, manifest, docs, faiss_index, encoder, bm25, reranker=reranker, explainer=explainer)
+
+    @property
+    def hybrid(self) -> bool:
+        return self.bm25 is not None
+
+    def check_query(self, query: str) -> str:
+        """The query, checked: a non-empty string; one longer than the encoder's limit is truncated (said once)."""
+        if not isinstance(query, str):
+            raise DataError(f"a query must be a str, got {type(query).__name__}")
+        if not query.strip():
+            raise DataError("the query is empty: type some words to search for")
+        n = len(self._counter.encode(query).ids)
+        if n > self.max_query_tokens and not self._warned_long:
+            self._warned_long = True
+            warnings.warn(f"a query of {n} tokens is longer than the encoder's limit of {self.max_query_tokens}: "
+                          "its dense embedding reads the first part only (BM25 reads all of it)", stacklevel=3)  # fmt: skip
+        return query
+
+    def embed_queries(self, queries: list[str]) -> np.ndarray:
+        """Unit query vectors ``[q, d]`` float32, as the documents were embedded."""
+        return self.encoder.embed(list(queries), batch_size=32).numpy().astype(np.float32, copy=False)
+
+    def dense_search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search of ``vectors`` ``[q, d]``: ``(scores [q, k], rows [q, k])``; missing slots have row -1."""
+        return self.faiss_index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(self.docs)))
+
+    def _retrieve(self, query: str, k: int, timings: dict[str, float]) -> list[Hit]:
+        check_positive("k", k)
+        query = self.check_query(query)
+        t = time.perf_counter()
+        vector = self.embed_queries([query])
+        timings["encode"] = _ms(t)
+        t = time.perf_counter()
+        scores, rows = self.dense_search(vector, k)
+        timings["ann"] = _ms(t)
+        dense = {int(r): float(s) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0}
+        if self.bm25 is None:
+            return [Hit(self.docs[r], i, s, {"dense": s}) for i, (r, s) in enumerate(dense.items(), 1)]
+        t = time.perf_counter()
+        bm25_rows, bm25_scores = self.bm25.search(query, k)
+        timings["bm25"] = _ms(t)
+        lexical = {int(r): float(s) for r, s in zip(bm25_rows, bm25_scores, strict=True)}
+        t = time.perf_counter()
+        fused = reciprocal_rank_fusion([list(dense), list(lexical)])[:k]
+        timings["fuse"] = _ms(t)
+        hits = []
+        for i, (r, s) in enumerate(fused, 1):
+            stages = {name: part[r] for name, part in (("dense", dense), ("bm25", lexical)) if r in part}
+            hits.append(Hit(self.docs[r], i, s, {**stages, "fused": s}))
+        return hits
 
     def retrieve(self, query: str, k: int = 100) -> list[Hit]:
         """The first-stage top ``k``: dense, or dense + BM25 fused when the index is hybrid."""
-        raise NotImplementedError("SearchEngine.retrieve is being written (issue 15, search-core)")
+        return self._retrieve(query, k, {})
 
     def search(self, query: str, *, k: int = 10, rerank: int = 0, explain: int = 0) -> SearchResult:
-        """Retrieve, re-rank the first ``rerank`` hits (needs a reranker), explain the first ``explain``."""
+        """Retrieve, re-rank the first ``rerank`` hits (needs a reranker), explain the first ``explain``.
+
+        ``k`` results are returned; the first stage fetches ``max(k, rerank)``. Re-ranked hits take the
+        cross-encoder's score; hits below the re-rank depth follow in their first-stage order.
+        """
+        for name, value in (("k", k), ("rerank", rerank), ("explain", explain)):
+            check_positive(name, value, allow_zero=name != "k")
         if rerank and self.reranker is None:
             raise ConfigError(f"rerank={rerank} needs a reranker (SearchEngine.open(..., reranker=...))")
         if explain and self.explainer is None:
             raise ConfigError(f"explain={explain} needs an explainer (SearchEngine.open(..., explainer=...))")
-        raise NotImplementedError("SearchEngine.search is being written (issue 15, search-core)")
+        start = time.perf_counter()
+        timings: dict[str, float] = {}
+        hits = self._retrieve(query, max(k, rerank), timings)
+        if rerank:
+            t = time.perf_counter()
+            head, tail = hits[:rerank], hits[rerank:]
+            scores = [float(s) for s in self.reranker.score(query, [h.doc for h in head])]
+            for hit, s in zip(head, scores, strict=True):
+                hit.stage_scores["rerank"] = hit.score = s
+            head.sort(key=lambda h: -h.score)  # stable: first-stage order breaks ties
+            hits = head + tail
+            timings["rerank"] = _ms(t)
+        hits = hits[:k]
+        for i, hit in enumerate(hits, 1):
+            hit.rank = i
+        if explain:
+            t = time.perf_counter()
+            self.explainer.explain(query, hits[:explain])
+            timings["explain"] = _ms(t)
+        timings["total"] = _ms(start)
+        return SearchResult(query, hits, timings)
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
+    """ConfigError unless ``value`` is an int >= 1 (>= 0 with ``allow_zero``)."""
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name}={value!r} must be an int >= {low}")
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
 
 
 __all__ = ["Hit", "SearchEngine", "SearchResult"]

@@ -1,0 +1,374 @@
+r"""FAISS indexes over unit vectors (inner product = cosine), and the index folder that holds one.
+
+Index types (``choose_index_type`` picks by corpus size ``n``)::
+
+    flat    exact search, IndexFlatIP                       4 d bytes/doc     n <= 100,000
+    hnsw    graph search, IndexHNSWFlat (M, efSearch)       4 d + ~8 M bytes  n <= 1,000,000
+    ivfpq   IndexIVFPQ: a coarse k-means into nlist lists, each vector stored as m one-byte codes of its
+            residual's sub-vectors (product quantization; m = 64 -> the card's 64-byte codes; d must be
+            divisible by m), nprobe lists visited per query                     larger corpora
+
+Training IVF-PQ needs at least 39 vectors per centroid (FAISS's own guideline) for the 256 centroids of
+each sub-quantizer (and for the nlist lists): asking for ``ivfpq`` on fewer is a ConfigError that says
+how many it has and needs.
+
+An index folder::
+
+    manifest.json   format, encoder (name, identity, dim, max length, pooling, precision), index type and
+                    parameters, hybrid flag and BM25 parameters, corpus source, fingerprint and count;
+                    written last (atomically): a folder without it is a build in progress
+    build.json      what the chunks in vectors/ were encoded from (resume / append checks)
+    docs.jsonl      the documents, in row order (row i is FAISS id i)
+    vectors/        the float32 document vectors, in chunks (see archlab.search.encode)
+    faiss.index     the FAISS index
+    bm25/           the BM25 index (hybrid only)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from archlab.errors import CheckpointError, ConfigError, DataError
+from archlab.search.corpus import Corpus, Document, fingerprint
+
+FORMAT = "archlab-search-index"
+VERSION = 1
+INDEX_TYPES = ("flat", "hnsw", "ivfpq")
+FLAT_MAX = 100_000
+HNSW_MAX = 1_000_000
+PQ_BITS = 8
+PQ_MAX_M = 64  # 64 one-byte codes: the card's "768d -> 64 bytes"
+MIN_POINTS_PER_CENTROID = 39
+MANIFEST, BUILD, DOCS, VECTORS, FAISS_FILE, BM25_DIR = (
+    "manifest.json", "build.json", "docs.jsonl", "vectors", "faiss.index", "bm25"
+)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# FAISS
+# ------------------------------------------------------------------------------------------------
+def choose_index_type(n: int) -> str:
+    """``flat`` up to 100k documents, ``hnsw`` up to 1M, ``ivfpq`` beyond."""
+    return "flat" if n <= FLAT_MAX else "hnsw" if n <= HNSW_MAX else "ivfpq"
+
+
+def pq_subquantizers(dim: int) -> int:
+    """The number ``m`` of one-byte PQ codes: 64 when it divides ``dim``, else the largest divisor below it."""
+    return max(m for m in range(1, min(PQ_MAX_M, dim) + 1) if dim % m == 0)
+
+
+def min_ivfpq_vectors(nlist: int = 1) -> int:
+    """Fewest training vectors for IVF-PQ: 39 per centroid, for the 256 PQ centroids and the ``nlist`` lists."""
+    return MIN_POINTS_PER_CENTROID * max(2**PQ_BITS, nlist)
+
+
+def default_params(kind: str, n: int, dim: int) -> dict:
+    """The parameters stored with an index of ``kind`` over ``n`` vectors of dimension ``dim``."""
+    if kind == "flat":
+        return {}
+    if kind == "hnsw":
+        return {"M": 32, "efConstruction": 200, "efSearch": 128}
+    if kind == "ivfpq":
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // MIN_POINTS_PER_CENTROID))
+        m = pq_subquantizers(dim)
+        return {"nlist": nlist, "m": m, "nbits": PQ_BITS, "nprobe": min(nlist, 32), "code_bytes": m * PQ_BITS // 8}
+    raise ConfigError(f"index type {kind!r} is not one of {INDEX_TYPES}")
+
+
+def build_faiss(vectors: np.ndarray, kind: str, params: dict, *, train_size: int | None = None, seed: int = 0):
+    """A FAISS index of ``kind`` (inner product) holding ``vectors`` ``[n, d]`` float32 as ids ``0 .. n``.
+
+    IVF-PQ trains on at most ``train_size`` of the vectors (an evenly spaced sample; default all).
+    """
+    import faiss
+
+    n, dim = vectors.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, params["M"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params["efConstruction"]
+        index.hnsw.efSearch = params["efSearch"]
+    elif kind == "ivfpq":
+        need = min_ivfpq_vectors(params["nlist"])
+        if n < need:
+            raise ConfigError(f"index 'ivfpq' needs at least {need} vectors to train (39 per centroid for "
+                              f"{max(2**PQ_BITS, params['nlist'])} centroids), the corpus has {n}: use 'flat' "
+                              f"or 'hnsw' (the default picks by size)")  # fmt: skip
+        if dim % params["m"]:
+            raise ConfigError(f"ivfpq m={params['m']} must divide the dimension {dim}")
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["m"], params["nbits"],
+                                 faiss.METRIC_INNER_PRODUCT)  # fmt: skip
+        index.cp.seed = seed
+        index.pq.cp.seed = seed
+        sample = vectors
+        if train_size is not None and train_size < n:
+            sample = vectors[np.linspace(0, n - 1, train_size).astype(np.int64)]
+        index.train(np.ascontiguousarray(sample))
+        index.nprobe = params["nprobe"]
+    else:
+        raise ConfigError(f"index type {kind!r} is not one of {INDEX_TYPES}")
+    if n:
+        index.add(np.ascontiguousarray(vectors))
+    return index
+
+
+def configure(index, kind: str, params: dict) -> None:
+    """Set the search-time parameters (``efSearch``, ``nprobe``) of a loaded index."""
+    if kind == "hnsw":
+        index.hnsw.efSearch = params["efSearch"]
+    elif kind == "ivfpq":
+        index.nprobe = params["nprobe"]
+
+
+def write_faiss(index, path: Path) -> int:
+    """Write ``index`` to ``path`` atomically; its size in bytes."""
+    import faiss
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def read_faiss(path: Path):
+    import faiss
+
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the index folder is incomplete")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} is not a readable FAISS index: {str(e).splitlines()[0]}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# the folder
+# ------------------------------------------------------------------------------------------------
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: {what}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
+def read_manifest(index_dir: str | Path) -> dict:
+    """The manifest of an index folder, checked for its format and version."""
+    index_dir = Path(index_dir)
+    if not index_dir.is_dir():
+        raise CheckpointError(f"index {index_dir} is not a folder (build one with `archlab search index CORPUS --out "
+                              f"{index_dir}`)")  # fmt: skip
+    hint = "not a finished archlab search index (a build in progress resumes with `archlab search index`)"
+    manifest = read_json(index_dir / MANIFEST, hint)
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CheckpointError(f"{index_dir / MANIFEST}: format {manifest.get('format')!r} version "
+                              f"{manifest.get('version')!r}, expected {FORMAT!r} version {VERSION}")  # fmt: skip
+    return manifest
+
+
+def write_docs(path: Path, docs: list[Document], *, append: bool = False) -> None:
+    lines = "".join(json.dumps({"_id": d.id, "title": d.title, "text": d.text}, ensure_ascii=False) + "\n"
+                    for d in docs)  # fmt: skip
+    if append:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(lines)
+    else:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(lines, encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def read_docs(path: Path, count: int) -> list[Document]:
+    """The first ``count`` documents of ``docs.jsonl`` (more lines may follow from an unfinished append)."""
+    docs = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if len(docs) == count:
+                    break
+                r = json.loads(line)
+                docs.append(Document(r["_id"], r["title"], r["text"]))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the index folder is incomplete") from None
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{path}:{len(docs) + 1}: unreadable document ({e})") from None
+    if len(docs) != count:
+        raise CheckpointError(f"{path} holds {len(docs)} documents, the manifest says {count}")
+    return docs
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world size)``: from torch.distributed under torchrun (gloo started here if needed), else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def build_index(
+    corpus: Corpus,
+    out: str | Path,
+    *,
+    index: str = "auto",
+    hybrid: bool = False,
+    model: str | Path = "minilm-l6",
+    precision: str = "auto",
+    batch_size: int = 32,
+    chunk_size: int = 256,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Encode ``corpus`` into ``out`` and build its index; the manifest (rank 0) or ``{}`` (other ranks).
+
+    Resumes a killed build (the chunks already written are kept). When ``out`` already holds an index of
+    the first ``m`` documents of ``corpus`` with the same encoder, only documents ``m ..`` are encoded and
+    added (an append). Under ``torchrun`` the ranks share the encoding; rank 0 builds the index.
+    """
+    from archlab.search import encode
+
+    if index != "auto" and index not in INDEX_TYPES:
+        raise ConfigError(f"index={index!r} is not one of {('auto',) + INDEX_TYPES}")
+    say = log or (lambda message: None)
+    out = Path(out)
+    rank, world = _distributed()
+    precision = encode.resolve_precision(precision)
+    encoder = encode.load_encoder(model, precision)
+    identity = encode.encoder_identity(encoder)
+    n = len(corpus)
+
+    settings = {"encoder_identity": identity, "precision": precision, "chunk_size": chunk_size}
+    build_file = out / BUILD
+    start = 0  # rows before `start` are already in a finished index (append)
+    if build_file.is_file():
+        old = read_json(build_file, "")
+        old_n = int(old.get("count", 0))
+        same = {k: old.get(k) for k in settings} == settings
+        prefix = old_n <= n and old.get("fingerprint") == fingerprint(corpus.docs[:old_n])
+        if not (same and prefix):
+            what = "encoder, precision or chunk size" if not same else "corpus (not an extension of the indexed one)"
+            raise DataError(f"{out} holds an index or partial build of another {what}; give a new --out or delete "
+                            f"{out}")  # fmt: skip
+        if (out / MANIFEST).is_file() and old.get("complete"):
+            start = old_n
+    elif out.exists() and any(out.iterdir()):
+        raise DataError(f"--out {out} exists and is not an archlab search index: give a new or empty folder")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if start == 0 or start < n:
+            write_json(build_file, {**settings, "fingerprint": fingerprint(corpus.docs[:n]), "count": n,
+                                    "complete": False, "previous_count": start})  # fmt: skip
+    _barrier(world)
+
+    texts = [corpus[i].full_text for i in range(start, n)]
+    vectors_dir = out / VECTORS
+    todo = encode.pending_rows(vectors_dir, n, chunk_size, start=start, rank=rank, world_size=world)
+    if todo < n - start and rank == 0:
+        say(f"resuming: {n - start - todo} of {n - start} documents already encoded")
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=todo, desc=f"encode (rank {rank})" if world > 1 else "encode", unit="doc", file=sys.stderr)
+    encode.encode_chunks(texts, vectors_dir, first_row=start, encoder=encoder, chunk_size=chunk_size,
+                         batch_size=batch_size, rank=rank, world_size=world,
+                         on_rows=bar.update if bar else None)  # fmt: skip
+    if bar is not None:
+        bar.close()
+    _barrier(world)
+    if rank != 0:
+        return {}
+
+    vectors = encode.load_vectors(vectors_dir, n, encoder.dim)
+    manifest = read_manifest(out) if start else None
+    kind = index if index != "auto" else (manifest["index"]["type"] if manifest else choose_index_type(n))
+    faiss_path = out / FAISS_FILE
+    if manifest and kind == manifest["index"]["type"] and start < n:
+        params = manifest["index"]["params"]
+        faiss_index = read_faiss(faiss_path)
+        if faiss_index.ntotal != start:
+            raise CheckpointError(f"{faiss_path} holds {faiss_index.ntotal} vectors, the manifest says {start}")
+        faiss_index.add(np.ascontiguousarray(vectors[start:]))
+        say(f"appended {n - start} documents to the {kind} index ({start} before)")
+    elif manifest and kind == manifest["index"]["type"]:
+        params, faiss_index = manifest["index"]["params"], None
+        say(f"{out} is up to date ({n} documents)")
+    else:
+        params = default_params(kind, n, encoder.dim)
+        faiss_index = build_faiss(vectors, kind, params)
+    size = write_faiss(faiss_index, faiss_path) if faiss_index is not None else manifest["index"]["bytes"]
+
+    if start == 0:
+        write_docs(out / DOCS, corpus.docs)
+    elif start < n:
+        lines = sum(1 for _ in (out / DOCS).open(encoding="utf-8"))
+        if lines > start:  # an append killed after writing documents: rewrite them all
+            write_docs(out / DOCS, corpus.docs)
+        else:
+            write_docs(out / DOCS, corpus.docs[start:], append=True)
+    bm25 = None
+    if hybrid or (manifest and manifest["hybrid"]):
+        from archlab.search.lexical import BM25Index
+
+        if start < n or not (out / BM25_DIR).is_dir():
+            bm25 = BM25Index.build([d.full_text for d in corpus])
+            bm25.save(out / BM25_DIR)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "encoder": {"name": str(model), "identity": identity, "dim": encoder.dim, "max_seq_length":
+                    encoder.max_seq_length, "pooling": encoder.pooling, "precision": precision},
+        "index": {"type": kind, "params": params, "bytes": size, "bytes_per_doc": round(size / n, 1)},
+        "hybrid": bool(hybrid or (manifest and manifest["hybrid"])),
+        "bm25": bm25.params if bm25 else (manifest or {}).get("bm25"),
+        "corpus": {"source": corpus.source, "fingerprint": corpus.fingerprint, "count": n},
+    }  # fmt: skip
+    write_json(out / MANIFEST, manifest)
+    write_json(build_file, {**settings, "fingerprint": corpus.fingerprint, "count": n, "complete": True})
+    return manifest
+
+
+def append_documents(index_dir: str | Path, docs: list[Document], **kwargs) -> dict:
+    """Add ``docs`` to an existing index (encodes the new documents only); the new manifest."""
+    index_dir = Path(index_dir)
+    manifest = read_manifest(index_dir)
+    old = read_docs(index_dir / DOCS, manifest["corpus"]["count"])
+    corpus = Corpus(old + list(docs), manifest["corpus"]["source"])
+    kwargs.setdefault("model", manifest["encoder"]["name"])
+    kwargs.setdefault("precision", manifest["encoder"]["precision"])
+    return build_index(corpus, index_dir, index=manifest["index"]["type"], hybrid=manifest["hybrid"], **kwargs)
+
+
+__all__ = [
+    "INDEX_TYPES", "append_documents", "build_faiss", "build_index", "choose_index_type", "configure",
+    "default_params", "min_ivfpq_vectors", "pq_subquantizers", "read_docs", "read_faiss", "read_manifest",
+]  # fmt: skip
