@@ -68,12 +68,13 @@ MIN_WORDS = 4  # a passage shorter than this says nothing
 HELD_OUT_PERCENT = 20  # passages of this share of the source files are held out (valid + test)
 TABLE_SHARE, IMAGE_SHARE = 0.75, 0.75  # the chance that a page (not needed by the question) has one
 DIGIT_SIZE = 8  # the scikit-learn digits are 8x8
+MAX_MENTIONS = 2  # keywords a page mentions: at most one distractor, and the question's where the answer needs it
 
 #: Topic words the questions ask about; no passage holds one, so a page mentions one only where it is put.
 KEYWORDS = (
-    "amber", "basalt", "canyon", "cobalt", "ember", "falcon", "glacier", "harbor", "jasmine", "lantern", "lotus",
-    "maple", "meadow", "nectar", "orchid", "pebble", "quartz", "raven", "saffron", "tundra", "velvet", "walnut",
-    "willow", "zephyr",
+    "amber", "basalt", "canyon", "cobalt", "eagle", "falcon", "glacier", "harbor", "jasmine", "lantern", "lotus",
+    "maple", "meadow", "nectar", "orchid", "piano", "quartz", "raven", "silver", "tiger", "velvet", "violin",
+    "walnut", "willow",
 )  # fmt: skip
 #: How a page mentions a keyword (one sentence each).
 MENTIONS = ("Notes on the {} follow.", "This part also concerns the {}.", "See the remarks about the {}.",
@@ -179,7 +180,7 @@ class DocumentTask(Config):
 
     min_pages: int = 2
     max_pages: int = 6
-    max_words: int = 24
+    max_words: int = 14
     table_rows: int = 3
     table_columns: int = 2
     max_value: int = 50
@@ -241,7 +242,7 @@ class DocumentTask(Config):
         others = [k for k in KEYWORDS if k != keyword]
         page_mentions = []
         for p in range(n_pages):
-            words = rng.sample(others, rng.randint(0, 2)) + ([keyword] if p in named else [])
+            words = rng.sample(others, rng.randint(0, MAX_MENTIONS - 1)) + ([keyword] if p in named else [])
             rng.shuffle(words)
             page_mentions.append(words)
 
@@ -385,3 +386,39 @@ class DocumentBatches(BatchSource):
             raise DataError(f"data state has view={state.get('view')!r} but this DocumentBatches has "
                             f"view={self.view!r}; resume with the same data settings")  # fmt: skip
         super().load_state_dict(state)
+
+
+def documents_fit(task: DocumentTask, config, tokenizer) -> None:
+    """ConfigError unless a reader of ``config`` (a DocReaderConfig) with ``tokenizer`` (a DocReaderTokenizer)
+    reads every document of ``task`` whole: its page table, answer classes and image shape hold them, and no
+    page text, table or question can be cut (a cut text may lose the sentence the question is about). The token
+    counts are bounds over everything the generator can write: every passage of every split cut to ``max_words``
+    plus MAX_MENTIONS of the longest mention sentence; tables of the longest cells; every question."""
+    need = [(config.max_pages >= task.max_pages, f"max_pages={config.max_pages} < {task.max_pages} pages"),
+            (config.n_answers >= task.n_answers, f"n_answers={config.n_answers} < {task.n_answers} answer classes"),
+            (config.n_channels == 1, f"n_channels={config.n_channels}: the figures are grey (1 channel)"),
+            (config.image_size == task.image_size, f"image_size={config.image_size} != the figures' {task.image_size}")]
+    unlimited = 1 << 30
+
+    def inner(text: str) -> int:  # tokens of a text without [CLS] and [SEP]
+        return len(tokenizer.text(text, unlimited)) - 2
+
+    words = max(inner(" ".join(p.split()[: task.max_words])) for pool in passages().values() for p in pool)
+    mention = max(inner(m.format(k)) for m in MENTIONS for k in KEYWORDS)
+    text = 2 + words + MAX_MENTIONS * mention
+    question = 2 + max(inner(q.format(w)) for q in QUESTIONS.values() for w in KEYWORDS + TABLE_COLUMNS)
+    cells = [*TABLE_ITEMS, *TABLE_COLUMNS, "item", *map(str, range(1, task.max_value + 1))]
+    table = (task.table_rows + 1) * (1 + (task.table_columns + 1) * (1 + max(map(inner, cells))))
+    ids, rows, cols = tokenizer.table([["item", *TABLE_COLUMNS[: task.table_columns]]] * (task.table_rows + 1), table)
+    need += [(text <= config.max_text_len, f"max_text_len={config.max_text_len} < {text} tokens of a page's text"),
+             (question <= config.max_question_len,
+              f"max_question_len={config.max_question_len} < {question} tokens of a question"),
+             (table <= config.max_table_len, f"max_table_len={config.max_table_len} < {table} tokens of a table"),
+             (max(rows) < config.max_table_rows, f"max_table_rows={config.max_table_rows} < {max(rows) + 1} rows"),
+             (max(cols) < config.max_table_cols,
+              f"max_table_cols={config.max_table_cols} < {max(cols) + 1} columns (with the row marker's)")]  # fmt: skip
+    short = [why for ok, why in need if not ok]
+    if short:
+        raise ConfigError(f"the reader cannot read these documents whole: {'; '.join(short)} (documents of "
+                          f"{task.min_pages}..{task.max_pages} pages, {task.max_words} words of passage, "
+                          f"{task.table_rows} x {task.table_columns} tables)")  # fmt: skip

@@ -16,6 +16,10 @@ classification   ``digits`` (default): scikit-learn's 8x8 images; or ``.jsonl`` 
 custom           as lm, for a model whose ``compute_loss`` reads token windows     :class:`TokenWindows` of
                  (its class's ``batch_keys`` are :data:`TOKEN_WINDOW_KEYS`:      ``seq_len`` tokens
                  ELMo's biLM)
+                 ``documents`` (default), for a model that reads the document     ``DocumentBatches``: the
+                 reader's batches (``batch_keys`` = :data:`DOCUMENT_KEYS`): new   fields of the reader's
+                 generated documents every step (``archlab.data.documents``),     ``DocBatch``
+                 ``min_length..max_length`` pages, ``n_valid`` for validation
 ===============  ==============================================================  ===========================
 
 Tokenizer (``data.tokenizer``): ``bpe`` (byte-level BPE of ``vocab_size`` tokens, trained on the training
@@ -30,8 +34,9 @@ by a hash of the source (``archlab.data.synthetic``); digits stratified. ``valid
 
 A ``custom`` model trains on ``model.compute_loss(batch)`` (``archlab.models.registry.TASKS``); archlab can
 build its batches only when the model class says which keys that reads (``batch_keys``) and they are keys
-a source here makes. Today one source fits: token windows, for ``batch_keys = TOKEN_WINDOW_KEYS``. Any
-other custom model is refused by :func:`resolve_data`, naming its family, before any work.
+a source here makes. Two sources fit: token windows, for ``batch_keys = TOKEN_WINDOW_KEYS``, and the
+generated documents, for ``batch_keys = DOCUMENT_KEYS`` (the document reader). Any other custom model is
+refused by :func:`resolve_data`, naming its family, before any work.
 
 What the data decides in the model (:meth:`RunData.model_overrides`): ``vocab_size`` and ``pad_id`` follow
 the tokenizer, ``n_classes`` the labels.
@@ -72,6 +77,7 @@ from archlab.data import (
 )
 from archlab.data.corpora import is_validation
 from archlab.errors import ConfigError, DataError, unknown
+from archlab.models.docreader import DocBatch
 from archlab.models.registry import family_of
 
 TOKENIZER_KINDS = ("bpe", "byte", "char")
@@ -85,6 +91,7 @@ SOURCE_KINDS = {
     "images": "the 8x8 digits images",
     "text": "a text file",
     "records": "a JSONL/CSV file",
+    "documents": "the generated multi-page documents",
 }
 #: The kinds of source each task trains on, and its default source.
 TASK_SOURCES = {
@@ -92,12 +99,16 @@ TASK_SOURCES = {
     "mlm": ("corpus", "text", "records"),
     "seq2seq": ("synthetic", "records"),
     "classification": ("images", "records"),
-    "custom": ("corpus", "text", "records"),  # token windows, for the models that read them (see TOKEN_WINDOW_KEYS)
+    "custom": ("corpus", "text", "records", "documents"),  # what the model reads: see CUSTOM_SOURCES
 }
 DEFAULT_SOURCE = {"lm": "stdlib", "mlm": "stdlib", "seq2seq": "dates", "classification": "digits", "custom": "stdlib"}
 #: The batch keys of :class:`TokenWindows`: a ``custom`` model whose class declares exactly these as its
 #: ``batch_keys`` (what its ``compute_loss`` reads) trains on them.
 TOKEN_WINDOW_KEYS = ("input_ids", "attention_mask")
+#: The batch keys of :class:`~archlab.data.documents.DocumentBatches`: the document reader's ``DocBatch`` fields.
+DOCUMENT_KEYS = DocBatch._fields
+#: The custom batches archlab builds: a model's ``batch_keys`` -> the kinds of source that make them.
+CUSTOM_SOURCES = {TOKEN_WINDOW_KEYS: ("corpus", "text", "records"), DOCUMENT_KEYS: ("documents",)}
 _TASK_WORDS = {
     "lm": "stdlib or a .txt/.jsonl/.csv text file",
     "mlm": "stdlib or a .txt/.jsonl/.csv text file",
@@ -115,12 +126,14 @@ def source_kind(source: str) -> str:
         return "synthetic"
     if source == "digits":
         return "images"
+    if source == "documents":
+        return "documents"
     suffix = Path(source).suffix.lower()
     if suffix == ".txt":
         return "text"
     if suffix in (".jsonl", ".csv"):
         return "records"
-    names = ("auto", "stdlib", "digits", *TASK_NAMES)
+    names = ("auto", "stdlib", "digits", "documents", *TASK_NAMES)
     raise ConfigError(f"source: {unknown('value', source, names)}; or a path to a {'/'.join(FILE_SUFFIXES)} file")
 
 
@@ -133,8 +146,10 @@ class DataConfig(Config):
         tokenizer: ``auto | bpe | byte | char`` or a path to a ``tokenizer.json``.
         vocab_size: the BPE vocabulary to train (the model's ``vocab_size`` follows the tokenizer).
         max_bytes: cap on the stdlib corpus (``None``: all of it, about 12 MB); keeps tokenising quick.
-        n_train, n_valid: synthetic pairs in each split.
-        min_length, max_length: a synthetic task's length knob (``dates`` ignores it).
+        n_train, n_valid: synthetic pairs in each split (``documents``: n_valid validation documents; training
+            documents are new at every step).
+        min_length, max_length: a synthetic task's length knob (``dates`` ignores it); pages per document for
+            ``documents``.
         seq_len: tokens per LM/MLM/token-window row, or the longest text of text classification; ``None``: the
             model's context.
         text_field, label_field, source_field, target_field: the JSONL fields / CSV columns to read.
@@ -184,12 +199,16 @@ def resolve_data(data: DataConfig, task: str, model_config: Config, who: str) ->
             f"{who} trains with task {task!r}, which `archlab train` does not feed; it trains "
             f"{', '.join(TASK_SOURCES)} models (use archlab.train.Trainer with your own batches)"
         )
-    source = DEFAULT_SOURCE[task] if data.source == "auto" else data.source
+    kinds = check_custom_batches(model_config, who) if task == "custom" else TASK_SOURCES[task]
+    source = data.source
+    if source == "auto":
+        source = "documents" if kinds == ("documents",) else DEFAULT_SOURCE[task]
     kind = source_kind(source)
-    if kind not in TASK_SOURCES[task]:
+    if kind not in kinds:
+        words = "the generated documents (source 'documents')" if kinds == ("documents",) else _TASK_WORDS[task]
         raise ConfigError(
             f"data.source={source!r} ({SOURCE_KINDS[kind]}) does not fit {who}, which trains on task {task!r}: "
-            f"its data is {_TASK_WORDS[task]}"
+            f"its data is {words}"
         )
     reads_tokens = model_config.inputs == "tokens"
     if kind == "images" and reads_tokens:
@@ -201,30 +220,38 @@ def resolve_data(data: DataConfig, task: str, model_config: Config, who: str) ->
     tokenizer = data.tokenizer
     if kind == "images":
         require(tokenizer == "auto", f"data.tokenizer={tokenizer!r}: the digits are images, they take no tokenizer")
+    elif kind == "documents":
+        require(tokenizer == "auto", f"data.tokenizer={tokenizer!r}: documents are read with the reader's own "
+                "tokenizer (archlab.models.docreader.DocReaderTokenizer); leave it at 'auto'")  # fmt: skip
+        require(data.max_length <= model_config.max_pages, f"data.max_length={data.max_length} pages: {who} reads "
+                f"documents of at most max_pages={model_config.max_pages} pages; set data.max_length <= "
+                f"{model_config.max_pages}")  # fmt: skip
     elif tokenizer == "auto":
         tokenizer = "char" if task == "seq2seq" else "bpe"
     seq_len = data.seq_len
-    if seq_len is None and kind not in ("synthetic", "images") and task != "seq2seq":
+    if seq_len is None and kind not in ("synthetic", "images", "documents") and task != "seq2seq":
         seq_len = model_config.context_length or DEFAULT_SEQ_LEN  # what the family declares (archlab.models.base)
-    if task == "custom":
-        check_custom_batches(model_config, who)
+    if task == "custom" and kind != "documents":
         require(seq_len >= 2, f"data.seq_len={seq_len}: a token window needs >= 2 tokens (one predicts another)")
     return data.replace(source=source, tokenizer=tokenizer, seq_len=seq_len)
 
 
-def check_custom_batches(model_config: Config, who: str) -> None:
-    """ConfigError naming ``who`` unless the ``custom`` model of ``model_config`` reads token windows
-    (its class's ``batch_keys`` are :data:`TOKEN_WINDOW_KEYS`), the one custom batch archlab builds."""
+def check_custom_batches(model_config: Config, who: str) -> tuple[str, ...]:
+    """The kinds of source that make the batches of the ``custom`` model of ``model_config`` (its class's
+    ``batch_keys``: :data:`CUSTOM_SOURCES`); ConfigError naming ``who`` for a model whose batches archlab cannot
+    build."""
     family = family_of(model_config)
     model_cls = family.train_cls or family.model_cls
     keys = getattr(model_cls, "batch_keys", None)
-    if keys is None or set(keys) != set(TOKEN_WINDOW_KEYS):
-        reads = "declares no batch_keys" if keys is None else f"reads batch keys {sorted(keys)}"
-        raise ConfigError(
-            f"{who} trains with task 'custom' (model.compute_loss(batch)) and {model_cls.__name__} {reads}; "
-            f"`archlab train` builds custom batches only for a model with batch_keys = {TOKEN_WINDOW_KEYS} "
-            "(token windows, as ELMo); train it with archlab.train.Trainer and your own batches"
-        )
+    for known, kinds in CUSTOM_SOURCES.items():
+        if keys is not None and set(keys) == set(known):
+            return kinds
+    reads = "declares no batch_keys" if keys is None else f"reads batch keys {sorted(keys)}"
+    raise ConfigError(
+        f"{who} trains with task 'custom' (model.compute_loss(batch)) and {model_cls.__name__} {reads}; "
+        f"`archlab train` builds custom batches only for a model with batch_keys = {TOKEN_WINDOW_KEYS} "
+        "(token windows, as ELMo) or the document reader's; train it with archlab.train.Trainer and your own batches"
+    )
 
 
 @dataclass
@@ -267,6 +294,8 @@ def build_data(
     kind = source_kind(data.source)
     if kind == "images":
         return _digits(data, model_config, shard)
+    if kind == "documents":
+        return _documents(data, model_config, shard)
     if kind == "synthetic" or task == "seq2seq":
         return _pairs(data, kind, tokenizer, shard)
     if task == "classification":
@@ -370,3 +399,21 @@ def _digits(data: DataConfig, model_config: Config, shard: dict) -> RunData:
     source = ClassificationBatches(x_train, y_train, valid=(x_valid, y_valid), **shard)
     describe = f"digits: {len(y_train)} training / {len(y_valid)} validation images of {list(x_train.shape[1:])}"
     return RunData(None, source, source.eval_batches, describe, classes=tuple(str(d) for d in range(10)))
+
+
+def _documents(data: DataConfig, model_config: Config, shard: dict) -> RunData:
+    """Generated documents (``archlab.data.documents``) collated for the reader of ``model_config``; ConfigError
+    when its sizes cannot hold them (page table, answer classes, image channels, or tokens: a cut text could
+    lose the sentence a question is about)."""
+    from archlab.data.documents import DocumentBatches, DocumentTask, documents_fit
+    from archlab.models.docreader import DocReaderTokenizer, collate
+
+    task = DocumentTask(min_pages=data.min_length, max_pages=data.max_length, image_size=model_config.image_size)
+    tokenizer = DocReaderTokenizer()
+    documents_fit(task, model_config, tokenizer)
+    source = DocumentBatches(task, lambda docs: collate(docs, model_config, tokenizer)._asdict(), n_valid=data.n_valid,
+                             **shard)  # fmt: skip
+    describe = (f"generated documents of {task.min_pages}..{task.max_pages} pages ({', '.join(task.questions)} "
+                f"questions, {task.n_answers} answer classes): new training documents every step, "
+                f"{data.n_valid} validation documents")  # fmt: skip
+    return RunData(None, source, source.eval_batches, describe)

@@ -197,3 +197,22 @@ def test_bad_requests_are_refused_by_name():
         solve(Document([Page("a page")], "Who wrote it?", 0), digit_of("train"))
     with pytest.raises(ConfigError, match="n_valid=0"):
         DocumentBatches(TASK, fake_collate, batch_size=2, n_valid=0)
+
+
+def test_the_tiny_reader_reads_every_document_whole_and_a_smaller_one_is_refused_by_name():
+    from archlab.data.documents import documents_fit
+    from archlab.models.docreader import DocReaderTokenizer
+    from archlab.models.registry import get_config
+
+    tiny, tok = get_config("docreader-tiny"), DocReaderTokenizer()
+    task = DocumentTask(max_pages=tiny.max_pages, image_size=tiny.image_size)
+    documents_fit(task, tiny, tok)  # the bounds hold
+    docs = task.replace(min_pages=tiny.max_pages).documents(40, split="test")
+    assert max(len(tok.text(p.text, 1 << 30)) for d in docs for p in d.pages) <= tiny.max_text_len
+    for change, match in [({"max_text_len": 20}, "max_text_len=20 < "), ({"max_table_len": 12}, "max_table_len=12"),
+                          ({"max_question_len": 8}, "max_question_len=8"), ({"n_answers": 9}, "n_answers=9 < 10"),
+                          ({"max_table_rows": 3}, "max_table_rows=3"), ({"image_size": 16}, "image_size=16")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            documents_fit(task, tiny.replace(**change), tok)
+    with pytest.raises(ConfigError, match="max_pages=4 < 8 pages"):
+        documents_fit(task, tiny.replace(max_pages=4), tok)
