@@ -8,9 +8,12 @@ abstract"), in three steps:
    (:func:`archlab.interop.sentence.embed`, ``scorer="dense"``) or BM25 over the abstract's sentences
    (``scorer="bm25"``, through ``bm25s``); both are deterministic, ties going to the earlier sentence.
 2. **Explanation** (:class:`Explainer`): SmolLM2-135M-Instruct (:func:`archlab.chat.load_chat_model`, loaded once,
-   on first use) reads a ChatML prompt holding the query, the title and the evidence, and is asked for one or two
-   sentences quoting the abstract in double quotes. Its reply is opened for it with :data:`REPLY_OPENING`
-   (``It says "``), which leads a 135M model to quote rather than paraphrase. Decoding is greedy with the KV cache:
+   on first use) reads a ChatML prompt (:data:`REQUEST`) holding the evidence sentences in double quotes and the
+   query, and is asked to quote the excerpt word for word, then say in a few words why it answers. Its reply is
+   opened for it with :data:`REPLY_OPENING` (``It says "``), which leads a 135M model to quote rather than
+   paraphrase. (Tried on two examples, 32 tokens: this prompt quoted verbatim in both; one giving the query first
+   and asking "why does this document answer the query" quoted the query or invented a sentence instead.)
+   Decoding is greedy with the KV cache:
    :meth:`Explainer.explain` decodes the top results as one batch (:func:`archlab.generation.generate_batch`);
    :meth:`Explainer.stream` decodes one result piece by piece with prompt-lookup speculative decoding
    (:func:`archlab.speculative.speculative_stream`): a quote copies the prompt, so drafts copied from it are
@@ -41,10 +44,9 @@ DEFAULT_ENCODER = "minilm-l6"  # archlab.interop.sentence's name for all-MiniLM-
 MAX_SENTENCES = 64  # sentences of a document considered for evidence (a long text's first ones)
 MAX_EVIDENCE_CHARS = 300  # a longer sentence is cut at a word boundary (still verbatim text of the document)
 REPLY_OPENING = 'It says "'  # the start of every explanation, written into the prompt after the assistant marker
-SYSTEM_PROMPT = (
-    "You explain in one or two sentences why a document answers a search query, "
-    "quoting the document's exact words in double quotes."
-)
+SYSTEM_PROMPT = "You are a helpful assistant."
+REQUEST = ("Document excerpt:\n{evidence}\n\nQuestion: {query}\nAnswer by quoting the excerpt word for word, in double "
+           "quotes, then say in a few words why it answers the question.")  # fmt: skip
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
 _QUOTE = re.compile(r"[\"“]([^\"“”]*)(?:[\"”]|$)")  # an opening quote, its span, the closing quote or the end
@@ -315,10 +317,8 @@ class Explainer:
         _check_query(query)
         self.fill_evidence(query, [hit])
         _, tokenizer = self.load()
-        lines = "\n".join(f"- {s}" for s in hit.evidence) or f"- {normalise(hit.doc.text)[:MAX_EVIDENCE_CHARS]}"
-        request = (f"Search query: {normalise(query)}\nDocument: {normalise(hit.doc.title or hit.doc.id)}\n"
-                   f"Sentences from the document:\n{lines}\n"
-                   "Why does this document answer the query? Quote its words in double quotes.")  # fmt: skip
+        evidence = "\n".join(f'"{s}"' for s in hit.evidence or [normalise(hit.doc.text)[:MAX_EVIDENCE_CHARS]])
+        request = REQUEST.format(evidence=evidence, query=normalise(query))
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": request}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True) + tokenizer.encode(REPLY_OPENING)
 

@@ -96,7 +96,7 @@ def create_app(
     rerank: int = 0,
     explain: int = 3,
     evidence: int = 2,
-    scorer: str = "dense",
+    scorer: str = "bm25",
     allowed_hosts: list[str] | None = None,
 ):
     """The FastAPI app serving ``engine`` (a :class:`archlab.search.engine.SearchEngine`).
@@ -108,7 +108,10 @@ def create_app(
         k: results per search unless the request asks for another number (1 .. :data:`MAX_K`).
         rerank: re-rank depth passed to ``engine.search`` (needs the engine's reranker).
         explain: how many of the first hits get an explanation (0: none).
-        evidence, scorer: evidence sentences per hit and how they are chosen (:func:`select_evidence_batch`).
+        evidence, scorer: evidence sentences per hit and how they are chosen (:func:`select_evidence_batch`): BM25
+            by default, as every shown hit gets its evidence marked (measured on 10 hits of the stdlib corpus, ~25
+            sentences: BM25 60-110 ms, MiniLM ("dense") 5.7-8.5 s on this 2-core machine under a load of 20; the
+            two chose the same first sentence for 7-8 of 10 hits).
         allowed_hosts: Host header names accepted (None: any; :func:`serve` gives the bound address's names).
     """
     for name, value, low, high in (("k", k, 1, MAX_K), ("rerank", rerank, 0, None), ("explain", explain, 0, MAX_K),

@@ -66,7 +66,6 @@ def client_for():
     clients = []
 
     def make(**options):
-        options.setdefault("scorer", "bm25")
         client = TestClient(create_app(FakeEngine(), **options))
         clients.append(client)
         return client
