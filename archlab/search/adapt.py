@@ -1,0 +1,385 @@
+r"""Adapting a cross-encoder to a corpus without labels (``archlab search adapt``), and measuring whether it helps.
+
+No pretrained cross-encoder ships here, and the user's corpus has no judgments, so the training pairs are made
+from the corpus itself:
+
+1. **Pseudo-queries.** For a document ``D`` with sentences ``s_1 .. s_m``, a sentence ``s_j`` becomes a query and
+   the document *without it*, ``D \ s_j``, its positive (the inverse cloze task of Lee et al. 2019: the model must
+   match a sentence to the text around it, not find the sentence verbatim). Optionally (``generator="smollm2"``)
+   SmolLM2-135M-Instruct writes a search question per document, batched; its positive is the whole document.
+2. **Hard negatives** from the first stage: ``SearchEngine.retrieve(query, k=mine_depth)`` minus the positive;
+   ``negatives`` of them sampled per query (documents the retriever confuses with the positive).
+3. **Training** a :class:`~archlab.models.bert.BertCrossEncoder` that starts from the real all-MiniLM-L6-v2
+   encoder with a fresh one-unit head, with a listwise loss over each group ``(positive, negative_1 .. negative_n)``::
+
+       z_g = [s(q, D+), s(q, D-_1), .., s(q, D-_n)]            logits of one group         [Q, 1 + n]
+       L   = mean_q  -log softmax(z_q)_0                        (cross-entropy, target 0)
+
+   AdamW with warmup + cosine decay and gradient clipping (:mod:`archlab.train.optim`, ``schedules``).
+   The result is saved in the Hugging Face layout (``INDEX/reranker``) that :class:`Reranker` and
+   sentence-transformers' ``CrossEncoder`` load. Everything is seeded: the same seed gives the same weights.
+
+**Held-out documents.** Documents judged in an evaluation set are passed as ``holdout``: they give no
+pseudo-query and are never a positive or a negative, so the trained model never sees them. On the built-in
+corpus the evaluation queries are summary sentences already cut out of their documents (see
+:mod:`archlab.search.corpus`); they are not in the index at all, and their documents are held out here.
+
+:func:`measure` prints nDCG@10 of the first stage (dense, and hybrid when the index has BM25) against the
+same ranking re-ranked at several depths, with the re-ranking time per query.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from archlab.config import Config, check_positive, require
+from archlab.errors import DataError, TrainingError
+from archlab.search.corpus import Document, EvalSet
+from archlab.search.rerank import Reranker
+
+GENERATORS = ("sentences", "smollm2")
+MIN_QUERY_WORDS, MAX_QUERY_WORDS = 4, 40  # a pseudo-query sentence's length
+MIN_REST_WORDS = 5  # what must remain of the document once the sentence is cut out
+
+
+@dataclass(frozen=True)
+class AdaptConfig(Config):
+    """How ``archlab search adapt`` trains.
+
+    Args:
+        steps: optimiser steps.
+        batch_queries: pseudo-queries per step (each with its positive and ``negatives`` negatives).
+        negatives: hard negatives per query.
+        mine_depth: negatives are drawn from the first stage's top ``mine_depth`` (the positive left out).
+        queries_per_doc: pseudo-queries cut from each source document (its sentences, at most).
+        generator: ``sentences`` (cut from the document) or ``smollm2`` (also a question written by
+            SmolLM2-135M-Instruct per document).
+        lr, warmup, weight_decay, clip: AdamW's rate (peak), linear warmup steps, decay, gradient-norm clip.
+        max_length: the longest packed pair, in tokens (also the saved model's limit).
+        seed: seeds the choice of documents and sentences, the negatives, the head and dropout.
+    """
+
+    steps: int = 100
+    batch_queries: int = 8
+    negatives: int = 3
+    mine_depth: int = 30
+    queries_per_doc: int = 1
+    generator: str = "sentences"
+    lr: float = 3e-5
+    warmup: int = 10
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    max_length: int = 256
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_queries", "negatives", "mine_depth", "queries_per_doc", "lr", "clip"):
+            check_positive(name, getattr(self, name))
+        require(self.mine_depth > self.negatives,
+                f"mine_depth={self.mine_depth} must exceed negatives={self.negatives} (the positive is left out)")
+        require(self.generator in GENERATORS, f"generator={self.generator!r} must be one of {GENERATORS}")
+        require(0 <= self.warmup < self.steps, f"warmup={self.warmup} must be in [0, steps={self.steps})")
+        require(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
+        require(8 <= self.max_length <= 512, f"max_length={self.max_length} must be in [8, 512]")
+
+
+# ================================================================================================
+# Pseudo-queries
+# ================================================================================================
+
+
+@dataclass(frozen=True)
+class PseudoQuery:
+    """A training query, the id of the document it came from, and its positive text (``D \\ s`` or ``D``)."""
+
+    query: str
+    doc_id: str
+    positive: str
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of ``text``: split at ``.``/``!``/``?`` followed by white space, and at blank lines."""
+    out = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        flat = " ".join(paragraph.split())
+        out += [s for s in re.split(r"(?<=[.!?])\s+", flat) if s]
+    return out
+
+
+def sentence_queries(doc: Document, n: int, rng: random.Random) -> list[PseudoQuery]:
+    """Up to ``n`` pseudo-queries of ``doc``: sentences of ``MIN_QUERY_WORDS .. MAX_QUERY_WORDS`` words, each cut out
+    of the document's text to make its positive (which keeps the title)."""
+    sentences = split_sentences(doc.text)
+    usable = [i for i, s in enumerate(sentences) if MIN_QUERY_WORDS <= len(s.split()) <= MAX_QUERY_WORDS]
+    out = []
+    for i in rng.sample(usable, min(n, len(usable))):
+        rest = " ".join(s for j, s in enumerate(sentences) if j != i)
+        if len(rest.split()) >= MIN_REST_WORDS:
+            positive = Document(doc.id, doc.title, rest).full_text
+            out.append(PseudoQuery(sentences[i], doc.id, positive))
+    return out
+
+
+QUESTION_PROMPT = "Write one short search query that the following text answers. Reply with the query only.\n\n{text}"
+
+
+def generated_queries(docs: Sequence[Document], *, batch_size: int = 8, max_new_tokens: int = 24,
+                      max_doc_chars: int = 600, model=None) -> list[PseudoQuery]:  # fmt: skip
+    """One question per document written by SmolLM2-135M-Instruct (greedy, batched, KV cache); positive: the
+    whole document. ``model``: ``(model, tokenizer)`` (default :func:`archlab.chat.load_chat_model`)."""
+    from archlab.chat import load_chat_model
+    from archlab.generation import generate_batch
+
+    lm, tokenizer = model if model is not None else load_chat_model()
+    eos = tokenizer.specials.get("eos")
+    out = []
+    for start in range(0, len(docs), batch_size):
+        batch = docs[start : start + batch_size]
+        prompts = [tokenizer.apply_chat_template(
+            [{"role": "user", "content": QUESTION_PROMPT.format(text=d.full_text[:max_doc_chars])}]) for d in batch]
+        with torch.inference_mode():
+            replies = generate_batch(lm, prompts, max_new_tokens=max_new_tokens, stop_tokens=[eos])
+        for doc, ids in zip(batch, replies, strict=True):
+            text = " ".join(tokenizer.decode([t for t in ids if t != eos]).split()).strip("\"' ")
+            if len(text.split()) >= 2:
+                out.append(PseudoQuery(text, doc.id, doc.full_text))
+    return out
+
+
+def make_queries(docs: Sequence[Document], count: int, config: AdaptConfig, holdout: set[str],
+                 rng: random.Random, log: Callable[[str], None]) -> list[PseudoQuery]:  # fmt: skip
+    """``count`` pseudo-queries from the documents not in ``holdout``, visited in a seeded random order."""
+    order = [d for d in docs if d.id not in holdout]
+    rng.shuffle(order)
+    queries: list[PseudoQuery] = []
+    used: list[Document] = []
+    for doc in order:
+        if len(queries) >= count:
+            break
+        made = sentence_queries(doc, config.queries_per_doc, rng)
+        if made:
+            used.append(doc)
+        queries += made
+    if config.generator == "smollm2":
+        n_generated = max(1, count // 2)
+        log(f"SmolLM2-135M-Instruct writes queries for {n_generated} documents ...")
+        generated = generated_queries(used[:n_generated])
+        queries = generated + queries[: count - len(generated)]
+    if not queries:
+        raise DataError(f"no pseudo-query could be made: none of the {len(order)} documents outside the held-out set "
+                        f"has a sentence of {MIN_QUERY_WORDS}-{MAX_QUERY_WORDS} words with text around it")
+    return queries[:count]
+
+
+# ================================================================================================
+# Hard negatives and training
+# ================================================================================================
+
+
+@dataclass(frozen=True)
+class Group:
+    """One training group: a query, its positive text and negative texts (index 0 of the logits is the positive)."""
+
+    query: str
+    positive: str
+    negatives: tuple[str, ...]
+
+
+def mine_negatives(engine, queries: Sequence[PseudoQuery], config: AdaptConfig, holdout: set[str],
+                   rng: random.Random) -> list[Group]:  # fmt: skip
+    """A :class:`Group` per query: ``negatives`` documents sampled from ``engine.retrieve(query, mine_depth)``
+    leaving out the query's own document and the held-out ones (queries with too few candidates are dropped)."""
+    groups = []
+    for pq in queries:
+        hits = engine.retrieve(pq.query, k=config.mine_depth)
+        pool = [h.doc.full_text for h in hits if h.doc.id != pq.doc_id and h.doc.id not in holdout]
+        if len(pool) >= config.negatives:
+            groups.append(Group(pq.query, pq.positive, tuple(rng.sample(pool, config.negatives))))
+    if not groups:
+        raise DataError(f"no query found {config.negatives} negatives among the first stage's top {config.mine_depth}")
+    return groups
+
+
+def group_loss(reranker: Reranker, groups: Sequence[Group]) -> torch.Tensor:
+    """The listwise loss of a batch of groups: cross-entropy of the positive among its group's logits."""
+    queries, docs = [], []
+    for g in groups:
+        for text in (g.positive, *g.negatives):
+            queries.append(g.query)
+            docs.append(text)
+    logits = reranker.forward(reranker.pack(queries, docs)).float().view(len(groups), -1)  # [Q, 1 + n]
+    return F.cross_entropy(logits, torch.zeros(len(groups), dtype=torch.long))
+
+
+def _passes(n: int, rng: random.Random):
+    """Indices ``0 .. n-1`` in a new seeded order on every pass, without end."""
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        yield from order
+
+
+@dataclass
+class AdaptResult:
+    """What :func:`adapt` did: the trained ``reranker``, the loss of every step, and the data counts."""
+
+    reranker: Reranker
+    losses: list[float]
+    queries: int
+    groups: int
+    held_out: int
+    seconds: float
+
+    def summary(self) -> dict:
+        tenth = max(1, len(self.losses) // 10)
+        return {"queries": self.queries, "groups": self.groups, "held_out_documents": self.held_out,
+                "steps": len(self.losses), "loss_first_tenth": sum(self.losses[:tenth]) / tenth,
+                "loss_last_tenth": sum(self.losses[-tenth:]) / tenth, "seconds": round(self.seconds, 1)}  # fmt: skip
+
+
+def adapt(engine, config: AdaptConfig = AdaptConfig(), *, holdout: set[str] = frozenset(), encoder="minilm-l6",
+          log: Callable[[str], None] = lambda m: None) -> AdaptResult:  # fmt: skip
+    """Train a cross-encoder on ``engine``'s documents without labels (see the module docstring)."""
+    from archlab.train.optim import build_optimizer
+    from archlab.train.schedules import WarmupCosine, build_scheduler
+
+    start = time.perf_counter()
+    rng = random.Random(config.seed)
+    needed = config.steps * config.batch_queries
+    queries = make_queries(engine.docs, needed, config, set(holdout), rng, log)
+    log(f"{len(queries)} pseudo-queries; mining {config.negatives} hard negatives each from the first stage's "
+        f"top {config.mine_depth} ...")
+    groups = mine_negatives(engine, queries, config, set(holdout), rng)
+
+    reranker = Reranker.from_encoder(encoder, seed=config.seed, max_length=config.max_length)
+    model = reranker.model
+    optimizer = build_optimizer(model, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
+    scheduler = build_scheduler(optimizer, WarmupCosine(config.warmup, config.steps))
+    model.train()
+    losses = []
+    stream = _passes(len(groups), rng)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # dropout
+        for step in range(config.steps):
+            batch = [groups[next(stream)] for _ in range(config.batch_queries)]
+            loss = group_loss(reranker, batch)
+            if not math.isfinite(loss.item()):
+                raise TrainingError(f"step {step + 1}: the loss is {loss.item()}; nothing was saved")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            if (step + 1) % max(1, config.steps // 10) == 0 or step + 1 == config.steps:
+                window = losses[-max(1, config.steps // 10):]
+                log(f"step {step + 1}/{config.steps}: loss {sum(window) / len(window):.4f} "
+                    f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
+    model.eval()
+    return AdaptResult(reranker, losses, len(queries), len(groups), len(holdout), time.perf_counter() - start)
+
+
+# ================================================================================================
+# Measuring
+# ================================================================================================
+
+
+@dataclass
+class MeasureRow:
+    """nDCG@10 of one ranking: ``first`` stage (dense / hybrid), re-ranked at ``depth`` (0: not re-ranked)."""
+
+    first: str
+    depth: int
+    ndcg10: float
+    rerank_ms: float  # mean re-ranking time per query (0 for the first stage alone)
+
+
+def measure(engine, reranker: Reranker | None, evalset: EvalSet, *, depths: Sequence[int] = (20, 50, 100),
+            max_queries: int | None = 100, seed: int = 0) -> list[MeasureRow]:  # fmt: skip
+    """nDCG@10 of the first stage and of its top ``depth`` re-ranked, for each depth, on ``evalset``.
+
+    The first stages: ``dense`` (the FAISS ranking) and, for a hybrid index, ``hybrid`` (BM25 fused). At most
+    ``max_queries`` judged queries are used (a seeded sample). A pair's score does not depend on the rest of
+    the list, so each (query, document) is scored once and the depths share the scores; the time of depth
+    ``R`` is that of scoring a query's first ``R`` documents of the dense list (batched as ``rerank`` does).
+    """
+    from archlab.search.evaluate import evaluate_run
+
+    qids = [q for q in evalset.qrels if q in evalset.queries]
+    if not qids:
+        raise DataError("the evaluation set has no judged query with a text")
+    if max_queries is not None and len(qids) > max_queries:
+        qids = sorted(random.Random(seed).sample(qids, max_queries))
+    qrels = {q: evalset.qrels[q] for q in qids}
+    k = max([100, *depths])
+    texts = [evalset.queries[q] for q in qids]
+    firsts: dict[str, dict[str, list[Document]]] = {"dense": {}}
+    _, rows = engine.dense_search(engine.embed_queries(texts), k)
+    for qid, row in zip(qids, rows, strict=True):
+        firsts["dense"][qid] = [engine.docs[r] for r in row if r >= 0]
+    if engine.hybrid:
+        firsts["hybrid"] = {qid: [h.doc for h in engine.retrieve(t, k)] for qid, t in zip(qids, texts, strict=True)}
+
+    scores: dict[tuple[str, str], float] = {}
+    ms = {d: 0.0 for d in depths}
+    if reranker is not None:
+        for qid, text in zip(qids, texts, strict=True):  # timed on the dense lists, depth by depth
+            docs, done = firsts["dense"][qid], 0
+            for depth in sorted(depths):
+                new = docs[done:depth]
+                t = time.perf_counter()
+                for doc, s in zip(new, reranker.logits(text, new).tolist() if new else [], strict=True):
+                    scores[qid, doc.id] = s
+                ms[depth] = ms.get(depth, 0.0) + (time.perf_counter() - t) * 1000
+                done = max(done, depth)
+            extra = [d for name in firsts if name != "dense" for d in firsts[name][qid][: max(depths)]
+                     if (qid, d.id) not in scores]  # fmt: skip
+            for doc, s in zip(extra, reranker.logits(text, extra).tolist() if extra else [], strict=True):
+                scores[qid, doc.id] = s
+        running = 0.0
+        for depth in sorted(depths):  # cumulative: depth R scores the first R
+            running += ms[depth]
+            ms[depth] = running / len(qids)
+
+    out = []
+    for name, lists in firsts.items():
+        run = {q: [(d.id, -float(i)) for i, d in enumerate(docs)] for q, docs in lists.items()}
+        out.append(MeasureRow(name, 0, evaluate_run(run, qrels)["nDCG@10"], 0.0))
+        if reranker is None:
+            continue
+        for depth in depths:
+            run = {}
+            for q, docs in lists.items():
+                head = sorted(docs[:depth], key=lambda d: -scores[q, d.id])  # stable: first-stage order breaks ties
+                run[q] = [(d.id, -float(i)) for i, d in enumerate(head + docs[depth:])]
+            out.append(MeasureRow(name, depth, evaluate_run(run, qrels)["nDCG@10"], ms[depth]))
+    return out
+
+
+def format_rows(rows: Sequence[MeasureRow], queries: int) -> str:
+    """The measurement as a small table."""
+    lines = [f"nDCG@10 on {queries} evaluation queries (re-rank time per query on this CPU):",
+             f"  {'first stage':<12} {'re-rank depth':>13} {'nDCG@10':>8} {'re-rank ms/query':>17}"]  # fmt: skip
+    for r in rows:
+        depth = "-" if r.depth == 0 else str(r.depth)
+        ms = "-" if r.depth == 0 else f"{r.rerank_ms:.0f}"
+        lines.append(f"  {r.first:<12} {depth:>13} {r.ndcg10:>8.4f} {ms:>17}")
+    return "\n".join(lines)
+
+
+def rows_json(rows: Sequence[MeasureRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+__all__ = [
+    "AdaptConfig", "AdaptResult", "Group", "MeasureRow", "PseudoQuery", "adapt", "format_rows", "generated_queries",
+    "make_queries", "measure", "mine_negatives", "rows_json", "sentence_queries", "split_sentences",
+]  # fmt: skip

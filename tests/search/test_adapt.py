@@ -1,0 +1,169 @@
+"""`archlab search adapt`'s mechanics on a 50-document index: pseudo-queries, hold-out, negatives, a falling loss,
+a saved model that reloads to the same scores (here and in sentence-transformers), determinism, the measurement."""
+
+import random
+
+import pytest
+import torch
+
+from archlab.errors import ConfigError, DataError
+from archlab.search.adapt import (
+    AdaptConfig,
+    adapt,
+    format_rows,
+    make_queries,
+    measure,
+    mine_negatives,
+    sentence_queries,
+    split_sentences,
+)
+from archlab.search.corpus import Corpus, Document, EvalSet, builtin_corpus, builtin_evalset
+
+TINY = dict(steps=40, batch_queries=4, negatives=2, mine_depth=10, max_length=96, lr=5e-3, warmup=4)
+
+
+def tiny_encoder(folder):
+    """A sentence-transformers folder holding a random-init 2-layer BERT (d=32) with MiniLM's WordPiece tokenizer:
+    the mechanics at a fraction of MiniLM's cost (the real weights are exercised by the real run, see README)."""
+    import shutil
+
+    from archlab.interop.bert import save_bert
+    from archlab.interop.sentence import minilm_path
+    from archlab.models.bert import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    save_bert(BertModel(BertConfig(d_model=32, n_heads=2, n_layers=2, d_ff=64, max_len=128)), folder)
+    src = minilm_path()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "modules.json"):
+        shutil.copy(src / name, folder / name)
+    shutil.copytree(src / "1_Pooling", folder / "1_Pooling")
+    (folder / "sentence_bert_config.json").write_text('{"max_seq_length": 128}')
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """An index of 50 real documents (stdlib docstrings, 10 of them judged in the built-in evaluation set)."""
+    from archlab.search.engine import SearchEngine
+    from archlab.search.index import build_index
+
+    corpus, evalset = builtin_corpus(), builtin_evalset()
+    judged = {d for q in evalset.qrels.values() for d in q}
+    docs = [d for d in corpus if d.id in judged][:10] + [d for d in corpus if d.id not in judged][:40]
+    sub = EvalSet({q: evalset.queries[q] for q, j in evalset.qrels.items() if set(j) <= {d.id for d in docs}})
+    sub.qrels = {q: evalset.qrels[q] for q in sub.queries}
+    root = tmp_path_factory.mktemp("adapt")
+    encoder = tiny_encoder(root / "encoder")
+    build_index(Corpus(docs, "small"), root / "index", hybrid=True, precision="fp32", model=encoder)
+    return SearchEngine.open(root / "index"), sub, {d for j in sub.qrels.values() for d in j}, encoder
+
+
+def test_sentences_and_pseudo_queries():
+    text = "Return the value. It is cached for later calls!\n\nRaises KeyError when the key is missing? Never."
+    assert split_sentences(text) == ["Return the value.", "It is cached for later calls!",
+                                     "Raises KeyError when the key is missing?", "Never."]  # fmt: skip
+    doc = Document("m.f", "m.f", text + " More words follow here in this sentence.")
+    made = sentence_queries(doc, 5, random.Random(0))
+    assert made and all(q.doc_id == "m.f" for q in made)
+    for q in made:  # the sentence is cut out of its positive; the title stays
+        assert len(q.query.split()) >= 4 and q.query not in q.positive and q.positive.startswith("m.f\n\n")
+
+
+def test_holdout_documents_give_no_query_and_no_negative(small):
+    engine, _, held, encoder = small
+    config = AdaptConfig(**TINY)
+    queries = make_queries(engine.docs, 40, config, held, random.Random(0), print)
+    assert len(queries) >= 20 and not {q.doc_id for q in queries} & held
+    groups = mine_negatives(engine, queries, config, held, random.Random(0))
+    held_texts = {d.full_text for d in engine.docs if d.id in held}
+    assert groups and all(not set(g.negatives) & held_texts and len(g.negatives) == 2 for g in groups)
+    with pytest.raises(DataError, match="no pseudo-query"):
+        make_queries(engine.docs, 10, config, {d.id for d in engine.docs}, random.Random(0), print)
+
+
+def test_adapt_loss_falls_and_the_saved_folder_reloads(small, tmp_path):
+    from sentence_transformers import CrossEncoder
+
+    from archlab.search.rerank import Reranker
+
+    engine, evalset, held, encoder = small
+    result = adapt(engine, AdaptConfig(**TINY), holdout=held, encoder=encoder)
+    summary = result.summary()
+    print(summary)
+    assert summary["loss_last_tenth"] < 0.8 * summary["loss_first_tenth"], result.losses
+    folder = result.reranker.save(tmp_path / "reranker")
+    docs = engine.docs[:7]
+    query = "Return the value of an environment variable"
+    again = Reranker.load(folder)
+    assert again.max_length == 96
+    assert again.score(query, docs) == result.reranker.score(query, docs)
+    theirs = CrossEncoder(str(folder), device="cpu").predict([(query, d.full_text) for d in docs])
+    torch.testing.assert_close(torch.as_tensor(theirs), torch.tensor(again.score(query, docs)), atol=1e-5, rtol=0)
+
+    rows = measure(engine, again, evalset, depths=(5, 20), max_queries=None)
+    print(format_rows(rows, len(evalset.queries)))
+    assert [(r.first, r.depth) for r in rows] == [(f, d) for f in ("dense", "hybrid") for d in (0, 5, 20)]
+    assert all(0.0 <= r.ndcg10 <= 1.0 for r in rows) and all(r.rerank_ms > 0 for r in rows if r.depth)
+
+
+def test_same_seed_same_weights(small):
+    engine, _, held, encoder = small
+    config = AdaptConfig(**{**TINY, "steps": 2, "warmup": 0})
+    a, b = (adapt(engine, config, holdout=held, encoder=encoder).reranker.model.state_dict() for _ in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = adapt(engine, config.replace(seed=1), holdout=held, encoder=encoder).reranker.model.state_dict()
+    assert not torch.equal(a["classifier.weight"], c["classifier.weight"])
+
+
+def test_config_refusals():
+    with pytest.raises(ConfigError, match="mine_depth=3 must exceed negatives=3"):
+        AdaptConfig(mine_depth=3, negatives=3)
+    with pytest.raises(ConfigError, match="generator='gpt'"):
+        AdaptConfig(generator="gpt")
+    with pytest.raises(ConfigError, match="steps"):
+        AdaptConfig(steps=0)
+
+
+def test_cli_adapt_saves_measures_and_query_reranks(small, tmp_path, capsys):
+    import json
+    import shutil
+
+    from archlab.cli import main
+
+    engine, evalset, _, _ = small
+    index = tmp_path / "index"
+    shutil.copytree(engine.index_dir, index)
+    queries, qrels = tmp_path / "queries.jsonl", tmp_path / "qrels.tsv"
+    queries.write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in evalset.queries.items()))
+    qrels.write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n" for q, j in evalset.qrels.items()
+                                                              for d, g in j.items()))  # fmt: skip
+    code = main(["search", "adapt", str(index), "--steps", "3", "--batch", "2", "--negatives", "2",
+                 "--max-length", "64", "--eval-queries", "5", "--depths", "5,10",
+                 "--queries", str(queries), "--qrels", str(qrels)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "trained 3 steps" in out and "nDCG@10 on 5 evaluation queries" in out, out
+    assert (index / "reranker" / "model.safetensors").is_file()
+    report = json.loads((index / "adapt.json").read_text())
+    assert report["training"]["steps"] == 3 and [r["depth"] for r in report["measured"]] == [0, 5, 10] * 2
+    assert main(["search", "query", str(index), "open a file", "--rerank", "5", "--k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert len(hits) == 3 and all("rerank" in h["stages"] for h in hits)
+
+
+@pytest.mark.slow
+def test_adapt_from_the_real_minilm_weights(small, tmp_path):
+    """The default start: all-MiniLM-L6-v2's encoder + a fresh head; saved, it loads in sentence-transformers."""
+    from sentence_transformers import CrossEncoder
+
+    engine, _, held, _ = small
+    config = AdaptConfig(**{**TINY, "steps": 30, "lr": 5e-5})
+    result = adapt(engine, config, holdout=held)
+    assert result.reranker.model.config.d_model == 384 and result.reranker.model.cls_id == 101
+    summary = result.summary()
+    print(summary)
+    assert summary["loss_last_tenth"] < summary["loss_first_tenth"], result.losses
+    folder = result.reranker.save(tmp_path / "reranker")
+    docs = [d.full_text for d in engine.docs[:8]]
+    ours = torch.tensor(result.reranker.score("open a file", docs))
+    theirs = torch.as_tensor(CrossEncoder(str(folder), device="cpu").predict([("open a file", d) for d in docs]))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
