@@ -197,12 +197,12 @@ def args_inspect(parser: argparse.ArgumentParser) -> None:
 
 
 def docreader_budget_for(family: str, config, pages: int | None, batch: int):
-    """The document reader's memory budget (:mod:`archlab.analysis.docreader_budget`) for a ``docreader`` preset,
-    None for the others (which refuse ``--pages``)."""
-    if family != "docreader":
-        if pages is not None:
-            raise ConfigError(f"--pages is for the document reader's presets (docreader-*); a {family} model reads "
-                              "no pages: use --length")  # fmt: skip
+    """The document reader's memory budget (:mod:`archlab.analysis.docreader_budget`) for a ``docreader`` preset
+    asked ``--pages``; None otherwise (the other families refuse ``--pages``)."""
+    if family != "docreader" and pages is not None:
+        raise ConfigError(f"--pages is for the document reader's presets (docreader-*); a {family} model reads "
+                          "no pages: use --length")  # fmt: skip
+    if pages is None:
         return None
     from archlab.analysis.docreader_budget import docreader_budget
 
@@ -262,7 +262,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     check_at_least_one("--length", args.length)
     budget = docreader_budget_for(preset.family, config, args.pages, args.batch)
     decodes = hasattr(model, "new_cache")
-    memory = None if budget is not None else memory_figures(config, args.batch, args.length, args.dtype, decodes=decodes)
+    reads_pages = preset.family == "docreader"  # its memory is the budget of lesson 8 card 5 (--pages), not a stack's
+    memory = None if reads_pages else memory_figures(config, args.batch, args.length, args.dtype, decodes=decodes)
     if memory is not None:
         memory["weights"] = report.total * dtype_bytes(args.dtype)
     length = memory["length"] if memory is not None else args.length or config.context_length
@@ -316,6 +317,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from archlab.analysis.docreader_budget import format_budget
 
         lines += ["", format_budget(budget)]
+    elif reads_pages:
+        lines += ["", f"memory: `archlab inspect {preset.name} --pages P` prints the reader's budget at P pages beside "
+                      "lesson 8 card 5's (measured on the meta device)"]  # fmt: skip
     print("\n".join(lines))
     return 0
 
