@@ -5,7 +5,7 @@ import torch
 
 from archlab.errors import ShapeError
 from archlab.labs import VERDICTS, run_lab
-from archlab.labs.heads import (
+from archlab.labs.head_specialisation import (
     KINDS,
     PROBE_PERIODS,
     VOCAB,
