@@ -892,10 +892,10 @@ class DocReader(nn.Module):
         """``encoder`` on the pages ``rows`` (all when None); the other pages' tokens are zeros ``[B P, N, d]``."""
         if rows is None:
             return encoder(*inputs)
-        out = inputs[0].new_zeros(*shape, self.config.d_model, dtype=self.head.weight.dtype)
-        if rows.numel():
-            out = out.index_put((rows,), encoder(*(t[rows] for t in inputs)))
-        return out
+        if not rows.numel():
+            return inputs[0].new_zeros(*shape, self.config.d_model, dtype=self.head.weight.dtype)
+        encoded = encoder(*(t[rows] for t in inputs))  # its dtype: the model's, or autocast's
+        return encoded.new_zeros(*shape, self.config.d_model).index_put((rows,), encoded)
 
     # -- the whole reader -------------------------------------------------------------------------------------------
     def forward(self, batch: DocBatch) -> Tensor:

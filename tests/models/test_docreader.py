@@ -141,6 +141,19 @@ def test_checkpointing_gives_the_same_loss_and_gradients(tokenizer):
     torch.testing.assert_close(results[0], results[1])
 
 
+def test_bf16_autocast_runs_every_stage(tokenizer):
+    """Mixed precision (archlab train's bf16): every stage runs under autocast, the loss stays near fp32's."""
+    c = config()
+    m = model(c).train()
+    batch = collate(documents(c), c, tokenizer)._asdict()
+    full = m.compute_loss(batch)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = m.compute_loss(batch)[0]
+    mixed.backward()
+    assert abs(float(mixed) - float(full)) < 0.05
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
+
+
 # -- each stage against its equation, float64 -------------------------------------------------------------------
 
 
