@@ -32,7 +32,9 @@ DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"  # a name of archlab.interop.pretra
 CHAT_MODELS = tuple(PRETRAINED)  # the names load_chat_model knows besides paths
 
 
-def load_chat_model(spec: str | Path = DEFAULT_CHAT_MODEL, *, use_cache: bool = True, quantize: str | None = None):
+def load_chat_model(
+    spec: str | Path = DEFAULT_CHAT_MODEL, *, use_cache: bool = True, quantize: str | None = None, precision: str = "auto"
+):
     """``(model, tokenizer)`` for chatting: a named model, a ``.gguf`` file, or a Hugging Face / archlab model or
     run folder (:func:`archlab.interop.pretrained.locate_pretrained`).
 
@@ -41,18 +43,24 @@ def load_chat_model(spec: str | Path = DEFAULT_CHAT_MODEL, *, use_cache: bool = 
     ``quantize="int8" | "int4"``: weight-only quantized linear layers (:func:`archlab.quant.quantize`, its defaults;
     the report in ``model.quant_report``). The float weights are quantized, except with ``use_cache=False``, where a
     GGUF file's Q4_0/Q4_1 blocks become the int4 layers as they are (:func:`archlab.interop.gguf.load_gguf`).
+    ``precision`` (float weights only; :mod:`archlab.precision`): ``auto`` converts float32 weights to bf16 where the
+    CPU computes bf16 natively and keeps float32 where it would be emulated; ``fp32`` / ``bf16`` as asked. The
+    choice and its reason are printed once (stderr).
     """
+    from archlab.precision import choose_precision
     from archlab.quant import MODES, quantize as quantize_layers
     from archlab.train.run import open_run
 
     if quantize is not None and quantize not in MODES:
         raise ConfigError(f"quantize={quantize!r} must be one of {MODES} or None (float weights)")
+    choose_precision(precision)  # a bad value is refused before anything is read
     path = locate_pretrained(spec, "--model")
     if path.is_file() and not use_cache:
         from archlab.interop.gguf import GGUFFile, gguf_tokenizer, load_gguf
 
         file = GGUFFile(path)
-        return load_gguf(file, quantize=quantize), _with_template(gguf_tokenizer(file), path)
+        model = load_gguf(file, quantize=quantize)
+        return _in_precision(model, precision, quantize), _with_template(gguf_tokenizer(file), path)
     opened = open_run(archlab_folder(path))
     if opened.tokenizer is None:
         raise CheckpointError(f"{path}: no tokenizer.json beside the model; chat needs the model's tokenizer")
@@ -61,7 +69,21 @@ def load_chat_model(spec: str | Path = DEFAULT_CHAT_MODEL, *, use_cache: bool = 
     tokenizer = _with_template(opened.tokenizer, path)
     if quantize is not None:
         quantize_layers(opened.model, quantize)
-    return opened.model.eval(), tokenizer
+    return _in_precision(opened.model, precision, quantize).eval(), tokenizer
+
+
+def _in_precision(model: nn.Module, precision: str, quantize: str | None) -> nn.Module:
+    """The float weights of ``model`` in the precision :func:`archlab.precision.choose_precision` picks (said once)."""
+    from archlab.precision import announce, choose_precision
+
+    if quantize is not None:  # the quantized layers compute in their own dtype (archlab.quant)
+        return model
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    choice = choose_precision(precision, "cpu", weights)
+    if choice.dtype is not None and choice.dtype != weights:
+        model.to(choice.dtype)
+    announce(choice.line("inference"))
+    return model
 
 
 def _with_template(tokenizer, source: Path):

@@ -435,6 +435,9 @@ def add_quantize_option(parser: argparse.ArgumentParser, prefix: str = "") -> No
     parser.add_argument("--quantize", choices=MODES,
                         help=f"{prefix}quantized linear layers (archlab.quant): weight-only int8 per output channel "
                              "or int4 in groups of 32 (head int8), or int8-dynamic (int8 weights and activations)")  # fmt: skip
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help=f"{prefix}float weights in bf16 where the CPU computes bf16 natively (auto, the default), "
+                             "else fp32; or as asked (archlab.precision)")  # fmt: skip
 
 
 def add_speculative_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -454,11 +457,11 @@ def speculative_options(args: argparse.Namespace) -> dict[str, object]:
     return {"speculative": args.speculative, "draft_tokens": args.draft_tokens}
 
 
-def load_chat_model_noted(spec: str, quantize: str | None):
+def load_chat_model_noted(spec: str, quantize: str | None, precision: str = "auto"):
     """:func:`archlab.chat.load_chat_model`; with ``quantize``, the report's summary line on stderr."""
     from archlab.chat import load_chat_model
 
-    model, tokenizer = load_chat_model(spec, quantize=quantize)
+    model, tokenizer = load_chat_model(spec, quantize=quantize, precision=precision)
     if quantize is not None:
         print(f"archlab: {str(model.quant_report).splitlines()[-1]}", file=sys.stderr, flush=True)
     return model, tokenizer
@@ -493,7 +496,7 @@ def _answer_once(args: argparse.Namespace) -> int:
     if args.beam is not None or args.greedy and args.temperature is not None:
         raise ConfigError("--model decodes greedily, or samples with --temperature (no --beam, not both)")
     check_at_least_one("--max-new-tokens", args.max_new_tokens)
-    model, tokenizer = load_chat_model_noted(args.model, args.quantize)
+    model, tokenizer = load_chat_model_noted(args.model, args.quantize, args.precision)
     chat = Chat(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, **speculative_options(args))  # fmt: skip
     reply = chat.reply(args.prompt)
@@ -665,7 +668,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty() and not args.json
     if interactive:
         print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    model, tokenizer = load_chat_model_noted(args.model, args.quantize)
+    model, tokenizer = load_chat_model_noted(args.model, args.quantize, args.precision)
     chat = Chat(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, **speculative)  # fmt: skip
     if interactive:

@@ -14,6 +14,11 @@ for the next call (:func:`release_workspace` frees it). With label smoothing ``e
 
 Rows whose target is ``ignore_index`` contribute neither loss nor gradient. It equals
 ``F.cross_entropy(h @ W.T, y, ignore_index=, label_smoothing=eps)`` (tested in float64 to 1e-12).
+
+bf16 (``h`` and ``W`` both bf16, as in :mod:`archlab.train.mixed`): the three products ``h W^T``, ``dz W``,
+``dz^T h`` run in bf16 (fp32 accumulation inside the kernel); each chunk's logits are widened to fp32 for
+the softmax, the log-sum-exp and the loss, ``dz`` is rounded to bf16 for the two gradient products, and
+``dW`` is summed over the chunks in fp32. The loss is returned in fp32.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from archlab.config import require
 from archlab.errors import ShapeError
 from archlab.nn.inputs import check_class_ids, describe
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # products in this dtype, softmax and sums in fp32
 IGNORE_INDEX = -100  # a target that adds no loss (padding), as in F.cross_entropy
 DEFAULT_CHUNK = 1024  # rows per chunk: 1024 x 50304 fp32 = 206 MB of logits (HF keeps 2 x 412 MB at B=8, T=256)
 
@@ -45,14 +51,14 @@ class _Workspace(threading.local):
 _WORKSPACE = _Workspace()
 
 
-def _logits_buffer(rows: int, vocab: int, like: Tensor) -> Tensor:
-    """An uninitialised ``[rows, vocab]`` tensor of ``like``'s dtype and device."""
+def _logits_buffer(rows: int, vocab: int, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """An uninitialised ``[rows, vocab]`` tensor of ``dtype`` on ``like``'s device."""
     if like.device.type != "cpu":
-        return like.new_empty(rows, vocab)
+        return like.new_empty(rows, vocab, dtype=dtype)
     held = _WORKSPACE.buffer
-    if held is None or held.dtype != like.dtype or held.numel() < rows * vocab:
+    if held is None or held.dtype != dtype or held.numel() < rows * vocab:
         _WORKSPACE.buffer = None  # drop the old one first: the two need not coexist
-        _WORKSPACE.buffer = held = like.new_empty(rows * vocab)
+        _WORKSPACE.buffer = held = like.new_empty(rows * vocab, dtype=dtype)
     return held[: rows * vocab].view(rows, vocab)
 
 
@@ -86,28 +92,43 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, eps: float, chunk: int) -> Tensor:
         n, vocab = h.shape[0], weight.shape[0]
+        low = h.dtype in LOW_PRECISION  # bf16 products, fp32 softmax and sums (module docstring)
+        acc = torch.float32 if low else h.dtype
         valid = targets != ignore_index
         scale = 1.0 / max(int(valid.sum()), 1)
-        row_weight = (valid.to(h.dtype) * scale)[:, None]  # [n, 1]: 1 / n_valid, 0 for ignored rows
+        row_weight = (valid.to(acc) * scale)[:, None]  # [n, 1]: 1 / n_valid, 0 for ignored rows
         safe_targets = torch.where(valid, targets, 0)
-        total = h.new_zeros(())
+        total = h.new_zeros((), dtype=acc)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = None
-        if ctx.needs_input_grad[1]:  # the first chunk writes it
-            grad_w = torch.empty_like(weight) if n else torch.zeros_like(weight)
-        logits = _logits_buffer(min(chunk, n), vocab, h)
+        if ctx.needs_input_grad[1]:  # the first chunk writes it (bf16: an fp32 sum over the chunks)
+            grad_w = torch.empty_like(weight, dtype=acc) if n else torch.zeros_like(weight, dtype=acc)
+        logits = _logits_buffer(min(chunk, n), vocab, h, acc)
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
-            z = torch.mm(h[rows], weight.T, out=logits[: rows.stop - start])  # logits [c, V], then dz in place
+            z = logits[: rows.stop - start]  # logits [c, V], then dz in place
+            if low:
+                z.copy_(torch.mm(h[rows], weight.T))
+            else:
+                torch.mm(h[rows], weight.T, out=z)
             loss = _softmax_rows(z, safe_targets[rows], eps)
             total = total + (loss * valid[rows]).sum()
             w = row_weight[rows]  # the mean's weights scale the small [c, d] factors, not dz
+            dz = z.to(h.dtype) if low else z
             if grad_h is not None:
-                torch.mm(z, weight, out=grad_h[rows]).mul_(w)
-            if grad_w is not None and start == 0:
+                torch.mm(dz, weight, out=grad_h[rows]).mul_(w)
+            if grad_w is not None and low:
+                part = torch.mm(dz.T, (h[rows] * w).to(h.dtype))  # [V, d] bf16 product, added up in fp32
+                if start == 0:
+                    grad_w.copy_(part)
+                else:
+                    grad_w.add_(part)
+            elif grad_w is not None and start == 0:
                 torch.mm(z.T, h[rows] * w, out=grad_w)
             elif grad_w is not None:
                 grad_w.addmm_(z.T, h[rows] * w)
+        if grad_w is not None and low:
+            grad_w = grad_w.to(weight.dtype)
         # kept as attributes, not saved tensors, so backward can hand them over without a copy
         ctx.grads = (grad_h, grad_w)
         return total * scale
@@ -155,7 +176,8 @@ def linear_cross_entropy(
     require(chunk_size > 0, f"chunk_size={chunk_size!r} must be > 0")
     check_class_ids("targets", targets, weight.shape[0], ignore_index=ignore_index)
     flat_t = targets.reshape(-1)
-    # under autocast (bf16 hidden states, float32 weights) the loss runs in the wider dtype, autocast off
+    # under autocast (bf16 hidden states, float32 weights) the loss runs in the wider dtype, autocast off;
+    # bf16 hidden states and bf16 weights (archlab.train.mixed) take the bf16 path of the module docstring
     dtype = torch.promote_types(hidden.dtype, weight.dtype)
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(

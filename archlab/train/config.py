@@ -19,7 +19,7 @@ from archlab.models.registry import TASKS
 SCHEDULES = ("cosine", "constant", "noam")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-PARALLEL = ("ddp", "fsdp")
+PARALLEL = ("ddp", "fsdp", "tp")
 
 #: What the learning rate is when ``lr=None``: the paper's formula as is for ``noam``, a peak otherwise.
 DEFAULT_LR = {"noam": 1.0, "cosine": 2e-3, "constant": 2e-3}
@@ -64,14 +64,18 @@ class TrainConfig(Config):
         keep_last: checkpoints kept on disk (older ones are deleted).
         log_every: a JSONL line of training metrics every k steps.
         seed: seeds Python, NumPy and torch at the start of a run (rank r uses ``seed + r``).
-        precision: ``auto`` = bf16 autocast on a GPU that has it, fp32 elsewhere (on a CPU bf16 is
-            emulated, hence slower); ``fp32``; ``bf16`` = autocast bf16 wherever asked.
+        precision: ``auto`` = bf16 where the device computes it natively (a CPU with AMX or AVX512-BF16, a
+            GPU with bf16), fp32 where it would be emulated (:mod:`archlab.precision`); ``fp32``; ``bf16``
+            wherever asked. bf16 keeps fp32 master weights and AdamW state and casts the weights once per step
+            (:mod:`archlab.train.mixed`).
         compile: run the forward through ``torch.compile``.
         grad_checkpointing: recompute each block's activations in the backward pass (see
             ``archlab.train.blocks``); saves memory, costs one more forward.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``.
-        parallel: under ``torchrun`` with several processes, ``ddp`` (replicated weights) or ``fsdp``
-            (FSDP2 ``fully_shard``: weights, gradients and optimiser state sharded).
+        parallel: under ``torchrun`` with several processes, ``ddp`` (replicated weights), ``fsdp``
+            (FSDP2 ``fully_shard``: weights, gradients and optimiser state sharded) or ``tp`` (tensor parallelism
+            of a decoder-only LM, :mod:`archlab.parallel`: each rank holds ``1/N`` of every block's heads and FFN
+            units; the world size must divide ``n_heads``, ``n_kv_heads`` and ``d_ff``).
         lora: train LoRA adapters on these layers instead of every weight (:func:`archlab.nn.lora.apply_lora`'s
             targets: globs over module names, ``GLOB:BLOCK`` row blocks of a fused projection, or the family's
             names, e.g. ``["q", "v"]`` for a Llama); ``()`` trains every parameter.

@@ -8,6 +8,9 @@ group (``nccl`` on GPUs, ``gloo`` on CPUs). Without them everything here is a no
 * ``fsdp``: FSDP2, ``torch.distributed.fsdp.fully_shard`` on each block (``archlab.train.blocks``) and
   on the root: parameters, gradients and Adam's moments are sharded across ranks, gathered per block
   for its forward and backward.
+* ``tp``: tensor parallelism (:func:`archlab.parallel.tensor_parallel`, decoder-only LMs): every rank holds
+  ``1/N`` of each block's attention heads and FFN units and sees the whole batch (no data parallelism:
+  :func:`data_parallel_env` is one process).
 
 Each rank reads its own shard of the data (the batch source's ``rank`` / ``world_size``); the global
 batch is the union of the ranks' micro-batches. Only rank 0 writes checkpoints and logs. Model and
@@ -78,6 +81,12 @@ def detect() -> DistEnv:
     return env
 
 
+def data_parallel_env(env: DistEnv, parallel: str) -> DistEnv:
+    """The ranks that split the data: all of them under ``ddp`` / ``fsdp``; under ``tp`` one (every rank reads
+    the whole batch, seeds alike, and no loss or count is summed over the ranks)."""
+    return DistEnv() if parallel == "tp" else env
+
+
 def init_distributed(device: str = "auto") -> DistEnv:
     """Join the process group torchrun prepared (once): ``nccl`` when ``device`` (``auto | cpu | cuda``)
     resolves to CUDA, ``gloo`` otherwise. Call it before building the batch source, to shard it by rank."""
@@ -144,6 +153,14 @@ def wrap(
 
         device_ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused)
+    if parallel == "tp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from archlab.parallel import tensor_parallel
+
+        if method is not None:
+            raise ConfigError(f"parallel='tp' shards decoder-only LMs trained on task 'lm'; this task calls model.{method}")
+        return tensor_parallel(model, init_device_mesh(device.type, (env.world_size,)))
     if parallel == "fsdp":
         _fully_shard(model, env)  # in place: `module` holds the sharded model
         if method is not None:
@@ -156,7 +173,7 @@ def wrap(
             root = type(model).__name__
             warnings.filterwarnings("ignore", rf"FSDP2-wrapped module \({root}\) returned a view tensor", UserWarning)
         return module
-    raise ConfigError(f"parallel={parallel!r} must be 'ddp' or 'fsdp'")
+    raise ConfigError(f"parallel={parallel!r} must be 'ddp', 'fsdp' or 'tp'")
 
 
 def _fully_shard(model: nn.Module, env: DistEnv) -> None:
@@ -226,6 +243,25 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
+def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float, *, tensor_parallel: bool = False) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` (global L2 norm, returned before clipping). ``tensor_parallel``: some
+    gradients are sharded DTensors beside whole tensors (which torch's foreach norm refuses to mix): a DTensor's
+    squared norm is summed over its shards, a whole (replicated, the same on every rank) gradient counts once."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not tensor_parallel:
+        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    squares = [g.detach().pow(2).sum() if not isinstance(g, DTensor) else g.detach().pow(2).sum().full_tensor()
+               for g in grads]  # fmt: skip
+    norm = torch.stack([s.double() for s in squares]).sum().sqrt()
+    scale = max_norm / (float(norm) + 1e-6)
+    if scale < 1.0:
+        for g in grads:
+            g.detach().mul_(scale)
+    return float(norm)
+
+
 # -- full state dicts (whatever the wrapping) ---------------------------------------------------------------
 
 
@@ -233,19 +269,40 @@ def _options(env: DistEnv, **kw) -> StateDictOptions:
     return StateDictOptions(full_state_dict=True, cpu_offload=env.distributed, **kw)
 
 
+def _rows(model: nn.Module, state: dict[str, Tensor], forward: bool) -> dict[str, Tensor]:
+    """A tensor-parallel model's fused rows (:mod:`archlab.parallel`) put back in place (``forward=False``) or
+    regrouped by rank (``forward=True``) in a full state dict; other models' dicts are returned as they are."""
+    from archlab.parallel import LAYOUT_ATTRIBUTE, regroup_rows, restore_rows
+
+    layout = getattr(model, LAYOUT_ATTRIBUTE, None)
+    if not layout:
+        return state
+    move = regroup_rows if forward else restore_rows
+    return {name: move(name, t, layout) if isinstance(t, Tensor) else t for name, t in state.items()}
+
+
 def full_model_state(model: nn.Module, env: DistEnv) -> dict[str, Tensor]:
     """The whole model's state dict by parameter name (on rank 0; ``{}`` on the others when distributed)."""
-    return get_model_state_dict(model, options=_options(env))
+    return _rows(model, get_model_state_dict(model, options=_options(env)), forward=False)
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict[str, Any]:
     """The optimiser's state dict keyed by parameter name (on rank 0; ``{}`` on the others when distributed)."""
-    return get_optimizer_state_dict(model, optimizer, options=_options(env))
+    state = get_optimizer_state_dict(model, optimizer, options=_options(env))
+    return _optimizer_rows(model, state, forward=False)
+
+
+def _optimizer_rows(model: nn.Module, state: dict[str, Any], forward: bool) -> dict[str, Any]:
+    """:func:`_rows` on each parameter's optimiser state (Adam's moments; the 0-dim ``step`` is left alone)."""
+    if "state" not in state:
+        return state
+    moved = {name: {k: _rows(model, {name: v}, forward)[name] for k, v in s.items()} for name, s in state["state"].items()}
+    return {**state, "state": moved}
 
 
 def load_full_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Load a full state dict (every rank passes the whole of it); FSDP keeps each rank's shard."""
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    """Load a full state dict (every rank passes the whole of it); FSDP and TP keep each rank's shard."""
+    set_model_state_dict(model, _rows(model, state, forward=True), options=StateDictOptions(full_state_dict=True))
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -253,6 +310,7 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     scalar mix while its biLM trains) comes back without state, as AdamW left it: ``strict=False`` lets it
     be absent, and the zero state torch first gives every parameter (a step with zero gradients, ``step``
     counted) is removed again."""
+    state = _optimizer_rows(model, state, forward=True)
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
     for name, param in model.named_parameters():
         if name not in state["state"]:

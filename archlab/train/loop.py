@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from archlab.errors import CheckpointError, ConfigError, DataError, TrainingError
 from archlab.interop.io import WEIGHTS_FILE, check_state_dict
+from archlab.precision import choose_precision
 from archlab.train import distributed as D
 from archlab.train.blocks import enable_gradient_checkpointing
 from archlab.train.checkpoint import (
@@ -59,6 +60,7 @@ from archlab.train.checkpoint import (
 )
 from archlab.train.config import TRAJECTORY_FIELDS, TrainConfig
 from archlab.train.logs import RunLog
+from archlab.train.mixed import compute_weights
 from archlab.train.optim import build_optimizer
 from archlab.train.schedules import build_schedule, build_scheduler
 from archlab.train.tasks import Batch, get_task, summarize, task_loss
@@ -95,15 +97,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``, or None for plain fp32."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
 
 
 def _tied_names(model: nn.Module) -> list[list[str]]:
@@ -147,11 +140,17 @@ class Trainer:
         self.config = c = config
         self.task = get_task(resolve_task(model, c.task))
         self.env = D.init_distributed(c.device)
+        self.dp = D.data_parallel_env(self.env, c.parallel)  # the ranks that split the data (all but under tp)
         self.device = D.device_for(c.device, self.env)
         self.train_batches, self.eval_batches, self.extra_metrics = train_batches, eval_batches, extra_metrics
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.unigram_loss = unigram_loss
-        self.autocast = autocast_dtype(c.precision, self.device)
+        weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        self.precision = choose_precision(c.precision, self.device, weights)  # see archlab.precision
+        # bf16: fp32 master weights cast once per step (archlab.train.mixed), an autocast region around the
+        # forward for ops that meet fp32 buffers; under FSDP (sharded parameters) autocast alone
+        self.autocast = torch.bfloat16 if self.precision.bf16 else None
+        self.cast_once = self.precision.bf16 and not (self.env.distributed and c.parallel == "fsdp")
 
         # the model: unwrapped (`model`, what checkpoints hold), wrapped (`module`), compiled (`forward`)
         self.model = model.to(self.device)
@@ -189,7 +188,7 @@ class Trainer:
         stop = c.steps if until is None else min(until, c.steps)
         resumed = self._resume(resume) if resume else False
         if not resumed and self.step == 0:  # (a second fit() on this Trainer simply goes on)
-            seed_everything(c.seed + self.env.rank)
+            seed_everything(c.seed + self.dp.rank)
         self.log = RunLog(
             self.out_dir, enabled=self.env.is_main, total=c.steps, initial=self.step,
             progress=c.progress, tensorboard=c.tensorboard, unigram_loss=self.unigram_loss,
@@ -220,39 +219,47 @@ class Trainer:
 
     def _announce(self) -> None:
         c = self.config
-        if c.precision == "auto" and self.autocast is None:
-            why = "on a CPU bf16 is emulated, hence slower" if self.device.type == "cpu" else "this GPU has no bf16"
-            dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
-            self.log.message(f"precision=auto: training in {dtype}, no autocast ({why})")
-        elif self.autocast is not None and self.device.type == "cpu":
-            self.log.message("precision=bf16 on a CPU: autocast to bfloat16 is emulated here and slower than float32")
+        how = ""
+        if self.cast_once:
+            how = "; fp32 master weights and AdamW, weights cast to bf16 once per step"
+        elif self.precision.bf16:
+            how = "; FSDP shards: bf16 autocast per forward, fp32 master weights and AdamW"
+        self.log.message(self.precision.line("training") + how)
         if self.env.distributed:
             self.log.message(f"{c.parallel} on {self.env.world_size} processes ({self.device.type})")
+        if self.env.distributed and c.parallel == "tp":
+            from archlab.parallel import local_parameter_bytes
+
+            mine, blocks = local_parameter_bytes(self.model), local_parameter_bytes(self.model.decoder.blocks)
+            self.log.message(f"tp: rank 0 holds {mine / 2**20:.1f} MiB of parameters, "
+                             f"{blocks / 2**20:.1f} MiB of them in the decoder blocks")  # fmt: skip
 
     # -- one optimiser step ---------------------------------------------------------------------------------
     def train_step(self, stream: Iterator[Batch]) -> dict[str, float]:
         """Take ``grad_accum`` micro-batches from ``stream`` and make one optimiser step; returns its metrics."""
-        c, env = self.config, self.env
+        c, env = self.config, self.dp
         started = time.perf_counter()
         micro = [next(stream) for _ in range(c.grad_accum)]
         totals = self._global_counts(micro)
         self.module.train()
         objective = torch.zeros((), dtype=torch.float64, device=self.device)
         stats: dict[str, Tensor] = {}
-        for i, batch in enumerate(micro):
-            batch = self._to_device(batch)
-            with D.no_sync(self.module, env, sync=i == len(micro) - 1):
-                with self._autocast():
-                    terms, batch_stats = self.task.run(self.forward, batch, c.label_smoothing)
-                loss = task_loss(terms, totals)
-                (loss * env.world_size).backward()  # DDP / FSDP average gradients over ranks; we want their sum
-            objective += loss.detach().double()
-            _add(stats, batch_stats)
+        with self._weights():
+            for i, batch in enumerate(micro):
+                batch = self._to_device(batch)
+                with D.no_sync(self.module, env, sync=i == len(micro) - 1):
+                    with self._autocast():
+                        terms, batch_stats = self.task.run(self.forward, batch, c.label_smoothing)
+                    loss = task_loss(terms, totals)
+                    (loss * env.world_size).backward()  # DDP / FSDP average gradients over ranks; we want their sum
+                objective += loss.detach().double()
+                _add(stats, batch_stats)
         lr = self.optimizer.param_groups[0]["lr"]
         reduced = self._reduce({"loss": objective, **stats})
         if not math.isfinite(reduced["loss"]):
             raise self._diverged(f"the loss is {reduced['loss']}", lr)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip or math.inf))
+        tp = self.env.distributed and c.parallel == "tp"
+        grad_norm = D.clip_grad_norm(list(self.model.parameters()), c.clip or math.inf, tensor_parallel=tp)
         if not math.isfinite(grad_norm):
             raise self._diverged(f"the gradient norm is {grad_norm}", lr)
         self.optimizer.step()
@@ -277,14 +284,14 @@ class Trainer:
                 local[term] = local.get(term, 0) + n
         names = sorted(local)
         counts = torch.tensor([float(local[n]) for n in names], dtype=torch.float64, device=self.device)
-        summed = D.all_reduce_sum(counts, self.env)
+        summed = D.all_reduce_sum(counts, self.dp)
         return {n: int(v) for n, v in zip(names, summed.tolist())}
 
     def _reduce(self, values: dict[str, Tensor]) -> dict[str, float]:
         """Sum each value over the ranks; one collective for all of them."""
         names = sorted(values)
         stacked = torch.stack([values[n].detach().to(self.device, torch.float64).reshape(()) for n in names])
-        return dict(zip(names, D.all_reduce_sum(stacked, self.env).tolist()))
+        return dict(zip(names, D.all_reduce_sum(stacked, self.dp).tolist()))
 
     def _diverged(self, what: str, lr: float) -> TrainingError:
         kept = self.last_checkpoint or (latest_checkpoint(self.out_dir / CHECKPOINTS) if self.out_dir else None)
@@ -294,6 +301,10 @@ class Trainer:
             f"{what} at step {self.step + 1} (lr={lr:.3g}); stopped before the optimizer step and {where}. "
             "Resume from it with a lower lr, a longer warmup or clipping, or check the data."
         )
+
+    def _weights(self):
+        """bf16: the weights cast once for the step's forwards and backwards (:func:`compute_weights`)."""
+        return compute_weights(self.model) if self.cast_once else contextlib.nullcontext()
 
     def _autocast(self):
         if self.autocast is None:
@@ -336,7 +347,7 @@ class Trainer:
                 if self.config.eval_batches is not None and i >= self.config.eval_batches:
                     break
                 counts = self.task.counts(batch)
-                with self._autocast():
+                with self._weights(), self._autocast():
                     terms, stats = self.task.run(self.model, self._to_device(batch), self.config.label_smoothing)
                 _add(sums, {f"loss.{t}": v for t, v in terms.items()})
                 _add(sums, {f"count.{t}": torch.tensor(float(n)) for t, n in counts.items()})
@@ -365,12 +376,12 @@ class Trainer:
         model = self._unsharded_model()
         rng_json, rng_tensors = capture_rng()
         data = self.train_batches.state_dict() if hasattr(self.train_batches, "state_dict") else None
-        ranks = D.gather_objects({"data": data, "batches_seen": self.batches_seen, "rng": rng_json}, env)
-        rngs = D.gather_objects(rng_tensors, env)
+        ranks = D.gather_objects({"data": data, "batches_seen": self.batches_seen, "rng": rng_json}, self.dp)
+        rngs = D.gather_objects(rng_tensors, self.dp)
         path = checkpoint_dir(self.out_dir / CHECKPOINTS, self.step)
         if env.is_main:
             state = {
-                "step": self.step, "task": self.task.name, "world_size": env.world_size,
+                "step": self.step, "task": self.task.name, "world_size": self.dp.world_size,
                 "train_config": self.config.to_dict(), "scheduler": self.scheduler.state_dict(), "ranks": ranks,
             }  # fmt: skip
             tensors = {f"rank{r}/{name}": t for r, states in enumerate(rngs) for name, t in states.items()}
@@ -382,7 +393,7 @@ class Trainer:
 
     def _unsharded_model(self) -> nn.Module | None:
         """The model with whole tensors, for rank 0 to write: itself, or (FSDP) a copy built from the full state."""
-        if not (self.env.distributed and self.config.parallel == "fsdp"):
+        if not (self.env.distributed and self.config.parallel in ("fsdp", "tp")):
             return self.model
         state = D.full_model_state(self.model, self.env)  # collective; the tensors land on rank 0
         if not self.env.is_main:
@@ -420,7 +431,7 @@ class Trainer:
         if recast:  # an exact resume copies the weights as they are
             shown = ", ".join(recast[:6]) + (f", ... ({len(recast)} in all)" if len(recast) > 6 else "")
             raise CheckpointError(f"{path / WEIGHTS_FILE} stores tensors in another dtype than the model's: {shown}")
-        mine = ckpt.state["ranks"][self.env.rank]
+        mine = ckpt.state["ranks"][self.dp.rank]
         state_file = path / STATE_FILE
         check_like(self.scheduler.state_dict(), ckpt.state["scheduler"], f"{state_file}: scheduler")
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.state_dict()["param_groups"]]
@@ -428,13 +439,13 @@ class Trainer:
         check_like(groups, stored, f"{state_file}: optimizer.param_groups")  # lr, betas, ... as this run's
         resumes_data = mine["data"] is not None and hasattr(self.train_batches, "load_state_dict")
         if resumes_data:
-            check_like(self.train_batches.state_dict(), mine["data"], f"{state_file}: ranks[{self.env.rank}].data")
+            check_like(self.train_batches.state_dict(), mine["data"], f"{state_file}: ranks[{self.dp.rank}].data")
         D.load_full_model_state(self.model, weights)
         D.load_full_optimizer_state(self.model, self.optimizer, ckpt.optimizer)
         self.scheduler.load_state_dict(ckpt.state["scheduler"])
         if resumes_data:
             self.train_batches.load_state_dict(mine["data"])
-        prefix = f"rank{self.env.rank}/"
+        prefix = f"rank{self.dp.rank}/"
         restore_rng(mine["rng"], {k.removeprefix(prefix): v for k, v in ckpt.rng.items() if k.startswith(prefix)})
         self.step, self.batches_seen, self.last_checkpoint = ckpt.step, mine["batches_seen"], path
         return True
@@ -449,9 +460,9 @@ class Trainer:
                 f"cannot resume {path} exactly: the run changed {'; '.join(changed)}. Resume with the "
                 "checkpoint's values, or start a new run from its weights (archlab.interop.io.load_model)"
             )
-        if state["world_size"] != self.env.world_size:
+        if state["world_size"] != self.dp.world_size:
             raise CheckpointError(
-                f"{path} was written by {state['world_size']} process(es) and this run has {self.env.world_size}; "
+                f"{path} was written by {state['world_size']} process(es) and this run has {self.dp.world_size}; "
                 "resume with the same number of processes (each rank's data position and RNG are in it)"
             )
         if self.config.steps < int(state["step"]):

@@ -339,7 +339,7 @@ def prepare(spec: RunSpec, *, tokenizer: Tokenizer | None = None) -> PreparedRun
         train = train.replace(clip=base.grad_clip)
         notes.append(f"train.clip={base.grad_clip} from the model config's grad_clip (set train.clip to change it)")
 
-    env = D.detect()
+    env = D.data_parallel_env(D.detect(), train.parallel)  # under tp every rank reads the whole batch
     run_data = build_data(
         data, task, base, batch_size=train.micro_batch_size(env.world_size) * env.world_size, tokenizer=tokenizer,
         rank=env.rank, world_size=env.world_size,
