@@ -137,7 +137,8 @@ class DocReaderBudget:
             },
             "recompute_peak": self.recompute_peak, "training_state": self.training_state,
             "activations": self.activations, "activations_checkpointed": self.activations_checkpointed,
-            "kv_cache": self.kv_cache, "kv_cache_flat": self.kv_cache_flat, "kv_cache_flat_card": self.kv_cache_flat_card,
+            "kv_cache": self.kv_cache, "kv_cache_flat": self.kv_cache_flat,
+            "kv_cache_flat_card": self.kv_cache_flat_card,
             "reasoning_tokens": self.reasoning_tokens, "flat_tokens": self.flat_tokens,
             "reasoning_activations": self.reasoning_activations,
             "reasoning_activations_flat": self.reasoning_activations_flat,
@@ -344,13 +345,15 @@ def card_notes(config: DocReaderConfig, model: DocReader, pages: int) -> list[st
             f"tokens per page: {c.max_text_len} text (the card's max_tokens_per_page) + {c.max_table_len} table + "
             f"{c.n_patches + 1} image = {c.page_tokens}, not ~{CARD_TOKENS_PER_PAGE:,} (that would need "
             f"~{CARD_TOKENS_PER_PAGE - c.max_text_len - c.n_patches - 1:,} table tokens per page); compressing to "
-            f"{c.n_latents} latents is then {c.page_tokens / c.n_latents:.0f}x, not {CARD_TOKENS_PER_PAGE / c.n_latents:.1f}x"
+            f"{c.n_latents} latents is then {c.page_tokens / c.n_latents:.0f}x, not "
+            f"{CARD_TOKENS_PER_PAGE / c.n_latents:.1f}x"
         )
     for name, card_gb in (("text", 2), ("image", 1)):
         n = sum(p.numel() for p in getattr(model, name).parameters())
         notes.append(
             f"frozen {name} encoder ~{card_gb} GB: its {n / 1e6:.0f}M parameters are {format_bytes(n * 4)} in fp32, "
-            f"{format_bytes(n * 2)} in bf16; the card's figure is the fp32 one, though it lists bf16 among its strategies"
+            f"{format_bytes(n * 2)} in bf16; the card's figure is the fp32 one, though it lists bf16 among its "
+            "strategies"
         )
     page_scores = score_matrix_bytes(c.page_tokens, heads=c.text_n_heads, dtype="bf16")
     notes.append(
@@ -372,6 +375,7 @@ def format_budget(budget: DocReaderBudget) -> str:
     unit, scale = ("GB", 1e9) if b.total() >= 1e9 else ("MB", 1e6)
     num = lambda n: f"{n / scale:.2f}"  # noqa: E731
     card = lambda key: "-" if CARD_GB[key] is None else f"{CARD_GB[key]:g}"  # noqa: E731
+    scores = lambda n: score_matrix_bytes(n, heads=c.n_heads, batch=b.batch, dtype="bf16")  # noqa: E731
     lines = [
         f"memory budget of the document reader: {b.pages} pages of {b.tokens_per_page} tokens, batch {b.batch}, bf16 "
         "(archlab.analysis.docreader_budget; the model built and run on the meta device)",
@@ -381,7 +385,8 @@ def format_budget(budget: DocReaderBudget) -> str:
     for comp in b.components:
         name = comp.name + (" (frozen)" if comp.frozen else "")
         lines.append(
-            f"{name:<24}{comp.params / 1e6:>8.1f}M{num(comp.weight_bytes('fp32')):>9}{num(comp.weight_bytes('bf16')):>9}"
+            f"{name:<24}{comp.params / 1e6:>8.1f}M"
+            f"{num(comp.weight_bytes('fp32')):>9}{num(comp.weight_bytes('bf16')):>9}"
             f"{num(comp.training_bytes):>9}{num(comp.activations):>9}{num(comp.activations_checkpointed):>9}"
             f"{card(comp.name):>9}"
         )
@@ -414,8 +419,7 @@ def format_budget(budget: DocReaderBudget) -> str:
         f"{format_bytes(b.kv_cache_flat_card)} ({b.kv_cache_flat_card / b.kv_cache:.1f}x)",
         f"  activations  {format_bytes(b.reasoning_activations)} vs {format_bytes(b.reasoning_activations_flat)} "
         f"({b.reasoning_activations_flat / b.reasoning_activations:.1f}x, measured)",
-        f"  scores       {format_bytes(score_matrix_bytes(b.reasoning_tokens, heads=c.n_heads, batch=b.batch, dtype='bf16'))}"
-        f" vs {format_bytes(score_matrix_bytes(b.flat_tokens, heads=c.n_heads, batch=b.batch, dtype='bf16'))} per "
+        f"  scores       {format_bytes(scores(b.reasoning_tokens))} vs {format_bytes(scores(b.flat_tokens))} per "
         "layer if stored densely (flash attention stores neither)",
         "",
         "where the card's arithmetic is off:",

@@ -6,7 +6,7 @@ The card's pipeline, and where each step lives here (``B`` documents of ``P`` pa
     per page (independently, B P pages at once):
       text    [CLS] text [SEP]                    -> TextEncoder  (archlab's BERT; RoPE inside)   [B P, N_t, d]
       table   [ROW_0] h1 [SEP] h2 [SEP] [ROW_1] ...-> TableEncoder (BERT + row/column embeddings) [B P, N_c, d]
-      image   [C, H, W]                           -> ImageEncoder (archlab's ViT; patch positions)[B P, 1 + n_patches, d]
+      image   [C, H, W]                           -> ImageEncoder (archlab's ViT, patch positions) [B P, 1 + n_p, d]
       ModalityFusion: each modality's tokens cross-attend the page's other modalities           [B P, N_page, d]
       PerceiverResampler: L learned latents cross-attend the page's tokens, then self-attend   [B P, L, d]
     across pages:
@@ -453,7 +453,8 @@ def collate(docs: Sequence[Document], config: DocReaderConfig, tokenizer: DocRea
 
 def _check_mask(name: str, mask: Tensor, shape: tuple[int, ...]) -> None:
     if not isinstance(mask, Tensor) or tuple(mask.shape) != shape:
-        raise ShapeError(f"{name} must have shape {list(shape)}, got {list(mask.shape) if isinstance(mask, Tensor) else mask}")
+        got = list(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ShapeError(f"{name} must have shape {list(shape)}, got {got}")
     if mask.dtype != torch.bool:
         raise ShapeError(f"{name} must be boolean (True = real), got dtype {mask.dtype}")
 
@@ -461,7 +462,7 @@ def _check_mask(name: str, mask: Tensor, shape: tuple[int, ...]) -> None:
 def check_batch(config: DocReaderConfig, batch: DocBatch) -> None:
     """ShapeError for a batch :class:`DocReader` cannot read (before any computation)."""
     if not isinstance(batch, DocBatch):
-        raise ShapeError(f"DocReader reads a DocBatch (see archlab.models.docreader.collate), got {type(batch).__name__}")
+        raise ShapeError(f"DocReader reads a DocBatch (archlab.models.docreader.collate), got {type(batch).__name__}")
     ids = batch.text_ids
     if not isinstance(ids, Tensor) or ids.ndim != 3:
         raise ShapeError(f"text_ids must be [B, P, N_t], got {list(ids.shape) if isinstance(ids, Tensor) else ids}")
@@ -484,9 +485,8 @@ def check_batch(config: DocReaderConfig, batch: DocBatch) -> None:
     _check_mask("page_mask", batch.page_mask, (b, p))
     _check_mask("image_mask", batch.image_mask, (b, p))
     _check_mask("question_mask", batch.question_mask, tuple(q.shape))
-    for name in ("table_rows", "table_cols"):
-        _check_ids(name, getattr(batch, name), (b, p, n_c), config.max_table_rows if name == "table_rows" else config.max_table_cols,
-                   "max_table_rows" if name == "table_rows" else "max_table_cols")  # fmt: skip
+    for name, limit in (("table_rows", "max_table_rows"), ("table_cols", "max_table_cols")):
+        _check_ids(name, getattr(batch, name), (b, p, n_c), getattr(config, limit), limit)
     for name, t in (("text_ids", ids), ("table_ids", batch.table_ids), ("question_ids", q)):
         _check_ids(name, t, tuple(t.shape), config.vocab_size, "vocab_size")
     image = (config.n_channels, config.image_size, config.image_size)
@@ -712,7 +712,7 @@ class ModalityFusion(nn.Module):
 
 
 class PerceiverLayer(nn.Module):
-    """Latents cross-attend the page's tokens, then self-attend: ``[n, L, d]``, tokens ``[n, N, d]`` -> ``[n, L, d]``."""
+    """Latents cross-attend a page's tokens, then self-attend: ``[n, L, d]``, ``[n, N, d]`` -> ``[n, L, d]``."""
 
     def __init__(self, config: DocReaderConfig):
         super().__init__()
@@ -770,7 +770,8 @@ class PageTransformer(nn.Module):
         self.summary = nn.Parameter(torch.empty(c.n_latents, c.d_model))  # S
         nn.init.normal_(self.summary, std=0.02)
         self.page = nn.Embedding(c.max_pages, c.d_model)  # E_page
-        self.absolute = nn.Embedding(c.max_pages * c.n_latents, c.d_model) if c.page_positions == "learned+page" else None
+        learned = c.page_positions == "learned+page"
+        self.absolute = nn.Embedding(c.max_pages * c.n_latents, c.d_model) if learned else None  # E_abs
         self.encoder = _reader_encoder(c, c.page_layers, c.page_backend())
         self.apply(_init_reader)
         self.checkpointing = c.checkpointing
@@ -969,7 +970,8 @@ class DocReader(nn.Module):
                 raise CheckpointError(f"the BERT has {field}={getattr(theirs, field)} but the reader's text encoder "
                                       f"has {field}={getattr(own, field)}")  # fmt: skip
         if theirs.max_len < own.max_len:
-            raise CheckpointError(f"the BERT's position table has {theirs.max_len} rows; the reader needs {own.max_len}")
+            raise CheckpointError(f"the BERT's position table has {theirs.max_len} rows; the reader needs "
+                                  f"{own.max_len}")  # fmt: skip
         state = {k: v for k, v in bert.state_dict().items() if not k.startswith("pooler.")}
         key = "embeddings.position.embedding.weight"
         state[key] = state[key][: own.max_len]
