@@ -13,7 +13,8 @@ abstract"), in three steps:
    opened for it with :data:`REPLY_OPENING` (``It says "``), which leads a 135M model to quote rather than
    paraphrase. (Tried on two examples, 32 tokens: this prompt quoted verbatim in both; one giving the query first
    and asking "why does this document answer the query" quoted the query or invented a sentence instead.)
-   Decoding is greedy with the KV cache:
+   An explanation is one paragraph: decoding stops at a blank line (:data:`PARAGRAPH_END`). Decoding is greedy with
+   the KV cache:
    :meth:`Explainer.explain` decodes the top results as one batch (:func:`archlab.generation.generate_batch`);
    :meth:`Explainer.stream` decodes one result piece by piece with prompt-lookup speculative decoding
    (:func:`archlab.speculative.speculative_stream`): a quote copies the prompt, so drafts copied from it are
@@ -44,6 +45,8 @@ DEFAULT_ENCODER = "minilm-l6"  # archlab.interop.sentence's name for all-MiniLM-
 MAX_SENTENCES = 64  # sentences of a document considered for evidence (a long text's first ones)
 MAX_EVIDENCE_CHARS = 300  # a longer sentence is cut at a word boundary (still verbatim text of the document)
 REPLY_OPENING = 'It says "'  # the start of every explanation, written into the prompt after the assistant marker
+PARAGRAPH_END = "\n\n"  # an explanation is one paragraph: decoding stops at a blank line (SmolLM2 goes on to
+# repeat the prompt's "Question: ..." after one)
 SYSTEM_PROMPT = "You are a helpful assistant."
 REQUEST = ("Document excerpt:\n{evidence}\n\nQuestion: {query}\nAnswer by quoting the excerpt word for word, in double "
            "quotes, then say in a few words why it answers the question.")  # fmt: skip
@@ -253,6 +256,21 @@ def check_quotes(explanation: str, doc: Any) -> QuoteCheck:
 # ================================================================================================
 
 
+def _stop_tokens(tokenizer: Any) -> list[int]:
+    """The end-of-turn token, and the tokens that are a paragraph break by themselves (``\n\n``, ``\n\n\n``)."""
+    stops = [tokenizer.specials["eos"]]
+    for brk in (PARAGRAPH_END, PARAGRAPH_END + "\n"):
+        ids = tokenizer.encode(brk)
+        if len(ids) == 1 and ids[0] not in stops:
+            stops.append(ids[0])
+    return stops
+
+
+def _paragraph(text: str) -> str:
+    """``text`` up to its first blank line."""
+    return text.split(PARAGRAPH_END, 1)[0]
+
+
 class Explainer:
     """Explanations of search results by a small instruction-tuned decoder (module docstring).
 
@@ -323,7 +341,7 @@ class Explainer:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True) + tokenizer.encode(REPLY_OPENING)
 
     def _finish(self, hit: Any, generated: str) -> None:
-        hit.explanation = REPLY_OPENING + generated.strip()
+        hit.explanation = REPLY_OPENING + _paragraph(generated).strip()
         check = check_quotes(hit.explanation, hit.doc)
         hit.quotes_ok, hit.bad_quotes = check.ok, list(check.bad)
 
@@ -340,10 +358,10 @@ class Explainer:
         self.fill_evidence(query, hits)
         prompts = [self.prompt(query, hit) for hit in hits]
         check_room(model, max(map(len, prompts)), self.max_new_tokens)
-        eos = tokenizer.specials["eos"]
-        outputs = generate_batch(model, prompts, max_new_tokens=self.max_new_tokens, stop_tokens=[eos])
+        stops = _stop_tokens(tokenizer)
+        outputs = generate_batch(model, prompts, max_new_tokens=self.max_new_tokens, stop_tokens=stops)
         for hit, tokens in zip(hits, outputs):
-            self._finish(hit, tokenizer.decode([t for t in tokens if t != eos]))
+            self._finish(hit, tokenizer.decode([t for t in tokens if t not in stops]))
         return hits
 
     def stream(self, query: str, hit: Any, stats: Any = None) -> Iterator[str]:
@@ -358,30 +376,33 @@ class Explainer:
 
         model, tokenizer = self.load()
         ids = self.prompt(query, hit)
-        eos = tokenizer.specials["eos"]
+        stops = _stop_tokens(tokenizer)
         stats = SpeculativeStats() if stats is None else stats
         device = next(model.parameters()).device
         steps = speculative_stream(model, torch.tensor([ids], device=device), max_new_tokens=self.max_new_tokens,
-                                   stop_tokens=[eos], draft="lookup", draft_tokens=self.draft_tokens, stats=stats)  # fmt: skip
-        return self._pieces(hit, steps, tokenizer, eos)
+                                   stop_tokens=stops, draft="lookup", draft_tokens=self.draft_tokens, stats=stats)  # fmt: skip
+        return self._pieces(hit, steps, tokenizer, stops)
 
-    def _pieces(self, hit, steps, tokenizer, eos) -> Iterator[str]:
+    def _pieces(self, hit, steps, tokenizer, stops) -> Iterator[str]:
         yield REPLY_OPENING
         tokens: list[int] = []
         shown = ""
         try:
             for step in steps:
                 token = int(step[0])
-                if token == eos:
+                if token in stops:
                     break
                 tokens.append(token)
                 text = tokenizer.decode(tokens)
                 if text.endswith("\ufffd"):  # a character split over tokens: wait for the rest
                     continue
+                if PARAGRAPH_END in text:  # a break spelled over several tokens ends it too
+                    break
+                text = text.rstrip()  # whitespace waits for what follows it (a blank line ends the explanation)
                 if len(text) > len(shown):
                     yield text[len(shown) :]
                     shown = text
-            text = tokenizer.decode(tokens)
+            text = _paragraph(tokenizer.decode(tokens)).rstrip()
             if len(text) > len(shown):
                 yield text[len(shown) :]
         finally:

@@ -177,6 +177,33 @@ def test_explain_batched_equals_streamed_and_fills_each_hit(tiny_model, monkeypa
     assert [h.explanation for h in again] == [h.explanation for h in batched]
 
 
+class _WordTokenizer:
+    """A stand-in tokenizer: id -> a piece of text; ``\n\n`` is one token (7), ``\n\n\n`` two."""
+
+    specials = {"eos": 2}
+    pieces = {3: "Metformin", 4: " is", 5: '"', 6: "\n", 7: "\n\n", 8: " Question"}
+
+    def encode(self, text):
+        return {"\n\n": [7], "\n\n\n": [7, 6]}[text]
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+
+@pytest.mark.parametrize("tokens", [[3, 4, 5, 7, 8, 8], [3, 4, 5, 6, 6, 8], [3, 4, 5, 2, 8]])
+def test_an_explanation_ends_at_a_blank_line_or_the_end_of_turn(tokens):
+    from archlab.search.explain import _stop_tokens
+
+    tokenizer = _WordTokenizer()
+    stops = _stop_tokens(tokenizer)
+    assert stops == [2, 7]
+    explainer, hit = Explainer(scorer="bm25"), _hits(METFORMIN)[0]
+    steps = (torch.tensor([t]) for t in tokens)
+    pieces = list(explainer._pieces(hit, steps, tokenizer, stops))
+    assert "".join(pieces) == hit.explanation == 'It says "Metformin is"'
+    assert hit.quotes_ok is True
+
+
 def test_explainer_refusals(tiny_model, monkeypatch, tmp_path):
     monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path / "cache"))
     for bad in ({"max_new_tokens": 0}, {"draft_tokens": True}, {"evidence": 0}, {"quantize": "int3"},
