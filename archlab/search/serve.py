@@ -9,7 +9,7 @@ shows as text::
     GET  /api/explain/{search_id}/{rank} -> Server-Sent Events: "piece" {"text"} as tokens are decoded,
                                             then "done" {"explanation", "quotes" (how many), "quotes_ok", "bad_quotes",
                                             "first_token_ms", "speculative"}, or "failed" {"error"}
-    GET  /api/health                     -> {"documents", "explainer"}
+    GET  /api/health                     -> {"documents", "explainer", "explain"}
 
 Each hit carries its evidence sentences (:func:`archlab.search.explain.select_evidence`) and its text cut into
 ``segments`` that mark them (:func:`archlab.search.explain.highlight`); the first ``explain`` hits get an
@@ -23,6 +23,8 @@ that runs the page's own script only.
 
 Searches run one at a time on one worker thread, explanations one token at a time on another (the model is
 shared; streams of several pages take turns token by token), so 50 clients queue rather than fight over 2 cores.
+The page reads an explanation with a streamed ``fetch`` (the SSE format parsed in ``app.js``): an ``EventSource``
+would reconnect, and explain again, when the stream ends.
 """
 
 from __future__ import annotations
