@@ -72,3 +72,19 @@ def test_data_the_reader_cannot_read_is_one_clear_line(capsys, tmp_path, change,
 def test_a_token_window_model_is_refused_documents():
     with pytest.raises(ConfigError, match="its data is stdlib or a .txt/.jsonl/.csv text file, cut into token windows"):
         prepare(RunSpec("elmo-small", data={"source": "documents"}))
+
+
+# -- slow tier: what the tiny reader learns, against its baselines, at the same training budget -----------------
+
+
+@pytest.mark.slow
+def test_the_trained_reader_beats_the_question_only_and_single_page_baselines():
+    """docreader-tiny trained 300 steps of 16 documents (2..4 pages) on the full documents, on the question alone,
+    and on one page of each document; accuracy on 256 held-out test documents."""
+    from archlab.labs.docreader import reader_accuracy
+
+    full = reader_accuracy("hierarchical", "full")
+    question = reader_accuracy("question", "question")
+    single = reader_accuracy("hierarchical", "single")
+    print(f"accuracy: reader {full}, question only {question}, single page {single}")
+    assert full["all"] >= max(question["all"], single["all"]) + 0.10, (full, question, single)
