@@ -1,17 +1,23 @@
-"""What several labs share: a short, seeded GPT training loop, and the test that its models learned enough for
-a lab to decide (no lab is registered here)."""
+"""What several labs share: short, seeded training loops (a GPT on LM windows; any model on one of
+:mod:`archlab.train.tasks`' objectives), greedy decoding of a seq2seq model's validation pairs, and the test that
+the models learned enough for a lab to decide (no lab is registered here)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
 
 import torch
+from torch import nn
 
 from archlab.data import LMWindows
+from archlab.data.loaders import BatchSource
+from archlab.generation import generate
 from archlab.labs.registry import progress_bar
 from archlab.models.gpt import GPT, GPTConfig
 from archlab.train import build_optimizer, build_scheduler
+from archlab.train.losses import IGNORE_INDEX
 from archlab.train.schedules import WarmupCosine
+from archlab.train.tasks import get_task, task_loss
 
 
 def train_gpt(
@@ -49,6 +55,64 @@ def train_gpt(
             if evaluate is not None and step in evaluate_at:
                 scores[step] = evaluate(model)
     return model, scores
+
+
+def train_task(
+    model: nn.Module,
+    task: str,
+    batches: BatchSource,
+    steps: int,
+    *,
+    lr: float,
+    clip: float = 1.0,
+    label_smoothing: float = 0.0,
+    label: str = "model",
+) -> nn.Module:
+    """``model`` trained in place for ``steps`` AdamW steps on ``batches`` with the objective of ``task``
+    (``seq2seq``, ``classification``, ``lm``: :data:`archlab.train.tasks.TASK_OBJECTIVES`, label-smoothed by
+    ``label_smoothing``), 10% warmup then cosine decay, gradients clipped to ``clip``; returned in train mode.
+    Seed the model's initialisation before building it; the batches are seeded by their source."""
+    objective = get_task(task)
+    model.train()
+    optimizer = build_optimizer(model, lr=lr)
+    scheduler = build_scheduler(optimizer, WarmupCosine(steps // 10, steps))
+    with progress_bar(steps, f"training {label}") as bar:
+        for step in range(steps):
+            batch = batches.batch(step)
+            terms, _ = objective.run(model, batch, label_smoothing)
+            loss = task_loss(terms, objective.counts(batch))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            scheduler.step()
+            bar.update()
+    return model
+
+
+@torch.no_grad()
+def greedy_pairs(model: nn.Module, batches: BatchSource) -> list[tuple[list[int], list[int], list[int]]]:
+    """Greedy-decode every validation pair of a :class:`~archlab.data.loaders.Seq2SeqBatches`:
+    ``[(source ids, reference ids, output ids)]``, in order, without padding, BOS or EOS. ``model`` follows the
+    encoder-decoder protocol (``encode``, ``decoder_step``, ``new_cache``: RNNenc, RNNsearch, the Transformer);
+    it decodes at most ``len(reference) + 1`` tokens per batch row, so an over-long output is cut there."""
+    was_training = model.training
+    model.eval()
+    eos = batches.eos_id
+    out = []
+    try:
+        for batch in batches.eval_batches():
+            src, mask, tgt_out = batch["src_ids"], batch["src_mask"], batch["tgt_out"]
+            memory = model.encode(src, mask)
+            ids = generate(model.decoder_step(memory, mask), batch["tgt_in"][:, :1], max_new_tokens=tgt_out.shape[1],
+                           cache=model.new_cache(), stop_tokens=[eos], pad_id=eos)[:, 1:]  # fmt: skip
+            for s, m, t, o in zip(src.tolist(), mask.tolist(), tgt_out.tolist(), ids.tolist()):
+                source = [x for x, keep in zip(s, m) if keep]
+                reference = [x for x in t if x not in (IGNORE_INDEX, eos)]
+                out.append((source, reference, o[: o.index(eos)] if eos in o else o))
+    finally:
+        model.train(was_training)
+    return out
 
 
 #: A language-model lab decides only once its models learned: each held-out loss at least this many nats per
