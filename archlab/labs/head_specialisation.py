@@ -193,7 +193,7 @@ def repeat_loss(model: GPT, probes_by_period: dict[int, Tensor]) -> float:
     "copy heads attending repeated tokens)",
     source="lesson 4 card 2 (What different heads learn; Key insight); deck: multi-head attention",
     tags=("attention", "interpretability"),
-    minutes=1.0,
+    minutes=3.0,
 )
 def run(quick: bool, seed: int) -> LabResult:
     steps, batch_size = (80, 16) if quick else (FULL_STEPS, 32)
@@ -254,7 +254,7 @@ def run(quick: bool, seed: int) -> LabResult:
         ax.bar(x + 0.2, [counts["trained"][k] for k in KINDS], 0.4, label="trained", color="#2a7")
         ax.set_xticks(x, [k.replace("/", "/\n") for k in KINDS], fontsize=7)
         ax.set_ylabel("heads")
-        ax.set_title(f"census of the heads (maps: one probe, period {period})", fontsize=8)
+        ax.set_title(f"census (maps: a probe of period {period})", fontsize=8)
         ax.legend(fontsize=7)
 
     return LabResult(
