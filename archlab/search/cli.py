@@ -159,6 +159,8 @@ def declare_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("qrels", nargs="?", metavar="QRELS", help="qrels .tsv (BEIR: query-id corpus-id score)")
     parser.add_argument("--builtin", action="store_true", help="the built-in evaluation set of the builtin corpus")
     parser.add_argument("--k", type=int, default=100, metavar="K", help="documents retrieved per query (default 100)")
+    parser.add_argument("--mode", choices=("dense", "bm25", "hybrid"), help="first stage (default: hybrid when the "
+                        "index has BM25, else dense)")  # fmt: skip
     _add_rerank_options(parser)
     parser.add_argument("--run", metavar="FILE", help="write the TREC run file here (default INDEX/run.trec)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -174,7 +176,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.k < 1 or args.rerank < 0:
         raise ConfigError(f"--k={args.k} must be >= 1 and --rerank={args.rerank} >= 0")
     evalset = builtin_evalset() if args.builtin else EvalSet(load_queries(args.queries), load_qrels(args.qrels))
-    engine = SearchEngine.open(args.index, reranker=load_reranker(args.index, args.reranker, args.rerank))
+    engine = SearchEngine.open(args.index, reranker=load_reranker(args.index, args.reranker, args.rerank),
+                               mode=args.mode)  # fmt: skip
     report = evaluate_engine(engine, evalset, k=args.k, rerank=args.rerank)
     run_file = Path(args.run) if args.run else Path(args.index) / "run.trec"
     write_trec_run(run_file, report.run, tag="archlab")
@@ -183,8 +186,8 @@ def run_eval(args: argparse.Namespace) -> int:
                           "run": str(run_file)}, indent=2))  # fmt: skip
         return 0
     metrics = "  ".join(f"{name} {value:.4f}" for name, value in report.metrics.items())
-    mode = ("hybrid (dense + BM25, RRF)" if engine.hybrid else "dense") + (f" + re-rank {args.rerank}" if args.rerank
-                                                                           else "")  # fmt: skip
+    mode = {"hybrid": "hybrid (dense + BM25, RRF)"}.get(engine.mode, engine.mode)
+    mode += f" + re-rank {args.rerank}" if args.rerank else ""
     print(f"{report.queries} queries, {mode}: {metrics}  ({report.ms_per_query:.1f} ms/query)")
     print(f"run file: {run_file}")
     return 0

@@ -53,14 +53,15 @@ _PRECISION_CACHE: dict[tuple[str, str], SentenceEncoder] = {}
 def load_encoder(model: str | Path = DEFAULT_MODEL, precision: str = "fp32") -> SentenceEncoder:
     """The sentence encoder for ``model`` with its BERT in ``precision`` (``fp32`` or ``bf16``; cached)."""
     precision = resolve_precision(precision)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     encoder = sentence_encoder(model)
-    if precision == "fp32":
+    if next(encoder.bert.parameters()).dtype == dtype:
         return encoder
     key = (str(encoder.folder), precision)
-    if key not in _PRECISION_CACHE:
+    if key not in _PRECISION_CACHE:  # a copy in the asked precision; the shared cached encoder is left as it is
         bert = type(encoder.bert)(encoder.bert.config)
         bert.load_state_dict(encoder.bert.state_dict())
-        _PRECISION_CACHE[key] = dataclasses.replace(encoder, bert=bert.to(torch.bfloat16).eval())
+        _PRECISION_CACHE[key] = dataclasses.replace(encoder, bert=bert.to(dtype).eval())
     return _PRECISION_CACHE[key]
 
 

@@ -52,6 +52,9 @@ class SearchResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+MODES = ("dense", "bm25", "hybrid")
+
+
 class SearchEngine:
     """A searchable index folder (see :mod:`archlab.search.index` for its layout).
 
@@ -61,7 +64,7 @@ class SearchEngine:
     """
 
     def __init__(self, index_dir: Path, manifest: dict, docs: list[Document], faiss_index, encoder, bm25=None, *,
-                 reranker=None, explainer=None):  # fmt: skip
+                 reranker=None, explainer=None, mode: str | None = None):  # fmt: skip
         self.index_dir = Path(index_dir)
         self.manifest = manifest
         self.docs = docs
@@ -75,11 +78,19 @@ class SearchEngine:
         self._counter.no_truncation()
         self._counter.no_padding()
         self._warned_long = False
+        self.mode = mode or ("hybrid" if bm25 is not None else "dense")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r} is not one of {MODES}")
+        if self.mode != "dense" and bm25 is None:
+            raise ConfigError(f"mode={self.mode!r} needs BM25: build the index with --hybrid")
 
     @classmethod
-    def open(cls, index_dir: str | Path, *, reranker=None, explainer=None, model: str | Path | None = None
-             ) -> SearchEngine:  # fmt: skip
-        """Open ``index_dir``; ``model`` (default: the one the manifest names) must be the encoder it was built with."""
+    def open(cls, index_dir: str | Path, *, reranker=None, explainer=None, model: str | Path | None = None,
+             mode: str | None = None) -> SearchEngine:  # fmt: skip
+        """Open ``index_dir``; ``model`` (default: the one the manifest names) must be the encoder it was built with.
+
+        ``mode``: ``dense``, ``bm25`` or ``hybrid`` first stage (default: hybrid when the index has BM25).
+        """
         from archlab.search import encode, index
 
         index_dir = Path(index_dir)
@@ -108,11 +119,12 @@ class SearchEngine:
                 raise CheckpointError(f"{index_dir / index.BM25_DIR} holds {bm25.num_docs} documents, the manifest "
                                       f"says {count}")  # fmt: skip
         docs = index.read_docs(index_dir / index.DOCS, count)
-        return cls(index_dir, manifest, docs, faiss_index, encoder, bm25, reranker=reranker, explainer=explainer)
+        return cls(index_dir, manifest, docs, faiss_index, encoder, bm25, reranker=reranker, explainer=explainer,
+                   mode=mode)
 
     @property
     def hybrid(self) -> bool:
-        return self.bm25 is not None
+        return self.mode == "hybrid"
 
     def check_query(self, query: str) -> str:
         """The query, checked: a non-empty string; one longer than the encoder's limit is truncated (said once)."""
@@ -138,6 +150,11 @@ class SearchEngine:
     def _retrieve(self, query: str, k: int, timings: dict[str, float]) -> list[Hit]:
         check_positive("k", k)
         query = self.check_query(query)
+        if self.mode == "bm25":
+            t = time.perf_counter()
+            rows, scores = self.bm25.search(query, k)
+            timings["bm25"] = _ms(t)
+            return [Hit(self.docs[r], i, float(s), {"bm25": float(s)}) for i, (r, s) in enumerate(zip(rows, scores, strict=True), 1)]
         t = time.perf_counter()
         vector = self.embed_queries([query])
         timings["encode"] = _ms(t)
@@ -145,7 +162,7 @@ class SearchEngine:
         scores, rows = self.dense_search(vector, k)
         timings["ann"] = _ms(t)
         dense = {int(r): float(s) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0}
-        if self.bm25 is None:
+        if self.mode == "dense":
             return [Hit(self.docs[r], i, s, {"dense": s}) for i, (r, s) in enumerate(dense.items(), 1)]
         t = time.perf_counter()
         bm25_rows, bm25_scores = self.bm25.search(query, k)

