@@ -61,10 +61,10 @@ def setup(threads: int, keep_memory: bool = False) -> str:
     return f"torch {torch.__version__}, {threads} threads, {describe_cpu()}, {memory}"
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """The best fp32 FLOP/s of an ``n x n @ n x n`` matmul on this machine (the ceiling a model can reach)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
+def matmul_peak(n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """The best FLOP/s of an ``n x n @ n x n`` matmul in ``dtype`` on this machine (the ceiling a model can reach)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
     torch.mm(a, b, out=out)  # warm-up
     best = float("inf")
     for _ in range(repeats):
