@@ -4,7 +4,9 @@
   positions): :func:`archlab.parallel.tensor_parallel`, then logits and the gradients of the fused loss; rank 0
   writes them whole, in the one-process layout, with each rank's parameter bytes, to ``OUT/<preset>.pt``.
 * ``Trainer`` with ``parallel="tp"``: llama-tiny 2 steps with a checkpoint, then resumed in a fresh Trainer to
-  4 steps (``OUT/run``). The test compares everything with one process."""
+  4 steps (``OUT/run``).
+* bf16 (float32 llama-tiny, weights cast once per step) under ``tp`` and under ``ddp``: 3 steps' losses to
+  ``OUT/bf16.pt``. The test compares everything with one process."""
 
 import sys
 from pathlib import Path
@@ -41,6 +43,22 @@ def source():
     return LMSource(batch_size=4, seq_len=12, ragged=True)
 
 
+BF16 = dict(steps=3, batch_size=4, precision="bf16", warmup=0, eval_every=0, ckpt_every=0, progress=False,
+            tensorboard=False)  # fmt: skip
+
+
+def bf16_model():
+    torch.manual_seed(0)
+    return build_model("llama-tiny")
+
+
+def bf16_source(rank=0, world_size=1, parallel="ddp"):
+    """Under tp every rank reads the whole batch; under ddp its share."""
+    if parallel == "tp":
+        rank, world_size = 0, 1
+    return LMSource(batch_size=4, seq_len=16, rank=rank, world_size=world_size)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     out = Path(sys.argv[1])
@@ -64,4 +82,12 @@ if __name__ == "__main__":
     torch.manual_seed(1234 + env.rank)  # other RNG states and weights: the resume must restore them
     result = Trainer(model("llama-tiny", seed=99), config, source(), out_dir=out / "run").fit(resume=True)
     assert result.step == 4
+
+    losses = {}
+    for parallel in ("tp", "ddp"):
+        trainer = Trainer(bf16_model(), TrainConfig(parallel=parallel, **BF16), bf16_source(env.rank, env.world_size, parallel))
+        stream = trainer._stream()
+        losses[parallel] = [trainer.train_step(stream)["loss"] for _ in range(BF16["steps"])]
+    if env.is_main:
+        torch.save(losses, out / "bf16.pt")
     dist.destroy_process_group()
