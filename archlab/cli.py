@@ -16,6 +16,7 @@ exit code 2, like argparse's own usage errors.
     archlab lab [list | NAME... | all] [--quick] [--seed S] [--out DIR] [--json]
     archlab attention RUN_DIR|PRESET|MODEL --text TEXT [--image I] [--layer L] [--head H] [--out DIR] [--json]
     archlab report [--labs DIR] [--out DIR]
+    archlab search index|query|eval|adapt|serve ...   (archlab/search/cli.py)
 
 A run (train, generate, eval) is described in :mod:`archlab.train.run`.
 """
