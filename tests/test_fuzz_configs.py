@@ -99,7 +99,7 @@ def batch_for(family: str, config) -> dict[str, torch.Tensor]:
     if task == "lm":
         return {"input_ids": ids(2, n), "labels": ids(2, n)}
     if family == "docreader":  # two one-page documents, collated
-        from archlab.models.docreader import Document, DocReaderTokenizer, Page, collate
+        from archlab.models.docreader import DocReaderTokenizer, Document, Page, collate
 
         image = torch.rand(config.n_channels, config.image_size, config.image_size, generator=g)
         docs = [Document([Page("a page", [["k", "v"], ["a", "1"]], image)], "which?", 0)] * 2

@@ -51,7 +51,6 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from archlab.config import Config, check_choice, require
@@ -225,7 +224,7 @@ class DocumentTask(Config):
     def _make(self, rng: random.Random, split: str):
         from archlab.models.docreader import Document, Page
 
-        texts, (images, labels), by_digit = passages()[split], figures()[split], _by_digit(split)
+        texts, (images, _labels), by_digit = passages()[split], figures()[split], _by_digit(split)
         n_pages = rng.randint(self.min_pages, self.max_pages)
         kind = rng.choice(self.questions)
         keyword = rng.choice(KEYWORDS)

@@ -188,8 +188,7 @@ def reader_accuracy(reader: str = "hierarchical", view: str = "full", *, steps: 
     warmup then cosine) on new documents of 2..``pages`` pages seen through ``view`` (full, single, question:
     :func:`archlab.data.documents.view`); its accuracy on the first ``n_test`` test documents, seen the same way:
     ``{"all": ..., "largest": ..., "digit": ..., "count": ...}``."""
-    from archlab.data.documents import DocumentBatches, DocumentTask
-    from archlab.data.documents import view as shown
+    from archlab.data.documents import DocumentBatches, DocumentTask, view as shown
     from archlab.labs.common import train_task
     from archlab.models.docreader import DocBatch, DocReaderTokenizer, collate
     from archlab.models.registry import build_model, get_config

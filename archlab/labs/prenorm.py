@@ -113,7 +113,7 @@ def run(quick: bool, seed: int) -> LabResult:
             rows.append([v, f"after {steps} steps", s, m["loss"], m["stream"][-1], m["head_in"], m["logit_std"]])
     first = {v: end[v][0] for v in VARIANTS}
     finding = (
-        f"at equal budget the held-out loss without the final norm is "
+        "at equal budget the held-out loss without the final norm is "
         + ", ".join(f"{g:+.3f}" for g in gaps)
         + f" nats/byte from the loss with it ({', '.join(f'{x:.3f}' for x in losses[VARIANTS[0]])}, seeds {seeds}); "
         f"the stream entering the head has RMS {first[VARIANTS[1]]['head_in']:.2f} without the norm (normalised: "

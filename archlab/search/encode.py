@@ -31,20 +31,14 @@ import torch
 
 from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.interop.sentence import DEFAULT_MODEL, SentenceEncoder, sentence_encoder
+from archlab.precision import PRECISIONS, choose_precision
 
-PRECISIONS = ("auto", "fp32", "bf16")
 CHUNK_RE = re.compile(r"chunk-(\d{9})-(\d{9})\.npy")
 
 
 def resolve_precision(precision: str) -> str:
-    """``fp32`` or ``bf16``: ``auto`` is bf16 where the CPU computes it natively (AMX/AVX512-BF16), else fp32."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision={precision!r} is not one of {PRECISIONS}")
-    if precision != "auto":
-        return precision
-    from archlab.hardware import native_bf16
-
-    return "bf16" if native_bf16("cpu")[0] else "fp32"
+    """``fp32`` or ``bf16``: ``auto`` is bf16 where the CPU computes it natively (archlab.precision decides)."""
+    return choose_precision(precision, "cpu").name
 
 
 _PRECISION_CACHE: dict[tuple[str, str], SentenceEncoder] = {}

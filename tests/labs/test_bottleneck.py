@@ -3,8 +3,8 @@ constructed chrF curves, and the quick run (undecided: 40 steps teach neither mo
 
 import pytest
 
-from archlab.labs import VERDICTS, run_lab
 from archlab.data.synthetic import in_validation
+from archlab.labs import VERDICTS, run_lab
 from archlab.labs.bottleneck import (
     ALPHABET,
     COLLAPSE,

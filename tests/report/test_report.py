@@ -6,7 +6,6 @@ import html
 import json
 import re
 import shutil
-
 import sys
 from pathlib import Path
 

@@ -15,7 +15,6 @@ import torch
 
 from archlab.errors import ConfigError, DataError
 from archlab.search import Document, Hit
-from archlab.speculative import SpeculativeStats
 from archlab.search.explain import (
     MAX_EVIDENCE_CHARS,
     REPLY_OPENING,
@@ -27,6 +26,7 @@ from archlab.search.explain import (
     select_evidence_batch,
     sentences,
 )
+from archlab.speculative import SpeculativeStats
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "interop"))
 from gguf_files import TINY_TOKENIZER, write_llama_gguf  # noqa: E402
