@@ -45,16 +45,20 @@ def train_gpt(
     with progress_bar(steps, f"training {label}") as bar:
         for step in range(1, steps + 1):
             batch = batches.batch(step - 1)
-            loss = model.loss(batch["input_ids"], batch["labels"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
-            scheduler.step()
+            optimize(model, model.loss(batch["input_ids"], batch["labels"]), optimizer, scheduler, clip)
             bar.update()
             if evaluate is not None and step in evaluate_at:
                 scores[step] = evaluate(model)
     return model, scores
+
+
+def optimize(model: nn.Module, loss: torch.Tensor, optimizer, scheduler, clip: float) -> None:
+    """One optimizer step of the labs' bare loops: backward, gradients clipped to ``clip``, step, schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    scheduler.step()
 
 
 def train_task(
@@ -80,12 +84,7 @@ def train_task(
         for step in range(steps):
             batch = batches.batch(step)
             terms, _ = objective.run(model, batch, label_smoothing)
-            loss = task_loss(terms, objective.counts(batch))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
-            scheduler.step()
+            optimize(model, task_loss(terms, objective.counts(batch)), optimizer, scheduler, clip)
             bar.update()
     return model
 
