@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from archlab.errors import CheckpointError, ConfigError, DataError
+from archlab.interop import io
 from archlab.search.corpus import Corpus, Document, fingerprint
 
 FORMAT = "archlab-search-index"
@@ -154,21 +155,14 @@ def read_faiss(path: Path):
 # the folder
 # ------------------------------------------------------------------------------------------------
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    io.write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: {what}") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
+    """The JSON object in ``path`` (:func:`archlab.interop.io.read_json`); a missing file says ``what`` it is."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: {what}")
+    return io.read_json(path)
 
 
 def read_manifest(index_dir: str | Path) -> dict:
@@ -192,9 +186,7 @@ def write_docs(path: Path, docs: list[Document], *, append: bool = False) -> Non
         with path.open("a", encoding="utf-8") as f:
             f.write(lines)
     else:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(lines, encoding="utf-8")
-        os.replace(tmp, path)
+        io.write_text_atomic(path, lines)
 
 
 def read_docs(path: Path, count: int) -> list[Document]:
