@@ -3,14 +3,12 @@ for DDP and for FSDP2, through a checkpoint and resume in the middle: an ``lm`` 
 (ELMo, whose ``compute_loss`` must run through the wrapper's ``forward``; a model with a 0-dim parameter)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from dist_worker import CONFIG, CUSTOM, elmo, losses_by_step, model, regression, scaled, source, windows
+from torchrun import run_two_ranks
 from train_fakes import RegressionModel
 
 from archlab.errors import ConfigError
@@ -18,19 +16,10 @@ from archlab.train import TrainConfig, Trainer, load_checkpoint
 from archlab.train.distributed import DistEnv, MethodAsForward, all_reduce_sum, detect, gather_objects, no_sync, wrap
 from archlab.train.tasks import get_task
 
-HERE = Path(__file__).parent
-
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), str(HERE)])}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "dist_worker.py"), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return out
+    return run_two_ranks("dist_worker.py", tmp_path_factory.mktemp("dist"))
 
 
 @pytest.fixture(scope="module")

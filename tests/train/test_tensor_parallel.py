@@ -2,13 +2,10 @@
 each rank holding half of every block's weights; a ``parallel="tp"`` training run through a checkpoint and
 resume follows the one-process run; refusals when the world size does not divide the heads or FFN width."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from torchrun import run_two_ranks
 from tp_worker import BF16, CONFIG, PRESETS, batch, bf16_model, bf16_source, model, source
 
 from archlab.errors import ConfigError
@@ -16,19 +13,10 @@ from archlab.models.registry import build_model
 from archlab.parallel import _grouped_rows, check_tensor_parallel, local_parameter_bytes
 from archlab.train import TrainConfig, Trainer, load_checkpoint
 
-HERE = Path(__file__).parent
-
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), str(HERE)])}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "tp_worker.py"), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return out
+    return run_two_ranks("tp_worker.py", tmp_path_factory.mktemp("tp"))
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
