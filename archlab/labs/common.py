@@ -1,6 +1,6 @@
 """What several labs share: short, seeded training loops (a GPT on LM windows; any model on one of
-:mod:`archlab.train.tasks`' objectives), greedy decoding of a seq2seq model's validation pairs, and the test that
-the models learned enough for a lab to decide (no lab is registered here)."""
+:mod:`archlab.train.tasks`' objectives), greedy decoding of a seq2seq model's validation pairs, the test that
+the models learned enough for a lab to decide, and the allocator's peak over a step (no lab is registered here)."""
 
 from __future__ import annotations
 
@@ -112,6 +112,22 @@ def greedy_pairs(model: nn.Module, batches: BatchSource) -> list[tuple[list[int]
     finally:
         model.train(was_training)
     return out
+
+
+def peak_bytes(step) -> int:
+    """The peak of bytes held by torch's CPU allocator while ``step()`` runs, above what it held at the start:
+    the running sum of the allocations and frees (``torch.profiler`` with ``profile_memory``) in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())  # fmt: skip
+    held = peak = 0
+    for event in events:
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
 
 
 #: A language-model lab decides only once its models learned: each held-out loss at least this many nats per

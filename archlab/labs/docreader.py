@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from archlab.labs.common import peak_bytes
 from archlab.labs.registry import LabResult, progress_bar, register_lab
 
 GRID_FULL = (1, 2, 4, 8, 16, 32)
@@ -31,22 +32,6 @@ DOCS = 2  # documents per batch
 CARD_PAGES = 50
 TARGET = 2.0  # the criterion: the hierarchy reads at least this many times the flat reader's pages
 FROZEN = ("text", "table", "image")  # the page encoders, frozen as the card freezes its pretrained ones
-
-
-def peak_bytes(step) -> int:
-    """The peak of bytes held by torch's CPU allocator while ``step()`` runs, above what it held at the start:
-    the running sum of the allocations and frees (``torch.profiler`` with ``profile_memory``) in time order."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())  # fmt: skip
-    held = peak = 0
-    for event in events:
-        held += event.nbytes()
-        peak = max(peak, held)
-    return peak
 
 
 def pages_within(peaks: dict[int, int], budget: float) -> float:

@@ -14,7 +14,7 @@ Three ways to train on the same batches and steps (AdamW, warmup + cosine, clipp
 
 Training memory is measured, not estimated: the peak of torch's CPU allocator over the first training step (forward,
 backward, optimizer step that creates AdamW's moments), above the weights already held
-(:func:`archlab.labs.docreader.peak_bytes`), at the lab's batch shape.
+(:func:`archlab.labs.common.peak_bytes`), at the lab's batch shape.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import hashlib
 import torch
 
 from archlab.data.loaders import ClassificationBatches
-from archlab.labs.common import train_task
-from archlab.labs.docreader import peak_bytes
+from archlab.labs.common import peak_bytes, train_task
 from archlab.labs.registry import LabResult, register_lab
 from archlab.models.bert import BertForSequenceClassification
 from archlab.nn.lora import apply_lora, lora_report

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from archlab.labs import VERDICTS, run_lab
-from archlab.labs.docreader import GRID_QUICK, full_documents, peak_bytes, reader_config
+from archlab.labs.common import peak_bytes
+from archlab.labs.docreader import GRID_QUICK, full_documents, reader_config
 
 
 def test_peak_bytes_sees_a_known_allocation_and_its_release():
