@@ -109,7 +109,7 @@ class SearchEngine:
         if faiss_index.d != meta["dim"] or faiss_index.ntotal != count:
             raise CheckpointError(f"{index_dir / index.FAISS_FILE} holds {faiss_index.ntotal} vectors of dimension "
                                   f"{faiss_index.d}, the manifest says {count} of dimension {meta['dim']}")  # fmt: skip
-        index.configure(faiss_index, manifest["index"]["type"], manifest["index"]["params"])
+        faiss_index = index.searchable(index_dir, faiss_index, manifest["index"]["type"], manifest["index"]["params"])
         bm25 = None
         if manifest["hybrid"]:
             from archlab.search.lexical import BM25Index
