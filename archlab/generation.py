@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from archlab.errors import ConfigError, ShapeError
+from archlab.nn.linear import packed_for_rows
 
 #: ``(tokens [B, n], cache or None) -> logits [B, n, V]``.
 Step = Callable[[Tensor, Any], Tensor]
@@ -368,7 +369,9 @@ def generate_batch(
 
     The ``B`` prompts (lists of token ids) are left-padded to the longest, ``n0``, into ``[B, n0]`` with an
     ``attention_mask`` marking the real tokens, and decoded in one batch by :func:`generate`: every step is
-    one forward pass over ``B`` rows. The decoder gives each row the positions it would have alone
+    one forward pass over ``B`` rows, its products on oneDNN-packed copies of the weights
+    (:func:`archlab.nn.linear.packed_for_rows`: a ``B``-row product then costs far less than ``B`` one-row ones;
+    the copies take the weights' memory again during the call). The decoder gives each row the positions it would have alone
     (:func:`archlab.models.decoder.positions_from_mask`) and no query attends the padding, so with greedy
     decoding each row's tokens are those ``generate`` gives its prompt alone (up to floating-point near-ties
     in the batched products). A row ends at its first stop token, which its output keeps; the others go on.
@@ -401,10 +404,12 @@ def generate_batch(
     for row, prompt in enumerate(prompts):
         input_ids[row, n0 - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
         attention_mask[row, n0 - len(prompt) :] = 1
-    out = generate(
-        model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, stop_tokens=stop,
-        pad_id=0 if stop else None, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-    )[:, n0:].tolist()  # fmt: skip
+    with packed_for_rows(model, len(prompts)):  # B-row products on oneDNN-packed weights (archlab.nn.linear)
+        out = generate(
+            model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, stop_tokens=stop,
+            pad_id=0 if stop else None, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed,
+        )[:, n0:].tolist()  # fmt: skip
     return [_through_first(row, stop) for row in out]
 
 

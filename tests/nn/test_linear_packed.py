@@ -1,0 +1,108 @@
+"""archlab.nn.linear.packed_for_rows: few-row products on oneDNN-packed weights equal F.linear, are used only
+inside the block and only where they apply, and batched generation through them equals one prompt at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from archlab.generation import generate, generate_batch
+from archlab.models.llama import Llama, LlamaConfig
+from archlab.nn import linear as linear_module
+from archlab.nn.linear import MAX_PACKED_ROWS, MIN_SPLIT_ELEMENTS, Linear, PackedLinear, linear, packed_for_rows
+
+pytestmark = pytest.mark.skipif(not linear_module.onednn_packing_available(), reason="this torch has no oneDNN")
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """Counts oneDNN matmuls on packed weights, by their row count."""
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class Ops:  # torch.ops.mkldnn with its matmul watched
+        def __getattr__(self, name):
+            if name == "_linear_pointwise":
+                return lambda x, *a: calls.append(x.shape[0]) or real(x, *a)
+            return getattr(torch.ops.mkldnn.__class__, name, None) or getattr(real_mkldnn, name)
+
+    real_mkldnn = torch.ops.mkldnn
+    monkeypatch.setattr(torch.ops, "mkldnn", Ops())
+    return calls
+
+
+def layer(d_in=256, d_out=512, bias=True) -> nn.Linear:
+    torch.manual_seed(0)
+    return Linear(d_in, d_out, bias=bias)
+
+
+@pytest.mark.parametrize("shape", [(2, 256), (5, 256), (2, 5, 256), (MAX_PACKED_ROWS, 256)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_product_equals_f_linear(shape, bias, onednn_calls):
+    lin = layer(bias=bias)
+    x = torch.randn(*shape)
+    with torch.no_grad(), packed_for_rows(lin, rows=shape[0]) as n_packed:
+        out = lin(x)
+    assert n_packed == 1 and onednn_calls == [x.numel() // 256]
+    assert out.shape == (*shape[:-1], 512)
+    torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_copies_serve_only_where_they_apply(onednn_calls):
+    lin = layer()
+    with torch.no_grad(), packed_for_rows(lin, rows=8):
+        lin(torch.randn(1, 256))  # one row: the split path / F.linear
+        lin(torch.randn(MAX_PACKED_ROWS + 1, 256))  # many rows (a prompt): F.linear
+        lin(torch.randn(4, 256, dtype=torch.float64).float().double().float())  # float32: packed
+        linear(torch.randn(4, 256, dtype=torch.float64), lin.weight.double())  # another weight: not packed
+    assert onednn_calls == [4]
+    x = torch.randn(4, 256, requires_grad=True)
+    with packed_for_rows(lin, rows=4):
+        lin(x).sum().backward()  # gradients recorded: F.linear
+    assert onednn_calls == [4] and x.grad is not None
+    lin(torch.randn(4, 256))  # after the block: the copy is gone
+    assert onednn_calls == [4] and not linear_module._ONEDNN_PACKED
+    with torch.no_grad(), packed_for_rows(lin, rows=4):
+        lin.weight.mul_(2)  # changed in place: the stale copy is not used
+        torch.testing.assert_close(lin(torch.randn(4, 256)).shape, torch.Size([4, 512]))
+    assert onednn_calls == [4]
+
+
+def test_only_float32_linear_layers_that_compute_through_linear_are_packed():
+    small = Linear(8, 8)  # under MIN_SPLIT_ELEMENTS: stays in cache, not packed
+    plain = nn.Linear(256, 512)  # torch's own forward (F.linear): a copy would go unused
+    double = Linear(256, 512).double()
+    big = Linear(256, 512)
+    assert big.weight.numel() >= MIN_SPLIT_ELEMENTS
+    with packed_for_rows(nn.Sequential(small, plain, double, big), rows=4) as n_packed:
+        assert n_packed == 1 and list(linear_module._ONEDNN_PACKED) == [id(big.weight)]
+
+
+def test_packed_lm_head_in_a_decoding_cache(onednn_calls):
+    lin = layer(d_out=1024)
+    head = PackedLinear(lin.weight, lin.bias)  # a decoding cache's head: few rows beyond the split path
+    x = torch.randn(6, 256)
+    with torch.no_grad(), packed_for_rows(lin, rows=6):
+        out = head(x)
+    assert onednn_calls == [6]
+    torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_generate_batch_on_packed_weights_equals_one_prompt_at_a_time(onednn_calls):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, max_len=64, d_model=256, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=512,
+                         dropout=0.0, attn_dropout=0.0)  # fmt: skip
+    m = Llama(config).eval()
+    with torch.no_grad():  # peaky next-token distributions: greedy rows far from near-ties
+        for p in m.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.15)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 300, (n,), generator=g).tolist() for n in (5, 1, 8, 3, 6, 2)]
+    alone = [generate(m, torch.tensor([p]), max_new_tokens=10)[0, len(p) :].tolist() for p in prompts]
+    assert sum(len(set(row)) for row in alone) > 20  # varied rows
+    assert not onednn_calls
+    assert generate_batch(m, prompts, max_new_tokens=10) == alone
+    assert set(onednn_calls) == {6 * 8, 6}  # the prefill's 6 x 8 rows and every decoding step's six
