@@ -339,6 +339,7 @@ def prepare(spec: RunSpec, *, tokenizer: Tokenizer | None = None) -> PreparedRun
         train = train.replace(clip=base.grad_clip)
         notes.append(f"train.clip={base.grad_clip} from the model config's grad_clip (set train.clip to change it)")
 
+    _check_tensor_parallel(train, task, family.train_cls or family.model_cls, base, who)  # before the data is read
     env = D.data_parallel_env(D.detect(), train.parallel)  # under tp every rank reads the whole batch
     run_data = build_data(
         data, task, base, batch_size=train.micro_batch_size(env.world_size) * env.world_size, tokenizer=tokenizer,
@@ -356,6 +357,21 @@ def prepare(spec: RunSpec, *, tokenizer: Tokenizer | None = None) -> PreparedRun
     if run_data.tokenizer is not None and task == "classification" and not _takes_mask(trained):
         notes.append(f"{trained.__name__} takes no attention_mask: it reads the padding of shorter texts as tokens")
     return PreparedRun(spec, model_config, data, train, run_data, notes)
+
+
+def _check_tensor_parallel(train: TrainConfig, task: str, model_cls: type, base: Config, who: str) -> None:
+    """Under torchrun with ``train.parallel=tp``: ConfigError unless the ranks can split this model (a decoder-only
+    LM trained on ``lm`` whose heads, KV heads and FFN width the world size divides), before any data is read."""
+    env = D.detect()
+    if train.parallel != "tp" or not env.distributed:
+        return
+    from archlab.models.decoder import DecoderLM
+    from archlab.parallel import check_tensor_parallel
+
+    if task != "lm" or not issubclass(model_cls, DecoderLM):
+        raise ConfigError(f"train.parallel='tp' shards decoder-only LMs (GPT, Llama) trained on task 'lm'; {who} is "
+                          f"a {model_cls.__name__} trained on task {task!r}: use parallel='ddp' or 'fsdp'")  # fmt: skip
+    check_tensor_parallel(base, env.world_size)
 
 
 def _from_pretrained(

@@ -87,3 +87,22 @@ def test_fused_rows_are_regrouped_rank_by_rank():
     """[Q; K; V] with Q of 4 rows, K and V of 2 -> rank 0: Q_0 K_0 V_0, rank 1: Q_1 K_1 V_1."""
     assert _grouped_rows([4, 2, 2], 2).tolist() == [0, 1, 4, 6, 2, 3, 5, 7]
     assert _grouped_rows([4, 2, 2], 1).tolist() == list(range(8))
+
+
+@pytest.mark.parametrize(("preset", "message"), [
+    ("gpt-nano", r"splits n_heads=3 by rank, but 2 does not divide it"),
+    ("bert-mini", r"shards decoder-only LMs .* a Bert\w* trained on task 'mlm'"),
+])  # fmt: skip
+def test_a_tp_run_the_ranks_cannot_split_fails_before_its_data_is_read(monkeypatch, preset, message):
+    from archlab.train import run as run_module
+    from archlab.train.run import RunSpec, prepare
+
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)  # as under torchrun with 2 processes
+
+    def build_data(*args, **kwargs):
+        raise AssertionError("the data was prepared before the tp check")
+
+    monkeypatch.setattr(run_module, "build_data", build_data)
+    with pytest.raises(ConfigError, match=message):
+        prepare(RunSpec(preset, train={"parallel": "tp"}))
