@@ -147,7 +147,8 @@ class SearchEngine:
         """FAISS search of ``vectors`` ``[q, d]``: ``(scores [q, k], rows [q, k])``; missing slots have row -1."""
         return self.faiss_index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(self.docs)))
 
-    def _retrieve(self, query: str, k: int, timings: dict[str, float]) -> list[Hit]:
+    def _retrieve(self, query: str, k: int, timings: dict[str, float], dense_found=None) -> list[Hit]:
+        """The first stage; ``dense_found`` = ``(scores [k], rows [k])`` of this query when already searched."""
         check_positive("k", k)
         query = self.check_query(query)
         if self.mode == "bm25":
@@ -155,13 +156,15 @@ class SearchEngine:
             rows, scores = self.bm25.search(query, k)
             timings["bm25"] = _ms(t)
             return [Hit(self.docs[r], i, float(s), {"bm25": float(s)}) for i, (r, s) in enumerate(zip(rows, scores, strict=True), 1)]
-        t = time.perf_counter()
-        vector = self.embed_queries([query])
-        timings["encode"] = _ms(t)
-        t = time.perf_counter()
-        scores, rows = self.dense_search(vector, k)
-        timings["ann"] = _ms(t)
-        dense = {int(r): float(s) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0}
+        if dense_found is None:
+            t = time.perf_counter()
+            vector = self.embed_queries([query])
+            timings["encode"] = _ms(t)
+            t = time.perf_counter()
+            scores, rows = self.dense_search(vector, k)
+            timings["ann"] = _ms(t)
+            dense_found = scores[0], rows[0]
+        dense = {int(r): float(s) for r, s in zip(dense_found[1], dense_found[0], strict=True) if r >= 0}
         if self.mode == "dense":
             return [Hit(self.docs[r], i, s, {"dense": s}) for i, (r, s) in enumerate(dense.items(), 1)]
         t = time.perf_counter()
@@ -189,13 +192,36 @@ class SearchEngine:
         """
         for name, value in (("k", k), ("rerank", rerank), ("explain", explain)):
             check_positive(name, value, allow_zero=name != "k")
+        return self._search(query, k, rerank, explain, time.perf_counter(), {})
+
+    def search_batch(self, queries: list[str], *, k: int = 10, rerank: int = 0, explain: int = 0) -> list[SearchResult]:
+        """:meth:`search` for several queries at once: one encoder pass ``[q, d]`` and one FAISS search for all, then
+        each query's own BM25, fusion, re-ranking and explanation. Each result's ``encode`` and ``ann`` are the
+        shared passes' milliseconds (its ``total`` includes them)."""
+        for name, value in (("k", k), ("rerank", rerank), ("explain", explain)):
+            check_positive(name, value, allow_zero=name != "k")
+        if not queries:
+            return []
+        start = time.perf_counter()
+        queries = [self.check_query(q) for q in queries]
+        shared: dict[str, float] = {}
+        found = [None] * len(queries)
+        if self.mode != "bm25":
+            t = time.perf_counter()
+            vectors = self.embed_queries(queries)
+            shared["encode"] = _ms(t)
+            t = time.perf_counter()
+            scores, rows = self.dense_search(vectors, max(k, rerank))
+            shared["ann"] = _ms(t)
+            found = list(zip(scores, rows, strict=True))
+        return [self._search(q, k, rerank, explain, start, dict(shared), f) for q, f in zip(queries, found, strict=True)]
+
+    def _search(self, query, k, rerank, explain, start, timings, dense_found=None) -> SearchResult:
         if rerank and self.reranker is None:
             raise ConfigError(f"rerank={rerank} needs a reranker (SearchEngine.open(..., reranker=...))")
         if explain and self.explainer is None:
             raise ConfigError(f"explain={explain} needs an explainer (SearchEngine.open(..., explainer=...))")
-        start = time.perf_counter()
-        timings: dict[str, float] = {}
-        hits = self._retrieve(query, max(k, rerank), timings)
+        hits = self._retrieve(query, max(k, rerank), timings, dense_found)
         if rerank:
             t = time.perf_counter()
             head, tail = hits[:rerank], hits[rerank:]

@@ -8,7 +8,8 @@ shows as text::
     POST /api/search   {"query", "k"?}   -> {"search_id", "query", "hits": [...], "timings_ms", "explain"}
     GET  /api/explain/{search_id}/{rank} -> Server-Sent Events: "piece" {"text"} as tokens are decoded,
                                             then "done" {"explanation", "quotes" (how many), "quotes_ok", "bad_quotes",
-                                            "first_token_ms", "speculative"}, or "failed" {"error"}
+                                            "first_token_ms" (after the search's answer), "speculative"},
+                                            or "failed" {"error"}
     GET  /api/health                     -> {"documents", "explainer", "explain"}
 
 Each hit carries its evidence sentences (:func:`archlab.search.explain.select_evidence`) and its text cut into
@@ -21,8 +22,14 @@ rebinding), caps request bodies (:data:`MAX_BODY_BYTES`, else 413) and queries (
 to :data:`MAX_K`, else 422), answers every refusal as JSON ``{"error": "..."}``, and sends a Content-Security-Policy
 that runs the page's own script only.
 
-Searches run one at a time on one worker thread, explanations one token at a time on another (the model is
-shared; streams of several pages take turns token by token), so 50 clients queue rather than fight over 2 cores.
+Searches that arrive while others run are served together (:class:`SearchBatcher`): one encoder pass and one
+FAISS search for all their queries (:meth:`archlab.search.engine.SearchEngine.search_batch`), on one worker thread
+whose torch ops use the machine's threads; at most :data:`MAX_BATCH` per batch and :data:`MAX_WAITING` waiting
+(more are refused with 503, a clear JSON reason). Explanations run one token at a time on another thread (the
+model is shared; streams of several pages take turns token by token) in priority order (:class:`PriorityWorker`):
+the first-ranked hit's explanation starts right after its search is answered (its prompt is prefilled once and
+its first token decoded before the page asks for it), and a new explanation's first token goes before the next
+tokens of streams already running, so each page sees its first explanation soon after its results.
 The page reads an explanation with a streamed ``fetch`` (the SSE format parsed in ``app.js``): an ``EventSource``
 would reconnect, and explain again, when the stream ends.
 """
@@ -30,10 +37,14 @@ would reconnect, and explain again, when the stream ends.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ipaddress
+import itertools
 import json
+import queue
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -56,6 +67,8 @@ MAX_BODY_BYTES = 4096  # a search request's JSON body
 MAX_QUERY_CHARS = 1000  # longer queries are refused (the encoder reads 256 tokens)
 MAX_K = 50  # results per search
 KEPT_SEARCHES = 256  # the most recent searches whose hits can still be explained
+MAX_BATCH = 32  # searches encoded together
+MAX_WAITING = 256  # searches queued or running; more are refused with 503
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
@@ -70,6 +83,101 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+FIRST_EXPLANATION, OTHER_EXPLANATION, NEXT_TOKEN = 0, 1, 2  # PriorityWorker priorities (lower runs first)
+
+
+class PriorityWorker:
+    """One thread running submitted calls lowest ``priority`` first (in submission order within one priority).
+
+    The explanation model is shared, so its work is serialised on one thread; priorities decide whose turn it is.
+    """
+
+    def __init__(self, name: str):
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._started = self._closed = False
+        self._lock = threading.Lock()
+
+    def submit(self, priority: int, fn, *args) -> concurrent.futures.Future:
+        """A future of ``fn(*args)``, run when no call of a lower priority waits; RuntimeError once shut down."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the worker is shut down")
+            if not self._started:
+                self._thread.start()
+                self._started = True
+            self._queue.put((priority, next(self._order), future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            _, _, future, fn, args = self._queue.get()
+            if fn is None:
+                return
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 (handed to whoever awaits the future)
+                    future.set_exception(e)
+
+    def shutdown(self) -> None:
+        """Stop after the call running now; calls still waiting are cancelled."""
+        with self._lock:
+            self._closed = True
+            self._queue.put((-1, -1, None, None, ()))
+
+
+class SearchBatcher:
+    """Micro-batching: searches submitted while a batch runs wait and go together into the next one.
+
+    ``run_batch(items)`` (called on ``pool``'s thread) gets ``[(query, k), ...]`` and returns one result or
+    exception per item. A batch holds at most ``max_batch`` items; with ``max_waiting`` searches already
+    waiting or running, :meth:`submit` refuses the next with :class:`RequestError` 503. ``batches`` keeps
+    the sizes of the last 1,000 batches run (what the load test and the tests read).
+    """
+
+    def __init__(self, run_batch, pool: ThreadPoolExecutor, *, max_batch: int = MAX_BATCH,
+                 max_waiting: int = MAX_WAITING):  # fmt: skip
+        self.run_batch, self.pool, self.max_batch, self.max_waiting = run_batch, pool, max_batch, max_waiting
+        self.waiting: list[tuple[str, int, asyncio.Future]] = []
+        self.in_flight = 0  # submitted and not yet answered
+        self.batches: list[int] = []
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, query: str, k: int):
+        if self.in_flight >= self.max_waiting:
+            raise RequestError(503, f"the server is busy ({self.in_flight} searches waiting, at most "
+                               f"{self.max_waiting}): try again shortly")  # fmt: skip
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((query, k, future))
+        self.in_flight += 1
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain())
+        try:
+            return await future
+        finally:
+            self.in_flight -= 1
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.waiting:
+            batch, self.waiting = self.waiting[: self.max_batch], self.waiting[self.max_batch :]
+            self.batches = [*self.batches[-999:], len(batch)]
+            try:
+                answers = await loop.run_in_executor(self.pool, self.run_batch, [(q, k) for q, k, _ in batch])
+            except Exception as e:  # noqa: BLE001 (given to every waiting request, which answers it)
+                answers = [e] * len(batch)
+            for (_, _, future), answer in zip(batch, answers, strict=True):
+                if future.done():  # the client went away
+                    continue
+                if isinstance(answer, BaseException):
+                    future.set_exception(answer)
+                else:
+                    future.set_result(answer)
 
 
 def is_loopback(host: str) -> bool:
@@ -125,18 +233,19 @@ def create_app(
     if explain and explainer is None:
         explain = 0
     search_pool = ThreadPoolExecutor(1, thread_name_prefix="archlab-search")
-    explain_pool = ThreadPoolExecutor(1, thread_name_prefix="archlab-explain")
+    explain_worker = PriorityWorker("archlab-explain")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         search_pool.shutdown(wait=False, cancel_futures=True)
-        explain_pool.shutdown(wait=False, cancel_futures=True)
+        explain_worker.shutdown()
 
     app = FastAPI(title="archlab search", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     searches: OrderedDict[str, tuple[str, list]] = OrderedDict()
     encoder = getattr(engine, "encoder", None) or "minilm-l6"
     app.state.engine, app.state.explainer, app.state.searches = engine, explainer, searches
+    batcher = app.state.batcher = SearchBatcher(lambda items: run_batch(items), search_pool)
 
     if allowed_hosts is not None:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -181,8 +290,25 @@ def create_app(
     async def health():
         return {"documents": len(getattr(engine, "docs", ())), "explainer": explainer is not None, "explain": explain}
 
-    def run_search(query: str, n: int) -> dict:
-        result = engine.search(query, k=n, rerank=rerank)
+    def run_batch(items: list[tuple[str, int]]) -> list:
+        """Each item's answer (:func:`answer`) or its error; one engine pass for all when the engine batches."""
+        if len(items) > 1 and hasattr(engine, "search_batch"):
+            try:
+                results = engine.search_batch([q for q, _ in items], k=max(n for _, n in items), rerank=rerank)
+            except ArchlabError:
+                results = None  # one bad query: search them one by one, so only it fails
+            if results is not None:
+                return [answer(q, n, r) for (q, n), r in zip(items, results, strict=True)]
+        out = []
+        for query, n in items:
+            try:
+                out.append(answer(query, n, engine.search(query, k=n, rerank=rerank)))
+            except Exception as e:  # noqa: BLE001 (answered to that request alone)
+                out.append(e)
+        return out
+
+    def answer(query: str, n: int, result) -> dict:
+        result.hits = result.hits[:n]
         started = time.perf_counter()
         chosen = select_evidence_batch(query, [h.doc for h in result.hits], evidence, scorer=scorer, encoder=encoder)
         for hit, sentences in zip(result.hits, chosen):
@@ -197,11 +323,16 @@ def create_app(
     async def search(request: Request):
         body = await read_body(request)
         query, n = parse_search(body, k)
-        done = await asyncio.get_running_loop().run_in_executor(search_pool, run_search, query, n)
+        done = await batcher.submit(query, n)
         search_id = secrets.token_urlsafe(12)
-        searches[search_id] = (query, done["hits"])
+        started = {}
+        if explain and done["hits"]:  # the first explanation starts now, before the page asks for it
+            started[1] = explain_worker.submit(FIRST_EXPLANATION, start_explanation, query, done["hits"][0])
+        searches[search_id] = (query, done["hits"], started, time.perf_counter())
         while len(searches) > KEPT_SEARCHES:
-            searches.popitem(last=False)
+            for future in searches.popitem(last=False)[1][2].values():  # never asked for: stop it
+                if not future.cancel():
+                    future.add_done_callback(lambda f: f.exception() or explain_worker.submit(0, f.result()[0].close))
         return {"search_id": search_id, "query": query, "hits": [hit_json(h) for h in done["hits"]],
                 "timings_ms": done["timings_ms"], "explain": min(explain, len(done["hits"]))}  # fmt: skip
 
@@ -217,25 +348,39 @@ def create_app(
         if search_id not in searches:
             raise RequestError(404, f"no recent search {search_id!r} (the server keeps the last {KEPT_SEARCHES}); "
                                "search again")  # fmt: skip
-        query, hits = searches[search_id]
+        query, hits, started, answered = searches[search_id]
         if not 1 <= rank <= min(explain, len(hits)):
             raise RequestError(404, f"rank={rank}: this server explains ranks 1 to {min(explain, len(hits))}")
+        future = started.pop(rank, None)  # (a second request for the same rank starts afresh)
+        if future is None:
+            future = explain_worker.submit(FIRST_EXPLANATION if rank == 1 else OTHER_EXPLANATION, start_explanation,
+                                           query, hits[rank - 1])  # fmt: skip
         # no-cache, not no-store: Chromium reports a streamed no-store body read to its end as aborted
         # (microsoft/playwright#42742; reproduced here, none with no-cache)
-        return StreamingResponse(explanation_events(query, hits[rank - 1]), media_type="text/event-stream",
+        return StreamingResponse(explanation_events(hits[rank - 1], future, answered), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 
-    async def explanation_events(query: str, hit) -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        pieces, first_token_ms, count = None, None, 0
+    def start_explanation(query: str, hit) -> tuple:
+        """On the explanation thread: the prompt, its prefill and the first decoded piece of ``hit``'s explanation.
+
+        ``(pieces, stats, head, t_first)``: the rest of the stream, its speculative-decoding counts, the pieces so
+        far (the fixed opening, then the first decoded text) and the ``perf_counter`` time of the first token."""
+        stats = SpeculativeStats()
+        pieces = explainer.stream(query, hit, stats)
+        head = list(itertools.islice(pieces, 2))  # the first piece is the fixed opening; the second is decoded
+        return pieces, stats, head, time.perf_counter()
+
+    async def explanation_events(hit, future: concurrent.futures.Future, answered: float) -> AsyncIterator[str]:
+        pieces = None
         try:
-            started = time.perf_counter()
-            stats = SpeculativeStats()
-            pieces = await loop.run_in_executor(explain_pool, explainer.stream, query, hit, stats)
-            while (piece := await loop.run_in_executor(explain_pool, next, pieces, None)) is not None:
-                count += 1
-                if count == 2:  # the first piece is the fixed opening; the second is the first decoded token
-                    first_token_ms = (time.perf_counter() - started) * 1000.0
+            pieces, stats, head, t_first = await asyncio.wrap_future(future)
+            first_token_ms = max(0.0, t_first - answered) * 1000.0  # after the search was answered
+            for piece in head:
+                yield sse("piece", {"text": piece})
+            while True:
+                piece = await asyncio.wrap_future(explain_worker.submit(NEXT_TOKEN, next, pieces, None))
+                if piece is None:
+                    break
                 yield sse("piece", {"text": piece})
             quotes = len(check_quotes(hit.explanation, hit.doc).quotes) if hit.explanation is not None else 0
             yield sse("done", {"explanation": hit.explanation, "quotes": quotes, "quotes_ok": hit.quotes_ok,
@@ -246,8 +391,8 @@ def create_app(
             yield sse("failed", {"error": str(e)})
         finally:
             if pieces is not None:
-                with contextlib.suppress(RuntimeError):  # (a pool already shut down)
-                    explain_pool.submit(pieces.close)  # the client left early: stop decoding at the next token
+                with contextlib.suppress(RuntimeError):  # (a worker already shut down)
+                    explain_worker.submit(0, pieces.close)  # the client left early: stop decoding at the next token
 
     return app
 

@@ -183,3 +183,18 @@ def test_foreign_or_broken_index_folders(tmp_path, index_dir):
         build_index(Corpus([Document("a", "", "b")]), tmp_path / "junk")
     with pytest.raises(ConfigError, match="index='ivf' is not one of"):
         build_index(Corpus([Document("a", "", "b")]), tmp_path / "new", index="ivf")
+
+
+def test_search_batch_equals_one_search_per_query(engine):
+    queries = ["How do I serialize an object to a JSON string?", "read a file line by line", "json"]
+    batched = engine.search_batch(queries, k=5)
+    for query, result in zip(queries, batched, strict=True):
+        alone = engine.search(query, k=5)
+        assert [h.doc.id for h in result.hits] == [h.doc.id for h in alone.hits]
+        np.testing.assert_allclose([h.stage_scores["dense"] for h in result.hits if "dense" in h.stage_scores],
+                                   [h.stage_scores["dense"] for h in alone.hits if "dense" in h.stage_scores],
+                                   atol=1e-5)  # fmt: skip
+        assert {"encode", "ann", "bm25", "fuse", "total"} <= set(result.timings_ms)
+    assert engine.search_batch([], k=5) == []
+    with pytest.raises(DataError, match="the query is empty"):
+        engine.search_batch(["fine", " "], k=5)
