@@ -6,7 +6,10 @@
    is given or saved in the index by ``archlab search adapt`` (card 100 ms), total (card 620 ms).
 2. Quality on the built-in evaluation set: dense, BM25, hybrid (RRF), and hybrid + re-rank when a
    cross-encoder is there: nDCG@10, recall@100, MRR@10 (ir-measures).
-3. Encoding throughput on ~250-token "abstracts" (built-in docstrings joined to that length): archlab's
+3. Time to the first explanation token after the results (card target here: within 1 s): for ``--explain-queries``
+   queries, the top hit's explanation is started as the page's server starts it (prompt with its evidence,
+   prefill once, first decoded token; SmolLM2-135M-Instruct, KV cache) right after ``search`` returns.
+4. Encoding throughput on ~250-token "abstracts" (built-in docstrings joined to that length): archlab's
    encoder (fp32, and bf16 where the CPU has it natively) against sentence-transformers in the same run,
    interleaved rounds, documents/s.
 
@@ -82,6 +85,25 @@ def quality(index_dir: Path, rerank: int, reranker_dir: str | None) -> None:
         print(f"{name:<22} {m['nDCG@10']:8.4f} {m['recall@100']:8.4f} {m['MRR@10']:8.4f} {report.ms_per_query:9.1f}")
 
 
+def first_token(index_dir: Path, queries: list[str]) -> None:
+    from archlab.search.engine import SearchEngine
+    from archlab.search.explain import Explainer
+
+    engine, explainer = SearchEngine.open(index_dir), Explainer()
+    explainer.load()
+    times = []
+    for i, query in enumerate([queries[0], *queries]):  # the first is a warm-up
+        hit = engine.search(query, k=1).hits[0]
+        t = time.perf_counter()
+        pieces = explainer.stream(query, hit)
+        next(pieces), next(pieces, None)  # the fixed opening ('It says "'), then the first decoded text
+        if i:
+            times.append((time.perf_counter() - t) * 1000)
+        pieces.close()
+    print(f"\n## first explanation token after the results ({len(times)} queries, one at a time; ms)")
+    print(f"p50 {percentile(times, 50):.0f}  p99 {percentile(times, 99):.0f}  (target: within 1000 after the results)")
+
+
 def abstracts(n: int, tokens: int = 250) -> list[str]:
     """``n`` texts of about ``tokens`` word pieces: built-in docstrings joined in order."""
     from archlab.search.corpus import builtin_corpus
@@ -128,11 +150,12 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=120, help="queries for the latency table (>= 100)")
     parser.add_argument("--rerank", type=int, default=0, metavar="N", help="re-rank depth (needs a cross-encoder)")
     parser.add_argument("--reranker", metavar="DIR", help="cross-encoder folder (default INDEX/reranker)")
+    parser.add_argument("--explain-queries", type=int, default=20, help="queries for the first-token part")
     parser.add_argument("--docs", type=int, default=128, help="abstracts for the throughput rows")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: latency,quality,throughput")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: latency,quality,firsttoken,throughput")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# {describe_cpu()}; {args.threads} threads")
@@ -152,6 +175,10 @@ def main() -> None:
         latency(index_dir, queries, args.rerank, args.reranker)
     if "quality" not in skip:
         quality(index_dir, args.rerank, args.reranker)
+    if "firsttoken" not in skip:
+        from archlab.search.corpus import builtin_evalset
+
+        first_token(index_dir, list(builtin_evalset().queries.values())[: args.explain_queries])
     if "throughput" not in skip:
         throughput(args.docs, args.rounds, args.batch_size)
 
