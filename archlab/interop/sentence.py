@@ -31,6 +31,7 @@ from torch import Tensor
 from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.interop.bert import load_bert
 from archlab.models.bert import BertModel
+from archlab.precision import announce, choose_precision
 
 DEFAULT_MODEL = "minilm-l6"
 SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")  # the last part of sentence_transformers.models.X
@@ -144,10 +145,15 @@ def _pooling_mode(pooling_folder: Path | None) -> str:
     return mode
 
 
-def load_sentence_encoder(folder: str | Path) -> SentenceEncoder:
-    """Read a sentence-transformers folder (uncached; :func:`sentence_encoder` caches)."""
+def load_sentence_encoder(folder: str | Path, *, precision: str = "fp32") -> SentenceEncoder:
+    """Read a sentence-transformers folder (uncached; :func:`sentence_encoder` caches).
+
+    ``precision`` (:func:`archlab.precision.choose_precision` decides, and says which once): ``fp32`` (the
+    default: the file's float32 weights), ``bf16`` (the BERT's weights converted), or ``auto`` (bf16 where the CPU
+    computes it natively, fp32 where it would be emulated). Embeddings come back float32 either way."""
     from tokenizers import Tokenizer, normalizers
 
+    choose_precision(precision)  # a bad value is refused before anything is read
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder (expected a sentence-transformers model folder)")
@@ -158,6 +164,12 @@ def load_sentence_encoder(folder: str | Path) -> SentenceEncoder:
     bert = load_bert(transformer_dir)
     if not isinstance(bert, BertModel):  # a folder with pre-training heads: keep the encoder
         bert = bert.bert
+    weights = next((p.dtype for p in bert.parameters() if p.is_floating_point()), torch.float32)
+    choice = choose_precision(precision, "cpu", weights)
+    if choice.dtype is not None and choice.dtype != weights:
+        bert.to(choice.dtype)
+    if precision != "fp32":  # the default says nothing
+        announce(choice.line("sentence embedding"))
     bert.eval()
 
     st_config_file = transformer_dir / "sentence_bert_config.json"
@@ -182,11 +194,13 @@ def load_sentence_encoder(folder: str | Path) -> SentenceEncoder:
     return SentenceEncoder(folder, bert, tokenizer, max_seq_length, _pooling_mode(pooling_dir))
 
 
-_CACHE: dict[Path, SentenceEncoder] = {}
+_CACHE: dict[tuple[Path, str], SentenceEncoder] = {}
 
 
-def sentence_encoder(model: str | Path = DEFAULT_MODEL) -> SentenceEncoder:
-    """The encoder for ``model`` (``"minilm-l6"`` or a folder), loaded once per folder per process."""
+def sentence_encoder(model: str | Path = DEFAULT_MODEL, *, precision: str = "fp32") -> SentenceEncoder:
+    """The encoder for ``model`` (``"minilm-l6"`` or a folder) in ``precision`` (as :func:`load_sentence_encoder`),
+    loaded once per folder and precision per process."""
+    name = choose_precision(precision, "cpu").name  # auto resolved: one cached copy per dtype
     if str(model) == DEFAULT_MODEL:
         folder = minilm_path()
     else:
@@ -194,9 +208,9 @@ def sentence_encoder(model: str | Path = DEFAULT_MODEL) -> SentenceEncoder:
         if not folder.exists():
             raise CheckpointError(f"model {str(model)!r} is neither {DEFAULT_MODEL!r} nor an existing folder")
     folder = folder.resolve()
-    if folder not in _CACHE:
-        _CACHE[folder] = load_sentence_encoder(folder)
-    return _CACHE[folder]
+    if (folder, name) not in _CACHE:
+        _CACHE[folder, name] = load_sentence_encoder(folder, precision=name)
+    return _CACHE[folder, name]
 
 
 def embed(
