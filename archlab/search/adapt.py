@@ -3,19 +3,24 @@ r"""Adapting a cross-encoder to a corpus without labels (``archlab search adapt`
 No pretrained cross-encoder ships here, and the user's corpus has no judgments, so the training pairs are made
 from the corpus itself:
 
-1. **Pseudo-queries.** For a document ``D`` with sentences ``s_1 .. s_m``, a sentence ``s_j`` becomes a query and
-   the document *without it*, ``D \ s_j``, its positive (the inverse cloze task of Lee et al. 2019: the model must
-   match a sentence to the text around it, not find the sentence verbatim). Optionally (``generator="smollm2"``)
+1. **Pseudo-queries.** For a document ``D`` with sentences ``s_1 .. s_m``, a sentence ``s_j`` (``j >= 2``: the
+   first, summary sentence is never used) becomes a query and the document *without it*, ``D \ s_j``, its
+   positive (the inverse cloze task of Lee et al. 2019: the model must match a sentence to the text around it,
+   not find the sentence verbatim). Optionally (``generator="smollm2"``)
    SmolLM2-135M-Instruct writes a search question per document, batched; its positive is the whole document.
-2. **Hard negatives** from the first stage: ``SearchEngine.retrieve(query, k=mine_depth)`` minus the positive;
-   ``negatives`` of them sampled per query (documents the retriever confuses with the positive).
+2. **Hard negatives** from the first stage: ``SearchEngine.retrieve(query, k=mine_depth)`` minus the positive
+   and minus any document containing the query sentence (a likely false negative); ``negatives`` of them
+   sampled per query (documents the retriever confuses with the positive).
 3. **Training** a :class:`~archlab.models.bert.BertCrossEncoder` that starts from the real all-MiniLM-L6-v2
    encoder with a fresh one-unit head, with a listwise loss over each group ``(positive, negative_1 .. negative_n)``::
 
        z_g = [s(q, D+), s(q, D-_1), .., s(q, D-_n)]            logits of one group         [Q, 1 + n]
        L   = mean_q  -log softmax(z_q)_0                        (cross-entropy, target 0)
 
-   AdamW with warmup + cosine decay and gradient clipping (:mod:`archlab.train.optim`, ``schedules``).
+   AdamW with warmup + cosine decay and gradient clipping (:mod:`archlab.train.optim`, ``schedules``); the new
+   head has its own, larger rate (``head_lr``). Adam moves a weight by about its rate per step, so at an
+   encoder's rate (3e-5) 20 steps move each head weight by at most 6e-4 against its init std 0.02: the logits
+   stay near 0 and the loss at ``ln(1 + n)``, as a first run here did.
    The result is saved in the Hugging Face layout (``INDEX/reranker``) that :class:`Reranker` and
    sentence-transformers' ``CrossEncoder`` load. Everything is seeded: the same seed gives the same weights.
 
@@ -62,7 +67,10 @@ class AdaptConfig(Config):
         queries_per_doc: pseudo-queries cut from each source document (its sentences, at most).
         generator: ``sentences`` (cut from the document) or ``smollm2`` (also a question written by
             SmolLM2-135M-Instruct per document).
-        lr, warmup, weight_decay, clip: AdamW's rate (peak), linear warmup steps, decay, gradient-norm clip.
+        lr, warmup, weight_decay, clip: AdamW's peak rate for the encoder, linear warmup steps, decay,
+            gradient-norm clip.
+        head_lr: the peak rate of the new one-unit head (it starts from random, the encoder from MiniLM; at the
+            encoder's rate it moves too slowly for a short run: see the module docstring).
         max_length: the longest packed pair, in tokens (also the saved model's limit).
         seed: seeds the choice of documents and sentences, the negatives, the head and dropout.
     """
@@ -73,7 +81,8 @@ class AdaptConfig(Config):
     mine_depth: int = 30
     queries_per_doc: int = 1
     generator: str = "sentences"
-    lr: float = 3e-5
+    lr: float = 5e-5
+    head_lr: float = 1e-3
     warmup: int = 10
     weight_decay: float = 0.01
     clip: float = 1.0
@@ -81,7 +90,7 @@ class AdaptConfig(Config):
     seed: int = 0
 
     def validate(self) -> None:
-        for name in ("steps", "batch_queries", "negatives", "mine_depth", "queries_per_doc", "lr", "clip"):
+        for name in ("steps", "batch_queries", "negatives", "mine_depth", "queries_per_doc", "lr", "head_lr", "clip"):
             check_positive(name, getattr(self, name))
         require(self.mine_depth > self.negatives,
                 f"mine_depth={self.mine_depth} must exceed negatives={self.negatives} (the positive is left out)")
@@ -116,9 +125,14 @@ def split_sentences(text: str) -> list[str]:
 
 def sentence_queries(doc: Document, n: int, rng: random.Random) -> list[PseudoQuery]:
     """Up to ``n`` pseudo-queries of ``doc``: sentences of ``MIN_QUERY_WORDS .. MAX_QUERY_WORDS`` words, each cut out
-    of the document's text to make its positive (which keeps the title)."""
+    of the document's text to make its positive (which keeps the title).
+
+    The first sentence is never used: it is the summary line, which is what the built-in evaluation queries are
+    made of (:mod:`archlab.search.corpus`), so training learns to match the rest of a docstring, not the
+    evaluation's own construction.
+    """
     sentences = split_sentences(doc.text)
-    usable = [i for i, s in enumerate(sentences) if MIN_QUERY_WORDS <= len(s.split()) <= MAX_QUERY_WORDS]
+    usable = [i for i, s in enumerate(sentences) if i > 0 and MIN_QUERY_WORDS <= len(s.split()) <= MAX_QUERY_WORDS]
     out = []
     for i in rng.sample(usable, min(n, len(usable))):
         rest = " ".join(s for j, s in enumerate(sentences) if j != i)
@@ -149,9 +163,20 @@ def generated_queries(docs: Sequence[Document], *, batch_size: int = 8, max_new_
             replies = generate_batch(lm, prompts, max_new_tokens=max_new_tokens, stop_tokens=[eos])
         for doc, ids in zip(batch, replies, strict=True):
             text = " ".join(tokenizer.decode([t for t in ids if t != eos]).split()).strip("\"' ")
-            if len(text.split()) >= 2:
+            if usable_question(text, doc):
                 out.append(PseudoQuery(text, doc.id, doc.full_text))
     return out
+
+
+NOT_A_QUESTION = re.compile(r"```|\b(query|queries|following text|assist|request)\b", re.IGNORECASE)
+
+
+def usable_question(text: str, doc: Document) -> bool:
+    """Whether a generated reply can be a training query: at least 3 words, no code fence, not about the task
+    itself ("The following text ...", "I'm ready to assist"), and not copied from the document word for word
+    (SmolLM2 often returns the summary sentence, which sentence pseudo-queries leave out on purpose)."""
+    return (len(text.split()) >= 3 and not NOT_A_QUESTION.search(text)
+            and _flat(text).rstrip(".?!") not in _flat(doc.full_text))  # fmt: skip
 
 
 def make_queries(docs: Sequence[Document], count: int, config: AdaptConfig, holdout: set[str],
@@ -193,14 +218,21 @@ class Group:
     negatives: tuple[str, ...]
 
 
+def _flat(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
 def mine_negatives(engine, queries: Sequence[PseudoQuery], config: AdaptConfig, holdout: set[str],
                    rng: random.Random) -> list[Group]:  # fmt: skip
     """A :class:`Group` per query: ``negatives`` documents sampled from ``engine.retrieve(query, mine_depth)``
-    leaving out the query's own document and the held-out ones (queries with too few candidates are dropped)."""
+    leaving out the query's own document, the held-out ones and likely false negatives (a document that contains
+    the query sentence itself: docstrings repeat each other); queries with too few candidates are dropped."""
     groups = []
     for pq in queries:
         hits = engine.retrieve(pq.query, k=config.mine_depth)
-        pool = [h.doc.full_text for h in hits if h.doc.id != pq.doc_id and h.doc.id not in holdout]
+        needle = _flat(pq.query)
+        pool = [h.doc.full_text for h in hits if h.doc.id != pq.doc_id and h.doc.id not in holdout
+                and needle not in _flat(h.doc.full_text)]  # fmt: skip
         if len(pool) >= config.negatives:
             groups.append(Group(pq.query, pq.positive, tuple(rng.sample(pool, config.negatives))))
     if not groups:
@@ -208,15 +240,28 @@ def mine_negatives(engine, queries: Sequence[PseudoQuery], config: AdaptConfig, 
     return groups
 
 
-def group_loss(reranker: Reranker, groups: Sequence[Group]) -> torch.Tensor:
-    """The listwise loss of a batch of groups: cross-entropy of the positive among its group's logits."""
+def group_loss(reranker: Reranker, groups: Sequence[Group], chunk: int = 8) -> torch.Tensor:
+    """The listwise loss of a batch of groups: cross-entropy of the positive among its group's logits.
+
+    The ``Q (1 + n)`` pairs go through the model ``chunk`` at a time in order of length (each chunk padded to
+    its own longest pair, not the batch's), and their logits are put back in group order::
+
+        z = [s(q, D+), s(q, D-_1), .., s(q, D-_n)]  per group      [Q, 1 + n]
+        L = mean_q -log softmax(z_q)_0
+    """
     queries, docs = [], []
     for g in groups:
         for text in (g.positive, *g.negatives):
             queries.append(g.query)
             docs.append(text)
-    logits = reranker.forward(reranker.pack(queries, docs)).float().view(len(groups), -1)  # [Q, 1 + n]
-    return F.cross_entropy(logits, torch.zeros(len(groups), dtype=torch.long))
+    lengths = [len(a) + len(b) for a, b in zip(reranker._ids(queries), reranker._ids(docs), strict=True)]
+    order = sorted(range(len(docs)), key=lambda i: lengths[i])
+    parts = []
+    for start in range(0, len(order), chunk):
+        rows = order[start : start + chunk]
+        parts.append(reranker.forward(reranker.pack([queries[i] for i in rows], [docs[i] for i in rows])).float())
+    logits = torch.cat(parts).index_select(0, torch.tensor(order).argsort())  # back to group order
+    return F.cross_entropy(logits.view(len(groups), -1), torch.zeros(len(groups), dtype=torch.long))
 
 
 def _passes(n: int, rng: random.Random):
@@ -261,7 +306,10 @@ def adapt(engine, config: AdaptConfig = AdaptConfig(), *, holdout: set[str] = fr
 
     reranker = Reranker.from_encoder(encoder, seed=config.seed, max_length=config.max_length)
     model = reranker.model
-    optimizer = build_optimizer(model, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(model.bert, lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
+                                weight_decay=config.weight_decay)  # fmt: skip
+    optimizer.add_param_group({"params": list(model.classifier.parameters()), "lr": config.head_lr,
+                               "weight_decay": 0.0})  # fmt: skip
     scheduler = build_scheduler(optimizer, WarmupCosine(config.warmup, config.steps))
     model.train()
     losses = []
@@ -381,5 +429,5 @@ def rows_json(rows: Sequence[MeasureRow]) -> list[dict]:
 
 __all__ = [
     "AdaptConfig", "AdaptResult", "Group", "MeasureRow", "PseudoQuery", "adapt", "format_rows", "generated_queries",
-    "make_queries", "measure", "mine_negatives", "rows_json", "sentence_queries", "split_sentences",
+    "make_queries", "measure", "mine_negatives", "rows_json", "sentence_queries", "split_sentences", "usable_question",
 ]  # fmt: skip

@@ -243,7 +243,9 @@ def declare_adapt(parser: argparse.ArgumentParser) -> None:
                         help=f"hard negatives per query, from the first stage's top {d.mine_depth} (default {d.negatives})")
     parser.add_argument("--generator", choices=GENERATORS, default=d.generator, help="where pseudo-queries come "
                         "from: sentences cut from the document, or also questions written by SmolLM2-135M-Instruct")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate of the encoder (default {d.lr})")
+    parser.add_argument("--head-lr", type=float, default=d.head_lr,
+                        help=f"peak learning rate of the new head (default {d.head_lr})")
     parser.add_argument("--max-length", type=int, default=d.max_length, metavar="T",
                         help=f"longest (query, document) pair in tokens (default {d.max_length})")
     parser.add_argument("--seed", type=int, default=d.seed, help="seeds the data, the head and dropout")
@@ -272,7 +274,8 @@ def run_adapt(args: argparse.Namespace) -> int:
         raise ConfigError(f"--depths={args.depths!r} must be ints >= 1 and --eval-queries={args.eval_queries} >= 0")
     config = AdaptConfig(steps=args.steps, batch_queries=args.batch, negatives=args.negatives,
                          queries_per_doc=args.queries_per_doc, generator=args.generator, lr=args.lr,
-                         max_length=args.max_length, seed=args.seed, warmup=min(AdaptConfig.warmup, args.steps // 10))
+                         head_lr=args.head_lr, max_length=args.max_length, seed=args.seed,
+                         warmup=min(AdaptConfig.warmup, args.steps // 10))
     engine = SearchEngine.open(args.index)
     corpus = engine.manifest["corpus"]
     evalset = None

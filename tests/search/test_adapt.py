@@ -1,6 +1,7 @@
 """`archlab search adapt`'s mechanics on a 50-document index: pseudo-queries, hold-out, negatives, a falling loss,
 a saved model that reloads to the same scores (here and in sentence-transformers), determinism, the measurement."""
 
+import math
 import random
 
 import pytest
@@ -167,3 +168,65 @@ def test_adapt_from_the_real_minilm_weights(small, tmp_path):
     ours = torch.tensor(result.reranker.score("open a file", docs))
     theirs = torch.as_tensor(CrossEncoder(str(folder), device="cpu").predict([("open a file", d) for d in docs]))
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_group_loss_chunks_by_length_and_puts_logits_back_in_group_order(tmp_path):
+    """Pairs go through the model in length-sorted chunks; the loss equals the one of a single unsorted batch."""
+    import torch.nn.functional as F
+
+    from archlab.search.adapt import Group, group_loss
+    from archlab.search.rerank import Reranker
+
+    reranker = Reranker.from_encoder(tiny_encoder(tmp_path / "enc"), max_length=64)
+    groups = [Group("open a file", "io.open\n\nOpen file and return a stream, with many more words in it.",
+                    ("x", "json.dumps\n\nSerialize obj.")),
+              Group("a longer query about sockets and timeouts", "s", ("socket.timeout\n\nA deprecated alias.", "y z"))]
+    flat_q = [g.query for g in groups for _ in range(3)]
+    flat_d = [t for g in groups for t in (g.positive, *g.negatives)]
+    with torch.no_grad():
+        reranker.model.eval()
+        logits = reranker.forward(reranker.pack(flat_q, flat_d)).view(2, 3)
+        expected = F.cross_entropy(logits, torch.zeros(2, dtype=torch.long))
+        for chunk in (1, 2, 4, 100):
+            torch.testing.assert_close(group_loss(reranker, groups, chunk=chunk), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_a_tiny_cross_encoder_overfits_a_handful_of_pairs_to_the_right_order(tmp_path):
+    """The mechanics that once failed (loss stuck at ln(1 + n)): gradient reaches the head through the pooler,
+    the positive sits at logit 0, the head has its own rate. Eight groups must be learnt to a loss near 0 and
+    every positive must score above its negatives afterwards."""
+    from archlab.search.adapt import Group, group_loss
+    from archlab.search.rerank import Reranker
+    from archlab.train.optim import build_optimizer
+
+    docs = [d for d in builtin_corpus() if 20 <= len(d.text.split()) <= 60][:32]
+    groups = [Group(split_sentences(docs[i].text)[0], docs[i].full_text, tuple(d.full_text for d in docs[i + 1 : i + 4]))
+              for i in range(0, 32, 4)]  # fmt: skip
+    reranker = Reranker.from_encoder(tiny_encoder(tmp_path / "enc"), max_length=96, seed=0)
+    model = reranker.model
+    optimizer = build_optimizer(model.bert, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    optimizer.add_param_group({"params": list(model.classifier.parameters()), "lr": 1e-2, "weight_decay": 0.0})
+    torch.manual_seed(0)
+    model.train()
+    losses = []
+    for _ in range(60):  # a plateau near ln 4 for about 25 steps, then the fall
+        loss = group_loss(reranker, groups)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    print([round(x, 3) for x in losses[::6]])
+    assert abs(losses[0] - math.log(4)) < 0.2 and losses[-1] < 0.05, losses
+    for g in groups:
+        scores = reranker.score(g.query, [g.positive, *g.negatives])
+        assert scores[0] > max(scores[1:]), (g.query, scores)
+
+
+def test_generated_replies_that_are_not_questions_are_dropped():
+    from archlab.search.adapt import usable_question
+
+    doc = Document("logging.X", "logging.X", "A handler class which sends an email. It needs a mail host.")
+    assert usable_question("How do I send log records by email?", doc)
+    for reply in ("I'm ready to assist. What's your request?", "```python def f(): pass", "two words",
+                  "The following text returns an iterable of entries.", "A handler class which sends an email."):
+        assert not usable_question(reply, doc), reply
