@@ -12,8 +12,17 @@ cannot be token-equal to fp32: the script prints their top-1 agreement with fp32
 and the generated tokens, teacher-forced) and how many of their greedy tokens match fp32's before the first
 difference (``--no-quant`` leaves them out).
 
+llama.cpp (``llama-cpp-python``, a benchmark-only extra built from source) runs on the same GGUF file, its blocks
+as stored (SmolLM2's file: Q4_1, the embedding/head in Q8_0 or as the file says; the table printed first), with
+``--llama-threads`` threads (default: the torch threads), greedy (``temp=0``, no repetition penalty), fed the
+same prompt token ids and decoding the same number of tokens, its prompt re-read every round (``reset()``, no
+prefix cache). Its tokens cannot be equal to fp32's (4-bit weights); the script prints for how many they are.
+The last line is the ratio of archlab's fastest mode to llama.cpp. Without ``llama_cpp`` the row is left
+out, saying why.
+
     python benchmarks/decode_llama.py
     python benchmarks/decode_llama.py --new-tokens 64 --rounds 3
+    python benchmarks/decode_llama.py --no-quant --no-llama-cpp
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ def main() -> None:
     parser.add_argument("--gguf", default=None, help="a Llama GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
     parser.add_argument("--bf16", action="store_true", help="time HF bf16 even where bf16 is emulated")
     parser.add_argument("--no-quant", action="store_true", help="leave out archlab's quantized rows")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="leave out llama.cpp")
+    parser.add_argument("--llama-threads", type=int, default=None, help="llama.cpp's threads (default: --threads)")
     args = parser.parse_args()
     print(setup(args.threads, args.keep_memory))
     import transformers
@@ -95,6 +106,9 @@ def main() -> None:
             print(f"  {quality(ours, model, a, name)} (fp32's sequence, teacher-forced); its greedy tokens equal "
                   f"fp32's for the first {same} of {n}")  # fmt: skip
             peers.append(Peer(name, archlab_runner(model), tokens=n))
+    llama = None if args.no_llama_cpp else llama_cpp_peer(path, prompt, a, n, args.llama_threads or args.threads)
+    if llama is not None:
+        peers.append(llama)
     bf16, why = native_bf16("cpu")
     if bf16 or args.bf16:
         hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
@@ -111,7 +125,45 @@ def main() -> None:
     print(table(rows, ["peer", "ms/token", "tokens/s", "vs hf fp32"]))
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     print(f"\n{weight_bytes / 1e6:.0f} MB of fp32 weights read per token")
+    if llama is not None:
+        best = max((p for p in peers if p.name.startswith("archlab")), key=lambda p: p.tokens_per_s)
+        print(f"archlab's fastest mode ({best.name}) / llama.cpp: {best.tokens_per_s / llama.tokens_per_s:.2f}x "
+              f"tokens/s (target >= 1.0x)")  # fmt: skip
     write_json(args.json, {p.name: {"tokens_per_s": p.tokens_per_s, "times": p.times} for p in peers})
+
+
+def llama_cpp_peer(path: Path, prompt: torch.Tensor, reference: torch.Tensor, n: int, threads: int) -> Peer | None:
+    """llama.cpp greedy on the GGUF file as stored, fed ``prompt``'s ids; None (said why) without llama_cpp."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        print(f"\nllama.cpp left out: llama_cpp does not import ({e}); it is a benchmark-only extra "
+              "(llama-cpp-python, built from source)")  # fmt: skip
+        return None
+    from collections import Counter
+
+    import gguf
+
+    kinds = Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors)
+    ids = prompt[0].tolist()
+    model = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids) + n + 8, n_threads=threads,
+                            n_threads_batch=threads, verbose=False)  # fmt: skip
+
+    def run() -> list[int]:
+        model.reset()  # no prefix cache: the prompt is read every time, as archlab's peers do
+        out = []
+        for token in model.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+            out.append(token)
+            if len(out) == n:
+                break
+        return out
+
+    tokens = run()
+    ours = reference[0, len(ids):].tolist()
+    same = next((i for i, (x, y) in enumerate(zip(tokens, ours)) if x != y), min(len(tokens), len(ours)))
+    print(f"\nllama.cpp {llama_cpp.__version__}: the file's tensor types {dict(kinds)}, {threads} threads; "
+          f"its greedy tokens equal archlab fp32's for the first {same} of {n}")  # fmt: skip
+    return Peer(f"llama.cpp {kinds.most_common(1)[0][0]}", run, tokens=n)
 
 
 if __name__ == "__main__":
