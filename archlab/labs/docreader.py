@@ -168,12 +168,20 @@ def question_kind(question: str) -> str:
 
 
 def reader_accuracy(reader: str = "hierarchical", view: str = "full", *, steps: int = 300, batch_size: int = 16,
-                    pages: int = 4, seed: int = 0, n_test: int = 256) -> dict[str, float]:  # fmt: skip
-    """``docreader-tiny`` (``reader``: hierarchical, flat or question) trained ``steps`` AdamW steps (lr 2e-3,
+                    pages: int = 4, lr: float = 2e-3, seed: int = 0,
+                    n_test: int = 256) -> dict[str, float]:  # fmt: skip
+    """``docreader-tiny`` (``reader``: hierarchical, flat or question) trained ``steps`` AdamW steps (``lr``, 10%
     warmup then cosine) on new documents of 2..``pages`` pages seen through ``view`` (full, single, question:
-    :func:`archlab.data.documents.view`); its accuracy on the first ``n_test`` test documents, seen the same way:
-    ``{"all": ..., "largest": ..., "digit": ..., "count": ...}``."""
-    from archlab.data.documents import DocumentBatches, DocumentTask, view as shown
+    :func:`archlab.data.documents.view`); its accuracy on the first ``n_test`` test documents, seen the same way,
+    its parameters and its training step's memory::
+
+        {"all", "largest", "digit", "count": accuracy, "params": the parameters the reader uses (those that get a
+         gradient; the modules of the other readers are built but idle), "peak_mb": torch's CPU allocator peak
+         over one forward + backward of the first training batch, gradient buffers already held (MB)}
+    """
+    import torch.nn.functional as F
+
+    from archlab.data.documents import QUESTION_KINDS, DocumentBatches, DocumentTask, view as shown
     from archlab.labs.common import train_task
     from archlab.models.docreader import DocBatch, DocReaderTokenizer, collate
     from archlab.models.registry import build_model, get_config
@@ -184,15 +192,26 @@ def reader_accuracy(reader: str = "hierarchical", view: str = "full", *, steps: 
     batches = DocumentBatches(task, lambda docs: collate(docs, config, tokenizer)._asdict(), batch_size=batch_size,
                               seed=seed, view=view)  # fmt: skip
     torch.manual_seed(seed)
-    model = train_task(build_model(config), "custom", batches, steps, lr=2e-3, label=f"{reader} reader, {view}")
+    model = train_task(build_model(config), "custom", batches, steps, lr=lr, label=f"{reader} reader, {view}")
+    batch = DocBatch(**batches.batch(0))
+
+    def step() -> None:
+        F.cross_entropy(model(batch), batch.answers).backward()
+
+    model.zero_grad(set_to_none=True)
+    step()  # once unmeasured: it tells the parameters this reader uses (the others get no gradient)
+    used = sum(p.numel() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=False)  # the gradients' buffers are held before the measured step, as in training
+    peak = peak_bytes(step)
     model.eval()
     docs = [shown(task.document(i, seed=seed, split="test"), view, i) for i in range(n_test)]
-    right: dict[str, list[bool]] = {"largest": [], "digit": [], "count": []}
+    right: dict[str, list[bool]] = {kind: [] for kind in QUESTION_KINDS}
     with torch.no_grad():
-        for first in range(0, n_test, 64):
-            part = docs[first : first + 64]
+        for start in range(0, n_test, 64):
+            part = docs[start : start + 64]
             predicted = model(DocBatch(*collate(part, config, tokenizer))).argmax(-1).tolist()
             for doc, guess in zip(part, predicted, strict=True):
                 right[question_kind(doc.question)].append(guess == doc.answer)
     every = [r for kind in right.values() for r in kind]
-    return {"all": sum(every) / len(every), **{k: sum(v) / max(len(v), 1) for k, v in right.items()}}
+    accuracy = {"all": sum(every) / len(every), **{k: sum(v) / max(len(v), 1) for k, v in right.items()}}
+    return {**accuracy, "params": used, "peak_mb": peak / 1e6}

@@ -74,17 +74,45 @@ def test_a_token_window_model_is_refused_documents():
         prepare(RunSpec("elmo-small", data={"source": "documents"}))
 
 
+def test_reader_accuracy_measures_the_readers_memory_and_parameters():
+    """Two training steps each (accuracy stays at chance): the measurements the slow tier compares. At the same
+    batch the flat reader (every fused token to full attention) holds more than the hierarchical one, and the
+    question-only reader, which reads no page, a fraction of either; each counts only the parameters it uses."""
+    from archlab.labs.docreader import reader_accuracy
+
+    runs = {r: reader_accuracy(r, v, steps=2, n_test=8)
+            for r, v in (("hierarchical", "full"), ("flat", "full"), ("question", "question"))}  # fmt: skip
+    for result in runs.values():
+        assert set(result) == {"all", "largest", "digit", "count", "params", "peak_mb"}
+        assert 0 <= result["all"] <= 1
+    hierarchical, flat, question = runs["hierarchical"], runs["flat"], runs["question"]
+    assert flat["peak_mb"] > 1.1 * hierarchical["peak_mb"] > 1.1 * 5 * question["peak_mb"], runs
+    assert hierarchical["params"] > flat["params"] > question["params"] > 0  # flat: no Perceiver, no page levels
+
+
 # -- slow tier: what the tiny reader learns, against its baselines, at the same training budget -----------------
+
+
+#: The trained reader's margin over the better of the question-only and single-page baselines (accuracy on all
+#: question kinds): the issue's "well above".
+MARGIN = 0.10
 
 
 @pytest.mark.slow
 def test_the_trained_reader_beats_the_question_only_and_single_page_baselines():
     """docreader-tiny trained 300 steps of 16 documents (2..4 pages) on the full documents, on the question alone,
-    and on one page of each document; accuracy on 256 held-out test documents."""
+    and on one page of each document, and the flat reader (every token, full attention) on the full documents;
+    accuracy on 256 held-out test documents, per question kind, with each reader's parameters and its training
+    step's allocator peak."""
     from archlab.labs.docreader import reader_accuracy
 
-    full = reader_accuracy("hierarchical", "full")
-    question = reader_accuracy("question", "question")
-    single = reader_accuracy("hierarchical", "single")
-    print(f"accuracy: reader {full}, question only {question}, single page {single}")
-    assert full["all"] >= max(question["all"], single["all"]) + 0.10, (full, question, single)
+    runs = {"reader": reader_accuracy("hierarchical", "full"),
+            "question only": reader_accuracy("question", "question"),
+            "single page": reader_accuracy("hierarchical", "single"),
+            "flat": reader_accuracy("flat", "full")}  # fmt: skip
+    for name, r in runs.items():
+        print(f"{name:13s} all {r['all']:.3f}  largest {r['largest']:.3f}  digit {r['digit']:.3f}  "
+              f"count {r['count']:.3f}  params {r['params']:,}  peak {r['peak_mb']:.1f} MB")  # fmt: skip
+    full, question, single, flat = runs.values()
+    assert flat["peak_mb"] > full["peak_mb"], runs  # the same batch costs the flat reader more memory
+    assert full["all"] >= max(question["all"], single["all"]) + MARGIN, runs
