@@ -27,6 +27,9 @@ Drafts (:func:`make_draft` builds them from a name):
 * ``"layers:M"``, :class:`DraftModel` of :func:`first_layers`: the model's first ``M`` blocks with its final
   norm and LM head (the same weights, nothing copied); or any smaller model with the same vocabulary.
 
+A verify pass multiplies ``k + 1`` rows by every weight: its products run on oneDNN-packed copies of the weights
+(:func:`archlab.nn.linear.packed_for_rows`, while decoding runs), where a few rows cost little more than one.
+
 Batch size 1: the rows of a batch would accept different numbers of tokens, and so need ragged caches. The
 target and a draft model need KV caches that can be cropped (GPT, Llama); other models are refused.
 Call ``model.eval()`` first if it has dropout.
@@ -46,6 +49,7 @@ from torch import Tensor, nn
 from archlab.errors import ConfigError, ShapeError
 from archlab.generation import _check_ids_in_vocab, _check_int, check_decoding, filter_logits
 from archlab.models.decoder import DecoderLM
+from archlab.nn.linear import packed_for_rows
 
 DRAFTS = ("lookup", "layers:M")  # the names make_draft knows
 
@@ -355,6 +359,12 @@ def speculative_stream(
 def _speculate(model, cache, drafter, input_ids, max_new_tokens, k, sampling, stop, stats):
     """The rounds of :func:`speculative_stream` (arguments checked). The target's cache always holds every
     token of the sequence but the last, which the next round feeds with its drafts."""
+    with packed_for_rows(model, k + 1):  # the verify passes' k' + 1 rows on oneDNN-packed weights (archlab.nn.linear)
+        yield from _rounds(model, cache, drafter, input_ids, max_new_tokens, k, sampling, stop, stats)
+
+
+def _rounds(model, cache, drafter, input_ids, max_new_tokens, k, sampling, stop, stats):
+    """:func:`_speculate`'s loop."""
     tokens = input_ids[0].tolist()
     if len(tokens) > 1 and max_new_tokens > 0:
         _step(model, keep=1)(input_ids[:, :-1], cache)
