@@ -27,6 +27,7 @@ Generation runs under ``torch.no_grad()`` and does not change the model's train/
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -404,7 +405,8 @@ def generate_batch(
     for row, prompt in enumerate(prompts):
         input_ids[row, n0 - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
         attention_mask[row, n0 - len(prompt) :] = 1
-    with packed_for_rows(model, len(prompts)):  # B-row products on oneDNN-packed weights (archlab.nn.linear)
+    packing = packed_for_rows(model, len(prompts)) if len(prompts) > 1 else contextlib.nullcontext()
+    with packing:  # B-row products on oneDNN-packed weights (archlab.nn.linear)
         out = generate(
             model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, stop_tokens=stop,
             pad_id=0 if stop else None, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
