@@ -144,7 +144,7 @@ def run(quick: bool, seed: int) -> LabResult:
                     smooth = [sum(r["losses"][max(0, i - 9): i + 1]) / len(r["losses"][max(0, i - 9): i + 1])
                               for i in range(len(r["losses"]))]  # fmt: skip
                     ax.plot(range(1, len(smooth) + 1), smooth, color=colour, lw=1, alpha=0.8,
-                            label=f"{schedule} warmup" if schedule == "none" and k == 0 else
+                            label="no warmup" if schedule == "none" and k == 0 else
                             (f"warmup {warmup} steps" if k == 0 else None))  # fmt: skip
             ax.axhline(unigram, color="gray", ls="-.", lw=0.8, label=f"unigram {unigram:.2f}")
             ax.axvline(warmup, color="k", ls=":", lw=0.8)
