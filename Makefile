@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install -q -c constraints.txt
 STAMP  := $(VENV)/.installed-test
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: setup demo demo-dates labs report search-demo test test-avx2 test-all bench clean
+.PHONY: setup demo demo-dates labs report search-demo test test-avx2 test-all bench bench-llama clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -75,6 +75,17 @@ test-all: $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/train_step.py
+
+# llama.cpp for benchmarks/decode_llama.py, built from source without -march=native (a native build crashed in eval on
+# the Intel kind); AVX-512 only where the CPU has it.
+cpu_has = $(if $(shell grep -qw $(1) /proc/cpuinfo && echo y),ON,OFF)
+LLAMA_FLAGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=$(call cpu_has,avx512f) -DGGML_AVX512_VNNI=$(call cpu_has,avx512_vnni) \
+	-DGGML_AVX512_BF16=$(call cpu_has,avx512_bf16)
+bench-llama: $(BENCH_STAMP)
+	CMAKE_ARGS="$(LLAMA_FLAGS)" \
+		$(PIP) -e '.[bench-llama]'
+	$(PY) benchmarks/decode_llama.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
