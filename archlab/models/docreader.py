@@ -90,6 +90,7 @@ class Document:
 # ================================================================================================
 
 READERS = ("hierarchical", "flat", "question")
+PAGE_QUESTION = ("none", "latents", "fusion")
 TEXT_POSITIONS = ("rope", "learned", "none")
 PAGE_POSITIONS = ("learned+page", "page", "none")
 TABLE_POSITIONS = ("2d", "none")
@@ -119,6 +120,11 @@ class DocReaderConfig(AttentionConfig, Config):
         fusion_layers: cross-modal attention layers per page.
         n_latents: ``L``, Perceiver latents per page (card: 64); also the number of document summary tokens.
         perceiver_layers: (cross-attention, self-attention) layers of the resampler.
+        page_question: whether a page is read knowing the question (both deviate from the card, whose pages are
+            encoded and compressed question-blind, for training at this scale). ``none`` (the card);
+            ``latents``: the question's pooled state, projected, is added to every page's Perceiver latents
+            before they read the page; ``fusion``: the question's tokens join every page's fusion layers as
+            extra keys, so each page token can match the question's words before the Perceiver compresses it.
         page_layers: layers of the page-level transformer.
         page_window: pages a page sees, Longformer's convention: ``page_window // 2`` on each side (8: pages
             ``p - 4 .. p + 4``).
@@ -166,6 +172,7 @@ class DocReaderConfig(AttentionConfig, Config):
     fusion_layers: int = 2
     n_latents: int = 64
     perceiver_layers: int = 2
+    page_question: str = "none"
     page_layers: int = 8
     page_window: int = 8
     reason_layers: int = 8
@@ -199,6 +206,7 @@ class DocReaderConfig(AttentionConfig, Config):
         check_divisible("d_model", self.d_model, "n_heads", self.n_heads)
         check_divisible("image_size", self.image_size, "patch_size", self.patch_size)
         check_choice("reader", self.reader, READERS)
+        check_choice("page_question", self.page_question, PAGE_QUESTION)
         check_choice("text_positions", self.text_positions, TEXT_POSITIONS)
         check_choice("page_positions", self.page_positions, PAGE_POSITIONS)
         check_choice("table_positions", self.table_positions, TABLE_POSITIONS)
@@ -685,6 +693,10 @@ class ModalityFusion(nn.Module):
 
     A modality embedding ``E_mod[m]`` marks each token's kind first. A token whose page has no other modality
     gets a zero attention output (archlab's contract for a query with no key), so it passes unchanged.
+
+    ``page_question="fusion"`` (not the card's) appends the question's token states ``[n, N_q, d]`` to every
+    layer's keys and values (the question itself is not updated): a page token attends the other modalities and
+    the question, so a page can mark the words the question asks about.
     """
 
     def __init__(self, config: DocReaderConfig):
@@ -698,16 +710,22 @@ class ModalityFusion(nn.Module):
         )
         self.checkpointing = c.checkpointing
 
-    def forward(self, x: Tensor, modality: Tensor, mask: Tensor) -> Tensor:
-        """``x [n, N, d]``, ``modality [N]`` (0 text, 1 table, 2 image), ``mask [n, N]`` (True = real)."""
+    def forward(self, x: Tensor, modality: Tensor, mask: Tensor, question: Tensor | None = None,
+                question_mask: Tensor | None = None) -> Tensor:
+        """``x [n, N, d]``, ``modality [N]`` (0 text, 1 table, 2 image), ``mask [n, N]`` (True = real); with
+        ``question [n, N_q, d]`` and ``question_mask [n, N_q]`` the question's tokens are extra keys."""
         x = x + self.modality(modality)
         cross = (modality[:, None] != modality[None, :])[None, None]  # [1, 1, N, N]
         allowed = cross & mask[:, None, None, :]  # [n, 1, N, N]: other modalities' real tokens
+        if question is not None:
+            asked = question_mask[:, None, None, :].expand(-1, 1, x.shape[1], -1)  # [n, 1, N, N_q]
+            allowed = torch.cat([allowed.expand(x.shape[0], -1, -1, -1), asked], dim=-1)
         for block in self.blocks:
+            memory = x if question is None else torch.cat([x, question], dim=1)
             if self.checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, x, allowed, use_reentrant=False)
+                x = checkpoint(block, x, memory, allowed, use_reentrant=False)
             else:
-                x = block(x, x, allowed)
+                x = block(x, memory, allowed)
         return x
 
 
@@ -729,6 +747,10 @@ class PerceiverResampler(nn.Module):
     ``Z_0 [L, d]`` read the page's ``N`` fused tokens by cross-attention (latents are the queries),
     ``Z <- Z + MHA(LN(Z), LN(X))``, then self-attend; ``perceiver_layers`` times. ``[n, N, d]`` -> ``[n, L, d]``.
     The cost is ``O(L N)``, not ``O(N^2)``, and every later stage sees ``L`` tokens per page instead of ``N``.
+
+    ``page_question="latents"`` (not the card's: its latents are question-blind) starts from
+    ``Z_0 + W_q \bar q`` instead, ``\bar q [n, d]`` the question's mean token state (the same question for every
+    page of a document), so what a page keeps depends on what is asked.
     """
 
     def __init__(self, config: DocReaderConfig):
@@ -736,13 +758,21 @@ class PerceiverResampler(nn.Module):
         c = config
         self.latents = nn.Parameter(torch.empty(c.n_latents, c.d_model))  # Z_0
         nn.init.normal_(self.latents, std=0.02)
+        self.question = nn.Linear(c.d_model, c.d_model) if c.page_question == "latents" else None  # W_q
+        if self.question is not None:
+            _init_reader(self.question)
         self.layers = nn.ModuleList(PerceiverLayer(c) for _ in range(c.perceiver_layers))
         self.norm = LayerNorm(c.d_model, c.eps)
         self.checkpointing = c.checkpointing
 
-    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        """``tokens [n, N, d]``, ``mask [n, N]`` (True = real) -> latents ``[n, L, d]``."""
+    def forward(self, tokens: Tensor, mask: Tensor, question: Tensor | None = None) -> Tensor:
+        """``tokens [n, N, d]``, ``mask [n, N]`` (True = real), ``question [n, d]`` (the pooled question of each
+        page's document; needed with ``page_question="latents"``, ignored otherwise) -> latents ``[n, L, d]``."""
         z = self.latents.expand(tokens.shape[0], -1, -1)
+        if self.question is not None:
+            if question is None:
+                raise ShapeError("page_question='latents': the resampler needs the pooled question [n, d]")
+            z = z + self.question(question)[:, None, :]
         key_mask = padding_mask(mask)
         for layer in self.layers:
             if self.checkpointing and torch.is_grad_enabled():
@@ -869,9 +899,10 @@ class DocReader(nn.Module):
             getattr(self, name).requires_grad_(False)
 
     # -- stage 1: each page on its own -----------------------------------------------------------------------------
-    def encode_pages(self, batch: DocBatch) -> tuple[Tensor, Tensor]:
+    def encode_pages(self, batch: DocBatch, question: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Fused tokens of every page: ``[B, P, N_page, d]`` and their mask ``[B, P, N_page]``, ``N_page = N_t + N_c
-        + 1 + n_patches`` (text, then table, then image tokens)."""
+        + 1 + n_patches`` (text, then table, then image tokens); ``question [B, N_q, d]`` (its token states) joins
+        the fusion when ``page_question="fusion"``."""
         c = self.config
         b, p, n_t = batch.text_ids.shape
         n_c, n_img = batch.table_ids.shape[-1], 1 + c.n_patches
@@ -886,7 +917,11 @@ class DocReader(nn.Module):
         tokens = torch.cat([text, table, image], dim=1)  # [B P, N_page, d]
         mask = torch.cat([text_mask, table_mask, image_on[:, None].expand(-1, n_img)], dim=1)
         modality = torch.tensor([TEXT] * n_t + [TABLE] * n_c + [IMAGE] * n_img, device=tokens.device)
-        fused = self.fusion(tokens, modality, mask)
+        if c.page_question == "fusion" and question is not None:  # every page of a document sees its question
+            asked = (question.repeat_interleave(p, dim=0), batch.question_mask.repeat_interleave(p, dim=0))
+            fused = self.fusion(tokens, modality, mask, *asked)
+        else:
+            fused = self.fusion(tokens, modality, mask)
         return fused.view(b, p, *fused.shape[1:]), mask.view(b, p, -1)
 
     def _encode(self, encoder: nn.Module, rows: Tensor | None, shape: tuple[int, int], *inputs: Tensor) -> Tensor:
@@ -906,7 +941,7 @@ class DocReader(nn.Module):
         question = self.text(batch.question_ids, batch.question_mask)  # [B, N_q, d]
         parts = [("question",) + _pad_to(question, batch.question_mask, c.max_question_len)]
         if c.reader == "hierarchical":
-            parts += self.read_hierarchically(batch)
+            parts += self.read_hierarchically(batch, question)
         elif c.reader == "flat":
             parts = [("question", question, batch.question_mask), *self.read_flat(batch)]
         else:
@@ -914,12 +949,17 @@ class DocReader(nn.Module):
         h = self.reasoning(parts)
         return self.head(self.head_norm(h[:, 0]))  # the question's [CLS] state
 
-    def read_hierarchically(self, batch: DocBatch) -> list[tuple[str, Tensor, Tensor]]:
-        """The reasoning module's document tokens: summary, page starts, table headers (global) and latents."""
+    def read_hierarchically(self, batch: DocBatch, question: Tensor) -> list[tuple[str, Tensor, Tensor]]:
+        """The reasoning module's document tokens: summary, page starts, table headers (global) and latents;
+        ``question [B, N_q, d]`` (the question's token states) conditions the Perceiver when
+        ``page_question="latents"``."""
         c = self.config
-        fused, mask = self.encode_pages(batch)  # [B, P, N_page, d]
+        fused, mask = self.encode_pages(batch, question)  # [B, P, N_page, d]
         b, p, n_page, d = fused.shape
-        latents = self.perceiver(fused.view(b * p, n_page, d), mask.view(b * p, n_page)).view(b, p, c.n_latents, d)
+        real = batch.question_mask[..., None].to(question.dtype)
+        pooled = (question * real).sum(1) / real.sum(1).clamp(min=1)  # the question's mean state [B, d]
+        latents = self.perceiver(fused.view(b * p, n_page, d), mask.view(b * p, n_page),
+                                 pooled.repeat_interleave(p, dim=0)).view(b, p, c.n_latents, d)  # fmt: skip
         summary, pages = self.pages(latents, batch.page_mask)
         page = self.pages.page_embedding(p, fused.device)
         n_t = batch.text_ids.shape[-1]

@@ -182,6 +182,64 @@ def test_perceiver_cross_attention_is_attend_with_the_latents_as_queries():
     torch.testing.assert_close(full, h + layer.ffn(layer.ffn_norm(h)), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("query", ["none", "latents", "fusion"])
+def test_pages_know_the_question_only_when_asked_to(tokenizer, query):
+    """``page_question="latents"`` starts the latents at ``Z_0 + W_q mean(question states)`` and ``"fusion"`` lets
+    the page tokens attend the question in fusion, so another question gives other page latents; the card's
+    question-blind pages (``"none"``) stay exactly the same."""
+    c = config(page_question=query)
+    m = model(c).double()
+    docs = documents(c)
+    seen = []
+    m.perceiver.layers[0].register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
+    batches = [collate(docs, c, tokenizer)]
+    docs[0].question = docs[1].question = "which digit is shown on the page about rain?"
+    batches.append(collate(docs, c, tokenizer))
+    with torch.no_grad():
+        for batch in batches:
+            m(batch._replace(images=batch.images.double()))
+    (z_a, out_a), (z_b, out_b) = seen
+    if query == "none":
+        assert m.perceiver.question is None
+        assert torch.equal(out_a, out_b)
+        return
+    assert (out_a - out_b).abs().amax() > 1e-6
+    if query == "fusion":
+        assert m.perceiver.question is None
+        return
+    batch = batches[0]
+    with torch.no_grad():  # the starting queries from their equation, one question per page of its document
+        states = m.text(batch.question_ids, batch.question_mask)
+        real = batch.question_mask[..., None].double()
+        pooled = (states * real).sum(1) / real.sum(1)
+        want = m.perceiver.latents + m.perceiver.question(pooled)[:, None, None, :]  # [B, 1, L, d]
+    p = batch.page_mask.shape[1]
+    want = want.expand(-1, p, -1, -1).reshape(-1, c.n_latents, c.d_model)
+    torch.testing.assert_close(z_a, want, rtol=0, atol=1e-12)
+
+
+def test_fusion_with_the_question_is_cross_attention_over_the_other_modalities_and_the_question():
+    """A text-only page has no other modality: without the question its tokens attend nothing (a zero attention
+    output before the output projection); with it, each layer is the cross-attention block with the question's tokens as memory."""
+    c = config(page_question="fusion")
+    fusion = model(c).fusion.double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, c.d_model, generator=g, dtype=torch.float64)  # text tokens only [n, N, d]
+    q = torch.randn(2, 3, c.d_model, generator=g, dtype=torch.float64)  # question states [n, N_q, d]
+    modality, mask = torch.zeros(5, dtype=torch.long), torch.ones(2, 5, dtype=torch.bool)
+    q_mask = torch.tensor([[True, True, True], [True, True, False]])
+    with torch.no_grad():
+        blind = fusion(x, modality, mask)
+        asked = fusion(x, modality, mask, q, q_mask)
+        want = alone = x + fusion.modality(modality)
+        for block in fusion.blocks:
+            want = block(want, q, padding_mask(q_mask))
+            alone = alone + block.cross_attn.out_proj.bias  # no key: a zero attention, then the output projection
+            alone = alone + block.ffn(block.ffn_norm(alone))
+    torch.testing.assert_close(blind, alone, rtol=0, atol=1e-12)
+    torch.testing.assert_close(asked, want, rtol=0, atol=1e-12)
+
+
 def page_window_mask(n_pages: int, n_latents: int, window: int, page_mask: torch.Tensor) -> torch.Tensor:
     """The card's page-level pattern from its definition: ``[B, 1, N, N]`` with ``N = (1 + P) L``; block 0 is the
     summary (global); page ``p`` sees pages ``|p - p'| <= window // 2``; padded pages are no keys."""
@@ -394,6 +452,7 @@ def test_bad_batches_are_refused_by_the_model(tokenizer):
         (dict(text_positions="alibi"), "text_positions: unknown value 'alibi'"),
         (dict(text_d_model=18, text_n_heads=2), "d_k = d_model / n_heads must be even"),
         (dict(frozen=("text", "text")), "names an encoder twice"),
+        (dict(page_question="page"), "page_question: unknown value 'page'"),
         (dict(frozen=("fusion",)), "frozen: unknown value 'fusion'"),
         (dict(backend="sliding"), "the reader's dense layers take auto, math or sdpa"),
         (dict(image_size=9), "image_size=9 is not divisible by patch_size=2"),
