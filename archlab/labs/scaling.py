@@ -72,6 +72,28 @@ def compute_frontier(points: list[tuple[float, float]]) -> list[tuple[float, flo
     return frontier
 
 
+def plot_power_fits(ax, x, losses, pure: PowerLawFit, floor: PowerLawFit, variable: str, points: str,
+                    unigram: float) -> np.ndarray:
+    """The measured ``(x, loss)`` points, the pure and the offset power-law fits in ``variable`` and the unigram
+    baseline on ``ax``; returns the log-spaced grid the fits are drawn on (for more curves)."""
+    grid = np.geomspace(x[0] / 1.5, x[-1] * 1.5, 100)
+    ax.plot(x, losses, "o", color="k", label=points, zorder=3)
+    ax.plot(grid, pure.predict(grid), "-", label=f"{pure.formula(variable)}  (R^2 {pure.r2:.3f})")
+    ax.plot(grid, floor.predict(grid), "--", label=f"{floor.formula(variable)}  (R^2 {floor.r2:.4f})")
+    ax.axhline(unigram, color="gray", lw=0.8, ls="-.", label=f"unigram baseline {unigram:.2f}")
+    return grid
+
+
+def style_loss_axes(axes) -> None:
+    """Plain-number loss ticks, a light grid and a small legend on each of ``axes``."""
+    from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
+
+    for ax in axes:
+        ax.yaxis.set(major_locator=MaxNLocator(8), minor_locator=NullLocator(), major_formatter=ScalarFormatter())
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6.5)
+
+
 def judge(losses: list[float], fit: PowerLawFit) -> tuple[bool, bool]:
     """The criterion on the final losses by increasing ``N``: ``(supported, strictly decreasing)``."""
     decreasing = all(b < a for a, b in zip(losses, losses[1:]))
@@ -131,16 +153,10 @@ def run(quick: bool, seed: int) -> LabResult:
         finding += f"; compute frontier alpha_C = {compute_fit.alpha:.3f} (Kaplan: {KAPLAN['alpha_C']})"
 
     def plot(fig) -> None:
-        from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
-
         ax1, ax2 = fig.subplots(1, 2)
-        grid = np.geomspace(n_params[0] / 1.5, n_params[-1] * 1.5, 100)
-        ax1.plot(n_params, losses, "o", color="k", label="held-out loss (end of training)", zorder=3)
-        ax1.plot(grid, pure.predict(grid), "-", label=f"{pure.formula('N')}  (R^2 {pure.r2:.3f})")
-        ax1.plot(grid, floor.predict(grid), "--", label=f"{floor.formula('N')}  (R^2 {floor.r2:.4f})")
+        grid = plot_power_fits(ax1, n_params, losses, pure, floor, "N", "held-out loss (end of training)", unigram)
         kaplan = losses[0] * (n_params[0] / grid) ** KAPLAN["alpha_N"]
         ax1.plot(grid, kaplan, ":", color="gray", label=f"Kaplan's slope alpha_N = {KAPLAN['alpha_N']} (for scale)")
-        ax1.axhline(unigram, color="gray", lw=0.8, ls="-.", label=f"unigram baseline {unigram:.2f}")
         ax1.set(xscale="log", yscale="log", xlabel="N: non-embedding parameters", ylabel="held-out loss (nats / byte)",
                 title=f"L(N) after D = {steps * tokens_per_step:,} tokens")  # fmt: skip
         for n, points in curves.items():
@@ -151,10 +167,7 @@ def run(quick: bool, seed: int) -> LabResult:
             ax2.plot(c, compute_fit.predict(c), "k--", lw=1.5, label=f"frontier fit {compute_fit.formula('C')}")
         ax2.set(xscale="log", yscale="log", xlabel="C = 6 N D (FLOPs)", ylabel="held-out loss (nats / byte)",
                 title="L(C): checkpoints along training")  # fmt: skip
-        for ax in (ax1, ax2):
-            ax.yaxis.set(major_locator=MaxNLocator(8), minor_locator=NullLocator(), major_formatter=ScalarFormatter())
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=6.5)
+        style_loss_axes((ax1, ax2))
 
     return LabResult(
         columns=["d", "n_layer", "A", "N (non-emb.)", "12 n_layer d^2", "params (all)", "held-out loss"]

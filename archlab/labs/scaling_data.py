@@ -14,7 +14,6 @@ scored by its best checkpoint (early stopping), then fitted as in ``scaling-laws
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from archlab.analysis import count_parameters
@@ -22,7 +21,15 @@ from archlab.analysis.scaling import fit_power_law
 from archlab.data import ByteTokenizer, LMWindows, encode_texts, python_source, unigram_loss
 from archlab.labs.common import learned_too_little, train_gpt
 from archlab.labs.registry import LabResult, register_lab
-from archlab.labs.scaling import MIN_R2, checkpoint_steps, gpt_config, held_out_loss, non_embedding_params
+from archlab.labs.scaling import (
+    MIN_R2,
+    checkpoint_steps,
+    gpt_config,
+    held_out_loss,
+    non_embedding_params,
+    plot_power_fits,
+    style_loss_axes,
+)
 
 CORPUS_BYTES = 1_200_000  # of stdlib source; D takes its first bytes
 LR, CLIP = 1e-2, 1.0
@@ -99,14 +106,8 @@ def run(quick: bool, seed: int) -> LabResult:
     )
 
     def plot(fig) -> None:
-        from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
-
         ax1, ax2 = fig.subplots(1, 2)
-        grid = np.geomspace(sizes[0] / 1.5, sizes[-1] * 1.5, 100)
-        ax1.plot(sizes, losses, "o", color="k", label="best held-out loss (early stopping)", zorder=3)
-        ax1.plot(grid, pure.predict(grid), "-", label=f"{pure.formula('D')}  (R^2 {pure.r2:.3f})")
-        ax1.plot(grid, floor.predict(grid), "--", label=f"{floor.formula('D')}  (R^2 {floor.r2:.4f})")
-        ax1.axhline(unigram, color="gray", lw=0.8, ls="-.", label=f"unigram baseline {unigram:.2f}")
+        plot_power_fits(ax1, sizes, losses, pure, floor, "D", "best held-out loss (early stopping)", unigram)
         ax1.set(xscale="log", yscale="log", xlabel="D: training tokens (bytes)", ylabel="held-out loss (nats / byte)",
                 title=f"L(D), one model (N = {n_params:,})")  # fmt: skip
         for s in sizes:
@@ -114,10 +115,7 @@ def run(quick: bool, seed: int) -> LabResult:
             ax2.plot([k * tokens_per_step for k in steps_seen], values, "o-", ms=3, lw=1, label=f"D = {s:,}")
         ax2.set(xscale="log", xlabel="tokens seen", ylabel="held-out loss (nats / byte)",
                 title="along training: small D overfits")  # fmt: skip
-        for ax in (ax1, ax2):
-            ax.yaxis.set(major_locator=MaxNLocator(8), minor_locator=NullLocator(), major_formatter=ScalarFormatter())
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=6.5)
+        style_loss_axes((ax1, ax2))
 
     return LabResult(
         columns=["D (tokens)", "epochs", "best step", "best held-out loss", "final loss", "pure fit", "fit with E"],
