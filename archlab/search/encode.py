@@ -19,7 +19,6 @@ Appending documents later encodes the new rows only: their chunks start at the o
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import re
@@ -27,7 +26,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.interop.sentence import DEFAULT_MODEL, SentenceEncoder, sentence_encoder
@@ -41,22 +39,10 @@ def resolve_precision(precision: str) -> str:
     return choose_precision(precision, "cpu").name
 
 
-_PRECISION_CACHE: dict[tuple[str, str], SentenceEncoder] = {}
-
-
 def load_encoder(model: str | Path = DEFAULT_MODEL, precision: str = "fp32") -> SentenceEncoder:
-    """The sentence encoder for ``model`` with its BERT in ``precision`` (``fp32`` or ``bf16``; cached)."""
-    precision = resolve_precision(precision)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-    encoder = sentence_encoder(model)
-    if next(encoder.bert.parameters()).dtype == dtype:
-        return encoder
-    key = (str(encoder.folder), precision)
-    if key not in _PRECISION_CACHE:  # a copy in the asked precision; the shared cached encoder is left as it is
-        bert = type(encoder.bert)(encoder.bert.config)
-        bert.load_state_dict(encoder.bert.state_dict())
-        _PRECISION_CACHE[key] = dataclasses.replace(encoder, bert=bert.to(dtype).eval())
-    return _PRECISION_CACHE[key]
+    """The sentence encoder for ``model`` with its BERT in ``precision`` (``fp32``, ``bf16`` or ``auto``): one
+    cached copy per folder and precision (:func:`archlab.interop.sentence.sentence_encoder`)."""
+    return sentence_encoder(model, precision=resolve_precision(precision))
 
 
 def encoder_identity(encoder: SentenceEncoder) -> str:
