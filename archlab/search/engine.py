@@ -190,16 +190,14 @@ class SearchEngine:
         ``k`` results are returned; the first stage fetches ``max(k, rerank)``. Re-ranked hits take the
         cross-encoder's score; hits below the re-rank depth follow in their first-stage order.
         """
-        for name, value in (("k", k), ("rerank", rerank), ("explain", explain)):
-            check_positive(name, value, allow_zero=name != "k")
+        _check_depths(k, rerank, explain)
         return self._search(query, k, rerank, explain, time.perf_counter(), {})
 
     def search_batch(self, queries: list[str], *, k: int = 10, rerank: int = 0, explain: int = 0) -> list[SearchResult]:
         """:meth:`search` for several queries at once: one encoder pass ``[q, d]`` and one FAISS search for all, then
         each query's own BM25, fusion, re-ranking and explanation. Each result's ``encode`` and ``ann`` are the
         shared passes' milliseconds (its ``total`` includes them)."""
-        for name, value in (("k", k), ("rerank", rerank), ("explain", explain)):
-            check_positive(name, value, allow_zero=name != "k")
+        _check_depths(k, rerank, explain)
         if not queries:
             return []
         start = time.perf_counter()
@@ -247,6 +245,12 @@ def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{name}={value!r} must be an int >= {low}")
+
+
+def _check_depths(k: int, rerank: int, explain: int) -> None:
+    """``k >= 1`` results; ``rerank`` and ``explain`` depths ``>= 0`` (ConfigError naming the argument)."""
+    for name, value in (("k", k), ("rerank", rerank), ("explain", explain)):
+        check_positive(name, value, allow_zero=name != "k")
 
 
 def _ms(start: float) -> float:
