@@ -14,8 +14,8 @@ The card's pipeline, and where each step lives here (``B`` documents of ``P`` pa
       embeddings): each page sees the pages within page_window / 2 (Longformer's window), the summary
       tokens attend and are attended by every page (the document level)                      [B, (1 + P) L, d]
     ReasoningModule over [question; summary; page starts; table headers | page latents]: the first group are
-      global tokens (the card's: question tokens, page starts, table headers), the latents see a local window
-      of reason_window tokens; the question's [CLS] state goes to the answer head                  [B, n_answers]
+      global tokens (the card's: question tokens, page starts, one token per table header cell), the latents
+      see a local window of reason_window tokens; the question's [CLS] state goes to the answer head [B, n_answers]
 
 Positional encodings, each in its place and each switchable (config fields): RoPE within a page's text
 (``text_positions``), learned absolute position plus a page-number embedding across pages (``page_positions``),
@@ -249,10 +249,16 @@ class DocReaderConfig(AttentionConfig, Config):
         return self.max_text_len + self.max_table_len + 1 + self.n_patches
 
     @property
+    def n_headers(self) -> int:
+        """Header cells of one page's table, one global token each: ``max_table_cols - 1`` (column 0 is the row
+        marker)."""
+        return self.max_table_cols - 1
+
+    @property
     def n_global(self) -> int:
-        """Global tokens of the reasoning module: question slots, summary tokens, a page start and a table header
-        per page of the page table: ``max_question_len + n_latents + 2 max_pages``."""
-        return self.max_question_len + self.n_latents + 2 * self.max_pages
+        """Global tokens of the reasoning module: question slots, summary tokens, a page start per page and a
+        table header per column of each page's table: ``max_question_len + n_latents + max_pages (1 + n_headers)``."""
+        return self.max_question_len + self.n_latents + self.max_pages * (1 + self.n_headers)
 
     def page_backend(self) -> str:
         """The page-level attention: blocks of one page's ``L`` latents; the summary block global; a page sees
@@ -827,7 +833,8 @@ class PageTransformer(nn.Module):
 
 class ReasoningModule(nn.Module):
     r"""The question reads the document: Longformer-style attention over
-    ``[question (max_question_len slots); summary (L); page starts (max_pages); table headers (max_pages) | latents]``.
+    ``[question (max_question_len slots); summary (L); page starts (max_pages); table headers (max_pages x
+    n_headers) | latents]``.
 
     The first group (``n_global`` tokens, the card's global tokens) attends every token and is attended by every
     token, so the question tokens cross-attend the whole document in every layer; the page latents see a local
@@ -962,18 +969,32 @@ class DocReader(nn.Module):
                                  pooled.repeat_interleave(p, dim=0)).view(b, p, c.n_latents, d)  # fmt: skip
         summary, pages = self.pages(latents, batch.page_mask)
         page = self.pages.page_embedding(p, fused.device)
-        n_t = batch.text_ids.shape[-1]
         starts = fused[:, :, 0]  # the text's [CLS] after fusion: the page start
-        headers = fused[:, :, n_t]  # the table's [ROW_0] marker after fusion: the header row
+        headers, has_header = self.table_headers(fused, batch)  # [B, P, H, d], [B, P, H]
         if page is not None:
-            starts, headers = starts + page, headers + page
-        has_table = batch.table_mask[:, :, 0] & batch.page_mask
+            starts, headers = starts + page, headers + page[:, None, :]
+        n_h = c.n_headers
         return [
             ("summary", summary, batch.page_mask.new_ones(b, c.n_latents)),
             ("page_start",) + _pad_to(starts, batch.page_mask, c.max_pages),
-            ("table_header",) + _pad_to(headers, has_table, c.max_pages),
+            ("table_header",) + _pad_to(headers.reshape(b, p * n_h, d), has_header.reshape(b, p * n_h),
+                                        c.max_pages * n_h),
             ("page", pages.reshape(b, p * c.n_latents, d), batch.page_mask.repeat_interleave(c.n_latents, dim=1)),
         ]
+
+    def table_headers(self, fused: Tensor, batch: DocBatch) -> tuple[Tensor, Tensor]:
+        """The card's table-header global tokens: for each page and column ``j = 1 .. n_headers``, the fused state
+        of the first token of header cell ``j`` (row 0, column ``j``): ``[B, P, n_headers, d]``, and whether the
+        page's table has that column ``[B, P, n_headers]`` (False past its last column, on pages without a table
+        and on padded pages). ``fused [B, P, N_page, d]``: text tokens first, then the table's."""
+        n_t, n_c = batch.text_ids.shape[-1], batch.table_ids.shape[-1]
+        columns = torch.arange(1, self.config.n_headers + 1, device=fused.device)
+        cell = (batch.table_cols[..., None, :] == columns[:, None]) & (batch.table_rows == 0)[..., None, :]
+        cell = cell & batch.table_mask[..., None, :]  # [B, P, H, N_c]: the tokens of header cell j
+        first = cell.int().argmax(-1)  # [B, P, H]: the first such token (0 where there is none; masked below)
+        table = fused[:, :, n_t : n_t + n_c]
+        index = first[..., None].expand(*first.shape, fused.shape[-1])
+        return table.gather(2, index), cell.any(-1) & batch.page_mask[..., None]
 
     def read_flat(self, batch: DocBatch) -> list[tuple[str, Tensor, Tensor]]:
         """The flat baseline's document tokens: every fused token of every page (page-number embedding added)."""

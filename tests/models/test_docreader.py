@@ -287,8 +287,8 @@ def test_reasoning_window_equals_full_attention_with_the_card_global_tokens():
          torch.ones(b, c.n_latents, dtype=torch.bool)),
         ("page_start", torch.randn(b, c.max_pages, c.d_model, generator=g, dtype=torch.float64),
          torch.ones(b, c.max_pages, dtype=torch.bool)),
-        ("table_header", torch.randn(b, c.max_pages, c.d_model, generator=g, dtype=torch.float64),
-         (torch.arange(c.max_pages) < 2).expand(b, -1)),
+        ("table_header", torch.randn(b, c.max_pages * c.n_headers, c.d_model, generator=g, dtype=torch.float64),
+         (torch.arange(c.max_pages * c.n_headers) < 3).expand(b, -1)),
         ("page", torch.randn(b, n_doc, c.d_model, generator=g, dtype=torch.float64),
          torch.ones(b, n_doc, dtype=torch.bool)),
     ]  # fmt: skip
@@ -314,6 +314,37 @@ def _logits(c, docs, tokenizer):
     """Float64 logits: a fresh model moves them by ~1e-5 for a change it sees, far above float64 rounding."""
     with torch.no_grad():
         return model(c).double()(collate(docs, c, tokenizer))
+
+
+def test_each_table_header_cell_is_a_global_token_of_the_reasoning_module(tokenizer):
+    """The card's "table headers as global tokens": one per header cell, the fused state of the cell's first token;
+    the tiny preset's reasoning module has max_pages x (max_table_cols - 1) of them."""
+    c = config()
+    assert c.n_headers == c.max_table_cols - 1
+    assert c.n_global == c.max_question_len + c.n_latents + c.max_pages + c.max_pages * c.n_headers
+    docs = documents(c)
+    docs[1].pages[1].table = [["long header word", "x", "rain"], ["a", "1", "2"]]  # three columns, multi-token cell
+    batch = collate(docs, c, tokenizer)
+    b, p, n_t = batch.text_ids.shape
+    fused = torch.arange(batch.table_ids.shape[-1] + n_t, dtype=torch.float64)[None, None, :, None]
+    headers, present = model(c).table_headers(fused.expand(b, p, -1, 3), batch)
+    assert headers.shape == (b, p, c.n_headers, 3) and present.shape == (b, p, c.n_headers)
+    expected = torch.zeros(b, p, c.n_headers, dtype=torch.bool)
+    for i, doc in enumerate(docs):
+        for j, page in enumerate(doc.pages):
+            if page.table is None:
+                continue
+            at = 1  # after the [ROW_0] marker: each header cell's first token, then its tokens and [SEP]
+            for k, cell in enumerate(page.table[0]):
+                assert headers[i, j, k, 0] == n_t + at, (i, j, k)
+                expected[i, j, k] = True
+                at += len(tokenizer.base.encode(cell)) + 1
+    assert torch.equal(present, expected)  # no header past a table's last column, on a page without one, or padding
+    assert present.sum() == 2 + 2 + 3
+    m = model(c)
+    parts = m.read_hierarchically(batch, m.text(batch.question_ids, batch.question_mask))
+    n_doc = sum(t.shape[1] for role, t, _ in parts if role != "page")
+    assert c.max_question_len + n_doc == c.n_global  # the global block the reasoning window is built for
 
 
 def test_table_positions_2d_tell_rows_apart(tokenizer):
