@@ -176,3 +176,17 @@ def local_parameter_bytes(model: nn.Module) -> int:
         local = p.to_local() if isinstance(p, DTensor) else p
         total += local.numel() * local.element_size()
     return total
+
+
+def parameter_bytes_by_rank(model: nn.Module) -> list[tuple[int, int]]:
+    """``[(bytes of all parameters, bytes of the decoder blocks' parameters)]``, one pair per rank in rank order, as
+    each rank holds them (:func:`local_parameter_bytes`; the blocks are what tensor parallelism splits, embeddings,
+    norms and the LM head stay whole). A collective (all-gather) in a process group; one pair without one."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([local_parameter_bytes(model), local_parameter_bytes(model.decoder.blocks)])
+    if not (dist.is_available() and dist.is_initialized()):
+        return [tuple(mine.tolist())]
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [tuple(t.tolist()) for t in every]

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from archlab.models.registry import build_model
-from archlab.parallel import local_parameter_bytes, tensor_parallel
+from archlab.parallel import parameter_bytes_by_rank, tensor_parallel
 from archlab.train.distributed import detect
 
 
@@ -33,14 +33,10 @@ def main() -> None:
 
         dist.init_process_group("gloo")
         tensor_parallel(model, init_device_mesh("cpu", (env.world_size,)))
-    mine = torch.tensor([local_parameter_bytes(model), local_parameter_bytes(model.decoder.blocks)])
-    every = [mine]
-    if env.distributed:
-        every = [torch.zeros_like(mine) for _ in range(env.world_size)]
-        dist.all_gather(every, mine)
+    every = parameter_bytes_by_rank(model)  # a collective under torchrun
     if env.is_main:
         print(f"{args.preset}, {env.world_size} rank(s), float32 parameters held by each rank (MiB):")
-        for rank, (total, blocks) in enumerate(t.tolist() for t in every):
+        for rank, (total, blocks) in enumerate(every):
             print(f"  rank {rank}: {total / 2**20:8.1f} in all, {blocks / 2**20:8.1f} in the decoder blocks")
     if env.distributed:
         dist.destroy_process_group()

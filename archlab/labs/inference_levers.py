@@ -13,8 +13,7 @@ short paragraph (a grounded reply, as the card's explainer quotes its abstract):
 
 Each ratio is tokens per second of the lever over its baseline, both timed in the same round, one after the
 other (the best of ``ROUNDS``). The criterion holds each lever to the card's factor (the KV cache to 2x: the card
-gives none). Megatron's tensor sharding (notes 4) is not timed here: its per-rank memory is measured by
-``benchmarks/tp_memory.py`` under ``torchrun``, which a lab cannot start.
+gives none). Megatron's tensor sharding (notes 4) has its own lab, :mod:`archlab.labs.megatron`.
 """
 
 from __future__ import annotations
