@@ -369,10 +369,12 @@ def generate_batch(
     """Continue several prompts of different lengths together; returns each prompt's new tokens, in order.
 
     The ``B`` prompts (lists of token ids) are left-padded to the longest, ``n0``, into ``[B, n0]`` with an
-    ``attention_mask`` marking the real tokens, and decoded in one batch by :func:`generate`: every step is
-    one forward pass over ``B`` rows, its products on oneDNN-packed copies of the weights
+    ``attention_mask`` marking the real tokens, and decoded in one batch (:func:`_decode_rows`): every step is
+    one forward pass over the rows still open, its products on oneDNN-packed copies of the weights
     (:func:`archlab.nn.linear.packed_for_rows`: a ``B``-row product then costs far less than ``B`` one-row ones;
-    the copies take the weights' memory again during the call). The decoder gives each row the positions it would have alone
+    the copies take the weights' memory again during the call). A row that emits a stop token leaves the batch:
+    its cache rows and mask row are dropped (the cache's ``reorder``), so later steps compute only open rows.
+    The decoder gives each row the positions it would have alone
     (:func:`archlab.models.decoder.positions_from_mask`) and no query attends the padding, so with greedy
     decoding each row's tokens are those ``generate`` gives its prompt alone (up to floating-point near-ties
     in the batched products). A row ends at its first stop token, which its output keeps; the others go on.
@@ -397,7 +399,6 @@ def generate_batch(
             _check_int(f"prompts[{i}][j]", token, 0)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a decoder-only model (GPT, Llama), got {type(model).__name__}")
-    stop = list(stop_tokens)
     n0 = max(len(p) for p in prompts)
     device = next(model.parameters()).device
     input_ids = torch.zeros(len(prompts), n0, dtype=torch.long, device=device)
@@ -405,20 +406,49 @@ def generate_batch(
     for row, prompt in enumerate(prompts):
         input_ids[row, n0 - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
         attention_mask[row, n0 - len(prompt) :] = 1
+    stop = check_decoding(
+        model, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+        top_p=top_p, stop_tokens=stop_tokens, seed=seed,
+    )  # fmt: skip
     packing = packed_for_rows(model, len(prompts)) if len(prompts) > 1 else contextlib.nullcontext()
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else None
     with packing:  # B-row products on oneDNN-packed weights (archlab.nn.linear)
-        out = generate(
-            model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, stop_tokens=stop,
-            pad_id=0 if stop else None, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=seed,
-        )[:, n0:].tolist()  # fmt: skip
-    return [_through_first(row, stop) for row in out]
+        return _decode_rows(model, input_ids, attention_mask, max_new_tokens, stop, sampling, seed)
 
 
-def _through_first(tokens: list[int], stop: list[int]) -> list[int]:
-    """``tokens`` up to and including the first of ``stop`` (all of them when none occurs)."""
-    ends = [i for i, t in enumerate(tokens) if t in stop]
-    return tokens[: ends[0] + 1] if ends else tokens
+def _decode_rows(model, input_ids, attention_mask, max_new_tokens, stop, sampling, seed) -> list[list[int]]:
+    """The loop of :func:`generate_batch` (arguments checked): ``input_ids [B, n0]`` left-padded, ``attention_mask
+    [B, n0]``; greedy, or :func:`sample_next` with ``sampling``'s options. Returns each row's new tokens.
+
+    ``rows [R]`` maps the ``R`` open batch rows to their prompts. When some rows emit a stop token, the others
+    are selected from the cache (``cache.reorder(open)``: every cache kind selects rows so) and from the mask,
+    and the step is rebuilt on the smaller mask: a finished row costs nothing afterwards.
+    """
+    device = input_ids.device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    stop_ids = torch.tensor(stop, dtype=torch.long, device=device)
+    stepper = _stepper(model, attention_mask, None, True)
+    rows = torch.arange(input_ids.shape[0], device=device)
+    out: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    fed = input_ids
+    for t in range(max_new_tokens):
+        logits = stepper.step(fed, stepper.cache)[:, -1]  # [R, V]
+        if t == 0:
+            _check_ids_in_vocab(logits.shape[-1], **{f"stop_tokens[{i}]": s for i, s in enumerate(stop)})
+        next_ids = logits.argmax(dim=-1) if sampling is None else sample_next(logits, generator=generator, **sampling)
+        for row, token in zip(rows.tolist(), next_ids.tolist(), strict=True):
+            out[row].append(token)
+        if stop:
+            still = ~torch.isin(next_ids, stop_ids)
+            if not bool(still.all()):
+                open_rows = still.nonzero().squeeze(1)
+                if open_rows.numel() == 0:
+                    break
+                stepper.cache.reorder(open_rows)
+                rows, next_ids, attention_mask = rows[open_rows], next_ids[open_rows], attention_mask[open_rows]
+                stepper = _stepper(model, attention_mask, stepper.cache, True)
+        fed = next_ids[:, None].to(input_ids.dtype)
+    return out
 
 
 # ================================================================================================
