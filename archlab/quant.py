@@ -33,11 +33,23 @@ than the float32 product itself), so :func:`quantize` builds layers that compute
 rest of the model keeps its dtype. Measured for a ``3072 x 576`` layer (CPU time, one thread): one row 1.1-2x
 faster than the float32 product; 41 or 256 rows (a prompt) ~2x slower than it.
 
-**Dynamic int8** (``mode="int8-dynamic"``): torch.ao's dynamically quantized Linear, int8 weights per channel
-*and* activations rounded to int8 per call, through fbgemm's int8 GEMM (VNNI/AMX): the fastest on CPU for one
-row and for many (prefill, encoders such as BERT/MiniLM embedding), at the cost of rounding activations with
-one scale per tensor: on SmolLM2-135M that multiplies perplexity by ~5 (the SwiGLU outputs have outliers;
-tests/parity/test_smollm2_quant.py), so decoders should use the weight-only modes.
+**Dynamic int8** (``mode="int8-dynamic"``, :class:`DynamicInt8Linear`): int8 weights per output channel *and*
+the activations rounded to 8 bits per call, one affine scale per row (token) of ``x``, through fbgemm's int8 GEMM
+(``torch.ops.quantized.linear_dynamic``; VNNI/AMX where the CPU has them): the fastest of these kernels on CPU for
+one row (a decoding step) and for many (prefill, encoders). On x86 torch rounds activations to 7 bits (levels
+0..127: the AVX2 kernel's 16-bit pair sums would saturate with 8). Where its quality goes (SmolLM2-135M, 6
+docstring windows, per-channel int8 weights everywhere; ``benchmarks/decode_llama.py``, README "Speed"):
+
+    one scale for the whole [B N, K] input (torch.ao's Linear on a teacher-forced window)   +341% perplexity
+    one scale per row (token), as a decoding step sees it                                    +11.7%
+    one scale per row after smoothing with calibration text (below)                          +2.5%
+    (llama.cpp's rule, symmetric 8 bits per block of 32 inputs, for comparison)               +1.3%
+
+Per tensor, a few tokens with large activations (the final norm's output reaches 58 where its median channel is
+3.2) set the step for all. Per row, the outlier *channels* remain; **smoothing** (SmoothQuant, Xiao et al. 2022)
+moves them into the weights: with ``calibration=`` token ids, each layer's input channel ``k`` gets
+``s_k = max|x_k|^a / max_n |W_nk|^(1-a)`` (``a`` = :data:`SMOOTH_ALPHA`, ``max|x_k|`` over the calibration
+text run through the float model) and computes ``(x / s) (W diag(s))^T``, the same product before rounding.
 
 Quantized layers are for inference: no gradients, CPU only, state dicts not meant to be saved (the int4 packing
 is the CPU kernel's own layout). ``loss(labels=)`` of a decoder reads ``lm_head.weight``: evaluate a quantized
@@ -46,9 +58,11 @@ model through its logits, as :func:`quality` does.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -61,10 +75,13 @@ MODES = ("int8", "int4", "int8-dynamic")
 GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 INT4_ROWS_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: N divisible by 16
 INT8_MAX = 127
-INT4_LEVELS = 15  # q in 0..15; the kernel subtracts 8
+INT4_LEVELS = 15
+ACTIVATION_LEVELS = 127  # int8-dynamic's activations on x86: 7 bits (q in 0..127)  # q in 0..15; the kernel subtracts 8
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # weights quantize() reads
 # the dtype the kernels compute in (activations, scales, output); bfloat16 is their fast path (below)
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+#: SmoothQuant's migration strength ``a`` (its paper's default; 0.5 and 0.7 measured on SmolLM2: +2.5% / +4.4%)
+SMOOTH_ALPHA = 0.5
 # A Linear whose parent reads its weight directly (not through its forward) cannot be replaced:
 # cross-attention slices its in_proj rows (archlab.nn.attention.MultiHeadAttention._project_kv).
 _READS_WEIGHT = ("*cross_attn.in_proj",)
@@ -222,6 +239,76 @@ class Int4Linear(_WeightOnlyLinear):
         return f"{super().extra_repr()}, group_size={self.group_size}"
 
 
+class DynamicInt8Linear(nn.Module):
+    r"""``y = Q_row(x / s) (W diag(s))_q^T + b``: int8 weights per output channel and int8 activations, one scale per
+    row of ``x``, through fbgemm (``torch.ops.quantized.linear_dynamic``); ``x [..., K]`` float32 -> ``[..., N]``.
+
+    ``W diag(s)`` is stored as :class:`Int8Weight` (``q [N, K]``, ``scale [N]``) inside fbgemm's packed form;
+    ``s [K]`` is the smoothing (module docstring; all ones without calibration). ``Q_row`` rounds each row ``x_m``
+    affinely to 7 bits (torch's x86 rule)::
+
+        t_m = (max(x_m, 0) - min(x_m, 0)) / 127      z_m = round(-min(x_m, 0) / t_m)
+        Q_row(x_m) = t_m (clamp(round(x_m / t_m) + z_m, 0, 127) - z_m)
+
+    The kernel takes one range per *call*, so a call with ``M > 1`` rows maps each row onto ``[0, 1]`` first:
+    ``x_m = o_m + 127 t_m u_m`` with the offset ``o_m = -z_m t_m`` (a level, so zero stays exact), ``u_m``
+    clamped to ``[0, 1]``, and ``x_m W^T = 127 t_m (u_m W^T) + o_m (W 1)``: one kernel call that rounds every
+    row as the row alone would be rounded (float rounding of ``u_m`` aside).
+    """
+
+    mode = "int8-dynamic"
+
+    def __init__(self, weight: Int8Weight, bias: Tensor | None = None, smooth: Tensor | None = None) -> None:
+        super().__init__()
+        n, k = weight.q.shape
+        self.in_features, self.out_features = k, n
+        zeros = torch.zeros(n, dtype=torch.long)
+        with _quiet():
+            w = torch._make_per_channel_quantized_tensor(weight.q, weight.scale.double(), zeros, 0)
+            self._packed = torch.ops.quantized.linear_prepack(w, None)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.register_buffer("inv_smooth", None if smooth is None else (1 / smooth.detach().double()).float())
+        self.register_buffer("row_sums", weight.dequantize(torch.float64).sum(1).float())  # W_q 1, [N]
+
+    def weight(self) -> Int8Weight:
+        """The stored ``W diag(s)`` as ``q`` and ``scale`` (read back from fbgemm's packed form)."""
+        with _quiet():
+            w, _ = torch.ops.quantized.linear_unpack(self._packed)
+        return Int8Weight(w.int_repr(), w.q_per_channel_scales().float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [..., K]`` float32 -> ``[..., N]`` float32."""
+        if x.shape[-1] != self.in_features or x.dtype != torch.float32:
+            raise ShapeError(f"DynamicInt8Linear expects float32 x [..., {self.in_features}], got {x.dtype} {tuple(x.shape)}")
+        rows = x.reshape(-1, self.in_features)  # [M, K]
+        if self.inv_smooth is not None:
+            rows = rows * self.inv_smooth
+        if rows.shape[0] == 1:  # one row: the kernel's range is the row's own
+            y = torch.ops.quantized.linear_dynamic(rows, self._packed, True)
+        else:
+            lo = rows.amin(1, keepdim=True).clamp_(max=0)
+            span = rows.amax(1, keepdim=True).clamp_(min=0) - lo  # 127 t_m
+            span = torch.where(span > 0, span, torch.ones_like(span))
+            offset = -torch.round(-lo / (span / ACTIVATION_LEVELS)) * (span / ACTIVATION_LEVELS)  # o_m = -z_m t_m
+            unit = ((rows - offset) / span).clamp_(0, 1)
+            unit = torch.cat([unit, rows.new_ones(1, self.in_features)])  # a row of ones: the call's range is [0, 1]
+            y = torch.ops.quantized.linear_dynamic(unit, self._packed, True)[:-1] * span + offset * self.row_sums
+        y = y if self.bias is None else y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        smooth = ", smoothed" if self.inv_smooth is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{smooth}"
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence torch's deprecation notice of quantized tensors (fbgemm's packed int8 weight is built from one)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def quantized_linear(
     weight: Tensor, bias: Tensor | None, mode: str, group_size: int = 32, compute: torch.dtype = torch.float32
 ) -> _WeightOnlyLinear:
@@ -327,16 +414,17 @@ def quantize(
     head: str | None = "int8",
     compute: str = "bfloat16",
     weights: Mapping[str, Int8Weight | Int4Weight] | None = None,
+    calibration: Tensor | None = None,
 ) -> QuantReport:
     """Replace ``model``'s ``nn.Linear`` layers by weight-only quantized ones, in place; returns the report.
 
     Args:
         model: on the CPU, float32 / bfloat16 / float16 weights (e.g. :class:`archlab.models.llama.Llama`).
         mode: ``int8`` (per output channel) or ``int4`` (per group of ``group_size`` inputs), weight-only; or
-            ``int8-dynamic``: int8 weights and activations (:func:`dynamic_linear`, torch.ao's dynamic quantization:
-            the input is rounded to 8 bits per call, so it is not the float model with dequantized weights). Its
-            int8 GEMM is the fastest of the three on CPU for one row and for many (prefill, encoders: measured
-            here 3.5x the float32 product for 1, 41 and 256 rows, both CPU kinds).
+            ``int8-dynamic``: int8 weights and activations (:class:`DynamicInt8Linear`: each row of the input is
+            rounded to 7 bits per call, so it is not the float model with dequantized weights). Its int8 GEMM is
+            the fastest of the three on CPU for one row and for many (prefill, encoders: measured here 3.5x the
+            float32 product for 1, 41 and 256 rows, both CPU kinds).
         group_size: int4's group, one of 32, 64, 128, 256; every quantized layer's ``K`` must be divisible by it.
         skip: layer names or ``fnmatch`` patterns left float (``"decoder.blocks.0.*"``); each must match a layer.
         head: how a decoder's ``lm_head`` is quantized: ``int8`` (default, also in the other modes), ``int4``,
@@ -349,6 +437,10 @@ def quantize(
         weights: layer name -> its quantized weight already made (GGUF blocks read as they are, see
             :func:`archlab.interop.gguf.load_gguf`), used instead of quantizing the layer's float weight; its kind
             must be the layer's mode.
+        calibration: ``int8-dynamic`` only: token ids ``[B, N]`` (text unlike the evaluation's) that ``model``
+            reads once before its layers are replaced; each dynamic layer is then smoothed by the largest
+            activations it saw (module docstring). Without it, no smoothing (SmolLM2: +11.7% perplexity
+            instead of +2.5%).
 
     The report is returned and also kept as ``model.quant_report``.
 
@@ -365,6 +457,8 @@ def quantize(
         raise ConfigError(f"compute={compute!r} must be one of {tuple(COMPUTE_DTYPES)}")
     if "int4" in (mode, head) and group_size not in GROUP_SIZES:
         raise ConfigError(f"group_size={group_size!r} is not supported by the int4 kernel; choose one of {GROUP_SIZES}")
+    if calibration is not None and "int8-dynamic" not in (mode, head):
+        raise ConfigError(f"calibration= smooths int8-dynamic layers; mode={mode!r}, head={head!r} has none")
     if isinstance(skip, str):
         skip = (skip,)
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -409,6 +503,8 @@ def quantize(
     if weights:
         raise ConfigError(f"weights= names layers this {type(model).__name__} does not have: {sorted(weights)}")
 
+    dynamic = [layer for _, layer, layer_mode, _, _ in plan if layer_mode == "int8-dynamic"]
+    amax = _input_amax(model, dynamic, calibration) if calibration is not None and dynamic else {}
     activations = "int8" if mode == "int8-dynamic" else compute  # what the summary line names
     report = QuantReport(mode, group_size if "int4" in (mode, head) else None, activations,
                          model_bytes_before=model_bytes(model))  # fmt: skip
@@ -419,12 +515,13 @@ def quantize(
             report.layers.append(LayerReport(name, tuple(layer.weight.shape), "float", before, before, note))
             continue
         if layer_mode == "int8-dynamic":
-            new = dynamic_linear(layer)
+            new = dynamic_int8_linear(layer.weight, layer.bias, amax.get(layer))
             _replace(model, name, new)
-            w = new.weight()
-            after = w.numel() + _nbytes(w.q_per_channel_scales(), w.q_per_channel_zero_points())
-            outside += after + (0 if layer.bias is None else _nbytes(layer.bias))  # the bias moves in there too
-            report.layers.append(LayerReport(name, tuple(layer.weight.shape), "int8-dyn", before, after, note))
+            packed = new.out_features * (new.in_features + 16)  # fbgemm's int8 q, float64 scale and int64 zero per row
+            outside += packed  # held by fbgemm, outside parameters and buffers
+            after = packed + _nbytes(*new.buffers()) - (0 if new.bias is None else _nbytes(new.bias))
+            note = f"{note}; smoothed" if layer in amax else note
+            report.layers.append(LayerReport(name, tuple(layer.weight.shape), "int8-dyn", before, after, note.lstrip("; ")))
             continue
         if given is None:
             new = quantized_linear(layer.weight, layer.bias, layer_mode, group_size, COMPUTE_DTYPES[compute])
@@ -439,21 +536,40 @@ def quantize(
     return report
 
 
-def dynamic_linear(layer: nn.Linear) -> nn.Module:
-    """``layer`` as torch's dynamically quantized int8 Linear: int8 weights per output channel (symmetric), the
-    input quantized to 8 bits per call over the whole tensor (its min and max), an int8 GEMM (fbgemm/oneDNN:
-    VNNI or AMX where the CPU has them), the output dequantized to float32."""
-    import warnings
+def smoothing(input_amax: Tensor, weight: Tensor, alpha: float = SMOOTH_ALPHA) -> Tensor:
+    """SmoothQuant's ``s [K] = max|x_k|^a / max_n |W_nk|^(1-a)`` from a layer's largest inputs ``input_amax [K]``
+    and its ``weight [N, K]``; a channel that is zero in either (no signal to move) gets 1."""
+    x, w = input_amax.double(), weight.detach().double().abs().amax(0)
+    s = x.pow(alpha) / w.pow(1 - alpha)
+    return torch.where((x > 0) & (w > 0), s, torch.ones_like(s)).float()
 
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-    from torch.ao.quantization import per_channel_dynamic_qconfig
 
-    source = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-    source.load_state_dict(layer.state_dict())
-    source.qconfig = per_channel_dynamic_qconfig
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
-        return DynamicLinear.from_float(source)
+def dynamic_int8_linear(weight: Tensor, bias: Tensor | None = None, input_amax: Tensor | None = None) -> DynamicInt8Linear:
+    """A float ``weight [N, K]`` as a :class:`DynamicInt8Linear`; smoothed (:func:`smoothing`) by ``input_amax [K]``
+    (the largest ``|x_k|`` seen on calibration text) if given."""
+    s = None if input_amax is None else smoothing(input_amax, weight)
+    w = weight.detach().float()
+    return DynamicInt8Linear(quantize_int8(w if s is None else w * s), bias, s)
+
+
+@torch.inference_mode()
+def _input_amax(model: nn.Module, layers: list[nn.Module], calibration: Tensor) -> dict[nn.Module, Tensor]:
+    """Run the float ``model`` on ``calibration [B, N]`` token ids; each of ``layers``' largest ``|x_k|`` per input."""
+    if not isinstance(calibration, Tensor) or calibration.ndim != 2 or calibration.dtype.is_floating_point:
+        raise ShapeError(f"calibration must be token ids [B, N], got {getattr(calibration, 'shape', calibration)}")
+    seen: dict[nn.Module, Tensor] = {}
+
+    def record(layer, inputs):
+        x = inputs[0].detach().float().abs().flatten(0, -2).amax(0)
+        seen[layer] = x if layer not in seen else torch.maximum(seen[layer], x)
+
+    hooks = [layer.register_forward_pre_hook(record) for layer in set(layers)]
+    try:
+        model(calibration)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
