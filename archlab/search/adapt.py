@@ -29,8 +29,19 @@ pseudo-query and are never a positive or a negative, so the trained model never 
 corpus the evaluation queries are summary sentences already cut out of their documents (see
 :mod:`archlab.search.corpus`); they are not in the index at all, and their documents are held out here.
 
+**Held-out pseudo-queries: does the model beat the first stage?** ``heldout_queries`` pseudo-queries (and their
+documents) are kept out of training. After training, each is a small ranking task: its positive ``D \ s``
+among up to :data:`HELDOUT_NEGATIVES` documents of the first stage's top ``mine_depth``. The first stage's
+order there is the dense cosine of the index's own encoder (``D \ s`` is embedded afresh; the index holds ``D``,
+which contains the query verbatim). :func:`heldout_check` reports MRR@10 of that order, of the re-ranker's
+order, and of their weighted rank fusion (:func:`archlab.search.rerank.fuse_ranks`) at the weight ``w`` on the
+first stage that did best (ties go to the larger ``w``). The saved folder keeps ``w`` and the numbers, so a
+re-ranker that did not beat the first stage is fused with it (``w = 1`` keeps the first stage's order) and
+``archlab search query`` says so.
+
 :func:`measure` prints nDCG@10 of the first stage (dense, and hybrid when the index has BM25) against the
-same ranking re-ranked at several depths, with the re-ranking time per query.
+same ranking re-ranked at several depths (as the engine re-ranks: fused at the saved weight), with the
+re-ranking time per query.
 """
 
 from __future__ import annotations
@@ -46,13 +57,15 @@ import torch
 import torch.nn.functional as F
 
 from archlab.config import Config, check_positive, require
-from archlab.errors import DataError, TrainingError
+from archlab.errors import ConfigError, DataError, TrainingError
 from archlab.search.corpus import Document, EvalSet
 from archlab.search.rerank import Reranker
 
 GENERATORS = ("sentences", "smollm2")
 MIN_QUERY_WORDS, MAX_QUERY_WORDS = 4, 40  # a pseudo-query sentence's length
 MIN_REST_WORDS = 5  # what must remain of the document once the sentence is cut out
+HELDOUT_NEGATIVES = 9  # candidates per held-out pseudo-query: its positive and up to this many negatives
+FUSION_WEIGHTS = tuple(i / 10 for i in range(11))  # the first stage's weights tried on the held-out queries
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,11 @@ class AdaptConfig(Config):
         head_lr: the peak rate of the new one-unit head (it starts from random, the encoder from MiniLM; at the
             encoder's rate it moves too slowly for a short run: see the module docstring).
         max_length: the longest packed pair, in tokens (also the saved model's limit).
+        trained_layers: the encoder's top blocks that are trained (with the pooler and the head); the embeddings
+            and the blocks below stay as MiniLM has them (a step then costs a forward pass and a short backward).
+            All the blocks: the embeddings are trained too.
+        heldout_queries: pseudo-queries (and their documents) kept out of training to check the result against
+            the first stage and choose the fusion weight (module docstring); 0: no check, no fusion.
         seed: seeds the choice of documents and sentences, the negatives, the head and dropout.
     """
 
@@ -81,12 +99,14 @@ class AdaptConfig(Config):
     mine_depth: int = 30
     queries_per_doc: int = 1
     generator: str = "sentences"
-    lr: float = 5e-5
-    head_lr: float = 1e-3
+    lr: float = 2e-4
+    head_lr: float = 3e-3
     warmup: int = 10
     weight_decay: float = 0.01
     clip: float = 1.0
-    max_length: int = 256
+    max_length: int = 128
+    trained_layers: int = 2
+    heldout_queries: int = 50
     seed: int = 0
 
     def validate(self) -> None:
@@ -98,6 +118,9 @@ class AdaptConfig(Config):
         require(0 <= self.warmup < self.steps, f"warmup={self.warmup} must be in [0, steps={self.steps})")
         require(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
         require(8 <= self.max_length <= 512, f"max_length={self.max_length} must be in [8, 512]")
+        for name in ("trained_layers", "heldout_queries"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 0, f"{name}={value!r} must be an int >= 0")
 
 
 # ================================================================================================
@@ -223,10 +246,11 @@ def _flat(text: str) -> str:
 
 
 def mine_negatives(engine, queries: Sequence[PseudoQuery], config: AdaptConfig, holdout: set[str],
-                   rng: random.Random) -> list[Group]:  # fmt: skip
+                   rng: random.Random, *, best: int | None = None) -> list[Group]:  # fmt: skip
     """A :class:`Group` per query: ``negatives`` documents sampled from ``engine.retrieve(query, mine_depth)``
     leaving out the query's own document, the held-out ones and likely false negatives (a document that contains
-    the query sentence itself: docstrings repeat each other); queries with too few candidates are dropped."""
+    the query sentence itself: docstrings repeat each other); queries with too few candidates are dropped.
+    With ``best``: up to ``best`` of them (at least ``negatives``) in the first stage's order, not sampled."""
     groups = []
     for pq in queries:
         hits = engine.retrieve(pq.query, k=config.mine_depth)
@@ -234,7 +258,8 @@ def mine_negatives(engine, queries: Sequence[PseudoQuery], config: AdaptConfig, 
         pool = [h.doc.full_text for h in hits if h.doc.id != pq.doc_id and h.doc.id not in holdout
                 and needle not in _flat(h.doc.full_text)]  # fmt: skip
         if len(pool) >= config.negatives:
-            groups.append(Group(pq.query, pq.positive, tuple(rng.sample(pool, config.negatives))))
+            chosen = rng.sample(pool, config.negatives) if best is None else pool[: max(best, config.negatives)]
+            groups.append(Group(pq.query, pq.positive, tuple(chosen)))
     if not groups:
         raise DataError(f"no query found {config.negatives} negatives among the first stage's top {config.mine_depth}")
     return groups
@@ -282,12 +307,14 @@ class AdaptResult:
     groups: int
     held_out: int
     seconds: float
+    check: HeldoutCheck | None = None
 
     def summary(self) -> dict:
         tenth = max(1, len(self.losses) // 10)
         return {"queries": self.queries, "groups": self.groups, "held_out_documents": self.held_out,
                 "steps": len(self.losses), "loss_first_tenth": sum(self.losses[:tenth]) / tenth,
-                "loss_last_tenth": sum(self.losses[-tenth:]) / tenth, "seconds": round(self.seconds, 1)}  # fmt: skip
+                "loss_last_tenth": sum(self.losses[-tenth:]) / tenth, "seconds": round(self.seconds, 1),
+                "heldout_check": None if self.check is None else asdict(self.check)}  # fmt: skip
 
 
 def adapt(engine, config: AdaptConfig = AdaptConfig(), *, holdout: set[str] = frozenset(), encoder="minilm-l6",
@@ -299,17 +326,32 @@ def adapt(engine, config: AdaptConfig = AdaptConfig(), *, holdout: set[str] = fr
     start = time.perf_counter()
     rng = random.Random(config.seed)
     needed = config.steps * config.batch_queries
-    queries = make_queries(engine.docs, needed, config, set(holdout), rng, log)
-    log(f"{len(queries)} pseudo-queries; mining {config.negatives} hard negatives each from the first stage's "
-        f"top {config.mine_depth} ...")
-    groups = mine_negatives(engine, queries, config, set(holdout), rng)
+    queries = make_queries(engine.docs, needed + config.heldout_queries, config, set(holdout), rng, log)
+    if config.heldout_queries and len(queries) < 2 * config.heldout_queries:
+        raise DataError(f"heldout_queries={config.heldout_queries} needs at least {2 * config.heldout_queries} "
+                        f"pseudo-queries (as many again to train on); the corpus gave {len(queries)}")  # fmt: skip
+    checked_docs = {q.doc_id for q in queries[: config.heldout_queries]}
+    checked = queries[: config.heldout_queries]
+    queries = [q for q in queries[config.heldout_queries :] if q.doc_id not in checked_docs]
+    log(f"{len(queries)} pseudo-queries ({len(checked)} more held out); mining {config.negatives} hard negatives "
+        f"each from the first stage's top {config.mine_depth} ...")
+    groups = mine_negatives(engine, queries, config, set(holdout) | checked_docs, rng)
+    checked_groups = []
+    if checked:
+        checked_groups = mine_negatives(engine, checked, config, set(holdout), rng, best=HELDOUT_NEGATIVES)
 
     reranker = Reranker.from_encoder(encoder, seed=config.seed, max_length=config.max_length)
     model = reranker.model
+    blocks = model.bert.encoder.blocks
+    if config.trained_layers > len(blocks):
+        raise ConfigError(f"trained_layers={config.trained_layers} exceeds the encoder's {len(blocks)} blocks")
+    if config.trained_layers < len(blocks):  # all of them: the embeddings are trained too
+        for frozen in (model.bert.embeddings, *blocks[: len(blocks) - config.trained_layers]):
+            frozen.requires_grad_(False)
     optimizer = build_optimizer(model.bert, lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
                                 weight_decay=config.weight_decay)  # fmt: skip
     optimizer.add_param_group({"params": list(model.classifier.parameters()), "lr": config.head_lr,
-                               "weight_decay": 0.0})  # fmt: skip
+                               "weight_decay": 0.0})  # fmt: skip (frozen blocks: left out by split_decay)
     scheduler = build_scheduler(optimizer, WarmupCosine(config.warmup, config.steps))
     model.train()
     losses = []
@@ -332,7 +374,74 @@ def adapt(engine, config: AdaptConfig = AdaptConfig(), *, holdout: set[str] = fr
                 log(f"step {step + 1}/{config.steps}: loss {sum(window) / len(window):.4f} "
                     f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
     model.eval()
-    return AdaptResult(reranker, losses, len(queries), len(groups), len(holdout), time.perf_counter() - start)
+    model.requires_grad_(True)
+    check = None
+    if checked_groups:
+        log(f"checking against the first stage on {len(checked_groups)} held-out pseudo-queries ...")
+        check = heldout_check(engine, reranker, checked_groups)
+        reranker.first_stage_weight, reranker.heldout = check.first_stage_weight, asdict(check)
+    return AdaptResult(reranker, losses, len(queries), len(groups), len(holdout), time.perf_counter() - start, check)
+
+
+@dataclass(frozen=True)
+class HeldoutCheck:
+    """MRR@10 of the positive on held-out pseudo-queries (module docstring): the first stage's order (dense
+    cosine), the re-ranker's, and their fusion at ``first_stage_weight`` (the best of :data:`FUSION_WEIGHTS`)."""
+
+    queries: int
+    candidates: float  # mean candidates per query (positive included)
+    first_stage_mrr: float
+    reranker_mrr: float
+    fused_mrr: float
+    first_stage_weight: float
+
+    @property
+    def beats_first_stage(self) -> bool:
+        """Whether the re-ranker's own order ranked the held-out positives better than the first stage."""
+        return self.reranker_mrr > self.first_stage_mrr
+
+    def describe(self) -> str:
+        verdict = ("beats the first stage" if self.beats_first_stage else
+                   "does NOT beat the first stage")  # fmt: skip
+        use = ("its order is kept (first-stage weight 0)" if self.first_stage_weight == 0 else
+               "the first stage's order is kept (weight 1)" if self.first_stage_weight == 1 else
+               f"it is fused with the first stage's order, weight {self.first_stage_weight:.1f} on the first stage")
+        return (f"held-out check, {self.queries} pseudo-queries ({self.candidates:.1f} candidates each), MRR@10: "
+                f"first stage (dense) {self.first_stage_mrr:.4f}, re-ranker {self.reranker_mrr:.4f}, fused "
+                f"{self.fused_mrr:.4f}: the re-ranker {verdict}; {use}")  # fmt: skip
+
+
+def _mrr10(rows: Sequence[Sequence[float]], positives: Sequence[int]) -> float:
+    """Mean reciprocal rank (0 below rank 10) of item ``positives[j]`` of each list ``rows[j]`` (given in first-stage
+    order) when the list is sorted by score as the engine sorts it: stable, so ties keep the first-stage order."""
+    total = 0.0
+    for row, positive in zip(rows, positives, strict=True):
+        rank = 1 + sorted(range(len(row)), key=lambda i: -row[i]).index(positive)
+        total += 1.0 / rank if rank <= 10 else 0.0
+    return total / len(rows)
+
+
+def heldout_check(engine, reranker: Reranker, groups: Sequence[Group]) -> HeldoutCheck:
+    """Rank each held-out group's ``(positive, *negatives)`` by the first stage (dense cosine of
+    ``engine.encoder``), by ``reranker`` and by their fusion at each of :data:`FUSION_WEIGHTS`; see
+    :class:`HeldoutCheck`."""
+    from archlab.search.rerank import fuse_ranks
+
+    if not groups:
+        raise DataError("the held-out check needs at least one group")
+    reranks, positives = [], []  # per group, in first-stage order: re-ranker logits; where the positive is
+    for g in groups:
+        texts = [g.positive, *g.negatives]
+        vectors = engine.encoder.embed([g.query, *texts], batch_size=32)
+        cosine = (vectors[1:] @ vectors[0]).tolist()
+        order = sorted(range(len(texts)), key=lambda i: -cosine[i])  # the first stage: best cosine first
+        reranks.append(reranker.logits(g.query, [texts[i] for i in order]).tolist())
+        positives.append(order.index(0))
+    firsts = [[-float(i) for i in range(len(row))] for row in reranks]  # the first stage's order as scores
+    fused = {w: _mrr10([fuse_ranks(row, w) for row in reranks], positives) for w in FUSION_WEIGHTS}
+    best = max(FUSION_WEIGHTS, key=lambda w: (round(fused[w], 9), w))
+    return HeldoutCheck(len(groups), sum(map(len, reranks)) / len(reranks), _mrr10(firsts, positives),
+                        _mrr10(reranks, positives), fused[best], best)  # fmt: skip
 
 
 # ================================================================================================
@@ -406,7 +515,8 @@ def measure(engine, reranker: Reranker | None, evalset: EvalSet, *, depths: Sequ
         for depth in depths:
             run = {}
             for q, docs in lists.items():
-                head = sorted(docs[:depth], key=lambda d: -scores[q, d.id])  # stable: first-stage order breaks ties
+                final = reranker.final_scores([scores[q, d.id] for d in docs[:depth]])  # fused at the saved weight
+                head = [docs[i] for i in sorted(range(len(final)), key=lambda i: -final[i])]  # stable: ties keep order
                 run[q] = [(d.id, -float(i)) for i, d in enumerate(head + docs[depth:])]
             out.append(MeasureRow(name, depth, evaluate_run(run, qrels)["nDCG@10"], ms[depth]))
     return out
@@ -428,6 +538,6 @@ def rows_json(rows: Sequence[MeasureRow]) -> list[dict]:
 
 
 __all__ = [
-    "AdaptConfig", "AdaptResult", "Group", "MeasureRow", "PseudoQuery", "adapt", "format_rows", "generated_queries",
+    "AdaptConfig", "AdaptResult", "Group", "HeldoutCheck", "heldout_check", "MeasureRow", "PseudoQuery", "adapt", "format_rows", "generated_queries",
     "make_queries", "measure", "mine_negatives", "rows_json", "sentence_queries", "split_sentences", "usable_question",
 ]  # fmt: skip

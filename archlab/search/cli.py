@@ -99,6 +99,18 @@ def load_reranker(index_dir: str | Path, folder: str | None, depth: int):
     return Reranker.load(path)
 
 
+def reranker_note(reranker) -> str | None:
+    """A line for a re-ranker whose held-out check (``archlab search adapt``) did not beat the first stage."""
+    check = getattr(reranker, "heldout", None)
+    if not check or check.get("reranker_mrr", 0.0) > check.get("first_stage_mrr", 0.0):
+        return None
+    weight = getattr(reranker, "first_stage_weight", 0.0)
+    use = ("the first stage's order is kept" if weight == 1 else
+           f"its order is fused with the first stage's (weight {weight:.1f} on the first stage)")  # fmt: skip
+    return (f"note: this re-ranker did not beat the first stage on its {check.get('queries')} held-out pseudo-queries "
+            f"(MRR@10 {check.get('reranker_mrr', 0):.4f} vs {check.get('first_stage_mrr', 0):.4f}); {use}")
+
+
 def load_explainer(count: int):
     """The default explainer (SmolLM2-135M-Instruct, loaded on first use) for ``--explain count``; None for 0."""
     if not count:
@@ -130,8 +142,10 @@ def run_query(args: argparse.Namespace) -> int:
     for option, value, low in (("--k", args.k, 1), ("--rerank", args.rerank, 0), ("--explain", args.explain, 0)):
         if value < low:
             raise ConfigError(f"{option}={value} must be >= {low}")
-    engine = SearchEngine.open(args.index, reranker=load_reranker(args.index, args.reranker, args.rerank),
-                               explainer=load_explainer(args.explain))  # fmt: skip
+    reranker = load_reranker(args.index, args.reranker, args.rerank)
+    if reranker_note(reranker):
+        print(reranker_note(reranker), file=sys.stderr)
+    engine = SearchEngine.open(args.index, reranker=reranker, explainer=load_explainer(args.explain))
     result = engine.search(args.query, k=args.k, rerank=args.rerank, explain=args.explain)
     if args.json:
         print(json.dumps(result_json(result), indent=2, ensure_ascii=False))
@@ -176,8 +190,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.k < 1 or args.rerank < 0:
         raise ConfigError(f"--k={args.k} must be >= 1 and --rerank={args.rerank} >= 0")
     evalset = builtin_evalset() if args.builtin else EvalSet(load_queries(args.queries), load_qrels(args.qrels))
-    engine = SearchEngine.open(args.index, reranker=load_reranker(args.index, args.reranker, args.rerank),
-                               mode=args.mode)  # fmt: skip
+    reranker = load_reranker(args.index, args.reranker, args.rerank)
+    if reranker_note(reranker):
+        print(reranker_note(reranker), file=sys.stderr)
+    engine = SearchEngine.open(args.index, reranker=reranker, mode=args.mode)
     report = evaluate_engine(engine, evalset, k=args.k, rerank=args.rerank)
     run_file = Path(args.run) if args.run else Path(args.index) / "run.trec"
     write_trec_run(run_file, report.run, tag="archlab")
@@ -248,6 +264,11 @@ def declare_adapt(parser: argparse.ArgumentParser) -> None:
                         help=f"peak learning rate of the new head (default {d.head_lr})")
     parser.add_argument("--max-length", type=int, default=d.max_length, metavar="T",
                         help=f"longest (query, document) pair in tokens (default {d.max_length})")
+    parser.add_argument("--trained-layers", type=int, default=d.trained_layers, metavar="L",
+                        help=f"top encoder blocks trained with the head; the rest stay frozen (default {d.trained_layers})")
+    parser.add_argument("--heldout-queries", type=int, default=d.heldout_queries, metavar="N",
+                        help="pseudo-queries kept out of training to check the model against the first stage and "
+                        f"set its fusion weight (default {d.heldout_queries}; 0: no check)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=d.seed, help="seeds the data, the head and dropout")
     parser.add_argument("--out", metavar="DIR", help=f"where to save the cross-encoder (default INDEX/{DEFAULT_RERANKER_DIR})")
     parser.add_argument("--eval-queries", type=int, default=100, metavar="N", help="measure nDCG@10 with and without "
@@ -275,6 +296,7 @@ def run_adapt(args: argparse.Namespace) -> int:
     config = AdaptConfig(steps=args.steps, batch_queries=args.batch, negatives=args.negatives,
                          queries_per_doc=args.queries_per_doc, generator=args.generator, lr=args.lr,
                          head_lr=args.head_lr, max_length=args.max_length, seed=args.seed,
+                         trained_layers=args.trained_layers, heldout_queries=args.heldout_queries,
                          warmup=min(AdaptConfig.warmup, args.steps // 10))
     engine = SearchEngine.open(args.index)
     corpus = engine.manifest["corpus"]
@@ -294,6 +316,8 @@ def run_adapt(args: argparse.Namespace) -> int:
     s = result.summary()
     print(f"trained {s['steps']} steps on {s['groups']} pseudo-queries in {s['seconds']:.0f} s: loss "
           f"{s['loss_first_tenth']:.4f} (first tenth) -> {s['loss_last_tenth']:.4f} (last tenth); saved to {out}")
+    if result.check is not None:
+        print(result.check.describe())
     report = {"config": config.to_dict(), "training": s, "saved": str(out)}
     if evalset is not None and args.eval_queries:
         rows = measure(engine, result.reranker, evalset, depths=depths, max_queries=args.eval_queries, seed=args.seed)
@@ -324,4 +348,4 @@ def run(args: argparse.Namespace) -> int:
     return SUBCOMMANDS[args.search_command][1](args)
 
 
-__all__ = ["SUBCOMMANDS", "declare", "load_explainer", "load_reranker", "run"]
+__all__ = ["SUBCOMMANDS", "declare", "load_explainer", "load_reranker", "reranker_note", "run"]

@@ -188,7 +188,9 @@ class SearchEngine:
         """Retrieve, re-rank the first ``rerank`` hits (needs a reranker), explain the first ``explain``.
 
         ``k`` results are returned; the first stage fetches ``max(k, rerank)``. Re-ranked hits take the
-        cross-encoder's score; hits below the re-rank depth follow in their first-stage order.
+        cross-encoder's score, or its fusion with the first stage's order when the re-ranker has a
+        ``first_stage_weight`` (:func:`archlab.search.rerank.fuse_ranks`); hits below the re-rank depth follow in
+        their first-stage order.
         """
         _check_depths(k, rerank, explain)
         return self._search(query, k, rerank, explain, time.perf_counter(), {})
@@ -224,8 +226,9 @@ class SearchEngine:
             t = time.perf_counter()
             head, tail = hits[:rerank], hits[rerank:]
             scores = [float(s) for s in self.reranker.score(query, [h.doc for h in head])]
-            for hit, s in zip(head, scores, strict=True):
-                hit.stage_scores["rerank"] = hit.score = s
+            final = self.reranker.final_scores(scores) if hasattr(self.reranker, "final_scores") else scores
+            for hit, s, f in zip(head, scores, final, strict=True):
+                hit.stage_scores["rerank"], hit.score = s, f  # f: fused with the first stage (rerank.fuse_ranks)
             head.sort(key=lambda h: -h.score)  # stable: first-stage order breaks ties
             hits = head + tail
             timings["rerank"] = _ms(t)

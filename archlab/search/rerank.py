@@ -20,6 +20,16 @@ A re-ranker folder is a Hugging Face ``BertForSequenceClassification`` folder wi
 
 :meth:`Reranker.save` writes that layout; the folder loads back here, in ``BertForSequenceClassification
 .from_pretrained`` and in ``CrossEncoder``.
+
+**Fusion with the first stage.** A re-ranker trained here without labels (``archlab search adapt``) may rank
+worse than the first stage. ``adapt`` checks it on held-out pseudo-queries and writes :data:`HELDOUT_FILE`
+beside the weights (other loaders ignore it): the check's numbers and a weight ``w`` on the first stage, the one
+that ranked the held-out queries best. The final order of the re-ranked head is then weighted reciprocal rank
+fusion (:func:`fuse_ranks`)::
+
+    s_i = w / (k0 + r_first(i)) + (1 - w) / (k0 + r_rerank(i))        ranks from 1, k0 = 60
+
+``w = 0`` (a folder without the file): the re-ranker's order; ``w = 1``: the first stage's order is kept.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from archlab.interop.bert import bert_config_from_hf, bert_config_to_hf, bert_to
 from archlab.interop.io import atomic_dir, read_json
 from archlab.models.bert import BertCrossEncoder, BertForSequenceClassification, BertModel, PairBatch, pair_inputs
 from archlab.search.corpus import Document
+from archlab.search.fuse import DEFAULT_K0
 
 ARCHITECTURE = "BertForSequenceClassification"
 ACTIVATIONS = {  # sentence-transformers' names of the activations applied to the logit -> ours
@@ -47,6 +58,21 @@ ACTIVATIONS = {  # sentence-transformers' names of the activations applied to th
 }  # fmt: skip
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 SPECIAL_PAIR_TOKENS = 3  # [CLS], [SEP], [SEP]
+HELDOUT_FILE = "archlab_heldout.json"  # adapt's held-out check and the first stage's fusion weight
+
+
+def fuse_ranks(scores: Sequence[float], first_stage_weight: float, k0: float = DEFAULT_K0) -> list[float]:
+    """Final scores of ``n`` hits given in first-stage order (hit ``i`` has first-stage rank ``i + 1``) and
+    re-ranker ``scores`` ``[n]``: ``w / (k0 + r_first) + (1 - w) / (k0 + r_rerank)`` (module docstring). Equal
+    re-ranker scores take the first-stage order's ranks."""
+    w = first_stage_weight
+    if not 0.0 <= w <= 1.0:
+        raise ConfigError(f"first_stage_weight={w!r} must be in [0, 1]")
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable
+    rerank_rank = [0] * len(scores)
+    for r, i in enumerate(order, 1):
+        rerank_rank[i] = r
+    return [w / (k0 + i + 1) + (1 - w) / (k0 + rerank_rank[i]) for i in range(len(scores))]
 
 
 def longest_first(n_query: int, n_doc: int, room: int) -> tuple[int, int]:
@@ -78,10 +104,14 @@ class Reranker:
         max_length: the longest packed pair, special tokens included (at most the position table).
         activation: ``"sigmoid"`` or ``"identity"``, applied to the logits by :meth:`score`.
         batch_size: pairs per forward pass.
+        first_stage_weight: ``w`` of :func:`fuse_ranks` applied by :meth:`rerank` and the search engine (0: the
+            re-ranker's order alone).
+        heldout: what ``adapt``'s held-out check measured (:data:`HELDOUT_FILE`), or None.
     """
 
     def __init__(self, model: BertCrossEncoder, tokenizer, *, max_length: int | None = None,
-                 activation: str = "sigmoid", batch_size: int = 32):  # fmt: skip
+                 activation: str = "sigmoid", batch_size: int = 32, first_stage_weight: float = 0.0,
+                 heldout: dict | None = None):  # fmt: skip
         limit = model.config.max_len
         max_length = limit if max_length is None else max_length
         if isinstance(max_length, bool) or not isinstance(max_length, int) or not 4 <= max_length <= limit:
@@ -92,6 +122,8 @@ class Reranker:
             raise ConfigError(f"batch_size={batch_size!r} must be a positive int")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_length, self.activation, self.batch_size = max_length, activation, batch_size
+        fuse_ranks([], first_stage_weight)  # checks the weight
+        self.first_stage_weight, self.heldout = float(first_stage_weight), heldout
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
 
@@ -125,6 +157,14 @@ class Reranker:
         model.classifier.load_state_dict(loaded.classifier.state_dict())
         options.setdefault("max_length", _max_length(folder, loaded.config.max_len))
         options.setdefault("activation", _activation(folder, hf))
+        heldout_file = folder / HELDOUT_FILE
+        if heldout_file.is_file():
+            heldout = read_json(heldout_file)
+            weight = heldout.get("first_stage_weight") if isinstance(heldout, dict) else None
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight <= 1:
+                raise CheckpointError(f"{heldout_file}: first_stage_weight={weight!r} must be a number in [0, 1]")
+            options.setdefault("first_stage_weight", float(weight))
+            options.setdefault("heldout", heldout)
         return cls(model, tokenizer, **options)
 
     @classmethod
@@ -170,6 +210,9 @@ class Reranker:
                           "identity": "torch.nn.modules.linear.Identity"}[self.activation]  # fmt: skip
             st = {"model_type": "CrossEncoder", "activation_fn": activation}
             (tmp / "config_sentence_transformers.json").write_text(json.dumps(st, indent=2) + "\n")
+            if self.heldout is not None or self.first_stage_weight:
+                heldout = {**(self.heldout or {}), "first_stage_weight": self.first_stage_weight}
+                (tmp / HELDOUT_FILE).write_text(json.dumps(heldout, indent=2) + "\n")
         return folder
 
     # ------------------------------------------------------------------------------------------
@@ -225,16 +268,23 @@ class Reranker:
         logits = self.logits(query, docs)
         return (torch.sigmoid(logits) if self.activation == "sigmoid" else logits).tolist()
 
+    def final_scores(self, scores: Sequence[float]) -> list[float]:
+        """The scores that order a re-ranked head given in first-stage order: ``scores`` themselves, or their
+        :func:`fuse_ranks` with the first stage when :attr:`first_stage_weight` > 0."""
+        return fuse_ranks(scores, self.first_stage_weight) if self.first_stage_weight else list(scores)
+
     def rerank(self, query: str, hits: Sequence, depth: int) -> list:
-        """The first ``depth`` of ``hits`` re-ordered by score (``stage_scores["rerank"]``, ``score``), then the rest
-        in their order; ranks renumbered from 1. The timing is in :attr:`last_ms`."""
+        """The first ``depth`` of ``hits`` re-ordered by :meth:`final_scores` (``score``; the re-ranker's own in
+        ``stage_scores["rerank"]``), then the rest in their order; ranks renumbered from 1. The timing is in
+        :attr:`last_ms`."""
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ConfigError(f"depth={depth!r} must be an int >= 0")
         head, tail = list(hits[:depth]), list(hits[depth:])
         start = time.perf_counter()
         scores = self.score(query, [h.doc for h in head]) if head else []
         self.last_ms = (time.perf_counter() - start) * 1000
-        rescored = [replace(h, score=s, stage_scores={**h.stage_scores, "rerank": s}) for h, s in zip(head, scores)]
+        rescored = [replace(h, score=f, stage_scores={**h.stage_scores, "rerank": s})
+                    for h, s, f in zip(head, scores, self.final_scores(scores))]  # fmt: skip
         rescored.sort(key=lambda h: -h.score)  # stable: ties keep the first stage's order
         return [replace(h, rank=i + 1) for i, h in enumerate(rescored + tail)]
 
@@ -298,4 +348,4 @@ def _activation(folder: Path, hf: dict) -> str:
     return "sigmoid"
 
 
-__all__ = ["Reranker", "longest_first"]
+__all__ = ["HELDOUT_FILE", "Reranker", "fuse_ranks", "longest_first"]

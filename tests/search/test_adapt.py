@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from archlab.errors import ConfigError, DataError
+from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.search.adapt import (
     AdaptConfig,
     adapt,
@@ -20,7 +20,7 @@ from archlab.search.adapt import (
 )
 from archlab.search.corpus import Corpus, Document, EvalSet, builtin_corpus, builtin_evalset
 
-TINY = dict(steps=40, batch_queries=4, negatives=2, mine_depth=10, max_length=96, lr=5e-3, warmup=4)
+TINY = dict(steps=40, batch_queries=4, negatives=2, mine_depth=10, max_length=96, lr=5e-3, warmup=4, heldout_queries=4)
 
 
 def tiny_encoder(folder):
@@ -139,10 +139,11 @@ def test_cli_adapt_saves_measures_and_query_reranks(small, tmp_path, capsys):
     qrels.write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n" for q, j in evalset.qrels.items()
                                                               for d, g in j.items()))  # fmt: skip
     code = main(["search", "adapt", str(index), "--steps", "3", "--batch", "2", "--negatives", "2",
-                 "--max-length", "64", "--eval-queries", "5", "--depths", "5,10",
+                 "--max-length", "64", "--eval-queries", "5", "--depths", "5,10", "--heldout-queries", "4",
                  "--queries", str(queries), "--qrels", str(qrels)])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0 and "trained 3 steps" in out and "nDCG@10 on 5 evaluation queries" in out, out
+    assert "held-out check, 4 pseudo-queries" in out and "first stage (dense)" in out, out
     assert (index / "reranker" / "model.safetensors").is_file()
     report = json.loads((index / "adapt.json").read_text())
     assert report["training"]["steps"] == 3 and [r["depth"] for r in report["measured"]] == [0, 5, 10] * 2
@@ -230,3 +231,72 @@ def test_generated_replies_that_are_not_questions_are_dropped():
     for reply in ("I'm ready to assist. What's your request?", "```python def f(): pass", "two words",
                   "The following text returns an iterable of entries.", "A handler class which sends an email."):
         assert not usable_question(reply, doc), reply
+
+
+def test_fuse_ranks_moves_from_the_rerankers_order_to_the_first_stages():
+    from archlab.search.rerank import fuse_ranks
+
+    scores = [0.1, 0.9, 0.5, 0.7]  # hits in first-stage order
+    order = lambda f: sorted(range(len(f)), key=lambda i: -f[i])  # noqa: E731
+    assert order(fuse_ranks(scores, 0.0)) == [1, 3, 2, 0]  # the re-ranker's order
+    assert order(fuse_ranks(scores, 1.0)) == [0, 1, 2, 3]  # the first stage's
+    mid = fuse_ranks(scores, 0.5)  # r_first + r_rerank: hit 1 (2 + 1) first, then 0 (1 + 4), 2 (3 + 3) and 3 (4 + 2)
+    assert order(mid)[0] == 1 and mid[0] == pytest.approx(0.5 / 61 + 0.5 / 64)
+    with pytest.raises(ConfigError, match="first_stage_weight=1.5"):
+        fuse_ranks(scores, 1.5)
+
+
+class _Oracle:
+    """A stand-in re-ranker that scores the held-out positives (texts in ``good``) highest, or lowest."""
+
+    def __init__(self, good, sign=1.0):
+        self.good, self.sign = good, sign
+
+    def logits(self, query, docs):
+        return torch.tensor([self.sign * (1.0 if d in self.good else 0.0) for d in docs])
+
+
+def test_heldout_check_keeps_a_good_reranker_and_fuses_away_a_bad_one(small):
+    from archlab.search.adapt import heldout_check
+
+    engine, _, held, _ = small
+    config = AdaptConfig(**TINY)
+    queries = make_queries(engine.docs, 12, config, held, random.Random(0), print)
+    groups = mine_negatives(engine, queries, config.replace(negatives=5), held, random.Random(0), best=5)
+    good = {g.positive for g in groups}
+    right = heldout_check(engine, _Oracle(good), groups)
+    assert right.queries == len(groups) and right.candidates == 6
+    assert right.reranker_mrr == 1.0 and right.beats_first_stage and right.fused_mrr == 1.0
+    assert right.first_stage_weight < 0.5 and "beats the first stage" in right.describe()
+    wrong = heldout_check(engine, _Oracle(good, sign=-1.0), groups)  # every positive last
+    assert wrong.reranker_mrr == pytest.approx(1 / 6) and not wrong.beats_first_stage
+    assert wrong.first_stage_weight == 1.0 and wrong.fused_mrr == wrong.first_stage_mrr > wrong.reranker_mrr
+    assert "does NOT beat" in wrong.describe()
+
+
+def test_a_saved_fusion_weight_reloads_orders_the_engine_and_is_noted(small, tmp_path, capsys):
+    """A folder whose held-out check failed keeps the first stage's order at weight 1, and query says so."""
+    from archlab.cli import main
+    from archlab.search.cli import reranker_note
+    from archlab.search.engine import SearchEngine
+    from archlab.search.rerank import HELDOUT_FILE, Reranker
+
+    engine, _, _, encoder = small
+    reranker = Reranker.from_encoder(encoder, max_length=64)
+    check = {"queries": 4, "candidates": 6.0, "first_stage_mrr": 0.5, "reranker_mrr": 0.25, "fused_mrr": 0.5}
+    reranker.first_stage_weight, reranker.heldout = 1.0, check
+    folder = reranker.save(tmp_path / "reranker")
+    assert (folder / HELDOUT_FILE).is_file()
+    again = Reranker.load(folder)
+    assert again.first_stage_weight == 1.0 and again.heldout["reranker_mrr"] == 0.25
+    assert "did not beat the first stage" in reranker_note(again) and "order is kept" in reranker_note(again)
+    plain = SearchEngine.open(engine.index_dir).search("open a file", k=8)
+    fused = SearchEngine.open(engine.index_dir, reranker=again).search("open a file", k=8, rerank=8)
+    assert [h.doc.id for h in fused.hits] == [h.doc.id for h in plain.hits]
+    assert all("rerank" in h.stage_scores for h in fused.hits)
+    assert main(["search", "query", str(engine.index_dir), "open a file", "--rerank", "5", "--k", "3",
+                 "--reranker", str(folder)]) == 0  # fmt: skip
+    assert "note: this re-ranker did not beat the first stage on its 4 held-out" in capsys.readouterr().err
+    (folder / HELDOUT_FILE).write_text('{"first_stage_weight": 2}')
+    with pytest.raises(CheckpointError, match="first_stage_weight=2"):
+        Reranker.load(folder)
