@@ -1,16 +1,20 @@
 """What several labs share: short, seeded training loops (a GPT on LM windows; any model on one of
 :mod:`archlab.train.tasks`' objectives), greedy decoding of a seq2seq model's validation pairs, the test that
-the models learned enough for a lab to decide, and the allocator's peak over a step (no lab is registered here)."""
+the models learned enough for a lab to decide, the allocator's peak over a step, and the byte corpus of the
+language-model labs cut into training bytes and held-out windows (no lab is registered here)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from archlab.data import LMWindows
+from archlab.data import ByteTokenizer, LMWindows, encode_texts, python_source, unigram_loss
 from archlab.data.loaders import BatchSource
+from archlab.errors import DataError
 from archlab.generation import generate
 from archlab.labs.registry import progress_bar
 from archlab.models.gpt import GPT, GPTConfig
@@ -18,6 +22,45 @@ from archlab.train import build_optimizer, build_scheduler
 from archlab.train.losses import IGNORE_INDEX
 from archlab.train.schedules import WarmupCosine
 from archlab.train.tasks import get_task, task_loss
+
+
+@dataclass(frozen=True)
+class ByteLMData:
+    """The language-model labs' data (:func:`byte_lm_data`): Python standard-library source as bytes.
+
+    Attributes:
+        tokenizer: the :class:`~archlab.data.ByteTokenizer` (V = 256 + specials).
+        train_ids: ``[n_train]`` the training texts' bytes, for :class:`~archlab.data.LMWindows`.
+        held_out: ``[n_valid]`` int64, the held-out texts' bytes.
+        inputs, labels: ``[W, N]`` the first ``W N`` held-out bytes as windows and the byte after each.
+        unigram: the unigram baseline on ``labels`` (nats per byte, :func:`~archlab.data.unigram_loss`).
+    """
+
+    tokenizer: ByteTokenizer
+    train_ids: np.ndarray
+    held_out: Tensor
+    inputs: Tensor
+    labels: Tensor
+    unigram: float
+
+
+def byte_lm_data(max_bytes: int, seq_len: int, windows: int, *, unigram_bytes: int | None = None) -> ByteLMData:
+    """The first ``max_bytes`` of :func:`~archlab.data.python_source`, its training texts as bytes and its held-out
+    texts cut into ``windows`` windows of ``seq_len`` (inputs and next-byte labels, ``[windows, seq_len]``); the
+    unigram baseline counts the training bytes (only the first ``unigram_bytes`` with it: a lab training on a
+    prefix). DataError when the held-out text is shorter than the windows."""
+    tokenizer = ByteTokenizer()
+    corpus = python_source(max_bytes=max_bytes)
+    train_ids = encode_texts(corpus.train_texts, tokenizer)
+    held_out = torch.from_numpy(encode_texts(corpus.valid_texts, tokenizer).astype("int64"))
+    total = windows * seq_len
+    if held_out.numel() < total + 1:
+        raise DataError(f"{windows} held-out windows of {seq_len} bytes need {total + 1:,} held-out bytes; "
+                        f"max_bytes={max_bytes:,} gives {held_out.numel():,}")  # fmt: skip
+    inputs, labels = held_out[:total].view(windows, seq_len), held_out[1 : total + 1].view(windows, seq_len)
+    counted = train_ids if unigram_bytes is None else train_ids[:unigram_bytes]
+    unigram = unigram_loss(counted, labels.flatten().numpy(), tokenizer.vocab_size)
+    return ByteLMData(tokenizer, train_ids, held_out, inputs, labels, unigram)
 
 
 def train_gpt(

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from archlab.data import ByteTokenizer, LMWindows, encode_texts, python_source, unigram_loss
+from archlab.data import ByteTokenizer, LMWindows
 from archlab.errors import ShapeError
-from archlab.labs.common import learned_too_little, train_gpt
+from archlab.labs.common import byte_lm_data, learned_too_little, train_gpt
 from archlab.labs.registry import LabResult, register_lab
 from archlab.models.gpt import GPT, GPTConfig
 
@@ -84,11 +84,8 @@ def run(quick: bool, seed: int) -> LabResult:
     multiples = (1, 2, 4) if quick else (1, 2, 4, 8)
     lengths = [k * train_len for k in multiples]
     total = lengths[-1] * windows  # held-out predictions scored at every length
-    tokenizer = ByteTokenizer()
-    corpus = python_source(max_bytes=CORPUS_BYTES)
-    train_ids = encode_texts(corpus.train_texts, tokenizer)
-    held_out = torch.from_numpy(encode_texts(corpus.valid_texts, tokenizer).astype("int64"))
-    unigram = unigram_loss(train_ids, held_out[1 : total + 1].numpy(), tokenizer.vocab_size)
+    data = byte_lm_data(CORPUS_BYTES, lengths[-1], windows)  # its labels: held_out[1 : total + 1]
+    train_ids, held_out, unigram = data.train_ids, data.held_out, data.unigram
     batches = LMWindows(train_ids, seq_len=train_len, batch_size=batch_size, seed=seed)
 
     losses: dict[str, dict[int, float | None]] = {}

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archlab.data import ByteTokenizer, LMWindows, encode_texts, python_source, unigram_loss
+from archlab.data import LMWindows
 from archlab.data.loaders import ClassificationBatches
 from archlab.errors import ConfigError
-from archlab.labs.common import learned_too_little, train_task
+from archlab.labs.common import byte_lm_data, learned_too_little, train_task
 from archlab.labs.registry import LabResult, one_thread, register_lab
 from archlab.labs.scaling import gpt_config
 from archlab.models.bert import BertConfig, BertForSequenceClassification
@@ -118,13 +118,10 @@ def judge(loss: dict[str, float], acc: dict[str, float]) -> tuple[bool, float, f
 def run(quick: bool, seed: int) -> LabResult:
     seq_len, lm_steps, windows = (32, 30, 16) if quick else (64, 400, 128)
     length, n_train, cls_steps = (5, 512, 30) if quick else (5, 8192, 600)
-    tokenizer = ByteTokenizer()
-    corpus = python_source(max_bytes=CORPUS_BYTES)
-    train_ids = encode_texts(corpus.train_texts, tokenizer)
-    held = torch.from_numpy(encode_texts(corpus.valid_texts, tokenizer).astype("int64"))
+    data = byte_lm_data(CORPUS_BYTES, seq_len, windows)
+    tokenizer, train_ids, lm_inputs, lm_labels, unigram = (data.tokenizer, data.train_ids, data.inputs, data.labels,
+                                                           data.unigram)  # fmt: skip
     total = windows * seq_len
-    lm_inputs, lm_labels = held[:total].view(-1, seq_len), held[1 : total + 1].view(-1, seq_len)
-    unigram = unigram_loss(train_ids, lm_labels.flatten().numpy(), tokenizer.vocab_size)
     lm_batches = LMWindows(train_ids, seq_len=seq_len, batch_size=16, seed=seed)
 
     gpt = gpt_config(D_MODEL, LAYERS, seq_len)

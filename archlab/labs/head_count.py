@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from archlab.data import ByteTokenizer, LMWindows, encode_texts, python_source, unigram_loss
-from archlab.labs.common import learned_too_little, train_gpt
+from archlab.data import LMWindows
+from archlab.labs.common import byte_lm_data, learned_too_little, train_gpt
 from archlab.labs.registry import LabResult, one_thread, register_lab
 from archlab.models.gpt import GPTConfig
 
@@ -42,13 +42,10 @@ def judge(losses: dict[int, float]) -> tuple[bool, int]:
 )
 def run(quick: bool, seed: int) -> LabResult:
     steps, batch_size, windows, counts = (20, 8, 16, (1, 4, 16)) if quick else (400, 16, 64, HEAD_COUNTS)
-    tokenizer = ByteTokenizer()
-    corpus = python_source(max_bytes=CORPUS_BYTES)
-    train_ids = encode_texts(corpus.train_texts, tokenizer)
-    held = torch.from_numpy(encode_texts(corpus.valid_texts, tokenizer).astype("int64"))
+    data = byte_lm_data(CORPUS_BYTES, SEQ_LEN, windows)
+    tokenizer, train_ids, unigram = data.tokenizer, data.train_ids, data.unigram
+    inputs, labels = data.inputs, data.labels
     total = windows * SEQ_LEN
-    inputs, labels = held[:total].view(-1, SEQ_LEN), held[1 : total + 1].view(-1, SEQ_LEN)
-    unigram = unigram_loss(train_ids, labels.flatten().numpy(), tokenizer.vocab_size)
     batches = LMWindows(train_ids, seq_len=SEQ_LEN, batch_size=batch_size, seed=seed)
 
     losses, params = {}, {}

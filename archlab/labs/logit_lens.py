@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from archlab.data import ByteTokenizer, LMWindows, encode_texts, python_source, unigram_loss
-from archlab.labs.common import learned_too_little, train_gpt
+from archlab.data import LMWindows
+from archlab.labs.common import byte_lm_data, learned_too_little, train_gpt
 from archlab.labs.registry import LabResult, one_thread, register_lab
 from archlab.models.gpt import GPT, GPTConfig
 
@@ -79,13 +79,9 @@ def layer_table(model: GPT, inputs: Tensor, labels: Tensor) -> list[dict[str, fl
 )
 def run(quick: bool, seed: int) -> LabResult:
     steps, batch_size, windows = (30, 8, 16) if quick else (600, 16, 64)
-    tokenizer = ByteTokenizer()
-    corpus = python_source(max_bytes=CORPUS_BYTES)
-    train_ids = encode_texts(corpus.train_texts, tokenizer)
-    held_out = torch.from_numpy(encode_texts(corpus.valid_texts, tokenizer).astype("int64"))
-    total = windows * SEQ_LEN
-    inputs, labels = held_out[:total].view(windows, SEQ_LEN), held_out[1 : total + 1].view(windows, SEQ_LEN)
-    unigram = unigram_loss(train_ids, labels.flatten().numpy(), tokenizer.vocab_size)
+    data = byte_lm_data(CORPUS_BYTES, SEQ_LEN, windows)
+    tokenizer, train_ids, unigram = data.tokenizer, data.train_ids, data.unigram
+    inputs, labels = data.inputs, data.labels
     config = GPTConfig(vocab_size=tokenizer.vocab_size, max_len=SEQ_LEN, d_model=D_MODEL, n_heads=HEADS,
                        n_layers=LAYERS, dropout=0.0, attn_dropout=0.0, tie_embeddings=False)  # fmt: skip
     batches = LMWindows(train_ids, seq_len=SEQ_LEN, batch_size=batch_size, seed=seed)

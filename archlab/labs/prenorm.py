@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from archlab.data import ByteTokenizer, LMWindows, encode_texts, python_source, unigram_loss
-from archlab.labs.common import learned_too_little, train_task
+from archlab.data import ByteTokenizer, LMWindows
+from archlab.labs.common import byte_lm_data, learned_too_little, train_task
 from archlab.labs.registry import LabResult, one_thread, register_lab
 from archlab.models.gpt import GPT, GPTConfig
 
@@ -82,13 +82,9 @@ def judge(losses: dict[str, list[float]]) -> tuple[bool, list[float]]:
 )
 def run(quick: bool, seed: int) -> LabResult:
     steps, batch_size, windows, seeds = (20, 8, 16, [seed]) if quick else (400, 16, 64, [seed, seed + 1])
-    tokenizer = ByteTokenizer()
-    corpus = python_source(max_bytes=CORPUS_BYTES)
-    train_ids = encode_texts(corpus.train_texts, tokenizer)
-    held = torch.from_numpy(encode_texts(corpus.valid_texts, tokenizer).astype("int64"))
+    data = byte_lm_data(CORPUS_BYTES, SEQ_LEN, windows)
+    train_ids, inputs, labels, unigram = data.train_ids, data.inputs, data.labels, data.unigram
     total = windows * SEQ_LEN  # held-out predictions
-    inputs, labels = held[:total].view(-1, SEQ_LEN), held[1 : total + 1].view(-1, SEQ_LEN)
-    unigram = unigram_loss(train_ids, labels.flatten().numpy(), tokenizer.vocab_size)
 
     start: dict[str, dict] = {}
     end: dict[str, list[dict]] = {v: [] for v in VARIANTS}

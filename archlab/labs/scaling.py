@@ -23,8 +23,8 @@ from torch import nn
 
 from archlab.analysis import count_parameters
 from archlab.analysis.scaling import PowerLawFit, fit_power_law
-from archlab.data import ByteTokenizer, LMWindows, encode_texts, python_source, unigram_loss
-from archlab.labs.common import learned_too_little, train_gpt
+from archlab.data import ByteTokenizer, LMWindows
+from archlab.labs.common import byte_lm_data, learned_too_little, train_gpt
 from archlab.labs.registry import LabResult, register_lab
 from archlab.models.gpt import GPT, GPTConfig
 
@@ -113,13 +113,9 @@ def run(quick: bool, seed: int) -> LabResult:
         sizes, seq_len, batch_size, steps, windows = ((8, 1), (16, 1), (16, 2), (24, 2), (32, 2)), 32, 16, 100, 64
     else:
         sizes, seq_len, batch_size, steps, windows = ((16, 2), (32, 2), (48, 2), (64, 3), (96, 3)), 64, 32, 1000, 512
-    tokenizer = ByteTokenizer()
-    corpus = python_source(max_bytes=CORPUS_BYTES)
-    train_ids = encode_texts(corpus.train_texts, tokenizer)
-    held_out = torch.from_numpy(encode_texts(corpus.valid_texts, tokenizer).astype("int64"))
+    data = byte_lm_data(CORPUS_BYTES, seq_len, windows)
+    train_ids, inputs, labels, unigram = data.train_ids, data.inputs, data.labels, data.unigram
     total = windows * seq_len  # held-out predictions every model is scored on
-    inputs, labels = held_out[:total].view(-1, seq_len), held_out[1 : total + 1].view(-1, seq_len)
-    unigram = unigram_loss(train_ids, labels.flatten().numpy(), tokenizer.vocab_size)
     batches = LMWindows(train_ids, seq_len=seq_len, batch_size=batch_size, seed=seed)
     tokens_per_step = batch_size * seq_len
     at = checkpoint_steps(steps // 8, steps, CHECKPOINTS)  # from just after the warmup (steps // 10)

@@ -14,12 +14,10 @@ scored by its best checkpoint (early stopping), then fitted as in ``scaling-laws
 
 from __future__ import annotations
 
-import torch
-
 from archlab.analysis import count_parameters
 from archlab.analysis.scaling import fit_power_law
-from archlab.data import ByteTokenizer, LMWindows, encode_texts, python_source, unigram_loss
-from archlab.labs.common import learned_too_little, train_gpt
+from archlab.data import LMWindows
+from archlab.labs.common import byte_lm_data, learned_too_little, train_gpt
 from archlab.labs.registry import LabResult, register_lab
 from archlab.labs.scaling import (
     MIN_R2,
@@ -71,13 +69,9 @@ def run(quick: bool, seed: int) -> LabResult:
         d, n_layers, seq_len, batch_size, steps, sizes, windows = 32, 2, 32, 16, 60, data_sizes(4096, 3), 32
     else:
         d, n_layers, seq_len, batch_size, steps, sizes, windows = 64, 2, 64, 16, 300, data_sizes(8192, 5), 128
-    tokenizer = ByteTokenizer()
-    corpus = python_source(max_bytes=CORPUS_BYTES)
-    all_train = encode_texts(corpus.train_texts, tokenizer)
-    held_out = torch.from_numpy(encode_texts(corpus.valid_texts, tokenizer).astype("int64"))
+    data = byte_lm_data(CORPUS_BYTES, seq_len, windows, unigram_bytes=sizes[-1])
+    all_train, inputs, labels, unigram = data.train_ids, data.inputs, data.labels, data.unigram
     total = windows * seq_len
-    inputs, labels = held_out[:total].view(-1, seq_len), held_out[1 : total + 1].view(-1, seq_len)
-    unigram = unigram_loss(all_train[: sizes[-1]], labels.flatten().numpy(), tokenizer.vocab_size)
     at = checkpoint_steps(steps // 8, steps, CHECKPOINTS)
     tokens_per_step = batch_size * seq_len
     config = gpt_config(d, n_layers, seq_len)

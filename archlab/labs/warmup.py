@@ -24,8 +24,8 @@ import math
 
 import torch
 
-from archlab.data import ByteTokenizer, LMWindows, encode_texts, python_source, unigram_loss
-from archlab.labs.common import learned_too_little, optimize
+from archlab.data import LMWindows
+from archlab.labs.common import byte_lm_data, learned_too_little, optimize
 from archlab.labs.registry import LabResult, progress_bar, register_lab
 from archlab.labs.scaling import held_out_loss
 from archlab.models.gpt import GPT, GPTConfig
@@ -82,13 +82,10 @@ def judge(results: dict[tuple[float, str], list[dict]]) -> tuple[bool, bool, boo
 def run(quick: bool, seed: int) -> LabResult:
     steps, warmup, lrs, seeds = (12, 4, (3e-3,), [seed]) if quick else (300, 30, (3e-3,), [seed, seed + 1])
     seq_len, batch_size, windows = 32, 16, 64
-    tokenizer = ByteTokenizer()
-    corpus = python_source(max_bytes=CORPUS_BYTES)
-    train_ids = encode_texts(corpus.train_texts, tokenizer)
-    held = torch.from_numpy(encode_texts(corpus.valid_texts, tokenizer).astype("int64"))
+    data = byte_lm_data(CORPUS_BYTES, seq_len, windows)
+    tokenizer, train_ids, unigram = data.tokenizer, data.train_ids, data.unigram
+    inputs, labels = data.inputs, data.labels
     total = windows * seq_len
-    inputs, labels = held[:total].view(-1, seq_len), held[1 : total + 1].view(-1, seq_len)
-    unigram = unigram_loss(train_ids, labels.flatten().numpy(), tokenizer.vocab_size)
     config = GPTConfig(vocab_size=tokenizer.vocab_size, max_len=seq_len, d_model=D_MODEL, n_heads=HEADS,
                        n_layers=LAYERS, dropout=0.0, attn_dropout=0.0, norm_first=False)  # fmt: skip
 
