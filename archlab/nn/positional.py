@@ -148,14 +148,17 @@ class RotaryPositionalEncoding(PositionalEncoding):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._cache: tuple[int, torch.dtype, torch.device, Tensor, Tensor] | None = None
 
-    def _cos_sin(self, end: int, dtype, device) -> tuple[Tensor, Tensor]:
+    def _cos_sin(self, end: int, dtype, device) -> tuple[Tensor, Tensor, Tensor]:
+        """``cos``, ``sin`` and ``(-sin, sin)`` halves, ``[>= end, d_rot]`` each, cached per dtype and device."""
         c = self._cache
         if c is None or c[0] < end or c[1] != dtype or c[2] != device:
             length = max(end, 2 * (c[0] if c else 0), 256)
             angles = torch.arange(length, dtype=torch.float64, device=device)[:, None] * self.inv_freq.to(device)
             angles = torch.cat([angles, angles], dim=-1)
-            self._cache = c = (length, dtype, device, angles.cos().to(dtype), angles.sin().to(dtype))
-        return c[3], c[4]
+            sin = angles.sin().to(dtype)
+            signed = torch.cat([-sin[:, : self.rotary_dim // 2], sin[:, self.rotary_dim // 2 :]], dim=-1)
+            self._cache = c = (length, dtype, device, angles.cos().to(dtype), sin, signed)
+        return c[3], c[4], c[5]
 
     def rotate(self, x: Tensor, offset: int = 0) -> Tensor:
         """``x [..., N, d_head]`` at positions ``offset .. offset+N-1`` -> rotated, same shape."""
@@ -163,7 +166,9 @@ class RotaryPositionalEncoding(PositionalEncoding):
             raise ShapeError(f"RoPE built for d_head={self.d_head}, got width {x.shape[-1]}")
         _check_offset(offset)
         n, r = x.shape[-2], self.rotary_dim
-        cos, sin = self._cos_sin(offset + n, x.dtype, x.device)
+        cos, sin, signed = self._cos_sin(offset + n, x.dtype, x.device)
+        if r == self.d_head:  # the same products in fewer ops: [x2, x1] * (-sin, sin) = [-x2, x1] * sin
+            return x * cos[offset : offset + n] + x.roll(r // 2, dims=-1) * signed[offset : offset + n]
         cos, sin = cos[offset : offset + n], sin[offset : offset + n]
         x_rot, x_pass = x[..., :r], x[..., r:]
         x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
@@ -171,6 +176,11 @@ class RotaryPositionalEncoding(PositionalEncoding):
         return rotated if r == self.d_head else torch.cat([rotated, x_pass], dim=-1)
 
     def transform_qk(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
+        """``q [B, A, N, d_head]`` and ``k [B, G, N, d_head]`` rotated; heads side by side are rotated in one pass
+        (a decoding step's rotation is a few small ops whose cost is their count, not their size)."""
+        if q.ndim == k.ndim >= 3 and q.shape[:-3] == k.shape[:-3] and q.shape[-2:] == k.shape[-2:] and q.dtype == k.dtype:
+            both = self.rotate(torch.cat([q, k], dim=-3), offset)
+            return both[..., : q.shape[-3], :, :], both[..., q.shape[-3] :, :, :]
         return self.rotate(q, offset), self.rotate(k, offset)
 
 

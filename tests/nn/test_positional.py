@@ -279,6 +279,23 @@ def test_rope_matches_complex_formulation(d_head, rotary_dim, base, offset):
     assert max_err(rope.rotate(x, offset=offset), expected) <= TOL
 
 
+@pytest.mark.parametrize("rotary_dim", [None, 8])
+def test_rope_transform_qk_rotates_grouped_heads_like_the_complex_formulation(rotary_dim):
+    """q with A = 6 heads and k with G = 2 (grouped-query attention) rotated together (one pass over both) equal
+    the independent complex formulation, each at the same positions; then q and k of other head widths or batches
+    go one at a time."""
+    torch.manual_seed(11)
+    rope = RotaryPositionalEncoding(12, rotary_dim=rotary_dim)
+    q, k = torch.randn(2, 6, 4, 12, dtype=F64), torch.randn(2, 2, 4, 12, dtype=F64)
+    rq, rk = rope.transform_qk(q, k, offset=21)
+    assert rq.shape == q.shape and rk.shape == k.shape
+    assert max_err(rq, _rope_complex(q, 21, rotary_dim or 12)) <= TOL
+    assert max_err(rk, _rope_complex(k, 21, rotary_dim or 12)) <= TOL
+    rq, rk = rope.transform_qk(q[:1], k, offset=3)  # batches differ: rotated apart
+    assert max_err(rq, _rope_complex(q[:1], 3, rotary_dim or 12)) <= TOL
+    assert max_err(rk, _rope_complex(k, 3, rotary_dim or 12)) <= TOL
+
+
 def test_rope_partial_leaves_tail_unchanged():
     torch.manual_seed(9)
     rope = RotaryPositionalEncoding(12, rotary_dim=4)
