@@ -22,10 +22,12 @@ pytestmark = pytest.mark.slow
 WINDOWS, LENGTH = 16, 128
 
 
-def docstring_windows(tokenizer) -> torch.Tensor:
-    """``[WINDOWS, LENGTH]`` token ids of standard-library docstrings (validation files, in their order)."""
+def docstring_windows(tokenizer, split: str = "valid", windows: int = WINDOWS) -> torch.Tensor:
+    """``[windows, LENGTH]`` token ids of standard-library docstrings (validation files, in their order; ``split="train"``:
+    the training files', int8-dynamic's calibration text)."""
     texts = []
-    for source in python_source(max_bytes=3_000_000).valid_texts:
+    corpus = python_source(max_bytes=3_000_000)
+    for source in corpus.valid_texts if split == "valid" else corpus.train_texts[:300]:
         try:
             tree = ast.parse(source)
         except SyntaxError:
@@ -33,8 +35,8 @@ def docstring_windows(tokenizer) -> torch.Tensor:
         nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
         texts += [doc for n in nodes if (doc := ast.get_docstring(n)) and len(doc) > 200]
     ids = tokenizer.encode("\n\n".join(texts))
-    assert len(ids) >= WINDOWS * LENGTH, len(ids)
-    return torch.tensor(ids[: WINDOWS * LENGTH]).reshape(WINDOWS, LENGTH)
+    assert len(ids) >= windows * LENGTH, len(ids)
+    return torch.tensor(ids[: windows * LENGTH]).reshape(windows, LENGTH)
 
 
 def test_smollm2_int8_and_int4_perplexity_and_agreement():
@@ -43,10 +45,9 @@ def test_smollm2_int8_and_int4_perplexity_and_agreement():
     int4 from the blocks keeps them (only the int8 head and bfloat16 activations differ), int8 per channel
     re-rounds them. Pinned: int8 within 2% of fp32 and agreement >= 90%; int4 within 3% and >= 90%.
 
-    int8-dynamic (int8 activations, one scale per tensor per call) is printed, not pinned: it is not fit for this
-    model, measured +393% perplexity, agreement 38.4% (the SwiGLU outputs entering ffn.w2 have outliers that one
-    8-bit scale per tensor cannot hold: on 6 windows, with ffn.w2 left weight-only +38% and 65.5%; with only the
-    attention projections dynamic +4.9% and 80.1%)."""
+    int8-dynamic (int8 activations): with one scale per tensor per call (torch.ao's Linear, before) it measured +393%
+    perplexity, agreement 38.4%; now one scale per row (token) and smoothed by 4 windows of the training split's
+    docstrings. Pinned: within 5% of fp32 (the benchmark's "usable") and agreement >= 85%."""
     try:
         path = smollm2_gguf_path()
     except CheckpointError as e:
@@ -58,7 +59,7 @@ def test_smollm2_int8_and_int4_perplexity_and_agreement():
     quantize(int8, "int8")
     int4 = load_gguf(file, quantize="int4")
     dynamic = copy.deepcopy(reference)
-    quantize(dynamic, "int8-dynamic", head="int8-dynamic")
+    quantize(dynamic, "int8-dynamic", head="int8-dynamic", calibration=docstring_windows(gguf_tokenizer(file), "train", 4))
     assert sum(r.note.startswith("given") for r in int4.quant_report.layers) == 30 * 4  # every block layer from Q4_1
     results = {}
     for name, model in (("int8", int8), ("int4", int4), ("int8-dynamic", dynamic)):
@@ -66,3 +67,4 @@ def test_smollm2_int8_and_int4_perplexity_and_agreement():
         print(results[name])
     assert abs(results["int8"].perplexity_change) < 0.02 and results["int8"].top1_agreement >= 0.90
     assert abs(results["int4"].perplexity_change) < 0.03 and results["int4"].top1_agreement >= 0.90
+    assert abs(results["int8-dynamic"].perplexity_change) < 0.05 and results["int8-dynamic"].top1_agreement >= 0.85
