@@ -16,6 +16,7 @@ from archlab.models.llama import Llama, LlamaConfig
 from archlab.speculative import (
     DraftModel,
     PromptLookup,
+    Sampling,
     SpeculativeStats,
     first_layers,
     prompt_lookup,
@@ -178,7 +179,8 @@ def test_speculative_sampling_draws_from_the_target_distribution(draft, filters)
     many drafts are rejected: the residual norm(max(0, p - q)) carries the distribution. Measured: p-values
     0.16-0.79 here; sampling from p on a rejection instead gives p < 1e-30, accepting every draft p = 0."""
     target = MarkovLM(seed=1)
-    drafter = PromptLookup() if draft == "lookup" else DraftModel(MarkovLM(seed=2))
+    # min_ngram=1: one-token matches draft too, so the one-hot q is tested in many rounds, not a few
+    drafter = PromptLookup(min_ngram=1) if draft == "lookup" else DraftModel(MarkovLM(seed=2))
     exact = exact_first_two(
         lambda a: target.next_probs(PROMPT[0].tolist() + ([] if a is None else [a]), **filters)
     )
@@ -216,6 +218,13 @@ def test_prompt_lookup_copies_what_followed_the_longest_recent_match():
     assert prompt_lookup([8, 1, 2, 3, 4, 1, 2, 7, 8, 1, 2], 3, 1) == [7, 8, 1]  # n = 1: the most recent "2"
     assert prompt_lookup([4, 5, 6], 3, 3) == []  # the last token never occurred before
     assert prompt_lookup([1, 1], 4, 2) == [1]  # what follows is cut at the sequence's end
+    # min_ngram: the last token alone ("2" after 7) matched, "7 2" never did: nothing with min_ngram=2
+    assert prompt_lookup([5, 2, 3, 7, 2], 2, 3) == [3, 7]
+    assert prompt_lookup([5, 2, 3, 7, 2], 2, 3, min_ngram=2) == []
+    assert prompt_lookup([5, 1, 2, 3, 9, 1, 2], 2, 3, min_ngram=2) == [3, 9]
+    assert PromptLookup().propose([5, 2, 3, 7, 2], 4, Sampling()) == ([], None)  # default min_ngram=2
+    with pytest.raises(ConfigError, match="min_ngram=4 must be <= max_ngram=3"):
+        PromptLookup(max_ngram=3, min_ngram=4)
 
 
 def test_first_layers_shares_the_model_s_weights_and_computes_its_first_blocks():
