@@ -95,25 +95,36 @@ def _check_scorer(scorer: Any) -> None:
         raise ConfigError(unknown("evidence scorer", str(scorer), SCORERS))
 
 
+def _rank_many(queries: Sequence[str], groups: Sequence[Sequence[list[str]]], scorer: str,
+               encoder: Any) -> list[list[list[int]]]:  # fmt: skip
+    """:func:`_rank` of each query with its own groups; ``dense`` embeds every query and sentence in one call."""
+    if scorer != "dense":
+        return [_rank(q, g, scorer, encoder) for q, g in zip(queries, groups, strict=True)]
+    from archlab.interop.sentence import embed
+
+    flat = [s for per_query in groups for group in per_query for s in group]
+    texts = [*queries, *flat]
+    if not flat:
+        vectors = None
+    elif callable(getattr(encoder, "embed", None)):  # a loaded SentenceEncoder (the search engine's)
+        vectors = encoder.embed(texts, batch_size=32)
+    else:
+        vectors = embed(texts, encoder)  # one batch for every query and group
+    out, start = [], len(queries)
+    for j, per_query in enumerate(groups):
+        order = []
+        for group in per_query:
+            scores = (vectors[start : start + len(group)] @ vectors[j]).tolist() if group else []
+            start += len(group)
+            order.append(sorted(range(len(group)), key=lambda i: -scores[i]))
+        out.append(order)
+    return out
+
+
 def _rank(query: str, groups: Sequence[list[str]], scorer: str, encoder: Any) -> list[list[int]]:
     """For each group of sentences, their indices from the most similar to ``query`` to the least (stable)."""
     if scorer == "dense":
-        from archlab.interop.sentence import embed
-
-        flat = [s for group in groups for s in group]
-        texts = [query, *flat]
-        if not flat:
-            vectors = None
-        elif callable(getattr(encoder, "embed", None)):  # a loaded SentenceEncoder (the search engine's)
-            vectors = encoder.embed(texts, batch_size=32)
-        else:
-            vectors = embed(texts, encoder)  # one batch for every group
-        order, start = [], 1
-        for group in groups:
-            scores = (vectors[start : start + len(group)] @ vectors[0]).tolist() if group else []
-            start += len(group)
-            order.append(sorted(range(len(group)), key=lambda i: -scores[i]))
-        return order
+        return _rank_many([query], [groups], scorer, encoder)[0]
     import bm25s
 
     order = []
@@ -164,14 +175,30 @@ def select_evidence_batch(
     query: str, docs: Sequence[Any], k: int = 2, *, scorer: str = "dense", encoder: Any = DEFAULT_ENCODER
 ) -> list[list[str]]:
     """:func:`select_evidence` for several documents, their sentences embedded in one batch."""
-    _check_query(query)
+    return select_evidence_many([query], [docs], k, scorer=scorer, encoder=encoder)[0]
+
+
+def select_evidence_many(
+    queries: Sequence[str], docs: Sequence[Sequence[Any]], k: int = 2, *, scorer: str = "dense",
+    encoder: Any = DEFAULT_ENCODER,
+) -> list[list[list[str]]]:  # fmt: skip
+    """:func:`select_evidence_batch` for several queries, each with its own documents (``docs[j]`` for
+    ``queries[j]``): with ``dense``, every query and every sentence go through the encoder in one call (the
+    search page answers searches that arrive together this way)."""
+    if isinstance(queries, str) or len(queries) != len(docs):
+        raise DataError(f"select_evidence_many needs one list of documents per query: {len(docs)} lists for "
+                        f"{1 if isinstance(queries, str) else len(queries)} queries")  # fmt: skip
+    for query in queries:
+        _check_query(query)
     _check_k(k)
     _check_scorer(scorer)
-    for i, doc in enumerate(docs):
-        if not isinstance(getattr(doc, "text", None), str):
-            raise DataError(f"docs[{i}] must be a document with a text string, got {type(doc).__name__}")
-    groups = [sentences(doc.text) for doc in docs]
-    return [[group[i] for i in order[:k]] for group, order in zip(groups, _rank(query, groups, scorer, encoder))]
+    for per_query in docs:
+        for i, doc in enumerate(per_query):
+            if not isinstance(getattr(doc, "text", None), str):
+                raise DataError(f"docs[{i}] must be a document with a text string, got {type(doc).__name__}")
+    groups = [[sentences(doc.text) for doc in per_query] for per_query in docs]
+    return [[[group[i] for i in order[:k]] for group, order in zip(per_query, orders)]
+            for per_query, orders in zip(groups, _rank_many(queries, groups, scorer, encoder))]  # fmt: skip
 
 
 def highlight(text: str, evidence: Sequence[str]) -> list[tuple[str, bool]]:

@@ -248,3 +248,16 @@ def test_smollm2_explains_two_results_deterministically_and_the_guard_reports_th
         assert hit.explanation.startswith(REPLY_OPENING) and len(hit.explanation) > len(REPLY_OPENING) + 3
         check = check_quotes(hit.explanation, hit.doc)
         assert check.quotes and (hit.quotes_ok, hit.bad_quotes) == (check.ok, list(check.bad))
+
+
+@pytest.mark.parametrize("scorer", ["bm25", "dense"])
+def test_evidence_of_several_queries_at_once_equals_one_query_at_a_time(scorer):
+    from archlab.search.explain import select_evidence_many
+
+    queries = ["What are side effects of metformin in elderly patients?", "how do I parse a json string"]
+    docs = [[METFORMIN, JSON_LOADS], [JSON_LOADS]]
+    many = select_evidence_many(queries, docs, 2, scorer=scorer)
+    assert many == [select_evidence_batch(q, d, 2, scorer=scorer) for q, d in zip(queries, docs)]
+    assert many[0][0][0].startswith("In elderly patients") and many[1][0][0] == sentences(JSON_LOADS.text)[0]
+    with pytest.raises(DataError, match="one list of documents per query: 1 lists for 2 queries"):
+        select_evidence_many(queries, [[METFORMIN]])
