@@ -7,7 +7,8 @@ caches. The generated tokens must be identical, which the script checks before t
 interleaved rounds (median reported): archlab fp32, HF fp32 and HF bf16 (bf16 only where the CPU computes it
 natively, see :func:`archlab.hardware.native_bf16`, or with ``--bf16``), and archlab's weight-only quantized
 modes (:mod:`archlab.quant`: int8 per channel, int4 from the file's Q4_1 blocks, both with bfloat16
-activations; int8-dynamic, int8 activations too, its head included). Those
+activations; int8-dynamic, int8 activations too (one scale per token), its head included, smoothed by
+calibration text: Python source of the standard library's training split, not the tokens it is measured on). Those
 cannot be token-equal to fp32: the script prints their top-1 agreement with fp32 on fp32's own run (the prompt
 and the generated tokens, teacher-forced) and how many of their greedy tokens match fp32's before the first
 difference (``--no-quant`` leaves them out).
@@ -23,6 +24,12 @@ The last line is the ratio of archlab's fastest usable mode (perplexity within 5
     python benchmarks/decode_llama.py
     python benchmarks/decode_llama.py --new-tokens 64 --rounds 3
     python benchmarks/decode_llama.py --no-quant --no-llama-cpp
+    taskset -c 0 python benchmarks/decode_llama.py --threads 1 --profile    # + where a decoding step's time goes
+
+``--profile`` runs each archlab mode's decoding under ``torch.profiler`` and splits a generated token's CPU time
+into the weight products of the blocks (with the GB/s they reach, beside a measured streaming bandwidth), the
+LM head (49,152 x 576, tied to the embedding), attention, the other aten ops (norms, RoPE, SwiGLU, casts, KV cache
+writes, views) and what no op accounts for (Python and the dispatcher), with the number of aten calls per token.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Peer, base_parser, setup, table, time_interleaved, write_json  # noqa: E402
 
+from archlab.data.corpora import python_source  # noqa: E402
 from archlab.generation import generate  # noqa: E402
 from archlab.hardware import native_bf16  # noqa: E402
 from archlab.interop.gguf import gguf_tokenizer, load_gguf, smollm2_gguf_path  # noqa: E402
@@ -55,6 +63,7 @@ def main() -> None:
     parser.add_argument("--no-quant", action="store_true", help="leave out archlab's quantized rows")
     parser.add_argument("--no-llama-cpp", action="store_true", help="leave out llama.cpp")
     parser.add_argument("--llama-threads", type=int, default=None, help="llama.cpp's threads (default: --threads)")
+    parser.add_argument("--profile", action="store_true", help="print where each archlab mode's decoding time goes")
     args = parser.parse_args()
     print(setup(args.threads, args.keep_memory))
     import transformers
@@ -100,7 +109,7 @@ def main() -> None:
         quantize(int8, "int8")
         int4 = load_gguf(path, quantize="int4")  # the block layers from the Q4_1 blocks as they are
         dynamic = copy.deepcopy(ours)
-        quantize(dynamic, "int8-dynamic", head="int8-dynamic")
+        quantize(dynamic, "int8-dynamic", head="int8-dynamic", calibration=calibration_ids(tokenizer))
         for name, model in (("archlab int8", int8), ("archlab int4", int4), ("archlab int8-dynamic", dynamic)):
             print(f"\n{name}: {str(model.quant_report).splitlines()[-1]}")
             own = archlab_runner(model)()
@@ -136,7 +145,104 @@ def main() -> None:
         print(f"archlab's fastest usable mode ({best.name}; perplexity within {USABLE_PERPLEXITY_CHANGE:.0%} of fp32"
               f"{', so not ' + ', '.join(left) if left else ''}) / llama.cpp: "
               f"{best.tokens_per_s / llama.tokens_per_s:.2f}x tokens/s (target >= 1.0x)")  # fmt: skip
+    if args.profile:
+        print(f"\nwhere a generated token's time goes (torch.profiler, {args.threads} thread(s); the profiler adds "
+              f"its own cost to every op, so read the split, not the totals):")  # fmt: skip
+        print(f"streaming read bandwidth (sum of a 256 MB tensor): {streaming_bandwidth() / 1e9:.1f} GB/s")
+        models = {"archlab fp32": ours}
+        if not args.no_quant:
+            models.update({"archlab int8": int8, "archlab int4": int4, "archlab int8-dynamic": dynamic})
+        rows = [profile_row(name, model, prompt, min(n, 32)) for name, model in models.items()]
+        print(table(rows, ["mode", "ms/token", "block products", "GB/s", "LM head", "attention", "other ops",
+                           "Python+dispatch", "aten calls/token"]))  # fmt: skip
     write_json(args.json, {p.name: {"tokens_per_s": p.tokens_per_s, "times": p.times} for p in peers})
+
+
+def calibration_ids(tokenizer, windows: int = 4, length: int = 128) -> torch.Tensor:
+    """``[windows, length]`` token ids of the standard library's Python source (training split): what
+    int8-dynamic's smoothing calibrates on (not the benchmark's prompt or generated text)."""
+    text = "\n".join(python_source(max_bytes=200_000).train_texts)
+    return torch.tensor(tokenizer.encode(text)[: windows * length]).reshape(windows, length)
+
+
+def streaming_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Bytes/s of the best of ``repeats`` sums over a float32 tensor of ``nbytes`` (far larger than the caches)."""
+    big = torch.ones(nbytes // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        big.sum()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
+
+
+#: aten/quantized ops that multiply activations by weights (float, oneDNN-packed, weight-only int8/int4, fbgemm)
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
+            "quantized::linear_dynamic", "mkldnn::_linear_pointwise")  # fmt: skip
+
+
+def profile_row(name: str, model, prompt: torch.Tensor, n: int) -> list[str]:
+    """One row of the ``--profile`` table: decode ``n`` tokens under the profiler and split a token's time.
+
+    The prompt's prefill is profiled too and then subtracted (the same prompt, 1 new token, profiled alone).
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    scope = record_function("lm_head")  # the head's ops run inside this scope (a packed fp32 head is then unpacked)
+    def enter(*_):
+        scope.__enter__()  # a pre-hook's return value would replace the head's input: return None
+
+    def leave(*_):
+        scope.__exit__(None, None, None)
+
+    hooks = [model.lm_head.register_forward_pre_hook(enter), model.lm_head.register_forward_hook(leave)]
+
+    def split(tokens: int) -> tuple[float, dict[str, float], int]:
+        with torch.inference_mode():
+            generate(model, prompt, max_new_tokens=tokens)  # warm
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                start = time.perf_counter()
+                generate(model, prompt, max_new_tokens=tokens)
+                wall = time.perf_counter() - start
+        parts = dict.fromkeys(("products", "head", "attention", "other"), 0.0)
+        calls = 0
+        for event in prof.events():
+            if event.cpu_parent is not None:  # count top-level ops once; their children's time is inside them
+                continue
+            calls += 1
+            total = event.cpu_time_total / 1e6
+            if event.name == "lm_head":
+                parts["head"] += total
+            elif event.name in PRODUCTS or event.name in ("aten::linear", "aten::matmul"):
+                parts["products"] += total
+            elif "scaled_dot_product" in event.name:
+                parts["attention"] += total
+            else:
+                parts["other"] += total
+        return wall, parts, calls
+
+    try:
+        wall_n, parts_n, calls_n = split(n + 1)
+        wall_1, parts_1, calls_1 = split(1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    per = {k: (parts_n[k] - parts_1[k]) / n for k in parts_n}
+    step = (wall_n - wall_1) / n
+    rest = step - sum(per.values())
+    block_bytes = 0
+    for layer_name, layer in model.named_modules():
+        if layer_name.startswith("decoder.blocks") and not list(layer.children()):
+            block_bytes += sum(b.numel() * b.element_size() for b in [*layer.parameters(), *layer.buffers()]
+                               if b.ndim >= 2)  # fmt: skip
+            packed = getattr(layer, "out_features", 0) * (getattr(layer, "in_features", 0) + 16)
+            block_bytes += packed if hasattr(layer, "_packed") else 0
+
+    def ms(x):
+        return f"{x * 1e3:.2f} ({x / step:.0%})"
+
+    return [name, f"{step * 1e3:.2f}", ms(per["products"]), f"{block_bytes / per['products'] / 1e9:.1f}",
+            ms(per["head"]), ms(per["attention"]), ms(per["other"]), ms(rest), f"{(calls_n - calls_1) / n:.0f}"]  # fmt: skip
 
 
 def llama_cpp_peer(path: Path, prompt: torch.Tensor, reference: torch.Tensor, n: int, threads: int) -> Peer | None:
