@@ -143,7 +143,8 @@ def run(quick: bool, seed: int) -> LabResult:
         names = [row[0] for row in rows]
         left, right = fig.subplots(1, 2)
         x = torch.arange(3).double()
-        kinds = ["parameters\n(decoder blocks)", "parameters\n(embeddings, head)", "training-step peak\n(activations, grads)"]
+        kinds = ["parameters\n(decoder blocks)", "parameters\n(embeddings, head)",
+                 "training-step peak\n(activations, grads)"]
         for i, row in enumerate(rows):
             values = [row[2] / 2**20, (row[1] - row[2]) / 2**20, row[3] / 2**20]
             left.bar(x + (i - 1) * 0.27, values, 0.27, label=names[i], color=["#888", "#2a7", "#7c4"][i])
