@@ -38,11 +38,12 @@ the activations rounded to 8 bits per call, one affine scale per row (token) of 
 (``torch.ops.quantized.linear_dynamic``; VNNI/AMX where the CPU has them): the fastest of these kernels on CPU for
 one row (a decoding step) and for many (prefill, encoders). On x86 torch rounds activations to 7 bits (levels
 0..127: the AVX2 kernel's 16-bit pair sums would saturate with 8). Where its quality goes (SmolLM2-135M, 6
-docstring windows, per-channel int8 weights everywhere; ``benchmarks/decode_llama.py``, README "Speed"):
+docstring windows, per-channel int8 weights everywhere; the first, second and fourth rows simulate the rounding in
+float, the third is these kernels; README "Speed"):
 
     one scale for the whole [B N, K] input (torch.ao's Linear on a teacher-forced window)   +341% perplexity
     one scale per row (token), as a decoding step sees it                                    +11.7%
-    one scale per row after smoothing with calibration text (below)                          +2.5%
+    one scale per row after smoothing with calibration text (below)                          +2.6%
     (llama.cpp's rule, symmetric 8 bits per block of 32 inputs, for comparison)               +1.3%
 
 Per tensor, a few tokens with large activations (the final norm's output reaches 58 where its median channel is
@@ -80,7 +81,7 @@ ACTIVATION_LEVELS = 127  # int8-dynamic's activations on x86: 7 bits (q in 0..12
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # weights quantize() reads
 # the dtype the kernels compute in (activations, scales, output); bfloat16 is their fast path (below)
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-#: SmoothQuant's migration strength ``a`` (its paper's default; 0.5 and 0.7 measured on SmolLM2: +2.5% / +4.4%)
+#: SmoothQuant's migration strength ``a`` (its paper's default; 0.4, 0.5, 0.6 measured on SmolLM2: +5.4%, +2.6%, +3.3%)
 SMOOTH_ALPHA = 0.5
 # A Linear whose parent reads its weight directly (not through its forward) cannot be replaced:
 # cross-attention slices its in_proj rows (archlab.nn.attention.MultiHeadAttention._project_kv).
@@ -440,7 +441,7 @@ def quantize(
         calibration: ``int8-dynamic`` only: token ids ``[B, N]`` (text unlike the evaluation's) that ``model``
             reads once before its layers are replaced; each dynamic layer is then smoothed by the largest
             activations it saw (module docstring). Without it, no smoothing (SmolLM2: +11.7% perplexity
-            instead of +2.5%).
+            instead of +2.6%).
 
     The report is returned and also kept as ``model.quant_report``.
 
