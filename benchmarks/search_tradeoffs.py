@@ -95,6 +95,11 @@ def part_rerank(index_dir: Path, evalset, reranker_dir: str | None, depths: list
     else:
         print(f"cross-encoder: {reranker_dir or index_dir / 'reranker'} (no pretrained one ships here: this is the "
               "one `archlab search adapt` trained; say so beside the numbers)")  # fmt: skip
+        check = getattr(reranker, "heldout", None)
+        if check:
+            print(f"its held-out check: MRR@10 first stage {check['first_stage_mrr']:.4f}, re-ranker "
+                  f"{check['reranker_mrr']:.4f}, fused {check['fused_mrr']:.4f} at first-stage weight "
+                  f"{reranker.first_stage_weight:.1f} (the engine ranks by the fusion)")  # fmt: skip
     engine = SearchEngine.open(index_dir, reranker=reranker)
     print(f"{'depth':>5} {'nDCG@10':>8} {'MRR@10':>8} {'ms/query':>9}")
     for depth in depths:
@@ -183,13 +188,18 @@ def int8_encoder(encoder):
     return dataclasses.replace(encoder, bert=bert)
 
 
-def part_precision(docs, evalset, batch_size: int) -> None:
+def part_precision(docs, evalset, batch_size: int, limit: int = 0) -> None:
     from archlab.hardware import native_bf16
     from archlab.search.encode import load_encoder
     from archlab.search.evaluate import evaluate_run
 
     native, why = native_bf16("cpu")
     qids = judged_queries(evalset)
+    if limit:  # a quick run: the judged documents and the first others up to ``limit`` (an easier, smaller corpus)
+        judged = {d for q in qids for d in evalset.qrels[q]}
+        docs = [d for d in docs if d.id in judged] + [d for d in docs if d.id not in judged][: max(0, limit - len(judged))]
+        print(f"\n(--precision-docs {limit}: {len(docs)} documents, the judged ones among them: nDCG is higher than on "
+              "the whole corpus)")  # fmt: skip
     texts = [d.full_text for d in docs]
     print(f"\n## encoder precision vs dense nDCG@10 and encoding time ({len(docs):,} documents re-encoded per row, "
           f"{len(qids)} queries, batch {batch_size}; bf16 {'native' if native else 'EMULATED here: ' + why})")  # fmt: skip
@@ -227,6 +237,8 @@ def main() -> None:
     parser.add_argument("--index-n", type=int, default=100_000, help="synthetic vectors for part index")
     parser.add_argument("--index-queries", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--precision-docs", type=int, default=0, metavar="N",
+                        help="part precision on the judged documents + others up to N (default 0: the whole corpus)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     parts = [p for p in args.parts.split(",") if p]
@@ -262,7 +274,7 @@ def main() -> None:
             real = encode.load_vectors(index_dir / "vectors", manifest["corpus"]["count"], manifest["encoder"]["dim"])
             part_index(real, args.index_n, args.index_queries, args.threads)
         elif part == "precision":
-            part_precision(engine.docs, evalset, args.batch_size)
+            part_precision(engine.docs, evalset, args.batch_size, args.precision_docs)
         print(f"({part}: {ms_since(t) / 1000:.0f} s)", flush=True)
     print(f"\n(all parts: {ms_since(started) / 1000:.0f} s)")
 
