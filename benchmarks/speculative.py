@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="at most this many tokens per reply (default 128)")
     parser.add_argument("--drafts", nargs="+", default=["lookup"], metavar="DRAFT",
                         help="drafts to time against plain greedy: lookup, layers:M (default: lookup)")  # fmt: skip
-    parser.add_argument("--draft-tokens", type=int, default=5, metavar="K", help="tokens drafted per step (default 5)")
+    parser.add_argument("--draft-tokens", type=int, default=8, metavar="K", help="the most tokens drafted per step (default 8)")
     parser.add_argument("--abstracts", type=int, default=len(ABSTRACTS), help=f"how many (1-{len(ABSTRACTS)})")
     parser.add_argument("--batch", type=int, default=10, help="prompts in the batched comparison (default 10)")
     args = parser.parse_args()
