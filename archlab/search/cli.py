@@ -101,14 +101,18 @@ def load_reranker(index_dir: str | Path, folder: str | None, depth: int):
 
 def reranker_note(reranker) -> str | None:
     """A line for a re-ranker whose held-out check (``archlab search adapt``) did not beat the first stage."""
+    from archlab.search.adapt import SIGNIFICANCE
+
     check = getattr(reranker, "heldout", None)
-    if not check or check.get("reranker_mrr", 0.0) > check.get("first_stage_mrr", 0.0):
+    if not check or (check.get("reranker_mrr", 0.0) > check.get("first_stage_mrr", 0.0)
+                     and check.get("p_value", 1.0) < SIGNIFICANCE):  # fmt: skip
         return None
     weight = getattr(reranker, "first_stage_weight", 0.0)
     use = ("the first stage's order is kept" if weight == 1 else
            f"its order is fused with the first stage's (weight {weight:.1f} on the first stage)")  # fmt: skip
     return (f"note: this re-ranker did not beat the first stage on its {check.get('queries')} held-out pseudo-queries "
-            f"(MRR@10 {check.get('reranker_mrr', 0):.4f} vs {check.get('first_stage_mrr', 0):.4f}); {use}")
+            f"(MRR@10 {check.get('reranker_mrr', 0):.4f} vs {check.get('first_stage_mrr', 0):.4f}, sign test p = "
+            f"{check.get('p_value', 1.0):.3f}); {use}")
 
 
 def load_explainer(count: int):

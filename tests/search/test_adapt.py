@@ -229,7 +229,8 @@ def test_generated_replies_that_are_not_questions_are_dropped():
     doc = Document("logging.X", "logging.X", "A handler class which sends an email. It needs a mail host.")
     assert usable_question("How do I send log records by email?", doc)
     for reply in ("I'm ready to assist. What's your request?", "```python def f(): pass", "two words",
-                  "The following text returns an iterable of entries.", "A handler class which sends an email."):
+                  "The following text returns an iterable of entries.", "A handler class which sends an email.",
+                  "Here's a Python implementation of the function:", "The logger is enabled for level 'level'."):
         assert not usable_question(reply, doc), reply
 
 
@@ -300,3 +301,18 @@ def test_a_saved_fusion_weight_reloads_orders_the_engine_and_is_noted(small, tmp
     (folder / HELDOUT_FILE).write_text('{"first_stage_weight": 2}')
     with pytest.raises(CheckpointError, match="first_stage_weight=2"):
         Reranker.load(folder)
+
+
+def test_question_chat_shows_examples_before_the_document():
+    from archlab.search.adapt import QUESTION_EXAMPLES, question_messages
+
+    messages = question_messages("json.dumps\n\nSerialize obj.")
+    assert [m["role"] for m in messages] == ["user", "assistant"] * len(QUESTION_EXAMPLES) + ["user"]
+    assert messages[1]["content"].endswith("?") and messages[-1]["content"].endswith("json.dumps\n\nSerialize obj.")
+
+
+def test_sign_test():
+    from archlab.search.adapt import sign_test
+
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 0) == 1 / 8 and sign_test(5, 0) == 1 / 32
+    assert sign_test(2, 1) == 0.5 and sign_test(9, 1) == pytest.approx(11 / 1024)
