@@ -41,14 +41,16 @@ def load_chat_model(
     The model is in eval mode; the tokenizer has a chat template (else :class:`CheckpointError`).
     ``use_cache=False`` reads a GGUF file every time and writes nothing.
     ``quantize="int8" | "int4"``: weight-only quantized linear layers (:func:`archlab.quant.quantize`, its defaults;
-    the report in ``model.quant_report``). The float weights are quantized, except with ``use_cache=False``, where a
+    the report in ``model.quant_report``); ``"int8-dynamic"``: int8 weights and activations, smoothed on
+    :func:`archlab.quant.calibration_ids` (the standard library's source: +2.6% perplexity on SmolLM2 where
+    unsmoothed layers lose 11.7%). The float weights are quantized, except with ``use_cache=False``, where a
     GGUF file's Q4_0/Q4_1 blocks become the int4 layers as they are (:func:`archlab.interop.gguf.load_gguf`).
     ``precision`` (float weights only; :mod:`archlab.precision`): ``auto`` converts float32 weights to bf16 where the
     CPU computes bf16 natively and keeps float32 where it would be emulated; ``fp32`` / ``bf16`` as asked. The
     choice and its reason are printed once (stderr).
     """
     from archlab.precision import choose_precision
-    from archlab.quant import MODES, quantize as quantize_layers
+    from archlab.quant import MODES, calibration_ids, quantize as quantize_layers
     from archlab.train.run import open_run
 
     if quantize is not None and quantize not in MODES:
@@ -59,8 +61,10 @@ def load_chat_model(
         from archlab.interop.gguf import GGUFFile, gguf_tokenizer, load_gguf
 
         file = GGUFFile(path)
-        model = load_gguf(file, quantize=quantize)
-        return _in_precision(model, precision, quantize), _with_template(gguf_tokenizer(file), path)
+        tokenizer = gguf_tokenizer(file)
+        smooth = {"calibration": calibration_ids(tokenizer)} if quantize == "int8-dynamic" else {}
+        model = load_gguf(file, quantize=quantize, **smooth)
+        return _in_precision(model, precision, quantize), _with_template(tokenizer, path)
     opened = open_run(archlab_folder(path))
     if opened.tokenizer is None:
         raise CheckpointError(f"{path}: no tokenizer.json beside the model; chat needs the model's tokenizer")
@@ -68,7 +72,8 @@ def load_chat_model(
         raise CheckpointError(f"{path} holds a {type(opened.model).__name__}, not a decoder-only language model")
     tokenizer = _with_template(opened.tokenizer, path)
     if quantize is not None:
-        quantize_layers(opened.model, quantize)
+        smooth = {"calibration": calibration_ids(tokenizer)} if quantize == "int8-dynamic" else {}
+        quantize_layers(opened.model, quantize, **smooth)
     return _in_precision(opened.model, precision, quantize).eval(), tokenizer
 
 

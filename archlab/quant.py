@@ -162,6 +162,21 @@ def quantize_int4(weight: Tensor, group_size: int) -> Int4Weight:
     return Int4Weight(q, scale, lo + 8 * scale, group_size)
 
 
+def calibration_ids(tokenizer, windows: int = 4, length: int = 128) -> Tensor:
+    """``[windows, length]`` token ids for ``quantize(..., calibration=)``: the standard library's Python source
+    (training split, 200 kB read), text that ships with the interpreter and is unlike what a model is usually
+    asked about. ``tokenizer`` has ``encode(str) -> list[int]``; a text too short for ``windows x length`` ids
+    raises :class:`ConfigError`."""
+    from archlab.data.corpora import python_source
+
+    if windows < 1 or length < 1:
+        raise ConfigError(f"calibration_ids(windows={windows}, length={length}): both must be >= 1")
+    ids = tokenizer.encode("\n".join(python_source(max_bytes=200_000).train_texts))
+    if len(ids) < windows * length:
+        raise ConfigError(f"calibration text gives {len(ids)} tokens; windows x length = {windows * length} asked")
+    return torch.tensor(ids[: windows * length]).reshape(windows, length)
+
+
 # ================================================================================================
 # Layers
 # ================================================================================================
@@ -555,7 +570,8 @@ def dynamic_int8_linear(weight: Tensor, bias: Tensor | None = None, input_amax: 
 
 @torch.inference_mode()
 def _input_amax(model: nn.Module, layers: list[nn.Module], calibration: Tensor) -> dict[nn.Module, Tensor]:
-    """Run the float ``model`` on ``calibration [B, N]`` token ids; each of ``layers``' largest ``|x_k|`` per input."""
+    """Run the float ``model`` on ``calibration [B, N]`` token ids (in windows of at most its ``config.max_len``);
+    each of ``layers``' largest ``|x_k|`` per input."""
     if not isinstance(calibration, Tensor) or calibration.ndim != 2 or calibration.dtype.is_floating_point:
         raise ShapeError(f"calibration must be token ids [B, N], got {getattr(calibration, 'shape', calibration)}")
     seen: dict[nn.Module, Tensor] = {}
@@ -564,9 +580,11 @@ def _input_amax(model: nn.Module, layers: list[nn.Module], calibration: Tensor) 
         x = inputs[0].detach().float().abs().flatten(0, -2).amax(0)
         seen[layer] = x if layer not in seen else torch.maximum(seen[layer], x)
 
+    context = getattr(getattr(model, "config", None), "max_len", None) or calibration.shape[1]
     hooks = [layer.register_forward_pre_hook(record) for layer in set(layers)]
     try:
-        model(calibration)
+        for window in calibration.split(context, dim=1):  # windows no longer than the model's context
+            model(window)
     finally:
         for h in hooks:
             h.remove()

@@ -44,11 +44,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Peer, base_parser, setup, table, time_interleaved, write_json  # noqa: E402
 
-from archlab.data.corpora import python_source  # noqa: E402
 from archlab.generation import generate  # noqa: E402
 from archlab.hardware import native_bf16  # noqa: E402
 from archlab.interop.gguf import gguf_tokenizer, load_gguf, smollm2_gguf_path  # noqa: E402
-from archlab.quant import quality, quantize  # noqa: E402
+from archlab.quant import calibration_ids, quality, quantize  # noqa: E402
 
 QUESTION = "Explain in a few sentences why the sky is blue."
 #: a quantized mode whose perplexity on fp32's tokens rises by more than this is not "archlab's best mode"
@@ -156,13 +155,6 @@ def main() -> None:
         print(table(rows, ["mode", "ms/token", "block products", "GB/s", "LM head", "attention", "other ops",
                            "Python+dispatch", "aten calls/token"]))  # fmt: skip
     write_json(args.json, {p.name: {"tokens_per_s": p.tokens_per_s, "times": p.times} for p in peers})
-
-
-def calibration_ids(tokenizer, windows: int = 4, length: int = 128) -> torch.Tensor:
-    """``[windows, length]`` token ids of the standard library's Python source (training split): what
-    int8-dynamic's smoothing calibrates on (not the benchmark's prompt or generated text)."""
-    text = "\n".join(python_source(max_bytes=200_000).train_texts)
-    return torch.tensor(tokenizer.encode(text)[: windows * length]).reshape(windows, length)
 
 
 def streaming_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
