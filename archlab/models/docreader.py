@@ -96,6 +96,8 @@ PAGE_POSITIONS = ("learned+page", "page", "none")
 TABLE_POSITIONS = ("2d", "none")
 IMAGE_POSITIONS = ("patch", "none")
 ENCODERS = ("text", "table", "image")
+INITS = ("bert", "fan_in")
+FAN_IN_FLOOR = 64  # init="fan_in": a layer's weight std is 1 / sqrt(max(fan_in, FAN_IN_FLOOR))
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,13 @@ class DocReaderConfig(AttentionConfig, Config):
             page-number embedding), ``page`` or ``none``.
         table_positions: ``2d`` (card: row and column embeddings) or ``none``.
         image_positions: ``patch`` (ViT's learned patch positions) or ``none``.
+        init: the reader's own layers (fusion, Perceiver, page transformer, reasoning, the encoders' output
+            projections and the answer head; the BERT and ViT encoders keep their own init). ``bert``: archlab's
+            BERT/ViT init, linear weights ``N(0, 0.02)`` (the Perceiver's and fusion's attention and FFN keep
+            torch's default); ``fan_in``: every linear weight ``N(0, 1 / max(fan_in, 64))``, biases 0. At
+            ``d = 64``, 0.02 is a sixth of the fan-in std (0.125) and starts the reader's attention near
+            uniform: the tiny preset learns with ``fan_in`` and not without (README's Document reader section).
+            Embeddings, latents and summary tokens stay ``N(0, 0.02)`` in both. See :func:`init_reader`.
         checkpointing: recompute each transformer block in backward (gradient checkpointing).
         dropout: residual and embedding dropout everywhere; attention weights are not dropped.
         backend: attention backend of the dense layers (``auto``, ``math``, ``sdpa``); the page-level and
@@ -183,6 +192,7 @@ class DocReaderConfig(AttentionConfig, Config):
     page_positions: str = "learned+page"
     table_positions: str = "2d"
     image_positions: str = "patch"
+    init: str = "bert"
     checkpointing: bool = False
     dropout: float = 0.1
     eps: float = 1e-5
@@ -211,6 +221,7 @@ class DocReaderConfig(AttentionConfig, Config):
         check_choice("page_positions", self.page_positions, PAGE_POSITIONS)
         check_choice("table_positions", self.table_positions, TABLE_POSITIONS)
         check_choice("image_positions", self.image_positions, IMAGE_POSITIONS)
+        check_choice("init", self.init, INITS)
         if self.text_positions == "rope":
             check_rope_width("rope", self.text_d_model, self.text_n_heads)
         for name in self.frozen:
@@ -582,6 +593,30 @@ def _init_reader(module: nn.Module) -> None:
         nn.init.normal_(module.weight, std=0.02)
 
 
+def fan_in_std(fan_in: int) -> float:
+    """``init="fan_in"``'s weight std for a linear layer of ``fan_in`` inputs: ``1 / sqrt(max(fan_in, 64))``
+    (0.125 at the tiny reader's width 64, 0.088 for its FFN's second layer, fan-in 128)."""
+    return max(fan_in, FAN_IN_FLOOR) ** -0.5
+
+
+def init_reader(model: DocReader) -> None:
+    """Draw the reader's own linear layers by ``model.config.init`` (nothing to do for ``bert``, the layers'
+    construction init): with ``fan_in``, every ``nn.Linear`` of the fusion, Perceiver, page transformer,
+    reasoning module, the three encoders' output projections and the answer head gets weights
+    ``N(0, fan_in_std(fan_in))`` and zero biases. The text, table and image encoders' own layers (archlab's BERT
+    and ViT) are left as they are."""
+    if model.config.init != "fan_in":
+        return
+    own = (model.text.proj, model.table.proj, model.image.proj, model.fusion, model.perceiver, model.pages,
+           model.reasoning, model.head)  # fmt: skip
+    for part in own:
+        for module in part.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=fan_in_std(module.in_features))
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+
 # ================================================================================================
 # Page encoders
 # ================================================================================================
@@ -902,6 +937,7 @@ class DocReader(nn.Module):
         self.head_norm = LayerNorm(c.d_model, c.eps)
         self.head = nn.Linear(c.d_model, c.n_answers)
         _init_reader(self.head)
+        init_reader(self)
         for name in c.frozen:
             getattr(self, name).requires_grad_(False)
 

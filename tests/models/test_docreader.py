@@ -492,3 +492,34 @@ def test_bad_batches_are_refused_by_the_model(tokenizer):
 def test_bad_configs_are_refused_naming_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config(**overrides)
+
+
+# -- init --------------------------------------------------------------------------------------------------------
+
+
+def test_fan_in_init_draws_each_reader_layer_at_its_stated_std():
+    """``init="fan_in"``: every linear layer of the reader's own modules has weights of std
+    ``1 / sqrt(max(fan_in, 64))`` (sample std within 10%) and zero biases; the BERT and ViT encoders keep their
+    own ``N(0, 0.02)``; ``init="bert"`` leaves the reader's layers at 0.02."""
+    from archlab.models.docreader import fan_in_std
+
+    assert (fan_in_std(16), fan_in_std(64), fan_in_std(128)) == (0.125, 0.125, 128**-0.5)
+    c = get_config("docreader-tiny", init="fan_in")  # width 64, FFN 128: stds 0.125 and 0.088
+    m = model(c)
+    own = {"text.proj", "table.proj", "image.proj", "fusion", "perceiver", "pages", "reasoning", "head"}
+    checked = set()
+    for name, module in m.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not any(name == o or name.startswith(o + ".") for o in own):
+            continue
+        std = float(module.weight.detach().std())
+        want = max(module.in_features, 64) ** -0.5
+        assert abs(std - want) < 0.1 * want, (name, std, want)
+        assert module.bias is None or not module.bias.any(), name
+        checked.add(name.split(".")[0])
+    assert checked == {"text", "table", "image", "fusion", "perceiver", "pages", "reasoning", "head"}
+    assert abs(float(m.text.bert.encoder.blocks[0].ffn.w1.weight.std()) - 0.02) < 0.002  # BERT's own init
+    bert = model(c.replace(init="bert"))
+    for part in (bert.head, bert.pages.encoder.blocks[0].ffn.w1, bert.reasoning.encoder.blocks[0].attn.in_proj):
+        assert abs(float(part.weight.std()) - 0.02) < 0.002
+    with pytest.raises(ConfigError, match="init"):
+        get_config("docreader-tiny", init="xavier")
