@@ -45,17 +45,21 @@ class ParallelPlan:
     rowwise: tuple[str, ...]
 
 
-def check_tensor_parallel(config, size: int) -> None:
+def check_tensor_parallel(config, size: int, *, setting: str | None = None) -> None:
     """ConfigError unless ``size`` ranks can share a decoder of ``config``: they must divide ``A``, ``G`` and the
-    FFN width, and the encoding must act per token or per head pair (ALiBi's per-head slopes are not split)."""
+    FFN width, and the encoding must act per token or per head pair (ALiBi's per-head slopes are not split).
+    ``setting``: the option ``size`` comes from (``train.tp_size``), named in the message; None: the number
+    of processes."""
     if size < 1:
         raise ConfigError(f"tensor parallelism needs at least 1 rank, got {size}")
     kv = config.n_kv_heads or config.n_heads
+    source, advice = ("", "a number of processes") if setting is None else (f"{setting}={size}: ", f"a {setting}")
     for name, value in (("n_heads", config.n_heads), ("n_kv_heads", kv), ("d_ff", config.ffn_width)):
         if value % size:
             raise ConfigError(
-                f"tensor parallelism over {size} ranks splits {name}={value} by rank, but {size} does not divide it; "
-                f"use a number of processes that divides n_heads={config.n_heads}, n_kv_heads={kv} and d_ff={config.ffn_width}"
+                f"{source}tensor parallelism over {size} ranks splits {name}={value} by rank, but {size} does not "
+                f"divide it; use {advice} that divides n_heads={config.n_heads}, n_kv_heads={kv} and "
+                f"d_ff={config.ffn_width}"
             )
     if config.positional == "alibi":
         raise ConfigError("tensor parallelism supports positional encodings rope, learned, sinusoidal and none; "

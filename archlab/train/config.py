@@ -19,7 +19,12 @@ from archlab.models.registry import TASKS
 SCHEDULES = ("cosine", "constant", "noam")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-PARALLEL = ("ddp", "fsdp", "tp")
+PARALLEL = ("ddp", "fsdp", "tp", "fsdp+tp")
+#: ``parallel`` values whose parameters FSDP2 shards, and those whose blocks tensor parallelism splits.
+SHARDED = ("fsdp", "fsdp+tp")
+TENSOR_PARALLEL = ("tp", "fsdp+tp")
+#: ``tp_size=None`` under ``fsdp+tp``: ranks per tensor-parallel group.
+DEFAULT_TP_SIZE = 2
 
 #: What the learning rate is when ``lr=None``: the paper's formula as is for ``noam``, a peak otherwise.
 DEFAULT_LR = {"noam": 1.0, "cosine": 2e-3, "constant": 2e-3}
@@ -75,7 +80,16 @@ class TrainConfig(Config):
         parallel: under ``torchrun`` with several processes, ``ddp`` (replicated weights), ``fsdp``
             (FSDP2 ``fully_shard``: weights, gradients and optimiser state sharded) or ``tp`` (tensor parallelism
             of a decoder-only LM, :mod:`archlab.parallel`: each rank holds ``1/N`` of every block's heads and FFN
-            units; the world size must divide ``n_heads``, ``n_kv_heads`` and ``d_ff``).
+            units; the world size must divide ``n_heads``, ``n_kv_heads`` and ``d_ff``) or ``fsdp+tp`` (2D: the
+            ``N`` ranks form a ``(dp, tp)`` mesh of ``N / tp_size`` x ``tp_size``; each block is tensor-parallel
+            over the ``tp_size`` ranks of a row and FSDP2-sharded over the ``dp`` ranks of a column, so a rank holds
+            ``1 / N`` of the block weights; the data is split over ``dp`` only: the ranks of one ``tp`` group read
+            the same batch).
+        tp_size: under ``fsdp+tp``, the ranks of one tensor-parallel group; ``None`` means :data:`DEFAULT_TP_SIZE`.
+            It must divide the world size, ``n_heads``, ``n_kv_heads`` and ``d_ff``. Tensor parallelism
+            all-reduces twice in every block's forward and backward, FSDP once per block: keep a ``tp`` group on
+            one machine (torchrun numbers ranks machine by machine, and a ``tp`` group is ``tp_size`` consecutive
+            ranks). Only ``fsdp+tp`` takes it (``tp`` uses every rank).
         lora: train LoRA adapters on these layers instead of every weight (:func:`archlab.nn.lora.apply_lora`'s
             targets: globs over module names, ``GLOB:BLOCK`` row blocks of a fused projection, or the family's
             names, e.g. ``["q", "v"]`` for a Llama); ``()`` trains every parameter.
@@ -109,6 +123,7 @@ class TrainConfig(Config):
     grad_checkpointing: bool = False
     device: str = "auto"
     parallel: str = "ddp"
+    tp_size: int | None = None
     lora: tuple[str, ...] = ()
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -143,6 +158,10 @@ class TrainConfig(Config):
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("device", self.device, DEVICES)
         check_choice("parallel", self.parallel, PARALLEL)
+        if self.tp_size is not None:
+            check_positive("tp_size", self.tp_size)
+            require(self.parallel == "fsdp+tp", f"tp_size={self.tp_size!r} applies to parallel='fsdp+tp' only, and "
+                    f"parallel={self.parallel!r} (under 'tp' every rank is in the one tensor-parallel group)")
         if self.lora:
             require(all(isinstance(t, str) and t for t in self.lora),
                     f"lora={list(self.lora)!r} must name layers, e.g. ['q', 'v'] or ['*.in_proj']")  # fmt: skip
@@ -160,6 +179,14 @@ class TrainConfig(Config):
             return self.warmup
         share = min(WARMUP_CAP, int(self.steps * WARMUP_FRACTION))
         return max(share, 1) if self.schedule == "noam" else share
+
+    @property
+    def tp_group_size(self) -> int | None:
+        """Ranks per tensor-parallel group under ``fsdp+tp``: ``tp_size``, or :data:`DEFAULT_TP_SIZE` when it is None.
+        None under the other ``parallel`` values (``tp``'s group is every rank, a number the config does not know)."""
+        if self.parallel != "fsdp+tp":
+            return None
+        return DEFAULT_TP_SIZE if self.tp_size is None else self.tp_size
 
     @property
     def peak_lr(self) -> float:

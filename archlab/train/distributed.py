@@ -11,6 +11,12 @@ group (``nccl`` on GPUs, ``gloo`` on CPUs). Without them everything here is a no
 * ``tp``: tensor parallelism (:func:`archlab.parallel.tensor_parallel`, decoder-only LMs): every rank holds
   ``1/N`` of each block's attention heads and FFN units and sees the whole batch (no data parallelism:
   :func:`data_parallel_env` is one process).
+* ``fsdp+tp``: both (2D). The ``N`` ranks form a ``(dp, tp)`` device mesh of ``N / T`` rows of ``T`` consecutive
+  ranks (``T = tp_size``, :func:`mesh_shape`): each block is tensor-parallel over the ``tp`` ranks of its row,
+  then FSDP2-sharded over the ``dp`` ranks of its column, so a rank holds ``1/N`` of the block weights
+  (embeddings, norms and the LM head: ``1/(N/T)``, FSDP's share). The data is split over ``dp`` only: the ``T``
+  ranks of a row read the same micro-batches (:func:`data_parallel_env`, with the ``dp`` process group for the
+  loop's sums and gathers).
 
 Each rank reads its own shard of the data (the batch source's ``rank`` / ``world_size``); the global
 batch is the union of the ranks' micro-batches. Only rank 0 writes checkpoints and logs. Model and
@@ -44,6 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from archlab.errors import ConfigError
 from archlab.train.blocks import find_blocks
+from archlab.train.config import TENSOR_PARALLEL
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -55,6 +62,8 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    #: the process group of these ``world_size`` ranks for the collectives below; None: every process
+    group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -81,10 +90,48 @@ def detect() -> DistEnv:
     return env
 
 
-def data_parallel_env(env: DistEnv, parallel: str) -> DistEnv:
+def mesh_shape(env: DistEnv, parallel: str, tp_size: int | None = None) -> tuple[int, ...] | None:
+    """The device mesh ``parallel`` arranges ``env``'s ranks in: ``(N,)`` under ``tp``, ``(N / tp_size, tp_size)``
+    (named ``dp``, ``tp``) under ``fsdp+tp``; None under ``ddp`` / ``fsdp`` or on one process. ConfigError when
+    ``tp_size`` (``TrainConfig.tp_group_size``) does not divide the world size."""
+    if not env.distributed or parallel not in TENSOR_PARALLEL:
+        return None
+    if parallel == "tp":
+        return (env.world_size,)
+    if tp_size is None or tp_size < 1 or env.world_size % tp_size:
+        raise ConfigError(
+            f"train.tp_size={tp_size!r} must divide the number of processes, WORLD_SIZE={env.world_size}: "
+            f"parallel='fsdp+tp' arranges them as a (dp, tp) mesh of WORLD_SIZE / tp_size rows of tp_size ranks"
+        )
+    return (env.world_size // tp_size, tp_size)
+
+
+def device_mesh(env: DistEnv, parallel: str, device: torch.device, tp_size: int | None = None):
+    """The :class:`~torch.distributed.device_mesh.DeviceMesh` of :func:`mesh_shape` (a collective: every rank
+    builds it, in the same order), or None. Rank ``r`` sits at ``(r // tp_size, r % tp_size)`` of a 2D mesh."""
+    shape = mesh_shape(env, parallel, tp_size)
+    if shape is None:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, shape, mesh_dim_names=("tp",) if len(shape) == 1 else ("dp", "tp"))
+
+
+def data_parallel_env(env: DistEnv, parallel: str, tp_size: int | None = None, mesh=None) -> DistEnv:
     """The ranks that split the data: all of them under ``ddp`` / ``fsdp``; under ``tp`` one (every rank reads
-    the whole batch, seeds alike, and no loss or count is summed over the ranks)."""
-    return DistEnv() if parallel == "tp" else env
+    the whole batch, seeds alike, and no loss or count is summed over the ranks); under ``fsdp+tp`` the ``dp``
+    column of this rank's mesh position (rank ``r // tp_size`` of ``N / tp_size``: the ranks of one ``tp`` row
+    read alike). ``mesh``: :func:`device_mesh`'s, whose ``dp`` process group the returned env then carries
+    (without it, rank and size alone, enough to shard a data source)."""
+    if not env.distributed:
+        return env
+    if parallel == "tp":
+        return DistEnv()
+    if parallel == "fsdp+tp":
+        dp, tp = mesh_shape(env, parallel, tp_size)
+        group = None if mesh is None else mesh["dp"].get_group()
+        return DistEnv(env.rank // tp, dp, env.local_rank, group)
+    return env
 
 
 def init_distributed(device: str = "auto") -> DistEnv:
@@ -129,10 +176,11 @@ class MethodAsForward(nn.Module):
 
 def wrap(
     model: nn.Module, env: DistEnv, parallel: str, device: torch.device, *, find_unused: bool = False,
-    method: str | None = None,
+    method: str | None = None, mesh=None,
 ) -> nn.Module:  # fmt: skip
-    """The module to run forward on: ``model`` itself on one process, DDP around it, or (``fsdp``) ``model``
-    sharded in place. Build the optimiser *after* this call: FSDP replaces the parameters by shards.
+    """The module to run forward on: ``model`` itself on one process, DDP around it, or (``fsdp``, ``tp``,
+    ``fsdp+tp``) ``model`` sharded in place. Build the optimiser *after* this call: FSDP and TP replace the
+    parameters by shards. ``mesh``: :func:`device_mesh`'s for ``tp`` (built here when None) and ``fsdp+tp``.
 
     ``find_unused``: some parameters may get no gradient in a step (BERT's NSP head when the batches
     carry no ``next_sentence_label``, ELMo's scalar mix); DDP must then look for them after each backward.
@@ -153,16 +201,23 @@ def wrap(
 
         device_ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused)
-    if parallel == "tp":
-        from torch.distributed.device_mesh import init_device_mesh
-
+    if parallel in TENSOR_PARALLEL:
         from archlab.parallel import tensor_parallel
 
         if method is not None:
-            raise ConfigError(f"parallel='tp' shards decoder-only LMs trained on task 'lm'; this task calls model.{method}")
-        return tensor_parallel(model, init_device_mesh(device.type, (env.world_size,)))
+            raise ConfigError(f"parallel={parallel!r} shards decoder-only LMs trained on task 'lm'; "
+                              f"this task calls model.{method}")  # fmt: skip
+        if parallel == "tp":
+            return tensor_parallel(model, mesh if mesh is not None else device_mesh(env, parallel, device))
+        if mesh is None or mesh.ndim != 2:
+            raise ConfigError("parallel='fsdp+tp' needs the 2D (dp, tp) mesh of device_mesh(env, 'fsdp+tp', ...)")
+        _broadcast_from_rank_0(model)  # whole tensors, before they become shards
+        tensor_parallel(model, mesh["tp"])
+        _fully_shard(model, mesh["dp"])
+        return model
     if parallel == "fsdp":
-        _fully_shard(model, env)  # in place: `module` holds the sharded model
+        _broadcast_from_rank_0(model)
+        _fully_shard(model)  # in place: `module` holds the sharded model
         if method is not None:
             from torch.distributed.fsdp import register_fsdp_forward_method
 
@@ -173,27 +228,33 @@ def wrap(
             root = type(model).__name__
             warnings.filterwarnings("ignore", rf"FSDP2-wrapped module \({root}\) returned a view tensor", UserWarning)
         return module
-    raise ConfigError(f"parallel={parallel!r} must be 'ddp', 'fsdp' or 'tp'")
+    raise ConfigError(f"parallel={parallel!r} must be 'ddp', 'fsdp', 'tp' or 'fsdp+tp'")
 
 
-def _fully_shard(model: nn.Module, env: DistEnv) -> None:
-    """FSDP2 in place: each block, then the root; 0-dim parameters replicated (see :func:`wrap`)."""
-    from torch.distributed.fsdp import fully_shard
-
-    with torch.no_grad():  # every rank starts from rank 0's weights, as DDP does
+def _broadcast_from_rank_0(model: nn.Module) -> None:
+    """Every rank starts from rank 0's weights, as DDP does."""
+    with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             dist.broadcast(tensor, src=0)
+
+
+def _fully_shard(model: nn.Module, mesh=None) -> None:
+    """FSDP2 in place over ``mesh`` (1-D; None: every rank): each block, then the root; 0-dim parameters
+    replicated, their gradients averaged over the mesh's ranks (see :func:`wrap`)."""
+    from torch.distributed.fsdp import fully_shard
+
+    group = None if mesh is None else mesh.get_group()
     scalars = {p for p in model.parameters() if p.ndim == 0}
     for p in scalars:
-        p.register_hook(functools.partial(_average_over_ranks, world_size=env.world_size))
+        p.register_hook(functools.partial(_average_over_ranks, group=group))
     for block in find_blocks(model):
-        fully_shard(block, ignored_params=scalars)
-    fully_shard(model, ignored_params=scalars)
+        fully_shard(block, mesh=mesh, ignored_params=scalars)
+    fully_shard(model, mesh=mesh, ignored_params=scalars)
 
 
-def _average_over_ranks(grad: Tensor, world_size: int) -> Tensor:
-    dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-    return grad / world_size
+def _average_over_ranks(grad: Tensor, group=None) -> Tensor:
+    dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=group)
+    return grad / dist.get_world_size(group)
 
 
 def no_sync(module: nn.Module, env: DistEnv, sync: bool):
@@ -225,7 +286,7 @@ def no_sync(module: nn.Module, env: DistEnv, sync: bool):
 def all_reduce_sum(tensor: Tensor, env: DistEnv) -> Tensor:
     """Sum of ``tensor`` over the ranks (in place; the tensor itself on one process)."""
     if env.distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=env.group)
     return tensor
 
 
@@ -234,32 +295,53 @@ def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
     if not env.distributed:
         return [obj]
     out: list[Any] = [None] * env.world_size
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=env.group)
     return out
 
 
 def barrier(env: DistEnv) -> None:
     if env.distributed:
-        dist.barrier()
+        dist.barrier(group=env.group)
 
 
 def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float, *, tensor_parallel: bool = False) -> float:
-    """``torch.nn.utils.clip_grad_norm_`` (global L2 norm, returned before clipping). ``tensor_parallel``: some
-    gradients are sharded DTensors beside whole tensors (which torch's foreach norm refuses to mix): a DTensor's
-    squared norm is summed over its shards, a whole (replicated, the same on every rank) gradient counts once."""
-    from torch.distributed.tensor import DTensor
-
+    """``torch.nn.utils.clip_grad_norm_`` (global L2 norm, returned before clipping). ``tensor_parallel`` (``tp``,
+    ``fsdp+tp``): the gradients are DTensors on different meshes (the ``tp`` axis, the 2D mesh, FSDP's ``dp``
+    axis) beside whole tensors, which torch's foreach norm refuses to mix. Each process then adds up its
+    :func:`_square_share` of every gradient and one all-reduce over all processes sums them: the same norm on
+    every rank (each rank scales its own pieces by it), one collective per step."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not tensor_parallel:
         return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
-    squares = [g.detach().pow(2).sum() if not isinstance(g, DTensor) else g.detach().pow(2).sum().full_tensor()
-               for g in grads]  # fmt: skip
-    norm = torch.stack([s.double() for s in squares]).sum().sqrt()
-    scale = max_norm / (float(norm) + 1e-6)
+    device = grads[0].device if grads else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for g in grads:
+        total += _square_share(g)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    norm = float(total.sqrt())
+    scale = max_norm / (norm + 1e-6)
     if scale < 1.0:
         for g in grads:
             g.detach().mul_(scale)
-    return float(norm)
+    return norm
+
+
+def _square_share(grad: Tensor) -> Tensor:
+    """This process's share of ``||grad||^2`` in a sum over all ``N`` processes (each holding one piece of every
+    gradient, as under ``tp`` / ``fsdp+tp``): the squares of its piece times ``pieces / N``, where ``pieces`` is
+    the number of distinct pieces (the product of the mesh sizes along which the DTensor is sharded; 1 for a
+    whole tensor), so the ``N / pieces`` processes holding copies of one piece count it once between them."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    pieces, local = 1, grad
+    if isinstance(grad, DTensor):
+        if any(p.is_partial() for p in grad.placements):  # pending sums: settle them first
+            grad = grad.redistribute(grad.device_mesh, [Replicate() if p.is_partial() else p for p in grad.placements])
+        for dim, placement in enumerate(grad.placements):
+            if not placement.is_replicate():  # Shard, or FSDP's _StridedShard over a tensor-parallel Shard
+                pieces *= grad.device_mesh.size(dim)
+        local = grad.to_local()
+    return local.detach().double().pow(2).sum() * (pieces / dist.get_world_size())
 
 
 # -- full state dicts (whatever the wrapping) ---------------------------------------------------------------

@@ -58,7 +58,7 @@ from archlab.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from archlab.train.config import TRAJECTORY_FIELDS, TrainConfig
+from archlab.train.config import SHARDED, TENSOR_PARALLEL, TRAJECTORY_FIELDS, TrainConfig
 from archlab.train.logs import RunLog
 from archlab.train.mixed import compute_weights
 from archlab.train.optim import build_optimizer
@@ -140,8 +140,10 @@ class Trainer:
         self.config = c = config
         self.task = get_task(resolve_task(model, c.task))
         self.env = D.init_distributed(c.device)
-        self.dp = D.data_parallel_env(self.env, c.parallel)  # the ranks that split the data (all but under tp)
         self.device = D.device_for(c.device, self.env)
+        self.mesh = D.device_mesh(self.env, c.parallel, self.device, c.tp_group_size)  # tp, fsdp+tp; else None
+        # the ranks that split the data: all but under tp (none) and fsdp+tp (the dp axis of the mesh)
+        self.dp = D.data_parallel_env(self.env, c.parallel, c.tp_group_size, self.mesh)
         self.train_batches, self.eval_batches, self.extra_metrics = train_batches, eval_batches, extra_metrics
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.unigram_loss = unigram_loss
@@ -150,7 +152,7 @@ class Trainer:
         # bf16: fp32 master weights cast once per step (archlab.train.mixed), an autocast region around the
         # forward for ops that meet fp32 buffers; under FSDP (sharded parameters) autocast alone
         self.autocast = torch.bfloat16 if self.precision.bf16 else None
-        self.cast_once = self.precision.bf16 and not (self.env.distributed and c.parallel == "fsdp")
+        self.cast_once = self.precision.bf16 and not (self.env.distributed and c.parallel in SHARDED)
 
         # the model: unwrapped (`model`, what checkpoints hold), wrapped (`module`), compiled (`forward`)
         self.model = model.to(self.device)
@@ -160,7 +162,8 @@ class Trainer:
         if c.grad_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.module = D.wrap(
-            self.model, self.env, c.parallel, self.device, find_unused=self.task.find_unused, method=self.task.method
+            self.model, self.env, c.parallel, self.device, find_unused=self.task.find_unused, method=self.task.method,
+            mesh=self.mesh,
         )
         self.forward = torch.compile(self.module) if c.compile else self.module
 
@@ -226,12 +229,17 @@ class Trainer:
             how = "; FSDP shards: bf16 autocast per forward, fp32 master weights and AdamW"
         self.log.message(self.precision.line("training") + how)
         if self.env.distributed:
-            self.log.message(f"{c.parallel} on {self.env.world_size} processes ({self.device.type})")
-        if self.env.distributed and c.parallel == "tp":
+            mesh = ""
+            if self.mesh is not None:
+                mesh = ", device mesh " + " x ".join(f"{n}={k}" for n, k in zip(self.mesh.mesh_dim_names, self.mesh.shape))
+            if self.mesh is not None and self.mesh.ndim > 1:
+                mesh += f" (the data split over dp's {self.dp.world_size} ranks; the ranks of a tp group read alike)"
+            self.log.message(f"{c.parallel} on {self.env.world_size} processes ({self.device.type}){mesh}")
+        if self.env.distributed and c.parallel in TENSOR_PARALLEL:
             from archlab.parallel import local_parameter_bytes
 
             mine, blocks = local_parameter_bytes(self.model), local_parameter_bytes(self.model.decoder.blocks)
-            self.log.message(f"tp: rank 0 holds {mine / 2**20:.1f} MiB of parameters, "
+            self.log.message(f"{c.parallel}: rank 0 holds {mine / 2**20:.1f} MiB of parameters, "
                              f"{blocks / 2**20:.1f} MiB of them in the decoder blocks")  # fmt: skip
 
     # -- one optimiser step ---------------------------------------------------------------------------------
@@ -258,7 +266,7 @@ class Trainer:
         reduced = self._reduce({"loss": objective, **stats})
         if not math.isfinite(reduced["loss"]):
             raise self._diverged(f"the loss is {reduced['loss']}", lr)
-        tp = self.env.distributed and c.parallel == "tp"
+        tp = self.env.distributed and c.parallel in TENSOR_PARALLEL
         grad_norm = D.clip_grad_norm(list(self.model.parameters()), c.clip or math.inf, tensor_parallel=tp)
         if not math.isfinite(grad_norm):
             raise self._diverged(f"the gradient norm is {grad_norm}", lr)
@@ -393,7 +401,7 @@ class Trainer:
 
     def _unsharded_model(self) -> nn.Module | None:
         """The model with whole tensors, for rank 0 to write: itself, or (FSDP) a copy built from the full state."""
-        if not (self.env.distributed and self.config.parallel in ("fsdp", "tp")):
+        if not (self.env.distributed and self.config.parallel in (*SHARDED, *TENSOR_PARALLEL)):
             return self.model
         state = D.full_model_state(self.model, self.env)  # collective; the tensors land on rank 0
         if not self.env.is_main:

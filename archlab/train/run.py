@@ -77,7 +77,7 @@ from archlab.models.registry import (
 from archlab.nn.lora import apply_lora, lora_layers, lora_report, unload_lora
 from archlab.train import distributed as D
 from archlab.train.checkpoint import check_model_config, latest_checkpoint, load_checkpoint, remove_temporaries
-from archlab.train.config import TrainConfig
+from archlab.train.config import TENSOR_PARALLEL, TrainConfig
 from archlab.train.logs import METRICS_FILE, PLOT_FILE, plot_loss_curve, read_metrics
 from archlab.train.loop import CHECKPOINTS, Trainer
 from archlab.train.metrics import BLEU_MAX_ORDER
@@ -340,7 +340,8 @@ def prepare(spec: RunSpec, *, tokenizer: Tokenizer | None = None) -> PreparedRun
         notes.append(f"train.clip={base.grad_clip} from the model config's grad_clip (set train.clip to change it)")
 
     _check_tensor_parallel(train, task, family.train_cls or family.model_cls, base, who)  # before the data is read
-    env = D.data_parallel_env(D.detect(), train.parallel)  # under tp every rank reads the whole batch
+    # the ranks that split the data: under tp none (every rank reads the whole batch), under fsdp+tp dp's
+    env = D.data_parallel_env(D.detect(), train.parallel, train.tp_group_size)
     run_data = build_data(
         data, task, base, batch_size=train.micro_batch_size(env.world_size) * env.world_size, tokenizer=tokenizer,
         rank=env.rank, world_size=env.world_size,
@@ -360,18 +361,25 @@ def prepare(spec: RunSpec, *, tokenizer: Tokenizer | None = None) -> PreparedRun
 
 
 def _check_tensor_parallel(train: TrainConfig, task: str, model_cls: type, base: Config, who: str) -> None:
-    """Under torchrun with ``train.parallel=tp``: ConfigError unless the ranks can split this model (a decoder-only
-    LM trained on ``lm`` whose heads, KV heads and FFN width the world size divides), before any data is read."""
+    """Under torchrun with ``train.parallel`` ``tp`` or ``fsdp+tp``: ConfigError unless the ranks can split this
+    model (a decoder-only LM trained on ``lm`` whose heads, KV heads and FFN width the tensor-parallel group's size
+    divides: the world size under ``tp``, ``train.tp_size`` under ``fsdp+tp``, which must divide the world size),
+    before any data is read."""
     env = D.detect()
-    if train.parallel != "tp" or not env.distributed:
+    if train.parallel not in TENSOR_PARALLEL or not env.distributed:
         return
     from archlab.models.decoder import DecoderLM
     from archlab.parallel import check_tensor_parallel
 
     if task != "lm" or not issubclass(model_cls, DecoderLM):
-        raise ConfigError(f"train.parallel='tp' shards decoder-only LMs (GPT, Llama) trained on task 'lm'; {who} is "
-                          f"a {model_cls.__name__} trained on task {task!r}: use parallel='ddp' or 'fsdp'")  # fmt: skip
-    check_tensor_parallel(base, env.world_size)
+        raise ConfigError(f"train.parallel={train.parallel!r} shards decoder-only LMs (GPT, Llama) trained on task "
+                          f"'lm'; {who} is a {model_cls.__name__} trained on task {task!r}: use parallel='ddp' or "
+                          "'fsdp'")  # fmt: skip
+    if train.parallel == "tp":
+        check_tensor_parallel(base, env.world_size)
+        return
+    tp = D.mesh_shape(env, train.parallel, train.tp_group_size)[1]
+    check_tensor_parallel(base, tp, setting="train.tp_size")
 
 
 def _from_pretrained(

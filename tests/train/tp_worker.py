@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from train_fakes import LMSource
 
 from archlab.models.registry import build_model
-from archlab.parallel import full_gradients, local_parameter_bytes, tensor_parallel
+from archlab.parallel import full_gradients, parameter_bytes_by_rank, tensor_parallel
 from archlab.train import TrainConfig, Trainer
 from archlab.train.distributed import detect
 
@@ -71,11 +71,9 @@ if __name__ == "__main__":
         logits = net(ids)
         net(ids, labels=labels).backward()
         grads = full_gradients(net)  # collective
-        local = torch.tensor([local_parameter_bytes(net), local_parameter_bytes(net.decoder.blocks)])
-        every = [torch.zeros_like(local) for _ in range(env.world_size)]
-        dist.all_gather(every, local)
+        every = parameter_bytes_by_rank(net)  # collective: [(all parameters, decoder blocks)] by rank
         if env.is_main:
-            torch.save({"logits": logits.detach(), "grads": grads, "bytes": torch.stack(every)}, out / f"{preset}.pt")
+            torch.save({"logits": logits.detach(), "grads": grads, "bytes": torch.tensor(every)}, out / f"{preset}.pt")
 
     config = TrainConfig(**CONFIG)
     Trainer(model("llama-tiny"), config, source(), out_dir=out / "run").fit(until=2)
