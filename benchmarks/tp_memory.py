@@ -33,7 +33,7 @@ def main() -> None:
     env = detect()
     torch.manual_seed(0)
     model = build_model(args.preset)
-    how = args.parallel
+    how = args.parallel if env.distributed else "one process"
     if env.distributed:
         dist.init_process_group("gloo")
         cpu = torch.device("cpu")

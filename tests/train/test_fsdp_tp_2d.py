@@ -49,10 +49,11 @@ def test_fsdp_over_dp_and_tp_on_a_2x2_mesh_give_the_one_process_loss_and_gradien
 
 @pytest.mark.slow
 def test_a_fsdp_tp_run_follows_the_one_process_run_through_a_resume(four_ranks, tmp_path):
-    """4 steps (2, a checkpoint, a fresh Trainer with other weights and RNG resumed to 4) on the 2 x 2 mesh vs one
-    process on the same global batches: each step's loss and gradient norm (clip 0.5 clips every step: the norm is
-    the global one over the 2D shards), the final weights and Adam moments; the copies a tp group holds of the
-    parameters tensor parallelism leaves whole are still equal at the end."""
+    """4 steps (2, a checkpoint, a fresh Trainer with other weights and RNG resumed to 4; 2 micro-batches a step,
+    gradient checkpointing) on the 2 x 2 mesh vs one process on the same global batches: each step's loss and
+    gradient norm (clip 0.5 clips every step: the norm is the global one over the 2D shards), the final weights
+    and Adam moments; the copies a tp group holds of the parameters tensor parallelism leaves whole are still equal
+    at the end."""
     single = Trainer(model(), TrainConfig(**{**CONFIG, "parallel": "ddp", "tp_size": None}), source(), out_dir=tmp_path)
     single.fit()
     got = read_metrics(four_ranks / "run" / "metrics.jsonl")["train"]
