@@ -201,10 +201,14 @@ class _WeightOnlyLinear(nn.Module):
         """``x [..., K]`` (any float dtype) -> ``[..., N]`` in ``x``'s dtype, computed in :attr:`compute_dtype`."""
         if x.shape[-1] != self.in_features or not x.is_floating_point():
             raise ShapeError(f"{type(self).__name__} expects float x [..., {self.in_features}], got {x.dtype} {tuple(x.shape)}")
-        rows = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()  # [M, K]
+        # Each call below is an op a decoding step pays for per layer: none is made where x is already right.
+        dtype = self.compute_dtype
+        rows = x if x.ndim == 2 else x.reshape(-1, self.in_features)  # [M, K]
+        rows = (rows if rows.dtype == dtype else rows.to(dtype)).contiguous()  # contiguous(): no op if it is
         y = self._product(rows)  # [M, N]
-        y = y if self.bias is None else y + self.bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = y if self.bias is None else y + self.bias.to(dtype)
+        y = y if x.ndim == 2 else y.view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _product(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -296,7 +300,7 @@ class DynamicInt8Linear(nn.Module):
         """``x [..., K]`` float32 -> ``[..., N]`` float32."""
         if x.shape[-1] != self.in_features or x.dtype != torch.float32:
             raise ShapeError(f"DynamicInt8Linear expects float32 x [..., {self.in_features}], got {x.dtype} {tuple(x.shape)}")
-        rows = x.reshape(-1, self.in_features)  # [M, K]
+        rows = x if x.ndim == 2 else x.reshape(-1, self.in_features)  # [M, K]
         if self.inv_smooth is not None:
             rows = rows * self.inv_smooth
         if rows.shape[0] == 1:  # one row: the kernel's range is the row's own
@@ -310,7 +314,7 @@ class DynamicInt8Linear(nn.Module):
             unit = torch.cat([unit, rows.new_ones(1, self.in_features)])  # a row of ones: the call's range is [0, 1]
             y = torch.ops.quantized.linear_dynamic(unit, self._packed, True)[:-1] * span + offset * self.row_sums
         y = y if self.bias is None else y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y if x.ndim == 2 else y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         smooth = ", smoothed" if self.inv_smooth is not None else ""

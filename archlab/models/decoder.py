@@ -32,6 +32,7 @@ from archlab.generation import Step, check_logits_to_keep
 from archlab.models.base import AttentionConfig
 from archlab.nn.attention import padding_mask
 from archlab.nn.blocks import Decoder, DecodingCache
+from archlab.nn.dropout import Dropout
 from archlab.nn.inputs import check_class_ids, check_token_ids, describe as _describe
 from archlab.nn.linear import Linear
 from archlab.nn.loss import IGNORE_INDEX, linear_cross_entropy
@@ -117,7 +118,7 @@ class DecoderLM(nn.Module):
         self.pos = build_positional(
             c.positional, d_model=c.d_model, n_heads=c.n_heads, max_len=c.max_len, rope_base=c.rope_theta
         )
-        self.drop = nn.Dropout(c.dropout)
+        self.drop = Dropout(c.dropout)
         self.decoder = Decoder(
             c.n_layers, c.d_model, c.n_heads, c.ffn_width, cross_attention=False, n_kv_heads=c.n_kv_heads,
             dropout=c.dropout, attn_dropout=c.attn_dropout, ffn=c.ffn, norm=c.norm, norm_first=c.norm_first,

@@ -31,6 +31,7 @@ from archlab.nn.conv import (
     doubling_dilations,
     receptive_field,
 )
+from archlab.nn.dropout import Dropout
 from archlab.nn.efficient import (
     BigBirdPattern,
     FullPattern,
@@ -109,7 +110,7 @@ __all__ = [
     "ALiBi", "LearnedPositionalEncoding", "NoPositionalEncoding", "PositionalEncoding", "RotaryPositionalEncoding",
     "SinusoidalPositionalEncoding", "alibi_slopes", "build_positional", "sinusoid_table",
     "LayerNorm", "RMSNorm", "build_norm", "layer_norm_equation",
-    "FeedForward", "GatedFeedForward", "build_feedforward",
+    "Dropout", "FeedForward", "GatedFeedForward", "build_feedforward",
     "BlockCache", "Decoder", "DecoderBlock", "DecodingCache", "Encoder", "EncoderBlock",
     # recurrent, conv
     "GRUCell", "LSTMCell", "RNNCell", "RecurrentCache", "RecurrentStack", "build_cell", "build_rnn", "gru_step",

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from archlab.config import check_positive, check_probability
 from archlab.errors import ShapeError
 from archlab.nn.attention import KVCache, MultiHeadAttention
+from archlab.nn.dropout import Dropout
 from archlab.nn.feedforward import build_feedforward
 from archlab.nn.linear import PackedLinear
 from archlab.nn.norm import build_norm
@@ -42,7 +43,7 @@ class _Block(nn.Module):
         self.attn_norm = build_norm(norm, d_model, eps)
         self.ffn = build_feedforward(ffn, d_model, d_ff, bias=bias if ffn_bias is None else ffn_bias)
         self.ffn_norm = build_norm(norm, d_model, eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def residual(self, x: Tensor, norm: nn.Module, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
         """One sub-layer on the residual stream, pre- or post-norm."""

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archlab.config import check_choice, check_positive, check_probability
+from archlab.nn.dropout import Dropout
 from archlab.nn.linear import Linear
 
 ACTIVATIONS = {
@@ -39,7 +40,7 @@ class FeedForward(nn.Module):
         self.act = ACTIVATIONS[activation]
         self.w1 = Linear(d_model, d_ff, bias=bias)
         self.w2 = Linear(d_ff, d_model, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(self.dropout(self.act(self.w1(x))))
@@ -64,7 +65,7 @@ class GatedFeedForward(nn.Module):
         self.act = ACTIVATIONS[GATES[gate]]
         self.w_in = Linear(d_model, 2 * d_ff, bias=bias)
         self.w2 = Linear(d_ff, d_model, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def fused_rows(self) -> dict[str, dict[str, tuple[int, int]]]:
         """The row blocks of ``w_in`` ``[W; V]``: ``gate`` and ``up`` (LoRA targets them by name, :mod:`archlab.nn.lora`)."""

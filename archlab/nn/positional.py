@@ -3,8 +3,8 @@ r"""Positional encodings behind one small interface.
 Self-attention is blind to order, so position enters in one of two places:
 
 * added to the input embeddings ``x [B, N, d]`` (sinusoidal, learned): :meth:`add_to_input`;
-* inside attention (RoPE rotates queries and keys: :meth:`transform_qk`; ALiBi adds ``-m|i-j|`` to
-  the scores: :meth:`attention_bias`).
+* inside attention (RoPE rotates queries and keys: :meth:`transform_qk`, or :meth:`transform_qk_heads` on
+  the two stacked along the head axis; ALiBi adds ``-m|i-j|`` to the scores: :meth:`attention_bias`).
 
 Every encoding implements all three hooks (the ones it does not use are identities), so a model
 calls them all and never asks which kind it holds. ``offset`` is the absolute position of the first
@@ -32,6 +32,16 @@ class PositionalEncoding(nn.Module):
     def transform_qk(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
         """``q [B, A, N, d_k]``, ``k [B, A, N, d_k]`` of the same new positions -> rotated q, k."""
         return q, k
+
+    def transform_qk_heads(self, qk: Tensor, n_queries: int, offset: int = 0) -> Tensor:
+        """Queries and keys stacked on the head axis, ``qk [B, A + G, N, d_k]`` (the first ``A = n_queries`` heads
+        the queries), as :meth:`transform_qk` transforms them, same layout. Self-attention computes q, k and v in
+        one product, so its q and k heads are side by side already: an encoding that treats every head alike
+        (RoPE) transforms them in one pass. This default splits them and calls :meth:`transform_qk` (no op for
+        an encoding that leaves them unchanged)."""
+        q, k = qk.split([n_queries, qk.shape[-3] - n_queries], dim=-3)
+        q2, k2 = self.transform_qk(q, k, offset)
+        return qk if q2 is q and k2 is k else torch.cat([q2, k2], dim=-3)
 
     def attention_bias(self, n_queries: int, n_keys: int, offset: int = 0) -> Tensor | None:
         """An additive score bias ``[A, N, M]`` (queries at ``offset + i``, keys at ``j``), or None."""
@@ -146,7 +156,8 @@ class RotaryPositionalEncoding(PositionalEncoding):
         half = self.rotary_dim // 2
         inv_freq = 1.0 / (base ** (torch.arange(half, dtype=torch.float64) / half))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._cache: tuple[int, torch.dtype, torch.device, Tensor, Tensor] | None = None
+        self._cache: tuple[int, torch.dtype, torch.device, Tensor, Tensor, Tensor] | None = None
+        self._last: tuple[tuple, tuple[Tensor, Tensor, Tensor]] | None = None  # see _rows
 
     def _cos_sin(self, end: int, dtype, device) -> tuple[Tensor, Tensor, Tensor]:
         """``cos``, ``sin`` and ``(-sin, sin)`` halves, ``[>= end, d_rot]`` each, cached per dtype and device."""
@@ -160,16 +171,25 @@ class RotaryPositionalEncoding(PositionalEncoding):
             self._cache = c = (length, dtype, device, angles.cos().to(dtype), sin, signed)
         return c[3], c[4], c[5]
 
+    def _rows(self, offset: int, n: int, dtype, device) -> tuple[Tensor, Tensor, Tensor]:
+        """``cos``, ``sin``, ``(-sin, sin)`` at positions ``offset .. offset + n - 1``, ``[n, d_rot]`` each. The last
+        positions asked are kept: every layer of a decoding step asks for the same ones (3 slices a step, not 3
+        a layer). A grown table holds the same values at the old positions, so kept rows stay right."""
+        key = (offset, n, dtype, device)
+        if self._last is None or self._last[0] != key:
+            tables = self._cos_sin(offset + n, dtype, device)
+            self._last = (key, tuple(t[offset : offset + n] for t in tables))
+        return self._last[1]
+
     def rotate(self, x: Tensor, offset: int = 0) -> Tensor:
         """``x [..., N, d_head]`` at positions ``offset .. offset+N-1`` -> rotated, same shape."""
         if x.shape[-1] != self.d_head:
             raise ShapeError(f"RoPE built for d_head={self.d_head}, got width {x.shape[-1]}")
         _check_offset(offset)
         n, r = x.shape[-2], self.rotary_dim
-        cos, sin, signed = self._cos_sin(offset + n, x.dtype, x.device)
+        cos, sin, signed = self._rows(offset, n, x.dtype, x.device)
         if r == self.d_head:  # the same products in fewer ops: [x2, x1] * (-sin, sin) = [-x2, x1] * sin
-            return x * cos[offset : offset + n] + x.roll(r // 2, dims=-1) * signed[offset : offset + n]
-        cos, sin = cos[offset : offset + n], sin[offset : offset + n]
+            return x * cos + x.roll(r // 2, dims=-1) * signed
         x_rot, x_pass = x[..., :r], x[..., r:]
         x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
         rotated = x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin
@@ -182,6 +202,10 @@ class RotaryPositionalEncoding(PositionalEncoding):
             both = self.rotate(torch.cat([q, k], dim=-3), offset)
             return both[..., : q.shape[-3], :, :], both[..., q.shape[-3] :, :, :]
         return self.rotate(q, offset), self.rotate(k, offset)
+
+    def transform_qk_heads(self, qk: Tensor, n_queries: int, offset: int = 0) -> Tensor:
+        """``qk [B, A + G, N, d_head]`` (queries, then keys) rotated in one pass: every head is rotated alike."""
+        return self.rotate(qk, offset)
 
 
 def check_rope_width(positional: str, d_model: int, n_heads: int) -> None:

@@ -151,3 +151,26 @@ def test_cross_attention_with_grouped_kv():
     cache = KVCache()
     grouped(x, memory, cache=cache)
     assert cache.keys.shape == (B, 3, 7, D)
+
+
+@pytest.mark.parametrize("d_v", [None, 6])
+@pytest.mark.parametrize("g", [1, 2, A])
+def test_self_attention_projection_is_the_row_blocks_of_in_proj(g, d_v):
+    """Self-attention's q, k, v (one product, viewed as heads and split; q and k rotated in one pass) equal
+    ``x W_Q^T``, ``x W_K^T``, ``x W_V^T`` from the row blocks of ``in_proj`` taken apart, heads each, rotated
+    by RoPE's :meth:`transform_qk`; also with ``d_v != d_k`` (no shared head view) and without RoPE."""
+    torch.manual_seed(3)
+    attn = MultiHeadAttention(A * D, A, n_kv_heads=g, d_v=d_v, bias=True).double()
+    dv = D if d_v is None else d_v
+    x = torch.randn(B, N, A * D, dtype=torch.float64)
+    w, b = attn.in_proj.weight, attn.in_proj.bias
+    rows = [A * D, g * D, g * dv]
+    parts = [(x @ wi.T + bi).unflatten(-1, (-1, width)).transpose(1, 2)
+             for wi, bi, width in zip(w.split(rows), b.split(rows), (D, D, dv))]  # fmt: skip
+    rope = RotaryPositionalEncoding(D)
+    for positional in (None, rope):
+        q, k, v = attn._project_qkv(x, positional, offset=5)
+        want_q, want_k = (parts[0], parts[1]) if positional is None else rope.transform_qk(parts[0], parts[1], 5)
+        assert (q.shape, k.shape, v.shape) == ((B, A, N, D), (B, g, N, D), (B, g, N, dv))
+        for got, want in ((q, want_q), (k, want_k), (v, parts[2])):
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=0)

@@ -389,3 +389,43 @@ def test_build_positional_unknown_name_suggests(name, suggestion):
     message = str(info.value)
     assert f"did you mean {suggestion!r}" in message
     assert name in message and "positional" in message
+
+
+@pytest.mark.parametrize("rotary_dim", [None, 8])
+def test_rope_transform_qk_heads_rotates_stacked_q_and_k_as_transform_qk(rotary_dim):
+    """q (A = 6 heads) and k (G = 2) stacked on the head axis, as self-attention's one product gives them, are
+    rotated as :meth:`transform_qk` rotates them apart, and as the complex formulation."""
+    torch.manual_seed(12)
+    rope = RotaryPositionalEncoding(12, rotary_dim=rotary_dim)
+    q, k = torch.randn(2, 6, 4, 12, dtype=F64), torch.randn(2, 2, 4, 12, dtype=F64)
+    both = rope.transform_qk_heads(torch.cat([q, k], dim=1), 6, offset=17)
+    rq, rk = rope.transform_qk(q, k, offset=17)
+    assert torch.equal(both, torch.cat([rq, rk], dim=1))
+    assert max_err(both, _rope_complex(torch.cat([q, k], dim=1), 17, rotary_dim or 12)) <= TOL
+
+
+def test_transform_qk_heads_default_is_transform_qk_on_the_two_parts():
+    """The default hook: an encoding that leaves q, k alone returns the stacked tensor itself (no op); one that
+    treats them differently gets q and k apart, as its :meth:`transform_qk` defines them."""
+
+    class Scales(NoPositionalEncoding):
+        def transform_qk(self, q, k, offset=0):
+            return 2 * q, 3 * k + offset
+
+    qk = torch.randn(1, 5, 3, 4, dtype=F64)
+    for encoding in (NoPositionalEncoding(), ALiBi(3), SinusoidalPositionalEncoding(4)):
+        assert encoding.transform_qk_heads(qk, 3, offset=7) is qk
+    out = Scales().transform_qk_heads(qk, 3, offset=7)
+    assert torch.equal(out, torch.cat([2 * qk[:, :3], 3 * qk[:, 3:] + 7], dim=1))
+
+
+def test_rope_rows_kept_between_calls_follow_offset_length_and_dtype():
+    """Every layer of a decoding step asks for the same positions, so RoPE keeps the last rows; calls that move
+    between offsets, lengths and dtypes (and past the table's first 256 positions) still rotate exactly."""
+    torch.manual_seed(13)
+    rope = RotaryPositionalEncoding(8)
+    x = torch.randn(1, 2, 3, 8, dtype=F64)
+    for offset, n in [(5, 3), (5, 3), (5, 1), (6, 1), (5, 3), (300, 3), (5, 2), (300, 3)]:
+        assert max_err(rope.rotate(x[..., :n, :], offset), _rope_complex(x[..., :n, :], offset, 8)) <= TOL
+        y32 = rope.rotate(x[..., :n, :].float(), offset)
+        assert y32.dtype == torch.float32 and max_err(y32, _rope_complex(x[..., :n, :], offset, 8)) <= 1e-5

@@ -1,0 +1,48 @@
+"""A decoding step's op count: at one row, a layer's cost is the number of ops it dispatches, not their arithmetic
+(issue 14's profile of SmolLM2-135M: 1,261-1,745 aten calls a token before, most of a quantized step's time).
+
+Counted with torch.profiler (top-level aten calls, deterministic) on one cached step of a Llama, per layer: the
+difference between 4 and 2 layers, halved, so the embedding, the LM head and the sampling loop drop out. The
+bounds are the counts measured when the step was cut (fp32 42 -> 28 a layer, weight-only quantized 58 -> 44,
+int8-dynamic unsmoothed 36, smoothed 54 -> 40 on SmolLM2); a change that adds ops to every layer fails here and must say why in the bound.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from archlab.models.llama import Llama, LlamaConfig
+from archlab.quant import quantize
+
+#: aten calls per layer of one decoding step: fp32 and each quantized layer kind (see the module docstring)
+PER_LAYER = {"fp32": 28, "int8": 44, "int4": 44, "int8-dynamic": 36}
+
+
+def step_ops(n_layers: int, mode: str) -> collections.Counter:
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=256, max_len=128, d_model=64, n_heads=4, n_kv_heads=2, n_layers=n_layers,
+                              d_ff=192, rope_theta=10000.0)).eval()  # fmt: skip
+    if mode != "fp32":
+        quantize(model, mode, head=mode)
+    prompt = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        cache = model.new_cache()
+        model(prompt, cache=cache, logits_to_keep=1)
+        model(prompt[:, -1:], cache=cache, logits_to_keep=1)  # warm: RoPE's rows, the cache's storage
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(prompt[:, -1:], cache=cache, logits_to_keep=1)
+    return collections.Counter(e.name for e in prof.events() if e.cpu_parent is None)
+
+
+@pytest.mark.parametrize("mode", list(PER_LAYER))
+def test_decoding_step_ops_per_layer(mode):
+    two, four = step_ops(2, mode), step_ops(4, mode)
+    per_layer = {name: (four[name] - two[name]) / 2 for name in four if four[name] != two[name]}
+    assert sum(per_layer.values()) <= PER_LAYER[mode], per_layer
+    assert "aten::dropout" not in four  # eval mode: no dropout op
+    if mode == "int8-dynamic":
+        assert "aten::to" not in per_layer  # float32 in and out: no cast
