@@ -5,8 +5,9 @@
 
 Pieces, each in its own module: ``config`` (TrainConfig), ``schedules``, ``losses`` (label smoothing),
 ``tasks`` (the objective of each task), ``optim`` (AdamW), ``checkpoint``, ``metrics``, ``logs``,
-``blocks`` (gradient checkpointing), ``distributed`` (DDP / FSDP2); ``run`` (:class:`RunSpec`: model + data +
-training as one JSON-able description, what ``archlab train`` runs) and ``sources`` (:class:`DataConfig`).
+``blocks`` (gradient checkpointing), ``distributed`` (DDP / FSDP2 / tensor parallelism / FSDP2 x TP, 2D);
+``run`` (:class:`RunSpec`: model + data + training as one JSON-able description, what ``archlab train`` runs)
+and ``sources`` (:class:`DataConfig`).
 """
 
 from archlab.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
