@@ -574,7 +574,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
     elif len(reports) > 1:
-        print("\n".join(_table([["lab", "verdict"]] + [[r.lab.name, r.result.verdict] for r in reports], "<<")))
+        print("\n".join(_table([["lab", "verdict"]] + [[r.lab.name, r.verdict_label] for r in reports], "<<")))
     return 0
 
 

@@ -53,7 +53,10 @@ class _AtomicDir:
             return
         umask = current_umask()  # mkdtemp makes the folder 0700 and safetensors its files 0600: give them
         os.chmod(self.tmp, 0o777 & ~umask)  # the modes of a plain mkdir / open (0755 / 0644 under umask 022)
-        for f in self.tmp.iterdir():  # flush file contents before the rename makes them visible
+        for f in self.tmp.rglob("*"):  # flush file contents before the rename makes them visible (subfolders too)
+            if f.is_dir():
+                os.chmod(f, 0o777 & ~umask)
+                continue
             os.chmod(f, 0o666 & ~umask)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

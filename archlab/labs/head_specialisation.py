@@ -36,7 +36,7 @@ from collections import Counter
 import torch
 from torch import Tensor
 
-from archlab.analysis.attention_maps import capture_attention, draw_map
+from archlab.analysis.attention_maps import AttentionMaps, capture_attention, draw_map, maps_from_capture
 from archlab.errors import ShapeError
 from archlab.labs.common import learned_too_little, train_gpt
 from archlab.labs.registry import LabResult, one_thread, register_lab
@@ -230,6 +230,12 @@ def run(quick: bool, seed: int) -> LabResult:
     with torch.no_grad(), capture_attention(model) as capture:
         model(sample, logits_to_keep=1)
     labels = [str(t) for t in sample[0].tolist()]
+    maps = maps_from_capture(capture, {False: labels}, {False: labels})
+    for amap in maps:  # the census's kinds in the title: what to look for in each head's map
+        kinds = ", ".join(f"{h} {trained[amap.layer * HEADS + h]['kind']}" for h in range(HEADS))
+        amap.title = f"layer {amap.layer} on a probe of period {period} (heads: {kinds})"
+    attention = AttentionMaps("head-specialisation GPT (trained)", " ".join(labels), maps,
+                              [f"a probe of {period} uniform random symbols repeated once (symbols as numbers)"])  # fmt: skip
 
     def plot(fig) -> None:
         grid = fig.add_gridspec(LAYERS, HEADS + 2)
@@ -260,6 +266,7 @@ def run(quick: bool, seed: int) -> LabResult:
         finding=finding,
         plot=plot,
         undecided=undecided,
+        attention=attention,
         notes=f"GPT of {LAYERS} layers x {HEADS} heads, d={D_MODEL}, {POSITIONS} positions, V={VOCAB} symbols, "
         f"windows of {SEQ_LEN}, {steps} AdamW steps of {batch_size} sequences (lr {LR}, warmup + cosine). Loss on "
         "the probes' repeated halves during training: " + ", ".join(f"{v:.2f} at step {k}" for k, v in curve.items())

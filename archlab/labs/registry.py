@@ -5,7 +5,7 @@ A lab module defines ``run(quick: bool, seed: int) -> LabResult`` and registers 
 :func:`register_lab`, naming the claim and where the lessons make it. ``quick=True`` is the seconds-long
 version the tests run (smaller sizes, fewer steps); the default is the full experiment (at most a few
 minutes on 2 CPU cores). :func:`run_lab` runs one and, given a folder, writes ``NAME/result.json`` and
-``NAME/plot.png`` there atomically.
+``NAME/plot.png`` there atomically (and ``NAME/attention/``, a lab's attention maps).
 
 The verdict is computed from the measured numbers against a criterion the lab states before it runs
 (``criterion``); where the lessons overstate, the lab says so ("not supported") with the numbers. A lab that
@@ -34,6 +34,7 @@ from typing import Any
 from archlab.errors import ConfigError, unknown
 
 VERDICTS = ("supported", "not supported", "undecided")
+QUICK_UNDECIDED = "undecided (quick)"  # how a quick run that cannot decide is shown (its verdict stays "undecided")
 _PROGRESS: ContextVar[bool] = ContextVar("archlab_lab_progress", default=False)  # set by run_lab
 
 
@@ -51,6 +52,10 @@ class LabResult:
         notes: caveats (scale, what the small experiment cannot show).
         undecided: why the numbers cannot decide (the lab's models did not learn enough for its criterion to
             mean anything), with the figures; non-empty makes the verdict "undecided" whatever ``supported`` says.
+        attention: attention maps the lab drew from its model (an
+            :class:`~archlab.analysis.attention_maps.AttentionMaps`), written to ``NAME/attention/`` as
+            ``archlab attention`` writes them (a PNG per layer with the tokens on the axes, ``attention.json``);
+            the report shows them on the lab's page. None: the lab has none.
     """
 
     columns: list[str]
@@ -61,6 +66,7 @@ class LabResult:
     plot: Callable[[Any], None] | None = None
     notes: str = ""
     undecided: str = ""
+    attention: Any = None
 
     def __post_init__(self) -> None:
         for row in self.rows:
@@ -87,6 +93,12 @@ class Lab:
     def long(self) -> bool:
         """Whether the full run takes more than LONG_MINUTES (``archlab lab list`` says so)."""
         return self.minutes > LONG_MINUTES
+
+
+def verdict_label(verdict: str, quick: bool) -> str:
+    """The verdict as shown to a reader: :data:`QUICK_UNDECIDED` for a ``--quick`` run that cannot decide (the full
+    run may), else ``verdict`` itself; the saved ``result.json`` keeps the plain verdict and its ``quick`` flag."""
+    return QUICK_UNDECIDED if quick and verdict == VERDICTS[2] else verdict
 
 
 LABS: dict[str, Lab] = {}
@@ -138,6 +150,11 @@ class LabReport:
             "files": [str(f) for f in self.files],
         }  # fmt: skip
 
+    @property
+    def verdict_label(self) -> str:
+        """The verdict as shown (:func:`verdict_label`): "undecided (quick)" for a quick run that cannot decide."""
+        return verdict_label(self.result.verdict, self.quick)
+
     def describe(self) -> str:
         """The report as text: claim, table, criterion, verdict."""
         r = self.result
@@ -148,7 +165,7 @@ class LabReport:
         mode = "quick" if self.quick else "full"
         lines = [f"{self.lab.name}: {self.lab.claim}", f"  ({self.lab.source}; {mode} run, seed {self.seed}, "
                  f"{self.seconds:.1f} s)", "", *table, "", f"  criterion: {r.criterion}",
-                 f"  verdict:   {r.verdict.upper()}: {r.undecided + '; ' if r.undecided else ''}{r.finding}"]  # fmt: skip
+                 f"  verdict:   {self.verdict_label.upper()}: {r.undecided + '; ' if r.undecided else ''}{r.finding}"]  # fmt: skip
         if r.notes:
             lines.append(f"  notes:     {r.notes}")
         lines += [f"  wrote:     {f}" for f in self.files]
@@ -181,8 +198,9 @@ def progress_bar(total: int, what: str):
 def run_lab(
     name: str, *, quick: bool = False, seed: int = 0, out: str | Path | None = None, progress: bool = False
 ) -> LabReport:
-    """Run lab ``name``; with ``out``, write ``out/NAME/result.json`` and ``out/NAME/plot.png`` (atomically);
-    with ``progress``, its long loops show bars on stderr (:func:`progress_bar`)."""
+    """Run lab ``name``; with ``out``, write ``out/NAME/result.json``, ``out/NAME/plot.png`` and any attention maps
+    (``out/NAME/attention/``) atomically; with ``progress``, its long loops show bars on stderr
+    (:func:`progress_bar`)."""
     import numpy as np
     import torch
 
@@ -215,6 +233,10 @@ def _write(report: LabReport, folder: Path) -> None:
         names = ["result.json"]
         if report.result.plot is not None and _plot(report, tmp / "plot.png"):
             names.append("plot.png")
+        if report.result.attention is not None:
+            from archlab.analysis.attention_maps import write_maps
+
+            names += [f"attention/{f.name}" for f in write_maps(report.result.attention, tmp / "attention")]
         report.files = [folder / n for n in names]
         (tmp / "result.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
 
@@ -228,7 +250,7 @@ def _plot(report: LabReport, path: Path) -> bool:
     fig = Figure(figsize=(9, 4.2), dpi=110, layout="constrained")  # room for titles, labels and colour bars
     FigureCanvasAgg(fig)
     report.result.plot(fig)
-    fig.suptitle(f"{report.lab.name}: {report.result.verdict}", fontsize=10)
+    fig.suptitle(f"{report.lab.name}: {report.verdict_label}", fontsize=10)
     fig.savefig(str(path))
     return True
 

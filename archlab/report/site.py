@@ -68,6 +68,10 @@ class LabEntry:
         return "not run" if self.result is None else str(self.result["verdict"])
 
     @property
+    def quick(self) -> bool:
+        return self.result is not None and bool(self.result.get("quick"))
+
+    @property
     def page(self) -> str:
         return f"lab-{self.name}.html"
 
@@ -138,8 +142,11 @@ def run_kind(result: dict[str, Any]) -> str:
     return "quick" if result.get("quick") else "full"
 
 
-def badge(verdict: str) -> str:
-    return f'<span class="verdict {VERDICT_CLASS.get(verdict, "none")}">{esc(verdict)}</span>'
+def badge(verdict: str, quick: bool = False) -> str:
+    """The verdict's coloured label; a quick run that cannot decide reads "undecided (quick)"."""
+    from archlab.labs import verdict_label
+
+    return f'<span class="verdict {VERDICT_CLASS.get(verdict, "none")}">{esc(verdict_label(verdict, quick))}</span>'
 
 
 def page(title: str, body: str) -> str:
@@ -158,7 +165,7 @@ def index_html(entries: list[LabEntry], labs_dir: Path) -> str:
         mode = "" if e.result is None else f'<div class="muted">{run_kind(e.result)} run</div>'
         gone = "" if e.registered else ' <span class="muted">(no longer registered)</span>'
         rows.append(f'<tr><td><a href="{esc(e.page)}">{esc(e.name)}</a>{gone}</td><td>{esc(e.claim)}</td>'
-                    f"<td>{esc(e.source)}</td><td>{badge(e.verdict)}{mode}</td><td>{thumb}</td></tr>")  # fmt: skip
+                    f"<td>{esc(e.source)}</td><td>{badge(e.verdict, e.quick)}{mode}</td><td>{thumb}</td></tr>")  # fmt: skip
     body = (
         "<h1>archlab: the lessons' claims, tested</h1>"
         f'<p class="muted">{len(entries)} claims; results read from <code>{esc(labs_dir)}</code>. Each lab states its '
@@ -176,7 +183,7 @@ def lab_html(entry: LabEntry, previous: LabEntry | None, following: LabEntry | N
         nav.append(f'<a href="{esc(previous.page)}">previous: {esc(previous.name)}</a>')
     if following is not None:
         nav.append(f'<a href="{esc(following.page)}">next: {esc(following.name)}</a>')
-    parts = [f"<nav>{''.join(nav)}</nav>", f"<h1>{esc(entry.name)} {badge(entry.verdict)}</h1>",
+    parts = [f"<nav>{''.join(nav)}</nav>", f"<h1>{esc(entry.name)} {badge(entry.verdict, entry.quick)}</h1>",
              f'<p class="claim">{esc(entry.claim)}</p>', f'<p class="muted">source: {esc(entry.source)}</p>']  # fmt: skip
     r = entry.result
     if r is None:

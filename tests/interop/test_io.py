@@ -34,6 +34,16 @@ def test_atomic_dir_replaces_on_success(tmp_path):
     assert config == {"v": 2} and state["w"].shape == (3,)
 
 
+def test_atomic_dir_takes_subfolders(tmp_path):
+    target = tmp_path / "lab"
+    with atomic_dir(target) as tmp:
+        (tmp / "result.json").write_text("{}")
+        (tmp / "attention").mkdir()
+        (tmp / "attention" / "map.png").write_bytes(b"png")
+    assert (target / "attention" / "map.png").read_bytes() == b"png" and (target / "result.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["lab"]
+
+
 def test_pickle_only_folder_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     torch.save({"w": torch.ones(1)}, tmp_path / "pytorch_model.bin")

@@ -1,5 +1,7 @@
 """head-specialisation: the head classifier on patterns whose kind is known, the data's structure, the quick run."""
 
+import json
+
 import pytest
 import torch
 
@@ -96,9 +98,24 @@ def test_a_census_names_every_head_of_every_layer():
     assert all(h["kind"] in KINDS for h in heads)
 
 
-def test_quick_run_gives_a_census_and_a_verdict():
-    result = run_lab("head-specialisation", quick=True).result
+def test_quick_run_gives_a_census_a_verdict_and_its_attention_maps(tmp_path):
+    report = run_lab("head-specialisation", quick=True, out=tmp_path)
+    result = report.result
     assert len(result.rows) == 8 and result.verdict in VERDICTS
     assert all(row[1] in KINDS and row[2] in KINDS for row in result.rows)
     if result.verdict != "supported":
         assert result.verdict == "undecided" and result.undecided  # the quick run never says "not supported"
+    # the maps of the census, one PNG per layer with the probe's symbols on the axes, as `archlab attention` writes
+    folder = tmp_path / "head-specialisation" / "attention"
+    data = json.loads((folder / "attention.json").read_text())
+    assert [m["layer"] for m in data["maps"]] == [0, 1] and all(m["heads"] == 4 for m in data["maps"])
+    probe = [str(t) for t in probes(32, 7 + PROBE_PERIODS[0], PROBE_PERIODS[0])[0].tolist()]  # seed 0's first probe
+    assert data["maps"][0]["queries"] == data["maps"][0]["keys"] == probe
+    kinds = {f"{row[0][-1]} {row[2]}" for row in result.rows[:4]}  # layer 0's heads: "H kind"
+    assert all(k in data["maps"][0]["title"] for k in kinds)
+    assert all((folder / m["png"]).is_file() for m in data["maps"])
+    assert sorted(str(f.relative_to(tmp_path)) for f in report.files) == sorted(
+        [f"head-specialisation/{n}" for n in ("result.json", "plot.png")]
+        + [f"head-specialisation/attention/{m['png']}" for m in data["maps"]]
+        + ["head-specialisation/attention/attention.json"]
+    )

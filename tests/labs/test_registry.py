@@ -9,7 +9,17 @@ import torch
 
 from archlab.cli import main
 from archlab.errors import ConfigError
-from archlab.labs import LABS, VERDICTS, LabResult, get_lab, list_labs, register_lab, run_lab
+from archlab.labs import (
+    LABS,
+    QUICK_UNDECIDED,
+    VERDICTS,
+    LabResult,
+    get_lab,
+    list_labs,
+    register_lab,
+    run_lab,
+    verdict_label,
+)  # fmt: skip
 from archlab.labs.registry import progress_bar
 
 
@@ -138,11 +148,27 @@ def test_an_undecided_result_says_why_whatever_its_numbers(fake_labs):
     assert quick.result.verdict == "undecided" and not quick.result.supported  # the numbers alone would say "no"
     data = quick.to_dict()
     assert data["verdict"] == "undecided" and data["undecided"].startswith("x grows with the steps")
-    assert "verdict:   UNDECIDED: x grows with the steps and a quick run takes 1: too few to judge; x was 1" in (
-        quick.describe()
-    )
+    why = "x grows with the steps and a quick run takes 1: too few to judge"
+    assert f"verdict:   UNDECIDED (QUICK): {why}; x was 1" in quick.describe()
+    assert quick.verdict_label == verdict_label("undecided", True) == QUICK_UNDECIDED == "undecided (quick)"
     full = run_lab("fake-undecided")
     assert full.result.verdict == "supported" and full.to_dict()["undecided"] == ""
+    assert full.verdict_label == "supported" and verdict_label("undecided", False) == "undecided"  # a full run: plain
+
+
+def test_a_quick_run_that_cannot_decide_says_undecided_quick_in_text_plot_and_summary(fake_labs, tmp_path, capsys):
+    @register_lab("fake-short", claim="x reaches 2", source="test")
+    def short(quick, seed):
+        def plot(fig):
+            fig.subplots().plot([0, 1], [0, 1])
+
+        why = "too short" if quick else ""
+        return LabResult(["x"], [[1]], "x >= 2", False, "x was 1", plot=plot, undecided=why)
+
+    assert main(["lab", "fake-short", "fake-false", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "verdict:   UNDECIDED (QUICK): too short" in out and "fake-short  undecided (quick)" in out
+    assert json.loads((tmp_path / "fake-short" / "result.json").read_text())["verdict"] == "undecided"  # kept plain
 
 
 def test_training_progress_shows_on_stderr_only_when_asked(fake_labs, capsys):

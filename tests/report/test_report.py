@@ -82,6 +82,17 @@ def test_a_result_of_a_lab_no_longer_registered_is_still_shown(labs_dir, tmp_pat
     assert (tmp_path / "site" / "lab-old-lab.html").is_file()
 
 
+def test_a_quick_run_that_cannot_decide_reads_undecided_quick(labs_dir, tmp_path):
+    labs = tmp_path / "labs"
+    shutil.copytree(labs_dir, labs)
+    second = list_labs()[1].name  # undecided in the fixture (a full run); a quick one reads "undecided (quick)"
+    data = json.loads((labs / second / "result.json").read_text())
+    (labs / second / "result.json").write_text(json.dumps({**data, "quick": True}))
+    index = build_report(labs, tmp_path / "site").read_text()
+    assert ">undecided (quick)</span>" in index and index.count(">undecided</span>") == 1  # the summary's kind
+    assert ">undecided (quick)</span>" in (tmp_path / "site" / f"lab-{second}.html").read_text()
+
+
 def test_bad_results_and_folders_are_refused_naming_the_file(labs_dir, tmp_path):
     labs = tmp_path / "labs"
     shutil.copytree(labs_dir, labs)
