@@ -237,6 +237,8 @@ def maps_for(target: str, text: str | None = None, *, image: int | None = None, 
     from archlab.models.registry import PRESETS
 
     path = Path(target)
+    if image is not None and (target in PRETRAINED or target in CHAT_MODELS or target.endswith(".gguf")):
+        raise ConfigError(f"--image is for ViT models; {target!r} is a text model (use --text)")
     if target in PRETRAINED:
         return _sentence_maps(target, _need_text(text, target))
     if target in CHAT_MODELS or target.endswith(".gguf"):
@@ -293,6 +295,9 @@ def _model_maps(target: str, model: nn.Module, tokenizer, text: str | None, imag
 
     model.eval()
     if isinstance(model, ViT):
+        if text is not None:
+            raise ConfigError(f"--text is for token models; {target!r} is a ViT, whose maps are drawn over a held-out "
+                              "8x8 digit (--image I)")  # fmt: skip
         return _vit_maps(target, model, 0 if image is None else image)
     if image is not None:
         raise ConfigError(f"--image is for ViT models; {target!r} is a {type(model).__name__} (use --text)")
@@ -406,6 +411,14 @@ def _vit_maps(target: str, model: nn.Module, index: int) -> AttentionMaps:
 # ================================================================================================
 
 
+#: What a map's rows and columns are, by its kind (the figure's axis labels).
+AXES = {
+    "self": ("query: the token attending", "key: the token attended to"),
+    "cross": ("decoder query: the output token produced", "key: the source token attended to"),
+    "alignment": ("decoder step: the output token produced", "source token aligned to"),
+}
+
+
 def draw_map(ax, weights: Tensor, queries: Sequence[str], keys: Sequence[str], title: str) -> None:
     """One ``[N, M]`` map on ``ax``: queries down the rows, keys along the columns, the tokens on the axes."""
     ax.imshow(weights.numpy(), cmap="viridis", vmin=0.0, vmax=max(float(weights.max()), 1e-6), aspect="auto",
@@ -443,6 +456,9 @@ def draw_layer(fig, amap: AttentionMap, head: int | None = None) -> None:
         ax.axis("off")
     for ax, h in zip(axes.flat, heads):
         draw_map(ax, amap.weights[h], amap.queries, amap.keys, f"head {h}")
+    rows_are, columns_are = AXES.get(amap.kind, AXES["self"])
+    fig.supylabel(rows_are, fontsize=8)
+    fig.supxlabel(f"{columns_are}; colour: weight, 0 (dark) to the head's largest (yellow)", fontsize=8)
 
 
 def select_maps(maps: AttentionMaps, layer: int | None, head: int | None) -> list[AttentionMap]:

@@ -178,6 +178,10 @@ def test_bad_requests_are_refused_with_what_is_allowed():
         maps_for("rnnenc-small", "ab")
     with pytest.raises(ConfigError, match="--image is for ViT models"):
         maps_for("gpt-nano", "ab", image=1)
+    with pytest.raises(ConfigError, match="--image is for ViT models; 'minilm-l6' is a text model"):
+        maps_for("minilm-l6", "ab", image=1)  # refused before the weights load
+    with pytest.raises(ConfigError, match="--text is for token models; 'vit-tiny' is a ViT"):
+        maps_for("vit-tiny", "ab")
     with pytest.raises(DataError, match="outside the model's vocabulary"):
         maps_for("transformer-tiny", "\u00e9")  # bytes 195, 169 >= vocab 128
     maps = AttentionMaps("m", "t", [AttentionMap("x", "self", torch.ones(2, 1, 1), ["a"], ["a"], 0)])
