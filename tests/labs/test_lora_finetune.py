@@ -10,10 +10,12 @@ from archlab.labs.lora_finetune import (
     MATCH_POINTS,
     METHODS,
     PACKAGES,
+    QUICK_HELD_OUT,
     RANK,
     build,
     docstring_task,
     judge,
+    spread,
     step_peak,
 )
 from archlab.nn.lora import LoRALinear
@@ -27,6 +29,10 @@ def test_the_task_split():
     assert set(labels) == set(held_labels) == set(range(len(PACKAGES)))
     assert not set(texts) & set(held_texts)  # no docstring on both sides
     assert not any(f"{p}." in t.split(" ")[0] for t in texts[:50] for p in PACKAGES)  # the qualified name is left out
+    quick = spread(held_labels, QUICK_HELD_OUT)  # the quick run's held-out subset: every package, not the first's
+    assert len(quick) == QUICK_HELD_OUT and set(quick) == set(range(len(PACKAGES)))
+    pairs = list(zip(spread(held_texts, QUICK_HELD_OUT), quick))  # texts and labels picked alike
+    assert set(pairs) <= set(zip(held_texts, held_labels))
 
 
 def test_what_each_method_trains():
