@@ -39,9 +39,9 @@ demo-dates: $(STAMP)
 	$(VENV)/bin/archlab generate runs/demo-dates --prompt "Sunday, 20 July 1969"
 	$(VENV)/bin/archlab generate runs/demo-dates --prompt "Nov 9, 1989" --beam 4
 
-# Every lab: the lessons' claims as experiments (numbers, a plot and a verdict each): about 70 minutes on 2 cores
-# (the 24 first labs 6 minutes together, the 18 added later 0.7-17.6 minutes each by their own estimates; `archlab
-# lab list` flags the long).
+# Every lab: the lessons' claims as experiments (numbers, a plot and a verdict each): about 94 minutes on 2 cores
+# (the sum of the 43 labs' own estimates, `archlab lab list --json`'s minutes; not re-timed whole; `archlab lab list`
+# flags the labs over 5 minutes).
 labs: $(STAMP)
 	$(VENV)/bin/archlab lab all --out runs/labs
 
