@@ -186,7 +186,7 @@ def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:
             labels.append(f"<{roles[i]}>")
             continue
         text = tokenizer.decode([i]) if tokenizer is not None else str(i)
-        if (not text.strip() or "\ufffd" in text) and spell is not None and spell(i) is not None:
+        if (not text or "\ufffd" in text) and spell is not None and spell(i) is not None:  # whitespace stays text
             text = spell(i)
         if not text:
             text = f"#{i}"

@@ -196,6 +196,17 @@ def test_token_labels_show_spaces_and_special_tokens():
     assert token_labels(tok, [104, 32, tok.eos_id]) == ["h", "\u2423", "<eos>"]
 
 
+def test_a_bpe_whitespace_token_reads_as_its_text_not_its_byte_spelling():
+    """A byte-level BPE spells "\\n" + 8 spaces as "ĊĠĠĠĠĠĠĠĠ" in its vocabulary; the label shows the text."""
+    from archlab.data.tokenizers import train_bpe
+
+    tok = train_bpe(["def f(self):\n        return self.x\n"] * 50, vocab_size=300)
+    ids = tok.encode("):\n        return")
+    labels = token_labels(tok, ids)
+    assert "".join(labels) == "):\\n\u2423\u2423\u2423\u2423\u2423\u2423\u2423\u2423return"
+    assert not any("\u0120" in label or "\u010a" in label for label in labels)  # no Ġ / Ċ
+
+
 def test_minilm_real_weights_have_a_previous_token_head():
     """all-MiniLM-L6-v2 through archlab's BERT: [CLS] ... [SEP] on the axes, and layer 2's head 11 attends the
     previous token: apart from [CLS] (an attention sink), each token's largest weight is on its left neighbour
