@@ -498,13 +498,13 @@ def test_bad_configs_are_refused_naming_the_field(overrides, message):
 
 
 def test_fan_in_init_draws_each_reader_layer_at_its_stated_std():
-    """``init="fan_in"``: every linear layer of the reader's own modules has weights of std
+    """``weight_init="fan_in"``: every linear layer of the reader's own modules has weights of std
     ``1 / sqrt(max(fan_in, 64))`` (sample std within 10%) and zero biases; the BERT and ViT encoders keep their
-    own ``N(0, 0.02)``; ``init="bert"`` leaves the reader's layers at 0.02."""
+    own ``N(0, 0.02)``; ``weight_init="bert"`` leaves the reader's layers at 0.02."""
     from archlab.models.docreader import fan_in_std
 
     assert (fan_in_std(16), fan_in_std(64), fan_in_std(128)) == (0.125, 0.125, 128**-0.5)
-    c = get_config("docreader-tiny", init="fan_in")  # width 64, FFN 128: stds 0.125 and 0.088
+    c = get_config("docreader-tiny", weight_init="fan_in")  # width 64, FFN 128: stds 0.125 and 0.088
     m = model(c)
     own = {"text.proj", "table.proj", "image.proj", "fusion", "perceiver", "pages", "reasoning", "head"}
     checked = set()
@@ -518,8 +518,8 @@ def test_fan_in_init_draws_each_reader_layer_at_its_stated_std():
         checked.add(name.split(".")[0])
     assert checked == {"text", "table", "image", "fusion", "perceiver", "pages", "reasoning", "head"}
     assert abs(float(m.text.bert.encoder.blocks[0].ffn.w1.weight.std()) - 0.02) < 0.002  # BERT's own init
-    bert = model(c.replace(init="bert"))
+    bert = model(c.replace(weight_init="bert"))
     for part in (bert.head, bert.pages.encoder.blocks[0].ffn.w1, bert.reasoning.encoder.blocks[0].attn.in_proj):
         assert abs(float(part.weight.std()) - 0.02) < 0.002
-    with pytest.raises(ConfigError, match="init"):
-        get_config("docreader-tiny", init="xavier")
+    with pytest.raises(ConfigError, match="weight_init"):
+        get_config("docreader-tiny", weight_init="xavier")
