@@ -1,6 +1,7 @@
 """The labs report in a real headless browser (Debian's chromium through Playwright, tests/browser.py): every page
-loads from disk without a console error or a failed request, every image renders (``naturalWidth > 0``), every link
-leads to a page that loads, and hostile text from a result file stays text. Screenshots of the index and of a lab
+loads from disk without a console error or a failed request and requests nothing but local files (no network at
+view time), every image renders (``naturalWidth > 0``), every link leads to a page that loads, and hostile text
+from a result file stays text. Screenshots of the index and of a lab
 page are saved (to ``$ARCHLAB_SCREENSHOTS`` when set, else the test's folder) and their paths printed."""
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def check_loaded(page, url: str) -> list[str]:
 def test_every_page_loads_renders_its_images_and_links_resolve(labs_dir, tmp_path, shots):
     index = build_report(labs_dir, tmp_path / "site")
     with open_page(width=1280, height=900) as page:
+        fetched = []  # every request the pages make: only the report's own files, nothing from a network
+        page.on("request", lambda request: fetched.append(request.url))
         images, links = check_loaded(page, index.as_uri())
         assert len(images) == 2  # the two thumbnails
         pages = sorted({link.split("#")[0] for link in links if link.startswith("file:")})
@@ -61,4 +64,5 @@ def test_every_page_loads_renders_its_images_and_links_resolve(labs_dir, tmp_pat
         assert page.evaluate("document.querySelectorAll('script').length") == 0
         page.screenshot(path=str(shots / "report-lab.png"), full_page=True)
     assert seen == len(list_labs())
+    assert fetched and all(url.startswith(("file:", "data:")) for url in fetched), fetched
     print(f"\nscreenshots: {shots / 'report-index.png'}, {shots / 'report-lab.png'}")
