@@ -300,12 +300,12 @@ class DynamicInt8Linear(nn.Module):
         """``x [..., K]`` float32 -> ``[..., N]`` float32."""
         if x.shape[-1] != self.in_features or x.dtype != torch.float32:
             raise ShapeError(f"DynamicInt8Linear expects float32 x [..., {self.in_features}], got {x.dtype} {tuple(x.shape)}")
-        rows = x if x.ndim == 2 else x.reshape(-1, self.in_features)  # [M, K]
         if self.inv_smooth is not None:
-            rows = rows * self.inv_smooth
-        if rows.shape[0] == 1:  # one row: the kernel's range is the row's own
-            y = torch.ops.quantized.linear_dynamic(rows, self._packed, True)
+            x = x * self.inv_smooth
+        if math.prod(x.shape[:-1]) == 1:  # one row (a decoding step): the kernel's range is the row's own
+            y = torch.ops.quantized.linear_dynamic(x, self._packed, True)  # takes and gives [..., K] / [..., N]
         else:
+            rows = x.reshape(-1, self.in_features)  # [M, K]
             lo = rows.amin(1, keepdim=True).clamp_(max=0)
             span = rows.amax(1, keepdim=True).clamp_(min=0) - lo  # 127 t_m
             span = torch.where(span > 0, span, torch.ones_like(span))
@@ -313,8 +313,8 @@ class DynamicInt8Linear(nn.Module):
             unit = ((rows - offset) / span).clamp_(0, 1)
             unit = torch.cat([unit, rows.new_ones(1, self.in_features)])  # a row of ones: the call's range is [0, 1]
             y = torch.ops.quantized.linear_dynamic(unit, self._packed, True)[:-1] * span + offset * self.row_sums
-        y = y if self.bias is None else y + self.bias
-        return y if x.ndim == 2 else y.view(*x.shape[:-1], self.out_features)
+            y = y if x.ndim == 2 else y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         smooth = ", smoothed" if self.inv_smooth is not None else ""

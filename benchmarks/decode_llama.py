@@ -29,7 +29,8 @@ The last line is the ratio of archlab's fastest usable mode (perplexity within 5
 ``--profile`` runs each archlab mode's decoding under ``torch.profiler`` and splits a generated token's CPU time
 into the weight products of the blocks (with the GB/s they reach, beside a measured streaming bandwidth), the
 LM head (49,152 x 576, tied to the embedding), attention, the other aten ops (norms, RoPE, SwiGLU, casts, KV cache
-writes, views) and what no op accounts for (Python and the dispatcher), with the number of aten calls per token.
+writes, views) and what no op accounts for (Python and the dispatcher), with the number of aten calls per token,
+then those calls by op name (per token and per layer; the counts are deterministic, the times are not).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -151,9 +153,17 @@ def main() -> None:
         models = {"archlab fp32": ours}
         if not args.no_quant:
             models.update({"archlab int8": int8, "archlab int4": int4, "archlab int8-dynamic": dynamic})
-        rows = [profile_row(name, model, prompt, min(n, 32)) for name, model in models.items()]
+        rows, by_op = [], {}
+        for name, model in models.items():
+            row, by_op[name] = profile_row(name, model, prompt, min(n, 32))
+            rows.append(row)
         print(table(rows, ["mode", "ms/token", "block products", "GB/s", "LM head", "attention", "other ops",
                            "Python+dispatch", "aten calls/token"]))  # fmt: skip
+        layers = ours.config.n_layers
+        print(f"\naten calls per generated token by op (top-level calls; / {layers} layers in brackets):")
+        for name, ops in by_op.items():
+            print(f"  {name}: " + ", ".join(f"{op.removeprefix('aten::')} {k:g} ({k / layers:.1f})"
+                                          for op, k in ops.most_common() if k > 0))  # fmt: skip
     write_json(args.json, {p.name: {"tokens_per_s": p.tokens_per_s, "times": p.times} for p in peers})
 
 
@@ -173,8 +183,9 @@ PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm",
             "quantized::linear_dynamic", "mkldnn::_linear_pointwise")  # fmt: skip
 
 
-def profile_row(name: str, model, prompt: torch.Tensor, n: int) -> list[str]:
-    """One row of the ``--profile`` table: decode ``n`` tokens under the profiler and split a token's time.
+def profile_row(name: str, model, prompt: torch.Tensor, n: int) -> tuple[list[str], Counter]:
+    """One row of the ``--profile`` table: decode ``n`` tokens under the profiler and split a token's time; and
+    the top-level aten calls per token by op name (deterministic, unlike the times).
 
     The prompt's prefill is profiled too and then subtracted (the same prompt, 1 new token, profiled alone).
     """
@@ -189,7 +200,7 @@ def profile_row(name: str, model, prompt: torch.Tensor, n: int) -> list[str]:
 
     hooks = [model.lm_head.register_forward_pre_hook(enter), model.lm_head.register_forward_hook(leave)]
 
-    def split(tokens: int) -> tuple[float, dict[str, float], int]:
+    def split(tokens: int) -> tuple[float, dict[str, float], Counter]:
         with torch.inference_mode():
             generate(model, prompt, max_new_tokens=tokens)  # warm
             with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -197,11 +208,15 @@ def profile_row(name: str, model, prompt: torch.Tensor, n: int) -> list[str]:
                 generate(model, prompt, max_new_tokens=tokens)
                 wall = time.perf_counter() - start
         parts = dict.fromkeys(("products", "head", "attention", "other"), 0.0)
-        calls = 0
+        calls = Counter()
         for event in prof.events():
-            if event.cpu_parent is not None:  # count top-level ops once; their children's time is inside them
+            parent = event.cpu_parent
+            if parent is not None and parent.name == "lm_head":  # the head's own ops, inside its scope
+                calls[event.name] += 1
+            if parent is not None:  # count top-level ops once; their children's time is inside them
                 continue
-            calls += 1
+            if event.name != "lm_head":  # the scope is no op
+                calls[event.name] += 1
             total = event.cpu_time_total / 1e6
             if event.name == "lm_head":
                 parts["head"] += total
@@ -233,8 +248,10 @@ def profile_row(name: str, model, prompt: torch.Tensor, n: int) -> list[str]:
     def ms(x):
         return f"{x * 1e3:.2f} ({x / step:.0%})"
 
+    calls = Counter({op: (calls_n[op] - calls_1[op]) / n for op in calls_n})
     return [name, f"{step * 1e3:.2f}", ms(per["products"]), f"{block_bytes / per['products'] / 1e9:.1f}",
-            ms(per["head"]), ms(per["attention"]), ms(per["other"]), ms(rest), f"{(calls_n - calls_1) / n:.0f}"]  # fmt: skip
+            ms(per["head"]), ms(per["attention"]), ms(per["other"]), ms(rest),
+            f"{sum(calls.values()):.0f}"], calls  # fmt: skip
 
 
 def llama_cpp_peer(path: Path, prompt: torch.Tensor, reference: torch.Tensor, n: int, threads: int) -> Peer | None:
@@ -245,8 +262,6 @@ def llama_cpp_peer(path: Path, prompt: torch.Tensor, reference: torch.Tensor, n:
         print(f"\nllama.cpp left out: llama_cpp does not import ({e}); it is a benchmark-only extra "
               "(llama-cpp-python, built from source)")  # fmt: skip
         return None
-    from collections import Counter
-
     import gguf
 
     kinds = Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors)

@@ -270,7 +270,7 @@ def row_quantized(x: torch.Tensor) -> torch.Tensor:
     return t * (torch.clamp(torch.round(x / t) + z, 0, 127) - z)
 
 
-@pytest.mark.parametrize("shape", [(1, 256), (6, 256), (2, 3, 256)])
+@pytest.mark.parametrize("shape", [(1, 256), (1, 1, 256), (6, 256), (2, 3, 256)])
 @pytest.mark.parametrize("smoothed", [False, True])
 def test_dynamic_int8_layer_equals_its_equation_in_float64(shape, smoothed):
     """y = Q_row(x / s) (W diag(s))_q^T + b within float32 rounding (and at most one activation step in rare

@@ -237,6 +237,8 @@ def broadcast(*shapes: tuple[int, ...]) -> tuple[int, ...] | None:
 
     Plain Python: ``torch.broadcast_shapes`` imports sympy on first use (about a second per process).
     """
+    if all(s == shapes[0] for s in shapes[1:]):  # equal shapes (attention's every call in a decoding step)
+        return tuple(shapes[0])
     out: list[int] = []
     for dims in zip(*(((1,) * (max(map(len, shapes)) - len(s)) + tuple(s)) for s in shapes)):
         sizes = {d for d in dims if d != 1}
@@ -488,8 +490,7 @@ class KVCache:
                 f"KV cache holds batch {self._k.shape[0]} but got batch {k.shape[0]}; use reorder() for beams"
             )
         stored = () if self._k is None else (self._k, self._v)
-        tracked = any(t.requires_grad for t in (k, v, *stored))
-        if torch.is_grad_enabled() and tracked:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, *stored)):
             # Earlier steps' attention saved views of the stored keys for backward; writing the new
             # ones into that storage in place would invalidate them, so grow out of place instead.
             if self.length:

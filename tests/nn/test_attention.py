@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.func import functional_call
@@ -797,3 +798,17 @@ def test_kvcache_batch_mismatch():
     cache.append(torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4))
     with pytest.raises(ShapeError, match=r"KV cache holds batch 2 but got batch 3"):
         cache.append(torch.randn(3, 1, 1, 4), torch.randn(3, 1, 1, 4))
+
+
+def test_broadcast_of_shapes_is_numpys_rule():
+    """attention's shape rule (plain Python, no sympy): equal shapes (every call of a decoding step) come back as
+    they are; others broadcast as NumPy does, or give None."""
+    from archlab.nn.attention import broadcast
+
+    cases = [((2, 3), (2, 3), (2, 3)), ((3, 1), (1, 4)), ((1, 5), (5,)), ((2, 1, 4), (7, 1)), ((2,), (3,)), ((4, 2), (2, 2))]
+    for shapes in cases:
+        try:
+            want = np.broadcast_shapes(*shapes)
+        except ValueError:
+            want = None
+        assert broadcast(*shapes) == want, shapes
