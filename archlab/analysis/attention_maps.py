@@ -411,6 +411,8 @@ def _vit_maps(target: str, model: nn.Module, index: int) -> AttentionMaps:
 # ================================================================================================
 
 
+MIN_WIDTH = 5.6  # inches: a one-head figure (RNNsearch, --head H) still fits its title and axis labels
+
 #: What a map's rows and columns are, by its kind (the figure's axis labels).
 AXES = {
     "self": ("query: the token attending", "key: the token attended to"),
@@ -458,7 +460,7 @@ def draw_layer(fig, amap: AttentionMap, head: int | None = None) -> None:
         draw_map(ax, amap.weights[h], amap.queries, amap.keys, f"head {h}")
     rows_are, columns_are = AXES.get(amap.kind, AXES["self"])
     fig.supylabel(rows_are, fontsize=8)
-    fig.supxlabel(f"{columns_are}; colour: weight, 0 (dark) to the head's largest (yellow)", fontsize=8)
+    fig.supxlabel(f"{columns_are}\ncolour: weight, 0 (dark) to the head's largest (yellow)", fontsize=8)
 
 
 def select_maps(maps: AttentionMaps, layer: int | None, head: int | None) -> list[AttentionMap]:
@@ -490,8 +492,8 @@ def write_maps(
         cols = min(heads, 4)
         n = max(len(amap.queries), len(amap.keys))
         cell = min(max(2.6, 0.16 * n + 1.2), 6.0)
-        fig = Figure(figsize=(cell * (2 if amap.kind == "rollout" else cols), cell * math.ceil(heads / cols) + 0.5),
-                     dpi=100, layout="constrained")  # fmt: skip
+        width = max(cell * (2 if amap.kind == "rollout" else cols), MIN_WIDTH)  # room for the titles and labels
+        fig = Figure(figsize=(width, cell * math.ceil(heads / cols) + 0.8), dpi=100, layout="constrained")
         FigureCanvasAgg(fig)
         draw_layer(fig, amap, head)
         fig.suptitle(amap.title, fontsize=9)

@@ -151,6 +151,10 @@ def test_maps_of_a_preset_have_the_tokens_on_the_axes(tmp_path):
     assert "random weights" in maps.notes[0]
     files = write_maps(maps, tmp_path, layer=1, head=2)
     assert [f.suffix for f in files] == [".png", ".json"] and files[0].stat().st_size > 1000
+    from PIL import Image
+
+    with Image.open(files[0]) as image:  # one head of 5 tokens: still wide enough for its title and axis labels
+        assert image.width >= 560
     data = json.loads(files[-1].read_text())
     assert data["text"] == "ab cd" and len(data["maps"]) == 1 and data["maps"][0]["layer"] == 1
     weights = torch.tensor(data["maps"][0]["weights"])  # head 2 only
