@@ -6,7 +6,7 @@ Self-attention is blind to order, so position enters in one of two places:
 * inside attention (RoPE rotates queries and keys: :meth:`transform_qk`, or :meth:`transform_qk_heads` on
   the two stacked along the head axis; ALiBi adds ``-m|i-j|`` to the scores: :meth:`attention_bias`).
 
-Every encoding implements all three hooks (the ones it does not use are identities), so a model
+Every encoding implements all the hooks (the ones it does not use are identities), so a model
 calls them all and never asks which kind it holds. ``offset`` is the absolute position of the first
 token: the length of the KV cache during incremental decoding.
 """
@@ -177,8 +177,9 @@ class RotaryPositionalEncoding(PositionalEncoding):
         a layer). A grown table holds the same values at the old positions, so kept rows stay right."""
         key = (offset, n, dtype, device)
         if self._last is None or self._last[0] != key:
-            tables = self._cos_sin(offset + n, dtype, device)
-            self._last = (key, tuple(t[offset : offset + n] for t in tables))
+            with torch.inference_mode(False):  # kept tables and rows must serve training after a generation too
+                tables = self._cos_sin(offset + n, dtype, device)
+                self._last = (key, tuple(t[offset : offset + n] for t in tables))
         return self._last[1]
 
     def rotate(self, x: Tensor, offset: int = 0) -> Tensor:

@@ -429,3 +429,15 @@ def test_rope_rows_kept_between_calls_follow_offset_length_and_dtype():
         assert max_err(rope.rotate(x[..., :n, :], offset), _rope_complex(x[..., :n, :], offset, 8)) <= TOL
         y32 = rope.rotate(x[..., :n, :].float(), offset)
         assert y32.dtype == torch.float32 and max_err(y32, _rope_complex(x[..., :n, :], offset, 8)) <= 1e-5
+
+
+def test_rope_rows_made_during_inference_serve_training_after():
+    """Generation runs under ``torch.inference_mode``; the cos/sin rows RoPE keeps from it must not be inference
+    tensors, or the next training step's backward fails ("Inference tensors cannot be saved for backward")."""
+    rope = RotaryPositionalEncoding(8)
+    x = torch.randn(1, 2, 3, 8, dtype=F64)
+    with torch.inference_mode():
+        rope.rotate(x, offset=4)
+    y = x.clone().requires_grad_()
+    rope.rotate(y, offset=4).sum().backward()
+    assert y.grad is not None and torch.isfinite(y.grad).all()
