@@ -443,8 +443,9 @@ def draw_layer(fig, amap: AttentionMap, head: int | None = None) -> None:
         g = amap.weights.shape[-1]
         ax2.imshow(amap.image.numpy(), cmap="gray")
         h, w = amap.image.shape
-        ax2.imshow(amap.weights[0].numpy(), cmap="inferno", alpha=0.6, extent=(-0.5, w - 0.5, h - 0.5, -0.5),
-                   interpolation="nearest")  # fmt: skip
+        shown = ax2.imshow(amap.weights[0].numpy(), cmap="inferno", alpha=0.6, extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+                           interpolation="nearest")  # fmt: skip
+        fig.colorbar(shown, ax=ax2, shrink=0.8, label="rollout weight of the patch in [class]")
         ax2.set_title(f"rollout of [class] over {g}x{g} patches", fontsize=8)
         for ax in (ax1, ax2):
             ax.set_xticks([])
