@@ -83,8 +83,11 @@ def test_reader_accuracy_measures_the_readers_memory_and_parameters():
     runs = {r: reader_accuracy(r, v, steps=2, n_test=8)
             for r, v in (("hierarchical", "full"), ("flat", "full"), ("question", "question"))}  # fmt: skip
     for result in runs.values():
-        assert set(result) == {"all", "largest", "digit", "count", "params", "peak_mb"}
-        assert 0 <= result["all"] <= 1
+        assert set(result) == {"all", "largest", "digit", "count", "majority", "params", "peak_mb"}
+        assert 0 <= result["all"] <= 1 and set(result["majority"]) <= {"largest", "digit", "count"}
+        assert all(0 < share <= 1 for share in result["majority"].values())
+    counting = reader_accuracy("question", "question", steps=1, n_test=8, questions=("count",), pages=3)
+    assert set(counting) == {"all", "count", "majority", "params", "peak_mb"} and counting["all"] == counting["count"]
     hierarchical, flat, question = runs["hierarchical"], runs["flat"], runs["question"]
     assert flat["peak_mb"] > 1.1 * hierarchical["peak_mb"] > 1.1 * 5 * question["peak_mb"], runs
     assert hierarchical["params"] > flat["params"] > question["params"] > 0  # flat: no Perceiver, no page levels
@@ -93,32 +96,57 @@ def test_reader_accuracy_measures_the_readers_memory_and_parameters():
 # -- slow tier: what the tiny reader learns, against its baselines, at the same training budget -----------------
 
 
-#: The trained reader's margin over the better of the question-only and single-page baselines (accuracy on all
-#: question kinds): the issue's "well above".
+#: The trained reader's margin over the better of the question-only and single-page baselines, and over the
+#: majority answer of the kind: the issue's "well above".
 MARGIN = 0.10
+
+
+def trained_readers(**recipe) -> dict[str, dict]:
+    """The hierarchical reader on the full documents, the question-only reader on the question, the hierarchical
+    reader on one page of each document and the flat reader on the full documents, each trained by ``recipe``
+    (:func:`archlab.labs.docreader.reader_accuracy`), printed."""
+    from archlab.labs.docreader import reader_accuracy
+
+    runs = {"reader": reader_accuracy("hierarchical", "full", **recipe),
+            "question only": reader_accuracy("question", "question", **recipe),
+            "single page": reader_accuracy("hierarchical", "single", **recipe),
+            "flat": reader_accuracy("flat", "full", **recipe)}  # fmt: skip
+    for name, r in runs.items():
+        kinds = "  ".join(f"{k} {r[k]:.3f} (majority {m:.3f})" for k, m in r["majority"].items())
+        print(f"{name:13s} all {r['all']:.3f}  {kinds}  params {r['params']:,}  peak {r['peak_mb']:.1f} MB")
+    return runs
+
+
+@pytest.mark.slow
+def test_the_trained_reader_counts_pages_well_above_its_baselines():
+    """COUNT_RECIPE (``docreader-tiny``, fan-in init, ``page_question="fusion"``; "How many pages mention the X?"
+    on 2..3 pages; 800 steps of 16 new documents): on 256 held-out test documents the reader's accuracy is at least
+    MARGIN above the question-only reader, the single-page reader and the majority count, and at least 0.50
+    (measured: reader 0.613, question only 0.297, single page 0.469, majority 0.309, flat 0.664; 1,339 s on the
+    shared machine); the flat reader's training step holds more memory than the reader's (61.4 against 60.6 MB).
+    The single-page reader knows how many pages there are (hidden pages count), which alone gets 0.583 of these
+    counts right at best; a second seed gave reader 0.582, single page 0.441."""
+    from archlab.labs.docreader import COUNT_RECIPE
+
+    full, question, single, flat = trained_readers(**COUNT_RECIPE).values()
+    assert flat["peak_mb"] > full["peak_mb"], (flat, full)  # the same batch costs the flat reader more memory
+    best_blind = max(question["count"], single["count"], full["majority"]["count"])
+    assert full["count"] >= best_blind + MARGIN, (full, question, single)
+    assert full["count"] >= 0.50, full
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
-    "issue 16 is open: run to completion (321 s, one loaded core) the four readers all stay at the answer priors "
-    "on the 256 test documents (reader 0.242, question only 0.246, single page 0.246, flat 0.238); no recipe tried "
-    "since learns all three kinds within 400 steps (curriculum, frozen MiniLM, fan-in init: 0.234 at 400); only "
-    "counting over 2..3 pages is learnt (fan-in init + page_question='fusion': 0.599 at 400 steps, prior 0.323); "
-    "README's Document reader section"))
-def test_the_trained_reader_beats_the_question_only_and_single_page_baselines():
-    """docreader-tiny trained 300 steps of 16 documents (2..4 pages) on the full documents, on the question alone,
-    and on one page of each document, and the flat reader (every token, full attention) on the full documents;
-    accuracy on 256 held-out test documents, per question kind, with each reader's parameters and its training
-    step's allocator peak."""
-    from archlab.labs.docreader import reader_accuracy
+    "issue 16: TABLE_DIGIT_RECIPE (the count recipe's reader on the largest-value and digit questions, 400 steps) "
+    "stays at the answer priors: run to completion (364 s, loaded machine), largest 0.400 (majority 0.424), digit "
+    "0.107 (majority 0.122) on 256 test documents; the flat reader learns both (one-page digits 0.828, the larger "
+    "of two pages' values 0.682 at 400 steps): README's Document reader section"))
+def test_the_trained_reader_finds_the_largest_value_and_the_digit():
+    """TABLE_DIGIT_RECIPE: each kind's held-out accuracy at least MARGIN above its majority answer (the best a
+    reader that ignores the pages can expect; the question-only reader measured at it in the count test)."""
+    from archlab.labs.docreader import TABLE_DIGIT_RECIPE, reader_accuracy
 
-    runs = {"reader": reader_accuracy("hierarchical", "full"),
-            "question only": reader_accuracy("question", "question"),
-            "single page": reader_accuracy("hierarchical", "single"),
-            "flat": reader_accuracy("flat", "full")}  # fmt: skip
-    for name, r in runs.items():
-        print(f"{name:13s} all {r['all']:.3f}  largest {r['largest']:.3f}  digit {r['digit']:.3f}  "
-              f"count {r['count']:.3f}  params {r['params']:,}  peak {r['peak_mb']:.1f} MB")  # fmt: skip
-    full, question, single, flat = runs.values()
-    assert flat["peak_mb"] > full["peak_mb"], runs  # the same batch costs the flat reader more memory
-    assert full["all"] >= max(question["all"], single["all"]) + MARGIN, runs
+    r = reader_accuracy("hierarchical", "full", **TABLE_DIGIT_RECIPE)
+    print({k: r[k] for k in ("all", "largest", "digit", "majority")})
+    for kind in ("largest", "digit"):
+        assert r[kind] >= r["majority"][kind] + MARGIN, (kind, r)
