@@ -122,8 +122,8 @@ def test_the_trained_reader_counts_pages_well_above_its_baselines():
     """COUNT_RECIPE (``docreader-tiny``, fan-in init, ``page_question="fusion"``; "How many pages mention the X?"
     on 2..3 pages; 800 steps of 16 new documents): on 256 held-out test documents the reader's accuracy is at least
     MARGIN above the question-only reader, the single-page reader and the majority count, and at least 0.50
-    (measured: reader 0.613, question only 0.297, single page 0.469, majority 0.309, flat 0.664; 1,339 s on the
-    shared machine); the flat reader's training step holds more memory than the reader's (61.4 against 60.6 MB).
+    (measured: reader 0.613, question only 0.297, single page 0.469, majority 0.309, flat 0.664; 439 s on the
+    2 cores nearly idle, 1,339 s loaded); the flat reader's training step holds more memory than the reader's (61.4 against 60.6 MB).
     The single-page reader knows how many pages there are (hidden pages count), which alone gets 0.583 of these
     counts right at best; a second seed gave reader 0.582, single page 0.441."""
     from archlab.labs.docreader import COUNT_RECIPE
@@ -138,7 +138,7 @@ def test_the_trained_reader_counts_pages_well_above_its_baselines():
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
     "issue 16: TABLE_DIGIT_RECIPE (the count recipe's reader on the largest-value and digit questions, 400 steps) "
-    "stays at the answer priors: run to completion (364 s, loaded machine), largest 0.400 (majority 0.424), digit "
+    "stays at the answer priors: run to completion (82 s nearly idle, 364 s loaded), largest 0.400 (majority 0.424), digit "
     "0.107 (majority 0.122) on 256 test documents; the flat reader learns both (one-page digits 0.828, the larger "
     "of two pages' values 0.682 at 400 steps): README's Document reader section"))
 def test_the_trained_reader_finds_the_largest_value_and_the_digit():
