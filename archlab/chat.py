@@ -27,6 +27,7 @@ from torch import nn
 
 from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.interop.pretrained import PRETRAINED, archlab_folder, locate_pretrained
+from archlab.speculative import DRAFT_TOKENS
 
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"  # a name of archlab.interop.pretrained.PRETRAINED
 CHAT_MODELS = tuple(PRETRAINED)  # the names load_chat_model knows besides paths
@@ -117,7 +118,7 @@ class Chat:
             replies are decoded draft-and-verify, the same text (greedy) or distribution (sampling), faster
             when drafts are accepted; :attr:`stats` then holds the last reply's
             :class:`~archlab.speculative.SpeculativeStats`.
-        draft_tokens: the most tokens drafted per step with ``speculative``.
+        draft_tokens: the most tokens drafted per step with ``speculative`` (:data:`archlab.speculative.DRAFT_TOKENS`).
     """
 
     model: nn.Module
@@ -129,7 +130,7 @@ class Chat:
     top_p: float | None = None
     seed: int | None = None
     speculative: str | None = None
-    draft_tokens: int = 5
+    draft_tokens: int = DRAFT_TOKENS
     messages: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 

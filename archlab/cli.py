@@ -442,14 +442,14 @@ def add_quantize_option(parser: argparse.ArgumentParser, prefix: str = "") -> No
 
 
 def add_speculative_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
-    from archlab.speculative import DRAFTS
+    from archlab.speculative import DRAFT_TOKENS, DRAFTS
 
     parser.add_argument("--speculative", metavar="|".join(DRAFTS),
                         help=f"{prefix}draft-and-verify decoding, the same text (greedy) or distribution (sampling): "
                              "drafts from prompt lookup (n-grams of the prompt: replies that quote it) or from the "
                              "model's first M layers; the acceptance rate goes to stderr (--json: in the output)")  # fmt: skip
-    parser.add_argument("--draft-tokens", type=int, default=5, metavar="K",
-                        help="with --speculative: at most K tokens drafted per step (default 5)")  # fmt: skip
+    parser.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS, metavar="K",
+                        help=f"with --speculative: at most K tokens drafted per step (default {DRAFT_TOKENS})")  # fmt: skip
 
 
 def speculative_options(args: argparse.Namespace) -> dict[str, object]:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from archlab.errors import ConfigError, DataError, unknown
+from archlab.speculative import DRAFT_TOKENS
 
 SCORERS = ("dense", "bm25")  # how select_evidence compares the query with sentences
 DEFAULT_ENCODER = "minilm-l6"  # archlab.interop.sentence's name for all-MiniLM-L6-v2
@@ -319,7 +320,7 @@ class Explainer:
         evidence: int = 2,
         scorer: str = "dense",
         encoder: str | Path = DEFAULT_ENCODER,
-        draft_tokens: int = 5,
+        draft_tokens: int = DRAFT_TOKENS,
     ):
         from archlab.quant import MODES
 
