@@ -169,7 +169,7 @@ def question_kind(question: str) -> str:
     return next(kind for kind, template in QUESTIONS.items() if question.startswith(template.split("{}")[0]))
 
 
-#: The recipe that learns (issue 16), used by the slow tier: ``docreader-tiny`` (its ``init="fan_in"``) with
+#: The recipe that learns (issue 16), used by the slow tier: ``docreader-tiny`` (its ``weight_init="fan_in"``) with
 #: ``page_question="fusion"``, count questions only ("How many pages mention the glacier?") on documents of 2..3
 #: pages, 800 AdamW steps of 16 new documents (lr 2e-3, 10% warmup then cosine). At 400 steps the reader's
 #: margin over the single-page reader (which sees how many pages there are) was 0.09 (0.551 against 0.461).

@@ -150,7 +150,7 @@ class DocReaderConfig(AttentionConfig, Config):
             uniform. ``docreader-tiny`` uses ``fan_in``: with it one-page digits reach 0.380 at 400 steps (0.307
             with ``bert``), one-page keyword detection 0.750 at 100 (0.469) and counting over 2..3 pages is learnt
             (README's Document reader section); ``docreader-card`` keeps ``bert``.
-            Embeddings, latents and summary tokens stay ``N(0, 0.02)`` in both. See :func:`init_reader`.
+            Embeddings, latents and summary tokens stay ``N(0, 0.02)`` in both. See :func:`apply_weight_init`.
         checkpointing: recompute each transformer block in backward (gradient checkpointing).
         dropout: residual and embedding dropout everywhere; attention weights are not dropped.
         backend: attention backend of the dense layers (``auto``, ``math``, ``sdpa``); the page-level and
@@ -601,7 +601,7 @@ def fan_in_std(fan_in: int) -> float:
     return max(fan_in, FAN_IN_FLOOR) ** -0.5
 
 
-def init_reader(model: DocReader) -> None:
+def apply_weight_init(model: DocReader) -> None:
     """Draw the reader's own linear layers by ``model.config.weight_init`` (nothing to do for ``bert``, the layers'
     construction init): with ``fan_in``, every ``nn.Linear`` of the fusion, Perceiver, page transformer,
     reasoning module, the three encoders' output projections and the answer head gets weights
@@ -939,7 +939,7 @@ class DocReader(nn.Module):
         self.head_norm = LayerNorm(c.d_model, c.eps)
         self.head = nn.Linear(c.d_model, c.n_answers)
         _init_reader(self.head)
-        init_reader(self)
+        apply_weight_init(self)
         for name in c.frozen:
             getattr(self, name).requires_grad_(False)
 

@@ -175,12 +175,12 @@ class RotaryPositionalEncoding(PositionalEncoding):
         """``cos``, ``sin``, ``(-sin, sin)`` at positions ``offset .. offset + n - 1``, ``[n, d_rot]`` each. The last
         positions asked are kept: every layer of a decoding step asks for the same ones (3 slices a step, not 3
         a layer). A grown table holds the same values at the old positions, so kept rows stay right."""
-        key = (offset, n, dtype, device)
-        if self._last is None or self._last[0] != key:
+        key, last = (offset, n, dtype, device), self._last  # one read: another thread may replace it meanwhile
+        if last is None or last[0] != key:
             with torch.inference_mode(False):  # kept tables and rows must serve training after a generation too
                 tables = self._cos_sin(offset + n, dtype, device)
-                self._last = (key, tuple(t[offset : offset + n] for t in tables))
-        return self._last[1]
+                last = self._last = (key, tuple(t[offset : offset + n] for t in tables))
+        return last[1]
 
     def rotate(self, x: Tensor, offset: int = 0) -> Tensor:
         """``x [..., N, d_head]`` at positions ``offset .. offset+N-1`` -> rotated, same shape."""
