@@ -18,7 +18,7 @@ Rows whose target is ``ignore_index`` contribute neither loss nor gradient. It e
 bf16 (``h`` and ``W`` both bf16, as in :mod:`archlab.train.mixed`): the three products ``h W^T``, ``dz W``,
 ``dz^T h`` run in bf16 (fp32 accumulation inside the kernel); each chunk's logits are widened to fp32 for
 the softmax, the log-sum-exp and the loss, ``dz`` is rounded to bf16 for the two gradient products, and
-``dW`` is summed over the chunks in fp32. The loss is returned in fp32.
+``dW`` is summed over the chunks in fp32 (one chunk: the one bf16 product is ``dW``). The loss is returned in fp32.
 """
 
 from __future__ import annotations
@@ -38,14 +38,16 @@ DEFAULT_CHUNK = 1024  # rows per chunk: 1024 x 50304 fp32 = 206 MB of logits (HF
 
 
 class _Workspace(threading.local):
-    """The logits buffer of the last call, one per thread, kept for the next call on the CPU.
+    """The logits buffers of the last call, one per dtype and thread, kept for the next call on the CPU.
 
-    A fresh ``chunk x V`` tensor (206 MB for GPT-2's vocabulary) is a new memory mapping whose pages
+    A fresh ``chunk x V`` tensor (206 MB in fp32 for GPT-2's vocabulary) is a new memory mapping whose pages
     the kernel faults in and zeroes on first touch, every step (about 25 ms per 100 MB measured here).
-    CUDA's caching allocator already reuses its memory, so only CPU buffers are kept.
+    CUDA's caching allocator already reuses its memory, so only CPU buffers are kept. The bf16 path holds
+    two: the fp32 logits and their bf16 twin (the product's output, then ``dz`` for the gradient products).
     """
 
-    buffer: Tensor | None = None
+    def __init__(self) -> None:
+        self.buffers: dict[torch.dtype, Tensor] = {}
 
 
 _WORKSPACE = _Workspace()
@@ -55,16 +57,16 @@ def _logits_buffer(rows: int, vocab: int, like: Tensor, dtype: torch.dtype) -> T
     """An uninitialised ``[rows, vocab]`` tensor of ``dtype`` on ``like``'s device."""
     if like.device.type != "cpu":
         return like.new_empty(rows, vocab, dtype=dtype)
-    held = _WORKSPACE.buffer
-    if held is None or held.dtype != dtype or held.numel() < rows * vocab:
-        _WORKSPACE.buffer = None  # drop the old one first: the two need not coexist
-        _WORKSPACE.buffer = held = like.new_empty(rows * vocab, dtype=dtype)
+    held = _WORKSPACE.buffers.get(dtype)
+    if held is None or held.numel() < rows * vocab:
+        _WORKSPACE.buffers.pop(dtype, None)  # drop the old one first: the two need not coexist
+        _WORKSPACE.buffers[dtype] = held = like.new_empty(rows * vocab, dtype=dtype)
     return held[: rows * vocab].view(rows, vocab)
 
 
 def release_workspace() -> None:
-    """Free this thread's kept logits buffer (it is made again by the next call)."""
-    _WORKSPACE.buffer = None
+    """Free this thread's kept logits buffers (they are made again by the next call)."""
+    _WORKSPACE.buffers.clear()
 
 
 def _softmax_rows(z: Tensor, y: Tensor, eps: float) -> Tensor:
@@ -101,33 +103,46 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = h.new_zeros((), dtype=acc)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = None
-        if ctx.needs_input_grad[1]:  # the first chunk writes it (bf16: an fp32 sum over the chunks)
-            grad_w = torch.empty_like(weight, dtype=acc) if n else torch.zeros_like(weight, dtype=acc)
+        one_chunk = 0 < n <= chunk
+        if ctx.needs_input_grad[1]:  # the first chunk writes it (bf16: an fp32 sum over several chunks;
+            sum_dtype = weight.dtype if one_chunk else acc  # over one, its bf16 product is dW)
+            grad_w = torch.empty_like(weight, dtype=sum_dtype) if n else torch.zeros_like(weight, dtype=acc)
         logits = _logits_buffer(min(chunk, n), vocab, h, acc)
+        # bf16: the product's output, then dz, in a kept bf16 twin of the logits (no fresh [c, V] tensors)
+        twin = _logits_buffer(min(chunk, n), vocab, h, h.dtype) if low else None
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
             z = logits[: rows.stop - start]  # logits [c, V], then dz in place
             if low:
-                z.copy_(torch.mm(h[rows], weight.T))
+                dz = twin[: rows.stop - start]
+                torch.mm(h[rows], weight.T, out=dz)
+                z.copy_(dz)
             else:
+                dz = z
                 torch.mm(h[rows], weight.T, out=z)
             loss = _softmax_rows(z, safe_targets[rows], eps)
             total = total + (loss * valid[rows]).sum()
             w = row_weight[rows]  # the mean's weights scale the small [c, d] factors, not dz
-            dz = z.to(h.dtype) if low else z
+            if low:
+                dz.copy_(z)  # dz rounded to bf16 for the two gradient products
             if grad_h is not None:
                 torch.mm(dz, weight, out=grad_h[rows]).mul_(w)
-            if grad_w is not None and low:
-                part = torch.mm(dz.T, (h[rows] * w).to(h.dtype))  # [V, d] bf16 product, added up in fp32
+            if grad_w is None:
+                continue
+            hw = (h[rows] * w).to(h.dtype)
+            if low and one_chunk:
+                torch.mm(dz.T, hw, out=grad_w)
+            elif low:  # [V, d] bf16 products, added up in fp32
+                part = torch.mm(dz.T, hw)
                 if start == 0:
                     grad_w.copy_(part)
                 else:
                     grad_w.add_(part)
-            elif grad_w is not None and start == 0:
-                torch.mm(z.T, h[rows] * w, out=grad_w)
-            elif grad_w is not None:
-                grad_w.addmm_(z.T, h[rows] * w)
-        if grad_w is not None and low:
+            elif start == 0:
+                torch.mm(z.T, hw, out=grad_w)
+            else:
+                grad_w.addmm_(z.T, hw)
+        if grad_w is not None and grad_w.dtype != weight.dtype:
             grad_w = grad_w.to(weight.dtype)
         # kept as attributes, not saved tensors, so backward can hand them over without a copy
         ctx.grads = (grad_h, grad_w)

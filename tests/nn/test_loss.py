@@ -50,18 +50,24 @@ def test_the_logits_buffer_is_kept_grown_and_released():
     release_workspace()
     h, w, y = _case()
     linear_cross_entropy(h, w, y, chunk_size=8)
-    first = loss_module._WORKSPACE.buffer
-    assert first.numel() == 8 * 41
+    first = loss_module._WORKSPACE.buffers[h.dtype]
+    assert first.numel() == 8 * 41 and set(loss_module._WORKSPACE.buffers) == {h.dtype}
     linear_cross_entropy(h, w, y, chunk_size=8)
-    assert loss_module._WORKSPACE.buffer.data_ptr() == first.data_ptr()  # reused, not allocated again
-    for chunk, dtype in ((1000, torch.float64), (1000, torch.float32)):  # grows; then another dtype
+    assert loss_module._WORKSPACE.buffers[h.dtype].data_ptr() == first.data_ptr()  # reused, not allocated again
+    for chunk, dtype in ((1000, torch.float64), (1000, torch.float32)):  # grows; another dtype has its own
         hh, ww = h.detach().to(dtype), w.detach().to(dtype)
         ours = linear_cross_entropy(hh, ww, y, chunk_size=chunk)
         ref = F.cross_entropy((hh @ ww.T).flatten(0, 1), y.flatten())
         torch.testing.assert_close(ours, ref, atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=0)
-        assert loss_module._WORKSPACE.buffer.dtype == dtype and loss_module._WORKSPACE.buffer.numel() == 87 * 41
+        assert loss_module._WORKSPACE.buffers[dtype].numel() == 87 * 41
+    # bf16 keeps an fp32 buffer for the softmax and a bf16 twin for the product and dz, both reused
+    hb, wb = h.detach().bfloat16(), w.detach().bfloat16()
+    linear_cross_entropy(hb, wb, y, chunk_size=1000)
+    twin = loss_module._WORKSPACE.buffers[torch.bfloat16]
+    linear_cross_entropy(hb, wb, y, chunk_size=1000)
+    assert loss_module._WORKSPACE.buffers[torch.bfloat16].data_ptr() == twin.data_ptr() and twin.numel() == 87 * 41
     release_workspace()
-    assert loss_module._WORKSPACE.buffer is None
+    assert loss_module._WORKSPACE.buffers == {}
 
 
 def test_every_row_ignored_gives_zero_loss_and_gradient():

@@ -130,7 +130,8 @@ def test_compute_weights_swaps_in_bf16_copies_and_puts_the_parameters_back():
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
-def test_the_bf16_fused_loss_sums_in_fp32():
+@pytest.mark.parametrize("chunk_size", [128, 512])  # dW summed over 3 chunks in fp32; one chunk's bf16 product
+def test_the_bf16_fused_loss_sums_in_fp32(chunk_size):
     """bf16 h and W: the error against float64 (on the same bf16 inputs) stays within a small multiple of
     plain PyTorch's bf16 matmul followed by an fp32 cross-entropy, far under an all-bf16 loss's."""
     g = torch.Generator().manual_seed(0)
@@ -138,7 +139,7 @@ def test_the_bf16_fused_loss_sums_in_fp32():
     w = (torch.randn(1000, 64, generator=g) * 0.2).bfloat16().requires_grad_()
     y = torch.randint(0, 1000, (300,), generator=g)
     y[::7] = -100
-    ours = linear_cross_entropy(h, w, y, chunk_size=128, label_smoothing=0.1)
+    ours = linear_cross_entropy(h, w, y, chunk_size=chunk_size, label_smoothing=0.1)
     ours.backward()
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     exact = F.cross_entropy(h64 @ w64.T, y, label_smoothing=0.1)
