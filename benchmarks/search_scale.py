@@ -360,6 +360,10 @@ def main() -> None:
               f"(card: {CARD_ANN_MS:.0f} ms)")  # fmt: skip
     else:
         print("no choice measured reaches recall@100 >= 0.9: raise nprobe or the re-scoring factor")
+    default = [r for r in rows if r["rescore"] == params["rescore"]]
+    print(f"archlab's default re-scoring factor for {args.n:,} vectors (index.rescore_factor): x{params['rescore']}"
+          + (": recall@100 " + ", ".join(f"{r['recall_at_100']:.3f} at nprobe {r['nprobe']}" for r in default)
+             if default else " (not among --rescore)"))  # fmt: skip
     del mapped, indexes
 
     out = Path(args.json or Path(__file__).parent / "results" / f"search_scale_{args.n}.json")

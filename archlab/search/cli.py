@@ -1,6 +1,6 @@
 """``archlab search ...``: the search engine's commands (registered as "search" in :mod:`archlab.cli`).
 
-    archlab search index CORPUS --out INDEX [--index auto|flat|hnsw|ivfpq] [--hybrid] [--precision P]
+    archlab search index CORPUS --out INDEX [--index auto|flat|hnsw|ivfpq] [--hybrid] [--precision P] [--rescore F]
     archlab search query INDEX "TEXT" [--k 10] [--rerank N [--reranker DIR]] [--explain M] [--json]
     archlab search eval INDEX (QUERIES QRELS | --builtin) [--k 100] [--rerank N] [--run FILE] [--json]
     archlab search serve INDEX [--host 127.0.0.1] [--port 8000] [--k 10] [--rerank N] [--explain 3]
@@ -40,6 +40,9 @@ def declare_index(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="documents per forward pass")
     parser.add_argument("--chunk-size", type=int, default=256, metavar="C",
                         help="documents per saved chunk of vectors (the unit of resuming and sharding)")
+    parser.add_argument("--rescore", type=int, metavar="F", help="ivfpq: re-score F x k PQ candidates with the "
+                        "stored vectors (0: PQ scores only; default: the index's own factor, a new index's by its "
+                        "size: 4 up to 1M vectors, 16 at 10M)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -53,7 +56,8 @@ def run_index(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.corpus)
     manifest = build_index(corpus, args.out, index=args.index, hybrid=args.hybrid, model=args.model,
                            precision=args.precision, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                           progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+                           rescore=args.rescore, progress=not args.no_progress,
+                           log=lambda m: print(m, file=sys.stderr))  # fmt: skip
     if manifest:  # rank 0
         index = manifest["index"]
         params = ", ".join(f"{k}={v}" for k, v in index["params"].items())

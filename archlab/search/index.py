@@ -9,7 +9,8 @@ Index types (``choose_index_type`` picks by corpus size ``n``)::
             divisible by m), nprobe lists visited per query                     larger corpora
             + re-scoring: PQ fetches ``rescore x k`` candidates, which are re-scored with exact inner
             products against the float16 vectors of ``rescore.npy``, memory-mapped from disk
-            (:class:`RescoredIndex`): RAM holds 64 B of code + 8 B of id per vector, disk 2 d more
+            (:class:`RescoredIndex`): RAM holds 64 B of code + 8 B of id per vector, disk 2 d more;
+            ``rescore`` defaults to :func:`rescore_factor` of n (4 up to 1M vectors, then ~4 sqrt(n / 1M))
 
 PQ scores are approximate (a 384-d vector in 64 bytes): on vectors with MiniLM's statistics IVF-PQ alone
 reached recall@100 0.86 against exact search (``benchmarks/search_scale.py``); re-scoring a larger PQ
@@ -57,7 +58,8 @@ HNSW_MAX = 1_000_000
 PQ_BITS = 8
 PQ_MAX_M = 64  # 64 one-byte codes: the card's "768d -> 64 bytes"
 MIN_POINTS_PER_CENTROID = 39
-RESCORE_FACTOR = 4  # ivfpq re-scoring: PQ candidates per result wanted (0: PQ scores only)
+RESCORE_FACTOR = 4  # ivfpq re-scoring: PQ candidates per result wanted, up to RESCORE_BASE_N vectors (0: PQ only)
+RESCORE_BASE_N = 1_000_000  # beyond it the factor grows as sqrt(n) (rescore_factor)
 MANIFEST, BUILD, DOCS, VECTORS, FAISS_FILE, BM25_DIR, RESCORE_FILE = (
     "manifest.json", "build.json", "docs.jsonl", "vectors", "faiss.index", "bm25", "rescore.npy"
 )  # fmt: skip
@@ -81,6 +83,40 @@ def min_ivfpq_vectors(nlist: int = 1) -> int:
     return MIN_POINTS_PER_CENTROID * max(2**PQ_BITS, nlist)
 
 
+def rescore_factor(n: int) -> int:
+    """The default IVF-PQ re-scoring factor for ``n`` vectors: PQ fetches ``factor x k`` candidates per query.
+
+    ``factor = 4`` up to 1M vectors, then ``4 sqrt(n / 1M)`` rounded up to a power of two::
+
+        n        <= 1M   <= 4M   <= 16M   <= 64M   <= 256M
+        factor     4       8       16       32       64
+
+    Measured basis (``benchmarks/search_scale.py``, synthetic vectors around the 2,696 real MiniLM vectors
+    of the built-in corpus, recall@100 against exact search, 100 queries; README "Search engine"):
+    at 200k (nprobe 16-128) PQ alone 0.896, x2 0.996, x4 1.000; at 10M (nlist 2,048, nprobe 4) x4 0.590,
+    x8 0.776, x16 0.934, x32 0.997. The factor needed for recall@100 >= 0.9 grew from about 2 to 16 while
+    ``n`` grew 50x, about as ``sqrt(n)`` (50^0.5 = 7; 8 measured): the true top 100 lie among more and more
+    near-equal neighbours whose PQ scores differ by less than the PQ error. ``4 sqrt(n / 1M)`` gives 1.8 at
+    200k (4 kept: twice the need) and 12.6 -> 16 at 10M. Between 1M and 10M and beyond 10M it is this
+    rule, not a measurement; the synthetic vectors are more clustered than real corpora, so it errs on the
+    side of more candidates (each costs one float16 row read, 768 B at 384-d). An index stores its factor
+    in its manifest (``params["rescore"]``), so an index opens with the factor it was built with.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError(f"n={n!r} must be an int >= 0 (the number of vectors in the index)")
+    factor = RESCORE_FACTOR
+    while factor * factor * RESCORE_BASE_N < RESCORE_FACTOR * RESCORE_FACTOR * n:  # factor < 4 sqrt(n / 1M)
+        factor *= 2
+    return factor
+
+
+def check_rescore(rescore) -> None:
+    """ConfigError unless ``rescore`` is an int >= 0 (candidates re-scored per result wanted; 0: PQ scores only)."""
+    if isinstance(rescore, bool) or not isinstance(rescore, int) or rescore < 0:
+        raise ConfigError(f"rescore={rescore!r} must be an int >= 0 (IVF-PQ candidates re-scored per result wanted; "
+                          "0: PQ scores only)")  # fmt: skip
+
+
 def default_params(kind: str, n: int, dim: int) -> dict:
     """The parameters stored with an index of ``kind`` over ``n`` vectors of dimension ``dim``."""
     if kind == "flat":
@@ -91,7 +127,7 @@ def default_params(kind: str, n: int, dim: int) -> dict:
         nlist = max(1, min(int(4 * math.sqrt(n)), n // MIN_POINTS_PER_CENTROID))
         m = pq_subquantizers(dim)
         return {"nlist": nlist, "m": m, "nbits": PQ_BITS, "nprobe": min(nlist, 32), "code_bytes": m * PQ_BITS // 8,
-                "rescore": RESCORE_FACTOR, "rescore_dtype": "float16"}
+                "rescore": rescore_factor(n), "rescore_dtype": "float16"}
     raise ConfigError(f"index type {kind!r} is not one of {INDEX_TYPES}")
 
 
@@ -397,6 +433,16 @@ def _start_build(corpus: Corpus, out: Path, settings: dict) -> None:
         write_json(build_file, {**read_json(build_file, ""), "previous_count": start})
 
 
+def _index_kind(index: str, out: Path, n: int) -> str:
+    """The index type a build of ``n`` documents into ``out`` makes: ``index``, else the type of the index already
+    in ``out``, else :func:`choose_index_type`."""
+    if index != "auto":
+        return index
+    if (out / MANIFEST).is_file():
+        return read_manifest(out)["index"]["type"]
+    return choose_index_type(n)
+
+
 def build_index(
     corpus: Corpus,
     out: str | Path,
@@ -407,6 +453,7 @@ def build_index(
     precision: str = "auto",
     batch_size: int = 32,
     chunk_size: int = 256,
+    rescore: int | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -415,6 +462,10 @@ def build_index(
     Resumes a killed build (the chunks already written are kept). When ``out`` already holds an index of
     the first ``m`` documents of ``corpus`` with the same encoder, only documents ``m ..`` are encoded and
     added (an append). Under ``torchrun`` the ranks share the encoding; rank 0 builds the index.
+
+    ``rescore`` (``ivfpq`` only): the re-scoring factor, 0 for PQ scores only. ``None`` keeps the one an
+    existing index records, and gives a new index :func:`rescore_factor` of its size; a number is stored in
+    the manifest (also of an index that is already up to date: that changes its factor without a rebuild).
     """
     from archlab.search import encode
 
@@ -422,11 +473,18 @@ def build_index(
         raise ConfigError(f"index={index!r} is not one of {('auto',) + INDEX_TYPES}")
     say = log or (lambda message: None)
     out = Path(out)
+    n = len(corpus)
+    kind = _index_kind(index, out, n)
+    if rescore is not None:
+        check_rescore(rescore)
+        if kind != "ivfpq":
+            how = f"chosen by size for {n:,} documents" if index == "auto" else "asked for"
+            raise ConfigError(f"rescore={rescore} applies to 'ivfpq' indexes only; this one is {kind!r} ({how}): "
+                              "pass index='ivfpq' (--index ivfpq) or leave rescore out")  # fmt: skip
     rank, world = _distributed()
     precision = encode.resolve_precision(precision)
     encoder = encode.load_encoder(model, precision)
     identity = encode.encoder_identity(encoder)
-    n = len(corpus)
 
     settings = {"encoder_identity": identity, "precision": precision, "chunk_size": chunk_size}
     build_file = out / BUILD
@@ -456,7 +514,6 @@ def build_index(
 
     vectors = encode.load_vectors(vectors_dir, n, encoder.dim)
     manifest = read_manifest(out) if start else None
-    kind = index if index != "auto" else (manifest["index"]["type"] if manifest else choose_index_type(n))
     faiss_path = out / FAISS_FILE
     if manifest and kind == manifest["index"]["type"] and start < n:
         params = manifest["index"]["params"]
@@ -475,6 +532,9 @@ def build_index(
     else:
         params = default_params(kind, n, encoder.dim)
         faiss_index = build_faiss(vectors, kind, params)
+    if rescore is not None and rescore != params.get("rescore"):
+        say(f"re-scoring factor {params.get('rescore')} -> {rescore}")
+        params = {**params, "rescore": rescore}
     size = write_faiss(faiss_index, faiss_path) if faiss_index is not None else manifest["index"]["bytes"]
     store_bytes = None
     if kind == "ivfpq" and params.get("rescore"):
@@ -529,6 +589,7 @@ def append_documents(index_dir: str | Path, docs: list[Document], **kwargs) -> d
 
 __all__ = [
     "INDEX_TYPES", "RescoredIndex", "add_ivfpq", "append_documents", "build_faiss", "build_index",
-    "choose_index_type", "configure", "default_params", "min_ivfpq_vectors", "pq_encode", "pq_subquantizers",
-    "read_docs", "read_faiss", "read_manifest", "searchable", "write_rescore_store",
+    "check_rescore", "choose_index_type", "configure", "default_params", "min_ivfpq_vectors", "pq_encode",
+    "pq_subquantizers", "read_docs", "read_faiss", "read_manifest", "rescore_factor", "searchable",
+    "write_rescore_store",
 ]  # fmt: skip

@@ -77,6 +77,10 @@ def test_errors_are_one_line(capsys, beir, index, tmp_path):
         (("search", "query", str(tmp_path), "x"), "manifest.json is missing"),
         (("search", "eval", str(index)), "needs QUERIES and QRELS, or --builtin"),
         (("search", "index", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")), "neither 'builtin' nor"),
+        (("search", "index", str(beir), "--out", str(tmp_path / "o"), "--index", "ivfpq", "--rescore", "-1"),
+         "rescore=-1 must be an int >= 0"),
+        (("search", "index", str(beir), "--out", str(tmp_path / "o"), "--rescore", "8"),
+         "rescore=8 applies to 'ivfpq' indexes only; this one is 'flat' (chosen by size for 6 documents)"),
     ]
     for argv, message in cases:
         code, _, err = run(capsys, *argv)

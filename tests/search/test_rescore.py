@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from archlab.search.index import (
     default_params,
     read_faiss,
     read_manifest,
+    rescore_factor,
     searchable,
 )
 
@@ -122,3 +125,73 @@ def test_an_ivfpq_index_folder_records_and_uses_its_rescoring(tmp_path, monkeypa
     (out / RESCORE_FILE).unlink()
     with pytest.raises(CheckpointError, match=r"rescore.npy is missing: the manifest asks for re-scoring"):
         searchable(out, read_faiss(out / "faiss.index"), "ivfpq", params)
+
+
+def test_the_default_factor_grows_with_the_corpus_as_measured():
+    """4 up to 1M vectors (200k needed x2 for recall@100 0.996), 16 at 10M (x16: 0.934, x4: 0.590), ~4 sqrt(n / 1M)."""
+    expected = {0: 4, 10_000: 4, 200_000: 4, 1_000_000: 4, 1_000_001: 8, 4_000_000: 8, 4_000_001: 16,
+                10_000_000: 16, 16_000_000: 16, 16_000_001: 32, 100_000_000: 64}  # fmt: skip
+    assert {n: rescore_factor(n) for n in expected} == expected
+    sizes = np.unique(np.geomspace(1, 1e9, 400).astype(np.int64)).tolist()
+    factors = [rescore_factor(n) for n in sizes]
+    assert all(a <= b for a, b in zip(factors, factors[1:], strict=False))  # never fewer candidates for more vectors
+    for n, f in zip(sizes, factors, strict=True):  # a power of two >= 4 and >= 4 sqrt(n / 1M), less than twice that
+        need = 4 * math.sqrt(n / 1e6)
+        assert f >= 4 and f & (f - 1) == 0 and f >= need and (f == 4 or f < 2 * need), (n, f)
+    assert default_params("ivfpq", 10_000_000, 384)["rescore"] == 16
+    assert default_params("ivfpq", 200_000, 384)["rescore"] == 4
+    for bad in (-1, 2.5, True, "1000"):
+        with pytest.raises(ConfigError, match=rf"n={bad!r} must be an int >= 0 \(the number of vectors"):
+            rescore_factor(bad)
+
+
+@pytest.fixture
+def stand_in_encoder(monkeypatch):
+    monkeypatch.setattr(index_module, "PQ_MAX_M", 2)  # 2 sub-quantizers: trains in seconds (the card's 64: minutes)
+    monkeypatch.setattr(encode, "load_encoder", lambda model, precision: ClusteredEncoder())
+    monkeypatch.setattr(encode, "encoder_identity", lambda encoder: "clustered-test-encoder")
+    return Corpus([Document(f"d{i}", "", f"doc {i}") for i in range(N)], "test")
+
+
+def test_an_explicit_rescore_wins_and_the_manifest_keeps_the_factor(tmp_path, monkeypatch, stand_in_encoder):
+    out = tmp_path / "index"
+    # a 10k-vector index whose size rule is taken to give 32: the manifest records what the build chose
+    monkeypatch.setattr(index_module, "rescore_factor", lambda n: 32)
+    manifest = build_index(stand_in_encoder, out, index="ivfpq", precision="fp32", chunk_size=2500)
+    assert manifest["index"]["params"]["rescore"] == 32 == read_manifest(out)["index"]["params"]["rescore"]
+    # an index opens with its manifest's factor whatever the rule says now (old indexes open unchanged)
+    monkeypatch.setattr(index_module, "rescore_factor", lambda n: 4)
+    engine_params = read_manifest(out)["index"]["params"]
+    assert searchable(out, read_faiss(out / "faiss.index"), "ivfpq", engine_params).factor == 32
+    # an index from before re-scoring (no "rescore" in its parameters) opens with PQ scores only
+    old = {k: v for k, v in engine_params.items() if k not in ("rescore", "rescore_dtype")}
+    assert not isinstance(searchable(out, read_faiss(out / "faiss.index"), "ivfpq", old), RescoredIndex)
+    # building again with an explicit factor changes it without re-encoding or retraining
+    index_bytes = (out / "faiss.index").read_bytes()
+    messages = []
+    manifest = build_index(stand_in_encoder, out, precision="fp32", chunk_size=2500, rescore=8, log=messages.append)
+    assert manifest["index"]["params"]["rescore"] == 8 == read_manifest(out)["index"]["params"]["rescore"]
+    assert "re-scoring factor 32 -> 8" in messages and (out / "faiss.index").read_bytes() == index_bytes
+    assert searchable(out, read_faiss(out / "faiss.index"), "ivfpq", manifest["index"]["params"]).factor == 8
+    # and without one it keeps the recorded factor (not the rule's 4)
+    assert build_index(stand_in_encoder, out, precision="fp32", chunk_size=2500)["index"]["params"]["rescore"] == 8
+    # 0: PQ scores only
+    manifest = build_index(stand_in_encoder, out, precision="fp32", chunk_size=2500, rescore=0)
+    assert not isinstance(searchable(out, read_faiss(out / "faiss.index"), "ivfpq", manifest["index"]["params"]),
+                          RescoredIndex)  # fmt: skip
+
+
+def test_an_invalid_rescore_is_refused_before_any_encoding(tmp_path, monkeypatch, stand_in_encoder):
+    def no_encoder(model, precision):
+        raise AssertionError("the encoder was loaded before the argument was checked")
+
+    monkeypatch.setattr(encode, "load_encoder", no_encoder)
+    for bad in (-1, 2.5, True, "8"):
+        with pytest.raises(ConfigError, match=rf"rescore={bad!r} must be an int >= 0 \(IVF-PQ candidates"):
+            build_index(stand_in_encoder, tmp_path / "a", index="ivfpq", rescore=bad)
+    with pytest.raises(ConfigError, match=r"rescore=8 applies to 'ivfpq' indexes only; this one is 'flat' \(chosen "
+                       r"by size for 10,000 documents\)"):  # fmt: skip
+        build_index(stand_in_encoder, tmp_path / "b", rescore=8)
+    with pytest.raises(ConfigError, match=r"rescore=2 applies to 'ivfpq' indexes only; this one is 'hnsw' \(asked"):
+        build_index(stand_in_encoder, tmp_path / "c", index="hnsw", rescore=2)
+    assert not any(tmp_path.iterdir())  # nothing written
