@@ -125,16 +125,17 @@ def _attention(config: Config):
 
 
 def kv_cache_bytes(config: Config, *, batch: int, length: int, dtype="float32") -> int:
-    """Keys and values of every self-attention layer for ``length`` positions: ``2 L B M G d_k s``.
+    """Keys and values of every self-attention layer for ``length`` positions: ``L B M G (d_k + d_v) s``.
 
-    ``G`` key/value heads of width ``d_k = d / A``. With multi-head attention (``G = A``) this is
+    ``G`` key/value heads, keys of width ``d_k`` and values of width ``d_v = d / A`` (``2 L B M G d_k s`` when
+    ``d_k = d / A``, as in every preset). With multi-head attention (``G = A``) this is
     ``2 L B M d s``: GPT-2 small (``L = 12``, ``d = 768``) at 1,024 tokens in fp16 keeps
     ``2 x 12 x 1024 x 768 x 2 B = 37.7 MB`` per sequence. Grouped-query attention divides it by ``A / G``:
     SmolLM2-135M (``L = 30``, ``G = 3``, ``d_k = 64``) keeps ``2 x 30 x 3 x 64 x 2 B = 23 kB`` per bf16 token.
     """
     _check_sizes(batch=batch, length=length)
     a = _attention(config)
-    return 2 * a.n_layers * batch * length * a.n_kv_heads * a.d_head * dtype_bytes(dtype)
+    return a.n_layers * batch * length * a.n_kv_heads * (a.d_k + a.d_v) * dtype_bytes(dtype)
 
 
 def training_activation_bytes(
@@ -142,17 +143,19 @@ def training_activation_bytes(
 ) -> int:
     """Rough bytes of the activations a training step saves for backward (pre-norm GPT-style stack).
 
-    Per layer and token, the tensors autograd keeps: LayerNorm inputs and outputs (``4 d``), the
-    fused ``Q, K, V`` (``d + 2 G d_k``: ``3 d`` unless grouped-query attention has ``G < A`` K/V heads),
-    the attention output before and after merging heads (``2 d``), the FFN hidden before and after the
-    activation (``2 d_ff``; a gated FFN keeps ``4 d_ff``: gate, value, activated gate, product); dropout
-    masks when ``dropout > 0`` (``2 d`` per layer, ``d`` on the embeddings). Attention weights are kept (``2 A N``, plus their
-    boolean mask ``A N`` bytes) with the ``math`` backend, and also with ``sdpa`` when
-    ``attn_dropout > 0`` (PyTorch's CPU flash kernel has no dropout: it falls back to the math path,
-    which then keeps the dropout mask too, ``A N``). Plus the final norm (``2 d``) and the logits with
+    Per layer and token, the tensors autograd keeps: LayerNorm inputs and outputs (``4 d``), the fused
+    ``Q, K, V`` (``A d_k + G (d_k + d_v)``: ``3 d`` unless grouped-query attention has ``G < A`` K/V heads or
+    ``d_k`` is set apart from ``d / A``), the attention output before and after merging heads (``2 d``), the FFN
+    hidden before and after the activation (``2 d_ff``; a gated FFN keeps ``4 d_ff``: gate, value, activated
+    gate, product); dropout masks when ``dropout > 0`` (``2 d`` per layer, ``d`` on the embeddings). Attention
+    weights are kept (``2 A N``, plus their boolean mask ``A N`` bytes) with the ``math`` backend, and also with
+    ``sdpa`` when ``attn_dropout > 0`` (PyTorch's CPU flash kernel has no dropout: it falls back to the math
+    path, which then keeps the dropout mask too, ``A N``). Plus the final norm (``2 d``) and the logits with
     their log-softmax (``2 V``) when the config has a vocabulary::
 
-        bytes ~ B N s [L (6 d + (d + 2 G d_k) + 2 d_ff + drop + attn) + 2 d + 2 V]     (G = A: 9 d + 2 d_ff)
+        bytes ~ B N s [L (6 d + (A d_k + G (d_k + d_v)) + 2 d_ff + drop + attn) + 2 d + 2 V]
+
+    (``9 d + 2 d_ff`` for the layer's first terms when ``G = A`` and ``d_k = d_v = d / A``.)
 
     Checked against the bytes autograd really saves for archlab's GPT in ``tests/analysis/test_memory.py``.
     """
@@ -162,7 +165,7 @@ def training_activation_bytes(
     d_ff = getattr(config, "ffn_width", None) or getattr(config, "d_ff", None) or 4 * d_model
     if getattr(config, "ffn", None) in GATES:
         d_ff *= 2  # gate and value, before and after: 4 d_ff
-    qkv = d_model + 2 * a.n_kv_heads * a.d_head
+    qkv = heads * a.d_k + a.n_kv_heads * (a.d_k + a.d_v)
     vocab = getattr(config, "vocab_size", 0)
     dropout, attn_dropout = getattr(config, "dropout", 0.0), getattr(config, "attn_dropout", 0.0)
     s = dtype_bytes(dtype)

@@ -178,7 +178,7 @@ def config_to_gpt2(config: GPTConfig) -> dict:
     Only GPT-2's own design converts: learned positions, pre-norm, biases, a plain FFN whose
     activation HF knows. Anything else raises :class:`ConfigError` naming the field.
     """
-    required = {"positional": "learned", "norm_first": True, "bias": True}
+    required = {"positional": "learned", "norm_first": True, "bias": True, "d_k": None}  # GPT-2's d_k is d / A
     for name, value in required.items():
         if getattr(config, name) != value:
             raise ConfigError(f"GPT-2 format needs {name}={value!r}, this model has {name}={getattr(config, name)!r}")

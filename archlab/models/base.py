@@ -23,17 +23,24 @@ INPUTS = ("tokens", "images", "features")
 
 @dataclass(frozen=True)
 class AttentionShape:
-    """``L`` layers of self-attention with ``A`` query heads and ``G`` key/value heads of width ``d_k = d / A``."""
+    """``L`` layers of self-attention with ``A`` query heads and ``G`` key/value heads: queries and keys of width
+    ``d_k`` (``d / A`` unless the config sets ``key_width``), values of width ``d_v = d / A``."""
 
     n_layers: int
     n_heads: int
     n_kv_heads: int
     d_model: int
+    key_width: int | None = None  # d_k where the config sets it apart from d / A (GPTConfig.d_k)
 
     @property
-    def d_head(self) -> int:
-        """``d_k = d / A``."""
+    def d_v(self) -> int:
+        """``d_v = d / A``."""
         return self.d_model // self.n_heads
+
+    @property
+    def d_k(self) -> int:
+        """``d_k``: ``key_width``, or ``d / A`` when it is None."""
+        return self.d_v if self.key_width is None else self.key_width
 
 
 class ModelConfig:
@@ -60,6 +67,10 @@ class AttentionConfig(ModelConfig):
     (BERT, the encoder-decoder, ViT, the decoders): multi-head attention, unless the config has a field
     ``n_kv_heads`` (grouped-query attention), and the context ``max_len``."""
 
+    #: the query/key width ``d_k`` of each head where a family sets it apart from ``d / A`` (GPT's field ``d_k``);
+    #: None: ``d / A``
+    d_k = None
+
     @property
     def n_kv_heads(self) -> int:
         """``G``, the key/value heads: ``A`` (multi-head attention) unless the config has the field."""
@@ -71,4 +82,4 @@ class AttentionConfig(ModelConfig):
 
     @property
     def attention_shape(self) -> AttentionShape:
-        return AttentionShape(self.n_layers, self.n_heads, self.n_kv_heads, self.d_model)
+        return AttentionShape(self.n_layers, self.n_heads, self.n_kv_heads, self.d_model, self.d_k)

@@ -7,8 +7,9 @@ One forward pass, whatever the family::
     x_l  = x_l     + FFN(Norm(x_l))                                     pre-norm blocks
     logits = Norm_f(x_L) W_head^T                                       [B, N, V]; W_head = E when tied
 
-Attention has ``A`` query heads of width ``d_k = d / A`` and ``G`` key/value heads (grouped-query
-attention; ``G = A`` is multi-head). A family is a config that declares its choices (the attributes
+Attention has ``A`` query heads and ``G`` key/value heads (grouped-query attention; ``G = A`` is
+multi-head), values of width ``d_v = d / A`` and queries and keys of width ``d_k = d / A`` unless the config sets
+``d_k`` (GPT's field). A family is a config that declares its choices (the attributes
 of :class:`DecoderConfig`) and, if it likes, its own initialisation; input checks, positions, the fused
 loss, ``logits_to_keep`` and cached decoding are written here once.
 
@@ -48,7 +49,7 @@ class DecoderWidths(AttentionConfig):
 
     @property
     def d_head(self) -> int:
-        """``d_k = d / A``."""
+        """``d / A``: every head's value width ``d_v``, and its query/key width unless the config sets ``d_k``."""
         return self.d_model // self.n_heads
 
     @property
@@ -62,7 +63,8 @@ class DecoderConfig(DecoderWidths):
 
     Fields every family has: ``vocab_size``, ``max_len``, ``d_model``, ``n_heads``, ``n_layers``, ``d_ff``,
     ``dropout``, ``attn_dropout``, ``eps``, ``tie_embeddings``, ``backend``. The choices below are
-    properties with GPT-2's answers; a family overrides them with fields or properties of its own.
+    properties with GPT-2's answers; a family overrides them with fields or properties of its own (GPT's field
+    ``d_k`` overrides :class:`~archlab.models.base.AttentionConfig`'s ``d_k = None``, i.e. ``d / A``).
     """
 
     positional = "learned"  # learned | sinusoidal | rope | alibi | none
@@ -116,11 +118,11 @@ class DecoderLM(nn.Module):
         self.config = c = config
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
         self.pos = build_positional(
-            c.positional, d_model=c.d_model, n_heads=c.n_heads, max_len=c.max_len, rope_base=c.rope_theta
+            c.positional, d_model=c.d_model, n_heads=c.n_heads, max_len=c.max_len, rope_base=c.rope_theta, d_k=c.d_k
         )
         self.drop = Dropout(c.dropout)
         self.decoder = Decoder(
-            c.n_layers, c.d_model, c.n_heads, c.ffn_width, cross_attention=False, n_kv_heads=c.n_kv_heads,
+            c.n_layers, c.d_model, c.n_heads, c.ffn_width, cross_attention=False, n_kv_heads=c.n_kv_heads, d_k=c.d_k,
             dropout=c.dropout, attn_dropout=c.attn_dropout, ffn=c.ffn, norm=c.norm, norm_first=c.norm_first,
             eps=c.eps, bias=c.bias, ffn_bias=c.ffn_bias, backend=c.backend,
         )  # fmt: skip
@@ -142,7 +144,7 @@ class DecoderLM(nn.Module):
 
     def new_cache(self) -> DecodingCache:
         """An empty KV cache for incremental decoding (one per sequence batch), the LM head packed in it.
-        Each layer keeps ``k, v [B, G, M, d_k]``: ``G`` key/value heads only."""
+        Each layer keeps ``k [B, G, M, d_k]``, ``v [B, G, M, d_v]``: ``G`` key/value heads only."""
         return self.decoder.new_cache(output=self.lm_head)
 
     # -- input checks, before any computation ------------------------------------------------------

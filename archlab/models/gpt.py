@@ -3,7 +3,7 @@ r"""GPT: a decoder-only Transformer language model (Radford et al. 2018, 2019).
 Read top to bottom it is the GPT-2 forward pass::
 
     x_0  = E[tokens] + P[positions]                        token + learned position embeddings, [B, N, d]
-    x_l  = x_{l-1} + Attn(LN(x_{l-1}))  (causal)           pre-norm blocks, A heads of width d_k = d / A
+    x_l  = x_{l-1} + Attn(LN(x_{l-1}))  (causal)           pre-norm blocks, A heads of width d_k = d_v = d / A
     x_l  = x_l     + FFN(LN(x_l))                          FFN(h) = gelu_tanh(h W_1 + b_1) W_2 + b_2
     logits = LN_f(x_L) E^T                                 tied LM head, [B, N, V]
 
@@ -41,7 +41,12 @@ class GPTConfig(DecoderConfig, Config):
         max_len: context length; the size of the learned position table (GPT-2's ``n_positions``).
             RoPE, ALiBi and sinusoidal positions are not limited by it.
         d_model: ``d``.
-        n_heads: ``A``; ``d_k = d_v = d / A``.
+        n_heads: ``A``; ``d_v = d / A``, and ``d_k = d / A`` unless ``d_k`` is set.
+        d_k: the query/key width of each head; ``None`` means ``d / A`` (GPT-2). Values keep ``d_v = d / A``,
+            so the attention's output and ``W_O [A d_v, d]`` do not change, ``W_Q`` and ``W_K`` become
+            ``[d, A d_k]`` and the scores are scaled by ``1 / sqrt(d_k)``: Vaswani et al.'s table 3 rows B (a
+            smaller key size at a fixed number of heads). GPT-2's Hugging Face format has no such field
+            (:func:`archlab.interop.gpt2.config_to_gpt2` refuses a set ``d_k``).
         n_layers: number of blocks ``L``.
         d_ff: FFN hidden width; ``None`` means ``4 d``.
         dropout: on the embeddings and on each sub-layer's output (GPT-2's embd/resid_pdrop).
@@ -59,6 +64,7 @@ class GPTConfig(DecoderConfig, Config):
     max_len: int = 1024
     d_model: int = 768
     n_heads: int = 12
+    d_k: int | None = None
     n_layers: int = 12
     d_ff: int | None = None
     dropout: float = 0.1
@@ -75,16 +81,17 @@ class GPTConfig(DecoderConfig, Config):
         # field types (int, bool, ...) are checked by Config before validate() runs
         for name in ("vocab_size", "max_len", "d_model", "n_heads", "n_layers"):
             check_positive(name, getattr(self, name))
-        if self.d_ff is not None:
-            check_positive("d_ff", self.d_ff)
-        check_divisible("d_model", self.d_model, "n_heads", self.n_heads)
+        for name in ("d_k", "d_ff"):
+            if getattr(self, name) is not None:
+                check_positive(name, getattr(self, name))
+        check_divisible("d_model", self.d_model, "n_heads", self.n_heads)  # d_v = d / A
         check_probability("dropout", self.dropout)
         check_probability("attn_dropout", self.attn_dropout)
         check_choice("positional", self.positional, POSITIONAL_KINDS)
         check_choice("ffn", self.ffn, FEEDFORWARDS)
         check_backend(self.backend)
         check_positive("eps", self.eps)
-        check_rope_width(self.positional, self.d_model, self.n_heads)
+        check_rope_width(self.positional, self.d_model, self.n_heads, self.d_k)
 
 
 class GPT(DecoderLM):

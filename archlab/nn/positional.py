@@ -209,14 +209,18 @@ class RotaryPositionalEncoding(PositionalEncoding):
         return self.rotate(qk, offset)
 
 
-def check_rope_width(positional: str, d_model: int, n_heads: int) -> None:
-    """A model config's check: RoPE (``positional='rope'``) rotates feature pairs, so each head's width
-    ``d_k = d_model / n_heads`` must be even; ConfigError naming the values otherwise."""
-    d_k = d_model // n_heads
-    if positional == "rope" and d_k % 2:
+def check_rope_width(positional: str, d_model: int, n_heads: int, d_k: int | None = None) -> None:
+    """A model config's check: RoPE (``positional='rope'``) rotates feature pairs of queries and keys, so each
+    head's query/key width ``d_k`` (``d_model / n_heads`` unless given) must be even; ConfigError naming the
+    values otherwise."""
+    if positional != "rope":
+        return
+    if d_k is not None and d_k % 2:
+        raise ConfigError(f"positional='rope' rotates feature pairs, so d_k must be even; got d_k={d_k}")
+    if d_k is None and (d_model // n_heads) % 2:
         raise ConfigError(
             f"positional='rope' rotates feature pairs, so d_k = d_model / n_heads must be even; "
-            f"got d_model={d_model}, n_heads={n_heads}, d_k={d_k}"
+            f"got d_model={d_model}, n_heads={n_heads}, d_k={d_model // n_heads}"
         )
 
 
@@ -257,16 +261,17 @@ POSITIONAL_KINDS = ("sinusoidal", "learned", "rope", "alibi", "none")
 
 
 def build_positional(
-    kind: str, *, d_model: int, n_heads: int, max_len: int = 1024, rope_base: float = 10000.0
+    kind: str, *, d_model: int, n_heads: int, max_len: int = 1024, rope_base: float = 10000.0, d_k: int | None = None
 ) -> PositionalEncoding:
-    """A positional encoding by name: ``sinusoidal``, ``learned``, ``rope``, ``alibi`` or ``none``."""
+    """A positional encoding by name: ``sinusoidal``, ``learned``, ``rope``, ``alibi`` or ``none``. RoPE rotates
+    queries and keys of width ``d_k`` (``d_model / n_heads`` unless given)."""
     check_choice("positional", kind, POSITIONAL_KINDS)
     if kind == "sinusoidal":
         return SinusoidalPositionalEncoding(d_model, initial_length=max_len)
     if kind == "learned":
         return LearnedPositionalEncoding(max_len, d_model)
     if kind == "rope":
-        return RotaryPositionalEncoding(d_model // n_heads, base=rope_base)
+        return RotaryPositionalEncoding(d_model // n_heads if d_k is None else d_k, base=rope_base)
     if kind == "alibi":
         return ALiBi(n_heads)
     return NoPositionalEncoding()

@@ -90,9 +90,10 @@ def test_naive_prediction_matches_the_peak_memory_measured_in_a_child_process():
     assert 0.85 * predicted <= measured <= 1.25 * predicted, (measured, predicted)
 
 
-def test_kv_cache_bytes_equal_what_a_decoding_cache_holds():
+@pytest.mark.parametrize("d_k", [None, 4])  # d_k = d / A = 16 (keys and values alike), or keys of 4, values of 16
+def test_kv_cache_bytes_equal_what_a_decoding_cache_holds(d_k):
     torch.manual_seed(0)
-    model = build_model("gpt-nano")
+    model = build_model("gpt-nano", d_k=d_k)
     cache = model.new_cache()
     model(torch.randint(0, 256, (2, 20)), cache=cache)
     held = sum(b.self_attn.keys.nbytes + b.self_attn.values.nbytes for b in cache.blocks)

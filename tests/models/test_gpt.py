@@ -151,6 +151,74 @@ def test_float64():
 
 
 # ---------------------------------------------------------------------------------------------
+# a query/key width apart from d / A (d_k; Vaswani et al. table 3 rows B)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_d_k_unset_is_the_old_model():
+    """d_k=None builds the model it always did: d_k = d / A, the same parameters (names, shapes, init) and logits
+    as d_k given as d / A; a saved config without the key loads as None; GPT-2's format refuses a set d_k."""
+    from archlab.interop.gpt2 import config_to_gpt2
+
+    assert tiny().d_k is None and "d_k" in tiny().to_dict()
+    old, explicit = model(seed=3), model(seed=3, d_k=8)  # d / A = 24 / 3
+    assert all(block.attn.d_k == block.attn.d_v == 8 for block in old.decoder.blocks)
+    assert {k: v.shape for k, v in old.state_dict().items()} == {k: v.shape for k, v in explicit.state_dict().items()}
+    ids = torch.randint(0, 61, (2, 9))
+    assert torch.equal(old(ids), explicit(ids))
+    torch.manual_seed(5)
+    fresh = GPT(tiny())
+    torch.manual_seed(5)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), GPT(tiny(d_k=8)).state_dict().values()))
+    saved = {k: v for k, v in tiny(positional="rope").to_dict().items() if k != "d_k"}  # a checkpoint from before d_k
+    assert GPTConfig.from_dict(saved) == tiny(positional="rope")
+    with pytest.raises(ConfigError, match="GPT-2 format needs d_k=None, this model has d_k=4"):
+        config_to_gpt2(tiny(d_k=4))
+
+
+@pytest.mark.parametrize("positional", ["learned", "rope"])
+def test_d_k_sets_the_query_key_width_only(positional):
+    """d=24, A=3, d_k=4: W_Q, W_K are [A d_k, d] = [12, 24], W_V stays [A d_v, d] = [24, 24], W_O [d, A d_v];
+    the count drops by 2 L (A (d/A - d_k) (d + 1)) (weights and biases of W_Q and W_K); the config's attention
+    shape says the same; cached decoding still equals the full forward."""
+    m = model(positional=positional, d_k=4)
+    for block in m.decoder.blocks:
+        attn = block.attn
+        assert (attn.d_k, attn.d_v) == (4, 8)
+        assert attn.in_proj.weight.shape == (3 * 4 + 3 * 4 + 3 * 8, 24) and attn.out_proj.weight.shape == (24, 24)
+    full = sum(p.numel() for p in model(positional=positional).parameters())
+    assert sum(p.numel() for p in m.parameters()) == full - 2 * 2 * 3 * (8 - 4) * (24 + 1)
+    shape = m.config.attention_shape
+    assert (shape.d_k, shape.d_v) == (4, 8) and (tiny().attention_shape.d_k, tiny().attention_shape.d_v) == (8, 8)
+    if positional == "rope":
+        assert m.pos.d_head == 4  # RoPE rotates the 4-wide queries and keys
+    ids = torch.randint(0, 61, (2, 10))
+    full_logits = m(ids)
+    assert full_logits.shape == (2, 10, 61)
+    cache = m.new_cache()
+    steps = [m(ids[:, :4], cache=cache)] + [m(ids[:, i : i + 1], cache=cache) for i in range(4, 10)]
+    assert cache.blocks[0].self_attn.keys.shape == (2, 3, 10, 4) and cache.blocks[0].self_attn.values.shape[-1] == 8
+    torch.testing.assert_close(torch.cat(steps, dim=1), full_logits, atol=1e-5, rtol=0)
+
+
+def test_d_k_attention_is_softmax_of_narrow_scores_in_float64():
+    """A block's attention with d_k=4 < d_v=8, written out from its own projections in float64:
+    ``softmax(Q K^T / sqrt(d_k) + causal) V W_O^T + b_O`` per head, against the module's output."""
+    attn = model(d_k=4).double().decoder.blocks[0].attn
+    x = torch.randn(2, 6, 24, dtype=torch.float64)
+    w, b = attn.in_proj.weight, attn.in_proj.bias
+    q, k, v = (x @ w.T + b).split([12, 12, 24], dim=-1)
+    q, k, v = (t.view(2, 6, 3, -1).transpose(1, 2) for t in (q, k, v))  # [B, A, N, d_k or d_v]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(4)
+    scores = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    heads = torch.softmax(scores, dim=-1) @ v  # [B, A, N, d_v]
+    expected = heads.transpose(1, 2).reshape(2, 6, 24) @ attn.out_proj.weight.T + attn.out_proj.bias
+    for backend in ("math", "sdpa"):
+        attn.backend = backend
+        torch.testing.assert_close(attn(x, causal=True), expected, atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
 # bad input: archlab errors before computing
 # ---------------------------------------------------------------------------------------------
 
@@ -219,6 +287,9 @@ def test_too_long_for_the_learned_table():
         (dict(n_layers=2.5), "n_layers=2.5 must be an integer"),
         (dict(d_ff=64.0), "d_ff=64.0 must be an integer or null"),
         (dict(d_ff=0), "d_ff=0 must be > 0"),
+        (dict(d_k=0), "d_k=0 must be > 0"),
+        (dict(d_k=4.0), "d_k=4.0 must be an integer or null"),
+        (dict(positional="rope", d_k=5), "d_k must be even; got d_k=5"),
         (dict(backend="flash"), "unknown value 'flash'"),
         (dict(tie_embeddings="yes"), "tie_embeddings='yes' must be true or false"),
     ],
