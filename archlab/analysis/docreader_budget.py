@@ -18,7 +18,8 @@ assuming:
   checkpointing a transformer block keeps only its input and recomputes the rest in backward: the inputs of every
   block, what runs outside blocks, plus the largest block's saved tensors (alive while it is recomputed);
 * **KV cache**: the keys and values the reasoning layers read from the document (what another question about the
-  same document reuses), ``2 L_reason N_doc d s``, with the document compressed (``n_global + P L`` tokens) and
+  same document reuses), ``2 L_reason N_doc d s``, with the document compressed (``n_global + P L`` tokens, the
+  global tokens by role in ``DocReaderConfig.global_tokens``: with ``figure_global`` a figure per page too) and
   flat (every token of every page);
 * **latent compression**: the reasoning module's KV cache, dense score matrix and saved activations over
   ``P L`` latents against all ``P N_page`` tokens (``N_page`` both the preset's and the card's 4,000).
@@ -140,6 +141,7 @@ class DocReaderBudget:
             "kv_cache": self.kv_cache, "kv_cache_flat": self.kv_cache_flat,
             "kv_cache_flat_card": self.kv_cache_flat_card,
             "reasoning_tokens": self.reasoning_tokens, "flat_tokens": self.flat_tokens,
+            "global_tokens": self.config.global_tokens,
             "reasoning_activations": self.reasoning_activations,
             "reasoning_activations_flat": self.reasoning_activations_flat,
             "total_checkpointed": self.total(), "total": self.total(checkpointing=False),
@@ -413,7 +415,8 @@ def format_budget(budget: DocReaderBudget) -> str:
         f"latent compression ({b.tokens_per_page} -> {c.n_latents} tokens per page), the reasoning module over "
         f"{b.pages} pages, against reading every token (the flat reader):",
         f"  sequence     {b.reasoning_tokens:,} tokens ({c.n_global} global + {b.pages} x {c.n_latents} latents) vs "
-        f"{b.flat_tokens:,} ({b.flat_tokens / b.reasoning_tokens:.1f}x)",
+        f"{b.flat_tokens:,} ({b.flat_tokens / b.reasoning_tokens:.1f}x); global: "
+        + ", ".join(f"{n:,} {role.replace('_', ' ')}" for role, n in c.global_tokens.items()),
         f"  KV cache     {format_bytes(b.kv_cache)} vs {format_bytes(b.kv_cache_flat)} "
         f"({b.kv_cache_flat / b.kv_cache:.1f}x); at the card's {CARD_TOKENS_PER_PAGE:,} tokens per page "
         f"{format_bytes(b.kv_cache_flat_card)} ({b.kv_cache_flat_card / b.kv_cache:.1f}x)",

@@ -13,9 +13,10 @@ The card's pipeline, and where each step lives here (``B`` documents of ``P`` pa
       PageTransformer over [L summary tokens; P x L latents] (+ learned absolute position and page-number
       embeddings): each page sees the pages within page_window / 2 (Longformer's window), the summary
       tokens attend and are attended by every page (the document level)                      [B, (1 + P) L, d]
-    ReasoningModule over [question; summary; page starts; table headers | page latents]: the first group are
-      global tokens (the card's: question tokens, page starts, one token per table header cell), the latents
-      see a local window of reason_window tokens; the question's [CLS] state goes to the answer head [B, n_answers]
+    ReasoningModule over [question; summary; page starts; table headers; (figures) | page latents]: the first group
+      are global tokens (the card's: question tokens, page starts, one token per table header cell; with
+      figure_global, not the card's, each page's fused image [class] state too), the latents see a local window
+      of reason_window tokens; the question's [CLS] state goes to the answer head                [B, n_answers]
 
 Positional encodings, each in its place and each switchable (config fields): RoPE within a page's text
 (``text_positions``), learned absolute position plus a page-number embedding across pages (``page_positions``),
@@ -127,6 +128,14 @@ class DocReaderConfig(AttentionConfig, Config):
             ``latents``: the question's pooled state, projected, is added to every page's Perceiver latents
             before they read the page; ``fusion``: the question's tokens join every page's fusion layers as
             extra keys, so each page token can match the question's words before the Perceiver compresses it.
+        figure_global: each page's fused image ``[class]`` state (with the page-number embedding) as one more global
+            token of the reasoning module, beside the page starts: ``max_pages`` more global tokens. Not the card's
+            (its global tokens are the question, page starts and table headers), so False by default and in both
+            presets: a deviation that helps learning at this scale belongs to the recipe that uses it, as
+            ``page_question`` does. It gives the question a direct way to each page's figure, where otherwise a
+            figure reaches it only through fusion, ``n_latents`` Perceiver latents and the page transformer: with it the
+            multi-page digit question is learnt (``archlab.labs.docreader.DIGIT_RECIPE``; README's Document reader
+            section). Only the hierarchical reader has global tokens; the flat and question readers ignore it.
         page_layers: layers of the page-level transformer.
         page_window: pages a page sees, Longformer's convention: ``page_window // 2`` on each side (8: pages
             ``p - 4 .. p + 4``).
@@ -184,6 +193,7 @@ class DocReaderConfig(AttentionConfig, Config):
     n_latents: int = 64
     perceiver_layers: int = 2
     page_question: str = "none"
+    figure_global: bool = False
     page_layers: int = 8
     page_window: int = 8
     reason_layers: int = 8
@@ -268,10 +278,21 @@ class DocReaderConfig(AttentionConfig, Config):
         return self.max_table_cols - 1
 
     @property
+    def global_tokens(self) -> dict[str, int]:
+        """The reasoning module's global tokens by role, in sequence order: question slots (``max_question_len``),
+        summary tokens (``n_latents``), a page start per page (``max_pages``), a table header per column of each
+        page's table (``max_pages n_headers``) and, with ``figure_global``, a figure per page (``max_pages``)."""
+        tokens = {"question": self.max_question_len, "summary": self.n_latents, "page_start": self.max_pages,
+                  "table_header": self.max_pages * self.n_headers}  # fmt: skip
+        if self.figure_global:
+            tokens["figure"] = self.max_pages
+        return tokens
+
+    @property
     def n_global(self) -> int:
-        """Global tokens of the reasoning module: question slots, summary tokens, a page start per page and a
-        table header per column of each page's table: ``max_question_len + n_latents + max_pages (1 + n_headers)``."""
-        return self.max_question_len + self.n_latents + self.max_pages * (1 + self.n_headers)
+        """Global tokens of the reasoning module (:attr:`global_tokens`): ``max_question_len + n_latents + max_pages
+        (1 + n_headers)``, plus ``max_pages`` with ``figure_global``."""
+        return sum(self.global_tokens.values())
 
     def page_backend(self) -> str:
         """The page-level attention: blocks of one page's ``L`` latents; the summary block global; a page sees
@@ -871,27 +892,29 @@ class PageTransformer(nn.Module):
 class ReasoningModule(nn.Module):
     r"""The question reads the document: Longformer-style attention over
     ``[question (max_question_len slots); summary (L); page starts (max_pages); table headers (max_pages x
-    n_headers) | latents]``.
+    n_headers); figures (max_pages, with figure_global) | latents]``.
 
-    The first group (``n_global`` tokens, the card's global tokens) attends every token and is attended by every
-    token, so the question tokens cross-attend the whole document in every layer; the page latents see a local
-    window of ``reason_window`` tokens. A role embedding marks each token's kind. ``-> [B, N_reason, d]``.
+    The first group (``n_global`` tokens: the card's global tokens, :attr:`DocReaderConfig.global_tokens`) attends
+    every token and is attended by every token, so the question tokens cross-attend the whole document in every
+    layer; the page latents see a local window of ``reason_window`` tokens. A role embedding ``E_role`` marks each
+    token's kind (``roles``: :attr:`ROLES`, then ``figure`` with ``figure_global``). ``-> [B, N_reason, d]``.
     The flat reader runs the same layers with full attention over ``[question; every fused page token]``.
     """
 
-    ROLES = ("question", "summary", "page_start", "table_header", "page")
+    ROLES = ("question", "summary", "page_start", "table_header", "page")  # the card's; "figure" is appended
 
     def __init__(self, config: DocReaderConfig):
         super().__init__()
         c = config
         self.config = c
-        self.role = nn.Embedding(len(self.ROLES), c.d_model)
+        self.roles = self.ROLES + (("figure",) if c.figure_global else ())  # appended: the card's rows keep theirs
+        self.role = nn.Embedding(len(self.roles), c.d_model)  # E_role
         self.encoder = _reader_encoder(c, c.reason_layers, c.reason_backend())
         self.apply(_init_reader)
         self.checkpointing = c.checkpointing
 
     def _role(self, name: str, x: Tensor) -> Tensor:
-        return x + self.role.weight[self.ROLES.index(name)]
+        return x + self.role.weight[self.roles.index(name)]
 
     def forward(self, parts: list[tuple[str, Tensor, Tensor]]) -> Tensor:
         """``parts``: ``(role, tokens [B, n_i, d], mask [B, n_i])`` in sequence order -> ``[B, sum n_i, d]``."""
@@ -995,9 +1018,10 @@ class DocReader(nn.Module):
         return self.head(self.head_norm(h[:, 0]))  # the question's [CLS] state
 
     def read_hierarchically(self, batch: DocBatch, question: Tensor) -> list[tuple[str, Tensor, Tensor]]:
-        """The reasoning module's document tokens: summary, page starts, table headers (global) and latents;
+        """The reasoning module's document tokens: summary, page starts, table headers, figures (with
+        ``figure_global``; these are global) and latents, each ``(role, tokens [B, n_i, d], mask [B, n_i])``;
         ``question [B, N_q, d]`` (the question's token states) conditions the Perceiver when
-        ``page_question="latents"``."""
+        ``page_question="latents"`` and the fusion when ``page_question="fusion"``."""
         c = self.config
         fused, mask = self.encode_pages(batch, question)  # [B, P, N_page, d]
         b, p, n_page, d = fused.shape
@@ -1012,13 +1036,27 @@ class DocReader(nn.Module):
         if page is not None:
             starts, headers = starts + page, headers + page[:, None, :]
         n_h = c.n_headers
-        return [
+        parts = [
             ("summary", summary, batch.page_mask.new_ones(b, c.n_latents)),
             ("page_start",) + _pad_to(starts, batch.page_mask, c.max_pages),
             ("table_header",) + _pad_to(headers.reshape(b, p * n_h, d), has_header.reshape(b, p * n_h),
                                         c.max_pages * n_h),
-            ("page", pages.reshape(b, p * c.n_latents, d), batch.page_mask.repeat_interleave(c.n_latents, dim=1)),
-        ]
+        ]  # fmt: skip
+        if c.figure_global:
+            figures, has_figure = self.figures(fused, batch)  # [B, P, d], [B, P]
+            if page is not None:
+                figures = figures + page
+            parts.append(("figure",) + _pad_to(figures, has_figure, c.max_pages))
+        parts.append(("page", pages.reshape(b, p * c.n_latents, d), batch.page_mask.repeat_interleave(c.n_latents, 1)))
+        return parts
+
+    @staticmethod
+    def figures(fused: Tensor, batch: DocBatch) -> tuple[Tensor, Tensor]:
+        """``figure_global``'s tokens: each page's fused image ``[class]`` state ``[B, P, d]`` (the first image
+        token, after the page's text and table tokens in ``fused [B, P, N_page, d]``) and whether the page has an
+        image ``[B, P]`` (False on pages without one and on padded pages: no key then)."""
+        at = batch.text_ids.shape[-1] + batch.table_ids.shape[-1]
+        return fused[:, :, at], batch.image_mask & batch.page_mask
 
     def table_headers(self, fused: Tensor, batch: DocBatch) -> tuple[Tensor, Tensor]:
         """The card's table-header global tokens: for each page and column ``j = 1 .. n_headers``, the fused state

@@ -32,11 +32,11 @@ def card():
     return docreader_budget(get_config("docreader-card"), pages=50)
 
 
-@pytest.mark.parametrize("pages", [1, 3])
-def test_activations_measured_on_meta_equal_those_a_real_forward_saves(pages):
+@pytest.mark.parametrize("pages, figure_global", [(1, False), (3, False), (3, True)])
+def test_activations_measured_on_meta_equal_those_a_real_forward_saves(pages, figure_global):
     """The meta-device run (flash-attention kernels' saved tensors, tiles by shape only) counts, per component, the
     bytes a real CPU forward with the same shapes saves for backward (to 0.1%: a few index tensors differ)."""
-    c = get_config("docreader-tiny", **TINY, frozen=("image",))
+    c = get_config("docreader-tiny", **TINY, frozen=("image",), figure_global=figure_global)
     torch.manual_seed(0)
     real = measure_activations(DocReader(c), full_batch(c, pages, 2, device="cpu"))
     with torch.device("meta"):
@@ -68,6 +68,27 @@ def test_the_budget_follows_from_the_model():
             assert comp.frozen and comp.activations == 0 and comp.training_bytes == 2 * comp.params
     with pytest.raises(ConfigError, match=r"pages=9 is more than the reader's page table holds \(max_pages=8\)"):
         docreader_budget(c, pages=9)
+
+
+def test_figure_global_tokens_are_counted_in_the_budget():
+    """``figure_global`` adds ``max_pages`` global tokens to the reasoning module: its sequence, its KV cache and its
+    saved activations grow by them (the KV cache exactly), nothing before the reasoning module changes."""
+    c = get_config("docreader-tiny", **TINY)
+    card, figures = docreader_budget(c, pages=4), docreader_budget(c.replace(figure_global=True), pages=4)
+    assert figures.reasoning_tokens == card.reasoning_tokens + c.max_pages == c.n_global + c.max_pages + 4 * c.n_latents
+    assert figures.kv_cache == card.kv_cache * figures.reasoning_tokens / card.reasoning_tokens
+    assert figures.reasoning_activations > card.reasoning_activations
+    before = {x.name: x for x in card.components}
+    for comp in figures.components:
+        if comp.name != "reasoning module":
+            assert comp == before[comp.name], comp.name
+        else:
+            assert comp.params == before[comp.name].params + c.d_model  # the figure role's row of E_role
+    data = figures.to_dict()
+    assert data["global_tokens"] == {**c.global_tokens, "figure": c.max_pages}
+    sequence = lambda b: next(x for x in format_budget(b).splitlines() if x.startswith("  sequence"))  # noqa: E731
+    assert sequence(figures).endswith(f"{c.max_pages * c.n_headers} table header, {c.max_pages} figure")
+    assert "figure" not in sequence(card)
 
 
 def test_the_card_budget_and_where_its_arithmetic_is_off(card):

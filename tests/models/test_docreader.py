@@ -275,8 +275,11 @@ def test_page_windows_equal_full_attention_under_the_page_window_mask(window):
         assert not page_window_mask(p, c.n_latents, window, page_mask)[0, 0, c.n_latents, -1]
 
 
-def test_reasoning_window_equals_full_attention_with_the_card_global_tokens():
-    c = config(reason_window=8)
+@pytest.mark.parametrize("figure_global", [False, True])
+def test_reasoning_window_equals_full_attention_with_the_card_global_tokens(figure_global):
+    """The sliding window with the first ``n_global`` tokens global equals dense attention under that mask; with
+    ``figure_global`` the figure tokens (one per page, some absent) are global too."""
+    c = config(reason_window=8, figure_global=figure_global)
     r = model(c).reasoning.double()
     g = torch.Generator().manual_seed(2)
     b, n_doc = 2, 40
@@ -289,14 +292,18 @@ def test_reasoning_window_equals_full_attention_with_the_card_global_tokens():
          torch.ones(b, c.max_pages, dtype=torch.bool)),
         ("table_header", torch.randn(b, c.max_pages * c.n_headers, c.d_model, generator=g, dtype=torch.float64),
          (torch.arange(c.max_pages * c.n_headers) < 3).expand(b, -1)),
-        ("page", torch.randn(b, n_doc, c.d_model, generator=g, dtype=torch.float64),
-         torch.ones(b, n_doc, dtype=torch.bool)),
     ]  # fmt: skip
+    if figure_global:
+        parts.append(("figure", torch.randn(b, c.max_pages, c.d_model, generator=g, dtype=torch.float64),
+                      torch.tensor([[True, False] * (c.max_pages // 2), [False, True] * (c.max_pages // 2)])))
+    parts.append(("page", torch.randn(b, n_doc, c.d_model, generator=g, dtype=torch.float64),
+                  torch.ones(b, n_doc, dtype=torch.bool)))  # fmt: skip
+    assert [role for role, _, _ in parts][:-1] == list(c.global_tokens)
     got = r(parts)
     n = c.n_global + n_doc
     assert n == sum(t.shape[1] for _, t, _ in parts)
     i = torch.arange(n)
-    is_global = i < c.n_global  # question tokens, summary, page starts, table headers
+    is_global = i < c.n_global  # question tokens, summary, page starts, table headers (and figures)
     pattern = is_global[:, None] | is_global[None, :] | ((i[:, None] - i[None, :]).abs() <= c.reason_window // 2)
     keys = torch.cat([m.expand(b, -1) for _, _, m in parts], dim=1)
     ref = copy.deepcopy(r)
@@ -345,6 +352,62 @@ def test_each_table_header_cell_is_a_global_token_of_the_reasoning_module(tokeni
     parts = m.read_hierarchically(batch, m.text(batch.question_ids, batch.question_mask))
     n_doc = sum(t.shape[1] for role, t, _ in parts if role != "page")
     assert c.max_question_len + n_doc == c.n_global  # the global block the reasoning window is built for
+
+
+def test_figure_global_tokens_are_the_fused_image_class_states_plus_the_page_number(tokenizer):
+    """``figure_global``: one more global token per page, the fused state of the page's image ``[class]`` token (the
+    ViT's ``[class]`` output, projected, is the fusion's input there) plus ``E_page[p]``, exactly; a key only on pages
+    with an image; ``max_pages`` more global tokens in ``n_global`` and in the reasoning window's global block."""
+    c = config(figure_global=True)
+    card = config()
+    assert c.global_tokens == {**card.global_tokens, "figure": c.max_pages}
+    assert c.n_global == card.n_global + c.max_pages and c.reason_backend().endswith(f"global={c.n_global}")
+    m = model(c).double()
+    batch = collate(documents(c), c, tokenizer)
+    batch = batch._replace(images=batch.images.double())
+    seen = {}
+    m.image.register_forward_hook(lambda mod, args, out: seen.update(image=out))
+    m.fusion.register_forward_pre_hook(lambda mod, args: seen.update(fusion=args))
+    with torch.no_grad():
+        question = m.text(batch.question_ids, batch.question_mask)
+        parts = m.read_hierarchically(batch, question)
+        fused, _ = m.encode_pages(batch, question)  # the same pages again: what read_hierarchically fused
+    assert [role for role, _, _ in parts] == ["summary", "page_start", "table_header", "figure", "page"]
+    _, figures, has_figure = parts[3]
+    b, p = batch.page_mask.shape
+    assert figures.shape == (b, c.max_pages, c.d_model) and has_figure.shape == (b, c.max_pages)
+    at = batch.text_ids.shape[-1] + batch.table_ids.shape[-1]  # the first image token of a page
+    assert torch.equal(figures[:, :p], fused[:, :, at] + m.pages.page.weight[:p])
+    assert not figures[:, p:].any()  # padded to max_pages with zeros
+    no = [False] * (c.max_pages - 4)
+    assert has_figure.tolist() == [[False, True, True, False, *no], [True, False, False, False, *no]]
+    tokens, modality = seen["fusion"][:2]  # before fusion: the ViT's [class] output, projected, sits at `at`
+    assert modality[at] == 2 and modality[at - 1] != 2  # IMAGE, after the table's tokens
+    images = batch.image_mask.view(-1)
+    torch.testing.assert_close(tokens[images, at], seen["image"][:, 0], rtol=0, atol=0)
+    assert c.max_question_len + sum(t.shape[1] for role, t, _ in parts if role != "page") == c.n_global
+
+
+def test_figure_global_off_is_the_card_reader_and_on_adds_only_the_figure_tokens(tokenizer):
+    """Off (the default), the reader is the card's: no figure role, the same parameters as before the switch existed.
+    On, the same weights with every figure token hidden (no key) give the card reader's logits (float64): the switch
+    adds those tokens and their role row, nothing else; shown, they change the logits."""
+    off, on = model(config()).double(), model(config(figure_global=True)).double()
+    assert off.reasoning.roles == off.reasoning.ROLES == ("question", "summary", "page_start", "table_header", "page")
+    assert on.reasoning.roles == off.reasoning.roles + ("figure",)
+    state, on_state = off.state_dict(), on.state_dict()
+    assert state.keys() == on_state.keys()
+    assert {k for k in state if state[k].shape != on_state[k].shape} == {"reasoning.role.weight"}
+    state["reasoning.role.weight"] = torch.cat([state["reasoning.role.weight"], on_state["reasoning.role.weight"][5:]])
+    on.load_state_dict(state)
+    batch = collate(documents(config()), config(), tokenizer)
+    batch = batch._replace(images=batch.images.double())
+    with torch.no_grad():
+        card, shown = off(batch), on(batch)
+        on.figures = lambda fused, b: (DocReader.figures(fused, b)[0], torch.zeros_like(b.page_mask))  # no key
+        hidden = on(batch)
+    torch.testing.assert_close(hidden, card, rtol=0, atol=1e-12)
+    assert (shown - card).abs().amax() > 1e-6
 
 
 def test_table_positions_2d_tell_rows_apart(tokenizer):
@@ -487,6 +550,8 @@ def test_bad_batches_are_refused_by_the_model(tokenizer):
         (dict(frozen=("fusion",)), "frozen: unknown value 'fusion'"),
         (dict(backend="sliding"), "the reader's dense layers take auto, math or sdpa"),
         (dict(image_size=9), "image_size=9 is not divisible by patch_size=2"),
+        (dict(figure_global="yes"), "figure_global='yes' must be true or false"),
+        (dict(figure_global=1), "figure_global=1 must be true or false"),
     ],
 )
 def test_bad_configs_are_refused_naming_the_field(overrides, message):
