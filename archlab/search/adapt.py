@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from archlab.config import Config, check_positive, require
 from archlab.errors import ConfigError, DataError, TrainingError
 from archlab.search.corpus import Document, EvalSet
-from archlab.search.rerank import Reranker
+from archlab.search.rerank import Reranker, fuse_ranks
 
 GENERATORS = ("sentences", "smollm2")
 MIN_QUERY_WORDS, MAX_QUERY_WORDS = 4, 40  # a pseudo-query sentence's length
@@ -466,8 +466,6 @@ def heldout_check(engine, reranker: Reranker, groups: Sequence[Group]) -> Heldou
     """Rank each held-out group's ``(positive, *negatives)`` by the first stage (dense cosine of
     ``engine.encoder``), by ``reranker`` and by their fusion at each of :data:`FUSION_WEIGHTS`; see
     :class:`HeldoutCheck`."""
-    from archlab.search.rerank import fuse_ranks
-
     if not groups:
         raise DataError("the held-out check needs at least one group")
     reranks, positives = [], []  # per group, in first-stage order: re-ranker logits; where the positive is
@@ -496,17 +494,24 @@ def heldout_check(engine, reranker: Reranker, groups: Sequence[Group]) -> Heldou
 
 @dataclass
 class MeasureRow:
-    """nDCG@10 of one ranking: ``first`` stage (dense / hybrid), re-ranked at ``depth`` (0: not re-ranked)."""
+    """nDCG@10 of one ranking: ``first`` stage (dense / hybrid), re-ranked at ``depth`` (0: not re-ranked), its
+    head ordered by the fusion with first-stage weight ``weight`` (0: the cross-encoder alone; None: not re-ranked)."""
 
     first: str
     depth: int
     ndcg10: float
     rerank_ms: float  # mean re-ranking time per query (0 for the first stage alone)
+    weight: float | None = None
 
 
 def measure(engine, reranker: Reranker | None, evalset: EvalSet, *, depths: Sequence[int] = (20, 50, 100),
-            max_queries: int | None = 100, seed: int = 0) -> list[MeasureRow]:  # fmt: skip
+            max_queries: int | None = 100, seed: int = 0,
+            weights: Sequence[float] | None = None) -> list[MeasureRow]:  # fmt: skip
     """nDCG@10 of the first stage and of its top ``depth`` re-ranked, for each depth, on ``evalset``.
+
+    ``weights``: the first-stage weights ``w`` of the fusion (:func:`archlab.search.rerank.fuse_ranks`) whose
+    orders are measured, a row each per depth (0: the cross-encoder's order alone; 1: the first stage's); default
+    the re-ranker's own :attr:`~archlab.search.rerank.Reranker.first_stage_weight`, the order the engine uses.
 
     The first stages: ``dense`` (the FAISS ranking) and, for a hybrid index, ``hybrid`` (BM25 fused). At most
     ``max_queries`` judged queries are used (a seeded sample). A pair's score does not depend on the rest of
@@ -518,6 +523,9 @@ def measure(engine, reranker: Reranker | None, evalset: EvalSet, *, depths: Sequ
     qids = [q for q in evalset.qrels if q in evalset.queries]
     if not qids:
         raise DataError("the evaluation set has no judged query with a text")
+    if weights is not None:
+        for w in weights:
+            fuse_ranks([], w)  # ConfigError naming a weight outside [0, 1]
     if max_queries is not None and len(qids) > max_queries:
         qids = sorted(random.Random(seed).sample(qids, max_queries))
     qrels = {q: evalset.qrels[q] for q in qids}
@@ -558,23 +566,27 @@ def measure(engine, reranker: Reranker | None, evalset: EvalSet, *, depths: Sequ
         if reranker is None:
             continue
         for depth in depths:
-            run = {}
-            for q, docs in lists.items():
-                final = reranker.final_scores([scores[q, d.id] for d in docs[:depth]])  # fused at the saved weight
-                head = [docs[i] for i in sorted(range(len(final)), key=lambda i: -final[i])]  # stable: ties keep order
-                run[q] = [(d.id, -float(i)) for i, d in enumerate(head + docs[depth:])]
-            out.append(MeasureRow(name, depth, evaluate_run(run, qrels)["nDCG@10"], ms[depth]))
+            for w in (reranker.first_stage_weight,) if weights is None else weights:
+                run = {}
+                for q, docs in lists.items():
+                    final = reranker.final_scores([scores[q, d.id] for d in docs[:depth]], w)
+                    order = sorted(range(len(final)), key=lambda i: -final[i])  # stable: ties keep the first order
+                    head = [docs[i] for i in order]
+                    run[q] = [(d.id, -float(i)) for i, d in enumerate(head + docs[depth:])]
+                out.append(MeasureRow(name, depth, evaluate_run(run, qrels)["nDCG@10"], ms[depth], float(w)))
     return out
 
 
 def format_rows(rows: Sequence[MeasureRow], queries: int) -> str:
     """The measurement as a small table."""
-    lines = [f"nDCG@10 on {queries} evaluation queries (re-rank time per query on this CPU):",
-             f"  {'first stage':<12} {'re-rank depth':>13} {'nDCG@10':>8} {'re-rank ms/query':>17}"]  # fmt: skip
+    lines = [f"nDCG@10 on {queries} evaluation queries (re-rank time per query on this CPU; w: the first stage's "
+             "weight in the fusion, 0 = the cross-encoder's order alone):",
+             f"  {'first stage':<12} {'re-rank depth':>13} {'w':>4} {'nDCG@10':>8} {'re-rank ms/query':>17}"]
     for r in rows:
         depth = "-" if r.depth == 0 else str(r.depth)
         ms = "-" if r.depth == 0 else f"{r.rerank_ms:.0f}"
-        lines.append(f"  {r.first:<12} {depth:>13} {r.ndcg10:>8.4f} {ms:>17}")
+        w = "-" if r.weight is None else f"{r.weight:.1f}"
+        lines.append(f"  {r.first:<12} {depth:>13} {w:>4} {r.ndcg10:>8.4f} {ms:>17}")
     return "\n".join(lines)
 
 

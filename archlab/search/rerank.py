@@ -268,10 +268,12 @@ class Reranker:
         logits = self.logits(query, docs)
         return (torch.sigmoid(logits) if self.activation == "sigmoid" else logits).tolist()
 
-    def final_scores(self, scores: Sequence[float]) -> list[float]:
+    def final_scores(self, scores: Sequence[float], first_stage_weight: float | None = None) -> list[float]:
         """The scores that order a re-ranked head given in first-stage order: ``scores`` themselves, or their
-        :func:`fuse_ranks` with the first stage when :attr:`first_stage_weight` > 0."""
-        return fuse_ranks(scores, self.first_stage_weight) if self.first_stage_weight else list(scores)
+        :func:`fuse_ranks` with the first stage when the weight ``w`` > 0 (default :attr:`first_stage_weight`;
+        another ``w`` measures what that fusion would give)."""
+        w = self.first_stage_weight if first_stage_weight is None else first_stage_weight
+        return fuse_ranks(scores, w) if w else list(scores)
 
     def rerank(self, query: str, hits: Sequence, depth: int) -> list:
         """The first ``depth`` of ``hits`` re-ordered by :meth:`final_scores` (``score``; the re-ranker's own in

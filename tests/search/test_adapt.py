@@ -19,6 +19,7 @@ from archlab.search.adapt import (
     split_sentences,
 )
 from archlab.search.corpus import Corpus, Document, EvalSet, builtin_corpus, builtin_evalset
+from archlab.search.evaluate import evaluate_run
 
 TINY = dict(steps=40, batch_queries=4, negatives=2, mine_depth=10, max_length=96, lr=5e-3, warmup=4, heldout_queries=4)
 
@@ -105,6 +106,27 @@ def test_adapt_loss_falls_and_the_saved_folder_reloads(small, tmp_path):
     print(format_rows(rows, len(evalset.queries)))
     assert [(r.first, r.depth) for r in rows] == [(f, d) for f in ("dense", "hybrid") for d in (0, 5, 20)]
     assert all(0.0 <= r.ndcg10 <= 1.0 for r in rows) and all(r.rerank_ms > 0 for r in rows if r.depth)
+
+    # other fusion weights from the same scores: w = 1 keeps the first stage's order, w = 0 is the cross-encoder's
+    weights = sorted({1.0, 0.0, again.first_stage_weight})
+    weighed = measure(engine, again, evalset, depths=(5, 20), max_queries=None, weights=weights)
+    ndcg = {(r.first, r.depth, r.weight): r.ndcg10 for r in weighed}
+    assert len(weighed) == 2 * (1 + 2 * len(weights)) and set(ndcg) >= {("dense", 0, None), ("hybrid", 20, 0.0)}
+    for first in ("dense", "hybrid"):
+        assert ndcg[first, 5, 1.0] == ndcg[first, 20, 1.0] == ndcg[first, 0, None]
+        for r in rows:  # the default: the saved weight, as the engine ranks
+            assert r.first != first or not r.depth or r.ndcg10 == ndcg[first, r.depth, again.first_stage_weight]
+    qids = [q for q in evalset.qrels if q in evalset.queries]  # dense, depth 20, w = 0: sorted by the logits alone
+    _, found = engine.dense_search(engine.embed_queries([evalset.queries[q] for q in qids]), 100)
+    run = {}
+    for q, row in zip(qids, found, strict=True):
+        docs = [engine.docs[r] for r in row if r >= 0]
+        logits = again.logits(evalset.queries[q], docs[:20]).tolist()
+        head = sorted(range(len(logits)), key=lambda i: -logits[i])
+        run[q] = [(d.id, -float(i)) for i, d in enumerate([docs[i] for i in head] + docs[20:])]
+    assert ndcg["dense", 20, 0.0] == pytest.approx(evaluate_run(run, evalset.qrels)["nDCG@10"], abs=1e-12)
+    with pytest.raises(ConfigError, match=r"first_stage_weight=1.5 must be in \[0, 1\]"):
+        measure(engine, again, evalset, depths=(5,), weights=(1.5,))
 
 
 def test_same_seed_same_weights(small):
