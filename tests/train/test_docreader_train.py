@@ -99,6 +99,8 @@ def test_reader_accuracy_measures_the_readers_memory_and_parameters():
 #: The trained reader's margin over the better of the question-only and single-page baselines, and over the
 #: majority answer of the kind: the issue's "well above".
 MARGIN = 0.10
+#: The least held-out accuracy the digit recipe must reach (of 10 digits; majority about 0.13).
+DIGIT_FLOOR = 0.30
 
 
 def trained_readers(**recipe) -> dict[str, dict]:
@@ -112,9 +114,14 @@ def trained_readers(**recipe) -> dict[str, dict]:
             "single page": reader_accuracy("hierarchical", "single", **recipe),
             "flat": reader_accuracy("flat", "full", **recipe)}  # fmt: skip
     for name, r in runs.items():
-        kinds = "  ".join(f"{k} {r[k]:.3f} (majority {m:.3f})" for k, m in r["majority"].items())
-        print(f"{name:13s} all {r['all']:.3f}  {kinds}  params {r['params']:,}  peak {r['peak_mb']:.1f} MB")
+        show(name, r)
     return runs
+
+
+def show(name: str, r: dict) -> None:
+    """One line of a trained reader's results (pytest -s shows it)."""
+    kinds = "  ".join(f"{k} {r[k]:.3f} (majority {m:.3f})" for k, m in r["majority"].items())
+    print(f"{name:13s} all {r['all']:.3f}  {kinds}  params {r['params']:,}  peak {r['peak_mb']:.1f} MB")
 
 
 @pytest.mark.slow
@@ -136,17 +143,34 @@ def test_the_trained_reader_counts_pages_well_above_its_baselines():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 16: TABLE_DIGIT_RECIPE (the count recipe's reader on the largest-value and digit questions, 400 steps) "
-    "stays at the answer priors: run to completion (82 s nearly idle, 364 s loaded), largest 0.400 (majority 0.424), digit "
-    "0.107 (majority 0.122) on 256 test documents; the flat reader learns both (one-page digits 0.828, the larger "
-    "of two pages' values 0.682 at 400 steps): README's Document reader section"))
-def test_the_trained_reader_finds_the_largest_value_and_the_digit():
-    """TABLE_DIGIT_RECIPE: each kind's held-out accuracy at least MARGIN above its majority answer (the best a
-    reader that ignores the pages can expect; the question-only reader measured at it in the count test)."""
-    from archlab.labs.docreader import TABLE_DIGIT_RECIPE, reader_accuracy
+def test_the_trained_reader_finds_the_digit_on_the_page_a_keyword_names():
+    """DIGIT_RECIPE (the count recipe's reader with ``figure_global=True``: each page's fused figure ``[class]``
+    state a global token of the reasoning module; "What digit is shown on the page that mentions the X?" on 2..3
+    pages; 800 steps of 16 new documents): on 256 held-out test documents the reader's accuracy is at least MARGIN
+    above the question-only reader (the same recipe, the question alone) and above the majority digit, and at least
+    DIGIT_FLOOR (measured: reader 0.402, question only 0.102, majority 0.129; 740 s loaded at load ~7-11, 207 s of
+    CPU time)."""
+    from archlab.labs.docreader import DIGIT_RECIPE, reader_accuracy
 
-    r = reader_accuracy("hierarchical", "full", **TABLE_DIGIT_RECIPE)
-    print({k: r[k] for k in ("all", "largest", "digit", "majority")})
-    for kind in ("largest", "digit"):
-        assert r[kind] >= r["majority"][kind] + MARGIN, (kind, r)
+    full = reader_accuracy("hierarchical", "full", **DIGIT_RECIPE)
+    question = reader_accuracy("question", "question", **DIGIT_RECIPE)
+    show("reader", full)
+    show("question only", question)
+    assert full["digit"] >= max(question["digit"], full["majority"]["digit"]) + MARGIN, (full, question)
+    assert full["digit"] >= DIGIT_FLOOR, full
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 16: LARGEST_RECIPE (the digit recipe's reader on \"Which page's table lists the largest X?\", 400 steps) "
+    "stays at the answer prior: ran to completion (528 s loaded, load ~7-11), largest 0.410 against the majority "
+    "0.434 on 256 test documents; the flat reader learns it (the larger of two pages' values 0.682 at 400 steps): "
+    "README's Document reader section"))
+def test_the_trained_reader_finds_the_largest_value():
+    """LARGEST_RECIPE: the held-out accuracy at least MARGIN above the majority answer (the best a reader that
+    ignores the pages can expect; the question-only reader measured at it in the count test)."""
+    from archlab.labs.docreader import LARGEST_RECIPE, reader_accuracy
+
+    r = reader_accuracy("hierarchical", "full", **LARGEST_RECIPE)
+    show("reader", r)
+    assert r["largest"] >= r["majority"]["largest"] + MARGIN, r
