@@ -39,7 +39,7 @@ demo-dates: $(STAMP)
 	$(VENV)/bin/archlab generate runs/demo-dates --prompt "Sunday, 20 July 1969"
 	$(VENV)/bin/archlab generate runs/demo-dates --prompt "Nov 9, 1989" --beam 4
 
-# Every lab: the lessons' claims as experiments (numbers, a plot and a verdict each): about 94 minutes on 2 cores
+# Every lab: the lessons' claims as experiments (numbers, a plot and a verdict each): about 96 minutes on 2 cores
 # (the sum of the 43 labs' own estimates, `archlab lab list --json`'s minutes; not re-timed whole; `archlab lab list`
 # flags the labs over 5 minutes).
 labs: $(STAMP)
