@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from archlab.generation import generate, generate_batch
+from archlab.hardware import describe_cpu
 from archlab.labs.registry import LabResult, one_thread, progress_bar, register_lab
 from archlab.quant import quantize
 from archlab.speculative import speculative_generate
@@ -76,6 +77,7 @@ def _model(quick: bool, seed: int):
     source="lesson 4 card 5 (efficiency optimizations)",
     tags=("generation", "speed", "quantization"),
     minutes=2.7,  # CPU time of the full run (one thread): 162 s; 28 min of wall time on the shared, loaded machine
+    # (AVX2); on the AVX-512 + AVX512-BF16 EPYC 87-94 s of CPU time, 3-6 min of wall time loaded (load ~6-11)
 )
 def run(quick: bool, seed: int) -> LabResult:
     new = 6 if quick else 24
@@ -162,7 +164,7 @@ def run(quick: bool, seed: int) -> LabResult:
         f"{new} new tokens, best of {rounds} round(s) on a shared, loaded CPU (absolute tokens/s are lower bounds, "
         "the ratios come from calls timed back to back). 'same tokens' for INT8: the share of its new tokens equal to "
         "float32's at the same position (one early change shifts all later ones). INT8 is weight-only "
-        "(archlab.quant, bf16 compute by default): on a CPU without native bf16 its products are emulated. "
-        "Batching's gain is bounded by how far one row leaves the CPU idle: with one thread, little; the card's 10x "
-        "is a GPU figure. Megatron sharding is not timed (benchmarks/tp_memory.py, under torchrun)",
+        "(archlab.quant, bf16 compute by default): on a CPU without native bf16 its products are emulated; this "
+        f"run's CPU: {describe_cpu()}. Batching's gain is bounded by how far one row leaves the CPU idle: with one "
+        "thread, little; the card's 10x is a GPU figure. Megatron sharding is not timed (benchmarks/tp_memory.py, under torchrun)",
     )

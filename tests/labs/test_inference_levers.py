@@ -1,5 +1,6 @@
 """The inference-levers lab: the card's factors, the timer, and the quick run (random tiny Llama: undecided)."""
 
+from archlab.hardware import describe_cpu
 from archlab.labs import run_lab
 from archlab.labs.inference_levers import CARD, best_time, holds
 
@@ -22,3 +23,4 @@ def test_quick_run_is_undecided_with_the_same_tokens():
     same = {r[0]: r[6] for r in result.rows}
     assert same["speculative decoding"] == "yes"  # draft-and-verify gives the greedy tokens
     assert all(r[1] > 0 and r[2] > 0 for r in result.rows)
+    assert f"this run's CPU: {describe_cpu()}" in result.notes  # INT8's bf16 speed depends on the CPU kind
