@@ -163,9 +163,9 @@ def run(quick: bool, seed: int) -> LabResult:
                  "minus the reference"],  # fmt: skip
         rows=rows,
         criterion=f"A: the lowest mean held-out loss is at an A strictly between {fewest} and {most}, and both "
-        f"A={fewest} and A={most} are worse than it by a mean paired gap >= {MARGIN} nats/byte, positive on every seed; "
-        f"B: at A={KEY_HEADS}, d_k={min(widths)} is worse than d_k={max(widths)} by the same test; the claim holds "
-        "when both do (the reference of 'minus the reference': A's best, B's d_k = d / A)",
+        f"A={fewest} and A={most} are worse than it by a mean paired gap >= {MARGIN} nats/byte, positive on every "
+        f"seed; B: at A={KEY_HEADS}, d_k={min(widths)} is worse than d_k={max(widths)} by the same test; the claim "
+        "holds when both do (the reference of 'minus the reference': A's best, B's d_k = d / A)",
         supported=heads_ok and keys_ok,
         finding=finding,
         plot=plot,

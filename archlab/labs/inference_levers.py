@@ -166,5 +166,6 @@ def run(quick: bool, seed: int) -> LabResult:
         "float32's at the same position (one early change shifts all later ones). INT8 is weight-only "
         "(archlab.quant, bf16 compute by default): on a CPU without native bf16 its products are emulated; this "
         f"run's CPU: {describe_cpu()}. Batching's gain is bounded by how far one row leaves the CPU idle: with one "
-        "thread, little; the card's 10x is a GPU figure. Megatron sharding is not timed (benchmarks/tp_memory.py, under torchrun)",
+        "thread, little; the card's 10x is a GPU figure. Megatron sharding is not timed (benchmarks/tp_memory.py, "
+        "under torchrun)",
     )
