@@ -29,8 +29,13 @@ lookup reads ``N`` rows, not the whole matrix), so memory grows by the copy whil
 **Activations in bfloat16.** The kernels take activations, scales and zeros in one dtype and return it;
 they are fast with bfloat16 only (on both CPU kinds: float32 activations make them several times slower
 than the float32 product itself), so :func:`quantize` builds layers that compute in bfloat16 by default
-(``compute="float32"``: the exact equation, for checking). Each layer casts its input and output, so the
-rest of the model keeps its dtype. Measured for a ``3072 x 576`` layer (CPU time, one thread): one row 1.1-2x
+(``compute="float32"``: the exact equation, for checking). A layer casts its input to bfloat16 and its output
+back to the input's dtype, so the rest of the model keeps its dtype. At one row a decoding step's cost is its
+op count, and those casts (with the reshapes to the kernels' 2-D input) were a third of a layer's ops: so in a
+block of archlab's whose every product is such a layer, :func:`quantize` sets the block's ``compute_dtype``
+(:class:`archlab.nn.blocks._Block`): each sub-layer's input is cast once, the activations between its products
+(RoPE, the KV cache, attention, SwiGLU) stay bfloat16, and its output joins the float32 residual stream in the
+residual add (44 -> 38 aten calls a layer). Measured for a ``3072 x 576`` layer (CPU time, one thread): one row 1.1-2x
 faster than the float32 product; 41 or 256 rows (a prompt) ~2x slower than it.
 
 **Dynamic int8** (``mode="int8-dynamic"``, :class:`DynamicInt8Linear`): int8 weights per output channel *and*
@@ -50,7 +55,10 @@ Per tensor, a few tokens with large activations (the final norm's output reaches
 3.2) set the step for all. Per row, the outlier *channels* remain; **smoothing** (SmoothQuant, Xiao et al. 2022)
 moves them into the weights: with ``calibration=`` token ids, each layer's input channel ``k`` gets
 ``s_k = max|x_k|^a / max_n |W_nk|^(1-a)`` (``a`` = :data:`SMOOTH_ALPHA`, ``max|x_k|`` over the calibration
-text run through the float model) and computes ``(x / s) (W diag(s))^T``, the same product before rounding.
+text run through the float model) and computes ``(x / s) (W diag(s))^T``, the same product before rounding. The
+division by ``s`` costs no op where it can be folded into the weights before the layer (:func:`fold_smoothing`:
+an RMSNorm's gain, the up rows of SwiGLU, the value rows of attention without grouped-query heads), as in the
+blocks of a pre-norm decoder.
 
 Quantized layers are for inference: no gradients, CPU only, state dicts not meant to be saved (the int4 packing
 is the CPU kernel's own layout). ``loss(labels=)`` of a decoder reads ``lm_head.weight``: evaluate a quantized
@@ -71,6 +79,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archlab.errors import ConfigError, ShapeError
+from archlab.nn.blocks import _Block
+from archlab.nn.feedforward import GatedFeedForward
+from archlab.nn.norm import LayerNorm, RMSNorm
 
 MODES = ("int8", "int4", "int8-dynamic")
 GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
@@ -264,7 +275,9 @@ class DynamicInt8Linear(nn.Module):
     row of ``x``, through fbgemm (``torch.ops.quantized.linear_dynamic``); ``x [..., K]`` float32 -> ``[..., N]``.
 
     ``W diag(s)`` is stored as :class:`Int8Weight` (``q [N, K]``, ``scale [N]``) inside fbgemm's packed form;
-    ``s [K]`` is the smoothing (module docstring; all ones without calibration). ``Q_row`` rounds each row ``x_m``
+    ``s [K]`` is the smoothing (module docstring; all ones without calibration), the division by it an op of each
+    call (``smooth=s``) or none (``smooth=None``, the weight given as ``W diag(s)`` and ``1 / s`` folded into what
+    computes ``x``: :func:`fold_smoothing`, as :func:`quantize` does in archlab's blocks). ``Q_row`` rounds each row ``x_m``
     affinely to 7 bits (torch's x86 rule)::
 
         t_m = (max(x_m, 0) - min(x_m, 0)) / 127      z_m = round(-min(x_m, 0) / t_m)
@@ -453,14 +466,17 @@ def quantize(
             kernels are fast with bfloat16 activations only, on both CPU kinds (measured for one row: int4
             2.4-3.8x and int8 ~2x faster than the float32 product, where float32 activations make them 4-7x
             slower than it); ``float32`` computes the exact equation, for checking. Each layer casts its input
-            to ``compute`` and its output back, so the rest of the model keeps its dtype.
+            to ``compute`` and its output back, so the rest of the model keeps its dtype; a block of archlab's
+            whose products are all such layers computes its sub-layers in ``compute``, its residual stream kept
+            (module docstring).
         weights: layer name -> its quantized weight already made (GGUF blocks read as they are, see
             :func:`archlab.interop.gguf.load_gguf`), used instead of quantizing the layer's float weight; its kind
             must be the layer's mode.
         calibration: ``int8-dynamic`` only: token ids ``[B, N]`` (text unlike the evaluation's) that ``model``
             reads once before its layers are replaced; each dynamic layer is then smoothed by the largest
-            activations it saw (module docstring). Without it, no smoothing (SmolLM2: +11.7% perplexity
-            instead of +2.6%).
+            activations it saw (module docstring), its ``1 / s`` folded into the weights before it where the
+            block allows (:func:`fold_smoothing`: the norm gains of a pre-norm block change). Without it, no
+            smoothing (SmolLM2: +11.7% perplexity instead of +2.6%).
 
     The report is returned and also kept as ``model.quant_report``.
 
@@ -524,10 +540,11 @@ def quantize(
         raise ConfigError(f"weights= names layers this {type(model).__name__} does not have: {sorted(weights)}")
 
     dynamic = [layer for _, layer, layer_mode, _, _ in plan if layer_mode == "int8-dynamic"]
-    amax = _input_amax(model, dynamic, calibration) if calibration is not None and dynamic else {}
     activations = "int8" if mode == "int8-dynamic" else compute  # what the summary line names
     report = QuantReport(mode, group_size if "int4" in (mode, head) else None, activations,
                          model_bytes_before=model_bytes(model))  # fmt: skip
+    amax = _input_amax(model, dynamic, calibration) if calibration is not None and dynamic else {}
+    smoothed = fold_smoothing(model, amax)  # the float weights now hold W diag(s); 1/s folded before where it can be
     outside = 0  # bytes of torch's dynamic layers, held outside parameters and buffers
     for name, layer, layer_mode, note, given in plan:
         before = layer.weight.numel() * layer.weight.element_size()
@@ -535,12 +552,14 @@ def quantize(
             report.layers.append(LayerReport(name, tuple(layer.weight.shape), "float", before, before, note))
             continue
         if layer_mode == "int8-dynamic":
-            new = dynamic_int8_linear(layer.weight, layer.bias, amax.get(layer))
+            s, into = smoothed.get(layer, (None, ""))
+            new = DynamicInt8Linear(quantize_int8(layer.weight), layer.bias, None if into else s)
             _replace(model, name, new)
             packed = new.out_features * (new.in_features + 16)  # fbgemm's int8 q, float64 scale and int64 zero per row
             outside += packed  # held by fbgemm, outside parameters and buffers
             after = packed + _nbytes(*new.buffers()) - (0 if new.bias is None else _nbytes(new.bias))
-            note = f"{note}; smoothed" if layer in amax else note
+            if layer in smoothed:
+                note = f"{note}; smoothed, " + (f"1/s folded into {into}" if into else "x / s at run time")
             report.layers.append(LayerReport(name, tuple(layer.weight.shape), "int8-dyn", before, after, note.lstrip("; ")))
             continue
         if given is None:
@@ -552,8 +571,27 @@ def quantize(
         shown = f"int4/g{new.group_size}" if layer_mode == "int4" else "int8"
         report.layers.append(LayerReport(name, tuple(layer.weight.shape), shown, before, after, note))
     report.model_bytes_after = model_bytes(model) + outside
+    for block in model.modules():
+        if isinstance(block, _Block):
+            block.compute_dtype = _block_compute_dtype(block)
     model.quant_report = report
     return report
+
+
+def _block_compute_dtype(block: nn.Module) -> torch.dtype | None:
+    """The dtype a block's sub-layers compute in (:attr:`archlab.nn.blocks._Block.compute_dtype`): its weight-only
+    layers' compute dtype where those are all of its products and it is not float32, else None (the stream's own).
+    Any float parameter or buffer left in the block outside its norms (a skipped layer, cross-attention's K/V
+    projection, a dynamic int8 layer, LoRA, a low-rank attention's projections) would meet bfloat16 activations
+    with float32 numbers, so it keeps None; the norms run on the residual stream, before the cast."""
+    dtypes = set()
+    for m in block.modules():
+        if isinstance(m, _WeightOnlyLinear):
+            dtypes.add(m.compute_dtype)
+        elif not isinstance(m, (RMSNorm, LayerNorm, nn.LayerNorm)):
+            if any(t.is_floating_point() for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]):
+                return None
+    return dtypes.pop() if len(dtypes) == 1 and torch.float32 not in dtypes else None
 
 
 def smoothing(input_amax: Tensor, weight: Tensor, alpha: float = SMOOTH_ALPHA) -> Tensor:
@@ -562,6 +600,70 @@ def smoothing(input_amax: Tensor, weight: Tensor, alpha: float = SMOOTH_ALPHA) -
     x, w = input_amax.double(), weight.detach().double().abs().amax(0)
     s = x.pow(alpha) / w.pow(1 - alpha)
     return torch.where((x > 0) & (w > 0), s, torch.ones_like(s)).float()
+
+
+@torch.no_grad()
+def fold_smoothing(model: nn.Module, input_amax: Mapping[nn.Module, Tensor]) -> dict[nn.Module, tuple[Tensor, str]]:
+    r"""SmoothQuant in the float ``model``, in place: each layer in ``input_amax`` (``nn.Linear`` -> its largest
+    ``|x_k|`` on calibration text, ``[K]``) gets ``W <- W diag(s)`` (:func:`smoothing`), so its input must arrive
+    divided by ``s``. Where a block's wiring (:mod:`archlab.nn.blocks`) allows, that division is folded into what
+    computes the input, so it costs no op at run time:
+
+    * a pre-norm block's ``attn.in_proj`` (q, k, v) and gated ``ffn.w_in`` (gate, up) read their norm's output
+      ``g * x / rms(x)`` and nothing else does: the gain ``g <- g / s`` (a LayerNorm's offset too);
+    * ``attn.out_proj`` reads the heads' outputs side by side, head ``i``'s channel ``c`` a convex mix
+      ``sum_j p_ij v_jc`` of its value head's channel: ``W_V``'s output rows in ``in_proj`` are divided by ``s``,
+      where every query head has its own value head (``G = A``). With grouped-query attention the ``A / G`` query
+      heads of a group mix one value head but want different ``s``: one ``s`` tied per value channel would fold,
+      but it smooths the layer differently (measured on SmolLM2's parity docstrings: +3.28% perplexity with the
+      group's largest input and weight, +2.14% and top-1 89.4% with the geometric mean of the heads' ``s``,
+      against +2.39% and 90.0% untied), so there the division stays an op of the layer;
+    * a gated FFN's ``w2`` (down) reads ``act(h W) * (h V)``, linear in the up projection: ``V``'s output rows
+      (``w_in``'s second half) are divided by ``s``.
+
+    Real arithmetic gives the same function (a float64 test checks it). The weights are new tensors (a tied head's
+    no longer shares the embedding's); norm gains change in place. Returns each layer's ``s`` and the name of the
+    weight holding ``1 / s``, or ``""`` where it is not folded (a post-norm block's sub-layers read the residual
+    stream; grouped-query attention's output projection, above; the LM head reads the final norm, whose output
+    ``hidden_states`` returns as it is): such a layer divides its input at run time."""
+    names = {m: n for n, m in model.named_modules()}
+    smooth = {layer: smoothing(amax, layer.weight) for layer, amax in input_amax.items()}
+    folded: dict[nn.Module, str] = {}
+    rows: dict[nn.Module, Tensor] = {}  # a layer -> [N] factors of its output rows (a later layer's 1/s)
+
+    def fold_rows(layer: nn.Module, into: nn.Module, start: int, s: Tensor) -> bool:
+        """Divide output rows ``start ..`` of ``into`` (smoothed itself, so its weight is rebuilt below) by ``s``."""
+        if into not in smooth:
+            return False
+        factor = rows.setdefault(into, torch.ones(into.out_features, dtype=torch.float64))
+        factor[start : start + s.numel()] /= s
+        folded[layer] = f"{names[into]}.weight"
+        return True
+
+    for block in model.modules():
+        if not isinstance(block, _Block):
+            continue
+        attn, ffn = block.attn, block.ffn
+        if block.norm_first:
+            for norm, layer in ((block.attn_norm, attn.in_proj), (block.ffn_norm, getattr(ffn, "w_in", None))):
+                if layer in smooth:
+                    norm.weight.div_(smooth[layer])
+                    if getattr(norm, "bias", None) is not None:
+                        norm.bias.div_(smooth[layer])
+                    folded[layer] = f"{names[norm]}.weight"
+        if attn.out_proj in smooth and attn.n_kv_heads == attn.n_heads:  # the value rows after q's and k's
+            fold_rows(attn.out_proj, attn.in_proj, 2 * attn.n_heads * attn.d_k, smooth[attn.out_proj])
+        if isinstance(ffn, GatedFeedForward) and ffn.w2 in smooth:
+            fold_rows(ffn.w2, ffn.w_in, ffn.d_ff, smooth[ffn.w2])
+    for layer, s in smooth.items():
+        dtype = layer.weight.dtype
+        w = layer.weight.detach() * s.to(dtype)
+        if layer in rows:
+            w = w * rows[layer].to(dtype)[:, None]
+        layer.weight = nn.Parameter(w, requires_grad=False)
+        if layer.bias is not None and layer in rows:
+            layer.bias = nn.Parameter(layer.bias.detach() * rows[layer].to(dtype), requires_grad=False)
+    return {layer: (s, folded.get(layer, "")) for layer, s in smooth.items()}
 
 
 def dynamic_int8_linear(weight: Tensor, bias: Tensor | None = None, input_amax: Tensor | None = None) -> DynamicInt8Linear:

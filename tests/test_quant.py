@@ -13,13 +13,16 @@ from archlab.errors import ConfigError, ShapeError
 from archlab.generation import generate
 from archlab.models import build_model
 from archlab.models.llama import Llama, LlamaConfig
+from archlab.nn.blocks import DecoderBlock, EncoderBlock
 from archlab.quant import (
     SMOOTH_ALPHA,
     DynamicInt8Linear,
     Int4Linear,
     Int4Weight,
     Int8Linear,
+    _input_amax,
     dynamic_int8_linear,
+    fold_smoothing,
     quality,
     quantize,
     quantize_int4,
@@ -215,6 +218,50 @@ def test_quantized_model_computing_in_bfloat16_is_as_close_as_the_bfloat16_float
         assert (model(ids).double() - ref64).abs().max() <= 2 * bf16_err
 
 
+def test_blocks_compute_in_bfloat16_where_every_product_is_a_weight_only_kernel():
+    """quantize sets a block's compute_dtype to bfloat16 where all its products are weight-only bfloat16 kernels:
+    its sub-layers then run in bfloat16 (one cast each, none around each kernel) and the residual stream stays
+    float32. Not where a float matrix is left in the block (skip=, cross-attention's K/V projection), with
+    compute="float32", nor for int8-dynamic. The encoder-decoder (post-norm, cross-attention) still computes
+    what compute="float32" does, within bfloat16 rounding; a Llama's cached steps give its full forward."""
+    def dtypes(model):
+        return [block.compute_dtype for block in model.modules() if isinstance(block, (EncoderBlock, DecoderBlock))]
+
+    llama = small_llama()
+    quantize(llama, "int4")
+    assert dtypes(llama) == [torch.bfloat16] * 2
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = llama(ids)
+        cache = llama.new_cache()
+        steps = torch.cat([llama(ids[:, :10], cache=cache)] + [llama(ids[:, i:i + 1], cache=cache) for i in range(10, 24)], 1)
+    assert full.dtype == torch.float32 and cache.blocks[0].self_attn.keys.dtype == torch.bfloat16
+    # the head returns bfloat16 logits: attention over the cache rather than at once may move one by a step or two
+    assert (steps - full).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * full.abs().max()  # 1 step on AVX2
+    skipped = small_llama()
+    quantize(skipped, "int8", skip=("decoder.blocks.1.ffn.w2",))
+    assert dtypes(skipped) == [torch.bfloat16, None]
+    for kwargs in ({"mode": "int8", "compute": "float32"}, {"mode": "int8-dynamic"}):
+        model = small_llama()
+        quantize(model, **kwargs)
+        assert dtypes(model) == [None, None]
+    torch.manual_seed(0)
+    seq2seq = build_model("transformer-tiny").eval()
+    exact = copy.deepcopy(seq2seq)
+    quantize(seq2seq, "int8")
+    quantize(exact, "int8", compute="float32")
+    assert dtypes(seq2seq) == [torch.bfloat16] * 2 + [None] * 2  # encoder blocks; decoder blocks (cross K/V float)
+    src, tgt = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1)).split(6, dim=1)
+    per_kernel = copy.deepcopy(seq2seq)  # the bfloat16 kernels with a cast each way around each (the blocks unset)
+    for block in per_kernel.modules():
+        if isinstance(block, EncoderBlock):
+            block.compute_dtype = None
+    with torch.no_grad():
+        got, want, before = seq2seq(src, tgt), exact(src, tgt), per_kernel(src, tgt)
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() <= 2 * (before - want).abs().max()  # 0.0047 vs 0.0050 of max |logit| here
+
+
 # --- quality -----------------------------------------------------------------------------------
 
 
@@ -352,8 +399,18 @@ def test_dynamic_int8_with_calibration_smooths_every_layer_and_decodes_as_the_fu
     model = small_llama()
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(4))
     report = quantize(model, "int8-dynamic", head="int8-dynamic", calibration=ids)
-    assert all(r.note.endswith("smoothed") for r in report.layers)
-    assert all(model.get_submodule(r.name).inv_smooth is not None for r in report.layers)
+    notes = {r.name: r.note for r in report.layers}
+    assert all("smoothed" in note for note in notes.values())
+    # 1/s folded into the weights before a layer (no op); divided at run time by grouped-query attention's output
+    # projection (its A / G query heads share a value head) and by the head after the final norm
+    assert notes["decoder.blocks.1.attn.in_proj"].endswith("1/s folded into decoder.blocks.1.attn_norm.weight")
+    assert notes["decoder.blocks.0.ffn.w_in"].endswith("1/s folded into decoder.blocks.0.ffn_norm.weight")
+    assert notes["decoder.blocks.0.ffn.w2"].endswith("1/s folded into decoder.blocks.0.ffn.w_in.weight")
+    assert notes["decoder.blocks.1.attn.out_proj"].endswith("smoothed, x / s at run time")
+    assert notes["lm_head"].endswith("tied to tok_emb.weight: a quantized copy for the output projection; "
+                                     "tok_emb.weight stays float for lookups; smoothed, x / s at run time")  # fmt: skip
+    divided = [r.name for r in report.layers if model.get_submodule(r.name).inv_smooth is not None]
+    assert divided == ["decoder.blocks.0.attn.out_proj", "decoder.blocks.1.attn.out_proj", "lm_head"]
     with torch.no_grad():
         full = model(ids)
         cache = model.new_cache()
@@ -361,6 +418,36 @@ def test_dynamic_int8_with_calibration_smooths_every_layer_and_decodes_as_the_fu
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4 * float(full.abs().max()))
     prompt = ids[:1, :6]
     assert torch.equal(generate(model, prompt, max_new_tokens=12), generate(model, prompt, max_new_tokens=12, use_cache=False))
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 4])
+def test_folded_smoothing_computes_the_same_function_in_float64(n_kv_heads):
+    """fold_smoothing: every smoothed layer holds W diag(s) and its input arrives divided by s through the weights
+    before it (the norm gains, the up rows of w_in; the value rows of in_proj where each query head has its own
+    value head, G = A). In float64 the folded model's logits equal the original's to ~1e-12 (s itself is far from
+    1, so a fold in the wrong place would be off by O(1)). Left to divide at run time: the head, and with grouped-
+    query attention (G = 2 < A = 4) the output projections."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=256, max_len=128, d_model=64, n_heads=4, n_kv_heads=n_kv_heads, n_layers=2,
+                              d_ff=192, rope_theta=10000.0)).eval().double()  # fmt: skip
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(5))
+    layers = [m for n, m in model.named_modules() if type(m) is nn.Linear]
+    amax = _input_amax(model, layers, ids)
+    amax = {layer: a * (1 + 9 * (torch.arange(a.numel()) % 3 == 0)) for layer, a in amax.items()}  # outlier channels
+    folded = copy.deepcopy(model)
+    twins = dict(zip(model.modules(), folded.modules()))
+    smoothed = fold_smoothing(folded, {twins[layer]: a for layer, a in amax.items()})
+    left = [n for n, m in folded.named_modules() if m in smoothed and not smoothed[m][1]]
+    assert left == (["lm_head"] if n_kv_heads == 4 else [f"decoder.blocks.{i}.attn.out_proj" for i in (0, 1)] + ["lm_head"])
+    s_in = smoothed[folded.decoder.blocks[0].attn.in_proj][0]
+    assert s_in.min() < 0.5 or s_in.max() > 2  # far from 1: the test can see a misplaced fold
+    for name in left:  # the run-time division, written into the weight for this comparison
+        layer = folded.get_submodule(name)
+        layer.weight = nn.Parameter(layer.weight / smoothed[layer][0])
+    with torch.no_grad():
+        want, got = model(ids), folded(ids)
+    assert (got - want).abs().max() <= 1e-10 * want.abs().max()
+    assert not torch.equal(folded.decoder.blocks[1].ffn_norm.weight, model.decoder.blocks[1].ffn_norm.weight)
 
 
 def test_dynamic_int8_calibration_errors():

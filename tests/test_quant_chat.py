@@ -71,8 +71,19 @@ def test_int8_dynamic_chat_model_is_smoothed_on_the_calibration_text(tiny_gguf, 
     layers = dict(model.named_modules())
     dynamic = [(name, m) for name, m in by_hand.named_modules() if isinstance(m, DynamicInt8Linear)]
     assert len(dynamic) == 8  # the head is int8 (quantize's default)
-    for name, expected in dynamic:
-        assert layers[name].inv_smooth is not None and not torch.all(layers[name].inv_smooth == 1)
-        torch.testing.assert_close(layers[name].inv_smooth, expected.inv_smooth)
+    for name, expected in dynamic:  # smoothed, 1/s folded into the weights before each layer but out_proj (GQA)
+        if name.endswith("out_proj"):
+            torch.testing.assert_close(layers[name].inv_smooth, expected.inv_smooth)
+        else:
+            assert layers[name].inv_smooth is None and expected.inv_smooth is None
+        assert torch.equal(layers[name].weight().q, expected.weight().q)
+        torch.testing.assert_close(layers[name].weight().scale, expected.weight().scale)
+    gains = {n: p for n, p in by_hand.named_parameters() if n.endswith("norm.weight")}
+    assert len(gains) == 5 and not torch.all(gains["decoder.blocks.0.attn_norm.weight"] == 1)
+    for name, gain in gains.items():
+        torch.testing.assert_close(model.get_parameter(name), gain)
+    reference = load_chat_model(tiny_gguf, precision="fp32")[0].float()
+    assert not torch.allclose(model.get_parameter("decoder.blocks.0.attn_norm.weight"),
+                              reference.get_parameter("decoder.blocks.0.attn_norm.weight"))  # fmt: skip
     with pytest.raises(ConfigError, match="windows=0"):
         calibration_ids(tok, windows=0)
