@@ -134,7 +134,8 @@ class DocReaderConfig(AttentionConfig, Config):
             presets: a deviation that helps learning at this scale belongs to the recipe that uses it, as
             ``page_question`` does. It gives the question a direct way to each page's figure, where otherwise a
             figure reaches it only through fusion, ``n_latents`` Perceiver latents and the page transformer: with it the
-            multi-page digit question is learnt (``archlab.labs.docreader.DIGIT_RECIPE``; README's Document reader
+            tiny reader answers the multi-page digit question better at 800 steps (0.402 against 0.324 on seed 0,
+            0.375 against 0.270 on seed 1; ``archlab.labs.docreader.DIGIT_RECIPE``, README's Document reader
             section). Only the hierarchical reader has global tokens; the flat and question readers ignore it.
         page_layers: layers of the page-level transformer.
         page_window: pages a page sees, Longformer's convention: ``page_window // 2`` on each side (8: pages
