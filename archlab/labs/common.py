@@ -1,10 +1,13 @@
 """What several labs share: short, seeded training loops (a GPT on LM windows; any model on one of
 :mod:`archlab.train.tasks`' objectives), greedy decoding of a seq2seq model's validation pairs, the test that
-the models learned enough for a lab to decide, the allocator's peak over a step, and the byte corpus of the
-language-model labs cut into training bytes and held-out windows (no lab is registered here)."""
+the models learned enough for a lab to decide, the allocator's peak over a step, the byte corpus of the
+language-model labs cut into training bytes and held-out windows, and a speed ratio timed in alternating rounds
+(no lab is registered here)."""
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
@@ -14,7 +17,7 @@ from torch import Tensor, nn
 
 from archlab.data import ByteTokenizer, LMWindows, encode_texts, python_source, unigram_loss
 from archlab.data.loaders import BatchSource
-from archlab.errors import DataError
+from archlab.errors import ConfigError, DataError
 from archlab.generation import generate
 from archlab.labs.registry import progress_bar
 from archlab.models.gpt import GPT, GPTConfig
@@ -188,3 +191,72 @@ def learned_too_little(losses: dict[str, float], unigram: float, margin: float =
     figures = ", ".join(f"{name} {loss:.2f}" for name, loss in short.items())
     return (f"the models learned too little to judge: held-out loss of {figures} nats, less than {margin} below the "
             f"unigram baseline {unigram:.2f} (train longer: the full run)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """A lever's speed over its baseline, one figure per round of :func:`alternating_speedup`.
+
+    ``base_rates[r]``, ``fast_rates[r]``: work per second (tokens/s) of the baseline and the lever in round ``r``;
+    ``ratios[r] = fast_rates[r] / base_rates[r]``. The two calls of a round ran back to back, so a load that
+    comes and goes between rounds slows both alike and cancels in that round's ratio: the median ratio is the
+    figure to judge, the lowest and highest its spread."""
+
+    base_rates: tuple[float, ...]
+    fast_rates: tuple[float, ...]
+
+    @property
+    def ratios(self) -> tuple[float, ...]:
+        return tuple(f / b for b, f in zip(self.base_rates, self.fast_rates, strict=True))
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def low(self) -> float:
+        return min(self.ratios)
+
+    @property
+    def high(self) -> float:
+        return max(self.ratios)
+
+    def straddles(self, factor: float) -> bool:
+        """Whether the rounds fall on both sides of ``factor`` (some reach it, some do not)."""
+        return self.low < factor <= self.high
+
+
+def alternating_speedup(
+    base: Callable[[], object],
+    fast: Callable[[], object],
+    rounds: int,
+    base_work: float = 1.0,
+    fast_work: float = 1.0,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Speedup:
+    """Time ``base()`` and ``fast()`` in ``rounds`` rounds, both once a round, and take each round's speed ratio.
+
+    The order alternates (base first in even rounds, ``fast`` first in odd ones), so neither always runs on the
+    caches or the load the other left. ``base_work``, ``fast_work``: the work one call does (tokens), so a
+    lever that stops early is credited per token. ``clock``: seconds (a fake one in the tests). The caller warms
+    both up first (the lab's reference outputs do)."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"rounds={rounds!r} must be an int >= 1 (one base and one lever call a round)")
+    for name, work in (("base_work", base_work), ("fast_work", fast_work)):
+        if not work > 0:
+            raise ConfigError(f"{name}={work!r} must be > 0 (the work one call does, e.g. its new tokens)")
+
+    def rate(fn: Callable[[], object], work: float) -> float:
+        start = clock()
+        fn()
+        return work / (clock() - start)
+
+    base_rates, fast_rates = [], []
+    for r in range(rounds):
+        if r % 2 == 0:
+            base_rates.append(rate(base, base_work))
+            fast_rates.append(rate(fast, fast_work))
+        else:
+            fast_rates.append(rate(fast, fast_work))
+            base_rates.append(rate(base, base_work))
+    return Speedup(tuple(base_rates), tuple(fast_rates))
