@@ -133,8 +133,8 @@ def run(quick: bool, seed: int) -> LabResult:
                      "and per-call overheads dominate (the full run uses SmolLM2-135M)")  # fmt: skip
     finding = (f"measured speed-ups, median of {rounds} alternating rounds (lowest-highest): "
                + ", ".join(f"{r[0]} {r[3]:.2f}x ({r[4]:.2f}-{r[5]:.2f}; card: {r[6]:g}x)" for r in rows)
-               + "".join(f"; {lever}'s rounds straddle the card's {CARD[lever]:g}x (some reach it, some do not): "
-                         "the median decides, more rounds or a quieter machine could tip it" for lever in straddled)
+               + (f"; the rounds of {' and '.join(straddled)} straddle the card's factor (the lowest below it, the "
+                  "highest at or above it): the median decides" if straddled else "")
                + f"; prompt-lookup acceptance {stats.get('acceptance_rate', float('nan')):.2f}, "
                f"{len(prompts)} prompts batched, {n_new} new tokens for the first prompt, prompt {n0} "
                "tokens")  # fmt: skip

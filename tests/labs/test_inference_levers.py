@@ -71,4 +71,6 @@ def test_quick_run_is_undecided_with_the_same_tokens():
     assert same["speculative decoding"] == "yes"  # draft-and-verify gives the greedy tokens
     assert all(r[1] > 0 and r[2] > 0 and r[4] <= r[3] <= r[5] for r in result.rows)  # lowest <= median <= highest
     assert f"median of {QUICK_ROUNDS} alternating rounds" in result.finding
+    straddled = [r[0] for r in result.rows if r[4] < r[6] <= r[5]]
+    assert (f"the rounds of {' and '.join(straddled)} straddle" in result.finding) == bool(straddled)
     assert f"this run's CPU: {describe_cpu()}" in result.notes  # INT8's bf16 speed depends on the CPU kind
