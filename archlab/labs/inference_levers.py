@@ -143,9 +143,10 @@ def run(quick: bool, seed: int) -> LabResult:
         ax = fig.subplots(1, 1)
         names = [r[0] for r in rows]
         ax.bar(range(len(rows)), [r[3] for r in rows], color=["C2" if r[7] == "yes" else "C3" for r in rows],
-               yerr=[[r[3] - r[4] for r in rows], [r[5] - r[3] for r in rows]], capsize=4,
+               yerr=[[r[3] - r[4] for r in rows], [r[5] - r[3] for r in rows]], capsize=4, ecolor="0.55",
                label=f"measured (median; bars: lowest-highest of {rounds} rounds)")  # fmt: skip
-        ax.scatter(range(len(rows)), [r[6] for r in rows], marker="_", s=900, color="k", zorder=3, label="card")
+        ax.scatter(range(len(rows)), [r[6] for r in rows], marker="_", s=900, lw=2.5, color="k", zorder=3,
+                   label="card")  # fmt: skip
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set(xticks=range(len(rows)), xticklabels=names, ylabel="tokens/s, lever / baseline", yscale="log")
         ax.grid(alpha=0.3, axis="y")
