@@ -4,15 +4,20 @@ Five parts (``--parts``, all by default), each printed as its own table on an in
 (``--index DIR``, built if missing, hybrid) with the built-in evaluation set (294 summary-sentence queries):
 
   k          top-K retrieved (dense, exact) vs recall@K and the ANN milliseconds per query
-  rerank     re-rank depth 0 / 20 / 50 / 100 vs nDCG@10 and milliseconds per query (the cross-encoder in
-             ``--reranker DIR`` or ``INDEX/reranker`` from ``archlab search adapt``; without one the part says so)
+  rerank     re-rank depth 0 / 20 / 50 / 100 vs nDCG@10 and re-ranking milliseconds per query, the dense and
+             (hybrid index) the hybrid first stage (the cross-encoder in ``--reranker DIR`` or ``INDEX/reranker``
+             from ``archlab search adapt``; without one the part says so): each depth ordered as the engine
+             orders it (fused with the first stage at the weight adapt saved) and by the cross-encoder alone
+             (w 0), so a re-ranker whose held-out check kept the first stage's order is still measured
   explain    explanation length 16 / 32 / 64 new tokens vs milliseconds: the top 3 explained as one batch, and
              the first decoded token of one streamed explanation (SmolLM2-135M-Instruct, KV cache)
-  index      flat / hnsw / ivfpq (64-byte codes; PQ scores only, and re-scored x4 from a memory-mapped float16
-             store) on ``--index-n`` synthetic vectors around the real ones (benchmarks/search_scale.py's
-             generator) vs recall@100 against exact search, bytes per vector in RAM and on disk, ms per query
-  precision  the query/document encoder in fp32 / bf16 / int8 (dynamic, torch.ao) vs dense nDCG@10 on the
-             built-in set (the whole corpus re-encoded in each) and encoding ms per document and per query
+  index      flat / hnsw / ivfpq (64-byte codes; PQ scores only, and re-scored from a memory-mapped float16
+             store by archlab's default factor for that size, x4 up to 1M) on ``--index-n`` synthetic vectors
+             around the real ones (benchmarks/search_scale.py's generator) vs recall@100 against exact search,
+             bytes per vector in RAM and on disk, ms per query
+  precision  the query/document encoder in fp32 / bf16 / int8-dynamic (archlab.quant: int8 weights and
+             per-row int8 activations, fbgemm's GEMM) vs dense nDCG@10 on the built-in set (the whole corpus
+             re-encoded in each) and encoding ms per document and per query
 
 Latencies are one query at a time with ``--threads`` torch/FAISS threads; p50 unless said. bf16 is emulated
 (slower than fp32) on CPUs without AVX512-BF16/AMX: the header line says which kind this is.
@@ -78,34 +83,34 @@ def part_k(engine, evalset, ks: list[int]) -> None:
 
 
 def part_rerank(index_dir: Path, evalset, reranker_dir: str | None, depths: list[int], limit: int) -> None:
+    """:func:`archlab.search.adapt.measure` (each pair scored once, the depths sharing the scores; the time of
+    depth R: scoring a query's first R dense hits) at the saved fusion weight and at w = 0."""
+    from archlab.search.adapt import format_rows, measure
     from archlab.search.cli import load_reranker
-    from archlab.search.corpus import EvalSet
     from archlab.search.engine import SearchEngine
-    from archlab.search.evaluate import evaluate_engine
 
-    qids = judged_queries(evalset, limit)
-    subset = EvalSet({q: evalset.queries[q] for q in qids}, {q: evalset.qrels[q] for q in qids})
-    print(f"\n## re-rank depth vs nDCG@10 and time ({len(qids)} queries, first stage: the index's default)")
+    depths = sorted({d for d in depths if d > 0})
+    print(f"\n## re-rank depth vs nDCG@10 and time ({min(limit, len(judged_queries(evalset)))} queries, a seeded "
+          "sample; first stages: dense and, on a hybrid index, hybrid)")  # fmt: skip
     try:
-        reranker = load_reranker(index_dir, reranker_dir, max(depths))
+        reranker = load_reranker(index_dir, reranker_dir, max(depths, default=1))
     except Exception as e:  # noqa: BLE001 (the part says why it has no numbers)
         print(f"no cross-encoder, so no re-ranking rows: {e}")
-        depths = [0]
         reranker = None
-    else:
+    weights = None
+    if reranker is not None:
         print(f"cross-encoder: {reranker_dir or index_dir / 'reranker'} (no pretrained one ships here: this is the "
               "one `archlab search adapt` trained; say so beside the numbers)")  # fmt: skip
         check = getattr(reranker, "heldout", None)
         if check:
-            print(f"its held-out check: MRR@10 first stage {check['first_stage_mrr']:.4f}, re-ranker "
-                  f"{check['reranker_mrr']:.4f}, fused {check['fused_mrr']:.4f} at first-stage weight "
-                  f"{reranker.first_stage_weight:.1f} (the engine ranks by the fusion)")  # fmt: skip
-    engine = SearchEngine.open(index_dir, reranker=reranker)
-    print(f"{'depth':>5} {'nDCG@10':>8} {'MRR@10':>8} {'ms/query':>9}")
-    for depth in depths:
-        report = evaluate_engine(engine, subset, k=max(10, depth), rerank=depth)
-        m = report.metrics
-        print(f"{depth:>5} {m['nDCG@10']:8.4f} {m['MRR@10']:8.4f} {report.ms_per_query:9.1f}")
+            print(f"its held-out check ({check.get('queries')} pseudo-queries): MRR@10 first stage "
+                  f"{check['first_stage_mrr']:.4f}, re-ranker {check['reranker_mrr']:.4f} (sign test p = "
+                  f"{check.get('p_value', float('nan')):.3f}), fused {check['fused_mrr']:.4f}; the engine fuses at "
+                  f"first-stage weight w = {reranker.first_stage_weight:.1f} (1: the first stage's order kept)")  # fmt: skip
+        weights = sorted({reranker.first_stage_weight, 0.0}, reverse=True)
+    engine = SearchEngine.open(index_dir)
+    rows = measure(engine, reranker, evalset, depths=depths, max_queries=limit, weights=weights)
+    print(format_rows(rows, min(limit, len(judged_queries(evalset)))))
 
 
 def part_explain(engine, evalset, lengths: list[int], limit: int) -> None:
@@ -179,7 +184,7 @@ def part_index(real: np.ndarray, n: int, queries: int, threads: int) -> None:
 
 
 def int8_encoder(encoder):
-    """A copy of ``encoder`` whose BERT Linear layers are torch.ao dynamic int8 (archlab.quant's int8-dynamic)."""
+    """A copy of ``encoder`` whose BERT Linear layers are archlab.quant's int8-dynamic (no calibration smoothing)."""
     from archlab.quant import quantize
 
     bert = type(encoder.bert)(encoder.bert.config)
