@@ -72,8 +72,9 @@ def _model(quick: bool, seed: int):
     "inference speed, speculative decoding 2x generation speed, batched inference 10x throughput",
     source="lesson 4 card 5 (efficiency optimizations)",
     tags=("generation", "speed", "quantization"),
-    minutes=2.7,  # CPU time of the full run (one thread): 162 s; 28 min of wall time on the shared, loaded machine
-    # (AVX2); on the AVX-512 + AVX512-BF16 EPYC 87-94 s of CPU time, 3-6 min of wall time loaded (load ~6-11)
+    minutes=2.8,  # CPU time of the full run (one thread, 5 alternating rounds) on the AMD EPYC with AVX-512 and
+    # AVX512-BF16: 147 and 163 s native, 169 s with the kernels capped at AVX2; 3.8-4.2 min of wall time loaded (load
+    # ~0.5-4.7, nice 19). Best of 2 rounds had cost 87-94 s native, 162 s on the AVX2-only machine
 )
 def run(quick: bool, seed: int) -> LabResult:
     new = 6 if quick else 24
