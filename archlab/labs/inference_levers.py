@@ -130,8 +130,8 @@ def run(quick: bool, seed: int) -> LabResult:
     stats = spec_out.stats.as_dict()
     undecided = ""
     if quick:
-        undecided = ("the quick run times a random tiny Llama for a few tokens: speculative drafts are not accepted "
-                     "and per-call overheads dominate (the full run uses SmolLM2-135M)")  # fmt: skip
+        undecided = ("the quick run times a random tiny Llama for a few tokens: how often its drafts are accepted says "
+                     "nothing of real text and per-call overheads dominate (the full run uses SmolLM2-135M)")  # fmt: skip
     finding = (f"measured speed-ups, median of {rounds} alternating rounds (lowest-highest): "
                + ", ".join(f"{r[0]} {r[3]:.2f}x ({r[4]:.2f}-{r[5]:.2f}; card: {r[6]:g}x)" for r in rows)
                + (f"; the rounds of {' and '.join(straddled)} straddle the card's factor (the lowest below it, the "
