@@ -93,14 +93,16 @@ def rescore_factor(n: int) -> int:
 
     Measured basis (``benchmarks/search_scale.py``, synthetic vectors around the 2,696 real MiniLM vectors
     of the built-in corpus, recall@100 against exact search, 100 queries; README "Search engine"):
-    at 200k (nprobe 16-128) PQ alone 0.896, x2 0.996, x4 1.000; at 10M (nlist 2,048, nprobe 4) x4 0.590,
-    x8 0.776, x16 0.934, x32 0.997. The factor needed for recall@100 >= 0.9 grew from about 2 to 16 while
-    ``n`` grew 50x, about as ``sqrt(n)`` (50^0.5 = 7; 8 measured): the true top 100 lie among more and more
-    near-equal neighbours whose PQ scores differ by less than the PQ error. ``4 sqrt(n / 1M)`` gives 1.8 at
-    200k (4 kept: twice the need) and 12.6 -> 16 at 10M. Between 1M and 10M and beyond 10M it is this
-    rule, not a measurement; the synthetic vectors are more clustered than real corpora, so it errs on the
-    side of more candidates (each costs one float16 row read, 768 B at 384-d). An index stores its factor
-    in its manifest (``params["rescore"]``), so an index opens with the factor it was built with.
+    at 200k (nprobe 16-128) PQ alone 0.896, x2 0.996, x4 1.000; at 1M (nlist 2,048, nprobe 4 and 32) PQ
+    alone 0.572, x2 0.846, x4 0.996, x8 0.999; at 10M (nlist 2,048, nprobe 4) x4 0.590, x8 0.776, x16 0.934,
+    x32 0.997. The factor needed for recall@100 >= 0.9 grew from about 2 (200k) to between 2 and 4 (1M)
+    and 16 (10M) while ``n`` grew 50x, about as ``sqrt(n)`` (50^0.5 = 7; 8 measured): the true top 100 lie
+    among more and more near-equal neighbours whose PQ scores differ by less than the PQ error.
+    ``4 sqrt(n / 1M)`` gives 1.8 -> 4 at 200k (twice the need), 4 at 1M (0.996) and 12.6 -> 16 at 10M.
+    Between 1M and 10M and beyond 10M it is this rule, not a measurement; the synthetic vectors are more
+    clustered than real corpora, so it errs on the side of more candidates (each costs one float16 row
+    read, 768 B at 384-d). An index stores its factor in its manifest (``params["rescore"]``), so an index
+    opens with the factor it was built with.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ConfigError(f"n={n!r} must be an int >= 0 (the number of vectors in the index)")
