@@ -30,12 +30,10 @@ lookup reads ``N`` rows, not the whole matrix), so memory grows by the copy whil
 they are fast with bfloat16 only (on both CPU kinds: float32 activations make them several times slower
 than the float32 product itself), so :func:`quantize` builds layers that compute in bfloat16 by default
 (``compute="float32"``: the exact equation, for checking). A layer casts its input to bfloat16 and its output
-back to the input's dtype, so the rest of the model keeps its dtype. At one row a decoding step's cost is its
-op count, and those casts (with the reshapes to the kernels' 2-D input) were a third of a layer's ops: so in a
-block of archlab's whose every product is such a layer, :func:`quantize` sets the block's ``compute_dtype``
-(:class:`archlab.nn.blocks._Block`): each sub-layer's input is cast once, the activations between its products
-(RoPE, the KV cache, attention, SwiGLU) stay bfloat16, and its output joins the float32 residual stream in the
-residual add (44 -> 38 aten calls a layer). Measured for a ``3072 x 576`` layer (CPU time, one thread): one row 1.1-2x
+back to the input's dtype, so the rest of the model keeps its dtype. (Computing a whole block in bfloat16, one
+cast per sub-layer instead of two per product, cut SmolLM2's calls from 44 to 38 a layer but decoded 4-8%
+slower, idle, 1 and 2 threads: bfloat16 RoPE, attention and residual adds cost more than the casts saved.)
+Measured for a ``3072 x 576`` layer (CPU time, one thread): one row 1.1-2x
 faster than the float32 product; 41 or 256 rows (a prompt) ~2x slower than it.
 
 **Dynamic int8** (``mode="int8-dynamic"``, :class:`DynamicInt8Linear`): int8 weights per output channel *and*
@@ -81,7 +79,6 @@ from torch import Tensor, nn
 from archlab.errors import ConfigError, ShapeError
 from archlab.nn.blocks import _Block
 from archlab.nn.feedforward import GatedFeedForward
-from archlab.nn.norm import LayerNorm, RMSNorm
 
 MODES = ("int8", "int4", "int8-dynamic")
 GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
@@ -466,9 +463,7 @@ def quantize(
             kernels are fast with bfloat16 activations only, on both CPU kinds (measured for one row: int4
             2.4-3.8x and int8 ~2x faster than the float32 product, where float32 activations make them 4-7x
             slower than it); ``float32`` computes the exact equation, for checking. Each layer casts its input
-            to ``compute`` and its output back, so the rest of the model keeps its dtype; a block of archlab's
-            whose products are all such layers computes its sub-layers in ``compute``, its residual stream kept
-            (module docstring).
+            to ``compute`` and its output back, so the rest of the model keeps its dtype.
         weights: layer name -> its quantized weight already made (GGUF blocks read as they are, see
             :func:`archlab.interop.gguf.load_gguf`), used instead of quantizing the layer's float weight; its kind
             must be the layer's mode.
@@ -571,27 +566,8 @@ def quantize(
         shown = f"int4/g{new.group_size}" if layer_mode == "int4" else "int8"
         report.layers.append(LayerReport(name, tuple(layer.weight.shape), shown, before, after, note))
     report.model_bytes_after = model_bytes(model) + outside
-    for block in model.modules():
-        if isinstance(block, _Block):
-            block.compute_dtype = _block_compute_dtype(block)
     model.quant_report = report
     return report
-
-
-def _block_compute_dtype(block: nn.Module) -> torch.dtype | None:
-    """The dtype a block's sub-layers compute in (:attr:`archlab.nn.blocks._Block.compute_dtype`): its weight-only
-    layers' compute dtype where those are all of its products and it is not float32, else None (the stream's own).
-    Any float parameter or buffer left in the block outside its norms (a skipped layer, cross-attention's K/V
-    projection, a dynamic int8 layer, LoRA, a low-rank attention's projections) would meet bfloat16 activations
-    with float32 numbers, so it keeps None; the norms run on the residual stream, before the cast."""
-    dtypes = set()
-    for m in block.modules():
-        if isinstance(m, _WeightOnlyLinear):
-            dtypes.add(m.compute_dtype)
-        elif not isinstance(m, (RMSNorm, LayerNorm, nn.LayerNorm)):
-            if any(t.is_floating_point() for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]):
-                return None
-    return dtypes.pop() if len(dtypes) == 1 and torch.float32 not in dtypes else None
 
 
 def smoothing(input_amax: Tensor, weight: Tensor, alpha: float = SMOOTH_ALPHA) -> Tensor:

@@ -13,7 +13,6 @@ from archlab.errors import ConfigError, ShapeError
 from archlab.generation import generate
 from archlab.models import build_model
 from archlab.models.llama import Llama, LlamaConfig
-from archlab.nn.blocks import DecoderBlock, EncoderBlock
 from archlab.quant import (
     SMOOTH_ALPHA,
     DynamicInt8Linear,
@@ -216,50 +215,6 @@ def test_quantized_model_computing_in_bfloat16_is_as_close_as_the_bfloat16_float
         ref64 = copy.deepcopy(twin).double()(ids)
         bf16_err = (copy.deepcopy(twin).bfloat16()(ids).double() - ref64).abs().max()
         assert (model(ids).double() - ref64).abs().max() <= 2 * bf16_err
-
-
-def test_blocks_compute_in_bfloat16_where_every_product_is_a_weight_only_kernel():
-    """quantize sets a block's compute_dtype to bfloat16 where all its products are weight-only bfloat16 kernels:
-    its sub-layers then run in bfloat16 (one cast each, none around each kernel) and the residual stream stays
-    float32. Not where a float matrix is left in the block (skip=, cross-attention's K/V projection), with
-    compute="float32", nor for int8-dynamic. The encoder-decoder (post-norm, cross-attention) still computes
-    what compute="float32" does, within bfloat16 rounding; a Llama's cached steps give its full forward."""
-    def dtypes(model):
-        return [block.compute_dtype for block in model.modules() if isinstance(block, (EncoderBlock, DecoderBlock))]
-
-    llama = small_llama()
-    quantize(llama, "int4")
-    assert dtypes(llama) == [torch.bfloat16] * 2
-    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        full = llama(ids)
-        cache = llama.new_cache()
-        steps = torch.cat([llama(ids[:, :10], cache=cache)] + [llama(ids[:, i:i + 1], cache=cache) for i in range(10, 24)], 1)
-    assert full.dtype == torch.float32 and cache.blocks[0].self_attn.keys.dtype == torch.bfloat16
-    # the head returns bfloat16 logits: attention over the cache rather than at once may move one by a step or two
-    assert (steps - full).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * full.abs().max()  # 1 step on AVX2
-    skipped = small_llama()
-    quantize(skipped, "int8", skip=("decoder.blocks.1.ffn.w2",))
-    assert dtypes(skipped) == [torch.bfloat16, None]
-    for kwargs in ({"mode": "int8", "compute": "float32"}, {"mode": "int8-dynamic"}):
-        model = small_llama()
-        quantize(model, **kwargs)
-        assert dtypes(model) == [None, None]
-    torch.manual_seed(0)
-    seq2seq = build_model("transformer-tiny").eval()
-    exact = copy.deepcopy(seq2seq)
-    quantize(seq2seq, "int8")
-    quantize(exact, "int8", compute="float32")
-    assert dtypes(seq2seq) == [torch.bfloat16] * 2 + [None] * 2  # encoder blocks; decoder blocks (cross K/V float)
-    src, tgt = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1)).split(6, dim=1)
-    per_kernel = copy.deepcopy(seq2seq)  # the bfloat16 kernels with a cast each way around each (the blocks unset)
-    for block in per_kernel.modules():
-        if isinstance(block, EncoderBlock):
-            block.compute_dtype = None
-    with torch.no_grad():
-        got, want, before = seq2seq(src, tgt), exact(src, tgt), per_kernel(src, tgt)
-    assert got.dtype == torch.float32
-    assert (got - want).abs().max() <= 2 * (before - want).abs().max()  # 0.0047 vs 0.0050 of max |logit| here
 
 
 # --- quality -----------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 from archlab.config import check_positive, check_probability
@@ -45,23 +44,12 @@ class _Block(nn.Module):
         self.ffn = build_feedforward(ffn, d_model, d_ff, bias=bias if ffn_bias is None else ffn_bias)
         self.ffn_norm = build_norm(norm, d_model, eps)
         self.dropout = Dropout(dropout)
-        #: the dtype each sub-layer computes in (its input cast once), or None: the residual stream's own. Set by
-        #: :func:`archlab.quant.quantize` to bfloat16 where every product of the block is a weight-only kernel that
-        #: takes only bfloat16 at speed: its activations then stay bfloat16 from one product to the next (RoPE,
-        #: attention, SwiGLU in it, the KV cache too) instead of a cast each way around every product, and its output
-        #: joins the float32 stream in the residual add, which promotes it (no op)
-        self.compute_dtype: torch.dtype | None = None
 
     def residual(self, x: Tensor, norm: nn.Module, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
-        """One sub-layer on the residual stream, pre- or post-norm; ``x [B, N, d]`` keeps its dtype."""
+        """One sub-layer on the residual stream, pre- or post-norm."""
         if self.norm_first:
-            return x + self.dropout(sublayer(self._computed(norm(x))))
-        return norm(x + self.dropout(sublayer(self._computed(x))))
-
-    def _computed(self, h: Tensor) -> Tensor:
-        """A sub-layer's input in :attr:`compute_dtype` (no op when it is already, or when none is set)."""
-        dtype = self.compute_dtype
-        return h if dtype is None or h.dtype == dtype else h.to(dtype)
+            return x + self.dropout(sublayer(norm(x)))
+        return norm(x + self.dropout(sublayer(x)))
 
 
 _BLOCK_DEFAULTS = dict(
