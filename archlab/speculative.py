@@ -17,7 +17,10 @@ al. 2023) makes each token's distribution exactly the target's, whatever the dra
 distributed as :func:`archlab.generation.generate` with ``do_sample=True`` (with the same ``temperature``,
 ``top_k``, ``top_p``, which act on ``p`` and on a draft model's ``q`` alike), and greedy output is
 ``generate``'s tokens (up to floating-point near-ties: the target scores ``k + 1`` positions in one product
-instead of one at a time). A good draft only makes it faster.
+instead of one at a time). In bf16 (``precision="auto"`` on a CPU that computes bf16 natively) the two orders of
+rounding part sooner: SmolLM2's greedy explanation of ``benchmarks/speculative.py``'s first abstract left plain
+greedy's at its 30th token, so that benchmark and the equality tests decode in fp32. A good draft only makes it
+faster.
 
 Drafts (:func:`make_draft` builds them from a name):
 

@@ -140,7 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     print(setup(args.threads, args.keep_memory))
     start = time.perf_counter()
-    model, tokenizer = load_chat_model("smollm2-135m-instruct")
+    model, tokenizer = load_chat_model("smollm2-135m-instruct", precision="fp32")  # tokens must equal plain greedy
     eos = tokenizer.specials["eos"]
     print(f"SmolLM2-135M-Instruct loaded in {time.perf_counter() - start:.1f} s; greedy, fp32, KV cache, "
           f"median of {args.rounds} interleaved rounds\n")  # fmt: skip
