@@ -585,6 +585,6 @@ def test_fan_in_init_draws_each_reader_layer_at_its_stated_std():
     assert abs(float(m.text.bert.encoder.blocks[0].ffn.w1.weight.detach().std()) - 0.02) < 0.002  # BERT's own init
     bert = model(c.replace(weight_init="bert"))
     for part in (bert.head, bert.pages.encoder.blocks[0].ffn.w1, bert.reasoning.encoder.blocks[0].attn.in_proj):
-        assert abs(float(part.weight.std()) - 0.02) < 0.002
+        assert abs(float(part.weight.detach().std()) - 0.02) < 0.002
     with pytest.raises(ConfigError, match="weight_init"):
         get_config("docreader-tiny", weight_init="xavier")
