@@ -274,8 +274,8 @@ class DynamicInt8Linear(nn.Module):
     ``W diag(s)`` is stored as :class:`Int8Weight` (``q [N, K]``, ``scale [N]``) inside fbgemm's packed form;
     ``s [K]`` is the smoothing (module docstring; all ones without calibration), the division by it an op of each
     call (``smooth=s``) or none (``smooth=None``, the weight given as ``W diag(s)`` and ``1 / s`` folded into what
-    computes ``x``: :func:`fold_smoothing`, as :func:`quantize` does in archlab's blocks). ``Q_row`` rounds each row ``x_m``
-    affinely to 7 bits (torch's x86 rule)::
+    computes ``x``: :func:`fold_smoothing`, as :func:`quantize` does in archlab's blocks). ``Q_row`` rounds each
+    row ``x_m`` affinely to 7 bits (torch's x86 rule)::
 
         t_m = (max(x_m, 0) - min(x_m, 0)) / 127      z_m = round(-min(x_m, 0) / t_m)
         Q_row(x_m) = t_m (clamp(round(x_m / t_m) + z_m, 0, 127) - z_m)

@@ -14,7 +14,8 @@ short paragraph (a grounded reply, as the card's explainer quotes its abstract):
 Each ratio is tokens per second of the lever over its baseline, timed in ``ROUNDS`` alternating rounds
 (:func:`archlab.labs.common.alternating_speedup`: both once a round, back to back, one ratio a round), so a load
 that comes and goes on a shared machine slows both sides of a round alike. The median ratio is held to the card's
-factor (the KV cache to 2x: the card gives none); the lowest and highest rounds are its spread. Megatron's tensor sharding (notes 4) has its own lab, :mod:`archlab.labs.megatron`.
+factor (the KV cache to 2x: the card gives none); the lowest and highest rounds are its spread. Megatron's tensor
+sharding (notes 4) has its own lab, :mod:`archlab.labs.megatron`.
 """
 
 from __future__ import annotations
