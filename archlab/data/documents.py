@@ -408,7 +408,8 @@ def documents_fit(task: DocumentTask, config, tokenizer) -> None:
     question = 2 + max(inner(q.format(w)) for q in QUESTIONS.values() for w in KEYWORDS + TABLE_COLUMNS)
     cells = [*TABLE_ITEMS, *TABLE_COLUMNS, "item", *map(str, range(1, task.max_value + 1))]
     table = (task.table_rows + 1) * (1 + (task.table_columns + 1) * (1 + max(map(inner, cells))))
-    ids, rows, cols = tokenizer.table([["item", *TABLE_COLUMNS[: task.table_columns]]] * (task.table_rows + 1), table)
+    header = ["item", *TABLE_COLUMNS[: task.table_columns]]
+    ids, rows, cols, _ = tokenizer.table([header] * (task.table_rows + 1), table)
     need += [(text <= config.max_text_len, f"max_text_len={config.max_text_len} < {text} tokens of a page's text"),
              (question <= config.max_question_len,
               f"max_question_len={config.max_question_len} < {question} tokens of a question"),

@@ -5,7 +5,8 @@ The card's pipeline, and where each step lives here (``B`` documents of ``P`` pa
 
     per page (independently, B P pages at once):
       text    [CLS] text [SEP]                    -> TextEncoder  (archlab's BERT; RoPE inside)   [B P, N_t, d]
-      table   [ROW_0] h1 [SEP] h2 [SEP] [ROW_1] ...-> TableEncoder (BERT + row/column embeddings) [B P, N_c, d]
+      table   [ROW_0] h1 [SEP] h2 [SEP] [ROW_1] ...-> TableEncoder (BERT + row/column embeddings;    [B P, N_c, d]
+                                                   with table_numbers each number cell's value too)
       image   [C, H, W]                           -> ImageEncoder (archlab's ViT, patch positions) [B P, 1 + n_p, d]
       ModalityFusion: each modality's tokens cross-attend the page's other modalities           [B P, N_page, d]
       PerceiverResampler: L learned latents cross-attend the page's tokens, then self-attend   [B P, L, d]
@@ -13,10 +14,11 @@ The card's pipeline, and where each step lives here (``B`` documents of ``P`` pa
       PageTransformer over [L summary tokens; P x L latents] (+ learned absolute position and page-number
       embeddings): each page sees the pages within page_window / 2 (Longformer's window), the summary
       tokens attend and are attended by every page (the document level)                      [B, (1 + P) L, d]
-    ReasoningModule over [question; summary; page starts; table headers; (figures) | page latents]: the first group
-      are global tokens (the card's: question tokens, page starts, one token per table header cell; with
-      figure_global, not the card's, each page's fused image [class] state too), the latents see a local window
-      of reason_window tokens; the question's [CLS] state goes to the answer head                [B, n_answers]
+    ReasoningModule over [question; summary; page starts; table headers; (figures); (columns) | page latents]: the
+      first group are global tokens (the card's: question tokens, page starts, one token per table header cell;
+      with figure_global, not the card's, each page's fused image [class] state too; with column_global, not the
+      card's, one token per table column pooling its values), the latents see a local window of reason_window
+      tokens; the question's [CLS] state goes to the answer head                                [B, n_answers]
 
 Positional encodings, each in its place and each switchable (config fields): RoPE within a page's text
 (``text_positions``), learned absolute position plus a page-number embedding across pages (``page_positions``),
@@ -37,6 +39,8 @@ with a :class:`DocReaderTokenizer`; :class:`DocReader` maps a batch to answer lo
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -116,6 +120,14 @@ class DocReaderConfig(AttentionConfig, Config):
     Encoders (the text encoder also reads the question, as in the card's pipeline):
         text_d_model, text_n_heads, text_n_layers, text_d_ff: the BERT text encoder.
         table_n_layers: layers of the table encoder (a BERT of the text encoder's width and heads, TAPAS-style).
+        table_numbers: each token of a table cell that reads as a number ``v`` (:func:`cell_number`) gets a numeric
+            embedding ``E_num(v) = W_num phi(v)``, ``phi(v) = (sign v, sign v log(1 + |v|))``, added to its input
+            embedding (:class:`TableEncoder`), so magnitudes are comparable across cells and pages. Not the card's:
+            an extension of its table encoder in the spirit of TAPAS's numeric handling (Herzig 2020; TAPAS embeds
+            a value's rank within its column, which compares cells of one table only, not of two pages), for
+            "which page's table lists the largest X?": a wordpiece per number (the MiniLM vocabulary has one for
+            each of 1..50) carries no order that a reader could use before learning one for each number. False by
+            default and in both presets; on in ``archlab.labs.docreader.LARGEST_RECIPE``.
         image_d_model, image_n_heads, image_n_layers, image_d_ff: the ViT image encoder.
         frozen: encoders whose weights do not train (any of ``text``, ``table``, ``image``): no gradients,
             no optimizer state (the card freezes the text and image encoders).
@@ -137,6 +149,12 @@ class DocReaderConfig(AttentionConfig, Config):
             tiny reader answers the multi-page digit question better at 800 steps (0.402 against 0.324 on seed 0,
             0.375 against 0.270 on seed 1; ``archlab.labs.docreader.DIGIT_RECIPE``, README's Document reader
             section). Only the hierarchical reader has global tokens; the flat and question readers ignore it.
+        column_global: one more global token of the reasoning module per page and table column
+            ``j = 1 .. n_headers``: the elementwise maximum of the fused states of the column's body tokens (rows
+            ``>= 1``), plus the page-number embedding (:meth:`DocReader.columns`): ``max_pages n_headers`` more
+            global tokens. Not the card's (its table headers are the header cells' own states), so False by
+            default and in both presets; with ``table_numbers`` a column's maximum value is then one pooled
+            state away from the question (``archlab.labs.docreader.LARGEST_RECIPE``).
         page_layers: layers of the page-level transformer.
         page_window: pages a page sees, Longformer's convention: ``page_window // 2`` on each side (8: pages
             ``p - 4 .. p + 4``).
@@ -182,6 +200,7 @@ class DocReaderConfig(AttentionConfig, Config):
     text_n_layers: int = 24
     text_d_ff: int = 4096
     table_n_layers: int = 12
+    table_numbers: bool = False
     image_d_model: int = 1024
     image_n_heads: int = 16
     image_n_layers: int = 24
@@ -195,6 +214,7 @@ class DocReaderConfig(AttentionConfig, Config):
     perceiver_layers: int = 2
     page_question: str = "none"
     figure_global: bool = False
+    column_global: bool = False
     page_layers: int = 8
     page_window: int = 8
     reason_layers: int = 8
@@ -282,17 +302,21 @@ class DocReaderConfig(AttentionConfig, Config):
     def global_tokens(self) -> dict[str, int]:
         """The reasoning module's global tokens by role, in sequence order: question slots (``max_question_len``),
         summary tokens (``n_latents``), a page start per page (``max_pages``), a table header per column of each
-        page's table (``max_pages n_headers``) and, with ``figure_global``, a figure per page (``max_pages``)."""
+        page's table (``max_pages n_headers``), with ``figure_global`` a figure per page (``max_pages``) and with
+        ``column_global`` a pooled column per header (``max_pages n_headers``)."""
         tokens = {"question": self.max_question_len, "summary": self.n_latents, "page_start": self.max_pages,
                   "table_header": self.max_pages * self.n_headers}  # fmt: skip
         if self.figure_global:
             tokens["figure"] = self.max_pages
+        if self.column_global:
+            tokens["column"] = self.max_pages * self.n_headers
         return tokens
 
     @property
     def n_global(self) -> int:
         """Global tokens of the reasoning module (:attr:`global_tokens`): ``max_question_len + n_latents + max_pages
-        (1 + n_headers)``, plus ``max_pages`` with ``figure_global``."""
+        (1 + n_headers)``, plus ``max_pages`` with ``figure_global`` and ``max_pages n_headers`` with
+        ``column_global``."""
         return sum(self.global_tokens.values())
 
     def page_backend(self) -> str:
@@ -318,7 +342,8 @@ class DocBatch(NamedTuple):
 
     text_ids ``[B, P, N_t]`` (``[CLS] text [SEP]`` per page), text_mask ``[B, P, N_t]``;
     table_ids ``[B, P, N_c]`` (``[ROW_i] cell [SEP] cell [SEP] ...`` per page), table_mask ``[B, P, N_c]``,
-    table_rows ``[B, P, N_c]`` and table_cols ``[B, P, N_c]`` (row 0 = header; column 0 = the row marker);
+    table_rows ``[B, P, N_c]`` and table_cols ``[B, P, N_c]`` (row 0 = header; column 0 = the row marker),
+    table_values ``[B, P, N_c]`` (float: the number a token's cell reads as, :func:`cell_number`; 0 elsewhere);
     images ``[B, P, C, H, W]``, image_mask ``[B, P]``; page_mask ``[B, P]``;
     question_ids ``[B, N_q]``, question_mask ``[B, N_q]``; answers ``[B]`` (long).
     """
@@ -329,6 +354,7 @@ class DocBatch(NamedTuple):
     table_mask: Tensor
     table_rows: Tensor
     table_cols: Tensor
+    table_values: Tensor
     images: Tensor
     image_mask: Tensor
     page_mask: Tensor
@@ -347,7 +373,8 @@ class DocReaderTokenizer:
 
     A table is linearised row by row, ``[ROW_i] cell_1 [SEP] cell_2 [SEP] ...``; the row marker ``[ROW_i]`` is the
     ``[CLS]`` id, told apart from other rows by the row embedding ``i`` (row 0 is the header). Each token carries
-    its row and column (column 0 for the marker, ``j + 1`` for the tokens of cell ``j`` and its ``[SEP]``).
+    its row and column (column 0 for the marker, ``j + 1`` for the tokens of cell ``j`` and its ``[SEP]``) and the
+    number its cell reads as (:func:`cell_number`; 0 for the marker, the ``[SEP]`` and cells that are no number).
     """
 
     def __init__(self, base=None):
@@ -369,19 +396,36 @@ class DocReaderTokenizer:
         """``[CLS] text [SEP]``, the text cut to fit ``max_len`` tokens."""
         return [self.cls_id, *self.base.encode(text)[: max_len - 2], self.sep_id]
 
-    def table(self, table: Sequence[Sequence[str]], max_len: int) -> tuple[list[int], list[int], list[int]]:
-        """``(ids, rows, cols)`` of the linearised table, cut after ``max_len`` tokens."""
-        ids, rows, cols = [], [], []
+    def table(self, table: Sequence[Sequence[str]], max_len: int) -> tuple[list[int], list[int], list[int],
+                                                                         list[float]]:  # fmt: skip
+        """``(ids, rows, cols, values)`` of the linearised table, cut after ``max_len`` tokens."""
+        ids, rows, cols, values = [], [], [], []
         for i, row in enumerate(table):
             ids.append(self.cls_id)
             rows.append(i)
             cols.append(0)
+            values.append(0.0)
             for j, cell in enumerate(row):
-                piece = [*self.base.encode(str(cell)), self.sep_id]
-                ids += piece
-                rows += [i] * len(piece)
-                cols += [j + 1] * len(piece)
-        return ids[:max_len], rows[:max_len], cols[:max_len]
+                words = self.base.encode(str(cell))
+                number = cell_number(str(cell))
+                ids += [*words, self.sep_id]
+                rows += [i] * (len(words) + 1)
+                cols += [j + 1] * (len(words) + 1)
+                values += [0.0 if number is None else number] * len(words) + [0.0]
+        return ids[:max_len], rows[:max_len], cols[:max_len], values[:max_len]
+
+
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+
+
+def cell_number(cell: str) -> float | None:
+    """The number a table cell reads as (``"42"``, ``"-3.5"``, ``" 7 "``), or None (words, several numbers, an empty
+    cell, a number beyond float range)."""
+    text = cell.strip()
+    if not _NUMBER.fullmatch(text):
+        return None
+    number = float(text)
+    return number if math.isfinite(number) else None
 
 
 def _pad(rows: list[list[int]], width: int, value: int) -> list[list[int]]:
@@ -464,7 +508,7 @@ def collate(docs: Sequence[Document], config: DocReaderConfig, tokenizer: DocRea
     b, p = len(docs), max(len(d.pages) for d in docs)
     pad = tokenizer.pad_id
     text = [[tokenizer.text(page.text, config.max_text_len) for page in d.pages] for d in docs]
-    tables = [[tokenizer.table(page.table, config.max_table_len) if page.table is not None else ([], [], [])
+    tables = [[tokenizer.table(page.table, config.max_table_len) if page.table is not None else ([], [], [], [])
                for page in d.pages] for d in docs]  # fmt: skip
     questions = [tokenizer.text(d.question, config.max_question_len) for d in docs]
     n_t = max(len(t) for pages in text for t in pages)
@@ -475,6 +519,7 @@ def collate(docs: Sequence[Document], config: DocReaderConfig, tokenizer: DocRea
     table_ids = torch.full((b, p, n_c), pad, dtype=torch.long)
     table_rows = torch.zeros((b, p, n_c), dtype=torch.long)
     table_cols = torch.zeros((b, p, n_c), dtype=torch.long)
+    table_values = torch.zeros((b, p, n_c))
     images = torch.zeros((b, p, config.n_channels, config.image_size, config.image_size))
     image_mask = torch.zeros((b, p), dtype=torch.bool)
     page_mask = torch.zeros((b, p), dtype=torch.bool)
@@ -482,11 +527,12 @@ def collate(docs: Sequence[Document], config: DocReaderConfig, tokenizer: DocRea
         page_mask[i, : len(doc.pages)] = True
         for j, page in enumerate(doc.pages):
             text_ids[i, j, : len(text[i][j])] = torch.tensor(text[i][j])
-            ids, rows, cols = tables[i][j]
+            ids, rows, cols, values = tables[i][j]
             if ids:
                 table_ids[i, j, : len(ids)] = torch.tensor(ids)
                 table_rows[i, j, : len(ids)] = torch.tensor(rows)
                 table_cols[i, j, : len(ids)] = torch.tensor(cols)
+                table_values[i, j, : len(ids)] = torch.tensor(values)
             if page.image is not None:
                 images[i, j] = page.image.float()
                 image_mask[i, j] = True
@@ -496,8 +542,8 @@ def collate(docs: Sequence[Document], config: DocReaderConfig, tokenizer: DocRea
     table_mask = lengths([[len(t[0]) for t in pages] + [0] * (p - len(pages)) for pages in tables], n_c)
     question_mask = lengths([len(q) for q in questions], n_q)
     answers = torch.tensor([d.answer for d in docs], dtype=torch.long)
-    return DocBatch(text_ids, text_mask, table_ids, table_mask, table_rows, table_cols, images, image_mask,
-                    page_mask, question_ids, question_mask, answers)  # fmt: skip
+    return DocBatch(text_ids, text_mask, table_ids, table_mask, table_rows, table_cols, table_values, images,
+                    image_mask, page_mask, question_ids, question_mask, answers)  # fmt: skip
 
 
 def _check_mask(name: str, mask: Tensor, shape: tuple[int, ...]) -> None:
@@ -536,6 +582,12 @@ def check_batch(config: DocReaderConfig, batch: DocBatch) -> None:
     _check_mask("question_mask", batch.question_mask, tuple(q.shape))
     for name, limit in (("table_rows", "max_table_rows"), ("table_cols", "max_table_cols")):
         _check_ids(name, getattr(batch, name), (b, p, n_c), getattr(config, limit), limit)
+    values = batch.table_values
+    if not isinstance(values, Tensor) or tuple(values.shape) != (b, p, n_c) or not values.is_floating_point():
+        got = f"{list(values.shape)} of {values.dtype}" if isinstance(values, Tensor) else type(values).__name__
+        raise ShapeError(f"table_values must be float [B, P, N_c] = {[b, p, n_c]}, got {got}")
+    if values.numel() and not values.is_meta and not bool(torch.isfinite(values).all()):
+        raise ShapeError("table_values must be finite (0 where a token's cell is no number)")
     for name, t in (("text_ids", ids), ("table_ids", batch.table_ids), ("question_ids", q)):
         _check_ids(name, t, tuple(t.shape), config.vocab_size, "vocab_size")
     image = (config.n_channels, config.image_size, config.image_size)
@@ -682,9 +734,11 @@ class TextEncoder(nn.Module):
 
 class TableEncoder(nn.Module):
     r"""A BERT over the linearised table with 2D positions (TAPAS-style):
-    ``x_0 = LN(E_tok[ids] + E_seg[0] + E_row[rows] + E_col[cols])`` -> encoder -> ``[n, N_c, d]``.
+    ``x_0 = LN(E_tok[ids] + E_seg[0] + E_row[rows] + E_col[cols] (+ E_num(values)))`` -> encoder -> ``[n, N_c, d]``.
 
     ``table_positions="none"`` drops the row and column embeddings (the ``[ROW_i]`` markers then all look alike).
+    ``table_numbers=True`` adds each token's numeric embedding ``E_num(v) = W_num phi(v)`` (:class:`NumberEmbedding`;
+    ``v = 0``, the value of tokens outside number cells, adds nothing).
     """
 
     def __init__(self, config: DocReaderConfig):
@@ -703,20 +757,47 @@ class TableEncoder(nn.Module):
             self.col = nn.Embedding(c.max_table_cols, c.text_d_model)  # E_col
             _init_reader(self.row)
             _init_reader(self.col)
+        self.number = NumberEmbedding(c.text_d_model) if c.table_numbers else None  # E_num
         self.proj = nn.Linear(c.text_d_model, c.d_model)
         _init_reader(self.proj)
         self.checkpointing = c.checkpointing
 
-    def forward(self, ids: Tensor, mask: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-        """``ids``, ``mask``, ``rows``, ``cols`` ``[n, N_c]`` -> ``[n, N_c, d]``."""
+    def forward(self, ids: Tensor, mask: Tensor, rows: Tensor, cols: Tensor, values: Tensor) -> Tensor:
+        """``ids``, ``mask``, ``rows``, ``cols``, ``values`` (float) ``[n, N_c]`` -> ``[n, N_c, d]``."""
         check_bert_inputs(self.bert_config, ids, mask, None)
         emb = self.bert.embeddings
         x = emb.word(ids) + emb.segment(torch.zeros_like(ids))
         if self.two_d:
             x = x + self.row(rows) + self.col(cols)
+        if self.number is not None:
+            x = x + self.number(values)
         x = emb.dropout(emb.norm(x))
         x = run_encoder(self.bert.encoder, x, checkpointing=self.checkpointing, mask=padding_mask(mask))
         return self.proj(x)
+
+
+class NumberEmbedding(nn.Module):
+    r"""The numeric embedding of a table value (``table_numbers``): ``E_num(v) = W_num phi(v)``,
+    ``phi(v) = (sign v, sign v log(1 + |v|))``, ``W_num [d_t, 2]`` (no bias, drawn ``N(0, 0.02)`` like the other
+    embeddings). ``phi`` is odd and increasing in ``v`` along its second feature, so "larger" is one direction of
+    the embedding space, and ``phi(0) = 0``: tokens that are no number (``v = 0``) get nothing added.
+    ``values [...]`` -> ``[..., d_t]``.
+    """
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.proj = nn.Linear(2, width, bias=False)  # W_num
+        _init_reader(self.proj)
+
+    @staticmethod
+    def features(values: Tensor) -> Tensor:
+        """``phi(v)``: ``values [...]`` -> ``[..., 2]``."""
+        sign = torch.sign(values)
+        return torch.stack([sign, sign * torch.log1p(values.abs())], dim=-1)
+
+    def forward(self, values: Tensor) -> Tensor:
+        features = self.features(values).to(self.proj.weight.dtype)
+        return self.proj(features)
 
 
 class ImageEncoder(nn.Module):
@@ -893,12 +974,14 @@ class PageTransformer(nn.Module):
 class ReasoningModule(nn.Module):
     r"""The question reads the document: Longformer-style attention over
     ``[question (max_question_len slots); summary (L); page starts (max_pages); table headers (max_pages x
-    n_headers); figures (max_pages, with figure_global) | latents]``.
+    n_headers); figures (max_pages, with figure_global); columns (max_pages x n_headers, with column_global) |
+    latents]``.
 
     The first group (``n_global`` tokens: the card's global tokens, :attr:`DocReaderConfig.global_tokens`) attends
     every token and is attended by every token, so the question tokens cross-attend the whole document in every
     layer; the page latents see a local window of ``reason_window`` tokens. A role embedding ``E_role`` marks each
-    token's kind (``roles``: :attr:`ROLES`, then ``figure`` with ``figure_global``). ``-> [B, N_reason, d]``.
+    token's kind (``roles``: :attr:`ROLES`, then ``figure`` with ``figure_global`` and ``column`` with
+    ``column_global``). ``-> [B, N_reason, d]``.
     The flat reader runs the same layers with full attention over ``[question; every fused page token]``.
     """
 
@@ -908,7 +991,8 @@ class ReasoningModule(nn.Module):
         super().__init__()
         c = config
         self.config = c
-        self.roles = self.ROLES + (("figure",) if c.figure_global else ())  # appended: the card's rows keep theirs
+        extra = (("figure",) if c.figure_global else ()) + (("column",) if c.column_global else ())
+        self.roles = self.ROLES + extra  # appended: the card's rows keep theirs
         self.role = nn.Embedding(len(self.roles), c.d_model)  # E_role
         self.encoder = _reader_encoder(c, c.reason_layers, c.reason_backend())
         self.apply(_init_reader)
@@ -981,7 +1065,7 @@ class DocReader(nn.Module):
         image_on = flat(batch.image_mask) & pages
         text = self._encode(self.text, _rows(pages), (b * p, n_t), flat(batch.text_ids), text_mask)
         table = self._encode(self.table, _rows(table_mask.any(-1)), (b * p, n_c), flat(batch.table_ids), table_mask,
-                             flat(batch.table_rows), flat(batch.table_cols))  # fmt: skip
+                             flat(batch.table_rows), flat(batch.table_cols), flat(batch.table_values))  # fmt: skip
         image = self._encode(self.image, _rows(image_on), (b * p, n_img), flat(batch.images))
         tokens = torch.cat([text, table, image], dim=1)  # [B P, N_page, d]
         mask = torch.cat([text_mask, table_mask, image_on[:, None].expand(-1, n_img)], dim=1)
@@ -1020,9 +1104,9 @@ class DocReader(nn.Module):
 
     def read_hierarchically(self, batch: DocBatch, question: Tensor) -> list[tuple[str, Tensor, Tensor]]:
         """The reasoning module's document tokens: summary, page starts, table headers, figures (with
-        ``figure_global``; these are global) and latents, each ``(role, tokens [B, n_i, d], mask [B, n_i])``;
-        ``question [B, N_q, d]`` (the question's token states) conditions the Perceiver when
-        ``page_question="latents"`` and the fusion when ``page_question="fusion"``."""
+        ``figure_global``), columns (with ``column_global``; these are global) and latents, each ``(role, tokens
+        [B, n_i, d], mask [B, n_i])``; ``question [B, N_q, d]`` (the question's token states) conditions the
+        Perceiver when ``page_question="latents"`` and the fusion when ``page_question="fusion"``."""
         c = self.config
         fused, mask = self.encode_pages(batch, question)  # [B, P, N_page, d]
         b, p, n_page, d = fused.shape
@@ -1048,6 +1132,12 @@ class DocReader(nn.Module):
             if page is not None:
                 figures = figures + page
             parts.append(("figure",) + _pad_to(figures, has_figure, c.max_pages))
+        if c.column_global:
+            columns, has_column = self.columns(fused, batch)  # [B, P, H, d], [B, P, H]
+            if page is not None:
+                columns = columns + page[:, None, :]
+            parts.append(("column",) + _pad_to(columns.reshape(b, p * n_h, d), has_column.reshape(b, p * n_h),
+                                              c.max_pages * n_h))  # fmt: skip
         parts.append(("page", pages.reshape(b, p * c.n_latents, d), batch.page_mask.repeat_interleave(c.n_latents, 1)))
         return parts
 
@@ -1072,6 +1162,21 @@ class DocReader(nn.Module):
         table = fused[:, :, n_t : n_t + n_c]
         index = first[..., None].expand(*first.shape, fused.shape[-1])
         return table.gather(2, index), cell.any(-1) & batch.page_mask[..., None]
+
+    def columns(self, fused: Tensor, batch: DocBatch) -> tuple[Tensor, Tensor]:
+        """``column_global``'s tokens: for each page and column ``j = 1 .. n_headers``, the elementwise maximum of the
+        fused states of the column's body tokens (rows ``>= 1``, column ``j``; a cell's wordpieces and its ``[SEP]``)
+        ``[B, P, n_headers, d]`` (zeros where there are none), and whether the column has any ``[B, P, n_headers]``.
+        ``fused [B, P, N_page, d]``: text tokens first, then the table's."""
+        n_t, n_c, h = batch.text_ids.shape[-1], batch.table_ids.shape[-1], self.config.n_headers
+        table = fused[:, :, n_t : n_t + n_c]  # [B, P, N_c, d]
+        body = batch.table_mask & (batch.table_rows > 0) & (batch.table_cols > 0) & batch.page_mask[..., None]
+        column = torch.where(body, batch.table_cols, 0)  # bucket 0 takes every other token and is dropped
+        index = column[..., None].expand_as(table)
+        pooled = table.new_zeros(*table.shape[:2], h + 1, table.shape[-1])
+        pooled = pooled.scatter_reduce(2, index, table, reduce="amax", include_self=False)
+        present = (column[..., None] == torch.arange(1, h + 1, device=column.device)) & body[..., None]  # [B,P,N_c,H]
+        return pooled[:, :, 1:], present.any(2)
 
     def read_flat(self, batch: DocBatch) -> list[tuple[str, Tensor, Tensor]]:
         """The flat baseline's document tokens: every fused token of every page (page-number embedding added)."""

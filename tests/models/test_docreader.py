@@ -6,6 +6,7 @@ real MiniLM weights in the text encoder, the card preset on the meta device, and
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -77,13 +78,16 @@ def test_collate_shapes_and_table_linearisation(tokenizer):
     assert batch.page_mask.tolist() == [[True] * 4, [True, True, False, False]]
     assert batch.image_mask.tolist() == [[False, True, True, False], [True, False, False, False]]
     assert batch.answers.tolist() == [3, 1] and batch.question_mask[:, 0].all()
-    ids, rows, cols = tokenizer.table([["city", "rain"], ["oslo", "3"]], 100)
+    ids, rows, cols, values = tokenizer.table([["city", "rain"], ["oslo", "3"]], 100)
     # [ROW_0] city [SEP] rain [SEP] [ROW_1] oslo [SEP] 3 [SEP]: the marker is [CLS] at column 0
     assert ids[0] == ids[5] == tokenizer.cls_id and ids.count(tokenizer.sep_id) == 4
     assert rows == [0] * 5 + [1] * (len(ids) - 5)
     assert cols[0] == 0 and cols[5] == 0 and set(cols) == {0, 1, 2}
+    three = ids.index(tokenizer.base.encode("3")[0], 5)  # the one number cell: its token reads 3, all others 0
+    assert values == [0.0] * three + [3.0] + [0.0] * (len(ids) - three - 1)
     n = int(batch.table_mask[1, 0].sum())
     assert batch.table_ids[1, 0, :n].tolist() == ids and batch.table_rows[1, 0, :n].tolist() == rows
+    assert batch.table_values.dtype == torch.float32 and batch.table_values[1, 0, :n].tolist() == values
 
 
 @pytest.mark.parametrize("reader", ["hierarchical", "flat", "question"])
@@ -410,6 +414,142 @@ def test_figure_global_off_is_the_card_reader_and_on_adds_only_the_figure_tokens
     assert (shown - card).abs().amax() > 1e-6
 
 
+def test_column_global_tokens_are_each_columns_maximum_body_state_plus_the_page_number(tokenizer):
+    """``column_global``: per page and column ``j``, the elementwise maximum of the fused states of the column's body
+    tokens (rows >= 1; computed here by a loop over the tokens, float64) plus ``E_page[p]``, exactly; a key only
+    where the column has body tokens; ``max_pages n_headers`` more global tokens in ``n_global``, the reasoning
+    window's global block and the reader's parts."""
+    c = config(column_global=True)
+    card = config()
+    assert c.global_tokens == {**card.global_tokens, "column": c.max_pages * c.n_headers}
+    assert c.n_global == card.n_global + c.max_pages * c.n_headers
+    assert c.reason_backend().endswith(f"global={c.n_global}")
+    m = model(c).double()
+    docs = documents(c)
+    docs[1].pages[1].table = [["long header word", "x", "rain"], ["a b", "1", "2"], ["c", "5", "0"]]
+    batch = collate(docs, c, tokenizer)
+    batch = batch._replace(images=batch.images.double())
+    with torch.no_grad():
+        question = m.text(batch.question_ids, batch.question_mask)
+        parts = m.read_hierarchically(batch, question)
+        fused, _ = m.encode_pages(batch, question)
+    assert [role for role, _, _ in parts] == ["summary", "page_start", "table_header", "column", "page"]
+    _, columns, has_column = parts[3]
+    b, p = batch.page_mask.shape
+    h, n_t = c.n_headers, batch.text_ids.shape[-1]
+    assert columns.shape == (b, c.max_pages * h, c.d_model) and has_column.shape == (b, c.max_pages * h)
+    expected, present = torch.zeros(b, p, h, c.d_model, dtype=torch.float64), torch.zeros(b, p, h, dtype=torch.bool)
+    for i in range(b):
+        for j in range(p):
+            for k in range(batch.table_ids.shape[-1]):
+                row, col = int(batch.table_rows[i, j, k]), int(batch.table_cols[i, j, k])
+                if batch.table_mask[i, j, k] and row > 0 and col > 0:
+                    state = fused[i, j, n_t + k]
+                    seen = expected[i, j, col - 1]
+                    expected[i, j, col - 1] = seen.max(state) if present[i, j, col - 1] else state
+                    present[i, j, col - 1] = True
+    expected = (expected + m.pages.page.weight[:p, None, :]) * present[..., None]
+    torch.testing.assert_close(columns[:, : p * h].view(b, p, h, -1) * present[..., None], expected, rtol=0, atol=0)
+    assert torch.equal(has_column[:, : p * h].view(b, p, h), present) and not has_column[:, p * h :].any()
+    assert present.sum() == 2 + 2 + 3  # every column of the three tables has body cells
+    assert c.max_question_len + sum(t.shape[1] for role, t, _ in parts if role != "page") == c.n_global
+
+
+def test_column_global_off_is_the_card_reader_and_on_adds_only_the_column_tokens(tokenizer):
+    """Off (the default) the reader has the card's roles; on, the same weights with every column token hidden (no
+    key) give the card reader's logits (float64), and shown they change them."""
+    off, on = model(config()).double(), model(config(column_global=True)).double()
+    assert on.reasoning.roles == off.reasoning.ROLES + ("column",)
+    state, on_state = off.state_dict(), on.state_dict()
+    assert state.keys() == on_state.keys()
+    assert {k for k in state if state[k].shape != on_state[k].shape} == {"reasoning.role.weight"}
+    state["reasoning.role.weight"] = torch.cat([state["reasoning.role.weight"], on_state["reasoning.role.weight"][5:]])
+    on.load_state_dict(state)
+    batch = collate(documents(config()), config(), tokenizer)
+    batch = batch._replace(images=batch.images.double())
+    with torch.no_grad():
+        card, shown = off(batch), on(batch)
+        on.columns = lambda fused, b: (lambda t, has: (t, torch.zeros_like(has)))(*DocReader.columns(on, fused, b))
+        hidden = on(batch)
+    torch.testing.assert_close(hidden, card, rtol=0, atol=1e-12)
+    assert (shown - card).abs().amax() > 1e-6
+
+
+def test_cell_number_reads_plain_numbers_only():
+    from archlab.models.docreader import cell_number
+
+    assert [cell_number(c) for c in ("42", "-3.5", " 7 ", "+0.25", ".5", "12.")] == [42.0, -3.5, 7.0, 0.25, 0.5, 12.0]
+    assert [cell_number(c) for c in ("bolts", "", "3 4", "1e3", "4-2", "9" * 400)] == [None] * 6  # 9...9: inf
+
+
+def test_number_embedding_is_its_equation_in_float64():
+    """``E_num(v) = W_num (sign v, sign v log(1 + |v|))``, computed by hand in float64; ``E_num(0) = 0``; the
+    second feature orders values (strictly increasing)."""
+    from archlab.models.docreader import NumberEmbedding
+
+    torch.manual_seed(0)
+    e = NumberEmbedding(5).double()
+    v = torch.tensor([[-20.0, -1.5, 0.0], [0.5, 3.0, 49.0]], dtype=torch.float64)
+    phi = torch.stack([torch.sign(v), torch.sign(v) * torch.log(1 + v.abs())], dim=-1)
+    torch.testing.assert_close(e(v), phi @ e.proj.weight.T, rtol=0, atol=1e-15)
+    assert e(v).shape == (2, 3, 5) and not e(v)[0, 2].any()
+    features = NumberEmbedding.features(v.flatten())[:, 1]
+    assert (features.diff() > 0).all()
+    assert NumberEmbedding.features(torch.tensor(0.5, dtype=torch.float64)).tolist() == [1.0, math.log(1.5)]
+
+
+def test_table_numbers_add_the_number_embedding_to_the_value_tokens_only(tokenizer):
+    """``table_numbers``: the table encoder's first-layer input is ``LN(E_tok + E_seg + E_row + E_col + E_num(v))``,
+    checked in float64 against the same sum built by hand; tokens outside number cells (markers, words, [SEP]) are
+    as without the switch; changing a number changes the answer logits, and the numeric weights get a gradient."""
+    c = config(table_numbers=True)
+    m = model(c).double()
+    batch = collate(documents(c), c, tokenizer)
+    batch = batch._replace(images=batch.images.double(), table_values=batch.table_values.double())
+    seen = {}
+    m.table.bert.encoder.blocks[0].register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
+    with torch.no_grad():
+        m(batch)
+    on_rows = batch.table_mask.view(-1, batch.table_ids.shape[-1]).any(-1)  # the pages with a table
+    ids, rows, cols, values = (getattr(batch, k).flatten(0, 1)[on_rows] for k in
+                               ("table_ids", "table_rows", "table_cols", "table_values"))  # fmt: skip
+    emb, t = m.table.bert.embeddings, m.table
+    plain = emb.word(ids) + emb.segment(torch.zeros_like(ids)) + t.row(rows) + t.col(cols)
+    phi = torch.stack([torch.sign(values), torch.sign(values) * torch.log1p(values.abs())], dim=-1)
+    torch.testing.assert_close(seen["x"], emb.norm(plain + phi @ t.number.proj.weight.T), rtol=0, atol=1e-12)
+    numbers = values != 0
+    assert numbers.sum() == 3  # 12, 7 and 3: one wordpiece each
+    torch.testing.assert_close(seen["x"][~numbers], emb.norm(plain)[~numbers], rtol=0, atol=1e-12)
+    m.float()
+    batch = collate(documents(c), c, tokenizer)
+    docs = documents(c)
+    docs[0].pages[0].table[1][1] = "40"  # bolts 12 -> 40: a new wordpiece and a new number
+    other = collate(docs, c, tokenizer)
+    same_words = other._replace(table_values=batch.table_values.clone())  # the words of 40, the number 12
+    with torch.no_grad():
+        assert (m(other)[0] - m(same_words)[0]).abs().amax() > 1e-6  # the number itself is read
+    m.train().compute_loss(batch._asdict())[0].backward()
+    assert m.table.number.proj.weight.grad.abs().sum() > 0
+
+
+def test_table_numbers_off_is_the_reader_without_them_and_on_adds_only_their_weights(tokenizer):
+    """Off (the default): no numeric weights and the values are not read (other values, the same logits). On, with
+    the off reader's weights and ``W_num = 0``, the logits are the off reader's exactly (float64): the switch adds
+    ``E_num`` and nothing else."""
+    off, on = model(config()).double(), model(config(table_numbers=True)).double()
+    assert off.table.number is None
+    state, on_state = off.state_dict(), on.state_dict()
+    assert set(on_state) - set(state) == {"table.number.proj.weight"} and set(state) <= set(on_state)
+    assert sum(p.numel() for p in on.parameters()) - sum(p.numel() for p in off.parameters()) == 2 * 16
+    on.load_state_dict({**state, "table.number.proj.weight": torch.zeros_like(on_state["table.number.proj.weight"])})
+    batch = collate(documents(config()), config(), tokenizer)
+    batch = batch._replace(images=batch.images.double(), table_values=batch.table_values.double())
+    with torch.no_grad():
+        card = off(batch)
+        torch.testing.assert_close(off(batch._replace(table_values=batch.table_values * 5 + 1)), card, rtol=0, atol=0)
+        torch.testing.assert_close(on(batch), card, rtol=0, atol=0)
+
+
 def test_table_positions_2d_tell_rows_apart(tokenizer):
     """Swapping two body rows of a table changes nothing without row/column embeddings (the table's tokens are then
     a set to every later stage) and changes the answer logits with them."""
@@ -535,6 +675,13 @@ def test_bad_batches_are_refused_by_the_model(tokenizer):
         m(DocBatch(*(t[:0] for t in batch)))
     with pytest.raises(ShapeError, match="text_ids holds"):
         m(batch._replace(text_ids=batch.text_ids + c.vocab_size))
+    wanted = r"table_values must be float \[B, P, N_c\] = \[2, 4, 15\], got "
+    with pytest.raises(ShapeError, match=wanted + r"\[2, 4, 15\] of torch.int64"):
+        m(batch._replace(table_values=batch.table_values.long()))
+    with pytest.raises(ShapeError, match=wanted + r"\[2, 4, 14\]"):
+        m(batch._replace(table_values=batch.table_values[..., :-1]))
+    with pytest.raises(ShapeError, match="table_values must be finite"):
+        m(batch._replace(table_values=batch.table_values.clone().fill_(float("nan"))))
     with pytest.raises(DataError, match="lacks"):
         m.compute_loss({"text_ids": batch.text_ids})
 
@@ -552,6 +699,8 @@ def test_bad_batches_are_refused_by_the_model(tokenizer):
         (dict(image_size=9), "image_size=9 is not divisible by patch_size=2"),
         (dict(figure_global="yes"), "figure_global='yes' must be true or false"),
         (dict(figure_global=1), "figure_global=1 must be true or false"),
+        (dict(table_numbers="on"), "table_numbers='on' must be true or false"),
+        (dict(column_global=1), "column_global=1 must be true or false"),
     ],
 )
 def test_bad_configs_are_refused_naming_the_field(overrides, message):
