@@ -83,6 +83,37 @@ def test_holdout_documents_give_no_query_and_no_negative(small):
         make_queries(engine.docs, 10, config, {d.id for d in engine.docs}, random.Random(0), print)
 
 
+def test_negatives_lose_a_sentence_like_their_positive(small):
+    """A sentence pseudo-query's positive is its document minus that sentence; its mined negatives must lose one
+    sentence too, else the positive is the shorter text and a barely trained model learns "shorter is more
+    relevant" (which ranked the built-in set's longer relevant documents below a random order; README)."""
+    from archlab.search.adapt import cut_like_a_positive
+
+    text = "Summary line here. Second sentence has five words. Third one is here too, longer. Short."
+    doc = Document("m.f", "m.f", text)
+    cuts = {cut_like_a_positive(doc, random.Random(seed)) for seed in range(20)}
+    sentences = split_sentences(text)
+    assert cuts == {Document("m.f", "m.f", " ".join(s for s in sentences if s != gone)).full_text
+                    for gone in sentences[1:3]}  # fmt: skip (never the summary, never a sentence under 4 words)
+    lone = Document("m.g", "m.g", "Only one sentence in this docstring.")
+    assert cut_like_a_positive(lone, random.Random(0)) == lone.full_text
+
+    engine, _, held, _ = small
+    config = AdaptConfig(**TINY)
+    queries = make_queries(engine.docs, 40, config, held, random.Random(0), print)
+    groups = mine_negatives(engine, queries, config, held, random.Random(0))
+    allowed = set()  # a document with one sentence (not the first) cut out; whole only when none can be cut
+    for d in engine.docs:
+        sentences = split_sentences(d.text)
+        allowed |= {Document(d.id, d.title, " ".join(sentences[:i] + sentences[i + 1 :])).full_text
+                    for i in range(1, len(sentences))}  # fmt: skip
+        if cut_like_a_positive(d, random.Random(0)) == d.full_text:
+            allowed.add(d.full_text)
+    whole = {d.full_text for d in engine.docs}
+    negatives = [t for g in groups for t in g.negatives]
+    assert len(negatives) >= 20 and set(negatives) <= allowed and len(set(negatives) - whole) >= 5  # some were cut
+
+
 def test_adapt_loss_falls_and_the_saved_folder_reloads(small, tmp_path):
     from sentence_transformers import CrossEncoder
 
@@ -170,8 +201,10 @@ def test_cli_adapt_saves_measures_and_query_reranks(small, tmp_path, capsys):
     report = json.loads((index / "adapt.json").read_text())
     assert report["training"]["steps"] == 3 and [r["depth"] for r in report["measured"]] == [0, 5, 10] * 2
     assert main(["search", "query", str(index), "open a file", "--rerank", "5", "--k", "3", "--json"]) == 0
-    hits = json.loads(capsys.readouterr().out)["hits"]
-    assert len(hits) == 3 and all("rerank" in h["stages"] for h in hits)
+    answer = json.loads(capsys.readouterr().out)
+    hits, kept = answer["hits"], report["training"]["heldout_check"]["first_stage_weight"] == 1.0
+    assert len(hits) == 3 and all(("rerank" in h["stages"]) != kept for h in hits)  # weight 1: not run
+    assert ("rerank" in answer["skipped"]) == kept
 
 
 @pytest.mark.slow
@@ -270,13 +303,13 @@ def test_fuse_ranks_moves_from_the_rerankers_order_to_the_first_stages():
 
 
 class _Oracle:
-    """A stand-in re-ranker that scores the held-out positives (texts in ``good``) highest, or lowest."""
+    """A stand-in re-ranker that scores each query's held-out positive (``good[query]``) highest, or lowest."""
 
     def __init__(self, good, sign=1.0):
         self.good, self.sign = good, sign
 
     def logits(self, query, docs):
-        return torch.tensor([self.sign * (1.0 if d in self.good else 0.0) for d in docs])
+        return torch.tensor([self.sign * (1.0 if d == self.good[query] else 0.0) for d in docs])
 
 
 def test_heldout_check_keeps_a_good_reranker_and_fuses_away_a_bad_one(small):
@@ -286,7 +319,8 @@ def test_heldout_check_keeps_a_good_reranker_and_fuses_away_a_bad_one(small):
     config = AdaptConfig(**TINY)
     queries = make_queries(engine.docs, 12, config, held, random.Random(0), print)
     groups = mine_negatives(engine, queries, config.replace(negatives=5), held, random.Random(0), best=5)
-    good = {g.positive for g in groups}
+    good = {g.query: g.positive for g in groups}  # per query: a negative (a document less a sentence) may be
+    # another query's positive
     right = heldout_check(engine, _Oracle(good), groups)
     assert right.queries == len(groups) and right.candidates == 6
     assert right.reranker_mrr == 1.0 and right.beats_first_stage and right.fused_mrr == 1.0
@@ -301,7 +335,7 @@ def test_a_saved_fusion_weight_reloads_orders_the_engine_and_is_noted(small, tmp
     """A folder whose held-out check failed keeps the first stage's order at weight 1, and query says so."""
     from archlab.cli import main
     from archlab.search.cli import reranker_note
-    from archlab.search.engine import SearchEngine
+    from archlab.search.engine import KEPT_FIRST_STAGE, SearchEngine
     from archlab.search.rerank import HELDOUT_FILE, Reranker
 
     engine, _, _, encoder = small
@@ -316,7 +350,7 @@ def test_a_saved_fusion_weight_reloads_orders_the_engine_and_is_noted(small, tmp
     plain = SearchEngine.open(engine.index_dir).search("open a file", k=8)
     fused = SearchEngine.open(engine.index_dir, reranker=again).search("open a file", k=8, rerank=8)
     assert [h.doc.id for h in fused.hits] == [h.doc.id for h in plain.hits]
-    assert all("rerank" in h.stage_scores for h in fused.hits)
+    assert fused.skipped == {"rerank": KEPT_FIRST_STAGE} and all("rerank" not in h.stage_scores for h in fused.hits)
     assert main(["search", "query", str(engine.index_dir), "open a file", "--rerank", "5", "--k", "3",
                  "--reranker", str(folder)]) == 0  # fmt: skip
     assert "note: this re-ranker did not beat the first stage on its 4 held-out" in capsys.readouterr().err
