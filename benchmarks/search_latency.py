@@ -51,11 +51,16 @@ def latency(index_dir: Path, queries: list[str], rerank: int, reranker_dir: str 
     for q in queries[:3]:  # warm-up: first calls allocate and pick kernels
         engine.search(q, k=10, rerank=rerank)
     stages: dict[str, list[float]] = {}
+    skipped: dict[str, str] = {}
     for q in queries:
-        for stage, ms in engine.search(q, k=10, rerank=rerank).timings_ms.items():
+        result = engine.search(q, k=10, rerank=rerank)
+        for stage, ms in result.timings_ms.items():
             stages.setdefault(stage, []).append(ms)
+        skipped.update(result.skipped)
     print(f"\n## latency over {len(queries)} queries ({engine.mode}, {len(engine.docs)} documents"
           f"{f', re-rank depth {rerank}' if rerank else ''}; ms)")  # fmt: skip
+    for stage, why in skipped.items():
+        print(f"{stage} skipped: {why}")
     print(f"{'stage':<8} {'p50':>8} {'p99':>8} {'card':>8}")
     for stage, values in stages.items():
         card = f"{CARD_MS[stage]:.0f}" if stage in CARD_MS else "-"

@@ -134,14 +134,18 @@ def result_json(result) -> dict:
     return {
         "query": result.query,
         "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
+        "skipped": dict(result.skipped),
         "hits": [{"rank": h.rank, "id": h.doc.id, "title": h.doc.title, "score": h.score, "stages": h.stage_scores,
                   "text": h.doc.text, "evidence": h.evidence, "explanation": h.explanation,
                   "quotes_ok": h.quotes_ok} for h in result.hits],
     }  # fmt: skip
 
 
-def timing_line(timings: dict[str, float]) -> str:
-    return "time: " + ", ".join(f"{stage} {ms:.1f} ms" for stage, ms in timings.items())
+def timing_line(timings: dict[str, float], skipped: dict[str, str] | None = None) -> str:
+    """``time: encode 12.3 ms, ..`` and, for each stage asked for but skipped, ``rerank skipped (why)``."""
+    parts = [f"{stage} {ms:.1f} ms" for stage, ms in timings.items()]
+    parts += [f"{stage} skipped ({why})" for stage, why in (skipped or {}).items()]
+    return "time: " + ", ".join(parts)
 
 
 def run_query(args: argparse.Namespace) -> int:
@@ -168,7 +172,7 @@ def run_query(args: argparse.Namespace) -> int:
         if hit.explanation is not None:
             guard = {True: "quotes verified", False: "UNVERIFIED quote", None: "no quote"}[hit.quotes_ok]
             print(f"     why ({guard}): {hit.explanation}")
-    print(timing_line(result.timings_ms))
+    print(timing_line(result.timings_ms, result.skipped))
     return 0
 
 

@@ -45,11 +45,13 @@ class Hit:
 
 @dataclass
 class SearchResult:
-    """The hits of one query, best first, and the milliseconds spent in each stage that ran."""
+    """The hits of one query, best first, the milliseconds spent in each stage that ran, and the stages asked for
+    but skipped, each with the reason (``{"rerank": "..."}``)."""
 
     query: str
     hits: list[Hit]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 MODES = ("dense", "bm25", "hybrid")
@@ -190,7 +192,8 @@ class SearchEngine:
         ``k`` results are returned; the first stage fetches ``max(k, rerank)``. Re-ranked hits take the
         cross-encoder's score, or its fusion with the first stage's order when the re-ranker has a
         ``first_stage_weight`` (:func:`archlab.search.rerank.fuse_ranks`); hits below the re-rank depth follow in
-        their first-stage order.
+        their first-stage order. A re-ranker whose weight is 1 would keep the first stage's order: it is not run,
+        and the result's ``skipped["rerank"]`` says so (:func:`keeps_first_stage`).
         """
         _check_depths(k, rerank, explain)
         return self._search(query, k, rerank, explain, time.perf_counter(), {})
@@ -222,7 +225,10 @@ class SearchEngine:
         if explain and self.explainer is None:
             raise ConfigError(f"explain={explain} needs an explainer (SearchEngine.open(..., explainer=...))")
         hits = self._retrieve(query, max(k, rerank), timings, dense_found)
-        if rerank:
+        skipped = {}
+        if rerank and keeps_first_stage(self.reranker):
+            skipped["rerank"] = KEPT_FIRST_STAGE
+        elif rerank:
             t = time.perf_counter()
             head, tail = hits[:rerank], hits[rerank:]
             scores = [float(s) for s in self.reranker.score(query, [h.doc for h in head])]
@@ -240,7 +246,17 @@ class SearchEngine:
             self.explainer.explain(query, hits[:explain])
             timings["explain"] = _ms(t)
         timings["total"] = _ms(start)
-        return SearchResult(query, hits, timings)
+        return SearchResult(query, hits, timings, skipped)
+
+
+KEPT_FIRST_STAGE = "first-stage weight 1: its order is the first stage's, so the cross-encoder is not run"
+
+
+def keeps_first_stage(reranker) -> bool:
+    """Whether ``reranker``'s final order is the first stage's whatever it scores: its saved fusion weight on the
+    first stage is 1 (:func:`archlab.search.rerank.fuse_ranks`; ``archlab search adapt`` saves 1 when the re-ranker
+    did not beat the first stage). The engine then skips the cross-encoder's forward passes."""
+    return getattr(reranker, "first_stage_weight", 0.0) == 1.0
 
 
 def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
@@ -260,4 +276,4 @@ def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
-__all__ = ["Hit", "SearchEngine", "SearchResult"]
+__all__ = ["KEPT_FIRST_STAGE", "Hit", "SearchEngine", "SearchResult", "keeps_first_stage"]

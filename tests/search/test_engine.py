@@ -104,6 +104,39 @@ def test_search_stages_with_fake_reranker_and_explainer(index_dir):
         SearchEngine.open(index_dir).search("x", rerank=3)
 
 
+def test_a_reranker_that_keeps_the_first_stage_order_is_not_run(index_dir):
+    """A saved first-stage weight of 1 (adapt's verdict on a re-ranker that did not beat the first stage) fixes the
+    order whatever the cross-encoder says: the engine skips its forward passes and says so in the timing line."""
+    from archlab.search.cli import timing_line
+    from archlab.search.engine import KEPT_FIRST_STAGE
+
+    class Counting:
+        def __init__(self, weight):
+            self.first_stage_weight, self.calls = weight, 0
+
+        def score(self, query, docs):
+            self.calls += 1
+            return [float(len(d.text)) for d in docs]
+
+        def final_scores(self, scores):
+            return scores
+
+    query = "parse command line options"
+    # the first stage as fetched for re-ranking (top 20; the hybrid RRF of two top-20 lists may order its first 10
+    # otherwise than the fusion of two top-10 lists does)
+    first = SearchEngine.open(index_dir).retrieve(query, 20)[:10]
+    keeper = Counting(1.0)
+    result = SearchEngine.open(index_dir, reranker=keeper).search(query, k=10, rerank=20)
+    assert keeper.calls == 0 and result.skipped == {"rerank": KEPT_FIRST_STAGE}
+    assert [h.doc.id for h in result.hits] == [h.doc.id for h in first]
+    assert [h.score for h in result.hits] == [h.score for h in first]
+    assert "rerank" not in result.timings_ms and all("rerank" not in h.stage_scores for h in result.hits)
+    assert f"rerank skipped ({KEPT_FIRST_STAGE})" in timing_line(result.timings_ms, result.skipped)
+    fuser = Counting(0.5)  # any other weight: the cross-encoder runs
+    result = SearchEngine.open(index_dir, reranker=fuser).search(query, k=10, rerank=20)
+    assert fuser.calls == 1 and not result.skipped and "rerank" in result.timings_ms
+
+
 def test_bad_queries(engine):
     with pytest.raises(DataError, match="the query is empty"):
         engine.search("   ")
