@@ -76,8 +76,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     With 2 to :data:`MAX_PACKED_ROWS` rows and a packed copy of ``weight`` (:func:`packed_for_rows`), the
     product is oneDNN's on that copy; else with at most :data:`MAX_SPLIT_ROWS` rows on a multi-threaded CPU,
     it runs as ``k`` blocks of output features, one per thread (see the module docstring); otherwise it is
-    ``F.linear``.
+    ``F.linear``. Traced by ``torch.compile`` it is ``F.linear``: the compiler picks the kernel (a thread count
+    read here would end its graph), see :mod:`archlab.static_decoding`.
     """
+    if torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
     d_out, d_in = weight.shape
     packed = _onednn_copy(weight, x)
     if packed is not None:

@@ -187,8 +187,19 @@ class RotaryPositionalEncoding(PositionalEncoding):
         if x.shape[-1] != self.d_head:
             raise ShapeError(f"RoPE built for d_head={self.d_head}, got width {x.shape[-1]}")
         _check_offset(offset)
-        n, r = x.shape[-2], self.rotary_dim
-        cos, sin, signed = self._rows(offset, n, x.dtype, x.device)
+        return self.rotate_with(x, *self._rows(offset, x.shape[-2], x.dtype, x.device))
+
+    def tables(self, end: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """``cos``, ``sin`` and ``(-sin, sin)`` at positions ``0 .. end - 1``, ``[end, d_rot]`` each: the rows
+        :meth:`rotate_with` takes, for a caller that addresses positions by a tensor (static decoding,
+        :mod:`archlab.static_decoding`)."""
+        with torch.inference_mode(False):  # as _rows: kept tables must serve training too
+            return tuple(t[:end] for t in self._cos_sin(end, dtype, device))
+
+    def rotate_with(self, x: Tensor, cos: Tensor, sin: Tensor, signed: Tensor) -> Tensor:
+        """The rotation of ``x [..., N, d_head]`` by the rows ``cos``, ``sin``, ``signed = (-sin, sin)`` ``[N, d_rot]``
+        of its ``N`` positions (:meth:`tables`); :meth:`rotate` takes them at ``offset .. offset + N - 1``."""
+        r = self.rotary_dim
         if r == self.d_head:  # the same products in fewer ops: [x2, x1] * (-sin, sin) = [-x2, x1] * sin
             return x * cos + x.roll(r // 2, dims=-1) * signed
         x_rot, x_pass = x[..., :r], x[..., r:]

@@ -1,0 +1,257 @@
+r"""Decoding whose step never changes shape: a static KV cache, so ``torch.compile`` traces the step once.
+
+At batch 1 a decoding step is a few hundred small ops (norms, RoPE, SwiGLU, casts, cache writes, each a dispatch
+through Python and the ATen dispatcher); their count, not the bytes they read, is much of a step's time
+(README "Where the time goes"). ``torch.compile`` (inductor, C++ code generated for the CPU) fuses such ops and
+removes the dispatch, but only if it can trace the step once and reuse it: every step must see the same shapes
+and no Python number that changes from token to token. archlab's :class:`~archlab.nn.KVCache` grows and its
+length is a Python int that RoPE, the learned position table and the cache slices read, so a compiled step
+would be specialised to each position. Here, as in gpt-fast:
+
+* :class:`StaticKVCache`: one layer's keys ``k [B, G, L, d_k]`` and values ``v [B, G, L, d_v]``, allocated for
+  ``L = max_len`` positions. A step writes its ``n`` new positions in place at ``positions [n]`` (a tensor) and
+  attends all ``L`` keys under the mask ``key j <= position i`` (:func:`static_mask`): a position not written
+  yet gets exactly zero weight, so attention equals attention over the written keys alone.
+* :class:`StaticDecoder`: a decoder-only model (:class:`~archlab.models.decoder.DecoderLM`: GPT, the Llama
+  family) decoding through a :class:`StaticDecodingCache`. Its step is the model's own forward pass, the same
+  modules (embedding, norms, projections, FFN, the blocks' residual wiring, LM head), with positions as a
+  tensor: position vectors, RoPE rows and the mask are looked up at ``positions``. With ``compile=True`` the
+  one-token step (``[B, 1]`` tokens) runs through ``torch.compile`` and the prompt (prefill, ``n > 1``) runs
+  eagerly: one trace per process, model and batch size, none per token. It speaks
+  :mod:`archlab.generation`'s protocol (``decoder_step``, ``new_cache``), so ``generate``, ``stream`` and
+  ``beam_search`` take it in place of the model.
+
+What it does not serve raises :class:`~archlab.errors.ConfigError` when built or called: encoder-decoder
+models, ALiBi (its bias is not a table lookup here), memory-saving attention backends (``chunked``, ...),
+a left-padding ``attention_mask`` (batched prompts of different lengths: :func:`archlab.generation.generate_batch`),
+and more positions than ``max_len`` (prompt + ``max_new_tokens`` - 1: ``generate`` refuses it before decoding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from archlab.errors import ConfigError, ShapeError
+from archlab.generation import Step, check_logits_to_keep
+from archlab.nn.attention import MultiHeadAttention
+from archlab.nn.backends import DENSE
+from archlab.nn.positional import (
+    LearnedPositionalEncoding,
+    NoPositionalEncoding,
+    RotaryPositionalEncoding,
+    SinusoidalPositionalEncoding,
+    sinusoid_table,
+)
+
+
+def static_mask(positions: Tensor, max_len: int) -> Tensor:
+    """``[N, L]`` boolean, True where the query at ``positions[i]`` may attend key position ``j``: ``j <= positions[i]``
+    (causal over the written keys; the positions past the newest one are not written yet, or are stale)."""
+    return torch.arange(max_len, device=positions.device)[None, :] <= positions[:, None]
+
+
+class StaticKVCache:
+    """Keys ``k [B, G, L, d_k]`` and values ``v [B, G, L, d_v]`` of one attention layer, ``L = max_len`` positions,
+    allocated (zeros) at the first step; :func:`static_attention` writes a step's positions into them in place."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def reorder(self, index: Tensor) -> None:
+        """Select batch rows (beam search): row ``b`` becomes old row ``index[b]``."""
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
+def static_attention(
+    attn: MultiHeadAttention,
+    h: Tensor,
+    positions: Tensor,
+    k_all: Tensor,
+    v_all: Tensor,
+    rope: tuple[RotaryPositionalEncoding, tuple[Tensor, Tensor, Tensor]] | None = None,
+) -> Tensor:
+    """``attn``'s causal self-attention of ``h [B, n, d]`` at ``positions [n]`` over a static cache -> ``[B, n, d]``.
+
+    The new keys and values are written into ``k_all [B, G, L, d_k]``, ``v_all [B, G, L, d_v]`` at ``positions``
+    (in place), then the queries attend all ``L`` under :func:`static_mask`: what ``attn(h, causal=True,
+    cache=KVCache)`` computes over the keys written so far. Attention is PyTorch's fused ``sdpa`` whatever the
+    model's dense backend (``math`` differs by float rounding only): no query here lacks a key to attend, so
+    :func:`~archlab.nn.attention.attend`'s rule for such rows is not needed. ``rope``: the encoding and its ``cos, sin, (-sin,
+    sin)`` rows at ``positions`` (``[n, d_rot]``), rotating queries and keys.
+    """
+    q, k, v = attn._project_qkv(h, None, 0)  # q [B, A, n, d_k], k [B, G, n, d_k], v [B, G, n, d_v]
+    if rope is not None:
+        encoding, rows = rope
+        q, k = encoding.rotate_with(q, *rows), encoding.rotate_with(k, *rows)
+    k_all.index_copy_(2, positions, k)
+    v_all.index_copy_(2, positions, v)
+    mask = static_mask(positions, k_all.shape[2])  # [n, L]: every query sees key 0, so no row is all masked
+    out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=attn.n_kv_heads != attn.n_heads)
+    b, _, n, _ = out.shape
+    return attn.out_proj(out.transpose(1, 2).reshape(b, n, attn.n_heads * attn.d_v))
+
+
+class StaticDecodingCache:
+    """The :class:`StaticKVCache` of every layer and ``length``, the positions decoded so far (the next token's
+    position). Made by :meth:`StaticDecoder.new_cache`; fresh (empty) when given to generation."""
+
+    def __init__(self, n_layers: int, max_len: int):
+        self.layers = [StaticKVCache(max_len) for _ in range(n_layers)]
+        self.max_len, self.length = max_len, 0
+
+    def reorder(self, index: Tensor) -> None:
+        """Beam search: batch row ``b`` becomes old row ``index[b]`` in every layer."""
+        for layer in self.layers:
+            layer.reorder(index)
+
+
+@dataclass(frozen=True)
+class StaticContext:
+    """What :func:`archlab.generation.check_room` reads of a :class:`StaticDecoder`: the positions its cache holds."""
+
+    context_limit: int
+
+
+class StaticDecoder(nn.Module):
+    """``model`` decoding through a :class:`StaticDecodingCache` of ``max_len`` positions; one-token steps compiled
+    by ``torch.compile`` when ``compile`` (module docstring).
+
+    ``generate(StaticDecoder(model, max_len=n0 + n), input_ids, max_new_tokens=n)`` gives the tokens
+    ``generate(model, ...)`` gives (equal in float32: the same products, attention over the same keys).
+
+    Args:
+        model: a decoder-only :class:`~archlab.models.decoder.DecoderLM` (GPT, Llama; float32, bfloat16, or
+            quantized by :func:`archlab.quant.quantize`), in eval mode.
+        max_len: ``L``, the positions the cache holds (prompt + new tokens - 1 at least); at most the model's
+            context (a learned position table's ``max_len``).
+        compile: run the one-token step through ``torch.compile`` (the first such step compiles: seconds).
+    """
+
+    def __init__(self, model: nn.Module, max_len: int, *, compile: bool = True):
+        super().__init__()
+        _check_model(model, max_len)
+        self.model, self.max_len = model, max_len
+        c = model.config
+        act = model.tok_emb.weight.dtype  # the residual stream's dtype (quantized layers give their input's back)
+        device = model.tok_emb.weight.device
+        pos = model.pos
+        # position lookups as tables of L rows, indexed by a positions tensor inside the step
+        if isinstance(pos, RotaryPositionalEncoding):
+            self.rope = pos.tables(max_len, act, device)  # cos, sin, (-sin, sin): [L, d_rot] each
+        if isinstance(pos, SinusoidalPositionalEncoding):
+            self.register_buffer("sinusoid", sinusoid_table(max_len, c.d_model, dtype=act, device=device), persistent=False)
+        self.compiled = torch.compile(self._forward, dynamic=False) if compile else None
+
+    @property
+    def config(self) -> StaticContext:
+        return StaticContext(self.max_len)
+
+    def new_cache(self) -> StaticDecodingCache:
+        """An empty cache of ``max_len`` positions for one decoding run."""
+        return StaticDecodingCache(self.model.config.n_layers, self.max_len)
+
+    def decoder_step(self, attention_mask: Tensor | None = None, *, logits_to_keep: int | None = None) -> Step:
+        """A step for :mod:`archlab.generation`: ``(tokens [B, n], cache) -> logits [B, n or k, V]``; ``attention_mask``
+        must be None (no left padding here)."""
+        check_logits_to_keep(logits_to_keep)
+        if attention_mask is not None:
+            raise ConfigError(
+                "StaticDecoder decodes prompts without padding: attention_mask must be None (for prompts of "
+                "different lengths use archlab.generation.generate_batch with the model)"
+            )
+
+        def step(tokens: Tensor, cache: StaticDecodingCache | None = None) -> Tensor:
+            return self(tokens, cache, logits_to_keep=logits_to_keep)
+
+        return step
+
+    def forward(self, tokens: Tensor, cache: StaticDecodingCache, *, logits_to_keep: int | None = None) -> Tensor:
+        """``tokens [B, n]`` at positions ``cache.length ..`` -> logits ``[B, n, V]`` (the last ``logits_to_keep``
+        positions' only, if given); their keys and values are written into ``cache``. One token at a time runs
+        the compiled step (if any), several (a prompt) the same step eagerly."""
+        if not isinstance(cache, StaticDecodingCache) or cache.max_len != self.max_len \
+                or len(cache.layers) != self.model.config.n_layers:  # fmt: skip
+            raise ConfigError(f"cache must be this StaticDecoder's new_cache() (max_len={self.max_len}), got {cache!r:.80}")
+        if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype.is_floating_point or not tokens.numel():
+            raise ShapeError(f"tokens must be [B, n] integer token ids, got {tokens!r:.80}")
+        n, start = tokens.shape[1], cache.length
+        if start + n > self.max_len:
+            raise ConfigError(
+                f"positions {start}..{start + n - 1} are past the static cache's max_len={self.max_len}: build the "
+                f"StaticDecoder with max_len >= prompt + max_new_tokens - 1"
+            )
+        v = self.model.config.vocab_size
+        if int(tokens.min()) < 0 or int(tokens.max()) >= v:
+            raise ShapeError(f"tokens hold ids outside the vocabulary [0, {v})")
+        positions = torch.arange(start, start + n, device=tokens.device)
+        run = self._forward
+        if self.compiled is not None and n == 1:
+            run = self.compiled
+            tokens = tokens.new_empty(tokens.shape).copy_(tokens)  # generation feeds a view whose strides grow
+        held = cache.layers[0].k
+        if held is None:  # allocated here, outside the (compiled) step
+            self._allocate(cache, tokens.shape[0])
+        elif held.shape[0] != tokens.shape[0]:
+            raise ShapeError(f"the cache holds batch {held.shape[0]} but tokens has batch {tokens.shape[0]}")
+        logits = run(tokens, positions, [layer.k for layer in cache.layers], [layer.v for layer in cache.layers],
+                     logits_to_keep)  # fmt: skip
+        cache.length = start + n
+        return logits
+
+    def _allocate(self, cache: StaticDecodingCache, batch: int) -> None:
+        attn, act = self.model.decoder.blocks[0].attn, self.model.tok_emb.weight
+        for layer in cache.layers:
+            layer.k = act.new_zeros(batch, attn.n_kv_heads, self.max_len, attn.d_k)
+            layer.v = act.new_zeros(batch, attn.n_kv_heads, self.max_len, attn.d_v)
+
+    def _forward(self, tokens: Tensor, positions: Tensor, keys: list[Tensor], values: list[Tensor],
+                 logits_to_keep: int | None) -> Tensor:  # fmt: skip
+        """The step (what ``torch.compile`` traces): ``tokens [B, n]``, ``positions [n]``, each layer's ``keys
+        [B, G, L, d_k]`` and ``values [B, G, L, d_v]`` (written in place at ``positions``) -> ``[B, n, V]``."""
+        model, pos = self.model, self.model.pos
+        x = model.tok_emb(tokens)  # [B, n, d]
+        if isinstance(pos, LearnedPositionalEncoding):
+            x = x + pos.embedding(positions)
+        elif isinstance(pos, SinusoidalPositionalEncoding):
+            x = x + self.sinusoid[positions]
+        x = model.drop(x)
+        rope = (pos, tuple(t[positions] for t in self.rope)) if isinstance(pos, RotaryPositionalEncoding) else None
+        for block, k_all, v_all in zip(model.decoder.blocks, keys, values, strict=True):
+            x = block.residual(x, block.attn_norm, lambda h, b=block, k=k_all, v=v_all: static_attention(
+                b.attn, h, positions, k, v, rope))  # fmt: skip
+            x = block.residual(x, block.ffn_norm, block.ffn)
+        h = model.decoder.final_norm(x)
+        if logits_to_keep is not None:
+            h = h[:, -logits_to_keep:]
+        return model.lm_head(h)
+
+
+def _check_model(model: nn.Module, max_len: int) -> None:
+    """ConfigError, naming what is wrong, unless ``StaticDecoder`` serves ``model`` with ``max_len`` positions."""
+    from archlab.models.decoder import DecoderLM  # models import generation; this module sits beside it
+
+    if not isinstance(model, DecoderLM):
+        raise ConfigError(f"StaticDecoder takes a decoder-only DecoderLM (GPT, Llama), got {type(model).__name__}")
+    if model.training:
+        raise ConfigError("StaticDecoder decodes for inference: call model.eval() first (dropout is on)")
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+        raise ConfigError(f"max_len={max_len!r} must be an int >= 1 (the positions the static cache holds)")
+    c = model.config
+    limit = c.context_limit
+    if limit is not None and max_len > limit:
+        raise ConfigError(f"max_len={max_len} is past the context of {type(model).__name__} ({limit} positions)")
+    served = (LearnedPositionalEncoding, SinusoidalPositionalEncoding, RotaryPositionalEncoding, NoPositionalEncoding)
+    if not isinstance(model.pos, served):
+        raise ConfigError(
+            f"StaticDecoder serves positional='learned', 'sinusoidal', 'rope' or 'none', not {c.positional!r} "
+            "(ALiBi's bias is computed per call, not looked up): decode with the model itself"
+        )
+    if c.backend not in DENSE:
+        raise ConfigError(f"StaticDecoder needs a dense attention backend {tuple(DENSE)}, not backend={c.backend!r}")
