@@ -98,3 +98,39 @@ def test_generate_batch_feeds_only_open_rows_and_equals_one_at_a_time(family):
     assert rows == alone
     open_rows = [sum(len(row) > t for row in alone) for t in range(max(map(len, alone)))]
     assert batch_sizes == open_rows  # step t feeds exactly the rows that make a token at t
+
+
+# (family, prompt seed, the row that runs to max_new_tokens, a row that ends at its first token): found by trying
+# seeds; the test asserts the scenario it needs, so a change of the tiny models makes it fail, not weaken
+SCENARIOS = [("gpt", 3, 2, 1), ("llama", 0, 2, 0), ("lstm", 7, 1, 2), ("rwkv", 0, 4, 0), ("wavenet", 27, 0, 4)]
+
+
+@pytest.mark.parametrize(("family", "seed", "last", "first"), SCENARIOS)
+def test_rows_ending_far_apart_leave_the_batch_until_one_is_left(family, seed, last, first):
+    """Six rows: one ends at its first token, the others at steps far apart, until one row alone runs on to
+    ``max_new_tokens``. Every row equals ``generate`` of its prompt alone, and each step feeds exactly the rows
+    still open (the last steps a batch of one). Attention families take prompts of different lengths."""
+    m, n = family_model(family).float(), 16
+    g = torch.Generator().manual_seed(seed)
+    lengths = (5, 2, 7, 4, 6, 3) if family in ("gpt", "llama") else (5,) * 6
+    prompts = [torch.randint(1, V, (k,), generator=g).tolist() for k in lengths]
+    free = [generate(m, torch.tensor([p]), max_new_tokens=n)[0, len(p) :].tolist() for p in prompts]
+    # row `first` stops at its first token; every other row but `last` at its first token that `last` never makes
+    stops = {free[first][0]} | {next(t for t in free[r] if t not in free[last]) for r in range(6) if r not in (first, last)}
+    alone = [generate(m, torch.tensor([p]), max_new_tokens=n, stop_tokens=sorted(stops), pad_id=0)[0, len(p) :].tolist()
+             for p in prompts]  # fmt: skip
+    alone = [row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))] for row in alone]
+    lengths_out = [len(row) for row in alone]
+    assert lengths_out[first] == 1 and lengths_out[last] == n  # the scenario: one row at once, one to the end
+    assert sorted(lengths_out)[-2] <= n - 4 and len(set(lengths_out)) >= 4  # the rest far apart, before the end
+
+    batch_sizes: list[int] = []
+    hook = m.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(args[0].shape[0]),
+                                       with_kwargs=True)  # fmt: skip
+    try:
+        rows = generate_batch(m, prompts, max_new_tokens=n, stop_tokens=sorted(stops))
+    finally:
+        hook.remove()
+    assert rows == alone
+    assert batch_sizes == [sum(k > t for k in lengths_out) for t in range(n)]
+    assert batch_sizes[0] == 6 and batch_sizes[1] < 6 and batch_sizes[-4:] == [1, 1, 1, 1]  # fewer after step 0; one at the end
