@@ -22,7 +22,7 @@ would be specialised to each position. Here, as in gpt-fast:
   ``beam_search`` take it in place of the model.
 
 What it does not serve raises :class:`~archlab.errors.ConfigError` when built or called: encoder-decoder
-models, ALiBi (its bias is not a table lookup here), memory-saving attention backends (``chunked``, ...),
+models, ``compile=True`` with int8-dynamic layers (fbgemm's packed weights break the graph), ALiBi (its bias is not a table lookup here), memory-saving attention backends (``chunked``, ...),
 a left-padding ``attention_mask`` (batched prompts of different lengths: :func:`archlab.generation.generate_batch`),
 and more positions than ``max_len`` (prompt + ``max_new_tokens`` - 1: ``generate`` refuses it before decoding).
 """
@@ -46,6 +46,7 @@ from archlab.nn.positional import (
     SinusoidalPositionalEncoding,
     sinusoid_table,
 )
+from archlab.quant import DynamicInt8Linear
 
 
 def static_mask(positions: Tensor, max_len: int) -> Tensor:
@@ -147,6 +148,11 @@ class StaticDecoder(nn.Module):
             self.rope = pos.tables(max_len, act, device)  # cos, sin, (-sin, sin): [L, d_rot] each
         if isinstance(pos, SinusoidalPositionalEncoding):
             self.register_buffer("sinusoid", sinusoid_table(max_len, c.d_model, dtype=act, device=device), persistent=False)
+        if compile and any(isinstance(m, DynamicInt8Linear) for m in model.modules()):
+            raise ConfigError(
+                "compile=True cannot trace int8-dynamic layers (fbgemm's packed weights end torch.compile's graph at "
+                "every product): use compile=False, or the weight-only modes int8 / int4"
+            )
         self.compiled = torch.compile(self._forward, dynamic=False) if compile else None
 
     @property

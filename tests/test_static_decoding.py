@@ -15,6 +15,7 @@ from archlab.models.gpt import GPT, GPTConfig
 from archlab.nn import KVCache
 from archlab.nn.attention import MultiHeadAttention
 from archlab.nn.positional import RotaryPositionalEncoding
+from archlab.quant import quantize
 from archlab.static_decoding import StaticDecoder, StaticKVCache, static_attention, static_mask
 
 V = 23
@@ -115,6 +116,10 @@ def test_what_it_does_not_serve():
         StaticDecoder(gpt(backend="chunked"), max_len=8)
     with pytest.raises(ConfigError, match=r"call model.eval\(\) first"):
         StaticDecoder(gpt().train(), max_len=8)
+    dynamic = gpt(d_model=64, n_heads=2)
+    quantize(dynamic, "int8-dynamic")
+    with pytest.raises(ConfigError, match="compile=True cannot trace int8-dynamic layers"):
+        StaticDecoder(dynamic, max_len=8, compile=True)
     with pytest.raises(ConfigError, match="decoder-only DecoderLM.*got Linear"):
         StaticDecoder(torch.nn.Linear(2, 2), max_len=8)
 
@@ -155,8 +160,6 @@ def test_compiled_greedy_equals_eager_and_traces_once(make):
 def test_compiled_quantized_step(mode):
     """Weight-only int8/int4 (bf16 activations): the compiled steps' logits stay within bf16 rounding of the eager
     quantized model's, in one graph (the weight-only kernels traced, no graph break)."""
-    from archlab.quant import quantize
-
     model = peaky(build_model("llama-tiny", vocab_size=256, d_ff=192))
     quantize(model, mode)
     static = StaticDecoder(model, max_len=24, compile=True)
