@@ -1,5 +1,6 @@
-"""archlab.nn.linear.packed_for_rows: few-row products on oneDNN-packed weights equal F.linear, are used only
-inside the block and only where they apply, and batched generation through them equals one prompt at a time."""
+"""archlab.nn.linear.packed_for_rows: products of 2 rows or more (decoding steps, prefills) on oneDNN-packed weights
+equal F.linear, are used only inside the block and only where they apply, and batched generation through them equals
+one prompt at a time."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 from archlab.generation import generate, generate_batch
 from archlab.models.llama import Llama, LlamaConfig
 from archlab.nn import linear as linear_module
-from archlab.nn.linear import MAX_PACKED_ROWS, MIN_SPLIT_ELEMENTS, Linear, PackedLinear, linear, packed_for_rows
+from archlab.nn.linear import MIN_SPLIT_ELEMENTS, Linear, PackedLinear, linear, packed_for_rows
 
 pytestmark = pytest.mark.skipif(not linear_module.onednn_packing_available(), reason="this torch has no oneDNN")
 
@@ -38,7 +39,7 @@ def layer(d_in=256, d_out=512, bias=True) -> nn.Linear:
     return Linear(d_in, d_out, bias=bias)
 
 
-@pytest.mark.parametrize("shape", [(2, 256), (5, 256), (2, 5, 256), (MAX_PACKED_ROWS, 256)])
+@pytest.mark.parametrize("shape", [(2, 256), (5, 256), (2, 5, 256), (300, 256)])  # 300: a prompt's prefill
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_product_equals_f_linear(shape, bias, onednn_calls):
     lin = layer(bias=bias)
@@ -54,20 +55,20 @@ def test_packed_copies_serve_only_where_they_apply(onednn_calls):
     lin = layer()
     with torch.no_grad(), packed_for_rows(lin, rows=8):
         lin(torch.randn(1, 256))  # one row: the split path / F.linear
-        lin(torch.randn(MAX_PACKED_ROWS + 1, 256))  # many rows (a prompt): F.linear
+        lin(torch.randn(300, 256))  # many rows (a prompt's prefill): packed too
         lin(torch.randn(4, 256, dtype=torch.float64).float().double().float())  # float32: packed
         linear(torch.randn(4, 256, dtype=torch.float64), lin.weight.double())  # another weight: not packed
-    assert onednn_calls == [4]
+    assert onednn_calls == [300, 4]
     x = torch.randn(4, 256, requires_grad=True)
     with packed_for_rows(lin, rows=4):
         lin(x).sum().backward()  # gradients recorded: F.linear
-    assert onednn_calls == [4] and x.grad is not None
+    assert onednn_calls == [300, 4] and x.grad is not None
     lin(torch.randn(4, 256))  # after the block: the copy is gone
-    assert onednn_calls == [4] and not linear_module._ONEDNN_PACKED
+    assert onednn_calls == [300, 4] and not linear_module._ONEDNN_PACKED
     with torch.no_grad(), packed_for_rows(lin, rows=4):
         lin.weight.mul_(2)  # changed in place: the stale copy is not used
         torch.testing.assert_close(lin(torch.randn(4, 256)).shape, torch.Size([4, 512]))
-    assert onednn_calls == [4]
+    assert onednn_calls == [300, 4]
 
 
 def test_only_float32_linear_layers_that_compute_through_linear_are_packed():
