@@ -36,14 +36,15 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def latency(index_dir: Path, queries: list[str], rerank: int, reranker_dir: str | None) -> None:
+def latency(index_dir: Path, queries: list[str], rerank: int, reranker_dir: str | None,
+            precision: str = "auto") -> None:
     from archlab.search.cli import load_reranker
     from archlab.search.engine import SearchEngine
 
     reranker = None
     if rerank:
         try:
-            reranker = load_reranker(index_dir, reranker_dir, rerank)
+            reranker = load_reranker(index_dir, reranker_dir, rerank, precision)
         except Exception as e:  # noqa: BLE001 (reported, the rest still runs)
             print(f"(no re-ranking: {e})")
             rerank = 0
@@ -67,7 +68,7 @@ def latency(index_dir: Path, queries: list[str], rerank: int, reranker_dir: str 
         print(f"{stage:<8} {percentile(values, 50):8.2f} {percentile(values, 99):8.2f} {card:>8}")
 
 
-def quality(index_dir: Path, rerank: int, reranker_dir: str | None) -> None:
+def quality(index_dir: Path, rerank: int, reranker_dir: str | None, precision: str = "auto") -> None:
     from archlab.search.cli import load_reranker
     from archlab.search.corpus import builtin_evalset
     from archlab.search.engine import SearchEngine
@@ -77,7 +78,7 @@ def quality(index_dir: Path, rerank: int, reranker_dir: str | None) -> None:
     rows = [(mode, 0, None) for mode in ("dense", "bm25", "hybrid")]
     if rerank:
         try:
-            rows.append(("hybrid", rerank, load_reranker(index_dir, reranker_dir, rerank)))
+            rows.append(("hybrid", rerank, load_reranker(index_dir, reranker_dir, rerank, precision)))
         except Exception as e:  # noqa: BLE001
             print(f"(no re-rank row: {e})")
     print(f"\n## quality on the built-in evaluation set ({len(evalset.queries)} queries)")
@@ -155,6 +156,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=120, help="queries for the latency table (>= 100)")
     parser.add_argument("--rerank", type=int, default=0, metavar="N", help="re-rank depth (needs a cross-encoder)")
     parser.add_argument("--reranker", metavar="DIR", help="cross-encoder folder (default INDEX/reranker)")
+    parser.add_argument("--rerank-precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="the cross-encoder's precision (auto: bf16 where the CPU computes it natively)")
     parser.add_argument("--explain-queries", type=int, default=20, help="queries for the first-token part")
     parser.add_argument("--docs", type=int, default=128, help="abstracts for the throughput rows")
     parser.add_argument("--rounds", type=int, default=3)
@@ -177,9 +180,9 @@ def main() -> None:
 
         queries = list(builtin_evalset().queries.values())
         queries = (queries * (args.queries // len(queries) + 1))[: args.queries]
-        latency(index_dir, queries, args.rerank, args.reranker)
+        latency(index_dir, queries, args.rerank, args.reranker, args.rerank_precision)
     if "quality" not in skip:
-        quality(index_dir, args.rerank, args.reranker)
+        quality(index_dir, args.rerank, args.reranker, args.rerank_precision)
     if "firsttoken" not in skip:
         from archlab.search.corpus import builtin_evalset
 

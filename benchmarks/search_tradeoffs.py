@@ -82,7 +82,8 @@ def part_k(engine, evalset, ks: list[int]) -> None:
         print(f"{k:>5} {recall_at(run, evalset.qrels, k):9.4f} {statistics.median(times):11.3f}")
 
 
-def part_rerank(index_dir: Path, evalset, reranker_dir: str | None, depths: list[int], limit: int) -> None:
+def part_rerank(index_dir: Path, evalset, reranker_dir: str | None, depths: list[int], limit: int,
+                precision: str = "auto") -> None:
     """:func:`archlab.search.adapt.measure` (each pair scored once, the depths sharing the scores; the time of
     depth R: scoring a query's first R dense hits) at the saved fusion weight and at w = 0."""
     from archlab.search.adapt import format_rows, measure
@@ -93,13 +94,14 @@ def part_rerank(index_dir: Path, evalset, reranker_dir: str | None, depths: list
     print(f"\n## re-rank depth vs nDCG@10 and time ({min(limit, len(judged_queries(evalset)))} queries, a seeded "
           "sample; first stages: dense and, on a hybrid index, hybrid)")  # fmt: skip
     try:
-        reranker = load_reranker(index_dir, reranker_dir, max(depths, default=1))
+        reranker = load_reranker(index_dir, reranker_dir, max(depths, default=1), precision)
     except Exception as e:  # noqa: BLE001 (the part says why it has no numbers)
         print(f"no cross-encoder, so no re-ranking rows: {e}")
         reranker = None
     weights = None
     if reranker is not None:
-        print(f"cross-encoder: {reranker_dir or index_dir / 'reranker'} (no pretrained one ships here: this is the "
+        print(f"cross-encoder: {reranker_dir or index_dir / 'reranker'} in {reranker.precision} (no pretrained one "
+              "ships here: this is the "
               "one `archlab search adapt` trained; say so beside the numbers)")  # fmt: skip
         check = getattr(reranker, "heldout", None)
         if check:
@@ -237,6 +239,8 @@ def main() -> None:
     parser.add_argument("--depths", default="0,20,50,100", help="re-rank depths (part rerank)")
     parser.add_argument("--reranker", metavar="DIR", help="cross-encoder folder (default INDEX/reranker)")
     parser.add_argument("--rerank-queries", type=int, default=100, help="queries for part rerank")
+    parser.add_argument("--rerank-precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="the cross-encoder's precision (part rerank; auto: bf16 where native)")
     parser.add_argument("--lengths", default="16,32,64", help="explanation lengths in new tokens (part explain)")
     parser.add_argument("--explain-queries", type=int, default=10, help="queries for part explain")
     parser.add_argument("--index-n", type=int, default=100_000, help="synthetic vectors for part index")
@@ -271,7 +275,8 @@ def main() -> None:
         if part == "k":
             part_k(engine, evalset, ints(args.ks))
         elif part == "rerank":
-            part_rerank(index_dir, evalset, args.reranker, ints(args.depths), args.rerank_queries)
+            part_rerank(index_dir, evalset, args.reranker, ints(args.depths), args.rerank_queries,
+                        args.rerank_precision)
         elif part == "explain":
             part_explain(engine, evalset, ints(args.lengths), args.explain_queries)
         elif part == "index":

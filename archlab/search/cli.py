@@ -76,6 +76,8 @@ def _add_rerank_options(parser: argparse.ArgumentParser) -> None:
                         "cross-encoder (default 0: no re-ranking)")  # fmt: skip
     parser.add_argument("--reranker", metavar="DIR", help="a cross-encoder folder (default: INDEX/reranker, "
                         "made by `archlab search adapt`)")  # fmt: skip
+    parser.add_argument("--rerank-precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="the cross-encoder's precision (default auto: bf16 where the CPU computes it natively)")
 
 
 def declare_query(parser: argparse.ArgumentParser) -> None:
@@ -88,8 +90,9 @@ def declare_query(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def load_reranker(index_dir: str | Path, folder: str | None, depth: int):
-    """The cross-encoder for ``--rerank depth``: ``folder``, else ``INDEX/reranker``; None when depth is 0."""
+def load_reranker(index_dir: str | Path, folder: str | None, depth: int, precision: str = "auto"):
+    """The cross-encoder for ``--rerank depth``: ``folder``, else ``INDEX/reranker``, in ``precision``
+    (:class:`~archlab.search.rerank.Reranker`); None when depth is 0."""
     if not depth:
         return None
     path = Path(folder) if folder else Path(index_dir) / DEFAULT_RERANKER_DIR
@@ -100,7 +103,7 @@ def load_reranker(index_dir: str | Path, folder: str | None, depth: int):
         from archlab.search.rerank import Reranker
     except ImportError as e:
         raise ConfigError(f"--rerank needs archlab.search.rerank, which cannot be imported here ({e})") from None
-    return Reranker.load(path)
+    return Reranker.load(path, precision=precision)
 
 
 def reranker_note(reranker) -> str | None:
@@ -154,7 +157,7 @@ def run_query(args: argparse.Namespace) -> int:
     for option, value, low in (("--k", args.k, 1), ("--rerank", args.rerank, 0), ("--explain", args.explain, 0)):
         if value < low:
             raise ConfigError(f"{option}={value} must be >= {low}")
-    reranker = load_reranker(args.index, args.reranker, args.rerank)
+    reranker = load_reranker(args.index, args.reranker, args.rerank, args.rerank_precision)
     if reranker_note(reranker):
         print(reranker_note(reranker), file=sys.stderr)
     engine = SearchEngine.open(args.index, reranker=reranker, explainer=load_explainer(args.explain))
@@ -202,7 +205,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.k < 1 or args.rerank < 0:
         raise ConfigError(f"--k={args.k} must be >= 1 and --rerank={args.rerank} >= 0")
     evalset = builtin_evalset() if args.builtin else EvalSet(load_queries(args.queries), load_qrels(args.qrels))
-    reranker = load_reranker(args.index, args.reranker, args.rerank)
+    reranker = load_reranker(args.index, args.reranker, args.rerank, args.rerank_precision)
     if reranker_note(reranker):
         print(reranker_note(reranker), file=sys.stderr)
     engine = SearchEngine.open(args.index, reranker=reranker, mode=args.mode)
@@ -249,8 +252,9 @@ def run_serve(args: argparse.Namespace) -> int:
         from archlab.search.explain import Explainer
 
         explainer = Explainer(quantize=args.quantize, max_new_tokens=args.max_new_tokens)
-    serve(args.index, host=args.host, port=args.port, reranker=load_reranker(args.index, args.reranker, args.rerank),
-          explainer=explainer, k=args.k, rerank=args.rerank, explain=args.explain)  # fmt: skip
+    reranker = load_reranker(args.index, args.reranker, args.rerank, args.rerank_precision)
+    serve(args.index, host=args.host, port=args.port, reranker=reranker, explainer=explainer, k=args.k,
+          rerank=args.rerank, explain=args.explain)  # fmt: skip
     return 0
 
 
@@ -309,7 +313,7 @@ def run_adapt(args: argparse.Namespace) -> int:
                          queries_per_doc=args.queries_per_doc, generator=args.generator, lr=args.lr,
                          head_lr=args.head_lr, max_length=args.max_length, seed=args.seed,
                          trained_layers=args.trained_layers, heldout_queries=args.heldout_queries,
-                         warmup=min(AdaptConfig.warmup, args.steps // 10))
+                         warmup=args.steps // 10)  # a tenth of the run (AdaptConfig's 10 at its 100 steps)
     engine = SearchEngine.open(args.index)
     corpus = engine.manifest["corpus"]
     evalset = None

@@ -48,6 +48,7 @@ from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.interop.bert import bert_config_from_hf, bert_config_to_hf, bert_to_hf, load_bert
 from archlab.interop.io import atomic_dir, read_json
 from archlab.models.bert import BertCrossEncoder, BertForSequenceClassification, BertModel, PairBatch, pair_inputs
+from archlab.precision import announce, choose_precision
 from archlab.search.corpus import Document
 from archlab.search.fuse import DEFAULT_K0
 
@@ -107,11 +108,14 @@ class Reranker:
         first_stage_weight: ``w`` of :func:`fuse_ranks` applied by :meth:`rerank` and the search engine (0: the
             re-ranker's order alone).
         heldout: what ``adapt``'s held-out check measured (:data:`HELDOUT_FILE`), or None.
+        precision: ``fp32`` (default: the scores equal sentence-transformers'), ``bf16``, or ``auto`` (bf16 where
+            the CPU computes it natively; :func:`archlab.precision.choose_precision`): the model's weights are cast
+            to it for scoring (a re-ranker to train stays fp32).
     """
 
     def __init__(self, model: BertCrossEncoder, tokenizer, *, max_length: int | None = None,
                  activation: str = "sigmoid", batch_size: int = 32, first_stage_weight: float = 0.0,
-                 heldout: dict | None = None):  # fmt: skip
+                 heldout: dict | None = None, precision: str = "fp32"):  # fmt: skip
         limit = model.config.max_len
         max_length = limit if max_length is None else max_length
         if isinstance(max_length, bool) or not isinstance(max_length, int) or not 4 <= max_length <= limit:
@@ -120,6 +124,12 @@ class Reranker:
             raise ConfigError(f"activation={activation!r} must be 'sigmoid' or 'identity'")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r} must be a positive int")
+        choice = choose_precision(precision, "cpu")
+        if choice.dtype is not None:
+            model.to(choice.dtype)
+        if precision != "fp32":  # the default says nothing
+            announce(choice.line("cross-encoder re-ranking"))
+        self.precision = choice.name
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_length, self.activation, self.batch_size = max_length, activation, batch_size
         fuse_ranks([], first_stage_weight)  # checks the weight

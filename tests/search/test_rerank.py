@@ -147,3 +147,19 @@ def test_refusals_name_the_file(folder, tmp_path):
         reranker.score("  ", DOCS)
     with pytest.raises(DataError, match="docs must be a list"):
         reranker.score("file", "one string")
+
+
+def test_bf16_scores_stay_near_fp32_and_a_bad_precision_is_refused(folder):
+    """``precision="bf16"`` casts the weights (the model computes in bf16, emulated where the CPU lacks it): its
+    logits stay within bf16's rounding of fp32's; fp32 stays the default (the parity above); an unknown precision
+    is refused with the allowed values."""
+    from archlab.errors import ConfigError
+
+    fp32, bf16 = Reranker.load(folder), Reranker.load(folder, precision="bf16")
+    assert fp32.precision == "fp32" and bf16.precision == "bf16"
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    ours, ref = bf16.logits("read a file", DOCS), fp32.logits("read a file", DOCS)
+    assert ours.dtype == torch.float32 and not torch.equal(ours, ref)  # it did compute in bf16
+    torch.testing.assert_close(ours, ref, atol=0.05 * float(ref.abs().max()) + 0.02, rtol=0)
+    with pytest.raises(ConfigError, match="precision.*fp16"):
+        Reranker.load(folder, precision="fp16")
