@@ -167,6 +167,11 @@ def packed_for_rows(model: nn.Module, rows: int) -> Iterator[int]:
     decoding cache's :class:`PackedLinear`). ``rows`` is the product size the layout is chosen for (any size is
     served). Nothing is packed where the build has no oneDNN (:func:`onednn_packing_available`). The copies are
     dropped when the block ends; a weight changed in place meanwhile is used unpacked.
+
+    Blocks nest: an inner block packs only the weights no enclosing block has packed and drops only its own
+    copies. So a block around several calls that pack (``generate_batch``, speculative decoding: the turns of a
+    chat, a server's requests) makes the copies once, where each call alone packs again (SmolLM2-135M: 121
+    matrices, 0.26-0.5 s of one-thread CPU time on the loaded AMD EPYC), at the cost of holding them throughout.
     """
     added: list[int] = []
     if onednn_packing_available():

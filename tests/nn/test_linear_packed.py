@@ -107,3 +107,16 @@ def test_generate_batch_on_packed_weights_equals_one_prompt_at_a_time(onednn_cal
     assert not onednn_calls
     assert generate_batch(m, prompts, max_new_tokens=10) == alone
     assert set(onednn_calls) == {6 * 8, 6}  # the prefill's 6 x 8 rows and every decoding step's six
+
+
+def test_nested_blocks_pack_once_and_the_outer_block_keeps_the_copies(onednn_calls):
+    """An inner block (one generation call) reuses an enclosing block's copies: it packs nothing and drops nothing."""
+    lin = layer()
+    with torch.no_grad(), packed_for_rows(lin, rows=4) as outer:
+        copy = linear_module._ONEDNN_PACKED[id(lin.weight)][2]
+        with packed_for_rows(lin, rows=4) as inner:
+            out = lin(torch.randn(3, 256))
+        assert (outer, inner) == (1, 0) and linear_module._ONEDNN_PACKED[id(lin.weight)][2] is copy
+        lin(torch.randn(5, 256))  # after the inner block: still packed
+    assert onednn_calls == [3, 5] and not linear_module._ONEDNN_PACKED
+    assert out.shape == (3, 512)
