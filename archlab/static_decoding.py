@@ -132,7 +132,10 @@ class StaticDecoder(nn.Module):
             quantized by :func:`archlab.quant.quantize`), in eval mode.
         max_len: ``L``, the positions the cache holds (prompt + new tokens - 1 at least); at most the model's
             context (a learned position table's ``max_len``).
-        compile: run the one-token step through ``torch.compile`` (the first such step compiles: seconds).
+        compile: run the one-token step through ``torch.compile`` (the first such step compiles: seconds to
+            minutes). The trace is kept per decoder and batch size; torch caps the traces of one function per
+            process (``torch._dynamo.config.recompile_limit``, 8), past which further decoders run their step
+            eagerly: the same tokens, without the speed.
     """
 
     def __init__(self, model: nn.Module, max_len: int, *, compile: bool = True):

@@ -105,6 +105,27 @@ def time_interleaved(peers: list[Peer], *, rounds: int, warmup: int = 1, per_rou
             peer.times.append((time.perf_counter() - start) / per_round)
 
 
+def compiled_decoding_peer(name: str, model, prompt: torch.Tensor, n: int) -> tuple[Peer, float, torch.Tensor]:
+    """A peer decoding ``n`` greedy tokens after ``prompt [1, n0]`` through
+    :class:`archlab.static_decoding.StaticDecoder` (static KV cache, ``torch.compile``d one-token step); also the
+    seconds its compilation took (the first run, which compiles, less the second) and the tokens it generated."""
+    from archlab.generation import generate
+    from archlab.static_decoding import StaticDecoder
+
+    decoder = StaticDecoder(model, max_len=prompt.shape[1] + n, compile=True)
+
+    @torch.inference_mode()
+    def run():
+        return generate(decoder, prompt, max_new_tokens=n)
+
+    start = time.perf_counter()
+    tokens = run()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    run()
+    return Peer(name, run, tokens=n), first - (time.perf_counter() - start), tokens
+
+
 #: ``make(name, *args) -> (Peer, info)``: builds one peer inside its process; ``info`` is sent back.
 PeerFactory = Callable[..., tuple[Peer, Any]]
 

@@ -13,8 +13,13 @@ thread), and prints the bound ``parameter bytes / rate`` per token for each besi
 archlab splits its few-row products across the threads (``archlab.nn.linear``), so only the first
 bound applies to it.
 
+``--compile`` adds the peer ``archlab compiled``: the same model through :class:`archlab.static_decoding.StaticDecoder`
+(a static KV cache, the one-token step compiled by ``torch.compile``), its tokens checked equal to the others', its
+compile time printed apart from the timed rounds.
+
     python benchmarks/generate.py
     python benchmarks/generate.py --preset gpt2-small --new-tokens 128
+    python benchmarks/generate.py --compile
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Peer, base_parser, setup, table, time_interleaved, write_json  # noqa: E402
+from common import Peer, base_parser, compiled_decoding_peer, setup, table, time_interleaved, write_json  # noqa: E402
 
 from archlab.generation import generate  # noqa: E402
 from archlab.interop.gpt2 import config_to_gpt2, gpt2_state_from_archlab  # noqa: E402
@@ -54,6 +59,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=512, help="position table size (prompt + new tokens must fit)")
+    parser.add_argument("--compile", action="store_true", help="add archlab's compiled static-cache decoding")
     args = parser.parse_args()
     print(setup(args.threads, args.keep_memory))
     import transformers
@@ -78,6 +84,12 @@ def main() -> None:
         raise SystemExit(f"generated tokens differ: first mismatch at {int((a != b).nonzero()[0, 1])}")
     print(f"{args.preset} (max_len {args.max_len}): both generate the same {n} tokens")
     peers = [Peer("archlab", run_archlab, tokens=n), Peer("hf", run_hf, tokens=n)]
+    if args.compile:
+        compiled, seconds, tokens = compiled_decoding_peer("archlab compiled", ours, prompt, n)
+        if not torch.equal(tokens, a):
+            raise SystemExit(f"compiled tokens differ: first mismatch at {int((tokens != a).nonzero()[0, 1])}")
+        print(f"archlab compiled: the same {n} tokens; torch.compile took {seconds:.1f} s (once per process)")
+        peers.append(compiled)
     time_interleaved(peers, rounds=args.rounds)
     hf_rate = peers[1].tokens_per_s
     rows = [[p.name, f"{p.seconds * 1e3 / n:.2f}", f"{p.tokens_per_s:.1f}", f"{p.tokens_per_s / hf_rate:.2f}x"]
@@ -89,8 +101,8 @@ def main() -> None:
     print(f"\n{weight_bytes / 1e6:.0f} MB of weights read per token; bounds at the measured read rates:")
     for name, rate in read_rates(ours.config.vocab_size, ours.config.d_model).items():
         bound = weight_bytes / rate
-        print(f"  {name}: {rate / 1e9:.1f} GB/s -> {bound * 1e3:.2f} ms/token "
-              f"(archlab at {bound / peers[0].seconds * n:.0%} of it)")  # fmt: skip
+        at = ", ".join(f"{p.name} at {bound / p.seconds * n:.0%}" for p in peers if p.name.startswith("archlab"))
+        print(f"  {name}: {rate / 1e9:.1f} GB/s -> {bound * 1e3:.2f} ms/token ({at} of it)")
     write_json(args.json, {p.name: {"tokens_per_s": p.tokens_per_s, "times": p.times} for p in peers})
 
 
