@@ -14,11 +14,10 @@ The card's pipeline, and where each step lives here (``B`` documents of ``P`` pa
       PageTransformer over [L summary tokens; P x L latents] (+ learned absolute position and page-number
       embeddings): each page sees the pages within page_window / 2 (Longformer's window), the summary
       tokens attend and are attended by every page (the document level)                      [B, (1 + P) L, d]
-    ReasoningModule over [question; summary; page starts; table headers; (figures); (columns) | page latents]: the
-      first group are global tokens (the card's: question tokens, page starts, one token per table header cell;
-      with figure_global, not the card's, each page's fused image [class] state too; with column_global, not the
-      card's, one token per table column pooling its values), the latents see a local window of reason_window
-      tokens; the question's [CLS] state goes to the answer head                                [B, n_answers]
+    ReasoningModule over [question; summary; page starts; table headers; (figures) | page latents]: the first group
+      are global tokens (the card's: question tokens, page starts, one token per table header cell; with
+      figure_global, not the card's, each page's fused image [class] state too), the latents see a local window
+      of reason_window tokens; the question's [CLS] state goes to the answer head                [B, n_answers]
 
 Positional encodings, each in its place and each switchable (config fields): RoPE within a page's text
 (``text_positions``), learned absolute position plus a page-number embedding across pages (``page_positions``),
@@ -149,12 +148,6 @@ class DocReaderConfig(AttentionConfig, Config):
             tiny reader answers the multi-page digit question better at 800 steps (0.402 against 0.324 on seed 0,
             0.375 against 0.270 on seed 1; ``archlab.labs.docreader.DIGIT_RECIPE``, README's Document reader
             section). Only the hierarchical reader has global tokens; the flat and question readers ignore it.
-        column_global: one more global token of the reasoning module per page and table column
-            ``j = 1 .. n_headers``: the elementwise maximum of the fused states of the column's body tokens (rows
-            ``>= 1``), plus the page-number embedding (:meth:`DocReader.columns`): ``max_pages n_headers`` more
-            global tokens. Not the card's (its table headers are the header cells' own states), so False by
-            default and in both presets; with ``table_numbers`` a column's maximum value is then one pooled
-            state away from the question (``archlab.labs.docreader.LARGEST_RECIPE``).
         page_layers: layers of the page-level transformer.
         page_window: pages a page sees, Longformer's convention: ``page_window // 2`` on each side (8: pages
             ``p - 4 .. p + 4``).
@@ -214,7 +207,6 @@ class DocReaderConfig(AttentionConfig, Config):
     perceiver_layers: int = 2
     page_question: str = "none"
     figure_global: bool = False
-    column_global: bool = False
     page_layers: int = 8
     page_window: int = 8
     reason_layers: int = 8
@@ -302,21 +294,17 @@ class DocReaderConfig(AttentionConfig, Config):
     def global_tokens(self) -> dict[str, int]:
         """The reasoning module's global tokens by role, in sequence order: question slots (``max_question_len``),
         summary tokens (``n_latents``), a page start per page (``max_pages``), a table header per column of each
-        page's table (``max_pages n_headers``), with ``figure_global`` a figure per page (``max_pages``) and with
-        ``column_global`` a pooled column per header (``max_pages n_headers``)."""
+        page's table (``max_pages n_headers``) and, with ``figure_global``, a figure per page (``max_pages``)."""
         tokens = {"question": self.max_question_len, "summary": self.n_latents, "page_start": self.max_pages,
                   "table_header": self.max_pages * self.n_headers}  # fmt: skip
         if self.figure_global:
             tokens["figure"] = self.max_pages
-        if self.column_global:
-            tokens["column"] = self.max_pages * self.n_headers
         return tokens
 
     @property
     def n_global(self) -> int:
         """Global tokens of the reasoning module (:attr:`global_tokens`): ``max_question_len + n_latents + max_pages
-        (1 + n_headers)``, plus ``max_pages`` with ``figure_global`` and ``max_pages n_headers`` with
-        ``column_global``."""
+        (1 + n_headers)``, plus ``max_pages`` with ``figure_global``."""
         return sum(self.global_tokens.values())
 
     def page_backend(self) -> str:
@@ -974,14 +962,12 @@ class PageTransformer(nn.Module):
 class ReasoningModule(nn.Module):
     r"""The question reads the document: Longformer-style attention over
     ``[question (max_question_len slots); summary (L); page starts (max_pages); table headers (max_pages x
-    n_headers); figures (max_pages, with figure_global); columns (max_pages x n_headers, with column_global) |
-    latents]``.
+    n_headers); figures (max_pages, with figure_global) | latents]``.
 
     The first group (``n_global`` tokens: the card's global tokens, :attr:`DocReaderConfig.global_tokens`) attends
     every token and is attended by every token, so the question tokens cross-attend the whole document in every
     layer; the page latents see a local window of ``reason_window`` tokens. A role embedding ``E_role`` marks each
-    token's kind (``roles``: :attr:`ROLES`, then ``figure`` with ``figure_global`` and ``column`` with
-    ``column_global``). ``-> [B, N_reason, d]``.
+    token's kind (``roles``: :attr:`ROLES`, then ``figure`` with ``figure_global``). ``-> [B, N_reason, d]``.
     The flat reader runs the same layers with full attention over ``[question; every fused page token]``.
     """
 
@@ -991,8 +977,7 @@ class ReasoningModule(nn.Module):
         super().__init__()
         c = config
         self.config = c
-        extra = (("figure",) if c.figure_global else ()) + (("column",) if c.column_global else ())
-        self.roles = self.ROLES + extra  # appended: the card's rows keep theirs
+        self.roles = self.ROLES + (("figure",) if c.figure_global else ())  # appended: the card's rows keep theirs
         self.role = nn.Embedding(len(self.roles), c.d_model)  # E_role
         self.encoder = _reader_encoder(c, c.reason_layers, c.reason_backend())
         self.apply(_init_reader)
@@ -1104,9 +1089,9 @@ class DocReader(nn.Module):
 
     def read_hierarchically(self, batch: DocBatch, question: Tensor) -> list[tuple[str, Tensor, Tensor]]:
         """The reasoning module's document tokens: summary, page starts, table headers, figures (with
-        ``figure_global``), columns (with ``column_global``; these are global) and latents, each ``(role, tokens
-        [B, n_i, d], mask [B, n_i])``; ``question [B, N_q, d]`` (the question's token states) conditions the
-        Perceiver when ``page_question="latents"`` and the fusion when ``page_question="fusion"``."""
+        ``figure_global``; these are global) and latents, each ``(role, tokens [B, n_i, d], mask [B, n_i])``;
+        ``question [B, N_q, d]`` (the question's token states) conditions the Perceiver when
+        ``page_question="latents"`` and the fusion when ``page_question="fusion"``."""
         c = self.config
         fused, mask = self.encode_pages(batch, question)  # [B, P, N_page, d]
         b, p, n_page, d = fused.shape
@@ -1132,12 +1117,6 @@ class DocReader(nn.Module):
             if page is not None:
                 figures = figures + page
             parts.append(("figure",) + _pad_to(figures, has_figure, c.max_pages))
-        if c.column_global:
-            columns, has_column = self.columns(fused, batch)  # [B, P, H, d], [B, P, H]
-            if page is not None:
-                columns = columns + page[:, None, :]
-            parts.append(("column",) + _pad_to(columns.reshape(b, p * n_h, d), has_column.reshape(b, p * n_h),
-                                              c.max_pages * n_h))  # fmt: skip
         parts.append(("page", pages.reshape(b, p * c.n_latents, d), batch.page_mask.repeat_interleave(c.n_latents, 1)))
         return parts
 
@@ -1162,21 +1141,6 @@ class DocReader(nn.Module):
         table = fused[:, :, n_t : n_t + n_c]
         index = first[..., None].expand(*first.shape, fused.shape[-1])
         return table.gather(2, index), cell.any(-1) & batch.page_mask[..., None]
-
-    def columns(self, fused: Tensor, batch: DocBatch) -> tuple[Tensor, Tensor]:
-        """``column_global``'s tokens: for each page and column ``j = 1 .. n_headers``, the elementwise maximum of the
-        fused states of the column's body tokens (rows ``>= 1``, column ``j``; a cell's wordpieces and its ``[SEP]``)
-        ``[B, P, n_headers, d]`` (zeros where there are none), and whether the column has any ``[B, P, n_headers]``.
-        ``fused [B, P, N_page, d]``: text tokens first, then the table's."""
-        n_t, n_c, h = batch.text_ids.shape[-1], batch.table_ids.shape[-1], self.config.n_headers
-        table = fused[:, :, n_t : n_t + n_c]  # [B, P, N_c, d]
-        body = batch.table_mask & (batch.table_rows > 0) & (batch.table_cols > 0) & batch.page_mask[..., None]
-        column = torch.where(body, batch.table_cols, 0)  # bucket 0 takes every other token and is dropped
-        index = column[..., None].expand_as(table)
-        pooled = table.new_zeros(*table.shape[:2], h + 1, table.shape[-1])
-        pooled = pooled.scatter_reduce(2, index, table, reduce="amax", include_self=False)
-        present = (column[..., None] == torch.arange(1, h + 1, device=column.device)) & body[..., None]  # [B,P,N_c,H]
-        return pooled[:, :, 1:], present.any(2)
 
     def read_flat(self, batch: DocBatch) -> list[tuple[str, Tensor, Tensor]]:
         """The flat baseline's document tokens: every fused token of every page (page-number embedding added)."""

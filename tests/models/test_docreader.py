@@ -414,67 +414,6 @@ def test_figure_global_off_is_the_card_reader_and_on_adds_only_the_figure_tokens
     assert (shown - card).abs().amax() > 1e-6
 
 
-def test_column_global_tokens_are_each_columns_maximum_body_state_plus_the_page_number(tokenizer):
-    """``column_global``: per page and column ``j``, the elementwise maximum of the fused states of the column's body
-    tokens (rows >= 1; computed here by a loop over the tokens, float64) plus ``E_page[p]``, exactly; a key only
-    where the column has body tokens; ``max_pages n_headers`` more global tokens in ``n_global``, the reasoning
-    window's global block and the reader's parts."""
-    c = config(column_global=True)
-    card = config()
-    assert c.global_tokens == {**card.global_tokens, "column": c.max_pages * c.n_headers}
-    assert c.n_global == card.n_global + c.max_pages * c.n_headers
-    assert c.reason_backend().endswith(f"global={c.n_global}")
-    m = model(c).double()
-    docs = documents(c)
-    docs[1].pages[1].table = [["long header word", "x", "rain"], ["a b", "1", "2"], ["c", "5", "0"]]
-    batch = collate(docs, c, tokenizer)
-    batch = batch._replace(images=batch.images.double())
-    with torch.no_grad():
-        question = m.text(batch.question_ids, batch.question_mask)
-        parts = m.read_hierarchically(batch, question)
-        fused, _ = m.encode_pages(batch, question)
-    assert [role for role, _, _ in parts] == ["summary", "page_start", "table_header", "column", "page"]
-    _, columns, has_column = parts[3]
-    b, p = batch.page_mask.shape
-    h, n_t = c.n_headers, batch.text_ids.shape[-1]
-    assert columns.shape == (b, c.max_pages * h, c.d_model) and has_column.shape == (b, c.max_pages * h)
-    expected, present = torch.zeros(b, p, h, c.d_model, dtype=torch.float64), torch.zeros(b, p, h, dtype=torch.bool)
-    for i in range(b):
-        for j in range(p):
-            for k in range(batch.table_ids.shape[-1]):
-                row, col = int(batch.table_rows[i, j, k]), int(batch.table_cols[i, j, k])
-                if batch.table_mask[i, j, k] and row > 0 and col > 0:
-                    state = fused[i, j, n_t + k]
-                    seen = expected[i, j, col - 1]
-                    expected[i, j, col - 1] = seen.max(state) if present[i, j, col - 1] else state
-                    present[i, j, col - 1] = True
-    expected = (expected + m.pages.page.weight[:p, None, :]) * present[..., None]
-    torch.testing.assert_close(columns[:, : p * h].view(b, p, h, -1) * present[..., None], expected, rtol=0, atol=0)
-    assert torch.equal(has_column[:, : p * h].view(b, p, h), present) and not has_column[:, p * h :].any()
-    assert present.sum() == 2 + 2 + 3  # every column of the three tables has body cells
-    assert c.max_question_len + sum(t.shape[1] for role, t, _ in parts if role != "page") == c.n_global
-
-
-def test_column_global_off_is_the_card_reader_and_on_adds_only_the_column_tokens(tokenizer):
-    """Off (the default) the reader has the card's roles; on, the same weights with every column token hidden (no
-    key) give the card reader's logits (float64), and shown they change them."""
-    off, on = model(config()).double(), model(config(column_global=True)).double()
-    assert on.reasoning.roles == off.reasoning.ROLES + ("column",)
-    state, on_state = off.state_dict(), on.state_dict()
-    assert state.keys() == on_state.keys()
-    assert {k for k in state if state[k].shape != on_state[k].shape} == {"reasoning.role.weight"}
-    state["reasoning.role.weight"] = torch.cat([state["reasoning.role.weight"], on_state["reasoning.role.weight"][5:]])
-    on.load_state_dict(state)
-    batch = collate(documents(config()), config(), tokenizer)
-    batch = batch._replace(images=batch.images.double())
-    with torch.no_grad():
-        card, shown = off(batch), on(batch)
-        on.columns = lambda fused, b: (lambda t, has: (t, torch.zeros_like(has)))(*DocReader.columns(on, fused, b))
-        hidden = on(batch)
-    torch.testing.assert_close(hidden, card, rtol=0, atol=1e-12)
-    assert (shown - card).abs().amax() > 1e-6
-
-
 def test_cell_number_reads_plain_numbers_only():
     from archlab.models.docreader import cell_number
 
@@ -700,7 +639,6 @@ def test_bad_batches_are_refused_by_the_model(tokenizer):
         (dict(figure_global="yes"), "figure_global='yes' must be true or false"),
         (dict(figure_global=1), "figure_global=1 must be true or false"),
         (dict(table_numbers="on"), "table_numbers='on' must be true or false"),
-        (dict(column_global=1), "column_global=1 must be true or false"),
     ],
 )
 def test_bad_configs_are_refused_naming_the_field(overrides, message):
