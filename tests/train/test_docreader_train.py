@@ -161,16 +161,17 @@ def test_the_trained_reader_finds_the_digit_on_the_page_a_keyword_names():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 16: LARGEST_RECIPE (the digit recipe's reader on \"Which page's table lists the largest X?\", 400 steps) "
-    "stays at the answer prior: ran to completion (528 s loaded, load ~7-11), largest 0.410 against the majority "
-    "0.434 on 256 test documents; the flat reader learns it (the larger of two pages' values 0.682 at 400 steps): "
-    "README's Document reader section"))
-def test_the_trained_reader_finds_the_largest_value():
-    """LARGEST_RECIPE: the held-out accuracy at least MARGIN above the majority answer (the best a reader that
-    ignores the pages can expect; the question-only reader measured at it in the count test)."""
+def test_the_trained_reader_finds_the_page_with_the_largest_value():
+    """LARGEST_RECIPE (the digit recipe's reader with ``table_numbers=True``: each number cell's tokens get a numeric
+    embedding of sign and log-magnitude in the table encoder; "Which page's table lists the largest X?" on 2..3
+    pages; 800 steps of 16 new documents): on 256 held-out test documents the reader's accuracy is at least MARGIN
+    above the question-only reader (the same recipe, the question alone) and above the majority page (measured:
+    reader 0.566, majority 0.434; seed 1 by a /tmp script with the same rules: 0.562, majority 0.418; without the
+    numbers the reader reached 0.473, so the numbers are what the margin needs)."""
     from archlab.labs.docreader import LARGEST_RECIPE, reader_accuracy
 
-    r = reader_accuracy("hierarchical", "full", **LARGEST_RECIPE)
-    show("reader", r)
-    assert r["largest"] >= r["majority"]["largest"] + MARGIN, r
+    full = reader_accuracy("hierarchical", "full", **LARGEST_RECIPE)
+    question = reader_accuracy("question", "question", **LARGEST_RECIPE)
+    show("reader", full)
+    show("question only", question)
+    assert full["largest"] >= max(question["largest"], full["majority"]["largest"]) + MARGIN, (full, question)
