@@ -305,18 +305,20 @@ def mine_negatives(engine, queries: Sequence[PseudoQuery], config: AdaptConfig, 
     leaving out the query's own document, the held-out ones and likely false negatives (a document that contains
     the query sentence itself: docstrings repeat each other); queries with too few candidates are dropped.
     With ``best``: up to ``best`` of them (at least ``negatives``) in the first stage's order, not sampled.
-    When the positive is its document with the query sentence cut out, each negative loses a sentence too
-    (:func:`cut_like_a_positive`), so that length does not tell the positive apart."""
+    When the positive is its document with the query sentence cut out, the negatives are documents that can
+    lose a sentence too, and each loses one (:func:`cut_like_a_positive`): positive and negatives are then the
+    same kind of text, so length does not tell the positive apart."""
     groups = []
     by_id = {d.id: d for d in engine.docs}
     for pq in queries:
         hits = engine.retrieve(pq.query, k=config.mine_depth)
         needle = _flat(pq.query)
+        cut = pq.doc_id in by_id and pq.positive != by_id[pq.doc_id].full_text  # the positive is D \ s
         pool = [h.doc for h in hits if h.doc.id != pq.doc_id and h.doc.id not in holdout
-                and needle not in _flat(h.doc.full_text)]  # fmt: skip
+                and needle not in _flat(h.doc.full_text)
+                and (not cut or _cuttable(split_sentences(h.doc.text)))]  # fmt: skip
         if len(pool) >= config.negatives:
             chosen = rng.sample(pool, config.negatives) if best is None else pool[: max(best, config.negatives)]
-            cut = pq.doc_id in by_id and pq.positive != by_id[pq.doc_id].full_text
             texts = [cut_like_a_positive(d, rng) if cut else d.full_text for d in chosen]
             groups.append(Group(pq.query, pq.positive, tuple(texts)))
     if not groups:

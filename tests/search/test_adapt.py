@@ -102,16 +102,13 @@ def test_negatives_lose_a_sentence_like_their_positive(small):
     config = AdaptConfig(**TINY)
     queries = make_queries(engine.docs, 40, config, held, random.Random(0), print)
     groups = mine_negatives(engine, queries, config, held, random.Random(0))
-    allowed = set()  # a document with one sentence (not the first) cut out; whole only when none can be cut
+    cut_forms = set()  # a document with one sentence (not the first) cut out
     for d in engine.docs:
         sentences = split_sentences(d.text)
-        allowed |= {Document(d.id, d.title, " ".join(sentences[:i] + sentences[i + 1 :])).full_text
-                    for i in range(1, len(sentences))}  # fmt: skip
-        if cut_like_a_positive(d, random.Random(0)) == d.full_text:
-            allowed.add(d.full_text)
-    whole = {d.full_text for d in engine.docs}
+        cut_forms |= {Document(d.id, d.title, " ".join(sentences[:i] + sentences[i + 1 :])).full_text
+                      for i in range(1, len(sentences))}  # fmt: skip
     negatives = [t for g in groups for t in g.negatives]
-    assert len(negatives) >= 20 and set(negatives) <= allowed and len(set(negatives) - whole) >= 5  # some were cut
+    assert len(negatives) >= 20 and set(negatives) <= cut_forms  # never a whole document: it would be longer
 
 
 def test_adapt_loss_falls_and_the_saved_folder_reloads(small, tmp_path):
@@ -317,16 +314,16 @@ def test_heldout_check_keeps_a_good_reranker_and_fuses_away_a_bad_one(small):
 
     engine, _, held, _ = small
     config = AdaptConfig(**TINY)
-    queries = make_queries(engine.docs, 12, config, held, random.Random(0), print)
-    groups = mine_negatives(engine, queries, config.replace(negatives=5), held, random.Random(0), best=5)
+    queries = make_queries(engine.docs, 40, config, held, random.Random(0), print)
+    groups = mine_negatives(engine, queries, config.replace(negatives=3), held, random.Random(0), best=3)
     good = {g.query: g.positive for g in groups}  # per query: a negative (a document less a sentence) may be
     # another query's positive
     right = heldout_check(engine, _Oracle(good), groups)
-    assert right.queries == len(groups) and right.candidates == 6
+    assert right.queries == len(groups) >= 6 and right.candidates == 4
     assert right.reranker_mrr == 1.0 and right.beats_first_stage and right.fused_mrr == 1.0
     assert right.first_stage_weight < 0.5 and "beats the first stage" in right.describe()
     wrong = heldout_check(engine, _Oracle(good, sign=-1.0), groups)  # every positive last
-    assert wrong.reranker_mrr == pytest.approx(1 / 6) and not wrong.beats_first_stage
+    assert wrong.reranker_mrr == pytest.approx(1 / 4) and not wrong.beats_first_stage
     assert wrong.first_stage_weight == 1.0 and wrong.fused_mrr == wrong.first_stage_mrr > wrong.reranker_mrr
     assert "does NOT beat" in wrong.describe()
 
