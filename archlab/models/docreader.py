@@ -126,7 +126,9 @@ class DocReaderConfig(AttentionConfig, Config):
             a value's rank within its column, which compares cells of one table only, not of two pages), for
             "which page's table lists the largest X?": a wordpiece per number (the MiniLM vocabulary has one for
             each of 1..50) carries no order that a reader could use before learning one for each number. False by
-            default and in both presets; on in ``archlab.labs.docreader.LARGEST_RECIPE``.
+            default and in both presets; on in ``archlab.labs.docreader.LARGEST_RECIPE``: with it the tiny reader
+            finds the page with the largest value at 800 steps (0.566 against 0.473 without, majority 0.434; seed 1:
+            0.562 against 0.512, majority 0.418; README's Document reader section).
         image_d_model, image_n_heads, image_n_layers, image_d_ff: the ViT image encoder.
         frozen: encoders whose weights do not train (any of ``text``, ``table``, ``image``): no gradients,
             no optimizer state (the card freezes the text and image encoders).
