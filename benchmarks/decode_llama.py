@@ -25,6 +25,14 @@ The last line is the ratio of archlab's fastest usable mode (perplexity within 5
     python benchmarks/decode_llama.py --new-tokens 64 --rounds 3
     python benchmarks/decode_llama.py --no-quant --no-llama-cpp
     taskset -c 0 python benchmarks/decode_llama.py --threads 1 --profile    # + where a decoding step's time goes
+    python benchmarks/decode_llama.py --compile    # + each archlab mode compiled
+
+``--compile`` adds, for archlab fp32, int8 and int4 (not int8-dynamic: torch.compile cannot trace fbgemm's packed
+weights), a peer ``... compiled``: the same model through
+:class:`archlab.static_decoding.StaticDecoder` (a static KV cache, the one-token step compiled by ``torch.compile``;
+the prompt eager). fp32's tokens must equal eager fp32's; a quantized mode's compiled tokens are compared with its
+eager ones (bf16 activations round in other places once ops are fused, so they may part after a while). Each
+compile time is printed apart from the timed rounds.
 
 ``--profile`` runs each archlab mode's decoding under ``torch.profiler`` and splits a generated token's CPU time
 into the weight products of the blocks (with the GB/s they reach, beside a measured streaming bandwidth), the
@@ -44,7 +52,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Peer, base_parser, setup, table, time_interleaved, write_json  # noqa: E402
+from common import Peer, base_parser, compiled_decoding_peer, setup, table, time_interleaved, write_json  # noqa: E402
 
 from archlab.generation import generate  # noqa: E402
 from archlab.hardware import native_bf16  # noqa: E402
@@ -65,6 +73,7 @@ def main() -> None:
     parser.add_argument("--no-llama-cpp", action="store_true", help="leave out llama.cpp")
     parser.add_argument("--llama-threads", type=int, default=None, help="llama.cpp's threads (default: --threads)")
     parser.add_argument("--profile", action="store_true", help="print where each archlab mode's decoding time goes")
+    parser.add_argument("--compile", action="store_true", help="add each archlab mode compiled (static KV cache)")
     args = parser.parse_args()
     print(setup(args.threads, args.keep_memory))
     import transformers
@@ -105,6 +114,9 @@ def main() -> None:
     print("  " + tokenizer.decode(a[0, prompt.shape[1]:].tolist()).replace("\n", "\n  "))
     peers = [Peer("archlab fp32", run_archlab, tokens=n), Peer("hf fp32", hf_runner(hf), tokens=n)]
     usable = {"archlab fp32": True}  # a quantized mode counts against llama.cpp only if its perplexity holds
+    compiled = {}  # eager peer name -> (its model, its eager tokens): compiled after the quantized modes are built
+    if args.compile:
+        compiled["archlab fp32"] = (ours, a)
     if not args.no_quant:
         int8 = copy.deepcopy(ours)
         quantize(int8, "int8")
@@ -121,6 +133,18 @@ def main() -> None:
             print(f"  {measured} (fp32's sequence, teacher-forced); its greedy tokens equal "
                   f"fp32's for the first {same} of {n}")  # fmt: skip
             peers.append(Peer(name, archlab_runner(model), tokens=n))
+            if args.compile and name != "archlab int8-dynamic":  # StaticDecoder refuses it: fbgemm breaks the graph
+                compiled[name] = (model, own)
+    for name, (model, eager_tokens) in compiled.items():
+        peer, seconds, tokens = compiled_decoding_peer(f"{name} compiled", model, prompt, n)
+        differ = (tokens != eager_tokens)[0].nonzero()
+        same = (int(differ[0]) if len(differ) else tokens.shape[1]) - prompt.shape[1]
+        if name == "archlab fp32" and same != n:
+            raise SystemExit(f"compiled fp32 tokens differ from eager fp32's at new token {same}")
+        print(f"\n{peer.name}: torch.compile took {seconds:.1f} s (once per process); its greedy tokens equal "
+              f"{name}'s for the first {same} of {n}")  # fmt: skip
+        usable[peer.name] = usable[name]
+        peers.append(peer)
     llama = None if args.no_llama_cpp else llama_cpp_peer(path, prompt, a, n, args.llama_threads or args.threads)
     if llama is not None:
         peers.append(llama)
