@@ -105,10 +105,14 @@ def time_interleaved(peers: list[Peer], *, rounds: int, warmup: int = 1, per_rou
             peer.times.append((time.perf_counter() - start) / per_round)
 
 
-def compiled_decoding_peer(name: str, model, prompt: torch.Tensor, n: int) -> tuple[Peer, float, torch.Tensor]:
+def compiled_decoding_peer(name: str, model, prompt: torch.Tensor, n: int):
     """A peer decoding ``n`` greedy tokens after ``prompt [1, n0]`` through
     :class:`archlab.static_decoding.StaticDecoder` (static KV cache, ``torch.compile``d one-token step); also the
-    seconds its compilation took (the first run, which compiles, less the second) and the tokens it generated."""
+    seconds its compilation took (the first run, which compiles, less the second), the tokens it generated and
+    the decoder (``max_len = n0 + n``), whose compiled step :func:`teacher_forced` reuses.
+
+    Returns ``(peer, seconds, tokens, decoder)``.
+    """
     from archlab.generation import generate
     from archlab.static_decoding import StaticDecoder
 
@@ -123,7 +127,19 @@ def compiled_decoding_peer(name: str, model, prompt: torch.Tensor, n: int) -> tu
     first = time.perf_counter() - start
     start = time.perf_counter()
     run()
-    return Peer(name, run, tokens=n), first - (time.perf_counter() - start), tokens
+    return Peer(name, run, tokens=n), first - (time.perf_counter() - start), tokens, decoder
+
+
+def teacher_forced(decoder) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``windows [B, N] -> logits [B, N, V]`` fed one token at a time through ``decoder``'s compiled one-token step
+    (a :class:`~archlab.static_decoding.StaticDecoder` with ``max_len >= N``): what the compiled mode computes
+    while it decodes, for :func:`archlab.quant.quality`."""
+
+    def logits(windows: torch.Tensor) -> torch.Tensor:
+        cache = decoder.new_cache()
+        return torch.cat([decoder(windows[:, i : i + 1], cache) for i in range(windows.shape[1])], dim=1)
+
+    return logits
 
 
 #: ``make(name, *args) -> (Peer, info)``: builds one peer inside its process; ``info`` is sent back.

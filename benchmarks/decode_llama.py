@@ -52,7 +52,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Peer, base_parser, compiled_decoding_peer, setup, table, time_interleaved, write_json  # noqa: E402
+from common import (  # noqa: E402
+    Peer,
+    base_parser,
+    compiled_decoding_peer,
+    setup,
+    table,
+    teacher_forced,
+    time_interleaved,
+    write_json,
+)
 
 from archlab.generation import generate  # noqa: E402
 from archlab.hardware import native_bf16  # noqa: E402
@@ -136,14 +145,17 @@ def main() -> None:
             if args.compile and name != "archlab int8-dynamic":  # StaticDecoder refuses it: fbgemm breaks the graph
                 compiled[name] = (model, own)
     for name, (model, eager_tokens) in compiled.items():
-        peer, seconds, tokens = compiled_decoding_peer(f"{name} compiled", model, prompt, n)
+        peer, seconds, tokens, decoder = compiled_decoding_peer(f"{name} compiled", model, prompt, n)
         differ = (tokens != eager_tokens)[0].nonzero()
         same = (int(differ[0]) if len(differ) else tokens.shape[1]) - prompt.shape[1]
         if name == "archlab fp32" and same != n:
             raise SystemExit(f"compiled fp32 tokens differ from eager fp32's at new token {same}")
         print(f"\n{peer.name}: torch.compile took {seconds:.1f} s (once per process); its greedy tokens equal "
               f"{name}'s for the first {same} of {n}")  # fmt: skip
-        usable[peer.name] = usable[name]
+        # its own quality, through the compiled step (fused kernels round otherwise than the eager mode's)
+        measured = quality(ours, teacher_forced(decoder), a, peer.name)
+        print(f"  {measured} (fp32's sequence, teacher-forced one token at a time through the compiled step)")
+        usable[peer.name] = measured.perplexity_change <= USABLE_PERPLEXITY_CHANGE
         peers.append(peer)
     llama = None if args.no_llama_cpp else llama_cpp_peer(path, prompt, a, n, args.llama_threads or args.threads)
     if llama is not None:

@@ -85,7 +85,7 @@ def main() -> None:
     print(f"{args.preset} (max_len {args.max_len}): both generate the same {n} tokens")
     peers = [Peer("archlab", run_archlab, tokens=n), Peer("hf", run_hf, tokens=n)]
     if args.compile:
-        compiled, seconds, tokens = compiled_decoding_peer("archlab compiled", ours, prompt, n)
+        compiled, seconds, tokens, _ = compiled_decoding_peer("archlab compiled", ours, prompt, n)
         if not torch.equal(tokens, a):
             raise SystemExit(f"compiled tokens differ: first mismatch at {int((tokens != a).nonzero()[0, 1])}")
         print(f"archlab compiled: the same {n} tokens; torch.compile took {seconds:.1f} s (once per process)")
