@@ -5,7 +5,10 @@ spinning against each other on a busy 2-core runner. Tests that time nothing are
 what they check. Nothing here touches the network: HF models are built from configs.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -14,6 +17,14 @@ from archlab.hardware import describe_cpu, kernel_capability
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# torch.compile's on-disk cache (inductor) of its own for each test session: the machine-wide one
+# (/tmp/torchinductor_<user>) is shared by runs under different kernel caps and code revisions, and
+# with it the compiled-decoding tests aborted (native) or gave NaN logits (AVX2-capped), both passing
+# with a fresh one (issue 14). Removed at exit.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="archlab-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="session")
