@@ -5,7 +5,8 @@ draws the answer with ``textContent`` only (never ``innerHTML`` of data), so a d
 shows as text::
 
     GET  /                               the page
-    POST /api/search   {"query", "k"?}   -> {"search_id", "query", "hits": [...], "timings_ms", "explain"}
+    POST /api/search   {"query", "k"?}   -> {"search_id", "query", "hits": [...], "timings_ms", "explain",
+                                            "skipped" ({stage: why it was asked for but not run})}
     GET  /api/explain/{search_id}/{rank} -> Server-Sent Events: "piece" {"text"} as tokens are decoded,
                                             then "done" {"explanation", "quotes" (how many), "quotes_ok", "bad_quotes",
                                             "first_token_ms" (after the search's answer), "speculative"},
@@ -327,7 +328,7 @@ def create_app(
         timings["evidence"] = evidence_ms + (time.perf_counter() - started) * 1000.0
         if "total" in result.timings_ms:
             timings["total"] = result.timings_ms["total"] + timings["evidence"]
-        return {"hits": result.hits, "timings_ms": timings}
+        return {"hits": result.hits, "timings_ms": timings, "skipped": dict(getattr(result, "skipped", {}))}
 
     @app.post("/api/search")
     async def search(request: Request):
@@ -344,7 +345,8 @@ def create_app(
                 if not future.cancel():
                     future.add_done_callback(lambda f: f.exception() or explain_worker.submit(0, f.result()[0].close))
         return {"search_id": search_id, "query": query, "hits": [hit_json(h) for h in done["hits"]],
-                "timings_ms": done["timings_ms"], "explain": min(explain, len(done["hits"]))}  # fmt: skip
+                "timings_ms": done["timings_ms"], "explain": min(explain, len(done["hits"])),
+                "skipped": done["skipped"]}  # fmt: skip
 
     def hit_json(hit) -> dict:
         return {

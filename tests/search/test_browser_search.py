@@ -4,9 +4,11 @@ A small index is built in the test (archlab's MiniLM, exact FAISS search, hybrid
 which holds ``<script>alert(1)</script>`` and an ``<img onerror>``; uvicorn serves it on a free loopback port in a
 thread. The explainer is the real :class:`~archlab.search.explain.Explainer` over a random tiny Llama (a GGUF file
 with a byte-level ChatML tokenizer; its words are noise, its path is the real one: prompt, prompt-lookup
-speculative decoding, the quote guard). The test types a query, sees results with highlighted evidence, sees an
-explanation arrive, checks that the hostile document shows as text (no dialog, no console error, no element made
-from it), saves a screenshot (its path is printed), and sees a refused search's reason.
+speculative decoding, the quote guard). The engine has a re-ranker whose saved first-stage weight is 1, so it
+skips re-ranking and says why; the reason is given a hostile tail here. The test types a query, sees results with
+highlighted evidence, sees the skipped stage's reason, sees an explanation arrive, checks that the hostile document
+and reason show as text (no dialog, no console error, no element made from them), saves a screenshot (its path is
+printed), and sees a refused search's reason.
 """
 
 from __future__ import annotations
@@ -38,6 +40,15 @@ DOCS = [
 ]  # fmt: skip
 
 
+class KeepsFirstStage:
+    """A re-ranker whose saved fusion weight is 1 (``adapt``'s "does not beat the first stage"): never run."""
+
+    first_stage_weight = 1.0
+
+    def score(self, query, docs):
+        raise AssertionError("a re-ranker with first-stage weight 1 must not be run")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,6 +63,7 @@ def served(tmp_path_factory):
     import uvicorn
 
     from archlab.models.llama import Llama, LlamaConfig
+    from archlab.search import engine as engine_module
     from archlab.search.corpus import load_corpus
     from archlab.search.engine import SearchEngine
     from archlab.search.explain import Explainer
@@ -62,7 +74,7 @@ def served(tmp_path_factory):
     corpus_file = folder / "corpus.jsonl"
     corpus_file.write_text("".join(json.dumps({"_id": i, "title": t, "text": x}) + "\n" for i, t, x in DOCS))
     build_index(load_corpus(corpus_file), folder / "index", index="flat", hybrid=True, precision="fp32")
-    engine = SearchEngine.open(folder / "index")
+    engine = SearchEngine.open(folder / "index", reranker=KeepsFirstStage())
 
     torch.manual_seed(0)
     tokens = TINY_TOKENIZER["tokenizer.ggml.tokens"]
@@ -74,7 +86,7 @@ def served(tmp_path_factory):
         explainer.load()
 
     port = _free_port()
-    app = create_app(engine, explainer=explainer, explain=2, allowed_hosts=["127.0.0.1"])
+    app = create_app(engine, explainer=explainer, explain=2, rerank=3, allowed_hosts=["127.0.0.1"])
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -83,7 +95,9 @@ def served(tmp_path_factory):
         if not thread.is_alive() or time.monotonic() > deadline:
             pytest.fail("uvicorn did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/"
+    with pytest.MonkeyPatch.context() as patch:  # the engine's reason, with a hostile tail, reaches the page
+        patch.setattr(engine_module, "KEPT_FIRST_STAGE", f"{engine_module.KEPT_FIRST_STAGE} {HOSTILE}")
+        yield f"http://127.0.0.1:{port}/"
     server.should_exit = True
     thread.join(timeout=10)
 
@@ -101,6 +115,14 @@ def test_search_page_shows_results_evidence_and_a_streamed_explanation_and_escap
         marks = page.locator("li.hit").first.locator("mark").all_text_contents()  # the evidence, highlighted
         assert any("gastrointestinal side effects" in m for m in marks)
 
+        # the skipped re-ranking is shown with the engine's reason, as text
+        from archlab.search.engine import KEPT_FIRST_STAGE
+
+        skipped = page.locator("#skipped")
+        assert skipped.is_visible()
+        assert skipped.text_content() == f"rerank skipped: {KEPT_FIRST_STAGE}"
+        assert skipped.text_content().endswith(HOSTILE) and page.locator("#skipped *").count() == 0
+
         # the explanations arrive (streamed), each with the quote guard's verdict
         page.wait_for_selector('#results[data-state="explained"]', timeout=60_000)
         assert page.locator(".explanation .guard").count() == 2
@@ -113,7 +135,7 @@ def test_search_page_shows_results_evidence_and_a_streamed_explanation_and_escap
         assert hostile.count() == 1
         assert f"Side effects {HOSTILE}" in hostile.locator(".title").text_content()
         assert HOSTILE in hostile.locator(".text").text_content()
-        assert page.locator("#results script, #results img").count() == 0
+        assert page.locator("#results script, #results img, header script, header img").count() == 0
         assert dialogs == [], dialogs
         assert page.archlab_problems == [], page.archlab_problems
 

@@ -116,6 +116,25 @@ def test_search_returns_ranked_hits_with_evidence_segments_and_text_as_data(clie
     assert evil["query"] == "document holds script <b>as</b> text"  # JSON data; the page sets it as text
 
 
+def test_a_skipped_stage_and_its_reason_are_in_the_answer():
+    """The engine's ``SearchResult.skipped`` (e.g. a re-ranker that keeps the first stage's order is not run) reaches
+    the page as JSON data, reason verbatim (the page sets it with textContent: tests/search/test_browser_search.py)."""
+    from fastapi.testclient import TestClient
+
+    reason = f"first-stage weight 1 {SCRIPT}"
+
+    class SkippingEngine(FakeEngine):
+        def search(self, query, *, k=10, rerank=0, explain=0):
+            result = super().search(query, k=k)
+            result.skipped = {"rerank": reason} if rerank else {}
+            return result
+
+    with TestClient(create_app(SkippingEngine(), rerank=5)) as client:
+        assert client.post("/api/search", json={"query": "insulin"}).json()["skipped"] == {"rerank": reason}
+    with TestClient(create_app(SkippingEngine())) as client:  # nothing asked for, nothing skipped
+        assert client.post("/api/search", json={"query": "insulin"}).json()["skipped"] == {}
+
+
 @pytest.mark.parametrize(
     "request_kwargs, status, message",
     [

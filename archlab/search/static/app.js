@@ -4,6 +4,7 @@
 const form = document.getElementById("search-form");
 const queryBox = document.getElementById("query");
 const statusLine = document.getElementById("status");
+const skippedLine = document.getElementById("skipped");
 const results = document.getElementById("results");
 let current = { generation: 0, controller: new AbortController() };
 
@@ -93,6 +94,7 @@ async function search(query) {
   current.controller.abort();  // the explanations of the previous search stop streaming
   current.controller = new AbortController();
   say("searching\u2026");
+  skippedLine.hidden = true;
   let answer;
   try {
     const response = await fetch("/api/search", {
@@ -109,6 +111,10 @@ async function search(query) {
   results.replaceChildren(...answer.hits.map(renderHit));
   const timings = Object.entries(answer.timings_ms).map(([stage, ms]) => `${stage} ${ms.toFixed(0)} ms`).join(", ");
   say(`${answer.hits.length} results for \u201c${answer.query}\u201d (${timings})`);
+  // stages asked for but not run (e.g. a re-ranker that keeps the first stage's order), each with the server's reason
+  const skipped = Object.entries(answer.skipped || {}).map(([stage, why]) => `${stage} skipped: ${why}`);
+  skippedLine.textContent = skipped.join("; ");
+  skippedLine.hidden = skipped.length === 0;
   explainNext(answer.search_id, 1, answer.explain, generation);
 }
 
