@@ -48,7 +48,7 @@ from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.interop.bert import bert_config_from_hf, bert_config_to_hf, bert_to_hf, load_bert
 from archlab.interop.io import atomic_dir, read_json
 from archlab.models.bert import BertCrossEncoder, BertForSequenceClassification, BertModel, PairBatch, pair_inputs
-from archlab.precision import announce, choose_precision
+from archlab.precision import PrecisionChoice, announce, choose_precision
 from archlab.search.corpus import Document
 from archlab.search.fuse import DEFAULT_K0
 
@@ -74,6 +74,14 @@ def fuse_ranks(scores: Sequence[float], first_stage_weight: float, k0: float = D
     for r, i in enumerate(order, 1):
         rerank_rank[i] = r
     return [w / (k0 + i + 1) + (1 - w) / (k0 + rerank_rank[i]) for i in range(len(scores))]
+
+
+def scoring_precision(precision: str, model: torch.nn.Module) -> PrecisionChoice:
+    """The precision ``model`` scores in: :func:`archlab.precision.choose_precision` for the device and dtype of its
+    weights, so ``auto`` follows the device the model is on (a CUDA model: that GPU's bf16 support, not the host
+    CPU's; a CPU model: AMX / AVX512-BF16 and the kernel cap), and keeps a float64 model float64."""
+    weight = next(model.parameters())
+    return choose_precision(precision, weight.device, weight.dtype)
 
 
 def longest_first(n_query: int, n_doc: int, room: int) -> tuple[int, int]:
@@ -109,8 +117,8 @@ class Reranker:
             re-ranker's order alone).
         heldout: what ``adapt``'s held-out check measured (:data:`HELDOUT_FILE`), or None.
         precision: ``fp32`` (default: the scores equal sentence-transformers'), ``bf16``, or ``auto`` (bf16 where
-            the CPU computes it natively; :func:`archlab.precision.choose_precision`): the model's weights are cast
-            to it for scoring (a re-ranker to train stays fp32).
+            the model's device computes it natively: :func:`scoring_precision`): the model's weights are cast to it
+            for scoring (a re-ranker to train stays fp32).
     """
 
     def __init__(self, model: BertCrossEncoder, tokenizer, *, max_length: int | None = None,
@@ -124,7 +132,7 @@ class Reranker:
             raise ConfigError(f"activation={activation!r} must be 'sigmoid' or 'identity'")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r} must be a positive int")
-        choice = choose_precision(precision, "cpu")
+        choice = scoring_precision(precision, model)
         if choice.dtype is not None:
             model.to(choice.dtype)
         if precision != "fp32":  # the default says nothing
@@ -360,4 +368,4 @@ def _activation(folder: Path, hf: dict) -> str:
     return "sigmoid"
 
 
-__all__ = ["HELDOUT_FILE", "Reranker", "fuse_ranks", "longest_first"]
+__all__ = ["HELDOUT_FILE", "Reranker", "fuse_ranks", "longest_first", "scoring_precision"]

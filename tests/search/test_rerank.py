@@ -163,3 +163,44 @@ def test_bf16_scores_stay_near_fp32_and_a_bad_precision_is_refused(folder):
     torch.testing.assert_close(ours, ref, atol=0.05 * float(ref.abs().max()) + 0.02, rtol=0)
     with pytest.raises(ConfigError, match="precision.*fp16"):
         Reranker.load(folder, precision="fp16")
+
+
+class _OnDevice(torch.nn.Module):
+    """Stands for a model whose weights live on ``device`` (only ``parameters()`` is read): a CUDA model's choice is
+    checked without a GPU."""
+
+    def __init__(self, device, dtype=torch.float32):
+        super().__init__()
+        self.weight = type("Weight", (), {"device": torch.device(device), "dtype": dtype})()
+
+    def parameters(self, recurse=True):
+        return iter([self.weight])
+
+
+def test_auto_precision_is_chosen_for_the_models_device(monkeypatch):
+    """``auto`` asks the model's device: on CUDA the GPU's bf16 support decides whatever the host CPU has (the
+    earlier rule asked the CPU for every model); on the CPU the CPU's rule; float64 weights stay float64."""
+    from archlab.precision import choose_precision
+    from archlab.search.rerank import scoring_precision
+
+    for supported, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        choice = scoring_precision("auto", _OnDevice("cuda:0"))
+        reason = "this GPU computes bf16" if supported else "this GPU has no bf16"
+        assert (choice.name, choice.reason) == (expected, reason)
+    cpu = torch.nn.Linear(2, 2)
+    assert scoring_precision("auto", cpu) == choose_precision("auto", "cpu")
+    assert scoring_precision("auto", cpu.double()).name == "float64"
+    assert scoring_precision("fp32", _OnDevice("cuda:0")).name == "fp32"  # asked: as asked
+
+
+def test_the_reranker_asks_the_models_device(folder, monkeypatch):
+    """Reranker(precision=auto) resolves the precision for the device its model is on (spied call)."""
+    import archlab.search.rerank as rerank
+
+    seen = []
+    real = rerank.choose_precision
+    spy = lambda p, device, weights: seen.append((p, device)) or real(p, device, weights)  # noqa: E731
+    monkeypatch.setattr(rerank, "choose_precision", spy)
+    Reranker.load(folder, precision="auto")
+    assert seen == [("auto", torch.device("cpu"))]
