@@ -360,6 +360,7 @@ def generate_batch(
     *,
     max_new_tokens: int,
     stop_tokens: Iterable[int] = (),
+    batch_size: int | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -368,12 +369,18 @@ def generate_batch(
 ) -> list[list[int]]:
     """Continue several prompts of different lengths together; returns each prompt's new tokens, in order.
 
-    The ``B`` prompts (lists of token ids) are left-padded to the longest, ``n0``, into ``[B, n0]`` with an
-    ``attention_mask`` marking the real tokens, and decoded in one batch (:func:`_decode_rows`): every step is
-    one forward pass over the rows still open, its products on oneDNN-packed copies of the weights
+    Up to ``B = batch_size`` prompts (lists of token ids) decode as one batch (:func:`_decode_rows`): left-padded
+    to the longest into ``[B, n0]`` with an ``attention_mask`` marking the real tokens, every step one forward
+    pass over the rows still open, its products on oneDNN-packed copies of the weights
     (:func:`archlab.nn.linear.packed_for_rows`: a ``B``-row product then costs far less than ``B`` one-row ones;
-    the copies take the weights' memory again during the call). A row that emits a stop token leaves the batch:
-    its cache rows and mask row are dropped (the cache's ``reorder``), so later steps compute only open rows.
+    the copies take the weights' memory again during the call). A row that emits a stop token or reaches
+    ``max_new_tokens`` leaves the batch: its cache rows and mask row are dropped (the cache's ``reorder``), so
+    later steps compute only open rows. With more prompts than ``B`` (continuous batching), a waiting prompt takes
+    a freed row at once: its prompt is prefilled on its own into a cache that starts where the batch is (the
+    positions before its prompt zero and masked: the cache's ``pad``) and joined to the batch (``join``), so the
+    batch stays full while prompts wait. Prompts start longest first (so a waiting prompt is never longer than
+    the batch's positions); the output order is the prompts' order.
+
     The decoder gives each row the positions it would have alone
     (:func:`archlab.models.decoder.positions_from_mask`) and no query attends the padding, so with greedy
     decoding each row's tokens are those ``generate`` gives its prompt alone (up to floating-point near-ties
@@ -382,13 +389,16 @@ def generate_batch(
     samples from its own distribution, the draws shared out from one generator.
 
     Args:
-        model: a decoder-only model with ``decoder_step(attention_mask)`` and ``new_cache()`` (GPT, Llama).
-        prompts: ``B >= 1`` non-empty lists of token ids.
+        model: a decoder-only model with ``decoder_step(attention_mask)`` and ``new_cache()`` (GPT, Llama; the
+            recurrent models too while every prompt fits in one batch).
+        prompts: ``P >= 1`` non-empty lists of token ids.
         max_new_tokens: at most this many new tokens per row.
         stop_tokens: ids that end a row.
+        batch_size: ``B``, the most rows decoded at once (default ``P``: all together). ``B < P`` needs a cache
+            with ``pad`` and ``join`` (the KV cache of GPT and Llama).
 
     Returns:
-        ``B`` lists: row ``b``'s new tokens, up to and including its stop token (at most ``max_new_tokens``).
+        ``P`` lists: row ``b``'s new tokens, up to and including its stop token (at most ``max_new_tokens``).
     """
     if isinstance(prompts, (str, bytes, Tensor)) or not isinstance(prompts, Sequence) or not prompts:
         raise ConfigError(f"prompts must be a non-empty list of token-id lists, got {_shape(prompts)}")
@@ -399,55 +409,129 @@ def generate_batch(
             _check_int(f"prompts[{i}][j]", token, 0)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a decoder-only model (GPT, Llama), got {type(model).__name__}")
-    n0 = max(len(p) for p in prompts)
+    if batch_size is not None:
+        _check_int("batch_size", batch_size, 1)
+    rows = min(batch_size or len(prompts), len(prompts))
+    longest = max(prompts, key=len)
     device = next(model.parameters()).device
-    input_ids = torch.zeros(len(prompts), n0, dtype=torch.long, device=device)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, n0 - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, n0 - len(prompt) :] = 1
     stop = check_decoding(
-        model, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-        top_p=top_p, stop_tokens=stop_tokens, seed=seed,
+        model, torch.tensor([longest], device=device), max_new_tokens=max_new_tokens, do_sample=do_sample,
+        temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, seed=seed,
     )  # fmt: skip
-    packing = packed_for_rows(model, len(prompts)) if len(prompts) > 1 else contextlib.nullcontext()
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
+    packing = packed_for_rows(model, rows) if rows > 1 else contextlib.nullcontext()
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else None
     with packing:  # B-row products on oneDNN-packed weights (archlab.nn.linear)
-        return _decode_rows(model, input_ids, attention_mask, max_new_tokens, stop, sampling, seed)
+        return _decode_rows(model, prompts, rows, max_new_tokens, stop, sampling, seed)
 
 
-def _decode_rows(model, input_ids, attention_mask, max_new_tokens, stop, sampling, seed) -> list[list[int]]:
-    """The loop of :func:`generate_batch` (arguments checked): ``input_ids [B, n0]`` left-padded, ``attention_mask
-    [B, n0]``; greedy, or :func:`sample_next` with ``sampling``'s options. Returns each row's new tokens.
+def _left_padded(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """``R`` prompts -> ``input_ids [R, n]`` left-padded (with 0) to the longest, ``n``, and ``attention_mask [R, n]``
+    (1 on the real tokens)."""
+    n = max(len(p) for p in prompts)
+    input_ids = torch.zeros(len(prompts), n, dtype=torch.long, device=device)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, n - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, n - len(prompt) :] = 1
+    return input_ids, attention_mask
 
-    ``rows [R]`` maps the ``R`` open batch rows to their prompts. When some rows emit a stop token, the others
-    are selected from the cache (``cache.reorder(open)``: every cache kind selects rows so) and from the mask,
-    and the step is rebuilt on the smaller mask: a finished row costs nothing afterwards.
+
+class _Rows:
+    """The open rows of :func:`_decode_rows`: ``prompt [R]`` (each row's prompt index), the cache, and ``mask [R, M]``
+    (1 where row ``r``'s cached position ``j`` holds a real token), ``M`` the cache's length."""
+
+    def __init__(self, model: nn.Module, prompt: list[int], input_ids: Tensor, attention_mask: Tensor, offset: int = 0):
+        """Prefill ``input_ids [R, n]`` (left-padded) into a fresh cache whose first ``offset`` positions are padding
+        (so its prompts end where a batch of ``offset + n`` positions is); :attr:`logits` ``[R, V]``: the next
+        token's."""
+        self.model, self.prompt, self.cache = model, prompt, model.new_cache()
+        if offset:
+            self.cache.pad(offset)
+        self.mask = torch.cat([attention_mask.new_zeros(len(prompt), offset), attention_mask], dim=1)
+        self.logits = self._rebuilt()(input_ids, self.cache)[:, -1]
+
+    def _rebuilt(self) -> Step:
+        """The model's step for these rows, on ``mask`` (every later position counts as real)."""
+        self._step = _stepper(self.model, self.mask, self.cache, True).step
+        return self._step
+
+    def step(self, next_ids: Tensor) -> None:
+        """Feed each row's ``next_ids [R]``: :attr:`logits` become the following token's."""
+        self.logits = self._step(next_ids[:, None], self.cache)[:, -1]
+
+    def keep(self, index: Tensor) -> None:
+        """Keep the rows ``index [R']`` (in that order)."""
+        self.cache.reorder(index)
+        self.prompt = [self.prompt[i] for i in index.tolist()]
+        self.logits = self.logits[index]
+        self._grow()
+        self.mask = self.mask[index]
+        self._rebuilt()
+
+    def join(self, other: _Rows) -> None:
+        """Append ``other``'s rows (a cache of the same length) after these."""
+        self.cache.join(other.cache)
+        self.prompt = self.prompt + other.prompt
+        self.logits = torch.cat([self.logits, other.logits])
+        self._grow()
+        other._grow()
+        self.mask = torch.cat([self.mask, other.mask])
+        self._rebuilt()
+
+    def _grow(self) -> None:
+        """``mask`` to the cache's length: the tokens fed since the step was built are real."""
+        fed = self.cache.length - self.mask.shape[1]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], fed)], dim=1)
+
+
+def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, seed) -> list[list[int]]:
+    """The loop of :func:`generate_batch` (arguments checked): greedy, or :func:`sample_next` with ``sampling``'s
+    options, over at most ``batch_size`` open rows. Returns each prompt's new tokens.
+
+    Each round picks every open row's next token from its logits; the rows that stop (a stop token, or
+    ``max_new_tokens`` reached) are dropped from the cache and the mask (``reorder``: every cache kind selects
+    rows so); the others take one step; then waiting prompts fill the freed rows (:class:`_Rows`: prefilled at
+    the batch's length, joined).
     """
-    device = input_ids.device
+    device = next(model.parameters()).device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     stop_ids = torch.tensor(stop, dtype=torch.long, device=device)
-    stepper = _stepper(model, attention_mask, None, True)
-    rows = torch.arange(input_ids.shape[0], device=device)
-    out: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-    fed = input_ids
-    for t in range(max_new_tokens):
-        logits = stepper.step(fed, stepper.cache)[:, -1]  # [R, V]
-        if t == 0:
-            _check_ids_in_vocab(logits.shape[-1], **{f"stop_tokens[{i}]": s for i, s in enumerate(stop)})
+    waiting = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first
+    first, waiting = sorted(waiting[:batch_size]), waiting[batch_size:]  # the first batch in the prompts' order
+    batch = _Rows(model, first, *_left_padded([prompts[i] for i in first], device))
+    if waiting and not (callable(getattr(batch.cache, "pad", None)) and callable(getattr(batch.cache, "join", None))):
+        raise ConfigError(f"batch_size={batch_size} < {len(prompts)} prompts refills rows, which needs a cache with pad() "
+                          f"and join() (GPT, Llama); {type(model).__name__} keeps a {type(batch.cache).__name__}: "
+                          f"pass batch_size=None")  # fmt: skip
+    _check_ids_in_vocab(batch.logits.shape[-1], **{f"stop_tokens[{i}]": s for i, s in enumerate(stop)})
+    out: list[list[int]] = [[] for _ in prompts]
+    while batch.prompt:
+        logits = batch.logits
         next_ids = logits.argmax(dim=-1) if sampling is None else sample_next(logits, generator=generator, **sampling)
-        for row, token in zip(rows.tolist(), next_ids.tolist(), strict=True):
+        for row, token in zip(batch.prompt, next_ids.tolist(), strict=True):
             out[row].append(token)
+        going = torch.tensor([len(out[row]) < max_new_tokens for row in batch.prompt], device=device)
         if stop:
-            still = ~torch.isin(next_ids, stop_ids)
-            if not bool(still.all()):
-                open_rows = still.nonzero().squeeze(1)
-                if open_rows.numel() == 0:
-                    break
-                stepper.cache.reorder(open_rows)
-                rows, next_ids, attention_mask = rows[open_rows], next_ids[open_rows], attention_mask[open_rows]
-                stepper = _stepper(model, attention_mask, stepper.cache, True)
-        fed = next_ids[:, None].to(input_ids.dtype)
+            going &= ~torch.isin(next_ids, stop_ids)
+        if not bool(going.all()):
+            if not waiting and not bool(going.any()):
+                break
+            open_rows = going.nonzero().squeeze(1)
+            batch.keep(open_rows)
+            next_ids = next_ids[open_rows]
+        if batch.prompt:
+            batch.step(next_ids)
+        if waiting and len(batch.prompt) < batch_size:
+            admitted, waiting = waiting[: batch_size - len(batch.prompt)], waiting[batch_size - len(batch.prompt) :]
+            input_ids, attention_mask = _left_padded([prompts[i] for i in admitted], device)
+            offset = batch.cache.length - input_ids.shape[1] if batch.prompt else 0
+            new = _Rows(model, admitted, input_ids, attention_mask, offset)
+            if batch.prompt:
+                batch.join(new)
+            else:
+                batch = new
     return out
 
 

@@ -134,3 +134,110 @@ def test_rows_ending_far_apart_leave_the_batch_until_one_is_left(family, seed, l
     assert rows == alone
     assert batch_sizes == [sum(k > t for k in lengths_out) for t in range(n)]
     assert batch_sizes[0] == 6 and batch_sizes[1] < 6 and batch_sizes[-4:] == [1, 1, 1, 1]  # fewer after step 0; one at the end
+
+
+@pytest.mark.parametrize(("family", "seed"), [("gpt", 4), ("llama", 1)])
+def test_refilled_rows_equal_one_at_a_time(family, seed):
+    """Continuous batching: 7 prompts of different lengths through ``batch_size=3`` rows, rows ending 1 to 10 tokens
+    in. Each round the rows that stopped leave, the others take a step, and waiting prompts fill the freed rows at
+    once (prefilled where the batch is, their earlier positions padding): step + refill = 3 rows while enough wait.
+    Every row's tokens equal ``generate`` of its prompt alone (GPT: learned positions from the mask; Llama: RoPE,
+    which rotates each key by its place in the cache, and grouped K/V heads). The seeds give the scenario, which the
+    test asserts."""
+    m, n = family_model(family).float(), 10
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, V, (k,), generator=g).tolist() for k in (5, 2, 7, 4, 6, 3, 7)]
+    free = [generate(m, torch.tensor([p]), max_new_tokens=n)[0, len(p) :].tolist() for p in prompts]
+    stops = sorted({free[0][3], free[2][6]})
+    alone = [generate(m, torch.tensor([p]), max_new_tokens=n, stop_tokens=stops, pad_id=0)[0, len(p) :].tolist()
+             for p in prompts]  # fmt: skip
+    alone = [row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))] for row in alone]
+    lengths = [len(row) for row in alone]
+    assert len(set(lengths)) >= 4 and n in lengths and min(lengths) <= 3  # rows end far apart
+
+    calls: list[tuple[int, int]] = []  # (rows, tokens) of each forward
+    hook = m.register_forward_pre_hook(lambda module, args, kwargs: calls.append(tuple(args[0].shape)),
+                                       with_kwargs=True)  # fmt: skip
+    try:
+        rows = generate_batch(m, prompts, max_new_tokens=n, stop_tokens=stops, batch_size=3)
+    finally:
+        hook.remove()
+    assert rows == alone
+    assert calls[0] == (3, 7) and max(r for r, _ in calls) == 3  # the 3 longest prompts first, never more rows
+    prefilled, i, refills = 3, 1, 0
+    while prefilled < len(prompts):  # each round: a step of the rows going on, then the freed rows refilled
+        stepped = calls[i][0] if calls[i][1] == 1 else 0
+        i += calls[i][1] == 1
+        refill = calls[i][0] if i < len(calls) and calls[i][1] > 1 else 0
+        i += refill > 0
+        refills += refill > 0
+        if refill:  # the freed rows, as many as prompts wait
+            assert stepped + refill == min(3, stepped + len(prompts) - prefilled), str(calls)
+        prefilled += refill
+    assert refills >= 2 and all(t == 1 for _, t in calls[i:])  # then only steps, rows leaving
+    assert sum(r for r, t in calls if t == 1) == sum(lengths) - len(prompts)  # a row-step per token but the first
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+@torch.no_grad()
+def test_a_row_joined_mid_decoding_continues_as_alone(family):
+    """The refill mechanism at the logits (float64): row 0 has decoded 4 tokens after its 6-token prompt (cache
+    length 10); a 3-token prompt is prefilled into a cache padded to 7 positions (``pad``, masked), joined, and both
+    rows step on: each row's logits equal its own decoding alone to 1e-12."""
+    m = family_model(family)
+    g = torch.Generator().manual_seed(3)
+    a, b, more = torch.randint(1, V, (1, 10), generator=g), torch.randint(1, V, (1, 3), generator=g), \
+        torch.randint(1, V, (2, 3), generator=g)  # fmt: skip
+
+    def alone(prompt, fed):
+        cache = m.new_cache()
+        step = m.decoder_step()
+        step(prompt, cache)
+        return torch.cat([step(fed[:, i : i + 1], cache) for i in range(fed.shape[1])], dim=1)
+
+    cache = m.new_cache()
+    m.decoder_step()(a, cache)
+    joined = m.new_cache()
+    joined.pad(7)
+    mask_b = torch.cat([torch.zeros(1, 7, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)], dim=1)
+    m.decoder_step(attention_mask=mask_b)(b, joined)
+    cache.join(joined)
+    step = m.decoder_step(attention_mask=torch.cat([torch.ones(1, 10, dtype=torch.long), mask_b]))
+    together = torch.cat([step(more[:, i : i + 1], cache) for i in range(3)], dim=1)  # [2, 3, V]
+    torch.testing.assert_close(together[0], alone(a, more[:1])[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(together[1], alone(b, more[1:])[0], rtol=0, atol=1e-12)
+
+
+def test_cache_pad_and_join():
+    """``pad(n)`` on a fresh KV cache makes the first ``n`` positions zero keys and values, later tokens stored after
+    them; ``join`` stacks two caches' rows at their positions; caches of different lengths are refused."""
+    from archlab.errors import ShapeError
+    from archlab.nn.attention import KVCache
+
+    a, b = KVCache(), KVCache()
+    ka, kb = torch.randn(2, 3, 5, 4), torch.randn(1, 3, 2, 4)
+    a.append(ka, ka + 1)
+    b.pad(3)
+    b.append(kb, kb + 1)
+    assert b.length == 5 and torch.equal(b.keys[:, :, :3], torch.zeros(1, 3, 3, 4)) and torch.equal(b.keys[:, :, 3:], kb)
+    a.join(b)
+    assert a.keys.shape == (3, 3, 5, 4) and torch.equal(a.keys[:2], ka) and torch.equal(a.values[2, :, 3:], kb[0] + 1)
+    a.append(torch.ones(3, 3, 1, 4), torch.ones(3, 3, 1, 4))  # appends after a join go on as usual
+    assert a.length == 6 and torch.equal(a.keys[2, :, :5], b.keys[0])
+    c = KVCache()
+    c.append(kb, kb)
+    with pytest.raises(ShapeError, match="one length"):
+        a.join(c)
+
+
+def test_batch_size_checked_and_refill_needs_a_joinable_cache():
+    from archlab.errors import ConfigError
+
+    m = family_model("lstm").float()
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    with pytest.raises(ConfigError, match="batch_size=0"):
+        generate_batch(m, prompts, max_new_tokens=3, batch_size=0)
+    with pytest.raises(ConfigError, match=r"batch_size=2 < 3 prompts .*pad\(\) and join\(\)"):
+        generate_batch(m, prompts, max_new_tokens=3, batch_size=2)
+    alone = [generate(m, torch.tensor([p]), max_new_tokens=3)[0, 3:].tolist() for p in prompts]
+    assert generate_batch(m, prompts, max_new_tokens=3, batch_size=5) == alone  # B >= P: one batch, as before

@@ -501,9 +501,11 @@ class KVCache:
             capacity = max(need, 2 * (0 if self._k is None else self._k.shape[-2]), 16)
             new_k = k.new_empty(*k.shape[:-2], capacity, k.shape[-1])
             new_v = v.new_empty(*v.shape[:-2], capacity, v.shape[-1])
-            if self.length:
+            if self._k is not None and self.length:
                 new_k[:, :, : self.length] = self._k[:, :, : self.length]
                 new_v[:, :, : self.length] = self._v[:, :, : self.length]
+            elif self.length:  # positions skipped by pad() before any were stored: zero keys and values
+                new_k[:, :, : self.length], new_v[:, :, : self.length] = 0, 0
             self._k, self._v = new_k, new_v
         self._k[:, :, self.length : need] = k
         self._v[:, :, self.length : need] = v
@@ -520,6 +522,34 @@ class KVCache:
         if not 0 <= length <= self.length:
             raise ShapeError(f"crop length={length} must be in [0, {self.length}]")
         self.length = length
+
+    def pad(self, n: int) -> None:
+        """Hold ``n`` more positions of zero keys and values: left padding that the caller's attention mask hides
+        (:func:`archlab.generation.generate_batch` starts a refilled row's cache so, its prompt then stored at the
+        positions the batch's other rows have reached). On a fresh cache the zeros are written at the first append."""
+        if n < 0:
+            raise ShapeError(f"pad n={n} must be >= 0")
+        if self._k is None:
+            self.length += n
+        elif n:
+            b, g, _, d_k = self._k.shape
+            self.append(self._k.new_zeros(b, g, n, d_k), self._v.new_zeros(b, g, n, self._v.shape[-1]))
+
+    def join(self, other: KVCache) -> None:
+        """Append ``other``'s batch rows after this cache's: ``[B1, G, M, d]`` and ``[B2, G, M, d]`` ->
+        ``[B1 + B2, G, M, d]``. Both hold the same ``M`` positions (``pad`` the shorter first); a key at position
+        ``j`` stays at ``j``, so rotary encodings, which rotate a key by its position, keep holding."""
+        if other.length != self.length:
+            raise ShapeError(f"join needs caches of one length, got {self.length} and {other.length} (pad the shorter)")
+        if other._k is None or self._k is None:
+            raise ShapeError("join needs caches that hold keys (decoded at least once)")
+        capacity = max(self._k.shape[-2], other._k.shape[-2])
+        joined = []
+        for mine, theirs in ((self._k, other._k), (self._v, other._v)):
+            out = mine.new_empty(mine.shape[0] + theirs.shape[0], *mine.shape[1:-2], capacity, mine.shape[-1])
+            torch.cat([mine[:, :, : self.length], theirs[:, :, : self.length]], out=out[:, :, : self.length])
+            joined.append(out)
+        self._k, self._v = joined
 
     def reorder(self, index: Tensor) -> None:
         """Select batch rows (beam search): row ``b`` becomes old row ``index[b]`` (``index [B']``, any ``B'``).

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from archlab.config import check_positive, check_probability
-from archlab.errors import ShapeError
+from archlab.errors import ConfigError, ShapeError
 from archlab.nn.attention import KVCache, MultiHeadAttention
 from archlab.nn.dropout import Dropout
 from archlab.nn.feedforward import build_feedforward
@@ -179,6 +179,21 @@ class DecodingCache:
         """Forget every position from ``length`` on (self-attention only)."""
         for block in self.blocks:
             block.self_attn.crop(length)
+
+    def pad(self, n: int) -> None:
+        """``n`` positions of zero keys and values ahead of the next token, in every block (:meth:`KVCache.pad`)."""
+        for block in self.blocks:
+            block.self_attn.pad(n)
+
+    def join(self, other: DecodingCache) -> None:
+        """Append ``other``'s batch rows after this cache's (same length: :meth:`KVCache.join`); self-attention only,
+        so a decoder-only model's cache. The packed ``output`` stays this cache's."""
+        if len(other.blocks) != len(self.blocks):
+            raise ShapeError(f"join needs caches of as many blocks, got {len(self.blocks)} and {len(other.blocks)}")
+        for mine, theirs in zip(self.blocks, other.blocks, strict=True):
+            if mine.memory is not None or theirs.memory is not None or mine.cross_attn.length or theirs.cross_attn.length:
+                raise ConfigError("join serves decoder-only caches (no cross-attention memory)")
+            mine.self_attn.join(theirs.self_attn)
 
 
 class Encoder(nn.Module):
