@@ -3,21 +3,27 @@ r"""Adapting a cross-encoder to a corpus without labels (``archlab search adapt`
 No pretrained cross-encoder ships here, and the user's corpus has no judgments, so the training pairs are made
 from the corpus itself:
 
-1. **Pseudo-queries.** For a document ``D`` with sentences ``s_1 .. s_m``, a sentence ``s_j`` (``j >= 2``: the
-   first, summary sentence is never used) becomes a query and the document *without it*, ``D \ s_j``, its
-   positive (the inverse cloze task of Lee et al. 2019: the model must match a sentence to the text around it,
-   not find the sentence verbatim). Optionally (``generator="smollm2"``)
-   SmolLM2-135M-Instruct writes a search question per document, batched; its positive is the whole document.
+1. **Pseudo-queries.** For a document ``D`` with sentences ``s_1 .. s_m``, a sentence ``s_j`` becomes a query
+   and the document *without it*, ``D \ s_j``, its positive (the inverse cloze task of Lee et al. 2019: the model
+   must match a sentence to the text around it, not find the sentence verbatim). ``generator="sentences"``: a
+   later sentence (``j >= 2``); ``"summaries"``: the first, summary sentence where it can be cut (a one-line
+   description of the rest: the kind of query the built-in evaluation asks; its judged documents are held out),
+   then later ones. ``"smollm2"``: SmolLM2-135M-Instruct also writes a search question per document, batched;
+   its positive is the whole document.
 2. **Hard negatives** from the first stage: ``SearchEngine.retrieve(query, k=mine_depth)`` minus the positive
    and minus any document containing the query sentence (a likely false negative); ``negatives`` of them
    sampled per query (documents the retriever confuses with the positive). When the positive is ``D \ s``, each
-   negative loses a random sentence too (:func:`cut_like_a_positive`): otherwise the positive is the shorter
-   text, and a model learns length instead of relevance.
+   negative loses a sentence of the same kind too (:func:`cut_like_a_positive`: its summary for a summary
+   query, else a random later one): otherwise the positive is the shorter text, and a model learns length
+   instead of relevance.
 3. **Training** a :class:`~archlab.models.bert.BertCrossEncoder` that starts from the real all-MiniLM-L6-v2
    encoder with a fresh one-unit head, with a listwise loss over each group ``(positive, negative_1 .. negative_n)``::
 
        z_g = [s(q, D+), s(q, D-_1), .., s(q, D-_n)]            logits of one group         [Q, 1 + n]
        L   = mean_q  -log softmax(z_q)_0                        (cross-entropy, target 0)
+
+   optionally mixed with the first stage's soft targets (``distill``: the bi-encoder as a teacher,
+   :func:`group_loss`).
 
    AdamW with warmup + cosine decay and gradient clipping (:mod:`archlab.train.optim`, ``schedules``); the new
    head has its own, larger rate (``head_lr``). Adam moves a weight by about its rate per step, so at an
@@ -56,7 +62,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +72,7 @@ from archlab.errors import ConfigError, DataError, TrainingError
 from archlab.search.corpus import Document, EvalSet
 from archlab.search.rerank import Reranker, fuse_ranks
 
-GENERATORS = ("sentences", "smollm2")
+GENERATORS = ("sentences", "summaries", "smollm2")
 MIN_QUERY_WORDS, MAX_QUERY_WORDS = 4, 40  # a pseudo-query sentence's length
 MIN_REST_WORDS = 5  # what must remain of the document once the sentence is cut out
 HELDOUT_NEGATIVES = 9  # candidates per held-out pseudo-query: its positive and up to this many negatives
@@ -84,8 +90,9 @@ class AdaptConfig(Config):
         negatives: hard negatives per query.
         mine_depth: negatives are drawn from the first stage's top ``mine_depth`` (the positive left out).
         queries_per_doc: pseudo-queries cut from each source document (its sentences, at most).
-        generator: ``sentences`` (cut from the document) or ``smollm2`` (also a question written by
-            SmolLM2-135M-Instruct per document).
+        generator: ``sentences`` (a later sentence cut from the document), ``summaries`` (its first, summary
+            sentence, then later ones) or ``smollm2`` (also a question written by SmolLM2-135M-Instruct per
+            document); module docstring.
         lr, warmup, weight_decay, clip: AdamW's peak rate for the encoder, linear warmup steps, decay,
             gradient-norm clip.
         head_lr: the peak rate of the new one-unit head (it starts from random, the encoder from MiniLM; at the
@@ -96,6 +103,8 @@ class AdaptConfig(Config):
             All the blocks: the embeddings are trained too.
         heldout_queries: pseudo-queries (and their documents) kept out of training to check the result against
             the first stage and choose the fusion weight (module docstring); 0: no check, no fusion.
+        distill: the weight ``lambda`` in ``[0, 1)`` of the first stage's soft targets in the loss (the
+            bi-encoder as a teacher: :func:`group_loss`); 0: the positive's label alone.
         seed: seeds the choice of documents and sentences, the negatives, the head and dropout.
     """
 
@@ -113,6 +122,7 @@ class AdaptConfig(Config):
     max_length: int = 128
     trained_layers: int = 2
     heldout_queries: int = 50
+    distill: float = 0.0
     seed: int = 0
 
     def validate(self) -> None:
@@ -124,6 +134,7 @@ class AdaptConfig(Config):
         require(0 <= self.warmup < self.steps, f"warmup={self.warmup} must be in [0, steps={self.steps})")
         require(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
         require(8 <= self.max_length <= 512, f"max_length={self.max_length} must be in [8, 512]")
+        require(0 <= self.distill < 1, f"distill={self.distill!r} must be in [0, 1) (1 would ignore the labels)")
         for name in ("trained_layers", "heldout_queries"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 0, f"{name}={value!r} must be an int >= 0")
@@ -141,6 +152,7 @@ class PseudoQuery:
     query: str
     doc_id: str
     positive: str
+    cut: int | None = None  # the index of the sentence cut out of the document (0: its summary); None: D whole
 
 
 def split_sentences(text: str) -> list[str]:
@@ -152,25 +164,29 @@ def split_sentences(text: str) -> list[str]:
     return out
 
 
-def sentence_queries(doc: Document, n: int, rng: random.Random) -> list[PseudoQuery]:
+def sentence_queries(doc: Document, n: int, rng: random.Random, *, summary: bool = False) -> list[PseudoQuery]:
     """Up to ``n`` pseudo-queries of ``doc``: sentences of ``MIN_QUERY_WORDS .. MAX_QUERY_WORDS`` words, each cut out
     of the document's text to make its positive (which keeps the title).
 
-    The first sentence is never used: it is the summary line, which is what the built-in evaluation queries are
-    made of (:mod:`archlab.search.corpus`), so training learns to match the rest of a docstring, not the
-    evaluation's own construction.
+    ``summary=False``: later sentences only (``s_2 .. s_m``, chosen at random). ``summary=True``: the first,
+    summary sentence when it can be cut (the kind of query the built-in evaluation asks: a one-line description
+    of the rest), then later ones up to ``n``. The evaluation's own documents are held out by :func:`adapt`, so
+    their summaries are never seen; other documents' summaries are ordinary training text.
     """
     sentences = split_sentences(doc.text)
-    usable = _cuttable(sentences)
-    chosen = rng.sample(usable, min(n, len(usable)))
-    return [PseudoQuery(sentences[i], doc.id, _without(doc, sentences, i)) for i in chosen]
+    first = _cuttable(sentences, summary=True) if summary else []
+    later = _cuttable(sentences)
+    chosen = first[:n] + rng.sample(later, min(n - len(first[:n]), len(later)))
+    return [PseudoQuery(sentences[i], doc.id, _without(doc, sentences, i), cut=i) for i in chosen]
 
 
-def _cuttable(sentences: Sequence[str]) -> list[int]:
-    """Indices of the sentences that can be cut out as a pseudo-query: not the first, ``MIN_QUERY_WORDS ..
-    MAX_QUERY_WORDS`` words, and at least ``MIN_REST_WORDS`` words left around it."""
+def _cuttable(sentences: Sequence[str], *, summary: bool = False) -> list[int]:
+    """Indices of the sentences that can be cut out as a pseudo-query: ``MIN_QUERY_WORDS .. MAX_QUERY_WORDS``
+    words, with at least ``MIN_REST_WORDS`` words left around it; the first (summary) sentence alone when
+    ``summary``, else any sentence but the first."""
     total = sum(len(s.split()) for s in sentences)
-    return [i for i, s in enumerate(sentences) if i > 0 and MIN_QUERY_WORDS <= len(s.split()) <= MAX_QUERY_WORDS
+    return [i for i, s in enumerate(sentences) if (i == 0) == summary
+            and MIN_QUERY_WORDS <= len(s.split()) <= MAX_QUERY_WORDS
             and total - len(s.split()) >= MIN_REST_WORDS]  # fmt: skip
 
 
@@ -179,9 +195,10 @@ def _without(doc: Document, sentences: Sequence[str], i: int) -> str:
     return Document(doc.id, doc.title, " ".join(s for j, s in enumerate(sentences) if j != i)).full_text
 
 
-def cut_like_a_positive(doc: Document, rng: random.Random) -> str:
+def cut_like_a_positive(doc: Document, rng: random.Random, *, summary: bool = False) -> str:
     """A negative's text, shaped as a sentence pseudo-query's positive ``D \\ s``: ``doc`` with one random
-    cuttable sentence removed (its whole text when it has none).
+    cuttable later sentence removed, or its first (summary) sentence when ``summary`` (as the positive lost its
+    summary); its whole text when it has no such sentence.
 
     Why: a positive is its document minus a sentence, so it is shorter than its document, while the mined
     negatives were whole; the positives came out shorter than their negatives (median 182 vs 224 characters
@@ -189,10 +206,12 @@ def cut_like_a_positive(doc: Document, rng: random.Random) -> str:
     correlation with length -0.54 on built-in queries' top 20). The built-in evaluation's relevant documents are
     longer than most (they have 20+ words beyond the summary), so that model ranked them below a random order
     (nDCG@10 0.098 at depth 20 against 0.19; shortest-first alone gives 0.053). Cutting a sentence from the
-    negatives too leaves "a sentence is missing" and length no cue.
+    negatives too leaves "a sentence is missing" and length no cue. For a summary query the negatives lose their
+    summary: a model must not learn "the text without a summary line is the answer" (on the built-in evaluation
+    that cue would be the construction itself: only the judged document lacks its summary).
     """
     sentences = split_sentences(doc.text)
-    usable = _cuttable(sentences)
+    usable = _cuttable(sentences, summary=summary)
     return _without(doc, sentences, rng.choice(usable)) if usable else doc.full_text
 
 
@@ -266,7 +285,7 @@ def make_queries(docs: Sequence[Document], count: int, config: AdaptConfig, hold
     for doc in order:
         if len(queries) >= count:
             break
-        made = sentence_queries(doc, config.queries_per_doc, rng)
+        made = sentence_queries(doc, config.queries_per_doc, rng, summary=config.generator == "summaries")
         if made:
             used.append(doc)
         queries += made
@@ -293,6 +312,7 @@ class Group:
     query: str
     positive: str
     negatives: tuple[str, ...]
+    teacher: tuple[float, ...] = ()  # the first stage's cosines [1 + n] of (positive, *negatives); () if not needed
 
 
 def _flat(text: str) -> str:
@@ -309,31 +329,39 @@ def mine_negatives(engine, queries: Sequence[PseudoQuery], config: AdaptConfig, 
     lose a sentence too, and each loses one (:func:`cut_like_a_positive`): positive and negatives are then the
     same kind of text, so length does not tell the positive apart."""
     groups = []
-    by_id = {d.id: d for d in engine.docs}
     for pq in queries:
         hits = engine.retrieve(pq.query, k=config.mine_depth)
         needle = _flat(pq.query)
-        cut = pq.doc_id in by_id and pq.positive != by_id[pq.doc_id].full_text  # the positive is D \ s
+        cut, summary = pq.cut is not None, pq.cut == 0  # the positive is D \ s; s is D's summary
         pool = [h.doc for h in hits if h.doc.id != pq.doc_id and h.doc.id not in holdout
                 and needle not in _flat(h.doc.full_text)
-                and (not cut or _cuttable(split_sentences(h.doc.text)))]  # fmt: skip
+                and (not cut or _cuttable(split_sentences(h.doc.text), summary=summary))]  # fmt: skip
         if len(pool) >= config.negatives:
             chosen = rng.sample(pool, config.negatives) if best is None else pool[: max(best, config.negatives)]
-            texts = [cut_like_a_positive(d, rng) if cut else d.full_text for d in chosen]
+            texts = [cut_like_a_positive(d, rng, summary=summary) if cut else d.full_text for d in chosen]
             groups.append(Group(pq.query, pq.positive, tuple(texts)))
     if not groups:
         raise DataError(f"no query found {config.negatives} negatives among the first stage's top {config.mine_depth}")
     return groups
 
 
-def group_loss(reranker: Reranker, groups: Sequence[Group], chunk: int = 8) -> torch.Tensor:
-    """The listwise loss of a batch of groups: cross-entropy of the positive among its group's logits.
+TEACHER_SCALE = 20.0  # the teacher's cosines times this are its logits (MiniLM was trained with this scale)
+
+
+def group_loss(reranker: Reranker, groups: Sequence[Group], chunk: int = 8, distill: float = 0.0) -> torch.Tensor:
+    """The listwise loss of a batch of groups: cross-entropy of the positive among its group's logits, mixed with
+    the first stage's soft targets (distillation from the bi-encoder) when ``distill = lambda > 0``.
 
     The ``Q (1 + n)`` pairs go through the model ``chunk`` at a time in order of length (each chunk padded to
     its own longest pair, not the batch's), and their logits are put back in group order::
 
-        z = [s(q, D+), s(q, D-_1), .., s(q, D-_n)]  per group      [Q, 1 + n]
-        L = mean_q -log softmax(z_q)_0
+        z = [s(q, D+), s(q, D-_1), .., s(q, D-_n)]  per group                 [Q, 1 + n]
+        t = softmax(TEACHER_SCALE * [cos(q, D+), cos(q, D-_1), ..])           [Q, 1 + n]  (Group.teacher)
+        L = mean_q (1 - lambda) (-log softmax(z_q)_0) + lambda KL(t_q || softmax(z_q))
+
+    The teacher term gives the cross-encoder the bi-encoder's graded view of every candidate from the first
+    step (which negatives are nearly right), beside the one-hot label; the label keeps it free to correct the
+    teacher where the teacher ranks a negative first.
     """
     queries, docs = [], []
     for g in groups:
@@ -346,8 +374,29 @@ def group_loss(reranker: Reranker, groups: Sequence[Group], chunk: int = 8) -> t
     for start in range(0, len(order), chunk):
         rows = order[start : start + chunk]
         parts.append(reranker.forward(reranker.pack([queries[i] for i in rows], [docs[i] for i in rows])).float())
-    logits = torch.cat(parts).index_select(0, torch.tensor(order).argsort())  # back to group order
-    return F.cross_entropy(logits.view(len(groups), -1), torch.zeros(len(groups), dtype=torch.long))
+    logits = torch.cat(parts).index_select(0, torch.tensor(order).argsort()).view(len(groups), -1)  # group order
+    loss = F.cross_entropy(logits, torch.zeros(len(groups), dtype=torch.long))
+    if not distill:
+        return loss
+    if any(len(g.teacher) != logits.shape[1] for g in groups):
+        raise DataError("distill > 0 needs each group's teacher cosines (first_stage_cosines)")
+    target = F.softmax(TEACHER_SCALE * torch.tensor([g.teacher for g in groups]), dim=-1)
+    teacher = F.kl_div(F.log_softmax(logits, dim=-1), target, reduction="batchmean")
+    return (1 - distill) * loss + distill * teacher
+
+
+def first_stage_cosines(engine, groups: Sequence[Group], batch_size: int = 64) -> list[Group]:
+    """``groups`` with :attr:`Group.teacher` filled: the dense cosines of the index's own encoder between each
+    query and its (possibly cut) candidate texts, embedded afresh (one pass over the distinct texts)."""
+    texts = sorted({t for g in groups for t in (g.query, g.positive, *g.negatives)})
+    row = {t: i for i, t in enumerate(texts)}
+    vectors = engine.encoder.embed(texts, batch_size=batch_size).float()
+    out = []
+    for g in groups:
+        q = vectors[row[g.query]]
+        cos = [float(vectors[row[t]] @ q) for t in (g.positive, *g.negatives)]
+        out.append(replace(g, teacher=tuple(cos)))
+    return out
 
 
 def _passes(n: int, rng: random.Random):
@@ -397,6 +446,9 @@ def adapt(engine, config: AdaptConfig = AdaptConfig(), *, holdout: set[str] = fr
     log(f"{len(queries)} pseudo-queries ({len(checked)} more held out); mining {config.negatives} hard negatives "
         f"each from the first stage's top {config.mine_depth} ...")
     groups = mine_negatives(engine, queries, config, set(holdout) | checked_docs, rng)
+    if config.distill:
+        log(f"the first stage's cosines of {len(groups)} groups, the teacher's soft targets ...")
+        groups = first_stage_cosines(engine, groups)
     checked_groups = []
     if checked:
         checked_groups = mine_negatives(engine, checked, config, set(holdout), rng, best=HELDOUT_NEGATIVES)
@@ -421,7 +473,7 @@ def adapt(engine, config: AdaptConfig = AdaptConfig(), *, holdout: set[str] = fr
         torch.manual_seed(config.seed)  # dropout
         for step in range(config.steps):
             batch = [groups[next(stream)] for _ in range(config.batch_queries)]
-            loss = group_loss(reranker, batch)
+            loss = group_loss(reranker, batch, distill=config.distill)
             if not math.isfinite(loss.item()):
                 raise TrainingError(f"step {step + 1}: the loss is {loss.item()}; nothing was saved")
             optimizer.zero_grad(set_to_none=True)

@@ -274,7 +274,11 @@ def declare_adapt(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negatives", type=int, default=d.negatives, metavar="M",
                         help=f"hard negatives per query, from the first stage's top {d.mine_depth} (default {d.negatives})")
     parser.add_argument("--generator", choices=GENERATORS, default=d.generator, help="where pseudo-queries come "
-                        "from: sentences cut from the document, or also questions written by SmolLM2-135M-Instruct")
+                        "from: a later sentence cut from the document (sentences), its summary sentence first "
+                        f"(summaries), or also questions written by SmolLM2-135M-Instruct (default {d.generator})")
+    parser.add_argument("--distill", type=float, default=d.distill, metavar="L", help="weight in [0, 1) of the first "
+                        "stage's soft targets in the loss, beside the positive's label (the bi-encoder as a teacher; "
+                        f"default {d.distill})")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate of the encoder (default {d.lr})")
     parser.add_argument("--head-lr", type=float, default=d.head_lr,
                         help=f"peak learning rate of the new head (default {d.head_lr})")
@@ -312,7 +316,7 @@ def run_adapt(args: argparse.Namespace) -> int:
     config = AdaptConfig(steps=args.steps, batch_queries=args.batch, negatives=args.negatives,
                          queries_per_doc=args.queries_per_doc, generator=args.generator, lr=args.lr,
                          head_lr=args.head_lr, max_length=args.max_length, seed=args.seed,
-                         trained_layers=args.trained_layers, heldout_queries=args.heldout_queries,
+                         trained_layers=args.trained_layers, heldout_queries=args.heldout_queries, distill=args.distill,
                          warmup=args.steps // 10)  # a tenth of the run (AdaptConfig's 10 at its 100 steps)
     engine = SearchEngine.open(args.index)
     corpus = engine.manifest["corpus"]

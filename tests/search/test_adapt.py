@@ -190,13 +190,15 @@ def test_cli_adapt_saves_measures_and_query_reranks(small, tmp_path, capsys):
                                                               for d, g in j.items()))  # fmt: skip
     code = main(["search", "adapt", str(index), "--steps", "3", "--batch", "2", "--negatives", "2",
                  "--max-length", "64", "--eval-queries", "5", "--depths", "5,10", "--heldout-queries", "4",
-                 "--queries", str(queries), "--qrels", str(qrels)])  # fmt: skip
+                 "--queries", str(queries), "--qrels", str(qrels), "--generator", "summaries",
+                 "--distill", "0.3"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0 and "trained 3 steps" in out and "nDCG@10 on 5 evaluation queries" in out, out
     assert "held-out check, 4 pseudo-queries" in out and "first stage (dense)" in out, out
     assert (index / "reranker" / "model.safetensors").is_file()
     report = json.loads((index / "adapt.json").read_text())
     assert report["training"]["steps"] == 3 and [r["depth"] for r in report["measured"]] == [0, 5, 10] * 2
+    assert (report["config"]["generator"], report["config"]["distill"]) == ("summaries", 0.3)
     assert main(["search", "query", str(index), "open a file", "--rerank", "5", "--k", "3", "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)
     hits, kept = answer["hits"], report["training"]["heldout_check"]["first_stage_weight"] == 1.0
@@ -369,3 +371,71 @@ def test_sign_test():
 
     assert sign_test(0, 0) == 1.0 and sign_test(3, 0) == 1 / 8 and sign_test(5, 0) == 1 / 32
     assert sign_test(2, 1) == 0.5 and sign_test(9, 1) == pytest.approx(11 / 1024)
+
+
+def test_summary_queries_cut_the_first_sentence_and_so_do_their_negatives(small):
+    """``generator="summaries"``: a document's first (summary) sentence is its pseudo-query, as the built-in
+    evaluation asks; its positive lacks it, and each mined negative lacks its own summary (the same shape: "the
+    text without a summary line" must not tell the positive apart). Judged documents give nothing."""
+    from archlab.search.adapt import cut_like_a_positive
+
+    text = "Summary line is here. Second sentence has five words. Third one is here too, longer."
+    doc = Document("m.f", "m.f", text)
+    sentences = split_sentences(text)
+    (first, *later) = sentence_queries(doc, 2, random.Random(0), summary=True)
+    assert (first.query, first.cut) == (sentences[0], 0) and first.positive == Document(
+        "m.f", "m.f", " ".join(sentences[1:])).full_text  # fmt: skip
+    assert len(later) == 1 and later[0].cut in (1, 2)  # then later sentences, up to n
+    assert all(q.cut != 0 for q in sentence_queries(doc, 3, random.Random(0)))  # the default never uses it
+    assert {cut_like_a_positive(doc, random.Random(s), summary=True) for s in range(5)} == {first.positive}
+    short = Document("m.g", "m.g", "Too short. Then a longer second sentence follows here. And a third one, longer.")
+    assert cut_like_a_positive(short, random.Random(0), summary=True) == short.full_text  # a 2-word summary stays
+    assert [q.cut for q in sentence_queries(short, 1, random.Random(0), summary=True)] in ([1], [2])
+
+    engine, _, held, _ = small
+    config = AdaptConfig(**{**TINY, "generator": "summaries"})
+    queries = make_queries(engine.docs, 40, config, held, random.Random(0), print)
+    assert queries and not {q.doc_id for q in queries} & held and sum(q.cut == 0 for q in queries) >= len(queries) // 2
+    judged_summaries = {" ".join(t.split()) for t in builtin_evalset().queries.values()}
+    assert not {q.query for q in queries} & judged_summaries
+    groups = mine_negatives(engine, [q for q in queries if q.cut == 0], config, held, random.Random(0))
+    summaryless = {Document(d.id, d.title, " ".join(split_sentences(d.text)[1:])).full_text for d in engine.docs}
+    negatives = [t for g in groups for t in g.negatives]
+    assert negatives and set(negatives) <= summaryless
+
+
+def test_distillation_mixes_the_first_stages_soft_targets_into_the_loss(small, tmp_path):
+    """group_loss(distill=lambda) = (1 - lambda) CE(label) + lambda KL(softmax(20 cos) || softmax(z)), checked against
+    the equation in float64 on the same logits; the teacher cosines are the index encoder's; refusals."""
+    import torch.nn.functional as F
+
+    from archlab.search.adapt import TEACHER_SCALE, Group, first_stage_cosines, group_loss
+    from archlab.search.rerank import Reranker
+
+    engine, _, _, encoder = small
+    groups = [Group("open a file", "io.open\n\nOpen file and return a stream.", ("json.dumps\n\nSerialize obj.",
+                                                                                 "os.remove\n\nRemove a file.")),
+              Group("serialize to JSON", "json.dumps\n\nSerialize obj to a JSON formatted str.",
+                    ("pickle.dumps\n\nReturn the pickled object.", "io.open\n\nOpen a file."))]  # fmt: skip
+    taught = first_stage_cosines(engine, groups)
+    vectors = engine.encoder.embed(["open a file", taught[0].positive, *taught[0].negatives]).double()
+    expected_cos = (vectors[1:] @ vectors[0]).tolist()
+    assert taught[0].teacher == pytest.approx(expected_cos, abs=1e-5)
+
+    reranker = Reranker.from_encoder(encoder, max_length=64)
+    reranker.model.eval()  # no dropout: the same logits twice
+    with torch.no_grad():
+        z = torch.stack([reranker.logits(g.query, [g.positive, *g.negatives]) for g in taught]).double()
+        t = F.softmax(TEACHER_SCALE * torch.tensor([g.teacher for g in taught], dtype=torch.float64), dim=-1)
+        log_p = F.log_softmax(z, dim=-1)
+        ce, kl = -log_p[:, 0].mean(), (t * (t.log() - log_p)).sum(-1).mean()
+        for lam in (0.0, 0.5, 0.9):
+            got = group_loss(reranker, taught, distill=lam)
+            assert got.item() == pytest.approx(((1 - lam) * ce + lam * kl).item(), abs=1e-5)
+        assert group_loss(reranker, groups).item() == pytest.approx(ce.item(), abs=1e-5)
+        with pytest.raises(DataError, match="teacher cosines"):
+            group_loss(reranker, groups, distill=0.5)
+    with pytest.raises(ConfigError, match=r"distill=1.0 must be in \[0, 1\)"):
+        AdaptConfig(distill=1.0)
+    result = adapt(engine, AdaptConfig(**{**TINY, "steps": 3, "warmup": 0, "distill": 0.5}), encoder=encoder)
+    assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
