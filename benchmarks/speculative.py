@@ -9,6 +9,8 @@ and the tokens per pass of the model.
 
 Batched: ``--batch`` prompts of different lengths (the abstracts with several questions) decoded together by
 :func:`archlab.generation.generate_batch` vs one at a time by ``generate``; rows compared, tokens/s of both.
+``--rows B`` decodes them ``B`` rows at a time, a freed row refilled at once by a waiting prompt (continuous
+batching; default: all prompts in one batch).
 
     python benchmarks/speculative.py
     python benchmarks/speculative.py --new-tokens 64 --rounds 3 --drafts lookup layers:10
@@ -110,7 +112,7 @@ def batched_row(model, tokenizer, eos: int, args) -> dict:
 
     @torch.inference_mode()
     def together():
-        return generate_batch(model, prompts, max_new_tokens=args.new_tokens, stop_tokens=[eos])
+        return generate_batch(model, prompts, max_new_tokens=args.new_tokens, stop_tokens=[eos], batch_size=args.rows)
 
     @torch.inference_mode()
     def one_by_one():
@@ -123,7 +125,8 @@ def batched_row(model, tokenizer, eos: int, args) -> dict:
     peers = [Peer("one at a time", one_by_one, tokens=sum(len(r) for r in alone)),
              Peer("batched", together, tokens=tokens)]  # fmt: skip
     time_interleaved(peers, rounds=args.rounds, warmup=0)
-    return {"prompts": len(prompts), "prompt_lengths": [len(p) for p in prompts], "rows_equal": equal,
+    return {"prompts": len(prompts), "rows": args.rows or len(prompts), "prompt_lengths": [len(p) for p in prompts],
+            "rows_equal": equal,
             "tokens": tokens, "one_at_a_time_tokens_per_s": peers[0].tokens_per_s,
             "batched_tokens_per_s": peers[1].tokens_per_s,
             "ratio": peers[1].tokens_per_s / peers[0].tokens_per_s}  # fmt: skip
@@ -136,7 +139,9 @@ def main() -> None:
                         help="drafts to time against plain greedy: lookup, layers:M (default: lookup)")  # fmt: skip
     parser.add_argument("--draft-tokens", type=int, default=8, metavar="K", help="the most tokens drafted per step (default 8)")
     parser.add_argument("--abstracts", type=int, default=len(ABSTRACTS), help=f"how many (1-{len(ABSTRACTS)})")
-    parser.add_argument("--batch", type=int, default=10, help="prompts in the batched comparison (default 10)")
+    parser.add_argument("--batch", type=int, default=10, help=f"prompts in the batched comparison (1-{len(QUESTIONS) * len(ABSTRACTS)}; default 10)")
+    parser.add_argument("--rows", type=int, default=None, metavar="B",
+                        help="decode the batch B rows at a time, refilling freed rows (default: all prompts at once)")
     args = parser.parse_args()
     print(setup(args.threads, args.keep_memory))
     start = time.perf_counter()
@@ -163,7 +168,7 @@ def main() -> None:
 
     batch = batched_row(model, tokenizer, eos, args)
     print(f"\nbatched generation: {batch['prompts']} prompts of {min(batch['prompt_lengths'])}-"
-          f"{max(batch['prompt_lengths'])} tokens, {batch['tokens']} new tokens in all")  # fmt: skip
+          f"{max(batch['prompt_lengths'])} tokens, {batch['rows']} rows at a time, {batch['tokens']} new tokens in all")  # fmt: skip
     print(table([["one at a time", f"{batch['one_at_a_time_tokens_per_s']:.1f}", "1.00x"],
                  ["batched", f"{batch['batched_tokens_per_s']:.1f}", f"{batch['ratio']:.2f}x"]],
                 ["peer", "tokens/s", "ratio"]))  # fmt: skip
