@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as Q
 
 from archlab.interop.gguf import GGUFFile, load_gguf
 from archlab.models.llama import Llama, LlamaConfig
-from archlab.quant import Int4Linear, Int8Linear, quantize, quantize_int4
+from archlab.quant import Int4Linear, Int8Linear, quantize, quantize_int4, quantize_int8
 from tests.interop.gguf_files import write_gguf, write_llama_gguf
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -63,13 +63,12 @@ def test_int4_llama_from_blocks_equals_quantized_float_llama(tmp_path, kind):
     assert isinstance(direct.decoder.blocks[0].attn.in_proj, Int4Linear) and isinstance(direct.lm_head, Int8Linear)
 
     floats = load_gguf(path)  # the file's values decoded to float32: the dequantized weights themselves
-    twin = copy.deepcopy(floats)  # with the head direct has: an int8 copy's dequantized weights
-    quantize(twin, "int8", skip=("decoder.*",), compute="float32")
+    head = quantize_int8(floats.lm_head.weight)  # the head direct has: an int8 copy of the float head
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         float_twin = copy.deepcopy(floats)
         float_twin.lm_head.weight = torch.nn.Parameter(
-            twin.lm_head.q.double().mul(twin.lm_head.scale.double()[:, None]).float()
+            head.dequantize(torch.float64).float()
         )
         ref64 = copy.deepcopy(float_twin).double()(ids)
         plain_err = (float_twin(ids).double() - ref64).abs().max()
