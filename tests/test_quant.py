@@ -11,6 +11,7 @@ from torch import nn
 
 from archlab.errors import ConfigError, ShapeError
 from archlab.generation import generate
+from archlab.hardware import kernel_capability
 from archlab.models import build_model
 from archlab.models.llama import Llama, LlamaConfig
 from archlab.quant import (
@@ -86,8 +87,8 @@ def test_quantization_error_is_at_most_half_a_step(mode):
 @pytest.mark.parametrize("shape, group", [((96, 256), 256), ((48, 576), 64), ((32, 1536), 256), ((40, 64), None),
                                           ((64, 48), None)])  # fmt: skip
 def test_int8_layer_carries_exactly_q_s_as_nibbles_where_the_int4_kernel_takes_the_shape(shape, group):
-    """Int8Linear's product goes through the int4 kernel as hi/lo nibbles (N divisible by 16, K by 32; the largest
-    group size dividing K) or else through the int8 kernel. Either way it holds the weights q s: one-hot rows
+    """Int8Linear's product goes through the int4 kernel as hi/lo nibbles (N divisible by 16, K by 32, AVX-512
+    kernels; the largest group size dividing K) or else through the int8 kernel (every shape capped at AVX2). Either way it holds the weights q s: one-hot rows
     (x = I_K, float32) read back W^T within the float32 rounding of summing the nibble terms 16 s (hi - 8),
     s (lo - 8), 8 s (at most 144 s in size: 2 roundings, so <= 2 eps 144 s; measured 1 ulp), and bfloat16 rows
     give the int8 kernel's result within bfloat16 rounding of the output."""
@@ -98,6 +99,7 @@ def test_int8_layer_carries_exactly_q_s_as_nibbles_where_the_int4_kernel_takes_t
     qw = quantize_int8(w)
     qw.q[2, :5] = torch.tensor([-127, 127, -1, 0, 1], dtype=torch.int8)  # both ends and the nibble borders
     layer = Int8Linear(qw)
+    group = group if kernel_capability() == "AVX512" else None
     assert layer.group_size == group and hasattr(layer, "packed") == (group is not None)
     read = layer(torch.eye(k)).double()  # [K, N]: W^T
     assert ((read - qw.dequantize(torch.float64).T).abs() <= 2 * EPS32 * 144 * qw.scale.double()).all()
@@ -169,7 +171,8 @@ def test_report_names_every_layer_with_shapes_modes_bytes():
     bf16 = 2  # bytes of a bfloat16 scale or zero (compute="bfloat16")
     assert (r.shape, r.mode, r.bytes_before, r.bytes_after) == ((64, 192), "int4/g32", 64 * 192 * 4, 64 * 192 // 2 + 2 * bf16 * 64 * 6)
     head = by_name["lm_head"]  # tied: an int8 copy (head="int8" by default, also in int4 mode)
-    nibble_groups = 2 * 64 // 64  # [256, 64] carried as nibbles [256, 128] in groups of 64: a scale and a zero each
+    # with AVX-512 kernels [256, 64] is carried as nibbles [256, 128] in groups of 64: a scale and a zero each
+    nibble_groups = 2 * 64 // 64 if kernel_capability() == "AVX512" else 0
     want = 256 * 64 + bf16 * 256 + 2 * bf16 * 256 * nibble_groups  # q's bytes, scale [N], scales_and_zeros
     assert (head.mode, head.bytes_after) == ("int8", want) and "tok_emb.weight" in head.note
     assert isinstance(model.lm_head, Int8Linear) and isinstance(model.tok_emb.weight, nn.Parameter)
