@@ -241,3 +241,18 @@ def test_batch_size_checked_and_refill_needs_a_joinable_cache():
         generate_batch(m, prompts, max_new_tokens=3, batch_size=2)
     alone = [generate(m, torch.tensor([p]), max_new_tokens=3)[0, 3:].tolist() for p in prompts]
     assert generate_batch(m, prompts, max_new_tokens=3, batch_size=5) == alone  # B >= P: one batch, as before
+
+
+def test_refilled_sampling_is_seeded_and_rows_end_at_their_stop():
+    """Sampling through refilled rows: the same seed gives the same rows, another seed other rows; each row holds
+    at most ``max_new_tokens`` tokens and a stop token only at its end; ``max_new_tokens=0`` gives empty rows."""
+    m = family_model("llama").float()
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(1, V, (k,), generator=g).tolist() for k in (4, 6, 2, 5, 3)]
+    stops = [3, 7, 11, 19]
+    kw = {"max_new_tokens": 8, "stop_tokens": stops, "batch_size": 2, "do_sample": True, "temperature": 1.5}
+    rows = generate_batch(m, prompts, seed=11, **kw)
+    assert rows == generate_batch(m, prompts, seed=11, **kw) != generate_batch(m, prompts, seed=12, **kw)
+    assert all(1 <= len(r) <= 8 and not set(r[:-1]) & set(stops) for r in rows)
+    assert any(r[-1] in stops for r in rows) and any(len(r) == 8 for r in rows)  # both ways of ending occur
+    assert generate_batch(m, prompts, max_new_tokens=0, batch_size=2) == [[]] * 5
