@@ -444,11 +444,13 @@ class _Rows:
     """The open rows of :func:`_decode_rows`: ``prompt [R]`` (each row's prompt index), the cache, and ``mask [R, M]``
     (1 where row ``r``'s cached position ``j`` holds a real token), ``M`` the cache's length."""
 
-    def __init__(self, model: nn.Module, prompt: list[int], input_ids: Tensor, attention_mask: Tensor, offset: int = 0):
-        """Prefill ``input_ids [R, n]`` (left-padded) into a fresh cache whose first ``offset`` positions are padding
-        (so its prompts end where a batch of ``offset + n`` positions is); :attr:`logits` ``[R, V]``: the next
-        token's."""
-        self.model, self.prompt, self.cache = model, prompt, model.new_cache()
+    def __init__(self, model: nn.Module, prompt: list[int], input_ids: Tensor, attention_mask: Tensor, offset: int = 0,
+                 cache: Any = None):
+        """Prefill ``input_ids [R, n]`` (left-padded) into ``cache`` (empty; default a fresh ``model.new_cache()``)
+        whose first ``offset`` positions are padding (so its prompts end where a batch of ``offset + n`` positions
+        is); :attr:`logits` ``[R, V]``: the next token's."""
+        self.model, self.prompt = model, prompt
+        self.cache = model.new_cache() if cache is None else cache
         if offset:
             self.cache.pad(offset)
         self.mask = torch.cat([attention_mask.new_zeros(len(prompt), offset), attention_mask], dim=1)
@@ -502,11 +504,12 @@ def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, see
     stop_ids = torch.tensor(stop, dtype=torch.long, device=device)
     waiting = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first
     first, waiting = sorted(waiting[:batch_size]), waiting[batch_size:]  # the first batch in the prompts' order
-    batch = _Rows(model, first, *_left_padded([prompts[i] for i in first], device))
-    if waiting and not (callable(getattr(batch.cache, "pad", None)) and callable(getattr(batch.cache, "join", None))):
+    cache = model.new_cache()
+    if waiting and not (callable(getattr(cache, "pad", None)) and callable(getattr(cache, "join", None))):
         raise ConfigError(f"batch_size={batch_size} < {len(prompts)} prompts refills rows, which needs a cache with pad() "
-                          f"and join() (GPT, Llama); {type(model).__name__} keeps a {type(batch.cache).__name__}: "
+                          f"and join() (GPT, Llama); {type(model).__name__} keeps a {type(cache).__name__}: "
                           f"pass batch_size=None")  # fmt: skip
+    batch = _Rows(model, first, *_left_padded([prompts[i] for i in first], device), cache=cache)
     _check_ids_in_vocab(batch.logits.shape[-1], **{f"stop_tokens[{i}]": s for i, s in enumerate(stop)})
     out: list[list[int]] = [[] for _ in prompts]
     while batch.prompt:

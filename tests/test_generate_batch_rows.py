@@ -237,8 +237,12 @@ def test_batch_size_checked_and_refill_needs_a_joinable_cache():
     prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
     with pytest.raises(ConfigError, match="batch_size=0"):
         generate_batch(m, prompts, max_new_tokens=3, batch_size=0)
+    calls = []
+    hook = m.register_forward_hook(lambda *_: calls.append(1))
     with pytest.raises(ConfigError, match=r"batch_size=2 < 3 prompts .*pad\(\) and join\(\)"):
         generate_batch(m, prompts, max_new_tokens=3, batch_size=2)
+    hook.remove()
+    assert calls == []  # refused before any prefill
     alone = [generate(m, torch.tensor([p]), max_new_tokens=3)[0, 3:].tolist() for p in prompts]
     assert generate_batch(m, prompts, max_new_tokens=3, batch_size=5) == alone  # B >= P: one batch, as before
 
