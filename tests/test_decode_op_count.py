@@ -26,7 +26,8 @@ from archlab.models.llama import Llama, LlamaConfig
 from archlab.quant import quantize
 
 #: aten calls per layer of one decoding step: fp32 and each quantized layer kind (see the module docstring)
-PER_LAYER = {"fp32": 28, "int8": 48 if kernel_capability() == "AVX512" else 44, "int4": 44, "int8-dynamic": 28, "int8-dynamic smoothed": 29}
+PER_LAYER = {"fp32": 28, "int8": 48 if kernel_capability() == "AVX512" else 44, "int4": 44, "int8-dynamic": 28,
+             "int8-dynamic smoothed": 29}
 
 
 def step_ops(n_layers: int, mode: str) -> collections.Counter:

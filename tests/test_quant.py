@@ -86,12 +86,13 @@ def test_quantization_error_is_at_most_half_a_step(mode):
 
 @pytest.mark.parametrize("shape, group", [((96, 256), 256), ((48, 576), 64), ((32, 1536), 256), ((40, 64), None),
                                           ((64, 48), None)])  # fmt: skip
-def test_int8_layer_carries_exactly_q_s_as_nibbles_where_the_int4_kernel_takes_the_shape(shape, group):
+def test_int8_layer_carries_q_s_as_nibbles_where_the_int4_kernel_takes_the_shape(shape, group):
     """Int8Linear's product goes through the int4 kernel as hi/lo nibbles (N divisible by 16, K by 32, AVX-512
-    kernels; the largest group size dividing K) or else through the int8 kernel (every shape capped at AVX2). Either way it holds the weights q s: one-hot rows
-    (x = I_K, float32) read back W^T within the float32 rounding of summing the nibble terms 16 s (hi - 8),
-    s (lo - 8), 8 s (at most 144 s in size: 2 roundings, so <= 2 eps 144 s; measured 1 ulp), and bfloat16 rows
-    give the int8 kernel's result within bfloat16 rounding of the output."""
+    kernels; the largest group size dividing K) or else through the int8 kernel (every shape capped at AVX2).
+    Either way it holds the weights q s: one-hot rows (x = I_K, float32) read back W^T within the float32
+    rounding of summing the nibble terms 16 s (hi - 8), s (lo - 8), 8 s (at most 144 s in size: 2 roundings,
+    so <= 2 eps 144 s; measured 1 ulp), and bfloat16 rows give the int8 kernel's result within bfloat16
+    rounding of the output."""
     n, k = shape
     g = torch.Generator().manual_seed(3)
     w = torch.randn(n, k, generator=g)

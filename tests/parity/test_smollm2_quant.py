@@ -41,10 +41,10 @@ def docstring_windows(tokenizer, split: str = "valid", windows: int = WINDOWS) -
 
 def test_smollm2_int8_and_int4_perplexity_and_agreement():
     """Measured here (Intel AVX-512; fp32 perplexity 29.50 over 2,032 predictions): int8 +0.83%, top-1 agreement
-    93.9%; int4 +0.58%, 94.6%. AMD EPYC (AVX512-BF16), the same run: int8 kernel +0.83%, 93.9%; int8 as nibbles
+    93.9%; int4 +0.58%, 94.6%. AMD EPYC (AVX512-BF16), these windows: int8 kernel +0.83%, 93.9%; int8 as nibbles
     through the int4 kernel (archlab.quant.Int8Linear, the default with AVX-512 kernels since) +0.99%, 93.7%; int4
-    (its head the same way) +0.58%, 94.6% either way. int4 is no worse than int8 because the fp32 weights *are* the file's Q4_1 values:
-    int4 from the blocks keeps them (only the int8 head and bfloat16 activations differ), int8 per channel
+    (its head the same way) +0.58%, 94.6% either way. int4 is no worse than int8 because the fp32 weights *are*
+    the file's Q4_1 values: int4 from the blocks keeps them (only the int8 head and bfloat16 activations differ), int8 per channel
     re-rounds them. Pinned: int8 within 2% of fp32 and agreement >= 90%; int4 within 3% and >= 90%.
 
     int8-dynamic (int8 activations): with one scale per tensor per call (torch.ao's Linear, before) it measured +393%
