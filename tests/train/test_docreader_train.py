@@ -167,8 +167,9 @@ def test_the_trained_reader_finds_the_page_with_the_largest_value():
     pages; 800 steps of 16 new documents): on 256 held-out test documents the reader's accuracy is at least MARGIN
     above the question-only reader (the same recipe, the question alone) and above the majority page (measured:
     reader 0.566, question only 0.434, majority 0.434; 740 s loaded at load ~8, nice 19; seed 1 by a /tmp script
-    with the same rules: 0.562, majority 0.418; seed 2, reader_accuracy with seed=2: 0.555, majority 0.453, a margin
-    of 0.102, so the asserted 0.10 has little slack on other seeds). Without the numbers the same recipe reached 0.473 and, seed 1, 0.512:
+    with the same rules: 0.562, majority 0.418; seed 2, reader_accuracy with seed=2: 0.555, question only and
+    majority 0.453, a margin of 0.102, so the asserted 0.10 has little slack on other seeds). Without the numbers
+    the same recipe reached 0.473 and, seed 1, 0.512:
     800 steps take it part of the way, the numbers add 0.09 and 0.05 and the margin over the majority clears 0.10 on
     both seeds (0.13 and 0.14) where without them it did on neither (0.04 and 0.09)."""
     from archlab.labs.docreader import LARGEST_RECIPE, reader_accuracy
