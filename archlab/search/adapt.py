@@ -113,7 +113,7 @@ class AdaptConfig(Config):
     negatives: int = 3
     mine_depth: int = 30
     queries_per_doc: int = 1
-    generator: str = "sentences"
+    generator: str = "summaries"
     lr: float = 2e-4
     head_lr: float = 3e-3
     warmup: int = 10
