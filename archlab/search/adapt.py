@@ -374,7 +374,7 @@ def group_loss(reranker: Reranker, groups: Sequence[Group], chunk: int = 8, dist
     for start in range(0, len(order), chunk):
         rows = order[start : start + chunk]
         parts.append(reranker.forward(reranker.pack([queries[i] for i in rows], [docs[i] for i in rows])).float())
-    logits = torch.cat(parts).index_select(0, torch.tensor(order).argsort()).view(len(groups), -1)  # group order
+    logits = torch.cat(parts).cpu().index_select(0, torch.tensor(order).argsort()).view(len(groups), -1)  # group order
     loss = F.cross_entropy(logits, torch.zeros(len(groups), dtype=torch.long))
     if not distill:
         return loss

@@ -250,9 +250,11 @@ class Reranker:
                            pad_id=self.model.config.pad_id, max_length=self.max_length)  # fmt: skip
 
     def forward(self, batch: PairBatch) -> Tensor:
-        """Logits ``[B]`` of a packed batch, with autograd and the model's current mode (training uses this)."""
-        return self.model.score(batch.input_ids, attention_mask=batch.attention_mask,
-                                token_type_ids=batch.token_type_ids)  # fmt: skip
+        """Logits ``[B]`` of a packed batch (built on the CPU, moved to the model's device), with autograd and the
+        model's current mode (training uses this)."""
+        device = next(self.model.parameters()).device
+        return self.model.score(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                                token_type_ids=batch.token_type_ids.to(device))  # fmt: skip
 
     def logits(self, query: str, docs: Sequence[Document | str]) -> Tensor:
         """Relevance logits ``[n]`` (float32) of ``query`` against each of the ``n`` ``docs``, in their order.
@@ -276,7 +278,7 @@ class Reranker:
             with torch.inference_mode():
                 for start in range(0, len(order), self.batch_size):
                     rows = order[start : start + self.batch_size]
-                    out[rows] = self.forward(self.pack([query] * len(rows), [texts[i] for i in rows])).float()
+                    out[rows] = self.forward(self.pack([query] * len(rows), [texts[i] for i in rows])).float().cpu()
         finally:
             self.model.train(was_training)
         return out
