@@ -136,8 +136,8 @@ class StaticDecoder(nn.Module):
             minutes). The trace is kept per decoder and batch size; torch caps the traces of one function per
             process (``torch._dynamo.config.recompile_limit``, 8), past which further decoders run their step
             eagerly: the same tokens, without the speed. Measured (README, idle AMD EPYC with AVX512-BF16, 2
-            threads): compiled int4 / int8 steps 1.5-1.6x / 1.4-1.5x faster than eager, fp32 1.73x (SmolLM2-135M)
-            and 1.43x (gpt-mini).
+            threads, three runs over two sessions): compiled int4 / int8 steps 1.4-1.6x / 1.4-1.5x faster than
+            eager, fp32 1.73-1.77x (SmolLM2-135M), and 1.26-1.43x (gpt-mini).
     """
 
     def __init__(self, model: nn.Module, max_len: int, *, compile: bool = True):
