@@ -29,8 +29,10 @@ whose torch ops use the machine's threads; at most :data:`MAX_BATCH` per batch a
 (more are refused with 503, a clear JSON reason). Explanations run one token at a time on another thread (the
 model is shared; streams of several pages take turns token by token) in priority order (:class:`PriorityWorker`):
 the first-ranked hit's explanation starts right after its search is answered (its prompt is prefilled once and
-its first token decoded before the page asks for it), and a new explanation's first token goes before the next
-tokens of streams already running, so each page sees its first explanation soon after its results.
+its first token decoded before the page asks for it) unless :data:`EAGER_STARTS_WAITING` first explanations
+already wait (under load most pages never ask, and their starts would delay the streams that are read), and a new
+explanation's first token goes before the next tokens of streams already running, so each page sees its first
+explanation soon after its results.
 The page reads an explanation with a streamed ``fetch`` (the SSE format parsed in ``app.js``): an ``EventSource``
 would reconnect, and explain again, when the stream ends.
 """
@@ -38,6 +40,7 @@ would reconnect, and explain again, when the stream ends.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import ipaddress
@@ -87,6 +90,7 @@ class RequestError(Exception):
 
 
 FIRST_EXPLANATION, OTHER_EXPLANATION, NEXT_TOKEN = 0, 1, 2  # PriorityWorker priorities (lower runs first)
+EAGER_STARTS_WAITING = 2  # a search starts its first explanation unasked only while fewer first explanations wait
 
 
 class PriorityWorker:
@@ -101,6 +105,7 @@ class PriorityWorker:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._started = self._closed = False
         self._lock = threading.Lock()
+        self._waiting: collections.Counter[int] = collections.Counter()  # priority -> calls queued, not yet taken
 
     def submit(self, priority: int, fn, *args) -> concurrent.futures.Future:
         """A future of ``fn(*args)``, run when no call of a lower priority waits; RuntimeError once shut down."""
@@ -112,13 +117,21 @@ class PriorityWorker:
                 self._thread.start()
                 self._started = True
             self._queue.put((priority, next(self._order), future, fn, args))
+            self._waiting[priority] += 1
         return future
+
+    def waiting(self, priority: int) -> int:
+        """How many calls of ``priority`` are queued and not yet taken by the thread."""
+        with self._lock:
+            return self._waiting[priority]
 
     def _run(self) -> None:
         while True:
-            _, _, future, fn, args = self._queue.get()
+            priority, _, future, fn, args = self._queue.get()
             if fn is None:
                 return
+            with self._lock:
+                self._waiting[priority] -= 1
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn(*args))
@@ -337,7 +350,9 @@ def create_app(
         done = await batcher.submit(query, n)
         search_id = secrets.token_urlsafe(12)
         started = {}
-        if explain and done["hits"]:  # the first explanation starts now, before the page asks for it
+        # the first explanation starts now, before the page asks for it, unless first explanations already queue
+        # (under load most searches' pages never ask: their eager starts would delay the streams that are read)
+        if explain and done["hits"] and explain_worker.waiting(FIRST_EXPLANATION) < EAGER_STARTS_WAITING:
             started[1] = explain_worker.submit(FIRST_EXPLANATION, start_explanation, query, done["hits"][0])
         searches[search_id] = (query, done["hits"], started, time.perf_counter())
         while len(searches) > KEPT_SEARCHES:

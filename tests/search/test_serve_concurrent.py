@@ -186,3 +186,51 @@ def test_the_first_explanation_starts_when_the_search_is_answered():
     assert explainer.started == ["pm2", DOCS[0].id]  # rank 2 starts only when asked for
     assert 'event: done' in first and '"explanation": "It says \\"Insulin\\"."' in first
     assert '"first_token_ms": ' in first and 'event: done' in second
+
+
+class GatedExplainer(RecordingExplainer):
+    """RecordingExplainer whose streams wait for ``gate`` before their first piece (a busy explanation model);
+    records the query of each stream started."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.queries = threading.Event(), []
+
+    def stream(self, query, hit, stats=None):
+        self.queries.append(query)
+        return self._gated(hit)
+
+    def _gated(self, hit):
+        assert self.gate.wait(10), "the test never opened the gate"
+        yield from self._pieces(hit)
+
+
+def test_searches_start_no_unasked_explanation_while_first_explanations_queue():
+    """Under load most pages never ask for their explanation: while ``EAGER_STARTS_WAITING`` first explanations
+    already wait for the explanation thread, a search does not start one unasked; asked for, it starts then."""
+    from archlab.search.serve import EAGER_STARTS_WAITING
+
+    explainer = GatedExplainer()
+    app = create_app(FakeEngine(), explainer=explainer, explain=1)
+    queries = ["insulin", "metformin", "json", "glucose", "elderly"]
+    running = 1  # the first search's start is taken by the thread and held at the gate; the next ones queue
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+            ids = []
+            for i, q in enumerate(queries):
+                ids.append((await http.post("/api/search", json={"query": q})).json()["search_id"])
+                if i == 0:
+                    await wait_for(lambda: explainer.queries == ["insulin"], "the first start to reach the gate")
+            explainer.gate.set()
+            eager = queries[: running + EAGER_STARTS_WAITING]
+            await wait_for(lambda: explainer.queries == eager, "the queued starts to run")
+            await asyncio.sleep(0.1)
+            assert explainer.queries == eager  # the later searches started nothing unasked
+            late = await http.get(f"/api/explain/{ids[-1]}/1")
+            return late.text
+
+    late = asyncio.run(scenario())
+    assert explainer.queries == queries[: running + EAGER_STARTS_WAITING] + ["elderly"]
+    assert "event: done" in late
