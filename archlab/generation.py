@@ -376,8 +376,9 @@ def generate_batch(
     the copies take the weights' memory again during the call). A row that emits a stop token or reaches
     ``max_new_tokens`` leaves the batch: its cache rows and mask row are dropped (the cache's ``reorder``), so
     later steps compute only open rows. With more prompts than ``B`` (continuous batching), a waiting prompt takes
-    a freed row at once: its prompt is prefilled on its own into a cache that starts where the batch is (the
-    positions before its prompt zero and masked: the cache's ``pad``) and joined to the batch (``join``), so the
+    a freed row at once: its prompt is prefilled on its own into a cache (``empty_like``: the batch's packed head
+    shared, not copied again) that starts where the batch is (the positions before its prompt zero and masked:
+    the cache's ``pad``) and joined to the batch (``join``), so the
     batch stays full while prompts wait. Prompts start longest first (so a waiting prompt is never longer than
     the batch's positions); the output order is the prompts' order. Refilling costs a prefill per refilled prompt
     and a cache as long as the whole job: on SmolLM2 (12 prompts, README Speed) 6 refilled rows were slower than
@@ -505,10 +506,10 @@ def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, see
     waiting = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first
     first, waiting = sorted(waiting[:batch_size]), waiting[batch_size:]  # the first batch in the prompts' order
     cache = model.new_cache()
-    if waiting and not (callable(getattr(cache, "pad", None)) and callable(getattr(cache, "join", None))):
-        raise ConfigError(f"batch_size={batch_size} < {len(prompts)} prompts refills rows, which needs a cache with pad() "
-                          f"and join() (GPT, Llama); {type(model).__name__} keeps a {type(cache).__name__}: "
-                          f"pass batch_size=None")  # fmt: skip
+    if waiting and not all(callable(getattr(cache, name, None)) for name in ("pad", "join", "empty_like")):
+        raise ConfigError(f"batch_size={batch_size} < {len(prompts)} prompts refills rows, which needs a cache with "
+                          f"pad() and join() and empty_like() (GPT, Llama); {type(model).__name__} keeps a "
+                          f"{type(cache).__name__}: pass batch_size=None")  # fmt: skip
     batch = _Rows(model, first, *_left_padded([prompts[i] for i in first], device), cache=cache)
     _check_ids_in_vocab(batch.logits.shape[-1], **{f"stop_tokens[{i}]": s for i, s in enumerate(stop)})
     out: list[list[int]] = [[] for _ in prompts]
@@ -532,7 +533,7 @@ def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, see
             admitted, waiting = waiting[: batch_size - len(batch.prompt)], waiting[batch_size - len(batch.prompt) :]
             input_ids, attention_mask = _left_padded([prompts[i] for i in admitted], device)
             offset = batch.cache.length - input_ids.shape[1] if batch.prompt else 0
-            new = _Rows(model, admitted, input_ids, attention_mask, offset)
+            new = _Rows(model, admitted, input_ids, attention_mask, offset, cache=batch.cache.empty_like())
             if batch.prompt:
                 batch.join(new)
             else:

@@ -158,11 +158,15 @@ def test_refilled_rows_equal_one_at_a_time(family, seed):
     calls: list[tuple[int, int]] = []  # (rows, tokens) of each forward
     hook = m.register_forward_pre_hook(lambda module, args, kwargs: calls.append(tuple(args[0].shape)),
                                        with_kwargs=True)  # fmt: skip
+    made, new_cache = [], m.new_cache
+    m.new_cache = lambda: made.append(1) or new_cache()  # a model's cache packs its LM head: count them
     try:
         rows = generate_batch(m, prompts, max_new_tokens=n, stop_tokens=stops, batch_size=3)
     finally:
         hook.remove()
+        del m.new_cache
     assert rows == alone
+    assert made == [1]  # refills take the batch's cache.empty_like(), sharing its packed head
     assert calls[0] == (3, 7) and max(r for r, _ in calls) == 3  # the 3 longest prompts first, never more rows
     prefilled, i, refills = 3, 1, 0
     while prefilled < len(prompts):  # each round: a step of the rows going on, then the freed rows refilled

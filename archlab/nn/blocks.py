@@ -180,6 +180,12 @@ class DecodingCache:
         for block in self.blocks:
             block.self_attn.crop(length)
 
+    def empty_like(self) -> DecodingCache:
+        """An empty cache of as many blocks that shares this one's packed ``output`` (no second copy of the head)."""
+        cache = DecodingCache(len(self.blocks))
+        cache.output = self.output
+        return cache
+
     def pad(self, n: int) -> None:
         """``n`` positions of zero keys and values ahead of the next token, in every block (:meth:`KVCache.pad`)."""
         for block in self.blocks:
