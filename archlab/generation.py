@@ -490,6 +490,49 @@ class _Rows:
         fed = self.cache.length - self.mask.shape[1]
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], fed)], dim=1)
 
+    def feed(self, tokens: Tensor) -> Tensor:
+        """Feed each row ``tokens [R, n]`` (all real); returns the logits at each of them ``[R, n, V]``
+        (:attr:`logits`: the last position's)."""
+        self._grow()
+        out = self.model.decoder_step(attention_mask=self.mask)(tokens, self.cache)
+        self.logits = out[:, -1]
+        return out
+
+    def crop(self, length: int) -> None:
+        """Keep the cache's first ``length`` positions: the tokens fed after them are forgotten."""
+        self._grow()
+        self.cache.crop(length)
+        self.mask = self.mask[:, :length]
+        self._rebuilt()
+
+    def pad_front(self, n: int) -> None:
+        """``n`` positions that every row masks before the first (zero keys and values: the cache's ``pad_front``),
+        so that rows of a cache of ``n`` more positions can :meth:`join` these. The tokens move ``n`` places on,
+        their keys moved by :meth:`_move_keys`."""
+        self._grow()
+        self.cache.pad_front(n, self._move_keys(n))
+        self.mask = torch.cat([self.mask.new_zeros(self.mask.shape[0], n), self.mask], dim=1)
+        self._rebuilt()
+
+    def compact(self) -> None:
+        """Drop the leading positions that every row masks (the cache's ``drop_front``): no row reads them; the
+        tokens move back, their keys moved by :meth:`_move_keys`."""
+        self._grow()
+        read = self.mask.any(dim=0)
+        start = int(read.int().argmax()) if bool(read.any()) else 0
+        if start:
+            self.cache.drop_front(start, self._move_keys(-start))
+            self.mask = self.mask[:, start:]
+            self._rebuilt()
+
+    def _move_keys(self, n: int) -> Callable[[Tensor], Tensor] | None:
+        """Cached keys ``[B, G, M, d_k]`` -> the same keys ``n`` places on (back for ``n < 0``), by the model's
+        positional encoding (``move_keys``: RoPE rotates them by ``n``; encodings numbered from the mask and
+        ALiBi's distances need nothing); None for a model without one."""
+        positional = getattr(self.model, "pos", None)
+        move = getattr(positional, "move_keys", None)
+        return None if move is None else (lambda keys: move(keys, n))
+
 
 def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, seed) -> list[list[int]]:
     """The loop of :func:`generate_batch` (arguments checked): greedy, or :func:`sample_next` with ``sampling``'s
@@ -539,6 +582,132 @@ def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, see
             else:
                 batch = new
     return out
+
+
+class RowBatch:
+    """Rows decoded as one batch that join and leave at any time: continuous batching for sequences that arrive
+    while others decode (the search page's explanation streams), on the rows of :func:`generate_batch`.
+
+    A row is prefilled on its own (:meth:`prefill` ``(key, prompt)``: its first token's logits ``[V]``), waits with
+    its cache until :meth:`join` adds it to the batch, and leaves by :meth:`remove`. :meth:`step` feeds every joined
+    row its next ``n`` tokens in one forward pass (``B`` rows: one pass, far cheaper than ``B`` one-row passes where
+    a step streams the weights) and returns each row's logits ``[n, V]``; :meth:`rewind` forgets the positions fed
+    last (drafts that a verification rejected). The caller chooses the tokens (greedy, sampled, verified drafts);
+    the last token it chose is fed by the next :meth:`step`.
+
+    Rows are left-padded, as in :func:`generate_batch`: each row's tokens are contiguous and end at the batch's last
+    position, masked zero keys and values before them. A row joining a batch of another length is lined up by
+    moving the shorter side's tokens on (:meth:`_Rows.pad_front`: positions added in front, RoPE keys rotated on
+    by as many: the positional encoding's ``move_keys``), and when rows leave, the leading positions every remaining row masks are dropped (the cache's
+    ``drop_front``), so a batch that never empties holds about as many positions as its longest row. With greedy
+    choices each row's tokens are those it gets decoded alone (up to floating-point rounding: the batched products,
+    and a moved RoPE key rounded once more to the cache's dtype, so near-ties may go the other way). Not
+    thread-safe: one thread calls every method.
+
+    Args:
+        model: a decoder-only model with ``decoder_step(attention_mask)`` and ``new_cache()`` whose cache can
+            ``pad_front``, ``join``, ``crop``, ``drop_front``, ``empty_like`` and ``reorder`` (GPT, Llama); made
+            once: every row's cache is its ``empty_like()``.
+    """
+
+    CACHE_METHODS = ("pad_front", "join", "crop", "drop_front", "empty_like", "reorder")
+
+    def __init__(self, model: nn.Module):
+        make = getattr(model, "decoder_step", None)
+        if not isinstance(model, nn.Module) or make is None or not callable(getattr(model, "new_cache", None)) \
+                or "attention_mask" not in inspect.signature(make).parameters:  # fmt: skip
+            raise ConfigError(f"model must be a decoder-only model with decoder_step(attention_mask) and new_cache() "
+                              f"(GPT, Llama), got {type(model).__name__}")  # fmt: skip
+        self._empty = model.new_cache()
+        missing = [m for m in self.CACHE_METHODS if not callable(getattr(self._empty, m, None))]
+        if missing:
+            raise ConfigError(f"{type(model).__name__} keeps a {type(self._empty).__name__}, which has no "
+                              f"{', '.join(missing)}(): rows joining and leaving need a KV cache (GPT, Llama)")  # fmt: skip
+        self.model, self.device = model, next(model.parameters()).device
+        self._batch: _Rows | None = None  # the joined rows, in order (their keys: _batch.prompt)
+        self._waiting: dict[Any, _Rows] = {}  # prefilled, not joined
+
+    @property
+    def joined(self) -> list:
+        """The keys of the rows in the batch, in row order."""
+        return [] if self._batch is None else list(self._batch.prompt)
+
+    @property
+    def waiting(self) -> list:
+        """The keys of the rows prefilled and not joined."""
+        return list(self._waiting)
+
+    @property
+    def length(self) -> int:
+        """The positions the batch's cache holds (0 without rows)."""
+        return 0 if self._batch is None else self._batch.cache.length
+
+    @torch.no_grad()
+    def prefill(self, key: Any, prompt: Sequence[int]) -> Tensor:
+        """Prefill the row ``key`` (any hashable, not in use) with ``prompt`` (token ids) on its own; returns the
+        logits ``[V]`` of its first new token. The row waits until :meth:`join`."""
+        if key in self._waiting or key in self.joined:
+            raise ConfigError(f"row key={key!r} is in use; remove it first or take another")
+        if isinstance(prompt, (str, bytes, Tensor)) or not isinstance(prompt, Sequence) or not prompt:
+            raise ConfigError(f"prompt must be a non-empty list of token ids, got {prompt!r:.60}")
+        for token in prompt:
+            _check_int("prompt[j]", token, 0)
+        ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
+        rows = _Rows(self.model, [key], ids, torch.ones_like(ids), cache=self._empty.empty_like())
+        self._waiting[key] = rows
+        return rows.logits[0]
+
+    @torch.no_grad()
+    def join(self, key: Any) -> None:
+        """Add the prefilled row ``key`` to the batch: the next :meth:`step` feeds it."""
+        rows = self._waiting.pop(key, None)
+        if rows is None:
+            raise ConfigError(f"row key={key!r} is not waiting to join (prefill it first); waiting: {self.waiting}")
+        if self._batch is None:
+            self._batch = rows
+            return
+        gap = self._batch.cache.length - rows.cache.length  # the shorter side moves on: tokens end at the last place
+        (rows if gap > 0 else self._batch).pad_front(abs(gap))
+        self._batch.join(rows)
+
+    @torch.no_grad()
+    def step(self, tokens: dict[Any, Sequence[int]]) -> dict[Any, Tensor]:
+        """Feed every joined row its ``tokens[key]`` (``n >= 1`` ids, as many for each row) in one forward pass;
+        returns each row's logits ``[n, V]`` at those tokens (the last: its next token's)."""
+        keys = self.joined
+        if not keys or set(tokens) != set(keys):
+            raise ConfigError(f"step feeds every joined row: got rows {sorted(map(repr, tokens))}, joined "
+                              f"{sorted(map(repr, keys))}")  # fmt: skip
+        lengths = {len(tokens[k]) for k in keys}
+        if len(lengths) != 1 or 0 in lengths:
+            raise ConfigError(f"step feeds as many tokens (>= 1) to every row, got lengths {sorted(lengths)}")
+        ids = torch.tensor([list(tokens[k]) for k in keys], dtype=torch.long, device=self.device)
+        out = self._batch.feed(ids)
+        return {k: out[i] for i, k in enumerate(keys)}
+
+    def rewind(self, n: int) -> None:
+        """Forget the last ``n`` positions fed to every joined row (rejected drafts); the row's next :meth:`step`
+        continues after the positions kept."""
+        _check_int("n", n, 0)
+        if n > self.length:
+            raise ConfigError(f"rewind n={n}: the batch holds {self.length} positions")
+        if n:
+            self._batch.crop(self.length - n)
+
+    @torch.no_grad()
+    def remove(self, keys: Iterable[Any]) -> None:
+        """Drop the rows ``keys`` (joined or waiting; unknown keys are ignored), then the positions no row reads."""
+        keys = set(keys)
+        for key in keys & set(self._waiting):
+            del self._waiting[key]
+        if self._batch is None or not keys & set(self._batch.prompt):
+            return
+        kept = [i for i, key in enumerate(self._batch.prompt) if key not in keys]
+        if not kept:
+            self._batch = None
+            return
+        self._batch.keep(torch.tensor(kept, device=self.device))
+        self._batch.compact()
 
 
 # ================================================================================================

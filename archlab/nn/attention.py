@@ -523,6 +523,39 @@ class KVCache:
             raise ShapeError(f"crop length={length} must be in [0, {self.length}]")
         self.length = length
 
+    def drop_front(self, n: int, move_keys: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Forget the first ``n`` positions; the others move ``n`` places back, their keys through ``move_keys`` (as
+        :meth:`pad_front`). Continuous batching drops positions that every row's mask hides
+        (:class:`archlab.generation.RowBatch`), so a batch that never empties does not grow without bound."""
+        if not 0 <= n <= self.length:
+            raise ShapeError(f"drop_front n={n} must be in [0, {self.length}]")
+        if self._k is not None and n:  # a view: the storage is copied (and the front freed) at the next growth
+            self._k, self._v = self._k[:, :, n:], self._v[:, :, n:]
+            if move_keys is not None:
+                self._k[:, :, : self.length - n] = move_keys(self._k[:, :, : self.length - n])
+        self.length -= n
+
+    def pad_front(self, n: int, move_keys: Callable[[Tensor], Tensor] | None = None) -> None:
+        """``n`` positions of zero keys and values before the first: the cached ones move ``n`` places on, their
+        keys through ``move_keys`` (``[B, G, M, d_k] -> [B, G, M, d_k]``: a position-dependent encoding moves a key
+        to its new place, as RoPE rotates it on by ``n``). Continuous batching lines up the rows of two caches so
+        (:class:`archlab.generation.RowBatch`)."""
+        if n < 0:
+            raise ShapeError(f"pad_front n={n} must be >= 0")
+        if self._k is None or not n:
+            self.length += n
+            return
+        keys = self.keys if move_keys is None else move_keys(self.keys)
+        capacity = max(self._k.shape[-2], self.length + n)
+        moved = []
+        for used in (keys, self.values):
+            out = used.new_empty(*used.shape[:-2], capacity, used.shape[-1])
+            out[:, :, :n] = 0
+            out[:, :, n : n + self.length] = used
+            moved.append(out)
+        self._k, self._v = moved
+        self.length += n
+
     def pad(self, n: int) -> None:
         """Hold ``n`` more positions of zero keys and values: left padding that the caller's attention mask hides
         (:func:`archlab.generation.generate_batch` starts a refilled row's cache so, its prompt then stored at the

@@ -186,6 +186,16 @@ class DecodingCache:
         cache.output = self.output
         return cache
 
+    def drop_front(self, n: int, move_keys: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Forget the first ``n`` positions in every block (self-attention: :meth:`KVCache.drop_front`)."""
+        for block in self.blocks:
+            block.self_attn.drop_front(n, move_keys)
+
+    def pad_front(self, n: int, move_keys: Callable[[Tensor], Tensor] | None = None) -> None:
+        """``n`` positions of zero keys and values before the first, in every block (:meth:`KVCache.pad_front`)."""
+        for block in self.blocks:
+            block.self_attn.pad_front(n, move_keys)
+
     def pad(self, n: int) -> None:
         """``n`` positions of zero keys and values ahead of the next token, in every block (:meth:`KVCache.pad`)."""
         for block in self.blocks:

@@ -47,6 +47,13 @@ class PositionalEncoding(nn.Module):
         """An additive score bias ``[A, N, M]`` (queries at ``offset + i``, keys at ``j``), or None."""
         return None
 
+    def move_keys(self, k: Tensor, n: int) -> Tensor:
+        """Cached keys ``k [..., M, d_k]``, transformed at their positions, moved ``n`` places on (``n < 0``: back)
+        in a KV cache (continuous batching lines up rows so: :class:`archlab.generation.RowBatch`). This default
+        returns them as they are: encodings added to the input are numbered from the attention mask, and a bias
+        reads the distance between positions, which a row's contiguous tokens keep."""
+        return k
+
 
 class NoPositionalEncoding(PositionalEncoding):
     """No position at all (a bag of tokens; useful for ablations)."""
@@ -218,6 +225,16 @@ class RotaryPositionalEncoding(PositionalEncoding):
     def transform_qk_heads(self, qk: Tensor, n_queries: int, offset: int = 0) -> Tensor:
         """``qk [B, A + G, N, d_head]`` (queries, then keys) rotated in one pass: every head is rotated alike."""
         return self.rotate(qk, offset)
+
+    def move_keys(self, k: Tensor, n: int) -> Tensor:
+        """Keys rotated at positions ``j`` -> rotated at ``j + n`` (``n < 0`` too): rotations compose,
+        ``R(j + n) = R(n) R(j)``, so each key is rotated by ``n`` more, computed in float32 at least and rounded once
+        to ``k``'s dtype (a bf16 key may then differ from one rotated at ``j + n`` directly in its last bit)."""
+        wide = k.to(torch.promote_types(k.dtype, torch.float32))
+        cos, sin, signed = (t[abs(n)] for t in self.tables(abs(n) + 1, wide.dtype, wide.device))
+        if n < 0:  # R(-n) = R(n) with the sines negated
+            sin, signed = -sin, -signed
+        return self.rotate_with(wide, cos, sin, signed).to(k.dtype)
 
 
 def check_rope_width(positional: str, d_model: int, n_heads: int, d_k: int | None = None) -> None:

@@ -1,0 +1,117 @@
+"""archlab.generation.RowBatch: rows that join and leave a running batch at any time decode as they do alone.
+
+Float64 tiny GPT and Llama; every logit a row gets in the batch is compared with one forward pass of the model
+over that row's own sequence (no cache, no other rows), so a row reading another's keys, a wrong position, or a
+padding position read as real fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_generate_batch_rows import V, family_model
+
+from archlab.errors import ConfigError
+from archlab.generation import RowBatch
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+@torch.no_grad()
+def test_rows_joining_leaving_and_rewinding_at_any_time_decode_as_alone(family):
+    m = family_model(family)
+    g = torch.Generator().manual_seed(3)
+    lengths = {"a": 5, "b": 8, "c": 3, "d": 16, "e": 4}
+    prompts = {key: torch.randint(1, V, (n,), generator=g).tolist() for key, n in lengths.items()}
+    batch = RowBatch(m)
+    seqs: dict[str, list[int]] = {}  # prompt + chosen tokens; the last one not yet fed
+    seen: dict[str, list[torch.Tensor]] = {}  # the logits each chosen token came from
+
+    def choose(key, logits):
+        seen[key].append(logits)
+        seqs[key].append(int(logits.argmax()))
+
+    def start(key, join=True):
+        seqs[key], seen[key] = list(prompts[key]), []
+        choose(key, batch.prefill(key, prompts[key]))
+        if join:
+            batch.join(key)
+
+    def step():
+        out = batch.step({key: seqs[key][-1:] for key in batch.joined})
+        for key, logits in out.items():
+            choose(key, logits[-1])
+
+    start("a"), start("b")
+    step(), step()
+    start("c")  # shorter than the batch's positions: padded at its end
+    step()
+    start("e", join=False)  # prefilled, waits
+    start("d")  # longer than the batch's positions: the batch is padded
+    assert batch.joined == ["a", "b", "c", "d"] and batch.waiting == ["e"]
+    step(), step()
+    batch.remove(["a"])  # ends early
+    step()
+    batch.join("e")  # joins late, after waiting three steps
+    step(), step()
+    batch.remove(["b", "c", "e"])
+    assert batch.joined == ["d"] and batch.length == len(seqs["d"]) - 1  # the positions no row reads are gone
+    drafts = [seqs["d"][-1], 7, 7, 7]  # a verification pass: the first position's logits are the next token's
+    out = batch.step({"d": drafts})["d"]
+    batch.rewind(3)
+    choose("d", out[0])
+    step(), step()
+
+    assert {key: len(s) - lengths[key] for key, s in seqs.items()} == {"a": 6, "b": 9, "c": 7, "d": 9, "e": 3}
+    for key, logits in seen.items():
+        alone = m(torch.tensor([seqs[key][:-1]]))[0, lengths[key] - 1 :]  # [t, V]: after the prompt, then each token
+        torch.testing.assert_close(torch.stack(logits), alone, rtol=1e-9, atol=1e-9, msg=f"row {key}")
+    batch.remove(["d"])
+    assert batch.joined == [] and batch.length == 0
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+@torch.no_grad()
+def test_a_batch_that_never_empties_holds_its_oldest_rows_positions_and_decodes_as_alone(family):
+    """A new row every step, each leaving after 3 steps: the leading positions no row reads are dropped (RoPE keys
+    moved back with them), so the cache holds the oldest row's positions, and every row's logits stay its own."""
+    m = family_model(family)
+    batch, seqs, seen = RowBatch(m), {}, {}
+    for t in range(12):
+        seqs[t] = [1 + t % 5, 2 + t % 3, 3, 4][: 2 + t % 3]  # prompts of 2 to 4 tokens
+        seen[t] = [batch.prefill(t, seqs[t])]
+        seqs[t].append(int(seen[t][-1].argmax()))
+        batch.join(t)
+        batch.remove([k for k in batch.joined if k <= t - 3])
+        out = batch.step({k: seqs[k][-1:] for k in batch.joined})
+        for k, logits in out.items():
+            seen[k].append(logits[-1])
+            seqs[k].append(int(logits[-1].argmax()))
+        assert batch.length == max(len(seqs[k]) - 1 for k in batch.joined)  # the longest row's, no more
+    for k, logits in seen.items():
+        n = len(logits)
+        alone = m(torch.tensor([seqs[k][:-1]]))[0, -n:]
+        torch.testing.assert_close(torch.stack(logits), alone, rtol=1e-9, atol=1e-9, msg=f"row {k}")
+
+
+def test_row_batch_refusals():
+    m = family_model("gpt")
+    with pytest.raises(ConfigError, match="decoder-only"):
+        RowBatch(torch.nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match="pad_front, join, crop, drop_front, empty_like"):
+        RowBatch(family_model("lstm"))
+    batch = RowBatch(m)
+    batch.prefill("x", [1, 2])
+    with pytest.raises(ConfigError, match="key='x' is in use"):
+        batch.prefill("x", [3])
+    with pytest.raises(ConfigError, match="prompt must be a non-empty list"):
+        batch.prefill("y", [])
+    with pytest.raises(ConfigError, match="not waiting to join"):
+        batch.join("y")
+    with pytest.raises(ConfigError, match="step feeds every joined row"):
+        batch.step({"x": [1]})  # x waits, not joined
+    batch.join("x")
+    batch.prefill("z", [4, 5, 6])
+    batch.join("z")
+    with pytest.raises(ConfigError, match="as many tokens"):
+        batch.step({"x": [1], "z": [1, 2]})
+    with pytest.raises(ConfigError, match="rewind n=99"):
+        batch.rewind(99)
