@@ -6,12 +6,17 @@ padding position read as real fails."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from test_generate_batch_rows import V, family_model
 
 from archlab.errors import ConfigError
 from archlab.generation import RowBatch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_generate_batch_rows import V, family_model  # noqa: E402
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])
