@@ -290,7 +290,9 @@ def docreader_budget(config: DocReaderConfig, *, pages: int | None = None, batch
     check_positive("batch", batch)
     if pages > config.max_pages:
         raise ConfigError(f"pages={pages} is more than the reader's page table holds (max_pages={config.max_pages})")
-    c = config.replace(dropout=0.0, checkpointing=False)  # dropout masks are a training choice, not the design's
+    # dropout masks are a training choice, not the design's; checkpointed blocks and page chunks would hide what
+    # autograd saves from the tally (the budget adds checkpointing itself; chunking is measured by the lab)
+    c = config.replace(dropout=0.0, checkpointing=False, pages_per_chunk=None)
     with torch.device("meta"):
         model = DocReader(c).to(torch.bfloat16)
         flat = DocReader(c.replace(reader="flat")).to(torch.bfloat16)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -175,6 +175,15 @@ class DocReaderConfig(AttentionConfig, Config):
             (README's Document reader section); ``docreader-card`` keeps ``bert``.
             Embeddings, latents and summary tokens stay ``N(0, 0.02)`` in both. See :func:`apply_weight_init`.
         checkpointing: recompute each transformer block in backward (gradient checkpointing).
+        pages_per_chunk: None (the default) reads every page of the batch at once; ``k`` reads the pages ``k`` at a
+            time (pages ``k i .. k i + k - 1`` of every document together, ``B k`` pages a chunk): the page
+            encoders, fusion and, in the hierarchical reader, the Perceiver and the page's global tokens run on one
+            chunk, and in training each chunk is checkpointed (:meth:`DocReader.read_pages`: backward recomputes
+            it), so a chunk's ``N_page`` tokens are alive only while the chunk runs and the step keeps what leaves
+            it: each page's ``L`` latents, its start and table-header tokens (hierarchical) or its fused tokens
+            (flat, whose reasoning reads them all). The outputs equal the unchunked reader's (tested in float64);
+            the price is one more forward of the page stage in backward. The card's strategy to read 50 pages
+            on one GPU; ``archlab lab docreader-memory`` measures it.
         dropout: residual and embedding dropout everywhere; attention weights are not dropped.
         backend: attention backend of the dense layers (``auto``, ``math``, ``sdpa``); the page-level and
             reasoning layers use archlab's block-sparse and sliding-window kernels (``archlab.nn.efficient``).
@@ -221,11 +230,12 @@ class DocReaderConfig(AttentionConfig, Config):
     image_positions: str = "patch"
     weight_init: str = "bert"
     checkpointing: bool = False
+    pages_per_chunk: int | None = None
     dropout: float = 0.1
     eps: float = 1e-5
     backend: str = "auto"
 
-    tunable = ("dropout", "backend", "checkpointing", "frozen")
+    tunable = ("dropout", "backend", "checkpointing", "pages_per_chunk", "frozen")
 
     def validate(self) -> None:
         for name in (
@@ -254,6 +264,8 @@ class DocReaderConfig(AttentionConfig, Config):
         for name in self.frozen:
             check_choice("frozen", name, ENCODERS)
         require(len(set(self.frozen)) == len(self.frozen), f"frozen={list(self.frozen)} names an encoder twice")
+        if self.pages_per_chunk is not None:
+            check_positive("pages_per_chunk", self.pages_per_chunk)
         check_probability("dropout", self.dropout)
         check_backend(self.backend)
         require(self.backend in ("auto", "math", "sdpa"),
@@ -355,6 +367,15 @@ class DocBatch(NamedTuple):
     def to(self, device: torch.device | str) -> DocBatch:
         """The batch on ``device``."""
         return DocBatch(*(t.to(device) for t in self))
+
+    #: The fields with a page axis (dim 1, ``[B, P, ...]``); the others belong to the whole document.
+    PAGE_FIELDS = ("text_ids", "text_mask", "table_ids", "table_mask", "table_rows", "table_cols", "table_values",
+                   "images", "image_mask", "page_mask")  # fmt: skip
+
+    def page_slice(self, start: int, stop: int) -> DocBatch:
+        """Pages ``start .. stop - 1`` of every document ``[B, stop - start, ...]`` (views), the question and
+        the other document fields whole."""
+        return self._replace(**{name: getattr(self, name)[:, start:stop] for name in self.PAGE_FIELDS})
 
 
 class DocReaderTokenizer:
@@ -1089,22 +1110,59 @@ class DocReader(nn.Module):
         h = self.reasoning(parts)
         return self.head(self.head_norm(h[:, 0]))  # the question's [CLS] state
 
+    def read_pages(self, read: Callable[..., tuple[Tensor | None, ...]], batch: DocBatch,
+                   *args: Tensor) -> tuple[Tensor | None, ...]:  # fmt: skip
+        """``read(pages, *args)`` over the batch's pages ``pages_per_chunk`` at a time (all at once when None),
+        its outputs joined along the page axis: ``read`` must treat each page on its own and return tensors
+        ``[B, P', ...]`` for a slice of ``P'`` pages (or None). In training (grad enabled) each chunk runs under
+        activation checkpointing: autograd keeps the chunk's inputs (views of the batch, ``args``) and its outputs,
+        and backward recomputes the chunk, so one chunk's activations are alive at a time. The frozen encoders in
+        a chunk keep nothing for backward either way (nothing of theirs needs a gradient); that backward runs them
+        again is the price of not keeping their ``N_page`` output tokens a page."""
+        k = self.config.pages_per_chunk
+        if k is None:
+            return read(batch, *args)
+        chunks = []
+        for start in range(0, batch.page_mask.shape[1], k):
+            part = batch.page_slice(start, start + k)
+            if torch.is_grad_enabled():
+                chunks.append(checkpoint(read, part, *args, use_reentrant=False))
+            else:
+                chunks.append(read(part, *args))
+        return tuple(None if outs[0] is None else outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+                     for outs in zip(*chunks))  # fmt: skip
+
+    def compress_pages(self, batch: DocBatch, question: Tensor, pooled: Tensor) -> tuple[Tensor | None, ...]:
+        """What the levels above keep of each page of ``batch [B, P, ...]``: its Perceiver latents ``[B, P, L, d]``,
+        its start (the text's fused ``[CLS]``) ``[B, P, d]``, its table-header tokens ``[B, P, H, d]`` and whether
+        each exists ``[B, P, H]``, and with ``figure_global`` its figure token ``[B, P, d]`` and whether it exists
+        ``[B, P]`` (:meth:`figures`; else None, None); copies,
+        so that the page's fused tokens can be freed once this returns. ``question [B, N_q, d]`` joins the fusion
+        (``page_question="fusion"``), ``pooled [B, d]`` (its mean state) the latents (``"latents"``)."""
+        c = self.config
+        fused, mask = self.encode_pages(batch, question)  # [B, P, N_page, d]
+        b, p, n_page, d = fused.shape
+        latents = self.perceiver(fused.view(b * p, n_page, d), mask.view(b * p, n_page),
+                                 pooled.repeat_interleave(p, dim=0)).view(b, p, c.n_latents, d)  # fmt: skip
+        headers, has_header = self.table_headers(fused, batch)  # gathered: a new tensor
+        figures, has_figure = self.figures(fused, batch) if c.figure_global else (None, None)
+        figures = None if figures is None else figures.clone()
+        return latents, fused[:, :, 0].clone(), headers, has_header, figures, has_figure
+
     def read_hierarchically(self, batch: DocBatch, question: Tensor) -> list[tuple[str, Tensor, Tensor]]:
         """The reasoning module's document tokens: summary, page starts, table headers, figures (with
         ``figure_global``; these are global) and latents, each ``(role, tokens [B, n_i, d], mask [B, n_i])``;
         ``question [B, N_q, d]`` (the question's token states) conditions the Perceiver when
-        ``page_question="latents"`` and the fusion when ``page_question="fusion"``."""
+        ``page_question="latents"`` and the fusion when ``page_question="fusion"``. The pages are compressed
+        ``pages_per_chunk`` at a time (:meth:`read_pages`, :meth:`compress_pages`)."""
         c = self.config
-        fused, mask = self.encode_pages(batch, question)  # [B, P, N_page, d]
-        b, p, n_page, d = fused.shape
         real = batch.question_mask[..., None].to(question.dtype)
         pooled = (question * real).sum(1) / real.sum(1).clamp(min=1)  # the question's mean state [B, d]
-        latents = self.perceiver(fused.view(b * p, n_page, d), mask.view(b * p, n_page),
-                                 pooled.repeat_interleave(p, dim=0)).view(b, p, c.n_latents, d)  # fmt: skip
+        latents, starts, headers, has_header, figures, has_figure = self.read_pages(self.compress_pages, batch,
+                                                                                    question, pooled)  # fmt: skip
+        b, p, _, d = latents.shape
         summary, pages = self.pages(latents, batch.page_mask)
-        page = self.pages.page_embedding(p, fused.device)
-        starts = fused[:, :, 0]  # the text's [CLS] after fusion: the page start
-        headers, has_header = self.table_headers(fused, batch)  # [B, P, H, d], [B, P, H]
+        page = self.pages.page_embedding(p, latents.device)
         if page is not None:
             starts, headers = starts + page, headers + page[:, None, :]
         n_h = c.n_headers
@@ -1115,7 +1173,6 @@ class DocReader(nn.Module):
                                         c.max_pages * n_h),
         ]  # fmt: skip
         if c.figure_global:
-            figures, has_figure = self.figures(fused, batch)  # [B, P, d], [B, P]
             if page is not None:
                 figures = figures + page
             parts.append(("figure",) + _pad_to(figures, has_figure, c.max_pages))
@@ -1145,8 +1202,9 @@ class DocReader(nn.Module):
         return table.gather(2, index), cell.any(-1) & batch.page_mask[..., None]
 
     def read_flat(self, batch: DocBatch) -> list[tuple[str, Tensor, Tensor]]:
-        """The flat baseline's document tokens: every fused token of every page (page-number embedding added)."""
-        fused, mask = self.encode_pages(batch)
+        """The flat baseline's document tokens: every fused token of every page (page-number embedding added); the
+        pages are encoded and fused ``pages_per_chunk`` at a time (:meth:`read_pages`)."""
+        fused, mask = self.read_pages(self.encode_pages, batch)
         b, p, n_page, d = fused.shape
         page = self.pages.page_embedding(p, fused.device)
         if page is not None:
