@@ -163,17 +163,31 @@ def greedy_pairs(model: nn.Module, batches: BatchSource) -> list[tuple[list[int]
 def peak_bytes(step) -> int:
     """The peak of bytes held by torch's CPU allocator while ``step()`` runs, above what it held at the start:
     the running sum of the allocations and frees (``torch.profiler`` with ``profile_memory``) in time order."""
+    return memory_profile(step)["peak"]
+
+
+def memory_profile(step, mark: str | None = None) -> dict[str, int]:
+    """:func:`peak_bytes`'s measurement of ``step()``, split at the first ``torch.profiler.record_function(mark)``
+    range it opens (None: no split): ``{"peak": the whole step's, "before": the peak before the mark, "at": bytes
+    held when the mark opens}`` (bytes above what the allocator held at the start; ``before = at = peak`` when no
+    mark opens)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())  # fmt: skip
-    held = peak = 0
-    for event in events:
+    events = list(prof.profiler.kineto_results.events())
+    starts = [e.start_ns() for e in events if mark is not None and e.name() == mark]
+    split = min(starts, default=None)
+    held = peak = before = 0
+    at = None
+    for event in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        if split is not None and at is None and event.start_ns() >= split:
+            at, before = held, peak
         held += event.nbytes()
         peak = max(peak, held)
-    return peak
+    if at is None:
+        at, before = held, peak
+    return {"peak": peak, "before": before, "at": at}
 
 
 #: A language-model lab decides only once its models learned: each held-out loss at least this many nats per
