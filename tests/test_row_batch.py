@@ -120,3 +120,19 @@ def test_row_batch_refusals():
         batch.step({"x": [1], "z": [1, 2]})
     with pytest.raises(ConfigError, match="rewind n=99"):
         batch.rewind(99)
+
+
+@pytest.mark.parametrize("rotary_dim", [None, 4])
+def test_rope_move_keys_equals_rotating_at_the_new_position(rotary_dim):
+    """RoPE keys rotated at 3..8 and moved 5 on (then 2 back) equal keys rotated at 8..13 (at 6..11), float64; the
+    move leaves the rotation tables alone (a bf16 model moving float32 keys once grew them without bound)."""
+    from archlab.nn.positional import RotaryPositionalEncoding
+
+    rope = RotaryPositionalEncoding(8, rotary_dim=rotary_dim).double()
+    x = torch.randn(2, 3, 6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    rotated = rope.rotate(x, 3)
+    tables = rope._cache
+    torch.testing.assert_close(rope.move_keys(rotated, 5), rope.rotate(x, 8), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rope.move_keys(rope.move_keys(rotated, 5), -2), rope.rotate(x, 6), rtol=1e-12,
+                               atol=1e-12)  # fmt: skip
+    assert rope.move_keys(rotated.float(), 5).dtype == torch.float32 and rope._cache is tables

@@ -231,9 +231,10 @@ class RotaryPositionalEncoding(PositionalEncoding):
         ``R(j + n) = R(n) R(j)``, so each key is rotated by ``n`` more, computed in float32 at least and rounded once
         to ``k``'s dtype (a bf16 key may then differ from one rotated at ``j + n`` directly in its last bit)."""
         wide = k.to(torch.promote_types(k.dtype, torch.float32))
-        cos, sin, signed = (t[abs(n)] for t in self.tables(abs(n) + 1, wide.dtype, wide.device))
-        if n < 0:  # R(-n) = R(n) with the sines negated
-            sin, signed = -sin, -signed
+        angles = n * self.inv_freq.to(wide.device)  # [d_rot / 2], float64; not the cached tables (one dtype each)
+        angles = torch.cat([angles, angles])
+        cos, sin = angles.cos().to(wide.dtype), angles.sin().to(wide.dtype)
+        signed = torch.cat([-sin[: self.rotary_dim // 2], sin[self.rotary_dim // 2 :]])
         return self.rotate_with(wide, cos, sin, signed).to(k.dtype)
 
 
