@@ -18,7 +18,8 @@ abstract"), in three steps:
    :meth:`Explainer.explain` decodes the top results as one batch (:func:`archlab.generation.generate_batch`);
    :meth:`Explainer.stream` decodes one result piece by piece with prompt-lookup speculative decoding
    (:func:`archlab.speculative.speculative_stream`): a quote copies the prompt, so drafts copied from it are
-   accepted often, and greedy output is the same text as plain decoding.
+   accepted often, and greedy output is the same text as plain decoding; :class:`ExplanationStreams` decodes the
+   streams of several readers as one batch that streams join and leave (the search page's explanation thread).
 3. **Quote guard** (:func:`check_quotes`): every double-quoted span of the explanation must occur verbatim in the
    document (title or text) after whitespace normalisation; the result says so per hit (``hit.quotes_ok``) and
    lists the spans that do not (``hit.bad_quotes``).
@@ -29,6 +30,7 @@ fills ``hit.evidence``, ``hit.explanation``, ``hit.quotes_ok`` and ``hit.bad_quo
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 from collections.abc import Iterator, Sequence
@@ -413,26 +415,191 @@ class Explainer:
 
     def _pieces(self, hit, steps, tokenizer, stops) -> Iterator[str]:
         yield REPLY_OPENING
-        tokens: list[int] = []
-        shown = ""
+        reply = _Reply(tokenizer, stops)
         try:
             for step in steps:
-                token = int(step[0])
-                if token in stops:
+                piece = reply.add(int(step[0]))
+                if piece:
+                    yield piece
+                if reply.ended:
                     break
-                tokens.append(token)
-                text = tokenizer.decode(tokens)
-                if text.endswith("\ufffd"):  # a character split over tokens: wait for the rest
-                    continue
-                if PARAGRAPH_END in text:  # a break spelled over several tokens ends it too
-                    break
-                text = text.rstrip()  # whitespace waits for what follows it (a blank line ends the explanation)
-                if len(text) > len(shown):
-                    yield text[len(shown) :]
-                    shown = text
-            text = _paragraph(tokenizer.decode(tokens)).rstrip()
-            if len(text) > len(shown):
-                yield text[len(shown) :]
+            piece = reply.end()
+            if piece:
+                yield piece
         finally:
             steps.close()
-            self._finish(hit, tokenizer.decode(tokens))
+            self._finish(hit, reply.text)
+
+    def streams(self) -> ExplanationStreams:
+        """Streams of several explanations decoded as one batch (:class:`ExplanationStreams`)."""
+        return ExplanationStreams(self)
+
+
+class _Reply:
+    """The text of one explanation as its tokens arrive: the piece each token adds to what is shown, and its end
+    (an end-of-turn or paragraph-break token in ``stops``, or a blank line spelled over several tokens)."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[int]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.tokens: list[int] = []  # the explanation's tokens (stop tokens left out)
+        self.shown, self.ended = "", False
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.tokens)
+
+    def add(self, token: int) -> str:
+        """Take the next decoded ``token``; returns the text it adds to what is shown ("" while it waits)."""
+        if token in self.stops:
+            self.ended = True
+            return ""
+        self.tokens.append(token)
+        text = self.text
+        if text.endswith("\ufffd"):  # a character split over tokens: wait for the rest
+            return ""
+        if PARAGRAPH_END in text:  # a break spelled over several tokens ends it too
+            self.ended = True
+            return ""
+        return self._show(text.rstrip())  # whitespace waits for what follows it (a blank line ends the explanation)
+
+    def end(self) -> str:
+        """The text still to show once decoding stops: the rest of the first paragraph."""
+        self.ended = True
+        return self._show(_paragraph(self.text).rstrip())
+
+    def _show(self, text: str) -> str:
+        if len(text) <= len(self.shown):
+            return ""
+        piece, self.shown = text[len(self.shown) :], text
+        return piece
+
+
+class ExplanationStream:
+    """One explanation decoded by :class:`ExplanationStreams`: its ``hit``, its ``stats``
+    (:class:`archlab.speculative.SpeculativeStats`), and the text pieces decoded since the caller last called
+    :meth:`take`. ``done`` once it ended: the hit's ``explanation``, ``quotes_ok`` and ``bad_quotes`` are set."""
+
+    def __init__(self, key: int, hit: Any, stats: Any, reply: _Reply, tokens: list[int]):
+        self.key, self.hit, self.stats, self.reply = key, hit, stats, reply  # key: its row in the RowBatch
+        self.tokens = tokens  # the prompt and every decoded token; the last is fed by the next step
+        self.decoded, self.done = 0, False
+        self._pieces = [REPLY_OPENING]
+
+    def take(self) -> list[str]:
+        """The pieces decoded since the last call (the first call's start with :data:`REPLY_OPENING`)."""
+        pieces, self._pieces = self._pieces, []
+        return pieces
+
+
+class ExplanationStreams:
+    """Explanations decoded together, each its own stream of text pieces: what ``archlab search serve`` runs on its
+    explanation thread (one thread calls every method).
+
+    :meth:`start` builds a result's prompt, prefills it on its own and decodes its first token; the stream waits
+    (its cache kept) until :meth:`resume`. :meth:`step` decodes the next tokens of every resumed stream: with two
+    or more, one greedy step of all of them as one batch (:class:`archlab.generation.RowBatch`: continuous
+    batching, a stream joining the batch after its prefill and leaving it when it ends or :meth:`close` drops it);
+    with one, a round of prompt-lookup speculative decoding (its drafts verified in one pass of ``1 + k`` tokens,
+    :func:`archlab.speculative.accept`), as :meth:`Explainer.stream` decodes. Both are greedy, so each stream's
+    text is the one it gets decoded alone (up to floating-point near-ties).
+
+    Speculative alone, batched from two streams on (:attr:`speculative_alone`), chosen by measurement
+    (``benchmarks/explain_streams.py``, SmolLM2-135M-Instruct in bf16 on the 2-core AMD EPYC at a load of 8-10, the
+    README's search section): one stream of 32 tokens took 16-18 s with speculative rounds and 37 s with one-token
+    steps; three streams of 16 tokens took 14 s as one batch and 22 s taking turns, each speculative. Speculative
+    rounds of several rows would accept different numbers of drafts per row (a ragged cache), so they are not
+    combined with the batch.
+    """
+
+    speculative_alone = True  # one stream running: a speculative round (False: a one-row greedy step)
+
+    def __init__(self, explainer: Explainer):
+        self.explainer = explainer
+        self._rows: Any = None  # a RowBatch, made at the first start (the model loaded)
+        self._keys = itertools.count()
+        self._running: dict[int, ExplanationStream] = {}
+        self._parked: dict[int, ExplanationStream] = {}
+
+    @property
+    def running(self) -> int:
+        """How many streams :meth:`step` decodes."""
+        return len(self._running)
+
+    def start(self, query: str, hit: Any, stats: Any = None) -> ExplanationStream:
+        """Prefill ``hit``'s explanation prompt (:meth:`Explainer.prompt`) and decode its first token; the stream
+        waits for :meth:`resume` (or ends here, when its first token ends it)."""
+        from archlab.generation import RowBatch, check_room
+        from archlab.speculative import SpeculativeStats
+
+        model, tokenizer = self.explainer.load()
+        ids = self.explainer.prompt(query, hit)
+        check_room(model, len(ids), self.explainer.max_new_tokens)
+        if self._rows is None:
+            self._rows = RowBatch(model)
+        stream = ExplanationStream(next(self._keys), hit, SpeculativeStats() if stats is None else stats,
+                                   _Reply(tokenizer, _stop_tokens(tokenizer)), list(ids))  # fmt: skip
+        logits = self._rows.prefill(stream.key, ids)
+        stream.stats.target_passes += 1
+        self._parked[stream.key] = stream
+        self._add(stream, [int(logits.argmax())])
+        return stream
+
+    def resume(self, stream: ExplanationStream) -> None:
+        """Decode ``stream`` in the next :meth:`step` s (a stream already resumed or done: nothing)."""
+        if self._parked.pop(stream.key, None) is not None:
+            self._rows.join(stream.key)
+            self._running[stream.key] = stream
+
+    def step(self) -> list[ExplanationStream]:
+        """The next tokens of every resumed stream; returns the streams that got text or ended."""
+        running = list(self._running.values())
+        if len(running) == 1 and self.speculative_alone:
+            self._speculative(running[0])
+        elif running:
+            out = self._rows.step({s.key: s.tokens[-1:] for s in running})
+            for s in running:
+                s.stats.target_passes += 1
+                self._add(s, [int(out[s.key][-1].argmax())])
+        return [s for s in running if s.done or s._pieces]
+
+    def close(self, stream: ExplanationStream) -> None:
+        """Stop decoding ``stream`` (its reader left): its row leaves; the hit keeps what was decoded."""
+        if not stream.done:
+            self._end(stream)
+
+    def _speculative(self, s: ExplanationStream) -> None:
+        from archlab.speculative import Sampling, accept, make_draft
+
+        greedy, room = Sampling(), self.explainer.max_new_tokens - s.decoded - 1
+        drafts, _ = make_draft("lookup", self.explainer.load()[0]).propose(s.tokens, min(self.explainer.draft_tokens,
+                                                                                       room), greedy)  # fmt: skip
+        logits = self._rows.step({s.key: [s.tokens[-1], *drafts]})[s.key]  # [1 + k', V]
+        new = accept(drafts, None, logits, greedy)
+        self._rows.rewind(len(drafts) + 1 - len(new))
+        s.stats.drafted += len(drafts)
+        s.stats.accepted += len(new) - 1
+        s.stats.target_passes += 1
+        self._add(s, new)
+
+    def _add(self, s: ExplanationStream, new: list[int]) -> None:
+        """Give ``s`` its newly decoded tokens (those past its end are dropped); end it when it ends."""
+        for token in new:
+            s.tokens.append(token)
+            s.decoded += 1
+            s.stats.generated += 1
+            piece = s.reply.add(token)
+            if piece:
+                s._pieces.append(piece)
+            if s.reply.ended or s.decoded >= self.explainer.max_new_tokens:
+                self._end(s)
+                return
+
+    def _end(self, s: ExplanationStream) -> None:
+        piece = s.reply.end()
+        if piece:
+            s._pieces.append(piece)
+        s.done = True
+        self._running.pop(s.key, None)
+        self._parked.pop(s.key, None)
+        self._rows.remove([s.key])
+        self.explainer._finish(s.hit, s.reply.text)

@@ -26,13 +26,16 @@ that runs the page's own script only.
 Searches that arrive while others run are served together (:class:`SearchBatcher`): one encoder pass and one
 FAISS search for all their queries (:meth:`archlab.search.engine.SearchEngine.search_batch`), on one worker thread
 whose torch ops use the machine's threads; at most :data:`MAX_BATCH` per batch and :data:`MAX_WAITING` waiting
-(more are refused with 503, a clear JSON reason). Explanations run one token at a time on another thread (the
-model is shared; streams of several pages take turns token by token) in priority order (:class:`PriorityWorker`):
-the first-ranked hit's explanation starts right after its search is answered (its prompt is prefilled once and
-its first token decoded before the page asks for it) unless :data:`EAGER_STARTS_WAITING` first explanations
-already wait (under load most pages never ask, and their starts would delay the streams that are read), and a new
-explanation's first token goes before the next tokens of streams already running, so each page sees its first
-explanation soon after its results.
+(more are refused with 503, a clear JSON reason). Explanations run on another thread in priority order
+(:class:`PriorityWorker`), and the streams of every page that reads one decode together
+(:class:`archlab.search.explain.ExplanationStreams`: one decode round gives each running stream its next tokens
+in one batched forward pass; a stream joins the batch after its prefill and leaves when it ends or its reader
+leaves; an explainer with only ``stream()`` gets :class:`OneAtATime`, the streams taking turns). The
+first-ranked hit's explanation starts right after its search is answered (its prompt is prefilled and its first
+token decoded before the page asks for it; the stream then waits, out of the batch, until the page reads it)
+unless :data:`EAGER_STARTS_WAITING` first explanations already wait (under load most pages never ask, and their
+starts would delay the streams that are read), and a new explanation's start goes before the next decode round
+of the streams already running, so each page sees its first explanation soon after its results.
 The page reads an explanation with a streamed ``fetch`` (the SSE format parsed in ``app.js``): an ``EventSource``
 would reconnect, and explain again, when the stream ends.
 """
@@ -145,6 +148,58 @@ class PriorityWorker:
             self._queue.put((-1, -1, None, None, ()))
 
 
+class OneAtATime:
+    """The streams of :class:`archlab.search.explain.ExplanationStreams` (``start``, ``resume``, ``step``,
+    ``close``, ``running``) for an explainer that only has ``stream(query, hit, stats)``, an iterator of text
+    pieces: each stream decodes on its own, and a step gives every resumed stream its next piece in turn."""
+
+    class Stream:
+        """One explanation's piece iterator: the pieces not yet taken, ``done`` once it ended."""
+
+        def __init__(self, pieces, stats):
+            self.pieces, self.stats, self.done = pieces, stats, False
+            self._new = []
+            for _ in range(2):  # the opening, then the first decoded text
+                self.advance()
+
+        def advance(self) -> None:
+            try:
+                self._new.append(next(self.pieces))
+            except StopIteration:
+                self.done = True
+
+        def take(self) -> list[str]:
+            new, self._new = self._new, []
+            return new
+
+    def __init__(self, explainer):
+        self.explainer, self._running = explainer, []
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def start(self, query: str, hit, stats) -> OneAtATime.Stream:
+        return self.Stream(self.explainer.stream(query, hit, stats), stats)
+
+    def resume(self, stream: OneAtATime.Stream) -> None:
+        if not stream.done and stream not in self._running:
+            self._running.append(stream)
+
+    def step(self) -> list[OneAtATime.Stream]:
+        for stream in self._running:
+            stream.advance()
+        changed = [s for s in self._running if s._new or s.done]
+        self._running = [s for s in self._running if not s.done]
+        return changed
+
+    def close(self, stream: OneAtATime.Stream) -> None:
+        stream.pieces.close()
+        stream.done = True
+        if stream in self._running:
+            self._running.remove(stream)
+
+
 class SearchBatcher:
     """Micro-batching: searches submitted while a batch runs wait and go together into the next one.
 
@@ -248,6 +303,11 @@ def create_app(
         explain = 0
     search_pool = ThreadPoolExecutor(1, thread_name_prefix="archlab-search")
     explain_worker = PriorityWorker("archlab-explain")
+    # the explanation thread's state: the streams, each read stream's sink, whether a decode round is queued
+    streams = None if explainer is None else (explainer.streams() if callable(getattr(explainer, "streams", None))
+                                              else OneAtATime(explainer))  # fmt: skip
+    sinks: dict[Any, Any] = {}
+    round_queued = [False]
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -358,7 +418,8 @@ def create_app(
         while len(searches) > KEPT_SEARCHES:
             for future in searches.popitem(last=False)[1][2].values():  # never asked for: stop it
                 if not future.cancel():
-                    future.add_done_callback(lambda f: f.exception() or explain_worker.submit(0, f.result()[0].close))
+                    future.add_done_callback(lambda f: f.exception() or explain_worker.submit(0, close_explanation,
+                                                                                            f.result()[0]))  # fmt: skip
         return {"search_id": search_id, "query": query, "hits": [hit_json(h) for h in done["hits"]],
                 "timings_ms": done["timings_ms"], "explain": min(explain, len(done["hits"])),
                 "skipped": done["skipped"]}  # fmt: skip
@@ -388,38 +449,69 @@ def create_app(
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 
     def start_explanation(query: str, hit) -> tuple:
-        """On the explanation thread: the prompt, its prefill and the first decoded piece of ``hit``'s explanation.
+        """On the explanation thread: ``hit``'s explanation prompt prefilled and its first token decoded
+        (``streams.start``); ``(stream, t_first)``, the ``perf_counter`` time of the first token. The stream waits
+        until its page reads it (:func:`read_explanation`)."""
+        return streams.start(query, hit, SpeculativeStats()), time.perf_counter()
 
-        ``(pieces, stats, head, t_first)``: the rest of the stream, its speculative-decoding counts, the pieces so
-        far (the fixed opening, then the first decoded text) and the ``perf_counter`` time of the first token."""
-        stats = SpeculativeStats()
-        pieces = explainer.stream(query, hit, stats)
-        head = list(itertools.islice(pieces, 2))  # the first piece is the fixed opening; the second is decoded
-        return pieces, stats, head, time.perf_counter()
+    def read_explanation(stream, sink) -> None:
+        """On the explanation thread: ``stream`` decodes with the running ones from the next round on, its pieces
+        handed to ``sink`` (None after the last)."""
+        sinks[stream] = sink
+        streams.resume(stream)
+        schedule_round()
+
+    def schedule_round() -> None:
+        """One :func:`decode_round` queued at a time, behind every start waiting (lower priorities run first)."""
+        if not round_queued[0] and streams.running:
+            round_queued[0] = True
+            explain_worker.submit(NEXT_TOKEN, decode_round)
+
+    def decode_round() -> None:
+        """On the explanation thread: the next tokens of every running stream, as one batch (``streams.step``)."""
+        round_queued[0] = False
+        try:
+            for stream in streams.step():
+                for piece in stream.take():
+                    sinks[stream](piece)
+                if stream.done:
+                    sinks.pop(stream)(None)
+        finally:
+            schedule_round()
+
+    def close_explanation(stream) -> None:
+        """On the explanation thread: stop decoding ``stream`` (its reader left, or it was never asked for)."""
+        sinks.pop(stream, None)
+        streams.close(stream)
 
     async def explanation_events(hit, future: concurrent.futures.Future, answered: float) -> AsyncIterator[str]:
-        pieces = None
+        stream = None
         try:
-            pieces, stats, head, t_first = await asyncio.wrap_future(future)
+            stream, t_first = await asyncio.wrap_future(future)
             first_token_ms = max(0.0, t_first - answered) * 1000.0  # after the search was answered
-            for piece in head:
+            for piece in stream.take():  # the opening and the first token's text (the stream waits meanwhile)
                 yield sse("piece", {"text": piece})
-            while True:
-                piece = await asyncio.wrap_future(explain_worker.submit(NEXT_TOKEN, next, pieces, None))
-                if piece is None:
-                    break
-                yield sse("piece", {"text": piece})
+            if not stream.done:
+                loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
+
+                def sink(piece):  # called on the explanation thread
+                    with contextlib.suppress(RuntimeError):  # (the loop already closed)
+                        loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+                explain_worker.submit(NEXT_TOKEN, read_explanation, stream, sink)
+                while (piece := await pieces.get()) is not None:
+                    yield sse("piece", {"text": piece})
             quotes = len(check_quotes(hit.explanation, hit.doc).quotes) if hit.explanation is not None else 0
             yield sse("done", {"explanation": hit.explanation, "quotes": quotes, "quotes_ok": hit.quotes_ok,
                                "bad_quotes": hit.bad_quotes,
                                "first_token_ms": first_token_ms,
-                               "speculative": stats.as_dict()})  # fmt: skip
+                               "speculative": stream.stats.as_dict()})  # fmt: skip
         except ArchlabError as e:
             yield sse("failed", {"error": str(e)})
         finally:
-            if pieces is not None:
+            if stream is not None and not stream.done:
                 with contextlib.suppress(RuntimeError):  # (a worker already shut down)
-                    explain_worker.submit(0, pieces.close)  # the client left early: stop decoding at the next token
+                    explain_worker.submit(0, close_explanation, stream)  # the client left early: its row leaves
 
     return app
 

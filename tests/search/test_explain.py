@@ -261,3 +261,53 @@ def test_evidence_of_several_queries_at_once_equals_one_query_at_a_time(scorer):
     assert many[0][0][0].startswith("In elderly patients") and many[1][0][0] == sentences(JSON_LOADS.text)[0]
     with pytest.raises(DataError, match="one list of documents per query: 1 lists for 2 queries"):
         select_evidence_many(queries, [[METFORMIN]])
+
+
+def test_streams_decoded_as_one_batch_equal_each_stream_alone(tiny_model, monkeypatch, tmp_path):
+    """Three explanations through ExplanationStreams: two start together, one joins late (after waiting with its
+    prefill done), one is closed early by its reader; the rows decode as one batch (3 rows at once), and each
+    stream's text is the one Explainer.stream decodes for it alone, so rows that mixed would show here."""
+    monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path / "cache"))
+    explainer = Explainer(tiny_model, max_new_tokens=12, scorer="bm25")
+    explainer.load()[0].double()  # float64: bf16 logits of this random model have near-ties a batch may flip
+    jobs = {"a": ("side effects of metformin in elderly patients", METFORMIN),
+            "b": ("how do I parse a JSON string", JSON_LOADS),
+            "c": ("is lactic acidosis serious", METFORMIN)}  # fmt: skip
+    alone = {name: "".join(explainer.stream(q, _hits(doc)[0])) for name, (q, doc) in jobs.items()}
+    assert len(set(alone.values())) == 3
+
+    streams = explainer.streams()
+    rows_per_step: list[int] = []
+    hits = {name: _hits(doc)[0] for name, (_, doc) in jobs.items()}
+    got = {name: [] for name in jobs}
+    started = {}
+
+    def start(name):
+        started[name] = streams.start(jobs[name][0], hits[name], SpeculativeStats())
+        got[name] += started[name].take()
+        if streams._rows is not None and not hasattr(streams._rows, "spied"):
+            step = streams._rows.step
+            streams._rows.step = lambda tokens: rows_per_step.append(len(tokens)) or step(tokens)
+            streams._rows.spied = True
+
+    def step():
+        for stream in streams.step():
+            name = next(n for n, s in started.items() if s is stream)
+            got[name] += stream.take()
+
+    start("a"), start("b"), start("c")  # c waits: prefilled, not resumed
+    streams.resume(started["a"]), streams.resume(started["b"])
+    step(), step()
+    streams.resume(started["c"])  # joins late
+    step(), step()
+    assert max(rows_per_step) == 3 and streams.running == 3
+    streams.close(started["b"])  # its reader left
+    assert started["b"].done and streams.running == 2
+    while streams.running:
+        step()
+    for name in ("a", "c"):
+        assert "".join(got[name]) == alone[name] == hits[name].explanation
+        assert started[name].done and started[name].stats.generated >= 1
+    partial = "".join(got["b"])
+    assert partial.startswith(REPLY_OPENING) and alone["b"].startswith(partial) and len(partial) < len(alone["b"])
+    assert hits["b"].explanation == partial

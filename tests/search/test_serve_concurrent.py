@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import httpx
@@ -234,3 +235,72 @@ def test_searches_start_no_unasked_explanation_while_first_explanations_queue():
     late = asyncio.run(scenario())
     assert explainer.queries == queries[: running + EAGER_STARTS_WAITING] + ["elderly"]
     assert "event: done" in late
+
+
+def test_explanations_of_several_pages_decode_as_one_batch_each_as_alone(tmp_path, monkeypatch):
+    """Three pages read their explanations at once from the real Explainer (a random tiny Llama, float64): the
+    server decodes the three streams in one batch (ExplanationStreams held until all three are resumed), and each
+    page's text is the one Explainer.stream decodes for its hit alone."""
+    import sys
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from archlab.models.llama import Llama, LlamaConfig
+    from archlab.search.explain import Explainer, ExplanationStreams
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "interop"))
+    from gguf_files import TINY_TOKENIZER, write_llama_gguf
+
+    monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(TINY_TOKENIZER["tokenizer.ggml.tokens"]), max_len=1024, d_model=32,
+                         n_heads=4, n_kv_heads=2, n_layers=2, d_ff=48)  # fmt: skip
+    model = Llama(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.5)
+    widths: list[int] = []
+
+    class HeldStreams(ExplanationStreams):
+        """Decodes nothing until three streams run (or 30 s pass), then records how many each round decodes."""
+
+        deadline = time.monotonic() + 30
+
+        def step(self):
+            if not widths and self.running < 3 and time.monotonic() < self.deadline:
+                time.sleep(0.005)
+                return []
+            widths.append(self.running)
+            return super().step()
+
+    class BatchedExplainer(Explainer):
+        def streams(self):
+            return HeldStreams(self)
+
+    explainer = BatchedExplainer(write_llama_gguf(tmp_path / "tiny.gguf", model, TINY_TOKENIZER), max_new_tokens=12,
+                                 scorer="bm25")  # fmt: skip
+    explainer.load()[0].double()  # float64: no near-ties for the batch to flip
+    app = create_app(FakeEngine(), explainer=explainer, explain=1, scorer="bm25")
+    queries = ["insulin glucose", "json document", "metformin nausea elderly"]
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as http:
+            searches = [(await http.post("/api/search", json={"query": q})).json() for q in queries]
+            answers = await asyncio.gather(*(http.get(f"/api/explain/{s['search_id']}/1") for s in searches))
+            return searches, [a.text for a in answers]
+
+    searches, texts = asyncio.run(scenario())
+    assert widths and widths[0] == 3 and max(widths) == 3  # the three streams decoded together
+    for query, search, text in zip(queries, searches, texts):
+        hit = search["hits"][0]
+        doc = next(d for d in DOCS if d.id == hit["id"])
+        alone = Hit(doc, 1, 1.0)
+        alone.evidence = hit["evidence"]
+        expected = "".join(explainer.stream(query, alone))
+        done = json.loads(text.strip().split("\n\n")[-1].split("data: ", 1)[1])
+        assert done["explanation"] == expected == alone.explanation
+        assert done["first_token_ms"] >= 0 and done["speculative"]["generated"] >= 1

@@ -1,0 +1,100 @@
+"""Explanation streams decoded together: one batch (``ExplanationStreams``) against taking turns, and, for one
+stream, prompt-lookup speculative rounds against plain one-token steps. SmolLM2-135M-Instruct in the machine's
+precision, the first hits of the built-in index's questions; greedy, so every way decodes the same text (checked).
+
+For ``N`` streams started together, the wall time until all have ended and their tokens per second:
+
+* ``turns``: each stream on its own (``Explainer.stream``: prompt-lookup speculative), one piece each in turn:
+  how ``archlab search serve`` decoded before streams were batched;
+* ``batched``: :class:`archlab.search.explain.ExplanationStreams` with ``speculative_alone = False`` (every
+  round one batched greedy step, one stream included);
+* ``default``: ``ExplanationStreams`` as shipped (speculative while one stream runs, batched from two)::
+
+    python benchmarks/explain_streams.py --index runs/search-builtin --streams 1,2,4,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from archlab.hardware import describe_cpu
+from archlab.search.engine import SearchEngine
+from archlab.search.explain import REPLY_OPENING, Explainer, ExplanationStreams
+
+QUESTIONS = ["how do I parse a JSON string", "sort a list by a key", "read a file line by line", "join two paths",
+             "current date and time", "run a shell command and capture its output", "compress data with gzip",
+             "parse command line arguments"]  # fmt: skip
+
+
+def fresh(hit):
+    """A copy of ``hit`` without its explanation (evidence kept)."""
+    copy = type(hit)(hit.doc, hit.rank, hit.score)
+    copy.evidence = list(hit.evidence)
+    return copy
+
+
+def turns(explainer, jobs) -> tuple[float, dict]:
+    started = time.perf_counter()
+    streams = [(q, h, explainer.stream(q, h)) for q, h in jobs]
+    while streams:
+        streams = [(q, h, s) for q, h, s in streams if next(s, None) is not None]
+    return time.perf_counter() - started, {q: h.explanation for q, h in jobs}
+
+
+def together(explainer, jobs, speculative_alone: bool) -> tuple[float, dict]:
+    started = time.perf_counter()
+    streams = ExplanationStreams(explainer)
+    streams.speculative_alone = speculative_alone
+    for query, hit in jobs:
+        streams.resume(streams.start(query, hit))
+    while streams.running:
+        streams.step()
+    return time.perf_counter() - started, {q: h.explanation for q, h in jobs}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--index", default="runs/search-builtin")
+    parser.add_argument("--streams", default="1,2,4,8", help="numbers of streams started together")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    args = parser.parse_args()
+    engine = SearchEngine.open(args.index)
+    explainer = Explainer(max_new_tokens=args.max_new_tokens, scorer="bm25")
+    if args.precision != "auto":  # the model in another precision than the machine's choice
+        from archlab.chat import load_chat_model
+
+        explainer._loaded = load_chat_model(explainer.spec, precision=args.precision)
+    model, _ = explainer.load()
+    hits = {}
+    for q in QUESTIONS:
+        hit = engine.search(q, k=1).hits[0]
+        explainer.fill_evidence(q, [hit])
+        hits[q] = hit
+    print(f"CPU: {describe_cpu()}; torch threads {torch.get_num_threads()}; {next(model.parameters()).dtype}; "
+          f"load {os.getloadavg()[0]:.1f} at the start")
+    together(explainer, [(QUESTIONS[0], fresh(hits[QUESTIONS[0]]))], True)  # warm-up
+    for n in (int(x) for x in args.streams.split(",")):
+        row, texts = [], []
+        for name, run in (("turns", lambda j: turns(explainer, j)), ("batched", lambda j: together(explainer, j, False)),
+                          ("default", lambda j: together(explainer, j, True))):  # fmt: skip
+            jobs = [(q, fresh(hits[q])) for q in QUESTIONS[:n]]
+            seconds, text = run(jobs)
+            tokens = sum(len(explainer.load()[1].encode(t)) for t in text.values())
+            row.append(f"{name} {seconds:.2f} s ({tokens / seconds:.0f} tok/s)")
+            texts.append(text)
+        same = all(t == texts[0] for t in texts)
+        print(f"{n} streams: " + ", ".join(row) + ("" if same else "; the texts differ (bf16 near-ties):"))
+        for name, text in zip(("turns", "batched", "default"), texts):
+            if not same:
+                print(f"  {name}: {[t[len(REPLY_OPENING):][:60] for t in text.values()]}")
+    print(f"load {os.getloadavg()[0]:.1f} at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
