@@ -202,7 +202,7 @@ def composition(memory: dict[int, dict[str, int]], pages: int) -> str:
     "over pages + global tokens) let a document reader fit 50 pages in one GPU's memory",
     source="lesson 8 card 5 (hierarchical document encoding, memory optimization)",
     tags=("memory", "document reader"),
-    minutes=4.1,  # 245.3 s measured on 2 cores shared with other jobs (load average 9): an upper bound
+    minutes=14.6,  # 874 s measured on 2 cores shared with other jobs (load average 7-11): an upper bound
 )
 def run(quick: bool, seed: int) -> LabResult:
     grid, ref, top = (GRID_QUICK, REF_QUICK, MAX_PAGES_QUICK) if quick else (GRID_FULL, REF_FULL, MAX_PAGES_FULL)
