@@ -456,7 +456,7 @@ def create_app(
 
     def read_explanation(stream, sink) -> None:
         """On the explanation thread: ``stream`` decodes with the running ones from the next round on, its pieces
-        handed to ``sink`` (None after the last)."""
+        handed to ``sink`` (None after the last; the exception if a decode round fails)."""
         sinks[stream] = sink
         streams.resume(stream)
         schedule_round()
@@ -476,6 +476,12 @@ def create_app(
                     sinks[stream](piece)
                 if stream.done:
                     sinks.pop(stream)(None)
+        except Exception as e:  # noqa: BLE001 (every page reading a stream is told; their rows leave)
+            for stream, sink in list(sinks.items()):
+                del sinks[stream]
+                sink(e)
+                with contextlib.suppress(Exception):
+                    streams.close(stream)
         finally:
             schedule_round()
 
@@ -500,6 +506,8 @@ def create_app(
 
                 explain_worker.submit(NEXT_TOKEN, read_explanation, stream, sink)
                 while (piece := await pieces.get()) is not None:
+                    if isinstance(piece, Exception):  # the decode round failed
+                        raise piece
                     yield sse("piece", {"text": piece})
             quotes = len(check_quotes(hit.explanation, hit.doc).quotes) if hit.explanation is not None else 0
             yield sse("done", {"explanation": hit.explanation, "quotes": quotes, "quotes_ok": hit.quotes_ok,

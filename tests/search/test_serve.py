@@ -43,14 +43,20 @@ class FakeEngine:
 class FakeExplainer:
     """Streams ``It says "<first evidence sentence>"`` in pieces; ``invent=True`` quotes words not in the document."""
 
-    def __init__(self, invent=False, fail=False):
-        self.invent, self.fail = invent, fail
+    def __init__(self, invent=False, fail=False, fail_later=False):
+        self.invent, self.fail, self.fail_later = invent, fail, fail_later
 
     def stream(self, query, hit, stats=None):
         if self.fail:
             raise DataError("the explanation model is not available")
+        if self.fail_later:
+            return self._failing()
         quote = "metformin cures everything" if self.invent else hit.evidence[0]
         return self._pieces(hit, [REPLY_OPENING, *quote.split(" ")[:1], *(" " + w for w in quote.split(" ")[1:]), '".'])
+
+    def _failing(self):
+        yield from [REPLY_OPENING, "Metformin"]
+        raise DataError("the explanation model failed mid-way")
 
     def _pieces(self, hit, pieces):
         yield from pieces
@@ -192,6 +198,11 @@ def test_explanations_stream_as_server_sent_events_and_report_the_quote_guard(cl
     search = failing.post("/api/search", json={"query": "metformin"}).json()
     assert events(failing.get(f"/api/explain/{search['search_id']}/1").text) == [
         ("failed", {"error": "the explanation model is not available"})]
+    later = client_for(explainer=FakeExplainer(fail_later=True), explain=1)  # a decode round fails: the page is told
+    search = later.post("/api/search", json={"query": "metformin"}).json()
+    assert events(later.get(f"/api/explain/{search['search_id']}/1").text) == [
+        ("piece", {"text": REPLY_OPENING}), ("piece", {"text": "Metformin"}),
+        ("failed", {"error": "the explanation model failed mid-way"})]
 
 
 def test_without_an_explainer_nothing_is_explained(client_for):
