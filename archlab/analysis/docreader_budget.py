@@ -170,7 +170,7 @@ def full_batch(config: DocReaderConfig, pages: int, batch: int = 1, device="meta
         ids(b, p, c.max_text_len), yes(b, p, c.max_text_len), ids(b, p, c.max_table_len), yes(b, p, c.max_table_len),
         ids(b, p, c.max_table_len), ids(b, p, c.max_table_len), torch.zeros(b, p, c.max_table_len, device=device),
         torch.zeros(b, p, c.n_channels, c.image_size, c.image_size, device=device), yes(b, p), yes(b, p),
-        ids(b, c.max_question_len), yes(b, c.max_question_len), ids(b),
+        ids(b, c.max_question_len), yes(b, c.max_question_len), ids(b), ids(b),
     )  # fmt: skip
 
 

@@ -265,10 +265,10 @@ class DocumentTask(Config):
                               for row in page.table[1:]), default=0)  # fmt: skip
             top = rng.randint(others_max + 1, self.max_value)  # the others are <= max_value - 1
             pages[target].table[1 + rng.randrange(self.table_rows)][col] = str(top)
-            return Document(pages, QUESTIONS[kind].format(asked), target + 1, f"page {target + 1}")
+            return Document(pages, QUESTIONS[kind].format(asked), target + 1, f"page {target + 1}", kind)
         if kind == "digit":
-            return Document(pages, QUESTIONS[kind].format(keyword), digit, str(digit))
-        return Document(pages, QUESTIONS[kind].format(keyword), count, f"{count} page{'s' * (count != 1)}")
+            return Document(pages, QUESTIONS[kind].format(keyword), digit, str(digit), kind)
+        return Document(pages, QUESTIONS[kind].format(keyword), count, f"{count} page{'s' * (count != 1)}", kind)
 
     def _text(self, rng: random.Random, texts: Sequence[str], keywords: list[str]) -> str:
         """A passage cut to ``max_words`` words, the mention sentences put at sentence boundaries."""
@@ -322,17 +322,17 @@ def solve(document, digit_of: Callable[[Tensor], int]) -> int:
 def view(document, how: str, index: int = 0):
     """``document`` as a baseline sees it (module docstring): ``full`` (as it is), ``single`` (page
     ``h(index) mod P`` shown, the others replaced by :data:`HIDDEN_PAGE`) or ``question`` (one page saying
-    :data:`NO_DOCUMENT`). The question and answer stay."""
-    from archlab.models.docreader import Document, Page
+    :data:`NO_DOCUMENT`). The question, answer and kind stay."""
+    from archlab.models.docreader import Page
 
     check_choice("view", how, VIEWS)
     if how == "full":
         return document
     if how == "question":
-        return Document([Page(NO_DOCUMENT)], document.question, document.answer, document.answer_text)
+        return dataclasses.replace(document, pages=[Page(NO_DOCUMENT)])
     shown = _hash("shown", str(index)) % len(document.pages)
     pages = [page if p == shown else Page(HIDDEN_PAGE) for p, page in enumerate(document.pages)]
-    return Document(pages, document.question, document.answer, document.answer_text)
+    return dataclasses.replace(document, pages=pages)
 
 
 # -- batches ------------------------------------------------------------------------------------------------------

@@ -62,6 +62,11 @@ def test_every_answer_is_what_the_pages_say(docs):
             assert solve(doc, read) == doc.answer, (split, doc.question)
 
 
+def test_every_document_carries_its_question_kind(docs):
+    """``Document.kind`` (what routes a document to its kind's answer head) is the kind its question asks."""
+    assert all(d.kind == kind_of(d) for some in docs.values() for d in some)
+
+
 def test_answers_cover_their_range_and_fit_the_label_set(docs):
     seen = Counter((kind_of(d), d.answer) for some in docs.values() for d in some)
     assert {k for k, _ in seen} == set(QUESTION_KINDS)
@@ -125,10 +130,11 @@ def test_views_hide_what_the_baselines_must_not_see(docs):
     doc = next(d for d in docs["train"] if len(d.pages) >= 4)
     alone = view(doc, "question")
     assert [p.text for p in alone.pages] == [NO_DOCUMENT] and alone.pages[0].image is None
-    assert (alone.question, alone.answer) == (doc.question, doc.answer)
+    assert (alone.question, alone.answer, alone.kind) == (doc.question, doc.answer, doc.kind)
     shown = [view(doc, "single", i) for i in range(30)]
     for one in shown:
-        assert len(one.pages) == len(doc.pages)
+        assert len(one.pages) == len(doc.pages) and (one.question, one.answer, one.kind) == (doc.question,
+                                                                                             doc.answer, doc.kind)
         visible = [p for p in one.pages if p.text != HIDDEN_PAGE]
         assert len(visible) == 1 and visible[0] in doc.pages
         assert all(p.table is None and p.image is None for p in one.pages if p.text == HIDDEN_PAGE)

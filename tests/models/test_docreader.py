@@ -414,6 +414,59 @@ def test_figure_global_off_is_the_card_reader_and_on_adds_only_the_figure_tokens
     assert (shown - card).abs().amax() > 1e-6
 
 
+def test_kind_heads_route_each_row_to_its_kinds_head():
+    """KindHeads (float64): row ``b`` gets ``h_b W_k^T + c_k`` of its own kind ``k = kinds[b]``, computed here row by
+    row; a row's loss reaches its own kind's head only (kind 1 asked by no row: no gradient)."""
+    from archlab.models.docreader import KindHeads
+
+    torch.manual_seed(0)
+    heads = KindHeads(8, 5, 3).double()
+    h = torch.randn(4, 8, dtype=torch.float64)
+    kinds = torch.tensor([2, 0, 2, 0])
+    out = heads(h, kinds)
+    want = torch.stack([h[b] @ heads.heads[k].weight.T + heads.heads[k].bias for b, k in enumerate(kinds.tolist())])
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    assert (out - heads(h, torch.zeros_like(kinds))).abs().amax() > 1e-3  # the heads differ: mixed rows would show
+    out.sum().backward()
+    assert heads.heads[1].weight.grad.abs().max() == 0 and heads.heads[1].bias.grad.abs().max() == 0
+    assert heads.heads[0].weight.grad.abs().max() > 0 and heads.heads[2].weight.grad.abs().max() > 0
+    torch.testing.assert_close(heads.heads[0].bias.grad, torch.full((5,), 2.0, dtype=torch.float64))  # rows 1 and 3
+
+
+def test_a_reader_with_answer_kinds_answers_each_document_with_its_kinds_head(tokenizer):
+    """``answer_kinds``: each document's logits (float64) are those of the one-head reader with the same weights
+    and its kind's head as the head; the batch's ``kinds`` follow the documents' ``kind``. Without answer_kinds the
+    reader is the one-head reader it was (``head`` a single Linear)."""
+    kinds = ("largest", "count")
+    c = config(answer_kinds=kinds)
+    routed, shared = model(c).double(), model(config()).double()
+    assert isinstance(shared.head, torch.nn.Linear) and len(routed.head.heads) == 2
+    docs = documents(c)
+    docs[0].kind, docs[1].kind = "count", "largest"
+    batch = collate(docs, c, tokenizer)
+    assert batch.kinds.tolist() == [1, 0] and collate(docs, config(), tokenizer).kinds.tolist() == [0, 0]
+    batch = batch._replace(images=batch.images.double())
+    state = {k: v for k, v in routed.state_dict().items() if not k.startswith("head.")}
+    with torch.no_grad():
+        out = routed(batch)
+        for row, k in enumerate(batch.kinds.tolist()):
+            shared.load_state_dict({**state, "head.weight": routed.head.heads[k].weight,
+                                    "head.bias": routed.head.heads[k].bias})  # fmt: skip
+            one_head = shared(batch._replace(kinds=torch.zeros_like(batch.kinds)))
+            torch.testing.assert_close(out[row], one_head[row], rtol=0, atol=1e-12)
+        swapped = routed(batch._replace(kinds=1 - batch.kinds))
+    assert ((swapped - out).abs().amax(-1) > 1e-6).all()
+    with pytest.raises(DataError, match=r"document 0: kind='digit' has no answer head; the reader's answer_kinds are "
+                                        r"\['largest', 'count'\]"):  # fmt: skip
+        collate([Document([Page("text")], "q?", 0, kind="digit")], c, tokenizer)
+    with pytest.raises(ShapeError, match=r"kinds holds 2, outside \[0, answer heads=2\)"):
+        routed(batch._replace(kinds=batch.kinds + 1))
+    with pytest.raises(ShapeError, match=r"kinds must have shape \[2\]"):
+        routed(batch._replace(kinds=batch.kinds[:1]))
+    with pytest.raises(ShapeError, match=r"kinds holds 1, outside \[0, answer heads=1\)"):
+        shared(batch)  # one head: every row's kind is 0
+
+
 def test_cell_number_reads_plain_numbers_only():
     from archlab.models.docreader import cell_number
 
@@ -639,6 +692,8 @@ def test_bad_batches_are_refused_by_the_model(tokenizer):
         (dict(figure_global="yes"), "figure_global='yes' must be true or false"),
         (dict(figure_global=1), "figure_global=1 must be true or false"),
         (dict(table_numbers="on"), "table_numbers='on' must be true or false"),
+        (dict(answer_kinds=("count", "count")), "'count'] names a kind twice"),
+        (dict(answer_kinds=("count", "")), "''] must name question kinds (non-empty strings)"),
     ],
 )
 def test_bad_configs_are_refused_naming_the_field(overrides, message):
