@@ -2,7 +2,8 @@
 stream, prompt-lookup speculative rounds against plain one-token steps. SmolLM2-135M-Instruct in the machine's
 precision, the first hits of the built-in index's questions; greedy, so every way decodes the same text (checked).
 
-For ``N`` streams started together, the wall time until all have ended and their tokens per second:
+For ``N`` streams started together, the CPU time of the process (both torch threads; less sensitive than wall time
+to other jobs on a shared machine) until all have ended, and their tokens per CPU second:
 
 * ``turns``: each stream on its own (``Explainer.stream``: prompt-lookup speculative), one piece each in turn:
   how ``archlab search serve`` decoded before streams were batched;
@@ -10,7 +11,7 @@ For ``N`` streams started together, the wall time until all have ended and their
   round one batched greedy step, one stream included);
 * ``default``: ``ExplanationStreams`` as shipped (speculative while one stream runs, batched from two)::
 
-    python benchmarks/explain_streams.py --index runs/search-builtin --streams 1,2,4,8
+    python benchmarks/explain_streams.py --index runs/search-builtin --streams 1,3 --max-new-tokens 32 --threads 1
 """
 
 from __future__ import annotations
@@ -38,22 +39,22 @@ def fresh(hit):
 
 
 def turns(explainer, jobs) -> tuple[float, dict]:
-    started = time.perf_counter()
+    started = time.process_time()
     streams = [(q, h, explainer.stream(q, h)) for q, h in jobs]
     while streams:
         streams = [(q, h, s) for q, h, s in streams if next(s, None) is not None]
-    return time.perf_counter() - started, {q: h.explanation for q, h in jobs}
+    return time.process_time() - started, {q: h.explanation for q, h in jobs}
 
 
 def together(explainer, jobs, speculative_alone: bool) -> tuple[float, dict]:
-    started = time.perf_counter()
+    started = time.process_time()
     streams = ExplanationStreams(explainer)
     streams.speculative_alone = speculative_alone
     for query, hit in jobs:
         streams.resume(streams.start(query, hit))
     while streams.running:
         streams.step()
-    return time.perf_counter() - started, {q: h.explanation for q, h in jobs}
+    return time.process_time() - started, {q: h.explanation for q, h in jobs}
 
 
 def main() -> int:
@@ -62,7 +63,11 @@ def main() -> int:
     parser.add_argument("--streams", default="1,2,4,8", help="numbers of streams started together")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's); 1 keeps the "
+                        "CPU time free of idle threads spinning, on a shared machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     engine = SearchEngine.open(args.index)
     explainer = Explainer(max_new_tokens=args.max_new_tokens, scorer="bm25")
     if args.precision != "auto":  # the model in another precision than the machine's choice
@@ -85,7 +90,7 @@ def main() -> int:
             jobs = [(q, fresh(hits[q])) for q in QUESTIONS[:n]]
             seconds, text = run(jobs)
             tokens = sum(len(explainer.load()[1].encode(t)) for t in text.values())
-            row.append(f"{name} {seconds:.2f} s ({tokens / seconds:.0f} tok/s)")
+            row.append(f"{name} {seconds:.1f} s ({tokens / seconds:.1f} tokens per CPU second)")
             texts.append(text)
         same = all(t == texts[0] for t in texts)
         print(f"{n} streams: " + ", ".join(row) + ("" if same else "; the texts differ (bf16 near-ties):"))

@@ -504,11 +504,11 @@ class ExplanationStreams:
     text is the one it gets decoded alone (up to floating-point near-ties).
 
     Speculative alone, batched from two streams on (:attr:`speculative_alone`), chosen by measurement
-    (``benchmarks/explain_streams.py``, SmolLM2-135M-Instruct in bf16 on the 2-core AMD EPYC at a load of 8-10, the
-    README's search section): one stream of 32 tokens took 16-18 s with speculative rounds and 37 s with one-token
-    steps; three streams of 16 tokens took 14 s as one batch and 22 s taking turns, each speculative. Speculative
-    rounds of several rows would accept different numbers of drafts per row (a ragged cache), so they are not
-    combined with the batch.
+    (``benchmarks/explain_streams.py --threads 1``, SmolLM2-135M-Instruct in bf16, 32 tokens a stream, CPU seconds
+    on the AMD EPYC at a load of 7, the README's search section): one stream 1.2 s with speculative rounds on its
+    row against 1.6 s with one-token steps; 8 streams 4.1 s this way against 6.5 s taking turns, each stream
+    speculative on its own. Speculative rounds of several rows would accept different numbers of drafts per row
+    (a ragged cache), so they are not combined with the batch.
     """
 
     speculative_alone = True  # one stream running: a speculative round (False: a one-row greedy step)
