@@ -315,7 +315,8 @@ DIGIT_RECIPE = {**COUNT_RECIPE, "questions": ("digit",), "figure_global": True}
 #: "Which page's table lists the largest price?" on 2..3 pages: the digit recipe's reader with ``table_numbers=True``
 #: (each number cell's tokens get a numeric embedding of sign and log-magnitude in the table encoder, not the card's),
 #: 800 steps: 0.566 on 256 test documents against the majority page's 0.434 (seed 1: 0.562 against 0.418; seed 2:
-#: 0.555 against 0.453, the question-only reader's too: the 0.10 asked holds there with 0.002 of slack). The same
+#: 0.555 against 0.453, the question-only reader's too: the 0.10 asked holds there with 0.002 of slack; seed 3: 0.551
+#: against 0.434, the question-only reader's too, a margin of 0.117). The same
 #: recipe without the numbers reached 0.473 (seed 1: 0.512; 0.410 at 400 steps); with them 0.422 at 400 steps.
 LARGEST_RECIPE = {**DIGIT_RECIPE, "questions": ("largest",), "table_numbers": True}
 #: No recipe asks the three kinds together: this reader (both switches) trained on them mixed learns the count only
