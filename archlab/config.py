@@ -47,7 +47,7 @@ class Config:
                 raise ConfigError(f"{cls.__name__}: " + unknown("key", key, names))
         hints = typing.get_type_hints(cls)
         # JSON has no tuples: a list given for a tuple field becomes a tuple, nested ones too
-        data = {k: _tuples(v) if typing.get_origin(hints.get(k)) is tuple else v for k, v in data.items()}
+        data = {k: _tuples(v) if _holds_tuple(hints.get(k)) else v for k, v in data.items()}
         return cls(**data)
 
     def replace(self, **overrides: Any) -> Self:
@@ -84,6 +84,13 @@ class Config:
 
 # -- validation helpers: one message style everywhere --------------------------------------------
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _holds_tuple(annotation: Any) -> bool:
+    """A field that takes a tuple: ``tuple[...]`` or a union with one (``tuple[str, ...] | None``)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_holds_tuple(a) for a in typing.get_args(annotation))
+    return typing.get_origin(annotation) is tuple
 
 
 def _tuples(value: Any) -> Any:

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from archlab.config import Config, check_positive, require
+from archlab.config import Config, check_choice, check_positive, require
 from archlab.data import (
     TASK_NAMES,
     BatchSource,
@@ -150,6 +150,9 @@ class DataConfig(Config):
             documents are new at every step).
         min_length, max_length: a synthetic task's length knob (``dates`` ignores it); pages per document for
             ``documents``.
+        questions: ``documents`` only: the kinds of question asked (``largest``, ``digit``, ``count``; ``None``:
+            all three, drawn uniformly). One kind is how the recipes that learn train (``archlab.labs.docreader``:
+            mixed, the tiny reader learns the count only).
         seq_len: tokens per LM/MLM/token-window row, or the longest text of text classification; ``None``: the
             model's context.
         text_field, label_field, source_field, target_field: the JSONL fields / CSV columns to read.
@@ -165,6 +168,7 @@ class DataConfig(Config):
     n_valid: int = 1000
     min_length: int = 1
     max_length: int = 8
+    questions: tuple[str, ...] | None = None
     seq_len: int | None = None
     text_field: str = "text"
     label_field: str = "label"
@@ -187,6 +191,15 @@ class DataConfig(Config):
         for name in ("max_bytes", "seq_len"):
             if getattr(self, name) is not None:
                 check_positive(name, getattr(self, name))
+        if self.questions is not None:
+            from archlab.data.documents import QUESTION_KINDS
+
+            require(len(self.questions) >= 1, f"data.questions={list(self.questions)} must name at least one kind of "
+                    f"{list(QUESTION_KINDS)}, or be null (all)")  # fmt: skip
+            for kind in self.questions:
+                check_choice("data.questions", kind, QUESTION_KINDS)
+            require(len(set(self.questions)) == len(self.questions), f"data.questions={list(self.questions)} repeats "
+                    "a kind")  # fmt: skip
         require(1 <= self.valid_percent <= 99, f"valid_percent={self.valid_percent!r} must be in 1..99")
         require(self.seed >= 0, f"seed={self.seed!r} must be >= 0")
 
@@ -228,6 +241,8 @@ def resolve_data(data: DataConfig, task: str, model_config: Config, who: str) ->
                 f"{model_config.max_pages}")  # fmt: skip
     elif tokenizer == "auto":
         tokenizer = "char" if task == "seq2seq" else "bpe"
+    require(data.questions is None or kind == "documents", f"data.questions={list(data.questions or ())} asks kinds "
+            f"of question of the generated documents; data.source={source!r} has none (leave it null)")  # fmt: skip
     seq_len = data.seq_len
     if seq_len is None and kind not in ("synthetic", "images", "documents") and task != "seq2seq":
         seq_len = model_config.context_length or DEFAULT_SEQ_LEN  # what the family declares (archlab.models.base)
@@ -408,7 +423,9 @@ def _documents(data: DataConfig, model_config: Config, shard: dict) -> RunData:
     from archlab.data.documents import DocumentBatches, DocumentTask, documents_fit
     from archlab.models.docreader import DocReaderTokenizer, collate
 
-    task = DocumentTask(min_pages=data.min_length, max_pages=data.max_length, image_size=model_config.image_size)
+    questions = {} if data.questions is None else {"questions": data.questions}
+    task = DocumentTask(min_pages=data.min_length, max_pages=data.max_length, image_size=model_config.image_size,
+                        **questions)  # fmt: skip
     tokenizer = DocReaderTokenizer()
     documents_fit(task, model_config, tokenizer)
     source = DocumentBatches(task, lambda docs: collate(docs, model_config, tokenizer)._asdict(), n_valid=data.n_valid,

@@ -61,12 +61,33 @@ def test_resume_through_the_cli_is_bit_exact(capsys, tmp_path):
         ({"data.tokenizer": "bpe"}, "data.tokenizer='bpe': documents are read with the reader's own tokenizer"),
         ({"data.source": "stdlib"}, "its data is the generated documents (source 'documents')"),
         ({"model.max_text_len": 24}, "the reader cannot read these documents whole: max_text_len=24 < "),
+        ({"data.questions": '["largest", "sum"]'}, "data.questions: unknown value 'sum'"),
+        ({"data.questions": "[]"}, "data.questions=[] must name at least one kind"),
+        ({"data.questions": '["count", "count"]'}, "data.questions=['count', 'count'] repeats a kind"),
     ],
 )  # fmt: skip
 def test_data_the_reader_cannot_read_is_one_clear_line(capsys, tmp_path, change, words):
     line = error_line(capsys, "train", "docreader-tiny", "--out", tmp_path / "r", *sets(**change))
     assert words in line
     assert not (tmp_path / "r").exists()
+
+
+def test_data_questions_picks_the_kinds_a_run_trains_and_validates_on():
+    """One kind, as the recipes that learn train (archlab.labs.docreader): every training and validation document
+    asks it; the default asks all three."""
+    from archlab.data.documents import QUESTION_KINDS
+
+    def kinds(**data) -> set[str]:  # a head per kind only so that each batch row says its kind (DocBatch.kinds)
+        run = prepare(RunSpec("docreader-tiny", model={"answer_kinds": list(QUESTION_KINDS)},
+                              data={"max_length": 3, "n_valid": 12, **data}, train={"batch_size": 12}))  # fmt: skip
+        batches = [next(run.run_data.train), *run.run_data.valid()]
+        return {QUESTION_KINDS[k] for b in batches for k in b["kinds"].tolist()}
+
+    assert kinds(questions=["digit"]) == {"digit"}
+    assert kinds(questions=["largest", "count"]) == {"largest", "count"}
+    assert kinds() == {"largest", "digit", "count"}
+    with pytest.raises(ConfigError, match="data.questions=\\['count'\\] asks kinds of question of the generated documents"):
+        prepare(RunSpec("gpt-nano", data={"questions": ["count"]}))
 
 
 def test_a_token_window_model_is_refused_documents():
