@@ -76,6 +76,17 @@ def test_absurd_sizes_are_refused_with_the_size_and_the_memory(preset, overrides
         assert message.endswith("of memory available")
 
 
+@pytest.mark.parametrize("preset, overrides", [("vit-tiny", dict(d_model=2**40, n_layers=1, d_ff=32)),
+                                               ("bert-mini", dict(d_model=2**40))])  # fmt: skip
+def test_sizes_whose_tensors_cannot_even_be_counted_are_refused(preset, overrides):
+    """A weight of more than 2^63 elements overflows the meta device's count too (torch: "Storage size calculation
+    overflowed"): still one clear ConfigError naming the size, before and after the allocator."""
+    config = get_config(preset, **overrides)
+    for refuse in (check_fits_in_memory, build_model):
+        with pytest.raises(ConfigError, match="d_model=1099511627776.*more than 2\\^63 elements; no machine can build"):
+            refuse(config)
+
+
 def test_the_bound_is_the_memory_available(monkeypatch):
     """Refused exactly when the model's bytes exceed what the machine has."""
     config = get_config("gpt-nano")

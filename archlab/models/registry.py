@@ -158,7 +158,14 @@ def model_bytes(config: Config, model_cls: type[nn.Module]) -> int:
     from archlab.analysis.memory import module_bytes  # (analysis sits above models: imported when used)
 
     with torch.device("meta"):
-        return module_bytes(model_cls(config))
+        try:
+            model = model_cls(config)
+        except RuntimeError as e:  # a tensor of more than 2^63 elements: even its shape cannot be counted
+            if "overflow" not in str(e):
+                raise
+            raise ConfigError(f"{model_cls.__name__} of {_largest_sizes(config)}: a parameter of this model would "
+                              "hold more than 2^63 elements; no machine can build it") from None  # fmt: skip
+    return module_bytes(model)
 
 
 def check_fits_in_memory(config: Config, model_class: str | None = None) -> None:
@@ -177,12 +184,17 @@ def too_large(config: Config, model_cls: type[nn.Module]) -> ConfigError:
     from archlab.analysis.memory import available_memory, format_bytes
 
     needed, available = model_bytes(config, model_cls), available_memory()
-    sizes = sorted(((v, k) for k, v in config.to_dict().items() if type(v) is int), reverse=True)[:3]
     has = "an unknown amount" if available is None else format_bytes(available)
     return ConfigError(
-        f"{model_cls.__name__} of {', '.join(f'{k}={v}' for v, k in sizes)} needs {format_bytes(needed)} for its "
+        f"{model_cls.__name__} of {_largest_sizes(config)} needs {format_bytes(needed)} for its "
         f"parameters and buffers; this machine has {has} of memory available"
     )
+
+
+def _largest_sizes(config: Config) -> str:
+    """The config's three largest integer fields, ``"d_model=..., max_len=..., ..."``: what makes a model large."""
+    sizes = sorted(((v, k) for k, v in config.to_dict().items() if type(v) is int), reverse=True)[:3]
+    return ", ".join(f"{k}={v}" for v, k in sizes)
 
 
 def list_presets() -> list[Preset]:
