@@ -136,6 +136,13 @@ class _Stepper:
             self.cache.reorder(index)
 
 
+def _steps_rows(model: nn.Module) -> bool:
+    """Whether ``model`` decodes padded rows: ``decoder_step(attention_mask)`` and ``new_cache()`` (GPT, Llama)."""
+    make = getattr(model, "decoder_step", None)
+    return callable(make) and "attention_mask" in inspect.signature(make).parameters and callable(
+        getattr(model, "new_cache", None))  # fmt: skip
+
+
 def _stepper(model_or_step: Any, attention_mask: Tensor | None, cache: Any, use_cache: bool) -> _Stepper:
     if cache is not None and not use_cache:
         raise ConfigError("cache was given but use_cache=False; pass one or the other")
@@ -144,7 +151,7 @@ def _stepper(model_or_step: Any, attention_mask: Tensor | None, cache: Any, use_
     if isinstance(model_or_step, nn.Module):
         model = model_or_step
         make = getattr(model, "decoder_step", None)
-        if make is None or "attention_mask" not in inspect.signature(make).parameters or not hasattr(model, "new_cache"):
+        if not _steps_rows(model):
             raise ConfigError(
                 f"model_or_step: {type(model).__name__} has no decoder_step(attention_mask) and new_cache(); "
                 "for an encoder-decoder model pass model.decoder_step(memory, memory_mask) and cache=model.new_cache()"
@@ -613,9 +620,7 @@ class RowBatch:
     CACHE_METHODS = ("pad_front", "join", "crop", "drop_front", "empty_like", "reorder")
 
     def __init__(self, model: nn.Module):
-        make = getattr(model, "decoder_step", None)
-        if not isinstance(model, nn.Module) or make is None or not callable(getattr(model, "new_cache", None)) \
-                or "attention_mask" not in inspect.signature(make).parameters:  # fmt: skip
+        if not isinstance(model, nn.Module) or not _steps_rows(model):
             raise ConfigError(f"model must be a decoder-only model with decoder_step(attention_mask) and new_cache() "
                               f"(GPT, Llama), got {type(model).__name__}")  # fmt: skip
         self._empty = model.new_cache()
