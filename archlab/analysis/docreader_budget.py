@@ -16,7 +16,12 @@ assuming:
   recorded by ``torch.autograd.graph.saved_tensors_hooks`` on the meta device (each storage once) and attributed
   to the component running; frozen encoders save nothing (nothing needs their gradients). With gradient
   checkpointing a transformer block keeps only its input and recomputes the rest in backward: the inputs of every
-  block, what runs outside blocks, plus the largest block's saved tensors (alive while it is recomputed);
+  block, what runs outside blocks, plus the largest block's saved tensors (alive while it is recomputed). With
+  ``pages_per_chunk = k`` the page stage (:meth:`~archlab.models.docreader.DocReader.read_pages`: page encoders,
+  fusion, Perceiver, each page's global tokens) runs ``k`` pages at a time, each chunk checkpointed, so training
+  keeps none of its saved tensors but those of the one chunk being recomputed in backward: the page stage's saved
+  bytes are measured on a chunk of ``min(k, pages)`` pages (``chunk`` line) instead of on every page, and what the
+  levels above save is measured as before;
 * **KV cache**: the keys and values the reasoning layers read from the document (what another question about the
   same document reuses), ``2 L_reason N_doc d s``, with the document compressed (``n_global + P L`` tokens, the
   global tokens by role in ``DocReaderConfig.global_tokens``: with ``figure_global`` a figure per page too) and
@@ -101,6 +106,9 @@ class DocReaderBudget:
     components: tuple[ComponentBudget, ...]
     recompute_peak: int  # the largest single block's saved tensors (alive while it is recomputed)
     tokens_per_page: int  # fused tokens of a full page: text + table + [class] + patches
+    pages_per_chunk: int | None  # the page stage's chunk (None: every page at once, counted in the components)
+    chunk_activations: int  # bytes one chunk of the page stage saves (alive while it is recomputed); 0 unchunked
+    chunk_activations_checkpointed: int  # ... with its blocks checkpointed: their inputs, outside them, one block
     reasoning_tokens: int  # the reasoning module's sequence, hierarchical: n_global + P L
     kv_cache: int  # reasoning K/V over the compressed document
     kv_cache_flat: int  # ... over every token of the preset's pages
@@ -111,11 +119,15 @@ class DocReaderBudget:
 
     @property
     def activations(self) -> int:
-        return sum(c.activations for c in self.components)
+        """Saved for backward, no block checkpointing: the components' (with ``pages_per_chunk``, outside the page
+        stage) and one chunk of the page stage."""
+        return sum(c.activations for c in self.components) + self.chunk_activations
 
     @property
     def activations_checkpointed(self) -> int:
-        return sum(c.activations_checkpointed for c in self.components) + self.recompute_peak
+        """Kept with every block checkpointed, plus the largest recompute: one block's, or one page chunk's."""
+        recompute = max(self.recompute_peak, self.chunk_activations_checkpointed)
+        return sum(c.activations_checkpointed for c in self.components) + recompute
 
     @property
     def training_state(self) -> int:
@@ -129,6 +141,8 @@ class DocReaderBudget:
         """The figures as plain numbers (bytes), for JSON."""
         return {
             "pages": self.pages, "batch": self.batch, "dtype": "bf16", "tokens_per_page": self.tokens_per_page,
+            "pages_per_chunk": self.pages_per_chunk, "chunk_activations": self.chunk_activations,
+            "chunk_activations_checkpointed": self.chunk_activations_checkpointed,
             "components": {
                 c.name: {"params": c.params, "trainable": c.trainable, "weights_fp32": c.weight_bytes("fp32"),
                          "weights_bf16": c.weight_bytes("bf16"), "training_state": c.training_bytes,
@@ -179,6 +193,8 @@ class _Tally:
     """Saved-tensor bytes by component and by block, each storage counted once."""
 
     skip: set[int]  # storages not to count (parameters)
+    pages: _Tally | None = None  # where what the page stage (DocReader.read_pages) saves goes; None: here
+    in_pages: bool = False  # the page stage is running
     seen: set[int] = field(default_factory=set)
     by_component: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     by_block: dict[int, int] = field(default_factory=lambda: defaultdict(int))
@@ -187,19 +203,24 @@ class _Tally:
     component: list[str] = field(default_factory=list)
     block: list[int] = field(default_factory=list)
 
+    @property
+    def into(self) -> _Tally:
+        """The tally that counts what is saved now: :attr:`pages` while the page stage runs, else this one."""
+        return self.pages if self.in_pages and self.pages is not None else self
+
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         key = storage._cdata
         if key in self.skip or key in self.seen or not self.component:
             return t
         self.seen.add(key)
-        n = storage.nbytes()
+        n, into = storage.nbytes(), self.into
         name = self.component[-1]
-        self.by_component[name] += n
+        into.by_component[name] += n
         if self.block:
-            self.by_block[self.block[-1]] += n
+            into.by_block[self.block[-1]] += n
         else:
-            self.outside_blocks[name] += n
+            into.outside_blocks[name] += n
         return t
 
 
@@ -220,11 +241,21 @@ def _measuring(model: DocReader, tally: _Tally) -> Iterator[None]:
 
             def enter(m, args, kwargs):
                 if not tally.block:  # the outermost block: its input is what checkpointing keeps
-                    tally.block_inputs[tally.component[-1]] += _storage_bytes(args[0])
+                    tally.into.block_inputs[tally.component[-1]] += _storage_bytes(args[0])
                 tally.block.append(id(m))
 
             handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
             handles.append(module.register_forward_hook(lambda m, a, o: tally.block.pop() and None))
+    if tally.pages is not None:  # the page stage's saves go to tally.pages
+
+        def read_pages(read, batch, *args, _read_pages=model.read_pages):
+            tally.in_pages = True
+            try:
+                return _read_pages(read, batch, *args)
+            finally:
+                tally.in_pages = False
+
+        model.read_pages = read_pages
     sdpa, tiles = F.scaled_dot_product_attention, efficient._Tiles.forward
     F.scaled_dot_product_attention, efficient._Tiles.forward = _flash_on_meta, _tiles_on_meta
     try:
@@ -232,6 +263,7 @@ def _measuring(model: DocReader, tally: _Tally) -> Iterator[None]:
             yield
     finally:
         F.scaled_dot_product_attention, efficient._Tiles.forward = sdpa, tiles
+        model.__dict__.pop("read_pages", None)
         for h in handles:
             h.remove()
 
@@ -266,9 +298,12 @@ def _flash_on_meta(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     return out[0]
 
 
-def measure_activations(model: DocReader, batch: DocBatch) -> _Tally:
-    """The bytes a training forward of ``model`` on ``batch`` saves for backward, by component and block."""
-    tally = _Tally(skip={p.untyped_storage()._cdata for p in model.parameters()})
+def measure_activations(model: DocReader, batch: DocBatch, *, page_stage: bool = False) -> _Tally:
+    """The bytes a training forward of ``model`` on ``batch`` saves for backward, by component and block;
+    ``page_stage``: what the page stage (:meth:`DocReader.read_pages`) saves is counted apart, in the tally's
+    ``pages``."""
+    skip = {p.untyped_storage()._cdata for p in model.parameters()}
+    tally = _Tally(skip=skip, pages=_Tally(skip=skip) if page_stage else None)
     model.train()
     with _measuring(model, tally):
         model(batch)
@@ -291,13 +326,18 @@ def docreader_budget(config: DocReaderConfig, *, pages: int | None = None, batch
     if pages > config.max_pages:
         raise ConfigError(f"pages={pages} is more than the reader's page table holds (max_pages={config.max_pages})")
     # dropout masks are a training choice, not the design's; checkpointed blocks and page chunks would hide what
-    # autograd saves from the tally (the budget adds checkpointing itself; chunking is measured by the lab)
+    # autograd saves from the tally (the budget adds both itself: a chunk's page stage is measured on its pages)
+    k = config.pages_per_chunk
     c = config.replace(dropout=0.0, checkpointing=False, pages_per_chunk=None)
     with torch.device("meta"):
         model = DocReader(c).to(torch.bfloat16)
         flat = DocReader(c.replace(reader="flat")).to(torch.bfloat16)
-    tally = measure_activations(model, full_batch(c, pages, batch))
+    tally = measure_activations(model, full_batch(c, pages, batch), page_stage=k is not None)
     flat_tally = measure_activations(flat, full_batch(c, pages, batch))
+    chunk = _Tally(skip=set())  # unchunked: nothing apart
+    if k is not None:
+        one_chunk = measure_activations(model, full_batch(c, k, batch), page_stage=True) if k < pages else tally
+        chunk = one_chunk.pages
 
     components = []
     for name, attrs in COMPONENTS.items():
@@ -317,6 +357,9 @@ def docreader_budget(config: DocReaderConfig, *, pages: int | None = None, batch
     return DocReaderBudget(
         config=config, pages=pages, batch=batch, components=tuple(components),
         recompute_peak=max(tally.by_block.values(), default=0), tokens_per_page=tokens_per_page,
+        pages_per_chunk=k, chunk_activations=sum(chunk.by_component.values()),
+        chunk_activations_checkpointed=sum(chunk.block_inputs.values()) + sum(chunk.outside_blocks.values())
+        + max(chunk.by_block.values(), default=0),
         reasoning_tokens=reasoning_tokens, kv_cache=kv(reasoning_tokens), kv_cache_flat=kv(flat_tokens),
         kv_cache_flat_card=kv(card_tokens), reasoning_activations=tally.by_component["reasoning module"],
         reasoning_activations_flat=flat_tally.by_component["reasoning module"],
@@ -373,6 +416,13 @@ def card_notes(config: DocReaderConfig, model: DocReader, pages: int) -> list[st
 # ================================================================================================
 
 
+CHUNK_NOTE = (
+    ", or one chunk's if larger. Pages read in chunks: the components count what is saved outside the page stage "
+    "(page encoders, fusion, Perceiver: read_pages); the chunk line is what one chunk of the page stage saves, alive "
+    "while backward recomputes it (its ckpt: its blocks' inputs, what runs outside them and one block)."
+)
+
+
 def format_budget(budget: DocReaderBudget) -> str:
     """The budget as text: per component beside the card's figures, then latent compression and the notes."""
     b, c = budget, budget.config
@@ -380,9 +430,10 @@ def format_budget(budget: DocReaderBudget) -> str:
     num = lambda n: f"{n / scale:.2f}"  # noqa: E731
     card = lambda key: "-" if CARD_GB[key] is None else f"{CARD_GB[key]:g}"  # noqa: E731
     scores = lambda n: score_matrix_bytes(n, heads=c.n_heads, batch=b.batch, dtype="bf16")  # noqa: E731
+    chunked = "" if b.pages_per_chunk is None else f", pages read {b.pages_per_chunk} at a time"
     lines = [
-        f"memory budget of the document reader: {b.pages} pages of {b.tokens_per_page} tokens, batch {b.batch}, bf16 "
-        "(archlab.analysis.docreader_budget; the model built and run on the meta device)",
+        f"memory budget of the document reader: {b.pages} pages of {b.tokens_per_page} tokens, batch {b.batch}, bf16"
+        f"{chunked} (archlab.analysis.docreader_budget; the model built and run on the meta device)",
         "",
         f"{'component':<24}{'params':>9}{'fp32':>9}{'bf16':>9}{'train':>9}{'acts':>9}{'ckpt':>9}{'card GB':>9}",
     ]
@@ -394,6 +445,9 @@ def format_budget(budget: DocReaderBudget) -> str:
             f"{num(comp.training_bytes):>9}{num(comp.activations):>9}{num(comp.activations_checkpointed):>9}"
             f"{card(comp.name):>9}"
         )
+    if b.pages_per_chunk is not None:
+        label = f"chunk of {min(b.pages_per_chunk, b.pages)} page{'s' * (min(b.pages_per_chunk, b.pages) > 1)}"
+        lines.append(f"{label:<24}{'':>36}{num(b.chunk_activations):>9}{num(b.chunk_activations_checkpointed):>9}")
     lines += [
         f"{'block recompute (ckpt)':<24}{'':>45}{num(b.recompute_peak):>9}",
         f"{'KV cache (reasoning)':<24}{'':>18}{num(b.kv_cache):>9}{'':>27}{card('KV cache'):>9}",
@@ -402,7 +456,7 @@ def format_budget(budget: DocReaderBudget) -> str:
         "mixed-precision Adam, 16 B per trained parameter (bf16 weights and grads, fp32 master, m, v), 2 B per frozen "
         "one. acts: tensors saved for backward in one training forward, measured (attention as flash attention "
         "keeps it; frozen encoders save none). ckpt: the same with every transformer block checkpointed (its input "
-        "kept), plus one block's recompute.",
+        "kept), plus one block's recompute" + ("." if b.pages_per_chunk is None else CHUNK_NOTE),
         "",
         f"totals ({unit})                          archlab     card GB",
         f"  weights, grads, optimizer state {num(b.training_state):>12}"

@@ -91,6 +91,30 @@ def test_figure_global_tokens_are_counted_in_the_budget():
     assert "figure" not in sequence(card)
 
 
+def test_pages_per_chunk_keeps_one_chunk_of_the_page_stage(capsys):
+    """With ``pages_per_chunk = k`` training keeps the page stage's saved tensors (page encoders, fusion, Perceiver)
+    for one chunk of ``k`` pages only (it is recomputed in backward): the budget measures that chunk instead of every
+    page, and what the levels above save is unchanged. A chunk of every page is the unchunked budget."""
+    c = get_config("docreader-tiny", **TINY)
+    whole = docreader_budget(c, pages=4)
+    one, every = (docreader_budget(c.replace(pages_per_chunk=k), pages=4) for k in (1, 4))
+    assert whole.pages_per_chunk is None and whole.chunk_activations == 0
+    assert every.activations == whole.activations and every.activations_checkpointed == whole.activations_checkpointed
+    assert one.activations < 0.5 * whole.activations and one.activations_checkpointed < whole.activations_checkpointed
+    # pages are read independently: one page's chunk is a quarter of four pages' (to 1%, a few index tensors)
+    assert one.chunk_activations == pytest.approx(every.chunk_activations / 4, rel=1e-2)
+    # outside the page stage nothing depends on the chunk; the page encoders and fusion run only inside it
+    assert [x.activations for x in one.components] == [x.activations for x in every.components]
+    assert {x.name for x in one.components if x.activations == 0} >= {"table encoder", "image encoder", "fusion layers"}
+    assert one.activations == sum(x.activations for x in one.components) + one.chunk_activations
+    assert main(["inspect", "docreader-tiny", "--pages", "4", "--set", "pages_per_chunk=1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)["docreader_budget"]
+    assert data["pages_per_chunk"] == 1 and data["activations"] < data["chunk_activations"] * 4
+    assert main(["inspect", "docreader-tiny", "--pages", "4", "--set", "pages_per_chunk=2"]) == 0
+    out = capsys.readouterr().out
+    assert "pages read 2 at a time" in out and "chunk of 2 pages" in out
+
+
 def test_the_card_budget_and_where_its_arithmetic_is_off(card):
     names = {comp.name: comp for comp in card.components}
     assert names["text encoder"].frozen and names["image encoder"].frozen  # the card freezes them
