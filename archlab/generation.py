@@ -465,8 +465,11 @@ class _Rows:
         self.logits = self._rebuilt()(input_ids, self.cache)[:, -1]
 
     def _rebuilt(self) -> Step:
-        """The model's step for these rows, on ``mask`` (every later position counts as real)."""
+        """The model's steps for these rows, on ``mask`` (every later position counts as real), built once per
+        change of the rows or positions, not per step: :meth:`step`'s (the last position's logits) and
+        :meth:`feed`'s (every fed position's)."""
         self._step = _stepper(self.model, self.mask, self.cache, True).step
+        self._feed_step = self.model.decoder_step(attention_mask=self.mask)
         return self._step
 
     def step(self, next_ids: Tensor) -> None:
@@ -500,8 +503,7 @@ class _Rows:
     def feed(self, tokens: Tensor) -> Tensor:
         """Feed each row ``tokens [R, n]`` (all real); returns the logits at each of them ``[R, n, V]``
         (:attr:`logits`: the last position's)."""
-        self._grow()
-        out = self.model.decoder_step(attention_mask=self.mask)(tokens, self.cache)
+        out = self._feed_step(tokens, self.cache)
         self.logits = out[:, -1]
         return out
 

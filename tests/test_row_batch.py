@@ -6,6 +6,7 @@ padding position read as real fails."""
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -94,6 +95,39 @@ def test_a_batch_that_never_empties_holds_its_oldest_rows_positions_and_decodes_
     for k, logits in seen.items():
         n = len(logits)
         alone = m(torch.tensor([seqs[k][:-1]]))[0, -n:]
+        torch.testing.assert_close(torch.stack(logits), alone, rtol=1e-9, atol=1e-9, msg=f"row {k}")
+
+
+@torch.no_grad()
+def test_steps_are_built_when_rows_change_not_at_every_step():
+    """The model's step is built when rows join or leave (or positions are cropped or dropped), once for all the
+    steps until then: five steps of two rows build none; their logits stay each row's own (the mask grows with
+    the fed tokens inside the built step)."""
+    m = family_model("llama")
+    builds = []
+
+    @functools.wraps(m.decoder_step)  # the signature kept: RowBatch reads it
+    def counted(*args, **kwargs):
+        builds.append(1)
+        return counted.__wrapped__(*args, **kwargs)
+
+    m.decoder_step = counted
+    batch, seqs, seen = RowBatch(m), {"a": [1, 2, 3], "b": [4, 5]}, {}
+    for key in seqs:
+        seen[key] = [batch.prefill(key, seqs[key])]
+        seqs[key].append(int(seen[key][-1].argmax()))
+        batch.join(key)
+    before = len(builds)
+    for _ in range(5):
+        out = batch.step({k: seqs[k][-1:] for k in batch.joined})
+        for k, logits in out.items():
+            seen[k].append(logits[-1])
+            seqs[k].append(int(logits[-1].argmax()))
+    assert len(builds) == before
+    batch.remove(["a"])
+    assert len(builds) > before  # the remaining row's step, on its own mask
+    for k, logits in seen.items():
+        alone = m(torch.tensor([seqs[k][:-1]]))[0, -len(logits):]
         torch.testing.assert_close(torch.stack(logits), alone, rtol=1e-9, atol=1e-9, msg=f"row {k}")
 
 
