@@ -311,3 +311,45 @@ def test_streams_decoded_as_one_batch_equal_each_stream_alone(tiny_model, monkey
     partial = "".join(got["b"])
     assert partial.startswith(REPLY_OPENING) and alone["b"].startswith(partial) and len(partial) < len(alone["b"])
     assert hits["b"].explanation == partial
+
+
+def test_streams_hold_packed_weight_copies_for_their_multi_row_steps_until_released(tiny_model, monkeypatch, tmp_path):
+    """ExplanationStreams packs the float32 weights once (archlab.nn.linear.packed_for_rows) at its first start and
+    keeps them: a later batched step of two streams runs its products on the copies; release() drops them (the
+    streams decode on, unpacked), and so does collecting the streams."""
+    import gc
+
+    import archlab.nn.linear as linear
+
+    if not linear.onednn_packing_available():
+        pytest.skip("this PyTorch build has no oneDNN packed matmul (nothing is packed)")
+    monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(linear, "MIN_SPLIT_ELEMENTS", 1)  # the tiny model's matrices are packed too
+    explainer = Explainer(tiny_model, max_new_tokens=8, scorer="bm25")
+    model = explainer.load()[0].float()  # packed copies are float32 ones (precision=auto may pick bf16)
+    weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    served: list[bool] = []  # per product of a model weight: on a packed copy?
+    copy = linear._onednn_copy
+    monkeypatch.setattr(linear, "_onednn_copy", lambda w, x: served.append(copy(w, x) is not None) or copy(w, x))
+
+    streams = explainer.streams()
+    a = streams.start("side effects of metformin in elderly patients", _hits(METFORMIN)[0])
+    b = streams.start("how do I parse a JSON string", _hits(JSON_LOADS)[0])
+    assert streams.packed == len(weights) and weights <= set(linear._ONEDNN_PACKED)
+    streams.resume(a), streams.resume(b)
+    served.clear()
+    streams.step()  # two rows: every product on a packed copy
+    assert served and all(served)
+    streams.release()
+    assert streams.packed == 0 and not weights & set(linear._ONEDNN_PACKED)
+    served.clear()
+    while streams.running:
+        streams.step()
+    assert not any(served) and a.done and b.done
+
+    again = explainer.streams()
+    again.start("is lactic acidosis serious", _hits(METFORMIN)[0])
+    assert weights <= set(linear._ONEDNN_PACKED)
+    del again
+    gc.collect()
+    assert not weights & set(linear._ONEDNN_PACKED)
