@@ -28,6 +28,7 @@ comes from memory, not from the caches; the head gets 2 copies). Times are micro
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -123,8 +124,9 @@ def _dyn4_pack(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._dyn_quant_pack_4bit_weight(nib, scale.bfloat16(), None, 32, k, n)
 
 
-def torchao_da8w8(weights: list[torch.Tensor]) -> list[torch.nn.Module] | None:
-    """torchao's int8 x int8 dynamic linear on each weight, or None (said why) without torchao."""
+@functools.cache
+def _torchao():
+    """torchao's int8 x int8 config and ``quantize_``, or None, said once per run, without torchao."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -132,6 +134,15 @@ def torchao_da8w8(weights: list[torch.Tensor]) -> list[torch.nn.Module] | None:
     except ImportError as e:
         print(f"torchao left out: {e}")
         return None
+    return Int8DynamicActivationInt8WeightConfig, quantize_
+
+
+def torchao_da8w8(weights: list[torch.Tensor]) -> list[torch.nn.Module] | None:
+    """torchao's int8 x int8 dynamic linear on each weight, or None (said why) without torchao."""
+    api = _torchao()
+    if api is None:
+        return None
+    Int8DynamicActivationInt8WeightConfig, quantize_ = api
     layers = []
     for w in weights:
         layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
