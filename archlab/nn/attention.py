@@ -436,12 +436,26 @@ def _attend_sdpa(q, k, v, mask, bias, causal, scale, dropout_p) -> Tensor:
         enable_gqa=kv_groups(q, k, v) > 1,
     )  # fmt: skip
     if mask is not None and q.shape[-2] > 0:
-        # sdpa gives NaN where a query has no key to attend; archlab's contract is a zero output. Always
-        # masked (no data-dependent branch): no device sync, and it runs on the meta device.
-        out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+        # sdpa gives NaN where a query has no key to attend; archlab's contract is a zero output.
+        has_key = mask.any(dim=-1, keepdim=True)
+        if not _every_query_has_a_key(has_key):
+            out = out.masked_fill(~has_key, 0.0)
     if attn_mask is None and _may_hide_nan(out, m):
         return attend(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p, backend="math")
     return out
+
+
+def _every_query_has_a_key(has_key: Tensor) -> bool:
+    """Whether no query of the call is fully masked (``has_key``: ``mask.any(-1)``), answered only where asking
+    costs nothing: eager on the CPU. There the zeroing's ``masked_fill`` is skipped when it would change nothing,
+    as in every padded encoder batch ([CLS] is always a key): the fill copies the kernel's ``[B, N, A, d_k]``
+    output into ``[B, A, N, d_k]`` order, which the heads' merge then copies back (3 passes over the output;
+    MiniLM encoding 1.03-1.04x faster in float32 without them, 1.00-1.05x in bf16: CPU time, one thread, AMD
+    EPYC, loaded). Elsewhere (CUDA: a device sync; the meta device; under ``torch.compile``: a data-dependent
+    branch) the fill always runs."""
+    if has_key.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return bool(has_key.all())
 
 
 def _may_hide_nan(out: Tensor, m: int) -> bool:

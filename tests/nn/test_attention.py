@@ -283,6 +283,38 @@ def test_query_with_every_key_masked_gets_zero_output_and_finite_grads(backend):
         assert (grads[0][1] == 0).all()  # nothing reaches a query that sees no key
 
 
+class _CountMaskedFill(torch.overrides.TorchFunctionMode):
+    """Counts ``masked_fill`` calls (function or method) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") == "masked_fill":
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_sdpa_padding_mask_with_a_key_for_every_query_skips_the_zeroing_and_equals_math():
+    """A padded encoder batch ([CLS] always real): every query has a key, so the sdpa path leaves the kernel's
+    output as it is (no masked_fill, whose copy cost the bf16 encoder 3 passes) and equals the math form; one
+    empty row in the batch brings the zeroing back."""
+    g = gen(11)
+    q, k, v = (randn(3, 4, 7, 8, g=g) for _ in range(3))
+    real = torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 2 + [0] * 5])
+    mask = padding_mask(real)  # [B, 1, 1, M]
+    with _CountMaskedFill() as counted:
+        out = attend(q, k, v, mask=mask, backend="sdpa")
+    assert counted.calls == 0
+    assert max_err(out, attend(q, k, v, mask=mask, backend="math")) <= TOL
+    real[1] = 0  # batch row 1 has no real token: its queries see nothing
+    with _CountMaskedFill() as counted:
+        out = attend(q, k, v, mask=padding_mask(real), backend="sdpa")
+    assert counted.calls == 1 and (out[1] == 0).all() and torch.isfinite(out).all()
+    assert max_err(out[[0, 2]], attend(q, k, v, mask=padding_mask(real), backend="math")[[0, 2]]) <= TOL
+
+
 def test_fully_masked_row_has_zero_weights():
     g = gen(8)
     q, k, v = randn(1, 3, 4, g=g), randn(1, 5, 4, g=g), randn(1, 5, 4, g=g)
