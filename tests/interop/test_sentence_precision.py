@@ -44,3 +44,38 @@ def test_a_bad_precision_is_refused_before_reading(tmp_path):
         load_sentence_encoder(tmp_path / "missing", precision="fp16")
     with pytest.raises(ConfigError, match="precision"):
         sentence_encoder(tmp_path / "missing", precision="int8")
+
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_float32_encoder_holds_packed_weights_for_its_life_and_they_change_no_result(precision):
+    """fp32: every Linear of the BERT blocks (in_proj, out_proj, w1, w2 per layer) gets a oneDNN-packed copy when
+    loaded; embedding runs on them and equals embedding without them (float rounding of another kernel); the
+    copies go when the encoder is collected. bf16: none (no faster packed; archlab.interop.sentence)."""
+    import gc
+
+    from archlab.nn import linear as linear_module
+
+    encoder = load_sentence_encoder(gt_minilm.get_model_path(), precision=precision)
+    blocks = encoder.bert.encoder.blocks
+    weights = [id(m.weight) for b in blocks for m in (b.attn.in_proj, b.attn.out_proj, b.ffn.w1, b.ffn.w2)]
+    held = [w for w in weights if w in linear_module._ONEDNN_PACKED]
+    if precision == "bf16" or not linear_module.onednn_packing_available():
+        assert not held
+        return
+    assert len(held) == len(weights) == 4 * len(blocks)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    try:
+        linear_module.torch.ops.mkldnn._linear_pointwise = lambda x, *a: calls.append(x.shape[0]) or real(x, *a)
+        packed = encoder.embed(TEXTS)
+    finally:
+        linear_module.torch.ops.mkldnn._linear_pointwise = real
+    assert len(calls) == len(weights)  # every product of the blocks on its copy
+    copies = {w: linear_module._ONEDNN_PACKED.pop(w) for w in weights}
+    unpacked = encoder.embed(TEXTS)
+    linear_module._ONEDNN_PACKED.update(copies)
+    assert (packed - unpacked).abs().max() < 1e-5
+    del encoder, packed, copies
+    gc.collect()
+    assert not set(weights) & set(linear_module._ONEDNN_PACKED)
