@@ -122,3 +122,43 @@ def test_nested_blocks_pack_once_and_the_outer_block_keeps_the_copies(onednn_cal
     assert onednn_calls == [3, 5] and id(lin.weight) not in linear_module._ONEDNN_PACKED
     assert out.shape == (3, 512)
 
+
+
+def test_copies_packed_over_threads_equal_copies_packed_one_by_one(monkeypatch):
+    """packed_for_rows spreads the reorders over the torch threads (Python threads, one reorder each at a time):
+    every copy holds the weight as a one-by-one reorder does, a product on it is bit-identical, and a weight
+    shared by two layers is packed once."""
+    import threading
+
+    real = torch.ops.mkldnn._reorder_linear_weight
+    ran_on = []
+
+    class Ops:  # torch.ops.mkldnn with its reorder watched
+        def __getattr__(self, name):
+            if name == "_reorder_linear_weight":
+                return lambda w, rows: ran_on.append(threading.current_thread().name) or real(w, rows)
+            return getattr(real_mkldnn, name)
+
+    real_mkldnn = torch.ops.mkldnn
+    monkeypatch.setattr(torch.ops, "mkldnn", Ops())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        layers = [Linear(256, 512), Linear(512, 256), Linear(256, 768, bias=False), Linear(256, 512)]
+        layers[3].weight = layers[0].weight  # shared
+        model = nn.Sequential(*layers)
+        with torch.no_grad(), packed_for_rows(model, rows=6) as n_packed:
+            copies = {i: linear_module._ONEDNN_PACKED[id(lin.weight)][2] for i, lin in enumerate(layers[:3])}
+        assert n_packed == 3 and len(ran_on) == 3
+        assert all(name.startswith("archlab-pack") for name in ran_on)  # not the caller's thread
+        with torch.no_grad():
+            for i, copy in copies.items():
+                w = layers[i].weight
+                alone = real(w, 6)
+                assert torch.equal(copy.to_dense(), alone.to_dense()) and torch.equal(copy.to_dense(), w)
+                x = torch.randn(6, w.shape[1])
+                on = [real_mkldnn._linear_pointwise(x, c, None, "none", [], "") for c in (copy, alone)]
+                assert torch.equal(on[0], on[1])
+    finally:
+        torch.set_num_threads(threads)
