@@ -172,8 +172,8 @@ def _onednn_packed_copies(weights: list[Tensor], rows: int) -> list[Tensor]:
     A reorder is a short copy (SmolLM2-135M's 121 matrices: 0.15-0.2 s of one-thread CPU time, plus the page faults
     of 540 MB of new memory) that gains little from oneDNN's own threads: at 2 threads, one call at a time, each
     waited for the second thread. Packing SmolLM2's matrices at 2 threads on the loaded AMD EPYC (load ~7, six
-    interleaved rounds): 1.64 s one call at a time (1.10 s CPU), 0.55 s over two Python threads (0.38 s CPU); the
-    copies identical (tested)."""
+    interleaved rounds): 1.64 s one call at a time (1.10 s CPU), 0.55 s over two Python threads (0.38 s CPU); in a
+    quiet window (load 0.2-2) 0.35 s against 0.37 s: no gain without contention. The copies are identical (tested)."""
     threads = min(torch.get_num_threads(), len(weights))
     with torch.no_grad():
         if threads <= 1:
