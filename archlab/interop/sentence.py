@@ -20,9 +20,7 @@ Loaded models are cached per folder for the life of the process.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from torch import Tensor
 from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.interop.bert import load_bert
 from archlab.models.bert import BertModel
-from archlab.nn.linear import packed_for_rows
+from archlab.nn.linear import hold_packed_for_rows
 from archlab.precision import announce, choose_precision
 
 DEFAULT_MODEL = "minilm-l6"
@@ -214,9 +212,7 @@ def _hold_packed_weights(encoder: SentenceEncoder) -> None:
     unpacked, the same runs), and oneDNN refuses to pack bf16 with its kernels capped at AVX2.
     The copies cost the weights' memory again (MiniLM-L6: 21M values, 85 MB). Training the weights afterwards is
     safe: a copy serves only products without gradients and only while its weight is unchanged."""
-    held = contextlib.ExitStack()
-    held.enter_context(packed_for_rows(encoder.bert, PACKED_ROWS))
-    weakref.finalize(encoder, held.close)
+    hold_packed_for_rows(encoder, encoder.bert, PACKED_ROWS)
 
 
 _CACHE: dict[tuple[Path, str], SentenceEncoder] = {}

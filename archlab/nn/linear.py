@@ -182,6 +182,15 @@ def _onednn_packed_copies(weights: list[Tensor], rows: int) -> list[Tensor]:
             return list(pool.map(lambda w: torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows), weights))
 
 
+def hold_packed_for_rows(owner: object, model: nn.Module, rows: int) -> tuple[int, weakref.finalize]:
+    """Enter :func:`packed_for_rows` for ``model`` and keep the block open for ``owner``'s life (an encoder, a
+    server's decoding streams): returns how many layers got a copy and the finalizer that closes the block, which
+    runs when ``owner`` is collected or when called (to drop the copies sooner)."""
+    held = contextlib.ExitStack()
+    packed = held.enter_context(packed_for_rows(model, rows))
+    return packed, weakref.finalize(owner, held.close)
+
+
 @contextlib.contextmanager
 def packed_for_rows(model: nn.Module, rows: int) -> Iterator[int]:
     """Within the block, products of 2 rows or more through ``model``'s layers (a prompt's prefill too) run on

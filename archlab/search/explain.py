@@ -30,11 +30,9 @@ fills ``hit.evidence``, ``hit.explanation``, ``hit.quotes_ok`` and ``hit.bad_quo
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import re
 import threading
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -559,12 +557,10 @@ class ExplanationStreams:
         return stream
 
     def _hold_packed(self, model: Any) -> None:
-        """Enter :func:`~archlab.nn.linear.packed_for_rows` for ``model`` and keep it open (class docstring)."""
-        from archlab.nn.linear import packed_for_rows
+        """:func:`~archlab.nn.linear.packed_for_rows` for ``model``, held for this object's life (class docstring)."""
+        from archlab.nn.linear import hold_packed_for_rows
 
-        held = contextlib.ExitStack()
-        self.packed = held.enter_context(packed_for_rows(model, 1 + self.explainer.draft_tokens))
-        self._release = weakref.finalize(self, held.close)
+        self.packed, self._release = hold_packed_for_rows(self, model, 1 + self.explainer.draft_tokens)
 
     def release(self) -> None:
         """Drop the packed weight copies now (the streams still decode, on the weights themselves)."""
