@@ -2,7 +2,7 @@ r"""Decoding whose step never changes shape: a static KV cache, so ``torch.compi
 
 At batch 1 a decoding step is a few hundred small ops (norms, RoPE, SwiGLU, casts, cache writes, each a dispatch
 through Python and the ATen dispatcher); their count, not the bytes they read, is much of a step's time
-(README "Where the time goes"). ``torch.compile`` (inductor, C++ code generated for the CPU) fuses such ops and
+(docs/speed.md, "Where the time goes"). ``torch.compile`` (inductor, C++ code generated for the CPU) fuses such ops and
 removes the dispatch, but only if it can trace the step once and reuse it: every step must see the same shapes
 and no Python number that changes from token to token. archlab's :class:`~archlab.nn.KVCache` grows and its
 length is a Python int that RoPE, the learned position table and the cache slices read, so a compiled step
@@ -135,7 +135,7 @@ class StaticDecoder(nn.Module):
         compile: run the one-token step through ``torch.compile`` (the first such step compiles: seconds to
             minutes). The trace is kept per decoder and batch size; torch caps the traces of one function per
             process (``torch._dynamo.config.recompile_limit``, 8), past which further decoders run their step
-            eagerly: the same tokens, without the speed. Measured (README, idle AMD EPYC with AVX512-BF16, 2
+            eagerly: the same tokens, without the speed. Measured (docs/speed.md, idle AMD EPYC with AVX512-BF16, 2
             threads, three runs over two sessions): compiled int4 / int8 steps 1.4-1.6x / 1.4-1.5x faster than
             eager, fp32 1.73-1.77x (SmolLM2-135M), and 1.26-1.43x (gpt-mini).
     """

@@ -207,8 +207,8 @@ def _hold_packed_weights(encoder: SentenceEncoder) -> None:
 
     Embedding batches is products of thousands of rows (``[32 x 256, 384] x [384, 1536]``), which MKL's
     ``F.linear`` repacks the weight for at every call: on the copies float32 encoding ran 1.12-1.15x faster end to
-    end (MiniLM-L6, 32 abstracts of 256 tokens, CPU time with one thread, AMD EPYC, loaded; README search
-    section). bf16 weights are left as they are: packed, they encoded no faster (0.96x and 0.99x of
+    end (MiniLM-L6, 32 abstracts of 256 tokens, CPU time with one thread, AMD EPYC, loaded; docs/search.md,
+    "What the encoder's time goes to"). bf16 weights are left as they are: packed, they encoded no faster (0.96x and 0.99x of
     unpacked, the same runs), and oneDNN refuses to pack bf16 with its kernels capped at AVX2.
     The copies cost the weights' memory again (MiniLM-L6: 21M values, 85 MB). Training the weights afterwards is
     safe: a copy serves only products without gradients and only while its weight is unchanged."""

@@ -505,7 +505,7 @@ class ExplanationStreams:
 
     Speculative alone, batched from two streams on (:attr:`speculative_alone`), chosen by measurement
     (``benchmarks/explain_streams.py --threads 1``, SmolLM2-135M-Instruct in bf16, 32 tokens a stream, CPU seconds
-    on the AMD EPYC at a load of 7, the README's search section): one stream 1.2 s with speculative rounds on its
+    on the AMD EPYC at a load of 7, docs/search.md): one stream 1.2 s with speculative rounds on its
     row against 1.6 s with one-token steps; 8 streams 4.1 s this way against 6.5 s taking turns, each stream
     speculative on its own. Speculative rounds of several rows would accept different numbers of drafts per row
     (a ragged cache), so they are not combined with the batch.
@@ -516,7 +516,7 @@ class ExplanationStreams:
     its streams, and so the copies, for its life. They cost the float32 weights' memory again (SmolLM2-135M: 121
     matrices, 538 MB); a bf16 or quantized model has none packed (``packed`` 0). Without them every multi-row step
     took ``F.linear`` (the BLAS repacks each weight at every call): fp32, 32 tokens a stream, one thread, CPU
-    seconds at a load of 7-8 (README search section), 8 streams 7.2 s before and 4.9 s with the copies held, 3
+    seconds at a load of 7-8 (docs/search.md), 8 streams 7.2 s before and 4.9 s with the copies held, 3
     streams 3.8 s and 2.6 s, the texts unchanged.
     """
 

@@ -92,7 +92,7 @@ def rescore_factor(n: int) -> int:
         factor     4       8       16       32       64
 
     Measured basis (``benchmarks/search_scale.py``, synthetic vectors around the 2,696 real MiniLM vectors
-    of the built-in corpus, recall@100 against exact search, 100 queries; README "Search engine"):
+    of the built-in corpus, recall@100 against exact search, 100 queries; docs/search.md):
     at 200k (nprobe 16-128) PQ alone 0.896, x2 0.996, x4 1.000; at 1M (nlist 2,048, nprobe 4 and 32) PQ
     alone 0.572, x2 0.846, x4 0.996, x8 0.999; at 10M (nlist 2,048, nprobe 4) x4 0.590, x8 0.776, x16 0.934,
     x32 0.997. The factor needed for recall@100 >= 0.9 grew from about 2 (200k) to between 2 and 4 (1M)

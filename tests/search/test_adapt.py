@@ -28,7 +28,7 @@ TINY = dict(steps=40, batch_queries=4, negatives=2, mine_depth=10, max_length=96
 
 def tiny_encoder(folder):
     """A sentence-transformers folder holding a random-init 2-layer BERT (d=32) with MiniLM's WordPiece tokenizer:
-    the mechanics at a fraction of MiniLM's cost (the real weights are exercised by the real run, see README)."""
+    the mechanics at a fraction of MiniLM's cost (the real weights are exercised by the real run, see docs/search.md)."""
     import shutil
 
     from archlab.interop.bert import save_bert
@@ -88,7 +88,7 @@ def test_holdout_documents_give_no_query_and_no_negative(small):
 def test_negatives_lose_a_sentence_like_their_positive(small):
     """A sentence pseudo-query's positive is its document minus that sentence; its mined negatives must lose one
     sentence too, else the positive is the shorter text and a barely trained model learns "shorter is more
-    relevant" (which ranked the built-in set's longer relevant documents below a random order; README)."""
+    relevant" (which ranked the built-in set's longer relevant documents below a random order; docs/search.md)."""
     from archlab.search.adapt import cut_like_a_positive
 
     text = "Summary line here. Second sentence has five words. Third one is here too, longer. Short."
