@@ -543,6 +543,18 @@ class _Rows:
         return None if move is None else (lambda keys: move(keys, n))
 
 
+def _fill_from_end(going: Tensor) -> Tensor:
+    """The rows to keep, ``going [R]`` (True: the row goes on) -> ``index [R']``: each freed row among the first
+    ``R'`` takes an open row from the end, the others stay where they are. So ``index[b] >= b``, and the cache moves
+    only those rows within its storage (:meth:`archlab.nn.attention.KVCache.reorder`) where keeping the rows in order
+    copies every row after the first freed one. ``[1, 0, 1, 0, 1] -> [0, 4, 2]``."""
+    flags = going.tolist()
+    kept = sum(flags)
+    movers = iter([row for row in range(kept, len(flags)) if flags[row]])
+    return torch.tensor([row if flags[row] else next(movers) for row in range(kept)], dtype=torch.long,
+                        device=going.device)
+
+
 def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, seed) -> list[list[int]]:
     """The loop of :func:`generate_batch` (arguments checked): greedy, or :func:`sample_next` with ``sampling``'s
     options, over at most ``batch_size`` open rows. Returns each prompt's new tokens.
@@ -576,7 +588,7 @@ def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, see
         if not bool(going.all()):
             if not waiting and not bool(going.any()):
                 break
-            open_rows = going.nonzero().squeeze(1)
+            open_rows = _fill_from_end(going)
             batch.keep(open_rows)
             next_ids = next_ids[open_rows]
         if batch.prompt:

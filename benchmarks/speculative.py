@@ -19,6 +19,7 @@ the packing time is printed, not timed.
 
     python benchmarks/speculative.py
     python benchmarks/speculative.py --new-tokens 64 --rounds 3 --drafts lookup layers:10
+    python benchmarks/speculative.py --only batched --rounds 2
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=10, help=f"prompts in the batched comparison (1-{len(QUESTIONS) * len(ABSTRACTS)}; default 10)")
     parser.add_argument("--rows", type=int, default=None, metavar="B",
                         help="decode the batch B rows at a time, refilling freed rows (default: all prompts at once)")
+    parser.add_argument("--only", choices=["speculative", "batched"], default=None,
+                        help="run one comparison only (default: both)")  # fmt: skip
     parser.add_argument("--session", action="store_true",
                         help="pack the weight copies for few-row products once and hold them across every call "
                              "(as a chat session or server does), instead of once per call")  # fmt: skip
@@ -167,7 +170,16 @@ def main() -> None:
         print(f"--session: {packed} weight matrices packed once ({time.perf_counter() - start:.2f} s, not timed), "
               f"held across every call below\n")  # fmt: skip
     with session:
-        spec, batch = speculative_rows(model, tokenizer, eos, args), batched_row(model, tokenizer, eos, args)
+        spec = speculative_rows(model, tokenizer, eos, args) if args.only != "batched" else []
+        batch = batched_row(model, tokenizer, eos, args) if args.only != "speculative" else None
+    if spec:
+        print_speculative(spec, args)
+    if batch is not None:
+        print_batched(batch)
+    write_json(args.json, {"speculative": spec, "batched": batch, "session": args.session})
+
+
+def print_speculative(spec: list[dict], args) -> None:
     rows = [[r["abstract"], r["draft"], r["prompt_tokens"], r["tokens"], f"{r['greedy_tokens_per_s']:.1f}",
              f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}x", f"{r['acceptance_rate'] or 0:.0%}",
              f"{r['tokens_per_pass']:.2f}"] for r in spec]  # fmt: skip
@@ -183,6 +195,8 @@ def main() -> None:
         print(f"{draft}: all abstracts {greedy_seconds / seconds:.2f}x plain greedy's tokens/s, "
               f"{accepted}/{drafted} drafted tokens accepted")  # fmt: skip
 
+
+def print_batched(batch: dict) -> None:
     print(f"\nbatched generation: {batch['prompts']} prompts of {min(batch['prompt_lengths'])}-"
           f"{max(batch['prompt_lengths'])} tokens, {batch['rows']} rows at a time, {batch['tokens']} new tokens in all")  # fmt: skip
     print(table([["one at a time", f"{batch['one_at_a_time_tokens_per_s']:.1f}", "1.00x"],
@@ -190,7 +204,6 @@ def main() -> None:
                 ["peer", "tokens/s", "ratio"]))  # fmt: skip
     note = "" if batch["rows_equal"] == batch["prompts"] else " (see which: a near-tie in the batched products?)"
     print(f"rows equal to one-at-a-time generation: {batch['rows_equal']}/{batch['prompts']}{note}")
-    write_json(args.json, {"speculative": spec, "batched": batch, "session": args.session})
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archlab.generation import generate, generate_batch
+from archlab.generation import _fill_from_end, generate, generate_batch
 from archlab.models.gpt import GPT, GPTConfig
 from archlab.models.llama import Llama, LlamaConfig
 from archlab.models.rnn import RNNConfig, RNNLanguageModel
 from archlab.models.rwkv import RWKV, RWKVConfig
 from archlab.models.wavenet import WaveNet, WaveNetConfig
+from archlab.nn import KVCache
 
 V = 29
 
@@ -106,10 +107,12 @@ SCENARIOS = [("gpt", 3, 2, 1), ("llama", 0, 2, 0), ("lstm", 7, 1, 2), ("rwkv", 0
 
 
 @pytest.mark.parametrize(("family", "seed", "last", "first"), SCENARIOS)
-def test_rows_ending_far_apart_leave_the_batch_until_one_is_left(family, seed, last, first):
+def test_rows_ending_far_apart_leave_the_batch_until_one_is_left(family, seed, last, first, monkeypatch):
     """Six rows: one ends at its first token, the others at steps far apart, until one row alone runs on to
     ``max_new_tokens``. Every row equals ``generate`` of its prompt alone, and each step feeds exactly the rows
-    still open (the last steps a batch of one). Attention families take prompts of different lengths."""
+    still open (the last steps a batch of one). Attention families take prompts of different lengths; their KV
+    caches move the rows that go on within their storage (each freed row filled from the end), never copying the
+    kept rows out as a selection in order did."""
     m, n = family_model(family).float(), 16
     g = torch.Generator().manual_seed(seed)
     lengths = (5, 2, 7, 4, 6, 3) if family in ("gpt", "llama") else (5,) * 6
@@ -127,11 +130,13 @@ def test_rows_ending_far_apart_leave_the_batch_until_one_is_left(family, seed, l
     batch_sizes: list[int] = []
     hook = m.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(args[0].shape[0]),
                                        with_kwargs=True)  # fmt: skip
+    copied, select = [], KVCache._select_rows
+    monkeypatch.setattr(KVCache, "_select_rows", lambda cache, *a: copied.append(1) or select(cache, *a))
     try:
         rows = generate_batch(m, prompts, max_new_tokens=n, stop_tokens=sorted(stops))
     finally:
         hook.remove()
-    assert rows == alone
+    assert rows == alone and not copied
     assert batch_sizes == [sum(k > t for k in lengths_out) for t in range(n)]
     assert batch_sizes[0] == 6 and batch_sizes[1] < 6 and batch_sizes[-4:] == [1, 1, 1, 1]  # fewer after step 0; one at the end
 
@@ -264,3 +269,12 @@ def test_refilled_sampling_is_seeded_and_rows_end_at_their_stop():
     assert all(1 <= len(r) <= 8 and not set(r[:-1]) & set(stops) for r in rows)
     assert any(r[-1] in stops for r in rows) and any(len(r) == 8 for r in rows)  # both ways of ending occur
     assert generate_batch(m, prompts, max_new_tokens=0, batch_size=2) == [[]] * 5
+
+
+def test_freed_rows_are_filled_from_the_end():
+    """``_fill_from_end``: the kept rows, each freed row among the first ``R'`` taking an open row from the end, so
+    that no row is read after it is written (``index[b] >= b``)."""
+    for going, index in (([1, 0, 1, 0, 1], [0, 4, 2]), ([0, 0, 1], [2]), ([1, 1, 1], [0, 1, 2]), ([0, 1, 1, 0], [2, 1]),
+                         ([1, 0, 0, 0, 0, 1, 1], [0, 5, 6]), ([0, 0], [])):  # fmt: skip
+        got = _fill_from_end(torch.tensor(going, dtype=torch.bool))
+        assert got.dtype == torch.long and got.tolist() == index

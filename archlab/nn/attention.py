@@ -426,23 +426,74 @@ def _attend_sdpa(q, k, v, mask, bias, causal, scale, dropout_p) -> Tensor:
     if causal and not is_causal and n > 1:
         cm = causal_mask(n, m, device=q.device)
         mask = cm if mask is None else (mask & cm)
-    attn_mask = mask
+    attn_mask, prepared = mask, None
     if bias is not None:
         attn_mask = bias.to(q.dtype)
         if mask is not None:
             attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
+    elif mask is not None and q.shape[-2] > 0 and _reuses_masks(mask):
+        prepared = _prepared_mask(mask, q.dtype)
+        attn_mask = prepared[0]
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
         enable_gqa=kv_groups(q, k, v) > 1,
     )  # fmt: skip
     if mask is not None and q.shape[-2] > 0:
         # sdpa gives NaN where a query has no key to attend; archlab's contract is a zero output.
-        has_key = mask.any(dim=-1, keepdim=True)
-        if not _every_query_has_a_key(has_key):
+        has_key, every = prepared[1:] if prepared is not None else _keys_of(mask)
+        if not every:
             out = out.masked_fill(~has_key, 0.0)
     if attn_mask is None and _may_hide_nan(out, m):
         return attend(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p, backend="math")
     return out
+
+
+def _keys_of(mask: Tensor) -> tuple[Tensor, bool]:
+    """``mask [..., N, M]`` -> ``has_key [..., N, 1]`` (the query may attend some key) and whether every query may
+    (:func:`_every_query_has_a_key`)."""
+    has_key = mask.any(dim=-1, keepdim=True)
+    return has_key, _every_query_has_a_key(has_key)
+
+
+# (a copy of the last boolean mask prepared, the dtype, the key check used, what _prepared_mask returned)
+_PREPARED: tuple | None = None
+
+
+def _prepared_mask(mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, bool]:
+    """What sdpa's call needs from a boolean ``mask [..., N, M]``: the float mask that sdpa itself would convert it to
+    (0 where True, ``-inf`` where False, in ``dtype``: the same values, so the same output), and :func:`_keys_of`.
+
+    A decoder passes one padding mask to each of its layers, so this is computed at a forward pass's first layer and
+    reused by the others while the mask given is equal to the last one prepared (one ``torch.equal`` against a copy
+    kept of it: no reliance on the object, which inference tensors give no version counter to check). Per layer it
+    saves the conversion and the ``any``/``all`` check with its sync: SmolLM2's 30 layers at 10 rows x 220 keys,
+    18.3 -> 16.6 ms of CPU time a step (1 thread, loaded AMD EPYC), about 1.6% of a 10-row step of
+    :func:`archlab.generation.generate_batch`, a cost that a one-row step without a mask does not have.
+    Where :func:`_reuses_masks` says."""
+    global _PREPARED
+    memo = _PREPARED
+    if memo is not None and memo[1] == dtype and memo[2] is _every_query_has_a_key and memo[0].shape == mask.shape \
+            and memo[0].device == mask.device and torch.equal(memo[0], mask):  # fmt: skip
+        return memo[3]
+    prepared = _prepare(mask, dtype)
+    _PREPARED = (mask.clone(), dtype, _every_query_has_a_key, prepared)
+    return prepared
+
+
+def _reuses_masks(mask: Tensor) -> bool:
+    """Whether :func:`_prepared_mask` serves ``mask``: a key mask ``[..., 1, M]`` (padding: small, so keeping a copy
+    costs nothing; a ``[.., N, M]`` causal prefill mask is converted per call as before) in eager CPU inference
+    (decoding). Not under ``torch.compile`` (the lookup would break the graph), not on CUDA (the comparison would
+    sync the device) or the meta device (no ``torch.equal``), not with autograd recording (the layers would save one
+    shared float mask for backward where they saved one each: the meta device's activation count is of the latter)."""
+    return mask.shape[-2] == 1 and mask.device.type == "cpu" and not torch.is_grad_enabled() \
+        and not torch.compiler.is_compiling()
+
+
+def _prepare(mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, bool]:
+    """:func:`_prepared_mask` without the reuse."""
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return (additive, *_keys_of(mask))
 
 
 def _every_query_has_a_key(has_key: Tensor) -> bool:
@@ -602,10 +653,34 @@ class KVCache:
         """Select batch rows (beam search): row ``b`` becomes old row ``index[b]`` (``index [B']``, any ``B'``).
 
         Copies the ``M`` positions in use only, into storage of the same capacity, so the appends
-        after it stay O(1) amortised.
+        after it stay O(1) amortised. Where no row is read after it is written (``index[b] >= b`` for every ``b``:
+        rows leaving a batch, :func:`archlab.generation.generate_batch`, which fills each freed row from the end)
+        the rows move within the storage, which then holds its first ``B'`` rows: only the moved rows are copied,
+        and no new memory is touched.
         """
-        if self._k is not None:
+        if self._k is None:
+            return
+        moves = self._moves_in_place(index)
+        if moves is None:
             self._k, self._v = self._select_rows(self._k, index), self._select_rows(self._v, index)
+            return
+        for stored in (self._k, self._v):
+            for row, source in moves:
+                stored[row, :, : self.length] = stored[source, :, : self.length]
+        self._k, self._v = self._k[: index.shape[0]], self._v[: index.shape[0]]
+
+    def _moves_in_place(self, index: Tensor) -> list[tuple[int, int]] | None:
+        """The ``(row, source)`` copies that select ``index`` within the storage, in order, or None where that is not
+        safe: a source written before it is read (some ``index[b] < b``), an index out of range, or autograd
+        recording (earlier steps' attention saved views of the stored rows)."""
+        if index.ndim != 1 or index.dtype == torch.bool or index.dtype.is_floating_point or index.device.type != "cpu":
+            return None
+        if torch.is_grad_enabled() and self._k.requires_grad:
+            return None
+        sources = index.tolist()
+        if len(sources) > self._k.shape[0] or any(not b <= s < self._k.shape[0] for b, s in enumerate(sources)):
+            return None
+        return [(b, s) for b, s in enumerate(sources) if s != b]
 
     def _select_rows(self, stored: Tensor, index: Tensor) -> Tensor:
         used = stored[:, :, : self.length]

@@ -315,6 +315,45 @@ def test_sdpa_padding_mask_with_a_key_for_every_query_skips_the_zeroing_and_equa
     assert max_err(out[[0, 2]], attend(q, k, v, mask=padding_mask(real), backend="math")[[0, 2]]) <= TOL
 
 
+def test_a_mask_passed_to_every_layer_is_prepared_once_and_gives_sdpas_own_output(monkeypatch):
+    """The layers of a decoder get one padding mask: its float form for sdpa and the key check are made at the first
+    call and reused while the mask given equals it (one changed in place, in inference mode too, is prepared again;
+    an equal mask object is not), where no gradient is recorded. The output is bit-for-bit sdpa's own on the boolean
+    mask (float32, grouped K/V of a decoding step)."""
+    import torch.nn.functional as F
+
+    from archlab.nn import attention
+
+    made = []
+    prepare = attention._prepare
+    monkeypatch.setattr(attention, "_prepare", lambda mask, dtype: made.append(1) or prepare(mask, dtype))
+    g = gen(12)
+    q = randn(4, 6, 1, 8, g=g, dtype=torch.float32)
+    k, v = (randn(4, 2, 9, 8, g=g, dtype=torch.float32) for _ in range(2))
+    real = torch.ones(4, 9, dtype=torch.long)
+    real[1, :3], real[3, :5] = 0, 0
+    mask = padding_mask(real)  # [B, 1, 1, M]
+    own = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    attend(q, k, v, mask=mask, backend="sdpa")  # autograd may record (grad mode): not prepared
+    assert not made
+    with torch.no_grad():  # decoding
+        outs = [attend(q, k, v, mask=mask, backend="sdpa") for _ in range(3)]  # three layers
+        assert len(made) == 1 and all(torch.equal(out, own) for out in outs)
+        mask[2, ..., :4] = False  # changed in place: prepared again
+        assert torch.equal(attend(q, k, v, mask=mask, backend="sdpa"),
+                           F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))  # fmt: skip
+        assert len(made) == 2
+        attend(q, k, v, mask=mask.clone(), backend="sdpa")  # another object, equal: reused
+        assert len(made) == 2
+    with torch.inference_mode():  # no version counter: the contents decide
+        frozen = padding_mask(real)
+        attend(q, k, v, mask=frozen, backend="sdpa")
+        frozen[0, ..., :2] = False
+        assert torch.equal(attend(q, k, v, mask=frozen, backend="sdpa"),
+                           F.scaled_dot_product_attention(q, k, v, attn_mask=frozen, enable_gqa=True))  # fmt: skip
+    assert len(made) == 4
+
+
 def test_fully_masked_row_has_zero_weights():
     g = gen(8)
     q, k, v = randn(1, 3, 4, g=g), randn(1, 5, 4, g=g), randn(1, 5, 4, g=g)

@@ -116,3 +116,27 @@ def test_beam_search_over_a_growing_reordered_cache_equals_no_cache():
     assert cached.sequences.shape == (2, 45)
     assert torch.equal(cached.sequences, uncached.sequences)
     torch.testing.assert_close(cached.scores, uncached.scores, atol=1e-10, rtol=0)
+
+
+def test_rows_leaving_move_within_the_storage():
+    """A selection where no row is read after it is written (``index[b] >= b``: rows leaving a batch) copies only the
+    moved rows into the same storage; the values, later appends and growth are those of a copying selection."""
+    cache = KVCache()
+    cache.append(*chunk(5, 40, seed=0))
+    k1, v1 = chunk(5, 1, seed=1)
+    cache.append(k1, v1)  # capacity 80, 41 in use
+    all_k, all_v = cache.keys.clone(), cache.values.clone()
+    storage = cache._k.data_ptr()
+    index = torch.tensor([0, 4, 2])  # rows 1 and 3 leave; the last row fills row 1
+    with ElementsWritten() as counter:
+        cache.reorder(index)
+    assert counter.written == 1 * A * 41 * (D_K + D_V)  # one row moved, in place
+    assert cache._k.data_ptr() == storage and capacity(cache) == 80
+    assert torch.equal(cache.keys, all_k[index]) and torch.equal(cache.values, all_v[index])
+    k2, v2 = chunk(3, 50, seed=2)  # 91 > 80: grows out of the selected rows
+    got_k, got_v = cache.append(k2, v2)
+    assert torch.equal(got_k, torch.cat([all_k[index], k2], dim=-2))
+    assert torch.equal(got_v, torch.cat([all_v[index], v2], dim=-2))
+    before = cache.keys.clone()
+    cache.reorder(torch.tensor([1, 0]))  # row 0 would be read after row 0 is written: a copying selection
+    assert torch.equal(cache.keys, before[[1, 0]])
