@@ -16,11 +16,13 @@ inside PyTorch's kernels:
 
       s = (max - min) / 15      z = min + 8 s      q = round((W - min) / s) in [0, 15]      W ~ (q - 8) s + z
 
-  over each group; the kernel's packed form is ``_convert_weight_to_int4pack_for_cpu(q [N, K] int32)`` and
+  over each group; PyTorch's kernel's packed form is ``_convert_weight_to_int4pack_for_cpu(q [N, K] int32)`` and
   ``_weight_int4pack_mm_for_cpu(x, packed, g, sz)`` with ``sz [K/g, N, 2]`` = (scale, zero). It needs ``N``
-  divisible by 16 and ``K`` by ``g``. GGUF's Q4_1 blocks (``w = d q + m`` per 32 values) are this form with
-  ``s = d``, ``z = m + 8 d``; Q4_0 (``w = d (q - 8)``) with ``z = 0``: :mod:`archlab.interop.gguf` loads them
-  without a float round trip.
+  divisible by 16 and ``K`` by ``g``. Where the CPU has AVX512-BF16 (kernels not capped) and ``K`` is a multiple
+  of 64, an :class:`Int4Linear` uses archlab's own kernel instead (:mod:`archlab.kernels`, :func:`int4_kernel`;
+  faster at one row on SmolLM2's block shapes), in its own layout of the same bytes. GGUF's Q4_1 blocks
+  (``w = d q + m`` per 32 values) are this form with ``s = d``, ``z = m + 8 d``; Q4_0 (``w = d (q - 8)``) with
+  ``z = 0``: :mod:`archlab.interop.gguf` loads them without a float round trip.
 
 :func:`quantize` replaces a model's ``nn.Linear`` layers in place and returns a :class:`QuantReport`: every
 layer, quantized or left float (and why), its shape and bytes. **Tied LM head.** A decoder whose ``lm_head``
@@ -70,6 +72,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import os
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -300,8 +303,69 @@ def int8_as_nibbles(weight: Int8Weight, group_size: int) -> tuple[Tensor, Tensor
     return packed, torch.stack([scale.T, zero.T], dim=-1).contiguous()
 
 
+#: environment variable choosing the product of :class:`Int4Linear` layers built from then on: ``auto`` (default:
+#: archlab's kernel where it is the faster, else PyTorch's), ``archlab`` (archlab's wherever it runs), ``aten``
+INT4_KERNEL_ENV = "ARCHLAB_INT4_KERNEL"
+INT4_KERNELS = ("auto", "archlab", "aten")
+_said: set[str] = set()
+
+
+def int4_kernel(in_features: int) -> tuple[str, int]:
+    """The product an :class:`Int4Linear` with ``K = in_features`` uses here: ``("archlab", isa)`` (archlab's C++
+    kernel, :mod:`archlab.kernels`, and its variant) or ``("aten", 0)`` (``_weight_int4pack_mm_for_cpu``).
+
+    ``auto`` (``$ARCHLAB_INT4_KERNEL``, default) takes archlab's where its AVX512-BF16 variant runs (PyTorch's
+    kernels not capped below AVX-512, the CPU has AVX512-BF16) and ``K`` is a multiple of 64: at one row it was
+    the faster on SmolLM2's block shapes (README "Speed"); its AVX2 variant was not, so elsewhere PyTorch's.
+    ``archlab`` takes it wherever it runs (the AVX2 variant too). Where it cannot be built (no compiler) a
+    warning says so once and PyTorch's kernel serves."""
+    from archlab import kernels
+
+    choice = os.environ.get(INT4_KERNEL_ENV, "auto")
+    if choice not in INT4_KERNELS:
+        raise ConfigError(f"${INT4_KERNEL_ENV}={choice!r} is not an int4 kernel choice; choose one of {INT4_KERNELS}")
+    if choice == "aten" or in_features % kernels.BLOCK:
+        return "aten", 0
+    try:
+        isa = kernels.isa(torch.bfloat16)
+        if isa != 513 and choice == "auto":
+            return "aten", 0
+        kernels.load()
+    except kernels.KernelUnavailable as e:
+        if str(e) not in _said:
+            _said.add(str(e))
+            warnings.warn(f"{e}; int4 layers use PyTorch's _weight_int4pack_mm_for_cpu instead", stacklevel=2)
+        return "aten", 0
+    return "archlab", isa
+
+
+@contextlib.contextmanager
+def int4_kernel_choice(kernel: str) -> Iterator[None]:
+    """``$ARCHLAB_INT4_KERNEL = kernel`` (one of :data:`INT4_KERNELS`) for the :class:`Int4Linear` layers built
+    inside the block (an A/B of the two products); the previous value afterwards."""
+    if kernel not in INT4_KERNELS:
+        raise ConfigError(f"kernel={kernel!r} is not an int4 kernel choice; choose one of {INT4_KERNELS}")
+    before = os.environ.get(INT4_KERNEL_ENV)
+    os.environ[INT4_KERNEL_ENV] = kernel
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(INT4_KERNEL_ENV, None)
+        else:
+            os.environ[INT4_KERNEL_ENV] = before
+
+
 class Int4Linear(_WeightOnlyLinear):
-    """Weight-only int4 layer: the kernel's packed ``[N, K/2]`` bytes and ``scales_and_zeros [K/g, N, 2]``."""
+    """Weight-only int4 layer, packed for one of two products (:func:`int4_kernel`, chosen when it is built):
+
+    * archlab's kernel (:mod:`archlab.kernels`): ``packed [N, K/2]`` bytes and ``scales_and_zeros [N, 2, K/g]`` in
+      its layout (:func:`archlab.kernels.pack_int4`); up to :data:`archlab.kernels.MAX_ROWS` rows of ``x`` per
+      call go through it, more rows (a prompt) through ``F.linear`` with the weight dequantized for the call;
+    * PyTorch's ``_weight_int4pack_mm_for_cpu``: its packed ``[N, K/2]`` bytes and ``scales_and_zeros
+      [K/g, N, 2]``.
+
+    Both hold the same bytes and compute ``x ((q - 8) s + z)^T`` with float32 sums."""
 
     mode = "int4"
 
@@ -309,19 +373,41 @@ class Int4Linear(_WeightOnlyLinear):
         n, k = weight.q.shape
         super().__init__(k, n, bias)
         self.group_size = weight.group_size
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
+        self.kernel, self._isa = int4_kernel(k)
+        if self.kernel == "archlab":
+            from archlab.kernels import pack_int4
+
+            packed, scales_and_zeros = pack_int4(weight.q, weight.scale, weight.zero, weight.group_size)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
+            scales_and_zeros = torch.stack([weight.scale.T, weight.zero.T], dim=-1).contiguous()
         self.register_buffer("packed", packed)
-        self.register_buffer("scales_and_zeros", torch.stack([weight.scale.T, weight.zero.T], dim=-1).contiguous())
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
 
     @property
     def compute_dtype(self) -> torch.dtype:
         return self.scales_and_zeros.dtype
 
     def _product(self, x: Tensor) -> Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        if self.kernel == "aten":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        from archlab.kernels import MAX_ROWS
+
+        if x.shape[0] <= MAX_ROWS:
+            op = torch.ops.archlab_kernels.int4_rows
+            return op(x, self.packed, self.scales_and_zeros, self.group_size, self._isa)
+        return F.linear(x, self._dequantized(x.dtype))
+
+    def _dequantized(self, dtype: torch.dtype) -> Tensor:
+        """``(q - 8) s + z`` as ``[N, K]`` (computed in float32) in ``dtype``, from archlab's layout."""
+        from archlab.kernels import unpack_int4
+
+        g = self.group_size
+        s, z = (t.float().repeat_interleave(g, dim=1) for t in self.scales_and_zeros.unbind(1))
+        return ((unpack_int4(self.packed).float() - 8) * s + z).to(dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, group_size={self.group_size}"
+        return f"{super().extra_repr()}, group_size={self.group_size}, kernel={self.kernel}"
 
 
 class DynamicInt8Linear(nn.Module):

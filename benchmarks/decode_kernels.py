@@ -8,8 +8,10 @@ shapes archlab's Llama step calls (q/k/v 960 x 576, out 576 x 576, gate/up 3072 
 tied head 49,152 x 576):
 
 * ``fp32``: ``F.linear`` (for scale);
-* ``int4 g32``, ``int8 nibbles``, ``int8 pack``: archlab's weight-only layers (bf16 ``x``): the int4 kernel, int8
-  as nibbles through it, ``_weight_int8pack_mm``;
+* ``int4 g32``, ``int8 nibbles``, ``int8 pack``: archlab's weight-only layers (bf16 ``x``) on PyTorch's kernels:
+  the int4 kernel (``_weight_int4pack_mm_for_cpu``), int8 as nibbles through it, ``_weight_int8pack_mm``;
+* ``archlab int4``: the int4 layer on archlab's own kernel (:mod:`archlab.kernels`, the same weights and bf16
+  ``x``; its AVX512-BF16 variant where the CPU has it, else the AVX2 one), left out where it cannot be built;
 * ``fbgemm dyn``: archlab's ``int8-dynamic`` layer (``quantized::linear_dynamic``, fp32 ``x``, the row rounded
   inside the call);
 * ``oneDNN qlinear``: ``onednn::qlinear_pointwise.tensor`` (what x86 inductor quantization lowers an int8 linear
@@ -21,7 +23,9 @@ tied head 49,152 x 576):
 * ``torchao da8w8``: ``Int8DynamicActivationInt8WeightConfig`` applied to an ``nn.Linear`` (eager), if torchao imports.
 
 Each kernel cycles through ``--copies`` distinct weights of a shape (a step reads 30 layers', so a block weight
-comes from memory, not from the caches; the head gets 2 copies). Times are microseconds per call.
+comes from memory, not from the caches; the head gets 2 copies). Times are microseconds per call. A second
+table gives the two int4 kernels' GB/s (packed nibbles + scales and zeros per call / time) beside the streaming
+read bound (the best sum over a 256 MB tensor, ``decode_llama.streaming_bandwidth``).
 
     python benchmarks/decode_kernels.py --threads 2 --rounds 30
 """
@@ -41,8 +45,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import base_parser, setup, table  # noqa: E402
+from decode_llama import streaming_bandwidth  # noqa: E402
 
-from archlab.quant import DynamicInt8Linear, Int8Linear, quantize_int8, quantized_linear  # noqa: E402
+from archlab.quant import (  # noqa: E402
+    DynamicInt8Linear,
+    Int8Linear,
+    int4_kernel_choice,
+    quantize_int8,
+    quantized_linear,
+)
 
 #: the fused [N, K] products of archlab's SmolLM2 step (q/k/v, out, gate/up, down, head)
 SHAPES = {"in_proj": (960, 576), "out_proj": (576, 576), "w_in": (3072, 576), "w2": (576, 1536), "head": (49152, 576)}
@@ -70,8 +81,11 @@ def candidates(n: int, k: int, copies: int) -> tuple[dict[str, Callable[[int], o
     xb = x.bfloat16()
     out: dict[str, Callable[[int], object]] = {}
     out["fp32"] = lambda i: F.linear(x, weights[i])
-    int4 = [quantized_linear(w, None, "int4", 32, torch.bfloat16) for w in weights]
+    int4 = int4_layers(weights, "aten")
     out["int4 g32"] = lambda i: int4[i]._product(xb)
+    own = int4_layers(weights, "archlab")
+    if own[0].kernel == "archlab":
+        out["archlab int4"] = lambda i: own[i]._product(xb)
     int8 = [Int8Linear(quantize_int8(w)).to(torch.bfloat16) for w in weights]
     if int8[0].group_size is not None:
         out["int8 nibbles"] = lambda i: int8[i]._product(xb)
@@ -102,6 +116,18 @@ def candidates(n: int, k: int, copies: int) -> tuple[dict[str, Callable[[int], o
     if ao is not None:
         out["torchao da8w8"] = lambda i: ao[i](x)
     return out, x, weights[0]
+
+
+def int4_layers(weights: list[torch.Tensor], kernel: str) -> list:
+    """int4 layers (groups of 32, bf16) on ``kernel`` (``archlab`` / ``aten``: :func:`archlab.quant.int4_kernel_choice`);
+    a layer's ``.kernel`` says which it got (``aten`` where archlab's cannot be built)."""
+    with int4_kernel_choice(kernel):
+        return [quantized_linear(w, None, "int4", 32, torch.bfloat16) for w in weights]
+
+
+def int4_bytes(n: int, k: int, group: int = 32) -> int:
+    """Bytes an int4 product reads per call: ``N K / 2`` of nibbles and ``2 N K / g`` bf16 scales and zeros."""
+    return n * k // 2 + 2 * 2 * n * (k // group)
 
 
 def relative_error(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> float:
@@ -175,7 +201,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=30, help="distinct weights per block shape (the head: 2)")
     args = parser.parse_args()
     print(setup(args.threads))
-    rows, names = [], None
+    rows, names, rates = [], None, []
     for shape_name, (n, k) in SHAPES.items():
         copies = 2 if shape_name == "head" else args.copies
         calls, x_ref, w_ref = candidates(n, k, copies)
@@ -186,10 +212,17 @@ def main() -> None:
         names = names or list(times)
         rows.append([f"{shape_name} {n} x {k}"] + [f"{times.get(c, float('nan')) * 1e6:,.1f}" for c in names])
         print(rows[-1], flush=True)
+        mb = int4_bytes(n, k)
+        rates.append([f"{shape_name} {n} x {k}", f"{mb / 1e6:.3f}"]
+                     + [f"{mb / times[c] / 1e9:.1f}" if c in times else "-" for c in ("int4 g32", "archlab int4")])
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\nM = 1, microseconds, the best call of {args.rounds} interleaved sweeps, {args.threads} threads "
           f"(load average now {load}: other jobs on the machine slow every kernel)")
     print(table(rows, ["W [N x K]", *names]))
+    bound = streaming_bandwidth() / 1e9
+    print(f"\nthe int4 kernels' read rate, GB/s (streaming read bound now: {bound:.1f} GB/s, {args.threads} threads; "
+          f"load average {load})")
+    print(table(rates, ["W [N x K]", "MB read", "int4 g32 (aten)", "archlab int4"]))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ activations; int8-dynamic, int8 activations too (one scale per token), its head 
 calibration text: Python source of the standard library's training split, not the tokens it is measured on). Those
 cannot be token-equal to fp32: the script prints their top-1 agreement with fp32 on fp32's own run (the prompt
 and the generated tokens, teacher-forced) and how many of their greedy tokens match fp32's before the first
-difference (``--no-quant`` leaves them out).
+difference (``--no-quant`` leaves them out). Where the int4 mode runs on archlab's own int4 kernel
+(:mod:`archlab.kernels`, :func:`archlab.quant.int4_kernel`), a peer ``archlab int4 aten-kernel`` is the same mode on
+PyTorch's int4 kernel (an A/B in the same rounds), with how many of its greedy tokens equal the int4 mode's.
 
 llama.cpp (``llama-cpp-python``, a benchmark-only extra built from source) runs on the same GGUF file, its blocks
 as stored (SmolLM2's file: Q4_1, the embedding/head in Q8_0 or as the file says; the table printed first), with
@@ -66,7 +68,7 @@ from common import (  # noqa: E402
 from archlab.generation import generate  # noqa: E402
 from archlab.hardware import native_bf16  # noqa: E402
 from archlab.interop.gguf import gguf_tokenizer, load_gguf, smollm2_gguf_path  # noqa: E402
-from archlab.quant import calibration_ids, quality, quantize  # noqa: E402
+from archlab.quant import calibration_ids, int4_kernel_choice, quality, quantize  # noqa: E402
 
 QUESTION = "Explain in a few sentences why the sky is blue."
 #: a quantized mode whose perplexity on fp32's tokens rises by more than this is not "archlab's best mode"
@@ -126,13 +128,18 @@ def main() -> None:
     compiled = {}  # eager peer name -> (its model, its eager tokens): compiled after the quantized modes are built
     if args.compile:
         compiled["archlab fp32"] = (ours, a)
+    int4_tokens = {}  # quantized mode -> its eager greedy tokens
     if not args.no_quant:
         int8 = copy.deepcopy(ours)
         quantize(int8, "int8")
         int4 = load_gguf(path, quantize="int4")  # the block layers from the Q4_1 blocks as they are
         dynamic = copy.deepcopy(ours)
         quantize(dynamic, "int8-dynamic", head="int8-dynamic", calibration=calibration_ids(tokenizer))
-        for name, model in (("archlab int8", int8), ("archlab int4", int4), ("archlab int8-dynamic", dynamic)):
+        modes = [("archlab int8", int8), ("archlab int4", int4), ("archlab int8-dynamic", dynamic)]
+        if any(getattr(m, "kernel", None) == "archlab" for m in int4.modules()):  # A/B: PyTorch's int4 kernel too
+            with int4_kernel_choice("aten"):
+                modes.insert(2, ("archlab int4 aten-kernel", load_gguf(path, quantize="int4")))
+        for name, model in modes:
             print(f"\n{name}: {str(model.quant_report).splitlines()[-1]}")
             own = archlab_runner(model)()
             differ = (own != a)[0].nonzero()
@@ -142,6 +149,10 @@ def main() -> None:
             print(f"  {measured} (fp32's sequence, teacher-forced); its greedy tokens equal "
                   f"fp32's for the first {same} of {n}")  # fmt: skip
             peers.append(Peer(name, archlab_runner(model), tokens=n))
+            int4_tokens[name] = own
+            if name == "archlab int4 aten-kernel":
+                print(f"  {agreement(own, int4_tokens['archlab int4'], prompt.shape[1])} archlab int4's "
+                      f"(archlab's int4 kernel)")  # fmt: skip
             if args.compile and name != "archlab int8-dynamic":  # StaticDecoder refuses it: fbgemm breaks the graph
                 compiled[name] = (model, own)
     for name, (model, eager_tokens) in compiled.items():
@@ -152,6 +163,10 @@ def main() -> None:
             raise SystemExit(f"compiled fp32 tokens differ from eager fp32's at new token {same}")
         print(f"\n{peer.name}: torch.compile took {seconds:.1f} s (once per process); its greedy tokens equal "
               f"{name}'s for the first {same} of {n}")  # fmt: skip
+        int4_tokens[peer.name] = tokens
+        if peer.name == "archlab int4 aten-kernel compiled" and "archlab int4 compiled" in int4_tokens:
+            print(f"  {agreement(tokens, int4_tokens['archlab int4 compiled'], prompt.shape[1])} archlab int4 "
+                  f"compiled's (archlab's int4 kernel)")  # fmt: skip
         # its own quality, through the compiled step (fused kernels round otherwise than the eager mode's)
         measured = quality(ours, teacher_forced(decoder), a, peer.name)
         print(f"  {measured} (fp32's sequence, teacher-forced one token at a time through the compiled step)")
@@ -203,6 +218,14 @@ def main() -> None:
     write_json(args.json, {p.name: {"tokens_per_s": p.tokens_per_s, "times": p.times} for p in peers})
 
 
+def agreement(tokens: torch.Tensor, other: torch.Tensor, start: int) -> str:
+    """``"its greedy tokens: the first F of N equal, A of N at the same positions, ..."`` (new tokens from ``start``)."""
+    a, b = tokens[0, start:], other[0, start:]
+    differ = (a != b).nonzero()
+    first = int(differ[0]) if len(differ) else len(a)
+    return f"its greedy tokens: the first {first} of {len(a)} equal, {int((a == b).sum())} of {len(a)} at the same positions, as"
+
+
 def streaming_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     """Bytes/s of the best of ``repeats`` sums over a float32 tensor of ``nbytes`` (far larger than the caches)."""
     big = torch.ones(nbytes // 4)
@@ -216,7 +239,7 @@ def streaming_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
 
 #: aten/quantized ops that multiply activations by weights (float, oneDNN-packed, weight-only int8/int4, fbgemm)
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
-            "quantized::linear_dynamic", "mkldnn::_linear_pointwise")  # fmt: skip
+            "quantized::linear_dynamic", "mkldnn::_linear_pointwise", "archlab_kernels::int4_rows")  # fmt: skip
 
 
 def profile_row(name: str, model, prompt: torch.Tensor, n: int) -> tuple[list[str], Counter]:

@@ -1,0 +1,144 @@
+"""archlab.kernels' int4 product (C++, built at first use): both variants against the float64 product of the
+dequantized weight, every group size, M in 1..16, the errors, the layer's choice of kernel, and torch.compile."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from archlab import kernels
+from archlab.errors import ConfigError, ShapeError
+from archlab.hardware import cpu_features
+from archlab.quant import GROUP_SIZES, Int4Linear, quantize_int4
+
+assert set(GROUP_SIZES) == {32, 64, 128, 256}  # the cases below cover each
+
+VARIANTS = [256] + ([513] if cpu_features()["avx512_bf16"] else [])
+U32, U_BF16 = 2.0**-24, 2.0**-8  # unit roundoff of float32 and bfloat16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    try:
+        kernels.load()
+    except kernels.KernelUnavailable as e:  # said, not skipped silently: the fallback test below covers it
+        pytest.skip(str(e))
+
+
+def packed_case(n: int, k: int, g: int, m: int, dtype: torch.dtype, seed: int = 0):
+    """A random int4 weight [n, k] (groups of g) packed for the kernel, x [m, k] in dtype, and the float64
+    reference x W^T with W dequantized from the *stored* scales and zeros (so only the arithmetic differs)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.02
+    w[1, :g] = 0.01  # a constant group (scale 0)
+    qw = quantize_int4(w, g)
+    packed, sz = kernels.pack_int4(qw.q, qw.scale.to(dtype), qw.zero.to(dtype), g)
+    s, z = (t.double().repeat_interleave(g, dim=1) for t in sz.unbind(1))  # [N, K]
+    wd = (qw.q.double() - 8) * s + z
+    x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
+    return x, packed, sz, x.double() @ wd.T, (x.double().abs() @ (151 * s.abs() + z.abs()).T)
+
+
+def tolerance(k: int, g: int, terms: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float32 sums: each output adds at most K products (per lane: K/16; then a scale FMA per group, a reduction
+    of 16 lanes, the K/g zero terms and their own sums of x over g) and the error of a float32 sum of n terms is
+    at most n u sum|terms| (u = 2^-24). The terms are bounded by sum_k |x_k| (151 |s| + |z|): the AVX512-BF16
+    variant multiplies 128 + q <= 143 and takes z - 136 s, the other q <= 15 and z - 8 s. So
+    tol = (K + 2 K/g + 16) u terms, plus the rounding of y to bfloat16 (u = 2^-8 of |y|) where x is bfloat16."""
+    tol = (k + 2 * k // g + 16) * U32 * terms
+    return tol + (U_BF16 * ref.abs() if dtype == torch.bfloat16 else 0)
+
+
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("g, k", [(32, 576), (64, 576), (128, 384), (256, 768), (32, 1536)])  # all GROUP_SIZES
+def test_int4_rows_equal_the_float64_product_within_float32_rounding(isa, g, k):
+    for m in range(1, kernels.MAX_ROWS + 1):
+        for dtype in (torch.bfloat16, torch.float32):
+            x, packed, sz, ref, terms = packed_case(37, k, g, m, dtype, seed=m)  # N = 37: not a multiple of 4
+            y = torch.ops.archlab_kernels.int4_rows(x, packed, sz, g, isa)
+            assert y.dtype == dtype and y.shape == (m, 37)
+            err = (y.double() - ref).abs()
+            tol = tolerance(k, g, terms, ref, dtype)
+            assert (err <= tol).all(), f"m={m} {dtype}: worst err/tol {(err / tol).max():.3g}"
+            if dtype == torch.float32:  # the bound is a worst case; typical float32 sums land far inside it
+                assert (y.double() - ref).norm() / ref.norm() < 1e-5  # measured 3e-7 .. 1.3e-6
+
+
+def test_pack_and_unpack_are_inverse_and_the_layout_is_the_documented_one():
+    q = torch.randint(0, 16, (5, 192), dtype=torch.uint8)
+    s = torch.rand(5, 6)
+    packed, sz = kernels.pack_int4(q, s, s + 1, 32)
+    assert packed.shape == (5, 96) and sz.shape == (5, 2, 6) and torch.equal(kernels.unpack_int4(packed), q)
+    word = int(packed[0, 0]) | int(packed[0, 1]) << 8  # block 0, word 0: inputs 0, 32, 64, 96
+    assert [word >> (4 * i) & 15 for i in range(4)] == [int(q[0, i]) for i in (0, 32, 64, 96)]
+    assert int(packed[0, 64]) == int(q[0, 128]) | int(q[0, 160]) << 4  # the 64-input tail: byte j = j | 32 + j
+
+
+def test_bad_arguments_raise_shape_errors_before_the_call():
+    x, packed, sz, ref, _ = packed_case(8, 128, 32, 1, torch.bfloat16)
+    assert ((kernels.int4_rows(x, packed, sz, 32).double() - ref).norm() / ref.norm()) < 2**-8  # the checked call
+    with pytest.raises(ShapeError, match="M in 1..16"):
+        kernels.int4_rows(x.repeat(17, 1), packed, sz, 32)
+    with pytest.raises(ShapeError, match="float32 or bfloat16"):
+        kernels.int4_rows(x.half(), packed, sz, 32)
+    with pytest.raises(ShapeError, match="K a multiple of 64"):
+        kernels.int4_rows(torch.zeros(1, 96, dtype=torch.bfloat16), packed[:, :48], sz, 32)
+    with pytest.raises(ShapeError, match="group_size"):
+        kernels.pack_int4(torch.zeros(8, 128, dtype=torch.uint8), torch.ones(8, 2), torch.ones(8, 2), 48)
+    with pytest.raises(ShapeError, match="scales_and_zeros"):
+        kernels.int4_rows(x, packed, sz[:, :, :2].contiguous(), 32)
+    with pytest.raises(RuntimeError, match="isa"):  # the op's own check
+        torch.ops.archlab_kernels.int4_rows(x, packed, sz, 32, 7)
+
+
+def test_no_compiler_is_an_archlab_error_and_the_layer_falls_back_saying_so_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(kernels.KernelUnavailable, match="could not be built"):
+        kernels.build("archlab_int4_rows_nocompiler", str(tmp_path))
+
+    def unavailable():
+        raise kernels.KernelUnavailable("archlab's int4 kernel (int4_rows.cpp) could not be built: test")
+
+    monkeypatch.setattr(kernels, "load", unavailable)
+    monkeypatch.setenv("ARCHLAB_INT4_KERNEL", "archlab")
+    qw = quantize_int4(torch.randn(32, 128), 32)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        layers = [Int4Linear(qw), Int4Linear(qw)]
+    assert [lay.kernel for lay in layers] == ["aten", "aten"]
+    assert len([w for w in seen if "could not be built" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 20])
+def test_int4_layer_on_archlab_kernel_equals_the_aten_one(rows, monkeypatch):
+    """The same Int4Weight through both products (bfloat16 activations): equal within bfloat16's rounding of y
+    and of the aten kernel's own bf16 arithmetic; 20 rows take the dequantized F.linear path."""
+    gen = torch.Generator().manual_seed(1)
+    qw = quantize_int4(torch.randn(64, 576, generator=gen) * 0.02, 32)
+    layers = {}
+    for choice in ("archlab", "aten"):
+        monkeypatch.setenv("ARCHLAB_INT4_KERNEL", choice)
+        layers[choice] = Int4Linear(qw).to(torch.bfloat16)
+        assert layers[choice].kernel == choice
+    x = torch.randn(rows, 576, generator=gen)
+    ref = x.double() @ qw.dequantize(torch.float64).T
+    for layer in layers.values():
+        assert ((layer(x).double() - ref).norm() / ref.norm()) < 0.01  # x rounded to bf16: ~2^-9 relative
+
+
+def test_bad_kernel_choice_is_a_config_error(monkeypatch):
+    monkeypatch.setenv("ARCHLAB_INT4_KERNEL", "fast")
+    with pytest.raises(ConfigError, match="ARCHLAB_INT4_KERNEL"):
+        Int4Linear(quantize_int4(torch.randn(16, 64), 32))
+
+
+def test_compile_keeps_the_op_whole(monkeypatch):
+    """fullgraph=True: the op traces through its fake implementation, no graph break."""
+    monkeypatch.setenv("ARCHLAB_INT4_KERNEL", "archlab")
+    layer = Int4Linear(quantize_int4(torch.randn(48, 128), 32)).to(torch.bfloat16)
+    x = torch.randn(1, 128)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), layer(x))
