@@ -92,6 +92,28 @@ def test_packed_lm_head_in_a_decoding_cache(onednn_calls):
     torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [2, 4])
+def test_a_decoding_caches_head_takes_the_onednn_copy_and_makes_its_blocks_only_when_read(rows, onednn_calls):
+    """At 2 threads a few-row product (2-4 rows, the tail of a batch) on the head goes to the weight's oneDNN copy
+    where there is one, as every other layer's, and the head's blocked copy is then never made; a one-row product
+    makes it (and runs on it), as one without the oneDNN copy does."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lin = layer(d_out=1024)
+        head = PackedLinear(lin.weight, lin.bias)
+        x = torch.randn(rows, 256)
+        with torch.no_grad(), packed_for_rows(lin, rows=rows):
+            out = head(x)
+        assert onednn_calls == [rows] and not head._made  # no blocks made
+        torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(head(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        assert onednn_calls == [rows] and head._made and head.blocks.shape == (2, 256, 512)  # no copy: the blocks
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_generate_batch_on_packed_weights_equals_one_prompt_at_a_time(onednn_calls):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=300, max_len=64, d_model=256, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=512,
