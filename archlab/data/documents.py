@@ -67,6 +67,11 @@ MIN_WORDS = 4  # a passage shorter than this says nothing
 HELD_OUT_PERCENT = 20  # passages of this share of the source files are held out (valid + test)
 TABLE_SHARE, IMAGE_SHARE = 0.75, 0.75  # the chance that a page (not needed by the question) has one
 DIGIT_SIZE = 8  # the scikit-learn digits are 8x8
+#: The split of scikit-learn's digits that the figures come from (``archlab.data.images.digits``' arguments): training
+#: documents draw the training images, validation and test documents the held-out ones. An image encoder pretrained
+#: for the reader must see the training images only: ``archlab train vit-tiny --set data.valid_percent=20 --set
+#: data.seed=0`` splits them alike (``archlab.models.docreader.check_image_pretraining``).
+FIGURE_SPLIT = {"test_fraction": 0.2, "seed": 0}
 MAX_MENTIONS = 2  # keywords a page mentions: at most one distractor, and the question's where the answer needs it
 
 #: Topic words the questions ask about; no passage holds one, so a page mentions one only where it is put.
@@ -149,7 +154,7 @@ def passages() -> dict[str, tuple[str, ...]]:
 def figures() -> dict[str, tuple[Tensor, Tensor]]:
     """``{split: (images [N, 1, 8, 8], labels [N])}``: the digits' training images, and their held-out images
     alternating between ``valid`` (even positions) and ``test`` (odd)."""
-    (x_train, y_train), (x_held, y_held) = digits()
+    (x_train, y_train), (x_held, y_held) = digits(**FIGURE_SPLIT)
     return {"train": (x_train, y_train), "valid": (x_held[0::2], y_held[0::2]), "test": (x_held[1::2], y_held[1::2])}
 
 
@@ -174,7 +179,9 @@ class DocumentTask(Config):
         table_columns: numeric columns of a table (besides the item column), at most len(TABLE_COLUMNS).
         max_value: table values are integers in ``[1, max_value]``.
         image_size: figures are ``[1, image_size, image_size]``: the 8x8 digits repeated ``image_size / 8`` times.
-        questions: the kinds of question asked, drawn uniformly: ``largest``, ``digit``, ``count``.
+        questions: the kinds of question asked: ``largest``, ``digit``, ``count``.
+        question_shares: empty (the default): the kinds drawn uniformly; else one positive integer per kind of
+            ``questions``, its relative share of the documents (``(2, 1, 1)``: half the documents ask the first kind).
     """
 
     min_pages: int = 2
@@ -185,6 +192,7 @@ class DocumentTask(Config):
     max_value: int = 50
     image_size: int = 8
     questions: tuple[str, ...] = QUESTION_KINDS
+    question_shares: tuple[int, ...] = ()
 
     def validate(self) -> None:
         require(1 <= self.min_pages <= MAX_PAGES, f"min_pages={self.min_pages} must be in 1..{MAX_PAGES}")
@@ -202,6 +210,10 @@ class DocumentTask(Config):
         for kind in self.questions:
             check_choice("questions", kind, QUESTION_KINDS)
         require(len(set(self.questions)) == len(self.questions), f"questions={self.questions} repeats a kind")
+        require(not self.question_shares or (len(self.question_shares) == len(self.questions) and all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in self.question_shares)),
+                f"question_shares={self.question_shares} must be empty or one positive integer per kind of "
+                f"questions={self.questions}")  # fmt: skip
 
     @property
     def n_answers(self) -> int:
@@ -226,7 +238,8 @@ class DocumentTask(Config):
 
         texts, (images, _labels), by_digit = passages()[split], figures()[split], _by_digit(split)
         n_pages = rng.randint(self.min_pages, self.max_pages)
-        kind = rng.choice(self.questions)
+        kind = rng.choices(self.questions, self.question_shares)[0] if self.question_shares else rng.choice(
+            self.questions)  # fmt: skip
         keyword = rng.choice(KEYWORDS)
         target = rng.randrange(n_pages)  # the page the answer is on (largest, digit)
         has_table = [rng.random() < TABLE_SHARE or (kind == "largest" and p == target) for p in range(n_pages)]

@@ -38,10 +38,12 @@ with a :class:`DocReaderTokenizer`; :class:`DocReader` maps a batch to answer lo
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -132,8 +134,21 @@ class DocReaderConfig(AttentionConfig, Config):
             finds the page with the largest value at 800 steps (0.566 against 0.473 without, majority 0.434; seed 1:
             0.562 against 0.512, majority 0.418; README's Document reader section).
         image_d_model, image_n_heads, image_n_layers, image_d_ff: the ViT image encoder.
+        image_init: None (the image encoder starts from ViT's own init) or pretrained weights for its ViT, the card's
+            pretrained image encoder at this scale: an archlab run folder (its latest checkpoint), checkpoint or model
+            folder of a ``vit`` model of the encoder's sizes (``image_size``, ``patch_size``, ``n_channels`` and the
+            ``image_*`` widths; its classification head is not used). Read when the reader is built
+            (:meth:`DocReader.load_image_encoder`), so it must stay where it is while the reader's run is resumed or
+            evaluated, as ``model.init`` must. For ``docreader-tiny``, a ViT trained on the digits' training images
+            alone (:func:`check_image_pretraining` refuses a run whose split differs from the documents' figures')::
+
+                archlab train vit-tiny --set model.n_layers=1 --set data.valid_percent=20 --set data.seed=0 \
+                    --set train.steps=600 --set train.batch_size=64 --out runs/vit-digits
+
+            (``archlab.labs.docreader.pretrain_image_encoder`` runs the same). Freeze it with ``frozen=("image",)``.
         frozen: encoders whose weights do not train (any of ``text``, ``table``, ``image``): no gradients,
-            no optimizer state (the card freezes the text and image encoders).
+            no optimizer state (the card freezes the text and image encoders). An encoder's output projection to the
+            reader's width (``d_model``) is part of it and freezes with it.
     Reader (width ``d_model``, heads ``n_heads``, pre-norm blocks with a GELU FFN of ``d_ff``):
         fusion_layers: cross-modal attention layers per page.
         n_latents: ``L``, Perceiver latents per page (card: 64); also the number of document summary tokens.
@@ -219,6 +234,7 @@ class DocReaderConfig(AttentionConfig, Config):
     image_n_heads: int = 16
     image_n_layers: int = 24
     image_d_ff: int = 4096
+    image_init: str | None = None
     frozen: tuple[str, ...] = ("text", "image")
     d_model: int = 1024
     n_heads: int = 16
@@ -272,6 +288,9 @@ class DocReaderConfig(AttentionConfig, Config):
         check_choice("weight_init", self.weight_init, INITS)
         if self.text_positions == "rope":
             check_rope_width("rope", self.text_d_model, self.text_n_heads)
+        require(self.image_init is None or (isinstance(self.image_init, str) and self.image_init.strip() != ""),
+                f"image_init={self.image_init!r} must be None or the path of a ViT's weights (a run, checkpoint or "
+                "model folder)")  # fmt: skip
         for name in self.frozen:
             check_choice("frozen", name, ENCODERS)
         require(len(set(self.frozen)) == len(self.frozen), f"frozen={list(self.frozen)} names an encoder twice")
@@ -833,6 +852,16 @@ class NumberEmbedding(nn.Module):
         return self.proj(features)
 
 
+def image_vit_config(config: DocReaderConfig, n_classes: int = 0) -> ViTConfig:
+    """The ViT of the reader's image encoder: its image, patch and ``image_*`` sizes, the reader's dropout and
+    backend; ``n_classes``: a classification head (none in the reader; 10 for a digit classifier that pretrains it,
+    ``archlab.labs.docreader.pretrain_image_encoder``)."""
+    c = config
+    return ViTConfig(image_size=c.image_size, patch_size=c.patch_size, n_channels=c.n_channels, d_model=c.image_d_model,
+                     n_heads=c.image_n_heads, n_layers=c.image_n_layers, d_ff=c.image_d_ff, dropout=c.dropout,
+                     n_classes=n_classes, backend=c.backend)  # fmt: skip
+
+
 class ImageEncoder(nn.Module):
     """archlab's ViT over a page image: ``[n, C, H, W]`` -> ``[n, 1 + n_patches, d]`` (``[class]`` first).
 
@@ -842,11 +871,7 @@ class ImageEncoder(nn.Module):
     def __init__(self, config: DocReaderConfig):
         super().__init__()
         c = config
-        self.vit = ViT(ViTConfig(
-            image_size=c.image_size, patch_size=c.patch_size, n_channels=c.n_channels, d_model=c.image_d_model,
-            n_heads=c.image_n_heads, n_layers=c.image_n_layers, d_ff=c.image_d_ff, dropout=c.dropout,
-            n_classes=0, backend=c.backend,
-        ))  # fmt: skip
+        self.vit = ViT(image_vit_config(c))
         if c.image_positions == "none":
             self.vit.positional = NoPositionalEncoding()
         self.proj = nn.Linear(c.image_d_model, c.d_model)
@@ -1094,6 +1119,8 @@ class DocReader(nn.Module):
             c.d_model, c.n_answers)  # fmt: skip
         self.head.apply(_init_reader)
         apply_weight_init(self)
+        if c.image_init is not None and not self.head_norm.weight.is_meta:  # on meta: the shapes alone
+            self.load_image_encoder(read_image_encoder(c.image_init))
         for name in c.frozen:
             getattr(self, name).requires_grad_(False)
 
@@ -1281,6 +1308,69 @@ class DocReader(nn.Module):
         key = "embeddings.position.embedding.weight"
         state[key] = state[key][: own.max_len]
         self.text.bert.load_state_dict(state)
+
+    def load_image_encoder(self, vit: ViT) -> None:
+        """Copy a pretrained ViT (e.g. ``vit-tiny`` trained on the digits, :func:`read_image_encoder`) into the image
+        encoder's ViT; its classification head is dropped, the encoder's projection to ``d_model`` keeps its init.
+        Needs ``image_positions="patch"`` and the ViT's shape (image and patch size, channels, width, heads, layers,
+        FFN, LayerNorm eps): CheckpointError naming the field that differs."""
+        if self.config.image_positions != "patch":
+            raise ConfigError(f"image_positions={self.config.image_positions!r}: a pretrained ViT comes with learned "
+                              "patch positions; build the reader with image_positions='patch'")  # fmt: skip
+        if not isinstance(vit, ViT):
+            raise CheckpointError(f"the image encoder takes a ViT's weights, got a {type(vit).__name__}")
+        own, theirs = self.image.vit.config, vit.config
+        for field, ours in IMAGE_FIELDS.items():
+            if getattr(theirs, field) != getattr(own, field):
+                raise CheckpointError(f"the ViT has {field}={getattr(theirs, field)} but the reader's image encoder "
+                                      f"has {ours}={getattr(own, field)}")  # fmt: skip
+        state = {k: v for k, v in vit.state_dict().items() if not k.startswith("head.")}
+        self.image.vit.load_state_dict(state)
+
+
+#: ViT config field -> what sets it in the reader (:meth:`DocReader.load_image_encoder` compares them).
+IMAGE_FIELDS = {"image_size": "image_size", "patch_size": "patch_size", "n_channels": "n_channels",
+                "d_model": "image_d_model", "n_heads": "image_n_heads", "n_layers": "image_n_layers",
+                "d_ff": "image_d_ff", "eps": "eps (ViT's default, 1e-12)"}  # fmt: skip
+
+
+def read_image_encoder(path: str) -> ViT:
+    """The ViT that ``path`` holds (``image_init``: a run folder, its latest checkpoint, a checkpoint or a model
+    folder), after :func:`check_image_pretraining` on its run; CheckpointError for a missing path, a folder that
+    holds no weights, or a model that is not a ViT."""
+    from archlab.interop.io import load_model
+    from archlab.train.run import locate_checkpoint
+
+    try:
+        run_dir, checkpoint, _ = locate_checkpoint(path)
+        model = load_model(checkpoint)
+    except CheckpointError as e:
+        raise CheckpointError(f"image_init={path!r}: {e}") from None
+    if run_dir is not None:
+        check_image_pretraining(run_dir)
+    if not isinstance(model, ViT):
+        raise CheckpointError(f"image_init={path!r} holds a {type(model).__name__}; the image encoder takes a ViT's "
+                              "weights (e.g. an `archlab train vit-tiny` run)")  # fmt: skip
+    return model
+
+
+def check_image_pretraining(run_dir: str | Path) -> None:
+    """DataError when the run in ``run_dir`` trained on scikit-learn's digits with another split than the one the
+    documents' figures come from (:data:`archlab.data.documents.FIGURE_SPLIT`): its training images would include
+    figures of validation and test documents. Runs on other data are not checked, nor is a model folder outside a
+    run (its data is not recorded)."""
+    from archlab.data.documents import FIGURE_SPLIT
+    from archlab.train.run import RUN_FILE
+
+    data = json.loads((Path(run_dir) / RUN_FILE).read_text()).get("data", {})
+    if data.get("source") != "digits":
+        return
+    percent, seed = round(100 * FIGURE_SPLIT["test_fraction"]), FIGURE_SPLIT["seed"]
+    if (data.get("valid_percent"), data.get("seed")) != (percent, seed):
+        raise DataError(f"image_init={str(run_dir)!r} trained on the digits with data.valid_percent="
+                        f"{data.get('valid_percent')!r} and data.seed={data.get('seed')!r}: its training images "
+                        "include figures of the documents' held-out pages; train it with data.valid_percent="
+                        f"{percent} and data.seed={seed}, the documents' split")  # fmt: skip
 
 
 # ================================================================================================

@@ -620,6 +620,86 @@ def test_the_text_encoder_takes_minilm_weights_and_computes_what_minilm_computes
                      text_positions="learned")).load_text_encoder(minilm)  # fmt: skip
 
 
+def small_vit(path, seed=0, **overrides):
+    """A ViT of :data:`SMALL`'s image encoder sizes (with its 10-class head, as a digits run has it) saved to
+    ``path``; returned."""
+    from archlab.interop.io import save_model
+    from archlab.models.docreader import image_vit_config
+    from archlab.models.vit import ViT
+
+    torch.manual_seed(seed)
+    vit = ViT(image_vit_config(config(), n_classes=10).replace(**overrides))
+    save_model(vit, path)
+    return vit
+
+
+def test_image_init_loads_a_vits_weights_and_frozen_they_stay_as_loaded(tokenizer, tmp_path):
+    from archlab.train import build_optimizer
+
+    vit = small_vit(tmp_path / "vit")
+    c = config(image_init=str(tmp_path / "vit"), frozen=("image",))
+    m = model(c, seed=1).train()
+    loaded = {k: v.clone() for k, v in m.image.vit.state_dict().items()}
+    assert loaded.keys() == {k for k in vit.state_dict() if not k.startswith("head.")}
+    assert all(torch.equal(v, vit.state_dict()[k]) for k, v in loaded.items())
+    assert not torch.equal(loaded["patch_embed.weight"], model(config(), seed=1).image.vit.patch_embed.weight)
+    proj = m.image.proj.weight.clone()
+    optimizer = build_optimizer(m, lr=1e-2)
+    m.compute_loss(collate(documents(c), c, tokenizer)._asdict())[0].backward()
+    assert all(p.grad is None and not p.requires_grad for p in m.image.parameters())
+    assert all(p.grad is not None for p in m.fusion.parameters())
+    fusion = [p.detach().clone() for p in m.fusion.parameters()]
+    optimizer.step()  # the frozen encoder stays as loaded, the rest of the reader moves
+    assert all(torch.equal(v, loaded[k]) for k, v in m.image.vit.state_dict().items())
+    assert torch.equal(m.image.proj.weight, proj)
+    assert any(not torch.equal(p, q) for p, q in zip(m.fusion.parameters(), fusion))
+
+
+def test_image_init_refuses_missing_weights_other_models_and_other_shapes(tmp_path):
+    from archlab.interop.io import save_model
+
+    with pytest.raises(CheckpointError, match=r"image_init='.*nowhere': .*no such run folder or checkpoint"):
+        model(config(image_init=str(tmp_path / "nowhere")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="image_init='.*empty': .*neither a run folder"):
+        model(config(image_init=str(tmp_path / "empty")))
+    save_model(build_model("mlp-digits"), tmp_path / "mlp")
+    with pytest.raises(CheckpointError, match="holds a MLP; the image encoder takes a ViT's weights"):
+        model(config(image_init=str(tmp_path / "mlp")))
+    small_vit(tmp_path / "deep", n_layers=2)
+    with pytest.raises(CheckpointError, match="the ViT has n_layers=2 but the reader's image encoder has "
+                                              "image_n_layers=1"):  # fmt: skip
+        model(config(image_init=str(tmp_path / "deep")))
+    small_vit(tmp_path / "wide", d_model=32, n_heads=2, d_ff=32)
+    with pytest.raises(CheckpointError, match="the ViT has d_model=32 but the reader's image encoder has "
+                                              "image_d_model=16"):  # fmt: skip
+        model(config(image_init=str(tmp_path / "wide")))
+    small_vit(tmp_path / "vit")
+    with pytest.raises(ConfigError, match="image_positions='none': a pretrained ViT comes with learned patch"):
+        model(config(image_init=str(tmp_path / "vit"), image_positions="none"))
+
+
+@pytest.mark.parametrize(("data", "refused"), [
+    ({"source": "digits", "valid_percent": 10, "seed": 0}, True),  # archlab train's default split: held-out figures
+    ({"source": "digits", "valid_percent": 20, "seed": 1}, True),
+    ({"source": "digits", "valid_percent": 20, "seed": 0}, False),  # the documents' split
+    ({"source": "stdlib", "valid_percent": 10, "seed": 0}, False),  # not the digits: nothing to check
+])  # fmt: skip
+def test_image_pretraining_on_the_documents_held_out_figures_is_refused(tmp_path, data, refused):
+    import json
+
+    from archlab.models.docreader import check_image_pretraining
+
+    (tmp_path / "run.json").write_text(json.dumps({"model": {"preset": "vit-tiny"}, "data": data}))
+    if not refused:
+        check_image_pretraining(tmp_path)
+        return
+    words = (f"data.valid_percent={data['valid_percent']} and data.seed={data['seed']}: its training images include "
+             "figures of the documents' held-out pages")  # fmt: skip
+    with pytest.raises(DataError, match=words):
+        check_image_pretraining(tmp_path)
+
+
 def test_the_card_preset_builds_on_meta_with_the_card_sizes():
     with torch.device("meta"):
         m = build_model("docreader-card")
@@ -694,6 +774,8 @@ def test_bad_batches_are_refused_by_the_model(tokenizer):
         (dict(table_numbers="on"), "table_numbers='on' must be true or false"),
         (dict(answer_kinds=("count", "count")), "'count'] names a kind twice"),
         (dict(answer_kinds=("count", "")), "''] must name question kinds (non-empty strings)"),
+        (dict(image_init=""), "image_init='' must be None or the path of a ViT's weights"),
+        (dict(image_init=3), "image_init=3 must be a string or null"),
     ],
 )
 def test_bad_configs_are_refused_naming_the_field(overrides, message):
