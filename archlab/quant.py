@@ -20,7 +20,8 @@ inside PyTorch's kernels:
   ``_weight_int4pack_mm_for_cpu(x, packed, g, sz)`` with ``sz [K/g, N, 2]`` = (scale, zero). It needs ``N``
   divisible by 16 and ``K`` by ``g``. Where the CPU has AVX512-BF16 (kernels not capped) and ``K`` is a multiple
   of 64, an :class:`Int4Linear` uses archlab's own kernel instead (:mod:`archlab.kernels`, :func:`int4_kernel`;
-  faster at one row on SmolLM2's block shapes), in its own layout of the same bytes. GGUF's Q4_1 blocks
+  faster at one row on SmolLM2's block shapes) for one-row products, on a second copy of the levels in its own
+  layout; more rows take PyTorch's. GGUF's Q4_1 blocks
   (``w = d q + m`` per 32 values) are this form with ``s = d``, ``z = m + 8 d``; Q4_0 (``w = d (q - 8)``) with
   ``z = 0``: :mod:`archlab.interop.gguf` loads them without a float round trip.
 
@@ -357,15 +358,15 @@ def int4_kernel_choice(kernel: str) -> Iterator[None]:
 
 
 class Int4Linear(_WeightOnlyLinear):
-    """Weight-only int4 layer, packed for one of two products (:func:`int4_kernel`, chosen when it is built):
-
-    * archlab's kernel (:mod:`archlab.kernels`): ``packed [N, K/2]`` bytes and ``scales_and_zeros [N, 2, K/g]`` in
-      its layout (:func:`archlab.kernels.pack_int4`); up to :data:`archlab.kernels.MAX_ROWS` rows of ``x`` per
-      call go through it, more rows (a prompt) through ``F.linear`` with the weight dequantized for the call;
-    * PyTorch's ``_weight_int4pack_mm_for_cpu``: its packed ``[N, K/2]`` bytes and ``scales_and_zeros
-      [K/g, N, 2]``.
-
-    Both hold the same bytes and compute ``x ((q - 8) s + z)^T`` with float32 sums."""
+    """Weight-only int4 layer: PyTorch's ``_weight_int4pack_mm_for_cpu`` on its packed ``[N, K/2]`` bytes and
+    ``scales_and_zeros [K/g, N, 2]``, and, where :func:`int4_kernel` chooses archlab's kernel
+    (:mod:`archlab.kernels`), a second copy of the same levels in that kernel's layout (``row_packed [N, K/2]``,
+    ``row_scales_and_zeros [N, 2, K/g]``, :func:`archlab.kernels.pack_int4`) for one-row products, a decoding
+    step's. Measured (``benchmarks/decode_kernels.py --threads 1``, AMD EPYC AVX512-BF16, near idle): archlab's
+    kernel at one row 38.6 / 19.8 / 75.5 / 37.8 us on SmolLM2's in_proj / out_proj / gate-up / down against aten's
+    42.7 / 23.9 / 106.5 / 55.0; at 2-16 rows it was the slower (45 against 37 us at 2 rows, loaded), and a prompt
+    wants aten's kernel, so more rows go there. The copy doubles the layer's bytes (a 4-bit model's blocks in
+    about 8 bits, still half of int8). Both compute ``x ((q - 8) s + z)^T`` with float32 sums."""
 
     mode = "int4"
 
@@ -374,37 +375,25 @@ class Int4Linear(_WeightOnlyLinear):
         super().__init__(k, n, bias)
         self.group_size = weight.group_size
         self.kernel, self._isa = int4_kernel(k)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", torch.stack([weight.scale.T, weight.zero.T], dim=-1).contiguous())
         if self.kernel == "archlab":
             from archlab.kernels import pack_int4
 
-            packed, scales_and_zeros = pack_int4(weight.q, weight.scale, weight.zero, weight.group_size)
-        else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
-            scales_and_zeros = torch.stack([weight.scale.T, weight.zero.T], dim=-1).contiguous()
-        self.register_buffer("packed", packed)
-        self.register_buffer("scales_and_zeros", scales_and_zeros)
+            row_packed, row_scales_and_zeros = pack_int4(weight.q, weight.scale, weight.zero, weight.group_size)
+            self.register_buffer("row_packed", row_packed)
+            self.register_buffer("row_scales_and_zeros", row_scales_and_zeros)
 
     @property
     def compute_dtype(self) -> torch.dtype:
         return self.scales_and_zeros.dtype
 
     def _product(self, x: Tensor) -> Tensor:
-        if self.kernel == "aten":
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
-        from archlab.kernels import MAX_ROWS
-
-        if x.shape[0] <= MAX_ROWS:
+        if self.kernel == "archlab" and x.shape[0] == 1:
             op = torch.ops.archlab_kernels.int4_rows
-            return op(x, self.packed, self.scales_and_zeros, self.group_size, self._isa)
-        return F.linear(x, self._dequantized(x.dtype))
-
-    def _dequantized(self, dtype: torch.dtype) -> Tensor:
-        """``(q - 8) s + z`` as ``[N, K]`` (computed in float32) in ``dtype``, from archlab's layout."""
-        from archlab.kernels import unpack_int4
-
-        g = self.group_size
-        s, z = (t.float().repeat_interleave(g, dim=1) for t in self.scales_and_zeros.unbind(1))
-        return ((unpack_int4(self.packed).float() - 8) * s + z).to(dtype)
+            return op(x, self.row_packed, self.row_scales_and_zeros, self.group_size, self._isa)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}, kernel={self.kernel}"

@@ -33,6 +33,8 @@ The op is registered with a fake (meta) implementation, so ``torch.compile`` kee
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -63,6 +65,7 @@ def build(name: str, directory: str | None = None) -> None:
     :class:`KernelUnavailable` if the build fails."""
     from torch.utils import cpp_extension
 
+    _ninja_on_path()
     try:
         cpp_extension.load(
             name=name,
@@ -83,6 +86,19 @@ def build(name: str, directory: str | None = None) -> None:
 
 
 _fake_registered: list[bool] = []
+
+
+def _ninja_on_path() -> None:
+    """Put the ``ninja`` package's binary (a dependency of archlab) on ``PATH`` where no ``ninja`` is there:
+    ``torch.utils.cpp_extension`` looks for the command, and a virtual environment's ``bin`` is on ``PATH`` only
+    when it is activated."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return  # the build then fails with torch's own message, raised as KernelUnavailable
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
 
 
 def isa(x_dtype: torch.dtype = torch.bfloat16) -> int:
