@@ -357,7 +357,8 @@ class DocumentBatches(BatchSource):
     tensors ``[B, ...]`` (the reader's :func:`~archlab.models.docreader.collate` as ``._asdict()``). The global
     batch is collated whole and each rank takes its rows, so every rank's tensors have the same padded shapes.
 
-    ``eval_batches()``: the first ``n_valid`` documents of ``valid_split``, in global batches (collated once).
+    ``eval_batches()``: the first ``n_valid`` documents of ``valid_split``, in global batches (collated once),
+    every kind asked alike (the task's ``question_shares`` weight the training documents only).
     """
 
     def __init__(self, task: DocumentTask, collate: Callable[[list], dict[str, Tensor]], *, batch_size: int,
@@ -385,7 +386,8 @@ class DocumentBatches(BatchSource):
 
     def eval_batches(self) -> Iterator[dict[str, Tensor]]:
         if self._valid is None:
-            docs = [view(self.task.document(i, seed=self.seed, split=self.valid_split), self.view, i)
+            task = self.task.replace(question_shares=())  # the shares weight training only
+            docs = [view(task.document(i, seed=self.seed, split=self.valid_split), self.view, i)
                     for i in range(self.n_valid)]  # fmt: skip
             self._valid = [self.collate(docs[i : i + self.batch_size]) for i in range(0, self.n_valid, self.batch_size)]
         yield from self._valid

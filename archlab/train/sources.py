@@ -153,6 +153,10 @@ class DataConfig(Config):
         questions: ``documents`` only: the kinds of question asked (``largest``, ``digit``, ``count``; ``None``:
             all three, drawn uniformly). One kind is how the recipes that learn train (``archlab.labs.docreader``:
             mixed, the tiny reader learns the count only).
+        question_shares: ``documents`` only: empty (default) draws the kinds uniformly; else one positive integer
+            per kind of ``questions`` (all three when null), its relative share of the training documents
+            (``[2, 1, 1]``: half ask the largest value, as ``archlab.labs.docreader.MIXED_RECIPE`` trains);
+            validation documents ask every kind alike.
         seq_len: tokens per LM/MLM/token-window row, or the longest text of text classification; ``None``: the
             model's context.
         text_field, label_field, source_field, target_field: the JSONL fields / CSV columns to read.
@@ -169,6 +173,7 @@ class DataConfig(Config):
     min_length: int = 1
     max_length: int = 8
     questions: tuple[str, ...] | None = None
+    question_shares: tuple[int, ...] = ()
     seq_len: int | None = None
     text_field: str = "text"
     label_field: str = "label"
@@ -200,6 +205,14 @@ class DataConfig(Config):
                 check_choice("data.questions", kind, QUESTION_KINDS)
             require(len(set(self.questions)) == len(self.questions), f"data.questions={list(self.questions)} repeats "
                     "a kind")  # fmt: skip
+        if self.question_shares:
+            from archlab.data.documents import QUESTION_KINDS
+
+            kinds = self.questions or QUESTION_KINDS
+            require(len(self.question_shares) == len(kinds) and all(
+                isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in self.question_shares),
+                f"data.question_shares={list(self.question_shares)} must be one positive integer per kind of "
+                f"question asked ({list(kinds)}), or empty (uniform)")  # fmt: skip
         require(1 <= self.valid_percent <= 99, f"valid_percent={self.valid_percent!r} must be in 1..99")
         require(self.seed >= 0, f"seed={self.seed!r} must be >= 0")
 
@@ -241,6 +254,9 @@ def resolve_data(data: DataConfig, task: str, model_config: Config, who: str) ->
                 f"{model_config.max_pages}")  # fmt: skip
     elif tokenizer == "auto":
         tokenizer = "char" if task == "seq2seq" else "bpe"
+    require(not data.question_shares or kind == "documents", f"data.question_shares="
+            f"{list(data.question_shares)} weights kinds of question of the generated documents; data.source="
+            f"{source!r} has none (leave it empty)")  # fmt: skip
     require(data.questions is None or kind == "documents", f"data.questions={list(data.questions or ())} asks kinds "
             f"of question of the generated documents; data.source={source!r} has none (leave it null)")  # fmt: skip
     seq_len = data.seq_len
@@ -424,6 +440,7 @@ def _documents(data: DataConfig, model_config: Config, shard: dict) -> RunData:
     from archlab.models.docreader import DocReaderTokenizer, collate
 
     questions = {} if data.questions is None else {"questions": data.questions}
+    questions["question_shares"] = tuple(data.question_shares)
     task = DocumentTask(min_pages=data.min_length, max_pages=data.max_length, image_size=model_config.image_size,
                         **questions)  # fmt: skip
     tokenizer = DocReaderTokenizer()

@@ -64,6 +64,10 @@ def test_resume_through_the_cli_is_bit_exact(capsys, tmp_path):
         ({"data.questions": '["largest", "sum"]'}, "data.questions: unknown value 'sum'"),
         ({"data.questions": "[]"}, "data.questions=[] must name at least one kind"),
         ({"data.questions": '["count", "count"]'}, "data.questions=['count', 'count'] repeats a kind"),
+        ({"data.question_shares": "[2, 1]"}, "data.question_shares=[2, 1] must be one positive integer per kind of "
+                                             "question asked (['largest', 'digit', 'count']), or empty"),
+        ({"data.questions": '["digit", "count"]', "data.question_shares": "[1, 0]"},
+         "data.question_shares=[1, 0] must be one positive integer per kind of question asked (['digit', 'count'])"),
     ],
 )  # fmt: skip
 def test_data_the_reader_cannot_read_is_one_clear_line(capsys, tmp_path, change, words):
@@ -112,6 +116,30 @@ def test_question_shares_set_each_kinds_share_of_the_documents():
     for bad in ((2.0, 1, 1), (True, 1, 1)):  # the config's own type check
         with pytest.raises(ConfigError, match="question_shares="):
             task.replace(question_shares=bad)
+
+
+def test_data_question_shares_weight_the_training_documents_not_the_validation_ones():
+    """`--set data.question_shares=[2,1,1]` (MIXED_RECIPE's mix through `archlab train`): about half the training
+    documents ask the largest value; the validation documents ask each kind alike, as without shares; a source
+    without questions refuses the field."""
+    from collections import Counter
+
+    from archlab.data.documents import QUESTION_KINDS
+
+    def drawn(shares) -> tuple[Counter, Counter]:
+        run = prepare(RunSpec("docreader-tiny", model={"answer_kinds": list(QUESTION_KINDS)},
+                              data={"max_length": 3, "n_valid": 300, "question_shares": shares},
+                              train={"batch_size": 100}))  # fmt: skip
+        train = Counter(QUESTION_KINDS[k] for _ in range(4) for k in next(run.run_data.train)["kinds"].tolist())
+        valid = Counter(QUESTION_KINDS[k] for b in run.run_data.valid() for k in b["kinds"].tolist())
+        return train, valid
+
+    train, valid = drawn([2, 1, 1])
+    assert 0.42 < train["largest"] / 400 < 0.58 and all(0.18 < train[k] / 400 < 0.32 for k in ("digit", "count"))
+    assert valid == drawn([])[1]  # the same validation documents as a run without shares
+    assert all(0.25 < valid[k] / 300 < 0.42 for k in QUESTION_KINDS), valid
+    with pytest.raises(ConfigError, match="data.question_shares=\\[2, 1, 1\\] weights kinds of question"):
+        prepare(RunSpec("gpt-nano", data={"question_shares": [2, 1, 1]}))
 
 
 def test_a_token_window_model_is_refused_documents():
