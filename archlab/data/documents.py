@@ -168,6 +168,11 @@ def _by_digit(split: str) -> list[list[int]]:
 # -- the generator ------------------------------------------------------------------------------------------------
 
 
+def shares_fit(shares: Sequence[Any], kinds: Sequence[str]) -> bool:
+    """Whether ``shares`` give one positive integer (not a bool) per kind of question in ``kinds``."""
+    return len(shares) == len(kinds) and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in shares)
+
+
 @dataclasses.dataclass(frozen=True)
 class DocumentTask(Config):
     """What the documents look like (module docstring).
@@ -210,8 +215,7 @@ class DocumentTask(Config):
         for kind in self.questions:
             check_choice("questions", kind, QUESTION_KINDS)
         require(len(set(self.questions)) == len(self.questions), f"questions={self.questions} repeats a kind")
-        require(not self.question_shares or (len(self.question_shares) == len(self.questions) and all(
-            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in self.question_shares)),
+        require(not self.question_shares or shares_fit(self.question_shares, self.questions),
                 f"question_shares={self.question_shares} must be empty or one positive integer per kind of "
                 f"questions={self.questions}")  # fmt: skip
 

@@ -206,13 +206,11 @@ class DataConfig(Config):
             require(len(set(self.questions)) == len(self.questions), f"data.questions={list(self.questions)} repeats "
                     "a kind")  # fmt: skip
         if self.question_shares:
-            from archlab.data.documents import QUESTION_KINDS
+            from archlab.data.documents import QUESTION_KINDS, shares_fit
 
             kinds = self.questions or QUESTION_KINDS
-            require(len(self.question_shares) == len(kinds) and all(
-                isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in self.question_shares),
-                f"data.question_shares={list(self.question_shares)} must be one positive integer per kind of "
-                f"question asked ({list(kinds)}), or empty (uniform)")  # fmt: skip
+            require(shares_fit(self.question_shares, kinds), f"data.question_shares={list(self.question_shares)} must "
+                    f"be one positive integer per kind of question asked ({list(kinds)}), or empty")  # fmt: skip
         require(1 <= self.valid_percent <= 99, f"valid_percent={self.valid_percent!r} must be in 1..99")
         require(self.seed >= 0, f"seed={self.seed!r} must be >= 0")
 
