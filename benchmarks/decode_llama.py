@@ -142,8 +142,7 @@ def main() -> None:
         for name, model in modes:
             print(f"\n{name}: {str(model.quant_report).splitlines()[-1]}")
             own = archlab_runner(model)()
-            differ = (own != a)[0].nonzero()
-            same = (int(differ[0]) if len(differ) else a.shape[1]) - prompt.shape[1]
+            same = first_difference(own, a, prompt.shape[1])
             measured = quality(ours, model, a, name)
             usable[name] = measured.perplexity_change <= USABLE_PERPLEXITY_CHANGE
             print(f"  {measured} (fp32's sequence, teacher-forced); its greedy tokens equal "
@@ -157,8 +156,7 @@ def main() -> None:
                 compiled[name] = (model, own)
     for name, (model, eager_tokens) in compiled.items():
         peer, seconds, tokens, decoder = compiled_decoding_peer(f"{name} compiled", model, prompt, n)
-        differ = (tokens != eager_tokens)[0].nonzero()
-        same = (int(differ[0]) if len(differ) else tokens.shape[1]) - prompt.shape[1]
+        same = first_difference(tokens, eager_tokens, prompt.shape[1])
         if name == "archlab fp32" and same != n:
             raise SystemExit(f"compiled fp32 tokens differ from eager fp32's at new token {same}")
         print(f"\n{peer.name}: torch.compile took {seconds:.1f} s (once per process); its greedy tokens equal "
@@ -218,11 +216,16 @@ def main() -> None:
     write_json(args.json, {p.name: {"tokens_per_s": p.tokens_per_s, "times": p.times} for p in peers})
 
 
+def first_difference(tokens: torch.Tensor, other: torch.Tensor, start: int) -> int:
+    """How many new tokens (``[1, T]`` rows, new from ``start``) the two sequences share before they first differ."""
+    differ = (tokens[0, start:] != other[0, start:]).nonzero()
+    return int(differ[0]) if len(differ) else tokens.shape[1] - start
+
+
 def agreement(tokens: torch.Tensor, other: torch.Tensor, start: int) -> str:
     """``"its greedy tokens: the first F of N equal, A of N at the same positions, ..."`` (new tokens from ``start``)."""
     a, b = tokens[0, start:], other[0, start:]
-    differ = (a != b).nonzero()
-    first = int(differ[0]) if len(differ) else len(a)
+    first = first_difference(tokens, other, start)
     return f"its greedy tokens: the first {first} of {len(a)} equal, {int((a == b).sum())} of {len(a)} at the same positions, as"
 
 
