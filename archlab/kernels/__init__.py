@@ -46,6 +46,7 @@ from archlab.hardware import cpu_features, kernel_capability
 MAX_ROWS = 16  # rows of x per call (the kernel's check; a prompt goes to other kernels)
 BLOCK = 64  # inputs per 32-byte run of the packed layout: K must be a multiple of it
 SOURCE = Path(__file__).with_name("int4_rows.cpp")
+SOURCES = (SOURCE, Path(__file__).with_name("q8_rows.cpp"))  # one library: both ops
 
 
 class KernelUnavailable(ArchlabError, RuntimeError):
@@ -56,11 +57,11 @@ class KernelUnavailable(ArchlabError, RuntimeError):
 def load() -> None:
     """Build (first call on this machine: about a minute) and load the library, once per process;
     :class:`KernelUnavailable` if it cannot be built, with the reason."""
-    build("archlab_int4_rows")
+    build("archlab_kernels")
 
 
 def build(name: str, directory: str | None = None) -> None:
-    """Compile :data:`SOURCE` as library ``name`` (in ``directory``, default torch's extension cache) and load it
+    """Compile :data:`SOURCES` as library ``name`` (in ``directory``, default torch's extension cache) and load it
     (registers the op and its fake implementation; one library per process: :func:`load`);
     :class:`KernelUnavailable` if the build fails."""
     from torch.utils import cpp_extension
@@ -69,7 +70,7 @@ def build(name: str, directory: str | None = None) -> None:
     try:
         cpp_extension.load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(p) for p in SOURCES],
             extra_cflags=["-O3", "-fopenmp"],  # -fopenmp: at::parallel_for's OpenMP pragma (torch's own libgomp)
             extra_ldflags=["-fopenmp"],
             build_directory=directory,
@@ -79,9 +80,11 @@ def build(name: str, directory: str | None = None) -> None:
     except (RuntimeError, OSError, ImportError, FileNotFoundError) as e:  # no compiler / ninja, or a failed build
         lines = [line for line in str(e).strip().splitlines() if line.strip()]
         reason = lines[-1] if lines else type(e).__name__
-        raise KernelUnavailable(f"archlab's int4 kernel ({SOURCE.name}) could not be built: {reason}") from e
+        names = ", ".join(p.name for p in SOURCES)
+        raise KernelUnavailable(f"archlab's kernels ({names}) could not be built: {reason}") from e
     if not _fake_registered:
         torch.library.register_fake("archlab_kernels::int4_rows")(_fake_int4_rows)
+        torch.library.register_fake("archlab_kernels::q8_rows")(_fake_q8_rows)
         _fake_registered.append(True)
 
 
@@ -181,3 +184,90 @@ def unpack_int4(packed: Tensor) -> Tensor:
         tail = b[:, full // 2 :]  # [N, 32]
         parts.append(torch.cat([tail & 15, tail >> 4], dim=1))
     return torch.cat(parts, dim=1).to(torch.uint8)
+
+
+# ---- Q8_0 rows ---------------------------------------------------------------------------------------------------
+
+Q8_BLOCK = 32  # inputs per block: one weight scale per row and block, one activation scale per block
+Q8_TILE = 16  # output rows per tile of the packed layout: N must be a multiple of it
+
+
+def q8_isa() -> int:
+    """The variant of :func:`q8_rows` on this CPU, after the cap on PyTorch's kernels (``ATEN_CPU_CAPABILITY``):
+    512 (AVX512-VNNI) or 256 (AVX2); :class:`KernelUnavailable` below AVX2. Both give the same integer sums and add
+    them in the same order: the same result to the bit."""
+    cap = kernel_capability()
+    if cap == "AVX512" and cpu_features()["vnni"]:
+        return 512
+    if cap in ("AVX512", "AVX2"):
+        return 256
+    raise KernelUnavailable(f"archlab's Q8_0 kernel needs AVX2 or AVX-512; PyTorch's CPU kernels run at {cap}")
+
+
+def _fake_q8_rows(x: Tensor, packed: Tensor, scales: Tensor, isa: int) -> Tensor:
+    """Shapes only (torch.compile's tracing): ``[M, N]`` in ``x``'s dtype."""
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
+def check_q8_shape(n: int, k: int) -> None:
+    """:class:`ShapeError` unless the Q8_0 kernel takes ``W [N, K] = [n, k]``: ``N`` a multiple of 16, ``K`` of 32."""
+    if n % Q8_TILE or k % Q8_BLOCK or n < 1 or k < 1:
+        raise ShapeError(f"archlab's Q8_0 kernel takes W [N, K] with N a multiple of {Q8_TILE} and K a multiple of "
+                         f"{Q8_BLOCK}; got [{n}, {k}]")  # fmt: skip
+
+
+def pack_q8(q: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """``q [N, K]`` int8 (-127..127) and ``scale [N, K/32]`` -> the kernel's ``packed [N, K]`` uint8 (``q + 128``,
+    tiles of 16 rows, each 4 inputs of the tile's rows in one 64-byte line) and ``scales [N/16, K/32, 16]`` float32
+    (``q8_rows.cpp`` describes the layout)."""
+    n, k = q.shape
+    check_q8_shape(n, k)
+    if tuple(scale.shape) != (n, k // Q8_BLOCK):
+        raise ShapeError(f"scale must be [N, K/32] = [{n}, {k // Q8_BLOCK}], got {tuple(scale.shape)}")
+    u = (q.to(torch.int16) + 128).to(torch.uint8)  # [N, K]
+    tiles = u.reshape(n // Q8_TILE, Q8_TILE, k // 4, 4).transpose(1, 2)  # [N/16, K/4, 16, 4]
+    packed = tiles.contiguous().reshape(n, k)
+    scales = scale.float().reshape(n // Q8_TILE, Q8_TILE, k // Q8_BLOCK).transpose(1, 2).contiguous()
+    return packed, scales
+
+
+def round_rows_q8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x [M, K]`` rounded per block of 32 inputs as the kernel rounds it (llama.cpp's Q8_0 rule):
+    ``d = max |x| / 127`` per block, ``p = round(x (1 / d))`` (half to even, in float32; 0 where ``d = 0``).
+    Returns ``p [M, K]`` (float32 holding integers in -127..127) and ``d [M, K/32]`` float32."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // Q8_BLOCK, Q8_BLOCK)
+    d = blocks.abs().amax(dim=2) / 127
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    p = torch.round(blocks * inv[..., None]).clamp_(-127, 127)
+    return p.reshape(m, k), d
+
+
+def q8_reference(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """The kernel's equation in float64 (for tests and machines without the kernel): ``x`` rounded by
+    :func:`round_rows_q8`, then ``y_mn = sum_b s_nb d_mb (sum_{k in b} q_nk p_mk)`` -> ``[M, N]`` float64."""
+    m, k = x.shape
+    p, d = round_rows_q8(x)
+    blocks = k // Q8_BLOCK
+    dots = torch.einsum("mbk,nbk->mnb", p.double().reshape(m, blocks, Q8_BLOCK),
+                        q.double().reshape(-1, blocks, Q8_BLOCK))  # fmt: skip
+    return (dots * scale.double()[None] * d.double()[:, None]).sum(-1)
+
+
+def q8_rows(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
+    """``x [M, K]`` (float32 / bfloat16, ``M`` in 1..16) times the packed Q8_0 ``W [N, K]`` transposed:
+    ``[M, N]`` in ``x``'s dtype (:func:`q8_reference`'s equation, its block terms summed in float32). Checks its
+    arguments (:class:`ShapeError`), then :func:`load` and the op."""
+    if x.ndim != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.dtype not in (torch.float32, torch.bfloat16):
+        raise ShapeError(
+            f"x must be float32 or bfloat16 [M, K] with M in 1..{MAX_ROWS}, got {x.dtype} {tuple(x.shape)}"
+        )
+    n, k = packed.shape
+    check_q8_shape(n, k)
+    if packed.dtype != torch.uint8 or k != x.shape[1]:
+        raise ShapeError(f"packed must be uint8 [N, K] = [N, {x.shape[1]}], got {packed.dtype} {tuple(packed.shape)}")
+    if scales.dtype != torch.float32 or tuple(scales.shape) != (n // Q8_TILE, k // Q8_BLOCK, Q8_TILE):
+        raise ShapeError(f"scales must be float32 [N/16, K/32, 16] = [{n // Q8_TILE}, {k // Q8_BLOCK}, {Q8_TILE}], "
+                         f"got {scales.dtype} {tuple(scales.shape)}")  # fmt: skip
+    load()
+    return torch.ops.archlab_kernels.q8_rows(x, packed, scales, q8_isa())

@@ -1,0 +1,199 @@
+// archlab's Q8_0 kernel for a few rows (archlab/kernels/__init__.py describes it): llama.cpp's Q8_0 x Q8_0 product
+//   y[m, n] = sum_b (s[n, b] d[m, b]) (sum_{k in b} q[n, k] p[m, k])      b: blocks of 32 inputs
+// q int8 weights in -127..127 with a float32 scale s per row and block; p the row x rounded per block:
+//   d[m, b] = max_{k in b} |x[m, k]| / 127,   p[m, k] = round(x[m, k] / d[m, b]) in -127..127 (0 where d = 0)
+// (the quotient as x * (1 / d) in float32, rounded half to even). Each block's sum of 32 products is an exact
+// int32; the blocks' terms are added in float32, in block order, one FMA each.
+//
+// Layout (archlab.kernels.pack_q8): packed [N/16, K/4, 16, 4] uint8 = q + 128: tiles of 16 output rows, for each
+// 4 consecutive inputs the tile's 16 rows x 4 bytes in one 64-byte line; scales [N/16, K/32, 16] float32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kRows = 16;   // output rows per tile
+constexpr int64_t kBlock = 32;  // inputs per block
+constexpr int64_t kMaxRows = 16;
+
+struct Rows {  // x rounded per block (once per call)
+  std::vector<int8_t> p;      // [M, K]
+  std::vector<float> d;       // [M, K/32]
+  std::vector<int32_t> corr;  // [M, K/32]: -128 sum_{k in b} p (the VNNI variant multiplies q + 128)
+};
+
+template <typename X>
+Rows round_rows(const X* x, int64_t M, int64_t K) {
+  const int64_t B = K / kBlock;
+  Rows r{std::vector<int8_t>(M * K), std::vector<float>(M * B), std::vector<int32_t>(M * B)};
+  for (int64_t i = 0; i < M * B; ++i) {
+    float v[kBlock], amax = 0.f;
+    for (int j = 0; j < kBlock; ++j) {
+      v[j] = static_cast<float>(x[i * kBlock + j]);
+      amax = std::max(amax, std::fabs(v[j]));
+    }
+    const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+    int32_t sum = 0;
+    for (int j = 0; j < kBlock; ++j) {
+      const float q = std::min(127.f, std::max(-127.f, std::nearbyint(v[j] * id)));
+      r.p[i * kBlock + j] = static_cast<int8_t>(q);
+      sum += static_cast<int32_t>(q);
+    }
+    r.d[i] = d;
+    r.corr[i] = -128 * sum;
+  }
+  return r;
+}
+
+struct Args {
+  const uint8_t* w;  // packed
+  const float* s;    // scales
+  const Rows* x;
+  int64_t M, K, N;
+};
+
+template <typename O>
+inline void store16(O* y, const float* v) {
+  for (int i = 0; i < 16; ++i) y[i] = static_cast<O>(v[i]);
+}
+
+// ---- AVX512-VNNI: vpdpbusd multiplies the tile's 16 rows x 4 unsigned bytes (q + 128) by 4 signed p, broadcast,
+// adding into 16 int32 lanes (one per row); the lane starts at -128 sum p of the block, so it ends at sum q p.
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+
+template <int T, typename O>
+VNNI void tile_vnni(const Args& a, int64_t tile, int64_t m0, O* y) {
+  const int64_t K = a.K, B = K / kBlock;
+  const uint8_t* w = a.w + tile * kRows * K;
+  const float* s = a.s + tile * B * kRows;
+  __m512 f[T];
+  for (int t = 0; t < T; ++t) f[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    __m512i acc0[T], acc1[T];
+    for (int t = 0; t < T; ++t) {
+      acc0[t] = _mm512_set1_epi32(a.x->corr[(m0 + t) * B + b]);
+      acc1[t] = _mm512_setzero_si512();
+    }
+    const uint8_t* wb = w + b * kBlock * kRows;  // 8 lines of 64 bytes
+    for (int j = 0; j < 8; j += 2) {
+      const __m512i w0 = _mm512_loadu_si512(wb + j * 64), w1 = _mm512_loadu_si512(wb + (j + 1) * 64);
+      for (int t = 0; t < T; ++t) {
+        const int32_t* p = reinterpret_cast<const int32_t*>(a.x->p.data() + (m0 + t) * K + b * kBlock);
+        acc0[t] = _mm512_dpbusd_epi32(acc0[t], w0, _mm512_set1_epi32(p[j]));
+        acc1[t] = _mm512_dpbusd_epi32(acc1[t], w1, _mm512_set1_epi32(p[j + 1]));
+      }
+    }
+    const __m512 sv = _mm512_loadu_ps(s + b * kRows);
+    for (int t = 0; t < T; ++t) {
+      const __m512 scale = _mm512_mul_ps(sv, _mm512_set1_ps(a.x->d[(m0 + t) * B + b]));
+      f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc0[t], acc1[t])), scale, f[t]);
+    }
+  }
+  alignas(64) float out[16];
+  for (int t = 0; t < T; ++t) {
+    _mm512_store_ps(out, f[t]);
+    store16(y + (m0 + t) * a.N + tile * kRows, out);
+  }
+}
+
+// ---- AVX2: the same int32 sums by vpmaddubsw (|p| unsigned times q with p's sign, pairs in int16: at most
+// 2 x 127 x 127, no saturation) and vpmaddwd by ones; 8 rows per ymm, two per tile.
+#define AVX2 __attribute__((target("avx2,fma")))
+
+template <int T, typename O>
+AVX2 void tile_avx2(const Args& a, int64_t tile, int64_t m0, O* y) {
+  const int64_t K = a.K, B = K / kBlock;
+  const uint8_t* w = a.w + tile * kRows * K;
+  const float* s = a.s + tile * B * kRows;
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  __m256 f[T][2];
+  for (int t = 0; t < T; ++t) f[t][0] = f[t][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    __m256i acc[T][2];
+    for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_si256();
+    const uint8_t* wb = w + b * kBlock * kRows;
+    for (int j = 0; j < 8; ++j) {
+      __m256i q[2];
+      for (int h = 0; h < 2; ++h)
+        q[h] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * 64 + h * 32)), flip);
+      for (int t = 0; t < T; ++t) {
+        const int32_t* p = reinterpret_cast<const int32_t*>(a.x->p.data() + (m0 + t) * K + b * kBlock);
+        const __m256i pv = _mm256_set1_epi32(p[j]), ap = _mm256_abs_epi8(pv);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i pairs = _mm256_maddubs_epi16(ap, _mm256_sign_epi8(q[h], pv));
+          acc[t][h] = _mm256_add_epi32(acc[t][h], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      const __m256 dv = _mm256_set1_ps(a.x->d[(m0 + t) * B + b]);
+      for (int h = 0; h < 2; ++h) {
+        const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(s + b * kRows + 8 * h), dv);
+        f[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t][h]), scale, f[t][h]);
+      }
+    }
+  }
+  alignas(32) float out[16];
+  for (int t = 0; t < T; ++t) {
+    _mm256_store_ps(out, f[t][0]);
+    _mm256_store_ps(out + 8, f[t][1]);
+    store16(y + (m0 + t) * a.N + tile * kRows, out);
+  }
+}
+
+template <typename O>
+void tiles(const Args& a, O* y, int64_t t0, int64_t t1, int64_t isa) {
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    int64_t m = 0;
+    if (isa == 512) {
+      for (; m + 2 <= a.M; m += 2) tile_vnni<2>(a, tile, m, y);
+      if (m < a.M) tile_vnni<1>(a, tile, m, y);
+    } else {
+      for (; m + 2 <= a.M; m += 2) tile_avx2<2>(a, tile, m, y);
+      if (m < a.M) tile_avx2<1>(a, tile, m, y);
+    }
+  }
+}
+
+at::Tensor q8_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows, "q8_rows: x must be [M, K], M in 1..16");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "q8_rows: x float32 or bfloat16");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % kBlock == 0, "q8_rows: K must be a multiple of 32");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(1) == K &&
+                  packed.size(0) % kRows == 0 && packed.is_contiguous(),
+              "q8_rows: packed must be uint8 [N, K] contiguous, N a multiple of 16");
+  const int64_t N = packed.size(0);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 3 && scales.size(0) == N / kRows &&
+                  scales.size(1) == K / kBlock && scales.size(2) == kRows && scales.is_contiguous(),
+              "q8_rows: scales must be float32 [N/16, K/32, 16] contiguous");
+  TORCH_CHECK(isa == 512 || isa == 256, "q8_rows: isa must be 512 (AVX512-VNNI) or 256 (AVX2)");
+  const at::Tensor xc = x.contiguous();
+  const Rows r = xc.scalar_type() == at::kFloat ? round_rows(xc.data_ptr<float>(), M, K)
+                                                : round_rows(xc.data_ptr<c10::BFloat16>(), M, K);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const Args a{packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), &r, M, K, N};
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, N / kRows, 4, [&](int64_t t0, int64_t t1) {
+    if (bf16) tiles(a, y.data_ptr<c10::BFloat16>(), t0, t1, isa);
+    else tiles(a, y.data_ptr<float>(), t0, t1, isa);
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(archlab_kernels, m) {
+  m.def("q8_rows(Tensor x, Tensor packed, Tensor scales, int isa) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(archlab_kernels, CPU, m) { m.impl("q8_rows", &q8_rows); }

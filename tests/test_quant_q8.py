@@ -1,0 +1,201 @@
+"""archlab's Q8_0 kernel (llama.cpp's Q8_0 x Q8_0, archlab.kernels.q8_rows) and its layer (archlab.quant.Q8Linear):
+the kernel against the float64 value of its equation, both variants equal to the bit, x rounded as documented, rows
+independent of the batch, the layout, the errors, the layer's fallback, quantize(mode / head="q8_0"), GGUF Q8_0
+blocks read as they are, and torch.compile."""
+
+from __future__ import annotations
+
+import warnings
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from archlab import kernels
+from archlab.errors import ConfigError, ShapeError
+from archlab.hardware import cpu_features, kernel_capability
+from archlab.interop.gguf import GGUFFile
+from archlab.models.llama import Llama, LlamaConfig
+from archlab.quant import Q8Linear, Q8Weight, quantize, quantize_q8_0
+from tests.interop.gguf_files import write_gguf
+
+U32, U_BF16 = 2.0**-24, 2.0**-8
+VARIANTS = [256] + ([512] if kernel_capability() == "AVX512" and cpu_features()["vnni"] else [])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    try:
+        kernels.load()
+    except kernels.KernelUnavailable as e:  # said, not skipped silently: the fallback test below covers it
+        pytest.skip(str(e))
+
+
+def case(n: int, k: int, m: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    w = quantize_q8_0(torch.randn(n, k, generator=gen) * 0.05)
+    w.scale[0, 0] = 0.0  # a zero block scale
+    x = torch.randn(m, k, generator=gen) * 3
+    x[0, :32] = 0.0  # an all-zero block of x: d = 0
+    return w, x
+
+
+def reference_and_terms(x: torch.Tensor, w: Q8Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """The equation in float64, and sum_b |s d dot| (what the float32 error is bounded by)."""
+    p, d = kernels.round_rows_q8(x)
+    m, k = x.shape
+    dots = torch.einsum("mbk,nbk->mnb", p.double().reshape(m, -1, 32), w.q.double().reshape(w.q.shape[0], -1, 32))
+    terms = dots * w.scale.double()[None] * d.double()[:, None]
+    return terms.sum(-1), terms.abs().sum(-1)
+
+
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("n, k", [(16, 32), (48, 96), (64, 576)])
+def test_q8_rows_equal_the_float64_equation_within_float32_rounding(isa, n, k):
+    """Each block's integer sum is exact; y adds K/32 terms s d dot, each rounded twice (s d, the FMA): the
+    error is at most (K/32 + 2) u sum_b |s d dot|, plus bfloat16's rounding of y where x is bfloat16."""
+    for m in (1, 2, 3, 16):
+        w, x = case(n, k, m, seed=m)
+        packed, scales = kernels.pack_q8(w.q, w.scale)
+        for dtype in (torch.float32, torch.bfloat16):
+            xd = x.to(dtype)
+            ref, terms = reference_and_terms(xd, w)
+            y = torch.ops.archlab_kernels.q8_rows(xd, packed, scales, isa)
+            assert y.dtype == dtype and y.shape == (m, n)
+            tol = (k // 32 + 2) * U32 * terms + (U_BF16 * ref.abs() if dtype == torch.bfloat16 else 0)
+            err = (y.double() - ref).abs()
+            assert (err <= tol).all(), f"m={m} {dtype}: worst err/tol {(err / tol).max():.3g}"
+
+
+def test_both_variants_and_any_batch_give_one_result_to_the_bit():
+    """AVX512-VNNI and AVX2 compute the same integers and add them in one order; a row's result does not depend on
+    the rows beside it (each row rounded alone), so batched decoding equals one row at a time exactly."""
+    w, x = case(64, 576, 7, seed=3)
+    packed, scales = kernels.pack_q8(w.q, w.scale)
+    ys = [torch.ops.archlab_kernels.q8_rows(x, packed, scales, isa) for isa in (256, 512)[: len(VARIANTS)]]
+    assert all(torch.equal(ys[0], y) for y in ys)
+    alone = torch.cat([kernels.q8_rows(x[i : i + 1], packed, scales) for i in range(7)])
+    assert torch.equal(kernels.q8_rows(x, packed, scales), alone)
+
+
+def test_x_is_rounded_per_block_half_to_even_as_documented():
+    """A weight that copies input n to output n (q = 1, s = 1) returns d p: the kernel's rounding of x itself."""
+    w = Q8Weight(torch.eye(32, dtype=torch.int8), torch.ones(32, 1))
+    x = torch.zeros(1, 32)
+    x[0, :6] = torch.tensor([127.0, 2.5, -3.5, 0.5, 1.5, -126.49])  # d = 1: ties go to the even level
+    y = kernels.q8_rows(x, *kernels.pack_q8(w.q, w.scale))
+    assert y[0, :6].tolist() == [127.0, 2.0, -4.0, 0.0, 2.0, -126.0]
+    p, d = kernels.round_rows_q8(x)
+    assert torch.equal(y, p * d)
+
+
+def test_pack_layout_and_weight_read_back():
+    q = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
+    s = torch.rand(32, 2)
+    packed, scales = kernels.pack_q8(q, s)
+    assert packed.shape == (32, 64) and scales.shape == (2, 2, 16)
+    line = packed.reshape(2, 16, 16, 4)[1, 3]  # tile 1, inputs 12..15: the tile's 16 rows x 4 bytes
+    assert torch.equal(line.to(torch.int16) - 128, q[16:32, 12:16].to(torch.int16))
+    assert torch.equal(scales[0, 1], s[:16, 1])
+    layer = Q8Linear(Q8Weight(q, s))
+    assert torch.equal(layer.weight().q, q) and torch.equal(layer.weight().scale, s)
+
+
+def test_bad_arguments_raise_archlab_errors_before_the_call():
+    w, x = case(16, 64, 1)
+    packed, scales = kernels.pack_q8(w.q, w.scale)
+    with pytest.raises(ShapeError, match="M in 1..16"):
+        kernels.q8_rows(x.repeat(17, 1), packed, scales)
+    with pytest.raises(ShapeError, match="float32 or bfloat16"):
+        kernels.q8_rows(x.half(), packed, scales)
+    with pytest.raises(ShapeError, match=r"multiple of 16.*\[24, 64\]"):
+        kernels.pack_q8(torch.zeros(24, 64, dtype=torch.int8), torch.ones(24, 2))
+    with pytest.raises(ShapeError, match="scales must be"):
+        kernels.q8_rows(x, packed, scales[:, :1].contiguous())
+    with pytest.raises(ShapeError, match="in_features divisible by 32"):
+        quantize_q8_0(torch.ones(16, 40))
+    with pytest.raises(RuntimeError, match="isa"):  # the op's own check
+        torch.ops.archlab_kernels.q8_rows(x, packed, scales, 7)
+
+
+def test_quantize_q8_0_gives_back_a_q8_0_matrix_as_it_was():
+    w = quantize_q8_0(torch.randn(16, 64))
+    again = quantize_q8_0(w.dequantize())
+    assert torch.equal(again.q, w.q) and torch.equal(again.scale, w.scale)
+    assert w.q.abs().amax(dim=1).eq(127).all()
+
+
+def test_layer_shapes_dtypes_chunks_and_fallback(monkeypatch):
+    """[..., K] in, [..., N] out in x's dtype; more than 16 rows are cut into calls (each row rounded alone, so
+    equal to the bit); without the kernel the layer computes the equation with torch's ops, saying so once."""
+    w, x = case(32, 96, 40, seed=5)
+    layer = Q8Linear(w, bias=torch.randn(32))
+    y = layer(x.reshape(4, 10, 96))
+    assert y.shape == (4, 10, 32) and layer(x.bfloat16()).dtype == torch.bfloat16
+    rows = torch.cat([layer(x[i : i + 1]) for i in range(40)])
+    assert torch.equal(y.reshape(40, 32), rows)
+    ref, terms = reference_and_terms(x, w)
+    monkeypatch.setattr(kernels, "load", lambda: (_ for _ in ()).throw(kernels.KernelUnavailable("test: no build")))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        slow = [Q8Linear(w, bias=layer.bias), Q8Linear(w)]
+    assert len([s for s in seen if "test: no build" in str(s.message)]) == 1 and slow[0]._isa == 0
+    err = (slow[0](x).double() - layer.bias.double() - ref).abs()
+    assert (err <= (96 + 2) * U32 * terms + 1e-6).all()
+
+
+def small_llama() -> Llama:
+    torch.manual_seed(0)
+    return Llama(LlamaConfig(vocab_size=256, max_len=64, d_model=64, n_heads=4, n_kv_heads=2, n_layers=2,
+                             d_ff=192, rope_theta=10000.0)).eval()  # fmt: skip
+
+
+def test_quantize_mode_and_head_q8_0_and_their_errors():
+    model = small_llama()
+    report = quantize(model, "int4", head="q8_0")
+    head = {r.name: r for r in report.layers}["lm_head"]
+    assert head.mode == "q8_0" and head.bytes_after == 256 * 64 + 4 * 256 * 2 and "tok_emb.weight" in head.note
+    assert isinstance(model.lm_head, Q8Linear)
+    every = small_llama()
+    assert all(r.mode == "q8_0" for r in quantize(every, "q8_0").layers[:-1])
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        assert torch.isfinite(every(ids)).all()
+    odd = Llama(LlamaConfig(vocab_size=104, max_len=32, d_model=64, n_heads=4, n_kv_heads=2, n_layers=1, d_ff=192))
+    with pytest.raises(ConfigError, match=r"layer 'lm_head' \[104, 64\].*divisible by 16"):
+        quantize(odd, "int4", head="q8_0")
+    assert type(odd.lm_head) is torch.nn.Linear  # refused before any change
+
+
+def test_gguf_q8_0_blocks_are_read_as_they_are(tmp_path):
+    """GGUFFile.q8_weight: d q equals gguf's own float decoding exactly (float16 d times an int8), and quantizing
+    those floats again gives the same integers and scales; -128 (outside -127..127) is refused naming the tensor."""
+    x = np.random.default_rng(0).standard_normal((32, 128)).astype(np.float32)
+    stored = gguf.quants.quantize(x, Q.Q8_0)
+    bad = stored.copy()
+    bad.reshape(-1, 34)[0, 2] = 0x80  # block 0, value 0: -128
+    file = GGUFFile(write_gguf(tmp_path / "t.gguf", {"w": (stored, Q.Q8_0), "bad": (bad, Q.Q8_0),
+                                                     "f": (x, None)}))  # fmt: skip
+    w = file.q8_weight("w")
+    assert torch.equal(w.dequantize(), file.tensors()["w"]) and file.q8_weight("f") is None
+    again = quantize_q8_0(file.tensors()["w"])
+    assert torch.equal(again.q, w.q) and torch.equal(again.scale, w.scale)
+    from archlab.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="'bad'.*-128"):
+        file.q8_weight("bad")
+
+
+def test_compiled_step_keeps_the_op_and_equals_eager():
+    from archlab.generation import generate
+    from archlab.static_decoding import StaticDecoder
+
+    model = small_llama()
+    quantize(model, "int4", head="q8_0")
+    prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        eager = generate(model, prompt, max_new_tokens=6)
+        compiled = generate(StaticDecoder(model, max_len=11, compile=True), prompt, max_new_tokens=6)
+    assert torch.equal(eager, compiled)
