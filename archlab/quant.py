@@ -63,6 +63,11 @@ division by ``s`` costs no op where it can be folded into the weights before the
 an RMSNorm's gain, the up rows of SwiGLU, the value rows of attention without grouped-query heads), as in the
 blocks of a pre-norm decoder.
 
+**Q8_0** (``mode="q8_0"`` or ``head="q8_0"``, :class:`Q8Linear`): llama.cpp's Q8_0 x Q8_0, int8 weights with a scale
+per row and block of 32 inputs and the input rounded to int8 per block of 32 on each call, on archlab's own kernel
+(:func:`archlab.kernels.q8_rows`, AVX512-VNNI or AVX2, the same result to the bit). SmolLM2's head in the file is
+Q8_0, so ``load_gguf(..., head="q8_0")`` reads it as stored; at one row it is about 3x faster than the int8 head.
+
 Quantized layers are for inference: no gradients, CPU only, state dicts not meant to be saved (the int4 packing
 is the CPU kernel's own layout). ``loss(labels=)`` of a decoder reads ``lm_head.weight``: evaluate a quantized
 model through its logits, as :func:`quality` does.

@@ -57,6 +57,8 @@ def test_cli_quantize_option(tiny_gguf, monkeypatch, capsys):
     assert "invalid choice: 'int3'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="quantize='int3'"):
         load_chat_model(tiny_gguf, quantize="int3")
+    with pytest.raises(ConfigError, match=r"layer 'lm_head' \[104, 32\]: q8_0 needs out_features divisible by 16"):
+        load_chat_model(tiny_gguf, quantize="q8_0")  # q8_0 puts the head on Q8_0 too: this vocabulary is 104
 
 
 @pytest.mark.parametrize("use_cache", [True, False])

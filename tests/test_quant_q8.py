@@ -20,17 +20,11 @@ from archlab.interop.gguf import GGUFFile
 from archlab.models.llama import Llama, LlamaConfig
 from archlab.quant import Q8Linear, Q8Weight, quantize, quantize_q8_0
 from tests.interop.gguf_files import write_gguf
+from tests.test_quant_kernel import built  # noqa: F401  (autouse: the library built, or the module skipped saying why)
 
 U32, U_BF16 = 2.0**-24, 2.0**-8
 VARIANTS = [256] + ([512] if kernel_capability() == "AVX512" and cpu_features()["vnni"] else [])
 
-
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    try:
-        kernels.load()
-    except kernels.KernelUnavailable as e:  # said, not skipped silently: the fallback test below covers it
-        pytest.skip(str(e))
 
 
 def case(n: int, k: int, m: int, seed: int = 0):
