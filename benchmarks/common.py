@@ -116,6 +116,9 @@ def compiled_decoding_peer(name: str, model, prompt: torch.Tensor, n: int):
     from archlab.generation import generate
     from archlab.static_decoding import StaticDecoder
 
+    # each decoder adds traces of the same step function; past torch's per-process cap (recompile_limit, 8) later
+    # decoders would run eagerly (StaticDecoder's docstring), and a benchmark compiling 5 modes reaches it
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     decoder = StaticDecoder(model, max_len=prompt.shape[1] + n, compile=True)
 
     @torch.inference_mode()
