@@ -89,7 +89,7 @@ from torch import Tensor, nn
 
 from archlab.errors import ConfigError, ShapeError
 from archlab.hardware import kernel_capability
-from archlab.kernels import Q8_BLOCK, Q8_TILE, KernelUnavailable
+from archlab.kernels import MAX_ROWS, Q8_BLOCK, Q8_TILE, KernelUnavailable
 from archlab.nn.blocks import _Block
 from archlab.nn.feedforward import GatedFeedForward
 
@@ -245,7 +245,8 @@ def calibration_ids(tokenizer, windows: int = 4, length: int = 128) -> Tensor:
 
 
 class _WeightOnlyLinear(nn.Module):
-    """``y = x dequant(W)^T + b`` for ``x [..., K]`` -> ``[..., N]``; a subclass runs the kernel on ``x [M, K]``."""
+    """``y = x dequant(W)^T + b`` for ``x [..., K]`` -> ``[..., N]``; a subclass runs the kernel on ``x [M, K]``
+    (:class:`Q8Linear` too, which rounds ``x`` itself: the shapes, bias and dtypes are handled here for all)."""
 
     mode = ""
 
@@ -264,13 +265,17 @@ class _WeightOnlyLinear(nn.Module):
         if x.shape[-1] != self.in_features or not x.is_floating_point():
             raise ShapeError(f"{type(self).__name__} expects float x [..., {self.in_features}], got {x.dtype} {tuple(x.shape)}")
         # Each call below is an op a decoding step pays for per layer: none is made where x is already right.
-        dtype = self.compute_dtype
+        dtype = self._input_dtype(x)
         rows = x if x.ndim == 2 else x.reshape(-1, self.in_features)  # [M, K]
         rows = (rows if rows.dtype == dtype else rows.to(dtype)).contiguous()  # contiguous(): no op if it is
         y = self._product(rows)  # [M, N]
         y = y if self.bias is None else y + self.bias.to(dtype)
         y = y if x.ndim == 2 else y.view(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _input_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype ``x`` is cast to for the kernel (and ``y`` comes back in): :attr:`compute_dtype`."""
+        return self.compute_dtype
 
     def _product(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -446,7 +451,7 @@ class Int4Linear(_WeightOnlyLinear):
         return f"{super().extra_repr()}, group_size={self.group_size}, kernel={self.kernel}"
 
 
-class Q8Linear(nn.Module):
+class Q8Linear(_WeightOnlyLinear):
     r"""llama.cpp's Q8_0 x Q8_0 product: int8 weights with a scale per row and block of 32 inputs
     (:class:`Q8Weight`), and each row of ``x`` rounded to int8 per block of 32 inputs on every call::
 
@@ -467,18 +472,13 @@ class Q8Linear(nn.Module):
     mode = "q8_0"
 
     def __init__(self, weight: Q8Weight, bias: Tensor | None = None) -> None:
-        super().__init__()
         from archlab import kernels
 
         n, k = weight.q.shape
-        kernels.check_q8_shape(n, k)
-        if tuple(weight.scale.shape) != (n, k // Q8_BLOCK):
-            raise ShapeError(f"Q8Weight scale must be [N, K/32] = [{n}, {k // Q8_BLOCK}], got {tuple(weight.scale.shape)}")
-        self.in_features, self.out_features = k, n
-        packed, scales = kernels.pack_q8(weight.q, weight.scale)
+        super().__init__(k, n, None if bias is None else bias.float())
+        packed, scales = kernels.pack_q8(weight.q, weight.scale)  # checks the shapes (ShapeError)
         self.register_buffer("packed", packed)
         self.register_buffer("scales", scales)
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._isa = q8_kernel()
 
     def weight(self) -> Q8Weight:
@@ -487,22 +487,17 @@ class Q8Linear(nn.Module):
         q = (self.packed.reshape(n // Q8_TILE, k // 4, Q8_TILE, 4).transpose(1, 2).reshape(n, k).to(torch.int16) - 128)
         return Q8Weight(q.to(torch.int8), self.scales.transpose(1, 2).reshape(n, k // Q8_BLOCK))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [..., K]`` float32 / bfloat16 -> ``[..., N]`` in ``x``'s dtype (other float dtypes through float32)."""
-        if x.shape[-1] != self.in_features or not x.is_floating_point():
-            raise ShapeError(f"Q8Linear expects float x [..., {self.in_features}], got {x.dtype} {tuple(x.shape)}")
-        rows = x if x.ndim == 2 else x.reshape(-1, self.in_features)  # [M, K]
-        rows = rows if rows.dtype in (torch.float32, torch.bfloat16) else rows.float()
-        if self._isa:
-            op = torch.ops.archlab_kernels.q8_rows
-            chunks = [op(rows[i : i + Q8_ROWS], self.packed, self.scales, self._isa)
-                      for i in range(0, rows.shape[0], Q8_ROWS)]  # fmt: skip
-            y = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-        else:
-            y = self._float_product(rows)
-        y = y if self.bias is None else y + self.bias.to(y.dtype)
-        y = y if x.ndim == 2 else y.view(*x.shape[:-1], self.out_features)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+    def _input_dtype(self, x: Tensor) -> torch.dtype:
+        """``x`` goes in as it is where float32 or bfloat16 (the kernel rounds it to int8 anyway), else as float32."""
+        return x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+
+    def _product(self, rows: Tensor) -> Tensor:
+        if not self._isa:
+            return self._float_product(rows)
+        op = torch.ops.archlab_kernels.q8_rows
+        chunks = [op(rows[i : i + MAX_ROWS], self.packed, self.scales, self._isa)
+                  for i in range(0, rows.shape[0], MAX_ROWS)]  # fmt: skip  # the kernel's limit: a prompt in calls
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     def _float_product(self, rows: Tensor) -> Tensor:
         """The equation with PyTorch's ops: ``(p d) (q s)^T`` in float32 (the same sum, other rounding)."""
@@ -514,11 +509,7 @@ class Q8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         kernel = {512: "AVX512-VNNI", 256: "AVX2", 0: "float32 ops"}[self._isa]
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, kernel={kernel}"
-
-
-#: rows of ``x`` per call of the Q8_0 kernel (its limit; a prompt is cut into calls)
-Q8_ROWS = 16
+        return f"{super().extra_repr()}, kernel={kernel}"
 
 
 def q8_kernel() -> int:

@@ -152,13 +152,18 @@ def check_shape(k: int, group_size: int) -> None:
                          f"dividing K; got K={k}, group_size={group_size}")  # fmt: skip
 
 
-def int4_rows(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
-    """``x [M, K]`` (float32 / bfloat16, ``M`` in 1..16) times the packed int4 ``W [N, K]`` transposed: ``[M, N]``
-    in ``x``'s dtype. Checks its arguments (:class:`ShapeError`), then :func:`load` and the op."""
+def check_rows(x: Tensor) -> None:
+    """:class:`ShapeError` unless ``x`` is what the kernels take: float32 or bfloat16 ``[M, K]``, ``M`` in 1..16."""
     if x.ndim != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.dtype not in (torch.float32, torch.bfloat16):
         raise ShapeError(
             f"x must be float32 or bfloat16 [M, K] with M in 1..{MAX_ROWS}, got {x.dtype} {tuple(x.shape)}"
         )
+
+
+def int4_rows(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
+    """``x [M, K]`` (float32 / bfloat16, ``M`` in 1..16) times the packed int4 ``W [N, K]`` transposed: ``[M, N]``
+    in ``x``'s dtype. Checks its arguments (:class:`ShapeError`), then :func:`load` and the op."""
+    check_rows(x)
     n, half = packed.shape
     check_shape(x.shape[1], group_size)
     if packed.dtype != torch.uint8 or 2 * half != x.shape[1]:
@@ -243,25 +248,11 @@ def round_rows_q8(x: Tensor) -> tuple[Tensor, Tensor]:
     return p.reshape(m, k), d
 
 
-def q8_reference(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
-    """The kernel's equation in float64 (for tests and machines without the kernel): ``x`` rounded by
-    :func:`round_rows_q8`, then ``y_mn = sum_b s_nb d_mb (sum_{k in b} q_nk p_mk)`` -> ``[M, N]`` float64."""
-    m, k = x.shape
-    p, d = round_rows_q8(x)
-    blocks = k // Q8_BLOCK
-    dots = torch.einsum("mbk,nbk->mnb", p.double().reshape(m, blocks, Q8_BLOCK),
-                        q.double().reshape(-1, blocks, Q8_BLOCK))  # fmt: skip
-    return (dots * scale.double()[None] * d.double()[:, None]).sum(-1)
-
-
 def q8_rows(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
     """``x [M, K]`` (float32 / bfloat16, ``M`` in 1..16) times the packed Q8_0 ``W [N, K]`` transposed:
-    ``[M, N]`` in ``x``'s dtype (:func:`q8_reference`'s equation, its block terms summed in float32). Checks its
-    arguments (:class:`ShapeError`), then :func:`load` and the op."""
-    if x.ndim != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.dtype not in (torch.float32, torch.bfloat16):
-        raise ShapeError(
-            f"x must be float32 or bfloat16 [M, K] with M in 1..{MAX_ROWS}, got {x.dtype} {tuple(x.shape)}"
-        )
+    ``[M, N]`` in ``x``'s dtype (``q8_rows.cpp``'s equation: ``x`` rounded by :func:`round_rows_q8`, the block terms
+    summed in float32). Checks its arguments (:class:`ShapeError`), then :func:`load` and the op."""
+    check_rows(x)
     n, k = packed.shape
     check_q8_shape(n, k)
     if packed.dtype != torch.uint8 or k != x.shape[1]:
