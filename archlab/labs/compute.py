@@ -40,7 +40,9 @@ from archlab.nn.recurrent import build_rnn
 GPT3_175B = dict(d_model=12288, n_heads=96, n_layers=96, max_len=2048)  # Brown et al. 2020, table 2.1
 GPT2 = ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")
 GB = 1e9
-MATMULS = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
+MATMULS = ("aten.mm", "aten.addmm", "aten.bmm")
+#: few-row products on archlab's float32 kernel (:func:`archlab.nn.linear.linear`, up to 4 rows): projections too
+KERNEL_PRODUCTS = ("archlab_kernels.f32_rows",)
 
 
 def gpt_config(name: str):
@@ -55,14 +57,14 @@ def on_meta(config) -> nn.Module:
 
 
 class _MatmulCalls(TorchDispatchMode):
-    """Counts the matrix multiplications (``mm``, ``addmm``, ``bmm``) that run inside it."""
+    """Counts the matrix multiplications (``mm``, ``addmm``, ``bmm``, archlab's few-row product) that run inside it."""
 
     def __init__(self):
         super().__init__()
         self.calls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func.overloadpacket in MATMULS
+        self.calls += str(func.overloadpacket) in MATMULS + KERNEL_PRODUCTS
         return func(*args, **(kwargs or {}))
 
 
@@ -555,7 +557,8 @@ def layer_costs(d: int, n: int, generator: torch.Generator) -> dict[str, int]:
     lstm_flops, _ = torch_count(partial(lstm, x))
     archlab = count_flops(mha, x).by_component
     return {
-        "scores": attn.get("aten.bmm", 0), "projections": attn.get("aten.addmm", 0) + attn.get("aten.mm", 0),
+        "scores": attn.get("aten.bmm", 0),
+        "projections": sum(attn.get(op, 0) for op in ("aten.addmm", "aten.mm") + KERNEL_PRODUCTS),
         "archlab": archlab["attention"] + archlab["projections"], "rnn": sum(rnn_flops.values()),
         "lstm": sum(lstm_flops.values()), "attn_calls": attn_calls, "rnn_calls": rnn_calls,
     }  # fmt: skip

@@ -4,9 +4,16 @@ Decoding one token multiplies a single row ``x [1, d_in]`` by every weight matri
 it reads each weight once and does 2 FLOPs per 4-byte float, so its speed is the speed at which the
 weights stream from memory. PyTorch's CPU ``F.linear`` hands such a product to one BLAS
 matrix-vector kernel that runs on **one thread** (measured here: 10 GB/s with 1 thread or 2, where
-a plain ``W.sum()`` reads 74 GB/s with 2). Two remedies, written once here:
+a plain ``W.sum()`` reads 74 GB/s with 2). The remedies, written once here:
 
-* :func:`linear` splits the output features into ``k = torch.get_num_threads()`` blocks and runs
+* :func:`linear` runs a product of at most :data:`archlab.kernels.F32_MAX_ROWS` float32 rows on a CPU through
+  archlab's float32 kernel (:func:`archlab.kernels.f32_rows`): ``W`` read in place, the output rows split over the
+  threads, each row's weights one sequential stream. gpt-mini's ``[50304, 384]`` LM head took 1.7 ms against 4.2 ms
+  for the split ``torch.bmm`` below, and a ``[1536, 384]`` block matrix 18 against 41 us (2 threads, AMD EPYC kind).
+  The kernel gives the same result to the bit on AVX-512 and AVX2 CPUs. It serves where archlab's kernels
+  runs (:func:`archlab.kernels.f32_kernel`: built at first use; without a compiler a warning says so once), ``K`` is a multiple of 16, ``W`` is
+  contiguous and no gradient is recorded (it has no backward).
+* Where it does not serve (float64, bfloat16, a product that needs gradients), :func:`linear` splits the output features into ``k = torch.get_num_threads()`` blocks and runs
   them as one batched product (``torch.bmm`` spreads a batch over the threads): ``W`` viewed as
   ``[k, d_out / k, d_in]``, no copy. :func:`Linear` makes an ``nn.Linear`` with this forward; the
   attention, feed-forward and output layers of archlab's Transformers are made by it.
@@ -19,8 +26,10 @@ A product of a few rows (a batch of prompts decoded together, a speculative veri
 tokens) is no better served by ``F.linear``: measured on SmolLM2-135M's layers, 10 rows cost 2-3.5x one
 row where they stream the same weights (the BLAS repacks ``W`` on every call). :func:`packed_for_rows`
 gives every float32 layer of a model, for the duration of a ``with`` block, a copy of ``W`` in oneDNN's
-own blocked layout; :func:`linear` then runs every product of 2 rows or more through oneDNN's matmul on it
-(1.2-2.3x faster at 10 rows; the 49,152-row LM head 2x), and one row as before. The same copy serves the
+own blocked layout; :func:`linear` then runs every product of 2 rows or more that archlab's float32 kernel does
+not take (it takes 1-4 rows where it runs: at 4 rows it was as fast as oneDNN, at 10 1.4x slower, the product then
+bound by its multiply-adds) through oneDNN's matmul on it (1.2-2.3x faster than ``F.linear`` at 10 rows; the
+49,152-row LM head 2x). The same copy serves the
 prompt's prefill inside the block (1,440 rows: oneDNN 25 ms against MKL's sgemm 31 ms on a ``[1536, 576]``
 SmolLM2 layer, one thread on the AMD EPYC kind). The copies cost the weights' memory again while the block runs.
 
@@ -42,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from archlab import kernels
+
 #: inputs with at most this many rows (all dimensions but the last) take the split path
 MAX_SPLIT_ROWS = 4
 #: below this many weight elements a matrix stays in cache and one kernel call is cheaper
@@ -56,6 +67,21 @@ def _threads() -> int:
     """The intra-op thread count; under ``torch.compile`` read once, when the graph is traced (a read inside the
     graph would end it). A count changed later leaves compiled products split the old way: the same result."""
     return torch.get_num_threads()
+
+
+def _f32_serves(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether :func:`archlab.kernels.f32_rows` computes ``F.linear(x, weight, bias)`` here."""
+    from archlab.kernels import F32_LANES, F32_MAX_ROWS, f32_kernel
+
+    d_in = weight.shape[-1]
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.ndim != 2:
+        return False
+    if not 1 <= _rows(x) <= F32_MAX_ROWS or x.shape[-1] != d_in or d_in % F32_LANES or not weight.is_contiguous():
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != weight.shape[:1]):
+        return False
+    grads = weight.requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)
+    return not (torch.is_grad_enabled() and grads) and f32_kernel() != 0
 
 
 def _blocks(d_out: int, device: torch.device) -> int:
@@ -80,14 +106,17 @@ def _blocked_product(x: Tensor, blocks: Tensor, bias: Tensor | None) -> Tensor:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``: ``x [..., d_in]``, ``weight [d_out, d_in]`` -> ``[..., d_out]``.
 
-    With 2 rows or more and a packed copy of ``weight`` (:func:`packed_for_rows`), the product is oneDNN's on
-    that copy; else with at most :data:`MAX_SPLIT_ROWS` rows on a multi-threaded CPU,
+    Where archlab's float32 kernel serves it (1-4 float32 rows, module docstring), the product is the kernel's;
+    else with 2 rows or more and a packed copy of ``weight`` (:func:`packed_for_rows`), oneDNN's on that copy; else
+    with at most :data:`MAX_SPLIT_ROWS` rows on a multi-threaded CPU,
     it runs as ``k`` blocks of output features, one per thread (see the module docstring); otherwise it is
     ``F.linear``. Traced by ``torch.compile`` (:mod:`archlab.static_decoding`) the packed copies are not used
     (they are eager-side state) and the split is kept, with the thread count read at trace time: without it the
     compiled one-row step was 2x slower than the eager one (gpt-mini, 2 threads).
     """
     d_out, d_in = weight.shape
+    if _f32_serves(x, weight, bias):
+        return torch.ops.archlab_kernels.f32_rows(x, weight, bias, kernels.f32_kernel())
     packed = None if torch.compiler.is_compiling() else _onednn_copy(weight, x)
     if packed is not None:
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, d_in), packed, bias, "none", [], "")
@@ -128,10 +157,12 @@ class PackedLinear:
     count, a matrix under :data:`MIN_SPLIT_ELEMENTS`, many rows, another dtype, autograd recording a product that needs gradients) the call is
     :func:`linear` on ``weight`` (``F.linear``, or a oneDNN-packed copy of ``weight`` for a few rows).
     A product of 2 rows or more where ``weight`` has a oneDNN-packed copy (:func:`packed_for_rows`) is
-    :func:`linear`'s on that copy, as for every other layer: for 2-4 rows of SmolLM2's ``[49152, 576]`` head at 2
-    threads it took 9-18 ms against 26-37 ms on the blocks (best of 60, loaded AMD EPYC). The copy (:attr:`blocks`) is
+    :func:`linear`'s (archlab's float32 kernel for 1-4 rows where it runs, else oneDNN's on that copy), as for
+    every other layer: for 2-4 rows of SmolLM2's ``[49152, 576]`` head at 2 threads oneDNN took 9-18 ms against
+    26-37 ms on the blocks (best of 60, loaded AMD EPYC). The copy (:attr:`blocks`) is
     made at the first product that reads it, so a decoding cache whose head only serves such products (the rows of
-    :func:`archlab.generation.generate_batch`) never makes it (113 MB for SmolLM2).
+    :func:`archlab.generation.generate_batch`), or products archlab's float32 kernel serves (:func:`linear`: it reads
+    ``weight`` in place, 2.4x faster than these blocks on gpt-mini's head), never makes it (113 MB for SmolLM2).
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None):
@@ -157,7 +188,8 @@ class PackedLinear:
         tracked = torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
         compiling = torch.compiler.is_compiling()  # traced: no eager-side state read, no copy made in the graph
         if tracked or self.weight._version != self.version or _rows(x) > MAX_SPLIT_ROWS \
-                or (compiling and not self._made) or (not compiling and _onednn_copy(self.weight, x) is not None):
+                or (compiling and not self._made) or (not compiling and _onednn_copy(self.weight, x) is not None) \
+                or _f32_serves(x, self.weight, self.bias):
             return linear(x, self.weight, self.bias)
         blocks = self.blocks
         if blocks is None or blocks.shape[0] != torch.get_num_threads() or x.dtype != blocks.dtype:
@@ -212,8 +244,9 @@ def hold_packed_for_rows(owner: object, model: nn.Module, rows: int) -> tuple[in
 
 @contextlib.contextmanager
 def packed_for_rows(model: nn.Module, rows: int) -> Iterator[int]:
-    """Within the block, products of 2 rows or more through ``model``'s layers (a prompt's prefill too) run on
-    oneDNN-packed copies of their weights (module docstring); yields how many layers got one.
+    """Within the block, products of 2 rows or more through ``model``'s layers (a prompt's prefill too; not those
+    archlab's float32 kernel takes, 1-4 rows where it runs) run on oneDNN-packed copies of their weights (module
+    docstring); yields how many layers got one.
 
     Packed: every ``nn.Linear`` weight that is float32, on the CPU, of at least :data:`MIN_SPLIT_ELEMENTS`
     elements, whose layer computes through :func:`linear` (archlab's :func:`Linear`; the LM head through a

@@ -4,11 +4,14 @@ one prompt at a time."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archlab import kernels
 from archlab.generation import generate, generate_batch
 from archlab.models.llama import Llama, LlamaConfig
 from archlab.nn import linear as linear_module
@@ -39,7 +42,8 @@ def layer(d_in=256, d_out=512, bias=True) -> nn.Linear:
     return Linear(d_in, d_out, bias=bias)
 
 
-@pytest.mark.parametrize("shape", [(2, 256), (5, 256), (2, 5, 256), (300, 256)])  # 300: a prompt's prefill
+# more rows than archlab's float32 kernel takes (1-4: tests/test_kernels_f32.py); 300: a prompt's prefill
+@pytest.mark.parametrize("shape", [(5, 256), (2, 5, 256), (300, 256)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_product_equals_f_linear(shape, bias, onednn_calls):
     lin = layer(bias=bias)
@@ -54,21 +58,23 @@ def test_packed_product_equals_f_linear(shape, bias, onednn_calls):
 def test_packed_copies_serve_only_where_they_apply(onednn_calls):
     lin = layer()
     with torch.no_grad(), packed_for_rows(lin, rows=8):
-        lin(torch.randn(1, 256))  # one row: the split path / F.linear
+        lin(torch.randn(1, 256))  # one row: archlab's float32 kernel, the split path or F.linear
+        lin(torch.randn(3, 256))  # 1-4 rows: the float32 kernel where it runs
         lin(torch.randn(300, 256))  # many rows (a prompt's prefill): packed too
-        lin(torch.randn(4, 256, dtype=torch.float64).float().double().float())  # float32: packed
-        linear(torch.randn(4, 256, dtype=torch.float64), lin.weight.double())  # another weight: not packed
-    assert onednn_calls == [300, 4]
-    x = torch.randn(4, 256, requires_grad=True)
-    with packed_for_rows(lin, rows=4):
+        lin(torch.randn(6, 256, dtype=torch.float64).float().double().float())  # float32: packed
+        linear(torch.randn(6, 256, dtype=torch.float64), lin.weight.double())  # another weight: not packed
+    served = [300, 6] if kernels.f32_kernel() else [3, 300, 6]  # 3 rows: the kernel where it runs
+    assert onednn_calls == served
+    x = torch.randn(6, 256, requires_grad=True)
+    with packed_for_rows(lin, rows=6):
         lin(x).sum().backward()  # gradients recorded: F.linear
-    assert onednn_calls == [300, 4] and x.grad is not None
-    lin(torch.randn(4, 256))  # after the block: the copy is gone
-    assert onednn_calls == [300, 4] and id(lin.weight) not in linear_module._ONEDNN_PACKED
-    with torch.no_grad(), packed_for_rows(lin, rows=4):
+    assert onednn_calls == served and x.grad is not None
+    lin(torch.randn(6, 256))  # after the block: the copy is gone
+    assert onednn_calls == served and id(lin.weight) not in linear_module._ONEDNN_PACKED
+    with torch.no_grad(), packed_for_rows(lin, rows=6):
         lin.weight.mul_(2)  # changed in place: the stale copy is not used
-        torch.testing.assert_close(lin(torch.randn(4, 256)).shape, torch.Size([4, 512]))
-    assert onednn_calls == [300, 4]
+        torch.testing.assert_close(lin(torch.randn(6, 256)).shape, torch.Size([6, 512]))
+    assert onednn_calls == served
 
 
 def test_only_float32_linear_layers_that_compute_through_linear_are_packed():
@@ -92,11 +98,13 @@ def test_packed_lm_head_in_a_decoding_cache(onednn_calls):
     torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [2, 4])
+@pytest.mark.parametrize("rows", [6, 8])
 def test_a_decoding_caches_head_takes_the_onednn_copy_and_makes_its_blocks_only_when_read(rows, onednn_calls):
-    """At 2 threads a few-row product (2-4 rows, the tail of a batch) on the head goes to the weight's oneDNN copy
+    """At 2 threads a few-row product (6-8 rows, a batch; up to 4 take archlab's float32 kernel where it runs) on
+    the head goes to the weight's oneDNN copy
     where there is one, as every other layer's, and the head's blocked copy is then never made; a one-row product
-    makes it (and runs on it), as one without the oneDNN copy does."""
+    takes archlab's float32 kernel on the weight itself where it runs (no copy either), and otherwise makes the
+    blocked copy and runs on it, as one without the oneDNN copy does."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -108,8 +116,11 @@ def test_a_decoding_caches_head_takes_the_onednn_copy_and_makes_its_blocks_only_
         assert onednn_calls == [rows] and not head._made  # no blocks made
         torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
         with torch.no_grad():
-            torch.testing.assert_close(head(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
-        assert onednn_calls == [rows] and head._made and head.blocks.shape == (2, 256, 512)  # no copy: the blocks
+            torch.testing.assert_close(head(x[:1]), F.linear(x[:1], lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        assert onednn_calls == [rows] and head._made == (kernels.f32_kernel() == 0)  # the kernel: no copy
+        with torch.no_grad(), mock.patch.object(kernels, "f32_kernel", lambda: 0):  # without archlab's kernel
+            torch.testing.assert_close(head(x[:1]), F.linear(x[:1], lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        assert onednn_calls == [rows] and head._made and head.blocks.shape == (2, 256, 512)  # no oneDNN copy: blocks
     finally:
         torch.set_num_threads(before)
 
@@ -138,11 +149,11 @@ def test_nested_blocks_pack_once_and_the_outer_block_keeps_the_copies(onednn_cal
     with torch.no_grad(), packed_for_rows(lin, rows=4) as outer:
         copy = linear_module._ONEDNN_PACKED[id(lin.weight)][2]
         with packed_for_rows(lin, rows=4) as inner:
-            out = lin(torch.randn(3, 256))
+            out = lin(torch.randn(6, 256))
         assert (outer, inner) == (1, 0) and linear_module._ONEDNN_PACKED[id(lin.weight)][2] is copy
         lin(torch.randn(5, 256))  # after the inner block: still packed
-    assert onednn_calls == [3, 5] and id(lin.weight) not in linear_module._ONEDNN_PACKED
-    assert out.shape == (3, 512)
+    assert onednn_calls == [6, 5] and id(lin.weight) not in linear_module._ONEDNN_PACKED
+    assert out.shape == (6, 512)
 
 
 
