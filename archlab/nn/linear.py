@@ -10,11 +10,11 @@ a plain ``W.sum()`` reads 74 GB/s with 2). The remedies, written once here:
   archlab's float32 kernel (:func:`archlab.kernels.f32_rows`): ``W`` read in place, the output rows split over the
   threads, each row's weights one sequential stream. gpt-mini's ``[50304, 384]`` LM head took 1.7 ms against 4.2 ms
   for the split ``torch.bmm`` below, and a ``[1536, 384]`` block matrix 18 against 41 us (2 threads, AMD EPYC kind).
-  The kernel gives the same result to the bit on AVX-512 and AVX2 CPUs. It serves where archlab's kernels
-  runs (:func:`archlab.kernels.f32_kernel`: built at first use; without a compiler a warning says so once), ``K`` is a multiple of 16, ``W`` is
-  contiguous and no gradient is recorded (it has no backward).
-* Where it does not serve (float64, bfloat16, a product that needs gradients), :func:`linear` splits the output features into ``k = torch.get_num_threads()`` blocks and runs
-  them as one batched product (``torch.bmm`` spreads a batch over the threads): ``W`` viewed as
+  The kernel gives the same result to the bit on AVX-512 and AVX2 CPUs. It serves where archlab's kernels run
+  (:func:`archlab.kernels.f32_kernel`: built at first use; without a compiler a warning says so once), ``K`` is a
+  multiple of 16, ``W`` is contiguous and no gradient is recorded (it has no backward).
+* Where it does not serve (float64, bfloat16, a product that needs gradients), :func:`linear` splits the output
+  features into ``k = torch.get_num_threads()`` blocks and runs them as one batched product (``torch.bmm`` spreads a batch over the threads): ``W`` viewed as
   ``[k, d_out / k, d_in]``, no copy. :func:`Linear` makes an ``nn.Linear`` with this forward; the
   attention, feed-forward and output layers of archlab's Transformers are made by it.
 * :class:`PackedLinear` stores a copy of ``W`` as ``[k, d_in, d_out / k]`` (each block transposed
@@ -71,17 +71,16 @@ def _threads() -> int:
 
 def _f32_serves(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether :func:`archlab.kernels.f32_rows` computes ``F.linear(x, weight, bias)`` here."""
-    from archlab.kernels import F32_LANES, F32_MAX_ROWS, f32_kernel
-
     d_in = weight.shape[-1]
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.ndim != 2:
         return False
-    if not 1 <= _rows(x) <= F32_MAX_ROWS or x.shape[-1] != d_in or d_in % F32_LANES or not weight.is_contiguous():
+    rows_ok = 1 <= _rows(x) <= kernels.F32_MAX_ROWS and x.shape[-1] == d_in and d_in % kernels.F32_LANES == 0
+    if not rows_ok or not weight.is_contiguous():
         return False
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != weight.shape[:1]):
         return False
     grads = weight.requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)
-    return not (torch.is_grad_enabled() and grads) and f32_kernel() != 0
+    return not (torch.is_grad_enabled() and grads) and kernels.f32_kernel() != 0
 
 
 def _blocks(d_out: int, device: torch.device) -> int:
