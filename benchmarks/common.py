@@ -105,9 +105,10 @@ def time_interleaved(peers: list[Peer], *, rounds: int, warmup: int = 1, per_rou
             peer.times.append((time.perf_counter() - start) / per_round)
 
 
-def compiled_decoding_peer(name: str, model, prompt: torch.Tensor, n: int):
+def compiled_decoding_peer(name: str, model, prompt: torch.Tensor, n: int, *, cpp_wrapper: bool = False):
     """A peer decoding ``n`` greedy tokens after ``prompt [1, n0]`` through
-    :class:`archlab.static_decoding.StaticDecoder` (static KV cache, ``torch.compile``d one-token step); also the
+    :class:`archlab.static_decoding.StaticDecoder` (static KV cache, ``torch.compile``d one-token step, inductor's C++
+    wrapper with ``cpp_wrapper``); also the
     seconds its compilation took (the first run, which compiles, less the second), the tokens it generated and
     the decoder (``max_len = n0 + n``), whose compiled step :func:`teacher_forced` reuses.
 
@@ -119,7 +120,7 @@ def compiled_decoding_peer(name: str, model, prompt: torch.Tensor, n: int):
     # each decoder adds traces of the same step function; past torch's per-process cap (recompile_limit, 8) later
     # decoders would run eagerly (StaticDecoder's docstring), and a benchmark compiling 5 modes reaches it
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    decoder = StaticDecoder(model, max_len=prompt.shape[1] + n, compile=True)
+    decoder = StaticDecoder(model, max_len=prompt.shape[1] + n, compile=True, cpp_wrapper=cpp_wrapper)
 
     @torch.inference_mode()
     def run():

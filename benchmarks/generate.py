@@ -15,9 +15,10 @@ LM head (smaller, so more of it can stay in the CPU's last-level cache between r
 it (PyTorch's CPU matrix-vector product, which runs on one thread). archlab's few-row products use every
 thread (``archlab.nn.linear``), so the first bound applies to it.
 
-``--compile`` adds the peer ``archlab compiled``: the same model through :class:`archlab.static_decoding.StaticDecoder`
+``--compile`` adds the peers ``archlab compiled``: the same model through :class:`archlab.static_decoding.StaticDecoder`
 (a static KV cache, the one-token step compiled by ``torch.compile``), its tokens checked equal to the others', its
-compile time printed apart from the timed rounds.
+compile time printed apart from the timed rounds; and ``archlab compiled cpp-wrapper``, the same with inductor's C++
+wrapper (``StaticDecoder(..., cpp_wrapper=True)``).
 
     python benchmarks/generate.py
     python benchmarks/generate.py --preset gpt2-small --new-tokens 128
@@ -95,11 +96,12 @@ def main() -> None:
     print(f"{args.preset} (max_len {args.max_len}): both generate the same {n} tokens")
     peers = [Peer("archlab", run_archlab, tokens=n), Peer("hf", run_hf, tokens=n)]
     if args.compile:
-        compiled, seconds, tokens, _ = compiled_decoding_peer("archlab compiled", ours, prompt, n)
-        if not torch.equal(tokens, a):
-            raise SystemExit(f"compiled tokens differ: first mismatch at {int((tokens != a).nonzero()[0, 1])}")
-        print(f"archlab compiled: the same {n} tokens; torch.compile took {seconds:.1f} s (once per process)")
-        peers.append(compiled)
+        for name, cpp in (("archlab compiled", False), ("archlab compiled cpp-wrapper", True)):
+            compiled, seconds, tokens, _ = compiled_decoding_peer(name, ours, prompt, n, cpp_wrapper=cpp)
+            if not torch.equal(tokens, a):
+                raise SystemExit(f"{name}: tokens differ: first mismatch at {int((tokens != a).nonzero()[0, 1])}")
+            print(f"{name}: the same {n} tokens; torch.compile took {seconds:.1f} s (once per process)")
+            peers.append(compiled)
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     bound = bound_peer(weight_bytes, n)
     time_interleaved([*peers, bound], rounds=args.rounds)

@@ -175,3 +175,20 @@ def test_compiled_low_precision_step(mode):
     assert compiled_graphs() - before == 1
     scale = want.abs().max()
     assert float((logits.float() - want.float()).abs().max() / scale) < 0.03  # bf16 rounded in other places
+
+
+def test_cpp_wrapper_needs_compile():
+    with pytest.raises(ConfigError, match="cpp_wrapper=True wraps the compiled step: it needs compile=True"):
+        StaticDecoder(llama(), max_len=8, compile=False, cpp_wrapper=True)
+
+
+@pytest.mark.slow
+def test_compiled_with_the_cpp_wrapper_equals_eager():
+    """Inductor's C++ wrapper: the same greedy tokens as the eager model, one graph."""
+    model = gpt()
+    static = StaticDecoder(model, max_len=30, compile=True, cpp_wrapper=True)
+    before = compiled_graphs()
+    with torch.inference_mode():
+        got = generate(static, PROMPT, max_new_tokens=24)
+    assert compiled_graphs() - before == 1
+    assert torch.equal(got, generate(model, PROMPT, max_new_tokens=24))
