@@ -35,9 +35,9 @@ stream at: PyTorch hands it to a BLAS matrix-vector kernel on one thread (10 GB/
 output rows over torch's threads and walks each row's weights front to back, one sequential stream a thread; on the
 AMD EPYC kind at 2 threads it read a 236 MB matrix at 98% of the rate ``W.sum()`` reads it, and gpt-mini's
 ``[50304, 384]`` LM head in 1.7 ms against 4.2 ms for :func:`archlab.nn.linear.linear`'s split ``torch.bmm``. The
-sum (``f32_rows.cpp``): 16 lanes in two chains of blocks, folded in a fixed order; the AVX-512 (``512``) and AVX2
-(``256``, 8-lane halves) variants do the same operations in the same order, so they give the same result to the bit,
-and a row's result does not depend on ``M`` (tested). :mod:`archlab.nn.linear` uses it for every few-row float32
+sum (``f32_rows.cpp``; the folds in ``lanes.h``): 16 lanes in two chains of blocks, folded in a fixed order; the
+AVX-512 (``512``) and AVX2 (``256``, 8-lane halves) variants do the same operations in the same order, so they give
+the same result to the bit, and a row's result does not depend on ``M`` (tested). :mod:`archlab.nn.linear` uses it for every few-row float32
 product it serves on a CPU (:func:`f32_kernel`).
 
 **Attention of one query row** (``torch.ops.archlab_kernels.one_query_attention``, :func:`one_query_attention`): a

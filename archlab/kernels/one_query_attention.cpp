@@ -17,21 +17,14 @@
 #include <limits>
 #include <vector>
 
+#include "lanes.h"
+
 namespace {
 
-constexpr int64_t kLanes = 16;
+using archlab_lanes::fold16;
+using archlab_lanes::kLanes;
 
-#define AVX2 __attribute__((target("avx2,fma")))
-#define AVX512 __attribute__((target("avx512f,avx512dq,fma")))
-
-AVX2 inline float halve8(__m256 v) {
-  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-  return _mm_cvtss_f32(s1);
-}
-
-AVX512 float dot512(const float* a, const float* b, int64_t D) {
+ARCHLAB_AVX512 float dot512(const float* a, const float* b, int64_t D) {
   __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 2 * kLanes <= D; i += 2 * kLanes) {
@@ -39,11 +32,10 @@ AVX512 float dot512(const float* a, const float* b, int64_t D) {
     c1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + kLanes), _mm512_loadu_ps(b + i + kLanes), c1);
   }
   if (i < D) c0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), c0);
-  const __m512 v = _mm512_add_ps(c0, c1);
-  return halve8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+  return fold16(_mm512_add_ps(c0, c1));
 }
 
-AVX2 float dot256(const float* a, const float* b, int64_t D) {
+ARCHLAB_AVX2 float dot256(const float* a, const float* b, int64_t D) {
   __m256 lo0 = _mm256_setzero_ps(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
   int64_t i = 0;
   for (; i + 2 * kLanes <= D; i += 2 * kLanes) {
@@ -56,17 +48,17 @@ AVX2 float dot256(const float* a, const float* b, int64_t D) {
     lo0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), lo0);
     hi0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), hi0);
   }
-  return halve8(_mm256_add_ps(_mm256_add_ps(lo0, lo1), _mm256_add_ps(hi0, hi1)));
+  return fold16(_mm256_add_ps(lo0, lo1), _mm256_add_ps(hi0, hi1));
 }
 
 // acc[0..Dv) += e * v[0..Dv), lane by lane (the same operation in either width)
-AVX512 void axpy512(float* acc, float e, const float* v, int64_t Dv) {
+ARCHLAB_AVX512 void axpy512(float* acc, float e, const float* v, int64_t Dv) {
   const __m512 s = _mm512_set1_ps(e);
   for (int64_t i = 0; i < Dv; i += kLanes)
     _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(s, _mm512_loadu_ps(v + i), _mm512_loadu_ps(acc + i)));
 }
 
-AVX2 void axpy256(float* acc, float e, const float* v, int64_t Dv) {
+ARCHLAB_AVX2 void axpy256(float* acc, float e, const float* v, int64_t Dv) {
   const __m256 s = _mm256_set1_ps(e);
   for (int64_t i = 0; i < Dv; i += 8)
     _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(s, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
