@@ -37,8 +37,8 @@ AMD EPYC kind at 2 threads it read a 236 MB matrix at 98% of the rate ``W.sum()`
 ``[50304, 384]`` LM head in 1.7 ms against 4.2 ms for :func:`archlab.nn.linear.linear`'s split ``torch.bmm``. The
 sum (``f32_rows.cpp``; the folds in ``lanes.h``): 16 lanes in two chains of blocks, folded in a fixed order; the
 AVX-512 (``512``) and AVX2 (``256``, 8-lane halves) variants do the same operations in the same order, so they give
-the same result to the bit, and a row's result does not depend on ``M`` (tested). :mod:`archlab.nn.linear` uses it for every few-row float32
-product it serves on a CPU (:func:`f32_kernel`).
+the same result to the bit, and a row's result does not depend on ``M`` (tested). :mod:`archlab.nn.linear` uses it
+for every few-row float32 product it serves on a CPU (:func:`f32_kernel`).
 
 **Attention of one query row** (``torch.ops.archlab_kernels.one_query_attention``, :func:`one_query_attention`): a
 decoding step's attention over a static KV cache (:mod:`archlab.static_decoding`), reading only the keys written so
@@ -131,9 +131,7 @@ def _register_flop_formulas() -> None:
         return 2 * q.shape[0] * q.shape[1] * n * (q.shape[3] + v.shape[3])
 
     ops = torch.ops.archlab_kernels
-    register_flop_formula(ops.f32_rows)(product)
-    register_flop_formula(ops.int4_rows)(lambda x, w, *a, **k: 2 * x[0] * w[0] * x[1])
-    register_flop_formula(ops.q8_rows)(lambda x, w, *a, **k: 2 * x[0] * w[0] * x[1])
+    register_flop_formula([ops.f32_rows, ops.int4_rows, ops.q8_rows])(product)  # each weight's first dimension is N
     register_flop_formula(ops.one_query_attention, get_raw=True)(attention)
 
 
@@ -332,20 +330,32 @@ def _fake_f32_rows(x: Tensor, weight: Tensor, bias: Tensor | None, isa: int) -> 
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def f32_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x [..., K]`` float32 (1..4 rows in all) times ``weight [N, K]`` transposed, plus ``bias [N]``: ``[..., N]``
-    float32 (module docstring). Checks its arguments (:class:`ShapeError`), then :func:`load` and the op."""
+def f32_rows_problem(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> str | None:
+    """Why :func:`f32_rows` cannot take these arguments (the argument, its value and what is allowed), or None: the
+    one check behind :func:`f32_rows`'s errors and :func:`archlab.nn.linear.linear`'s choice of the kernel."""
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        return f"x and weight must be on the CPU, got {x.device} and {weight.device}"
     rows = x.numel() // x.shape[-1] if x.ndim and x.shape[-1] else 0
     if not 1 <= rows <= F32_MAX_ROWS or x.dtype != torch.float32:
-        raise ShapeError(f"x must be float32 [..., K] with 1..{F32_MAX_ROWS} rows, got {x.dtype} {tuple(x.shape)}")
+        return f"x must be float32 [..., K] with 1..{F32_MAX_ROWS} rows, got {x.dtype} {tuple(x.shape)}"
     k = x.shape[-1]
-    if weight.dtype != torch.float32 or weight.ndim != 2 or weight.shape[1] != k or k % F32_LANES or k == 0:
-        raise ShapeError(f"weight must be float32 [N, K] = [N, {k}] with K a positive multiple of {F32_LANES}, "
-                         f"got {weight.dtype} {tuple(weight.shape)}")  # fmt: skip
+    if weight.dtype != torch.float32 or weight.ndim != 2 or weight.shape[1] != k or k % F32_LANES:
+        return (f"weight must be float32 [N, K] = [N, {k}] with K a positive multiple of {F32_LANES}, "
+                f"got {weight.dtype} {tuple(weight.shape)}")  # fmt: skip
     if not weight.is_contiguous():
-        raise ShapeError("weight must be contiguous (the kernel reads its rows in place)")
+        return "weight must be contiguous (the kernel reads its rows in place)"
     if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (weight.shape[0],)):
-        raise ShapeError(f"bias must be float32 [N] = [{weight.shape[0]}], got {bias.dtype} {tuple(bias.shape)}")
+        return f"bias must be float32 [N] = [{weight.shape[0]}], got {bias.dtype} {tuple(bias.shape)}"
+    return None
+
+
+def f32_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x [..., K]`` float32 (1..4 rows in all) times ``weight [N, K]`` transposed, plus ``bias [N]``: ``[..., N]``
+    float32 (module docstring). Checks its arguments (:class:`ShapeError`, :func:`f32_rows_problem`), then
+    :func:`load` and the op."""
+    problem = f32_rows_problem(x, weight, bias)
+    if problem is not None:
+        raise ShapeError(problem)
     load()
     return torch.ops.archlab_kernels.f32_rows(x, weight, bias, f32_isa())
 
@@ -375,26 +385,33 @@ def _fake_one_query_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor
     return q.new_empty(q.shape[0], q.shape[1], 1, v.shape[3])
 
 
-def one_query_attention_serves(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether :func:`one_query_attention` takes these (float32 on a CPU, one query row, ``D`` and ``Dv`` multiples of
-    16, ``A`` a multiple of ``G``, no gradient recorded) and runs here (:func:`f32_kernel`)."""
+def one_query_attention_problem(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """Why :func:`one_query_attention` cannot take these tensors (what it takes and what they are), or None."""
     shapes = q.ndim == k.ndim == v.ndim == 4 and q.shape[2] == 1 and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0
-    if not shapes or q.shape[3] % F32_LANES or v.shape[3] % F32_LANES or q.device.type != "cpu":
+    dtypes = q.dtype == k.dtype == v.dtype == torch.float32 and q.device.type == k.device.type == v.device.type == "cpu"
+    if not shapes or not dtypes or q.shape[3] % F32_LANES or v.shape[3] % F32_LANES:
+        return (f"q must be float32 [B, A, 1, D], k [B, G, L, D], v [B, G, L, Dv] on the CPU with A a multiple of G "
+                f"and D, Dv multiples of {F32_LANES}; got q {q.dtype} {tuple(q.shape)} on {q.device}, k {tuple(k.shape)}, "
+                f"v {tuple(v.shape)}")  # fmt: skip
+    return None
+
+
+def one_query_attention_serves(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether :func:`one_query_attention` takes these (:func:`one_query_attention_problem`), no gradient is
+    recorded (it has no backward), and the kernel runs here (:func:`f32_kernel`)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
-    grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)  # no backward
-    return q.dtype == k.dtype == v.dtype == torch.float32 and not grads and f32_kernel() != 0
+    return one_query_attention_problem(q, k, v) is None and f32_kernel() != 0
 
 
 def one_query_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
     r"""``softmax(q k^T / \sqrt{D})`` over the keys ``0..positions[0]``, times ``v``: ``q [B, A, 1, D]``, ``k [B, G,
     L, D]``, ``v [B, G, L, Dv]`` float32 (``A / G`` query heads share a key head) -> ``[B, A, 1, Dv]``;
     ``F.scaled_dot_product_attention`` under the static cache's mask, float rounding aside
-    (``one_query_attention.cpp``). :class:`ShapeError` unless :func:`one_query_attention_serves` would hold
-    (the kernel's availability aside); then :func:`load` and the op."""
-    shapes = q.ndim == k.ndim == v.ndim == 4 and q.shape[2] == 1 and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0
-    if not shapes or q.shape[3] % F32_LANES or v.shape[3] % F32_LANES or not q.dtype == k.dtype == v.dtype == torch.float32:
-        raise ShapeError(f"q must be float32 [B, A, 1, D], k [B, G, L, D], v [B, G, L, Dv] with A a multiple of G and "
-                         f"D, Dv multiples of {F32_LANES}; got q {q.dtype} {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")  # fmt: skip
+    (``one_query_attention.cpp``). :class:`ShapeError` (:func:`one_query_attention_problem`), then :func:`load` and
+    the op."""
+    problem = one_query_attention_problem(q, k, v)
+    if problem is not None:
+        raise ShapeError(problem)
     load()
     return torch.ops.archlab_kernels.one_query_attention(q, k, v, positions, q.shape[3] ** -0.5, f32_isa())

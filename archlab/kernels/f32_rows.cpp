@@ -35,75 +35,65 @@ struct Args {
 
 inline void store(const Args& a, int m, int64_t n, float dot) { a.y[m * a.N + n] = a.b ? dot + a.b[n] : dot; }
 
-// one weight row n against x rows m0 .. m0 + M (M <= 4), two chains of 16 lanes each
-template <int M>
-ARCHLAB_AVX512 inline void row512(const Args& a, int64_t n, int64_t m0) {
-  const int64_t K = a.K, B = K / kLanes;
-  const float* w = a.w + n * K;
-  const float* x = a.x + m0 * K;
-  __m512 c0[M], c1[M];
-  for (int m = 0; m < M; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
-  int64_t j = 0;
-  for (; j + 2 <= B; j += 2) {
-    const __m512 w0 = _mm512_loadu_ps(w + j * kLanes), w1 = _mm512_loadu_ps(w + j * kLanes + kLanes);
-    for (int m = 0; m < M; ++m) {
-      c0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + j * kLanes), c0[m]);
-      c1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + j * kLanes + kLanes), c1[m]);
-    }
-  }
-  if (j < B) {
-    const __m512 w0 = _mm512_loadu_ps(w + j * kLanes);
-    for (int m = 0; m < M; ++m) c0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + j * kLanes), c0[m]);
-  }
-  for (int m = 0; m < M; ++m) {
-    store(a, m0 + m, n, fold16(_mm512_add_ps(c0[m], c1[m])));
-  }
-}
-
-template <int M>
-ARCHLAB_AVX2 inline void row256(const Args& a, int64_t n, int64_t m0) {
-  const int64_t K = a.K, B = K / kLanes;
-  const float* w = a.w + n * K;
-  const float* x = a.x + m0 * K;
-  __m256 lo0[M], hi0[M], lo1[M], hi1[M];  // chain 0 and chain 1, lanes 0-7 and 8-15
-  for (int m = 0; m < M; ++m) lo0[m] = hi0[m] = lo1[m] = hi1[m] = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 2 <= B; j += 2) {
-    const float* wj = w + j * kLanes;
-    const __m256 a0 = _mm256_loadu_ps(wj), b0 = _mm256_loadu_ps(wj + 8);
-    const __m256 a1 = _mm256_loadu_ps(wj + 16), b1 = _mm256_loadu_ps(wj + 24);
-    for (int m = 0; m < M; ++m) {
-      const float* xj = x + m * K + j * kLanes;
-      lo0[m] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(xj), lo0[m]);
-      hi0[m] = _mm256_fmadd_ps(b0, _mm256_loadu_ps(xj + 8), hi0[m]);
-      lo1[m] = _mm256_fmadd_ps(a1, _mm256_loadu_ps(xj + 16), lo1[m]);
-      hi1[m] = _mm256_fmadd_ps(b1, _mm256_loadu_ps(xj + 24), hi1[m]);
-    }
-  }
-  if (j < B) {
-    const float* wj = w + j * kLanes;
-    const __m256 a0 = _mm256_loadu_ps(wj), b0 = _mm256_loadu_ps(wj + 8);
-    for (int m = 0; m < M; ++m) {
-      const float* xj = x + m * K + j * kLanes;
-      lo0[m] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(xj), lo0[m]);
-      hi0[m] = _mm256_fmadd_ps(b0, _mm256_loadu_ps(xj + 8), hi0[m]);
-    }
-  }
-  for (int m = 0; m < M; ++m) {
-    store(a, m0 + m, n, fold16(_mm256_add_ps(lo0[m], lo1[m]), _mm256_add_ps(hi0[m], hi1[m])));
-  }
-}
-
-// output rows n0 .. n1 against the M rows of x (measured at 2 threads, [1536, 576]: 1 row 26 us, 4 rows 62, 10 rows
-// in groups of 4 138 against oneDNN's 99: hence kMaxRows)
+// output rows n0 .. n1 against the M rows of x (M <= 4), each weight row in two chains of 16 lanes. Measured at 2
+// threads on [1536, 576]: 1 row 24 us, 4 rows 52 (oneDNN's packed GEMM 53); a 10-row version 138 against oneDNN's
+// 99 (multiply-adds bound it by then): hence kMaxRows.
 template <int M>
 ARCHLAB_AVX512 void rows512(const Args& a, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) row512<M>(a, n, 0);
+  const int64_t K = a.K, B = K / kLanes;
+  const float* x = a.x;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* w = a.w + n * K;
+    __m512 c0[M], c1[M];
+    for (int m = 0; m < M; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 2 <= B; j += 2) {
+      const __m512 w0 = _mm512_loadu_ps(w + j * kLanes), w1 = _mm512_loadu_ps(w + j * kLanes + kLanes);
+      for (int m = 0; m < M; ++m) {
+        c0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + j * kLanes), c0[m]);
+        c1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + j * kLanes + kLanes), c1[m]);
+      }
+    }
+    if (j < B) {
+      const __m512 w0 = _mm512_loadu_ps(w + j * kLanes);
+      for (int m = 0; m < M; ++m) c0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + j * kLanes), c0[m]);
+    }
+    for (int m = 0; m < M; ++m) store(a, m, n, fold16(_mm512_add_ps(c0[m], c1[m])));
+  }
 }
 
 template <int M>
 ARCHLAB_AVX2 void rows256(const Args& a, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) row256<M>(a, n, 0);
+  const int64_t K = a.K, B = K / kLanes;
+  const float* x = a.x;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* w = a.w + n * K;
+    __m256 lo0[M], hi0[M], lo1[M], hi1[M];  // chain 0 and chain 1, lanes 0-7 and 8-15
+    for (int m = 0; m < M; ++m) lo0[m] = hi0[m] = lo1[m] = hi1[m] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 2 <= B; j += 2) {
+      const float* wj = w + j * kLanes;
+      const __m256 a0 = _mm256_loadu_ps(wj), b0 = _mm256_loadu_ps(wj + 8);
+      const __m256 a1 = _mm256_loadu_ps(wj + 16), b1 = _mm256_loadu_ps(wj + 24);
+      for (int m = 0; m < M; ++m) {
+        const float* xj = x + m * K + j * kLanes;
+        lo0[m] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(xj), lo0[m]);
+        hi0[m] = _mm256_fmadd_ps(b0, _mm256_loadu_ps(xj + 8), hi0[m]);
+        lo1[m] = _mm256_fmadd_ps(a1, _mm256_loadu_ps(xj + 16), lo1[m]);
+        hi1[m] = _mm256_fmadd_ps(b1, _mm256_loadu_ps(xj + 24), hi1[m]);
+      }
+    }
+    if (j < B) {
+      const float* wj = w + j * kLanes;
+      const __m256 a0 = _mm256_loadu_ps(wj), b0 = _mm256_loadu_ps(wj + 8);
+      for (int m = 0; m < M; ++m) {
+        const float* xj = x + m * K + j * kLanes;
+        lo0[m] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(xj), lo0[m]);
+        hi0[m] = _mm256_fmadd_ps(b0, _mm256_loadu_ps(xj + 8), hi0[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) store(a, m, n, fold16(_mm256_add_ps(lo0[m], lo1[m]), _mm256_add_ps(hi0[m], hi1[m])));
+  }
 }
 
 using Fn = void (*)(const Args&, int64_t, int64_t);

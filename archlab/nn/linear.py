@@ -69,18 +69,15 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _f32_serves(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether :func:`archlab.kernels.f32_rows` computes ``F.linear(x, weight, bias)`` here."""
-    d_in = weight.shape[-1]
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.ndim != 2:
-        return False
-    rows_ok = 1 <= _rows(x) <= kernels.F32_MAX_ROWS and x.shape[-1] == d_in and d_in % kernels.F32_LANES == 0
-    if not rows_ok or not weight.is_contiguous():
-        return False
-    if bias is not None and (bias.dtype != torch.float32 or bias.shape != weight.shape[:1]):
-        return False
+def _f32_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """``F.linear(x, weight, bias)`` on archlab's float32 kernel where it serves (no gradient recorded, arguments it
+    takes: :func:`archlab.kernels.f32_rows_problem`, the kernel built here), else None."""
     grads = weight.requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)
-    return not (torch.is_grad_enabled() and grads) and kernels.f32_kernel() != 0
+    if torch.is_grad_enabled() and grads:
+        return None  # the kernel has no backward
+    if kernels.f32_rows_problem(x, weight, bias) is not None or kernels.f32_kernel() == 0:
+        return None
+    return torch.ops.archlab_kernels.f32_rows(x, weight, bias, kernels.f32_kernel())
 
 
 def _blocks(d_out: int, device: torch.device) -> int:
@@ -114,8 +111,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     compiled one-row step was 2x slower than the eager one (gpt-mini, 2 threads).
     """
     d_out, d_in = weight.shape
-    if _f32_serves(x, weight, bias):
-        return torch.ops.archlab_kernels.f32_rows(x, weight, bias, kernels.f32_kernel())
+    out = _f32_product(x, weight, bias)
+    if out is not None:
+        return out
     packed = None if torch.compiler.is_compiling() else _onednn_copy(weight, x)
     if packed is not None:
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, d_in), packed, bias, "none", [], "")
@@ -184,11 +182,13 @@ class PackedLinear:
         return self._blocks
 
     def __call__(self, x: Tensor) -> Tensor:
+        out = _f32_product(x, self.weight, self.bias)  # archlab's kernel reads weight in place: no copy wanted
+        if out is not None:
+            return out
         tracked = torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
         compiling = torch.compiler.is_compiling()  # traced: no eager-side state read, no copy made in the graph
         if tracked or self.weight._version != self.version or _rows(x) > MAX_SPLIT_ROWS \
-                or (compiling and not self._made) or (not compiling and _onednn_copy(self.weight, x) is not None) \
-                or _f32_serves(x, self.weight, self.bias):
+                or (compiling and not self._made) or (not compiling and _onednn_copy(self.weight, x) is not None):
             return linear(x, self.weight, self.bias)
         blocks = self.blocks
         if blocks is None or blocks.shape[0] != torch.get_num_threads() or x.dtype != blocks.dtype:

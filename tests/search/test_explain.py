@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from archlab import kernels
 from archlab.errors import ConfigError, DataError
 from archlab.search import Document, Hit
 from archlab.search.explain import (
@@ -325,6 +326,9 @@ def test_streams_hold_packed_weight_copies_for_their_multi_row_steps_until_relea
         pytest.skip("this PyTorch build has no oneDNN packed matmul (nothing is packed)")
     monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(linear, "MIN_SPLIT_ELEMENTS", 1)  # the tiny model's matrices are packed too
+    # archlab's float32 kernel takes products of 1-4 rows where it runs, before any copy: off, so two streams' rows
+    # are the products the copies serve (as five or more streams' are with it on)
+    monkeypatch.setattr(kernels, "f32_kernel", lambda: 0)
     explainer = Explainer(tiny_model, max_new_tokens=8, scorer="bm25")
     model = explainer.load()[0].float()  # packed copies are float32 ones (precision=auto may pick bf16)
     weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
