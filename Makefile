@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install -q -c constraints.txt
 STAMP  := $(VENV)/.installed-test
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: setup demo demo-dates labs report search-demo test test-avx2 test-all bench bench-llama clean
+.PHONY: setup demo demo-dates labs report search-demo test test-avx2 test-all test-cuda bench bench-llama clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,10 @@ test-avx2: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# The GPU checks (tests/test_cuda.py), on a machine whose torch sees a CUDA GPU; elsewhere they are skipped.
+test-cuda: $(STAMP)
+	$(PY) -m pytest -m cuda -q
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/train_step.py

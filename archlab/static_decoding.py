@@ -66,8 +66,14 @@ class StaticKVCache:
         self.v: Tensor | None = None
 
     def reorder(self, index: Tensor) -> None:
-        """Select batch rows (beam search): row ``b`` becomes old row ``index[b]``."""
-        if self.k is not None:
+        """Select batch rows (beam search): row ``b`` becomes old row ``index[b]``. In place when the batch keeps its
+        size, so the storage stays where a CUDA graph of the step reads it."""
+        if self.k is None:
+            return
+        if index.numel() == self.k.shape[0]:
+            self.k.copy_(self.k.index_select(0, index))
+            self.v.copy_(self.v.index_select(0, index))
+        else:
             self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
 
@@ -150,9 +156,18 @@ class StaticDecoder(nn.Module):
             Python (``torch._inductor.config.cpp_wrapper``): the same graph and results, less time between kernels.
             Measured 1.04-1.07x faster steps (SmolLM2 int4, gpt-mini fp32; AMD EPYC, 2 threads), for a longer first
             compile: gpt-mini 17 s against 5 s, SmolLM2 int4 minutes on a cold inductor cache (once per machine).
+        cuda_graphs: with ``compile`` and the model on a CUDA GPU, record the compiled step once as a CUDA graph
+            and replay it (inductor's ``triton.cudagraphs``): one launch a token instead of one per kernel. On an
+            H200 the compiled SmolLM2-135M step without it took 6.6 ms a token against a 0.13 ms weight-reading
+            bound, launches being most of it (docs/speed.md, "On a GPU"). The graph reads the cache where it was
+            recorded, so the decoder keeps one cache storage per batch size and hands it to each
+            :meth:`new_cache` in turn: one decoding run at a time per batch size (a cache used after a newer one
+            took its storage raises ConfigError). Off by default: written and tested with the CPU standing in,
+            not yet run on a GPU (tests/test_cuda.py runs it where there is one).
     """
 
-    def __init__(self, model: nn.Module, max_len: int, *, compile: bool = True, cpp_wrapper: bool = False):
+    def __init__(self, model: nn.Module, max_len: int, *, compile: bool = True, cpp_wrapper: bool = False,
+                 cuda_graphs: bool = False):  # fmt: skip
         super().__init__()
         if cpp_wrapper and not compile:
             raise ConfigError("cpp_wrapper=True wraps the compiled step: it needs compile=True")
@@ -161,6 +176,14 @@ class StaticDecoder(nn.Module):
         c = model.config
         act = model.tok_emb.weight.dtype  # the residual stream's dtype (quantized layers give their input's back)
         device = model.tok_emb.weight.device
+        if cuda_graphs and not (compile and device.type == "cuda"):
+            raise ConfigError(
+                f"cuda_graphs=True replays the compiled step as a CUDA graph: it needs compile=True and the model on a "
+                f"CUDA GPU (compile={compile}, the model is on {device})"
+            )
+        self.cuda_graphs = cuda_graphs
+        # cuda_graphs: batch size -> (the cache holding it now, each layer's (keys, values) storage)
+        self._storage: dict[int, tuple[StaticDecodingCache, list[tuple[Tensor, Tensor]]]] = {}
         pos = model.pos
         # position lookups as tables of L rows, indexed by a positions tensor inside the step
         if isinstance(pos, RotaryPositionalEncoding):
@@ -172,8 +195,8 @@ class StaticDecoder(nn.Module):
                 "compile=True cannot trace int8-dynamic layers (fbgemm's packed weights end torch.compile's graph at "
                 "every product): use compile=False, or the weight-only modes int8 / int4"
             )
-        options = {"cpp_wrapper": True} if cpp_wrapper else None
-        self.compiled = torch.compile(self._forward, dynamic=False, options=options) if compile else None
+        options = {name: True for name, on in (("cpp_wrapper", cpp_wrapper), ("triton.cudagraphs", cuda_graphs)) if on}
+        self.compiled = torch.compile(self._forward, dynamic=False, options=options or None) if compile else None
 
     @property
     def config(self) -> StaticContext:
@@ -226,16 +249,40 @@ class StaticDecoder(nn.Module):
             self._allocate(cache, tokens.shape[0])
         elif held.shape[0] != tokens.shape[0]:
             raise ShapeError(f"the cache holds batch {held.shape[0]} but tokens has batch {tokens.shape[0]}")
-        logits = run(tokens, positions, [layer.k for layer in cache.layers], [layer.v for layer in cache.layers],
-                     logits_to_keep)  # fmt: skip
+        elif self.cuda_graphs and self._storage.get(held.shape[0], (cache,))[0] is not cache:
+            raise ConfigError(
+                "this cache's storage was handed to a newer cache of this StaticDecoder (cuda_graphs: one decoding "
+                "run at a time per batch size); finish a run before starting the next, or use cuda_graphs=False"
+            )
+        keys, values = [layer.k for layer in cache.layers], [layer.v for layer in cache.layers]
+        if run is self.compiled and self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last replay's output is not read again: cloned below
+            logits = run(tokens, positions, keys, values, logits_to_keep).clone()
+        else:
+            logits = run(tokens, positions, keys, values, logits_to_keep)
         cache.length = start + n
         return logits
 
     def _allocate(self, cache: StaticDecodingCache, batch: int) -> None:
-        attn, act = self.model.decoder.blocks[0].attn, self.model.tok_emb.weight
-        for layer in cache.layers:
-            layer.k = act.new_zeros(batch, attn.n_kv_heads, self.max_len, attn.d_k)
-            layer.v = act.new_zeros(batch, attn.n_kv_heads, self.max_len, attn.d_v)
+        """Each layer's keys and values, zeros: new, or (cuda_graphs) this batch size's storage, taken over."""
+        if self.cuda_graphs and batch in self._storage:
+            storage = self._storage[batch][1]
+            for k, v in storage:
+                k.zero_()
+                v.zero_()
+        else:
+            attn, act = self.model.decoder.blocks[0].attn, self.model.tok_emb.weight
+            with torch.inference_mode(False):  # kept storage: normal tensors, writable by later runs in any mode
+                storage = [(act.new_zeros(batch, attn.n_kv_heads, self.max_len, attn.d_k),
+                            act.new_zeros(batch, attn.n_kv_heads, self.max_len, attn.d_v)) for _ in cache.layers]  # fmt: skip
+            if self.cuda_graphs:
+                for k, v in storage:  # the graph reads them where they are: not copied in at each replay
+                    torch._dynamo.mark_static_address(k, guard=False)
+                    torch._dynamo.mark_static_address(v, guard=False)
+        if self.cuda_graphs:
+            self._storage[batch] = (cache, storage)
+        for layer, (k, v) in zip(cache.layers, storage, strict=True):
+            layer.k, layer.v = k, v
 
     def _forward(self, tokens: Tensor, positions: Tensor, keys: list[Tensor], values: list[Tensor],
                  logits_to_keep: int | None) -> Tensor:  # fmt: skip

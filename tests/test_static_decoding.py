@@ -192,3 +192,29 @@ def test_compiled_with_the_cpp_wrapper_equals_eager():
         got = generate(static, PROMPT, max_new_tokens=24)
     assert compiled_graphs() - before == 1
     assert torch.equal(got, generate(model, PROMPT, max_new_tokens=24))
+
+
+def test_cuda_graph_storage_is_handed_from_cache_to_cache():
+    """With cuda_graphs the decoder keeps one storage per batch size (a CUDA graph reads the cache where it was
+    recorded). The hand-over, run here on the CPU by switching it on after construction (the graph itself needs a
+    GPU: tests/test_cuda.py): runs after one another give the model's tokens, inside and outside inference mode;
+    beam search reorders in place; a cache whose storage a newer one took is refused."""
+    model = llama()
+    with pytest.raises(ConfigError, match="needs compile=True and the model on a CUDA GPU"):
+        StaticDecoder(model, max_len=30, cuda_graphs=True)
+    static = StaticDecoder(model, max_len=30, compile=False)
+    static.cuda_graphs = True
+    want = generate(model, PROMPT, max_new_tokens=12)
+    with torch.inference_mode():
+        assert torch.equal(generate(static, PROMPT, max_new_tokens=12), want)
+    assert torch.equal(generate(static, PROMPT[:, :2], max_new_tokens=12), generate(model, PROMPT[:, :2], max_new_tokens=12))
+    assert torch.equal(generate(static, PROMPT, max_new_tokens=12), want)
+    beams = beam_search(static, PROMPT, max_new_tokens=6, beam_size=3)
+    assert torch.equal(beams.sequences, beam_search(model, PROMPT, max_new_tokens=6, beam_size=3).sequences)
+    first = static.new_cache()
+    static(PROMPT, first)
+    second = static.new_cache()
+    static(PROMPT, second)
+    assert second.layers[0].k.data_ptr() == first.layers[0].k.data_ptr() and len(static._storage) == 2  # batch 1, 3
+    with pytest.raises(ConfigError, match="handed to a newer cache"):
+        static(PROMPT[:, :1], first)
