@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -296,3 +297,22 @@ def test_resume_on_the_gpu_is_bit_identical(tmp_path, deterministic, precision):
         assert a.device.type == DEVICE.type and torch.equal(a, b), name
     for a, b in zip(straight.optimizer.state.values(), second.optimizer.state.values()):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+def test_reranking_on_the_gpu_equals_the_cpu():
+    """The search engine's cross-encoder on the GPU (``Reranker(device=...)``): fp32 scores as the CPU's (1e-5);
+    ``precision=auto`` takes bf16 where the GPU computes it, its scores within bf16 rounding of fp32."""
+    sys.path.insert(0, str(Path(__file__).parent / "search"))
+    from test_rerank import DOCS, make_folder
+
+    from archlab.search.rerank import Reranker
+
+    folder = make_folder(Path(tempfile.mkdtemp(prefix="archlab-ce-")) / "tiny")
+    query = "read a file"  # the pairs tests/search/test_rerank.py bounds bf16's rounding on
+    want = Reranker.load(folder).logits(query, DOCS)
+    on_gpu = Reranker.load(folder, device=DEVICE)
+    assert next(on_gpu.model.parameters()).device.type == DEVICE.type
+    torch.testing.assert_close(on_gpu.logits(query, DOCS).cpu(), want, rtol=0, atol=1e-5)
+    auto = Reranker.load(folder, device=DEVICE, precision="auto")
+    assert auto.precision == choose_precision("auto", DEVICE).name
+    torch.testing.assert_close(auto.logits(query, DOCS).cpu(), want, atol=0.05 * float(want.abs().max()) + 0.02, rtol=0)

@@ -100,6 +100,19 @@ def longest_first(n_query: int, n_doc: int, room: int) -> tuple[int, int]:
     return (short, long) if n_query <= n_doc else (long, short)
 
 
+def _device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device this machine has, else ConfigError naming it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={device!r} is not a device: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={str(device)!r} but torch sees no CUDA GPU: use device='cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={str(device)!r}: the re-ranker runs on 'cpu' or 'cuda'")
+    return device
+
+
 def _text(doc: Document | str) -> str:
     return doc if isinstance(doc, str) else doc.full_text
 
@@ -119,11 +132,13 @@ class Reranker:
         precision: ``fp32`` (default: the scores equal sentence-transformers'), ``bf16``, or ``auto`` (bf16 where
             the model's device computes it natively: :func:`scoring_precision`): the model's weights are cast to it
             for scoring (a re-ranker to train stays fp32).
+        device: where the model scores (``"cpu"``, ``"cuda"``, ``"cuda:1"``), moved there before its precision is
+            chosen; None (default) leaves it where it is. Pairs are packed on the CPU and moved to it.
     """
 
     def __init__(self, model: BertCrossEncoder, tokenizer, *, max_length: int | None = None,
                  activation: str = "sigmoid", batch_size: int = 32, first_stage_weight: float = 0.0,
-                 heldout: dict | None = None, precision: str = "fp32"):  # fmt: skip
+                 heldout: dict | None = None, precision: str = "fp32", device: str | torch.device | None = None):  # fmt: skip
         limit = model.config.max_len
         max_length = limit if max_length is None else max_length
         if isinstance(max_length, bool) or not isinstance(max_length, int) or not 4 <= max_length <= limit:
@@ -132,6 +147,8 @@ class Reranker:
             raise ConfigError(f"activation={activation!r} must be 'sigmoid' or 'identity'")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r} must be a positive int")
+        if device is not None:
+            model.to(_device(device))
         choice = scoring_precision(precision, model)
         if choice.dtype is not None:
             model.to(choice.dtype)

@@ -204,3 +204,18 @@ def test_the_reranker_asks_the_models_device(folder, monkeypatch):
     monkeypatch.setattr(rerank, "choose_precision", spy)
     Reranker.load(folder, precision="auto")
     assert seen == [("auto", torch.device("cpu"))]
+
+
+def test_device_moves_the_model_and_bad_devices_are_refused(folder):
+    """``device="cpu"`` scores as before; a device that is not one, or CUDA without a GPU, is a ConfigError naming
+    it, before anything is scored (the GPU itself: tests/test_cuda.py)."""
+    from archlab.errors import ConfigError
+
+    assert Reranker.load(folder, device="cpu").score("read a file", DOCS) == Reranker.load(folder).score("read a file", DOCS)
+    with pytest.raises(ConfigError, match="device='gpu0' is not a device"):
+        Reranker.load(folder, device="gpu0")
+    with pytest.raises(ConfigError, match="the re-ranker runs on 'cpu' or 'cuda'"):
+        Reranker.load(folder, device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device='cuda' but torch sees no CUDA GPU"):
+            Reranker.load(folder, device="cuda")
