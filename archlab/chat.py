@@ -51,7 +51,8 @@ def load_chat_model(
     vocabulary a multiple of 16, else :class:`ConfigError`); ``"int8-dynamic"``: int8 weights and activations, smoothed on
     :func:`archlab.quant.calibration_ids` (the standard library's source: +2.6% perplexity on SmolLM2 where
     unsmoothed layers lose 11.7%). The float weights are quantized, except with ``use_cache=False``, where a
-    GGUF file's Q4_0/Q4_1 blocks become the int4 layers as they are (:func:`archlab.interop.gguf.load_gguf`).
+    GGUF file's Q4_0/Q4_1 blocks become the int4 layers as they are. A GGUF file's LM head stored in Q8_0 becomes the
+    ``q8_0`` head as stored in every mode, with or without the cache (:func:`archlab.interop.gguf.head_choice`).
     ``precision`` (float weights only; :mod:`archlab.precision`): ``auto`` converts float32 weights to bf16 where the
     CPU computes bf16 natively and keeps float32 where it would be emulated; ``fp32`` / ``bf16`` as asked. The
     choice and its reason are printed once (stderr).
@@ -80,7 +81,13 @@ def load_chat_model(
     tokenizer = _with_template(opened.tokenizer, path)
     if quantize is not None:
         smooth = {"calibration": calibration_ids(tokenizer)} if quantize == "int8-dynamic" else {}
-        quantize_layers(opened.model, quantize, **smooth, **_head(quantize))
+        head = _head(quantize)
+        if path.is_file():  # a GGUF file: its head as load_gguf takes it (stored Q8_0 blocks as they are)
+            from archlab.interop.gguf import GGUFFile, head_choice
+
+            name, stored = head_choice(GGUFFile(path), quantize, head)
+            head = {"head": name, **({"weights": {"lm_head": stored}} if stored is not None else {})}
+        quantize_layers(opened.model, quantize, **smooth, **head)
     return _in_precision(opened.model, precision, quantize).eval(), tokenizer
 
 

@@ -66,7 +66,8 @@ blocks of a pre-norm decoder.
 **Q8_0** (``mode="q8_0"`` or ``head="q8_0"``, :class:`Q8Linear`): llama.cpp's Q8_0 x Q8_0, int8 weights with a scale
 per row and block of 32 inputs and the input rounded to int8 per block of 32 on each call, on archlab's own kernel
 (:func:`archlab.kernels.q8_rows`, AVX512-VNNI or AVX2, the same result to the bit). SmolLM2's head in the file is
-Q8_0, so ``load_gguf(..., head="q8_0")`` reads it as stored; at one row it is about 3x faster than the int8 head.
+Q8_0, and :func:`archlab.interop.gguf.load_gguf` reads such a head as stored by default when it quantizes (an
+explicit ``head=`` wins); at one row it is about 3x faster than the int8 head.
 
 Quantized layers are for inference: no gradients, CPU only, state dicts not meant to be saved (the int4 packing
 is the CPU kernel's own layout). ``loss(labels=)`` of a decoder reads ``lm_head.weight``: evaluate a quantized
@@ -95,8 +96,9 @@ from archlab.nn.feedforward import GatedFeedForward
 
 MODES = ("int8", "int4", "int8-dynamic", "q8_0")
 #: how :func:`quantize` quantizes a decoder's LM head unless told (``head=``). ``q8_0`` (llama.cpp's rule, faster
-#: at one row where its kernel runs, README "Speed") is chosen by name: it rounds the head's input to int8, and it
-#: needs the vocabulary a multiple of 16.
+#: at one row where its kernel runs, README "Speed") is chosen by name here: it rounds the head's input to int8, and
+#: it needs the vocabulary a multiple of 16. :func:`archlab.interop.gguf.load_gguf` defaults to ``q8_0`` where the
+#: file stores the head in Q8_0 (its values as they are: more accurate than int8 from their floats, and faster).
 DEFAULT_HEAD = "int8"
 GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 INT4_ROWS_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: N divisible by 16
@@ -680,11 +682,29 @@ class QuantReport:
         q = self.quantized
         g = f", group_size={self.group_size}" if self.group_size else ""
         lines.append(
-            f"{len(q)} of {len(self.layers)} linear layers quantized ({self.mode}{g}, {self.compute} activations); their weights "
+            f"{len(q)} of {len(self.layers)} linear layers quantized ({self.mode}{g}, {self.compute} activations)"
+            f"{self._head_summary()}; their weights "
             f"{sum(r.bytes_before for r in q) / 1e6:.1f} MB -> {sum(r.bytes_after for r in q) / 1e6:.1f} MB; "
             f"model {self.model_bytes_before / 1e6:.1f} MB -> {self.model_bytes_after / 1e6:.1f} MB"
         )
         return "\n".join(line.rstrip() for line in lines)
+
+    @property
+    def head(self) -> LayerReport | None:
+        """The ``lm_head`` row (None for a model without one)."""
+        return next((r for r in self.layers if r.name == "lm_head"), None)
+
+    def _head_summary(self) -> str:
+        """``"; lm_head q8_0 (stored quantized)"`` where the head's kind is not the mode's, else ``""``."""
+        head = self.head
+        if head is None:
+            return ""
+        kind = {"int8-dyn": "int8-dynamic"}.get(head.mode, head.mode.split("/")[0])
+        if kind == self.mode:
+            return ""
+        parts = ["int8 activations"] if kind in ("q8_0", "int8-dynamic") and self.compute != "int8" else []
+        parts += ["stored quantized"] if head.note.startswith("given") else []
+        return f"; lm_head {head.mode}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -730,7 +750,8 @@ def quantize(
         group_size: int4's group, one of 32, 64, 128, 256; every quantized layer's ``K`` must be divisible by it.
         skip: layer names or ``fnmatch`` patterns left float (``"decoder.blocks.0.*"``); each must match a layer.
         head: how a decoder's ``lm_head`` is quantized: ``int8`` (default, also in the other modes), ``int4``,
-            ``int8-dynamic``, ``q8_0``, or ``None`` (left float). A tied head gets a quantized copy; the embedding stays float (module docstring).
+            ``int8-dynamic``, ``q8_0``, or ``None`` (left float). A tied head gets a quantized copy; the embedding
+            stays float (module docstring). The report's summary line names the head's kind where it is not ``mode``.
         compute: the dtype the quantized layers compute in: ``bfloat16`` (default) or ``float32``. PyTorch's CPU
             kernels are fast with bfloat16 activations only, on both CPU kinds (measured for one row: int4
             2.4-3.8x and int8 ~2x faster than the float32 product, where float32 activations make them 4-7x

@@ -14,8 +14,9 @@ and the generated tokens, teacher-forced) and how many of their greedy tokens ma
 difference (``--no-quant`` leaves them out). Where the int4 mode runs on archlab's own int4 kernel
 (:mod:`archlab.kernels`, :func:`archlab.quant.int4_kernel`), a peer ``archlab int4 aten-kernel`` is the same mode on
 PyTorch's int4 kernel (an A/B in the same rounds), with how many of its greedy tokens equal the int4 mode's.
-``archlab int4 q8_0-head`` is the int4 mode with the LM head as llama.cpp runs it (``head="q8_0"``: the file's
-Q8_0 blocks as they are, the head's input rounded to int8 per 32 values, :class:`archlab.quant.Q8Linear`).
+``archlab int4 q8_0-head`` is the int4 mode with the LM head as llama.cpp runs it (``load_gguf``'s default where the
+file stores the head in Q8_0: its blocks as they are, the head's input rounded to int8 per 32 values,
+:class:`archlab.quant.Q8Linear`); ``archlab int4`` and its aten-kernel twin take ``head="int8"``.
 
 llama.cpp (``llama-cpp-python``, a benchmark-only extra built from source) runs on the same GGUF file, its blocks
 as stored (SmolLM2's file: Q4_1, the embedding/head in Q8_0 or as the file says; the table printed first), with
@@ -134,15 +135,15 @@ def main() -> None:
     if not args.no_quant:
         int8 = copy.deepcopy(ours)
         quantize(int8, "int8")
-        int4 = load_gguf(path, quantize="int4")  # the block layers from the Q4_1 blocks as they are
+        int4 = load_gguf(path, quantize="int4", head="int8")  # the block layers from the Q4_1 blocks as they are
         dynamic = copy.deepcopy(ours)
         quantize(dynamic, "int8-dynamic", head="int8-dynamic", calibration=calibration_ids(tokenizer))
-        int4_q8_head = load_gguf(path, quantize="int4", head="q8_0")  # the head's Q8_0 blocks as the file has them
+        int4_q8_head = load_gguf(path, quantize="int4")  # load_gguf's default: the head's Q8_0 blocks as stored
         modes = [("archlab int8", int8), ("archlab int4", int4), ("archlab int4 q8_0-head", int4_q8_head),
                  ("archlab int8-dynamic", dynamic)]  # fmt: skip
         if any(getattr(m, "kernel", None) == "archlab" for m in int4.modules()):  # A/B: PyTorch's int4 kernel too
             with int4_kernel_choice("aten"):
-                modes.insert(2, ("archlab int4 aten-kernel", load_gguf(path, quantize="int4")))
+                modes.insert(2, ("archlab int4 aten-kernel", load_gguf(path, quantize="int4", head="int8")))
         for name, model in modes:
             print(f"\n{name}: {str(model.quant_report).splitlines()[-1]}")
             own = archlab_runner(model)()

@@ -61,6 +61,29 @@ def test_cli_quantize_option(tiny_gguf, monkeypatch, capsys):
         load_chat_model(tiny_gguf, quantize="q8_0")  # q8_0 puts the head on Q8_0 too: this vocabulary is 104
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_files_q8_0_head_is_the_chat_models_head_with_or_without_the_cache(tmp_path, monkeypatch, mode):
+    """A GGUF file whose head is stored in Q8_0: the chat model's head is that head as stored (load_gguf's default),
+    also through the cache, which holds the floats; the two models answer alike."""
+    import gguf
+
+    from archlab.quant import Q8Linear
+
+    monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path / "cache"))
+    path = write_tiny_chat_gguf(tmp_path / "q8head.gguf", d_ff=64, head_kind=gguf.GGMLQuantizationType.Q8_0)
+    cached, tok = load_chat_model(path, quantize=mode)
+    direct, _ = load_chat_model(path, quantize=mode, use_cache=False)
+    for model in (cached, direct):
+        assert isinstance(model.lm_head, Q8Linear) and model.quant_report.head.note.startswith("given")
+        assert "lm_head q8_0" in str(model.quant_report).splitlines()[-1]
+    for a, b in zip(vars(cached.lm_head.weight()).values(), vars(direct.lm_head.weight()).values()):
+        assert torch.equal(a, b)
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True)])
+    assert torch.equal(generate(cached, ids, max_new_tokens=8), generate(direct, ids, max_new_tokens=8))
+    floats = write_tiny_chat_gguf(tmp_path / "f32.gguf", d_ff=64)  # a float head: the int8 head, cached or not
+    assert all(isinstance(load_chat_model(floats, quantize=mode, use_cache=c)[0].lm_head, Int8Linear) for c in (True, False))
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_int8_dynamic_chat_model_is_smoothed_on_the_calibration_text(tiny_gguf, use_cache):
     """quantize="int8-dynamic" smooths every dynamic layer on calibration_ids (unsmoothed layers lose 11.7% on

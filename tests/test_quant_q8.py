@@ -16,10 +16,10 @@ from gguf import GGMLQuantizationType as Q
 from archlab import kernels
 from archlab.errors import ConfigError, ShapeError
 from archlab.hardware import cpu_features, kernel_capability
-from archlab.interop.gguf import GGUFFile
+from archlab.interop.gguf import GGUFFile, load_gguf
 from archlab.models.llama import Llama, LlamaConfig
-from archlab.quant import Q8Linear, Q8Weight, quantize, quantize_q8_0
-from tests.interop.gguf_files import write_gguf
+from archlab.quant import DynamicInt8Linear, Int4Linear, Int8Linear, Q8Linear, Q8Weight, quantize, quantize_q8_0
+from tests.interop.gguf_files import write_gguf, write_llama_gguf
 from tests.test_quant_kernel import built  # noqa: F401  (autouse: the library built, or the module skipped saying why)
 
 U32, U_BF16 = 2.0**-24, 2.0**-8
@@ -180,6 +180,65 @@ def test_gguf_q8_0_blocks_are_read_as_they_are(tmp_path):
 
     with pytest.raises(CheckpointError, match="'bad'.*-128"):
         file.q8_weight("bad")
+
+
+def gguf_llama(tmp_path, vocab: int = 64, tie: bool = True, head_kind=Q.Q8_0, name: str = "tiny.gguf"):
+    """A tiny Llama as llama.cpp writes it: block layers Q4_1, the head (the tied embedding) in ``head_kind``."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=vocab, max_len=32, d_model=64, n_heads=4, n_kv_heads=2, n_layers=1,
+                              d_ff=128, tie_embeddings=tie))  # fmt: skip
+    return write_llama_gguf(tmp_path / name, model, linear_kind=Q.Q4_1, head_kind=head_kind)
+
+
+@pytest.mark.parametrize("mode, layer", [("int8", Int8Linear), ("int4", Int4Linear),
+                                         ("int8-dynamic", DynamicInt8Linear), ("q8_0", Q8Linear)])  # fmt: skip
+def test_load_gguf_takes_the_files_q8_0_head_by_default(tmp_path, mode, layer):
+    """load_gguf(quantize=any mode): a head the file stores in Q8_0 is a Q8Linear of those blocks as they are (the
+    tied embedding's), the same model as head="q8_0"; the report says so in the head's row and, where the head's
+    kind is not the mode's, in the summary line. An explicit head= wins; skip= and quantize=None leave it float."""
+    path = gguf_llama(tmp_path)
+    stored = GGUFFile(path).q8_weight("token_embd.weight")
+    model = load_gguf(path, quantize=mode)
+    assert isinstance(model.decoder.blocks[0].ffn.w2, layer) and isinstance(model.lm_head, Q8Linear)
+    assert torch.equal(model.lm_head.weight().q, stored.q) and torch.equal(model.lm_head.weight().scale, stored.scale)
+    report = model.quant_report
+    assert report.head.mode == "q8_0" and report.head.note.startswith("given: stored quantized")
+    summary = str(report).splitlines()[-1]
+    if mode == "q8_0":
+        assert "lm_head" not in summary
+    else:
+        activations = "" if mode == "int8-dynamic" else "int8 activations, "
+        assert f" activations); lm_head q8_0 ({activations}stored quantized); their weights" in summary
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(ids), load_gguf(path, quantize=mode, head="q8_0")(ids))
+    explicit = load_gguf(path, quantize=mode, head="int8")
+    assert isinstance(explicit.lm_head, Int8Linear) and explicit.quant_report.head.mode == "int8"
+    assert "given" not in explicit.quant_report.head.note
+    for options in ({"head": None}, {"skip": ("lm_head",)}, {"skip": "lm_*"}):
+        kept = load_gguf(path, quantize=mode, **options)
+        assert type(kept.lm_head) is torch.nn.Linear and kept.quant_report.head.mode == "float"
+        assert "; lm_head float; their weights" in str(kept.quant_report)
+
+
+def test_load_gguf_head_default_elsewhere_is_default_head(tmp_path):
+    """The default head is DEFAULT_HEAD (int8) where the file's head is not Q8_0 (head="q8_0" then quantizes its
+    floats) and where the vocabulary is no multiple of 16 (the kernel's tiles; head="q8_0" is then refused naming
+    the layer); an untied Q8_0 output.weight is read as stored; without quantize= the model is float."""
+    floats = load_gguf(gguf_llama(tmp_path, head_kind=None, name="f32.gguf"), quantize="int4")
+    assert isinstance(floats.lm_head, Int8Linear) and floats.quant_report.head.mode == "int8"
+    assert "; lm_head int8; their weights" in str(floats.quant_report)
+    q8_head = load_gguf(gguf_llama(tmp_path, head_kind=None, name="f32.gguf"), quantize="int4", head="q8_0")
+    assert isinstance(q8_head.lm_head, Q8Linear) and "given" not in q8_head.quant_report.head.note  # from the floats
+    untied = gguf_llama(tmp_path, tie=False, name="untied.gguf")
+    assert isinstance(load_gguf(untied, quantize="int4").lm_head, Q8Linear)
+    odd = gguf_llama(tmp_path, vocab=104, name="odd.gguf")
+    assert GGUFFile(odd).q8_weight("token_embd.weight") is not None
+    assert isinstance(load_gguf(odd, quantize="int4").lm_head, Int8Linear)
+    with pytest.raises(ConfigError, match=r"layer 'lm_head' \[104, 64\].*divisible by 16"):
+        load_gguf(odd, quantize="int4", head="q8_0")
+    plain = load_gguf(gguf_llama(tmp_path, name="plain.gguf"))
+    assert type(plain.lm_head) is torch.nn.Linear and not hasattr(plain, "quant_report")
 
 
 def test_compiled_step_keeps_the_op_and_equals_eager():

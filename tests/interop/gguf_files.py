@@ -73,9 +73,10 @@ def llama_metadata(config: LlamaConfig) -> dict:
     }
 
 
-def write_llama_gguf(path, model: Llama, extra_metadata=None, linear_kind=None):
+def write_llama_gguf(path, model: Llama, extra_metadata=None, linear_kind=None, head_kind=None):
     """``model`` as llama.cpp's converter writes it: GGUF names, Q/K rows permuted, F32, tied head omitted;
-    ``linear_kind`` (a ggml type): the blocks' linear weights quantized to it."""
+    ``linear_kind`` (a ggml type): the blocks' linear weights quantized to it; ``head_kind``: the head
+    (``output.weight``, or ``token_embd.weight`` where tied) quantized to it."""
     config = model.config
     tensors = {}
     for name, weight in llama_state_from_archlab(model.state_dict(), config).items():
@@ -92,6 +93,10 @@ def write_llama_gguf(path, model: Llama, extra_metadata=None, linear_kind=None):
                 continue
         else:
             name = HF_TO_GGUF[name]
+            head = "token_embd.weight" if config.tie_embeddings else "output.weight"
+            if head_kind is not None and name == head:
+                tensors[name] = (gguf.quants.quantize(np.ascontiguousarray(w), head_kind), head_kind)
+                continue
         tensors[name] = (np.ascontiguousarray(w), None)
     return write_gguf(path, tensors, metadata={**llama_metadata(config), **(extra_metadata or {})})
 
@@ -113,17 +118,24 @@ TINY_TOKENIZER = {
 }
 
 
-def write_tiny_chat_gguf(path, d_ff: int = 48):
+def write_tiny_chat_gguf(path, d_ff: int = 48, head_kind=None):
     """A random tiny chat Llama (ChatML byte-level tokenizer above) as llama.cpp writes it; weights wider than the
-    init's, so the replies vary (not one repeated token). ``d_ff=64``: widths the int4 kernel takes."""
+    init's, so the replies vary (not one repeated token). ``d_ff=64``: widths the int4 kernel takes. ``head_kind``
+    (a ggml type): the tied head stored in it, the vocabulary padded with unused control tokens to 112 (a multiple
+    of 16, as the Q8_0 head's kernel takes)."""
     import torch
 
+    tokenizer, tokens = TINY_TOKENIZER, TINY_TOKENS
+    if head_kind is not None:
+        tokens = TINY_TOKENS + [f"<|unused_{i}|>" for i in range(-len(TINY_TOKENS) % 16)]
+        tokenizer = {**TINY_TOKENIZER, "tokenizer.ggml.tokens": tokens,
+                     "tokenizer.ggml.token_type": [3, 3, 3] + [1] * (len(TINY_TOKENS) - 3) + [3] * (len(tokens) - len(TINY_TOKENS))}  # fmt: skip
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(TINY_TOKENS), max_len=96, d_model=32, n_heads=4, n_kv_heads=2, n_layers=2,
+    config = LlamaConfig(vocab_size=len(tokens), max_len=96, d_model=32, n_heads=4, n_kv_heads=2, n_layers=2,
                          d_ff=d_ff)  # fmt: skip
     model = Llama(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0, 0.5)
-    return write_llama_gguf(path, model, TINY_TOKENIZER)
+    return write_llama_gguf(path, model, tokenizer, head_kind=head_kind)

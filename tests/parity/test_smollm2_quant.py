@@ -2,7 +2,8 @@
 
 The text: docstrings of the Python standard library's validation files (archlab.data.corpora.python_source's split),
 which SmolLM2 has likely seen in kind but not as these windows; 16 windows of 128 tokens. int8 is quantized from
-the float weights, int4 read from the file's Q4_1 blocks as they are (the head int8 in both), activations bfloat16.
+the float weights (its head int8), int4 read from the file's Q4_1 blocks as they are and its head from the file's Q8_0
+blocks (load_gguf's default; with head="int8" for comparison), activations bfloat16.
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ def test_smollm2_int8_and_int4_perplexity_and_agreement():
     through the int4 kernel (archlab.quant.Int8Linear, the default with AVX-512 kernels since) +0.99%, 93.7%; int4
     (its head the same way) +0.58%, 94.6% either way. int4 is no worse than int8 because the fp32 weights *are*
     the file's Q4_1 values: int4 from the blocks keeps them (only the int8 head and bfloat16 activations differ), int8 per channel
-    re-rounds them. Pinned: int8 within 2% of fp32 and agreement >= 90%; int4 within 3% and >= 90%.
+    re-rounds them. Pinned: int8 within 2% of fp32 and agreement >= 90%; int4 with the int8 head within 3% and >= 90%.
+
+    int4 with the file's Q8_0 head (load_gguf's default since; its input rounded to int8 per 32 values, its weights
+    the file's own where the int8 head re-rounds them per row), AMD EPYC, these windows: -0.04%, agreement 97.6%
+    (the int8 head +0.58%, 94.6%). Pinned: within 1% and >= 95%, and no worse than the int8 head in either.
 
     int8-dynamic (int8 activations): with one scale per tensor per call (torch.ao's Linear, before) it measured +393%
     perplexity, agreement 38.4%; now one scale per row (token) and smoothed by 4 windows of the training split's
@@ -59,14 +64,19 @@ def test_smollm2_int8_and_int4_perplexity_and_agreement():
     windows = docstring_windows(gguf_tokenizer(file))
     int8 = copy.deepcopy(reference)
     quantize(int8, "int8")
-    int4 = load_gguf(file, quantize="int4")
+    int4 = load_gguf(file, quantize="int4")  # the head from the file's Q8_0 blocks too (load_gguf's default)
+    int4_int8_head = load_gguf(file, quantize="int4", head="int8")
     dynamic = copy.deepcopy(reference)
     quantize(dynamic, "int8-dynamic", head="int8-dynamic", calibration=docstring_windows(gguf_tokenizer(file), "train", 4))
-    assert sum(r.note.startswith("given") for r in int4.quant_report.layers) == 30 * 4  # every block layer from Q4_1
+    assert sum(r.note.startswith("given") for r in int4.quant_report.layers) == 30 * 4 + 1  # blocks from Q4_1, head
+    assert int4.quant_report.head.mode == "q8_0" and int4_int8_head.quant_report.head.mode == "int8"
     results = {}
-    for name, model in (("int8", int8), ("int4", int4), ("int8-dynamic", dynamic)):
+    for name, model in (("int8", int8), ("int4", int4), ("int4 int8-head", int4_int8_head), ("int8-dynamic", dynamic)):
         results[name] = quality(reference, model, windows, name)
         print(results[name])
     assert abs(results["int8"].perplexity_change) < 0.02 and results["int8"].top1_agreement >= 0.90
-    assert abs(results["int4"].perplexity_change) < 0.03 and results["int4"].top1_agreement >= 0.90
+    assert abs(results["int4 int8-head"].perplexity_change) < 0.03 and results["int4 int8-head"].top1_agreement >= 0.90
+    assert abs(results["int4"].perplexity_change) < 0.01 and results["int4"].top1_agreement >= 0.95
+    assert abs(results["int4"].perplexity_change) <= abs(results["int4 int8-head"].perplexity_change)
+    assert results["int4"].top1_agreement >= results["int4 int8-head"].top1_agreement
     assert abs(results["int8-dynamic"].perplexity_change) < 0.05 and results["int8-dynamic"].top1_agreement >= 0.85
