@@ -1,7 +1,9 @@
-"""archlab's float32 kernels (archlab.kernels.f32_rows, archlab.kernels.one_query_attention) and where archlab uses
-them: each against its equation in float64 with a derived float32 bound, both variants (AVX-512, AVX2) equal to the
-bit, a row's result independent of the batch, the errors, linear() and PackedLinear taking the kernel only where it
-applies (no gradient recorded), the static decoder's one-token attention, and torch.compile."""
+"""archlab's float32 kernels (archlab.kernels.f32_rows, archlab.kernels.one_query_attention and its padded sibling)
+and where archlab uses them: each against its equation in float64 with a derived float32 bound, both variants
+(AVX-512, AVX2) equal to the bit, a row's result independent of the batch, keys outside a row's range never read, the
+errors, linear() and PackedLinear taking the kernel only where it applies (no gradient recorded), the static decoder's
+one-token attention, attend()'s left-padded one-query steps (generate_batch's), the FLOP formulas, and
+torch.compile."""
 
 from __future__ import annotations
 
@@ -158,6 +160,210 @@ def test_one_query_attention_errors():
     assert kernels.one_query_attention_serves(q, k, v)
 
 
+def padded_reference(q, k, v, starts, position):
+    """The float64 equation: row b's query heads over its keys starts[b]..position (sdpa under that mask)."""
+    j = torch.arange(k.shape[2])
+    mask = ((j >= starts[:, None]) & (j <= position))[:, None, None, :]  # [B, 1, 1, L]
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                          enable_gqa=q.shape[1] != k.shape[1])  # fmt: skip
+
+
+def padded_bound(q, k, v, starts, position):
+    """The static op's bound (above) for each row, over its n_b = position + 1 - starts[b] keys: [B, 1, 1, 1]."""
+    b, a, _, d = q.shape
+    heads = torch.arange(a) // (a // k.shape[1])
+    bounds = []
+    for row in range(b):
+        r = int(starts[row])
+        n = position + 1 - r
+        s = (q[row].double().abs() @ k[row].double().abs()[heads, r : position + 1].transpose(-1, -2)).amax() * d**-0.5
+        vmax = v[row, :, r : position + 1].abs().max()
+        bounds.append(2 * (2 * (d / 16 + 7) * U32 * s + (2 * n + 8) * U32) * vmax)
+    return torch.stack(bounds).reshape(b, 1, 1, 1)
+
+
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("b, a, g, length, d, dv", [(3, 6, 6, 40, 64, 64), (4, 9, 3, 33, 64, 64), (2, 4, 1, 17, 16, 16),
+                                                    (3, 8, 2, 20, 48, 80)])  # fmt: skip
+def test_one_query_attention_padded_equals_the_float64_equation_reading_only_its_keys(isa, b, a, g, length, d, dv):
+    """Row b reads its keys starts[b]..p only: NaN keys and values outside that range (the padding before, the
+    positions not written after) leave the result unchanged to the bit; a strided view of a larger cache (a KVCache's
+    keys) gives the same result as a contiguous copy."""
+    gen = torch.Generator().manual_seed(length + b)
+    q = torch.randn(b, a, 1, d, generator=gen)
+    storage_k = torch.randn(b, g, length + 7, d, generator=gen) * 2
+    storage_v = torch.randn(b, g, length + 7, dv, generator=gen)
+    k, v = storage_k[:, :, :length], storage_v[:, :, :length]  # views: row and head strides of the storage
+    for position in (length - 1, length // 2):
+        starts = torch.tensor([0, position, position // 3, position // 2][:b])  # a first row unpadded, one key alone
+        pos = torch.tensor([position])
+        out = torch.ops.archlab_kernels.one_query_attention_padded(q, k, v, starts, pos, d**-0.5, isa)
+        assert out.shape == (b, a, 1, dv) and out.is_contiguous()
+        ref = padded_reference(q, k, v, starts, position)
+        assert ((out.double() - ref).abs() <= padded_bound(q, k, v, starts, position)).all()
+        outside = (torch.arange(length) < starts[:, None]) | (torch.arange(length) > position)  # [B, L]
+        nan_k = k.masked_fill(outside[:, None, :, None], float("nan"))
+        nan_v = v.masked_fill(outside[:, None, :, None], float("nan"))
+        assert torch.equal(torch.ops.archlab_kernels.one_query_attention_padded(q, nan_k, nan_v, starts, pos,
+                                                                                d**-0.5, isa), out)  # fmt: skip
+        assert torch.equal(torch.ops.archlab_kernels.one_query_attention_padded(q, k.contiguous(), v.contiguous(),
+                                                                                starts, pos, d**-0.5, isa), out)
+
+
+def test_one_query_attention_padded_variants_rows_and_the_static_op_agree_to_the_bit():
+    """AVX-512 and AVX2 give one result; a row's result is the one it gets alone (no dependence on the batch); with
+    every start 0 the padded op is the static op."""
+    q, k, v = attention_case(5, 8, 2, 50, 80, seed=2)
+    starts, pos = torch.tensor([0, 7, 41, 13, 30]), torch.tensor([41])
+    outs = [torch.ops.archlab_kernels.one_query_attention_padded(q, k, v, starts, pos, 80**-0.5, isa)
+            for isa in VARIANTS]  # fmt: skip
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    alone = [kernels.one_query_attention_padded(q[i : i + 1], k[i : i + 1], v[i : i + 1], starts[i : i + 1], pos)
+             for i in range(5)]  # fmt: skip
+    assert torch.equal(torch.cat(alone), outs[0])
+    zeros = torch.zeros(5, dtype=torch.long)
+    for isa in VARIANTS:
+        assert torch.equal(torch.ops.archlab_kernels.one_query_attention_padded(q, k, v, zeros, pos, 80**-0.5, isa),
+                           torch.ops.archlab_kernels.one_query_attention(q, k, v, pos, 80**-0.5, isa))  # fmt: skip
+
+
+def test_one_query_attention_padded_errors():
+    q, k, v = attention_case(2, 4, 2, 10, 32)
+    pos, starts = torch.tensor([9]), torch.tensor([0, 3])
+    with pytest.raises(ShapeError, match=r"starts must be int64 \[B\] = \[2\].*torch.int32 \(2,\)"):
+        kernels.one_query_attention_padded(q, k, v, starts.int(), pos)
+    with pytest.raises(ShapeError, match=r"starts must be int64 \[B\] = \[2\].*\(3,\)"):
+        kernels.one_query_attention_padded(q, k, v, torch.tensor([0, 1, 2]), pos)
+    with pytest.raises(ShapeError, match=r"starts\[1\]=8 is outside 0..6"):
+        kernels.one_query_attention_padded(q, k, v, torch.tensor([0, 8]), torch.tensor([6]))
+    with pytest.raises(ShapeError, match=r"starts\[0\]=-1 is outside 0..9"):
+        kernels.one_query_attention_padded(q, k, v, torch.tensor([-1, 0]), pos)
+    with pytest.raises(ShapeError, match=r"positions\[0\]=10 is outside the cache's 10 positions"):
+        kernels.one_query_attention_padded(q, k, v, starts, torch.tensor([10]))
+    with pytest.raises(ShapeError, match=r"positions must be int64 \[1\]"):
+        kernels.one_query_attention_padded(q, k, v, starts, torch.tensor([9, 9]))
+    with pytest.raises(ShapeError, match="multiples of 16"):
+        kernels.one_query_attention_padded(*attention_case(2, 4, 2, 10, 24), starts, pos)
+    op = torch.ops.archlab_kernels.one_query_attention_padded  # the op's own checks, past the wrapper's
+    with pytest.raises(RuntimeError, match=r"starts\[1\] = 10 is outside 0..9"):
+        op(q, k, v, torch.tensor([0, 10]), pos, 0.2, VARIANTS[0])
+    with pytest.raises(RuntimeError, match="one start per row"):
+        op(q, k, v, torch.tensor([0]), pos, 0.2, VARIANTS[0])
+    with pytest.raises(RuntimeError, match="isa"):
+        op(q, k, v, starts, pos, 0.2, 7)
+
+
+def count_padded_calls(monkeypatch) -> list[tuple[int, ...]]:
+    """The starts of each call of the padded op (through attend)."""
+    calls: list[tuple[int, ...]] = []
+    op = torch.ops.archlab_kernels.one_query_attention_padded
+    monkeypatch.setattr(torch.ops.archlab_kernels, "one_query_attention_padded",
+                        lambda *a: calls.append(tuple(a[3].tolist())) or op(*a), raising=False)  # fmt: skip
+    return calls
+
+
+def test_attend_takes_the_padded_kernel_for_left_padded_one_query_steps_only(monkeypatch):
+    """attend() of one query a row under a left-padding key mask [B, 1, 1, M] (generate_batch's decoding step) runs
+    on the padded kernel, each row from its first real key, close to sdpa's result (float rounding); any other
+    call keeps sdpa: a mask with a hole, a row with no key, two queries, float64, a gradient recorded, a bias,
+    dropout, a mask broadcast over the batch, the math backend."""
+    from archlab.nn.attention import attend, padding_mask
+
+    calls = count_padded_calls(monkeypatch)
+    q, k, v = attention_case(3, 6, 2, 12, 32, seed=4)
+    real = torch.ones(3, 12, dtype=torch.long)
+    real[0, :5], real[2, :11] = 0, 0  # left padding: row 0 from key 5, row 1 from 0, row 2 key 11 alone
+    mask = padding_mask(real)
+    with torch.inference_mode():
+        out = attend(q, k, v, mask=mask, causal=True)
+        assert calls == [(5, 0, 11)]
+        monkeypatch.setattr(kernels, "one_query_attention_serves", lambda *a: False)
+        torch.testing.assert_close(out, attend(q, k, v, mask=mask, causal=True), rtol=1e-5, atol=1e-6)
+        monkeypatch.undo()
+        calls = count_padded_calls(monkeypatch)
+        hole = real.clone()
+        hole[1, 3] = 0
+        empty = real.clone()
+        empty[2] = 0
+        attend(q, k, v, mask=padding_mask(hole))
+        attend(q, k, v, mask=padding_mask(empty))
+        q2 = torch.cat([q, q], dim=2)
+        attend(q2, k, v, mask=mask, causal=True)
+        attend(q.double(), k.double(), v.double(), mask=mask)
+        attend(q, k, v, mask=mask, bias=torch.zeros(12))
+        attend(q, k, v, mask=mask, dropout_p=0.5)
+        attend(q, k, v, mask=mask[:1])
+        attend(q, k, v, mask=mask, backend="math")
+    with torch.enable_grad():
+        attend(q.requires_grad_(), k, v, mask=mask)
+    assert calls == []
+
+
+def kernel_width_model(family: str):
+    """A float32 GPT or Llama whose heads the kernel takes (d_k = 16; Llama's 2 key heads for 4 query heads), weights
+    N(0, 0.3) so that rows differ and greedy decoding does not repeat one token."""
+    from archlab.models.gpt import GPT, GPTConfig
+    from archlab.models.llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    if family == "gpt":
+        model = GPT(GPTConfig(vocab_size=48, max_len=64, d_model=64, n_heads=4, n_layers=2))
+    else:
+        model = Llama(LlamaConfig(vocab_size=48, max_len=64, d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=96))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_generate_batch_and_row_batch_steps_take_the_padded_kernel(family, monkeypatch):
+    """generate_batch's steps (all rows at once, and 3 rows refilled from waiting prompts: padded, joined, compacted
+    caches) run their attention on the padded kernel, each row from its own first key, and every row's tokens are
+    those generate() gives its prompt alone (sdpa, no mask) and those of the batch on sdpa (the kernel switched off).
+    RowBatch's one-token steps over rows of different lengths take it too, their logits close to sdpa's."""
+    from archlab.generation import RowBatch, generate, generate_batch
+
+    model = kernel_width_model(family)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 48, (n,), generator=g).tolist() for n in (5, 2, 7, 4, 6, 3)]
+    alone = [generate(model, torch.tensor([p]), max_new_tokens=10)[0, len(p) :].tolist() for p in prompts]
+    calls = count_padded_calls(monkeypatch)
+    assert generate_batch(model, prompts, max_new_tokens=10) == alone
+    assert len(calls) == 2 * 9 and calls[0] == (2, 5, 0, 3, 1, 4)  # 9 one-token steps x 2 layers; row starts
+    calls.clear()
+    assert generate_batch(model, prompts, max_new_tokens=10, batch_size=3) == alone
+    assert calls and any(max(starts) > 0 for starts in calls)
+    with monkeypatch.context() as off:
+        off.setattr(kernels, "one_query_attention_serves", lambda *a: False)
+        assert generate_batch(model, prompts, max_new_tokens=10, batch_size=3) == alone
+
+    def row_steps() -> list[torch.Tensor]:
+        rows = RowBatch(model)
+        for key, prompt in enumerate(prompts[:3]):
+            rows.prefill(key, prompt)
+            rows.join(key)
+        return [torch.stack(list(rows.step({k: [alone[k][i]] for k in range(3)}).values())) for i in range(3)]
+
+    calls.clear()
+    with_kernel = row_steps()
+    assert len(calls) == 2 * 3
+    monkeypatch.setattr(kernels, "one_query_attention_serves", lambda *a: False)
+    torch.testing.assert_close(with_kernel, row_steps(), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_flop_formula_counts_the_keys_read():
+    """torch's FLOP counter (archlab.analysis counts with it): 2 A (D + Dv) sum_b n_b, n_b = p + 1 - starts[b]."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = attention_case(3, 6, 2, 12, 32)
+    starts, pos = torch.tensor([5, 0, 11]), torch.tensor([11])
+    with FlopCounterMode(display=False) as counter:
+        kernels.one_query_attention_padded(q, k, v, starts, pos)
+    assert counter.get_total_flops() == 2 * 6 * (32 + 32) * (7 + 12 + 1)
+
+
 @pytest.mark.parametrize("preset", ["gpt-nano", "llama-tiny"])
 def test_static_decoder_one_token_attention_on_the_kernel_equals_sdpa(preset, monkeypatch):
     """The eager one-token step on the kernel against the same step on sdpa (the kernel switched off)."""
@@ -183,15 +389,17 @@ def test_static_decoder_one_token_attention_on_the_kernel_equals_sdpa(preset, mo
 
 def test_compiled_products_and_attention_equal_eager():
     x, w, b = rows_case(1, 96, 64)
-    q, k, v = attention_case(1, 4, 2, 10, 32)
-    pos = torch.tensor([6])
+    q, k, v = attention_case(2, 4, 2, 10, 32)
+    pos, starts = torch.tensor([6]), torch.tensor([2, 0])
 
-    def both(x, w, b, q, k, v, pos):
+    def both(x, w, b, q, k, v, pos, starts):
         attention = torch.ops.archlab_kernels.one_query_attention(q, k, v, pos, 32**-0.5, kernels.f32_kernel())
-        return linear(x, w, b), attention  # as archlab.static_decoding calls them
+        padded = torch.ops.archlab_kernels.one_query_attention_padded(q, k, v, starts, pos, 32**-0.5,
+                                                                      kernels.f32_kernel())  # fmt: skip
+        return linear(x, w, b), attention, padded  # as archlab.static_decoding calls them (and the padded op)
 
     compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
     with torch.inference_mode():
-        for got, want in zip(compiled(x, w, b, q, k, v, pos), both(x, w, b, q, k, v, pos)):
+        for got, want in zip(compiled(x, w, b, q, k, v, pos, starts), both(x, w, b, q, k, v, pos, starts)):
             assert torch.equal(got, want)
     assert linear_module.MAX_SPLIT_ROWS >= kernels.F32_MAX_ROWS

@@ -43,8 +43,13 @@ for every few-row float32 product it serves on a CPU (:func:`f32_kernel`).
 **Attention of one query row** (``torch.ops.archlab_kernels.one_query_attention``, :func:`one_query_attention`): a
 decoding step's attention over a static KV cache (:mod:`archlab.static_decoding`), reading only the keys written so
 far; the dot products in the same 16-lane order as the float32 rows, so again the same result on AVX-512 and AVX2.
+Its sibling ``one_query_attention_padded`` (:func:`one_query_attention_padded`) reads, for each row ``b``, only the
+keys ``starts[b]..p``: a left-padded batch's step (:func:`archlab.generation.generate_batch`), whose rows' real
+tokens end at the last position and start at their own; :func:`archlab.nn.attention.attend` takes it for such a step
+in place of sdpa under the padding mask. Both read a KV cache's view of its storage in place (any strides but the
+last dimension's).
 
-The op is registered with a fake (meta) implementation, so ``torch.compile`` keeps it as one opaque call.
+The ops are registered with a fake (meta) implementation, so ``torch.compile`` keeps each as one opaque call.
 :func:`load` builds the library once per machine and source (cache: ``$TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``); where it cannot (no compiler, no ninja), it raises :class:`KernelUnavailable`.
 """
@@ -109,6 +114,7 @@ def build(name: str, directory: str | None = None) -> None:
         torch.library.register_fake("archlab_kernels::q8_rows")(_fake_q8_rows)
         torch.library.register_fake("archlab_kernels::f32_rows")(_fake_f32_rows)
         torch.library.register_fake("archlab_kernels::one_query_attention")(_fake_one_query_attention)
+        torch.library.register_fake("archlab_kernels::one_query_attention_padded")(_fake_one_query_attention_padded)
         _fake_registered.append(True)
 
 
@@ -118,21 +124,31 @@ _fake_registered: list[bool] = []
 def _register_flop_formulas() -> None:
     """Teach ``torch.utils.flop_counter`` (and :mod:`archlab.analysis`, which counts with it) the ops' FLOPs: a product
     ``2 M N K``; one-query attention ``2 B A n (D + Dv)`` over the ``n = position + 1`` keys it reads (all ``L``
-    where the position is not a real tensor, under fake tensors)."""
+    where the position is not a real tensor, under fake tensors); the padded one ``2 A (D + Dv) sum_b n_b`` over
+    row ``b``'s ``n_b = position + 1 - starts[b]`` keys (``position + 1`` each where the starts are not real)."""
     from torch.utils.flop_counter import register_flop_formula
 
     def product(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
         return 2 * math.prod(x_shape[:-1]) * w_shape[0] * x_shape[-1]
 
+    def real(t) -> bool:
+        return type(t) is Tensor and t.device.type == "cpu" and t.numel() > 0
+
+    def keys(k, positions) -> int:
+        return min(k.shape[2], int(positions.reshape(-1)[0]) + 1) if real(positions) else k.shape[2]
+
     def attention(q, k, v, positions, *args, out_shape=None, **kwargs) -> int:
-        n = k.shape[2]
-        if type(positions) is Tensor and positions.device.type == "cpu" and positions.numel():
-            n = min(n, int(positions.reshape(-1)[0]) + 1)
-        return 2 * q.shape[0] * q.shape[1] * n * (q.shape[3] + v.shape[3])
+        return 2 * q.shape[0] * q.shape[1] * keys(k, positions) * (q.shape[3] + v.shape[3])
+
+    def padded(q, k, v, starts, positions, *args, out_shape=None, **kwargs) -> int:
+        n = keys(k, positions)
+        read = int((n - starts.reshape(-1)).clamp(0, n).sum()) if real(starts) else q.shape[0] * n
+        return 2 * q.shape[1] * read * (q.shape[3] + v.shape[3])
 
     ops = torch.ops.archlab_kernels
     register_flop_formula([ops.f32_rows, ops.int4_rows, ops.q8_rows])(product)  # each weight's first dimension is N
     register_flop_formula(ops.one_query_attention, get_raw=True)(attention)
+    register_flop_formula(ops.one_query_attention_padded, get_raw=True)(padded)
 
 
 def _ninja_on_path() -> None:
@@ -415,3 +431,52 @@ def one_query_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> T
         raise ShapeError(problem)
     load()
     return torch.ops.archlab_kernels.one_query_attention(q, k, v, positions, q.shape[3] ** -0.5, f32_isa())
+
+
+def _fake_one_query_attention_padded(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, positions: Tensor, scale: float,
+                                     isa: int) -> Tensor:
+    """Shapes only (torch.compile's tracing): ``[B, A, 1, Dv]``."""
+    return q.new_empty(q.shape[0], q.shape[1], 1, v.shape[3])
+
+
+def one_query_attention_padded_problem(q: Tensor, k: Tensor, v: Tensor, starts: Tensor,
+                                       positions: Tensor) -> str | None:
+    """Why :func:`one_query_attention_padded` cannot take these tensors (the argument, its value and what is allowed),
+    or None: :func:`one_query_attention_problem`, then ``positions`` int64 ``[1]`` with ``p`` in ``0..L-1``, and
+    ``starts`` int64 ``[B]`` in ``0..p``, both on the CPU."""
+    problem = one_query_attention_problem(q, k, v)
+    if problem is not None:
+        return problem
+    length = k.shape[2]
+    if positions.dtype != torch.int64 or positions.numel() != 1 or positions.device.type != "cpu":
+        return (f"positions must be int64 [1] on the CPU, got {positions.dtype} {tuple(positions.shape)} "
+                f"on {positions.device}")  # fmt: skip
+    p = int(positions.reshape(-1)[0])
+    if not 0 <= p < length:
+        return f"positions[0]={p} is outside the cache's {length} positions (0..{length - 1})"
+    b = q.shape[0]
+    if starts.dtype != torch.int64 or tuple(starts.shape) != (b,) or starts.device.type != "cpu":
+        return (f"starts must be int64 [B] = [{b}] on the CPU (a start per row), got {starts.dtype} "
+                f"{tuple(starts.shape)} on {starts.device}")  # fmt: skip
+    outside = ((starts < 0) | (starts > p)).nonzero()
+    if len(outside):
+        row = int(outside[0, 0])
+        return (f"starts[{row}]={int(starts[row])} is outside 0..{p}: each row reads its keys starts[b]..positions[0], "
+                f"at least one")  # fmt: skip
+    return None
+
+
+def one_query_attention_padded(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, positions: Tensor,
+                               scale: float | None = None) -> Tensor:
+    r"""Row ``b``'s ``softmax(q k^T scale)`` over its keys ``starts[b]..positions[0]`` only, times ``v`` (``scale``
+    default ``1/\sqrt{D}``): ``q [B, A, 1, D]``, ``k [B, G, L, D]``, ``v [B, G, L, Dv]`` float32 (``A / G`` query
+    heads share a key head; the last dimension contiguous, any other strides read in place), ``starts [B]`` int64
+    -> ``[B, A, 1, Dv]``; ``F.scaled_dot_product_attention`` under the mask ``starts[b] <= j <= positions[0]``, float
+    rounding aside (``one_query_attention.cpp``): a left-padded batch's decoding step. :class:`ShapeError`
+    (:func:`one_query_attention_padded_problem`), then :func:`load` and the op."""
+    problem = one_query_attention_padded_problem(q, k, v, starts, positions)
+    if problem is not None:
+        raise ShapeError(problem)
+    load()
+    scale = q.shape[3] ** -0.5 if scale is None else scale
+    return torch.ops.archlab_kernels.one_query_attention_padded(q, k, v, starts, positions, scale, f32_isa())

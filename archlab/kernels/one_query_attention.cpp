@@ -1,11 +1,14 @@
-// archlab's attention of one query row per head over a static KV cache (archlab/kernels/__init__.py describes it):
-//   out[b, a] = sum_{j <= p} e_j v[b, g, j] / sum_{j <= p} e_j,   e_j = exp(s_j - max_j s_j),
+// archlab's attention of one query row per head over a KV cache (archlab/kernels/__init__.py describes it):
+//   out[b, a] = sum_{j in r..p} e_j v[b, g, j] / sum_{j in r..p} e_j,   e_j = exp(s_j - max_j s_j),
 //   s_j = scale * q[b, a] . k[b, g, j],   g = a / (A / G),   p = positions[0]
-// q [B, A, 1, D], k [B, G, L, D], v [B, G, L, Dv] float32, D and Dv multiples of 16. Only the keys 0..p are read
-// (the static cache's mask: the positions after p are not written yet). The dot products use the 16-lane scheme of
-// f32_rows.cpp (two chains of 16-lane blocks, folded 8 + 8, 4 + 4, 2 + 2, 1 + 1); exp, the max and the sum are
-// scalar, in key order; the weighted sum of the values adds e_j v_j lane by lane in key order. The AVX2 variant
-// carries each 16 lanes as two 8-lane halves: both variants give the same result to the bit.
+// q [B, A, 1, D], k [B, G, L, D], v [B, G, L, Dv] float32, D and Dv multiples of 16, each with its last dimension
+// contiguous (any other strides: a KV cache's view of its storage is read in place). Only the keys r..p are read:
+// one_query_attention (a static cache) reads r = 0 (the positions after p are not written yet);
+// one_query_attention_padded (a left-padded batch) r = starts[b] for row b (the positions before it are padding).
+// The dot products use the 16-lane scheme of f32_rows.cpp (two chains of 16-lane blocks, folded 8 + 8, 4 + 4,
+// 2 + 2, 1 + 1); exp, the max and the sum are scalar, in key order; the weighted sum of the values adds e_j v_j lane
+// by lane in key order. The AVX2 variant carries each 16 lanes as two 8-lane halves: both variants give the same
+// result to the bit, and a row's result depends only on its own query, keys and values.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -51,21 +54,76 @@ ARCHLAB_AVX2 float dot256(const float* a, const float* b, int64_t D) {
   return fold16(_mm256_add_ps(lo0, lo1), _mm256_add_ps(hi0, hi1));
 }
 
-// acc[0..Dv) += e * v[0..Dv), lane by lane (the same operation in either width)
-ARCHLAB_AVX512 void axpy512(float* acc, float e, const float* v, int64_t Dv) {
-  const __m512 s = _mm512_set1_ps(e);
-  for (int64_t i = 0; i < Dv; i += kLanes)
-    _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(s, _mm512_loadu_ps(v + i), _mm512_loadu_ps(acc + i)));
+// s[j] = scale * q . k[j * ks] for j in r..p (dot512 inlined: q stays in registers); returns their max
+ARCHLAB_AVX512 float scores512(float* s, const float* q, const float* k, int64_t ks, int64_t r, int64_t p, int64_t D,
+                               float scale) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = r; j <= p; ++j) {
+    s[j] = scale * dot512(q, k + j * ks, D);
+    m = std::max(m, s[j]);
+  }
+  return m;
 }
 
-ARCHLAB_AVX2 void axpy256(float* acc, float e, const float* v, int64_t Dv) {
-  const __m256 s = _mm256_set1_ps(e);
-  for (int64_t i = 0; i < Dv; i += 8)
-    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(s, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
+ARCHLAB_AVX2 float scores256(float* s, const float* q, const float* k, int64_t ks, int64_t r, int64_t p, int64_t D,
+                             float scale) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = r; j <= p; ++j) {
+    s[j] = scale * dot256(q, k + j * ks, D);
+    m = std::max(m, s[j]);
+  }
+  return m;
 }
 
-at::Tensor one_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& positions, double scale, int64_t isa) {
+// o[0..Dv) = sum_{j in r..p} e[j] v[j * vs + 0..Dv), lane by lane in key order (o = fma(e_j, v_j, o) from 0): the same
+// operations in either width. 64 lanes at a time held in registers across the keys (4 chains, not one through memory).
+template <int NV>
+ARCHLAB_AVX512 void weighted512(float* o, const float* e, const float* v, int64_t vs, int64_t r, int64_t p) {
+  __m512 acc[NV];
+  for (int i = 0; i < NV; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t j = r; j <= p; ++j) {
+    const __m512 s = _mm512_set1_ps(e[j]);
+    const float* vj = v + j * vs;
+    for (int i = 0; i < NV; ++i) acc[i] = _mm512_fmadd_ps(s, _mm512_loadu_ps(vj + i * kLanes), acc[i]);
+  }
+  for (int i = 0; i < NV; ++i) _mm512_storeu_ps(o + i * kLanes, acc[i]);
+}
+
+template <int NV>
+ARCHLAB_AVX2 void weighted256(float* o, const float* e, const float* v, int64_t vs, int64_t r, int64_t p) {
+  __m256 acc[2 * NV];
+  for (int i = 0; i < 2 * NV; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t j = r; j <= p; ++j) {
+    const __m256 s = _mm256_set1_ps(e[j]);
+    const float* vj = v + j * vs;
+    for (int i = 0; i < 2 * NV; ++i) acc[i] = _mm256_fmadd_ps(s, _mm256_loadu_ps(vj + i * 8), acc[i]);
+  }
+  for (int i = 0; i < 2 * NV; ++i) _mm256_storeu_ps(o + i * 8, acc[i]);
+}
+
+void weighted(float* o, const float* e, const float* v, int64_t vs, int64_t r, int64_t p, int64_t Dv, int64_t isa) {
+  for (int64_t c = 0; c < Dv; c += 4 * kLanes) {  // 64 lanes (4 blocks of 16), then the 1-3 blocks left
+    const int64_t blocks = std::min<int64_t>(4, (Dv - c) / kLanes);
+    float* oc = o + c;
+    const float* vc = v + c;
+    if (isa == 512) {
+      if (blocks == 4) weighted512<4>(oc, e, vc, vs, r, p);
+      else if (blocks == 3) weighted512<3>(oc, e, vc, vs, r, p);
+      else if (blocks == 2) weighted512<2>(oc, e, vc, vs, r, p);
+      else weighted512<1>(oc, e, vc, vs, r, p);
+    } else {
+      if (blocks == 4) weighted256<4>(oc, e, vc, vs, r, p);
+      else if (blocks == 3) weighted256<3>(oc, e, vc, vs, r, p);
+      else if (blocks == 2) weighted256<2>(oc, e, vc, vs, r, p);
+      else weighted256<1>(oc, e, vc, vs, r, p);
+    }
+  }
+}
+
+// the tensor itself where its last dimension is contiguous (the kernel walks the others by their strides)
+at::Tensor rows_in_place(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
+
+void check_tensors(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t isa) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1, "q [B, A, 1, D], k, v [B, G, L, D]");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "q, k, v must be float32");
@@ -74,40 +132,48 @@ at::Tensor one_query_attention(const at::Tensor& q, const at::Tensor& k, const a
               "k and v must be [B, G, L, D] and [B, G, L, Dv] with q's B and D");
   TORCH_CHECK(G > 0 && A % G == 0 && D % kLanes == 0 && Dv % kLanes == 0 && D > 0 && Dv > 0,
               "A must be a multiple of G, D and Dv multiples of 16");
-  TORCH_CHECK(positions.numel() >= 1 && positions.scalar_type() == at::kLong, "positions must be int64 [1]");
   TORCH_CHECK(isa == 512 || isa == 256, "isa must be 512 or 256");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "q, k, v must be on the CPU");
+}
+
+// the last position p = positions[0], checked against the cache's L positions
+int64_t last_position(const at::Tensor& positions, int64_t L) {
+  TORCH_CHECK(positions.numel() >= 1 && positions.scalar_type() == at::kLong, "positions must be int64 [1]");
   TORCH_CHECK(positions.device().is_cpu(), "positions must be on the CPU");
   const int64_t p = *positions.contiguous().data_ptr<int64_t>();
   TORCH_CHECK(p >= 0 && p < L, "position ", p, " is outside the cache's ", L, " positions");
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  return p;
+}
+
+// the equation above for every (b, a), over the keys starts[b]..p (0..p where starts is null)
+at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const int64_t* starts,
+                  int64_t p, double scale, int64_t isa) {
+  const at::Tensor q = rows_in_place(q_in), k = rows_in_place(k_in), v = rows_in_place(v_in);
+  const int64_t B = q.size(0), A = q.size(1), D = q.size(3), G = k.size(1), Dv = v.size(3);
   at::Tensor out = at::empty({B, A, 1, Dv}, q.options());
-  const float *qp = qc.data_ptr<float>(), *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>();
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   float* op = out.data_ptr<float>();
-  const int64_t n = p + 1, per_group = A / G;
+  const int64_t per_group = A / G;
   const float fscale = static_cast<float>(scale);
   at::parallel_for(0, B * A, 1, [&](int64_t h0, int64_t h1) {
-    std::vector<float> s(n);
+    std::vector<float> s(p + 1);
     for (int64_t h = h0; h < h1; ++h) {
-      const int64_t b = h / A, g = (h % A) / per_group;
-      const float* qh = qp + h * D;
-      const float* kh = kp + (b * G + g) * L * D;
-      const float* vh = vp + (b * G + g) * L * Dv;
-      float m = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < n; ++j) {
-        s[j] = fscale * (isa == 512 ? dot512(qh, kh + j * D, D) : dot256(qh, kh + j * D, D));
-        m = std::max(m, s[j]);
+      const int64_t b = h / A, a = h % A, g = a / per_group;
+      const int64_t r = starts == nullptr ? 0 : starts[b];
+      const float* qh = qp + b * qs0 + a * qs1;
+      const float* kh = kp + b * ks0 + g * ks1;
+      const float* vh = vp + b * vs0 + g * vs1;
+      const float m = isa == 512 ? scores512(s.data(), qh, kh, ks2, r, p, D, fscale)
+                                 : scores256(s.data(), qh, kh, ks2, r, p, D, fscale);
+      float sum = 0.f;
+      for (int64_t j = r; j <= p; ++j) {
+        s[j] = std::exp(s[j] - m);  // the scores become the weights e_j
+        sum += s[j];
       }
       float* o = op + h * Dv;
-      std::fill(o, o + Dv, 0.f);
-      float sum = 0.f;
-      for (int64_t j = 0; j < n; ++j) {
-        const float e = std::exp(s[j] - m);
-        sum += e;
-        if (isa == 512)
-          axpy512(o, e, vh + j * Dv, Dv);
-        else
-          axpy256(o, e, vh + j * Dv, Dv);
-      }
+      weighted(o, s.data(), vh, vs2, r, p, Dv, isa);
       const float inv = 1.f / sum;
       for (int64_t i = 0; i < Dv; ++i) o[i] *= inv;
     }
@@ -115,10 +181,38 @@ at::Tensor one_query_attention(const at::Tensor& q, const at::Tensor& k, const a
   return out;
 }
 
+// a static cache: every row reads the keys 0..positions[0]
+at::Tensor one_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& positions, double scale, int64_t isa) {
+  check_tensors(q, k, v, isa);
+  return attend(q, k, v, nullptr, last_position(positions, k.size(2)), scale, isa);
+}
+
+// a left-padded batch: row b reads the keys starts[b]..positions[0]
+at::Tensor one_query_attention_padded(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& starts, const at::Tensor& positions, double scale,
+                                      int64_t isa) {
+  check_tensors(q, k, v, isa);
+  const int64_t p = last_position(positions, k.size(2)), B = q.size(0);
+  TORCH_CHECK(starts.dim() == 1 && starts.numel() == B && starts.scalar_type() == at::kLong && starts.device().is_cpu(),
+              "starts must be int64 [B] on the CPU, one start per row");
+  const at::Tensor sc = starts.contiguous();
+  const int64_t* sp = sc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(sp[b] >= 0 && sp[b] <= p, "starts[", b, "] = ", sp[b], " is outside 0..", p, " (the position)");
+  return attend(q, k, v, sp, p, scale, isa);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(archlab_kernels, m) {
   m.def("one_query_attention(Tensor q, Tensor k, Tensor v, Tensor positions, float scale, int isa) -> Tensor");
+  m.def(
+      "one_query_attention_padded(Tensor q, Tensor k, Tensor v, Tensor starts, Tensor positions, float scale, "
+      "int isa) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(archlab_kernels, CPU, m) { m.impl("one_query_attention", one_query_attention); }
+TORCH_LIBRARY_IMPL(archlab_kernels, CPU, m) {
+  m.impl("one_query_attention", one_query_attention);
+  m.impl("one_query_attention_padded", one_query_attention_padded);
+}
