@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from archlab.errors import CheckpointError, ConfigError, DataError
+from archlab.hardware import cpu_features, kernel_capability
 from archlab.interop.bert import load_bert
 from archlab.models.bert import BertModel
 from archlab.nn.linear import hold_packed_for_rows
@@ -202,17 +203,25 @@ PACKED_ROWS = 32 * 256
 
 
 def _hold_packed_weights(encoder: SentenceEncoder) -> None:
-    """Give a float32 encoder's BERT oneDNN-packed copies of its Linear weights for the encoder's life
-    (:func:`archlab.nn.linear.packed_for_rows`; dropped when the encoder is collected).
+    """Give the encoder's BERT oneDNN-packed copies of its Linear weights for the encoder's life
+    (:func:`archlab.nn.linear.packed_for_rows`; dropped when the encoder is collected): float32 weights always,
+    bf16 weights where the CPU has AMX (:func:`packs_bf16`).
 
-    Embedding batches is products of thousands of rows (``[32 x 256, 384] x [384, 1536]``), which MKL's
-    ``F.linear`` repacks the weight for at every call: on the copies float32 encoding ran 1.12-1.15x faster end to
-    end (MiniLM-L6, 32 abstracts of 256 tokens, CPU time with one thread, AMD EPYC, loaded; docs/search.md,
-    "What the encoder's time goes to"). bf16 weights are left as they are: packed, they encoded no faster (0.96x and 0.99x of
-    unpacked, the same runs), and oneDNN refuses to pack bf16 with its kernels capped at AVX2.
-    The copies cost the weights' memory again (MiniLM-L6: 21M values, 85 MB). Training the weights afterwards is
-    safe: a copy serves only products without gradients and only while its weight is unchanged."""
-    hold_packed_for_rows(encoder, encoder.bert, PACKED_ROWS)
+    Embedding batches is products of thousands of rows (``[32 x 256, 384] x [384, 1536]``), which ``F.linear``
+    repacks the weight for at every call. float32 on the copies encoded 1.12-1.15x faster end to end (MiniLM-L6,
+    32 abstracts of 256 tokens, CPU time with one thread, AMD EPYC, loaded; docs/search.md, "What the encoder's
+    time goes to"). bf16: 0.96x and 0.99x on the AMD EPYC's AVX512-BF16, so left unpacked there; on an Intel Xeon
+    with AMX (2 threads, 128 abstracts) 1.29x (median of 3 interleaved rounds, each round 1.10-1.29x), where the
+    tile products are fast enough for the per-call repacking to matter.
+    The copies cost the weights' memory again (MiniLM-L6: 21M values, 85 MB in float32). Training the weights
+    afterwards is safe: a copy serves only products without gradients and only while its weight is unchanged."""
+    hold_packed_for_rows(encoder, encoder.bert, PACKED_ROWS, bf16=packs_bf16())
+
+
+def packs_bf16() -> bool:
+    """Whether a bf16 encoder gets packed weights: the CPU has AMX tiles and PyTorch's kernels are not capped below
+    AVX-512 (oneDNN refuses bf16 packing there anyway; :func:`archlab.nn.linear.packed_for_rows` falls back)."""
+    return cpu_features()["amx"] and kernel_capability() == "AVX512"
 
 
 _CACHE: dict[tuple[Path, str], SentenceEncoder] = {}

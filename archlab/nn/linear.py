@@ -202,12 +202,13 @@ def onednn_packing_available() -> bool:
 
 
 def _onednn_copy(weight: Tensor, x: Tensor) -> Tensor | None:
-    """``weight``'s oneDNN-packed copy if it has one that serves ``x`` (2 rows or more, float32,
-    no gradient recorded, ``weight`` unchanged since packing), else None."""
+    """``weight``'s oneDNN-packed copy if it has one that serves ``x`` (2 rows or more of ``weight``'s dtype,
+    no gradient recorded, ``weight`` unchanged since packing: ``.float()`` swaps the data and keeps ``_version``, so
+    the copy's dtype is checked too), else None."""
     entry = _ONEDNN_PACKED.get(id(weight)) if _ONEDNN_PACKED else None
     if entry is None or entry[0]() is not weight or weight._version != entry[1]:
         return None
-    if _rows(x) < 2 or x.dtype != torch.float32 or x.device.type != "cpu":
+    if _rows(x) < 2 or not x.dtype == weight.dtype == entry[2].dtype or x.device.type != "cpu":
         return None
     if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
         return None
@@ -232,28 +233,30 @@ def _onednn_packed_copies(weights: list[Tensor], rows: int) -> list[Tensor]:
             return list(pool.map(lambda w: torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows), weights))
 
 
-def hold_packed_for_rows(owner: object, model: nn.Module, rows: int) -> tuple[int, weakref.finalize]:
-    """Enter :func:`packed_for_rows` for ``model`` and keep the block open for ``owner``'s life (an encoder, a
-    server's decoding streams): returns how many layers got a copy and the finalizer that closes the block, which
-    runs when ``owner`` is collected or when called (to drop the copies sooner)."""
+def hold_packed_for_rows(owner: object, model: nn.Module, rows: int, *, bf16: bool = False
+                         ) -> tuple[int, weakref.finalize]:  # fmt: skip
+    """Enter :func:`packed_for_rows` for ``model`` (``bf16`` as there) and keep the block open for ``owner``'s life
+    (an encoder, a server's decoding streams): returns how many layers got a copy and the finalizer that closes the
+    block, which runs when ``owner`` is collected or when called (to drop the copies sooner)."""
     held = contextlib.ExitStack()
-    packed = held.enter_context(packed_for_rows(model, rows))
+    packed = held.enter_context(packed_for_rows(model, rows, bf16=bf16))
     return packed, weakref.finalize(owner, held.close)
 
 
 @contextlib.contextmanager
-def packed_for_rows(model: nn.Module, rows: int) -> Iterator[int]:
+def packed_for_rows(model: nn.Module, rows: int, *, bf16: bool = False) -> Iterator[int]:
     """Within the block, products of 2 rows or more through ``model``'s layers (a prompt's prefill too; not those
     archlab's float32 kernel takes, 1-4 rows where it runs) run on oneDNN-packed copies of their weights (module
     docstring); yields how many layers got one.
 
-    Packed: every ``nn.Linear`` weight that is float32, on the CPU, of at least :data:`MIN_SPLIT_ELEMENTS`
-    elements, whose layer computes through :func:`linear` (archlab's :func:`Linear`; the LM head through a
-    decoding cache's :class:`PackedLinear`). ``rows`` is the product size the layout is chosen for (any size is
-    served). Nothing is packed where the build has no oneDNN (:func:`onednn_packing_available`). The copies are
-    dropped when the block ends; a weight changed in place meanwhile is used unpacked. A float32 sentence encoder
-    holds a block open for its life (:mod:`archlab.interop.sentence`: its ``[32 x 256, 384]`` batches too run
-    faster on the copies than through ``F.linear``; bf16 weights gained nothing measurable and stay unpacked).
+    Packed: every ``nn.Linear`` weight that is float32 (and bfloat16 with ``bf16=True``), on the CPU, of at least
+    :data:`MIN_SPLIT_ELEMENTS` elements, whose layer computes through :func:`linear` (archlab's :func:`Linear`; the
+    LM head through a decoding cache's :class:`PackedLinear`). ``rows`` is the product size the layout is chosen for
+    (any size is served); a bfloat16 copy serves bfloat16 inputs. Nothing is packed where the build has no oneDNN
+    (:func:`onednn_packing_available`), and no bfloat16 weight where oneDNN refuses to pack one (its kernels capped
+    below AVX-512). The copies are dropped when the block ends; a weight changed in place meanwhile is used
+    unpacked. A sentence encoder holds a block open for its life (:mod:`archlab.interop.sentence`: its ``[32 x 256,
+    384]`` batches too run faster on the copies than through ``F.linear``; bf16 weights only where the CPU has AMX).
 
     Blocks nest: an inner block packs only the weights no enclosing block has packed and drops only its own
     copies. So a block around several calls that pack (``generate_batch``, speculative decoding: the turns of a
@@ -262,6 +265,7 @@ def packed_for_rows(model: nn.Module, rows: int) -> Iterator[int]:
     threads: :func:`_onednn_packed_copies`), at the cost of holding them throughout.
     """
     added: list[int] = []
+    dtypes = (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
     if onednn_packing_available():
         weights: dict[int, Tensor] = {}  # by id: a weight shared by two layers is packed once
         for layer in model.modules():
@@ -269,10 +273,16 @@ def packed_for_rows(model: nn.Module, rows: int) -> Iterator[int]:
             through_linear = getattr(layer.forward, "__func__", None) is _linear_forward
             if not isinstance(layer, nn.Linear) or not through_linear or id(w) in _ONEDNN_PACKED:
                 continue
-            if w.dtype != torch.float32 or w.device.type != "cpu" or w.numel() < MIN_SPLIT_ELEMENTS:
+            if w.dtype not in dtypes or w.device.type != "cpu" or w.numel() < MIN_SPLIT_ELEMENTS:
                 continue
             weights.setdefault(id(w), w)
-        for key, packed in zip(weights, _onednn_packed_copies(list(weights.values()), max(rows, 2)), strict=True):
+        try:
+            copies = _onednn_packed_copies(list(weights.values()), max(rows, 2))
+        except RuntimeError:  # oneDNN refuses bf16 below AVX-512 (float32 always packs): all stay unpacked
+            if not bf16:
+                raise
+            copies, weights = [], {}
+        for key, packed in zip(weights, copies, strict=True):
             _ONEDNN_PACKED[key] = (weakref.ref(weights[key]), weights[key]._version, packed)
             added.append(key)
     try:

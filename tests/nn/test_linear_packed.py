@@ -55,6 +55,26 @@ def test_packed_product_equals_f_linear(shape, bias, onednn_calls):
     torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_weights_pack_only_when_asked_and_serve_bf16_inputs(onednn_calls):
+    """``bf16=True`` packs bfloat16 weights too (the sentence encoder asks on AMX CPUs); the copy serves bfloat16
+    inputs only, its product F.linear's up to bf16 rounding. Where oneDNN refuses (kernels capped below AVX-512)
+    nothing is packed and the products are F.linear's."""
+    from archlab.hardware import kernel_capability
+
+    lin = layer().to(torch.bfloat16)
+    x = torch.randn(300, 256).to(torch.bfloat16)
+    with torch.no_grad(), packed_for_rows(lin, rows=300) as n_packed:
+        assert n_packed == 0  # not asked
+    with torch.no_grad(), packed_for_rows(lin, rows=300, bf16=True) as n_packed:
+        out = lin(x)
+        lin.float()(torch.randn(6, 256))  # the weight replaced by a float32 one: its copy no longer serves
+    packs = kernel_capability() == "AVX512"
+    assert n_packed == int(packs) and onednn_calls == ([300] if packs else [])
+    want = F.linear(x.float(), lin.weight.bfloat16().float(), lin.bias.bfloat16().float())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+
+
 def test_packed_copies_serve_only_where_they_apply(onednn_calls):
     lin = layer()
     with torch.no_grad(), packed_for_rows(lin, rows=8):
