@@ -3,7 +3,8 @@
 Training step (``--part train``): GPT-2 small's shape (12 layers, d=768, 12 heads, T=1024, B=8, vocabulary
 50,304, tied embeddings, learned positions, no dropout), forward + next-token cross-entropy + backward + fused
 AdamW, for archlab, Hugging Face ``GPT2LMHeadModel`` (same weights, its default sdpa attention) and
-x-transformers (``attn_flash=True``), in bf16 (archlab: the Trainer's path, fp32 master weights and AdamW with the
+x-transformers (``attn_flash=True``), archlab also with its loss through ``torch.compile`` (``archlab+compile``),
+in bf16 (archlab: the Trainer's path, fp32 master weights and AdamW with the
 weights cast to bf16 once per step; the peers: ``torch.autocast``) and in fp32 with TF32 products (PyTorch's
 ``set_float32_matmul_precision("high")``, what GPU training in fp32 uses). Model FLOPs as in train_step.py
 (``6 N + 12 L T d`` per token), shown as a share of the bf16 matmul peak measured first (8192^3).
@@ -17,11 +18,20 @@ CUDA graphs). The tokens are not compared (random weights give near-flat logits,
 flips; tests/test_cuda.py checks the GPU's tokens). The bound is the weights' bytes read once per token at the
 copy bandwidth measured first.
 
+Re-ranking (``--part rerank``): the search engine's cross-encoder (card 5: re-rank the first stage's top 100
+within 100 ms) over ``--rerank-depth`` abstracts of ~250 tokens (benchmarks/search_latency.py's), one query,
+pairs cut to 256 tokens: :class:`archlab.search.rerank.Reranker` on the GPU in fp32 and in bf16 (``precision=auto``),
+and on the machine's CPU with ``--cpu-threads`` threads, beside sentence-transformers' ``CrossEncoder`` on the GPU
+over the same folder. The model is all-MiniLM-L6-v2's BERT with a fresh one-logit head
+(``Reranker.from_encoder``; the time does not depend on the head's values). Wall-clock per query, tokenizing
+included, median of ``--rounds``.
+
 Peers alternate round by round; each reports its median round, timed with CUDA events. The peak memory of each
 training peer is ``torch.cuda.max_memory_allocated`` over its warm-up steps alone.
 
     python benchmarks/gpu.py                 # both parts
     python benchmarks/gpu.py --part decode --rounds 3
+    python benchmarks/gpu.py --part rerank --rerank-depth 100
 """
 
 from __future__ import annotations
@@ -118,9 +128,10 @@ def training_peers(ids: torch.Tensor, names: list[str]) -> dict[str, tuple[Calla
     peers = {}
     for name in names:
         base, _, precision = name.rpartition("-")
-        if base == "archlab":
+        if base in ("archlab", "archlab+compile"):
             model = _gpt()
-            loss_fn = (lambda m=model: m.loss(x, y))
+            loss = torch.compile(model.loss) if base == "archlab+compile" else model.loss
+            loss_fn = (lambda loss=loss: loss(x, y))
         elif base == "hf":
             model = _hf_gpt(_gpt())
             loss_fn = (lambda m=model: m(x, labels=torch.cat([x[:, 1:], y[:, -1:]], dim=1)).loss)
@@ -130,7 +141,7 @@ def training_peers(ids: torch.Tensor, names: list[str]) -> dict[str, tuple[Calla
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
 
         def step(model=model, loss_fn=loss_fn, optimizer=optimizer, precision=precision, base=base):
-            if precision == "bf16" and base == "archlab":
+            if precision == "bf16" and base.startswith("archlab"):
                 with compute_weights(model):  # the Trainer's bf16 path: one cast of each weight per step
                     loss_fn().backward()
             elif precision == "bf16":
@@ -148,8 +159,8 @@ def training_peers(ids: torch.Tensor, names: list[str]) -> dict[str, tuple[Calla
 
 def train_part(args, peak: float) -> dict:
     torch.set_float32_matmul_precision("high")  # TF32 for the fp32 rows, as fp32 GPU training runs
-    names = [n for n in ("archlab-bf16", "hf-bf16", "x-transformers-bf16", "archlab-fp32", "hf-fp32")
-             if n.rpartition("-")[0] in args.train_peers]  # fmt: skip
+    names = [n for n in ("archlab-bf16", "archlab+compile-bf16", "hf-bf16", "x-transformers-bf16", "archlab-fp32",
+                         "hf-fp32") if n.rpartition("-")[0].partition("+")[0] in args.train_peers]  # fmt: skip
     ids = torch.randint(0, VOCAB, (B, T + 1), generator=torch.Generator().manual_seed(0)).cuda()
     peers = training_peers(ids, names)
     memory = {}
@@ -244,15 +255,67 @@ def decode_part(args, bandwidth: float) -> dict:
     return {n: {"seconds_per_token": seconds[n], "times": times[n]} for n in runs}
 
 
+# -- re-ranking ----------------------------------------------------------------------------------------------
+
+
+def rerank_part(args) -> dict:
+    import tempfile
+
+    from search_latency import abstracts
+
+    from archlab.search.rerank import Reranker
+
+    texts, query = abstracts(args.rerank_depth), "how are the attention weights of a transformer computed"
+    folder = Path(tempfile.mkdtemp(prefix="archlab-ce-")) / "ce"
+    Reranker.from_encoder("minilm-l6", max_length=256).save(folder)
+    runs: dict[str, Callable[[], object]] = {}
+    for device, precision in (("cuda", "fp32"), ("cuda", "auto"), ("cpu", "fp32"), ("cpu", "auto")):
+        reranker = Reranker.load(folder, device=device, precision=precision)
+        runs[f"archlab {device} {reranker.precision}"] = (lambda r=reranker: r.score(query, texts))
+    try:
+        from sentence_transformers import CrossEncoder
+
+        st = CrossEncoder(str(folder), device="cuda", max_length=256)
+        runs["sentence-transformers cuda fp32"] = lambda: st.predict([(query, t) for t in texts], batch_size=32)
+    except Exception as e:  # noqa: BLE001 -- a missing peer is reported, the others still timed
+        print(f"sentence-transformers CrossEncoder: left out: {type(e).__name__}: {e}")
+    scores = {}
+    for name, run in runs.items():  # warm-up
+        scores[name] = torch.as_tensor(run(), dtype=torch.float32).flatten()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.cpu_threads)
+    try:
+        for _ in range(args.rounds):
+            for name, run in runs.items():
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                run()
+                torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    reference = scores["archlab cuda fp32"]
+    seconds = {n: statistics.median(t) for n, t in times.items()}
+    rows = [[name, f"{seconds[name] * 1e3:.1f}", f"{seconds['archlab cpu fp32'] / seconds[name]:.1f}x",
+             f"{float((scores[name] - reference).abs().max()):.1e}"] for name in runs]  # fmt: skip
+    print(f"\nRe-ranking {len(texts)} abstracts (~250 tokens, pairs cut to 256) for one query, MiniLM-L6 cross-encoder;"
+          f" CPU rows at {args.cpu_threads} threads; median of {args.rounds} rounds; card budget 100 ms")  # fmt: skip
+    print(table(rows, ["peer", "ms/query", "vs archlab cpu fp32", "max |score - archlab cuda fp32|"]))
+    return {n: {"seconds_per_query": seconds[n], "times": times[n]} for n in runs}
+
+
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("train", "decode", "all"), default="all")
+    parser.add_argument("--part", choices=("train", "decode", "rerank", "all"), default="all")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per peer (median reported)")
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--train-peers", nargs="+", default=["archlab", "hf", "x-transformers"],
                         choices=["archlab", "hf", "x-transformers"])  # fmt: skip
+    parser.add_argument("--rerank-depth", type=int, default=100, help="candidates re-ranked per query")
+    parser.add_argument("--cpu-threads", type=int, default=2, help="threads of the CPU re-ranking rows")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -266,6 +329,8 @@ def main() -> None:
         results["train"] = train_part(args, peak)
     if args.part in ("decode", "all"):
         results["decode"] = decode_part(args, bandwidth)
+    if args.part in ("rerank", "all"):
+        results["rerank"] = rerank_part(args)
     write_json(args.json, results)
 
 
