@@ -216,8 +216,10 @@ def _hold_packed_weights(encoder: SentenceEncoder) -> None:
     time goes to"). bf16: 0.96x and 0.99x on the AMD EPYC's AVX512-BF16, so left unpacked there; on an Intel Xeon
     with AMX (2 threads, 128 abstracts) 1.29x (median of 3 interleaved rounds, each round 1.10-1.29x), where the
     tile products are fast enough for the per-call repacking to matter.
-    The copies cost the weights' memory again (MiniLM-L6: 21M values, 85 MB in float32). Training the weights
-    afterwards is safe: a copy serves only products without gradients and only while its weight is unchanged."""
+    The copies cost the weights' memory again (MiniLM-L6: 21M values, 85 MB in float32). Do not train an encoder
+    that holds them: a copy serves only products without gradients, but PyTorch's fused AdamW changes a weight
+    without the version bump that would retire its copy (:func:`archlab.nn.linear.packed_for_rows`); a BERT to train
+    is loaded with ``load_sentence_encoder(..., packed=False)`` (``Reranker.from_encoder`` does)."""
     hold_packed_for_rows(encoder, encoder.bert, PACKED_ROWS, bf16=packs_bf16())
 
 

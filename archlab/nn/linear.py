@@ -254,8 +254,10 @@ def packed_for_rows(model: nn.Module, rows: int, *, bf16: bool = False) -> Itera
     LM head through a decoding cache's :class:`PackedLinear`). ``rows`` is the product size the layout is chosen for
     (any size is served); a bfloat16 copy serves bfloat16 inputs. Nothing is packed where the build has no oneDNN
     (:func:`onednn_packing_available`), and no bfloat16 weight where oneDNN refuses to pack one (its kernels capped
-    below AVX-512). The copies are dropped when the block ends; a weight changed in place meanwhile is used
-    unpacked. A sentence encoder holds a block open for its life (:mod:`archlab.interop.sentence`: its ``[32 x 256,
+    below AVX-512). The copies are dropped when the block ends; a weight changed in place meanwhile by an op that
+    bumps its ``_version`` (``copy_``, ``mul_``, the foreach and for-loop optimizers) is used unpacked. PyTorch's
+    *fused* AdamW (``fused=True``, archlab's training default on a CPU) does not bump it: weights trained so inside
+    a block would be read through their stale copies, so nothing that trains holds a block. A sentence encoder holds a block open for its life (:mod:`archlab.interop.sentence`: its ``[32 x 256,
     384]`` batches too run faster on the copies than through ``F.linear``; bf16 weights only where the CPU has AMX).
 
     Blocks nest: an inner block packs only the weights no enclosing block has packed and drops only its own

@@ -47,9 +47,7 @@ from torch import Tensor
 from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.interop.bert import bert_config_from_hf, bert_config_to_hf, bert_to_hf, load_bert
 from archlab.interop.io import atomic_dir, read_json
-from archlab.interop.sentence import packs_bf16
 from archlab.models.bert import BertCrossEncoder, BertForSequenceClassification, BertModel, PairBatch, pair_inputs
-from archlab.nn.linear import hold_packed_for_rows
 from archlab.precision import PrecisionChoice, announce, choose_precision
 from archlab.search.corpus import Document
 from archlab.search.fuse import DEFAULT_K0
@@ -102,7 +100,7 @@ def longest_first(n_query: int, n_doc: int, room: int) -> tuple[int, int]:
     return (short, long) if n_query <= n_doc else (long, short)
 
 
-def _device(device: str | torch.device) -> torch.device:
+def check_device(device: str | torch.device) -> torch.device:
     """``device`` as a torch.device this machine has, else ConfigError naming it."""
     try:
         device = torch.device(device)
@@ -150,19 +148,13 @@ class Reranker:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r} must be a positive int")
         if device is not None:
-            model.to(_device(device))
+            model.to(check_device(device))
         choice = scoring_precision(precision, model)
         if choice.dtype is not None:
             model.to(choice.dtype)
         if precision != "fp32":  # the default says nothing
             announce(choice.line("cross-encoder re-ranking"))
         self.precision = choice.name
-        # on a CPU, the scoring batches' products run on oneDNN-packed copies of the weights, held for this object's
-        # life, as the sentence encoder's (archlab.interop.sentence: bf16 ones where the CPU has AMX). fp32, MiniLM-L6,
-        # 32 abstracts at 2 threads on the AMD EPYC: 1.15x (median of 5 interleaved rounds), scores equal to 5e-8
-        self.packed = 0
-        if next(model.parameters()).device.type == "cpu":
-            self.packed, _ = hold_packed_for_rows(self, model, batch_size * max_length, bf16=packs_bf16())
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_length, self.activation, self.batch_size = max_length, activation, batch_size
         fuse_ranks([], first_stage_weight)  # checks the weight
@@ -218,7 +210,9 @@ class Reranker:
         from archlab.interop.sentence import load_sentence_encoder, minilm_path
 
         folder = minilm_path() if str(encoder) == "minilm-l6" else Path(encoder)
-        st = load_sentence_encoder(folder, packed=False)  # uncached: the weights are about to change
+        # uncached, and without packed copies: the weights are about to change, and PyTorch's fused AdamW changes
+        # them without bumping their _version, which is how a stale copy is told (archlab.nn.linear)
+        st = load_sentence_encoder(folder, packed=False)
         bert: BertModel = st.bert
         tokenizer = st.tokenizer  # with the folder's lower-casing, if it asks for it
         cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")

@@ -73,6 +73,10 @@ def test_errors_are_one_line(capsys, beir, index, tmp_path):
     cases = [
         (("search", "query", str(index), "  "), "the query is empty"),
         (("search", "query", str(index), "x", "--rerank", "5"), "--rerank 5 needs a cross-encoder"),
+        (("search", "query", str(index), "x", "--rerank", "5", "--rerank-device", "gpu0"),
+         "--rerank-device: device='gpu0' is not a device: use 'cpu', 'cuda' or 'cuda:N'"),
+        (("search", "query", str(index), "x", "--rerank", "5", "--rerank-device", "meta"),
+         "--rerank-device: device='meta': the re-ranker runs on 'cpu' or 'cuda'"),
         (("search", "query", str(index), "x", "--k", "0"), "--k=0 must be >= 1"),
         (("search", "query", str(tmp_path), "x"), "manifest.json is missing"),
         (("search", "eval", str(index)), "needs QUERIES and QRELS, or --builtin"),
