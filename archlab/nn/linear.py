@@ -243,6 +243,18 @@ def hold_packed_for_rows(owner: object, model: nn.Module, rows: int, *, bf16: bo
     return packed, weakref.finalize(owner, held.close)
 
 
+def weights_fingerprint(model: nn.Module, samples: int = 16) -> Tensor:
+    """``samples`` values of each ``nn.Linear`` weight of ``model``, spread evenly over it, in one tensor: what an
+    object holding packed copies of weights that may be trained compares before it uses them. Any optimizer step
+    changes them, fused AdamW too, which leaves ``_version`` as it was (:func:`packed_for_rows`); a few hundred reads.
+    """
+    with torch.no_grad():
+        picks = [w.detach().reshape(-1)[:: max(1, w.numel() // samples)][:samples].float()
+                 for layer in model.modules() if isinstance(layer, nn.Linear)
+                 for w in (layer.weight,)]  # fmt: skip
+        return torch.cat(picks) if picks else torch.empty(0)
+
+
 @contextlib.contextmanager
 def packed_for_rows(model: nn.Module, rows: int, *, bf16: bool = False) -> Iterator[int]:
     """Within the block, products of 2 rows or more through ``model``'s layers (a prompt's prefill too; not those
@@ -257,7 +269,8 @@ def packed_for_rows(model: nn.Module, rows: int, *, bf16: bool = False) -> Itera
     below AVX-512). The copies are dropped when the block ends; a weight changed in place meanwhile by an op that
     bumps its ``_version`` (``copy_``, ``mul_``, the foreach and for-loop optimizers) is used unpacked. PyTorch's
     *fused* AdamW (``fused=True``, archlab's training default on a CPU) does not bump it: weights trained so inside
-    a block would be read through their stale copies, so nothing that trains holds a block. A sentence encoder holds a block open for its life (:mod:`archlab.interop.sentence`: its ``[32 x 256,
+    a block would be read through their stale copies: an object that holds copies of weights it may also train
+    compares :func:`weights_fingerprint` before scoring and packs again (the search engine's re-ranker). A sentence encoder holds a block open for its life (:mod:`archlab.interop.sentence`: its ``[32 x 256,
     384]`` batches too run faster on the copies than through ``F.linear``; bf16 weights only where the CPU has AMX).
 
     Blocks nest: an inner block packs only the weights no enclosing block has packed and drops only its own

