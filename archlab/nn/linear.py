@@ -269,9 +269,10 @@ def packed_for_rows(model: nn.Module, rows: int, *, bf16: bool = False) -> Itera
     below AVX-512). The copies are dropped when the block ends; a weight changed in place meanwhile by an op that
     bumps its ``_version`` (``copy_``, ``mul_``, the foreach and for-loop optimizers) is used unpacked. PyTorch's
     *fused* AdamW (``fused=True``, archlab's training default on a CPU) does not bump it: weights trained so inside
-    a block would be read through their stale copies: an object that holds copies of weights it may also train
-    compares :func:`weights_fingerprint` before scoring and packs again (the search engine's re-ranker). A sentence encoder holds a block open for its life (:mod:`archlab.interop.sentence`: its ``[32 x 256,
-    384]`` batches too run faster on the copies than through ``F.linear``; bf16 weights only where the CPU has AMX).
+    a block would be read through their stale copies, so an object that holds copies of weights it may also train
+    compares :func:`weights_fingerprint` before scoring and packs again (the search engine's re-ranker). A sentence
+    encoder holds a block open for its life (:mod:`archlab.interop.sentence`: its ``[32 x 256, 384]`` batches too
+    run faster on the copies than through ``F.linear``; bf16 weights only where the CPU has AMX).
 
     Blocks nest: an inner block packs only the weights no enclosing block has packed and drops only its own
     copies. So a block around several calls that pack (``generate_batch``, speculative decoding: the turns of a

@@ -78,8 +78,9 @@ def _add_rerank_options(parser: argparse.ArgumentParser) -> None:
                         "made by `archlab search adapt`)")  # fmt: skip
     parser.add_argument("--rerank-precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="the cross-encoder's precision (default auto: bf16 where its device computes it natively)")
-    parser.add_argument("--rerank-device", default="cpu", metavar="DEVICE", help="where the cross-encoder scores: "
-                        "cpu (default) or cuda[:i] (on an H200 the top 100 took 41-53 ms, on 2 CPU cores 1.7-3.5 s)")  # fmt: skip
+    parser.add_argument("--rerank-device", default="cpu", metavar="DEVICE",
+                        help="where the cross-encoder scores: cpu (default) or cuda[:i] (on an H200 the top 100 "
+                        "took 41-53 ms, on 2 CPU cores 1.7-3.5 s)")  # fmt: skip
 
 
 def declare_query(parser: argparse.ArgumentParser) -> None:
