@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from archlab.errors import CheckpointError, ConfigError, DataError
-from archlab.hardware import cpu_features, kernel_capability
 from archlab.interop.bert import load_bert
 from archlab.models.bert import BertModel
-from archlab.nn.linear import hold_packed_for_rows
+from archlab.nn.linear import hold_packed_for_rows, packs_bf16
 from archlab.precision import announce, choose_precision
 
 DEFAULT_MODEL = "minilm-l6"
@@ -208,7 +207,7 @@ PACKED_ROWS = 32 * 256
 def _hold_packed_weights(encoder: SentenceEncoder) -> None:
     """Give the encoder's BERT oneDNN-packed copies of its Linear weights for the encoder's life
     (:func:`archlab.nn.linear.packed_for_rows`; dropped when the encoder is collected): float32 weights always,
-    bf16 weights where the CPU has AMX (:func:`packs_bf16`).
+    bf16 weights where the CPU has AMX (:func:`archlab.nn.linear.packs_bf16`).
 
     Embedding batches is products of thousands of rows (``[32 x 256, 384] x [384, 1536]``), which ``F.linear``
     repacks the weight for at every call. float32 on the copies encoded 1.12-1.15x faster end to end (MiniLM-L6,
@@ -221,12 +220,6 @@ def _hold_packed_weights(encoder: SentenceEncoder) -> None:
     without the version bump that would retire its copy (:func:`archlab.nn.linear.packed_for_rows`); a BERT to train
     is loaded with ``load_sentence_encoder(..., packed=False)`` (``Reranker.from_encoder`` does)."""
     hold_packed_for_rows(encoder, encoder.bert, PACKED_ROWS, bf16=packs_bf16())
-
-
-def packs_bf16() -> bool:
-    """Whether a bf16 encoder gets packed weights: the CPU has AMX tiles and PyTorch's kernels are not capped below
-    AVX-512 (oneDNN refuses bf16 packing there anyway; :func:`archlab.nn.linear.packed_for_rows` falls back)."""
-    return cpu_features()["amx"] and kernel_capability() == "AVX512"
 
 
 _CACHE: dict[tuple[Path, str], SentenceEncoder] = {}

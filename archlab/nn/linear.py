@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archlab import kernels
+from archlab.hardware import cpu_features, kernel_capability
 
 #: inputs with at most this many rows (all dimensions but the last) take the split path
 MAX_SPLIT_ROWS = 4
@@ -243,6 +244,38 @@ def hold_packed_for_rows(owner: object, model: nn.Module, rows: int, *, bf16: bo
     return packed, weakref.finalize(owner, held.close)
 
 
+def packs_bf16() -> bool:
+    """Whether holders of packed copies (the sentence encoder, the re-ranker) pack bf16 weights too: the CPU has AMX
+    tiles and PyTorch's kernels are not capped below AVX-512 (oneDNN refuses bf16 packing there anyway; then
+    :func:`packed_for_rows` leaves them unpacked). Packed bf16 encoded 1.29x faster on an AMX Xeon and 0.96-0.99x on
+    the AMD EPYC's AVX512-BF16 (:mod:`archlab.interop.sentence`)."""
+    return cpu_features()["amx"] and kernel_capability() == "AVX512"
+
+
+class RefreshedCopies:
+    """Packed copies of ``model``'s weights (:func:`hold_packed_for_rows`, ``rows`` and ``bf16`` as there) for a
+    holder that may also train those weights (the search engine's re-ranker): :meth:`refresh` before each use makes
+    them again when :func:`weights_fingerprint` has changed since they were made, which an optimizer step does,
+    fused AdamW included (it leaves ``_version`` as it was, :func:`packed_for_rows`). The copies are dropped when this
+    object is collected."""
+
+    def __init__(self, model: nn.Module, rows: int, *, bf16: bool = False):
+        self.model, self.rows, self.bf16 = model, rows, bf16
+        self.count = 0  # weights with a copy
+        self._release: weakref.finalize | None = None
+        self._fingerprint: Tensor | None = None
+
+    def refresh(self) -> int:
+        """Make the copies if there are none or the weights changed; returns how many weights have one."""
+        fingerprint = weights_fingerprint(self.model)
+        if self._fingerprint is None or not torch.equal(fingerprint, self._fingerprint):
+            if self._release is not None:
+                self._release()  # the stale copies go first
+            self.count, self._release = hold_packed_for_rows(self, self.model, self.rows, bf16=self.bf16)
+            self._fingerprint = fingerprint
+        return self.count
+
+
 def weights_fingerprint(model: nn.Module, samples: int = 16) -> Tensor:
     """``samples`` values of each ``nn.Linear`` weight of ``model``, spread evenly over it, in one tensor: what an
     object holding packed copies of weights that may be trained compares before it uses them. Any optimizer step
@@ -270,9 +303,9 @@ def packed_for_rows(model: nn.Module, rows: int, *, bf16: bool = False) -> Itera
     bumps its ``_version`` (``copy_``, ``mul_``, the foreach and for-loop optimizers) is used unpacked. PyTorch's
     *fused* AdamW (``fused=True``, archlab's training default on a CPU) does not bump it: weights trained so inside
     a block would be read through their stale copies, so an object that holds copies of weights it may also train
-    compares :func:`weights_fingerprint` before scoring and packs again (the search engine's re-ranker). A sentence
-    encoder holds a block open for its life (:mod:`archlab.interop.sentence`: its ``[32 x 256, 384]`` batches too
-    run faster on the copies than through ``F.linear``; bf16 weights only where the CPU has AMX).
+    packs again when :func:`weights_fingerprint` changed (:class:`RefreshedCopies`: the search engine's re-ranker).
+    A sentence encoder holds a block open for its life (:mod:`archlab.interop.sentence`: its ``[32 x 256, 384]``
+    batches too run faster on the copies than through ``F.linear``; bf16 weights only where the CPU has AMX).
 
     Blocks nest: an inner block packs only the weights no enclosing block has packed and drops only its own
     copies. So a block around several calls that pack (``generate_batch``, speculative decoding: the turns of a

@@ -47,9 +47,8 @@ from torch import Tensor
 from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.interop.bert import bert_config_from_hf, bert_config_to_hf, bert_to_hf, load_bert
 from archlab.interop.io import atomic_dir, read_json
-from archlab.interop.sentence import packs_bf16
 from archlab.models.bert import BertCrossEncoder, BertForSequenceClassification, BertModel, PairBatch, pair_inputs
-from archlab.nn.linear import hold_packed_for_rows, weights_fingerprint
+from archlab.nn.linear import RefreshedCopies, packs_bf16
 from archlab.precision import PrecisionChoice, announce, choose_precision
 from archlab.search.corpus import Document
 from archlab.search.fuse import DEFAULT_K0
@@ -163,25 +162,11 @@ class Reranker:
         self.first_stage_weight, self.heldout = float(first_stage_weight), heldout
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
-        self.packed = 0  # weights with a packed copy (_hold_packed)
-        self._release, self._fingerprint = None, None
-
-    def _hold_packed(self) -> None:
-        """On a CPU, scoring runs its products on oneDNN-packed copies of the weights (:mod:`archlab.nn.linear`; bf16
-        ones only where the CPU has AMX, :func:`archlab.interop.sentence.packs_bf16`), made at the first scoring call
-        and held. fp32, MiniLM-L6, 2 threads, AMD EPYC, 5 interleaved rounds: 10 abstracts 1.32x, 32 1.14x.
-        A re-ranker is also trained (``archlab search adapt``), with fused AdamW, which changes the weights without
-        bumping their ``_version``: so the copies are made again whenever :func:`weights_fingerprint` has changed."""
-        if next(self.model.parameters()).device.type != "cpu":
-            return
-        fingerprint = weights_fingerprint(self.model)
-        if self._fingerprint is not None and torch.equal(fingerprint, self._fingerprint):
-            return
-        if self._release is not None:
-            self._release()  # drop the stale copies first
-        self.packed, self._release = hold_packed_for_rows(self, self.model, self.batch_size * self.max_length,
-                                                          bf16=packs_bf16())  # fmt: skip
-        self._fingerprint = fingerprint
+        # on a CPU, scoring's products run on oneDNN-packed copies of the weights (bf16 ones only where the CPU has AMX),
+        # made at the first scoring call and made again after training. fp32, MiniLM-L6, 2 threads, AMD EPYC, 5
+        # interleaved rounds: 10 abstracts 1.32x, 32 1.14x
+        self._copies = RefreshedCopies(model, batch_size * max_length, bf16=packs_bf16())
+        self.packed = 0  # weights with a packed copy
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -312,7 +297,8 @@ class Reranker:
         lengths = [len(ids) for ids in self._ids(texts)]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
         out = torch.empty(len(texts))
-        self._hold_packed()
+        if next(self.model.parameters()).device.type == "cpu":
+            self.packed = self._copies.refresh()
         was_training = self.model.training
         self.model.eval()
         try:
