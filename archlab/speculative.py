@@ -30,8 +30,9 @@ Drafts (:func:`make_draft` builds them from a name):
 * ``"layers:M"``, :class:`DraftModel` of :func:`first_layers`: the model's first ``M`` blocks with its final
   norm and LM head (the same weights, nothing copied); or any smaller model with the same vocabulary.
 
-A verify pass multiplies ``k + 1`` rows by every weight: its products run on oneDNN-packed copies of the weights
-(:func:`archlab.nn.linear.packed_for_rows`, while decoding runs), where a few rows cost little more than one.
+A verify pass multiplies ``k + 1`` rows by every weight, where a few rows cost little more than one: on archlab's
+float32 kernel up to 9 rows (:func:`archlab.nn.linear.kernel_takes_rows`: the weights read in place), else on
+oneDNN-packed copies of the weights (:func:`archlab.nn.linear.packed_for_rows`, made while decoding runs).
 
 Batch size 1: the rows of a batch would accept different numbers of tokens, and so need ragged caches. The
 target and a draft model need KV caches that can be cropped (GPT, Llama); other models are refused.
@@ -40,6 +41,7 @@ Call ``model.eval()`` first if it has dropout.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import itertools
@@ -52,7 +54,7 @@ from torch import Tensor, nn
 from archlab.errors import ConfigError, ShapeError
 from archlab.generation import _check_ids_in_vocab, _check_int, check_decoding, filter_logits
 from archlab.models.decoder import DecoderLM
-from archlab.nn.linear import packed_for_rows
+from archlab.nn.linear import kernel_takes_rows, packed_for_rows
 
 DRAFTS = ("lookup", "layers:M")  # the names make_draft knows
 #: ``k``, the most tokens drafted per round by default (generate_speculative, Chat, the search explainer, the CLI):
@@ -378,7 +380,10 @@ def speculative_stream(
 def _speculate(model, cache, drafter, input_ids, max_new_tokens, k, sampling, stop, stats):
     """The rounds of :func:`speculative_stream` (arguments checked). The target's cache always holds every
     token of the sequence but the last, which the next round feeds with its drafts."""
-    with packed_for_rows(model, k + 1):  # the verify passes' k' + 1 rows on oneDNN-packed weights (archlab.nn.linear)
+    # the verify passes' k' + 1 rows: archlab's float32 kernel reads the weights in place; else oneDNN-packed copies,
+    # made for this call (SmolLM2-135M's took 0.3-0.4 s, about 10 one-row steps)
+    packing = contextlib.nullcontext() if kernel_takes_rows(k + 1) else packed_for_rows(model, k + 1)
+    with packing:
         yield from _rounds(model, cache, drafter, input_ids, max_new_tokens, k, sampling, stop, stats)
 
 

@@ -34,7 +34,7 @@ def rows_case(m: int, n: int, k: int, seed: int = 0):
 def test_f32_rows_equal_the_float64_product_within_float32_rounding(isa, n, k):
     """K/16 blocks in two chains, 4 folds and the bias: each result is a sum of at most K/32 + 6 roundings deep, so
     |y - y64| <= (K/16 + 6) u (|x| |W|^T + |b|)."""
-    for m in (1, 2, 3, 4):
+    for m in (1, 2, 3, 4, 5, 9, 13, 16):  # 5-16: the AVX-512 tiles (2 output rows, up to 6 of x), AVX2 groups of 4
         x, w, b = rows_case(m, n, k, seed=m)
         for bias in (b, None):
             y = torch.ops.archlab_kernels.f32_rows(x, w, bias, isa)
@@ -44,18 +44,25 @@ def test_f32_rows_equal_the_float64_product_within_float32_rounding(isa, n, k):
             assert ((y.double() - ref).abs() <= (k / 16 + 6) * U32 * scale).all()
 
 
-def test_f32_rows_variants_equal_to_the_bit_and_rows_independent_of_the_batch():
-    x, w, b = rows_case(4, 257, 400, seed=3)
+@pytest.mark.parametrize("m", [4, 5, 7, 9, 12, 16])
+@pytest.mark.parametrize("n, k", [(257, 400), (3, 48), (1000, 576)])
+def test_f32_rows_variants_equal_to_the_bit_and_rows_independent_of_the_batch(m, n, k):
+    """Every (m, n) is summed the same way whichever loop computes it: the one-row stream, a 2 x R tile (an odd N
+    leaves a last row to a 1 x R tile; an odd K / 16 a last block to chain 0), a group of rows, either variant."""
+    x, w, b = rows_case(m, n, k, seed=3)
     ys = {isa: torch.ops.archlab_kernels.f32_rows(x, w, b, isa) for isa in VARIANTS}
     assert all(torch.equal(y, ys[256]) for y in ys.values())
-    for m in range(4):
-        assert torch.equal(torch.ops.archlab_kernels.f32_rows(x[m : m + 1], w, b, 256)[0], ys[256][m])
+    for isa in VARIANTS:
+        alone = torch.cat([torch.ops.archlab_kernels.f32_rows(x[i : i + 1], w, b, isa) for i in range(m)])
+        assert torch.equal(alone, ys[256])
+        assert torch.equal(torch.ops.archlab_kernels.f32_rows(x.reshape(1, m, k), w, None, isa)[0],
+                           torch.ops.archlab_kernels.f32_rows(x, w, None, isa))  # fmt: skip
 
 
 def test_f32_rows_errors_name_what_is_wrong():
     x, w, b = rows_case(1, 32, 64)
-    with pytest.raises(ShapeError, match=r"with 1\.\.4 rows"):
-        kernels.f32_rows(torch.randn(5, 64), w)
+    with pytest.raises(ShapeError, match=r"with 1\.\.16 rows, got torch.float32 \(17, 64\)"):
+        kernels.f32_rows(torch.randn(17, 64), w)
     with pytest.raises(ShapeError, match="float32"):
         kernels.f32_rows(x.double(), w)
     with pytest.raises(ShapeError, match="multiple of 16"):
@@ -86,7 +93,7 @@ def test_linear_takes_the_kernel_for_few_float32_rows_without_gradients(monkeypa
     y = linear(x[None], w, b)  # [1, 3, 64]: 3 rows
     assert calls == [3] and y.shape == (1, 3, 96)
     torch.testing.assert_close(y[0], F.linear(x, w, b), rtol=1e-5, atol=1e-5)
-    linear(torch.randn(5, 64), w, b)  # 5 rows: not the kernel
+    linear(torch.randn(17, 64), w, b)  # 17 rows: not the kernel
     linear(x.double(), w.double(), b.double())  # float64
     linear(torch.randn(1, 40), torch.randn(96, 40))  # K not a multiple of 16
     linear(x[:1], w.T.contiguous().T, b)  # W not contiguous
@@ -98,6 +105,26 @@ def test_linear_takes_the_kernel_for_few_float32_rows_without_gradients(monkeypa
     with torch.no_grad():
         linear(x[:1], wg, b)
     assert calls == [3, 1]
+
+
+def test_linear_takes_the_kernel_up_to_9_rows_then_onednn_copies_where_they_exist(monkeypatch):
+    """Up to KERNEL_FIRST_ROWS rows the kernel even where packed_for_rows made a copy; past it the copy (and the
+    kernel again, up to 16 rows, where there is none); kernel_takes_rows says which row counts need no copy."""
+    from archlab.nn.linear import KERNEL_FIRST_ROWS, Linear, kernel_takes_rows, packed_for_rows
+
+    calls = count_kernel_calls(monkeypatch)
+    layer = Linear(64, 4096)
+    with torch.no_grad():
+        for m in (9, 10, 16):
+            linear(torch.randn(m, 64), layer.weight, layer.bias)
+        assert calls == [9, 10, 16]
+        with packed_for_rows(torch.nn.Sequential(layer), 10) as packed:
+            assert packed == (1 if linear_module.onednn_packing_available() else 0)
+            for m in (9, 10, 16, 17):
+                x = torch.randn(m, 64)
+                torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-4, atol=1e-4)
+    assert calls == [9, 10, 16, 9] + ([] if packed else [10, 16])
+    assert KERNEL_FIRST_ROWS == 9 and kernel_takes_rows(9) and not kernel_takes_rows(10) and not kernel_takes_rows(0)
 
 
 def test_packed_linear_uses_the_kernel_and_makes_no_copy(monkeypatch):
@@ -402,4 +429,3 @@ def test_compiled_products_and_attention_equal_eager():
     with torch.inference_mode():
         for got, want in zip(compiled(x, w, b, q, k, v, pos, starts), both(x, w, b, q, k, v, pos, starts)):
             assert torch.equal(got, want)
-    assert linear_module.MAX_SPLIT_ROWS >= kernels.F32_MAX_ROWS

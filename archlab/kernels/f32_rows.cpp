@@ -1,19 +1,27 @@
 // archlab's float32 kernel for a few rows (archlab/kernels/__init__.py describes it): y = x W^T + b
-//   y[m, n] = b[n] + sum_k x[m, k] W[n, k]        x [..., K] of M = 1..4 rows; W [N, K] row-major as nn.Linear
+//   y[m, n] = b[n] + sum_k x[m, k] W[n, k]        x [..., K] of M = 1..16 rows; W [N, K] row-major as nn.Linear
 // keeps it; y [..., N] (x's leading dimensions: one call, no reshape around it)
-// One output row at a time, its K weights read front to back (one sequential stream per thread: walking several
-// rows side by side halved the rate a core streams at, measured on the AMD EPYC kind). The sum: 16 lanes, lane i
-// holding the inputs k = 16 j + i; blocks j alternate between two chains (even j, odd j), each an FMA per block;
-// then chain 0 + chain 1 lane by lane, the 16 lanes halved 8 + 8, 4 + 4, 2 + 2, 1 + 1; then + b[n]. The AVX2
-// variant carries each 16-lane chain as two 8-lane halves and halves the same way, so both variants compute the
-// same operations in the same order: the same result to the bit, and a row's result does not depend on M.
+// Every (m, n) is summed the same way: 16 lanes, lane i holding the inputs k = 16 j + i; blocks j alternate between
+// two chains (even j, odd j), each an FMA per block; then chain 0 + chain 1 lane by lane, the 16 lanes halved
+// 8 + 8, 4 + 4, 2 + 2, 1 + 1; then + b[n]. The AVX2 variant carries each 16-lane chain as two 8-lane halves and
+// halves the same way, so both variants compute the same operations in the same order: the same result to the bit,
+// and a row's result does not depend on M nor on which loop below computed it.
+// 1-4 rows (memory-bound: each weight read once, for at most 4 multiply-adds): one output row at a time, its K
+// weights read front to back (one sequential stream per thread: walking several rows side by side halved the rate a
+// core streams at, measured on the AMD EPYC kind).
+// 5-16 rows (bound by the multiply-adds): AVX-512 tiles of NB output rows x R input rows, all 2 NB R chains in
+// registers, so each weight vector loaded serves R multiply-adds and each x vector NB; the rows of x in groups of at
+// most R, the tile's NB weight rows re-read from L1 by the groups after the first. AVX2 (16 registers): the 1-4-row
+// loop per output row and group of at most 4 rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "lanes.h"
@@ -21,8 +29,10 @@
 namespace {
 
 using archlab_lanes::fold16;
+using archlab_lanes::fold16x16;
 using archlab_lanes::kLanes;
-constexpr int64_t kMaxRows = 4;  // past 4 rows the product is bound by FMAs, and oneDNN's packed GEMM wins
+constexpr int64_t kMaxRows = 16;
+constexpr int kStreamRows = 4;  // up to this many rows: one output row at a time (rows512 / rows256)
 constexpr int64_t kGrainElements = 1 << 15;  // weights per thread at least: a smaller product stays on one thread
 
 struct Args {
@@ -36,8 +46,8 @@ struct Args {
 inline void store(const Args& a, int m, int64_t n, float dot) { a.y[m * a.N + n] = a.b ? dot + a.b[n] : dot; }
 
 // output rows n0 .. n1 against the M rows of x (M <= 4), each weight row in two chains of 16 lanes. Measured at 2
-// threads on [1536, 576]: 1 row 24 us, 4 rows 52 (oneDNN's packed GEMM 53); a 10-row version 138 against oneDNN's
-// 99 (multiply-adds bound it by then): hence kMaxRows.
+// threads on [1536, 576]: 1 row 24 us, 4 rows 52 (oneDNN's packed GEMM 53); this loop at 10 rows 138 against
+// oneDNN's 99 (each x vector loaded for one multiply-add): hence the tiles below past kStreamRows.
 template <int M>
 ARCHLAB_AVX512 void rows512(const Args& a, int64_t n0, int64_t n1) {
   const int64_t K = a.K, B = K / kLanes;
@@ -96,11 +106,111 @@ ARCHLAB_AVX2 void rows256(const Args& a, int64_t n0, int64_t n1) {
   }
 }
 
+// The AVX-512 tiles for 5-16 rows, measured at 2 threads on the AMD EPYC (AVX-512) over SmolLM2-135M's 121 matrices
+// (538 MB, so every weight comes from memory), in-process rounds against oneDNN's packed copies: 5 rows 24.5 ms
+// against 26.7, 9 rows 27.8 against 27.7, 10 rows 31.5 against 31.5, 12 rows 42 against 34, 16 rows 58 against 40
+// (archlab.nn.linear takes the kernel first up to 9 rows). 2 x 6 tiles beat 1 x 12, 3 x 4 and 4 x 3; without the
+// prefetch the 9-row products took 45 ms: the multiply-adds between a thread's loads leave too few of them in flight
+// for the weights to stream, so each tile asks for the weights of the tile kAhead tiles on, into L2.
+constexpr int kTileOut = 2;   // NB: output rows of a tile
+constexpr int kTileRows = 6;  // R at most: rows of x of a tile (2 NB R = 24 chains, 2 NB weight vectors, 2 of x)
+constexpr int kAhead = 4;     // tiles between a tile and the one whose weights it prefetches
+
+// x's rows m0 .. of a (and y's), as Args of the rows from m0
+inline Args rows_from(const Args& a, int m0) { return Args{a.x + m0 * a.K, a.w, a.b, a.y + m0 * a.N, a.K, a.N}; }
+
+// outputs n .. n + NB - 1 against the R rows of a: rows512's chains, NB R of them held at once; ahead (or nullptr):
+// weights to prefetch into L2, NB rows of K from there
+template <int NB, int R>
+ARCHLAB_AVX512 void tile512(const Args& a, int64_t n, const float* ahead) {
+  const int64_t K = a.K, B = K / kLanes;
+  const float* w = a.w + n * K;
+  const float* x = a.x;
+  __m512 c0[NB][R], c1[NB][R];
+  for (int o = 0; o < NB; ++o)
+    for (int r = 0; r < R; ++r) c0[o][r] = c1[o][r] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 2 <= B; j += 2) {
+    __m512 w0[NB], w1[NB];
+    if (ahead)
+      for (int o = 0; o < NB; ++o) {
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + o * K + j * kLanes), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + o * K + j * kLanes + kLanes), _MM_HINT_T1);
+      }
+    for (int o = 0; o < NB; ++o) {
+      w0[o] = _mm512_loadu_ps(w + o * K + j * kLanes);
+      w1[o] = _mm512_loadu_ps(w + o * K + j * kLanes + kLanes);
+    }
+    for (int r = 0; r < R; ++r) {
+      __m512 x0 = _mm512_loadu_ps(x + r * K + j * kLanes), x1 = _mm512_loadu_ps(x + r * K + j * kLanes + kLanes);
+      asm("" : "+v"(x0), "+v"(x1));  // held in registers: one load of x serves NB multiply-adds (gcc would re-read it)
+      for (int o = 0; o < NB; ++o) {
+        c0[o][r] = _mm512_fmadd_ps(w0[o], x0, c0[o][r]);
+        c1[o][r] = _mm512_fmadd_ps(w1[o], x1, c1[o][r]);
+      }
+    }
+  }
+  if (j < B) {
+    for (int o = 0; o < NB; ++o) {
+      const __m512 w0 = _mm512_loadu_ps(w + o * K + j * kLanes);
+      for (int r = 0; r < R; ++r) c0[o][r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * K + j * kLanes), c0[o][r]);
+    }
+  }
+  // chain 0 + chain 1, then the folds 16 at a time (fold16x16: fold16's operations); sum i is (o, r) = (i / R, i % R)
+  constexpr int S = NB * R, F = (S + 15) / 16;
+  __m512 sums[16 * F];
+  for (int i = 0; i < 16 * F; ++i)
+    sums[i] = i < S ? _mm512_add_ps(c0[i / R][i % R], c1[i / R][i % R]) : _mm512_setzero_ps();
+  for (int f = 0; f < F; ++f) {
+    alignas(64) float folded[16];
+    _mm512_store_ps(folded, fold16x16(sums + 16 * f));
+    for (int i = 16 * f; i < std::min(S, 16 * f + 16); ++i) {
+      const int l = i - 16 * f;
+      store(a, i % R, n + i / R, folded[4 * (l % 4) + l / 4]);
+    }
+  }
+}
+
+using TileFn = void (*)(const Args&, int64_t, const float*);
+
+template <int NB, int... R>
+constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int, R...>) {
+  return {tile512<NB, R + 1>...};
+}
+
+// output rows n0 .. n1 against M = 5..16 rows of x: NB output rows at a time (one at a time at the end), each
+// against the rows of x in groups of at most kTileRows, as even as they come
+ARCHLAB_AVX512 void tiles512(const Args& a, int64_t n0, int64_t n1, int M) {
+  static constexpr auto wide = tile_table<kTileOut>(std::make_integer_sequence<int, kTileRows>());
+  static constexpr auto one = tile_table<1>(std::make_integer_sequence<int, kTileRows>());
+  const int groups = (M + kTileRows - 1) / kTileRows;
+  int64_t n = n0;
+  for (; n + kTileOut <= n1; n += kTileOut) {
+    const int64_t next = n + kAhead * kTileOut;
+    const float* ahead = next + kTileOut <= a.N ? a.w + next * a.K : nullptr;
+    for (int g = 0, m0 = 0; g < groups; m0 += (M - m0) / (groups - g), ++g)
+      wide[(M - m0) / (groups - g) - 1](rows_from(a, m0), n, g == 0 ? ahead : nullptr);
+  }
+  for (; n < n1; ++n)
+    for (int g = 0, m0 = 0; g < groups; m0 += (M - m0) / (groups - g), ++g)
+      one[(M - m0) / (groups - g) - 1](rows_from(a, m0), n, nullptr);
+}
+
 using Fn = void (*)(const Args&, int64_t, int64_t);
 
 template <int M>
 Fn pick(int64_t isa) {
   return isa == 512 ? rows512<M> : rows256<M>;
+}
+
+// AVX2, M = 5..16 rows: each output row against the rows of x in groups of at most 4 (the row's weights re-read
+// from L1 by the groups after the first)
+ARCHLAB_AVX2 void groups256(const Args& a, int64_t n0, int64_t n1, int M) {
+  static constexpr Fn fns[] = {rows256<1>, rows256<2>, rows256<3>, rows256<4>};
+  const int groups = (M + kStreamRows - 1) / kStreamRows;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int g = 0, m0 = 0; g < groups; m0 += (M - m0) / (groups - g), ++g)
+      fns[(M - m0) / (groups - g) - 1](rows_from(a, m0), n, n + 1);
 }
 
 at::Tensor f32_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -121,10 +231,20 @@ at::Tensor f32_rows(const at::Tensor& x, const at::Tensor& weight, const c10::op
   at::Tensor y = at::empty(shape, x.options());
   const Args a{xc.data_ptr<float>(), weight.data_ptr<float>(), bias ? bc.data_ptr<float>() : nullptr,
                y.data_ptr<float>(), K, N};
-  const Fn fns[] = {pick<1>(isa), pick<2>(isa), pick<3>(isa), pick<4>(isa)};
-  const Fn fn = fns[M - 1];
   const int64_t grain = std::max<int64_t>(1, kGrainElements / K);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { fn(a, n0, n1); });
+  if (M <= kStreamRows) {
+    const Fn fns[] = {pick<1>(isa), pick<2>(isa), pick<3>(isa), pick<4>(isa)};
+    const Fn fn = fns[M - 1];
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { fn(a, n0, n1); });
+  } else {
+    const int rows = static_cast<int>(M);
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      if (isa == 512)
+        tiles512(a, n0, n1, rows);
+      else
+        groups256(a, n0, n1, rows);
+    });
+  }
   return y;
 }
 

@@ -52,7 +52,14 @@ from archlab.nn.efficient import (
 )
 from archlab.nn.feedforward import FeedForward, GatedFeedForward, build_feedforward
 from archlab.nn.inputs import check_token_ids
-from archlab.nn.linear import Linear, PackedLinear, RefreshedCopies, onednn_packing_available, packed_for_rows
+from archlab.nn.linear import (
+    Linear,
+    PackedLinear,
+    RefreshedCopies,
+    kernel_takes_rows,
+    onednn_packing_available,
+    packed_for_rows,
+)
 from archlab.nn.lora import (
     LoRALinear,
     LoRAReport,
@@ -120,6 +127,6 @@ __all__ = [
     "LoRALinear", "LoRAReport", "apply_lora", "linear_names", "lora_layers", "lora_parameters", "lora_report",
     "merge_lora", "unload_lora", "unmerge_lora",
     # linear layers, loss, input checks
-    "Linear", "PackedLinear", "RefreshedCopies", "packed_for_rows", "onednn_packing_available", "linear_cross_entropy",
-    "check_token_ids",
+    "Linear", "PackedLinear", "RefreshedCopies", "packed_for_rows", "onednn_packing_available", "kernel_takes_rows",
+    "linear_cross_entropy", "check_token_ids",
 ]  # fmt: skip

@@ -8,7 +8,8 @@ a plain ``W.sum()`` reads 74 GB/s with 2). The remedies, written once here:
 
 * :func:`linear` runs a product of at most :data:`archlab.kernels.F32_MAX_ROWS` float32 rows on a CPU through
   archlab's float32 kernel (:func:`archlab.kernels.f32_rows`): ``W`` read in place, the output rows split over the
-  threads, each row's weights one sequential stream. gpt-mini's ``[50304, 384]`` LM head took 1.7 ms against 4.2 ms
+  threads, each row's weights one sequential stream (from 5 rows, tiles of rows held in registers; past
+  :data:`KERNEL_FIRST_ROWS` rows a oneDNN-packed copy of ``W`` is taken instead where one exists, below). gpt-mini's ``[50304, 384]`` LM head took 1.7 ms against 4.2 ms
   for the split ``torch.bmm`` below, and a ``[1536, 384]`` block matrix 18 against 41 us (2 threads, AMD EPYC kind).
   The kernel gives the same result to the bit on AVX-512 and AVX2 CPUs. It serves where archlab's kernels run
   (:func:`archlab.kernels.f32_kernel`: built at first use; without a compiler a warning says so once), ``K`` is a
@@ -27,9 +28,10 @@ tokens) is no better served by ``F.linear``: measured on SmolLM2-135M's layers, 
 row where they stream the same weights (the BLAS repacks ``W`` on every call). :func:`packed_for_rows`
 gives every float32 layer of a model, for the duration of a ``with`` block, a copy of ``W`` in oneDNN's
 own blocked layout; :func:`linear` then runs every product of 2 rows or more that archlab's float32 kernel does
-not take (it takes 1-4 rows where it runs: at 4 rows it was as fast as oneDNN, at 10 1.4x slower, the product then
-bound by its multiply-adds) through oneDNN's matmul on it (1.2-2.3x faster than ``F.linear`` at 10 rows; the
-49,152-row LM head 2x). The same copy serves the
+not take first (it takes 1-:data:`KERNEL_FIRST_ROWS` rows where it runs, as fast as oneDNN's copies or faster over
+SmolLM2-135M's matrices, and slower from 11 rows: ``f32_rows.cpp``) through oneDNN's matmul on it (1.2-2.3x faster
+than ``F.linear`` at 10 rows; the 49,152-row LM head 2x). Where every few-row product is the kernel's (a speculative
+verify pass of up to 9 rows, :func:`kernel_takes_rows`), no copy is needed. The same copy serves the
 prompt's prefill inside the block (1,440 rows: oneDNN 25 ms against MKL's sgemm 31 ms on a ``[1536, 576]``
 SmolLM2 layer, one thread on the AMD EPYC kind). The copies cost the weights' memory again while the block runs.
 
@@ -58,6 +60,12 @@ from archlab.hardware import cpu_features, kernel_capability
 MAX_SPLIT_ROWS = 4
 #: below this many weight elements a matrix stays in cache and one kernel call is cheaper
 MIN_SPLIT_ELEMENTS = 1 << 16
+#: up to this many rows archlab's float32 kernel takes a product even where the weight has a oneDNN-packed copy
+#: (:func:`packed_for_rows`); past it, up to :data:`archlab.kernels.F32_MAX_ROWS`, only where it has none. Over
+#: SmolLM2-135M's 121 matrices at 2 threads (AMD EPYC, in-process rounds, ms, kernel against oneDNN's copies): 5 rows
+#: 24.5 / 26.7, 9 rows 27.8 / 27.7, 10 rows 31.5 / 31.5, 12 rows 42 / 34, 16 rows 58 / 40; capped at AVX2, 5 rows
+#: 32.6 / 44.3, 9 rows 53 / 61, 10 rows 56 / 47.
+KERNEL_FIRST_ROWS = 9
 
 # id(weight) -> (a weak reference to it, its _version when packed, the oneDNN-packed copy)
 _ONEDNN_PACKED: dict[int, tuple[weakref.ref, int, Tensor]] = {}
@@ -72,13 +80,22 @@ def _threads() -> int:
 
 def _f32_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     """``F.linear(x, weight, bias)`` on archlab's float32 kernel where it serves (no gradient recorded, arguments it
-    takes: :func:`archlab.kernels.f32_rows_problem`, the kernel built here), else None."""
+    takes: :func:`archlab.kernels.f32_rows_problem`, the kernel built here, and past :data:`KERNEL_FIRST_ROWS` rows
+    no oneDNN-packed copy of ``weight``), else None."""
     grads = weight.requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)
     if torch.is_grad_enabled() and grads:
         return None  # the kernel has no backward
     if kernels.f32_rows_problem(x, weight, bias) is not None or kernels.f32_kernel() == 0:
         return None
+    if _rows(x) > KERNEL_FIRST_ROWS and not torch.compiler.is_compiling() and _onednn_copy(weight, x) is not None:
+        return None  # oneDNN's copy is the faster there
     return torch.ops.archlab_kernels.f32_rows(x, weight, bias, kernels.f32_kernel())
+
+
+def kernel_takes_rows(rows: int) -> bool:
+    """Whether archlab's float32 kernel runs here and takes first a float32 product of ``rows`` rows
+    (:data:`KERNEL_FIRST_ROWS`): then such products gain nothing from :func:`packed_for_rows`'s copies."""
+    return 1 <= rows <= KERNEL_FIRST_ROWS and kernels.f32_kernel() != 0
 
 
 def _blocks(d_out: int, device: torch.device) -> int:
@@ -103,7 +120,8 @@ def _blocked_product(x: Tensor, blocks: Tensor, bias: Tensor | None) -> Tensor:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``: ``x [..., d_in]``, ``weight [d_out, d_in]`` -> ``[..., d_out]``.
 
-    Where archlab's float32 kernel serves it (1-4 float32 rows, module docstring), the product is the kernel's;
+    Where archlab's float32 kernel serves it (1-16 float32 rows, past :data:`KERNEL_FIRST_ROWS` only without a
+    oneDNN-packed copy; module docstring), the product is the kernel's;
     else with 2 rows or more and a packed copy of ``weight`` (:func:`packed_for_rows`), oneDNN's on that copy; else
     with at most :data:`MAX_SPLIT_ROWS` rows on a multi-threaded CPU,
     it runs as ``k`` blocks of output features, one per thread (see the module docstring); otherwise it is
@@ -155,7 +173,7 @@ class PackedLinear:
     count, a matrix under :data:`MIN_SPLIT_ELEMENTS`, many rows, another dtype, autograd recording a product that needs gradients) the call is
     :func:`linear` on ``weight`` (``F.linear``, or a oneDNN-packed copy of ``weight`` for a few rows).
     A product of 2 rows or more where ``weight`` has a oneDNN-packed copy (:func:`packed_for_rows`) is
-    :func:`linear`'s (archlab's float32 kernel for 1-4 rows where it runs, else oneDNN's on that copy), as for
+    :func:`linear`'s (archlab's float32 kernel for 1-9 rows where it runs, else oneDNN's on that copy), as for
     every other layer: for 2-4 rows of SmolLM2's ``[49152, 576]`` head at 2 threads oneDNN took 9-18 ms against
     26-37 ms on the blocks (best of 60, loaded AMD EPYC). The copy (:attr:`blocks`) is
     made at the first product that reads it, so a decoding cache whose head only serves such products (the rows of
@@ -291,7 +309,8 @@ def weights_fingerprint(model: nn.Module, samples: int = 16) -> Tensor:
 @contextlib.contextmanager
 def packed_for_rows(model: nn.Module, rows: int, *, bf16: bool = False) -> Iterator[int]:
     """Within the block, products of 2 rows or more through ``model``'s layers (a prompt's prefill too; not those
-    archlab's float32 kernel takes, 1-4 rows where it runs) run on oneDNN-packed copies of their weights (module
+    archlab's float32 kernel takes first, 1-:data:`KERNEL_FIRST_ROWS` rows where it runs) run on oneDNN-packed
+    copies of their weights (module
     docstring); yields how many layers got one.
 
     Packed: every ``nn.Linear`` weight that is float32 (and bfloat16 with ``bf16=True``), on the CPU, of at least
