@@ -34,7 +34,7 @@ def rows_case(m: int, n: int, k: int, seed: int = 0):
 def test_f32_rows_equal_the_float64_product_within_float32_rounding(isa, n, k):
     """K/16 blocks in two chains, 4 folds and the bias: each result is a sum of at most K/32 + 6 roundings deep, so
     |y - y64| <= (K/16 + 6) u (|x| |W|^T + |b|)."""
-    for m in (1, 2, 3, 4, 5, 9, 13, 16):  # 5-16: the AVX-512 tiles (2 output rows, up to 6 of x), AVX2 groups of 4
+    for m in (1, 2, 3, 4, 5, 9, 13, 16):  # 2-16: the AVX-512 tiles (2 output rows, up to 6 of x); AVX2 5-16 groups of 4
         x, w, b = rows_case(m, n, k, seed=m)
         for bias in (b, None):
             y = torch.ops.archlab_kernels.f32_rows(x, w, bias, isa)
@@ -44,7 +44,7 @@ def test_f32_rows_equal_the_float64_product_within_float32_rounding(isa, n, k):
             assert ((y.double() - ref).abs() <= (k / 16 + 6) * U32 * scale).all()
 
 
-@pytest.mark.parametrize("m", [4, 5, 7, 9, 12, 16])
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 7, 9, 12, 16])
 @pytest.mark.parametrize("n, k", [(257, 400), (3, 48), (1000, 576)])
 def test_f32_rows_variants_equal_to_the_bit_and_rows_independent_of_the_batch(m, n, k):
     """Every (m, n) is summed the same way whichever loop computes it: the one-row stream, a 2 x R tile (an odd N

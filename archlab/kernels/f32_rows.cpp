@@ -6,13 +6,12 @@
 // 8 + 8, 4 + 4, 2 + 2, 1 + 1; then + b[n]. The AVX2 variant carries each 16-lane chain as two 8-lane halves and
 // halves the same way, so both variants compute the same operations in the same order: the same result to the bit,
 // and a row's result does not depend on M nor on which loop below computed it.
-// 1-4 rows (memory-bound: each weight read once, for at most 4 multiply-adds): one output row at a time, its K
-// weights read front to back (one sequential stream per thread: walking several rows side by side halved the rate a
-// core streams at, measured on the AMD EPYC kind).
-// 5-16 rows (bound by the multiply-adds): AVX-512 tiles of NB output rows x R input rows, all 2 NB R chains in
-// registers, so each weight vector loaded serves R multiply-adds and each x vector NB; the rows of x in groups of at
-// most R, the tile's NB weight rows re-read from L1 by the groups after the first. AVX2 (16 registers): the 1-4-row
-// loop per output row and group of at most 4 rows.
+// One row (memory-bound: each weight read once, for one multiply-add): one output row at a time, its K weights read
+// front to back, one sequential stream per thread.
+// 2-16 rows, AVX-512: tiles of NB output rows x R rows of x, all 2 NB R chains in registers, so each weight vector
+// loaded serves R multiply-adds and each x vector NB; the rows of x in groups of at most R, the tile's NB weight rows
+// re-read from L1 by the groups after the first; the weights of a tile kAhead tiles on prefetched into L2. AVX2 (16
+// registers): the one-row loop carrying up to 4 rows, per output row and group of at most 4 rows past 4.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -32,7 +31,7 @@ using archlab_lanes::fold16;
 using archlab_lanes::fold16x16;
 using archlab_lanes::kLanes;
 constexpr int64_t kMaxRows = 16;
-constexpr int kStreamRows = 4;  // up to this many rows: one output row at a time (rows512 / rows256)
+constexpr int kStreamRows = 4;  // AVX2: up to this many rows in one pass of rows256
 constexpr int64_t kGrainElements = 1 << 15;  // weights per thread at least: a smaller product stays on one thread
 
 struct Args {
@@ -47,7 +46,7 @@ inline void store(const Args& a, int m, int64_t n, float dot) { a.y[m * a.N + n]
 
 // output rows n0 .. n1 against the M rows of x (M <= 4), each weight row in two chains of 16 lanes. Measured at 2
 // threads on [1536, 576]: 1 row 24 us, 4 rows 52 (oneDNN's packed GEMM 53); this loop at 10 rows 138 against
-// oneDNN's 99 (each x vector loaded for one multiply-add): hence the tiles below past kStreamRows.
+// oneDNN's 99 (each x vector loaded for one multiply-add): hence the tiles below (AVX-512 runs this loop for 1 row).
 template <int M>
 ARCHLAB_AVX512 void rows512(const Args& a, int64_t n0, int64_t n1) {
   const int64_t K = a.K, B = K / kLanes;
@@ -106,12 +105,15 @@ ARCHLAB_AVX2 void rows256(const Args& a, int64_t n0, int64_t n1) {
   }
 }
 
-// The AVX-512 tiles for 5-16 rows, measured at 2 threads on the AMD EPYC (AVX-512) over SmolLM2-135M's 121 matrices
-// (538 MB, so every weight comes from memory), in-process rounds against oneDNN's packed copies: 5 rows 24.5 ms
-// against 26.7, 9 rows 27.8 against 27.7, 10 rows 31.5 against 31.5, 12 rows 42 against 34, 16 rows 58 against 40
-// (archlab.nn.linear takes the kernel first up to 9 rows). 2 x 6 tiles beat 1 x 12, 3 x 4 and 4 x 3; without the
-// prefetch the 9-row products took 45 ms: the multiply-adds between a thread's loads leave too few of them in flight
-// for the weights to stream, so each tile asks for the weights of the tile kAhead tiles on, into L2.
+// The AVX-512 tiles, measured at 2 threads on the AMD EPYC (AVX-512) over SmolLM2-135M's 121 matrices (538 MB, so
+// every weight comes from memory), in-process rounds, ms, against oneDNN's packed copies: 5 rows 24.5 / 26.7, 9 rows
+// 27.8 / 27.7, 10 rows 31.5 / 31.5, 12 rows 42 / 34, 16 rows 58 / 40 (archlab.nn.linear takes the kernel first up
+// to 9 rows); and against rows512 carrying the rows (two rounds): 2 rows 24.7 / 26.9 and 22.3 / 23.8, 3 rows 23.2 /
+// 26.5 and 17.8 / 19.0, 4 rows 19.7 / 23.4 and 20.5 / 23.9 (1 row: 16.7 / 16.8 and 21.7 / 21.3, so one row stays
+// on rows512). 2 x 6 tiles beat 1 x 12, 3 x 4 and 4 x 3; without the prefetch the 9-row products took 45 ms: the
+// multiply-adds between a thread's loads leave too few of them in flight for the weights to stream. A dot product of
+// K = 576 is 36 multiply-adds and a fold, so the tiles reach about 78% of oneDNN's multiply-add rate with the weights
+// in cache (1 thread, 9 rows: 78 against 96-100 GFLOP/s); oneDNN's broadcast form folds nothing and wins past 10 rows.
 constexpr int kTileOut = 2;   // NB: output rows of a tile
 constexpr int kTileRows = 6;  // R at most: rows of x of a tile (2 NB R = 24 chains, 2 NB weight vectors, 2 of x)
 constexpr int kAhead = 4;     // tiles between a tile and the one whose weights it prefetches
@@ -178,7 +180,7 @@ constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int,
   return {tile512<NB, R + 1>...};
 }
 
-// output rows n0 .. n1 against M = 5..16 rows of x: NB output rows at a time (one at a time at the end), each
+// output rows n0 .. n1 against M = 2..16 rows of x: NB output rows at a time (one at a time at the end), each
 // against the rows of x in groups of at most kTileRows, as even as they come
 ARCHLAB_AVX512 void tiles512(const Args& a, int64_t n0, int64_t n1, int M) {
   static constexpr auto wide = tile_table<kTileOut>(std::make_integer_sequence<int, kTileRows>());
@@ -232,18 +234,15 @@ at::Tensor f32_rows(const at::Tensor& x, const at::Tensor& weight, const c10::op
   const Args a{xc.data_ptr<float>(), weight.data_ptr<float>(), bias ? bc.data_ptr<float>() : nullptr,
                y.data_ptr<float>(), K, N};
   const int64_t grain = std::max<int64_t>(1, kGrainElements / K);
-  if (M <= kStreamRows) {
+  const int rows = static_cast<int>(M);
+  if (isa == 512 && M > 1) {
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { tiles512(a, n0, n1, rows); });
+  } else if (M <= kStreamRows) {
     const Fn fns[] = {pick<1>(isa), pick<2>(isa), pick<3>(isa), pick<4>(isa)};
     const Fn fn = fns[M - 1];
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { fn(a, n0, n1); });
   } else {
-    const int rows = static_cast<int>(M);
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      if (isa == 512)
-        tiles512(a, n0, n1, rows);
-      else
-        groups256(a, n0, n1, rows);
-    });
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { groups256(a, n0, n1, rows); });
   }
   return y;
 }
