@@ -43,7 +43,8 @@ ARCHLAB_AVX512 inline __m512 fold16x16(const __m512* v) {
     w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
                          _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
   for (int i = 0; i < 2; ++i)  // 2 + 2: in 128-bit lane q, w[2i]'s pair of v[..+q], then w[2i + 1]'s
-    z[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44), _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
+    z[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
   // 1 + 1: in 128-bit lane q, the folds of v[q], v[4 + q], v[8 + q], v[12 + q]
   return _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
 }

@@ -8,9 +8,10 @@ a plain ``W.sum()`` reads 74 GB/s with 2). The remedies, written once here:
 
 * :func:`linear` runs a product of at most :data:`archlab.kernels.F32_MAX_ROWS` float32 rows on a CPU through
   archlab's float32 kernel (:func:`archlab.kernels.f32_rows`): ``W`` read in place, the output rows split over the
-  threads, each row's weights one sequential stream (from 5 rows, tiles of rows held in registers; past
-  :data:`KERNEL_FIRST_ROWS` rows a oneDNN-packed copy of ``W`` is taken instead where one exists, below). gpt-mini's ``[50304, 384]`` LM head took 1.7 ms against 4.2 ms
-  for the split ``torch.bmm`` below, and a ``[1536, 384]`` block matrix 18 against 41 us (2 threads, AMD EPYC kind).
+  threads, each row's weights one sequential stream (from 2 rows on AVX-512, tiles of rows held in registers; past
+  :data:`KERNEL_FIRST_ROWS` rows a oneDNN-packed copy of ``W`` is taken instead where one exists, below). gpt-mini's
+  ``[50304, 384]`` LM head took 1.7 ms against 4.2 ms for the split ``torch.bmm`` below, and a ``[1536, 384]`` block
+  matrix 18 against 41 us (2 threads, AMD EPYC kind).
   The kernel gives the same result to the bit on AVX-512 and AVX2 CPUs. It serves where archlab's kernels run
   (:func:`archlab.kernels.f32_kernel`: built at first use; without a compiler a warning says so once), ``K`` is a
   multiple of 16, ``W`` is contiguous and no gradient is recorded (it has no backward).
@@ -310,8 +311,7 @@ def weights_fingerprint(model: nn.Module, samples: int = 16) -> Tensor:
 def packed_for_rows(model: nn.Module, rows: int, *, bf16: bool = False) -> Iterator[int]:
     """Within the block, products of 2 rows or more through ``model``'s layers (a prompt's prefill too; not those
     archlab's float32 kernel takes first, 1-:data:`KERNEL_FIRST_ROWS` rows where it runs) run on oneDNN-packed
-    copies of their weights (module
-    docstring); yields how many layers got one.
+    copies of their weights (module docstring); yields how many layers got one.
 
     Packed: every ``nn.Linear`` weight that is float32 (and bfloat16 with ``bf16=True``), on the CPU, of at least
     :data:`MIN_SPLIT_ELEMENTS` elements, whose layer computes through :func:`linear` (archlab's :func:`Linear`; the
