@@ -49,8 +49,8 @@ def policies(k: int) -> dict[str, Policy]:
         lengths = {1: one, 2: two}
 
         def policy(t, m, lengths=lengths):
-            n = lengths.get(match_length(t), k)
-            return prompt_lookup(t, min(m, n), 4, 1) if match_length(t) else []
+            length = match_length(t)
+            return prompt_lookup(t, min(m, lengths.get(length, k)), 4, 1) if length else []
 
         by_match[f"by match: 1 token -> {one}, 2 -> {two}, 3+ -> {k}"] = policy
     return fixed | by_match

@@ -414,18 +414,26 @@ def test_static_decoder_one_token_attention_on_the_kernel_equals_sdpa(preset, mo
     torch.testing.assert_close(with_kernel, step_logits(), rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_products_and_attention_equal_eager():
+def test_compiled_products_and_attention_equal_eager(monkeypatch):
+    """One row and 12 (a compiled batch's step: the kernel takes up to 16 rows in a graph) through linear(), and the
+    attention ops, traced as static_decoding traces them: the eager results to the bit, the products the kernel's."""
     x, w, b = rows_case(1, 96, 64)
+    x12 = rows_case(12, 96, 64, seed=1)[0]
     q, k, v = attention_case(2, 4, 2, 10, 32)
     pos, starts = torch.tensor([6]), torch.tensor([2, 0])
 
-    def both(x, w, b, q, k, v, pos, starts):
+    def both(x, x12, w, b, q, k, v, pos, starts):
         attention = torch.ops.archlab_kernels.one_query_attention(q, k, v, pos, 32**-0.5, kernels.f32_kernel())
         padded = torch.ops.archlab_kernels.one_query_attention_padded(q, k, v, starts, pos, 32**-0.5,
                                                                       kernels.f32_kernel())  # fmt: skip
-        return linear(x, w, b), attention, padded  # as archlab.static_decoding calls them (and the padded op)
+        # as archlab.static_decoding calls them (and the padded op)
+        return linear(x, w, b), linear(x12, w, b), attention, padded
 
     compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
+    args = (x, x12, w, b, q, k, v, pos, starts)
     with torch.inference_mode():
-        for got, want in zip(compiled(x, w, b, q, k, v, pos, starts), both(x, w, b, q, k, v, pos, starts)):
+        traced = compiled(*args)
+        calls = count_kernel_calls(monkeypatch)  # (after tracing: the counter is not an op torch.compile can trace)
+        for got, want in zip(traced, both(*args), strict=True):
             assert torch.equal(got, want)
+    assert calls == [1, 12]  # the eager products: the kernel's

@@ -44,30 +44,21 @@ struct Args {
 
 inline void store(const Args& a, int m, int64_t n, float dot) { a.y[m * a.N + n] = a.b ? dot + a.b[n] : dot; }
 
-// output rows n0 .. n1 against the M rows of x (M <= 4), each weight row in two chains of 16 lanes. Measured at 2
-// threads on [1536, 576]: 1 row 24 us, 4 rows 52 (oneDNN's packed GEMM 53); this loop at 10 rows 138 against
-// oneDNN's 99 (each x vector loaded for one multiply-add): hence the tiles below (AVX-512 runs this loop for 1 row).
-template <int M>
-ARCHLAB_AVX512 void rows512(const Args& a, int64_t n0, int64_t n1) {
+// output rows n0 .. n1 against one row of x, each weight row in two chains of 16 lanes: one sequential stream per
+// thread. Measured at 2 threads on [1536, 576]: 24 us; carrying 4 rows 52 (oneDNN's packed GEMM 53), 10 rows 138
+// against oneDNN's 99 (each x vector loaded for one multiply-add): hence the tiles below from 2 rows.
+ARCHLAB_AVX512 void row512(const Args& a, int64_t n0, int64_t n1) {
   const int64_t K = a.K, B = K / kLanes;
-  const float* x = a.x;
   for (int64_t n = n0; n < n1; ++n) {
     const float* w = a.w + n * K;
-    __m512 c0[M], c1[M];
-    for (int m = 0; m < M; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
+    __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 2 <= B; j += 2) {
-      const __m512 w0 = _mm512_loadu_ps(w + j * kLanes), w1 = _mm512_loadu_ps(w + j * kLanes + kLanes);
-      for (int m = 0; m < M; ++m) {
-        c0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + j * kLanes), c0[m]);
-        c1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + j * kLanes + kLanes), c1[m]);
-      }
+      c0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j * kLanes), _mm512_loadu_ps(a.x + j * kLanes), c0);
+      c1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j * kLanes + kLanes), _mm512_loadu_ps(a.x + j * kLanes + kLanes), c1);
     }
-    if (j < B) {
-      const __m512 w0 = _mm512_loadu_ps(w + j * kLanes);
-      for (int m = 0; m < M; ++m) c0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + j * kLanes), c0[m]);
-    }
-    for (int m = 0; m < M; ++m) store(a, m, n, fold16(_mm512_add_ps(c0[m], c1[m])));
+    if (j < B) c0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j * kLanes), _mm512_loadu_ps(a.x + j * kLanes), c0);
+    store(a, 0, n, fold16(_mm512_add_ps(c0, c1)));
   }
 }
 
@@ -108,9 +99,9 @@ ARCHLAB_AVX2 void rows256(const Args& a, int64_t n0, int64_t n1) {
 // The AVX-512 tiles, measured at 2 threads on the AMD EPYC (AVX-512) over SmolLM2-135M's 121 matrices (538 MB, so
 // every weight comes from memory), in-process rounds, ms, against oneDNN's packed copies: 5 rows 24.5 / 26.7, 9 rows
 // 27.8 / 27.7, 10 rows 31.5 / 31.5, 12 rows 42 / 34, 16 rows 58 / 40 (archlab.nn.linear takes the kernel first up
-// to 9 rows); and against rows512 carrying the rows (two rounds): 2 rows 24.7 / 26.9 and 22.3 / 23.8, 3 rows 23.2 /
-// 26.5 and 17.8 / 19.0, 4 rows 19.7 / 23.4 and 20.5 / 23.9 (1 row: 16.7 / 16.8 and 21.7 / 21.3, so one row stays
-// on rows512). 2 x 6 tiles beat 1 x 12, 3 x 4 and 4 x 3; without the prefetch the 9-row products took 45 ms: the
+// to 9 rows); and against the one-row loop carrying the rows (two rounds): 2 rows 24.7 / 26.9 and 22.3 / 23.8,
+// 3 rows 23.2 / 26.5 and 17.8 / 19.0, 4 rows 19.7 / 23.4 and 20.5 / 23.9 (1 row: 16.7 / 16.8 and 21.7 / 21.3, so
+// one row stays on row512). 2 x 6 tiles beat 1 x 12, 3 x 4 and 4 x 3; without the prefetch the 9-row products took 45 ms: the
 // multiply-adds between a thread's loads leave too few of them in flight for the weights to stream. A dot product of
 // K = 576 is 36 multiply-adds and a fold, so the tiles reach about 78% of oneDNN's multiply-add rate with the weights
 // in cache (1 thread, 9 rows: 78 against 96-100 GFLOP/s); oneDNN's broadcast form folds nothing and wins past 10 rows.
@@ -121,7 +112,18 @@ constexpr int kAhead = 4;     // tiles between a tile and the one whose weights 
 // x's rows m0 .. of a (and y's), as Args of the rows from m0
 inline Args rows_from(const Args& a, int m0) { return Args{a.x + m0 * a.K, a.w, a.b, a.y + m0 * a.N, a.K, a.N}; }
 
-// outputs n .. n + NB - 1 against the R rows of a: rows512's chains, NB R of them held at once; ahead (or nullptr):
+// the M rows of x in groups of at most `most`, as even as they come: f(first row, rows) for each group
+template <class F>
+inline void for_groups(int M, int most, F&& f) {
+  const int groups = (M + most - 1) / most;
+  for (int g = 0, m0 = 0; g < groups; ++g) {
+    const int r = (M - m0) / (groups - g);
+    f(m0, r);
+    m0 += r;
+  }
+}
+
+// outputs n .. n + NB - 1 against the R rows of a: row512's chains, NB R of them held at once; ahead (or nullptr):
 // weights to prefetch into L2, NB rows of K from there
 template <int NB, int R>
 ARCHLAB_AVX512 void tile512(const Args& a, int64_t n, const float* ahead) {
@@ -185,34 +187,24 @@ constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int,
 ARCHLAB_AVX512 void tiles512(const Args& a, int64_t n0, int64_t n1, int M) {
   static constexpr auto wide = tile_table<kTileOut>(std::make_integer_sequence<int, kTileRows>());
   static constexpr auto one = tile_table<1>(std::make_integer_sequence<int, kTileRows>());
-  const int groups = (M + kTileRows - 1) / kTileRows;
   int64_t n = n0;
   for (; n + kTileOut <= n1; n += kTileOut) {
     const int64_t next = n + kAhead * kTileOut;
     const float* ahead = next + kTileOut <= a.N ? a.w + next * a.K : nullptr;
-    for (int g = 0, m0 = 0; g < groups; m0 += (M - m0) / (groups - g), ++g)
-      wide[(M - m0) / (groups - g) - 1](rows_from(a, m0), n, g == 0 ? ahead : nullptr);
+    for_groups(M, kTileRows, [&](int m0, int r) { wide[r - 1](rows_from(a, m0), n, m0 == 0 ? ahead : nullptr); });
   }
-  for (; n < n1; ++n)
-    for (int g = 0, m0 = 0; g < groups; m0 += (M - m0) / (groups - g), ++g)
-      one[(M - m0) / (groups - g) - 1](rows_from(a, m0), n, nullptr);
+  for (; n < n1; ++n) for_groups(M, kTileRows, [&](int m0, int r) { one[r - 1](rows_from(a, m0), n, nullptr); });
 }
 
 using Fn = void (*)(const Args&, int64_t, int64_t);
 
-template <int M>
-Fn pick(int64_t isa) {
-  return isa == 512 ? rows512<M> : rows256<M>;
-}
-
-// AVX2, M = 5..16 rows: each output row against the rows of x in groups of at most 4 (the row's weights re-read
-// from L1 by the groups after the first)
-ARCHLAB_AVX2 void groups256(const Args& a, int64_t n0, int64_t n1, int M) {
+// AVX2: up to 4 rows in one pass of rows256; past that each output row against the rows of x in groups of at most 4
+// (the row's weights re-read from L1 by the groups after the first)
+ARCHLAB_AVX2 void rows256_any(const Args& a, int64_t n0, int64_t n1, int M) {
   static constexpr Fn fns[] = {rows256<1>, rows256<2>, rows256<3>, rows256<4>};
-  const int groups = (M + kStreamRows - 1) / kStreamRows;
+  if (M <= kStreamRows) return fns[M - 1](a, n0, n1);
   for (int64_t n = n0; n < n1; ++n)
-    for (int g = 0, m0 = 0; g < groups; m0 += (M - m0) / (groups - g), ++g)
-      fns[(M - m0) / (groups - g) - 1](rows_from(a, m0), n, n + 1);
+    for_groups(M, kStreamRows, [&](int m0, int r) { fns[r - 1](rows_from(a, m0), n, n + 1); });
 }
 
 at::Tensor f32_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -235,15 +227,14 @@ at::Tensor f32_rows(const at::Tensor& x, const at::Tensor& weight, const c10::op
                y.data_ptr<float>(), K, N};
   const int64_t grain = std::max<int64_t>(1, kGrainElements / K);
   const int rows = static_cast<int>(M);
-  if (isa == 512 && M > 1) {
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { tiles512(a, n0, n1, rows); });
-  } else if (M <= kStreamRows) {
-    const Fn fns[] = {pick<1>(isa), pick<2>(isa), pick<3>(isa), pick<4>(isa)};
-    const Fn fn = fns[M - 1];
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { fn(a, n0, n1); });
-  } else {
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { groups256(a, n0, n1, rows); });
-  }
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    if (isa == 256)
+      rows256_any(a, n0, n1, rows);
+    else if (rows == 1)
+      row512(a, n0, n1);
+    else
+      tiles512(a, n0, n1, rows);
+  });
   return y;
 }
 
