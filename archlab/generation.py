@@ -395,7 +395,7 @@ def generate_batch(
     (:func:`archlab.models.decoder.positions_from_mask`) and no query attends the padding, so with greedy
     decoding each row's tokens are those ``generate`` gives its prompt alone (up to floating-point near-ties
     in the batched products). A step's attention (float32, CPU) runs on archlab's kernel, each row reading only its
-    own keys (:func:`archlab.kernels.one_query_attention_padded`; sdpa under the padding mask elsewhere).
+    own keys (:func:`archlab.kernels.cached_attention_padded`; sdpa under the padding mask elsewhere).
     A row ends at its first stop token, which its output keeps; the others go on.
     With ``do_sample=True`` (``temperature``, ``top_k``, ``top_p``, ``seed`` as in :func:`generate`) every row
     samples from its own distribution, the draws shared out from one generator.

@@ -16,11 +16,14 @@ A round yields 1 to ``k + 1`` tokens for one pass of the target. The rule (Levia
 al. 2023) makes each token's distribution exactly the target's, whatever the draft: sampled output is
 distributed as :func:`archlab.generation.generate` with ``do_sample=True`` (with the same ``temperature``,
 ``top_k``, ``top_p``, which act on ``p`` and on a draft model's ``q`` alike), and greedy output is
-``generate``'s tokens (up to floating-point near-ties: the target scores ``k + 1`` positions in one product
-instead of one at a time). In bf16 (``precision="auto"`` on a CPU that computes bf16 natively) the two orders of
-rounding part sooner: SmolLM2's greedy explanation of ``benchmarks/speculative.py``'s first abstract left plain
-greedy's at its 30th token, so that benchmark and the equality tests decode in fp32. A good draft only makes it
-faster.
+``generate``'s tokens. In float32 on a CPU with archlab's kernels (``k + 1 <= 9`` rows: the products of
+:func:`archlab.kernels.f32_rows` and the attention of :func:`archlab.kernels.cached_attention`, every other op row by
+row) a verify pass gives each position the logits one-token steps give it, to the bit, so the tokens are equal
+near-ties included; elsewhere (other dtypes, devices, wider passes) the target scores ``k + 1`` positions in one
+product instead of one at a time, so a near-tie may go the other way. In bf16 (``precision="auto"`` on a CPU that
+computes bf16 natively) the two orders of rounding part sooner: SmolLM2's greedy explanation of
+``benchmarks/speculative.py``'s first abstract left plain greedy's at its 30th token, so that benchmark and the
+equality tests decode in fp32. A good draft only makes it faster.
 
 Drafts (:func:`make_draft` builds them from a name):
 
@@ -70,7 +73,7 @@ class SpeculativeStats:
         drafted: draft tokens the target checked.
         accepted: of those, the tokens kept.
         target_passes: forward passes of the target that produced tokens (plain decoding makes one per token;
-            the prompt's prefill is not counted).
+            the prompt's prefill, which gives the first token, is one).
         draft_passes: forward passes of a draft model (0 for prompt lookup).
         generated: tokens yielded.
     """
@@ -388,18 +391,30 @@ def _speculate(model, cache, drafter, input_ids, max_new_tokens, k, sampling, st
 
 
 def _rounds(model, cache, drafter, input_ids, max_new_tokens, k, sampling, stop, stats):
-    """:func:`_speculate`'s loop."""
+    """:func:`_speculate`'s loop. The prompt's prefill gives the first token, as :func:`archlab.generation.generate`'s
+    does (the same pass over the same rows, so the same cache); then each round feeds the last token and the drafts."""
+    if max_new_tokens == 0:
+        return
     tokens = input_ids[0].tolist()
-    if len(tokens) > 1 and max_new_tokens > 0:
-        _step(model, keep=1)(input_ids[:, :-1], cache)
+    logits = _step(model, keep=1)(input_ids, cache)[0, -1]  # [V]
+    _check_ids_in_vocab(logits.shape[-1], **{f"stop_tokens[{i}]": s for i, s in enumerate(stop)})
+    new = [sampling.pick(logits)[0]]
+    stats.target_passes += 1
     verify = _step(model, keep=None)
     produced = 0
-    while produced < max_new_tokens:
+    while True:
+        for token in new:
+            tokens.append(token)
+            produced += 1
+            stats.generated += 1
+            yield torch.tensor([token], device=input_ids.device)
+            if token in stop:
+                return
+        if produced == max_new_tokens:
+            return
         drafts, q = drafter.propose(tokens, min(k, max_new_tokens - produced - 1), sampling)
         fed = torch.tensor([[tokens[-1], *drafts]], dtype=input_ids.dtype, device=input_ids.device)
         logits = verify(fed, cache)[0]  # [1 + k', V]: p_1 .. p_{k'+1}
-        if stats.target_passes == 0:
-            _check_ids_in_vocab(logits.shape[-1], **{f"stop_tokens[{i}]": s for i, s in enumerate(stop)})
         if q is not None and q.shape[-1] != logits.shape[-1]:
             raise ConfigError(
                 f"the draft model's vocabulary ({q.shape[-1]} tokens) is not the model's ({logits.shape[-1]} tokens)"
@@ -410,13 +425,6 @@ def _rounds(model, cache, drafter, input_ids, max_new_tokens, k, sampling, stop,
         stats.target_passes += 1
         stats.draft_passes += len(drafts) if isinstance(drafter, DraftModel) else 0
         cache.crop(len(tokens) + len(new) - 1)  # the sequence and the accepted drafts; the new last token is not read
-        for token in new:
-            tokens.append(token)
-            produced += 1
-            stats.generated += 1
-            yield torch.tensor([token], device=input_ids.device)
-            if token in stop:
-                return
 
 
 def accept(drafts: list[int], q: Tensor | None, logits: Tensor, sampling: Sampling) -> list[int]:

@@ -90,7 +90,7 @@ def static_attention(
     The new keys and values are written into ``k_all [B, G, L, d_k]``, ``v_all [B, G, L, d_v]`` at ``positions``
     (in place), then the queries attend all ``L`` under :func:`static_mask`: what ``attn(h, causal=True,
     cache=KVCache)`` computes over the keys written so far. A one-token step in float32 takes archlab's kernel
-    (:func:`archlab.kernels.one_query_attention`: it reads only the keys written so far; PyTorch's flash kernel took
+    (:func:`archlab.kernels.cached_attention`: it reads only the keys written so far; PyTorch's flash kernel took
     40-80 us a call on gpt-mini's and SmolLM2's shapes, 2 threads, and inductor's fused loops for the same
     equation 42 us); otherwise attention is PyTorch's fused ``sdpa`` whatever the
     model's dense backend (``math`` differs by float rounding only): no query here lacks a key to attend, so
@@ -103,9 +103,9 @@ def static_attention(
         q, k = encoding.rotate_with(q, *rows), encoding.rotate_with(k, *rows)
     k_all.index_copy_(2, positions, k)
     v_all.index_copy_(2, positions, v)
-    if kernels.one_query_attention_serves(q, k_all, v_all):  # a one-token step: only the keys written so far
-        out = torch.ops.archlab_kernels.one_query_attention(q, k_all, v_all, positions, q.shape[-1] ** -0.5,
-                                                            kernels.f32_kernel())  # fmt: skip
+    if q.shape[2] == 1 and kernels.cached_attention_serves(q, k_all, v_all):  # a step: only the keys written so far
+        out = torch.ops.archlab_kernels.cached_attention(q, k_all, v_all, positions, q.shape[-1] ** -0.5,
+                                                         kernels.f32_kernel())  # fmt: skip
     else:
         mask = static_mask(positions, k_all.shape[2])  # [n, L]: every query sees key 0, so no row is all masked
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=attn.n_kv_heads != attn.n_heads)

@@ -1,4 +1,4 @@
-"""archlab's float32 kernels (archlab.kernels.f32_rows, archlab.kernels.one_query_attention and its padded sibling)
+"""archlab's float32 kernels (archlab.kernels.f32_rows, archlab.kernels.cached_attention and its padded sibling)
 and where archlab uses them: each against its equation in float64 with a derived float32 bound, both variants
 (AVX-512, AVX2) equal to the bit, a row's result independent of the batch, keys outside a row's range never read, the
 errors, linear() and PackedLinear taking the kernel only where it applies (no gradient recorded), the static decoder's
@@ -144,13 +144,13 @@ def attention_case(b: int, a: int, g: int, length: int, d: int, seed: int = 0):
 
 @pytest.mark.parametrize("isa", VARIANTS)
 @pytest.mark.parametrize("b, a, g, length, d", [(1, 6, 6, 40, 64), (2, 9, 3, 33, 64), (1, 4, 1, 17, 16), (3, 8, 2, 20, 48)])
-def test_one_query_attention_equals_sdpa_in_float64_under_the_static_mask(isa, b, a, g, length, d):
+def test_cached_attention_equals_sdpa_in_float64_under_the_static_mask(isa, b, a, g, length, d):
     q, k, v = attention_case(b, a, g, length, d, seed=length)
     for position in (0, length // 2, length - 1):
         pos = torch.tensor([position])
         mask = static_mask(pos, length)
         ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=a != g)
-        out = torch.ops.archlab_kernels.one_query_attention(q, k, v, pos, d**-0.5, isa)
+        out = torch.ops.archlab_kernels.cached_attention(q, k, v, pos, d**-0.5, isa)
         assert out.shape == (b, a, 1, d)
         # a score is off by at most (D/16 + 7) u S (S: its sum of |products|); a weight then by twice the worst of
         # those plus n + 4 roundings (exp, the sum, the division); the mean of v adds n + 2: times max |v|, with 2x room
@@ -162,29 +162,36 @@ def test_one_query_attention_equals_sdpa_in_float64_under_the_static_mask(isa, b
         stale_k, stale_v = k.clone(), v.clone()
         stale_k[:, :, n:] = float("nan")  # keys past the position are never read
         stale_v[:, :, n:] = float("nan")
-        assert torch.equal(torch.ops.archlab_kernels.one_query_attention(q, stale_k, stale_v, pos, d**-0.5, isa), out)
+        assert torch.equal(torch.ops.archlab_kernels.cached_attention(q, stale_k, stale_v, pos, d**-0.5, isa), out)
 
 
-def test_one_query_attention_variants_equal_to_the_bit():
+def test_cached_attention_variants_equal_to_the_bit():
     q, k, v = attention_case(2, 8, 2, 50, 80, seed=1)
     pos = torch.tensor([41])
-    outs = [torch.ops.archlab_kernels.one_query_attention(q, k, v, pos, 80**-0.5, isa) for isa in VARIANTS]
+    outs = [torch.ops.archlab_kernels.cached_attention(q, k, v, pos, 80**-0.5, isa) for isa in VARIANTS]
     assert all(torch.equal(o, outs[0]) for o in outs)
 
 
-def test_one_query_attention_errors():
+def test_cached_attention_errors():
     q, k, v = attention_case(1, 6, 4, 10, 16)
     with pytest.raises(ShapeError, match="A a multiple of G"):
-        kernels.one_query_attention(q, k, v, torch.tensor([3]))
+        kernels.cached_attention(q, k, v, torch.tensor([3]))
     q, k, v = attention_case(1, 4, 2, 10, 24)
     with pytest.raises(ShapeError, match="multiples of 16"):
-        kernels.one_query_attention(q, k, v, torch.tensor([3]))
-    assert not kernels.one_query_attention_serves(q, k, v)
+        kernels.cached_attention(q, k, v, torch.tensor([3]))
+    assert not kernels.cached_attention_serves(q, k, v)
     q, k, v = attention_case(1, 4, 2, 10, 32)
+    with pytest.raises(ShapeError, match=r"positions\[0\]=10 is outside the cache's 10 positions"):
+        kernels.cached_attention(q, k, v, torch.tensor([10]))
+    with pytest.raises(ShapeError, match=r"positions\[0\]=2 leaves no key for the first of the 4 queries"):
+        kernels.cached_attention(q.expand(1, 4, 4, 32), k, v, torch.tensor([2]))
+    op = torch.ops.archlab_kernels.cached_attention  # the op's own checks, past the wrapper's
     with pytest.raises(RuntimeError, match="outside the cache's 10 positions"):
-        kernels.one_query_attention(q, k, v, torch.tensor([10]))
-    assert not kernels.one_query_attention_serves(q.double(), k.double(), v.double())
-    assert kernels.one_query_attention_serves(q, k, v)
+        op(q, k, v, torch.tensor([10]), 0.2, VARIANTS[0])
+    with pytest.raises(RuntimeError, match="leaves no key for the first of the 4 queries"):
+        op(q.expand(1, 4, 4, 32), k, v, torch.tensor([2]), 0.2, VARIANTS[0])
+    assert not kernels.cached_attention_serves(q.double(), k.double(), v.double())
+    assert kernels.cached_attention_serves(q, k, v)
 
 
 def padded_reference(q, k, v, starts, position):
@@ -212,7 +219,7 @@ def padded_bound(q, k, v, starts, position):
 @pytest.mark.parametrize("isa", VARIANTS)
 @pytest.mark.parametrize("b, a, g, length, d, dv", [(3, 6, 6, 40, 64, 64), (4, 9, 3, 33, 64, 64), (2, 4, 1, 17, 16, 16),
                                                     (3, 8, 2, 20, 48, 80)])  # fmt: skip
-def test_one_query_attention_padded_equals_the_float64_equation_reading_only_its_keys(isa, b, a, g, length, d, dv):
+def test_cached_attention_padded_equals_the_float64_equation_reading_only_its_keys(isa, b, a, g, length, d, dv):
     """Row b reads its keys starts[b]..p only: NaN keys and values outside that range (the padding before, the
     positions not written after) leave the result unchanged to the bit; a strided view of a larger cache (a KVCache's
     keys) gives the same result as a contiguous copy."""
@@ -224,54 +231,54 @@ def test_one_query_attention_padded_equals_the_float64_equation_reading_only_its
     for position in (length - 1, length // 2):
         starts = torch.tensor([0, position, position // 3, position // 2][:b])  # a first row unpadded, one key alone
         pos = torch.tensor([position])
-        out = torch.ops.archlab_kernels.one_query_attention_padded(q, k, v, starts, pos, d**-0.5, isa)
+        out = torch.ops.archlab_kernels.cached_attention_padded(q, k, v, starts, pos, d**-0.5, isa)
         assert out.shape == (b, a, 1, dv) and out.is_contiguous()
         ref = padded_reference(q, k, v, starts, position)
         assert ((out.double() - ref).abs() <= padded_bound(q, k, v, starts, position)).all()
         outside = (torch.arange(length) < starts[:, None]) | (torch.arange(length) > position)  # [B, L]
         nan_k = k.masked_fill(outside[:, None, :, None], float("nan"))
         nan_v = v.masked_fill(outside[:, None, :, None], float("nan"))
-        assert torch.equal(torch.ops.archlab_kernels.one_query_attention_padded(q, nan_k, nan_v, starts, pos,
+        assert torch.equal(torch.ops.archlab_kernels.cached_attention_padded(q, nan_k, nan_v, starts, pos,
                                                                                 d**-0.5, isa), out)  # fmt: skip
-        assert torch.equal(torch.ops.archlab_kernels.one_query_attention_padded(q, k.contiguous(), v.contiguous(),
+        assert torch.equal(torch.ops.archlab_kernels.cached_attention_padded(q, k.contiguous(), v.contiguous(),
                                                                                 starts, pos, d**-0.5, isa), out)
 
 
-def test_one_query_attention_padded_variants_rows_and_the_static_op_agree_to_the_bit():
+def test_cached_attention_padded_variants_rows_and_the_static_op_agree_to_the_bit():
     """AVX-512 and AVX2 give one result; a row's result is the one it gets alone (no dependence on the batch); with
     every start 0 the padded op is the static op."""
     q, k, v = attention_case(5, 8, 2, 50, 80, seed=2)
     starts, pos = torch.tensor([0, 7, 41, 13, 30]), torch.tensor([41])
-    outs = [torch.ops.archlab_kernels.one_query_attention_padded(q, k, v, starts, pos, 80**-0.5, isa)
+    outs = [torch.ops.archlab_kernels.cached_attention_padded(q, k, v, starts, pos, 80**-0.5, isa)
             for isa in VARIANTS]  # fmt: skip
     assert all(torch.equal(o, outs[0]) for o in outs)
-    alone = [kernels.one_query_attention_padded(q[i : i + 1], k[i : i + 1], v[i : i + 1], starts[i : i + 1], pos)
+    alone = [kernels.cached_attention_padded(q[i : i + 1], k[i : i + 1], v[i : i + 1], starts[i : i + 1], pos)
              for i in range(5)]  # fmt: skip
     assert torch.equal(torch.cat(alone), outs[0])
     zeros = torch.zeros(5, dtype=torch.long)
     for isa in VARIANTS:
-        assert torch.equal(torch.ops.archlab_kernels.one_query_attention_padded(q, k, v, zeros, pos, 80**-0.5, isa),
-                           torch.ops.archlab_kernels.one_query_attention(q, k, v, pos, 80**-0.5, isa))  # fmt: skip
+        assert torch.equal(torch.ops.archlab_kernels.cached_attention_padded(q, k, v, zeros, pos, 80**-0.5, isa),
+                           torch.ops.archlab_kernels.cached_attention(q, k, v, pos, 80**-0.5, isa))  # fmt: skip
 
 
-def test_one_query_attention_padded_errors():
+def test_cached_attention_padded_errors():
     q, k, v = attention_case(2, 4, 2, 10, 32)
     pos, starts = torch.tensor([9]), torch.tensor([0, 3])
     with pytest.raises(ShapeError, match=r"starts must be int64 \[B\] = \[2\].*torch.int32 \(2,\)"):
-        kernels.one_query_attention_padded(q, k, v, starts.int(), pos)
+        kernels.cached_attention_padded(q, k, v, starts.int(), pos)
     with pytest.raises(ShapeError, match=r"starts must be int64 \[B\] = \[2\].*\(3,\)"):
-        kernels.one_query_attention_padded(q, k, v, torch.tensor([0, 1, 2]), pos)
+        kernels.cached_attention_padded(q, k, v, torch.tensor([0, 1, 2]), pos)
     with pytest.raises(ShapeError, match=r"starts\[1\]=8 is outside 0..6"):
-        kernels.one_query_attention_padded(q, k, v, torch.tensor([0, 8]), torch.tensor([6]))
+        kernels.cached_attention_padded(q, k, v, torch.tensor([0, 8]), torch.tensor([6]))
     with pytest.raises(ShapeError, match=r"starts\[0\]=-1 is outside 0..9"):
-        kernels.one_query_attention_padded(q, k, v, torch.tensor([-1, 0]), pos)
+        kernels.cached_attention_padded(q, k, v, torch.tensor([-1, 0]), pos)
     with pytest.raises(ShapeError, match=r"positions\[0\]=10 is outside the cache's 10 positions"):
-        kernels.one_query_attention_padded(q, k, v, starts, torch.tensor([10]))
+        kernels.cached_attention_padded(q, k, v, starts, torch.tensor([10]))
     with pytest.raises(ShapeError, match=r"positions must be int64 \[1\]"):
-        kernels.one_query_attention_padded(q, k, v, starts, torch.tensor([9, 9]))
+        kernels.cached_attention_padded(q, k, v, starts, torch.tensor([9, 9]))
     with pytest.raises(ShapeError, match="multiples of 16"):
-        kernels.one_query_attention_padded(*attention_case(2, 4, 2, 10, 24), starts, pos)
-    op = torch.ops.archlab_kernels.one_query_attention_padded  # the op's own checks, past the wrapper's
+        kernels.cached_attention_padded(*attention_case(2, 4, 2, 10, 24), starts, pos)
+    op = torch.ops.archlab_kernels.cached_attention_padded  # the op's own checks, past the wrapper's
     with pytest.raises(RuntimeError, match=r"starts\[1\] = 10 is outside 0..9"):
         op(q, k, v, torch.tensor([0, 10]), pos, 0.2, VARIANTS[0])
     with pytest.raises(RuntimeError, match="one start per row"):
@@ -280,16 +287,95 @@ def test_one_query_attention_padded_errors():
         op(q, k, v, starts, pos, 0.2, 7)
 
 
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("n", [2, 5, 9, 16])
+def test_n_causal_queries_equal_float64_and_each_query_alone_to_the_bit(isa, n):
+    """N queries at positions p - N + 1 .. p (a speculative verify pass): each reads the keys up to its own position
+    (the float64 equation under the causal mask, within the one-query bound), and each equals, to the bit, the
+    one-query call at its position (a one-token step). The padded op likewise, each row from its own start."""
+    b, a, g, length, d, p = 2, 9, 3, 40, 64, 30
+    gen = torch.Generator().manual_seed(n)
+    q = torch.randn(b, a, n, d, generator=gen)
+    k, v = torch.randn(b, g, length, d, generator=gen) * 2, torch.randn(b, g, length, d, generator=gen)
+    positions, j = torch.arange(p - n + 1, p + 1), torch.arange(length)
+    for starts in (torch.zeros(b, dtype=torch.long), torch.tensor([3, p - n + 1])):  # the last: its first query's key
+        padded = any(starts.tolist())
+        out = (torch.ops.archlab_kernels.cached_attention_padded(q, k, v, starts, torch.tensor([p]), d**-0.5, isa)
+               if padded else torch.ops.archlab_kernels.cached_attention(q, k, v, torch.tensor([p]), d**-0.5, isa))
+        assert out.shape == (b, a, n, d)
+        mask = (j >= starts[:, None, None]) & (j <= positions[:, None])  # [B, N, L]
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask[:, None],
+                                             enable_gqa=True)  # fmt: skip
+        assert ((out.double() - ref).abs() <= padded_bound(q, k, v, starts, p)).all()
+        for i in range(n):
+            at = torch.tensor([p - n + 1 + i])
+            alone = (torch.ops.archlab_kernels.cached_attention_padded(q[:, :, i : i + 1], k, v, starts, at, d**-0.5,
+                                                                       isa)
+                     if padded else torch.ops.archlab_kernels.cached_attention(q[:, :, i : i + 1], k, v, at, d**-0.5,
+                                                                               isa))  # fmt: skip
+            assert torch.equal(out[:, :, i : i + 1], alone), i
+
+
+def test_attend_takes_the_cached_kernel_for_a_few_causal_queries(monkeypatch):
+    """attend() of 1-16 causal queries over a KV cache's keys (a one-token step, a verify pass), unmasked, runs on the
+    kernel, close to sdpa's result; one query reads every key, causal or not. sdpa keeps 17 queries, two queries
+    not causal, float64, a gradient recorded, a bias, dropout, the math backend."""
+    from archlab.nn.attention import attend
+
+    calls: list[int] = []
+    op = torch.ops.archlab_kernels.cached_attention
+    monkeypatch.setattr(torch.ops.archlab_kernels, "cached_attention", lambda *a: calls.append(a[0].shape[2]) or op(*a),
+                        raising=False)  # fmt: skip
+    gen = torch.Generator().manual_seed(6)
+    k, v = torch.randn(2, 2, 20, 32, generator=gen), torch.randn(2, 2, 20, 32, generator=gen)
+    with torch.inference_mode():
+        for n, causal in ((1, True), (9, True), (16, True), (1, False)):
+            q = torch.randn(2, 4, n, 32, generator=gen)
+            out = attend(q, k, v, causal=causal)
+            with monkeypatch.context() as off:
+                off.setattr(kernels, "cached_attention_serves", lambda *a: False)
+                torch.testing.assert_close(out, attend(q, k, v, causal=causal), rtol=1e-5, atol=1e-6)
+        assert calls == [1, 9, 16, 1]
+        calls.clear()
+        q = torch.randn(2, 4, 2, 32, generator=gen)
+        attend(torch.randn(2, 4, 17, 32, generator=gen), k, v, causal=True)
+        attend(q, k, v)
+        attend(q.double(), k.double(), v.double(), causal=True)
+        attend(q, k, v, causal=True, bias=torch.zeros(20))
+        attend(q, k, v, causal=True, dropout_p=0.5)
+        attend(q, k, v, causal=True, backend="math")
+    with torch.enable_grad():
+        attend(q.clone().requires_grad_(), k.clone(), v.clone(), causal=True)
+    assert calls == []
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_a_verify_pass_gives_each_position_the_one_token_steps_logits_to_the_bit(family):
+    """A pass of 9 tokens over a KV cache (a speculative verify pass: the float32 products of up to 9 rows and the
+    attention on archlab's kernels, every other op row by row) gives each position the logits that one-token steps
+    give it, to the bit: why speculative greedy decoding returns plain greedy's tokens, near-ties included."""
+    model = kernel_width_model(family)
+    g = torch.Generator().manual_seed(8)
+    prompt, more = torch.randint(1, 48, (1, 12), generator=g), torch.randint(1, 48, (1, 9), generator=g)
+    with torch.inference_mode():
+        cache = model.new_cache()
+        model(prompt, cache=cache)
+        verify = model(more, cache=cache)  # [1, 9, V]
+        cache.crop(12)
+        steps = torch.cat([model(more[:, i : i + 1], cache=cache) for i in range(9)], dim=1)
+    assert torch.equal(verify, steps)
+
+
 def count_padded_calls(monkeypatch) -> list[tuple[int, ...]]:
     """The starts of each call of the padded op (through attend)."""
     calls: list[tuple[int, ...]] = []
-    op = torch.ops.archlab_kernels.one_query_attention_padded
-    monkeypatch.setattr(torch.ops.archlab_kernels, "one_query_attention_padded",
+    op = torch.ops.archlab_kernels.cached_attention_padded
+    monkeypatch.setattr(torch.ops.archlab_kernels, "cached_attention_padded",
                         lambda *a: calls.append(tuple(a[3].tolist())) or op(*a), raising=False)  # fmt: skip
     return calls
 
 
-def test_attend_takes_the_padded_kernel_for_left_padded_one_query_steps_only(monkeypatch):
+def test_attend_takes_the_padded_kernel_for_left_padded_steps_only(monkeypatch):
     """attend() of one query a row under a left-padding key mask [B, 1, 1, M] (generate_batch's decoding step) runs
     on the padded kernel, each row from its first real key, close to sdpa's result (float rounding); any other
     call keeps sdpa: a mask with a hole, a row with no key, two queries, float64, a gradient recorded, a bias,
@@ -304,7 +390,7 @@ def test_attend_takes_the_padded_kernel_for_left_padded_one_query_steps_only(mon
     with torch.inference_mode():
         out = attend(q, k, v, mask=mask, causal=True)
         assert calls == [(5, 0, 11)]
-        monkeypatch.setattr(kernels, "one_query_attention_serves", lambda *a: False)
+        monkeypatch.setattr(kernels, "cached_attention_serves", lambda *a: False)
         torch.testing.assert_close(out, attend(q, k, v, mask=mask, causal=True), rtol=1e-5, atol=1e-6)
         monkeypatch.undo()
         calls = count_padded_calls(monkeypatch)
@@ -349,7 +435,8 @@ def test_generate_batch_and_row_batch_steps_take_the_padded_kernel(family, monke
     """generate_batch's steps (all rows at once, and 3 rows refilled from waiting prompts: padded, joined, compacted
     caches) run their attention on the padded kernel, each row from its own first key, and every row's tokens are
     those generate() gives its prompt alone (sdpa, no mask) and those of the batch on sdpa (the kernel switched off).
-    RowBatch's one-token steps over rows of different lengths take it too, their logits close to sdpa's."""
+    RowBatch's prefills (a few causal queries each) and its one-token steps over rows of different lengths take it
+    too, their logits close to sdpa's."""
     from archlab.generation import RowBatch, generate, generate_batch
 
     model = kernel_width_model(family)
@@ -363,7 +450,7 @@ def test_generate_batch_and_row_batch_steps_take_the_padded_kernel(family, monke
     assert generate_batch(model, prompts, max_new_tokens=10, batch_size=3) == alone
     assert calls and any(max(starts) > 0 for starts in calls)
     with monkeypatch.context() as off:
-        off.setattr(kernels, "one_query_attention_serves", lambda *a: False)
+        off.setattr(kernels, "cached_attention_serves", lambda *a: False)
         assert generate_batch(model, prompts, max_new_tokens=10, batch_size=3) == alone
 
     def row_steps() -> list[torch.Tensor]:
@@ -375,8 +462,9 @@ def test_generate_batch_and_row_batch_steps_take_the_padded_kernel(family, monke
 
     calls.clear()
     with_kernel = row_steps()
-    assert len(calls) == 2 * 3
-    monkeypatch.setattr(kernels, "one_query_attention_serves", lambda *a: False)
+    # each row's prefill alone (its 2-7 causal queries, 2 layers), then the 3 steps of the 3 rows (2 layers each)
+    assert [len(starts) for starts in calls] == [1] * 2 * 3 + [3] * 2 * 3
+    monkeypatch.setattr(kernels, "cached_attention_serves", lambda *a: False)
     torch.testing.assert_close(with_kernel, row_steps(), rtol=1e-5, atol=1e-5)
 
 
@@ -387,7 +475,7 @@ def test_padded_flop_formula_counts_the_keys_read():
     q, k, v = attention_case(3, 6, 2, 12, 32)
     starts, pos = torch.tensor([5, 0, 11]), torch.tensor([11])
     with FlopCounterMode(display=False) as counter:
-        kernels.one_query_attention_padded(q, k, v, starts, pos)
+        kernels.cached_attention_padded(q, k, v, starts, pos)
     assert counter.get_total_flops() == 2 * 6 * (32 + 32) * (7 + 12 + 1)
 
 
@@ -405,12 +493,12 @@ def test_static_decoder_one_token_attention_on_the_kernel_equals_sdpa(preset, mo
             return decoder(tokens[:, 8:], cache)
 
     calls: list[int] = []
-    op = torch.ops.archlab_kernels.one_query_attention
-    monkeypatch.setattr(torch.ops.archlab_kernels, "one_query_attention", lambda *a: calls.append(1) or op(*a),
+    op = torch.ops.archlab_kernels.cached_attention
+    monkeypatch.setattr(torch.ops.archlab_kernels, "cached_attention", lambda *a: calls.append(1) or op(*a),
                         raising=False)  # fmt: skip
     with_kernel = step_logits()
     assert len(calls) == model.config.n_layers
-    monkeypatch.setattr(kernels, "one_query_attention_serves", lambda *a: False)
+    monkeypatch.setattr(kernels, "cached_attention_serves", lambda *a: False)
     torch.testing.assert_close(with_kernel, step_logits(), rtol=1e-5, atol=1e-5)
 
 
@@ -423,8 +511,8 @@ def test_compiled_products_and_attention_equal_eager(monkeypatch):
     pos, starts = torch.tensor([6]), torch.tensor([2, 0])
 
     def both(x, x12, w, b, q, k, v, pos, starts):
-        attention = torch.ops.archlab_kernels.one_query_attention(q, k, v, pos, 32**-0.5, kernels.f32_kernel())
-        padded = torch.ops.archlab_kernels.one_query_attention_padded(q, k, v, starts, pos, 32**-0.5,
+        attention = torch.ops.archlab_kernels.cached_attention(q, k, v, pos, 32**-0.5, kernels.f32_kernel())
+        padded = torch.ops.archlab_kernels.cached_attention_padded(q, k, v, starts, pos, 32**-0.5,
                                                                       kernels.f32_kernel())  # fmt: skip
         # as archlab.static_decoding calls them (and the padded op)
         return linear(x, w, b), linear(x12, w, b), attention, padded

@@ -90,7 +90,7 @@ def test_speculative_stream_yields_generate_s_tokens_one_by_one_and_fills_the_st
     model = gpt()
     ids = prompts()[0]
     stats = SpeculativeStats()
-    steps = list(speculative_stream(model, ids, max_new_tokens=12, draft_tokens=3, stats=stats))
+    steps = list(speculative_stream(model, ids, max_new_tokens=12, draft="layers:1", draft_tokens=3, stats=stats))
     assert all(s.shape == (1,) for s in steps)
     assert torch.equal(torch.cat(steps), generate(model, ids, max_new_tokens=12)[0, ids.shape[1] :])
     assert stats.generated == 12 and stats.drafted > 0 and 0 <= stats.acceptance_rate <= 1

@@ -44,14 +44,17 @@ the folds in ``lanes.h``): 16 lanes in two chains of blocks, folded in a fixed o
 and a row's result does not depend on ``M`` (tested). :mod:`archlab.nn.linear` uses it for the few-row float32
 products it serves on a CPU (:func:`f32_kernel`).
 
-**Attention of one query row** (``torch.ops.archlab_kernels.one_query_attention``, :func:`one_query_attention`): a
-decoding step's attention over a static KV cache (:mod:`archlab.static_decoding`), reading only the keys written so
-far; the dot products in the same 16-lane order as the float32 rows, so again the same result on AVX-512 and AVX2.
-Its sibling ``one_query_attention_padded`` (:func:`one_query_attention_padded`) reads, for each row ``b``, only the
-keys ``starts[b]..p``: a left-padded batch's step (:func:`archlab.generation.generate_batch`), whose rows' real
-tokens end at the last position and start at their own; :func:`archlab.nn.attention.attend` takes it for such a step
-in place of sdpa under the padding mask. Both read a KV cache's view of its storage in place (any strides but the
-last dimension's).
+**Attention over a KV cache** (``torch.ops.archlab_kernels.cached_attention``, :func:`cached_attention`): the
+attention of a decoding step's queries, the last ``N`` positions' (1 for a one-token step, ``k + 1`` for a
+speculative verify pass), each reading the keys up to its own position (causal) and no further: over a static KV
+cache (:mod:`archlab.static_decoding`), only the keys written so far. The dot products in the same 16-lane order as
+the float32 rows, so again the same result on AVX-512 and AVX2, and each query computed on its own, so a position's
+result does not depend on ``N``: a verify pass and one-token steps give it to the bit. Its sibling
+``cached_attention_padded`` (:func:`cached_attention_padded`) reads, for each row ``b``, only the keys from
+``starts[b]``: a left-padded batch's step (:func:`archlab.generation.generate_batch`), whose rows' real tokens end at
+the last position and start at their own. :func:`archlab.nn.attention.attend` takes them for eager float32 CPU
+inference with at most :data:`CACHED_MAX_QUERIES` causal queries (or one query), unmasked or under such a padding mask,
+in place of sdpa. Both read a KV cache's view of its storage in place (any strides but the last dimension's).
 
 The ops are registered with a fake (meta) implementation, so ``torch.compile`` keeps each as one opaque call.
 :func:`load` builds the library once per machine and source (cache: ``$TORCH_EXTENSIONS_DIR``, default
@@ -76,7 +79,7 @@ from archlab.hardware import cpu_features, kernel_capability
 MAX_ROWS = 16  # rows of x per call (the kernel's check; a prompt goes to other kernels)
 BLOCK = 64  # inputs per 32-byte run of the packed layout: K must be a multiple of it
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("int4_rows.cpp", "q8_rows.cpp", "f32_rows.cpp",
-                                                        "one_query_attention.cpp"))  # one library, every op
+                                                        "cached_attention.cpp"))  # one library, every op
 
 
 class KernelUnavailable(ArchlabError, RuntimeError):
@@ -117,8 +120,8 @@ def build(name: str, directory: str | None = None) -> None:
         torch.library.register_fake("archlab_kernels::int4_rows")(_fake_int4_rows)
         torch.library.register_fake("archlab_kernels::q8_rows")(_fake_q8_rows)
         torch.library.register_fake("archlab_kernels::f32_rows")(_fake_f32_rows)
-        torch.library.register_fake("archlab_kernels::one_query_attention")(_fake_one_query_attention)
-        torch.library.register_fake("archlab_kernels::one_query_attention_padded")(_fake_one_query_attention_padded)
+        torch.library.register_fake("archlab_kernels::cached_attention")(_fake_cached_attention)
+        torch.library.register_fake("archlab_kernels::cached_attention_padded")(_fake_cached_attention_padded)
         _fake_registered.append(True)
 
 
@@ -127,9 +130,9 @@ _fake_registered: list[bool] = []
 
 def _register_flop_formulas() -> None:
     """Teach ``torch.utils.flop_counter`` (and :mod:`archlab.analysis`, which counts with it) the ops' FLOPs: a product
-    ``2 M N K``; one-query attention ``2 B A n (D + Dv)`` over the ``n = position + 1`` keys it reads (all ``L``
-    where the position is not a real tensor, under fake tensors); the padded one ``2 A (D + Dv) sum_b n_b`` over
-    row ``b``'s ``n_b = position + 1 - starts[b]`` keys (``position + 1`` each where the starts are not real)."""
+    ``2 M N K``; cached attention ``2 B A (D + Dv) sum_i n_i`` over the ``n_i = p - N + 2 + i`` keys query ``i`` reads
+    (``p`` the position; ``L`` keys each where the position is not a real tensor, under fake tensors); the padded one
+    the same less ``starts[b]`` keys for each of row ``b``'s queries (none less where the starts are not real)."""
     from torch.utils.flop_counter import register_flop_formula
 
     def product(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
@@ -138,21 +141,26 @@ def _register_flop_formulas() -> None:
     def real(t) -> bool:
         return type(t) is Tensor and t.device.type == "cpu" and t.numel() > 0
 
-    def keys(k, positions) -> int:
-        return min(k.shape[2], int(positions.reshape(-1)[0]) + 1) if real(positions) else k.shape[2]
+    def keys(q, k, positions) -> int:
+        """Keys read by one row's ``N`` queries in all (no starts)."""
+        n = q.shape[2]
+        if not real(positions):
+            return n * k.shape[2]
+        last = min(k.shape[2], int(positions.reshape(-1)[0]) + 1)  # the last query's keys
+        return n * last - n * (n - 1) // 2
 
     def attention(q, k, v, positions, *args, out_shape=None, **kwargs) -> int:
-        return 2 * q.shape[0] * q.shape[1] * keys(k, positions) * (q.shape[3] + v.shape[3])
+        return 2 * q.shape[0] * q.shape[1] * keys(q, k, positions) * (q.shape[3] + v.shape[3])
 
     def padded(q, k, v, starts, positions, *args, out_shape=None, **kwargs) -> int:
-        n = keys(k, positions)
-        read = int((n - starts.reshape(-1)).clamp(0, n).sum()) if real(starts) else q.shape[0] * n
+        per_row = keys(q, k, positions)
+        read = per_row * q.shape[0] - (q.shape[2] * int(starts.sum()) if real(starts) else 0)
         return 2 * q.shape[1] * read * (q.shape[3] + v.shape[3])
 
     ops = torch.ops.archlab_kernels
     register_flop_formula([ops.f32_rows, ops.int4_rows, ops.q8_rows])(product)  # each weight's first dimension is N
-    register_flop_formula(ops.one_query_attention, get_raw=True)(attention)
-    register_flop_formula(ops.one_query_attention_padded, get_raw=True)(padded)
+    register_flop_formula(ops.cached_attention, get_raw=True)(attention)
+    register_flop_formula(ops.cached_attention_padded, get_raw=True)(padded)
 
 
 def _ninja_on_path() -> None:
@@ -393,94 +401,107 @@ def _f32_kernel() -> int:
 
 @torch.compiler.assume_constant_result
 def f32_kernel() -> int:
-    """The variant (:func:`f32_isa`: 512 or 256) :func:`f32_rows` and :func:`one_query_attention` run in this
+    """The variant (:func:`f32_isa`: 512 or 256) :func:`f32_rows` and :func:`cached_attention` run in this
     process, or 0 where the kernels cannot be built or run (a warning, once: their callers take PyTorch's ops).
     The first call on a machine builds the library (about a minute; cached on disk after). Under
     ``torch.compile`` it is read once, when the graph is traced."""
     return _f32_kernel()
 
 
-def _fake_one_query_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, scale: float, isa: int) -> Tensor:
-    """Shapes only (torch.compile's tracing): ``[B, A, 1, Dv]``."""
-    return q.new_empty(q.shape[0], q.shape[1], 1, v.shape[3])
+CACHED_MAX_QUERIES = 16  # the most queries per head attend() hands to the cached-attention kernels (a step, a verify pass)
 
 
-def one_query_attention_problem(q: Tensor, k: Tensor, v: Tensor) -> str | None:
-    """Why :func:`one_query_attention` cannot take these tensors (what it takes and what they are), or None."""
-    shapes = q.ndim == k.ndim == v.ndim == 4 and q.shape[2] == 1 and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0
+def _fake_cached_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, scale: float, isa: int) -> Tensor:
+    """Shapes only (torch.compile's tracing): ``[B, A, N, Dv]``."""
+    return q.new_empty(*q.shape[:3], v.shape[3])
+
+
+def cached_attention_problem(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """Why :func:`cached_attention` cannot take these tensors (what it takes and what they are), or None."""
+    shapes = q.ndim == k.ndim == v.ndim == 4 and q.shape[2] >= 1 and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0
     dtypes = q.dtype == k.dtype == v.dtype == torch.float32 and q.device.type == k.device.type == v.device.type == "cpu"
     if not shapes or not dtypes or q.shape[3] % F32_LANES or v.shape[3] % F32_LANES:
-        return (f"q must be float32 [B, A, 1, D], k [B, G, L, D], v [B, G, L, Dv] on the CPU with A a multiple of G "
+        return (f"q must be float32 [B, A, N, D], k [B, G, L, D], v [B, G, L, Dv] on the CPU with A a multiple of G "
                 f"and D, Dv multiples of {F32_LANES}; got q {q.dtype} {tuple(q.shape)} on {q.device}, k {tuple(k.shape)}, "
                 f"v {tuple(v.shape)}")  # fmt: skip
     return None
 
 
-def one_query_attention_serves(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether :func:`one_query_attention` takes these (:func:`one_query_attention_problem`), no gradient is
-    recorded (it has no backward), and the kernel runs here (:func:`f32_kernel`)."""
+def cached_attention_serves(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether :func:`cached_attention` takes these (:func:`cached_attention_problem`), no gradient is recorded (it has
+    no backward), and the kernel runs here (:func:`f32_kernel`)."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
-    return one_query_attention_problem(q, k, v) is None and f32_kernel() != 0
+    return cached_attention_problem(q, k, v) is None and f32_kernel() != 0
 
 
-def one_query_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-    r"""``softmax(q k^T / \sqrt{D})`` over the keys ``0..positions[0]``, times ``v``: ``q [B, A, 1, D]``, ``k [B, G,
-    L, D]``, ``v [B, G, L, Dv]`` float32 (``A / G`` query heads share a key head) -> ``[B, A, 1, Dv]``;
-    ``F.scaled_dot_product_attention`` under the static cache's mask, float rounding aside
-    (``one_query_attention.cpp``). :class:`ShapeError` (:func:`one_query_attention_problem`), then :func:`load` and
-    the op."""
-    problem = one_query_attention_problem(q, k, v)
-    if problem is not None:
-        raise ShapeError(problem)
-    load()
-    return torch.ops.archlab_kernels.one_query_attention(q, k, v, positions, q.shape[3] ** -0.5, f32_isa())
-
-
-def _fake_one_query_attention_padded(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, positions: Tensor, scale: float,
-                                     isa: int) -> Tensor:
-    """Shapes only (torch.compile's tracing): ``[B, A, 1, Dv]``."""
-    return q.new_empty(q.shape[0], q.shape[1], 1, v.shape[3])
-
-
-def one_query_attention_padded_problem(q: Tensor, k: Tensor, v: Tensor, starts: Tensor,
-                                       positions: Tensor) -> str | None:
-    """Why :func:`one_query_attention_padded` cannot take these tensors (the argument, its value and what is allowed),
-    or None: :func:`one_query_attention_problem`, then ``positions`` int64 ``[1]`` with ``p`` in ``0..L-1``, and
-    ``starts`` int64 ``[B]`` in ``0..p``, both on the CPU."""
-    problem = one_query_attention_problem(q, k, v)
-    if problem is not None:
-        return problem
-    length = k.shape[2]
+def _positions_problem(positions: Tensor, length: int, n: int) -> str | None:
+    """Why ``positions`` is not the last query's position ``p`` (int64 ``[1]`` on the CPU, ``n - 1 <= p < length``)."""
     if positions.dtype != torch.int64 or positions.numel() != 1 or positions.device.type != "cpu":
         return (f"positions must be int64 [1] on the CPU, got {positions.dtype} {tuple(positions.shape)} "
                 f"on {positions.device}")  # fmt: skip
     p = int(positions.reshape(-1)[0])
     if not 0 <= p < length:
         return f"positions[0]={p} is outside the cache's {length} positions (0..{length - 1})"
-    b = q.shape[0]
-    if starts.dtype != torch.int64 or tuple(starts.shape) != (b,) or starts.device.type != "cpu":
-        return (f"starts must be int64 [B] = [{b}] on the CPU (a start per row), got {starts.dtype} "
-                f"{tuple(starts.shape)} on {starts.device}")  # fmt: skip
-    outside = ((starts < 0) | (starts > p)).nonzero()
-    if len(outside):
-        row = int(outside[0, 0])
-        return (f"starts[{row}]={int(starts[row])} is outside 0..{p}: each row reads its keys starts[b]..positions[0], "
-                f"at least one")  # fmt: skip
+    if p < n - 1:
+        return f"positions[0]={p} leaves no key for the first of the {n} queries (positions {p - n + 1}..{p})"
     return None
 
 
-def one_query_attention_padded(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, positions: Tensor,
-                               scale: float | None = None) -> Tensor:
-    r"""Row ``b``'s ``softmax(q k^T scale)`` over its keys ``starts[b]..positions[0]`` only, times ``v`` (``scale``
-    default ``1/\sqrt{D}``): ``q [B, A, 1, D]``, ``k [B, G, L, D]``, ``v [B, G, L, Dv]`` float32 (``A / G`` query
-    heads share a key head; the last dimension contiguous, any other strides read in place), ``starts [B]`` int64
-    -> ``[B, A, 1, Dv]``; ``F.scaled_dot_product_attention`` under the mask ``starts[b] <= j <= positions[0]``, float
-    rounding aside (``one_query_attention.cpp``): a left-padded batch's decoding step. :class:`ShapeError`
-    (:func:`one_query_attention_padded_problem`), then :func:`load` and the op."""
-    problem = one_query_attention_padded_problem(q, k, v, starts, positions)
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+    r"""The attention of the last ``N`` positions' queries over a KV cache: query ``i`` (at position ``p - N + 1 + i``,
+    ``p = positions[0]``) takes ``softmax(q k^T / \sqrt{D})`` over the keys ``0..p - N + 1 + i`` (causal; the keys after
+    ``p`` are not read), times ``v``: ``q [B, A, N, D]``, ``k [B, G, L, D]``, ``v [B, G, L, Dv]`` float32 (``A / G``
+    query heads share a key head) -> ``[B, A, N, Dv]``; ``F.scaled_dot_product_attention`` under that mask, float
+    rounding aside (``cached_attention.cpp``). Each query's result is the same to the bit whatever ``N`` is: a
+    speculative verify pass gives the positions the values one-token steps give them. :class:`ShapeError`
+    (:func:`cached_attention_problem`, the position), then :func:`load` and the op."""
+    problem = cached_attention_problem(q, k, v) or _positions_problem(positions, k.shape[2], q.shape[2])
+    if problem is not None:
+        raise ShapeError(problem)
+    load()
+    return torch.ops.archlab_kernels.cached_attention(q, k, v, positions, q.shape[3] ** -0.5, f32_isa())
+
+
+def _fake_cached_attention_padded(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, positions: Tensor, scale: float,
+                                  isa: int) -> Tensor:
+    """Shapes only (torch.compile's tracing): ``[B, A, N, Dv]``."""
+    return q.new_empty(*q.shape[:3], v.shape[3])
+
+
+def cached_attention_padded_problem(q: Tensor, k: Tensor, v: Tensor, starts: Tensor,
+                                    positions: Tensor) -> str | None:
+    """Why :func:`cached_attention_padded` cannot take these tensors (the argument, its value and what is allowed),
+    or None: :func:`cached_attention_problem`, then ``positions`` int64 ``[1]`` with ``p`` in ``N - 1..L - 1``, and
+    ``starts`` int64 ``[B]`` in ``0..p - N + 1`` (the first query's position), both on the CPU."""
+    n = q.shape[2] if q.ndim == 4 else 1
+    problem = cached_attention_problem(q, k, v) or _positions_problem(positions, k.shape[2], n)
+    if problem is not None:
+        return problem
+    b, first = q.shape[0], int(positions.reshape(-1)[0]) - n + 1
+    if starts.dtype != torch.int64 or tuple(starts.shape) != (b,) or starts.device.type != "cpu":
+        return (f"starts must be int64 [B] = [{b}] on the CPU (a start per row), got {starts.dtype} "
+                f"{tuple(starts.shape)} on {starts.device}")  # fmt: skip
+    outside = ((starts < 0) | (starts > first)).nonzero()
+    if len(outside):
+        row = int(outside[0, 0])
+        return (f"starts[{row}]={int(starts[row])} is outside 0..{first}: each row's query i reads its keys "
+                f"starts[b]..positions[0] - N + 1 + i, at least one")  # fmt: skip
+    return None
+
+
+def cached_attention_padded(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, positions: Tensor,
+                            scale: float | None = None) -> Tensor:
+    r""":func:`cached_attention` for a left-padded batch: row ``b``'s query ``i`` takes ``softmax(q k^T scale)`` over
+    its keys ``starts[b]..p - N + 1 + i`` only (``p = positions[0]``; ``scale`` default ``1/\sqrt{D}``), times ``v``:
+    ``q [B, A, N, D]``, ``k [B, G, L, D]``, ``v [B, G, L, Dv]`` float32 (``A / G`` query heads share a key head; the
+    last dimension contiguous, any other strides read in place), ``starts [B]`` int64 -> ``[B, A, N, Dv]``;
+    ``F.scaled_dot_product_attention`` under that mask, float rounding aside (``cached_attention.cpp``): a left-padded
+    batch's decoding step. :class:`ShapeError` (:func:`cached_attention_padded_problem`), then :func:`load` and the
+    op."""
+    problem = cached_attention_padded_problem(q, k, v, starts, positions)
     if problem is not None:
         raise ShapeError(problem)
     load()
     scale = q.shape[3] ** -0.5 if scale is None else scale
-    return torch.ops.archlab_kernels.one_query_attention_padded(q, k, v, starts, positions, scale, f32_isa())
+    return torch.ops.archlab_kernels.cached_attention_padded(q, k, v, starts, positions, scale, f32_isa())

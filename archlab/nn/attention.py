@@ -10,9 +10,9 @@ The general attention step (deck)::
 
 with ``a`` an alignment score. :func:`attend` computes it for whole tensors; the default score is
 the scaled dot product ``a(q, k) = q . k / sqrt(d_k)`` (Vaswani 2017), which the ``sdpa`` backend
-runs through PyTorch's fused kernels; a left-padded batch's decoding step (one query a row, float32, eager CPU
-inference, :func:`archlab.generation.generate_batch`) through archlab's kernel instead
-(:func:`_attend_padded_rows`).
+runs through PyTorch's fused kernels; a decoding step's few causal queries over a KV cache (a one-token step, a
+speculative verify pass, a left-padded batch's step: float32, eager CPU inference) through archlab's kernel instead
+(:func:`_attend_cached`).
 
 Masks follow PyTorch's convention: a boolean mask is ``True`` where a query may attend a key. A
 float ``bias`` is added to the scores (ALiBi, relative positions). A key a query may not attend gets
@@ -21,6 +21,7 @@ exactly zero weight; a query with no key to attend gets a zero output.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -424,6 +425,10 @@ _CPU_FLASH_VECTOR_KEYS = 16
 
 def _attend_sdpa(q, k, v, mask, bias, causal, scale, dropout_p) -> Tensor:
     n, m = q.shape[-2], k.shape[-2]
+    if bias is None and dropout_p == 0 and (causal or n == 1):
+        out = _attend_cached(q, k, v, mask, scale)
+        if out is not None:
+            return out
     mask, bias = _at_least_2d(mask), _at_least_2d(bias)
     is_causal = causal and mask is None and bias is None and n == m
     if causal and not is_causal and n > 1:
@@ -437,10 +442,6 @@ def _attend_sdpa(q, k, v, mask, bias, causal, scale, dropout_p) -> Tensor:
     elif mask is not None and q.shape[-2] > 0 and _reuses_masks(mask):
         prepared = _prepared_mask(mask, q.dtype)
         attn_mask = prepared[0]
-        if n == 1 and dropout_p == 0:
-            out = _attend_padded_rows(q, k, v, mask, prepared[3], scale)
-            if out is not None:
-                return out
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
         enable_gqa=kv_groups(q, k, v) > 1,
@@ -504,10 +505,10 @@ def _prepare(mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, bool, li
     return (additive, *_keys_of(mask), [])
 
 
-def _padded_rows(mask: Tensor) -> tuple[Tensor, Tensor] | None:
-    """``(starts [B], positions [1])`` where the key mask ``mask [B, 1, 1, M]`` lets each row ``b`` attend exactly
-    its keys ``starts[b]..M-1``, at least one (left padding: :func:`archlab.generation.generate_batch`'s rows, whose
-    real tokens end at the last position), ``positions = [M - 1]``; None for any other mask."""
+def _padded_rows(mask: Tensor) -> tuple[Tensor, int] | None:
+    """``(starts [B], latest)`` where the key mask ``mask [B, 1, 1, M]`` lets each row ``b`` attend exactly its keys
+    ``starts[b]..M-1``, at least one (left padding: :func:`archlab.generation.generate_batch`'s rows, whose real tokens
+    end at the last position), ``latest = max_b starts[b]``; None for any other mask."""
     if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[3] == 0:
         return None
     rows = mask[:, 0, 0]  # [B, M]
@@ -515,30 +516,49 @@ def _padded_rows(mask: Tensor) -> tuple[Tensor, Tensor] | None:
     starts = m - rows.sum(dim=1)  # int64: the first real key of a suffix
     if bool((starts >= m).any()) or not torch.equal(rows, torch.arange(m, device=rows.device) >= starts[:, None]):
         return None
-    return starts, torch.tensor([m - 1])
+    return starts, int(starts.max())
 
 
-def _attend_padded_rows(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, memo: list,
-                        scale: float | None) -> Tensor | None:
-    """A decoding step of a left-padded batch, ``q [B, A, 1, d_k]`` over ``k [B, G, M, d_k]``, ``v [B, G, M, d_v]``
-    under the key mask ``mask [B, 1, 1, M]`` (:func:`_padded_rows`), on archlab's kernel
-    (:func:`archlab.kernels.one_query_attention_padded`: row ``b`` reads only its keys ``starts[b]..M-1``, the KV
-    cache's view read in place) -> ``[B, A, 1, d_v]``; None where it does not apply (another mask, not float32 on
-    the CPU, a gradient recorded, widths not multiples of 16, no kernel here): then sdpa serves. The same equation;
-    the float rounding differs from sdpa's (a row's result does not depend on the other rows). On SmolLM2's 10-row
-    steps (9 heads on 3 key heads, 145-270 keys, 2 threads, loaded) sdpa took 240-390 us a layer, the kernel
-    100-175 (docs/speed.md)."""
-    if q.ndim != 4 or not q.shape[0] == k.shape[0] == v.shape[0] == mask.shape[0]:
+@functools.lru_cache(maxsize=64)
+def _last_position(m: int) -> Tensor:
+    """``[m - 1]`` int64: the kernel's last position for ``m`` keys, made once per length (not per layer: four ops)."""
+    return torch.tensor([m - 1])
+
+
+def _attend_cached(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor | None:
+    """A decoding step's attention on archlab's kernel (:func:`archlab.kernels.cached_attention`): the ``N`` causal
+    queries of the last positions, ``q [B, A, N, d_k]``, over ``k [B, G, M, d_k]``, ``v [B, G, M, d_v]`` (query ``i``
+    reads the keys up to ``M - N + i``; a single query reads them all, causal or not), the KV cache's view read in
+    place -> ``[B, A, N, d_v]``. Unmasked (a one-token step, a speculative verify pass), or under a left-padding key
+    mask ``mask [B, 1, 1, M]`` (:func:`_padded_rows`; :func:`archlab.kernels.cached_attention_padded`: row ``b`` reads
+    only its keys from ``starts[b]``). None where it does not apply, and sdpa serves: another mask, more than
+    :data:`~archlab.kernels.CACHED_MAX_QUERIES` queries, not float32 on the CPU, a gradient recorded, under
+    ``torch.compile``, widths not multiples of 16, no kernel here, or a query left without a key.
+
+    The same equation as sdpa's; the float rounding differs, and each query is computed on its own, so a position's
+    result is the same to the bit in a one-token step and in a verify pass of any width (with the float32 products
+    of :func:`archlab.nn.linear.linear`, the reason speculative greedy decoding gives plain greedy's tokens). Measured
+    (SmolLM2's 9 heads on 3 key heads, 300 keys, 2 threads, AMD EPYC): one query 27 us a layer against 56 for sdpa,
+    9 causal queries 140 against 188 with the causal mask built; on 10-row padded steps (145-270 keys, loaded) sdpa
+    took 240-390 us a layer, the kernel 100-175 (docs/speed.md)."""
+    n, m = q.shape[-2], k.shape[-2]
+    if q.ndim != 4 or not 1 <= n <= min(m, kernels.CACHED_MAX_QUERIES) or not q.shape[0] == k.shape[0] == v.shape[0]:
         return None
-    if not kernels.one_query_attention_serves(q, k, v):
+    if torch.compiler.is_compiling() or not kernels.cached_attention_serves(q, k, v):
         return None
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    positions = _last_position(m)
+    if mask is None:
+        return torch.ops.archlab_kernels.cached_attention(q, k, v, positions, scale, kernels.f32_kernel())
+    if mask.ndim != 4 or mask.shape[0] != q.shape[0] or not _reuses_masks(mask):
+        return None
+    memo = _prepared_mask(mask, q.dtype)[3]
     if not memo:
         memo.append(_padded_rows(mask))
-    if memo[0] is None:
+    if memo[0] is None or memo[0][1] > m - n:  # another mask, or a row whose first query has no key
         return None
-    starts, positions = memo[0]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.ops.archlab_kernels.one_query_attention_padded(q, k, v, starts, positions, scale, kernels.f32_kernel())
+    return torch.ops.archlab_kernels.cached_attention_padded(q, k, v, memo[0][0], positions, scale,
+                                                             kernels.f32_kernel())  # fmt: skip
 
 
 def _every_query_has_a_key(has_key: Tensor) -> bool:

@@ -1,10 +1,14 @@
-// archlab's attention of one query row per head over a KV cache (archlab/kernels/__init__.py describes it):
-//   out[b, a] = sum_{j in r..p} e_j v[b, g, j] / sum_{j in r..p} e_j,   e_j = exp(s_j - max_j s_j),
-//   s_j = scale * q[b, a] . k[b, g, j],   g = a / (A / G),   p = positions[0]
-// q [B, A, 1, D], k [B, G, L, D], v [B, G, L, Dv] float32, D and Dv multiples of 16, each with its last dimension
-// contiguous (any other strides: a KV cache's view of its storage is read in place). Only the keys r..p are read:
-// one_query_attention (a static cache) reads r = 0 (the positions after p are not written yet);
-// one_query_attention_padded (a left-padded batch) r = starts[b] for row b (the positions before it are padding).
+// archlab's attention of a decoding step's queries over a KV cache (archlab/kernels/__init__.py describes it): the
+// queries of the last N positions p - N + 1 .. p (N = 1 for a one-token step, k + 1 for a speculative verify pass),
+// query i (position p_i = p - N + 1 + i) reading the keys r..p_i (causal):
+//   out[b, a, i] = sum_{j in r..p_i} e_j v[b, g, j] / sum_{j in r..p_i} e_j,   e_j = exp(s_j - max_j s_j),
+//   s_j = scale * q[b, a, i] . k[b, g, j],   g = a / (A / G),   p = positions[0]
+// q [B, A, N, D], k [B, G, L, D], v [B, G, L, Dv] float32, D and Dv multiples of 16, each with its last dimension
+// contiguous (any other strides: a KV cache's view of its storage is read in place). Only the keys r..p_i are read:
+// cached_attention (a static cache, or a dynamic one with p = L - 1) reads r = 0 (the positions after p are not
+// written yet); cached_attention_padded (a left-padded batch) r = starts[b] for row b (the positions before it are
+// padding). Each query is computed on its own, by the same operations whatever N and the other queries are: a
+// position's result is the same to the bit in a one-token step and in an N-token pass.
 // The dot products use the 16-lane scheme of f32_rows.cpp (two chains of 16-lane blocks, folded 8 + 8, 4 + 4,
 // 2 + 2, 1 + 1); exp, the max and the sum are scalar, in key order; the weighted sum of the values adds e_j v_j lane
 // by lane in key order. The AVX2 variant carries each 16 lanes as two 8-lane halves: both variants give the same
@@ -124,7 +128,7 @@ void weighted(float* o, const float* e, const float* v, int64_t vs, int64_t r, i
 at::Tensor rows_in_place(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
 
 void check_tensors(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t isa) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1, "q [B, A, 1, D], k, v [B, G, L, D]");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) >= 1, "q [B, A, N, D], k, v [B, G, L, D]");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "q, k, v must be float32");
   const int64_t B = q.size(0), A = q.size(1), D = q.size(3), G = k.size(1), L = k.size(2), Dv = v.size(3);
@@ -136,83 +140,86 @@ void check_tensors(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "q, k, v must be on the CPU");
 }
 
-// the last position p = positions[0], checked against the cache's L positions
-int64_t last_position(const at::Tensor& positions, int64_t L) {
+// the last query's position p = positions[0], checked against the cache's L positions and the N queries before it
+int64_t last_position(const at::Tensor& positions, int64_t L, int64_t N) {
   TORCH_CHECK(positions.numel() >= 1 && positions.scalar_type() == at::kLong, "positions must be int64 [1]");
   TORCH_CHECK(positions.device().is_cpu(), "positions must be on the CPU");
   const int64_t p = *positions.contiguous().data_ptr<int64_t>();
   TORCH_CHECK(p >= 0 && p < L, "position ", p, " is outside the cache's ", L, " positions");
+  TORCH_CHECK(p >= N - 1, "position ", p, " leaves no key for the first of the ", N, " queries (positions ", p - N + 1,
+              "..", p, ")");
   return p;
 }
 
-// the equation above for every (b, a), over the keys starts[b]..p (0..p where starts is null)
+// the equation above for every (b, a, i), over the keys starts[b]..p_i (0..p_i where starts is null)
 at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const int64_t* starts,
                   int64_t p, double scale, int64_t isa) {
   const at::Tensor q = rows_in_place(q_in), k = rows_in_place(k_in), v = rows_in_place(v_in);
-  const int64_t B = q.size(0), A = q.size(1), D = q.size(3), G = k.size(1), Dv = v.size(3);
-  at::Tensor out = at::empty({B, A, 1, Dv}, q.options());
+  const int64_t B = q.size(0), A = q.size(1), N = q.size(2), D = q.size(3), G = k.size(1), Dv = v.size(3);
+  at::Tensor out = at::empty({B, A, N, Dv}, q.options());
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   float* op = out.data_ptr<float>();
   const int64_t per_group = A / G;
   const float fscale = static_cast<float>(scale);
-  at::parallel_for(0, B * A, 1, [&](int64_t h0, int64_t h1) {
+  at::parallel_for(0, B * A * N, 1, [&](int64_t h0, int64_t h1) {
     std::vector<float> s(p + 1);
-    for (int64_t h = h0; h < h1; ++h) {
-      const int64_t b = h / A, a = h % A, g = a / per_group;
-      const int64_t r = starts == nullptr ? 0 : starts[b];
-      const float* qh = qp + b * qs0 + a * qs1;
+    for (int64_t h = h0; h < h1; ++h) {  // h = (b A + a) N + i: out's row
+      const int64_t i = h % N, a = (h / N) % A, b = h / (N * A), g = a / per_group;
+      const int64_t r = starts == nullptr ? 0 : starts[b], last = p - (N - 1) + i;
+      const float* qh = qp + b * qs0 + a * qs1 + i * qs2;
       const float* kh = kp + b * ks0 + g * ks1;
       const float* vh = vp + b * vs0 + g * vs1;
-      const float m = isa == 512 ? scores512(s.data(), qh, kh, ks2, r, p, D, fscale)
-                                 : scores256(s.data(), qh, kh, ks2, r, p, D, fscale);
+      const float m = isa == 512 ? scores512(s.data(), qh, kh, ks2, r, last, D, fscale)
+                                 : scores256(s.data(), qh, kh, ks2, r, last, D, fscale);
       float sum = 0.f;
-      for (int64_t j = r; j <= p; ++j) {
+      for (int64_t j = r; j <= last; ++j) {
         s[j] = std::exp(s[j] - m);  // the scores become the weights e_j
         sum += s[j];
       }
       float* o = op + h * Dv;
-      weighted(o, s.data(), vh, vs2, r, p, Dv, isa);
+      weighted(o, s.data(), vh, vs2, r, last, Dv, isa);
       const float inv = 1.f / sum;
-      for (int64_t i = 0; i < Dv; ++i) o[i] *= inv;
+      for (int64_t c = 0; c < Dv; ++c) o[c] *= inv;
     }
   });
   return out;
 }
 
-// a static cache: every row reads the keys 0..positions[0]
-at::Tensor one_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& positions, double scale, int64_t isa) {
+// a static cache (or a dynamic one, p = L - 1): every row reads the keys 0..p_i
+at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& positions, double scale, int64_t isa) {
   check_tensors(q, k, v, isa);
-  return attend(q, k, v, nullptr, last_position(positions, k.size(2)), scale, isa);
+  return attend(q, k, v, nullptr, last_position(positions, k.size(2), q.size(2)), scale, isa);
 }
 
-// a left-padded batch: row b reads the keys starts[b]..positions[0]
-at::Tensor one_query_attention_padded(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const at::Tensor& starts, const at::Tensor& positions, double scale,
-                                      int64_t isa) {
+// a left-padded batch: row b reads the keys starts[b]..p_i
+at::Tensor cached_attention_padded(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& starts, const at::Tensor& positions, double scale, int64_t isa) {
   check_tensors(q, k, v, isa);
-  const int64_t p = last_position(positions, k.size(2)), B = q.size(0);
+  const int64_t N = q.size(2), p = last_position(positions, k.size(2), N), B = q.size(0);
   TORCH_CHECK(starts.dim() == 1 && starts.numel() == B && starts.scalar_type() == at::kLong && starts.device().is_cpu(),
               "starts must be int64 [B] on the CPU, one start per row");
   const at::Tensor sc = starts.contiguous();
   const int64_t* sp = sc.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(sp[b] >= 0 && sp[b] <= p, "starts[", b, "] = ", sp[b], " is outside 0..", p, " (the position)");
+    TORCH_CHECK(sp[b] >= 0 && sp[b] <= p - N + 1, "starts[", b, "] = ", sp[b], " is outside 0..", p - N + 1,
+                " (the first query's position)");
   return attend(q, k, v, sp, p, scale, isa);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(archlab_kernels, m) {
-  m.def("one_query_attention(Tensor q, Tensor k, Tensor v, Tensor positions, float scale, int isa) -> Tensor");
+  m.def("cached_attention(Tensor q, Tensor k, Tensor v, Tensor positions, float scale, int isa) -> Tensor");
   m.def(
-      "one_query_attention_padded(Tensor q, Tensor k, Tensor v, Tensor starts, Tensor positions, float scale, "
+      "cached_attention_padded(Tensor q, Tensor k, Tensor v, Tensor starts, Tensor positions, float scale, "
       "int isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(archlab_kernels, CPU, m) {
-  m.impl("one_query_attention", one_query_attention);
-  m.impl("one_query_attention_padded", one_query_attention_padded);
+  m.impl("cached_attention", cached_attention);
+  m.impl("cached_attention_padded", cached_attention_padded);
 }
