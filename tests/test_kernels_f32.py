@@ -1,8 +1,10 @@
-"""archlab's float32 kernels (archlab.kernels.f32_rows, archlab.kernels.cached_attention and its padded sibling)
+"""archlab's float32 kernels (archlab.kernels.f32_rows, archlab.kernels.cached_attention and its padded sibling,
+archlab.kernels.rms_norm)
 and where archlab uses them: each against its equation in float64 with a derived float32 bound, both variants
 (AVX-512, AVX2) equal to the bit, a row's result independent of the batch, keys outside a row's range never read, the
 errors, linear() and PackedLinear taking the kernel only where it applies (no gradient recorded), the static decoder's
-one-token attention, attend()'s left-padded one-query steps (generate_batch's), the FLOP formulas, and
+one-token attention, attend()'s few causal queries and left-padded steps, a verify pass equal to one-token steps to the
+bit, RMSNorm's one-op kernel, the FLOP formulas, and
 torch.compile."""
 
 from __future__ import annotations
@@ -500,6 +502,53 @@ def test_static_decoder_one_token_attention_on_the_kernel_equals_sdpa(preset, mo
     assert len(calls) == model.config.n_layers
     monkeypatch.setattr(kernels, "cached_attention_serves", lambda *a: False)
     torch.testing.assert_close(with_kernel, step_logits(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("rows, d", [(1, 16), (9, 48), (3, 576), (144, 576), (2, 1536)])
+def test_rms_norm_equals_the_float64_equation_and_is_one_result_for_any_rows(isa, rows, d):
+    """The sum of squares (positive terms, d/32 + 6 roundings deep), the mean, eps, the root and its inverse, then two
+    products: each output within (d/16 + 12) u of the float64 equation's, relatively. Both variants give one result
+    to the bit, a row's result is the one it gets alone, and the rows may span at::parallel_for's chunks (144 x 576)."""
+    gen = torch.Generator().manual_seed(rows + d)
+    x = torch.randn(rows, d, generator=gen) * torch.logspace(-3, 3, rows)[:, None]  # rows of very different sizes
+    g = torch.randn(d, generator=gen)
+    y = torch.ops.archlab_kernels.rms_norm(x, g, 1e-6, isa)
+    x64 = x.double()
+    ref = x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * g.double()
+    assert y.shape == x.shape and ((y.double() - ref).abs() <= (d / 16 + 12) * U32 * ref.abs()).all()
+    assert torch.equal(y, torch.ops.archlab_kernels.rms_norm(x, g, 1e-6, VARIANTS[0]))
+    alone = torch.cat([torch.ops.archlab_kernels.rms_norm(x[i : i + 1], g, 1e-6, isa) for i in range(rows)])
+    assert torch.equal(alone, y)
+    assert torch.equal(torch.ops.archlab_kernels.rms_norm(x.reshape(1, rows, d).transpose(0, 1), g, 1e-6, isa)[:, 0], y)
+
+
+def test_rms_norm_errors_and_where_rmsnorm_takes_it(monkeypatch):
+    """The wrapper's ShapeError names what it takes; RMSNorm runs the kernel in float32 inference only (not with a
+    gradient recorded, not in float64, not at a width the kernel does not take), close to F.rms_norm."""
+    from archlab.nn.norm import RMSNorm
+
+    with pytest.raises(ShapeError, match=r"d a positive multiple of 16; got x torch.float32 \(2, 24\)"):
+        kernels.rms_norm(torch.randn(2, 24), torch.randn(24), 1e-6)
+    with pytest.raises(ShapeError, match=r"weight torch.float32 \(32,\)"):
+        kernels.rms_norm(torch.randn(2, 48), torch.randn(32), 1e-6)
+    with pytest.raises(RuntimeError, match="positive multiple of 16"):
+        torch.ops.archlab_kernels.rms_norm(torch.randn(2, 24), torch.randn(24), 1e-6, VARIANTS[0])
+    calls: list[int] = []
+    op = torch.ops.archlab_kernels.rms_norm
+    monkeypatch.setattr(torch.ops.archlab_kernels, "rms_norm", lambda *a: calls.append(1) or op(*a), raising=False)
+    norm = RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 64)
+    with torch.inference_mode():
+        out = norm(x)
+        assert calls == [1]
+        torch.testing.assert_close(out, F.rms_norm(x, (64,), norm.weight, norm.eps), rtol=1e-6, atol=1e-6)
+        norm.double()(x.double())
+        RMSNorm(24)(torch.randn(2, 24))
+    norm.float()(x)  # a gradient recorded (the weight's)
+    assert calls == [1]
 
 
 def test_compiled_products_and_attention_equal_eager(monkeypatch):

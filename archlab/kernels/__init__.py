@@ -56,6 +56,12 @@ the last position and start at their own. :func:`archlab.nn.attention.attend` ta
 inference with at most :data:`CACHED_MAX_QUERIES` causal queries (or one query), unmasked or under such a padding mask,
 in place of sdpa. Both read a KV cache's view of its storage in place (any strides but the last dimension's).
 
+**RMSNorm** (``torch.ops.archlab_kernels.rms_norm``, :func:`rms_norm`): ``y = (x s) g``, ``s`` one over the root
+mean square of the row (plus ``eps``), for each row of float32 ``x [..., d]`` (``d`` a multiple of 16), the sum of
+squares in the float32 rows' 16-lane order, so the same result on AVX-512 and AVX2 and for any number of rows. One op where PyTorch's CPU
+``rms_norm`` dispatches about ten: :class:`archlab.nn.RMSNorm` takes it for float32 inference on the CPU (a decoding
+step's 61 norms in SmolLM2).
+
 The ops are registered with a fake (meta) implementation, so ``torch.compile`` keeps each as one opaque call.
 :func:`load` builds the library once per machine and source (cache: ``$TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``); where it cannot (no compiler, no ninja), it raises :class:`KernelUnavailable`.
@@ -79,7 +85,7 @@ from archlab.hardware import cpu_features, kernel_capability
 MAX_ROWS = 16  # rows of x per call (the kernel's check; a prompt goes to other kernels)
 BLOCK = 64  # inputs per 32-byte run of the packed layout: K must be a multiple of it
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("int4_rows.cpp", "q8_rows.cpp", "f32_rows.cpp",
-                                                        "cached_attention.cpp"))  # one library, every op
+                                                        "cached_attention.cpp", "rms_norm.cpp"))  # one library
 
 
 class KernelUnavailable(ArchlabError, RuntimeError):
@@ -122,6 +128,7 @@ def build(name: str, directory: str | None = None) -> None:
         torch.library.register_fake("archlab_kernels::f32_rows")(_fake_f32_rows)
         torch.library.register_fake("archlab_kernels::cached_attention")(_fake_cached_attention)
         torch.library.register_fake("archlab_kernels::cached_attention_padded")(_fake_cached_attention_padded)
+        torch.library.register_fake("archlab_kernels::rms_norm")(_fake_rms_norm)
         _fake_registered.append(True)
 
 
@@ -505,3 +512,41 @@ def cached_attention_padded(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, pos
     load()
     scale = q.shape[3] ** -0.5 if scale is None else scale
     return torch.ops.archlab_kernels.cached_attention_padded(q, k, v, starts, positions, scale, f32_isa())
+
+
+# ---- RMSNorm -------------------------------------------------------------------------------------------------------
+
+
+def _fake_rms_norm(x: Tensor, weight: Tensor, eps: float, isa: int) -> Tensor:
+    """Shapes only (torch.compile's tracing): ``x``'s."""
+    return torch.empty_like(x)
+
+
+def rms_norm_problem(x: Tensor, weight: Tensor) -> str | None:
+    """Why :func:`rms_norm` cannot take these tensors (what it takes and what they are), or None."""
+    d = x.shape[-1] if x.ndim else 0
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu" \
+            or weight.device.type != "cpu" or tuple(weight.shape) != (d,) or d == 0 or d % F32_LANES:  # fmt: skip
+        return (f"x must be float32 [..., d] and weight float32 [d] on the CPU, d a positive multiple of {F32_LANES}; "
+                f"got x {x.dtype} {tuple(x.shape)} on {x.device}, weight {weight.dtype} {tuple(weight.shape)} on "
+                f"{weight.device}")  # fmt: skip
+    return None
+
+
+def rms_norm_serves(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`rms_norm` takes these (:func:`rms_norm_problem`) in eager inference: no gradient recorded (it
+    has no backward), not under ``torch.compile`` (inductor fuses the norm itself), the kernel built here."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    return not torch.compiler.is_compiling() and rms_norm_problem(x, weight) is None and f32_kernel() != 0
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    r"""RMSNorm of each row of ``x [..., d]``: ``(x / \sqrt{mean(x^2) + eps}) weight`` -> ``[..., d]`` float32,
+    ``F.rms_norm(x, (d,), weight, eps)`` float rounding aside (``rms_norm.cpp``). :class:`ShapeError`
+    (:func:`rms_norm_problem`), then :func:`load` and the op."""
+    problem = rms_norm_problem(x, weight)
+    if problem is not None:
+        raise ShapeError(problem)
+    load()
+    return torch.ops.archlab_kernels.rms_norm(x, weight, float(eps), f32_isa())

@@ -28,35 +28,9 @@
 
 namespace {
 
-using archlab_lanes::fold16;
+using archlab_lanes::dot256;
+using archlab_lanes::dot512;
 using archlab_lanes::kLanes;
-
-ARCHLAB_AVX512 float dot512(const float* a, const float* b, int64_t D) {
-  __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 2 * kLanes <= D; i += 2 * kLanes) {
-    c0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), c0);
-    c1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + kLanes), _mm512_loadu_ps(b + i + kLanes), c1);
-  }
-  if (i < D) c0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), c0);
-  return fold16(_mm512_add_ps(c0, c1));
-}
-
-ARCHLAB_AVX2 float dot256(const float* a, const float* b, int64_t D) {
-  __m256 lo0 = _mm256_setzero_ps(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
-  int64_t i = 0;
-  for (; i + 2 * kLanes <= D; i += 2 * kLanes) {
-    lo0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), lo0);
-    hi0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), hi0);
-    lo1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), lo1);
-    hi1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), hi1);
-  }
-  if (i < D) {
-    lo0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), lo0);
-    hi0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), hi0);
-  }
-  return fold16(_mm256_add_ps(lo0, lo1), _mm256_add_ps(hi0, hi1));
-}
 
 // s[j] = scale * q . k[j * ks] for j in r..p (dot512 inlined: q stays in registers); returns their max
 ARCHLAB_AVX512 float scores512(float* s, const float* q, const float* k, int64_t ks, int64_t r, int64_t p, int64_t D,

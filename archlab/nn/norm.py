@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from archlab import kernels
 from archlab.config import check_choice, check_positive
 from archlab.errors import ShapeError
 
@@ -59,7 +60,11 @@ class LayerNorm(_TokenNorm):
 
 
 class RMSNorm(_TokenNorm):
-    """RMSNorm over the last axis: ``g * x / sqrt(mean(x^2) + eps)``; ``[..., d] -> [..., d]``."""
+    """RMSNorm over the last axis: ``g * x / sqrt(mean(x^2) + eps)``; ``[..., d] -> [..., d]``.
+
+    PyTorch's ``F.rms_norm``, or in float32 inference on the CPU archlab's one-op kernel
+    (:func:`archlab.kernels.rms_norm`: the same equation, another float rounding; PyTorch's CPU op dispatches about
+    ten, which at a decoding step's few rows is its whole cost)."""
 
     def __init__(self, d_model: int, eps: float = 1e-6):
         super().__init__(d_model, eps)
@@ -67,6 +72,8 @@ class RMSNorm(_TokenNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
+        if kernels.rms_norm_serves(x, self.weight):
+            return torch.ops.archlab_kernels.rms_norm(x, self.weight, self.eps, kernels.f32_kernel())
         return F.rms_norm(x, (self.d_model,), self.weight, self.eps)
 
 
