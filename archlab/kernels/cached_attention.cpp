@@ -10,8 +10,9 @@
 // padding). Each query is computed on its own, by the same operations whatever N and the other queries are: a
 // position's result is the same to the bit in a one-token step and in an N-token pass.
 // The dot products use the 16-lane scheme of f32_rows.cpp (two chains of 16-lane blocks, folded 8 + 8, 4 + 4,
-// 2 + 2, 1 + 1); exp, the max and the sum are scalar, in key order; the weighted sum of the values adds e_j v_j lane
-// by lane in key order. The AVX2 variant carries each 16 lanes as two 8-lane halves: both variants give the same
+// 2 + 2, 1 + 1; on AVX-512 16 keys' folds at once, lanes.h's dots16x16); exp is lanes.h's (Cephes' expf, the same
+// operations in either width), 16 keys at a time; the sum of the weights in 16 lanes, key j in lane (j - r) % 16,
+// folded the same way; the weighted sum of the values adds e_j v_j lane by lane in key order. The AVX2 variant carries each 16 lanes as two 8-lane halves: both variants give the same
 // result to the bit, and a row's result depends only on its own query, keys and values.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -30,27 +31,79 @@ namespace {
 
 using archlab_lanes::dot256;
 using archlab_lanes::dot512;
+using archlab_lanes::dots16x16;
 using archlab_lanes::kLanes;
 
-// s[j] = scale * q . k[j * ks] for j in r..p (dot512 inlined: q stays in registers); returns their max
-ARCHLAB_AVX512 float scores512(float* s, const float* q, const float* k, int64_t ks, int64_t r, int64_t p, int64_t D,
-                               float scale) {
+// s[j] = scale * q . k[j * ks] for j in r..p: 16 keys at a time (dots16x16), the rest one by one; the same values
+ARCHLAB_AVX512 void scores512(float* s, const float* q, const float* k, int64_t ks, int64_t r, int64_t p, int64_t D,
+                              float scale) {
+  const __m512 vscale = _mm512_set1_ps(scale);
+  int64_t j = r;
+  for (; j + kLanes <= p + 1; j += kLanes)
+    _mm512_storeu_ps(s + j, _mm512_mul_ps(vscale, dots16x16(q, k + j * ks, ks, D)));
+  for (; j <= p; ++j) s[j] = scale * dot512(q, k + j * ks, D);
+}
+
+ARCHLAB_AVX2 void scores256(float* s, const float* q, const float* k, int64_t ks, int64_t r, int64_t p, int64_t D,
+                            float scale) {
+  for (int64_t j = r; j <= p; ++j) s[j] = scale * dot256(q, k + j * ks, D);
+}
+
+// the largest of x[0..n) (exact in any order)
+float largest(const float* x, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
-  for (int64_t j = r; j <= p; ++j) {
-    s[j] = scale * dot512(q, k + j * ks, D);
-    m = std::max(m, s[j]);
-  }
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
   return m;
 }
 
-ARCHLAB_AVX2 float scores256(float* s, const float* q, const float* k, int64_t ks, int64_t r, int64_t p, int64_t D,
-                             float scale) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t j = r; j <= p; ++j) {
-    s[j] = scale * dot256(q, k + j * ks, D);
-    m = std::max(m, s[j]);
+// x[0..n) <- e_j = exp(x_j - m), m their largest; returns sum_j e_j. 16 keys at a time, key j in lane j % 16 (the last
+// block padded with -inf, whose weights are 0), the lanes' sums folded as lanes.h folds: either width the same bits.
+ARCHLAB_AVX512 float weights512(float* x, int64_t n) {
+  const __m512 m = _mm512_set1_ps(largest(x, n));
+  __m512 sum = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const __m512 e = archlab_lanes::exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j), m));
+    _mm512_storeu_ps(x + j, e);
+    sum = _mm512_add_ps(sum, e);
   }
-  return m;
+  if (j < n) {
+    float tail[kLanes];
+    std::fill(tail, tail + kLanes, -std::numeric_limits<float>::infinity());
+    std::copy(x + j, x + n, tail);
+    const __m512 e = archlab_lanes::exp16(_mm512_sub_ps(_mm512_loadu_ps(tail), m));
+    _mm512_storeu_ps(tail, e);
+    std::copy(tail, tail + (n - j), x + j);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return archlab_lanes::fold16(sum);
+}
+
+ARCHLAB_AVX2 float weights256(float* x, int64_t n) {
+  const __m256 m = _mm256_set1_ps(largest(x, n));
+  __m256 lo = _mm256_setzero_ps(), hi = lo;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const __m256 e_lo = archlab_lanes::exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), m));
+    const __m256 e_hi = archlab_lanes::exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), m));
+    _mm256_storeu_ps(x + j, e_lo);
+    _mm256_storeu_ps(x + j + 8, e_hi);
+    lo = _mm256_add_ps(lo, e_lo);
+    hi = _mm256_add_ps(hi, e_hi);
+  }
+  if (j < n) {
+    float tail[kLanes];
+    std::fill(tail, tail + kLanes, -std::numeric_limits<float>::infinity());
+    std::copy(x + j, x + n, tail);
+    const __m256 e_lo = archlab_lanes::exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), m));
+    const __m256 e_hi = archlab_lanes::exp8(_mm256_sub_ps(_mm256_loadu_ps(tail + 8), m));
+    _mm256_storeu_ps(tail, e_lo);
+    _mm256_storeu_ps(tail + 8, e_hi);
+    std::copy(tail, tail + (n - j), x + j);
+    lo = _mm256_add_ps(lo, e_lo);
+    hi = _mm256_add_ps(hi, e_hi);
+  }
+  return archlab_lanes::fold16(lo, hi);
 }
 
 // o[0..Dv) = sum_{j in r..p} e[j] v[j * vs + 0..Dv), lane by lane in key order (o = fma(e_j, v_j, o) from 0): the same
@@ -146,12 +199,13 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
       const float* qh = qp + b * qs0 + a * qs1 + i * qs2;
       const float* kh = kp + b * ks0 + g * ks1;
       const float* vh = vp + b * vs0 + g * vs1;
-      const float m = isa == 512 ? scores512(s.data(), qh, kh, ks2, r, last, D, fscale)
-                                 : scores256(s.data(), qh, kh, ks2, r, last, D, fscale);
-      float sum = 0.f;
-      for (int64_t j = r; j <= last; ++j) {
-        s[j] = std::exp(s[j] - m);  // the scores become the weights e_j
-        sum += s[j];
+      float sum;  // the scores s_j become the weights e_j
+      if (isa == 512) {
+        scores512(s.data(), qh, kh, ks2, r, last, D, fscale);
+        sum = weights512(s.data() + r, last - r + 1);
+      } else {
+        scores256(s.data(), qh, kh, ks2, r, last, D, fscale);
+        sum = weights256(s.data() + r, last - r + 1);
       }
       float* o = op + h * Dv;
       weighted(o, s.data(), vh, vs2, r, last, Dv, isa);

@@ -49,8 +49,9 @@ ARCHLAB_AVX512 inline __m512 fold16x16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
 }
 
-// a . b over D floats (D a multiple of 16): two chains of 16-lane blocks (even blocks, odd blocks), added, folded
-ARCHLAB_AVX512 inline float dot512(const float* a, const float* b, int64_t D) {
+// a . b over D floats (D a multiple of 16): two chains of 16-lane blocks (even blocks, odd blocks), added; dot512
+// folds that sum, dots16x16 folds 16 of them at once
+ARCHLAB_AVX512 inline __m512 dot_lanes512(const float* a, const float* b, int64_t D) {
   __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 2 * kLanes <= D; i += 2 * kLanes) {
@@ -58,7 +59,17 @@ ARCHLAB_AVX512 inline float dot512(const float* a, const float* b, int64_t D) {
     c1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + kLanes), _mm512_loadu_ps(b + i + kLanes), c1);
   }
   if (i < D) c0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), c0);
-  return fold16(_mm512_add_ps(c0, c1));
+  return _mm512_add_ps(c0, c1);
+}
+
+ARCHLAB_AVX512 inline float dot512(const float* a, const float* b, int64_t D) { return fold16(dot_lanes512(a, b, D)); }
+
+// the 16 dot products a . b[t * bs], t = 0..15, in t's order: each dot512's value, to the bit (fold16x16)
+ARCHLAB_AVX512 inline __m512 dots16x16(const float* a, const float* b, int64_t bs, int64_t D) {
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  __m512 sums[16];
+  for (int t = 0; t < 16; ++t) sums[t] = dot_lanes512(a, b + t * bs, D);
+  return _mm512_permutexvar_ps(order, fold16x16(sums));  // fold16x16 puts sums[t]'s at lane 4 (t % 4) + t / 4
 }
 
 ARCHLAB_AVX2 inline float dot256(const float* a, const float* b, int64_t D) {
@@ -75,6 +86,51 @@ ARCHLAB_AVX2 inline float dot256(const float* a, const float* b, int64_t D) {
     hi0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), hi0);
   }
   return fold16(_mm256_add_ps(lo0, lo1), _mm256_add_ps(hi0, hi1));
+}
+
+// exp(x) in each lane, x <= 0 (softmax's shifted scores; NaN stays NaN), in float32 by the same operations in either
+// width (Cephes' expf: x = n ln 2 + r, ln 2 in two parts, a degree-5 polynomial in r, times 2^n): within 2 ulp of
+// exp; x below -88 (exp < 2^-127) gives 0.
+namespace exp_constants {
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f, kLow = -88.f;
+constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f, kP3 = 4.1665795894e-2f,
+                kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+}  // namespace exp_constants
+
+ARCHLAB_AVX512 inline __m512 exp16(__m512 x) {
+  using namespace exp_constants;
+  x = _mm512_max_ps(_mm512_set1_ps(kLow), x);  // NaN: max(c, NaN) is NaN
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), r);
+  __m512 y = _mm512_set1_ps(kP0);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kP1));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kP2));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kP3));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kP4));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kP5));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r);
+  y = _mm512_add_ps(y, _mm512_set1_ps(1.f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+ARCHLAB_AVX2 inline __m256 exp8(__m256 x) {
+  using namespace exp_constants;
+  x = _mm256_max_ps(_mm256_set1_ps(kLow), x);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-kLn2Hi), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(-kLn2Lo), r);
+  __m256 y = _mm256_set1_ps(kP0);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kP1));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kP2));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kP3));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kP4));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kP5));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r);
+  y = _mm256_add_ps(y, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
 }  // namespace archlab_lanes
