@@ -1,11 +1,9 @@
-"""archlab's float32 kernels (archlab.kernels.f32_rows, archlab.kernels.cached_attention and its padded sibling,
-archlab.kernels.rms_norm)
-and where archlab uses them: each against its equation in float64 with a derived float32 bound, both variants
-(AVX-512, AVX2) equal to the bit, a row's result independent of the batch, keys outside a row's range never read, the
-errors, linear() and PackedLinear taking the kernel only where it applies (no gradient recorded), the static decoder's
-one-token attention, attend()'s few causal queries and left-padded steps, a verify pass equal to one-token steps to the
-bit, RMSNorm's one-op kernel, the FLOP formulas, and
-torch.compile."""
+"""archlab's float32 kernels (archlab.kernels.f32_rows, cached_attention and its padded sibling, rms_norm) and
+where archlab uses them: each against its equation in float64 with a derived float32 bound, both variants (AVX-512,
+AVX2) equal to the bit, a row's (and a query's) result independent of the batch, keys outside a row's range never
+read, the errors, linear() and PackedLinear taking the kernel only where it applies (no gradient recorded), the
+static decoder's one-token attention, attend()'s few causal queries and left-padded steps, a verify pass equal to
+one-token steps to the bit, RMSNorm's one-op kernel, the FLOP formulas, and torch.compile."""
 
 from __future__ import annotations
 
