@@ -7,6 +7,9 @@ one-token steps to the bit, RMSNorm's one-op kernel, the FLOP formulas, and torc
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -477,6 +480,19 @@ def test_padded_flop_formula_counts_the_keys_read():
     with FlopCounterMode(display=False) as counter:
         kernels.cached_attention_padded(q, k, v, starts, pos)
     assert counter.get_total_flops() == 2 * 6 * (32 + 32) * (7 + 12 + 1)
+
+
+def test_flop_counter_counts_the_kernels_in_a_fresh_process():
+    """torch's FlopCounterMode copies the table of FLOP formulas when it is made, and the library registers its ops'
+    formulas when it loads: in a fresh process whose first kernel use comes inside the counter, kernels.flop_counter()
+    (the labs' counter) still counts the kernel's product, 2 M N K."""
+    code = ("import torch; from archlab import kernels; from archlab.nn.linear import linear\n"
+            "x, w = torch.randn(3, 64), torch.randn(32, 64)\n"
+            "with torch.no_grad(), kernels.flop_counter(display=False) as counter:\n"
+            "    linear(x, w)\n"
+            "print(counter.get_total_flops())")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.split()[-1] == str(2 * 3 * 32 * 64)
 
 
 @pytest.mark.parametrize("preset", ["gpt-nano", "llama-tiny"])

@@ -418,6 +418,17 @@ def f32_kernel() -> int:
 CACHED_MAX_QUERIES = 16  # the most queries per head attend() hands to the cached-attention kernels (a step, a verify pass)
 
 
+def flop_counter(**kwargs):
+    """``torch.utils.flop_counter.FlopCounterMode(**kwargs)`` that counts archlab's ops too. The mode copies torch's
+    table of FLOP formulas when it is made, and this library registers its ops' formulas when it loads, which is at
+    its first use: inside the mode, in a fresh process, the formulas came too late and the kernels' products counted
+    0 FLOPs (``archlab lab attention-vs-recurrence`` at N = 16). So the library is loaded first, where it can be."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    f32_kernel()
+    return FlopCounterMode(**kwargs)
+
+
 def _fake_cached_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, scale: float, isa: int) -> Tensor:
     """Shapes only (torch.compile's tracing): ``[B, A, N, Dv]``."""
     return q.new_empty(*q.shape[:3], v.shape[3])

@@ -28,8 +28,8 @@ from functools import partial
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
+from archlab import kernels
 from archlab.analysis import attention_bytes, count_flops, count_parameters, score_matrix_bytes
 from archlab.labs.registry import LabResult, register_lab
 from archlab.models import build_model, get_config
@@ -70,7 +70,7 @@ class _MatmulCalls(TorchDispatchMode):
 
 def torch_count(fn) -> tuple[dict[str, int], int]:
     """Run ``fn()`` under torch's own FLOP counter: FLOPs by aten op (``"aten.bmm"``...) and matmul calls."""
-    with FlopCounterMode(display=False) as counter, _MatmulCalls() as calls, torch.no_grad():
+    with kernels.flop_counter(display=False) as counter, _MatmulCalls() as calls, torch.no_grad():
         fn()
     return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}, calls.calls
 

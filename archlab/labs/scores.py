@@ -20,8 +20,8 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
 
+from archlab import kernels
 from archlab.labs.registry import LabResult, register_lab
 from archlab.nn.attention import AdditiveScore, DotScore, ScaledDotScore
 
@@ -51,7 +51,7 @@ def largest_allocation(fn) -> int:
 
 
 def counted_flops(fn) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), kernels.flop_counter(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
