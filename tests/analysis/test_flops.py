@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from archlab import kernels
 from archlab.analysis.flops import FlopCounter, count_flops
 from archlab.errors import DataError
 from archlab.models import build_model
@@ -42,7 +42,7 @@ def test_agrees_with_torch_flop_counter():
         if isinstance(module, MultiHeadAttention):
             module.backend = "math"
     src, tgt = torch.randint(0, 128, (3, 6)), torch.randint(0, 128, (3, 4))
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with kernels.flop_counter(display=False) as counter, torch.no_grad():
         model(src, tgt)
     assert count_flops(model, src, tgt).total == counter.get_total_flops()
 
@@ -131,7 +131,7 @@ def test_transformer_xl_agrees_with_torch_flop_counter():
     """Every matmul torch sees (projections, W_R, the position term, Q K^T, A V, FFN, head), counted by torch."""
     model = build_model("transformer-xl-tiny", backend="math").eval()
     ids, memory = torch.randint(0, 256, (2, 6)), xl_memory(B=2, M=9)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with kernels.flop_counter(display=False) as counter, torch.no_grad():
         model(ids, memory)
     report = count_flops(model, ids, memory)
     assert report.total == counter.get_total_flops()
@@ -151,6 +151,6 @@ def test_rwkv_matches_hand_count_and_torch_flop_counter():
     ids = torch.randint(0, 256, (2, 9))
     assert count_flops(model, ids).by_component == rwkv_by_hand(2 * 9)
     one = ids[:, :1]  # one token: the recurrent WKV (no matmul), so torch sees exactly the weight matmuls
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with kernels.flop_counter(display=False) as counter, torch.no_grad():
         model(one)
     assert count_flops(model, one).total == counter.get_total_flops() == sum(rwkv_by_hand(2).values())

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
+from archlab import kernels
 from archlab.errors import ConfigError, DataError, ShapeError
 from archlab.generation import beam_search, generate
 from archlab.models import build_model, get_config
@@ -117,7 +117,7 @@ def test_one_step_costs_the_same_at_any_point_of_the_sequence():
     cache = model.new_cache()
 
     def flops(run) -> int:
-        counter = FlopCounterMode(display=False)
+        counter = kernels.flop_counter(display=False)
         with counter, torch.no_grad():
             run()
         return counter.get_total_flops()
