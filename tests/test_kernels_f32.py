@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from archlab import kernels
-from archlab.errors import ShapeError
+from archlab.errors import ConfigError, ShapeError
 from archlab.hardware import kernel_capability
 from archlab.models import build_model
 from archlab.nn import linear as linear_module
@@ -188,6 +188,10 @@ def test_cached_attention_errors():
         kernels.cached_attention(q, k, v, torch.tensor([10]))
     with pytest.raises(ShapeError, match=r"positions\[0\]=2 leaves no key for the first of the 4 queries"):
         kernels.cached_attention(q.expand(1, 4, 4, 32), k, v, torch.tensor([2]))
+    with pytest.raises(ShapeError, match=r"positions must be an int64 tensor \[1\] on the CPU, got int 5"):
+        kernels.cached_attention(q, k, v, 5)
+    with pytest.raises(ShapeError, match=r"starts must be int64 \[B\] = \[1\] on the CPU .*, got \[0\]"):
+        kernels.cached_attention_padded(q, k, v, [0], torch.tensor([5]))
     op = torch.ops.archlab_kernels.cached_attention  # the op's own checks, past the wrapper's
     with pytest.raises(RuntimeError, match="outside the cache's 10 positions"):
         op(q, k, v, torch.tensor([10]), 0.2, VARIANTS[0])
@@ -546,6 +550,11 @@ def test_rms_norm_errors_and_where_rmsnorm_takes_it(monkeypatch):
         kernels.rms_norm(torch.randn(2, 24), torch.randn(24), 1e-6)
     with pytest.raises(ShapeError, match=r"weight torch.float32 \(32,\)"):
         kernels.rms_norm(torch.randn(2, 48), torch.randn(32), 1e-6)
+    with pytest.raises(ShapeError, match="x and weight must be tensors, got list and Tensor"):
+        kernels.rms_norm([1.0] * 16, torch.randn(16), 1e-6)
+    for eps in (-1e-6, float("nan"), float("inf"), "1e-6", True):
+        with pytest.raises(ConfigError, match=r"eps=.*must be a finite number >= 0"):
+            kernels.rms_norm(torch.randn(2, 16), torch.randn(16), eps)
     with pytest.raises(RuntimeError, match="positive multiple of 16"):
         torch.ops.archlab_kernels.rms_norm(torch.randn(2, 24), torch.randn(24), 1e-6, VARIANTS[0])
     calls: list[int] = []

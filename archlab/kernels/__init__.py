@@ -58,9 +58,9 @@ in place of sdpa. Both read a KV cache's view of its storage in place (any strid
 
 **RMSNorm** (``torch.ops.archlab_kernels.rms_norm``, :func:`rms_norm`): ``y = (x s) g``, ``s`` one over the root
 mean square of the row (plus ``eps``), for each row of float32 ``x [..., d]`` (``d`` a multiple of 16), the sum of
-squares in the float32 rows' 16-lane order, so the same result on AVX-512 and AVX2 and for any number of rows. One op where PyTorch's CPU
-``rms_norm`` dispatches about ten: :class:`archlab.nn.RMSNorm` takes it for float32 inference on the CPU (a decoding
-step's 61 norms in SmolLM2).
+squares in the float32 rows' 16-lane order, so the same result on AVX-512 and AVX2 and for any number of rows. One
+op where PyTorch's CPU ``rms_norm`` dispatches about ten: :class:`archlab.nn.RMSNorm` takes it for float32 inference
+on the CPU (a decoding step's 61 norms in SmolLM2).
 
 The ops are registered with a fake (meta) implementation, so ``torch.compile`` keeps each as one opaque call.
 :func:`load` builds the library once per machine and source (cache: ``$TORCH_EXTENSIONS_DIR``, default
@@ -79,7 +79,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from archlab.errors import ArchlabError, ShapeError
+from archlab.errors import ArchlabError, ConfigError, ShapeError
 from archlab.hardware import cpu_features, kernel_capability
 
 MAX_ROWS = 16  # rows of x per call (the kernel's check; a prompt goes to other kernels)
@@ -415,7 +415,8 @@ def f32_kernel() -> int:
     return _f32_kernel()
 
 
-CACHED_MAX_QUERIES = 16  # the most queries per head attend() hands to the cached-attention kernels (a step, a verify pass)
+#: the most queries per head attend() hands to the cached-attention kernels (a decoding step, a verify pass)
+CACHED_MAX_QUERIES = 16
 
 
 def flop_counter(**kwargs):
@@ -455,6 +456,8 @@ def cached_attention_serves(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 def _positions_problem(positions: Tensor, length: int, n: int) -> str | None:
     """Why ``positions`` is not the last query's position ``p`` (int64 ``[1]`` on the CPU, ``n - 1 <= p < length``)."""
+    if not isinstance(positions, Tensor):
+        return f"positions must be an int64 tensor [1] on the CPU, got {type(positions).__name__} {positions!r}"
     if positions.dtype != torch.int64 or positions.numel() != 1 or positions.device.type != "cpu":
         return (f"positions must be int64 [1] on the CPU, got {positions.dtype} {tuple(positions.shape)} "
                 f"on {positions.device}")  # fmt: skip
@@ -497,9 +500,10 @@ def cached_attention_padded_problem(q: Tensor, k: Tensor, v: Tensor, starts: Ten
     if problem is not None:
         return problem
     b, first = q.shape[0], int(positions.reshape(-1)[0]) - n + 1
-    if starts.dtype != torch.int64 or tuple(starts.shape) != (b,) or starts.device.type != "cpu":
-        return (f"starts must be int64 [B] = [{b}] on the CPU (a start per row), got {starts.dtype} "
-                f"{tuple(starts.shape)} on {starts.device}")  # fmt: skip
+    if not isinstance(starts, Tensor) or starts.dtype != torch.int64 or tuple(starts.shape) != (b,) \
+            or starts.device.type != "cpu":  # fmt: skip
+        got = f"{starts.dtype} {tuple(starts.shape)} on {starts.device}" if isinstance(starts, Tensor) else repr(starts)
+        return f"starts must be int64 [B] = [{b}] on the CPU (a start per row), got {got}"
     outside = ((starts < 0) | (starts > first)).nonzero()
     if len(outside):
         row = int(outside[0, 0])
@@ -535,6 +539,8 @@ def _fake_rms_norm(x: Tensor, weight: Tensor, eps: float, isa: int) -> Tensor:
 
 def rms_norm_problem(x: Tensor, weight: Tensor) -> str | None:
     """Why :func:`rms_norm` cannot take these tensors (what it takes and what they are), or None."""
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        return f"x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}"
     d = x.shape[-1] if x.ndim else 0
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu" \
             or weight.device.type != "cpu" or tuple(weight.shape) != (d,) or d == 0 or d % F32_LANES:  # fmt: skip
@@ -559,5 +565,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     problem = rms_norm_problem(x, weight)
     if problem is not None:
         raise ShapeError(problem)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ConfigError(f"eps={eps!r}: RMSNorm's eps must be a finite number >= 0")
     load()
     return torch.ops.archlab_kernels.rms_norm(x, weight, float(eps), f32_isa())
