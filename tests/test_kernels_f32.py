@@ -188,6 +188,8 @@ def test_cached_attention_errors():
         kernels.cached_attention(q, k, v, torch.tensor([10]))
     with pytest.raises(ShapeError, match=r"positions\[0\]=2 leaves no key for the first of the 4 queries"):
         kernels.cached_attention(q.expand(1, 4, 4, 32), k, v, torch.tensor([2]))
+    with pytest.raises(ShapeError, match="q, k, v must be tensors, got list, Tensor, Tensor"):
+        kernels.cached_attention([0.0] * 32, k, v, torch.tensor([5]))
     with pytest.raises(ShapeError, match=r"positions must be an int64 tensor \[1\] on the CPU, got int 5"):
         kernels.cached_attention(q, k, v, 5)
     with pytest.raises(ShapeError, match=r"starts must be int64 \[B\] = \[1\] on the CPU .*, got \[0\]"):

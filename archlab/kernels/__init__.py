@@ -437,6 +437,8 @@ def _fake_cached_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, s
 
 def cached_attention_problem(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     """Why :func:`cached_attention` cannot take these tensors (what it takes and what they are), or None."""
+    if not all(isinstance(t, Tensor) for t in (q, k, v)):
+        return f"q, k, v must be tensors, got {type(q).__name__}, {type(k).__name__}, {type(v).__name__}"
     shapes = q.ndim == k.ndim == v.ndim == 4 and q.shape[2] >= 1 and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0
     dtypes = q.dtype == k.dtype == v.dtype == torch.float32 and q.device.type == k.device.type == v.device.type == "cpu"
     if not shapes or not dtypes or q.shape[3] % F32_LANES or v.shape[3] % F32_LANES:
