@@ -37,7 +37,7 @@ def rows_case(m: int, n: int, k: int, seed: int = 0):
 def test_f32_rows_equal_the_float64_product_within_float32_rounding(isa, n, k):
     """K/16 blocks in two chains, 4 folds and the bias: each result is a sum of at most K/32 + 6 roundings deep, so
     |y - y64| <= (K/16 + 6) u (|x| |W|^T + |b|)."""
-    for m in (1, 2, 3, 4, 5, 9, 13, 16):  # 2-16: the AVX-512 tiles (2 output rows, up to 6 of x); AVX2 5-16 groups of 4
+    for m in (1, 2, 3, 4, 5, 9, 13, 16):  # 2-16: the AVX-512 tiles (2 x 6, 3 x 4 past K = 682); AVX2 5-16 groups of 4
         x, w, b = rows_case(m, n, k, seed=m)
         for bias in (b, None):
             y = torch.ops.archlab_kernels.f32_rows(x, w, bias, isa)
@@ -48,10 +48,11 @@ def test_f32_rows_equal_the_float64_product_within_float32_rounding(isa, n, k):
 
 
 @pytest.mark.parametrize("m", [2, 3, 4, 5, 7, 9, 12, 16])
-@pytest.mark.parametrize("n, k", [(257, 400), (3, 48), (1000, 576)])
+@pytest.mark.parametrize("n, k", [(257, 400), (3, 48), (1000, 576), (301, 1536), (100, 720)])
 def test_f32_rows_variants_equal_to_the_bit_and_rows_independent_of_the_batch(m, n, k):
-    """Every (m, n) is summed the same way whichever loop computes it: the one-row stream, a 2 x R tile (an odd N
-    leaves a last row to a 1 x R tile; an odd K / 16 a last block to chain 0), a group of rows, either variant."""
+    """Every (m, n) is summed the same way whichever loop computes it: the one-row stream, an NB x R tile (2 x 6, or
+    3 x 4 past K = 682; a thread's output rows not a multiple of NB leave the last to 1 x R tiles; an odd K / 16 a last
+    block to chain 0), a group of rows, either variant."""
     x, w, b = rows_case(m, n, k, seed=3)
     ys = {isa: torch.ops.archlab_kernels.f32_rows(x, w, b, isa) for isa in VARIANTS}
     assert all(torch.equal(y, ys[256]) for y in ys.values())
@@ -110,12 +111,15 @@ def test_linear_takes_the_kernel_for_few_float32_rows_without_gradients(monkeypa
     assert calls == [3, 1]
 
 
-def test_linear_takes_the_kernel_up_to_9_rows_then_onednn_copies_where_they_exist(monkeypatch):
-    """Up to KERNEL_FIRST_ROWS rows the kernel even where packed_for_rows made a copy; past it the copy (and the
-    kernel again, up to 16 rows, where there is none); kernel_takes_rows says which row counts need no copy."""
+def test_linear_takes_the_kernel_up_to_kernel_first_rows_then_onednn_copies_where_they_exist(monkeypatch):
+    """Up to KERNEL_FIRST_ROWS rows (12 on AVX-512, 9 on AVX2) the kernel even where packed_for_rows made a copy; past
+    it the copy (and the kernel again, up to 16 rows, where there is none); kernel_takes_rows says which row counts
+    need no copy."""
     from archlab.nn.linear import KERNEL_FIRST_ROWS, Linear, kernel_takes_rows, packed_for_rows
 
     calls = count_kernel_calls(monkeypatch)
+    first = KERNEL_FIRST_ROWS[kernels.f32_kernel()]
+    assert first == {512: 12, 256: 9}[kernels.f32_kernel()]
     layer = Linear(64, 4096)
     with torch.no_grad():
         for m in (9, 10, 16):
@@ -123,11 +127,12 @@ def test_linear_takes_the_kernel_up_to_9_rows_then_onednn_copies_where_they_exis
         assert calls == [9, 10, 16]
         with packed_for_rows(torch.nn.Sequential(layer), 10) as packed:
             assert packed == (1 if linear_module.onednn_packing_available() else 0)
-            for m in (9, 10, 16, 17):
+            for m in (9, 10, 12, 13, 16, 17):
                 x = torch.randn(m, 64)
                 torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-4, atol=1e-4)
-    assert calls == [9, 10, 16, 9] + ([] if packed else [10, 16])
-    assert KERNEL_FIRST_ROWS == 9 and kernel_takes_rows(9) and not kernel_takes_rows(10) and not kernel_takes_rows(0)
+    inside = [m for m in (9, 10, 12, 13, 16) if m <= (first if packed else 16)]
+    assert calls == [9, 10, 16] + inside
+    assert kernel_takes_rows(first) and not kernel_takes_rows(first + 1) and not kernel_takes_rows(0)
 
 
 def test_packed_linear_uses_the_kernel_and_makes_no_copy(monkeypatch):

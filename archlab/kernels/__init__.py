@@ -36,9 +36,10 @@ output rows over torch's threads and walks each row's weights front to back, one
 AMD EPYC kind at 2 threads it read a 236 MB matrix at 98% of the rate ``W.sum()`` reads it, and gpt-mini's
 ``[50304, 384]`` LM head in 1.7 ms against 4.2 ms for :func:`archlab.nn.linear.linear`'s split ``torch.bmm``. From 2
 rows (a speculative verify pass, a batch's step) the AVX-512 variant computes tiles of 2 output rows by up to 6 rows
-of ``x`` in registers and prefetches the weights ahead: SmolLM2-135M's 121 matrices at 9 rows 27.8 ms against 27.7
-for oneDNN's packed copies, which it needs none of, and at 2-4 rows 6-17% faster than the one-row loop carrying
-them (``f32_rows.cpp`` has the figures). The sum (``f32_rows.cpp``;
+of ``x`` in registers (3 by 4 where ``K`` > 682) and prefetches the weights ahead: SmolLM2-135M's 121 matrices at 9
+rows 23.6 ms against 26.6 for oneDNN's packed copies, which it needs none of, at 12 rows 26.8 against 27.7, and at
+2-4 rows 6-17% faster than the one-row loop carrying them (``f32_rows.cpp`` and
+:data:`archlab.nn.linear.KERNEL_FIRST_ROWS` have the figures). The sum (``f32_rows.cpp``;
 the folds in ``lanes.h``): 16 lanes in two chains of blocks, folded in a fixed order; the AVX-512 (``512``) and AVX2
 (``256``, 8-lane halves) variants do the same operations in the same order, so they give the same result to the bit,
 and a row's result does not depend on ``M`` (tested). :mod:`archlab.nn.linear` uses it for the few-row float32

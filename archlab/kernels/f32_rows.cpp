@@ -9,9 +9,10 @@
 // One row (memory-bound: each weight read once, for one multiply-add): one output row at a time, its K weights read
 // front to back, one sequential stream per thread.
 // 2-16 rows, AVX-512: tiles of NB output rows x R rows of x, all 2 NB R chains in registers, so each weight vector
-// loaded serves R multiply-adds and each x vector NB; the rows of x in groups of at most R, the tile's NB weight rows
-// re-read from L1 by the groups after the first; the weights of a tile kAhead tiles on prefetched into L2. AVX2 (16
-// registers): the one-row loop carrying up to 4 rows, per output row and group of at most 4 rows past 4.
+// loaded serves R multiply-adds and each x vector NB (2 x 6, or 3 x 4 where K is large); the rows of x in groups of at
+// most R, the tile's NB weight rows re-read from L1 by the groups after the first; the weights of a tile kAhead tiles
+// on prefetched into L2 by every group. AVX2 (16 registers): the one-row loop carrying up to 4 rows, per output row
+// and group of at most 4 rows past 4.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -96,18 +97,28 @@ ARCHLAB_AVX2 void rows256(const Args& a, int64_t n0, int64_t n1) {
   }
 }
 
-// The AVX-512 tiles, measured at 2 threads on the AMD EPYC (AVX-512) over SmolLM2-135M's 121 matrices (538 MB, so
-// every weight comes from memory), in-process rounds, ms, against oneDNN's packed copies: 5 rows 24.5 / 26.7, 9 rows
-// 27.8 / 27.7, 10 rows 31.5 / 31.5, 12 rows 42 / 34, 16 rows 58 / 40 (archlab.nn.linear takes the kernel first up
-// to 9 rows); and against the one-row loop carrying the rows (two rounds): 2 rows 24.7 / 26.9 and 22.3 / 23.8,
-// 3 rows 23.2 / 26.5 and 17.8 / 19.0, 4 rows 19.7 / 23.4 and 20.5 / 23.9 (1 row: 16.7 / 16.8 and 21.7 / 21.3, so
-// one row stays on row512). 2 x 6 tiles beat 1 x 12, 3 x 4 and 4 x 3; without the prefetch the 9-row products took 45 ms: the
-// multiply-adds between a thread's loads leave too few of them in flight for the weights to stream. A dot product of
-// K = 576 is 36 multiply-adds and a fold, so the tiles reach about 78% of oneDNN's multiply-add rate with the weights
-// in cache (1 thread, 9 rows: 78 against 96-100 GFLOP/s); oneDNN's broadcast form folds nothing and wins past 10 rows.
-constexpr int kTileOut = 2;   // NB: output rows of a tile
-constexpr int kTileRows = 6;  // R at most: rows of x of a tile (2 NB R = 24 chains, 2 NB weight vectors, 2 of x)
-constexpr int kAhead = 4;     // tiles between a tile and the one whose weights it prefetches
+// The AVX-512 tiles. Measured at 2 threads on the AMD EPYC (AVX-512) over SmolLM2-135M's 121 matrices (538 MB, so
+// every weight comes from memory), in-process rounds, ms, against oneDNN's packed copies (2026-11): 5 rows 24.5 / 26.7,
+// 9 rows 27.8 / 27.7, 10 rows 31.5 / 31.5, 12 rows 42 / 34, 16 rows 58 / 40; and against the one-row loop carrying
+// the rows (two rounds): 2 rows 24.7 / 26.9 and 22.3 / 23.8, 3 rows 23.2 / 26.5 and 17.8 / 19.0, 4 rows 19.7 / 23.4
+// and 20.5 / 23.9 (1 row: 16.7 / 16.8 and 21.7 / 21.3, so one row stays on row512). Without the prefetch the 9-row
+// products took 45 ms: the multiply-adds between a thread's loads leave too few of them in flight for the weights to
+// stream. A dot product of K = 576 is 36 multiply-adds and a fold, so the tiles reach about 78% of oneDNN's
+// multiply-add rate with the weights in cache (1 thread, 9 rows: 78 against 96-100 GFLOP/s).
+// Two changes of 2026-12-04, measured the same way (the K = 576 matrices, 432 MB / the K = 1536 ones, 106 MB; ms,
+// before -> after; tiles512's comment has why):
+//   rows   2 x 6, first group prefetching   ->   every group prefetching, 3 x 4 tiles where K > kNarrowK
+//   9      17.7 / 6.8                        ->   17.5 / 5.3
+//   10     20.1 / 6.7                        ->   17.5 / 4.8
+//   16     37.1 / 9.6                        ->   29.8 / 7.0
+//   2-8    within 5% (K = 576, memory-bound)  ->   the same; K = 1536 at 5-8 rows 10-30% faster
+constexpr int kAhead = 4;  // tiles between a tile and the one whose weights it prefetches
+// Up to this K a group of 6 rows of x takes at most half of a 32 KB L1 (6 K floats <= 16 KB) and the tiles are
+// 2 x 6 (2 output rows by up to 6 rows of x: 24 chains, 4 weight vectors, 2 of x in the 32 registers); past it x comes
+// from L2 and 3 x 4 tiles (each x vector loaded for 3 multiply-adds, not 2) were faster: at K = 1536 (SmolLM2's
+// down projection) 5.3 against 6.0 ms at 9 rows, 4.8 against 6.2 at 10. At K = 576 2 x 6 was the faster up to 14 rows
+// (9 rows 17.5 against 21.3 ms). Measured on the AMD EPYC kind only, at K = 576 and 1536.
+constexpr int64_t kNarrowK = 16 * 1024 / (6 * sizeof(float));
 
 // x's rows m0 .. of a (and y's), as Args of the rows from m0
 inline Args rows_from(const Args& a, int m0) { return Args{a.x + m0 * a.K, a.w, a.b, a.y + m0 * a.N, a.K, a.N}; }
@@ -123,8 +134,8 @@ inline void for_groups(int M, int most, F&& f) {
   }
 }
 
-// outputs n .. n + NB - 1 against the R rows of a: row512's chains, NB R of them held at once; ahead (or nullptr):
-// weights to prefetch into L2, NB rows of K from there
+// outputs n .. n + NB - 1 against the R rows of a: row512's chains, NB R of them held at once (2 NB R chains, 2 NB
+// weight vectors, 2 of x); ahead (or nullptr): weights to prefetch into L2, NB rows of K from there
 template <int NB, int R>
 ARCHLAB_AVX512 void tile512(const Args& a, int64_t n, const float* ahead) {
   const int64_t K = a.K, B = K / kLanes;
@@ -183,17 +194,23 @@ constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int,
 }
 
 // output rows n0 .. n1 against M = 2..16 rows of x: NB output rows at a time (one at a time at the end), each
-// against the rows of x in groups of at most kTileRows, as even as they come
+// against the rows of x in groups of at most RMAX, as even as they come (the tile's weights re-read from L1 by the
+// groups after the first). Every group's pass prefetches the weights kAhead tiles on, the same lines again after the
+// first group: with only the first group prefetching, the products of 10 rows took 20.1 / 6.7 ms (K = 576 / 1536)
+// against 17.5 / 6.2, and of 16 rows 37.1 against 29.8 (prefetching further ahead instead, 8 tiles, changed nothing).
+// Our reading, not proven: a software prefetch can be dropped when the core's miss queue is full, and the later
+// groups' prefetches give it another chance.
+template <int NB, int RMAX>
 ARCHLAB_AVX512 void tiles512(const Args& a, int64_t n0, int64_t n1, int M) {
-  static constexpr auto wide = tile_table<kTileOut>(std::make_integer_sequence<int, kTileRows>());
-  static constexpr auto one = tile_table<1>(std::make_integer_sequence<int, kTileRows>());
+  static constexpr auto wide = tile_table<NB>(std::make_integer_sequence<int, RMAX>());
+  static constexpr auto one = tile_table<1>(std::make_integer_sequence<int, RMAX>());
   int64_t n = n0;
-  for (; n + kTileOut <= n1; n += kTileOut) {
-    const int64_t next = n + kAhead * kTileOut;
-    const float* ahead = next + kTileOut <= a.N ? a.w + next * a.K : nullptr;
-    for_groups(M, kTileRows, [&](int m0, int r) { wide[r - 1](rows_from(a, m0), n, m0 == 0 ? ahead : nullptr); });
+  for (; n + NB <= n1; n += NB) {
+    const int64_t next = n + kAhead * NB;
+    const float* ahead = next + NB <= a.N ? a.w + next * a.K : nullptr;
+    for_groups(M, RMAX, [&](int m0, int r) { wide[r - 1](rows_from(a, m0), n, ahead); });
   }
-  for (; n < n1; ++n) for_groups(M, kTileRows, [&](int m0, int r) { one[r - 1](rows_from(a, m0), n, nullptr); });
+  for (; n < n1; ++n) for_groups(M, RMAX, [&](int m0, int r) { one[r - 1](rows_from(a, m0), n, nullptr); });
 }
 
 using Fn = void (*)(const Args&, int64_t, int64_t);
@@ -232,8 +249,10 @@ at::Tensor f32_rows(const at::Tensor& x, const at::Tensor& weight, const c10::op
       rows256_any(a, n0, n1, rows);
     else if (rows == 1)
       row512(a, n0, n1);
+    else if (K <= kNarrowK)
+      tiles512<2, 6>(a, n0, n1, rows);
     else
-      tiles512(a, n0, n1, rows);
+      tiles512<3, 4>(a, n0, n1, rows);
   });
   return y;
 }

@@ -29,12 +29,13 @@ tokens) is no better served by ``F.linear``: measured on SmolLM2-135M's layers, 
 row where they stream the same weights (the BLAS repacks ``W`` on every call). :func:`packed_for_rows`
 gives every float32 layer of a model, for the duration of a ``with`` block, a copy of ``W`` in oneDNN's
 own blocked layout; :func:`linear` then runs every product of 2 rows or more that archlab's float32 kernel does
-not take first (it takes 1-:data:`KERNEL_FIRST_ROWS` rows where it runs, as fast as oneDNN's copies or faster over
-SmolLM2-135M's matrices, and slower from 11 rows: ``f32_rows.cpp``) through oneDNN's matmul on it (1.2-2.3x faster
-than ``F.linear`` at 10 rows; the 49,152-row LM head 2x). Where every few-row product is the kernel's (a speculative
-verify pass of up to 9 rows, :func:`kernel_takes_rows`), no copy is needed. The same copy serves the
-prompt's prefill inside the block (1,440 rows: oneDNN 25 ms against MKL's sgemm 31 ms on a ``[1536, 576]``
-SmolLM2 layer, one thread on the AMD EPYC kind). The copies cost the weights' memory again while the block runs.
+not take first (it takes 1-:data:`KERNEL_FIRST_ROWS` rows where it runs: 12 on AVX-512, as fast as oneDNN's copies
+or faster over SmolLM2-135M's matrices and slower from 13 rows; 9 on AVX2, slower from 10) through oneDNN's matmul on
+it (1.2-2.3x faster than ``F.linear`` at 10 rows; the 49,152-row LM head 2x). Where every few-row product is the
+kernel's (a speculative verify pass of ``k + 1`` rows, a batch's step of up to 12 rows on AVX-512:
+:func:`kernel_takes_rows`), no copy is needed. The same copy serves the prompt's prefill inside the block (1,440
+rows: oneDNN 25 ms against MKL's sgemm 31 ms on a ``[1536, 576]`` SmolLM2 layer, one thread on the AMD EPYC kind).
+The copies cost the weights' memory again while the block runs.
 
 All give ``F.linear``'s result up to float rounding (the dot products are the same; only the kernel
 that sums them differs). Inputs with more than :data:`MAX_SPLIT_ROWS` rows (and no packed copy),
@@ -62,11 +63,13 @@ MAX_SPLIT_ROWS = 4
 #: below this many weight elements a matrix stays in cache and one kernel call is cheaper
 MIN_SPLIT_ELEMENTS = 1 << 16
 #: up to this many rows archlab's float32 kernel takes a product even where the weight has a oneDNN-packed copy
-#: (:func:`packed_for_rows`); past it, up to :data:`archlab.kernels.F32_MAX_ROWS`, only where it has none. Over
-#: SmolLM2-135M's 121 matrices at 2 threads (AMD EPYC, in-process rounds, ms, kernel against oneDNN's copies): 5 rows
-#: 24.5 / 26.7, 9 rows 27.8 / 27.7, 10 rows 31.5 / 31.5, 12 rows 42 / 34, 16 rows 58 / 40; capped at AVX2, 5 rows
-#: 32.6 / 44.3, 9 rows 53 / 61, 10 rows 56 / 47.
-KERNEL_FIRST_ROWS = 9
+#: (:func:`packed_for_rows`), by the kernel's variant (:func:`archlab.kernels.f32_kernel`: 512, 256); past it, up to
+#: :data:`archlab.kernels.F32_MAX_ROWS`, only where it has none. Over SmolLM2-135M's 121 matrices at 2 threads (AMD
+#: EPYC, in-process rounds, ms, kernel against oneDNN's copies), 2026-12-04 with every tile group prefetching and
+#: 3 x 4 tiles past K = 682 (``f32_rows.cpp``): 5 rows 20.7 / 22.4, 9 rows 23.6 / 26.6, 10 rows 23.6 / 25.9, 11 rows
+#: 25.5 / 26.8, 12 rows 26.8 / 27.7, 13 rows 30.3 / 29.3, 16 rows 36.0 / 31.4 (before them: 9 rows 27.8 / 27.7,
+#: 10 rows 31.5 / 31.5); capped at AVX2, 5 rows 32.6 / 44.3, 9 rows 53 / 61, 10 rows 56 / 47.
+KERNEL_FIRST_ROWS = {512: 12, 256: 9}
 
 # id(weight) -> (a weak reference to it, its _version when packed, the oneDNN-packed copy)
 _ONEDNN_PACKED: dict[int, tuple[weakref.ref, int, Tensor]] = {}
@@ -88,7 +91,8 @@ def _f32_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | Non
         return None  # the kernel has no backward
     if kernels.f32_rows_problem(x, weight, bias) is not None or kernels.f32_kernel() == 0:
         return None
-    if _rows(x) > KERNEL_FIRST_ROWS and not torch.compiler.is_compiling() and _onednn_copy(weight, x) is not None:
+    if _rows(x) > KERNEL_FIRST_ROWS[kernels.f32_kernel()] and not torch.compiler.is_compiling() \
+            and _onednn_copy(weight, x) is not None:
         return None  # oneDNN's copy is the faster there
     return torch.ops.archlab_kernels.f32_rows(x, weight, bias, kernels.f32_kernel())
 
@@ -96,7 +100,7 @@ def _f32_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | Non
 def kernel_takes_rows(rows: int) -> bool:
     """Whether archlab's float32 kernel runs here and takes first a float32 product of ``rows`` rows
     (:data:`KERNEL_FIRST_ROWS`): then such products gain nothing from :func:`packed_for_rows`'s copies."""
-    return 1 <= rows <= KERNEL_FIRST_ROWS and kernels.f32_kernel() != 0
+    return 1 <= rows <= KERNEL_FIRST_ROWS.get(kernels.f32_kernel(), 0)
 
 
 def _blocks(d_out: int, device: torch.device) -> int:
@@ -174,7 +178,8 @@ class PackedLinear:
     count, a matrix under :data:`MIN_SPLIT_ELEMENTS`, many rows, another dtype, autograd recording a product that needs gradients) the call is
     :func:`linear` on ``weight`` (``F.linear``, or a oneDNN-packed copy of ``weight`` for a few rows).
     A product of 2 rows or more where ``weight`` has a oneDNN-packed copy (:func:`packed_for_rows`) is
-    :func:`linear`'s (archlab's float32 kernel for 1-9 rows where it runs, else oneDNN's on that copy), as for
+    :func:`linear`'s (archlab's float32 kernel for 1-:data:`KERNEL_FIRST_ROWS` rows where it runs, else oneDNN's on
+    that copy), as for
     every other layer: for 2-4 rows of SmolLM2's ``[49152, 576]`` head at 2 threads oneDNN took 9-18 ms against
     26-37 ms on the blocks (best of 60, loaded AMD EPYC). The copy (:attr:`blocks`) is
     made at the first product that reads it, so a decoding cache whose head only serves such products (the rows of

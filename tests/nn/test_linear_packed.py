@@ -42,8 +42,9 @@ def layer(d_in=256, d_out=512, bias=True) -> nn.Linear:
     return Linear(d_in, d_out, bias=bias)
 
 
-# more rows than archlab's float32 kernel takes first (1-9: tests/test_kernels_f32.py); 300: a prompt's prefill
-@pytest.mark.parametrize("shape", [(12, 256), (2, 6, 256), (300, 256)])
+# more rows than archlab's float32 kernel takes first (1-12 on AVX-512, 1-9 on AVX2: tests/test_kernels_f32.py); 300: a
+# prompt's prefill
+@pytest.mark.parametrize("shape", [(13, 256), (2, 7, 256), (300, 256)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_product_equals_f_linear(shape, bias, onednn_calls):
     lin = layer(bias=bias)
@@ -79,21 +80,21 @@ def test_packed_copies_serve_only_where_they_apply(onednn_calls):
     lin = layer()
     with torch.no_grad(), packed_for_rows(lin, rows=8):
         lin(torch.randn(1, 256))  # one row: archlab's float32 kernel, the split path or F.linear
-        lin(torch.randn(3, 256))  # 1-9 rows: the float32 kernel first where it runs
+        lin(torch.randn(3, 256))  # 1-9 rows (1-12 on AVX-512): the float32 kernel first where it runs
         lin(torch.randn(300, 256))  # many rows (a prompt's prefill): packed too
-        lin(torch.randn(12, 256, dtype=torch.float64).float().double().float())  # float32: packed
-        linear(torch.randn(12, 256, dtype=torch.float64), lin.weight.double())  # another weight: not packed
-    served = [300, 12] if kernels.f32_kernel() else [3, 300, 12]  # 3 rows: the kernel where it runs
+        lin(torch.randn(13, 256, dtype=torch.float64).float().double().float())  # float32: packed
+        linear(torch.randn(13, 256, dtype=torch.float64), lin.weight.double())  # another weight: not packed
+    served = [300, 13] if kernels.f32_kernel() else [3, 300, 13]  # 3 rows: the kernel where it runs
     assert onednn_calls == served
-    x = torch.randn(12, 256, requires_grad=True)
-    with packed_for_rows(lin, rows=12):
+    x = torch.randn(13, 256, requires_grad=True)
+    with packed_for_rows(lin, rows=13):
         lin(x).sum().backward()  # gradients recorded: F.linear
     assert onednn_calls == served and x.grad is not None
-    lin(torch.randn(12, 256))  # after the block: the copy is gone
+    lin(torch.randn(13, 256))  # after the block: the copy is gone
     assert onednn_calls == served and id(lin.weight) not in linear_module._ONEDNN_PACKED
-    with torch.no_grad(), packed_for_rows(lin, rows=12):
+    with torch.no_grad(), packed_for_rows(lin, rows=13):
         lin.weight.mul_(2)  # changed in place: the stale copy is not used
-        torch.testing.assert_close(lin(torch.randn(12, 256)).shape, torch.Size([12, 512]))
+        torch.testing.assert_close(lin(torch.randn(13, 256)).shape, torch.Size([13, 512]))
     assert onednn_calls == served
 
 
@@ -111,18 +112,17 @@ def test_only_float32_linear_layers_that_compute_through_linear_are_packed():
 def test_packed_lm_head_in_a_decoding_cache(onednn_calls):
     lin = layer(d_out=1024)
     head = PackedLinear(lin.weight, lin.bias)  # a decoding cache's head: few rows beyond the split path
-    x = torch.randn(12, 256)
-    with torch.no_grad(), packed_for_rows(lin, rows=12):
+    x = torch.randn(13, 256)
+    with torch.no_grad(), packed_for_rows(lin, rows=13):
         out = head(x)
-    assert onednn_calls == [12]
+    assert onednn_calls == [13]
     torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [10, 12])
+@pytest.mark.parametrize("rows", [13, 16])
 def test_a_decoding_caches_head_takes_the_onednn_copy_and_makes_its_blocks_only_when_read(rows, onednn_calls):
-    """At 2 threads a few-row product (10-12 rows, a batch; up to 9 take archlab's float32 kernel where it runs) on
-    the head goes to the weight's oneDNN copy
-    where there is one, as every other layer's, and the head's blocked copy is then never made; a one-row product
+    """At 2 threads a few-row product (13-16 rows, a batch; up to 12 take archlab's float32 kernel where it runs, 9 on
+    AVX2) on the head goes to the weight's oneDNN copy where there is one, as every other layer's, and the head's blocked copy is then never made; a one-row product
     takes archlab's float32 kernel on the weight itself where it runs (no copy either), and otherwise makes the
     blocked copy and runs on it, as one without the oneDNN copy does."""
     before = torch.get_num_threads()
@@ -170,11 +170,11 @@ def test_nested_blocks_pack_once_and_the_outer_block_keeps_the_copies(onednn_cal
     with torch.no_grad(), packed_for_rows(lin, rows=4) as outer:
         copy = linear_module._ONEDNN_PACKED[id(lin.weight)][2]
         with packed_for_rows(lin, rows=4) as inner:
-            out = lin(torch.randn(12, 256))
+            out = lin(torch.randn(13, 256))
         assert (outer, inner) == (1, 0) and linear_module._ONEDNN_PACKED[id(lin.weight)][2] is copy
-        lin(torch.randn(10, 256))  # after the inner block: still packed
-    assert onednn_calls == [12, 10] and id(lin.weight) not in linear_module._ONEDNN_PACKED
-    assert out.shape == (12, 512)
+        lin(torch.randn(14, 256))  # after the inner block: still packed
+    assert onednn_calls == [13, 14] and id(lin.weight) not in linear_module._ONEDNN_PACKED
+    assert out.shape == (13, 512)
 
 
 
