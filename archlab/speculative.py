@@ -34,8 +34,8 @@ Drafts (:func:`make_draft` builds them from a name):
   norm and LM head (the same weights, nothing copied); or any smaller model with the same vocabulary.
 
 A verify pass multiplies ``k + 1`` rows by every weight, where a few rows cost little more than one: on archlab's
-float32 kernel up to 9 rows (:func:`archlab.nn.linear.kernel_takes_rows`: the weights read in place), else on
-oneDNN-packed copies of the weights (:func:`archlab.nn.linear.packed_for_rows`, made while decoding runs).
+float32 kernel up to 12 rows, 10 on AVX2 (:func:`archlab.nn.linear.kernel_takes_rows`: the weights read in place),
+else on oneDNN-packed copies of the weights (:func:`archlab.nn.linear.packed_for_rows`, made while decoding runs).
 
 Batch size 1: the rows of a batch would accept different numbers of tokens, and so need ragged caches. The
 target and a draft model need KV caches that can be cropped (GPT, Llama); other models are refused.

@@ -30,7 +30,7 @@ row where they stream the same weights (the BLAS repacks ``W`` on every call). :
 gives every float32 layer of a model, for the duration of a ``with`` block, a copy of ``W`` in oneDNN's
 own blocked layout; :func:`linear` then runs every product of 2 rows or more that archlab's float32 kernel does
 not take first (it takes 1-:data:`KERNEL_FIRST_ROWS` rows where it runs: 12 on AVX-512, as fast as oneDNN's copies
-or faster over SmolLM2-135M's matrices and slower from 13 rows; 9 on AVX2, slower from 10) through oneDNN's matmul on
+or faster over SmolLM2-135M's matrices and slower from 13 rows; 10 on AVX2, even at 11) through oneDNN's matmul on
 it (1.2-2.3x faster than ``F.linear`` at 10 rows; the 49,152-row LM head 2x). Where every few-row product is the
 kernel's (a speculative verify pass of ``k + 1`` rows, a batch's step of up to 12 rows on AVX-512:
 :func:`kernel_takes_rows`), no copy is needed. The same copy serves the prompt's prefill inside the block (1,440
@@ -68,8 +68,10 @@ MIN_SPLIT_ELEMENTS = 1 << 16
 #: EPYC, in-process rounds, ms, kernel against oneDNN's copies), 2026-12-04 with every tile group prefetching and
 #: 3 x 4 tiles past K = 682 (``f32_rows.cpp``): 5 rows 20.7 / 22.4, 9 rows 23.6 / 26.6, 10 rows 23.6 / 25.9, 11 rows
 #: 25.5 / 26.8, 12 rows 26.8 / 27.7, 13 rows 30.3 / 29.3, 16 rows 36.0 / 31.4 (before them: 9 rows 27.8 / 27.7,
-#: 10 rows 31.5 / 31.5); capped at AVX2, 5 rows 32.6 / 44.3, 9 rows 53 / 61, 10 rows 56 / 47.
-KERNEL_FIRST_ROWS = {512: 12, 256: 9}
+#: 10 rows 31.5 / 31.5); capped at AVX2 (oneDNN too), with the AVX2 variant's prefetch: 5 rows 20.2 / 32.9, 9 rows
+#: 26.1 / 34.9, 10 rows 31.5 / 37.0, 11 rows 37.5 / 37.7, 12 rows 43.2 / 37.1, 16 rows 56.7 / 43.4 (before it: 9 rows
+#: 53 / 61, 10 rows 56 / 47).
+KERNEL_FIRST_ROWS = {512: 12, 256: 10}
 
 # id(weight) -> (a weak reference to it, its _version when packed, the oneDNN-packed copy)
 _ONEDNN_PACKED: dict[int, tuple[weakref.ref, int, Tensor]] = {}

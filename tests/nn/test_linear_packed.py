@@ -42,7 +42,7 @@ def layer(d_in=256, d_out=512, bias=True) -> nn.Linear:
     return Linear(d_in, d_out, bias=bias)
 
 
-# more rows than archlab's float32 kernel takes first (1-12 on AVX-512, 1-9 on AVX2: tests/test_kernels_f32.py); 300: a
+# more rows than archlab's float32 kernel takes first (1-12 on AVX-512, 1-10 on AVX2: tests/test_kernels_f32.py); 300: a
 # prompt's prefill
 @pytest.mark.parametrize("shape", [(13, 256), (2, 7, 256), (300, 256)])
 @pytest.mark.parametrize("bias", [True, False])
@@ -80,7 +80,7 @@ def test_packed_copies_serve_only_where_they_apply(onednn_calls):
     lin = layer()
     with torch.no_grad(), packed_for_rows(lin, rows=8):
         lin(torch.randn(1, 256))  # one row: archlab's float32 kernel, the split path or F.linear
-        lin(torch.randn(3, 256))  # 1-9 rows (1-12 on AVX-512): the float32 kernel first where it runs
+        lin(torch.randn(3, 256))  # 1-10 rows (1-12 on AVX-512): the float32 kernel first where it runs
         lin(torch.randn(300, 256))  # many rows (a prompt's prefill): packed too
         lin(torch.randn(13, 256, dtype=torch.float64).float().double().float())  # float32: packed
         linear(torch.randn(13, 256, dtype=torch.float64), lin.weight.double())  # another weight: not packed
@@ -121,7 +121,7 @@ def test_packed_lm_head_in_a_decoding_cache(onednn_calls):
 
 @pytest.mark.parametrize("rows", [13, 16])
 def test_a_decoding_caches_head_takes_the_onednn_copy_and_makes_its_blocks_only_when_read(rows, onednn_calls):
-    """At 2 threads a few-row product (13-16 rows, a batch; up to 12 take archlab's float32 kernel where it runs, 9 on
+    """At 2 threads a few-row product (13-16 rows, a batch; up to 12 take archlab's float32 kernel where it runs, 10 on
     AVX2) on the head goes to the weight's oneDNN copy where there is one, as every other layer's, and the head's blocked copy is then never made; a one-row product
     takes archlab's float32 kernel on the weight itself where it runs (no copy either), and otherwise makes the
     blocked copy and runs on it, as one without the oneDNN copy does."""
