@@ -16,10 +16,11 @@ A round yields 1 to ``k + 1`` tokens for one pass of the target. The rule (Levia
 al. 2023) makes each token's distribution exactly the target's, whatever the draft: sampled output is
 distributed as :func:`archlab.generation.generate` with ``do_sample=True`` (with the same ``temperature``,
 ``top_k``, ``top_p``, which act on ``p`` and on a draft model's ``q`` alike), and greedy output is
-``generate``'s tokens. In float32 on a CPU with archlab's kernels (``k + 1 <= 9`` rows: the products of
-:func:`archlab.kernels.f32_rows` and the attention of :func:`archlab.kernels.cached_attention`, every other op row by
-row) a verify pass gives each position the logits one-token steps give it, to the bit, so the tokens are equal
-near-ties included; elsewhere (other dtypes, devices, wider passes) the target scores ``k + 1`` positions in one
+``generate``'s tokens. In float32 on a CPU with archlab's kernels (``k + 1 <= 12`` rows, 10 on AVX2
+(:data:`archlab.nn.linear.KERNEL_FIRST_ROWS`): the products of :func:`archlab.kernels.f32_rows` and the attention of
+:func:`archlab.kernels.cached_attention`, every other op row by row) a verify pass gives each position the logits
+one-token steps give it, to the bit, so the tokens are equal near-ties included; elsewhere (other dtypes, devices,
+wider passes) the target scores ``k + 1`` positions in one
 product instead of one at a time, so a near-tie may go the other way. In bf16 (``precision="auto"`` on a CPU that
 computes bf16 natively) the two orders of rounding part sooner: SmolLM2's greedy explanation of
 ``benchmarks/speculative.py``'s first abstract left plain greedy's at its 30th token, so that benchmark and the
@@ -28,8 +29,8 @@ equality tests decode in fp32. A good draft only makes it faster.
 Drafts (:func:`make_draft` builds them from a name):
 
 * ``"lookup"``, :class:`PromptLookup`: the longest recent n-gram of the text found earlier in the prompt or
-  the text proposes what followed it there; no model at all, and right often when the output quotes its
-  input (explaining or summarising a given text, editing code);
+  the text proposes what followed it there (2 tokens after a match of one token, ``k`` after a longer one); no model
+  at all, and right often when the output quotes its input (explaining or summarising a given text, editing code);
 * ``"layers:M"``, :class:`DraftModel` of :func:`first_layers`: the model's first ``M`` blocks with its final
   norm and LM head (the same weights, nothing copied); or any smaller model with the same vocabulary.
 
@@ -166,6 +167,13 @@ def prompt_lookup(tokens: Sequence[int], k: int, max_ngram: int, min_ngram: int 
 
     ``[5, 1, 2, 3, 9, 1, 2]``, ``k=2``: the suffix ``1 2`` occurred at 1..2, followed by ``3 9``: returns ``[3, 9]``.
     """
+    length, end = longest_match(tokens, max_ngram)
+    return [] if length < min_ngram else list(tokens[end + 1 : end + 1 + k])
+
+
+def longest_match(tokens: Sequence[int], max_ngram: int) -> tuple[int, int]:
+    """``(n, j)``: the longest suffix of ``tokens`` of ``n <= max_ngram`` tokens that also ends earlier, at ``j``
+    (the most recent such place); ``(0, -1)`` when the last token never occurred before."""
     n, last = len(tokens), tokens[-1] if tokens else None
     best_len, best_end = 0, -1
     for j in range(n - 2, -1, -1):  # earlier places of the last token, most recent first
@@ -178,30 +186,41 @@ def prompt_lookup(tokens: Sequence[int], k: int, max_ngram: int, min_ngram: int 
             best_len, best_end = m, j
             if m == max_ngram:
                 break
-    return [] if best_end < 0 or best_len < min_ngram else list(tokens[best_end + 1 : best_end + 1 + k])
+    return best_len, best_end
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptLookup:
-    """Draft by copying (:func:`prompt_lookup`): n-grams of ``min_ngram`` to ``max_ngram`` tokens, longest first.
+    """Draft by copying (:func:`prompt_lookup`): what followed the longest earlier match of the text's last
+    ``min_ngram`` to ``max_ngram`` tokens, up to ``k`` tokens, or up to ``one_token_drafts`` after a match of the
+    last token alone (with ``min_ngram=1``).
 
-    ``min_ngram=2``: a match of the last token alone proposes nothing (the round is then a plain one-token step).
     Measured on the explanations of ``benchmarks/speculative.py`` (SmolLM2-135M-Instruct, 434 greedy tokens), the
     token after a match of ``n`` tokens was the one that followed it in the text 24/88 times for ``n = 1``, 24/37
-    for 2, 19/24 for 3 and 208/229 for 4 or more: a one-token match mostly costs a wider verify pass for nothing.
+    for 2, 19/24 for 3 and 208/229 for 4 or more. A one-token match is a weak guess, but a pass of 3 rows costs
+    about what one row costs (archlab's float32 kernel: 1.02-1.10x): so it drafts 2 tokens, longer matches ``k``.
+    Replayed exactly on those replies with the pass costs of two runs (``benchmarks/draft_replay.py``, 2026-12-04)
+    this gave 2.19x and 1.99x modelled against 2.05x and 1.89x for n-grams of 2-3 tokens drafting ``k`` (the default
+    before); ``PromptLookup(max_ngram=3, min_ngram=2)`` is that policy.
     """
 
-    max_ngram: int = 3
-    min_ngram: int = 2
+    max_ngram: int = 4
+    min_ngram: int = 1
+    one_token_drafts: int = 2
 
     def __post_init__(self) -> None:
         _check_int("max_ngram", self.max_ngram, 1)
         _check_int("min_ngram", self.min_ngram, 1)
+        _check_int("one_token_drafts", self.one_token_drafts, 0)
         if self.min_ngram > self.max_ngram:
             raise ConfigError(f"min_ngram={self.min_ngram} must be <= max_ngram={self.max_ngram}")
 
     def propose(self, tokens: list[int], k: int, sampling: Sampling) -> tuple[list[int], Tensor | None]:
-        return prompt_lookup(tokens, k, self.max_ngram, self.min_ngram), None
+        length, end = longest_match(tokens, self.max_ngram)
+        if length < self.min_ngram:
+            return [], None
+        most = min(k, self.one_token_drafts) if length == 1 else k
+        return list(tokens[end + 1 : end + 1 + most]), None
 
 
 class DraftModel:

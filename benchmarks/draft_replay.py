@@ -30,7 +30,7 @@ from speculative import ABSTRACTS, QUESTIONS, chat_prompt  # noqa: E402
 
 from archlab.chat import load_chat_model  # noqa: E402
 from archlab.generation import generate  # noqa: E402
-from archlab.speculative import prompt_lookup  # noqa: E402
+from archlab.speculative import PromptLookup, Sampling, prompt_lookup  # noqa: E402
 
 Policy = Callable[[list[int], int], list[int]]  # (the text so far, the most drafts allowed) -> drafts
 
@@ -41,19 +41,21 @@ def match_length(tokens: list[int], longest: int = 4) -> int:
 
 
 def policies(k: int) -> dict[str, Policy]:
-    """The default (n-grams of 2-3 tokens, up to ``k`` drafts), other fixed ``k``, and drafts by match length."""
-    fixed = {f"n-grams 2-3, k={n}{' (default)' if n == k else ''}":
-             (lambda t, m, n=n: prompt_lookup(t, min(m, n), 3, 2)) for n in sorted({4, 6, k, 12})}  # fmt: skip
-    by_match = {}
-    for one, two in ((1, 4), (2, 4), (2, k), (3, k)):
+    """The default (:class:`archlab.speculative.PromptLookup`: n-grams of 1-4 tokens, 2 drafts after a one-token
+    match, else up to ``k``), n-grams of 2-3 tokens with fixed ``k`` (the default before 2026-12-04: ``k = 8``), and
+    other drafts by match length."""
+    default = PromptLookup()
+    out: dict[str, Policy] = {f"PromptLookup(), k={k} (default)": lambda t, m: default.propose(t, min(m, k), Sampling())[0]}
+    out |= {f"n-grams 2-3, k={n}": (lambda t, m, n=n: prompt_lookup(t, min(m, n), 3, 2)) for n in sorted({4, 6, k, 12})}
+    for one, two in ((1, 4), (2, 4), (3, k)):
         lengths = {1: one, 2: two}
 
         def policy(t, m, lengths=lengths):
             length = match_length(t)
             return prompt_lookup(t, min(m, lengths.get(length, k)), 4, 1) if length else []
 
-        by_match[f"by match: 1 token -> {one}, 2 -> {two}, 3+ -> {k}"] = policy
-    return fixed | by_match
+        out[f"by match: 1 token -> {one}, 2 -> {two}, 3+ -> {k}"] = policy
+    return out
 
 
 def replay(replies: list[tuple[list[int], list[int]]], policy: Policy) -> tuple[int, int, list[int]]:

@@ -364,19 +364,20 @@ def test_attend_takes_the_cached_kernel_for_a_few_causal_queries(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])
-def test_a_verify_pass_gives_each_position_the_one_token_steps_logits_to_the_bit(family):
-    """A pass of 9 tokens over a KV cache (a speculative verify pass: the float32 products of up to 9 rows and the
+@pytest.mark.parametrize("n", [9, 12, 16])
+def test_a_verify_pass_gives_each_position_the_one_token_steps_logits_to_the_bit(family, n):
+    """A pass of n tokens over a KV cache (a speculative verify pass: the float32 products of up to 16 rows and the
     attention on archlab's kernels, every other op row by row) gives each position the logits that one-token steps
     give it, to the bit: why speculative greedy decoding returns plain greedy's tokens, near-ties included."""
     model = kernel_width_model(family)
     g = torch.Generator().manual_seed(8)
-    prompt, more = torch.randint(1, 48, (1, 12), generator=g), torch.randint(1, 48, (1, 9), generator=g)
+    prompt, more = torch.randint(1, 48, (1, 12), generator=g), torch.randint(1, 48, (1, n), generator=g)
     with torch.inference_mode():
         cache = model.new_cache()
         model(prompt, cache=cache)
-        verify = model(more, cache=cache)  # [1, 9, V]
+        verify = model(more, cache=cache)  # [1, n, V]
         cache.crop(12)
-        steps = torch.cat([model(more[:, i : i + 1], cache=cache) for i in range(9)], dim=1)
+        steps = torch.cat([model(more[:, i : i + 1], cache=cache) for i in range(n)], dim=1)
     assert torch.equal(verify, steps)
 
 

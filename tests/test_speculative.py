@@ -222,9 +222,19 @@ def test_prompt_lookup_copies_what_followed_the_longest_recent_match():
     assert prompt_lookup([5, 2, 3, 7, 2], 2, 3) == [3, 7]
     assert prompt_lookup([5, 2, 3, 7, 2], 2, 3, min_ngram=2) == []
     assert prompt_lookup([5, 1, 2, 3, 9, 1, 2], 2, 3, min_ngram=2) == [3, 9]
-    assert PromptLookup().propose([5, 2, 3, 7, 2], 4, Sampling()) == ([], None)  # default min_ngram=2
+    # PromptLookup: the last token alone matched ("2" after 5): 2 drafts (one_token_drafts); a 2-token match: k
+    assert PromptLookup().propose([5, 2, 3, 7, 9, 2], 4, Sampling()) == ([3, 7], None)
+    assert PromptLookup().propose([5, 2, 3, 7, 9, 5, 2], 4, Sampling()) == ([3, 7, 9, 5], None)
+    assert PromptLookup().propose([5, 2, 3, 2], 1, Sampling()) == ([3], None)  # k below one_token_drafts
+    assert PromptLookup(one_token_drafts=0).propose([5, 2, 3, 7, 9, 2], 4, Sampling()) == ([], None)
+    assert PromptLookup(max_ngram=3, min_ngram=2).propose([5, 2, 3, 7, 9, 2], 4, Sampling()) == ([], None)
+    assert PromptLookup().propose([4, 5, 6], 4, Sampling()) == ([], None)  # no match at all
+    # the longest match wins over a more recent shorter one, up to max_ngram = 4
+    assert PromptLookup().propose([8, 1, 2, 3, 4, 1, 2, 7, 8, 1, 2], 3, Sampling()) == ([3, 4, 1], None)
     with pytest.raises(ConfigError, match="min_ngram=4 must be <= max_ngram=3"):
         PromptLookup(max_ngram=3, min_ngram=4)
+    with pytest.raises(ConfigError, match="one_token_drafts"):
+        PromptLookup(one_token_drafts=-1)
 
 
 def test_first_layers_shares_the_model_s_weights_and_computes_its_first_blocks():
