@@ -20,11 +20,10 @@ distributed as :func:`archlab.generation.generate` with ``do_sample=True`` (with
 (:data:`archlab.nn.linear.KERNEL_FIRST_ROWS`): the products of :func:`archlab.kernels.f32_rows` and the attention of
 :func:`archlab.kernels.cached_attention`, every other op row by row) a verify pass gives each position the logits
 one-token steps give it, to the bit, so the tokens are equal near-ties included; elsewhere (other dtypes, devices,
-wider passes) the target scores ``k + 1`` positions in one
-product instead of one at a time, so a near-tie may go the other way. In bf16 (``precision="auto"`` on a CPU that
-computes bf16 natively) the two orders of rounding part sooner: SmolLM2's greedy explanation of
-``benchmarks/speculative.py``'s first abstract left plain greedy's at its 30th token, so that benchmark and the
-equality tests decode in fp32. A good draft only makes it faster.
+wider passes) the target scores ``k + 1`` positions in one product instead of one at a time, so a near-tie may go the
+other way. In bf16 (``precision="auto"`` on a CPU that computes bf16 natively) the two orders of rounding part
+sooner: SmolLM2's greedy explanation of ``benchmarks/speculative.py``'s first abstract left plain greedy's at its 30th
+token, so that benchmark and the equality tests decode in fp32. A good draft only makes it faster.
 
 Drafts (:func:`make_draft` builds them from a name):
 

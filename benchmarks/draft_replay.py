@@ -30,14 +30,9 @@ from speculative import ABSTRACTS, QUESTIONS, chat_prompt  # noqa: E402
 
 from archlab.chat import load_chat_model  # noqa: E402
 from archlab.generation import generate  # noqa: E402
-from archlab.speculative import PromptLookup, Sampling, prompt_lookup  # noqa: E402
+from archlab.speculative import PromptLookup, Sampling, longest_match, prompt_lookup  # noqa: E402
 
 Policy = Callable[[list[int], int], list[int]]  # (the text so far, the most drafts allowed) -> drafts
-
-
-def match_length(tokens: list[int], longest: int = 4) -> int:
-    """The longest suffix of ``tokens`` (up to ``longest``) found earlier in them, 0 for none."""
-    return next((n for n in range(longest, 0, -1) if prompt_lookup(tokens, 1, longest, n)), 0)
 
 
 def policies(k: int) -> dict[str, Policy]:
@@ -51,7 +46,7 @@ def policies(k: int) -> dict[str, Policy]:
         lengths = {1: one, 2: two}
 
         def policy(t, m, lengths=lengths):
-            length = match_length(t)
+            length = longest_match(t, 4)[0]
             return prompt_lookup(t, min(m, lengths.get(length, k)), 4, 1) if length else []
 
         out[f"by match: 1 token -> {one}, 2 -> {two}, 3+ -> {k}"] = policy

@@ -122,7 +122,7 @@ ARCHLAB_AVX2 void rows256(const Args& a, int64_t n0, int64_t n1) {
 //   9      17.7 / 6.8                        ->   17.5 / 5.3
 //   10     20.1 / 6.7                        ->   17.5 / 4.8
 //   16     37.1 / 9.6                        ->   29.8 / 7.0
-//   2-8    within 5% (K = 576, memory-bound)  ->   the same; K = 1536 at 5-8 rows 10-30% faster
+//   2-8    K = 576 unchanged (memory-bound); K = 1536 at 5-8 rows 15-30% faster with 3 x 4 tiles
 constexpr int kAhead = 4;  // tiles between a tile and the one whose weights it prefetches
 // Up to this K a group of 6 rows of x takes at most half of a 32 KB L1 (6 K floats <= 16 KB) and the tiles are
 // 2 x 6 (2 output rows by up to 6 rows of x: 24 chains, 4 weight vectors, 2 of x in the 32 registers); past it x comes

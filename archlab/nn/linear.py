@@ -181,10 +181,9 @@ class PackedLinear:
     :func:`linear` on ``weight`` (``F.linear``, or a oneDNN-packed copy of ``weight`` for a few rows).
     A product of 2 rows or more where ``weight`` has a oneDNN-packed copy (:func:`packed_for_rows`) is
     :func:`linear`'s (archlab's float32 kernel for 1-:data:`KERNEL_FIRST_ROWS` rows where it runs, else oneDNN's on
-    that copy), as for
-    every other layer: for 2-4 rows of SmolLM2's ``[49152, 576]`` head at 2 threads oneDNN took 9-18 ms against
-    26-37 ms on the blocks (best of 60, loaded AMD EPYC). The copy (:attr:`blocks`) is
-    made at the first product that reads it, so a decoding cache whose head only serves such products (the rows of
+    that copy), as for every other layer: for 2-4 rows of SmolLM2's ``[49152, 576]`` head at 2 threads oneDNN took
+    9-18 ms against 26-37 ms on the blocks (best of 60, loaded AMD EPYC). The copy (:attr:`blocks`) is made at the
+    first product that reads it, so a decoding cache whose head only serves such products (the rows of
     :func:`archlab.generation.generate_batch`), or products archlab's float32 kernel serves (:func:`linear`: it reads
     ``weight`` in place, 2.4x faster than these blocks on gpt-mini's head), never makes it (113 MB for SmolLM2).
     """
