@@ -377,25 +377,31 @@ def generate_batch(
     """Continue several prompts of different lengths together; returns each prompt's new tokens, in order.
 
     Up to ``B = batch_size`` prompts (lists of token ids) decode as one batch (:func:`_decode_rows`): left-padded
-    to the longest into ``[B, n0]`` with an ``attention_mask`` marking the real tokens, every step one forward
-    pass over the rows still open, its products on oneDNN-packed copies of the weights
+    to the longest into ``[B, n0]`` with an ``attention_mask`` marking the real tokens and prefilled together, then
+    every step one forward pass over the rows still open, its products on oneDNN-packed copies of the weights
     (:func:`archlab.nn.linear.packed_for_rows`: a ``B``-row product then costs far less than ``B`` one-row ones;
-    the copies take the weights' memory again during the call). A row that emits a stop token or reaches
-    ``max_new_tokens`` leaves the batch: its cache rows and mask row are dropped (the cache's ``reorder``), so
-    later steps compute only open rows. With more prompts than ``B`` (continuous batching), a waiting prompt takes
-    a freed row at once: its prompt is prefilled on its own into a cache (``empty_like``: the batch's packed head
-    shared, not copied again) that starts where the batch is (the positions before its prompt zero and masked:
-    the cache's ``pad``) and joined to the batch (``join``), so the
-    batch stays full while prompts wait. Prompts start longest first (so a waiting prompt is never longer than
-    the batch's positions); the output order is the prompts' order. Refilling costs a prefill per refilled prompt
-    and a cache as long as the whole job: on SmolLM2 (12 prompts, README Speed) 6 refilled rows were slower than
-    two batches of 6, and one batch of all prompts fastest; use ``batch_size`` where memory bounds the rows.
+    the copies take the weights' memory again during the call; up to :data:`archlab.nn.linear.KERNEL_FIRST_ROWS`
+    rows archlab's float32 kernel takes the products first, and the copies serve the prefill). A row that emits a
+    stop token or reaches ``max_new_tokens`` leaves the batch: its cache rows and mask row are dropped (the cache's
+    ``reorder``), so later steps compute only open rows. With more prompts than ``B`` (continuous batching), the
+    waiting prompts take freed rows at once: prefilled together into a cache of their own (``empty_like``: the
+    batch's packed head shared, not copied again), lined up with the batch (the side holding fewer positions padded
+    in front with masked zero keys and values: the cache's ``pad_front``) and joined (``join``), so the batch stays
+    full while prompts wait. Prompts start longest first; the output order is the prompts' order. Refilling costs a
+    prefill per refill and a cache as long as the whole job: on SmolLM2 (12 prompts, README Speed) 6 refilled rows
+    were slower than two batches of 6, and one batch of all prompts fastest; use ``batch_size`` where memory bounds
+    the rows.
 
     The decoder gives each row the positions it would have alone
-    (:func:`archlab.models.decoder.positions_from_mask`) and no query attends the padding, so with greedy
-    decoding each row's tokens are those ``generate`` gives its prompt alone (up to floating-point near-ties
-    in the batched products). A step's attention (float32, CPU) runs on archlab's kernel, each row reading only its
-    own keys (:func:`archlab.kernels.cached_attention_padded`; sdpa under the padding mask elsewhere).
+    (:func:`archlab.models.decoder.positions_from_mask`; RoPE rotates at them) and no query attends the padding, so
+    with greedy decoding each row's tokens are those ``generate`` gives its prompt alone, up to floating-point
+    near-ties: the prefill of the padded prompts together (larger products, attention under the padding mask)
+    rounds differently from a prompt's prefill alone. The steps after it compute each row as it is computed alone
+    where archlab's kernels take them (float32 on a CPU, up to ``KERNEL_FIRST_ROWS`` rows). Prefilling each prompt
+    alone instead made every row equal to the bit but the SmolLM2 benchmark's 10 prompts 1.0 s slower (6.9 against
+    5.9 s: 135-row products run slower than 1,440-row ones); :class:`RowBatch` prefills so, for rows that must equal
+    their decoding alone exactly. A step's attention (float32, CPU) runs on archlab's kernel, each row reading only
+    its own keys (:func:`archlab.kernels.cached_attention_padded`; sdpa under the padding mask elsewhere).
     A row ends at its first stop token, which its output keeps; the others go on.
     With ``do_sample=True`` (``temperature``, ``top_k``, ``top_p``, ``seed`` as in :func:`generate`) every row
     samples from its own distribution, the draws shared out from one generator.
@@ -451,27 +457,35 @@ def _left_padded(prompts: Sequence[Sequence[int]], device: torch.device) -> tupl
 
 
 class _Rows:
-    """The open rows of :func:`_decode_rows`: ``prompt [R]`` (each row's prompt index), the cache, and ``mask [R, M]``
-    (1 where row ``r``'s cached position ``j`` holds a real token), ``M`` the cache's length."""
+    """The open rows of :func:`_decode_rows` and :class:`RowBatch`: ``prompt [R]`` (each row's key), the cache, and
+    ``mask [R, M]`` (1 where row ``r``'s cached position ``j`` holds a real token), ``M`` the cache's length. The rows
+    are left-padded: each row's tokens are contiguous and end at the last position."""
 
-    def __init__(self, model: nn.Module, prompt: list[int], input_ids: Tensor, attention_mask: Tensor, offset: int = 0,
-                 cache: Any = None):
-        """Prefill ``input_ids [R, n]`` (left-padded) into ``cache`` (empty; default a fresh ``model.new_cache()``)
-        whose first ``offset`` positions are padding (so its prompts end where a batch of ``offset + n`` positions
-        is); :attr:`logits` ``[R, V]``: the next token's."""
+    JOIN = ("pad_front", "join", "empty_like")  # what a cache needs for rows to join
+
+    def __init__(self, model: nn.Module, prompt: list, input_ids: Tensor, attention_mask: Tensor, cache: Any = None):
+        """Prefill ``input_ids [R, n]`` (left-padded, as ``attention_mask [R, n]`` marks) into ``cache`` (empty;
+        default a fresh ``model.new_cache()``); :attr:`logits` ``[R, V]``: the next token's."""
         self.model, self.prompt = model, prompt
         self.cache = model.new_cache() if cache is None else cache
-        if offset:
-            self.cache.pad(offset)
-        self.mask = torch.cat([attention_mask.new_zeros(len(prompt), offset), attention_mask], dim=1)
+        self.mask = attention_mask
         self.logits = self._rebuilt()(input_ids, self.cache)[:, -1]
+
+    @classmethod
+    def alone(cls, model: nn.Module, key: Any, tokens: Sequence[int], cache: Any) -> _Rows:
+        """One row, ``key``: ``tokens`` prefilled on their own into the empty ``cache``, unmasked, as :func:`generate`
+        prefills a prompt (the same kernels, so the same keys, values and logits)."""
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=next(model.parameters()).device)
+        return cls(model, [key], ids, torch.ones_like(ids), cache=cache)
 
     def _rebuilt(self) -> Step:
         """The model's steps for these rows, on ``mask`` (every later position counts as real), built once per
         change of the rows or positions, not per step: :meth:`step`'s (the last position's logits) and
-        :meth:`feed`'s (every fed position's)."""
-        self._step = _stepper(self.model, self.mask, self.cache, True).step
-        self._feed_step = self.model.decoder_step(attention_mask=self.mask)
+        :meth:`feed`'s (every fed position's). Where no row is padded the model gets no mask: its step is then
+        the one a row alone takes."""
+        mask = None if bool(self.mask.all()) else self.mask
+        self._step = _stepper(self.model, mask, self.cache, True).step
+        self._feed_step = self.model.decoder_step(attention_mask=mask)
         return self._step
 
     def step(self, next_ids: Tensor) -> None:
@@ -488,12 +502,18 @@ class _Rows:
         self._rebuilt()
 
     def join(self, other: _Rows) -> None:
-        """Append ``other``'s rows (a cache of the same length) after these."""
+        """Append ``other``'s rows after these. The side holding fewer positions is first padded in front by the
+        difference (zero keys and values, masked: the cache's ``pad_front``), so every row's tokens end at the last
+        position. Positions are counted from the mask, so no token's key or value changes."""
+        self._grow()
+        other._grow()
+        gap = self.cache.length - other.cache.length
+        shorter = other if gap > 0 else self
+        shorter.cache.pad_front(abs(gap))
+        shorter.mask = torch.cat([shorter.mask.new_zeros(shorter.mask.shape[0], abs(gap)), shorter.mask], dim=1)
         self.cache.join(other.cache)
         self.prompt = self.prompt + other.prompt
         self.logits = torch.cat([self.logits, other.logits])
-        self._grow()
-        other._grow()
         self.mask = torch.cat([self.mask, other.mask])
         self._rebuilt()
 
@@ -516,33 +536,15 @@ class _Rows:
         self.mask = self.mask[:, :length]
         self._rebuilt()
 
-    def pad_front(self, n: int) -> None:
-        """``n`` positions that every row masks before the first (zero keys and values: the cache's ``pad_front``),
-        so that rows of a cache of ``n`` more positions can :meth:`join` these. The tokens move ``n`` places on,
-        their keys moved by :meth:`_move_keys`."""
-        self._grow()
-        self.cache.pad_front(n, self._move_keys(n))
-        self.mask = torch.cat([self.mask.new_zeros(self.mask.shape[0], n), self.mask], dim=1)
-        self._rebuilt()
-
     def compact(self) -> None:
-        """Drop the leading positions that every row masks (the cache's ``drop_front``): no row reads them; the
-        tokens move back, their keys moved by :meth:`_move_keys`."""
+        """Drop the leading positions that every row masks (the cache's ``drop_front``): no row reads them."""
         self._grow()
         read = self.mask.any(dim=0)
         start = int(read.int().argmax()) if bool(read.any()) else 0
         if start:
-            self.cache.drop_front(start, self._move_keys(-start))
+            self.cache.drop_front(start)
             self.mask = self.mask[:, start:]
             self._rebuilt()
-
-    def _move_keys(self, n: int) -> Callable[[Tensor], Tensor] | None:
-        """Cached keys ``[B, G, M, d_k]`` -> the same keys ``n`` places on (back for ``n < 0``), by the model's
-        positional encoding (``move_keys``: RoPE rotates them by ``n``; encodings numbered from the mask and
-        ALiBi's distances need nothing); None for a model without one."""
-        positional = getattr(self.model, "pos", None)
-        move = getattr(positional, "move_keys", None)
-        return None if move is None else (lambda keys: move(keys, n))
 
 
 def _fill_from_end(going: Tensor) -> Tensor:
@@ -572,9 +574,9 @@ def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, see
     waiting = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first
     first, waiting = sorted(waiting[:batch_size]), waiting[batch_size:]  # the first batch in the prompts' order
     cache = model.new_cache()
-    if waiting and not all(callable(getattr(cache, name, None)) for name in ("pad", "join", "empty_like")):
+    if waiting and not all(callable(getattr(cache, name, None)) for name in _Rows.JOIN):
         raise ConfigError(f"batch_size={batch_size} < {len(prompts)} prompts refills rows, which needs a cache with "
-                          f"pad() and join() and empty_like() (GPT, Llama); {type(model).__name__} keeps a "
+                          f"pad_front() and join() and empty_like() (GPT, Llama); {type(model).__name__} keeps a "
                           f"{type(cache).__name__}: pass batch_size=None")  # fmt: skip
     batch = _Rows(model, first, *_left_padded([prompts[i] for i in first], device), cache=cache)
     _check_ids_in_vocab(batch.logits.shape[-1], **{f"stop_tokens[{i}]": s for i, s in enumerate(stop)})
@@ -598,10 +600,9 @@ def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, see
         if waiting and len(batch.prompt) < batch_size:
             admitted, waiting = waiting[: batch_size - len(batch.prompt)], waiting[batch_size - len(batch.prompt) :]
             input_ids, attention_mask = _left_padded([prompts[i] for i in admitted], device)
-            offset = batch.cache.length - input_ids.shape[1] if batch.prompt else 0
-            new = _Rows(model, admitted, input_ids, attention_mask, offset, cache=batch.cache.empty_like())
+            new = _Rows(model, admitted, input_ids, attention_mask, cache=batch.cache.empty_like())
             if batch.prompt:
-                batch.join(new)
+                batch.join(new)  # lined up: the side holding fewer positions padded in front
             else:
                 batch = new
     return out
@@ -620,12 +621,11 @@ class RowBatch:
 
     Rows are left-padded, as in :func:`generate_batch`: each row's tokens are contiguous and end at the batch's last
     position, masked zero keys and values before them. A row joining a batch of another length is lined up by
-    moving the shorter side's tokens on (:meth:`_Rows.pad_front`: positions added in front, RoPE keys rotated on
-    by as many: the positional encoding's ``move_keys``), and when rows leave, the leading positions every remaining row masks are dropped (the cache's
-    ``drop_front``), so a batch that never empties holds about as many positions as its longest row. With greedy
-    choices each row's tokens are those it gets decoded alone (up to floating-point rounding: the batched products,
-    and a moved RoPE key rounded once more to the cache's dtype, so near-ties may go the other way). Not
-    thread-safe: one thread calls every method.
+    padding the shorter side in front (the cache's ``pad_front``; positions are counted from the mask, so no key or
+    value changes), and when rows leave, the leading positions every remaining row masks are dropped (the cache's
+    ``drop_front``), so a batch that never empties holds about as many positions as its longest row. Each row's
+    logits are those it gets decoded alone; in float32 on a CPU where archlab's kernels take the batch's rows, to the
+    bit (as :func:`generate_batch`). Not thread-safe: one thread calls every method.
 
     Args:
         model: a decoder-only model with ``decoder_step(attention_mask)`` and ``new_cache()`` whose cache can
@@ -673,8 +673,7 @@ class RowBatch:
             raise ConfigError(f"prompt must be a non-empty list of token ids, got {prompt!r:.60}")
         for token in prompt:
             _check_int("prompt[j]", token, 0)
-        ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
-        rows = _Rows(self.model, [key], ids, torch.ones_like(ids), cache=self._empty.empty_like())
+        rows = _Rows.alone(self.model, key, prompt, self._empty.empty_like())
         self._waiting[key] = rows
         return rows.logits[0]
 
@@ -687,8 +686,6 @@ class RowBatch:
         if self._batch is None:
             self._batch = rows
             return
-        gap = self._batch.cache.length - rows.cache.length  # the shorter side moves on: tokens end at the last place
-        (rows if gap > 0 else self._batch).pad_front(abs(gap))
         self._batch.join(rows)
 
     @torch.no_grad()

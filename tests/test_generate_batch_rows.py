@@ -145,10 +145,9 @@ def test_rows_ending_far_apart_leave_the_batch_until_one_is_left(family, seed, l
 def test_refilled_rows_equal_one_at_a_time(family, seed):
     """Continuous batching: 7 prompts of different lengths through ``batch_size=3`` rows, rows ending 1 to 10 tokens
     in. Each round the rows that stopped leave, the others take a step, and waiting prompts fill the freed rows at
-    once (prefilled where the batch is, their earlier positions padding): step + refill = 3 rows while enough wait.
-    Every row's tokens equal ``generate`` of its prompt alone (GPT: learned positions from the mask; Llama: RoPE,
-    which rotates each key by its place in the cache, and grouped K/V heads). The seeds give the scenario, which the
-    test asserts."""
+    once (prefilled together, then lined up with the batch): step + refill = 3 rows while enough wait. Every row's
+    tokens equal ``generate`` of its prompt alone (GPT: learned positions from the mask; Llama: RoPE at each row's
+    own positions, and grouped K/V heads). The seeds give the scenario, which the test asserts."""
     m, n = family_model(family).float(), 10
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(1, V, (k,), generator=g).tolist() for k in (5, 2, 7, 4, 6, 3, 7)]
@@ -172,18 +171,24 @@ def test_refilled_rows_equal_one_at_a_time(family, seed):
         del m.new_cache
     assert rows == alone
     assert made == [1]  # refills take the batch's cache.empty_like(), sharing its packed head
-    assert calls[0] == (3, 7) and max(r for r, _ in calls) == 3  # the 3 longest prompts first, never more rows
-    prefilled, i, refills = 3, 1, 0
-    while prefilled < len(prompts):  # each round: a step of the rows going on, then the freed rows refilled
-        stepped = calls[i][0] if calls[i][1] == 1 else 0
-        i += calls[i][1] == 1
-        refill = calls[i][0] if i < len(calls) and calls[i][1] > 1 else 0
-        i += refill > 0
-        refills += refill > 0
-        if refill:  # the freed rows, as many as prompts wait
-            assert stepped + refill == min(3, stepped + len(prompts) - prefilled), str(calls)
-        prefilled += refill
-    assert refills >= 2 and all(t == 1 for _, t in calls[i:])  # then only steps, rows leaving
+    # the schedule, simulated: the 3 longest prompts first (in the prompts' order), prefilled together; each round
+    # every row makes a token, the rows that made their last leave, the others take one step, and waiting prompts
+    # (longest first) are prefilled together into the freed rows
+    longest = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    open_rows, waiting = sorted(longest[:3]), longest[3:]
+    expected, tokens, refills = [(3, 7)], dict.fromkeys(range(len(prompts)), 0), 0
+    while open_rows:
+        for i in open_rows:
+            tokens[i] += 1
+        open_rows = [i for i in open_rows if tokens[i] < lengths[i]]
+        if not open_rows and not waiting:
+            break
+        expected += [(len(open_rows), 1)] if open_rows else []
+        admitted, waiting = waiting[: 3 - len(open_rows)], waiting[3 - len(open_rows) :]
+        expected += [(len(admitted), max(len(prompts[i]) for i in admitted))] if admitted else []
+        open_rows, refills = open_rows + admitted, refills + bool(admitted)
+    assert calls == expected
+    assert refills >= 2 and max(r for r, _ in calls) == 3  # rows refilled in several rounds, never more than 3
     assert sum(r for r, t in calls if t == 1) == sum(lengths) - len(prompts)  # a row-step per token but the first
 
 
@@ -207,7 +212,7 @@ def test_a_row_joined_mid_decoding_continues_as_alone(family):
     cache = m.new_cache()
     m.decoder_step()(a, cache)
     joined = m.new_cache()
-    joined.pad(7)
+    joined.pad_front(7)
     mask_b = torch.cat([torch.zeros(1, 7, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)], dim=1)
     m.decoder_step(attention_mask=mask_b)(b, joined)
     cache.join(joined)
@@ -217,16 +222,17 @@ def test_a_row_joined_mid_decoding_continues_as_alone(family):
     torch.testing.assert_close(together[1], alone(b, more[1:])[0], rtol=0, atol=1e-12)
 
 
-def test_cache_pad_and_join():
-    """``pad(n)`` on a fresh KV cache makes the first ``n`` positions zero keys and values, later tokens stored after
-    them; ``join`` stacks two caches' rows at their positions; caches of different lengths are refused."""
+def test_cache_pad_front_and_join():
+    """``pad_front(n)`` on a fresh KV cache makes the first ``n`` positions zero keys and values, later tokens stored
+    after them; on a filled one it moves the cached positions ``n`` places on, unchanged; ``join`` stacks two caches'
+    rows at their positions; caches of different lengths are refused."""
     from archlab.errors import ShapeError
     from archlab.nn.attention import KVCache
 
     a, b = KVCache(), KVCache()
     ka, kb = torch.randn(2, 3, 5, 4), torch.randn(1, 3, 2, 4)
     a.append(ka, ka + 1)
-    b.pad(3)
+    b.pad_front(3)
     b.append(kb, kb + 1)
     assert b.length == 5 and torch.equal(b.keys[:, :, :3], torch.zeros(1, 3, 3, 4)) and torch.equal(b.keys[:, :, 3:], kb)
     a.join(b)
@@ -237,6 +243,13 @@ def test_cache_pad_and_join():
     c.append(kb, kb)
     with pytest.raises(ShapeError, match="one length"):
         a.join(c)
+    c.pad_front(4)  # a filled cache: the cached positions move on, unchanged, zeros before them
+    assert c.length == 6 and torch.equal(c.keys[:, :, :4], torch.zeros(1, 3, 4, 4)) and torch.equal(c.keys[:, :, 4:], kb)
+    assert torch.equal(c.values[:, :, 4:], kb)
+    a.join(c)
+    assert a.keys.shape == (4, 3, 6, 4) and torch.equal(a.keys[3, :, 4:], kb[0])
+    with pytest.raises(ShapeError, match="pad_front n=-1"):
+        c.pad_front(-1)
 
 
 def test_batch_size_checked_and_refill_needs_a_joinable_cache():
@@ -248,7 +261,7 @@ def test_batch_size_checked_and_refill_needs_a_joinable_cache():
         generate_batch(m, prompts, max_new_tokens=3, batch_size=0)
     calls = []
     hook = m.register_forward_hook(lambda *_: calls.append(1))
-    with pytest.raises(ConfigError, match=r"batch_size=2 < 3 prompts .*pad\(\) and join\(\)"):
+    with pytest.raises(ConfigError, match=r"batch_size=2 < 3 prompts .*pad_front\(\) and join\(\)"):
         generate_batch(m, prompts, max_new_tokens=3, batch_size=2)
     hook.remove()
     assert calls == []  # refused before any prefill

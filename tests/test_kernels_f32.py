@@ -450,8 +450,8 @@ def test_generate_batch_and_row_batch_steps_take_the_padded_kernel(family, monke
     """generate_batch's steps (all rows at once, and 3 rows refilled from waiting prompts: padded, joined, compacted
     caches) run their attention on the padded kernel, each row from its own first key, and every row's tokens are
     those generate() gives its prompt alone (sdpa, no mask) and those of the batch on sdpa (the kernel switched off).
-    RowBatch's prefills (a few causal queries each) and its one-token steps over rows of different lengths take it
-    too, their logits close to sdpa's."""
+    RowBatch's one-token steps over rows of different lengths take it too (its prefills, each row alone, are
+    unmasked), their logits close to sdpa's."""
     from archlab.generation import RowBatch, generate, generate_batch
 
     model = kernel_width_model(family)
@@ -477,10 +477,65 @@ def test_generate_batch_and_row_batch_steps_take_the_padded_kernel(family, monke
 
     calls.clear()
     with_kernel = row_steps()
-    # each row's prefill alone (its 2-7 causal queries, 2 layers), then the 3 steps of the 3 rows (2 layers each)
-    assert [len(starts) for starts in calls] == [1] * 2 * 3 + [3] * 2 * 3
+    # each row's prefill alone is unmasked (generate's prefill), then the 3 steps of the 3 rows (2 layers each)
+    assert [len(starts) for starts in calls] == [3] * 2 * 3
     monkeypatch.setattr(kernels, "cached_attention_serves", lambda *a: False)
     torch.testing.assert_close(with_kernel, row_steps(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_row_batch_rows_get_the_logits_they_get_alone_to_the_bit(family):
+    """RowBatch prefills each row alone, as generate does, then decodes the rows together on row-independent kernels
+    (float32 products of up to KERNEL_FIRST_ROWS rows, the padded attention from each row's first key, RoPE at each
+    row's own positions): every logit a row gets, at every step, is the one it gets decoded alone, to the bit, so
+    greedy rows equal one-at-a-time generation near-ties included. Rows join a batch of another length (either side
+    padded in front), wait, and leave (the positions no row reads dropped)."""
+    from archlab.generation import RowBatch, generate
+
+    model = kernel_width_model(family)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 48, (n,), generator=g).tolist() for n in (5, 2, 7, 4, 6, 3)]
+    heads: list[torch.Tensor] = []  # every LM-head call's last-position logits, [rows, V]
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: heads.append(out[:, -1]))
+    alone, tokens = [], []
+    try:
+        with torch.inference_mode():
+            for p in prompts:
+                heads.clear()
+                tokens.append(generate(model, torch.tensor([p]), max_new_tokens=10)[0, len(p) :].tolist())
+                alone.append(torch.cat(heads))  # [10, V]: the prefill's, then each step's
+    finally:
+        hook.remove()
+    assert all(t.shape == (10, 48) for t in alone)
+
+    batch, got = RowBatch(model), {r: [] for r in range(6)}
+
+    def start(r: int, join: bool = True) -> None:
+        got[r].append(batch.prefill(r, prompts[r]))
+        if join:
+            batch.join(r)
+
+    def step() -> None:
+        fed = {r: [tokens[r][len(got[r]) - 1]] for r in batch.joined}  # the greedy token its last logits chose
+        for r, logits in batch.step(fed).items():
+            got[r].append(logits[-1])
+
+    start(1)  # 2 tokens
+    step()
+    start(4)  # 6 tokens, longer than the batch's 3 positions: the batch is padded in front
+    step()
+    start(5)  # 3 tokens, shorter: the row is padded in front
+    start(3, join=False)  # waits
+    step()
+    held = batch.length
+    batch.remove([4])  # leaves; the others were padded before its first token: those positions are dropped
+    assert batch.length < held
+    batch.join(3)
+    start(0)
+    step(), step()
+    for r, logits in got.items():
+        assert not logits or torch.equal(torch.stack(logits), alone[r][: len(logits)]), f"row {r}"
+    assert {r: len(v) for r, v in got.items()} == {0: 3, 1: 6, 2: 0, 3: 3, 4: 3, 5: 4}
 
 
 def test_padded_flop_formula_counts_the_keys_read():

@@ -157,16 +157,33 @@ def test_row_batch_refusals():
 
 
 @pytest.mark.parametrize("rotary_dim", [None, 4])
-def test_rope_move_keys_equals_rotating_at_the_new_position(rotary_dim):
-    """RoPE keys rotated at 3..8 and moved 5 on (then 2 back) equal keys rotated at 8..13 (at 6..11), float64; the
-    move leaves the rotation tables alone (a bf16 model moving float32 keys once grew them without bound)."""
+def test_rope_at_rows_rotates_each_row_at_its_own_positions_to_the_bit(rotary_dim):
+    """RoPE at per-row positions (a left-padded batch: positions_from_mask) rotates each row's real tokens as the row
+    alone is rotated from position 0, to the bit (float32), and a step's new token at the row's own next position;
+    queries and keys of different head counts alike; the table rows are gathered once per dtype for all the layers
+    that ask; a positions tensor of the wrong kind, or x of another shape, is refused."""
+    from archlab.errors import ShapeError
+    from archlab.models.decoder import positions_from_mask
     from archlab.nn.positional import RotaryPositionalEncoding
 
-    rope = RotaryPositionalEncoding(8, rotary_dim=rotary_dim).double()
-    x = torch.randn(2, 3, 6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    rotated = rope.rotate(x, 3)
-    tables = rope._cache
-    torch.testing.assert_close(rope.move_keys(rotated, 5), rope.rotate(x, 8), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(rope.move_keys(rope.move_keys(rotated, 5), -2), rope.rotate(x, 6), rtol=1e-12,
-                               atol=1e-12)  # fmt: skip
-    assert rope.move_keys(rotated.float(), 5).dtype == torch.float32 and rope._cache is tables
+    rope = RotaryPositionalEncoding(8, rotary_dim=rotary_dim)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 2, 6, 8, generator=g), torch.randn(3, 2, 1, 8, generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]])
+    real = (4, 6, 1)
+    rows = rope.at_rows(positions_from_mask(mask))
+    out = rows.rotate(x)
+    step = rope.at_rows(positions_from_mask(torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1))[:, -1:])
+    for b, n in enumerate(real):
+        assert torch.equal(out[b : b + 1, :, 6 - n :], rope.rotate(x[b : b + 1, :, 6 - n :], 0))
+        assert torch.equal(step.rotate(y)[b : b + 1], rope.rotate(y[b : b + 1], n))
+    tables = rows._rows_for(x)
+    assert rows._rows_for(x) is tables and tables[0].shape == (3, 1, 6, rotary_dim or 8)
+    q, k = rows.transform_qk(x, x[:, :1])  # grouped-query attention: fewer key heads
+    assert torch.equal(q, out) and torch.equal(k, out[:, :1])
+    assert torch.equal(rows.transform_qk_heads(x, 1), out) and rows.attention_bias(6, 6) is None
+    assert rope.at_rows(positions_from_mask(mask)).rotate(x.double()).dtype == torch.float64
+    with pytest.raises(ShapeError, match=r"positions must be integer \[B, N\]"):
+        rope.at_rows(torch.zeros(3, 6))
+    with pytest.raises(ShapeError, match=r"x must be \[B, H, N, d\] = \[3, H, 6, d\]"):
+        rows.rotate(x[:, :, :5])

@@ -17,8 +17,10 @@ Positions and padding. A token's position is the number of real tokens before it
 ``attention_mask`` that is ``offset + i`` (``offset`` = what the cache holds); with one it is
 ``cumsum(attention_mask) - 1`` (:func:`positions_from_mask`), so a left-padded row gets the same
 positions, hence the same logits, as the row alone: what batched generation needs. Explicit
-``position_ids`` are honoured by the absolute encodings (learned, sinusoidal). RoPE and ALiBi make
-scores depend on ``i - j`` only, which a per-row shift leaves unchanged, so they need no ids.
+``position_ids`` are honoured by the absolute encodings (learned, sinusoidal). RoPE rotates a masked
+batch's queries and keys at those positions too (``at_rows``): its scores depend on ``i - j`` only, but
+a rotation by the storage index would round differently from the row alone. ALiBi's bias reads the
+distance ``i - j``, which a per-row shift leaves unchanged.
 """
 
 from __future__ import annotations
@@ -294,8 +296,12 @@ class DecoderLM(nn.Module):
         x = self.tok_emb(input_ids)  # [B, N, d]
         x = self.pos.add_to_input(x, offset) if position_ids is None else x + self._position_vectors(position_ids, x)
         x = self.drop(x)
-        mask = None if attention_mask is None else padding_mask(attention_mask)  # [B, 1, 1, M]
-        return self.decoder(x, mask=mask, causal=True, positional=self.pos, cache=cache)  # [B, N, d]
+        if attention_mask is None:
+            mask, positional = None, self.pos
+        else:  # each row's tokens at its own positions (RoPE: rotated as the row alone would be)
+            mask = padding_mask(attention_mask)  # [B, 1, 1, M]
+            positional = self.pos.at_rows(positions_from_mask(attention_mask)[:, -input_ids.shape[1] :])
+        return self.decoder(x, mask=mask, causal=True, positional=positional, cache=cache)  # [B, N, d]
 
     def _position_vectors(self, position_ids: Tensor, x: Tensor) -> Tensor:
         """Absolute position vectors ``[B, N, d]`` at arbitrary ``position_ids [B, N]``."""

@@ -80,6 +80,7 @@ from archlab.nn.positional import (
     NoPositionalEncoding,
     PositionalEncoding,
     RotaryPositionalEncoding,
+    RowRotation,
     SinusoidalPositionalEncoding,
     alibi_slopes,
     build_positional,
@@ -115,7 +116,7 @@ __all__ = [
     "sliding_window_attention", "tiled_attention",
     # positional, norm, feedforward, blocks
     "ALiBi", "LearnedPositionalEncoding", "NoPositionalEncoding", "PositionalEncoding", "RotaryPositionalEncoding",
-    "SinusoidalPositionalEncoding", "alibi_slopes", "build_positional", "sinusoid_table",
+    "RowRotation", "SinusoidalPositionalEncoding", "alibi_slopes", "build_positional", "sinusoid_table",
     "LayerNorm", "RMSNorm", "build_norm", "layer_norm_equation",
     "Dropout", "FeedForward", "GatedFeedForward", "build_feedforward",
     "BlockCache", "Decoder", "DecoderBlock", "DecodingCache", "Encoder", "EncoderBlock",

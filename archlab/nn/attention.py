@@ -634,7 +634,7 @@ class KVCache:
             if self._k is not None and self.length:
                 new_k[:, :, : self.length] = self._k[:, :, : self.length]
                 new_v[:, :, : self.length] = self._v[:, :, : self.length]
-            elif self.length:  # positions skipped by pad() before any were stored: zero keys and values
+            elif self.length:  # positions padded in front before any were stored: zero keys and values
                 new_k[:, :, : self.length], new_v[:, :, : self.length] = 0, 0
             self._k, self._v = new_k, new_v
         self._k[:, :, self.length : need] = k
@@ -653,32 +653,30 @@ class KVCache:
             raise ShapeError(f"crop length={length} must be in [0, {self.length}]")
         self.length = length
 
-    def drop_front(self, n: int, move_keys: Callable[[Tensor], Tensor] | None = None) -> None:
-        """Forget the first ``n`` positions; the others move ``n`` places back, their keys through ``move_keys`` (as
-        :meth:`pad_front`). Continuous batching drops positions that every row's mask hides
-        (:class:`archlab.generation.RowBatch`), so a batch that never empties does not grow without bound."""
+    def drop_front(self, n: int) -> None:
+        """Forget the first ``n`` positions; the others move ``n`` places back. Continuous batching drops positions
+        that every row's mask hides (:class:`archlab.generation.RowBatch`), so a batch that never empties does not
+        grow without bound. A key stays as it was: positions are counted from each row's mask, not from where a
+        token is stored (:meth:`archlab.nn.positional.PositionalEncoding.at_rows`)."""
         if not 0 <= n <= self.length:
             raise ShapeError(f"drop_front n={n} must be in [0, {self.length}]")
         if self._k is not None and n:  # a view: the storage is copied (and the front freed) at the next growth
             self._k, self._v = self._k[:, :, n:], self._v[:, :, n:]
-            if move_keys is not None:
-                self._k[:, :, : self.length - n] = move_keys(self._k[:, :, : self.length - n])
         self.length -= n
 
-    def pad_front(self, n: int, move_keys: Callable[[Tensor], Tensor] | None = None) -> None:
-        """``n`` positions of zero keys and values before the first: the cached ones move ``n`` places on, their
-        keys through ``move_keys`` (``[B, G, M, d_k] -> [B, G, M, d_k]``: a position-dependent encoding moves a key
-        to its new place, as RoPE rotates it on by ``n``). Continuous batching lines up the rows of two caches so
-        (:class:`archlab.generation.RowBatch`)."""
+    def pad_front(self, n: int) -> None:
+        """``n`` positions of zero keys and values before the first: left padding, which the caller's attention mask
+        hides; the cached positions move ``n`` places on, their keys and values unchanged (as :meth:`drop_front`).
+        Batched decoding lines up the rows of two caches so before :meth:`join` (:func:`archlab.generation.generate_batch`,
+        :class:`archlab.generation.RowBatch`). On a fresh cache the zeros are written at the first append."""
         if n < 0:
             raise ShapeError(f"pad_front n={n} must be >= 0")
         if self._k is None or not n:
             self.length += n
             return
-        keys = self.keys if move_keys is None else move_keys(self.keys)
         capacity = max(self._k.shape[-2], self.length + n)
         moved = []
-        for used in (keys, self.values):
+        for used in (self.keys, self.values):
             out = used.new_empty(*used.shape[:-2], capacity, used.shape[-1])
             out[:, :, :n] = 0
             out[:, :, n : n + self.length] = used
@@ -686,24 +684,11 @@ class KVCache:
         self._k, self._v = moved
         self.length += n
 
-    def pad(self, n: int) -> None:
-        """Hold ``n`` more positions of zero keys and values: left padding that the caller's attention mask hides
-        (:func:`archlab.generation.generate_batch` starts a refilled row's cache so, its prompt then stored at the
-        positions the batch's other rows have reached). On a fresh cache the zeros are written at the first append."""
-        if n < 0:
-            raise ShapeError(f"pad n={n} must be >= 0")
-        if self._k is None:
-            self.length += n
-        elif n:
-            b, g, _, d_k = self._k.shape
-            self.append(self._k.new_zeros(b, g, n, d_k), self._v.new_zeros(b, g, n, self._v.shape[-1]))
-
     def join(self, other: KVCache) -> None:
         """Append ``other``'s batch rows after this cache's: ``[B1, G, M, d]`` and ``[B2, G, M, d]`` ->
-        ``[B1 + B2, G, M, d]``. Both hold the same ``M`` positions (``pad`` the shorter first); a key at position
-        ``j`` stays at ``j``, so rotary encodings, which rotate a key by its position, keep holding."""
+        ``[B1 + B2, G, M, d]``. Both hold the same ``M`` positions (:meth:`pad_front` the shorter first)."""
         if other.length != self.length:
-            raise ShapeError(f"join needs caches of one length, got {self.length} and {other.length} (pad the shorter)")
+            raise ShapeError(f"join needs caches of one length, got {self.length} and {other.length} (pad_front the shorter)")
         if other._k is None or self._k is None:
             raise ShapeError("join needs caches that hold keys (decoded at least once)")
         capacity = max(self._k.shape[-2], other._k.shape[-2])

@@ -186,20 +186,15 @@ class DecodingCache:
         cache.output = self.output
         return cache
 
-    def drop_front(self, n: int, move_keys: Callable[[Tensor], Tensor] | None = None) -> None:
+    def drop_front(self, n: int) -> None:
         """Forget the first ``n`` positions in every block (self-attention: :meth:`KVCache.drop_front`)."""
         for block in self.blocks:
-            block.self_attn.drop_front(n, move_keys)
+            block.self_attn.drop_front(n)
 
-    def pad_front(self, n: int, move_keys: Callable[[Tensor], Tensor] | None = None) -> None:
+    def pad_front(self, n: int) -> None:
         """``n`` positions of zero keys and values before the first, in every block (:meth:`KVCache.pad_front`)."""
         for block in self.blocks:
-            block.self_attn.pad_front(n, move_keys)
-
-    def pad(self, n: int) -> None:
-        """``n`` positions of zero keys and values ahead of the next token, in every block (:meth:`KVCache.pad`)."""
-        for block in self.blocks:
-            block.self_attn.pad(n)
+            block.self_attn.pad_front(n)
 
     def join(self, other: DecodingCache) -> None:
         """Append ``other``'s batch rows after this cache's (same length: :meth:`KVCache.join`); self-attention only,

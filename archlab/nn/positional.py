@@ -8,7 +8,8 @@ Self-attention is blind to order, so position enters in one of two places:
 
 Every encoding implements all the hooks (the ones it does not use are identities), so a model
 calls them all and never asks which kind it holds. ``offset`` is the absolute position of the first
-token: the length of the KV cache during incremental decoding.
+token: the length of the KV cache during incremental decoding. Rows of a batch whose tokens sit at
+positions of their own (left padding: a row's first real token is its position 0) take :meth:`at_rows`.
 """
 
 from __future__ import annotations
@@ -47,12 +48,13 @@ class PositionalEncoding(nn.Module):
         """An additive score bias ``[A, N, M]`` (queries at ``offset + i``, keys at ``j``), or None."""
         return None
 
-    def move_keys(self, k: Tensor, n: int) -> Tensor:
-        """Cached keys ``k [..., M, d_k]``, transformed at their positions, moved ``n`` places on (``n < 0``: back)
-        in a KV cache (continuous batching lines up rows so: :class:`archlab.generation.RowBatch`). This default
-        returns them as they are: encodings added to the input are numbered from the attention mask, and a bias
-        reads the distance between positions, which a row's contiguous tokens keep."""
-        return k
+    def at_rows(self, positions: Tensor) -> PositionalEncoding | RowRotation:
+        """The encoding acting inside attention for tokens at per-row ``positions [B, N]`` (each row's own count of
+        real tokens before each: :func:`archlab.models.decoder.positions_from_mask` for a left-padded batch), where
+        the hooks' ``offset`` would give every row the same. This default is the encoding itself: those added to
+        the input take the positions as ``position_ids``, and a bias that reads the distance ``i - j`` between a
+        row's tokens is the same whatever padding comes before them."""
+        return self
 
 
 class NoPositionalEncoding(PositionalEncoding):
@@ -226,16 +228,55 @@ class RotaryPositionalEncoding(PositionalEncoding):
         """``qk [B, A + G, N, d_head]`` (queries, then keys) rotated in one pass: every head is rotated alike."""
         return self.rotate(qk, offset)
 
-    def move_keys(self, k: Tensor, n: int) -> Tensor:
-        """Keys rotated at positions ``j`` -> rotated at ``j + n`` (``n < 0`` too): rotations compose,
-        ``R(j + n) = R(n) R(j)``, so each key is rotated by ``n`` more, computed in float32 at least and rounded once
-        to ``k``'s dtype (a bf16 key may then differ from one rotated at ``j + n`` directly in its last bit)."""
-        wide = k.to(torch.promote_types(k.dtype, torch.float32))
-        angles = n * self.inv_freq.to(wide.device)  # [d_rot / 2], float64; not the cached tables (one dtype each)
-        angles = torch.cat([angles, angles])
-        cos, sin = angles.cos().to(wide.dtype), angles.sin().to(wide.dtype)
-        signed = torch.cat([-sin[: self.rotary_dim // 2], sin[self.rotary_dim // 2 :]])
-        return self.rotate_with(wide, cos, sin, signed).to(k.dtype)
+    def at_rows(self, positions: Tensor) -> RowRotation:
+        """The rotation at per-row ``positions [B, N]``: a row's query and key at position ``p`` are rotated by
+        ``p * theta`` whatever padding comes before them, by the table rows a row alone reads at ``p``, so a
+        left-padded row's queries and keys are those it has alone, to the bit (a rotation by the storage index
+        gives the same scores only up to rounding)."""
+        return RowRotation(self, positions)
+
+
+class RowRotation:
+    """RoPE at per-row positions (:meth:`RotaryPositionalEncoding.at_rows`): the hooks of the attention side of
+    :class:`PositionalEncoding` (``transform_qk``, ``transform_qk_heads``, ``attention_bias``), each row's tokens
+    rotated at ``positions [B, N]`` whatever the ``offset`` they are given. The table rows are gathered once per
+    dtype and device, at the first layer that asks: a decoder's layers share them."""
+
+    def __init__(self, rope: RotaryPositionalEncoding, positions: Tensor):
+        if not isinstance(positions, Tensor) or positions.ndim != 2 or positions.dtype.is_floating_point:
+            raise ShapeError(f"positions must be integer [B, N], got {positions!r:.80}")
+        self.rope, self.positions = rope, positions
+        self._rows: tuple[torch.dtype, torch.device, tuple[Tensor, Tensor, Tensor]] | None = None
+
+    def _rows_for(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``cos``, ``sin``, ``(-sin, sin)`` at the positions, ``[B, 1, N, d_rot]`` each (broadcast over heads)."""
+        if self._rows is None or self._rows[:2] != (x.dtype, x.device):
+            positions = self.positions.to(x.device)
+            end = int(positions.max()) + 1 if positions.numel() else 1
+            with torch.inference_mode(False):  # as RotaryPositionalEncoding._rows: kept tables serve training too
+                tables = self.rope._cos_sin(end, x.dtype, x.device)
+            self._rows = (x.dtype, x.device, tuple(t[positions][:, None] for t in tables))
+        return self._rows[2]
+
+    def rotate(self, x: Tensor) -> Tensor:
+        """``x [B, H, N, d_head]``, row ``b``'s tokens at ``positions[b]`` -> rotated, same shape."""
+        if x.ndim != 4 or x.shape[0] != self.positions.shape[0] or x.shape[-2] != self.positions.shape[1]:
+            raise ShapeError(f"RoPE rows: x must be [B, H, N, d] = [{self.positions.shape[0]}, H, "
+                             f"{self.positions.shape[1]}, d], got {tuple(x.shape)}")  # fmt: skip
+        if x.shape[-1] != self.rope.d_head:
+            raise ShapeError(f"RoPE built for d_head={self.rope.d_head}, got width {x.shape[-1]}")
+        return self.rope.rotate_with(x, *self._rows_for(x))
+
+    def transform_qk(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
+        """``q [B, A, N, d_head]``, ``k [B, G, N, d_head]`` rotated at the rows' positions (``offset`` unused)."""
+        return self.rotate(q), self.rotate(k)
+
+    def transform_qk_heads(self, qk: Tensor, n_queries: int, offset: int = 0) -> Tensor:
+        """``qk [B, A + G, N, d_head]`` rotated at the rows' positions in one pass (``offset`` unused)."""
+        return self.rotate(qk)
+
+    def attention_bias(self, n_queries: int, n_keys: int, offset: int = 0) -> None:
+        return None
 
 
 def check_rope_width(positional: str, d_model: int, n_heads: int, d_k: int | None = None) -> None:
