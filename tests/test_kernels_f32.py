@@ -173,11 +173,28 @@ def test_cached_attention_equals_sdpa_in_float64_under_the_static_mask(isa, b, a
         assert torch.equal(torch.ops.archlab_kernels.cached_attention(q, stale_k, stale_v, pos, d**-0.5, isa), out)
 
 
-def test_cached_attention_variants_equal_to_the_bit():
-    q, k, v = attention_case(2, 8, 2, 50, 80, seed=1)
-    pos = torch.tensor([41])
-    outs = [torch.ops.archlab_kernels.cached_attention(q, k, v, pos, 80**-0.5, isa) for isa in VARIANTS]
+@pytest.mark.parametrize("a, g, d", [(8, 2, 80), (9, 3, 64), (10, 2, 48), (6, 1, 16), (4, 2, 32), (4, 4, 64)])
+@pytest.mark.parametrize("n", [1, 3])
+def test_cached_attention_variants_and_shared_heads_equal_to_the_bit(a, g, d, n):
+    """AVX-512 and AVX2 give one result; on AVX-512 the query heads of a group, computed together where D <= 64
+    (2-4 at a time; groups of 5 and 6 in chunks; an odd number of 16-lane blocks), each equal the head computed
+    alone, to the bit, for one query and for n causal ones; the padded op too, each row from its own start."""
+    op, padded = torch.ops.archlab_kernels.cached_attention, torch.ops.archlab_kernels.cached_attention_padded
+    _, k, v = attention_case(2, a, g, 50, d, seed=1)
+    q = torch.randn(2, a, n, d, generator=torch.Generator().manual_seed(2))
+    pos, starts, per = torch.tensor([41]), torch.tensor([5, 0]), a // g
+    outs = [op(q, k, v, pos, d**-0.5, isa) for isa in VARIANTS]
     assert all(torch.equal(o, outs[0]) for o in outs)
+    shifted = [padded(q, k, v, starts, pos, d**-0.5, isa) for isa in VARIANTS]
+    assert all(torch.equal(o, shifted[0]) for o in shifted)
+    for isa in VARIANTS:
+        def kv(h):
+            return k[:, h // per : h // per + 1], v[:, h // per : h // per + 1]
+
+        alone = torch.cat([op(q[:, h : h + 1], *kv(h), pos, d**-0.5, isa) for h in range(a)], dim=1)
+        assert torch.equal(alone, outs[0])
+        alone = torch.cat([padded(q[:, h : h + 1], *kv(h), starts, pos, d**-0.5, isa) for h in range(a)], dim=1)
+        assert torch.equal(alone, shifted[0])
 
 
 def test_cached_attention_errors():

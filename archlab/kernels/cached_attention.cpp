@@ -7,8 +7,10 @@
 // contiguous (any other strides: a KV cache's view of its storage is read in place). Only the keys r..p_i are read:
 // cached_attention (a static cache, or a dynamic one with p = L - 1) reads r = 0 (the positions after p are not
 // written yet); cached_attention_padded (a left-padded batch) r = starts[b] for row b (the positions before it are
-// padding). Each query is computed on its own, by the same operations whatever N and the other queries are: a
-// position's result is the same to the bit in a one-token step and in an N-token pass.
+// padding). Each query is computed by the same operations whatever N and the other queries are: a position's result
+// is the same to the bit in a one-token step and in an N-token pass. On AVX-512 the query heads that share a key/value
+// head (grouped-query attention) are computed together at each position, each key and value vector loaded once for
+// all of them (attend512_q), each query's operations unchanged.
 // The dot products use the 16-lane scheme of f32_rows.cpp (two chains of 16-lane blocks, folded 8 + 8, 4 + 4,
 // 2 + 2, 1 + 1; on AVX-512 16 keys' folds at once, lanes.h's dots16x16); exp is lanes.h's (Cephes' expf, the same
 // operations in either width), 16 keys at a time; the sum of the weights in 16 lanes, key j in lane (j - r) % 16,
@@ -151,6 +153,117 @@ void weighted(float* o, const float* e, const float* v, int64_t vs, int64_t r, i
   }
 }
 
+// Q queries that read one key/value head over one key range (the A / G query heads of a group at one position: a
+// one-token step's, or a verify pass's at each position), AVX-512, D = 16 DB (DB <= 4): each key vector and value
+// vector loaded once for the Q queries, the queries held in registers. Each query's operations are those above:
+// dot_lanes512's two chains, fold16x16 over 16 keys (fold16 for the keys past the last block), weights512,
+// weighted512's multiply-adds in key order; so each result is the one-query path's, to the bit. Measured on the AMD
+// EPYC (AVX-512) kind: see attend.
+// the lanes of q[t] . k_j before the fold, t < Q (the queries in registers qv): chain 0 (even blocks) + chain 1 (odd
+// blocks), as dot_lanes512
+template <int Q, int DB>
+ARCHLAB_AVX512 inline void key_lanes(const __m512 (&qv)[Q][DB], const float* kj, __m512* out) {
+  __m512 c0[Q], c1[Q];
+  for (int t = 0; t < Q; ++t) c0[t] = c1[t] = _mm512_setzero_ps();
+  for (int d = 0; d + 1 < DB; d += 2) {
+    const __m512 k0 = _mm512_loadu_ps(kj + d * kLanes), k1 = _mm512_loadu_ps(kj + (d + 1) * kLanes);
+    for (int t = 0; t < Q; ++t) {
+      c0[t] = _mm512_fmadd_ps(qv[t][d], k0, c0[t]);
+      c1[t] = _mm512_fmadd_ps(qv[t][d + 1], k1, c1[t]);
+    }
+  }
+  if (DB % 2) {
+    const __m512 k0 = _mm512_loadu_ps(kj + (DB - 1) * kLanes);
+    for (int t = 0; t < Q; ++t) c0[t] = _mm512_fmadd_ps(qv[t][DB - 1], k0, c0[t]);
+  }
+  for (int t = 0; t < Q; ++t) out[t] = _mm512_add_ps(c0[t], c1[t]);
+}
+
+template <int Q, int DB>
+ARCHLAB_AVX512 void scores512_q(float* const* s, const float* const* q, const float* k, int64_t ks, int64_t r,
+                                int64_t p, float scale) {
+  const __m512 vscale = _mm512_set1_ps(scale);
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  __m512 qv[Q][DB];
+  for (int t = 0; t < Q; ++t)
+    for (int d = 0; d < DB; ++d) qv[t][d] = _mm512_loadu_ps(q[t] + d * kLanes);
+  __m512 sums[Q][kLanes];
+  int64_t j = r;
+  for (; j + kLanes <= p + 1; j += kLanes) {
+    for (int u = 0; u < kLanes; ++u) {
+      __m512 out[Q];
+      key_lanes<Q, DB>(qv, k + (j + u) * ks, out);
+      for (int t = 0; t < Q; ++t) sums[t][u] = out[t];
+    }
+    for (int t = 0; t < Q; ++t)
+      _mm512_storeu_ps(s[t] + j, _mm512_mul_ps(vscale, _mm512_permutexvar_ps(order, archlab_lanes::fold16x16(sums[t]))));
+  }
+  for (; j <= p; ++j) {
+    __m512 out[Q];
+    key_lanes<Q, DB>(qv, k + j * ks, out);
+    for (int t = 0; t < Q; ++t) s[t][j] = scale * archlab_lanes::fold16(out[t]);
+  }
+}
+
+// o[t][0..Dv) = sum_{j in r..p} e[t][j] v[j * vs + 0..Dv) for the Q queries, as weighted512 (64 lanes at a time)
+template <int Q, int NV>
+ARCHLAB_AVX512 void weighted512_q(float* const* o, const float* const* e, const float* v, int64_t vs, int64_t r,
+                                  int64_t p) {
+  __m512 acc[Q][NV];
+  for (int t = 0; t < Q; ++t)
+    for (int i = 0; i < NV; ++i) acc[t][i] = _mm512_setzero_ps();
+  for (int64_t j = r; j <= p; ++j) {
+    const float* vj = v + j * vs;
+    __m512 vv[NV];
+    for (int i = 0; i < NV; ++i) vv[i] = _mm512_loadu_ps(vj + i * kLanes);
+    for (int t = 0; t < Q; ++t) {
+      const __m512 w = _mm512_set1_ps(e[t][j]);
+      for (int i = 0; i < NV; ++i) acc[t][i] = _mm512_fmadd_ps(w, vv[i], acc[t][i]);
+    }
+  }
+  for (int t = 0; t < Q; ++t)
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(o[t] + i * kLanes, acc[t][i]);
+}
+
+template <int Q>
+ARCHLAB_AVX512 void weighted512_all(float* const* o, const float* const* e, const float* v, int64_t vs, int64_t r,
+                                    int64_t p, int64_t Dv) {
+  for (int64_t c = 0; c < Dv; c += 4 * kLanes) {  // 64 lanes (4 blocks of 16), then the 1-3 blocks left
+    const int64_t blocks = std::min<int64_t>(4, (Dv - c) / kLanes);
+    float* oc[Q];
+    for (int t = 0; t < Q; ++t) oc[t] = o[t] + c;
+    const float* vc = v + c;
+    if (blocks == 4) weighted512_q<Q, 4>(oc, e, vc, vs, r, p);
+    else if (blocks == 3) weighted512_q<Q, 3>(oc, e, vc, vs, r, p);
+    else if (blocks == 2) weighted512_q<Q, 2>(oc, e, vc, vs, r, p);
+    else weighted512_q<Q, 1>(oc, e, vc, vs, r, p);
+  }
+}
+
+// the whole equation for Q queries of one key/value head and range: scores, weights, weighted values, normalised
+template <int Q, int DB>
+ARCHLAB_AVX512 void attend512_q(float* const* o, float* const* s, const float* const* q, const float* k, int64_t ks,
+                                const float* v, int64_t vs, int64_t r, int64_t p, int64_t Dv, float scale) {
+  scores512_q<Q, DB>(s, q, k, ks, r, p, scale);
+  float sum[Q];
+  for (int t = 0; t < Q; ++t) sum[t] = weights512(s[t] + r, p - r + 1);
+  weighted512_all<Q>(o, s, v, vs, r, p, Dv);
+  for (int t = 0; t < Q; ++t) {
+    const float inv = 1.f / sum[t];
+    for (int64_t c = 0; c < Dv; ++c) o[t][c] *= inv;
+  }
+}
+
+using GroupFn = void (*)(float* const*, float* const*, const float* const*, const float*, int64_t, const float*,
+                         int64_t, int64_t, int64_t, int64_t, float);
+
+template <int Q>
+constexpr GroupFn group_fn(int64_t DB) {
+  return DB == 1 ? attend512_q<Q, 1> : DB == 2 ? attend512_q<Q, 2> : DB == 3 ? attend512_q<Q, 3> : attend512_q<Q, 4>;
+}
+
+constexpr int kMaxShared = 4;  // queries computed together at most (registers: Q x DB for q, 2 Q chains)
+
 // the tensor itself where its last dimension is contiguous (the kernel walks the others by their strides)
 at::Tensor rows_in_place(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
 
@@ -191,6 +304,33 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
   float* op = out.data_ptr<float>();
   const int64_t per_group = A / G;
   const float fscale = static_cast<float>(scale);
+  if (isa == 512 && per_group > 1 && D <= 4 * kLanes) {
+    // units (b, g, i, c): the queries c kMaxShared .. of group g at position i, computed together (attend512_q)
+    const int64_t chunks = (per_group + kMaxShared - 1) / kMaxShared;
+    at::parallel_for(0, B * G * N * chunks, 1, [&](int64_t u0, int64_t u1) {
+      std::vector<float> scratch(kMaxShared * (p + 1));
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t c = u % chunks, i = (u / chunks) % N, g = (u / (chunks * N)) % G, b = u / (chunks * N * G);
+        const int64_t a0 = g * per_group + c * kMaxShared, n_q = std::min<int64_t>(kMaxShared, (g + 1) * per_group - a0);
+        const int64_t r = starts == nullptr ? 0 : starts[b], last = p - (N - 1) + i;
+        const float* qs[kMaxShared];
+        float* os[kMaxShared];
+        float* ss[kMaxShared];
+        for (int64_t t = 0; t < n_q; ++t) {
+          qs[t] = qp + b * qs0 + (a0 + t) * qs1 + i * qs2;
+          os[t] = op + ((b * A + a0 + t) * N + i) * Dv;
+          ss[t] = scratch.data() + t * (p + 1);
+        }
+        const float* kh = kp + b * ks0 + g * ks1;
+        const float* vh = vp + b * vs0 + g * vs1;
+        const int64_t DB = D / kLanes;
+        const GroupFn fn = n_q == 4 ? group_fn<4>(DB) : n_q == 3 ? group_fn<3>(DB) : n_q == 2 ? group_fn<2>(DB)
+                                                                                             : group_fn<1>(DB);
+        fn(os, ss, qs, kh, ks2, vh, vs2, r, last, Dv, fscale);
+      }
+    });
+    return out;
+  }
   at::parallel_for(0, B * A * N, 1, [&](int64_t h0, int64_t h1) {
     std::vector<float> s(p + 1);
     for (int64_t h = h0; h < h1; ++h) {  // h = (b A + a) N + i: out's row
