@@ -52,7 +52,7 @@ inline void store(const Args& a, int m, int64_t n, float dot) { a.y[m * a.N + n]
 // EPYC (AVX-512) kind, 2026-12-05, 2 threads, 40 interleaved rounds, the median of each round's time without the
 // prefetch over its time with it: gpt-mini's 25 matrices (120 MB) 1.108, SmolLM2-135M's 121 (538 MB) 1.030; 2 KB
 // on gave 1.057 / 1.019, and 8 or 16 KB on were slower than 4 in a sweep. Four output rows at once (four streams
-// per thread) were 1.8x slower than one.
+// per thread) were 1.3-1.8x slower than one (docs/speed.md, 2026-12-05).
 constexpr int64_t kAheadBytes = 4096;
 
 ARCHLAB_AVX512 void row512(const Args& a, int64_t n0, int64_t n1) {
