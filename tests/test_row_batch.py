@@ -161,7 +161,8 @@ def test_rope_at_rows_rotates_each_row_at_its_own_positions_to_the_bit(rotary_di
     """RoPE at per-row positions (a left-padded batch: positions_from_mask) rotates each row's real tokens as the row
     alone is rotated from position 0, to the bit (float32), and a step's new token at the row's own next position;
     queries and keys of different head counts alike; the table rows are gathered once per dtype for all the layers
-    that ask; a positions tensor of the wrong kind, or x of another shape, is refused."""
+    that ask, and alternating dtypes does not grow the tables; a positions tensor of the wrong kind, or x of another
+    shape, is refused."""
     from archlab.errors import ShapeError
     from archlab.models.decoder import positions_from_mask
     from archlab.nn.positional import RotaryPositionalEncoding
@@ -183,6 +184,10 @@ def test_rope_at_rows_rotates_each_row_at_its_own_positions_to_the_bit(rotary_di
     assert torch.equal(q, out) and torch.equal(k, out[:, :1])
     assert torch.equal(rows.transform_qk_heads(x, 1), out) and rows.attention_bias(6, 6) is None
     assert rope.at_rows(positions_from_mask(mask)).rotate(x.double()).dtype == torch.float64
+    for _ in range(6):  # callers alternating dtypes rebuild the tables at their length, never grow them
+        rope.at_rows(positions_from_mask(mask)).rotate(x.double())
+        rope.at_rows(positions_from_mask(mask)).rotate(x)
+    assert rope._cache[0] == 256
     with pytest.raises(ShapeError, match=r"positions must be integer \[B, N\]"):
         rope.at_rows(torch.zeros(3, 6))
     with pytest.raises(ShapeError, match=r"x must be \[B, H, N, d\] = \[3, H, 6, d\]"):

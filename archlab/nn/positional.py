@@ -172,7 +172,9 @@ class RotaryPositionalEncoding(PositionalEncoding):
         """``cos``, ``sin`` and ``(-sin, sin)`` halves, ``[>= end, d_rot]`` each, cached per dtype and device."""
         c = self._cache
         if c is None or c[0] < end or c[1] != dtype or c[2] != device:
-            length = max(end, 2 * (c[0] if c else 0), 256)
+            # grown by doubling when too short; rebuilt at its length for another dtype or device (callers that
+            # alternate dtypes must not double it each time)
+            length = max(end, 256, 0 if c is None else 2 * c[0] if c[0] < end else c[0])
             angles = torch.arange(length, dtype=torch.float64, device=device)[:, None] * self.inv_freq.to(device)
             angles = torch.cat([angles, angles], dim=-1)
             sin = angles.sin().to(dtype)
