@@ -180,6 +180,7 @@ def test_rope_at_rows_rotates_each_row_at_its_own_positions_to_the_bit(rotary_di
         assert torch.equal(step.rotate(y)[b : b + 1], rope.rotate(y[b : b + 1], n))
     tables = rows._rows_for(x)
     assert rows._rows_for(x) is tables and tables[0].shape == (3, 1, 6, rotary_dim or 8)
+    assert torch.equal(rope.at_rows(positions_from_mask(mask), end=6).rotate(x), out)  # a bound: the same rows
     q, k = rows.transform_qk(x, x[:, :1])  # grouped-query attention: fewer key heads
     assert torch.equal(q, out) and torch.equal(k, out[:, :1])
     assert torch.equal(rows.transform_qk_heads(x, 1), out) and rows.attention_bias(6, 6) is None

@@ -300,7 +300,8 @@ class DecoderLM(nn.Module):
             mask, positional = None, self.pos
         else:  # each row's tokens at its own positions (RoPE: rotated as the row alone would be)
             mask = padding_mask(attention_mask)  # [B, 1, 1, M]
-            positional = self.pos.at_rows(positions_from_mask(attention_mask)[:, -input_ids.shape[1] :])
+            positions = positions_from_mask(attention_mask)[:, -input_ids.shape[1] :]  # all < the mask's length
+            positional = self.pos.at_rows(positions, end=attention_mask.shape[1])
         return self.decoder(x, mask=mask, causal=True, positional=positional, cache=cache)  # [B, N, d]
 
     def _position_vectors(self, position_ids: Tensor, x: Tensor) -> Tensor:

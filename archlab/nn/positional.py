@@ -48,10 +48,11 @@ class PositionalEncoding(nn.Module):
         """An additive score bias ``[A, N, M]`` (queries at ``offset + i``, keys at ``j``), or None."""
         return None
 
-    def at_rows(self, positions: Tensor) -> PositionalEncoding | RowRotation:
+    def at_rows(self, positions: Tensor, end: int | None = None) -> PositionalEncoding | RowRotation:
         """The encoding acting inside attention for tokens at per-row ``positions [B, N]`` (each row's own count of
         real tokens before each: :func:`archlab.models.decoder.positions_from_mask` for a left-padded batch), where
-        the hooks' ``offset`` would give every row the same. This default is the encoding itself: those added to
+        the hooks' ``offset`` would give every row the same; ``end``: a bound the positions stay below, if known (a
+        mask's length), which spares reading their largest. This default is the encoding itself: those added to
         the input take the positions as ``position_ids``, and a bias that reads the distance ``i - j`` between a
         row's tokens is the same whatever padding comes before them."""
         return self
@@ -230,31 +231,33 @@ class RotaryPositionalEncoding(PositionalEncoding):
         """``qk [B, A + G, N, d_head]`` (queries, then keys) rotated in one pass: every head is rotated alike."""
         return self.rotate(qk, offset)
 
-    def at_rows(self, positions: Tensor) -> RowRotation:
-        """The rotation at per-row ``positions [B, N]``: a row's query and key at position ``p`` are rotated by
-        ``p * theta`` whatever padding comes before them, by the table rows a row alone reads at ``p``, so a
-        left-padded row's queries and keys are those it has alone, to the bit (a rotation by the storage index
-        gives the same scores only up to rounding)."""
-        return RowRotation(self, positions)
+    def at_rows(self, positions: Tensor, end: int | None = None) -> RowRotation:
+        """The rotation at per-row ``positions [B, N]`` (all below ``end`` if given): a row's query and key at
+        position ``p`` are rotated by ``p * theta`` whatever padding comes before them, by the table rows a row alone
+        reads at ``p``, so a left-padded row's queries and keys are those it has alone, to the bit (a rotation by
+        the storage index gives the same scores only up to rounding)."""
+        return RowRotation(self, positions, end)
 
 
 class RowRotation:
     """RoPE at per-row positions (:meth:`RotaryPositionalEncoding.at_rows`): the hooks of the attention side of
     :class:`PositionalEncoding` (``transform_qk``, ``transform_qk_heads``, ``attention_bias``), each row's tokens
     rotated at ``positions [B, N]`` whatever the ``offset`` they are given. The table rows are gathered once per
-    dtype and device, at the first layer that asks: a decoder's layers share them."""
+    dtype and device, at the first layer that asks: a decoder's layers share them. ``end`` (optional): a bound the
+    positions stay below, so the tables' length is known without reading the positions' largest (on CUDA a sync,
+    under ``torch.compile`` a graph break)."""
 
-    def __init__(self, rope: RotaryPositionalEncoding, positions: Tensor):
+    def __init__(self, rope: RotaryPositionalEncoding, positions: Tensor, end: int | None = None):
         if not isinstance(positions, Tensor) or positions.ndim != 2 or positions.dtype.is_floating_point:
             raise ShapeError(f"positions must be integer [B, N], got {positions!r:.80}")
-        self.rope, self.positions = rope, positions
+        self.rope, self.positions, self.end = rope, positions, end
         self._rows: tuple[torch.dtype, torch.device, tuple[Tensor, Tensor, Tensor]] | None = None
 
     def _rows_for(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``cos``, ``sin``, ``(-sin, sin)`` at the positions, ``[B, 1, N, d_rot]`` each (broadcast over heads)."""
         if self._rows is None or self._rows[:2] != (x.dtype, x.device):
             positions = self.positions.to(x.device)
-            end = int(positions.max()) + 1 if positions.numel() else 1
+            end = self.end if self.end is not None else int(positions.max()) + 1 if positions.numel() else 1
             with torch.inference_mode(False):  # as RotaryPositionalEncoding._rows: kept tables serve training too
                 tables = self.rope._cos_sin(end, x.dtype, x.device)
             self._rows = (x.dtype, x.device, tuple(t[positions][:, None] for t in tables))
