@@ -47,12 +47,13 @@ def test_f32_rows_equal_the_float64_product_within_float32_rounding(isa, n, k):
             assert ((y.double() - ref).abs() <= (k / 16 + 6) * U32 * scale).all()
 
 
-@pytest.mark.parametrize("m", [2, 3, 4, 5, 7, 9, 12, 16])
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 6, 7, 9, 12, 16])
 @pytest.mark.parametrize("n, k", [(257, 400), (3, 48), (1000, 576), (301, 1536), (100, 720)])
 def test_f32_rows_variants_equal_to_the_bit_and_rows_independent_of_the_batch(m, n, k):
-    """Every (m, n) is summed the same way whichever loop computes it: the one-row stream, an NB x R tile (2 x 6, or
-    3 x 4 past K = 682; a thread's output rows not a multiple of NB leave the last to 1 x R tiles; an odd K / 16 a last
-    block to chain 0), a group of rows, either variant."""
+    """Every (m, n) is summed the same way whichever loop computes it: the one-row stream, an NB x R tile (3 x 5 summing
+    chain 0 then chain 1, 2 x 6 both chains at once at 6 rows, 3 x 4 past K = 682; a thread's output rows not a
+    multiple of NB leave the last to 1 x R tiles; an odd K / 16 a last block to chain 0), a group of rows, either
+    variant."""
     x, w, b = rows_case(m, n, k, seed=3)
     ys = {isa: torch.ops.archlab_kernels.f32_rows(x, w, b, isa) for isa in VARIANTS}
     assert all(torch.equal(y, ys[256]) for y in ys.values())

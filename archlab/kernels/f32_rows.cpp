@@ -8,10 +8,10 @@
 // and a row's result does not depend on M nor on which loop below computed it.
 // One row (memory-bound: each weight read once, for one multiply-add): one output row at a time, its K weights read
 // front to back, one sequential stream per thread, the stream prefetched 4 KB ahead (AVX-512).
-// 2-16 rows, AVX-512: tiles of NB output rows x R rows of x, all 2 NB R chains in registers, so each weight vector
-// loaded serves R multiply-adds and each x vector NB (2 x 6, or 3 x 4 where K is large); the rows of x in groups of at
-// most R, the tile's NB weight rows re-read from L1 by the groups after the first; the weights of a tile kAhead tiles
-// on prefetched into L2 by every group. AVX2 (16 registers): the one-row loop carrying up to 4 rows, per output row
+// 2-16 rows, AVX-512: tiles of NB output rows x R rows of x, the chains in registers, so each weight vector loaded
+// serves R multiply-adds and each x vector NB (3 x 5 summing chain 0 then chain 1, 2 x 6 both at once for exactly 6
+// rows, 3 x 4 both at once where K is large); the rows of x in groups of at most R, the tile's NB weight rows re-read
+// from L1 by the groups after the first; the weights of a tile kAhead tiles on prefetched into L2 by every group. AVX2 (16 registers): the one-row loop carrying up to 4 rows, per output row
 // and group of at most 4 rows past 4, the weights kAhead256 rows on prefetched.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -138,11 +138,12 @@ ARCHLAB_AVX2 void rows256(const Args& a, int64_t n0, int64_t n1) {
 //   16     37.1 / 9.6                        ->   29.8 / 7.0
 //   2-8    K = 576 unchanged (memory-bound); K = 1536 at 5-8 rows 15-30% faster with 3 x 4 tiles
 constexpr int kAhead = 4;  // tiles between a tile and the one whose weights it prefetches
-// Up to this K a group of 6 rows of x takes at most half of a 32 KB L1 (6 K floats <= 16 KB) and the tiles are
-// 2 x 6 (2 output rows by up to 6 rows of x: 24 chains, 4 weight vectors, 2 of x in the 32 registers); past it x comes
-// from L2 and 3 x 4 tiles (each x vector loaded for 3 multiply-adds, not 2) were faster: at K = 1536 (SmolLM2's
-// down projection) 5.3 against 6.0 ms at 9 rows, 4.8 against 6.2 at 10. At K = 576 2 x 6 was the faster up to 14 rows
-// (9 rows 17.5 against 21.3 ms). Measured on the AMD EPYC kind only, at K = 576 and 1536.
+// Up to this K a group of 6 rows of x takes at most half of a 32 KB L1 (6 K floats <= 16 KB) and the tiles are the
+// phased 3 x 5 (15 chains at a time, 3 weight vectors, 1 of x; 2 x 6 at exactly 6 rows: 24 chains, 4 weight vectors, 2
+// of x in the 32 registers); past it x comes from L2 and 3 x 4 tiles (each x vector loaded for 3 multiply-adds, not 2)
+// were faster than 2 x 6: at K = 1536 (SmolLM2's down projection) 5.3 against 6.0 ms at 9 rows, 4.8 against 6.2 at 10.
+// At K = 576 2 x 6 was the faster of those two up to 14 rows (9 rows 17.5 against 21.3 ms). Measured on the AMD EPYC
+// kind only, at K = 384, 576 and 1536.
 constexpr int64_t kNarrowK = 16 * 1024 / (6 * sizeof(float));
 
 // x's rows m0 .. of a (and y's), as Args of the rows from m0
@@ -159,41 +160,66 @@ inline void for_groups(int M, int most, F&& f) {
   }
 }
 
-// outputs n .. n + NB - 1 against the R rows of a: row512's chains, NB R of them held at once (2 NB R chains, 2 NB
-// weight vectors, 2 of x); ahead (or nullptr): weights to prefetch into L2, NB rows of K from there
-template <int NB, int R>
+// outputs n .. n + NB - 1 against the R rows of a: row512's chains; ahead (or nullptr): weights to prefetch into L2,
+// NB rows of K from there. Two ways to hold the chains, the same operations in the same order either way:
+//   Phased = false: both chains at once, 2 NB R accumulators (2 NB weight vectors and 2 of x a step);
+//   Phased = true: chain 0 over the even blocks, then chain 1 over the odd blocks, NB R accumulators, so a tile can
+//   hold more output rows (each x vector loaded for NB multiply-adds: 3 x 5 against 2 x 6).
+template <int NB, int R, bool Phased>
 ARCHLAB_AVX512 void tile512(const Args& a, int64_t n, const float* ahead) {
   const int64_t K = a.K, B = K / kLanes;
   const float* w = a.w + n * K;
   const float* x = a.x;
   __m512 c0[NB][R], c1[NB][R];
-  for (int o = 0; o < NB; ++o)
-    for (int r = 0; r < R; ++r) c0[o][r] = c1[o][r] = _mm512_setzero_ps();
-  int64_t j = 0;
-  for (; j + 2 <= B; j += 2) {
-    __m512 w0[NB], w1[NB];
-    if (ahead)
-      for (int o = 0; o < NB; ++o) {
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + o * K + j * kLanes), _MM_HINT_T1);
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + o * K + j * kLanes + kLanes), _MM_HINT_T1);
+  if constexpr (Phased) {
+    __m512 acc[NB][R];  // the chain being summed, in registers; chain 0 kept in c0 while chain 1 runs
+    for (int phase = 0; phase < 2; ++phase) {
+      for (int o = 0; o < NB; ++o)
+        for (int r = 0; r < R; ++r) acc[o][r] = _mm512_setzero_ps();
+      for (int64_t j = phase; j < B; j += 2) {
+        __m512 wv[NB];
+        for (int o = 0; o < NB; ++o) {
+          if (ahead) _mm_prefetch(reinterpret_cast<const char*>(ahead + o * K + j * kLanes), _MM_HINT_T1);
+          wv[o] = _mm512_loadu_ps(w + o * K + j * kLanes);
+        }
+        for (int r = 0; r < R; ++r) {
+          __m512 xv = _mm512_loadu_ps(x + r * K + j * kLanes);
+          asm("" : "+v"(xv));  // held in a register: one load of x serves NB multiply-adds
+          for (int o = 0; o < NB; ++o) acc[o][r] = _mm512_fmadd_ps(wv[o], xv, acc[o][r]);
+        }
       }
-    for (int o = 0; o < NB; ++o) {
-      w0[o] = _mm512_loadu_ps(w + o * K + j * kLanes);
-      w1[o] = _mm512_loadu_ps(w + o * K + j * kLanes + kLanes);
+      for (int o = 0; o < NB; ++o)
+        for (int r = 0; r < R; ++r) (phase ? c1 : c0)[o][r] = acc[o][r];
     }
-    for (int r = 0; r < R; ++r) {
-      __m512 x0 = _mm512_loadu_ps(x + r * K + j * kLanes), x1 = _mm512_loadu_ps(x + r * K + j * kLanes + kLanes);
-      asm("" : "+v"(x0), "+v"(x1));  // held in registers: one load of x serves NB multiply-adds (gcc would re-read it)
+  } else {
+    for (int o = 0; o < NB; ++o)
+      for (int r = 0; r < R; ++r) c0[o][r] = c1[o][r] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 2 <= B; j += 2) {
+      __m512 w0[NB], w1[NB];
+      if (ahead)
+        for (int o = 0; o < NB; ++o) {
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + o * K + j * kLanes), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + o * K + j * kLanes + kLanes), _MM_HINT_T1);
+        }
       for (int o = 0; o < NB; ++o) {
-        c0[o][r] = _mm512_fmadd_ps(w0[o], x0, c0[o][r]);
-        c1[o][r] = _mm512_fmadd_ps(w1[o], x1, c1[o][r]);
+        w0[o] = _mm512_loadu_ps(w + o * K + j * kLanes);
+        w1[o] = _mm512_loadu_ps(w + o * K + j * kLanes + kLanes);
+      }
+      for (int r = 0; r < R; ++r) {
+        __m512 x0 = _mm512_loadu_ps(x + r * K + j * kLanes), x1 = _mm512_loadu_ps(x + r * K + j * kLanes + kLanes);
+        asm("" : "+v"(x0), "+v"(x1));  // held in registers: one load of x serves NB multiply-adds (gcc would re-read it)
+        for (int o = 0; o < NB; ++o) {
+          c0[o][r] = _mm512_fmadd_ps(w0[o], x0, c0[o][r]);
+          c1[o][r] = _mm512_fmadd_ps(w1[o], x1, c1[o][r]);
+        }
       }
     }
-  }
-  if (j < B) {
-    for (int o = 0; o < NB; ++o) {
-      const __m512 w0 = _mm512_loadu_ps(w + o * K + j * kLanes);
-      for (int r = 0; r < R; ++r) c0[o][r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * K + j * kLanes), c0[o][r]);
+    if (j < B) {
+      for (int o = 0; o < NB; ++o) {
+        const __m512 w0 = _mm512_loadu_ps(w + o * K + j * kLanes);
+        for (int r = 0; r < R; ++r) c0[o][r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * K + j * kLanes), c0[o][r]);
+      }
     }
   }
   // chain 0 + chain 1, then the folds 16 at a time (fold16x16: fold16's operations); sum i is (o, r) = (i / R, i % R)
@@ -213,9 +239,9 @@ ARCHLAB_AVX512 void tile512(const Args& a, int64_t n, const float* ahead) {
 
 using TileFn = void (*)(const Args&, int64_t, const float*);
 
-template <int NB, int... R>
+template <int NB, bool Phased, int... R>
 constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int, R...>) {
-  return {tile512<NB, R + 1>...};
+  return {tile512<NB, R + 1, Phased>...};
 }
 
 // output rows n0 .. n1 against M = 2..16 rows of x: NB output rows at a time (one at a time at the end), each
@@ -225,10 +251,10 @@ constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int,
 // against 17.5 / 6.2, and of 16 rows 37.1 against 29.8 (prefetching further ahead instead, 8 tiles, changed nothing).
 // Our reading, not proven: a software prefetch can be dropped when the core's miss queue is full, and the later
 // groups' prefetches give it another chance.
-template <int NB, int RMAX>
+template <int NB, int RMAX, bool Phased>
 ARCHLAB_AVX512 void tiles512(const Args& a, int64_t n0, int64_t n1, int M) {
-  static constexpr auto wide = tile_table<NB>(std::make_integer_sequence<int, RMAX>());
-  static constexpr auto one = tile_table<1>(std::make_integer_sequence<int, RMAX>());
+  static constexpr auto wide = tile_table<NB, Phased>(std::make_integer_sequence<int, RMAX>());
+  static constexpr auto one = tile_table<1, Phased>(std::make_integer_sequence<int, RMAX>());
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) {
     const int64_t next = n + kAhead * NB;
@@ -274,10 +300,17 @@ at::Tensor f32_rows(const at::Tensor& x, const at::Tensor& weight, const c10::op
       rows256_any(a, n0, n1, rows);
     else if (rows == 1)
       row512(a, n0, n1);
-    else if (K <= kNarrowK)
-      tiles512<2, 6>(a, n0, n1, rows);
+    // 2026-12-05, the phased 3 x 5 tiles against 2 x 6 (SmolLM2's 121 matrices, 2 threads, paired in-process rounds,
+    // the same bits): 7 rows 1.075x, 9 rows 1.047-1.056x, 10 rows 1.068-1.090x, 13 rows 1.076x, 16 rows 1.134-1.144x,
+    // 2-5 rows 0.99-1.02x; at exactly 6 rows (one full group) phased tiles lost (0.82x for 3 x 5 in groups of 3,
+    // 0.97x for 3 x 6) and 2 x 6 stays. Where K > kNarrowK the phased tiles lost at 5 rows (0.80x: x read twice
+    // from past half the L1), so 3 x 4 stays there (docs/speed.md).
+    else if (K > kNarrowK)
+      tiles512<3, 4, false>(a, n0, n1, rows);
+    else if (rows == 6)
+      tiles512<2, 6, false>(a, n0, n1, rows);
     else
-      tiles512<3, 4>(a, n0, n1, rows);
+      tiles512<3, 5, true>(a, n0, n1, rows);
   });
   return y;
 }
