@@ -108,18 +108,42 @@ ARCHLAB_AVX2 float weights256(float* x, int64_t n) {
   return archlab_lanes::fold16(lo, hi);
 }
 
-// o[0..Dv) = sum_{j in r..p} e[j] v[j * vs + 0..Dv), lane by lane in key order (o = fma(e_j, v_j, o) from 0): the same
-// operations in either width. 64 lanes at a time held in registers across the keys (4 chains, not one through memory).
-template <int NV>
-ARCHLAB_AVX512 void weighted512(float* o, const float* e, const float* v, int64_t vs, int64_t r, int64_t p) {
-  __m512 acc[NV];
-  for (int i = 0; i < NV; ++i) acc[i] = _mm512_setzero_ps();
+// o[t][0..Dv) = sum_{j in r..p} e[t][j] v[j * vs + 0..Dv) for Q queries over one value head, lane by lane in key
+// order (o = fma(e_j, v_j, o) from 0): the same operations in either width. 64 lanes at a time held in registers
+// across the keys (4 chains, not one through memory), each value vector loaded once for the Q queries.
+template <int Q, int NV>
+ARCHLAB_AVX512 void weighted512(float* const* o, const float* const* e, const float* v, int64_t vs, int64_t r,
+                                int64_t p) {
+  __m512 acc[Q][NV];
+  for (int t = 0; t < Q; ++t)
+    for (int i = 0; i < NV; ++i) acc[t][i] = _mm512_setzero_ps();
   for (int64_t j = r; j <= p; ++j) {
-    const __m512 s = _mm512_set1_ps(e[j]);
     const float* vj = v + j * vs;
-    for (int i = 0; i < NV; ++i) acc[i] = _mm512_fmadd_ps(s, _mm512_loadu_ps(vj + i * kLanes), acc[i]);
+    __m512 vv[NV];
+    for (int i = 0; i < NV; ++i) vv[i] = _mm512_loadu_ps(vj + i * kLanes);
+    for (int t = 0; t < Q; ++t) {
+      const __m512 w = _mm512_set1_ps(e[t][j]);
+      for (int i = 0; i < NV; ++i) acc[t][i] = _mm512_fmadd_ps(w, vv[i], acc[t][i]);
+    }
   }
-  for (int i = 0; i < NV; ++i) _mm512_storeu_ps(o + i * kLanes, acc[i]);
+  for (int t = 0; t < Q; ++t)
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(o[t] + i * kLanes, acc[t][i]);
+}
+
+// weighted512 over all Dv lanes: 64 at a time, then the 1-3 blocks of 16 left
+template <int Q>
+ARCHLAB_AVX512 void weighted512_all(float* const* o, const float* const* e, const float* v, int64_t vs, int64_t r,
+                                    int64_t p, int64_t Dv) {
+  for (int64_t c = 0; c < Dv; c += 4 * kLanes) {
+    const int64_t blocks = std::min<int64_t>(4, (Dv - c) / kLanes);
+    float* oc[Q];
+    for (int t = 0; t < Q; ++t) oc[t] = o[t] + c;
+    const float* vc = v + c;
+    if (blocks == 4) weighted512<Q, 4>(oc, e, vc, vs, r, p);
+    else if (blocks == 3) weighted512<Q, 3>(oc, e, vc, vs, r, p);
+    else if (blocks == 2) weighted512<Q, 2>(oc, e, vc, vs, r, p);
+    else weighted512<Q, 1>(oc, e, vc, vs, r, p);
+  }
 }
 
 template <int NV>
@@ -135,21 +159,15 @@ ARCHLAB_AVX2 void weighted256(float* o, const float* e, const float* v, int64_t 
 }
 
 void weighted(float* o, const float* e, const float* v, int64_t vs, int64_t r, int64_t p, int64_t Dv, int64_t isa) {
+  if (isa == 512) return weighted512_all<1>(&o, &e, v, vs, r, p, Dv);
   for (int64_t c = 0; c < Dv; c += 4 * kLanes) {  // 64 lanes (4 blocks of 16), then the 1-3 blocks left
     const int64_t blocks = std::min<int64_t>(4, (Dv - c) / kLanes);
     float* oc = o + c;
     const float* vc = v + c;
-    if (isa == 512) {
-      if (blocks == 4) weighted512<4>(oc, e, vc, vs, r, p);
-      else if (blocks == 3) weighted512<3>(oc, e, vc, vs, r, p);
-      else if (blocks == 2) weighted512<2>(oc, e, vc, vs, r, p);
-      else weighted512<1>(oc, e, vc, vs, r, p);
-    } else {
-      if (blocks == 4) weighted256<4>(oc, e, vc, vs, r, p);
-      else if (blocks == 3) weighted256<3>(oc, e, vc, vs, r, p);
-      else if (blocks == 2) weighted256<2>(oc, e, vc, vs, r, p);
-      else weighted256<1>(oc, e, vc, vs, r, p);
-    }
+    if (blocks == 4) weighted256<4>(oc, e, vc, vs, r, p);
+    else if (blocks == 3) weighted256<3>(oc, e, vc, vs, r, p);
+    else if (blocks == 2) weighted256<2>(oc, e, vc, vs, r, p);
+    else weighted256<1>(oc, e, vc, vs, r, p);
   }
 }
 
@@ -158,7 +176,9 @@ void weighted(float* o, const float* e, const float* v, int64_t vs, int64_t r, i
 // vector loaded once for the Q queries, the queries held in registers. Each query's operations are those above:
 // dot_lanes512's two chains, fold16x16 over 16 keys (fold16 for the keys past the last block), weights512,
 // weighted512's multiply-adds in key order; so each result is the one-query path's, to the bit. Measured on the AMD
-// EPYC (AVX-512) kind: see attend.
+// EPYC (AVX-512) kind, 30 layers of SmolLM2's shapes: a 10-row step 1.30x, a 9-token verify pass 1.38x, one token
+// 1.20x (docs/speed.md, 2026-12-05).
+
 // the lanes of q[t] . k_j before the fold, t < Q (the queries in registers qv): chain 0 (even blocks) + chain 1 (odd
 // blocks), as dot_lanes512
 template <int Q, int DB>
@@ -196,47 +216,13 @@ ARCHLAB_AVX512 void scores512_q(float* const* s, const float* const* q, const fl
       for (int t = 0; t < Q; ++t) sums[t][u] = out[t];
     }
     for (int t = 0; t < Q; ++t)
-      _mm512_storeu_ps(s[t] + j, _mm512_mul_ps(vscale, _mm512_permutexvar_ps(order, archlab_lanes::fold16x16(sums[t]))));
+      _mm512_storeu_ps(s[t] + j,
+                       _mm512_mul_ps(vscale, _mm512_permutexvar_ps(order, archlab_lanes::fold16x16(sums[t]))));
   }
   for (; j <= p; ++j) {
     __m512 out[Q];
     key_lanes<Q, DB>(qv, k + j * ks, out);
     for (int t = 0; t < Q; ++t) s[t][j] = scale * archlab_lanes::fold16(out[t]);
-  }
-}
-
-// o[t][0..Dv) = sum_{j in r..p} e[t][j] v[j * vs + 0..Dv) for the Q queries, as weighted512 (64 lanes at a time)
-template <int Q, int NV>
-ARCHLAB_AVX512 void weighted512_q(float* const* o, const float* const* e, const float* v, int64_t vs, int64_t r,
-                                  int64_t p) {
-  __m512 acc[Q][NV];
-  for (int t = 0; t < Q; ++t)
-    for (int i = 0; i < NV; ++i) acc[t][i] = _mm512_setzero_ps();
-  for (int64_t j = r; j <= p; ++j) {
-    const float* vj = v + j * vs;
-    __m512 vv[NV];
-    for (int i = 0; i < NV; ++i) vv[i] = _mm512_loadu_ps(vj + i * kLanes);
-    for (int t = 0; t < Q; ++t) {
-      const __m512 w = _mm512_set1_ps(e[t][j]);
-      for (int i = 0; i < NV; ++i) acc[t][i] = _mm512_fmadd_ps(w, vv[i], acc[t][i]);
-    }
-  }
-  for (int t = 0; t < Q; ++t)
-    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(o[t] + i * kLanes, acc[t][i]);
-}
-
-template <int Q>
-ARCHLAB_AVX512 void weighted512_all(float* const* o, const float* const* e, const float* v, int64_t vs, int64_t r,
-                                    int64_t p, int64_t Dv) {
-  for (int64_t c = 0; c < Dv; c += 4 * kLanes) {  // 64 lanes (4 blocks of 16), then the 1-3 blocks left
-    const int64_t blocks = std::min<int64_t>(4, (Dv - c) / kLanes);
-    float* oc[Q];
-    for (int t = 0; t < Q; ++t) oc[t] = o[t] + c;
-    const float* vc = v + c;
-    if (blocks == 4) weighted512_q<Q, 4>(oc, e, vc, vs, r, p);
-    else if (blocks == 3) weighted512_q<Q, 3>(oc, e, vc, vs, r, p);
-    else if (blocks == 2) weighted512_q<Q, 2>(oc, e, vc, vs, r, p);
-    else weighted512_q<Q, 1>(oc, e, vc, vs, r, p);
   }
 }
 
@@ -311,7 +297,8 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
       std::vector<float> scratch(kMaxShared * (p + 1));
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t c = u % chunks, i = (u / chunks) % N, g = (u / (chunks * N)) % G, b = u / (chunks * N * G);
-        const int64_t a0 = g * per_group + c * kMaxShared, n_q = std::min<int64_t>(kMaxShared, (g + 1) * per_group - a0);
+        const int64_t a0 = g * per_group + c * kMaxShared;
+        const int64_t n_q = std::min<int64_t>(kMaxShared, (g + 1) * per_group - a0);
         const int64_t r = starts == nullptr ? 0 : starts[b], last = p - (N - 1) + i;
         const float* qs[kMaxShared];
         float* os[kMaxShared];

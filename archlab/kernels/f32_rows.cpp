@@ -11,8 +11,9 @@
 // 2-16 rows, AVX-512: tiles of NB output rows x R rows of x, the chains in registers, so each weight vector loaded
 // serves R multiply-adds and each x vector NB (3 x 5 summing chain 0 then chain 1, 2 x 6 both at once for exactly 6
 // rows, 3 x 4 both at once where K is large); the rows of x in groups of at most R, the tile's NB weight rows re-read
-// from L1 by the groups after the first; the weights of a tile kAhead tiles on prefetched into L2 by every group. AVX2 (16 registers): the one-row loop carrying up to 4 rows, per output row
-// and group of at most 4 rows past 4, the weights kAhead256 rows on prefetched.
+// from L1 by the groups after the first; the weights of a tile kAhead tiles on prefetched into L2 by every group.
+// AVX2 (16 registers): the one-row loop carrying up to 4 rows, per output row and group of at most 4 rows past 4, the
+// weights kAhead256 rows on prefetched.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -208,7 +209,7 @@ ARCHLAB_AVX512 void tile512(const Args& a, int64_t n, const float* ahead) {
       }
       for (int r = 0; r < R; ++r) {
         __m512 x0 = _mm512_loadu_ps(x + r * K + j * kLanes), x1 = _mm512_loadu_ps(x + r * K + j * kLanes + kLanes);
-        asm("" : "+v"(x0), "+v"(x1));  // held in registers: one load of x serves NB multiply-adds (gcc would re-read it)
+        asm("" : "+v"(x0), "+v"(x1));  // held in registers: one load of x serves NB multiply-adds (gcc re-reads it)
         for (int o = 0; o < NB; ++o) {
           c0[o][r] = _mm512_fmadd_ps(w0[o], x0, c0[o][r]);
           c1[o][r] = _mm512_fmadd_ps(w1[o], x1, c1[o][r]);

@@ -300,8 +300,10 @@ class DecoderLM(nn.Module):
             mask, positional = None, self.pos
         else:  # each row's tokens at its own positions (RoPE: rotated as the row alone would be)
             mask = padding_mask(attention_mask)  # [B, 1, 1, M]
-            positions = positions_from_mask(attention_mask)[:, -input_ids.shape[1] :]  # all < the mask's length
-            positional = self.pos.at_rows(positions, end=attention_mask.shape[1])
+            # an absolute encoding has its positions already (from the mask, or given) and ignores them in at_rows
+            if position_ids is None:
+                position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1] :]  # all < the mask's length
+            positional = self.pos.at_rows(position_ids, end=attention_mask.shape[1])
         return self.decoder(x, mask=mask, causal=True, positional=positional, cache=cache)  # [B, N, d]
 
     def _position_vectors(self, position_ids: Tensor, x: Tensor) -> Tensor:
