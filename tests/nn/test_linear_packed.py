@@ -13,6 +13,7 @@ from torch import nn
 
 from archlab import kernels
 from archlab.generation import generate, generate_batch
+from archlab.hardware import kernel_capability
 from archlab.models.llama import Llama, LlamaConfig
 from archlab.nn import linear as linear_module
 from archlab.nn.linear import MIN_SPLIT_ELEMENTS, Linear, PackedLinear, linear, packed_for_rows
@@ -20,16 +21,28 @@ from archlab.nn.linear import MIN_SPLIT_ELEMENTS, Linear, PackedLinear, linear, 
 pytestmark = pytest.mark.skipif(not linear_module.onednn_packing_available(), reason="this torch has no oneDNN")
 
 
+class Calls(list):
+    """oneDNN matmuls on packed copies, by their row count; ``plain``: those on a weight as it is."""
+
+    plain: list[int]
+
+
 @pytest.fixture
 def onednn_calls(monkeypatch):
-    """Counts oneDNN matmuls on packed weights, by their row count."""
-    calls = []
+    """Counts oneDNN matmuls on packed weights, by their row count (and on weights as they are: ``.plain``)."""
+    calls = Calls()
+    calls.plain = []
     real = torch.ops.mkldnn._linear_pointwise
+
+    def watched(x, w, *a):
+        packed = any(w is entry[2] for entry in linear_module._ONEDNN_PACKED.values())
+        (calls if packed else calls.plain).append(x.shape[0])
+        return real(x, w, *a)
 
     class Ops:  # torch.ops.mkldnn with its matmul watched
         def __getattr__(self, name):
             if name == "_linear_pointwise":
-                return lambda x, *a: calls.append(x.shape[0]) or real(x, *a)
+                return watched
             return getattr(torch.ops.mkldnn.__class__, name, None) or getattr(real_mkldnn, name)
 
     real_mkldnn = torch.ops.mkldnn
@@ -56,12 +69,51 @@ def test_packed_product_equals_f_linear(shape, bias, onednn_calls):
     torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
 
 
+# past the rows archlab's float32 kernel takes (1-16 without a packed copy), and a K it does not take (K % 16 != 0)
+@pytest.mark.parametrize("shape", [(17, 256), (3, 100, 256), (300, 256), (2, 250)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_plain_onednn_product_equals_f_linear_where_it_serves(shape, bias, onednn_calls):
+    """Without a packed copy, an inference product of 2 rows or more that the float32 kernel does not take runs on
+    oneDNN's matmul over the weight as it is where the CPU's kernels run at AVX-512 (F.linear elsewhere); either way
+    F.linear's result up to rounding, and no weight is copied."""
+    lin = layer(d_in=shape[-1], bias=bias)
+    x = torch.randn(*shape)
+    strided = torch.randn(shape[-1], *shape[:-1]).movedim(0, -1)  # x not contiguous
+    with torch.no_grad():
+        out, out_strided = lin(x), lin(strided)
+    rows = x.numel() // shape[-1]
+    served = [rows, rows] if linear_module.onednn_plain_available() else []
+    assert onednn_calls == [] and onednn_calls.plain == served
+    assert id(lin.weight) not in linear_module._ONEDNN_PACKED and out.shape == (*shape[:-1], 512)
+    torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_strided, F.linear(strided, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_onednn_serves_only_where_it_applies(onednn_calls, monkeypatch):
+    # the module skips without oneDNN; capped below AVX-512 F.linear's sgemm stays (measured mixed there)
+    assert linear_module.onednn_plain_available() == (kernel_capability() == "AVX512")
+    lin = layer()
+    x = torch.randn(300, 256, requires_grad=True)
+    lin(x).sum().backward()  # gradients recorded: F.linear (oneDNN's op has no backward)
+    assert onednn_calls.plain == [] and x.grad is not None
+    with torch.no_grad():
+        lin.double()(torch.randn(300, 256, dtype=torch.float64))  # float64: F.linear
+        small = Linear(100, 300)  # under MIN_SPLIT_ELEMENTS: F.linear
+        small(torch.randn(300, 100))
+        linear(torch.randn(300, 256), torch.randn(256, 512).t())  # a weight not contiguous: F.linear
+        assert onednn_calls.plain == []
+        lin.float()(torch.randn(300, 256))
+        assert onednn_calls.plain == ([300] if linear_module.onednn_plain_available() else [])
+        served = list(onednn_calls.plain)
+        monkeypatch.setattr(linear_module, "onednn_plain_available", lambda: False)  # kernels capped below AVX-512
+        lin(torch.randn(300, 256))
+    assert onednn_calls.plain == served
+
+
 def test_bf16_weights_pack_only_when_asked_and_serve_bf16_inputs(onednn_calls):
     """``bf16=True`` packs bfloat16 weights too (the sentence encoder asks on AMX CPUs); the copy serves bfloat16
     inputs only, its product F.linear's up to bf16 rounding. Where oneDNN refuses (kernels capped below AVX-512)
     nothing is packed and the products are F.linear's."""
-    from archlab.hardware import kernel_capability
-
     lin = layer().to(torch.bfloat16)
     x = torch.randn(300, 256).to(torch.bfloat16)
     with torch.no_grad(), packed_for_rows(lin, rows=300) as n_packed:
