@@ -208,19 +208,22 @@ def declare_eval(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from archlab.search.corpus import EvalSet, builtin_evalset, load_qrels, load_queries
     from archlab.search.engine import SearchEngine
-    from archlab.search.evaluate import evaluate_engine, write_trec_run
+    from archlab.search.evaluate import check_trec_ids, evaluate_engine, write_trec_run
 
     if args.builtin == bool(args.queries or args.qrels) or bool(args.queries) != bool(args.qrels):
         raise ConfigError("search eval needs QUERIES and QRELS, or --builtin (not both)")
     if args.k < 1 or args.rerank < 0:
         raise ConfigError(f"--k={args.k} must be >= 1 and --rerank={args.rerank} >= 0")
+    run_file = Path(args.run) if args.run else Path(args.index) / "run.trec"
+    if run_file.is_dir():
+        raise ConfigError(f"--run {run_file} is a folder; --run names the TREC run file to write")
     evalset = builtin_evalset() if args.builtin else EvalSet(load_queries(args.queries), load_qrels(args.qrels))
     reranker = load_reranker(args.index, args.reranker, args.rerank, args.rerank_precision, args.rerank_device)
     if reranker_note(reranker):
         print(reranker_note(reranker), file=sys.stderr)
     engine = SearchEngine.open(args.index, reranker=reranker, mode=args.mode)
+    check_trec_ids(evalset.qrels, (doc.id for doc in engine.docs))  # before the queries run: the run file holds them
     report = evaluate_engine(engine, evalset, k=args.k, rerank=args.rerank)
-    run_file = Path(args.run) if args.run else Path(args.index) / "run.trec"
     write_trec_run(run_file, report.run, tag="archlab")
     if args.json:
         print(json.dumps({"metrics": report.metrics, "queries": report.queries, "ms_per_query": report.ms_per_query,

@@ -153,13 +153,17 @@ class EvalSet:
 # ------------------------------------------------------------------------------------------------
 # files
 # ------------------------------------------------------------------------------------------------
-def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
-    """``(line number, object)`` for each non-blank line of a JSONL file."""
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of ``path``; DataError naming the file when it cannot be read or is not UTF-8."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
-    for number, line in enumerate(lines, 1):
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file."""
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -201,11 +205,7 @@ def _jsonl_corpus(path: Path) -> Corpus:
 
 
 def _text_file_docs(path: Path) -> list[Document]:
-    try:
-        content = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
-    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", content)]
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", _read_text(path))]
     return [Document(f"{path.stem}:{i}", "", p) for i, p in enumerate((p for p in paragraphs if p), 1)]
 
 
@@ -241,7 +241,7 @@ def load_queries(path: str | Path) -> dict[str, str]:
         raise DataError(f"queries file {path} does not exist")
     queries: dict[str, str] = {}
     if path.suffix == ".tsv":
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(_read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             qid, tab, text = line.partition("\t")
@@ -271,7 +271,7 @@ def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:
     if not path.is_file():
         raise DataError(f"qrels file {path} does not exist")
     qrels: dict[str, dict[str, int]] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
         parts = line.split("\t") if "\t" in line else line.split()
         if not line.strip() or (number == 1 and parts[:1] == ["query-id"]):
             continue

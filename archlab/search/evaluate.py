@@ -12,10 +12,12 @@ Every metric is the mean over the judged queries; a query with no retrieved docu
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from archlab.errors import DataError
+from archlab.interop import io
 from archlab.search.corpus import EvalSet
 
 # printed name -> ir-measures name
@@ -45,16 +47,22 @@ def evaluate_run(run: Run, qrels: dict[str, dict[str, int]]) -> dict[str, float]
     return {name: sum(per_query[name].get(q, 0.0) for q in qrels) / len(qrels) for name in measures}
 
 
+def check_trec_ids(query_ids: Iterable[str], doc_ids: Iterable[str]) -> None:
+    """DataError unless every id can stand in a TREC run file, whose columns are separated by whitespace."""
+    for what, ids in (("query", query_ids), ("document", doc_ids)):
+        bad = next((i for i in ids if not i or any(c.isspace() for c in i)), None)
+        if bad is not None:
+            raise DataError(f"TREC run files cannot hold ids with spaces or empty ids: {what} id {bad!r} (a folder "
+                            "of .txt files takes its ids from the file names: rename the file)")  # fmt: skip
+
+
 def write_trec_run(path: str | Path, run: Run, tag: str = "archlab") -> Path:
-    """Write ``run`` in TREC format: ``qid Q0 docid rank score tag`` per line, ranks from 1."""
+    """Write ``run`` in TREC format, atomically: ``qid Q0 docid rank score tag`` per line, ranks from 1."""
     path = Path(path)
+    check_trec_ids(run, (doc_id for ranking in run.values() for doc_id, _ in ranking))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for qid, ranking in run.items():
-            for rank, (doc_id, score) in enumerate(ranking, 1):
-                if any(c.isspace() for c in doc_id + qid):
-                    raise DataError(f"TREC run files cannot hold ids with spaces: query {qid!r}, document {doc_id!r}")
-                f.write(f"{qid} Q0 {doc_id} {rank} {score:.6f} {tag}\n")
+    io.write_text_atomic(path, "".join(f"{qid} Q0 {doc_id} {rank} {score:.6f} {tag}\n" for qid, ranking in run.items()
+                                       for rank, (doc_id, score) in enumerate(ranking, 1)))  # fmt: skip
     return path
 
 
@@ -71,6 +79,9 @@ def evaluate_engine(engine, evalset: EvalSet, *, k: int = 100, rerank: int = 0) 
     judged = [q for q in evalset.qrels if q in evalset.queries]
     if not judged:
         raise DataError(f"none of the {len(evalset.qrels)} judged queries has a text in the queries file")
+    blank = next((q for q in judged if not evalset.queries[q].strip()), None)
+    if blank is not None:
+        raise DataError(f"judged query {blank!r} has an empty text: give it words or drop its judgments")
     known = {d.id for d in engine.docs}
     if not any(d in known for q in judged for d in evalset.qrels[q]):
         raise DataError(f"no judged document is in the index {engine.index_dir}: are the qrels for this corpus?")
@@ -83,4 +94,4 @@ def evaluate_engine(engine, evalset: EvalSet, *, k: int = 100, rerank: int = 0) 
     return EvalReport(evaluate_run(run, {q: evalset.qrels[q] for q in judged}), run, len(judged), ms)
 
 
-__all__ = ["METRICS", "EvalReport", "evaluate_engine", "evaluate_run", "write_trec_run"]
+__all__ = ["METRICS", "EvalReport", "check_trec_ids", "evaluate_engine", "evaluate_run", "write_trec_run"]

@@ -83,6 +83,20 @@ def min_ivfpq_vectors(nlist: int = 1) -> int:
     return MIN_POINTS_PER_CENTROID * max(2**PQ_BITS, nlist)
 
 
+def ivfpq_nlist(n: int) -> int:
+    """The number of IVF lists of a new IVF-PQ index over ``n`` vectors: ``4 sqrt(n)``, at most ``n / 39``."""
+    return max(1, min(int(4 * math.sqrt(n)), n // MIN_POINTS_PER_CENTROID))
+
+
+def check_ivfpq_size(n: int, nlist: int) -> None:
+    """ConfigError unless ``n`` vectors are enough to train IVF-PQ with ``nlist`` lists (:func:`min_ivfpq_vectors`)."""
+    need = min_ivfpq_vectors(nlist)
+    if n < need:
+        raise ConfigError(f"index 'ivfpq' needs at least {need} vectors to train (39 per centroid for "
+                          f"{max(2**PQ_BITS, nlist)} centroids), the corpus has {n}: use 'flat' "
+                          f"or 'hnsw' (the default picks by size)")  # fmt: skip
+
+
 def rescore_factor(n: int) -> int:
     """The default IVF-PQ re-scoring factor for ``n`` vectors: PQ fetches ``factor x k`` candidates per query.
 
@@ -126,7 +140,7 @@ def default_params(kind: str, n: int, dim: int) -> dict:
     if kind == "hnsw":
         return {"M": 32, "efConstruction": 200, "efSearch": 128}
     if kind == "ivfpq":
-        nlist = max(1, min(int(4 * math.sqrt(n)), n // MIN_POINTS_PER_CENTROID))
+        nlist = ivfpq_nlist(n)
         m = pq_subquantizers(dim)
         return {"nlist": nlist, "m": m, "nbits": PQ_BITS, "nprobe": min(nlist, 32), "code_bytes": m * PQ_BITS // 8,
                 "rescore": rescore_factor(n), "rescore_dtype": "float16"}
@@ -148,11 +162,7 @@ def build_faiss(vectors: np.ndarray, kind: str, params: dict, *, train_size: int
         index.hnsw.efConstruction = params["efConstruction"]
         index.hnsw.efSearch = params["efSearch"]
     elif kind == "ivfpq":
-        need = min_ivfpq_vectors(params["nlist"])
-        if n < need:
-            raise ConfigError(f"index 'ivfpq' needs at least {need} vectors to train (39 per centroid for "
-                              f"{max(2**PQ_BITS, params['nlist'])} centroids), the corpus has {n}: use 'flat' "
-                              f"or 'hnsw' (the default picks by size)")  # fmt: skip
+        check_ivfpq_size(n, params["nlist"])
         if dim % params["m"]:
             raise ConfigError(f"ivfpq m={params['m']} must divide the dimension {dim}")
         quantizer = faiss.IndexFlatIP(dim)
@@ -357,6 +367,9 @@ def read_manifest(index_dir: str | Path) -> dict:
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CheckpointError(f"{index_dir / MANIFEST}: format {manifest.get('format')!r} version "
                               f"{manifest.get('version')!r}, expected {FORMAT!r} version {VERSION}")  # fmt: skip
+    missing = [key for key in ("encoder", "index", "hybrid", "corpus") if key not in manifest]
+    if missing:
+        raise CheckpointError(f"{index_dir / MANIFEST} has no {', '.join(missing)}: it is damaged; rebuild the index")
     return manifest
 
 
@@ -382,7 +395,7 @@ def read_docs(path: Path, count: int) -> list[Document]:
                 docs.append(Document(r["_id"], r["title"], r["text"]))
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing: the index folder is incomplete") from None
-    except (OSError, json.JSONDecodeError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or UTF-8; TypeError: not an object
         raise CheckpointError(f"{path}:{len(docs) + 1}: unreadable document ({e})") from None
     if len(docs) != count:
         raise CheckpointError(f"{path} holds {len(docs)} documents, the manifest says {count}")
@@ -475,6 +488,8 @@ def build_index(
         raise ConfigError(f"index={index!r} is not one of {('auto',) + INDEX_TYPES}")
     say = log or (lambda message: None)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; --out names a folder (new, empty, or an index to resume or extend)")
     n = len(corpus)
     kind = _index_kind(index, out, n)
     if rescore is not None:
@@ -483,6 +498,8 @@ def build_index(
             how = f"chosen by size for {n:,} documents" if index == "auto" else "asked for"
             raise ConfigError(f"rescore={rescore} applies to 'ivfpq' indexes only; this one is {kind!r} ({how}): "
                               "pass index='ivfpq' (--index ivfpq) or leave rescore out")  # fmt: skip
+    if kind == "ivfpq":
+        check_ivfpq_size(n, ivfpq_nlist(n))  # before encoding (an index it extends had as many: n only grows)
     rank, world = _distributed()
     precision = encode.resolve_precision(precision)
     encoder = encode.load_encoder(model, precision)
@@ -590,8 +607,8 @@ def append_documents(index_dir: str | Path, docs: list[Document], **kwargs) -> d
 
 
 __all__ = [
-    "INDEX_TYPES", "RescoredIndex", "add_ivfpq", "append_documents", "build_faiss", "build_index",
-    "check_rescore", "choose_index_type", "configure", "default_params", "min_ivfpq_vectors", "pq_encode",
-    "pq_subquantizers", "read_docs", "read_faiss", "read_manifest", "rescore_factor", "searchable",
+    "INDEX_TYPES", "RescoredIndex", "add_ivfpq", "append_documents", "build_faiss", "build_index", "check_ivfpq_size",
+    "check_rescore", "choose_index_type", "configure", "default_params", "ivfpq_nlist", "min_ivfpq_vectors",
+    "pq_encode", "pq_subquantizers", "read_docs", "read_faiss", "read_manifest", "rescore_factor", "searchable",
     "write_rescore_store",
 ]  # fmt: skip

@@ -89,3 +89,41 @@ def test_errors_are_one_line(capsys, beir, index, tmp_path):
     for argv, message in cases:
         code, _, err = run(capsys, *argv)
         assert code == 2 and message in err and err.startswith("archlab: error: "), (argv, err)
+
+
+def test_bad_inputs_of_index_and_eval_are_refused_before_any_work(capsys, beir, index, tmp_path, monkeypatch):
+    from archlab.search import evaluate
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the queries ran before the input was checked")
+
+    queries, qrels = str(beir / "queries.jsonl"), str(beir / "qrels" / "test.tsv")
+    (tmp_path / "blank.tsv").write_text("q1\t \n")
+    code, _, err = run(capsys, "search", "eval", str(index), str(tmp_path / "blank.tsv"), qrels)
+    assert code == 2 and "archlab: error: judged query 'q1' has an empty text" in err, err  # checked before any search
+    monkeypatch.setattr(evaluate, "evaluate_engine", no_search)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    papers = tmp_path / "papers"  # a folder of .txt files: ids are file names, here with a space
+    papers.mkdir()
+    (papers / "metformin review.txt").write_text(DOCS[0][2])
+    (papers / "sleep.txt").write_text(DOCS[4][2])
+    spaced = tmp_path / "spaced"
+    assert main(["search", "index", str(papers), "--out", str(spaced), "--precision", "fp32", "--no-progress"]) == 0
+    (tmp_path / "q.tsv").write_text("q1\tmetformin side effects\n")
+    (tmp_path / "r.tsv").write_text("q1\tmetformin review.txt\t1\n")
+    cases = [
+        (("search", "index", str(beir), "--out", str(a_file)), f"--out {a_file} is a file; --out names a folder"),
+        (("search", "index", str(beir), "--out", str(tmp_path / "pq"), "--index", "ivfpq"),
+         "index 'ivfpq' needs at least 9984 vectors to train (39 per centroid for 256 centroids), the corpus has 6"),
+        (("search", "eval", str(index), queries, qrels, "--run", str(tmp_path)),
+         f"--run {tmp_path} is a folder; --run names the TREC run file to write"),
+        (("search", "eval", str(spaced), str(tmp_path / "q.tsv"), str(tmp_path / "r.tsv"), "--run",
+          str(tmp_path / "spaced.trec")),
+         "TREC run files cannot hold ids with spaces or empty ids: document id 'metformin review.txt'"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err and err.startswith("archlab: error: "), (argv, err)
+    assert not (tmp_path / "pq").exists()  # refused before encoding: no partial build is left behind
+    assert not (tmp_path / "spaced.trec").exists()

@@ -95,6 +95,15 @@ def test_bad_sources(tmp_path):
         Corpus([Document("a", "", "x"), Document("a", "", "y")])
 
 
+def test_files_that_are_not_utf8_are_a_data_error_naming_the_file(tmp_path):
+    for name in ("q.tsv", "q.jsonl", "r.tsv", "c.txt", "c.jsonl"):
+        (tmp_path / name).write_bytes(b"q1\t\xff\xfe latin-1 bytes\n")
+    for load, name in ((load_queries, "q.tsv"), (load_queries, "q.jsonl"), (load_qrels, "r.tsv"),
+                       (load_corpus, "c.txt"), (load_corpus, "c.jsonl")):  # fmt: skip
+        with pytest.raises(DataError, match=rf"cannot read .*{name}: 'utf-8' codec can't decode"):
+            load(tmp_path / name)
+
+
 def test_queries_and_qrels_errors(tmp_path, beir):
     (tmp_path / "q.tsv").write_text("q1\tfirst\nq2 no tab\n")
     with pytest.raises(DataError, match=r"q.tsv:2: expected 'query-id<TAB>text'"):

@@ -13,11 +13,17 @@ from archlab.search import encode
 from archlab.search.evaluate import evaluate_run, write_trec_run
 from archlab.search.fuse import reciprocal_rank_fusion
 from archlab.search.index import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
     build_faiss,
     choose_index_type,
     default_params,
     min_ivfpq_vectors,
     pq_subquantizers,
+    read_docs,
+    read_manifest,
+    write_json,
 )
 from archlab.search.lexical import BM25Index
 
@@ -175,3 +181,16 @@ def test_metrics_through_ir_measures_and_trec_run(tmp_path):
     assert path.read_text().splitlines() == ["q1 Q0 d2 1 1.000000 t", "q1 Q0 d1 2 0.500000 t", "q2 Q0 d3 1 1.000000 t"]
     with pytest.raises(DataError, match="ids with spaces"):
         write_trec_run(tmp_path / "bad.trec", {"q": [("a b", 1.0)]})
+    assert not (tmp_path / "bad.trec").exists()  # refused before writing: no empty or partial run file is left
+
+
+def test_damaged_index_files_are_a_checkpoint_error(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    for content, message in ((b"\xff\xfe\n", "can't decode"), (b"5\n", "not subscriptable"),
+                             (b'{"_id": "a"}\n', "'title'")):  # fmt: skip
+        docs.write_bytes(content)
+        with pytest.raises(CheckpointError, match=rf"docs.jsonl:1: unreadable document \(.*{message}"):
+            read_docs(docs, 1)
+    write_json(tmp_path / MANIFEST, {"format": FORMAT, "version": VERSION, "index": {}, "hybrid": False})
+    with pytest.raises(CheckpointError, match="manifest.json has no encoder, corpus: it is damaged; rebuild the index"):
+        read_manifest(tmp_path)
