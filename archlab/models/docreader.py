@@ -108,6 +108,12 @@ INITS = ("bert", "fan_in")
 FAN_IN_FLOOR = 64  # weight_init="fan_in": a layer's weight std is 1 / sqrt(max(fan_in, FAN_IN_FLOOR))
 
 
+#: the most global tokens a reader's reasoning module may hold (:attr:`DocReaderConfig.n_global`): every pass carries
+#: them all (the page table's slots), so past this a model cannot run and its attention pattern alone would not fit
+#: in memory (``max_pages = 10**8`` asked for 25.6 GB of positions in ``archlab inspect``)
+MAX_GLOBAL_TOKENS = 1 << 22
+
+
 @dataclass(frozen=True)
 class DocReaderConfig(AttentionConfig, Config):
     """The shape of a document reader (see the module docstring for the pipeline).
@@ -275,6 +281,10 @@ class DocReaderConfig(AttentionConfig, Config):
             check_positive(name, getattr(self, name))
         for name, low in (("max_text_len", 2), ("max_question_len", 2), ("max_table_len", 2), ("max_table_cols", 2)):
             require(getattr(self, name) >= low, f"{name}={getattr(self, name)} must be >= {low}")
+        require(self.n_global <= MAX_GLOBAL_TOKENS,
+                f"max_pages={self.max_pages} gives the reasoning module {self.n_global:,} global tokens (max_question_len "
+                f"+ n_latents + max_pages (1 + n_headers){' + max_pages' if self.figure_global else ''}), more than "
+                f"{MAX_GLOBAL_TOKENS:,}: every pass attends to all of them; use fewer pages (or table columns)")  # fmt: skip
         check_divisible("text_d_model", self.text_d_model, "text_n_heads", self.text_n_heads)
         check_divisible("image_d_model", self.image_d_model, "image_n_heads", self.image_n_heads)
         check_divisible("d_model", self.d_model, "n_heads", self.n_heads)

@@ -776,6 +776,7 @@ def test_bad_batches_are_refused_by_the_model(tokenizer):
         (dict(answer_kinds=("count", "")), "''] must name question kinds (non-empty strings)"),
         (dict(image_init=""), "image_init='' must be None or the path of a ViT's weights"),
         (dict(image_init=3), "image_init=3 must be a string or null"),
+        (dict(max_pages=10**8), "max_pages=100000000 gives the reasoning module"),  # 25.6 GB of positions before
     ],
 )
 def test_bad_configs_are_refused_naming_the_field(overrides, message):
