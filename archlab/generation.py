@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from archlab.errors import ConfigError, ShapeError
-from archlab.nn.linear import packed_for_rows
+from archlab.nn.linear import kernel_takes_rows, onednn_plain_available, packed_for_rows
 
 #: ``(tokens [B, n], cache or None) -> logits [B, n, V]``.
 Step = Callable[[Tensor, Any], Tensor]
@@ -378,10 +378,14 @@ def generate_batch(
 
     Up to ``B = batch_size`` prompts (lists of token ids) decode as one batch (:func:`_decode_rows`): left-padded
     to the longest into ``[B, n0]`` with an ``attention_mask`` marking the real tokens and prefilled together, then
-    every step one forward pass over the rows still open, its products on oneDNN-packed copies of the weights
-    (:func:`archlab.nn.linear.packed_for_rows`: a ``B``-row product then costs far less than ``B`` one-row ones;
-    the copies take the weights' memory again during the call; up to :data:`archlab.nn.linear.KERNEL_FIRST_ROWS`
-    rows archlab's float32 kernel takes the products first, and the copies serve the prefill). A row that emits a
+    every step one forward pass over the rows still open, a ``B``-row product costing far less than ``B`` one-row
+    ones: up to :data:`archlab.nn.linear.KERNEL_FIRST_ROWS` rows (12 on AVX-512) on archlab's float32 kernel, which
+    reads the weights in place, past it on oneDNN-packed copies of the weights
+    (:func:`archlab.nn.linear.packed_for_rows`: they take the weights' memory again during the call). The copies are
+    made only where they pay: past the kernel's rows, or for the prefill where oneDNN's matmul on the weights as
+    they are does not serve it (:func:`archlab.nn.linear.onednn_plain_serves`: below AVX-512). SmolLM2's 10 prompts (README
+    Speed) took 5.81-5.90 s without them against 5.82-6.15 s with them (4 paired rounds, AMD EPYC), without the
+    copies' 538 MB. A row that emits a
     stop token or reaches ``max_new_tokens`` leaves the batch: its cache rows and mask row are dropped (the cache's
     ``reorder``), so later steps compute only open rows. With more prompts than ``B`` (continuous batching), the
     waiting prompts take freed rows at once: prefilled together into a cache of their own (``empty_like``: the
@@ -438,7 +442,9 @@ def generate_batch(
     )  # fmt: skip
     if max_new_tokens == 0:
         return [[] for _ in prompts]
-    packing = packed_for_rows(model, rows) if rows > 1 else contextlib.nullcontext()
+    # copies pay for products past the kernel's rows, and for the prefill where oneDNN cannot read the weights in place
+    copies = rows > 1 and not (kernel_takes_rows(rows) and onednn_plain_available())
+    packing = packed_for_rows(model, rows) if copies else contextlib.nullcontext()
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else None
     with packing:  # B-row products on oneDNN-packed weights (archlab.nn.linear)
         return _decode_rows(model, prompts, rows, max_new_tokens, stop, sampling, seed)
