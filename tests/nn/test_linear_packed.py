@@ -104,6 +104,9 @@ def test_plain_onednn_serves_only_where_it_applies(onednn_calls, monkeypatch):
         assert onednn_calls.plain == []
         lin.float()(torch.randn(300, 256))
         assert onednn_calls.plain == ([300] if linear_module.onednn_plain_available() else [])
+        lin.weight.mul_(-2)  # changed in place: the next product reads the new values (nothing of the weight is kept)
+        x = torch.randn(300, 256)
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
         served = list(onednn_calls.plain)
         monkeypatch.setattr(linear_module, "onednn_plain_available", lambda: False)  # kernels capped below AVX-512
         lin(torch.randn(300, 256))
