@@ -38,7 +38,8 @@ import archlab
 from archlab.analysis.memory import dtype_bytes
 from archlab.analysis.params import COMPONENTS, LABELS, ParamReport, count_parameters, human
 from archlab.errors import ArchlabError, ConfigError
-from archlab.models.registry import FAMILIES, build_model, get_config, get_preset, list_presets
+from archlab.models import registry
+from archlab.models.registry import FAMILIES, get_config, get_preset, list_presets
 from archlab.search import cli as search_cli
 
 EXIT_ERROR = 2
@@ -97,9 +98,7 @@ def out_folder(value: str) -> Path:
 def build_on_meta(name: str, overrides: dict) -> tuple[object, torch.nn.Module]:
     """Config and model of a preset, built on the meta device: shapes only, no memory, instant."""
     config = get_config(name, **overrides)
-    with torch.device("meta"):
-        model = build_model(config)
-    return config, model
+    return config, registry.build_on_meta(config)
 
 
 def derived_fields(config) -> dict:
@@ -366,7 +365,8 @@ def args_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="a Hugging Face folder (gpt2, llama, bert, vit, rwkv), an archlab "
                         "model folder or checkpoint, a run folder (its latest checkpoint), "
                         "or a Llama .gguf file")  # fmt: skip
-    parser.add_argument("dst", metavar="DST", help="the folder to write (replaced atomically)")
+    parser.add_argument("dst", metavar="DST",
+                        help="the folder to write: new, empty or a model folder (replaced atomically)")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

@@ -244,11 +244,12 @@ def bert_from_hf(hf_config: Mapping, hf_state: Mapping[str, Tensor], *, source: 
     """
     config = bert_config_from_hf(hf_config, source=source)
     state, head = _canonical(hf_state, source)
-    model = HEADS[head](config)
-    expected = _state_to_hf(model.state_dict(), config.n_layers, head)
+    with torch.device("meta"):  # names and shapes only: weights that do not fit are refused before any allocation
+        expected = _state_to_hf(HEADS[head](config).state_dict(), config.n_layers, head)
     for key in TIED:
         expected.pop(key, None)
     check_state_dict(expected, state, source)
+    model = HEADS[head](config)
     dtype = state[("bert." if head else "") + ANCHOR].dtype
     if not dtype.is_floating_point:
         raise CheckpointError(f"{source}: {ANCHOR} has dtype {dtype}; expected floating-point weights")

@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from archlab.data.tokenizers import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, HFTokenizer, load_tokenizer
-from archlab.errors import CheckpointError, DataError
+from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.interop.bert import load_bert, save_bert
 from archlab.interop.gguf import GGUFFile, gguf_tokenizer, load_gguf
 from archlab.interop.gpt2 import load_gpt2, save_gpt2
@@ -55,6 +55,7 @@ def convert(src: str | Path, dst: str | Path, *, tokenizer_dir: str | Path | Non
     ``tokenizer_dir`` (default: ``src``'s, when it has one); returns e.g. ``"gpt2 -> archlab, with tokenizer.json"``
     (no tokenizer: ``"gpt2 -> archlab"``)."""
     src, dst = Path(src), Path(dst)
+    check_destination(dst)
     if src.is_file() and src.suffix.lower() == ".gguf":
         return _convert_gguf(src, dst)
     if not src.is_dir():
@@ -88,6 +89,20 @@ def convert(src: str | Path, dst: str | Path, *, tokenizer_dir: str | Path | Non
         f"{src / CONFIG_FILE} is neither an archlab config (no 'class' key) nor a supported Hugging Face one "
         f"(model_type={model_type!r}; supported: {', '.join(HF_FORMATS)})"
     )
+
+
+def check_destination(dst: Path) -> None:
+    """ConfigError, before any work, unless ``dst`` is new, an empty folder or a model folder (with a ``config.json``):
+    it is replaced whole, so a file, a folder under a file, or a folder of other files (a run, a project) is refused
+    rather than deleted."""
+    for part in (dst, *dst.parents):
+        if part.exists() and not part.is_dir():
+            what = "is a file" if part == dst else f"lies under {str(part)!r}, a file"
+            raise ConfigError(f"DST {str(dst)!r} {what}; DST names the folder to write (new, empty, or a model folder)")
+    if dst.is_dir() and any(dst.iterdir()) and not (dst / CONFIG_FILE).is_file():
+        raise ConfigError(f"DST {str(dst)!r} holds other files and no {CONFIG_FILE} (not a model folder); "
+                          "convert replaces DST whole, so give a new or empty folder, or a model folder to "
+                          "overwrite")  # fmt: skip
 
 
 def _convert_gguf(src: Path, dst: Path) -> str:

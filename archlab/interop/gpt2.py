@@ -22,6 +22,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from archlab.errors import CheckpointError, ConfigError
@@ -230,11 +231,12 @@ def load_gpt2(folder: str | Path) -> GPT:
     state = normalize_gpt2_keys(raw)
     drop_tied_head(state, head="lm_head.weight", embedding="transformer.wte.weight", tied=config.tie_embeddings,
                    source=str(folder))  # fmt: skip
-    model = GPT(config)
-    expected = gpt2_state_from_archlab(model.state_dict())
+    with torch.device("meta"):  # names and shapes only: weights that do not fit are refused before any allocation
+        expected = gpt2_state_from_archlab(GPT(config).state_dict())
     if config.tie_embeddings:
         del expected["lm_head.weight"]
     check_state_dict(expected, state, str(folder / WEIGHTS_FILE))
+    model = GPT(config)
     model.load_state_dict(archlab_state_from_gpt2(state))
     return model.eval()
 

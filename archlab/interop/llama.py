@@ -199,11 +199,12 @@ def load_llama(folder: str | Path) -> Llama:
     config = config_from_llama(hf_config, source=str(folder / CONFIG_FILE))
     drop_tied_head(state, head="lm_head.weight", embedding="model.embed_tokens.weight", tied=config.tie_embeddings,
                    source=str(folder))  # fmt: skip
-    model = Llama(config)
-    expected = llama_state_from_archlab(model.state_dict(), config)
+    with torch.device("meta"):  # names and shapes only: weights that do not fit are refused before any allocation
+        expected = llama_state_from_archlab(Llama(config).state_dict(), config)
     if config.tie_embeddings:
         del expected["lm_head.weight"]
     check_state_dict(expected, state, str(folder / WEIGHTS_FILE))
+    model = Llama(config)
     model.load_state_dict(archlab_state_from_llama(state, config))
     return model.eval()
 

@@ -25,6 +25,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from archlab.errors import CheckpointError, ConfigError
@@ -177,12 +178,13 @@ def load_rwkv(folder: str | Path) -> RWKV:
         raise CheckpointError(f"{folder} is an archlab folder, not a Hugging Face one: use interop.io.load_model")
     config = config_from_rwkv(hf_config, source=str(folder / CONFIG_FILE))
     state = {k if k.startswith(("rwkv.", "head.")) else f"rwkv.{k}": v for k, v in state.items()}
-    model = RWKV(config)
-    expected = rwkv_state_from_archlab(model.state_dict())
+    with torch.device("meta"):  # names and shapes only: weights that do not fit are refused before any allocation
+        expected = rwkv_state_from_archlab(RWKV(config).state_dict())
     if config.tie_embeddings:
         state.pop("head.weight", None)
         del expected["head.weight"]
     check_state_dict(expected, state, str(folder / WEIGHTS_FILE))
+    model = RWKV(config)
     model.load_state_dict(archlab_state_from_rwkv(state), strict=not config.tie_embeddings)
     return model.eval()
 
