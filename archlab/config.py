@@ -83,6 +83,9 @@ class Config:
 
 
 # -- validation helpers: one message style everywhere --------------------------------------------
+#: The largest seed archlab takes (training, decoding): torch's generators take seeds in ``[0, 2^64 - 1]``.
+MAX_SEED = 2**64 - 1
+
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
@@ -129,8 +132,11 @@ def _describe(annotation: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return "null"
-    if typing.get_origin(annotation) is tuple:
-        return "a list"
+    if typing.get_origin(annotation) is tuple:  # "a list (each an integer)", "a list of 2 (a number, a number)"
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list (each {_describe(args[0])})"
+        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})" if args else "a list"
     return _TYPE_WORDS.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from archlab.config import MAX_SEED
 from archlab.errors import ConfigError, ShapeError
 from archlab.nn.linear import kernel_takes_rows, onednn_plain_available, packed_for_rows
 
@@ -330,6 +331,8 @@ def check_decoding(
         _check_int("stop_tokens[i]", s, 0)
     if seed is not None:
         _check_int("seed", seed, 0)
+        if seed > MAX_SEED:
+            raise ConfigError(f"seed={seed!r} must be <= 2**64 - 1 (the largest seed torch takes)")
     check_room(model_or_step, input_ids.shape[1], max_new_tokens)
     return stop
 

@@ -34,6 +34,27 @@ def test_adam_eps_follows_the_same_rule():
         TrainConfig(eps=math.inf)
 
 
+def test_a_seed_past_torchs_range_is_refused_by_name():
+    """torch seeds take [0, 2^64 - 1]; a larger train.seed was a ValueError traceback from torch.manual_seed."""
+    TrainConfig(seed=2**64 - 1)
+    with pytest.raises(ConfigError, match=r"^seed=18446744073709551616 must be <= 2\*\*64 - 1"):
+        TrainConfig(seed=2**64)
+
+
+@pytest.mark.parametrize("seed", [2**64, 10**23])
+def test_a_decoding_seed_past_torchs_range_is_refused_before_decoding(seed):
+    """generate / chat ``--seed 10**23`` was a ValueError traceback from torch.Generator.manual_seed."""
+    import torch
+
+    from archlab.generation import generate
+
+    model = build_model("gpt-nano").eval()
+    prompt = torch.tensor([[1, 2, 3]])
+    assert generate(model, prompt, max_new_tokens=2, do_sample=True, seed=2**64 - 1).shape == (1, 5)
+    with pytest.raises(ConfigError, match=rf"^seed={seed} must be <= 2\*\*64 - 1"):
+        generate(model, prompt, max_new_tokens=2, do_sample=True, seed=seed)
+
+
 @pytest.mark.parametrize("family", WITH_VOCAB)
 @pytest.mark.parametrize("vocab", [1, 0, -3])
 def test_a_vocabulary_needs_two_tokens(family, vocab):

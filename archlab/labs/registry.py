@@ -205,8 +205,8 @@ def run_lab(
     import torch
 
     lab = get_lab(name)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed={seed!r} must be an int >= 0")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed={seed!r} must be an int >= 0 and < 2**32 (the seeds NumPy's global generator takes)")
     start = time.perf_counter()
     python_state, numpy_state = random.getstate(), np.random.get_state()
     shown = _PROGRESS.set(progress)

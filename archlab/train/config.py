@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from archlab.config import Config, check_choice, check_positive, check_probability, require
+from archlab.config import MAX_SEED, Config, check_choice, check_positive, check_probability, require
 from archlab.models.registry import TASKS
 
 SCHEDULES = ("cosine", "constant", "noam")
@@ -138,6 +138,7 @@ class TrainConfig(Config):
         for name in ("warmup", "eval_every", "ckpt_every", "seed"):
             if getattr(self, name) is not None:
                 require(getattr(self, name) >= 0, f"{name}={getattr(self, name)!r} must be >= 0")
+        require(self.seed <= MAX_SEED, f"seed={self.seed!r} must be <= 2**64 - 1 (the largest seed torch takes)")
         check_choice("schedule", self.schedule, SCHEDULES)
         if self.lr is not None:
             check_positive("lr", self.lr)

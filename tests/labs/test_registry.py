@@ -62,7 +62,7 @@ def test_unknown_lab_names_the_closest(fake_labs):
         run_lab("fake-drew")
 
 
-@pytest.mark.parametrize("seed", [-1, 1.5, True, "0"])
+@pytest.mark.parametrize("seed", [-1, 1.5, True, "0", 2**32, 10**23])  # 10**23: torch's "Overflow" traceback
 def test_bad_seed_is_refused_before_running(fake_labs, seed):
     _, calls = fake_labs
     with pytest.raises(ConfigError, match="seed=.* must be an int >= 0"):
