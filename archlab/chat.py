@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from archlab.data.tokenizers import utf8
 from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.interop.pretrained import PRETRAINED, archlab_folder, locate_pretrained
 from archlab.speculative import DRAFT_TOKENS
@@ -200,6 +201,7 @@ class Chat:
 
         if not isinstance(text, str) or not text.strip():
             raise DataError("the message is empty")
+        utf8(text)  # undecodable bytes (stdin, argv) are refused with their place in the message, not the template's
         messages = [*self.messages, {"role": "user", "content": text}]
         ids = self.prompt_ids(messages)
         device = next(self.model.parameters()).device

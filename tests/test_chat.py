@@ -124,6 +124,14 @@ def test_cli_chat_errors_are_one_line(tmp_path, capsys):
     assert "--max-new-tokens" in capsys.readouterr().err
 
 
+def test_cli_chat_refuses_undecodable_stdin_naming_the_place_in_the_message(tiny_gguf, monkeypatch, capsys):
+    """stdin read with surrogateescape hands b"a\\xffb" over as "a\\udcffb": one error line, not a traceback."""
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("a\udcffb\n"))
+    assert main(["chat", "--model", str(tiny_gguf), "--json", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("archlab: error: text is not valid Unicode: lone surrogate '\\udcff' at position 1\n")
+
+
 def test_cli_generate_with_a_chat_model_answers_once(tiny_gguf, capsys):
     assert main(["generate", "--model", str(tiny_gguf), "--prompt", "hello", "--max-new-tokens", "6", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

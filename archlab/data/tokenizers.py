@@ -142,7 +142,7 @@ class ByteTokenizer(Tokenizer):
         return 256 + len(SPECIAL_TOKENS)
 
     def encode(self, text: str) -> list[int]:
-        return list(_utf8(text))
+        return list(utf8(text))
 
     def _decode(self, ids: list[int]) -> str:
         if self.unk_id in ids:
@@ -153,7 +153,9 @@ class ByteTokenizer(Tokenizer):
         return _write_json(directory, {"archlab_tokenizer": self.kind, "special_tokens": list(SPECIAL_TOKENS)})
 
 
-def _utf8(text: str) -> bytes:
+def utf8(text: str) -> bytes:
+    """The UTF-8 bytes of ``text``; DataError naming the first lone surrogate (what undecodable bytes become when
+    Python reads a command line or stdin), which no tokenizer can encode."""
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -281,9 +283,12 @@ class HFTokenizer(Tokenizer):
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        utf8(text)
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        for text in texts:
+            utf8(text)
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def _decode(self, ids: list[int]) -> str:

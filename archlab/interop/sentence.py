@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from archlab.data.tokenizers import utf8
 from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.interop.bert import load_bert
 from archlab.models.bert import BertModel
@@ -262,6 +263,8 @@ def embed(
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
         raise DataError(f"texts[{bad[0]}] is a {type(texts[bad[0]]).__name__}, not a str")
+    for text in texts:
+        utf8(text)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ConfigError(f"batch_size={batch_size!r} must be a positive int")
     encoder = sentence_encoder(model)

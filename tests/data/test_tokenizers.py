@@ -85,6 +85,14 @@ def test_byte_errors():
         tok.decode([-1])
 
 
+def test_hf_tokenizers_refuse_a_lone_surrogate_as_the_byte_one_does(bpe):
+    """Undecodable bytes on a command line or stdin reach the tokenizer as lone surrogates: tokenizers' own
+    TypeError ("TextInputSequence must be str") became a traceback in chat, generate --model and embed."""
+    for encode in (bpe.encode, lambda text: bpe.encode_batch(["ok", text])):
+        with pytest.raises(DataError, match=r"^text is not valid Unicode: lone surrogate '\\udcff' at position 1$"):
+            encode("a\udcffb")
+
+
 # -- char -------------------------------------------------------------------------------------------------------
 def test_char_vocabulary_and_unknowns():
     tok = CharTokenizer.from_text(["hello", "world 🙂"])
