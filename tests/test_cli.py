@@ -140,6 +140,14 @@ def test_inspect_says_when_flops_cannot_be_counted(capsys, monkeypatch):
     assert data["forward_flops_per_token"] is None and "meta device" in data["forward_flops_note"]
 
 
+def test_inspect_refuses_a_weight_whose_shape_overflows_in_one_line(capsys):
+    """d_model=2^31 makes the QKV weight 3 * 2^62 elements: the meta build's RuntimeError was a traceback."""
+    assert main(["inspect", "gpt-nano", "--set", "d_model=2147483648", "--set", "n_heads=1"]) == 2
+    assert capsys.readouterr().err == ("archlab: error: GPT of d_model=2147483648, vocab_size=256, max_len=128: a "
+                                       "parameter of this model would hold more than 2^63 elements; no machine can "
+                                       "build it\n")  # fmt: skip
+
+
 def test_inspect_kv_cache_row_only_for_models_that_decode_with_a_cache(capsys):
     """Decoders (GPT, Llama, the encoder-decoder Transformer) show a KV cache; encoders (BERT, ViT) have none."""
     for preset, decodes in (("gpt-nano", True), ("llama-tiny", True), ("transformer-tiny", True), ("bert-mini", False),
@@ -261,6 +269,12 @@ def test_embed_prints_vectors_equal_to_the_library(capsys):
     assert main(["embed", "a cat sat", "a dog ran"]) == 0
     out = capsys.readouterr().out
     assert "dimension 384" in out and "cosine similarity" in out
+
+
+def test_embed_refuses_undecodable_text_in_one_line(capsys):
+    assert main(["embed", "fine", "a\udcffb"]) == 2  # b"a\xffb" on the command line
+    err = capsys.readouterr().err
+    assert err == "archlab: error: text is not valid Unicode: lone surrogate '\\udcff' at position 1\n"
 
 
 def test_embed_bad_model_is_one_line(capsys, tmp_path):

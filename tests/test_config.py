@@ -10,6 +10,7 @@ import pytest
 
 from archlab.config import Config, check_choice, check_divisible, check_positive, check_probability
 from archlab.errors import ArchlabError, ConfigError, closest, unknown
+from archlab.train import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,3 +90,9 @@ def test_field_types_are_checked_before_validation():
     assert ToyConfig.from_dict({"sizes": [3, 4]}).sizes == (3, 4)  # JSON lists become tuples
     with pytest.raises(ConfigError, match=r"sizes=\('a',\) must be a list"):
         ToyConfig(sizes=("a",))
+
+
+def test_a_list_of_the_wrong_length_says_how_many_items_and_of_what():
+    """TrainConfig(betas=(0.9,)) said only "must be a list", though it is one: one item short."""
+    with pytest.raises(ConfigError, match=r"^betas=\(0\.9,\) must be a list of 2 \(a number, a number\)$"):
+        TrainConfig(betas=(0.9,))

@@ -97,6 +97,8 @@ def family_of(config: Config) -> Family:
 
 def get_preset(name: str) -> Preset:
     _loaded()
+    if not isinstance(name, str):  # e.g. "preset": null in a run file, or --set model.preset=5
+        raise ConfigError(f"preset={name!r} must be a preset name (a string); known: {', '.join(sorted(PRESETS))}")
     if name not in PRESETS:
         raise ConfigError(unknown("preset", name, PRESETS))
     return PRESETS[name]
@@ -132,9 +134,15 @@ def build_model(spec: str | Config, *, model_class: str | None = None, **overrid
     try:
         return model_cls(config)
     except (RuntimeError, MemoryError) as e:
-        if not isinstance(e, MemoryError | torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+        if not out_of_memory(e):
             raise
         raise too_large(config, model_cls) from None
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocator's refusal: Python's or NumPy's MemoryError, torch's OutOfMemoryError (a
+    GPU) or the CPU allocator's RuntimeError."""
+    return isinstance(error, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 def model_class_for(config: Config, model_class: str | None = None) -> type[nn.Module]:
@@ -157,15 +165,21 @@ def model_bytes(config: Config, model_cls: type[nn.Module]) -> int:
     (nothing is allocated; it costs about one more construction of the model)."""
     from archlab.analysis.memory import module_bytes  # (analysis sits above models: imported when used)
 
+    return module_bytes(build_on_meta(config, model_cls))
+
+
+def build_on_meta(config: Config, model_cls: type[nn.Module] | None = None) -> nn.Module:
+    """``model_cls(config)`` (default: the family's class) on the meta device: shapes only, nothing allocated;
+    ConfigError naming the sizes when a tensor would hold more than 2^63 elements (even its shape overflows)."""
+    model_cls = model_class_for(config) if model_cls is None else model_cls
     with torch.device("meta"):
         try:
-            model = model_cls(config)
-        except RuntimeError as e:  # a tensor of more than 2^63 elements: even its shape cannot be counted
+            return model_cls(config)
+        except RuntimeError as e:
             if "overflow" not in str(e):
                 raise
             raise ConfigError(f"{model_cls.__name__} of {_largest_sizes(config)}: a parameter of this model would "
                               "hold more than 2^63 elements; no machine can build it") from None  # fmt: skip
-    return module_bytes(model)
 
 
 def check_fits_in_memory(config: Config, model_class: str | None = None) -> None:

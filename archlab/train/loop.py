@@ -215,6 +215,16 @@ class Trainer:
             saved_now = self.last_checkpoint is not None and self._step_of(self.last_checkpoint) == self.step
             if self.out_dir is not None and not saved_now:
                 self.save()
+        except (MemoryError, RuntimeError) as e:  # a batch too large for this machine: say which setting, no traceback
+            from archlab.models.registry import out_of_memory
+
+            if not out_of_memory(e):
+                raise
+            per_pass = c.micro_batch_size(self.dp.world_size)
+            raise TrainingError(f"step {self.step + 1}: batches of batch_size={c.batch_size} ({per_pass} per forward "
+                                f"pass, grad_accum={c.grad_accum}) do not fit in this machine's memory; lower "
+                                "batch_size or raise grad_accum (the last checkpoint is left as it was)"
+                                ) from None  # fmt: skip
         finally:
             result.loss_plot = self.log.close()
         result.step, result.checkpoint = self.step, self.last_checkpoint

@@ -179,8 +179,10 @@ class RunSpec:
                 raise ConfigError(f"{path}: YAML needs PyYAML, which is not installed; write the run as JSON") from None
             try:
                 data = yaml.safe_load(text)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path} is not valid YAML: {e}") from None
+            except yaml.YAMLError as e:  # one line, as for JSON: the problem and where (PyYAML's own text spans lines)
+                mark = getattr(e, "problem_mark", None)
+                at = "" if mark is None else f" at line {mark.line + 1} column {mark.column + 1}"
+                raise ConfigError(f"{path} is not valid YAML: {getattr(e, 'problem', None) or e}{at}") from None
         else:
             try:
                 data = json.loads(text)
@@ -256,6 +258,10 @@ def spec_from_argument(spec: str) -> RunSpec:
     path = Path(spec)
     if path.is_dir() or path.suffix.lower() in (".json", ".yaml", ".yml"):
         return RunSpec.load(path)
+    if path.is_file() and spec not in PRESETS:
+        raise ConfigError(f"{spec}: a run description is a .json file (or .yaml / .yml with PyYAML), not "
+                          f"{path.suffix or 'a file without a suffix'}; or name a preset "
+                          "(archlab presets)")  # fmt: skip
     return RunSpec(get_preset(spec).name)
 
 

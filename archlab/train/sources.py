@@ -372,12 +372,16 @@ def _corpus(data: DataConfig, task: str, kind: str, tokenizer: Tokenizer | None,
         what = f"{data.source}, {len(texts)} documents"
     tok = tokenizer if tokenizer is not None else make_tokenizer(data, corpus.train_texts)
     train_ids, valid_ids = encode_texts(corpus.train_texts, tok), encode_texts(corpus.valid_texts, tok)
-    if task == "mlm":
-        source = MLMBatches(train_ids, tok, seq_len=data.seq_len, valid=valid_ids, **shard)
-    elif task == "custom":  # resolve_data let through only models that read token windows
-        source = TokenWindows(train_ids, seq_len=data.seq_len, valid=valid_ids, **shard)
-    else:
-        source = LMWindows(train_ids, seq_len=data.seq_len, valid=valid_ids, **shard)
+    try:
+        if task == "mlm":
+            source = MLMBatches(train_ids, tok, seq_len=data.seq_len, valid=valid_ids, **shard)
+        elif task == "custom":  # resolve_data let through only models that read token windows
+            source = TokenWindows(train_ids, seq_len=data.seq_len, valid=valid_ids, **shard)
+        else:
+            source = LMWindows(train_ids, seq_len=data.seq_len, valid=valid_ids, **shard)
+    except DataError as e:  # e.g. a text too short for one row: name the data, its token counts and the setting
+        raise DataError(f"{what}: {len(train_ids):,} training / {len(valid_ids):,} validation tokens ({tok.kind} "
+                        f"tokenizer), rows of data.seq_len={data.seq_len}: {e}") from None  # fmt: skip
     describe = (f"{what}: {len(train_ids):,} training / {len(valid_ids):,} validation tokens, "
                 f"{tok.kind} tokenizer V={tok.vocab_size}, rows of {data.seq_len}")  # fmt: skip
     unigram = unigram_loss(train_ids, valid_ids, tok.vocab_size) if task in ("lm", "custom") else None

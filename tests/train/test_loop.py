@@ -347,3 +347,15 @@ def test_tensorboard_events_are_written_when_it_is_installed(tmp_path, monkeypat
     Trainer(nano(), config, LMSource(batch_size=4), out_dir=tmp_path).fit()
     assert written[0] == ("dir", str(tmp_path / "tensorboard"))
     assert ("train/loss", 1) in written and ("train/tokens_per_s", 2) in written and written[-1] == ("closed",)
+
+
+def test_a_batch_too_large_for_the_memory_is_a_training_error_naming_batch_size(tmp_path):
+    """10^11 windows: NumPy refuses the 800 GB of window starts at once; that MemoryError was a traceback."""
+    from archlab.data import LMWindows
+
+    big = 10**11
+    source = LMWindows(torch.arange(200) % 256, seq_len=8, batch_size=big)
+    config = TrainConfig(steps=2, batch_size=big, eval_every=0, ckpt_every=0, **QUIET)
+    with pytest.raises(TrainingError, match=rf"^step 1: batches of batch_size={big} \({big} per forward pass, "
+                                            r"grad_accum=1\) do not fit in this machine's memory; lower batch_size"):
+        Trainer(nano(), config, source, out_dir=tmp_path).fit()

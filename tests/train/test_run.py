@@ -53,6 +53,8 @@ def test_yaml_without_pyyaml_says_to_use_json(tmp_path, monkeypatch):
         ({"model": {"preset": "gpt-nano"}, "data": {"sorce": "x"}}, "unknown key 'sorce' (did you mean 'source'?)"),
         ({"model": {"preset": "gpt-nano"}, "train": {"steps": 0}}, "steps=0 must be > 0"),
         ({"model": {"preset": "gpt-nanoo"}}, "unknown preset 'gpt-nanoo' (did you mean 'gpt-nano'?)"),
+        ({"model": {"preset": None}}, "preset=None must be a preset name (a string); known: bert-base, "),
+        ({"model": {"preset": 5}}, "preset=5 must be a preset name (a string); known: bert-base, "),
         ({"model": {"preset": "gpt-nano"}, "data": []}, "the 'data' section of a run must be a JSON object"),
     ],
 )
@@ -69,6 +71,33 @@ def test_bad_files_are_config_errors(tmp_path):
         RunSpec.load(tmp_path / "missing.json")
     with pytest.raises(ConfigError, match="folder without a run.json: not a run"):
         RunSpec.load(tmp_path)
+
+
+@pytest.mark.parametrize("preset", ["gpt-nano", "elmo-small"])
+def test_a_text_too_short_for_one_row_names_the_file_its_tokens_and_seq_len(tmp_path, preset):
+    """Two one-letter lines under rows of 128 tokens: the error said only "ids has 3 tokens; ..."."""
+    (tmp_path / "tiny.txt").write_text("a\nb\n")
+    spec = RunSpec(preset, {}, {"source": str(tmp_path / "tiny.txt"), "tokenizer": "byte", "seq_len": 128})
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'tiny.txt'))}, .*: 3 training / 3 validation "
+                                        r"tokens \(byte tokenizer\), rows of data.seq_len=128: ids has 3 tokens"):
+        prepare(spec)
+
+
+def test_a_run_file_of_another_format_is_named_not_taken_for_a_preset(tmp_path, monkeypatch):
+    """`archlab train run.toml` said "unknown preset 'run.toml'" with the list of presets; a preset name still wins."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.toml").write_text('[model]\npreset = "gpt-nano"\n')
+    with pytest.raises(ConfigError, match=r"^run.toml: a run description is a .json file .*, not .toml"):
+        spec_from_argument("run.toml")
+    (tmp_path / "gpt-nano").write_text("a file named like a preset")
+    assert spec_from_argument("gpt-nano").preset == "gpt-nano"
+
+
+def test_a_yaml_error_is_one_line_with_its_place(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model: [1\n")
+    with pytest.raises(ConfigError, match=r"^\S*bad.yaml is not valid YAML: expected ',' or ']', "
+                       r"but got '<stream end>' at line 2 column 1$"):
+        RunSpec.load(tmp_path / "bad.yaml")
 
 
 def test_overrides_go_to_their_section():
