@@ -292,15 +292,27 @@ def test_read_metrics_keeps_the_last_record_of_each_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_training_follows_eager_training():
-    """torch.compile (inductor, C++ on this CPU; minutes to compile) gives the same losses and weights."""
-    config = TrainConfig(steps=3, batch_size=4, lr=1e-2, eval_every=0, ckpt_every=0, **QUIET)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_training_follows_eager_training(precision):
+    """torch.compile (inductor, C++ on this CPU; minutes to compile) gives the same losses and weights. The precision
+    is pinned: ``auto`` follows the CPU (bf16 with AVX512-BF16 or AMX), and this fp32 bound failed unseen in the slow
+    tier on such a CPU since 2404a83. In bf16 the losses agree to 2e-4 (AMD EPYC, AVX512-BF16), but AdamW moves a
+    weight by about ``lr`` whatever the size of its gradient, so where bf16 rounding turns a near-zero gradient's sign,
+    that weight parts by up to ``2 lr`` a step: 0.54% of the weights were more than 1e-3 apart, at most 0.019."""
+    lr, steps = 1e-2, 3
+    config = TrainConfig(steps=steps, batch_size=4, lr=lr, eval_every=0, ckpt_every=0, precision=precision, **QUIET)
     eager = Trainer(nano(), config, LMSource(batch_size=4))
     compiled = Trainer(nano(), config.replace(compile=True), LMSource(batch_size=4))
-    losses = [[t.train_step(s)["loss"] for _ in range(3)] for t, s in ((eager, eager._stream()), (compiled, compiled._stream()))]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
-    for (name, a), b in zip(eager.model.state_dict().items(), compiled.model.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-3, msg=name)
+    runs = ((eager, eager._stream()), (compiled, compiled._stream()))
+    losses = [[t.train_step(s)["loss"] for _ in range(steps)] for t, s in runs]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4 if precision == "fp32" else 1e-3)
+    pairs = list(zip(eager.model.state_dict().values(), compiled.model.state_dict().values()))
+    if precision == "fp32":
+        for (name, a), b in zip(eager.model.state_dict().items(), compiled.model.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-3, msg=name)
+    else:
+        apart = sum(int(((a - b).abs() > 1e-3).sum()) for a, b in pairs) / sum(a.numel() for a, _ in pairs)
+        assert apart < 0.01 and max(float((a - b).abs().max()) for a, b in pairs) < 2 * lr * steps
 
 
 def test_a_used_up_generator_or_a_non_iterable_is_a_data_error():
