@@ -94,8 +94,7 @@ def _f32_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | Non
     """``F.linear(x, weight, bias)`` on archlab's float32 kernel where it serves (no gradient recorded, arguments it
     takes: :func:`archlab.kernels.f32_rows_problem`, the kernel built here, and past :data:`KERNEL_FIRST_ROWS` rows
     no oneDNN-packed copy of ``weight``), else None."""
-    grads = weight.requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)
-    if torch.is_grad_enabled() and grads:
+    if _records_grad(x, weight, bias):
         return None  # the kernel has no backward
     if kernels.f32_rows_problem(x, weight, bias) is not None or kernels.f32_kernel() == 0:
         return None
@@ -103,6 +102,12 @@ def _f32_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | Non
             and _onednn_copy(weight, x) is not None:
         return None  # oneDNN's copy is the faster there
     return torch.ops.archlab_kernels.f32_rows(x, weight, bias, kernels.f32_kernel())
+
+
+def _records_grad(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
+    """Whether autograd would record ``x @ weight.T (+ bias)``: products that need a backward keep ``F.linear``."""
+    return torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad
+                                        or (bias is not None and bias.requires_grad))  # fmt: skip
 
 
 def kernel_takes_rows(rows: int) -> bool:
@@ -218,7 +223,7 @@ class PackedLinear:
         out = _f32_product(x, self.weight, self.bias)  # archlab's kernel reads weight in place: no copy wanted
         if out is not None:
             return out
-        tracked = torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
+        tracked = _records_grad(x, self.weight)
         compiling = torch.compiler.is_compiling()  # traced: no eager-side state read, no copy made in the graph
         if tracked or self.weight._version != self.version or _rows(x) > MAX_SPLIT_ROWS \
                 or (compiling and not self._made) or (not compiling and _onednn_copy(self.weight, x) is not None):
@@ -243,9 +248,7 @@ def _onednn_copy(weight: Tensor, x: Tensor) -> Tensor | None:
         return None
     if _rows(x) < 2 or not x.dtype == weight.dtype == entry[2].dtype or x.device.type != "cpu":
         return None
-    if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
-        return None
-    return entry[2]
+    return None if _records_grad(x, weight) else entry[2]
 
 
 def _onednn_weight(weight: Tensor, x: Tensor, bias: Tensor | None) -> Tensor | None:
@@ -280,8 +283,7 @@ def onednn_plain_serves(weight: Tensor, x: Tensor, bias: Tensor | None = None) -
         return False
     if not weight.is_contiguous() or weight.numel() < MIN_SPLIT_ELEMENTS or x.shape[-1] != weight.shape[1]:
         return False
-    grads = weight.requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)
-    return not (torch.is_grad_enabled() and grads)  # oneDNN's op has no backward
+    return not _records_grad(x, weight, bias)  # oneDNN's op has no backward
 
 
 @functools.cache
