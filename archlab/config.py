@@ -85,6 +85,13 @@ class Config:
 # -- validation helpers: one message style everywhere --------------------------------------------
 #: The largest seed archlab takes (training, decoding): torch's generators take seeds in ``[0, 2^64 - 1]``.
 MAX_SEED = 2**64 - 1
+#: The most layers one stack of a config may have (``n_layers``, ``text_n_layers``, ``blocks_per_stage``, ...):
+#: the deepest Transformers published have about 1,000 (DeepNet, 2022); archlab builds a module per layer, and
+#: ``archlab inspect`` / ``archlab train``'s memory check build (or trace) the model layer by layer on the meta
+#: device, at 5-20 ms a layer, so a depth of a million would run for hours before saying anything.
+MAX_LAYERS = 1024
+#: The config fields that count stacked layers (besides every field whose name ends in ``layers``).
+_DEPTH_FIELDS = ("blocks_per_stage", "n_stacks")
 
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
@@ -152,7 +159,8 @@ def check_shared_field(name: str, value: Any) -> None:
     * no number is NaN (every range check ``a <= x < b`` is False for NaN, and ``not x < a`` passes it);
     * ``eps`` (a norm's or Adam's ``x / sqrt(var + eps)``) is finite and > 0: ``eps=inf`` makes every
       LayerNorm output its bias alone, ``eps<=0`` divides by zero on a constant input;
-    * ``vocab_size`` is >= 2: a one-token vocabulary has nothing to predict (the loss is 0 by construction).
+    * ``vocab_size`` is >= 2: a one-token vocabulary has nothing to predict (the loss is 0 by construction);
+    * a count of stacked layers (``n_layers``, ``reason_layers``, ``blocks_per_stage``, ...) is <= MAX_LAYERS.
     """
     if isinstance(value, float) and math.isnan(value):
         raise ConfigError(f"{name}=nan must be a number, not NaN")
@@ -160,6 +168,9 @@ def check_shared_field(name: str, value: Any) -> None:
         raise ConfigError(f"eps={value!r} must be finite and > 0")
     if name == "vocab_size" and isinstance(value, int) and value < 2:
         raise ConfigError(f"vocab_size={value!r} must be >= 2 (a vocabulary of one token has nothing to predict)")
+    if (name.endswith("layers") or name in _DEPTH_FIELDS) and isinstance(value, int) and value > MAX_LAYERS:
+        raise ConfigError(f"{name}={value!r} must be <= {MAX_LAYERS} (archlab.config.MAX_LAYERS: the deepest "
+                          "networks published have about 1,000 layers a stack)")  # fmt: skip
 
 
 def require(condition: bool, message: str) -> None:

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from archlab.analysis.memory import format_bytes, module_bytes
+from archlab.config import MAX_LAYERS
 from archlab.errors import ConfigError
 from archlab.models import registry
 from archlab.models.registry import FAMILIES, build_model, check_fits_in_memory, get_config, list_presets
@@ -20,6 +21,8 @@ def first_preset(family: str) -> str:
 
 WITH_EPS = sorted(f.name for f in FAMILIES.values() if "eps" in f.config_cls.field_names())
 WITH_VOCAB = sorted(f.name for f in FAMILIES.values() if "vocab_size" in f.config_cls.field_names())
+DEPTH_FIELDS = sorted((f.name, name) for f in FAMILIES.values() for name in f.config_cls.field_names()
+                      if name.endswith("layers") or name in ("blocks_per_stage", "n_stacks"))  # fmt: skip
 
 
 @pytest.mark.parametrize("family", WITH_EPS)
@@ -60,6 +63,23 @@ def test_a_decoding_seed_past_torchs_range_is_refused_before_decoding(seed):
 def test_a_vocabulary_needs_two_tokens(family, vocab):
     with pytest.raises(ConfigError, match=rf"vocab_size={vocab} must be >= 2"):
         get_config(first_preset(family), vocab_size=vocab)
+
+
+def test_every_family_counts_its_layers_in_a_field_the_bound_sees():
+    assert {family for family, _ in DEPTH_FIELDS} >= {"gpt", "llama", "bert", "docreader", "resnet", "wavenet"}
+
+
+@pytest.mark.parametrize("family, field", DEPTH_FIELDS)
+def test_a_depth_past_the_bound_is_refused_by_name_before_anything_is_built(family, field, monkeypatch):
+    monkeypatch.setattr(registry, "build_on_meta", lambda *a, **k: pytest.fail("built a refused config"))
+    with pytest.raises(ConfigError, match=rf"^{field}=1000000 must be <= {MAX_LAYERS} "):
+        get_config(first_preset(family), **{field: 1_000_000})
+    get_config(first_preset(family), **{field: 2})  # a small depth stays allowed
+
+
+def test_the_depth_bound_keeps_the_deepest_presets():
+    assert get_config("mlp-1000-residual").n_layers == 1000 <= MAX_LAYERS
+    assert get_config("resnet-1202").depth == 1202
 
 
 @pytest.mark.parametrize("field", ["dropout", "eps", "lr"])
