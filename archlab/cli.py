@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,7 +273,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         try:
             flops = flops_per_token(model, FAMILIES[preset.family], length)
         except RuntimeError as e:  # e.g. a backend that checks a mask's values: say so, do not hide it
-            flops_note = f"not counted: the forward reads tensor values, which the meta device does not hold ({e})"
+            flops_note = "not counted: " + (
+                f"at length {length} a tensor of the forward would hold more than 2^63 elements (pass a smaller "
+                "--length)" if "overflow" in str(e) else
+                f"the forward reads tensor values, which the meta device does not hold ({e})")  # fmt: skip
     if args.json:
         data = {
             "preset": preset.name, "family": preset.family, "description": preset.description,
@@ -342,9 +346,14 @@ def args_embed(parser: argparse.ArgumentParser) -> None:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     """Mean-pooled, L2-normalised sentence embeddings computed by archlab's own BERT."""
-    from archlab.interop.sentence import embed
+    from archlab.interop.sentence import embed, sentence_encoder
 
     vectors = embed(list(args.texts), args.model)
+    limit = sentence_encoder(args.model).max_seq_length
+    for i, count in enumerate(sentence_encoder(args.model).token_counts(list(args.texts))):
+        if count > limit:  # the model reads only the beginning: say so rather than embed less than was given
+            print(f"archlab: note: text [{i}] is {count} tokens; its first {limit} (the model's max_seq_length, "
+                  "[CLS] and [SEP] included) were embedded", file=sys.stderr)  # fmt: skip
     if args.json:
         print(json.dumps({"model": str(args.model), "dim": vectors.shape[1], "embeddings": vectors.tolist()}))
         return 0
@@ -548,6 +557,7 @@ def args_lab(parser: argparse.ArgumentParser) -> None:
 def cmd_lab(args: argparse.Namespace) -> int:
     """List the labs, or run them: each prints its table, criterion and verdict and writes a plot."""
     from archlab.labs import get_lab, list_labs, run_lab
+    from archlab.labs.registry import check_lab_seed
 
     if not args.names or args.names == ["list"]:
         labs = list_labs()
@@ -562,8 +572,9 @@ def cmd_lab(args: argparse.Namespace) -> int:
             print(f"\n{len(labs)} labs; run one with `archlab lab NAME` (--quick: the seconds-long version)")
         return 0
     names = [lab.name for lab in list_labs()] if args.names == ["all"] else args.names
-    for name in names:  # every name checked before the first lab runs
+    for name in names:  # every name (and the seed) checked before the first lab runs
         get_lab(name)
+    check_lab_seed(args.seed)
     out_folder(args.out)
     reports = []
     for name in names:
@@ -606,7 +617,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
         paths = [str(f) for f in files]
         print(json.dumps({"model": maps.model, "text": maps.text, "notes": maps.notes, "files": paths}))
         return 0
-    print(f"attention maps of {maps.model} on {maps.text!r}: {len(files) - 1} PNG(s) in {out}")
+    text = maps.text if len(maps.text) <= 80 else maps.text[:77] + "..."  # (attention.json holds all of it)
+    print(f"attention maps of {maps.model} on {text!r}: {len(files) - 1} PNG(s) in {out}")
     for note in maps.notes:
         print(f"  {note}")
     for f in files:
@@ -746,6 +758,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """``warnings.formatwarning`` for the command line: archlab's own warnings in one line, as its errors are; those
+    of other libraries (PyTorch's, ...) in Python's format, which names where they come from."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        return f"archlab: warning: {message}\n"
+    return _PYTHON_FORMAT_WARNING(message, category, filename, lineno, line)
+
+
+_PYTHON_FORMAT_WARNING = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``archlab`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
@@ -754,7 +777,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version, usage errors: argparse has already printed
         return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
     try:
-        return COMMANDS[args.command].run(args)
+        with warnings.catch_warnings():  # (a recording catch_warnings, pytest's, still records them)
+            warnings.formatwarning = _format_warning
+            return COMMANDS[args.command].run(args)
     except ArchlabError as error:
         print(f"archlab: error: {error}", file=sys.stderr)
         return EXIT_ERROR

@@ -140,12 +140,28 @@ def test_inspect_says_when_flops_cannot_be_counted(capsys, monkeypatch):
     assert data["forward_flops_per_token"] is None and "meta device" in data["forward_flops_note"]
 
 
+def test_inspect_says_a_length_past_what_a_tensor_can_hold_is_why_flops_are_not_counted(capsys):
+    """At 10^9 tokens the forward's [3, N, N] mask holds 3 * 10^18 elements, past 2^63: the note said "the forward
+    reads tensor values" with torch's storage-size text."""
+    code, out, _ = run(capsys, "inspect", "gpt-nano", "--set", "max_len=1000000000")
+    assert code == 0
+    assert out.rstrip().endswith("forward FLOPs per token: not counted: at length 1000000000 a tensor of the forward "
+                                 "would hold more than 2^63 elements (pass a smaller --length)")  # fmt: skip
+
+
 def test_inspect_refuses_a_weight_whose_shape_overflows_in_one_line(capsys):
     """d_model=2^31 makes the QKV weight 3 * 2^62 elements: the meta build's RuntimeError was a traceback."""
     assert main(["inspect", "gpt-nano", "--set", "d_model=2147483648", "--set", "n_heads=1"]) == 2
     assert capsys.readouterr().err == ("archlab: error: GPT of d_model=2147483648, vocab_size=256, max_len=128: a "
                                        "parameter of this model would hold more than 2^63 elements; no machine can "
                                        "build it\n")  # fmt: skip
+
+
+def test_inspect_refuses_a_depth_it_would_take_hours_to_build(capsys):
+    """n_layers=1000000 built a million blocks on the meta device (about 20 ms each with the FLOP count)."""
+    assert main(["inspect", "gpt-nano", "--set", "n_layers=1000000"]) == 2
+    assert capsys.readouterr().err == ("archlab: error: n_layers=1000000 must be <= 1024 (archlab.config.MAX_LAYERS: "
+                                       "the deepest networks published have about 1,000 layers a stack)\n")  # fmt: skip
 
 
 def test_inspect_kv_cache_row_only_for_models_that_decode_with_a_cache(capsys):
@@ -271,6 +287,14 @@ def test_embed_prints_vectors_equal_to_the_library(capsys):
     assert "dimension 384" in out and "cosine similarity" in out
 
 
+def test_embed_says_which_texts_it_cut_to_max_seq_length(capsys):
+    """MiniLM reads 256 tokens; a longer text is embedded from its beginning: the CLI says so on stderr."""
+    assert main(["embed", "a cat sat", "word " * 300, "word " * 254]) == 0
+    err = capsys.readouterr().err
+    assert err == ("archlab: note: text [1] is 302 tokens; its first 256 (the model's max_seq_length, [CLS] and "
+                   "[SEP] included) were embedded\n")  # fmt: skip
+
+
 def test_embed_refuses_undecodable_text_in_one_line(capsys):
     assert main(["embed", "fine", "a\udcffb"]) == 2  # b"a\xffb" on the command line
     err = capsys.readouterr().err
@@ -281,3 +305,23 @@ def test_embed_bad_model_is_one_line(capsys, tmp_path):
     assert main(["embed", "x", "--model", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("archlab: error:") and "nope" in err and err.count("\n") == 1
+
+
+def test_archlabs_warnings_print_in_one_line_and_other_libraries_as_python_prints_them(tmp_path):
+    """The CLI prints its own warnings like its errors (a subprocess: pytest records warnings, it shows none)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import dataclasses, sys, warnings\n"
+        "from archlab import cli\n"
+        "def run(args):\n"
+        "    warnings.warn_explicit('a query is long', UserWarning, cli.__file__, 1)\n"
+        f"    warnings.warn_explicit('deprecated', UserWarning, {str(tmp_path / 'other.py')!r}, 7)\n"
+        "    return 0\n"
+        "cli.COMMANDS['presets'] = dataclasses.replace(cli.COMMANDS['presets'], run=run)\n"
+        "sys.exit(cli.main(['presets']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == f"archlab: warning: a query is long\n{tmp_path / 'other.py'}:7: UserWarning: deprecated\n"

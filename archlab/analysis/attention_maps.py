@@ -343,7 +343,7 @@ def _sentence_maps(target: str, text: str) -> AttentionMaps:
     from archlab.interop.sentence import sentence_encoder
 
     encoder = sentence_encoder(target)
-    ids = encoder.tokenizer.encode(text).ids[: encoder.max_seq_length]  # [CLS] ... [SEP]
+    ids = encoder.tokenize([text], encoder.max_seq_length)[0][0].tolist()  # [CLS] ... [SEP], as embed reads it
     labels = [encoder.tokenizer.id_to_token(i) for i in ids]
     return _bert_maps(target, encoder.bert, ids, labels, text)
 

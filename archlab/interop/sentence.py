@@ -82,6 +82,12 @@ class SentenceEncoder:
         encodings = self.tokenizer.encode_batch(texts)
         return tuple(torch.tensor([getattr(e, f) for e in encodings]) for f in ("ids", "attention_mask", "type_ids"))
 
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens of each text with ``[CLS]`` and ``[SEP]``, untruncated: a count above ``max_seq_length`` means
+        :meth:`embed` reads only the text's beginning."""
+        self.tokenizer.no_truncation()
+        return [sum(e.attention_mask) for e in self.tokenizer.encode_batch(texts)]  # (padding is masked out)
+
     @torch.inference_mode()
     def embed(self, texts: list[str], *, batch_size: int = 32, max_length: int | None = None) -> Tensor:
         """Unit-length embeddings ``[n, d]`` (float32) of ``texts``; see :func:`embed`."""

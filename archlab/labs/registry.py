@@ -195,6 +195,12 @@ def progress_bar(total: int, what: str):
                 disable=not _PROGRESS.get())  # fmt: skip
 
 
+def check_lab_seed(seed: object) -> None:
+    """ConfigError unless ``seed`` is one every lab can take: labs seed NumPy's global generator too."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed={seed!r} must be an int >= 0 and < 2**32 (the seeds NumPy's global generator takes)")
+
+
 def run_lab(
     name: str, *, quick: bool = False, seed: int = 0, out: str | Path | None = None, progress: bool = False
 ) -> LabReport:
@@ -205,8 +211,7 @@ def run_lab(
     import torch
 
     lab = get_lab(name)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ConfigError(f"seed={seed!r} must be an int >= 0 and < 2**32 (the seeds NumPy's global generator takes)")
+    check_lab_seed(seed)
     start = time.perf_counter()
     python_state, numpy_state = random.getstate(), np.random.get_state()
     shown = _PROGRESS.set(progress)

