@@ -236,13 +236,15 @@ def test_the_trained_reader_counts_pages_well_above_its_baselines():
     on 2..3 pages; 800 steps of 16 new documents): on 256 held-out test documents the reader's accuracy is at least
     MARGIN above the question-only reader, the single-page reader and the majority count, and at least 0.50
     (measured: reader 0.613, question only 0.297, single page 0.469, majority 0.309, flat 0.664; 439 s on the
-    2 cores nearly idle, 1,339 s loaded); the flat reader's training step holds more memory than the reader's (61.4 against 60.6 MB).
+    2 cores nearly idle, 1,339 s loaded). At 2..3 pages the two readers' training steps hold about the same memory
+    (flat 58.4, reader 58.7 MB; 61.4 against 60.6 before 0c586d9 dropped attention's zero-query copy, which this test
+    asserted the order of): the hierarchy's memory saving is at many pages, which the fast tier's
+    ``test_reader_accuracy_measures_the_readers_memory_and_parameters`` and ``archlab lab docreader-memory`` measure.
     The single-page reader knows how many pages there are (hidden pages count), which alone gets 0.583 of these
     counts right at best; a second seed gave reader 0.582, single page 0.441."""
     from archlab.labs.docreader import COUNT_RECIPE
 
     full, question, single, flat = trained_readers(**COUNT_RECIPE).values()
-    assert flat["peak_mb"] > full["peak_mb"], (flat, full)  # the same batch costs the flat reader more memory
     best_blind = max(question["count"], single["count"], full["majority"]["count"])
     assert full["count"] >= best_blind + MARGIN, (full, question, single)
     assert full["count"] >= 0.50, full
