@@ -30,6 +30,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from archlab.config import (
@@ -161,12 +162,17 @@ class EncoderDecoderTransformer(nn.Module):
         check_token_ids(name, ids, self.config.vocab_size)
 
     @staticmethod
-    def _check_mask(name: str, mask: Tensor | None, ids_name: str, shape: tuple[int, ...]) -> None:
+    def _check_mask(
+        name: str, mask: Tensor | None, ids_name: str, shape: tuple[int, ...], *, values: bool = False
+    ) -> None:
+        """Shape (and with ``values``, once per source rather than per decoding step: 0/1 entries) of a padding mask."""
         if mask is None:
             return
         if not isinstance(mask, Tensor) or tuple(mask.shape) != shape:
             got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
             raise ShapeError(f"{name} must be [B, M] = {shape} like {ids_name} (1 = real token), got {got}")
+        if values and mask.dtype != torch.bool and not mask.is_meta and not ((mask == 0) | (mask == 1)).all():
+            raise ShapeError(f"{name} must hold only 0 (padding) and 1 (real token), or be boolean")
 
     def _check_memory(self, memory: Tensor, batch: int | None = None) -> None:
         d = self.config.d_model
@@ -189,7 +195,7 @@ class EncoderDecoderTransformer(nn.Module):
         attention weight. ``None`` means every token is real.
         """
         self._check_ids("src_ids", src_ids)
-        self._check_mask("src_mask", src_mask, "src_ids", tuple(src_ids.shape))
+        self._check_mask("src_mask", src_mask, "src_ids", tuple(src_ids.shape), values=True)
         mask = None if src_mask is None else padding_mask(src_mask)
         x = self._embed(self.src_embed, self.src_pos, src_ids, 0)
         return self.encoder(x, mask=mask, positional=self.src_pos)
@@ -248,7 +254,7 @@ class EncoderDecoderTransformer(nn.Module):
         each row among the beams of its own source, since ``memory_mask`` is not reordered.
         """
         self._check_memory(memory)
-        self._check_mask("memory_mask", memory_mask, "memory", tuple(memory.shape[:2]))
+        self._check_mask("memory_mask", memory_mask, "memory", tuple(memory.shape[:2]), values=True)
 
         def step(tokens: Tensor, cache: DecodingCache | None = None) -> Tensor:
             return self.decode(tokens, memory, memory_mask=memory_mask, cache=cache)

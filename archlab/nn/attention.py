@@ -50,10 +50,12 @@ class AlignmentScore(nn.Module):
     """
 
     def forward(self, query: Tensor, keys: Tensor) -> Tensor:
+        _check_tensors(query=query, keys=keys)
         if keys.ndim < 2:
             raise ShapeError(f"keys must be [..., M, d_h], got shape {tuple(keys.shape)}")
         single = query.ndim == keys.ndim - 1
-        if not single and query.ndim != keys.ndim:
+        lead = query.shape[:-1] if single else query.shape[:-2]
+        if (not single and query.ndim != keys.ndim) or broadcast(tuple(lead), tuple(keys.shape[:-2])) is None:
             raise ShapeError(
                 f"query {tuple(query.shape)} and keys {tuple(keys.shape)}: query must be [..., d_q] "
                 "(one decoder state) or [..., N, d_q] with the same leading dims as keys [..., M, d_h]"
@@ -203,6 +205,9 @@ def causal_mask(n_queries: int, n_keys: int | None = None, *, device=None) -> Te
     when a KV cache holds ``M - N`` earlier keys: query ``i`` sees keys ``j <= i + (M - N)``.
     """
     n_keys = n_queries if n_keys is None else n_keys
+    for name, value in (("n_queries", n_queries), ("n_keys", n_keys)):
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < 0:
+            raise ShapeError(f"causal mask: {name}={value!r} must be an integer >= 0")
     if n_keys < n_queries:
         raise ShapeError(f"causal mask: n_keys={n_keys} < n_queries={n_queries}")
     offset = n_keys - n_queries
@@ -213,8 +218,9 @@ def causal_mask(n_queries: int, n_keys: int | None = None, *, device=None) -> Te
 
 def padding_mask(attention_mask: Tensor) -> Tensor:
     """From a ``[B, M]`` 0/1 (or bool) mask of real tokens to a ``[B, 1, 1, M]`` key mask for :func:`attend`."""
-    if attention_mask.ndim != 2:
-        raise ShapeError(f"attention_mask must be [B, M], got shape {tuple(attention_mask.shape)}")
+    if not isinstance(attention_mask, Tensor) or attention_mask.ndim != 2:
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+        raise ShapeError(f"attention_mask must be [B, M], got shape {got}")
     return attention_mask.bool()[:, None, None, :]
 
 
@@ -225,6 +231,11 @@ def masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
     """
     if mask is None:
         return torch.softmax(scores, dim=-1)
+    if not isinstance(mask, Tensor):
+        _check_tensors(mask=mask)
+    if mask.dtype != torch.bool:
+        raise ShapeError(f"mask must be boolean (True = may attend), got dtype {mask.dtype}")
+    _check_broadcast("mask", mask, tuple(scores.shape))
     weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     return weights.masked_fill(~mask, 0.0)
 
@@ -250,6 +261,13 @@ def broadcast(*shapes: tuple[int, ...]) -> tuple[int, ...] | None:
             return None
         out.append(sizes.pop() if sizes else 1)
     return tuple(out)
+
+
+def _check_tensors(**tensors) -> None:
+    """ShapeError naming the first argument that is not a tensor (a list, a NumPy array) before any computation."""
+    for name, value in tensors.items():
+        if not isinstance(value, Tensor):
+            raise ShapeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
 def _check_broadcast(name: str, tensor: Tensor, target: tuple[int, ...]) -> None:
@@ -304,8 +322,12 @@ def check_attend_inputs(
     or general score compares a decoder state ``s_t`` with encoder states ``h_i`` of another width.
     ``k`` and ``v`` may hold fewer heads than ``q`` (see :func:`kv_groups`).
     """
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
+        _check_tensors(q=q, k=k, v=v)
     if q.ndim < 2 or k.ndim < 2 or v.ndim < 2:
         raise ShapeError(f"q, k, v must be [..., N, d]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype or not q.is_floating_point():
+        raise ShapeError(f"q, k, v must share one floating-point dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if same_width and q.shape[-1] != k.shape[-1]:
         raise ShapeError(f"q has d_k={q.shape[-1]} but k has d_k={k.shape[-1]}; they must match")
     if k.shape[-2] != v.shape[-2]:
@@ -319,10 +341,15 @@ def check_attend_inputs(
         )
     target = (*lead, q.shape[-2], k.shape[-2])
     if mask is not None:
+        if not isinstance(mask, Tensor):
+            _check_tensors(mask=mask)
         if mask.dtype != torch.bool:
             raise ShapeError(f"mask must be boolean (True = may attend), got dtype {mask.dtype}; pass floats as bias")
         _check_broadcast("mask", mask, target)
     if bias is not None:
+        if isinstance(bias, Tensor) and not bias.is_floating_point():  # a RelativeBias is generated per tile
+            raise ShapeError(f"bias must be a float tensor added to the scores, got dtype {bias.dtype}; "
+                             "pass a boolean mask as mask=")  # fmt: skip
         _check_broadcast("bias", bias, target)
 
 

@@ -125,6 +125,9 @@ class DecoderBlock(_Block):
     ) -> Tensor:
         """``x [B, N, d]``, ``memory [B, M, d]``; ``mask`` for self-attention, ``memory_mask`` (broadcastable
         to ``[B, A, N, M]``) for cross-attention. With a ``cache``, ``x`` holds only the new tokens."""
+        if memory is not None and not self.has_cross:  # it would be ignored: no silent decoder-only run
+            raise ShapeError("memory was given, but this DecoderBlock has no cross-attention (cross_attention=False): "
+                             "pass memory=None, or build it with cross_attention=True")  # fmt: skip
         self_cache = None if cache is None else cache.self_attn
         x = self.residual(
             x, self.attn_norm, lambda h: self.attn(h, mask=mask, causal=causal, positional=positional, cache=self_cache)
@@ -256,6 +259,9 @@ class Decoder(nn.Module):
         cache: DecodingCache | None = None,
     ) -> Tensor:
         """``x [B, N, d]`` (only the new tokens when a cache is given), ``memory [B, M, d]`` -> ``[B, N, d]``."""
+        if cache is not None and (not isinstance(cache, DecodingCache) or len(cache.blocks) != len(self.blocks)):
+            raise ShapeError(f"cache must be a DecodingCache of this decoder's {len(self.blocks)} blocks "
+                             "(decoder.new_cache())")  # fmt: skip
         for i, block in enumerate(self.blocks):
             block_cache = None if cache is None else cache.blocks[i]
             x = block(x, memory, mask=mask, memory_mask=memory_mask, causal=causal, positional=positional, cache=block_cache)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archlab.config import check_choice, check_positive, check_probability
+from archlab.errors import ShapeError
 from archlab.nn.dropout import Dropout
 from archlab.nn.linear import Linear
 
@@ -27,6 +28,13 @@ ACTIVATIONS = {
 }
 
 
+def _check_width(ffn: nn.Module, x: Tensor) -> None:
+    """ShapeError unless ``x`` is ``[..., d_model]`` (a shape check only: FFNs run in every decoding step)."""
+    if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[-1] != ffn.d_model:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ShapeError(f"{type(ffn).__name__} built for d_model={ffn.d_model}: x must be [..., d_model], got {got}")
+
+
 class FeedForward(nn.Module):
     """``act(x W_1 + b_1) W_2 + b_2``; ``[B, N, d] -> [B, N, d]``."""
 
@@ -36,13 +44,14 @@ class FeedForward(nn.Module):
         check_positive("d_ff", d_ff)
         check_choice("activation", activation, list(ACTIVATIONS))
         check_probability("dropout", dropout)
-        self.activation = activation
+        self.activation, self.d_model = activation, d_model
         self.act = ACTIVATIONS[activation]
         self.w1 = Linear(d_model, d_ff, bias=bias)
         self.w2 = Linear(d_ff, d_model, bias=bias)
         self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
+        _check_width(self, x)
         return self.w2(self.dropout(self.act(self.w1(x))))
 
 
@@ -61,7 +70,7 @@ class GatedFeedForward(nn.Module):
         check_positive("d_ff", d_ff)
         check_choice("gate", gate, list(GATES))
         check_probability("dropout", dropout)
-        self.gate, self.d_ff = gate, d_ff
+        self.gate, self.d_model, self.d_ff = gate, d_model, d_ff
         self.act = ACTIVATIONS[GATES[gate]]
         self.w_in = Linear(d_model, 2 * d_ff, bias=bias)
         self.w2 = Linear(d_ff, d_model, bias=bias)
@@ -72,6 +81,7 @@ class GatedFeedForward(nn.Module):
         return {"w_in": {"gate": (0, self.d_ff), "up": (self.d_ff, 2 * self.d_ff)}}
 
     def forward(self, x: Tensor) -> Tensor:
+        _check_width(self, x)
         gate, value = self.w_in(x).chunk(2, dim=-1)
         return self.w2(self.dropout(self.act(gate) * value))
 

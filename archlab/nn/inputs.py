@@ -9,6 +9,9 @@ from torch import Tensor
 
 from archlab.errors import ShapeError
 
+#: the index dtypes an embedding lookup (``nn.Embedding``) takes
+EMBEDDING_DTYPES = (torch.int64, torch.int32)
+
 
 def describe(x: Any) -> str:
     """``(2, 7)`` for a tensor, the type name for anything else (for error messages)."""
@@ -31,6 +34,8 @@ def check_token_ids(name: str, ids: Any, vocab_size: int, *, vocab_name: str = "
     if not isinstance(ids, Tensor) or ids.ndim != 2:
         raise ShapeError(f"{name} must be a [B, N] tensor of token ids, got {describe(ids)}")
     _check_integer(name, ids, "token ids")
+    if ids.dtype not in EMBEDDING_DTYPES:  # an embedding lookup takes int64 or int32 indices only
+        raise ShapeError(f"{name} has dtype {ids.dtype}; token ids must be torch.long (int64) or torch.int32")
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ShapeError(f"{name} must be [B, N] with B, N >= 1, got shape {tuple(ids.shape)}")
     if ids.is_meta:

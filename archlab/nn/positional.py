@@ -67,6 +67,9 @@ def sinusoid_table(n_positions: int, d_model: int, offset: int = 0, *, dtype=tor
 
     Computed in float64 and cast, so large positions stay accurate.
     """
+    if n_positions < 0 or offset < 0:
+        raise ShapeError(f"sinusoid_table: n_positions={n_positions} and offset={offset} must be >= 0")
+    check_positive("d_model", d_model)
     pos = torch.arange(offset, offset + n_positions, dtype=torch.float64, device=device).unsqueeze(1)
     two_i = torch.arange(0, d_model, 2, dtype=torch.float64, device=device)
     angle = pos / torch.pow(10000.0, two_i / d_model)

@@ -314,6 +314,8 @@ class RecurrentStack(nn.Module):
         b, n = x.shape[:2]
         rows = self.num_layers * self.num_directions
         _check_state("RecurrentStack", state, self.kind, (rows, b, self.hidden_size))
+        if lengths is not None:
+            check_lengths(lengths, x)
         mask = None if lengths is None else torch.arange(n, device=x.device)[None, :] < lengths.to(x.device)[:, None]
         finals: list[State] = []
         for layer in range(self.num_layers):
@@ -387,10 +389,28 @@ def run_rnn(
         return rnn(x, state)
     if isinstance(rnn, RecurrentStack):
         return rnn(x, state, lengths=lengths)
+    check_lengths(lengths, x)
     packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
     out, state = rnn(packed, state)
     out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
     return out, state
+
+
+def check_lengths(lengths: Tensor, x: Tensor) -> None:
+    """ShapeError unless ``lengths`` is an integer ``[B]`` tensor of lengths in ``[1, N]`` for ``x [B, N, d_in]`` (a
+    fused layer would drop the rows past a shorter ``lengths``, and the explicit stack read a length past ``N`` as
+    ``N``, a length 0 as a sequence without input)."""
+    if x.ndim != 3:
+        raise ShapeError(f"x must be [B, N, d_in] with lengths, got {tuple(x.shape)}")
+    b, n = x.shape[:2]
+    if not isinstance(lengths, Tensor) or tuple(lengths.shape) != (b,) or lengths.is_floating_point() \
+            or lengths.dtype == torch.bool:  # fmt: skip
+        got = (tuple(lengths.shape), lengths.dtype) if isinstance(lengths, Tensor) else type(lengths).__name__
+        raise ShapeError(f"lengths must be an integer [B] = [{b}] tensor (each row's real tokens), got {got}")
+    if b and not lengths.is_meta:
+        low, high = (int(t) for t in torch.aminmax(lengths))
+        if low < 1 or high > n:
+            raise ShapeError(f"lengths holds {low if low < 1 else high}; each must be in [1, N={n}]")
 
 
 def lengths_from_mask(mask: Tensor, name: str = "mask") -> Tensor:

@@ -89,6 +89,11 @@ def read_result(path: Path) -> dict[str, Any]:
         raise DataError(f"{path}: missing field(s) {', '.join(missing)} (written by `archlab lab NAME --out DIR`)")
     if data["lab"] != path.parent.name:
         raise DataError(f"{path}: holds lab {data['lab']!r} but lies in the folder of {path.parent.name!r}")
+    for key in ("lab", "verdict"):
+        if not isinstance(data[key], str):
+            raise DataError(f"{path}: {key} must be a string, got {json.dumps(data[key])[:60]}")
+    if not isinstance(data["columns"], list):
+        raise DataError(f"{path}: columns must be a list of column names, got {json.dumps(data['columns'])[:60]}")
     if data["verdict"] not in VERDICT_CLASS or data["verdict"] == "not run":
         raise DataError(f"{path}: verdict {data['verdict']!r} is not one of supported, not supported, undecided")
     if not isinstance(data["rows"], list) or any(not isinstance(r, list) or len(r) != len(data["columns"])
@@ -114,7 +119,8 @@ def collect(labs_dir: str | Path) -> list[LabEntry]:
         folder = result_file.parent
         plot = folder / "plot.png"
         entry.plot = plot if plot.is_file() else None
-        entry.maps = sorted(p for p in [*folder.glob("*.png"), *folder.glob("attention/*.png")] if p != plot)
+        images = [*folder.glob("*.png"), *folder.glob("attention/*.png")]
+        entry.maps = sorted(p for p in images if p != plot and p.is_file())  # a folder named x.png is not a map
     return sorted(entries.values(), key=lambda e: (not e.registered, e.name))
 
 
@@ -212,18 +218,29 @@ def lab_html(entry: LabEntry, previous: LabEntry | None, following: LabEntry | N
 
 
 def thumbnail(src: Path, dst: Path, width: int = THUMB_WIDTH) -> None:
+    """``src`` scaled to ``width`` pixels wide, at most ``4 width`` high (a tall strip keeps its aspect, narrower): a
+    bounded image whatever ``src`` holds. DataError naming ``src`` when it is not an image PIL can read."""
     from PIL import Image
 
-    with Image.open(src) as image:
-        image.load()
-        height = max(1, round(image.height * width / image.width))
-        image.convert("RGB").resize((width, height), Image.LANCZOS).save(dst, optimize=True)
+    try:
+        with Image.open(src) as image:
+            image.load()
+            w, h = width, max(1, round(image.height * width / image.width))
+            if h > 4 * width:
+                w, h = max(1, round(image.width * 4 * width / image.height)), 4 * width
+            image.convert("RGB").resize((w, h), Image.LANCZOS).save(dst, optimize=True)
+    except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        raise DataError(f"{src}: not a readable plot image ({e})") from None
 
 
 def check_out(out: Path) -> None:
     """ConfigError unless ``out`` is new, empty, or a report written here before (it is replaced whole)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file; --out names a folder (new, empty, or an earlier report)")
+    above = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if above is not None:
+        raise ConfigError(f"--out {str(out)!r} lies under {str(above)!r}, a file; --out names a folder (new, empty, "
+                          "or an earlier report)")  # fmt: skip
     if out.is_dir() and any(out.iterdir()):
         index = out / "index.html"
         if not index.is_file() or not index.read_text(encoding="utf-8", errors="replace").startswith(MARKER):
