@@ -34,6 +34,31 @@ DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"  # a name of archlab.interop.pretra
 CHAT_MODELS = tuple(PRETRAINED)  # the names load_chat_model knows besides paths
 
 
+def check_options(
+    max_new_tokens: int, temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+    seed: int | None = None,
+) -> None:
+    """ConfigError naming the option unless :class:`Chat` can decode with it: ``max_new_tokens`` an int >= 1, and
+    the sampling options of :func:`archlab.generation.check_sampling` (``temperature=None``: greedy, without
+    ``top_k`` / ``top_p``). :class:`Chat` checks them; a front end calls this before it loads the model."""
+    from archlab.generation import check_sampling
+
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+    if temperature is None and (top_k is not None or top_p is not None):
+        raise ConfigError("top_k / top_p act when sampling: give a temperature too")
+    check_sampling(1.0 if temperature is None else temperature, top_k, top_p, seed)
+
+
+def check_message(text: str, name: str = "the message") -> None:
+    """DataError unless ``text`` (a user's message, named ``name``) is a string with something besides whitespace,
+    encodable as UTF-8 (undecodable bytes of stdin or argv are refused with their place in it)."""
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{name} is empty" if isinstance(text, str) else f"{name} must be a string, got "
+                        f"{type(text).__name__}")  # fmt: skip
+    utf8(text)
+
+
 def _head(quantize: str | None) -> dict[str, str]:
     """``quantize=q8_0`` puts the LM head on Q8_0 too (llama.cpp's model of it); the other modes keep the default."""
     return {"head": "q8_0"} if quantize == "q8_0" else {}
@@ -154,10 +179,7 @@ class Chat:
         self.eos = self.tokenizer.specials.get("eos")
         if self.eos is None:
             raise ConfigError("tokenizer has no end-of-turn (eos) token; Chat stops replies on it")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens!r} must be an int >= 1")
-        if self.temperature is None and (self.top_k is not None or self.top_p is not None):
-            raise ConfigError("top_k / top_p act when sampling: give a temperature too")
+        check_options(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.seed)
         if self.system is not None:
             self.messages.insert(0, {"role": "system", "content": self.system})
         self.limit = getattr(self.model.config, "context_limit", None)
@@ -199,9 +221,7 @@ class Chat:
         from archlab.generation import stream
         from archlab.speculative import SpeculativeStats, speculative_stream
 
-        if not isinstance(text, str) or not text.strip():
-            raise DataError("the message is empty")
-        utf8(text)  # undecodable bytes (stdin, argv) are refused with their place in the message, not the template's
+        check_message(text)  # undecodable bytes are refused with their place in the message, not the template's
         messages = [*self.messages, {"role": "user", "content": text}]
         ids = self.prompt_ids(messages)
         device = next(self.model.parameters()).device

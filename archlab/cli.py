@@ -503,11 +503,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _answer_once(args: argparse.Namespace) -> int:
     """``archlab generate --model``: one user message, the chat model's reply."""
-    from archlab.chat import Chat
+    from archlab.chat import Chat, check_message, check_options
 
     if args.beam is not None or args.greedy and args.temperature is not None:
         raise ConfigError("--model decodes greedily, or samples with --temperature (no --beam, not both)")
     check_at_least_one("--max-new-tokens", args.max_new_tokens)
+    check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before the model loads
+    check_message(args.prompt, "--prompt")
     model, tokenizer = load_chat_model_noted(args.model, args.quantize, args.precision)
     chat = Chat(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, **speculative_options(args))  # fmt: skip
@@ -676,9 +678,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """
     import time
 
-    from archlab.chat import Chat
+    from archlab.chat import Chat, check_options
 
     check_at_least_one("--max-new-tokens", args.max_new_tokens)
+    check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before the model loads
     speculative = speculative_options(args)
     interactive = sys.stdin.isatty() and not args.json
     if interactive:

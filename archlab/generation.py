@@ -64,6 +64,23 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
         raise ConfigError(f"top_p={top_p!r} must be in (0, 1]")
 
 
+def _check_seed(seed: int | None) -> None:
+    if seed is not None:
+        _check_int("seed", seed, 0)
+        if seed > MAX_SEED:
+            raise ConfigError(f"seed={seed!r} must be <= 2**64 - 1 (the largest seed torch takes)")
+
+
+def check_sampling(
+    temperature: float, top_k: int | None = None, top_p: float | None = None, seed: int | None = None
+) -> None:
+    """ConfigError naming the argument unless the sampling options are usable: ``temperature`` a finite number
+    > 0, ``top_k`` an int >= 1, ``top_p`` in (0, 1], ``seed`` an int in [0, 2**64 - 1] (``None``: not given).
+    What :func:`check_decoding` checks of them, for a front end (chat) to check before it loads a model."""
+    _check_sampling(temperature, top_k, top_p)
+    _check_seed(seed)
+
+
 def check_logits_to_keep(logits_to_keep: Any) -> None:
     """A model's ``logits_to_keep``: ``None`` (every position's logits) or ``k >= 1`` (the last ``k``)."""
     if logits_to_keep is not None:
@@ -96,6 +113,11 @@ def check_room(model: Any, n_prompt: int, max_new_tokens: int) -> None:
     """ConfigError, before decoding, unless the model's context (:func:`context_limit`) holds the positions decoding
     reads: the prompt's ``n_prompt`` and every new token but the last (the model would fail only on reaching them)."""
     limit, read = context_limit(model), n_prompt + max_new_tokens - 1
+    if limit is not None and max_new_tokens > 0 and n_prompt > limit:
+        raise ConfigError(
+            f"the prompt's {n_prompt} tokens are past the context of {type(model).__name__} (max_len={limit}) "
+            f"before any new token: shorten the prompt to at most {limit} tokens"
+        )
     if limit is not None and max_new_tokens > 0 and read > limit:
         raise ConfigError(
             f"the prompt's {n_prompt} tokens + max_new_tokens={max_new_tokens} read {read} positions (every new token "
@@ -106,6 +128,20 @@ def check_room(model: Any, n_prompt: int, max_new_tokens: int) -> None:
 
 def _shape(x: Any) -> str:
     return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _check_left_padded(attention_mask: Any, ids_name: str, ids: Tensor) -> None:
+    """ShapeError unless ``attention_mask`` is a tensor of ``ids``' shape ``[B, n0]`` whose rows are left-padded:
+    padding (0) first, then real tokens (non-zero) up to the last position, which the next token follows. A row
+    right-padded, or all padding, would continue from a padding position: a silently wrong continuation."""
+    if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != tuple(ids.shape):
+        raise ShapeError(f"attention_mask must match {ids_name} {tuple(ids.shape)}, got {_shape(attention_mask)}")
+    real = attention_mask != 0
+    bad = ~real[:, -1] | (real[:, 1:] < real[:, :-1]).any(dim=-1)  # [B]: ends in padding, or padding after a token
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise ShapeError(f"attention_mask row {row} = {attention_mask[row].tolist()!s:.80} is not left-padded: "
+                         "each row must be 0s (padding) then 1s (real tokens) up to its last position")  # fmt: skip
 
 
 def expand_for_beams(tensor: Tensor, beam_size: int) -> Tensor:
@@ -181,13 +217,17 @@ def filter_logits(
 ) -> Tensor:
     r"""Temperature, then top-k, then top-p (nucleus) on ``logits [..., V]``; removed tokens get ``-inf``.
 
-    * temperature: ``logits / T`` (``T < 1`` sharpens, ``T > 1`` flattens).
+    * temperature: ``logits / T`` (``T < 1`` sharpens, ``T > 1`` flattens); below 1 as ``(logits - max) / T``, the
+      same distribution, so that a tiny ``T`` (``1e-40``) cannot overflow to ``inf`` (and ``NaN`` probabilities).
     * top-k: keep the ``k`` largest logits (ties with the ``k``-th are kept).
     * top-p: keep the smallest set of most likely tokens whose probability reaches ``p``: token ``i``
       (in descending order) stays iff the mass strictly before it is ``< p``.
     """
     _check_sampling(temperature, top_k, top_p)
-    if temperature != 1.0:
+    if temperature < 1.0:  # (logits - max) <= 0: a tiny T sends it to -inf, never +inf; the max stays 0 (not 0 / 0)
+        shifted = logits - logits.amax(dim=-1, keepdim=True)
+        logits = torch.where(shifted < 0, shifted / temperature, shifted)
+    elif temperature > 1.0:
         logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
@@ -298,8 +338,8 @@ def stream(
         _check_int("pad_id", pad_id, 0)
     if stop and pad_id is None:
         raise ConfigError(f"stop_tokens={stop} needs pad_id: finished rows are filled with it")
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ShapeError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {_shape(attention_mask)}")
+    if attention_mask is not None:
+        _check_left_padded(attention_mask, "input_ids", input_ids)
     stepper = _stepper(model_or_step, attention_mask, cache, use_cache)
     return _decode(stepper, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, stop, pad_id, seed)
 
@@ -326,13 +366,12 @@ def check_decoding(
         raise ConfigError(
             f"temperature={temperature}, top_k={top_k}, top_p={top_p} only act when sampling: pass do_sample=True"
         )
+    if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, Iterable):
+        raise ConfigError(f"stop_tokens={stop_tokens!r:.60} must be a list of token ids (empty: none)")
     stop = list(stop_tokens)
     for s in stop:
         _check_int("stop_tokens[i]", s, 0)
-    if seed is not None:
-        _check_int("seed", seed, 0)
-        if seed > MAX_SEED:
-            raise ConfigError(f"seed={seed!r} must be <= 2**64 - 1 (the largest seed torch takes)")
+    _check_seed(seed)
     check_room(model_or_step, input_ids.shape[1], max_new_tokens)
     return stop
 
@@ -796,8 +835,8 @@ def beam_search(
     for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
         if value is not None:
             _check_int(name, value, 0)
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(start_tokens.shape):
-        raise ShapeError(f"attention_mask must match start_tokens {tuple(start_tokens.shape)}, got {_shape(attention_mask)}")
+    if attention_mask is not None:
+        _check_left_padded(attention_mask, "start_tokens", start_tokens)
     check_room(model_or_step, start_tokens.shape[1], max_new_tokens)
     pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     b, n0 = start_tokens.shape

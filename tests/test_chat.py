@@ -177,3 +177,42 @@ def test_cli_speculative_option(tiny_gguf, monkeypatch, capsys):
         assert message in capsys.readouterr().err
     assert main(["generate", str(tiny_gguf.parent), "--prompt", "hi", "--speculative", "lookup"]) == 2
     assert "--speculative lookup goes with --model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["chat", "--temperature", "0"], "temperature=0.0 must be a finite number > 0"),
+        (["chat", "--temperature", "nan"], "temperature=nan must be a finite number > 0"),
+        (["chat", "--temperature", "1", "--top-p", "2"], r"top_p=2.0 must be in (0, 1]"),
+        (["chat", "--temperature", "1", "--top-k", "0"], "top_k=0 must be an int >= 1"),
+        (["chat", "--temperature", "1", "--seed", "-1"], "seed=-1 must be an int >= 0"),
+        (["generate", "--prompt", "hi", "--temperature", "inf"], "temperature=inf must be a finite number > 0"),
+        (["generate", "--prompt", "   "], "--prompt is empty"),
+        (["generate", "--prompt", "a\udcffb"], "text is not valid Unicode: lone surrogate '\\udcff' at position 1"),
+    ],
+)
+def test_cli_chat_options_and_prompt_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, argv, words):
+    """They were checked at the first message, after the model had loaded: `chat --temperature 0` with nothing on
+    stdin ended with exit code 0, and `generate --model` loaded the model before saying the prompt was empty."""
+    import archlab.cli
+
+    def loads(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(archlab.cli, "load_chat_model_noted", loads)
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO(""))
+    assert main([*argv, "--model", str(tmp_path / "any.gguf"), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"archlab: error: {words}") and err.count("\n") == 1, err
+
+
+def test_chat_checks_its_sampling_options_when_made(tiny_gguf):
+    model, tok = load_chat_model(tiny_gguf)
+    bad = [({"temperature": 0.0}, "temperature=0.0"), ({"temperature": 0.7, "top_p": 0.0}, "top_p=0.0"),
+           ({"seed": 2**64}, "seed=18446744073709551616"), ({"max_new_tokens": True}, "max_new_tokens=True")]
+    for options, words in bad:
+        with pytest.raises(ConfigError, match=words):
+            Chat(model, tok, **options)
+    with pytest.raises(DataError, match="the message must be a string, got bytes"):
+        Chat(model, tok).reply(b"hello")

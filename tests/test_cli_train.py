@@ -203,6 +203,20 @@ def test_a_folder_that_is_not_a_run(capsys, tmp_path):
     assert "is a run without a checkpoint yet" in error_line(capsys, "generate", tmp_path, "--prompt", "x")
 
 
+def test_a_run_whose_only_checkpoint_is_incomplete_names_what_it_lacks(capsys, tmp_path):
+    """A checkpoint folder without its weights (deleted by hand) was reported as "nothing under checkpoints"."""
+    (tmp_path / "run.json").write_text(json.dumps({"model": {"preset": "gpt-nano"}, "data": {}, "train": {}}))
+    step = tmp_path / "checkpoints" / "step-00000003"
+    step.mkdir(parents=True)
+    (step / "config.json").write_text("{}")
+    (step / "model.safetensors").mkdir()  # a folder where the file should be
+    for command in (["generate", tmp_path, "--prompt", "x"], ["eval", tmp_path]):
+        line = error_line(capsys, *command)
+        assert line == (f"archlab: error: {tmp_path} holds no complete checkpoint: {step} lacks model.safetensors, "
+                        "optimizer.safetensors, rng.safetensors, trainer_state.json (a checkpoint holds the files "
+                        "config.json, model.safetensors, optimizer.safetensors, rng.safetensors, trainer_state.json)")
+
+
 def test_json_output_is_only_json_with_the_progress_bar_on(capsys, tmp_path):
     """The bar and the notes above it (precision=auto ...) go to stderr: stdout is the summary alone."""
     sets = ["train.progress=true" if a == "train.progress=false" else a for a in GPT_SETS]

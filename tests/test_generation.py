@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from archlab.errors import ConfigError, ShapeError
-from archlab.generation import beam_search, expand_for_beams, filter_logits, generate, generate_batch, sample_next
+from archlab.generation import (
+    beam_search,
+    expand_for_beams,
+    filter_logits,
+    generate,
+    generate_batch,
+    sample_next,
+    stream,
+)
 from archlab.models.gpt import GPT, GPTConfig
 from archlab.models.llama import Llama, LlamaConfig
 from archlab.nn import Decoder
@@ -271,6 +279,60 @@ def test_a_prompt_plus_new_tokens_past_a_hard_context_is_refused_before_decoding
             run[search](model, 63)
         assert model.steps == 0  # refused before the first step
         assert run[search](model, 62).shape[1] <= 65  # the whole context is usable
+
+
+def test_a_prompt_alone_past_the_context_says_to_shorten_the_prompt():
+    """3 new tokens after a 70-token prompt on max_len=64: the prompt is the problem (no max_new_tokens >= 1 fits)."""
+    m = _spied(gpt())
+    for run in (lambda: generate(m, torch.ones(1, 70, dtype=torch.long), max_new_tokens=3),
+                lambda: generate_batch(m, [[1] * 70, [2]], max_new_tokens=3)):  # fmt: skip
+        with pytest.raises(ConfigError, match=r"the prompt's 70 tokens are past the context of GPT \(max_len=64\) "
+                                              r"before any new token: shorten the prompt to at most 64 tokens"):
+            run()
+    assert m.steps == 0
+    assert generate(m, torch.ones(1, 70, dtype=torch.long), max_new_tokens=0).shape == (1, 70)  # nothing to read
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+def test_a_tiny_temperature_samples_the_argmax_instead_of_overflowing(temperature):
+    """logits / 1e-40 overflowed to inf, inf - inf = NaN probabilities, and torch.multinomial raised a RuntimeError."""
+    m = gpt()
+    ids = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(0))
+    sampled = generate(m, ids, max_new_tokens=6, do_sample=True, temperature=temperature, seed=1)
+    assert torch.equal(sampled, generate(m, ids, max_new_tokens=6))
+    logits = torch.tensor([[30.0, -5.0, 29.0, float("-inf")]])
+    filtered = filter_logits(logits, temperature=temperature)
+    assert not filtered.isnan().any() and filtered[0, 0] == 0 and filtered[0, 1:].eq(float("-inf")).all()
+    torch.testing.assert_close(filter_logits(logits, temperature=0.5).softmax(-1), (logits / 0.5).softmax(-1))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(stop_tokens=3, pad_id=0), ConfigError, r"stop_tokens=3 must be a list of token ids \(empty: none\)"),
+        (dict(stop_tokens=None), ConfigError, r"stop_tokens=None must be a list of token ids"),
+        (dict(stop_tokens="12", pad_id=0), ConfigError, r"stop_tokens='12' must be a list of token ids"),
+        (dict(attention_mask=[[1, 1, 1]]), ShapeError, r"attention_mask must match input_ids \(1, 3\), got list"),
+        (dict(attention_mask=torch.tensor([[1, 1, 0]])), ShapeError,
+         r"attention_mask row 0 = \[1, 1, 0\] is not left-padded: each row must be 0s \(padding\) then 1s"),
+        (dict(attention_mask=torch.tensor([[1, 0, 1]])), ShapeError, r"row 0 = \[1, 0, 1\] is not left-padded"),
+        (dict(attention_mask=torch.zeros(1, 3, dtype=torch.long)), ShapeError, r"row 0 = \[0, 0, 0\] is not left"),
+    ],
+)
+def test_wrong_kinds_of_stop_tokens_and_masks_are_refused_before_decoding(kwargs, error, message):
+    """A bare int or None as stop_tokens was a TypeError, a list as mask an AttributeError; a right-padded or
+    all-padding mask continued from a padding position: a silently wrong continuation."""
+    m = _spied(gpt())
+    for run in (lambda: generate(m, torch.ones(1, 3, dtype=torch.long), max_new_tokens=2, **kwargs),
+                lambda: stream(m, torch.ones(1, 3, dtype=torch.long), max_new_tokens=2, **kwargs)):  # fmt: skip
+        with pytest.raises(error, match=message):
+            run()
+    if "attention_mask" in kwargs:
+        with pytest.raises(error, match=message.replace("input_ids", "start_tokens")):
+            beam_search(m, torch.ones(1, 3, dtype=torch.long), beam_size=2, max_new_tokens=2, **kwargs)
+    assert m.steps == 0
+    left = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert generate(m, torch.ones(2, 3, dtype=torch.long), max_new_tokens=2, attention_mask=left).shape == (2, 5)
 
 
 def test_positions_without_a_hard_limit_generate_past_max_len():

@@ -76,7 +76,13 @@ from archlab.models.registry import (
 )
 from archlab.nn.lora import apply_lora, lora_layers, lora_report, unload_lora
 from archlab.train import distributed as D
-from archlab.train.checkpoint import check_model_config, latest_checkpoint, load_checkpoint, remove_temporaries
+from archlab.train.checkpoint import (
+    CHECKPOINT_FILES,
+    check_model_config,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_temporaries,
+)
 from archlab.train.config import TENSOR_PARALLEL, TrainConfig
 from archlab.train.logs import METRICS_FILE, PLOT_FILE, plot_loss_curve, read_metrics
 from archlab.train.loop import CHECKPOINTS, Trainer
@@ -611,7 +617,12 @@ def locate_checkpoint(path: str | Path) -> tuple[Path | None, Path, Path | None]
     if (path / RUN_FILE).is_file():
         run_dir, checkpoint = path, latest_checkpoint(path / CHECKPOINTS)
         if checkpoint is None:
-            raise CheckpointError(f"{path} is a run without a checkpoint yet (nothing under {path / CHECKPOINTS})")
+            partial = sorted(p for p in (path / CHECKPOINTS).glob("step-*") if p.is_dir())
+            if not partial:
+                raise CheckpointError(f"{path} is a run without a checkpoint yet (nothing under {path / CHECKPOINTS})")
+            lacks = [f for f in CHECKPOINT_FILES if not (partial[-1] / f).is_file()]
+            raise CheckpointError(f"{path} holds no complete checkpoint: {partial[-1]} lacks {', '.join(lacks)} (a "
+                                  f"checkpoint holds the files {', '.join(CHECKPOINT_FILES)})")  # fmt: skip
     elif (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
         checkpoint = path
         run_dir = next((p for p in path.resolve().parents if (p / RUN_FILE).is_file()), None)
