@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from archlab.config import MAX_SEED
 from archlab.data.tokenizers import utf8
 from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.interop.pretrained import PRETRAINED, archlab_folder, locate_pretrained
@@ -227,7 +228,8 @@ class Chat:
         device = next(self.model.parameters()).device
         sampling = {} if self.temperature is None else {
             "do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
-            "seed": None if self.seed is None else self.seed + sum(m["role"] == "assistant" for m in messages),
+            "seed": None if self.seed is None else (self.seed + sum(m["role"] == "assistant" for m in messages))
+            % (MAX_SEED + 1),  # reply i draws from seed + i, wrapped into torch's range
         }  # fmt: skip
         prompt = torch.tensor([ids], device=device)
         if self.draft is None:

@@ -714,6 +714,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             if interactive:
                 print(" [stopped]", end="")
+        except ArchlabError as error:  # e.g. a message past the context: said, and the conversation goes on
+            if not interactive:  # a script's input: the error ends the command (exit 2)
+                raise
+            print(f"\narchlab: error: {error}", file=sys.stderr, flush=True)
+            continue
         seconds = time.perf_counter() - start
         for note in chat.notes:
             print(f"archlab: {note}", file=sys.stderr)

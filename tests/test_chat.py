@@ -132,6 +132,47 @@ def test_cli_chat_refuses_undecodable_stdin_naming_the_place_in_the_message(tiny
     assert err.endswith("archlab: error: text is not valid Unicode: lone surrogate '\\udcff' at position 1\n")
 
 
+def test_interactive_chat_says_a_refused_message_and_goes_on(tiny_gguf, monkeypatch, capsys):
+    """At the terminal an undecodable message is said in one line and the next message is answered (it ended the
+    session, exit 2); the conversation holds only what was answered."""
+    import builtins
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    typed = iter(["a\udcffb", "hello"])
+
+    def type_line(prompt=""):
+        line = next(typed, None)
+        if line is None:
+            raise EOFError
+        return line
+
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    monkeypatch.setattr(builtins, "input", type_line)
+    assert main(["chat", "--model", str(tiny_gguf), "--max-new-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "archlab: error: text is not valid Unicode: lone surrogate '\\udcff' at position 1\n" in err
+    model, tok = load_chat_model(tiny_gguf)
+    assert out.count("assistant> ") == 2 and Chat(model, tok, max_new_tokens=4).reply("hello") in out
+
+
+def test_chat_seeds_past_the_last_wrap_into_torchs_range(tiny_gguf, monkeypatch):
+    """Reply i samples with seed + i: seed 2**64 - 1 made the second reply's seed past torch's range (refused)."""
+    import archlab.generation
+    from archlab.config import MAX_SEED
+
+    seeds, stream = [], archlab.generation.stream
+    monkeypatch.setattr(archlab.generation, "stream", lambda *a, **k: seeds.append(k["seed"]) or stream(*a, **k))
+    model, tok = load_chat_model(tiny_gguf)
+    chat = Chat(model, tok, max_new_tokens=2, temperature=1.0, seed=MAX_SEED)
+    chat.reply("hello")
+    chat.reply("again")
+    assert seeds == [MAX_SEED, 0] and len(chat.messages) == 4
+
+
 def test_cli_generate_with_a_chat_model_answers_once(tiny_gguf, capsys):
     assert main(["generate", "--model", str(tiny_gguf), "--prompt", "hello", "--max-new-tokens", "6", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -312,3 +312,14 @@ def test_resuming_a_finished_run_says_it_is_complete(run_dir, capsys):
     assert code == 0 and summary["already_complete"] and summary["step"] == 4
     assert summary["eval"] == final and summary["train"]["loss"] == records["train"][-1]["loss"]
     assert summary["checkpoint"].endswith("step-00000004")
+
+
+def test_eval_without_the_runs_trained_tokenizer_is_refused_not_retrained(run_dir, capsys, monkeypatch):
+    """A run's BPE tokenizer deleted: eval trained a new one on the data and reported on its ids (generate refused)."""
+    import archlab.train.sources
+
+    (run_dir / "tokenizer.json").unlink()
+    monkeypatch.setattr(archlab.train.sources, "train_bpe", lambda *a, **k: pytest.fail("trained a tokenizer"))
+    line = error_line(capsys, "eval", run_dir, "--max-batches", "1")
+    assert line == (f"archlab: error: no tokenizer.json in {last(run_dir)} or its run folder: eval reads the validation "
+                    "text with the bpe tokenizer the run trained, and one trained again could give other ids")

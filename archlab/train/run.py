@@ -87,7 +87,7 @@ from archlab.train.config import TENSOR_PARALLEL, TrainConfig
 from archlab.train.logs import METRICS_FILE, PLOT_FILE, plot_loss_curve, read_metrics
 from archlab.train.loop import CHECKPOINTS, Trainer
 from archlab.train.metrics import BLEU_MAX_ORDER
-from archlab.train.sources import DataConfig, RunData, build_data, resolve_data
+from archlab.train.sources import TRAINED_TOKENIZERS, DataConfig, RunData, build_data, resolve_data
 from archlab.train.tasks import seq2seq_generation_metrics
 
 RUN_FILE = "run.json"
@@ -659,6 +659,11 @@ def evaluate_run(opened: OpenedRun, *, max_batches: int | None = None) -> dict[s
     if opened.spec is None:
         raise CheckpointError(f"{opened.checkpoint} is not inside a run folder (no {RUN_FILE} above it); "
                               "eval rebuilds the run's validation data from it")  # fmt: skip
+    trained = opened.spec.data.get("tokenizer")
+    if opened.tokenizer is None and opened.spec.init is None and trained in TRAINED_TOKENIZERS:
+        raise CheckpointError(f"no {TOKENIZER_FILE} in {opened.checkpoint} or its run folder: eval reads the "
+                              f"validation text with the {trained} tokenizer the run trained, and one trained again "
+                              "could give other ids")  # fmt: skip
     spec = dataclasses.replace(opened.spec, train={**opened.spec.train, "eval_batches": max_batches,
                                                    "progress": False, "tensorboard": False})  # fmt: skip
     run = prepare(spec, tokenizer=opened.tokenizer)

@@ -81,6 +81,8 @@ from archlab.models.docreader import DocBatch
 from archlab.models.registry import family_of
 
 TOKENIZER_KINDS = ("bpe", "byte", "char")
+#: the kinds made from the run's text (a run saves them as ``tokenizer.json``; ``byte`` is the same for every text)
+TRAINED_TOKENIZERS = ("bpe", "char")
 FILE_SUFFIXES = (".txt", ".jsonl", ".csv")
 DEFAULT_SEQ_LEN = 128  # for a model without a context length of its own (RNNs, WaveNet)
 
