@@ -465,7 +465,11 @@ def add_speculative_options(parser: argparse.ArgumentParser, prefix: str = "") -
 
 def speculative_options(args: argparse.Namespace) -> dict[str, object]:
     """``Chat``'s ``speculative=`` and ``draft_tokens=`` from ``--speculative`` and ``--draft-tokens``."""
+    from archlab.speculative import check_draft_name
+
     check_at_least_one("--draft-tokens", args.draft_tokens)
+    if args.speculative is not None:
+        check_draft_name(args.speculative)  # before the model loads
     return {"speculative": args.speculative, "draft_tokens": args.draft_tokens}
 
 
@@ -510,9 +514,10 @@ def _answer_once(args: argparse.Namespace) -> int:
     check_at_least_one("--max-new-tokens", args.max_new_tokens)
     check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before the model loads
     check_message(args.prompt, "--prompt")
+    speculative = speculative_options(args)
     model, tokenizer = load_chat_model_noted(args.model, args.quantize, args.precision)
     chat = Chat(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, seed=args.seed, **speculative_options(args))  # fmt: skip
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed, **speculative)  # fmt: skip
     reply = chat.reply(args.prompt)
     result = {"task": "chat", "prompt": args.prompt, "output": reply, "tokens": len(tokenizer.encode(reply))}
     if chat.stats is not None:

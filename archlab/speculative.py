@@ -286,12 +286,18 @@ def make_draft(draft: str | Draft, model: nn.Module) -> Draft:
         if not callable(getattr(draft, "propose", None)):
             raise ConfigError(f"draft must be one of {DRAFTS} or a draft with propose(), got {type(draft).__name__}")
         return draft
+    check_draft_name(draft)
     if draft == "lookup":
         return PromptLookup()
-    name, _, layers = draft.partition(":")
-    if name == "layers" and layers.isdigit():
-        return DraftModel(first_layers(model, int(layers)))
-    raise ConfigError(f"draft={draft!r} is not one of {DRAFTS} (M: how many of the model's first layers draft)")
+    return DraftModel(first_layers(model, int(draft.partition(":")[2])))
+
+
+def check_draft_name(draft: str) -> None:
+    """ConfigError unless ``draft`` is a name :func:`make_draft` knows (its form: the layer count is checked against
+    the model by :func:`first_layers`); a front end checks it before it loads the model."""
+    name, _, layers = draft.partition(":") if isinstance(draft, str) else ("", "", "")
+    if draft != "lookup" and not (name == "layers" and layers.isdigit()):
+        raise ConfigError(f"draft={draft!r} is not one of {DRAFTS} (M: how many of the model's first layers draft)")
 
 
 # ================================================================================================

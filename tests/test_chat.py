@@ -230,6 +230,8 @@ def test_cli_speculative_option(tiny_gguf, monkeypatch, capsys):
         (["chat", "--temperature", "1", "--seed", "-1"], "seed=-1 must be an int >= 0"),
         (["generate", "--prompt", "hi", "--temperature", "inf"], "temperature=inf must be a finite number > 0"),
         (["generate", "--prompt", "   "], "--prompt is empty"),
+        (["chat", "--speculative", "layer:2"], "draft='layer:2' is not one of ('lookup', 'layers:M')"),
+        (["generate", "--prompt", "hi", "--speculative", "bogus"], "draft='bogus' is not one of"),
         (["generate", "--prompt", "a\udcffb"], "text is not valid Unicode: lone surrogate '\\udcff' at position 1"),
     ],
 )
