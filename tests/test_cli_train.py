@@ -159,6 +159,9 @@ def test_seq2seq_run_translates_and_scores(capsys, tmp_path):
     assert "--prompt 'ab1C' holds characters not in the run's vocabulary: '1C'" in line  # not <unk>s and ""
     line = error_line(capsys, "generate", tmp_path / "s", "--prompt", "abc", "--temperature", "0.5")
     assert "seq2seq decoding is greedy or beam search" in line
+    vocab = json.loads((tmp_path / "s" / "checkpoints" / "step-00000003" / "config.json").read_text())["vocab_size"]
+    line = error_line(capsys, "generate", tmp_path / "s", "--prompt", "abc", "--beam", "1000000")
+    assert line == f"archlab: error: --beam 1000000 must be in [1, {vocab}] (the vocabulary's tokens; 4-10 is usual)"
 
 
 def test_classification_on_digits_and_its_json_summary(capsys, tmp_path):

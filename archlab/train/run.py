@@ -714,6 +714,9 @@ def generate_text(
     else:  # seq2seq
         if given:
             raise ConfigError(f"seq2seq decoding is greedy or beam search (--beam K); {', '.join(given)}: lm runs only")
+        vocab = model.config.vocab_size
+        if beam is not None and not 1 <= beam <= vocab:  # (more beams than tokens: copies of the source, no more text)
+            raise ConfigError(f"--beam {beam} must be in [1, {vocab}] (the vocabulary's tokens; 4-10 is usual)")
         src = encode_prompt(tok, prompt)
         if not src:
             raise DataError("the prompt (the source sequence) is empty")
