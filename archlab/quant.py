@@ -93,6 +93,7 @@ from archlab.hardware import kernel_capability
 from archlab.kernels import MAX_ROWS, Q8_BLOCK, Q8_TILE, KernelUnavailable
 from archlab.nn.blocks import _Block
 from archlab.nn.feedforward import GatedFeedForward
+from archlab.nn.lora import LoRALinear
 
 MODES = ("int8", "int4", "int8-dynamic", "q8_0")
 #: how :func:`quantize` quantizes a decoder's LM head unless told (``head=``). ``q8_0`` (llama.cpp's rule, faster
@@ -246,9 +247,36 @@ def calibration_ids(tokenizer, windows: int = 4, length: int = 128) -> Tensor:
 # ================================================================================================
 
 
+class _InferenceOnly(torch.autograd.Function):
+    """A quantized layer's forward where autograd records (grad enabled, ``x`` requiring grad), whose backward is
+    refused: the kernels have no derivative (PyTorch's int4/int8 ones fail deep inside the backward), or one cut
+    from ``x`` (Q8_0's: every gradient before the layer would silently be zero)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: nn.Module) -> Tensor:
+        ctx.layer = f"{type(layer).__name__} ({layer.mode})"
+        return layer._forward(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        raise ConfigError(
+            f"backward through a quantized layer, {ctx.layer}: quantized layers are for inference and compute no "
+            "gradients; train the float model (or LoRA adapters on it) and quantize after, and run a quantized "
+            "model under torch.no_grad() or torch.inference_mode()"
+        )
+
+
+def _forward_or_refuse_backward(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer._forward(x)``, through :class:`_InferenceOnly` where autograd would record it (no cost otherwise)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _InferenceOnly.apply(x, layer)
+    return layer._forward(x)
+
+
 class _WeightOnlyLinear(nn.Module):
     """``y = x dequant(W)^T + b`` for ``x [..., K]`` -> ``[..., N]``; a subclass runs the kernel on ``x [M, K]``
-    (:class:`Q8Linear` too, which rounds ``x`` itself: the shapes, bias and dtypes are handled here for all)."""
+    (:class:`Q8Linear` too, which rounds ``x`` itself: the shapes, bias and dtypes are handled here for all).
+    No gradients: a backward through it raises ConfigError (:class:`_InferenceOnly`)."""
 
     mode = ""
 
@@ -264,6 +292,9 @@ class _WeightOnlyLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [..., K]`` (any float dtype) -> ``[..., N]`` in ``x``'s dtype, computed in :attr:`compute_dtype`."""
+        return _forward_or_refuse_backward(self, x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features or not x.is_floating_point():
             raise ShapeError(f"{type(self).__name__} expects float x [..., {self.in_features}], got {x.dtype} {tuple(x.shape)}")
         # Each call below is an op a decoding step pays for per layer: none is made where x is already right.
@@ -570,7 +601,10 @@ class DynamicInt8Linear(nn.Module):
         return Int8Weight(w.int_repr(), w.q_per_channel_scales().float())
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x [..., K]`` float32 -> ``[..., N]`` float32."""
+        """``x [..., K]`` float32 -> ``[..., N]`` float32 (no gradients: a backward raises ConfigError)."""
+        return _forward_or_refuse_backward(self, x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features or x.dtype != torch.float32:
             raise ShapeError(f"DynamicInt8Linear expects float32 x [..., {self.in_features}], got {x.dtype} {tuple(x.shape)}")
         if self.inv_smooth is not None:
@@ -779,13 +813,26 @@ def quantize(
         raise ConfigError(f"head={head!r} must be one of {MODES} or None (the LM head left float)")
     if compute not in COMPUTE_DTYPES:
         raise ConfigError(f"compute={compute!r} must be one of {tuple(COMPUTE_DTYPES)}")
-    if "int4" in (mode, head) and group_size not in GROUP_SIZES:
+    if "int4" in (mode, head) and (type(group_size) is not int or group_size not in GROUP_SIZES):
         raise ConfigError(f"group_size={group_size!r} is not supported by the int4 kernel; choose one of {GROUP_SIZES}")
     if calibration is not None and "int8-dynamic" not in (mode, head):
         raise ConfigError(f"calibration= smooths int8-dynamic layers; mode={mode!r}, head={head!r} has none")
     if isinstance(skip, str):
         skip = (skip,)
+    bad = next((p for p in skip if not isinstance(p, str)), None)
+    if bad is not None:
+        raise ConfigError(f"skip={tuple(skip)!r}: {bad!r} is not a layer name or fnmatch pattern (a string)")
+    adapted = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if adapted:  # its base would be quantized under it, and the adapter could then never be merged
+        raise ConfigError(f"{type(model).__name__} has LoRA adapters ({', '.join(adapted[:4])}"
+                          f"{', ...' if len(adapted) > 4 else ''}): fold them in with "
+                          "archlab.nn.lora.unload_lora(model) before quantizing")  # fmt: skip
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        done = [name for name, m in model.named_modules() if isinstance(m, _WeightOnlyLinear | DynamicInt8Linear)]
+        raise ConfigError(f"{type(model).__name__} has no nn.Linear layer to quantize" + (
+            f": its {len(done)} linear layers are already quantized ({', '.join(done[:3])}{', ...' * (len(done) > 3)})"
+            if done else ""))  # fmt: skip
     for pattern in skip:
         if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in linears):
             raise ConfigError(f"skip={pattern!r} matches no linear layer of this {type(model).__name__}")

@@ -199,6 +199,14 @@ def test_errors_are_one_clear_line(capsys, tmp_path, monkeypatch, argv, words):
     assert not (tmp_path / "runs").exists()  # refused before a run folder was made
 
 
+def test_an_infinite_lora_alpha_is_refused_before_a_run_folder_is_made(capsys, tmp_path):
+    """JSON's 1e999 is inf: the run wrote its folder, then stopped at step 1 on a nan loss (inf * (B = 0))."""
+    line = error_line(capsys, "train", "gpt-nano", "--out", tmp_path / "run", "--set", 'train.lora=["*.in_proj"]',
+                      "--set", "train.lora_alpha=1e999", *GPT_SETS)  # fmt: skip
+    assert "alpha=inf must be finite" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_folder_that_is_not_a_run(capsys, tmp_path):
     line = error_line(capsys, "eval", tmp_path)
     assert "is neither a run folder (no run.json) nor a checkpoint (config.json + model.safetensors)" in line

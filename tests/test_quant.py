@@ -195,6 +195,8 @@ def test_report_names_every_layer_with_shapes_modes_bytes():
         (dict(mode="int4", group_size=48), "group_size=48"),
         (dict(mode="int8", head="fp8"), "head='fp8'"),
         (dict(mode="int8", skip=("decoder.blocks.9.*",)), "skip='decoder.blocks.9.*'"),
+        (dict(mode="int4", group_size=32.0), "group_size=32.0 is not supported"),  # was: TypeError inside reshape
+        (dict(mode="int8", skip=(3,)), "3 is not a layer name or fnmatch pattern"),  # was: TypeError in fnmatch
     ],
 )
 def test_bad_arguments_are_refused_before_any_change(kwargs, message):
@@ -202,6 +204,53 @@ def test_bad_arguments_are_refused_before_any_change(kwargs, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("*", r"\*")):
         quantize(model, **kwargs)
     assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith(("proj", "w_in", "w2", "head")))
+
+
+def test_a_model_with_nothing_to_quantize_is_refused():
+    """No nn.Linear, or quantized already: quantize() reported "0 of 0 linear layers quantized" and did nothing."""
+    with pytest.raises(ConfigError, match="Sequential has no nn.Linear layer to quantize$"):
+        quantize(nn.Sequential(nn.Embedding(8, 4), nn.Conv1d(4, 4, 1)), "int8")
+    model = small_llama()
+    first = quantize(model, "int8")
+    with pytest.raises(ConfigError, match=r"Llama has no nn.Linear layer to quantize: its 9 linear layers are already "
+                                          r"quantized \(decoder.blocks.0.attn.in_proj, "):
+        quantize(model, "int4")
+    assert model.quant_report is first  # the first report kept
+    partly = small_llama()  # a second call on the layers a first one skipped still works
+    quantize(partly, "int4", skip=("*.ffn.w2",))
+    second = quantize(partly, "int8")
+    assert [r.name for r in second.quantized] == ["decoder.blocks.0.ffn.w2", "decoder.blocks.1.ffn.w2"]
+
+
+def test_a_model_with_lora_adapters_is_refused_before_any_change():
+    """quantize() replaced the adapters' base layers under them; merge_lora/unload_lora then failed with
+    AttributeError: 'Int8Linear' object has no attribute 'weight'."""
+    from archlab.nn.lora import apply_lora, lora_layers, unload_lora
+
+    model = apply_lora(small_llama(), ["q", "v"], r=4)
+    with pytest.raises(ConfigError, match=r"Llama has LoRA adapters \(decoder.blocks.0.attn.in_proj, "
+                                          r"decoder.blocks.1.attn.in_proj\): fold them in with .*unload_lora"):
+        quantize(model, "int8")
+    assert all(type(m.base) is nn.Linear for m in lora_layers(model).values())
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
+    unload_lora(model)
+    assert len(quantize(model, "int8").quantized) == 9  # the way out the message names
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "q8_0", "int8-dynamic"])
+def test_backward_through_a_quantized_model_is_refused(mode):
+    """int8/int4/int8-dynamic failed deep inside torch's backward (no derivative for _weight_int4pack_mm_for_cpu, an
+    in-place amax); q8_0's kernel cut the graph, so every gradient before a quantized layer was silently zero."""
+    model = small_llama()
+    quantize(model, mode, head=mode)
+    model.train()
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    logits = model(ids)  # a forward alone, with autograd on, still runs
+    assert logits.requires_grad and torch.isfinite(logits).all()
+    with pytest.raises(ConfigError, match=r"backward through a quantized layer, \w+ \(" + mode + r"\): quantized "
+                                          "layers are for inference and compute no gradients"):
+        logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is None for p in model.parameters())  # nothing computed, nothing to step on
 
 
 def test_int4_shape_errors_name_the_layer():

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,9 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # Hugging Face's: role tokens (
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<mask>")  # archlab's own tokenizers, in id order
 ROLES = ("pad", "bos", "eos", "unk", "mask")  # the role of each of SPECIAL_TOKENS
 REPLACEMENT_CHAR = "\ufffd"  # what <unk> decodes to
+#: The largest vocabulary :func:`train_bpe` trains: the ``tokenizers`` trainer reserves memory for ``vocab_size``
+#: entries before it reads a text (10^9 asks ~70 GB and aborts the process); published vocabularies stop at ~256k.
+MAX_BPE_VOCAB = 1 << 20
 
 # How roles are recognised in a foreign tokenizer.json (first spelling present wins).
 _ROLE_SPELLINGS = {
@@ -191,6 +194,7 @@ class CharTokenizer(Tokenizer):
         if not chars:
             raise DataError("CharTokenizer needs at least one character")
         self.chars = "".join(chars)
+        utf8(self.chars)  # a lone surrogate: refused now, not when save() cannot write it as UTF-8
         self.specials = _own_specials(0)
         first = len(SPECIAL_TOKENS)
         self._codepoints = np.array([ord(c) for c in chars], dtype=np.int64)  # sorted: searchsorted maps char -> id
@@ -241,6 +245,7 @@ class HFTokenizer(Tokenizer):
         """``tokenizer``: a ``tokenizers.Tokenizer``. ``roles`` (role -> token text, e.g. ``{"eos": "<|im_end|>"}``)
         overrides the roles recognised by spelling; ``chat_template`` enables :meth:`apply_chat_template`."""
         self._tok = tokenizer
+        self.file: str | None = None  # the tokenizer.json it was read from (named in errors)
         self._tok.no_truncation()
         self._tok.no_padding()
         self._tok.encode_special_tokens = True  # a "<s>" typed in the text stays text
@@ -276,7 +281,9 @@ class HFTokenizer(Tokenizer):
             tok = _HF.from_file(str(path))
         except Exception as e:  # noqa: BLE001  (tokenizers raises its own exception types)
             raise DataError(f"{path} is not a tokenizer file the tokenizers library can read: {e}") from None
-        return cls(tok, **options)
+        loaded = cls(tok, **options)
+        loaded.file = str(path)
+        return loaded
 
     @property
     def vocab_size(self) -> int:
@@ -284,12 +291,22 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         utf8(text)
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # noqa: BLE001  (tokenizers raises plain Exception, e.g. a Unigram model without unk)
+            raise self._cannot_encode(e) from None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         for text in texts:
             utf8(text)
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        try:
+            return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        except Exception as e:  # noqa: BLE001  (as in encode)
+            raise self._cannot_encode(e) from None
+
+    def _cannot_encode(self, error: Exception) -> DataError:
+        where = f" ({self.file})" if self.file else ""
+        return DataError(f"this {self.kind} tokenizer{where} cannot encode the text: {error}")
 
     def _decode(self, ids: list[int]) -> str:
         drop = {i for role, i in self.specials.items() if role != "unk"}
@@ -332,6 +349,13 @@ class HFTokenizer(Tokenizer):
         return path
 
 
+def check_bpe_vocab_size(name: str, vocab_size: int) -> None:
+    """ConfigError naming ``name`` if ``vocab_size`` is above :data:`MAX_BPE_VOCAB` (checked before texts are read)."""
+    if vocab_size > MAX_BPE_VOCAB:
+        raise ConfigError(f"{name}={vocab_size!r} must be <= {MAX_BPE_VOCAB:,} (archlab.data.tokenizers.MAX_BPE_VOCAB: "
+                          "the trainer reserves memory for every entry asked; published vocabularies stop at ~256k)")
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int = 4096, *, min_frequency: int = 2) -> HFTokenizer:
     """A byte-level BPE (GPT-2's scheme) trained on ``texts`` with the ``tokenizers`` library.
 
@@ -343,6 +367,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, *, min_frequency: in
     n_base = len(SPECIAL_TOKENS) + 256
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < n_base:
         raise ConfigError(f"vocab_size={vocab_size!r} must be an integer >= {n_base} (5 specials + 256 bytes)")
+    check_bpe_vocab_size("vocab_size", vocab_size)
+    if isinstance(texts, str):
+        raise DataError("train_bpe: texts must be an iterable of strings, got one string (wrap it: [text])")
     if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
         raise ConfigError(f"min_frequency={min_frequency!r} must be an integer >= 1")
     tok = _HF(models.BPE())
@@ -355,8 +382,17 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, *, min_frequency: in
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer)
+    tok.train_from_iterator(_checked_texts(texts), trainer)
     return HFTokenizer(tok)
+
+
+def _checked_texts(texts: Iterable[str]) -> Iterator[str]:
+    """``texts`` as they are read (a generator stays lazy); DataError for an item that is not text to encode."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise DataError(f"train_bpe: texts[{i}] is {type(text).__name__}, expected a string")
+        utf8(text)
+        yield text
 
 
 # Pre-tokenizers of byte-level BPE vocabularies, by llama.cpp's name for them (a GGUF's ``tokenizer.ggml.pre``).

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archlab.config import check_positive, check_probability, check_type
+from archlab.config import check_positive, check_probability, check_type, require
 from archlab.errors import ConfigError, ShapeError, unknown
 
 
@@ -73,10 +73,11 @@ class LoRALinear(nn.Module):
         if not isinstance(base, nn.Linear):
             raise ConfigError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
         check_lora_args(r, alpha, dropout)
+        self.blocks = None if blocks is None else _check_blocks(blocks, base.out_features)
+        check_rank(r, base, self.blocks)
         self.base = base
         self.r, self.alpha = r, float(alpha)
         self.scaling = self.alpha / r
-        self.blocks = None if blocks is None else _check_blocks(blocks, base.out_features)
         n_blocks, rows = (1, base.out_features) if self.blocks is None else (
             len(self.blocks), sum(stop - start for start, stop in self.blocks.values()))  # fmt: skip
         like = dict(dtype=base.weight.dtype, device=base.weight.device)
@@ -184,13 +185,31 @@ def _check_blocks(blocks: Mapping[str, tuple[int, int]], rows: int) -> dict[str,
 
 
 def check_lora_args(r: int, alpha: float, dropout: float) -> None:
-    """ConfigError unless ``r`` is an int > 0, ``alpha`` a number > 0 and ``dropout`` in [0, 1)."""
+    """ConfigError unless ``r`` is an int > 0, ``alpha`` a finite number > 0 and ``dropout`` in [0, 1)."""
     check_type("r", r, int)
     check_positive("r", r)
     check_type("alpha", alpha, float)
     check_positive("alpha", alpha)
+    require(math.isfinite(alpha), f"alpha={alpha!r} must be finite (the update (alpha / r) B A x is inf * 0 = nan "
+            "while B = 0)")  # fmt: skip
     check_type("dropout", dropout, float)
     check_probability("dropout", dropout)
+
+
+def check_rank(r: int, base: nn.Linear, blocks: Mapping[str, tuple[int, int]] | None, name: str = "") -> None:
+    """ConfigError if ``r`` exceeds both widths of the matrix adapted (``d_in`` and ``d_out``, or a block's rows):
+    ``B A`` has rank at most the smaller width, so such an ``r`` only adds parameters (``r = 10^6`` on a 48-wide
+    layer asks gigabytes). ``r`` between the two widths stays allowed: one ``r`` for every layer of a model, a
+    2-class head among them, is the usual choice."""
+    spans = {"": (0, base.out_features)} if blocks is None else blocks
+    block, (start, stop) = min(spans.items(), key=lambda item: item[1][1] - item[1][0])
+    rows = stop - start
+    if r > max(base.in_features, rows):
+        layer = f"LoRA target {name!r}" if name else "LoRALinear"
+        what = f"block {block!r}: {rows} rows" if block else f"d_out={rows}"
+        raise ConfigError(f"{layer} [{base.out_features}, {base.in_features}]: r={r} exceeds both widths of the layer "
+                          f"(d_in={base.in_features}, {what}); B A has rank at most {min(base.in_features, rows)}, so "
+                          f"a larger r only adds parameters: choose r <= {min(base.in_features, rows)}")  # fmt: skip
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -238,10 +257,14 @@ def _resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> dict[str
             raise ConfigError(f"LoRA target {target!r} matches {_listing(done, 4)}, which already has a LoRA adapter")
         if not hits:
             named = f" or one of {type(model).__name__}'s names ({', '.join(names)})" if names else ""
+            quantized = getattr(model, "quant_report", None)  # set by archlab.quant.quantize (a layer above nn/)
+            quantized = "" if quantized is None else (
+                f"; this model's layers were quantized ({len(quantized.quantized)} by archlab.quant.quantize), and a "
+                "quantized layer takes no adapter: apply LoRA to the float model")  # fmt: skip
             raise ConfigError(
                 f"LoRA target {target!r} matches no nn.Linear in {type(model).__name__} (patterns are globs over "
                 f"module names, '*' spans dots, ':BLOCK' picks a fused projection's rows{named}); "
-                f"Linear layers: {_listing(available)}"
+                f"Linear layers: {_listing(available)}{quantized}"
             )
         for name in hits:
             rows = _block_rows(model, name, block, target) if block else None
@@ -286,9 +309,16 @@ def adapt(model: nn.Module, adapters: Mapping[str, Mapping]) -> nn.Module:
     """Freeze ``model`` and wrap the Linear layers named exactly in ``adapters`` (``{name: {"r", "alpha",
     "dropout", "blocks"}}``, ``blocks`` None or ``{name: (start, stop)}``: :func:`lora_description`'s form)."""
     parameter_names = _parameter_names(model)  # one pass over the model, not one per target
-    for name in adapters:
+    for name, spec in adapters.items():
         if not name:
             raise ConfigError("apply_lora adapts the Linear layers inside a model; wrap a bare nn.Linear in LoRALinear")
+        layer = model.get_submodule(name)
+        if isinstance(layer, nn.Linear):  # every layer's rank checked before any is wrapped (else LoRALinear refuses)
+            check_lora_args(spec["r"], spec["alpha"], spec["dropout"])
+            blocks = spec.get("blocks")
+            blocks = None if blocks is None else _check_blocks({k: tuple(v) for k, v in blocks.items()},
+                                                                layer.out_features)  # fmt: skip
+            check_rank(spec["r"], layer, blocks, name)
         own = f"{name}.weight"
         tied = next((other for other in parameter_names[id(model.get_submodule(name).weight)] if other != own), None)
         if tied is not None:

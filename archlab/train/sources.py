@@ -76,6 +76,7 @@ from archlab.data import (
     unigram_loss,
 )
 from archlab.data.corpora import is_validation
+from archlab.data.tokenizers import check_bpe_vocab_size
 from archlab.errors import ConfigError, DataError, unknown
 from archlab.models.docreader import DocBatch
 from archlab.models.registry import family_of
@@ -194,6 +195,7 @@ class DataConfig(Config):
             )
         for name in ("vocab_size", "n_train", "n_valid", "min_length", "max_length"):
             check_positive(name, getattr(self, name))
+        check_bpe_vocab_size("vocab_size", self.vocab_size)  # before the corpus is read (the trainer would abort)
         require(self.max_length >= self.min_length, f"max_length={self.max_length} must be >= min_length={self.min_length}")
         for name in ("max_bytes", "seq_len"):
             if getattr(self, name) is not None:
@@ -413,6 +415,9 @@ def _pairs(data: DataConfig, kind: str, tokenizer: Tokenizer | None, shard: dict
 
 def _labelled_texts(data: DataConfig, tokenizer: Tokenizer | None, shard: dict) -> RunData:
     records = _read_records(data.source, data.text_field, data.label_field)
+    if len(records.classes) < 2:  # a one-class model has nothing to learn: loss 0 and 100% accuracy from the start
+        raise DataError(f"{data.source}: every record has the label {records.classes[0]!r} (field "
+                        f"{data.label_field!r}); classification needs at least 2 classes")  # fmt: skip
     rows = list(zip(records.texts, records.labels, strict=True))
     valid = [r for r in rows if is_validation(r[0], data.valid_percent)]
     train = [r for r in rows if not is_validation(r[0], data.valid_percent)]

@@ -1,6 +1,7 @@
 """Tokenizers: lossless round trips, deterministic BPE training, WordPiece ids equal to two HF implementations."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -169,6 +170,52 @@ def test_bpe_errors(corpus):
         train_bpe(corpus, vocab_size=100)
     with pytest.raises(ConfigError, match="min_frequency=0"):
         train_bpe(corpus, vocab_size=300, min_frequency=0)
+
+
+def test_bpe_refuses_a_vocabulary_above_max_bpe_vocab_before_the_trainer_is_made(monkeypatch):
+    """vocab_size=10**9 on a tiny corpus: the tokenizers trainer reserved ~70 GB for it and aborted the process."""
+    import tokenizers.trainers
+
+    def never(**kwargs):
+        raise AssertionError("the BPE trainer was made")
+
+    monkeypatch.setattr(tokenizers.trainers, "BpeTrainer", never)
+    with pytest.raises(ConfigError, match=r"vocab_size=1000000000 must be <= 1,048,576 .*MAX_BPE_VOCAB"):
+        train_bpe(["ab ab"], vocab_size=10**9)
+
+
+@pytest.mark.parametrize(
+    "texts, words",
+    [
+        ("hello world", "texts must be an iterable of strings, got one string"),  # was: one text per character
+        (["ok", 3], r"texts\[1\] is int, expected a string"),  # was: TypeError from the tokenizers library
+        (["a\udcff"], "lone surrogate"),  # was: UnicodeEncodeError
+    ],
+)
+def test_bpe_texts_must_be_strings(texts, words):
+    with pytest.raises(DataError, match=words):
+        train_bpe(texts, vocab_size=300)
+
+
+def test_a_char_tokenizer_of_a_lone_surrogate_is_refused_before_it_is_saved(tmp_path):
+    """It was built, then save() raised UnicodeEncodeError half-way through writing tokenizer.json."""
+    with pytest.raises(DataError, match="lone surrogate"):
+        CharTokenizer.from_text("a\udcff").save(tmp_path)
+    assert not (tmp_path / "tokenizer.json").exists()
+
+
+def test_a_tokenizer_that_cannot_encode_a_text_names_its_file(tmp_path):
+    """A Unigram tokenizer.json without an unk token raised the library's bare Exception from inside encode."""
+    from tokenizers import Tokenizer as HF, models
+
+    HF(models.Unigram([("a", -1.0), ("b", -2.0)])).save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path)
+    assert tok.kind == "unigram" and tok.encode("ab") == [0, 1]
+    words = rf"unigram tokenizer \({re.escape(str(tmp_path / 'tokenizer.json'))}\) cannot encode the text: .*unk"
+    with pytest.raises(DataError, match=words):
+        tok.encode("abc")
+    with pytest.raises(DataError, match=words):
+        tok.encode_batch(["ab", "abc"])
 
 
 # -- WordPiece --------------------------------------------------------------------------------------------------

@@ -307,6 +307,7 @@ def test_pattern_that_matches_nothing_names_it_and_the_linear_layers():
         (dict(r=2.0), "r=2.0 must be an integer"),
         (dict(r=True), "r=True must be an integer"),
         (dict(alpha=0.0), "alpha=0.0 must be > 0"),
+        (dict(alpha=math.inf), "alpha=inf must be finite"),  # was: scaling inf, inf * (B = 0) = nan outputs
         (dict(dropout=1.0), r"dropout=1.0 must be in \[0, 1\)"),
         (dict(targets=()), "one or more non-empty glob patterns"),
         (dict(targets=""), "one or more non-empty glob patterns"),
@@ -318,6 +319,30 @@ def test_bad_arguments(kwargs, match):
     model = build_model("gpt-nano")
     with pytest.raises(ConfigError, match=match):
         apply_lora(model, **{"targets": "*.in_proj", **kwargs})
+
+
+def test_a_rank_above_both_widths_of_a_layer_is_refused_before_any_change():
+    """r=10**6 on gpt-nano's [144, 48] in_proj allocated 576M adapter parameters (10**7: an out-of-memory kill)."""
+    model = build_model("gpt-nano")
+    with pytest.raises(ConfigError, match=r"LoRA target 'decoder.blocks.0.attn.in_proj' \[144, 48\]: r=1000000 "
+                                          r"exceeds both widths of the layer \(d_in=48, d_out=144\).*r <= 48"):
+        apply_lora(model, "*.in_proj", r=10**6)
+    assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())  # nothing changed
+    with pytest.raises(ConfigError, match=r"block 'q': 48 rows\).*r <= 48"):
+        apply_lora(model, "*.in_proj:q", r=49)
+    with pytest.raises(ConfigError, match=r"LoRALinear \[4, 4\]: r=5 exceeds both widths"):
+        LoRALinear(nn.Linear(4, 4), r=5)
+    assert lora_report(apply_lora(model, "*.in_proj", r=100)).adapters["decoder.blocks.0.attn.in_proj"][2] == 100
+
+
+def test_a_quantized_model_takes_no_adapter_and_says_so():
+    from archlab.quant import quantize
+
+    model = build_model("llama-tiny")
+    quantize(model, "int8")
+    with pytest.raises(ConfigError, match=r"Linear layers: \(none\); this model's layers were quantized \(9 by "
+                                          r"archlab.quant.quantize\), and a quantized layer takes no adapter"):
+        apply_lora(model, ["q", "v"])
 
 
 def test_tied_head_already_adapted_and_misuse():

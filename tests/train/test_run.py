@@ -172,11 +172,25 @@ def test_a_source_the_task_cannot_use_is_refused_before_any_work(preset, source,
         ({"valid_percent": 0}, "valid_percent=0 must be in 1..99"),
         ({"min_length": 5, "max_length": 2}, "max_length=2 must be >= min_length=5"),
         ({"max_bytes": 0}, "max_bytes=0 must be > 0"),
+        ({"vocab_size": 10**9}, "vocab_size=1000000000 must be <= 1,048,576"),  # the BPE trainer aborted the process
     ],
 )
 def test_bad_data_configs_name_the_field(fields, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
         DataConfig(**fields)
+
+
+def test_a_labelled_file_of_one_class_is_refused_before_the_tokenizer(tmp_path, monkeypatch):
+    """Every label the same: textcnn trained on n_classes=1 (loss 0, accuracy 100% from step 1), gmlp refused it
+    with "n_classes=1 must be >= 2", naming neither the file nor the field."""
+    import archlab.train.sources as sources
+
+    monkeypatch.setattr(sources, "make_tokenizer", lambda *a: pytest.fail("a tokenizer was made"))
+    (tmp_path / "one.jsonl").write_text("\n".join(json.dumps({"text": f"text {i}", "y": "pos"}) for i in range(50)))
+    for preset in ("textcnn-deck", "gmlp-cls-tiny"):
+        with pytest.raises(DataError, match=r"one.jsonl: every record has the label 'pos' \(field 'y'\); "
+                                            "classification needs at least 2 classes"):
+            prepare(RunSpec(preset, {}, {"source": str(tmp_path / "one.jsonl"), "label_field": "y"}))
 
 
 def test_digits_take_no_tokenizer():
