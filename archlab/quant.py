@@ -69,9 +69,9 @@ per row and block of 32 inputs and the input rounded to int8 per block of 32 on 
 Q8_0, and :func:`archlab.interop.gguf.load_gguf` reads such a head as stored by default when it quantizes (an
 explicit ``head=`` wins); at one row it is about 3x faster than the int8 head.
 
-Quantized layers are for inference: no gradients, CPU only, state dicts not meant to be saved (the int4 packing
-is the CPU kernel's own layout). ``loss(labels=)`` of a decoder reads ``lm_head.weight``: evaluate a quantized
-model through its logits, as :func:`quality` does.
+Quantized layers are for inference: no gradients (a backward through one raises ConfigError), CPU only, state
+dicts not meant to be saved (the int4 packing is the CPU kernel's own layout). A decoder's ``loss(labels=)`` with a
+quantized head takes the head's logits (``[B N, V]`` held at once) instead of the fused LM-head loss.
 """
 
 from __future__ import annotations

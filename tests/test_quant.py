@@ -253,6 +253,23 @@ def test_backward_through_a_quantized_model_is_refused(mode):
     assert all(p.grad is None for p in model.parameters())  # nothing computed, nothing to step on
 
 
+@pytest.mark.parametrize("mode", ["int8", "q8_0"])
+def test_a_quantized_decoder_takes_labels_its_loss_the_cross_entropy_of_its_logits(mode):
+    """``model(ids, labels=...)`` fused the loss with ``lm_head.weight``, which a quantized head has not
+    (AttributeError): it now takes the head's logits, equal to cross-entropy over ``model(ids)``."""
+    import torch.nn.functional as F
+
+    model = small_llama()
+    quantize(model, mode, head=mode)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    with torch.no_grad():
+        loss = model.loss(ids, labels, label_smoothing=0.1)
+        expected = F.cross_entropy(model(ids).float().flatten(0, 1), labels.flatten(), label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_int4_shape_errors_name_the_layer():
     """llama-tiny's d_ff=176 is not divisible by 32: the FFN's down projection is named, nothing is replaced."""
     model = build_model("llama-tiny")

@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archlab.errors import ConfigError, ShapeError
@@ -279,6 +280,9 @@ class DecoderLM(nn.Module):
             raise ShapeError(f"labels must have the shape of input_ids {_describe(input_ids)}, got {_describe(labels)}")
         check_class_ids("labels", labels, self.config.vocab_size, ignore_index=IGNORE_INDEX)  # before the decoder runs
         h = self.hidden_states(input_ids, attention_mask=attention_mask)
+        if not isinstance(self.lm_head, nn.Linear):  # a quantized head (archlab.quant) has no float weight to fuse
+            logits = self.lm_head(h).float().flatten(0, 1)  # [B N, V]
+            return F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
         return linear_cross_entropy(h, self.lm_head.weight, labels, label_smoothing=label_smoothing)
 
     def hidden_states(
