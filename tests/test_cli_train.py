@@ -251,3 +251,20 @@ def test_demo_dates_reaches_99_percent_exact_match_on_held_out_dates(capsys, tmp
     assert summary["eval"]["exact_match"] >= 0.99, summary["eval"]  # 1000 validation dates, sources unseen in training
     translated = ok(capsys, "generate", tmp_path / "dates", "--prompt", "Sunday, 20 July 1969")
     assert translated.strip() == "1969-07-20"
+
+
+def test_an_out_folder_that_cannot_be_written_is_one_line_before_the_data_is_read(capsys, tmp_path, monkeypatch):
+    """--out on a read-only mount (or a folder without write permission): the data was read and a tokenizer trained,
+    then mkdir or the tokenizer's save ended in an OSError traceback (exit 1)."""
+    import os
+
+    import archlab.train.run
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "ro") else real(p, mode))
+    monkeypatch.setattr(archlab.train.run, "build_data", lambda *a, **k: pytest.fail("read the data"))
+    (tmp_path / "ro").mkdir()
+    for out in (tmp_path / "ro", tmp_path / "ro" / "run"):
+        line = error_line(capsys, "train", "gpt-nano", "--out", out, "--set", "train.steps=2", *GPT_SETS)
+        assert f"--out '{out}' is not writable" in line and "read-only file system or no permission" in line
+    assert list((tmp_path / "ro").iterdir()) == []

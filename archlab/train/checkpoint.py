@@ -24,6 +24,7 @@ indices or names) + JSON for the rest; tuples (``betas``) come back as tuples.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -122,6 +123,23 @@ def remove_temporaries(root: str | Path) -> list[Path]:
     return stale + incomplete
 
 
+def check_writable_folder(path: str | Path, setting: str) -> None:
+    """ConfigError naming ``setting`` unless ``path`` is a folder this process may write in, or one it may create
+    (its nearest existing parent is such a folder). Nothing is created: call it before any work."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if not part.exists():
+            continue
+        if not part.is_dir():
+            what = "is a file" if part == path else f"lies under {str(part)!r}, a file"
+            raise ConfigError(f"{setting} {str(path)!r} {what}; it names a folder (new or existing)")
+        if not os.access(part, os.W_OK | os.X_OK):
+            where = "" if part == path else f" ({str(part)!r} is not)"
+            raise ConfigError(f"{setting} {str(path)!r} is not writable{where}: a read-only file system or no "
+                              f"permission; choose another {setting}")  # fmt: skip
+        return
+
+
 def _pause_for_tests(moment: str) -> None:
     """Sleep ``ARCHLAB_TEST_PAUSE`` seconds at ``moment`` ("write": between a checkpoint's files, "prune":
     inside a deletion) when that variable is set: the kill test (tests/train/test_kill_resume.py) uses it
@@ -149,8 +167,10 @@ def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Tensor], d
     return tensors, {"keys": keys, "scalars": scalars, "param_groups": groups}
 
 
-def unflatten_optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`flatten_optimizer_state`."""
+def unflatten_optimizer_state(
+    tensors: dict[str, Tensor], meta: dict[str, Any], where: str = "the checkpoint"
+) -> dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer_state`; CheckpointError naming ``where`` for a malformed state."""
     try:
         keys = meta["keys"]
         state: dict[Any, dict[str, Any]] = {key: dict(meta["scalars"].get(str(i), {})) for i, key in enumerate(keys)}
@@ -161,7 +181,7 @@ def unflatten_optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) 
             {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in meta["param_groups"]
         ]
     except (KeyError, ValueError, IndexError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"the optimizer state in the checkpoint is malformed ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"the optimizer state in {where} is malformed ({type(e).__name__}: {e})") from None
     return {"state": state, "param_groups": groups}
 
 
@@ -235,8 +255,9 @@ def check_model_config(path: Path, config: Any) -> None:
 
 def check_like(template: Any, value: Any, where: str) -> None:
     """CheckpointError unless ``value`` (read from JSON) has the structure of ``template`` (what this run's
-    own object gives): the same keys, list lengths and kinds of values (a float slot takes an integer),
-    so that a ``load_state_dict`` taking it cannot fail midway or take a string for a number."""
+    own object gives): the same keys, list lengths and kinds of values (a float slot takes an integer; JSON's
+    NaN and Infinity only where the template is not finite either), so that a ``load_state_dict`` taking it
+    cannot fail midway or take a string for a number."""
 
     def fail(path: str, got: Any, allowed: str) -> None:
         shown = repr(got) if len(repr(got)) <= 80 else repr(got)[:77] + "..."
@@ -259,8 +280,84 @@ def check_like(template: Any, value: Any, where: str) -> None:
         elif isinstance(t, int | float):
             if isinstance(v, bool) or not isinstance(v, int | float) or (isinstance(t, int) and not isinstance(v, int)):
                 fail(path, v, "an integer" if isinstance(t, int) else "a number")
+            if isinstance(v, float) and not math.isfinite(v) and not (isinstance(t, float) and not math.isfinite(t)):
+                fail(path, v, "a finite number")
 
     walk(template, value, "")
+
+
+#: AdamW's state of a parameter once it has taken a step (``amsgrad`` adds ``max_exp_avg_sq``).
+ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
+#: The values of an optimiser param group that shape the update (``fused``, ``foreach``, ...: only how it runs).
+GROUP_VALUES = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "initial_lr")
+#: The scheduler's counters, which move with the step; the rest of its state is the schedule itself.
+_SCHEDULER_COUNTERS = ("last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial")
+
+
+def check_optimizer_state(
+    stored: dict[str, Any], groups: list[dict[str, Any]], names: list[list[set[str]]], shapes: dict[str, Tensor],
+    step: int, path: Path,
+) -> None:  # fmt: skip
+    """CheckpointError, before a resume loads anything, unless the optimiser state read from checkpoint ``path``
+    (:func:`unflatten_optimizer_state`'s dict, keyed by parameter name) is this run's at ``step``.
+
+    ``groups``: this run's param groups at ``step`` (:data:`GROUP_VALUES`, ``lr`` as the schedule sets it);
+    ``names``: per group, per parameter, the names it goes by (a tied one has several); ``shapes``: the model's
+    tensors by name. Each parameter's state is AdamW's (:data:`ADAMW_STATE`): finite moments of the parameter's
+    shape (torch's fused AdamW reads any other shape out of bounds) and ``step`` in ``[0, step]``; a parameter
+    may have none (no gradient yet), but a checkpoint past step 0 holds some."""
+    where, tensors = path / STATE_FILE, path / OPTIMIZER_FILE
+
+    def fail(file: Path, what: str, allowed: str) -> None:
+        raise CheckpointError(f"{file}: {what} must be {allowed}")
+
+    for i, (ours, theirs) in enumerate(zip(groups, stored["param_groups"])):
+        params = theirs.get("params")
+        if not isinstance(params, list) or len(params) != len(names[i]):
+            fail(where, f"optimizer.param_groups[{i}].params={params!r:.80}", f"a list of {len(names[i])} names")
+        for j, (name, aliases) in enumerate(zip(params, names[i])):
+            if name not in aliases:
+                fail(where, f"optimizer.param_groups[{i}].params[{j}]={name!r}", f"this run's {sorted(aliases)[0]!r}")
+        for key in GROUP_VALUES:
+            if key not in ours:
+                continue
+            same = math.isclose(theirs[key], ours[key], rel_tol=1e-9) if key == "lr" else theirs[key] == ours[key]
+            if not same:
+                fail(where, f"optimizer.param_groups[{i}].{key}={theirs[key]!r}",
+                     f"{ours[key]!r} (this run's at step {step})")  # fmt: skip
+    state = stored["state"]
+    if step > 0 and not state:
+        fail(tensors, f"the optimizer state at step {step} is empty", "AdamW's moments of the trained parameters")
+    keys = set(ADAMW_STATE) | ({"max_exp_avg_sq"} if groups and groups[0].get("amsgrad") else set())
+    for name, entry in state.items():
+        if name not in shapes:
+            fail(tensors, f"the state of {name!r}", "of a parameter of this model")
+        if set(entry) != keys:
+            fail(tensors, f"the state of {name!r}={sorted(entry)}", f"AdamW's {sorted(keys)}")
+        count = entry["step"]
+        if not (isinstance(count, Tensor) and count.numel() == 1 and 0 <= float(count) <= step):
+            shown = f"{count.dtype} {tuple(count.shape)}" if isinstance(count, Tensor) else repr(count)
+            shown = float(count) if isinstance(count, Tensor) and count.numel() == 1 else shown
+            fail(tensors, f"{name}: step={shown}", f"one number in [0, {step}] (the checkpoint's step)")
+        for key in sorted(keys - {"step"}):
+            t, want = entry[key], tuple(shapes[name].shape)
+            if not isinstance(t, Tensor) or not t.is_floating_point() or tuple(t.shape) != want:
+                shown = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                fail(tensors, f"{name}: {key}={shown}", f"a floating-point tensor of the parameter's shape {want}")
+            if not bool(torch.isfinite(t).all()) or (key != "exp_avg" and bool((t < 0).any())):
+                fail(tensors, f"{name}: {key}", "finite" + (" and >= 0" if key != "exp_avg" else ""))
+
+
+def check_scheduler_state(stored: dict[str, Any], ours: dict[str, Any], step: int, path: Path) -> None:
+    """CheckpointError unless the scheduler state read from checkpoint ``path`` is this run's schedule (base rates,
+    the schedule's fields) with ``last_epoch`` (the steps taken) at the checkpoint's ``step``."""
+    where = path / STATE_FILE
+    if stored.get("last_epoch") != step:
+        raise CheckpointError(f"{where}: scheduler.last_epoch={stored.get('last_epoch')!r} must be {step}, the step")
+    for key, value in ours.items():
+        if key not in _SCHEDULER_COUNTERS and stored.get(key) != value:
+            raise CheckpointError(f"{where}: scheduler.{key}={stored.get(key)!r:.80} must be {value!r:.80} (this "
+                                  "run's schedule)")  # fmt: skip
 
 
 @dataclass
@@ -297,7 +394,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             raise CheckpointError(f"{path / STATE_FILE} lacks {key!r}")
     rng = read_safetensors(path / RNG_FILE)
     check_state(state, rng, path)
-    optimizer = unflatten_optimizer_state(read_safetensors(path / OPTIMIZER_FILE), state.pop("optimizer"))
+    optimizer = unflatten_optimizer_state(read_safetensors(path / OPTIMIZER_FILE), state.pop("optimizer"),
+                                          f"{path / OPTIMIZER_FILE} and {path / STATE_FILE}")  # fmt: skip
     return Checkpoint(path, state, optimizer, rng)
 
 

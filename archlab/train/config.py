@@ -12,6 +12,7 @@ there ``lr`` is the factor in front of the formula (1.0 = the paper), which is w
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from archlab.config import MAX_SEED, Config, check_choice, check_positive, check_probability, require
 from archlab.models.registry import TASKS
@@ -142,6 +143,7 @@ class TrainConfig(Config):
         check_choice("schedule", self.schedule, SCHEDULES)
         if self.lr is not None:
             check_positive("lr", self.lr)
+            require(math.isfinite(self.lr), f"lr={self.lr!r} must be finite (a step of inf turns every weight to inf)")
         require(0.0 <= self.min_lr <= self.peak_lr,
                 f"min_lr={self.min_lr!r} must be in [0, peak lr={self.peak_lr!r}]")  # fmt: skip
         require(self.schedule != "noam" or self.warmup_steps > 0, "schedule='noam' needs warmup > 0 (the paper: 4000)")
@@ -150,7 +152,7 @@ class TrainConfig(Config):
         for i, beta in enumerate(self.betas):
             require(0.0 <= beta < 1.0, f"betas[{i}]={beta!r} must be in [0, 1)")
         check_positive("eps", self.eps)
-        require(self.weight_decay >= 0, f"weight_decay={self.weight_decay!r} must be >= 0")
+        require(0 <= self.weight_decay < math.inf, f"weight_decay={self.weight_decay!r} must be finite and >= 0")
         if self.clip is not None:
             check_positive("clip", self.clip)
         check_probability("label_smoothing", self.label_smoothing)

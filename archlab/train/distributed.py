@@ -138,6 +138,12 @@ def init_distributed(device: str = "auto") -> DistEnv:
     """Join the process group torchrun prepared (once): ``nccl`` when ``device`` (``auto | cpu | cuda``)
     resolves to CUDA, ``gloo`` otherwise. Call it before building the batch source, to shard it by rank."""
     env = detect()
+    missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(n)]
+    if env.distributed and missing and not dist.is_initialized():  # WORLD_SIZE set by hand, not by torchrun
+        are, n = ("is" if len(missing) == 1 else "are"), env.world_size
+        raise ConfigError(f"WORLD_SIZE={n} asks for {n} processes, but {' and '.join(missing)} {are} not set: start "
+                          f"them with torchrun --nproc_per_node={n} (it sets these variables), or unset WORLD_SIZE "
+                          "to train on one process")  # fmt: skip
     if env.distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if device_for(device, env).type == "cuda" else "gloo")
     return env

@@ -50,6 +50,9 @@ from archlab.train.checkpoint import (
     capture_rng,
     check_like,
     check_model_config,
+    check_optimizer_state,
+    check_scheduler_state,
+    check_writable_folder,
     checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
@@ -137,6 +140,15 @@ class Trainer:
             raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
         if not isinstance(train_batches, Iterable):
             raise DataError(f"train_batches must be an iterable of batches, got {type(train_batches).__name__}")
+        if eval_batches is not None and not (isinstance(eval_batches, Iterable) or callable(eval_batches)):
+            raise DataError(f"eval_batches must be an iterable of batches or a callable returning one, got "
+                            f"{type(eval_batches).__name__}")  # fmt: skip
+        every = config.eval_every or config.steps  # evaluations: every eval_every steps, and after the last step
+        evaluations = config.steps // every + (config.steps % every != 0)
+        if isinstance(eval_batches, Iterator) and evaluations > 1:
+            raise DataError(f"eval_batches is an iterator ({type(eval_batches).__name__}), used up by the first of the "
+                            f"evaluations every eval_every={config.eval_every} steps: pass a list, or a callable "
+                            "returning the batches anew")  # fmt: skip
         self.config = c = config
         self.task = get_task(resolve_task(model, c.task))
         self.env = D.init_distributed(c.device)
@@ -146,6 +158,9 @@ class Trainer:
         self.dp = D.data_parallel_env(self.env, c.parallel, c.tp_group_size, self.mesh)
         self.train_batches, self.eval_batches, self.extra_metrics = train_batches, eval_batches, extra_metrics
         self.out_dir = None if out_dir is None else Path(out_dir)
+        if self.out_dir is not None:  # now, not when the first checkpoint is due
+            check_writable_folder(self.out_dir, "out_dir")
+            check_writable_folder(self.out_dir / CHECKPOINTS, "out_dir")
         self.unigram_loss = unigram_loss
         weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self.precision = choose_precision(c.precision, self.device, weights)  # see archlab.precision
@@ -317,7 +332,8 @@ class Trainer:
         self.log.message(f"stopped at step {self.step + 1}: {what}")
         return TrainingError(
             f"{what} at step {self.step + 1} (lr={lr:.3g}); stopped before the optimizer step and {where}. "
-            "Resume from it with a lower lr, a longer warmup or clipping, or check the data."
+            f"{'Resume from it' if kept else 'Start again'} with a lower lr, a longer warmup or clipping, or check "
+            "the data."
         )
 
     def _weights(self):
@@ -357,6 +373,8 @@ class Trainer:
         if self.eval_batches is None:
             return {}
         batches = self.eval_batches() if callable(self.eval_batches) else self.eval_batches
+        if not isinstance(batches, Iterable):
+            raise DataError(f"eval_batches() must return an iterable of batches, got {type(batches).__name__}")
         sums: dict[str, Tensor] = {}  # "loss.<term>", "count.<term>" and the task's statistics, over all batches
         was_training = self.model.training
         self.model.eval()
@@ -455,6 +473,15 @@ class Trainer:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.state_dict()["param_groups"]]
         stored = [{k: g.get(k) for k in groups[0]} if isinstance(g, dict) else g for g in ckpt.optimizer["param_groups"]]
         check_like(groups, stored, f"{state_file}: optimizer.param_groups")  # lr, betas, ... as this run's
+        # the values too: the schedule at the checkpoint's step, AdamW's moments of each parameter's shape
+        check_scheduler_state(ckpt.state["scheduler"], self.scheduler.state_dict(), ckpt.step, path)
+        lrs = [base * at(ckpt.step) for base, at in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+        aliases: dict[int, set[str]] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), set()).add(name)
+        names = [[aliases[id(p)] for p in g["params"]] for g in self.optimizer.param_groups]
+        at_step = [{**g, "lr": lr} for g, lr in zip(groups, lrs)]
+        check_optimizer_state(ckpt.optimizer, at_step, names, self.shapes, ckpt.step, path)
         resumes_data = mine["data"] is not None and hasattr(self.train_batches, "load_state_dict")
         if resumes_data:
             check_like(self.train_batches.state_dict(), mine["data"], f"{state_file}: ranks[{self.dp.rank}].data")

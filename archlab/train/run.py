@@ -79,6 +79,7 @@ from archlab.train import distributed as D
 from archlab.train.checkpoint import (
     CHECKPOINT_FILES,
     check_model_config,
+    check_writable_folder,
     latest_checkpoint,
     load_checkpoint,
     remove_temporaries,
@@ -450,6 +451,8 @@ def train_run(
     has_checkpoints = latest_checkpoint(out / CHECKPOINTS) is not None
     if has_checkpoints and not resume:
         raise ConfigError(f"{out} already holds a trained run; pass --resume to continue it, or choose another --out")
+    for folder in (out, out / CHECKPOINTS):  # before the data is read and a tokenizer trained
+        check_writable_folder(folder, "--out")
     tokenizer = load_tokenizer(out) if resume and saved is not None and (out / TOKENIZER_FILE).is_file() else None
     run = prepare(spec, tokenizer=tokenizer)
     resolved = run.to_dict()

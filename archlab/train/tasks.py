@@ -69,7 +69,8 @@ TOKEN_TASKS = ("lm", "mlm", "seq2seq")  # tasks whose NLL is per token, so perpl
 _STAT_KEYS = ("samples", "tokens", "targets", "nll", "correct", "nsp_count", "nsp_nll", "nsp_correct", "batches")
 
 
-def _require(task: str, batch: Batch, keys: Iterable[str]) -> None:
+def _require(task: str, batch: Batch, keys: Iterable[str], optional: Iterable[str] = ()) -> None:
+    """DataError unless ``batch`` is a dict holding tensors under ``keys`` (and under ``optional`` where not None)."""
     if not isinstance(batch, dict):
         raise DataError(f"a {task} batch must be a dict of tensors, got {type(batch).__name__}")
     missing = [k for k in keys if k not in batch]
@@ -77,6 +78,10 @@ def _require(task: str, batch: Batch, keys: Iterable[str]) -> None:
         raise DataError(
             f"a {task} batch needs keys {', '.join(keys)}; missing {', '.join(missing)} (got {', '.join(batch)})"
         )
+    used = [*keys, *(k for k in optional if batch.get(k) is not None)]
+    loose = {k: type(batch[k]).__name__ for k in used if not isinstance(batch[k], Tensor)}
+    if loose:
+        raise DataError(f"a {task} batch must hold tensors; " + ", ".join(f"{k} is a {t}" for k, t in loose.items()))
 
 
 def _token_terms(logits: Tensor, labels: Tensor, eps: float) -> tuple[Tensor, Stats]:
@@ -145,7 +150,7 @@ def lm_run(model: nn.Module, batch: Batch, eps: float) -> tuple[Terms, Stats]:
 
 
 def mlm_counts(batch: Batch) -> dict[str, int]:
-    _require("mlm", batch, ("input_ids", "labels"))
+    _require("mlm", batch, ("input_ids", "labels"), ("attention_mask", "token_type_ids", "next_sentence_label"))
     counts = {"token": int((batch["labels"] != IGNORE_INDEX).sum())}
     if batch.get("next_sentence_label") is not None:
         counts["nsp"] = int(batch["next_sentence_label"].numel())
@@ -174,7 +179,7 @@ def mlm_run(model: nn.Module, batch: Batch, eps: float) -> tuple[Terms, Stats]:
 
 
 def seq2seq_counts(batch: Batch) -> dict[str, int]:
-    _require("seq2seq", batch, ("src_ids", "tgt_in", "tgt_out"))
+    _require("seq2seq", batch, ("src_ids", "tgt_in", "tgt_out"), ("src_mask",))
     return {"token": int((batch["tgt_out"] != IGNORE_INDEX).sum())}
 
 
@@ -186,7 +191,7 @@ def seq2seq_run(model: nn.Module, batch: Batch, eps: float) -> tuple[Terms, Stat
 
 
 def classification_counts(batch: Batch) -> dict[str, int]:
-    _require("classification", batch, ("inputs", "labels"))
+    _require("classification", batch, ("inputs", "labels"), ("attention_mask", "token_type_ids"))
     return {"sample": int((batch["labels"] != IGNORE_INDEX).sum())}
 
 

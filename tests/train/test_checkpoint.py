@@ -2,6 +2,7 @@
 keep-last-k, and clear errors for missing or foreign folders."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -172,3 +173,113 @@ def test_missing_or_foreign_checkpoints_raise_checkpoint_errors(tmp_path):
     (path / "trainer_state.json").write_text("{ not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(path)
+
+
+# -- a resume checks the optimiser and scheduler state against this run before it loads anything -----------------
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """A 2-step gpt-nano run (constant schedule: a resume may raise ``steps``) with its checkpoint at step 2."""
+    from train_fakes import LMSource
+
+    from archlab.train import Trainer
+
+    out = tmp_path_factory.mktemp("resume") / "run"
+    Trainer(_nano(), _resumable(2), LMSource(batch_size=4), out_dir=out).fit()
+    return out
+
+
+def _nano():
+    torch.manual_seed(0)
+    return build_model("gpt-nano", max_len=32)
+
+
+def _resumable(steps):
+    from archlab.train import TrainConfig
+
+    return TrainConfig(steps=steps, batch_size=4, schedule="constant", warmup=0, eval_every=0, ckpt_every=0,
+                       precision="fp32", progress=False, tensorboard=False)  # fmt: skip
+
+
+def _edit_tensors(file, change):
+    from safetensors.torch import load_file, save_file
+
+    save_file(change(load_file(str(file))), str(file))
+
+
+def _edit_state(file, change):
+    file.write_text(json.dumps(change(json.loads(file.read_text()))))
+
+
+def _optimizer(change):
+    return lambda s: {**s, "optimizer": change(s["optimizer"])}
+
+
+def _groups(**values):
+    return _optimizer(lambda o: {**o, "param_groups": [{**g, **values} for g in o["param_groups"]]})
+
+
+FIRST = "decoder.blocks.0.attn.in_proj.weight"
+
+
+@pytest.mark.parametrize(
+    "file, change, words",
+    [  # the moments of another shape: torch's fused AdamW read out of bounds (a segmentation fault)
+        ("optimizer.safetensors", lambda t: {k: v[:1] if v.ndim else v for k, v in t.items()},
+         f"{FIRST}: exp_avg=torch.float32 (1, 48) must be a floating-point tensor of the parameter's shape (144, 48)"),
+        # no moments at all, or one missing: the run went on with fresh ones (not an exact resume)
+        ("optimizer.safetensors", lambda t: {}, f"optimizer.safetensors: the state of '{FIRST}'=[] must be AdamW's"),
+        ("optimizer.safetensors", lambda t: {k: v for k, v in t.items() if k != "0/exp_avg"},
+         f"the state of '{FIRST}'=['exp_avg_sq', 'step'] must be AdamW's"),
+        # NaN moments: the run stopped at step 3 blaming the lr
+        ("optimizer.safetensors", lambda t: {k: v.fill_(float("nan")) if k.endswith("sq") else v for k, v in t.items()},
+         f"{FIRST}: exp_avg_sq must be finite and >= 0"),
+        # the parameter names shuffled: the moments went to other parameters (NaN at step 3) or a KeyError in torch
+        ("trainer_state.json", _optimizer(lambda o: {**o, "keys": o["keys"][::-1]}),
+         "optimizer.safetensors: decoder.final_norm.bias: exp_avg=torch.float32 (144, 48) must be"),
+        ("trainer_state.json", _optimizer(lambda o: {**o, "keys": [0] * len(o["keys"])}),
+         "the state of 0 must be of a parameter of this model"),
+        ("trainer_state.json", _optimizer(lambda o: {**o, "param_groups": [{**g, "params": ["x", *g["params"][1:]]}
+                                                                           for g in o["param_groups"]]}),
+         f"optimizer.param_groups[0].params[0]='x' must be this run's '{FIRST}'"),
+        # a learning rate that is not the schedule's: NaN went through (NaN loss at step 4), 10.0 silently
+        ("trainer_state.json", _groups(lr=float("nan")),
+         "trainer_state.json: optimizer.param_groups[0].lr=nan must be a finite number"),
+        ("trainer_state.json", _groups(lr=10.0),
+         "trainer_state.json: optimizer.param_groups[0].lr=10.0 must be 0.002 (this run's at step 2)"),
+        # the scheduler: a ZeroDivisionError, or base rates of 1e9 taken silently
+        ("trainer_state.json", lambda s: {**s, "scheduler": {**s["scheduler"], "last_epoch": -7}},
+         "scheduler.last_epoch=-7 must be 2, the step"),
+        ("trainer_state.json", lambda s: {**s, "scheduler": {**s["scheduler"], "base_lrs": [1e9, 1e9]}},
+         "scheduler.base_lrs=[1000000000.0, 1000000000.0] must be [0.002, 0.002] (this run's schedule)"),
+    ],
+)  # fmt: skip
+def test_a_damaged_optimizer_or_scheduler_state_is_refused_before_the_resume_loads_anything(
+    two_steps, tmp_path, file, change, words
+):
+    from train_fakes import LMSource
+
+    from archlab.train import Trainer
+
+    run = shutil.copytree(two_steps, tmp_path / "run")
+    ckpt = latest_checkpoint(run / "checkpoints")
+    (_edit_tensors if file.endswith(".safetensors") else _edit_state)(ckpt / file, change)
+    model = _nano()
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(model, _resumable(4), LMSource(batch_size=4), out_dir=run)
+    with pytest.raises(CheckpointError) as e:
+        trainer.fit(resume=True)
+    assert str(e.value).startswith(f"{ckpt}/") and words in str(e.value)  # the file (.safetensors or .json) named
+    assert trainer.step == 0 and not trainer.optimizer.state  # nothing loaded, nothing trained
+    assert all(torch.equal(v, fresh[k]) for k, v in model.state_dict().items())
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000002"]
+
+
+def test_an_undamaged_checkpoint_still_resumes(two_steps, tmp_path):
+    from train_fakes import LMSource
+
+    from archlab.train import Trainer
+
+    run = shutil.copytree(two_steps, tmp_path / "run")
+    assert Trainer(_nano(), _resumable(3), LMSource(batch_size=4), out_dir=run).fit(resume=True).step == 3

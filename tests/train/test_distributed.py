@@ -13,7 +13,16 @@ from train_fakes import RegressionModel
 
 from archlab.errors import ConfigError
 from archlab.train import TrainConfig, Trainer, load_checkpoint
-from archlab.train.distributed import DistEnv, MethodAsForward, all_reduce_sum, detect, gather_objects, no_sync, wrap
+from archlab.train.distributed import (
+    DistEnv,
+    MethodAsForward,
+    all_reduce_sum,
+    detect,
+    gather_objects,
+    init_distributed,
+    no_sync,
+    wrap,
+)
 from archlab.train.tasks import get_task
 
 
@@ -139,3 +148,20 @@ def test_one_process_helpers_are_no_ops(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(Exception, match=r"RANK=2 must be in \[0, WORLD_SIZE=2\)"):
         detect()
+
+
+def test_world_size_set_by_hand_without_a_rendezvous_is_a_config_error(monkeypatch):
+    """WORLD_SIZE=2 without torchrun's MASTER_ADDR / MASTER_PORT was a ValueError traceback from init_process_group."""
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 asks for 2 processes, but MASTER_ADDR and MASTER_PORT are not "
+                                          "set: start them with torchrun --nproc_per_node=2"):
+        init_distributed("cpu")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(ConfigError, match="but MASTER_ADDR is not set"):
+        Trainer(torch.nn.Linear(2, 2), TrainConfig(**CUSTOM), regression())
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: nothing to meet
+    assert init_distributed("cpu") == DistEnv(0, 1, 0)

@@ -371,3 +371,85 @@ def test_a_batch_too_large_for_the_memory_is_a_training_error_naming_batch_size(
     with pytest.raises(TrainingError, match=rf"^step 1: batches of batch_size={big} \({big} per forward pass, "
                                             r"grad_accum=1\) do not fit in this machine's memory; lower batch_size"):
         Trainer(nano(), config, source, out_dir=tmp_path).fit()
+
+
+# -- hostile settings and batches: refused before any step --------------------------------------------------------
+
+
+def test_an_infinite_lr_or_weight_decay_is_refused():
+    """lr=inf (JSON's 1e999) and weight_decay=inf were taken: the first AdamW step made every weight inf or nan."""
+    with pytest.raises(ConfigError, match="lr=inf must be finite"):
+        TrainConfig(lr=float("inf"))
+    with pytest.raises(ConfigError, match="lr=inf must be finite"):
+        TrainConfig(lr=float("inf"), schedule="noam")
+    with pytest.raises(ConfigError, match="weight_decay=inf must be finite and >= 0"):
+        TrainConfig(weight_decay=float("inf"))
+    with pytest.raises(ConfigError, match="weight_decay=-0.1 must be finite and >= 0"):
+        TrainConfig(weight_decay=-0.1)
+
+
+def test_batches_of_lists_are_a_data_error_naming_the_keys(tmp_path):
+    """A batch of Python lists was an AttributeError ('bool' object has no attribute 'sum') from the target count."""
+    config = TrainConfig(steps=2, batch_size=4, eval_every=0, ckpt_every=0, **QUIET)
+    good = next(iter(LMSource(batch_size=4)))
+    model = nano()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lists = [{"input_ids": good["input_ids"].tolist(), "labels": good["labels"]}]
+    with pytest.raises(DataError, match="a lm batch must hold tensors; input_ids is a list"):
+        Trainer(model, config, lists, out_dir=tmp_path).fit()
+    assert same_tensors(before, model.state_dict()) and latest_checkpoint(tmp_path / "checkpoints") is None
+    bad_mask = [{"input_ids": good["input_ids"], "labels": good["labels"], "next_sentence_label": [0, 1, 0, 1]}]
+    with pytest.raises(DataError, match="a mlm batch must hold tensors; next_sentence_label is a list"):
+        from archlab.train.tasks import mlm_counts
+
+        mlm_counts(bad_mask[0])
+
+
+def test_evaluation_batches_that_cannot_serve_every_evaluation_are_refused_before_training():
+    """A generator as eval_batches was used up by the first evaluation: the second said "the evaluation batches are
+    empty" after training; a number was a TypeError after training."""
+    config = TrainConfig(steps=4, batch_size=4, eval_every=2, ckpt_every=0, **QUIET)
+    stream = iter(LMSource(batch_size=4))
+    model = nano()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(DataError, match=r"eval_batches is an iterator \(generator\), used up by the first of the "
+                                        "evaluations every eval_every=2 steps: pass a list"):
+        Trainer(model, config, LMSource(batch_size=4), eval_batches=(next(stream) for _ in range(2)))
+    with pytest.raises(DataError, match="eval_batches must be an iterable of batches or a callable returning one, "
+                                        "got int"):
+        Trainer(model, config, LMSource(batch_size=4), eval_batches=5)
+    assert same_tensors(before, model.state_dict())
+    once = config.replace(eval_every=0)  # one evaluation, at the end: a generator serves it
+    result = Trainer(model, once, LMSource(batch_size=4), eval_batches=(next(stream) for _ in range(2))).fit()
+    assert result.eval["loss"] > 0
+    with pytest.raises(DataError, match=r"eval_batches\(\) must return an iterable of batches, got int"):
+        Trainer(model, once, LMSource(batch_size=4), eval_batches=lambda: 5).evaluate()
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_training(tmp_path, monkeypatch):
+    """A read-only out_dir (a read-only mount, or no permission) was an OSError from mkdir, a traceback."""
+    import os
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "ro") else real(p, mode))
+    (tmp_path / "ro").mkdir()
+    config = TrainConfig(steps=2, batch_size=4, eval_every=0, ckpt_every=0, **QUIET)
+    for out in (tmp_path / "ro", tmp_path / "ro" / "run"):
+        with pytest.raises(ConfigError, match=f"out_dir '{out}' is not writable.*a read-only file system or no "
+                                              "permission; choose another out_dir"):
+            Trainer(nano(), config, LMSource(batch_size=4), out_dir=out)
+    assert list((tmp_path / "ro").iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    under = f"out_dir '{tmp_path / 'file' / 'run'}' lies under '{tmp_path / 'file'}', a file"
+    with pytest.raises(ConfigError, match=under):
+        Trainer(nano(), config, LMSource(batch_size=4), out_dir=tmp_path / "file" / "run")
+
+
+def test_a_non_finite_loss_before_any_checkpoint_does_not_say_resume(tmp_path):
+    """The message said "no checkpoint was written yet. Resume from it ...": there was nothing to resume from."""
+    config = TrainConfig(task="custom", steps=4, batch_size=8, lr=1e-2, schedule="constant", eval_every=0,
+                         ckpt_every=0, **QUIET)  # fmt: skip
+    with pytest.raises(TrainingError, match=r"the loss is nan at step 1 .*no checkpoint was written yet\. Start again "
+                                            "with a lower lr"):
+        Trainer(RegressionModel(), config, RegressionSource(nan_at=0), out_dir=tmp_path).fit()
+    assert latest_checkpoint(tmp_path / "checkpoints") is None
