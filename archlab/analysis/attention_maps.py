@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -124,14 +125,18 @@ def attention_rollout(layers: Sequence[Tensor], residual: float = 0.5) -> Tensor
     r"""Attention rollout (Abnar & Zuidema 2020) of self-attention weights ``[B, A, N, N]`` per layer (first to
     last) -> ``[B, N, N]``: ``R = R_L ... R_1`` with ``R_l = residual I + (1 - residual) mean_heads(alpha_l)``,
     rows renormalised. Row ``i`` is how much each input token reaches token ``i`` at the top."""
+    layers = list(layers)  # a list of [B, A, N, N] (or one stacked tensor [L, B, A, N, N])
     if not layers:
         raise ShapeError("attention_rollout needs the weights of at least one layer")
-    if not 0 <= residual < 1:
+    if isinstance(residual, bool) or not isinstance(residual, numbers.Real) or not 0 <= residual < 1:
         raise ConfigError(f"residual={residual!r} must be in [0, 1)")
     result = None
     for i, w in enumerate(layers):
-        if w.ndim != 4 or w.shape[-1] != w.shape[-2]:
-            raise ShapeError(f"layer {i}: rollout takes self-attention weights [B, A, N, N], got {tuple(w.shape)}")
+        if not isinstance(w, Tensor):
+            raise ShapeError(f"layer {i}: rollout takes tensors of weights [B, A, N, N], got {type(w).__name__}")
+        if w.ndim != 4 or w.shape[-1] != w.shape[-2] or (i and (w.shape[0], w.shape[-1]) != tuple(result.shape[:2])):
+            wanted = "[B, A, N, N]" if not i else f"[B={result.shape[0]}, A, N={result.shape[-1]}, N] as layer 0"
+            raise ShapeError(f"layer {i}: rollout takes self-attention weights {wanted}, got {tuple(w.shape)}")
         eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
         r = residual * eye + (1 - residual) * w.mean(dim=1)
         r = r / r.sum(dim=-1, keepdim=True)
@@ -236,6 +241,14 @@ def maps_for(target: str, text: str | None = None, *, image: int | None = None, 
     from archlab.chat import CHAT_MODELS
     from archlab.models.registry import PRESETS
 
+    if not isinstance(target, str | Path) or not str(target).strip():
+        raise ConfigError(f"target={target!r} must name a run folder or checkpoint, a pretrained model or a preset")
+    target = str(target)
+    if text is not None and not isinstance(text, str):
+        raise DataError(f"text must be a str, got {type(text).__name__}")
+    for name, value in (("image", image), ("seed", seed)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{name}={value!r} must be an int")
     path = Path(target)
     if image is not None and (target in PRETRAINED or target in CHAT_MODELS or target.endswith(".gguf")):
         raise ConfigError(f"--image is for ViT models; {target!r} is a text model (use --text)")

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from archlab.analysis.memory import dtype_bytes, format_bytes, score_matrix_bytes
-from archlab.config import check_positive
+from archlab.config import check_positive, check_type
 from archlab.errors import ConfigError
 from archlab.models.docreader import CrossAttentionBlock, DocBatch, DocReader, DocReaderConfig
 from archlab.nn import efficient
@@ -321,8 +321,9 @@ def docreader_budget(config: DocReaderConfig, *, pages: int | None = None, batch
     if not isinstance(config, DocReaderConfig):
         raise ConfigError(f"docreader_budget needs a DocReaderConfig, got {type(config).__name__}")
     pages = config.max_pages if pages is None else pages
-    check_positive("pages", pages)
-    check_positive("batch", batch)
+    for name, value in (("pages", pages), ("batch", batch)):
+        check_type(name, value, int)
+        check_positive(name, value)
     if pages > config.max_pages:
         raise ConfigError(f"pages={pages} is more than the reader's page table holds (max_pages={config.max_pages})")
     # dropout masks are a training choice, not the design's; checkpointed blocks and page chunks would hide what

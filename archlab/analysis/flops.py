@@ -31,6 +31,7 @@ there) and it costs no memory and no arithmetic.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,8 +66,8 @@ class FlopReport:
 
     def per_token(self, n_tokens: int) -> dict[str, float]:
         """Each component divided by ``n_tokens`` (e.g. ``B * N`` positions of the batch)."""
-        if n_tokens <= 0:
-            raise DataError(f"n_tokens={n_tokens} must be > 0")
+        if isinstance(n_tokens, bool) or not isinstance(n_tokens, numbers.Integral) or n_tokens <= 0:
+            raise DataError(f"n_tokens={n_tokens!r} must be an integer > 0 (the positions of the batch, B * N)")
         return {name: flops / n_tokens for name, flops in self.by_component.items()}
 
 

@@ -87,6 +87,9 @@ def attention_bytes(
     ==========  ==================================================================================
     """
     _check_sizes(n=n, m=m, heads=heads, batch=batch, d_k=d_k, d_v=d_v, threads=threads)
+    for name, value in (("heads", heads), ("d_k", d_k), ("d_v", d_v), ("threads", threads)):
+        if value == 0:  # a size of 0 would price the other terms of a call that cannot run
+            raise ConfigError(f"{name}=0 must be >= 1")
     spec = parse_backend(backend)
     kind = "sdpa" if spec.kind == "auto" else spec.kind
     m = n if m is None else m
@@ -118,7 +121,10 @@ def _attention(config: Config):
     """The self-attention layers a family's config declares (its ``attention_shape``, see
     :mod:`archlab.models.base`): ``L``, ``A``, ``G`` and ``d``. GPT, Llama, BERT, ViT, Transformer-XL and the
     encoder-decoder have one; other configs raise ConfigError."""
-    shape = getattr(config, "attention_shape", None)
+    shape = None if isinstance(config, type) else getattr(config, "attention_shape", None)
+    if isinstance(config, type) and issubclass(config, Config):
+        raise ConfigError(f"{config.__name__} is a config class; pass a config, e.g. {config.__name__}() or "
+                          "archlab.models.get_config('<preset>')")  # fmt: skip
     if shape is None:
         raise ConfigError(f"{type(config).__name__} is not a Transformer config (it declares no attention_shape)")
     return shape

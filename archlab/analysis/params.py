@@ -31,6 +31,8 @@ feed-forward rows of this table.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -195,6 +197,10 @@ def count_parameters(model: nn.Module) -> ParamReport:
 
 def human(n: int | float) -> str:
     """``63082496 -> '63.1M'``, ``213e6 -> '213M'``, ``2048 -> '2.0K'``."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Real):
+        raise ConfigError(f"human({n!r}): a count must be a number")
+    if not math.isfinite(n):
+        return str(n)  # 'nan', 'inf': not '0', nor 'infT'
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             value = n / scale

@@ -85,13 +85,17 @@ def fit_power_law(x: Any, y: Any, *, irreducible: bool = False) -> PowerLawFit:
     if not irreducible:
         b, s = _line(u, v)
         return _fit(b, s, None, _ss_res(u, v, b, s, 0.0), v)
-    E, b, s = _fit_irreducible(u, v, ys.min())
+    shift = float(v.mean())  # fit y / exp(shift), near 1: losses of 1e-300 or 1e300 keep the Jacobian finite
+    E, b, s = _fit_irreducible(u, v - shift, float(np.exp(v.min() - shift)))
+    E, b = E * float(np.exp(shift)), b + shift
     return _fit(b, s, E, _ss_res(u, v, b, s, E), v)
 
 
 def _as_positive(name: str, values: Any, ndim: int | None) -> np.ndarray:
     """``values`` as float64 (``ndim`` dimensions unless None), every entry finite and ``> 0``."""
     if hasattr(values, "detach"):  # a torch tensor
+        if values.is_meta:
+            raise DataError(f"{name} is a tensor on the meta device: it has shapes but no values to fit")
         values = values.detach().cpu()
     try:
         array = np.asarray(values, dtype=np.float64)
@@ -149,7 +153,10 @@ def _polish(u: np.ndarray, v: np.ndarray, y_min: float, err: float, E: float, b:
         model = E + power
         J = -np.stack([1 / model, power / model, u * power / model], axis=1)  # dr / d(E, b, s)
         r = v - np.log(model)
-        JtJ, Jtr = J.T @ J, J.T @ r
+        with np.errstate(over="ignore", invalid="ignore"):
+            JtJ, Jtr = J.T @ J, J.T @ r
+        if not (np.isfinite(JtJ).all() and np.isfinite(Jtr).all()):
+            break  # y near the float64 limits (1e-300): LAPACK can loop forever on inf/NaN; keep the best so far
         improved = False
         while damping < 1e12:
             step = np.linalg.lstsq(JtJ + damping * np.diag(np.diag(JtJ)), -Jtr, rcond=None)[0]
@@ -173,5 +180,10 @@ def _fit(b: float, s: float, E: float | None, ss_res: float, v: np.ndarray) -> P
     alpha = -float(s)
     if alpha == 0:
         raise DataError("the fitted exponent is 0: y does not change with x, so x_c is undefined")
+    with np.errstate(over="ignore", under="ignore"):
+        x_c = float(np.exp(b / alpha))
+    if not 0 < x_c < np.inf:
+        raise DataError(f"the fitted x_c = e^{b / alpha:.4g} is beyond float64 (alpha={alpha:.4g}): rescale y (or x) "
+                        "towards 1 and fit again")  # fmt: skip
     ss_tot = float(((v - v.mean()) ** 2).sum())
-    return PowerLawFit(float(np.exp(b / alpha)), alpha, None if E is None else float(E), 1 - ss_res / ss_tot, len(v))
+    return PowerLawFit(x_c, alpha, None if E is None else float(E), 1 - ss_res / ss_tot, len(v))

@@ -67,6 +67,8 @@ MIN_WORDS = 4  # a passage shorter than this says nothing
 HELD_OUT_PERCENT = 20  # passages of this share of the source files are held out (valid + test)
 TABLE_SHARE, IMAGE_SHARE = 0.75, 0.75  # the chance that a page (not needed by the question) has one
 DIGIT_SIZE = 8  # the scikit-learn digits are 8x8
+#: Upper bounds of the generator's sizes: beyond them one document (or documents_fit) takes gigabytes or hours.
+MAX_TABLE_ROWS, MAX_IMAGE_SIZE, MAX_VALUE = 1_000, 1_024, 1_000_000
 #: The split of scikit-learn's digits that the figures come from (``archlab.data.images.digits``' arguments): training
 #: documents draw the training images, validation and test documents the held-out ones. An image encoder pretrained
 #: for the reader must see the training images only: ``archlab train vit-tiny --set data.valid_percent=20 --set
@@ -180,10 +182,11 @@ class DocumentTask(Config):
     Args:
         min_pages, max_pages: pages per document, uniform in ``[min_pages, max_pages]`` (``max_pages`` <= 50).
         max_words: the passage of a page is cut to at most this many words (the mention sentences come on top).
-        table_rows: data rows of a table (the header row comes on top).
+        table_rows: data rows of a table (the header row comes on top), at most MAX_TABLE_ROWS.
         table_columns: numeric columns of a table (besides the item column), at most len(TABLE_COLUMNS).
-        max_value: table values are integers in ``[1, max_value]``.
-        image_size: figures are ``[1, image_size, image_size]``: the 8x8 digits repeated ``image_size / 8`` times.
+        max_value: table values are integers in ``[1, max_value]`` (``max_value`` <= MAX_VALUE).
+        image_size: figures are ``[1, image_size, image_size]``: the 8x8 digits repeated ``image_size / 8`` times
+            (``image_size`` <= MAX_IMAGE_SIZE).
         questions: the kinds of question asked: ``largest``, ``digit``, ``count``.
         question_shares: empty (the default): the kinds drawn uniformly; else one positive integer per kind of
             ``questions``, its relative share of the documents (``(2, 1, 1)``: half the documents ask the first kind).
@@ -205,12 +208,14 @@ class DocumentTask(Config):
                 f"max_pages={self.max_pages} must be in min_pages={self.min_pages}..{MAX_PAGES} (the card's "
                 "longest document)")  # fmt: skip
         require(self.max_words >= MIN_WORDS, f"max_words={self.max_words} must be >= {MIN_WORDS}")
-        require(self.table_rows >= 1, f"table_rows={self.table_rows} must be >= 1")
+        require(1 <= self.table_rows <= MAX_TABLE_ROWS, f"table_rows={self.table_rows} must be in 1..{MAX_TABLE_ROWS}")
         require(1 <= self.table_columns <= len(TABLE_COLUMNS),
                 f"table_columns={self.table_columns} must be in 1..{len(TABLE_COLUMNS)}")  # fmt: skip
-        require(self.max_value >= 2, f"max_value={self.max_value} must be >= 2 (a unique largest value needs two)")
-        require(self.image_size >= DIGIT_SIZE and self.image_size % DIGIT_SIZE == 0,
-                f"image_size={self.image_size} must be a multiple of {DIGIT_SIZE} (the digits are 8x8)")  # fmt: skip
+        require(2 <= self.max_value <= MAX_VALUE,
+                f"max_value={self.max_value} must be in 2..{MAX_VALUE:,} (a unique largest needs two)")  # fmt: skip
+        require(DIGIT_SIZE <= self.image_size <= MAX_IMAGE_SIZE and self.image_size % DIGIT_SIZE == 0,
+                f"image_size={self.image_size} must be a multiple of {DIGIT_SIZE} (the digits are 8x8) in "
+                f"{DIGIT_SIZE}..{MAX_IMAGE_SIZE}")  # fmt: skip
         require(len(self.questions) >= 1, "questions must name at least one kind")
         for kind in self.questions:
             check_choice("questions", kind, QUESTION_KINDS)

@@ -619,6 +619,9 @@ def check_batch(config: DocReaderConfig, batch: DocBatch) -> None:
     """ShapeError for a batch :class:`DocReader` cannot read (before any computation)."""
     if not isinstance(batch, DocBatch):
         raise ShapeError(f"DocReader reads a DocBatch (archlab.models.docreader.collate), got {type(batch).__name__}")
+    for name, field in zip(batch._fields, batch, strict=True):
+        if not isinstance(field, Tensor):
+            raise ShapeError(f"{name} must be a tensor (DocBatch fields are tensors), got {type(field).__name__}")
     ids = batch.text_ids
     if not isinstance(ids, Tensor) or ids.ndim != 3:
         raise ShapeError(f"text_ids must be [B, P, N_t], got {list(ids.shape) if isinstance(ids, Tensor) else ids}")
@@ -657,6 +660,12 @@ def check_batch(config: DocReaderConfig, batch: DocBatch) -> None:
                          f"{list(batch.images.shape)} of {batch.images.dtype}")  # fmt: skip
     if batch.answers.shape != (b,):
         raise ShapeError(f"answers must be [B={b}], got {list(batch.answers.shape)}")
+    _check_ids("answers", batch.answers, (b,), config.n_answers, "n_answers")
+    pixels = batch.images
+    if pixels.numel() and not pixels.is_meta and not (bool(torch.isfinite(pixels).all()) and pixels.min() >= 0
+                                                      and pixels.max() <= 1):  # fmt: skip
+        raise ShapeError("images must be finite and in [0, 1] (as check_document asks; zeros where a page has no "
+                         "image)")  # fmt: skip
     _check_ids("kinds", batch.kinds, (b,), max(len(config.answer_kinds), 1), "answer heads")  # one w/o answer_kinds
     if not ids.is_meta:
         if not bool(batch.page_mask.any(-1).all()):

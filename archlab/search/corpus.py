@@ -77,6 +77,12 @@ class Document:
     title: str
     text: str
 
+    def __post_init__(self) -> None:
+        for name in ("id", "title", "text"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise DataError(f"Document {name}={value!r} must be a str, got {type(value).__name__}")
+
     @property
     def full_text(self) -> str:
         """What gets embedded and indexed: ``title`` and ``text`` joined by a blank line when both exist."""
@@ -90,12 +96,17 @@ class Corpus:
     """
 
     def __init__(self, docs: Iterable[Document], source: str = "<memory>"):
+        if isinstance(docs, str | bytes | dict) or not isinstance(docs, Iterable):
+            raise DataError(f"a corpus is made of a list of Document, got {type(docs).__name__}")
         self.docs = list(docs)
         self.source = source
         if not self.docs:
             raise DataError(f"corpus {source} is empty: it holds no documents")
         self._row: dict[str, int] = {}
         for i, doc in enumerate(self.docs):
+            if not isinstance(doc, Document):
+                raise DataError(f"corpus {source}: document {i} is a {type(doc).__name__}, not an "
+                                "archlab.search.Document(id, title, text)")  # fmt: skip
             if doc.id in self._row:
                 raise DataError(f"corpus {source}: duplicate document id {doc.id!r} (documents {self._row[doc.id]} "
                                 f"and {i}); ids must be unique")  # fmt: skip

@@ -95,7 +95,7 @@ class SearchEngine:
         """
         from archlab.search import encode, index
 
-        index_dir = Path(index_dir)
+        index_dir = index.index_path(index_dir)
         manifest = index.read_manifest(index_dir)
         meta = manifest["encoder"]
         encoder = encode.load_encoder(meta["name"] if model is None else model, meta["precision"])
@@ -203,6 +203,9 @@ class SearchEngine:
         each query's own BM25, fusion, re-ranking and explanation. Each result's ``encode`` and ``ann`` are the
         shared passes' milliseconds (its ``total`` includes them)."""
         _check_depths(k, rerank, explain)
+        if isinstance(queries, str) or not isinstance(queries, list | tuple):
+            hint = " (one query: search(query), or [query])" if isinstance(queries, str) else ""
+            raise DataError(f"search_batch takes a list of queries, got {type(queries).__name__}{hint}")
         if not queries:
             return []
         start = time.perf_counter()

@@ -356,9 +356,25 @@ def read_json(path: Path, what: str) -> dict:
     return io.read_json(path)
 
 
+def index_path(index_dir: str | Path, name: str = "index_dir") -> Path:
+    """``index_dir`` as a Path; ConfigError (naming the argument ``name``) unless it is a non-empty str or path."""
+    if not isinstance(index_dir, str | os.PathLike) or not str(index_dir).strip():
+        raise ConfigError(f"{name}={index_dir!r} must be the path of an index folder")
+    return Path(index_dir)
+
+
+#: What an index's manifest must hold to be opened: (section, key) -> (type, what it must be).
+MANIFEST_FIELDS = {
+    ("encoder", "name"): (str, "a string"), ("encoder", "identity"): (str, "a string"),
+    ("encoder", "dim"): (int, "an integer"), ("encoder", "precision"): (str, "a string"),
+    ("index", "type"): (str, f"one of {INDEX_TYPES}"), ("index", "params"): (dict, "an object"),
+    ("corpus", "count"): (int, "an integer >= 1"), ("hybrid",): (bool, "true or false"),
+}  # fmt: skip
+
+
 def read_manifest(index_dir: str | Path) -> dict:
-    """The manifest of an index folder, checked for its format and version."""
-    index_dir = Path(index_dir)
+    """The manifest of an index folder, checked for its format and version and for the fields opening it reads."""
+    index_dir = index_path(index_dir)
     if not index_dir.is_dir():
         raise CheckpointError(f"index {index_dir} is not a folder (build one with `archlab search index CORPUS --out "
                               f"{index_dir}`)")  # fmt: skip
@@ -370,6 +386,14 @@ def read_manifest(index_dir: str | Path) -> dict:
     missing = [key for key in ("encoder", "index", "hybrid", "corpus") if key not in manifest]
     if missing:
         raise CheckpointError(f"{index_dir / MANIFEST} has no {', '.join(missing)}: it is damaged; rebuild the index")
+    for path, (kind, allowed) in MANIFEST_FIELDS.items():
+        value = manifest
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if not ok or (path == ("index", "type") and value not in INDEX_TYPES) or (path[-1] == "count" and value < 1):
+            raise CheckpointError(f"{index_dir / MANIFEST}: {'.'.join(path)}={value!r} must be {allowed}: it is "
+                                  "damaged; rebuild the index")  # fmt: skip
     return manifest
 
 
@@ -483,11 +507,18 @@ def build_index(
     the manifest (also of an index that is already up to date: that changes its factor without a rebuild).
     """
     from archlab.search import encode
+    from archlab.search.engine import check_positive
 
+    if not isinstance(corpus, Corpus):
+        corpus = Corpus(corpus)  # a list of Document: checked there (empty, duplicate ids, not documents)
     if index != "auto" and index not in INDEX_TYPES:
         raise ConfigError(f"index={index!r} is not one of {('auto',) + INDEX_TYPES}")
+    if not isinstance(hybrid, bool):
+        raise ConfigError(f"hybrid={hybrid!r} must be True or False")
+    check_positive("batch_size", batch_size)
+    check_positive("chunk_size", chunk_size)
     say = log or (lambda message: None)
-    out = Path(out)
+    out = index_path(out, "out")
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; --out names a folder (new, empty, or an index to resume or extend)")
     n = len(corpus)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from archlab.errors import CheckpointError
+from archlab.errors import CheckpointError, DataError
 
 DEFAULT_PARAMS = {"method": "lucene", "k1": 1.5, "b": 0.75, "stopwords": "en", "stemmer": "english"}
 
@@ -43,6 +43,9 @@ class BM25Index:
         params = {**DEFAULT_PARAMS, **(params or {})}
         tokens = bm25s.tokenize(list(texts), stopwords=params["stopwords"], stemmer=_stemmer(params["stemmer"]),
                                 show_progress=False)  # fmt: skip
+        if not tokens.vocab:
+            raise DataError(f"BM25 finds no word to index in the {len(tokens.ids)} document(s): every text is empty or "
+                            "stop words; index them without hybrid (dense only)")  # fmt: skip
         retriever = bm25s.BM25(method=params["method"], k1=params["k1"], b=params["b"])
         retriever.index(tokens, show_progress=False)
         return cls(retriever, params)

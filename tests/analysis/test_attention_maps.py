@@ -235,3 +235,31 @@ def test_minilm_maps_a_long_text_as_embed_reads_it():
     maps = maps_for("minilm-l6", "word " * 300)
     queries = maps.maps[0].queries
     assert len(queries) == 256 and queries[0] == "[CLS]" and queries[-1] == "[SEP]" and queries[1:-1] == ["word"] * 254
+
+
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda: maps_for(None, "hi"), ConfigError, "target=None must name a run folder"),
+        (lambda: maps_for("", "hi"), ConfigError, "target='' must name a run folder"),
+        (lambda: maps_for("gpt-nano", 5), DataError, "text must be a str, got int"),
+        (lambda: maps_for("vit-tiny", image=True), ConfigError, "image=True must be an int"),
+        (lambda: maps_for("vit-tiny", image=1.5), ConfigError, "image=1.5 must be an int"),
+        (lambda: maps_for("gpt-nano", "hi", seed="a"), ConfigError, "seed='a' must be an int"),
+    ],
+)
+def test_maps_for_refuses_arguments_of_the_wrong_type_by_name(call, error, words):
+    with pytest.raises(error, match=words):
+        call()
+
+
+def test_rollout_refuses_non_tensors_and_layers_of_other_shapes():
+    half = torch.full((1, 1, 2, 2), 0.5)
+    with pytest.raises(ShapeError, match=r"layer 0: rollout takes tensors of weights \[B, A, N, N\], got list"):
+        attention_rollout([[0.5]])
+    with pytest.raises(ShapeError, match=r"layer 1: rollout takes self-attention weights \[B=1, A, N=2, N\] as layer"):
+        attention_rollout([half, torch.full((1, 1, 3, 3), 1 / 3)])
+    with pytest.raises(ShapeError, match=r"layer 1: .*\[B=1, A, N=2, N\] as layer 0, got \(2, 1, 2, 2\)"):
+        attention_rollout([half, torch.full((2, 1, 2, 2), 0.5)])
+    stacked = torch.stack([half, half])  # [L, B, A, N, N]: one tensor of every layer reads as the list
+    torch.testing.assert_close(attention_rollout(stacked), attention_rollout([half, half]))

@@ -154,3 +154,10 @@ def test_inspect_refuses_pages_where_they_mean_nothing(capsys):
     assert "--pages is for the document reader's presets" in capsys.readouterr().err
     assert main(["inspect", "docreader-tiny", "--pages", "0"]) != 0
     assert "--pages=0 must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, value", [("pages", 1.5), ("pages", True), ("pages", "2"), ("batch", float("inf"))])
+def test_pages_and_batch_must_be_integers(name, value):
+    c = get_config("docreader-tiny", **TINY)
+    with pytest.raises(ConfigError, match=rf"{name}={value!r} must be an integer"):
+        docreader_budget(c, **{name: value})

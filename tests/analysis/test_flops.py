@@ -154,3 +154,10 @@ def test_rwkv_matches_hand_count_and_torch_flop_counter():
     with kernels.flop_counter(display=False) as counter, torch.no_grad():
         model(one)
     assert count_flops(model, one).total == counter.get_total_flops() == sum(rwkv_by_hand(2).values())
+
+
+@pytest.mark.parametrize("n_tokens", [float("nan"), "8", 2.5, True])
+def test_per_token_needs_a_positive_integer_count(n_tokens):
+    report = count_flops(torch.nn.Linear(4, 4), torch.zeros(2, 4))
+    with pytest.raises(DataError, match=r"n_tokens=.* must be an integer > 0"):
+        report.per_token(n_tokens)

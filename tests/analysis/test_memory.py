@@ -167,3 +167,14 @@ def test_activation_estimate_grows_as_expected():
 def test_bad_arguments_raise_config_error(call, match):
     with pytest.raises(ConfigError, match=match):
         call()
+
+
+def test_a_config_class_and_sizes_of_zero_that_price_nothing_are_refused():
+    with pytest.raises(ConfigError, match=r"TransformerConfig is a config class; pass a config, e\.g\. Transf"):
+        kv_cache_bytes(TransformerConfig, batch=1, length=8)
+    with pytest.raises(ConfigError, match="TransformerConfig is a config class"):
+        training_activation_bytes(TransformerConfig, batch=1, seq_len=8)
+    for name in ("heads", "d_k", "d_v", "threads"):
+        with pytest.raises(ConfigError, match=f"{name}=0 must be >= 1"):
+            attention_bytes("sdpa", 16, **{name: 0})
+    assert attention_bytes("sdpa", 0) > 0 and score_matrix_bytes(16, batch=0) == 0  # empty inputs stay allowed

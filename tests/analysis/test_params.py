@@ -142,3 +142,9 @@ def test_errors_and_human_format():
         report.share("atention")
     figures = [human(n) for n in (63_082_496, 214_245_376, 241_664, 999, 1.5e9)]
     assert figures == ["63.1M", "214M", "242K", "999", "1.5B"]
+
+
+def test_human_of_non_finite_and_non_numbers():
+    assert human(float("nan")) == "nan" and human(float("inf")) == "inf" and human(-float("inf")) == "-inf"
+    with pytest.raises(ConfigError, match=r"human\('12'\): a count must be a number"):
+        human("12")

@@ -1,4 +1,6 @@
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -108,3 +110,24 @@ def test_predict_rejects_non_positive_x():
     fit = fit_power_law([1, 2, 4], [3, 2, 1])
     with pytest.raises(DataError, match=r"x\[1\]=-1.0: every x must be finite and > 0"):
         fit.predict([1.0, -1.0])
+
+
+def test_losses_near_the_float64_limits_fit_without_hanging_and_scale_with_y():
+    # y ~ 1e-300: the Jacobian 1/L overflowed and LAPACK's least squares looped forever on inf/NaN (a hang)
+    code = ("from archlab.analysis import fit_power_law; "
+            "print(fit_power_law([1, 2, 3, 4], [1e-300, 2e-300, 3e-300, 5e-300], irreducible=True).alpha)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    at_one = fit_power_law([1, 2, 3, 4], [1, 2, 3, 5], irreducible=True)
+    tiny = fit_power_law([1, 2, 3, 4], [1e-300, 2e-300, 3e-300, 5e-300], irreducible=True)
+    assert tiny.alpha == pytest.approx(at_one.alpha, rel=1e-6) and tiny.r2 == pytest.approx(at_one.r2, rel=1e-9)
+    assert tiny.irreducible == pytest.approx(at_one.irreducible * 1e-300, rel=1e-6)
+    assert float(done.stdout) == pytest.approx(at_one.alpha, rel=1e-6)
+
+
+def test_an_x_c_beyond_float64_and_a_meta_tensor_are_data_errors():
+    x = np.array([10.0, 100.0, 1000.0, 10000.0])
+    with pytest.raises(DataError, match=r"the fitted x_c = e\^.* is beyond float64 \(alpha=0\.3\): rescale y"):
+        fit_power_law(x, (3 + 5 * x**-0.3) * 1e300, irreducible=True)  # x_c = (5e300)^(1 / 0.3): not a float
+    with pytest.raises(DataError, match="x is a tensor on the meta device: it has shapes but no values"):
+        fit_power_law(torch.ones(3, device="meta"), [3.0, 2.0, 1.0])

@@ -222,3 +222,16 @@ def test_the_tiny_reader_reads_every_document_whole_and_a_smaller_one_is_refused
             documents_fit(task, tiny.replace(**change), tok)
     with pytest.raises(ConfigError, match="max_pages=4 < 8 pages"):
         documents_fit(task, tiny.replace(max_pages=4), tok)
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"table_rows": 10**7}, r"table_rows=10000000 must be in 1\.\.1000"),  # was: minutes, then MemoryError
+        ({"image_size": 8 * 4096}, r"image_size=32768 must be a multiple of 8 .* in 8\.\.1024"),  # 4 GB an image
+        ({"max_value": 10**9}, r"max_value=1000000000 must be in 2\.\.1,000,000"),  # documents_fit: 1e9 strings
+    ],
+)
+def test_sizes_that_would_take_gigabytes_are_refused_by_name(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        DocumentTask(**fields)

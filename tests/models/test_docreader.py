@@ -813,3 +813,20 @@ def test_fan_in_init_draws_each_reader_layer_at_its_stated_std():
         assert abs(float(part.weight.detach().std()) - 0.02) < 0.002
     with pytest.raises(ConfigError, match="weight_init"):
         get_config("docreader-tiny", weight_init="xavier")
+
+
+def test_answers_images_and_fields_that_are_no_tensors_are_refused_before_the_forward(tokenizer):
+    c = config()
+    m = model(c)
+    batch = collate(documents(c), c, tokenizer)
+    with pytest.raises(ShapeError, match=r"answers holds 103, outside \[0, n_answers=5\)"):
+        m.compute_loss({**batch._asdict(), "answers": batch.answers + 100})  # was: IndexError inside cross_entropy
+    with pytest.raises(ShapeError, match=r"answers holds -100, outside \[0, n_answers=5\)"):
+        m.compute_loss({**batch._asdict(), "answers": torch.full_like(batch.answers, -100)})  # was: a NaN loss
+    with pytest.raises(ShapeError, match="answers must be an integer tensor, got dtype torch.float32"):
+        m(batch._replace(answers=batch.answers.float()))
+    for bad in (float("nan"), 1e30, -1.0):  # was: NaN logits, silently
+        with pytest.raises(ShapeError, match=r"images must be finite and in \[0, 1\]"):
+            m(batch._replace(images=batch.images.clone().fill_(bad)))
+    with pytest.raises(ShapeError, match=r"question_ids must be a tensor \(DocBatch fields are tensors\), got list"):
+        m(batch._replace(question_ids=batch.question_ids.tolist()))  # was: AttributeError 'list' ... 'ndim'

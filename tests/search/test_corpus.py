@@ -144,3 +144,17 @@ def test_builtin_corpus_and_evalset():
         assert query not in doc.text  # the summary sentence is held out of its document
         assert len(doc.text.split()) >= corpus_mod.MIN_BODY_WORDS
     assert len({q.lower() for q in evalset.queries.values()}) == len(evalset.queries)
+
+
+def test_documents_hold_strings_and_a_corpus_holds_documents():
+    for fields, words in ((("1", None, "t"), "Document title=None must be a str, got NoneType"),
+                          ((7, "", "t"), "Document id=7 must be a str, got int"),
+                          (("a", "", b"t"), "Document text=b't' must be a str, got bytes")):  # fmt: skip
+        with pytest.raises(DataError, match=words):
+            Document(*fields)
+    with pytest.raises(DataError, match=r"corpus <memory>: document 1 is a dict, not an archlab.search.Document"):
+        Corpus([Document("a", "", "x"), {"id": "b", "text": "y"}])
+    with pytest.raises(DataError, match="a corpus is made of a list of Document, got str"):
+        Corpus("abc")
+    with pytest.raises(DataError, match="got NoneType"):
+        Corpus(None)

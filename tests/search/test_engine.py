@@ -231,3 +231,10 @@ def test_search_batch_equals_one_search_per_query(engine):
     assert engine.search_batch([], k=5) == []
     with pytest.raises(DataError, match="the query is empty"):
         engine.search_batch(["fine", " "], k=5)
+
+
+def test_search_batch_refuses_one_string_it_would_read_letter_by_letter(engine):
+    with pytest.raises(DataError, match=r"search_batch takes a list of queries, got str \(one query: search\(query\)"):
+        engine.search_batch("json", k=3)  # was: four searches, for 'j', 's', 'o' and 'n'
+    with pytest.raises(ConfigError, match="index_dir=None must be the path of an index folder"):
+        SearchEngine.open(None)

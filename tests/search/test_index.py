@@ -10,6 +10,7 @@ import torch
 
 from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.search import encode
+from archlab.search.corpus import Corpus, Document
 from archlab.search.evaluate import evaluate_run, write_trec_run
 from archlab.search.fuse import reciprocal_rank_fusion
 from archlab.search.index import (
@@ -17,6 +18,7 @@ from archlab.search.index import (
     MANIFEST,
     VERSION,
     build_faiss,
+    build_index,
     choose_index_type,
     default_params,
     min_ivfpq_vectors,
@@ -194,3 +196,48 @@ def test_damaged_index_files_are_a_checkpoint_error(tmp_path):
     write_json(tmp_path / MANIFEST, {"format": FORMAT, "version": VERSION, "index": {}, "hybrid": False})
     with pytest.raises(CheckpointError, match="manifest.json has no encoder, corpus: it is damaged; rebuild the index"):
         read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"encoder": "minilm-l6"}, "encoder.name=None must be a string"),
+        ({"corpus": {"count": "3"}}, "corpus.count='3' must be an integer >= 1"),
+        ({"corpus": {"count": 0}}, "corpus.count=0 must be an integer >= 1"),
+        ({"index": {"type": "ivf", "params": {}}}, r"index.type='ivf' must be one of \('flat', 'hnsw', 'ivfpq'\)"),
+        ({"index": {"type": "flat"}}, "index.params=None must be an object"),
+        ({"hybrid": "false"}, "hybrid='false' must be true or false"),
+    ],
+)
+def test_a_manifest_with_fields_of_the_wrong_kind_is_a_checkpoint_error(tmp_path, change, words):
+    good = {"format": FORMAT, "version": VERSION, "hybrid": False, "corpus": {"count": 3},
+            "encoder": {"name": "minilm-l6", "identity": "0" * 16, "dim": 384, "precision": "fp32"},
+            "index": {"type": "flat", "params": {}}}  # fmt: skip
+    write_json(tmp_path / MANIFEST, good)
+    assert read_manifest(tmp_path) == good
+    write_json(tmp_path / MANIFEST, {**good, **change})
+    with pytest.raises(CheckpointError, match=words + ": it is damaged; rebuild the index"):
+        read_manifest(tmp_path)
+    with pytest.raises(ConfigError, match="index_dir=None must be the path of an index folder"):
+        read_manifest(None)
+
+
+def test_bm25_of_texts_without_a_word_to_index_is_a_data_error():
+    with pytest.raises(DataError, match=r"BM25 finds no word to index in the 2 document\(s\): every text is empty or "
+                                        "stop words"):  # fmt: skip
+        BM25Index.build(["", "the of a"])
+
+
+def test_build_index_checks_its_arguments_before_loading_the_encoder(tmp_path):
+    docs = [Document("a", "", "some text")]
+    with pytest.raises(ConfigError, match="batch_size=0 must be an int >= 1"):
+        build_index(Corpus(docs), tmp_path / "i", batch_size=0)  # was: range() arg 3 must not be zero
+    with pytest.raises(ConfigError, match="batch_size=-1 must be an int >= 1"):
+        build_index(Corpus(docs), tmp_path / "i", batch_size=-1)  # was: vectors never written (torch.empty)
+    with pytest.raises(ConfigError, match="hybrid='no' must be True or False"):
+        build_index(Corpus(docs), tmp_path / "i", hybrid="no")
+    with pytest.raises(DataError, match="corpus <memory> is empty"):
+        build_index([], tmp_path / "i")  # a list of Document is checked as a Corpus
+    with pytest.raises(DataError, match="duplicate document id 'a'"):
+        build_index(docs + docs, tmp_path / "i")
+    assert not (tmp_path / "i").exists()
