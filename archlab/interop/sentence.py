@@ -91,6 +91,7 @@ class SentenceEncoder:
     @torch.inference_mode()
     def embed(self, texts: list[str], *, batch_size: int = 32, max_length: int | None = None) -> Tensor:
         """Unit-length embeddings ``[n, d]`` (float32) of ``texts``; see :func:`embed`."""
+        check_batch_size(batch_size)  # (0 or less: no batch would run, and the rows stay uninitialised)
         length = self.max_seq_length if max_length is None else max_length
         out = torch.empty(len(texts), self.dim)
         # Similar lengths share a batch, so little compute goes to padding (padding never changes a result).
@@ -248,6 +249,12 @@ def sentence_encoder(model: str | Path = DEFAULT_MODEL, *, precision: str = "fp3
     return _CACHE[folder, name]
 
 
+def check_batch_size(batch_size: int) -> None:
+    """ConfigError unless ``batch_size`` (texts per forward pass) is a positive int."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ConfigError(f"batch_size={batch_size!r} must be a positive int")
+
+
 def embed(
     texts: list[str], model: str | Path = DEFAULT_MODEL, *, batch_size: int = 32, max_length: int | None = None
 ) -> Tensor:
@@ -271,8 +278,7 @@ def embed(
         raise DataError(f"texts[{bad[0]}] is a {type(texts[bad[0]]).__name__}, not a str")
     for text in texts:
         utf8(text)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ConfigError(f"batch_size={batch_size!r} must be a positive int")
+    check_batch_size(batch_size)  # before the encoder loads
     encoder = sentence_encoder(model)
     if max_length is not None:
         limit = encoder.bert.config.max_len

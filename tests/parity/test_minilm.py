@@ -190,3 +190,8 @@ def test_bad_arguments():
     with pytest.raises(ConfigError, match=r"max_length=1000 must be an int in \[2, 512\]"):
         embed(["a"], max_length=1000)
     assert embed([]).shape == (0, 384)
+    from archlab.interop.sentence import sentence_encoder
+
+    for bad in (0, -1):  # the method too: -1 ran no batch and returned torch.empty's uninitialised rows
+        with pytest.raises(ConfigError, match=rf"batch_size={bad} must be a positive int"):
+            sentence_encoder("minilm-l6").embed(["a", "b"], batch_size=bad)
