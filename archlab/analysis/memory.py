@@ -90,6 +90,8 @@ def attention_bytes(
     for name, value in (("heads", heads), ("d_k", d_k), ("d_v", d_v), ("threads", threads)):
         if value == 0:  # a size of 0 would price the other terms of a call that cannot run
             raise ConfigError(f"{name}=0 must be >= 1")
+    if not isinstance(causal, bool):  # "no" would read as True
+        raise ConfigError(f"causal={causal!r} must be True or False")
     spec = parse_backend(backend)
     kind = "sdpa" if spec.kind == "auto" else spec.kind
     m = n if m is None else m

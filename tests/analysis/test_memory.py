@@ -178,3 +178,5 @@ def test_a_config_class_and_sizes_of_zero_that_price_nothing_are_refused():
         with pytest.raises(ConfigError, match=f"{name}=0 must be >= 1"):
             attention_bytes("sdpa", 16, **{name: 0})
     assert attention_bytes("sdpa", 0) > 0 and score_matrix_bytes(16, batch=0) == 0  # empty inputs stay allowed
+    with pytest.raises(ConfigError, match=r"causal='no' must be True or False"):  # a non-empty string read as True
+        attention_bytes("math", 16, causal="no")
