@@ -887,6 +887,8 @@ class MultiHeadAttention(nn.Module):
     def _check_input(self, name: str, x: Tensor) -> None:
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ShapeError(f"{name} must be [B, N, d_model={self.d_model}], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():  # token ids passed where vectors go: say so, not torch's dtype mismatch
+            raise ShapeError(f"{name} must hold floating-point vectors [B, N, d_model], got dtype {x.dtype}")
 
     def forward(
         self,

@@ -30,9 +30,10 @@ ACTIVATIONS = {
 
 def _check_width(ffn: nn.Module, x: Tensor) -> None:
     """ShapeError unless ``x`` is ``[..., d_model]`` (a shape check only: FFNs run in every decoding step)."""
-    if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[-1] != ffn.d_model:
-        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ShapeError(f"{type(ffn).__name__} built for d_model={ffn.d_model}: x must be [..., d_model], got {got}")
+    if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[-1] != ffn.d_model or not x.is_floating_point():
+        got = (tuple(x.shape), x.dtype) if isinstance(x, Tensor) else type(x).__name__
+        raise ShapeError(f"{type(ffn).__name__} built for d_model={ffn.d_model}: x must be float [..., d_model], "
+                         f"got {got}")  # fmt: skip
 
 
 class FeedForward(nn.Module):

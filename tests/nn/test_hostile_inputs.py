@@ -66,8 +66,17 @@ def test_a_score_refuses_query_and_keys_of_different_batches():
 
 @pytest.mark.parametrize("ffn", [FeedForward(16, 32), GatedFeedForward(16, 32)], ids=["plain", "gated"])
 def test_a_feedforward_refuses_another_width_naming_it(ffn):
-    with pytest.raises(ShapeError, match=r"built for d_model=16: x must be \[\.\.\., d_model\], got \(2, 5, 17\)"):
+    with pytest.raises(ShapeError, match=r"d_model=16: x must be float \[\.\.\., d_model\], got \(\(2, 5, 17\)"):
         ffn(torch.randn(2, 5, 17))
+    with pytest.raises(ShapeError, match=r"x must be float \[\.\.\., d_model\], got \(\(2, 5, 16\), torch.int64\)"):
+        ffn(torch.ones(2, 5, 16, dtype=torch.long))  # ids where vectors go: torch said "mat1 and mat2 ... dtype"
+
+
+def test_attention_refuses_integer_vectors_naming_the_dtype():
+    from archlab.nn import MultiHeadAttention
+
+    with pytest.raises(ShapeError, match=r"x must hold floating-point vectors \[B, N, d_model\], got dtype torch.int"):
+        MultiHeadAttention(16, 4)(torch.ones(2, 5, 16, dtype=torch.long))
 
 
 def test_a_decoder_refuses_a_cache_of_another_depth():
