@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from archlab.errors import CheckpointError, ConfigError
-from archlab.interop.io import check_state_dict, read_hf_folder, write_hf_folder
+from archlab.interop.io import check_state_dict, id2label_count, read_hf_folder, write_hf_folder
 from archlab.models.bert import INIT_STD, BertConfig, BertForPreTraining, BertForSequenceClassification, BertModel
 
 ANCHOR = "embeddings.word_embeddings.weight"  # the key that locates the encoder inside any layout
@@ -91,17 +91,17 @@ def bert_config_from_hf(hf: Mapping, *, source: str = "config") -> BertConfig:
             type_vocab_size=get("type_vocab_size"), d_model=get("hidden_size"),
             n_heads=get("num_attention_heads"), n_layers=get("num_hidden_layers"), d_ff=get("intermediate_size"),
             dropout=get("hidden_dropout_prob"), attn_dropout=get("attention_probs_dropout_prob"),
-            eps=get("layer_norm_eps"), pad_id=get("pad_token_id"), n_classes=_num_labels(hf),
+            eps=get("layer_norm_eps"), pad_id=get("pad_token_id"), n_classes=_num_labels(hf, source),
         )  # fmt: skip
     except ConfigError as e:
         names = [f"{ours}={theirs}" for ours, theirs in HF_NAMES.items() if re.search(rf"\b{ours}=", str(e))]
         raise CheckpointError(f"{source}: {e} (archlab name=Hugging Face name: {', '.join(names)})") from None
 
 
-def _num_labels(hf: Mapping) -> int:
+def _num_labels(hf: Mapping, source: str = "config") -> int:
     """Hugging Face keeps the class count as ``id2label`` (``num_labels`` is derived from it; default 2)."""
-    id2label = hf.get("id2label")
-    return len(id2label) if id2label else hf.get("num_labels") or 2
+    count = id2label_count(hf, source)
+    return (hf.get("num_labels") or 2) if count is None else count
 
 
 def bert_config_to_hf(config: BertConfig, *, architecture: str = "BertModel") -> dict:

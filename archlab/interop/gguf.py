@@ -243,6 +243,10 @@ def hf_llama_config(file: GGUFFile) -> dict:
             f"{file.path} holds a {arch!r} model; archlab reads GGUF architectures: {', '.join(ARCHITECTURES)}"
         )
     config = {hf: file.require(f"{arch}.{key}") for key, hf in _CONFIG_KEYS.items()}
+    for key in ("embedding_length", "attention.head_count"):  # head_dim divides one by the other
+        value = config[_CONFIG_KEYS[key]]
+        if type(value) is not int or value <= 0:
+            raise CheckpointError(f"{file.path}: metadata {arch}.{key}={value!r} must be a positive integer")
     head_dim = config["hidden_size"] // config["num_attention_heads"]
     rope_dim = file.metadata.get(f"{arch}.rope.dimension_count", head_dim)
     if rope_dim != head_dim:
@@ -361,8 +365,11 @@ def load_gguf(path: str | Path | GGUFFile, *, quantize: str | None = None, **opt
     head, stored_head = head_choice(file, quantize, options)
     if stored_head is not None:
         given["lm_head"] = stored_head  # the embedding (tied) still reads the floats: not a placeholder
+    # the weights are checked against the config (shapes on the meta device) before the model is built: metadata
+    # of absurd sizes with small tensors is refused, not allocated
+    state = archlab_state_from_llama(hf_llama_state(file, hf_config, parts), config, source=str(file.path))
     model = Llama(config)
-    model.load_state_dict(archlab_state_from_llama(hf_llama_state(file, hf_config, parts), config))
+    model.load_state_dict(state)
     model.eval()
     if quantize is not None:
         quantize_layers(model, quantize, weights=given, **{**options, "head": head})

@@ -147,7 +147,7 @@ def config_from_gpt2(hf: Mapping, *, source: str = "GPT-2 config") -> GPTConfig:
         if flag:
             raise CheckpointError(f"{source}: archlab's GPT does not implement {what}")
     activation = hf.get("activation_function", "gelu_new")
-    if activation not in _FROM_HF_ACTIVATION:
+    if not isinstance(activation, str) or activation not in _FROM_HF_ACTIVATION:
         raise CheckpointError(
             f"{source}: activation_function={activation!r} is not supported; "
             f"known: {', '.join(sorted(_FROM_HF_ACTIVATION))}"

@@ -87,6 +87,23 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def as_float(value):
+    """A JSON number (an int such as ``10000``) as a float; anything else (a string, a list) as it is, for the
+    config's own type check to refuse naming its field (``float("abc")`` would raise a bare ValueError)."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+def id2label_count(hf: Mapping, source: str) -> int | None:
+    """The classes a Hugging Face config's ``id2label`` names (``None`` without one); CheckpointError naming ``source``
+    when it is not an object."""
+    id2label = hf.get("id2label")
+    if not id2label:
+        return None
+    if not isinstance(id2label, Mapping):
+        raise CheckpointError(f"{source}: id2label={id2label!r} must be an object (class id -> label name)")
+    return len(id2label)
+
+
 def check_state_dict(expected: Mapping[str, Tensor], got: Mapping[str, Tensor], source: str) -> None:
     """Raise CheckpointError listing missing keys, unexpected keys, shape mismatches and integer (or bool)
     tensors stored for floating-point ones, if any; then :func:`check_finite` on the tensors ``got``."""
@@ -169,8 +186,14 @@ def read_weights(folder: Path) -> dict[str, Tensor]:
         return read_safetensors(single)
     if index.is_file():
         state: dict[str, Tensor] = {}
-        for shard in sorted(set(read_json(index).get("weight_map", {}).values())):
-            state.update(read_safetensors(folder / shard))
+        where: dict[str, str] = {}  # tensor -> the shard it was read from
+        for shard in _shard_names(index):
+            for name, tensor in read_safetensors(folder / shard).items():
+                if name in where:  # two values for one weight: either would be a silent guess
+                    raise CheckpointError(
+                        f"{index}: tensor {name!r} is stored in two shards, {where[name]} and {shard}"
+                    )
+                where[name], state[name] = shard, tensor
         return state
     pickles = [p for p in PICKLE_FILES if (folder / p).exists()]
     if pickles:
@@ -179,6 +202,23 @@ def read_weights(folder: Path) -> dict[str, Tensor]:
             "Convert them to safetensors with a tool you trust."
         )
     raise CheckpointError(f"no {WEIGHTS_FILE} in {folder}")
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard files a ``model.safetensors.index.json`` names (its ``weight_map`` values), each a file name inside
+    the index's folder; CheckpointError naming the index for anything else."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(
+            f"{index}: weight_map={weight_map!r} must be a non-empty object (tensor name -> shard file)"
+        )
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(
+                f"{index}: weight_map[{name!r}]={shard!r} must be the name of a shard file in {index.parent} "
+                "(no folders, no path outside it)"
+            )
+    return sorted(set(weight_map.values()))
 
 
 def read_hf_folder(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
@@ -275,9 +315,23 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
     tied = {k for k in expected if k not in state and any(expected[k] is expected[o] or
             expected[k].data_ptr() == expected[o].data_ptr() for o in state if o in expected)}
     check_state_dict({k: v for k, v in expected.items() if k not in tied}, state, str(weights))
+    check_tied_copies_agree(expected, state, str(weights))
     keep_stored_float_dtypes(model, state, str(weights))
     _st_load_model(model, str(weights), strict=False, device=str(map_location))
     return model
+
+
+def check_tied_copies_agree(expected: Mapping[str, Tensor], state: Mapping[str, Tensor], source: str) -> None:
+    """CheckpointError when ``state`` stores two tensors the model ties (one storage in ``expected``, such as a tied
+    head and its embedding) with different values: loading would keep one of them silently."""
+    first: dict[tuple[int, tuple[int, ...]], str] = {}  # (storage, shape) -> the first stored key on it
+    for key in sorted(k for k in expected if k in state and expected[k].numel()):
+        tie = (expected[key].data_ptr(), tuple(expected[key].shape))
+        other = first.setdefault(tie, key)
+        if other != key and not torch.equal(state[other], state[key]):
+            raise CheckpointError(
+                f"{source}: {other} and {key} differ, but the model ties them (one tensor); store them equal or once"
+            )
 
 
 def _adapt_as_saved(model: nn.Module, text: str, weights: Path) -> None:

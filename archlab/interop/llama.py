@@ -26,6 +26,7 @@ from archlab.errors import CheckpointError, ConfigError
 from archlab.interop.io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
+    as_float,
     check_state_dict,
     drop_tied_head,
     read_hf_folder,
@@ -70,18 +71,19 @@ def _row_sizes(config: LlamaConfig, hf_modules: tuple[str, ...]) -> list[int]:
     return [config.d_ff] * len(hf_modules)
 
 
-def archlab_state_from_llama(state: Mapping[str, Tensor], config: LlamaConfig) -> dict[str, Tensor]:
+def archlab_state_from_llama(state: Mapping[str, Tensor], config: LlamaConfig, *,
+                             source: str = "Llama state dict") -> dict[str, Tensor]:
     """HF ``LlamaForCausalLM`` state dict -> archlab :class:`Llama` state dict (q/k/v and gate/up rows fused).
 
     A missing ``lm_head.weight`` (tied models store only the embedding) is filled with the embedding.
-    Raises CheckpointError naming the HF keys that are missing or misshapen.
+    Raises CheckpointError naming ``source`` and the HF keys that are missing or misshapen.
     """
     state = dict(state)
     if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     with torch.device("meta"):  # shapes only
         expected = llama_state_from_archlab(Llama(config).state_dict(), config)
-    check_state_dict(expected, state, "Llama state dict")
+    check_state_dict(expected, state, source)
     out = {}
     for ours, theirs, names in _modules(config):
         for w in names:
@@ -120,6 +122,8 @@ def config_from_llama(hf: Mapping, *, source: str = "Llama config") -> LlamaConf
     if model_type != "llama":
         raise CheckpointError(f"{source} describes a {model_type!r} model (config model_type), not 'llama'")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rope, Mapping):
+        raise CheckpointError(f"{source}: rope_parameters / rope_scaling={rope!r} must be an object (or null)")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     d_model, n_heads = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
@@ -143,12 +147,12 @@ def config_from_llama(hf: Mapping, *, source: str = "Llama config") -> LlamaConf
             n_kv_heads=hf.get("num_key_value_heads") or n_heads,
             n_layers=hf.get("num_hidden_layers", 32),
             d_ff=hf.get("intermediate_size", 11008),
-            rope_theta=float(theta),
+            rope_theta=as_float(theta),
             eps=hf.get("rms_norm_eps", 1e-6),
             attention_bias=hf.get("attention_bias", False),
             mlp_bias=hf.get("mlp_bias", False),
             tie_embeddings=hf.get("tie_word_embeddings", False),
-            attn_dropout=float(hf.get("attention_dropout", 0.0)),
+            attn_dropout=as_float(hf.get("attention_dropout", 0.0)),
         )
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None

@@ -29,7 +29,14 @@ import torch
 from torch import Tensor
 
 from archlab.errors import CheckpointError, ConfigError
-from archlab.interop.io import CONFIG_FILE, WEIGHTS_FILE, check_state_dict, read_hf_folder, write_hf_folder
+from archlab.interop.io import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    check_state_dict,
+    drop_tied_head,
+    read_hf_folder,
+    write_hf_folder,
+)
 from archlab.models.rwkv import RWKV, RWKVConfig
 
 # (HF name, archlab name, HF shape is [1, 1, d] where archlab's is [d])
@@ -180,8 +187,8 @@ def load_rwkv(folder: str | Path) -> RWKV:
     state = {k if k.startswith(("rwkv.", "head.")) else f"rwkv.{k}": v for k, v in state.items()}
     with torch.device("meta"):  # names and shapes only: weights that do not fit are refused before any allocation
         expected = rwkv_state_from_archlab(RWKV(config).state_dict())
-    if config.tie_embeddings:
-        state.pop("head.weight", None)
+    if config.tie_embeddings:  # a head stored beside the embedding must equal it (it is dropped: the model ties them)
+        drop_tied_head(state, head="head.weight", embedding="rwkv.embeddings.weight", tied=True, source=str(folder))
         del expected["head.weight"]
     check_state_dict(expected, state, str(folder / WEIGHTS_FILE))
     model = RWKV(config)

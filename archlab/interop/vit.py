@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from archlab.errors import CheckpointError, ConfigError
-from archlab.interop.io import check_state_dict, read_hf_folder, write_hf_folder
+from archlab.interop.io import as_float, check_state_dict, id2label_count, read_hf_folder, write_hf_folder
 from archlab.models.vit import ViT, ViTConfig
 
 MODEL_TYPE = "vit"
@@ -75,14 +75,13 @@ def _square(name: str, value: Any) -> int:
         if len(value) != 2 or value[0] != value[1]:
             raise CheckpointError(f"Hugging Face config {name}={list(value)}: archlab's ViT takes square sizes only")
         value = value[0]
-    return int(value)
+    return value  # ViTConfig checks it is an integer (int() would cut 32.5 to 32, or fail on "abc" bare)
 
 
 def _num_labels(hf: Mapping[str, Any]) -> int:
     """HF's rule: ``id2label`` decides; else ``num_labels``; else the default 2."""
-    if hf.get("id2label"):
-        return len(hf["id2label"])
-    return int(hf.get("num_labels", 2))
+    count = id2label_count(hf, "Hugging Face ViT config")
+    return hf.get("num_labels", 2) if count is None else count
 
 
 def config_from_hf(hf_config: Mapping[str, Any] | Any, *, n_classes: int | None = None) -> ViTConfig:
@@ -102,30 +101,31 @@ def config_from_hf(hf_config: Mapping[str, Any] | Any, *, n_classes: int | None 
     act = hf.get("hidden_act", "gelu")
     if act != "gelu":
         raise CheckpointError(f"Hugging Face config hidden_act={act!r}: archlab's ViT uses exact GELU (allowed: 'gelu')")
-    d_model = int(hf.get("hidden_size", 768))
-    n_heads = int(hf.get("num_attention_heads", 12))
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and int(head_dim) * n_heads != d_model:
-        raise CheckpointError(f"Hugging Face config head_dim={head_dim}: archlab's ViT needs head_dim = hidden_size / heads")
     if n_classes is None:
         classifies = "ViTForImageClassification" in (hf.get("architectures") or [])
         n_classes = _num_labels(hf) if classifies else 0
-    try:
-        return ViTConfig(
+    try:  # values go to ViTConfig as they are: it names a field whose value is not a number of its kind
+        config = ViTConfig(
             image_size=_square("image_size", hf.get("image_size", 224)),
             patch_size=_square("patch_size", hf.get("patch_size", 16)),
-            n_channels=int(hf.get("num_channels", 3)),
-            d_model=d_model,
-            n_heads=n_heads,
-            n_layers=int(hf.get("num_hidden_layers", 12)),
-            d_ff=int(hf.get("intermediate_size", 3072)),
-            dropout=float(hf.get("hidden_dropout_prob", 0.0)),
-            attn_dropout=float(hf.get("attention_probs_dropout_prob", 0.0)),
-            eps=float(hf.get("layer_norm_eps", 1e-12)),
+            n_channels=hf.get("num_channels", 3),
+            d_model=hf.get("hidden_size", 768),
+            n_heads=hf.get("num_attention_heads", 12),
+            n_layers=hf.get("num_hidden_layers", 12),
+            d_ff=hf.get("intermediate_size", 3072),
+            dropout=as_float(hf.get("hidden_dropout_prob", 0.0)),
+            attn_dropout=as_float(hf.get("attention_probs_dropout_prob", 0.0)),
+            eps=as_float(hf.get("layer_norm_eps", 1e-12)),
             n_classes=n_classes,
         )
     except ConfigError as e:
         raise CheckpointError(f"Hugging Face ViT config does not make a valid archlab ViTConfig: {e}") from None
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim != config.d_model // config.n_heads:
+        raise CheckpointError(
+            f"Hugging Face config head_dim={head_dim!r}: archlab's ViT needs head_dim = hidden_size / heads"
+        )
+    return config
 
 
 def _check_convertible(config: ViTConfig) -> None:
