@@ -128,11 +128,14 @@ def config_from_llama(hf: Mapping, *, source: str = "Llama config") -> LlamaConf
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     d_model, n_heads = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
     head_dim = hf.get("head_dim")
+    if head_dim is not None and type(head_dim) is not int:
+        raise CheckpointError(f"{source}: head_dim={head_dim!r} must be an integer (or absent)")
     unsupported = [
         (rope_type != "default", f"rope_type={rope_type!r} (RoPE scaling)"),
         (hf.get("hidden_act", "silu") != "silu", f"hidden_act={hf.get('hidden_act')!r} (only silu: SwiGLU)"),
         (hf.get("pretraining_tp", 1) != 1, f"pretraining_tp={hf.get('pretraining_tp')}"),
-        (head_dim is not None and head_dim * n_heads != d_model,
+        (head_dim is not None and all(type(v) is int for v in (head_dim, n_heads, d_model))
+         and head_dim * n_heads != d_model,
          f"head_dim={head_dim} != hidden_size / num_attention_heads = {d_model} / {n_heads}"),
     ]  # fmt: skip
     for flag, what in unsupported:

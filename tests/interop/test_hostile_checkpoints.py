@@ -100,6 +100,8 @@ def test_a_tied_rwkv_folder_whose_head_differs_from_the_embedding_is_refused(tmp
 
 
 @pytest.mark.parametrize("change, words", [
+    ({"num_attention_heads": None, "head_dim": 8}, "n_heads=None must be an integer"),  # was a TypeError
+    ({"head_dim": "8"}, "head_dim='8' must be an integer"),
     ({"rope_theta": "abc", "rope_parameters": None}, "rope_theta='abc' must be a number"),
     ({"rope_scaling": "linear", "rope_parameters": None}, "rope_parameters / rope_scaling='linear' must be an object"),
     ({"attention_dropout": "x"}, "attn_dropout='x' must be a number"),
@@ -159,3 +161,15 @@ def test_gguf_sizes_the_tensors_do_not_have_are_refused_before_the_model_is_buil
     with pytest.raises(CheckpointError, match=r"t\.gguf does not fit the model: shape mismatches: .*\(1000000000, 32"):
         load_gguf(path)
     assert built == []
+
+
+@pytest.mark.parametrize("value", ["1", 1.0, 10**6])
+def test_a_gguf_special_token_id_that_is_not_a_token_is_refused_naming_the_key(tmp_path, value):
+    """A string id raised a bare TypeError (``0 <= "1"``); a float indexed the token list."""
+    from gguf_files import TINY_TOKENIZER, write_gguf
+
+    from archlab.interop.gguf import gguf_tokenizer
+
+    path = write_gguf(tmp_path / "t.gguf", {}, metadata={**TINY_TOKENIZER, "tokenizer.ggml.bos_token_id": value})
+    with pytest.raises(CheckpointError, match=rf"t\.gguf: tokenizer\.ggml\.bos_token_id={value!r} is not a token id"):
+        gguf_tokenizer(path)
