@@ -318,9 +318,10 @@ def gguf_tokenizer(path: str | Path | GGUFFile) -> HFTokenizer:
     for role, key in _TOKEN_ID_KEYS.items():
         index = file.metadata.get(f"tokenizer.ggml.{key}")
         if index is not None:
-            if type(index) is not int or not 0 <= index < len(tokens):  # (a string or a float: damaged metadata)
-                raise CheckpointError(f"{file.path}: tokenizer.ggml.{key}={index!r} is not a token id: the file has "
-                                      f"{len(tokens)} tokens")  # fmt: skip
+            if type(index) is not int:  # a string or a float: damaged metadata
+                raise CheckpointError(f"{file.path}: tokenizer.ggml.{key}={index!r} is not a token id (an integer)")
+            if not 0 <= index < len(tokens):
+                raise CheckpointError(f"{file.path}: tokenizer.ggml.{key}={index} is outside the {len(tokens)} tokens")
             roles[role] = tokens[index]
     try:
         template = file.metadata.get("tokenizer.chat_template")
