@@ -14,6 +14,8 @@ from functools import lru_cache
 
 import torch
 
+from archlab.errors import ConfigError
+
 
 @lru_cache(maxsize=1)
 def cpu_name() -> str:
@@ -50,7 +52,12 @@ def native_bf16(device: torch.device | str = "cpu") -> tuple[bool, str]:
     CPU: native with AMX or AVX512-BF16 while the kernels are not capped below AVX-512; otherwise
     bf16 is emulated through fp32 and slower than fp32. CUDA: the device's own answer.
     """
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:  # "bogus", None; an int is an accelerator's index (none may exist)
+        raise ConfigError(
+            f"device={device!r} is not a device on this machine: pass 'cpu', 'cuda', 'cuda:0' or a torch.device"
+        ) from e
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
         return ok, "this GPU computes bf16" if ok else "this GPU has no bf16"

@@ -50,8 +50,8 @@ def check_tensor_parallel(config, size: int, *, setting: str | None = None) -> N
     FFN width, and the encoding must act per token or per head pair (ALiBi's per-head slopes are not split).
     ``setting``: the option ``size`` comes from (``train.tp_size``), named in the message; None: the number
     of processes."""
-    if size < 1:
-        raise ConfigError(f"tensor parallelism needs at least 1 rank, got {size}")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ConfigError(f"tensor parallelism needs at least 1 rank, got {size!r} (the number of ranks, an int >= 1)")
     kv = config.n_kv_heads or config.n_heads
     source, advice = ("", "a number of processes") if setting is None else (f"{setting}={size}: ", f"a {setting}")
     for name, value in (("n_heads", config.n_heads), ("n_kv_heads", kv), ("d_ff", config.ffn_width)):
@@ -108,6 +108,11 @@ def tensor_parallel(model: nn.Module, mesh) -> nn.Module:
 
     if not isinstance(model, DecoderLM):
         raise ConfigError(f"tensor_parallel shards a decoder-only LM (GPT, Llama); got {type(model).__name__}")
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(mesh, DeviceMesh):
+        raise ConfigError(f"tensor_parallel takes a 1-D DeviceMesh (init_device_mesh('cpu', (T,))), "
+                          f"got {type(mesh).__name__}")  # fmt: skip
     if mesh.ndim != 1:
         raise ConfigError(f"tensor_parallel takes a 1-D device mesh, got {mesh.ndim} dimensions")
     if hasattr(model, LAYOUT_ATTRIBUTE):

@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from archlab.errors import ConfigError, ShapeError
 from archlab.generation import _check_ids_in_vocab, _check_int, check_decoding, filter_logits
 from archlab.models.decoder import DecoderLM
+from archlab.nn.inputs import describe
 from archlab.nn.linear import kernel_takes_rows, packed_for_rows
 
 DRAFTS = ("lookup", "layers:M")  # the names make_draft knows
@@ -296,7 +297,7 @@ def check_draft_name(draft: str) -> None:
     """ConfigError unless ``draft`` is a name :func:`make_draft` knows (its form: the layer count is checked against
     the model by :func:`first_layers`); a front end checks it before it loads the model."""
     name, _, layers = draft.partition(":") if isinstance(draft, str) else ("", "", "")
-    if draft != "lookup" and not (name == "layers" and layers.isdigit()):
+    if draft != "lookup" and not (name == "layers" and layers.isdecimal()):  # (not "²": isdigit, but no int)
         raise ConfigError(f"draft={draft!r} is not one of {DRAFTS} (M: how many of the model's first layers draft)")
 
 
@@ -421,7 +422,9 @@ def _rounds(model, cache, drafter, input_ids, max_new_tokens, k, sampling, stop,
         return
     tokens = input_ids[0].tolist()
     logits = _step(model, keep=1)(input_ids, cache)[0, -1]  # [V]
-    _check_ids_in_vocab(logits.shape[-1], **{f"stop_tokens[{i}]": s for i, s in enumerate(stop)})
+    vocab_size = logits.shape[-1]
+    _check_ids_in_vocab(vocab_size, **{f"stop_tokens[{i}]": s for i, s in enumerate(stop)})
+    trusted = type(drafter) is PromptLookup  # copies tokens of the sequence: ids in the vocabulary, at most k
     new = [sampling.pick(logits)[0]]
     stats.target_passes += 1
     verify = _step(model, keep=None)
@@ -436,19 +439,42 @@ def _rounds(model, cache, drafter, input_ids, max_new_tokens, k, sampling, stop,
                 return
         if produced == max_new_tokens:
             return
-        drafts, q = drafter.propose(tokens, min(k, max_new_tokens - produced - 1), sampling)
+        most = min(k, max_new_tokens - produced - 1)
+        proposal = drafter.propose(tokens, most, sampling)
+        drafts, q = proposal if trusted else _check_proposal(proposal, most, vocab_size, sampling.do_sample)
         fed = torch.tensor([[tokens[-1], *drafts]], dtype=input_ids.dtype, device=input_ids.device)
         logits = verify(fed, cache)[0]  # [1 + k', V]: p_1 .. p_{k'+1}
-        if q is not None and q.shape[-1] != logits.shape[-1]:
-            raise ConfigError(
-                f"the draft model's vocabulary ({q.shape[-1]} tokens) is not the model's ({logits.shape[-1]} tokens)"
-            )
         new = accept(drafts, q, logits, sampling)
         stats.drafted += len(drafts)
         stats.accepted += len(new) - 1
         stats.target_passes += 1
         stats.draft_passes += len(drafts) if isinstance(drafter, DraftModel) else 0
         cache.crop(len(tokens) + len(new) - 1)  # the sequence and the accepted drafts; the new last token is not read
+
+
+def _check_proposal(proposal: Any, k: int, vocab_size: int, do_sample: bool) -> tuple[list[int], Tensor | None]:
+    """A draft's ``propose(tokens, k, sampling)`` result as ``(drafts, q)``, or ConfigError before the verify pass:
+    at most ``k`` int ids in ``[0, V)`` (more would decode past ``max_new_tokens``), and ``q`` None or ``[k', V]``."""
+    if not isinstance(proposal, tuple) or len(proposal) != 2:
+        raise ConfigError(f"draft.propose() must return (tokens, q): a list of token ids and None or their "
+                          f"distributions q [k', V]; got {type(proposal).__name__} {proposal!r:.60}")  # fmt: skip
+    drafts, q = proposal
+    if not isinstance(drafts, list | tuple) or len(drafts) > k:
+        got = f"{len(drafts)} tokens" if isinstance(drafts, list | tuple) else type(drafts).__name__
+        raise ConfigError(f"draft.propose(tokens, k={k}, ...) must return a list of at most k={k} token ids, got {got}")
+    for d in drafts:
+        if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d < vocab_size:
+            raise ConfigError(f"draft.propose() proposed token {d!r}: draft tokens must be int ids in the model's "
+                              f"vocabulary [0, {vocab_size})")  # fmt: skip
+    if do_sample and q is not None:
+        if not isinstance(q, Tensor) or q.ndim != 2 or q.shape[0] != len(drafts):
+            raise ConfigError(f"draft.propose()'s q must be None or the {len(drafts)} drafts' distributions "
+                              f"[{len(drafts)}, V={vocab_size}], got {describe(q)}")  # fmt: skip
+        if q.shape[-1] != vocab_size:
+            raise ConfigError(
+                f"the draft model's vocabulary ({q.shape[-1]} tokens) is not the model's ({vocab_size} tokens)"
+            )
+    return list(drafts), q
 
 
 def accept(drafts: list[int], q: Tensor | None, logits: Tensor, sampling: Sampling) -> list[int]:
@@ -459,6 +485,9 @@ def accept(drafts: list[int], q: Tensor | None, logits: Tensor, sampling: Sampli
     ``min(1, p_i(d_i) / q_i(d_i))``; the first rejection draws from ``norm(max(0, p_i - q_i))``, and with every
     draft accepted the last token comes from ``p_{k+1}``. Greedy keeps ``d_i`` while it is ``argmax p_i``.
     """
+    if logits.ndim != 2 or logits.shape[0] != len(drafts) + 1:
+        raise ShapeError(f"accept: logits must be [k + 1, V] = [{len(drafts) + 1}, V] for the {len(drafts)} drafts, "
+                         f"got {tuple(logits.shape)}")  # fmt: skip
     if not sampling.do_sample:
         best = logits.argmax(dim=-1).tolist()
         n = next((i for i, d in enumerate(drafts) if d != best[i]), len(drafts))

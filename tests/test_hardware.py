@@ -4,8 +4,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
+from archlab.errors import ConfigError
 from archlab.hardware import cpu_name, describe_cpu, kernel_capability, native_bf16
 
 
@@ -31,3 +33,9 @@ def test_capped_kernels_mean_emulated_bf16():
 
 def test_meta_and_unknown_devices_are_not_native():
     assert native_bf16("meta") == (False, "no bf16 rule for device type 'meta'")
+
+
+@pytest.mark.parametrize("device", ["bogus", None])
+def test_a_device_that_is_not_one_is_refused_by_name(device):
+    with pytest.raises(ConfigError, match=f"device={device!r} is not a device on this machine"):
+        native_bf16(device)

@@ -18,6 +18,7 @@ from archlab.speculative import (
     PromptLookup,
     Sampling,
     SpeculativeStats,
+    accept,
     first_layers,
     prompt_lookup,
     speculative_generate,
@@ -284,6 +285,61 @@ def test_speculative_arguments_are_checked(kwargs, error, message):
     args = {"input_ids": torch.zeros(1, 3, dtype=torch.long), "max_new_tokens": 5, **kwargs}
     with pytest.raises(error, match=message):
         speculative_generate(model, **args)
+
+
+class Proposes:
+    """A draft object whose ``propose(tokens, k, sampling)`` returns ``answer(tokens, k)``."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def propose(self, tokens, k, sampling):
+        return self.answer(tokens, k)
+
+
+@pytest.mark.parametrize(("answer", "sample", "message"), [
+    (lambda t, k: ([V + 5], None), False, r"proposed token 28: .* vocabulary \[0, 23\)"),
+    (lambda t, k: ([-1], None), False, r"proposed token -1: .* vocabulary \[0, 23\)"),
+    (lambda t, k: ([1.0], None), False, r"proposed token 1.0: draft tokens must be int ids"),
+    (lambda t, k: ([True], None), False, r"proposed token True: draft tokens must be int ids"),
+    (lambda t, k: [1, 2], False, r"must return \(tokens, q\).*got list"),
+    (lambda t, k: None, False, r"must return \(tokens, q\).*got NoneType"),
+    (lambda t, k: (torch.tensor([1]), None), False, r"must return a list of at most k=4 token ids, got Tensor"),
+    (lambda t, k: ([1] * (k + 1), None), False, r"k=4, ...\) must return a list of at most k=4 token ids, got 5"),
+    (lambda t, k: ([1], torch.full((V,), 1 / V)), True, r"q must be None or the 1 drafts' distributions \[1, V=23\]"),
+    (lambda t, k: ([1, 2], torch.full((1, V), 1 / V)), True, r"q must be None or .*got \(1, 23\)"),
+    (lambda t, k: ([1], [[1.0]]), True, r"q must be None or .*got list"),
+    (lambda t, k: ([1], torch.full((1, V + 1), 1 / V)), True, r"draft model's vocabulary \(24 tokens\)"),
+])  # fmt: skip
+def test_a_draft_s_proposals_are_checked_before_the_verify_pass(answer, sample, message):
+    """A draft object's result is checked each round before the model reads it: an id outside the vocabulary
+    (an IndexError in the embedding, or a ShapeError naming ``input_ids``), a float or bool id (cast to a token
+    silently), more than ``k`` tokens (decoding ran past ``max_new_tokens``), a ``q`` of the wrong shape."""
+    model = gpt(n_layers=3)
+    sampling = {"do_sample": True, "seed": 0} if sample else {}
+    with pytest.raises(ConfigError, match=message):
+        speculative_generate(model, torch.tensor([[1, 2, 3, 1, 2]]), max_new_tokens=6, draft=Proposes(answer),
+                             **sampling)  # fmt: skip
+
+
+def test_a_draft_proposing_more_than_k_is_refused_not_decoded_past_max_new_tokens():
+    """A draft that proposes the model's own greedy tokens, 3 more than asked: all would be accepted, so the
+    output went past ``max_new_tokens`` (here to the end of the position table; with RoPE, on and on)."""
+    model, ids = gpt(), torch.tensor([[1, 2, 3, 1, 2]])
+    greedy = generate(model, ids, max_new_tokens=40)[0].tolist()
+    oracle = Proposes(lambda tokens, k: (greedy[len(tokens) : len(tokens) + k + 3], None))
+    with pytest.raises(ConfigError, match=r"at most k=4 token ids, got 7 tokens"):
+        speculative_generate(model, ids, max_new_tokens=6, draft=oracle)
+    exact = Proposes(lambda tokens, k: (greedy[len(tokens) : len(tokens) + k], None))  # k tokens: fine
+    out = speculative_generate(model, ids, max_new_tokens=6, draft=exact)
+    assert out.sequences[0].tolist() == greedy[:11] and out.stats.accepted == out.stats.drafted
+
+
+def test_a_layer_count_in_other_digits_and_accept_s_row_count_are_refused():
+    with pytest.raises(ConfigError, match=r"draft='layers:²' is not one of"):  # "²".isdigit(), but int("²") fails
+        speculative_generate(gpt(), torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2, draft="layers:²")
+    with pytest.raises(ShapeError, match=r"logits must be \[k \+ 1, V\] = \[4, V\] for the 3 drafts, got \(2, 23\)"):
+        accept([1, 2, 3], None, torch.zeros(2, V), Sampling())
 
 
 def test_models_without_a_croppable_cache_are_refused():

@@ -19,8 +19,18 @@ import math
 import torch
 from torch import Tensor, nn
 
-from archlab.config import check_choice, check_positive
+from archlab.config import check_choice, check_positive, check_type
 from archlab.errors import ConfigError, ShapeError
+
+#: the most elements (positions x width) a cached position table grows to; positions past it are computed alone, so a
+#: huge ``offset`` (any position works for sinusoidal and RoPE) costs the rows asked, not a table up to them
+MAX_CACHED_ELEMENTS = 2**24
+
+
+def _check_size(name: str, value: int) -> None:
+    """ConfigError unless ``value`` is an int (not a bool or float) > 0."""
+    check_type(name, value, int)
+    check_positive(name, value)
 
 
 class PositionalEncoding(nn.Module):
@@ -67,9 +77,11 @@ def sinusoid_table(n_positions: int, d_model: int, offset: int = 0, *, dtype=tor
 
     Computed in float64 and cast, so large positions stay accurate.
     """
+    check_type("n_positions", n_positions, int)
+    check_type("offset", offset, int)
     if n_positions < 0 or offset < 0:
         raise ShapeError(f"sinusoid_table: n_positions={n_positions} and offset={offset} must be >= 0")
-    check_positive("d_model", d_model)
+    _check_size("d_model", d_model)
     pos = torch.arange(offset, offset + n_positions, dtype=torch.float64, device=device).unsqueeze(1)
     two_i = torch.arange(0, d_model, 2, dtype=torch.float64, device=device)
     angle = pos / torch.pow(10000.0, two_i / d_model)
@@ -80,6 +92,8 @@ def sinusoid_table(n_positions: int, d_model: int, offset: int = 0, *, dtype=tor
 
 
 def _check_offset(offset: int) -> None:
+    if not isinstance(offset, int | torch.SymInt) or isinstance(offset, bool):
+        raise ShapeError(f"offset={offset!r} must be an int (the absolute position of the first token)")
     if offset < 0:
         raise ShapeError(f"offset={offset} must be >= 0 (the absolute position of the first token)")
 
@@ -94,17 +108,21 @@ class SinusoidalPositionalEncoding(PositionalEncoding):
 
     def __init__(self, d_model: int, initial_length: int = 1024):
         super().__init__()
-        check_positive("d_model", d_model)
-        check_positive("initial_length", initial_length)
+        _check_size("d_model", d_model)
+        _check_size("initial_length", initial_length)
         self.d_model, self.initial_length = d_model, initial_length
         self._table: Tensor | None = None
 
     @property
     def table(self) -> Tensor:
         """The cached table ``[L, d]`` (float32 on the CPU until an input of another dtype or device is seen)."""
-        if self._table is None:
-            self._table = sinusoid_table(self.initial_length, self.d_model)
+        if self._table is None:  # (at most MAX_CACHED_ELEMENTS: a huge initial_length must not allocate it all)
+            self._table = sinusoid_table(min(self.initial_length, self._most_rows), self.d_model)
         return self._table
+
+    @property
+    def _most_rows(self) -> int:
+        return max(MAX_CACHED_ELEMENTS // self.d_model, 1)
 
     def _table_for(self, end: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         t = self.table
@@ -118,6 +136,8 @@ class SinusoidalPositionalEncoding(PositionalEncoding):
         if x.shape[-1] != self.d_model:
             raise ShapeError(f"x has width {x.shape[-1]} but the encoding has d_model={self.d_model}")
         _check_offset(offset)
+        if offset + n > self._most_rows:  # past the cached table's bound: these rows alone (the same values)
+            return x + sinusoid_table(n, self.d_model, offset, dtype=x.dtype, device=x.device)
         return x + self._table_for(offset + n, x.dtype, x.device)[offset : offset + n]
 
 
@@ -126,8 +146,8 @@ class LearnedPositionalEncoding(PositionalEncoding):
 
     def __init__(self, max_len: int, d_model: int):
         super().__init__()
-        check_positive("max_len", max_len)
-        check_positive("d_model", d_model)
+        _check_size("max_len", max_len)
+        _check_size("d_model", d_model)
         self.max_len = max_len
         self.embedding = nn.Embedding(max_len, d_model)
 
@@ -161,7 +181,13 @@ class RotaryPositionalEncoding(PositionalEncoding):
 
     def __init__(self, d_head: int, base: float = 10000.0, rotary_dim: int | None = None):
         super().__init__()
-        check_positive("d_head", d_head)
+        _check_size("d_head", d_head)
+        if rotary_dim is None and d_head % 2:
+            raise ConfigError(f"d_head={d_head} must be even: RoPE rotates feature pairs (or pass an even rotary_dim)")
+        if rotary_dim is not None:
+            check_type("rotary_dim", rotary_dim, int)
+        if not isinstance(base, int | float) or isinstance(base, bool) or not 0 < base < math.inf:
+            raise ConfigError(f"base={base!r} must be a finite number > 0 (RoPE's wavelength base, e.g. 10000)")
         self.rotary_dim = d_head if rotary_dim is None else rotary_dim
         if self.rotary_dim % 2 or not 0 < self.rotary_dim <= d_head:
             raise ConfigError(f"rotary_dim={self.rotary_dim} must be even and in (0, d_head={d_head}]")
@@ -179,12 +205,22 @@ class RotaryPositionalEncoding(PositionalEncoding):
             # grown by doubling when too short; rebuilt at its length for another dtype or device (callers that
             # alternate dtypes must not double it each time)
             length = max(end, 256, 0 if c is None else 2 * c[0] if c[0] < end else c[0])
-            angles = torch.arange(length, dtype=torch.float64, device=device)[:, None] * self.inv_freq.to(device)
-            angles = torch.cat([angles, angles], dim=-1)
-            sin = angles.sin().to(dtype)
-            signed = torch.cat([-sin[:, : self.rotary_dim // 2], sin[:, self.rotary_dim // 2 :]], dim=-1)
-            self._cache = c = (length, dtype, device, angles.cos().to(dtype), sin, signed)
+            cos, sin, signed = self._at(torch.arange(length, dtype=torch.float64, device=device), dtype)
+            self._cache = c = (length, dtype, device, cos, sin, signed)
         return c[3], c[4], c[5]
+
+    def _at(self, positions: Tensor, dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """``cos``, ``sin``, ``(-sin, sin)`` at float64 ``positions [...]``, ``[..., d_rot]`` each: a table's rows."""
+        angles = positions[..., None] * self.inv_freq.to(positions.device)
+        angles = torch.cat([angles, angles], dim=-1)
+        sin = angles.sin().to(dtype)
+        signed = torch.cat([-sin[..., : self.rotary_dim // 2], sin[..., self.rotary_dim // 2 :]], dim=-1)
+        return angles.cos().to(dtype), sin, signed
+
+    @property
+    def _most_rows(self) -> int:
+        """The longest table kept (MAX_CACHED_ELEMENTS); positions past it are computed alone, to the same bits."""
+        return max(MAX_CACHED_ELEMENTS // self.rotary_dim, 256)
 
     def _rows(self, offset: int, n: int, dtype, device) -> tuple[Tensor, Tensor, Tensor]:
         """``cos``, ``sin``, ``(-sin, sin)`` at positions ``offset .. offset + n - 1``, ``[n, d_rot]`` each. The last
@@ -193,12 +229,17 @@ class RotaryPositionalEncoding(PositionalEncoding):
         key, last = (offset, n, dtype, device), self._last  # one read: another thread may replace it meanwhile
         if last is None or last[0] != key:
             with torch.inference_mode(False):  # kept tables and rows must serve training after a generation too
-                tables = self._cos_sin(offset + n, dtype, device)
-                last = self._last = (key, tuple(t[offset : offset + n] for t in tables))
+                if offset + n > self._most_rows:  # a huge offset: these rows alone, not a table up to them
+                    rows = self._at(torch.arange(offset, offset + n, dtype=torch.float64, device=device), dtype)
+                else:
+                    rows = tuple(t[offset : offset + n] for t in self._cos_sin(offset + n, dtype, device))
+                last = self._last = (key, rows)
         return last[1]
 
     def rotate(self, x: Tensor, offset: int = 0) -> Tensor:
         """``x [..., N, d_head]`` at positions ``offset .. offset+N-1`` -> rotated, same shape."""
+        if x.ndim < 2:
+            raise ShapeError(f"RoPE rotates x [..., N, d_head={self.d_head}], got shape {tuple(x.shape)}")
         if x.shape[-1] != self.d_head:
             raise ShapeError(f"RoPE built for d_head={self.d_head}, got width {x.shape[-1]}")
         _check_offset(offset)
@@ -208,6 +249,8 @@ class RotaryPositionalEncoding(PositionalEncoding):
         """``cos``, ``sin`` and ``(-sin, sin)`` at positions ``0 .. end - 1``, ``[end, d_rot]`` each: the rows
         :meth:`rotate_with` takes, for a caller that addresses positions by a tensor (static decoding,
         :mod:`archlab.static_decoding`)."""
+        if not isinstance(end, int) or isinstance(end, bool) or end < 0:
+            raise ShapeError(f"end={end!r} must be an int >= 0 (the number of positions 0 .. end - 1)")
         with torch.inference_mode(False):  # as _rows: kept tables must serve training too
             return tuple(t[:end] for t in self._cos_sin(end, dtype, device))
 
@@ -262,8 +305,11 @@ class RowRotation:
             positions = self.positions.to(x.device)
             end = self.end if self.end is not None else int(positions.max()) + 1 if positions.numel() else 1
             with torch.inference_mode(False):  # as RotaryPositionalEncoding._rows: kept tables serve training too
-                tables = self.rope._cos_sin(end, x.dtype, x.device)
-            self._rows = (x.dtype, x.device, tuple(t[positions][:, None] for t in tables))
+                if end > self.rope._most_rows:  # huge positions: their rows alone, not a table up to them
+                    rows = self.rope._at(positions.double(), x.dtype)
+                else:
+                    rows = tuple(t[positions] for t in self.rope._cos_sin(end, x.dtype, x.device))
+            self._rows = (x.dtype, x.device, tuple(t[:, None] for t in rows))
         return self._rows[2]
 
     def rotate(self, x: Tensor) -> Tensor:
@@ -295,6 +341,8 @@ def check_rope_width(positional: str, d_model: int, n_heads: int, d_k: int | Non
         return
     if d_k is not None and d_k % 2:
         raise ConfigError(f"positional='rope' rotates feature pairs, so d_k must be even; got d_k={d_k}")
+    if d_k is None:
+        _check_size("n_heads", n_heads)
     if d_k is None and (d_model // n_heads) % 2:
         raise ConfigError(
             f"positional='rope' rotates feature pairs, so d_k = d_model / n_heads must be even; "
@@ -308,7 +356,7 @@ def alibi_slopes(n_heads: int) -> Tensor:
     Otherwise the slopes of the nearest lower power of two ``P``, followed by every other slope of
     ``2P`` for the remaining ``A - P`` heads (the paper's reference code).
     """
-    check_positive("n_heads", n_heads)
+    _check_size("n_heads", n_heads)
 
     def power_of_two(n: int) -> list[float]:
         return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
@@ -329,6 +377,9 @@ class ALiBi(PositionalEncoding):
         self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
 
     def attention_bias(self, n_queries: int, n_keys: int, offset: int = 0) -> Tensor:
+        """``[A, N, M]``: ``-m_h |(offset + i) - j|``; any ``offset`` (negative: a tile of keys after its queries)."""
+        if n_queries < 0 or n_keys < 0:
+            raise ShapeError(f"ALiBi bias of n_queries={n_queries} by n_keys={n_keys}: both must be >= 0")
         i = torch.arange(offset, offset + n_queries, device=self.slopes.device)[:, None]
         j = torch.arange(n_keys, device=self.slopes.device)[None, :]
         distance = (i - j).abs().to(self.slopes.dtype)
@@ -349,6 +400,8 @@ def build_positional(
     if kind == "learned":
         return LearnedPositionalEncoding(max_len, d_model)
     if kind == "rope":
+        if d_k is None:
+            _check_size("n_heads", n_heads)
         return RotaryPositionalEncoding(d_model // n_heads if d_k is None else d_k, base=rope_base)
     if kind == "alibi":
         return ALiBi(n_heads)

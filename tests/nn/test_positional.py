@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from archlab.errors import ConfigError, ShapeError
+from archlab.nn import positional
 from archlab.nn.positional import (
     ALiBi,
     LearnedPositionalEncoding,
@@ -30,6 +31,7 @@ from archlab.nn.positional import (
     SinusoidalPositionalEncoding,
     alibi_slopes,
     build_positional,
+    check_rope_width,
     sinusoid_table,
 )
 
@@ -441,3 +443,63 @@ def test_rope_rows_made_during_inference_serve_training_after():
     y = x.clone().requires_grad_()
     rope.rotate(y, offset=4).sum().backward()
     assert y.grad is not None and torch.isfinite(y.grad).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# hostile inputs: refused by name before any computation; huge positions cost the rows asked
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: SinusoidalPositionalEncoding(4.0), "d_model=4.0 must be an integer"),
+    (lambda: SinusoidalPositionalEncoding(True), "d_model=True must be an integer"),
+    (lambda: sinusoid_table(2.5, 4), "n_positions=2.5 must be an integer"),
+    (lambda: LearnedPositionalEncoding(10.0, 4), "max_len=10.0 must be an integer"),
+    (lambda: RotaryPositionalEncoding(7), "d_head=7 must be even"),
+    (lambda: RotaryPositionalEncoding(8.0), "d_head=8.0 must be an integer"),
+    (lambda: RotaryPositionalEncoding(8, rotary_dim=4.0), "rotary_dim=4.0 must be an integer"),
+    (lambda: RotaryPositionalEncoding(8, base=0.0), r"base=0.0 must be a finite number > 0"),
+    (lambda: RotaryPositionalEncoding(8, base=-1.0), r"base=-1.0 must be a finite number > 0"),
+    (lambda: RotaryPositionalEncoding(8, base=float("nan")), r"base=nan must be a finite number > 0"),
+    (lambda: RotaryPositionalEncoding(8, base="1e4"), r"base='1e4' must be a finite number > 0"),
+    (lambda: ALiBi(2.0), "n_heads=2.0 must be an integer"),
+    (lambda: build_positional("rope", d_model=32, n_heads=0), "n_heads=0 must be > 0"),
+    (lambda: check_rope_width("rope", 32, 0), "n_heads=0 must be > 0"),
+])  # fmt: skip
+def test_bad_sizes_and_bases_are_refused_by_name(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_bad_run_time_arguments_raise_shape_errors():
+    with pytest.raises(ShapeError, match="offset=1.5 must be an int"):
+        LearnedPositionalEncoding(10, 4).add_to_input(torch.zeros(1, 2, 4), offset=1.5)
+    with pytest.raises(ShapeError, match=r"RoPE rotates x \[..., N, d_head=8\], got shape \(8,\)"):
+        RotaryPositionalEncoding(8).rotate(torch.ones(8))
+    with pytest.raises(ShapeError, match="end=-3 must be an int >= 0"):
+        RotaryPositionalEncoding(8).tables(-3, torch.float32, "cpu")
+    for n, m in ((-2, 3), (2, -3)):
+        with pytest.raises(ShapeError, match=f"n_queries={n} by n_keys={m}: both must be >= 0"):
+            ALiBi(2).attention_bias(n, m)
+
+
+def test_huge_offsets_compute_their_rows_alone_to_the_bits_of_the_table(monkeypatch):
+    """Past MAX_CACHED_ELEMENTS the rows asked are computed alone (offset 10**12 asked for a 10**12-row table
+    before: an allocation of terabytes); they are the bits a table would hold."""
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float32)
+    sin, rope = SinusoidalPositionalEncoding(8), RotaryPositionalEncoding(8)
+    rows = torch.tensor([[300, 301, 302, 303, 304], [0, 0, 300, 301, 302]])
+    cached = (sin.add_to_input(x, 300), rope.rotate(x, 300), rope.at_rows(rows).rotate(x))
+    monkeypatch.setattr(positional, "MAX_CACHED_ELEMENTS", 64)  # tables of at most 8 sinusoid / 256 RoPE rows
+    sin, rope = SinusoidalPositionalEncoding(8), RotaryPositionalEncoding(8)
+    alone = (sin.add_to_input(x, 300), rope.rotate(x, 300), rope.at_rows(rows).rotate(x))
+    for a, b in zip(cached, alone):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert sin.table.shape[0] <= 8 and (rope._cache is None or rope._cache[0] <= 256)
+    monkeypatch.undo()
+    far = 10**12
+    xd = x.double()
+    got = SinusoidalPositionalEncoding(8, initial_length=far).add_to_input(xd, far)
+    assert max_err(got, xd + sinusoid_table(5, 8, far, dtype=F64)) == 0
+    assert max_err(RotaryPositionalEncoding(8).rotate(xd, far), _rope_complex(xd, far, 8)) <= 1e-3  # angles ~1e12
+    assert RotaryPositionalEncoding(8).at_rows(torch.full((2, 5), far)).rotate(xd).shape == xd.shape

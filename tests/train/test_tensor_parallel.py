@@ -106,3 +106,17 @@ def test_a_tp_run_the_ranks_cannot_split_fails_before_its_data_is_read(monkeypat
     monkeypatch.setattr(run_module, "build_data", build_data)
     with pytest.raises(ConfigError, match=message):
         prepare(RunSpec(preset, train={"parallel": "tp"}))
+
+
+@pytest.mark.parametrize("size", [0, -2, True, 2.0, "2", None])
+def test_a_world_size_that_is_not_an_int_of_at_least_1_is_refused(size):
+    """``"2"`` and None failed in a comparison (TypeError); True and 2.0 passed as 1 and 2 ranks."""
+    with pytest.raises(ConfigError, match=r"tensor parallelism needs at least 1 rank, got .*an int >= 1"):
+        check_tensor_parallel(build_model("llama-tiny").config, size)
+
+
+def test_tensor_parallel_refuses_what_is_not_a_device_mesh():
+    from archlab.parallel import tensor_parallel
+
+    with pytest.raises(ConfigError, match="tensor_parallel takes a 1-D DeviceMesh.*got int"):
+        tensor_parallel(build_model("llama-tiny"), 2)
