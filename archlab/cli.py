@@ -88,11 +88,10 @@ def check_at_least_one(option: str, value: int | None) -> None:
 
 def out_folder(value: str) -> Path:
     """``--out DIR``: a new or existing folder; refused, naming the path, when it or a folder above it is a file."""
+    from archlab.interop.io import check_not_under_file
+
     path = Path(value)
-    for part in (path, *path.parents):
-        if part.exists() and not part.is_dir():
-            what = "is a file" if part == path else f"lies under {str(part)!r}, a file"
-            raise ConfigError(f"--out {value!r} {what}; --out names a folder (new or existing)")
+    check_not_under_file(path, "--out", "a folder (new or existing)", shown=value)
     return path
 
 
@@ -349,8 +348,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from archlab.interop.sentence import embed, sentence_encoder
 
     vectors = embed(list(args.texts), args.model)
-    limit = sentence_encoder(args.model).max_seq_length
-    for i, count in enumerate(sentence_encoder(args.model).token_counts(list(args.texts))):
+    encoder = sentence_encoder(args.model)  # (the one embed loaded: cached)
+    limit = encoder.max_seq_length
+    for i, count in enumerate(encoder.token_counts(list(args.texts))):
         if count > limit:  # the model reads only the beginning: say so rather than embed less than was given
             print(f"archlab: note: text [{i}] is {count} tokens; its first {limit} (the model's max_seq_length, "
                   "[CLS] and [SEP] included) were embedded", file=sys.stderr)  # fmt: skip

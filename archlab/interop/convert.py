@@ -22,7 +22,7 @@ from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.interop.bert import load_bert, save_bert
 from archlab.interop.gguf import GGUFFile, gguf_tokenizer, load_gguf
 from archlab.interop.gpt2 import load_gpt2, save_gpt2
-from archlab.interop.io import CONFIG_FILE, atomic_dir, load_model, read_json, save_model
+from archlab.interop.io import CONFIG_FILE, atomic_dir, check_not_under_file, load_model, read_json, save_model
 from archlab.interop.llama import load_llama, save_llama
 from archlab.interop.rwkv import load_rwkv, save_rwkv
 from archlab.interop.vit import load_vit, save_vit
@@ -95,10 +95,7 @@ def check_destination(dst: Path) -> None:
     """ConfigError, before any work, unless ``dst`` is new, an empty folder or a model folder (with a ``config.json``):
     it is replaced whole, so a file, a folder under a file, or a folder of other files (a run, a project) is refused
     rather than deleted."""
-    for part in (dst, *dst.parents):
-        if part.exists() and not part.is_dir():
-            what = "is a file" if part == dst else f"lies under {str(part)!r}, a file"
-            raise ConfigError(f"DST {str(dst)!r} {what}; DST names the folder to write (new, empty, or a model folder)")
+    check_not_under_file(dst, "DST", "the folder to write (new, empty, or a model folder)")
     if dst.is_dir() and any(dst.iterdir()) and not (dst / CONFIG_FILE).is_file():
         raise ConfigError(f"DST {str(dst)!r} holds other files and no {CONFIG_FILE} (not a model folder); "
                           "convert replaces DST whole, so give a new or empty folder, or a model folder to "

@@ -87,6 +87,16 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_not_under_file(path: Path, name: str, names: str, shown: str | None = None) -> None:
+    """ConfigError when ``path``, or a folder above it, is a file: ``{name} {shown!r} is a file`` (or ``lies under
+    ..., a file``) ``; {name} names {names}``. ``name``: the option or argument (``--out``, ``DST``); ``shown``: the
+    path as the user wrote it (default ``str(path)``)."""
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            what = "is a file" if part == path else f"lies under {str(part)!r}, a file"
+            raise ConfigError(f"{name} {shown if shown is not None else str(path)!r} {what}; {name} names {names}")
+
+
 def as_float(value):
     """A JSON number (an int such as ``10000``) as a float; anything else (a string, a list) as it is, for the
     config's own type check to refuse naming its field (``float("abc")`` would raise a bare ValueError)."""

@@ -48,7 +48,7 @@ from archlab.models.registry import register_family, register_model_class, regis
 from archlab.nn.attention import padding_mask
 from archlab.nn.backends import check_backend
 from archlab.nn.blocks import Encoder
-from archlab.nn.inputs import EMBEDDING_DTYPES, check_not_empty, describe
+from archlab.nn.inputs import check_embedding_dtype, check_not_empty, describe
 from archlab.nn.norm import LayerNorm
 from archlab.nn.positional import LearnedPositionalEncoding
 
@@ -112,8 +112,7 @@ class BertConfig(AttentionConfig, Config):
 def _check_ids(name: str, ids: Tensor, high: int, high_name: str) -> None:
     if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
         raise ShapeError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
-    if ids.dtype not in EMBEDDING_DTYPES:  # an embedding lookup takes int64 or int32 indices only
-        raise ShapeError(f"{name} has dtype {ids.dtype}; ids must be torch.long (int64) or torch.int32")
+    check_embedding_dtype(name, ids, "ids")
     if ids.numel() and not ids.is_meta:
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= high:

@@ -36,7 +36,7 @@ from archlab.config import Config, check_choice, check_positive, check_probabili
 from archlab.errors import ConfigError, ShapeError
 from archlab.models.base import ModelConfig
 from archlab.models.registry import register_family, register_preset
-from archlab.nn.inputs import EMBEDDING_DTYPES, check_not_empty
+from archlab.nn.inputs import check_embedding_dtype, check_not_empty
 
 EMBEDDING_CHANNELS = ("static", "non-static")
 
@@ -119,8 +119,7 @@ class TextCNN(nn.Module):
             raise ShapeError(f"input_ids must be a [B, N] tensor of token ids, got {shape}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise ShapeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        if input_ids.dtype not in EMBEDDING_DTYPES:  # an embedding lookup takes int64 or int32 indices only
-            raise ShapeError(f"input_ids has dtype {input_ids.dtype}; token ids must be torch.long (int64) or int32")
+        check_embedding_dtype("input_ids", input_ids)
         check_not_empty("input_ids", input_ids)
         b, n = input_ids.shape
         if n < c.max_width:

@@ -32,7 +32,7 @@ from archlab.generation import Step
 from archlab.models.base import ModelConfig
 from archlab.models.registry import register_family, register_preset
 from archlab.nn.conv import ConvCache, GatedResidualUnit, doubling_dilations
-from archlab.nn.inputs import EMBEDDING_DTYPES
+from archlab.nn.inputs import check_embedding_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +152,7 @@ class WaveNet(nn.Module):
             raise ShapeError(f"input_ids must be a [B, N] tensor of levels, got {shape}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise ShapeError(f"input_ids must hold integer levels (mu_law_encode the audio), got dtype {input_ids.dtype}")
-        if input_ids.dtype not in EMBEDDING_DTYPES:  # an embedding lookup takes int64 or int32 indices only
-            raise ShapeError(f"input_ids has dtype {input_ids.dtype}; levels must be torch.long (int64) or torch.int32")
+        check_embedding_dtype("input_ids", input_ids, "levels")
         if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
             raise ShapeError(f"input_ids must be [B, N] with B, N >= 1, got shape {tuple(input_ids.shape)}")
         low, high = int(input_ids.min()), int(input_ids.max())

@@ -23,6 +23,13 @@ def _check_integer(name: str, ids: Tensor, what: str) -> None:
         raise ShapeError(f"{name} must hold integer {what}, got dtype {ids.dtype}")
 
 
+def check_embedding_dtype(name: str, ids: Tensor, what: str = "token ids") -> None:
+    """:class:`ShapeError` unless ``ids`` (integer already) has a dtype an embedding lookup takes (EMBEDDING_DTYPES):
+    uint8 or int16 ids pass an integer check and fail inside ``nn.Embedding``."""
+    if ids.dtype not in EMBEDDING_DTYPES:
+        raise ShapeError(f"{name} has dtype {ids.dtype}; {what} must be torch.long (int64) or torch.int32")
+
+
 def check_not_empty(name: str, x: Tensor) -> None:
     """:class:`ShapeError` for an empty batch (``B = 0``): every family refuses one alike (tokens, pixels, features)."""
     if x.shape[0] == 0:
@@ -34,8 +41,7 @@ def check_token_ids(name: str, ids: Any, vocab_size: int, *, vocab_name: str = "
     if not isinstance(ids, Tensor) or ids.ndim != 2:
         raise ShapeError(f"{name} must be a [B, N] tensor of token ids, got {describe(ids)}")
     _check_integer(name, ids, "token ids")
-    if ids.dtype not in EMBEDDING_DTYPES:  # an embedding lookup takes int64 or int32 indices only
-        raise ShapeError(f"{name} has dtype {ids.dtype}; token ids must be torch.long (int64) or torch.int32")
+    check_embedding_dtype(name, ids)
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ShapeError(f"{name} must be [B, N] with B, N >= 1, got shape {tuple(ids.shape)}")
     if ids.is_meta:

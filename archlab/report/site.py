@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from archlab.errors import ConfigError, DataError
+from archlab.interop.io import check_not_under_file
 
 MARKER = "<!-- archlab report -->"  # the first line of index.html: --out may replace a folder holding it
 THUMB_WIDTH = 240
@@ -235,12 +236,7 @@ def thumbnail(src: Path, dst: Path, width: int = THUMB_WIDTH) -> None:
 
 def check_out(out: Path) -> None:
     """ConfigError unless ``out`` is new, empty, or a report written here before (it is replaced whole)."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a file; --out names a folder (new, empty, or an earlier report)")
-    above = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if above is not None:
-        raise ConfigError(f"--out {str(out)!r} lies under {str(above)!r}, a file; --out names a folder (new, empty, "
-                          "or an earlier report)")  # fmt: skip
+    check_not_under_file(out, "--out", "a folder (new, empty, or an earlier report)")
     if out.is_dir() and any(out.iterdir()):
         index = out / "index.html"
         if not index.is_file() or not index.read_text(encoding="utf-8", errors="replace").startswith(MARKER):

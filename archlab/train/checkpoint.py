@@ -44,6 +44,7 @@ from archlab.interop.io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     atomic_dir,
+    check_not_under_file,
     read_config,
     read_json,
     read_safetensors,
@@ -65,7 +66,7 @@ def checkpoint_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
 
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
     """``(step, folder)`` of every ``step-*`` folder under ``root``, complete or not, by step."""
     if not root.is_dir():
         return []
@@ -80,7 +81,7 @@ def is_complete(path: Path) -> bool:
 def list_checkpoints(root: str | Path) -> list[Path]:
     """The complete checkpoints under ``root``, oldest first (hidden temporaries and incomplete folders are
     not listed)."""
-    return [p for _, p in _step_dirs(Path(root)) if is_complete(p)]
+    return [p for _, p in step_dirs(Path(root)) if is_complete(p)]
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -117,7 +118,7 @@ def remove_temporaries(root: str | Path) -> list[Path]:
     stale = [p for p in root.iterdir() if _TEMPORARY.match(p.name)] if root.is_dir() else []
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
-    incomplete = [p for _, p in _step_dirs(root) if not is_complete(p)]
+    incomplete = [p for _, p in step_dirs(root) if not is_complete(p)]
     for path in incomplete:
         remove_checkpoint(path)
     return stale + incomplete
@@ -127,12 +128,10 @@ def check_writable_folder(path: str | Path, setting: str) -> None:
     """ConfigError naming ``setting`` unless ``path`` is a folder this process may write in, or one it may create
     (its nearest existing parent is such a folder). Nothing is created: call it before any work."""
     path = Path(path)
+    check_not_under_file(path, setting, "a folder (new or existing)")
     for part in (path, *path.parents):
         if not part.exists():
             continue
-        if not part.is_dir():
-            what = "is a file" if part == path else f"lies under {str(part)!r}, a file"
-            raise ConfigError(f"{setting} {str(path)!r} {what}; it names a folder (new or existing)")
         if not os.access(part, os.W_OK | os.X_OK):
             where = "" if part == path else f" ({str(part)!r} is not)"
             raise ConfigError(f"{setting} {str(path)!r} is not writable{where}: a read-only file system or no "

@@ -83,6 +83,7 @@ from archlab.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     remove_temporaries,
+    step_dirs,
 )
 from archlab.train.config import TENSOR_PARALLEL, TrainConfig
 from archlab.train.logs import METRICS_FILE, PLOT_FILE, plot_loss_curve, read_metrics
@@ -620,7 +621,7 @@ def locate_checkpoint(path: str | Path) -> tuple[Path | None, Path, Path | None]
     if (path / RUN_FILE).is_file():
         run_dir, checkpoint = path, latest_checkpoint(path / CHECKPOINTS)
         if checkpoint is None:
-            partial = sorted(p for p in (path / CHECKPOINTS).glob("step-*") if p.is_dir())
+            partial = [p for _, p in step_dirs(path / CHECKPOINTS) if p.is_dir()]  # by step, incomplete all
             if not partial:
                 raise CheckpointError(f"{path} is a run without a checkpoint yet (nothing under {path / CHECKPOINTS})")
             lacks = [f for f in CHECKPOINT_FILES if not (partial[-1] / f).is_file()]
