@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from archlab.config import MAX_SEED
 from archlab.errors import ConfigError, ShapeError
-from archlab.nn.linear import kernel_takes_rows, onednn_plain_available, packed_for_rows
+from archlab.nn.linear import kernel_takes_rows, packed_for_rows
 
 #: ``(tokens [B, n], cache or None) -> logits [B, n, V]``.
 Step = Callable[[Tensor, Any], Tensor]
@@ -418,25 +418,22 @@ def generate_batch(
 ) -> list[list[int]]:
     """Continue several prompts of different lengths together; returns each prompt's new tokens, in order.
 
-    Up to ``B = batch_size`` prompts (lists of token ids) decode as one batch (:func:`_decode_rows`): left-padded
-    to the longest into ``[B, n0]`` with an ``attention_mask`` marking the real tokens and prefilled together, then
+    Up to ``B = batch_size`` prompts (lists of token ids) decode as one batch (:func:`_decode_rows`): left-padded to
+    the longest into ``[B, n0]`` with an ``attention_mask`` marking the real tokens and prefilled together, then
     every step one forward pass over the rows still open, a ``B``-row product costing far less than ``B`` one-row
     ones: up to :data:`archlab.nn.linear.KERNEL_FIRST_ROWS` rows (12 on AVX-512) on archlab's float32 kernel, which
     reads the weights in place, past it on oneDNN-packed copies of the weights
     (:func:`archlab.nn.linear.packed_for_rows`: they take the weights' memory again during the call). The copies are
-    made only where they pay: past the kernel's rows, or for the prefill where oneDNN's matmul on the weights as
-    they are does not serve it (:func:`archlab.nn.linear.onednn_plain_serves`: below AVX-512). SmolLM2's 10 prompts (README
-    Speed) took 5.81-5.90 s without them against 5.82-6.15 s with them (4 paired rounds, AMD EPYC), without the
-    copies' 538 MB. A row that emits a
-    stop token or reaches ``max_new_tokens`` leaves the batch: its cache rows and mask row are dropped (the cache's
-    ``reorder``), so later steps compute only open rows. With more prompts than ``B`` (continuous batching), the
-    waiting prompts take freed rows at once: prefilled together into a cache of their own (``empty_like``: the
-    batch's packed head shared, not copied again), lined up with the batch (the side holding fewer positions padded
-    in front with masked zero keys and values: the cache's ``pad_front``) and joined (``join``), so the batch stays
-    full while prompts wait. Prompts start longest first; the output order is the prompts' order. Refilling costs a
-    prefill per refill and a cache as long as the whole job: on SmolLM2 (12 prompts, README Speed) 6 refilled rows
-    were slower than two batches of 6, and one batch of all prompts fastest; use ``batch_size`` where memory bounds
-    the rows.
+    made only past the kernel's rows (and then serve the prefill too); up to them the prefill runs on ``F.linear``
+    (MKL's sgemm, whose sums err less than oneDNN's). A row that emits a stop token or reaches ``max_new_tokens``
+    leaves the batch: its cache rows and mask row are dropped (the cache's ``reorder``), so later steps compute only
+    open rows. With more prompts than ``B`` (continuous batching), the waiting prompts take freed rows at once:
+    prefilled together into a cache of their own (``empty_like``: the batch's packed head shared, not copied again),
+    lined up with the batch (the side holding fewer positions padded in front with masked zero keys and values: the
+    cache's ``pad_front``) and joined (``join``), so the batch stays full while prompts wait. Prompts start longest
+    first; the output order is the prompts' order. Refilling costs a prefill per refill and a cache as long as the
+    whole job: on SmolLM2 (12 prompts, README Speed) 6 refilled rows were slower than two batches of 6, and one
+    batch of all prompts fastest; use ``batch_size`` where memory bounds the rows.
 
     The decoder gives each row the positions it would have alone
     (:func:`archlab.models.decoder.positions_from_mask`; RoPE rotates at them) and no query attends the padding, so
@@ -484,8 +481,7 @@ def generate_batch(
     )  # fmt: skip
     if max_new_tokens == 0:
         return [[] for _ in prompts]
-    # copies pay for products past the kernel's rows, and for the prefill where oneDNN cannot read the weights in place
-    copies = rows > 1 and not (kernel_takes_rows(rows) and onednn_plain_available())
+    copies = rows > 1 and not kernel_takes_rows(rows)  # past the kernel's rows a copy pays for every step
     packing = packed_for_rows(model, rows) if copies else contextlib.nullcontext()
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else None
     with packing:  # B-row products on oneDNN-packed weights (archlab.nn.linear)

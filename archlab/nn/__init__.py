@@ -58,7 +58,6 @@ from archlab.nn.linear import (
     RefreshedCopies,
     kernel_takes_rows,
     onednn_packing_available,
-    onednn_plain_serves,
     packed_for_rows,
 )
 from archlab.nn.lora import (
@@ -129,7 +128,7 @@ __all__ = [
     "LoRALinear", "LoRAReport", "apply_lora", "linear_names", "lora_layers", "lora_parameters", "lora_report",
     "merge_lora", "unload_lora", "unmerge_lora",
     # linear layers, loss, input checks
-    "Linear", "PackedLinear", "RefreshedCopies", "packed_for_rows", "onednn_packing_available", "onednn_plain_serves",
+    "Linear", "PackedLinear", "RefreshedCopies", "packed_for_rows", "onednn_packing_available",
     "kernel_takes_rows",
     "linear_cross_entropy", "check_token_ids",
 ]  # fmt: skip

@@ -37,21 +37,21 @@ kernel's (a speculative verify pass of ``k + 1`` rows, a batch's step of up to 1
 rows: oneDNN 25 ms against MKL's sgemm 31 ms on a ``[1536, 576]`` SmolLM2 layer, one thread on the AMD EPYC kind).
 The copies cost the weights' memory again while the block runs.
 
-Without a copy, a float32 product of 2 rows or more that needs no gradient and that the kernel does not take (a
-prompt's prefill, an uncached forward pass, an evaluation's LM head) runs on oneDNN's matmul over ``W`` as it is
-where PyTorch's CPU kernels run at AVX-512 (:func:`onednn_plain_serves`: a SmolLM2 prefill 1.15x faster than
-``F.linear``'s sgemm on the AMD EPYC kind; below AVX-512 the two were even, and ``F.linear`` stays).
+A prompt's prefill, an uncached forward pass and an evaluation's LM head (float32, more rows than the kernel
+takes, no copy) stay on ``F.linear``: oneDNN's matmul on ``W`` as it is ran SmolLM2's prefill 1.15x faster on the
+AMD EPYC (AVX-512) kind, but its sums err 1.4-2x more than MKL's sgemm (mean error against float64 over SmolLM2's
+shapes, 3-140 rows), enough to put SmolLM2's float32 logits at 4x HF's error on some prompts (2.1e-4 against
+4.9e-5 on a French sentence), so it was withdrawn (2026-12-05; ``docs/speed.md``).
 
 All give ``F.linear``'s result up to float rounding (the dot products are the same; only the kernel
-that sums them differs). Other inputs with more than :data:`MAX_SPLIT_ROWS` rows (products that record
-gradients, float64, small matrices) and CUDA tensors take ``F.linear`` unchanged, and so do products of up to
-:data:`MAX_SPLIT_ROWS` rows in single-threaded runs where no kernel above serves them.
+that sums them differs). Other inputs with more than :data:`MAX_SPLIT_ROWS` rows (those above, products that
+record gradients, float64, small matrices) and CUDA tensors take ``F.linear`` unchanged, and so do products of up
+to :data:`MAX_SPLIT_ROWS` rows in single-threaded runs where no kernel above serves them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import types
 import weakref
 from collections.abc import Iterator
@@ -141,8 +141,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     Where archlab's float32 kernel serves it (1-16 float32 rows, past :data:`KERNEL_FIRST_ROWS` only without a
     oneDNN-packed copy; module docstring), the product is the kernel's;
     else with 2 rows or more and a packed copy of ``weight`` (:func:`packed_for_rows`), oneDNN's on that copy; else
-    with 2 rows or more where oneDNN's matmul on ``weight`` as it is serves (:func:`onednn_plain_serves`), oneDNN's;
-    else with at most :data:`MAX_SPLIT_ROWS` rows on a multi-threaded CPU,
+    with at most :data:`MAX_SPLIT_ROWS` rows on a multi-threaded CPU,
     it runs as ``k`` blocks of output features, one per thread (see the module docstring); otherwise it is
     ``F.linear``. Traced by ``torch.compile`` (:mod:`archlab.static_decoding`) the packed copies are not used
     (they are eager-side state) and the split is kept, with the thread count read at trace time: without it the
@@ -152,9 +151,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     out = _f32_product(x, weight, bias)
     if out is not None:
         return out
-    onednn = None if torch.compiler.is_compiling() else _onednn_weight(weight, x, bias)
-    if onednn is not None:
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, d_in), onednn, bias, "none", [], "")
+    packed = None if torch.compiler.is_compiling() else _onednn_copy(weight, x)
+    if packed is not None:
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, d_in), packed, bias, "none", [], "")
         return out.reshape(*x.shape[:-1], d_out)
     k = _blocks(d_out, x.device)
     small = _rows(x) <= MAX_SPLIT_ROWS and weight.numel() >= MIN_SPLIT_ELEMENTS
@@ -249,48 +248,6 @@ def _onednn_copy(weight: Tensor, x: Tensor) -> Tensor | None:
     if _rows(x) < 2 or not x.dtype == weight.dtype == entry[2].dtype or x.device.type != "cpu":
         return None
     return None if _records_grad(x, weight) else entry[2]
-
-
-def _onednn_weight(weight: Tensor, x: Tensor, bias: Tensor | None) -> Tensor | None:
-    """The weight oneDNN's matmul takes for :func:`linear`: ``weight``'s packed copy where one serves ``x``
-    (:func:`_onednn_copy`), else ``weight`` itself where :func:`onednn_plain_serves`, else None."""
-    packed = _onednn_copy(weight, x)
-    if packed is not None:
-        return packed
-    return weight if onednn_plain_serves(weight, x, bias) else None
-
-
-def onednn_plain_serves(weight: Tensor, x: Tensor, bias: Tensor | None = None) -> bool:
-    """Whether :func:`linear` runs ``x @ weight.T (+ bias)`` through oneDNN's matmul on ``weight`` as it is (no
-    packed copy, no memory taken): float32 on a CPU whose kernels run at AVX-512 (:func:`onednn_plain_available`), 2
-    rows or more, no gradient recorded, ``weight`` contiguous and of at least :data:`MIN_SPLIT_ELEMENTS` elements.
-
-    Where it serves it was the faster of the two on the AMD EPYC (AVX-512) kind, 2 threads, against ``F.linear``
-    (MKL's sgemm): a prompt's prefill on SmolLM2-135M-Instruct (126-143 rows) 1.15x over 8 paired rounds (213
-    against 185 ms a prompt); per matrix, 13-4,096 rows: SmolLM2's ``[3072, 576]`` 1.06-1.38x, ``[576, 1536]``
-    1.01-1.32x, ``[960, 576]`` 1.00-1.14x, ``[576, 576]`` 0.96-1.27x, gpt-mini's and all-MiniLM-L6-v2's ``[1536,
-    384]`` 1.04-1.33x, the LM heads (``[49152, 576]``, ``[50304, 384]``, up to 512 rows) 1.10-2.1x (one sweep, the
-    median of 25 calls each); at 2-12 rows (where archlab's float32 kernel does not run) 1.17-5.9x, and against the
-    split path at 2-4 rows 0.85-1.28x for the block matrices, 1.57-3.05x for SmolLM2's head. Smaller matrices lost
-    (``[300, 100]``: 0.28-0.5x), hence the floor. Capped at AVX2 (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
-    MKL_ENABLE_INSTRUCTIONS=AVX2``) it was mixed (0.80-1.39x for the block matrices, the heads 1.3-1.7x), so below
-    AVX-512 ``F.linear`` stays. At one thread (13-4,096 rows) 0.94-1.23x for the block matrices, SmolLM2's head
-    1.13-1.53x. The Intel (AMX) kind was not measured. The two sum the dot products in different orders: the same
-    result up to float rounding (``docs/speed.md``, 2026-12-05)."""
-    if not onednn_plain_available() or x.device.type != "cpu" or _rows(x) < 2:
-        return False
-    if not x.dtype == weight.dtype == torch.float32 or (bias is not None and bias.dtype != torch.float32):
-        return False
-    if not weight.is_contiguous() or weight.numel() < MIN_SPLIT_ELEMENTS or x.shape[-1] != weight.shape[1]:
-        return False
-    return not _records_grad(x, weight, bias)  # oneDNN's op has no backward
-
-
-@functools.cache
-def onednn_plain_available() -> bool:
-    """Whether this process runs float32 products of 2 rows or more on oneDNN's matmul over the weight as it is
-    (:func:`onednn_plain_serves`): the build has oneDNN and PyTorch's CPU kernels run at AVX-512."""
-    return onednn_packing_available() and kernel_capability() == "AVX512"
 
 
 def _onednn_packed_copies(weights: list[Tensor], rows: int) -> list[Tensor]:

@@ -41,7 +41,7 @@ CHATS = [
         {"role": "user", "content": "Now one about mountains, café style ☕."},
     ],
 ]
-PROMPTS = [  # ten varied prompts for the logits
+PROMPTS = [  # twelve varied prompts for the logits (the last two found oneDNN's plain matmul at 4x and 2x HF's error)
     "The capital of France is",
     "def add(a, b):\n    return",
     "Once upon a time, in a small village,",
@@ -52,6 +52,8 @@ PROMPTS = [  # ten varied prompts for the logits
     "<|im_start|>user\nHi<|im_end|>\n",
     "Emoji test 🙂🙂🙂 and accents: élève, über.",
     "SELECT name FROM users WHERE id =",
+    "Quelle est la capitale de l'Allemagne ? Réponds en une phrase.",
+    "a " * 300,
 ]
 
 
@@ -119,7 +121,7 @@ def test_chat_template_equals_hf(ours, hf, messages, add_generation_prompt):
 
 
 def test_logits_equal_hf(ours, hf):
-    """Ten prompts, float32: archlab's error no larger than HF's own (logits reach ~35).
+    """Twelve prompts, float32: archlab's error no larger than HF's own (logits reach ~35).
 
     The reference is archlab in float64 on the same weights (equal to HF's float64 to 1e-10,
     tests/parity/test_hf_llama.py). archlab's fp32 error against it must be within 2x HF's fp32 error plus
