@@ -22,6 +22,7 @@ exactly zero weight; a query with no key to attend gets a zero output.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 
@@ -188,9 +189,22 @@ SCORES: dict[str, type[AlignmentScore]] = {
 
 
 def build_score(name: str, **kwargs) -> AlignmentScore:
-    """An alignment score by name: ``content, additive, location, general, dot, scaled_dot``."""
+    """An alignment score by name: ``content, additive, location, general, dot, scaled_dot``; ``kwargs`` are its
+    class's arguments (a missing or unknown one is a ConfigError naming the score and the arguments it takes)."""
     check_choice("score", name, list(SCORES))
-    return SCORES[name](**kwargs)
+    cls = SCORES[name]
+    params = inspect.signature(cls.__init__).parameters
+    plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    takes = [p for p in params if p != "self" and params[p].kind in plain]  # nn.Module's *args, **kwargs: none
+    required = [p for p in takes if params[p].default is inspect.Parameter.empty]
+    unknown = [key for key in kwargs if key not in takes]
+    missing = [key for key in required if key not in kwargs]
+    if unknown or missing:
+        problem = f"unknown {unknown}" if unknown else f"missing {missing}"
+        raise ConfigError(
+            f"score={name!r} takes {takes or 'no arguments'} (required: {required or 'none'}); {problem}"
+        )
+    return cls(**kwargs)
 
 
 # ================================================================================================

@@ -214,6 +214,17 @@ def test_build_score_unknown_name_suggests_closest():
         build_score("additve")
 
 
+def test_build_score_names_the_arguments_a_score_takes():
+    # a missing or unknown argument was a bare TypeError from the class's __init__
+    takes = r"score='additive' takes \['d_query', 'd_key', 'd_attn'\]"
+    with pytest.raises(ConfigError, match=takes + r".*missing \['d_attn'\]"):
+        build_score("additive", d_query=4, d_key=4)
+    with pytest.raises(ConfigError, match=r"score='location' takes \['d_query', 'max_keys'\].*unknown \['d_key'\]"):
+        build_score("location", d_query=4, d_key=4, max_keys=3)
+    with pytest.raises(ConfigError, match=r"score='dot' takes no arguments.*unknown \['d_query'\]"):
+        build_score("dot", d_query=4)
+
+
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
 def test_dot_and_scaled_dot_scores_equal_attend_scales(backend):
     g = gen(4)
