@@ -200,10 +200,17 @@ def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 def maps_from_capture(
-    capture: AttentionCapture, queries: dict[bool, list[str]], keys: dict[bool, list[str]], *, row: int = 0
+    capture: AttentionCapture,
+    queries: dict[bool, list[str]],
+    keys: dict[bool, list[str]],
+    *,
+    row: int = 0,
+    decoder_keys: list[str] | None = None,
 ) -> list[AttentionMap]:
     """:class:`AttentionMap` per captured call (batch row ``row``); ``queries`` / ``keys`` map ``cross`` (False/True)
-    to the labels. Self-attention calls whose length matches the cross-attention's queries are the decoder's."""
+    to the labels. Self-attention calls of modules named ``decoder...`` (when ``queries`` has cross labels) are the
+    decoder's: their rows take the cross-attention's query labels and their keys ``decoder_keys`` (the decoder's
+    input tokens, which its self-attention attends; None: the query labels)."""
     maps, layer_of = [], {}
     for call in capture.calls:
         w = call.weights[row].float()
@@ -211,8 +218,9 @@ def maps_from_capture(
         if call.cross:
             q, k, kind = queries[True], keys[True], "cross"
         else:
-            q = queries[True] if True in queries and call.name.startswith("decoder") else queries[False]
-            k = q
+            decoder = True in queries and call.name.startswith("decoder")
+            q = queries[True] if decoder else queries[False]
+            k = decoder_keys if decoder and decoder_keys is not None else q
             kind = "self"
         if (len(q), len(k)) != (n, m):  # labels that do not fit (a cache, a prefix): number the positions
             q, k = [str(i) for i in range(n)], [str(j) for j in range(m)]
@@ -364,7 +372,8 @@ def _sentence_maps(target: str, text: str) -> AttentionMaps:
 @torch.no_grad()
 def _seq2seq_maps(target: str, model: nn.Module, tokenizer, text: str, max_new_tokens: int = 64) -> AttentionMaps:
     """Greedy translation of ``text``, then one teacher-forced pass over the output for the maps; decoder rows are
-    labelled by the token each step produces (the last: ``</s>``)."""
+    labelled by the token each step produces (the last: ``</s>``), the decoder self-attention's keys by the token
+    each step reads (the first: ``<s>``)."""
     from archlab.generation import generate
     from archlab.models.seq2seq import RNNsearch
 
@@ -391,7 +400,9 @@ def _seq2seq_maps(target: str, model: nn.Module, tokenizer, text: str, max_new_t
         return AttentionMaps(target, text, maps, [f"output: {output_text!r}"])
     with capture_attention(model) as capture:
         model(src_ids, tgt_in, mask)
-    maps = maps_from_capture(capture, {False: src_labels, True: produced}, {False: src_labels, True: src_labels})
+    read = ["<s>"] + token_labels(tokenizer, out)  # the decoder's inputs: the keys of its self-attention
+    maps = maps_from_capture(capture, {False: src_labels, True: produced}, {False: src_labels, True: src_labels},
+                             decoder_keys=read)  # fmt: skip
     return AttentionMaps(target, text, maps, [f"output: {output_text!r}"])
 
 

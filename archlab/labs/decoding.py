@@ -453,7 +453,7 @@ def run_collapse(quick: bool, seed: int) -> LabResult:
         "the first layer's attention entropy from the last token at n=64 over log(n+1), averaged over heads "
         "(1 = uniform). Random weights only: the a's and b differ by random embeddings. Controls: a random learned "
         "position table gives the last token different position vectors at n+1 and n+2, so the pair never "
-        "converges; the brief's pair [a]*(n+1) vs [a]*n+[b] differs in the last token, whose own embedding "
+        "converges; the 'last' pair, [a]*(n+1) vs [a]*n+[b], differs in the last token, whose own embedding "
         "reaches the output through the residual stream, so it does not converge either. With RoPE and sharp "
         "attention single seeds jump by decades from one n to the next (the extra key lands on a high- or a "
         "low-scoring relative distance) and reach float64's floor (distances below 2.2e-16 count as it); the "

@@ -173,7 +173,9 @@ def run(quick: bool, seed: int) -> LabResult:
         notes=f"byte-level GPTs (d={D_MODEL}, {LAYERS} blocks, learned positions), {steps} AdamW steps of "
         f"{batch_size} x {SEQ_LEN} bytes, lr {LR} (10% warmup, cosine), seeds {seeds} (each seed: its own batches "
         f"and initialisation, shared by every variant), {total} held-out predictions (unigram baseline "
-        f"{unigram:.2f}). The paper's rows A vary h at d=512 on translation; here d={D_MODEL}, so A=4 has the "
+        f"{unigram:.2f}). The deck words row A as changing the head count 'while keeping dk constant'; the paper's "
+        "row A keeps the computation constant (d_k = d_v = d_model / h), and so does this lab (the claim above). "
+        f"The paper's rows A vary h at d=512 on translation; here d={D_MODEL}, so A=4 has the "
         "paper's h/d ratio only roughly. Row B keeps d_v = d / A and shrinks only W_Q and W_K (GPTConfig.d_k), as "
         "the paper's parameter counts show it did; it is not at fixed compute: the scores get cheaper",
     )

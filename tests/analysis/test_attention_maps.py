@@ -263,3 +263,21 @@ def test_rollout_refuses_non_tensors_and_layers_of_other_shapes():
         attention_rollout([half, torch.full((2, 1, 2, 2), 0.5)])
     stacked = torch.stack([half, half])  # [L, B, A, N, N]: one tensor of every layer reads as the list
     torch.testing.assert_close(attention_rollout(stacked), attention_rollout([half, half]))
+
+
+def test_decoder_self_attention_keys_are_the_tokens_the_decoder_reads():
+    """Decoder rows are labelled by the token each step produces; its self-attention's keys are the tokens it reads
+    (<s>, then each produced token): key j is row j - 1's output, not row j's."""
+    from archlab.analysis.attention_maps import _seq2seq_maps
+
+    tokenizer = ByteTokenizer()
+    torch.manual_seed(0)
+    model = build_model("transformer-tiny", vocab_size=tokenizer.vocab_size).eval()
+    maps = _seq2seq_maps("transformer-tiny", model, tokenizer, "abc", max_new_tokens=5)
+    decoder_self = [m for m in maps.maps if m.kind == "self" and m.title.startswith("decoder")]
+    cross = [m for m in maps.maps if m.kind == "cross"]
+    assert decoder_self and len(decoder_self) == len(cross)
+    for m, c in zip(decoder_self, cross):
+        assert m.queries == c.queries and m.queries[-1] == "</s>"  # rows: the produced tokens
+        assert m.keys == ["<s>"] + m.queries[:-1] and len(m.keys) == m.weights.shape[-1]
+        assert c.keys == ["a", "b", "c"]

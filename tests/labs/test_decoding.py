@@ -154,3 +154,5 @@ def test_quick_collapse_run():
     assert rows["count", "rope", 1000][6] < rows["count", "rope", 1][6] / 1e3  # ... and speeds it up with RoPE
     assert rows["count", "learned", 1][6] > 0.3 and rows["last", "none", 1][6] > 0.5  # controls: no collapse
     assert report.result.verdict == "not supported"
+    # the notes name the control by its row ('last'), not by a brief the reader never saw
+    assert "brief" not in report.result.notes and "the 'last' pair, [a]*(n+1) vs [a]*n+[b]" in report.result.notes

@@ -1,7 +1,9 @@
 """The heads-at-fixed-compute lab: its criteria on constructed per-seed losses, and the quick run (undecided:
 20 steps) with its two sweeps (row A: heads at fixed d, equal parameters; row B: a smaller d_k at fixed A)."""
 
-from archlab.labs import run_lab
+from pathlib import Path
+
+from archlab.labs import get_lab, run_lab
 from archlab.labs.head_count import KEY_HEADS, MARGIN, hurts, judge_heads, judge_key_width
 from archlab.labs.registry import verdict_label
 
@@ -46,3 +48,9 @@ def test_quick_run_is_undecided_with_both_sweeps():
     # W_Q and W_K lose A (16 - 4) rows of d weights + 1 bias in each of the 2 blocks
     assert params["B: d_k", 16] - params["B: d_k", 4] == 2 * 2 * KEY_HEADS * (16 - 4) * (64 + 1)
     assert result.rows[3][5] == result.rows[1][5]  # the same model, the same held-out loss
+    # the deck words row A as keeping d_k constant; the lab (like the paper) keeps the compute constant and says so
+    assert get_lab("heads-fixed-compute").claim.startswith("At constant computation")
+    assert "'while keeping dk constant'" in result.notes and "keeps the computation constant" in result.notes
+    deck = Path(__file__).resolve().parents[3] / "shared" / "lessons" / "attention-transformers-deck.txt"
+    if deck.is_file():  # ../shared beside the checkout
+        assert "while keeping dk constant" in deck.read_text(encoding="utf-8")

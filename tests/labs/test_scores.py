@@ -21,3 +21,7 @@ def test_quick_run_memory_and_flops_follow_the_shapes():
         assert rows[(n, "dot")][3] == 2 * n * n * WIDTH
         # W_s q and W_h k (2 N d d_attn each) and v_a over the pairs (2 N M d_attn)
         assert rows[(n, "additive")][3] == 2 * 2 * n * WIDTH * WIDTH + 2 * n * n * WIDTH
+    # the finding sets the time ratio beside the table's FLOP ratio (2x at N = 128: 1 + 2 d / N), not "similar"
+    ratio = rows[(128, "additive")][3] / rows[(128, "dot")][3]
+    assert ratio == 1 + 2 * WIDTH / 128
+    assert f"for {ratio:.2f}x its matrix FLOPs" in report.result.finding and "similar" not in report.result.finding

@@ -44,3 +44,7 @@ def test_quick_run_is_undecided():
     result = run_lab("warmup-schedule", quick=True).result
     assert result.verdict == "undecided" and "learned too little" in result.undecided
     assert [row[1] for row in result.rows] == ["warmup", "none"]
+    # a run ending above the baseline fails too, so the text says "less than ... below", not "within ... of"
+    assert failed([3.0, 3.5], 3.0 + 2 * FAILED_MARGIN, 3.0) is True
+    for text in (result.criterion, result.finding):
+        assert f"less than {FAILED_MARGIN} nats below the unigram baseline" in text and "within" not in text
