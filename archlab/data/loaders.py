@@ -510,19 +510,28 @@ class ClassificationBatches(BatchSource):
     @classmethod
     def from_text(
         cls, texts: Sequence[str], labels: Sequence[int], tokenizer: Tokenizer, *, max_length: int,
-        valid: tuple[Sequence[str], Sequence[int]] | None = None, **kwargs: Any,
+        valid: tuple[Sequence[str], Sequence[int]] | None = None, min_length: int = 1, **kwargs: Any,
     ) -> ClassificationBatches:  # fmt: skip
-        """``[CLS] text [SEP]`` id sequences (truncated to ``max_length`` tokens in all) with the tokenizer's pad."""
+        """``[CLS] text [SEP]`` id sequences (truncated to ``max_length`` tokens in all) with the tokenizer's pad.
+
+        A sequence shorter than ``min_length`` is padded to it with pad tokens that count as part of the text
+        (``attention_mask`` 1 there): Kim's padding of short sentences for a model that needs ``min_length``
+        real tokens in every row (a TextCNN: its widest kernel).
+        """
         _check_int("max_length", max_length, 3)
+        _check_int("min_length", min_length, 1)
+        if min_length > max_length:
+            raise ConfigError(f"max_length={max_length} is below min_length={min_length}, the shortest row the model "
+                              "takes")  # fmt: skip
         if tokenizer.pad_id is None or tokenizer.cls_id is None or tokenizer.sep_id is None:
             raise DataError(
                 f"classification of text needs pad, [CLS] and [SEP] tokens; this {tokenizer.kind} tokenizer lacks one"
             )
 
         def encode(ts):
-            return [
-                [tokenizer.cls_id, *ids[: max_length - 2], tokenizer.sep_id] for ids in tokenizer.encode_batch(list(ts))
-            ]
+            cut = max_length - 2
+            rows = [[tokenizer.cls_id, *ids[:cut], tokenizer.sep_id] for ids in tokenizer.encode_batch(list(ts))]
+            return [row + [tokenizer.pad_id] * (min_length - len(row)) for row in rows]
 
         valid = None if valid is None else (encode(valid[0]), valid[1])
         return cls(encode(texts), labels, valid=valid, pad_id=tokenizer.pad_id, **kwargs)

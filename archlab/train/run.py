@@ -340,6 +340,10 @@ def prepare(spec: RunSpec, *, tokenizer: Tokenizer | None = None) -> PreparedRun
     base = spec.model_config()
     task = spec.train_config().task
     task = family.task if task == "auto" else task
+    if task not in (family.task, "custom"):  # ('custom' is checked against the model's batch_keys below)
+        trained = (family.train_cls or family.model_cls).__name__
+        raise ConfigError(f"train.task={task!r} does not fit {who}: its model ({trained}) trains on task "
+                          f"{family.task!r}; leave train.task at 'auto' (or set it to {family.task!r})")  # fmt: skip
     data = resolve_data(spec.data_config(), task, base, who)
     notes: list[str] = []
 

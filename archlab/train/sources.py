@@ -332,7 +332,7 @@ def build_data(
     if kind == "synthetic" or task == "seq2seq":
         return _pairs(data, kind, tokenizer, shard)
     if task == "classification":
-        return _labelled_texts(data, tokenizer, shard)
+        return _labelled_texts(data, model_config, tokenizer, shard)
     return _corpus(data, task, kind, tokenizer, shard)
 
 
@@ -413,7 +413,11 @@ def _pairs(data: DataConfig, kind: str, tokenizer: Tokenizer | None, shard: dict
     return RunData(tok, source, source.eval_batches, f"{what}, {tok.kind} tokenizer V={tok.vocab_size}")
 
 
-def _labelled_texts(data: DataConfig, tokenizer: Tokenizer | None, shard: dict) -> RunData:
+def _labelled_texts(data: DataConfig, model_config: Config, tokenizer: Tokenizer | None, shard: dict) -> RunData:
+    # a TextCNN needs a whole window of its widest kernel in every row: short texts are padded to it (as Kim does)
+    shortest = getattr(model_config, "max_width", 1)
+    require(data.seq_len >= shortest, f"data.seq_len={data.seq_len} is shorter than the widest kernel of the model "
+            f"({shortest} tokens, [CLS] and [SEP] included); set data.seq_len >= {shortest}")  # fmt: skip
     records = _read_records(data.source, data.text_field, data.label_field)
     if len(records.classes) < 2:  # a one-class model has nothing to learn: loss 0 and 100% accuracy from the start
         raise DataError(f"{data.source}: every record has the label {records.classes[0]!r} (field "
@@ -425,7 +429,7 @@ def _labelled_texts(data: DataConfig, tokenizer: Tokenizer | None, shard: dict) 
     tok = tokenizer if tokenizer is not None else make_tokenizer(data, [t for t, _ in train])
     source = ClassificationBatches.from_text(
         [t for t, _ in train], [y for _, y in train], tok, max_length=data.seq_len,
-        valid=([t for t, _ in valid], [y for _, y in valid]), **shard,
+        valid=([t for t, _ in valid], [y for _, y in valid]), min_length=shortest, **shard,
     )  # fmt: skip
     describe = (f"{data.source}: {len(train):,} training / {len(valid):,} validation texts, "
                 f"{len(records.classes)} classes, {tok.kind} tokenizer V={tok.vocab_size}")  # fmt: skip

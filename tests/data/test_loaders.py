@@ -231,6 +231,22 @@ def test_classification_from_text_and_eval_coverage():
     assert len(labels) == 13
 
 
+def test_classification_from_text_pads_short_texts_to_min_length_as_text():
+    """A TextCNN needs its widest kernel's window of real tokens in every row: a one-letter text ([CLS] x [SEP],
+    3 tokens) was handed to a width-4 kernel unpadded and training stopped at its first batch."""
+    tok = ByteTokenizer()
+    source = ClassificationBatches.from_text(["a", "bcdefg"], [0, 1], tok, max_length=16, batch_size=2,
+                                             valid=(["x"], [1]), min_length=5)  # fmt: skip
+    batch = next(source)
+    rows = {tuple(r[m.bool()].tolist()) for r, m in zip(batch["inputs"], batch["attention_mask"])}
+    assert rows == {(tok.cls_id, 97, tok.sep_id, tok.pad_id, tok.pad_id), (tok.cls_id, *range(98, 104), tok.sep_id)}
+    (valid,) = source.eval_batches()
+    assert valid["inputs"].tolist() == [[tok.cls_id, 120, tok.sep_id, tok.pad_id, tok.pad_id]]
+    assert valid["attention_mask"].tolist() == [[1] * 5]
+    with pytest.raises(ConfigError, match="max_length=4 is below min_length=5"):
+        ClassificationBatches.from_text(["a"], [0], tok, max_length=4, batch_size=1, min_length=5)
+
+
 # -- errors ----------------------------------------------------------------------------------------------------
 def test_config_errors():
     ids = np.arange(100)

@@ -193,6 +193,37 @@ def test_a_labelled_file_of_one_class_is_refused_before_the_tokenizer(tmp_path, 
             prepare(RunSpec(preset, {}, {"source": str(tmp_path / "one.jsonl"), "label_field": "y"}))
 
 
+def test_a_textcnn_trains_on_texts_shorter_than_its_widest_kernel(tmp_path):
+    """One-word texts ([CLS] w [SEP]: 3 tokens) against textcnn-deck's width-4 kernel: `archlab train` stopped at its
+    first batch with "row 3 has no 4 consecutive real tokens"; they are padded to the width, as Kim pads."""
+    lines = [json.dumps({"text": chr(0x4E00 + i), "label": i % 3}) for i in range(60)]  # one character each
+    (tmp_path / "short.jsonl").write_text("\n".join(lines))
+    run = prepare(RunSpec("textcnn-deck", {}, {"source": str(tmp_path / "short.jsonl"), "tokenizer": "char"}))
+    model = run.build_model().eval()
+    for batch in (next(iter(run.run_data.train)), *run.run_data.valid()):
+        assert int(batch["attention_mask"].sum(1).min()) >= 4
+        terms, _ = get_task("classification").run(model, batch, 0.0)
+        assert torch.isfinite(terms["sample"])
+    with pytest.raises(ConfigError, match=r"data.seq_len=3 is shorter than the widest kernel of the model \(4 tokens"):
+        prepare(RunSpec("textcnn-deck", {}, {"source": str(tmp_path / "short.jsonl"), "seq_len": 3}))
+
+
+def test_a_task_the_family_does_not_train_is_refused_before_the_data(monkeypatch):
+    """`--set train.task=classification` on bert-mini built BertForPreTraining, trained it on labelled texts and
+    died at the first step with a traceback (AttributeError: 'BertPreTrainingOutput' object has no attribute 'ndim')."""
+    import archlab.train.run as run_module
+
+    monkeypatch.setattr(run_module, "build_data", lambda *a, **k: pytest.fail("the data was built"))
+    cases = (("bert-mini", "classification", "BertForPreTraining", "mlm"), ("transformer-tiny", "lm",
+             "EncoderDecoderTransformer", "seq2seq"), ("gpt-nano", "mlm", "GPT", "lm"))  # fmt: skip
+    for preset, task, cls, own in cases:
+        with pytest.raises(ConfigError, match=re.escape(f"train.task={task!r} does not fit preset {preset} (family ")
+                           + f".*its model \\({cls}\\) trains on task '{own}'; leave train.task at 'auto'"):
+            prepare(RunSpec(preset, {}, {}, {"task": task}))
+    monkeypatch.undo()
+    assert prepare(gpt_spec(task="lm")).task == "lm"  # the family's own task, named, is fine
+
+
 def test_digits_take_no_tokenizer():
     with pytest.raises(ConfigError, match="data.tokenizer='byte': the digits are images"):
         prepare(RunSpec("vit-tiny", {}, {"tokenizer": "byte"}))
