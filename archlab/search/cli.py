@@ -205,6 +205,28 @@ def declare_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
+def _some(ids: list[str], shown: int = 5) -> str:
+    return ", ".join(map(repr, ids[:shown])) + (f" and {len(ids) - shown:,} more" if len(ids) > shown else "")
+
+
+def eval_notes(evalset, doc_ids: set[str], queries_file: str) -> list[str]:
+    """Notes on judgments the evaluation cannot use as given: judged queries without a text in ``queries_file``
+    (left out), relevant documents that are not in the index (they count as not retrieved)."""
+    unasked = [q for q in evalset.qrels if q not in evalset.queries]
+    missing = sorted({d for q, judged in evalset.qrels.items() if q in evalset.queries
+                      for d, grade in judged.items() if grade > 0 and d not in doc_ids})  # fmt: skip
+    notes = []
+    if unasked:
+        one = len(unasked) == 1
+        notes.append(f"note: {len(unasked):,} of {len(evalset.qrels):,} judged queries {'has' if one else 'have'} no "
+                     f"text in {queries_file} and {'is' if one else 'are'} left out: {_some(unasked)}")  # fmt: skip
+    if missing:
+        one = len(missing) == 1
+        notes.append(f"note: {len(missing):,} document{'' if one else 's'} judged relevant {'is' if one else 'are'} "
+                     f"not in the index (counted as not retrieved): {_some(missing)}")  # fmt: skip
+    return notes
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from archlab.search.corpus import EvalSet, builtin_evalset, load_qrels, load_queries
     from archlab.search.engine import SearchEngine
@@ -223,6 +245,8 @@ def run_eval(args: argparse.Namespace) -> int:
         print(reranker_note(reranker), file=sys.stderr)
     engine = SearchEngine.open(args.index, reranker=reranker, mode=args.mode)
     check_trec_ids(evalset.qrels, (doc.id for doc in engine.docs))  # before the queries run: the run file holds them
+    for note in eval_notes(evalset, {doc.id for doc in engine.docs}, args.queries or "the built-in set"):
+        print(note, file=sys.stderr)
     report = evaluate_engine(engine, evalset, k=args.k, rerank=args.rerank)
     write_trec_run(run_file, report.run, tag="archlab")
     if args.json:
@@ -381,4 +405,4 @@ def run(args: argparse.Namespace) -> int:
     return SUBCOMMANDS[args.search_command][1](args)
 
 
-__all__ = ["SUBCOMMANDS", "declare", "load_explainer", "load_reranker", "reranker_note", "run"]
+__all__ = ["SUBCOMMANDS", "declare", "eval_notes", "load_explainer", "load_reranker", "reranker_note", "run"]

@@ -41,7 +41,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -482,6 +482,21 @@ def _index_kind(index: str, out: Path, n: int) -> str:
     return choose_index_type(n)
 
 
+def say_truncated(texts: Sequence[str], encoder, hybrid: bool, say: Callable[[str], None]) -> int:
+    """How many of ``texts`` are longer than ``encoder.max_seq_length`` tokens (their vectors read only their
+    beginning), said through ``say`` when any is; 0 for an encoder that cannot count its tokens."""
+    counts = getattr(encoder, "token_counts", None)
+    limit = getattr(encoder, "max_seq_length", None)
+    if counts is None or not limit:
+        return 0
+    long = sum(n > limit for n in counts(list(texts)))
+    if long:
+        say(f"note: {long:,} of {len(texts):,} documents are longer than the encoder's {limit} tokens: their vectors "
+            "read each one's beginning only (" + ("BM25 indexes their whole text" if hybrid else
+                                                  "--hybrid adds BM25, which indexes the whole text") + ")")
+    return long
+
+
 def build_index(
     corpus: Corpus,
     out: str | Path,
@@ -538,16 +553,18 @@ def build_index(
 
     settings = {"encoder_identity": identity, "precision": precision, "chunk_size": chunk_size}
     build_file = out / BUILD
+    vectors_dir = out / VECTORS
     if rank == 0:  # checks the folder and records what is being built; the other ranks wait, then read it
         _start_build(corpus, out, settings)
+        start = int(read_json(build_file, "the build record").get("previous_count", 0))
+        missing = encode.pending_rows(vectors_dir, n, chunk_size, start=start)  # every rank's, before any encodes
+        if missing < n - start:
+            say(f"resuming: {n - start - missing} of {n - start} documents already encoded")
     _barrier(world)
     start = int(read_json(build_file, "the build record").get("previous_count", 0))  # rows already indexed
 
     texts = [corpus[i].full_text for i in range(start, n)]
-    vectors_dir = out / VECTORS
-    todo = encode.pending_rows(vectors_dir, n, chunk_size, start=start, rank=rank, world_size=world)
-    if todo < n - start and rank == 0:
-        say(f"resuming: {n - start - todo} of {n - start} documents already encoded")
+    todo = encode.pending_rows(vectors_dir, n, chunk_size, start=start, rank=rank, world_size=world)  # this rank's
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
@@ -558,6 +575,8 @@ def build_index(
                          on_rows=bar.update if bar else None)  # fmt: skip
     if bar is not None:
         bar.close()
+    if rank == 0 and texts:
+        say_truncated(texts, encoder, hybrid, say)
     _barrier(world)
     if rank != 0:
         return {}
@@ -640,6 +659,6 @@ def append_documents(index_dir: str | Path, docs: list[Document], **kwargs) -> d
 __all__ = [
     "INDEX_TYPES", "RescoredIndex", "add_ivfpq", "append_documents", "build_faiss", "build_index", "check_ivfpq_size",
     "check_rescore", "choose_index_type", "configure", "default_params", "ivfpq_nlist", "min_ivfpq_vectors",
-    "pq_encode", "pq_subquantizers", "read_docs", "read_faiss", "read_manifest", "rescore_factor", "searchable",
-    "write_rescore_store",
+    "pq_encode", "pq_subquantizers", "read_docs", "read_faiss", "read_manifest", "rescore_factor", "say_truncated",
+    "searchable", "write_rescore_store",
 ]  # fmt: skip

@@ -267,6 +267,34 @@ def host_warning(host: str) -> str | None:
             "(the page has no login); bind 127.0.0.1 to keep it on this machine")  # fmt: skip
 
 
+def host_name(header: str) -> str:
+    """The name of a Host header, its port left out: ``127.0.0.1:8000`` -> ``127.0.0.1``, ``[::1]:8000`` -> ``::1``."""
+    if header.startswith("[") and "]" in header:
+        return header[1 : header.index("]")]
+    return header.split(":")[0]
+
+
+class HostCheck:
+    """Refuses a request whose Host header names none of ``allowed_hosts`` (a page elsewhere that reached this server
+    through DNS rebinding), with 400 and a JSON reason like every other refusal (Starlette's TrustedHostMiddleware
+    answers plain text)."""
+
+    def __init__(self, app: Any, allowed_hosts: list[str]):
+        self.app, self.allowed = app, frozenset(allowed_hosts)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":  # (the app has no websocket route)
+            from starlette.datastructures import Headers
+
+            host = host_name(Headers(scope=scope).get("host", ""))
+            if host not in self.allowed:
+                message = (f"Host {host!r} is not served here: this server answers requests for "
+                           f"{', '.join(sorted(self.allowed))}")  # fmt: skip
+                await JSONResponse({"error": message}, status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(
     engine: Any,
     *,
@@ -322,9 +350,7 @@ def create_app(
     batcher = app.state.batcher = SearchBatcher(lambda items: run_batch(items), search_pool)
 
     if allowed_hosts is not None:
-        from starlette.middleware.trustedhost import TrustedHostMiddleware
-
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
+        app.add_middleware(HostCheck, allowed_hosts=allowed_hosts)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):

@@ -127,3 +127,20 @@ def test_bad_inputs_of_index_and_eval_are_refused_before_any_work(capsys, beir, 
         assert code == 2 and message in err and err.startswith("archlab: error: "), (argv, err)
     assert not (tmp_path / "pq").exists()  # refused before encoding: no partial build is left behind
     assert not (tmp_path / "spaced.trec").exists()
+
+
+def test_eval_says_which_judgments_it_cannot_use(capsys, beir, index, tmp_path):
+    """A judged query without a text is left out and a relevant document missing from the index counts as not
+    retrieved: eval says both (it said neither, and printed metrics over fewer queries and lower recall)."""
+    (tmp_path / "q.tsv").write_text("q1\tmetformin side effects in the elderly\nq3\tunjudged\n")
+    (tmp_path / "r.tsv").write_text("q1\tmetformin\t1\nq1\tnot-indexed\t1\nq1\tnot-relevant\t0\nq9\tsleep\t1\n")
+    code, out, err = run(capsys, "search", "eval", str(index), str(tmp_path / "q.tsv"), str(tmp_path / "r.tsv"),
+                         "--run", str(tmp_path / "run.trec"), "--json")  # fmt: skip
+    report = json.loads(out)
+    assert code == 0 and report["queries"] == 1 and report["metrics"]["recall@100"] == 0.5
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: 1 of 2 judged queries has no text in {tmp_path / 'q.tsv'} and is left out: 'q9'",
+                     "note: 1 document judged relevant is not in the index (counted as not retrieved): 'not-indexed'"]
+    queries, qrels = str(beir / "queries.jsonl"), str(beir / "qrels" / "test.tsv")
+    code, _, err = run(capsys, "search", "eval", str(index), queries, qrels, "--run", str(tmp_path / "run2.trec"))
+    assert code == 0 and "note:" not in err

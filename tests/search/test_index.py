@@ -241,3 +241,34 @@ def test_build_index_checks_its_arguments_before_loading_the_encoder(tmp_path):
     with pytest.raises(DataError, match="duplicate document id 'a'"):
         build_index(docs + docs, tmp_path / "i")
     assert not (tmp_path / "i").exists()
+
+
+class WordCountingEncoder(FakeEncoder):
+    """A stand-in encoder that counts one token per word, plus [CLS] and [SEP], and reads at most 8 tokens."""
+
+    max_seq_length, pooling = 8, "mean"
+
+    def token_counts(self, texts):
+        return [len(t.split()) + 2 for t in texts]
+
+
+def test_build_index_says_how_many_documents_are_longer_than_the_encoder_reads(tmp_path, monkeypatch):
+    """A document past the encoder's token limit gets a vector of its beginning only: the build says how many (it
+    said nothing: a 50-page file of a .txt folder was embedded from its first 256 tokens, silently)."""
+    monkeypatch.setattr(encode, "load_encoder", lambda model, precision: WordCountingEncoder())
+    monkeypatch.setattr(encode, "encoder_identity", lambda encoder: "word-counting-test-encoder")
+    docs = [Document("short", "", "six words fit in eight tokens"),
+            Document("long", "", "seven words do not fit in eight"), Document("longer", "", " ".join(["word"] * 40))]
+    said: list[str] = []
+    build_index(Corpus(docs, "test"), tmp_path / "i", hybrid=True, precision="fp32", log=said.append)
+    notes = [m for m in said if m.startswith("note:")]
+    assert notes == [("note: 2 of 3 documents are longer than the encoder's 8 tokens: their vectors read each one's "
+                      "beginning only (BM25 indexes their whole text)")]
+    said.clear()  # an append counts the new documents only; none too long: nothing said
+    build_index(Corpus(docs + [Document("new", "", "a short one")], "test"), tmp_path / "i", precision="fp32",
+                log=said.append)
+    assert said == ["appended 1 documents to the flat index (3 before)"]
+    said.clear()
+    build_index(Corpus(docs[1:], "test"), tmp_path / "j", precision="fp32", log=said.append)
+    assert said == [("note: 2 of 2 documents are longer than the encoder's 8 tokens: their vectors read each one's "
+                     "beginning only (--hybrid adds BM25, which indexes the whole text)")]

@@ -221,6 +221,18 @@ def test_host_names_are_checked_and_a_public_address_is_warned_about(client_for)
         assert "--host" in host_warning(host) and "127.0.0.1" in host_warning(host)
 
 
+def test_a_host_name_refused_is_answered_as_json_like_every_refusal(client_for):
+    """Starlette's TrustedHostMiddleware answered "Invalid host header" as plain text; every other refusal is JSON."""
+    client = client_for(allowed_hosts=["127.0.0.1", "localhost", "::1"])
+    refused = client.post("/api/search", json={"query": "metformin"}, headers={"host": "evil.example:8000"})
+    assert refused.status_code == 400 and refused.headers["content-type"] == "application/json"
+    assert refused.json() == {"error": "Host 'evil.example' is not served here: this server answers requests for "
+                                       "127.0.0.1, ::1, localhost"}  # fmt: skip
+    assert "Content-Security-Policy" in refused.headers
+    for host in ("127.0.0.1:8000", "localhost", "[::1]:8000"):
+        assert client.get("/api/health", headers={"host": host}).status_code == 200, host
+
+
 def test_create_app_refusals():
     for bad in ({"k": 0}, {"k": MAX_K + 1}, {"explain": -1}, {"rerank": True}, {"evidence": 0}, {"scorer": "x"}):
         with pytest.raises(ConfigError):

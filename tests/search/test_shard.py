@@ -43,6 +43,7 @@ def test_two_ranks_give_the_one_process_vectors(tmp_path):
     two = archlab_index([str(corpus), "--out", str(tmp_path / "two"), *common], torchrun=True)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
     assert two.stdout.count("indexed 40 documents") == 1  # rank 0 reports
+    assert "resuming" not in two.stderr  # a new build (rank 0 counted rank 1's chunks as already encoded)
     np.testing.assert_array_equal(load_vectors(tmp_path / "two" / "vectors", 40, 384),
                                   load_vectors(tmp_path / "one" / "vectors", 40, 384))  # fmt: skip
     m1, m2 = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
