@@ -252,6 +252,9 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """One token per row from ``logits [B, V]`` after :func:`filter_logits`; returns ``[B]``."""
+    if not isinstance(logits, Tensor) or logits.ndim != 2 or not logits.is_floating_point():
+        got = f"{_shape(logits)} {logits.dtype}" if isinstance(logits, Tensor) else _shape(logits)
+        raise ShapeError(f"logits must be a float tensor [B, V], got {got}")
     probs = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -738,8 +741,8 @@ class RowBatch:
         returns each row's logits ``[n, V]`` at those tokens (the last: its next token's)."""
         keys = self.joined
         if not keys or set(tokens) != set(keys):
-            raise ConfigError(f"step feeds every joined row: got rows {sorted(map(repr, tokens))}, joined "
-                              f"{sorted(map(repr, keys))}")  # fmt: skip
+            raise ConfigError(f"step feeds every joined row: got rows {sorted(tokens, key=repr)}, joined "
+                              f"{sorted(keys, key=repr)}")  # fmt: skip
         lengths = {len(tokens[k]) for k in keys}
         if len(lengths) != 1 or 0 in lengths:
             raise ConfigError(f"step feeds as many tokens (>= 1) to every row, got lengths {sorted(lengths)}")

@@ -225,6 +225,10 @@ def test_sampling_follows_the_filtered_distribution():
     torch.testing.assert_close(counts, torch.tensor([0.6, 0.3, 0.1]), atol=0.03, rtol=0)
     counts = torch.bincount(sample_next(logits, top_k=2, generator=g), minlength=3) / 6000
     torch.testing.assert_close(counts, torch.tensor([2 / 3, 1 / 3, 0.0]), atol=0.03, rtol=0)
+    # one row's logits are [1, V]: a bare [V] (which torch.multinomial takes, returning a 0-d id) is refused
+    for bad in (torch.zeros(3), torch.zeros(1, 2, 3), torch.zeros(1, 3, dtype=torch.long), [[0.0, 1.0]]):
+        with pytest.raises(ShapeError, match=r"logits must be a float tensor \[B, V\], got"):
+            sample_next(bad)
 
 
 # ---------------------------------------------------------------------------------------------

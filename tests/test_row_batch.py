@@ -145,8 +145,8 @@ def test_row_batch_refusals():
         batch.prefill("y", [])
     with pytest.raises(ConfigError, match="not waiting to join"):
         batch.join("y")
-    with pytest.raises(ConfigError, match="step feeds every joined row"):
-        batch.step({"x": [1]})  # x waits, not joined
+    with pytest.raises(ConfigError, match=r"step feeds every joined row: got rows \['x'\], joined \[\]$"):
+        batch.step({"x": [1]})  # x waits, not joined (the keys as they are, not their reprs quoted again)
     batch.join("x")
     batch.prefill("z", [4, 5, 6])
     batch.join("z")

@@ -254,7 +254,8 @@ def _resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> dict[str
         hits = [n for n in available if fnmatch.fnmatchcase(n, pattern)]
         done = [n for n in adapted if fnmatch.fnmatchcase(n, pattern)]
         if done:
-            raise ConfigError(f"LoRA target {target!r} matches {_listing(done, 4)}, which already has a LoRA adapter")
+            each = "it" if len(done) == 1 else "each"
+            raise ConfigError(f"LoRA target {target!r} matches {_listing(done, 4)}; {each} already has a LoRA adapter")
         if not hits:
             named = f" or one of {type(model).__name__}'s names ({', '.join(names)})" if names else ""
             quantized = getattr(model, "quant_report", None)  # set by archlab.quant.quantize (a layer above nn/)

@@ -350,7 +350,7 @@ def test_tied_head_already_adapted_and_misuse():
     with pytest.raises(ConfigError, match="'lm_head': its weight is shared with 'tok_emb.weight'"):
         apply_lora(model, "lm_head")
     apply_lora(model, "*.in_proj")
-    with pytest.raises(ConfigError, match="already has a LoRA adapter"):
+    with pytest.raises(ConfigError, match="; each already has a LoRA adapter"):  # several layers: each
         apply_lora(model, "*.attn.*")
     with pytest.raises(ConfigError, match="not merged"):
         unmerge_lora(model)
