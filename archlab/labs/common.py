@@ -160,6 +160,13 @@ def greedy_pairs(model: nn.Module, batches: BatchSource) -> list[tuple[list[int]
     return out
 
 
+def value_range(values, spec: str = "") -> str:
+    """``"lo to hi"`` of ``values`` formatted with ``spec``, or the one value when they all format alike (a quick
+    run over one word or size has no range to state)."""
+    lo, hi = format(min(values), spec), format(max(values), spec)
+    return lo if lo == hi else f"{lo} to {hi}"
+
+
 def peak_bytes(step) -> int:
     """The peak of bytes held by torch's CPU allocator while ``step()`` runs, above what it held at the start:
     the running sum of the allocations and frees (``torch.profiler`` with ``profile_memory``) in time order."""

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from archlab.errors import DataError
+from archlab.labs.common import value_range
 from archlab.labs.registry import LabResult, register_lab
 
 #: word -> (sense A sentences, sense B sentences); each sentence holds the word once, as one token
@@ -111,9 +112,9 @@ def run(quick: bool, seed: int) -> LabResult:
     finding = (
         f"static: every occurrence has cosine {min(r[4] for r in static_rows):.6f} with every other (one vector); "
         f"contextual: cosines down to {min(r[4] for r in ctx_rows):.2f}, and an occurrence's nearest other "
-        f"occurrence has its sense in {worst_nearest:.0%} to {max(r[5] for r in ctx_rows):.0%} of cases "
+        f"occurrence has its sense in {value_range([r[5] for r in ctx_rows], '.0%')} of cases "
         f"({', '.join(repr(w) for w in words)}; mean cosine within a sense above the one across by "
-        f"{min(r[2] - r[3] for r in ctx_rows):.3f} to {max(r[2] - r[3] for r in ctx_rows):.3f})"
+        f"{value_range([r[2] - r[3] for r in ctx_rows], '.3f')})"
     )
 
     def plot(fig) -> None:

@@ -341,13 +341,18 @@ def run_rnn(quick: bool, seed: int) -> LabResult:
     longer = {(kind, scale): per_decade[kind, scale, None] / per_decade["rnn", scale, None]
               for kind in ("lstm", "gru") for scale in GAINS}  # fmt: skip
     exploded = norms["rnn", "large", None][n][0]
-    checks = {
-        "rnn vanishes": small[0] <= 0.8 and small[1] >= 0.95,
-        "rnn explodes": large[0] >= 1.15 and large[1] >= 0.95,
-        "gated keep it": min(longer.values()) >= 3,
-        "clipping caps": worst_clip <= max_norm * (1 + 1e-9) and exploded >= 10 * max_norm,
+    checks = {  # what the criterion asks, in words: the finding names the parts not met
+        f"the Elman RNN's gradient shrinking by <= 0.8x a step at PyTorch's init with fit R^2 >= 0.95 (here "
+        f"{small[0]:.2f}x, R^2 {small[1]:.3f})": small[0] <= 0.8 and small[1] >= 0.95,
+        f"the Elman RNN's gradient growing by >= 1.15x a step at gain {GAINS['large']:g} with fit R^2 >= 0.95 (here "
+        f"{large[0]:.2f}x, R^2 {large[1]:.3f})": large[0] >= 1.15 and large[1] >= 0.95,
+        "LSTM and GRU at PyTorch's gate biases taking >= 3x the RNN's steps per decade at both gains (here "
+        f"{min(longer.values()):.1f}x at the least)": min(longer.values()) >= 3,
+        f"clipping every gradient norm to <= {max_norm:g} (here {worst_clip:.3g}) while the gain-{GAINS['large']:g} "
+        f"RNN's is >= {10 * max_norm:g} unclipped (here {exploded:.3g})": worst_clip <= max_norm * (1 + 1e-9)
+        and exploded >= 10 * max_norm,
     }
-    failed = [name for name, ok in checks.items() if not ok]
+    failed = [what for what, ok in checks.items() if not ok]
     gated = {scale: (fits["lstm", scale, None][0], fits["gru", scale, None][0]) for scale in GAINS}  # (LSTM, GRU)
     big = GAINS["large"]
     finding = (
@@ -359,7 +364,7 @@ def run_rnn(quick: bool, seed: int) -> LabResult:
         f"not at PyTorch's init ({gated['small'][0]:.2f}x, {gated['small'][1]:.2f}x: {longer['lstm', 'small']:.1f}x, "
         f"{longer['gru', 'small']:.1f}x), unless the forget / update gate is biased open (+1: "
         f"{fits['lstm', 'small', 1.0][0]:.2f}x, {fits['gru', 'small', 1.0][0]:.2f}x)"
-        + (f". Not met: {', '.join(failed)}" if failed else "")
+        + (f". Not met: {'; '.join(failed)}" if failed else "")
     )
 
     columns = ["cell", "W_hh gain", "gate bias", "g(0)", f"g({n - 1})", "factor/step", "steps/decade", "fit R^2",

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -55,3 +57,13 @@ def test_quick_run_static_identical_and_contextual_separates_senses():
     assert static[1] == "static" and static[4] > 1 - 1e-6
     assert contextual[4] < 0.95 and contextual[5] >= 0.75 and contextual[2] > contextual[3]
     assert report.result.verdict == "supported"
+    assert not re.search(r"(\d[\d.]*%?) to \1(?![\w.])", report.result.finding)  # one word: "88%", not "88% to 88%"
+    assert f"sense in {contextual[5]:.0%} of cases" in report.result.finding
+
+
+def test_value_range_states_one_value_when_the_range_has_one():
+    from archlab.labs.common import value_range
+
+    assert value_range([0.875], ".0%") == "88%"
+    assert value_range([0.875, 0.8751], ".0%") == "88%"
+    assert value_range([0.75, 0.875], ".0%") == "75% to 88%"

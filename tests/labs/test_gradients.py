@@ -113,3 +113,6 @@ def test_quick_rnn_gradients_vanish_explode_and_gated_cells_decay_at_pytorch_ini
         assert 0.55 < rows[cell, "0.58", "PyTorch"][5] < 0.7  # ... but decay nearly as fast at PyTorch's init
         assert rows[cell, "0.58", "+1"][5] > 0.75  # unless the gate is biased open
     assert report.result.verdict == "not supported"
+    not_met = report.result.finding.split("Not met: ")[1]  # what failed, in words, not a check's name
+    assert not_met.startswith("LSTM and GRU at PyTorch's gate biases taking >= 3x the RNN's steps per decade")
+    assert "gated keep it" not in not_met

@@ -82,3 +82,7 @@ def test_quick_run_counts_parameters_and_fits_its_own_rows():
     assert f"R^2 = {fit.r2:.3f}" in report.result.finding
     # 100 steps leave the models near the unigram baseline: no verdict the full run could contradict
     assert report.result.verdict == "undecided" and "learned too little to judge" in report.result.undecided
+    # the seed-1 verdict is a recorded full run's, and the notes say so: not "Seed 1 gives" as if measured here
+    notes = report.result.notes
+    assert "Seed 1 gives" not in notes
+    assert "Recorded, not this run: the full run at seed 1 (archlab lab scaling-laws --seed 1)" in notes

@@ -44,3 +44,6 @@ def test_quick_run_is_undecided():
     result = run_lab("label-smoothing", quick=True).result
     assert result.verdict == "undecided" and "accuracy below" in result.undecided
     assert [row[0] for row in result.rows] == list(EPSILONS)
+    # the verdict judges perplexity and BLEU only: the text says accuracy is shown, not judged
+    assert "'improves accuracy' is not judged" in result.criterion
+    assert "shown but not part of the verdict" in result.notes
