@@ -42,8 +42,12 @@ from archlab.errors import ArchlabError, ConfigError
 from archlab.models import registry
 from archlab.models.registry import FAMILIES, get_config, get_preset, list_presets
 from archlab.search import cli as search_cli
+from archlab.train.run import DEFAULT_NEW_TOKENS
 
 EXIT_ERROR = 2
+#: ``chat``'s ``--max-new-tokens`` when not given: this many, or as many as the model's context holds (``generate``'s:
+#: :data:`archlab.train.run.DEFAULT_NEW_TOKENS`, for a run and for ``--model`` alike)
+DEFAULT_REPLY_TOKENS = 256
 
 
 # ------------------------------------------------------------------------------------------------
@@ -405,7 +409,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train a run: model + data + training, into a run folder (run.json, tokenizer, checkpoints, metrics, loss.png)."""
     from archlab.train.run import default_out_dir, spec_from_argument, train_run
 
-    spec = spec_from_argument(args.spec).with_overrides(parse_overrides(args.overrides))
+    spec = spec_from_argument(args.spec, resume=args.resume).with_overrides(parse_overrides(args.overrides))
     given = Path(args.spec)
     if args.out is not None:
         out = out_folder(args.out)
@@ -427,7 +431,9 @@ def args_generate(parser: argparse.ArgumentParser) -> None:
                         help="instead of a run: a chat model (as archlab chat --model) answers the prompt in its "
                              "chat template, greedily unless --temperature")  # fmt: skip
     parser.add_argument("--prompt", required=True, help="the text to continue (lm) or the source to translate (seq2seq)")
-    parser.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="at most N new tokens (default 100)")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N",
+                        help=f"at most N new tokens (default: {DEFAULT_NEW_TOKENS}, or as many as the model's context "
+                             "holds after the prompt, said on stderr)")  # fmt: skip
     parser.add_argument("--greedy", action="store_true", help="lm: take the most likely token instead of sampling")
     parser.add_argument("--temperature", type=float, metavar="T", help="lm sampling temperature (default 1)")
     parser.add_argument("--top-k", type=int, metavar="K", help="lm: sample among the K most likely tokens")
@@ -483,6 +489,34 @@ def load_chat_model_noted(spec: str, quantize: str | None, precision: str = "aut
     return model, tokenizer
 
 
+def stderr_note(line: str) -> None:
+    """One ``archlab: ...`` line on stderr (stdout may be --json's)."""
+    print(f"archlab: {line}", file=sys.stderr, flush=True)
+
+
+def fit_default_reply(chat, text: str, default: int) -> str | None:
+    """``--max-new-tokens`` not given: set ``chat.max_new_tokens`` for the message ``text`` to ``default``, or to as
+    many as the model's context holds after the system message and ``text`` in the template (older turns make way
+    first, as :class:`~archlab.chat.Chat` leaves them out for any reply); the note saying so when cut, else None.
+
+    A message too long for any reply keeps the default, and :class:`~archlab.chat.Chat` refuses it."""
+    from archlab.chat import check_message
+
+    chat.max_new_tokens = default
+    if chat.limit is None:
+        return None
+    check_message(text)
+    system = [m for m in chat.messages[:1] if m["role"] == "system"]
+    messages = [*system, {"role": "user", "content": text}]
+    n = len(chat.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    room = chat.limit - n
+    if room >= default or room < 1:
+        return None
+    chat.max_new_tokens = room
+    return (f"replying in at most {room} tokens, not the default {default}: the message is {n} tokens with the "
+            f"template, in the model's context of {chat.limit} tokens")  # fmt: skip
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Continue a prompt with a trained lm run, or translate a source with a seq2seq run."""
     from archlab.train.run import generate_text, open_run
@@ -497,6 +531,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = generate_text(
         open_run(args.run), args.prompt, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, beam=args.beam, seed=args.seed,
+        note=stderr_note,
     )  # fmt: skip
     if args.json:
         print(json.dumps(result))
@@ -512,12 +547,15 @@ def _answer_once(args: argparse.Namespace) -> int:
     if args.beam is not None or args.greedy and args.temperature is not None:
         raise ConfigError("--model decodes greedily, or samples with --temperature (no --beam, not both)")
     check_at_least_one("--max-new-tokens", args.max_new_tokens)
-    check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before the model loads
+    max_new_tokens = DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    check_options(max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before the model loads
     check_message(args.prompt, "--prompt")
     speculative = speculative_options(args)
     model, tokenizer = load_chat_model_noted(args.model, args.quantize, args.precision)
-    chat = Chat(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    chat = Chat(model, tokenizer, max_new_tokens=max_new_tokens, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, **speculative)  # fmt: skip
+    if args.max_new_tokens is None and (cut := fit_default_reply(chat, args.prompt, DEFAULT_NEW_TOKENS)):
+        stderr_note(cut)
     reply = chat.reply(args.prompt)
     result = {"task": "chat", "prompt": args.prompt, "output": reply, "tokens": len(tokenizer.encode(reply))}
     if chat.stats is not None:
@@ -665,7 +703,9 @@ def args_chat(parser: argparse.ArgumentParser) -> None:
                         help=f"{' | '.join(CHAT_MODELS)} (default), a .gguf file, or an archlab model/run folder "
                              "whose tokenizer has a chat template")  # fmt: skip
     parser.add_argument("--system", metavar="TEXT", help="the system message (default: the template's own)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="longest reply (default 256)")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N",
+                        help=f"longest reply (default: {DEFAULT_REPLY_TOKENS}, or as many as the model's context holds "
+                             "after the message, said on stderr)")  # fmt: skip
     parser.add_argument("--temperature", type=float, metavar="T", help="sample at temperature T (default: greedy)")
     parser.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens")
     parser.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set of mass >= P")
@@ -686,13 +726,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from archlab.chat import Chat, check_options
 
     check_at_least_one("--max-new-tokens", args.max_new_tokens)
-    check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before the model loads
+    max_new_tokens = DEFAULT_REPLY_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    check_options(max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before the model loads
     speculative = speculative_options(args)
     interactive = sys.stdin.isatty() and not args.json
     if interactive:
         print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, tokenizer = load_chat_model_noted(args.model, args.quantize, args.precision)
-    chat = Chat(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
+    chat = Chat(model, tokenizer, system=args.system, max_new_tokens=max_new_tokens,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, **speculative)  # fmt: skip
     if interactive:
         print("type a message and press Enter; Ctrl-D or Ctrl-C to leave", file=sys.stderr, flush=True)
@@ -709,9 +750,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         start, pieces = time.perf_counter(), []
-        if interactive:
-            print("assistant> ", end="", flush=True)
         try:
+            if args.max_new_tokens is None and (cut := fit_default_reply(chat, line, DEFAULT_REPLY_TOKENS)):
+                stderr_note(cut)
+            if interactive:
+                print("assistant> ", end="", flush=True)
             for piece in chat.send(line):
                 pieces.append(piece)
                 if interactive:

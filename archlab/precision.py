@@ -52,16 +52,17 @@ class PrecisionChoice:
 
 
 def choose_precision(
-    precision: str, device: torch.device | str = "cpu", weights: torch.dtype = torch.float32
+    precision: str, device: torch.device | str = "cpu", weights: torch.dtype = torch.float32, *, given: str = "as asked"
 ) -> PrecisionChoice:
     """``auto | fp32 | bf16`` on ``device`` for a model whose ``weights`` have this dtype -> the
-    :class:`PrecisionChoice` (see the module docstring)."""
+    :class:`PrecisionChoice` (see the module docstring). ``given``: why an fp32 / bf16 request holds (a user's: "as
+    asked"; a search index's recorded precision: "the index's precision")."""
     check_choice("precision", precision, PRECISIONS)
     native, why = hardware.native_bf16(device)
     if precision == "fp32":
-        return PrecisionChoice("fp32", precision, "as asked")
+        return PrecisionChoice("fp32", precision, given)
     if precision == "bf16":
-        return PrecisionChoice("bf16", precision, f"as asked; {why}" + ("" if native else ", slower than fp32"))
+        return PrecisionChoice("bf16", precision, f"{given}; {why}" + ("" if native else ", slower than fp32"))
     if weights != torch.float32:  # auto: float64 (or already bf16) weights are kept as they are
         name = str(weights).removeprefix("torch.")
         return PrecisionChoice(name, precision, f"the weights are {name}; auto changes only float32 ones")

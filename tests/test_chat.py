@@ -184,6 +184,29 @@ def test_cli_generate_with_a_chat_model_answers_once(tiny_gguf, capsys):
     assert "--beam" in capsys.readouterr().err
 
 
+def test_cli_default_reply_length_fits_a_short_context(tiny_gguf, monkeypatch, capsys):
+    """Not given, --max-new-tokens (generate --model: 100, chat: 256) was refused when the model's context (96
+    here) could not hold it after the message; now the reply takes what fits, said in one note line."""
+    import re
+
+    model, tok = load_chat_model(tiny_gguf)
+    n = len(tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True))
+    room = model.config.context_limit - n
+    assert 0 < room < 100
+    assert main(["generate", "--model", str(tiny_gguf), "--prompt", "hello", "--json"]) == 0
+    out, err = capsys.readouterr()
+    notes = re.findall(r"^archlab: replying in at most (\d+) tokens, not the default 100: .*$", err, re.M)
+    assert notes == [str(room)], err
+    assert json.loads(out)["output"] == Chat(model, tok, max_new_tokens=room).reply("hello")
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("hello\n"))
+    assert main(["chat", "--model", str(tiny_gguf), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert re.findall(r"^archlab: replying in at most (\d+) tokens, not the default 256: ", err, re.M) == [str(room)]
+    assert json.loads(out)["assistant"] == Chat(model, tok, max_new_tokens=room).reply("hello")
+    assert main(["generate", "--model", str(tiny_gguf), "--prompt", "hello", "--max-new-tokens", "100"]) == 2
+    assert "with max_new_tokens=100 that exceeds the model's context of 96 tokens" in capsys.readouterr().err
+
+
 def test_speculative_chat_replies_as_plain_chat(tiny_gguf):
     model, tok = load_chat_model(tiny_gguf)
     texts = ("hello there", "hello again")  # two turns: a draft model keeps what it read

@@ -117,6 +117,28 @@ def test_generate_continues_the_prompt_reproducibly(capsys, gpt_run):
     assert greedy["prompt"] == "import" and 0 < greedy["tokens"] <= 5 and greedy["task"] == "lm"
 
 
+def test_generate_default_max_new_tokens_fits_a_short_context(capsys, tmp_path, gpt_run):
+    """Not given, --max-new-tokens was 100 and refused past a 16-token context; now it generates as many as fit,
+    saying so in one note line on stderr. Given, a count that does not fit stays an error."""
+    from archlab.cli import DEFAULT_NEW_TOKENS
+    from archlab.train.run import DEFAULT_NEW_TOKENS as RUN_DEFAULT
+
+    assert DEFAULT_NEW_TOKENS == RUN_DEFAULT == 100
+    short = tmp_path / "short"
+    ok(capsys, "train", "gpt-nano", "--out", short, "--set", "train.steps=2", "--set", "model.max_len=16", *GPT_SETS)
+    code, out, err = run(capsys, "generate", short, "--prompt", "import", "--greedy", "--json")
+    assert code == 0, err
+    notes = re.findall(r"^archlab: generating at most (\d+) new tokens, not the default 100: the prompt's (\d+) "
+                       r"tokens leave room for \1 in the context of GPT \(max_len=16\)$", err, re.M)  # fmt: skip
+    assert len(notes) == 1, err
+    room, n_prompt = map(int, notes[0])
+    assert room == 16 - n_prompt + 1 and 0 < json.loads(out)["tokens"] <= room
+    line = error_line(capsys, "generate", short, "--prompt", "import", "--max-new-tokens", "100")
+    assert f"max_new_tokens <= {room} fits" in line
+    code, out, err = run(capsys, "generate", gpt_run, "--prompt", "import", "--greedy", "--json")  # 128: 100 fit
+    assert code == 0 and "generating at most" not in err
+
+
 # -- resume: N steps, then N more, equals 2N straight ----------------------------------------------------------------
 
 
@@ -164,6 +186,21 @@ def test_seq2seq_run_translates_and_scores(capsys, tmp_path):
     assert line == f"archlab: error: --beam 1000000 must be in [1, {vocab}] (the vocabulary's tokens; 4-10 is usual)"
 
 
+def test_a_refused_resume_gives_the_cli_command_that_starts_from_its_weights(capsys, tmp_path):
+    """The error named only archlab.interop.io.load_model; the command it now gives runs as written."""
+    ok(capsys, "train", "gpt-nano", "--out", tmp_path / "r", "--set", "train.steps=2", *GPT_SETS)
+    code, _, err = run(capsys, "train", tmp_path / "r", "--resume", "--set", "train.steps=4")  # the Trainer's check
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and line.startswith("archlab: error: cannot resume") and "steps: 2 -> 4" in line
+    assert "archlab.interop.io.load_model" in line
+    command = re.search(r"`archlab (train .*?)` with the new --set values", line)
+    assert command, line
+    argv = command.group(1).replace("NEW_DIR", str(tmp_path / "new")).split()
+    assert argv[:2] == ["train", str(tmp_path / "r")] and f"model.init={tmp_path / 'r'}" in argv[3]
+    ok(capsys, *argv, "--set", "train.steps=4", "--set", "train.progress=false")
+    assert (tmp_path / "new" / "checkpoints" / "step-00000004").is_dir()
+
+
 def test_classification_on_digits_and_its_json_summary(capsys, tmp_path):
     code, out, _ = run(capsys, "train", "mlp-digits", "--out", tmp_path / "c", "--json", "--set", "train.steps=5",
                        "--set", "train.warmup=1", "--set", "train.lr=0.003", "--set", "train.progress=false")  # fmt: skip
@@ -197,6 +234,19 @@ def test_errors_are_one_clear_line(capsys, tmp_path, monkeypatch, argv, words):
     monkeypatch.chdir(tmp_path)
     assert words in error_line(capsys, *argv)
     assert not (tmp_path / "runs").exists()  # refused before a run folder was made
+
+
+def test_resume_of_a_path_that_is_no_run_names_the_folder(capsys, tmp_path, monkeypatch):
+    """`archlab train runs/k0 --resume` (no such folder) said "unknown preset 'runs/k0'" and listed every preset."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").write_text("not a run")
+    for target, words in [("runs/k0", "runs/k0: no such folder, so no run to resume there"),
+                          ("empty", "empty is a folder without a run.json: not a run, so no run to resume there"),
+                          ("notes", "notes is a file, not a run folder: no run to resume there")]:  # fmt: skip
+        line = error_line(capsys, "train", target, "--resume")
+        assert words in line and "--resume continues a run folder" in line and "unknown preset" not in line, line
+    assert not (tmp_path / "runs").exists()
 
 
 def test_an_infinite_lora_alpha_is_refused_before_a_run_folder_is_made(capsys, tmp_path):

@@ -432,8 +432,9 @@ def format_budget(budget: DocReaderBudget) -> str:
     card = lambda key: "-" if CARD_GB[key] is None else f"{CARD_GB[key]:g}"  # noqa: E731
     scores = lambda n: score_matrix_bytes(n, heads=c.n_heads, batch=b.batch, dtype="bf16")  # noqa: E731
     chunked = "" if b.pages_per_chunk is None else f", pages read {b.pages_per_chunk} at a time"
+    pages = f"{b.pages} page{'s' * (b.pages != 1)}"  # "1 page", "50 pages"
     lines = [
-        f"memory budget of the document reader: {b.pages} pages of {b.tokens_per_page} tokens, batch {b.batch}, bf16"
+        f"memory budget of the document reader: {pages} of {b.tokens_per_page} tokens, batch {b.batch}, bf16"
         f"{chunked} (archlab.analysis.docreader_budget; the model built and run on the meta device)",
         "",
         f"{'component':<24}{'params':>9}{'fp32':>9}{'bf16':>9}{'train':>9}{'acts':>9}{'ckpt':>9}{'card GB':>9}",
@@ -462,7 +463,7 @@ def format_budget(budget: DocReaderBudget) -> str:
         f"totals ({unit})                          archlab     card GB",
         f"  weights, grads, optimizer state {num(b.training_state):>12}"
         f"{sum(CARD_GB[k] or 0 for k in COMPONENTS):>10g}   (the card's five model lines)",
-        f"  KV cache, {b.pages} pages{'':<{17 - len(str(b.pages))}}{num(b.kv_cache):>12}{CARD_GB['KV cache']:>10g}",
+        f"  KV cache, {pages:<23}{num(b.kv_cache):>12}{CARD_GB['KV cache']:>10g}",
         f"  activations, no checkpointing   {num(b.activations):>12}{CARD_GB['activations']:>10g}",
         f"  activations, checkpointed       {num(b.activations_checkpointed):>12}",
         f"  total, checkpointed             {num(b.total()):>12}{CARD_TOTAL_GB - CARD_GB['buffer']:>10g}"
@@ -470,7 +471,7 @@ def format_budget(budget: DocReaderBudget) -> str:
         f"  total, no checkpointing         {num(b.total(checkpointing=False)):>12}",
         "",
         f"latent compression ({b.tokens_per_page} -> {c.n_latents} tokens per page), the reasoning module over "
-        f"{b.pages} pages, against reading every token (the flat reader):",
+        f"{pages}, against reading every token (the flat reader):",
         f"  sequence     {b.reasoning_tokens:,} tokens ({c.n_global} global + {b.pages} x {c.n_latents} latents) vs "
         f"{b.flat_tokens:,} ({b.flat_tokens / b.reasoning_tokens:.1f}x); global: "
         + ", ".join(f"{n:,} {role.replace('_', ' ')}" for role, n in c.global_tokens.items()),

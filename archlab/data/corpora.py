@@ -122,13 +122,21 @@ def split_documents(documents: dict[str, str], valid_percent: int = 5) -> TextCo
 
 
 def split_text(text: str, valid_percent: int = 5, name: str = "text") -> TextCorpus:
-    """One long text: its last ``valid_percent`` % of lines (at least one) are validation, the rest training."""
+    """One long text: its last ``valid_percent`` % of lines (at least one) are validation, the rest training.
+
+    Blank (whitespace-only) lines are not records, as in :func:`~archlab.data.files.read_jsonl`: they do not
+    count towards either share, and those after the last line of text are dropped, so a file ending in blank
+    lines still validates on text. Blank lines inside the text stay where they are.
+    """
     _check_percent(valid_percent)
     lines = text.splitlines(keepends=True)
-    if len(lines) < 2:
-        raise DataError(f"{name} has {len(lines)} line(s); a train/validation split by lines needs at least 2")
-    n_valid = max(1, len(lines) * valid_percent // 100)
-    cut = len(lines) - n_valid
+    content = [i for i, line in enumerate(lines) if line.strip()]
+    if len(content) < 2:
+        raise DataError(f"{name} has {len(content)} non-blank line(s); a train/validation split by lines needs "
+                        "at least 2")  # fmt: skip
+    lines = lines[: content[-1] + 1]  # trailing blank lines hold no text
+    n_valid = max(1, len(content) * valid_percent // 100)
+    cut = content[-n_valid]  # the first validation line of text; blank lines before it stay in training
     return TextCorpus(("".join(lines[:cut]),), ("".join(lines[cut:]),), (f"{name}[:{cut}]",), (f"{name}[{cut}:]",))
 
 

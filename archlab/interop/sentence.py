@@ -154,14 +154,17 @@ def _pooling_mode(pooling_folder: Path | None) -> str:
     return mode
 
 
-def load_sentence_encoder(folder: str | Path, *, precision: str = "fp32", packed: bool = True) -> SentenceEncoder:
+def load_sentence_encoder(
+    folder: str | Path, *, precision: str = "fp32", packed: bool = True, given: str = "as asked"
+) -> SentenceEncoder:
     """Read a sentence-transformers folder (uncached; :func:`sentence_encoder` caches).
 
     ``precision`` (:func:`archlab.precision.choose_precision` decides, and says which once): ``fp32`` (the
     default: the file's float32 weights), ``bf16`` (the BERT's weights converted), or ``auto`` (bf16 where the CPU
     computes it natively, fp32 where it would be emulated). Embeddings come back float32 either way. ``packed``:
     the encoder holds oneDNN-packed copies of its weights (:func:`_hold_packed_weights`); False for a BERT taken
-    elsewhere (a cross-encoder to train packs its own)."""
+    elsewhere (a cross-encoder to train packs its own). ``given``: why an fp32 / bf16 request holds, for the line
+    that says the precision (:func:`archlab.precision.choose_precision`)."""
     from tokenizers import Tokenizer, normalizers
 
     choose_precision(precision)  # a bad value is refused before anything is read
@@ -176,7 +179,7 @@ def load_sentence_encoder(folder: str | Path, *, precision: str = "fp32", packed
     if not isinstance(bert, BertModel):  # a folder with pre-training heads: keep the encoder
         bert = bert.bert
     weights = next((p.dtype for p in bert.parameters() if p.is_floating_point()), torch.float32)
-    choice = choose_precision(precision, "cpu", weights)
+    choice = choose_precision(precision, "cpu", weights, given=given)
     if choice.dtype is not None and choice.dtype != weights:
         bert.to(choice.dtype)
     if precision != "fp32":  # the default says nothing
@@ -233,9 +236,12 @@ def _hold_packed_weights(encoder: SentenceEncoder) -> None:
 _CACHE: dict[tuple[Path, str], SentenceEncoder] = {}
 
 
-def sentence_encoder(model: str | Path = DEFAULT_MODEL, *, precision: str = "fp32") -> SentenceEncoder:
-    """The encoder for ``model`` (``"minilm-l6"`` or a folder) in ``precision`` (as :func:`load_sentence_encoder`),
-    loaded once per folder and precision per process."""
+def sentence_encoder(
+    model: str | Path = DEFAULT_MODEL, *, precision: str = "fp32", given: str = "as asked"
+) -> SentenceEncoder:
+    """The encoder for ``model`` (``"minilm-l6"`` or a folder) in ``precision`` (as :func:`load_sentence_encoder`,
+    ``auto`` passed on as asked, so that its line says auto chose), loaded once per folder and precision per
+    process."""
     name = choose_precision(precision, "cpu").name  # auto resolved: one cached copy per dtype
     if str(model) == DEFAULT_MODEL:
         folder = minilm_path()
@@ -245,7 +251,7 @@ def sentence_encoder(model: str | Path = DEFAULT_MODEL, *, precision: str = "fp3
             raise CheckpointError(f"model {str(model)!r} is neither {DEFAULT_MODEL!r} nor an existing folder")
     folder = folder.resolve()
     if (folder, name) not in _CACHE:
-        _CACHE[folder, name] = load_sentence_encoder(folder, precision=name)
+        _CACHE[folder, name] = load_sentence_encoder(folder, precision=precision, given=given)
     return _CACHE[folder, name]
 
 

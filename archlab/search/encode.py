@@ -39,10 +39,13 @@ def resolve_precision(precision: str) -> str:
     return choose_precision(precision, "cpu").name
 
 
-def load_encoder(model: str | Path = DEFAULT_MODEL, precision: str = "fp32") -> SentenceEncoder:
-    """The sentence encoder for ``model`` with its BERT in ``precision`` (``fp32``, ``bf16`` or ``auto``): one
-    cached copy per folder and precision (:func:`archlab.interop.sentence.sentence_encoder`)."""
-    return sentence_encoder(model, precision=resolve_precision(precision))
+def load_encoder(
+    model: str | Path = DEFAULT_MODEL, precision: str = "fp32", given: str = "as asked"
+) -> SentenceEncoder:
+    """The sentence encoder for ``model`` with its BERT in ``precision`` (``fp32``, ``bf16`` or ``auto``; ``given``:
+    why an fp32 / bf16 request holds, for the line that says it): one cached copy per folder and precision
+    (:func:`archlab.interop.sentence.sentence_encoder`)."""
+    return sentence_encoder(model, precision=precision, given=given)
 
 
 def encoder_identity(encoder: SentenceEncoder) -> str:

@@ -98,7 +98,8 @@ class SearchEngine:
         index_dir = index.index_path(index_dir)
         manifest = index.read_manifest(index_dir)
         meta = manifest["encoder"]
-        encoder = encode.load_encoder(meta["name"] if model is None else model, meta["precision"])
+        encoder = encode.load_encoder(meta["name"] if model is None else model, meta["precision"],
+                                      given="the index's precision")  # fmt: skip
         identity = encode.encoder_identity(encoder)
         if encoder.dim != meta["dim"] or identity != meta["identity"]:
             raise CheckpointError(

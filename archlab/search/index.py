@@ -547,8 +547,8 @@ def build_index(
     if kind == "ivfpq":
         check_ivfpq_size(n, ivfpq_nlist(n))  # before encoding (an index it extends had as many: n only grows)
     rank, world = _distributed()
+    encoder = encode.load_encoder(model, precision)  # auto as asked: its line says auto chose
     precision = encode.resolve_precision(precision)
-    encoder = encode.load_encoder(model, precision)
     identity = encode.encoder_identity(encoder)
 
     settings = {"encoder_identity": identity, "precision": precision, "chunk_size": chunk_size}

@@ -500,10 +500,13 @@ class Trainer:
         fields = list(TRAJECTORY_FIELDS) + (["steps"] if self.config.schedule == "cosine" else [])
         changed = [f"{f}: {getattr(saved, f)!r} -> {getattr(self.config, f)!r}" for f in fields
                    if getattr(saved, f) != getattr(self.config, f)]  # fmt: skip
-        if changed:
+        if changed:  # the CLI's way to new settings: model.init (archlab.train.run), which reads a run's tokenizer
+            run = self.out_dir if self.out_dir is not None and (self.out_dir / "run.json").is_file() else "RUN_DIR"
             raise ConfigError(
                 f"cannot resume {path} exactly: the run changed {'; '.join(changed)}. Resume with the "
-                "checkpoint's values, or start a new run from its weights (archlab.interop.io.load_model)"
+                "checkpoint's values, or start a new run from its weights (archlab.interop.io.load_model): for a "
+                f"run on text, `archlab train {run} --set model.init={path} --set data.tokenizer=auto --out NEW_DIR` "
+                "with the new --set values"
             )
         if state["world_size"] != self.dp.world_size:
             raise CheckpointError(

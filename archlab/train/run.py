@@ -46,6 +46,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ from archlab.config import Config
 from archlab.data import Tokenizer, load_tokenizer
 from archlab.data.tokenizers import TOKENIZER_FILE
 from archlab.errors import CheckpointError, ConfigError, DataError, unknown
-from archlab.generation import beam_search, check_room, expand_for_beams, generate
+from archlab.generation import beam_search, check_room, context_limit, expand_for_beams, generate
 from archlab.interop.convert import convert
 from archlab.interop.io import CONFIG_FILE, WEIGHTS_FILE, load_model, read_config, write_text_atomic
 from archlab.interop.pretrained import archlab_folder, locate_pretrained
@@ -261,9 +262,22 @@ def pretrained_config(init: str, preset: str, overrides: dict[str, Any]) -> Conf
     return stored.replace(**overrides)
 
 
-def spec_from_argument(spec: str) -> RunSpec:
-    """``archlab train``'s first argument: a run file, a run folder, or a preset name."""
+def spec_from_argument(spec: str, *, resume: bool = False) -> RunSpec:
+    """``archlab train``'s first argument: a run file, a run folder, or a preset name.
+
+    With ``resume`` (``--resume``), an argument that is a path (a path separator in it, or an existing file or
+    folder) but no run folder or run file is refused as a folder with no run to resume, not read as a preset.
+    """
     path = Path(spec)
+    if resume and spec not in PRESETS and path.suffix.lower() not in (".json", ".yaml", ".yml"):
+        resumable = "--resume continues a run folder (one with a run.json), or the --out folder of a preset or RUN.json"
+        if path.is_dir() and not (path / RUN_FILE).is_file():
+            raise ConfigError(f"{spec} is a folder without a {RUN_FILE}: not a run, so no run to resume there; "
+                              f"{resumable}")  # fmt: skip
+        if path.is_file():
+            raise ConfigError(f"{spec} is a file, not a run folder: no run to resume there; {resumable}")
+        if not path.exists() and any(sep and sep in spec for sep in ("/", os.sep, os.altsep)):
+            raise ConfigError(f"{spec}: no such folder, so no run to resume there; {resumable}")
     if path.is_dir() or path.suffix.lower() in (".json", ".yaml", ".yml"):
         return RunSpec.load(path)
     if path.is_file() and spec not in PRESETS:
@@ -684,15 +698,24 @@ def evaluate_run(opened: OpenedRun, *, max_batches: int | None = None) -> dict[s
     return out
 
 
+#: What :func:`generate_text` decodes at most when not told: as many of these as the model's context holds.
+DEFAULT_NEW_TOKENS = 100
+
+
 def generate_text(
-    opened: OpenedRun, prompt: str, *, max_new_tokens: int = 100, greedy: bool = False, temperature: float | None = None,
-    top_k: int | None = None, top_p: float | None = None, beam: int | None = None, seed: int | None = None,
+    opened: OpenedRun, prompt: str, *, max_new_tokens: int | None = None, greedy: bool = False,
+    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None, beam: int | None = None,
+    seed: int | None = None, note: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Continue ``prompt`` (lm) or translate it (seq2seq): ``{"task", "prompt", "output", "tokens"}``.
 
     lm: sampling (``temperature`` 1 unless given, ``top_k``, ``top_p``, ``seed``) unless ``greedy``; an
     empty prompt starts after a document boundary (``</s>``). seq2seq: greedy decoding, or beam search
     with ``beam`` beams. Both stop at ``</s>``.
+
+    ``max_new_tokens`` given: at most that many new tokens, a ConfigError when the model's context does not
+    hold them. ``None`` (the default): up to :data:`DEFAULT_NEW_TOKENS`, fewer where the context holds fewer
+    after the prompt, which ``note`` (when given) is told in one line.
     """
     tok, model, task = opened.tokenizer, opened.model, opened.task
     if task not in ("lm", "seq2seq"):
@@ -711,6 +734,8 @@ def generate_text(
         ids = encode_prompt(tok, prompt) or ([eos] if eos is not None else [])
         if not ids:
             raise DataError("the prompt is empty and the tokenizer has no </s> to start from")
+        if max_new_tokens is None:
+            max_new_tokens = _default_new_tokens(model, len(ids), note)
         check_room(model, len(ids), max_new_tokens)
         start = torch.tensor([ids], device=device)
         step = model if hasattr(model, "decoder_step") else (lambda tokens, cache=None: model(tokens))
@@ -725,6 +750,8 @@ def generate_text(
         vocab = model.config.vocab_size
         if beam is not None and not 1 <= beam <= vocab:  # (more beams than tokens: copies of the source, no more text)
             raise ConfigError(f"--beam {beam} must be in [1, {vocab}] (the vocabulary's tokens; 4-10 is usual)")
+        if max_new_tokens is None:  # the decoder reads from <s>, not the source: nothing to cut for a prompt
+            max_new_tokens = DEFAULT_NEW_TOKENS
         src = encode_prompt(tok, prompt)
         if not src:
             raise DataError("the prompt (the source sequence) is empty")
@@ -743,6 +770,18 @@ def generate_text(
     if eos is not None and eos in out:
         out = out[: out.index(eos)]
     return {"task": task, "prompt": prompt, "output": tok.decode(out), "tokens": len(out)}
+
+
+def _default_new_tokens(model: nn.Module, n_prompt: int, note: Callable[[str], None] | None) -> int:
+    """:data:`DEFAULT_NEW_TOKENS`, or as many as the context holds after ``n_prompt`` tokens (said to ``note``)."""
+    limit = context_limit(model)
+    room = DEFAULT_NEW_TOKENS if limit is None else limit - n_prompt + 1  # the last new token is not fed back
+    if room >= DEFAULT_NEW_TOKENS or room < 1:  # no room at all: check_room says the prompt is too long
+        return DEFAULT_NEW_TOKENS
+    if note is not None:
+        note(f"generating at most {room} new tokens, not the default {DEFAULT_NEW_TOKENS}: the prompt's {n_prompt} "
+             f"tokens leave room for {room} in the context of {type(model).__name__} (max_len={limit})")  # fmt: skip
+    return room
 
 
 def encode_prompt(tok: Tokenizer, prompt: str) -> list[int]:

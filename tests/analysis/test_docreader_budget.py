@@ -161,3 +161,15 @@ def test_pages_and_batch_must_be_integers(name, value):
     c = get_config("docreader-tiny", **TINY)
     with pytest.raises(ConfigError, match=rf"{name}={value!r} must be an integer"):
         docreader_budget(c, **{name: value})
+
+
+def test_one_page_is_singular(capsys):
+    """`archlab inspect docreader-card --pages 1` printed "1 pages" in three places."""
+    assert main(["inspect", "docreader-tiny", "--pages", "1", "--set", "page_layers=1"]) == 0
+    out = capsys.readouterr().out
+    assert "1 pages" not in out
+    assert "memory budget of the document reader: 1 page of 113 tokens" in out
+    assert "  KV cache, 1 page " in out and "the reasoning module over 1 page, against" in out
+    assert main(["inspect", "docreader-tiny", "--pages", "2", "--set", "page_layers=1"]) == 0
+    out = capsys.readouterr().out
+    assert "  KV cache, 2 pages " in out and "the reasoning module over 2 pages, against" in out

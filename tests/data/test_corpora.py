@@ -97,6 +97,17 @@ def test_split_documents_and_split_text():
         split_text("one line only")
 
 
+def test_split_text_blank_lines_are_not_validation_lines():
+    text = "".join(f"line {i}\n" for i in range(100))
+    halves = split_text(text + "\n" * 20 + "  \n", valid_percent=10)  # trailing blank lines: none validate
+    assert halves.train_texts[0] + halves.valid_texts[0] == text
+    assert halves.valid_texts[0].splitlines() == [f"line {i}" for i in range(90, 100)]
+    inner = split_text("a\n\n\nb\n\n", valid_percent=10)  # blank lines inside the text stay in it
+    assert (inner.train_texts[0], inner.valid_texts[0]) == ("a\n\n\n", "b\n")
+    with pytest.raises(DataError, match="1 non-blank line.*needs at least 2"):
+        split_text("one line\n\n\n\n", name="trail.txt")
+
+
 def test_encode_texts_joins_documents_with_eos():
     tok = ByteTokenizer()
     ids = encode_texts(["ab", "", "é"], tok)

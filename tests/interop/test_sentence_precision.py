@@ -43,6 +43,26 @@ def test_auto_follows_the_cpu(monkeypatch, native, expected):
     assert dtype_of(encoder) == expected
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_is_announced_as_auto_and_a_request_as_given(capsys, monkeypatch, native):
+    """sentence_encoder(precision="auto") resolved auto before loading, and the loader said "precision=bf16: sentence
+    embedding in bf16 (as asked; ...)" for a choice auto made; it says auto chose, as chat and training do (auto's
+    fp32 too). An explicit request says why it holds: "as asked", or the caller's ``given``."""
+    monkeypatch.setattr(sentence, "_CACHE", {})
+    monkeypatch.setattr(precision, "_ANNOUNCED", set())
+    monkeypatch.setattr(hardware, "native_bf16", lambda device="cpu": (native, "patched for the test"))
+    name = "bf16" if native else "fp32"
+    encoder = sentence_encoder(precision="auto")
+    assert dtype_of(encoder) == (torch.bfloat16 if native else torch.float32)
+    err = capsys.readouterr().err
+    assert err == f"archlab: precision=auto: sentence embedding in {name} (patched for the test)\n", err
+    monkeypatch.setattr(sentence, "_CACHE", {})
+    sentence_encoder(precision="bf16", given="the index's precision")
+    assert "precision=bf16: sentence embedding in bf16 (the index's precision; patched for the test" in (
+        capsys.readouterr().err
+    )
+
+
 def test_a_bad_precision_is_refused_before_reading(tmp_path):
     with pytest.raises(ConfigError, match="precision"):
         load_sentence_encoder(tmp_path / "missing", precision="fp16")

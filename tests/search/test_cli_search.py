@@ -69,6 +69,25 @@ def test_index_query_eval(capsys, beir, index):
     assert code == 0 and out.startswith("2 queries, bm25: nDCG@10 ")
 
 
+def test_default_precision_says_auto_chose_it(capsys, beir, tmp_path, monkeypatch):
+    """Every `archlab search` command with the default --precision auto said "precision=bf16: sentence embedding in
+    bf16 (as asked; ...)": the index build now says auto chose it and why, commands on the index that it is the
+    index's precision."""
+    from archlab import hardware, precision
+    from archlab.interop import sentence
+
+    monkeypatch.setattr(sentence, "_CACHE", {})
+    monkeypatch.setattr(precision, "_ANNOUNCED", set())
+    monkeypatch.setattr(hardware, "native_bf16", lambda device="cpu": (True, "patched for the test"))
+    code, _, err = run(capsys, "search", "index", str(beir), "--out", str(tmp_path / "auto"), "--no-progress")
+    assert code == 0 and "as asked" not in err, err
+    assert "archlab: precision=auto: sentence embedding in bf16 (patched for the test)\n" in err
+    monkeypatch.setattr(sentence, "_CACHE", {})
+    code, _, err = run(capsys, "search", "query", str(tmp_path / "auto"), "sleep", "--k", "1")
+    assert code == 0 and "as asked" not in err, err
+    assert "archlab: precision=bf16: sentence embedding in bf16 (the index's precision; patched for the test)" in err
+
+
 def test_errors_are_one_line(capsys, beir, index, tmp_path):
     cases = [
         (("search", "query", str(index), "  "), "the query is empty"),
