@@ -485,7 +485,7 @@ def load_chat_model_noted(spec: str, quantize: str | None, precision: str = "aut
 
     model, tokenizer = load_chat_model(spec, quantize=quantize, precision=precision)
     if quantize is not None:
-        print(f"archlab: {str(model.quant_report).splitlines()[-1]}", file=sys.stderr, flush=True)
+        stderr_note(str(model.quant_report).splitlines()[-1])
     return model, tokenizer
 
 
@@ -565,7 +565,7 @@ def _answer_once(args: argparse.Namespace) -> int:
     else:
         print(reply)
         if chat.stats is not None:
-            print(f"archlab: speculative ({args.speculative}): {chat.stats.summary()}", file=sys.stderr)
+            stderr_note(f"speculative ({args.speculative}): {chat.stats.summary()}")
     return 0
 
 
@@ -769,7 +769,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         seconds = time.perf_counter() - start
         for note in chat.notes:
-            print(f"archlab: {note}", file=sys.stderr)
+            stderr_note(note)
         chat.notes.clear()
         if interactive:
             print()

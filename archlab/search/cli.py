@@ -244,8 +244,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if reranker_note(reranker):
         print(reranker_note(reranker), file=sys.stderr)
     engine = SearchEngine.open(args.index, reranker=reranker, mode=args.mode)
-    check_trec_ids(evalset.qrels, (doc.id for doc in engine.docs))  # before the queries run: the run file holds them
-    for note in eval_notes(evalset, {doc.id for doc in engine.docs}, args.queries or "the built-in set"):
+    doc_ids = {doc.id for doc in engine.docs}  # (read once: the checks and the notes)
+    check_trec_ids(evalset.qrels, doc_ids)  # before the queries run: the run file holds them
+    for note in eval_notes(evalset, doc_ids, args.queries or "the built-in set"):
         print(note, file=sys.stderr)
     report = evaluate_engine(engine, evalset, k=args.k, rerank=args.rerank)
     write_trec_run(run_file, report.run, tag="archlab")
