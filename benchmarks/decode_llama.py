@@ -132,6 +132,10 @@ def main() -> None:
     if args.compile:
         compiled["archlab fp32"] = (ours, a)
     int4_tokens = {}  # quantized mode -> its eager greedy tokens
+    bf16, why = native_bf16("cpu")
+    modes = []
+    if bf16 or args.bf16:  # precision="auto"'s choice where bf16 is native: the weights in bf16, archlab's kernels
+        modes.append(("archlab bf16", copy.deepcopy(ours).to(torch.bfloat16)))
     if not args.no_quant:
         int8 = copy.deepcopy(ours)
         quantize(int8, "int8")
@@ -139,26 +143,28 @@ def main() -> None:
         dynamic = copy.deepcopy(ours)
         quantize(dynamic, "int8-dynamic", head="int8-dynamic", calibration=calibration_ids(tokenizer))
         int4_q8_head = load_gguf(path, quantize="int4")  # load_gguf's default: the head's Q8_0 blocks as stored
-        modes = [("archlab int8", int8), ("archlab int4", int4), ("archlab int4 q8_0-head", int4_q8_head),
-                 ("archlab int8-dynamic", dynamic)]  # fmt: skip
+        modes += [("archlab int8", int8), ("archlab int4", int4), ("archlab int4 q8_0-head", int4_q8_head),
+                  ("archlab int8-dynamic", dynamic)]  # fmt: skip
         if any(getattr(m, "kernel", None) == "archlab" for m in int4.modules()):  # A/B: PyTorch's int4 kernel too
             with int4_kernel_choice("aten"):
-                modes.insert(2, ("archlab int4 aten-kernel", load_gguf(path, quantize="int4", head="int8")))
-        for name, model in modes:
-            print(f"\n{name}: {str(model.quant_report).splitlines()[-1]}")
-            own = archlab_runner(model)()
-            same = first_difference(own, a, prompt.shape[1])
-            measured = quality(ours, model, a, name)
-            usable[name] = measured.perplexity_change <= USABLE_PERPLEXITY_CHANGE
-            print(f"  {measured} (fp32's sequence, teacher-forced); its greedy tokens equal "
-                  f"fp32's for the first {same} of {n}")  # fmt: skip
-            peers.append(Peer(name, archlab_runner(model), tokens=n))
-            int4_tokens[name] = own
-            if name == "archlab int4 aten-kernel":
-                print(f"  {agreement(own, int4_tokens['archlab int4'], prompt.shape[1])} archlab int4's "
-                      f"(archlab's int4 kernel)")  # fmt: skip
-            if args.compile and name != "archlab int8-dynamic":  # StaticDecoder refuses it: fbgemm breaks the graph
-                compiled[name] = (model, own)
+                at = [name for name, _ in modes].index("archlab int4") + 1
+                modes.insert(at, ("archlab int4 aten-kernel", load_gguf(path, quantize="int4", head="int8")))
+    for name, model in modes:
+        report = getattr(model, "quant_report", None)
+        print(f"\n{name}: " + (str(report).splitlines()[-1] if report is not None else "every weight in bfloat16"))
+        own = archlab_runner(model)()
+        same = first_difference(own, a, prompt.shape[1])
+        measured = quality(ours, model, a, name)
+        usable[name] = measured.perplexity_change <= USABLE_PERPLEXITY_CHANGE
+        print(f"  {measured} (fp32's sequence, teacher-forced); its greedy tokens equal "
+              f"fp32's for the first {same} of {n}")  # fmt: skip
+        peers.append(Peer(name, archlab_runner(model), tokens=n))
+        int4_tokens[name] = own
+        if name == "archlab int4 aten-kernel":
+            print(f"  {agreement(own, int4_tokens['archlab int4'], prompt.shape[1])} archlab int4's "
+                  f"(archlab's int4 kernel)")  # fmt: skip
+        if args.compile and name != "archlab int8-dynamic":  # StaticDecoder refuses it: fbgemm breaks the graph
+            compiled[name] = (model, own)
     for name, (model, eager_tokens) in compiled.items():
         peer, seconds, tokens, decoder = compiled_decoding_peer(f"{name} compiled", model, prompt, n)
         same = first_difference(tokens, eager_tokens, prompt.shape[1])
@@ -178,7 +184,6 @@ def main() -> None:
     llama = None if args.no_llama_cpp else llama_cpp_peer(path, prompt, a, n, args.llama_threads or args.threads)
     if llama is not None:
         peers.append(llama)
-    bf16, why = native_bf16("cpu")
     if bf16 or args.bf16:
         hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                     torch_dtype=torch.bfloat16).eval()  # fmt: skip

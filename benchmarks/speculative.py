@@ -20,6 +20,12 @@ the packing time is printed, not timed.
     python benchmarks/speculative.py
     python benchmarks/speculative.py --new-tokens 64 --rounds 3 --drafts lookup layers:10
     python benchmarks/speculative.py --only batched --rounds 2
+    python benchmarks/speculative.py --precision bf16    # both comparisons with bf16 weights (auto's choice where
+                                                         # the CPU computes bf16 natively)
+
+``--precision bf16``: every peer in bf16 (archlab's bfloat16 kernels where the CPU has AVX512-BF16). Speculative
+tokens must still equal plain greedy's (the kernels compute each row alike whatever the pass's width); batched rows
+may part from one-at-a-time ones at near-ties of the padded prefill, which bf16's coarser rounding makes common.
 """
 
 from __future__ import annotations
@@ -152,15 +158,17 @@ def main() -> None:
                         help="decode the batch B rows at a time, refilling freed rows (default: all prompts at once)")
     parser.add_argument("--only", choices=["speculative", "batched"], default=None,
                         help="run one comparison only (default: both)")  # fmt: skip
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="the weights' precision for every peer (default fp32)")  # fmt: skip
     parser.add_argument("--session", action="store_true",
                         help="pack the weight copies for few-row products once and hold them across every call "
                              "(as a chat session or server does), instead of once per call")  # fmt: skip
     args = parser.parse_args()
     print(setup(args.threads, args.keep_memory))
     start = time.perf_counter()
-    model, tokenizer = load_chat_model("smollm2-135m-instruct", precision="fp32")  # tokens must equal plain greedy
+    model, tokenizer = load_chat_model("smollm2-135m-instruct", precision=args.precision)
     eos = tokenizer.specials["eos"]
-    print(f"SmolLM2-135M-Instruct loaded in {time.perf_counter() - start:.1f} s; greedy, fp32, KV cache, "
+    print(f"SmolLM2-135M-Instruct loaded in {time.perf_counter() - start:.1f} s; greedy, {args.precision}, KV cache, "
           f"median of {args.rounds} interleaved rounds\n")  # fmt: skip
 
     session = contextlib.ExitStack()
@@ -176,7 +184,7 @@ def main() -> None:
         print_speculative(spec, args)
     if batch is not None:
         print_batched(batch)
-    write_json(args.json, {"speculative": spec, "batched": batch, "session": args.session})
+    write_json(args.json, {"speculative": spec, "batched": batch, "session": args.session, "precision": args.precision})
 
 
 def print_speculative(spec: list[dict], args) -> None:

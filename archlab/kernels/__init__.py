@@ -85,7 +85,7 @@ from archlab.hardware import cpu_features, kernel_capability
 
 MAX_ROWS = 16  # rows of x per call (the kernel's check; a prompt goes to other kernels)
 BLOCK = 64  # inputs per 32-byte run of the packed layout: K must be a multiple of it
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("int4_rows.cpp", "q8_rows.cpp", "f32_rows.cpp",
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("int4_rows.cpp", "q8_rows.cpp", "f32_rows.cpp", "bf16_rows.cpp",
                                                         "cached_attention.cpp", "rms_norm.cpp"))  # one library
 
 
@@ -127,6 +127,7 @@ def build(name: str, directory: str | None = None) -> None:
         torch.library.register_fake("archlab_kernels::int4_rows")(_fake_int4_rows)
         torch.library.register_fake("archlab_kernels::q8_rows")(_fake_q8_rows)
         torch.library.register_fake("archlab_kernels::f32_rows")(_fake_f32_rows)
+        torch.library.register_fake("archlab_kernels::bf16_rows")(_fake_bf16_rows)
         torch.library.register_fake("archlab_kernels::cached_attention")(_fake_cached_attention)
         torch.library.register_fake("archlab_kernels::cached_attention_padded")(_fake_cached_attention_padded)
         torch.library.register_fake("archlab_kernels::rms_norm")(_fake_rms_norm)
@@ -166,7 +167,8 @@ def _register_flop_formulas() -> None:
         return 2 * q.shape[1] * read * (q.shape[3] + v.shape[3])
 
     ops = torch.ops.archlab_kernels
-    register_flop_formula([ops.f32_rows, ops.int4_rows, ops.q8_rows])(product)  # each weight's first dimension is N
+    # each weight's first dimension is N
+    register_flop_formula([ops.f32_rows, ops.bf16_rows, ops.int4_rows, ops.q8_rows])(product)
     register_flop_formula(ops.cached_attention, get_raw=True)(attention)
     register_flop_formula(ops.cached_attention_padded, get_raw=True)(padded)
 
@@ -416,6 +418,67 @@ def f32_kernel() -> int:
     return _f32_kernel()
 
 
+# ---- bfloat16 rows -----------------------------------------------------------------------------------------------
+
+BF16_MAX_ROWS = 16  # rows of x per call
+BF16_BLOCK = 32  # K must be a multiple of it
+
+
+def _fake_bf16_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Shapes only (torch.compile's tracing): ``[..., N]`` bfloat16."""
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def bf16_rows_problem(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> str | None:
+    """Why :func:`bf16_rows` cannot take these arguments (the argument, its value and what is allowed), or None: the
+    one check behind :func:`bf16_rows`'s errors and :func:`archlab.nn.linear.linear`'s choice of the kernel."""
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        return f"x and weight must be on the CPU, got {x.device} and {weight.device}"
+    rows = x.numel() // x.shape[-1] if x.ndim and x.shape[-1] else 0
+    if not 1 <= rows <= BF16_MAX_ROWS or x.dtype != torch.bfloat16:
+        return f"x must be bfloat16 [..., K] with 1..{BF16_MAX_ROWS} rows, got {x.dtype} {tuple(x.shape)}"
+    k = x.shape[-1]
+    if weight.dtype != torch.bfloat16 or weight.ndim != 2 or weight.shape[1] != k or k % BF16_BLOCK:
+        return (f"weight must be bfloat16 [N, K] = [N, {k}] with K a positive multiple of {BF16_BLOCK}, "
+                f"got {weight.dtype} {tuple(weight.shape)}")  # fmt: skip
+    if not weight.is_contiguous():
+        return "weight must be contiguous (the kernel reads its rows in place)"
+    if bias is not None and (bias.dtype != torch.bfloat16 or tuple(bias.shape) != (weight.shape[0],)):
+        return f"bias must be bfloat16 [N] = [{weight.shape[0]}], got {bias.dtype} {tuple(bias.shape)}"
+    return None
+
+
+def bf16_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x [..., K]`` bfloat16 (1..16 rows in all) times ``weight [N, K]`` bfloat16 transposed, plus ``bias [N]``:
+    ``[..., N]`` bfloat16, each product exact, the sums in float32, rounded to bfloat16 once (module docstring).
+    Checks its arguments (:class:`ShapeError`, :func:`bf16_rows_problem`) and that the CPU computes bfloat16
+    (:class:`KernelUnavailable`), then :func:`load` and the op."""
+    problem = bf16_rows_problem(x, weight, bias)
+    if problem is not None:
+        raise ShapeError(problem)
+    if not _bf16_native():
+        raise KernelUnavailable(f"archlab's bfloat16 kernel needs AVX512-BF16 with PyTorch's CPU kernels at AVX-512; "
+                                f"this CPU runs them at {kernel_capability()}"
+                                f"{'' if cpu_features()['avx512_bf16'] else ' and has no AVX512-BF16'}")  # fmt: skip
+    load()
+    return torch.ops.archlab_kernels.bf16_rows(x, weight, bias)
+
+
+def _bf16_native() -> bool:
+    return kernel_capability() == "AVX512" and bool(cpu_features()["avx512_bf16"])
+
+
+@torch.compiler.assume_constant_result
+def bf16_kernel() -> bool:
+    """Whether :func:`bf16_rows` runs in this process: the CPU has AVX512-BF16, PyTorch's kernels are not capped
+    below AVX-512, and the library builds (else a warning, once, from :func:`f32_kernel`). Read once under
+    ``torch.compile``, when the graph is traced."""
+    return _bf16_native() and f32_kernel() != 0
+
+
+#: the dtypes the attention and RMSNorm kernels take (bfloat16 widened exactly as it is read, the result rounded once)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
 #: the most queries per head attend() hands to the cached-attention kernels (a decoding step, a verify pass)
 CACHED_MAX_QUERIES = 16
 
@@ -441,11 +504,12 @@ def cached_attention_problem(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     if not all(isinstance(t, Tensor) for t in (q, k, v)):
         return f"q, k, v must be tensors, got {type(q).__name__}, {type(k).__name__}, {type(v).__name__}"
     shapes = q.ndim == k.ndim == v.ndim == 4 and q.shape[2] >= 1 and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0
-    dtypes = q.dtype == k.dtype == v.dtype == torch.float32 and q.device.type == k.device.type == v.device.type == "cpu"
-    if not shapes or not dtypes or q.shape[3] % F32_LANES or v.shape[3] % F32_LANES:
-        return (f"q must be float32 [B, A, N, D], k [B, G, L, D], v [B, G, L, Dv] on the CPU with A a multiple of G "
-                f"and D, Dv multiples of {F32_LANES}; got q {q.dtype} {tuple(q.shape)} on {q.device}, k {tuple(k.shape)}, "
-                f"v {tuple(v.shape)}")  # fmt: skip
+    dtypes = q.dtype == k.dtype == v.dtype and q.dtype in KERNEL_DTYPES
+    if not shapes or not dtypes or not q.device.type == k.device.type == v.device.type == "cpu" \
+            or q.shape[3] % F32_LANES or v.shape[3] % F32_LANES:  # fmt: skip
+        return (f"q must be [B, A, N, D], k [B, G, L, D], v [B, G, L, Dv], all float32 or all bfloat16, on the CPU "
+                f"with A a multiple of G and D, Dv multiples of {F32_LANES}; got q {q.dtype} {tuple(q.shape)} on "
+                f"{q.device}, k {k.dtype} {tuple(k.shape)}, v {v.dtype} {tuple(v.shape)}")  # fmt: skip
     return None
 
 
@@ -475,9 +539,10 @@ def _positions_problem(positions: Tensor, length: int, n: int) -> str | None:
 def cached_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
     r"""The attention of the last ``N`` positions' queries over a KV cache: query ``i`` (at position ``p - N + 1 + i``,
     ``p = positions[0]``) takes ``softmax(q k^T / \sqrt{D})`` over the keys ``0..p - N + 1 + i`` (causal; the keys after
-    ``p`` are not read), times ``v``: ``q [B, A, N, D]``, ``k [B, G, L, D]``, ``v [B, G, L, Dv]`` float32 (``A / G``
-    query heads share a key head) -> ``[B, A, N, Dv]``; ``F.scaled_dot_product_attention`` under that mask, float
-    rounding aside (``cached_attention.cpp``). Each query's result is the same to the bit whatever ``N`` is: a
+    ``p`` are not read), times ``v``: ``q [B, A, N, D]``, ``k [B, G, L, D]``, ``v [B, G, L, Dv]`` float32 or bfloat16
+    (:data:`KERNEL_DTYPES`; ``A / G`` query heads share a key head) -> ``[B, A, N, Dv]`` in their dtype (bfloat16:
+    computed in float32, rounded once); ``F.scaled_dot_product_attention`` under that mask, float rounding aside
+    (``cached_attention.cpp``). Each query's result is the same to the bit whatever ``N`` is: a
     speculative verify pass gives the positions the values one-token steps give them. :class:`ShapeError`
     (:func:`cached_attention_problem`, the position), then :func:`load` and the op."""
     problem = cached_attention_problem(q, k, v) or _positions_problem(positions, k.shape[2], q.shape[2])
@@ -519,8 +584,8 @@ def cached_attention_padded(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, pos
                             scale: float | None = None) -> Tensor:
     r""":func:`cached_attention` for a left-padded batch: row ``b``'s query ``i`` takes ``softmax(q k^T scale)`` over
     its keys ``starts[b]..p - N + 1 + i`` only (``p = positions[0]``; ``scale`` default ``1/\sqrt{D}``), times ``v``:
-    ``q [B, A, N, D]``, ``k [B, G, L, D]``, ``v [B, G, L, Dv]`` float32 (``A / G`` query heads share a key head; the
-    last dimension contiguous, any other strides read in place), ``starts [B]`` int64 -> ``[B, A, N, Dv]``;
+    ``q [B, A, N, D]``, ``k [B, G, L, D]``, ``v [B, G, L, Dv]`` float32 or bfloat16 (``A / G`` query heads share a
+    key head; the last dimension contiguous, any other strides read in place), ``starts [B]`` int64 -> ``[B, A, N, Dv]``;
     ``F.scaled_dot_product_attention`` under that mask, float rounding aside (``cached_attention.cpp``): a left-padded
     batch's decoding step. :class:`ShapeError` (:func:`cached_attention_padded_problem`), then :func:`load` and the
     op."""
@@ -545,9 +610,10 @@ def rms_norm_problem(x: Tensor, weight: Tensor) -> str | None:
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
         return f"x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}"
     d = x.shape[-1] if x.ndim else 0
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu" \
+    if x.dtype not in KERNEL_DTYPES or weight.dtype != x.dtype or x.device.type != "cpu" \
             or weight.device.type != "cpu" or tuple(weight.shape) != (d,) or d == 0 or d % F32_LANES:  # fmt: skip
-        return (f"x must be float32 [..., d] and weight float32 [d] on the CPU, d a positive multiple of {F32_LANES}; "
+        return (f"x [..., d] and weight [d] must be both float32 or both bfloat16, on the CPU, d a positive multiple "
+                f"of {F32_LANES}; "
                 f"got x {x.dtype} {tuple(x.shape)} on {x.device}, weight {weight.dtype} {tuple(weight.shape)} on "
                 f"{weight.device}")  # fmt: skip
     return None
@@ -562,7 +628,8 @@ def rms_norm_serves(x: Tensor, weight: Tensor) -> bool:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    r"""RMSNorm of each row of ``x [..., d]``: ``(x / \sqrt{mean(x^2) + eps}) weight`` -> ``[..., d]`` float32,
+    r"""RMSNorm of each row of ``x [..., d]``: ``(x / \sqrt{mean(x^2) + eps}) weight`` -> ``[..., d]`` in ``x``'s dtype
+    (float32, or bfloat16 computed in float32 and rounded once, as PyTorch rounds it),
     ``F.rms_norm(x, (d,), weight, eps)`` float rounding aside (``rms_norm.cpp``). :class:`ShapeError`
     (:func:`rms_norm_problem`), then :func:`load` and the op."""
     problem = rms_norm_problem(x, weight)

@@ -37,7 +37,8 @@ using archlab_lanes::dots16x16;
 using archlab_lanes::kLanes;
 
 // s[j] = scale * q . k[j * ks] for j in r..p: 16 keys at a time (dots16x16), the rest one by one; the same values
-ARCHLAB_AVX512 void scores512(float* s, const float* q, const float* k, int64_t ks, int64_t r, int64_t p, int64_t D,
+template <class T>
+ARCHLAB_AVX512 void scores512(float* s, const T* q, const T* k, int64_t ks, int64_t r, int64_t p, int64_t D,
                               float scale) {
   const __m512 vscale = _mm512_set1_ps(scale);
   int64_t j = r;
@@ -46,7 +47,8 @@ ARCHLAB_AVX512 void scores512(float* s, const float* q, const float* k, int64_t 
   for (; j <= p; ++j) s[j] = scale * dot512(q, k + j * ks, D);
 }
 
-ARCHLAB_AVX2 void scores256(float* s, const float* q, const float* k, int64_t ks, int64_t r, int64_t p, int64_t D,
+template <class T>
+ARCHLAB_AVX2 void scores256(float* s, const T* q, const T* k, int64_t ks, int64_t r, int64_t p, int64_t D,
                             float scale) {
   for (int64_t j = r; j <= p; ++j) s[j] = scale * dot256(q, k + j * ks, D);
 }
@@ -111,16 +113,16 @@ ARCHLAB_AVX2 float weights256(float* x, int64_t n) {
 // o[t][0..Dv) = sum_{j in r..p} e[t][j] v[j * vs + 0..Dv) for Q queries over one value head, lane by lane in key
 // order (o = fma(e_j, v_j, o) from 0): the same operations in either width. 64 lanes at a time held in registers
 // across the keys (4 chains, not one through memory), each value vector loaded once for the Q queries.
-template <int Q, int NV>
-ARCHLAB_AVX512 void weighted512(float* const* o, const float* const* e, const float* v, int64_t vs, int64_t r,
+template <int Q, int NV, class T>
+ARCHLAB_AVX512 void weighted512(float* const* o, const float* const* e, const T* v, int64_t vs, int64_t r,
                                 int64_t p) {
   __m512 acc[Q][NV];
   for (int t = 0; t < Q; ++t)
     for (int i = 0; i < NV; ++i) acc[t][i] = _mm512_setzero_ps();
   for (int64_t j = r; j <= p; ++j) {
-    const float* vj = v + j * vs;
+    const T* vj = v + j * vs;
     __m512 vv[NV];
-    for (int i = 0; i < NV; ++i) vv[i] = _mm512_loadu_ps(vj + i * kLanes);
+    for (int i = 0; i < NV; ++i) vv[i] = archlab_lanes::load16(vj + i * kLanes);
     for (int t = 0; t < Q; ++t) {
       const __m512 w = _mm512_set1_ps(e[t][j]);
       for (int i = 0; i < NV; ++i) acc[t][i] = _mm512_fmadd_ps(w, vv[i], acc[t][i]);
@@ -131,14 +133,14 @@ ARCHLAB_AVX512 void weighted512(float* const* o, const float* const* e, const fl
 }
 
 // weighted512 over all Dv lanes: 64 at a time, then the 1-3 blocks of 16 left
-template <int Q>
-ARCHLAB_AVX512 void weighted512_all(float* const* o, const float* const* e, const float* v, int64_t vs, int64_t r,
+template <int Q, class T>
+ARCHLAB_AVX512 void weighted512_all(float* const* o, const float* const* e, const T* v, int64_t vs, int64_t r,
                                     int64_t p, int64_t Dv) {
   for (int64_t c = 0; c < Dv; c += 4 * kLanes) {
     const int64_t blocks = std::min<int64_t>(4, (Dv - c) / kLanes);
     float* oc[Q];
     for (int t = 0; t < Q; ++t) oc[t] = o[t] + c;
-    const float* vc = v + c;
+    const T* vc = v + c;
     if (blocks == 4) weighted512<Q, 4>(oc, e, vc, vs, r, p);
     else if (blocks == 3) weighted512<Q, 3>(oc, e, vc, vs, r, p);
     else if (blocks == 2) weighted512<Q, 2>(oc, e, vc, vs, r, p);
@@ -146,24 +148,25 @@ ARCHLAB_AVX512 void weighted512_all(float* const* o, const float* const* e, cons
   }
 }
 
-template <int NV>
-ARCHLAB_AVX2 void weighted256(float* o, const float* e, const float* v, int64_t vs, int64_t r, int64_t p) {
+template <int NV, class T>
+ARCHLAB_AVX2 void weighted256(float* o, const float* e, const T* v, int64_t vs, int64_t r, int64_t p) {
   __m256 acc[2 * NV];
   for (int i = 0; i < 2 * NV; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t j = r; j <= p; ++j) {
     const __m256 s = _mm256_set1_ps(e[j]);
-    const float* vj = v + j * vs;
-    for (int i = 0; i < 2 * NV; ++i) acc[i] = _mm256_fmadd_ps(s, _mm256_loadu_ps(vj + i * 8), acc[i]);
+    const T* vj = v + j * vs;
+    for (int i = 0; i < 2 * NV; ++i) acc[i] = _mm256_fmadd_ps(s, archlab_lanes::load8(vj + i * 8), acc[i]);
   }
   for (int i = 0; i < 2 * NV; ++i) _mm256_storeu_ps(o + i * 8, acc[i]);
 }
 
-void weighted(float* o, const float* e, const float* v, int64_t vs, int64_t r, int64_t p, int64_t Dv, int64_t isa) {
+template <class T>
+void weighted(float* o, const float* e, const T* v, int64_t vs, int64_t r, int64_t p, int64_t Dv, int64_t isa) {
   if (isa == 512) return weighted512_all<1>(&o, &e, v, vs, r, p, Dv);
   for (int64_t c = 0; c < Dv; c += 4 * kLanes) {  // 64 lanes (4 blocks of 16), then the 1-3 blocks left
     const int64_t blocks = std::min<int64_t>(4, (Dv - c) / kLanes);
     float* oc = o + c;
-    const float* vc = v + c;
+    const T* vc = v + c;
     if (blocks == 4) weighted256<4>(oc, e, vc, vs, r, p);
     else if (blocks == 3) weighted256<3>(oc, e, vc, vs, r, p);
     else if (blocks == 2) weighted256<2>(oc, e, vc, vs, r, p);
@@ -181,38 +184,38 @@ void weighted(float* o, const float* e, const float* v, int64_t vs, int64_t r, i
 
 // the lanes of q[t] . k_j before the fold, t < Q (the queries in registers qv): chain 0 (even blocks) + chain 1 (odd
 // blocks), as dot_lanes512
-template <int Q, int DB>
-ARCHLAB_AVX512 inline void key_lanes(const __m512 (&qv)[Q][DB], const float* kj, __m512* out) {
+template <int Q, int DB, class T>
+ARCHLAB_AVX512 inline void key_lanes(const __m512 (&qv)[Q][DB], const T* kj, __m512* out) {
   __m512 c0[Q], c1[Q];
   for (int t = 0; t < Q; ++t) c0[t] = c1[t] = _mm512_setzero_ps();
   for (int d = 0; d + 1 < DB; d += 2) {
-    const __m512 k0 = _mm512_loadu_ps(kj + d * kLanes), k1 = _mm512_loadu_ps(kj + (d + 1) * kLanes);
+    const __m512 k0 = archlab_lanes::load16(kj + d * kLanes), k1 = archlab_lanes::load16(kj + (d + 1) * kLanes);
     for (int t = 0; t < Q; ++t) {
       c0[t] = _mm512_fmadd_ps(qv[t][d], k0, c0[t]);
       c1[t] = _mm512_fmadd_ps(qv[t][d + 1], k1, c1[t]);
     }
   }
   if (DB % 2) {
-    const __m512 k0 = _mm512_loadu_ps(kj + (DB - 1) * kLanes);
+    const __m512 k0 = archlab_lanes::load16(kj + (DB - 1) * kLanes);
     for (int t = 0; t < Q; ++t) c0[t] = _mm512_fmadd_ps(qv[t][DB - 1], k0, c0[t]);
   }
   for (int t = 0; t < Q; ++t) out[t] = _mm512_add_ps(c0[t], c1[t]);
 }
 
-template <int Q, int DB>
-ARCHLAB_AVX512 void scores512_q(float* const* s, const float* const* q, const float* k, int64_t ks, int64_t r,
+template <int Q, int DB, class T>
+ARCHLAB_AVX512 void scores512_q(float* const* s, const T* const* q, const T* k, int64_t ks, int64_t r,
                                 int64_t p, float scale) {
   const __m512 vscale = _mm512_set1_ps(scale);
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   __m512 qv[Q][DB];
   for (int t = 0; t < Q; ++t)
-    for (int d = 0; d < DB; ++d) qv[t][d] = _mm512_loadu_ps(q[t] + d * kLanes);
+    for (int d = 0; d < DB; ++d) qv[t][d] = archlab_lanes::load16(q[t] + d * kLanes);
   __m512 sums[Q][kLanes];
   int64_t j = r;
   for (; j + kLanes <= p + 1; j += kLanes) {
     for (int u = 0; u < kLanes; ++u) {
       __m512 out[Q];
-      key_lanes<Q, DB>(qv, k + (j + u) * ks, out);
+      key_lanes<Q, DB, T>(qv, k + (j + u) * ks, out);
       for (int t = 0; t < Q; ++t) sums[t][u] = out[t];
     }
     for (int t = 0; t < Q; ++t)
@@ -221,16 +224,16 @@ ARCHLAB_AVX512 void scores512_q(float* const* s, const float* const* q, const fl
   }
   for (; j <= p; ++j) {
     __m512 out[Q];
-    key_lanes<Q, DB>(qv, k + j * ks, out);
+    key_lanes<Q, DB, T>(qv, k + j * ks, out);
     for (int t = 0; t < Q; ++t) s[t][j] = scale * archlab_lanes::fold16(out[t]);
   }
 }
 
 // the whole equation for Q queries of one key/value head and range: scores, weights, weighted values, normalised
-template <int Q, int DB>
-ARCHLAB_AVX512 void attend512_q(float* const* o, float* const* s, const float* const* q, const float* k, int64_t ks,
-                                const float* v, int64_t vs, int64_t r, int64_t p, int64_t Dv, float scale) {
-  scores512_q<Q, DB>(s, q, k, ks, r, p, scale);
+template <int Q, int DB, class T>
+ARCHLAB_AVX512 void attend512_q(float* const* o, float* const* s, const T* const* q, const T* k, int64_t ks,
+                                const T* v, int64_t vs, int64_t r, int64_t p, int64_t Dv, float scale) {
+  scores512_q<Q, DB, T>(s, q, k, ks, r, p, scale);
   float sum[Q];
   for (int t = 0; t < Q; ++t) sum[t] = weights512(s[t] + r, p - r + 1);
   weighted512_all<Q>(o, s, v, vs, r, p, Dv);
@@ -240,12 +243,16 @@ ARCHLAB_AVX512 void attend512_q(float* const* o, float* const* s, const float* c
   }
 }
 
-using GroupFn = void (*)(float* const*, float* const*, const float* const*, const float*, int64_t, const float*,
-                         int64_t, int64_t, int64_t, int64_t, float);
+template <class T>
+using GroupFn = void (*)(float* const*, float* const*, const T* const*, const T*, int64_t, const T*, int64_t, int64_t,
+                         int64_t, int64_t, float);
 
-template <int Q>
-constexpr GroupFn group_fn(int64_t DB) {
-  return DB == 1 ? attend512_q<Q, 1> : DB == 2 ? attend512_q<Q, 2> : DB == 3 ? attend512_q<Q, 3> : attend512_q<Q, 4>;
+template <int Q, class T>
+constexpr GroupFn<T> group_fn(int64_t DB) {
+  return DB == 1   ? attend512_q<Q, 1, T>
+         : DB == 2 ? attend512_q<Q, 2, T>
+         : DB == 3 ? attend512_q<Q, 3, T>
+                   : attend512_q<Q, 4, T>;
 }
 
 constexpr int kMaxShared = 4;  // queries computed together at most (registers: Q x DB for q, 2 Q chains)
@@ -255,8 +262,9 @@ at::Tensor rows_in_place(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.
 
 void check_tensors(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t isa) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) >= 1, "q [B, A, N, D], k, v [B, G, L, D]");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "q, k, v must be float32");
+  TORCH_CHECK((q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
+                  k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k, v must be all float32 or all bfloat16");
   const int64_t B = q.size(0), A = q.size(1), D = q.size(3), G = k.size(1), L = k.size(2), Dv = v.size(3);
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == G && v.size(2) == L && k.size(3) == D,
               "k and v must be [B, G, L, D] and [B, G, L, Dv] with q's B and D");
@@ -277,13 +285,14 @@ int64_t last_position(const at::Tensor& positions, int64_t L, int64_t N) {
   return p;
 }
 
-// the equation above for every (b, a, i), over the keys starts[b]..p_i (0..p_i where starts is null)
-at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const int64_t* starts,
-                  int64_t p, double scale, int64_t isa) {
-  const at::Tensor q = rows_in_place(q_in), k = rows_in_place(k_in), v = rows_in_place(v_in);
+// the equation above for every (b, a, i), over the keys starts[b]..p_i (0..p_i where starts is null); q, k, v of
+// element type T (float32, or bfloat16 widened as it is read), the result float32
+template <class T>
+at::Tensor attend_as(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int64_t* starts, int64_t p,
+                     double scale, int64_t isa) {
   const int64_t B = q.size(0), A = q.size(1), N = q.size(2), D = q.size(3), G = k.size(1), Dv = v.size(3);
-  at::Tensor out = at::empty({B, A, N, Dv}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  at::Tensor out = at::empty({B, A, N, Dv}, q.options().dtype(at::kFloat));
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
@@ -300,7 +309,7 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
         const int64_t a0 = g * per_group + c * kMaxShared;
         const int64_t n_q = std::min<int64_t>(kMaxShared, (g + 1) * per_group - a0);
         const int64_t r = starts == nullptr ? 0 : starts[b], last = p - (N - 1) + i;
-        const float* qs[kMaxShared];
+        const T* qs[kMaxShared];
         float* os[kMaxShared];
         float* ss[kMaxShared];
         for (int64_t t = 0; t < n_q; ++t) {
@@ -308,11 +317,13 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
           os[t] = op + ((b * A + a0 + t) * N + i) * Dv;
           ss[t] = scratch.data() + t * (p + 1);
         }
-        const float* kh = kp + b * ks0 + g * ks1;
-        const float* vh = vp + b * vs0 + g * vs1;
+        const T* kh = kp + b * ks0 + g * ks1;
+        const T* vh = vp + b * vs0 + g * vs1;
         const int64_t DB = D / kLanes;
-        const GroupFn fn = n_q == 4 ? group_fn<4>(DB) : n_q == 3 ? group_fn<3>(DB) : n_q == 2 ? group_fn<2>(DB)
-                                                                                             : group_fn<1>(DB);
+        const GroupFn<T> fn = n_q == 4   ? group_fn<4, T>(DB)
+                              : n_q == 3 ? group_fn<3, T>(DB)
+                              : n_q == 2 ? group_fn<2, T>(DB)
+                                         : group_fn<1, T>(DB);
         fn(os, ss, qs, kh, ks2, vh, vs2, r, last, Dv, fscale);
       }
     });
@@ -323,9 +334,9 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
     for (int64_t h = h0; h < h1; ++h) {  // h = (b A + a) N + i: out's row
       const int64_t i = h % N, a = (h / N) % A, b = h / (N * A), g = a / per_group;
       const int64_t r = starts == nullptr ? 0 : starts[b], last = p - (N - 1) + i;
-      const float* qh = qp + b * qs0 + a * qs1 + i * qs2;
-      const float* kh = kp + b * ks0 + g * ks1;
-      const float* vh = vp + b * vs0 + g * vs1;
+      const T* qh = qp + b * qs0 + a * qs1 + i * qs2;
+      const T* kh = kp + b * ks0 + g * ks1;
+      const T* vh = vp + b * vs0 + g * vs1;
       float sum;  // the scores s_j become the weights e_j
       if (isa == 512) {
         scores512(s.data(), qh, kh, ks2, r, last, D, fscale);
@@ -341,6 +352,14 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
     }
   });
   return out;
+}
+
+// attend_as for q's element type, the result in it (bfloat16: the float32 result rounded once)
+at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const int64_t* starts,
+                  int64_t p, double scale, int64_t isa) {
+  const at::Tensor q = rows_in_place(q_in), k = rows_in_place(k_in), v = rows_in_place(v_in);
+  if (q.scalar_type() == at::kFloat) return attend_as<float>(q, k, v, starts, p, scale, isa);
+  return attend_as<c10::BFloat16>(q, k, v, starts, p, scale, isa).to(at::kBFloat16);
 }
 
 // a static cache (or a dynamic one, p = L - 1): every row reads the keys 0..p_i

@@ -4,6 +4,7 @@
 // order, so they give the same result to the bit.
 #pragma once
 
+#include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
 #include <cstdint>
@@ -14,6 +15,18 @@
 namespace archlab_lanes {
 
 constexpr int64_t kLanes = 16;
+
+// 16 (8) floats from float32 or bfloat16 memory: a bfloat16 is a float's upper 16 bits, so it widens exactly
+ARCHLAB_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+ARCHLAB_AVX512 inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+ARCHLAB_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+ARCHLAB_AVX2 inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
 
 // 8 lanes -> one float: 4 + 4, 2 + 2, 1 + 1
 ARCHLAB_AVX2 inline float halve8(__m256 v) {
@@ -49,41 +62,45 @@ ARCHLAB_AVX512 inline __m512 fold16x16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
 }
 
-// a . b over D floats (D a multiple of 16): two chains of 16-lane blocks (even blocks, odd blocks), added; dot512
-// folds that sum, dots16x16 folds 16 of them at once
-ARCHLAB_AVX512 inline __m512 dot_lanes512(const float* a, const float* b, int64_t D) {
+// a . b over D floats (D a multiple of 16; a, b float32 or bfloat16 widened by load16): two chains of 16-lane blocks
+// (even blocks, odd blocks), added; dot512 folds that sum, dots16x16 folds 16 of them at once
+template <class T>
+ARCHLAB_AVX512 inline __m512 dot_lanes512(const T* a, const T* b, int64_t D) {
   __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 2 * kLanes <= D; i += 2 * kLanes) {
-    c0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), c0);
-    c1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + kLanes), _mm512_loadu_ps(b + i + kLanes), c1);
+    c0 = _mm512_fmadd_ps(load16(a + i), load16(b + i), c0);
+    c1 = _mm512_fmadd_ps(load16(a + i + kLanes), load16(b + i + kLanes), c1);
   }
-  if (i < D) c0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), c0);
+  if (i < D) c0 = _mm512_fmadd_ps(load16(a + i), load16(b + i), c0);
   return _mm512_add_ps(c0, c1);
 }
 
-ARCHLAB_AVX512 inline float dot512(const float* a, const float* b, int64_t D) { return fold16(dot_lanes512(a, b, D)); }
+template <class T>
+ARCHLAB_AVX512 inline float dot512(const T* a, const T* b, int64_t D) { return fold16(dot_lanes512(a, b, D)); }
 
 // the 16 dot products a . b[t * bs], t = 0..15, in t's order: each dot512's value, to the bit (fold16x16)
-ARCHLAB_AVX512 inline __m512 dots16x16(const float* a, const float* b, int64_t bs, int64_t D) {
+template <class T>
+ARCHLAB_AVX512 inline __m512 dots16x16(const T* a, const T* b, int64_t bs, int64_t D) {
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   __m512 sums[16];
   for (int t = 0; t < 16; ++t) sums[t] = dot_lanes512(a, b + t * bs, D);
   return _mm512_permutexvar_ps(order, fold16x16(sums));  // fold16x16 puts sums[t]'s at lane 4 (t % 4) + t / 4
 }
 
-ARCHLAB_AVX2 inline float dot256(const float* a, const float* b, int64_t D) {
+template <class T>
+ARCHLAB_AVX2 inline float dot256(const T* a, const T* b, int64_t D) {
   __m256 lo0 = _mm256_setzero_ps(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
   int64_t i = 0;
   for (; i + 2 * kLanes <= D; i += 2 * kLanes) {
-    lo0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), lo0);
-    hi0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), hi0);
-    lo1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), lo1);
-    hi1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), hi1);
+    lo0 = _mm256_fmadd_ps(load8(a + i), load8(b + i), lo0);
+    hi0 = _mm256_fmadd_ps(load8(a + i + 8), load8(b + i + 8), hi0);
+    lo1 = _mm256_fmadd_ps(load8(a + i + 16), load8(b + i + 16), lo1);
+    hi1 = _mm256_fmadd_ps(load8(a + i + 24), load8(b + i + 24), hi1);
   }
   if (i < D) {
-    lo0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), lo0);
-    hi0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), hi0);
+    lo0 = _mm256_fmadd_ps(load8(a + i), load8(b + i), lo0);
+    hi0 = _mm256_fmadd_ps(load8(a + i + 8), load8(b + i + 8), hi0);
   }
   return fold16(_mm256_add_ps(lo0, lo1), _mm256_add_ps(hi0, hi1));
 }

@@ -11,7 +11,7 @@ The general attention step (deck)::
 with ``a`` an alignment score. :func:`attend` computes it for whole tensors; the default score is
 the scaled dot product ``a(q, k) = q . k / sqrt(d_k)`` (Vaswani 2017), which the ``sdpa`` backend
 runs through PyTorch's fused kernels; a decoding step's few causal queries over a KV cache (a one-token step, a
-speculative verify pass, a left-padded batch's step: float32, eager CPU inference) through archlab's kernel instead
+speculative verify pass, a left-padded batch's step: float32 or bfloat16, eager CPU inference) through archlab's kernel
 (:func:`_attend_cached`).
 
 Masks follow PyTorch's convention: a boolean mask is ``True`` where a query may attend a key. A
@@ -573,12 +573,13 @@ def _attend_cached(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: 
     place -> ``[B, A, N, d_v]``. Unmasked (a one-token step, a speculative verify pass), or under a left-padding key
     mask ``mask [B, 1, 1, M]`` (:func:`_padded_rows`; :func:`archlab.kernels.cached_attention_padded`: row ``b`` reads
     only its keys from ``starts[b]``). None where it does not apply, and sdpa serves: another mask, more than
-    :data:`~archlab.kernels.CACHED_MAX_QUERIES` queries, not float32 on the CPU, a gradient recorded, under
+    :data:`~archlab.kernels.CACHED_MAX_QUERIES` queries, not float32 or bfloat16 on the CPU, a gradient recorded, under
     ``torch.compile``, widths not multiples of 16, no kernel here, or a query left without a key.
 
     The same equation as sdpa's; the float rounding differs, and each query is computed on its own, so a position's
-    result is the same to the bit in a one-token step and in a verify pass of any width (with the float32 products
-    of :func:`archlab.nn.linear.linear`, the reason speculative greedy decoding gives plain greedy's tokens). Measured
+    result is the same to the bit in a one-token step and in a verify pass of any width (with the float32 and bfloat16
+    products of :func:`archlab.nn.linear.linear`, the reason speculative greedy decoding gives plain greedy's
+    tokens). Measured
     (SmolLM2's 9 heads on 3 key heads, 300 keys, 2 threads, AMD EPYC): one query 27 us a layer against 56 for sdpa,
     9 causal queries 140 against 188 with the causal mask built; on 10-row padded steps (145-270 keys, loaded) sdpa
     took 240-390 us a layer, the kernel 100-175 (docs/speed.md)."""

@@ -104,6 +104,20 @@ def _f32_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | Non
     return torch.ops.archlab_kernels.f32_rows(x, weight, bias, kernels.f32_kernel())
 
 
+def _bf16_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """``F.linear(x, weight, bias)`` on archlab's bfloat16 kernel where it serves (no gradient recorded, arguments it
+    takes: :func:`archlab.kernels.bf16_rows_problem`, a CPU with AVX512-BF16: :func:`archlab.kernels.bf16_kernel`;
+    from 2 rows only where ``weight`` has no oneDNN-packed copy, which on a CPU with AMX may be the faster), else
+    None."""
+    if x.dtype != torch.bfloat16 or _records_grad(x, weight, bias):
+        return None
+    if kernels.bf16_rows_problem(x, weight, bias) is not None or not kernels.bf16_kernel():
+        return None
+    if _rows(x) > 1 and not torch.compiler.is_compiling() and _onednn_copy(weight, x) is not None:
+        return None
+    return torch.ops.archlab_kernels.bf16_rows(x, weight, bias)
+
+
 def _records_grad(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
     """Whether autograd would record ``x @ weight.T (+ bias)``: products that need a backward keep ``F.linear``."""
     return torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad
@@ -148,7 +162,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     compiled one-row step was 2x slower than the eager one (gpt-mini, 2 threads).
     """
     d_out, d_in = weight.shape
-    out = _f32_product(x, weight, bias)
+    out = _f32_product(x, weight, bias) if x.dtype == torch.float32 else _bf16_product(x, weight, bias)
     if out is not None:
         return out
     packed = None if torch.compiler.is_compiling() else _onednn_copy(weight, x)
@@ -219,7 +233,9 @@ class PackedLinear:
         return self._blocks
 
     def __call__(self, x: Tensor) -> Tensor:
-        out = _f32_product(x, self.weight, self.bias)  # archlab's kernel reads weight in place: no copy wanted
+        # archlab's kernels read weight in place: no copy wanted
+        product = _f32_product if x.dtype == torch.float32 else _bf16_product
+        out = product(x, self.weight, self.bias)
         if out is not None:
             return out
         tracked = _records_grad(x, self.weight)

@@ -62,7 +62,7 @@ class LayerNorm(_TokenNorm):
 class RMSNorm(_TokenNorm):
     """RMSNorm over the last axis: ``g * x / sqrt(mean(x^2) + eps)``; ``[..., d] -> [..., d]``.
 
-    PyTorch's ``F.rms_norm``, or in float32 inference on the CPU archlab's one-op kernel
+    PyTorch's ``F.rms_norm``, or in float32 or bfloat16 inference on the CPU archlab's one-op kernel
     (:func:`archlab.kernels.rms_norm`: the same equation, another float rounding; PyTorch's CPU op dispatches about
     ten, which at a decoding step's few rows is its whole cost)."""
 

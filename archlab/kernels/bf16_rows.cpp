@@ -1,0 +1,181 @@
+// archlab's bfloat16 kernel for a few rows (archlab/kernels/__init__.py describes it): y = x W^T + b
+//   y[m, n] = bf16(b[n] + sum_k x[m, k] W[n, k])   x [..., K] bfloat16, M = 1..16 rows; W [N, K] bfloat16 row-major as
+// nn.Linear keeps it; b [N] bfloat16 or none; y [..., N] bfloat16, the float32 sum rounded once (nearest even).
+// AVX512-BF16 only: vdpbf16ps multiplies 32 bfloat16 pairs exactly (a bfloat16 product fits a float32) and adds each
+// lane's two products into its float32 lane. Every (m, n) is summed the same way: 16 lanes, lane i holding the inputs
+// k = 32 j + 2 i, 32 j + 2 i + 1 of block j; blocks j alternate between two chains (even j, odd j); then chain 0 +
+// chain 1 lane by lane and the 16 lanes folded as the float32 kernel folds them (lanes.h). So a row's result does not
+// depend on M nor on which loop below computed it: a verify pass and one-token steps give a position the same bits.
+// One row (memory-bound: each weight read once): one output row at a time, its weights one sequential stream per
+// thread prefetched 4 KB ahead, as f32_rows.cpp's one-row loop. 2-16 rows: tiles of NB output rows x R rows of x,
+// one chain at a time (chain 0 over the even blocks, then chain 1 over the odd ones: NB R accumulators), each weight
+// vector loaded serving R products and each x vector NB; the weights kAhead tiles on prefetched by every group.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "lanes.h"
+
+#define ARCHLAB_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
+
+namespace {
+
+using archlab_lanes::fold16;
+using archlab_lanes::fold16x16;
+constexpr int64_t kBlock = 32;  // bfloat16 inputs per 64-byte block: K must be a multiple of it
+constexpr int64_t kMaxRows = 16;
+constexpr int64_t kGrainElements = 1 << 15;  // weights per thread at least: a smaller product stays on one thread
+constexpr int64_t kAheadBytes = 4096;       // the one-row stream's prefetch distance (f32_rows.cpp measured it)
+constexpr int kAhead = 4;                   // tiles between a tile and the one whose weights it prefetches
+
+using bf16 = c10::BFloat16;
+
+struct Args {
+  const bf16* x;  // [M, K]
+  const bf16* w;  // [N, K]
+  const bf16* b;  // [N] or nullptr
+  bf16* y;        // [M, N]
+  int64_t K, N;
+};
+
+inline void store(const Args& a, int m, int64_t n, float dot) {
+  a.y[m * a.N + n] = bf16(a.b ? dot + static_cast<float>(a.b[n]) : dot);  // c10's conversion rounds to nearest even
+}
+
+ARCHLAB_AVX512BF16 inline __m512bh load_bh(const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+ARCHLAB_AVX512BF16 void row(const Args& a, int64_t n0, int64_t n1) {
+  const int64_t K = a.K, B = K / kBlock;
+  const char* end = reinterpret_cast<const char*>(a.w + n1 * K);
+  for (int64_t n = n0; n < n1; ++n) {
+    const bf16* w = a.w + n * K;
+    const char* ahead = reinterpret_cast<const char*>(w) + kAheadBytes;
+    __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 2 <= B; j += 2) {
+      const char* line = ahead + j * kBlock * sizeof(bf16);
+      if (line + 2 * 64 <= end) {
+        _mm_prefetch(line, _MM_HINT_T1);
+        _mm_prefetch(line + 64, _MM_HINT_T1);
+      }
+      c0 = _mm512_dpbf16_ps(c0, load_bh(w + j * kBlock), load_bh(a.x + j * kBlock));
+      c1 = _mm512_dpbf16_ps(c1, load_bh(w + j * kBlock + kBlock), load_bh(a.x + j * kBlock + kBlock));
+    }
+    if (j < B) c0 = _mm512_dpbf16_ps(c0, load_bh(w + j * kBlock), load_bh(a.x + j * kBlock));
+    store(a, 0, n, fold16(_mm512_add_ps(c0, c1)));
+  }
+}
+
+inline Args rows_from(const Args& a, int m0) { return Args{a.x + m0 * a.K, a.w, a.b, a.y + m0 * a.N, a.K, a.N}; }
+
+// the M rows of x in groups of at most `most`, as even as they come: f(first row, rows) for each group
+template <class F>
+inline void for_groups(int M, int most, F&& f) {
+  const int groups = (M + most - 1) / most;
+  for (int g = 0, m0 = 0; g < groups; ++g) {
+    const int r = (M - m0) / (groups - g);
+    f(m0, r);
+    m0 += r;
+  }
+}
+
+// outputs n .. n + NB - 1 against the R rows of a, chain 0 then chain 1; ahead (or nullptr): NB weight rows to
+// prefetch into L2
+template <int NB, int R>
+ARCHLAB_AVX512BF16 void tile(const Args& a, int64_t n, const bf16* ahead) {
+  const int64_t K = a.K, B = K / kBlock;
+  const bf16* w = a.w + n * K;
+  __m512 c0[NB][R], c1[NB][R];
+  for (int phase = 0; phase < 2; ++phase) {
+    __m512 acc[NB][R];
+    for (int o = 0; o < NB; ++o)
+      for (int r = 0; r < R; ++r) acc[o][r] = _mm512_setzero_ps();
+    for (int64_t j = phase; j < B; j += 2) {
+      __m512bh wv[NB];
+      for (int o = 0; o < NB; ++o) {
+        if (ahead) _mm_prefetch(reinterpret_cast<const char*>(ahead + o * K + j * kBlock), _MM_HINT_T1);
+        wv[o] = load_bh(w + o * K + j * kBlock);
+      }
+      for (int r = 0; r < R; ++r) {
+        __m512i xi = _mm512_loadu_si512(a.x + r * K + j * kBlock);
+        asm("" : "+v"(xi));  // held in a register: one load of x serves NB products
+        for (int o = 0; o < NB; ++o) acc[o][r] = _mm512_dpbf16_ps(acc[o][r], wv[o], (__m512bh)xi);
+      }
+    }
+    for (int o = 0; o < NB; ++o)
+      for (int r = 0; r < R; ++r) (phase ? c1 : c0)[o][r] = acc[o][r];
+  }
+  constexpr int S = NB * R, F = (S + 15) / 16;
+  __m512 sums[16 * F];
+  for (int i = 0; i < 16 * F; ++i)
+    sums[i] = i < S ? _mm512_add_ps(c0[i / R][i % R], c1[i / R][i % R]) : _mm512_setzero_ps();
+  for (int f = 0; f < F; ++f) {
+    alignas(64) float folded[16];
+    _mm512_store_ps(folded, fold16x16(sums + 16 * f));
+    for (int i = 16 * f; i < std::min(S, 16 * f + 16); ++i) {
+      const int l = i - 16 * f;
+      store(a, i % R, n + i / R, folded[4 * (l % 4) + l / 4]);
+    }
+  }
+}
+
+using TileFn = void (*)(const Args&, int64_t, const bf16*);
+
+template <int NB, int... R>
+constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int, R...>) {
+  return {tile<NB, R + 1>...};
+}
+
+template <int NB, int RMAX>
+ARCHLAB_AVX512BF16 void tiles(const Args& a, int64_t n0, int64_t n1, int M) {
+  static constexpr auto wide = tile_table<NB>(std::make_integer_sequence<int, RMAX>());
+  static constexpr auto one = tile_table<1>(std::make_integer_sequence<int, RMAX>());
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    const int64_t next = n + kAhead * NB;
+    const bf16* ahead = next + NB <= a.N ? a.w + next * a.K : nullptr;
+    for_groups(M, RMAX, [&](int m0, int r) { wide[r - 1](rows_from(a, m0), n, ahead); });
+  }
+  for (; n < n1; ++n) for_groups(M, RMAX, [&](int m0, int r) { one[r - 1](rows_from(a, m0), n, nullptr); });
+}
+
+at::Tensor bf16_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16, "x must be bfloat16 [..., K]");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
+              "weight must be contiguous bfloat16 [N, K]");
+  const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = weight.size(0);
+  TORCH_CHECK(M >= 1 && M <= kMaxRows, "x must have 1..", kMaxRows, " rows");
+  TORCH_CHECK(weight.size(1) == K && K % kBlock == 0 && K > 0, "weight must be [N, K] with K a multiple of 32");
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kBFloat16),
+              "bias must be bfloat16 [N]");
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
+  const Args a{xc.data_ptr<bf16>(), weight.data_ptr<bf16>(), bias ? bc.data_ptr<bf16>() : nullptr, y.data_ptr<bf16>(),
+               K, N};
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / K);
+  const int rows = static_cast<int>(M);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    if (rows == 1)
+      row(a, n0, n1);
+    else
+      tiles<3, 5>(a, n0, n1, rows);
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(archlab_kernels, m) { m.def("bf16_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(archlab_kernels, CPU, m) { m.impl("bf16_rows", bf16_rows); }
