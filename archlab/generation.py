@@ -425,7 +425,8 @@ def generate_batch(
     the longest into ``[B, n0]`` with an ``attention_mask`` marking the real tokens and prefilled together, then
     every step one forward pass over the rows still open, a ``B``-row product costing far less than ``B`` one-row
     ones: up to :data:`archlab.nn.linear.KERNEL_FIRST_ROWS` rows (12 on AVX-512) on archlab's float32 kernel, which
-    reads the weights in place, past it on oneDNN-packed copies of the weights
+    reads the weights in place (a bf16 model's up to 16 rows on its bfloat16 kernel where the CPU has AVX512-BF16),
+    past it on oneDNN-packed copies of the weights
     (:func:`archlab.nn.linear.packed_for_rows`: they take the weights' memory again during the call). The copies are
     made only past the kernel's rows (and then serve the prefill too); up to them the prefill runs on ``F.linear``
     (MKL's sgemm, whose sums err less than oneDNN's). A row that emits a stop token or reaches ``max_new_tokens``
@@ -443,8 +444,10 @@ def generate_batch(
     with greedy decoding each row's tokens are those ``generate`` gives its prompt alone, up to floating-point
     near-ties: the prefill of the padded prompts together (larger products, attention under the padding mask)
     rounds differently from a prompt's prefill alone. The steps after it compute each row as it is computed alone
-    where archlab's kernels take them (float32 on a CPU, up to ``KERNEL_FIRST_ROWS`` rows). Prefilling each prompt
-    alone instead made every row equal to the bit but the SmolLM2 benchmark's 10 prompts 1.0 s slower (6.9 against
+    where archlab's kernels take them (float32 on a CPU, up to ``KERNEL_FIRST_ROWS`` rows; bfloat16 up to 16 rows
+    with AVX512-BF16). In bfloat16 the prefill's near-ties are common (logits rounded to 8 bits tie exactly): on
+    SmolLM2 4 of the speculative benchmark's 10 rows equal their decoding alone (10 of 10 in float32). Prefilling each
+    prompt alone instead made every row equal to the bit but the SmolLM2 benchmark's 10 prompts 1.0 s slower (6.9 against
     5.9 s: 135-row products run slower than 1,440-row ones); :class:`RowBatch` prefills so, for rows that must equal
     their decoding alone exactly. A step's attention (float32, CPU) runs on archlab's kernel, each row reading only
     its own keys (:func:`archlab.kernels.cached_attention_padded`; sdpa under the padding mask elsewhere).

@@ -45,6 +45,17 @@ the folds in ``lanes.h``): 16 lanes in two chains of blocks, folded in a fixed o
 and a row's result does not depend on ``M`` (tested). :mod:`archlab.nn.linear` uses it for the few-row float32
 products it serves on a CPU (:func:`f32_kernel`).
 
+**bfloat16 rows** (``torch.ops.archlab_kernels.bf16_rows``, :func:`bf16_rows`): ``y [..., N] = x [..., K] W^T + b``
+for 1..:data:`BF16_MAX_ROWS` rows, ``x``, ``W [N, K]`` (read in place) and ``b`` bfloat16, ``K`` a multiple of 32;
+on a CPU with AVX512-BF16 only (:func:`bf16_kernel`). ``vdpbf16ps`` multiplies 32 pairs exactly and adds each lane's
+two products in float32; the sums are float32 (16 lanes, two chains of 32-input blocks, folded as the float32 rows
+fold), rounded to bfloat16 once, as PyTorch's bf16 product rounds (one ulp apart at most, tested). A row's result does
+not depend on ``M`` (one row streams its weights as the float32 kernel's one-row loop does; 2-4 rows run in 2 x R
+tiles, 5-16 in phased 3 x 5 tiles). Over SmolLM2-135M's 121 matrices at 2 threads (AMD EPYC AVX512-BF16, median of 7
+in-process rounds, 2026-12-05): 1 row 6.3 ms (the float32 kernel on float32 weights 12.9, ``F.linear`` in bf16
+21.3), 3 rows 6.4 (13.6, 21.8), 10 rows 12.0 (21.8, 27.3), 16 rows 18.5 (31.2, 30.7); in a slower phase of the
+machine an hour before, 1 row 9.5 (18.2, 18.8).
+
 **Attention over a KV cache** (``torch.ops.archlab_kernels.cached_attention``, :func:`cached_attention`): the
 attention of a decoding step's queries, the last ``N`` positions' (1 for a one-token step, ``k + 1`` for a
 speculative verify pass), each reading the keys up to its own position (causal) and no further: over a static KV
@@ -56,12 +67,15 @@ result does not depend on ``N``: a verify pass and one-token steps give it to th
 the last position and start at their own. :func:`archlab.nn.attention.attend` takes them for eager float32 CPU
 inference with at most :data:`CACHED_MAX_QUERIES` causal queries (or one query), unmasked or under such a padding mask,
 in place of sdpa. Both read a KV cache's view of its storage in place (any strides but the last dimension's).
+bfloat16 ``q``, ``k``, ``v`` (a bf16 model's cache) are widened exactly as they are read and the float32 result
+rounded once, so it is the float32 op's on the widened values, to the bit, on either variant.
 
 **RMSNorm** (``torch.ops.archlab_kernels.rms_norm``, :func:`rms_norm`): ``y = (x s) g``, ``s`` one over the root
 mean square of the row (plus ``eps``), for each row of float32 ``x [..., d]`` (``d`` a multiple of 16), the sum of
 squares in the float32 rows' 16-lane order, so the same result on AVX-512 and AVX2 and for any number of rows. One
 op where PyTorch's CPU ``rms_norm`` dispatches about ten: :class:`archlab.nn.RMSNorm` takes it for float32 inference
-on the CPU (a decoding step's 61 norms in SmolLM2).
+on the CPU (a decoding step's 61 norms in SmolLM2); bfloat16 too, widened as read and rounded once (as PyTorch's
+``rms_norm`` rounds: the same bits on the cases tested, one ulp at most).
 
 The ops are registered with a fake (meta) implementation, so ``torch.compile`` keeps each as one opaque call.
 :func:`load` builds the library once per machine and source (cache: ``$TORCH_EXTENSIONS_DIR``, default
