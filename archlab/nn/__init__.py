@@ -59,6 +59,7 @@ from archlab.nn.linear import (
     kernel_takes_rows,
     onednn_packing_available,
     packed_for_rows,
+    packs_bf16,
 )
 from archlab.nn.lora import (
     LoRALinear,
@@ -128,7 +129,7 @@ __all__ = [
     "LoRALinear", "LoRAReport", "apply_lora", "linear_names", "lora_layers", "lora_parameters", "lora_report",
     "merge_lora", "unload_lora", "unmerge_lora",
     # linear layers, loss, input checks
-    "Linear", "PackedLinear", "RefreshedCopies", "packed_for_rows", "onednn_packing_available",
+    "Linear", "PackedLinear", "RefreshedCopies", "packed_for_rows", "onednn_packing_available", "packs_bf16",
     "kernel_takes_rows",
     "linear_cross_entropy", "check_token_ids",
 ]  # fmt: skip
