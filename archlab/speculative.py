@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from archlab.errors import ConfigError, ShapeError
-from archlab.generation import _check_ids_in_vocab, _check_int, check_decoding, filter_logits
+from archlab.generation import _check_ids_in_vocab, _check_int, check_decoding, filter_logits, greedy_next
 from archlab.models.decoder import DecoderLM
 from archlab.nn.inputs import describe
 from archlab.nn.linear import kernel_takes_rows, packed_for_rows
@@ -133,7 +133,7 @@ class Sampling:
     def pick(self, logits: Tensor) -> tuple[int, Tensor | None]:
         """``logits [V]`` -> a token and the distribution ``q [V]`` it was drawn from (None when greedy)."""
         if not self.do_sample:
-            return int(logits.argmax()), None
+            return int(greedy_next(logits)), None
         q = self.probs(logits)
         return self.draw(q), q
 
@@ -489,7 +489,7 @@ def accept(drafts: list[int], q: Tensor | None, logits: Tensor, sampling: Sampli
         raise ShapeError(f"accept: logits must be [k + 1, V] = [{len(drafts) + 1}, V] for the {len(drafts)} drafts, "
                          f"got {tuple(logits.shape)}")  # fmt: skip
     if not sampling.do_sample:
-        best = logits.argmax(dim=-1).tolist()
+        best = greedy_next(logits).tolist()
         n = next((i for i, d in enumerate(drafts) if d != best[i]), len(drafts))
         return [*drafts[:n], best[n]]
     p = sampling.probs(logits)

@@ -16,6 +16,7 @@ from archlab.generation import (
     filter_logits,
     generate,
     generate_batch,
+    greedy_next,
     sample_next,
     stream,
 )
@@ -533,3 +534,20 @@ def test_logits_to_keep_must_be_a_positive_int(bad):
             call()
     with pytest.raises(ConfigError, match="logits_to_keep"):
         m(ids, labels=ids, logits_to_keep=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", [(49152,), (1, 49152), (10, 49152), (3, 2, 7)])
+def test_greedy_next_is_argmax_first_of_ties(dtype, shape):
+    """Logits drawn from 5 values (ties everywhere) and a NaN row: ``greedy_next`` gives ``argmax``'s index, the
+    first of equal maxima, in every precision the decoders run (bf16 near-ties are common: 8-bit logits)."""
+    g = torch.Generator().manual_seed(len(shape) * 31 + shape[-1])
+    for _ in range(5):
+        x = torch.randint(0, 5, shape, generator=g).to(dtype)
+        got = greedy_next(x)
+        assert got.shape == shape[:-1] and got.dtype == torch.int64
+        assert torch.equal(got, x.argmax(-1))
+        first = (x == x.max(-1, keepdim=True).values).int().argmax(-1)  # the first position holding the maximum
+        assert torch.equal(got, first)
+        x.view(-1, shape[-1])[0, shape[-1] // 2] = float("nan")
+        assert torch.equal(greedy_next(x), x.argmax(-1))

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from archlab.errors import ConfigError, DataError, unknown
+from archlab.generation import greedy_next
 from archlab.speculative import DRAFT_TOKENS
 
 SCORERS = ("dense", "bm25")  # how select_evidence compares the query with sentences
@@ -553,7 +554,7 @@ class ExplanationStreams:
         logits = self._rows.prefill(stream.key, ids)
         stream.stats.target_passes += 1
         self._parked[stream.key] = stream
-        self._add(stream, [int(logits.argmax())])
+        self._add(stream, [int(greedy_next(logits))])
         return stream
 
     def _hold_packed(self, model: Any) -> None:
@@ -583,7 +584,7 @@ class ExplanationStreams:
             out = self._rows.step({s.key: s.tokens[-1:] for s in running})
             for s in running:
                 s.stats.target_passes += 1
-                self._add(s, [int(out[s.key][-1].argmax())])
+                self._add(s, [int(greedy_next(out[s.key][-1]))])
         return [s for s in running if s.done or s._pieces]
 
     def close(self, stream: ExplanationStream) -> None:
