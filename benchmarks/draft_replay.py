@@ -3,9 +3,9 @@
 Greedy tokens do not depend on the drafts, so a draft policy's rounds can be replayed on the greedy replies alone:
 each round drafts from the text so far (:func:`archlab.speculative.prompt_lookup`), keeps the drafts that match the
 reply up to the first miss, adds the model's own token, and costs one verify pass of ``1 + len(drafts)`` rows. The
-script decodes the four abstracts' replies once (SmolLM2-135M-Instruct, plain greedy, fp32), times a verify pass by
-its row count (a pass at a context of about 300 tokens, interleaved rounds; the median of each row count's
-per-round ratio to one row), and prints for each policy the passes, the drafts accepted and the modelled speedup over
+script decodes the four abstracts' replies once (SmolLM2-135M-Instruct, plain greedy, fp32 or ``--precision bf16``),
+times a verify pass by its row count (a pass at a context of about 300 tokens, interleaved rounds; the median of
+each row count's per-round ratio to one row), and prints for each policy the passes, the drafts accepted and the modelled speedup over
 plain greedy (every token a one-row pass; each call's prefill, the same in both, left out), then the ceiling: every
 pass at one row's cost. ``speculative.py`` measures the default policy end to end.
 
@@ -92,9 +92,11 @@ def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--draft-tokens", type=int, default=8, metavar="K", help="the default policy's k (default 8)")
     parser.add_argument("--new-tokens", type=int, default=128, help="at most this many tokens per reply (default 128)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="the model's weights (bf16: the replies are bf16's own greedy tokens)")  # fmt: skip
     args = parser.parse_args()
     print(setup(args.threads, args.keep_memory))
-    model, tokenizer = load_chat_model("smollm2-135m-instruct", precision="fp32")
+    model, tokenizer = load_chat_model("smollm2-135m-instruct", precision=args.precision)
     eos = tokenizer.specials["eos"]
     replies = []
     with torch.inference_mode():
@@ -117,7 +119,7 @@ def main() -> None:
     print(table(lines, ["policy", "passes", "drafts accepted", "modelled speedup"]))
     default = next(r for r in results if "(default)" in r["policy"])
     print(f"ceiling: every pass of the default policy at one row's cost: {tokens / default['passes']:.2f}x")
-    write_json(args.json, {"tokens": tokens, "pass_cost": cost, "policies": results})
+    write_json(args.json, {"precision": args.precision, "tokens": tokens, "pass_cost": cost, "policies": results})
 
 
 if __name__ == "__main__":
