@@ -382,23 +382,31 @@ def _fake_f32_rows(x: Tensor, weight: Tensor, bias: Tensor | None, isa: int) -> 
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def f32_rows_problem(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> str | None:
-    """Why :func:`f32_rows` cannot take these arguments (the argument, its value and what is allowed), or None: the
-    one check behind :func:`f32_rows`'s errors and :func:`archlab.nn.linear.linear`'s choice of the kernel."""
+def _rows_problem(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, most: int, multiple: int
+                  ) -> str | None:
+    """What :func:`f32_rows_problem` and :func:`bf16_rows_problem` check: ``x [..., K]`` of 1..``most`` rows,
+    ``weight [N, K]`` contiguous, ``K`` a positive multiple of ``multiple``, ``bias [N]``, all ``dtype``, on the CPU."""
+    name = str(dtype).removeprefix("torch.")
     if x.device.type != "cpu" or weight.device.type != "cpu":
         return f"x and weight must be on the CPU, got {x.device} and {weight.device}"
     rows = x.numel() // x.shape[-1] if x.ndim and x.shape[-1] else 0
-    if not 1 <= rows <= F32_MAX_ROWS or x.dtype != torch.float32:
-        return f"x must be float32 [..., K] with 1..{F32_MAX_ROWS} rows, got {x.dtype} {tuple(x.shape)}"
+    if not 1 <= rows <= most or x.dtype != dtype:
+        return f"x must be {name} [..., K] with 1..{most} rows, got {x.dtype} {tuple(x.shape)}"
     k = x.shape[-1]
-    if weight.dtype != torch.float32 or weight.ndim != 2 or weight.shape[1] != k or k % F32_LANES:
-        return (f"weight must be float32 [N, K] = [N, {k}] with K a positive multiple of {F32_LANES}, "
+    if weight.dtype != dtype or weight.ndim != 2 or weight.shape[1] != k or k % multiple:
+        return (f"weight must be {name} [N, K] = [N, {k}] with K a positive multiple of {multiple}, "
                 f"got {weight.dtype} {tuple(weight.shape)}")  # fmt: skip
     if not weight.is_contiguous():
         return "weight must be contiguous (the kernel reads its rows in place)"
-    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (weight.shape[0],)):
-        return f"bias must be float32 [N] = [{weight.shape[0]}], got {bias.dtype} {tuple(bias.shape)}"
+    if bias is not None and (bias.dtype != dtype or tuple(bias.shape) != (weight.shape[0],)):
+        return f"bias must be {name} [N] = [{weight.shape[0]}], got {bias.dtype} {tuple(bias.shape)}"
     return None
+
+
+def f32_rows_problem(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> str | None:
+    """Why :func:`f32_rows` cannot take these arguments (the argument, its value and what is allowed), or None: the
+    one check behind :func:`f32_rows`'s errors and :func:`archlab.nn.linear.linear`'s choice of the kernel."""
+    return _rows_problem(x, weight, bias, torch.float32, F32_MAX_ROWS, F32_LANES)
 
 
 def f32_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -446,20 +454,7 @@ def _fake_bf16_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def bf16_rows_problem(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> str | None:
     """Why :func:`bf16_rows` cannot take these arguments (the argument, its value and what is allowed), or None: the
     one check behind :func:`bf16_rows`'s errors and :func:`archlab.nn.linear.linear`'s choice of the kernel."""
-    if x.device.type != "cpu" or weight.device.type != "cpu":
-        return f"x and weight must be on the CPU, got {x.device} and {weight.device}"
-    rows = x.numel() // x.shape[-1] if x.ndim and x.shape[-1] else 0
-    if not 1 <= rows <= BF16_MAX_ROWS or x.dtype != torch.bfloat16:
-        return f"x must be bfloat16 [..., K] with 1..{BF16_MAX_ROWS} rows, got {x.dtype} {tuple(x.shape)}"
-    k = x.shape[-1]
-    if weight.dtype != torch.bfloat16 or weight.ndim != 2 or weight.shape[1] != k or k % BF16_BLOCK:
-        return (f"weight must be bfloat16 [N, K] = [N, {k}] with K a positive multiple of {BF16_BLOCK}, "
-                f"got {weight.dtype} {tuple(weight.shape)}")  # fmt: skip
-    if not weight.is_contiguous():
-        return "weight must be contiguous (the kernel reads its rows in place)"
-    if bias is not None and (bias.dtype != torch.bfloat16 or tuple(bias.shape) != (weight.shape[0],)):
-        return f"bias must be bfloat16 [N] = [{weight.shape[0]}], got {bias.dtype} {tuple(bias.shape)}"
-    return None
+    return _rows_problem(x, weight, bias, torch.bfloat16, BF16_MAX_ROWS, BF16_BLOCK)
 
 
 def bf16_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -24,13 +24,13 @@
 #include <vector>
 
 #include "lanes.h"
+#include "rows.h"
 
 #define ARCHLAB_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
 
 namespace {
 
 using archlab_lanes::fold16;
-using archlab_lanes::fold16x16;
 constexpr int64_t kBlock = 32;  // bfloat16 inputs per 64-byte block: K must be a multiple of it
 constexpr int64_t kMaxRows = 16;
 constexpr int64_t kGrainElements = 1 << 15;  // weights per thread at least: a smaller product stays on one thread
@@ -39,13 +39,7 @@ constexpr int kAhead = 4;                   // tiles between a tile and the one 
 
 using bf16 = c10::BFloat16;
 
-struct Args {
-  const bf16* x;  // [M, K]
-  const bf16* w;  // [N, K]
-  const bf16* b;  // [N] or nullptr
-  bf16* y;        // [M, N]
-  int64_t K, N;
-};
+using Args = archlab_rows::Args<bf16>;  // x [M, K], w [N, K], b [N] or nullptr, y [M, N]
 
 inline void store(const Args& a, int m, int64_t n, float dot) {
   a.y[m * a.N + n] = bf16(a.b ? dot + static_cast<float>(a.b[n]) : dot);  // c10's conversion rounds to nearest even
@@ -75,19 +69,6 @@ ARCHLAB_AVX512BF16 void row(const Args& a, int64_t n0, int64_t n1) {
   }
 }
 
-inline Args rows_from(const Args& a, int m0) { return Args{a.x + m0 * a.K, a.w, a.b, a.y + m0 * a.N, a.K, a.N}; }
-
-// the M rows of x in groups of at most `most`, as even as they come: f(first row, rows) for each group
-template <class F>
-inline void for_groups(int M, int most, F&& f) {
-  const int groups = (M + most - 1) / most;
-  for (int g = 0, m0 = 0; g < groups; ++g) {
-    const int r = (M - m0) / (groups - g);
-    f(m0, r);
-    m0 += r;
-  }
-}
-
 // outputs n .. n + NB - 1 against the R rows of a, chain 0 then chain 1; ahead (or nullptr): NB weight rows to
 // prefetch into L2
 template <int NB, int R>
@@ -114,18 +95,7 @@ ARCHLAB_AVX512BF16 void tile(const Args& a, int64_t n, const bf16* ahead) {
     for (int o = 0; o < NB; ++o)
       for (int r = 0; r < R; ++r) (phase ? c1 : c0)[o][r] = acc[o][r];
   }
-  constexpr int S = NB * R, F = (S + 15) / 16;
-  __m512 sums[16 * F];
-  for (int i = 0; i < 16 * F; ++i)
-    sums[i] = i < S ? _mm512_add_ps(c0[i / R][i % R], c1[i / R][i % R]) : _mm512_setzero_ps();
-  for (int f = 0; f < F; ++f) {
-    alignas(64) float folded[16];
-    _mm512_store_ps(folded, fold16x16(sums + 16 * f));
-    for (int i = 16 * f; i < std::min(S, 16 * f + 16); ++i) {
-      const int l = i - 16 * f;
-      store(a, i % R, n + i / R, folded[4 * (l % 4) + l / 4]);
-    }
-  }
+  archlab_rows::fold_tile<NB, R, store>(c0, c1, a, n);
 }
 
 using TileFn = void (*)(const Args&, int64_t, const bf16*);
@@ -136,16 +106,10 @@ constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int,
 }
 
 template <int NB, int RMAX>
-ARCHLAB_AVX512BF16 void tiles(const Args& a, int64_t n0, int64_t n1, int M) {
+void tiles(const Args& a, int64_t n0, int64_t n1, int M) {
   static constexpr auto wide = tile_table<NB>(std::make_integer_sequence<int, RMAX>());
   static constexpr auto one = tile_table<1>(std::make_integer_sequence<int, RMAX>());
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) {
-    const int64_t next = n + kAhead * NB;
-    const bf16* ahead = next + NB <= a.N ? a.w + next * a.K : nullptr;
-    for_groups(M, RMAX, [&](int m0, int r) { wide[r - 1](rows_from(a, m0), n, ahead); });
-  }
-  for (; n < n1; ++n) for_groups(M, RMAX, [&](int m0, int r) { one[r - 1](rows_from(a, m0), n, nullptr); });
+  archlab_rows::walk_tiles<NB, RMAX, kAhead>(a, n0, n1, M, wide, one);
 }
 
 at::Tensor bf16_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {

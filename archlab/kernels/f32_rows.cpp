@@ -26,23 +26,17 @@
 #include <vector>
 
 #include "lanes.h"
+#include "rows.h"
 
 namespace {
 
 using archlab_lanes::fold16;
-using archlab_lanes::fold16x16;
 using archlab_lanes::kLanes;
 constexpr int64_t kMaxRows = 16;
 constexpr int kStreamRows = 4;  // AVX2: up to this many rows in one pass of rows256
 constexpr int64_t kGrainElements = 1 << 15;  // weights per thread at least: a smaller product stays on one thread
 
-struct Args {
-  const float* x;  // [M, K]
-  const float* w;  // [N, K]
-  const float* b;  // [N] or nullptr
-  float* y;        // [M, N]
-  int64_t K, N;
-};
+using Args = archlab_rows::Args<float>;  // x [M, K], w [N, K], b [N] or nullptr, y [M, N]
 
 inline void store(const Args& a, int m, int64_t n, float dot) { a.y[m * a.N + n] = a.b ? dot + a.b[n] : dot; }
 
@@ -147,19 +141,8 @@ constexpr int kAhead = 4;  // tiles between a tile and the one whose weights it 
 // kind only, at K = 384, 576 and 1536.
 constexpr int64_t kNarrowK = 16 * 1024 / (6 * sizeof(float));
 
-// x's rows m0 .. of a (and y's), as Args of the rows from m0
-inline Args rows_from(const Args& a, int m0) { return Args{a.x + m0 * a.K, a.w, a.b, a.y + m0 * a.N, a.K, a.N}; }
-
-// the M rows of x in groups of at most `most`, as even as they come: f(first row, rows) for each group
-template <class F>
-inline void for_groups(int M, int most, F&& f) {
-  const int groups = (M + most - 1) / most;
-  for (int g = 0, m0 = 0; g < groups; ++g) {
-    const int r = (M - m0) / (groups - g);
-    f(m0, r);
-    m0 += r;
-  }
-}
+using archlab_rows::for_groups;
+using archlab_rows::rows_from;
 
 // outputs n .. n + NB - 1 against the R rows of a: row512's chains; ahead (or nullptr): weights to prefetch into L2,
 // NB rows of K from there. Two ways to hold the chains, the same operations in the same order either way:
@@ -223,19 +206,7 @@ ARCHLAB_AVX512 void tile512(const Args& a, int64_t n, const float* ahead) {
       }
     }
   }
-  // chain 0 + chain 1, then the folds 16 at a time (fold16x16: fold16's operations); sum i is (o, r) = (i / R, i % R)
-  constexpr int S = NB * R, F = (S + 15) / 16;
-  __m512 sums[16 * F];
-  for (int i = 0; i < 16 * F; ++i)
-    sums[i] = i < S ? _mm512_add_ps(c0[i / R][i % R], c1[i / R][i % R]) : _mm512_setzero_ps();
-  for (int f = 0; f < F; ++f) {
-    alignas(64) float folded[16];
-    _mm512_store_ps(folded, fold16x16(sums + 16 * f));
-    for (int i = 16 * f; i < std::min(S, 16 * f + 16); ++i) {
-      const int l = i - 16 * f;
-      store(a, i % R, n + i / R, folded[4 * (l % 4) + l / 4]);
-    }
-  }
+  archlab_rows::fold_tile<NB, R, store>(c0, c1, a, n);
 }
 
 using TileFn = void (*)(const Args&, int64_t, const float*);
@@ -253,16 +224,10 @@ constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int,
 // Our reading, not proven: a software prefetch can be dropped when the core's miss queue is full, and the later
 // groups' prefetches give it another chance.
 template <int NB, int RMAX, bool Phased>
-ARCHLAB_AVX512 void tiles512(const Args& a, int64_t n0, int64_t n1, int M) {
+void tiles512(const Args& a, int64_t n0, int64_t n1, int M) {
   static constexpr auto wide = tile_table<NB, Phased>(std::make_integer_sequence<int, RMAX>());
   static constexpr auto one = tile_table<1, Phased>(std::make_integer_sequence<int, RMAX>());
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) {
-    const int64_t next = n + kAhead * NB;
-    const float* ahead = next + NB <= a.N ? a.w + next * a.K : nullptr;
-    for_groups(M, RMAX, [&](int m0, int r) { wide[r - 1](rows_from(a, m0), n, ahead); });
-  }
-  for (; n < n1; ++n) for_groups(M, RMAX, [&](int m0, int r) { one[r - 1](rows_from(a, m0), n, nullptr); });
+  archlab_rows::walk_tiles<NB, RMAX, kAhead>(a, n0, n1, M, wide, one);
 }
 
 using Fn = void (*)(const Args&, int64_t, int64_t);

@@ -1,7 +1,7 @@
-// The 16-lane float32 sums shared by archlab's float32 kernels (f32_rows.cpp, cached_attention.cpp, rms_norm.cpp): a
-// sum is carried in 16 lanes and folded 8 + 8, 4 + 4, 2 + 2, 1 + 1. The AVX-512 variants hold the 16 lanes in one register,
-// the AVX2 variants in two 8-lane halves (lanes 0-7, 8-15); both do the same operations on each lane in the same
-// order, so they give the same result to the bit.
+// The 16-lane float32 sums shared by archlab's kernels (f32_rows.cpp, bf16_rows.cpp, cached_attention.cpp,
+// rms_norm.cpp): a sum is carried in 16 lanes and folded 8 + 8, 4 + 4, 2 + 2, 1 + 1. The AVX-512 variants hold the 16
+// lanes in one register, the AVX2 variants in two 8-lane halves (lanes 0-7, 8-15); both do the same operations on
+// each lane in the same order, so they give the same result to the bit.
 #pragma once
 
 #include <c10/util/BFloat16.h>

@@ -31,6 +31,7 @@ def main(out: Path, quick: bool, seed: int) -> None:
         if env.is_main:
             torch.save({"logits": logits, "grads": grads, "bytes": held, "peaks": [int(p) for p in peaks]},
                        out / "ranks.pt")  # fmt: skip
+        dist.barrier()  # the ranks leave together: none tears its connections down while rank 0 still writes
     finally:
         dist.destroy_process_group()
 
