@@ -17,7 +17,7 @@ def main(out: Path, quick: bool, seed: int) -> None:
 
     from archlab.labs.megatron import batch, measure_step, model
     from archlab.parallel import parameter_bytes_by_rank, tensor_parallel
-    from archlab.train.distributed import detect
+    from archlab.train.distributed import detect, leave_process_group
 
     torch.set_num_threads(1)
     env = detect()
@@ -31,9 +31,10 @@ def main(out: Path, quick: bool, seed: int) -> None:
         if env.is_main:
             torch.save({"logits": logits, "grads": grads, "bytes": held, "peaks": [int(p) for p in peaks]},
                        out / "ranks.pt")  # fmt: skip
-        dist.barrier()  # the ranks leave together: none tears its connections down while rank 0 still writes
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other rank may never reach it
+        raise
+    leave_process_group()
 
 
 if __name__ == "__main__":

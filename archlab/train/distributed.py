@@ -310,6 +310,17 @@ def barrier(env: DistEnv) -> None:
         dist.barrier(group=env.group)
 
 
+def leave_process_group() -> None:
+    """Leave the default process group together: a barrier, then ``dist.destroy_process_group()``, so no rank tears
+    its connections down while another still works (rank 0 writing its results after the last collective). Twice a
+    2-rank gloo run under torchrun aborted a rank that had destroyed its group while rank 0 still wrote
+    ("terminate called without an active exception"; tests/train/test_tensor_parallel.py on 2026-12-04, the
+    megatron-sharding lab on 2026-12-05; neither reproduced since). A no-op where no group is initialized."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float, *, tensor_parallel: bool = False) -> float:
     """``torch.nn.utils.clip_grad_norm_`` (global L2 norm, returned before clipping). ``tensor_parallel`` (``tp``,
     ``fsdp+tp``): the gradients are DTensors on different meshes (the ``tp`` axis, the 2D mesh, FSDP's ``dp``

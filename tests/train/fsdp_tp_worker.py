@@ -21,7 +21,7 @@ from train_fakes import LMSource
 from archlab.models.registry import build_model
 from archlab.parallel import full_gradients, parameter_bytes_by_rank
 from archlab.train import TrainConfig, Trainer
-from archlab.train.distributed import data_parallel_env, detect, device_mesh, wrap
+from archlab.train.distributed import data_parallel_env, detect, device_mesh, leave_process_group, wrap
 
 #: 2 micro-batches of 4 sequences a step (each dp rank: 2), ragged targets, gradient checkpointing; clip 0.5 clips
 #: (norms ~1.4-2.3)
@@ -84,4 +84,4 @@ if __name__ == "__main__":
     if env.is_main:
         torch.save({"drift": drift, "checked": sum(p.device_mesh.ndim == 1 for p in trainer.model.parameters())},
                    out / "copies.pt")  # fmt: skip
-    dist.destroy_process_group()
+    leave_process_group()

@@ -20,6 +20,7 @@ from archlab.train.distributed import (
     detect,
     gather_objects,
     init_distributed,
+    leave_process_group,
     no_sync,
     wrap,
 )
@@ -148,6 +149,20 @@ def test_one_process_helpers_are_no_ops(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(Exception, match=r"RANK=2 must be in \[0, WORLD_SIZE=2\)"):
         detect()
+
+
+def test_leave_process_group_destroys_the_group_after_a_barrier(tmp_path, monkeypatch):
+    """No group: nothing happens. A one-process gloo group: the barrier runs, then the group is gone."""
+    import torch.distributed as dist
+
+    leave_process_group()
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    calls = []
+    barrier = dist.barrier
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("barrier") or barrier(*a, **k))
+    leave_process_group()
+    assert calls == ["barrier"] and not dist.is_initialized()
 
 
 def test_world_size_set_by_hand_without_a_rendezvous_is_a_config_error(monkeypatch):

@@ -19,7 +19,7 @@ from train_fakes import LMSource
 from archlab.models.registry import build_model
 from archlab.parallel import full_gradients, parameter_bytes_by_rank, tensor_parallel
 from archlab.train import TrainConfig, Trainer
-from archlab.train.distributed import detect
+from archlab.train.distributed import detect, leave_process_group
 
 PRESETS = {"llama-tiny": {}, "gpt-nano": {"n_heads": 4}}
 CONFIG = dict(steps=4, batch_size=8, grad_accum=2, lr=1e-2, warmup=1, clip=0.5, weight_decay=0.1, eval_every=0,
@@ -88,4 +88,4 @@ if __name__ == "__main__":
         losses[parallel] = [trainer.train_step(stream)["loss"] for _ in range(BF16["steps"])]
     if env.is_main:
         torch.save(losses, out / "bf16.pt")
-    dist.destroy_process_group()
+    leave_process_group()
