@@ -313,9 +313,11 @@ def barrier(env: DistEnv) -> None:
 def leave_process_group() -> None:
     """Leave the default process group together: a barrier, then ``dist.destroy_process_group()``, so no rank tears
     its connections down while another still works (rank 0 writing its results after the last collective). Twice a
-    2-rank gloo run under torchrun aborted a rank that had destroyed its group while rank 0 still wrote
-    ("terminate called without an active exception"; tests/train/test_tensor_parallel.py on 2026-12-04, the
-    megatron-sharding lab on 2026-12-05; neither reproduced since). A no-op where no group is initialized."""
+    2-rank gloo run under torchrun aborted a rank ("terminate called without an active exception";
+    tests/train/test_tensor_parallel.py on 2026-12-04, the megatron-sharding lab on 2026-12-05), both in workers where
+    the other ranks went straight from the last collective to ``destroy_process_group`` while rank 0 wrote; the
+    barrier closes that window. Not proven to be the cause: neither abort reproduced. A no-op where no group is
+    initialized."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
