@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from archlab import kernels
 from archlab.errors import ShapeError
-from archlab.nn.linear import PackedLinear, linear
+from archlab.nn.linear import Linear, PackedLinear, head_logits, is_logits_head, linear
 from tests.test_kernels_f32 import VARIANTS, kernel_width_model
 from tests.test_quant_kernel import built  # noqa: F401  (autouse: the library built, or the module skipped saying why)
 
@@ -168,9 +168,56 @@ def test_a_bf16_verify_pass_gives_each_position_the_one_token_steps_logits_and_s
         verify = model(more, cache=cache)
         cache.crop(12)
         steps = torch.cat([model(more[:, i : i + 1], cache=cache) for i in range(9)], dim=1)
-        assert torch.equal(verify, steps)
+        assert verify.dtype == torch.float32 and torch.equal(verify, steps)  # the LM head's float32 logits
         repetitive = torch.cat([prompt, prompt, prompt[:, :4]], dim=1)  # n-grams to draft from
         plain = generate(model, repetitive, max_new_tokens=24)
         fast = speculative_generate(model, repetitive, max_new_tokens=24, draft=PromptLookup(), draft_tokens=8)
     assert torch.equal(fast.sequences, plain)
     assert fast.stats.drafted > 0
+
+
+@needs_bf16
+@pytest.mark.parametrize("m", [1, 3, 9, 16])
+def test_bf16_rows_float_out_is_the_sum_the_bfloat16_result_rounds(m):
+    """``float_out``: float32, within the float32 sum's bound of the float64 product (no rounding to 8 bits), rounding
+    to exactly the bfloat16 result, and a row's values independent of the batch."""
+    x, w, b = bf16_case(m, 301, 576, seed=40 + m)
+    y = kernels.bf16_rows(x, w, b, float_out=True)
+    assert y.dtype == torch.float32 and y.shape == (m, 301)
+    assert torch.equal(y.bfloat16(), kernels.bf16_rows(x, w, b))
+    exact = x.double() @ w.double().T + b.double()
+    assert ((y.double() - exact).abs() <= 576 * U32 * (x.double().abs() @ w.double().abs().T + b.double().abs()) * 1.01
+            + 1e-30).all()  # fmt: skip
+    assert torch.equal(torch.cat([kernels.bf16_rows(x[i : i + 1], w, b, float_out=True) for i in range(m)]), y)
+
+
+def test_head_logits_are_float32_from_bfloat16_and_keep_float32_and_float64():
+    """Every path of head_logits: bfloat16 in (kernel or not, few rows or many), float32 out; float32 and float64
+    activations keep their dtype and values (linear's)."""
+    x, w, b = bf16_case(20, 64, 96, seed=3)
+    many = head_logits(x, w, b)  # 20 rows: past the kernel's 16
+    assert many.dtype == torch.float32 and torch.equal(many, linear(x, w, b).float())
+    assert head_logits(x[:3], w, b).dtype == torch.float32
+    for dtype in (torch.float32, torch.float64):
+        got = head_logits(x.to(dtype), w.to(dtype), b.to(dtype))
+        assert got.dtype == dtype and torch.equal(got, linear(x.to(dtype), w.to(dtype), b.to(dtype)))
+
+
+@needs_bf16
+def test_an_lm_heads_close_logits_do_not_tie_in_bfloat16():
+    """Two tokens 0.03 apart near 25 (bfloat16 steps by 0.125 there): rounded to bfloat16 both are 25.25 and argmax
+    takes the first; the head's float32 logits keep the second ahead, on the one-row kernel and in a cache's packed
+    head, as SmolLM2's "The" (25.325) and "L" (25.243) after "What is the capital of France?"."""
+    w = torch.full((2, 32), 0.75)
+    w[:, 30] = 2.5
+    w[0, 31], w[1, 31] = 0.28125, 0.3125  # sums 25.28125 and 25.3125, every value and product exact in bfloat16
+    w, x = w.bfloat16(), torch.ones(1, 32, dtype=torch.bfloat16)
+    assert linear(x, w).tolist() == [[25.25, 25.25]]
+    head = Linear(32, 2, bias=False, head=True).to(torch.bfloat16)
+    with torch.no_grad():
+        head.weight.copy_(w)
+    assert is_logits_head(head) and not is_logits_head(Linear(32, 2))
+    with torch.no_grad():  # as decoding runs (a product autograd records keeps F.linear, rounded)
+        for logits in (head_logits(x, w), head(x), PackedLinear(w, head=True)(x)):
+            assert logits.dtype == torch.float32 and logits.tolist() == [[25.28125, 25.3125]]
+            assert int(logits.argmax()) == 1

@@ -49,7 +49,8 @@ products it serves on a CPU (:func:`f32_kernel`).
 for 1..:data:`BF16_MAX_ROWS` rows, ``x``, ``W [N, K]`` (read in place) and ``b`` bfloat16, ``K`` a multiple of 32;
 on a CPU with AVX512-BF16 only (:func:`bf16_kernel`). ``vdpbf16ps`` multiplies 32 pairs exactly and adds each lane's
 two products in float32; the sums are float32 (16 lanes, two chains of 32-input blocks, folded as the float32 rows
-fold), rounded to bfloat16 once, as PyTorch's bf16 product rounds (one ulp apart at most, tested). A row's result does
+fold), rounded to bfloat16 once, as PyTorch's bf16 product rounds (one ulp apart at most, tested), or with
+``float_out`` kept in float32 (an LM head's logits, :func:`archlab.nn.linear.head_logits`). A row's result does
 not depend on ``M`` (one row streams its weights as the float32 kernel's one-row loop does; 2-4 rows run in 2 x R
 tiles, 5-16 in phased 3 x 5 tiles). Over SmolLM2-135M's 121 matrices at 2 threads (AMD EPYC AVX512-BF16, median of 7
 in-process rounds, 2026-12-05): 1 row 6.3 ms (the float32 kernel on float32 weights 12.9, ``F.linear`` in bf16
@@ -446,9 +447,9 @@ BF16_MAX_ROWS = 16  # rows of x per call
 BF16_BLOCK = 32  # K must be a multiple of it
 
 
-def _fake_bf16_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Shapes only (torch.compile's tracing): ``[..., N]`` bfloat16."""
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+def _fake_bf16_rows(x: Tensor, weight: Tensor, bias: Tensor | None, float_out: bool = False) -> Tensor:
+    """Shapes only (torch.compile's tracing): ``[..., N]`` bfloat16, or float32 with ``float_out``."""
+    return x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32 if float_out else torch.bfloat16)
 
 
 def bf16_rows_problem(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> str | None:
@@ -457,11 +458,13 @@ def bf16_rows_problem(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
     return _rows_problem(x, weight, bias, torch.bfloat16, BF16_MAX_ROWS, BF16_BLOCK)
 
 
-def bf16_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def bf16_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, float_out: bool = False) -> Tensor:
     """``x [..., K]`` bfloat16 (1..16 rows in all) times ``weight [N, K]`` bfloat16 transposed, plus ``bias [N]``:
-    ``[..., N]`` bfloat16, each product exact, the sums in float32, rounded to bfloat16 once (module docstring).
-    Checks its arguments (:class:`ShapeError`, :func:`bf16_rows_problem`) and that the CPU computes bfloat16
-    (:class:`KernelUnavailable`), then :func:`load` and the op."""
+    ``[..., N]`` bfloat16, each product exact, the sums in float32, rounded to bfloat16 once (module docstring);
+    ``float_out``: the float32 sums themselves, not rounded (an LM head's logits:
+    :func:`archlab.nn.linear.head_logits`), the same values the bfloat16 result rounds. Checks its arguments (:class:`ShapeError`,
+    :func:`bf16_rows_problem`) and that the CPU computes bfloat16 (:class:`KernelUnavailable`), then :func:`load` and
+    the op."""
     problem = bf16_rows_problem(x, weight, bias)
     if problem is not None:
         raise ShapeError(problem)
@@ -470,7 +473,7 @@ def bf16_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
                                 f"this CPU runs them at {kernel_capability()}"
                                 f"{'' if cpu_features()['avx512_bf16'] else ' and has no AVX512-BF16'}")  # fmt: skip
     load()
-    return torch.ops.archlab_kernels.bf16_rows(x, weight, bias)
+    return torch.ops.archlab_kernels.bf16_rows(x, weight, bias, float_out)
 
 
 def _bf16_native() -> bool:

@@ -1,6 +1,8 @@
 // archlab's bfloat16 kernel for a few rows (archlab/kernels/__init__.py describes it): y = x W^T + b
 //   y[m, n] = bf16(b[n] + sum_k x[m, k] W[n, k])   x [..., K] bfloat16, M = 1..16 rows; W [N, K] bfloat16 row-major as
-// nn.Linear keeps it; b [N] bfloat16 or none; y [..., N] bfloat16, the float32 sum rounded once (nearest even).
+// nn.Linear keeps it; b [N] bfloat16 or none; y [..., N] bfloat16, the float32 sum rounded once (nearest even), or
+// with float_out the float32 sum itself (an LM head's logits: 8-bit logits tie where the model's top two differ by
+// less than their spacing, 0.125 at 16-32).
 // AVX512-BF16 only: vdpbf16ps multiplies 32 bfloat16 pairs exactly (a bfloat16 product fits a float32) and adds each
 // lane's two products into its float32 lane. Every (m, n) is summed the same way: 16 lanes, lane i holding the inputs
 // k = 32 j + 2 i, 32 j + 2 i + 1 of block j; blocks j alternate between two chains (even j, odd j); then chain 0 +
@@ -39,15 +41,21 @@ constexpr int kAhead = 4;                   // tiles between a tile and the one 
 
 using bf16 = c10::BFloat16;
 
-using Args = archlab_rows::Args<bf16>;  // x [M, K], w [N, K], b [N] or nullptr, y [M, N]
+// x [M, K], w [N, K], b [N] or nullptr bfloat16; y [M, N] bfloat16, or float32 (float_out: an LM head's logits)
+template <class Y>
+using Args = archlab_rows::Args<bf16, Y>;
 
-inline void store(const Args& a, int m, int64_t n, float dot) {
-  a.y[m * a.N + n] = bf16(a.b ? dot + static_cast<float>(a.b[n]) : dot);  // c10's conversion rounds to nearest even
+// the float32 sum plus the bias: rounded to bfloat16 once (c10's conversion, to nearest even), or kept as float32
+template <class Y>
+inline void store(const Args<Y>& a, int m, int64_t n, float dot) {
+  const float v = a.b ? dot + static_cast<float>(a.b[n]) : dot;
+  a.y[m * a.N + n] = static_cast<Y>(v);
 }
 
 ARCHLAB_AVX512BF16 inline __m512bh load_bh(const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); }
 
-ARCHLAB_AVX512BF16 void row(const Args& a, int64_t n0, int64_t n1) {
+template <class Y>
+ARCHLAB_AVX512BF16 void row(const Args<Y>& a, int64_t n0, int64_t n1) {
   const int64_t K = a.K, B = K / kBlock;
   const char* end = reinterpret_cast<const char*>(a.w + n1 * K);
   for (int64_t n = n0; n < n1; ++n) {
@@ -71,8 +79,8 @@ ARCHLAB_AVX512BF16 void row(const Args& a, int64_t n0, int64_t n1) {
 
 // outputs n .. n + NB - 1 against the R rows of a, chain 0 then chain 1; ahead (or nullptr): NB weight rows to
 // prefetch into L2
-template <int NB, int R>
-ARCHLAB_AVX512BF16 void tile(const Args& a, int64_t n, const bf16* ahead) {
+template <int NB, int R, class Y>
+ARCHLAB_AVX512BF16 void tile(const Args<Y>& a, int64_t n, const bf16* ahead) {
   const int64_t K = a.K, B = K / kBlock;
   const bf16* w = a.w + n * K;
   __m512 c0[NB][R], c1[NB][R];
@@ -95,24 +103,41 @@ ARCHLAB_AVX512BF16 void tile(const Args& a, int64_t n, const bf16* ahead) {
     for (int o = 0; o < NB; ++o)
       for (int r = 0; r < R; ++r) (phase ? c1 : c0)[o][r] = acc[o][r];
   }
-  archlab_rows::fold_tile<NB, R, store>(c0, c1, a, n);
+  archlab_rows::fold_tile<NB, R, store<Y>>(c0, c1, a, n);
 }
 
-using TileFn = void (*)(const Args&, int64_t, const bf16*);
+template <class Y>
+using TileFn = void (*)(const Args<Y>&, int64_t, const bf16*);
 
-template <int NB, int... R>
-constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int, R...>) {
-  return {tile<NB, R + 1>...};
+template <int NB, class Y, int... R>
+constexpr std::array<TileFn<Y>, sizeof...(R)> tile_table(std::integer_sequence<int, R...>) {
+  return {tile<NB, R + 1, Y>...};
 }
 
-template <int NB, int RMAX>
-void tiles(const Args& a, int64_t n0, int64_t n1, int M) {
-  static constexpr auto wide = tile_table<NB>(std::make_integer_sequence<int, RMAX>());
-  static constexpr auto one = tile_table<1>(std::make_integer_sequence<int, RMAX>());
+template <int NB, int RMAX, class Y>
+void tiles(const Args<Y>& a, int64_t n0, int64_t n1, int M) {
+  static constexpr auto wide = tile_table<NB, Y>(std::make_integer_sequence<int, RMAX>());
+  static constexpr auto one = tile_table<1, Y>(std::make_integer_sequence<int, RMAX>());
   archlab_rows::walk_tiles<NB, RMAX, kAhead>(a, n0, n1, M, wide, one);
 }
 
-at::Tensor bf16_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+// y's rows n0 .. n1 (of N), every row of x: the one-row stream, or the tiles (the shapes measured below)
+template <class Y>
+void rows(const Args<Y>& a, int64_t n0, int64_t n1, int M) {
+  // SmolLM2-135M's 121 matrices at 2 threads (AMD EPYC AVX512-BF16, 2026-12-05, median of 9 in-process rounds, ms,
+  // the same bits whichever tiles): 2-4 rows in 2 x R tiles (one group) 6.5-6.8 against 6.9-8.1 for 3 x 5; from 5
+  // rows 3 x 5 was the best or within 5% of the best of 3 x 5, 4 x 5, 2 x 10, 3 x 8, 2 x 8 and 4 x 6 (9 rows 11.4,
+  // 10 rows 12.0, 16 rows 18.5 against 17.7 for 4 x 5); one row streams at 6.7 (2-3 row tiles 7.6-8.8 at one row).
+  if (M == 1)
+    row(a, n0, n1);
+  else if (M <= 4)
+    tiles<2, 4>(a, n0, n1, M);
+  else
+    tiles<3, 5>(a, n0, n1, M);
+}
+
+at::Tensor bf16_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                     bool float_out) {
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16, "x must be bfloat16 [..., K]");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
               "weight must be contiguous bfloat16 [N, K]");
@@ -125,28 +150,24 @@ at::Tensor bf16_rows(const at::Tensor& x, const at::Tensor& weight, const c10::o
   const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
-  at::Tensor y = at::empty(shape, x.options());
-  const Args a{xc.data_ptr<bf16>(), weight.data_ptr<bf16>(), bias ? bc.data_ptr<bf16>() : nullptr, y.data_ptr<bf16>(),
-               K, N};
+  at::Tensor y = at::empty(shape, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
+  const bf16* b = bias ? bc.data_ptr<bf16>() : nullptr;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / K);
-  const int rows = static_cast<int>(M);
-  // SmolLM2-135M's 121 matrices at 2 threads (AMD EPYC AVX512-BF16, 2026-12-05, median of 9 in-process rounds, ms,
-  // the same bits whichever tiles): 2-4 rows in 2 x R tiles (one group) 6.5-6.8 against 6.9-8.1 for 3 x 5; from 5
-  // rows 3 x 5 was the best or within 5% of the best of 3 x 5, 4 x 5, 2 x 10, 3 x 8, 2 x 8 and 4 x 6 (9 rows 11.4,
-  // 10 rows 12.0, 16 rows 18.5 against 17.7 for 4 x 5); one row streams at 6.7 (2-3 row tiles 7.6-8.8 at one row).
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    if (rows == 1)
-      row(a, n0, n1);
-    else if (rows <= 4)
-      tiles<2, 4>(a, n0, n1, rows);
-    else
-      tiles<3, 5>(a, n0, n1, rows);
-  });
+  const int m = static_cast<int>(M);
+  if (float_out) {
+    const Args<float> a{xc.data_ptr<bf16>(), weight.data_ptr<bf16>(), b, y.data_ptr<float>(), K, N};
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows(a, n0, n1, m); });
+  } else {
+    const Args<bf16> a{xc.data_ptr<bf16>(), weight.data_ptr<bf16>(), b, y.data_ptr<bf16>(), K, N};
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows(a, n0, n1, m); });
+  }
   return y;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(archlab_kernels, m) { m.def("bf16_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(archlab_kernels, m) {
+  m.def("bf16_rows(Tensor x, Tensor weight, Tensor? bias, bool float_out=False) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(archlab_kernels, CPU, m) { m.impl("bf16_rows", bf16_rows); }

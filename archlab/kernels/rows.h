@@ -10,19 +10,19 @@
 
 namespace archlab_rows {
 
-template <class T>
+template <class T, class Y = T>
 struct Args {
   const T* x;  // [M, K]
   const T* w;  // [N, K]
   const T* b;  // [N] or nullptr
-  T* y;        // [M, N]
+  Y* y;        // [M, N]
   int64_t K, N;
 };
 
 // x's rows m0 .. of a (and y's), as Args of the rows from m0
-template <class T>
-inline Args<T> rows_from(const Args<T>& a, int m0) {
-  return Args<T>{a.x + m0 * a.K, a.w, a.b, a.y + m0 * a.N, a.K, a.N};
+template <class T, class Y>
+inline Args<T, Y> rows_from(const Args<T, Y>& a, int m0) {
+  return Args<T, Y>{a.x + m0 * a.K, a.w, a.b, a.y + m0 * a.N, a.K, a.N};
 }
 
 // the M rows of x in groups of at most `most`, as even as they come: f(first row, rows) for each group
@@ -58,8 +58,8 @@ ARCHLAB_AVX512 inline void fold_tile(const __m512 (&c0)[NB][R], const __m512 (&c
 // the rows of x in groups of at most RMAX (wide[r - 1] / one[r - 1]: the tile of NB / 1 output rows and r rows of x);
 // every group's pass of a tile prefetches the weights of the tile Ahead tiles on (f32_rows.cpp's tiles512 comment
 // has why every group, not the first only)
-template <int NB, int RMAX, int Ahead, class T, class Tile>
-inline void walk_tiles(const Args<T>& a, int64_t n0, int64_t n1, int M, const std::array<Tile, RMAX>& wide,
+template <int NB, int RMAX, int Ahead, class T, class Y, class Tile>
+inline void walk_tiles(const Args<T, Y>& a, int64_t n0, int64_t n1, int M, const std::array<Tile, RMAX>& wide,
                        const std::array<Tile, RMAX>& one) {
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) {

@@ -129,7 +129,7 @@ class DecoderLM(nn.Module):
             dropout=c.dropout, attn_dropout=c.attn_dropout, ffn=c.ffn, norm=c.norm, norm_first=c.norm_first,
             eps=c.eps, bias=c.bias, ffn_bias=c.ffn_bias, backend=c.backend,
         )  # fmt: skip
-        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False, head=True)  # float32 logits from bf16 (head_logits)
         self.reset_parameters()
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight

@@ -56,6 +56,8 @@ from archlab.nn.linear import (
     Linear,
     PackedLinear,
     RefreshedCopies,
+    head_logits,
+    is_logits_head,
     kernel_takes_rows,
     onednn_packing_available,
     packed_for_rows,
@@ -130,6 +132,7 @@ __all__ = [
     "merge_lora", "unload_lora", "unmerge_lora",
     # linear layers, loss, input checks
     "Linear", "PackedLinear", "RefreshedCopies", "packed_for_rows", "onednn_packing_available", "packs_bf16",
+    "head_logits", "is_logits_head",
     "kernel_takes_rows",
     "linear_cross_entropy", "check_token_ids",
 ]  # fmt: skip

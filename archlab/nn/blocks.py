@@ -23,7 +23,7 @@ from archlab.errors import ConfigError, ShapeError
 from archlab.nn.attention import KVCache, MultiHeadAttention
 from archlab.nn.dropout import Dropout
 from archlab.nn.feedforward import build_feedforward
-from archlab.nn.linear import PackedLinear
+from archlab.nn.linear import PackedLinear, is_logits_head
 from archlab.nn.norm import build_norm
 
 
@@ -244,7 +244,7 @@ class Decoder(nn.Module):
         ``nn.Linear`` (a head replaced by another module, e.g. int8 by ``quantize_dynamic``, is called as it is)."""
         cache = DecodingCache(len(self.blocks))
         if isinstance(output, nn.Linear):
-            cache.output = PackedLinear(output.weight, output.bias)
+            cache.output = PackedLinear(output.weight, output.bias, head=is_logits_head(output))
         return cache
 
     def forward(

@@ -22,6 +22,9 @@ a plain ``W.sum()`` reads 74 GB/s with 2). The remedies, written once here:
   in bf16 (2 threads, AMD EPYC AVX512-BF16), so a bf16 model (``precision="auto"``'s choice on such a CPU) decodes
   faster than float32 instead of slower. From 2 rows it yields to a oneDNN-packed bf16 copy where one exists (made
   only where the CPU has AMX: :func:`packs_bf16`; not measured against the kernel there).
+* An LM head (:func:`Linear` with ``head=True``, the decoder-only models' ``lm_head``) gives float32 logits from
+  bfloat16 activations, the kernel's float32 sums not rounded (:func:`head_logits`): 8-bit logits tie where a
+  model's two best tokens are close, and greedy decoding then takes the lower id.
 * Where no kernel serves (float64, bfloat16 without AVX512-BF16, a product that needs gradients), :func:`linear`
   splits the output
   features into ``k = torch.get_num_threads()`` blocks and runs them as one batched product (``torch.bmm`` spreads a batch over the threads): ``W`` viewed as
@@ -112,18 +115,36 @@ def _f32_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | Non
     return torch.ops.archlab_kernels.f32_rows(x, weight, bias, kernels.f32_kernel())
 
 
-def _bf16_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+def _bf16_product(x: Tensor, weight: Tensor, bias: Tensor | None, float_out: bool = False) -> Tensor | None:
     """``F.linear(x, weight, bias)`` on archlab's bfloat16 kernel where it serves (no gradient recorded, arguments it
     takes: :func:`archlab.kernels.bf16_rows_problem`, a CPU with AVX512-BF16: :func:`archlab.kernels.bf16_kernel`;
-    from 2 rows only where ``weight`` has no oneDNN-packed copy, which on a CPU with AMX may be the faster), else
-    None."""
+    from 2 rows only where ``weight`` has no oneDNN-packed copy, which on a CPU with AMX may be the faster, unless
+    ``float_out``), else None. ``float_out``: the float32 sums, not rounded to bfloat16 (:func:`head_logits`)."""
     if x.dtype != torch.bfloat16 or _records_grad(x, weight, bias):
         return None
     if kernels.bf16_rows_problem(x, weight, bias) is not None or not kernels.bf16_kernel():
         return None
-    if _rows(x) > 1 and not torch.compiler.is_compiling() and _onednn_copy(weight, x) is not None:
+    if not float_out and _rows(x) > 1 and not torch.compiler.is_compiling() and _onednn_copy(weight, x) is not None:
         return None
-    return torch.ops.archlab_kernels.bf16_rows(x, weight, bias)
+    return torch.ops.archlab_kernels.bf16_rows(x, weight, bias, float_out)
+
+
+def head_logits(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """An LM head's product ``x [..., d] W^T (+ b)`` -> logits ``[..., V]``, float32 where ``x`` is bfloat16 or
+    float16 (as llama.cpp keeps them; float32 and float64 stay as they are).
+
+    Logits rounded to bfloat16 keep 8 bits: between 16 and 32 they step by 0.125, so two tokens closer than that
+    tie, and greedy decoding takes the one of lower id. SmolLM2-135M-Instruct in bf16 answered "What is the capital
+    of France?" with "L'Étoile, la Marseur, la France, la France, ..." because of one: float64 ranks "The" (25.325)
+    before "L" (25.243); rounded, both were 25.25. With bfloat16 ``x`` and ``W`` on archlab's kernel (1-16 rows,
+    AVX512-BF16: a decoding step, a verify pass, a batch step, a prompt's last position) the logits are the kernel's
+    float32 sums themselves (:func:`archlab.kernels.bf16_rows`, ``float_out``), which rounded give its bfloat16
+    result to the bit; elsewhere (more rows, no kernel) :func:`linear`'s result in float32."""
+    out = _bf16_product(x, weight, bias, float_out=True)
+    if out is not None:
+        return out
+    out = linear(x, weight, bias)
+    return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
 
 
 def _records_grad(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
@@ -185,9 +206,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def Linear(  # noqa: N802 - it makes layers, as the class it stands in for
-    in_features: int, out_features: int, bias: bool = True, device=None, dtype=None
+    in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *, head: bool = False
 ) -> nn.Linear:
-    """An ``nn.Linear`` (same parameters, state dict and initialisation) whose forward is :func:`linear`.
+    """An ``nn.Linear`` (same parameters, state dict and initialisation) whose forward is :func:`linear`, or with
+    ``head`` (an LM head) :func:`head_logits`: float32 logits from bfloat16 activations (:func:`is_logits_head`).
 
     The layer's type is ``nn.Linear`` itself, not a subclass: PyTorch's tools that match layers by exact
     type (eager and FX quantization: ``quantize_dynamic(model, {nn.Linear})`` replaces every such layer
@@ -195,12 +217,21 @@ def Linear(  # noqa: N802 - it makes layers, as the class it stands in for
     (a bound method: ``copy.deepcopy`` rebinds it to the copy).
     """
     layer = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-    layer.forward = types.MethodType(_linear_forward, layer)
+    layer.forward = types.MethodType(_logits_forward if head else _linear_forward, layer)
     return layer
 
 
 def _linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
     return linear(x, self.weight, self.bias)
+
+
+def _logits_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    return head_logits(x, self.weight, self.bias)
+
+
+def is_logits_head(layer: nn.Module) -> bool:
+    """Whether ``layer`` is an LM head made by :func:`Linear` with ``head=True`` (its forward is :func:`head_logits`)."""
+    return getattr(getattr(layer, "forward", None), "__func__", None) is _logits_forward
 
 
 class PackedLinear:
@@ -221,8 +252,8 @@ class PackedLinear:
     ``weight`` in place, 2.4x faster than these blocks on gpt-mini's head), never makes it (113 MB for SmolLM2).
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None):
-        self.weight, self.bias = weight, bias
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, *, head: bool = False):
+        self.weight, self.bias, self.head = weight, bias, head
         self.version = weight._version  # in-place updates (an optimizer step, copy_) bump it
         self._blocks: Tensor | None = None
         self._made = False
@@ -241,6 +272,8 @@ class PackedLinear:
         return self._blocks
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.head and x.dtype in (torch.bfloat16, torch.float16):
+            return head_logits(x, self.weight, self.bias)  # float32 logits (an LM head's, as its forward gives them)
         # archlab's kernels read weight in place: no copy wanted
         product = _f32_product if x.dtype == torch.float32 else _bf16_product
         out = product(x, self.weight, self.bias)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from archlab import kernels
 from archlab.errors import CheckpointError, ShapeError
 from archlab.generation import generate
 from archlab.interop.gguf import GGUFFile, gguf_tokenizer, load_gguf, smollm2_gguf_path
@@ -193,6 +194,25 @@ def test_greedy_generation_equals_hf(ours, hf):
     assert want.shape[1] == ids.shape[1] + 64, "HF stopped early: pick a prompt with a longer answer"
     assert got.tolist() == want.tolist()
     print(tok.decode(got[0, ids.shape[1] :].tolist()))
+
+
+@pytest.mark.skipif(not kernels.bf16_kernel(),
+                    reason="the LM head's float32 logits from bf16 need archlab's bf16 kernel (AVX512-BF16 at AVX-512)")
+def test_bf16_greedy_answers_as_fp32_where_the_top_two_logits_are_close(ours):
+    """After "What is the capital of France?" float64 ranks "The" (25.325) before "L" (25.243); logits rounded to
+    bfloat16 both read 25.25 and greedy wrote "L'Etoile, la Marseur, la France, la France, ...". The bf16 model's
+    LM head gives float32 logits (archlab.nn.linear.head_logits): its answer is fp32's, "The capital of France is
+    Paris."."""
+    import copy
+
+    model, tok = ours
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        want = generate(model, ids, max_new_tokens=8)
+        got = generate(copy.deepcopy(model).to(torch.bfloat16), ids, max_new_tokens=8)
+    assert tok.decode(want[0, len(prompt) :].tolist()).startswith("The capital of France is Paris.")
+    assert got.tolist() == want.tolist()
 
 
 def test_prompt_longer_than_the_context_is_refused(ours):
