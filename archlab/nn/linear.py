@@ -410,7 +410,7 @@ def packed_for_rows(model: nn.Module, rows: int, *, bf16: bool = False) -> Itera
         weights: dict[int, Tensor] = {}  # by id: a weight shared by two layers is packed once
         for layer in model.modules():
             w = getattr(layer, "weight", None)
-            through_linear = getattr(layer.forward, "__func__", None) is _linear_forward
+            through_linear = getattr(layer.forward, "__func__", None) in (_linear_forward, _logits_forward)
             if not isinstance(layer, nn.Linear) or not through_linear or id(w) in _ONEDNN_PACKED:
                 continue
             if w.dtype not in dtypes or w.device.type != "cpu" or w.numel() < MIN_SPLIT_ELEMENTS:
