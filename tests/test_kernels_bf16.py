@@ -192,12 +192,15 @@ def test_bf16_rows_float_out_is_the_sum_the_bfloat16_result_rounds(m):
 
 
 def test_head_logits_are_float32_from_bfloat16_and_keep_float32_and_float64():
-    """Every path of head_logits: bfloat16 in (kernel or not, few rows or many), float32 out; float32 and float64
-    activations keep their dtype and values (linear's)."""
-    x, w, b = bf16_case(20, 64, 96, seed=3)
-    many = head_logits(x, w, b)  # 20 rows: past the kernel's 16
-    assert many.dtype == torch.float32 and torch.equal(many, linear(x, w, b).float())
-    assert head_logits(x[:3], w, b).dtype == torch.float32
+    """Every path of head_logits: bfloat16 in, float32 out; with the kernel every row's logits are its one-row
+    logits however many rows come (past 16, 16 at a time), without it linear's rounded result widened; float32 and
+    float64 activations keep their dtype and values (linear's)."""
+    x, w, b = bf16_case(37, 64, 96, seed=3)
+    with torch.no_grad():
+        many = head_logits(x.reshape(1, 37, 96), w, b)[0]  # 37 rows: past the kernel's 16, leading dimensions kept
+        alone = torch.cat([head_logits(x[i : i + 1], w, b) for i in range(37)])
+    assert many.dtype == alone.dtype == torch.float32
+    assert torch.equal(many, alone if kernels.bf16_kernel() else linear(x, w, b).float())
     for dtype in (torch.float32, torch.float64):
         got = head_logits(x.to(dtype), w.to(dtype), b.to(dtype))
         assert got.dtype == dtype and torch.equal(got, linear(x.to(dtype), w.to(dtype), b.to(dtype)))

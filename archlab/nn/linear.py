@@ -137,12 +137,21 @@ def head_logits(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     tie, and greedy decoding takes the one of lower id. SmolLM2-135M-Instruct in bf16 answered "What is the capital
     of France?" with "L'Étoile, la Marseur, la France, la France, ..." because of one: float64 ranks "The" (25.325)
     before "L" (25.243); rounded, both were 25.25. With bfloat16 ``x`` and ``W`` on archlab's kernel (1-16 rows,
-    AVX512-BF16: a decoding step, a verify pass, a batch step, a prompt's last position) the logits are the kernel's
-    float32 sums themselves (:func:`archlab.kernels.bf16_rows`, ``float_out``), which rounded give its bfloat16
-    result to the bit; elsewhere (more rows, no kernel) :func:`linear`'s result in float32."""
+    AVX512-BF16) the logits are the kernel's float32 sums themselves (:func:`archlab.kernels.bf16_rows`,
+    ``float_out``), which rounded give its bfloat16 result to the bit; more rows (a whole sequence's logits) go
+    through it 16 at a time, so each row's logits are the ones a decoding step gives it (168 rows of SmolLM2's
+    ``[49152, 576]`` head: 43.9 ms against 28.7 for ``F.linear`` in bf16, 2 threads). Elsewhere (no kernel, a product autograd records) :func:`linear`'s result in
+    float32."""
     out = _bf16_product(x, weight, bias, float_out=True)
     if out is not None:
         return out
+    most = kernels.BF16_MAX_ROWS
+    if x.dtype == torch.bfloat16 and x.ndim and _rows(x) > most and x.shape[-1] == weight.shape[-1]:
+        rows = x.reshape(-1, x.shape[-1])
+        first = _bf16_product(rows[:most], weight, bias, float_out=True)
+        if first is not None:
+            rest = [_bf16_product(rows[i : i + most], weight, bias, float_out=True) for i in range(most, len(rows), most)]
+            return torch.cat([first, *rest]).reshape(*x.shape[:-1], weight.shape[0])
     out = linear(x, weight, bias)
     return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
 
