@@ -454,10 +454,11 @@ def generate_batch(
     near-ties: the prefill of the padded prompts together (larger products, attention under the padding mask)
     rounds differently from a prompt's prefill alone. The steps after it compute each row as it is computed alone
     where archlab's kernels take them (float32 on a CPU, up to ``KERNEL_FIRST_ROWS`` rows; bfloat16 up to 16 rows
-    with AVX512-BF16). In bfloat16 the prefill's near-ties are common (logits rounded to 8 bits tie exactly): on
-    SmolLM2 4 of the speculative benchmark's 10 rows equal their decoding alone (10 of 10 in float32). Prefilling each
-    prompt alone instead made every row equal to the bit but the SmolLM2 benchmark's 10 prompts 1.0 s slower (6.9 against
-    5.9 s: 135-row products run slower than 1,440-row ones); :class:`RowBatch` prefills so, for rows that must equal
+    with AVX512-BF16). In bfloat16 the batched prefill moves the hidden states further (8-bit activations): on
+    SmolLM2 4 of the speculative benchmark's 10 rows equal their decoding alone (10 of 10 in float32), with the LM
+    head's float32 logits as before them. Prefilling each prompt alone instead made every row equal to the bit but
+    the SmolLM2 benchmark's 10 prompts 1.0 s slower (6.9 against 5.9 s: 135-row products run slower than 1,440-row
+    ones); :class:`RowBatch` prefills so, for rows that must equal
     their decoding alone exactly. A step's attention (float32, CPU) runs on archlab's kernel, each row reading only
     its own keys (:func:`archlab.kernels.cached_attention_padded`; sdpa under the padding mask elsewhere).
     A row ends at its first stop token, which its output keeps; the others go on.

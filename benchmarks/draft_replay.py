@@ -5,9 +5,9 @@ each round drafts from the text so far (:func:`archlab.speculative.prompt_lookup
 reply up to the first miss, adds the model's own token, and costs one verify pass of ``1 + len(drafts)`` rows. The
 script decodes the four abstracts' replies once (SmolLM2-135M-Instruct, plain greedy, fp32 or ``--precision bf16``),
 times a verify pass by its row count (a pass at a context of about 300 tokens, interleaved rounds; the median of
-each row count's per-round ratio to one row), and prints for each policy the passes, the drafts accepted and the modelled speedup over
-plain greedy (every token a one-row pass; each call's prefill, the same in both, left out), then the ceiling: every
-pass at one row's cost. ``speculative.py`` measures the default policy end to end.
+each row count's per-round ratio to one row), and prints for each policy the passes, the drafts accepted and the
+modelled speedup over plain greedy (every token a one-row pass; each call's prefill, the same in both, left out),
+then the ceiling: every pass at one row's cost. ``speculative.py`` measures the default policy end to end.
 
     python benchmarks/draft_replay.py --rounds 21
 

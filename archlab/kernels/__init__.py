@@ -462,9 +462,9 @@ def bf16_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, float_ou
     """``x [..., K]`` bfloat16 (1..16 rows in all) times ``weight [N, K]`` bfloat16 transposed, plus ``bias [N]``:
     ``[..., N]`` bfloat16, each product exact, the sums in float32, rounded to bfloat16 once (module docstring);
     ``float_out``: the float32 sums themselves, not rounded (an LM head's logits:
-    :func:`archlab.nn.linear.head_logits`), the same values the bfloat16 result rounds. Checks its arguments (:class:`ShapeError`,
-    :func:`bf16_rows_problem`) and that the CPU computes bfloat16 (:class:`KernelUnavailable`), then :func:`load` and
-    the op."""
+    :func:`archlab.nn.linear.head_logits`), the same values the bfloat16 result rounds. Checks its arguments
+    (:class:`ShapeError`, :func:`bf16_rows_problem`) and that the CPU computes bfloat16 (:class:`KernelUnavailable`),
+    then :func:`load` and the op."""
     problem = bf16_rows_problem(x, weight, bias)
     if problem is not None:
         raise ShapeError(problem)
@@ -597,7 +597,8 @@ def cached_attention_padded(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, pos
     r""":func:`cached_attention` for a left-padded batch: row ``b``'s query ``i`` takes ``softmax(q k^T scale)`` over
     its keys ``starts[b]..p - N + 1 + i`` only (``p = positions[0]``; ``scale`` default ``1/\sqrt{D}``), times ``v``:
     ``q [B, A, N, D]``, ``k [B, G, L, D]``, ``v [B, G, L, Dv]`` float32 or bfloat16 (``A / G`` query heads share a
-    key head; the last dimension contiguous, any other strides read in place), ``starts [B]`` int64 -> ``[B, A, N, Dv]``;
+    key head; the last dimension contiguous, any other strides read in place), ``starts [B]`` int64 ->
+    ``[B, A, N, Dv]``;
     ``F.scaled_dot_product_attention`` under that mask, float rounding aside (``cached_attention.cpp``): a left-padded
     batch's decoding step. :class:`ShapeError` (:func:`cached_attention_padded_problem`), then :func:`load` and the
     op."""

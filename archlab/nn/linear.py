@@ -140,18 +140,16 @@ def head_logits(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     AVX512-BF16) the logits are the kernel's float32 sums themselves (:func:`archlab.kernels.bf16_rows`,
     ``float_out``), which rounded give its bfloat16 result to the bit; more rows (a whole sequence's logits) go
     through it 16 at a time, so each row's logits are the ones a decoding step gives it (168 rows of SmolLM2's
-    ``[49152, 576]`` head: 43.9 ms against 28.7 for ``F.linear`` in bf16, 2 threads). Elsewhere (no kernel, a product autograd records) :func:`linear`'s result in
-    float32."""
-    out = _bf16_product(x, weight, bias, float_out=True)
+    ``[49152, 576]`` head: 43.9 ms against 28.7 for ``F.linear`` in bf16, 2 threads). Elsewhere (no kernel, a product
+    autograd records) :func:`linear`'s result in float32."""
+    out = _bf16_product(x, weight, bias, float_out=True)  # 1-16 rows: one call
+    if out is None and x.dtype == torch.bfloat16 and x.ndim and _rows(x) > kernels.BF16_MAX_ROWS:
+        rows, most = x.reshape(-1, x.shape[-1]), kernels.BF16_MAX_ROWS
+        parts = [_bf16_product(rows[i : i + most], weight, bias, float_out=True) for i in range(0, len(rows), most)]
+        if parts[0] is not None:  # the kernel serves one chunk, so every chunk (only the row count differs)
+            out = torch.cat(parts).reshape(*x.shape[:-1], weight.shape[0])
     if out is not None:
         return out
-    most = kernels.BF16_MAX_ROWS
-    if x.dtype == torch.bfloat16 and x.ndim and _rows(x) > most and x.shape[-1] == weight.shape[-1]:
-        rows = x.reshape(-1, x.shape[-1])
-        first = _bf16_product(rows[:most], weight, bias, float_out=True)
-        if first is not None:
-            rest = [_bf16_product(rows[i : i + most], weight, bias, float_out=True) for i in range(most, len(rows), most)]
-            return torch.cat([first, *rest]).reshape(*x.shape[:-1], weight.shape[0])
     out = linear(x, weight, bias)
     return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
 
@@ -239,7 +237,7 @@ def _logits_forward(self: nn.Linear, x: Tensor) -> Tensor:
 
 
 def is_logits_head(layer: nn.Module) -> bool:
-    """Whether ``layer`` is an LM head made by :func:`Linear` with ``head=True`` (its forward is :func:`head_logits`)."""
+    """Whether ``layer`` is an LM head made by :func:`Linear` with ``head=True`` (forward: :func:`head_logits`)."""
     return getattr(getattr(layer, "forward", None), "__func__", None) is _logits_forward
 
 
