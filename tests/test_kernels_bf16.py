@@ -59,6 +59,49 @@ def test_bf16_rows_a_rows_result_does_not_depend_on_the_batch(m):
     assert three_d.shape == (1, m, 301) and torch.equal(three_d[0], kernels.bf16_rows(x, w, b))
 
 
+def tie_rows(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [m, 64]``, ``w [128, 64]`` whose products are exact halfway cases: row ``i``'s sum with output ``n`` is
+    ``s_i (1 + n/128 + 2^-8)`` (``s_i = ±2^e``), halfway between two bfloat16 values (spacing 2^-7 in [1, 2)), so
+    rounding to nearest even goes up for odd ``n`` and down for even ones; one row at ``2^127`` (its last ties round up
+    to 2^128: inf), one NaN, one inf, one at ``2^-128`` (float32 subnormal: vdpbf16ps flushes it); row 11
+    (from 12 rows) a negative NaN with every payload bit set (bits 0xFFFF), which the plain rounding would turn into
+    -0."""
+    scales = [2.0**e * (-1) ** e for e in (0, 1, 5, -3, 20, -20, 60)] + [2.0**127, float("nan"), float("inf"), 2.0**-128]
+    scales = (scales * 2)[:m]
+    x = torch.zeros(m, 64)
+    x[:, 0] = torch.tensor(scales)
+    x[:, 1] = torch.tensor(scales) * 2.0**-8
+    w = torch.zeros(128, 64)
+    w[:, 0] = 1 + torch.arange(128) / 128
+    w[:, 1] = 1
+    x = x.bfloat16()
+    x[11:12, 0] = torch.tensor([-1], dtype=torch.int16).view(torch.bfloat16)
+    return x, w.bfloat16()
+
+
+@needs_bf16
+@pytest.mark.parametrize("m", [2, 5, 10, 12, 16])
+def test_bf16_rows_tiles_round_as_one_row_does_ties_nan_and_overflow(m):
+    """The tiles (2-16 rows) convert 16 sums at once in integer lanes; the one-row stream converts each sum as c10
+    does (to nearest even, NaN to 0x7FC0). Exact halfway sums, NaN, inf, a rounding overflow and subnormals must get
+    the same bits either way, and the float32 sums rounded by PyTorch where they are numbers."""
+    x, w = tie_rows(m)
+    bias = torch.full((128,), 2.0**-12).bfloat16()
+    for b in (None, bias):
+        together = kernels.bf16_rows(x, w, b)
+        alone = torch.cat([kernels.bf16_rows(x[i : i + 1], w, b) for i in range(m)])
+        assert torch.equal(together.view(torch.int16), alone.view(torch.int16))
+        sums = kernels.bf16_rows(x, w, b, float_out=True)
+        number = ~sums.isnan()
+        assert torch.equal(together[number].view(torch.int16), sums[number].bfloat16().view(torch.int16))
+        assert (together[~number].view(torch.int16) == 0x7FC0).all()
+    exact = kernels.bf16_rows(x, w, None, float_out=True)[0]
+    assert torch.equal(exact, (1 + torch.arange(128) / 128 + 2.0**-8).float())  # the sums are the halfway cases
+    rounded = kernels.bf16_rows(x, w, None)[0].float()
+    n = torch.arange(128)
+    assert torch.equal(rounded, torch.where(n % 2 == 1, 1 + (n + 1) / 128, 1 + n / 128).float())  # ties to even
+
+
 def test_bf16_rows_errors_name_what_is_wrong(monkeypatch):
     x, w, b = bf16_case(2, 32, 64)
     with pytest.raises(ShapeError, match=r"x must be bfloat16 \[\.\.\., K\] with 1\.\.16 rows, got torch.float32"):

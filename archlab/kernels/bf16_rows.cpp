@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -50,6 +51,16 @@ template <class Y>
 inline void store(const Args<Y>& a, int m, int64_t n, float dot) {
   const float v = a.b ? dot + static_cast<float>(a.b[n]) : dot;
   a.y[m * a.N + n] = static_cast<Y>(v);
+}
+
+// fold_tile's Lanes for a bfloat16 y: each float32 lane rounded as store's conversion (c10's: to nearest even, NaN to
+// 0x7FC0) rounds it, in integer lanes, so the same bits: u + 0x7FFF + (bit 16 of u), its upper 16 bits
+ARCHLAB_AVX512 inline void bf16_lanes(__m512 v, bf16* out) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(r));
 }
 
 ARCHLAB_AVX512BF16 inline __m512bh load_bh(const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); }
@@ -103,7 +114,10 @@ ARCHLAB_AVX512BF16 void tile(const Args<Y>& a, int64_t n, const bf16* ahead) {
     for (int o = 0; o < NB; ++o)
       for (int r = 0; r < R; ++r) (phase ? c1 : c0)[o][r] = acc[o][r];
   }
-  archlab_rows::fold_tile<NB, R, store<Y>>(c0, c1, a, n);
+  if constexpr (std::is_same_v<Y, float>)
+    archlab_rows::fold_tile<NB, R, archlab_rows::float_lanes>(c0, c1, a, n);
+  else
+    archlab_rows::fold_tile<NB, R, bf16_lanes>(c0, c1, a, n);
 }
 
 template <class Y>

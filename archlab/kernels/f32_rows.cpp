@@ -206,7 +206,7 @@ ARCHLAB_AVX512 void tile512(const Args& a, int64_t n, const float* ahead) {
       }
     }
   }
-  archlab_rows::fold_tile<NB, R, store>(c0, c1, a, n);
+  archlab_rows::fold_tile<NB, R, archlab_rows::float_lanes>(c0, c1, a, n);
 }
 
 using TileFn = void (*)(const Args&, int64_t, const float*);

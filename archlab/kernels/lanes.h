@@ -46,8 +46,10 @@ ARCHLAB_AVX2 inline float fold16(__m256 lo, __m256 hi) { return halve8(_mm256_ad
 
 // 16 sums of 16 lanes -> their 16 folds at once, each folded exactly as fold16 folds it (the same pairs added in the
 // same order, the lanes moved between registers instead of extracted one sum at a time): v[i]'s fold is lane
-// 4 (i % 4) + i / 4 of the result. 30 shuffles and 15 additions for 16 sums, against 16 x 8 operations.
-ARCHLAB_AVX512 inline __m512 fold16x16(const __m512* v) {
+// 4 (i % 4) + i / 4 of the result. 30 shuffles and 15 additions for 16 sums, against 16 x 8 operations. Always
+// inlined: gcc called it through the PLT from the product tiles, and inlined, bf16_rows' 10-row products of SmolLM2's
+// shapes ran 15-23% faster (2026-12-05, AMD EPYC; docs/speed.md).
+ARCHLAB_AVX512 __attribute__((always_inline)) inline __m512 fold16x16(const __m512* v) {
   __m512 u[8], w[4], z[2];
   for (int i = 0; i < 8; ++i)  // 8 + 8: lanes 0-7 v[2i]'s, 8-15 v[2i + 1]'s
     u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
