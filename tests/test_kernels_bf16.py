@@ -66,7 +66,8 @@ def tie_rows(m: int) -> tuple[torch.Tensor, torch.Tensor]:
     to 2^128: inf), one NaN, one inf, one at ``2^-128`` (float32 subnormal: vdpbf16ps flushes it); row 11
     (from 12 rows) a negative NaN with every payload bit set (bits 0xFFFF), which the plain rounding would turn into
     -0."""
-    scales = [2.0**e * (-1) ** e for e in (0, 1, 5, -3, 20, -20, 60)] + [2.0**127, float("nan"), float("inf"), 2.0**-128]
+    scales = [2.0**e * (-1) ** e for e in (0, 1, 5, -3, 20, -20, 60)]
+    scales += [2.0**127, float("nan"), float("inf"), 2.0**-128]
     scales = (scales * 2)[:m]
     x = torch.zeros(m, 64)
     x[:, 0] = torch.tensor(scales)
