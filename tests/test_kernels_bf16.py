@@ -268,3 +268,35 @@ def test_an_lm_heads_close_logits_do_not_tie_in_bfloat16():
         for logits in (head_logits(x, w), head(x), PackedLinear(w, head=True)(x)):
             assert logits.dtype == torch.float32 and logits.tolist() == [[25.28125, 25.3125]]
             assert int(logits.argmax()) == 1
+
+
+def small_lm(family: str) -> tuple[torch.nn.Module, tuple]:
+    """A small model of each family with an LM head, and the arguments of one forward pass."""
+    ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(0))
+    if family == "rwkv":
+        from archlab.models.rwkv import RWKV, RWKVConfig
+
+        return RWKV(RWKVConfig(vocab_size=32, d_model=32, n_layers=2, d_att=32, d_ff=64)), (ids,)
+    if family == "transformer-xl":
+        from archlab.models.transformer_xl import TransformerXL, TransformerXLConfig
+
+        return TransformerXL(TransformerXLConfig(vocab_size=32, d_model=32, n_heads=2, n_layers=2, d_ff=64)), (ids,)
+    if family == "transformer":
+        from archlab.models.transformer import EncoderDecoderTransformer, TransformerConfig
+
+        config = TransformerConfig(vocab_size=32, d_model=32, n_heads=2, n_layers=2, d_ff=64, max_len=16)
+        return EncoderDecoderTransformer(config), (ids, ids)
+    return kernel_width_model(family), (ids,)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama", "rwkv", "transformer-xl", "transformer"])
+def test_every_lm_familys_head_gives_float32_logits_in_bfloat16(family):
+    """The decoder-only families, RWKV, Transformer-XL and the encoder-decoder Transformer all build their LM head
+    with ``Linear(head=True)``: in bfloat16 their logits come out float32 (:func:`head_logits`), not rounded to 8
+    bits; float32 models keep float32."""
+    model, args = small_lm(family)
+    assert is_logits_head(model.lm_head)
+    with torch.no_grad():
+        logits = model.eval().to(torch.bfloat16)(*args)
+    logits = logits.logits if hasattr(logits, "logits") else logits
+    assert logits.dtype == torch.float32 and logits.shape[-1] == model.lm_head.out_features and logits.isfinite().all()

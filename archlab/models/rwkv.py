@@ -340,7 +340,7 @@ class RWKV(nn.Module):
         self.emb_norm = LayerNorm(c.d_model, c.eps)
         self.blocks = nn.ModuleList(RWKVBlock(c) for _ in range(c.n_layers))
         self.final_norm = LayerNorm(c.d_model, c.eps)
-        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False, head=True)  # float32 logits from bf16 (head_logits)
         self.reset_parameters()
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight

@@ -137,7 +137,7 @@ class EncoderDecoderTransformer(nn.Module):
         stack = dict(dropout=c.dropout, attn_dropout=c.attn_dropout, ffn=c.ffn, norm_first=c.norm_first)
         self.encoder = Encoder(c.n_layers, c.d_model, c.n_heads, c.d_ff, **stack)
         self.decoder = Decoder(c.n_layers, c.d_model, c.n_heads, c.d_ff, cross_attention=True, **stack)
-        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False, head=True)  # float32 logits from bf16 (head_logits)
         self.embed_scale = math.sqrt(c.d_model) if c.scale_embeddings else 1.0
         self.reset_parameters()
         if c.share_embeddings:

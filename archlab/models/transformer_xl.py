@@ -215,7 +215,7 @@ class TransformerXL(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(XLBlock(c) for _ in range(c.n_layers))
         self.final_norm = LayerNorm(c.d_model, c.eps)
-        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False, head=True)  # float32 logits from bf16 (head_logits)
         self.reset_parameters()
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
