@@ -10,7 +10,10 @@ and the tokens per pass of the model.
 Batched: ``--batch`` prompts of different lengths (the abstracts with several questions) decoded together by
 :func:`archlab.generation.generate_batch` vs one at a time by ``generate``; rows compared, tokens/s of both.
 ``--rows B`` decodes them ``B`` rows at a time, a freed row refilled at once by a waiting prompt (continuous
-batching; default: all prompts in one batch).
+batching; default: all prompts in one batch). The prefills are timed too (each prompt's alone, the batch's), in the
+same rounds, which gives a one-row step's cost and, with all prompts in one batch, the most batching can give on this
+workload: one at a time's time over the batch's prefill plus its steps each at a one-row step's cost (the batch runs
+as many steps as its longest reply has tokens, whatever the other rows do).
 
 ``--session`` holds the oneDNN-packed weight copies (:func:`archlab.nn.linear.packed_for_rows`) across all calls, as a
 chat session or a server holds them, instead of each call packing its own (0.3-0.5 s for SmolLM2, about 8 one-row
@@ -133,17 +136,34 @@ def batched_row(model, tokenizer, eos: int, args) -> dict:
         return [generate(model, torch.tensor([p]), max_new_tokens=args.new_tokens, stop_tokens=[eos], pad_id=eos)
                 [0, len(p):].tolist() for p in prompts]  # fmt: skip
 
+    @torch.inference_mode()
+    def prefills_alone():  # each prompt's prefill and first token, as one_by_one starts each
+        return [generate(model, torch.tensor([p]), max_new_tokens=1) for p in prompts]
+
+    @torch.inference_mode()
+    def batch_prefill():  # the batch's prefill and first tokens, as together starts
+        return generate_batch(model, prompts, max_new_tokens=1, batch_size=args.rows)
+
     rows, alone = together(), one_by_one()
     equal = sum(a == b for a, b in zip(rows, alone, strict=True))
-    tokens = sum(len(r) for r in rows)
-    peers = [Peer("one at a time", one_by_one, tokens=sum(len(r) for r in alone)),
-             Peer("batched", together, tokens=tokens)]  # fmt: skip
+    tokens, tokens_alone = sum(len(r) for r in rows), sum(len(r) for r in alone)
+    peers = [Peer("one at a time", one_by_one, tokens=tokens_alone), Peer("batched", together, tokens=tokens),
+             Peer("prefills alone", prefills_alone, tokens=len(prompts)),
+             Peer("batch prefill", batch_prefill, tokens=len(prompts))]  # fmt: skip
     time_interleaved(peers, rounds=args.rounds, warmup=0)
+    one, batched, prefills, prefill = (peer.seconds for peer in peers)
+    step = (one - prefills) / (tokens_alone - len(prompts))  # a one-row step, as one_by_one takes it
+    steps = max(len(r) for r in rows)  # the batch's steps after its prefill: its longest row's tokens - 1
+    # the most batching can give here: every batched step as cheap as a one-row step, the prefill as timed
+    bound = one / (prefill + (steps - 1) * step) if args.rows in (None, len(prompts)) else None
     return {"prompts": len(prompts), "rows": args.rows or len(prompts), "prompt_lengths": [len(p) for p in prompts],
             "rows_equal": equal,
             "tokens": tokens, "one_at_a_time_tokens_per_s": peers[0].tokens_per_s,
             "batched_tokens_per_s": peers[1].tokens_per_s,
-            "ratio": peers[1].tokens_per_s / peers[0].tokens_per_s}  # fmt: skip
+            "ratio": peers[1].tokens_per_s / peers[0].tokens_per_s,
+            "one_at_a_time_s": one, "prefills_alone_s": prefills, "one_row_step_s": step,
+            "batched_s": batched, "batch_prefill_s": prefill, "batch_steps": steps - 1,
+            "batched_step_s": (batched - prefill) / max(steps - 1, 1), "ratio_if_rows_were_free": bound}  # fmt: skip
 
 
 def main() -> None:
@@ -212,6 +232,13 @@ def print_batched(batch: dict) -> None:
                 ["peer", "tokens/s", "ratio"]))  # fmt: skip
     note = "" if batch["rows_equal"] == batch["prompts"] else " (see which: a near-tie in the batched products?)"
     print(f"rows equal to one-at-a-time generation: {batch['rows_equal']}/{batch['prompts']}{note}")
+    print(f"one at a time {batch['one_at_a_time_s']:.2f} s: the prompts' prefills {batch['prefills_alone_s']:.2f} s, "
+          f"a one-row step {batch['one_row_step_s'] * 1e3:.2f} ms; batched {batch['batched_s']:.2f} s: its prefill "
+          f"{batch['batch_prefill_s']:.2f} s, {batch['batch_steps']} steps of {batch['batched_step_s'] * 1e3:.2f} ms "
+          f"on average")  # fmt: skip
+    if batch["ratio_if_rows_were_free"] is not None:
+        print(f"the most batching can give here, every batched step as cheap as a one-row step: "
+              f"{batch['ratio_if_rows_were_free']:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":
