@@ -93,6 +93,7 @@ from archlab.hardware import kernel_capability
 from archlab.kernels import MAX_ROWS, Q8_BLOCK, Q8_TILE, KernelUnavailable
 from archlab.nn.blocks import _Block
 from archlab.nn.feedforward import GatedFeedForward
+from archlab.nn.linear import is_logits_head
 from archlab.nn.lora import LoRALinear
 
 MODES = ("int8", "int4", "int8-dynamic", "q8_0")
@@ -276,9 +277,17 @@ def _forward_or_refuse_backward(layer: nn.Module, x: Tensor) -> Tensor:
 class _WeightOnlyLinear(nn.Module):
     """``y = x dequant(W)^T + b`` for ``x [..., K]`` -> ``[..., N]``; a subclass runs the kernel on ``x [M, K]``
     (:class:`Q8Linear` too, which rounds ``x`` itself: the shapes, bias and dtypes are handled here for all).
-    No gradients: a backward through it raises ConfigError (:class:`_InferenceOnly`)."""
+    No gradients: a backward through it raises ConfigError (:class:`_InferenceOnly`).
+
+    ``logits``: the layer is an LM head (:func:`quantize` sets it where it replaces one, a float head made by
+    ``Linear(head=True)``): where it computes in bfloat16 or float16 (its scales' dtype, or Q8_0's ``x``) it returns
+    float32 logits, as a float head does (:func:`archlab.nn.linear.head_logits`; 8-bit logits tie where the model's
+    top two differ by less than their spacing): where archlab's kernel computes the product (Q8_0; int4 at one row)
+    the kernel's float32 sums themselves, which rounded give its 16-bit result to the bit; PyTorch's kernels return
+    16 bits, widened."""
 
     mode = ""
+    logits = False
 
     def __init__(self, in_features: int, out_features: int, bias: Tensor | None) -> None:
         super().__init__()
@@ -291,7 +300,8 @@ class _WeightOnlyLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x [..., K]`` (any float dtype) -> ``[..., N]`` in ``x``'s dtype, computed in :attr:`compute_dtype`."""
+        """``x [..., K]`` (any float dtype) -> ``[..., N]`` in ``x``'s dtype, computed in :attr:`compute_dtype`
+        (an LM head's, :attr:`logits`, float32 where that is 16 bits)."""
         return _forward_or_refuse_backward(self, x)
 
     def _forward(self, x: Tensor) -> Tensor:
@@ -301,16 +311,20 @@ class _WeightOnlyLinear(nn.Module):
         dtype = self._input_dtype(x)
         rows = x if x.ndim == 2 else x.reshape(-1, self.in_features)  # [M, K]
         rows = (rows if rows.dtype == dtype else rows.to(dtype)).contiguous()  # contiguous(): no op if it is
-        y = self._product(rows)  # [M, N]
-        y = y if self.bias is None else y + self.bias.to(dtype)
+        float_out = self.logits and dtype in (torch.bfloat16, torch.float16)  # an LM head's logits: float32
+        y = self._product(rows, float_out)  # [M, N] in dtype, or float32
+        y = y if self.bias is None else y + self.bias.to(y.dtype)
         y = y if x.ndim == 2 else y.view(*x.shape[:-1], self.out_features)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        out = torch.float32 if float_out else x.dtype
+        return y if y.dtype == out else y.to(out)
 
     def _input_dtype(self, x: Tensor) -> torch.dtype:
         """The dtype ``x`` is cast to for the kernel (and ``y`` comes back in): :attr:`compute_dtype`."""
         return self.compute_dtype
 
-    def _product(self, x: Tensor) -> Tensor:
+    def _product(self, x: Tensor, float_out: bool) -> Tensor:
+        """``x [M, K]`` in :meth:`_input_dtype` times the weights: ``[M, N]`` in that dtype, or float32 where
+        ``float_out`` (:attr:`logits`)."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -353,11 +367,13 @@ class Int8Linear(_WeightOnlyLinear):
     def compute_dtype(self) -> torch.dtype:
         return self.scale.dtype
 
-    def _product(self, x: Tensor) -> Tensor:
+    def _product(self, x: Tensor, float_out: bool) -> Tensor:
         if self.group_size is None:
-            return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat([x, x], dim=1), self.packed, self.group_size,
-                                                          self.scales_and_zeros)  # fmt: skip
+            y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat([x, x], dim=1), self.packed, self.group_size,
+                                                           self.scales_and_zeros)  # fmt: skip
+        return y.float() if float_out else y  # PyTorch's kernels return x's dtype: widened
 
     def extra_repr(self) -> str:
         g = self.group_size
@@ -474,11 +490,12 @@ class Int4Linear(_WeightOnlyLinear):
     def compute_dtype(self) -> torch.dtype:
         return self.scales_and_zeros.dtype
 
-    def _product(self, x: Tensor) -> Tensor:
+    def _product(self, x: Tensor, float_out: bool) -> Tensor:
         if self.kernel == "archlab" and x.shape[0] == 1:
             op = torch.ops.archlab_kernels.int4_rows
-            return op(x, self.row_packed, self.row_scales_and_zeros, self.group_size, self._isa)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+            return op(x, self.row_packed, self.row_scales_and_zeros, self.group_size, self._isa, float_out)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        return y.float() if float_out else y  # x's dtype: widened
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}, kernel={self.kernel}"
@@ -514,6 +531,15 @@ class Q8Linear(_WeightOnlyLinear):
         self.register_buffer("scales", scales)
         self._isa = q8_kernel()
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(dtype)`` / ``.bfloat16()`` on the model leave ``scales`` float32, the kernel's (a Q8_0 layer computes
+        in ``x``'s dtype, so a bfloat16 model's activations change it, not its scales); device moves apply."""
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float32:
+            self.scales = scales.to(self.scales.device)
+        return self
+
     def weight(self) -> Q8Weight:
         """The stored ``q`` and ``scale`` (read back from the kernel's layout)."""
         n, k = self.out_features, self.in_features
@@ -524,21 +550,23 @@ class Q8Linear(_WeightOnlyLinear):
         """``x`` goes in as it is where float32 or bfloat16 (the kernel rounds it to int8 anyway), else as float32."""
         return x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
 
-    def _product(self, rows: Tensor) -> Tensor:
+    def _product(self, rows: Tensor, float_out: bool) -> Tensor:
         if not self._isa:
-            return self._float_product(rows)
+            return self._float_product(rows, float_out)
         op = torch.ops.archlab_kernels.q8_rows
-        chunks = [op(rows[i : i + MAX_ROWS], self.packed, self.scales, self._isa)
+        chunks = [op(rows[i : i + MAX_ROWS], self.packed, self.scales, self._isa, float_out)
                   for i in range(0, rows.shape[0], MAX_ROWS)]  # fmt: skip  # the kernel's limit: a prompt in calls
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
-    def _float_product(self, rows: Tensor) -> Tensor:
-        """The equation with PyTorch's ops: ``(p d) (q s)^T`` in float32 (the same sum, other rounding)."""
+    def _float_product(self, rows: Tensor, float_out: bool = False) -> Tensor:
+        """The equation with PyTorch's ops: ``(p d) (q s)^T`` in float32 (the same sum, other rounding), returned in
+        ``rows``' dtype (float32 where ``float_out``)."""
         from archlab.kernels import round_rows_q8
 
         p, d = round_rows_q8(rows)
         x_rounded = p * d.repeat_interleave(Q8_BLOCK, dim=1)
-        return F.linear(x_rounded, self.weight().dequantize(torch.float32)).to(rows.dtype)
+        y = F.linear(x_rounded, self.weight().dequantize(torch.float32))
+        return y if float_out else y.to(rows.dtype)
 
     def extra_repr(self) -> str:
         kernel = {512: "AVX512-VNNI", 256: "AVX2", 0: "float32 ops"}[self._isa]
@@ -905,6 +933,7 @@ def quantize(
             new = quantized_linear(layer.weight, layer.bias, layer_mode, group_size, COMPUTE_DTYPES[compute])
         else:
             new = (Int8Linear if layer_mode == "int8" else Int4Linear)(given, layer.bias).to(COMPUTE_DTYPES[compute])
+        new.logits = is_logits_head(layer)  # an LM head: float32 logits from 16-bit activations, as it gave
         _replace(model, name, new)
         after = _nbytes(*new.buffers()) - (0 if new.bias is None else _nbytes(new.bias))
         shown = f"int4/g{new.group_size}" if layer_mode == "int4" else layer_mode

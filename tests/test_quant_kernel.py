@@ -11,7 +11,7 @@ import torch
 from archlab import kernels
 from archlab.errors import ConfigError, ShapeError
 from archlab.hardware import cpu_features
-from archlab.quant import GROUP_SIZES, Int4Linear, quantize_int4
+from archlab.quant import GROUP_SIZES, Int4Linear, quantize_int4, quantize_q8_0
 
 assert set(GROUP_SIZES) == {32, 64, 128, 256}  # the cases below cover each
 
@@ -64,6 +64,26 @@ def test_int4_rows_equal_the_float64_product_within_float32_rounding(isa, g, k):
             assert (err <= tol).all(), f"m={m} {dtype}: worst err/tol {(err / tol).max():.3g}"
             if dtype == torch.float32:  # the bound is a worst case; typical float32 sums land far inside it
                 assert (y.double() - ref).norm() / ref.norm() < 1e-5  # measured 3e-7 .. 1.3e-6
+
+
+
+@pytest.mark.parametrize("isa", VARIANTS)
+def test_float_out_keeps_the_float32_sums_that_the_bfloat16_result_rounds(isa):
+    """``float_out`` (an LM head's logits): float32 out of bfloat16 x, within the float32 sums' bound of the float64
+    product, and rounded it is the bfloat16 result to the bit, on both variants, for int4_rows and q8_rows."""
+    for m in (1, 2, 5, 16):
+        x, packed, sz, ref, terms = packed_case(37, 576, 32, m, torch.bfloat16, seed=70 + m)
+        y = kernels.int4_rows(x, packed, sz, 32, float_out=True)
+        assert y.dtype == torch.float32
+        assert (y.double() - ref).abs().le(tolerance(576, 32, terms, ref, torch.float32)).all()
+        for variant in {isa, kernels.isa(torch.bfloat16)}:
+            y = torch.ops.archlab_kernels.int4_rows(x, packed, sz, 32, variant, True)
+            assert torch.equal(y.bfloat16(), torch.ops.archlab_kernels.int4_rows(x, packed, sz, 32, variant))
+        q8 = quantize_q8_0(torch.randn(48, 576, generator=torch.Generator().manual_seed(m)) * 0.05)
+        q8_packed, scales = kernels.pack_q8(q8.q, q8.scale)
+        y = kernels.q8_rows(x, q8_packed, scales, float_out=True)
+        assert y.dtype == torch.float32 and torch.equal(y.bfloat16(), kernels.q8_rows(x, q8_packed, scales))
+        assert not torch.equal(y, y.bfloat16().float())  # more than 8 bits kept
 
 
 def test_pack_and_unpack_are_inverse_and_the_layout_is_the_documented_one():

@@ -163,6 +163,36 @@ def test_quantize_mode_and_head_q8_0_and_their_errors():
     assert type(odd.lm_head) is torch.nn.Linear  # refused before any change
 
 
+
+@pytest.mark.parametrize("head", ["q8_0", "int4", "int8"])
+def test_a_quantized_lm_head_gives_float32_logits_where_it_computes_in_bfloat16(head):
+    """quantize() marks the layer that replaces a ``Linear(head=True)`` (``logits``): computing in bfloat16 it returns
+    float32 logits, the model's too; where archlab's kernel computes the head (Q8_0 at any rows, int4 at one row) they
+    are the kernel's float32 sums, which rounded give the bfloat16 result to the bit (so they carry more than it);
+    PyTorch's kernels' bfloat16 result is widened. The other layers keep their dtype."""
+    model = small_llama()
+    quantize(model, "int4", head=head)
+    marked = [name for name, m in model.named_modules() if getattr(m, "logits", False)]
+    assert marked == ["lm_head"]
+    model = model.to(torch.bfloat16)
+    layer = model.lm_head
+    assert head != "q8_0" or layer.scales.dtype == torch.float32  # .to() leaves the kernel's float32 scales
+    h = torch.randn(17, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.no_grad():
+        assert model(torch.randint(0, 256, (2, 7))).dtype == torch.float32
+        assert model.decoder.blocks[0].ffn.w2(torch.randn(3, 192).bfloat16()).dtype == torch.bfloat16
+        for rows in (h[:1], h):  # one row (a decoding step) and 17 (a prompt: Q8_0 in two kernel calls)
+            logits = layer(rows)
+            layer.logits = False
+            rounded = layer(rows)
+            layer.logits = True
+            assert logits.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+            assert torch.equal(logits.bfloat16(), rounded)
+            on_kernel = head == "q8_0" and layer._isa or head == "int4" and layer.kernel == "archlab" and len(rows) == 1
+            if on_kernel:
+                assert not torch.equal(logits, rounded.float())  # the sums, not the rounded values
+
+
 def test_gguf_q8_0_blocks_are_read_as_they_are(tmp_path):
     """GGUFFile.q8_weight: d q equals gguf's own float decoding exactly (float16 d times an int8), and quantizing
     those floats again gives the same integers and scales; -128 (outside -127..127) is refused naming the tensor."""

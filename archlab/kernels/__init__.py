@@ -213,9 +213,10 @@ def isa(x_dtype: torch.dtype = torch.bfloat16) -> int:
     raise KernelUnavailable(f"archlab's int4 kernel needs AVX2 or AVX-512; PyTorch's CPU kernels run at {cap}")
 
 
-def _fake_int4_rows(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int, isa: int) -> Tensor:
-    """Shapes only (torch.compile's tracing): ``[M, N]`` in ``x``'s dtype."""
-    return x.new_empty(x.shape[0], packed.shape[0])
+def _fake_int4_rows(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int, isa: int,
+                    float_out: bool = False) -> Tensor:
+    """Shapes only (torch.compile's tracing): ``[M, N]`` in ``x``'s dtype (float32 with ``float_out``)."""
+    return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32 if float_out else x.dtype)
 
 
 def pack_int4(q: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
@@ -257,9 +258,11 @@ def check_rows(x: Tensor) -> None:
         )
 
 
-def int4_rows(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
+def int4_rows(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int, *, float_out: bool = False
+              ) -> Tensor:
     """``x [M, K]`` (float32 / bfloat16, ``M`` in 1..16) times the packed int4 ``W [N, K]`` transposed: ``[M, N]``
-    in ``x``'s dtype. Checks its arguments (:class:`ShapeError`), then :func:`load` and the op."""
+    in ``x``'s dtype, or with ``float_out`` the float32 sums themselves (an LM head's logits: they round to the
+    bfloat16 result). Checks its arguments (:class:`ShapeError`), then :func:`load` and the op."""
     check_rows(x)
     n, half = packed.shape
     check_shape(x.shape[1], group_size)
@@ -271,7 +274,7 @@ def int4_rows(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: i
         raise ShapeError(f"scales_and_zeros must be [N, 2, K/g] = [{n}, 2, {x.shape[1] // group_size}], "
                          f"got {tuple(scales_and_zeros.shape)}")  # fmt: skip
     load()
-    return torch.ops.archlab_kernels.int4_rows(x, packed, scales_and_zeros, group_size, isa(x.dtype))
+    return torch.ops.archlab_kernels.int4_rows(x, packed, scales_and_zeros, group_size, isa(x.dtype), float_out)
 
 
 def unpack_int4(packed: Tensor) -> Tensor:
@@ -306,9 +309,9 @@ def q8_isa() -> int:
     raise KernelUnavailable(f"archlab's Q8_0 kernel needs AVX2 or AVX-512; PyTorch's CPU kernels run at {cap}")
 
 
-def _fake_q8_rows(x: Tensor, packed: Tensor, scales: Tensor, isa: int) -> Tensor:
-    """Shapes only (torch.compile's tracing): ``[M, N]`` in ``x``'s dtype."""
-    return x.new_empty(x.shape[0], packed.shape[0])
+def _fake_q8_rows(x: Tensor, packed: Tensor, scales: Tensor, isa: int, float_out: bool = False) -> Tensor:
+    """Shapes only (torch.compile's tracing): ``[M, N]`` in ``x``'s dtype (float32 with ``float_out``)."""
+    return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32 if float_out else x.dtype)
 
 
 def check_q8_shape(n: int, k: int) -> None:
@@ -345,10 +348,11 @@ def round_rows_q8(x: Tensor) -> tuple[Tensor, Tensor]:
     return p.reshape(m, k), d
 
 
-def q8_rows(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
+def q8_rows(x: Tensor, packed: Tensor, scales: Tensor, *, float_out: bool = False) -> Tensor:
     """``x [M, K]`` (float32 / bfloat16, ``M`` in 1..16) times the packed Q8_0 ``W [N, K]`` transposed:
-    ``[M, N]`` in ``x``'s dtype (``q8_rows.cpp``'s equation: ``x`` rounded by :func:`round_rows_q8`, the block terms
-    summed in float32). Checks its arguments (:class:`ShapeError`), then :func:`load` and the op."""
+    ``[M, N]`` in ``x``'s dtype, or with ``float_out`` float32 (``q8_rows.cpp``'s equation: ``x`` rounded by
+    :func:`round_rows_q8`, the block terms summed in float32: ``float_out`` keeps that sum, an LM head's logits).
+    Checks its arguments (:class:`ShapeError`), then :func:`load` and the op."""
     check_rows(x)
     n, k = packed.shape
     check_q8_shape(n, k)
@@ -358,7 +362,7 @@ def q8_rows(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
         raise ShapeError(f"scales must be float32 [N/16, K/32, 16] = [{n // Q8_TILE}, {k // Q8_BLOCK}, {Q8_TILE}], "
                          f"got {scales.dtype} {tuple(scales.shape)}")  # fmt: skip
     load()
-    return torch.ops.archlab_kernels.q8_rows(x, packed, scales, q8_isa())
+    return torch.ops.archlab_kernels.q8_rows(x, packed, scales, q8_isa(), float_out)
 
 
 # ---- float32 rows ------------------------------------------------------------------------------------------------

@@ -219,7 +219,7 @@ void run(const Args& a, const S* sz, O* y, int64_t isa) {
 }
 
 at::Tensor int4_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz, int64_t group_size,
-                     int64_t isa) {
+                     int64_t isa, bool float_out) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows, "int4_rows: x must be [M, K], M in 1..16");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int4_rows: x float32 or bfloat16");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(), "int4_rows: packed");
@@ -242,10 +242,11 @@ at::Tensor int4_rows(const at::Tensor& x, const at::Tensor& packed, const at::Te
     for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(xb[i]);
   }
   for (int64_t i = 0; i < M * K; ++i) xsum[i / g] += xf[i];  // row-major: i / g = m * (K/g) + k / g
-  at::Tensor y = at::empty({M, N}, x.options());
+  // y in x's dtype, or float32 (float_out: an LM head's logits, the float32 sums not rounded to bfloat16)
+  at::Tensor y = at::empty({M, N}, x.options().dtype(float_out ? at::kFloat : x.scalar_type()));
   const uint16_t* xb = isa == 513 ? reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>()) : nullptr;
   const Args a{xf.data(), xb, xsum.data(), packed.data_ptr<uint8_t>(), M, K, N, g};
-  const bool out_bf16 = x.scalar_type() == at::kBFloat16;
+  const bool out_bf16 = y.scalar_type() == at::kBFloat16;
   if (sz.scalar_type() == at::kFloat) {
     if (out_bf16) run(a, sz.data_ptr<float>(), y.data_ptr<c10::BFloat16>(), isa);
     else run(a, sz.data_ptr<float>(), y.data_ptr<float>(), isa);
@@ -259,7 +260,8 @@ at::Tensor int4_rows(const at::Tensor& x, const at::Tensor& packed, const at::Te
 }  // namespace
 
 TORCH_LIBRARY(archlab_kernels, m) {
-  m.def("int4_rows(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size, int isa) -> Tensor");
+  m.def("int4_rows(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size, int isa, bool float_out=False) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(archlab_kernels, CPU, m) { m.impl("int4_rows", &int4_rows); }

@@ -163,7 +163,8 @@ void tiles(const Args& a, O* y, int64_t t0, int64_t t1, int64_t isa) {
   }
 }
 
-at::Tensor q8_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t isa) {
+at::Tensor q8_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t isa,
+                   bool float_out) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows, "q8_rows: x must be [M, K], M in 1..16");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "q8_rows: x float32 or bfloat16");
   const int64_t M = x.size(0), K = x.size(1);
@@ -179,9 +180,10 @@ at::Tensor q8_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   const at::Tensor xc = x.contiguous();
   const Rows r = xc.scalar_type() == at::kFloat ? round_rows(xc.data_ptr<float>(), M, K)
                                                 : round_rows(xc.data_ptr<c10::BFloat16>(), M, K);
-  at::Tensor y = at::empty({M, N}, x.options());
+  // y in x's dtype, or float32 (float_out: an LM head's logits, the float32 sums not rounded to bfloat16)
+  at::Tensor y = at::empty({M, N}, x.options().dtype(float_out ? at::kFloat : x.scalar_type()));
   const Args a{packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), &r, M, K, N};
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const bool bf16 = y.scalar_type() == at::kBFloat16;
   at::parallel_for(0, N / kRows, 4, [&](int64_t t0, int64_t t1) {
     if (bf16) tiles(a, y.data_ptr<c10::BFloat16>(), t0, t1, isa);
     else tiles(a, y.data_ptr<float>(), t0, t1, isa);
@@ -192,7 +194,7 @@ at::Tensor q8_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tens
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(archlab_kernels, m) {
-  m.def("q8_rows(Tensor x, Tensor packed, Tensor scales, int isa) -> Tensor");
+  m.def("q8_rows(Tensor x, Tensor packed, Tensor scales, int isa, bool float_out=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(archlab_kernels, CPU, m) { m.impl("q8_rows", &q8_rows); }
