@@ -154,16 +154,19 @@ def batched_row(model, tokenizer, eos: int, args) -> dict:
     one, batched, prefills, prefill = (peer.seconds for peer in peers)
     step = (one - prefills) / (tokens_alone - len(prompts))  # a one-row step, as one_by_one takes it
     steps = max(len(r) for r in rows)  # the batch's steps after its prefill: its longest row's tokens - 1
-    # the most batching can give here: every batched step as cheap as a one-row step, the prefill as timed
-    bound = one / (prefill + (steps - 1) * step) if args.rows in (None, len(prompts)) else None
+    # the most batching can give here: every batched step as cheap as a one-row step, the prefill as timed (one batch
+    # of all prompts only: with refilled rows the job has more prefills and steps than these)
+    whole = args.rows in (None, len(prompts))
+    bound = one / (prefill + (steps - 1) * step) if whole else None
     return {"prompts": len(prompts), "rows": args.rows or len(prompts), "prompt_lengths": [len(p) for p in prompts],
             "rows_equal": equal,
             "tokens": tokens, "one_at_a_time_tokens_per_s": peers[0].tokens_per_s,
             "batched_tokens_per_s": peers[1].tokens_per_s,
             "ratio": peers[1].tokens_per_s / peers[0].tokens_per_s,
             "one_at_a_time_s": one, "prefills_alone_s": prefills, "one_row_step_s": step,
-            "batched_s": batched, "batch_prefill_s": prefill, "batch_steps": steps - 1,
-            "batched_step_s": (batched - prefill) / max(steps - 1, 1), "ratio_if_rows_were_free": bound}  # fmt: skip
+            "batched_s": batched, "batch_prefill_s": prefill, "batch_steps": steps - 1 if whole else None,
+            "batched_step_s": (batched - prefill) / max(steps - 1, 1) if whole else None,
+            "ratio_if_rows_were_free": bound}  # fmt: skip
 
 
 def main() -> None:
@@ -233,11 +236,11 @@ def print_batched(batch: dict) -> None:
     note = "" if batch["rows_equal"] == batch["prompts"] else " (see which: a near-tie in the batched products?)"
     print(f"rows equal to one-at-a-time generation: {batch['rows_equal']}/{batch['prompts']}{note}")
     print(f"one at a time {batch['one_at_a_time_s']:.2f} s: the prompts' prefills {batch['prefills_alone_s']:.2f} s, "
-          f"a one-row step {batch['one_row_step_s'] * 1e3:.2f} ms; batched {batch['batched_s']:.2f} s: its prefill "
-          f"{batch['batch_prefill_s']:.2f} s, {batch['batch_steps']} steps of {batch['batched_step_s'] * 1e3:.2f} ms "
-          f"on average")  # fmt: skip
+          f"a one-row step {batch['one_row_step_s'] * 1e3:.2f} ms")  # fmt: skip
     if batch["ratio_if_rows_were_free"] is not None:
-        print(f"the most batching can give here, every batched step as cheap as a one-row step: "
+        print(f"batched {batch['batched_s']:.2f} s: its prefill {batch['batch_prefill_s']:.2f} s, "
+              f"{batch['batch_steps']} steps of {batch['batched_step_s'] * 1e3:.2f} ms on average; the most batching "
+              f"can give here, every batched step as cheap as a one-row step: "
               f"{batch['ratio_if_rows_were_free']:.2f}x")  # fmt: skip
 
 
