@@ -312,7 +312,8 @@ class _WeightOnlyLinear(nn.Module):
         rows = x if x.ndim == 2 else x.reshape(-1, self.in_features)  # [M, K]
         rows = (rows if rows.dtype == dtype else rows.to(dtype)).contiguous()  # contiguous(): no op if it is
         float_out = self.logits and dtype in (torch.bfloat16, torch.float16)  # an LM head's logits: float32
-        y = self._product(rows, float_out)  # [M, N] in dtype, or float32
+        y = self._product(rows, float_out)  # [M, N] in dtype, or float32 where the kernel keeps its sums
+        y = y.float() if float_out else y  # PyTorch's kernels return 16 bits: widened (float32 stays as it is)
         y = y if self.bias is None else y + self.bias.to(y.dtype)
         y = y if x.ndim == 2 else y.view(*x.shape[:-1], self.out_features)
         out = torch.float32 if float_out else x.dtype
@@ -323,8 +324,8 @@ class _WeightOnlyLinear(nn.Module):
         return self.compute_dtype
 
     def _product(self, x: Tensor, float_out: bool) -> Tensor:
-        """``x [M, K]`` in :meth:`_input_dtype` times the weights: ``[M, N]`` in that dtype, or float32 where
-        ``float_out`` (:attr:`logits`)."""
+        """``x [M, K]`` in :meth:`_input_dtype` times the weights: ``[M, N]`` in that dtype; where ``float_out``
+        (:attr:`logits`) a kernel that sums in float32 may return those sums instead (the caller widens the rest)."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -369,11 +370,9 @@ class Int8Linear(_WeightOnlyLinear):
 
     def _product(self, x: Tensor, float_out: bool) -> Tensor:
         if self.group_size is None:
-            y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat([x, x], dim=1), self.packed, self.group_size,
-                                                           self.scales_and_zeros)  # fmt: skip
-        return y.float() if float_out else y  # PyTorch's kernels return x's dtype: widened
+            return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat([x, x], dim=1), self.packed, self.group_size,
+                                                          self.scales_and_zeros)  # fmt: skip
 
     def extra_repr(self) -> str:
         g = self.group_size
@@ -494,8 +493,7 @@ class Int4Linear(_WeightOnlyLinear):
         if self.kernel == "archlab" and x.shape[0] == 1:
             op = torch.ops.archlab_kernels.int4_rows
             return op(x, self.row_packed, self.row_scales_and_zeros, self.group_size, self._isa, float_out)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
-        return y.float() if float_out else y  # x's dtype: widened
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}, kernel={self.kernel}"

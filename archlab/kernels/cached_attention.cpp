@@ -177,7 +177,7 @@ void weighted(float* o, const float* e, const T* v, int64_t vs, int64_t r, int64
 // Q queries that read one key/value head over one key range (the A / G query heads of a group at one position: a
 // one-token step's, or a verify pass's at each position), AVX-512, D = 16 DB (DB <= 4): each key vector and value
 // vector loaded once for the Q queries, the queries held in registers. Each query's operations are those above:
-// dot_lanes512's two chains, fold16x16 over 16 keys (fold16 for the keys past the last block), weights512,
+// dot_lanes512's two chains, folds16x16 over 16 keys (fold16 for the keys past the last block), weights512,
 // weighted512's multiply-adds in key order; so each result is the one-query path's, to the bit. Measured on the AMD
 // EPYC (AVX-512) kind, 30 layers of SmolLM2's shapes: a 10-row step 1.30x, a 9-token verify pass 1.38x, one token
 // 1.20x (docs/speed.md, 2026-12-05).
@@ -206,7 +206,6 @@ template <int Q, int DB, class T>
 ARCHLAB_AVX512 void scores512_q(float* const* s, const T* const* q, const T* k, int64_t ks, int64_t r,
                                 int64_t p, float scale) {
   const __m512 vscale = _mm512_set1_ps(scale);
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   __m512 qv[Q][DB];
   for (int t = 0; t < Q; ++t)
     for (int d = 0; d < DB; ++d) qv[t][d] = archlab_lanes::load16(q[t] + d * kLanes);
@@ -218,9 +217,7 @@ ARCHLAB_AVX512 void scores512_q(float* const* s, const T* const* q, const T* k, 
       key_lanes<Q, DB, T>(qv, k + (j + u) * ks, out);
       for (int t = 0; t < Q; ++t) sums[t][u] = out[t];
     }
-    for (int t = 0; t < Q; ++t)
-      _mm512_storeu_ps(s[t] + j,
-                       _mm512_mul_ps(vscale, _mm512_permutexvar_ps(order, archlab_lanes::fold16x16(sums[t]))));
+    for (int t = 0; t < Q; ++t) _mm512_storeu_ps(s[t] + j, _mm512_mul_ps(vscale, archlab_lanes::folds16x16(sums[t])));
   }
   for (; j <= p; ++j) {
     __m512 out[Q];

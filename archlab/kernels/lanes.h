@@ -81,13 +81,18 @@ ARCHLAB_AVX512 inline __m512 dot_lanes512(const T* a, const T* b, int64_t D) {
 template <class T>
 ARCHLAB_AVX512 inline float dot512(const T* a, const T* b, int64_t D) { return fold16(dot_lanes512(a, b, D)); }
 
-// the 16 dot products a . b[t * bs], t = 0..15, in t's order: each dot512's value, to the bit (fold16x16)
+// fold16x16's 16 folds in v's order: lane i holds v[i]'s fold (fold16x16 puts it at lane 4 (i % 4) + i / 4)
+ARCHLAB_AVX512 __attribute__((always_inline)) inline __m512 folds16x16(const __m512* v) {
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, fold16x16(v));
+}
+
+// the 16 dot products a . b[t * bs], t = 0..15, in t's order: each dot512's value, to the bit (folds16x16)
 template <class T>
 ARCHLAB_AVX512 inline __m512 dots16x16(const T* a, const T* b, int64_t bs, int64_t D) {
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   __m512 sums[16];
   for (int t = 0; t < 16; ++t) sums[t] = dot_lanes512(a, b + t * bs, D);
-  return _mm512_permutexvar_ps(order, fold16x16(sums));  // fold16x16 puts sums[t]'s at lane 4 (t % 4) + t / 4
+  return folds16x16(sums);
 }
 
 template <class T>

@@ -36,13 +36,10 @@ inline void for_groups(int M, int most, F&& f) {
   }
 }
 
-// where fold16x16 puts the fold of its v[l]: lane 4 (l % 4) + l / 4
-constexpr int fold_lane(int l) { return 4 * (l % 4) + l / 4; }
-
 // fold_tile's Lanes for a float32 y: the sums kept
 ARCHLAB_AVX512 inline void float_lanes(__m512 v, float* out) { _mm512_store_ps(out, v); }
 
-// an NB x R tile's sums: chain 0 + chain 1 lane by lane, the folds 16 at a time (fold16x16: fold16's operations),
+// an NB x R tile's sums: chain 0 + chain 1 lane by lane, the folds 16 at a time (folds16x16: fold16's operations),
 // plus the bias, in lanes; then Lanes(v, out) writes the 16 results in y's type (the kernel's own rounding, lane by
 // lane: the bits a scalar conversion gives) and each is stored to its place: sum i is (o, r) = (i / R, i % R),
 // y[r, n + o]. (One conversion per 16 sums: storing each sum through a scalar conversion took a 3 x 5 bf16 tile about
@@ -56,17 +53,17 @@ ARCHLAB_AVX512 inline void fold_tile(const __m512 (&c0)[NB][R], const __m512 (&c
     sums[i] = i < S ? _mm512_add_ps(c0[i / R][i % R], c1[i / R][i % R]) : _mm512_setzero_ps();
   for (int f = 0; f < F; ++f) {
     const int count = S < 16 * f + 16 ? S - 16 * f : 16;  // sums 16 f .. 16 f + count - 1
-    __m512 folded = archlab_lanes::fold16x16(sums + 16 * f);
+    __m512 folded = archlab_lanes::folds16x16(sums + 16 * f);  // lane l: sum 16 f + l
     if (a.b) {
       alignas(64) float bias[16] = {};
-      for (int l = 0; l < count; ++l) bias[fold_lane(l)] = static_cast<float>(a.b[n + (16 * f + l) / R]);
+      for (int l = 0; l < count; ++l) bias[l] = static_cast<float>(a.b[n + (16 * f + l) / R]);
       folded = _mm512_add_ps(folded, _mm512_load_ps(bias));
     }
     alignas(64) Y out[16];
     Lanes(folded, out);
     for (int l = 0; l < count; ++l) {
       const int i = 16 * f + l;
-      a.y[(i % R) * a.N + n + i / R] = out[fold_lane(l)];
+      a.y[(i % R) * a.N + n + i / R] = out[l];
     }
   }
 }
