@@ -589,18 +589,23 @@ class _Rows:
         self.logits = out[:, -1]
         return out
 
-    def crop(self, length: int) -> None:
-        """Keep the cache's first ``length`` positions: the tokens fed after them are forgotten."""
+    def rewind_rows(self, n: Sequence[int]) -> None:
+        """Row ``r`` forgets the last ``n[r]`` positions fed to it (rejected drafts, a ragged step's padding); every row
+        still ends at the last position: a row forgetting more than the least moves on, its mask with it
+        (:func:`archlab.nn.attention.rewind_rows`)."""
         self._grow()
-        self.cache.crop(length)
-        self.mask = self.mask[:, :length]
+        least = min(n)
+        length = self.mask.shape[1] - least
+        self.cache.rewind_rows(list(n))
+        self.mask = torch.stack([torch.cat([self.mask.new_zeros(e - least), self.mask[r, : length - (e - least)]])
+                                 for r, e in enumerate(n)])  # fmt: skip
         self._rebuilt()
 
     def compact(self) -> None:
         """Drop the leading positions that every row masks (the cache's ``drop_front``): no row reads them."""
         self._grow()
         read = self.mask.any(dim=0)
-        start = int(read.int().argmax()) if bool(read.any()) else 0
+        start = int(read.int().argmax()) if bool(read.any()) else self.mask.shape[1]
         if start:
             self.cache.drop_front(start)
             self.mask = self.mask[:, start:]
@@ -674,26 +679,29 @@ class RowBatch:
 
     A row is prefilled on its own (:meth:`prefill` ``(key, prompt)``: its first token's logits ``[V]``), waits with
     its cache until :meth:`join` adds it to the batch, and leaves by :meth:`remove`. :meth:`step` feeds every joined
-    row its next ``n`` tokens in one forward pass (``B`` rows: one pass, far cheaper than ``B`` one-row passes where
-    a step streams the weights) and returns each row's logits ``[n, V]``; :meth:`rewind` forgets the positions fed
-    last (drafts that a verification rejected). The caller chooses the tokens (greedy, sampled, verified drafts);
-    the last token it chose is fed by the next :meth:`step`.
+    row its next ``n_b >= 1`` tokens in one forward pass (``B`` rows: one pass, far cheaper than ``B`` one-row passes
+    where a step streams the weights) and returns each row's logits ``[n_b, V]``; :meth:`rewind` forgets positions
+    fed last, as many in every row or a count for each (the drafts that each row's verification rejected: a batch
+    of speculative rounds). The caller chooses the tokens (greedy, sampled, verified drafts); the last token it chose
+    is fed by the next :meth:`step`.
 
     Rows are left-padded, as in :func:`generate_batch`: each row's tokens are contiguous and end at the batch's last
     position, masked zero keys and values before them. A row joining a batch of another length is lined up by
     padding the shorter side in front (the cache's ``pad_front``; positions are counted from the mask, so no key or
     value changes), and when rows leave, the leading positions every remaining row masks are dropped (the cache's
-    ``drop_front``), so a batch that never empties holds about as many positions as its longest row. Each row's
+    ``drop_front``), so a batch that never empties holds about as many positions as its longest row. Rows that forget
+    different numbers of positions are lined up again by moving the rows that forget more (the cache's
+    ``rewind_rows``: zeros in front, no key or value changed). Each row's
     logits are those it gets decoded alone; in float32 on a CPU where archlab's kernels take the batch's rows, to the
     bit (as :func:`generate_batch`). Not thread-safe: one thread calls every method.
 
     Args:
         model: a decoder-only model with ``decoder_step(attention_mask)`` and ``new_cache()`` whose cache can
-            ``pad_front``, ``join``, ``crop``, ``drop_front``, ``empty_like`` and ``reorder`` (GPT, Llama); made
+            ``pad_front``, ``join``, ``rewind_rows``, ``drop_front``, ``empty_like`` and ``reorder`` (GPT, Llama); made
             once: every row's cache is its ``empty_like()``.
     """
 
-    CACHE_METHODS = ("pad_front", "join", "crop", "drop_front", "empty_like", "reorder")
+    CACHE_METHODS = ("pad_front", "join", "rewind_rows", "drop_front", "empty_like", "reorder")
 
     def __init__(self, model: nn.Module):
         if not isinstance(model, nn.Module) or not _steps_rows(model):
@@ -707,6 +715,7 @@ class RowBatch:
         self.model, self.device = model, next(model.parameters()).device
         self._batch: _Rows | None = None  # the joined rows, in order (their keys: _batch.prompt)
         self._waiting: dict[Any, _Rows] = {}  # prefilled, not joined
+        self._pads: list[int] | None = None  # the last ragged step's padding of each row, not yet forgotten
 
     @property
     def joined(self) -> list:
@@ -720,7 +729,8 @@ class RowBatch:
 
     @property
     def length(self) -> int:
-        """The positions the batch's cache holds (0 without rows)."""
+        """The positions the batch's cache holds (0 without rows; a ragged step's padding included until it is
+        forgotten)."""
         return 0 if self._batch is None else self._batch.cache.length
 
     @torch.no_grad()
@@ -746,31 +756,64 @@ class RowBatch:
         if self._batch is None:
             self._batch = rows
             return
+        self._settle()
         self._batch.join(rows)
 
     @torch.no_grad()
     def step(self, tokens: dict[Any, Sequence[int]]) -> dict[Any, Tensor]:
-        """Feed every joined row its ``tokens[key]`` (``n >= 1`` ids, as many for each row) in one forward pass;
-        returns each row's logits ``[n, V]`` at those tokens (the last: its next token's)."""
+        """Feed every joined row its ``tokens[key]`` (``n_key >= 1`` ids) in one forward pass of ``[B, max n]``;
+        returns each row's logits ``[n_key, V]`` at its tokens (the last: its next token's). A row fed fewer tokens
+        than the longest is padded at its end (its last token again; causal, so its real positions do not read them);
+        the padding is forgotten with the next :meth:`rewind`, or before the next pass, in one move of the rows."""
+        self._settle()
         keys = self.joined
         if not keys or set(tokens) != set(keys):
             raise ConfigError(f"step feeds every joined row: got rows {sorted(tokens, key=repr)}, joined "
                               f"{sorted(keys, key=repr)}")  # fmt: skip
-        lengths = {len(tokens[k]) for k in keys}
-        if len(lengths) != 1 or 0 in lengths:
-            raise ConfigError(f"step feeds as many tokens (>= 1) to every row, got lengths {sorted(lengths)}")
-        ids = torch.tensor([list(tokens[k]) for k in keys], dtype=torch.long, device=self.device)
-        out = self._batch.feed(ids)
-        return {k: out[i] for i, k in enumerate(keys)}
+        for k in keys:
+            if isinstance(tokens[k], (str, bytes, Tensor)) or not isinstance(tokens[k], Sequence) or not tokens[k]:
+                raise ConfigError(f"step's tokens[{k!r}] must be a non-empty list of token ids, got {tokens[k]!r:.60}")
+        width = max(len(tokens[k]) for k in keys)
+        ids = [list(tokens[k]) + [tokens[k][-1]] * (width - len(tokens[k])) for k in keys]
+        out = self._batch.feed(torch.tensor(ids, dtype=torch.long, device=self.device))
+        self._pads = [width - len(tokens[k]) for k in keys]
+        return {k: out[i, : len(tokens[k])] for i, k in enumerate(keys)}
 
-    def rewind(self, n: int) -> None:
-        """Forget the last ``n`` positions fed to every joined row (rejected drafts); the row's next :meth:`step`
-        continues after the positions kept."""
-        _check_int("n", n, 0)
-        if n > self.length:
-            raise ConfigError(f"rewind n={n}: the batch holds {self.length} positions")
-        if n:
-            self._batch.crop(self.length - n)
+    def rewind(self, n: int | dict[Any, int]) -> None:
+        """Forget the last ``n`` positions fed to every joined row, or ``n[key]`` to each row named (rejected
+        drafts; a row not named keeps its positions); a row's next :meth:`step` continues after its positions kept.
+        Rows that forget different numbers are lined up again by moving the rows that forget more (their keys and
+        values unchanged: :func:`archlab.nn.attention.rewind_rows`)."""
+        keys = self.joined
+        counts = dict.fromkeys(keys, n) if not isinstance(n, dict) else n
+        unknown = [k for k in counts if k not in keys]
+        if unknown:
+            raise ConfigError(f"rewind names rows {unknown} that are not joined; joined: {keys}")
+        held = self._held()
+        for k, count in counts.items():
+            _check_int(f"n[{k!r}]" if isinstance(n, dict) else "n", count, 0)
+            if count > held[k]:
+                raise ConfigError(f"rewind n={count} for row {k!r}: the row holds {held[k]} positions")
+        self._settle([counts.get(k, 0) for k in keys])
+
+    def _held(self) -> dict[Any, int]:
+        """Each joined row's real positions (a ragged step's padding not counted)."""
+        if self._batch is None:
+            return {}
+        self._batch._grow()
+        real = self._batch.mask.sum(dim=1).tolist()
+        return {k: int(r) - pad for k, r, pad in zip(self.joined, real, self._pads or [0] * len(real), strict=True)}
+
+    def _settle(self, more: list[int] | None = None) -> None:
+        """Forget the last ragged step's padding and ``more [B]`` positions of each joined row, in one move, then the
+        leading positions no row reads."""
+        counts = self._pads or [0] * len(self.joined)
+        if more is not None:
+            counts = [a + b for a, b in zip(counts, more, strict=True)]
+        self._pads = None
+        if any(counts):
+            self._batch.rewind_rows(counts)
+            self._batch.compact()  # the rows moved on: leading positions no row reads
 
     @torch.no_grad()
     def remove(self, keys: Iterable[Any]) -> None:
@@ -782,10 +825,12 @@ class RowBatch:
             return
         kept = [i for i, key in enumerate(self._batch.prompt) if key not in keys]
         if not kept:
-            self._batch = None
+            self._batch, self._pads = None, None
             return
+        self._pads = None if self._pads is None else [self._pads[i] for i in kept]
         self._batch.keep(torch.tensor(kept, device=self.device))
-        self._batch.compact()
+        self._settle()
+        self._batch.compact()  # the positions only the removed rows read
 
 
 # ================================================================================================

@@ -7,9 +7,10 @@ to other jobs on a shared machine) until all have ended, and their tokens per CP
 
 * ``turns``: each stream on its own (``Explainer.stream``: prompt-lookup speculative), one piece each in turn:
   how ``archlab search serve`` decoded before streams were batched;
-* ``batched``: :class:`archlab.search.explain.ExplanationStreams` with ``speculative_alone = False`` (every
+* ``batched``: :class:`archlab.search.explain.ExplanationStreams` with ``speculative = False`` (every
   round one batched greedy step, one stream included);
-* ``default``: ``ExplanationStreams`` as shipped (speculative while one stream runs, batched from two)::
+* ``default``: ``ExplanationStreams`` as shipped (every pass verifies each stream's prompt-lookup drafts, at most
+  ``pass_rows // N - 1`` a stream); ``--pass-rows R`` adds a ``rows R`` column for each other budget::
 
     python benchmarks/explain_streams.py --index runs/search-builtin --streams 1,3 --max-new-tokens 32 --threads 1
 """
@@ -46,10 +47,17 @@ def turns(explainer, jobs) -> tuple[float, dict]:
     return time.process_time() - started, {q: h.explanation for q, h in jobs}
 
 
-def together(explainer, jobs, speculative_alone: bool) -> tuple[float, dict]:
-    started = time.process_time()
+def held_streams(explainer, speculative: bool, pass_rows: int | None = None) -> ExplanationStreams:
+    """Streams made once and kept, as ``archlab search serve`` keeps its own: a float32 model's packed weight copies
+    are made at their first start, not in every timed run."""
     streams = ExplanationStreams(explainer)
-    streams.speculative_alone = speculative_alone
+    streams.speculative = speculative
+    streams.pass_rows = pass_rows or streams.pass_rows
+    return streams
+
+
+def together(streams, jobs) -> tuple[float, dict]:
+    started = time.process_time()
     for query, hit in jobs:
         streams.resume(streams.start(query, hit))
     while streams.running:
@@ -63,6 +71,7 @@ def main() -> int:
     parser.add_argument("--streams", default="1,2,4,8", help="numbers of streams started together")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--pass-rows", default="", help="other budgets of a pass's rows to time too, e.g. 9,24")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's); 1 keeps the "
                         "CPU time free of idle threads spinning, on a shared machine")
     args = parser.parse_args()
@@ -82,11 +91,15 @@ def main() -> int:
         hits[q] = hit
     print(f"CPU: {describe_cpu()}; torch threads {torch.get_num_threads()}; {next(model.parameters()).dtype}; "
           f"load {os.getloadavg()[0]:.1f} at the start")
-    together(explainer, [(QUESTIONS[0], fresh(hits[QUESTIONS[0]]))], True)  # warm-up
+    kept = {"batched": held_streams(explainer, False), "default": held_streams(explainer, True)}
+    kept |= {f"rows {r}": held_streams(explainer, True, int(r)) for r in args.pass_rows.split(",") if r}
+    for streams in kept.values():  # warm-up (and the packed copies made)
+        together(streams, [(QUESTIONS[0], fresh(hits[QUESTIONS[0]]))])
+    ways = [("turns", lambda j: turns(explainer, j))]
+    ways += [(name, lambda j, s=streams: together(s, j)) for name, streams in kept.items()]
     for n in (int(x) for x in args.streams.split(",")):
         row, texts = [], []
-        for name, run in (("turns", lambda j: turns(explainer, j)), ("batched", lambda j: together(explainer, j, False)),
-                          ("default", lambda j: together(explainer, j, True))):  # fmt: skip
+        for name, run in ways:
             jobs = [(q, fresh(hits[q])) for q in QUESTIONS[:n]]
             seconds, text = run(jobs)
             tokens = sum(len(explainer.load()[1].encode(t)) for t in text.values())
@@ -94,7 +107,7 @@ def main() -> int:
             texts.append(text)
         same = all(t == texts[0] for t in texts)
         print(f"{n} streams: " + ", ".join(row) + ("" if same else "; the texts differ (bf16 near-ties):"))
-        for name, text in zip(("turns", "batched", "default"), texts):
+        for (name, _), text in zip(ways, texts):
             if not same:
                 print(f"  {name}: {[t[len(REPLY_OPENING):][:60] for t in text.values()]}")
     print(f"load {os.getloadavg()[0]:.1f} at the end")

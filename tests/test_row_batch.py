@@ -98,6 +98,56 @@ def test_a_batch_that_never_empties_holds_its_oldest_rows_positions_and_decodes_
         torch.testing.assert_close(torch.stack(logits), alone, rtol=1e-9, atol=1e-9, msg=f"row {k}")
 
 
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+@torch.no_grad()
+def test_rows_fed_different_numbers_of_tokens_and_keeping_different_numbers_decode_as_alone(family):
+    """A batch of speculative rounds: each round feeds every row its last token and 0-2 drafts (a ragged pass, the
+    shorter rows padded), then each row keeps its own number of them (``rewind`` with a count per row, the padding
+    forgotten in the same move; or no rewind at all when every row keeps all it was fed). Rows join and leave
+    between rounds. Every logit a row keeps equals one forward pass over its own sequence, and the cache holds no
+    more positions than the longest row."""
+    m = family_model(family)
+    g = torch.Generator().manual_seed(5)
+    batch, seqs, seen = RowBatch(m), {}, {}
+
+    def start(key, n):
+        seqs[key] = torch.randint(1, V, (n,), generator=g).tolist()
+        seen[key] = [batch.prefill(key, seqs[key])]
+        seqs[key].append(int(seen[key][-1].argmax()))
+        batch.join(key)
+
+    def rounds(count, keep_all=False):
+        for _ in range(count):
+            keys = batch.joined
+            drafts = {k: torch.randint(1, V, (int(torch.randint(0, 3, (), generator=g)),), generator=g).tolist()
+                      for k in keys}  # fmt: skip
+            out = batch.step({k: [seqs[k][-1], *drafts[k]] for k in keys})
+            kept = {k: len(drafts[k]) if keep_all else int(torch.randint(0, len(drafts[k]) + 1, (), generator=g))
+                    for k in keys}  # fmt: skip
+            if not keep_all:
+                batch.rewind({k: len(drafts[k]) - kept[k] for k in keys})
+            for k in keys:
+                assert out[k].shape[0] == 1 + len(drafts[k])
+                seen[k].extend(out[k][: 1 + kept[k]])
+                seqs[k] += drafts[k][: kept[k]] + [int(out[k][kept[k]].argmax())]
+            if not keep_all:  # else the padding is held until the next pass
+                assert batch.length == max(len(seqs[k]) - 1 for k in keys)
+
+    start("a", 3), start("b", 7)
+    rounds(2)
+    start("c", 2)
+    rounds(2, keep_all=True)  # the padding forgotten before the next pass, not by a rewind
+    start("d", 5)
+    rounds(2)
+    batch.remove(["b"])
+    rounds(1, keep_all=True)
+    batch.remove(["a"])  # the padding of the last pass forgotten with it
+    rounds(2)
+    for k, logits in seen.items():
+        alone = m(torch.tensor([seqs[k][:-1]]))[0, -len(logits) :]
+        torch.testing.assert_close(torch.stack(logits), alone, rtol=1e-9, atol=1e-9, msg=f"row {k}")
+
+
 @torch.no_grad()
 def test_steps_are_built_when_rows_change_not_at_every_step():
     """The model's step is built when rows join or leave (or positions are cropped or dropped), once for all the
@@ -135,7 +185,7 @@ def test_row_batch_refusals():
     m = family_model("gpt")
     with pytest.raises(ConfigError, match="decoder-only"):
         RowBatch(torch.nn.Linear(2, 2))
-    with pytest.raises(ConfigError, match="pad_front, join, crop, drop_front, empty_like"):
+    with pytest.raises(ConfigError, match="pad_front, join, rewind_rows, drop_front, empty_like"):
         RowBatch(family_model("lstm"))
     batch = RowBatch(m)
     batch.prefill("x", [1, 2])
@@ -150,10 +200,19 @@ def test_row_batch_refusals():
     batch.join("x")
     batch.prefill("z", [4, 5, 6])
     batch.join("z")
-    with pytest.raises(ConfigError, match="as many tokens"):
-        batch.step({"x": [1], "z": [1, 2]})
-    with pytest.raises(ConfigError, match="rewind n=99"):
+    with pytest.raises(ConfigError, match=r"step's tokens\['z'\] must be a non-empty list of token ids, got \[\]"):
+        batch.step({"x": [1], "z": []})
+    with pytest.raises(ConfigError, match="rewind n=99 for row 'x': the row holds 2 positions"):
         batch.rewind(99)
+    batch.step({"x": [1], "z": [1, 2, 3]})  # x padded by 2 positions, which it does not hold
+    with pytest.raises(ConfigError, match="rewind n=4 for row 'x': the row holds 3 positions"):
+        batch.rewind({"x": 4})
+    with pytest.raises(ConfigError, match=r"rewind names rows \['w'\] that are not joined; joined: \['x', 'z'\]"):
+        batch.rewind({"w": 1})
+    with pytest.raises(ConfigError, match="n\\['z'\\]=-1 must be"):
+        batch.rewind({"z": -1})
+    batch.rewind({"x": 3, "z": 6})  # every position fed to x (its prompt's 2 and 1) and to z (3 and 3)
+    assert batch.length == 0
 
 
 @pytest.mark.parametrize("rotary_dim", [None, 4])
@@ -193,3 +252,41 @@ def test_rope_at_rows_rotates_each_row_at_its_own_positions_to_the_bit(rotary_di
         rope.at_rows(torch.zeros(3, 6))
     with pytest.raises(ShapeError, match=r"x must be \[B, H, N, d\] = \[3, H, 6, d\]"):
         rows.rotate(x[:, :, :5])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rewind_rows_moves_rows_that_forget_more_on_with_zeros_before_them(dtype, monkeypatch):
+    """``rewind_rows`` over two layers' caches of 18 positions (one a view after ``drop_front``), rows forgetting
+    2, 4, 1 and 3: the caches keep 17 positions, row ``b`` its first ``18 - n[b]`` keys and values ending at the last,
+    zeros before them; the kernel's one call and PyTorch's slices (no kernel) give the same bits, and counts out of
+    range or of another batch are refused first."""
+    from archlab import kernels
+    from archlab.errors import ShapeError
+    from archlab.nn.attention import KVCache, rewind_rows
+
+    g = torch.Generator().manual_seed(0)
+    layers = [(torch.randn(4, 3, 20, 16, generator=g).to(dtype), torch.randn(4, 3, 20, 32, generator=g).to(dtype))
+              for _ in range(2)]  # fmt: skip
+    forget = [2, 4, 1, 3]
+    got = {}
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.setattr(kernels, "f32_kernel", lambda: 0)
+        caches = [KVCache(), KVCache()]
+        caches[0].append(*layers[0])
+        caches[0].drop_front(2)  # a view of its storage
+        caches[1].append(layers[1][0][:, :, 2:], layers[1][1][:, :, 2:])
+        with pytest.raises(ShapeError, match=r"rewind_rows n=\[1, 19, 0, 2\] must hold one int count in \[0, 18\]"):
+            rewind_rows(caches, [1, 19, 0, 2])
+        with pytest.raises(ShapeError, match=r"one int count in \[0, 18\] per row \(4\)"):
+            rewind_rows(caches, [1, 2])
+        rewind_rows(caches, forget)
+        assert [c.length for c in caches] == [17, 17]
+        for c, (k, v) in zip(caches, layers, strict=True):
+            for held, full in ((c.keys, k[:, :, 2:]), (c.values, v[:, :, 2:])):
+                for b, e in enumerate(forget):
+                    moved = e - 1  # forgets e - 1 more than the least
+                    assert torch.equal(held[b, :, moved:], full[b, :, : 18 - e]), f"row {b}"
+                    assert not held[b, :, :moved].any()
+        got[kernel] = [t for c in caches for t in (c.keys, c.values)]
+    assert all(torch.equal(a, b) for a, b in zip(got[True], got[False], strict=True))

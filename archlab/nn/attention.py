@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -695,6 +695,10 @@ class KVCache:
             raise ShapeError(f"crop length={length} must be in [0, {self.length}]")
         self.length = length
 
+    def rewind_rows(self, n: Sequence[int]) -> None:
+        """Row ``b`` forgets its last ``n[b]`` positions, every row still ending at the last (:func:`rewind_rows`)."""
+        rewind_rows([self], n)
+
     def drop_front(self, n: int) -> None:
         """Forget the first ``n`` positions; the others move ``n`` places back. Continuous batching drops positions
         that every row's mask hides (:class:`archlab.generation.RowBatch`), so a batch that never empties does not
@@ -781,6 +785,28 @@ class KVCache:
         selected = stored.new_empty(index.shape[0], *stored.shape[1:])
         torch.index_select(used, 0, index, out=selected[:, :, : self.length])
         return selected
+
+
+def rewind_rows(caches: Sequence[KVCache], n: Sequence[int]) -> None:
+    """Row ``b`` of every cache of ``caches`` (one batch's layers, each ``[B, G, M, d]``) forgets its last ``n[b]``
+    positions (``n``: one count per row), and every row still ends at the last position: the caches keep
+    ``M - min(n)`` positions, and a row that forgets ``e`` more than the least moves ``e`` places on, zero keys and
+    values before it (left padding, as :meth:`KVCache.pad_front`; the caller's mask hides them). A batch's speculative
+    rounds accept a different number of drafts in each row (:class:`archlab.generation.RowBatch`). No kept key or
+    value changes; the moves of all the layers are one call (:func:`archlab.kernels.shift_rows`)."""
+    lengths = {c.length for c in caches}
+    rows = {0 if c._k is None else c._k.shape[0] for c in caches}
+    if len(lengths) > 1 or len(rows) > 1:
+        raise ShapeError(f"rewind_rows needs caches of one length and batch, got lengths {sorted(lengths)} and "
+                         f"batches {sorted(rows)}")  # fmt: skip
+    length, batch = (lengths.pop(), rows.pop()) if caches else (0, len(n))
+    if len(n) != batch or any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e <= length for e in n):
+        raise ShapeError(f"rewind_rows n={list(n)} must hold one int count in [0, {length}] per row ({batch})")
+    least = min(n, default=0)
+    for c in caches:
+        c.crop(length - least)
+    stored = [t for c in caches if c._k is not None for t in (c._k, c._v)]
+    kernels.shift_rows(stored, [e - least for e in n], length - least)
 
 
 # ================================================================================================

@@ -13,14 +13,14 @@ Shapes: ``x [B, N, d]``, ``memory [B, M, d]`` -> ``[B, N, d]``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
 from archlab.config import check_positive, check_probability
 from archlab.errors import ConfigError, ShapeError
-from archlab.nn.attention import KVCache, MultiHeadAttention
+from archlab.nn.attention import KVCache, MultiHeadAttention, rewind_rows
 from archlab.nn.dropout import Dropout
 from archlab.nn.feedforward import build_feedforward
 from archlab.nn.linear import PackedLinear, is_logits_head
@@ -182,6 +182,11 @@ class DecodingCache:
         """Forget every position from ``length`` on (self-attention only)."""
         for block in self.blocks:
             block.self_attn.crop(length)
+
+    def rewind_rows(self, n: Sequence[int]) -> None:
+        """Row ``b`` forgets its last ``n[b]`` positions in every block, every row still ending at the last position
+        (:func:`archlab.nn.attention.rewind_rows`: one move of all the blocks' rows)."""
+        rewind_rows([block.self_attn for block in self.blocks], n)
 
     def empty_like(self) -> DecodingCache:
         """An empty cache of as many blocks that shares this one's packed ``output`` (no second copy of the head)."""

@@ -497,19 +497,22 @@ class ExplanationStreams:
     explanation thread (one thread calls every method).
 
     :meth:`start` builds a result's prompt, prefills it on its own and decodes its first token; the stream waits
-    (its cache kept) until :meth:`resume`. :meth:`step` decodes the next tokens of every resumed stream: with two
-    or more, one greedy step of all of them as one batch (:class:`archlab.generation.RowBatch`: continuous
-    batching, a stream joining the batch after its prefill and leaving it when it ends or :meth:`close` drops it);
-    with one, a round of prompt-lookup speculative decoding (its drafts verified in one pass of ``1 + k`` tokens,
-    :func:`archlab.speculative.accept`), as :meth:`Explainer.stream` decodes. Both are greedy, so each stream's
-    text is the one it gets decoded alone (up to floating-point near-ties).
+    (its cache kept) until :meth:`resume`. :meth:`step` decodes the next tokens of every resumed stream in one
+    forward pass (:class:`archlab.generation.RowBatch`: continuous batching, a stream joining the batch after its
+    prefill and leaving it when it ends or :meth:`close` drops it), each stream's row fed its last token and its
+    prompt-lookup drafts (:class:`archlab.speculative.PromptLookup`) and keeping the drafts its own logits accept
+    (:func:`archlab.speculative.accept`; the rows keep different numbers, ``RowBatch.rewind`` lines them up again).
+    Greedy, so each stream's text is the one :meth:`Explainer.stream` decodes for it alone (up to floating-point
+    near-ties).
 
-    Speculative alone, batched from two streams on (:attr:`speculative_alone`), chosen by measurement
-    (``benchmarks/explain_streams.py --threads 1``, SmolLM2-135M-Instruct in bf16, 32 tokens a stream, CPU seconds
-    on the AMD EPYC at a load of 7, docs/search.md): one stream 1.2 s with speculative rounds on its
-    row against 1.6 s with one-token steps; 8 streams 4.1 s this way against 6.5 s taking turns, each stream
-    speculative on its own. Speculative rounds of several rows would accept different numbers of drafts per row
-    (a ragged cache), so they are not combined with the batch.
+    A pass feeds at most :attr:`pass_rows` tokens in all (padding included: a row with fewer drafts is padded to
+    the longest), so each of ``N`` streams drafts at most ``pass_rows // N - 1`` (:meth:`drafts_each`; at most
+    :attr:`Explainer.draft_tokens`, as a stream alone): 8 drafts alone, 7 each for 2 streams, 3 for 4, 1 for 8,
+    plain one-token steps from 9. 16 is the rows ``bf16_rows`` takes (``f32_rows`` takes 12 before oneDNN's copies);
+    chosen by measurement (``benchmarks/explain_streams.py --pass-rows``, SmolLM2-135M-Instruct, 96 tokens a stream,
+    CPU seconds on the AMD EPYC, docs/search.md): in bf16, 4 streams 1.3 s with 16 rows, 1.4 with 9, 2.2 with 24
+    (products of more than 16 bf16 rows leave the kernel); against the policy before (one stream speculative, plain
+    batched steps from two) 2 streams took 0.8 s against 1.2, 4 streams 1.3 against 2.3, 8 streams 2.4-2.5 against 3.2.
 
     Every step's products of several rows (a batch of streams, or one stream's ``1 + k`` verified tokens) run on
     oneDNN-packed copies of the model's float32 weights (:func:`archlab.nn.linear.packed_for_rows`), packed once,
@@ -521,7 +524,8 @@ class ExplanationStreams:
     streams 3.8 s and 2.6 s, the texts unchanged.
     """
 
-    speculative_alone = True  # one stream running: a speculative round (False: a one-row greedy step)
+    speculative = True  # prompt-lookup drafts verified in every pass (False: one-token steps)
+    pass_rows = 16  # the tokens a pass feeds at most, padding included: bf16_rows' rows (f32_rows takes 12 first)
 
     def __init__(self, explainer: Explainer):
         self.explainer = explainer
@@ -576,35 +580,38 @@ class ExplanationStreams:
             self._running[stream.key] = stream
 
     def step(self) -> list[ExplanationStream]:
-        """The next tokens of every resumed stream; returns the streams that got text or ended."""
+        """The next tokens of every resumed stream, in one pass (:meth:`drafts_each`); returns the streams that got
+        text or ended."""
+        from archlab.speculative import Sampling, accept, make_draft
+
         running = list(self._running.values())
-        if len(running) == 1 and self.speculative_alone:
-            self._speculative(running[0])
-        elif running:
-            out = self._rows.step({s.key: s.tokens[-1:] for s in running})
-            for s in running:
-                s.stats.target_passes += 1
-                self._add(s, [int(greedy_next(out[s.key][-1]))])
+        if not running:
+            return []
+        greedy, most = Sampling(), self.drafts_each(len(running))
+        lookup = make_draft("lookup", self.explainer.load()[0])
+        drafts = {s.key: lookup.propose(s.tokens, min(most, self.explainer.max_new_tokens - s.decoded - 1), greedy)[0]
+                  if most else [] for s in running}  # fmt: skip
+        out = self._rows.step({s.key: [s.tokens[-1], *drafts[s.key]] for s in running})  # [1 + k_s, V] each
+        new = {s.key: accept(drafts[s.key], None, out[s.key], greedy) for s in running}
+        self._rows.rewind({s.key: len(drafts[s.key]) + 1 - len(new[s.key]) for s in running})
+        for s in running:
+            s.stats.drafted += len(drafts[s.key])
+            s.stats.accepted += len(new[s.key]) - 1
+            s.stats.target_passes += 1
+            self._add(s, new[s.key])
         return [s for s in running if s.done or s._pieces]
+
+    def drafts_each(self, streams: int) -> int:
+        """The most drafts each of ``streams`` running streams verifies in a pass: ``pass_rows // streams - 1``, at
+        most :attr:`Explainer.draft_tokens` (0 without :attr:`speculative`)."""
+        if not self.speculative:
+            return 0
+        return max(0, min(self.explainer.draft_tokens, self.pass_rows // streams - 1))
 
     def close(self, stream: ExplanationStream) -> None:
         """Stop decoding ``stream`` (its reader left): its row leaves; the hit keeps what was decoded."""
         if not stream.done:
             self._end(stream)
-
-    def _speculative(self, s: ExplanationStream) -> None:
-        from archlab.speculative import Sampling, accept, make_draft
-
-        greedy, room = Sampling(), self.explainer.max_new_tokens - s.decoded - 1
-        drafts, _ = make_draft("lookup", self.explainer.load()[0]).propose(s.tokens, min(self.explainer.draft_tokens,
-                                                                                       room), greedy)  # fmt: skip
-        logits = self._rows.step({s.key: [s.tokens[-1], *drafts]})[s.key]  # [1 + k', V]
-        new = accept(drafts, None, logits, greedy)
-        self._rows.rewind(len(drafts) + 1 - len(new))
-        s.stats.drafted += len(drafts)
-        s.stats.accepted += len(new) - 1
-        s.stats.target_passes += 1
-        self._add(s, new)
 
     def _add(self, s: ExplanationStream, new: list[int]) -> None:
         """Give ``s`` its newly decoded tokens (those past its end are dropped); end it when it ends."""

@@ -266,8 +266,9 @@ def test_evidence_of_several_queries_at_once_equals_one_query_at_a_time(scorer):
 
 def test_streams_decoded_as_one_batch_equal_each_stream_alone(tiny_model, monkeypatch, tmp_path):
     """Three explanations through ExplanationStreams: two start together, one joins late (after waiting with its
-    prefill done), one is closed early by its reader; the rows decode as one batch (3 rows at once), and each
-    stream's text is the one Explainer.stream decodes for it alone, so rows that mixed would show here."""
+    prefill done), one is closed early by its reader; the rows decode as one batch (3 rows at once), each row
+    verifying its own prompt-lookup drafts (a ragged pass, each row keeping what it accepted), and each stream's text
+    is the one Explainer.stream decodes for it alone, so rows that mixed would show here."""
     monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path / "cache"))
     explainer = Explainer(tiny_model, max_new_tokens=12, scorer="bm25")
     explainer.load()[0].double()  # float64: bf16 logits of this random model have near-ties a batch may flip
@@ -279,6 +280,7 @@ def test_streams_decoded_as_one_batch_equal_each_stream_alone(tiny_model, monkey
 
     streams = explainer.streams()
     rows_per_step: list[int] = []
+    fed: list[list[int]] = []  # the tokens each row is fed in each pass
     hits = {name: _hits(doc)[0] for name, (_, doc) in jobs.items()}
     got = {name: [] for name in jobs}
     started = {}
@@ -288,7 +290,8 @@ def test_streams_decoded_as_one_batch_equal_each_stream_alone(tiny_model, monkey
         got[name] += started[name].take()
         if streams._rows is not None and not hasattr(streams._rows, "spied"):
             step = streams._rows.step
-            streams._rows.step = lambda tokens: rows_per_step.append(len(tokens)) or step(tokens)
+            streams._rows.step = lambda tokens: (rows_per_step.append(len(tokens)),
+                                                 fed.append(sorted(len(t) for t in tokens.values())))[0] or step(tokens)
             streams._rows.spied = True
 
     def step():
@@ -312,6 +315,9 @@ def test_streams_decoded_as_one_batch_equal_each_stream_alone(tiny_model, monkey
     partial = "".join(got["b"])
     assert partial.startswith(REPLY_OPENING) and alone["b"].startswith(partial) and len(partial) < len(alone["b"])
     assert hits["b"].explanation == partial
+    # passes of several streams verified their drafts too, rows fed different numbers of tokens, each within its share
+    assert any(len(f) >= 2 and len(set(f)) > 1 for f in fed)
+    assert all(f[-1] <= 1 + streams.drafts_each(len(f)) for f in fed)
 
 
 def test_streams_hold_packed_weight_copies_for_their_multi_row_steps_until_released(tiny_model, monkeypatch, tmp_path):
