@@ -507,7 +507,8 @@ def test_row_batch_rows_get_the_logits_they_get_alone_to_the_bit(family):
     (float32 products of up to KERNEL_FIRST_ROWS rows, the padded attention from each row's first key, RoPE at each
     row's own positions): every logit a row gets, at every step, is the one it gets decoded alone, to the bit, so
     greedy rows equal one-at-a-time generation near-ties included. Rows join a batch of another length (either side
-    padded in front), wait, and leave (the positions no row reads dropped)."""
+    padded in front), wait, and leave (the positions no row reads dropped), and verify drafts in ragged passes, each
+    keeping its own number (the rows that keep fewer moved on)."""
     from archlab.generation import RowBatch, generate
 
     model = kernel_width_model(family)
@@ -551,9 +552,27 @@ def test_row_batch_rows_get_the_logits_they_get_alone_to_the_bit(family):
     batch.join(3)
     start(0)
     step(), step()
+
+    def verify(drafts: dict[int, list[bool]]) -> None:
+        """A speculative round: row r fed its token and a draft for each flag (True: the greedy token alone chose
+        next, accepted; False: another, rejected), the rows ragged; each keeps its own number (rewind per row)."""
+        fed, kept = {}, {}
+        for r in batch.joined:
+            i, right = len(got[r]) - 1, drafts.get(r, [])
+            fed[r] = [tokens[r][i]] + [tokens[r][i + 1 + j] if ok else (tokens[r][i + 1 + j] + 1) % 48
+                                       for j, ok in enumerate(right)]  # fmt: skip
+            kept[r] = next((j for j, ok in enumerate(right) if not ok), len(right))
+        out = batch.step(fed)
+        batch.rewind({r: len(fed[r]) - 1 - kept[r] for r in fed})
+        for r, logits in out.items():
+            got[r].extend(logits[: 1 + kept[r]])
+
+    verify({5: [True], 3: [False], 0: [True]})  # 8 rows: rows 1 and 0 move on by 1, row 3 by 2
+    verify({1: [True], 3: [True]})
+    step()
     for r, logits in got.items():
         assert not logits or torch.equal(torch.stack(logits), alone[r][: len(logits)]), f"row {r}"
-    assert {r: len(v) for r, v in got.items()} == {0: 3, 1: 6, 2: 0, 3: 3, 4: 3, 5: 4}
+    assert {r: len(v) for r, v in got.items()} == {0: 7, 1: 10, 2: 0, 3: 7, 4: 3, 5: 8}
 
 
 def test_padded_flop_formula_counts_the_keys_read():
