@@ -28,10 +28,10 @@ FAISS search for all their queries (:meth:`archlab.search.engine.SearchEngine.se
 whose torch ops use the machine's threads; at most :data:`MAX_BATCH` per batch and :data:`MAX_WAITING` waiting
 (more are refused with 503, a clear JSON reason). Explanations run on another thread in priority order
 (:class:`PriorityWorker`), and the streams of every page that reads one decode together
-(:class:`archlab.search.explain.ExplanationStreams`: one decode round gives each running stream its next tokens
-in one batched forward pass; a stream joins the batch after its prefill and leaves when it ends or its reader
-leaves; an explainer with only ``stream()`` gets :class:`OneAtATime`, the streams taking turns). The
-first-ranked hit's explanation starts right after its search is answered (its prompt is prefilled and its first
+(:class:`archlab.search.explain.ExplanationStreams`: one decode round gives each running stream its next tokens,
+its prompt-lookup drafts verified, in one batched forward pass; a stream joins the batch after its prefill and
+leaves when it ends or its reader leaves; an explainer with only ``stream()`` gets :class:`OneAtATime`, the streams
+taking turns). The first-ranked hit's explanation starts right after its search is answered (its prompt is prefilled and its first
 token decoded before the page asks for it; the stream then waits, out of the batch, until the page reads it)
 unless :data:`EAGER_STARTS_WAITING` first explanations already wait (under load most pages never ask, and their
 starts would delay the streams that are read), and a new explanation's start goes before the next decode round
