@@ -773,6 +773,8 @@ class RowBatch:
         for k in keys:
             if isinstance(tokens[k], (str, bytes, Tensor)) or not isinstance(tokens[k], Sequence) or not tokens[k]:
                 raise ConfigError(f"step's tokens[{k!r}] must be a non-empty list of token ids, got {tokens[k]!r:.60}")
+            for token in tokens[k]:
+                _check_int(f"step's tokens[{k!r}][j]", token, 0)
         width = max(len(tokens[k]) for k in keys)
         ids = [list(tokens[k]) + [tokens[k][-1]] * (width - len(tokens[k])) for k in keys]
         out = self._batch.feed(torch.tensor(ids, dtype=torch.long, device=self.device))

@@ -202,6 +202,10 @@ def test_row_batch_refusals():
     batch.join("z")
     with pytest.raises(ConfigError, match=r"step's tokens\['z'\] must be a non-empty list of token ids, got \[\]"):
         batch.step({"x": [1], "z": []})
+    with pytest.raises(ConfigError, match=r"step's tokens\['z'\]\[j\]='a' must be an int >= 0"):
+        batch.step({"x": [1], "z": [2, "a"]})
+    with pytest.raises(ConfigError, match=r"step's tokens\['x'\]\[j\]=True must be an int >= 0"):
+        batch.step({"x": [True], "z": [2]})
     with pytest.raises(ConfigError, match="rewind n=99 for row 'x': the row holds 2 positions"):
         batch.rewind(99)
     batch.step({"x": [1], "z": [1, 2, 3]})  # x padded by 2 positions, which it does not hold
