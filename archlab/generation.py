@@ -427,6 +427,8 @@ def generate_batch(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
+    draft: str | Any | None = None,
+    draft_tokens: int | None = None,
 ) -> list[list[int]]:
     """Continue several prompts of different lengths together; returns each prompt's new tokens, in order.
 
@@ -465,6 +467,15 @@ def generate_batch(
     With ``do_sample=True`` (``temperature``, ``top_k``, ``top_p``, ``seed`` as in :func:`generate`) every row
     samples from its own distribution, the draws shared out from one generator.
 
+    With ``draft="lookup"`` (or a :class:`archlab.speculative.PromptLookup`) every pass also verifies each row's own
+    prompt-lookup drafts (speculative decoding in the batch: :func:`archlab.speculative.accept`'s rule, greedy or
+    sampled, so the output is what the rows give without drafts, greedy up to floating-point near-ties): row ``r`` is
+    fed its last token and up to :func:`drafts_per_row` ``(R, draft_tokens)`` drafts (a pass of at most
+    :data:`PASS_ROWS` tokens: 7 drafts a row for 2 rows, 3 for 4, none from 9), the shorter rows padded, and keeps
+    what its logits accept; rows that keep fewer move on in the cache (:func:`archlab.nn.attention.rewind_rows`), so
+    every row still ends at the last position. It pays where rows are few and quote their prompts (explanations
+    of a given text); a batch of 9 rows or more decodes as without it until rows leave.
+
     Args:
         model: a decoder-only model with ``decoder_step(attention_mask)`` and ``new_cache()`` (GPT, Llama; the
             recurrent models too while every prompt fits in one batch).
@@ -473,6 +484,10 @@ def generate_batch(
         stop_tokens: ids that end a row.
         batch_size: ``B``, the most rows decoded at once (default ``P``: all together). ``B < P`` needs a cache
             with ``pad`` and ``join`` (the KV cache of GPT and Llama).
+        draft: None, or ``"lookup"`` / a :class:`~archlab.speculative.PromptLookup`: drafts verified in each pass
+            (a KV cache that can ``rewind_rows``: GPT, Llama).
+        draft_tokens: the most drafts a row verifies in a pass (fewer as rows are more: :func:`drafts_per_row`;
+            default :data:`archlab.speculative.DRAFT_TOKENS`).
 
     Returns:
         ``P`` lists: row ``b``'s new tokens, up to and including its stop token (at most ``max_new_tokens``).
@@ -488,6 +503,7 @@ def generate_batch(
         raise ConfigError(f"model must be a decoder-only model (GPT, Llama), got {type(model).__name__}")
     if batch_size is not None:
         _check_int("batch_size", batch_size, 1)
+    lookup, draft_tokens = _row_drafts(draft, draft_tokens)
     rows = min(batch_size or len(prompts), len(prompts))
     longest = max(prompts, key=len)
     device = next(model.parameters()).device
@@ -501,7 +517,23 @@ def generate_batch(
     packing = packed_for_rows(model, rows) if copies else contextlib.nullcontext()
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else None
     with packing:  # B-row products on oneDNN-packed weights (archlab.nn.linear)
-        return _decode_rows(model, prompts, rows, max_new_tokens, stop, sampling, seed)
+        return _decode_rows(model, prompts, rows, max_new_tokens, stop, sampling, seed, lookup, draft_tokens)
+
+
+def _row_drafts(draft: Any, draft_tokens: Any) -> tuple[Any, int]:
+    """``generate_batch``'s ``draft`` as a :class:`~archlab.speculative.PromptLookup` (None: no drafts) and its
+    ``draft_tokens``, or :class:`ConfigError` naming what is allowed: each row drafts from its own tokens, so no draft
+    model."""
+    from archlab.speculative import DRAFT_TOKENS, PromptLookup
+
+    draft_tokens = DRAFT_TOKENS if draft_tokens is None else draft_tokens
+    _check_int("draft_tokens", draft_tokens, 1)
+    if draft is None or isinstance(draft, PromptLookup):
+        return draft, draft_tokens
+    if isinstance(draft, str) and draft == "lookup":
+        return PromptLookup(), draft_tokens
+    raise ConfigError(f"draft={draft!r}: generate_batch drafts by prompt lookup, 'lookup' or a PromptLookup (a "
+                      f"draft model would need a batch of its own: use speculative_generate per prompt)")  # fmt: skip
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -582,6 +614,14 @@ class _Rows:
         fed = self.cache.length - self.mask.shape[1]
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], fed)], dim=1)
 
+    def feed_ragged(self, tokens: list[list[int]]) -> tuple[Tensor, list[int]]:
+        """Feed row ``r`` its ``tokens[r]`` (``n_r >= 1`` ids) in one pass of ``[R, max n_r]``, a shorter row padded
+        at its end with its last token again (causal: its real positions do not read the padding); returns the logits
+        ``[R, max n_r, V]`` and each row's padding, which the caller forgets (:meth:`rewind_rows`)."""
+        width = max(len(t) for t in tokens)
+        ids = [list(t) + [t[-1]] * (width - len(t)) for t in tokens]
+        return self.feed(torch.tensor(ids, dtype=torch.long, device=self.mask.device)), [width - len(t) for t in tokens]
+
     def feed(self, tokens: Tensor) -> Tensor:
         """Feed each row ``tokens [R, n]`` (all real); returns the logits at each of them ``[R, n, V]``
         (:attr:`logits`: the last position's)."""
@@ -592,7 +632,9 @@ class _Rows:
     def rewind_rows(self, n: Sequence[int]) -> None:
         """Row ``r`` forgets the last ``n[r]`` positions fed to it (rejected drafts, a ragged step's padding); every row
         still ends at the last position: a row forgetting more than the least moves on, its mask with it
-        (:func:`archlab.nn.attention.rewind_rows`)."""
+        (:func:`archlab.nn.attention.rewind_rows`), and the leading positions no row reads then are dropped."""
+        if not any(n):
+            return
         self._grow()
         least = min(n)
         length = self.mask.shape[1] - least
@@ -600,6 +642,7 @@ class _Rows:
         self.mask = torch.stack([torch.cat([self.mask.new_zeros(e - least), self.mask[r, : length - (e - least)]])
                                  for r, e in enumerate(n)])  # fmt: skip
         self._rebuilt()
+        self.compact()  # the rows moved on: leading positions no row reads
 
     def compact(self) -> None:
         """Drop the leading positions that every row masks (the cache's ``drop_front``): no row reads them."""
@@ -624,53 +667,115 @@ def _fill_from_end(going: Tensor) -> Tensor:
                         device=going.device)
 
 
-def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, seed) -> list[list[int]]:
+#: the tokens a batched pass verifying drafts feeds at most, padding included: the rows archlab's bfloat16 kernel
+#: takes (its float32 kernel takes 12 first, 16 where no oneDNN copy exists), so the pass stays a few-row product
+PASS_ROWS = 16
+
+
+def drafts_per_row(rows: int, most: int, pass_rows: int = PASS_ROWS) -> int:
+    """The most drafts each of ``rows`` rows verifies in one batched pass of at most ``pass_rows`` tokens (a row fed
+    its last token and its drafts, the shorter rows padded): ``pass_rows // rows - 1``, at most ``most``, at least 0.
+    16 rows: 8 drafts for one row (``most = 8``), 7 each for 2, 3 for 4, 1 for 8, none from 9."""
+    return max(0, min(most, pass_rows // rows - 1))
+
+
+def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, seed, lookup=None, most=0
+                 ) -> list[list[int]]:  # fmt: skip
     """The loop of :func:`generate_batch` (arguments checked): greedy, or :func:`sample_next` with ``sampling``'s
     options, over at most ``batch_size`` open rows. Returns each prompt's new tokens.
 
-    Each round picks every open row's next token from its logits; the rows that stop (a stop token, or
-    ``max_new_tokens`` reached) are dropped from the cache and the mask (``reorder``: every cache kind selects
-    rows so); the others take one step; then waiting prompts fill the freed rows (:class:`_Rows`: prefilled at
-    the batch's length, joined).
+    Each round records every open row's new tokens (picked from its logits, or those its verified drafts gave); the
+    rows that stop (a stop token, or ``max_new_tokens`` reached) are dropped from the cache and the mask
+    (``reorder``: every cache kind selects rows so); the others take one pass; then waiting prompts fill the freed
+    rows (:class:`_Rows`: prefilled at the batch's length, joined). With ``lookup`` (a
+    :class:`~archlab.speculative.PromptLookup`) each row's pass also verifies up to
+    :func:`drafts_per_row` ``(rows, most)`` drafts of its own (:func:`_verify_rows`).
     """
     device = next(model.parameters()).device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    stop_ids = torch.tensor(stop, dtype=torch.long, device=device)
     waiting = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first
     first, waiting = sorted(waiting[:batch_size]), waiting[batch_size:]  # the first batch in the prompts' order
     cache = model.new_cache()
-    if waiting and not all(callable(getattr(cache, name, None)) for name in _Rows.JOIN):
-        raise ConfigError(f"batch_size={batch_size} < {len(prompts)} prompts refills rows, which needs a cache with "
-                          f"pad_front() and join() and empty_like() (GPT, Llama); {type(model).__name__} keeps a "
-                          f"{type(cache).__name__}: pass batch_size=None")  # fmt: skip
+    needs = _Rows.JOIN if lookup is None else (*_Rows.JOIN, "rewind_rows")
+    if (waiting or lookup is not None) and not all(callable(getattr(cache, name, None)) for name in needs):
+        why, fix = (f"batch_size={batch_size} < {len(prompts)} prompts refills rows", "batch_size=None") if waiting \
+            else ("draft= verifies drafts in each row", "draft=None")  # fmt: skip
+        raise ConfigError(f"{why}, which needs a cache with {' and '.join(f'{n}()' for n in needs)} (GPT, Llama); "
+                          f"{type(model).__name__} keeps a {type(cache).__name__}: pass {fix}")  # fmt: skip
     batch = _Rows(model, first, *_left_padded([prompts[i] for i in first], device), cache=cache)
     _check_ids_in_vocab(batch.logits.shape[-1], **{f"stop_tokens[{i}]": s for i, s in enumerate(stop)})
     out: list[list[int]] = [[] for _ in prompts]
+    pending: list[list[int] | None] = [None] * len(first)  # each row's tokens from its verified drafts, if any
     while batch.prompt:
-        logits = batch.logits
-        next_ids = greedy_next(logits) if sampling is None else sample_next(logits, generator=generator, **sampling)
-        for row, token in zip(batch.prompt, next_ids.tolist(), strict=True):
-            out[row].append(token)
-        going = torch.tensor([len(out[row]) < max_new_tokens for row in batch.prompt], device=device)
-        if stop:
-            going &= ~torch.isin(next_ids, stop_ids)
+        new = _picked(batch.logits, pending, sampling, generator)
+        going = torch.tensor([_record(out[row], tokens, max_new_tokens, stop)
+                              for row, tokens in zip(batch.prompt, new, strict=True)], device=device)  # fmt: skip
+        last = torch.tensor([tokens[-1] for tokens in new], dtype=torch.long, device=device)
         if not bool(going.all()):
             if not waiting and not bool(going.any()):
                 break
             open_rows = _fill_from_end(going)
             batch.keep(open_rows)
-            next_ids = next_ids[open_rows]
-        if batch.prompt:
-            batch.step(next_ids)
+            last = last[open_rows]
+        pending = [None] * len(batch.prompt)
+        rows = batch.prompt
+        if rows and lookup is not None and drafts_per_row(len(rows), most):
+            pending = _verify_rows(batch, last, [prompts[r] + out[r] for r in rows],
+                                   [max_new_tokens - len(out[r]) - 1 for r in rows], lookup,
+                                   drafts_per_row(len(rows), most), sampling, generator)  # fmt: skip
+        elif rows:
+            batch.step(last)
         if waiting and len(batch.prompt) < batch_size:
             admitted, waiting = waiting[: batch_size - len(batch.prompt)], waiting[batch_size - len(batch.prompt) :]
             input_ids, attention_mask = _left_padded([prompts[i] for i in admitted], device)
-            new = _Rows(model, admitted, input_ids, attention_mask, cache=batch.cache.empty_like())
+            new_rows = _Rows(model, admitted, input_ids, attention_mask, cache=batch.cache.empty_like())
+            pending += [None] * len(admitted)
             if batch.prompt:
-                batch.join(new)  # lined up: the side holding fewer positions padded in front
+                batch.join(new_rows)  # lined up: the side holding fewer positions padded in front
             else:
-                batch = new
+                batch = new_rows
     return out
+
+
+def _picked(logits: Tensor, pending: list, sampling: dict | None, generator) -> list[list[int]]:
+    """Each row's new tokens: its ``pending`` ones, else one picked from its ``logits [R, V]`` (all such rows in one
+    :func:`greedy_next` or :func:`sample_next` call)."""
+    picking = [r for r, tokens in enumerate(pending) if tokens is None]
+    if picking:
+        rows = logits if len(picking) == len(pending) else logits[picking]
+        ids = greedy_next(rows) if sampling is None else sample_next(rows, generator=generator, **sampling)
+        for r, token in zip(picking, ids.tolist(), strict=True):
+            pending[r] = [token]
+    return pending
+
+
+def _record(out: list[int], tokens: list[int], max_new_tokens: int, stop: Sequence[int]) -> bool:
+    """Append ``tokens`` to a row's ``out`` up to its first stop token or ``max_new_tokens``; whether it goes on."""
+    for token in tokens:
+        out.append(token)
+        if token in stop or len(out) == max_new_tokens:
+            return False
+    return True
+
+
+def _verify_rows(batch: _Rows, last: Tensor, sequences: list[list[int]], rooms: list[int], lookup: Any,
+                 most: int, sampling: dict | None, generator) -> list[list[int] | None]:  # fmt: skip
+    """One pass of every row of ``batch`` fed its ``last [R]`` token and up to ``most`` prompt-lookup drafts from its
+    ``sequences[r]`` (the prompt and the tokens so far), at most ``rooms[r]`` (what ``max_new_tokens`` leaves); each
+    row keeps what :func:`archlab.speculative.accept` takes, the rows' cache positions lined up again
+    (:meth:`_Rows.rewind_rows`). Returns each row's new tokens (its accepted drafts and one token of its own), or all
+    None where no row drafted (then the pass was a plain step: :attr:`_Rows.logits` are the next tokens')."""
+    from archlab.speculative import Sampling, accept
+
+    chooser = Sampling(sampling is not None, **(sampling or {}), generator=generator)
+    drafts = [lookup.propose(seq, min(most, room), chooser)[0] for seq, room in zip(sequences, rooms, strict=True)]
+    if not any(drafts):
+        batch.step(last)
+        return [None] * len(drafts)
+    logits, pads = batch.feed_ragged([[token, *d] for token, d in zip(last.tolist(), drafts, strict=True)])
+    new = [accept(d, None, logits[r, : 1 + len(d)], chooser) for r, d in enumerate(drafts)]
+    batch.rewind_rows([pad + len(d) + 1 - len(tokens) for pad, d, tokens in zip(pads, drafts, new, strict=True)])
+    return new
 
 
 class RowBatch:
@@ -775,10 +880,7 @@ class RowBatch:
                 raise ConfigError(f"step's tokens[{k!r}] must be a non-empty list of token ids, got {tokens[k]!r:.60}")
             for token in tokens[k]:
                 _check_int(f"step's tokens[{k!r}][j]", token, 0)
-        width = max(len(tokens[k]) for k in keys)
-        ids = [list(tokens[k]) + [tokens[k][-1]] * (width - len(tokens[k])) for k in keys]
-        out = self._batch.feed(torch.tensor(ids, dtype=torch.long, device=self.device))
-        self._pads = [width - len(tokens[k]) for k in keys]
+        out, self._pads = self._batch.feed_ragged([tokens[k] for k in keys])
         return {k: out[i, : len(tokens[k])] for i, k in enumerate(keys)}
 
     def rewind(self, n: int | dict[Any, int]) -> None:
@@ -807,15 +909,13 @@ class RowBatch:
         return {k: int(r) - pad for k, r, pad in zip(self.joined, real, self._pads or [0] * len(real), strict=True)}
 
     def _settle(self, more: list[int] | None = None) -> None:
-        """Forget the last ragged step's padding and ``more [B]`` positions of each joined row, in one move, then the
-        leading positions no row reads."""
+        """Forget the last ragged step's padding and ``more [B]`` positions of each joined row, in one move."""
         counts = self._pads or [0] * len(self.joined)
         if more is not None:
             counts = [a + b for a, b in zip(counts, more, strict=True)]
         self._pads = None
         if any(counts):
             self._batch.rewind_rows(counts)
-            self._batch.compact()  # the rows moved on: leading positions no row reads
 
     @torch.no_grad()
     def remove(self, keys: Iterable[Any]) -> None:

@@ -8,7 +8,9 @@ the script checks first; then both are timed in interleaved rounds (median repor
 and the tokens per pass of the model.
 
 Batched: ``--batch`` prompts of different lengths (the abstracts with several questions) decoded together by
-:func:`archlab.generation.generate_batch` vs one at a time by ``generate``; rows compared, tokens/s of both.
+:func:`archlab.generation.generate_batch` vs one at a time by ``generate``; rows compared, tokens/s of both; and both
+with prompt-lookup drafts (``generate_batch(draft="lookup")``: each row verifying its own drafts in the batch's
+passes, at most 16 tokens a pass; ``speculative_generate`` one at a time).
 ``--rows B`` decodes them ``B`` rows at a time, a freed row refilled at once by a waiting prompt (continuous
 batching; default: all prompts in one batch). The prefills are timed too (each prompt's alone, the batch's), in the
 same rounds, which gives a one-row step's cost and, with all prompts in one batch, the most batching can give on this
@@ -137,6 +139,17 @@ def batched_row(model, tokenizer, eos: int, args) -> dict:
                 [0, len(p):].tolist() for p in prompts]  # fmt: skip
 
     @torch.inference_mode()
+    def together_drafts():  # every row verifying its own prompt-lookup drafts in the batch's passes
+        return generate_batch(model, prompts, max_new_tokens=args.new_tokens, stop_tokens=[eos], batch_size=args.rows,
+                              draft="lookup", draft_tokens=args.draft_tokens)  # fmt: skip
+
+    @torch.inference_mode()
+    def one_by_one_drafts():
+        return [speculative_generate(model, torch.tensor([p]), max_new_tokens=args.new_tokens, stop_tokens=[eos],
+                                     draft="lookup", draft_tokens=args.draft_tokens).sequences[0, len(p):].tolist()
+                for p in prompts]  # fmt: skip
+
+    @torch.inference_mode()
     def prefills_alone():  # each prompt's prefill and first token, as one_by_one starts each
         return [generate(model, torch.tensor([p]), max_new_tokens=1) for p in prompts]
 
@@ -144,14 +157,18 @@ def batched_row(model, tokenizer, eos: int, args) -> dict:
     def batch_prefill():  # the batch's prefill and first tokens, as together starts
         return generate_batch(model, prompts, max_new_tokens=1, batch_size=args.rows)
 
-    rows, alone = together(), one_by_one()
+    rows, alone, drafted, drafted_alone = together(), one_by_one(), together_drafts(), one_by_one_drafts()
     equal = sum(a == b for a, b in zip(rows, alone, strict=True))
+    drafted_equal = sum(a == b for a, b in zip(drafted, rows, strict=True))
     tokens, tokens_alone = sum(len(r) for r in rows), sum(len(r) for r in alone)
     peers = [Peer("one at a time", one_by_one, tokens=tokens_alone), Peer("batched", together, tokens=tokens),
              Peer("prefills alone", prefills_alone, tokens=len(prompts)),
-             Peer("batch prefill", batch_prefill, tokens=len(prompts))]  # fmt: skip
+             Peer("batch prefill", batch_prefill, tokens=len(prompts)),
+             Peer("batched, lookup drafts", together_drafts, tokens=sum(len(r) for r in drafted)),
+             Peer("one at a time, lookup drafts", one_by_one_drafts,
+                  tokens=sum(len(r) for r in drafted_alone))]  # fmt: skip
     time_interleaved(peers, rounds=args.rounds, warmup=0)
-    one, batched, prefills, prefill = (peer.seconds for peer in peers)
+    one, batched, prefills, prefill = (peer.seconds for peer in peers[:4])
     step = (one - prefills) / (tokens_alone - len(prompts))  # a one-row step, as one_by_one takes it
     steps = max(len(r) for r in rows)  # the batch's steps after its prefill: its longest row's tokens - 1
     # the most batching can give here: every batched step as cheap as a one-row step, the prefill as timed (one batch
@@ -163,6 +180,9 @@ def batched_row(model, tokenizer, eos: int, args) -> dict:
             "tokens": tokens, "one_at_a_time_tokens_per_s": peers[0].tokens_per_s,
             "batched_tokens_per_s": peers[1].tokens_per_s,
             "ratio": peers[1].tokens_per_s / peers[0].tokens_per_s,
+            "drafted_rows_equal_batched": drafted_equal,
+            "batched_drafts_tokens_per_s": peers[4].tokens_per_s,
+            "one_at_a_time_drafts_tokens_per_s": peers[5].tokens_per_s,
             "one_at_a_time_s": one, "prefills_alone_s": prefills, "one_row_step_s": step,
             "batched_s": batched, "batch_prefill_s": prefill, "batch_steps": steps - 1 if whole else None,
             "batched_step_s": (batched - prefill) / max(steps - 1, 1) if whole else None,
@@ -230,9 +250,18 @@ def print_speculative(spec: list[dict], args) -> None:
 def print_batched(batch: dict) -> None:
     print(f"\nbatched generation: {batch['prompts']} prompts of {min(batch['prompt_lengths'])}-"
           f"{max(batch['prompt_lengths'])} tokens, {batch['rows']} rows at a time, {batch['tokens']} new tokens in all")  # fmt: skip
-    print(table([["one at a time", f"{batch['one_at_a_time_tokens_per_s']:.1f}", "1.00x"],
-                 ["batched", f"{batch['batched_tokens_per_s']:.1f}", f"{batch['ratio']:.2f}x"]],
-                ["peer", "tokens/s", "ratio"]))  # fmt: skip
+    one = batch["one_at_a_time_tokens_per_s"]
+    print(table([["one at a time", f"{one:.1f}", "1.00x"],
+                 ["batched", f"{batch['batched_tokens_per_s']:.1f}", f"{batch['ratio']:.2f}x"],
+                 ["one at a time, lookup drafts", f"{batch['one_at_a_time_drafts_tokens_per_s']:.1f}",
+                  f"{batch['one_at_a_time_drafts_tokens_per_s'] / one:.2f}x"],
+                 ["batched, lookup drafts", f"{batch['batched_drafts_tokens_per_s']:.1f}",
+                  f"{batch['batched_drafts_tokens_per_s'] / one:.2f}x"]],
+                ["peer", "tokens/s", "vs one at a time"]))  # fmt: skip
+    print(f"batched with drafts: {batch['batched_drafts_tokens_per_s'] / batch['batched_tokens_per_s']:.2f}x batched "
+          f"without, rows equal to it {batch['drafted_rows_equal_batched']}/{batch['prompts']}; "
+          f"{batch['batched_drafts_tokens_per_s'] / batch['one_at_a_time_drafts_tokens_per_s']:.2f}x one at a time "
+          f"with drafts")  # fmt: skip
     note = "" if batch["rows_equal"] == batch["prompts"] else " (see which: a near-tie in the batched products?)"
     print(f"rows equal to one-at-a-time generation: {batch['rows_equal']}/{batch['prompts']}{note}")
     print(f"one at a time {batch['one_at_a_time_s']:.2f} s: the prompts' prefills {batch['prefills_alone_s']:.2f} s, "

@@ -467,7 +467,8 @@ def kernel_width_model(family: str):
 def test_generate_batch_and_row_batch_steps_take_the_padded_kernel(family, monkeypatch):
     """generate_batch's steps (all rows at once, and 3 rows refilled from waiting prompts: padded, joined, compacted
     caches) run their attention on the padded kernel, each row from its own first key, and every row's tokens are
-    those generate() gives its prompt alone (sdpa, no mask) and those of the batch on sdpa (the kernel switched off).
+    those generate() gives its prompt alone (sdpa, no mask), with prompt-lookup drafts verified in the batch too, and
+    those of the batch on sdpa (the kernel switched off).
     RowBatch's one-token steps over rows of different lengths take it too (its prefills, each row alone, are
     unmasked), their logits close to sdpa's."""
     from archlab.generation import RowBatch, generate, generate_batch
@@ -481,6 +482,9 @@ def test_generate_batch_and_row_batch_steps_take_the_padded_kernel(family, monke
     assert len(calls) == 2 * 9 and calls[0] == (2, 5, 0, 3, 1, 4)  # 9 one-token steps x 2 layers; row starts
     calls.clear()
     assert generate_batch(model, prompts, max_new_tokens=10, batch_size=3) == alone
+    assert calls and any(max(starts) > 0 for starts in calls)
+    calls.clear()  # each row verifying its own prompt-lookup drafts: the same tokens, on the kernel
+    assert generate_batch(model, prompts, max_new_tokens=10, batch_size=3, draft="lookup") == alone
     assert calls and any(max(starts) > 0 for starts in calls)
     with monkeypatch.context() as off:
         off.setattr(kernels, "cached_attention_serves", lambda *a: False)
