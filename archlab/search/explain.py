@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from archlab.errors import ConfigError, DataError, unknown
-from archlab.generation import greedy_next
+from archlab.generation import PASS_ROWS, greedy_next
 from archlab.speculative import DRAFT_TOKENS
 
 SCORERS = ("dense", "bm25")  # how select_evidence compares the query with sentences
@@ -525,7 +525,7 @@ class ExplanationStreams:
     """
 
     speculative = True  # prompt-lookup drafts verified in every pass (False: one-token steps)
-    pass_rows = 16  # the tokens a pass feeds at most, padding included: bf16_rows' rows (f32_rows takes 12 first)
+    pass_rows = PASS_ROWS  # the tokens a pass feeds at most, padding included (archlab.generation.PASS_ROWS: 16)
 
     def __init__(self, explainer: Explainer):
         self.explainer = explainer
@@ -602,11 +602,12 @@ class ExplanationStreams:
         return [s for s in running if s.done or s._pieces]
 
     def drafts_each(self, streams: int) -> int:
-        """The most drafts each of ``streams`` running streams verifies in a pass: ``pass_rows // streams - 1``, at
-        most :attr:`Explainer.draft_tokens` (0 without :attr:`speculative`)."""
-        if not self.speculative:
-            return 0
-        return max(0, min(self.explainer.draft_tokens, self.pass_rows // streams - 1))
+        """The most drafts each of ``streams`` running streams verifies in a pass
+        (:func:`archlab.generation.drafts_per_row` within :attr:`pass_rows`, at most :attr:`Explainer.draft_tokens`;
+        0 without :attr:`speculative`)."""
+        from archlab.generation import drafts_per_row
+
+        return drafts_per_row(streams, self.explainer.draft_tokens, self.pass_rows) if self.speculative else 0
 
     def close(self, stream: ExplanationStream) -> None:
         """Stop decoding ``stream`` (its reader left): its row leaves; the hit keeps what was decoded."""
