@@ -36,9 +36,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from archlab import kernels
 from archlab.config import MAX_SEED
 from archlab.errors import ConfigError, ShapeError
-from archlab.nn.linear import kernel_takes_rows, packed_for_rows
+from archlab.nn.linear import KERNEL_FIRST_ROWS, kernel_takes_rows, packed_for_rows
 
 #: ``(tokens [B, n], cache or None) -> logits [B, n, V]``.
 Step = Callable[[Tensor, Any], Tensor]
@@ -470,11 +471,13 @@ def generate_batch(
     With ``draft="lookup"`` (or a :class:`archlab.speculative.PromptLookup`) every pass also verifies each row's own
     prompt-lookup drafts (speculative decoding in the batch: :func:`archlab.speculative.accept`'s rule, greedy or
     sampled, so the output is what the rows give without drafts, greedy up to floating-point near-ties): row ``r`` is
-    fed its last token and up to :func:`drafts_per_row` ``(R, draft_tokens)`` drafts (a pass of at most
-    :data:`PASS_ROWS` tokens: 7 drafts a row for 2 rows, 3 for 4, none from 9), the shorter rows padded, and keeps
-    what its logits accept; rows that keep fewer move on in the cache (:func:`archlab.nn.attention.rewind_rows`), so
-    every row still ends at the last position. It pays where rows are few and quote their prompts (explanations
-    of a given text); a batch of 9 rows or more decodes as without it until rows leave.
+    fed its last token and up to :func:`drafts_per_row` ``(R, draft_tokens, ...)`` drafts (a pass of at most
+    :func:`pass_rows` tokens; 16 in bf16: 7 drafts a row for 2 rows, 3 for 4, none from 9), the shorter rows padded,
+    and keeps what its logits accept; rows that keep fewer move on in the cache
+    (:func:`archlab.nn.attention.rewind_rows`), so every row still ends at the last position. Drafts and rows compete
+    for the same few-row product, so it pays where rows are few and quote their prompts (explanations of a given
+    text): SmolLM2 explaining abstracts (``benchmarks/speculative.py --only batched --rows B``, bf16, AMD EPYC) 2 rows
+    at a time 1.42x the rows without drafts, 4 rows 1.01-1.13x, all 10 at once 1.00x (no drafts until rows leave).
 
     Args:
         model: a decoder-only model with ``decoder_step(attention_mask)`` and ``new_cache()`` (GPT, Llama; the
@@ -667,16 +670,24 @@ def _fill_from_end(going: Tensor) -> Tensor:
                         device=going.device)
 
 
-#: the tokens a batched pass verifying drafts feeds at most, padding included: the rows archlab's bfloat16 kernel
-#: takes (its float32 kernel takes 12 first, 16 where no oneDNN copy exists), so the pass stays a few-row product
-PASS_ROWS = 16
+def pass_rows(model: nn.Module) -> int:
+    """The most tokens a batched pass verifying drafts feeds (padding included): the rows archlab's kernel takes
+    first for ``model``'s weights, so the pass stays a few-row product: 16 for bfloat16 on ``bf16_rows``, for float32
+    :data:`archlab.nn.linear.KERNEL_FIRST_ROWS` (12 with AVX-512, 10 with AVX2; ``f32_rows`` at 16 rows ran SmolLM2's
+    products 1.5x slower than at 10), 16 elsewhere. Measured (docs/speed.md): batching 10 SmolLM2 prompts in fp32 with
+    a budget of 16 ran 0.92x the batch without drafts."""
+    weight = next((p for p in model.parameters() if p.ndim == 2), None)
+    if weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32 and kernels.f32_kernel():
+        return KERNEL_FIRST_ROWS[kernels.f32_kernel()]
+    return kernels.BF16_MAX_ROWS
 
 
-def drafts_per_row(rows: int, most: int, pass_rows: int = PASS_ROWS) -> int:
-    """The most drafts each of ``rows`` rows verifies in one batched pass of at most ``pass_rows`` tokens (a row fed
-    its last token and its drafts, the shorter rows padded): ``pass_rows // rows - 1``, at most ``most``, at least 0.
-    16 rows: 8 drafts for one row (``most = 8``), 7 each for 2, 3 for 4, 1 for 8, none from 9."""
-    return max(0, min(most, pass_rows // rows - 1))
+def drafts_per_row(rows: int, most: int, budget: int) -> int:
+    """The most drafts each of ``rows`` rows verifies in one batched pass of at most ``budget`` tokens (a row fed
+    its last token and its drafts, the shorter rows padded; :func:`pass_rows`): ``budget // rows - 1``, at most
+    ``most``, at least 0. 16 tokens: 8 drafts for one row (``most = 8``), 7 each for 2, 3 for 4, 1 for 8, none
+    from 9."""
+    return max(0, min(most, budget // rows - 1))
 
 
 def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, seed, lookup=None, most=0
@@ -689,7 +700,7 @@ def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, see
     (``reorder``: every cache kind selects rows so); the others take one pass; then waiting prompts fill the freed
     rows (:class:`_Rows`: prefilled at the batch's length, joined). With ``lookup`` (a
     :class:`~archlab.speculative.PromptLookup`) each row's pass also verifies up to
-    :func:`drafts_per_row` ``(rows, most)`` drafts of its own (:func:`_verify_rows`).
+    :func:`drafts_per_row` ``(rows, most, pass_rows(model))`` drafts of its own (:func:`_verify_rows`).
     """
     device = next(model.parameters()).device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
@@ -706,6 +717,7 @@ def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, see
     _check_ids_in_vocab(batch.logits.shape[-1], **{f"stop_tokens[{i}]": s for i, s in enumerate(stop)})
     out: list[list[int]] = [[] for _ in prompts]
     pending: list[list[int] | None] = [None] * len(first)  # each row's tokens from its verified drafts, if any
+    budget = pass_rows(model)
     while batch.prompt:
         new = _picked(batch.logits, pending, sampling, generator)
         going = torch.tensor([_record(out[row], tokens, max_new_tokens, stop)
@@ -719,10 +731,10 @@ def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, see
             last = last[open_rows]
         pending = [None] * len(batch.prompt)
         rows = batch.prompt
-        if rows and lookup is not None and drafts_per_row(len(rows), most):
+        if rows and lookup is not None and drafts_per_row(len(rows), most, budget):
             pending = _verify_rows(batch, last, [prompts[r] + out[r] for r in rows],
                                    [max_new_tokens - len(out[r]) - 1 for r in rows], lookup,
-                                   drafts_per_row(len(rows), most), sampling, generator)  # fmt: skip
+                                   drafts_per_row(len(rows), most, budget), sampling, generator)  # fmt: skip
         elif rows:
             batch.step(last)
         if waiting and len(batch.prompt) < batch_size:

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import archlab.speculative as speculative
+from archlab import kernels
 from archlab.errors import ConfigError
-from archlab.generation import PASS_ROWS, drafts_per_row, generate, generate_batch
+from archlab.generation import drafts_per_row, generate, generate_batch, pass_rows
 from archlab.models.gpt import GPT, GPTConfig
 from archlab.speculative import PromptLookup
 
@@ -35,10 +36,17 @@ def counted_accepts(monkeypatch) -> list[tuple[int, int]]:
     return seen
 
 
-def test_drafts_per_row_share_the_pass_between_the_rows():
-    assert PASS_ROWS == 16
-    assert [drafts_per_row(rows, 8) for rows in (1, 2, 3, 4, 5, 8, 9, 16, 40)] == [8, 7, 4, 3, 2, 1, 0, 0, 0]
-    assert drafts_per_row(2, 3) == 3 and drafts_per_row(4, 8, pass_rows=8) == 1
+def test_drafts_per_row_share_the_pass_the_kernel_takes_between_the_rows(monkeypatch):
+    assert [drafts_per_row(rows, 8, 16) for rows in (1, 2, 3, 4, 5, 8, 9, 16, 40)] == [8, 7, 4, 3, 2, 1, 0, 0, 0]
+    assert drafts_per_row(2, 3, 16) == 3 and drafts_per_row(4, 8, 8) == 1 and drafts_per_row(1, 8, 12) == 8
+    m = family_model("gpt")  # float64: no kernel
+    assert pass_rows(m) == 16 == pass_rows(m.bfloat16())
+    monkeypatch.setattr(kernels, "f32_kernel", lambda: 512)
+    assert pass_rows(m.float()) == 12
+    monkeypatch.setattr(kernels, "f32_kernel", lambda: 256)
+    assert pass_rows(m) == 10
+    monkeypatch.setattr(kernels, "f32_kernel", lambda: 0)
+    assert pass_rows(m) == 16
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])
@@ -48,7 +56,7 @@ def test_greedy_rows_with_drafts_are_their_tokens_without_in_fewer_passes(family
     """Five prompts decoded together and two rows at a time (freed rows refilled), one stopping early at a stop
     token; the tiny models fall into repeating themselves, so lookup drafts. Each row's tokens are those of
     generate_batch without drafts and of generate alone; the batch took fewer passes of the model, drafts were
-    accepted and rejected, and no pass fed more than PASS_ROWS tokens."""
+    accepted and rejected, and no pass fed more than pass_rows(model) tokens (16: float64, no kernel)."""
     m = family_model(family)
     g = torch.Generator().manual_seed(2)
     units = [torch.randint(1, V, (n,), generator=g).tolist() for n in (3, 4, 2, 5, 3)]
@@ -72,7 +80,7 @@ def test_greedy_rows_with_drafts_are_their_tokens_without_in_fewer_passes(family
     assert drafted == plain == alone
     assert len(widths) < plain_passes
     assert sum(a for _, a in seen) > 0 and sum(d - a for d, a in seen) > 0  # drafts kept and drafts rejected
-    assert max(w for w in widths if w < 32) <= PASS_ROWS  # the prefills (6 tokens and more a row) left aside
+    assert max(w for w in widths if w < 32) <= pass_rows(m) == 16  # the prefills (6 tokens and more a row) left aside
 
 
 def test_draft_arguments_are_checked():

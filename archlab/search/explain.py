@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from archlab.errors import ConfigError, DataError, unknown
-from archlab.generation import PASS_ROWS, greedy_next
+from archlab.generation import greedy_next
 from archlab.speculative import DRAFT_TOKENS
 
 SCORERS = ("dense", "bm25")  # how select_evidence compares the query with sentences
@@ -525,7 +525,7 @@ class ExplanationStreams:
     """
 
     speculative = True  # prompt-lookup drafts verified in every pass (False: one-token steps)
-    pass_rows = PASS_ROWS  # the tokens a pass feeds at most, padding included (archlab.generation.PASS_ROWS: 16)
+    pass_rows: int | None = None  # the tokens a pass feeds at most, padding included (None: generation.pass_rows)
 
     def __init__(self, explainer: Explainer):
         self.explainer = explainer
@@ -605,9 +605,12 @@ class ExplanationStreams:
         """The most drafts each of ``streams`` running streams verifies in a pass
         (:func:`archlab.generation.drafts_per_row` within :attr:`pass_rows`, at most :attr:`Explainer.draft_tokens`;
         0 without :attr:`speculative`)."""
-        from archlab.generation import drafts_per_row
+        from archlab.generation import drafts_per_row, pass_rows
 
-        return drafts_per_row(streams, self.explainer.draft_tokens, self.pass_rows) if self.speculative else 0
+        if not self.speculative:
+            return 0
+        budget = self.pass_rows or pass_rows(self.explainer.load()[0])
+        return drafts_per_row(streams, self.explainer.draft_tokens, budget)
 
     def close(self, stream: ExplanationStream) -> None:
         """Stop decoding ``stream`` (its reader left): its row leaves; the hit keeps what was decoded."""
