@@ -264,3 +264,27 @@ class Chat:
     def reply(self, text: str) -> str:
         """:meth:`send`, collected: the whole reply as one string."""
         return "".join(self.send(text))
+
+    def answer_each(self, texts: Sequence[str]) -> list[str]:
+        """Each of ``texts`` answered on its own after the conversation so far (the answers do not join it), all
+        decoded as one batch (:func:`archlab.generation.generate_batch`; with ``speculative="lookup"`` each row
+        verifies its own prompt-lookup drafts in the batch's passes): the replies, in order. Greedy, each is the
+        reply :meth:`reply` gives its text alone, up to floating-point near-ties of the prompts' prefill together;
+        sampled, the rows draw from one generator seeded with ``seed``. A draft model (``"layers:M"``) decodes one
+        conversation at a time, so it is refused here; :attr:`stats` stays None (no per-row statistics)."""
+        from archlab.generation import generate_batch
+
+        if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
+            raise ConfigError(f"texts must be a non-empty list of messages, got {type(texts).__name__}")
+        if self.speculative is not None and self.speculative != "lookup":
+            raise ConfigError(f"speculative={self.speculative!r} decodes one conversation at a time; several messages "
+                              "decode as one batch with speculative='lookup' or None")  # fmt: skip
+        for i, text in enumerate(texts):
+            check_message(text, f"message {i + 1}")
+        prompts = [self.prompt_ids([*self.messages, {"role": "user", "content": text}]) for text in texts]
+        sampling = {} if self.temperature is None else {
+            "do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
+            "seed": self.seed}  # fmt: skip
+        rows = generate_batch(self.model, prompts, max_new_tokens=self.max_new_tokens, stop_tokens=[self.eos],
+                              draft=self.speculative, draft_tokens=self.draft_tokens, **sampling)  # fmt: skip
+        return [self.tokenizer.decode([t for t in row if t != self.eos]) for row in rows]

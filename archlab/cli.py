@@ -430,7 +430,9 @@ def args_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="NAME|PATH",
                         help="instead of a run: a chat model (as archlab chat --model) answers the prompt in its "
                              "chat template, greedily unless --temperature")  # fmt: skip
-    parser.add_argument("--prompt", required=True, help="the text to continue (lm) or the source to translate (seq2seq)")
+    parser.add_argument("--prompt", required=True, action="append",
+                        help="the text to continue (lm) or the source to translate (seq2seq); several --prompt: each "
+                             "answered on its own, with --model decoded as one batch")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, metavar="N",
                         help=f"at most N new tokens (default: {DEFAULT_NEW_TOKENS}, or as many as the model's context "
                              "holds after the prompt, said on stderr)")  # fmt: skip
@@ -527,17 +529,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if value is not None and args.model is None:
             raise ConfigError(f"{option} {value} goes with --model NAME|PATH (chat models), not a run folder")
     if args.model is not None:
-        return _answer_once(args)
-    result = generate_text(
-        open_run(args.run), args.prompt, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, beam=args.beam, seed=args.seed,
-        note=stderr_note,
-    )  # fmt: skip
+        return _answer_once(args) if len(args.prompt) == 1 else _answer_each(args)
+    opened = open_run(args.run)
+    results = [generate_text(
+        opened, prompt, max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, beam=args.beam, seed=args.seed, note=stderr_note,
+    ) for prompt in args.prompt]  # fmt: skip
     if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{result['prompt']}{result['output']}" if result["task"] == "lm" else result["output"])
+        print(json.dumps(results[0] if len(results) == 1 else results))
+        return 0
+    texts = [f"{r['prompt']}{r['output']}" if r["task"] == "lm" else r["output"] for r in results]
+    print(texts[0] if len(texts) == 1 else _numbered(texts))
     return 0
+
+
+def _numbered(texts: list[str]) -> str:
+    """Several prompts' outputs, each after its number in brackets, a blank line between them."""
+    return "\n\n".join(f"[{i}] {text}" for i, text in enumerate(texts, 1))
 
 
 def _answer_once(args: argparse.Namespace) -> int:
@@ -549,15 +557,16 @@ def _answer_once(args: argparse.Namespace) -> int:
     check_at_least_one("--max-new-tokens", args.max_new_tokens)
     max_new_tokens = DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
     check_options(max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before the model loads
-    check_message(args.prompt, "--prompt")
+    prompt = args.prompt[0]
+    check_message(prompt, "--prompt")
     speculative = speculative_options(args)
     model, tokenizer = load_chat_model_noted(args.model, args.quantize, args.precision)
     chat = Chat(model, tokenizer, max_new_tokens=max_new_tokens, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, **speculative)  # fmt: skip
-    if args.max_new_tokens is None and (cut := fit_default_reply(chat, args.prompt, DEFAULT_NEW_TOKENS)):
+    if args.max_new_tokens is None and (cut := fit_default_reply(chat, prompt, DEFAULT_NEW_TOKENS)):
         stderr_note(cut)
-    reply = chat.reply(args.prompt)
-    result = {"task": "chat", "prompt": args.prompt, "output": reply, "tokens": len(tokenizer.encode(reply))}
+    reply = chat.reply(prompt)
+    result = {"task": "chat", "prompt": prompt, "output": reply, "tokens": len(tokenizer.encode(reply))}
     if chat.stats is not None:
         result["speculative"] = {"draft": args.speculative, **chat.stats.as_dict()}
     if args.json:
@@ -566,6 +575,40 @@ def _answer_once(args: argparse.Namespace) -> int:
         print(reply)
         if chat.stats is not None:
             stderr_note(f"speculative ({args.speculative}): {chat.stats.summary()}")
+    return 0
+
+
+def _answer_each(args: argparse.Namespace) -> int:
+    """``archlab generate --model`` with several ``--prompt``: each one user message, the replies decoded as one batch
+    (:meth:`archlab.chat.Chat.answer_each`; ``--speculative lookup``: each row verifying its own drafts)."""
+    from archlab.chat import Chat, check_message, check_options
+
+    if args.beam is not None or args.greedy and args.temperature is not None:
+        raise ConfigError("--model decodes greedily, or samples with --temperature (no --beam, not both)")
+    check_at_least_one("--max-new-tokens", args.max_new_tokens)
+    max_new_tokens = DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    check_options(max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before the model loads
+    for i, prompt in enumerate(args.prompt, 1):
+        check_message(prompt, f"--prompt {i}")
+    speculative = speculative_options(args)
+    if args.speculative not in (None, "lookup"):
+        raise ConfigError(f"--speculative {args.speculative} decodes one prompt at a time; several --prompt decode as "
+                          "one batch, with --speculative lookup or without drafts")  # fmt: skip
+    model, tokenizer = load_chat_model_noted(args.model, args.quantize, args.precision)
+    chat = Chat(model, tokenizer, max_new_tokens=max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed, **speculative)  # fmt: skip
+    if args.max_new_tokens is None:  # one length for every reply: what the longest prompt leaves room for
+        rooms, cuts = [], []
+        for prompt in args.prompt:
+            cuts.append(fit_default_reply(chat, prompt, DEFAULT_NEW_TOKENS))
+            rooms.append(chat.max_new_tokens)
+        chat.max_new_tokens = min(rooms)
+        for cut in dict.fromkeys(c for c in cuts if c):
+            stderr_note(cut)
+    replies = chat.answer_each(args.prompt)
+    results = [{"task": "chat", "prompt": p, "output": r, "tokens": len(tokenizer.encode(r))}
+               for p, r in zip(args.prompt, replies, strict=True)]  # fmt: skip
+    print(json.dumps(results) if args.json else _numbered(replies))
     return 0
 
 

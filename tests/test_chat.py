@@ -222,6 +222,42 @@ def test_speculative_chat_replies_as_plain_chat(tiny_gguf):
         Chat(model, tok, speculative="layers:x")
 
 
+def test_several_messages_answered_as_one_batch_as_each_alone(tiny_gguf):
+    """Chat.answer_each: three messages after a system message, decoded as one batch (generate_batch), with and without
+    prompt-lookup drafts verified per row, give the replies each message gets alone (float64: no near-ties); the
+    conversation does not grow; a draft model, an empty message and a bare string are refused."""
+    model, tok = load_chat_model(tiny_gguf)
+    model.double()
+    texts = ["hello there", "a much longer message than the others, to pad", "hi"]
+    alone = [Chat(model, tok, system="be brief", max_new_tokens=10).reply(t) for t in texts]
+    assert len(set(alone)) == 3
+    for draft in (None, "lookup"):
+        chat = Chat(model, tok, system="be brief", max_new_tokens=10, speculative=draft, draft_tokens=3)
+        assert chat.answer_each(texts) == alone
+        assert chat.messages == [{"role": "system", "content": "be brief"}]
+    with pytest.raises(ConfigError, match="speculative='layers:1' decodes one conversation at a time"):
+        Chat(model, tok, speculative="layers:1").answer_each(texts)
+    with pytest.raises(DataError, match="message 2 is empty"):
+        Chat(model, tok).answer_each(["hi", "  "])
+    with pytest.raises(ConfigError, match="texts must be a non-empty list of messages, got str"):
+        Chat(model, tok).answer_each("hi")
+
+
+def test_cli_generate_with_several_prompts_answers_each_in_one_batch(tiny_gguf, capsys):
+    args = ["generate", "--model", str(tiny_gguf), "--prompt", "hello", "--prompt", "hi there", "--max-new-tokens", "6"]
+    assert main([*args, "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    model, tok = load_chat_model(tiny_gguf)
+    replies = Chat(model, tok, max_new_tokens=6).answer_each(["hello", "hi there"])
+    assert [r["prompt"] for r in results] == ["hello", "hi there"] and [r["output"] for r in results] == replies
+    assert main(args) == 0
+    assert capsys.readouterr().out == f"[1] {replies[0]}\n\n[2] {replies[1]}\n"
+    assert main([*args, "--speculative", "layers:1"]) == 2
+    assert "--speculative layers:1 decodes one prompt at a time" in capsys.readouterr().err
+    assert main([*args, "--prompt", ""]) == 2
+    assert "--prompt 3 is empty" in capsys.readouterr().err
+
+
 def test_cli_speculative_option(tiny_gguf, monkeypatch, capsys):
     args = ["generate", "--model", str(tiny_gguf), "--prompt", "hello", "--max-new-tokens", "8", "--json"]
     assert main([*args, "--speculative", "lookup", "--draft-tokens", "3"]) == 0

@@ -115,6 +115,12 @@ def test_generate_continues_the_prompt_reproducibly(capsys, gpt_run):
     assert a == b and a.startswith("def ")
     greedy = json.loads(ok(capsys, "generate", gpt_run, "--prompt", "import", "--greedy", "--max-new-tokens", "5", "--json"))
     assert greedy["prompt"] == "import" and 0 < greedy["tokens"] <= 5 and greedy["task"] == "lm"
+    both = json.loads(ok(capsys, "generate", gpt_run, "--prompt", "def ", "--prompt", "import", "--greedy",
+                         "--max-new-tokens", "5", "--json"))  # fmt: skip
+    assert [r["prompt"] for r in both] == ["def ", "import"] and both[1] == greedy  # each prompt on its own
+    text = ok(capsys, "generate", gpt_run, "--prompt", "def ", "--prompt", "import", "--greedy",
+              "--max-new-tokens", "5")  # fmt: skip
+    assert text == f"[1] def {both[0]['output']}\n\n[2] import{greedy['output']}\n"
 
 
 def test_generate_default_max_new_tokens_fits_a_short_context(capsys, tmp_path, gpt_run):
