@@ -271,8 +271,10 @@ class Chat:
         verifies its own prompt-lookup drafts in the batch's passes): the replies, in order. Greedy, each is the
         reply :meth:`reply` gives its text alone, up to floating-point near-ties of the prompts' prefill together;
         sampled, the rows draw from one generator seeded with ``seed``. A draft model (``"layers:M"``) decodes one
-        conversation at a time, so it is refused here; :attr:`stats` stays None (no per-row statistics)."""
+        conversation at a time, so it is refused here. With ``speculative``, :attr:`stats` holds the batch's
+        :class:`~archlab.speculative.SpeculativeStats` (every row's drafts; a pass serves all rows)."""
         from archlab.generation import generate_batch
+        from archlab.speculative import SpeculativeStats
 
         if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
             raise ConfigError(f"texts must be a non-empty list of messages, got {type(texts).__name__}")
@@ -285,6 +287,8 @@ class Chat:
         sampling = {} if self.temperature is None else {
             "do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
             "seed": self.seed}  # fmt: skip
+        self.stats = None if self.speculative is None else SpeculativeStats()
         rows = generate_batch(self.model, prompts, max_new_tokens=self.max_new_tokens, stop_tokens=[self.eos],
-                              draft=self.speculative, draft_tokens=self.draft_tokens, **sampling)  # fmt: skip
+                              draft=self.speculative, draft_tokens=self.draft_tokens, stats=self.stats,
+                              **sampling)  # fmt: skip
         return [self.tokenizer.decode([t for t in row if t != self.eos]) for row in rows]

@@ -609,6 +609,8 @@ def _answer_each(args: argparse.Namespace) -> int:
     results = [{"task": "chat", "prompt": p, "output": r, "tokens": len(tokenizer.encode(r))}
                for p, r in zip(args.prompt, replies, strict=True)]  # fmt: skip
     print(json.dumps(results) if args.json else _numbered(replies))
+    if chat.stats is not None:
+        stderr_note(f"speculative ({args.speculative}, {len(replies)} rows in one batch): {chat.stats.summary()}")
     return 0
 
 

@@ -430,6 +430,7 @@ def generate_batch(
     seed: int | None = None,
     draft: str | Any | None = None,
     draft_tokens: int | None = None,
+    stats: Any = None,
 ) -> list[list[int]]:
     """Continue several prompts of different lengths together; returns each prompt's new tokens, in order.
 
@@ -491,6 +492,8 @@ def generate_batch(
             (a KV cache that can ``rewind_rows``: GPT, Llama).
         draft_tokens: the most drafts a row verifies in a pass (fewer as rows are more: :func:`drafts_per_row`;
             default :data:`archlab.speculative.DRAFT_TOKENS`).
+        stats: a :class:`archlab.speculative.SpeculativeStats` to fill in: every row's drafts and accepted drafts,
+            the tokens, and the passes of the model (a prefill or a batched step: one pass for all its rows).
 
     Returns:
         ``P`` lists: row ``b``'s new tokens, up to and including its stop token (at most ``max_new_tokens``).
@@ -507,6 +510,10 @@ def generate_batch(
     if batch_size is not None:
         _check_int("batch_size", batch_size, 1)
     lookup, draft_tokens = _row_drafts(draft, draft_tokens)
+    from archlab.speculative import SpeculativeStats
+
+    if stats is not None and not isinstance(stats, SpeculativeStats):
+        raise ConfigError(f"stats must be None or an archlab.speculative.SpeculativeStats, got {type(stats).__name__}")
     rows = min(batch_size or len(prompts), len(prompts))
     longest = max(prompts, key=len)
     device = next(model.parameters()).device
@@ -520,7 +527,7 @@ def generate_batch(
     packing = packed_for_rows(model, rows) if copies else contextlib.nullcontext()
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else None
     with packing:  # B-row products on oneDNN-packed weights (archlab.nn.linear)
-        return _decode_rows(model, prompts, rows, max_new_tokens, stop, sampling, seed, lookup, draft_tokens)
+        return _decode_rows(model, prompts, rows, max_new_tokens, stop, sampling, seed, lookup, draft_tokens, stats)
 
 
 def _row_drafts(draft: Any, draft_tokens: Any) -> tuple[Any, int]:
@@ -690,7 +697,7 @@ def drafts_per_row(rows: int, most: int, budget: int) -> int:
     return max(0, min(most, budget // rows - 1))
 
 
-def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, seed, lookup=None, most=0
+def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, seed, lookup=None, most=0, stats=None
                  ) -> list[list[int]]:  # fmt: skip
     """The loop of :func:`generate_batch` (arguments checked): greedy, or :func:`sample_next` with ``sampling``'s
     options, over at most ``batch_size`` open rows. Returns each prompt's new tokens.
@@ -700,8 +707,12 @@ def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, see
     (``reorder``: every cache kind selects rows so); the others take one pass; then waiting prompts fill the freed
     rows (:class:`_Rows`: prefilled at the batch's length, joined). With ``lookup`` (a
     :class:`~archlab.speculative.PromptLookup`) each row's pass also verifies up to
-    :func:`drafts_per_row` ``(rows, most, pass_rows(model))`` drafts of its own (:func:`_verify_rows`).
+    :func:`drafts_per_row` ``(rows, most, pass_rows(model))`` drafts of its own (:func:`_verify_rows`). ``stats``
+    (a :class:`~archlab.speculative.SpeculativeStats`, or None) counts the passes, drafts and tokens.
     """
+    from archlab.speculative import SpeculativeStats
+
+    stats = SpeculativeStats() if stats is None else stats
     device = next(model.parameters()).device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     waiting = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first
@@ -714,6 +725,7 @@ def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, see
         raise ConfigError(f"{why}, which needs a cache with {' and '.join(f'{n}()' for n in needs)} (GPT, Llama); "
                           f"{type(model).__name__} keeps a {type(cache).__name__}: pass {fix}")  # fmt: skip
     batch = _Rows(model, first, *_left_padded([prompts[i] for i in first], device), cache=cache)
+    stats.target_passes += 1
     _check_ids_in_vocab(batch.logits.shape[-1], **{f"stop_tokens[{i}]": s for i, s in enumerate(stop)})
     out: list[list[int]] = [[] for _ in prompts]
     pending: list[list[int] | None] = [None] * len(first)  # each row's tokens from its verified drafts, if any
@@ -734,18 +746,22 @@ def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, see
         if rows and lookup is not None and drafts_per_row(len(rows), most, budget):
             pending = _verify_rows(batch, last, [prompts[r] + out[r] for r in rows],
                                    [max_new_tokens - len(out[r]) - 1 for r in rows], lookup,
-                                   drafts_per_row(len(rows), most, budget), sampling, generator)  # fmt: skip
+                                   drafts_per_row(len(rows), most, budget), sampling, generator, stats)  # fmt: skip
+            stats.target_passes += 1
         elif rows:
             batch.step(last)
+            stats.target_passes += 1
         if waiting and len(batch.prompt) < batch_size:
             admitted, waiting = waiting[: batch_size - len(batch.prompt)], waiting[batch_size - len(batch.prompt) :]
             input_ids, attention_mask = _left_padded([prompts[i] for i in admitted], device)
             new_rows = _Rows(model, admitted, input_ids, attention_mask, cache=batch.cache.empty_like())
+            stats.target_passes += 1
             pending += [None] * len(admitted)
             if batch.prompt:
                 batch.join(new_rows)  # lined up: the side holding fewer positions padded in front
             else:
                 batch = new_rows
+    stats.generated += sum(len(o) for o in out)
     return out
 
 
@@ -771,12 +787,13 @@ def _record(out: list[int], tokens: list[int], max_new_tokens: int, stop: Sequen
 
 
 def _verify_rows(batch: _Rows, last: Tensor, sequences: list[list[int]], rooms: list[int], lookup: Any,
-                 most: int, sampling: dict | None, generator) -> list[list[int] | None]:  # fmt: skip
+                 most: int, sampling: dict | None, generator, stats: Any) -> list[list[int] | None]:  # fmt: skip
     """One pass of every row of ``batch`` fed its ``last [R]`` token and up to ``most`` prompt-lookup drafts from its
     ``sequences[r]`` (the prompt and the tokens so far), at most ``rooms[r]`` (what ``max_new_tokens`` leaves); each
     row keeps what :func:`archlab.speculative.accept` takes, the rows' cache positions lined up again
     (:meth:`_Rows.rewind_rows`). Returns each row's new tokens (its accepted drafts and one token of its own), or all
-    None where no row drafted (then the pass was a plain step: :attr:`_Rows.logits` are the next tokens')."""
+    None where no row drafted (then the pass was a plain step: :attr:`_Rows.logits` are the next tokens'). The drafts
+    and those accepted are added to ``stats``."""
     from archlab.speculative import Sampling, accept
 
     chooser = Sampling(sampling is not None, **(sampling or {}), generator=generator)
@@ -787,6 +804,8 @@ def _verify_rows(batch: _Rows, last: Tensor, sequences: list[list[int]], rooms: 
     logits, pads = batch.feed_ragged([[token, *d] for token, d in zip(last.tolist(), drafts, strict=True)])
     new = [accept(d, None, logits[r, : 1 + len(d)], chooser) for r, d in enumerate(drafts)]
     batch.rewind_rows([pad + len(d) + 1 - len(tokens) for pad, d, tokens in zip(pads, drafts, new, strict=True)])
+    stats.drafted += sum(len(d) for d in drafts)
+    stats.accepted += sum(len(tokens) - 1 for tokens in new)
     return new
 
 

@@ -252,6 +252,10 @@ def test_cli_generate_with_several_prompts_answers_each_in_one_batch(tiny_gguf, 
     assert [r["prompt"] for r in results] == ["hello", "hi there"] and [r["output"] for r in results] == replies
     assert main(args) == 0
     assert capsys.readouterr().out == f"[1] {replies[0]}\n\n[2] {replies[1]}\n"
+    assert main([*args, "--speculative", "lookup"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("[1] ") and "\n\n[2] " in out
+    assert "speculative (lookup, 2 rows in one batch): " in err and "tokens per pass of the model" in err
     assert main([*args, "--speculative", "layers:1"]) == 2
     assert "--speculative layers:1 decodes one prompt at a time" in capsys.readouterr().err
     assert main([*args, "--prompt", ""]) == 2

@@ -73,13 +73,16 @@ def test_greedy_rows_with_drafts_are_their_tokens_without_in_fewer_passes(family
         plain = generate_batch(m, prompts, max_new_tokens=12, stop_tokens=[stop], batch_size=batch_size)
         plain_passes, widths[:] = len(widths), []
         seen = counted_accepts(monkeypatch)
+        stats = speculative.SpeculativeStats()
         drafted = generate_batch(m, prompts, max_new_tokens=12, stop_tokens=[stop], batch_size=batch_size,
-                                 draft="lookup")  # fmt: skip
+                                 draft="lookup", stats=stats)  # fmt: skip
     finally:
         hook.remove()
     assert drafted == plain == alone
     assert len(widths) < plain_passes
     assert sum(a for _, a in seen) > 0 and sum(d - a for d, a in seen) > 0  # drafts kept and drafts rejected
+    assert (stats.drafted, stats.accepted) == (sum(d for d, _ in seen), sum(a for _, a in seen))
+    assert stats.target_passes == len(widths) and stats.generated == sum(map(len, alone))
     assert max(w for w in widths if w < 32) <= pass_rows(m) == 16  # the prefills (6 tokens and more a row) left aside
 
 
@@ -87,6 +90,8 @@ def test_draft_arguments_are_checked():
     m = family_model("gpt")
     with pytest.raises(ConfigError, match="draft='layers:1': generate_batch drafts by prompt lookup"):
         generate_batch(m, [[1, 2]], max_new_tokens=2, draft="layers:1")
+    with pytest.raises(ConfigError, match="stats must be None or an archlab.speculative.SpeculativeStats, got dict"):
+        generate_batch(m, [[1, 2]], max_new_tokens=2, draft="lookup", stats={})
     with pytest.raises(ConfigError, match="draft_tokens=0 must be an int >= 1"):
         generate_batch(m, [[1, 2]], max_new_tokens=2, draft="lookup", draft_tokens=0)
     with pytest.raises(ConfigError, match="draft= verifies drafts in each row, which needs a cache with .*"
