@@ -506,13 +506,14 @@ class ExplanationStreams:
     near-ties).
 
     A pass feeds at most :attr:`pass_rows` tokens in all (padding included: a row with fewer drafts is padded to
-    the longest), so each of ``N`` streams drafts at most ``pass_rows // N - 1`` (:meth:`drafts_each`; at most
-    :attr:`Explainer.draft_tokens`, as a stream alone): 8 drafts alone, 7 each for 2 streams, 3 for 4, 1 for 8,
-    plain one-token steps from 9. 16 is the rows ``bf16_rows`` takes (``f32_rows`` takes 12 before oneDNN's copies);
-    chosen by measurement (``benchmarks/explain_streams.py --pass-rows``, SmolLM2-135M-Instruct, 96 tokens a stream,
-    CPU seconds on the AMD EPYC, docs/search.md): in bf16, 4 streams 1.3 s with 16 rows, 1.4 with 9, 2.2 with 24
-    (products of more than 16 bf16 rows leave the kernel); against the policy before (one stream speculative, plain
-    batched steps from two) 2 streams took 0.8 s against 1.2, 4 streams 1.3 against 2.3, 8 streams 2.4-2.5 against 3.2.
+    the longest; default :func:`archlab.generation.pass_rows`, the rows the kernel takes first: 16 in bf16, 12 in
+    float32 with AVX-512), so each of ``N`` streams drafts at most ``pass_rows // N - 1`` (:meth:`drafts_each`; at
+    most :attr:`Explainer.draft_tokens`, as a stream alone): in bf16 8 drafts alone, 7 each for 2 streams, 3 for 4,
+    1 for 8, plain one-token steps from 9; chosen by measurement (``benchmarks/explain_streams.py --pass-rows``,
+    SmolLM2-135M-Instruct, 96 tokens a stream, CPU seconds on the AMD EPYC, docs/search.md): in bf16, 4 streams 1.3 s
+    with 16 rows, 1.4 with 9, 2.2 with 24 (products of more than 16 bf16 rows leave the kernel); against the policy
+    before (one stream speculative, plain batched steps from two) 2 streams took 0.8 s against 1.2, 4 streams 1.3
+    against 2.3, 8 streams 2.4-2.5 against 3.2.
 
     Every step's products of several rows (a batch of streams, or one stream's ``1 + k`` verified tokens) run on
     oneDNN-packed copies of the model's float32 weights (:func:`archlab.nn.linear.packed_for_rows`), packed once,
