@@ -13,11 +13,13 @@ to other jobs on a shared machine) until all have ended, and their tokens per CP
   ``pass_rows // N - 1`` a stream); ``--pass-rows R`` adds a ``rows R`` column for each other budget::
 
     python benchmarks/explain_streams.py --index runs/search-builtin --streams 1,3 --max-new-tokens 32 --threads 1
+    python benchmarks/explain_streams.py --max-new-tokens 96 --json benchmarks/results/explain_streams_bf16_drafts.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -72,6 +74,7 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--pass-rows", default="", help="other budgets of a pass's rows to time too, e.g. 9,24")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures to PATH")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's); 1 keeps the "
                         "CPU time free of idle threads spinning, on a shared machine")
     args = parser.parse_args()
@@ -97,6 +100,7 @@ def main() -> int:
         together(streams, [(QUESTIONS[0], fresh(hits[QUESTIONS[0]]))])
     ways = [("turns", lambda j: turns(explainer, j))]
     ways += [(name, lambda j, s=streams: together(s, j)) for name, streams in kept.items()]
+    results = []
     for n in (int(x) for x in args.streams.split(",")):
         row, texts = [], []
         for name, run in ways:
@@ -104,13 +108,20 @@ def main() -> int:
             seconds, text = run(jobs)
             tokens = sum(len(explainer.load()[1].encode(t)) for t in text.values())
             row.append(f"{name} {seconds:.1f} s ({tokens / seconds:.1f} tokens per CPU second)")
+            results.append({"streams": n, "way": name, "cpu_seconds": seconds, "tokens": tokens})
             texts.append(text)
         same = all(t == texts[0] for t in texts)
+        results[-len(ways) :] = [{**r, "texts_equal": same} for r in results[-len(ways) :]]
         print(f"{n} streams: " + ", ".join(row) + ("" if same else "; the texts differ (bf16 near-ties):"))
         for (name, _), text in zip(ways, texts):
             if not same:
                 print(f"  {name}: {[t[len(REPLY_OPENING):][:60] for t in text.values()]}")
     print(f"load {os.getloadavg()[0]:.1f} at the end")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cpu": describe_cpu(), "threads": torch.get_num_threads(), "dtype": str(next(model.parameters())
+                       .dtype), "max_new_tokens": args.max_new_tokens, "results": results}, f, indent=2)  # fmt: skip
+            f.write("\n")
     return 0
 
 
