@@ -632,6 +632,19 @@ class _Rows:
         ids = [list(t) + [t[-1]] * (width - len(t)) for t in tokens]
         return self.feed(torch.tensor(ids, dtype=torch.long, device=self.mask.device)), [width - len(t) for t in tokens]
 
+    def verify(self, tokens: list[list[int]], chooser: Any) -> list[list[int]]:
+        """A speculative round of every row in one pass: ``tokens[r]`` is row ``r``'s last chosen token and its drafts
+        (none or more; :meth:`feed_ragged`); each row keeps what :func:`archlab.speculative.accept` takes from its own
+        logits (``chooser``: a :class:`~archlab.speculative.Sampling`) and forgets its rejected drafts and padding in
+        one move of the rows (:meth:`rewind_rows`). Returns each row's new tokens: its accepted drafts and one of its
+        own, the last not yet fed."""
+        from archlab.speculative import accept
+
+        logits, pads = self.feed_ragged(tokens)
+        new = [accept(list(t[1:]), None, logits[r, : len(t)], chooser) for r, t in enumerate(tokens)]
+        self.rewind_rows([pad + len(t) - len(n) for pad, t, n in zip(pads, tokens, new, strict=True)])
+        return new
+
     def feed(self, tokens: Tensor) -> Tensor:
         """Feed each row ``tokens [R, n]`` (all real); returns the logits at each of them ``[R, n, V]``
         (:attr:`logits`: the last position's)."""
@@ -743,10 +756,11 @@ def _decode_rows(model, prompts, batch_size, max_new_tokens, stop, sampling, see
             last = last[open_rows]
         pending = [None] * len(batch.prompt)
         rows = batch.prompt
-        if rows and lookup is not None and drafts_per_row(len(rows), most, budget):
+        drafting = drafts_per_row(len(rows), most, budget) if rows and lookup is not None else 0
+        if drafting:
             pending = _verify_rows(batch, last, [prompts[r] + out[r] for r in rows],
-                                   [max_new_tokens - len(out[r]) - 1 for r in rows], lookup,
-                                   drafts_per_row(len(rows), most, budget), sampling, generator, stats)  # fmt: skip
+                                   [max_new_tokens - len(out[r]) - 1 for r in rows], lookup, drafting, sampling,
+                                   generator, stats)  # fmt: skip
             stats.target_passes += 1
         elif rows:
             batch.step(last)
@@ -791,19 +805,17 @@ def _verify_rows(batch: _Rows, last: Tensor, sequences: list[list[int]], rooms: 
     """One pass of every row of ``batch`` fed its ``last [R]`` token and up to ``most`` prompt-lookup drafts from its
     ``sequences[r]`` (the prompt and the tokens so far), at most ``rooms[r]`` (what ``max_new_tokens`` leaves); each
     row keeps what :func:`archlab.speculative.accept` takes, the rows' cache positions lined up again
-    (:meth:`_Rows.rewind_rows`). Returns each row's new tokens (its accepted drafts and one token of its own), or all
+    (:meth:`_Rows.verify`). Returns each row's new tokens (its accepted drafts and one token of its own), or all
     None where no row drafted (then the pass was a plain step: :attr:`_Rows.logits` are the next tokens'). The drafts
     and those accepted are added to ``stats``."""
-    from archlab.speculative import Sampling, accept
+    from archlab.speculative import Sampling
 
     chooser = Sampling(sampling is not None, **(sampling or {}), generator=generator)
     drafts = [lookup.propose(seq, min(most, room), chooser)[0] for seq, room in zip(sequences, rooms, strict=True)]
     if not any(drafts):
         batch.step(last)
         return [None] * len(drafts)
-    logits, pads = batch.feed_ragged([[token, *d] for token, d in zip(last.tolist(), drafts, strict=True)])
-    new = [accept(d, None, logits[r, : 1 + len(d)], chooser) for r, d in enumerate(drafts)]
-    batch.rewind_rows([pad + len(d) + 1 - len(tokens) for pad, d, tokens in zip(pads, drafts, new, strict=True)])
+    new = batch.verify([[token, *d] for token, d in zip(last.tolist(), drafts, strict=True)], chooser)
     stats.drafted += sum(len(d) for d in drafts)
     stats.accepted += sum(len(tokens) - 1 for tokens in new)
     return new
@@ -817,9 +829,9 @@ class RowBatch:
     its cache until :meth:`join` adds it to the batch, and leaves by :meth:`remove`. :meth:`step` feeds every joined
     row its next ``n_b >= 1`` tokens in one forward pass (``B`` rows: one pass, far cheaper than ``B`` one-row passes
     where a step streams the weights) and returns each row's logits ``[n_b, V]``; :meth:`rewind` forgets positions
-    fed last, as many in every row or a count for each (the drafts that each row's verification rejected: a batch
-    of speculative rounds). The caller chooses the tokens (greedy, sampled, verified drafts); the last token it chose
-    is fed by the next :meth:`step`.
+    fed last, as many in every row or a count for each (the drafts that each row's verification rejected), and
+    :meth:`verify` is both for a speculative round of every row (each keeping the drafts its own logits accept). The
+    caller chooses the tokens (greedy, sampled, verified drafts); the last token it chose is fed by the next pass.
 
     Rows are left-padded, as in :func:`generate_batch`: each row's tokens are contiguous and end at the batch's last
     position, masked zero keys and values before them. A row joining a batch of another length is lined up by
@@ -901,18 +913,38 @@ class RowBatch:
         returns each row's logits ``[n_key, V]`` at its tokens (the last: its next token's). A row fed fewer tokens
         than the longest is padded at its end (its last token again; causal, so its real positions do not read them);
         the padding is forgotten with the next :meth:`rewind`, or before the next pass, in one move of the rows."""
+        keys = self._fed("step", tokens)
+        out, self._pads = self._batch.feed_ragged([tokens[k] for k in keys])
+        return {k: out[i, : len(tokens[k])] for i, k in enumerate(keys)}
+
+    @torch.no_grad()
+    def verify(self, tokens: dict[Any, Sequence[int]], sampling: Any = None) -> dict[Any, list[int]]:
+        """A speculative round of every joined row in one pass: ``tokens[key]`` is the row's last chosen token and its
+        drafts (none or more). Each row keeps the drafts :func:`archlab.speculative.accept` takes from its own logits
+        (``sampling``: a :class:`~archlab.speculative.Sampling`, default greedy) and forgets the others, the rows
+        lined up again in one move. Returns each row's new tokens: its accepted drafts and one of its own, the last
+        of which the next :meth:`step` or :meth:`verify` feeds."""
+        from archlab.speculative import Sampling
+
+        keys = self._fed("verify", tokens)
+        new = self._batch.verify([list(tokens[k]) for k in keys], Sampling() if sampling is None else sampling)
+        return dict(zip(keys, new, strict=True))
+
+    def _fed(self, method: str, tokens: dict[Any, Sequence[int]]) -> list:
+        """The joined rows' keys in row order, once the last ragged step's padding is forgotten and ``tokens`` (what
+        ``method`` feeds) is checked: every joined row, a non-empty list of ints >= 0 each."""
         self._settle()
         keys = self.joined
         if not keys or set(tokens) != set(keys):
-            raise ConfigError(f"step feeds every joined row: got rows {sorted(tokens, key=repr)}, joined "
+            raise ConfigError(f"{method} feeds every joined row: got rows {sorted(tokens, key=repr)}, joined "
                               f"{sorted(keys, key=repr)}")  # fmt: skip
         for k in keys:
             if isinstance(tokens[k], (str, bytes, Tensor)) or not isinstance(tokens[k], Sequence) or not tokens[k]:
-                raise ConfigError(f"step's tokens[{k!r}] must be a non-empty list of token ids, got {tokens[k]!r:.60}")
+                raise ConfigError(f"{method}'s tokens[{k!r}] must be a non-empty list of token ids, got "
+                                  f"{tokens[k]!r:.60}")  # fmt: skip
             for token in tokens[k]:
-                _check_int(f"step's tokens[{k!r}][j]", token, 0)
-        out, self._pads = self._batch.feed_ragged([tokens[k] for k in keys])
-        return {k: out[i, : len(tokens[k])] for i, k in enumerate(keys)}
+                _check_int(f"{method}'s tokens[{k!r}][j]", token, 0)
+        return keys
 
     def rewind(self, n: int | dict[Any, int]) -> None:
         """Forget the last ``n`` positions fed to every joined row, or ``n[key]`` to each row named (rejected

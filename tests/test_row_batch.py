@@ -148,6 +148,39 @@ def test_rows_fed_different_numbers_of_tokens_and_keeping_different_numbers_deco
         torch.testing.assert_close(torch.stack(logits), alone, rtol=1e-9, atol=1e-9, msg=f"row {k}")
 
 
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+@torch.no_grad()
+def test_verify_keeps_the_drafts_each_row_s_greedy_choice_accepts(family):
+    """RowBatch.verify: three rows fed their last token and drafts (all right, right then wrong, none); each keeps
+    its accepted drafts and the token its own logits choose after them, which equal greedy decoding alone, and the
+    batch then decodes on as each row alone (the rejected draft and the padding forgotten in the same move)."""
+    m = family_model(family)
+    prompts = {"a": [3, 1, 4, 1], "b": [5, 9, 2, 6, 5, 3], "c": [5, 8]}
+
+    def greedy(seq, n):
+        for _ in range(n):
+            seq = seq + [int(m(torch.tensor([seq]))[0, -1].argmax())]
+        return seq
+
+    alone = {k: greedy(p, 6)[len(p) :] for k, p in prompts.items()}
+    batch = RowBatch(m)
+    for k, p in prompts.items():
+        assert int(batch.prefill(k, p).argmax()) == alone[k][0]
+        batch.join(k)
+    wrong = (alone["b"][2] + 1) % V
+    fed = {"a": alone["a"][:3], "b": [*alone["b"][:2], wrong], "c": alone["c"][:1]}
+    new = batch.verify(fed)
+    assert new == {"a": alone["a"][1:4], "b": alone["b"][1:3], "c": alone["c"][1:2]}
+    seqs = {k: [*alone[k][: 1 + len(new[k])]] for k in prompts}
+    for _ in range(2):
+        out = batch.step({k: s[-1:] for k, s in seqs.items()})
+        for k, logits in out.items():
+            seqs[k].append(int(logits[-1].argmax()))
+    assert all(seqs[k] == alone[k][: len(seqs[k])] for k in prompts)
+    with pytest.raises(ConfigError, match=r"verify's tokens\['c'\] must be a non-empty list of token ids"):
+        batch.verify({"a": [1], "b": [1], "c": []})
+
+
 @torch.no_grad()
 def test_steps_are_built_when_rows_change_not_at_every_step():
     """The model's step is built when rows join or leave (or positions are cropped or dropped), once for all the

@@ -505,7 +505,8 @@ class ExplanationStreams:
     forward pass (:class:`archlab.generation.RowBatch`: continuous batching, a stream joining the batch after its
     prefill and leaving it when it ends or :meth:`close` drops it), each stream's row fed its last token and its
     prompt-lookup drafts (:class:`archlab.speculative.PromptLookup`) and keeping the drafts its own logits accept
-    (:func:`archlab.speculative.accept`; the rows keep different numbers, ``RowBatch.rewind`` lines them up again).
+    (``RowBatch.verify``: :func:`archlab.speculative.accept`'s rule; the rows keep different numbers and are lined
+    up again).
     Greedy, so each stream's text is the one :meth:`Explainer.stream` decodes for it alone (up to floating-point
     near-ties).
 
@@ -587,7 +588,7 @@ class ExplanationStreams:
     def step(self) -> list[ExplanationStream]:
         """The next tokens of every resumed stream, in one pass (:meth:`drafts_each`); returns the streams that got
         text or ended."""
-        from archlab.speculative import Sampling, accept, make_draft
+        from archlab.speculative import Sampling, make_draft
 
         running = list(self._running.values())
         if not running:
@@ -596,9 +597,7 @@ class ExplanationStreams:
         lookup = make_draft("lookup", self.explainer.load()[0])
         drafts = {s.key: lookup.propose(s.tokens, min(most, self.explainer.max_new_tokens - s.decoded - 1), greedy)[0]
                   if most else [] for s in running}  # fmt: skip
-        out = self._rows.step({s.key: [s.tokens[-1], *drafts[s.key]] for s in running})  # [1 + k_s, V] each
-        new = {s.key: accept(drafts[s.key], None, out[s.key], greedy) for s in running}
-        self._rows.rewind({s.key: len(drafts[s.key]) + 1 - len(new[s.key]) for s in running})
+        new = self._rows.verify({s.key: [s.tokens[-1], *drafts[s.key]] for s in running})  # RowBatch.verify
         for s in running:
             s.stats.drafted += len(drafts[s.key])
             s.stats.accepted += len(new[s.key]) - 1

@@ -289,9 +289,14 @@ def test_streams_decoded_as_one_batch_equal_each_stream_alone(tiny_model, monkey
         started[name] = streams.start(jobs[name][0], hits[name], SpeculativeStats())
         got[name] += started[name].take()
         if streams._rows is not None and not hasattr(streams._rows, "spied"):
-            step = streams._rows.step
-            streams._rows.step = lambda tokens: (rows_per_step.append(len(tokens)),
-                                                 fed.append(sorted(len(t) for t in tokens.values())))[0] or step(tokens)
+            verify = streams._rows.verify
+
+            def spy(tokens):
+                rows_per_step.append(len(tokens))
+                fed.append(sorted(len(t) for t in tokens.values()))
+                return verify(tokens)
+
+            streams._rows.verify = spy
             streams._rows.spied = True
 
     def step():
