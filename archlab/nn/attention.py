@@ -695,10 +695,6 @@ class KVCache:
             raise ShapeError(f"crop length={length} must be in [0, {self.length}]")
         self.length = length
 
-    def rewind_rows(self, n: Sequence[int]) -> None:
-        """Row ``b`` forgets its last ``n[b]`` positions, every row still ending at the last (:func:`rewind_rows`)."""
-        rewind_rows([self], n)
-
     def drop_front(self, n: int) -> None:
         """Forget the first ``n`` positions; the others move ``n`` places back. Continuous batching drops positions
         that every row's mask hides (:class:`archlab.generation.RowBatch`), so a batch that never empties does not
