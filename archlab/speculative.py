@@ -37,9 +37,12 @@ A verify pass multiplies ``k + 1`` rows by every weight, where a few rows cost l
 float32 kernel up to 12 rows, 10 on AVX2 (:func:`archlab.nn.linear.kernel_takes_rows`: the weights read in place),
 else on oneDNN-packed copies of the weights (:func:`archlab.nn.linear.packed_for_rows`, made while decoding runs).
 
-Batch size 1: the rows of a batch would accept different numbers of tokens, and so need ragged caches. The
-target and a draft model need KV caches that can be cropped (GPT, Llama); other models are refused.
-Call ``model.eval()`` first if it has dropout.
+One sequence at a time here; many prompts verify their own drafts in one batch with
+:func:`archlab.generation.generate_batch` (``draft="lookup"``) and :meth:`archlab.generation.RowBatch.verify`. The
+target and a draft model need KV caches that can be cropped (GPT, Llama); other models are refused. The target may be
+a compiled :class:`archlab.static_decoding.StaticDecoder` (its step and its verify pass each traced once; the same
+tokens as its plain greedy decoding, in float32 and bfloat16 on archlab's kernels); a ``"layers:M"`` draft then
+runs the decoder's model's first layers eagerly. Call ``model.eval()`` first if it has dropout.
 """
 
 from __future__ import annotations
@@ -290,6 +293,10 @@ def make_draft(draft: str | Draft, model: nn.Module) -> Draft:
     check_draft_name(draft)
     if draft == "lookup":
         return PromptLookup()
+    from archlab.static_decoding import StaticDecoder
+
+    if isinstance(model, StaticDecoder):  # a compiled target: its model's first layers draft, eagerly
+        model = model.model
     return DraftModel(first_layers(model, int(draft.partition(":")[2])))
 
 

@@ -20,6 +20,10 @@ would be specialised to each position. Here, as in gpt-fast:
   eagerly: one trace per process, model and batch size, none per token. It speaks
   :mod:`archlab.generation`'s protocol (``decoder_step``, ``new_cache``), so ``generate``, ``stream`` and
   ``beam_search`` take it in place of the model.
+* Speculative decoding (:mod:`archlab.speculative`) takes it as the target too: :meth:`StaticDecodingCache.crop`
+  forgets the rejected drafts by moving ``length`` back, and a verify pass (2 to ``verify_tokens`` tokens after the
+  prompt) runs a second compiled graph, traced once at ``verify_tokens`` positions: a shorter pass is padded with its
+  last token, whose keys land past the pass's last position, where no query reads before the next pass writes.
 
 What it does not serve raises :class:`~archlab.errors.ConfigError` when built or called: encoder-decoder
 models, ``compile=True`` with int8-dynamic layers (fbgemm's packed weights break the graph), ALiBi (its bias is not a table lookup here), memory-saving attention backends (``chunked``, ...),
@@ -48,6 +52,7 @@ from archlab.nn.positional import (
     sinusoid_table,
 )
 from archlab.quant import DynamicInt8Linear
+from archlab.speculative import DRAFT_TOKENS
 
 
 def static_mask(positions: Tensor, max_len: int) -> Tensor:
@@ -89,10 +94,11 @@ def static_attention(
 
     The new keys and values are written into ``k_all [B, G, L, d_k]``, ``v_all [B, G, L, d_v]`` at ``positions``
     (in place), then the queries attend all ``L`` under :func:`static_mask`: what ``attn(h, causal=True,
-    cache=KVCache)`` computes over the keys written so far. A one-token step in float32 takes archlab's kernel
-    (:func:`archlab.kernels.cached_attention`: it reads only the keys written so far; PyTorch's flash kernel took
-    40-80 us a call on gpt-mini's and SmolLM2's shapes, 2 threads, and inductor's fused loops for the same
-    equation 42 us); otherwise attention is PyTorch's fused ``sdpa`` whatever the
+    cache=KVCache)`` computes over the keys written so far. A step or a verify pass (up to
+    :data:`~archlab.kernels.CACHED_MAX_QUERIES` queries) in float32 or bfloat16 takes archlab's kernel
+    (:func:`archlab.kernels.cached_attention`: each query reads only the keys up to its own position; PyTorch's flash
+    kernel took 40-80 us a one-query call on gpt-mini's and SmolLM2's shapes, 2 threads, and inductor's fused loops for
+    the same equation 42 us); otherwise attention is PyTorch's fused ``sdpa`` whatever the
     model's dense backend (``math`` differs by float rounding only): no query here lacks a key to attend, so
     :func:`~archlab.nn.attention.attend`'s rule for such rows is not needed. ``rope``: the encoding and its ``cos, sin, (-sin,
     sin)`` rows at ``positions`` (``[n, d_rot]``), rotating queries and keys.
@@ -103,8 +109,9 @@ def static_attention(
         q, k = encoding.rotate_with(q, *rows), encoding.rotate_with(k, *rows)
     k_all.index_copy_(2, positions, k)
     v_all.index_copy_(2, positions, v)
-    if q.shape[2] == 1 and kernels.cached_attention_serves(q, k_all, v_all):  # a step: only the keys written so far
-        out = torch.ops.archlab_kernels.cached_attention(q, k_all, v_all, positions, q.shape[-1] ** -0.5,
+    if q.shape[2] <= kernels.CACHED_MAX_QUERIES and kernels.cached_attention_serves(q, k_all, v_all):
+        # a step or a verify pass: each query reads only the keys up to its own position
+        out = torch.ops.archlab_kernels.cached_attention(q, k_all, v_all, positions[-1:], q.shape[-1] ** -0.5,
                                                          kernels.f32_kernel())  # fmt: skip
     else:
         mask = static_mask(positions, k_all.shape[2])  # [n, L]: every query sees key 0, so no row is all masked
@@ -120,6 +127,14 @@ class StaticDecodingCache:
     def __init__(self, n_layers: int, max_len: int):
         self.layers = [StaticKVCache(max_len) for _ in range(n_layers)]
         self.max_len, self.length = max_len, 0
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` positions (speculative decoding's rollback to the accepted tokens). Nothing
+        moves: the next pass writes its positions over the forgotten ones, and no query reads a key past its own
+        position (:func:`static_mask`), so what stays there is never read."""
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.length:
+            raise ShapeError(f"crop length={length!r} must be an int in [0, {self.length}] (the positions held)")
+        self.length = length
 
     def reorder(self, index: Tensor) -> None:
         """Beam search: batch row ``b`` becomes old row ``index[b]`` in every layer."""
@@ -164,13 +179,21 @@ class StaticDecoder(nn.Module):
             :meth:`new_cache` in turn: one decoding run at a time per batch size (a cache used after a newer one
             took its storage raises ConfigError). Off by default: written and tested with the CPU standing in,
             not yet run on a GPU (tests/test_cuda.py runs it where there is one).
+        verify_tokens: with ``compile``, the width of the compiled verify pass (speculative decoding's last token
+            and up to ``verify_tokens - 1`` drafts; default :data:`archlab.speculative.DRAFT_TOKENS` + 1). Traced at
+            the first such pass; a pass of more tokens, or one the cache lacks room to pad, runs eagerly. Measured
+            (SmolLM2-135M bf16, AMD EPYC with AVX512-BF16, 2 threads): a compiled 9-token pass 12.7 ms against 10.7
+            for the compiled step and 17.2 for the same pass eagerly.
     """
 
     def __init__(self, model: nn.Module, max_len: int, *, compile: bool = True, cpp_wrapper: bool = False,
-                 cuda_graphs: bool = False):  # fmt: skip
+                 cuda_graphs: bool = False, verify_tokens: int = DRAFT_TOKENS + 1):  # fmt: skip
         super().__init__()
         if cpp_wrapper and not compile:
             raise ConfigError("cpp_wrapper=True wraps the compiled step: it needs compile=True")
+        if isinstance(verify_tokens, bool) or not isinstance(verify_tokens, int) or verify_tokens < 2:
+            raise ConfigError(f"verify_tokens={verify_tokens!r} must be an int >= 2 (the width of a compiled "
+                              "speculative verify pass: the last token and up to verify_tokens - 1 drafts)")
         _check_model(model, max_len)
         self.model, self.max_len = model, max_len
         c = model.config
@@ -195,8 +218,14 @@ class StaticDecoder(nn.Module):
                 "compile=True cannot trace int8-dynamic layers (fbgemm's packed weights end torch.compile's graph at "
                 "every product): use compile=False, or the weight-only modes int8 / int4"
             )
-        options = {name: True for name, on in (("cpp_wrapper", cpp_wrapper), ("triton.cudagraphs", cuda_graphs)) if on}
-        self.compiled = torch.compile(self._forward, dynamic=False, options=options or None) if compile else None
+        # emulate_precision_casts: fused bf16 code rounds where the eager ops round (between ops), so the step and
+        # the verify pass, traced apart, give a position the same bits (without it SmolLM2's bf16 speculative tokens
+        # left the compiled step's on 2 of benchmarks/speculative.py's 4 abstracts); a no-op in float32
+        options = {name: True for name, on in (("cpp_wrapper", cpp_wrapper), ("triton.cudagraphs", cuda_graphs),
+                                               ("emulate_precision_casts", True)) if on}  # fmt: skip
+        self.compiled = torch.compile(self._forward, dynamic=False, options=options) if compile else None
+        self.verify_tokens = verify_tokens
+        self.compiled_verify = torch.compile(self._verify, dynamic=False, options=options) if compile else None
 
     @property
     def config(self) -> StaticContext:
@@ -223,8 +252,10 @@ class StaticDecoder(nn.Module):
 
     def forward(self, tokens: Tensor, cache: StaticDecodingCache, *, logits_to_keep: int | None = None) -> Tensor:
         """``tokens [B, n]`` at positions ``cache.length ..`` -> logits ``[B, n, V]`` (the last ``logits_to_keep``
-        positions' only, if given); their keys and values are written into ``cache``. One token at a time runs
-        the compiled step (if any), several (a prompt) the same step eagerly."""
+        positions' only, if given); their keys and values are written into ``cache``. With ``compile``: one token
+        runs the compiled step; 2 to ``verify_tokens`` tokens after the prompt (a speculative verify pass) the
+        compiled verify pass, padded to ``verify_tokens`` where the cache has room; anything else (a prompt) the same
+        step eagerly."""
         if not isinstance(cache, StaticDecodingCache) or cache.max_len != self.max_len \
                 or len(cache.layers) != self.model.config.n_layers:  # fmt: skip
             raise ConfigError(f"cache must be this StaticDecoder's new_cache() (max_len={self.max_len}), got {cache!r:.80}")
@@ -239,11 +270,18 @@ class StaticDecoder(nn.Module):
         v = self.model.config.vocab_size
         if int(tokens.min()) < 0 or int(tokens.max()) >= v:
             raise ShapeError(f"tokens hold ids outside the vocabulary [0, {v})")
-        positions = torch.arange(start, start + n, device=tokens.device)
-        run = self._forward
+        if logits_to_keep is not None and logits_to_keep >= n:
+            logits_to_keep = None  # every position's: one trace of the step whether a caller keeps 1 or all
+        run, width = self._forward, n
         if self.compiled is not None and n == 1:
             run = self.compiled
             tokens = tokens.new_empty(tokens.shape).copy_(tokens)  # generation feeds a view whose strides grow
+        elif self.compiled is not None and start > 0 and n <= self.verify_tokens <= self.max_len - start:
+            # a verify pass (after the prompt): padded to the traced width with its last token; the padding's keys
+            # land past the pass's last position, where no query of this pass reads and the next pass writes
+            run, width = self.compiled_verify, self.verify_tokens
+            tokens = torch.cat([tokens, tokens[:, -1:].expand(-1, width - n)], dim=1)
+        positions = torch.arange(start, start + width, device=tokens.device)
         held = cache.layers[0].k
         if held is None:  # allocated here, outside the (compiled) step
             self._allocate(cache, tokens.shape[0])
@@ -255,11 +293,16 @@ class StaticDecoder(nn.Module):
                 "run at a time per batch size); finish a run before starting the next, or use cuda_graphs=False"
             )
         keys, values = [layer.k for layer in cache.layers], [layer.v for layer in cache.layers]
-        if run is self.compiled and self.cuda_graphs:
+        if self.cuda_graphs and run is not self._forward:
             torch.compiler.cudagraph_mark_step_begin()  # the last replay's output is not read again: cloned below
-            logits = run(tokens, positions, keys, values, logits_to_keep).clone()
+        if run is self.compiled_verify:
+            logits = run(tokens, positions, keys, values)[:, :n]  # the padding's logits dropped
+            if logits_to_keep is not None:
+                logits = logits[:, -logits_to_keep:]
         else:
             logits = run(tokens, positions, keys, values, logits_to_keep)
+        if self.cuda_graphs and run is not self._forward:
+            logits = logits.clone()  # a replay's output is overwritten by the next replay
         cache.length = start + n
         return logits
 
@@ -283,6 +326,11 @@ class StaticDecoder(nn.Module):
             self._storage[batch] = (cache, storage)
         for layer, (k, v) in zip(cache.layers, storage, strict=True):
             layer.k, layer.v = k, v
+
+    def _verify(self, tokens: Tensor, positions: Tensor, keys: list[Tensor], values: list[Tensor]) -> Tensor:
+        """A verify pass of ``verify_tokens`` positions: :meth:`_forward`, every position's logits. Its own function,
+        so its traces are counted apart from the step's (torch's cap on traces per function)."""
+        return self._forward(tokens, positions, keys, values, None)
 
     def _forward(self, tokens: Tensor, positions: Tensor, keys: list[Tensor], values: list[Tensor],
                  logits_to_keep: int | None) -> Tensor:  # fmt: skip

