@@ -159,6 +159,10 @@ class Chat:
             when drafts are accepted; :attr:`stats` then holds the last reply's
             :class:`~archlab.speculative.SpeculativeStats`.
         draft_tokens: the most tokens drafted per step with ``speculative`` (:data:`archlab.speculative.DRAFT_TOKENS`).
+        compile: decode replies through a :class:`~archlab.static_decoding.StaticDecoder` of the model's whole context
+            (``torch.compile``: the one-token step traced at the first reply, the verify pass at the first
+            speculative round; seconds to a minute each, once per process), the tokens of eager decoding up to
+            float rounding (float32: the same). :meth:`answer_each` decodes its batch eagerly.
     """
 
     model: nn.Module
@@ -171,6 +175,7 @@ class Chat:
     seed: int | None = None
     speculative: str | None = None
     draft_tokens: int = DRAFT_TOKENS
+    compile: bool = False
     messages: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -184,11 +189,22 @@ class Chat:
         if self.system is not None:
             self.messages.insert(0, {"role": "system", "content": self.system})
         self.limit = getattr(self.model.config, "context_limit", None)
+        self.decoder = self.model  # what decodes a reply: the model, or its compiled static decoder
+        if self.compile:
+            from archlab.generation import _check_int
+            from archlab.static_decoding import StaticDecoder
+
+            _check_int("draft_tokens", self.draft_tokens, 1)  # the verify pass's width follows it
+
+            if self.limit is None:
+                raise ConfigError(f"compile=True decodes through a static cache of the model's context, but this "
+                                  f"{type(self.model).__name__} has no context limit: use compile=False")  # fmt: skip
+            self.decoder = StaticDecoder(self.model, self.limit, verify_tokens=self.draft_tokens + 1)
         self.draft, self.stats = None, None
         if self.speculative is not None:
             from archlab.speculative import make_draft
 
-            self.draft = make_draft(self.speculative, self.model)  # once: a draft model keeps what it has read
+            self.draft = make_draft(self.speculative, self.decoder)  # once: a draft model keeps what it has read
 
     # ------------------------------------------------------------------------------------------
     def prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
@@ -233,11 +249,11 @@ class Chat:
         }  # fmt: skip
         prompt = torch.tensor([ids], device=device)
         if self.draft is None:
-            steps = stream(self.model, prompt, max_new_tokens=self.max_new_tokens, stop_tokens=[self.eos],
+            steps = stream(self.decoder, prompt, max_new_tokens=self.max_new_tokens, stop_tokens=[self.eos],
                            pad_id=self.eos, **sampling)  # fmt: skip
         else:
             self.stats = SpeculativeStats()
-            steps = speculative_stream(self.model, prompt, max_new_tokens=self.max_new_tokens, stop_tokens=[self.eos],
+            steps = speculative_stream(self.decoder, prompt, max_new_tokens=self.max_new_tokens, stop_tokens=[self.eos],
                                        draft=self.draft, draft_tokens=self.draft_tokens, stats=self.stats, **sampling)  # fmt: skip
         self.messages = messages
         reply: list[int] = []

@@ -469,6 +469,10 @@ def add_speculative_options(parser: argparse.ArgumentParser, prefix: str = "") -
                              "model's first M layers; the acceptance rate goes to stderr (--json: in the output)")  # fmt: skip
     parser.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS, metavar="K",
                         help=f"with --speculative: at most K tokens drafted per step (default {DRAFT_TOKENS})")  # fmt: skip
+    parser.add_argument("--compile", action="store_true",
+                        help=f"{prefix}decode through torch.compile with a static KV cache (archlab.static_decoding; "
+                             "with --speculative the verify pass compiled too): faster steps after a one-time compile "
+                             "of seconds to a minute")  # fmt: skip
 
 
 def speculative_options(args: argparse.Namespace) -> dict[str, object]:
@@ -478,7 +482,15 @@ def speculative_options(args: argparse.Namespace) -> dict[str, object]:
     check_at_least_one("--draft-tokens", args.draft_tokens)
     if args.speculative is not None:
         check_draft_name(args.speculative)  # before the model loads
-    return {"speculative": args.speculative, "draft_tokens": args.draft_tokens}
+    return {"speculative": args.speculative, "draft_tokens": args.draft_tokens, "compile": args.compile}
+
+
+def compile_note(chat) -> None:
+    """With ``--compile``, say on stderr that the first reply compiles (and what)."""
+    if chat.compile:
+        also = " and the verify pass at the first drafts" if chat.speculative is not None else ""
+        stderr_note(f"--compile: the decoding step is compiled during the first reply{also} (once per process: "
+                    "seconds to a minute)")  # fmt: skip
 
 
 def load_chat_model_noted(spec: str, quantize: str | None, precision: str = "auto"):
@@ -525,9 +537,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if (args.run is None) == (args.model is None):
         raise ConfigError("give a run folder (RUN_DIR|CKPT) or --model NAME|PATH, one of the two")
-    for option, value in (("--quantize", args.quantize), ("--speculative", args.speculative)):
+    for option, value in (("--quantize", args.quantize), ("--speculative", args.speculative),
+                          ("--compile", args.compile or None)):  # fmt: skip
         if value is not None and args.model is None:
-            raise ConfigError(f"{option} {value} goes with --model NAME|PATH (chat models), not a run folder")
+            raise ConfigError(f"{option}{'' if value is True else f' {value}'} goes with --model NAME|PATH (chat models), "
+                          "not a run folder")  # fmt: skip
     if args.model is not None:
         return _answer_once(args) if len(args.prompt) == 1 else _answer_each(args)
     opened = open_run(args.run)
@@ -563,6 +577,7 @@ def _answer_once(args: argparse.Namespace) -> int:
     model, tokenizer = load_chat_model_noted(args.model, args.quantize, args.precision)
     chat = Chat(model, tokenizer, max_new_tokens=max_new_tokens, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, **speculative)  # fmt: skip
+    compile_note(chat)
     if args.max_new_tokens is None and (cut := fit_default_reply(chat, prompt, DEFAULT_NEW_TOKENS)):
         stderr_note(cut)
     reply = chat.reply(prompt)
@@ -594,6 +609,9 @@ def _answer_each(args: argparse.Namespace) -> int:
     if args.speculative not in (None, "lookup"):
         raise ConfigError(f"--speculative {args.speculative} decodes one prompt at a time; several --prompt decode as "
                           "one batch, with --speculative lookup or without drafts")  # fmt: skip
+    if args.compile:
+        raise ConfigError("--compile decodes one prompt at a time through a static cache; several --prompt decode as "
+                          "one batch, eagerly: leave out --compile, or give one --prompt")  # fmt: skip
     model, tokenizer = load_chat_model_noted(args.model, args.quantize, args.precision)
     chat = Chat(model, tokenizer, max_new_tokens=max_new_tokens, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, **speculative)  # fmt: skip
@@ -780,6 +798,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model, tokenizer = load_chat_model_noted(args.model, args.quantize, args.precision)
     chat = Chat(model, tokenizer, system=args.system, max_new_tokens=max_new_tokens,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, **speculative)  # fmt: skip
+    compile_note(chat)
     if interactive:
         print("type a message and press Enter; Ctrl-D or Ctrl-C to leave", file=sys.stderr, flush=True)
     while True:

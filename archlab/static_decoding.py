@@ -114,6 +114,9 @@ def static_attention(
         out = torch.ops.archlab_kernels.cached_attention(q, k_all, v_all, positions[-1:], q.shape[-1] ** -0.5,
                                                          kernels.f32_kernel())  # fmt: skip
     else:
+        if not torch.compiler.is_compiling():  # eager (a prompt): only the keys written so far, not all L
+            end = int(positions[-1]) + 1
+            k_all, v_all = k_all[:, :, :end], v_all[:, :, :end]
         mask = static_mask(positions, k_all.shape[2])  # [n, L]: every query sees key 0, so no row is all masked
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=attn.n_kv_heads != attn.n_heads)
     b, _, n, _ = out.shape

@@ -17,6 +17,11 @@ same rounds, which gives a one-row step's cost and, with all prompts in one batc
 workload: one at a time's time over the batch's prefill plus its steps each at a one-row step's cost (the batch runs
 as many steps as its longest reply has tokens, whatever the other rows do).
 
+``--compile`` adds plain greedy and each draft through one compiled :class:`archlab.static_decoding.StaticDecoder`
+(its one-token step and its verify pass each traced once, before the timing), checked the same way against the
+compiled greedy tokens; each compiled draft's speedup is over compiled plain greedy, and the summary gives it over
+eager plain greedy too.
+
 ``--session`` holds the oneDNN-packed weight copies (:func:`archlab.nn.linear.packed_for_rows`) across all calls, as a
 chat session or a server holds them, instead of each call packing its own (0.3-0.5 s for SmolLM2, about 8 one-row
 steps): every peer, plain greedy included, runs inside the one block; the copies take the weights' memory again;
@@ -48,7 +53,8 @@ from common import Peer, base_parser, setup, table, time_interleaved, write_json
 from archlab.chat import load_chat_model  # noqa: E402
 from archlab.generation import generate, generate_batch  # noqa: E402
 from archlab.nn.linear import packed_for_rows  # noqa: E402
-from archlab.speculative import SpeculativeStats, make_draft, speculative_generate  # noqa: E402
+from archlab.speculative import make_draft, speculative_generate  # noqa: E402
+from archlab.static_decoding import StaticDecoder  # noqa: E402
 
 # Short abstracts written for this benchmark (invented studies, so no model has seen them).
 ABSTRACTS = [
@@ -81,46 +87,61 @@ def chat_prompt(tokenizer, question: str, abstract: str) -> list[int]:
 
 
 def speculative_rows(model, tokenizer, eos: int, args) -> list[dict]:
+    prompts = [torch.tensor([chat_prompt(tokenizer, QUESTIONS[0], a)]) for a in ABSTRACTS[: args.abstracts]]
+    targets = [("", model)]  # (the peers' name suffix, the target)
+    if args.compile:  # one decoder for every abstract: its step and its verify pass each compiled once
+        longest = max(p.shape[1] for p in prompts) + args.new_tokens + args.draft_tokens + 1
+        static = StaticDecoder(model, longest, verify_tokens=args.draft_tokens + 1)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            speculative_generate(static, prompts[0], max_new_tokens=args.new_tokens, stop_tokens=[eos])
+        print(f"compiled: the step and the verify pass traced in {time.perf_counter() - start:.1f} s (not timed)\n")
+        targets.append((" compiled", static))
     results = []
-    for i, abstract in enumerate(ABSTRACTS[: args.abstracts]):
-        prompt = torch.tensor([chat_prompt(tokenizer, QUESTIONS[0], abstract)])
+    for i, prompt in enumerate(prompts):
         n0 = prompt.shape[1]
-
-        @torch.inference_mode()
-        def plain():
-            return generate(model, prompt, max_new_tokens=args.new_tokens, stop_tokens=[eos], pad_id=eos)
-
-        reference = plain()
-        n = reference.shape[1] - n0
-        peers = [Peer("greedy", plain, tokens=n)]
-        stats: dict[str, SpeculativeStats] = {}
-        for spec in args.drafts:
-            draft = make_draft(spec, model)  # built once (a draft model's weights are the model's)
+        peers, stats, greedy = [], {}, {}
+        for suffix, target in targets:
 
             @torch.inference_mode()
-            def fast(draft=draft):
-                return speculative_generate(model, prompt, max_new_tokens=args.new_tokens, draft=draft,
-                                            draft_tokens=args.draft_tokens, stop_tokens=[eos])  # fmt: skip
+            def plain(target=target):
+                return generate(target, prompt, max_new_tokens=args.new_tokens, stop_tokens=[eos], pad_id=eos)
 
-            out = fast()
-            if not torch.equal(out.sequences, reference):
-                length = min(out.sequences.shape[1], reference.shape[1])
-                differ = (out.sequences[0, :length] != reference[0, :length]).nonzero()
-                first = int(differ[0]) if len(differ) else length
-                raise SystemExit(f"abstract {i}, {spec}: tokens differ from plain greedy at new token {first - n0}")
-            stats[spec] = out.stats
-            peers.append(Peer(spec, fast, tokens=n))
+            reference = plain()
+            n = reference.shape[1] - n0
+            greedy[suffix] = Peer("greedy" + suffix, plain, tokens=n)
+            peers.append(greedy[suffix])
+            for spec in args.drafts:
+                draft = make_draft(spec, target)  # built once (a draft model's weights are the model's)
+
+                @torch.inference_mode()
+                def fast(draft=draft, target=target):
+                    return speculative_generate(target, prompt, max_new_tokens=args.new_tokens, draft=draft,
+                                                draft_tokens=args.draft_tokens, stop_tokens=[eos])  # fmt: skip
+
+                out = fast()
+                if not torch.equal(out.sequences, reference):
+                    length = min(out.sequences.shape[1], reference.shape[1])
+                    differ = (out.sequences[0, :length] != reference[0, :length]).nonzero()
+                    first = int(differ[0]) if len(differ) else length
+                    raise SystemExit(f"abstract {i}, {spec}{suffix}: tokens differ from plain greedy{suffix} at new "
+                                     f"token {first - n0}")  # fmt: skip
+                stats[spec + suffix] = (out.stats, suffix)
+                peers.append(Peer(spec + suffix, fast, tokens=n))
+            if i == 0:
+                reply = tokenizer.decode(reference[0, n0:].tolist())
+                print(f"abstract 0: prompt {n0} tokens; greedy{suffix} reply ({n} tokens, the same with every draft):"
+                      "\n  " + reply.replace("\n", "\n  "))  # fmt: skip
         time_interleaved(peers, rounds=args.rounds, warmup=0)
-        if i == 0:
-            reply = tokenizer.decode(reference[0, n0:].tolist())
-            print(f"abstract 0: prompt {n0} tokens; reply ({n} tokens, the same for every peer):\n  "
-                  + reply.replace("\n", "\n  "))  # fmt: skip
-        for peer in peers[1:]:
-            s = stats[peer.name]
+        for peer in peers:
+            if peer.name not in stats:
+                continue
+            s, suffix = stats[peer.name]
             results.append({
-                "abstract": i, "draft": peer.name, "prompt_tokens": n0, "tokens": n,
-                "greedy_tokens_per_s": peers[0].tokens_per_s, "tokens_per_s": peer.tokens_per_s,
-                "speedup": peer.tokens_per_s / peers[0].tokens_per_s, **s.as_dict(),
+                "abstract": i, "draft": peer.name, "prompt_tokens": n0, "tokens": peer.tokens,
+                "greedy_tokens_per_s": greedy[suffix].tokens_per_s, "tokens_per_s": peer.tokens_per_s,
+                "speedup": peer.tokens_per_s / greedy[suffix].tokens_per_s,
+                "eager_greedy_tokens_per_s": greedy[""].tokens_per_s, **s.as_dict(),
             })  # fmt: skip
     return results
 
@@ -203,6 +224,9 @@ def main() -> None:
                         help="run one comparison only (default: both)")  # fmt: skip
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="the weights' precision for every peer (default fp32)")  # fmt: skip
+    parser.add_argument("--compile", action="store_true",
+                        help="also time plain greedy and each draft through a compiled StaticDecoder (the step and "
+                             "the verify pass each traced once; speculative comparison only)")  # fmt: skip
     parser.add_argument("--session", action="store_true",
                         help="pack the weight copies for few-row products once and hold them across every call "
                              "(as a chat session or server does), instead of once per call")  # fmt: skip
@@ -227,7 +251,8 @@ def main() -> None:
         print_speculative(spec, args)
     if batch is not None:
         print_batched(batch)
-    write_json(args.json, {"speculative": spec, "batched": batch, "session": args.session, "precision": args.precision})
+    write_json(args.json, {"speculative": spec, "batched": batch, "session": args.session, "precision": args.precision,
+                           "compile": args.compile})  # fmt: skip
 
 
 def print_speculative(spec: list[dict], args) -> None:
@@ -238,13 +263,16 @@ def print_speculative(spec: list[dict], args) -> None:
           "tokens equal to plain greedy: checked")  # fmt: skip
     print(table(rows, ["abstract", "draft", "prompt", "tokens", "greedy tok/s", "spec tok/s", "speedup", "accepted",
                        "tokens/pass"]))  # fmt: skip
-    for draft in args.drafts:
+    for draft in dict.fromkeys(r["draft"] for r in spec):
         mine = [r for r in spec if r["draft"] == draft]
         seconds = sum(r["tokens"] / r["tokens_per_s"] for r in mine)
         greedy_seconds = sum(r["tokens"] / r["greedy_tokens_per_s"] for r in mine)
         accepted, drafted = sum(r["accepted"] for r in mine), sum(r["drafted"] for r in mine)
-        print(f"{draft}: all abstracts {greedy_seconds / seconds:.2f}x plain greedy's tokens/s, "
-              f"{accepted}/{drafted} drafted tokens accepted")  # fmt: skip
+        eager = (f", {sum(r['tokens'] / r['eager_greedy_tokens_per_s'] for r in mine) / seconds:.2f}x eager plain "
+                 "greedy's" if draft.endswith(" compiled") else "")  # fmt: skip
+        print(f"{draft}: all abstracts {greedy_seconds / seconds:.2f}x {'compiled ' if eager else ''}plain greedy's "
+              f"tokens/s{eager}, {accepted}/{drafted} drafted tokens accepted "
+              f"({sum(r['tokens'] for r in mine) / seconds:.1f} tokens/s)")  # fmt: skip
 
 
 def print_batched(batch: dict) -> None:

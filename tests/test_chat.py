@@ -296,6 +296,7 @@ def test_cli_speculative_option(tiny_gguf, monkeypatch, capsys):
         (["chat", "--speculative", "layer:2"], "draft='layer:2' is not one of ('lookup', 'layers:M')"),
         (["generate", "--prompt", "hi", "--speculative", "bogus"], "draft='bogus' is not one of"),
         (["generate", "--prompt", "a\udcffb"], "text is not valid Unicode: lone surrogate '\\udcff' at position 1"),
+        (["generate", "--prompt", "a", "--prompt", "b", "--compile"], "--compile decodes one prompt at a time"),
     ],
 )
 def test_cli_chat_options_and_prompt_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, argv, words):
@@ -322,3 +323,51 @@ def test_chat_checks_its_sampling_options_when_made(tiny_gguf):
             Chat(model, tok, **options)
     with pytest.raises(DataError, match="the message must be a string, got bytes"):
         Chat(model, tok).reply(b"hello")
+
+
+def test_compiled_chat_decodes_through_a_static_decoder_of_the_context(tiny_gguf):
+    """Chat(compile=True) decodes through a StaticDecoder of the model's whole context (routed here through its
+    graphs' eager functions, float64: the wiring; the graphs themselves: the slow test below): the replies plain Chat
+    gives, with and without drafts (a draft model from the decoder's model), verify passes at draft_tokens + 1."""
+    from archlab.static_decoding import StaticDecoder
+    from tests.test_static_decoding import standing_in_for_compiled
+
+    model, tok = load_chat_model(tiny_gguf)
+    model.double()
+    texts = ("hello there", "hello again")
+    expected = [Chat(model, tok, max_new_tokens=24).reply(text) for text in texts]
+    for draft in (None, PromptLookup(min_ngram=1), "layers:1"):
+        chat = Chat(model, tok, max_new_tokens=24, speculative=draft, draft_tokens=3, compile=True)
+        assert isinstance(chat.decoder, StaticDecoder) and chat.decoder.max_len == chat.limit == 96
+        widths: list[int] = []
+        standing_in_for_compiled(chat.decoder, widths)
+        assert [chat.reply(text) for text in texts] == expected, draft
+        assert (set(widths) == {4} and chat.stats.drafted > 0) if draft is not None else widths == []
+    with pytest.raises(ConfigError, match="draft_tokens=0 must be an int >= 1"):
+        Chat(model, tok, compile=True, draft_tokens=0)
+    limitless = torch.nn.Module()
+    limitless.config = type("Config", (), {"context_limit": None})()
+    with pytest.raises(ConfigError, match="compile=True decodes through a static cache of the model's context, but "
+                                          "this Module has no context limit"):  # fmt: skip
+        Chat(limitless, tok, compile=True)
+
+
+def test_cli_compile_goes_with_a_chat_model(tiny_gguf, capsys):
+    assert main(["generate", str(tiny_gguf.parent), "--prompt", "hi", "--compile"]) == 2
+    assert "--compile goes with --model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_compiled_chat_replies_as_eager_chat(tiny_gguf, monkeypatch, capsys):
+    """`archlab chat --compile` (float32: the compiled step and verify pass round as the eager model does), with and
+    without prompt-lookup drafts: two replies equal to eager chat's, the compile said once on stderr."""
+    messages = "hello there\nhello again\n"
+    replies = {}
+    for extra in ([], ["--compile"], ["--compile", "--speculative", "lookup", "--draft-tokens", "3"]):
+        monkeypatch.setattr(sys, "stdin", __import__("io").StringIO(messages))
+        argv = ["chat", "--model", str(tiny_gguf), "--json", "--max-new-tokens", "20", "--precision", "fp32", *extra]
+        assert main(argv) == 0
+        out, err = capsys.readouterr()
+        replies[" ".join(extra)] = [json.loads(line)["assistant"] for line in out.splitlines()]
+        assert err.count("--compile: the decoding step is compiled during the first reply") == (1 if extra else 0)
+    assert len(set(map(tuple, replies.values()))) == 1 and all(replies[""]), replies
