@@ -540,8 +540,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for option, value in (("--quantize", args.quantize), ("--speculative", args.speculative),
                           ("--compile", args.compile or None)):  # fmt: skip
         if value is not None and args.model is None:
-            raise ConfigError(f"{option}{'' if value is True else f' {value}'} goes with --model NAME|PATH (chat models), "
-                          "not a run folder")  # fmt: skip
+            shown = option if value is True else f"{option} {value}"
+            raise ConfigError(f"{shown} goes with --model NAME|PATH (chat models), not a run folder")
     if args.model is not None:
         return _answer_once(args) if len(args.prompt) == 1 else _answer_each(args)
     opened = open_run(args.run)
