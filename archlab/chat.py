@@ -192,14 +192,14 @@ class Chat:
         self.decoder = self.model  # what decodes a reply: the model, or its compiled static decoder
         if self.compile:
             from archlab.generation import _check_int
-            from archlab.static_decoding import StaticDecoder
+            from archlab.static_decoding import StaticDecoder, verify_widths_for
 
             _check_int("draft_tokens", self.draft_tokens, 1)  # the verify pass's width follows it
 
             if self.limit is None:
                 raise ConfigError(f"compile=True decodes through a static cache of the model's context, but this "
                                   f"{type(self.model).__name__} has no context limit: use compile=False")  # fmt: skip
-            self.decoder = StaticDecoder(self.model, self.limit, verify_tokens=self.draft_tokens + 1)
+            self.decoder = StaticDecoder(self.model, self.limit, verify_widths=verify_widths_for(self.draft_tokens))
         self.draft, self.stats = None, None
         if self.speculative is not None:
             from archlab.speculative import make_draft

@@ -21,9 +21,10 @@ would be specialised to each position. Here, as in gpt-fast:
   :mod:`archlab.generation`'s protocol (``decoder_step``, ``new_cache``), so ``generate``, ``stream`` and
   ``beam_search`` take it in place of the model.
 * Speculative decoding (:mod:`archlab.speculative`) takes it as the target too: :meth:`StaticDecodingCache.crop`
-  forgets the rejected drafts by moving ``length`` back, and a verify pass (2 to ``verify_tokens`` tokens after the
-  prompt) runs a second compiled graph, traced once at ``verify_tokens`` positions: a shorter pass is padded with its
-  last token, whose keys land past the pass's last position, where no query reads before the next pass writes.
+  forgets the rejected drafts by moving ``length`` back, and a verify pass (several tokens after the prompt) runs a
+  second compiled function, traced once for each of a few widths (``verify_widths``): a pass is padded with its last
+  token to the narrowest that holds it, the padding's keys landing past the pass's last position, where no query
+  reads before the next pass writes.
 
 What it does not serve raises :class:`~archlab.errors.ConfigError` when built or called: encoder-decoder
 models, ``compile=True`` with int8-dynamic layers (fbgemm's packed weights break the graph), ALiBi (its bias is not a table lookup here), memory-saving attention backends (``chunked``, ...),
@@ -33,6 +34,7 @@ and more positions than ``max_len`` (prompt + ``max_new_tokens`` - 1: ``generate
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +54,7 @@ from archlab.nn.positional import (
     sinusoid_table,
 )
 from archlab.quant import DynamicInt8Linear
-from archlab.speculative import DRAFT_TOKENS
+from archlab.speculative import DRAFT_TOKENS, PromptLookup
 
 
 def static_mask(positions: Tensor, max_len: int) -> Tensor:
@@ -182,21 +184,24 @@ class StaticDecoder(nn.Module):
             :meth:`new_cache` in turn: one decoding run at a time per batch size (a cache used after a newer one
             took its storage raises ConfigError). Off by default: written and tested with the CPU standing in,
             not yet run on a GPU (tests/test_cuda.py runs it where there is one).
-        verify_tokens: with ``compile``, the width of the compiled verify pass (speculative decoding's last token
-            and up to ``verify_tokens - 1`` drafts; default :data:`archlab.speculative.DRAFT_TOKENS` + 1). Traced at
-            the first such pass; a pass of more tokens, or one the cache lacks room to pad, runs eagerly. Measured
-            (SmolLM2-135M bf16, AMD EPYC with AVX512-BF16, 2 threads): a compiled 9-token pass 12.7 ms against 10.7
-            for the compiled step and 17.2 for the same pass eagerly.
+        verify_widths: with ``compile``, the widths of the compiled verify passes (speculative decoding's last
+            token and its drafts), each traced at the first pass it serves; a pass runs at the narrowest that holds
+            it, a wider one, or one the cache lacks room to pad, eagerly. Default :func:`verify_widths_for`
+            (:data:`~archlab.speculative.DRAFT_TOKENS`): 3 and 9. Measured (SmolLM2-135M bf16, AMD EPYC with
+            AVX512-BF16, 2 threads): a compiled 9-token pass 12.7 ms against 10.7 for the compiled step and 17.2 for
+            the same pass eagerly.
     """
 
     def __init__(self, model: nn.Module, max_len: int, *, compile: bool = True, cpp_wrapper: bool = False,
-                 cuda_graphs: bool = False, verify_tokens: int = DRAFT_TOKENS + 1):  # fmt: skip
+                 cuda_graphs: bool = False, verify_widths: Sequence[int] | None = None):  # fmt: skip
         super().__init__()
         if cpp_wrapper and not compile:
             raise ConfigError("cpp_wrapper=True wraps the compiled step: it needs compile=True")
-        if isinstance(verify_tokens, bool) or not isinstance(verify_tokens, int) or verify_tokens < 2:
-            raise ConfigError(f"verify_tokens={verify_tokens!r} must be an int >= 2 (the width of a compiled "
-                              "speculative verify pass: the last token and up to verify_tokens - 1 drafts)")
+        widths = verify_widths_for(DRAFT_TOKENS) if verify_widths is None else verify_widths
+        if not isinstance(widths, Sequence) or not widths \
+                or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 2 for w in widths):  # fmt: skip
+            raise ConfigError(f"verify_widths={verify_widths!r} must be a non-empty list of ints >= 2 (the widths of "
+                              "the compiled verify passes: the last token and up to width - 1 drafts)")  # fmt: skip
         _check_model(model, max_len)
         self.model, self.max_len = model, max_len
         c = model.config
@@ -227,7 +232,7 @@ class StaticDecoder(nn.Module):
         options = {name: True for name, on in (("cpp_wrapper", cpp_wrapper), ("triton.cudagraphs", cuda_graphs),
                                                ("emulate_precision_casts", True)) if on}  # fmt: skip
         self.compiled = torch.compile(self._forward, dynamic=False, options=options) if compile else None
-        self.verify_tokens = verify_tokens
+        self.verify_widths = tuple(sorted(set(widths)))
         self.compiled_verify = torch.compile(self._verify, dynamic=False, options=options) if compile else None
 
     @property
@@ -256,9 +261,9 @@ class StaticDecoder(nn.Module):
     def forward(self, tokens: Tensor, cache: StaticDecodingCache, *, logits_to_keep: int | None = None) -> Tensor:
         """``tokens [B, n]`` at positions ``cache.length ..`` -> logits ``[B, n, V]`` (the last ``logits_to_keep``
         positions' only, if given); their keys and values are written into ``cache``. With ``compile``: one token
-        runs the compiled step; 2 to ``verify_tokens`` tokens after the prompt (a speculative verify pass) the
-        compiled verify pass, padded to ``verify_tokens`` where the cache has room; anything else (a prompt) the same
-        step eagerly."""
+        runs the compiled step; several tokens after the prompt (a speculative verify pass) the compiled verify pass
+        of the narrowest of ``verify_widths`` that holds them and fits in the cache, padded; anything else (a prompt)
+        the same step eagerly."""
         if not isinstance(cache, StaticDecodingCache) or cache.max_len != self.max_len \
                 or len(cache.layers) != self.model.config.n_layers:  # fmt: skip
             raise ConfigError(f"cache must be this StaticDecoder's new_cache() (max_len={self.max_len}), got {cache!r:.80}")
@@ -279,11 +284,13 @@ class StaticDecoder(nn.Module):
         if self.compiled is not None and n == 1:
             run = self.compiled
             tokens = tokens.new_empty(tokens.shape).copy_(tokens)  # generation feeds a view whose strides grow
-        elif self.compiled is not None and start > 0 and n <= self.verify_tokens <= self.max_len - start:
-            # a verify pass (after the prompt): padded to the traced width with its last token; the padding's keys
+        elif self.compiled is not None and start > 0:
+            # a verify pass (after the prompt): padded to a traced width with its last token; the padding's keys
             # land past the pass's last position, where no query of this pass reads and the next pass writes
-            run, width = self.compiled_verify, self.verify_tokens
-            tokens = torch.cat([tokens, tokens[:, -1:].expand(-1, width - n)], dim=1)
+            width = next((w for w in self.verify_widths if n <= w <= self.max_len - start), n)
+            if width != n or n in self.verify_widths:
+                run = self.compiled_verify
+                tokens = torch.cat([tokens, tokens[:, -1:].expand(-1, width - n)], dim=1)
         positions = torch.arange(start, start + width, device=tokens.device)
         held = cache.layers[0].k
         if held is None:  # allocated here, outside the (compiled) step
@@ -331,7 +338,7 @@ class StaticDecoder(nn.Module):
             layer.k, layer.v = k, v
 
     def _verify(self, tokens: Tensor, positions: Tensor, keys: list[Tensor], values: list[Tensor]) -> Tensor:
-        """A verify pass of ``verify_tokens`` positions: :meth:`_forward`, every position's logits. Its own function,
+        """A verify pass of one of ``verify_widths``: :meth:`_forward`, every position's logits. Its own function,
         so its traces are counted apart from the step's (torch's cap on traces per function)."""
         return self._forward(tokens, positions, keys, values, None)
 
@@ -355,6 +362,15 @@ class StaticDecoder(nn.Module):
         if logits_to_keep is not None:
             h = h[:, -logits_to_keep:]
         return model.lm_head(h)
+
+
+def verify_widths_for(draft_tokens: int) -> tuple[int, ...]:
+    """The verify passes' widths a :class:`StaticDecoder` traces for drafts of up to ``draft_tokens``:
+    ``draft_tokens + 1``, and 3 below it: a prompt-lookup pass after a one-token match (two drafts,
+    :class:`archlab.speculative.PromptLookup`), which padded to 9 cost SmolLM2's bf16 pass 1.3x its compiled step
+    against 1.1x at 3 (AMD EPYC with AVX512-BF16)."""
+    short = PromptLookup.one_token_drafts + 1
+    return tuple(sorted({min(short, draft_tokens + 1), draft_tokens + 1}))
 
 
 def _check_model(model: nn.Module, max_len: int) -> None:

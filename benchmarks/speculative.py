@@ -54,7 +54,7 @@ from archlab.chat import load_chat_model  # noqa: E402
 from archlab.generation import generate, generate_batch  # noqa: E402
 from archlab.nn.linear import packed_for_rows  # noqa: E402
 from archlab.speculative import make_draft, speculative_generate  # noqa: E402
-from archlab.static_decoding import StaticDecoder  # noqa: E402
+from archlab.static_decoding import StaticDecoder, verify_widths_for  # noqa: E402
 
 # Short abstracts written for this benchmark (invented studies, so no model has seen them).
 ABSTRACTS = [
@@ -91,7 +91,7 @@ def speculative_rows(model, tokenizer, eos: int, args) -> list[dict]:
     targets = [("", model)]  # (the peers' name suffix, the target)
     if args.compile:  # one decoder for every abstract: its step and its verify pass each compiled once
         longest = max(p.shape[1] for p in prompts) + args.new_tokens + args.draft_tokens + 1
-        static = StaticDecoder(model, longest, verify_tokens=args.draft_tokens + 1)
+        static = StaticDecoder(model, longest, verify_widths=verify_widths_for(args.draft_tokens))
         start = time.perf_counter()
         with torch.inference_mode():
             speculative_generate(static, prompts[0], max_new_tokens=args.new_tokens, stop_tokens=[eos])

@@ -328,7 +328,7 @@ def test_chat_checks_its_sampling_options_when_made(tiny_gguf):
 def test_compiled_chat_decodes_through_a_static_decoder_of_the_context(tiny_gguf):
     """Chat(compile=True) decodes through a StaticDecoder of the model's whole context (routed here through its
     graphs' eager functions, float64: the wiring; the graphs themselves: the slow test below): the replies plain Chat
-    gives, with and without drafts (a draft model from the decoder's model), verify passes at draft_tokens + 1."""
+    gives, with and without drafts (a draft model from the decoder's model), verify passes at 3 or draft_tokens + 1."""
     from archlab.static_decoding import StaticDecoder
     from tests.test_static_decoding import standing_in_for_compiled
 
@@ -342,7 +342,7 @@ def test_compiled_chat_decodes_through_a_static_decoder_of_the_context(tiny_gguf
         widths: list[int] = []
         standing_in_for_compiled(chat.decoder, widths)
         assert [chat.reply(text) for text in texts] == expected, draft
-        assert (set(widths) == {4} and chat.stats.drafted > 0) if draft is not None else widths == []
+        assert (widths and set(widths) <= {3, 4} and chat.stats.drafted > 0) if draft is not None else widths == []
     with pytest.raises(ConfigError, match="draft_tokens=0 must be an int >= 1"):
         Chat(model, tok, compile=True, draft_tokens=0)
     limitless = torch.nn.Module()

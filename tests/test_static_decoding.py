@@ -5,6 +5,8 @@ serve."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ from archlab.nn import KVCache
 from archlab.nn.attention import MultiHeadAttention
 from archlab.nn.positional import RotaryPositionalEncoding
 from archlab.quant import quantize
-from archlab.static_decoding import StaticDecoder, StaticKVCache, static_attention, static_mask
+from archlab.static_decoding import StaticDecoder, StaticKVCache, static_attention, static_mask, verify_widths_for
 
 V = 23
 
@@ -246,31 +248,40 @@ def test_static_cache_crop_keeps_the_first_positions_and_refuses_others():
     assert cache.length == 3
     nxt = torch.tensor([[9, 4]])
     torch.testing.assert_close(static(nxt, cache), model(torch.cat([PROMPT[:, :3], nxt], 1))[:, 3:], rtol=0, atol=1e-12)
-    with pytest.raises(ConfigError, match="verify_tokens=1 must be an int >= 2"):
-        StaticDecoder(model, max_len=12, compile=False, verify_tokens=1)
+    for bad in ([1, 4], [], 3, [2.0], [True]):
+        with pytest.raises(ConfigError, match=rf"verify_widths={re.escape(repr(bad))} must be a non-empty list of ints"):
+            StaticDecoder(model, max_len=12, compile=False, verify_widths=bad)
+    assert StaticDecoder(model, max_len=12, compile=False).verify_widths == (3, 9)  # DRAFT_TOKENS = 8
+    assert verify_widths_for(1) == (2,) and verify_widths_for(2) == (3,) and verify_widths_for(12) == (3, 13)
 
 
 @pytest.mark.parametrize("make", [gpt, llama], ids=["gpt", "llama"])
 def test_a_padded_verify_pass_gives_the_model_s_logits(make):
-    """A pass of 2 or 4 tokens after the prompt runs at the traced width (6 here), padded with its last token: the
-    real positions' logits are the model's (float64), the padding's are dropped, and after a crop the next pass
-    writes over the padding's keys. Where the cache lacks room for the padding, the pass runs at its own width."""
+    """A pass of 2 or 4 tokens after the prompt runs at the narrowest traced width that holds it (3 or 6 here), padded
+    with its last token: the real positions' logits are the model's (float64), the padding's are dropped, and after a
+    crop the next pass writes over the padding's keys. Where the cache lacks room for any padding, or the pass is
+    wider than every width, it runs at its own width, eagerly."""
     model = make().double()
     widths: list[int] = []
-    static = standing_in_for_compiled(StaticDecoder(model, max_len=12, compile=False, verify_tokens=6), widths)
+    static = standing_in_for_compiled(StaticDecoder(model, max_len=12, compile=False, verify_widths=[6, 3]), widths)
     ids = torch.tensor([[3, 7, 1, 12, 5, 9, 2, 2, 8, 4, 11, 6]])
     cache = static.new_cache()
     static(ids[:, :5], cache)  # the prompt: eager, its own width
     assert widths == []
     got = static(ids[:, 5:7], cache)
-    assert got.shape == (1, 2, V) and widths == [6] and cache.length == 7
+    assert got.shape == (1, 2, V) and widths == [3] and cache.length == 7
     torch.testing.assert_close(got, model(ids[:, :7])[:, 5:], rtol=0, atol=1e-12)
     cache.crop(6)  # the second token rejected
-    got = static(ids[:, 6:10], cache)  # writes positions 6..9 over the first pass's padding
-    assert widths == [6, 6] and cache.length == 10
+    got = static(ids[:, 6:10], cache)  # writes positions 6..9 (padded to 11) over the first pass's padding
+    assert widths == [3, 6] and cache.length == 10
     torch.testing.assert_close(got, model(ids[:, :10])[:, 6:], rtol=0, atol=1e-12)
-    got = static.decoder_step(logits_to_keep=1)(ids[:, 10:12], cache)  # 10 + 6 > 12: no room to pad
-    assert widths == [6, 6] and got.shape == (1, 1, V)
+    cache.crop(5)
+    got = static(ids[:, 5:12], cache)  # 7 tokens: wider than every width
+    assert widths == [3, 6] and cache.length == 12
+    torch.testing.assert_close(got, model(ids)[:, 5:], rtol=0, atol=1e-12)
+    cache.crop(10)
+    got = static.decoder_step(logits_to_keep=1)(ids[:, 10:12], cache)  # 10 + 3 > 12: no room to pad
+    assert widths == [3, 6] and got.shape == (1, 1, V)
     torch.testing.assert_close(got, model(ids)[:, -1:], rtol=0, atol=1e-12)
 
 
@@ -285,13 +296,13 @@ def test_speculative_decoding_through_a_static_decoder_gives_generate_s_tokens(m
     ramp = list(range(3, 9))
     for ids in (torch.tensor([ramp + ramp[:3]]), PROMPT):
         plain = generate(model, ids, max_new_tokens=20)
-        for verify_tokens, k in ((3, 2), (9, 8), (9, 3)):
+        for verify_widths, k in (([3], 2), ([3, 9], 8), ([9], 3)):
             widths: list[int] = []
-            static = StaticDecoder(model, max_len=ids.shape[1] + 20, compile=False, verify_tokens=verify_tokens)
+            static = StaticDecoder(model, max_len=ids.shape[1] + 20, compile=False, verify_widths=verify_widths)
             out = speculative_generate(standing_in_for_compiled(static, widths), ids, max_new_tokens=20, draft=draft,
                                        draft_tokens=k)  # fmt: skip
-            assert torch.equal(out.sequences, plain), (ids, verify_tokens, k)
-            assert widths and set(widths) == {verify_tokens}
+            assert torch.equal(out.sequences, plain), (ids, verify_widths, k)
+            assert widths and set(widths) <= set(verify_widths)
         if ids is not PROMPT:
             assert out.stats.accepted > 0
 
@@ -299,8 +310,8 @@ def test_speculative_decoding_through_a_static_decoder_gives_generate_s_tokens(m
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_compiled_verify_passes_give_the_compiled_step_s_logits_to_the_bit(dtype):
-    """Compiled, the step and the verify pass are two graphs (traced once each); a pass of 2, 5 or 9 tokens (padded to
-    9) gives each position the bits the one-token steps give it, in float32 and bfloat16 (archlab's kernels compute
+    """Compiled, the step and the verify passes of 3 and 9 tokens are three graphs (traced once each); a pass of 2, 5
+    or 9 tokens (padded to 3, 9, 9) gives each position the bits the one-token steps give it, in float32 and bfloat16 (archlab's kernels compute
     each row alike whatever the pass's width; inductor told to round bf16 where the eager ops do), so greedy
     draft-and-verify decoding through the compiled decoder gives its plain greedy tokens."""
     from archlab import kernels
@@ -311,7 +322,7 @@ def test_compiled_verify_passes_give_the_compiled_step_s_logits_to_the_bit(dtype
     if dtype == torch.bfloat16 and not kernels.bf16_kernel():
         pytest.skip("bf16_rows needs AVX512-BF16 at AVX-512 (elsewhere a bf16 pass rounds by its width)")
     model = peaky(build_model("llama-tiny", vocab_size=256, d_ff=192)).to(dtype)
-    static = StaticDecoder(model, max_len=48)  # verify_tokens=9
+    static = StaticDecoder(model, max_len=48)  # verify_widths (3, 9)
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
     before = compiled_graphs()
     cache = static.new_cache()
@@ -322,12 +333,12 @@ def test_compiled_verify_passes_give_the_compiled_step_s_logits_to_the_bit(dtype
         for n in (9, 5, 2):
             cache.crop(10)
             assert torch.equal(static(ids[:, 10 : 10 + n], cache), steps[:, :n]), n
-        assert compiled_graphs() - before == 2  # the step and the verify pass, once each
+        assert compiled_graphs() - before == 3  # the step, and the verify pass at 3 and at 9 tokens, once each
         ramp = torch.arange(30, 42)[None]
         prompt = torch.cat([ramp, ramp[:, :4]], 1)  # repeats: lookup drafts get accepted
         out = speculative_generate(static, prompt, max_new_tokens=24)
         assert torch.equal(out.sequences, generate(static, prompt, max_new_tokens=24))
-    assert out.stats.drafted > 0 and compiled_graphs() - before == 2
+    assert out.stats.drafted > 0 and compiled_graphs() - before == 3
 
 
 @pytest.mark.slow
