@@ -249,7 +249,8 @@ def test_static_cache_crop_keeps_the_first_positions_and_refuses_others():
     nxt = torch.tensor([[9, 4]])
     torch.testing.assert_close(static(nxt, cache), model(torch.cat([PROMPT[:, :3], nxt], 1))[:, 3:], rtol=0, atol=1e-12)
     for bad in ([1, 4], [], 3, [2.0], [True]):
-        with pytest.raises(ConfigError, match=rf"verify_widths={re.escape(repr(bad))} must be a non-empty list of ints"):
+        words = rf"verify_widths={re.escape(repr(bad))} must be a non-empty list of ints"
+        with pytest.raises(ConfigError, match=words):
             StaticDecoder(model, max_len=12, compile=False, verify_widths=bad)
     assert StaticDecoder(model, max_len=12, compile=False).verify_widths == (3, 9)  # DRAFT_TOKENS = 8
     assert verify_widths_for(1) == (2,) and verify_widths_for(2) == (3,) and verify_widths_for(12) == (3, 13)
@@ -311,9 +312,9 @@ def test_speculative_decoding_through_a_static_decoder_gives_generate_s_tokens(m
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_compiled_verify_passes_give_the_compiled_step_s_logits_to_the_bit(dtype):
     """Compiled, the step and the verify passes of 3 and 9 tokens are three graphs (traced once each); a pass of 2, 5
-    or 9 tokens (padded to 3, 9, 9) gives each position the bits the one-token steps give it, in float32 and bfloat16 (archlab's kernels compute
-    each row alike whatever the pass's width; inductor told to round bf16 where the eager ops do), so greedy
-    draft-and-verify decoding through the compiled decoder gives its plain greedy tokens."""
+    or 9 tokens (padded to 3, 9, 9) gives each position the bits the one-token steps give it, in float32 and bfloat16
+    (archlab's kernels compute each row alike whatever the pass's width; inductor told to round bf16 where the eager
+    ops do), so greedy draft-and-verify decoding through the compiled decoder gives its plain greedy tokens."""
     from archlab import kernels
     from archlab.speculative import speculative_generate
 
