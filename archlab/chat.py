@@ -18,6 +18,7 @@ converts a GGUF file once into ``~/.cache/archlab``):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,8 +200,10 @@ class Chat:
             if self.limit is None:
                 raise ConfigError(f"compile=True decodes through a static cache of the model's context, but this "
                                   f"{type(self.model).__name__} has no context limit: use compile=False")  # fmt: skip
-            self.decoder = StaticDecoder(self.model, self.limit, verify_widths=verify_widths_for(self.draft_tokens))
+            widths = verify_widths_for(self.draft_tokens) if self.speculative is not None else ()  # none to verify
+            self.decoder = StaticDecoder(self.model, self.limit, verify_widths=widths)
         self.draft, self.stats = None, None
+        self._cache, self._read = None, []  # the decoder's KV cache kept across turns, and the tokens it holds
         if self.speculative is not None:
             from archlab.speculative import make_draft
 
@@ -248,19 +251,23 @@ class Chat:
             % (MAX_SEED + 1),  # reply i draws from seed + i, wrapped into torch's range
         }  # fmt: skip
         prompt = torch.tensor([ids], device=device)
+        cache = self._reused_cache(ids)
         if self.draft is None:
             steps = stream(self.decoder, prompt, max_new_tokens=self.max_new_tokens, stop_tokens=[self.eos],
-                           pad_id=self.eos, **sampling)  # fmt: skip
+                           pad_id=self.eos, cache=cache, **sampling)  # fmt: skip
         else:
             self.stats = SpeculativeStats()
             steps = speculative_stream(self.decoder, prompt, max_new_tokens=self.max_new_tokens, stop_tokens=[self.eos],
-                                       draft=self.draft, draft_tokens=self.draft_tokens, stats=self.stats, **sampling)  # fmt: skip
+                                       draft=self.draft, draft_tokens=self.draft_tokens, stats=self.stats,
+                                       cache=cache, **sampling)  # fmt: skip
         self.messages = messages
         reply: list[int] = []
+        seen = list(ids)  # the prompt and every token yielded: what the cache holds a prefix of
         shown = ""
         try:
             for next_ids in steps:
                 token = int(next_ids[0])
+                seen.append(token)
                 if token == self.eos:
                     break
                 reply.append(token)
@@ -273,9 +280,29 @@ class Chat:
             final = self.tokenizer.decode(reply)
             if len(final) > len(shown):  # max_new_tokens cut a character: what there is
                 yield final[len(shown):]
+        except BaseException:
+            self._cache = None  # an error or Ctrl-C inside a model call may leave the layers' caches uneven
+            raise
         finally:
             steps.close()
             self.messages.append({"role": "assistant", "content": self.tokenizer.decode(reply)})
+            if self._cache is not None:  # it holds the sequence's first tokens (drafts past the last yielded too)
+                self._read = seen[: self._cache.length]
+
+    def _reused_cache(self, ids: list[int]):
+        """The decoder's KV cache for a reply to the prompt ``ids``: the one of the last reply cropped to the tokens
+        it shares with ``ids`` from the start (the conversation so far, as far as its template renders it the
+        same; never all of ``ids``, whose last token gives the first logits), or a fresh one. A long conversation
+        then prefills only its new message and the reply's re-rendered text, not every turn again. Caches that
+        cannot be cropped (none of archlab's decoder-only models') are made fresh for each reply."""
+        if self._cache is None:
+            cache = self.decoder.new_cache()
+            if not callable(getattr(cache, "crop", None)):
+                return cache  # not kept: a fresh one for each reply
+            self._cache, self._read = cache, []
+        shared = sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(self._read, ids[:-1])))
+        self._cache.crop(shared)
+        return self._cache
 
     def reply(self, text: str) -> str:
         """:meth:`send`, collected: the whole reply as one string."""

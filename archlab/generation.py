@@ -160,7 +160,7 @@ class _Stepper:
     """Feeds a step: with a cache only the tokens it has not seen yet, without one the whole prefix."""
 
     def __init__(self, step: Step, cache: Any):
-        self.step, self.cache, self.fed = step, cache, 0
+        self.step, self.cache, self.fed = step, cache, held_positions(cache)
 
     def __call__(self, tokens: Tensor) -> Tensor:
         """``tokens [R, t]``: the whole sequences so far -> the last position's logits ``[R, V]``."""
@@ -172,6 +172,24 @@ class _Stepper:
     def reorder(self, index: Tensor) -> None:
         if self.cache is not None:
             self.cache.reorder(index)
+
+
+def held_positions(cache: Any) -> int:
+    """How many positions ``cache`` holds (``cache.length``; 0 for None or a cache that does not say)."""
+    held = getattr(cache, "length", 0) if cache is not None else 0
+    return held if isinstance(held, int) else 0
+
+
+def check_held(cache: Any, input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
+    """ConfigError unless a given ``cache`` is fresh, or holds fewer positions than ``input_ids [B, n0]`` has tokens
+    (it is taken to hold their first ``cache.length``: a conversation's earlier turns), with no padding mask."""
+    held = held_positions(cache)
+    if held and (held >= input_ids.shape[1] or attention_mask is not None):
+        given = " (given)" if attention_mask is not None else ""
+        raise ConfigError(
+            f"cache holds {held} positions: a reused cache holds the first tokens of input_ids, which must have more "
+            f"(it has {input_ids.shape[1]}), without an attention_mask{given}"
+        )
 
 
 def _steps_rows(model: nn.Module) -> bool:
@@ -309,7 +327,9 @@ def generate(
             the global RNG.
         use_cache: feed only the new token each step (KV cache); ``False`` recomputes the whole prefix
             each step (slow; the reference the cached path is tested against).
-        cache: a fresh cache for a bare step (a model makes its own).
+        cache: the cache to decode into: a fresh one for a bare step (a model makes its own); or one that already
+            holds the first ``cache.length`` tokens of ``input_ids`` (a conversation's earlier turns, read before):
+            only the rest of the prompt is fed (its logits those of the whole prompt's prefill up to float rounding).
     """
     steps = list(stream(
         model_or_step, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
@@ -353,6 +373,7 @@ def stream(
         raise ConfigError(f"stop_tokens={stop} needs pad_id: finished rows are filled with it")
     if attention_mask is not None:
         _check_left_padded(attention_mask, "input_ids", input_ids)
+    check_held(cache, input_ids, attention_mask)
     stepper = _stepper(model_or_step, attention_mask, cache, use_cache)
     return _decode(stepper, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, stop, pad_id, seed)
 

@@ -58,7 +58,15 @@ import torch
 from torch import Tensor, nn
 
 from archlab.errors import ConfigError, ShapeError
-from archlab.generation import _check_ids_in_vocab, _check_int, check_decoding, filter_logits, greedy_next
+from archlab.generation import (
+    _check_ids_in_vocab,
+    _check_int,
+    check_decoding,
+    check_held,
+    filter_logits,
+    greedy_next,
+    held_positions,
+)
 from archlab.models.decoder import DecoderLM
 from archlab.nn.inputs import describe
 from archlab.nn.linear import kernel_takes_rows, packed_for_rows
@@ -313,13 +321,14 @@ def check_draft_name(draft: str) -> None:
 # ================================================================================================
 
 
-def _croppable_cache(model: Any, role: str):
-    """A fresh cache of ``model`` that :meth:`crop` can roll back; ConfigError for models without one."""
+def _croppable_cache(model: Any, role: str, cache: Any = None):
+    """``cache`` (None: a fresh cache of ``model``) if :meth:`crop` can roll it back; ConfigError for models without
+    such a cache."""
     make = getattr(model, "decoder_step", None)
     if not isinstance(model, nn.Module) or make is None or not callable(getattr(model, "new_cache", None)):
         raise ConfigError(f"the {role} must be a decoder-only model with decoder_step() and new_cache() (GPT, Llama), "
                           f"got {type(model).__name__}")  # fmt: skip
-    cache = model.new_cache()
+    cache = model.new_cache() if cache is None else cache
     if not callable(getattr(cache, "crop", None)):
         raise ConfigError(
             f"the {role} {type(model).__name__} keeps a {type(cache).__name__}, which cannot be cropped back to the "
@@ -349,6 +358,7 @@ def speculative_generate(
     top_p: float | None = None,
     stop_tokens: Iterable[int] = (),
     seed: int | None = None,
+    cache: Any = None,
 ) -> SpeculativeOutput:
     """Continue ``input_ids [1, n0]`` by up to ``max_new_tokens`` with draft-and-verify decoding (module docstring).
 
@@ -365,11 +375,12 @@ def speculative_generate(
             1.70x at 8, 1.74x at 12 (thread CPU time).
         do_sample, temperature, top_k, top_p, seed: as :func:`~archlab.generation.generate`.
         stop_tokens: ids that end the output.
+        cache: as :func:`speculative_stream`'s.
     """
     stats = SpeculativeStats()
     steps = list(speculative_stream(
         model, input_ids, max_new_tokens=max_new_tokens, draft=draft, draft_tokens=draft_tokens, do_sample=do_sample,
-        temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, seed=seed, stats=stats,
+        temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, seed=seed, stats=stats, cache=cache,
     ))  # fmt: skip
     new = torch.cat(steps).to(input_ids)[None] if steps else input_ids[:, :0]
     return SpeculativeOutput(torch.cat([input_ids, new], dim=1), stats)
@@ -389,10 +400,13 @@ def speculative_stream(
     stop_tokens: Iterable[int] = (),
     seed: int | None = None,
     stats: SpeculativeStats | None = None,
+    cache: Any = None,
 ) -> Iterator[Tensor]:
     """:func:`speculative_generate`, token by token: yields each new token as a ``[1]`` tensor, as
     :func:`archlab.generation.stream` does, so a chat front end can use either. The arguments are checked
-    at the call; ``stats`` (if given) is filled in as decoding runs."""
+    at the call; ``stats`` (if given) is filled in as decoding runs. ``cache``: as :func:`~archlab.generation.stream`'s
+    (the model's own, fresh or holding the first ``cache.length`` tokens of ``input_ids``; None: a new one); when the
+    iteration ends it holds the sequence's first tokens, at most all but the last yielded."""
     stop = check_decoding(
         model, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
         top_p=top_p, stop_tokens=stop_tokens, seed=seed,
@@ -403,7 +417,8 @@ def speculative_stream(
     _check_int("draft_tokens", draft_tokens, 1)
     if stats is not None and not isinstance(stats, SpeculativeStats):
         raise ConfigError(f"stats must be a SpeculativeStats, got {type(stats).__name__}")
-    cache = _croppable_cache(model, "model")
+    cache = _croppable_cache(model, "model", cache)
+    check_held(cache, input_ids)
     drafter = make_draft(draft, model)
     generator = None if seed is None else torch.Generator(device=input_ids.device).manual_seed(seed)
     sampling = Sampling(do_sample, temperature, top_k, top_p, generator)
@@ -428,7 +443,7 @@ def _rounds(model, cache, drafter, input_ids, max_new_tokens, k, sampling, stop,
     if max_new_tokens == 0:
         return
     tokens = input_ids[0].tolist()
-    logits = _step(model, keep=1)(input_ids, cache)[0, -1]  # [V]
+    logits = _step(model, keep=1)(input_ids[:, held_positions(cache) :], cache)[0, -1]  # [V]
     vocab_size = logits.shape[-1]
     _check_ids_in_vocab(vocab_size, **{f"stop_tokens[{i}]": s for i, s in enumerate(stop)})
     trusted = type(drafter) is PromptLookup  # copies tokens of the sequence: ids in the vocabulary, at most k

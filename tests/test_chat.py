@@ -371,3 +371,86 @@ def test_cli_compiled_chat_replies_as_eager_chat(tiny_gguf, monkeypatch, capsys)
         replies[" ".join(extra)] = [json.loads(line)["assistant"] for line in out.splitlines()]
         assert err.count("--compile: the decoding step is compiled during the first reply") == (1 if extra else 0)
     assert len(set(map(tuple, replies.values()))) == 1 and all(replies[""]), replies
+
+
+def test_a_conversation_keeps_its_kv_cache_across_turns(tiny_gguf):
+    """Each reply after the first feeds only what the cache does not hold yet (the tokens after the longest prefix
+    it shares with the templated conversation), and replies are those of a fresh decoding of the whole conversation
+    (float64), plain, with drafts, and through a static decoder, also after the caller edited the last reply; a reply
+    closed early, or one whose model call fails, leaves a cache the next turn decodes right from (the failed one's
+    dropped)."""
+    from tests.test_static_decoding import standing_in_for_compiled
+
+    model, tok = load_chat_model(tiny_gguf)
+    model.double()
+    texts = ["hello there", "more", "then?"]
+
+    def fresh(chat, text):
+        """The reply to ``text`` decoded afresh over the whole conversation (as ``chat`` templates and trims it)."""
+        ids = chat.prompt_ids([*chat.messages, {"role": "user", "content": text}])
+        out = generate(model, torch.tensor([ids]), max_new_tokens=8, stop_tokens=[tok.eos_id], pad_id=tok.eos_id)
+        new = out[0, len(ids):].tolist()
+        return tok.decode(new[: new.index(tok.eos_id)] if tok.eos_id in new else new), len(ids)
+
+    for options in ({}, {"speculative": PromptLookup(min_ngram=1), "draft_tokens": 3}, {"compile": True}):
+        chat = Chat(model, tok, max_new_tokens=8, **options)
+        if options.get("compile"):
+            standing_in_for_compiled(chat.decoder, [])
+        fed: list[int] = []  # the tokens of each pass (embedded)
+        hook = model.tok_emb.register_forward_pre_hook(lambda module, args: fed.append(args[0].shape[1]))
+        for i, text in enumerate(texts[:2]):
+            expected, n_ids = fresh(chat, text)
+            fed.clear()
+            assert chat.reply(text) == expected, (options, i)
+            assert fed[0] == n_ids if i == 0 else fed[0] < n_ids - 10, (options, i, fed[0], n_ids)
+        hook.remove()
+        chat.messages[-1]["content"] = "an edited reply"  # the cache holds the reply it replaces
+        expected, _ = fresh(chat, "ok")
+        assert chat.reply("ok") == expected
+    chat = Chat(model, tok, max_new_tokens=8)
+    pieces = chat.send(texts[0])
+    next(pieces)
+    pieces.close()  # Ctrl-C after the first piece: the partial reply joins the conversation
+    expected, _ = fresh(chat, texts[1])
+    assert chat.reply(texts[1]) == expected and chat._cache is not None
+    calls = []
+
+    def fails_at_the_third_pass(module, args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+
+    hook = model.decoder.blocks[-1].register_forward_pre_hook(fails_at_the_third_pass)  # after the first layer's write
+    with pytest.raises(RuntimeError, match="out of memory"):
+        chat.reply(texts[2])
+    assert chat._cache is None
+    hook.remove()
+    expected, _ = fresh(chat, "ok")
+    assert chat.reply("ok") == expected
+
+
+def test_a_reused_cache_holds_fewer_tokens_than_the_prompt():
+    """generate / stream / speculative_stream take a cache holding the prompt's first tokens and feed only the rest
+    (the tokens of a fresh decoding, float64); a cache holding as many as the prompt, or with a padding mask, is
+    refused before any model call."""
+    from archlab.speculative import speculative_generate, speculative_stream
+
+    torch.manual_seed(0)
+    model = build_model("gpt-nano", vocab_size=64, max_len=64).eval().double()
+    ids = torch.randint(0, 64, (1, 6))
+    want = generate(model, ids, max_new_tokens=8)
+    for decode in (lambda c: generate(model, ids, max_new_tokens=8, cache=c),
+                   lambda c: speculative_generate(model, ids, max_new_tokens=8, cache=c).sequences):  # fmt: skip
+        cache = model.new_cache()
+        model.decoder_step()(ids, cache)
+        cache.crop(4)
+        assert torch.equal(decode(cache), want)
+    cache = model.new_cache()
+    model.decoder_step()(ids, cache)
+    words = r"cache holds 6 positions: a reused cache holds the first tokens of input_ids, which must have more \(it has 6"
+    with pytest.raises(ConfigError, match=words):
+        stream(model, ids, max_new_tokens=3, cache=cache)
+    with pytest.raises(ConfigError, match=words):
+        speculative_stream(model, ids, max_new_tokens=3, cache=cache)
+    with pytest.raises(ConfigError, match=r"must have more \(it has 12\), without an attention_mask \(given\)"):
+        stream(model, torch.cat([ids, ids], 1), max_new_tokens=3, cache=cache, attention_mask=torch.ones(1, 12))

@@ -248,8 +248,8 @@ def test_static_cache_crop_keeps_the_first_positions_and_refuses_others():
     assert cache.length == 3
     nxt = torch.tensor([[9, 4]])
     torch.testing.assert_close(static(nxt, cache), model(torch.cat([PROMPT[:, :3], nxt], 1))[:, 3:], rtol=0, atol=1e-12)
-    for bad in ([1, 4], [], 3, [2.0], [True]):
-        words = rf"verify_widths={re.escape(repr(bad))} must be a non-empty list of ints"
+    for bad in ([1, 4], 3, [2.0], [True]):
+        words = rf"verify_widths={re.escape(repr(bad))} must be a list of ints >= 2"
         with pytest.raises(ConfigError, match=words):
             StaticDecoder(model, max_len=12, compile=False, verify_widths=bad)
     assert StaticDecoder(model, max_len=12, compile=False).verify_widths == (3, 9)  # DRAFT_TOKENS = 8
