@@ -146,6 +146,12 @@ def _with_template(tokenizer, source: Path):
 class Chat:
     """A conversation with ``model`` through ``tokenizer``'s chat template.
 
+    The KV cache stays from reply to reply: each reply feeds only the tokens after the longest prefix the cache
+    shares with the templated conversation (the new message, and the last reply where its text re-tokenizes
+    otherwise), not every turn again. The replies are those of decoding the whole conversation afresh up to float
+    rounding: in float32 the same (SmolLM2, six turns); in bf16 the split prefill rounds otherwise and greedy replies
+    may part at near-ties (SmolLM2 in bf16: from the second of six turns on).
+
     Args:
         model: a decoder-only model (``decoder_step`` + ``new_cache``), e.g. :class:`archlab.models.llama.Llama`.
         tokenizer: an :class:`archlab.data.tokenizers.HFTokenizer` with a chat template and an ``eos`` role
