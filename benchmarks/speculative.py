@@ -33,6 +33,9 @@ the packing time is printed, not timed.
     python benchmarks/speculative.py --precision bf16    # both comparisons with bf16 weights (auto's choice where
                                                          # the CPU computes bf16 natively)
 
+``--quantize MODE``: every peer with quantized layers (``--quantize int4``: the Q4_1 blocks and the file's Q8_0
+head, as ``archlab chat --quantize int4``), through the same checks.
+
 ``--precision bf16``: every peer in bf16 (archlab's bfloat16 kernels where the CPU has AVX512-BF16). Speculative
 tokens must still equal plain greedy's (the kernels compute each row alike whatever the pass's width); batched rows
 may part from one-at-a-time ones at near-ties of the padded prefill, which bf16's coarser rounding makes common.
@@ -53,6 +56,7 @@ from common import Peer, base_parser, setup, table, time_interleaved, write_json
 from archlab.chat import load_chat_model  # noqa: E402
 from archlab.generation import generate, generate_batch  # noqa: E402
 from archlab.nn.linear import packed_for_rows  # noqa: E402
+from archlab.quant import MODES  # noqa: E402
 from archlab.speculative import make_draft, speculative_generate  # noqa: E402
 from archlab.static_decoding import StaticDecoder, verify_widths_for  # noqa: E402
 
@@ -224,6 +228,8 @@ def main() -> None:
                         help="run one comparison only (default: both)")  # fmt: skip
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="the weights' precision for every peer (default fp32)")  # fmt: skip
+    parser.add_argument("--quantize", choices=MODES, default=None,
+                        help="every peer with quantized linear layers (archlab.quant, as archlab chat --quantize)")
     parser.add_argument("--compile", action="store_true",
                         help="also time plain greedy and each draft through a compiled StaticDecoder (the step and "
                              "the verify pass each traced once; speculative comparison only)")  # fmt: skip
@@ -233,9 +239,10 @@ def main() -> None:
     args = parser.parse_args()
     print(setup(args.threads, args.keep_memory))
     start = time.perf_counter()
-    model, tokenizer = load_chat_model("smollm2-135m-instruct", precision=args.precision)
+    model, tokenizer = load_chat_model("smollm2-135m-instruct", precision=args.precision, quantize=args.quantize)
     eos = tokenizer.specials["eos"]
-    print(f"SmolLM2-135M-Instruct loaded in {time.perf_counter() - start:.1f} s; greedy, {args.precision}, KV cache, "
+    weights = args.precision if args.quantize is None else str(model.quant_report).splitlines()[-1]
+    print(f"SmolLM2-135M-Instruct loaded in {time.perf_counter() - start:.1f} s; greedy, {weights}, KV cache, "
           f"median of {args.rounds} interleaved rounds\n")  # fmt: skip
 
     session = contextlib.ExitStack()
@@ -252,7 +259,7 @@ def main() -> None:
     if batch is not None:
         print_batched(batch)
     write_json(args.json, {"speculative": spec, "batched": batch, "session": args.session, "precision": args.precision,
-                           "compile": args.compile})  # fmt: skip
+                           "quantize": args.quantize, "compile": args.compile})  # fmt: skip
 
 
 def print_speculative(spec: list[dict], args) -> None:

@@ -605,7 +605,8 @@ def test_flop_counter_counts_the_kernels_in_a_fresh_process():
 
 @pytest.mark.parametrize("preset", ["gpt-nano", "llama-tiny"])
 def test_static_decoder_one_token_attention_on_the_kernel_equals_sdpa(preset, monkeypatch):
-    """The eager one-token step on the kernel against the same step on sdpa (the kernel switched off)."""
+    """The eager 8-token prefill and one-token step on the kernel (up to CACHED_MAX_QUERIES queries of a static cache
+    take it: each layer twice) against the same on sdpa (the kernel switched off)."""
     model = build_model(preset, dropout=0.0, attn_dropout=0.0).eval()
     tokens = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -621,7 +622,7 @@ def test_static_decoder_one_token_attention_on_the_kernel_equals_sdpa(preset, mo
     monkeypatch.setattr(torch.ops.archlab_kernels, "cached_attention", lambda *a: calls.append(1) or op(*a),
                         raising=False)  # fmt: skip
     with_kernel = step_logits()
-    assert len(calls) == model.config.n_layers
+    assert len(calls) == 2 * model.config.n_layers
     monkeypatch.setattr(kernels, "cached_attention_serves", lambda *a: False)
     torch.testing.assert_close(with_kernel, step_logits(), rtol=1e-5, atol=1e-5)
 
