@@ -22,6 +22,10 @@ as many steps as its longest reply has tokens, whatever the other rows do).
 compiled greedy tokens; each compiled draft's speedup is over compiled plain greedy, and the summary gives it over
 eager plain greedy too.
 
+``--llama-cpp`` adds llama.cpp on the GGUF file as stored (Q4_1 blocks), plain greedy and with llama-cpp-python's
+own prompt-lookup drafts, timed in the same rounds (their replies are their own: Q4_1, not archlab's weights; the
+first token where each parts from archlab's eager greedy is printed).
+
 ``--session`` holds the oneDNN-packed weight copies (:func:`archlab.nn.linear.packed_for_rows`) across all calls, as a
 chat session or a server holds them, instead of each call packing its own (0.3-0.5 s for SmolLM2, about 8 one-row
 steps): every peer, plain greedy included, runs inside the one block; the copies take the weights' memory again;
@@ -102,17 +106,18 @@ def speculative_rows(model, tokenizer, eos: int, args) -> list[dict]:
             speculative_generate(static, prompts[0], max_new_tokens=args.new_tokens, stop_tokens=[eos])
         print(f"compiled: the step and the verify pass traced in {time.perf_counter() - start:.1f} s (not timed)\n")
         targets.append((" compiled", static))
+    llama = llama_cpp_models(prompts, args) if args.llama_cpp else None
     results = []
     for i, prompt in enumerate(prompts):
         n0 = prompt.shape[1]
-        peers, stats, greedy = [], {}, {}
+        peers, stats, greedy, refs = [], {}, {}, {}
         for suffix, target in targets:
 
             @torch.inference_mode()
             def plain(target=target):
                 return generate(target, prompt, max_new_tokens=args.new_tokens, stop_tokens=[eos], pad_id=eos)
 
-            reference = plain()
+            reference = refs[suffix] = plain()
             n = reference.shape[1] - n0
             greedy[suffix] = Peer("greedy" + suffix, plain, tokens=n)
             peers.append(greedy[suffix])
@@ -141,8 +146,19 @@ def speculative_rows(model, tokenizer, eos: int, args) -> list[dict]:
                 reply = tokenizer.decode(reference[0, n0:].tolist())
                 print(f"abstract 0: prompt {n0} tokens; greedy{suffix} reply ({n} tokens):"
                       "\n  " + reply.replace("\n", "\n  "))  # fmt: skip
+        for name, run in (llama or {}).items():  # llama.cpp on the same ids, its own stop at <|im_end|>
+            tokens = run(prompt[0].tolist(), eos)
+            ours = refs[""][0, n0:].tolist()
+            same = next((j for j, (x, y) in enumerate(zip(tokens, ours)) if x != y), min(len(tokens), len(ours)))
+            print(f"abstract {i}, {name}: {len(tokens)} tokens, equal to archlab's eager greedy for the first {same}")
+            peers.append(Peer(name, lambda run=run, ids=prompt[0].tolist(): run(ids, eos), tokens=len(tokens)))
         time_interleaved(peers, rounds=args.rounds, warmup=0)
         for peer in peers:
+            if peer.name in (llama or {}):
+                base = greedy[""].tokens_per_s
+                results.append({"abstract": i, "draft": peer.name, "prompt_tokens": n0, "tokens": peer.tokens,
+                                "tokens_per_s": peer.tokens_per_s, "eager_greedy_tokens_per_s": base,
+                                "greedy_tokens_per_s": base, "speedup": peer.tokens_per_s / base})  # fmt: skip
             if peer.name not in stats:
                 continue
             s, suffix = stats[peer.name]
@@ -153,6 +169,43 @@ def speculative_rows(model, tokenizer, eos: int, args) -> list[dict]:
                 "eager_greedy_tokens_per_s": greedy[""].tokens_per_s, **s.as_dict(),
             })  # fmt: skip
     return results
+
+
+def llama_cpp_models(prompts, args) -> dict | None:
+    """llama.cpp on SmolLM2's GGUF file as stored (Q4_1 blocks, Q8_0 head), ``args.threads`` threads: plain greedy,
+    and greedy with llama-cpp-python's prompt-lookup drafts (``LlamaPromptLookupDecoding``, ``num_pred_tokens`` =
+    ``--draft-tokens``); each a ``run(ids, eos) -> new tokens`` that stops after ``eos`` or ``--new-tokens``. None
+    (said why) where llama_cpp does not import (a benchmark-only extra: ``make bench-llama``)."""
+    try:
+        import llama_cpp
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+    except ImportError as e:
+        print(f"llama.cpp left out: llama_cpp does not import ({e}); it is a benchmark-only extra (make bench-llama)\n")
+        return None
+    from archlab.interop.gguf import smollm2_gguf_path
+
+    n_ctx = max(p.shape[1] for p in prompts) + args.new_tokens + args.draft_tokens + 8
+    common = dict(model_path=str(smollm2_gguf_path()), n_ctx=n_ctx, n_threads=args.threads,
+                  n_threads_batch=args.threads, verbose=False)  # fmt: skip
+    models = {"llama.cpp": llama_cpp.Llama(**common),
+              "llama.cpp lookup": llama_cpp.Llama(**common, draft_model=LlamaPromptLookupDecoding(
+                  num_pred_tokens=args.draft_tokens))}  # fmt: skip
+    print(f"llama.cpp {llama_cpp.__version__} on {smollm2_gguf_path().name}, {args.threads} threads: plain greedy and "
+          f"prompt-lookup drafts (LlamaPromptLookupDecoding, {args.draft_tokens} tokens); the prompt read every "
+          "time, as archlab's peers do\n")  # fmt: skip
+
+    def runner(model):
+        def run(ids: list[int], eos: int) -> list[int]:
+            model.reset()
+            out = []
+            for token in model.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+                out.append(token)
+                if token == eos or len(out) == args.new_tokens:
+                    break
+            return out
+        return run
+
+    return {name: runner(model) for name, model in models.items()}
 
 
 def batched_row(model, tokenizer, eos: int, args) -> dict:
@@ -238,6 +291,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time plain greedy and each draft through a compiled StaticDecoder (the step and "
                              "the verify pass each traced once; speculative comparison only)")  # fmt: skip
+    parser.add_argument("--llama-cpp", action="store_true",
+                        help="also time llama.cpp on the GGUF file as stored (Q4_1), plain greedy and with its own "
+                             "prompt-lookup drafts (speculative comparison only; needs make bench-llama)")  # fmt: skip
     parser.add_argument("--session", action="store_true",
                         help="pack the weight copies for few-row products once and hold them across every call "
                              "(as a chat session or server does), instead of once per call")  # fmt: skip
@@ -269,8 +325,9 @@ def main() -> None:
 
 def print_speculative(spec: list[dict], args) -> None:
     rows = [[r["abstract"], r["draft"], r["prompt_tokens"], r["tokens"], f"{r['greedy_tokens_per_s']:.1f}",
-             f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}x", f"{r['acceptance_rate'] or 0:.0%}",
-             f"{r['tokens_per_pass']:.2f}"] for r in spec]  # fmt: skip
+             f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}x",
+             f"{r['acceptance_rate'] or 0:.0%}" if "drafted" in r else "-",
+             f"{r['tokens_per_pass']:.2f}" if "drafted" in r else "-"] for r in spec]  # fmt: skip
     checked = "checked" if args.quantize is None else "checked, where they part said above"
     print(f"\nspeculative decoding (k={args.draft_tokens} drafted tokens per step); tokens equal to plain greedy: "
           f"{checked}")  # fmt: skip
@@ -280,6 +337,9 @@ def print_speculative(spec: list[dict], args) -> None:
         mine = [r for r in spec if r["draft"] == draft]
         seconds = sum(r["tokens"] / r["tokens_per_s"] for r in mine)
         greedy_seconds = sum(r["tokens"] / r["greedy_tokens_per_s"] for r in mine)
+        if "drafted" not in mine[0]:  # llama.cpp: its own replies
+            print(f"{draft}: all abstracts {sum(r['tokens'] for r in mine) / seconds:.1f} tokens/s")
+            continue
         accepted, drafted = sum(r["accepted"] for r in mine), sum(r["drafted"] for r in mine)
         eager = (f", {sum(r['tokens'] / r['eager_greedy_tokens_per_s'] for r in mine) / seconds:.2f}x eager plain "
                  "greedy's" if draft.endswith(" compiled") else "")  # fmt: skip
