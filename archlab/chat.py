@@ -286,6 +286,8 @@ class Chat:
             final = self.tokenizer.decode(reply)
             if len(final) > len(shown):  # max_new_tokens cut a character: what there is
                 yield final[len(shown):]
+        except GeneratorExit:  # the caller stopped reading, at a yield: the cache is whole
+            raise
         except BaseException:
             self._cache = None  # an error or Ctrl-C inside a model call may leave the layers' caches uneven
             raise

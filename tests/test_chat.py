@@ -410,9 +410,12 @@ def test_a_conversation_keeps_its_kv_cache_across_turns(tiny_gguf):
     chat = Chat(model, tok, max_new_tokens=8)
     pieces = chat.send(texts[0])
     next(pieces)
-    pieces.close()  # Ctrl-C after the first piece: the partial reply joins the conversation
-    expected, _ = fresh(chat, texts[1])
-    assert chat.reply(texts[1]) == expected and chat._cache is not None
+    pieces.close()  # Ctrl-C after the first piece: the partial reply joins the conversation, the cache is kept
+    expected, n_ids = fresh(chat, texts[1])
+    fed = []
+    hook = model.tok_emb.register_forward_pre_hook(lambda module, args: fed.append(args[0].shape[1]))
+    assert chat.reply(texts[1]) == expected and fed[0] < n_ids - 10
+    hook.remove()
     calls = []
 
     def fails_at_the_third_pass(module, args):
