@@ -482,6 +482,9 @@ def speculative_options(args: argparse.Namespace) -> dict[str, object]:
     check_at_least_one("--draft-tokens", args.draft_tokens)
     if args.speculative is not None:
         check_draft_name(args.speculative)  # before the model loads
+    if args.compile and args.quantize == "int8-dynamic":
+        raise ConfigError("--compile cannot trace --quantize int8-dynamic (fbgemm's packed weights end torch.compile's "
+                          "graph at every product): use int8, int4 or q8_0 with --compile, or leave --compile out")  # fmt: skip
     return {"speculative": args.speculative, "draft_tokens": args.draft_tokens, "compile": args.compile}
 
 

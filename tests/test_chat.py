@@ -297,6 +297,7 @@ def test_cli_speculative_option(tiny_gguf, monkeypatch, capsys):
         (["generate", "--prompt", "hi", "--speculative", "bogus"], "draft='bogus' is not one of"),
         (["generate", "--prompt", "a\udcffb"], "text is not valid Unicode: lone surrogate '\\udcff' at position 1"),
         (["generate", "--prompt", "a", "--prompt", "b", "--compile"], "--compile decodes one prompt at a time"),
+        (["chat", "--compile", "--quantize", "int8-dynamic"], "--compile cannot trace --quantize int8-dynamic"),
     ],
 )
 def test_cli_chat_options_and_prompt_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, argv, words):
