@@ -202,7 +202,6 @@ class Chat:
             from archlab.static_decoding import StaticDecoder, verify_widths_for
 
             _check_int("draft_tokens", self.draft_tokens, 1)  # the verify pass's width follows it
-
             if self.limit is None:
                 raise ConfigError(f"compile=True decodes through a static cache of the model's context, but this "
                                   f"{type(self.model).__name__} has no context limit: use compile=False")  # fmt: skip
