@@ -18,7 +18,6 @@ converts a GGUF file once into ``~/.cache/archlab``):
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,13 +301,14 @@ class Chat:
         same; never all of ``ids``, whose last token gives the first logits), or a fresh one. A long conversation
         then prefills only its new message and the reply's re-rendered text, not every turn again. Caches that
         cannot be cropped (none of archlab's decoder-only models') are made fresh for each reply."""
+        from archlab.generation import crop_to_shared
+
         if self._cache is None:
             cache = self.decoder.new_cache()
             if not callable(getattr(cache, "crop", None)):
                 return cache  # not kept: a fresh one for each reply
             self._cache, self._read = cache, []
-        shared = sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(self._read, ids[:-1])))
-        self._cache.crop(shared)
+        crop_to_shared(self._cache, self._read, ids)
         return self._cache
 
     def reply(self, text: str) -> str:

@@ -180,6 +180,19 @@ def held_positions(cache: Any) -> int:
     return held if isinstance(held, int) else 0
 
 
+def crop_to_shared(cache: Any, read: Sequence[int], tokens: Sequence[int]) -> int:
+    """Crop ``cache``, which holds the tokens ``read``, to the longest prefix ``read`` shares with ``tokens``, never
+    all of ``tokens`` (the last is still to be fed, for the next logits): what a cache kept from an earlier call on
+    a growing text (a draft model's, a chat's) can reuse. Returns the positions kept."""
+    kept = 0
+    for held, token in zip(read, tokens[: len(tokens) - 1]):
+        if held != token:
+            break
+        kept += 1
+    cache.crop(kept)
+    return kept
+
+
 def check_held(cache: Any, input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
     """ConfigError unless a given ``cache`` is fresh, or holds fewer positions than ``input_ids [B, n0]`` has tokens
     (it is taken to hold their first ``cache.length``: a conversation's earlier turns), with no padding mask."""

@@ -63,6 +63,7 @@ from archlab.generation import (
     _check_int,
     check_decoding,
     check_held,
+    crop_to_shared,
     filter_logits,
     greedy_next,
     held_positions,
@@ -249,8 +250,7 @@ class DraftModel:
         self.device = next(model.parameters()).device
 
     def propose(self, tokens: list[int], k: int, sampling: Sampling) -> tuple[list[int], Tensor | None]:
-        kept = sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(self.read, tokens[:-1])))
-        self.cache.crop(kept)
+        kept = crop_to_shared(self.cache, self.read, tokens)
         del self.read[kept:]
         new, drafts, qs = tokens[kept:], [], []
         step = _step(self.model, keep=1)
