@@ -319,7 +319,8 @@ class Chat:
         """Each of ``texts`` answered on its own after the conversation so far (the answers do not join it), all
         decoded as one batch (:func:`archlab.generation.generate_batch`; with ``speculative="lookup"`` each row
         verifies its own prompt-lookup drafts in the batch's passes): the replies, in order. Greedy, each is the
-        reply :meth:`reply` gives its text alone, up to floating-point near-ties of the prompts' prefill together;
+        reply :meth:`reply` gives its text alone where :func:`~archlab.generation.generate_batch`'s rows equal their
+        decoding alone (its docstring says where; elsewhere rows may part at floating-point near-ties);
         sampled, the rows draw from one generator seeded with ``seed``. A draft model (``"layers:M"``) decodes one
         conversation at a time, so it is refused here. With ``speculative``, :attr:`stats` holds the batch's
         :class:`~archlab.speculative.SpeculativeStats` (every row's drafts; a pass serves all rows)."""

@@ -487,18 +487,18 @@ def generate_batch(
     batch of all prompts fastest; use ``batch_size`` where memory bounds the rows.
 
     The decoder gives each row the positions it would have alone
-    (:func:`archlab.models.decoder.positions_from_mask`; RoPE rotates at them) and no query attends the padding, so
-    with greedy decoding each row's tokens are those ``generate`` gives its prompt alone, up to floating-point
-    near-ties: the prefill of the padded prompts together (larger products, attention under the padding mask)
-    rounds differently from a prompt's prefill alone. The steps after it compute each row as it is computed alone
-    where archlab's kernels take them (float32 on a CPU, up to ``KERNEL_FIRST_ROWS`` rows; bfloat16 up to 16 rows
-    with AVX512-BF16). In bfloat16 the batched prefill moves the hidden states further (8-bit activations): on
-    SmolLM2 4 of the speculative benchmark's 10 rows equal their decoding alone (10 of 10 in float32), with the LM
-    head's float32 logits as before them. Prefilling each prompt alone instead made every row equal to the bit but
-    the SmolLM2 benchmark's 10 prompts 1.0 s slower (6.9 against 5.9 s: 135-row products run slower than 1,440-row
-    ones); :class:`RowBatch` prefills so, for rows that must equal
-    their decoding alone exactly. A step's attention (float32, CPU) runs on archlab's kernel, each row reading only
-    its own keys (:func:`archlab.kernels.cached_attention_padded`; sdpa under the padding mask elsewhere).
+    (:func:`archlab.models.decoder.positions_from_mask`; RoPE rotates at them), the prefill attends each row over its
+    own tokens by the call its prompt alone makes (:func:`archlab.nn.attention._attend_rows_alone`; sdpa under the
+    padding mask rounded otherwise, in bfloat16 enough to part 6 of the speculative benchmark's 10 SmolLM2 rows from
+    their decoding alone), and no query attends the padding, so with greedy decoding each row's tokens are those
+    ``generate`` gives its prompt alone where the products compute a row as they do alone: the prefill's (MKL's and
+    oneDNN's products of 126-1,440 rows gave each row the same bits in a batch as alone, float32 and bfloat16, at
+    AVX-512 and capped at AVX2; a prompt no longer than the kernels' rows is prefilled alone on archlab's kernel
+    instead, which may round otherwise), and the steps' on archlab's kernels (float32 on a CPU, up to
+    ``KERNEL_FIRST_ROWS`` rows; bfloat16 up to 16 rows with AVX512-BF16; 10 of 10 rows in both on SmolLM2).
+    Elsewhere rows may part at floating-point near-ties.
+    A step's attention (float32 or bfloat16, CPU) runs on archlab's kernel, each row reading only its own keys
+    (:func:`archlab.kernels.cached_attention_padded`; sdpa under the padding mask elsewhere).
     A row ends at its first stop token, which its output keeps; the others go on.
     With ``do_sample=True`` (``temperature``, ``top_k``, ``top_p``, ``seed`` as in :func:`generate`) every row
     samples from its own distribution, the draws shared out from one generator.

@@ -291,3 +291,30 @@ def test_freed_rows_are_filled_from_the_end():
                          ([1, 0, 0, 0, 0, 1, 1], [0, 5, 6]), ([0, 0], [])):  # fmt: skip
         got = _fill_from_end(torch.tensor(going, dtype=torch.bool))
         assert got.dtype == torch.long and got.tolist() == index
+
+
+@torch.no_grad()
+def test_bf16_batch_prefill_gives_each_row_its_prompt_alone_to_the_bit():
+    """bfloat16 (``precision="auto"``'s choice where the CPU computes it): a left-padded batch's prefill gives each row
+    the logits of its prompt alone to the bit (prompts of 9-41 tokens: one short enough for archlab's attention kernel
+    alone), and where archlab's bf16 kernels take the steps (AVX512-BF16), every row's greedy tokens are its prompt's
+    alone. Before each row was attended alone, sdpa under the padding mask rounded the rows otherwise."""
+    from archlab import kernels
+
+    torch.manual_seed(0)
+    m = Llama(LlamaConfig(vocab_size=64, max_len=96, d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=128))
+    for p in m.parameters():
+        if p.ndim >= 2:
+            p.normal_(0.0, 0.3)
+    m = m.bfloat16().eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 64, (n,), generator=g).tolist() for n in (30, 9, 41, 22)]
+    n0 = max(map(len, prompts))
+    ids = torch.tensor([[0] * (n0 - len(p)) + p for p in prompts])
+    real = torch.tensor([[0] * (n0 - len(p)) + [1] * len(p) for p in prompts])
+    batch = m(ids, attention_mask=real, cache=m.new_cache(), logits_to_keep=1)
+    for b, p in enumerate(prompts):
+        assert torch.equal(batch[b], m(torch.tensor([p]), cache=m.new_cache(), logits_to_keep=1)[0]), f"row {b}"
+    if kernels.bf16_kernel():
+        alone = [generate(m, torch.tensor([p]), max_new_tokens=10)[0, len(p) :].tolist() for p in prompts]
+        assert generate_batch(m, prompts, max_new_tokens=10) == alone
