@@ -461,12 +461,18 @@ class Int4Linear(_WeightOnlyLinear):
     """Weight-only int4 layer: PyTorch's ``_weight_int4pack_mm_for_cpu`` on its packed ``[N, K/2]`` bytes and
     ``scales_and_zeros [K/g, N, 2]``, and, where :func:`int4_kernel` chooses archlab's kernel
     (:mod:`archlab.kernels`), a second copy of the same levels in that kernel's layout (``row_packed [N, K/2]``,
-    ``row_scales_and_zeros [N, 2, K/g]``, :func:`archlab.kernels.pack_int4`) for one-row products, a decoding
-    step's. Measured (``benchmarks/decode_kernels.py --threads 1``, AMD EPYC AVX512-BF16, near idle): archlab's
-    kernel at one row 38.6 / 19.8 / 75.5 / 37.8 us on SmolLM2's in_proj / out_proj / gate-up / down against aten's
-    42.7 / 23.9 / 106.5 / 55.0; at 2-16 rows it was the slower (45 against 37 us at 2 rows, loaded), and a prompt
-    wants aten's kernel, so more rows go there. The copy doubles the layer's bytes (a 4-bit model's blocks in
-    about 8 bits, still half of int8). Both compute ``x ((q - 8) s + z)^T`` with float32 sums."""
+    ``row_scales_and_zeros [N, 2, K/g]``, :func:`archlab.kernels.pack_int4`) for products of 1-16 rows: a decoding
+    step, a speculative verify pass, a batch's step. That kernel computes each row by the same operations whatever
+    the other rows, so a verify pass gives each position the one-token step's result to the bit (speculative greedy
+    decoding gives plain greedy's tokens) and a batch's row its result alone; PyTorch's kernel, which served 2-16
+    rows until 2026-12-05, rounds one row and several otherwise (2 of the speculative benchmark's 4 int4 replies
+    parted from plain greedy's, 5 of its 10 batched rows from their decoding alone). Measured
+    (``benchmarks/decode_kernels.py --threads 1``, AMD EPYC AVX512-BF16, near idle): archlab's kernel at one row
+    38.6 / 19.8 / 75.5 / 37.8 us on SmolLM2's in_proj / out_proj / gate-up / down against aten's 42.7 / 23.9 / 106.5
+    / 55.0; over the 120 block matrices at 2 threads 1.27x aten's speed at 1 row, 1.05x at 2, 0.86x at 3, 0.99x at 9,
+    0.92x at 10, 0.76x at 16 (interleaved, in-process): end to end the same speed (README Speed). A prompt's rows take
+    aten's kernel. The copy doubles the layer's bytes (a 4-bit model's blocks in about 8 bits, still half of int8).
+    Both compute ``x ((q - 8) s + z)^T`` with float32 sums."""
 
     mode = "int4"
 
@@ -490,7 +496,7 @@ class Int4Linear(_WeightOnlyLinear):
         return self.scales_and_zeros.dtype
 
     def _product(self, x: Tensor, float_out: bool) -> Tensor:
-        if self.kernel == "archlab" and x.shape[0] == 1:
+        if self.kernel == "archlab" and x.shape[0] <= MAX_ROWS:
             op = torch.ops.archlab_kernels.int4_rows
             return op(x, self.row_packed, self.row_scales_and_zeros, self.group_size, self._isa, float_out)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
