@@ -66,6 +66,17 @@ AVX512 void tile512bf(const Args& a, const S* sz, int64_t n, int64_t m0, O* y) {
 
   // one vector of 32 inputs: k .. k + 31 (chunk c = k / 32), q[r] their bfloat16 128 + q
   auto chunk = [&](int64_t k, const __m512i* q) AVX512 __attribute__((always_inline)) {
+    if constexpr (GS == 32) {  // each chunk a whole group: its products scaled at once, no partial sum kept
+      __m512bh xv[T];          // (the same operations per row and output as below: 0 + products, then the FMA)
+      for (int t = 0; t < T; ++t) xv[t] = (__m512bh)_mm512_loadu_si512(a.xb + (m0 + t) * K + k);
+      const int j = int((k / GS) % 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512 vs = _mm512_set1_ps(sbuf[r][j]);
+        for (int t = 0; t < T; ++t)
+          acc[t][r] = _mm512_fmadd_ps(vs, _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)q[r], xv[t]), acc[t][r]);
+      }
+      return;
+    }
     for (int t = 0; t < T; ++t) {
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(a.xb + (m0 + t) * K + k);
       for (int r = 0; r < R; ++r) part[t][r] = _mm512_dpbf16_ps(part[t][r], (__m512bh)q[r], xv);
@@ -122,19 +133,26 @@ AVX512 void tile512bf(const Args& a, const S* sz, int64_t n, int64_t m0, O* y) {
     for (int r = 0; r < R; ++r) store(y + (m0 + t) * a.N + n + r, _mm512_reduce_add_ps(acc[t][r]));
 }
 
+// the rows of x for R output rows from n, in tiles of up to TM rows (TM = 4 or 2)
+template <int TM, int R, int GS, typename S, typename O>
+void tiles512bf(const Args& a, const S* sz, int64_t n, O* y) {
+  int64_t m = 0;
+  for (; m + TM <= a.M; m += TM) tile512bf<TM, R, GS>(a, sz, n, m, y);
+  switch (a.M - m) {
+    case 3: tile512bf<3, R, GS>(a, sz, n, m, y); break;
+    case 2: tile512bf<2, R, GS>(a, sz, n, m, y); break;
+    case 1: tile512bf<1, R, GS>(a, sz, n, m, y); break;
+    default: break;
+  }
+}
+
 template <int GS, typename S, typename O>
 void rows512bf(const Args& a, const S* sz, O* y, int64_t n0, int64_t n1) {
+  // groups of 32 keep no partial sums (tile512bf), so 4 rows x 4 outputs fit the registers; else 2 x 4
+  constexpr int TM = GS == 32 ? 4 : 2;
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
-    int64_t m = 0;
-    for (; m + 2 <= a.M; m += 2) tile512bf<2, 4, GS>(a, sz, n, m, y);
-    if (m < a.M) tile512bf<1, 4, GS>(a, sz, n, m, y);
-  }
-  for (; n < n1; ++n) {
-    int64_t m = 0;
-    for (; m + 2 <= a.M; m += 2) tile512bf<2, 1, GS>(a, sz, n, m, y);
-    if (m < a.M) tile512bf<1, 1, GS>(a, sz, n, m, y);
-  }
+  for (; n + 4 <= n1; n += 4) tiles512bf<TM, 4, GS>(a, sz, n, y);
+  for (; n < n1; ++n) tiles512bf<TM, 1, GS>(a, sz, n, y);
 }
 
 // ---- AVX2 + FMA: float32 x, 8 lanes -----------------------------------------------------------------------------
