@@ -469,8 +469,8 @@ class Int4Linear(_WeightOnlyLinear):
     parted from plain greedy's, 5 of its 10 batched rows from their decoding alone). Measured
     (``benchmarks/decode_kernels.py --threads 1``, AMD EPYC AVX512-BF16, near idle): archlab's kernel at one row
     38.6 / 19.8 / 75.5 / 37.8 us on SmolLM2's in_proj / out_proj / gate-up / down against aten's 42.7 / 23.9 / 106.5
-    / 55.0; over the 120 block matrices at 2 threads 1.27x aten's speed at 1 row, 1.05x at 2, 0.86x at 3, 0.99x at 9,
-    0.92x at 10, 0.76x at 16 (interleaved, in-process): end to end the same speed (README Speed). A prompt's rows take
+    / 55.0; over the 120 block matrices at 2 threads 1.27x aten's speed at 1 row, 1.05x at 2, 0.94x at 3, 1.05x at 9,
+    0.97x at 10, 0.81x at 16 (interleaved, in-process): end to end the same speed (README Speed). A prompt's rows take
     aten's kernel. The copy doubles the layer's bytes (a 4-bit model's blocks in about 8 bits, still half of int8).
     Both compute ``x ((q - 8) s + z)^T`` with float32 sums."""
 
