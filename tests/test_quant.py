@@ -511,3 +511,26 @@ def test_dynamic_int8_calibration_errors():
     with pytest.raises(ShapeError, match=r"calibration must be token ids \[B, N\]"):
         quantize(model, "int8-dynamic", calibration=torch.zeros(4))
     assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith(("proj", "w_in", "w2", "head")))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "q8_0"])
+def test_a_quantized_decoders_verify_pass_gives_its_one_token_steps_logits_to_the_bit(mode, monkeypatch):
+    """What makes speculative greedy decoding of a quantized model give plain greedy's tokens: a pass of 2-9 tokens
+    (a verify pass, a batch's step) computes each position's logits as the one-token steps do, to the bit, in the
+    fast bfloat16 path, for every mode on either CPU kind (int4 on archlab's kernel, asked for here so that both
+    kinds take it: until 2026-12-05 its 2-16 rows ran on PyTorch's kernel, which rounds otherwise)."""
+    monkeypatch.setenv("ARCHLAB_INT4_KERNEL", "archlab")
+    model = small_llama()
+    quantize(model, mode, head="q8_0" if mode == "q8_0" else "int8")
+    if mode == "int4" and not all(m.kernel == "archlab" for m in model.modules() if isinstance(m, Int4Linear)):
+        pytest.skip("archlab's int4 kernel does not build here (said by a warning)")
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(ids[:, :20], cache=cache)
+        steps = torch.cat([model(ids[:, i : i + 1], cache=cache) for i in range(20, 30)], dim=1)
+        for width in (2, 5, 9):
+            cache.crop(20)
+            together = torch.cat([model(ids[:, 20 : 20 + width], cache=cache),
+                                  model(ids[:, 20 + width : 30], cache=cache)], dim=1)  # fmt: skip
+            assert torch.equal(together, steps), f"{mode}, a pass of {width} tokens"
