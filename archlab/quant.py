@@ -470,9 +470,14 @@ class Int4Linear(_WeightOnlyLinear):
     (``benchmarks/decode_kernels.py --threads 1``, AMD EPYC AVX512-BF16, near idle): archlab's kernel at one row
     38.6 / 19.8 / 75.5 / 37.8 us on SmolLM2's in_proj / out_proj / gate-up / down against aten's 42.7 / 23.9 / 106.5
     / 55.0; over the 120 block matrices at 2 threads 1.27x aten's speed at 1 row, 1.05x at 2, 0.94x at 3, 1.05x at 9,
-    0.97x at 10, 0.81x at 16 (interleaved, in-process): end to end the same speed (README Speed). A prompt's rows take
-    aten's kernel. The copy doubles the layer's bytes (a 4-bit model's blocks in about 8 bits, still half of int8).
-    Both compute ``x ((q - 8) s + z)^T`` with float32 sums."""
+    0.97x at 10, 0.81x at 16 (interleaved, in-process): end to end the same speed (README Speed). More rows (a
+    prompt's) in bfloat16, where that kernel runs, multiply the weights dequantized to bfloat16 for the call
+    (:func:`archlab.kernels.int4_dequant`, 0.2-0.4 ms for SmolLM2's largest block) on oneDNN's matmul: over the 120
+    block matrices 1.46x aten's kernel at 64 rows, 1.98x at 140, 2.4x at 1,440 (0.87-1.26x at 17-48); the weights
+    rounded to 8 bits there (relative 2^-9, against int4's own 2^-4 step) move the int4 model's perplexity by
+    well under its quantization's (README Speed). Elsewhere PyTorch's kernel takes them. The copy doubles the
+    layer's bytes (a 4-bit model's blocks in about 8 bits, still half of int8). Both compute
+    ``x ((q - 8) s + z)^T`` with float32 sums."""
 
     mode = "int4"
 
@@ -499,6 +504,9 @@ class Int4Linear(_WeightOnlyLinear):
         if self.kernel == "archlab" and x.shape[0] <= MAX_ROWS:
             op = torch.ops.archlab_kernels.int4_rows
             return op(x, self.row_packed, self.row_scales_and_zeros, self.group_size, self._isa, float_out)
+        if self.kernel == "archlab" and self._isa == 513 and x.dtype == torch.bfloat16:  # a prompt: the weights in bf16
+            w = torch.ops.archlab_kernels.int4_dequant(self.row_packed, self.row_scales_and_zeros, self.group_size)
+            return F.linear(x, w)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
 
     def extra_repr(self) -> str:

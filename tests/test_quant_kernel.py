@@ -136,7 +136,8 @@ def test_int4_layer_on_archlab_kernel_equals_the_aten_one(rows, monkeypatch):
     """The same Int4Weight through both products (bfloat16 activations): equal within bfloat16's rounding of y
     and of the aten kernel's own bf16 arithmetic. Up to 16 rows go to archlab's kernel, each row's result the same
     bits as the row alone (so a speculative verify pass or a batch's step gives a row the one-row step's result);
-    more rows (a prompt) take the aten kernel's copy, bit for bit the aten layer's result."""
+    more rows (a prompt) multiply the weights dequantized to bfloat16 where the AVX512-BF16 variant runs, else take
+    the aten kernel's copy, bit for bit the aten layer's result."""
     gen = torch.Generator().manual_seed(1)
     qw = quantize_int4(torch.randn(64, 576, generator=gen) * 0.02, 32)
     layers = {}
@@ -149,14 +150,34 @@ def test_int4_layer_on_archlab_kernel_equals_the_aten_one(rows, monkeypatch):
     for layer in layers.values():
         assert ((layer(x).double() - ref).norm() / ref.norm()) < 0.01  # x rounded to bf16: ~2^-9 relative
     assert hasattr(layers["archlab"], "row_packed") and not hasattr(layers["aten"], "row_packed")
-    together = layers["archlab"](x)
-    if rows > 16:
+    lay = layers["archlab"]
+    together = lay(x)
+    if rows > 16 and lay._isa == 513:  # a prompt's rows: the weights dequantized to bfloat16, oneDNN's matmul
+        w = kernels.int4_dequant(lay.row_packed, lay.row_scales_and_zeros, lay.group_size)
+        assert torch.equal(together, torch.nn.functional.linear(x.bfloat16(), w))
+    elif rows > 16:
         assert torch.equal(together, layers["aten"](x))
     else:
         assert all(torch.equal(together[i], layers["archlab"](x[i : i + 1])[0]) for i in range(rows))
-        lay = layers["archlab"]
         assert torch.equal(together, torch.ops.archlab_kernels.int4_rows(
             x.bfloat16(), lay.row_packed, lay.row_scales_and_zeros, lay.group_size, lay._isa, False))  # fmt: skip
+
+
+@pytest.mark.parametrize("g, k, dtype", [(32, 576, torch.float32), (64, 1536, torch.bfloat16), (128, 384, torch.float32),
+                                         (256, 768, torch.bfloat16), (32, 64, torch.bfloat16)])  # fmt: skip
+def test_int4_dequant_is_the_exact_weight_rounded_to_bfloat16(g, k, dtype):
+    """``(q - 8) s + z`` computed exactly, rounded to float32 (one FMA) and then to bfloat16, for every group size,
+    scales in float32 and bfloat16, K with and without the 64-input tail; refused without AVX512-BF16, saying so."""
+    qw = quantize_int4(torch.randn(48, k, generator=torch.Generator().manual_seed(k)) * 0.05, g)
+    packed, sz = kernels.pack_int4(qw.q, qw.scale.to(dtype), qw.zero.to(dtype), g)
+    if kernels.isa(torch.bfloat16) != 513:
+        with pytest.raises(kernels.KernelUnavailable, match="AVX512-BF16"):
+            kernels.int4_dequant(packed, sz, g)
+        return
+    s, z = (t.double().repeat_interleave(g, dim=1) for t in sz.unbind(1))
+    assert torch.equal(kernels.int4_dequant(packed, sz, g), ((qw.q.double() - 8) * s + z).float().bfloat16())
+    with pytest.raises(ShapeError, match="scales_and_zeros"):
+        kernels.int4_dequant(packed, sz[:, :, 1:], g)
 
 
 def test_bad_kernel_choice_is_a_config_error(monkeypatch):

@@ -145,6 +145,7 @@ def build(name: str, directory: str | None = None) -> None:
     if not _fake_registered:
         _register_flop_formulas()
         torch.library.register_fake("archlab_kernels::int4_rows")(_fake_int4_rows)
+        torch.library.register_fake("archlab_kernels::int4_dequant")(_fake_int4_dequant)
         torch.library.register_fake("archlab_kernels::q8_rows")(_fake_q8_rows)
         torch.library.register_fake("archlab_kernels::f32_rows")(_fake_f32_rows)
         torch.library.register_fake("archlab_kernels::bf16_rows")(_fake_bf16_rows)
@@ -280,6 +281,27 @@ def int4_rows(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: i
                          f"got {tuple(scales_and_zeros.shape)}")  # fmt: skip
     load()
     return torch.ops.archlab_kernels.int4_rows(x, packed, scales_and_zeros, group_size, isa(x.dtype), float_out)
+
+
+def _fake_int4_dequant(packed: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
+    return packed.new_empty(packed.shape[0], 2 * packed.shape[1], dtype=torch.bfloat16)
+
+
+def int4_dequant(packed: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
+    """The weights ``W [N, K]`` of :func:`pack_int4`'s ``packed`` and ``scales_and_zeros`` in bfloat16: ``(q - 8) s + z``
+    in one float32 FMA, rounded to nearest even (so ``((q - 8) s + z)`` computed exactly, rounded to float32, then to
+    bfloat16). For products of many rows (a prompt's), which oneDNN's bfloat16 matmul computes faster than any int4
+    kernel here; :class:`archlab.quant.Int4Linear` asks for it. AVX512-BF16 only (:func:`isa` is 513), else
+    :class:`KernelUnavailable`; :class:`ShapeError` for arguments the kernel does not take."""
+    n, half = packed.shape
+    check_shape(2 * half, group_size)
+    if packed.dtype != torch.uint8 or tuple(scales_and_zeros.shape) != (n, 2, 2 * half // group_size):
+        raise ShapeError(f"packed must be uint8 [N, K/2] and scales_and_zeros [N, 2, K/g]; got {packed.dtype} "
+                         f"{tuple(packed.shape)} and {tuple(scales_and_zeros.shape)}")  # fmt: skip
+    if isa(torch.bfloat16) != 513:
+        raise KernelUnavailable("int4_dequant needs AVX512-BF16 with PyTorch's kernels at AVX-512")
+    load()
+    return torch.ops.archlab_kernels.int4_dequant(packed, scales_and_zeros, group_size)
 
 
 def unpack_int4(packed: Tensor) -> Tensor:

@@ -275,11 +275,70 @@ at::Tensor int4_rows(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return y;
 }
 
+// ---- dequantization to bfloat16, for products of many rows (a prompt's) ----------------------------------------
+// 16 consecutive inputs of one group: (q - 8) s + z in one FMA (exact q - 8, one float32 rounding), then rounded to
+// bfloat16 (to nearest even)
+template <typename S>
+AVX512 inline void dequant16(__m512i q32, const S* sr, int64_t groups, int64_t G, c10::BFloat16* out) {
+  const __m512 qm8 = _mm512_sub_ps(_mm512_cvtepi32_ps(q32), _mm512_set1_ps(8.f));
+  const __m512 w = _mm512_fmadd_ps(qm8, _mm512_set1_ps(static_cast<float>(sr[G])),
+                                   _mm512_set1_ps(static_cast<float>(sr[groups + G])));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(w));
+}
+
+// 32 consecutive inputs from k (their 16-bit words in w32)
+template <typename S>
+AVX512 inline void dequant32(__m512i w32, const S* sr, int64_t groups, int64_t g, int64_t k, c10::BFloat16* out) {
+  dequant16(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w32)), sr, groups, k / g, out + k);
+  dequant16(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w32, 1)), sr, groups, (k + 16) / g, out + k + 16);
+}
+
+template <typename S>
+AVX512 void dequant_row(const uint8_t* w, const S* sr, int64_t K, int64_t g, c10::BFloat16* out) {
+  const __m512i low = _mm512_set1_epi16(0x000f);
+  const int64_t groups = K / g, full = K / 128 * 128;
+  for (int64_t k = 0; k < full; k += 128) {  // word j of the block: inputs j, 32 + j, 64 + j, 96 + j
+    const __m512i wv = _mm512_loadu_si512(w + k / 2);
+    for (int sh = 0; sh < 4; ++sh)
+      dequant32(_mm512_and_si512(_mm512_srli_epi16(wv, 4 * sh), low), sr, groups, g, k + 32 * sh, out);
+  }
+  if (full < K) {  // the last 64 inputs: byte j holds inputs j and 32 + j
+    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + full / 2)));
+    dequant32(_mm512_and_si512(b, low), sr, groups, g, full, out);
+    dequant32(_mm512_srli_epi16(b, 4), sr, groups, g, full + 32, out);
+  }
+}
+
+// W [N, K] in bfloat16 from the kernel's layout (AVX512-BF16 only: the caller asks archlab.kernels.isa first)
+at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& sz, int64_t group_size) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(), "int4_dequant: packed");
+  const int64_t N = packed.size(0), K = 2 * packed.size(1), g = group_size;
+  TORCH_CHECK(K % 64 == 0 && (g == 32 || g == 64 || g == 128 || g == 256) && K % g == 0,
+              "int4_dequant: K a multiple of 64 and group_size 32, 64, 128 or 256 dividing K");
+  TORCH_CHECK(sz.dim() == 3 && sz.size(0) == N && sz.size(1) == 2 && sz.size(2) == K / g && sz.is_contiguous() &&
+              (sz.scalar_type() == at::kFloat || sz.scalar_type() == at::kBFloat16),
+              "int4_dequant: scales_and_zeros must be [N, 2, K/g] contiguous, float32 or bfloat16");
+  at::Tensor out = at::empty({N, K}, packed.options().dtype(at::kBFloat16));
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      if (sz.scalar_type() == at::kFloat) dequant_row(w + n * (K / 2), sz.data_ptr<float>() + n * 2 * (K / g), K, g, o + n * K);
+      else dequant_row(w + n * (K / 2), sz.data_ptr<c10::BFloat16>() + n * 2 * (K / g), K, g, o + n * K);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(archlab_kernels, m) {
   m.def("int4_rows(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size, int isa, bool float_out=False) "
         "-> Tensor");
+  m.def("int4_dequant(Tensor packed, Tensor scales_and_zeros, int group_size) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(archlab_kernels, CPU, m) { m.impl("int4_rows", &int4_rows); }
+TORCH_LIBRARY_IMPL(archlab_kernels, CPU, m) {
+  m.impl("int4_rows", &int4_rows);
+  m.impl("int4_dequant", &int4_dequant);
+}
