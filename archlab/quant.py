@@ -475,9 +475,9 @@ class Int4Linear(_WeightOnlyLinear):
     (:func:`archlab.kernels.int4_dequant`, 0.2-0.4 ms for SmolLM2's largest block) on oneDNN's matmul: over the 120
     block matrices 1.46x aten's kernel at 64 rows, 1.98x at 140, 2.4x at 1,440 (0.87-1.26x at 17-48); the weights
     rounded to 8 bits there (relative 2^-9) cost SmolLM2's int4 model about 0.1% of perplexity (README Speed).
-    Elsewhere PyTorch's kernel takes them. The copy doubles the
-    layer's bytes (a 4-bit model's blocks in about 8 bits, still half of int8). Both compute
-    ``x ((q - 8) s + z)^T`` with float32 sums."""
+    Elsewhere PyTorch's kernel takes them. The copy doubles the layer's bytes (a 4-bit model's blocks in about 8
+    bits, still half of int8). All compute ``x ((q - 8) s + z)^T`` with float32 sums (the prompt's path on those
+    weights rounded to bfloat16)."""
 
     mode = "int4"
 

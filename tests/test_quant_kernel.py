@@ -163,8 +163,9 @@ def test_int4_layer_on_archlab_kernel_equals_the_aten_one(rows, monkeypatch):
             x.bfloat16(), lay.row_packed, lay.row_scales_and_zeros, lay.group_size, lay._isa, False))  # fmt: skip
 
 
-@pytest.mark.parametrize("g, k, dtype", [(32, 576, torch.float32), (64, 1536, torch.bfloat16), (128, 384, torch.float32),
-                                         (256, 768, torch.bfloat16), (32, 64, torch.bfloat16)])  # fmt: skip
+@pytest.mark.parametrize("g, k, dtype", [(32, 576, torch.float32), (64, 1536, torch.bfloat16),
+                                         (128, 384, torch.float32), (256, 768, torch.bfloat16),
+                                         (32, 64, torch.bfloat16)])  # fmt: skip
 def test_int4_dequant_is_the_exact_weight_rounded_to_bfloat16(g, k, dtype):
     """``(q - 8) s + z`` computed exactly, rounded to float32 (one FMA) and then to bfloat16, for every group size,
     scales in float32 and bfloat16, K with and without the 64-input tail; refused without AVX512-BF16, saying so."""

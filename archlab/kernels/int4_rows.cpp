@@ -321,10 +321,13 @@ at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& sz, int64_t 
   at::Tensor out = at::empty({N, K}, packed.options().dtype(at::kBFloat16));
   const uint8_t* w = packed.data_ptr<uint8_t>();
   c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
+  const int64_t row_sz = 2 * (K / g);  // a row's scales and zeros
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      if (sz.scalar_type() == at::kFloat) dequant_row(w + n * (K / 2), sz.data_ptr<float>() + n * 2 * (K / g), K, g, o + n * K);
-      else dequant_row(w + n * (K / 2), sz.data_ptr<c10::BFloat16>() + n * 2 * (K / g), K, g, o + n * K);
+      if (sz.scalar_type() == at::kFloat)
+        dequant_row(w + n * (K / 2), sz.data_ptr<float>() + n * row_sz, K, g, o + n * K);
+      else
+        dequant_row(w + n * (K / 2), sz.data_ptr<c10::BFloat16>() + n * row_sz, K, g, o + n * K);
     }
   });
   return out;

@@ -606,14 +606,14 @@ def _attend_cached(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: 
 
 
 def _attend_rows_alone(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None) -> Tensor | None:
-    """A left-padded batch's causal prefill (``q [B, A, N, d_k]``, ``k [B, G, N, d_k]``, ``v [B, G, N, d_v]``, the
-    key mask ``mask [B, 1, 1, N]`` of :func:`_padded_rows`), each row attended over its own tokens as it is alone:
-    row ``b``'s queries and keys from ``starts[b]`` through the unmasked causal call its prompt alone makes (sdpa's
-    kernel, or archlab's for up to 16 tokens), the padding's queries (no key) zero -> ``[B, A, N, d_v]``. sdpa under the padding mask computes the same equation but rounds
-    otherwise than on the row alone (in bfloat16 by up to 2e-3 after one layer on SmolLM2, enough to move greedy
-    tokens at near-ties), so :func:`archlab.generation.generate_batch`'s rows would not be their prompts' decoding
-    alone. None where it does not apply (as :func:`_attend_cached`: eager CPU inference, a padding mask), and the
-    masked sdpa serves."""
+    """A left-padded batch's causal prefill (``q [B, A, N, d_k]``, ``k [B, G, N, d_k]``, ``v [B, G, N, d_v]``, the key
+    mask ``mask [B, 1, 1, N]`` of :func:`_padded_rows`), each row attended over its own tokens as it is alone: row
+    ``b``'s queries and keys from ``starts[b]`` through the unmasked causal call its prompt alone makes (sdpa's kernel,
+    or archlab's for up to 16 tokens), the padding's queries (no key) zero -> ``[B, A, N, d_v]``. sdpa under the padding
+    mask computes the same equation but rounds otherwise than on the row alone (in bfloat16 by up to 2e-3 after one
+    layer on SmolLM2, enough to move greedy tokens at near-ties), so :func:`archlab.generation.generate_batch`'s rows
+    would not be their prompts' decoding alone. None where it does not apply (as :func:`_attend_cached`: eager CPU
+    inference, a padding mask), and the masked sdpa serves."""
     if q.ndim != 4 or mask.ndim != 4 or mask.shape[0] != q.shape[0] or not _reuses_masks(mask):
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
