@@ -290,9 +290,9 @@ def _fake_int4_dequant(packed: Tensor, scales_and_zeros: Tensor, group_size: int
 def int4_dequant(packed: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
     """The weights ``W [N, K]`` of :func:`pack_int4`'s ``packed`` and ``scales_and_zeros`` in bfloat16:
     ``(q - 8) s + z`` in one float32 FMA, rounded to nearest even (so ``((q - 8) s + z)`` computed exactly, rounded to
-    float32, then to bfloat16). For products of many rows (a prompt's), which oneDNN's bfloat16 matmul computes faster than any int4
-    kernel here; :class:`archlab.quant.Int4Linear` asks for it. AVX512-BF16 only (:func:`isa` is 513), else
-    :class:`KernelUnavailable`; :class:`ShapeError` for arguments the kernel does not take."""
+    float32, then to bfloat16). For products of many rows (a prompt's), which oneDNN's bfloat16 matmul computes faster
+    than any int4 kernel here; :class:`archlab.quant.Int4Linear` asks for it. AVX512-BF16 only (:func:`isa` is 513),
+    else :class:`KernelUnavailable`; :class:`ShapeError` for arguments the kernel does not take."""
     n, half = packed.shape
     check_shape(2 * half, group_size)
     if packed.dtype != torch.uint8 or tuple(scales_and_zeros.shape) != (n, 2, 2 * half // group_size):
