@@ -39,7 +39,8 @@ the packing time is printed, not timed.
 
 ``--quantize MODE``: every peer with quantized layers (``--quantize int4``: the Q4_1 blocks and the file's Q8_0
 head, as ``archlab chat --quantize int4``); where a draft's tokens part from plain greedy's the script says where
-and goes on (int4's one-row and several-row products are different kernels, so a near-tie may go either way).
+and goes on (where PyTorch's int4 kernel serves, without AVX512-BF16, its one-row and several-row products may round
+apart, so a near-tie may go either way; archlab's int4 kernel computes each row alike).
 
 ``--precision bf16``: every peer in bf16 (archlab's bfloat16 kernels where the CPU has AVX512-BF16). Speculative
 tokens must still equal plain greedy's (the kernels compute each row alike whatever the pass's width); batched rows
@@ -138,7 +139,7 @@ def speculative_rows(model, tokenizer, eos: int, args) -> list[dict]:
                             f"{first - n0}")  # fmt: skip
                     if args.quantize is None:  # float weights on archlab's kernels: a pass computes each row alike
                         raise SystemExit(said)
-                    # int4: archlab's kernel takes one row, PyTorch's several, so a verify pass rounds otherwise
+                    # PyTorch's int4 kernel (no AVX512-BF16) may round a pass's rows otherwise than one row
                     print(f"{said} (a near-tie: {args.quantize}'s products of one row and of several round apart)")
                 stats[spec + suffix] = (out.stats, suffix)
                 peers.append(Peer(spec + suffix, fast, tokens=out.sequences.shape[1] - n0))  # its own (int4: may part)

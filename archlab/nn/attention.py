@@ -594,15 +594,23 @@ def _attend_cached(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: 
     positions = _last_position(m)
     if mask is None:
         return torch.ops.archlab_kernels.cached_attention(q, k, v, positions, scale, kernels.f32_kernel())
+    padded = _left_padding(mask, q)
+    if padded is None or padded[1] > m - n:  # another mask, or a row whose first query has no key
+        return None
+    return torch.ops.archlab_kernels.cached_attention_padded(q, k, v, padded[0], positions, scale,
+                                                             kernels.f32_kernel())  # fmt: skip
+
+
+def _left_padding(mask: Tensor, q: Tensor) -> tuple[Tensor, int] | None:
+    """:func:`_padded_rows` of the key ``mask`` of queries ``q [B, A, N, d_k]``, found once per forward pass (kept
+    with the mask's :func:`_prepared_mask`, which its layers share); None for another mask, or where masks are not
+    reused (:func:`_reuses_masks`: eager CPU inference only)."""
     if mask.ndim != 4 or mask.shape[0] != q.shape[0] or not _reuses_masks(mask):
         return None
     memo = _prepared_mask(mask, q.dtype)[3]
     if not memo:
         memo.append(_padded_rows(mask))
-    if memo[0] is None or memo[0][1] > m - n:  # another mask, or a row whose first query has no key
-        return None
-    return torch.ops.archlab_kernels.cached_attention_padded(q, k, v, memo[0][0], positions, scale,
-                                                             kernels.f32_kernel())  # fmt: skip
+    return memo[0]
 
 
 def _attend_rows_alone(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None) -> Tensor | None:
@@ -614,17 +622,11 @@ def _attend_rows_alone(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: flo
     layer on SmolLM2, enough to move greedy tokens at near-ties), so :func:`archlab.generation.generate_batch`'s rows
     would not be their prompts' decoding alone. None where it does not apply (as :func:`_attend_cached`: eager CPU
     inference, a padding mask), and the masked sdpa serves."""
-    if q.ndim != 4 or mask.ndim != 4 or mask.shape[0] != q.shape[0] or not _reuses_masks(mask):
-        return None
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return None
-    memo = _prepared_mask(mask, q.dtype)[3]
-    if not memo:
-        memo.append(_padded_rows(mask))
-    if memo[0] is None:
+    padded = _left_padding(mask, q) if q.ndim == 4 else None
+    if padded is None:
         return None
     out = q.new_zeros(*q.shape[:-1], v.shape[-1])
-    for b, start in enumerate(memo[0][0].tolist()):
+    for b, start in enumerate(padded[0].tolist()):
         row = (t[b : b + 1, :, start:] for t in (q, k, v))
         out[b : b + 1, :, start:] = _attend_sdpa(*row, None, None, True, scale, 0.0)  # as the row's call alone
     return out
