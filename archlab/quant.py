@@ -9,9 +9,9 @@ inside PyTorch's kernels:
 
       s_n = max_k |W_nk| / 127        q_nk = round(W_nk / s_n) in [-127, 127]        W_nk ~ q_nk s_n
 
-  ``y = x W^T`` runs through the int4 kernel below, ``q`` carried as two nibbles (:class:`Int8Linear`: faster
-  than ``torch.ops.aten._weight_int8pack_mm(x [M, K], q [N, K] int8, s [N])`` with AVX-512 kernels; that
-  kernel serves the rest).
+  ``y = x W^T`` runs through an int4 kernel below, ``q`` carried as two nibbles (:class:`Int8Linear`: archlab's
+  kernel where it serves int4, else PyTorch's with AVX-512 kernels; both faster at one row than
+  ``torch.ops.aten._weight_int8pack_mm(x [M, K], q [N, K] int8, s [N])``, which serves the rest).
 * **int4**, a scale and a zero per group of ``g`` consecutive inputs of a row (``g`` in 32, 64, 128, 256)::
 
       s = (max - min) / 15      z = min + 8 s      q = round((W - min) / s) in [0, 15]      W ~ (q - 8) s + z
@@ -20,8 +20,8 @@ inside PyTorch's kernels:
   ``_weight_int4pack_mm_for_cpu(x, packed, g, sz)`` with ``sz [K/g, N, 2]`` = (scale, zero). It needs ``N``
   divisible by 16 and ``K`` by ``g``. Where the CPU has AVX512-BF16 (kernels not capped) and ``K`` is a multiple
   of 64, an :class:`Int4Linear` uses archlab's own kernel instead (:mod:`archlab.kernels`, :func:`int4_kernel`;
-  faster at one row on SmolLM2's block shapes) for one-row products, on a second copy of the levels in its own
-  layout; more rows take PyTorch's. GGUF's Q4_1 blocks
+  faster at one row on SmolLM2's block shapes) for products of 1-16 rows, on a second copy of the levels in its own
+  layout, and multiplies more rows (a prompt's) by the weights dequantized to bfloat16. GGUF's Q4_1 blocks
   (``w = d q + m`` per 32 values) are this form with ``s = d``, ``z = m + 8 d``; Q4_0 (``w = d (q - 8)``) with
   ``z = 0``: :mod:`archlab.interop.gguf` loads them without a float round trip.
 
@@ -333,21 +333,36 @@ class _WeightOnlyLinear(nn.Module):
 
 
 class Int8Linear(_WeightOnlyLinear):
-    r"""Weight-only int8 layer: ``q [N, K]`` int8 and ``scale [N]``, its product through the int4 kernel as two
-    nibbles where the shape and the CPU's kernels allow, else through ``_weight_int8pack_mm``.
+    r"""Weight-only int8 layer: ``q [N, K]`` int8 and ``scale [N]``, its product through an int4 kernel as two
+    nibbles where the shape and the CPU allow, else through ``_weight_int8pack_mm``.
 
     **Nibbles.** ``u = q + 128`` in ``0..255`` is ``16 hi + lo`` with ``hi, lo`` in ``0..15``, so
     ``W_nk = s_n q_nk = 16 s_n (hi_nk - 8) + s_n (lo_nk - 8) + 8 s_n``: the int4 form ``(q' - 8) scale + zero``
-    (module docstring) of a ``[N, 2K]`` matrix, ``hi`` in its first ``K`` columns (scale ``16 s_n``, zero 0)
-    and ``lo`` in its last ``K`` (scale ``s_n``, zero ``8 s_n``), times ``[x, x]``: the same integers and
-    scales, hence the same weights as ``q s`` (``16 s``, ``8 s`` are exact in any float dtype). It is stored as
-    ``packed`` (``N K`` bytes, as ``q``) and ``scales_and_zeros [2K/g, N, 2]``, ``g`` the largest group size
-    dividing ``K``: at one row the int4 kernel reads these faster than ``_weight_int8pack_mm`` reads ``q``
-    (SmolLM2's layers in situ, 1 thread, loaded: 1.1-1.4x; its 49,152 x 576 head 2-4x; README "Speed"). It needs
-    ``N`` divisible by 16 and ``K`` by 32, and AVX-512 kernels (:func:`nibble_group_size`); otherwise the layer
-    keeps ``q`` and the int8 kernel. The int4 kernel's bfloat16 arithmetic on two terms per weight rounds otherwise
-    than the int8 kernel's: SmolLM2's int8 perplexity on 2,032 docstring tokens +0.99% against +0.83% (top-1
-    93.7% against 93.9%; ``tests/parity/test_smollm2_quant.py``).
+    (module docstring) of a ``[N, 2K]`` matrix, ``hi`` with scale ``16 s_n`` and zero 0, ``lo`` with scale ``s_n``
+    and zero ``8 s_n``, times ``x`` with each input taken twice: the same integers and scales, hence the same
+    weights as ``q s`` (``16 s``, ``8 s`` are exact in any float dtype), stored in ``N K`` bytes as ``q``. The
+    :attr:`kernel` that multiplies them, as :func:`int4_kernel` chooses for ``K`` (``$ARCHLAB_INT4_KERNEL``):
+
+    * ``archlab``: archlab's int4 kernel (:func:`archlab.kernels.int8_rows`; ``packed [N, K]`` and
+      ``scales_and_zeros [N, 2, 2K/64]``, :func:`archlab.kernels.pack_int8`: each 64 inputs' ``hi``, then their
+      ``lo``) for 1-16 rows, each row by the same operations whatever the other rows (a speculative verify pass gives
+      each position the one-token step's result to the bit, a batch's row its result alone); more rows (a prompt's),
+      where its AVX512-BF16 variant runs, multiply the weights ``q s`` dequantized for the call in the compute dtype
+      (:func:`archlab.kernels.int8_dequant`: ``q s`` rounded once where ``s`` is bfloat16) on oneDNN's or MKL's
+      matmul. One row at 2 threads (AMD EPYC AVX512-BF16, 2026-12-06, ``benchmarks/decode_kernels.py``): SmolLM2's
+      four block matrices 1.44x the speed of the ``aten`` nibbles, its 49,152 x 576 head 2.09x; over its 120 block
+      matrices 0.93-1.32x at 2-16 rows (docs/speed.md); a 140-token prompt 2.9x.
+    * ``aten``: PyTorch's ``_weight_int4pack_mm_for_cpu`` on its own packing of ``[hi | lo]`` (``packed`` and
+      ``scales_and_zeros [2K/g, N, 2]``, ``g`` the largest group size dividing ``K``, :func:`int8_as_nibbles`),
+      ``x`` as ``[x, x]``, where archlab's kernel does not serve (:func:`nibble_group_size`: ``N`` divisible by 16,
+      ``K`` by 32, PyTorch's kernels at AVX-512): at one row it read SmolLM2's layers faster than
+      ``_weight_int8pack_mm`` reads ``q`` (in situ, 1 thread, loaded: 1.1-1.4x; its head 2-4x; README "Speed").
+    * ``int8``: ``_weight_int8pack_mm`` on ``q`` itself, elsewhere.
+
+    The nibbles' bfloat16 arithmetic on two terms per weight rounds otherwise than the int8 kernel's: SmolLM2's int8
+    perplexity on 2,032 docstring tokens +0.99% against +0.83% through PyTorch's kernels (top-1 93.7% against 93.9%;
+    ``tests/parity/test_smollm2_quant.py``); on archlab's kernel, whose prompt path rounds ``q s`` to bfloat16,
+    +0.53% (93.2%) where PyTorch's nibbles gave +0.87% (93.7%) in the same session (README "Speed").
     """
 
     mode = "int8"
@@ -356,28 +371,44 @@ class Int8Linear(_WeightOnlyLinear):
         n, k = weight.q.shape
         super().__init__(k, n, bias)
         self.register_buffer("scale", weight.scale)
-        self.group_size = nibble_group_size(n, k)
-        if self.group_size is None:
-            self.register_buffer("q", weight.q)
+        self.kernel, self._isa = int4_kernel(k)
+        if self.kernel == "archlab":
+            from archlab import kernels
+
+            self.group_size = kernels.INT8_GROUP
+            packed, scales_and_zeros = kernels.pack_int8(weight.q, weight.scale)
         else:
+            self.group_size = nibble_group_size(n, k)
+            if self.group_size is None:
+                self.kernel = "int8"
+                self.register_buffer("q", weight.q)
+                return
             packed, scales_and_zeros = int8_as_nibbles(weight, self.group_size)
-            self.register_buffer("packed", packed)
-            self.register_buffer("scales_and_zeros", scales_and_zeros.to(weight.scale.dtype))
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(weight.scale.dtype))
 
     @property
     def compute_dtype(self) -> torch.dtype:
         return self.scale.dtype
 
     def _product(self, x: Tensor, float_out: bool) -> Tensor:
-        if self.group_size is None:
+        if self.kernel == "int8":
             return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat([x, x], dim=1), self.packed, self.group_size,
-                                                          self.scales_and_zeros)  # fmt: skip
+        if self.kernel == "aten":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat([x, x], dim=1), self.packed, self.group_size,
+                                                              self.scales_and_zeros)  # fmt: skip
+        op = torch.ops.archlab_kernels
+        if x.shape[0] <= MAX_ROWS:
+            return op.int8_rows(x, self.packed, self.scales_and_zeros, self._isa, float_out)
+        if self._isa == 513:  # a prompt: the weights q s in x's dtype, for the call
+            return F.linear(x, op.int8_dequant(self.packed, self.scale))
+        return torch.cat([op.int8_rows(x[i : i + MAX_ROWS], self.packed, self.scales_and_zeros, self._isa, float_out)
+                          for i in range(0, x.shape[0], MAX_ROWS)])  # fmt: skip  # the AVX2 variant: 16 at a time
 
     def extra_repr(self) -> str:
-        g = self.group_size
-        kernel = "int8 kernel" if g is None else f"as nibbles through the int4 kernel, g={g}"
-        return f"{super().extra_repr()}, {kernel}"
+        kernel = {"archlab": "archlab's int4 kernel", "aten": "PyTorch's int4 kernel", "int8": "the int8 kernel"}
+        nibbles = "" if self.kernel == "int8" else f" as nibbles, g={self.group_size}"
+        return f"{super().extra_repr()}, {kernel[self.kernel]}{nibbles}"
 
 
 def nibble_group_size(n: int, k: int) -> int | None:

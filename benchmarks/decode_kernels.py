@@ -10,8 +10,9 @@ tied head 49,152 x 576):
 * ``fp32``: ``F.linear`` (for scale);
 * ``int4 g32``, ``int8 nibbles``, ``int8 pack``: archlab's weight-only layers (bf16 ``x``) on PyTorch's kernels:
   the int4 kernel (``_weight_int4pack_mm_for_cpu``), int8 as nibbles through it, ``_weight_int8pack_mm``;
-* ``archlab int4``: the int4 layer on archlab's own kernel (:mod:`archlab.kernels`, the same weights and bf16
-  ``x``; its AVX512-BF16 variant where the CPU has it, else the AVX2 one), left out where it cannot be built;
+* ``archlab int4``, ``archlab int8``: the int4 layer and the int8 one's nibbles on archlab's own kernel
+  (:mod:`archlab.kernels`, the same weights and bf16 ``x``; its AVX512-BF16 variant where the CPU has it, else the
+  AVX2 one), left out where it cannot be built;
 * ``fbgemm dyn``: archlab's ``int8-dynamic`` layer (``quantized::linear_dynamic``, fp32 ``x``, the row rounded
   inside the call);
 * ``oneDNN qlinear``: ``onednn::qlinear_pointwise.tensor`` (what x86 inductor quantization lowers an int8 linear
@@ -82,13 +83,15 @@ def candidates(n: int, k: int, copies: int) -> tuple[dict[str, Callable[[int], o
     out: dict[str, Callable[[int], object]] = {}
     out["fp32"] = lambda i: F.linear(x, weights[i])
     int4 = int4_layers(weights, "aten")
-    out["int4 g32"] = lambda i: int4[i]._product(xb)
+    out["int4 g32"] = lambda i: int4[i]._product(xb, False)
     own = int4_layers(weights, "archlab")
     if own[0].kernel == "archlab":
-        out["archlab int4"] = lambda i: own[i]._product(xb)
-    int8 = [Int8Linear(quantize_int8(w)).to(torch.bfloat16) for w in weights]
-    if int8[0].group_size is not None:
-        out["int8 nibbles"] = lambda i: int8[i]._product(xb)
+        out["archlab int4"] = lambda i: own[i]._product(xb, False)
+    for kernel, name in (("aten", "int8 nibbles"), ("archlab", "archlab int8")):
+        with int4_kernel_choice(kernel):
+            int8 = [Int8Linear(quantize_int8(w)).to(torch.bfloat16) for w in weights]
+        if int8[0].kernel == kernel:
+            out[name] = functools.partial(lambda layers, i: layers[i]._product(xb, False), int8)
     q8 = [quantize_int8(w) for w in weights]
     qs = [(q.q, q.scale.bfloat16()) for q in q8]
     out["int8 pack"] = lambda i: torch.ops.aten._weight_int8pack_mm(xb, *qs[i])

@@ -23,6 +23,7 @@ from archlab.quant import (
     _input_amax,
     dynamic_int8_linear,
     fold_smoothing,
+    int4_kernel,
     quality,
     quantize,
     quantize_int4,
@@ -86,12 +87,14 @@ def test_quantization_error_is_at_most_half_a_step(mode):
 
 @pytest.mark.parametrize("shape, group", [((96, 256), 256), ((48, 576), 64), ((32, 1536), 256), ((40, 64), None),
                                           ((64, 48), None)])  # fmt: skip
-def test_int8_layer_carries_q_s_as_nibbles_where_the_int4_kernel_takes_the_shape(shape, group):
-    """Int8Linear's product goes through the int4 kernel as hi/lo nibbles (N divisible by 16, K by 32, AVX-512
-    kernels; the largest group size dividing K) or else through the int8 kernel (every shape capped at AVX2).
-    Either way it holds the weights q s: one-hot rows (x = I_K, float32) read back W^T within the float32
-    rounding of summing the nibble terms 16 s (hi - 8), s (lo - 8), 8 s (at most 144 s in size: 2 roundings,
-    so <= 2 eps 144 s; measured 1 ulp), and bfloat16 rows give the int8 kernel's result within bfloat16
+def test_int8_layer_carries_q_s_as_nibbles_where_an_int4_kernel_takes_the_shape(shape, group):
+    """Int8Linear's product goes through an int4 kernel as hi/lo nibbles: archlab's where it serves int4 layers
+    (K a multiple of 64; AVX512-BF16 under $ARCHLAB_INT4_KERNEL=auto; groups of 64), else PyTorch's (N divisible
+    by 16, K by 32, AVX-512 kernels; the largest group size dividing K), else the int8 kernel (``group``: PyTorch's
+    group size, None where it does not take the shape). Either way it holds the weights q s: one-hot rows
+    (x = I_K, float32, a prompt's many rows) read back W^T within the float32 rounding of summing the nibble terms
+    16 s (hi - 8), s (lo - 8), 8 s (at most 144 s in size: 2 roundings, so <= 2 eps 144 s; measured 1 ulp; archlab's
+    kernel dequantizes q s exactly for them), and bfloat16 rows give the int8 kernel's result within bfloat16
     rounding of the output."""
     n, k = shape
     g = torch.Generator().manual_seed(3)
@@ -100,8 +103,12 @@ def test_int8_layer_carries_q_s_as_nibbles_where_the_int4_kernel_takes_the_shape
     qw = quantize_int8(w)
     qw.q[2, :5] = torch.tensor([-127, 127, -1, 0, 1], dtype=torch.int8)  # both ends and the nibble borders
     layer = Int8Linear(qw)
-    group = group if kernel_capability() == "AVX512" else None
-    assert layer.group_size == group and hasattr(layer, "packed") == (group is not None)
+    if int4_kernel(k)[0] == "archlab":
+        assert (layer.kernel, layer.group_size) == ("archlab", 64)
+    else:
+        group = group if kernel_capability() == "AVX512" else None
+        assert layer.group_size == group and layer.kernel == ("int8" if group is None else "aten")
+    assert hasattr(layer, "packed") == (layer.kernel != "int8") and hasattr(layer, "q") == (layer.kernel == "int8")
     read = layer(torch.eye(k)).double()  # [K, N]: W^T
     assert ((read - qw.dequantize(torch.float64).T).abs() <= 2 * EPS32 * 144 * qw.scale.double()).all()
     x = torch.randn(3, k, generator=g).bfloat16()

@@ -11,7 +11,7 @@ import torch
 from archlab import kernels
 from archlab.errors import ConfigError, ShapeError
 from archlab.hardware import cpu_features
-from archlab.quant import GROUP_SIZES, Int4Linear, quantize_int4, quantize_q8_0
+from archlab.quant import GROUP_SIZES, Int4Linear, Int8Linear, quantize_int4, quantize_int8, quantize_q8_0
 
 assert set(GROUP_SIZES) == {32, 64, 128, 256}  # the cases below cover each
 
@@ -181,6 +181,107 @@ def test_int4_dequant_is_the_exact_weight_rounded_to_bfloat16(g, k, dtype):
         kernels.int4_dequant(packed, sz[:, :, 1:], g)
 
 
+def int8_case(n: int, k: int, dtype: torch.dtype, seed: int = 0):
+    """A random int8 weight [n, k] (both ends and the nibble borders among its levels), its scales in dtype, and
+    pack_int8's layout of it."""
+    qw = quantize_int8(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)))
+    qw.q[2, :5] = torch.tensor([-127, 127, -1, 0, 1], dtype=torch.int8)
+    scale = qw.scale.to(dtype)
+    return qw.q, scale, *kernels.pack_int8(qw.q, scale)
+
+
+def twice(x: torch.Tensor) -> torch.Tensor:
+    """``x [M, K]`` as the nibble matrix's ``[M, 2K]``: each 64 inputs, then the same 64 again."""
+    m, k = x.shape
+    return x.view(m, k // 64, 1, 64).expand(m, k // 64, 2, 64).reshape(m, 2 * k)
+
+
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("k", [64, 576, 1536])
+def test_int8_rows_are_the_int4_product_of_nibbles_that_hold_q_s_exactly(isa, k):
+    """pack_int8's nibble matrix dequantizes (float64) to q s exactly, every weight; int8_rows is int4_rows on x with
+    each 64 inputs taken twice, to the bit, so within int4_rows' float32 bound of x (q s)^T; a row's result is the
+    bits of the row alone."""
+    for dtype in (torch.bfloat16, torch.float32):
+        q, scale, packed, sz = int8_case(37, k, dtype, seed=k)
+        s, z = (t.double().repeat_interleave(kernels.INT8_GROUP, dim=1) for t in sz.unbind(1))  # [N, 2K]
+        halves = (kernels.unpack_int4(packed).double() - 8) * s + z  # [N, 2K]: hi terms, then lo, per 64 inputs
+        w = halves.view(37, k // 64, 2, 64).sum(2).reshape(37, k)
+        assert torch.equal(w, q.double() * scale.double()[:, None])
+        for m in (1, 5, 16):
+            x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3).to(dtype)
+            y = torch.ops.archlab_kernels.int8_rows(x, packed, sz, isa, False)
+            assert torch.equal(y, torch.ops.archlab_kernels.int4_rows(twice(x), packed, sz, kernels.INT8_GROUP, isa))
+            assert all(torch.equal(y[i], torch.ops.archlab_kernels.int8_rows(x[i : i + 1], packed, sz, isa)[0])
+                       for i in range(m))  # fmt: skip
+            ref = x.double() @ w.T
+            terms = twice(x).double().abs() @ (151 * s.abs() + z.abs()).T
+            assert ((y.double() - ref).abs() <= tolerance(2 * k, kernels.INT8_GROUP, terms, ref, dtype)).all()
+
+
+@pytest.mark.parametrize("k, dtype", [(576, torch.float32), (1536, torch.bfloat16), (64, torch.bfloat16)])
+def test_int8_dequant_is_q_s_rounded_once_to_the_scales_dtype(k, dtype):
+    """``q s`` in float64 rounded to float32 (exact there for bfloat16 scales), then to bfloat16 where the scales
+    are; refused without AVX512-BF16, saying so; bad arguments are ShapeErrors."""
+    q, scale, packed, _ = int8_case(48, k, dtype, seed=k)
+    if kernels.isa(torch.bfloat16) != 513:
+        with pytest.raises(kernels.KernelUnavailable, match="AVX512-BF16"):
+            kernels.int8_dequant(packed, scale)
+        return
+    assert torch.equal(kernels.int8_dequant(packed, scale), (q.double() * scale.double()[:, None]).float().to(dtype))
+    with pytest.raises(ShapeError, match=r"scale \[N\]"):
+        kernels.int8_dequant(packed, scale[1:])
+    with pytest.raises(ShapeError, match="float32 or bfloat16"):
+        kernels.int8_dequant(packed, scale.half())
+
+
+def test_int8_bad_arguments_raise_shape_errors_before_the_call():
+    q, scale, packed, sz = int8_case(16, 128, torch.bfloat16)
+    x = torch.randn(2, 128).bfloat16()
+    ref = x.double() @ (q.double() * scale.double()[:, None]).T
+    assert ((kernels.int8_rows(x, packed, sz).double() - ref).norm() / ref.norm()) < 2**-8  # the checked call
+    with pytest.raises(ShapeError, match="K a multiple of 64"):
+        kernels.pack_int8(q[:, :96], scale)
+    with pytest.raises(ShapeError, match="scale"):
+        kernels.pack_int8(q, scale[:3])
+    with pytest.raises(ShapeError, match="packed uint8"):
+        kernels.int8_rows(x, packed[:, :64].contiguous(), sz)
+    with pytest.raises(ShapeError, match="scales_and_zeros"):
+        kernels.int8_rows(x, packed, sz[:, :, 1:].contiguous())
+    with pytest.raises(ShapeError, match="M in 1..16"):
+        kernels.int8_rows(x.repeat(9, 1), packed, sz)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 20])
+def test_int8_layer_on_archlab_kernel(rows, monkeypatch):
+    """Where archlab's kernel serves (forced here), 1-16 bfloat16 rows are int8_rows', each row the bits of the row
+    alone; more rows (a prompt) multiply q s dequantized to bfloat16 where the AVX512-BF16 variant runs, else go to
+    int8_rows 16 at a time. Within bfloat16's rounding of the float64 product either way; PyTorch's kernels
+    (``aten``) give it within the same."""
+    monkeypatch.setenv("ARCHLAB_INT4_KERNEL", "archlab")
+    q, scale, _, _ = int8_case(64, 576, torch.float32, seed=4)
+    from archlab.quant import Int8Weight
+
+    layer = Int8Linear(Int8Weight(q, scale)).to(torch.bfloat16)
+    assert (layer.kernel, layer.group_size) == ("archlab", 64)
+    x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(5))
+    ref = x.double() @ (q.double() * scale.bfloat16().double()[:, None]).T
+    together = layer(x)
+    assert ((together.double() - ref).norm() / ref.norm()) < 0.01  # x rounded to bf16: ~2^-9 relative
+    if rows > 16 and layer._isa == 513:
+        w = kernels.int8_dequant(layer.packed, layer.scale)
+        assert torch.equal(together, torch.nn.functional.linear(x.bfloat16(), w))
+    elif rows > 16:
+        assert torch.equal(together, torch.cat([layer(x[:16]), layer(x[16:])]))
+    else:
+        assert all(torch.equal(together[i], layer(x[i : i + 1])[0]) for i in range(rows))
+        assert torch.equal(together, kernels.int8_rows(x.bfloat16(), layer.packed, layer.scales_and_zeros))
+    monkeypatch.setenv("ARCHLAB_INT4_KERNEL", "aten")
+    aten = Int8Linear(Int8Weight(q, scale)).to(torch.bfloat16)
+    assert aten.kernel in ("aten", "int8")
+    assert ((aten(x).double() - ref).norm() / ref.norm()) < 0.01
+
+
 def test_bad_kernel_choice_is_a_config_error(monkeypatch):
     monkeypatch.setenv("ARCHLAB_INT4_KERNEL", "fast")
     with pytest.raises(ConfigError, match="ARCHLAB_INT4_KERNEL"):
@@ -195,6 +296,12 @@ def test_compile_keeps_the_op_whole(monkeypatch):
     torch._dynamo.reset()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), layer(x))
+    int8 = Int8Linear(quantize_int8(torch.randn(48, 128))).to(torch.bfloat16)  # int8_rows, and int8_dequant
+    for rows in (1, 20):
+        torch._dynamo.reset()
+        compiled = torch.compile(int8, backend="aot_eager", fullgraph=True)
+        x = torch.randn(rows, 128)
+        assert torch.equal(compiled(x), int8(x))
 
 
 def test_the_ninja_package_is_put_on_path_where_no_ninja_is(monkeypatch):

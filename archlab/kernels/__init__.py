@@ -146,6 +146,8 @@ def build(name: str, directory: str | None = None) -> None:
         _register_flop_formulas()
         torch.library.register_fake("archlab_kernels::int4_rows")(_fake_int4_rows)
         torch.library.register_fake("archlab_kernels::int4_dequant")(_fake_int4_dequant)
+        torch.library.register_fake("archlab_kernels::int8_rows")(_fake_int8_rows)
+        torch.library.register_fake("archlab_kernels::int8_dequant")(_fake_int8_dequant)
         torch.library.register_fake("archlab_kernels::q8_rows")(_fake_q8_rows)
         torch.library.register_fake("archlab_kernels::f32_rows")(_fake_f32_rows)
         torch.library.register_fake("archlab_kernels::bf16_rows")(_fake_bf16_rows)
@@ -189,7 +191,7 @@ def _register_flop_formulas() -> None:
 
     ops = torch.ops.archlab_kernels
     # each weight's first dimension is N
-    register_flop_formula([ops.f32_rows, ops.bf16_rows, ops.int4_rows, ops.q8_rows])(product)
+    register_flop_formula([ops.f32_rows, ops.bf16_rows, ops.int4_rows, ops.int8_rows, ops.q8_rows])(product)
     register_flop_formula(ops.cached_attention, get_raw=True)(attention)
     register_flop_formula(ops.cached_attention_padded, get_raw=True)(padded)
 
@@ -317,6 +319,74 @@ def unpack_int4(packed: Tensor) -> Tensor:
         parts.append(torch.cat([tail & 15, tail >> 4], dim=1))
     return torch.cat(parts, dim=1).to(torch.uint8)
 
+
+
+# ---- int8 weights as two nibbles ----------------------------------------------------------------------------------
+
+INT8_GROUP = 64  # the nibble matrix's groups: each 64 inputs' hi nibbles, then their lo (one scale each)
+
+
+def pack_int8(q: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """``W = q s`` (``q [N, K]`` int8 in -127..127, ``scale [N]``) as the int4 matrix ``[N, 2K]`` of its nibbles
+    ``u = q + 128 = 16 hi + lo``: the kernel's ``packed [N, K]`` uint8 (:func:`pack_int4`'s layout; block ``c`` of 128
+    nibbles holds the ``hi`` of inputs ``64c .. 64c + 63``, then their ``lo``) and ``scales_and_zeros [N, 2, 2K/64]``
+    in ``scale``'s dtype (``hi``: ``16 s`` and zero 0; ``lo``: ``s`` and ``8 s``): ``16 s (hi - 8) + s (lo - 8) + 8 s
+    = s (u - 128) = q s``, exact in any float dtype. :class:`ShapeError` unless ``K`` is a multiple of 64."""
+    n, k = q.shape
+    if k % BLOCK or tuple(scale.shape) != (n,):
+        raise ShapeError(f"pack_int8 takes q [N, K] with K a multiple of {BLOCK} and scale [N]; got q {tuple(q.shape)} "
+                         f"and scale {tuple(scale.shape)}")  # fmt: skip
+    u = q.to(torch.int32) + 128
+    c = k // INT8_GROUP
+    nibbles = torch.stack([(u >> 4).view(n, c, INT8_GROUP), (u & 15).view(n, c, INT8_GROUP)], dim=2).reshape(n, 2 * k)
+    s = scale[:, None].expand(n, c)
+    scales = torch.stack([16 * s, s], dim=2).reshape(n, 2 * c)
+    zeros = torch.stack([torch.zeros_like(s), 8 * s], dim=2).reshape(n, 2 * c)
+    return pack_int4(nibbles, scales, zeros, INT8_GROUP)
+
+
+def _fake_int8_rows(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, isa: int, float_out: bool = False) -> Tensor:
+    return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32 if float_out else x.dtype)
+
+
+def int8_rows(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, *, float_out: bool = False) -> Tensor:
+    """``x [M, K]`` (float32 / bfloat16, ``M`` in 1..16) times :func:`pack_int8`'s ``W [N, K]`` transposed: ``[M, N]``
+    in ``x``'s dtype (float32 sums with ``float_out``). The int4 kernel's product of ``x`` (each 64 inputs taken
+    twice, against the ``hi`` and the ``lo`` nibbles) by the nibble matrix: its arithmetic, row by row the same
+    operations whatever ``M``. Checks its arguments (:class:`ShapeError`), then :func:`load` and the op."""
+    check_rows(x)
+    k = x.shape[1]
+    n = packed.shape[0]
+    if k % BLOCK or packed.dtype != torch.uint8 or tuple(packed.shape) != (n, k):
+        raise ShapeError(f"int8_rows takes x [M, K] with K a multiple of {BLOCK} and packed uint8 [N, K]; got x "
+                         f"{tuple(x.shape)} and packed {packed.dtype} {tuple(packed.shape)}")  # fmt: skip
+    if tuple(scales_and_zeros.shape) != (n, 2, 2 * k // INT8_GROUP):
+        raise ShapeError(f"scales_and_zeros must be [N, 2, 2K/{INT8_GROUP}] = [{n}, 2, {2 * k // INT8_GROUP}], got "
+                         f"{tuple(scales_and_zeros.shape)}")  # fmt: skip
+    load()
+    return torch.ops.archlab_kernels.int8_rows(x, packed, scales_and_zeros, isa(x.dtype), float_out)
+
+
+def _fake_int8_dequant(packed: Tensor, scale: Tensor) -> Tensor:
+    return packed.new_empty(packed.shape, dtype=scale.dtype)
+
+
+def int8_dequant(packed: Tensor, scale: Tensor) -> Tensor:
+    """The weights ``W [N, K] = q s`` of :func:`pack_int8`'s ``packed`` in ``scale``'s dtype (float32 or bfloat16):
+    ``q s`` rounded to float32 (exact where ``s`` is bfloat16: 8 by 8 significant bits), then to bfloat16 where that
+    is the dtype. For products of many rows (a prompt's), which oneDNN's and MKL's matmuls compute faster than the
+    nibbles' kernel; :class:`archlab.quant.Int8Linear` asks for it. AVX512-BF16 only (:func:`isa` is 513), else
+    :class:`KernelUnavailable`; :class:`ShapeError` for arguments it does not take."""
+    n, k = packed.shape
+    if k % BLOCK or packed.dtype != torch.uint8 or tuple(scale.shape) != (n,):
+        raise ShapeError(f"int8_dequant takes packed uint8 [N, K] with K a multiple of {BLOCK} and scale [N]; got "
+                         f"{packed.dtype} {tuple(packed.shape)} and {tuple(scale.shape)}")  # fmt: skip
+    if scale.dtype not in (torch.float32, torch.bfloat16):
+        raise ShapeError(f"int8_dequant's scale must be float32 or bfloat16, got {scale.dtype}")
+    if isa(torch.bfloat16) != 513:
+        raise KernelUnavailable("int8_dequant needs AVX512-BF16 with PyTorch's kernels at AVX-512")
+    load()
+    return torch.ops.archlab_kernels.int8_dequant(packed, scale)
 
 # ---- Q8_0 rows ---------------------------------------------------------------------------------------------------
 

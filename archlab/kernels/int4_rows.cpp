@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -333,15 +334,87 @@ at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& sz, int64_t 
   return out;
 }
 
+// ---- int8 weights as two nibbles (archlab.kernels.pack_int8) --------------------------------------------------
+// W[n, k] = q[n, k] s[n], q in -127..127: u = q + 128 = 16 hi + lo (hi, lo in 0..15) makes W the int4 matrix
+// [N, 2K] whose block of 128 inputs c holds the hi of inputs 64c .. 64c + 63, then their lo, in groups of 64 (hi:
+// scale 16 s, zero 0; lo: scale s, zero 8 s), so (16 s (hi - 8)) + (s (lo - 8) + 8 s) = s (u - 128) = q s.
+// Its product takes x [M, K] as [M, 2K], each 64 inputs twice: int4_rows' arithmetic on the same integers.
+at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz, int64_t isa, bool float_out) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 64 == 0, "int8_rows: x must be [M, K], K a multiple of 64");
+  TORCH_CHECK(packed.dim() == 2 && packed.size(1) == x.size(1), "int8_rows: packed must be [N, K]");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), e = xc.element_size();
+  at::Tensor x2 = at::empty({M, 2 * K}, xc.options());
+  const char* src = static_cast<const char*>(xc.data_ptr());
+  char* dst = static_cast<char*>(x2.data_ptr());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < K / 64; ++c) {
+      const char* from = src + (m * K + 64 * c) * e;
+      std::memcpy(dst + (m * 2 * K + 128 * c) * e, from, 64 * e);       // against the hi nibbles
+      std::memcpy(dst + (m * 2 * K + 128 * c + 64) * e, from, 64 * e);  // against the lo nibbles
+    }
+  return int4_rows(x2, packed, sz, 64, isa, float_out);
+}
+
+AVX512 inline void store16(float* out, __m512 w) { _mm512_storeu_ps(out, w); }
+AVX512 inline void store16(c10::BFloat16* out, __m512 w) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(w));
+}
+
+// a row's K weights q s from its K bytes (int8_rows' layout): word j of the block c holds the nibbles hi, then lo
+// of inputs 64c + j (bits 0-3, 8-11) and 64c + 32 + j (bits 4-7, 12-15); q s in float32 (one rounding, none where
+// s is bfloat16), then in O (bfloat16: rounded to nearest even)
+template <typename O>
+AVX512 void int8_dequant_row(const uint8_t* w, float s, int64_t K, O* out) {
+  const __m512 vs = _mm512_set1_ps(s);
+  const __m512i nib = _mm512_set1_epi32(0x0f), high = _mm512_set1_epi32(0xf0), off = _mm512_set1_epi32(128);
+  for (int64_t c = 0; c < K / 64; ++c) {
+    const __m512i wv = _mm512_loadu_si512(w + 64 * c);
+    for (int h = 0; h < 2; ++h) {  // words 16h .. 16h + 15
+      const __m512i v = _mm512_cvtepu16_epi32(h ? _mm512_extracti64x4_epi64(wv, 1) : _mm512_castsi512_si256(wv));
+      const __m512i a = _mm512_add_epi32(_mm512_slli_epi32(_mm512_and_si512(v, nib), 4),
+                                         _mm512_and_si512(_mm512_srli_epi32(v, 8), nib));
+      const __m512i b = _mm512_add_epi32(_mm512_and_si512(v, high), _mm512_srli_epi32(v, 12));
+      store16(out + 64 * c + 16 * h, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a, off)), vs));
+      store16(out + 64 * c + 32 + 16 * h, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(b, off)), vs));
+    }
+  }
+}
+
+// W [N, K] = q s in scale's dtype (float32 or bfloat16) from int8_rows' layout (AVX512-BF16 only, as int4_dequant)
+at::Tensor int8_dequant(const at::Tensor& packed, const at::Tensor& scale) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() &&
+              packed.size(1) % 64 == 0, "int8_dequant: packed must be uint8 [N, K] contiguous, K a multiple of 64");
+  const int64_t N = packed.size(0), K = packed.size(1);
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == N && (scale.scalar_type() == at::kFloat ||
+              scale.scalar_type() == at::kBFloat16), "int8_dequant: scale must be [N], float32 or bfloat16");
+  const at::Tensor s = scale.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({N, K}, packed.options().dtype(scale.scalar_type()));
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const float* sp = s.data_ptr<float>();
+  const bool bf16 = scale.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      if (bf16) int8_dequant_row(w + n * K, sp[n], K, out.data_ptr<c10::BFloat16>() + n * K);
+      else int8_dequant_row(w + n * K, sp[n], K, out.data_ptr<float>() + n * K);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(archlab_kernels, m) {
   m.def("int4_rows(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size, int isa, bool float_out=False) "
         "-> Tensor");
   m.def("int4_dequant(Tensor packed, Tensor scales_and_zeros, int group_size) -> Tensor");
+  m.def("int8_rows(Tensor x, Tensor packed, Tensor scales_and_zeros, int isa, bool float_out=False) -> Tensor");
+  m.def("int8_dequant(Tensor packed, Tensor scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(archlab_kernels, CPU, m) {
   m.impl("int4_rows", &int4_rows);
   m.impl("int4_dequant", &int4_dequant);
+  m.impl("int8_rows", &int8_rows);
+  m.impl("int8_dequant", &int8_dequant);
 }
