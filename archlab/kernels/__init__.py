@@ -24,6 +24,13 @@ Two variants in one library, chosen per call by the ``isa`` argument (:func:`isa
   float32 ``x`` always takes it).
 
 Both compute the same sums in float32; the order of the additions differs (tests: within float32's bound).
+``int4_dequant`` writes such ``W`` in bfloat16 for a prompt's many rows (:func:`int4_dequant`).
+
+**int8 rows** (``torch.ops.archlab_kernels.int8_rows``, :func:`int8_rows`): int8 weights ``W = q s`` (one scale per
+output row) as the int4 matrix of their nibbles, ``q + 128 = 16 hi + lo`` (:func:`pack_int8`: each 64 inputs' ``hi``,
+scale ``16 s``, then their ``lo``, scale ``s`` and zero ``8 s``), multiplied by the int4 rows' code with each 64
+inputs of ``x`` taken twice; ``int8_dequant`` writes ``q s`` in the scales' dtype for a prompt's rows
+(:func:`int8_dequant`). :class:`archlab.quant.Int8Linear` uses them where the int4 layers use archlab's kernel.
 
 **Q8_0 rows** (``torch.ops.archlab_kernels.q8_rows``, :func:`q8_rows`): llama.cpp's Q8_0 x Q8_0 product
 (``q8_rows.cpp``); the same result to the bit on AVX512-VNNI and AVX2.
