@@ -36,6 +36,21 @@ def _check_size(name: str, value: int) -> None:
 class PositionalEncoding(nn.Module):
     """The interface. The default hooks do nothing."""
 
+    def _apply(self, fn, recurse: bool = True):
+        """A dtype change (``model.bfloat16()``, ``model.float()``) leaves the float64 constants float64 (RoPE's
+        frequencies, ALiBi's slopes), as their equations have them; a device move applies. Rounded to the model's
+        dtype they moved every position: RoPE's frequencies in bfloat16 (relative 2^-9) turn position ``p`` up to
+        ``p theta_i 2^-9`` radians off (0.28 rad for SmolLM2's second pair at ``p = 200``), and ALiBi's distances,
+        computed in the slopes' dtype, lost their integer steps past 256 in bfloat16; in float32 the tables differed
+        from a freshly built model's in the last bit (a saved model loaded back, ``load_model``, decoded otherwise)."""
+        kept = {name: b for name, b in self._buffers.items() if b is not None and b.dtype == torch.float64}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            now = self._buffers[name]
+            if now is not None and now.dtype != torch.float64:
+                self._buffers[name] = before.to(device=now.device)
+        return self
+
     def add_to_input(self, x: Tensor, offset: int = 0) -> Tensor:
         """``x [B, N, d]`` -> ``x + PE[offset : offset + N]``."""
         return x

@@ -81,3 +81,22 @@ def test_check_state_dict_lists_every_problem():
     msg = str(e.value)
     assert "missing keys: b" in msg and "unexpected keys: z" in msg and "c: checkpoint (5,) vs model (4,)" in msg
     check_state_dict(expected, dict(expected), "ok")  # no error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rope_model_loads_back_with_the_same_logits(tmp_path, dtype):
+    """load_model gives the model the dtype its weights are stored in; that ``.to`` once rounded RoPE's float64
+    frequencies to it, so a float32 Llama loaded back differed from the one saved in the last bit, a bf16 one by
+    far more. Saved and loaded: the same logits to the bit."""
+    from archlab.interop.io import load_model, save_model
+    from archlab.models.llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=64, max_len=512, d_model=32, n_heads=2, n_kv_heads=1, n_layers=1, d_ff=64,
+                              rope_theta=100000.0)).to(dtype).eval()  # fmt: skip
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m").eval()
+    ids = torch.randint(0, 64, (1, 300), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids), model(ids))
+    assert loaded.pos.inv_freq.dtype == torch.float64

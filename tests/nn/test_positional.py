@@ -319,6 +319,24 @@ def test_rope_float32_matches_float64_and_cache_keyed_on_dtype():
     assert max_err(rope.rotate(x, offset=2000), _rope_complex(x, 2000, 8)) <= TOL  # back to float64: exact again
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_dtype_change_keeps_the_encodings_float64_constants(dtype):
+    """``module.to(dtype)`` (a bf16 model, ``model.float()``, ``load_model``'s dtype) leaves RoPE's frequencies and
+    ALiBi's slopes float64, so the rotation and the bias are the float64 equation's rounded once to ``dtype``, at any
+    position: rounded to bfloat16 first, RoPE's second pair turned about 0.3 rad too far at position 200 of a
+    10,000-base table, and ALiBi's distances past 256 lost their integer steps."""
+    rope = RotaryPositionalEncoding(8, base=100000.0).to(dtype)
+    assert rope.inv_freq.dtype == F64 and torch.equal(rope.inv_freq, RotaryPositionalEncoding(8, base=100000.0).inv_freq)
+    x = torch.randn(1, 1, 3, 8, dtype=F64, generator=torch.Generator().manual_seed(11))
+    want = _rope_complex(x, 2000, 8, base=100000.0)
+    got = rope.rotate(x.to(dtype), offset=2000)
+    assert got.dtype == dtype and max_err(got, want) <= (2 ** -7 if dtype == torch.bfloat16 else 1e-5) * 4
+    alibi = ALiBi(12).to(dtype)
+    assert alibi.slopes.dtype == F64
+    bias = alibi.attention_bias(1, 1001, offset=1000)  # distances 1000 .. 0
+    assert torch.equal(bias, -alibi_slopes(12)[:, None, None] * torch.arange(1000, -1, -1, dtype=F64))
+
+
 def test_rope_errors():
     with pytest.raises(ConfigError, match="rotary_dim=5"):
         RotaryPositionalEncoding(8, rotary_dim=5)
