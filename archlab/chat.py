@@ -122,7 +122,9 @@ def _in_precision(model: nn.Module, precision: str, quantize: str | None) -> nn.
     """The float weights of ``model`` in the precision :func:`archlab.precision.choose_precision` picks (said once)."""
     from archlab.precision import announce, choose_precision
 
-    if quantize is not None:  # the quantized layers compute in their own dtype (archlab.quant)
+    from archlab.quant import quantized_layers
+
+    if quantize is not None or quantized_layers(model):  # quantized layers compute in their own dtype (archlab.quant)
         return model
     weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     choice = choose_precision(precision, "cpu", weights)

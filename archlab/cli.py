@@ -497,12 +497,14 @@ def compile_note(chat) -> None:
 
 
 def load_chat_model_noted(spec: str, quantize: str | None, precision: str = "auto"):
-    """:func:`archlab.chat.load_chat_model`; with ``quantize``, the report's summary line on stderr."""
+    """:func:`archlab.chat.load_chat_model`; with ``quantize``, or a model saved quantized, the report's summary line
+    on stderr."""
     from archlab.chat import load_chat_model
 
     model, tokenizer = load_chat_model(spec, quantize=quantize, precision=precision)
-    if quantize is not None:
-        stderr_note(str(model.quant_report).splitlines()[-1])
+    report = getattr(model, "quant_report", None)
+    if report is not None:
+        stderr_note(str(report).splitlines()[-1] + ("" if quantize is not None else " (as saved)"))
     return model, tokenizer
 
 

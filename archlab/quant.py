@@ -82,6 +82,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -328,6 +329,12 @@ class _WeightOnlyLinear(nn.Module):
         (:attr:`logits`) a kernel that sums in float32 may return those sums instead (the caller widens the rest)."""
         raise NotImplementedError
 
+    def quantized_weight(self):
+        """The layer's integers and scales as :func:`quantize` made them (:class:`Int8Weight`, :class:`Int4Weight` or
+        :class:`Q8Weight`, the scales in the compute dtype), read back from the kernel's layout: what
+        :func:`archlab.interop.io.save_model` stores, since the layouts depend on the CPU."""
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
@@ -405,6 +412,21 @@ class Int8Linear(_WeightOnlyLinear):
         return torch.cat([op.int8_rows(x[i : i + MAX_ROWS], self.packed, self.scales_and_zeros, self._isa, float_out)
                           for i in range(0, x.shape[0], MAX_ROWS)])  # fmt: skip  # the AVX2 variant: 16 at a time
 
+    def quantized_weight(self) -> Int8Weight:
+        n, k = self.out_features, self.in_features
+        if self.kernel == "int8":
+            return Int8Weight(self.q.clone(), self.scale.clone())
+        if self.kernel == "archlab":
+            from archlab.kernels import INT8_GROUP, unpack_int4
+
+            halves = unpack_int4(self.packed).view(n, k // INT8_GROUP, 2, INT8_GROUP)  # each 64 inputs' hi, then lo
+            hi, lo = halves[:, :, 0].reshape(n, k), halves[:, :, 1].reshape(n, k)
+        else:
+            levels = _aten_int4_levels(self.packed, n, 2 * k, self.group_size)  # [hi | lo]
+            hi, lo = levels[:, :k], levels[:, k:]
+        q = 16 * hi.to(torch.int16) + lo.to(torch.int16) - 128
+        return Int8Weight(q.to(torch.int8), self.scale.clone())
+
     def extra_repr(self) -> str:
         kernel = {"archlab": "archlab's int4 kernel", "aten": "PyTorch's int4 kernel", "int8": "the int8 kernel"}
         nibbles = "" if self.kernel == "int8" else f" as nibbles, g={self.group_size}"
@@ -433,6 +455,15 @@ def int8_as_nibbles(weight: Int8Weight, group_size: int) -> tuple[Tensor, Tensor
     zero = torch.cat([torch.zeros_like(s), 8 * s], dim=1)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1)
     return packed, torch.stack([scale.T, zero.T], dim=-1).contiguous()
+
+
+def _aten_int4_levels(packed: Tensor, n: int, k: int, group_size: int) -> Tensor:
+    """The levels ``q [N, K]`` (uint8, 0..15) in PyTorch's int4 packing (``_convert_weight_to_int4pack_for_cpu``'s,
+    opaque), read back exactly: its kernel with scale 1 and zero 8, ``(q - 8) 1 + 8 = q``, times ``I_K``."""
+    ones = torch.ones(k // group_size, n, 1)
+    unit = torch.cat([ones, 8 * ones], dim=-1)  # [K/g, N, 2]: scale 1, zero 8
+    levels = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(k), packed, group_size, unit)  # [K, N]: q^T
+    return levels.T.round().to(torch.uint8)
 
 
 #: environment variable choosing the product of :class:`Int4Linear` layers built from then on: ``auto`` (default:
@@ -540,6 +571,16 @@ class Int4Linear(_WeightOnlyLinear):
             return F.linear(x, w)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
 
+    def quantized_weight(self) -> Int4Weight:
+        if self.kernel == "archlab":
+            from archlab.kernels import unpack_int4
+
+            q = unpack_int4(self.row_packed)
+        else:
+            q = _aten_int4_levels(self.packed, self.out_features, self.in_features, self.group_size)
+        sz = self.scales_and_zeros  # [K/g, N, 2]
+        return Int4Weight(q, sz[..., 0].T.contiguous(), sz[..., 1].T.contiguous(), self.group_size)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}, kernel={self.kernel}"
 
@@ -588,6 +629,9 @@ class Q8Linear(_WeightOnlyLinear):
         n, k = self.out_features, self.in_features
         q = (self.packed.reshape(n // Q8_TILE, k // 4, Q8_TILE, 4).transpose(1, 2).reshape(n, k).to(torch.int16) - 128)
         return Q8Weight(q.to(torch.int8), self.scales.transpose(1, 2).reshape(n, k // Q8_BLOCK))
+
+    def quantized_weight(self) -> Q8Weight:
+        return self.weight()
 
     def _input_dtype(self, x: Tensor) -> torch.dtype:
         """``x`` goes in as it is where float32 or bfloat16 (the kernel rounds it to int8 anyway), else as float32."""
@@ -670,6 +714,9 @@ class DynamicInt8Linear(nn.Module):
         with _quiet():
             w, _ = torch.ops.quantized.linear_unpack(self._packed)
         return Int8Weight(w.int_repr(), w.q_per_channel_scales().float())
+
+    def quantized_weight(self) -> Int8Weight:
+        return self.weight()
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [..., K]`` float32 -> ``[..., N]`` float32 (no gradients: a backward raises ConfigError)."""
@@ -1092,6 +1139,96 @@ def _input_amax(model: nn.Module, layers: list[nn.Module], calibration: Tensor) 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+# ================================================================================================
+# Saving and restoring a quantized model's layers (archlab.interop.io.save_model / load_model)
+# ================================================================================================
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's quantized layers by name (weight-only, Q8_0 and int8-dynamic), in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _WeightOnlyLinear | DynamicInt8Linear)}
+
+
+def quantized_state(model: nn.Module) -> tuple[dict, dict[str, Tensor]] | None:
+    """What a saved quantized model keeps of its quantized layers, or None for a model without any: a description
+    (each layer's name, mode, group size and whether it is an LM head, and ``model.quant_report``), and the tensors
+    ``<layer>.q``, ``.scale`` (``.zero`` for int4, ``.bias``, ``.inv_smooth`` for smoothed int8-dynamic) as
+    :meth:`quantized_weight` reads them: the integers and the scales, not the kernels' packed layouts, which depend
+    on the CPU (:func:`restore_quantized` packs them again for the CPU that loads them); int4's levels two a byte,
+    ``q[n, 2j] | q[n, 2j + 1] << 4`` (``[N, K/2]``)."""
+    layers = quantized_layers(model)
+    if not layers:
+        return None
+    entries, tensors = [], {}
+    for name, layer in layers.items():
+        w = layer.quantized_weight()
+        entry = {"name": name, "mode": layer.mode, "logits": bool(getattr(layer, "logits", False))}
+        parts = {"q": w.q, "scale": w.scale}
+        if isinstance(w, Int4Weight):  # two levels a byte: q[2j] | q[2j + 1] << 4
+            parts["q"] = w.q[:, 0::2] | w.q[:, 1::2] << 4
+            parts["zero"], entry["group_size"] = w.zero, w.group_size
+        for extra in ("bias", "inv_smooth"):
+            if getattr(layer, extra, None) is not None:
+                parts[extra] = getattr(layer, extra)
+        tensors.update({f"{name}.{key}": t.detach().contiguous().clone() for key, t in parts.items()})
+        entries.append(entry)
+    report = getattr(model, "quant_report", None)
+    return {"layers": entries, "report": None if report is None else dataclasses.asdict(report)}, tensors
+
+
+def restore_quantized(model: nn.Module, description: dict, tensors: Mapping[str, Tensor], source: str) -> None:
+    """Put back on ``model`` (built from its config, float) the quantized layers :func:`quantized_state` described,
+    from their stored ``tensors``, each where the float ``nn.Linear`` of the same shape is, and ``model.quant_report``.
+    :class:`CheckpointError` naming ``source`` for a layer the model lacks, a missing tensor, or a shape that does not
+    fit."""
+    from archlab.errors import ArchlabError, CheckpointError
+
+    def tensor(name: str, key: str) -> Tensor:
+        if f"{name}.{key}" not in tensors:
+            raise CheckpointError(f"{source}: the quantized layer {name!r} has no stored {key!r}")
+        return tensors[f"{name}.{key}"]
+
+    try:
+        entries = [(e["name"], e["mode"], e.get("group_size"), bool(e.get("logits"))) for e in description["layers"]]
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{source}: its description of the quantized layers is malformed ({e!r})") from None
+    for name, mode, group_size, logits in entries:
+        try:
+            float_layer = model.get_submodule(name)
+        except AttributeError:
+            float_layer = None
+        q = tensor(name, "q")
+        if mode == "int4":  # two levels a byte (quantized_state)
+            q = torch.stack([q & 15, q >> 4], dim=-1).reshape(q.shape[0], 2 * q.shape[1])
+        if not isinstance(float_layer, nn.Linear) or tuple(float_layer.weight.shape) != tuple(q.shape):
+            found = "nothing" if float_layer is None else type(float_layer).__name__
+            raise CheckpointError(f"{source}: quantized layer {name!r} ({mode}, q {tuple(q.shape)}) does not fit the "
+                                  f"model, which has {found} there")  # fmt: skip
+        if mode not in MODES:
+            raise CheckpointError(f"{source}: quantized layer {name!r} has the unknown mode {mode!r}; one of {MODES}")
+        bias, scale = tensors.get(f"{name}.bias"), tensor(name, "scale")
+        try:
+            if mode == "int8":
+                layer = Int8Linear(Int8Weight(q, scale), bias)
+            elif mode == "int4":
+                layer = Int4Linear(Int4Weight(q, scale, tensor(name, "zero"), int(group_size)), bias)
+            elif mode == "q8_0":
+                layer = Q8Linear(Q8Weight(q, scale), bias)
+            else:
+                layer = DynamicInt8Linear(Int8Weight(q, scale), bias)
+                if f"{name}.inv_smooth" in tensors:
+                    layer.inv_smooth = tensors[f"{name}.inv_smooth"].clone()
+        except (ArchlabError, RuntimeError, TypeError, ValueError) as e:  # scales that do not fit q, no group size
+            raise CheckpointError(f"{source}: quantized layer {name!r} ({mode}) cannot be rebuilt: {e}") from None
+        if logits:
+            layer.logits = True
+        _replace(model, name, layer)
+    report = description.get("report")
+    if report is not None:
+        layers = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in report["layers"]]
+        model.quant_report = QuantReport(**{**report, "layers": layers})
 
 
 # ================================================================================================

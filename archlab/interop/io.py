@@ -23,10 +23,13 @@ from torch import Tensor, nn
 
 from archlab.errors import CheckpointError, ConfigError
 from archlab.nn.lora import adapt, lora_description
+from archlab.quant import quantized_state, restore_quantized
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 LORA_METADATA = "archlab_lora"  # safetensors metadata of a LoRA-adapted model: its adapters, as JSON
+QUANT_METADATA = "archlab_quant"  # safetensors metadata of a quantized model: its quantized layers, as JSON
+QUANT_FILE = "quantized.safetensors"  # beside WEIGHTS_FILE: those layers' integers and scales
 PICKLE_FILES = ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt")
 
 
@@ -276,7 +279,20 @@ def write_model(model: nn.Module, folder: Path) -> None:
     adapters = lora_description(model)
     if adapters:  # LoRA-adapted: load_model adapts the model it builds alike before reading the weights
         metadata[LORA_METADATA] = json.dumps(adapters)
-    _st_save_model(model, str(folder / WEIGHTS_FILE), metadata=metadata)
+    quantized = quantized_state(model)
+    if quantized is None:
+        _st_save_model(model, str(folder / WEIGHTS_FILE), metadata=metadata)
+        return
+    # quantized (archlab.quant): the float rest as usual, the quantized layers' integers and scales in QUANT_FILE
+    description, tensors = quantized
+    metadata[QUANT_METADATA] = json.dumps(description)
+    names = tuple(f"{entry['name']}." for entry in description["layers"])
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(names)}
+    first: dict[tuple[int, tuple[int, ...]], str] = {}  # a tied tensor stored once, as safetensors' save_model does
+    kept = {k: v.detach().contiguous().clone() for k, v in state.items()
+            if first.setdefault((v.data_ptr(), tuple(v.shape)), k) == k or not v.numel()}  # fmt: skip
+    save_file(kept, str(folder / WEIGHTS_FILE), metadata=metadata)
+    save_file(tensors, str(folder / QUANT_FILE), metadata={"format": "pt", "archlab": "1"})
 
 
 def read_config(folder: Path):
@@ -320,15 +336,34 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
     if LORA_METADATA in metadata:
         _adapt_as_saved(model, metadata[LORA_METADATA], weights)
     state = read_safetensors(weights)
-    expected = model.state_dict()
+    quantized = _quantized_description(metadata, weights)
+    names = tuple(f"{entry['name']}." for entry in quantized["layers"]) if quantized else ()
+    expected = {k: v for k, v in model.state_dict().items() if not (names and k.startswith(names))}
     # tied tensors are stored once; safetensors' load_model restores the ties
     tied = {k for k in expected if k not in state and any(expected[k] is expected[o] or
             expected[k].data_ptr() == expected[o].data_ptr() for o in state if o in expected)}
     check_state_dict({k: v for k, v in expected.items() if k not in tied}, state, str(weights))
     check_tied_copies_agree(expected, state, str(weights))
     keep_stored_float_dtypes(model, state, str(weights))
+    if quantized:  # after the float dtype (the quantized layers keep their scales' own)
+        restore_quantized(model, quantized, read_safetensors(folder / QUANT_FILE), str(folder / QUANT_FILE))
     _st_load_model(model, str(weights), strict=False, device=str(map_location))
     return model
+
+
+def _quantized_description(metadata: Mapping[str, str], weights: Path) -> dict | None:
+    """The quantized layers a saved model's metadata describes (:func:`archlab.quant.quantized_state`), or None."""
+    if QUANT_METADATA not in metadata:
+        return None
+    try:
+        description = json.loads(metadata[QUANT_METADATA])
+        if not isinstance(description, dict) or not all(isinstance(e.get("name"), str) for e in description["layers"]):
+            raise ValueError("each layer needs a name")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{weights}: its quantized layers ({QUANT_METADATA} metadata) are unreadable: {e}") from None
+    if not (weights.parent / QUANT_FILE).is_file():
+        raise CheckpointError(f"{weights.parent / QUANT_FILE} is missing: {weights.name} names quantized layers it holds")
+    return description
 
 
 def check_tied_copies_agree(expected: Mapping[str, Tensor], state: Mapping[str, Tensor], source: str) -> None:
