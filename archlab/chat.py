@@ -121,7 +121,6 @@ def load_chat_model(
 def _in_precision(model: nn.Module, precision: str, quantize: str | None) -> nn.Module:
     """The float weights of ``model`` in the precision :func:`archlab.precision.choose_precision` picks (said once)."""
     from archlab.precision import announce, choose_precision
-
     from archlab.quant import quantized_layers
 
     if quantize is not None or quantized_layers(model):  # quantized layers compute in their own dtype (archlab.quant)

@@ -77,12 +77,12 @@ quantized head takes the head's logits (``[B N, V]`` held at once) instead of th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch

@@ -360,9 +360,11 @@ def _quantized_description(metadata: Mapping[str, str], weights: Path) -> dict |
         if not isinstance(description, dict) or not all(isinstance(e.get("name"), str) for e in description["layers"]):
             raise ValueError("each layer needs a name")
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
-        raise CheckpointError(f"{weights}: its quantized layers ({QUANT_METADATA} metadata) are unreadable: {e}") from None
+        raise CheckpointError(f"{weights}: its quantized layers ({QUANT_METADATA} metadata) are unreadable: {e}"
+                              ) from None
     if not (weights.parent / QUANT_FILE).is_file():
-        raise CheckpointError(f"{weights.parent / QUANT_FILE} is missing: {weights.name} names quantized layers it holds")
+        raise CheckpointError(f"{weights.parent / QUANT_FILE} is missing: {weights.name} names quantized layers that "
+                              "it holds")
     return description
 
 

@@ -326,7 +326,8 @@ def test_a_dtype_change_keeps_the_encodings_float64_constants(dtype):
     position: rounded to bfloat16 first, RoPE's second pair turned about 0.3 rad too far at position 200 of a
     10,000-base table, and ALiBi's distances past 256 lost their integer steps."""
     rope = RotaryPositionalEncoding(8, base=100000.0).to(dtype)
-    assert rope.inv_freq.dtype == F64 and torch.equal(rope.inv_freq, RotaryPositionalEncoding(8, base=100000.0).inv_freq)
+    assert rope.inv_freq.dtype == F64
+    assert torch.equal(rope.inv_freq, RotaryPositionalEncoding(8, base=100000.0).inv_freq)
     x = torch.randn(1, 1, 3, 8, dtype=F64, generator=torch.Generator().manual_seed(11))
     want = _rope_complex(x, 2000, 8, base=100000.0)
     got = rope.rotate(x.to(dtype), offset=2000)
