@@ -375,11 +375,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def args_convert(parser: argparse.ArgumentParser) -> None:
+    from archlab.quant import MODES
+
     parser.add_argument("src", metavar="SRC", help="a Hugging Face folder (gpt2, llama, bert, vit, rwkv), an archlab "
                         "model folder or checkpoint, a run folder (its latest checkpoint), "
                         "or a Llama .gguf file")  # fmt: skip
     parser.add_argument("dst", metavar="DST",
                         help="the folder to write: new, empty or a model folder (replaced atomically)")
+    parser.add_argument("--quantize", choices=MODES, help="write the model quantized, as an archlab folder (whatever "
+                        "SRC is; archlab.quant's defaults, a .gguf file's Q4_0/Q4_1 blocks and Q8_0 head as "
+                        "stored); archlab chat/generate --model DST read it")  # fmt: skip
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -387,7 +392,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     latest checkpoint; the tokenizer goes along."""
     from archlab.train.run import convert_run
 
-    direction = convert_run(args.src, args.dst)
+    direction = convert_run(args.src, args.dst, quantize=args.quantize)
     print(f"{direction}: {args.src} -> {args.dst}")
     return 0
 

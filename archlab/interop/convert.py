@@ -32,6 +32,7 @@ from archlab.models.llama import Llama
 from archlab.models.rwkv import RWKV
 from archlab.models.vit import ViT
 from archlab.nn.lora import lora_layers, unload_lora
+from archlab.quant import quantize as quantize_layers, quantized_layers
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,22 @@ HF_FORMATS: dict[str, HFFormat] = {
 }
 
 
-def convert(src: str | Path, dst: str | Path, *, tokenizer_dir: str | Path | None = None) -> str:
+def convert(src: str | Path, dst: str | Path, *, tokenizer_dir: str | Path | None = None,
+            quantize: str | None = None) -> str:  # fmt: skip
     """Convert the model folder ``src`` into ``dst`` (written atomically) with the ``tokenizer.json`` of
     ``tokenizer_dir`` (default: ``src``'s, when it has one); returns e.g. ``"gpt2 -> archlab, with tokenizer.json"``
-    (no tokenizer: ``"gpt2 -> archlab"``)."""
+    (no tokenizer: ``"gpt2 -> archlab"``). ``quantize`` (one of :data:`archlab.quant.MODES`): the model's linear
+    layers quantized (:func:`archlab.quant.quantize`'s defaults; a GGUF file's Q4_0/Q4_1 blocks and Q8_0 head as
+    stored, :func:`archlab.interop.gguf.load_gguf`) and written as an archlab folder whatever ``src`` is (an archlab
+    one too: ``archlab -> archlab``), which holds the quantized model (:func:`archlab.interop.io.save_model`)."""
+    from archlab.quant import MODES
+
     src, dst = Path(src), Path(dst)
+    if quantize is not None and quantize not in MODES:
+        raise ConfigError(f"quantize={quantize!r} must be one of {MODES} or None (float weights)")
     check_destination(dst)
     if src.is_file() and src.suffix.lower() == ".gguf":
-        return _convert_gguf(src, dst)
+        return _convert_gguf(src, dst, quantize)
     if not src.is_dir():
         raise CheckpointError(
             f"{src} is not a folder (expected {CONFIG_FILE} and model.safetensors inside) nor a .gguf file"
@@ -70,6 +79,14 @@ def convert(src: str | Path, dst: str | Path, *, tokenizer_dir: str | Path | Non
         model = load_model(src)
         if lora_layers(model):  # a LoRA run's checkpoint: Hugging Face gets the adapters merged into the weights
             unload_lora(model)
+        if quantize is not None:  # archlab -> archlab, quantized (a fine-tuned model, say)
+            quantize_layers(model, quantize)
+            carried = tokenizer if tokenizer.is_file() else None
+            _write(dst, lambda folder: save_model(model, folder), carried)
+            return "archlab -> archlab" + _quantized_note(model, quantize) + _tokenizer_note(tokenizer, carried)
+        if quantized_layers(model):
+            raise CheckpointError(f"{src} holds a quantized model ({model.quant_report.mode}); a Hugging Face folder "
+                                  "holds float weights: convert the float model")  # fmt: skip
         for name, fmt in HF_FORMATS.items():
             if isinstance(model, fmt.model_types):
                 carried = tokenizer if tokenizer.is_file() and _is_hf_tokenizer(tokenizer) else None
@@ -83,8 +100,10 @@ def convert(src: str | Path, dst: str | Path, *, tokenizer_dir: str | Path | Non
     if model_type in HF_FORMATS:
         model = HF_FORMATS[model_type].load(src)
         carried = tokenizer if tokenizer.is_file() else None
+        if quantize is not None:
+            quantize_layers(model, quantize)
         _write(dst, lambda folder: save_model(model, folder), carried)
-        return f"{model_type} -> archlab" + _tokenizer_note(tokenizer, carried)
+        return f"{model_type} -> archlab" + _quantized_note(model, quantize) + _tokenizer_note(tokenizer, carried)
     raise CheckpointError(
         f"{src / CONFIG_FILE} is neither an archlab config (no 'class' key) nor a supported Hugging Face one "
         f"(model_type={model_type!r}; supported: {', '.join(HF_FORMATS)})"
@@ -102,10 +121,11 @@ def check_destination(dst: Path) -> None:
                           "overwrite")  # fmt: skip
 
 
-def _convert_gguf(src: Path, dst: Path) -> str:
-    """A GGUF file -> an archlab folder, with the tokenizer (and chat template) its metadata describes."""
+def _convert_gguf(src: Path, dst: Path, quantize: str | None = None) -> str:
+    """A GGUF file -> an archlab folder, with the tokenizer (and chat template) its metadata describes; ``quantize``:
+    the model :func:`load_gguf` quantizes (its blocks as stored where the mode takes them)."""
     file = GGUFFile(src)
-    model = load_gguf(file)
+    model = load_gguf(file, quantize=quantize)
     tokenizer = gguf_tokenizer(file) if "tokenizer.ggml.model" in file.metadata else None
 
     def save(folder: Path) -> None:
@@ -114,7 +134,12 @@ def _convert_gguf(src: Path, dst: Path) -> str:
             tokenizer.save(folder)
 
     _write(dst, save, None)
-    return "gguf -> archlab" + (f", with {TOKENIZER_FILE}" if tokenizer is not None else "")
+    return "gguf -> archlab" + _quantized_note(model, quantize) + (f", with {TOKENIZER_FILE}" if tokenizer else "")
+
+
+def _quantized_note(model: nn.Module, quantize: str | None) -> str:
+    """``", quantized: <the report's summary line>"`` where ``quantize`` was asked, else nothing."""
+    return "" if quantize is None else f", quantized: {str(model.quant_report).splitlines()[-1]}"
 
 
 def _write(dst: Path, save: Callable[[Path], None], tokenizer: Path | None) -> None:

@@ -666,14 +666,15 @@ def open_run(path: str | Path) -> OpenedRun:
     return OpenedRun(run_dir, checkpoint, spec, tokenizer, model)
 
 
-def convert_run(src: str | Path, dst: str | Path) -> str:
+def convert_run(src: str | Path, dst: str | Path, *, quantize: str | None = None) -> str:
     """``archlab convert``: :func:`archlab.interop.convert.convert` of ``src``, which may also be a run folder (its
-    latest checkpoint, as generate and eval read it) or a checkpoint in one; the tokenizer goes along."""
+    latest checkpoint, as generate and eval read it) or a checkpoint in one; the tokenizer goes along; ``quantize``
+    as ``convert`` takes it."""
     src = Path(src)
     if (src / RUN_FILE).is_file() or ((src / CONFIG_FILE).is_file() and (src / WEIGHTS_FILE).is_file()):
         _, checkpoint, tok_dir = locate_checkpoint(src)
-        return convert(checkpoint, dst, tokenizer_dir=tok_dir)
-    return convert(src, dst)  # e.g. a sharded Hugging Face folder
+        return convert(checkpoint, dst, tokenizer_dir=tok_dir, quantize=quantize)
+    return convert(src, dst, quantize=quantize)  # e.g. a sharded Hugging Face folder
 
 
 def evaluate_run(opened: OpenedRun, *, max_batches: int | None = None) -> dict[str, Any]:

@@ -99,3 +99,23 @@ def test_broken_quantized_files_are_checkpoint_errors(tmp_path):
     save_file(state, str(weights), metadata={**metadata, QUANT_METADATA: json.dumps({"layers": [{"mode": "int8"}]})})
     with pytest.raises(CheckpointError, match="quantized layers .* are unreadable"):
         load_model(tmp_path / "m")
+
+
+def test_convert_quantize_writes_a_quantized_archlab_folder(tmp_path, capsys):
+    """``archlab convert SRC DST --quantize MODE``: an archlab (or Hugging Face, or .gguf) model written quantized,
+    which load_model reads back as quantize() leaves it; a Hugging Face folder from a quantized one is refused."""
+    from archlab.cli import main
+
+    save_model(small_llama(), tmp_path / "float")
+    assert main(["convert", str(tmp_path / "float"), str(tmp_path / "int4"), "--quantize", "int4"]) == 0
+    assert "archlab -> archlab, quantized: 9 of 9 linear layers quantized (int4" in capsys.readouterr().out
+    by_hand = small_llama()
+    quantize(by_hand, "int4")
+    loaded = load_model(tmp_path / "int4").eval()
+    with torch.inference_mode():
+        assert torch.equal(loaded(IDS), by_hand(IDS))
+    assert main(["convert", str(tmp_path / "int4"), str(tmp_path / "hf")]) == 2
+    assert "holds a quantized model (int4); a Hugging Face folder holds float weights" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+    assert main(["convert", str(tmp_path / "float"), str(tmp_path / "x"), "--quantize", "int3"]) == 2
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
