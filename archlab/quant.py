@@ -1209,6 +1209,11 @@ def restore_quantized(model: nn.Module, description: dict, tensors: Mapping[str,
         if mode not in MODES:
             raise CheckpointError(f"{source}: quantized layer {name!r} has the unknown mode {mode!r}; one of {MODES}")
         bias, scale = tensors.get(f"{name}.bias"), tensor(name, "scale")
+        n, k = q.shape
+        want = {"int4": (n, k // int(group_size or 1)), "q8_0": (n, k // Q8_BLOCK)}.get(mode, (n,))
+        if tuple(scale.shape) != want:
+            raise CheckpointError(f"{source}: quantized layer {name!r} ({mode}) has scales {tuple(scale.shape)} for q "
+                                  f"{(n, k)}; it needs {want}")  # fmt: skip
         try:
             if mode == "int8":
                 layer = Int8Linear(Int8Weight(q, scale), bias)

@@ -66,9 +66,9 @@ def test_the_file_holds_integers_and_scales_not_a_cpu_layout_and_loads_under_ano
     loaded = load_model(tmp_path / "m").eval()
     before, after = quantized_layers(model), quantized_layers(loaded)
     assert all(same_weights(before[n], after[n]) for n in before)
-    with torch.inference_mode():  # the same weights on another kernel: within bfloat16's rounding of the products
-        got, want = loaded(IDS), model(IDS)
-    assert 0 < ((got - want).norm() / want.norm()) < 0.02
+    with torch.inference_mode():  # the same weights, on another kernel where the CPU has archlab's: within bf16's
+        got, want = loaded(IDS), model(IDS)  # rounding of the products
+    assert ((got - want).norm() / want.norm()) < 0.02
 
 
 def test_broken_quantized_files_are_checkpoint_errors(tmp_path):
@@ -86,7 +86,8 @@ def test_broken_quantized_files_are_checkpoint_errors(tmp_path):
         load_model(tmp_path / "m")
     tensors["decoder.blocks.0.ffn.w2.scale"] = torch.ones(3)
     save_file(tensors, str(quant))
-    with pytest.raises(CheckpointError, match=r"'decoder.blocks.0.ffn.w2' \(int8\) cannot be rebuilt"):
+    with pytest.raises(CheckpointError, match=r"'decoder.blocks.0.ffn.w2' \(int8\) has scales \(3,\) for q "
+                                              r"\(64, 192\); it needs \(64,\)"):
         load_model(tmp_path / "m")
     tensors["decoder.blocks.0.ffn.w2.scale"] = torch.ones(64)
     tensors["decoder.blocks.0.ffn.w2.q"] = torch.zeros(64, 96, dtype=torch.int8)
@@ -119,3 +120,15 @@ def test_convert_quantize_writes_a_quantized_archlab_folder(tmp_path, capsys):
     assert not (tmp_path / "hf").exists()
     assert main(["convert", str(tmp_path / "float"), str(tmp_path / "x"), "--quantize", "int3"]) == 2
     assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+def test_int4_zeros_that_do_not_fit_are_a_checkpoint_error(tmp_path):
+    model = small_llama()
+    quantize(model, "int4")
+    save_model(model, tmp_path / "m")
+    quant = tmp_path / "m" / QUANT_FILE
+    tensors = load_file(str(quant))
+    tensors["decoder.blocks.1.attn.out_proj.zero"] = tensors["decoder.blocks.1.attn.out_proj.zero"][:, :1].clone()
+    save_file(tensors, str(quant))
+    with pytest.raises(CheckpointError, match=r"'decoder.blocks.1.attn.out_proj' \(int4\) cannot be rebuilt"):
+        load_model(tmp_path / "m")
