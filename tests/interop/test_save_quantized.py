@@ -71,13 +71,17 @@ def test_the_file_holds_integers_and_scales_not_a_cpu_layout_and_loads_under_ano
     assert ((got - want).norm() / want.norm()) < 0.02
 
 
-def test_broken_quantized_files_are_checkpoint_errors(tmp_path):
+def saved(folder, mode: str):
+    """``small_llama()`` quantized in ``mode`` and saved in ``folder``: the path of its quantized file and its tensors."""
     model = small_llama()
-    quantize(model, "int8")
-    save_model(model, tmp_path / "m")
-    quant = tmp_path / "m" / QUANT_FILE
-    tensors = load_file(str(quant))
-    (tmp_path / "m" / QUANT_FILE).unlink()
+    quantize(model, mode)
+    save_model(model, folder)
+    return folder / QUANT_FILE, load_file(str(folder / QUANT_FILE))
+
+
+def test_broken_quantized_files_are_checkpoint_errors(tmp_path):
+    quant, tensors = saved(tmp_path / "m", "int8")
+    quant.unlink()
     with pytest.raises(CheckpointError, match="quantized.safetensors is missing"):
         load_model(tmp_path / "m")
     del tensors["decoder.blocks.0.ffn.w2.scale"]
@@ -123,11 +127,7 @@ def test_convert_quantize_writes_a_quantized_archlab_folder(tmp_path, capsys):
 
 
 def test_int4_zeros_that_do_not_fit_are_a_checkpoint_error(tmp_path):
-    model = small_llama()
-    quantize(model, "int4")
-    save_model(model, tmp_path / "m")
-    quant = tmp_path / "m" / QUANT_FILE
-    tensors = load_file(str(quant))
+    quant, tensors = saved(tmp_path / "m", "int4")
     tensors["decoder.blocks.1.attn.out_proj.zero"] = tensors["decoder.blocks.1.attn.out_proj.zero"][:, :1].clone()
     save_file(tensors, str(quant))
     with pytest.raises(CheckpointError, match=r"'decoder.blocks.1.attn.out_proj' \(int4\) cannot be rebuilt"):
