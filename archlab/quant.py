@@ -26,7 +26,9 @@ inside PyTorch's kernels:
   ``z = 0``: :mod:`archlab.interop.gguf` loads them without a float round trip.
 
 :func:`quantize` replaces a model's ``nn.Linear`` layers in place and returns a :class:`QuantReport`: every
-layer, quantized or left float (and why), its shape and bytes. **Tied LM head.** A decoder whose ``lm_head``
+layer, quantized or left float (and why), its shape and bytes. A quantized model saves and loads as any
+(:func:`archlab.interop.io.save_model`: the layers' integers and scales, :func:`quantized_state`; ``archlab convert
+--quantize``), packed again for the CPU that loads it (:func:`restore_quantized`). **Tied LM head.** A decoder whose ``lm_head``
 shares its matrix with the token embedding gets a quantized *copy* for the output projection (``head=``, int8 by
 default, as llama.cpp's Q4 files keep that matrix in 8 bits); the embedding lookup keeps the float matrix (a
 lookup reads ``N`` rows, not the whole matrix), so memory grows by the copy while each step reads 4x less.
