@@ -16,7 +16,8 @@ difference (``--no-quant`` leaves them out). Where the int4 mode runs on archlab
 PyTorch's int4 kernel (an A/B in the same rounds), with how many of its greedy tokens equal the int4 mode's.
 ``archlab int4 q8_0-head`` is the int4 mode with the LM head as llama.cpp runs it (``load_gguf``'s default where the
 file stores the head in Q8_0: its blocks as they are, the head's input rounded to int8 per 32 values,
-:class:`archlab.quant.Q8Linear`); ``archlab int4`` and its aten-kernel twin take ``head="int8"``.
+:class:`archlab.quant.Q8Linear`); ``archlab int4`` and its aten-kernel twin take ``head="int8"``. ``archlab q8_0``
+puts every layer on that product (llama.cpp's Q8_0 x Q8_0 rule, the blocks' weights rounded from the file's).
 
 llama.cpp (``llama-cpp-python``, a benchmark-only extra built from source) runs on the same GGUF file, its blocks
 as stored (SmolLM2's file: Q4_1, the embedding/head in Q8_0 or as the file says; the table printed first), with
@@ -143,8 +144,9 @@ def main() -> None:
         dynamic = copy.deepcopy(ours)
         quantize(dynamic, "int8-dynamic", head="int8-dynamic", calibration=calibration_ids(tokenizer))
         int4_q8_head = load_gguf(path, quantize="int4")  # load_gguf's default: the head's Q8_0 blocks as stored
+        q8 = load_gguf(path, quantize="q8_0")  # every layer Q8_0 x Q8_0 (archlab's integer kernel, VNNI or AVX2)
         modes += [("archlab int8", int8), ("archlab int4", int4), ("archlab int4 q8_0-head", int4_q8_head),
-                  ("archlab int8-dynamic", dynamic)]  # fmt: skip
+                  ("archlab q8_0", q8), ("archlab int8-dynamic", dynamic)]  # fmt: skip
         if any(getattr(m, "kernel", None) == "archlab" for m in int4.modules()):  # A/B: PyTorch's int4 kernel too
             with int4_kernel_choice("aten"):
                 at = [name for name, _ in modes].index("archlab int4") + 1
