@@ -407,12 +407,9 @@ class Int8Linear(_WeightOnlyLinear):
             return torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat([x, x], dim=1), self.packed, self.group_size,
                                                               self.scales_and_zeros)  # fmt: skip
         op = torch.ops.archlab_kernels
-        if x.shape[0] <= MAX_ROWS:
-            return op.int8_rows(x, self.packed, self.scales_and_zeros, self._isa, float_out)
-        if self._isa == 513:  # a prompt: the weights q s in x's dtype, for the call
+        if x.shape[0] > MAX_ROWS and self._isa == 513:  # a prompt: the weights q s in x's dtype, for the call
             return F.linear(x, op.int8_dequant(self.packed, self.scale))
-        return torch.cat([op.int8_rows(x[i : i + MAX_ROWS], self.packed, self.scales_and_zeros, self._isa, float_out)
-                          for i in range(0, x.shape[0], MAX_ROWS)])  # fmt: skip  # the AVX2 variant: 16 at a time
+        return _in_kernel_rows(lambda r: op.int8_rows(r, self.packed, self.scales_and_zeros, self._isa, float_out), x)
 
     def quantized_weight(self) -> Int8Weight:
         n, k = self.out_features, self.in_features
@@ -433,6 +430,14 @@ class Int8Linear(_WeightOnlyLinear):
         kernel = {"archlab": "archlab's int4 kernel", "aten": "PyTorch's int4 kernel", "int8": "the int8 kernel"}
         nibbles = "" if self.kernel == "int8" else f" as nibbles, g={self.group_size}"
         return f"{super().extra_repr()}, {kernel[self.kernel]}{nibbles}"
+
+
+def _in_kernel_rows(product, rows: Tensor) -> Tensor:
+    """``product(rows)`` for ``rows [M, K]`` by archlab's few-row kernels, which take at most :data:`MAX_ROWS` rows a
+    call: a prompt in calls of 16 rows, stacked (one call, no slice, for a step's few)."""
+    if rows.shape[0] <= MAX_ROWS:
+        return product(rows)
+    return torch.cat([product(rows[i : i + MAX_ROWS]) for i in range(0, rows.shape[0], MAX_ROWS)])
 
 
 def nibble_group_size(n: int, k: int) -> int | None:
@@ -643,9 +648,7 @@ class Q8Linear(_WeightOnlyLinear):
         if not self._isa:
             return self._float_product(rows, float_out)
         op = torch.ops.archlab_kernels.q8_rows
-        chunks = [op(rows[i : i + MAX_ROWS], self.packed, self.scales, self._isa, float_out)
-                  for i in range(0, rows.shape[0], MAX_ROWS)]  # fmt: skip  # the kernel's limit: a prompt in calls
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        return _in_kernel_rows(lambda r: op(r, self.packed, self.scales, self._isa, float_out), rows)
 
     def _float_product(self, rows: Tensor, float_out: bool = False) -> Tensor:
         """The equation with PyTorch's ops: ``(p d) (q s)^T`` in float32 (the same sum, other rounding), returned in

@@ -338,7 +338,7 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
     state = read_safetensors(weights)
     quantized = _quantized_description(metadata, weights)
     names = tuple(f"{entry['name']}." for entry in quantized["layers"]) if quantized else ()
-    expected = {k: v for k, v in model.state_dict().items() if not (names and k.startswith(names))}
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(names)}
     # tied tensors are stored once; safetensors' load_model restores the ties
     tied = {k for k in expected if k not in state and any(expected[k] is expected[o] or
             expected[k].data_ptr() == expected[o].data_ptr() for o in state if o in expected)}

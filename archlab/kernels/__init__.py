@@ -292,6 +292,12 @@ def int4_rows(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: i
     return torch.ops.archlab_kernels.int4_rows(x, packed, scales_and_zeros, group_size, isa(x.dtype), float_out)
 
 
+def _require_bf16_variant(op: str) -> None:
+    """:class:`KernelUnavailable` naming ``op`` unless the AVX512-BF16 variant runs here (:func:`isa` is 513)."""
+    if isa(torch.bfloat16) != 513:
+        raise KernelUnavailable(f"{op} needs AVX512-BF16 with PyTorch's kernels at AVX-512")
+
+
 def _fake_int4_dequant(packed: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
     return packed.new_empty(packed.shape[0], 2 * packed.shape[1], dtype=torch.bfloat16)
 
@@ -307,8 +313,7 @@ def int4_dequant(packed: Tensor, scales_and_zeros: Tensor, group_size: int) -> T
     if packed.dtype != torch.uint8 or tuple(scales_and_zeros.shape) != (n, 2, 2 * half // group_size):
         raise ShapeError(f"packed must be uint8 [N, K/2] and scales_and_zeros [N, 2, K/g]; got {packed.dtype} "
                          f"{tuple(packed.shape)} and {tuple(scales_and_zeros.shape)}")  # fmt: skip
-    if isa(torch.bfloat16) != 513:
-        raise KernelUnavailable("int4_dequant needs AVX512-BF16 with PyTorch's kernels at AVX-512")
+    _require_bf16_variant("int4_dequant")
     load()
     return torch.ops.archlab_kernels.int4_dequant(packed, scales_and_zeros, group_size)
 
@@ -325,7 +330,6 @@ def unpack_int4(packed: Tensor) -> Tensor:
         tail = b[:, full // 2 :]  # [N, 32]
         parts.append(torch.cat([tail & 15, tail >> 4], dim=1))
     return torch.cat(parts, dim=1).to(torch.uint8)
-
 
 
 # ---- int8 weights as two nibbles ----------------------------------------------------------------------------------
@@ -390,10 +394,10 @@ def int8_dequant(packed: Tensor, scale: Tensor) -> Tensor:
                          f"{packed.dtype} {tuple(packed.shape)} and {tuple(scale.shape)}")  # fmt: skip
     if scale.dtype not in (torch.float32, torch.bfloat16):
         raise ShapeError(f"int8_dequant's scale must be float32 or bfloat16, got {scale.dtype}")
-    if isa(torch.bfloat16) != 513:
-        raise KernelUnavailable("int8_dequant needs AVX512-BF16 with PyTorch's kernels at AVX-512")
+    _require_bf16_variant("int8_dequant")
     load()
     return torch.ops.archlab_kernels.int8_dequant(packed, scale)
+
 
 # ---- Q8_0 rows ---------------------------------------------------------------------------------------------------
 
