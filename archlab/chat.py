@@ -61,8 +61,9 @@ def check_message(text: str, name: str = "the message") -> None:
 
 
 def _head(quantize: str | None) -> dict[str, str]:
-    """``quantize=q8_0`` puts the LM head on Q8_0 too (llama.cpp's model of it); the other modes keep the default."""
-    return {"head": "q8_0"} if quantize == "q8_0" else {}
+    """``quantize=q8_0`` or ``q4_1`` puts the LM head on Q8_0 too (llama.cpp's model of it); the other modes keep the
+    default."""
+    return {"head": "q8_0"} if quantize in ("q8_0", "q4_1") else {}
 
 
 def load_chat_model(
@@ -75,7 +76,8 @@ def load_chat_model(
     ``use_cache=False`` reads a GGUF file every time and writes nothing.
     ``quantize="int8" | "int4"``: weight-only quantized linear layers (:func:`archlab.quant.quantize`, its defaults;
     the report in ``model.quant_report``); ``"q8_0"``: every layer and the head llama.cpp's Q8_0 x Q8_0 (the
-    vocabulary a multiple of 16, else :class:`ConfigError`); ``"int8-dynamic"``: int8 weights and activations, smoothed on
+    vocabulary a multiple of 16, else :class:`ConfigError`); ``"q4_1"``: the blocks' layers llama.cpp's Q4_1 x Q8
+    (:class:`archlab.quant.Q4Linear`), the head Q8_0; ``"int8-dynamic"``: int8 weights and activations, smoothed on
     :func:`archlab.quant.calibration_ids` (the standard library's source: +2.6% perplexity on SmolLM2 where
     unsmoothed layers lose 11.7%). The float weights are quantized, except with ``use_cache=False``, where a
     GGUF file's Q4_0/Q4_1 blocks become the int4 layers as they are. A GGUF file's LM head stored in Q8_0 becomes the

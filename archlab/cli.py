@@ -457,9 +457,9 @@ def add_quantize_option(parser: argparse.ArgumentParser, prefix: str = "") -> No
 
     parser.add_argument("--quantize", choices=MODES,
                         help=f"{prefix}quantized linear layers (archlab.quant): weight-only int8 per output channel "
-                             "or int4 in groups of 32, int8-dynamic (int8 weights and activations), or q8_0 (llama.cpp's "
-                             "Q8_0 x Q8_0); the LM head int8, or a GGUF file's own head where it stores it in Q8_0, "
-                             "q8_0 in mode q8_0")  # fmt: skip
+                             "or int4 in groups of 32, int8-dynamic (int8 weights and activations), q8_0 (llama.cpp's "
+                             "Q8_0 x Q8_0) or q4_1 (llama.cpp's Q4_1 x Q8); the LM head int8, or a GGUF file's own head "
+                             "where it stores it in Q8_0, q8_0 in modes q8_0 and q4_1")  # fmt: skip
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help=f"{prefix}float weights in bf16 where the CPU computes bf16 natively (auto, the default), "
                              "else fp32; or as asked (archlab.precision)")  # fmt: skip

@@ -71,8 +71,15 @@ per row and block of 32 inputs and the input rounded to int8 per block of 32 on 
 Q8_0, and :func:`archlab.interop.gguf.load_gguf` reads such a head as stored by default when it quantizes (an
 explicit ``head=`` wins); at one row it is about 3x faster than the int8 head.
 
-Quantized layers are for inference: no gradients (a backward through one raises ConfigError), CPU only, state
-dicts not meant to be saved (the int4 packing is the CPU kernel's own layout). A decoder's ``loss(labels=)`` with a
+**Q4_1** (``mode="q4_1"``, :class:`Q4Linear`): llama.cpp's Q4_0 / Q4_1 x Q8, int4 levels with a scale and zero per
+row and block of 32 inputs (int4's rule with ``group_size=32``; GGUF's Q4_0 / Q4_1 blocks as stored) times the input
+rounded to int8 per 32 as for Q8_0, on archlab's integer kernel (:func:`archlab.kernels.q4_rows`, AVX512-VNNI or
+AVX2, the same result to the bit): the 4-bit weights without a float per nibble, which the AVX2 kind's weight-only
+int4 lacks (README "Speed").
+
+Quantized layers are for inference: no gradients (a backward through one raises ConfigError), CPU only; their state
+dicts hold the kernels' packed layouts, which depend on the CPU, so a quantized model is saved with
+:func:`archlab.interop.io.save_model` (the integers and scales, above). A decoder's ``loss(labels=)`` with a
 quantized head takes the head's logits (``[B N, V]`` held at once) instead of the fused LM-head loss.
 """
 
@@ -99,7 +106,8 @@ from archlab.nn.feedforward import GatedFeedForward
 from archlab.nn.linear import is_logits_head
 from archlab.nn.lora import LoRALinear
 
-MODES = ("int8", "int4", "int8-dynamic", "q8_0")
+MODES = ("int8", "int4", "int8-dynamic", "q8_0", "q4_1")
+ROUNDED_INPUT_MODES = ("int8-dynamic", "q8_0", "q4_1")  # the modes whose layers round their input to 8 bits
 #: how :func:`quantize` quantizes a decoder's LM head unless told (``head=``). ``q8_0`` (llama.cpp's rule, faster
 #: at one row where its kernel runs, README "Speed") is chosen by name here: it rounds the head's input to int8, and
 #: it needs the vocabulary a multiple of 16. :func:`archlab.interop.gguf.load_gguf` defaults to ``q8_0`` where the
@@ -592,7 +600,59 @@ class Int4Linear(_WeightOnlyLinear):
         return f"{super().extra_repr()}, group_size={self.group_size}, kernel={self.kernel}"
 
 
-class Q8Linear(_WeightOnlyLinear):
+class _RoundedInputLinear(_WeightOnlyLinear):
+    """A layer on archlab's kernels that round each row of ``x`` to int8 per block of 32 inputs on every call
+    (llama.cpp's Q8_0 rule, :func:`archlab.kernels.round_rows_q8`) and multiply integers: :class:`Q8Linear`,
+    :class:`Q4Linear`. ``x`` in float32 or bfloat16 goes in as it is (no cast) and ``y`` comes back in its dtype;
+    16 rows a call, each rounded as it would be alone, so batching does not change a row. The scales stay float32
+    under ``.to(dtype)``. Without the kernel (no compiler, a CPU below AVX2) the layer computes the same equation in
+    float32 with PyTorch's ops (slower; a warning says so once)."""
+
+    _float_buffers: tuple[str, ...] = ()  # the kernel's float32 scales
+
+    def __init__(self, in_features: int, out_features: int, bias: Tensor | None) -> None:
+        super().__init__(in_features, out_features, None if bias is None else bias.float())
+        self._isa = q8_kernel()
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(dtype)`` / ``.bfloat16()`` on the model leave the scales float32, the kernel's (the layer computes
+        in ``x``'s dtype, so a bfloat16 model's activations change it, not its scales); device moves apply."""
+        kept = {name: getattr(self, name) for name in self._float_buffers}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            if getattr(self, name).dtype != torch.float32:
+                setattr(self, name, before.to(getattr(self, name).device))
+        return self
+
+    def _input_dtype(self, x: Tensor) -> torch.dtype:
+        """``x`` goes in as it is where float32 or bfloat16 (the kernel rounds it to int8 anyway), else as float32."""
+        return x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+
+    def _product(self, rows: Tensor, float_out: bool) -> Tensor:
+        if not self._isa:
+            return self._float_product(rows, float_out)
+        return _in_kernel_rows(lambda r: self._kernel(r, float_out), rows)
+
+    def _kernel(self, rows: Tensor, float_out: bool) -> Tensor:
+        """The kernel's product of 1..16 rows."""
+        raise NotImplementedError
+
+    def _float_product(self, rows: Tensor, float_out: bool = False) -> Tensor:
+        """The equation with PyTorch's ops: ``(p d) dequant(W)^T`` in float32 (the same sum, other rounding),
+        returned in ``rows``' dtype (float32 where ``float_out``)."""
+        from archlab.kernels import round_rows_q8
+
+        p, d = round_rows_q8(rows)
+        x_rounded = p * d.repeat_interleave(Q8_BLOCK, dim=1)
+        y = F.linear(x_rounded, self.quantized_weight().dequantize(torch.float32))
+        return y if float_out else y.to(rows.dtype)
+
+    def extra_repr(self) -> str:
+        kernel = {512: "AVX512-VNNI", 256: "AVX2", 0: "float32 ops"}[self._isa]
+        return f"{super().extra_repr()}, kernel={kernel}"
+
+
+class Q8Linear(_RoundedInputLinear):
     r"""llama.cpp's Q8_0 x Q8_0 product: int8 weights with a scale per row and block of 32 inputs
     (:class:`Q8Weight`), and each row of ``x`` rounded to int8 per block of 32 inputs on every call::
 
@@ -600,36 +660,24 @@ class Q8Linear(_WeightOnlyLinear):
 
     through archlab's kernel (:func:`archlab.kernels.q8_rows`: exact int32 block sums by AVX512-VNNI
     ``vpdpbusd``, or AVX2 with the same integers, the blocks added in float32 in the same order: one result to
-    the bit on both), 16 rows of ``x`` per call. A row is rounded as it would be alone, so batching does not change
-    it. The weights are read as stored, one byte each (plus a float32 scale per 32: 1.125 bytes a weight), and the
-    products are integer: at one row it reads the 49,152 x 576 LM head of SmolLM2 faster than the weight-only int8
-    and int4 kernels (README "Speed"). ``x`` in float32 or bfloat16 goes in as it is (no cast) and ``y`` comes back
-    in its dtype. The rounding of ``x`` costs accuracy that weight-only modes do not pay: llama.cpp's rule over
-    every layer of SmolLM2 +1.3% perplexity (module docstring); kept to the head, the ``int4`` mode's figures in
-    README "Speed". Without the kernel (no compiler, a CPU below AVX2) the layer computes the same equation in
-    float32 with PyTorch's ops (slower; a warning says so once).
+    the bit on both). The weights are read as stored, one byte each (plus a float32 scale per 32: 1.125 bytes a
+    weight), and the products are integer: at one row it reads the 49,152 x 576 LM head of SmolLM2 faster than the
+    weight-only int8 and int4 kernels (README "Speed"). The rounding of ``x`` costs accuracy that weight-only modes do
+    not pay: llama.cpp's rule over every layer of SmolLM2 +1.3% perplexity (module docstring); kept to the head, the
+    ``int4`` mode's figures in README "Speed". :class:`_RoundedInputLinear` has the dtypes and the fallback.
     """
 
     mode = "q8_0"
+    _float_buffers = ("scales",)
 
     def __init__(self, weight: Q8Weight, bias: Tensor | None = None) -> None:
         from archlab import kernels
 
         n, k = weight.q.shape
-        super().__init__(k, n, None if bias is None else bias.float())
+        super().__init__(k, n, bias)
         packed, scales = kernels.pack_q8(weight.q, weight.scale)  # checks the shapes (ShapeError)
         self.register_buffer("packed", packed)
         self.register_buffer("scales", scales)
-        self._isa = q8_kernel()
-
-    def _apply(self, fn, recurse: bool = True):
-        """``.to(dtype)`` / ``.bfloat16()`` on the model leave ``scales`` float32, the kernel's (a Q8_0 layer computes
-        in ``x``'s dtype, so a bfloat16 model's activations change it, not its scales); device moves apply."""
-        scales = self.scales
-        super()._apply(fn, recurse)
-        if self.scales.dtype != torch.float32:
-            self.scales = scales.to(self.scales.device)
-        return self
 
     def weight(self) -> Q8Weight:
         """The stored ``q`` and ``scale`` (read back from the kernel's layout)."""
@@ -640,29 +688,47 @@ class Q8Linear(_WeightOnlyLinear):
     def quantized_weight(self) -> Q8Weight:
         return self.weight()
 
-    def _input_dtype(self, x: Tensor) -> torch.dtype:
-        """``x`` goes in as it is where float32 or bfloat16 (the kernel rounds it to int8 anyway), else as float32."""
-        return x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+    def _kernel(self, rows: Tensor, float_out: bool) -> Tensor:
+        return torch.ops.archlab_kernels.q8_rows(rows, self.packed, self.scales, self._isa, float_out)
 
-    def _product(self, rows: Tensor, float_out: bool) -> Tensor:
-        if not self._isa:
-            return self._float_product(rows, float_out)
-        op = torch.ops.archlab_kernels.q8_rows
-        return _in_kernel_rows(lambda r: op(r, self.packed, self.scales, self._isa, float_out), rows)
 
-    def _float_product(self, rows: Tensor, float_out: bool = False) -> Tensor:
-        """The equation with PyTorch's ops: ``(p d) (q s)^T`` in float32 (the same sum, other rounding), returned in
-        ``rows``' dtype (float32 where ``float_out``)."""
-        from archlab.kernels import round_rows_q8
+class Q4Linear(_RoundedInputLinear):
+    r"""llama.cpp's Q4_0 / Q4_1 x Q8 product (``mode="q4_1"``): 4-bit weights ``q`` in 0..15 with a scale and a zero
+    per row and block of 32 inputs (:class:`Int4Weight` in groups of 32, ``w = (q - 8) s + z``; GGUF's Q4_1 blocks
+    ``w = d q + m`` are ``s = d, z = m + 8 d``, Q4_0's ``z = 0``), and each row of ``x`` rounded to int8 per block of
+    32 as :class:`Q8Linear` rounds it::
 
-        p, d = round_rows_q8(rows)
-        x_rounded = p * d.repeat_interleave(Q8_BLOCK, dim=1)
-        y = F.linear(x_rounded, self.weight().dequantize(torch.float32))
-        return y if float_out else y.to(rows.dtype)
+        y_mn = sum_b d_mb ( s_nb sum_{k in b} (q_nk - 8) p_mk  +  z_nb sum_{k in b} p_mk )
 
-    def extra_repr(self) -> str:
-        kernel = {512: "AVX512-VNNI", 256: "AVX2", 0: "float32 ops"}[self._isa]
-        return f"{super().extra_repr()}, kernel={kernel}"
+    through archlab's kernel (:func:`archlab.kernels.q4_rows`: the block sums exact in int32 by AVX512-VNNI
+    ``vpdpbusd`` or AVX2 ``vpmaddubsw``, the two terms added in float32 in block order: one result to the bit on
+    both). The weights stream at half a byte (plus 8 bytes of scale and zero per 32: 0.75 bytes a weight), and
+    unlike the weight-only :class:`Int4Linear` no nibble becomes a float: on the AVX2 kind, whose int4 has no
+    bfloat16 kernel, this is the fast 4-bit product (README "Speed"). The rounding of ``x`` costs what Q8_0's costs
+    (module docstring). :class:`_RoundedInputLinear` has the dtypes and the fallback."""
+
+    mode = "q4_1"
+    group_size = Q8_BLOCK
+    _float_buffers = ("scales_and_zeros",)
+
+    def __init__(self, weight: Int4Weight, bias: Tensor | None = None) -> None:
+        from archlab import kernels
+
+        if weight.group_size != Q8_BLOCK:
+            raise ConfigError(f"q4_1 takes int4 weights in groups of {Q8_BLOCK}, got group_size={weight.group_size}")
+        n, k = weight.q.shape
+        super().__init__(k, n, bias)
+        packed, scales_and_zeros = kernels.pack_q4(weight.q, weight.scale, weight.zero)  # checks shapes (ShapeError)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+
+    def quantized_weight(self) -> Int4Weight:
+        from archlab.kernels import unpack_q4
+
+        return Int4Weight(*unpack_q4(self.packed, self.scales_and_zeros), Q8_BLOCK)
+
+    def _kernel(self, rows: Tensor, float_out: bool) -> Tensor:
+        return torch.ops.archlab_kernels.q4_rows(rows, self.packed, self.scales_and_zeros, self._isa, float_out)
 
 
 def q8_kernel() -> int:
@@ -769,12 +835,13 @@ def quantized_linear(
     return Int4Linear(quantize_int4(weight, group_size), bias).to(compute)
 
 
-def check_q8_shape(name: str, shape: tuple[int, int]) -> None:
-    """ConfigError naming the layer unless the Q8_0 kernel takes ``W [N, K]`` (``N`` a multiple of 16, ``K`` of 32)."""
+def check_q8_shape(name: str, shape: tuple[int, int], mode: str = "q8_0") -> None:
+    """ConfigError naming the layer unless the Q8_0 / Q4 kernels take ``W [N, K]`` (``N`` a multiple of 16, ``K``
+    of 32)."""
     n, k = shape
     if n % Q8_TILE or k % Q8_BLOCK:
         raise ConfigError(
-            f"layer {name!r} [{n}, {k}]: q8_0 needs out_features divisible by {Q8_TILE} and in_features by "
+            f"layer {name!r} [{n}, {k}]: {mode} needs out_features divisible by {Q8_TILE} and in_features by "
             f"{Q8_BLOCK}; quantize it as int8 or skip=({name!r},)"
         )
 
@@ -859,7 +926,7 @@ class QuantReport:
         kind = {"int8-dyn": "int8-dynamic"}.get(head.mode, head.mode.split("/")[0])
         if kind == self.mode:
             return ""
-        parts = ["int8 activations"] if kind in ("q8_0", "int8-dynamic") and self.compute != "int8" else []
+        parts = ["int8 activations"] if kind in ROUNDED_INPUT_MODES and self.compute != "int8" else []
         parts += ["stored quantized"] if head.note.startswith("given") else []
         return f"; lm_head {head.mode}" + (f" ({', '.join(parts)})" if parts else "")
 
@@ -903,11 +970,13 @@ def quantize(
             rounded to 7 bits per call, so it is not the float model with dequantized weights). Its int8 GEMM is
             the fastest of the three on CPU for one row and for many (prefill, encoders: measured here 3.5x the
             float32 product for 1, 41 and 256 rows, both CPU kinds). Or ``q8_0``: llama.cpp's Q8_0 weights (a
-            scale per 32 inputs) and activations rounded to int8 per 32 inputs (:class:`Q8Linear`, archlab's kernel).
+            scale per 32 inputs) and activations rounded to int8 per 32 inputs (:class:`Q8Linear`, archlab's kernel);
+            or ``q4_1``: int4 levels in groups of 32 (Q4_1's rule) times activations rounded as for ``q8_0``
+            (:class:`Q4Linear`).
         group_size: int4's group, one of 32, 64, 128, 256; every quantized layer's ``K`` must be divisible by it.
         skip: layer names or ``fnmatch`` patterns left float (``"decoder.blocks.0.*"``); each must match a layer.
         head: how a decoder's ``lm_head`` is quantized: ``int8`` (default, also in the other modes), ``int4``,
-            ``int8-dynamic``, ``q8_0``, or ``None`` (left float). A tied head gets a quantized copy; the embedding
+            ``int8-dynamic``, ``q8_0``, ``q4_1``, or ``None`` (left float). A tied head gets a quantized copy; the embedding
             stays float (module docstring). The report's summary line names the head's kind where it is not ``mode``.
         compute: the dtype the quantized layers compute in: ``bfloat16`` (default) or ``float32``. PyTorch's CPU
             kernels are fast with bfloat16 activations only, on both CPU kinds (measured for one row: int4
@@ -981,14 +1050,16 @@ def quantize(
                 )
             if layer_mode == "int4":
                 check_int4_shape(name, tuple(w.shape), group_size)
-            if layer_mode == "q8_0":
-                check_q8_shape(name, tuple(w.shape))
+            if layer_mode in ("q8_0", "q4_1"):
+                check_q8_shape(name, tuple(w.shape), layer_mode)
             tied = _tied(model, layer)
             if tied:
                 note = f"tied to {tied}: a quantized copy for the output projection; {tied} stays float for lookups"
         given = weights.pop(name, None)
         if given is not None:
             kind = {Int8Weight: "int8", Int4Weight: "int4", Q8Weight: "q8_0"}.get(type(given), type(given).__name__)
+            if kind == "int4" and layer_mode == "q4_1" and given.group_size == Q8_BLOCK:
+                kind = "q4_1"  # int4 levels in groups of 32 are Q4_1's blocks
             if kind != layer_mode or tuple(given.q.shape) != tuple(layer.weight.shape):
                 raise ConfigError(
                     f"weights[{name!r}] is {kind} {tuple(given.q.shape)}; the layer is {tuple(layer.weight.shape)} "
@@ -1000,7 +1071,7 @@ def quantize(
         raise ConfigError(f"weights= names layers this {type(model).__name__} does not have: {sorted(weights)}")
 
     dynamic = [layer for _, layer, layer_mode, _, _ in plan if layer_mode == "int8-dynamic"]
-    activations = "int8" if mode in ("int8-dynamic", "q8_0") else compute  # what the summary line names
+    activations = "int8" if mode in ROUNDED_INPUT_MODES else compute  # what the summary line names
     report = QuantReport(mode, group_size if "int4" in (mode, head) else None, activations,
                          model_bytes_before=model_bytes(model))  # fmt: skip
     amax = _input_amax(model, dynamic, calibration) if calibration is not None and dynamic else {}
@@ -1024,6 +1095,8 @@ def quantize(
             continue
         if layer_mode == "q8_0":  # takes x in its own dtype: no compute dtype
             new = Q8Linear(quantize_q8_0(layer.weight) if given is None else given, layer.bias)
+        elif layer_mode == "q4_1":  # Q4_1's rule is int4's in groups of 32
+            new = Q4Linear(quantize_int4(layer.weight, Q8_BLOCK) if given is None else given, layer.bias)
         elif given is None:
             new = quantized_linear(layer.weight, layer.bias, layer_mode, group_size, COMPUTE_DTYPES[compute])
         else:
@@ -1205,7 +1278,7 @@ def restore_quantized(model: nn.Module, description: dict, tensors: Mapping[str,
         except AttributeError:
             float_layer = None
         q = tensor(name, "q")
-        if mode == "int4":  # two levels a byte (quantized_state)
+        if mode in ("int4", "q4_1"):  # two levels a byte (quantized_state)
             q = torch.stack([q & 15, q >> 4], dim=-1).reshape(q.shape[0], 2 * q.shape[1])
         if not isinstance(float_layer, nn.Linear) or tuple(float_layer.weight.shape) != tuple(q.shape):
             found = "nothing" if float_layer is None else type(float_layer).__name__
@@ -1215,7 +1288,8 @@ def restore_quantized(model: nn.Module, description: dict, tensors: Mapping[str,
             raise CheckpointError(f"{source}: quantized layer {name!r} has the unknown mode {mode!r}; one of {MODES}")
         bias, scale = tensors.get(f"{name}.bias"), tensor(name, "scale")
         n, k = q.shape
-        want = {"int4": (n, k // int(group_size or 1)), "q8_0": (n, k // Q8_BLOCK)}.get(mode, (n,))
+        blocks = (n, k // Q8_BLOCK)
+        want = {"int4": (n, k // int(group_size or 1)), "q8_0": blocks, "q4_1": blocks}.get(mode, (n,))
         if tuple(scale.shape) != want:
             raise CheckpointError(f"{source}: quantized layer {name!r} ({mode}) has scales {tuple(scale.shape)} for q "
                                   f"{(n, k)}; it needs {want}")  # fmt: skip
@@ -1226,6 +1300,8 @@ def restore_quantized(model: nn.Module, description: dict, tensors: Mapping[str,
                 layer = Int4Linear(Int4Weight(q, scale, tensor(name, "zero"), int(group_size)), bias)
             elif mode == "q8_0":
                 layer = Q8Linear(Q8Weight(q, scale), bias)
+            elif mode == "q4_1":
+                layer = Q4Linear(Int4Weight(q, scale, tensor(name, "zero"), Q8_BLOCK), bias)
             else:
                 layer = DynamicInt8Linear(Int8Weight(q, scale), bias)
                 if f"{name}.inv_smooth" in tensors:

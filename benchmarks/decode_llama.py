@@ -17,7 +17,9 @@ PyTorch's int4 kernel (an A/B in the same rounds), with how many of its greedy t
 ``archlab int4 q8_0-head`` is the int4 mode with the LM head as llama.cpp runs it (``load_gguf``'s default where the
 file stores the head in Q8_0: its blocks as they are, the head's input rounded to int8 per 32 values,
 :class:`archlab.quant.Q8Linear`); ``archlab int4`` and its aten-kernel twin take ``head="int8"``. ``archlab q8_0``
-puts every layer on that product (llama.cpp's Q8_0 x Q8_0 rule, the blocks' weights rounded from the file's).
+puts every layer on that product (llama.cpp's Q8_0 x Q8_0 rule, the blocks' weights rounded from the file's);
+``archlab q4_1`` is llama.cpp's own arithmetic on the file: the Q4_1 blocks as stored times the input rounded to
+int8 per 32 values (:class:`archlab.quant.Q4Linear`), the head Q8_0.
 
 llama.cpp (``llama-cpp-python``, a benchmark-only extra built from source) runs on the same GGUF file, its blocks
 as stored (SmolLM2's file: Q4_1, the embedding/head in Q8_0 or as the file says; the table printed first), with
@@ -145,8 +147,9 @@ def main() -> None:
         quantize(dynamic, "int8-dynamic", head="int8-dynamic", calibration=calibration_ids(tokenizer))
         int4_q8_head = load_gguf(path, quantize="int4")  # load_gguf's default: the head's Q8_0 blocks as stored
         q8 = load_gguf(path, quantize="q8_0")  # every layer Q8_0 x Q8_0 (archlab's integer kernel, VNNI or AVX2)
+        q4 = load_gguf(path, quantize="q4_1")  # the Q4_1 blocks as stored x Q8 (the integer kernel), the head Q8_0
         modes += [("archlab int8", int8), ("archlab int4", int4), ("archlab int4 q8_0-head", int4_q8_head),
-                  ("archlab q8_0", q8), ("archlab int8-dynamic", dynamic)]  # fmt: skip
+                  ("archlab q8_0", q8), ("archlab q4_1", q4), ("archlab int8-dynamic", dynamic)]  # fmt: skip
         if any(getattr(m, "kernel", None) == "archlab" for m in int4.modules()):  # A/B: PyTorch's int4 kernel too
             with int4_kernel_choice("aten"):
                 at = [name for name, _ in modes].index("archlab int4") + 1
@@ -183,7 +186,9 @@ def main() -> None:
         print(f"  {measured} (fp32's sequence, teacher-forced one token at a time through the compiled step)")
         usable[peer.name] = measured.perplexity_change <= USABLE_PERPLEXITY_CHANGE
         peers.append(peer)
-    llama = None if args.no_llama_cpp else llama_cpp_peer(path, prompt, a, n, args.llama_threads or args.threads)
+    same_arithmetic = {name: t for name, t in int4_tokens.items() if name.startswith("archlab q4_1")}
+    llama = None if args.no_llama_cpp else llama_cpp_peer(path, prompt, a, n, args.llama_threads or args.threads,
+                                                          same_arithmetic)  # fmt: skip
     if llama is not None:
         peers.append(llama)
     if bf16 or args.bf16:
@@ -255,7 +260,7 @@ def streaming_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
 #: aten/quantized ops that multiply activations by weights (float, oneDNN-packed, weight-only int8/int4, fbgemm)
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
             "quantized::linear_dynamic", "mkldnn::_linear_pointwise", "archlab_kernels::int4_rows",
-            "archlab_kernels::q8_rows")  # fmt: skip
+            "archlab_kernels::int8_rows", "archlab_kernels::q8_rows", "archlab_kernels::q4_rows")  # fmt: skip
 
 
 def profile_row(name: str, model, prompt: torch.Tensor, n: int) -> tuple[list[str], Counter]:
@@ -329,8 +334,11 @@ def profile_row(name: str, model, prompt: torch.Tensor, n: int) -> tuple[list[st
             f"{sum(calls.values()):.0f}"], calls  # fmt: skip
 
 
-def llama_cpp_peer(path: Path, prompt: torch.Tensor, reference: torch.Tensor, n: int, threads: int) -> Peer | None:
-    """llama.cpp greedy on the GGUF file as stored, fed ``prompt``'s ids; None (said why) without llama_cpp."""
+def llama_cpp_peer(path: Path, prompt: torch.Tensor, reference: torch.Tensor, n: int, threads: int,
+                   also: dict[str, torch.Tensor] | None = None) -> Peer | None:
+    """llama.cpp greedy on the GGUF file as stored, fed ``prompt``'s ids; None (said why) without llama_cpp. It says
+    for how many tokens its greedy tokens equal ``reference``'s (archlab fp32's) and each of ``also``'s (the rows that
+    compute llama.cpp's own arithmetic, ``archlab q4_1``)."""
     try:
         import llama_cpp
     except ImportError as e:
@@ -353,11 +361,12 @@ def llama_cpp_peer(path: Path, prompt: torch.Tensor, reference: torch.Tensor, n:
                 break
         return out
 
-    tokens = run()
-    ours = reference[0, len(ids):].tolist()
-    same = next((i for i, (x, y) in enumerate(zip(tokens, ours)) if x != y), min(len(tokens), len(ours)))
+    tokens = torch.tensor([ids + run()])
+    same = first_difference(tokens, reference, len(ids))
     print(f"\nllama.cpp {llama_cpp.__version__}: the file's tensor types {dict(kinds)}, {threads} threads; "
           f"its greedy tokens equal archlab fp32's for the first {same} of {n}")  # fmt: skip
+    for name, theirs in (also or {}).items():
+        print(f"  and {name}'s for the first {first_difference(tokens, theirs, len(ids))} of {n}")
     return Peer(f"llama.cpp {kinds.most_common(1)[0][0]}", run, tokens=n)
 
 

@@ -343,9 +343,10 @@ def load_gguf(path: str | Path | GGUFFile, *, quantize: str | None = None, **opt
     GGUF -> HF names and layout (:func:`read_gguf_llama`) -> archlab (:mod:`archlab.interop.llama`).
     ``quantize="int8" | "int4" | "q8_0" | ...``: quantized linear layers (:func:`archlab.quant.quantize` with
     ``options``; its report in ``model.quant_report``). Layers whose kind the file stores are built from its blocks
-    as they are, their values the file's own (no float round trip): with ``int4`` in groups of 32, every linear
-    layer of the blocks stored in Q4_0/Q4_1 (:meth:`GGUFFile.int4_weight`); with ``q8_0``, those stored in Q8_0
-    (:meth:`GGUFFile.q8_weight`); Q and K rows unpermuted, q|k|v and gate|up stacked as in the float path.
+    as they are, their values the file's own (no float round trip): with ``int4`` in groups of 32 and with
+    ``q4_1``, every linear layer of the blocks stored in Q4_0/Q4_1 (:meth:`GGUFFile.int4_weight`); with ``q8_0``,
+    those stored in Q8_0 (:meth:`GGUFFile.q8_weight`); Q and K rows unpermuted, q|k|v and gate|up stacked as in the
+    float path.
 
     The LM head: where the file stores it, or the embedding it is tied to, in Q8_0 (SmolLM2's file does), it is
     ``q8_0`` by default, read from those blocks as they are (:class:`~archlab.quant.Q8Linear`: on SmolLM2 int4 it
@@ -358,7 +359,7 @@ def load_gguf(path: str | Path | GGUFFile, *, quantize: str | None = None, **opt
     file = _open(path)
     hf_config = hf_llama_config(file)
     config = config_from_llama(hf_config, source=str(file.path))
-    if quantize == "int4" and options.get("group_size", 32) == 32:
+    if quantize == "q4_1" or quantize == "int4" and options.get("group_size", 32) == 32:
         given, parts = _direct_linears(file, config, file.int4_weight)
     elif quantize == "q8_0":
         given, parts = _direct_linears(file, config, file.q8_weight)

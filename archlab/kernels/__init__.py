@@ -33,7 +33,9 @@ inputs of ``x`` taken twice; ``int8_dequant`` writes ``q s`` in the scales' dtyp
 (:func:`int8_dequant`). :class:`archlab.quant.Int8Linear` uses them where the int4 layers use archlab's kernel.
 
 **Q8_0 rows** (``torch.ops.archlab_kernels.q8_rows``, :func:`q8_rows`): llama.cpp's Q8_0 x Q8_0 product
-(``q8_rows.cpp``); the same result to the bit on AVX512-VNNI and AVX2.
+(``q8_rows.cpp``); the same result to the bit on AVX512-VNNI and AVX2. **Q4 rows** (``q4_rows``, :func:`q4_rows`):
+llama.cpp's Q4_0 / Q4_1 x Q8 product, 4-bit weights with a scale and zero per 32 inputs (:func:`pack_q4`) times ``x``
+rounded as for Q8_0, in the same file and on the same two variants, also equal to the bit.
 
 **float32 rows** (``torch.ops.archlab_kernels.f32_rows``, :func:`f32_rows`): ``y [..., N] = x [..., K] W^T + b``
 for 1..:data:`F32_MAX_ROWS` rows of ``x``, ``W [N, K]`` float32 as ``nn.Linear`` keeps it (no copy, no packing), ``K`` a
@@ -156,6 +158,7 @@ def build(name: str, directory: str | None = None) -> None:
         torch.library.register_fake("archlab_kernels::int8_rows")(_fake_int8_rows)
         torch.library.register_fake("archlab_kernels::int8_dequant")(_fake_int8_dequant)
         torch.library.register_fake("archlab_kernels::q8_rows")(_fake_q8_rows)
+        torch.library.register_fake("archlab_kernels::q4_rows")(_fake_q4_rows)
         torch.library.register_fake("archlab_kernels::f32_rows")(_fake_f32_rows)
         torch.library.register_fake("archlab_kernels::bf16_rows")(_fake_bf16_rows)
         torch.library.register_fake("archlab_kernels::cached_attention")(_fake_cached_attention)
@@ -198,7 +201,8 @@ def _register_flop_formulas() -> None:
 
     ops = torch.ops.archlab_kernels
     # each weight's first dimension is N
-    register_flop_formula([ops.f32_rows, ops.bf16_rows, ops.int4_rows, ops.int8_rows, ops.q8_rows])(product)
+    products = [ops.f32_rows, ops.bf16_rows, ops.int4_rows, ops.int8_rows, ops.q8_rows, ops.q4_rows]
+    register_flop_formula(products)(product)
     register_flop_formula(ops.cached_attention, get_raw=True)(attention)
     register_flop_formula(ops.cached_attention_padded, get_raw=True)(padded)
 
@@ -472,6 +476,57 @@ def q8_rows(x: Tensor, packed: Tensor, scales: Tensor, *, float_out: bool = Fals
     load()
     return torch.ops.archlab_kernels.q8_rows(x, packed, scales, q8_isa(), float_out)
 
+
+
+# ---- Q4 x Q8 rows --------------------------------------------------------------------------------------------------
+
+
+def pack_q4(q: Tensor, scale: Tensor, zero: Tensor) -> tuple[Tensor, Tensor]:
+    """``q [N, K]`` (0..15), ``scale``, ``zero [N, K/32]`` (:class:`archlab.quant.Int4Weight` in groups of 32) -> the
+    Q4 kernel's ``packed [N, K/2]`` uint8 (tiles of 16 rows; each 8 inputs of the tile's rows in one 64-byte line,
+    byte ``j`` of a row holding inputs ``j`` and ``4 + j`` in its low and high nibbles) and ``scales_and_zeros
+    [N/16, K/32, 2, 16]`` float32 (``q8_rows.cpp`` describes the layout)."""
+    n, k = q.shape
+    check_q8_shape(n, k)
+    if tuple(scale.shape) != (n, k // Q8_BLOCK) or tuple(zero.shape) != tuple(scale.shape):
+        raise ShapeError(f"scale and zero must be [N, K/32] = [{n}, {k // Q8_BLOCK}], got {tuple(scale.shape)} and "
+                         f"{tuple(zero.shape)}")  # fmt: skip
+    lines = q.to(torch.uint8).reshape(n // Q8_TILE, Q8_TILE, k // 8, 2, 4).permute(0, 2, 1, 3, 4)  # [., K/8, 16, 2, 4]
+    packed = (lines[..., 0, :] | lines[..., 1, :] << 4).contiguous().reshape(n, k // 2)
+    sz = torch.stack([scale.float(), zero.float()], dim=1)  # [N, 2, K/32]
+    return packed, sz.reshape(n // Q8_TILE, Q8_TILE, 2, k // Q8_BLOCK).permute(0, 3, 2, 1).contiguous()
+
+
+def unpack_q4(packed: Tensor, scales_and_zeros: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`pack_q4`'s inverse: ``(q [N, K] uint8, scale, zero [N, K/32] float32)``."""
+    n, k = packed.shape[0], 2 * packed.shape[1]
+    lines = packed.reshape(n // Q8_TILE, k // 8, Q8_TILE, 1, 4)
+    q = torch.cat([lines & 15, lines >> 4], dim=3).permute(0, 2, 1, 3, 4).reshape(n, k)
+    sz = scales_and_zeros.permute(0, 3, 2, 1).reshape(n, 2, k // Q8_BLOCK)
+    return q, sz[:, 0].contiguous(), sz[:, 1].contiguous()
+
+
+def _fake_q4_rows(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, isa: int, float_out: bool = False) -> Tensor:
+    return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32 if float_out else x.dtype)
+
+
+def q4_rows(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, *, float_out: bool = False) -> Tensor:
+    """``x [M, K]`` (float32 / bfloat16, ``M`` in 1..16) times :func:`pack_q4`'s ``W [N, K]`` transposed: ``[M, N]``
+    in ``x``'s dtype, or with ``float_out`` float32. llama.cpp's Q4 x Q8 (``q8_rows.cpp``): ``x`` rounded by
+    :func:`round_rows_q8`, each block's integer sum exact, the block terms added in float32 in block order; the same
+    result to the bit on AVX512-VNNI and AVX2 (:func:`q8_isa`). Checks its arguments (:class:`ShapeError`), then
+    :func:`load` and the op."""
+    check_rows(x)
+    n, k = packed.shape[0], x.shape[1]
+    check_q8_shape(n, k)
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != (n, k // 2):
+        raise ShapeError(f"packed must be uint8 [N, K/2] = [N, {k // 2}], got {packed.dtype} {tuple(packed.shape)}")
+    want = (n // Q8_TILE, k // Q8_BLOCK, 2, Q8_TILE)
+    if scales_and_zeros.dtype != torch.float32 or tuple(scales_and_zeros.shape) != want:
+        raise ShapeError(f"scales_and_zeros must be float32 [N/16, K/32, 2, 16] = {list(want)}, got "
+                         f"{scales_and_zeros.dtype} {tuple(scales_and_zeros.shape)}")  # fmt: skip
+    load()
+    return torch.ops.archlab_kernels.q4_rows(x, packed, scales_and_zeros, q8_isa(), float_out)
 
 # ---- float32 rows ------------------------------------------------------------------------------------------------
 

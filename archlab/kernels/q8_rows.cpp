@@ -27,13 +27,14 @@ constexpr int64_t kMaxRows = 16;
 struct Rows {  // x rounded per block (once per call)
   std::vector<int8_t> p;      // [M, K]
   std::vector<float> d;       // [M, K/32]
-  std::vector<int32_t> corr;  // [M, K/32]: -128 sum_{k in b} p (the VNNI variant multiplies q + 128)
+  std::vector<int32_t> sum;   // [M, K/32]: sum_{k in b} p
+  std::vector<float> dsum;    // [M, K/32]: d sum_{k in b} p, rounded once (the Q4 kernel's zero term)
 };
 
 template <typename X>
 Rows round_rows(const X* x, int64_t M, int64_t K) {
   const int64_t B = K / kBlock;
-  Rows r{std::vector<int8_t>(M * K), std::vector<float>(M * B), std::vector<int32_t>(M * B)};
+  Rows r{std::vector<int8_t>(M * K), std::vector<float>(M * B), std::vector<int32_t>(M * B), std::vector<float>(M * B)};
   for (int64_t i = 0; i < M * B; ++i) {
     float v[kBlock], amax = 0.f;
     for (int j = 0; j < kBlock; ++j) {
@@ -48,7 +49,8 @@ Rows round_rows(const X* x, int64_t M, int64_t K) {
       sum += static_cast<int32_t>(q);
     }
     r.d[i] = d;
-    r.corr[i] = -128 * sum;
+    r.sum[i] = sum;
+    r.dsum[i] = d * static_cast<float>(sum);
   }
   return r;
 }
@@ -67,6 +69,7 @@ inline void store16(O* y, const float* v) {
 
 // ---- AVX512-VNNI: vpdpbusd multiplies the tile's 16 rows x 4 unsigned bytes (q + 128) by 4 signed p, broadcast,
 // adding into 16 int32 lanes (one per row); the lane starts at -128 sum p of the block, so it ends at sum q p.
+// (Rows' sum.)
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 
 template <int T, typename O>
@@ -79,7 +82,7 @@ VNNI void tile_vnni(const Args& a, int64_t tile, int64_t m0, O* y) {
   for (int64_t b = 0; b < B; ++b) {
     __m512i acc0[T], acc1[T];
     for (int t = 0; t < T; ++t) {
-      acc0[t] = _mm512_set1_epi32(a.x->corr[(m0 + t) * B + b]);
+      acc0[t] = _mm512_set1_epi32(-128 * a.x->sum[(m0 + t) * B + b]);
       acc1[t] = _mm512_setzero_si512();
     }
     const uint8_t* wb = w + b * kBlock * kRows;  // 8 lines of 64 bytes
@@ -191,10 +194,161 @@ at::Tensor q8_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return y;
 }
 
+// ==== Q4 x Q8: llama.cpp's Q4_0 / Q4_1 x Q8 product ================================================================
+//   y[m, n] = sum_b d[m, b] (s[n, b] sum_{k in b} (q[n, k] - 8) p[m, k] + z[n, b] sum_{k in b} p[m, k])
+// q in 0..15 with a scale s and zero z per row and block of 32 inputs (archlab.quant.Int4Weight with groups of 32:
+// w = (q - 8) s + z; GGUF's Q4_1 w = d q + m is s = d, z = m + 8 d; Q4_0 is z = 0), p and d x's Q8 rounding as above.
+// Each block's integer sum S = sum (q - 8) p is exact; its term is added in float32 as two FMAs, in block order:
+//   f = fma(float(S), s d, f);   f = fma(z, dsum, f)        (s d and dsum = d sum p each rounded once)
+//
+// Layout (archlab.kernels.pack_q4): packed [N/16, K/8, 16, 4] uint8, tiles of 16 output rows, for each 8 consecutive
+// inputs k..k+7 the tile's 16 rows x 4 bytes in one 64-byte line, byte j = q[k + j] | q[k + 4 + j] << 4 (the low
+// nibbles are 4 inputs, the high nibbles the next 4: a mask and a shift give two lines of bytes as the Q8_0 tiles
+// hold them); scales_and_zeros [N/16, K/32, 2, 16] float32: each block's 16 scales, then its 16 zeros.
+
+struct Q4Args {
+  const uint8_t* w;   // packed
+  const float* sz;    // scales and zeros
+  const Rows* x;
+  int64_t M, K, N;
+};
+
+// ---- AVX512-VNNI: vpdpbusd of the 16 rows x 4 nibble bytes (unsigned, 0..15) by 4 signed p; the lane starts at
+// -8 sum p, so it ends at S.
+template <int T, typename O>
+VNNI void q4_tile_vnni(const Q4Args& a, int64_t tile, int64_t m0, O* y) {
+  const int64_t K = a.K, B = K / kBlock;
+  const uint8_t* w = a.w + tile * kRows * K / 2;
+  const float* sz = a.sz + tile * B * 2 * kRows;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 f[T];
+  for (int t = 0; t < T; ++t) f[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    __m512i acc0[T], acc1[T];
+    for (int t = 0; t < T; ++t) {
+      acc0[t] = _mm512_set1_epi32(-8 * a.x->sum[(m0 + t) * B + b]);
+      acc1[t] = _mm512_setzero_si512();
+    }
+    const uint8_t* wb = w + b * kBlock * kRows / 2;  // 4 lines of 64 bytes
+    for (int j = 0; j < 4; ++j) {
+      const __m512i line = _mm512_loadu_si512(wb + j * 64);
+      const __m512i lo = _mm512_and_si512(line, low), hi = _mm512_and_si512(_mm512_srli_epi16(line, 4), low);
+      for (int t = 0; t < T; ++t) {
+        const int32_t* p = reinterpret_cast<const int32_t*>(a.x->p.data() + (m0 + t) * K + b * kBlock);
+        acc0[t] = _mm512_dpbusd_epi32(acc0[t], lo, _mm512_set1_epi32(p[2 * j]));
+        acc1[t] = _mm512_dpbusd_epi32(acc1[t], hi, _mm512_set1_epi32(p[2 * j + 1]));
+      }
+    }
+    const __m512 sv = _mm512_loadu_ps(sz + b * 2 * kRows), zv = _mm512_loadu_ps(sz + b * 2 * kRows + kRows);
+    for (int t = 0; t < T; ++t) {
+      const int64_t i = (m0 + t) * B + b;
+      const __m512 scale = _mm512_mul_ps(sv, _mm512_set1_ps(a.x->d[i]));
+      f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc0[t], acc1[t])), scale, f[t]);
+      f[t] = _mm512_fmadd_ps(zv, _mm512_set1_ps(a.x->dsum[i]), f[t]);
+    }
+  }
+  alignas(64) float out[16];
+  for (int t = 0; t < T; ++t) {
+    _mm512_store_ps(out, f[t]);
+    store16(y + (m0 + t) * a.N + tile * kRows, out);
+  }
+}
+
+// ---- AVX2: vpmaddubsw of the nibble bytes (unsigned) by p (signed): pairs in int16, at most 2 x 15 x 127 = 3,810,
+// so a block's 8 of them add in int16 without overflow (30,480); vpmaddwd by ones, then -8 sum p. 8 rows per ymm.
+template <int T, typename O>
+AVX2 void q4_tile_avx2(const Q4Args& a, int64_t tile, int64_t m0, O* y) {
+  const int64_t K = a.K, B = K / kBlock;
+  const uint8_t* w = a.w + tile * kRows * K / 2;
+  const float* sz = a.sz + tile * B * 2 * kRows;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 f[T][2];
+  for (int t = 0; t < T; ++t) f[t][0] = f[t][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    __m256i acc[T][2];
+    for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_si256();
+    const uint8_t* wb = w + b * kBlock * kRows / 2;
+    for (int j = 0; j < 4; ++j) {
+      for (int h = 0; h < 2; ++h) {
+        const __m256i line = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * 64 + h * 32));
+        const __m256i lo = _mm256_and_si256(line, low), hi = _mm256_and_si256(_mm256_srli_epi16(line, 4), low);
+        for (int t = 0; t < T; ++t) {
+          const int32_t* p = reinterpret_cast<const int32_t*>(a.x->p.data() + (m0 + t) * K + b * kBlock);
+          acc[t][h] = _mm256_add_epi16(acc[t][h], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(p[2 * j])));
+          acc[t][h] = _mm256_add_epi16(acc[t][h], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(p[2 * j + 1])));
+        }
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      const int64_t i = (m0 + t) * B + b;
+      const __m256 dv = _mm256_set1_ps(a.x->d[i]), cv = _mm256_set1_ps(a.x->dsum[i]);
+      const __m256i corr = _mm256_set1_epi32(-8 * a.x->sum[i]);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i s32 = _mm256_add_epi32(_mm256_madd_epi16(acc[t][h], ones), corr);
+        const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(sz + b * 2 * kRows + 8 * h), dv);
+        f[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), scale, f[t][h]);
+        f[t][h] = _mm256_fmadd_ps(_mm256_loadu_ps(sz + b * 2 * kRows + kRows + 8 * h), cv, f[t][h]);
+      }
+    }
+  }
+  alignas(32) float out[16];
+  for (int t = 0; t < T; ++t) {
+    _mm256_store_ps(out, f[t][0]);
+    _mm256_store_ps(out + 8, f[t][1]);
+    store16(y + (m0 + t) * a.N + tile * kRows, out);
+  }
+}
+
+template <typename O>
+void q4_tiles(const Q4Args& a, O* y, int64_t t0, int64_t t1, int64_t isa) {
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    int64_t m = 0;
+    if (isa == 512) {
+      for (; m + 2 <= a.M; m += 2) q4_tile_vnni<2>(a, tile, m, y);
+      if (m < a.M) q4_tile_vnni<1>(a, tile, m, y);
+    } else {
+      for (; m + 2 <= a.M; m += 2) q4_tile_avx2<2>(a, tile, m, y);
+      if (m < a.M) q4_tile_avx2<1>(a, tile, m, y);
+    }
+  }
+}
+
+at::Tensor q4_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t isa,
+                   bool float_out) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows, "q4_rows: x must be [M, K], M in 1..16");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "q4_rows: x float32 or bfloat16");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % kBlock == 0, "q4_rows: K must be a multiple of 32");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(1) * 2 == K &&
+                  packed.size(0) % kRows == 0 && packed.is_contiguous(),
+              "q4_rows: packed must be uint8 [N, K/2] contiguous, N a multiple of 16");
+  const int64_t N = packed.size(0);
+  const auto& sz = scales_and_zeros;
+  TORCH_CHECK(sz.scalar_type() == at::kFloat && sz.dim() == 4 && sz.size(0) == N / kRows &&
+                  sz.size(1) == K / kBlock && sz.size(2) == 2 && sz.size(3) == kRows && sz.is_contiguous(),
+              "q4_rows: scales_and_zeros must be float32 [N/16, K/32, 2, 16] contiguous");
+  TORCH_CHECK(isa == 512 || isa == 256, "q4_rows: isa must be 512 (AVX512-VNNI) or 256 (AVX2)");
+  const at::Tensor xc = x.contiguous();
+  const Rows r = xc.scalar_type() == at::kFloat ? round_rows(xc.data_ptr<float>(), M, K)
+                                                : round_rows(xc.data_ptr<c10::BFloat16>(), M, K);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(float_out ? at::kFloat : x.scalar_type()));
+  const Q4Args a{packed.data_ptr<uint8_t>(), sz.data_ptr<float>(), &r, M, K, N};
+  const bool bf16 = y.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, N / kRows, 4, [&](int64_t t0, int64_t t1) {
+    if (bf16) q4_tiles(a, y.data_ptr<c10::BFloat16>(), t0, t1, isa);
+    else q4_tiles(a, y.data_ptr<float>(), t0, t1, isa);
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(archlab_kernels, m) {
   m.def("q8_rows(Tensor x, Tensor packed, Tensor scales, int isa, bool float_out=False) -> Tensor");
+  m.def("q4_rows(Tensor x, Tensor packed, Tensor scales_and_zeros, int isa, bool float_out=False) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(archlab_kernels, CPU, m) { m.impl("q8_rows", &q8_rows); }
+TORCH_LIBRARY_IMPL(archlab_kernels, CPU, m) {
+  m.impl("q8_rows", &q8_rows);
+  m.impl("q4_rows", &q4_rows);
+}

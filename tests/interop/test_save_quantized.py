@@ -33,7 +33,7 @@ def same_weights(a, b) -> bool:
 
 
 @pytest.mark.parametrize("mode, head", [("int8", "int8"), ("int4", "q8_0"), ("q8_0", "q8_0"), ("int4", None),
-                                        ("int8-dynamic", "int8-dynamic")])  # fmt: skip
+                                        ("int8-dynamic", "int8-dynamic"), ("q4_1", "q8_0"), ("q4_1", "q4_1")])  # fmt: skip
 def test_a_quantized_model_loads_back_with_the_same_logits(tmp_path, mode, head):
     model = small_llama()
     smooth = {"calibration": IDS} if mode == "int8-dynamic" else {}

