@@ -213,3 +213,24 @@ def test_gguf_test_model_default_head(tmp_path):
     """The q4_1 mode of a file whose head is Q8_0: load_gguf's default head is that Q8_0, as for every mode."""
     model = load_gguf(gguf_llama(tmp_path), quantize="q4_1")
     assert isinstance(model.decoder.blocks[0].attn.out_proj, Q4Linear) and isinstance(model.lm_head, Q8Linear)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_x_is_rounded_as_round_rows_q8_rounds_it(dtype):
+    """A weight that copies input n to output n (q - 8 = 1 on the diagonal, 0 elsewhere; s = 1, z = 0) returns d p:
+    the kernel's vectorized rounding of x, equal to archlab.kernels.round_rows_q8 to the bit, ties to even and
+    blocks of zeros included, for 1 and 16 rows."""
+    k = 256
+    q = torch.full((k, k), 8, dtype=torch.uint8)
+    q.fill_diagonal_(9)
+    w = Int4Weight(q, torch.ones(k, k // 32), torch.zeros(k, k // 32), 32)
+    packed, sz = kernels.pack_q4(w.q, w.scale, w.zero)
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(16, k, generator=gen) * torch.logspace(-3, 3, 16)[:, None]).to(dtype)
+    x[0, :6] = torch.tensor([127.0, 2.5, -3.5, 0.5, 1.5, -126.49]).to(dtype)  # d = 1: ties go to the even level
+    x[1, 32:64] = 0.0
+    p, d = kernels.round_rows_q8(x)
+    want = (p * d.repeat_interleave(32, dim=1)).to(dtype)
+    for rows in (x[:1], x):
+        for isa in VARIANTS:
+            assert torch.equal(torch.ops.archlab_kernels.q4_rows(rows, packed, sz, isa), want[: len(rows)])

@@ -13,8 +13,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
+#include "lanes.h"
+
 #include <cstdint>
 #include <vector>
 
@@ -31,23 +31,45 @@ struct Rows {  // x rounded per block (once per call)
   std::vector<float> dsum;    // [M, K/32]: d sum_{k in b} p, rounded once (the Q4 kernel's zero term)
 };
 
+// x's 32 values of a block, widened to float32 (lanes.h's load8: a bfloat16 widens exactly)
 template <typename X>
-Rows round_rows(const X* x, int64_t M, int64_t K) {
+ARCHLAB_AVX2 inline void load_block(const X* x, __m256* v) {
+  for (int j = 0; j < 4; ++j) v[j] = archlab_lanes::load8(x + 8 * j);
+}
+
+// Every row's blocks rounded, 8 lanes at a time: the same operations as the scalar rule in the header (the max of
+// |x| ignoring NaN as std::max does, d = amax / 127, id = 1 / d, round(x id) half to even, clamped: a NaN goes to
+// -127 as std::min / std::max send it), so archlab.kernels.round_rows_q8 is its reference to the bit. The 32
+// int32 levels are packed to int8 in order (packs works within 128-bit halves: dwords 0, 4, 1, 5, ... are the
+// blocks' 4-value groups in order).
+template <typename X>
+ARCHLAB_AVX2 Rows round_rows(const X* x, int64_t M, int64_t K) {
   const int64_t B = K / kBlock;
   Rows r{std::vector<int8_t>(M * K), std::vector<float>(M * B), std::vector<int32_t>(M * B), std::vector<float>(M * B)};
+  const __m256 sign = _mm256_set1_ps(-0.f), top = _mm256_set1_ps(127.f), bottom = _mm256_set1_ps(-127.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t i = 0; i < M * B; ++i) {
-    float v[kBlock], amax = 0.f;
-    for (int j = 0; j < kBlock; ++j) {
-      v[j] = static_cast<float>(x[i * kBlock + j]);
-      amax = std::max(amax, std::fabs(v[j]));
+    __m256 v[4];
+    load_block(x + i * kBlock, v);
+    __m256 amax = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) amax = _mm256_max_ps(_mm256_andnot_ps(sign, v[j]), amax);  // NaN: amax kept
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float d = _mm_cvtss_f32(m4) / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+    const __m256 idv = _mm256_set1_ps(id);
+    __m256i q[4], sums = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {
+      const __m256 t = _mm256_round_ps(_mm256_mul_ps(v[j], idv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(t, bottom), top));  // NaN: -127
+      sums = _mm256_add_epi32(sums, q[j]);
     }
-    const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
-    int32_t sum = 0;
-    for (int j = 0; j < kBlock; ++j) {
-      const float q = std::min(127.f, std::max(-127.f, std::nearbyint(v[j] * id)));
-      r.p[i * kBlock + j] = static_cast<int8_t>(q);
-      sum += static_cast<int32_t>(q);
-    }
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(r.p.data() + i * kBlock), _mm256_permutevar8x32_epi32(bytes, order));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    const int32_t sum = _mm_cvtsi128_si32(s4);
     r.d[i] = d;
     r.sum[i] = sum;
     r.dsum[i] = d * static_cast<float>(sum);
@@ -304,6 +326,7 @@ void q4_tiles(const Q4Args& a, O* y, int64_t t0, int64_t t1, int64_t isa) {
   for (int64_t tile = t0; tile < t1; ++tile) {
     int64_t m = 0;
     if (isa == 512) {
+      for (; m + 4 <= a.M; m += 4) q4_tile_vnni<4>(a, tile, m, y);
       for (; m + 2 <= a.M; m += 2) q4_tile_vnni<2>(a, tile, m, y);
       if (m < a.M) q4_tile_vnni<1>(a, tile, m, y);
     } else {
