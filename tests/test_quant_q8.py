@@ -271,12 +271,15 @@ def test_load_gguf_head_default_elsewhere_is_default_head(tmp_path):
     assert type(plain.lm_head) is torch.nn.Linear and not hasattr(plain, "quant_report")
 
 
-def test_compiled_step_keeps_the_op_and_equals_eager():
+@pytest.mark.parametrize("mode", ["int4", "q4_1"])
+def test_compiled_step_keeps_the_op_and_equals_eager(mode):
+    """The Q8_0 head (and q4_1's Q4 layers) traced through their fake implementations: the compiled step's tokens
+    are eager's."""
     from archlab.generation import generate
     from archlab.static_decoding import StaticDecoder
 
     model = small_llama()
-    quantize(model, "int4", head="q8_0")
+    quantize(model, mode, head="q8_0")
     prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         eager = generate(model, prompt, max_new_tokens=6)

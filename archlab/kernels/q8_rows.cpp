@@ -79,21 +79,84 @@ ARCHLAB_AVX2 Rows round_rows(const X* x, int64_t M, int64_t K) {
 
 struct Args {
   const uint8_t* w;  // packed
-  const float* s;    // scales
+  const float* s;    // scales (Q8_0), scales and zeros (Q4)
   const Rows* x;
   int64_t M, K, N;
 };
+
+void check_x(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows, op, ": x must be [M, K], M in 1..16");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op, ": x float32 or bfloat16");
+  TORCH_CHECK(x.size(1) % kBlock == 0, op, ": K must be a multiple of 32");
+}
+
+// x (checked by check_x) rounded once, y [M, N] allocated in x's dtype, or float32 (float_out: an LM head's logits,
+// the float32 sums not rounded to bfloat16), and the N/16 tiles split over torch's threads: tiles(a, y, t0, t1)
+// computes tiles t0..t1 - 1 for y's element type
+template <typename Tiles>
+at::Tensor rows_product(const at::Tensor& x, const uint8_t* w, const float* s, int64_t N, bool float_out,
+                        Tiles tiles) {
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1);
+  const Rows r = xc.scalar_type() == at::kFloat ? round_rows(xc.data_ptr<float>(), M, K)
+                                                : round_rows(xc.data_ptr<c10::BFloat16>(), M, K);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(float_out ? at::kFloat : x.scalar_type()));
+  const Args a{w, s, &r, M, K, N};
+  const bool bf16 = y.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, N / kRows, 4, [&](int64_t t0, int64_t t1) {
+    if (bf16) tiles(a, y.data_ptr<c10::BFloat16>(), t0, t1);
+    else tiles(a, y.data_ptr<float>(), t0, t1);
+  });
+  return y;
+}
 
 template <typename O>
 inline void store16(O* y, const float* v) {
   for (int i = 0; i < 16; ++i) y[i] = static_cast<O>(v[i]);
 }
 
-// ---- AVX512-VNNI: vpdpbusd multiplies the tile's 16 rows x 4 unsigned bytes (q + 128) by 4 signed p, broadcast,
-// adding into 16 int32 lanes (one per row); the lane starts at -128 sum p of the block, so it ends at sum q p.
-// (Rows' sum.)
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+#define AVX2 __attribute__((target("avx2,fma")))
 
+// a tile's T rows of 16 float32 sums -> y's rows m0.., columns of the tile (in y's dtype)
+template <int T, typename O>
+VNNI inline void store_rows(const __m512* f, const Args& a, int64_t tile, int64_t m0, O* y) {
+  alignas(64) float out[16];
+  for (int t = 0; t < T; ++t) {
+    _mm512_store_ps(out, f[t]);
+    store16(y + (m0 + t) * a.N + tile * kRows, out);
+  }
+}
+template <int T, typename O>
+AVX2 inline void store_rows(const __m256 (*f)[2], const Args& a, int64_t tile, int64_t m0, O* y) {
+  alignas(32) float out[16];
+  for (int t = 0; t < T; ++t) {
+    _mm256_store_ps(out, f[t][0]);
+    _mm256_store_ps(out + 8, f[t][1]);
+    store16(y + (m0 + t) * a.N + tile * kRows, out);
+  }
+}
+
+// Every tile's rows in groups of 4 (VNNI), 2 and 1: Kernel::vnni<T> / avx2<T> compute T rows of one tile; a row's
+// arithmetic is the same in every group, so its result does not depend on the rows beside it
+template <typename Kernel, typename O>
+void tiles(const Args& a, O* y, int64_t t0, int64_t t1, int64_t isa) {
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    int64_t m = 0;
+    if (isa == 512) {
+      for (; m + 4 <= a.M; m += 4) Kernel::template vnni<4>(a, tile, m, y);
+      for (; m + 2 <= a.M; m += 2) Kernel::template vnni<2>(a, tile, m, y);
+      if (m < a.M) Kernel::template vnni<1>(a, tile, m, y);
+    } else {
+      for (; m + 2 <= a.M; m += 2) Kernel::template avx2<2>(a, tile, m, y);
+      if (m < a.M) Kernel::template avx2<1>(a, tile, m, y);
+    }
+  }
+}
+
+// ---- AVX512-VNNI: vpdpbusd multiplies the tile's 16 rows x 4 unsigned bytes (q + 128) by 4 signed p, broadcast,
+// adding into 16 int32 lanes (one per row); the lane starts at -128 sum p of the block (Rows' sum), so it ends at
+// sum q p.
 template <int T, typename O>
 VNNI void tile_vnni(const Args& a, int64_t tile, int64_t m0, O* y) {
   const int64_t K = a.K, B = K / kBlock;
@@ -122,17 +185,11 @@ VNNI void tile_vnni(const Args& a, int64_t tile, int64_t m0, O* y) {
       f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc0[t], acc1[t])), scale, f[t]);
     }
   }
-  alignas(64) float out[16];
-  for (int t = 0; t < T; ++t) {
-    _mm512_store_ps(out, f[t]);
-    store16(y + (m0 + t) * a.N + tile * kRows, out);
-  }
+  store_rows<T>(f, a, tile, m0, y);
 }
 
 // ---- AVX2: the same int32 sums by vpmaddubsw (|p| unsigned times q with p's sign, pairs in int16: at most
 // 2 x 127 x 127, no saturation) and vpmaddwd by ones; 8 rows per ymm, two per tile.
-#define AVX2 __attribute__((target("avx2,fma")))
-
 template <int T, typename O>
 AVX2 void tile_avx2(const Args& a, int64_t tile, int64_t m0, O* y) {
   const int64_t K = a.K, B = K / kBlock;
@@ -166,34 +223,20 @@ AVX2 void tile_avx2(const Args& a, int64_t tile, int64_t m0, O* y) {
       }
     }
   }
-  alignas(32) float out[16];
-  for (int t = 0; t < T; ++t) {
-    _mm256_store_ps(out, f[t][0]);
-    _mm256_store_ps(out + 8, f[t][1]);
-    store16(y + (m0 + t) * a.N + tile * kRows, out);
-  }
+  store_rows<T>(f, a, tile, m0, y);
 }
 
-template <typename O>
-void tiles(const Args& a, O* y, int64_t t0, int64_t t1, int64_t isa) {
-  for (int64_t tile = t0; tile < t1; ++tile) {
-    int64_t m = 0;
-    if (isa == 512) {
-      for (; m + 2 <= a.M; m += 2) tile_vnni<2>(a, tile, m, y);
-      if (m < a.M) tile_vnni<1>(a, tile, m, y);
-    } else {
-      for (; m + 2 <= a.M; m += 2) tile_avx2<2>(a, tile, m, y);
-      if (m < a.M) tile_avx2<1>(a, tile, m, y);
-    }
-  }
-}
+struct Q8Tiles {
+  template <int T, typename O>
+  static void vnni(const Args& a, int64_t tile, int64_t m, O* y) { tile_vnni<T>(a, tile, m, y); }
+  template <int T, typename O>
+  static void avx2(const Args& a, int64_t tile, int64_t m, O* y) { tile_avx2<T>(a, tile, m, y); }
+};
 
 at::Tensor q8_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t isa,
                    bool float_out) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows, "q8_rows: x must be [M, K], M in 1..16");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "q8_rows: x float32 or bfloat16");
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K % kBlock == 0, "q8_rows: K must be a multiple of 32");
+  check_x("q8_rows", x);
+  const int64_t K = x.size(1);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(1) == K &&
                   packed.size(0) % kRows == 0 && packed.is_contiguous(),
               "q8_rows: packed must be uint8 [N, K] contiguous, N a multiple of 16");
@@ -202,18 +245,8 @@ at::Tensor q8_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tens
                   scales.size(1) == K / kBlock && scales.size(2) == kRows && scales.is_contiguous(),
               "q8_rows: scales must be float32 [N/16, K/32, 16] contiguous");
   TORCH_CHECK(isa == 512 || isa == 256, "q8_rows: isa must be 512 (AVX512-VNNI) or 256 (AVX2)");
-  const at::Tensor xc = x.contiguous();
-  const Rows r = xc.scalar_type() == at::kFloat ? round_rows(xc.data_ptr<float>(), M, K)
-                                                : round_rows(xc.data_ptr<c10::BFloat16>(), M, K);
-  // y in x's dtype, or float32 (float_out: an LM head's logits, the float32 sums not rounded to bfloat16)
-  at::Tensor y = at::empty({M, N}, x.options().dtype(float_out ? at::kFloat : x.scalar_type()));
-  const Args a{packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), &r, M, K, N};
-  const bool bf16 = y.scalar_type() == at::kBFloat16;
-  at::parallel_for(0, N / kRows, 4, [&](int64_t t0, int64_t t1) {
-    if (bf16) tiles(a, y.data_ptr<c10::BFloat16>(), t0, t1, isa);
-    else tiles(a, y.data_ptr<float>(), t0, t1, isa);
-  });
-  return y;
+  return rows_product(x, packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), N, float_out,
+                      [isa](const Args& a, auto* y, int64_t t0, int64_t t1) { tiles<Q8Tiles>(a, y, t0, t1, isa); });
 }
 
 // ==== Q4 x Q8: llama.cpp's Q4_0 / Q4_1 x Q8 product ================================================================
@@ -228,20 +261,13 @@ at::Tensor q8_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tens
 // nibbles are 4 inputs, the high nibbles the next 4: a mask and a shift give two lines of bytes as the Q8_0 tiles
 // hold them); scales_and_zeros [N/16, K/32, 2, 16] float32: each block's 16 scales, then its 16 zeros.
 
-struct Q4Args {
-  const uint8_t* w;   // packed
-  const float* sz;    // scales and zeros
-  const Rows* x;
-  int64_t M, K, N;
-};
-
 // ---- AVX512-VNNI: vpdpbusd of the 16 rows x 4 nibble bytes (unsigned, 0..15) by 4 signed p; the lane starts at
 // -8 sum p, so it ends at S.
 template <int T, typename O>
-VNNI void q4_tile_vnni(const Q4Args& a, int64_t tile, int64_t m0, O* y) {
+VNNI void q4_tile_vnni(const Args& a, int64_t tile, int64_t m0, O* y) {
   const int64_t K = a.K, B = K / kBlock;
   const uint8_t* w = a.w + tile * kRows * K / 2;
-  const float* sz = a.sz + tile * B * 2 * kRows;
+  const float* sz = a.s + tile * B * 2 * kRows;
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 f[T];
   for (int t = 0; t < T; ++t) f[t] = _mm512_setzero_ps();
@@ -269,20 +295,16 @@ VNNI void q4_tile_vnni(const Q4Args& a, int64_t tile, int64_t m0, O* y) {
       f[t] = _mm512_fmadd_ps(zv, _mm512_set1_ps(a.x->dsum[i]), f[t]);
     }
   }
-  alignas(64) float out[16];
-  for (int t = 0; t < T; ++t) {
-    _mm512_store_ps(out, f[t]);
-    store16(y + (m0 + t) * a.N + tile * kRows, out);
-  }
+  store_rows<T>(f, a, tile, m0, y);
 }
 
 // ---- AVX2: vpmaddubsw of the nibble bytes (unsigned) by p (signed): pairs in int16, at most 2 x 15 x 127 = 3,810,
 // so a block's 8 of them add in int16 without overflow (30,480); vpmaddwd by ones, then -8 sum p. 8 rows per ymm.
 template <int T, typename O>
-AVX2 void q4_tile_avx2(const Q4Args& a, int64_t tile, int64_t m0, O* y) {
+AVX2 void q4_tile_avx2(const Args& a, int64_t tile, int64_t m0, O* y) {
   const int64_t K = a.K, B = K / kBlock;
   const uint8_t* w = a.w + tile * kRows * K / 2;
-  const float* sz = a.sz + tile * B * 2 * kRows;
+  const float* sz = a.s + tile * B * 2 * kRows;
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 f[T][2];
   for (int t = 0; t < T; ++t) f[t][0] = f[t][1] = _mm256_setzero_ps();
@@ -313,35 +335,20 @@ AVX2 void q4_tile_avx2(const Q4Args& a, int64_t tile, int64_t m0, O* y) {
       }
     }
   }
-  alignas(32) float out[16];
-  for (int t = 0; t < T; ++t) {
-    _mm256_store_ps(out, f[t][0]);
-    _mm256_store_ps(out + 8, f[t][1]);
-    store16(y + (m0 + t) * a.N + tile * kRows, out);
-  }
+  store_rows<T>(f, a, tile, m0, y);
 }
 
-template <typename O>
-void q4_tiles(const Q4Args& a, O* y, int64_t t0, int64_t t1, int64_t isa) {
-  for (int64_t tile = t0; tile < t1; ++tile) {
-    int64_t m = 0;
-    if (isa == 512) {
-      for (; m + 4 <= a.M; m += 4) q4_tile_vnni<4>(a, tile, m, y);
-      for (; m + 2 <= a.M; m += 2) q4_tile_vnni<2>(a, tile, m, y);
-      if (m < a.M) q4_tile_vnni<1>(a, tile, m, y);
-    } else {
-      for (; m + 2 <= a.M; m += 2) q4_tile_avx2<2>(a, tile, m, y);
-      if (m < a.M) q4_tile_avx2<1>(a, tile, m, y);
-    }
-  }
-}
+struct Q4Tiles {
+  template <int T, typename O>
+  static void vnni(const Args& a, int64_t tile, int64_t m, O* y) { q4_tile_vnni<T>(a, tile, m, y); }
+  template <int T, typename O>
+  static void avx2(const Args& a, int64_t tile, int64_t m, O* y) { q4_tile_avx2<T>(a, tile, m, y); }
+};
 
 at::Tensor q4_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t isa,
                    bool float_out) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows, "q4_rows: x must be [M, K], M in 1..16");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "q4_rows: x float32 or bfloat16");
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K % kBlock == 0, "q4_rows: K must be a multiple of 32");
+  check_x("q4_rows", x);
+  const int64_t K = x.size(1);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(1) * 2 == K &&
                   packed.size(0) % kRows == 0 && packed.is_contiguous(),
               "q4_rows: packed must be uint8 [N, K/2] contiguous, N a multiple of 16");
@@ -351,17 +358,8 @@ at::Tensor q4_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tens
                   sz.size(1) == K / kBlock && sz.size(2) == 2 && sz.size(3) == kRows && sz.is_contiguous(),
               "q4_rows: scales_and_zeros must be float32 [N/16, K/32, 2, 16] contiguous");
   TORCH_CHECK(isa == 512 || isa == 256, "q4_rows: isa must be 512 (AVX512-VNNI) or 256 (AVX2)");
-  const at::Tensor xc = x.contiguous();
-  const Rows r = xc.scalar_type() == at::kFloat ? round_rows(xc.data_ptr<float>(), M, K)
-                                                : round_rows(xc.data_ptr<c10::BFloat16>(), M, K);
-  at::Tensor y = at::empty({M, N}, x.options().dtype(float_out ? at::kFloat : x.scalar_type()));
-  const Q4Args a{packed.data_ptr<uint8_t>(), sz.data_ptr<float>(), &r, M, K, N};
-  const bool bf16 = y.scalar_type() == at::kBFloat16;
-  at::parallel_for(0, N / kRows, 4, [&](int64_t t0, int64_t t1) {
-    if (bf16) q4_tiles(a, y.data_ptr<c10::BFloat16>(), t0, t1, isa);
-    else q4_tiles(a, y.data_ptr<float>(), t0, t1, isa);
-  });
-  return y;
+  return rows_product(x, packed.data_ptr<uint8_t>(), sz.data_ptr<float>(), N, float_out,
+                      [isa](const Args& a, auto* y, int64_t t0, int64_t t1) { tiles<Q4Tiles>(a, y, t0, t1, isa); });
 }
 
 }  // namespace

