@@ -973,7 +973,8 @@ def quantize(
             scale per 32 inputs) and activations rounded to int8 per 32 inputs (:class:`Q8Linear`, archlab's kernel);
             or ``q4_1``: int4 levels in groups of 32 (Q4_1's rule) times activations rounded as for ``q8_0``
             (:class:`Q4Linear`).
-        group_size: int4's group, one of 32, 64, 128, 256; every quantized layer's ``K`` must be divisible by it.
+        group_size: int4's group, one of 32, 64, 128, 256; every quantized layer's ``K`` must be divisible by it
+            (``q4_1``'s blocks are 32 inputs: with it another value is refused).
         skip: layer names or ``fnmatch`` patterns left float (``"decoder.blocks.0.*"``); each must match a layer.
         head: how a decoder's ``lm_head`` is quantized: ``int8`` (default, also in the other modes), ``int4``,
             ``int8-dynamic``, ``q8_0``, ``q4_1``, or ``None`` (left float). A tied head gets a quantized copy; the embedding
@@ -1007,6 +1008,8 @@ def quantize(
         raise ConfigError(f"compute={compute!r} must be one of {tuple(COMPUTE_DTYPES)}")
     if "int4" in (mode, head) and (type(group_size) is not int or group_size not in GROUP_SIZES):
         raise ConfigError(f"group_size={group_size!r} is not supported by the int4 kernel; choose one of {GROUP_SIZES}")
+    if "q4_1" in (mode, head) and "int4" not in (mode, head) and group_size != Q8_BLOCK:
+        raise ConfigError(f"group_size={group_size!r}: q4_1's blocks are {Q8_BLOCK} inputs (group_size is int4's)")
     if calibration is not None and "int8-dynamic" not in (mode, head):
         raise ConfigError(f"calibration= smooths int8-dynamic layers; mode={mode!r}, head={head!r} has none")
     if isinstance(skip, str):

@@ -165,6 +165,8 @@ def test_quantize_mode_q4_1_its_report_and_errors():
     with pytest.raises(ConfigError, match=r"layer 'lm_head' \[104, 64\]: q4_1 needs.*divisible by 16"):
         quantize(odd, "q4_1", head="q4_1")
     assert type(odd.lm_head) is torch.nn.Linear  # refused before any change
+    with pytest.raises(ConfigError, match="group_size=64: q4_1's blocks are 32 inputs"):
+        quantize(small_llama(), "q4_1", group_size=64)
     with pytest.raises(ConfigError, match=r"weights\['decoder.blocks.0.ffn.w2'\] is int4"):
         quantize(small_llama(), "q4_1", weights={"decoder.blocks.0.ffn.w2": quantize_int4(float_w, 64)})
 
