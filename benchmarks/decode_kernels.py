@@ -13,6 +13,9 @@ tied head 49,152 x 576):
 * ``archlab int4``, ``archlab int8``: the int4 layer and the int8 one's nibbles on archlab's own kernel
   (:mod:`archlab.kernels`, the same weights and bf16 ``x``; its AVX512-BF16 variant where the CPU has it, else the
   AVX2 one), left out where it cannot be built;
+* ``archlab q8_0``, ``archlab q4_1``: llama.cpp's Q8_0 x Q8_0 and Q4_1 x Q8 products on archlab's integer kernels
+  (:class:`archlab.quant.Q8Linear`, :class:`archlab.quant.Q4Linear`; ``x`` float32, rounded to int8 per 32 values
+  inside the call), left out where the kernels cannot be built;
 * ``fbgemm dyn``: archlab's ``int8-dynamic`` layer (``quantized::linear_dynamic``, fp32 ``x``, the row rounded
   inside the call);
 * ``oneDNN qlinear``: ``onednn::qlinear_pointwise.tensor`` (what x86 inductor quantization lowers an int8 linear
@@ -51,8 +54,12 @@ from decode_llama import streaming_bandwidth  # noqa: E402
 from archlab.quant import (  # noqa: E402
     DynamicInt8Linear,
     Int8Linear,
+    Q4Linear,
+    Q8Linear,
     int4_kernel_choice,
+    quantize_int4,
     quantize_int8,
+    quantize_q8_0,
     quantized_linear,
 )
 
@@ -92,6 +99,11 @@ def candidates(n: int, k: int, copies: int) -> tuple[dict[str, Callable[[int], o
             int8 = [Int8Linear(quantize_int8(w)).to(torch.bfloat16) for w in weights]
         if int8[0].kernel == kernel:
             out[name] = functools.partial(lambda layers, i: layers[i]._product(xb, False), int8)
+    rounded = {"archlab q8_0": [Q8Linear(quantize_q8_0(w)) for w in weights],
+               "archlab q4_1": [Q4Linear(quantize_int4(w, 32)) for w in weights]}
+    for name, layers in rounded.items():  # x rounded per 32 inside the call (fp32 x: what the q4_1 model feeds)
+        if layers[0]._isa:
+            out[name] = functools.partial(lambda layers, i: layers[i]._product(x, False), layers)
     q8 = [quantize_int8(w) for w in weights]
     qs = [(q.q, q.scale.bfloat16()) for q in q8]
     out["int8 pack"] = lambda i: torch.ops.aten._weight_int8pack_mm(xb, *qs[i])
