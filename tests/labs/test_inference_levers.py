@@ -7,13 +7,23 @@ from archlab.errors import ConfigError
 from archlab.hardware import describe_cpu
 from archlab.labs import run_lab
 from archlab.labs.common import Speedup, alternating_speedup
-from archlab.labs.inference_levers import CARD, COLUMNS, QUICK_ROUNDS, holds
+from archlab.labs.inference_levers import CARD, COLUMNS, INT8_FORMS, QUICK_ROUNDS, card_holds, holds
 
 
 def test_holds_reads_the_cards_factors():
     assert holds(2.0, "INT8 weights") and not holds(1.9, "speculative decoding")
     assert holds(10.0, "batching") and not holds(9.0, "batching")
-    assert set(CARD) == {"KV cache", "INT8 weights", "speculative decoding", "batching"}
+    assert holds(2.0, "INT8 weights+activations") and not holds(1.99, "INT8 weights+activations")
+    assert set(CARD) == {"KV cache", "INT8 weights", "INT8 weights+activations", "speculative decoding", "batching"}
+
+
+def test_the_claim_holds_with_every_lever_and_int8_in_either_form():
+    every = dict.fromkeys(CARD, True)
+    assert card_holds(every)
+    for form in INT8_FORMS:  # one INT8 form short of 2x: the other carries the claim
+        assert card_holds({**every, form: False})
+    assert not card_holds({**every, **dict.fromkeys(INT8_FORMS, False)})
+    assert not card_holds({**every, "batching": False})
 
 
 class FakeClock:
