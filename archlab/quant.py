@@ -102,6 +102,7 @@ from archlab.errors import ConfigError, ShapeError
 from archlab.hardware import kernel_capability
 from archlab.kernels import MAX_ROWS, Q8_BLOCK, Q8_TILE, KernelUnavailable
 from archlab.nn.blocks import _Block
+from archlab.nn.buffers import KeptDtypeBuffers
 from archlab.nn.feedforward import GatedFeedForward
 from archlab.nn.linear import is_logits_head
 from archlab.nn.lora import LoRALinear
@@ -600,7 +601,7 @@ class Int4Linear(_WeightOnlyLinear):
         return f"{super().extra_repr()}, group_size={self.group_size}, kernel={self.kernel}"
 
 
-class _RoundedInputLinear(_WeightOnlyLinear):
+class _RoundedInputLinear(KeptDtypeBuffers, _WeightOnlyLinear):
     """A layer on archlab's kernels that round each row of ``x`` to int8 per block of 32 inputs on every call
     (llama.cpp's Q8_0 rule, :func:`archlab.kernels.round_rows_q8`) and multiply integers: :class:`Q8Linear`,
     :class:`Q4Linear`. ``x`` in float32 or bfloat16 goes in as it is (no cast) and ``y`` comes back in its dtype;
@@ -614,15 +615,10 @@ class _RoundedInputLinear(_WeightOnlyLinear):
         super().__init__(in_features, out_features, None if bias is None else bias.float())
         self._isa = q8_kernel()
 
-    def _apply(self, fn, recurse: bool = True):
+    def _kept_dtype_buffers(self) -> tuple[str, ...]:
         """``.to(dtype)`` / ``.bfloat16()`` on the model leave the scales float32, the kernel's (the layer computes
         in ``x``'s dtype, so a bfloat16 model's activations change it, not its scales); device moves apply."""
-        kept = {name: getattr(self, name) for name in self._float_buffers}
-        super()._apply(fn, recurse)
-        for name, before in kept.items():
-            if getattr(self, name).dtype != torch.float32:
-                setattr(self, name, before.to(getattr(self, name).device))
-        return self
+        return self._float_buffers
 
     def _input_dtype(self, x: Tensor) -> torch.dtype:
         """``x`` goes in as it is where float32 or bfloat16 (the kernel rounds it to int8 anyway), else as float32."""

@@ -18,8 +18,9 @@ PyTorch's int4 kernel (an A/B in the same rounds), with how many of its greedy t
 file stores the head in Q8_0: its blocks as they are, the head's input rounded to int8 per 32 values,
 :class:`archlab.quant.Q8Linear`); ``archlab int4`` and its aten-kernel twin take ``head="int8"``. ``archlab q8_0``
 puts every layer on that product (llama.cpp's Q8_0 x Q8_0 rule, the blocks' weights rounded from the file's);
-``archlab q4_1`` is llama.cpp's own arithmetic on the file: the Q4_1 blocks as stored times the input rounded to
-int8 per 32 values (:class:`archlab.quant.Q4Linear`), the head Q8_0.
+``archlab q4_1`` multiplies as llama.cpp's linear layers do: the Q4_1 blocks as stored times the input rounded to
+int8 per 32 values (:class:`archlab.quant.Q4Linear`), the head Q8_0 (llama.cpp's float16 KV cache and attention
+round otherwise, so its tokens are not q4_1's to the bit).
 
 llama.cpp (``llama-cpp-python``, a benchmark-only extra built from source) runs on the same GGUF file, its blocks
 as stored (SmolLM2's file: Q4_1, the embedding/head in Q8_0 or as the file says; the table printed first), with
@@ -235,8 +236,10 @@ def main() -> None:
 
 def first_difference(tokens: torch.Tensor, other: torch.Tensor, start: int) -> int:
     """How many new tokens (``[1, T]`` rows, new from ``start``) the two sequences share before they first differ."""
-    differ = (tokens[0, start:] != other[0, start:]).nonzero()
-    return int(differ[0]) if len(differ) else tokens.shape[1] - start
+    a, b = tokens[0, start:], other[0, start:]
+    shared = min(len(a), len(b))  # a run that stopped early (llama.cpp at its end-of-text) shares at most its length
+    differ = (a[:shared] != b[:shared]).nonzero()
+    return int(differ[0]) if len(differ) else shared
 
 
 def agreement(tokens: torch.Tensor, other: torch.Tensor, start: int) -> str:
@@ -337,8 +340,8 @@ def profile_row(name: str, model, prompt: torch.Tensor, n: int) -> tuple[list[st
 def llama_cpp_peer(path: Path, prompt: torch.Tensor, reference: torch.Tensor, n: int, threads: int,
                    also: dict[str, torch.Tensor] | None = None) -> Peer | None:
     """llama.cpp greedy on the GGUF file as stored, fed ``prompt``'s ids; None (said why) without llama_cpp. It says
-    for how many tokens its greedy tokens equal ``reference``'s (archlab fp32's) and each of ``also``'s (the rows that
-    compute llama.cpp's own arithmetic, ``archlab q4_1``)."""
+    for how many tokens its greedy tokens equal ``reference``'s (archlab fp32's) and each of ``also``'s (the rows whose
+    linear layers multiply as llama.cpp's do, ``archlab q4_1``)."""
     try:
         import llama_cpp
     except ImportError as e:

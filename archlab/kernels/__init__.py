@@ -155,10 +155,10 @@ def build(name: str, directory: str | None = None) -> None:
         _register_flop_formulas()
         torch.library.register_fake("archlab_kernels::int4_rows")(_fake_int4_rows)
         torch.library.register_fake("archlab_kernels::int4_dequant")(_fake_int4_dequant)
-        torch.library.register_fake("archlab_kernels::int8_rows")(_fake_int8_rows)
+        torch.library.register_fake("archlab_kernels::int8_rows")(_fake_rows)
         torch.library.register_fake("archlab_kernels::int8_dequant")(_fake_int8_dequant)
-        torch.library.register_fake("archlab_kernels::q8_rows")(_fake_q8_rows)
-        torch.library.register_fake("archlab_kernels::q4_rows")(_fake_q4_rows)
+        torch.library.register_fake("archlab_kernels::q8_rows")(_fake_rows)
+        torch.library.register_fake("archlab_kernels::q4_rows")(_fake_rows)
         torch.library.register_fake("archlab_kernels::f32_rows")(_fake_f32_rows)
         torch.library.register_fake("archlab_kernels::bf16_rows")(_fake_bf16_rows)
         torch.library.register_fake("archlab_kernels::cached_attention")(_fake_cached_attention)
@@ -360,7 +360,9 @@ def pack_int8(q: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     return pack_int4(nibbles, scales, zeros, INT8_GROUP)
 
 
-def _fake_int8_rows(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, isa: int, float_out: bool = False) -> Tensor:
+def _fake_rows(x: Tensor, packed: Tensor, scales: Tensor, isa: int, float_out: bool = False) -> Tensor:
+    """Shapes only (torch.compile's tracing) of ``int8_rows``, ``q8_rows`` and ``q4_rows``: ``[M, N]`` in ``x``'s
+    dtype (float32 with ``float_out``)."""
     return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32 if float_out else x.dtype)
 
 
@@ -421,9 +423,6 @@ def q8_isa() -> int:
     raise KernelUnavailable(f"archlab's Q8_0 kernel needs AVX2 or AVX-512; PyTorch's CPU kernels run at {cap}")
 
 
-def _fake_q8_rows(x: Tensor, packed: Tensor, scales: Tensor, isa: int, float_out: bool = False) -> Tensor:
-    """Shapes only (torch.compile's tracing): ``[M, N]`` in ``x``'s dtype (float32 with ``float_out``)."""
-    return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32 if float_out else x.dtype)
 
 
 def check_q8_shape(n: int, k: int) -> None:
@@ -477,7 +476,6 @@ def q8_rows(x: Tensor, packed: Tensor, scales: Tensor, *, float_out: bool = Fals
     return torch.ops.archlab_kernels.q8_rows(x, packed, scales, q8_isa(), float_out)
 
 
-
 # ---- Q4 x Q8 rows --------------------------------------------------------------------------------------------------
 
 
@@ -506,10 +504,6 @@ def unpack_q4(packed: Tensor, scales_and_zeros: Tensor) -> tuple[Tensor, Tensor,
     return q, sz[:, 0].contiguous(), sz[:, 1].contiguous()
 
 
-def _fake_q4_rows(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, isa: int, float_out: bool = False) -> Tensor:
-    return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32 if float_out else x.dtype)
-
-
 def q4_rows(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, *, float_out: bool = False) -> Tensor:
     """``x [M, K]`` (float32 / bfloat16, ``M`` in 1..16) times :func:`pack_q4`'s ``W [N, K]`` transposed: ``[M, N]``
     in ``x``'s dtype, or with ``float_out`` float32. llama.cpp's Q4 x Q8 (``q8_rows.cpp``): ``x`` rounded by
@@ -527,6 +521,7 @@ def q4_rows(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, *, float_out: b
                          f"{scales_and_zeros.dtype} {tuple(scales_and_zeros.shape)}")  # fmt: skip
     load()
     return torch.ops.archlab_kernels.q4_rows(x, packed, scales_and_zeros, q8_isa(), float_out)
+
 
 # ---- float32 rows ------------------------------------------------------------------------------------------------
 

@@ -116,7 +116,6 @@ inline void store16(O* y, const float* v) {
 }
 
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
-#define AVX2 __attribute__((target("avx2,fma")))
 
 // a tile's T rows of 16 float32 sums -> y's rows m0.., columns of the tile (in y's dtype)
 template <int T, typename O>
@@ -128,7 +127,7 @@ VNNI inline void store_rows(const __m512* f, const Args& a, int64_t tile, int64_
   }
 }
 template <int T, typename O>
-AVX2 inline void store_rows(const __m256 (*f)[2], const Args& a, int64_t tile, int64_t m0, O* y) {
+ARCHLAB_AVX2 inline void store_rows(const __m256 (*f)[2], const Args& a, int64_t tile, int64_t m0, O* y) {
   alignas(32) float out[16];
   for (int t = 0; t < T; ++t) {
     _mm256_store_ps(out, f[t][0]);
@@ -191,7 +190,7 @@ VNNI void tile_vnni(const Args& a, int64_t tile, int64_t m0, O* y) {
 // ---- AVX2: the same int32 sums by vpmaddubsw (|p| unsigned times q with p's sign, pairs in int16: at most
 // 2 x 127 x 127, no saturation) and vpmaddwd by ones; 8 rows per ymm, two per tile.
 template <int T, typename O>
-AVX2 void tile_avx2(const Args& a, int64_t tile, int64_t m0, O* y) {
+ARCHLAB_AVX2 void tile_avx2(const Args& a, int64_t tile, int64_t m0, O* y) {
   const int64_t K = a.K, B = K / kBlock;
   const uint8_t* w = a.w + tile * kRows * K;
   const float* s = a.s + tile * B * kRows;
@@ -301,7 +300,7 @@ VNNI void q4_tile_vnni(const Args& a, int64_t tile, int64_t m0, O* y) {
 // ---- AVX2: vpmaddubsw of the nibble bytes (unsigned) by p (signed): pairs in int16, at most 2 x 15 x 127 = 3,810,
 // so a block's 8 of them add in int16 without overflow (30,480); vpmaddwd by ones, then -8 sum p. 8 rows per ymm.
 template <int T, typename O>
-AVX2 void q4_tile_avx2(const Args& a, int64_t tile, int64_t m0, O* y) {
+ARCHLAB_AVX2 void q4_tile_avx2(const Args& a, int64_t tile, int64_t m0, O* y) {
   const int64_t K = a.K, B = K / kBlock;
   const uint8_t* w = a.w + tile * kRows * K / 2;
   const float* sz = a.s + tile * B * 2 * kRows;

@@ -111,7 +111,8 @@ def run(quick: bool, seed: int) -> LabResult:
         quantize(int8, "int8")
         int8_out = greedy(int8)
         w8a8 = copy.deepcopy(model)
-        quantize(w8a8, "q8_0", head="q8_0", skip=_q8_0_misfits(w8a8))
+        misfits = _q8_0_misfits(w8a8)
+        quantize(w8a8, "q8_0", head="q8_0", skip=misfits)
         w8a8_out = greedy(w8a8)
         spec_out = speculative_generate(model, first, max_new_tokens=new, draft="lookup", stop_tokens=stop)
         batched = generate_batch(model, prompts, max_new_tokens=new, stop_tokens=stop)
@@ -199,7 +200,7 @@ def run(quick: bool, seed: int) -> LabResult:
         "float32's at the same position (one early change shifts all later ones). INT8 weights: weight-only "
         "(archlab.quant, bf16 compute by default): on a CPU without native bf16 its products are emulated. INT8 "
         "weights+activations: quantize(mode='q8_0'), the head too, on archlab's integer kernel (VNNI or AVX2); "
-        f"layers whose shape its tiles cannot take stay float32 ({len(_q8_0_misfits(model))} here); this "
+        f"layers whose shape its tiles cannot take stay float32 ({len(misfits)} here); this "
         f"run's CPU: {describe_cpu()}. Batching's gain is bounded by how far one row leaves the CPU idle: with one "
         "thread, little; the card's 10x is a GPU figure. Megatron sharding is not timed (benchmarks/tp_memory.py, "
         "under torchrun)",

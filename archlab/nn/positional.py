@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from archlab.config import check_choice, check_positive, check_type
 from archlab.errors import ConfigError, ShapeError
+from archlab.nn.buffers import KeptDtypeBuffers
 
 #: the most elements (positions x width) a cached position table grows to; positions past it are computed alone, so a
 #: huge ``offset`` (any position works for sinusoidal and RoPE) costs the rows asked, not a table up to them
@@ -33,23 +34,17 @@ def _check_size(name: str, value: int) -> None:
     check_positive(name, value)
 
 
-class PositionalEncoding(nn.Module):
+class PositionalEncoding(KeptDtypeBuffers):
     """The interface. The default hooks do nothing."""
 
-    def _apply(self, fn, recurse: bool = True):
+    def _kept_dtype_buffers(self) -> list[str]:
         """A dtype change (``model.bfloat16()``, ``model.float()``) leaves the float64 constants float64 (RoPE's
         frequencies, ALiBi's slopes), as their equations have them; a device move applies. Rounded to the model's
         dtype they moved every position: RoPE's frequencies in bfloat16 (relative 2^-9) turn position ``p`` up to
         ``p theta_i 2^-9`` radians off (0.28 rad for SmolLM2's second pair at ``p = 200``), and ALiBi's distances,
         computed in the slopes' dtype, lost their integer steps past 256 in bfloat16; in float32 the tables differed
         from a freshly built model's in the last bit (a saved model loaded back, ``load_model``, decoded otherwise)."""
-        kept = {name: b for name, b in self._buffers.items() if b is not None and b.dtype == torch.float64}
-        super()._apply(fn, recurse)
-        for name, before in kept.items():
-            now = self._buffers[name]
-            if now is not None and now.dtype != torch.float64:
-                self._buffers[name] = before.to(device=now.device)
-        return self
+        return [name for name, b in self._buffers.items() if b is not None and b.dtype == torch.float64]
 
     def add_to_input(self, x: Tensor, offset: int = 0) -> Tensor:
         """``x [B, N, d]`` -> ``x + PE[offset : offset + N]``."""

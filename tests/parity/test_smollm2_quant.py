@@ -90,7 +90,7 @@ def test_smollm2_int8_and_int4_perplexity_and_agreement():
 
 
 def test_smollm2_q8_0_and_q4_1_perplexity_and_agreement():
-    """llama.cpp's own arithmetic (every linear layer's input rounded to int8 per 32 values): q8_0 (Q8_0 weights
+    """llama.cpp's product rule (every linear layer's input rounded to int8 per 32 values): q8_0 (Q8_0 weights
     rounded from the file's values) and q4_1 (the file's Q4_1 blocks as stored, archlab.quant.Q4Linear), both with
     the file's Q8_0 head. Measured on these windows (AMD EPYC, 2026-12-06): q4_1 +0.26%, top-1 95.9% (+0.29%,
     95.7% with PyTorch's kernels capped at AVX2); q8_0 +0.47%, 96.2% (+0.24%, 95.7%). Pinned: within 1% of fp32 and
