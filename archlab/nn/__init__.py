@@ -23,6 +23,7 @@ from archlab.nn.attention import (
 )
 from archlab.nn.backends import BackendSpec, RelativeBias, check_backend, parse_backend, register_backend
 from archlab.nn.blocks import BlockCache, Decoder, DecoderBlock, DecodingCache, Encoder, EncoderBlock
+from archlab.nn.buffers import KeptDtypeBuffers
 from archlab.nn.conv import (
     CausalConv1d,
     ConvCache,
@@ -123,6 +124,7 @@ __all__ = [
     "LayerNorm", "RMSNorm", "build_norm", "layer_norm_equation",
     "Dropout", "FeedForward", "GatedFeedForward", "build_feedforward",
     "BlockCache", "Decoder", "DecoderBlock", "DecodingCache", "Encoder", "EncoderBlock",
+    "KeptDtypeBuffers",
     # recurrent, conv
     "GRUCell", "LSTMCell", "RNNCell", "RecurrentCache", "RecurrentStack", "build_cell", "build_rnn", "gru_step",
     "lengths_from_mask", "lstm_step", "rnn_step", "run_cell", "run_rnn",
