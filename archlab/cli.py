@@ -452,7 +452,9 @@ def args_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of the text")
 
 
-def add_quantize_option(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+def add_quantize_option(parser: argparse.ArgumentParser, prefix: str = "", *, precision: bool = True) -> None:
+    """``--quantize MODE`` (every mode of :data:`archlab.quant.MODES`) and, with ``precision``, ``--precision``: the
+    options of every command that loads a chat model (``chat``, ``generate --model``, ``search query/serve``)."""
     from archlab.quant import MODES
 
     parser.add_argument("--quantize", choices=MODES,
@@ -460,9 +462,10 @@ def add_quantize_option(parser: argparse.ArgumentParser, prefix: str = "") -> No
                              "or int4 in groups of 32, int8-dynamic (int8 weights and activations), q8_0 (llama.cpp's "
                              "Q8_0 x Q8_0) or q4_1 (llama.cpp's Q4_1 x Q8); the LM head int8, or a GGUF file's own head "
                              "where it stores it in Q8_0, q8_0 in modes q8_0 and q4_1")  # fmt: skip
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help=f"{prefix}float weights in bf16 where the CPU computes bf16 natively (auto, the default), "
-                             "else fp32; or as asked (archlab.precision)")  # fmt: skip
+    if precision:
+        parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                            help=f"{prefix}float weights in bf16 where the CPU computes bf16 natively (auto, the "
+                                 "default), else fp32; or as asked (archlab.precision)")  # fmt: skip
 
 
 def add_speculative_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:

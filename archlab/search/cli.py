@@ -1,9 +1,9 @@
 """``archlab search ...``: the search engine's commands (registered as "search" in :mod:`archlab.cli`).
 
     archlab search index CORPUS --out INDEX [--index auto|flat|hnsw|ivfpq] [--hybrid] [--precision P] [--rescore F]
-    archlab search query INDEX "TEXT" [--k 10] [--rerank N [--reranker DIR]] [--explain M] [--json]
+    archlab search query INDEX "TEXT" [--k 10] [--rerank N [--reranker DIR]] [--explain M [--quantize MODE]] [--json]
     archlab search eval INDEX (QUERIES QRELS | --builtin) [--k 100] [--rerank N] [--run FILE] [--json]
-    archlab search serve INDEX [--host 127.0.0.1] [--port 8000] [--k 10] [--rerank N] [--explain 3]
+    archlab search serve INDEX [--host 127.0.0.1] [--port 8000] [--k 10] [--rerank N] [--explain 3] [--quantize MODE]
 
 CORPUS is a BEIR folder, a .jsonl or .txt file, a folder of .txt files, or ``builtin`` (the standard
 library's docstrings). Each subcommand is declared in :data:`SUBCOMMANDS` (name -> declare, run, help).
@@ -90,7 +90,22 @@ def declare_query(parser: argparse.ArgumentParser) -> None:
     _add_rerank_options(parser)
     parser.add_argument("--explain", type=int, default=0, metavar="M", help="explain the first M results with "
                         "SmolLM2-135M-Instruct (default 0)")  # fmt: skip
+    _add_explainer_quantize(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _add_explainer_quantize(parser: argparse.ArgumentParser) -> None:
+    """``--quantize MODE``: the explainer's layers, every mode ``archlab chat`` takes (its option, shared)."""
+    from archlab.cli import add_quantize_option  # archlab.cli imports this module: here, once it is loaded
+
+    add_quantize_option(parser, "with --explain: the explainer's ", precision=False)
+
+
+def _check_quantize_explains(args: argparse.Namespace) -> None:
+    """``--quantize`` without explanations would be ignored: refused instead."""
+    if args.quantize is not None and not args.explain:
+        raise ConfigError(f"--quantize={args.quantize} quantizes the explainer, which --explain={args.explain} does "
+                          "not run: give --explain M (M >= 1), or leave out --quantize")
 
 
 def load_reranker(index_dir: str | Path, folder: str | None, depth: int, precision: str = "auto",
@@ -132,15 +147,16 @@ def reranker_note(reranker) -> str | None:
             f"{check.get('p_value', 1.0):.3f}); {use}")
 
 
-def load_explainer(count: int):
-    """The default explainer (SmolLM2-135M-Instruct, loaded on first use) for ``--explain count``; None for 0."""
+def load_explainer(count: int, quantize: str | None = None):
+    """The default explainer (SmolLM2-135M-Instruct, loaded on first use, its layers ``quantize``d if given) for
+    ``--explain count``; None for 0."""
     if not count:
         return None
     try:
         from archlab.search.explain import Explainer
     except ImportError as e:
         raise ConfigError(f"--explain needs archlab.search.explain, which cannot be imported here ({e})") from None
-    return Explainer()
+    return Explainer(quantize=quantize)
 
 
 def result_json(result) -> dict:
@@ -167,10 +183,11 @@ def run_query(args: argparse.Namespace) -> int:
     for option, value, low in (("--k", args.k, 1), ("--rerank", args.rerank, 0), ("--explain", args.explain, 0)):
         if value < low:
             raise ConfigError(f"{option}={value} must be >= {low}")
+    _check_quantize_explains(args)
     reranker = load_reranker(args.index, args.reranker, args.rerank, args.rerank_precision, args.rerank_device)
     if reranker_note(reranker):
         print(reranker_note(reranker), file=sys.stderr)
-    engine = SearchEngine.open(args.index, reranker=reranker, explainer=load_explainer(args.explain))
+    engine = SearchEngine.open(args.index, reranker=reranker, explainer=load_explainer(args.explain, args.quantize))
     result = engine.search(args.query, k=args.k, rerank=args.rerank, explain=args.explain)
     if args.json:
         print(json.dumps(result_json(result), indent=2, ensure_ascii=False))
@@ -275,7 +292,7 @@ def declare_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--explain", type=int, default=3, metavar="M", help="stream explanations of the first M "
                         "results by SmolLM2-135M-Instruct (default 3; 0: none)")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=48, metavar="T", help="longest explanation (default 48)")
-    parser.add_argument("--quantize", choices=("int8", "int4"), help="the explainer's weights quantized")
+    _add_explainer_quantize(parser)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -285,6 +302,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                ("--max-new-tokens", args.max_new_tokens, 1)):  # fmt: skip
         if value < low:
             raise ConfigError(f"{option}={value} must be >= {low}")
+    _check_quantize_explains(args)
     explainer = None
     if args.explain:
         from archlab.search.explain import Explainer

@@ -308,7 +308,7 @@ class Explainer:
     Args:
         model: what :func:`archlab.chat.load_chat_model` loads (default SmolLM2-135M-Instruct; a ``.gguf`` file or
             a model folder with a chat template); loaded on first use, once.
-        quantize: ``None`` (float weights), ``"int8"`` or ``"int4"`` (weight-only, :mod:`archlab.quant`).
+        quantize: ``None`` (float weights) or one of :data:`archlab.quant.MODES` (as ``archlab chat --quantize``).
         max_new_tokens: the longest explanation, in tokens after :data:`REPLY_OPENING`.
         evidence: evidence sentences per result, chosen by ``scorer`` (:func:`select_evidence`).
         draft_tokens: tokens drafted per step by prompt lookup in :meth:`stream` and :meth:`explain`.

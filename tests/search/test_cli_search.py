@@ -98,6 +98,10 @@ def test_errors_are_one_line(capsys, beir, index, tmp_path):
          "--rerank-device: device='meta': the re-ranker runs on 'cpu' or 'cuda'"),
         (("search", "query", str(index), "x", "--k", "0"), "--k=0 must be >= 1"),
         (("search", "query", str(tmp_path), "x"), "manifest.json is missing"),
+        (("search", "query", str(index), "x", "--quantize", "q4_1"),
+         "--quantize=q4_1 quantizes the explainer, which --explain=0 does not run"),
+        (("search", "serve", str(index), "--explain", "0", "--quantize", "int8"),
+         "--quantize=int8 quantizes the explainer, which --explain=0 does not run"),
         (("search", "eval", str(index)), "needs QUERIES and QRELS, or --builtin"),
         (("search", "index", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")), "neither 'builtin' nor"),
         (("search", "index", str(beir), "--out", str(tmp_path / "o"), "--index", "ivfpq", "--rescore", "-1"),
@@ -163,3 +167,19 @@ def test_eval_says_which_judgments_it_cannot_use(capsys, beir, index, tmp_path):
     queries, qrels = str(beir / "queries.jsonl"), str(beir / "qrels" / "test.tsv")
     code, _, err = run(capsys, "search", "eval", str(index), queries, qrels, "--run", str(tmp_path / "run2.trec"))
     assert code == 0 and "note:" not in err
+
+
+@pytest.mark.parametrize("command", ["query", "serve"])
+def test_the_explainer_takes_every_quantize_mode(command, index):
+    """search query / serve --quantize: the modes of archlab chat (one option, shared), handed to the explainer."""
+    import argparse
+
+    from archlab.quant import MODES
+    from archlab.search import cli as search_cli
+
+    parser = argparse.ArgumentParser()
+    search_cli.SUBCOMMANDS[command][0](parser)
+    for mode in MODES:
+        extra = ["x"] if command == "query" else []
+        assert parser.parse_args([str(index), *extra, "--quantize", mode]).quantize == mode
+    assert search_cli.load_explainer(1, "q4_1").quantize == "q4_1" and search_cli.load_explainer(0, "q4_1") is None
