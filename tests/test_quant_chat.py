@@ -112,3 +112,42 @@ def test_int8_dynamic_chat_model_is_smoothed_on_the_calibration_text(tiny_gguf, 
                               reference.get_parameter("decoder.blocks.0.attn_norm.weight"))  # fmt: skip
     with pytest.raises(ConfigError, match="windows=0"):
         calibration_ids(tok, windows=0)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "int8-dynamic", "q8_0", "q4_1"])
+def test_a_quantized_model_is_kept_in_the_cache_and_read_back(tmp_path, monkeypatch, mode):
+    """The first start quantizes and keeps the model in the cache (its integers and scales, beside the converted
+    floats); the next reads it without quantizing (or reading the GGUF file's head): the same layers, report and
+    logits to the bit. A copy made by other quantization code (another key) is removed when a new one is kept;
+    use_cache=False keeps nothing."""
+    import gguf
+
+    import archlab.quant
+    from archlab.chat import kept_quantized
+    from archlab.interop.pretrained import archlab_folder
+
+    monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path / "cache"))
+    path = write_tiny_chat_gguf(tmp_path / "q8head.gguf", d_ff=64, head_kind=gguf.GGMLQuantizationType.Q8_0)
+    load_chat_model(path, quantize=mode, use_cache=False)
+    assert not (tmp_path / "cache").exists()
+    stale = kept_quantized(archlab_folder(path), mode).with_name(f"{mode}-0123456789abcdef")
+    stale.mkdir(parents=True)
+    first, tok = load_chat_model(path, quantize=mode)
+    kept = kept_quantized(archlab_folder(path), mode)
+    assert (kept / "quantized.safetensors").is_file() and not stale.exists()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("quantized again: the kept copy was not read")
+
+    monkeypatch.setattr(archlab.quant, "quantize", refuse)
+    monkeypatch.setattr("archlab.interop.gguf.GGUFFile", refuse)
+    again, tok_again = load_chat_model(path, quantize=mode)
+    assert str(again.quant_report) == str(first.quant_report)
+    assert [type(m) for m in again.modules()] == [type(m) for m in first.modules()]
+    message = [{"role": "user", "content": "hello"}]
+    ids = torch.tensor([tok.apply_chat_template(message, add_generation_prompt=True)])
+    assert tok_again.apply_chat_template(message, add_generation_prompt=True) == ids[0].tolist()
+    with torch.inference_mode():
+        assert torch.equal(first(ids), again(ids))
+    other = load_chat_model(path, precision="fp32")[0]  # the floats: the converted folder as ever
+    assert not archlab.quant.quantized_layers(other)

@@ -329,7 +329,7 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
         raise CheckpointError(f"{weights} is not a readable safetensors file: {e}") from None
     try:  # a class of another family, or a size beyond memory
         check_fits_in_memory(config, model_class)
-        model = build_model(config, model_class=model_class)
+        model = build_model(config, model_class=model_class, init=False)  # every weight is loaded below
     except ConfigError as e:
         named = f" with the model class {model_class!r} that {weights.name}'s metadata names" if model_class else ""
         raise CheckpointError(f"{folder / CONFIG_FILE}{named}: {e}") from None

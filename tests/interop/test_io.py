@@ -100,3 +100,56 @@ def test_a_rope_model_loads_back_with_the_same_logits(tmp_path, dtype):
     with torch.inference_mode():
         assert torch.equal(loaded(ids), model(ids))
     assert loaded.pos.inv_freq.dtype == torch.float64
+
+
+def test_loading_a_model_draws_no_random_weights(tmp_path):
+    """load_model builds the model without its random initial draws (WithoutRandomInit): the global random state is
+    left as it was, and every weight is the saved one (llama-tiny: Linear, Embedding, RMSNorm weights, tied head)."""
+    from archlab.interop.io import load_model, save_model
+    from archlab.models.registry import build_model
+
+    saved = build_model("llama-tiny").eval()
+    save_model(saved, tmp_path / "m")
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    loaded = load_model(tmp_path / "m")
+    assert torch.equal(torch.get_rng_state(), before)
+    state = loaded.state_dict()
+    assert set(state) == set(saved.state_dict())
+    assert all(torch.equal(v, state[k]) for k, v in saved.state_dict().items())
+    ids = torch.randint(0, saved.config.vocab_size, (1, 8))
+    assert torch.equal(saved(ids), loaded(ids))
+
+
+def test_without_random_init_leaves_draws_out_in_its_thread_only():
+    import threading
+
+    from archlab.models.registry import WithoutRandomInit, build_model
+
+    t = torch.full((4, 4), 7.0)
+    before = torch.get_rng_state()
+    with WithoutRandomInit():
+        for draw in (torch.nn.init.normal_, torch.nn.init.kaiming_uniform_, torch.nn.init.kaiming_normal_,
+                     torch.nn.init.xavier_uniform_, torch.nn.init.uniform_):
+            assert torch.equal(draw(torch.ones(4, 4)), torch.zeros(4, 4))
+        assert torch.equal(torch.nn.init.normal_(tensor=torch.ones(3)), torch.zeros(3))  # the keyword form
+        weight = torch.nn.Parameter(torch.ones(3))
+        torch.nn.init.normal_(weight)  # a parameter, outside no_grad: as the draw, allowed
+        assert torch.equal(torch.nn.init.trunc_normal_(torch.ones(4, 4)), torch.zeros(4, 4))  # its redraw loop ends
+        t[1:].uniform_()
+        t[1:].normal_()
+        assert torch.equal(torch.get_rng_state(), before)  # nothing drawn
+        drawn = {}
+        other = threading.Thread(target=lambda: drawn.update(t=torch.nn.init.normal_(torch.zeros(64))))
+        other.start()
+        other.join()
+        torch.nn.init.constant_(t[0], 2.0)  # not a draw: done
+    assert torch.equal(t[1:], torch.zeros(3, 4)) and torch.equal(t[0], torch.full((4,), 2.0))
+    assert torch.equal(weight.detach(), torch.zeros(3))
+    assert drawn["t"].std() > 0.5  # another thread's initialisation draws as ever
+    torch.manual_seed(0)
+    a = build_model("llama-tiny")
+    torch.manual_seed(0)
+    b = build_model("llama-tiny")  # after the mode: initialised as ever, the same draws
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert a.lm_head.weight.std() > 0.01
