@@ -325,3 +325,31 @@ def test_archlabs_warnings_print_in_one_line_and_other_libraries_as_python_print
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr == f"archlab: warning: a query is long\n{tmp_path / 'other.py'}:7: UserWarning: deprecated\n"
+
+
+def test_a_start_imports_neither_dynamo_nor_distributed_checkpoints():
+    """Starting archlab (the CLI module) leaves torch._dynamo (1.0 s on 2 cores; --compile imports it) and
+    torch.distributed.checkpoint (0.6 s; saving a training checkpoint does) unimported. The functions torch.compile
+    reads as constants carry torch.compiler.assume_constant_result's own mark, set without it."""
+    import subprocess
+    import sys
+
+    from archlab import kernels
+    from archlab.nn import linear
+
+    code = ("import sys, archlab.cli; "
+            "print([m for m in ('torch._dynamo', 'torch.distributed.checkpoint') if m in sys.modules])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+    def theirs():
+        return 1
+
+    def ours():
+        return 1
+
+    torch.compiler.assume_constant_result(theirs)
+    kernels.compile_constant(ours)
+    assert vars(theirs) and vars(ours) == vars(theirs)
+    for marked in (kernels.f32_kernel, kernels.bf16_kernel, linear._threads):
+        assert all(getattr(marked, name, None) == value for name, value in vars(theirs).items()), marked

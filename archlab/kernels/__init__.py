@@ -594,7 +594,16 @@ def _f32_kernel() -> int:
     return variant
 
 
-@torch.compiler.assume_constant_result
+def compile_constant(fn):
+    """``fn``, marked for ``torch.compile`` as returning a constant (called once, when a graph is traced): the mark
+    :func:`torch.compiler.assume_constant_result` sets, set here without importing ``torch._dynamo``, which that
+    function imports (1.0 s of every archlab start on 2 cores, where only ``--compile`` needs it).
+    ``tests/test_kernels_f32.py`` checks that it is torch's mark."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@compile_constant
 def f32_kernel() -> int:
     """The variant (:func:`f32_isa`: 512 or 256) :func:`f32_rows` and :func:`cached_attention` run in this
     process, or 0 where the kernels cannot be built or run (a warning, once: their callers take PyTorch's ops).
@@ -642,7 +651,7 @@ def _bf16_native() -> bool:
     return kernel_capability() == "AVX512" and bool(cpu_features()["avx512_bf16"])
 
 
-@torch.compiler.assume_constant_result
+@compile_constant
 def bf16_kernel() -> bool:
     """Whether :func:`bf16_rows` runs in this process: the CPU has AVX512-BF16, PyTorch's kernels are not capped
     below AVX-512, and the library builds (else a warning, once, from :func:`f32_kernel`). Read once under

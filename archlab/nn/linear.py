@@ -94,7 +94,7 @@ KERNEL_FIRST_ROWS = {512: 12, 256: 10}
 _ONEDNN_PACKED: dict[int, tuple[weakref.ref, int, Tensor]] = {}
 
 
-@torch.compiler.assume_constant_result
+@kernels.compile_constant
 def _threads() -> int:
     """The intra-op thread count; under ``torch.compile`` read once, when the graph is traced (a read inside the
     graph would end it). A count changed later leaves compiled products split the old way: the same result."""

@@ -40,13 +40,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from archlab.errors import ConfigError
 from archlab.train.blocks import find_blocks
@@ -366,8 +359,17 @@ def _square_share(grad: Tensor) -> Tensor:
 # -- full state dicts (whatever the wrapping) ---------------------------------------------------------------
 
 
-def _options(env: DistEnv, **kw) -> StateDictOptions:
-    return StateDictOptions(full_state_dict=True, cpu_offload=env.distributed, **kw)
+def _state_dicts():
+    """``torch.distributed.checkpoint.state_dict``, imported when a checkpoint is made or read: it imports DTensor,
+    0.6 s of every archlab start on 2 cores that trains nothing."""
+    from torch.distributed.checkpoint import state_dict
+
+    return state_dict
+
+
+def _options(env: DistEnv | None = None, **kw):
+    """Full (unsharded) state dicts, offloaded to the CPU where ``env`` is distributed."""
+    return _state_dicts().StateDictOptions(full_state_dict=True, cpu_offload=env is not None and env.distributed, **kw)
 
 
 def _rows(model: nn.Module, state: dict[str, Tensor], forward: bool) -> dict[str, Tensor]:
@@ -384,12 +386,12 @@ def _rows(model: nn.Module, state: dict[str, Tensor], forward: bool) -> dict[str
 
 def full_model_state(model: nn.Module, env: DistEnv) -> dict[str, Tensor]:
     """The whole model's state dict by parameter name (on rank 0; ``{}`` on the others when distributed)."""
-    return _rows(model, get_model_state_dict(model, options=_options(env)), forward=False)
+    return _rows(model, _state_dicts().get_model_state_dict(model, options=_options(env)), forward=False)
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict[str, Any]:
     """The optimiser's state dict keyed by parameter name (on rank 0; ``{}`` on the others when distributed)."""
-    state = get_optimizer_state_dict(model, optimizer, options=_options(env))
+    state = _state_dicts().get_optimizer_state_dict(model, optimizer, options=_options(env))
     return _optimizer_rows(model, state, forward=False)
 
 
@@ -403,7 +405,7 @@ def _optimizer_rows(model: nn.Module, state: dict[str, Any], forward: bool) -> d
 
 def load_full_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Load a full state dict (every rank passes the whole of it); FSDP and TP keep each rank's shard."""
-    set_model_state_dict(model, _rows(model, state, forward=True), options=StateDictOptions(full_state_dict=True))
+    _state_dicts().set_model_state_dict(model, _rows(model, state, forward=True), options=_options())
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -412,7 +414,7 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     be absent, and the zero state torch first gives every parameter (a step with zero gradients, ``step``
     counted) is removed again."""
     state = _optimizer_rows(model, state, forward=True)
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    _state_dicts().set_optimizer_state_dict(model, optimizer, state, options=_options(strict=False))
     for name, param in model.named_parameters():
         if name not in state["state"]:
             optimizer.state.pop(param, None)
