@@ -133,6 +133,9 @@ def throughput(n: int, rounds: int, batch_size: int) -> None:
         peers["archlab bf16"] = lambda: load_encoder("minilm-l6", "bf16").embed(texts, batch_size=batch_size)
     else:
         print(f"(no bf16 row: {native_bf16('cpu')[1]})")
+    # int8 weights and activations (fbgemm's integer products; fbgemm dispatches on the CPU itself, and whether
+    # ATEN_CPU_CAPABILITY's cap reaches it was not checked: a capped run's int8 row may not be the AVX2 kind's)
+    peers["archlab int8"] = lambda: load_encoder("minilm-l6", "int8").embed(texts, batch_size=batch_size)
     for fn in peers.values():
         fn()  # warm-up
     times = {name: [] for name in peers}

@@ -15,9 +15,9 @@ Five parts (``--parts``, all by default), each printed as its own table on an in
              store by archlab's default factor for that size, x4 up to 1M) on ``--index-n`` synthetic vectors
              around the real ones (benchmarks/search_scale.py's generator) vs recall@100 against exact search,
              bytes per vector in RAM and on disk, ms per query
-  precision  the query/document encoder in fp32 / bf16 / int8-dynamic (archlab.quant: int8 weights and
-             per-row int8 activations, fbgemm's GEMM) vs dense nDCG@10 on the built-in set (the whole corpus
-             re-encoded in each) and encoding ms per document and per query
+  precision  the query/document encoder in fp32 / bf16 / int8 (``search index --precision int8``: archlab.quant's
+             int8-dynamic, int8 weights and per-row int8 activations, fbgemm's GEMM) vs dense nDCG@10 on the
+             built-in set (the whole corpus re-encoded in each) and encoding ms per document and per query
 
 Latencies are one query at a time with ``--threads`` torch/FAISS threads; p50 unless said. bf16 is emulated
 (slower than fp32) on CPUs without AVX512-BF16/AMX: the header line says which kind this is.
@@ -29,7 +29,6 @@ Latencies are one query at a time with ``--threads`` torch/FAISS threads; p50 un
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
@@ -185,16 +184,6 @@ def part_index(real: np.ndarray, n: int, queries: int, threads: int) -> None:
                       f"{np.percentile(times, 99):7.2f} {ram:10.1f} {disk:10.1f} {build_s:8.1f}")  # fmt: skip
 
 
-def int8_encoder(encoder):
-    """A copy of ``encoder`` whose BERT Linear layers are archlab.quant's int8-dynamic (no calibration smoothing)."""
-    from archlab.quant import quantize
-
-    bert = type(encoder.bert)(encoder.bert.config)
-    bert.load_state_dict(encoder.bert.state_dict())
-    quantize(bert.eval(), "int8-dynamic", head=None)
-    return dataclasses.replace(encoder, bert=bert)
-
-
 def part_precision(docs, evalset, batch_size: int, limit: int = 0) -> None:
     from archlab.hardware import native_bf16
     from archlab.search.encode import load_encoder
@@ -213,7 +202,7 @@ def part_precision(docs, evalset, batch_size: int, limit: int = 0) -> None:
     print(f"{'precision':<14} {'nDCG@10':>8} {'R@100':>8} {'doc ms':>8} {'docs/s':>8} {'query ms p50':>13}")
     fp32 = load_encoder("minilm-l6", "fp32")
     for name, make in (("fp32", lambda: fp32), ("bf16", lambda: load_encoder("minilm-l6", "bf16")),
-                       ("int8 dynamic", lambda: int8_encoder(fp32))):  # fmt: skip
+                       ("int8 dynamic", lambda: load_encoder("minilm-l6", "int8"))):  # fmt: skip
         encoder = make()
         t = time.perf_counter()
         d = encoder.embed(texts, batch_size=batch_size).numpy()

@@ -33,9 +33,12 @@ from archlab.errors import CheckpointError, ConfigError, DataError
 from archlab.interop.bert import load_bert
 from archlab.models.bert import BertModel
 from archlab.nn.linear import hold_packed_for_rows, packs_bf16
-from archlab.precision import announce, choose_precision
+from archlab.precision import PRECISIONS, announce, choose_precision
 
 DEFAULT_MODEL = "minilm-l6"
+#: an encoder's precisions: :data:`archlab.precision.PRECISIONS`, and ``int8``: the float32 BERT's linear layers with
+#: int8 weights and per-row int8 activations (:mod:`archlab.quant`'s ``int8-dynamic``, fbgemm's integer products)
+ENCODER_PRECISIONS = (*PRECISIONS, "int8")
 SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")  # the last part of sentence_transformers.models.X
 POOLING_MODES = ("mean", "cls")
 
@@ -160,14 +163,16 @@ def load_sentence_encoder(
     """Read a sentence-transformers folder (uncached; :func:`sentence_encoder` caches).
 
     ``precision`` (:func:`archlab.precision.choose_precision` decides, and says which once): ``fp32`` (the
-    default: the file's float32 weights), ``bf16`` (the BERT's weights converted), or ``auto`` (bf16 where the CPU
-    computes it natively, fp32 where it would be emulated). Embeddings come back float32 either way. ``packed``:
+    default: the file's float32 weights), ``bf16`` (the BERT's weights converted), ``auto`` (bf16 where the CPU
+    computes it natively, fp32 where it would be emulated), or ``int8`` (the float32 BERT's linear layers quantized
+    to int8 weights and per-row int8 activations: :func:`archlab.quant.quantize` ``"int8-dynamic"``, unsmoothed).
+    Embeddings come back float32 every way. ``packed``:
     the encoder holds oneDNN-packed copies of its weights (:func:`_hold_packed_weights`); False for a BERT taken
     elsewhere (a cross-encoder to train packs its own). ``given``: why an fp32 / bf16 request holds, for the line
     that says the precision (:func:`archlab.precision.choose_precision`)."""
     from tokenizers import Tokenizer, normalizers
 
-    choose_precision(precision)  # a bad value is refused before anything is read
+    floats = _float_precision(precision)  # a bad value is refused before anything is read
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder (expected a sentence-transformers model folder)")
@@ -179,12 +184,17 @@ def load_sentence_encoder(
     if not isinstance(bert, BertModel):  # a folder with pre-training heads: keep the encoder
         bert = bert.bert
     weights = next((p.dtype for p in bert.parameters() if p.is_floating_point()), torch.float32)
-    choice = choose_precision(precision, "cpu", weights, given=given)
+    choice = choose_precision(floats, "cpu", weights, given=given)
     if choice.dtype is not None and choice.dtype != weights:
         bert.to(choice.dtype)
-    if precision != "fp32":  # the default says nothing
-        announce(choice.line("sentence embedding"))
     bert.eval()
+    if precision == "int8":
+        from archlab.quant import quantize
+
+        report = quantize(bert, "int8-dynamic", head=None)
+        announce(f"precision=int8: sentence embedding with int8 weights and activations ({str(report).splitlines()[-1]})")
+    elif precision != "fp32":  # the default says nothing
+        announce(choice.line("sentence embedding"))
 
     st_config_file = transformer_dir / "sentence_bert_config.json"
     st_config = _read_json(st_config_file) if st_config_file.is_file() else {}
@@ -242,7 +252,7 @@ def sentence_encoder(
     """The encoder for ``model`` (``"minilm-l6"`` or a folder) in ``precision`` (as :func:`load_sentence_encoder`,
     ``auto`` passed on as asked, so that its line says auto chose), loaded once per folder and precision per
     process."""
-    name = choose_precision(precision, "cpu").name  # auto resolved: one cached copy per dtype
+    name = resolve_encoder_precision(precision)  # auto resolved: one cached copy per dtype
     if str(model) == DEFAULT_MODEL:
         folder = minilm_path()
     else:
@@ -253,6 +263,24 @@ def sentence_encoder(
     if (folder, name) not in _CACHE:
         _CACHE[folder, name] = load_sentence_encoder(folder, precision=precision, given=given)
     return _CACHE[folder, name]
+
+
+def _float_precision(precision: str) -> str:
+    """The precision of the encoder's float weights for ``precision`` (one of :data:`ENCODER_PRECISIONS`): ``int8``
+    quantizes float32 ones; ConfigError for anything else."""
+    if precision == "int8":
+        return "fp32"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} is not one of {ENCODER_PRECISIONS} (the sentence encoder's)")
+    choose_precision(precision)
+    return precision
+
+
+def resolve_encoder_precision(precision: str) -> str:
+    """``fp32``, ``bf16`` or ``int8``: ``auto`` resolved (bf16 where the CPU computes it natively,
+    :mod:`archlab.precision`), the others as they are."""
+    floats = _float_precision(precision)
+    return "int8" if precision == "int8" else choose_precision(floats, "cpu").name
 
 
 def check_batch_size(batch_size: int) -> None:

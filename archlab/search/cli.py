@@ -27,6 +27,8 @@ DEFAULT_RERANKER_DIR = "reranker"  # inside an index folder: where `archlab sear
 # index
 # ------------------------------------------------------------------------------------------------
 def declare_index(parser: argparse.ArgumentParser) -> None:
+    from archlab.interop.sentence import ENCODER_PRECISIONS
+
     parser.add_argument("corpus", metavar="CORPUS", help="a BEIR folder, a .jsonl/.txt file, a folder of .txt files, "
                         "or 'builtin' (the standard library's docstrings)")  # fmt: skip
     parser.add_argument("--out", required=True, metavar="INDEX", help="the index folder (resumes a killed build; "
@@ -35,8 +37,9 @@ def declare_index(parser: argparse.ArgumentParser) -> None:
                         help="FAISS index type (default: by corpus size: flat <= 100k, hnsw <= 1M, else ivfpq)")
     parser.add_argument("--hybrid", action="store_true", help="also build a BM25 index, fused with the dense ranking")
     parser.add_argument("--model", default="minilm-l6", metavar="NAME|PATH", help="the encoder (default minilm-l6)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                        help="encoder precision (auto: bf16 where the CPU computes it natively, else fp32)")
+    parser.add_argument("--precision", default="auto", choices=ENCODER_PRECISIONS,
+                        help="encoder precision (auto: bf16 where the CPU computes it natively, else fp32; int8: "
+                             "int8 weights and activations); queries are encoded alike")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="documents per forward pass")
     parser.add_argument("--chunk-size", type=int, default=256, metavar="C",
                         help="documents per saved chunk of vectors (the unit of resuming and sharding)")

@@ -28,22 +28,28 @@ from pathlib import Path
 import numpy as np
 
 from archlab.errors import CheckpointError, ConfigError, DataError
-from archlab.interop.sentence import DEFAULT_MODEL, SentenceEncoder, sentence_encoder
-from archlab.precision import PRECISIONS, choose_precision
+from archlab.interop.sentence import (
+    DEFAULT_MODEL,
+    ENCODER_PRECISIONS,
+    SentenceEncoder,
+    resolve_encoder_precision,
+    sentence_encoder,
+)
 
 CHUNK_RE = re.compile(r"chunk-(\d{9})-(\d{9})\.npy")
 
 
 def resolve_precision(precision: str) -> str:
-    """``fp32`` or ``bf16``: ``auto`` is bf16 where the CPU computes it natively (archlab.precision decides)."""
-    return choose_precision(precision, "cpu").name
+    """``fp32``, ``bf16`` or ``int8``: ``auto`` is bf16 where the CPU computes it natively (archlab.precision
+    decides; :func:`archlab.interop.sentence.resolve_encoder_precision`)."""
+    return resolve_encoder_precision(precision)
 
 
 def load_encoder(
     model: str | Path = DEFAULT_MODEL, precision: str = "fp32", given: str = "as asked"
 ) -> SentenceEncoder:
-    """The sentence encoder for ``model`` with its BERT in ``precision`` (``fp32``, ``bf16`` or ``auto``; ``given``:
-    why an fp32 / bf16 request holds, for the line that says it): one cached copy per folder and precision
+    """The sentence encoder for ``model`` in ``precision`` (one of :data:`ENCODER_PRECISIONS`; ``given``: why an
+    fp32 / bf16 request holds, for the line that says it): one cached copy per folder and precision
     (:func:`archlab.interop.sentence.sentence_encoder`)."""
     return sentence_encoder(model, precision=precision, given=given)
 
@@ -162,6 +168,6 @@ def load_vectors(vectors_dir: str | Path, n: int, dim: int) -> np.ndarray:
 
 
 __all__ = [
-    "PRECISIONS", "chunk_ranges", "encode_chunks", "encoder_identity", "load_encoder", "load_vectors",
+    "ENCODER_PRECISIONS", "chunk_ranges", "encode_chunks", "encoder_identity", "load_encoder", "load_vectors",
     "pending_rows", "resolve_precision",
 ]  # fmt: skip

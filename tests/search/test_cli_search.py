@@ -183,3 +183,25 @@ def test_the_explainer_takes_every_quantize_mode(command, index):
         extra = ["x"] if command == "query" else []
         assert parser.parse_args([str(index), *extra, "--quantize", mode]).quantize == mode
     assert search_cli.load_explainer(1, "q4_1").quantize == "q4_1" and search_cli.load_explainer(0, "q4_1") is None
+
+
+def test_an_int8_index_encodes_its_queries_in_int8(capsys, beir, tmp_path):
+    """search index --precision int8: the manifest records int8 and the index's queries are encoded by the same
+    int8 encoder; the ranking of the tiny corpus is fp32's."""
+    from archlab.search.engine import SearchEngine
+
+    code, _, err = run(capsys, "search", "index", str(beir), "--out", str(tmp_path / "int8"), "--precision", "int8",
+                       "--no-progress")  # fmt: skip
+    assert code == 0 and "precision=int8: sentence embedding with int8 weights and activations" in err, err
+    manifest = json.loads((tmp_path / "int8" / "manifest.json").read_text())
+    assert manifest["encoder"]["precision"] == "int8"
+    from archlab.quant import DynamicInt8Linear
+
+    engine = SearchEngine.open(tmp_path / "int8")
+    assert engine.encoder is SearchEngine.open(tmp_path / "int8").encoder  # one cached int8 encoder
+    assert any(isinstance(m, DynamicInt8Linear) for m in engine.encoder.bert.modules())
+    code, _, _ = run(capsys, "search", "index", str(beir), "--out", str(tmp_path / "fp32"), "--precision", "fp32",
+                     "--no-progress")  # fmt: skip
+    query = "What are side effects of metformin in elderly patients?"
+    ranked = [[h.doc.id for h in SearchEngine.open(tmp_path / p).search(query, k=6).hits] for p in ("int8", "fp32")]
+    assert ranked[0] == ranked[1], ranked
