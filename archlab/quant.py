@@ -798,14 +798,21 @@ class DynamicInt8Linear(nn.Module):
             y = torch.ops.quantized.linear_dynamic(x, self._packed, True)  # takes and gives [..., K] / [..., N]
         else:
             rows = x.reshape(-1, self.in_features)  # [M, K]
+            m = rows.shape[0]
             lo = rows.amin(1, keepdim=True).clamp_(max=0)
             span = rows.amax(1, keepdim=True).clamp_(min=0) - lo  # 127 t_m
             span = torch.where(span > 0, span, torch.ones_like(span))
             offset = -torch.round(-lo / (span / ACTIVATION_LEVELS)) * (span / ACTIVATION_LEVELS)  # o_m = -z_m t_m
-            unit = ((rows - offset) / span).clamp_(0, 1)
-            unit = torch.cat([unit, rows.new_ones(1, self.in_features)])  # a row of ones: the call's range is [0, 1]
-            y = torch.ops.quantized.linear_dynamic(unit, self._packed, True)[:-1] * span + offset * self.row_sums
-            y = y if x.ndim == 2 else y.view(*x.shape[:-1], self.out_features)
+            # u_m written into M + 1 rows, the last all ones: the call's range is [0, 1] (no copy by a cat)
+            unit = rows.new_empty(m + 1, self.in_features)
+            torch.sub(rows, offset, out=unit[:m]).div_(span).clamp_(0, 1)
+            unit[m] = 1
+            y = torch.ops.quantized.linear_dynamic(unit, self._packed, True)[:m].mul_(span)  # 127 t_m (u_m W^T)
+            # + o_m (W 1) (+ b): a rank-1 (rank-2 with the bias) product added in place, not three passes over y
+            terms = offset if self.bias is None else torch.cat([offset, offset.new_ones(m, 1)], dim=1)
+            sums = self.row_sums[None] if self.bias is None else torch.stack([self.row_sums, self.bias])
+            y.addmm_(terms, sums)
+            return y if x.ndim == 2 else y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
