@@ -131,10 +131,12 @@ def test_a_quantized_model_is_kept_in_the_cache_and_read_back(tmp_path, monkeypa
     load_chat_model(path, quantize=mode, use_cache=False)
     assert not (tmp_path / "cache").exists()
     stale = kept_quantized(archlab_folder(path), mode).with_name(f"{mode}-0123456789abcdef")
+    other = stale.with_name(f"{'int8-dynamic' if mode == 'int8' else 'int8'}-0123456789abcdef")  # another mode's
     stale.mkdir(parents=True)
+    other.mkdir()
     first, tok = load_chat_model(path, quantize=mode)
     kept = kept_quantized(archlab_folder(path), mode)
-    assert (kept / "quantized.safetensors").is_file() and not stale.exists()
+    assert (kept / "quantized.safetensors").is_file() and not stale.exists() and other.is_dir()
 
     def refuse(*args, **kwargs):
         raise AssertionError("quantized again: the kept copy was not read")
