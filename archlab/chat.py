@@ -28,7 +28,7 @@ from torch import nn
 from archlab.config import MAX_SEED
 from archlab.data.tokenizers import utf8
 from archlab.errors import CheckpointError, ConfigError, DataError
-from archlab.interop.io import CONFIG_FILE
+from archlab.interop.io import CONFIG_FILE, atomic_dir, write_model
 from archlab.interop.pretrained import PRETRAINED, archlab_folder, locate_pretrained
 from archlab.speculative import DRAFT_TOKENS
 
@@ -147,8 +147,6 @@ def keep_quantized(model: nn.Module, tokenizer, kept: Path) -> None:
     by other code removed. A cache that cannot be written (read-only, full) is left as it is: the next start
     quantizes again."""
     import shutil
-
-    from archlab.interop.io import atomic_dir, write_model
 
     try:
         with atomic_dir(kept) as tmp:

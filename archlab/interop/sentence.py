@@ -272,7 +272,6 @@ def _float_precision(precision: str) -> str:
         return "fp32"
     if precision not in PRECISIONS:
         raise ConfigError(f"precision={precision!r} is not one of {ENCODER_PRECISIONS} (the sentence encoder's)")
-    choose_precision(precision)
     return precision
 
 

@@ -598,7 +598,7 @@ def compile_constant(fn):
     """``fn``, marked for ``torch.compile`` as returning a constant (called once, when a graph is traced): the mark
     :func:`torch.compiler.assume_constant_result` sets, set here without importing ``torch._dynamo``, which that
     function imports (1.0 s of every archlab start on 2 cores, where only ``--compile`` needs it).
-    ``tests/test_kernels_f32.py`` checks that it is torch's mark."""
+    ``tests/test_cli.py`` checks that it is torch's mark."""
     fn._dynamo_marked_constant = True
     return fn
 
